@@ -1,0 +1,66 @@
+// Group: a cheap, copyable handle to a set of ranks that talk to each other, over a GroupImpl (one
+// per backend: local threads, MPI). The code above comm/ sees only this handle and cannot tell the
+// backends apart. A default-constructed Group is the size-1 group: every collective on it is a
+// no-op (or a copy), never an error.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "parallm/core/dtype.h"
+
+namespace parallm::comm {
+
+enum class ReduceOp { Sum, Max };
+
+// Which algorithm a collective uses. Auto picks per message size (see comm/algorithms/).
+enum class Algorithm { Auto, Native, Ring, RecursiveDoubling };
+
+class CommStats;
+class GroupImpl;
+
+class Group {
+ public:
+  Group();  // the size-1 group
+  explicit Group(std::shared_ptr<GroupImpl> impl);
+
+  int rank() const;
+  int size() const;
+  const std::string& name() const;  // e.g. "world", "tp", "pp"; set by the mesh, shown in stats
+
+  // In place over `count` elements. bf16 reduces with f32 accumulation.
+  void all_reduce(void* data, size_t count, DType dtype, ReduceOp op = ReduceOp::Sum,
+                  Algorithm algo = Algorithm::Auto) const;
+  void all_reduce(float* data, size_t count, ReduceOp op = ReduceOp::Sum) const {
+    all_reduce(data, count, DType::F32, op);
+  }
+  // send: `count` elements; recv: size() * count elements, rank r's block at r * count.
+  void all_gather(const void* send, void* recv, size_t count, DType dtype,
+                  Algorithm algo = Algorithm::Auto) const;
+  // send: size() * count elements; recv: this rank's reduced block of `count`.
+  void reduce_scatter(const void* send, void* recv, size_t count, DType dtype,
+                      ReduceOp op = ReduceOp::Sum, Algorithm algo = Algorithm::Auto) const;
+  // send_counts[r] elements go to rank r (blocks packed in rank order); recv_counts[r] come from r.
+  void all_to_all(const void* send, const std::vector<size_t>& send_counts, void* recv,
+                  const std::vector<size_t>& recv_counts, DType dtype) const;
+  void broadcast(void* data, size_t count, DType dtype, int root) const;
+  // Point to point, tagged: a recv matches the send with the same (source, tag).
+  void send(const void* data, size_t bytes, int dst, int tag = 0) const;
+  void recv(void* data, size_t bytes, int src, int tag = 0) const;
+  void barrier() const;
+
+  // Ranks with the same color form a new group, ordered by (key, old rank).
+  Group split(int color, int key) const;
+
+  // Call counts, bytes and time per kind of call, for this group.
+  CommStats& stats() const;
+
+  const std::shared_ptr<GroupImpl>& impl() const { return impl_; }
+
+ private:
+  std::shared_ptr<GroupImpl> impl_;
+};
+
+}  // namespace parallm::comm

@@ -1,0 +1,116 @@
+#include "parallm/core/dtype.h"
+
+#include <cmath>
+
+#include "parallm/core/error.h"
+
+namespace parallm {
+
+size_t dtype_size(DType t) {
+  switch (t) {
+    case DType::F32:
+      return 4;
+    case DType::BF16:
+    case DType::F16:
+      return 2;
+  }
+  return 0;
+}
+
+std::string_view dtype_name(DType t) {
+  switch (t) {
+    case DType::F32:
+      return "f32";
+    case DType::BF16:
+      return "bf16";
+    case DType::F16:
+      return "f16";
+  }
+  return "?";
+}
+
+DType parse_dtype(std::string_view s, std::string_view what) {
+  if (s == "f32" || s == "F32" || s == "float32" || s == "float") return DType::F32;
+  if (s == "bf16" || s == "BF16" || s == "bfloat16") return DType::BF16;
+  if (s == "f16" || s == "F16" || s == "float16" || s == "half") return DType::F16;
+  fail("dtype", what, ": unsupported dtype \"", s, "\" (expected f32, bf16 or f16)");
+}
+
+uint16_t f32_to_f16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t abs = x & 0x7fffffffu;
+  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow -> inf
+  if (abs < 0x38800000u) {  // f16 subnormal or zero: units of 2^-24, rounded to nearest even
+    float a;
+    std::memcpy(&a, &abs, 4);
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(a * 16777216.0f)));
+  }
+  uint32_t h = ((abs - 0x38000000u) >> 13);
+  const uint32_t rem = abs & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
+  return static_cast<uint16_t>(sign | h);
+}
+
+float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t e = (h >> 10) & 0x1fu;
+  uint32_t m = h & 0x3ffu;
+  uint32_t out;
+  if (e == 0) {
+    if (m == 0) {
+      out = sign;
+    } else {  // subnormal: normalise
+      e = 127 - 15 + 1;
+      while ((m & 0x400u) == 0) {
+        m <<= 1;
+        --e;
+      }
+      m &= 0x3ffu;
+      out = sign | (e << 23) | (m << 13);
+    }
+  } else if (e == 31) {
+    out = sign | 0x7f800000u | (m << 13);
+  } else {
+    out = sign | ((e + 127 - 15) << 23) | (m << 13);
+  }
+  float f;
+  std::memcpy(&f, &out, 4);
+  return f;
+}
+
+void convert(const void* src, DType st, void* dst, DType dt, size_t n) {
+  if (st == dt) {
+    std::memcpy(dst, src, n * dtype_size(st));
+    return;
+  }
+  auto load = [&](size_t i) -> float {
+    switch (st) {
+      case DType::F32:
+        return static_cast<const float*>(src)[i];
+      case DType::BF16:
+        return bf16_to_f32(static_cast<const uint16_t*>(src)[i]);
+      case DType::F16:
+        return f16_to_f32(static_cast<const uint16_t*>(src)[i]);
+    }
+    return 0.0f;
+  };
+  for (size_t i = 0; i < n; ++i) {
+    const float v = load(i);
+    switch (dt) {
+      case DType::F32:
+        static_cast<float*>(dst)[i] = v;
+        break;
+      case DType::BF16:
+        static_cast<uint16_t*>(dst)[i] = f32_to_bf16(v);
+        break;
+      case DType::F16:
+        static_cast<uint16_t*>(dst)[i] = f32_to_f16(v);
+        break;
+    }
+  }
+}
+
+}  // namespace parallm

@@ -1,0 +1,41 @@
+// Element types of tensors and the conversions between them.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <string_view>
+
+namespace parallm {
+
+enum class DType : uint8_t { F32, BF16, F16 };
+
+size_t dtype_size(DType t);
+std::string_view dtype_name(DType t);  // "f32", "bf16", "f16"
+// Accepts our names and safetensors' ("F32", "BF16", "F16") and torch's ("float32", "bfloat16",
+// "float16"); throws std::invalid_argument naming `what` and the value otherwise.
+DType parse_dtype(std::string_view s, std::string_view what = "dtype");
+
+// bf16: the top 16 bits of an IEEE f32. Rounds to nearest even; NaN stays NaN.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+uint16_t f32_to_f16(float f);
+float f16_to_f32(uint16_t h);
+
+// Converts n elements between any two dtypes (same dtype: memcpy).
+void convert(const void* src, DType src_type, void* dst, DType dst_type, size_t n);
+
+}  // namespace parallm

@@ -1,0 +1,140 @@
+#include "parallm/core/tensor.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "parallm/core/error.h"
+
+namespace parallm {
+namespace {
+
+std::vector<int64_t> contiguous_strides(const Shape& shape) {
+  std::vector<int64_t> st(shape.size());
+  int64_t s = 1;
+  for (size_t i = shape.size(); i-- > 0;) {
+    st[i] = s;
+    s *= shape[i];
+  }
+  return st;
+}
+
+void check_shape(const Shape& shape) {
+  for (int64_t d : shape)
+    if (d < 0) fail("tensor", "negative dimension in shape ", shape_str(shape));
+}
+
+}  // namespace
+
+std::string shape_str(const Shape& s) { return "[" + join(s, ", ") + "]"; }
+
+int64_t shape_numel(const Shape& s) {
+  int64_t n = 1;
+  for (int64_t d : s) n *= d;
+  return n;
+}
+
+Tensor Tensor::empty(DType dtype, Shape shape) {
+  check_shape(shape);
+  Tensor t;
+  t.dtype_ = dtype;
+  t.strides_ = contiguous_strides(shape);
+  t.shape_ = std::move(shape);
+  size_t bytes = t.nbytes();
+  size_t rounded = (bytes + 63) / 64 * 64;
+  if (rounded == 0) rounded = 64;
+  void* p = std::aligned_alloc(64, rounded);
+  if (!p) fail<std::runtime_error>("tensor", "out of memory allocating ", bytes, " bytes for ", t.describe());
+  t.storage_ = std::shared_ptr<void>(p, [](void* q) { std::free(q); });
+  t.data_ = p;
+  return t;
+}
+
+Tensor Tensor::zeros(DType dtype, Shape shape) {
+  Tensor t = empty(dtype, std::move(shape));
+  std::memset(t.data_, 0, t.nbytes());
+  return t;
+}
+
+Tensor Tensor::borrow(void* data, DType dtype, Shape shape, std::shared_ptr<void> keepalive) {
+  check_shape(shape);
+  Tensor t;
+  t.dtype_ = dtype;
+  t.strides_ = contiguous_strides(shape);
+  t.shape_ = std::move(shape);
+  t.data_ = data;
+  t.storage_ = std::move(keepalive);
+  return t;
+}
+
+bool Tensor::is_contiguous() const { return strides_ == contiguous_strides(shape_); }
+
+Tensor Tensor::reshape(Shape shape) const {
+  if (!is_contiguous()) fail("tensor", "reshape of a non-contiguous tensor ", describe());
+  int64_t known = 1;
+  int infer = -1;
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (shape[i] == -1) {
+      if (infer >= 0) fail("tensor", "reshape ", shape_str(shape), ": more than one -1");
+      infer = static_cast<int>(i);
+    } else {
+      known *= shape[i];
+    }
+  }
+  if (infer >= 0 && known > 0) shape[infer] = numel() / known;
+  if (shape_numel(shape) != numel())
+    fail("tensor", "cannot reshape ", describe(), " to ", shape_str(shape));
+  Tensor t = *this;
+  t.strides_ = contiguous_strides(shape);
+  t.shape_ = std::move(shape);
+  return t;
+}
+
+Tensor Tensor::slice_rows(int64_t begin, int64_t end) const {
+  if (ndim() < 1 || begin < 0 || end < begin || end > shape_[0])
+    fail("tensor", "rows [", begin, ", ", end, ") out of range for ", describe());
+  Tensor t = *this;
+  t.shape_[0] = end - begin;
+  t.data_ = static_cast<char*>(data_) + begin * strides_[0] * dtype_size(dtype_);
+  return t;
+}
+
+Tensor Tensor::slice_cols(int64_t begin, int64_t end) const {
+  if (ndim() != 2 || begin < 0 || end < begin || end > shape_[1])
+    fail("tensor", "columns [", begin, ", ", end, ") out of range for ", describe());
+  Tensor t = *this;
+  t.shape_[1] = end - begin;
+  t.data_ = static_cast<char*>(data_) + begin * strides_[1] * dtype_size(dtype_);
+  return t;
+}
+
+Tensor Tensor::contiguous() const { return to(dtype_); }
+
+Tensor Tensor::to(DType dtype) const {
+  Tensor out = empty(dtype, shape_);
+  if (numel() == 0) return out;
+  if (is_contiguous()) {
+    convert(data_, dtype_, out.data_, dtype, static_cast<size_t>(numel()));
+    return out;
+  }
+  // Strided: copy the innermost dimension run by run (it must be unit-stride, as our views are).
+  const int64_t inner = shape_.back();
+  const int64_t rows = numel() / inner;
+  const size_t es = dtype_size(dtype_), eo = dtype_size(dtype);
+  std::vector<int64_t> idx(shape_.size(), 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t off = 0;
+    for (size_t d = 0; d + 1 < shape_.size(); ++d) off += idx[d] * strides_[d];
+    if (strides_.back() != 1) fail("tensor", "copy of a tensor with inner stride ", strides_.back());
+    convert(static_cast<char*>(data_) + off * es, dtype_, static_cast<char*>(out.data_) + r * inner * eo,
+            dtype, static_cast<size_t>(inner));
+    for (size_t d = shape_.size() - 1; d-- > 0;) {
+      if (++idx[d] < shape_[d]) break;
+      idx[d] = 0;
+    }
+  }
+  return out;
+}
+
+std::string Tensor::describe() const { return cat(dtype_name(dtype_), shape_str(shape_)); }
+
+}  // namespace parallm

@@ -1,0 +1,221 @@
+#include "parallm/model/config.h"
+
+#include <cmath>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "parallm/core/error.h"
+
+namespace parallm {
+namespace {
+
+using nlohmann::json;
+
+const json& require(const json& j, const char* field, const std::string& source) {
+  auto it = j.find(field);
+  if (it == j.end() || it->is_null())
+    fail("config", source, ": missing required field \"", field, "\"");
+  return *it;
+}
+
+int64_t get_int(const json& j, const char* field, const std::string& source) {
+  const json& v = require(j, field, source);
+  if (!v.is_number_integer())
+    fail("config", source, ": field \"", field, "\" must be an integer, got ", v.dump());
+  return v.get<int64_t>();
+}
+
+double get_num(const json& v, const char* field, const std::string& source) {
+  if (!v.is_number()) fail("config", source, ": field \"", field, "\" must be a number, got ", v.dump());
+  return v.get<double>();
+}
+
+}  // namespace
+
+int64_t ModelConfig::param_count() const {
+  const int64_t h = hidden_size;
+  const int64_t attn = h * q_dim() + 2 * h * kv_dim() + q_dim() * h;
+  const int64_t mlp_one = 3 * h * intermediate_size;
+  const int64_t mlp = is_moe() ? num_local_experts * mlp_one + h * num_local_experts : mlp_one;
+  const int64_t layer = attn + mlp + 2 * h;
+  const int64_t embed = vocab_size * h * (tie_word_embeddings ? 1 : 2);
+  return num_hidden_layers * layer + embed + h;
+}
+
+ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
+  if (!j.is_object()) fail("config", source, ": expected a JSON object");
+  ModelConfig c;
+  if (auto it = j.find("architectures"); it != j.end() && it->is_array() && !it->empty() &&
+                                         (*it)[0].is_string())
+    c.architecture = (*it)[0].get<std::string>();
+  c.hidden_size = get_int(j, "hidden_size", source);
+  c.intermediate_size = get_int(j, "intermediate_size", source);
+  c.num_hidden_layers = get_int(j, "num_hidden_layers", source);
+  c.num_attention_heads = get_int(j, "num_attention_heads", source);
+  c.num_key_value_heads = j.contains("num_key_value_heads") && !j["num_key_value_heads"].is_null()
+                              ? get_int(j, "num_key_value_heads", source)
+                              : c.num_attention_heads;
+  c.vocab_size = get_int(j, "vocab_size", source);
+  if (j.contains("head_dim") && !j["head_dim"].is_null()) {
+    c.head_dim = get_int(j, "head_dim", source);
+  } else if (c.num_attention_heads > 0) {
+    if (c.hidden_size % c.num_attention_heads != 0)
+      fail("config", source, ": hidden_size ", c.hidden_size,
+           " is not divisible by num_attention_heads ", c.num_attention_heads);
+    c.head_dim = c.hidden_size / c.num_attention_heads;
+  }
+  if (j.contains("max_position_embeddings"))
+    c.max_position_embeddings = get_int(j, "max_position_embeddings", source);
+  if (j.contains("rms_norm_eps")) c.rms_norm_eps = get_num(j["rms_norm_eps"], "rms_norm_eps", source);
+  if (j.contains("rope_theta")) c.rope_theta = get_num(j["rope_theta"], "rope_theta", source);
+  if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
+    const json& rs = j["rope_scaling"];
+    if (!rs.is_object()) fail("config", source, ": field \"rope_scaling\" must be an object or null");
+    std::string type = rs.value("rope_type", rs.value("type", std::string()));
+    if (type == "llama3") {
+      c.rope_scaling.type = type;
+      c.rope_scaling.factor = get_num(require(rs, "factor", source), "rope_scaling.factor", source);
+      if (rs.contains("low_freq_factor"))
+        c.rope_scaling.low_freq_factor = get_num(rs["low_freq_factor"], "rope_scaling.low_freq_factor", source);
+      if (rs.contains("high_freq_factor"))
+        c.rope_scaling.high_freq_factor =
+            get_num(rs["high_freq_factor"], "rope_scaling.high_freq_factor", source);
+      if (rs.contains("original_max_position_embeddings"))
+        c.rope_scaling.original_max_position_embeddings =
+            rs["original_max_position_embeddings"].get<int64_t>();
+    } else if (type != "default" && !type.empty()) {
+      fail("config", source, ": rope_scaling type \"", type,
+           "\" is not supported (supported: none, \"llama3\")");
+    }
+  }
+  if (j.contains("tie_word_embeddings")) {
+    if (!j["tie_word_embeddings"].is_boolean())
+      fail("config", source, ": field \"tie_word_embeddings\" must be true or false");
+    c.tie_word_embeddings = j["tie_word_embeddings"].get<bool>();
+  }
+  if (j.contains("torch_dtype") && j["torch_dtype"].is_string())
+    c.torch_dtype = j["torch_dtype"].get<std::string>();
+  if (j.contains("bos_token_id") && j["bos_token_id"].is_number_integer())
+    c.bos_token_id = j["bos_token_id"].get<int64_t>();
+  if (j.contains("eos_token_id")) {
+    const json& e = j["eos_token_id"];
+    if (e.is_number_integer()) {
+      c.eos_token_ids = {e.get<int64_t>()};
+    } else if (e.is_array()) {
+      c.eos_token_ids.clear();
+      for (const auto& v : e) c.eos_token_ids.push_back(v.get<int64_t>());
+    }
+  }
+  if (j.contains("num_local_experts") && !j["num_local_experts"].is_null())
+    c.num_local_experts = get_int(j, "num_local_experts", source);
+  if (j.contains("num_experts_per_tok") && !j["num_experts_per_tok"].is_null())
+    c.num_experts_per_tok = get_int(j, "num_experts_per_tok", source);
+  if (j.contains("rope_interleaved") && j["rope_interleaved"].is_boolean())
+    c.rope_interleaved = j["rope_interleaved"].get<bool>();
+  c.validate(source);
+  return c;
+}
+
+ModelConfig ModelConfig::from_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) fail<std::runtime_error>("config", path, ": cannot open file");
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::parse_error& e) {
+    fail("config", path, ": invalid JSON: ", e.what());
+  }
+  return from_json(j, path);
+}
+
+json ModelConfig::to_json() const {
+  json j;
+  j["architectures"] = {architecture};
+  j["model_type"] = is_moe() ? "mixtral" : "llama";
+  j["hidden_size"] = hidden_size;
+  j["intermediate_size"] = intermediate_size;
+  j["num_hidden_layers"] = num_hidden_layers;
+  j["num_attention_heads"] = num_attention_heads;
+  j["num_key_value_heads"] = num_key_value_heads;
+  if (head_dim * num_attention_heads != hidden_size) j["head_dim"] = head_dim;
+  j["vocab_size"] = vocab_size;
+  j["max_position_embeddings"] = max_position_embeddings;
+  j["rms_norm_eps"] = rms_norm_eps;
+  j["rope_theta"] = rope_theta;
+  if (rope_scaling.type.empty()) {
+    j["rope_scaling"] = nullptr;
+  } else {
+    j["rope_scaling"] = {{"rope_type", rope_scaling.type},
+                         {"factor", rope_scaling.factor},
+                         {"low_freq_factor", rope_scaling.low_freq_factor},
+                         {"high_freq_factor", rope_scaling.high_freq_factor},
+                         {"original_max_position_embeddings",
+                          rope_scaling.original_max_position_embeddings}};
+  }
+  if (rope_interleaved) j["rope_interleaved"] = true;
+  j["tie_word_embeddings"] = tie_word_embeddings;
+  j["torch_dtype"] = torch_dtype;
+  j["bos_token_id"] = bos_token_id;
+  if (eos_token_ids.size() == 1)
+    j["eos_token_id"] = eos_token_ids[0];
+  else
+    j["eos_token_id"] = eos_token_ids;
+  j["hidden_act"] = "silu";
+  if (is_moe()) {
+    j["num_local_experts"] = num_local_experts;
+    j["num_experts_per_tok"] = num_experts_per_tok;
+  }
+  return j;
+}
+
+void ModelConfig::validate(const std::string& source) const {
+  auto positive = [&](const char* field, int64_t v) {
+    if (v <= 0) fail("config", source, ": field \"", field, "\" must be positive, got ", v);
+  };
+  positive("hidden_size", hidden_size);
+  positive("intermediate_size", intermediate_size);
+  positive("num_hidden_layers", num_hidden_layers);
+  positive("num_attention_heads", num_attention_heads);
+  positive("num_key_value_heads", num_key_value_heads);
+  positive("head_dim", head_dim);
+  positive("vocab_size", vocab_size);
+  positive("max_position_embeddings", max_position_embeddings);
+  if (head_dim % 2 != 0) fail("config", source, ": head_dim ", head_dim, " must be even for RoPE");
+  if (num_attention_heads % num_key_value_heads != 0)
+    fail("config", source, ": num_attention_heads ", num_attention_heads,
+         " is not divisible by num_key_value_heads ", num_key_value_heads);
+  if (!(rms_norm_eps > 0)) fail("config", source, ": rms_norm_eps must be positive, got ", rms_norm_eps);
+  if (!(rope_theta > 0)) fail("config", source, ": rope_theta must be positive, got ", rope_theta);
+  if (is_moe() && (num_experts_per_tok <= 0 || num_experts_per_tok > num_local_experts))
+    fail("config", source, ": num_experts_per_tok ", num_experts_per_tok, " must be in 1..",
+         num_local_experts);
+  if (bos_token_id >= vocab_size)
+    fail("config", source, ": bos_token_id ", bos_token_id, " is not below vocab_size ", vocab_size);
+}
+
+std::vector<float> ModelConfig::rope_inv_freq() const {
+  const int64_t half = head_dim / 2;
+  std::vector<float> f(half);
+  for (int64_t i = 0; i < half; ++i) {
+    double inv = 1.0 / std::pow(rope_theta, static_cast<double>(2 * i) / static_cast<double>(head_dim));
+    if (rope_scaling.type == "llama3") {
+      // Meta's Llama 3.1 scaling: long wavelengths slowed by `factor`, short ones kept, a smooth
+      // blend between low_freq_factor and high_freq_factor.
+      const double old_ctx = static_cast<double>(rope_scaling.original_max_position_embeddings);
+      const double low_wavelen = old_ctx / rope_scaling.low_freq_factor;
+      const double high_wavelen = old_ctx / rope_scaling.high_freq_factor;
+      const double wavelen = 2.0 * M_PI / inv;
+      if (wavelen > low_wavelen) {
+        inv = inv / rope_scaling.factor;
+      } else if (wavelen >= high_wavelen) {
+        const double smooth = (old_ctx / wavelen - rope_scaling.low_freq_factor) /
+                              (rope_scaling.high_freq_factor - rope_scaling.low_freq_factor);
+        inv = (1.0 - smooth) * inv / rope_scaling.factor + smooth * inv;
+      }
+    }
+    f[i] = static_cast<float>(inv);
+  }
+  return f;
+}
+
+}  // namespace parallm

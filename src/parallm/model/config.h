@@ -1,0 +1,63 @@
+// ModelConfig: the shape of a LLaMA-family model, read from a Hugging Face config.json (LLaMA,
+// Mistral, TinyLlama, Mixtral field names) or filled in by a checkpoint reader.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+namespace parallm {
+
+struct RopeScaling {
+  std::string type;  // "" (none) or "llama3"
+  double factor = 1.0;
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+  int64_t original_max_position_embeddings = 8192;
+};
+
+struct ModelConfig {
+  std::string architecture = "LlamaForCausalLM";
+  int64_t hidden_size = 0;
+  int64_t intermediate_size = 0;
+  int64_t num_hidden_layers = 0;
+  int64_t num_attention_heads = 0;
+  int64_t num_key_value_heads = 0;
+  int64_t head_dim = 0;  // hidden_size / num_attention_heads unless config.json says otherwise
+  int64_t vocab_size = 0;
+  int64_t max_position_embeddings = 2048;
+  double rms_norm_eps = 1e-5;
+  double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+  bool rope_interleaved = false;  // true for Meta/llama2.c checkpoints, false for Hugging Face
+  bool tie_word_embeddings = false;
+  std::string torch_dtype = "float32";
+  int64_t bos_token_id = 1;
+  std::vector<int64_t> eos_token_ids = {2};
+  // Mixture of experts (Mixtral): 0 experts means a dense MLP.
+  int64_t num_local_experts = 0;
+  int64_t num_experts_per_tok = 0;
+
+  int64_t q_dim() const { return num_attention_heads * head_dim; }
+  int64_t kv_dim() const { return num_key_value_heads * head_dim; }
+  bool is_moe() const { return num_local_experts > 0; }
+
+  // Parameters in the model (embeddings once when tied; all experts for MoE).
+  int64_t param_count() const;
+
+  // Parses a config.json object; `source` names it in errors. Validates (see validate()).
+  static ModelConfig from_json(const nlohmann::json& j, const std::string& source);
+  static ModelConfig from_file(const std::string& path);
+  nlohmann::json to_json() const;
+
+  // Throws std::invalid_argument naming `source`, the field and its value when a field is
+  // impossible (non-positive sizes, heads not dividing hidden_size, KV heads not dividing heads...).
+  void validate(const std::string& source) const;
+
+  // RoPE inverse frequencies, head_dim / 2 of them, with rope_scaling applied.
+  std::vector<float> rope_inv_freq() const;
+};
+
+}  // namespace parallm
