@@ -18,12 +18,12 @@
 
 namespace parallm::cli {
 
-using Action = std::function<int()>;
+using RunFn = std::function<int()>;
 
 struct Command {
   std::string path;  // "generate", "bench decode"
   std::string description;
-  std::function<Action(CLI::App&)> setup;  // adds options, returns what to run
+  std::function<RunFn(CLI::App&)> setup;  // adds options, returns what to run
 };
 
 bool register_command(Command command);

@@ -57,9 +57,9 @@ int main(int argc, char** argv) {
   app.set_help_all_flag("--help-all", "Show help for every subcommand");
 
   std::map<std::string, CLI::App*> groups;  // "bench" -> its App
-  Action chosen;
+  RunFn chosen;
   // Keep actions alive until the one chosen runs.
-  std::vector<std::unique_ptr<Action>> actions;
+  std::vector<std::unique_ptr<RunFn>> actions;
   for (const Command& c : registry()) {
     CLI::App* parent = &app;
     std::string name = c.path;
@@ -74,8 +74,8 @@ int main(int argc, char** argv) {
       parent = g;
     }
     CLI::App* sub = parent->add_subcommand(name, c.description);
-    actions.push_back(std::make_unique<Action>(c.setup(*sub)));
-    Action* act = actions.back().get();
+    actions.push_back(std::make_unique<RunFn>(c.setup(*sub)));
+    RunFn* act = actions.back().get();
     sub->callback([&chosen, act] { chosen = *act; });
   }
 

@@ -26,7 +26,8 @@ int64_t get_int(const json& j, const char* field, const std::string& source) {
 }
 
 double get_num(const json& v, const char* field, const std::string& source) {
-  if (!v.is_number()) fail("config", source, ": field \"", field, "\" must be a number, got ", v.dump());
+  if (!v.is_number())
+    fail("config", source, ": field \"", field, "\" must be a number, got ", v.dump());
   return v.get<double>();
 }
 
@@ -45,8 +46,8 @@ int64_t ModelConfig::param_count() const {
 ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
   if (!j.is_object()) fail("config", source, ": expected a JSON object");
   ModelConfig c;
-  if (auto it = j.find("architectures"); it != j.end() && it->is_array() && !it->empty() &&
-                                         (*it)[0].is_string())
+  if (auto it = j.find("architectures");
+      it != j.end() && it->is_array() && !it->empty() && (*it)[0].is_string())
     c.architecture = (*it)[0].get<std::string>();
   c.hidden_size = get_int(j, "hidden_size", source);
   c.intermediate_size = get_int(j, "intermediate_size", source);
@@ -66,17 +67,20 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
   }
   if (j.contains("max_position_embeddings"))
     c.max_position_embeddings = get_int(j, "max_position_embeddings", source);
-  if (j.contains("rms_norm_eps")) c.rms_norm_eps = get_num(j["rms_norm_eps"], "rms_norm_eps", source);
+  if (j.contains("rms_norm_eps"))
+    c.rms_norm_eps = get_num(j["rms_norm_eps"], "rms_norm_eps", source);
   if (j.contains("rope_theta")) c.rope_theta = get_num(j["rope_theta"], "rope_theta", source);
   if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
     const json& rs = j["rope_scaling"];
-    if (!rs.is_object()) fail("config", source, ": field \"rope_scaling\" must be an object or null");
+    if (!rs.is_object())
+      fail("config", source, ": field \"rope_scaling\" must be an object or null");
     std::string type = rs.value("rope_type", rs.value("type", std::string()));
     if (type == "llama3") {
       c.rope_scaling.type = type;
       c.rope_scaling.factor = get_num(require(rs, "factor", source), "rope_scaling.factor", source);
       if (rs.contains("low_freq_factor"))
-        c.rope_scaling.low_freq_factor = get_num(rs["low_freq_factor"], "rope_scaling.low_freq_factor", source);
+        c.rope_scaling.low_freq_factor =
+            get_num(rs["low_freq_factor"], "rope_scaling.low_freq_factor", source);
       if (rs.contains("high_freq_factor"))
         c.rope_scaling.high_freq_factor =
             get_num(rs["high_freq_factor"], "rope_scaling.high_freq_factor", source);
@@ -145,12 +149,12 @@ json ModelConfig::to_json() const {
   if (rope_scaling.type.empty()) {
     j["rope_scaling"] = nullptr;
   } else {
-    j["rope_scaling"] = {{"rope_type", rope_scaling.type},
-                         {"factor", rope_scaling.factor},
-                         {"low_freq_factor", rope_scaling.low_freq_factor},
-                         {"high_freq_factor", rope_scaling.high_freq_factor},
-                         {"original_max_position_embeddings",
-                          rope_scaling.original_max_position_embeddings}};
+    j["rope_scaling"] = {
+        {"rope_type", rope_scaling.type},
+        {"factor", rope_scaling.factor},
+        {"low_freq_factor", rope_scaling.low_freq_factor},
+        {"high_freq_factor", rope_scaling.high_freq_factor},
+        {"original_max_position_embeddings", rope_scaling.original_max_position_embeddings}};
   }
   if (rope_interleaved) j["rope_interleaved"] = true;
   j["tie_word_embeddings"] = tie_word_embeddings;
@@ -184,20 +188,23 @@ void ModelConfig::validate(const std::string& source) const {
   if (num_attention_heads % num_key_value_heads != 0)
     fail("config", source, ": num_attention_heads ", num_attention_heads,
          " is not divisible by num_key_value_heads ", num_key_value_heads);
-  if (!(rms_norm_eps > 0)) fail("config", source, ": rms_norm_eps must be positive, got ", rms_norm_eps);
+  if (!(rms_norm_eps > 0))
+    fail("config", source, ": rms_norm_eps must be positive, got ", rms_norm_eps);
   if (!(rope_theta > 0)) fail("config", source, ": rope_theta must be positive, got ", rope_theta);
   if (is_moe() && (num_experts_per_tok <= 0 || num_experts_per_tok > num_local_experts))
     fail("config", source, ": num_experts_per_tok ", num_experts_per_tok, " must be in 1..",
          num_local_experts);
   if (bos_token_id >= vocab_size)
-    fail("config", source, ": bos_token_id ", bos_token_id, " is not below vocab_size ", vocab_size);
+    fail("config", source, ": bos_token_id ", bos_token_id, " is not below vocab_size ",
+         vocab_size);
 }
 
 std::vector<float> ModelConfig::rope_inv_freq() const {
   const int64_t half = head_dim / 2;
   std::vector<float> f(half);
   for (int64_t i = 0; i < half; ++i) {
-    double inv = 1.0 / std::pow(rope_theta, static_cast<double>(2 * i) / static_cast<double>(head_dim));
+    double inv =
+        1.0 / std::pow(rope_theta, static_cast<double>(2 * i) / static_cast<double>(head_dim));
     if (rope_scaling.type == "llama3") {
       // Meta's Llama 3.1 scaling: long wavelengths slowed by `factor`, short ones kept, a smooth
       // blend between low_freq_factor and high_freq_factor.

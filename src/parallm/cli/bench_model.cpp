@@ -1,0 +1,163 @@
+// parallm bench decode / bench prefill: model speed against the machine's own limits.
+//  decode: tokens/s at batch 1 after a warm-up, weight bytes read per token, the memory read
+//          bandwidth measured here with all threads, and the roofline ratio
+//          (bytes per token x tokens/s) / bandwidth.
+//  prefill: prompt tokens/s for a long prompt and the GFLOP/s reached, against OpenBLAS's own
+//          sgemm GFLOP/s on f32 matrices of the same shapes.
+#include <cblas.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <vector>
+
+#include "parallm/cli/command.h"
+#include "parallm/cli/engine_flags.h"
+#include "parallm/core/error.h"
+#include "parallm/core/thread_pool.h"
+#include "parallm/core/timer.h"
+#include "parallm/engine/generate.h"
+#include "parallm/engine/kv_cache.h"
+#include "parallm/kernels/cpu.h"
+
+namespace parallm::cli {
+namespace {
+
+struct DecodeOptions {
+  EngineOptions engine;
+  int tokens = 32, warmup = 4;
+  double bandwidth_gbs = 0;  // 0: measure
+};
+
+// Best-of-3 read bandwidth with every core, measured on the root rank while the others wait.
+double root_bandwidth(const RankContext& ctx, double given_gbs) {
+  float bw = 0;
+  if (ctx.is_root()) {
+    if (given_gbs > 0) {
+      bw = static_cast<float>(given_gbs * 1e9);
+    } else {
+      ThreadPool all(ThreadPool::hardware_threads());
+      ScopedPool scoped(all);
+      bw = static_cast<float>(kernels::measure_read_bandwidth(size_t{1} << 30, 3));
+    }
+  }
+  ctx.world.broadcast(&bw, 1, DType::F32, 0);
+  return bw;
+}
+
+int run_decode(const DecodeOptions& o) {
+  if (o.tokens < 1 || o.warmup < 0) fail("bench", "--tokens must be >= 1 and --warmup >= 0");
+  run_model(o.engine, [&](RankContext& ctx) {
+    const double bw = root_bandwidth(ctx, o.bandwidth_gbs);
+    float bytes = static_cast<float>(ctx.model.decode_bytes_per_token());
+    ctx.tp.all_reduce(&bytes, 1, comm::ReduceOp::Sum);  // the whole model's bytes per token
+    std::vector<double> stamps;
+    GenerateOptions go;
+    go.max_tokens = o.warmup + o.tokens + 1;
+    go.ignore_eos = true;
+    ctx.tp.barrier();
+    generate(ctx.model, ctx.tp, {static_cast<int32_t>(ctx.config.bos_token_id)}, go,
+             [&](int32_t) { stamps.push_back(now_seconds()); });
+    // stamps[0] follows the prefill; stamps[i] - stamps[i-1] is one decode step.
+    const double secs = stamps.back() - stamps[o.warmup];
+    const double tps = o.tokens / secs;
+    if (!ctx.is_root()) return;
+    std::printf("bench decode: %s, tp %d, %d threads/rank, dtype %s, simd %s\n", o.engine.model.c_str(),
+                ctx.tp.size(), ThreadPool::current().size(),
+                std::string(dtype_name(resolve_weight_dtype(o.engine.dtype, ctx.config))).c_str(),
+                kernels::simd_name(kernels::simd_level()).c_str());
+    std::printf("  tokens/s            %10.2f   (%d tokens after %d warm-up)\n", tps, o.tokens, o.warmup);
+    std::printf("  ms/token            %10.2f\n", 1e3 / tps);
+    std::printf("  weight bytes/token  %10.1f MB\n", bytes / 1e6);
+    std::printf("  achieved            %10.2f GB/s\n", bytes * tps / 1e9);
+    std::printf("  read bandwidth      %10.2f GB/s (measured, all threads)\n", bw / 1e9);
+    std::printf("  roofline ratio      %10.3f\n", bytes * tps / bw);
+  });
+  return 0;
+}
+
+struct PrefillOptions {
+  EngineOptions engine;
+  int prompt_len = 512;
+};
+
+// OpenBLAS's own multi-threaded sgemm on f32 matrices of the model's shapes: y[T,N] = x[T,K] W^T.
+double openblas_gflops(const ModelConfig& c, int64_t T) {
+  const int64_t H = c.hidden_size;
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {
+      {c.q_dim() + 2 * c.kv_dim(), H}, {H, c.q_dim()}, {2 * c.intermediate_size, H}, {H, c.intermediate_size}};
+  openblas_set_num_threads(ThreadPool::hardware_threads());
+  double flops = 0, secs = 0;
+  for (auto [N, K] : shapes) {
+    std::vector<float> x(T * K, 0.01f), w(N * K, 0.02f), y(T * N);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, N, K, 1.0f, x.data(), K, w.data(), K, 0.0f, y.data(), N);
+    Timer t;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, N, K, 1.0f, x.data(), K, w.data(), K, 0.0f, y.data(), N);
+    secs += t.seconds();
+    flops += 2.0 * T * N * K;
+  }
+  openblas_set_num_threads(1);
+  return flops / secs / 1e9;
+}
+
+int run_prefill(const PrefillOptions& o) {
+  if (o.prompt_len < 1) fail("bench", "--prompt-len must be >= 1, got ", o.prompt_len);
+  run_model(o.engine, [&](RankContext& ctx) {
+    const ModelConfig& c = ctx.config;
+    if (o.prompt_len > c.max_position_embeddings)
+      fail("bench", "--prompt-len ", o.prompt_len, " exceeds max_position_embeddings ", c.max_position_embeddings);
+    std::vector<int32_t> ids(o.prompt_len);
+    for (int i = 0; i < o.prompt_len; ++i) ids[i] = static_cast<int32_t>((i * 7919 + 3) % c.vocab_size);
+    KvCache kv(ctx.model.local_layers(), 1, o.prompt_len, ctx.model.local_kv_dim());
+    std::vector<float> x(static_cast<size_t>(o.prompt_len) * c.hidden_size);
+    std::vector<float> logits(ctx.model.vocab_shard().size());
+    auto once = [&] {
+      ctx.model.embed(ids.data(), o.prompt_len, x.data());
+      ctx.model.forward_layers(x.data(), {SeqChunk{0, 0, o.prompt_len}}, kv);
+      ctx.model.head(x.data() + (o.prompt_len - 1) * c.hidden_size, 1, logits.data());
+    };
+    once();  // warm-up
+    ctx.tp.barrier();
+    Timer t;
+    once();
+    ctx.tp.barrier();
+    const double secs = t.seconds();
+    if (!ctx.is_root()) return;
+    // FLOPs: 2 per weight per token in the layers, attention's QK^T and PV over the causal
+    // triangle, and the LM head for the last token.
+    const double T = o.prompt_len, H = c.hidden_size;
+    const double layer_w = H * (c.q_dim() + 2 * c.kv_dim()) + c.q_dim() * H + 3 * H * c.intermediate_size;
+    const double attn = 2.0 * 2.0 * c.q_dim() * T * (T + 1) / 2;
+    const double flops = c.num_hidden_layers * (2 * T * layer_w + attn) + 2 * H * c.vocab_size;
+    const double ours = flops / secs / 1e9;
+    const double blas = openblas_gflops(c, o.prompt_len);
+    std::printf("bench prefill: %s, tp %d, %d threads/rank, prompt %d tokens\n", o.engine.model.c_str(),
+                ctx.tp.size(), ThreadPool::current().size(), o.prompt_len);
+    std::printf("  prompt tokens/s     %10.1f\n", T / secs);
+    std::printf("  GFLOP/s             %10.1f\n", ours);
+    std::printf("  OpenBLAS sgemm      %10.1f GFLOP/s (f32, same shapes, all threads)\n", blas);
+    std::printf("  ratio               %10.3f\n", ours / blas);
+  });
+  return 0;
+}
+
+[[maybe_unused]] const bool decode_registered = register_command(
+    {"bench decode", "Decode tokens/s at batch 1 against the memory-bandwidth roofline",
+     [](CLI::App& app) {
+       auto o = std::make_shared<DecodeOptions>();
+       add_engine_flags(app, o->engine);
+       app.add_option("--tokens", o->tokens, "Timed decode steps (default 32)");
+       app.add_option("--warmup", o->warmup, "Untimed decode steps first (default 4)");
+       app.add_option("--bandwidth", o->bandwidth_gbs, "Use this read bandwidth (GB/s) instead of measuring");
+       return [o] { return run_decode(*o); };
+     }});
+
+[[maybe_unused]] const bool prefill_registered = register_command(
+    {"bench prefill", "Prompt tokens/s and GFLOP/s against OpenBLAS sgemm", [](CLI::App& app) {
+       auto o = std::make_shared<PrefillOptions>();
+       add_engine_flags(app, o->engine);
+       app.add_option("--prompt-len", o->prompt_len, "Prompt tokens (default 512)");
+       return [o] { return run_prefill(*o); };
+     }});
+
+}  // namespace
+}  // namespace parallm::cli

@@ -1,0 +1,40 @@
+// The generation loop for one sequence on one tensor-parallel group: prefill the prompt, then
+// decode a token at a time until EOS or max_tokens. Every rank of the group runs it with the same
+// prompt; all ranks produce the same tokens (the sampler agrees across the vocab split).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "parallm/comm/group.h"
+#include "parallm/engine/sampler.h"
+#include "parallm/model/llama.h"
+
+namespace parallm {
+
+struct GenerateOptions {
+  int64_t max_tokens = 64;
+  bool ignore_eos = false;
+  SamplingParams sampling;
+  bool collect_logits = false;  // gather the full vocabulary's logits of every step (tests, --print-logits)
+};
+
+struct GenerateResult {
+  std::vector<int32_t> tokens;              // generated, not including the prompt
+  std::vector<std::vector<float>> logits;   // per generated token, full vocab (collect_logits)
+  double prefill_seconds = 0;
+  double decode_seconds = 0;  // for tokens after the first
+  bool stopped_at_eos = false;
+};
+
+// Runs on every rank of `tp` (the model's group). on_token is called for each new token.
+GenerateResult generate(const LlamaModel& model, comm::Group tp, const std::vector<int32_t>& prompt,
+                        const GenerateOptions& options,
+                        const std::function<void(int32_t)>& on_token = nullptr);
+
+// Gathers a vocab-split row of logits into the full vocabulary on every rank of `tp`.
+std::vector<float> gather_vocab(const float* local, const parallel::ShardSpec& shard,
+                                const comm::Group& tp);
+
+}  // namespace parallm

@@ -1,0 +1,47 @@
+// What every command that runs a model needs: the model path, the layout, threads per rank, the
+// weight dtype and the comm backend; and the launch of the ranks with each rank's model loaded.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "parallm/comm/group.h"
+#include "parallm/model/config.h"
+#include "parallm/model/llama.h"
+#include "parallm/model/weights.h"
+
+namespace parallm {
+
+struct EngineOptions {
+  std::string model;           // directory, .safetensors or llama2.c .bin
+  int tp = 1;                  // tensor-parallel ranks
+  int threads = 0;             // threads per rank; 0: the machine's cores / ranks in this process
+  std::string dtype = "auto";  // auto (the checkpoint's torch_dtype), f32, bf16, f16
+  std::string backend = "auto";  // auto, local, mpi
+  double comm_timeout_s = 300;
+  bool comm_stats = false;     // print the per-group collective table at the end
+  bool mem_stats = false;      // print per-rank weight bytes and resident memory after loading
+};
+
+// What one rank sees once its shard is loaded.
+struct RankContext {
+  comm::Group world;
+  comm::Group tp;
+  const ModelConfig& config;
+  LlamaModel& model;
+  bool is_root() const { return world.rank() == 0; }
+};
+
+// The weight dtype for `flag` ("auto" follows config.torch_dtype: float32 -> f32, else bf16 or f16).
+DType resolve_weight_dtype(const std::string& flag, const ModelConfig& config);
+
+// Opens the model (reading only its config), launches the ranks (threads, or this process's rank
+// under mpirun), loads each rank's shard, and calls fn on every rank. Errors in any rank end all.
+void run_model(const EngineOptions& options, const std::function<void(RankContext&)>& fn);
+
+// This process's resident set size in bytes (VmRSS), 0 where unknown.
+uint64_t resident_bytes();
+
+}  // namespace parallm

@@ -1,0 +1,49 @@
+// Sampler: picks the next token from logits split by vocabulary across a tensor-parallel group,
+// without gathering the vocabulary.
+//  - greedy (temperature 0): each rank finds its best (logit, id); one all-gather of those pairs.
+//  - temperature only: global max and normaliser by two scalar all-reduces; every rank draws the
+//    same uniform number (same seed), the rank whose share of the probability mass holds it picks
+//    the token inside its shard, and a max all-reduce tells the others. Exact.
+//  - top-k / top-p: each rank keeps its local candidates (its top k, and its prefix reaching mass
+//    p: together a superset of the global top-k / nucleus, so the result is exact); only those are
+//    exchanged, then every rank samples the same token from them.
+// Every rank of the group must call sample() with the same parameters; all return the same id.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "parallm/comm/group.h"
+
+namespace parallm {
+
+struct SamplingParams {
+  float temperature = 0.0f;  // 0: greedy
+  int top_k = 0;             // 0: off
+  float top_p = 1.0f;        // 1: off
+  uint64_t seed = 0;
+};
+
+class Sampler {
+ public:
+  Sampler(SamplingParams params, comm::Group tp);
+  // logits: this rank's [vocab_end - vocab_begin] slice of the vocabulary.
+  int32_t sample(const float* logits, int64_t vocab_begin, int64_t vocab_end);
+  const SamplingParams& params() const { return params_; }
+
+ private:
+  int32_t greedy(const float* logits, int64_t begin, int64_t n);
+  int32_t full(const float* logits, int64_t begin, int64_t n);
+  int32_t truncated(const float* logits, int64_t begin, int64_t n);
+  double uniform();  // [0, 1), identical on every rank
+
+  SamplingParams params_;
+  comm::Group tp_;
+  std::mt19937_64 rng_;
+};
+
+// Validates parameters; throws std::invalid_argument naming the flag and value.
+void validate_sampling(const SamplingParams& p);
+
+}  // namespace parallm

@@ -1,0 +1,122 @@
+#include "parallm/model/init_model.h"
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "parallm/core/error.h"
+#include "parallm/core/thread_pool.h"
+#include "parallm/model/weights.h"
+
+namespace parallm {
+namespace {
+
+// splitmix64: a fast, well-mixed counter-based generator, so any element can be generated
+// independently (and so in parallel) from (seed, tensor index, element index).
+inline uint64_t mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// Uniform in [mean - a, mean + a) with a = std * sqrt(3), so the standard deviation is `std`.
+Tensor random_tensor(Shape shape, DType dtype, uint64_t seed, uint64_t index, float mean,
+                     float std) {
+  Tensor f = Tensor::empty(DType::F32, std::move(shape));
+  float* p = f.data<float>();
+  const float a = std * std::sqrt(3.0f);
+  const uint64_t base = mix(seed ^ mix(index + 1));
+  ThreadPool::current().parallel_for(f.numel(), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const double u = static_cast<double>(mix(base + static_cast<uint64_t>(i)) >> 11) * 0x1.0p-53;
+      p[i] = mean + a * static_cast<float>(2.0 * u - 1.0);
+    }
+  });
+  return dtype == DType::F32 ? f : f.to(dtype);
+}
+
+}  // namespace
+
+std::string shape_preset_names() {
+  return "tiny, tinyllama-1.1b";
+}
+
+ModelConfig shape_preset(const std::string& name) {
+  ModelConfig c;
+  if (name == "tiny") {
+    c.hidden_size = 96;
+    c.intermediate_size = 200;
+    c.num_hidden_layers = 3;
+    c.num_attention_heads = 12;
+    c.num_key_value_heads = 6;
+    c.head_dim = 8;
+    c.vocab_size = 250;
+    c.max_position_embeddings = 256;
+    c.rope_theta = 10000.0;
+    c.torch_dtype = "float32";
+  } else if (name == "tinyllama-1.1b") {
+    c.hidden_size = 2048;
+    c.intermediate_size = 5632;
+    c.num_hidden_layers = 22;
+    c.num_attention_heads = 32;
+    c.num_key_value_heads = 4;
+    c.head_dim = 64;
+    c.vocab_size = 32000;
+    c.max_position_embeddings = 2048;
+    c.rope_theta = 10000.0;
+    c.torch_dtype = "bfloat16";
+  } else {
+    fail("init-model", "unknown --shape \"", name, "\" (known: ", shape_preset_names(),
+         ", or a path to a config.json)");
+  }
+  c.rms_norm_eps = 1e-5;
+  c.bos_token_id = 1;
+  c.eos_token_ids = {2};
+  c.validate("shape " + name);
+  return c;
+}
+
+void init_random_model(const ModelConfig& c, const std::string& out_dir, uint64_t seed,
+                       DType dtype) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  if (ec)
+    fail<std::runtime_error>("init-model", out_dir, ": cannot create directory: ", ec.message());
+  ModelConfig cfg = c;
+  cfg.torch_dtype = dtype == DType::F32 ? "float32" : dtype == DType::BF16 ? "bfloat16" : "float16";
+
+  const int64_t H = c.hidden_size, F = c.intermediate_size;
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  uint64_t index = 0;
+  auto add = [&](const std::string& name, Shape shape, float mean, float std) {
+    tensors.emplace_back(name, random_tensor(std::move(shape), dtype, seed, index++, mean, std));
+  };
+  auto inv_sqrt = [](int64_t n) { return 1.0f / std::sqrt(static_cast<float>(n)); };
+  add(names::kEmbed, {c.vocab_size, H}, 0.0f, 1.0f);
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    add(names::layer(i, "input_layernorm.weight"), {H}, 1.0f, 0.1f);
+    add(names::layer(i, "self_attn.q_proj.weight"), {c.q_dim(), H}, 0.0f, inv_sqrt(H));
+    add(names::layer(i, "self_attn.k_proj.weight"), {c.kv_dim(), H}, 0.0f, inv_sqrt(H));
+    add(names::layer(i, "self_attn.v_proj.weight"), {c.kv_dim(), H}, 0.0f, inv_sqrt(H));
+    add(names::layer(i, "self_attn.o_proj.weight"), {H, c.q_dim()}, 0.0f, inv_sqrt(c.q_dim()));
+    add(names::layer(i, "post_attention_layernorm.weight"), {H}, 1.0f, 0.1f);
+    add(names::layer(i, "mlp.gate_proj.weight"), {F, H}, 0.0f, inv_sqrt(H));
+    add(names::layer(i, "mlp.up_proj.weight"), {F, H}, 0.0f, inv_sqrt(H));
+    add(names::layer(i, "mlp.down_proj.weight"), {H, F}, 0.0f, inv_sqrt(F));
+  }
+  add(names::kNorm, {H}, 1.0f, 0.1f);
+  if (!c.tie_word_embeddings) add(names::kLmHead, {c.vocab_size, H}, 0.0f, inv_sqrt(H));
+
+  write_safetensors(
+      (fs::path(out_dir) / "model.safetensors").string(), tensors,
+      {{"format", "pt"}, {"generator", "parallm init-model"}, {"seed", std::to_string(seed)}});
+  const std::string config_path = (fs::path(out_dir) / "config.json").string();
+  std::ofstream out(config_path);
+  out << cfg.to_json().dump(2) << "\n";
+  if (!out) fail<std::runtime_error>("init-model", config_path, ": write failed");
+}
+
+}  // namespace parallm

@@ -1,0 +1,18 @@
+# Tensor-parallel generation under mpirun, one process per rank: same tokens and logits as one rank.
+if(PARALLM_HAVE_MPI)
+  string(JOIN " " flags ${PARALLM_MPIRUN_FLAGS})
+  foreach(case tiny:2 tiny:3 stories:2 stories:4)
+    string(REPLACE ":" ";" parts ${case})
+    list(GET parts 0 model)
+    list(GET parts 1 np)
+    set(path ${model})
+    if(model STREQUAL "stories")
+      set(path ${PROJECT_SOURCE_DIR}/../shared/models/stories260K/stories260K.bin)
+    endif()
+    add_test(NAME engine_mpi_tp_${model}_np${np}
+             COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/engine/mpi_tp_check.sh $<TARGET_FILE:parallm_bin>
+                     ${PARALLM_MPIRUN} "${flags}" ${np} ${path} 12)
+    set_tests_properties(engine_mpi_tp_${model}_np${np} PROPERTIES LABELS "mpi;engine" TIMEOUT 300
+                         ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
+  endforeach()
+endif()
