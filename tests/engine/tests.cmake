@@ -15,4 +15,17 @@ if(PARALLM_HAVE_MPI)
     set_tests_properties(engine_mpi_tp_${model}_np${np} PROPERTIES LABELS "mpi;engine" TIMEOUT 300
                          ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
   endforeach()
+  # Pipeline and hybrid layouts: a batch of three prompts.
+  foreach(case "pp2:2:--pp 2" "tp2pp2:4:--tp 2 --pp 2" "pp3:3:--pp 3 --pp-layers 1,3,1")
+    string(REPLACE ":" ";" parts "${case}")
+    list(GET parts 0 name)
+    list(GET parts 1 np)
+    list(GET parts 2 layout)
+    add_test(NAME engine_mpi_${name}
+             COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/engine/mpi_tp_check.sh $<TARGET_FILE:parallm_bin>
+                     ${PARALLM_MPIRUN} "${flags}" ${np}
+                     ${PROJECT_SOURCE_DIR}/../shared/models/stories260K/stories260K.bin 10 "${layout}")
+    set_tests_properties(engine_mpi_${name} PROPERTIES LABELS "mpi;engine" TIMEOUT 300
+                         ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
+  endforeach()
 endif()

@@ -14,6 +14,11 @@ inline void add_engine_flags(CLI::App& app, EngineOptions& o) {
       ->required();
   app.add_option("--tp", o.tp, "Tensor-parallel ranks (threads here, or processes under mpirun)")
       ->check(CLI::PositiveNumber);
+  app.add_option("--pp", o.pp, "Pipeline stages (each a --tp group); world size = tp x pp")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--pp-layers", o.pp_layers, "Layers per stage, e.g. 6,5,5,6 (default: even)")
+      ->delimiter(',');
+  app.add_option("--trace", o.trace_file, "Write a Chrome trace-event JSON timeline of every rank");
   app.add_option("--threads", o.threads, "Threads per rank (default: cores / ranks in this process)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--dtype", o.dtype, "Weight dtype: auto (the checkpoint's), f32, bf16, f16")

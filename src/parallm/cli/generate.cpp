@@ -1,11 +1,13 @@
 // parallm generate: one prompt in, tokens out, on one rank or a tensor-parallel group.
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <memory>
 
 #include "parallm/cli/command.h"
 #include "parallm/cli/engine_flags.h"
 #include "parallm/core/error.h"
+#include "parallm/engine/batch_generate.h"
 #include "parallm/engine/generate.h"
 #include "parallm/model/tokenizer.h"
 
@@ -14,7 +16,8 @@ namespace {
 
 struct Options {
   EngineOptions engine;
-  std::string prompt, prompt_ids, tokenizer;
+  std::string prompt, prompt_ids, tokenizer, prompts_file;
+  int micro_batches = 0;
   int64_t max_tokens = 64;
   float temperature = 0.0f, top_p = 1.0f;
   int top_k = 0;
@@ -22,14 +25,110 @@ struct Options {
   bool print_ids = false, ignore_eos = false, print_logits = false, quiet = false;
 };
 
+bool is_id_list(const std::string& line) {
+  return !line.empty() && line.find_first_not_of("0123456789, ") == std::string::npos &&
+         line.find_first_of("0123456789") != std::string::npos;
+}
+
+// Reads --prompts-file: one prompt per line, text or token ids ("1,2,3"); blank lines skipped.
+std::vector<std::vector<int32_t>> read_prompts(const std::string& path, const Tokenizer* tok) {
+  std::ifstream in(path);
+  if (!in) fail<std::runtime_error>("cli", "--prompts-file ", path, ": cannot open");
+  std::vector<std::vector<int32_t>> out;
+  std::string line;
+  int n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    if (is_id_list(line)) {
+      std::vector<int32_t> ids;
+      for (int64_t v : parse_int_list(line, cat("--prompts-file ", path, " line ", n)))
+        ids.push_back(static_cast<int32_t>(v));
+      out.push_back(std::move(ids));
+    } else {
+      if (!tok)
+        fail("cli", "--prompts-file ", path, " line ", n,
+             " is text, but no tokenizer was found beside the model (give --tokenizer or token ids)");
+      out.push_back(tok->encode(line, true));
+    }
+  }
+  if (out.empty()) fail("cli", "--prompts-file ", path, ": no prompts");
+  return out;
+}
+
+// Batched and/or pipelined generation: prints each sequence, then the pipeline's summary.
+int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts, const Tokenizer* tok) {
+  BatchOptions bo;
+  bo.max_tokens = o.max_tokens;
+  bo.ignore_eos = o.ignore_eos;
+  bo.sampling = {o.temperature, o.top_k, o.top_p, o.seed};
+  bo.micro_batches = o.micro_batches;
+  bo.collect_logits = o.print_logits;
+  const bool ids_out = o.print_ids || !tok;
+  run_model(o.engine, [&](RankContext& ctx) {
+    BatchResult r = generate_batch(ctx.model, ctx.mesh, prompts, bo);
+    // Each rank's (busy, wall, prompt-pass busy, prompt-pass wall), gathered at every rank.
+    float mine[4] = {static_cast<float>(r.busy_seconds), static_cast<float>(r.seconds),
+                     static_cast<float>(r.prefill_busy_seconds), static_cast<float>(r.prefill_seconds)};
+    std::vector<float> all(4 * ctx.world.size());
+    ctx.world.all_gather(mine, all.data(), 4, DType::F32);
+    size_t total = 0;
+    for (size_t i = 0; ctx.is_root() && i < r.sequences.size(); ++i) {
+      const auto& seq = r.sequences[i];
+      total += seq.tokens.size();
+      if (o.quiet) continue;
+      std::printf("[%zu] ", i);
+      if (ids_out) {
+        for (int32_t t : seq.tokens) std::printf("%d ", t);
+      } else {
+        std::printf("%s", tok->decode(seq.tokens).c_str());
+      }
+      std::printf("\n");
+    }
+    std::fflush(stdout);
+    // Tokens first (rank 0), then logits (another process under MPI): ordered, not interleaved.
+    ctx.world.barrier();
+    // --print-logits: the last stage holds them; its first TP rank prints.
+    const bool logits_printer = ctx.mesh.last_stage() && ctx.mesh.tp_rank() == 0;
+    if (o.print_logits && logits_printer) {
+      for (size_t i = 0; i < r.sequences.size(); ++i)
+        for (size_t s = 0; s < r.sequences[i].logits.size(); ++s) {
+          std::printf("logits[%zu][%zu]:", i, s);
+          for (float v : r.sequences[i].logits[s]) std::printf(" %.6g", v);
+          std::printf("\n");
+        }
+      std::fflush(stdout);
+    }
+    if (!ctx.is_root()) return;
+    const int P = ctx.mesh.pp_size(), M = r.micro_batches;
+    std::fprintf(stderr, "[generate] tp %d x pp %d, %zu sequences in %d micro-batches: %zu tokens in %.3f s (%.1f tok/s)\n",
+                 ctx.mesh.tp_size(), P, r.sequences.size(), M, total, r.seconds, total / std::max(r.seconds, 1e-9));
+    if (P > 1) {
+      double idle_all = 0, idle_prefill = 0;
+      for (int s = 0; s < P; ++s) {
+        const float* v = &all[4 * ctx.mesh.global_rank(0, 0, s)];
+        std::fprintf(stderr, "[pipeline] stage %d: busy %.1f%% of the run, %.1f%% of the prompt pass\n", s,
+                     100.0 * v[0] / v[1], 100.0 * v[2] / v[3]);
+        idle_all += 1.0 - v[0] / v[1];
+        idle_prefill += 1.0 - v[2] / v[3];
+      }
+      std::fprintf(stderr, "[pipeline] bubble: prompt pass %.3f (GPipe formula (p-1)/(m+p-1) = %.3f), whole run %.3f\n",
+                   idle_prefill / P, (P - 1.0) / (M + P - 1.0), idle_all / P);
+    }
+  });
+  return 0;
+}
+
 int run(const Options& o) {
-  if (o.prompt.empty() == o.prompt_ids.empty())
-    fail("cli", "give exactly one of --prompt TEXT or --prompt-ids 1,2,3");
+  const int given = !o.prompt.empty() + !o.prompt_ids.empty() + !o.prompts_file.empty();
+  if (given != 1)
+    fail("cli", "give exactly one of --prompt TEXT, --prompt-ids 1,2,3 or --prompts-file FILE");
   SamplingParams sp{o.temperature, o.top_k, o.top_p, o.seed};
   validate_sampling(sp);
   std::unique_ptr<Tokenizer> tok;
   if (!o.tokenizer.empty()) tok = load_tokenizer_file(o.tokenizer);
   else tok = load_tokenizer(o.engine.model);
+  if (!o.prompts_file.empty()) return run_batch(o, read_prompts(o.prompts_file, tok.get()), tok.get());
   std::vector<int32_t> prompt;
   if (!o.prompt_ids.empty()) {
     for (int64_t v : parse_int_list(o.prompt_ids, "--prompt-ids")) prompt.push_back(static_cast<int32_t>(v));
@@ -39,6 +138,7 @@ int run(const Options& o) {
            " (tokenizer.model or tokenizer.json); give --tokenizer FILE or --prompt-ids");
     prompt = tok->encode(o.prompt, true);
   }
+  if (o.engine.pp > 1 || o.micro_batches > 0) return run_batch(o, {prompt}, tok.get());
   GenerateOptions go;
   go.max_tokens = o.max_tokens;
   go.ignore_eos = o.ignore_eos;
@@ -86,6 +186,11 @@ int run(const Options& o) {
        add_engine_flags(app, o->engine);
        app.add_option("--prompt", o->prompt, "Prompt text (needs a tokenizer beside the model)");
        app.add_option("--prompt-ids", o->prompt_ids, "Prompt as token ids: 1,2,3");
+       app.add_option("--prompts-file", o->prompts_file,
+                      "Generate for every line (text or token ids 1,2,3) together, as one batch");
+       app.add_option("--micro-batches", o->micro_batches,
+                      "Micro-batches the batch is cut into (default: the number of --pp stages)")
+           ->check(CLI::NonNegativeNumber);
        app.add_option("--tokenizer", o->tokenizer, "tokenizer.model or tokenizer.json (default: beside the model)");
        app.add_option("--max-tokens", o->max_tokens, "Tokens to generate (default 64)")->check(CLI::NonNegativeNumber);
        app.add_option("--temperature", o->temperature, "0 = greedy (default)")->check(CLI::NonNegativeNumber);

@@ -12,6 +12,8 @@
 #include "parallm/comm/mesh.h"
 #include "parallm/core/error.h"
 #include "parallm/core/thread_pool.h"
+#include "parallm/core/trace.h"
+#include "parallm/pipeline/partition.h"
 
 namespace parallm {
 
@@ -49,46 +51,81 @@ int local_mpi_ranks() {
   return 1;
 }
 
+// Rank 0 collects every rank's events (send/recv, so it works on every backend) and writes one file.
+void gather_and_write_trace(const comm::Group& world, const TraceBuffer& trace, const std::string& path) {
+  constexpr int kTag = 901;
+  std::string mine = trace.to_json_events();
+  if (world.rank() != 0) {
+    uint64_t n = mine.size();
+    world.send(&n, sizeof(n), 0, kTag);
+    world.send(mine.data(), n, 0, kTag);
+    return;
+  }
+  std::vector<std::string> all(world.size());
+  all[0] = std::move(mine);
+  for (int r = 1; r < world.size(); ++r) {
+    uint64_t n = 0;
+    world.recv(&n, sizeof(n), r, kTag);
+    all[r].resize(n);
+    world.recv(all[r].data(), n, r, kTag);
+  }
+  write_trace_file(path, all);
+}
+
 }  // namespace
 
 void run_model(const EngineOptions& options, const std::function<void(RankContext&)>& fn) {
   if (options.tp < 1) fail("cli", "--tp must be >= 1, got ", options.tp);
+  if (options.pp < 1) fail("cli", "--pp must be >= 1, got ", options.pp);
   if (options.threads < 0) fail("cli", "--threads must be >= 0, got ", options.threads);
   ModelConfig config;
   std::unique_ptr<WeightSource> source = open_model(options.model, &config);
   const DType dtype = resolve_weight_dtype(options.dtype, config);
   // Fail before launching anything when the layout cannot fit the heads.
   parallel::HeadPlan::make(config.num_attention_heads, config.num_key_value_heads, options.tp, 0);
+  const std::vector<pipeline::StageLayers> stages =
+      pipeline::partition_layers(config.num_hidden_layers, options.pp, options.pp_layers);
+  const int world_size = options.tp * options.pp;
 
   comm::LaunchOptions launch;
   launch.backend = options.backend;
   launch.timeout_s = options.comm_timeout_s;
   launch.print_stats = options.comm_stats;
-  const int ranks_here = comm::under_mpirun() ? local_mpi_ranks() : options.tp;
+  const int ranks_here = comm::under_mpirun() ? local_mpi_ranks() : world_size;
   const int threads = options.threads > 0
                           ? options.threads
                           : std::max(1, ThreadPool::hardware_threads() / ranks_here);
   std::mutex print_mu;
-  comm::launch(options.tp, launch, [&](comm::Group world) {
+  comm::launch(world_size, launch, [&](comm::Group world) {
     ThreadPool pool(threads);
     ScopedPool scoped(pool);
-    comm::Mesh mesh(world, {options.tp, 1, 1, 1});
+    TraceBuffer trace(world.rank());
+    if (!options.trace_file.empty()) set_thread_trace(&trace);
+    comm::Mesh mesh(world, {options.tp, options.pp, 1, 1});
     comm::Group tp = mesh.tp();
     LlamaOptions lo;
     lo.weight_dtype = dtype;
+    lo.layer_begin = stages[mesh.pp_rank()].begin;
+    lo.layer_end = stages[mesh.pp_rank()].end;
     LlamaModel model(config, *source, tp, lo);
     if (options.mem_stats) {
       std::lock_guard<std::mutex> lock(print_mu);
       std::fprintf(stderr,
-                   "[mem] rank %d/%d: weights %.2f MiB (full model %.2f MiB in %s), process RSS "
+                   "[mem] rank %d/%d (tp %d, stage %d: layers %lld-%lld): weights %.2f MiB (full model %.2f MiB in %s), process RSS "
                    "%.2f MiB\n",
-                   world.rank(), world.size(), model.weight_bytes() / 1048576.0,
+                   world.rank(), world.size(), mesh.tp_rank(), mesh.pp_rank(),
+                   static_cast<long long>(lo.layer_begin), static_cast<long long>(lo.layer_end - 1),
+                   model.weight_bytes() / 1048576.0,
                    config.param_count() * static_cast<double>(dtype_size(dtype)) / 1048576.0,
                    std::string(dtype_name(dtype)).c_str(), resident_bytes() / 1048576.0);
     }
-    tp.barrier();
-    RankContext ctx{world, tp, config, model};
+    world.barrier();
+    RankContext ctx{world, tp, mesh, config, model};
     fn(ctx);
+    if (!options.trace_file.empty()) {
+      set_thread_trace(nullptr);
+      gather_and_write_trace(world, trace, options.trace_file);
+    }
   });
 }
 

@@ -6,8 +6,10 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "parallm/comm/group.h"
+#include "parallm/comm/mesh.h"
 #include "parallm/model/config.h"
 #include "parallm/model/llama.h"
 #include "parallm/model/weights.h"
@@ -17,6 +19,9 @@ namespace parallm {
 struct EngineOptions {
   std::string model;           // directory, .safetensors or llama2.c .bin
   int tp = 1;                  // tensor-parallel ranks
+  int pp = 1;                  // pipeline stages
+  std::vector<int64_t> pp_layers;  // explicit layers per stage (--pp-layers), else even
+  std::string trace_file;      // --trace: Chrome trace-event JSON of every rank
   int threads = 0;             // threads per rank; 0: the machine's cores / ranks in this process
   std::string dtype = "auto";  // auto (the checkpoint's torch_dtype), f32, bf16, f16
   std::string backend = "auto";  // auto, local, mpi
@@ -29,6 +34,7 @@ struct EngineOptions {
 struct RankContext {
   comm::Group world;
   comm::Group tp;
+  const comm::Mesh& mesh;
   const ModelConfig& config;
   LlamaModel& model;
   bool is_root() const { return world.rank() == 0; }

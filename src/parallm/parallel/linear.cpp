@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "parallm/core/error.h"
+#include "parallm/core/trace.h"
 #include "parallm/kernels/matmul.h"
 
 namespace parallm::parallel {
@@ -28,6 +29,7 @@ RowParallelLinear::RowParallelLinear(Tensor weight, ShardSpec in_shard, comm::Gr
 void RowParallelLinear::forward(const float* x, int64_t T, float* y) const {
   kernels::matmul(x, T, weight_, y);
   // Partial sums -> full output. (A bias, if LLaMA had one, would be added after this.)
+  TraceSpan span("all_reduce", "comm");
   group_.all_reduce(y, static_cast<size_t>(T * weight_.dim(0)));
 }
 

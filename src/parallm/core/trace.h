@@ -1,0 +1,56 @@
+// Timeline tracing in Chrome's trace-event format (loadable in Perfetto and chrome://tracing).
+// Each rank's thread records spans into its own buffer (no locks on the hot path); nothing is
+// recorded unless tracing was switched on for that thread. Spans: layer compute, collectives,
+// point-to-point transfers and the waits for them.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace parallm {
+
+struct TraceEvent {
+  std::string name;
+  const char* category;  // "compute", "comm", "p2p", "wait"
+  double begin_us;
+  double duration_us;
+};
+
+class TraceBuffer {
+ public:
+  explicit TraceBuffer(int rank) : rank_(rank) {}
+  void add(std::string name, const char* category, double begin_s, double end_s);
+  int rank() const { return rank_; }
+  const std::vector<TraceEvent>& events() const { return events_; }
+  // This rank's events as JSON objects separated by commas (to splice into one file).
+  std::string to_json_events() const;
+
+ private:
+  int rank_;
+  std::vector<TraceEvent> events_;
+};
+
+// Sets (or clears, with nullptr) the buffer spans on this thread go to.
+void set_thread_trace(TraceBuffer* buffer);
+TraceBuffer* thread_trace();
+
+// Records [construction, destruction) as a span when this thread is tracing.
+class TraceSpan {
+ public:
+  TraceSpan(const char* name, const char* category);
+  TraceSpan(std::string name, const char* category);
+  ~TraceSpan();
+  TraceSpan(const TraceSpan&) = delete;
+  TraceSpan& operator=(const TraceSpan&) = delete;
+
+ private:
+  TraceBuffer* buffer_;
+  std::string name_;
+  const char* category_;
+  double begin_;
+};
+
+// Writes a complete trace file from the ranks' event JSON fragments (index = rank).
+void write_trace_file(const std::string& path, const std::vector<std::string>& rank_events);
+
+}  // namespace parallm
