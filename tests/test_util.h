@@ -55,6 +55,8 @@ inline CommandResult run_parallm(const std::string& args) {
   return run_command(std::string(PARALLM_BIN) + " " + args);
 }
 
-inline std::string stories_model() { return std::string(PARALLM_SHARED_DIR) + "/models/stories260K/stories260K.bin"; }
+inline std::string stories_model() {
+  return std::string(PARALLM_SHARED_DIR) + "/models/stories260K/stories260K.bin";
+}
 
 }  // namespace parallm::testing

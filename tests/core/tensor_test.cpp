@@ -1,9 +1,10 @@
+#include "parallm/core/tensor.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
 
 #include "parallm/core/dtype.h"
-#include "parallm/core/tensor.h"
 #include "parallm/core/thread_pool.h"
 
 namespace parallm {
@@ -20,7 +21,8 @@ TEST(DType, Bf16RoundTripsAndRoundsToNearestEven) {
 }
 
 TEST(DType, F16RoundTripsNormalsSubnormalsAndSpecials) {
-  for (float v : {0.0f, 1.0f, -2.5f, 65504.0f, 6.103515625e-05f, 5.960464477539063e-08f, 0.333251953125f}) {
+  for (float v :
+       {0.0f, 1.0f, -2.5f, 65504.0f, 6.103515625e-05f, 5.960464477539063e-08f, 0.333251953125f}) {
     EXPECT_EQ(f16_to_f32(f32_to_f16(v)), v) << v;
   }
   EXPECT_TRUE(std::isinf(f16_to_f32(f32_to_f16(1e6f))));

@@ -58,9 +58,9 @@ struct Reference {
 Reference run_pytorch(const std::string& model_dir, const std::string& prompt, int steps,
                       const TempDir& tmp) {
   const std::string out = tmp.file("ref.json");
-  auto r = run_command("/usr/bin/python3 " PARALLM_SOURCE_DIR "/tests/reference/llama_ref.py --model " +
-                       model_dir + " --prompt-ids " + prompt + " --steps " + std::to_string(steps) +
-                       " --out " + out);
+  auto r = run_command(
+      "/usr/bin/python3 " PARALLM_SOURCE_DIR "/tests/reference/llama_ref.py --model " + model_dir +
+      " --prompt-ids " + prompt + " --steps " + std::to_string(steps) + " --out " + out);
   if (r.exit_code != 0) ADD_FAILURE() << "PyTorch reference failed: " << r.output;
   Reference ref;
   std::ifstream in(out);
@@ -82,16 +82,21 @@ void compare_with_pytorch(const std::string& dtype, double tolerance) {
   GenerateResult ours = run_single_rank(dir, {1, 17, 42, 99, 3}, steps, parse_dtype(dtype));
   EXPECT_EQ(ours.tokens, ref.tokens);
   double worst = 0;
-  for (int s = 0; s < steps; ++s) worst = std::max(worst, normalised_error(ours.logits[s], ref.logits[s]));
+  for (int s = 0; s < steps; ++s)
+    worst = std::max(worst, normalised_error(ours.logits[s], ref.logits[s]));
   std::printf("[%s] max normalised logit error vs PyTorch (float64): %.3g\n", dtype.c_str(), worst);
   EXPECT_LT(worst, tolerance);
 }
 
-TEST(Reference, TinyF32MatchesPyTorch) { compare_with_pytorch("f32", 1e-4); }
+TEST(Reference, TinyF32MatchesPyTorch) {
+  compare_with_pytorch("f32", 1e-4);
+}
 
 // bf16 weights are the same numbers in both (the reference widens them exactly); activations stay
 // f32 here and float64 there, so the bound is the f32 one.
-TEST(Reference, TinyBf16MatchesPyTorch) { compare_with_pytorch("bf16", 1e-4); }
+TEST(Reference, TinyBf16MatchesPyTorch) {
+  compare_with_pytorch("bf16", 1e-4);
+}
 
 TEST(Stories260K, GreedyTokensMatchLlama2c) {
   GenerateResult r = run_single_rank(testing::stories_model(), {1}, 64, DType::F32);
@@ -111,7 +116,8 @@ TEST(Stories260K, Bf16WeightsKeepTheGreedyTokensClose) {
   // bf16 rounding changes logits by ~1e-2 relative; greedy paths agree for a while, then may
   // diverge where two tokens are nearly tied. Require the first 16 to match.
   GenerateResult r = run_single_rank(testing::stories_model(), {1}, 16, DType::BF16);
-  EXPECT_EQ(r.tokens, std::vector<int32_t>(kStoriesReference.begin(), kStoriesReference.begin() + 16));
+  EXPECT_EQ(r.tokens,
+            std::vector<int32_t>(kStoriesReference.begin(), kStoriesReference.begin() + 16));
 }
 
 }  // namespace

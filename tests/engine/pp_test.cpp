@@ -79,7 +79,8 @@ void expect_equal(const BatchResult& got, const BatchResult& want, const std::st
     ASSERT_EQ(got.sequences[i].logits.size(), want.sequences[i].logits.size()) << what;
     double worst = 0;
     for (size_t s = 0; s < want.sequences[i].logits.size(); ++s)
-      worst = std::max(worst, max_rel_diff(got.sequences[i].logits[s], want.sequences[i].logits[s]));
+      worst =
+          std::max(worst, max_rel_diff(got.sequences[i].logits[s], want.sequences[i].logits[s]));
     EXPECT_LT(worst, 1e-5) << what << " sequence " << i;
   }
 }
@@ -93,8 +94,11 @@ TEST(Stories260KPp, EveryStageCountAndUnevenSplits) {
   BatchResult one = run_pipeline(m, 1, 1, kOne, 20, 1);
   // The single-rank batch path reproduces llama2.c's reference too (first tokens).
   const std::vector<int32_t> ref = {461, 461, 401, 401, 401, 461, 378, 455, 473, 456};
-  EXPECT_EQ(std::vector<int32_t>(one.sequences[0].tokens.begin(), one.sequences[0].tokens.begin() + 10), ref);
-  for (int pp = 2; pp <= 5; ++pp) expect_equal(run_pipeline(m, 1, pp, kOne, 20, 0), one, "pp " + std::to_string(pp));
+  EXPECT_EQ(
+      std::vector<int32_t>(one.sequences[0].tokens.begin(), one.sequences[0].tokens.begin() + 10),
+      ref);
+  for (int pp = 2; pp <= 5; ++pp)
+    expect_equal(run_pipeline(m, 1, pp, kOne, 20, 0), one, "pp " + std::to_string(pp));
   expect_equal(run_pipeline(m, 1, 3, kOne, 20, 0, {1, 3, 1}), one, "pp 1,3,1");
   expect_equal(run_pipeline(m, 1, 2, kOne, 20, 0, {4, 1}), one, "pp 4,1");
 }
@@ -114,7 +118,8 @@ TEST(Stories260KPp, BatchOfPromptsAcrossStagesAndMicroBatches) {
 
 TEST(TinyTpPp, GridMatchesOneRank) {
   testing::TempDir dir;
-  auto r = testing::run_parallm("init-model --shape tiny --seed 3 --dtype f32 --out " + dir.file("m"));
+  auto r =
+      testing::run_parallm("init-model --shape tiny --seed 3 --dtype f32 --out " + dir.file("m"));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   BatchResult one = run_pipeline(dir.file("m"), 1, 1, kSeveralTiny, 8, 1);
   BatchResult one_alone = run_pipeline(dir.file("m"), 1, 1, kOne, 8, 1);
@@ -127,7 +132,8 @@ TEST(TinyTpPp, GridMatchesOneRank) {
 
 TEST(TinyTpPp, SampledBatchMatchesOneRank) {
   testing::TempDir dir;
-  auto r = testing::run_parallm("init-model --shape tiny --seed 4 --dtype f32 --out " + dir.file("m"));
+  auto r =
+      testing::run_parallm("init-model --shape tiny --seed 4 --dtype f32 --out " + dir.file("m"));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const SamplingParams sp{0.9f, 20, 0.95f, 17};
   BatchResult one = run_pipeline(dir.file("m"), 1, 1, kSeveralTiny, 8, 1, {}, sp);
@@ -162,12 +168,20 @@ TEST(Partition, BadSplitsNameTheNumbers) {
     }
     return std::string("no error");
   };
-  EXPECT_NE(message([] { pipeline::partition_layers(5, 3, {1, 3, 2}); }).find("sums to 6 but the model has 5"),
+  EXPECT_NE(message([] {
+              pipeline::partition_layers(5, 3, {1, 3, 2});
+            }).find("sums to 6 but the model has 5"),
             std::string::npos);
-  EXPECT_NE(message([] { pipeline::partition_layers(5, 2, {5, 0}); }).find(">= 1 layer"), std::string::npos);
-  EXPECT_NE(message([] { pipeline::partition_layers(5, 2, {1, 2, 2}); }).find("3 stages but --pp is 2"),
+  EXPECT_NE(message([] {
+              pipeline::partition_layers(5, 2, {5, 0});
+            }).find(">= 1 layer"),
             std::string::npos);
-  EXPECT_NE(message([] { pipeline::partition_layers(5, 6); }).find("more stages than"), std::string::npos);
+  EXPECT_NE(message([] {
+              pipeline::partition_layers(5, 2, {1, 2, 2});
+            }).find("3 stages but --pp is 2"),
+            std::string::npos);
+  EXPECT_NE(message([] { pipeline::partition_layers(5, 6); }).find("more stages than"),
+            std::string::npos);
 }
 
 TEST(PipelineCli, TraceFileAndBubbleSummary) {
@@ -178,9 +192,10 @@ TEST(PipelineCli, TraceFileAndBubbleSummary) {
     std::fputs("1\n1,400,401\n\n1,300\n", f);
     std::fclose(f);
   }
-  auto r = testing::run_parallm("generate --model " + testing::stories_model() + " --prompts-file " + prompts +
-                                " --max-tokens 6 --print-ids --pp 2 --tp 2 --micro-batches 2 --threads 1 --trace " +
-                                dir.file("trace.json"));
+  auto r = testing::run_parallm(
+      "generate --model " + testing::stories_model() + " --prompts-file " + prompts +
+      " --max-tokens 6 --print-ids --pp 2 --tp 2 --micro-batches 2 --threads 1 --trace " +
+      dir.file("trace.json"));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("[0] 461 461 401 401 401 461"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("(p-1)/(m+p-1) = 0.333"), std::string::npos) << r.output;
@@ -203,9 +218,12 @@ TEST(PipelineCli, TraceFileAndBubbleSummary) {
 }
 
 TEST(PipelineCli, BadPipelineFlagsFailWithOneLine) {
-  auto r = testing::run_parallm("generate --model " + testing::stories_model() + " --prompt-ids 1 --pp 2 --pp-layers 1,1");
+  auto r = testing::run_parallm("generate --model " + testing::stories_model() +
+                                " --prompt-ids 1 --pp 2 --pp-layers 1,1");
   EXPECT_NE(r.exit_code, 0);
-  EXPECT_NE(r.output.find("--pp-layers 1,1 sums to 2 but the model has 5 layers"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("--pp-layers 1,1 sums to 2 but the model has 5 layers"),
+            std::string::npos)
+      << r.output;
 }
 
 }  // namespace

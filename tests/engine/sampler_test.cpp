@@ -21,7 +21,8 @@ TEST(Sampler, GreedyPicksTheArgmaxAndLowestIdOnTies) {
 std::map<int, double> frequencies(SamplingParams p, const std::vector<float>& logits, int draws) {
   Sampler s(p, comm::Group());
   std::map<int, double> f;
-  for (int i = 0; i < draws; ++i) f[s.sample(logits.data(), 0, static_cast<int64_t>(logits.size()))] += 1.0 / draws;
+  for (int i = 0; i < draws; ++i)
+    f[s.sample(logits.data(), 0, static_cast<int64_t>(logits.size()))] += 1.0 / draws;
   return f;
 }
 
@@ -53,7 +54,8 @@ TEST(Sampler, TopKAndTopPRestrictTheSupport) {
 TEST(Sampler, SameSeedSameTokens) {
   const std::vector<float> logits = {0.3f, 0.2f, 0.1f, 0.0f, 0.25f};
   Sampler a({1.0f, 0, 0.9f, 123}, comm::Group()), b({1.0f, 0, 0.9f, 123}, comm::Group());
-  for (int i = 0; i < 50; ++i) EXPECT_EQ(a.sample(logits.data(), 0, 5), b.sample(logits.data(), 0, 5));
+  for (int i = 0; i < 50; ++i)
+    EXPECT_EQ(a.sample(logits.data(), 0, 5), b.sample(logits.data(), 0, 5));
 }
 
 TEST(Sampler, RejectsBadParameters) {

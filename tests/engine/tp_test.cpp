@@ -18,7 +18,7 @@ namespace parallm {
 namespace {
 
 struct TpRun {
-  GenerateResult result;  // rank 0's
+  GenerateResult result;                           // rank 0's
   std::vector<uint64_t> all_reduces, all_gathers;  // per rank, over the whole generation
   std::vector<uint64_t> weight_bytes;              // per rank
 };
@@ -84,7 +84,8 @@ class TinyModel : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     dir_ = new testing::TempDir();
-    auto r = testing::run_parallm("init-model --shape tiny --seed 5 --dtype f32 --out " + dir_->file("m"));
+    auto r = testing::run_parallm("init-model --shape tiny --seed 5 --dtype f32 --out " +
+                                  dir_->file("m"));
     ASSERT_EQ(r.exit_code, 0) << r.output;
   }
   static void TearDownTestSuite() { delete dir_; }
@@ -127,8 +128,10 @@ TEST_F(TinyModel, SampledTokensAgreeAcrossTpSizes) {
     TpRun one = run_tp(path(), 1, {1, 2}, 12, false, sp);
     TpRun two = run_tp(path(), 2, {1, 2}, 12, false, sp);
     TpRun three = run_tp(path(), 3, {1, 2}, 12, false, sp);
-    EXPECT_EQ(two.result.tokens, one.result.tokens) << sp.temperature << " " << sp.top_k << " " << sp.top_p;
-    EXPECT_EQ(three.result.tokens, one.result.tokens) << sp.temperature << " " << sp.top_k << " " << sp.top_p;
+    EXPECT_EQ(two.result.tokens, one.result.tokens)
+        << sp.temperature << " " << sp.top_k << " " << sp.top_p;
+    EXPECT_EQ(three.result.tokens, one.result.tokens)
+        << sp.temperature << " " << sp.top_k << " " << sp.top_p;
   }
 }
 
@@ -138,7 +141,8 @@ TEST(Stories260KTp, ReferenceTokensAtEveryTpSize) {
 }
 
 TEST(Tp, SizeThatDoesNotFitSaysWhichWould) {
-  auto r = testing::run_parallm("generate --model " + testing::stories_model() + " --prompt-ids 1 --tp 3");
+  auto r = testing::run_parallm("generate --model " + testing::stories_model() +
+                                " --prompt-ids 1 --tp 3");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("sizes that work: 1, 2, 4, 8"), std::string::npos) << r.output;
 }

@@ -12,9 +12,11 @@
 
 #include "parallm/cli/command.h"
 #include "parallm/cli/engine_flags.h"
+#include "parallm/comm/stats.h"
 #include "parallm/core/error.h"
 #include "parallm/core/thread_pool.h"
 #include "parallm/core/timer.h"
+#include "parallm/engine/batch_generate.h"
 #include "parallm/engine/generate.h"
 #include "parallm/engine/kv_cache.h"
 #include "parallm/kernels/cpu.h"
@@ -25,6 +27,7 @@ namespace {
 struct DecodeOptions {
   EngineOptions engine;
   int tokens = 32, warmup = 4;
+  int batch = 1, micro_batches = 0;
   double bandwidth_gbs = 0;  // 0: measure
 };
 
@@ -44,9 +47,51 @@ double root_bandwidth(const RankContext& ctx, double given_gbs) {
   return bw;
 }
 
+// Batched / pipelined decode: B sequences through the pipeline for `tokens` steps.
+void run_decode_batch(const DecodeOptions& o, RankContext& ctx) {
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < o.batch; ++i)
+    prompts.push_back({static_cast<int32_t>(ctx.config.bos_token_id),
+                       static_cast<int32_t>((i * 131 + 7) % ctx.config.vocab_size)});
+  BatchOptions bo;
+  bo.max_tokens = o.warmup + o.tokens + 1;
+  bo.ignore_eos = true;
+  bo.micro_batches = o.micro_batches;
+  generate_batch(ctx.model, ctx.mesh, prompts, {2, true, {}, o.micro_batches, false});  // warm-up
+  ctx.mesh.tp().stats().reset();
+  BatchResult r = generate_batch(ctx.model, ctx.mesh, prompts, bo);
+  const double decode_s = r.seconds - r.prefill_seconds;
+  const int64_t steps = bo.max_tokens - 1;
+  float mine[3] = {static_cast<float>(r.busy_seconds), static_cast<float>(r.seconds),
+                   static_cast<float>(ctx.mesh.tp().stats().get(comm::Kind::AllReduce).seconds)};
+  std::vector<float> all(3 * ctx.world.size());
+  ctx.world.all_gather(mine, all.data(), 3, DType::F32);
+  if (!ctx.is_root()) return;
+  const int P = ctx.mesh.pp_size(), M = r.micro_batches;
+  double idle = 0, comm_s = 0;
+  for (int s = 0; s < P; ++s) {
+    const float* v = &all[3 * ctx.mesh.global_rank(0, 0, s)];
+    idle += 1.0 - v[0] / v[1];
+    comm_s = std::max<double>(comm_s, v[2]);
+  }
+  std::printf("bench decode: %s, tp %d x pp %d, batch %d in %d micro-batches, %d threads/rank\n",
+              o.engine.model.c_str(), ctx.mesh.tp_size(), P, o.batch, M,
+              ThreadPool::current().size());
+  std::printf("  tokens/s            %10.2f   (%d sequences x %lld steps)\n",
+              o.batch * steps / decode_s, o.batch, static_cast<long long>(steps));
+  std::printf("  ms/step (latency)   %10.2f\n", 1e3 * decode_s / steps);
+  std::printf("  tp all-reduce time  %10.2f ms/step (%.1f%% of the run)\n",
+              1e3 * comm_s / (steps + 1), 100.0 * comm_s / r.seconds);
+  std::printf("  bubble (measured)   %10.3f   (GPipe pass formula (p-1)/(m+p-1) = %.3f)\n",
+              idle / P, (P - 1.0) / (M + P - 1.0));
+}
+
 int run_decode(const DecodeOptions& o) {
   if (o.tokens < 1 || o.warmup < 0) fail("bench", "--tokens must be >= 1 and --warmup >= 0");
+  if (o.batch < 1) fail("bench", "--batch must be >= 1, got ", o.batch);
   run_model(o.engine, [&](RankContext& ctx) {
+    if (o.batch > 1 || ctx.mesh.pp_size() > 1 || o.micro_batches > 0)
+      return run_decode_batch(o, ctx);
     const double bw = root_bandwidth(ctx, o.bandwidth_gbs);
     float bytes = static_cast<float>(ctx.model.decode_bytes_per_token());
     ctx.tp.all_reduce(&bytes, 1, comm::ReduceOp::Sum);  // the whole model's bytes per token
@@ -55,22 +100,38 @@ int run_decode(const DecodeOptions& o) {
     go.max_tokens = o.warmup + o.tokens + 1;
     go.ignore_eos = true;
     ctx.tp.barrier();
-    generate(ctx.model, ctx.tp, {static_cast<int32_t>(ctx.config.bos_token_id)}, go,
-             [&](int32_t) { stamps.push_back(now_seconds()); });
+    uint64_t reduces_before = 0;
+    double comm_before = 0;
+    generate(ctx.model, ctx.tp, {static_cast<int32_t>(ctx.config.bos_token_id)}, go, [&](int32_t) {
+      stamps.push_back(now_seconds());
+      if (static_cast<int>(stamps.size()) == o.warmup + 1) {
+        reduces_before = ctx.tp.stats().count(comm::Kind::AllReduce);
+        comm_before = ctx.tp.stats().get(comm::Kind::AllReduce).seconds;
+      }
+    });
+    const uint64_t reduces = ctx.tp.stats().count(comm::Kind::AllReduce) - reduces_before;
+    const double comm_s = ctx.tp.stats().get(comm::Kind::AllReduce).seconds - comm_before;
     // stamps[0] follows the prefill; stamps[i] - stamps[i-1] is one decode step.
     const double secs = stamps.back() - stamps[o.warmup];
     const double tps = o.tokens / secs;
     if (!ctx.is_root()) return;
-    std::printf("bench decode: %s, tp %d, %d threads/rank, dtype %s, simd %s\n", o.engine.model.c_str(),
-                ctx.tp.size(), ThreadPool::current().size(),
+    std::printf("bench decode: %s, tp %d, %d threads/rank, dtype %s, simd %s\n",
+                o.engine.model.c_str(), ctx.tp.size(), ThreadPool::current().size(),
                 std::string(dtype_name(resolve_weight_dtype(o.engine.dtype, ctx.config))).c_str(),
                 kernels::simd_name(kernels::simd_level()).c_str());
-    std::printf("  tokens/s            %10.2f   (%d tokens after %d warm-up)\n", tps, o.tokens, o.warmup);
+    std::printf("  tokens/s            %10.2f   (%d tokens after %d warm-up)\n", tps, o.tokens,
+                o.warmup);
     std::printf("  ms/token            %10.2f\n", 1e3 / tps);
     std::printf("  weight bytes/token  %10.1f MB\n", bytes / 1e6);
     std::printf("  achieved            %10.2f GB/s\n", bytes * tps / 1e9);
     std::printf("  read bandwidth      %10.2f GB/s (measured, all threads)\n", bw / 1e9);
     std::printf("  roofline ratio      %10.3f\n", bytes * tps / bw);
+    if (ctx.tp.size() > 1)
+      std::printf(
+          "  tp all-reduce       %10.3f ms/token (%.1f%% of decode), %.1f us each, %.1f per "
+          "token\n",
+          1e3 * comm_s / o.tokens, 100.0 * comm_s / secs,
+          1e6 * comm_s / std::max<uint64_t>(reduces, 1), static_cast<double>(reduces) / o.tokens);
   });
   return 0;
 }
@@ -83,15 +144,19 @@ struct PrefillOptions {
 // OpenBLAS's own multi-threaded sgemm on f32 matrices of the model's shapes: y[T,N] = x[T,K] W^T.
 double openblas_gflops(const ModelConfig& c, int64_t T) {
   const int64_t H = c.hidden_size;
-  const std::vector<std::pair<int64_t, int64_t>> shapes = {
-      {c.q_dim() + 2 * c.kv_dim(), H}, {H, c.q_dim()}, {2 * c.intermediate_size, H}, {H, c.intermediate_size}};
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{c.q_dim() + 2 * c.kv_dim(), H},
+                                                           {H, c.q_dim()},
+                                                           {2 * c.intermediate_size, H},
+                                                           {H, c.intermediate_size}};
   openblas_set_num_threads(ThreadPool::hardware_threads());
   double flops = 0, secs = 0;
   for (auto [N, K] : shapes) {
     std::vector<float> x(T * K, 0.01f), w(N * K, 0.02f), y(T * N);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, N, K, 1.0f, x.data(), K, w.data(), K, 0.0f, y.data(), N);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, N, K, 1.0f, x.data(), K, w.data(), K,
+                0.0f, y.data(), N);
     Timer t;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, N, K, 1.0f, x.data(), K, w.data(), K, 0.0f, y.data(), N);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, N, K, 1.0f, x.data(), K, w.data(), K,
+                0.0f, y.data(), N);
     secs += t.seconds();
     flops += 2.0 * T * N * K;
   }
@@ -104,9 +169,11 @@ int run_prefill(const PrefillOptions& o) {
   run_model(o.engine, [&](RankContext& ctx) {
     const ModelConfig& c = ctx.config;
     if (o.prompt_len > c.max_position_embeddings)
-      fail("bench", "--prompt-len ", o.prompt_len, " exceeds max_position_embeddings ", c.max_position_embeddings);
+      fail("bench", "--prompt-len ", o.prompt_len, " exceeds max_position_embeddings ",
+           c.max_position_embeddings);
     std::vector<int32_t> ids(o.prompt_len);
-    for (int i = 0; i < o.prompt_len; ++i) ids[i] = static_cast<int32_t>((i * 7919 + 3) % c.vocab_size);
+    for (int i = 0; i < o.prompt_len; ++i)
+      ids[i] = static_cast<int32_t>((i * 7919 + 3) % c.vocab_size);
     KvCache kv(ctx.model.local_layers(), 1, o.prompt_len, ctx.model.local_kv_dim());
     std::vector<float> x(static_cast<size_t>(o.prompt_len) * c.hidden_size);
     std::vector<float> logits(ctx.model.vocab_shard().size());
@@ -125,13 +192,14 @@ int run_prefill(const PrefillOptions& o) {
     // FLOPs: 2 per weight per token in the layers, attention's QK^T and PV over the causal
     // triangle, and the LM head for the last token.
     const double T = o.prompt_len, H = c.hidden_size;
-    const double layer_w = H * (c.q_dim() + 2 * c.kv_dim()) + c.q_dim() * H + 3 * H * c.intermediate_size;
+    const double layer_w =
+        H * (c.q_dim() + 2 * c.kv_dim()) + c.q_dim() * H + 3 * H * c.intermediate_size;
     const double attn = 2.0 * 2.0 * c.q_dim() * T * (T + 1) / 2;
     const double flops = c.num_hidden_layers * (2 * T * layer_w + attn) + 2 * H * c.vocab_size;
     const double ours = flops / secs / 1e9;
     const double blas = openblas_gflops(c, o.prompt_len);
-    std::printf("bench prefill: %s, tp %d, %d threads/rank, prompt %d tokens\n", o.engine.model.c_str(),
-                ctx.tp.size(), ThreadPool::current().size(), o.prompt_len);
+    std::printf("bench prefill: %s, tp %d, %d threads/rank, prompt %d tokens\n",
+                o.engine.model.c_str(), ctx.tp.size(), ThreadPool::current().size(), o.prompt_len);
     std::printf("  prompt tokens/s     %10.1f\n", T / secs);
     std::printf("  GFLOP/s             %10.1f\n", ours);
     std::printf("  OpenBLAS sgemm      %10.1f GFLOP/s (f32, same shapes, all threads)\n", blas);
@@ -147,7 +215,10 @@ int run_prefill(const PrefillOptions& o) {
        add_engine_flags(app, o->engine);
        app.add_option("--tokens", o->tokens, "Timed decode steps (default 32)");
        app.add_option("--warmup", o->warmup, "Untimed decode steps first (default 4)");
-       app.add_option("--bandwidth", o->bandwidth_gbs, "Use this read bandwidth (GB/s) instead of measuring");
+       app.add_option("--batch", o->batch, "Sequences decoded together (default 1)");
+       app.add_option("--micro-batches", o->micro_batches, "Micro-batches (default: --pp)");
+       app.add_option("--bandwidth", o->bandwidth_gbs,
+                      "Use this read bandwidth (GB/s) instead of measuring");
        return [o] { return run_decode(*o); };
      }});
 

@@ -19,11 +19,13 @@ inline void add_engine_flags(CLI::App& app, EngineOptions& o) {
   app.add_option("--pp-layers", o.pp_layers, "Layers per stage, e.g. 6,5,5,6 (default: even)")
       ->delimiter(',');
   app.add_option("--trace", o.trace_file, "Write a Chrome trace-event JSON timeline of every rank");
-  app.add_option("--threads", o.threads, "Threads per rank (default: cores / ranks in this process)")
+  app.add_option("--threads", o.threads,
+                 "Threads per rank (default: cores / ranks in this process)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--dtype", o.dtype, "Weight dtype: auto (the checkpoint's), f32, bf16, f16")
       ->check(CLI::IsMember({"auto", "f32", "bf16", "f16"}));
-  app.add_option("--backend", o.backend, "Comm backend: auto (mpi under mpirun, else local), local, mpi")
+  app.add_option("--backend", o.backend,
+                 "Comm backend: auto (mpi under mpirun, else local), local, mpi")
       ->check(CLI::IsMember({"auto", "local", "mpi"}));
   app.add_option("--comm-timeout", o.comm_timeout_s,
                  "Seconds a blocking collective waits before failing (default 300)")

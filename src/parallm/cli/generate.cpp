@@ -1,4 +1,6 @@
 // parallm generate: one prompt in, tokens out, on one rank or a tensor-parallel group.
+#include "parallm/engine/generate.h"
+
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -8,8 +10,8 @@
 #include "parallm/cli/engine_flags.h"
 #include "parallm/core/error.h"
 #include "parallm/engine/batch_generate.h"
-#include "parallm/engine/generate.h"
 #include "parallm/model/tokenizer.h"
+#include "parallm/model/weights.h"
 
 namespace parallm::cli {
 namespace {
@@ -48,7 +50,8 @@ std::vector<std::vector<int32_t>> read_prompts(const std::string& path, const To
     } else {
       if (!tok)
         fail("cli", "--prompts-file ", path, " line ", n,
-             " is text, but no tokenizer was found beside the model (give --tokenizer or token ids)");
+             " is text, but no tokenizer was found beside the model (give --tokenizer or token "
+             "ids)");
       out.push_back(tok->encode(line, true));
     }
   }
@@ -57,7 +60,8 @@ std::vector<std::vector<int32_t>> read_prompts(const std::string& path, const To
 }
 
 // Batched and/or pipelined generation: prints each sequence, then the pipeline's summary.
-int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts, const Tokenizer* tok) {
+int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts,
+              const Tokenizer* tok) {
   BatchOptions bo;
   bo.max_tokens = o.max_tokens;
   bo.ignore_eos = o.ignore_eos;
@@ -69,7 +73,8 @@ int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts
     BatchResult r = generate_batch(ctx.model, ctx.mesh, prompts, bo);
     // Each rank's (busy, wall, prompt-pass busy, prompt-pass wall), gathered at every rank.
     float mine[4] = {static_cast<float>(r.busy_seconds), static_cast<float>(r.seconds),
-                     static_cast<float>(r.prefill_busy_seconds), static_cast<float>(r.prefill_seconds)};
+                     static_cast<float>(r.prefill_busy_seconds),
+                     static_cast<float>(r.prefill_seconds)};
     std::vector<float> all(4 * ctx.world.size());
     ctx.world.all_gather(mine, all.data(), 4, DType::F32);
     size_t total = 0;
@@ -101,18 +106,24 @@ int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts
     }
     if (!ctx.is_root()) return;
     const int P = ctx.mesh.pp_size(), M = r.micro_batches;
-    std::fprintf(stderr, "[generate] tp %d x pp %d, %zu sequences in %d micro-batches: %zu tokens in %.3f s (%.1f tok/s)\n",
-                 ctx.mesh.tp_size(), P, r.sequences.size(), M, total, r.seconds, total / std::max(r.seconds, 1e-9));
+    std::fprintf(stderr,
+                 "[generate] tp %d x pp %d, %zu sequences in %d micro-batches: %zu tokens in %.3f "
+                 "s (%.1f tok/s)\n",
+                 ctx.mesh.tp_size(), P, r.sequences.size(), M, total, r.seconds,
+                 total / std::max(r.seconds, 1e-9));
     if (P > 1) {
       double idle_all = 0, idle_prefill = 0;
       for (int s = 0; s < P; ++s) {
         const float* v = &all[4 * ctx.mesh.global_rank(0, 0, s)];
-        std::fprintf(stderr, "[pipeline] stage %d: busy %.1f%% of the run, %.1f%% of the prompt pass\n", s,
+        std::fprintf(stderr,
+                     "[pipeline] stage %d: busy %.1f%% of the run, %.1f%% of the prompt pass\n", s,
                      100.0 * v[0] / v[1], 100.0 * v[2] / v[3]);
         idle_all += 1.0 - v[0] / v[1];
         idle_prefill += 1.0 - v[2] / v[3];
       }
-      std::fprintf(stderr, "[pipeline] bubble: prompt pass %.3f (GPipe formula (p-1)/(m+p-1) = %.3f), whole run %.3f\n",
+      std::fprintf(stderr,
+                   "[pipeline] bubble: prompt pass %.3f (GPipe formula (p-1)/(m+p-1) = %.3f), "
+                   "whole run %.3f\n",
                    idle_prefill / P, (P - 1.0) / (M + P - 1.0), idle_all / P);
     }
   });
@@ -126,12 +137,23 @@ int run(const Options& o) {
   SamplingParams sp{o.temperature, o.top_k, o.top_p, o.seed};
   validate_sampling(sp);
   std::unique_ptr<Tokenizer> tok;
-  if (!o.tokenizer.empty()) tok = load_tokenizer_file(o.tokenizer);
-  else tok = load_tokenizer(o.engine.model);
-  if (!o.prompts_file.empty()) return run_batch(o, read_prompts(o.prompts_file, tok.get()), tok.get());
+  if (!o.tokenizer.empty())
+    tok = load_tokenizer_file(o.tokenizer);
+  else
+    tok = load_tokenizer(o.engine.model);
+  if (tok) {
+    ModelConfig config;
+    open_model(o.engine.model, &config);
+    if (tok->vocab_size() > config.vocab_size)
+      fail("cli", "the tokenizer has ", tok->vocab_size(), " tokens but the model's vocab_size is ",
+           config.vocab_size, ": they do not belong together");
+  }
+  if (!o.prompts_file.empty())
+    return run_batch(o, read_prompts(o.prompts_file, tok.get()), tok.get());
   std::vector<int32_t> prompt;
   if (!o.prompt_ids.empty()) {
-    for (int64_t v : parse_int_list(o.prompt_ids, "--prompt-ids")) prompt.push_back(static_cast<int32_t>(v));
+    for (int64_t v : parse_int_list(o.prompt_ids, "--prompt-ids"))
+      prompt.push_back(static_cast<int32_t>(v));
   } else {
     if (!tok)
       fail("cli", "--prompt needs a tokenizer, and none was found beside ", o.engine.model,
@@ -151,17 +173,21 @@ int run(const Options& o) {
         fail("cli", "prompt token id ", id, " is outside the model's vocabulary [0, ",
              ctx.config.vocab_size, ")");
     const bool root = ctx.is_root();
-    int32_t prev = prompt.back();
+    // Streams whole characters only: a character split over byte tokens is held back.
+    std::unique_ptr<TokenStreamer> stream;
+    if (tok) stream = std::make_unique<TokenStreamer>(*tok);
     auto on_token = [&](int32_t id) {
       if (!root || o.quiet) return;
-      if (ids_out) std::printf("%d ", id);
-      else std::printf("%s", tok->decode_token(prev, id).c_str());
-      prev = id;
+      if (ids_out)
+        std::printf("%d ", id);
+      else
+        std::printf("%s", stream->push(id).c_str());
       std::fflush(stdout);
     };
     if (root && !o.quiet && !ids_out) std::printf("%s", o.prompt.c_str());
     GenerateResult r = generate(ctx.model, ctx.tp, prompt, go, on_token);
     if (!root) return;
+    if (!o.quiet && !ids_out) std::printf("%s", stream->finish().c_str());
     if (!o.quiet) std::printf("\n");
     if (o.print_logits) {
       for (size_t s = 0; s < r.logits.size(); ++s) {
@@ -171,7 +197,9 @@ int run(const Options& o) {
       }
     }
     const size_t n = r.tokens.size();
-    std::fprintf(stderr, "[generate] tp %d: prompt %zu tokens in %.1f ms (%.1f tok/s); %zu tokens, decode %.2f tok/s%s\n",
+    std::fprintf(stderr,
+                 "[generate] tp %d: prompt %zu tokens in %.1f ms (%.1f tok/s); %zu tokens, decode "
+                 "%.2f tok/s%s\n",
                  ctx.tp.size(), prompt.size(), r.prefill_seconds * 1e3,
                  prompt.size() / std::max(r.prefill_seconds, 1e-9), n,
                  n > 1 ? (n - 1) / std::max(r.decode_seconds, 1e-9) : 0.0,
@@ -191,15 +219,20 @@ int run(const Options& o) {
        app.add_option("--micro-batches", o->micro_batches,
                       "Micro-batches the batch is cut into (default: the number of --pp stages)")
            ->check(CLI::NonNegativeNumber);
-       app.add_option("--tokenizer", o->tokenizer, "tokenizer.model or tokenizer.json (default: beside the model)");
-       app.add_option("--max-tokens", o->max_tokens, "Tokens to generate (default 64)")->check(CLI::NonNegativeNumber);
-       app.add_option("--temperature", o->temperature, "0 = greedy (default)")->check(CLI::NonNegativeNumber);
-       app.add_option("--top-k", o->top_k, "Keep the k most likely tokens (0 = off)")->check(CLI::NonNegativeNumber);
+       app.add_option("--tokenizer", o->tokenizer,
+                      "tokenizer.model or tokenizer.json (default: beside the model)");
+       app.add_option("--max-tokens", o->max_tokens, "Tokens to generate (default 64)")
+           ->check(CLI::NonNegativeNumber);
+       app.add_option("--temperature", o->temperature, "0 = greedy (default)")
+           ->check(CLI::NonNegativeNumber);
+       app.add_option("--top-k", o->top_k, "Keep the k most likely tokens (0 = off)")
+           ->check(CLI::NonNegativeNumber);
        app.add_option("--top-p", o->top_p, "Nucleus sampling mass in (0, 1] (1 = off)");
        app.add_option("--seed", o->seed, "Sampling seed (default 0)");
        app.add_flag("--print-ids", o->print_ids, "Print token ids instead of text");
        app.add_flag("--ignore-eos", o->ignore_eos, "Do not stop at the end-of-sequence token");
-       app.add_flag("--print-logits", o->print_logits, "Print the full logits of every step (gathered)");
+       app.add_flag("--print-logits", o->print_logits,
+                    "Print the full logits of every step (gathered)");
        app.add_flag("--quiet", o->quiet, "Print no tokens (timing only)");
        return [o] { return run(*o); };
      }});

@@ -1,4 +1,6 @@
 // parallm init-model: write a Hugging Face-format model with random weights.
+#include "parallm/model/init_model.h"
+
 #include <cstdio>
 #include <filesystem>
 
@@ -6,7 +8,6 @@
 #include "parallm/core/error.h"
 #include "parallm/core/thread_pool.h"
 #include "parallm/core/timer.h"
-#include "parallm/model/init_model.h"
 
 namespace parallm::cli {
 namespace {
@@ -20,16 +21,17 @@ int run(const Options& o) {
   ModelConfig config = std::filesystem::path(o.shape).extension() == ".json"
                            ? ModelConfig::from_file(o.shape)
                            : shape_preset(o.shape);
-  const DType dtype = o.dtype == "auto" ? (config.torch_dtype == "float32" ? DType::F32 : DType::BF16)
-                                        : parse_dtype(o.dtype, "--dtype");
+  const DType dtype = o.dtype == "auto"
+                          ? (config.torch_dtype == "float32" ? DType::F32 : DType::BF16)
+                          : parse_dtype(o.dtype, "--dtype");
   ThreadPool pool(ThreadPool::hardware_threads());
   ScopedPool scoped(pool);
   Timer t;
   init_random_model(config, o.out, o.seed, dtype);
   std::printf("wrote %s: %lld parameters (%s), %d layers, hidden %lld, in %.1f s\n", o.out.c_str(),
               static_cast<long long>(config.param_count()), std::string(dtype_name(dtype)).c_str(),
-              static_cast<int>(config.num_hidden_layers), static_cast<long long>(config.hidden_size),
-              t.seconds());
+              static_cast<int>(config.num_hidden_layers),
+              static_cast<long long>(config.hidden_size), t.seconds());
   return 0;
 }
 

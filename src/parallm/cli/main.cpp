@@ -51,8 +51,9 @@ std::vector<int64_t> parse_int_list(const std::string& text, const std::string& 
 
 int main(int argc, char** argv) {
   using namespace parallm::cli;
-  CLI::App app{"parallm: run LLaMA-family models split across ranks (tensor, pipeline, data "
-               "parallel), and plan how to split them"};
+  CLI::App app{
+      "parallm: run LLaMA-family models split across ranks (tensor, pipeline, data "
+      "parallel), and plan how to split them"};
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "Show help for every subcommand");
 
@@ -68,7 +69,8 @@ int main(int argc, char** argv) {
       name = c.path.substr(sp + 1);
       auto& g = groups[group];
       if (!g) {
-        g = app.add_subcommand(group, group == "bench" ? "Benchmarks that print their numbers" : group);
+        g = app.add_subcommand(group,
+                               group == "bench" ? "Benchmarks that print their numbers" : group);
         g->require_subcommand(1);
       }
       parent = g;

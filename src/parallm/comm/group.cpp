@@ -1,41 +1,359 @@
-// TEMPORARY size-1 only implementation; the comm layer (issue 3) replaces this file.
+// Group: argument checks, the size-1 fast path, algorithm choice and statistics, in front of a
+// backend's GroupImpl.
 #include "parallm/comm/group.h"
 
+#include <chrono>
 #include <cstring>
 
+#include "parallm/comm/algorithms/algorithms.h"
+#include "parallm/comm/group_impl.h"
+#include "parallm/comm/stats.h"
 #include "parallm/core/error.h"
 
 namespace parallm::comm {
 
-class CommStats {};
+std::string_view algorithm_name(Algorithm algo) {
+  switch (algo) {
+    case Algorithm::Auto:
+      return "auto";
+    case Algorithm::Native:
+      return "native";
+    case Algorithm::Ring:
+      return "ring";
+    case Algorithm::RecursiveDoubling:
+      return "rd";
+  }
+  return "?";
+}
 
-Group::Group() = default;
-Group::Group(std::shared_ptr<GroupImpl> impl) : impl_(std::move(impl)) {}
-int Group::rank() const { return 0; }
-int Group::size() const { return 1; }
+Algorithm parse_algorithm(std::string_view text, std::string_view what) {
+  if (text == "auto") return Algorithm::Auto;
+  if (text == "native") return Algorithm::Native;
+  if (text == "ring") return Algorithm::Ring;
+  if (text == "rd" || text == "recursive_doubling") return Algorithm::RecursiveDoubling;
+  fail("comm", what, ": unknown algorithm \"", text, "\" (expected auto, native, ring or rd)");
+}
+
+std::string GroupImpl::describe() const {
+  return cat("rank ", rank_, " of group \"", name(), "\" (size ", size_, ", world rank ",
+             world_rank_, ") in ", kind_name(current_kind_));
+}
+
+namespace {
+
+// The size-1 group: Group handles it before reaching here, except for split.
+class SelfImpl final : public GroupImpl {
+ public:
+  using GroupImpl::GroupImpl;
+  std::string_view backend() const override { return "self"; }
+  void send(const void*, size_t, int, int) override { unreachable(); }
+  void recv(void*, size_t, int, int) override { unreachable(); }
+  void native_all_reduce(void*, size_t, DType, ReduceOp) override {}
+  void native_all_gather(const void*, void*, size_t, DType) override { unreachable(); }
+  void native_reduce_scatter(const void*, void*, size_t, DType, ReduceOp) override {
+    unreachable();
+  }
+  void native_all_to_all(const void*, const size_t*, void*, const size_t*, DType) override {
+    unreachable();
+  }
+  void native_broadcast(void*, size_t, DType, int) override {}
+  void barrier() override {}
+  std::shared_ptr<GroupImpl> split(int, int) override {
+    return make_self_group(new_stats("split", 1), options_, world_rank_, registry_);
+  }
+  Algorithm choose(Kind, size_t) const override { return Algorithm::Native; }
+
+ protected:
+  void do_coll_send(const void*, size_t, int) override { unreachable(); }
+  void do_coll_recv(void*, size_t, int) override { unreachable(); }
+  void do_coll_sendrecv(const void*, size_t, int, void*, size_t, int) override { unreachable(); }
+
+ private:
+  [[noreturn]] static void unreachable() {
+    fail<std::logic_error>("comm", "internal: size-1 group reached its transport");
+  }
+};
+
+inline double seconds_now() {
+  using namespace std::chrono;
+  return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+// Brackets one call: arms the backend's timeout, measures time and bytes, and records them in the
+// group's statistics if the call returns normally.
+class OpScope {
+ public:
+  OpScope(GroupImpl& g, Kind kind)
+      : g_(g), kind_(kind), sent0_(g.bytes_sent()), recv0_(g.bytes_recv()), t0_(seconds_now()) {
+    g_.begin_op(kind);
+  }
+  ~OpScope() { g_.end_op(); }
+  // Bytes moved by a native collective (the algorithms count theirs through the transport).
+  void add_bytes(uint64_t sent, uint64_t recv) {
+    extra_sent_ += sent;
+    extra_recv_ += recv;
+  }
+  void done() {
+    g_.stats().record(kind_, g_.bytes_sent() - sent0_ + extra_sent_,
+                      g_.bytes_recv() - recv0_ + extra_recv_, seconds_now() - t0_);
+  }
+
+ private:
+  GroupImpl& g_;
+  Kind kind_;
+  uint64_t sent0_, recv0_;
+  uint64_t extra_sent_ = 0, extra_recv_ = 0;
+  double t0_;
+};
+
+void check_buffer(const void* p, size_t count, const GroupImpl& g, const char* call,
+                  const char* what) {
+  if (p == nullptr && count > 0)
+    fail("comm", call, " on group \"", g.name(), "\": ", what, " is null but count is ", count);
+}
+
+void check_peer(int peer, const GroupImpl& g, const char* call, const char* what) {
+  if (peer < 0 || peer >= g.size())
+    fail("comm", call, " on group \"", g.name(), "\" (size ", g.size(), "): ", what, " ", peer,
+         " is out of range [0, ", g.size(), ")");
+  if (peer == g.rank())
+    fail("comm", call, " on group \"", g.name(), "\": ", what, " ", peer,
+         " is this rank itself (send/recv need another rank)");
+}
+
+Algorithm resolve(const GroupImpl& g, Algorithm algo, Kind kind, size_t bytes) {
+  if (algo == Algorithm::Auto) algo = g.options().algorithm;
+  if (algo == Algorithm::Auto) algo = g.choose(kind, bytes);
+  return algo;
+}
+
+}  // namespace
+
+std::shared_ptr<GroupImpl> make_self_group(std::shared_ptr<CommStats> stats, CommOptions options,
+                                           int world_rank,
+                                           std::shared_ptr<StatsRegistry> registry) {
+  return std::make_shared<SelfImpl>(0, 1, world_rank, std::move(stats), options,
+                                    std::move(registry));
+}
+
+Group::Group() : impl_(make_self_group(std::make_shared<CommStats>("self", 1, 0), CommOptions{})) {}
+Group::Group(std::shared_ptr<GroupImpl> impl) : impl_(std::move(impl)) {
+  if (!impl_) fail("comm", "Group: null GroupImpl");
+}
+
+int Group::rank() const {
+  return impl_->rank();
+}
+int Group::size() const {
+  return impl_->size();
+}
 const std::string& Group::name() const {
-  static const std::string n = "self";
-  return n;
+  return impl_->name();
 }
-void Group::all_reduce(void*, size_t, DType, ReduceOp, Algorithm) const {}
-void Group::all_gather(const void* s, void* r, size_t c, DType d, Algorithm) const {
-  if (s != r) std::memcpy(r, s, c * dtype_size(d));
-}
-void Group::reduce_scatter(const void* s, void* r, size_t c, DType d, ReduceOp, Algorithm) const {
-  if (s != r) std::memcpy(r, s, c * dtype_size(d));
-}
-void Group::all_to_all(const void* s, const std::vector<size_t>& sc, void* r,
-                       const std::vector<size_t>&, DType d) const {
-  if (s != r) std::memcpy(r, s, sc.at(0) * dtype_size(d));
-}
-void Group::broadcast(void*, size_t, DType, int) const {}
-void Group::send(const void*, size_t, int, int) const { fail("comm", "send on a size-1 group"); }
-void Group::recv(void*, size_t, int, int) const { fail("comm", "recv on a size-1 group"); }
-void Group::barrier() const {}
-Group Group::split(int, int) const { return Group(); }
 CommStats& Group::stats() const {
-  static CommStats s;
-  return s;
+  return impl_->stats();
+}
+void Group::set_name(std::string name) const {
+  impl_->stats().set_name(std::move(name));
+}
+const CommOptions& Group::options() const {
+  return impl_->options();
+}
+void Group::set_options(const CommOptions& options) const {
+  if (!(options.timeout_s > 0))
+    fail("comm", "group \"", name(), "\": timeout must be > 0 seconds, got ", options.timeout_s);
+  impl_->set_options(options);
+}
+std::string_view Group::backend() const {
+  return impl_->backend();
+}
+int Group::world_rank() const {
+  return impl_->world_rank();
+}
+
+void Group::all_reduce(void* data, size_t count, DType dtype, ReduceOp op, Algorithm algo) const {
+  GroupImpl& g = *impl_;
+  check_buffer(data, count, g, "all_reduce", "data");
+  OpScope scope(g, Kind::AllReduce);
+  const size_t bytes = count * dtype_size(dtype);
+  if (g.size() > 1 && count > 0) {
+    switch (resolve(g, algo, Kind::AllReduce, bytes)) {
+      case Algorithm::Ring:
+        algorithms::ring_all_reduce(g, data, count, dtype, op);
+        break;
+      case Algorithm::RecursiveDoubling:
+        algorithms::rd_all_reduce(g, data, count, dtype, op);
+        break;
+      default: {
+        g.native_all_reduce(data, count, dtype, op);
+        const uint64_t v = 2 * (g.size() - 1) * (bytes / g.size());
+        scope.add_bytes(v, v);
+      }
+    }
+  }
+  scope.done();
+}
+
+void Group::all_gather(const void* send, void* recv, size_t count, DType dtype,
+                       Algorithm algo) const {
+  GroupImpl& g = *impl_;
+  check_buffer(send, count, g, "all_gather", "send");
+  check_buffer(recv, count, g, "all_gather", "recv");
+  OpScope scope(g, Kind::AllGather);
+  const size_t bytes = count * dtype_size(dtype);
+  if (g.size() == 1) {
+    if (send != recv && bytes > 0) std::memmove(recv, send, bytes);
+  } else if (count > 0) {
+    switch (resolve(g, algo, Kind::AllGather, bytes * g.size())) {
+      case Algorithm::Ring:
+        algorithms::ring_all_gather(g, send, recv, count, dtype);
+        break;
+      case Algorithm::RecursiveDoubling:
+        algorithms::bruck_all_gather(g, send, recv, count, dtype);
+        break;
+      default: {
+        g.native_all_gather(send, recv, count, dtype);
+        const uint64_t v = (g.size() - 1) * bytes;
+        scope.add_bytes(v, v);
+      }
+    }
+  }
+  scope.done();
+}
+
+void Group::reduce_scatter(const void* send, void* recv, size_t count, DType dtype, ReduceOp op,
+                           Algorithm algo) const {
+  GroupImpl& g = *impl_;
+  check_buffer(send, count, g, "reduce_scatter", "send");
+  check_buffer(recv, count, g, "reduce_scatter", "recv");
+  OpScope scope(g, Kind::ReduceScatter);
+  const size_t bytes = count * dtype_size(dtype);
+  if (g.size() == 1) {
+    if (send != recv && bytes > 0) std::memmove(recv, send, bytes);
+  } else if (count > 0) {
+    switch (resolve(g, algo, Kind::ReduceScatter, bytes * g.size())) {
+      case Algorithm::Ring:
+        algorithms::ring_reduce_scatter(g, send, recv, count, dtype, op);
+        break;
+      case Algorithm::RecursiveDoubling:
+        algorithms::rd_reduce_scatter(g, send, recv, count, dtype, op);
+        break;
+      default: {
+        g.native_reduce_scatter(send, recv, count, dtype, op);
+        const uint64_t v = (g.size() - 1) * bytes;
+        scope.add_bytes(v, v);
+      }
+    }
+  }
+  scope.done();
+}
+
+void Group::all_to_all(const void* send, const std::vector<size_t>& send_counts, void* recv,
+                       const std::vector<size_t>& recv_counts, DType dtype) const {
+  GroupImpl& g = *impl_;
+  const size_t p = g.size();
+  if (send_counts.size() != p || recv_counts.size() != p)
+    fail("comm", "all_to_all on group \"", g.name(), "\" (size ", p, "): send_counts has ",
+         send_counts.size(), " entries and recv_counts ", recv_counts.size(), "; both need ", p);
+  size_t send_total = 0, recv_total = 0;
+  for (size_t i = 0; i < p; ++i) {
+    send_total += send_counts[i];
+    recv_total += recv_counts[i];
+  }
+  check_buffer(send, send_total, g, "all_to_all", "send");
+  check_buffer(recv, recv_total, g, "all_to_all", "recv");
+  const int r = g.rank();
+  if (send_counts[r] != recv_counts[r])
+    fail("comm", "all_to_all on group \"", g.name(), "\": rank ", r, " sends itself ",
+         send_counts[r], " elements but expects ", recv_counts[r]);
+  OpScope scope(g, Kind::AllToAll);
+  const size_t elem = dtype_size(dtype);
+  if (p == 1) {
+    if (send != recv && send_total > 0) std::memmove(recv, send, send_total * elem);
+  } else {
+    // Per-rank counts differ between ranks, so the choice must not depend on them: only the
+    // backend's own default is used (native, or pairwise when forced through options).
+    if (g.options().algorithm == Algorithm::Ring ||
+        g.options().algorithm == Algorithm::RecursiveDoubling) {
+      algorithms::pairwise_all_to_all(g, send, send_counts.data(), recv, recv_counts.data(), dtype);
+    } else {
+      g.native_all_to_all(send, send_counts.data(), recv, recv_counts.data(), dtype);
+      scope.add_bytes((send_total - send_counts[r]) * elem, (recv_total - recv_counts[r]) * elem);
+    }
+  }
+  scope.done();
+}
+
+void Group::broadcast(void* data, size_t count, DType dtype, int root) const {
+  GroupImpl& g = *impl_;
+  if (root < 0 || root >= g.size())
+    fail("comm", "broadcast on group \"", g.name(), "\" (size ", g.size(), "): root ", root,
+         " is out of range [0, ", g.size(), ")");
+  check_buffer(data, count, g, "broadcast", "data");
+  OpScope scope(g, Kind::Broadcast);
+  const size_t bytes = count * dtype_size(dtype);
+  if (g.size() > 1 && count > 0) {
+    if (g.options().algorithm == Algorithm::Ring ||
+        g.options().algorithm == Algorithm::RecursiveDoubling) {
+      algorithms::binomial_broadcast(g, data, count, dtype, root);
+    } else {
+      g.native_broadcast(data, count, dtype, root);
+      if (g.rank() == root)
+        scope.add_bytes(bytes, 0);
+      else
+        scope.add_bytes(0, bytes);
+    }
+  }
+  scope.done();
+}
+
+void Group::send(const void* data, size_t bytes, int dst, int tag) const {
+  GroupImpl& g = *impl_;
+  check_peer(dst, g, "send", "destination");
+  check_buffer(data, bytes, g, "send", "data");
+  if (tag < 0 || tag > kMaxTag)
+    fail("comm", "send on group \"", g.name(), "\": tag ", tag, " is out of range [0, ", kMaxTag,
+         "]");
+  OpScope scope(g, Kind::Send);
+  g.send(data, bytes, dst, tag);
+  scope.add_bytes(bytes, 0);
+  scope.done();
+}
+
+void Group::recv(void* data, size_t bytes, int src, int tag) const {
+  GroupImpl& g = *impl_;
+  check_peer(src, g, "recv", "source");
+  check_buffer(data, bytes, g, "recv", "data");
+  if (tag < 0 || tag > kMaxTag)
+    fail("comm", "recv on group \"", g.name(), "\": tag ", tag, " is out of range [0, ", kMaxTag,
+         "]");
+  OpScope scope(g, Kind::Recv);
+  g.recv(data, bytes, src, tag);
+  scope.add_bytes(0, bytes);
+  scope.done();
+}
+
+void Group::barrier() const {
+  GroupImpl& g = *impl_;
+  OpScope scope(g, Kind::Barrier);
+  if (g.size() > 1) g.barrier();
+  scope.done();
+}
+
+Group Group::split(int color, int key) const {
+  if (color < 0) fail("comm", "split on group \"", name(), "\": color must be >= 0, got ", color);
+  GroupImpl& g = *impl_;
+  OpScope scope(g, Kind::Split);
+  std::shared_ptr<GroupImpl> sub = g.split(color, key);
+  sub->set_options(g.options());
+  scope.done();
+  return Group(std::move(sub));
+}
+
+Group Group::split(int color, int key, std::string name) const {
+  Group sub = split(color, key);
+  sub.set_name(std::move(name));
+  return sub;
 }
 
 }  // namespace parallm::comm

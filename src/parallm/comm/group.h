@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "parallm/core/dtype.h"
@@ -16,7 +17,18 @@ namespace parallm::comm {
 enum class ReduceOp { Sum, Max };
 
 // Which algorithm a collective uses. Auto picks per message size (see comm/algorithms/).
+// Native: the backend's own collective (MPI_Allreduce; the local backend's shared-memory path).
+// Ring / RecursiveDoubling: comm/algorithms/, written once over send/recv, on any backend.
 enum class Algorithm { Auto, Native, Ring, RecursiveDoubling };
+std::string_view algorithm_name(Algorithm algo);  // "auto", "native", "ring", "rd"
+// Accepts "auto", "native", "ring", "rd" / "recursive_doubling"; throws naming `what` otherwise.
+Algorithm parse_algorithm(std::string_view text, std::string_view what = "algorithm");
+
+// Per-group options; split() hands them to the sub-groups.
+struct CommOptions {
+  Algorithm algorithm = Algorithm::Auto;  // used where a call passes Algorithm::Auto
+  double timeout_s = 300;  // every blocking call gives up after this long (--comm-timeout)
+};
 
 class CommStats;
 class GroupImpl;
@@ -46,7 +58,10 @@ class Group {
   void all_to_all(const void* send, const std::vector<size_t>& send_counts, void* recv,
                   const std::vector<size_t>& recv_counts, DType dtype) const;
   void broadcast(void* data, size_t count, DType dtype, int root) const;
-  // Point to point, tagged: a recv matches the send with the same (source, tag).
+  // Point to point, tagged (0 <= tag <= 32767): a recv matches the oldest send with the same
+  // (source, tag). send never waits for the matching recv (the bytes are delivered into a recv
+  // already posted, or copied and queued), so stages may send to each other in any order; recv
+  // blocks until its message arrives (or the timeout). The sizes must match.
   void send(const void* data, size_t bytes, int dst, int tag = 0) const;
   void recv(void* data, size_t bytes, int src, int tag = 0) const;
   void barrier() const;
@@ -54,8 +69,18 @@ class Group {
   // Ranks with the same color form a new group, ordered by (key, old rank).
   Group split(int color, int key) const;
 
-  // Call counts, bytes and time per kind of call, for this group.
+  // Same, and names the new group (shown in stats and errors).
+  Group split(int color, int key, std::string name) const;
+
+  // Call counts, bytes and time per kind of call, for this group as seen by this rank.
   CommStats& stats() const;
+
+  // Handle operations (not collective): they change this rank's view of the group only.
+  void set_name(std::string name) const;
+  const CommOptions& options() const;
+  void set_options(const CommOptions& options) const;
+  std::string_view backend() const;  // "self", "local" or "mpi"
+  int world_rank() const;            // this rank in the launch's world group
 
   const std::shared_ptr<GroupImpl>& impl() const { return impl_; }
 

@@ -25,8 +25,12 @@ std::atomic<int>& level_store() {
 
 }  // namespace
 
-LogLevel log_level() { return static_cast<LogLevel>(level_store().load(std::memory_order_relaxed)); }
-void set_log_level(LogLevel level) { level_store().store(static_cast<int>(level)); }
+LogLevel log_level() {
+  return static_cast<LogLevel>(level_store().load(std::memory_order_relaxed));
+}
+void set_log_level(LogLevel level) {
+  level_store().store(static_cast<int>(level));
+}
 
 void log_line(LogLevel level, const std::string& message) {
   static std::mutex mu;

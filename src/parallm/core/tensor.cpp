@@ -25,7 +25,9 @@ void check_shape(const Shape& shape) {
 
 }  // namespace
 
-std::string shape_str(const Shape& s) { return "[" + join(s, ", ") + "]"; }
+std::string shape_str(const Shape& s) {
+  return "[" + join(s, ", ") + "]";
+}
 
 int64_t shape_numel(const Shape& s) {
   int64_t n = 1;
@@ -43,7 +45,9 @@ Tensor Tensor::empty(DType dtype, Shape shape) {
   size_t rounded = (bytes + 63) / 64 * 64;
   if (rounded == 0) rounded = 64;
   void* p = std::aligned_alloc(64, rounded);
-  if (!p) fail<std::runtime_error>("tensor", "out of memory allocating ", bytes, " bytes for ", t.describe());
+  if (!p)
+    fail<std::runtime_error>("tensor", "out of memory allocating ", bytes, " bytes for ",
+                             t.describe());
   t.storage_ = std::shared_ptr<void>(p, [](void* q) { std::free(q); });
   t.data_ = p;
   return t;
@@ -66,7 +70,9 @@ Tensor Tensor::borrow(void* data, DType dtype, Shape shape, std::shared_ptr<void
   return t;
 }
 
-bool Tensor::is_contiguous() const { return strides_ == contiguous_strides(shape_); }
+bool Tensor::is_contiguous() const {
+  return strides_ == contiguous_strides(shape_);
+}
 
 Tensor Tensor::reshape(Shape shape) const {
   if (!is_contiguous()) fail("tensor", "reshape of a non-contiguous tensor ", describe());
@@ -107,7 +113,9 @@ Tensor Tensor::slice_cols(int64_t begin, int64_t end) const {
   return t;
 }
 
-Tensor Tensor::contiguous() const { return to(dtype_); }
+Tensor Tensor::contiguous() const {
+  return to(dtype_);
+}
 
 Tensor Tensor::to(DType dtype) const {
   Tensor out = empty(dtype, shape_);
@@ -124,9 +132,10 @@ Tensor Tensor::to(DType dtype) const {
   for (int64_t r = 0; r < rows; ++r) {
     int64_t off = 0;
     for (size_t d = 0; d + 1 < shape_.size(); ++d) off += idx[d] * strides_[d];
-    if (strides_.back() != 1) fail("tensor", "copy of a tensor with inner stride ", strides_.back());
-    convert(static_cast<char*>(data_) + off * es, dtype_, static_cast<char*>(out.data_) + r * inner * eo,
-            dtype, static_cast<size_t>(inner));
+    if (strides_.back() != 1)
+      fail("tensor", "copy of a tensor with inner stride ", strides_.back());
+    convert(static_cast<char*>(data_) + off * es, dtype_,
+            static_cast<char*>(out.data_) + r * inner * eo, dtype, static_cast<size_t>(inner));
     for (size_t d = shape_.size() - 1; d-- > 0;) {
       if (++idx[d] < shape_[d]) break;
       idx[d] = 0;
@@ -135,6 +144,8 @@ Tensor Tensor::to(DType dtype) const {
   return out;
 }
 
-std::string Tensor::describe() const { return cat(dtype_name(dtype_), shape_str(shape_)); }
+std::string Tensor::describe() const {
+  return cat(dtype_name(dtype_), shape_str(shape_));
+}
 
 }  // namespace parallm

@@ -116,7 +116,11 @@ void ThreadPool::parallel_for_dynamic(int64_t n, int64_t grain,
   while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
 }
 
-ScopedPool::ScopedPool(ThreadPool& pool) : previous_(t_current) { t_current = &pool; }
-ScopedPool::~ScopedPool() { t_current = previous_; }
+ScopedPool::ScopedPool(ThreadPool& pool) : previous_(t_current) {
+  t_current = &pool;
+}
+ScopedPool::~ScopedPool() {
+  t_current = previous_;
+}
 
 }  // namespace parallm

@@ -24,7 +24,8 @@ class ThreadPool {
   // thread (static: best for memory-bound loops where each thread streams its own rows).
   // Blocks until all parts are done. Not reentrant: fn must not call parallel_for.
   void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn);
-  // Same, but parts of `grain` items are handed out dynamically (uneven work, e.g. attention heads).
+  // Same, but parts of `grain` items are handed out dynamically (uneven work, e.g. attention
+  // heads).
   void parallel_for_dynamic(int64_t n, int64_t grain,
                             const std::function<void(int64_t, int64_t)>& fn);
 

@@ -13,7 +13,9 @@ thread_local TraceBuffer* t_trace = nullptr;
 
 // Microseconds since the first use in this process: small numbers, and threads of one process
 // share the origin. (MPI processes on one machine share steady_clock too.)
-double us(double seconds) { return seconds * 1e6; }
+double us(double seconds) {
+  return seconds * 1e6;
+}
 
 }  // namespace
 
@@ -26,20 +28,25 @@ std::string TraceBuffer::to_json_events() const {
   s.precision(3);
   s << std::fixed;
   bool first = true;
-  s << "{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":" << rank_
-    << ",\"args\":{\"name\":\"rank " << rank_ << "\"}}";
+  s << "{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":" << rank_ << ",\"args\":{\"name\":\"rank "
+    << rank_ << "\"}}";
   first = false;
   for (const TraceEvent& e : events_) {
     if (!first) s << ",\n";
     first = false;
-    s << "{\"name\":\"" << e.name << "\",\"cat\":\"" << e.category << "\",\"ph\":\"X\",\"pid\":"
-      << rank_ << ",\"tid\":0,\"ts\":" << e.begin_us << ",\"dur\":" << e.duration_us << "}";
+    s << "{\"name\":\"" << e.name << "\",\"cat\":\"" << e.category
+      << "\",\"ph\":\"X\",\"pid\":" << rank_ << ",\"tid\":0,\"ts\":" << e.begin_us
+      << ",\"dur\":" << e.duration_us << "}";
   }
   return s.str();
 }
 
-void set_thread_trace(TraceBuffer* buffer) { t_trace = buffer; }
-TraceBuffer* thread_trace() { return t_trace; }
+void set_thread_trace(TraceBuffer* buffer) {
+  t_trace = buffer;
+}
+TraceBuffer* thread_trace() {
+  return t_trace;
+}
 
 TraceSpan::TraceSpan(const char* name, const char* category)
     : buffer_(t_trace), category_(category), begin_(0) {

@@ -61,8 +61,8 @@ BatchResult generate_batch(const LlamaModel& model, const comm::Mesh& mesh,
   BatchResult result;
   result.micro_batches = M;
   result.sequences.resize(B);
-  std::vector<int64_t> pos(B, 0);       // next position of each sequence
-  std::vector<int32_t> next(B, 0);      // the token each sequence feeds next
+  std::vector<int64_t> pos(B, 0);   // next position of each sequence
+  std::vector<int32_t> next(B, 0);  // the token each sequence feeds next
   std::vector<char> active(B, 1);
 
   // Per micro-batch, what is in flight on this stage: the chunk header and activations.
@@ -160,14 +160,16 @@ BatchResult generate_batch(const LlamaModel& model, const comm::Mesh& mesh,
           std::memcpy(rows.data() + k * H, x.data() + (off - 1) * H, H * sizeof(float));
         }
         logits.resize(chunks.size() * V);
-        if (!chunks.empty()) model.head(rows.data(), static_cast<int64_t>(chunks.size()), logits.data());
+        if (!chunks.empty())
+          model.head(rows.data(), static_cast<int64_t>(chunks.size()), logits.data());
         std::fill(feedback.begin(), feedback.end(), 0);
         for (size_t k = 0; k < chunks.size(); ++k) {
           const int i = chunks[k].slot;
           const float* row = logits.data() + k * V;
           if (options.collect_logits)
             result.sequences[i].logits.push_back(gather_vocab(row, model.vocab_shard(), tp));
-          const int32_t tok = samplers[i].sample(row, model.vocab_shard().begin, model.vocab_shard().end);
+          const int32_t tok =
+              samplers[i].sample(row, model.vocab_shard().begin, model.vocab_shard().end);
           // A sequence yields one token per step until it stops, so this is its (step+1)-th.
           bool stop = step + 1 >= options.max_tokens;
           if (is_eos(c, tok) && !options.ignore_eos) {

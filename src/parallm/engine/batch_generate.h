@@ -38,9 +38,9 @@ struct SequenceOutput {
 struct BatchResult {
   std::vector<SequenceOutput> sequences;  // complete on the first and the last stage
   int micro_batches = 0;
-  double seconds = 0;           // the whole generation, on this rank
-  double busy_seconds = 0;      // this rank's compute (embedding, layers, head, sampling)
-  double prefill_seconds = 0;   // until the last stage finished the prompts (same on all ranks)
+  double seconds = 0;               // the whole generation, on this rank
+  double busy_seconds = 0;          // this rank's compute (embedding, layers, head, sampling)
+  double prefill_seconds = 0;       // until the last stage finished the prompts (same on all ranks)
   double prefill_busy_seconds = 0;  // this rank's compute during the prompt pass
 };
 

@@ -28,13 +28,15 @@ std::vector<float> gather_vocab(const float* local, const parallel::ShardSpec& s
 }
 
 GenerateResult generate(const LlamaModel& model, comm::Group tp, const std::vector<int32_t>& prompt,
-                        const GenerateOptions& options, const std::function<void(int32_t)>& on_token) {
+                        const GenerateOptions& options,
+                        const std::function<void(int32_t)>& on_token) {
   const ModelConfig& c = model.config();
   if (!model.has_embedding() || !model.has_head())
     fail("generate", "this model holds layers [", model.layer_begin(), ", ", model.layer_end(),
          "), not the whole model; pipeline stages run through the pipeline executor");
   if (prompt.empty()) fail("generate", "the prompt is empty (give --prompt or --prompt-ids)");
-  if (options.max_tokens < 0) fail("generate", "--max-tokens must be >= 0, got ", options.max_tokens);
+  if (options.max_tokens < 0)
+    fail("generate", "--max-tokens must be >= 0, got ", options.max_tokens);
   const int64_t capacity = static_cast<int64_t>(prompt.size()) + options.max_tokens;
   if (capacity > c.max_position_embeddings)
     fail("generate", "prompt (", prompt.size(), " tokens) + --max-tokens (", options.max_tokens,
@@ -64,8 +66,8 @@ GenerateResult generate(const LlamaModel& model, comm::Group tp, const std::vect
   for (;;) {
     result.tokens.push_back(token);
     if (on_token) on_token(token);
-    const bool eos = std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), token) !=
-                     c.eos_token_ids.end();
+    const bool eos =
+        std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), token) != c.eos_token_ids.end();
     if (eos && !options.ignore_eos) {
       result.stopped_at_eos = true;
       break;

@@ -17,12 +17,13 @@ struct GenerateOptions {
   int64_t max_tokens = 64;
   bool ignore_eos = false;
   SamplingParams sampling;
-  bool collect_logits = false;  // gather the full vocabulary's logits of every step (tests, --print-logits)
+  bool collect_logits =
+      false;  // gather the full vocabulary's logits of every step (tests, --print-logits)
 };
 
 struct GenerateResult {
-  std::vector<int32_t> tokens;              // generated, not including the prompt
-  std::vector<std::vector<float>> logits;   // per generated token, full vocab (collect_logits)
+  std::vector<int32_t> tokens;             // generated, not including the prompt
+  std::vector<std::vector<float>> logits;  // per generated token, full vocab (collect_logits)
   double prefill_seconds = 0;
   double decode_seconds = 0;  // for tokens after the first
   bool stopped_at_eos = false;

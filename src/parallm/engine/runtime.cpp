@@ -1,8 +1,8 @@
 #include "parallm/engine/runtime.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <mutex>
@@ -51,8 +51,10 @@ int local_mpi_ranks() {
   return 1;
 }
 
-// Rank 0 collects every rank's events (send/recv, so it works on every backend) and writes one file.
-void gather_and_write_trace(const comm::Group& world, const TraceBuffer& trace, const std::string& path) {
+// Rank 0 collects every rank's events (send/recv, so it works on every backend) and writes one
+// file.
+void gather_and_write_trace(const comm::Group& world, const TraceBuffer& trace,
+                            const std::string& path) {
   constexpr int kTag = 901;
   std::string mine = trace.to_json_events();
   if (world.rank() != 0) {
@@ -111,7 +113,8 @@ void run_model(const EngineOptions& options, const std::function<void(RankContex
     if (options.mem_stats) {
       std::lock_guard<std::mutex> lock(print_mu);
       std::fprintf(stderr,
-                   "[mem] rank %d/%d (tp %d, stage %d: layers %lld-%lld): weights %.2f MiB (full model %.2f MiB in %s), process RSS "
+                   "[mem] rank %d/%d (tp %d, stage %d: layers %lld-%lld): weights %.2f MiB (full "
+                   "model %.2f MiB in %s), process RSS "
                    "%.2f MiB\n",
                    world.rank(), world.size(), mesh.tp_rank(), mesh.pp_rank(),
                    static_cast<long long>(lo.layer_begin), static_cast<long long>(lo.layer_end - 1),

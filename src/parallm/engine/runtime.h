@@ -17,17 +17,17 @@
 namespace parallm {
 
 struct EngineOptions {
-  std::string model;           // directory, .safetensors or llama2.c .bin
-  int tp = 1;                  // tensor-parallel ranks
-  int pp = 1;                  // pipeline stages
+  std::string model;               // directory, .safetensors or llama2.c .bin
+  int tp = 1;                      // tensor-parallel ranks
+  int pp = 1;                      // pipeline stages
   std::vector<int64_t> pp_layers;  // explicit layers per stage (--pp-layers), else even
-  std::string trace_file;      // --trace: Chrome trace-event JSON of every rank
-  int threads = 0;             // threads per rank; 0: the machine's cores / ranks in this process
-  std::string dtype = "auto";  // auto (the checkpoint's torch_dtype), f32, bf16, f16
+  std::string trace_file;          // --trace: Chrome trace-event JSON of every rank
+  int threads = 0;               // threads per rank; 0: the machine's cores / ranks in this process
+  std::string dtype = "auto";    // auto (the checkpoint's torch_dtype), f32, bf16, f16
   std::string backend = "auto";  // auto, local, mpi
   double comm_timeout_s = 300;
-  bool comm_stats = false;     // print the per-group collective table at the end
-  bool mem_stats = false;      // print per-rank weight bytes and resident memory after loading
+  bool comm_stats = false;  // print the per-group collective table at the end
+  bool mem_stats = false;   // print per-rank weight bytes and resident memory after loading
 };
 
 // What one rank sees once its shard is loaded.
@@ -40,7 +40,8 @@ struct RankContext {
   bool is_root() const { return world.rank() == 0; }
 };
 
-// The weight dtype for `flag` ("auto" follows config.torch_dtype: float32 -> f32, else bf16 or f16).
+// The weight dtype for `flag` ("auto" follows config.torch_dtype: float32 -> f32, else bf16 or
+// f16).
 DType resolve_weight_dtype(const std::string& flag, const ModelConfig& config);
 
 // Opens the model (reading only its config), launches the ranks (threads, or this process's rank

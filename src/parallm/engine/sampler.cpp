@@ -22,7 +22,9 @@ bool better(const Candidate& a, const Candidate& b) {
   return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
 }
 
-float clean(float v) { return std::isnan(v) ? -std::numeric_limits<float>::infinity() : v; }
+float clean(float v) {
+  return std::isnan(v) ? -std::numeric_limits<float>::infinity() : v;
+}
 
 }  // namespace
 
@@ -39,7 +41,9 @@ Sampler::Sampler(SamplingParams params, comm::Group tp)
   validate_sampling(params_);
 }
 
-double Sampler::uniform() { return static_cast<double>(rng_() >> 11) * 0x1.0p-53; }
+double Sampler::uniform() {
+  return static_cast<double>(rng_() >> 11) * 0x1.0p-53;
+}
 
 int32_t Sampler::sample(const float* logits, int64_t vocab_begin, int64_t vocab_end) {
   const int64_t n = vocab_end - vocab_begin;
@@ -100,7 +104,8 @@ int32_t Sampler::full(const float* logits, int64_t begin, int64_t n) {
 int32_t Sampler::truncated(const float* logits, int64_t begin, int64_t n) {
   const float inv_t = 1.0f / params_.temperature;
   std::vector<Candidate> local(n);
-  for (int64_t i = 0; i < n; ++i) local[i] = {clean(logits[i]) * inv_t, static_cast<int32_t>(begin + i)};
+  for (int64_t i = 0; i < n; ++i)
+    local[i] = {clean(logits[i]) * inv_t, static_cast<int32_t>(begin + i)};
   std::sort(local.begin(), local.end(), better);
   // Without top-k, top-p measures mass against the whole vocabulary: keep the global max and
   // normaliser. With top-k it is measured within the top k (Hugging Face's order of warpers).

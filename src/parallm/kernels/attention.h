@@ -6,10 +6,10 @@
 namespace parallm::kernels {
 
 struct AttentionShape {
-  int64_t q_heads = 0;     // query heads (of this rank)
-  int64_t kv_heads = 0;    // KV heads (of this rank); q_heads % kv_heads == 0
+  int64_t q_heads = 0;   // query heads (of this rank)
+  int64_t kv_heads = 0;  // KV heads (of this rank); q_heads % kv_heads == 0
   int64_t head_dim = 0;
-  int64_t kv_stride = 0;   // floats between consecutive positions in k_cache / v_cache
+  int64_t kv_stride = 0;  // floats between consecutive positions in k_cache / v_cache
 };
 
 // q: [T, q_heads, head_dim]; k_cache, v_cache: position p of KV head h at

@@ -3,19 +3,27 @@
 // present. PARALLM_SIMD=scalar|avx2|avx512 caps the choice (for tests and benchmarks).
 #pragma once
 
+#include <cstddef>
 #include <string>
+#include <string_view>
 
 namespace parallm::kernels {
 
 enum class SimdLevel { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
-SimdLevel simd_level();             // what the fast paths use now
-void set_simd_level(SimdLevel l);   // capped at what the CPU supports
-SimdLevel cpu_simd_level();         // what the CPU supports
+SimdLevel simd_level();            // what the fast paths use now
+void set_simd_level(SimdLevel l);  // capped at what the CPU supports
+SimdLevel cpu_simd_level();        // what the CPU supports
 std::string simd_name(SimdLevel l);
+// "scalar", "avx2" or "avx512" (any case); otherwise std::invalid_argument naming `what` and the
+// value, e.g. "[cpu] PARALLM_SIMD=sse9 is not one of scalar, avx2, avx512".
+SimdLevel parse_simd_level(std::string_view value, std::string_view what);
 
 // Measures the machine's memory read bandwidth (bytes/s) with all threads of the current pool
-// reading a buffer of `bytes` (default much larger than the caches), best of `reps`.
+// reading disjoint parts of a buffer of `bytes` (default much larger than the caches; first
+// touched by the same threads), best of `reps` for each of several read patterns (1..16 streams
+// per thread, with and without software prefetch): the most this machine reads, the roofline
+// for the decode benchmark. Takes ~2 s at the default size.
 double measure_read_bandwidth(size_t bytes = size_t{1} << 30, int reps = 5);
 
 }  // namespace parallm::kernels

@@ -12,6 +12,10 @@ namespace parallm::kernels {
 
 // x: [T, K] f32 (row stride K); w: [N, K] contiguous, f32/bf16/f16; y: [T, N] f32.
 // accumulate: y += x W^T instead of y = x W^T. Threads: ThreadPool::current().
+// No alignment needed. T < 64 runs the GEMV (W streamed once per call); T >= 64 runs OpenBLAS
+// sgemm with OpenBLAS set to 1 thread (once per process) and each pool thread widening 16-bit
+// weights into its own thread-local scratch (up to 8 MiB, kept for the thread's lifetime).
+// Safe to call concurrently from threads with different pools; x and y must not overlap.
 void matmul(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate = false);
 
 // Plain loops, for tests: same contract, one thread, no SIMD.

@@ -14,7 +14,7 @@ void rmsnorm_ref(const float* x, const float* w, float* y, int64_t T, int64_t D,
 void softmax(float* x, int64_t n);
 void softmax_ref(float* x, int64_t n);
 
-// out[i] = silu(gate[i]) * up[i] (SwiGLU); out may alias gate or up.
+// out[i] = silu(gate[i]) * up[i] (SwiGLU); out may be exactly gate or up (not a shifted overlap).
 void silu_mul(const float* gate, const float* up, float* out, int64_t n);
 void silu_mul_ref(const float* gate, const float* up, float* out, int64_t n);
 

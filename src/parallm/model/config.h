@@ -3,10 +3,9 @@
 #pragma once
 
 #include <cstdint>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json_fwd.hpp>
 
 namespace parallm {
 
@@ -53,7 +52,8 @@ struct ModelConfig {
   nlohmann::json to_json() const;
 
   // Throws std::invalid_argument naming `source`, the field and its value when a field is
-  // impossible (non-positive sizes, heads not dividing hidden_size, KV heads not dividing heads...).
+  // impossible (non-positive sizes, heads not dividing hidden_size, KV heads not dividing
+  // heads...).
   void validate(const std::string& source) const;
 
   // RoPE inverse frequencies, head_dim / 2 of them, with rope_scaling applied.

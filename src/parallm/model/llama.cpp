@@ -167,7 +167,8 @@ void LlamaModel::forward_layers(float* x, const std::vector<SeqChunk>& chunks, K
 
   for (size_t li = 0; li < layers_.size(); ++li) {
     const Layer& L = layers_[li];
-    TraceSpan span(thread_trace() ? cat("layer ", opts_.layer_begin + static_cast<int64_t>(li)) : std::string(),
+    TraceSpan span(thread_trace() ? cat("layer ", opts_.layer_begin + static_cast<int64_t>(li))
+                                  : std::string(),
                    "compute");
     // Attention block.
     kernels::rmsnorm(x, L.attn_norm.data(), xn, T, H, eps);

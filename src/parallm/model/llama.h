@@ -33,8 +33,8 @@ class KvStore {
 
 // A run of consecutive tokens of one sequence inside a batch.
 struct SeqChunk {
-  int slot = 0;            // which sequence (KV cache slot)
-  int64_t start_pos = 0;   // position of the chunk's first token
+  int slot = 0;           // which sequence (KV cache slot)
+  int64_t start_pos = 0;  // position of the chunk's first token
   int64_t n_tokens = 0;
 };
 

@@ -37,8 +37,8 @@ VocabParallelEmbedding::VocabParallelEmbedding(Tensor table, ShardSpec vocab_sha
                                                comm::Group group)
     : table_(std::move(table)), vocab_shard_(vocab_shard), group_(std::move(group)) {
   if (table_.ndim() != 2 || table_.dim(0) != vocab_shard_.size())
-    fail("parallel", "embedding shard ", table_.describe(), " does not hold ",
-         vocab_shard_.size(), " vocab rows");
+    fail("parallel", "embedding shard ", table_.describe(), " does not hold ", vocab_shard_.size(),
+         " vocab rows");
 }
 
 void VocabParallelEmbedding::forward(const int32_t* ids, int64_t T, float* x) const {
@@ -51,7 +51,8 @@ void VocabParallelEmbedding::forward(const int32_t* ids, int64_t T, float* x) co
            vocab_shard_.full, ")");
     float* row = x + t * hidden;
     if (id >= vocab_shard_.begin && id < vocab_shard_.end) {
-      const char* src = static_cast<const char*>(table_.raw()) + (id - vocab_shard_.begin) * row_bytes;
+      const char* src =
+          static_cast<const char*>(table_.raw()) + (id - vocab_shard_.begin) * row_bytes;
       convert(src, table_.dtype(), row, DType::F32, static_cast<size_t>(hidden));
     } else {
       std::memset(row, 0, static_cast<size_t>(hidden) * sizeof(float));

@@ -24,8 +24,10 @@ std::string HeadPlan::valid_sizes(int64_t q_heads, int64_t kv_heads) {
 HeadPlan HeadPlan::make(int64_t q_heads, int64_t kv_heads, int tp, int rank) {
   if (!fits(q_heads, kv_heads, tp))
     fail("tp", "tensor-parallel size ", tp, " does not fit ", q_heads, " query heads and ",
-         kv_heads, " KV heads (it must divide the query heads, and divide or be a multiple of the "
-         "KV heads); sizes that work: ", valid_sizes(q_heads, kv_heads));
+         kv_heads,
+         " KV heads (it must divide the query heads, and divide or be a multiple of the "
+         "KV heads); sizes that work: ",
+         valid_sizes(q_heads, kv_heads));
   HeadPlan p;
   p.q_heads = q_heads / tp;
   p.q_begin = p.q_heads * rank;

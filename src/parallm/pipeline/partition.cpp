@@ -20,9 +20,8 @@ std::vector<StageLayers> partition_layers(int64_t layers, int pp,
     std::vector<int> order(pp);
     std::iota(order.begin(), order.end(), 0);
     const double centre = (pp - 1) / 2.0;
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
-      return std::abs(a - centre) < std::abs(b - centre);
-    });
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int a, int b) { return std::abs(a - centre) < std::abs(b - centre); });
     for (int64_t i = 0; i < layers % pp; ++i) ++counts[order[i]];
   } else {
     if (static_cast<int>(counts.size()) != pp)
@@ -30,7 +29,8 @@ std::vector<StageLayers> partition_layers(int64_t layers, int pp,
            " stages but --pp is ", pp);
     int64_t sum = 0;
     for (int64_t c : counts) {
-      if (c < 1) fail("pipeline", "--pp-layers ", join(counts, ","), ": every stage needs >= 1 layer");
+      if (c < 1)
+        fail("pipeline", "--pp-layers ", join(counts, ","), ": every stage needs >= 1 layer");
       sum += c;
     }
     if (sum != layers)

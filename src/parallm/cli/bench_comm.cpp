@@ -1,0 +1,324 @@
+// parallm bench comm: time every collective from 4 B to 64 MiB, nccl-tests style (time, algorithm
+// bandwidth, bus bandwidth), for each algorithm, beside a baseline (local: memcpy of the same bytes
+// plus a barrier); then fit latency (alpha) and per-byte cost (beta) for each op, for the planner.
+//
+//   parallm bench comm --ranks 4 --op all_reduce                  # local backend, 4 threads
+//   mpirun -np 2 parallm bench comm --op all --json comm.json     # MPI backend
+//
+// Sizes are nccl-tests': all_reduce and broadcast the buffer, all_gather the gathered output,
+// reduce_scatter and all_to_all the input of one rank, sendrecv one message. Bus bandwidth is
+// algbw x 2(p-1)/p for all_reduce, x (p-1)/p for all_gather, reduce_scatter and all_to_all, x 1
+// for broadcast and sendrecv.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "parallm/cli/command.h"
+#include "parallm/comm/group.h"
+#include "parallm/comm/launch.h"
+#include "parallm/core/error.h"
+#include "parallm/core/timer.h"
+
+namespace parallm::cli {
+namespace {
+
+using comm::Algorithm;
+using comm::Group;
+
+struct Options {
+  std::string backend = "auto";
+  int ranks = 2;
+  std::string op = "all";
+  std::string algo = "all";
+  std::string min_bytes = "4", max_bytes = "64M";
+  int factor = 2;
+  int iters = 0;  // 0: by size
+  std::string dtype = "f32";
+  std::string json;
+  double timeout_s = 300;
+  bool comm_stats = false;
+};
+
+size_t parse_bytes(const std::string& text, const char* flag) {
+  size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  double mult = 1;
+  std::string suffix = text.substr(used);
+  if (suffix == "K" || suffix == "KiB" || suffix == "k")
+    mult = 1024;
+  else if (suffix == "M" || suffix == "MiB")
+    mult = 1024.0 * 1024;
+  else if (suffix == "G" || suffix == "GiB")
+    mult = 1024.0 * 1024 * 1024;
+  else if (!suffix.empty() || used == 0)
+    used = 0;
+  if (used == 0 || v < 0)
+    fail("bench comm", flag, ": \"", text, "\" is not a size (bytes, or with K, M, G)");
+  return static_cast<size_t>(v * mult);
+}
+
+std::string human(size_t bytes) {
+  char b[32];
+  if (bytes >= (1u << 20) && bytes % (1u << 20) == 0)
+    std::snprintf(b, sizeof b, "%zuM", bytes >> 20);
+  else if (bytes >= 1024 && bytes % 1024 == 0)
+    std::snprintf(b, sizeof b, "%zuK", bytes >> 10);
+  else
+    std::snprintf(b, sizeof b, "%zu", bytes);
+  return b;
+}
+
+double bus_factor(const std::string& op, int p) {
+  if (op == "all_reduce") return 2.0 * (p - 1) / p;
+  if (op == "all_gather" || op == "reduce_scatter" || op == "all_to_all") return double(p - 1) / p;
+  return 1.0;
+}
+
+// Which algorithms each op can run. "baseline": memcpy of the bytes + barrier (local) or the
+// same with MPI (a lower bound on one copy).
+std::vector<std::string> algos_for(const std::string& op, const std::string& wanted) {
+  std::vector<std::string> all;
+  if (op == "all_reduce" || op == "all_gather" || op == "reduce_scatter")
+    all = {"auto", "native", "ring", "rd"};
+  else if (op == "all_to_all" || op == "broadcast")
+    all = {"auto", "native", "ring"};  // ring here: the send/recv version (pairwise / binomial)
+  else
+    all = {"auto"};
+  if (op == "all_reduce") all.push_back("baseline");
+  if (wanted == "all") return all;
+  std::vector<std::string> out;
+  for (auto& a : all)
+    if (a == wanted || a == "baseline") out.push_back(a);
+  if (out.empty() || (out.size() == 1 && out[0] == "baseline")) out.insert(out.begin(), "auto");
+  return out;
+}
+
+struct Row {
+  std::string op, algo;
+  size_t bytes;
+  size_t count;
+  double seconds;  // per call, the slowest rank's
+};
+
+// alpha + bytes / beta, fitted by least squares on relative error, so that the small sizes
+// (latency) count as much as the large ones (bandwidth).
+std::pair<double, double> fit_alpha_beta(const std::vector<Row>& rows) {
+  double s00 = 0, s01 = 0, s11 = 0, r0 = 0, r1 = 0;
+  for (const Row& r : rows) {
+    const double w = 1.0 / (r.seconds * r.seconds), x = double(r.bytes);
+    s00 += w;
+    s01 += w * x;
+    s11 += w * x * x;
+    r0 += w * r.seconds;
+    r1 += w * x * r.seconds;
+  }
+  const double det = s00 * s11 - s01 * s01;
+  double alpha = det != 0 ? (r0 * s11 - r1 * s01) / det : 0;
+  double slope = det != 0 ? (s00 * r1 - s01 * r0) / det : 0;
+  if (alpha < 0) {  // refit through the origin
+    alpha = 0;
+    slope = s11 > 0 ? r1 / s11 : 0;
+  }
+  const double beta_gbps = slope > 0 ? 1.0 / slope / 1e9 : 0.0;
+  return {alpha, beta_gbps};
+}
+
+int iterations(const Options& o, size_t bytes) {
+  if (o.iters > 0) return o.iters;
+  // About 0.1 s per point at a guessed 10 us + 2 GB/s; the same count on every rank.
+  const double est = 10e-6 + double(bytes) / 2e9;
+  return static_cast<int>(std::clamp(0.1 / est, 3.0, 2000.0));
+}
+
+// One measurement on all ranks; returns the slowest rank's seconds per call.
+double measure(const Group& g, const std::string& op, const std::string& algo, size_t bytes,
+               DType dtype, int iters, std::vector<char>& a, std::vector<char>& b) {
+  const int p = g.size(), r = g.rank();
+  const size_t elem = dtype_size(dtype);
+  Algorithm al = algo == "auto" || algo == "baseline" ? Algorithm::Auto
+                                                      : comm::parse_algorithm(algo, "--algo");
+  // all_to_all and broadcast pick their send/recv versions through the group's options.
+  comm::CommOptions saved = g.options(), opts = saved;
+  if (op == "all_to_all" || op == "broadcast") opts.algorithm = al;
+  g.set_options(opts);
+  std::vector<size_t> counts(p, bytes / elem / p);
+  auto once = [&] {
+    if (algo == "baseline") {
+      std::memcpy(b.data(), a.data(), bytes);
+      g.barrier();
+    } else if (op == "all_reduce") {
+      g.all_reduce(a.data(), bytes / elem, dtype, comm::ReduceOp::Sum, al);
+    } else if (op == "all_gather") {
+      g.all_gather(a.data(), b.data(), bytes / elem / p, dtype, al);
+    } else if (op == "reduce_scatter") {
+      g.reduce_scatter(a.data(), b.data(), bytes / elem / p, dtype, comm::ReduceOp::Sum, al);
+    } else if (op == "all_to_all") {
+      g.all_to_all(a.data(), counts, b.data(), counts, dtype);
+    } else if (op == "broadcast") {
+      g.broadcast(a.data(), bytes / elem, dtype, 0);
+    } else {  // sendrecv: a ring, each rank to the next
+      g.send(a.data(), bytes, (r + 1) % p, 0);
+      g.recv(b.data(), bytes, (r + p - 1) % p, 0);
+    }
+  };
+  for (int i = 0; i < std::min(iters, 5); ++i) once();
+  g.barrier();
+  Timer t;
+  for (int i = 0; i < iters; ++i) once();
+  float secs = static_cast<float>(t.seconds() / iters);
+  g.set_options(saved);
+  g.all_reduce(&secs, 1, comm::ReduceOp::Max);
+  return secs;
+}
+
+int run(const Options& o) {
+  const std::vector<std::string> all_ops = {"all_reduce", "all_gather", "reduce_scatter",
+                                            "all_to_all", "broadcast",  "sendrecv"};
+  std::vector<std::string> ops;
+  if (o.op == "all")
+    ops = all_ops;
+  else
+    ops = {o.op};
+  const size_t lo = std::max<size_t>(parse_bytes(o.min_bytes, "--min-bytes"), 1);
+  const size_t hi = parse_bytes(o.max_bytes, "--max-bytes");
+  if (hi < lo)
+    fail("bench comm", "--max-bytes ", o.max_bytes, " is below --min-bytes ", o.min_bytes);
+  if (o.factor < 2) fail("bench comm", "--step-factor must be >= 2, got ", o.factor);
+  const DType dtype = parse_dtype(o.dtype, "--dtype");
+  const int world = comm::under_mpirun() && o.backend != "local" ? comm::launched_size() : o.ranks;
+  if (world < 2) fail("bench comm", "--ranks must be >= 2 (a collective needs peers), got ", world);
+
+  comm::LaunchOptions lo_opts;
+  lo_opts.backend = o.backend;
+  lo_opts.timeout_s = o.timeout_s;
+  lo_opts.print_stats = o.comm_stats;
+  std::vector<Row> rows;
+  std::string backend;
+  comm::launch(world, lo_opts, [&](Group g) {
+    const bool root = g.rank() == 0;
+    const int p = g.size();
+    const size_t elem = dtype_size(dtype);
+    std::vector<char> a(hi + 64, 1), b(hi * 2 + 64, 0);
+    // Real numbers (not bit patterns of NaNs) for the reductions.
+    const float one = 1.0f;
+    for (size_t i = 0; i + elem <= a.size(); i += elem)
+      convert(&one, DType::F32, a.data() + i, dtype, 1);
+    if (root) {
+      backend = std::string(g.backend());
+      std::printf("# parallm bench comm: backend %s, %d ranks, dtype %s, %d hardware threads\n",
+                  backend.c_str(), p, dtype_name(dtype).data(),
+                  static_cast<int>(std::thread::hardware_concurrency()));
+      std::printf("# %-14s %9s %10s %-9s %11s %11s %11s\n", "op", "size", "count", "algo",
+                  "time(us)", "algbw(GB/s)", "busbw(GB/s)");
+    }
+    for (const std::string& op : ops) {
+      for (size_t bytes = lo; bytes <= hi; bytes *= o.factor) {
+        // Every rank needs a whole number of elements per rank for the block ops.
+        const size_t unit =
+            (op == "all_reduce" || op == "broadcast" || op == "sendrecv") ? elem : elem * p;
+        const size_t n = bytes / unit * unit;
+        if (n == 0) continue;
+        for (const std::string& algo : algos_for(op, o.algo)) {
+          const double s = measure(g, op, algo, n, dtype, iterations(o, n), a, b);
+          if (!root) continue;
+          rows.push_back({op, algo, n, n / elem, s});
+          const double algbw = n / s / 1e9;
+          std::printf("  %-14s %9s %10zu %-9s %11.2f %11.3f %11.3f\n", op.c_str(), human(n).c_str(),
+                      n / elem, algo == "baseline" ? "memcpy+barrier" : algo.c_str(), s * 1e6,
+                      algbw, algbw * bus_factor(op, p));
+          std::fflush(stdout);
+        }
+      }
+    }
+  });
+  if (comm::launched_rank() != 0) return 0;
+
+  auto find = [&](const std::string& op, const std::string& algo, size_t bytes) -> double {
+    for (const Row& r : rows)
+      if (r.op == op && r.algo == algo && r.bytes == bytes) return r.seconds;
+    return 0;
+  };
+  // The goals, as ratios measured in this run.
+  if (std::find(ops.begin(), ops.end(), "all_reduce") != ops.end()) {
+    const double ar = find("all_reduce", "auto", 16384),
+                 base = find("all_reduce", "baseline", 16384);
+    if (ar > 0 && base > 0)
+      std::printf(
+          "# goal: all_reduce 16K (auto) / (memcpy 16K + barrier) = %.2f (target <= 2 on "
+          "the local backend)\n",
+          ar / base);
+    for (size_t bytes = 1 << 20; bytes <= hi; bytes *= 4) {
+      const double ring = find("all_reduce", "ring", bytes),
+                   native = find("all_reduce", "native", bytes);
+      if (ring > 0 && native > 0)
+        std::printf("# goal: all_reduce %s ring / native = %.2f (target <= 1.2 over MPI)\n",
+                    human(bytes).c_str(), ring / native);
+    }
+  }
+  nlohmann::json j;
+  j["backend"] = backend;
+  j["world"] = world;
+  j["ops"] = nlohmann::json::object();
+  std::printf("# alpha-beta fit (time = alpha + bytes / beta) of the auto algorithm:\n");
+  for (const std::string& op : ops) {
+    std::vector<Row> pts;
+    for (const Row& r : rows)
+      if (r.op == op && r.algo == "auto") pts.push_back(r);
+    if (pts.size() < 2) continue;
+    auto [alpha, beta] = fit_alpha_beta(pts);
+    j["ops"][op] = {{"alpha_us", alpha * 1e6}, {"beta_gbps", beta}};
+    std::printf("#   %-14s alpha %8.2f us   beta %8.3f GB/s\n", op.c_str(), alpha * 1e6, beta);
+  }
+  std::printf("%s\n", j.dump().c_str());
+  if (!o.json.empty()) {
+    std::ofstream f(o.json);
+    if (!f) fail<std::runtime_error>("bench comm", "--json: cannot write \"", o.json, "\"");
+    f << j.dump(2) << "\n";
+  }
+  return 0;
+}
+
+const bool registered = register_command(
+    {"bench comm", "Collective latency and bandwidth per size and algorithm (nccl-tests style)",
+     [](CLI::App& app) {
+       auto o = std::make_shared<Options>();
+       app.add_option("--backend", o->backend, "auto (mpi under mpirun, else local), local, mpi")
+           ->check(CLI::IsMember({"auto", "local", "mpi"}));
+       app.add_option("--ranks", o->ranks, "Ranks (threads) for the local backend")
+           ->check(CLI::Range(2, 1024));
+       app.add_option("--op", o->op,
+                      "all, all_reduce, all_gather, reduce_scatter, all_to_all, "
+                      "broadcast, sendrecv")
+           ->check(CLI::IsMember({"all", "all_reduce", "all_gather", "reduce_scatter", "all_to_all",
+                                  "broadcast", "sendrecv"}));
+       app.add_option("--algo", o->algo, "all, auto, native, ring, rd")
+           ->check(CLI::IsMember({"all", "auto", "native", "ring", "rd"}));
+       app.add_option("--min-bytes", o->min_bytes, "Smallest size (default 4)");
+       app.add_option("--max-bytes", o->max_bytes, "Largest size (default 64M)");
+       app.add_option("--step-factor", o->factor, "Size multiplier between points (default 2)");
+       app.add_option("--iters", o->iters, "Timed calls per point (default: by size)")
+           ->check(CLI::NonNegativeNumber);
+       app.add_option("--dtype", o->dtype, "f32, bf16, f16");
+       app.add_option("--json", o->json, "Write the alpha/beta fit to this file");
+       app.add_option("--comm-timeout", o->timeout_s, "Seconds before a blocked call fails")
+           ->check(CLI::PositiveNumber);
+       app.add_flag("--comm-stats", o->comm_stats, "Print the comm statistics table at exit");
+       return [o] { return run(*o); };
+     }});
+
+}  // namespace
+}  // namespace parallm::cli

@@ -1,0 +1,183 @@
+// parallm plan: given a model and hardware, every layout's memory, communication, latency and
+// throughput, ranked, with reasons. See docs/parallelism-guide.md.
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "parallm/cli/command.h"
+#include "parallm/core/error.h"
+#include "parallm/plan/cluster.h"
+#include "parallm/plan/model_presets.h"
+#include "parallm/plan/search.h"
+
+namespace parallm::cli {
+namespace {
+
+struct Options {
+  std::string model;
+  plan::ClusterOptions cluster;
+  int64_t batch = 1, prompt_len = 512, output_len = 128;
+  std::string dtype = "fp16", kv_dtype, act_dtype;
+  std::string goal = "latency";
+  int top = 5;
+  bool json = false, list = false, tp_anywhere = false;
+  std::string calibrate;
+  double mem_bw_gbps = 0, gflops = 0;
+  int tp = 0, pp = 0, dp = 0, ep = 0;
+  bool train = false;
+  int64_t global_batch = 512, micro_batch = 1, seq_len = 4096;
+  std::string optimizer = "adam", recompute = "selective", schedule = "1f1b";
+  bool no_sp = false;
+  int zero = 0, chunks = 1;
+};
+
+void list_presets() {
+  std::printf("models:\n");
+  for (const auto& p : plan::model_presets())
+    std::printf("  %-16s %8.2f B params (published %.2f B)\n", p.name.c_str(),
+                p.config.param_count() / 1e9, p.published_params / 1e9);
+  std::printf("devices:\n");
+  for (const auto& name : plan::device_preset_names()) {
+    const plan::DeviceSpec d = plan::device_preset(name);
+    if (d.is_cpu)
+      std::printf(
+          "  %-10s this machine: %d cores, %.1f GiB; memory bandwidth measured (or --mem-bw)\n",
+          name.c_str(), d.cores, d.mem_capacity / (1 << 30));
+    else
+      std::printf("  %-10s %6.1f TFLOP/s bf16, %6.0f GB/s, %5.1f GiB, %s\n", name.c_str(),
+                  d.peak_flops / 1e12, d.mem_bw / 1e9, d.mem_capacity / (1 << 30),
+                  d.native_link.c_str());
+  }
+  std::printf("links:\n");
+  for (const auto& name : plan::link_preset_names()) {
+    const plan::LinkSpec l = plan::link_preset(name);
+    std::printf("  %-10s %7.2f GB/s per direction, %4.1f us latency\n", name.c_str(),
+                l.bandwidth / 1e9, l.latency * 1e6);
+  }
+}
+
+int run(const Options& o) {
+  if (o.list) {
+    list_presets();
+    return 0;
+  }
+  if (o.model.empty())
+    fail("plan", "--model is required (a preset, a config.json, or a directory; --list)");
+  plan::PlanRequest req;
+  req.model = plan::resolve_model(o.model, &req.model_name);
+  req.cluster = plan::build_cluster(o.cluster);
+  if (req.cluster.device.is_cpu && req.cluster.device.mem_bw == 0 && o.mem_bw_gbps == 0) {
+    // Measure this node once; ranks share it.
+    req.cluster.device.mem_bw = plan::measure_memory_bandwidth(req.cluster.device.cores);
+  }
+  req.goal = plan::parse_goal(o.goal);
+  if (!o.calibrate.empty()) req.options.calibration = plan::Calibration::from_file(o.calibrate);
+  if (o.mem_bw_gbps < 0) fail("plan", "--mem-bw must be positive, got ", o.mem_bw_gbps);
+  if (o.gflops < 0) fail("plan", "--flops must be positive, got ", o.gflops);
+  req.options.mem_bw = o.mem_bw_gbps * 1e9;
+  req.options.flops = o.gflops * 1e9;
+  req.options.tp_anywhere = o.tp_anywhere;
+  req.pinned = {o.tp, o.pp, o.dp, o.ep};
+  if (o.tp < 0 || o.pp < 0 || o.dp < 0 || o.ep < 0)
+    fail("plan", "--tp/--pp/--dp/--ep must be positive");
+  if (o.top < 1) fail("plan", "--top must be >= 1, got ", o.top);
+  req.training = o.train;
+  if (o.train) {
+    plan::TrainingWorkload& w = req.train;
+    w.global_batch = o.global_batch;
+    w.micro_batch = o.micro_batch;
+    w.seq_len = o.seq_len;
+    w.optimizer = plan::parse_optimizer(o.optimizer, "--optimizer");
+    w.recompute = plan::parse_recompute(o.recompute, "--recompute");
+    w.sequence_parallel = !o.no_sp;
+    if (o.zero < 0 || o.zero > 3) fail("plan", "--zero must be 0, 1, 2 or 3, got ", o.zero);
+    w.zero = o.zero;
+    w.schedule = pipeline::parse_schedule_kind(o.schedule);
+    if (o.chunks < 1) fail("plan", "--chunks must be >= 1, got ", o.chunks);
+    w.chunks = o.chunks;
+  } else {
+    plan::InferenceWorkload& w = req.inference;
+    if (o.batch < 1) fail("plan", "--batch must be >= 1, got ", o.batch);
+    if (o.prompt_len < 1) fail("plan", "--prompt-len must be >= 1, got ", o.prompt_len);
+    if (o.output_len < 1) fail("plan", "--output-len must be >= 1, got ", o.output_len);
+    w.batch = o.batch;
+    w.prompt_len = o.prompt_len;
+    w.output_len = o.output_len;
+    w.weights = plan::parse_precision(o.dtype, "--dtype");
+    // Quantised weights usually keep a 16-bit KV cache.
+    const bool quantised = w.weights == plan::Precision::INT8 || w.weights == plan::Precision::INT4;
+    w.kv_cache = o.kv_dtype.empty() ? (quantised ? plan::Precision::FP16 : w.weights)
+                                    : plan::parse_precision(o.kv_dtype, "--kv-dtype");
+    // parallm's CPU engine keeps activations in f32; GPU engines in 16 bits.
+    w.activations = !o.act_dtype.empty()        ? plan::parse_precision(o.act_dtype, "--act-dtype")
+                    : req.cluster.device.is_cpu ? plan::Precision::FP32
+                                                : plan::Precision::FP16;
+  }
+  const plan::PlanResult res = plan::search(req);
+  if (o.json)
+    std::cout << plan::to_json(req, res).dump(2) << "\n";
+  else
+    std::cout << plan::render_report(req, res, o.top);
+  return 0;
+}
+
+const bool registered = register_command(
+    {"plan", "Predict memory, communication, latency and throughput of every layout; recommend one",
+     [](CLI::App& app) {
+       auto o = std::make_shared<Options>();
+       app.add_option("--model", o->model,
+                      "Preset (see --list), a config.json, or a directory holding one");
+       app.add_flag("--list", o->list, "List the model, device and link presets");
+       app.add_option("--gpu", o->cluster.gpu,
+                      "Device preset (a100-80g, h100-sxm, cpu, ...) or a device JSON file");
+       app.add_option("--hardware", o->cluster.hardware_file,
+                      "Cluster JSON: {gpu, nodes, gpus_per_node, intra_node, inter_node}");
+       app.add_option("--gpus", o->cluster.gpus, "Devices in all (ranks, for --gpu cpu)");
+       app.add_option("--nodes", o->cluster.nodes, "Nodes (default 1)");
+       app.add_option("--gpus-per-node", o->cluster.gpus_per_node, "Devices per node");
+       app.add_option("--link", o->cluster.link,
+                      "Intra-node link: nvlink, nvlink3, nvlink4, pcie4, pcie5, shm");
+       app.add_option("--inter-node", o->cluster.inter_node,
+                      "Inter-node link: ib-hdr, ib-ndr, eth-10g, eth-25g, eth-100g");
+       app.add_option("--topology", o->cluster.topology_file,
+                      "Output of `nvidia-smi topo -m` (NVLink islands bound TP)");
+       app.add_flag("--tp-anywhere", o->tp_anywhere, "Let TP leave an NVLink island or a node");
+       app.add_option("--batch", o->batch, "Inference: sequences decoded together (default 1)");
+       app.add_option("--prompt-len", o->prompt_len, "Inference: prompt tokens (default 512)");
+       app.add_option("--output-len", o->output_len, "Inference: generated tokens (default 128)");
+       app.add_option("--dtype", o->dtype,
+                      "Weights: fp32, fp16, bf16, fp8, int8, int4 (default fp16)");
+       app.add_option("--kv-dtype", o->kv_dtype,
+                      "KV cache (default: as weights; fp16 for int8/int4)");
+       app.add_option("--act-dtype", o->act_dtype,
+                      "Activations and TP/PP messages (default fp16; fp32 on cpu)");
+       app.add_option("--goal", o->goal, "latency (time per token) or throughput (tokens/s)");
+       app.add_option("--top", o->top, "Layouts in the table (default 5)");
+       app.add_flag("--json", o->json, "Machine-readable output");
+       app.add_option("--calibrate", o->calibrate,
+                      "Alpha/beta JSON from `parallm bench comm` (and optional compute rates)");
+       app.add_option("--mem-bw", o->mem_bw_gbps, "Measured memory bandwidth per rank, GB/s");
+       app.add_option("--flops", o->gflops, "Measured compute per rank, GFLOP/s");
+       app.add_option("--tp", o->tp, "Only layouts with this TP");
+       app.add_option("--pp", o->pp, "Only layouts with this PP");
+       app.add_option("--dp", o->dp, "Only layouts with this DP");
+       app.add_option("--ep", o->ep, "Only layouts with this EP");
+       app.add_flag("--train", o->train, "Plan training instead of inference");
+       app.add_option("--global-batch", o->global_batch,
+                      "Training: sequences per step (default 512)");
+       app.add_option("--micro-batch", o->micro_batch,
+                      "Training: sequences per micro-batch (default 1)");
+       app.add_option("--seq-len", o->seq_len, "Training: sequence length (default 4096)");
+       app.add_option("--optimizer", o->optimizer, "Training: adam or sgd");
+       app.add_option("--recompute", o->recompute, "Training: none, selective (default), full");
+       app.add_flag("--no-sp", o->no_sp, "Training: no sequence parallelism");
+       app.add_option("--zero", o->zero,
+                      "Training: ZeRO stage 0-3 (shard optimizer/gradients/weights over DP)");
+       app.add_option("--schedule", o->schedule, "Training: gpipe, 1f1b (default), interleaved");
+       app.add_option("--chunks", o->chunks, "Training: model chunks per stage for interleaved");
+       return [o] { return run(*o); };
+     }});
+
+}  // namespace
+}  // namespace parallm::cli

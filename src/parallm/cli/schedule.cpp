@@ -1,0 +1,98 @@
+// parallm schedule: draw a pipeline schedule (the same action lists the pipeline executor runs)
+// and compare its bubble and in-flight micro-batches with the formulas.
+#include "parallm/pipeline/schedule.h"
+
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <memory>
+
+#include "parallm/cli/command.h"
+#include "parallm/core/error.h"
+#include "parallm/pipeline/simulator.h"
+
+namespace parallm::cli {
+namespace {
+
+struct Options {
+  int pp = 4, micro_batches = 8, chunks = 1, width = 100;
+  std::string schedule = "1f1b";
+  double forward = 1.0, backward = 2.0, p2p = 0.0;
+  bool forward_only = false, list = false;
+  std::string svg;
+};
+
+int run(const Options& o) {
+  using namespace pipeline;
+  if (o.pp < 1) fail("schedule", "--pp must be >= 1, got ", o.pp);
+  if (o.micro_batches < 1) fail("schedule", "--micro-batches must be >= 1, got ", o.micro_batches);
+  if (o.chunks < 1) fail("schedule", "--chunks must be >= 1, got ", o.chunks);
+  if (!(o.forward > 0)) fail("schedule", "--forward-time must be positive, got ", o.forward);
+  if (o.backward < 0 || (o.backward == 0 && !o.forward_only))
+    fail("schedule", "--backward-time must be positive, got ", o.backward);
+  if (o.p2p < 0) fail("schedule", "--p2p-time must be >= 0, got ", o.p2p);
+  const ScheduleKind kind = parse_schedule_kind(o.schedule);
+  const Schedule s = make_schedule(kind, o.pp, o.micro_batches, o.chunks, o.forward_only);
+  validate(s);
+  const SimOptions opt{o.forward, o.forward_only ? 0.0 : o.backward, o.p2p};
+  const SimResult r = simulate(s, opt);
+  std::printf("%s, forward %g, backward %g, p2p %g per micro-batch per stage\n\n", s.name().c_str(),
+              opt.forward_time, opt.backward_time, opt.p2p_time);
+  std::cout << render_text(s, r, o.width);
+  const double formula = bubble_formula(kind, o.pp, o.micro_batches, s.chunks);
+  std::printf("\nmakespan %g; bubble fraction %.4f", r.makespan, r.bubble_fraction);
+  if (o.forward_only)
+    std::printf("  (forward-only: formula (p-1)/(m+p-1) = %.4f)\n", formula);
+  else if (kind == ScheduleKind::Interleaved)
+    std::printf("  (formula (p-1)/(v m + p-1) = %d/%d = %.4f%s)\n", o.pp - 1,
+                o.chunks * o.micro_batches + o.pp - 1, formula,
+                o.p2p > 0 ? "; p2p time is not in the formula" : "");
+  else
+    std::printf("  (formula (p-1)/(m+p-1) = %d/%d = %.4f%s)\n", o.pp - 1,
+                o.micro_batches + o.pp - 1, formula,
+                o.p2p > 0 ? "; p2p time is not in the formula" : "");
+  std::printf("peak micro-batches in flight per stage (activations held):\n");
+  for (int st = 0; st < o.pp; ++st)
+    std::printf("  stage %d: %g (formula %g)\n", st, r.peak_in_flight[st],
+                peak_in_flight_formula(kind, o.pp, o.micro_batches, s.chunks, st, o.forward_only));
+  if (o.list) {
+    std::printf("\naction lists (what the executor runs):\n");
+    for (int st = 0; st < o.pp; ++st) {
+      std::printf("  stage %d:", st);
+      for (const Action& a : s.actions(st)) std::printf(" %s", to_string(a).c_str());
+      std::printf("\n");
+    }
+  }
+  if (!o.svg.empty()) {
+    std::ofstream out(o.svg);
+    if (!out) fail<std::runtime_error>("schedule", "--svg ", o.svg, ": cannot open for writing");
+    out << render_svg(s, r, opt);
+    if (!out) fail<std::runtime_error>("schedule", "--svg ", o.svg, ": write failed");
+    std::printf("\nwrote %s\n", o.svg.c_str());
+  }
+  return 0;
+}
+
+const bool registered = register_command(
+    {"schedule",
+     "Simulate and draw a pipeline schedule (gpipe, 1f1b, interleaved): bubble and in-flight "
+     "micro-batches",
+     [](CLI::App& app) {
+       auto o = std::make_shared<Options>();
+       app.add_option("--pp", o->pp, "Pipeline stages (default 4)");
+       app.add_option("--micro-batches", o->micro_batches, "Micro-batches per step (default 8)");
+       app.add_option("--schedule", o->schedule, "gpipe, 1f1b (default) or interleaved");
+       app.add_option("--chunks", o->chunks, "Model chunks per stage (interleaved; default 1)");
+       app.add_option("--forward-time", o->forward,
+                      "Forward time of a micro-batch through a stage (default 1)");
+       app.add_option("--backward-time", o->backward, "Backward time (default 2)");
+       app.add_option("--p2p-time", o->p2p, "Time from a send to its receive (default 0)");
+       app.add_flag("--forward-only", o->forward_only, "Inference: forward passes only (gpipe)");
+       app.add_option("--svg", o->svg, "Also write the timeline as SVG to this file");
+       app.add_option("--width", o->width, "Characters of timeline in the terminal (default 100)");
+       app.add_flag("--list", o->list, "Print each stage's action list");
+       return [o] { return run(*o); };
+     }});
+
+}  // namespace
+}  // namespace parallm::cli

@@ -1,0 +1,373 @@
+#include "parallm/comm/mpi/mpi_group.h"
+
+// C bindings only: the C++ bindings of Open MPI / MPICH would need their own library.
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
+#include <mpi.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <condition_variable>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "parallm/core/error.h"
+
+namespace parallm::comm::mpi {
+namespace {
+
+double steady_seconds() {
+  using namespace std::chrono;
+  return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+// The call a group has in progress, for the watchdog: 0 when idle, else its deadline.
+struct Watch {
+  std::atomic<double> deadline{0};
+  const GroupImpl* group = nullptr;
+};
+
+class Runtime {
+ public:
+  static Runtime& get() {
+    static Runtime runtime;
+    return runtime;
+  }
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  int thread_level() const { return thread_level_; }
+
+  void add(Watch* w) {
+    std::lock_guard<std::mutex> lock(mu_);
+    watches_.insert(w);
+  }
+  void remove(Watch* w) {
+    std::lock_guard<std::mutex> lock(mu_);
+    watches_.erase(w);
+  }
+
+  ~Runtime() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (watchdog_.joinable()) watchdog_.join();
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (owns_ && !finalized) MPI_Finalize();
+  }
+
+ private:
+  Runtime() {
+    int initialized = 0;
+    MPI_Initialized(&initialized);
+    if (!initialized) {
+      // Several threads of a rank may talk (e.g. a server thread beside the engine).
+      if (MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &thread_level_) != MPI_SUCCESS)
+        fail<std::runtime_error>("comm", "MPI_Init_thread failed");
+      owns_ = true;
+    } else {
+      MPI_Query_thread(&thread_level_);
+    }
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
+    MPI_Comm_size(MPI_COMM_WORLD, &size_);
+    watchdog_ = std::thread([this] { watch_loop(); });
+  }
+
+  void watch_loop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!stop_) {
+      cv_.wait_for(lock, std::chrono::milliseconds(50));
+      const double now = steady_seconds();
+      for (Watch* w : watches_) {
+        const double d = w->deadline.load();
+        if (d == 0 || now < d) continue;
+        const std::string msg =
+            cat("[comm] MPI rank ", rank_, ": ", w->group->describe(), " timed out after ",
+                w->group->options().timeout_s,
+                " s (--comm-timeout): a peer rank is stuck, failed, or did not make the matching "
+                "call; aborting the job");
+        std::fprintf(stderr, "%s\n", msg.c_str());
+        std::fflush(stderr);
+        // MPI_Abort from this thread needs MPI_THREAD_MULTIPLE; otherwise exiting without
+        // MPI_Finalize makes mpirun end the job.
+        if (thread_level_ == MPI_THREAD_MULTIPLE) MPI_Abort(MPI_COMM_WORLD, 1);
+        _exit(1);
+      }
+    }
+  }
+
+  bool owns_ = false;
+  int thread_level_ = 0;
+  int rank_ = 0, size_ = 1;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::set<Watch*> watches_;
+  std::thread watchdog_;
+};
+
+void check(int rc, const char* call, const GroupImpl& g) {
+  if (rc == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(rc, text, &len);
+  fail<std::runtime_error>("comm", call, " failed in ", g.describe(), ": ", std::string(text, len));
+}
+
+int as_int(size_t n, const char* what, const GroupImpl& g) {
+  if (n > static_cast<size_t>(INT_MAX))
+    fail("comm", g.describe(), ": ", what, " of ", n, " exceeds MPI's int limit ", INT_MAX);
+  return static_cast<int>(n);
+}
+
+MPI_Op mpi_op(ReduceOp op) {
+  return op == ReduceOp::Sum ? MPI_SUM : MPI_MAX;
+}
+// Element types for moving data (reductions always run on f32).
+MPI_Datatype mpi_type(DType d) {
+  return d == DType::F32 ? MPI_FLOAT : MPI_UINT16_T;
+}
+
+constexpr size_t kChunk = size_t(1) << 30;  // user messages above INT_MAX bytes go in chunks
+
+class MpiGroup final : public GroupImpl {
+ public:
+  // Takes ownership of `comm`; duplicates it for the algorithms' traffic.
+  MpiGroup(MPI_Comm comm, std::shared_ptr<CommStats> stats, CommOptions options,
+           std::shared_ptr<StatsRegistry> registry)
+      : GroupImpl(rank_of(comm), size_of(comm), Runtime::get().rank(), std::move(stats), options,
+                  std::move(registry)),
+        comm_(comm) {
+    MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
+    MPI_Comm_dup(comm_, &coll_);
+    MPI_Comm_set_errhandler(coll_, MPI_ERRORS_RETURN);
+    watch_.group = this;
+    Runtime::get().add(&watch_);
+  }
+  ~MpiGroup() override {
+    Runtime::get().remove(&watch_);
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized) {
+      // Sends nobody received within the timeout are left behind (with their buffers) rather than
+      // hanging here.
+      const double deadline = steady_seconds() + options_.timeout_s;
+      while (!pending_.empty() && steady_seconds() < deadline) {
+        reap();
+        if (!pending_.empty()) std::this_thread::sleep_for(std::chrono::microseconds(100));
+      }
+      for (Pending& p : pending_) p.data.release();
+      MPI_Comm_free(&coll_);
+      MPI_Comm_free(&comm_);
+    }
+  }
+
+  std::string_view backend() const override { return "mpi"; }
+  void begin_op(Kind kind) override {
+    current_kind_ = kind;
+    watch_.deadline.store(steady_seconds() + options_.timeout_s, std::memory_order_relaxed);
+  }
+  void end_op() override { watch_.deadline.store(0, std::memory_order_relaxed); }
+
+  // Like the local backend, send never waits for the matching recv (so that stages may send to
+  // each other around a ring): the bytes are copied and sent with MPI_Isend; finished sends are
+  // reaped on later calls and waited for when the group goes away.
+  void send(const void* data, size_t bytes, int dst, int tag) override {
+    reap();
+    Pending pending;
+    pending.data.reset(new char[bytes > 0 ? bytes : 1]);
+    if (bytes > 0) std::memcpy(pending.data.get(), data, bytes);
+    const char* p = pending.data.get();
+    do {
+      const size_t n = std::min(bytes, kChunk);
+      MPI_Request req;
+      check(MPI_Isend(p, static_cast<int>(n), MPI_BYTE, dst, tag, comm_, &req), "MPI_Isend", *this);
+      pending.requests.push_back(req);
+      p += n;
+      bytes -= n;
+    } while (bytes > 0);
+    pending_.push_back(std::move(pending));
+  }
+  void recv(void* data, size_t bytes, int src, int tag) override {
+    char* p = static_cast<char*>(data);
+    do {
+      const size_t n = std::min(bytes, kChunk);
+      MPI_Status st;
+      check(MPI_Recv(p, static_cast<int>(n), MPI_BYTE, src, tag, comm_, &st), "MPI_Recv", *this);
+      int got = 0;
+      MPI_Get_count(&st, MPI_BYTE, &got);
+      if (static_cast<size_t>(got) != n)
+        fail<std::runtime_error>("comm", describe(), ": receive of ", n, " bytes from rank ", src,
+                                 " (tag ", tag, ") got a message of ", got, " bytes");
+      p += n;
+      bytes -= n;
+    } while (bytes > 0);
+  }
+
+  void native_all_reduce(void* data, size_t count, DType dtype, ReduceOp op) override {
+    const int n = as_int(count, "all_reduce count", *this);
+    if (dtype == DType::F32) {
+      check(MPI_Allreduce(MPI_IN_PLACE, data, n, MPI_FLOAT, mpi_op(op), comm_), "MPI_Allreduce",
+            *this);
+      return;
+    }
+    // MPI has no bf16/f16 reductions: reduce in f32 and round once.
+    std::vector<float> work(count);
+    convert(data, dtype, work.data(), DType::F32, count);
+    check(MPI_Allreduce(MPI_IN_PLACE, work.data(), n, MPI_FLOAT, mpi_op(op), comm_),
+          "MPI_Allreduce", *this);
+    convert(work.data(), DType::F32, data, dtype, count);
+  }
+
+  void native_all_gather(const void* send, void* recv, size_t count, DType dtype) override {
+    const int n = as_int(count, "all_gather count", *this);
+    const char* own = static_cast<const char*>(recv) + rank_ * count * dtype_size(dtype);
+    check(MPI_Allgather(own == send ? MPI_IN_PLACE : send, n, mpi_type(dtype), recv, n,
+                        mpi_type(dtype), comm_),
+          "MPI_Allgather", *this);
+  }
+
+  void native_reduce_scatter(const void* send, void* recv, size_t count, DType dtype,
+                             ReduceOp op) override {
+    const int n = as_int(count, "reduce_scatter count", *this);
+    as_int(count * size_, "reduce_scatter input", *this);
+    if (dtype == DType::F32) {
+      check(MPI_Reduce_scatter_block(send, recv, n, MPI_FLOAT, mpi_op(op), comm_),
+            "MPI_Reduce_scatter_block", *this);
+      return;
+    }
+    std::vector<float> in(count * size_), out(count);
+    convert(send, dtype, in.data(), DType::F32, in.size());
+    check(MPI_Reduce_scatter_block(in.data(), out.data(), n, MPI_FLOAT, mpi_op(op), comm_),
+          "MPI_Reduce_scatter_block", *this);
+    convert(out.data(), DType::F32, recv, dtype, count);
+  }
+
+  void native_all_to_all(const void* send, const size_t* send_counts, void* recv,
+                         const size_t* recv_counts, DType dtype) override {
+    std::vector<int> sc(size_), sd(size_), rc(size_), rd(size_);
+    size_t so = 0, ro = 0;
+    for (int i = 0; i < size_; ++i) {
+      sc[i] = as_int(send_counts[i], "all_to_all send count", *this);
+      rc[i] = as_int(recv_counts[i], "all_to_all recv count", *this);
+      sd[i] = as_int(so, "all_to_all send offset", *this);
+      rd[i] = as_int(ro, "all_to_all recv offset", *this);
+      so += send_counts[i];
+      ro += recv_counts[i];
+    }
+    check(MPI_Alltoallv(send, sc.data(), sd.data(), mpi_type(dtype), recv, rc.data(), rd.data(),
+                        mpi_type(dtype), comm_),
+          "MPI_Alltoallv", *this);
+  }
+
+  void native_broadcast(void* data, size_t count, DType dtype, int root) override {
+    check(MPI_Bcast(data, as_int(count, "broadcast count", *this), mpi_type(dtype), root, comm_),
+          "MPI_Bcast", *this);
+  }
+
+  void barrier() override { check(MPI_Barrier(comm_), "MPI_Barrier", *this); }
+
+  std::shared_ptr<GroupImpl> split(int color, int key) override {
+    MPI_Comm sub;
+    check(MPI_Comm_split(comm_, color, key, &sub), "MPI_Comm_split", *this);
+    return std::make_shared<MpiGroup>(sub, new_stats("split", size_of(sub)), options_, registry_);
+  }
+
+  Algorithm choose(Kind kind, size_t bytes) const override {
+    // See docs/bench-comm.md: MPI's own collectives are as fast or faster at every size measured
+    // on one node (shared-memory transport), so Auto stays native.
+    return Algorithm::Native;
+  }
+
+ protected:
+  void do_coll_send(const void* data, size_t bytes, int dst) override {
+    check(MPI_Send(data, as_int(bytes, "message size", *this), MPI_BYTE, dst, 0, coll_), "MPI_Send",
+          *this);
+  }
+  void do_coll_recv(void* data, size_t bytes, int src) override {
+    check(MPI_Recv(data, as_int(bytes, "message size", *this), MPI_BYTE, src, 0, coll_,
+                   MPI_STATUS_IGNORE),
+          "MPI_Recv", *this);
+  }
+  void do_coll_sendrecv(const void* send, size_t send_bytes, int dst, void* recv, size_t recv_bytes,
+                        int src) override {
+    check(MPI_Sendrecv(send, as_int(send_bytes, "message size", *this), MPI_BYTE, dst, 0, recv,
+                       as_int(recv_bytes, "message size", *this), MPI_BYTE, src, 0, coll_,
+                       MPI_STATUS_IGNORE),
+          "MPI_Sendrecv", *this);
+  }
+
+ private:
+  static int rank_of(MPI_Comm c) {
+    int r = 0;
+    MPI_Comm_rank(c, &r);
+    return r;
+  }
+  static int size_of(MPI_Comm c) {
+    int s = 0;
+    MPI_Comm_size(c, &s);
+    return s;
+  }
+
+  struct Pending {
+    std::unique_ptr<char[]> data;
+    std::vector<MPI_Request> requests;
+  };
+  void reap() {
+    while (!pending_.empty()) {
+      Pending& p = pending_.front();
+      int done = 0;
+      MPI_Testall(static_cast<int>(p.requests.size()), p.requests.data(), &done,
+                  MPI_STATUSES_IGNORE);
+      if (!done) break;  // later sends are usually later to finish too
+      pending_.pop_front();
+    }
+  }
+
+  MPI_Comm comm_;
+  MPI_Comm coll_;
+  Watch watch_;
+  std::deque<Pending> pending_;
+};
+
+}  // namespace
+
+void ensure_initialized() {
+  Runtime::get();
+}
+int world_rank() {
+  return Runtime::get().rank();
+}
+int world_size() {
+  return Runtime::get().size();
+}
+
+std::shared_ptr<GroupImpl> make_world_group(CommOptions options,
+                                            std::shared_ptr<StatsRegistry> registry) {
+  Runtime& rt = Runtime::get();
+  MPI_Comm world;
+  MPI_Comm_dup(MPI_COMM_WORLD, &world);
+  auto stats = registry ? registry->make("world", rt.size(), rt.rank())
+                        : std::make_shared<CommStats>("world", rt.size(), rt.rank());
+  return std::make_shared<MpiGroup>(world, std::move(stats), options, std::move(registry));
+}
+
+void abort_job(const std::string& message, int code) {
+  std::fprintf(stderr, "%s\n", message.c_str());
+  std::fflush(stderr);
+  MPI_Abort(MPI_COMM_WORLD, code);
+  _exit(code);
+}
+
+}  // namespace parallm::comm::mpi

@@ -1,0 +1,93 @@
+// Causal grouped-query attention over a KV cache.
+//
+// The fast version hands (token, query head) pairs to the pool dynamically (later tokens of a
+// prefill see more positions, so the work is uneven); each pair computes its scores with SIMD
+// dot products, a numerically stable softmax (max subtracted) and the weighted sum of V rows.
+#include "parallm/kernels/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "parallm/core/error.h"
+#include "parallm/core/thread_pool.h"
+#include "parallm/kernels/cpu.h"
+#include "parallm/kernels/vec.h"
+
+namespace parallm::kernels {
+namespace {
+
+void check_shape(const AttentionShape& s, int64_t T, int64_t start_pos, const char* fn) {
+  if (s.q_heads <= 0 || s.kv_heads <= 0 || s.head_dim <= 0)
+    fail("attention", fn, ": q_heads, kv_heads and head_dim must be > 0, got ", s.q_heads, ", ",
+         s.kv_heads, ", ", s.head_dim);
+  if (s.q_heads % s.kv_heads != 0)
+    fail("attention", fn, ": q_heads (", s.q_heads, ") must be a multiple of kv_heads (",
+         s.kv_heads, ")");
+  if (s.kv_stride < s.kv_heads * s.head_dim)
+    fail("attention", fn, ": kv_stride ", s.kv_stride,
+         " is less than kv_heads * head_dim = ", s.kv_heads * s.head_dim);
+  if (T < 0 || start_pos < 0)
+    fail("attention", fn, ": T and start_pos must be >= 0, got ", T, " and ", start_pos);
+}
+
+}  // namespace
+
+void attention(const float* q, const float* k_cache, const float* v_cache, float* out, int64_t T,
+               int64_t start_pos, const AttentionShape& shape, float scale) {
+  check_shape(shape, T, start_pos, "attention");
+  const int64_t H = shape.q_heads, D = shape.head_dim, group = shape.q_heads / shape.kv_heads;
+  const SimdLevel level = simd_level();
+  ThreadPool::current().parallel_for_dynamic(T * H, 1, [&](int64_t i0, int64_t i1) {
+    // Scores of one query against every position it sees, reused across this chunk's items.
+    std::vector<float> scores(static_cast<size_t>(start_pos + T));
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t t = item / H, h = item % H;
+      const int64_t len = start_pos + t + 1;  // positions 0 ..= start_pos + t
+      const float* qv = q + item * D;
+      const float* kb = k_cache + (h / group) * D;
+      const float* vb = v_cache + (h / group) * D;
+      for (int64_t p = 0; p < len; ++p)
+        scores[p] = scale * vec::dot(qv, kb + p * shape.kv_stride, D, level);
+      vec::softmax(scores.data(), len, level);
+      float* o = out + item * D;
+      std::fill(o, o + D, 0.0f);
+      for (int64_t p = 0; p < len; ++p) vec::axpy(scores[p], vb + p * shape.kv_stride, o, D, level);
+    }
+  });
+}
+
+void attention_ref(const float* q, const float* k_cache, const float* v_cache, float* out,
+                   int64_t T, int64_t start_pos, const AttentionShape& shape, float scale) {
+  check_shape(shape, T, start_pos, "attention_ref");
+  const int64_t H = shape.q_heads, D = shape.head_dim, group = shape.q_heads / shape.kv_heads;
+  std::vector<double> s(static_cast<size_t>(start_pos + T));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t h = 0; h < H; ++h) {
+      const float* qv = q + (t * H + h) * D;  // q[t, h, :]
+      const int64_t kvh = h / group;          // the KV head this query head reads
+      const int64_t len = start_pos + t + 1;  // causal: positions 0 ..= start_pos + t
+      double m = -INFINITY;
+      for (int64_t p = 0; p < len; ++p) {
+        const float* kv = k_cache + p * shape.kv_stride + kvh * D;  // k[p, kvh, :]
+        double d = 0;
+        for (int64_t i = 0; i < D; ++i) d += static_cast<double>(qv[i]) * kv[i];
+        s[p] = d * scale;
+        m = std::max(m, s[p]);
+      }
+      double sum = 0;
+      for (int64_t p = 0; p < len; ++p) {
+        s[p] = std::exp(s[p] - m);
+        sum += s[p];
+      }
+      float* o = out + (t * H + h) * D;  // out[t, h, :] = sum_p softmax_p * v[p, kvh, :]
+      for (int64_t i = 0; i < D; ++i) {
+        double acc = 0;
+        for (int64_t p = 0; p < len; ++p) acc += s[p] * v_cache[p * shape.kv_stride + kvh * D + i];
+        o[i] = static_cast<float>(acc / sum);
+      }
+    }
+  }
+}
+
+}  // namespace parallm::kernels

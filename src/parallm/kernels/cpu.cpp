@@ -1,0 +1,272 @@
+#include "parallm/kernels/cpu.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <vector>
+
+#include "parallm/core/error.h"
+#include "parallm/core/thread_pool.h"
+#include "parallm/core/timer.h"
+#include "parallm/kernels/simd.h"
+
+namespace parallm::kernels {
+namespace {
+
+SimdLevel detect_cpu() {
+#if PARALLM_X86
+  __builtin_cpu_init();
+  // __builtin_cpu_supports also checks that the OS saves the wide registers (XGETBV).
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  const bool avx512 =
+      avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  if (avx512) return SimdLevel::Avx512;
+  if (avx2) return SimdLevel::Avx2;
+#endif
+  return SimdLevel::Scalar;
+}
+
+// The level at start-up: what the CPU supports, capped by PARALLM_SIMD.
+SimdLevel initial_level() {
+  SimdLevel level = cpu_simd_level();
+  const char* env = std::getenv("PARALLM_SIMD");
+  if (env == nullptr || *env == '\0') return level;
+  const SimdLevel cap = parse_simd_level(env, "PARALLM_SIMD");
+  return std::min(level, cap);
+}
+
+std::atomic<int>& level_slot() {
+  static std::atomic<int> slot{static_cast<int>(initial_level())};
+  return slot;
+}
+
+// Sums n floats; the sum keeps the loads from being optimised away. 8 independent accumulators
+// keep enough loads in flight that the loop is bound by memory, not by add latency.
+float sum_scalar(const float* p, size_t n) {
+  float acc[8] = {};
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += p[i + j];
+  for (; i < n; ++i) acc[0] += p[i];
+  float s = 0;
+  for (float a : acc) s += a;
+  return s;
+}
+
+#if PARALLM_X86
+inline void prefetch_line(const char* p, bool to_l2) {
+  if (to_l2) {
+    _mm_prefetch(p, _MM_HINT_T1);
+  } else {
+    _mm_prefetch(p, _MM_HINT_T0);
+  }
+}
+
+// prefetch: 0, or how many bytes ahead to prefetch each cache line in software.
+PARALLM_AVX2 float sum_avx2(const float* p, size_t n, size_t prefetch, bool to_l2) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  size_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    if (prefetch) {
+      const char* ahead = reinterpret_cast<const char*>(p + i) + prefetch;
+      prefetch_line(ahead, to_l2);
+      prefetch_line(ahead + 64, to_l2);
+      prefetch_line(ahead + 128, to_l2);
+      prefetch_line(ahead + 192, to_l2);
+    }
+    a0 = _mm256_add_ps(a0, _mm256_load_ps(p + i));
+    a1 = _mm256_add_ps(a1, _mm256_load_ps(p + i + 8));
+    a2 = _mm256_add_ps(a2, _mm256_load_ps(p + i + 16));
+    a3 = _mm256_add_ps(a3, _mm256_load_ps(p + i + 24));
+    a4 = _mm256_add_ps(a4, _mm256_load_ps(p + i + 32));
+    a5 = _mm256_add_ps(a5, _mm256_load_ps(p + i + 40));
+    a6 = _mm256_add_ps(a6, _mm256_load_ps(p + i + 48));
+    a7 = _mm256_add_ps(a7, _mm256_load_ps(p + i + 56));
+  }
+  __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                           _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
+  return simd::hsum8(s) + sum_scalar(p + i, n - i);
+}
+
+PARALLM_AVX512 float sum_avx512(const float* p, size_t n, size_t prefetch, bool to_l2) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  size_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    if (prefetch) {
+      const char* ahead = reinterpret_cast<const char*>(p + i) + prefetch;
+      prefetch_line(ahead, to_l2);
+      prefetch_line(ahead + 64, to_l2);
+      prefetch_line(ahead + 128, to_l2);
+      prefetch_line(ahead + 192, to_l2);
+    }
+    a0 = _mm512_add_ps(a0, _mm512_load_ps(p + i));
+    a1 = _mm512_add_ps(a1, _mm512_load_ps(p + i + 16));
+    a2 = _mm512_add_ps(a2, _mm512_load_ps(p + i + 32));
+    a3 = _mm512_add_ps(a3, _mm512_load_ps(p + i + 48));
+  }
+  return simd::hsum16(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) +
+         sum_scalar(p + i, n - i);
+}
+// Reads S streams at once, each a contiguous 1/S of [p, p + n), a cache line per stream per step:
+// some memory systems deliver more with several streams in flight (the GEMV reads R rows at once).
+template <int S>
+PARALLM_AVX2 float sum_streams_avx2(const float* p, size_t n, size_t prefetch, bool to_l2) {
+  const size_t chunk = n / S / 16 * 16;
+  __m256 acc[S];
+#pragma GCC unroll 16
+  for (int s = 0; s < S; ++s) acc[s] = _mm256_setzero_ps();
+  for (size_t i = 0; i < chunk; i += 16) {
+#pragma GCC unroll 16
+    for (int s = 0; s < S; ++s) {
+      const float* q = p + s * chunk + i;
+      if (prefetch) prefetch_line(reinterpret_cast<const char*>(q) + prefetch, to_l2);
+      acc[s] = _mm256_add_ps(acc[s], _mm256_add_ps(_mm256_load_ps(q), _mm256_load_ps(q + 8)));
+    }
+  }
+  __m256 t = _mm256_setzero_ps();
+  for (int s = 0; s < S; ++s) t = _mm256_add_ps(t, acc[s]);
+  return simd::hsum8(t) + sum_scalar(p + S * chunk, n - S * chunk);
+}
+
+template <int S>
+PARALLM_AVX512 float sum_streams_avx512(const float* p, size_t n, size_t prefetch, bool to_l2) {
+  const size_t chunk = n / S / 16 * 16;
+  __m512 acc[S];
+#pragma GCC unroll 16
+  for (int s = 0; s < S; ++s) acc[s] = _mm512_setzero_ps();
+  for (size_t i = 0; i < chunk; i += 16) {
+#pragma GCC unroll 16
+    for (int s = 0; s < S; ++s) {
+      const float* q = p + s * chunk + i;
+      if (prefetch) prefetch_line(reinterpret_cast<const char*>(q) + prefetch, to_l2);
+      acc[s] = _mm512_add_ps(acc[s], _mm512_load_ps(q));
+    }
+  }
+  __m512 t = _mm512_setzero_ps();
+  for (int s = 0; s < S; ++s) t = _mm512_add_ps(t, acc[s]);
+  return simd::hsum16(t) + sum_scalar(p + S * chunk, n - S * chunk);
+}
+#endif
+
+// One way of reading memory: `streams` concurrent sequential streams per thread, each optionally
+// prefetched in software `prefetch` bytes ahead.
+struct ReadStrategy {
+  int streams;
+  size_t prefetch;
+  bool to_l2 = false;  // prefetch into L2 only (as the GEMV does) instead of L1
+};
+constexpr ReadStrategy kStrategies[] = {{1, 0}, {1, 1024}, {4, 0},  {4, 512}, {4, 1024},
+                                        {8, 0}, {8, 512},  {12, 0}, {16, 0}};
+
+float sum_floats(const float* p, size_t n, ReadStrategy how) {
+#if PARALLM_X86
+  // The best the CPU can do, not the capped level: this is the roofline the GEMV is judged by.
+  const SimdLevel level = cpu_simd_level();
+  if (level >= SimdLevel::Avx2) {
+    const bool z = level == SimdLevel::Avx512;
+    switch (how.streams) {
+      case 4:
+        return z ? sum_streams_avx512<4>(p, n, how.prefetch, how.to_l2)
+                 : sum_streams_avx2<4>(p, n, how.prefetch, how.to_l2);
+      case 8:
+        return z ? sum_streams_avx512<8>(p, n, how.prefetch, how.to_l2)
+                 : sum_streams_avx2<8>(p, n, how.prefetch, how.to_l2);
+      case 16:
+        return z ? sum_streams_avx512<16>(p, n, how.prefetch, how.to_l2)
+                 : sum_streams_avx2<16>(p, n, how.prefetch, how.to_l2);
+      case 12:
+        return z ? sum_streams_avx512<12>(p, n, how.prefetch, how.to_l2)
+                 : sum_streams_avx2<12>(p, n, how.prefetch, how.to_l2);
+      default:
+        return z ? sum_avx512(p, n, how.prefetch, how.to_l2)
+                 : sum_avx2(p, n, how.prefetch, how.to_l2);
+    }
+  }
+#endif
+  return sum_scalar(p, n);
+}
+
+struct AlignedFree {
+  void operator()(float* p) const { ::operator delete[](p, std::align_val_t{64}); }
+};
+
+}  // namespace
+
+SimdLevel cpu_simd_level() {
+  static const SimdLevel level = detect_cpu();
+  return level;
+}
+
+SimdLevel simd_level() {
+  return static_cast<SimdLevel>(level_slot().load(std::memory_order_relaxed));
+}
+
+void set_simd_level(SimdLevel l) {
+  level_slot().store(static_cast<int>(std::min(l, cpu_simd_level())), std::memory_order_relaxed);
+}
+
+std::string simd_name(SimdLevel l) {
+  switch (l) {
+    case SimdLevel::Scalar:
+      return "scalar";
+    case SimdLevel::Avx2:
+      return "avx2";
+    case SimdLevel::Avx512:
+      return "avx512";
+  }
+  return "unknown";
+}
+
+SimdLevel parse_simd_level(std::string_view value, std::string_view what) {
+  std::string v(value);
+  for (char& c : v) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (v == "scalar") return SimdLevel::Scalar;
+  if (v == "avx2") return SimdLevel::Avx2;
+  if (v == "avx512") return SimdLevel::Avx512;
+  fail("cpu", what, "=", value, " is not one of scalar, avx2, avx512");
+}
+
+double measure_read_bandwidth(size_t bytes, int reps) {
+  if (bytes < 4096) fail("cpu", "measure_read_bandwidth: bytes must be >= 4096, got ", bytes);
+  if (reps < 1) fail("cpu", "measure_read_bandwidth: reps must be >= 1, got ", reps);
+  // Whole cache lines of floats, 64-byte aligned.
+  const size_t n = bytes / 64 * 16;
+  std::unique_ptr<float[], AlignedFree> buf(
+      static_cast<float*>(::operator new[](n * sizeof(float), std::align_val_t{64})));
+  ThreadPool& pool = ThreadPool::current();
+  // Split at cache-line granularity; the static split gives each thread the same part every time,
+  // so the part a thread reads was first touched (and placed on its NUMA node) by that thread.
+  const int64_t lines = static_cast<int64_t>(n / 16);
+  pool.parallel_for(lines, [&](int64_t b, int64_t e) {
+    float* p = buf.get() + b * 16;
+    const size_t m = static_cast<size_t>(e - b) * 16;
+    for (size_t i = 0; i < m; ++i) p[i] = static_cast<float>(i & 7);
+  });
+  std::vector<float> sums(static_cast<size_t>(lines), 0.0f);
+  // The best over several ways of reading (one sequential stream per thread with and without
+  // software prefetch, several concurrent streams per thread): the roofline must be the most
+  // this machine can read, whatever access pattern a kernel uses.
+  double best = 1e300;
+  for (const ReadStrategy& how : kStrategies) {
+    for (int r = 0; r < reps; ++r) {
+      Timer timer;
+      pool.parallel_for(lines, [&](int64_t b, int64_t e) {
+        sums[static_cast<size_t>(b)] =
+            sum_floats(buf.get() + b * 16, static_cast<size_t>(e - b) * 16, how);
+      });
+      best = std::min(best, timer.seconds());
+    }
+  }
+  // Use the sums so the reads cannot be removed.
+  float total = 0;
+  for (float s : sums) total += s;
+  if (total < 0) fail<std::runtime_error>("cpu", "measure_read_bandwidth: impossible sum ", total);
+  return static_cast<double>(n * sizeof(float)) / best;
+}
+
+}  // namespace parallm::kernels

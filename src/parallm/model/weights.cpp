@@ -1,0 +1,142 @@
+#include "parallm/model/weights.h"
+
+#include <filesystem>
+#include <optional>
+
+#include "parallm/core/error.h"
+#include "parallm/model/safetensors.h"
+
+namespace parallm {
+namespace {
+
+namespace fs = std::filesystem;
+constexpr const char* kComponent = "weights";
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// config.json beside a weights file (or in a model directory).
+ModelConfig config_in(const fs::path& dir, const std::string& weights_path) {
+  const fs::path cfg = dir / "config.json";
+  std::error_code ec;
+  if (!fs::is_regular_file(cfg, ec))
+    fail(kComponent, weights_path, ": no config.json beside it (looked for ", cfg.string(), ")");
+  return ModelConfig::from_file(cfg.string());
+}
+
+}  // namespace
+
+namespace names {
+std::string layer(int64_t i, const std::string& suffix) {
+  return cat("model.layers.", i, ".", suffix);
+}
+}  // namespace names
+
+std::unique_ptr<WeightSource> open_model(const std::string& path, ModelConfig* config) {
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);
+  if (!fs::exists(st)) fail(kComponent, path, ": no such file or directory");
+  ModelConfig c;
+  std::unique_ptr<WeightSource> source;
+  const fs::path p(path);
+  if (fs::is_directory(st)) {
+    const bool has_weights = fs::is_regular_file(p / kSafetensorsFile, ec) ||
+                             fs::is_regular_file(p / kSafetensorsIndexFile, ec);
+    if (!has_weights)
+      fail(kComponent, path, ": the directory holds neither ", kSafetensorsFile, " nor ",
+           kSafetensorsIndexFile, " (for a llama2.c checkpoint, give the .bin file)");
+    c = config_in(p, path);
+    source = open_safetensors(path);
+  } else if (p.filename() == "config.json") {
+    return open_model(p.parent_path().empty() ? "." : p.parent_path().string(), config);
+  } else if (ends_with(path, ".bin")) {
+    source = open_llama2c(path, &c);
+  } else if (ends_with(path, ".safetensors") || ends_with(path, ".index.json") ||
+             looks_like_safetensors(path)) {
+    c = config_in(p.parent_path().empty() ? fs::path(".") : p.parent_path(), path);
+    source = open_safetensors(path);
+  } else {
+    // Neither safetensors nor JSON: the llama2.c reader validates the header and the file size,
+    // so anything else fails there with the sizes named.
+    source = open_llama2c(path, &c);
+  }
+  if (config) *config = c;
+  return source;
+}
+
+void check_llama_weights(const WeightSource& source, const ModelConfig& c) {
+  const std::string src = source.describe();
+  // The dtype config.json promises (torch_dtype), when it names one we know.
+  std::optional<DType> want_dtype;
+  try {
+    want_dtype = parse_dtype(c.torch_dtype, "torch_dtype");
+  } catch (const std::invalid_argument&) {
+  }
+
+  auto expect = [&](const std::string& name, const Shape& shape, const std::string& why) {
+    if (!source.has(name))
+      fail(kComponent, src, ": missing tensor \"", name, "\" (expected ", shape_str(shape), ": ",
+           why, ")");
+    const TensorInfo info = source.info(name);  // throws for dtypes we cannot read
+    if (info.shape != shape)
+      fail(kComponent, src, ": tensor \"", name, "\" has shape ", shape_str(info.shape),
+           " but the config needs ", shape_str(shape), " (", why, ")");
+    if (want_dtype && info.dtype != *want_dtype)
+      fail(kComponent, src, ": tensor \"", name, "\" is ", dtype_name(info.dtype),
+           " but config.json says torch_dtype \"", c.torch_dtype, "\"");
+  };
+
+  const int64_t h = c.hidden_size, q = c.q_dim(), kv = c.kv_dim(), ffn = c.intermediate_size;
+  const std::string hs = cat("hidden_size ", h);
+  const std::string qs =
+      cat("num_attention_heads ", c.num_attention_heads, " x head_dim ", c.head_dim, " = ", q);
+  const std::string kvs =
+      cat("num_key_value_heads ", c.num_key_value_heads, " x head_dim ", c.head_dim, " = ", kv);
+  const std::string fs_ = cat("intermediate_size ", ffn);
+  const std::string vs = cat("vocab_size ", c.vocab_size, ", ", hs);
+
+  expect(names::kEmbed, {c.vocab_size, h}, vs);
+  expect(names::kNorm, {h}, hs);
+  if (!c.tie_word_embeddings || source.has(names::kLmHead))
+    expect(names::kLmHead, {c.vocab_size, h}, cat(vs, ", tie_word_embeddings false"));
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    const std::string li = cat("layer ", i, " of num_hidden_layers ", c.num_hidden_layers, "; ");
+    expect(names::layer(i, "input_layernorm.weight"), {h}, li + hs);
+    expect(names::layer(i, "post_attention_layernorm.weight"), {h}, li + hs);
+    expect(names::layer(i, "self_attn.q_proj.weight"), {q, h}, li + qs + ", " + hs);
+    expect(names::layer(i, "self_attn.k_proj.weight"), {kv, h}, li + kvs + ", " + hs);
+    expect(names::layer(i, "self_attn.v_proj.weight"), {kv, h}, li + kvs + ", " + hs);
+    expect(names::layer(i, "self_attn.o_proj.weight"), {h, q}, li + hs + ", " + qs);
+    if (c.is_moe()) {
+      const std::string es = cat("num_local_experts ", c.num_local_experts);
+      expect(names::layer(i, "block_sparse_moe.gate.weight"), {c.num_local_experts, h},
+             li + es + ", " + hs);
+      for (int64_t e = 0; e < c.num_local_experts; ++e) {
+        const std::string ex = cat("block_sparse_moe.experts.", e, ".");
+        expect(names::layer(i, ex + "w1.weight"), {ffn, h}, li + fs_ + ", " + hs);
+        expect(names::layer(i, ex + "w2.weight"), {h, ffn}, li + hs + ", " + fs_);
+        expect(names::layer(i, ex + "w3.weight"), {ffn, h}, li + fs_ + ", " + hs);
+      }
+    } else {
+      expect(names::layer(i, "mlp.gate_proj.weight"), {ffn, h}, li + fs_ + ", " + hs);
+      expect(names::layer(i, "mlp.up_proj.weight"), {ffn, h}, li + fs_ + ", " + hs);
+      expect(names::layer(i, "mlp.down_proj.weight"), {h, ffn}, li + hs + ", " + fs_);
+    }
+  }
+  // More layers in the checkpoint than in the config means the two belong to different models.
+  const std::string prefix = "model.layers.";
+  for (const std::string& name : source.names()) {
+    if (name.compare(0, prefix.size(), prefix) != 0) continue;
+    int64_t layer = 0;
+    size_t i = prefix.size();
+    for (; i < name.size() && name[i] >= '0' && name[i] <= '9' && layer < (int64_t{1} << 40); ++i)
+      layer = layer * 10 + (name[i] - '0');
+    if (i > prefix.size() && layer >= c.num_hidden_layers)
+      fail(kComponent, src, ": tensor \"", name, "\" belongs to layer ", layer,
+           " but the config has num_hidden_layers ", c.num_hidden_layers);
+  }
+}
+
+}  // namespace parallm

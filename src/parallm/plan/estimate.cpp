@@ -1,0 +1,515 @@
+#include "parallm/plan/estimate.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+
+#include "parallm/core/error.h"
+#include "parallm/pipeline/simulator.h"
+#include "parallm/plan/model_presets.h"
+
+namespace parallm::plan {
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+std::string num(const char* f, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, v);
+  return buf;
+}
+std::string ms(double s) {
+  return num(s < 0.01 ? "%.3f ms" : "%.2f ms", s * 1e3);
+}
+std::string gib(double b) {
+  return num("%.1f GiB", b / kGiB);
+}
+std::string us(double s) {
+  return num("%.1f us", s * 1e6);
+}
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+bool slow_for_tp(const LinkSpec& l) {
+  return l.kind == LinkKind::PCIe || l.kind == LinkKind::Network;
+}
+
+// The ranks of each kind of group, for the link that bounds it.
+std::vector<int> tp_group(const Layout& l, int d, int p) {
+  std::vector<int> r;
+  for (int t = 0; t < l.tp; ++t) r.push_back(l.global_rank(t, d, p));
+  return r;
+}
+std::vector<int> dp_group(const Layout& l, int first, int count) {
+  std::vector<int> r;
+  for (int d = first; d < first + count; ++d) r.push_back(l.global_rank(0, d, 0));
+  return r;
+}
+
+const LinkSpec& worst(const LinkSpec& a, const LinkSpec& b) {
+  if (b.bandwidth < a.bandwidth || (b.bandwidth == a.bandwidth && b.latency > a.latency)) return b;
+  return a;
+}
+
+struct Links {
+  const LinkSpec* tp;
+  const LinkSpec* dp;
+  const LinkSpec* ep;
+  std::vector<const LinkSpec*> pp;  // [boundary s -> s+1]
+  const LinkSpec* pp_return;        // last stage -> first stage
+};
+
+Links find_links(const ClusterSpec& cl, const Layout& l) {
+  Links k;
+  k.tp = &cl.group_link(tp_group(l, 0, 0));
+  for (int p = 0; p < l.pp; ++p)
+    for (int d = 0; d < l.dp; ++d) k.tp = &worst(*k.tp, cl.group_link(tp_group(l, d, p)));
+  k.dp = &cl.group_link(dp_group(l, 0, l.dp));
+  k.ep = &cl.group_link(dp_group(l, 0, l.ep));
+  for (int s = 0; s + 1 < l.pp; ++s)
+    k.pp.push_back(&cl.link_between(l.global_rank(0, 0, s), l.global_rank(0, 0, s + 1)));
+  k.pp_return = &cl.link_between(l.global_rank(0, 0, l.pp - 1), 0);
+  return k;
+}
+
+struct Rates {
+  double flops;
+  double bw;
+};
+
+const Calibration* cal_of(const PlanOptions& o) {
+  return o.calibration ? &*o.calibration : nullptr;
+}
+
+// One device of one stage doing one step for n sequences of `tokens` new tokens each, attending
+// over `ctx` positions (decode: tokens 1; prefill: tokens = ctx = prompt).
+struct StageCost {
+  double flops_time = 0, mem_time = 0;
+  double roofline() const { return std::max(flops_time, mem_time); }
+  CostTerm tp_ar, tp_embed, tp_logits, ep_a2a;
+  double comm() const {
+    return tp_ar.seconds + tp_embed.seconds + tp_logits.seconds + ep_a2a.seconds;
+  }
+  double total() const { return roofline() + comm(); }
+  double sent = 0;  // bytes this device sends
+};
+
+StageCost stage_cost(const ModelConfig& c, const Layout& l, const InferenceWorkload& w,
+                     const Links& k, const Rates& r, const Calibration* cal, int stage, double n,
+                     double tokens, double ctx, bool prefill) {
+  const StageParams P = stage_params(c, l, stage);
+  const double h = double(c.hidden_size), T = n * tokens, ab = precision_bytes(w.activations);
+  const double L = double(P.layers);
+  StageCost s;
+  // Memory traffic: the stage's weights once per step (experts only those the step's tokens reach;
+  // the embedding only the rows looked up), the KV cache read (decode) or written (prefill).
+  double touched = 1;
+  if (c.is_moe()) {
+    const double k_over_e = double(c.num_experts_per_tok) / double(c.num_local_experts);
+    touched = 1 - std::pow(1 - k_over_e, T * l.ep);
+  }
+  // Tied embeddings on one stage: the table is streamed anyway, as the output projection.
+  const bool tied_here = c.tie_word_embeddings && l.pp == 1;
+  double weight_bytes = (P.dense() + P.experts * touched) * precision_bytes(w.weights);
+  if (stage == 0 && !tied_here) weight_bytes += (T * h - P.embedding) * precision_bytes(w.weights);
+  const double kv_tok = kv_bytes_per_token(c, l.tp, P.layers, w.kv_cache);
+  const double kv_bytes = prefill ? T * kv_tok : n * ctx * kv_tok + T * kv_tok;
+  s.mem_time = (weight_bytes + kv_bytes) / r.bw;
+  // FLOPs: 2 per parameter per token through the linear layers (k experts per token for MoE), the
+  // output projection for the last token only, and attention scores + values.
+  const double expert_dev = 3 * h * double(c.intermediate_size) / l.tp;
+  const double mlp_tok = c.is_moe() ? P.mlp + L * c.num_experts_per_tok * expert_dev : P.mlp;
+  const double head_mat = stage == l.pp - 1 ? double(ceil_div(c.vocab_size, l.tp)) * h : 0.0;
+  const double qd = double(c.q_dim()) / l.tp;
+  const double attn_flops = prefill ? 2 * n * tokens * tokens * qd * L : 4 * n * ctx * qd * L;
+  const double flops = 2 * T * (P.attention + mlp_tok + P.norms) + 2 * n * head_mat + attn_flops;
+  s.flops_time = flops / r.flops;
+
+  if (l.tp > 1) {
+    const CommCost ar = collective_cost(Collective::AllReduce, T * h * ab, l.tp, *k.tp, cal);
+    s.tp_ar = {"tp all-reduce", int(2 * P.layers), T * h * ab, 2 * L * ar.seconds,
+               cat(k.tp->name, ", ", ar.algorithm)};
+    s.sent += 2 * L * ar.bytes_sent;
+    if (stage == 0) {  // vocab-parallel embedding: partial lookups summed
+      s.tp_embed = {"tp embedding all-reduce", 1, T * h * ab, ar.seconds, s.tp_ar.detail};
+      s.sent += ar.bytes_sent;
+    }
+    if (stage == l.pp - 1) {
+      // Vocab-parallel sampling: each rank offers its best (value, index) per sequence and one
+      // all-gather picks the winner; the logits themselves never travel.
+      const double bytes = n * 2 * 4 * l.tp;
+      const CommCost ag = collective_cost(Collective::AllGather, bytes, l.tp, *k.tp, cal);
+      s.tp_logits = {"tp sampler all-gather", 1, bytes, ag.seconds,
+                     cat(k.tp->name, ", ", ag.algorithm)};
+      s.sent += ag.bytes_sent;
+    }
+  }
+  if (l.ep > 1) {  // dispatch to the experts and combine back
+    const double bytes = T * c.num_experts_per_tok * h * ab;
+    const CommCost a2a = collective_cost(Collective::AllToAll, bytes, l.ep, *k.ep, cal);
+    s.ep_a2a = {"ep all-to-all", int(2 * P.layers), bytes, 2 * L * a2a.seconds,
+                cat(k.ep->name, ", ", a2a.algorithm)};
+    s.sent += 2 * L * a2a.bytes_sent;
+  }
+  return s;
+}
+
+void add_term(std::vector<CostTerm>& terms, const CostTerm& t) {
+  if (t.count == 0) return;
+  for (CostTerm& e : terms) {
+    if (e.name == t.name) {
+      e.count += t.count;
+      e.seconds += t.seconds;
+      return;
+    }
+  }
+  terms.push_back(t);
+}
+
+}  // namespace
+
+double rank_flops(const ClusterSpec& cl, const PlanOptions& o) {
+  if (o.flops > 0) return o.flops;
+  if (o.calibration && o.calibration->flops > 0) return o.calibration->flops;
+  return cl.device.effective_flops();
+}
+
+double rank_mem_bw(const ClusterSpec& cl, const PlanOptions& o, int ranks_on_node) {
+  if (o.mem_bw > 0) return o.mem_bw;
+  if (o.calibration && o.calibration->mem_bw > 0) return o.calibration->mem_bw;
+  if (!(cl.device.mem_bw > 0))
+    fail("plan", "device \"", cl.device.name, "\" has no memory bandwidth: pass --mem-bw GBPS");
+  const double bw = cl.device.effective_mem_bw();
+  return cl.device.shared_memory_bw ? bw / std::max(1, ranks_on_node) : bw;
+}
+
+std::string placement_problem(const ClusterSpec& cl, const Layout& l, const PlanOptions& o) {
+  if (l.world() != cl.world())
+    return cat(l.str(), " uses ", l.world(), " devices, the cluster has ", cl.world());
+  if (o.tp_anywhere || l.tp == 1) return "";
+  if (l.tp > cl.gpus_per_node)
+    return cat("TP=", l.tp, " crosses nodes (", cl.gpus_per_node,
+               " devices per node; TP stays in a node unless --tp-anywhere)");
+  if (!cl.has_nvlink) return "";
+  for (int r = 0; r < cl.world(); r += l.tp) {
+    const int island = cl.island_of(r % cl.gpus_per_node);
+    for (int t = 1; t < l.tp; ++t)
+      if (island < 0 || cl.island_of((r + t) % cl.gpus_per_node) != island)
+        return cat("TP=", l.tp, " leaves an NVLink island (largest island: ", cl.largest_island(),
+                   " devices); TP over ", cl.pcie.name, " is allowed with --tp-anywhere");
+  }
+  return "";
+}
+
+double training_flops_per_token(const ModelConfig& c, int64_t seq_len) {
+  return 6 * active_params_per_token(c) +
+         6.0 * double(c.num_hidden_layers) * double(c.q_dim()) * double(seq_len);
+}
+
+LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, const Layout& l,
+                                  const InferenceWorkload& w, const PlanOptions& o) {
+  if (std::string p = layout_problem(c, l); !p.empty()) fail("plan", p);
+  if (l.world() != cl.world())
+    fail("plan", l.str(), " uses ", l.world(), " devices but the cluster has ", cl.world());
+  if (w.batch < 1 || w.prompt_len < 1 || w.output_len < 1)
+    fail("plan", "batch, prompt and output lengths must be >= 1 (got ", w.batch, ", ", w.prompt_len,
+         ", ", w.output_len, ")");
+  LayoutEstimate e;
+  e.layout = l;
+  const Calibration* cal = cal_of(o);
+  const Links k = find_links(cl, l);
+  e.tp_link = l.tp > 1 ? k.tp->name : "-";
+  e.pp_link = l.pp > 1
+                  ? (*std::min_element(k.pp.begin(), k.pp.end(),
+                                       [](auto a, auto b) { return a->bandwidth < b->bandwidth; }))
+                        ->name
+                  : "-";
+  e.replica_batch = ceil_div(w.batch, l.dp);
+  const int64_t b = e.replica_batch;
+  e.micro_batches = l.pp > 1 ? int(std::min<int64_t>(b, l.pp)) : 1;
+  const double n = double(ceil_div(b, e.micro_batches));
+  // Ranks streaming memory at once on a node (matters where they share it, CPU nodes): with fewer
+  // micro-batches than stages, only that many stages work at a time.
+  const int streaming = std::max(1, std::min(l.world(), cl.gpus_per_node) * e.micro_batches / l.pp);
+  const Rates r{rank_flops(cl, o), rank_mem_bw(cl, o, streaming)};
+  const double h = double(c.hidden_size), ab = precision_bytes(w.activations);
+
+  // Memory: the fullest stage.
+  for (int s = 0; s < l.pp; ++s) {
+    const MemoryBreakdown m = inference_memory(c, l, w, s, b, int64_t(n));
+    if (s == 0 || m.total() > e.memory.total()) e.memory = m;
+  }
+  e.capacity = cl.device.usable_memory();
+  e.fits = e.memory.total() <= e.capacity;
+
+  // Decode: one token of every sequence. A micro-batch crosses the stages in turn; with m
+  // micro-batches a stage serves them one after another, so the step takes the longer of the
+  // path and m times the slowest stage.
+  const double ctx = double(w.prompt_len) + double(w.output_len) / 2;
+  double path = 0, slowest = 0, roofline = 0, flops_t = 0, mem_t = 0, max_sent = 0;
+  std::vector<CostTerm> terms;
+  for (int s = 0; s < l.pp; ++s) {
+    const StageCost sc = stage_cost(c, l, w, k, r, cal, s, n, 1, ctx, false);
+    path += sc.total();
+    slowest = std::max(slowest, sc.total());
+    roofline += sc.roofline();
+    flops_t += sc.flops_time;
+    mem_t += sc.mem_time;
+    for (const CostTerm* t : {&sc.tp_ar, &sc.tp_embed, &sc.tp_logits, &sc.ep_a2a})
+      add_term(terms, *t);
+    double sent = sc.sent;
+    if (s + 1 < l.pp) {
+      const CommCost p2p = collective_cost(Collective::P2P, n * h * ab, 2, *k.pp[s], cal);
+      path += p2p.seconds;
+      add_term(terms, {"pp p2p", 1, n * h * ab, p2p.seconds, cat(k.pp[s]->name)});
+      sent += p2p.bytes_sent;
+    } else if (l.pp > 1) {  // the sampled token ids back to the first stage
+      const double bytes = n * 8;
+      const CommCost p2p = collective_cost(Collective::P2P, bytes, 2, *k.pp_return, cal);
+      path += p2p.seconds;
+      add_term(terms, {"pp tokens to stage 0", 1, bytes, p2p.seconds, k.pp_return->name});
+      sent += p2p.bytes_sent;
+    }
+    max_sent = std::max(max_sent, sent);
+  }
+  e.decode_compute = roofline;
+  e.decode_memory_bound = mem_t >= flops_t;
+  terms.insert(terms.begin(), {e.decode_memory_bound ? "weights + KV cache (memory-bound)"
+                                                     : "matmuls (compute-bound)",
+                               l.pp, 0, roofline, ""});
+  e.tpot = std::max(path, e.micro_batches * slowest);
+  e.decode_pipeline_wait = e.tpot - path;
+  if (e.decode_pipeline_wait > 0)
+    terms.push_back({"micro-batches queueing at stages", 0, 0, e.decode_pipeline_wait, ""});
+  e.decode_terms = terms;
+  e.comm_bytes_per_token = max_sent / n;
+
+  // Prefill of the replica's batch: the same micro-batches through a forward-only GPipe.
+  const double P = double(w.prompt_len);
+  double pre_slowest = 0, pre_p2p = 0;
+  for (int s = 0; s < l.pp; ++s) {
+    const StageCost sc = stage_cost(c, l, w, k, r, cal, s, n, P, P, true);
+    pre_slowest = std::max(pre_slowest, sc.total());
+    if (s + 1 < l.pp)
+      pre_p2p = std::max(
+          pre_p2p, collective_cost(Collective::P2P, n * P * h * ab, 2, *k.pp[s], cal).seconds);
+  }
+  if (l.pp > 1) {
+    const pipeline::Schedule sched = pipeline::gpipe(l.pp, e.micro_batches, true);
+    e.ttft = pipeline::simulate(sched, {pre_slowest, 0, pre_p2p}).makespan +
+             collective_cost(Collective::P2P, n * 8, 2, *k.pp_return, cal).seconds;
+  } else {
+    e.ttft = pre_slowest;
+  }
+  const double total_time = e.ttft + double(w.output_len - 1) * e.tpot;
+  e.tokens_per_s = double(w.batch) * double(w.output_len) / total_time;
+  e.tokens_per_s_per_device = e.tokens_per_s / l.world();
+
+  // Reasons, the disqualifying ones first.
+  const std::string placement = placement_problem(cl, l, o);
+  e.allowed = placement.empty();
+  if (!e.allowed) e.reasons.push_back(placement);
+  if (l.dp > w.batch) {
+    e.allowed = false;
+    e.reasons.push_back(
+        cat("DP=", l.dp, " > batch ", w.batch, ": ", l.dp - w.batch, " replica(s) would sit idle"));
+  }
+  if (!e.fits)
+    e.reasons.push_back(cat("does not fit: ", gib(e.memory.total()), " per device (weights ",
+                            gib(e.memory.weights), ", KV cache ", gib(e.memory.kv_cache),
+                            ", activations ", gib(e.memory.activations), ") > ", gib(e.capacity),
+                            " usable"));
+  double tp_time = 0;
+  for (const CostTerm& t : terms)
+    if (t.name.rfind("tp ", 0) == 0) tp_time += t.seconds;
+  if (l.tp > 1 && slow_for_tp(*k.tp))
+    e.reasons.push_back(cat("TP over ", k.tp->name, ": ", 2 * c.num_hidden_layers + 1,
+                            " all-reduces per token at ", us(k.tp->latency),
+                            " latency per step cost ", ms(tp_time), " (",
+                            num("%.0f", 100 * tp_time / e.tpot), "% of a token)"));
+  else if (l.tp > 1 && tp_time > 0.15 * e.tpot)
+    e.reasons.push_back(cat("TP all-reduces take ", num("%.0f", 100 * tp_time / e.tpot),
+                            "% of a token (", ms(tp_time), ")"));
+  if (l.tp > c.num_key_value_heads)
+    e.reasons.push_back(cat("TP=", l.tp, " > ", c.num_key_value_heads,
+                            " KV heads: each KV head stored on ", l.tp / c.num_key_value_heads,
+                            " ranks"));
+  if (l.pp > 1) {
+    const double busy = e.micro_batches * (roofline / l.pp) / e.tpot;
+    e.reasons.push_back(cat("PP=", l.pp, ": a token crosses ", l.pp, " stages in turn; batch ", b,
+                            " in ", e.micro_batches, " micro-batch",
+                            e.micro_batches > 1 ? "es" : "", " keeps each device busy ",
+                            num("%.0f", 100 * std::min(1.0, busy)), "% of the time (bubble)"));
+  }
+  if (l.ep > 1)
+    for (const CostTerm& t : terms)
+      if (t.name == "ep all-to-all")
+        e.reasons.push_back(cat("EP all-to-all: ", t.count, " per token, ", ms(t.seconds)));
+  return e;
+}
+
+LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, const Layout& l,
+                                 const TrainingWorkload& w, const PlanOptions& o) {
+  if (std::string p = layout_problem(c, l); !p.empty()) fail("plan", p);
+  if (l.world() != cl.world())
+    fail("plan", l.str(), " uses ", l.world(), " devices but the cluster has ", cl.world());
+  if (w.global_batch < 1 || w.micro_batch < 1 || w.seq_len < 1)
+    fail("plan", "global batch, micro-batch and sequence length must be >= 1");
+  if (w.global_batch % (int64_t(l.dp) * w.micro_batch) != 0)
+    fail("plan", "global batch ", w.global_batch, " is not a multiple of DP x micro-batch = ", l.dp,
+         " x ", w.micro_batch);
+  const int m = int(w.global_batch / (int64_t(l.dp) * w.micro_batch));
+  pipeline::ScheduleKind kind = w.schedule;
+  int v = w.chunks;
+  if (l.pp == 1 || kind != pipeline::ScheduleKind::Interleaved) v = 1;
+  if (l.pp == 1 && kind == pipeline::ScheduleKind::Interleaved)
+    kind = pipeline::ScheduleKind::OneFOneB;
+  if (kind == pipeline::ScheduleKind::Interleaved) {
+    if (m % l.pp != 0)
+      fail("plan", "interleaved schedule: ", m, " micro-batches is not a multiple of PP=", l.pp);
+    if (c.num_hidden_layers % (int64_t(l.pp) * v) != 0)
+      fail("plan", "interleaved schedule: ", c.num_hidden_layers,
+           " layers do not split into PP x chunks = ", l.pp, " x ", v);
+  }
+  LayoutEstimate e;
+  e.layout = l;
+  e.training = true;
+  e.micro_batches = m;
+  const Calibration* cal = cal_of(o);
+  const Links k = find_links(cl, l);
+  e.tp_link = l.tp > 1 ? k.tp->name : "-";
+  e.pp_link = l.pp > 1 ? k.pp[0]->name : "-";
+  e.dp_link = l.dp > 1 ? k.dp->name : "-";
+  const Rates r{rank_flops(cl, o), rank_mem_bw(cl, o, std::min(l.world(), cl.gpus_per_node))};
+  const double h = double(c.hidden_size), T = double(w.micro_batch) * double(w.seq_len);
+  const bool sp = w.sequence_parallel && l.tp > 1;
+
+  // Per micro-batch, per stage: the slowest stage sets the pace.
+  double tf = 0, tb = 0, params_dev = 0, expert_params_dev = 0;
+  std::vector<CostTerm> terms;
+  for (int s = 0; s < l.pp; ++s) {
+    const StageParams P = stage_params(c, l, s);
+    const double L = double(P.layers);
+    const double expert_dev = 3 * h * double(c.intermediate_size) / l.tp;
+    const double mlp_tok = c.is_moe() ? P.mlp + L * c.num_experts_per_tok * expert_dev : P.mlp;
+    const double head_mat = s == l.pp - 1 ? double(ceil_div(c.vocab_size, l.tp)) * h : 0.0;
+    const double linear = 2 * T * (P.attention + mlp_tok + head_mat);
+    const double core_attn = 2 * T * double(w.seq_len) * double(c.q_dim()) / l.tp * L;  // causal
+    const double fwd_c = std::max((linear + core_attn) / r.flops, 2 * P.total() / r.bw);
+    double bwd_c = 2 * (linear + core_attn) / r.flops;
+    if (w.recompute == Recompute::Full) bwd_c += fwd_c;
+    if (w.recompute == Recompute::Selective) bwd_c += core_attn / r.flops;
+    // TP: two all-reduces per layer forward and two backward; with SP each becomes a
+    // reduce-scatter + all-gather pair. Full recompute repeats the forward ones.
+    double tp_f = 0;
+    CostTerm tp_term{"tp collectives", 0, T * h * 2, 0, e.tp_link};
+    if (l.tp > 1) {
+      double one;
+      if (sp)
+        one = collective_cost(Collective::ReduceScatter, T * h * 2, l.tp, *k.tp, cal).seconds +
+              collective_cost(Collective::AllGather, T * h * 2, l.tp, *k.tp, cal).seconds;
+      else
+        one = collective_cost(Collective::AllReduce, T * h * 2, l.tp, *k.tp, cal).seconds;
+      tp_f = 2 * L * one;
+      if (s == l.pp - 1)  // vocab-parallel cross-entropy: max, sum and target logit per token
+        tp_f += 3 * collective_cost(Collective::AllReduce, T * 4, l.tp, *k.tp, cal).seconds;
+      tp_term.count = int(2 * P.layers * (w.recompute == Recompute::Full ? 3 : 2));
+    }
+    const double tp_b = w.recompute == Recompute::Full ? 2 * tp_f : tp_f;
+    double ep_f = 0;
+    if (l.ep > 1)
+      ep_f =
+          2 * L *
+          collective_cost(Collective::AllToAll, T * c.num_experts_per_tok * h * 2, l.ep, *k.ep, cal)
+              .seconds;
+    double zero3 =
+        0;  // ZeRO-3 gathers the stage's weights for the forward and again for the backward
+    if (w.zero >= 3 && l.dp > 1)
+      zero3 = collective_cost(Collective::AllGather, 2 * P.total(), l.dp, *k.dp, cal).seconds;
+    const double stage_f = fwd_c + tp_f + ep_f + zero3, stage_b = bwd_c + tp_b + ep_f + zero3;
+    if (stage_f + stage_b > tf + tb) {
+      tf = stage_f;
+      tb = stage_b;
+      tp_term.seconds = (tp_f + tp_b) * m;
+      terms = {{"matmuls", 0, 0, (fwd_c + bwd_c) * m, ""}};
+      if (l.tp > 1) terms.push_back(tp_term);
+      if (l.ep > 1)
+        terms.push_back({"ep all-to-all", int(4 * P.layers), 0, 2 * ep_f * m, e.tp_link});
+      if (zero3 > 0) terms.push_back({"zero-3 weight all-gathers", 2, 0, 2 * zero3 * m, e.dp_link});
+    }
+    params_dev = std::max(params_dev, P.total());
+    expert_params_dev = std::max(expert_params_dev, P.experts);
+  }
+  double p2p = 0;
+  for (int s = 0; s + 1 < l.pp; ++s)
+    p2p = std::max(
+        p2p,
+        collective_cost(Collective::P2P, T * h * 2 / (sp ? l.tp : 1), 2, *k.pp[s], cal).seconds);
+  e.forward_time = tf;
+  e.backward_time = tb;
+  e.p2p_time = p2p;
+  const pipeline::Schedule sched = pipeline::make_schedule(kind, l.pp, m, v, false);
+  const pipeline::SimResult sim = pipeline::simulate(sched, {tf, tb, p2p});
+  e.bubble_fraction = sim.bubble_fraction;
+  e.peak_in_flight = sim.peak_in_flight[0];
+  if (l.pp > 1)
+    terms.push_back({"pipeline bubble + p2p", 0, 0, sim.makespan - m * (tf + tb),
+                     cat(schedule_kind_name(kind), ", ", e.pp_link)});
+
+  // Gradients: dense over DP, experts over DP/EP; ZeRO-2/3 reduce-scatter then all-gather the
+  // updated weights: the same volume as the all-reduce.
+  const double dense_dev = params_dev - expert_params_dev;
+  if (l.dp > 1)
+    e.dp_comm_time +=
+        collective_cost(Collective::AllReduce, 2 * dense_dev, l.dp, *k.dp, cal).seconds;
+  if (l.dp / l.ep > 1 && expert_params_dev > 0)
+    e.dp_comm_time +=
+        collective_cost(Collective::AllReduce, 2 * expert_params_dev, l.dp / l.ep, *k.dp, cal)
+            .seconds;
+  if (e.dp_comm_time > 0)
+    terms.push_back({"dp gradient all-reduce", 1, 2 * dense_dev, e.dp_comm_time, e.dp_link});
+  // Optimizer: reads weights, gradients and states, writes weights and states (memory-bound).
+  const double opt_bytes_per_param = w.optimizer == Optimizer::Adam ? 30 : 22;
+  e.optimizer_time = params_dev / (w.zero >= 1 ? l.dp : 1) * opt_bytes_per_param / r.bw;
+  terms.push_back({"optimizer step", 1, 0, e.optimizer_time, ""});
+  e.step_time = sim.makespan + e.dp_comm_time + e.optimizer_time;
+  e.step_terms = terms;
+  e.tokens_per_s = double(w.global_batch) * double(w.seq_len) / e.step_time;
+  e.tokens_per_s_per_device = e.tokens_per_s / l.world();
+  e.mfu =
+      training_flops_per_token(c, w.seq_len) * e.tokens_per_s / (l.world() * cl.device.peak_flops);
+
+  for (int s = 0; s < l.pp; ++s) {
+    const MemoryBreakdown mem = training_memory(c, l, w, s, sim.peak_in_flight[s]);
+    if (s == 0 || mem.total() > e.memory.total()) e.memory = mem;
+  }
+  e.capacity = cl.device.usable_memory();
+  e.fits = e.memory.total() <= e.capacity;
+
+  const std::string placement = placement_problem(cl, l, o);
+  e.allowed = placement.empty();
+  if (!e.allowed) e.reasons.push_back(placement);
+  if (!e.fits)
+    e.reasons.push_back(cat("does not fit: ", gib(e.memory.total()), " per device (weights ",
+                            gib(e.memory.weights), ", gradients ", gib(e.memory.gradients),
+                            ", optimizer ", gib(e.memory.optimizer), ", activations ",
+                            gib(e.memory.activations), " for ",
+                            num("%g", sim.peak_in_flight[e.memory.stage]),
+                            " micro-batches in flight) > ", gib(e.capacity), " usable"));
+  if (l.tp > 1 && slow_for_tp(*k.tp))
+    e.reasons.push_back(
+        cat("TP over ", k.tp->name, ": activations cross a slow link 4x per layer"));
+  if (l.pp > 1)
+    e.reasons.push_back(cat("pipeline bubble ", num("%.1f", 100 * e.bubble_fraction), "% (",
+                            schedule_kind_name(kind), ", ", m, " micro-batches over ", l.pp,
+                            " stages; formula ",
+                            num("%.1f", 100 * pipeline::bubble_formula(kind, l.pp, m, v)), "%)"));
+  if (e.dp_comm_time > 0.1 * e.step_time)
+    e.reasons.push_back(cat("DP gradient all-reduce over ", e.dp_link, " takes ",
+                            num("%.0f", 100 * e.dp_comm_time / e.step_time), "% of the step"));
+  return e;
+}
+
+}  // namespace parallm::plan

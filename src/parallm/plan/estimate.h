@@ -1,0 +1,92 @@
+// Time and memory of one layout: inference (time to first token, time per output token, tokens
+// per second) and training (step time, tokens per second, MFU), on a roofline for compute and
+// memory traffic plus alpha-beta communication (comm_model.h) and the pipeline schedule's timing
+// (the simulator runs the same schedule lists as the executor).
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "parallm/model/config.h"
+#include "parallm/plan/comm_model.h"
+#include "parallm/plan/hardware.h"
+#include "parallm/plan/memory.h"
+#include "parallm/plan/workload.h"
+
+namespace parallm::plan {
+
+struct PlanOptions {
+  // TP normally stays inside an NVLink island (or a node when it has no NVLink); true lifts that.
+  bool tp_anywhere = false;
+  std::optional<Calibration> calibration;
+  double mem_bw = 0;  // bytes/s per rank a decode stream reaches (measured); 0: the catalog's
+  double flops = 0;   // FLOP/s per rank (measured); 0: the catalog's
+};
+
+// One line of a cost: what, how many, how long in total on the critical path.
+struct CostTerm {
+  std::string name;    // "tp all-reduce", "pp p2p", ...
+  int count = 0;       // calls per decode step (or training step)
+  double bytes = 0;    // buffer bytes of one call
+  double seconds = 0;  // all calls together
+  std::string detail;  // link and algorithm
+};
+
+struct LayoutEstimate {
+  Layout layout;
+  bool training = false;
+  bool fits = false;     // memory fits on every device
+  bool allowed = false;  // placement rules hold (TP in an island, no idle replicas...)
+  bool feasible() const { return fits && allowed; }
+  std::vector<std::string> reasons;  // what holds it back, worst first
+
+  MemoryBreakdown memory;  // of the fullest device
+  double capacity = 0;     // usable bytes per device
+  std::string tp_link, pp_link, dp_link;
+
+  // Inference.
+  int64_t replica_batch = 0;  // sequences per DP replica
+  int micro_batches = 1;      // decode micro-batches through the pipeline
+  double ttft = 0;            // seconds: prefill of the replica's batch
+  double tpot = 0;            // seconds between two tokens of one sequence
+  double tokens_per_s = 0;    // all replicas, prefill included: batch x output / (ttft + ...)
+  double tokens_per_s_per_device = 0;
+  double comm_bytes_per_token = 0;  // bytes the busiest device sends per generated token
+  double decode_compute = 0;        // roofline time of all stages on a token's path
+  bool decode_memory_bound = true;
+  double decode_pipeline_wait = 0;     // tpot minus the path (micro-batches queueing at stages)
+  std::vector<CostTerm> decode_terms;  // per decode step, summed over the token's path
+
+  // Training.
+  double step_time = 0;
+  double mfu = 0;
+  double bubble_fraction = 0;
+  double forward_time = 0, backward_time = 0, p2p_time = 0;  // per micro-batch per stage
+  double dp_comm_time = 0, optimizer_time = 0;
+  double peak_in_flight = 0;  // micro-batches held by stage 0
+  std::vector<CostTerm> step_terms;
+};
+
+// Compute and memory rates per rank: measured ones (options, calibration) or catalog x efficiency.
+// CPU ranks of one node share its memory bandwidth.
+double rank_flops(const ClusterSpec& cl, const PlanOptions& o);
+double rank_mem_bw(const ClusterSpec& cl, const PlanOptions& o, int ranks_on_node);
+
+// Placement problem of the layout on the cluster ("" if none): TP outside an NVLink island or a
+// node, more ranks than devices.
+std::string placement_problem(const ClusterSpec& cl, const Layout& l, const PlanOptions& o);
+
+// Throws std::invalid_argument when the layout cannot run the model (layout_problem) or does not
+// use exactly the cluster's devices.
+LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, const Layout& l,
+                                  const InferenceWorkload& w, const PlanOptions& o);
+LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, const Layout& l,
+                                 const TrainingWorkload& w, const PlanOptions& o);
+
+// Model FLOPs per token of training (forward + backward, no recompute): 6 N_active for the
+// linear layers + 6 L q_dim s for causal attention scores and values (PaLM's 12 L h s counts the
+// masked half too; the time model does not run it, so neither does MFU here).
+double training_flops_per_token(const ModelConfig& c, int64_t seq_len);
+
+}  // namespace parallm::plan

@@ -1,0 +1,152 @@
+#include "parallm/plan/memory.h"
+
+#include <algorithm>
+
+#include "parallm/core/error.h"
+
+namespace parallm::plan {
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+}  // namespace
+
+std::string layout_problem(const ModelConfig& c, const Layout& l) {
+  if (l.tp < 1 || l.pp < 1 || l.dp < 1 || l.ep < 1)
+    return cat("every degree must be >= 1 (", l.str(), ")");
+  if (c.num_attention_heads % l.tp != 0)
+    return cat("TP=", l.tp, " does not divide the ", c.num_attention_heads, " attention heads");
+  if (c.num_key_value_heads % l.tp != 0 && l.tp % c.num_key_value_heads != 0)
+    return cat("TP=", l.tp, " neither divides nor is a multiple of the ", c.num_key_value_heads,
+               " KV heads");
+  if (c.intermediate_size % l.tp != 0)
+    return cat("TP=", l.tp, " does not divide intermediate_size ", c.intermediate_size);
+  if (l.pp > c.num_hidden_layers)
+    return cat("PP=", l.pp, " exceeds the ", c.num_hidden_layers, " layers");
+  if (l.ep > 1 && !c.is_moe()) return cat("EP=", l.ep, " needs a mixture-of-experts model");
+  if (c.is_moe() && c.num_local_experts % l.ep != 0)
+    return cat("EP=", l.ep, " does not divide the ", c.num_local_experts, " experts");
+  if (l.dp % l.ep != 0)
+    return cat("EP=", l.ep, " must divide DP=", l.dp, " (expert parallelism is carved out of DP)");
+  return "";
+}
+
+std::vector<int64_t> layers_per_stage(int64_t layers, int pp) {
+  std::vector<int64_t> out(pp, layers / pp);
+  for (int s = 0; s < int(layers % pp); ++s) ++out[s];
+  return out;
+}
+
+int64_t kv_heads_per_rank(const ModelConfig& c, int tp) {
+  return c.num_key_value_heads >= tp ? c.num_key_value_heads / tp : 1;
+}
+
+StageParams stage_params(const ModelConfig& c, const Layout& l, int stage) {
+  const std::string problem = layout_problem(c, l);
+  if (!problem.empty()) fail("plan", problem);
+  if (stage < 0 || stage >= l.pp) fail("plan", "stage ", stage, " out of 0..", l.pp - 1);
+  const double h = double(c.hidden_size), t = l.tp;
+  StageParams p;
+  p.stage = stage;
+  p.layers = layers_per_stage(c.num_hidden_layers, l.pp)[stage];
+  const double kv_rank = double(kv_heads_per_rank(c, l.tp) * c.head_dim);
+  const double L = double(p.layers);
+  p.attention = L * (2 * h * double(c.q_dim()) / t + 2 * h * kv_rank);
+  const double expert = 3 * h * double(c.intermediate_size) / t;
+  if (c.is_moe()) {
+    p.mlp = L * h * double(c.num_local_experts);  // router, replicated
+    p.experts = L * double(c.num_local_experts / l.ep) * expert;
+  } else {
+    p.mlp = L * expert;
+  }
+  p.norms = L * 2 * h;
+  const double vocab_slice = double(ceil_div(c.vocab_size, l.tp)) * h;
+  if (stage == 0) p.embedding = vocab_slice;
+  if (stage == l.pp - 1) {
+    p.head = h;  // final norm
+    // Tied embeddings share one matrix when both ends sit on the same stage; across stages each
+    // end keeps its copy (as Megatron-LM does).
+    if (!(c.tie_word_embeddings && l.pp == 1)) p.head += vocab_slice;
+  }
+  return p;
+}
+
+double kv_bytes_per_token(const ModelConfig& c, int tp, int64_t layers, Precision kv) {
+  return 2.0 * double(layers) * double(kv_heads_per_rank(c, tp) * c.head_dim) * precision_bytes(kv);
+}
+
+double activation_bytes_per_layer(const ModelConfig& c, int64_t s, int64_t b, int tp, bool sp,
+                                  Recompute r) {
+  const double T = double(s) * double(b), h = double(c.hidden_size), t = tp;
+  if (r == Recompute::Full) return 2 * T * h / (sp ? t : 1);
+  const double ffn = double(c.intermediate_size) * (c.is_moe() ? c.num_experts_per_tok : 1);
+  const double kv_rank = double(kv_heads_per_rank(c, tp) * c.head_dim);
+  const double replicated = 8 * T * h;
+  const double sharded = 2 * T * (2 * double(c.q_dim()) / t + 2 * kv_rank + 4 * ffn / t);
+  double bytes = (sp ? replicated / t : replicated) + sharded;
+  if (r == Recompute::None)
+    bytes += 2 * double(b) * (double(c.num_attention_heads) / t) * double(s) * double(s);
+  return bytes;
+}
+
+double korthikanti_gpt_bytes_per_layer(int64_t s, int64_t b, int64_t h, int64_t a, int t, bool sp,
+                                       Recompute r) {
+  const double sbh = double(s) * double(b) * double(h);
+  const double score = 5.0 * double(a) * double(s) / double(h);
+  if (r == Recompute::Full) return 2 * sbh / (sp ? t : 1);
+  const double attn = r == Recompute::None ? score : 0;
+  if (sp) return sbh / t * (34 + attn);
+  return sbh * (10 + 24.0 / t + attn / t);
+}
+
+MemoryBreakdown inference_memory(const ModelConfig& c, const Layout& l, const InferenceWorkload& w,
+                                 int stage, int64_t replica_batch, int64_t micro_batch) {
+  const StageParams p = stage_params(c, l, stage);
+  MemoryBreakdown m;
+  m.stage = stage;
+  m.weights = p.total() * precision_bytes(w.weights);
+  m.kv_cache = kv_bytes_per_token(c, l.tp, p.layers, w.kv_cache) * double(replica_batch) *
+               double(w.prompt_len + w.output_len);
+  // Prefill working set of one layer: residual and normed input, Q/K/V, attention output, gate,
+  // up and their product, for micro_batch x prompt tokens; plus last-token logits in fp32.
+  const double T = double(micro_batch) * double(w.prompt_len), t = l.tp, h = double(c.hidden_size);
+  const double kv_rank = double(kv_heads_per_rank(c, l.tp) * c.head_dim);
+  const double ffn = double(c.intermediate_size) * (c.is_moe() ? c.num_experts_per_tok : 1);
+  m.activations = T * precision_bytes(w.activations) *
+                  (2 * h + 2 * double(c.q_dim()) / t + 2 * kv_rank + 3 * ffn / t);
+  if (stage == l.pp - 1)
+    m.activations += double(micro_batch) * double(ceil_div(c.vocab_size, l.tp)) * 4;
+  return m;
+}
+
+MemoryBreakdown training_memory(const ModelConfig& c, const Layout& l, const TrainingWorkload& w,
+                                int stage, double in_flight) {
+  const StageParams p = stage_params(c, l, stage);
+  MemoryBreakdown m;
+  m.stage = stage;
+  const double dp_dense = l.dp, dp_expert = double(l.dp) / l.ep;
+  auto sharded = [&](double bytes_per_param, bool shard) {
+    return bytes_per_param *
+           (p.dense() / (shard ? dp_dense : 1) + p.experts / (shard ? dp_expert : 1));
+  };
+  m.weights = sharded(2, w.zero >= 3);
+  m.gradients = sharded(2, w.zero >= 2);
+  m.optimizer = sharded(w.optimizer == Optimizer::Adam ? 12 : 8, w.zero >= 1);
+  const bool sp = w.sequence_parallel && l.tp > 1;
+  const double per_layer =
+      activation_bytes_per_layer(c, w.seq_len, w.micro_batch, l.tp, sp, w.recompute);
+  const double T = double(w.seq_len) * double(w.micro_batch), h = double(c.hidden_size);
+  double per_micro_batch = double(p.layers) * per_layer;
+  if (stage == 0) per_micro_batch += 2 * T * h / (sp ? l.tp : 1);  // embedding output
+  if (stage == l.pp - 1)  // logits in bf16 and their fp32 softmax, vocab-parallel
+    per_micro_batch += T * double(ceil_div(c.vocab_size, l.tp)) * (2 + 4);
+  m.activations = in_flight * per_micro_batch;
+  if (w.recompute == Recompute::Full)  // the layer being recomputed holds its full activations
+    m.activations +=
+        activation_bytes_per_layer(c, w.seq_len, w.micro_batch, l.tp, sp, Recompute::None);
+  return m;
+}
+
+}  // namespace parallm::plan

@@ -1,0 +1,81 @@
+// Memory per device: how a layout shards the parameters (per pipeline stage), the KV cache, and
+// activations (inference working set; for training Korthikanti et al. 2022, "Reducing Activation
+// Recomputation in Large Transformer Models", with and without sequence parallelism and selective
+// recomputation), gradients and optimizer states.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "parallm/model/config.h"
+#include "parallm/plan/workload.h"
+
+namespace parallm::plan {
+
+// Why a layout cannot run this model at all ("TP=3 does not divide the 64 attention heads"), or
+// "" when it can. Memory is not checked here.
+std::string layout_problem(const ModelConfig& c, const Layout& l);
+
+// Layers of each stage: an even split, the first (L mod pp) stages one layer more.
+std::vector<int64_t> layers_per_stage(int64_t layers, int pp);
+
+// KV heads each TP rank stores: kv_heads / tp, or 1 (replicated) when tp > kv_heads.
+int64_t kv_heads_per_rank(const ModelConfig& c, int tp);
+
+// Parameters one device of pipeline stage `stage` holds (TP and EP applied).
+struct StageParams {
+  int stage = 0;
+  int64_t layers = 0;
+  double attention = 0;  // q, k, v, o of all the stage's layers
+  double mlp = 0;        // dense MLPs, or the MoE routers
+  double experts = 0;    // the experts this device holds (MoE)
+  double norms = 0;
+  double embedding = 0;  // first stage: the vocab-parallel embedding slice
+  double head = 0;       // last stage: output projection slice and final norm
+  double dense() const { return attention + mlp + norms + embedding + head; }
+  double total() const { return dense() + experts; }
+};
+StageParams stage_params(const ModelConfig& c, const Layout& l, int stage);
+
+// KV cache bytes per token per device on a stage with `layers` layers:
+// 2 (K and V) x layers x kv_heads_per_rank x head_dim x bytes.
+double kv_bytes_per_token(const ModelConfig& c, int tp, int64_t layers, Precision kv);
+
+// Activation memory of one layer for one micro-batch of b sequences of s tokens, per TP rank,
+// stored for the backward pass (bf16), after Korthikanti et al. 2022 written for LLaMA layers:
+//   replicated across TP unless SP: the inputs of the two RMSNorms and of the QKV and gate/up
+//     projections, 8 s b h bytes;
+//   split by TP: Q, K, V, the attention output, gate, up, SiLU(gate), SiLU(gate)*up:
+//     2 s b (2 q_dim/t + 2 kv_dim_rank + 4 ffn/t) bytes (ffn x top-k for MoE);
+//   softmax output of core attention, 2 b (a/t) s^2 bytes: dropped by selective recompute;
+//   full recompute keeps only the layer input, 2 s b h (/t with SP).
+double activation_bytes_per_layer(const ModelConfig& c, int64_t s, int64_t b, int tp, bool sp,
+                                  Recompute r);
+// The paper's own formula for GPT layers (4h GeLU MLP, dropout), to check the structure against:
+// no SP: s b h (10 + 24/t + 5 a s / (h t)); SP: s b h / t (34 + 5 a s / h); selective drops the
+// a s term; full: 2 s b h (/t with SP).
+double korthikanti_gpt_bytes_per_layer(int64_t s, int64_t b, int64_t h, int64_t a, int t, bool sp,
+                                       Recompute r);
+
+struct MemoryBreakdown {
+  int stage = 0;  // the stage this is for (the fullest one when summarised)
+  double weights = 0, kv_cache = 0, activations = 0, gradients = 0, optimizer = 0;
+  double total() const { return weights + kv_cache + activations + gradients + optimizer; }
+};
+
+// Inference on one device of `stage`: weights, the KV cache of the replica's sequences at full
+// length (prompt + output), and the prefill working set of one layer for one micro-batch of
+// `micro_batch` sequences (attention computed in blocks: no s x s scores kept).
+MemoryBreakdown inference_memory(const ModelConfig& c, const Layout& l, const InferenceWorkload& w,
+                                 int stage, int64_t replica_batch, int64_t micro_batch);
+
+// Training on one device of `stage`, mixed precision as in ZeRO: bf16 weights and gradients,
+// fp32 master weights + Adam m and v (12 bytes/param; SGD with momentum 8), sharded over DP by the
+// ZeRO stage (experts over their DP/EP group); activations for `in_flight` micro-batches (the
+// schedule's peak for this stage, from the simulator) plus, for full recompute, one layer being
+// recomputed.
+MemoryBreakdown training_memory(const ModelConfig& c, const Layout& l, const TrainingWorkload& w,
+                                int stage, double in_flight);
+
+}  // namespace parallm::plan

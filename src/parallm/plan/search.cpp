@@ -1,0 +1,376 @@
+#include "parallm/plan/search.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "parallm/core/error.h"
+#include "parallm/plan/model_presets.h"
+
+namespace parallm::plan {
+namespace {
+
+using nlohmann::json;
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+std::string num(const char* f, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, v);
+  return buf;
+}
+std::string ms(double s) {
+  return num(s * 1e3 < 10 ? "%.3f ms" : "%.2f ms", s * 1e3);
+}
+std::string bytes_h(double b) {
+  if (b >= 1e9) return num("%.2f GB", b / 1e9);
+  if (b >= 1e6) return num("%.2f MB", b / 1e6);
+  if (b >= 1e3) return num("%.1f kB", b / 1e3);
+  return num("%.0f B", b);
+}
+
+std::vector<int> divisors(int n) {
+  std::vector<int> d;
+  for (int i = 1; i <= n; ++i)
+    if (n % i == 0) d.push_back(i);
+  return d;
+}
+
+// Higher is better.
+double score(const PlanRequest& req, const LayoutEstimate& e) {
+  if (e.training) return e.tokens_per_s;
+  return req.goal == Goal::Latency ? -e.tpot - 1e-3 * e.ttft : e.tokens_per_s;
+}
+
+// The term names of two layouts' breakdowns, compared: which one explains the gap.
+std::string biggest_gap(const std::vector<CostTerm>& mine, const std::vector<CostTerm>& best) {
+  auto key = [](const std::string& n) {
+    return n.rfind("weights", 0) == 0 || n.rfind("matmuls", 0) == 0 ? std::string("compute/memory")
+                                                                    : n;
+  };
+  std::map<std::string, double> diff;
+  for (const CostTerm& t : mine) diff[key(t.name)] += t.seconds;
+  for (const CostTerm& t : best) diff[key(t.name)] -= t.seconds;
+  std::string name;
+  double gap = 0;
+  for (const auto& [n, d] : diff)
+    if (d > gap) gap = d, name = n;
+  if (name.empty()) return "";
+  return cat("; most of the gap: ", name, " (+", ms(gap), ")");
+}
+
+void add_comparisons(const PlanRequest& req, PlanResult& res) {
+  if (res.ranked.empty() || !res.ranked[0].feasible()) return;
+  const LayoutEstimate& best = res.ranked[0];
+  for (size_t i = 1; i < res.ranked.size(); ++i) {
+    LayoutEstimate& e = res.ranked[i];
+    if (!e.feasible()) continue;
+    std::string why;
+    if (e.training) {
+      why = cat("step ", num("%.2f", e.step_time), " s vs ", num("%.2f", best.step_time), " s for ",
+                best.layout.str(), biggest_gap(e.step_terms, best.step_terms));
+    } else if (req.goal == Goal::Latency) {
+      why = cat("TPOT ", ms(e.tpot), " vs ", ms(best.tpot), " (", num("%.2f", e.tpot / best.tpot),
+                "x) for ", best.layout.str(), biggest_gap(e.decode_terms, best.decode_terms));
+    } else {
+      why = cat(num("%.0f", e.tokens_per_s), " tokens/s vs ", num("%.0f", best.tokens_per_s),
+                " for ", best.layout.str(), biggest_gap(e.decode_terms, best.decode_terms));
+    }
+    e.reasons.insert(e.reasons.begin(), why);
+  }
+}
+
+json terms_json(const std::vector<CostTerm>& terms) {
+  json a = json::array();
+  for (const CostTerm& t : terms)
+    a.push_back({{"name", t.name},
+                 {"count", t.count},
+                 {"bytes", t.bytes},
+                 {"ms", t.seconds * 1e3},
+                 {"detail", t.detail}});
+  return a;
+}
+
+json link_json(const LinkSpec& l) {
+  return {{"name", l.name}, {"bandwidth_gbps", l.bandwidth / 1e9}, {"latency_us", l.latency * 1e6}};
+}
+
+}  // namespace
+
+Goal parse_goal(std::string_view s, std::string_view flag) {
+  if (s == "latency") return Goal::Latency;
+  if (s == "throughput") return Goal::Throughput;
+  fail("plan", flag, ": unknown goal \"", s, "\" (choose latency or throughput)");
+}
+
+PlanResult search(const PlanRequest& req) {
+  const int world = req.cluster.world();
+  if (world < 1) fail("plan", "the cluster has no devices");
+  const Layout& pin = req.pinned;
+  PlanResult res;
+  for (int tp : divisors(world)) {
+    for (int pp : divisors(world / tp)) {
+      const int dp = world / (tp * pp);
+      for (int ep : divisors(dp)) {
+        if (!req.model.is_moe() && ep > 1) continue;
+        if (req.model.is_moe() && ep > req.model.num_local_experts) continue;
+        const Layout l{tp, pp, dp, ep};
+        if ((pin.tp && pin.tp != tp) || (pin.pp && pin.pp != pp) || (pin.dp && pin.dp != dp) ||
+            (pin.ep && pin.ep != ep))
+          continue;
+        try {
+          res.ranked.push_back(
+              req.training
+                  ? estimate_training(req.model, req.cluster, l, req.train, req.options)
+                  : estimate_inference(req.model, req.cluster, l, req.inference, req.options));
+        } catch (const std::invalid_argument& e) {
+          std::string why = e.what();
+          if (why.rfind("[plan] ", 0) == 0) why = why.substr(7);
+          res.rejected.push_back({l, why});
+        }
+      }
+    }
+  }
+  if (res.ranked.empty()) {
+    if (pin.tp || pin.pp || pin.dp || pin.ep) {
+      const Layout want{pin.tp ? pin.tp : 1, pin.pp ? pin.pp : 1, pin.dp ? pin.dp : 1,
+                        pin.ep ? pin.ep : 1};
+      if (want.tp * want.pp * want.dp > world || world % (want.tp * want.pp) != 0)
+        fail("plan", "--tp ", want.tp, " --pp ", want.pp, (pin.dp ? cat(" --dp ", pin.dp) : ""),
+             " does not match the cluster's ", world, " devices");
+      if (!res.rejected.empty())
+        fail("plan", res.rejected.front().layout.str(), ": ", res.rejected.front().why);
+      fail("plan", "no layout of ", world, " devices matches --tp/--pp/--dp/--ep");
+    }
+    fail("plan", "no layout can run ", req.model_name, " on ", world, " devices: ",
+         res.rejected.empty() ? std::string("none enumerated") : res.rejected.front().why);
+  }
+  std::stable_sort(res.ranked.begin(), res.ranked.end(),
+                   [&](const LayoutEstimate& a, const LayoutEstimate& b) {
+                     if (a.feasible() != b.feasible()) return a.feasible();
+                     if (a.fits != b.fits) return a.fits;
+                     return score(req, a) > score(req, b);
+                   });
+  add_comparisons(req, res);
+  return res;
+}
+
+json to_json(const PlanRequest& req, const PlanResult& res) {
+  const ClusterSpec& cl = req.cluster;
+  json j;
+  j["model"] = req.model_name;
+  j["params"] = req.model.param_count();
+  j["active_params_per_token"] = active_params_per_token(req.model);
+  j["hardware"] = {{"device", cl.device.name},
+                   {"devices", cl.world()},
+                   {"nodes", cl.nodes},
+                   {"gpus_per_node", cl.gpus_per_node},
+                   {"peak_tflops", cl.device.peak_flops / 1e12},
+                   {"mem_bw_gbps", cl.device.mem_bw / 1e9},
+                   {"memory_gib", cl.device.mem_capacity / kGiB},
+                   {"usable_memory_gib", cl.device.usable_memory() / kGiB},
+                   {"intra_node", link_json(cl.has_nvlink ? cl.nvlink : cl.pcie)},
+                   {"inter_node", link_json(cl.inter)},
+                   {"largest_nvlink_island", cl.largest_island()},
+                   {"rank_flops", rank_flops(cl, req.options)},
+                   {"rank_mem_bw", rank_mem_bw(cl, req.options, cl.gpus_per_node)}};
+  if (req.options.calibration) {
+    j["hardware"]["calibration"] = {{"source", req.options.calibration->source},
+                                    {"backend", req.options.calibration->backend},
+                                    {"world", req.options.calibration->world}};
+  }
+  if (req.training) {
+    const TrainingWorkload& w = req.train;
+    j["workload"] = {{"mode", "training"},
+                     {"global_batch", w.global_batch},
+                     {"micro_batch", w.micro_batch},
+                     {"seq_len", w.seq_len},
+                     {"recompute", recompute_name(w.recompute)},
+                     {"sequence_parallel", w.sequence_parallel},
+                     {"zero", w.zero},
+                     {"schedule", pipeline::schedule_kind_name(w.schedule)},
+                     {"chunks", w.chunks}};
+  } else {
+    const InferenceWorkload& w = req.inference;
+    j["workload"] = {{"mode", "inference"},
+                     {"batch", w.batch},
+                     {"prompt_len", w.prompt_len},
+                     {"output_len", w.output_len},
+                     {"weights", precision_name(w.weights)},
+                     {"kv_cache", precision_name(w.kv_cache)},
+                     {"activations", precision_name(w.activations)}};
+  }
+  j["goal"] = req.goal == Goal::Latency ? "latency" : "throughput";
+  json layouts = json::array();
+  for (const LayoutEstimate& e : res.ranked) {
+    json o;
+    o["tp"] = e.layout.tp;
+    o["pp"] = e.layout.pp;
+    o["dp"] = e.layout.dp;
+    o["ep"] = e.layout.ep;
+    o["fits"] = e.fits;
+    o["allowed"] = e.allowed;
+    o["feasible"] = e.feasible();
+    o["weights_bytes_per_device"] = e.memory.weights;
+    o["kv_cache_bytes_per_device"] = e.memory.kv_cache;
+    o["activation_bytes_per_device"] = e.memory.activations;
+    o["total_bytes_per_device"] = e.memory.total();
+    o["usable_bytes_per_device"] = e.capacity;
+    o["tp_link"] = e.tp_link;
+    o["pp_link"] = e.pp_link;
+    if (e.training) {
+      o["gradient_bytes_per_device"] = e.memory.gradients;
+      o["optimizer_bytes_per_device"] = e.memory.optimizer;
+      o["micro_batches"] = e.micro_batches;
+      o["peak_micro_batches_in_flight"] = e.peak_in_flight;
+      o["forward_ms_per_micro_batch"] = e.forward_time * 1e3;
+      o["backward_ms_per_micro_batch"] = e.backward_time * 1e3;
+      o["p2p_ms"] = e.p2p_time * 1e3;
+      o["bubble_fraction"] = e.bubble_fraction;
+      o["dp_comm_ms"] = e.dp_comm_time * 1e3;
+      o["step_time_s"] = e.step_time;
+      o["tokens_per_s"] = e.tokens_per_s;
+      o["tokens_per_s_per_device"] = e.tokens_per_s_per_device;
+      o["mfu"] = e.mfu;
+      o["dp_link"] = e.dp_link;
+      o["breakdown"] = terms_json(e.step_terms);
+    } else {
+      o["replica_batch"] = e.replica_batch;
+      o["micro_batches"] = e.micro_batches;
+      o["comm_bytes_per_token"] = e.comm_bytes_per_token;
+      o["ttft_ms"] = e.ttft * 1e3;
+      o["tpot_ms"] = e.tpot * 1e3;
+      o["tokens_per_s"] = e.tokens_per_s;
+      o["tokens_per_s_per_device"] = e.tokens_per_s_per_device;
+      o["memory_bound"] = e.decode_memory_bound;
+      o["breakdown"] = terms_json(e.decode_terms);
+    }
+    o["reasons"] = e.reasons;
+    layouts.push_back(o);
+  }
+  j["layouts"] = layouts;
+  json rejected = json::array();
+  for (const Rejected& r : res.rejected)
+    rejected.push_back({{"tp", r.layout.tp},
+                        {"pp", r.layout.pp},
+                        {"dp", r.layout.dp},
+                        {"ep", r.layout.ep},
+                        {"reason", r.why}});
+  j["rejected"] = rejected;
+  return j;
+}
+
+std::string render_report(const PlanRequest& req, const PlanResult& res, int top) {
+  std::ostringstream out;
+  const ClusterSpec& cl = req.cluster;
+  out << "model    " << req.model_name << ": " << num("%.2f", req.model.param_count() / 1e9)
+      << " B parameters";
+  if (req.model.is_moe())
+    out << " (" << num("%.2f", active_params_per_token(req.model) / 1e9) << " B active per token)";
+  out << "\nhardware " << cl.describe() << "\n";
+  out << "rates    per rank: " << num("%.1f", rank_flops(cl, req.options) / 1e12) << " TFLOP/s, "
+      << num("%.1f", rank_mem_bw(cl, req.options, std::min(cl.world(), cl.gpus_per_node)) / 1e9)
+      << " GB/s"
+      << (req.options.calibration
+              ? cat(" (comm calibrated from ", req.options.calibration->source, ")")
+              : "")
+      << "\n";
+  if (req.training) {
+    const TrainingWorkload& w = req.train;
+    out << "workload training: global batch " << w.global_batch << ", micro-batch " << w.micro_batch
+        << ", seq " << w.seq_len << ", recompute " << recompute_name(w.recompute) << ", SP "
+        << (w.sequence_parallel ? "on" : "off") << ", ZeRO " << w.zero << ", "
+        << pipeline::schedule_kind_name(w.schedule)
+        << (w.schedule == pipeline::ScheduleKind::Interleaved ? cat(" v=", w.chunks) : "")
+        << "\n\n";
+  } else {
+    const InferenceWorkload& w = req.inference;
+    out << "workload inference: batch " << w.batch << ", prompt " << w.prompt_len << ", output "
+        << w.output_len << ", weights " << precision_name(w.weights) << ", KV "
+        << precision_name(w.kv_cache) << "; goal "
+        << (req.goal == Goal::Latency ? "latency" : "throughput") << "\n\n";
+  }
+  char line[320];
+  const int shown = std::min<int>(top, int(res.ranked.size()));
+  if (req.training) {
+    std::snprintf(line, sizeof line, "%3s %4s %4s %4s %4s %5s %10s %9s %8s %10s %7s %6s\n", "#",
+                  "tp", "pp", "dp", "ep", "fits", "mem/dev", "step s", "bubble", "tokens/s", "MFU",
+                  "links");
+    out << line;
+    for (int i = 0; i < shown; ++i) {
+      const LayoutEstimate& e = res.ranked[i];
+      std::snprintf(line, sizeof line,
+                    "%3d %4d %4d %4d %4d %5s %6.1f GiB %9.3f %7.1f%% %10.0f %6.1f%% %s/%s/%s\n",
+                    i + 1, e.layout.tp, e.layout.pp, e.layout.dp, e.layout.ep,
+                    e.feasible() ? "yes" : (e.fits ? "rule" : "no"), e.memory.total() / kGiB,
+                    e.step_time, 100 * e.bubble_fraction, e.tokens_per_s, 100 * e.mfu,
+                    e.tp_link.c_str(), e.pp_link.c_str(), e.dp_link.c_str());
+      out << line;
+    }
+  } else {
+    std::snprintf(line, sizeof line, "%3s %4s %4s %4s %4s %5s %10s %10s %10s %9s %10s %11s  %s\n",
+                  "#", "tp", "pp", "dp", "ep", "fits", "mem/dev", "TTFT ms", "TPOT ms", "tokens/s",
+                  "tok/s/dev", "comm/token", "links tp/pp");
+    out << line;
+    for (int i = 0; i < shown; ++i) {
+      const LayoutEstimate& e = res.ranked[i];
+      std::snprintf(line, sizeof line,
+                    "%3d %4d %4d %4d %4d %5s %6.1f GiB %10.2f %10.3f %9.1f %10.1f %11s  %s/%s\n",
+                    i + 1, e.layout.tp, e.layout.pp, e.layout.dp, e.layout.ep,
+                    e.feasible() ? "yes" : (e.fits ? "rule" : "no"), e.memory.total() / kGiB,
+                    e.ttft * 1e3, e.tpot * 1e3, e.tokens_per_s, e.tokens_per_s_per_device,
+                    bytes_h(e.comm_bytes_per_token).c_str(), e.tp_link.c_str(), e.pp_link.c_str());
+      out << line;
+    }
+  }
+  out << "(fits: yes; no = out of memory; rule = fits but breaks a placement rule)\n";
+  const LayoutEstimate& best = res.ranked[0];
+  if (best.feasible()) {
+    out << "\nbest: " << best.layout.str() << "; memory per device "
+        << num("%.1f", best.memory.total() / kGiB) << " GiB (weights "
+        << num("%.1f", best.memory.weights / kGiB);
+    if (best.training)
+      out << ", gradients " << num("%.1f", best.memory.gradients / kGiB) << ", optimizer "
+          << num("%.1f", best.memory.optimizer / kGiB);
+    else
+      out << ", KV cache " << num("%.1f", best.memory.kv_cache / kGiB);
+    out << ", activations " << num("%.1f", best.memory.activations / kGiB) << ") of "
+        << num("%.1f", best.capacity / kGiB) << " GiB usable\n";
+    out << (best.training ? "  per step:\n" : "  per decode step (one token for each sequence):\n");
+    for (const CostTerm& t : best.training ? best.step_terms : best.decode_terms) {
+      out << "    " << t.name;
+      if (t.count > 0 && t.bytes > 0) out << ": " << t.count << " x " << bytes_h(t.bytes);
+      out << "  " << ms(t.seconds);
+      if (!t.detail.empty()) out << "  [" << t.detail << "]";
+      out << "\n";
+    }
+    for (const std::string& r : best.reasons) out << "  note: " << r << "\n";
+  } else {
+    out << "\nno layout fits and follows the placement rules; the closest: " << best.layout.str()
+        << "\n";
+  }
+  if (res.ranked.size() > 1) {
+    out << "\nwhy the others lost:\n";
+    const size_t limit = std::min<size_t>(res.ranked.size(), size_t(std::max(top, 12)));
+    for (size_t i = best.feasible() ? 1 : 0; i < limit; ++i) {
+      const LayoutEstimate& e = res.ranked[i];
+      out << "  " << e.layout.str() << ": "
+          << (e.reasons.empty() ? std::string("slower") : e.reasons[0]);
+      for (size_t k = 1; k < e.reasons.size() && k < 3; ++k) out << "; " << e.reasons[k];
+      out << "\n";
+    }
+    if (limit < res.ranked.size())
+      out << "  ... " << res.ranked.size() - limit << " more (--top or --json)\n";
+  }
+  if (!res.rejected.empty()) {
+    out << "cannot run at all:\n";
+    std::map<std::string, std::vector<std::string>> by_reason;
+    for (const Rejected& r : res.rejected) by_reason[r.why].push_back(r.layout.str());
+    for (const auto& [why, ls] : by_reason)
+      out << "  " << why << " (" << ls.size() << " layout" << (ls.size() > 1 ? "s" : "") << ")\n";
+  }
+  return out.str();
+}
+
+}  // namespace parallm::plan

@@ -1,0 +1,51 @@
+// What the planner is asked about: a layout of the ranks and a workload (inference or training).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "parallm/pipeline/schedule.h"
+#include "parallm/plan/hardware.h"
+
+namespace parallm::plan {
+
+// Ranks as in DESIGN.md: TP fastest, then DP, then PP (global = tp + dp*TP + pp*TP*DP). Expert
+// parallelism is carved out of DP as in Megatron-LM and DeepSpeed-MoE: ep ranks of one DP group
+// share the dense weights and split the experts, so ep divides dp.
+struct Layout {
+  int tp = 1, pp = 1, dp = 1, ep = 1;
+  int world() const { return tp * pp * dp; }
+  int global_rank(int t, int d, int p) const { return t + d * tp + p * tp * dp; }
+  std::string str() const;  // "tp=4 pp=1 dp=1 ep=1"
+  bool operator==(const Layout&) const = default;
+};
+
+struct InferenceWorkload {
+  int64_t batch = 1;         // sequences decoded together, over all DP replicas
+  int64_t prompt_len = 512;  // tokens of each prompt
+  int64_t output_len = 128;  // tokens generated per sequence
+  Precision weights = Precision::FP16;
+  Precision kv_cache = Precision::FP16;
+  Precision activations = Precision::FP16;  // also what TP/PP messages carry
+};
+
+enum class Optimizer { Adam, SGD };
+enum class Recompute { None, Selective, Full };
+
+std::string_view recompute_name(Recompute r);  // "none", "selective", "full"
+Recompute parse_recompute(std::string_view s, std::string_view flag);
+Optimizer parse_optimizer(std::string_view s, std::string_view flag);
+
+struct TrainingWorkload {
+  int64_t global_batch = 512;  // sequences per optimizer step
+  int64_t micro_batch = 1;     // sequences per micro-batch
+  int64_t seq_len = 4096;
+  Optimizer optimizer = Optimizer::Adam;
+  Recompute recompute = Recompute::Selective;
+  bool sequence_parallel = true;  // only meaningful with tp > 1
+  int zero = 0;  // ZeRO stage: 1 shards optimizer states over DP, 2 also gradients, 3 also weights
+  pipeline::ScheduleKind schedule = pipeline::ScheduleKind::OneFOneB;
+  int chunks = 1;  // model chunks per stage (interleaved)
+};
+
+}  // namespace parallm::plan

@@ -1,0 +1,97 @@
+// The MPI backend, run by ctest under mpirun (tests/comm/tests.cmake) at 2, 3, 4 and 7 processes.
+// Without mpirun (gtest discovery, plain ctest entries) these tests skip.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <thread>
+
+#include "conformance.h"
+#include "parallm/comm/launch.h"
+#include "parallm/comm/mesh.h"
+
+namespace parallm::comm {
+namespace {
+
+LaunchOptions mpi_options(double timeout_s) {
+  LaunchOptions o;
+  o.backend = "mpi";
+  o.timeout_s = timeout_s;
+  return o;
+}
+
+#define SKIP_UNLESS_MPIRUN() \
+  if (!under_mpirun()) GTEST_SKIP() << "needs mpirun (see tests/comm/tests.cmake)"
+
+TEST(MpiConformance, AllCollectivesAllAlgorithmsAllCounts) {
+  SKIP_UNLESS_MPIRUN();
+  launch(launched_size(), mpi_options(120), [&](Group world) {
+    EXPECT_EQ(world.backend(), "mpi");
+    EXPECT_EQ(world.rank(), launched_rank());
+    testing::run_suite(world);
+  });
+}
+
+TEST(MpiConformance, SplitAndMesh) {
+  SKIP_UNLESS_MPIRUN();
+  launch(launched_size(), mpi_options(120), [&](Group world) {
+    testing::check_split(world);
+    // TP over as many ranks as divide the world evenly by 2, else a pure pipeline.
+    const int p = world.size();
+    const MeshShape shape = p % 2 == 0 ? MeshShape{.tp = 2, .dp = p / 2} : MeshShape{.pp = p};
+    Mesh mesh(world, shape);
+    const MeshLayout want = mesh_layout(p, shape);
+    float mine = float(world.rank());
+    std::vector<float> got(mesh.tp().size());
+    mesh.tp().all_gather(&mine, got.data(), 1, DType::F32);
+    for (const auto& l : want.tp) {
+      if (std::find(l.begin(), l.end(), world.rank()) == l.end()) continue;
+      for (size_t i = 0; i < l.size(); ++i) EXPECT_EQ(got[i], float(l[i]));
+    }
+    EXPECT_EQ(mesh.pp().name(), "pp");
+  });
+}
+
+TEST(MpiConformance, WorldSizeMismatchIsAClearError) {
+  SKIP_UNLESS_MPIRUN();
+  try {
+    launch(launched_size() + 1, mpi_options(10), [](Group) {});
+    FAIL() << "no error";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("mpirun started " + std::to_string(launched_size()) +
+                                         " processes but this run needs " +
+                                         std::to_string(launched_size() + 1)),
+              std::string::npos)
+        << e.what();
+  }
+}
+
+// The failure tests end the job on purpose; tests.cmake checks the output for the message.
+TEST(MpiFailure, RankThrows) {
+  SKIP_UNLESS_MPIRUN();
+  launch(launched_size(), mpi_options(30), [](Group world) {
+    if (world.rank() == 1) throw std::runtime_error("injected failure on rank 1");
+    float x = 1;
+    world.all_reduce(&x, 1);
+  });
+}
+
+TEST(MpiFailure, RankExits) {
+  SKIP_UNLESS_MPIRUN();
+  launch(launched_size(), mpi_options(30), [](Group world) {
+    if (world.rank() == 1) _exit(3);
+    float x = 1;
+    world.all_reduce(&x, 1);
+  });
+}
+
+TEST(MpiFailure, RankHangs) {
+  SKIP_UNLESS_MPIRUN();
+  launch(launched_size(), mpi_options(1), [](Group world) {
+    if (world.rank() == 1) std::this_thread::sleep_for(std::chrono::seconds(60));
+    world.barrier();
+  });
+}
+
+}  // namespace
+}  // namespace parallm::comm

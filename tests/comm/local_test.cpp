@@ -1,0 +1,276 @@
+// The local backend (ranks as threads): the conformance suite at world sizes 1, 2, 3, 4 and 7,
+// statistics, failures and timeouts, argument errors.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#include "conformance.h"
+#include "parallm/comm/group_impl.h"
+#include "parallm/comm/launch.h"
+#include "parallm/comm/stats.h"
+
+namespace parallm::comm {
+namespace {
+
+using testing::run_suite;
+
+LaunchOptions local_options(double timeout_s = 60) {
+  LaunchOptions o;
+  o.backend = "local";
+  o.timeout_s = timeout_s;
+  return o;
+}
+
+class LocalConformance : public ::testing::TestWithParam<int> {};
+
+TEST_P(LocalConformance, AllCollectivesAllAlgorithmsAllCounts) {
+  std::atomic<int> ran{0};
+  launch(GetParam(), local_options(), [&](Group world) {
+    EXPECT_EQ(world.size(), GetParam());
+    EXPECT_EQ(world.backend(), GetParam() == 1 ? "self" : "local");
+    run_suite(world);
+    ran.fetch_add(1);
+  });
+  EXPECT_EQ(ran.load(), GetParam());
+}
+
+TEST_P(LocalConformance, SplitSubGroups) {
+  launch(GetParam(), local_options(), [&](Group world) { testing::check_split(world); });
+}
+
+INSTANTIATE_TEST_SUITE_P(WorldSizes, LocalConformance, ::testing::Values(1, 2, 3, 4, 7),
+                         [](const auto& info) { return "p" + std::to_string(info.param); });
+
+TEST(LocalGroup, ResultsAreBitwiseEqualOnAllRanks) {
+  // Sums of values that round differently in different orders: every rank must still get the
+  // same bits, whatever the algorithm.
+  for (Algorithm a : {Algorithm::Native, Algorithm::Ring, Algorithm::RecursiveDoubling}) {
+    std::vector<std::vector<float>> results(5);
+    launch(5, local_options(), [&](Group g) {
+      std::vector<float> x(testing::kSanitized ? 30000 : 300000);
+      for (size_t i = 0; i < x.size(); ++i) x[i] = 1.0f / float(1 + (i * 7 + g.rank() * 13) % 101);
+      g.all_reduce(x.data(), x.size(), DType::F32, ReduceOp::Sum, a);
+      results[g.rank()] = x;
+    });
+    for (int r = 1; r < 5; ++r)
+      ASSERT_EQ(0, std::memcmp(results[0].data(), results[r].data(), results[0].size() * 4))
+          << algorithm_name(a) << " rank " << r;
+  }
+}
+
+TEST(LocalGroup, DefaultGroupIsSizeOneNoOp) {
+  Group g;
+  EXPECT_EQ(g.size(), 1);
+  EXPECT_EQ(g.rank(), 0);
+  float x[3] = {1, 2, 3};
+  g.all_reduce(x, 3);
+  EXPECT_EQ(x[2], 3);
+  float y[3] = {};
+  g.all_gather(x, y, 3, DType::F32);
+  EXPECT_EQ(y[1], 2);
+  g.barrier();
+  EXPECT_EQ(g.stats().count(Kind::AllReduce), 1u);
+  EXPECT_EQ(g.stats().count(Kind::Barrier), 1u);
+  EXPECT_EQ(g.stats().get(Kind::AllReduce).bytes_sent, 0u);
+  Group s = g.split(3, 0, "tp");
+  EXPECT_EQ(s.size(), 1);
+  EXPECT_EQ(s.name(), "tp");
+  EXPECT_THROW(g.send(x, 4, 0), std::invalid_argument);
+}
+
+TEST(LocalStats, CountsCallsAndBytesPerKind) {
+  launch(4, local_options(), [&](Group g) {
+    std::vector<float> x(1000, 1.0f);
+    g.stats().reset();
+    for (int i = 0; i < 3; ++i)
+      g.all_reduce(x.data(), x.size(), DType::F32, ReduceOp::Sum, Algorithm::Ring);
+    g.all_reduce(x.data(), x.size());
+    g.barrier();
+    const KindStats ar = g.stats().get(Kind::AllReduce);
+    EXPECT_EQ(ar.calls, 4u);
+    // Ring: 2(p-1)/p x N bytes each way per call (N = 4000 divisible by 4); native: the same.
+    EXPECT_EQ(ar.bytes_sent, 4u * 2 * 3 * 1000);
+    EXPECT_EQ(ar.bytes_recv, 4u * 2 * 3 * 1000);
+    EXPECT_GT(ar.seconds, 0.0);
+    EXPECT_EQ(g.stats().count(Kind::Barrier), 1u);
+    EXPECT_EQ(g.stats().count(Kind::AllGather), 0u);
+    // Point to point counts what this rank sent and received.
+    if (g.rank() == 0) g.send(x.data(), 400, 1, 7);
+    if (g.rank() == 1) g.recv(x.data(), 400, 0, 7);
+    if (g.rank() == 0) {
+      EXPECT_EQ(g.stats().get(Kind::Send).bytes_sent, 400u);
+    }
+    if (g.rank() == 1) {
+      EXPECT_EQ(g.stats().get(Kind::Recv).bytes_recv, 400u);
+    }
+    g.stats().reset();
+    EXPECT_EQ(g.stats().count(Kind::AllReduce), 0u);
+  });
+}
+
+TEST(LocalStats, TablePerGroupNameAfterLaunch) {
+  std::ostringstream out;
+  LaunchOptions o = local_options();
+  o.print_stats = true;
+  o.stats_out = &out;
+  launch(4, o, [&](Group world) {
+    Group tp = world.split(world.rank() / 2, world.rank(), "tp");
+    float x = 1;
+    for (int i = 0; i < 5; ++i) tp.all_reduce(&x, 1);
+    world.barrier();
+  });
+  const std::string table = out.str();
+  EXPECT_NE(table.find("tp"), std::string::npos) << table;
+  EXPECT_NE(table.find("all_reduce"), std::string::npos) << table;
+  EXPECT_NE(table.find("barrier"), std::string::npos) << table;
+  // 4 tp instances (2 groups x 2 ranks), 5 calls each.
+  std::istringstream lines(table);
+  std::string line;
+  bool found = false;
+  while (std::getline(lines, line)) {
+    std::istringstream f(line);
+    std::string name, kind;
+    int inst = 0;
+    double calls = 0;
+    f >> name >> kind >> inst >> calls;
+    if (name == "tp" && kind == "all_reduce") {
+      found = true;
+      EXPECT_EQ(inst, 4) << line;
+      EXPECT_EQ(calls, 5.0) << line;
+    }
+  }
+  EXPECT_TRUE(found) << table;
+}
+
+TEST(LocalFailure, ThrowingRankAbortsTheOthersWithItsMessage) {
+  std::mutex mu;
+  std::vector<std::string> others;
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    launch(4, local_options(/*timeout_s=*/120), [&](Group g) {
+      if (g.rank() == 1) throw std::runtime_error("weights file is truncated");
+      try {
+        float x = 1;
+        g.all_reduce(&x, 1);
+        g.barrier();
+      } catch (const std::exception& e) {
+        std::lock_guard<std::mutex> lock(mu);
+        others.push_back(e.what());
+        throw;
+      }
+    });
+    FAIL() << "launch did not rethrow";
+  } catch (const std::runtime_error& e) {
+    EXPECT_STREQ(e.what(), "weights file is truncated");  // the original, unchanged
+  }
+  // Far below the timeout: the others were woken, not timed out.
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(30));
+  ASSERT_EQ(others.size(), 3u);
+  for (const std::string& m : others) {
+    EXPECT_NE(m.find("rank 1 failed"), std::string::npos) << m;
+    EXPECT_NE(m.find("weights file is truncated"), std::string::npos) << m;
+  }
+}
+
+TEST(LocalFailure, FailureWhileOthersWaitInRecv) {
+  EXPECT_THROW(launch(3, local_options(120),
+                      [&](Group g) {
+                        if (g.rank() == 2) {
+                          std::this_thread::sleep_for(std::chrono::milliseconds(50));
+                          throw std::invalid_argument("bad --tp");
+                        }
+                        char b[8];
+                        g.recv(b, 8, 2, 0);  // never sent
+                      }),
+               std::invalid_argument);
+}
+
+TEST(LocalFailure, MissingRankTimesOut) {
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    launch(2, local_options(/*timeout_s=*/0.3), [&](Group g) {
+      if (g.rank() == 0) g.barrier();  // rank 1 never arrives
+    });
+    FAIL() << "no timeout";
+  } catch (const std::runtime_error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("timed out after 0.3 s"), std::string::npos) << m;
+    EXPECT_NE(m.find("barrier"), std::string::npos) << m;
+    EXPECT_NE(m.find("group \"world\""), std::string::npos) << m;
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));
+}
+
+TEST(LocalFailure, MismatchedMessageSizes) {
+  EXPECT_THROW(launch(2, local_options(5),
+                      [&](Group g) {
+                        char b[16] = {};
+                        if (g.rank() == 0) g.send(b, 16, 1, 3);
+                        if (g.rank() == 1) g.recv(b, 8, 0, 3);
+                      }),
+               std::runtime_error);
+}
+
+TEST(LocalErrors, BadArgumentsNameTheValue) {
+  auto message = [](auto&& fn) -> std::string {
+    try {
+      fn();
+    } catch (const std::invalid_argument& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  EXPECT_NE(message([] {
+              launch(0, local_options(), [](Group) {});
+            }).find("world size must be >= 1, got 0"),
+            std::string::npos);
+  LaunchOptions bad = local_options();
+  bad.backend = "nccl";
+  EXPECT_NE(message([&] { launch(2, bad, [](Group) {}); }).find("\"nccl\""), std::string::npos);
+  bad = local_options(-1);
+  EXPECT_NE(message([&] { launch(2, bad, [](Group) {}); }).find("--comm-timeout"),
+            std::string::npos);
+  EXPECT_NE(
+      message([] { parse_algorithm("tree", "--algo"); }).find("--algo: unknown algorithm \"tree\""),
+      std::string::npos);
+
+  std::mutex mu;
+  std::vector<std::string> errors;
+  launch(2, local_options(), [&](Group g) {
+    float x[4] = {};
+    auto record = [&](auto&& fn) {
+      std::string m = message(fn);
+      std::lock_guard<std::mutex> lock(mu);
+      errors.push_back(m);
+    };
+    if (g.rank() != 0) return;
+    record([&] { g.broadcast(x, 4, DType::F32, 2); });
+    record([&] { g.send(x, 4, 5, 0); });
+    record([&] { g.send(x, 4, 0, 0); });
+    record([&] { g.send(x, 4, 1, -1); });
+    record([&] { g.all_to_all(x, {1}, x, {1, 1}, DType::F32); });
+    record([&] { g.all_reduce(nullptr, 4, DType::F32); });
+    record([&] { g.split(-1, 0); });
+  });
+  ASSERT_EQ(errors.size(), 7u);
+  EXPECT_NE(errors[0].find("root 2 is out of range [0, 2)"), std::string::npos) << errors[0];
+  EXPECT_NE(errors[1].find("destination 5 is out of range"), std::string::npos) << errors[1];
+  EXPECT_NE(errors[2].find("is this rank itself"), std::string::npos) << errors[2];
+  EXPECT_NE(errors[3].find("tag -1"), std::string::npos) << errors[3];
+  EXPECT_NE(errors[4].find("send_counts has 1 entries"), std::string::npos) << errors[4];
+  EXPECT_NE(errors[5].find("data is null but count is 4"), std::string::npos) << errors[5];
+  EXPECT_NE(errors[6].find("color must be >= 0, got -1"), std::string::npos) << errors[6];
+}
+
+TEST(Launch, NotUnderMpirunHere) {
+  if (under_mpirun()) GTEST_SKIP() << "running under mpirun";
+  EXPECT_EQ(launched_rank(), 0);
+  EXPECT_EQ(launched_size(), 1);
+}
+
+}  // namespace
+}  // namespace parallm::comm

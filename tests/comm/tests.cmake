@@ -1,0 +1,36 @@
+# MPI runs of the comm tests: the conformance suite at 2, 3, 4 and 7 processes, and the failure
+# cases, whose jobs must end (not hang) with a message naming the rank.
+if(PARALLM_HAVE_MPI AND TARGET test_comm)
+  set(PARALLM_MPIEXEC "${MPIEXEC_EXECUTABLE}")
+  if(NOT PARALLM_MPIEXEC)
+    find_program(PARALLM_MPIEXEC NAMES mpirun mpiexec)
+  endif()
+  # Open MPI refuses root and more processes than cores unless told; MPICH's hydra needs neither
+  # flag (and rejects them).
+  set(PARALLM_MPI_FLAGS "")
+  execute_process(COMMAND ${PARALLM_MPIEXEC} --version OUTPUT_VARIABLE mpiexec_version
+                  ERROR_QUIET TIMEOUT 20)
+  if(mpiexec_version MATCHES "Open MPI|OpenRTE" OR MPI_C_LIBRARY_VERSION_STRING MATCHES "Open MPI")
+    set(PARALLM_MPI_FLAGS --allow-run-as-root --oversubscribe)
+  endif()
+  foreach(n 2 3 4 7)
+    add_test(NAME comm_mpi_np${n}
+             COMMAND ${PARALLM_MPIEXEC} ${PARALLM_MPI_FLAGS} -np ${n} $<TARGET_FILE:test_comm>
+                     --gtest_filter=MpiConformance.*)
+    set_tests_properties(comm_mpi_np${n} PROPERTIES LABELS "mpi;comm" TIMEOUT 300)
+  endforeach()
+  set(fail_cases
+      "RankThrows\;\\[comm\\] MPI rank 1 of 3 failed: injected failure on rank 1"
+      "RankExits\;Process name: \\[\\[[0-9]+,[0-9]+\\],1\\]|RANK 1 "
+      "RankHangs\;\\[comm\\] MPI rank [02]: rank [02] of group \"world\" .* in barrier timed out after 1 s")
+  foreach(case ${fail_cases})
+    list(GET case 0 name)
+    list(GET case 1 regex)
+    add_test(NAME comm_mpi_failure_${name}
+             COMMAND ${PARALLM_MPIEXEC} ${PARALLM_MPI_FLAGS} -np 3 $<TARGET_FILE:test_comm>
+                     --gtest_filter=MpiFailure.${name})
+    # The job fails on purpose; what matters is that it ends, and says why.
+    set_tests_properties(comm_mpi_failure_${name} PROPERTIES LABELS "mpi;comm" TIMEOUT 60
+                         PASS_REGULAR_EXPRESSION "${regex}")
+  endforeach()
+endif()

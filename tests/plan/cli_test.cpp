@@ -1,0 +1,154 @@
+// `parallm plan` end to end: the seed scenario's table and JSON, calibration, topology, and bad
+// input turned into one clear line on stderr with a non-zero exit.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace {
+
+struct CmdResult {
+  int code;
+  std::string out;
+  std::string err;
+};
+
+CmdResult run_cli(const std::string& args) {
+  const auto err_path =
+      std::filesystem::temp_directory_path() / ("parallm_plan_cli_" + std::to_string(::getpid()));
+  const std::string cmd = std::string(PARALLM_BIN) + " " + args + " 2>" + err_path.string();
+  CmdResult r{0, "", ""};
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return {-1, "", "popen failed"};
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+  const int status = pclose(p);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  std::ifstream e(err_path);
+  r.err.assign(std::istreambuf_iterator<char>(e), {});
+  std::filesystem::remove(err_path);
+  return r;
+}
+
+const std::string kFixtures = std::string(PARALLM_SHARED_DIR) + "/fixtures/nvidia-smi-topo/";
+
+TEST(PlanCli, SeedScenarioTable) {
+  const CmdResult r =
+      run_cli("plan --model llama-2-70b --gpu a100-80g --gpus 4 --link nvlink --batch 8");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("68.98 B parameters"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("best: tp=4 pp=1 dp=1 ep=1"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("why the others lost"), std::string::npos);
+  EXPECT_NE(r.out.find("does not fit"), std::string::npos);
+}
+
+TEST(PlanCli, JsonHasTheDocumentedFields) {
+  const CmdResult r =
+      run_cli("plan --model llama-2-70b --gpu a100-80g --gpus 4 --link pcie4 --batch 1 --json");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["params"].get<int64_t>(), 68976648192);
+  ASSERT_GE(j["layouts"].size(), 3u);
+  for (const auto& l : j["layouts"]) {
+    for (const char* key :
+         {"tp", "pp", "dp", "ep", "fits", "weights_bytes_per_device", "kv_cache_bytes_per_device",
+          "comm_bytes_per_token", "ttft_ms", "tpot_ms", "tokens_per_s", "reasons"})
+      EXPECT_TRUE(l.contains(key)) << key;
+  }
+  EXPECT_EQ(j["layouts"][0]["tp"], 4);
+  // The TP-over-PCIe reason names the latency.
+  bool reason = false;
+  for (const auto& s : j["layouts"][0]["reasons"])
+    reason |= s.get<std::string>().find("TP over pcie4") != std::string::npos;
+  EXPECT_TRUE(reason) << j["layouts"][0]["reasons"].dump();
+}
+
+TEST(PlanCli, CpuWithCalibrationAndConfigFile) {
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("parallm_plan_cli_cpu_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "config.json")
+      << R"({"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 5,
+      "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 512, "tie_word_embeddings": true})";
+  std::ofstream(dir / "comm.json") << R"({"backend": "mpi", "world": 2, "ops": {
+      "all_reduce": {"alpha_us": 10, "beta_gbps": 4}, "sendrecv": {"alpha_us": 3, "beta_gbps": 6}}})";
+  const CmdResult r =
+      run_cli("plan --model " + dir.string() + "/config.json --gpu cpu --gpus 2 --calibrate " +
+              dir.string() + "/comm.json --mem-bw 30 --json");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  bool tp2 = false, pp2 = false;
+  for (const auto& l : j["layouts"]) {
+    if (l["tp"] == 2) {
+      tp2 = true;
+      // 11 all-reduces (2 per layer + embedding) of at least alpha each: comm dominates this tiny
+      // model.
+      EXPECT_GT(l["tpot_ms"].get<double>(), 11 * 0.010);
+    }
+    if (l["pp"] == 2) pp2 = true;
+  }
+  EXPECT_TRUE(tp2 && pp2);
+  EXPECT_EQ(j["hardware"]["calibration"]["backend"], "mpi");
+  std::filesystem::remove_all(dir);
+}
+
+TEST(PlanCli, TopologyConstrainsTp) {
+  const CmdResult r = run_cli("plan --model llama-3-70b --gpu h100-sxm --topology " + kFixtures +
+                              "h100-8gpu-nvlink.txt --batch 4 --json");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["hardware"]["devices"], 8);
+  EXPECT_EQ(j["hardware"]["largest_nvlink_island"], 8);
+  const CmdResult p = run_cli("plan --model llama-3-70b --gpu rtx4090 --topology " + kFixtures +
+                              "rtx4090-8gpu-pcie-nics.txt --dtype int4 --batch 4");
+  ASSERT_EQ(p.code, 0) << p.err;
+  EXPECT_NE(p.out.find("pcie4"), std::string::npos) << p.out;
+}
+
+TEST(PlanCli, TrainingMode) {
+  const CmdResult r = run_cli(
+      "plan --model llama-2-7b --gpu h100-sxm --gpus 8 --train --global-batch 64 --seq-len 4096");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("MFU"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("per step"), std::string::npos) << r.out;
+}
+
+TEST(PlanCli, BadInputIsOneClearLine) {
+  struct Case {
+    std::string args, expect;
+  };
+  const auto bad_topo =
+      std::filesystem::temp_directory_path() / ("parallm_bad_topo_" + std::to_string(::getpid()));
+  std::ofstream(bad_topo) << "\tGPU0\tGPU1\nGPU0\t X \tNV?\nGPU1\tNV4\t X\n";
+  const std::vector<Case> cases = {
+      {"plan --model llama-9-1t --gpus 4", "llama-9-1t"},
+      {"plan --model llama-2-70b --gpu a100-80g --gpus 3 --tp 3",
+       "TP=3 does not divide the 64 attention heads"},
+      {"plan --model llama-2-70b --gpu b300 --gpus 4", "unknown device \"b300\""},
+      {"plan --model llama-2-70b --gpus 4 --link warp", "--link"},
+      {"plan --model llama-2-70b --gpus 4 --dtype fp12", "--dtype"},
+      {"plan --model llama-2-70b --gpus 4 --goal cheapest", "--goal"},
+      {"plan --model llama-2-70b --gpus 4 --calibrate /nonexistent/comm.json",
+       "/nonexistent/comm.json"},
+      {"plan --model llama-2-70b --topology " + bad_topo.string(), "NV?"},
+      {"plan --model /nonexistent/config.json --gpus 4", "/nonexistent/config.json"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.args);
+    const CmdResult r = run_cli(c.args);
+    EXPECT_NE(r.code, 0);
+    EXPECT_NE(r.err.find(c.expect), std::string::npos) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  }
+  std::filesystem::remove(bad_topo);
+}
+
+}  // namespace

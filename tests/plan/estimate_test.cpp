@@ -1,0 +1,338 @@
+// Latency, throughput and the search. The seed scenario (LLaMA-2 70B, fp16, 4 x A100 80 GB,
+// NVLink vs PCIe, TP=4 vs PP=4 at batch 1, 8, 32) is worked by hand here, term by term.
+#include "parallm/plan/estimate.h"
+
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "parallm/pipeline/simulator.h"
+#include "parallm/plan/cluster.h"
+#include "parallm/plan/model_presets.h"
+#include "parallm/plan/search.h"
+
+namespace parallm::plan {
+namespace {
+
+ClusterSpec a100x4(const std::string& link) {
+  ClusterOptions o;
+  o.gpu = "a100-80g";
+  o.gpus = 4;
+  o.link = link;
+  return build_cluster(o);
+}
+
+InferenceWorkload seed_workload(int64_t batch) {
+  InferenceWorkload w;
+  w.batch = batch;
+  w.prompt_len = 512;
+  w.output_len = 128;
+  return w;  // fp16 weights, KV and activations
+}
+
+// Recursive doubling over 4 ranks: 2 steps of alpha + n / beta.
+double rd4(double n, double alpha, double beta) {
+  return 2 * (alpha + n / beta);
+}
+
+TEST(Estimate, SeedScenarioTp4DecodeByHand) {
+  const ModelConfig c = resolve_model("llama-2-70b");
+  const double bw = 2039e9 * 0.8;  // A100 80 GB HBM at the 80% weight streaming reaches
+  const double tp4_params = 80 * 213925888.0 + 2 * 8000.0 * 8192 + 8192;  // see memory_test
+  // Streamed per token: all weights but the embedding table (one row looked up), and the KV cache
+  // of 576 positions (512 prompt + 128/2 generated on average) plus the new token's.
+  const double bytes = (tp4_params - 8000.0 * 8192 + 8192) * 2 + 577 * 81920.0;
+  const double memory = bytes / bw;
+  for (const std::string link : {"nvlink", "pcie4"}) {
+    SCOPED_TRACE(link);
+    const double alpha = link == "nvlink" ? 2e-6 : 8e-6, beta = link == "nvlink" ? 300e9 : 25e9;
+    // 2 all-reduces per layer + the vocab-parallel embedding's, each of one token's hidden state
+    // (8192 x 2 bytes = 16 KiB); then one all-gather of (value, index) pairs for sampling.
+    const double tp_comm = 161 * rd4(16384, alpha, beta) + (2 * alpha + 0.75 * 32 / beta);
+    const LayoutEstimate e =
+        estimate_inference(c, a100x4(link), {4, 1, 1, 1}, seed_workload(1), {});
+    EXPECT_NEAR(e.tpot, memory + tp_comm, 1e-12 + 1e-9 * e.tpot);
+    EXPECT_TRUE(e.decode_memory_bound);
+    // What each device sends per token: recursive doubling sends the whole 16 KiB twice per
+    // all-reduce (a ring would send 2 x 3/4 x 16 KiB = 24 KiB in 6 steps: 160 x 24 KiB = 3.9 MB).
+    EXPECT_DOUBLE_EQ(e.comm_bytes_per_token, 161 * 2 * 16384.0 + 0.75 * 32);
+    EXPECT_NEAR(e.memory.weights / 1e9, 34.49, 0.01);
+    EXPECT_TRUE(e.fits);
+  }
+  // 160 all-reduces of 16 KiB with a ring: 3.93 MB, the figure the guide quotes.
+  EXPECT_NEAR(160 * 2 * 0.75 * 16384 / 1e6, 3.93, 0.01);
+}
+
+TEST(Estimate, SeedScenarioPp4DecodeByHand) {
+  const ModelConfig c = resolve_model("llama-2-70b");
+  const double bw = 2039e9 * 0.8, layer = 855654400.0;
+  const double kv = 577 * 81920.0;  // 20 layers x 8 KV heads: the same bytes per token as TP=4
+  const double s0 = (20 * layer * 2 + 16384 + kv) / bw;                    // embedding: one row
+  const double s12 = (20 * layer * 2 + kv) / bw;                           // middle stages
+  const double s3 = ((20 * layer + 32000.0 * 8192 + 8192) * 2 + kv) / bw;  // + output projection
+  const double p2p = 3 * (2e-6 + 16384 / 300e9) + (2e-6 + 8 / 300e9);      // 3 hops + token back
+  const LayoutEstimate e =
+      estimate_inference(c, a100x4("nvlink"), {1, 4, 1, 1}, seed_workload(1), {});
+  EXPECT_EQ(e.micro_batches, 1);
+  EXPECT_NEAR(e.tpot, s0 + 2 * s12 + s3 + p2p, 1e-9 * e.tpot);
+  // At batch 1 one stage works at a time: PP=4 is ~4x slower per token than TP=4.
+  const LayoutEstimate tp =
+      estimate_inference(c, a100x4("nvlink"), {4, 1, 1, 1}, seed_workload(1), {});
+  EXPECT_GT(e.tpot / tp.tpot, 3.5);
+  EXPECT_LT(e.tpot / tp.tpot, 4.2);
+  // Batch 32 in 4 micro-batches of 8: each stage serves all 4 in turn.
+  const LayoutEstimate e32 =
+      estimate_inference(c, a100x4("nvlink"), {1, 4, 1, 1}, seed_workload(32), {});
+  EXPECT_EQ(e32.micro_batches, 4);
+  EXPECT_GE(e32.tpot, e.tpot);
+  EXPECT_GT(e32.tokens_per_s, 20 * e.tokens_per_s);
+}
+
+TEST(Estimate, SeedScenarioNvlinkVsPcie) {
+  const ModelConfig c = resolve_model("llama-2-70b");
+  for (int64_t batch : {1, 8, 32}) {
+    SCOPED_TRACE(batch);
+    const auto nv = estimate_inference(c, a100x4("nvlink"), {4, 1, 1, 1}, seed_workload(batch), {});
+    const auto pc = estimate_inference(c, a100x4("pcie4"), {4, 1, 1, 1}, seed_workload(batch), {});
+    const auto pp_pc =
+        estimate_inference(c, a100x4("pcie4"), {1, 4, 1, 1}, seed_workload(batch), {});
+    EXPECT_GT(pc.tpot, nv.tpot);
+    // Even over PCIe, TP=4 beats PP=4 for decode latency on this memory-bound model...
+    EXPECT_LT(pc.tpot, pp_pc.tpot);
+    // ...and PP's p2p hardly depends on the link: 3 small messages per token.
+    const auto pp_nv =
+        estimate_inference(c, a100x4("nvlink"), {1, 4, 1, 1}, seed_workload(batch), {});
+    EXPECT_LT((pp_pc.tpot - pp_nv.tpot) / pp_nv.tpot, 0.01);
+  }
+  // TP over PCIe at decode sizes is latency, not bandwidth: 8x the bytes costs far less than 8x.
+  auto tp_time = [&](int64_t batch) {
+    const auto e = estimate_inference(c, a100x4("pcie4"), {4, 1, 1, 1}, seed_workload(batch), {});
+    double t = 0;
+    for (const CostTerm& term : e.decode_terms)
+      if (term.name.rfind("tp ", 0) == 0) t += term.seconds;
+    return t;
+  };
+  EXPECT_LT(tp_time(8) / tp_time(1), 2.0);
+  EXPECT_GT(tp_time(1), 2e-3);  // 161 all-reduces x ~17 us
+}
+
+TEST(Search, SeedScenarioRecommendsTp4ForLatency) {
+  PlanRequest req;
+  req.model = resolve_model("llama-2-70b");
+  req.model_name = "llama-2-70b";
+  req.cluster = a100x4("nvlink");
+  req.inference = seed_workload(8);
+  const PlanResult res = search(req);
+  ASSERT_FALSE(res.ranked.empty());
+  EXPECT_EQ(res.ranked[0].layout, (Layout{4, 1, 1, 1}));
+  EXPECT_TRUE(res.ranked[0].feasible());
+  // Layouts on one or two devices do not fit 138 GB of weights.
+  for (const LayoutEstimate& e : res.ranked) {
+    if (e.layout.tp * e.layout.pp == 1) {
+      EXPECT_FALSE(e.fits);
+      ASSERT_FALSE(e.reasons.empty());
+      EXPECT_NE(e.reasons[0].find("does not fit"), std::string::npos) << e.reasons[0];
+    }
+    if (e.feasible() && !(e.layout == Layout{4, 1, 1, 1})) {
+      ASSERT_FALSE(e.reasons.empty());
+      EXPECT_NE(e.reasons[0].find("TPOT"), std::string::npos) << e.reasons[0];
+    }
+  }
+  const nlohmann::json j = to_json(req, res);
+  EXPECT_EQ(j["params"].get<int64_t>(), 68976648192);
+  ASSERT_EQ(j["layouts"].size(), res.ranked.size());
+  for (const char* key :
+       {"tp", "pp", "dp", "ep", "fits", "weights_bytes_per_device", "kv_cache_bytes_per_device",
+        "comm_bytes_per_token", "ttft_ms", "tpot_ms", "tokens_per_s", "reasons"})
+    EXPECT_TRUE(j["layouts"][0].contains(key)) << key;
+  const std::string report = render_report(req, res, 5);
+  EXPECT_NE(report.find("why the others lost"), std::string::npos);
+  EXPECT_NE(report.find("tp all-reduce"), std::string::npos);
+}
+
+TEST(Search, ThroughputGoalAndRejectedLayouts) {
+  PlanRequest req;
+  req.model = resolve_model("llama-3-8b");
+  req.model_name = "llama-3-8b";
+  req.cluster = a100x4("nvlink");
+  req.inference = seed_workload(64);
+  req.goal = Goal::Throughput;
+  const PlanResult res = search(req);
+  // An 8B model fits one device, yet for decode throughput TP=4 beats 4 replicas: decode is
+  // memory-bound, and TP streams a quarter of the weights per step for all 64 sequences while
+  // each replica streams all of them for 16.
+  EXPECT_EQ(res.ranked[0].layout, (Layout{4, 1, 1, 1}));
+  const Layout dp4{1, 1, 4, 1};
+  for (const LayoutEstimate& e : res.ranked)
+    if (e.layout == dp4) {
+      EXPECT_GT(e.tpot, 2 * res.ranked[0].tpot);
+    }
+  for (size_t i = 1; i < res.ranked.size(); ++i)
+    if (res.ranked[i].feasible()) {
+      EXPECT_LE(res.ranked[i].tokens_per_s, res.ranked[0].tokens_per_s);
+    }
+  // 3 devices: TP=3 cannot split 32 heads.
+  ClusterOptions o;
+  o.gpu = "a100-80g";
+  o.gpus = 3;
+  req.cluster = build_cluster(o);
+  const PlanResult r3 = search(req);
+  bool saw = false;
+  for (const Rejected& r : r3.rejected)
+    if (r.layout.tp == 3)
+      saw = r.why.find("does not divide the 32 attention heads") != std::string::npos;
+  EXPECT_TRUE(saw);
+}
+
+TEST(Search, BadInputGetsClearErrors) {
+  PlanRequest req;
+  req.model = resolve_model("llama-2-70b");
+  req.model_name = "llama-2-70b";
+  ClusterOptions o;
+  o.gpu = "a100-80g";
+  o.gpus = 3;
+  req.cluster = build_cluster(o);
+  req.pinned = {3, 1, 0, 0};
+  try {
+    search(req);
+    FAIL();
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("TP=3 does not divide the 64 attention heads"),
+              std::string::npos)
+        << e.what();
+  }
+  req.pinned = {2, 1, 0, 0};  // 2 does not divide 3 devices
+  EXPECT_THROW(search(req), std::invalid_argument);
+  EXPECT_THROW(parse_goal("fastest"), std::invalid_argument);
+  EXPECT_THROW(parse_precision("fp12", "--dtype"), std::invalid_argument);
+  o.gpu = "a100-90g";
+  try {
+    build_cluster(o);
+    FAIL();
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("a100-90g"), std::string::npos);
+  }
+  o.gpu = "a100-80g";
+  o.link = "carrier-pigeon";
+  EXPECT_THROW(build_cluster(o), std::invalid_argument);
+  o.link = "";
+  o.gpus = 6;
+  o.gpus_per_node = 4;
+  EXPECT_THROW(build_cluster(o), std::invalid_argument);  // 6 is not nodes x 4
+}
+
+TEST(Search, TpStaysInsideNodesByDefault) {
+  PlanRequest req;
+  req.model = resolve_model("llama-2-70b");
+  req.model_name = "llama-2-70b";
+  ClusterOptions o;
+  o.gpu = "h100-sxm";
+  o.nodes = 2;
+  o.gpus_per_node = 8;
+  o.inter_node = "ib-ndr";
+  req.cluster = build_cluster(o);
+  req.inference = seed_workload(16);
+  req.goal = Goal::Throughput;
+  const PlanResult res = search(req);
+  EXPECT_LE(res.ranked[0].layout.tp, 8);
+  for (const LayoutEstimate& e : res.ranked) {
+    if (e.layout.tp == 16) {
+      EXPECT_FALSE(e.allowed);
+      EXPECT_NE(e.reasons[0].find("crosses nodes"), std::string::npos) << e.reasons[0];
+    }
+    if (e.layout.pp >= 2 && e.layout.tp * e.layout.dp == 8) {
+      EXPECT_EQ(e.pp_link, "ib-ndr");
+    }
+  }
+}
+
+TEST(Estimate, CpuDecodeIsWeightsOverBandwidthPlusCalibratedComm) {
+  // What `parallm plan --gpu cpu --gpus 2 --calibrate comm.json --mem-bw 30` predicts for the
+  // engine on this machine: per rank, weight bytes / mem-bw + 2 x layers all-reduces of
+  // (alpha + bytes / beta) for TP; per-stage time + p2p for PP.
+  const ModelConfig c = resolve_model("tinyllama-1.1b");  // 22 layers, h 2048, 4 KV heads
+  ClusterOptions co;
+  co.gpu = "cpu";
+  co.gpus = 2;
+  const ClusterSpec cl = build_cluster(co);
+  PlanOptions o;
+  o.calibration =
+      Calibration::from_json(nlohmann::json::parse(R"({"backend": "mpi", "world": 2, "ops": {
+      "all_reduce": {"alpha_us": 20, "beta_gbps": 2.5}, "all_gather": {"alpha_us": 15, "beta_gbps": 2},
+      "sendrecv": {"alpha_us": 5, "beta_gbps": 5}}})"),
+                             "comm.json");
+  o.mem_bw = 30e9;
+  o.flops = 1e15;  // make compute free so that the check is about bytes and messages
+  InferenceWorkload w;
+  w.batch = 1;
+  w.prompt_len = 1;
+  w.output_len = 1;
+  w.weights = Precision::BF16;
+  w.kv_cache = Precision::FP32;
+  w.activations = Precision::FP32;
+  // ctx = 1 + 1/2 positions of KV read, plus the new token's.
+  const double ctx = 1.5;
+
+  const StageParams t0 = stage_params(c, {2, 1, 1, 1}, 0);
+  const double kv2 = 2.0 * 22 * 2 * 64 * 4;  // 4 KV heads / 2 per rank, head_dim 64, fp32
+  const double tp_bytes = (t0.total() - t0.embedding + 2048) * 2 + (ctx + 1) * kv2;
+  const double tp_expect =
+      tp_bytes / 30e9 + 45 * (20e-6 + 2048 * 4 / 2.5e9) + (15e-6 + 2 * 4 * 2 / 2e9);
+  const LayoutEstimate tp = estimate_inference(c, cl, {2, 1, 1, 1}, w, o);
+  EXPECT_NEAR(tp.tpot, tp_expect, 1e-9 * tp_expect);
+
+  const StageParams p0 = stage_params(c, {1, 2, 1, 1}, 0), p1 = stage_params(c, {1, 2, 1, 1}, 1);
+  const double kv1 = 2.0 * 11 * 4 * 64 * 4;
+  const double s0 = ((p0.total() - p0.embedding + 2048) * 2 + (ctx + 1) * kv1) / 30e9;
+  const double s1 = (p1.total() * 2 + (ctx + 1) * kv1) / 30e9;
+  const double pp_expect = s0 + s1 + (5e-6 + 2048 * 4 / 5e9) + (5e-6 + 8 / 5e9);
+  const LayoutEstimate pp = estimate_inference(c, cl, {1, 2, 1, 1}, w, o);
+  EXPECT_NEAR(pp.tpot, pp_expect, 1e-9 * pp_expect);
+  // The CPU preset describes this machine.
+  EXPECT_TRUE(cl.device.is_cpu);
+  EXPECT_GT(cl.device.cores, 0);
+  EXPECT_GT(cl.device.mem_capacity, 0);
+}
+
+TEST(Estimate, TrainingStepBubbleAndMfu) {
+  const ModelConfig c = resolve_model("llama-2-7b");
+  ClusterOptions co;
+  co.gpu = "a100-80g";
+  co.gpus = 8;
+  const ClusterSpec cl = build_cluster(co);
+  TrainingWorkload w;
+  w.global_batch = 64;
+  w.micro_batch = 1;
+  w.seq_len = 4096;
+  const LayoutEstimate e = estimate_training(c, cl, {2, 4, 1, 1}, w, {});
+  EXPECT_EQ(e.micro_batches, 64);
+  // 1F1B's bubble: (p-1)/(m+p-1) when p2p is free; p2p only adds to it.
+  const double formula = pipeline::bubble_formula(pipeline::ScheduleKind::OneFOneB, 4, 64);
+  EXPECT_GE(e.bubble_fraction, formula - 1e-12);
+  EXPECT_LT(e.bubble_fraction, formula + 0.02);
+  EXPECT_DOUBLE_EQ(e.peak_in_flight, 4);  // stage 0 holds p micro-batches
+  EXPECT_GT(e.mfu, 0.2);
+  EXPECT_LT(e.mfu, 0.6);  // below the 60% GEMM efficiency assumed
+  EXPECT_NEAR(e.tokens_per_s, 64 * 4096 / e.step_time, 1e-6 * e.tokens_per_s);
+  // GPipe holds all 64 micro-batches: more activation memory, same bubble.
+  w.schedule = pipeline::ScheduleKind::GPipe;
+  const LayoutEstimate g = estimate_training(c, cl, {2, 4, 1, 1}, w, {});
+  EXPECT_DOUBLE_EQ(g.peak_in_flight, 64);
+  EXPECT_GT(g.memory.activations, 10 * e.memory.activations);
+  // Interleaving shrinks the bubble.
+  w.schedule = pipeline::ScheduleKind::Interleaved;
+  w.chunks = 2;
+  const LayoutEstimate i = estimate_training(c, cl, {2, 4, 1, 1}, w, {});
+  EXPECT_LT(i.bubble_fraction, e.bubble_fraction);
+  // A global batch DP x micro-batch does not divide is rejected by name.
+  w.global_batch = 10;
+  try {
+    estimate_training(c, cl, {1, 1, 8, 1}, w, {});
+    FAIL();
+  } catch (const std::invalid_argument& ex) {
+    EXPECT_NE(std::string(ex.what()).find("global batch 10"), std::string::npos) << ex.what();
+  }
+}
+
+}  // namespace
+}  // namespace parallm::plan

@@ -1,0 +1,154 @@
+// Memory per device: sharding of the parameters, KV cache, activations (Korthikanti et al.),
+// training states. The seed scenario (LLaMA-2 70B, fp16, 4 devices) is worked by hand.
+#include "parallm/plan/memory.h"
+
+#include <gtest/gtest.h>
+
+#include "parallm/plan/model_presets.h"
+
+namespace parallm::plan {
+namespace {
+
+TEST(Memory, StagesAddUpToTheModel) {
+  for (const ModelPreset& p : model_presets()) {
+    SCOPED_TRACE(p.name);
+    for (int pp : {1, 2, 3, 4}) {
+      double sum = 0;
+      for (int s = 0; s < pp; ++s) sum += stage_params(p.config, {1, pp, 1, 1}, s).total();
+      // Tied embeddings split over stages keep a copy at each end (Megatron-LM).
+      const double extra = p.config.tie_word_embeddings && pp > 1
+                               ? double(p.config.vocab_size) * double(p.config.hidden_size)
+                               : 0.0;
+      EXPECT_DOUBLE_EQ(sum, double(p.config.param_count()) + extra) << "pp=" << pp;
+    }
+  }
+}
+
+TEST(Memory, SeedScenarioWeightsAndKvByHand) {
+  const ModelConfig c = resolve_model("llama-2-70b");
+  // TP=4, per device: q and o 2 x 8192 x 8192/4; k and v 2 x 8192 x (8/4 heads x 128); gate, up,
+  // down 3 x 8192 x 28672/4; two norms 2 x 8192.
+  const double layer = 2.0 * 8192 * 2048 + 2.0 * 8192 * 256 + 3.0 * 8192 * 7168 + 2 * 8192;
+  EXPECT_EQ(layer, 213925888.0);
+  const double tp4 = 80 * layer + 8000.0 * 8192 /*embedding slice*/ + 8000.0 * 8192 /*head*/ + 8192;
+  EXPECT_DOUBLE_EQ(stage_params(c, {4, 1, 1, 1}, 0).total(), tp4);
+  InferenceWorkload w;
+  w.batch = 8;
+  w.prompt_len = 512;
+  w.output_len = 128;
+  const MemoryBreakdown m4 = inference_memory(c, {4, 1, 1, 1}, w, 0, 8, 8);
+  EXPECT_DOUBLE_EQ(m4.weights, tp4 * 2);  // 34.49 GB of fp16
+  EXPECT_NEAR(m4.weights / 1e9, 34.49, 0.01);
+  // KV cache: 2 (K, V) x 80 layers x 2 KV heads x 128 x 2 bytes = 81920 bytes per token, for
+  // 8 x 640 tokens.
+  EXPECT_DOUBLE_EQ(kv_bytes_per_token(c, 4, 80, Precision::FP16), 81920.0);
+  EXPECT_DOUBLE_EQ(m4.kv_cache, 81920.0 * 8 * 640);
+
+  // PP=4: 20 whole layers per stage (855,654,400 parameters each); the first stage adds the
+  // embedding, the last the output projection and the final norm.
+  const double full_layer = 2.0 * 8192 * 8192 + 2.0 * 8192 * 1024 + 3.0 * 8192 * 28672 + 2 * 8192;
+  EXPECT_EQ(full_layer, 855654400.0);
+  EXPECT_DOUBLE_EQ(stage_params(c, {1, 4, 1, 1}, 0).total(), 20 * full_layer + 32000.0 * 8192);
+  EXPECT_DOUBLE_EQ(stage_params(c, {1, 4, 1, 1}, 3).total(),
+                   20 * full_layer + 32000.0 * 8192 + 8192);
+  EXPECT_DOUBLE_EQ(stage_params(c, {1, 4, 1, 1}, 1).total(), 20 * full_layer);
+  // KV per token: 2 x 20 layers x 8 heads x 128 x 2 bytes: the same 81920 as TP=4.
+  EXPECT_DOUBLE_EQ(kv_bytes_per_token(c, 1, 20, Precision::FP16), 81920.0);
+  // Lower precision scales weights and KV.
+  InferenceWorkload q = w;
+  q.weights = Precision::INT4;
+  q.kv_cache = Precision::FP8;
+  const MemoryBreakdown m4q = inference_memory(c, {4, 1, 1, 1}, q, 0, 8, 8);
+  EXPECT_DOUBLE_EQ(m4q.weights, tp4 * 0.5);
+  EXPECT_DOUBLE_EQ(m4q.kv_cache, 40960.0 * 8 * 640);
+}
+
+TEST(Memory, KvHeadsAreReplicatedWhenTpExceedsThem) {
+  const ModelConfig c = resolve_model("llama-2-70b");  // 8 KV heads
+  EXPECT_EQ(kv_heads_per_rank(c, 8), 1);
+  EXPECT_EQ(kv_heads_per_rank(c, 16), 1);  // replicated, not half a head
+  EXPECT_DOUBLE_EQ(kv_bytes_per_token(c, 16, 80, Precision::FP16), 2.0 * 80 * 1 * 128 * 2);
+  // So 16 ranks hold twice the KV of a perfect split.
+  EXPECT_DOUBLE_EQ(16 * kv_bytes_per_token(c, 16, 80, Precision::FP16),
+                   2 * kv_bytes_per_token(c, 1, 80, Precision::FP16));
+}
+
+TEST(Memory, LayoutProblemsAreNamed) {
+  const ModelConfig c = resolve_model("llama-2-70b");
+  EXPECT_EQ(layout_problem(c, {4, 1, 1, 1}), "");
+  EXPECT_NE(layout_problem(c, {3, 1, 1, 1}).find("does not divide the 64 attention heads"),
+            std::string::npos);
+  EXPECT_NE(layout_problem(c, {1, 81, 1, 1}).find("exceeds the 80 layers"), std::string::npos);
+  EXPECT_NE(layout_problem(c, {1, 1, 2, 2}).find("mixture-of-experts"), std::string::npos);
+  const ModelConfig mix = resolve_model("mixtral-8x7b");
+  EXPECT_EQ(layout_problem(mix, {1, 1, 8, 8}), "");
+  EXPECT_NE(layout_problem(mix, {1, 1, 3, 3}).find("does not divide the 8 experts"),
+            std::string::npos);
+  EXPECT_NE(layout_problem(mix, {1, 1, 2, 4}).find("must divide DP"), std::string::npos);
+  EXPECT_THROW(stage_params(c, {3, 1, 1, 1}, 0), std::invalid_argument);
+  // Experts split over EP.
+  EXPECT_DOUBLE_EQ(stage_params(mix, {1, 1, 8, 8}, 0).experts * 8,
+                   stage_params(mix, {1, 1, 1, 1}, 0).experts);
+}
+
+TEST(Memory, KorthikantiFormulaStructure) {
+  // GPT-3 175B shape from the paper: s 2048, h 12288, a 96, t 8, b 1.
+  const int64_t s = 2048, b = 1, h = 12288, a = 96;
+  const double sbh = double(s) * b * h;
+  EXPECT_DOUBLE_EQ(korthikanti_gpt_bytes_per_layer(s, b, h, a, 1, false, Recompute::None),
+                   sbh * (34 + 5.0 * a * s / h));
+  EXPECT_DOUBLE_EQ(korthikanti_gpt_bytes_per_layer(s, b, h, a, 8, false, Recompute::None),
+                   sbh * (10 + 24.0 / 8 + 5.0 * a * s / (h * 8)));
+  EXPECT_DOUBLE_EQ(korthikanti_gpt_bytes_per_layer(s, b, h, a, 8, true, Recompute::None),
+                   sbh / 8 * (34 + 5.0 * a * s / h));
+  EXPECT_DOUBLE_EQ(korthikanti_gpt_bytes_per_layer(s, b, h, a, 8, true, Recompute::Selective),
+                   sbh * 34 / 8);
+  EXPECT_DOUBLE_EQ(korthikanti_gpt_bytes_per_layer(s, b, h, a, 8, true, Recompute::Full),
+                   2 * sbh / 8);
+
+  // The LLaMA version: 8 sbh replicated, the projections split, 2 b (a/t) s^2 for softmax.
+  const ModelConfig c = resolve_model("llama-2-7b");  // h 4096, ffn 11008, 32 heads (MHA)
+  const double T = 4096.0 * 2, H = 4096;
+  const double shard4 = 2 * T * (2 * H / 4 + 2 * (8 * 128) + 4 * 11008.0 / 4);
+  const double scores4 = 2.0 * 2 * (32.0 / 4) * 4096 * 4096;
+  EXPECT_DOUBLE_EQ(activation_bytes_per_layer(c, 4096, 2, 4, false, Recompute::None),
+                   8 * T * H + shard4 + scores4);
+  EXPECT_DOUBLE_EQ(activation_bytes_per_layer(c, 4096, 2, 4, true, Recompute::None),
+                   8 * T * H / 4 + shard4 + scores4);
+  EXPECT_DOUBLE_EQ(activation_bytes_per_layer(c, 4096, 2, 4, true, Recompute::Selective),
+                   8 * T * H / 4 + shard4);
+  EXPECT_DOUBLE_EQ(activation_bytes_per_layer(c, 4096, 2, 4, true, Recompute::Full), 2 * T * H / 4);
+  // With SP, everything divides by t: t=1 total over t equals the SP figure at t when kv heads
+  // split evenly.
+  EXPECT_NEAR(activation_bytes_per_layer(c, 4096, 2, 1, false, Recompute::Selective) / 4,
+              activation_bytes_per_layer(c, 4096, 2, 4, true, Recompute::Selective), 1e-6);
+}
+
+TEST(Memory, TrainingStatesAndZero) {
+  const ModelConfig c = resolve_model("llama-2-7b");
+  TrainingWorkload w;
+  w.seq_len = 2048;
+  w.micro_batch = 1;
+  w.recompute = Recompute::Selective;
+  const Layout l{1, 1, 4, 1};
+  const double P = stage_params(c, l, 0).total();
+  const MemoryBreakdown z0 = training_memory(c, l, w, 0, 1.0);
+  EXPECT_DOUBLE_EQ(z0.weights, 2 * P);
+  EXPECT_DOUBLE_EQ(z0.gradients, 2 * P);
+  EXPECT_DOUBLE_EQ(z0.optimizer, 12 * P);  // fp32 master + Adam m, v: 16 bytes/param in all
+  w.zero = 1;
+  EXPECT_DOUBLE_EQ(training_memory(c, l, w, 0, 1.0).optimizer, 3 * P);
+  w.zero = 2;
+  EXPECT_DOUBLE_EQ(training_memory(c, l, w, 0, 1.0).gradients, 0.5 * P);
+  w.zero = 3;
+  EXPECT_DOUBLE_EQ(training_memory(c, l, w, 0, 1.0).weights, 0.5 * P);
+  w.optimizer = Optimizer::SGD;
+  EXPECT_DOUBLE_EQ(training_memory(c, l, w, 0, 1.0).optimizer, 2 * P);
+  // Activations scale with the micro-batches in flight.
+  w.zero = 0;
+  const double a1 = training_memory(c, l, w, 0, 1.0).activations;
+  EXPECT_DOUBLE_EQ(training_memory(c, l, w, 0, 4.0).activations, 4 * a1);
+}
+
+}  // namespace
+}  // namespace parallm::plan
