@@ -31,20 +31,15 @@ struct DecodeOptions {
   double bandwidth_gbs = 0;  // 0: measure
 };
 
-// Best-of-3 read bandwidth with every core, measured on the root rank while the others wait.
-double root_bandwidth(const RankContext& ctx, double given_gbs) {
-  float bw = 0;
-  if (ctx.is_root()) {
-    if (given_gbs > 0) {
-      bw = static_cast<float>(given_gbs * 1e9);
-    } else {
-      ThreadPool all(ThreadPool::hardware_threads());
-      ScopedPool scoped(all);
-      bw = static_cast<float>(kernels::measure_read_bandwidth(size_t{1} << 30, 3));
-    }
-  }
-  ctx.world.broadcast(&bw, 1, DType::F32, 0);
-  return bw;
+// The machine's read bandwidth with every core: all ranks measure at once, each with its own
+// threads, and the sum is the machine's (one process with all threads when ranks are threads of a
+// single rank; under mpirun every process reads at the same time, as in decode).
+double machine_bandwidth(const RankContext& ctx, double given_gbs) {
+  if (given_gbs > 0) return given_gbs * 1e9;
+  ctx.world.barrier();
+  float bw = static_cast<float>(kernels::measure_read_bandwidth(size_t{1} << 30, 3) / 1e9);
+  ctx.world.all_reduce(&bw, 1, comm::ReduceOp::Sum);
+  return bw * 1e9;
 }
 
 // Batched / pipelined decode: B sequences through the pipeline for `tokens` steps.
@@ -92,7 +87,7 @@ int run_decode(const DecodeOptions& o) {
   run_model(o.engine, [&](RankContext& ctx) {
     if (o.batch > 1 || ctx.mesh.pp_size() > 1 || o.micro_batches > 0)
       return run_decode_batch(o, ctx);
-    const double bw = root_bandwidth(ctx, o.bandwidth_gbs);
+    const double bw = machine_bandwidth(ctx, o.bandwidth_gbs);
     float bytes = static_cast<float>(ctx.model.decode_bytes_per_token());
     ctx.tp.all_reduce(&bytes, 1, comm::ReduceOp::Sum);  // the whole model's bytes per token
     std::vector<double> stamps;
