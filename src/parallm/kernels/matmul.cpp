@@ -31,7 +31,7 @@ namespace {
 
 // Tokens from which sgemm (with bf16 widened per call) beats the chunked GEMV: measured on Zen 3
 // with bf16 [2048, 2048], GEMV 78 vs sgemm 62 GFLOP/s at T = 48, 75 vs 73 at T = 64 (see
-// docs/bench-kernels.md).
+// docs/benchmarks.md).
 constexpr int64_t kSgemmMinT = 64;
 // sgemm on fewer rows of W than this per thread runs well below OpenBLAS's speed (measured: half at
 // 128 rows); below it the tokens are split across threads instead.
@@ -116,7 +116,7 @@ PARALLM_AVX2 static inline __m256 wload8(const void* w, int64_t i) {
 // Each stream (row of a tile) is prefetched this far ahead into L2. The hardware prefetchers
 // alone leave DRAM bandwidth unused here: a bf16 GEMV spends ~10 instructions per cache line, so
 // the out-of-order window covers too few lines to keep enough misses in flight. Measured on Zen 3
-// (see docs/bench-kernels.md): +10-20% for bf16; 1024 bytes = 16 lines per stream.
+// (see docs/benchmarks.md): +10-20% for bf16; 1024 bytes = 16 lines per stream.
 constexpr int64_t kPrefetchBytes = 1024;
 
 template <int R>

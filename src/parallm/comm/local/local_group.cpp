@@ -224,7 +224,7 @@ std::shared_ptr<GroupImpl> LocalGroup::split(int color, int key) {
 
 Algorithm LocalGroup::choose(Kind kind, size_t bytes) const {
   // Shared memory reads peers' buffers directly; the algorithms over send/recv copy every message
-  // through a mailbox. bench comm shows native ahead at every size (docs/bench-comm.md).
+  // through a mailbox. bench comm shows native ahead at every size (docs/benchmarks.md).
   return Algorithm::Native;
 }
 

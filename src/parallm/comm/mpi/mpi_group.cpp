@@ -285,7 +285,7 @@ class MpiGroup final : public GroupImpl {
   }
 
   Algorithm choose(Kind kind, size_t bytes) const override {
-    // See docs/bench-comm.md: MPI's own collectives are as fast or faster at every size measured
+    // See docs/benchmarks.md: MPI's own collectives are as fast or faster at every size measured
     // on one node (shared-memory transport), so Auto stays native.
     return Algorithm::Native;
   }

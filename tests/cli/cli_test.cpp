@@ -1,0 +1,72 @@
+// The CLI's contract for bad input: one line on stderr naming the flag, file or field and the
+// value at fault, a non-zero exit, and no crash. And --help on every command.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <fstream>
+
+#include "test_util.h"
+
+namespace parallm {
+namespace {
+
+using testing::run_parallm;
+
+void expect_one_line_error(const std::string& args, const std::string& needle) {
+  auto r = run_parallm(args);
+  EXPECT_NE(r.exit_code, 0) << args;
+  EXPECT_LT(r.exit_code, 128) << "crashed: " << args << "\n" << r.output;
+  EXPECT_NE(r.output.find(needle), std::string::npos) << args << "\n" << r.output;
+  EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << args << "\n" << r.output;
+}
+
+TEST(Cli, HelpOnEveryCommand) {
+  for (const char* cmd : {"", "generate", "init-model", "bench decode", "bench prefill",
+                          "bench comm", "plan", "schedule"}) {
+    auto r = run_parallm(std::string(cmd) + " --help");
+    EXPECT_EQ(r.exit_code, 0) << cmd << "\n" << r.output;
+    EXPECT_NE(r.output.find("--help"), std::string::npos) << cmd;
+  }
+}
+
+TEST(Cli, BadFlagsAndValues) {
+  const std::string m = "--model " + testing::stories_model();
+  expect_one_line_error("generate " + m + " --prompt-ids 1 --no-such-flag", "--no-such-flag");
+  expect_one_line_error("generate " + m + " --prompt-ids 1,x,3", "\"x\" is not an integer");
+  expect_one_line_error("generate " + m + " --prompt-ids 1 --dtype int3", "--dtype");
+  expect_one_line_error("generate " + m + " --prompt-ids 999", "token id 999");
+  expect_one_line_error("generate " + m + " --prompt-ids 1 --top-p 1.5",
+                        "--top-p must be in (0, 1], got 1.5");
+  expect_one_line_error("generate " + m, "give exactly one of --prompt");
+  expect_one_line_error("generate --model /no/such/model --prompt-ids 1", "/no/such/model");
+  expect_one_line_error("init-model --shape huge --out /tmp/x", "unknown --shape \"huge\"");
+}
+
+TEST(Cli, BadModelFiles) {
+  testing::TempDir dir;
+  // A truncated llama2.c checkpoint.
+  {
+    std::ifstream in(testing::stories_model(), std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::ofstream out(dir.file("cut.bin"), std::ios::binary);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size() / 2));
+  }
+  expect_one_line_error("generate --model " + dir.file("cut.bin") + " --prompt-ids 1", "cut.bin");
+  // A config.json with heads that do not divide the hidden size.
+  auto init = run_parallm("init-model --shape tiny --out " + dir.file("m"));
+  ASSERT_EQ(init.exit_code, 0) << init.output;
+  {
+    std::ifstream in(dir.file("m/config.json"));
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const std::string from = "\"num_attention_heads\": 12";
+    ASSERT_NE(text.find(from), std::string::npos);
+    text.replace(text.find(from), from.size(), "\"num_attention_heads\": 7");
+    std::ofstream out(dir.file("m/config.json"));
+    out << text;
+  }
+  expect_one_line_error("generate --model " + dir.file("m") + " --prompt-ids 1",
+                        "num_attention_heads");
+}
+
+}  // namespace
+}  // namespace parallm
