@@ -3,11 +3,16 @@
 
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace parallm::testing {
 
@@ -27,10 +32,35 @@ class TempDir {
   TempDir& operator=(const TempDir&) = delete;
   const std::string& path() const { return path_; }
   std::string file(const std::string& name) const { return path_ + "/" + name; }
+  std::string operator/(const std::string& name) const { return file(name); }
 
  private:
   std::string path_;
 };
+
+// The message of the std::invalid_argument that f throws ("no error" if none; another exception
+// type is reported as wrong, since caller mistakes must be std::invalid_argument).
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::invalid_argument& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    return std::string("WRONG EXCEPTION TYPE: ") + e.what();
+  }
+  return "no error";
+}
+
+// max |a - b| / max |b|: the normalised error the equality tests bound.
+template <class A, class B>
+double normalised_error(const std::vector<A>& a, const std::vector<B>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < b.size(); ++i) {
+    num = std::max<double>(num, std::abs(static_cast<double>(a[i]) - static_cast<double>(b[i])));
+    den = std::max<double>(den, std::abs(static_cast<double>(b[i])));
+  }
+  return num / den;
+}
 
 struct CommandResult {
   int exit_code = -1;

@@ -40,16 +40,6 @@ GenerateResult run_single_rank(const std::string& path, const std::vector<int32_
   return generate(model, comm::Group(), prompt, go);
 }
 
-// max |a - b| / max |b| over one row.
-double normalised_error(const std::vector<float>& a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < b.size(); ++i) {
-    num = std::max(num, std::abs(a[i] - b[i]));
-    den = std::max(den, std::abs(b[i]));
-  }
-  return num / den;
-}
-
 struct Reference {
   std::vector<int32_t> tokens;
   std::vector<std::vector<double>> logits;
@@ -83,7 +73,7 @@ void compare_with_pytorch(const std::string& dtype, double tolerance) {
   EXPECT_EQ(ours.tokens, ref.tokens);
   double worst = 0;
   for (int s = 0; s < steps; ++s)
-    worst = std::max(worst, normalised_error(ours.logits[s], ref.logits[s]));
+    worst = std::max(worst, testing::normalised_error(ours.logits[s], ref.logits[s]));
   std::printf("[%s] max normalised logit error vs PyTorch (float64): %.3g\n", dtype.c_str(), worst);
   EXPECT_LT(worst, tolerance);
 }

@@ -63,15 +63,6 @@ BatchResult run_pipeline(const std::string& path, int tp, int pp, const Prompts&
   return out;
 }
 
-double max_rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num = std::max<double>(num, std::abs(a[i] - b[i]));
-    den = std::max<double>(den, std::abs(b[i]));
-  }
-  return num / den;
-}
-
 void expect_equal(const BatchResult& got, const BatchResult& want, const std::string& what) {
   ASSERT_EQ(got.sequences.size(), want.sequences.size()) << what;
   for (size_t i = 0; i < want.sequences.size(); ++i) {
@@ -79,8 +70,8 @@ void expect_equal(const BatchResult& got, const BatchResult& want, const std::st
     ASSERT_EQ(got.sequences[i].logits.size(), want.sequences[i].logits.size()) << what;
     double worst = 0;
     for (size_t s = 0; s < want.sequences[i].logits.size(); ++s)
-      worst =
-          std::max(worst, max_rel_diff(got.sequences[i].logits[s], want.sequences[i].logits[s]));
+      worst = std::max(worst, testing::normalised_error(got.sequences[i].logits[s],
+                                                        want.sequences[i].logits[s]));
     EXPECT_LT(worst, 1e-5) << what << " sequence " << i;
   }
 }

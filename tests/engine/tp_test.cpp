@@ -57,15 +57,6 @@ TpRun run_tp(const std::string& path, int tp, const std::vector<int32_t>& prompt
   return out;
 }
 
-double max_rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num = std::max<double>(num, std::abs(a[i] - b[i]));
-    den = std::max<double>(den, std::abs(b[i]));
-  }
-  return num / den;
-}
-
 void expect_same_as_one_rank(const std::string& path, const std::vector<int>& sizes,
                              const std::vector<int32_t>& prompt, int64_t steps) {
   TpRun one = run_tp(path, 1, prompt, steps, true);
@@ -75,7 +66,7 @@ void expect_same_as_one_rank(const std::string& path, const std::vector<int>& si
     ASSERT_EQ(r.result.logits.size(), one.result.logits.size());
     double worst = 0;
     for (size_t s = 0; s < r.result.logits.size(); ++s)
-      worst = std::max(worst, max_rel_diff(r.result.logits[s], one.result.logits[s]));
+      worst = std::max(worst, testing::normalised_error(r.result.logits[s], one.result.logits[s]));
     EXPECT_LT(worst, 1e-5) << "tp " << tp;
   }
 }

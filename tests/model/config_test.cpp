@@ -10,21 +10,14 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "test_util.h"
+
 namespace parallm {
 namespace {
 
 using nlohmann::json;
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("WRONG EXCEPTION TYPE: ") + e.what();
-  }
-  return "no error";
-}
+using testing::error_of;
 
 json minimal() {
   return json::parse(R"({"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 5,

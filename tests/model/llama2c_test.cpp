@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "parallm/model/weights.h"
+#include "test_util.h"
 
 namespace parallm {
 namespace {
@@ -21,29 +22,9 @@ namespace fs = std::filesystem;
 
 const std::string kStories = PARALLM_SHARED_DIR "/models/stories260K/stories260K.bin";
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "parallm_l2c_XXXXXX").string();
-    path = ::mkdtemp(tmpl.data());
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
+using testing::TempDir;
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("WRONG EXCEPTION TYPE: ") + e.what();
-  }
-  return "no error";
-}
+using testing::error_of;
 
 // `n` float32 values at float index `at` after the 28-byte header, read with plain file I/O.
 std::vector<float> raw_floats(const std::string& path, int64_t at, int64_t n) {

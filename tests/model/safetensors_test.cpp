@@ -16,6 +16,7 @@
 
 #include "parallm/model/mmap_file.h"
 #include "parallm/model/weights.h"
+#include "test_util.h"
 
 namespace parallm {
 namespace {
@@ -23,18 +24,7 @@ namespace {
 namespace fs = std::filesystem;
 
 // A fresh directory under the system temp dir, removed with everything in it.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "parallm_st_XXXXXX").string();
-    path = ::mkdtemp(tmpl.data());
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
+using testing::TempDir;
 
 // A [rows, cols] tensor of `dtype` whose element (r, c) is distinct and exactly representable in
 // bf16 and f16: r * 0.25 - c * 0.5 + 0.125.
@@ -62,16 +52,7 @@ void write_raw(const std::string& path, const std::string& header, const std::st
   out << header << data;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("WRONG EXCEPTION TYPE: ") + e.what();
-  }
-  return "no error";
-}
+using testing::error_of;
 
 std::string open_error(const std::string& path) {
   return error_of([&] { open_safetensors(path); });
@@ -115,7 +96,7 @@ TEST(Safetensors, RoundTripsEveryDtypeAndConvertsOnRead) {
   EXPECT_EQ(j["b.bf16"]["data_offsets"], nlohmann::json({60, 76}));
   EXPECT_EQ(j["c.f16"]["dtype"], "F16");
   // No temporary file is left beside it.
-  EXPECT_EQ(std::distance(fs::directory_iterator(dir.path), fs::directory_iterator()), 1);
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir.path()), fs::directory_iterator()), 1);
 }
 
 TEST(Safetensors, ScalarsAndEmptyTensorsRoundTrip) {
@@ -374,7 +355,7 @@ TEST(Safetensors, WriteRejectsBadInputAndLeavesNoFile) {
   EXPECT_THROW(
       write_safetensors(dir / "no/such/dir/w.safetensors", {{"a", ramp(DType::F32, 1, 1)}}),
       std::runtime_error);
-  EXPECT_EQ(std::distance(fs::directory_iterator(dir.path), fs::directory_iterator()), 0);
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir.path()), fs::directory_iterator()), 0);
   // A strided view is written as its contiguous copy.
   Tensor w = ramp(DType::F32, 3, 4);
   write_safetensors(p, {{"cols", w.slice_cols(1, 3)}});
@@ -400,7 +381,7 @@ struct ShardedModel {
 
 TEST(Safetensors, ShardedIndexReadsFromEachShard) {
   ShardedModel m;
-  for (const std::string& path : {m.dir.path.string(), m.dir / "model.safetensors.index.json"}) {
+  for (const std::string& path : {m.dir.path(), m.dir / "model.safetensors.index.json"}) {
     auto src = open_safetensors(path);
     auto names = src->names();
     std::sort(names.begin(), names.end());
@@ -418,7 +399,7 @@ TEST(Safetensors, ShardedIndexReadsFromEachShard) {
 TEST(Safetensors, ShardedIndexErrorsNameTheShardAndTensor) {
   ShardedModel m;
   fs::remove(m.dir / "model-00002-of-00002.safetensors");
-  std::string err = open_error(m.dir.path.string());
+  std::string err = open_error(m.dir.path());
   EXPECT_NE(err.find("shard \"model-00002-of-00002.safetensors\" (holding tensor \"c\") does not "
                      "exist"),
             std::string::npos)
@@ -426,29 +407,28 @@ TEST(Safetensors, ShardedIndexErrorsNameTheShardAndTensor) {
 
   ShardedModel m2;
   m2.write_index(R"({"weight_map":{"a":"model-00002-of-00002.safetensors"}})");
-  err = open_error(m2.dir.path.string());
+  err = open_error(m2.dir.path());
   EXPECT_NE(err.find("the index puts tensor \"a\" in " +
                      (m2.dir / "model-00002-of-00002.safetensors") + ", which has no such tensor"),
             std::string::npos)
       << err;
 
   m2.write_index(R"({"weight_map":{"a":7}})");
-  EXPECT_NE(open_error(m2.dir.path.string()).find("weight_map[\"a\"] must be a file name, got 7"),
+  EXPECT_NE(open_error(m2.dir.path()).find("weight_map[\"a\"] must be a file name, got 7"),
             std::string::npos);
   m2.write_index(R"({"metadata":{}})");
-  EXPECT_NE(open_error(m2.dir.path.string()).find("missing the \"weight_map\" object"),
-            std::string::npos);
+  EXPECT_NE(open_error(m2.dir.path()).find("missing the \"weight_map\" object"), std::string::npos);
   m2.write_index(R"({"weight_map":)");
-  EXPECT_NE(open_error(m2.dir.path.string()).find("invalid JSON"), std::string::npos);
+  EXPECT_NE(open_error(m2.dir.path()).find("invalid JSON"), std::string::npos);
 
   // The same tensor in two shards is ambiguous.
   ShardedModel m3;
   write_safetensors(m3.dir / "model-00002-of-00002.safetensors", {{"c", m3.c}, {"b", m3.b}});
-  EXPECT_NE(open_error(m3.dir.path.string()).find("tensor \"b\" is in more than one shard"),
+  EXPECT_NE(open_error(m3.dir.path()).find("tensor \"b\" is in more than one shard"),
             std::string::npos);
 
   TempDir empty;
-  EXPECT_NE(open_error(empty.path.string())
+  EXPECT_NE(open_error(empty.path())
                 .find("holds neither model.safetensors nor model.safetensors.index.json"),
             std::string::npos);
 }
@@ -466,7 +446,7 @@ TEST(MappedFile, MapsMovesAndRejectsDirectories) {
   EXPECT_EQ(std::memcmp(b.data(), "hello", 5), 0);
   std::ofstream(dir / "empty", std::ios::binary);
   EXPECT_EQ(MappedFile(dir / "empty").size(), 0u);
-  EXPECT_THROW(MappedFile(dir.path.string()), std::invalid_argument);
+  EXPECT_THROW(MappedFile(dir.path()), std::invalid_argument);
   EXPECT_THROW(MappedFile(dir / "missing"), std::invalid_argument);
   EXPECT_NE(open_error(dir / "empty").find("the file has 0 bytes"), std::string::npos);
 }

@@ -11,34 +11,16 @@
 #include <string>
 #include <vector>
 
+#include "test_util.h"
+
 namespace parallm {
 namespace {
 
 namespace fs = std::filesystem;
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "parallm_w_XXXXXX").string();
-    path = ::mkdtemp(tmpl.data());
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
+using testing::TempDir;
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("WRONG EXCEPTION TYPE: ") + e.what();
-  }
-  return "no error";
-}
+using testing::error_of;
 
 // A tiny GQA LLaMA: hidden 8, 2 heads of 4, 1 KV head, ffn 12, 2 layers, vocab 10.
 ModelConfig tiny_config(bool tied) {
@@ -110,7 +92,7 @@ TEST(Weights, CheckAcceptsACompleteModelTiedAndUntied) {
     const ModelConfig c = tiny_config(tied);
     write_model_dir(dir, c, tiny_tensors(c));
     ModelConfig got;
-    auto src = open_model(dir.path.string(), &got);
+    auto src = open_model(dir.path(), &got);
     EXPECT_EQ(got.hidden_size, 8);
     EXPECT_EQ(got.num_key_value_heads, 1);
     EXPECT_EQ(got.tie_word_embeddings, tied);
@@ -123,9 +105,9 @@ TEST(Weights, CheckNamesTheMissingTensor) {
   TempDir dir;
   const ModelConfig c = tiny_config(true);
   write_model_dir(dir, c, tiny_tensors(c, names::layer(1, "mlp.up_proj.weight")));
-  auto src = open_model(dir.path.string(), nullptr);
+  auto src = open_model(dir.path(), nullptr);
   const std::string err = error_of([&] { check_llama_weights(*src, c); });
-  EXPECT_NE(err.find("[weights] " + dir.path.string() +
+  EXPECT_NE(err.find("[weights] " + dir.path() +
                      ": missing tensor \"model.layers.1.mlp.up_proj.weight\" (expected [12, 8]"),
             std::string::npos)
       << err;
@@ -135,7 +117,7 @@ TEST(Weights, CheckNamesTheMissingTensor) {
   TempDir dir2;
   write_model_dir(dir2, untied, tiny_tensors(untied, names::kLmHead));
   EXPECT_NE(error_of([&] {
-              check_llama_weights(*open_model(dir2.path.string(), nullptr), untied);
+              check_llama_weights(*open_model(dir2.path(), nullptr), untied);
             }).find("missing tensor \"lm_head.weight\" (expected [10, 8]"),
             std::string::npos);
 }
@@ -146,7 +128,7 @@ TEST(Weights, CheckNamesTheWrongShapeAndBothShapes) {
   // k_proj written for 2 KV heads while config.json says 1.
   write_model_dir(
       dir, c, tiny_tensors(c, "", names::layer(1, "self_attn.k_proj.weight"), filled({8, 8}, 1)));
-  auto src = open_model(dir.path.string(), nullptr);
+  auto src = open_model(dir.path(), nullptr);
   const std::string err = error_of([&] { check_llama_weights(*src, c); });
   EXPECT_NE(err.find("tensor \"model.layers.1.self_attn.k_proj.weight\" has shape [8, 8] but the "
                      "config needs [4, 8] (layer 1 of num_hidden_layers 2; num_key_value_heads 1 "
@@ -157,7 +139,7 @@ TEST(Weights, CheckNamesTheWrongShapeAndBothShapes) {
   TempDir dir2;
   write_model_dir(dir2, c, tiny_tensors(c, "", names::kEmbed, filled({11, 8}, 1)));
   EXPECT_NE(error_of([&] {
-              check_llama_weights(*open_model(dir2.path.string(), nullptr), c);
+              check_llama_weights(*open_model(dir2.path(), nullptr), c);
             }).find("\"model.embed_tokens.weight\" has shape [11, 8] but the config needs [10, 8]"),
             std::string::npos);
 }
@@ -169,7 +151,7 @@ TEST(Weights, CheckNamesADtypeThatDisagreesWithConfigJson) {
                   tiny_tensors(c, "", names::layer(0, "mlp.down_proj.weight"),
                                filled({8, 12}, 2).to(DType::F16)));
   ModelConfig got;
-  auto src = open_model(dir.path.string(), &got);
+  auto src = open_model(dir.path(), &got);
   EXPECT_NE(error_of([&] { check_llama_weights(*src, got); })
                 .find("tensor \"model.layers.0.mlp.down_proj.weight\" is f16 but config.json says "
                       "torch_dtype \"bfloat16\""),
@@ -183,7 +165,7 @@ TEST(Weights, CheckRejectsLayersBeyondTheConfig) {
   const ModelConfig two = tiny_config(true);
   write_model_dir(dir, two, tiny_tensors(three));
   EXPECT_NE(error_of([&] {
-              check_llama_weights(*open_model(dir.path.string(), nullptr), two);
+              check_llama_weights(*open_model(dir.path(), nullptr), two);
             }).find("belongs to layer 2 but the config has num_hidden_layers 2"),
             std::string::npos);
 }
@@ -214,11 +196,11 @@ TEST(Weights, OpenModelFindsTheFormatFromThePath) {
       std::string::npos);
   TempDir empty;
   EXPECT_NE(error_of([&] {
-              open_model(empty.path.string(), &got);
+              open_model(empty.path(), &got);
             }).find("holds neither model.safetensors nor model.safetensors.index.json"),
             std::string::npos);
   fs::remove(dir / "config.json");
-  EXPECT_NE(error_of([&] { open_model(dir.path.string(), &got); }).find("no config.json beside it"),
+  EXPECT_NE(error_of([&] { open_model(dir.path(), &got); }).find("no config.json beside it"),
             std::string::npos);
   EXPECT_NE(error_of([&] {
               open_model(dir / "model.safetensors", &got);
