@@ -141,8 +141,8 @@ TEST(Partition, EvenSplitGivesLeftoversToTheMiddle) {
   };
   EXPECT_EQ(counts(5, 1), (std::vector<int64_t>{5}));
   EXPECT_EQ(counts(22, 4), (std::vector<int64_t>{5, 6, 6, 5}));
-  EXPECT_EQ(counts(5, 3), (std::vector<int64_t>{1, 2, 2}).size() ? counts(5, 3) : counts(5, 3));
-  EXPECT_EQ(counts(5, 3)[1], 2);  // the middle stage takes the first leftover
+  // 5 over 3: one each, then the two leftovers go to the middle stage and the nearer-first edge.
+  EXPECT_EQ(counts(5, 3), (std::vector<int64_t>{2, 2, 1}));
   EXPECT_EQ(counts(7, 4), (std::vector<int64_t>{2, 2, 2, 1}));
   EXPECT_EQ(counts(6, 3, {1, 3, 2}), (std::vector<int64_t>{1, 3, 2}));
   auto ranges = pipeline::partition_layers(6, 3, {1, 3, 2});
