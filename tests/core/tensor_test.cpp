@@ -64,6 +64,15 @@ TEST(Tensor, ViewsShareStorageAndCopiesConvert) {
   EXPECT_THROW(t.slice_rows(2, 4), std::invalid_argument);
 }
 
+TEST(Tensor, LargeTensorsAreHugePageAligned) {
+  // Weights stream once per decode step; 2 MiB alignment lets them sit on transparent huge pages.
+  Tensor big = Tensor::zeros(DType::BF16, {1024, 2048});  // 4 MiB
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(big.raw()) % (size_t{2} << 20), 0u);
+  EXPECT_EQ(big.data<uint16_t>()[1024 * 2048 - 1], 0);
+  Tensor small = Tensor::zeros(DType::F32, {3});
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(small.raw()) % 64, 0u);
+}
+
 TEST(ThreadPool, CoversEveryIndexOnceStaticAndDynamic) {
   for (int threads : {1, 2, 3, 5}) {
     ThreadPool pool(threads);

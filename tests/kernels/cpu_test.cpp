@@ -44,5 +44,18 @@ TEST(Cpu, ReadBandwidthIsPositive) {
   EXPECT_THROW(measure_read_bandwidth(1 << 20, 0), std::invalid_argument);
 }
 
+TEST(Cpu, BandwidthProbeRepeatsTheMeasurement) {
+  ThreadPool pool(2);
+  ScopedPool scoped(pool);
+  BandwidthProbe probe(size_t{8} << 20, 2);
+  EXPECT_GT(probe.best(), 1e8);
+  for (int i = 0; i < 3; ++i) {
+    const double now = probe.measure(1);
+    EXPECT_GT(now, 1e8);
+    EXPECT_LT(now, 1e14);
+  }
+  EXPECT_THROW(BandwidthProbe(100, 1), std::invalid_argument);
+}
+
 }  // namespace
 }  // namespace parallm::kernels

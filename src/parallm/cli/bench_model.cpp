@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <memory>
 #include <vector>
 
 #include "parallm/cli/command.h"
@@ -34,12 +35,10 @@ struct DecodeOptions {
 // The machine's read bandwidth with every core: all ranks measure at once, each with its own
 // threads, and the sum is the machine's (one process with all threads when ranks are threads of a
 // single rank; under mpirun every process reads at the same time, as in decode).
-double machine_bandwidth(const RankContext& ctx, double given_gbs) {
-  if (given_gbs > 0) return given_gbs * 1e9;
-  ctx.world.barrier();
-  float bw = static_cast<float>(kernels::measure_read_bandwidth(size_t{1} << 30, 3) / 1e9);
-  ctx.world.all_reduce(&bw, 1, comm::ReduceOp::Sum);
-  return bw * 1e9;
+double sum_over_ranks(const RankContext& ctx, double bytes_per_s) {
+  float gbs = static_cast<float>(bytes_per_s / 1e9);
+  ctx.world.all_reduce(&gbs, 1, comm::ReduceOp::Sum);
+  return gbs * 1e9;
 }
 
 // Batched / pipelined decode: B sequences through the pipeline for `tokens` steps.
@@ -87,28 +86,60 @@ int run_decode(const DecodeOptions& o) {
   run_model(o.engine, [&](RankContext& ctx) {
     if (o.batch > 1 || ctx.mesh.pp_size() > 1 || o.micro_batches > 0)
       return run_decode_batch(o, ctx);
-    const double bw = machine_bandwidth(ctx, o.bandwidth_gbs);
+    // The roofline is measured beside every step, not once: on a shared machine the memory
+    // bandwidth drifts by tens of percent from second to second. After each step every rank reads
+    // a 256 MiB buffer at once (the read pattern that was fastest at start), and step i is judged
+    // against the mean of the reads just before and just after it. The probes are not timed.
+    std::unique_ptr<kernels::BandwidthProbe> probe;
+    double start_bw = o.bandwidth_gbs * 1e9;
+    if (o.bandwidth_gbs <= 0) {
+      ctx.world.barrier();
+      probe = std::make_unique<kernels::BandwidthProbe>(size_t{256} << 20, 3);
+      start_bw = sum_over_ranks(ctx, probe->best());
+    }
+    auto bandwidth_now = [&]() -> double {
+      if (!probe) return start_bw;
+      ctx.world.barrier();
+      return sum_over_ranks(ctx, probe->measure(2));
+    };
     float bytes = static_cast<float>(ctx.model.decode_bytes_per_token());
     ctx.tp.all_reduce(&bytes, 1, comm::ReduceOp::Sum);  // the whole model's bytes per token
-    std::vector<double> stamps;
+    std::vector<double> step_s, step_bw;                // timed steps only
+    double step_start = 0, bw_before = 0, comm_s = 0;
+    uint64_t reduces = 0, reduces_at_start = 0;
+    double comm_at_start = 0;
+    int calls = 0;
     GenerateOptions go;
     go.max_tokens = o.warmup + o.tokens + 1;
     go.ignore_eos = true;
     ctx.tp.barrier();
-    uint64_t reduces_before = 0;
-    double comm_before = 0;
+    // on_token runs on every rank after each step; the first call follows the prefill.
     generate(ctx.model, ctx.tp, {static_cast<int32_t>(ctx.config.bos_token_id)}, go, [&](int32_t) {
-      stamps.push_back(now_seconds());
-      if (static_cast<int>(stamps.size()) == o.warmup + 1) {
-        reduces_before = ctx.tp.stats().count(comm::Kind::AllReduce);
-        comm_before = ctx.tp.stats().get(comm::Kind::AllReduce).seconds;
+      const double end = now_seconds();
+      const bool timed = calls > o.warmup;
+      if (timed) {
+        step_s.push_back(end - step_start);
+        reduces += ctx.tp.stats().count(comm::Kind::AllReduce) - reduces_at_start;
+        comm_s += ctx.tp.stats().get(comm::Kind::AllReduce).seconds - comm_at_start;
       }
+      const double bw = bandwidth_now();
+      if (timed) step_bw.push_back((bw_before + bw) / 2);
+      bw_before = bw;
+      ++calls;
+      reduces_at_start = ctx.tp.stats().count(comm::Kind::AllReduce);
+      comm_at_start = ctx.tp.stats().get(comm::Kind::AllReduce).seconds;
+      step_start = now_seconds();
     });
-    const uint64_t reduces = ctx.tp.stats().count(comm::Kind::AllReduce) - reduces_before;
-    const double comm_s = ctx.tp.stats().get(comm::Kind::AllReduce).seconds - comm_before;
-    // stamps[0] follows the prefill; stamps[i] - stamps[i-1] is one decode step.
-    const double secs = stamps.back() - stamps[o.warmup];
+    double secs = 0, could_read = 0;
+    std::vector<double> ratios;
+    for (size_t i = 0; i < step_s.size(); ++i) {
+      secs += step_s[i];
+      could_read += step_s[i] * step_bw[i];
+      ratios.push_back(bytes / step_s[i] / step_bw[i]);
+    }
+    std::sort(ratios.begin(), ratios.end());
     const double tps = o.tokens / secs;
+    const double bw = could_read / secs;  // time-weighted mean of the probes
     if (!ctx.is_root()) return;
     std::printf("bench decode: %s, tp %d, %d threads/rank, dtype %s, simd %s\n",
                 o.engine.model.c_str(), ctx.tp.size(), ThreadPool::current().size(),
@@ -119,8 +150,17 @@ int run_decode(const DecodeOptions& o) {
     std::printf("  ms/token            %10.2f\n", 1e3 / tps);
     std::printf("  weight bytes/token  %10.1f MB\n", bytes / 1e6);
     std::printf("  achieved            %10.2f GB/s\n", bytes * tps / 1e9);
-    std::printf("  read bandwidth      %10.2f GB/s (measured, all threads)\n", bw / 1e9);
-    std::printf("  roofline ratio      %10.3f\n", bytes * tps / bw);
+    if (probe)
+      std::printf(
+          "  read bandwidth      %10.2f GB/s (measured beside each step, all threads; %.2f at "
+          "start)\n",
+          bw / 1e9, start_bw / 1e9);
+    else
+      std::printf("  read bandwidth      %10.2f GB/s (given)\n", bw / 1e9);
+    std::printf(
+        "  roofline ratio      %10.3f   (bytes read / bytes the memory could deliver in the "
+        "same time; per step: median %.3f, min %.3f, max %.3f)\n",
+        bytes * o.tokens / could_read, ratios[ratios.size() / 2], ratios.front(), ratios.back());
     if (ctx.tp.size() > 1)
       std::printf(
           "  tp all-reduce       %10.3f ms/token (%.1f%% of decode), %.1f us each, %.1f per "

@@ -1,5 +1,7 @@
 #include "parallm/core/tensor.h"
 
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <cstring>
 
@@ -7,6 +9,8 @@
 
 namespace parallm {
 namespace {
+
+constexpr size_t kHugePageBytes = size_t{2} << 20;
 
 std::vector<int64_t> contiguous_strides(const Shape& shape) {
   std::vector<int64_t> st(shape.size());
@@ -42,12 +46,19 @@ Tensor Tensor::empty(DType dtype, Shape shape) {
   t.strides_ = contiguous_strides(shape);
   t.shape_ = std::move(shape);
   size_t bytes = t.nbytes();
-  size_t rounded = (bytes + 63) / 64 * 64;
+  // Large tensors (weights, KV caches) go on 2 MiB-aligned memory that the kernel is asked to back
+  // with transparent huge pages: a decode step streams every weight once, and with 4 KiB pages
+  // that is one TLB miss and page walk per 4 KiB read (see docs/benchmarks.md).
+  const size_t align = bytes >= kHugePageBytes ? kHugePageBytes : 64;
+  size_t rounded = (bytes + align - 1) / align * align;
   if (rounded == 0) rounded = 64;
-  void* p = std::aligned_alloc(64, rounded);
+  void* p = std::aligned_alloc(align, rounded);
   if (!p)
     fail<std::runtime_error>("tensor", "out of memory allocating ", bytes, " bytes for ",
                              t.describe());
+#ifdef MADV_HUGEPAGE
+  if (align == kHugePageBytes) (void)::madvise(p, rounded, MADV_HUGEPAGE);
+#endif
   t.storage_ = std::shared_ptr<void>(p, [](void* q) { std::free(q); });
   t.data_ = p;
   return t;

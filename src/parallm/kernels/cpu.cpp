@@ -5,11 +5,10 @@
 #include <cctype>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <new>
 #include <vector>
 
 #include "parallm/core/error.h"
+#include "parallm/core/tensor.h"
 #include "parallm/core/thread_pool.h"
 #include "parallm/core/timer.h"
 #include "parallm/kernels/simd.h"
@@ -191,10 +190,6 @@ float sum_floats(const float* p, size_t n, ReadStrategy how) {
   return sum_scalar(p, n);
 }
 
-struct AlignedFree {
-  void operator()(float* p) const { ::operator delete[](p, std::align_val_t{64}); }
-};
-
 }  // namespace
 
 SimdLevel cpu_simd_level() {
@@ -231,42 +226,72 @@ SimdLevel parse_simd_level(std::string_view value, std::string_view what) {
   fail("cpu", what, "=", value, " is not one of scalar, avx2, avx512");
 }
 
-double measure_read_bandwidth(size_t bytes, int reps) {
+struct BandwidthProbe::State {
+  Tensor buf;
+  int64_t lines = 0;
+  std::vector<float> sums;
+  ReadStrategy how{1, 0};
+
+  // Seconds for one read of the whole buffer with `how`, all threads of the pool.
+  double read_once(ReadStrategy h) {
+    ThreadPool& pool = ThreadPool::current();
+    Timer timer;
+    pool.parallel_for(lines, [&](int64_t b, int64_t e) {
+      sums[static_cast<size_t>(b)] =
+          sum_floats(buf.data<float>() + b * 16, static_cast<size_t>(e - b) * 16, h);
+    });
+    const double s = timer.seconds();
+    // Use the sums so the reads cannot be removed.
+    float total = 0;
+    for (float v : sums) total += v;
+    if (total < 0) fail<std::runtime_error>("cpu", "read bandwidth: impossible sum ", total);
+    return s;
+  }
+};
+
+BandwidthProbe::BandwidthProbe(size_t bytes, int reps) : state_(std::make_unique<State>()) {
   if (bytes < 4096) fail("cpu", "measure_read_bandwidth: bytes must be >= 4096, got ", bytes);
   if (reps < 1) fail("cpu", "measure_read_bandwidth: reps must be >= 1, got ", reps);
-  // Whole cache lines of floats, 64-byte aligned.
+  // Whole cache lines of floats, 64-byte aligned. A tensor, so that the buffer is placed in memory
+  // the way the weights are (huge pages).
   const size_t n = bytes / 64 * 16;
-  std::unique_ptr<float[], AlignedFree> buf(
-      static_cast<float*>(::operator new[](n * sizeof(float), std::align_val_t{64})));
-  ThreadPool& pool = ThreadPool::current();
+  State& st = *state_;
+  st.buf = Tensor::empty(DType::F32, {static_cast<int64_t>(n)});
+  st.lines = static_cast<int64_t>(n / 16);
+  st.sums.assign(static_cast<size_t>(st.lines), 0.0f);
   // Split at cache-line granularity; the static split gives each thread the same part every time,
   // so the part a thread reads was first touched (and placed on its NUMA node) by that thread.
-  const int64_t lines = static_cast<int64_t>(n / 16);
-  pool.parallel_for(lines, [&](int64_t b, int64_t e) {
-    float* p = buf.get() + b * 16;
+  ThreadPool::current().parallel_for(st.lines, [&](int64_t b, int64_t e) {
+    float* p = st.buf.data<float>() + b * 16;
     const size_t m = static_cast<size_t>(e - b) * 16;
     for (size_t i = 0; i < m; ++i) p[i] = static_cast<float>(i & 7);
   });
-  std::vector<float> sums(static_cast<size_t>(lines), 0.0f);
   // The best over several ways of reading (one sequential stream per thread with and without
   // software prefetch, several concurrent streams per thread): the roofline must be the most
   // this machine can read, whatever access pattern a kernel uses.
   double best = 1e300;
   for (const ReadStrategy& how : kStrategies) {
     for (int r = 0; r < reps; ++r) {
-      Timer timer;
-      pool.parallel_for(lines, [&](int64_t b, int64_t e) {
-        sums[static_cast<size_t>(b)] =
-            sum_floats(buf.get() + b * 16, static_cast<size_t>(e - b) * 16, how);
-      });
-      best = std::min(best, timer.seconds());
+      const double s = st.read_once(how);
+      if (s < best) {
+        best = s;
+        st.how = how;
+      }
     }
   }
-  // Use the sums so the reads cannot be removed.
-  float total = 0;
-  for (float s : sums) total += s;
-  if (total < 0) fail<std::runtime_error>("cpu", "measure_read_bandwidth: impossible sum ", total);
-  return static_cast<double>(n * sizeof(float)) / best;
+  best_ = static_cast<double>(n * sizeof(float)) / best;
+}
+
+BandwidthProbe::~BandwidthProbe() = default;
+
+double BandwidthProbe::measure(int reps) {
+  double best = 1e300;
+  for (int r = 0; r < std::max(reps, 1); ++r) best = std::min(best, state_->read_once(state_->how));
+  return static_cast<double>(state_->buf.nbytes()) / best;
+}
+
+double measure_read_bandwidth(size_t bytes, int reps) {
+  return BandwidthProbe(bytes, reps).best();
 }
 
 }  // namespace parallm::kernels

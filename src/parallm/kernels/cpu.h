@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <memory>
 #include <string>
 #include <string_view>
 
@@ -25,5 +26,24 @@ SimdLevel parse_simd_level(std::string_view value, std::string_view what);
 // per thread, with and without software prefetch): the most this machine reads, the roofline
 // for the decode benchmark. Takes ~2 s at the default size.
 double measure_read_bandwidth(size_t bytes = size_t{1} << 30, int reps = 5);
+
+// The same measurement, kept ready to repeat: the constructor finds the best read pattern (as
+// measure_read_bandwidth does); measure() then re-reads the buffer with that pattern only, quickly
+// enough (~10 ms per 256 MiB) to run between decode steps. The bandwidth of a shared machine
+// drifts from second to second, so a ratio against it must be measured beside each step.
+class BandwidthProbe {
+ public:
+  BandwidthProbe(size_t bytes, int reps);
+  ~BandwidthProbe();
+  BandwidthProbe(const BandwidthProbe&) = delete;
+  BandwidthProbe& operator=(const BandwidthProbe&) = delete;
+  double best() const { return best_; }  // bytes/s from the constructor's search
+  double measure(int reps = 2);          // bytes/s now, best of `reps` with the chosen pattern
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+  double best_ = 0;
+};
 
 }  // namespace parallm::kernels
