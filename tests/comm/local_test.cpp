@@ -62,6 +62,56 @@ TEST(LocalGroup, ResultsAreBitwiseEqualOnAllRanks) {
   }
 }
 
+TEST(LocalGroup, BackToBackSmallAllReducesInConcurrentSubGroups) {
+  // The small all-reduce syncs once and reads staging copies that alternate between two
+  // generations: ranks that run one call ahead must never see a peer's next values. Three pairs
+  // of ranks (more ranks than cores here) run many calls back to back with values that change
+  // every call, and check every element of every result.
+  const int kCalls = testing::kSanitized ? 300 : 3000;
+  std::atomic<int> bad{0};
+  launch(6, local_options(), [&](Group world) {
+    Group pair = world.split(world.rank() / 2, world.rank());
+    std::vector<float> x(4096);
+    for (int call = 0; call < kCalls; ++call) {
+      const size_t n = 1 + static_cast<size_t>(call * 997) % x.size();
+      auto value = [&](int rank, size_t i) { return float((call * 31 + rank * 7 + i) % 1000); };
+      for (size_t i = 0; i < n; ++i) x[i] = value(pair.rank(), i);
+      pair.all_reduce(x.data(), n, DType::F32, ReduceOp::Sum);
+      for (size_t i = 0; i < n; ++i)
+        if (x[i] != value(0, i) + value(1, i)) {
+          bad.fetch_add(1);
+          break;
+        }
+      // The caller overwrites its buffer at once, as a model layer does.
+      std::fill(x.begin(), x.end(), -1.0f);
+    }
+  });
+  EXPECT_EQ(bad.load(), 0);
+}
+
+TEST(LocalGroup, PeersStillReadingWhenARankLeaves) {
+  // A rank returns from the small all-reduce as soon as it has its result, and may drop its group
+  // (and end) while a peer still reads its staging copy: the copy must outlive the rank's group.
+  // (The copies once belonged to LocalGroup and went with it: a slow rank then summed freed
+  // memory, and TP x PP runs on threads gave wrong tokens now and then.)
+  for (int round = 0; round < 40; ++round) {
+    std::atomic<int> bad{0};
+    launch(2, local_options(), [&](Group world) {
+      std::vector<float> x(16000, float(world.rank() + 1));
+      {
+        Group g = world.split(0, world.rank());
+        g.all_reduce(x.data(), x.size(), DType::F32, ReduceOp::Sum);
+      }  // rank 0 drops its group at once; rank 1 may still be summing
+      for (float v : x)
+        if (v != 3.0f) {
+          bad.fetch_add(1);
+          break;
+        }
+    });
+    ASSERT_EQ(bad.load(), 0) << "round " << round;
+  }
+}
+
 TEST(LocalGroup, DefaultGroupIsSizeOneNoOp) {
   Group g;
   EXPECT_EQ(g.size(), 1);

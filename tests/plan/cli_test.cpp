@@ -82,9 +82,12 @@ TEST(PlanCli, CpuWithCalibrationAndConfigFile) {
       "all_reduce": {"alpha_us": 10, "beta_gbps": 4}, "sendrecv": {"alpha_us": 3, "beta_gbps": 6}}})";
   const CmdResult r =
       run_cli("plan --model " + dir.string() + "/config.json --gpu cpu --gpus 2 --calibrate " +
-              dir.string() + "/comm.json --mem-bw 30 --json");
+              dir.string() + "/comm.json --mem-bw 30 --rank-mem-bw 20 --json");
   ASSERT_EQ(r.code, 0) << r.err;
   const auto j = nlohmann::json::parse(r.out);
+  // The node's 30 GB/s shared by both ranks; one rank alone at most 20.
+  EXPECT_DOUBLE_EQ(j["hardware"]["rank_mem_bw"].get<double>(), 15e9);
+  EXPECT_DOUBLE_EQ(j["hardware"]["rank_mem_bw_alone"].get<double>(), 20e9);
   bool tp2 = false, pp2 = false;
   for (const auto& l : j["layouts"]) {
     if (l["tp"] == 2) {
@@ -140,6 +143,10 @@ TEST(PlanCli, BadInputIsOneClearLine) {
        "/nonexistent/comm.json"},
       {"plan --model llama-2-70b --topology " + bad_topo.string(), "NV?"},
       {"plan --model /nonexistent/config.json --gpus 4", "/nonexistent/config.json"},
+      {"plan --model llama-2-7b --gpu a100-80g --gpus 2 --rank-mem-bw 10",
+       "--rank-mem-bw is for --gpu cpu"},
+      {"plan --model llama-2-7b --gpu cpu --gpus 2 --mem-bw 20 --rank-mem-bw -3",
+       "--rank-mem-bw must be positive, got -3"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.args);

@@ -247,9 +247,11 @@ TEST(Search, TpStaysInsideNodesByDefault) {
 }
 
 TEST(Estimate, CpuDecodeIsWeightsOverBandwidthPlusCalibratedComm) {
-  // What `parallm plan --gpu cpu --gpus 2 --calibrate comm.json --mem-bw 30` predicts for the
-  // engine on this machine: per rank, weight bytes / mem-bw + 2 x layers all-reduces of
-  // (alpha + bytes / beta) for TP; per-stage time + p2p for PP.
+  // What `parallm plan --gpu cpu --gpus 2 --calibrate comm.json --mem-bw 30 --rank-mem-bw 20`
+  // predicts for the engine on this machine: the node streams 30 GB/s, shared by the ranks that
+  // stream at once, and one rank alone reaches 20. TP=2: both ranks stream, 15 GB/s each, plus
+  // 2 x layers all-reduces of (alpha + bytes / beta); PP=2 at batch 1: one stage streams at a
+  // time, at min(30, 20) = 20 GB/s, plus the p2p messages.
   const ModelConfig c = resolve_model("tinyllama-1.1b");  // 22 layers, h 2048, 4 KV heads
   ClusterOptions co;
   co.gpu = "cpu";
@@ -262,6 +264,7 @@ TEST(Estimate, CpuDecodeIsWeightsOverBandwidthPlusCalibratedComm) {
       "sendrecv": {"alpha_us": 5, "beta_gbps": 5}}})"),
                              "comm.json");
   o.mem_bw = 30e9;
+  o.rank_mem_bw = 20e9;
   o.flops = 1e15;  // make compute free so that the check is about bytes and messages
   InferenceWorkload w;
   w.batch = 1;
@@ -277,17 +280,23 @@ TEST(Estimate, CpuDecodeIsWeightsOverBandwidthPlusCalibratedComm) {
   const double kv2 = 2.0 * 22 * 2 * 64 * 4;  // 4 KV heads / 2 per rank, head_dim 64, fp32
   const double tp_bytes = (t0.total() - t0.embedding + 2048) * 2 + (ctx + 1) * kv2;
   const double tp_expect =
-      tp_bytes / 30e9 + 45 * (20e-6 + 2048 * 4 / 2.5e9) + (15e-6 + 2 * 4 * 2 / 2e9);
+      tp_bytes / 15e9 + 45 * (20e-6 + 2048 * 4 / 2.5e9) + (15e-6 + 2 * 4 * 2 / 2e9);
   const LayoutEstimate tp = estimate_inference(c, cl, {2, 1, 1, 1}, w, o);
   EXPECT_NEAR(tp.tpot, tp_expect, 1e-9 * tp_expect);
 
   const StageParams p0 = stage_params(c, {1, 2, 1, 1}, 0), p1 = stage_params(c, {1, 2, 1, 1}, 1);
   const double kv1 = 2.0 * 11 * 4 * 64 * 4;
-  const double s0 = ((p0.total() - p0.embedding + 2048) * 2 + (ctx + 1) * kv1) / 30e9;
-  const double s1 = (p1.total() * 2 + (ctx + 1) * kv1) / 30e9;
+  const double s0 = ((p0.total() - p0.embedding + 2048) * 2 + (ctx + 1) * kv1) / 20e9;
+  const double s1 = (p1.total() * 2 + (ctx + 1) * kv1) / 20e9;
   const double pp_expect = s0 + s1 + (5e-6 + 2048 * 4 / 5e9) + (5e-6 + 8 / 5e9);
   const LayoutEstimate pp = estimate_inference(c, cl, {1, 2, 1, 1}, w, o);
   EXPECT_NEAR(pp.tpot, pp_expect, 1e-9 * pp_expect);
+  // Without the cap, the one streaming stage has the whole node.
+  o.rank_mem_bw = 0;
+  const LayoutEstimate pp_uncapped = estimate_inference(c, cl, {1, 2, 1, 1}, w, o);
+  EXPECT_NEAR(pp_uncapped.tpot, pp_expect - (s0 + s1) / 3, 1e-9 * pp_expect);
+  // With 2 micro-batches (batch 2) both stages stream at once: 15 GB/s each.
+  EXPECT_NEAR(rank_mem_bw(cl, o, 2), 15e9, 1);
   // The CPU preset describes this machine.
   EXPECT_TRUE(cl.device.is_cpu);
   EXPECT_GT(cl.device.cores, 0);

@@ -1,6 +1,8 @@
 // parallm bench comm: time every collective from 4 B to 64 MiB, nccl-tests style (time, algorithm
-// bandwidth, bus bandwidth), for each algorithm, beside a baseline (local: memcpy of the same bytes
-// plus a barrier); then fit latency (alpha) and per-byte cost (beta) for each op, for the planner.
+// bandwidth, bus bandwidth), for each algorithm, beside baselines for all_reduce: a memcpy of the
+// same bytes plus a barrier, and (local backend) the same bytes copied from another rank's buffer
+// that it has just written, plus two barriers: the data that must cross between cores; then fit
+// latency (alpha) and per-byte cost (beta) for each op, for the planner.
 //
 //   parallm bench comm --ranks 4 --op all_reduce                  # local backend, 4 threads
 //   mpirun -np 2 parallm bench comm --op all --json comm.json     # MPI backend
@@ -88,9 +90,11 @@ double bus_factor(const std::string& op, int p) {
   return 1.0;
 }
 
-// Which algorithms each op can run. "baseline": memcpy of the bytes + barrier (local) or the
-// same with MPI (a lower bound on one copy).
-std::vector<std::string> algos_for(const std::string& op, const std::string& wanted) {
+// Which algorithms each op can run. "baseline": memcpy of the bytes + barrier (a lower bound on
+// one copy); "peercopy" (local backend): write the buffer, barrier, copy the next rank's buffer,
+// barrier: the bytes that must come from another core's cache.
+std::vector<std::string> algos_for(const std::string& op, const std::string& wanted,
+                                   bool peer_copy) {
   std::vector<std::string> all;
   if (op == "all_reduce" || op == "all_gather" || op == "reduce_scatter")
     all = {"auto", "native", "ring", "rd"};
@@ -98,12 +102,15 @@ std::vector<std::string> algos_for(const std::string& op, const std::string& wan
     all = {"auto", "native", "ring"};  // ring here: the send/recv version (pairwise / binomial)
   else
     all = {"auto"};
-  if (op == "all_reduce") all.push_back("baseline");
+  if (op == "all_reduce") {
+    all.push_back("baseline");
+    if (peer_copy) all.push_back("peercopy");
+  }
   if (wanted == "all") return all;
   std::vector<std::string> out;
   for (auto& a : all)
-    if (a == wanted || a == "baseline") out.push_back(a);
-  if (out.empty() || (out.size() == 1 && out[0] == "baseline")) out.insert(out.begin(), "auto");
+    if (a == wanted || a == "baseline" || a == "peercopy") out.push_back(a);
+  if (out.empty() || out[0] == "baseline") out.insert(out.begin(), "auto");
   return out;
 }
 
@@ -145,12 +152,15 @@ int iterations(const Options& o, size_t bytes) {
 }
 
 // One measurement on all ranks; returns the slowest rank's seconds per call.
+// peer_a: the next rank's buffer `a` (local backend: ranks share the address space), or null.
 double measure(const Group& g, const std::string& op, const std::string& algo, size_t bytes,
-               DType dtype, int iters, std::vector<char>& a, std::vector<char>& b) {
+               DType dtype, int iters, std::vector<char>& a, std::vector<char>& b,
+               const char* peer_a) {
   const int p = g.size(), r = g.rank();
   const size_t elem = dtype_size(dtype);
-  Algorithm al = algo == "auto" || algo == "baseline" ? Algorithm::Auto
-                                                      : comm::parse_algorithm(algo, "--algo");
+  const bool baseline = algo == "baseline" || algo == "peercopy";
+  Algorithm al =
+      algo == "auto" || baseline ? Algorithm::Auto : comm::parse_algorithm(algo, "--algo");
   // all_to_all and broadcast pick their send/recv versions through the group's options.
   comm::CommOptions saved = g.options(), opts = saved;
   if (op == "all_to_all" || op == "broadcast") opts.algorithm = al;
@@ -159,6 +169,11 @@ double measure(const Group& g, const std::string& op, const std::string& algo, s
   auto once = [&] {
     if (algo == "baseline") {
       std::memcpy(b.data(), a.data(), bytes);
+      g.barrier();
+    } else if (algo == "peercopy") {
+      std::memset(a.data(), 0, bytes);  // the producer's write, as all_reduce writes its output
+      g.barrier();
+      std::memcpy(b.data(), peer_a, bytes);
       g.barrier();
     } else if (op == "all_reduce") {
       g.all_reduce(a.data(), bytes / elem, dtype, comm::ReduceOp::Sum, al);
@@ -217,6 +232,14 @@ int run(const Options& o) {
     const float one = 1.0f;
     for (size_t i = 0; i + elem <= a.size(); i += elem)
       convert(&one, DType::F32, a.data() + i, dtype, 1);
+    // Local ranks are threads of one process: exchange the addresses of `a` for the peer copy.
+    const char* peer_a = nullptr;
+    if (g.backend() == "local") {
+      std::vector<uint64_t> addrs(p);
+      const uint64_t mine = reinterpret_cast<uintptr_t>(a.data());
+      g.all_gather(&mine, addrs.data(), 2, DType::F32);  // 8 bytes, copied as they are
+      peer_a = reinterpret_cast<const char*>(static_cast<uintptr_t>(addrs[(g.rank() + 1) % p]));
+    }
     if (root) {
       backend = std::string(g.backend());
       std::printf("# parallm bench comm: backend %s, %d ranks, dtype %s, %d hardware threads\n",
@@ -232,14 +255,17 @@ int run(const Options& o) {
             (op == "all_reduce" || op == "broadcast" || op == "sendrecv") ? elem : elem * p;
         const size_t n = bytes / unit * unit;
         if (n == 0) continue;
-        for (const std::string& algo : algos_for(op, o.algo)) {
-          const double s = measure(g, op, algo, n, dtype, iterations(o, n), a, b);
+        for (const std::string& algo : algos_for(op, o.algo, peer_a != nullptr)) {
+          const double s = measure(g, op, algo, n, dtype, iterations(o, n), a, b, peer_a);
           if (!root) continue;
           rows.push_back({op, algo, n, n / elem, s});
           const double algbw = n / s / 1e9;
           std::printf("  %-14s %9s %10zu %-9s %11.2f %11.3f %11.3f\n", op.c_str(), human(n).c_str(),
-                      n / elem, algo == "baseline" ? "memcpy+barrier" : algo.c_str(), s * 1e6,
-                      algbw, algbw * bus_factor(op, p));
+                      n / elem,
+                      algo == "baseline"   ? "memcpy+barrier"
+                      : algo == "peercopy" ? "peer-copy+2barriers"
+                                           : algo.c_str(),
+                      s * 1e6, algbw, algbw * bus_factor(op, p));
           std::fflush(stdout);
         }
       }
@@ -255,12 +281,17 @@ int run(const Options& o) {
   // The goals, as ratios measured in this run.
   if (std::find(ops.begin(), ops.end(), "all_reduce") != ops.end()) {
     const double ar = find("all_reduce", "auto", 16384),
-                 base = find("all_reduce", "baseline", 16384);
+                 base = find("all_reduce", "baseline", 16384),
+                 peer = find("all_reduce", "peercopy", 16384);
     if (ar > 0 && base > 0)
       std::printf(
           "# goal: all_reduce 16K (auto) / (memcpy 16K + barrier) = %.2f (target <= 2 on "
           "the local backend)\n",
           ar / base);
+    if (ar > 0 && peer > 0)
+      std::printf(
+          "#       all_reduce 16K (auto) / (copy 16K from another core + 2 barriers) = %.2f\n",
+          ar / peer);
     for (size_t bytes = 1 << 20; bytes <= hi; bytes *= 4) {
       const double ring = find("all_reduce", "ring", bytes),
                    native = find("all_reduce", "native", bytes);

@@ -1,5 +1,6 @@
 // parallm plan: given a model and hardware, every layout's memory, communication, latency and
 // throughput, ranked, with reasons. See docs/parallelism-guide.md.
+#include <algorithm>
 #include <cstdio>
 #include <iostream>
 #include <memory>
@@ -23,7 +24,7 @@ struct Options {
   int top = 5;
   bool json = false, list = false, tp_anywhere = false;
   std::string calibrate;
-  double mem_bw_gbps = 0, gflops = 0;
+  double mem_bw_gbps = 0, rank_mem_bw_gbps = 0, gflops = 0;
   int tp = 0, pp = 0, dp = 0, ep = 0;
   bool train = false;
   int64_t global_batch = 512, micro_batch = 1, seq_len = 4096;
@@ -67,15 +68,25 @@ int run(const Options& o) {
   plan::PlanRequest req;
   req.model = plan::resolve_model(o.model, &req.model_name);
   req.cluster = plan::build_cluster(o.cluster);
-  if (req.cluster.device.is_cpu && req.cluster.device.mem_bw == 0 && o.mem_bw_gbps == 0) {
-    // Measure this node once; ranks share it.
-    req.cluster.device.mem_bw = plan::measure_memory_bandwidth(req.cluster.device.cores);
+  plan::DeviceSpec& dev = req.cluster.device;
+  if (dev.is_cpu && dev.mem_bw == 0 && o.mem_bw_gbps == 0) {
+    // Measure this node once (ranks share it), and one rank alone with its share of the cores.
+    dev.mem_bw = plan::measure_memory_bandwidth(dev.cores);
+    if (o.rank_mem_bw_gbps == 0)
+      dev.rank_mem_bw = plan::measure_memory_bandwidth(
+          std::max(1, dev.cores / std::max(1, req.cluster.gpus_per_node)));
   }
   req.goal = plan::parse_goal(o.goal);
   if (!o.calibrate.empty()) req.options.calibration = plan::Calibration::from_file(o.calibrate);
   if (o.mem_bw_gbps < 0) fail("plan", "--mem-bw must be positive, got ", o.mem_bw_gbps);
+  if (o.rank_mem_bw_gbps < 0)
+    fail("plan", "--rank-mem-bw must be positive, got ", o.rank_mem_bw_gbps);
+  if (o.rank_mem_bw_gbps > 0 && !dev.is_cpu)
+    fail("plan", "--rank-mem-bw is for --gpu cpu (ranks sharing a node's memory); device \"",
+         dev.name, "\" has its own");
   if (o.gflops < 0) fail("plan", "--flops must be positive, got ", o.gflops);
   req.options.mem_bw = o.mem_bw_gbps * 1e9;
+  req.options.rank_mem_bw = o.rank_mem_bw_gbps * 1e9;
   req.options.flops = o.gflops * 1e9;
   req.options.tp_anywhere = o.tp_anywhere;
   req.pinned = {o.tp, o.pp, o.dp, o.ep};
@@ -157,7 +168,12 @@ const bool registered = register_command(
        app.add_flag("--json", o->json, "Machine-readable output");
        app.add_option("--calibrate", o->calibrate,
                       "Alpha/beta JSON from `parallm bench comm` (and optional compute rates)");
-       app.add_option("--mem-bw", o->mem_bw_gbps, "Measured memory bandwidth per rank, GB/s");
+       app.add_option("--mem-bw", o->mem_bw_gbps,
+                      "Measured memory bandwidth per device, GB/s (--gpu cpu: the node's, shared "
+                      "by the ranks that stream at once)");
+       app.add_option("--rank-mem-bw", o->rank_mem_bw_gbps,
+                      "--gpu cpu: what one rank streams alone with its cores, GB/s (caps its share "
+                      "when fewer ranks stream, e.g. one pipeline stage at batch 1)");
        app.add_option("--flops", o->gflops, "Measured compute per rank, GFLOP/s");
        app.add_option("--tp", o->tp, "Only layouts with this TP");
        app.add_option("--pp", o->pp, "Only layouts with this PP");

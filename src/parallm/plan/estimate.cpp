@@ -176,13 +176,23 @@ double rank_flops(const ClusterSpec& cl, const PlanOptions& o) {
   return cl.device.effective_flops();
 }
 
-double rank_mem_bw(const ClusterSpec& cl, const PlanOptions& o, int ranks_on_node) {
-  if (o.mem_bw > 0) return o.mem_bw;
-  if (o.calibration && o.calibration->mem_bw > 0) return o.calibration->mem_bw;
-  if (!(cl.device.mem_bw > 0))
-    fail("plan", "device \"", cl.device.name, "\" has no memory bandwidth: pass --mem-bw GBPS");
-  const double bw = cl.device.effective_mem_bw();
-  return cl.device.shared_memory_bw ? bw / std::max(1, ranks_on_node) : bw;
+double rank_mem_bw(const ClusterSpec& cl, const PlanOptions& o, int streaming) {
+  double bw = 0;
+  if (o.mem_bw > 0) {
+    bw = o.mem_bw;
+  } else if (o.calibration && o.calibration->mem_bw > 0) {
+    bw = o.calibration->mem_bw;
+  } else {
+    if (!(cl.device.mem_bw > 0))
+      fail("plan", "device \"", cl.device.name, "\" has no memory bandwidth: pass --mem-bw GBPS");
+    bw = cl.device.effective_mem_bw();
+  }
+  if (!cl.device.shared_memory_bw) return bw;
+  const double share = bw / std::max(1, streaming);
+  const double alone = o.rank_mem_bw > 0 ? o.rank_mem_bw
+                       : o.mem_bw > 0    ? 0.0  // given without a cap: none
+                                         : cl.device.rank_mem_bw;
+  return alone > 0 ? std::min(share, alone) : share;
 }
 
 std::string placement_problem(const ClusterSpec& cl, const Layout& l, const PlanOptions& o) {

@@ -20,8 +20,13 @@ struct PlanOptions {
   // TP normally stays inside an NVLink island (or a node when it has no NVLink); true lifts that.
   bool tp_anywhere = false;
   std::optional<Calibration> calibration;
-  double mem_bw = 0;  // bytes/s per rank a decode stream reaches (measured); 0: the catalog's
-  double flops = 0;   // FLOP/s per rank (measured); 0: the catalog's
+  // bytes/s a decode stream reaches (measured); 0: the catalog's. Per device, except on a node
+  // whose ranks share the memory (CPU): there it is the node's, shared by the ranks streaming.
+  double mem_bw = 0;
+  // CPU node: the most one rank streams alone with its share of the cores (measured); 0: the
+  // device's figure (measured with the node's), or no cap when mem_bw is given without it.
+  double rank_mem_bw = 0;
+  double flops = 0;  // FLOP/s per rank (measured); 0: the catalog's
 };
 
 // One line of a cost: what, how many, how long in total on the critical path.
@@ -71,7 +76,10 @@ struct LayoutEstimate {
 // Compute and memory rates per rank: measured ones (options, calibration) or catalog x efficiency.
 // CPU ranks of one node share its memory bandwidth.
 double rank_flops(const ClusterSpec& cl, const PlanOptions& o);
-double rank_mem_bw(const ClusterSpec& cl, const PlanOptions& o, int ranks_on_node);
+// Bytes/s one rank streams while `streaming` ranks of its node stream at once: the device's (or
+// the measured) rate; on a CPU node, the node's rate shared by the streaming ranks, and at most
+// what one rank reaches alone (at batch 1 a pipeline has one stage streaming at a time).
+double rank_mem_bw(const ClusterSpec& cl, const PlanOptions& o, int streaming);
 
 // Placement problem of the layout on the cluster ("" if none): TP outside an NVLink island or a
 // node, more ranks than devices.

@@ -40,6 +40,9 @@ struct DeviceSpec {
   // CPU node: ranks on one node share its memory bandwidth (mem_bw is the node's). GPUs each own
   // theirs.
   bool shared_memory_bw = false;
+  // CPU node: what one rank streams alone with its share of the cores (bytes/s; 0 = not known):
+  // a rank with one core of two does not reach the node's bandwidth even when it streams alone.
+  double rank_mem_bw = 0;
 
   double effective_flops() const { return peak_flops * flops_efficiency; }
   double effective_mem_bw() const { return mem_bw * mem_efficiency; }

@@ -174,7 +174,8 @@ json to_json(const PlanRequest& req, const PlanResult& res) {
                    {"inter_node", link_json(cl.inter)},
                    {"largest_nvlink_island", cl.largest_island()},
                    {"rank_flops", rank_flops(cl, req.options)},
-                   {"rank_mem_bw", rank_mem_bw(cl, req.options, cl.gpus_per_node)}};
+                   {"rank_mem_bw", rank_mem_bw(cl, req.options, cl.gpus_per_node)},
+                   {"rank_mem_bw_alone", rank_mem_bw(cl, req.options, 1)}};
   if (req.options.calibration) {
     j["hardware"]["calibration"] = {{"source", req.options.calibration->source},
                                     {"backend", req.options.calibration->backend},
@@ -272,6 +273,10 @@ std::string render_report(const PlanRequest& req, const PlanResult& res, int top
   out << "rates    per rank: " << num("%.1f", rank_flops(cl, req.options) / 1e12) << " TFLOP/s, "
       << num("%.1f", rank_mem_bw(cl, req.options, std::min(cl.world(), cl.gpus_per_node)) / 1e9)
       << " GB/s"
+      << (cl.device.shared_memory_bw ? cat(" with every rank streaming, ",
+                                           num("%.1f", rank_mem_bw(cl, req.options, 1) / 1e9),
+                                           " GB/s alone (shared node memory)")
+                                     : "")
       << (req.options.calibration
               ? cat(" (comm calibrated from ", req.options.calibration->source, ")")
               : "")

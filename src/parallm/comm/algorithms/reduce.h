@@ -15,6 +15,9 @@ namespace parallm::comm::algorithms {
 void reduce_f32(float* __restrict acc, const float* __restrict in, size_t n, ReduceOp op);
 // acc[i] = acc[i] (op) widen(in[i]), in of any dtype.
 void reduce_into_f32(float* acc, const void* in, DType dtype, size_t n, ReduceOp op);
+// out[i] = in[0][i] (op) in[1][i] (op) ... (op) in[p-1][i], combined in that order for every
+// element, so every rank that computes it gets bitwise the same result.
+void reduce_n_f32(float* __restrict out, const float* const* in, int p, size_t n, ReduceOp op);
 
 // Balanced partition of `count` elements into `parts` blocks (the first count % parts blocks get
 // one more). Block i is [block_begin(i), block_begin(i + 1)).

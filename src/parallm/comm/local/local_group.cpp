@@ -12,6 +12,7 @@ namespace parallm::comm::local {
 using algorithms::block_begin;
 using algorithms::reduce_f32;
 using algorithms::reduce_into_f32;
+using algorithms::reduce_n_f32;
 
 LocalGroup::LocalGroup(std::shared_ptr<LocalWorld> world, std::vector<int> world_ranks, int rank,
                        uint64_t ctx, std::shared_ptr<CommStats> stats, CommOptions options)
@@ -96,18 +97,37 @@ void LocalGroup::native_all_reduce(void* data, size_t count, DType dtype, Reduce
   const int p = size_, r = rank_;
   const size_t elem = dtype_size(dtype);
   char* out = static_cast<char*>(data);
-  s.slots[r].send = data;
-  sync();
   thread_local std::vector<float> acc;
   if (count * elem <= kReadAllMaxBytes) {
-    // Every rank sums all buffers in rank order, so all get bitwise the same result.
+    // One sync. Each rank copies its input to a staging buffer, syncs, and sums all staging
+    // buffers in rank order straight into its output (so all get bitwise the same result). The
+    // output may be written at once, since peers read only the staging copies. Two generations of
+    // staging buffers take turns: a rank writes generation g again two small all-reduces later,
+    // after the sync of the one in between, which no rank passes before every rank has finished
+    // reading generation g. The buffers belong to the group's shared state, not to this rank's
+    // LocalGroup: a peer may still be reading ours after we have returned, even after our rank
+    // has finished and dropped its groups.
+    const int g = static_cast<int>(small_reduces_++ & 1);
+    std::unique_ptr<float[]>& mine = s.slots[r].staging[g];
+    if (!mine) mine = std::make_unique<float[]>(kReadAllMaxBytes / sizeof(float));
+    std::memcpy(mine.get(), data, count * elem);
+    s.slots[r].staged[g] = mine.get();
+    sync();
+    thread_local std::vector<const float*> in;
+    in.resize(p);
+    for (int q = 0; q < p; ++q) in[q] = static_cast<const float*>(s.slots[q].staged[g]);
+    if (dtype == DType::F32) {
+      reduce_n_f32(static_cast<float*>(data), in.data(), p, count, op);
+      return;
+    }
     acc.resize(count);
-    convert(s.slots[0].send, dtype, acc.data(), DType::F32, count);
-    for (int q = 1; q < p; ++q) reduce_into_f32(acc.data(), s.slots[q].send, dtype, count, op);
-    sync();  // nobody reads our buffer any more
+    convert(in[0], dtype, acc.data(), DType::F32, count);
+    for (int q = 1; q < p; ++q) reduce_into_f32(acc.data(), in[q], dtype, count, op);
     convert(acc.data(), DType::F32, data, dtype, count);
     return;
   }
+  s.slots[r].send = data;
+  sync();
   // Reduce-scatter: this rank reduces block r into its own buffer (only it reads block r of its
   // buffer in this phase), then all-gather: copy every other block from its owner.
   const size_t b = block_begin(count, p, r), e = block_begin(count, p, r + 1);

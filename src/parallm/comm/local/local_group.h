@@ -34,8 +34,9 @@ class LocalGroup final : public GroupImpl {
   std::shared_ptr<GroupImpl> split(int color, int key) override;
   Algorithm choose(Kind kind, size_t bytes) const override;
 
-  // Up to this many bytes, all-reduce reads every peer's whole buffer (2 syncs); above, each rank
-  // reduces one block and then gathers the others' (3 syncs, 1/p of the reads).
+  // Up to this many bytes, all-reduce copies the input to a staging buffer and reads every peer's
+  // whole staging buffer (1 sync); above, each rank reduces one block of the peers' buffers and
+  // then gathers the others' blocks (3 syncs, 1/p of the reads).
   static constexpr size_t kReadAllMaxBytes = 64 << 10;
 
  protected:
@@ -57,6 +58,7 @@ class LocalGroup final : public GroupImpl {
   uint64_t ctx_;  // ctx_: user send/recv; ctx_ + 1: algorithm traffic
   std::shared_ptr<GroupShared> shared_;
   double deadline_ = 0;
+  uint64_t small_reduces_ = 0;  // small all-reduces so far: picks the staging generation
 };
 
 // The world group of rank `rank` of a local launch.
