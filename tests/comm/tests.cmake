@@ -29,8 +29,15 @@ if(PARALLM_HAVE_MPI AND TARGET test_comm)
     add_test(NAME comm_mpi_failure_${name}
              COMMAND ${PARALLM_MPIEXEC} ${PARALLM_MPI_FLAGS} -np 3 $<TARGET_FILE:test_comm>
                      --gtest_filter=MpiFailure.${name})
-    # The job fails on purpose; what matters is that it ends, and says why.
-    set_tests_properties(comm_mpi_failure_${name} PROPERTIES LABELS "mpi;comm" TIMEOUT 60
-                         PASS_REGULAR_EXPRESSION "${regex}")
+    # The job fails on purpose; what matters is that it ends, and says why. A rank that calls
+    # _exit() cannot explain itself: Open MPI's launcher names it, MPICH's hydra ends the job with
+    # the rank's exit code but names nobody, so there the test asks only that the job end, failed.
+    if(name STREQUAL "RankExits" AND NOT PARALLM_MPI_FLAGS)
+      set_tests_properties(comm_mpi_failure_${name} PROPERTIES LABELS "mpi;comm" TIMEOUT 60
+                           WILL_FAIL TRUE)
+    else()
+      set_tests_properties(comm_mpi_failure_${name} PROPERTIES LABELS "mpi;comm" TIMEOUT 60
+                           PASS_REGULAR_EXPRESSION "${regex}")
+    endif()
   endforeach()
 endif()

@@ -1,6 +1,7 @@
 // Ring all-reduce, all-gather and reduce-scatter over send/recv (Patarasuk and Yuan; as in gloo's
 // allreduce_ring and NCCL's ring). Ranks pass blocks to (rank + 1) and take them from (rank - 1).
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "parallm/comm/algorithms/algorithms.h"
@@ -13,20 +14,32 @@ int mod(int a, int p) {
   return ((a % p) + p) % p;
 }
 
+// Receive scratch, kept per thread between calls instead of allocating, zeroing and faulting in a
+// block-sized buffer on every call.
+float* scratch_floats(size_t n) {
+  thread_local std::unique_ptr<float[]> buf;
+  thread_local size_t capacity = 0;
+  if (n > capacity) {
+    buf.reset(new float[n]);
+    capacity = n;
+  }
+  return buf.get();
+}
+
 // buf: [count] f32, this rank's contribution. After: block rank() of `count` split into size()
 // blocks holds the reduction over all ranks (other blocks hold partial sums).
 // Step s sends block (r - s - 1) and receives block (r - s - 2), which the previous rank has
 // reduced over s + 1 contributions; after p - 1 steps block r has all p.
 void reduce_scatter_in_place_f32(GroupImpl& g, float* buf, size_t count, ReduceOp op) {
   const int p = g.size(), r = g.rank(), next = mod(r + 1, p), prev = mod(r - 1, p);
-  std::vector<float> tmp(count / p + 1);
+  float* tmp = scratch_floats(count / p + 1);
   for (int s = 0; s < p - 1; ++s) {
     const int send_block = mod(r - s - 1, p), recv_block = mod(r - s - 2, p);
     const size_t sb = block_begin(count, p, send_block), se = block_begin(count, p, send_block + 1);
     const size_t rb = block_begin(count, p, recv_block), re = block_begin(count, p, recv_block + 1);
-    g.coll_sendrecv(buf + sb, (se - sb) * sizeof(float), next, tmp.data(),
-                    (re - rb) * sizeof(float), prev);
-    reduce_f32(buf + rb, tmp.data(), re - rb, op);
+    g.coll_sendrecv(buf + sb, (se - sb) * sizeof(float), next, tmp, (re - rb) * sizeof(float),
+                    prev);
+    reduce_f32(buf + rb, tmp, re - rb, op);
   }
 }
 
