@@ -6,12 +6,49 @@
 
 namespace parallm::comm::algorithms {
 
-void reduce_f32(float* __restrict acc, const float* __restrict in, size_t n, ReduceOp op) {
+namespace {
+
+// acc = acc (op) in, in blocks of a constant 16: GCC's -O2 vectoriser (the "very cheap" cost
+// model) leaves a loop of unknown length scalar, and the scalar loop made our ring all-reduce over
+// MPI 1.4x slower than Open MPI's own ring. Compiled twice below: plain (SSE2) and AVX2.
+__attribute__((always_inline)) inline void reduce_blocks(float* __restrict acc,
+                                                         const float* __restrict in, size_t n,
+                                                         ReduceOp op) {
+  constexpr size_t kB = 16;
+  size_t i = 0;
   if (op == ReduceOp::Sum) {
-    for (size_t i = 0; i < n; ++i) acc[i] += in[i];
+    for (; i + kB <= n; i += kB)
+      for (size_t j = 0; j < kB; ++j) acc[i + j] += in[i + j];
+    for (; i < n; ++i) acc[i] += in[i];
   } else {
-    for (size_t i = 0; i < n; ++i) acc[i] = std::max(acc[i], in[i]);
+    for (; i + kB <= n; i += kB)
+      for (size_t j = 0; j < kB; ++j) acc[i + j] = std::max(acc[i + j], in[i + j]);
+    for (; i < n; ++i) acc[i] = std::max(acc[i], in[i]);
   }
+}
+
+void reduce_plain(float* __restrict acc, const float* __restrict in, size_t n, ReduceOp op) {
+  reduce_blocks(acc, in, n, op);
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) void reduce_avx2(float* __restrict acc, const float* __restrict in,
+                                                 size_t n, ReduceOp op) {
+  reduce_blocks(acc, in, n, op);
+}
+#endif
+
+}  // namespace
+
+void reduce_f32(float* __restrict acc, const float* __restrict in, size_t n, ReduceOp op) {
+  // The AVX2 version where the CPU has it (checked once, at the first call; not with an ifunc,
+  // which runs before the sanitizers' runtimes are up): it took the ring from 1.1-1.2x to
+  // 0.9-1.0x of MPI_Allreduce (docs/benchmarks.md).
+#if defined(__x86_64__)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return reduce_avx2(acc, in, n, op);
+#endif
+  reduce_plain(acc, in, n, op);
 }
 
 namespace {
