@@ -32,14 +32,18 @@ struct DecodeOptions {
   double bandwidth_gbs = 0;  // 0: measure
 };
 
-// The machine's read bandwidth with every core: all ranks measure at once, each with its own
-// threads, and the sum is the machine's (one process with all threads when ranks are threads of a
-// single rank; under mpirun every process reads at the same time, as in decode).
-double sum_over_ranks(const RankContext& ctx, double bytes_per_s) {
-  float gbs = static_cast<float>(bytes_per_s / 1e9);
-  ctx.world.all_reduce(&gbs, 1, comm::ReduceOp::Sum);
-  return gbs * 1e9;
+// The machine's read bandwidth with every core: all ranks read the same number of bytes at once,
+// each with its own threads (one process with all threads when there is one rank; under mpirun
+// every process reads at the same time, as in decode). All the bytes are in when the slowest rank
+// is done, so the machine's rate is ranks x the slowest rank's rate, not the sum of the rates (a
+// rank that finishes early leaves the others the whole memory, and the sum would count that).
+double machine_rate(const RankContext& ctx, double bytes_per_s) {
+  float ns_per_byte = static_cast<float>(1e9 / bytes_per_s);
+  ctx.world.all_reduce(&ns_per_byte, 1, comm::ReduceOp::Max);
+  return ctx.world.size() * 1e9 / ns_per_byte;
 }
+
+constexpr int kProbeReads = 4;
 
 // Batched / pipelined decode: B sequences through the pipeline for `tokens` steps.
 void run_decode_batch(const DecodeOptions& o, RankContext& ctx) {
@@ -88,19 +92,21 @@ int run_decode(const DecodeOptions& o) {
       return run_decode_batch(o, ctx);
     // The roofline is measured beside every step, not once: on a shared machine the memory
     // bandwidth drifts by tens of percent from second to second. After each step every rank reads
-    // a 256 MiB buffer at once (the read pattern that was fastest at start), and step i is judged
-    // against the mean of the reads just before and just after it. The probes are not timed.
+    // a 256 MiB buffer at once, kProbeReads times (the read pattern that was fastest at start; the
+    // best of the reads counts), and step i is judged against the mean of the probes just before
+    // and just after it. The probes are not timed. The ratio against the best read at start (the
+    // best of 27, at another moment) is printed beside it.
     std::unique_ptr<kernels::BandwidthProbe> probe;
     double start_bw = o.bandwidth_gbs * 1e9;
     if (o.bandwidth_gbs <= 0) {
       ctx.world.barrier();
       probe = std::make_unique<kernels::BandwidthProbe>(size_t{256} << 20, 3);
-      start_bw = sum_over_ranks(ctx, probe->best());
+      start_bw = machine_rate(ctx, probe->best());
     }
     auto bandwidth_now = [&]() -> double {
       if (!probe) return start_bw;
       ctx.world.barrier();
-      return sum_over_ranks(ctx, probe->measure(2));
+      return machine_rate(ctx, probe->measure(kProbeReads));
     };
     float bytes = static_cast<float>(ctx.model.decode_bytes_per_token());
     ctx.tp.all_reduce(&bytes, 1, comm::ReduceOp::Sum);  // the whole model's bytes per token
@@ -161,6 +167,10 @@ int run_decode(const DecodeOptions& o) {
         "  roofline ratio      %10.3f   (bytes read / bytes the memory could deliver in the "
         "same time; per step: median %.3f, min %.3f, max %.3f)\n",
         bytes * o.tokens / could_read, ratios[ratios.size() / 2], ratios.front(), ratios.back());
+    if (probe)
+      std::printf(
+          "  against the start   %10.3f   (the same bytes/s against the best read at start)\n",
+          bytes * tps / start_bw);
     if (ctx.tp.size() > 1)
       std::printf(
           "  tp all-reduce       %10.3f ms/token (%.1f%% of decode), %.1f us each, %.1f per "
