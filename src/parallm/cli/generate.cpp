@@ -78,25 +78,23 @@ int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts
     std::vector<float> all(4 * ctx.world.size());
     ctx.world.all_gather(mine, all.data(), 4, DType::F32);
     size_t total = 0;
-    for (size_t i = 0; ctx.is_root() && i < r.sequences.size(); ++i) {
-      const auto& seq = r.sequences[i];
-      total += seq.tokens.size();
-      if (o.quiet) continue;
-      std::printf("[%zu] ", i);
-      if (ids_out) {
-        for (int32_t t : seq.tokens) std::printf("%d ", t);
-      } else {
-        std::printf("%s", tok->decode(seq.tokens).c_str());
+    for (const auto& seq : r.sequences) total += seq.tokens.size();
+    // One process prints all of stdout: the last stage's first TP rank, which holds the logits and
+    // its own record of every token. (Two printers, even ordered by a barrier, can interleave
+    // mid-line under mpirun, whose output forwarding merges the processes' pipes in arbitrary
+    // chunks.)
+    const bool printer = ctx.mesh.last_stage() && ctx.mesh.tp_rank() == 0;
+    if (printer) {
+      for (size_t i = 0; !o.quiet && i < r.sequences.size(); ++i) {
+        std::printf("[%zu] ", i);
+        if (ids_out) {
+          for (int32_t t : r.sequences[i].tokens) std::printf("%d ", t);
+        } else {
+          std::printf("%s", tok->decode(r.sequences[i].tokens).c_str());
+        }
+        std::printf("\n");
       }
-      std::printf("\n");
-    }
-    std::fflush(stdout);
-    // Tokens first (rank 0), then logits (another process under MPI): ordered, not interleaved.
-    ctx.world.barrier();
-    // --print-logits: the last stage holds them; its first TP rank prints.
-    const bool logits_printer = ctx.mesh.last_stage() && ctx.mesh.tp_rank() == 0;
-    if (o.print_logits && logits_printer) {
-      for (size_t i = 0; i < r.sequences.size(); ++i)
+      for (size_t i = 0; o.print_logits && i < r.sequences.size(); ++i)
         for (size_t s = 0; s < r.sequences[i].logits.size(); ++s) {
           std::printf("logits[%zu][%zu]:", i, s);
           for (float v : r.sequences[i].logits[s]) std::printf(" %.6g", v);
