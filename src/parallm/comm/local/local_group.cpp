@@ -111,11 +111,10 @@ void LocalGroup::native_all_reduce(void* data, size_t count, DType dtype, Reduce
     std::unique_ptr<float[]>& mine = s.slots[r].staging[g];
     if (!mine) mine = std::make_unique<float[]>(kReadAllMaxBytes / sizeof(float));
     std::memcpy(mine.get(), data, count * elem);
-    s.slots[r].staged[g] = mine.get();
     sync();
     thread_local std::vector<const float*> in;
     in.resize(p);
-    for (int q = 0; q < p; ++q) in[q] = static_cast<const float*>(s.slots[q].staged[g]);
+    for (int q = 0; q < p; ++q) in[q] = s.slots[q].staging[g].get();
     if (dtype == DType::F32) {
       reduce_n_f32(static_cast<float*>(data), in.data(), p, count, op);
       return;

@@ -36,9 +36,8 @@ struct GroupShared {
     const void* send = nullptr;      // written before a sync, read by others after it
     const size_t* counts = nullptr;  // all_to_all send counts
     // Small all-reduces: the rank's staging copies, two generations used in turn (LocalGroup).
-    // Written only by the slot's rank; `staged` publishes the pointer before a sync.
+    // Allocated and written only by the slot's rank, before a sync; read by the others after it.
     std::unique_ptr<float[]> staging[2];
-    const void* staged[2] = {nullptr, nullptr};
   };
   const int size;
   std::vector<Slot> slots;
