@@ -13,9 +13,17 @@ size_t dtype_size(DType t) {
     case DType::BF16:
     case DType::F16:
       return 2;
+    case DType::I32:
+      return 4;
+    case DType::I64:
+      return 8;
+    case DType::U8:
+      return 1;
   }
   return 0;
 }
+
+bool is_float(DType t) { return t == DType::F32 || t == DType::BF16 || t == DType::F16; }
 
 std::string_view dtype_name(DType t) {
   switch (t) {
@@ -25,6 +33,12 @@ std::string_view dtype_name(DType t) {
       return "bf16";
     case DType::F16:
       return "f16";
+    case DType::I32:
+      return "i32";
+    case DType::I64:
+      return "i64";
+    case DType::U8:
+      return "u8";
   }
   return "?";
 }
@@ -33,7 +47,10 @@ DType parse_dtype(std::string_view s, std::string_view what) {
   if (s == "f32" || s == "F32" || s == "float32" || s == "float") return DType::F32;
   if (s == "bf16" || s == "BF16" || s == "bfloat16") return DType::BF16;
   if (s == "f16" || s == "F16" || s == "float16" || s == "half") return DType::F16;
-  fail("dtype", what, ": unsupported dtype \"", s, "\" (expected f32, bf16 or f16)");
+  if (s == "i32" || s == "I32" || s == "int32") return DType::I32;
+  if (s == "i64" || s == "I64" || s == "int64") return DType::I64;
+  if (s == "u8" || s == "U8" || s == "uint8") return DType::U8;
+  fail("dtype", what, ": unsupported dtype \"", s, "\" (expected f32, bf16, f16, i32, i64 or u8)");
 }
 
 uint16_t f32_to_f16(float f) {
@@ -86,6 +103,9 @@ void convert(const void* src, DType st, void* dst, DType dt, size_t n) {
     std::memcpy(dst, src, n * dtype_size(st));
     return;
   }
+  if (!is_float(st) || !is_float(dt))
+    fail("dtype", "cannot convert ", dtype_name(st), " to ", dtype_name(dt),
+         " (integer dtypes are copy-only)");
   auto load = [&](size_t i) -> float {
     switch (st) {
       case DType::F32:
@@ -94,8 +114,9 @@ void convert(const void* src, DType st, void* dst, DType dt, size_t n) {
         return bf16_to_f32(static_cast<const uint16_t*>(src)[i]);
       case DType::F16:
         return f16_to_f32(static_cast<const uint16_t*>(src)[i]);
+      default:
+        return 0.0f;  // unreachable: integers were refused above
     }
-    return 0.0f;
   };
   for (size_t i = 0; i < n; ++i) {
     const float v = load(i);
@@ -109,6 +130,8 @@ void convert(const void* src, DType st, void* dst, DType dt, size_t n) {
       case DType::F16:
         static_cast<uint16_t*>(dst)[i] = f32_to_f16(v);
         break;
+      default:
+        break;  // unreachable: integers were refused above
     }
   }
 }

@@ -9,10 +9,17 @@
 
 namespace parallm {
 
-enum class DType : uint8_t { F32, BF16, F16 };
+// F32, BF16, F16: floating point, convertible into each other, reducible in collectives.
+// I32, I64, U8: copy-only integer data (token ids, candidate ids, flags, bytes): they travel through
+// copies, gathers, broadcasts and point-to-point exactly, but convert() only copies them to the same
+// dtype and collectives refuse to reduce them.
+enum class DType : uint8_t { F32, BF16, F16, I32, I64, U8 };
+
+// True for F32, BF16 and F16.
+bool is_float(DType t);
 
 size_t dtype_size(DType t);
-std::string_view dtype_name(DType t);  // "f32", "bf16", "f16"
+std::string_view dtype_name(DType t);  // "f32", "bf16", "f16", "i32", "i64", "u8"
 // Accepts our names and safetensors' ("F32", "BF16", "F16") and torch's ("float32", "bfloat16",
 // "float16"); throws std::invalid_argument naming `what` and the value otherwise.
 DType parse_dtype(std::string_view s, std::string_view what = "dtype");
@@ -35,7 +42,8 @@ inline float bf16_to_f32(uint16_t h) {
 uint16_t f32_to_f16(float f);
 float f16_to_f32(uint16_t h);
 
-// Converts n elements between any two dtypes (same dtype: memcpy).
+// Converts n elements between any two float dtypes (same dtype of any kind: memcpy). Throws
+// std::invalid_argument for a conversion to or from an integer dtype.
 void convert(const void* src, DType src_type, void* dst, DType dst_type, size_t n);
 
 }  // namespace parallm

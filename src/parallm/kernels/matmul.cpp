@@ -328,6 +328,8 @@ WKind kind_of(DType t) {
       return WKind::BF16;
     case DType::F16:
       return WKind::F16;
+    default:
+      break;
   }
   fail("matmul", "unsupported weight dtype ", dtype_name(t));
 }

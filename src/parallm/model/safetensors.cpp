@@ -239,6 +239,12 @@ const char* safetensors_dtype_name(DType dtype) {
       return "BF16";
     case DType::F16:
       return "F16";
+    case DType::I32:
+      return "I32";
+    case DType::I64:
+      return "I64";
+    case DType::U8:
+      return "U8";
   }
   return "?";
 }

@@ -116,6 +116,8 @@ void reduce_into_f32(float* acc, const void* in, DType dtype, size_t n, ReduceOp
       }
       return;
     }
+    default:
+      break;
   }
   fail("comm", "reduce: unsupported dtype ", dtype_name(dtype));
 }
