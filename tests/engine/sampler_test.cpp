@@ -104,12 +104,11 @@ std::vector<int64_t> draw_tp(int p, SamplingParams params, const std::vector<flo
 }
 
 TEST(Sampler, IdsAbove2To24ComeOutExactAtEveryTpSize) {
-  const SamplingParams modes[] = {
-      {0.0f, 0, 1.0f, 5},   // greedy
-      {1.0f, 0, 1.0f, 5},   // temperature only
-      {1.0f, 4, 1.0f, 5},   // top-k
-      {1.0f, 0, 0.9f, 5},   // top-p
-      {0.8f, 3, 0.5f, 5}};  // both
+  const SamplingParams modes[] = {{0.0f, 0, 1.0f, 5},   // greedy
+                                  {1.0f, 0, 1.0f, 5},   // temperature only
+                                  {1.0f, 4, 1.0f, 5},   // top-k
+                                  {1.0f, 0, 0.9f, 5},   // top-p
+                                  {0.8f, 3, 0.5f, 5}};  // both
   for (int64_t peak : {int64_t{2}, int64_t{500}, kVocab - 2}) {
     std::vector<float> logits = small_logits(static_cast<uint32_t>(peak));
     logits[peak] = 60.0f;  // all the mass, at an odd id above 2^24
@@ -117,8 +116,8 @@ TEST(Sampler, IdsAbove2To24ComeOutExactAtEveryTpSize) {
     for (int p = 1; p <= 4; ++p)
       for (const SamplingParams& m : modes)
         for (int64_t id : draw_tp(p, m, logits, 4))
-          EXPECT_EQ(id, kBase + peak) << "tp " << p << " temperature " << m.temperature
-                                      << " top-k " << m.top_k << " top-p " << m.top_p;
+          EXPECT_EQ(id, kBase + peak) << "tp " << p << " temperature " << m.temperature << " top-k "
+                                      << m.top_k << " top-p " << m.top_p;
   }
 }
 

@@ -137,9 +137,9 @@ TEST(LmHead, RefusesAShardThatIsNotTheNearEvenSplit) {
     }
   });
   // And a weight whose rows do not match the shard.
-  EXPECT_THROW(VocabParallelLmHead(Tensor::zeros(DType::F32, {4, 3}), ShardSpec{5, 0, 5},
-                                   comm::Group()),
-               std::invalid_argument);
+  EXPECT_THROW(
+      VocabParallelLmHead(Tensor::zeros(DType::F32, {4, 3}), ShardSpec{5, 0, 5}, comm::Group()),
+      std::invalid_argument);
 }
 
 }  // namespace

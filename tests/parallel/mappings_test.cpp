@@ -67,14 +67,15 @@ void on_ranks(int p, comm::Algorithm algo,
     std::lock_guard<std::mutex> lock(mu);
     for (auto& e : mine) errors.push_back("rank " + std::to_string(world.rank()) + ": " + e);
   });
-  for (const auto& e : errors) ADD_FAILURE() << "tp " << p << " " << comm::algorithm_name(algo)
-                                             << ": " << e;
+  for (const auto& e : errors)
+    ADD_FAILURE() << "tp " << p << " " << comm::algorithm_name(algo) << ": " << e;
 }
 
 struct Case {
   int64_t rows, cols;
 };
-const Case kCases[] = {{1, 1}, {1, 13}, {5, 6}, {7, 13}, {8, 12}, {12, 7}, {0, 4}, {3, 0}, {2, 3}};
+const Case kCases[] = {{1, 1},  {1, 13}, {1, 12}, {5, 6}, {7, 13},
+                       {8, 12}, {12, 7}, {0, 4},  {3, 0}, {2, 3}};
 
 class Mappings : public ::testing::TestWithParam<std::tuple<int, comm::Algorithm>> {};
 
@@ -83,8 +84,9 @@ TEST_P(Mappings, EachForwardAndBackwardEqualsTheSingleRankResult) {
   on_ranks(p, algo, [&](const comm::Group& g, std::vector<std::string>& errors) {
     const int r = g.rank();
     auto check = [&](bool ok, const std::string& what, const Case& c) {
-      if (!ok) errors.push_back(what + " at rows " + std::to_string(c.rows) + " cols " +
-                                std::to_string(c.cols));
+      if (!ok)
+        errors.push_back(what + " at rows " + std::to_string(c.rows) + " cols " +
+                         std::to_string(c.cols));
     };
     for (const Case& c : kCases) {
       const int64_t R = c.rows, C = c.cols;
@@ -153,15 +155,15 @@ TEST_P(Mappings, EachForwardAndBackwardEqualsTheSingleRankResult) {
   });
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    TpSizes, Mappings,
-    ::testing::Combine(::testing::Values(1, 2, 3, 4),
-                       ::testing::Values(comm::Algorithm::Auto, comm::Algorithm::Ring,
-                                         comm::Algorithm::RecursiveDoubling)),
-    [](const auto& info) {
-      return "tp" + std::to_string(std::get<0>(info.param)) + "_" +
-             std::string(comm::algorithm_name(std::get<1>(info.param)));
-    });
+INSTANTIATE_TEST_SUITE_P(TpSizes, Mappings,
+                         ::testing::Combine(::testing::Values(1, 2, 3, 4),
+                                            ::testing::Values(comm::Algorithm::Auto,
+                                                              comm::Algorithm::Ring,
+                                                              comm::Algorithm::RecursiveDoubling)),
+                         [](const auto& info) {
+                           return "tp" + std::to_string(std::get<0>(info.param)) + "_" +
+                                  std::string(comm::algorithm_name(std::get<1>(info.param)));
+                         });
 
 TEST(Mappings, ShardOfIsTheNearEvenSplit) {
   on_ranks(3, comm::Algorithm::Auto, [](const comm::Group& g, std::vector<std::string>& errors) {

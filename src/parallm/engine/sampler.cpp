@@ -108,8 +108,8 @@ int32_t Sampler::truncated(const float* logits, int64_t begin, int64_t n) {
     // Nucleus without top-k: a token in the global nucleus has less than p of the mass above it,
     // so it is inside its own rank's prefix that first reaches p (measured against the global
     // normaliser).
-    const float m = vocab_.max(local.empty() ? -std::numeric_limits<float>::infinity()
-                                             : local[0].logit);
+    const float m =
+        vocab_.max(local.empty() ? -std::numeric_limits<float>::infinity() : local[0].logit);
     double s = 0;
     for (const VocabCandidate& c : local) s += std::exp(static_cast<double>(c.logit - m));
     const float z = vocab_.sum(static_cast<float>(s));

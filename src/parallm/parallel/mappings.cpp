@@ -43,14 +43,15 @@ void all_reduce(const comm::Group& group, float* x, int64_t n) {
 void copy_cols(const float* src, int64_t rows, int64_t cols, int64_t begin, int64_t width,
                float* dst) {
   for (int64_t t = 0; t < rows; ++t)
-    std::memcpy(dst + t * width, src + t * cols + begin, static_cast<size_t>(width) * sizeof(float));
+    std::memcpy(dst + t * width, src + t * cols + begin,
+                static_cast<size_t>(width) * sizeof(float));
 }
 
 // Split along cols -> replicated: x [rows, shard] -> y [rows, cols]. Every rank's block goes out
-// padded to the largest shard (the even case needs the padding 0 but the same staging, since the
-// gathered blocks are [p][rows][width] and y wants [rows][cols]).
-void all_gather_cols(const comm::Group& group, const float* x, int64_t rows, int64_t cols,
-                     float* y, float* scratch) {
+// padded to the largest shard; the gathered blocks are [p][rows][width] and y wants
+// [rows][cols], so they land in staging first, except for one row split evenly.
+void all_gather_cols(const comm::Group& group, const float* x, int64_t rows, int64_t cols, float* y,
+                     float* scratch) {
   const int p = group.size();
   const ShardSpec mine = shard_of(cols, group);
   if (p == 1) {
@@ -59,13 +60,23 @@ void all_gather_cols(const comm::Group& group, const float* x, int64_t rows, int
   }
   if (rows == 0 || cols == 0) return;
   const int64_t width = ShardSpec::max_size(cols, p);
+  if (rows == 1 && cols % p == 0) {
+    // One row split evenly: the gathered blocks are the row itself.
+    TraceSpan span("all_gather", "comm");
+    group.all_gather(x, y, static_cast<size_t>(width), DType::F32);
+    return;
+  }
   Staging staging(scratch, (p + 1) * rows * width);
-  float* send = staging.data();         // [rows, width]
-  float* recv = send + rows * width;    // [p, rows, width]
-  for (int64_t t = 0; t < rows; ++t) {
-    std::memcpy(send + t * width, x + t * mine.size(),
-                static_cast<size_t>(mine.size()) * sizeof(float));
-    std::fill(send + t * width + mine.size(), send + (t + 1) * width, 0.0f);
+  const float* send = x;                        // [rows, width]
+  float* recv = staging.data() + rows * width;  // [p, rows, width]
+  if (cols % p != 0) {
+    float* padded = staging.data();
+    for (int64_t t = 0; t < rows; ++t) {
+      std::memcpy(padded + t * width, x + t * mine.size(),
+                  static_cast<size_t>(mine.size()) * sizeof(float));
+      std::fill(padded + t * width + mine.size(), padded + (t + 1) * width, 0.0f);
+    }
+    send = padded;
   }
   {
     TraceSpan span("all_gather", "comm");
@@ -91,8 +102,8 @@ void split_cols(const comm::Group& group, const float* x, int64_t rows, int64_t 
 }
 
 // Split along rows -> replicated: x [shard, cols] -> y [rows, cols].
-void all_gather_rows(const comm::Group& group, const float* x, int64_t rows, int64_t cols,
-                     float* y, float* scratch) {
+void all_gather_rows(const comm::Group& group, const float* x, int64_t rows, int64_t cols, float* y,
+                     float* scratch) {
   const int p = group.size();
   const ShardSpec mine = shard_of(rows, group);
   if (p == 1) {
@@ -141,8 +152,8 @@ void reduce_scatter_rows(const comm::Group& group, const float* x, int64_t rows,
   // Rank r's rows go out in block r, padded with zero rows (which sum to zero rows).
   const int64_t block = ShardSpec::max_size(rows, p) * cols;
   Staging staging(scratch, (p + 1) * block);
-  float* send = staging.data();     // [p, max_rows, cols]
-  float* recv = send + p * block;   // [max_rows, cols]
+  float* send = staging.data();    // [p, max_rows, cols]
+  float* recv = send + p * block;  // [max_rows, cols]
   for (int r = 0; r < p; ++r) {
     const ShardSpec s = ShardSpec::even(rows, p, r);
     float* dst = send + r * block;
@@ -180,8 +191,8 @@ void reduce_from_region_backward(const comm::Group&, float*, int64_t rows, int64
   check_sizes("reduce_from_region_backward", rows, cols);
 }
 
-void scatter_to_region_forward(const comm::Group& group, const float* x, int64_t rows,
-                               int64_t cols, float* y) {
+void scatter_to_region_forward(const comm::Group& group, const float* x, int64_t rows, int64_t cols,
+                               float* y) {
   check_sizes("scatter_to_region_forward", rows, cols);
   split_cols(group, x, rows, cols, y);
 }

@@ -56,8 +56,8 @@ void reduce_from_region_backward(const comm::Group& group, float* dx, int64_t ro
 // ---- scatter_to_region: replicated -> split along cols ----
 // Forward: x [rows, cols] -> y [rows, shard_of(cols).size()], this rank's columns (no
 // communication).
-void scatter_to_region_forward(const comm::Group& group, const float* x, int64_t rows,
-                               int64_t cols, float* y);
+void scatter_to_region_forward(const comm::Group& group, const float* x, int64_t rows, int64_t cols,
+                               float* y);
 // Backward: dy [rows, cols/p] -> dx [rows, cols] (all-gather along cols).
 void scatter_to_region_backward(const comm::Group& group, const float* dy, int64_t rows,
                                 int64_t cols, float* dx, float* scratch = nullptr);
