@@ -253,7 +253,10 @@ TEST(TokenizerSplit, RunsBetweenMatchesEmptyMatchesAndStrings) {
   EXPECT_EQ(split("a.b.c", SplitRegex(".", false, "test")), (Words{"a", ".", "b", ".", "c"}));
   EXPECT_EQ(split("a+b", SplitRegex("a+", true, "test")), (Words{"a+", "b"}));
   // Bytes that are not UTF-8 match nothing and stay, between the matches around them.
-  EXPECT_EQ(split("ab\xFF\xFE" "cd", SplitRegex(kGpt2Text)), (Words{"ab", "\xFF\xFE", "cd"}));
+  EXPECT_EQ(split("ab\xFF\xFE"
+                  "cd",
+                  SplitRegex(kGpt2Text)),
+            (Words{"ab", "\xFF\xFE", "cd"}));
   EXPECT_EQ(split("!\xFF?", SplitRegex(kGpt2Text)), (Words{"!", "\xFF", "?"}));
 }
 
@@ -276,9 +279,12 @@ TEST(TokenizerSplit, Pcre2ClassesAgreeWithUnicodeTables) {
     if (cp == 0x180E) continue;
     std::string c;
     unicode::append_utf8(c, cp);
-    ASSERT_EQ(space.split("x" + c + "x").size() == 3, unicode::is_whitespace(cp)) << std::hex << uint32_t(cp);
-    ASSERT_EQ(letter.split("!" + c + "!").size() == 3, unicode::is_letter(cp)) << std::hex << uint32_t(cp);
-    ASSERT_EQ(number.split("!" + c + "!").size() == 3, unicode::is_number(cp)) << std::hex << uint32_t(cp);
+    ASSERT_EQ(space.split("x" + c + "x").size() == 3, unicode::is_whitespace(cp))
+        << std::hex << uint32_t(cp);
+    ASSERT_EQ(letter.split("!" + c + "!").size() == 3, unicode::is_letter(cp))
+        << std::hex << uint32_t(cp);
+    ASSERT_EQ(number.split("!" + c + "!").size() == 3, unicode::is_number(cp))
+        << std::hex << uint32_t(cp);
     ++checked;
   }
   EXPECT_EQ(checked, 0x110000 - 0x800 - 1);

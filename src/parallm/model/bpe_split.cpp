@@ -37,7 +37,8 @@ SplitRegex::SplitRegex(std::string_view pattern, bool literal, std::string_view 
   compiled_->pattern = std::string(pattern);
   compiled_->where = std::string(where);
   // A literal needs no character classes (PCRE2 refuses UCP beside LITERAL).
-  const uint32_t options = PCRE2_UTF | PCRE2_MATCH_INVALID_UTF | (literal ? PCRE2_LITERAL : PCRE2_UCP);
+  const uint32_t options =
+      PCRE2_UTF | PCRE2_MATCH_INVALID_UTF | (literal ? PCRE2_LITERAL : PCRE2_UCP);
   int error = 0;
   PCRE2_SIZE offset = 0;
   compiled_->code.reset(pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
@@ -81,8 +82,8 @@ std::vector<std::string_view> SplitRegex::split(std::string_view text) const {
     const PCRE2_SIZE* ovector = pcre2_get_ovector_pointer(match.get());
     const size_t start = ovector[0], end = ovector[1];
     if (start < cut || end < start) {  // \K can move a match's start before its search start
-      fail("tokenizer", compiled_->where, ": regex \"", compiled_->pattern,
-           "\" reported a match [", start, ", ", end, ") that does not follow the last one (\\K?)");
+      fail("tokenizer", compiled_->where, ": regex \"", compiled_->pattern, "\" reported a match [",
+           start, ", ", end, ") that does not follow the last one (\\K?)");
     }
     if (start > cut) pieces.push_back(text.substr(cut, start - cut));  // the run between matches
     if (end > start) {
