@@ -61,17 +61,15 @@ void add_comparisons(const PlanRequest& req, PlanResult& res) {
     if (!e.feasible()) continue;
     std::string why;
     if (e.training) {
-      why = cat("step ", fmt::format("{:.2f}", e.step_time), " s vs ",
-                fmt::format("{:.2f}", best.step_time), " s for ", best.layout.str(),
-                biggest_gap(e.step_terms, best.step_terms));
+      why = fmt::format("step {:.2f} s vs {:.2f} s for {}{}", e.step_time, best.step_time,
+                        best.layout.str(), biggest_gap(e.step_terms, best.step_terms));
     } else if (req.goal == Goal::Latency) {
-      why = cat("TPOT ", ms_text(e.tpot), " vs ", ms_text(best.tpot), " (",
-                fmt::format("{:.2f}", e.tpot / best.tpot), "x) for ", best.layout.str(),
-                biggest_gap(e.decode_terms, best.decode_terms));
+      why = fmt::format("TPOT {} vs {} ({:.2f}x) for {}{}", ms_text(e.tpot), ms_text(best.tpot),
+                        e.tpot / best.tpot, best.layout.str(),
+                        biggest_gap(e.decode_terms, best.decode_terms));
     } else {
-      why = cat(fmt::format("{:.0f}", e.tokens_per_s), " tokens/s vs ",
-                fmt::format("{:.0f}", best.tokens_per_s), " for ", best.layout.str(),
-                biggest_gap(e.decode_terms, best.decode_terms));
+      why = fmt::format("{:.0f} tokens/s vs {:.0f} for {}{}", e.tokens_per_s, best.tokens_per_s,
+                        best.layout.str(), biggest_gap(e.decode_terms, best.decode_terms));
     }
     e.reasons.insert(e.reasons.begin(), why);
   }
