@@ -1,27 +1,22 @@
 #!/usr/bin/env bash
-# Installs the Debian packages parallm needs (idempotent) and builds it in Release into build/.
+# Installs the Debian packages that building and running parallm need (idempotent) and builds the
+# library and the `parallm` binary in Release into build/. The tests are not built here:
+# scripts/test.sh installs what they need (GoogleTest, PyTorch) and builds them.
 # Usage: bash scripts/setup.sh [BUILD_DIR] [extra cmake args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(build-essential cmake pkg-config libopenblas-dev libopenmpi-dev openmpi-bin
-  nlohmann-json3-dev libcli11-dev libsentencepiece-dev libcpp-httplib-dev googletest libgtest-dev
-  libbenchmark-dev python3 python3-torch python3-numpy)
-
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "setup: installing ${missing[*]}"
-  SUDO=""
-  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+# Every package whose headers, libraries or programs the build uses, named (not left to arrive as
+# a dependency of another): compiler and build tools; BLAS (GEMM); MPI (the multi-process
+# backend, and mpirun); JSON, CLI parsing, formatting; sentencepiece (tokenizer.model); PCRE2
+# (the regex pre-split of tokenizer.json).
+RUN_PACKAGES=(build-essential cmake pkg-config
+  libopenblas-dev libopenmpi-dev openmpi-bin
+  nlohmann-json3-dev libcli11-dev libfmt-dev libsentencepiece-dev libpcre2-dev)
+bash scripts/install-packages.sh "${RUN_PACKAGES[@]}"
 
 BUILD_DIR=${1:-build}
 shift || true
-cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null
+cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release -DPARALLM_TESTS=OFF "$@" >/dev/null
 cmake --build "$BUILD_DIR" -j "$(nproc)"
 echo "setup: built $BUILD_DIR/parallm"

@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# Builds (if needed) and runs the whole test suite with ctest.
+# Installs the Debian packages the tests need besides those of scripts/setup.sh (GoogleTest; Python
+# with PyTorch for the reference forward pass and the MPI checks), builds parallm and its tests, and
+# runs the whole suite with ctest.
 # Usage: bash scripts/test.sh [BUILD_DIR] [ctest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${1:-build}
 shift || true
+
 [ -f "$BUILD_DIR/CMakeCache.txt" ] || bash scripts/setup.sh "$BUILD_DIR"
+# libgtest-dev (and googletest, which it depends on): the test framework; python3-torch and
+# python3-numpy: tests/reference/llama_ref.py; python3: also tests/engine/mpi_tp_check.sh.
+TEST_PACKAGES=(googletest libgtest-dev python3 python3-torch python3-numpy)
+bash scripts/install-packages.sh "${TEST_PACKAGES[@]}"
+
+cmake -S . -B "$BUILD_DIR" -DPARALLM_TESTS=ON >/dev/null
 cmake --build "$BUILD_DIR" -j "$(nproc)"
 cd "$BUILD_DIR"
 ctest -j "$(nproc)" --output-on-failure --timeout 600 "$@"

@@ -85,8 +85,9 @@ inline CommandResult run_parallm(const std::string& args) {
   return run_command(std::string(PARALLM_BIN) + " " + args);
 }
 
+// The pretrained stories260K checkpoint kept in the repository (models/stories260K/README.md).
 inline std::string stories_model() {
-  return std::string(PARALLM_SHARED_DIR) + "/models/stories260K/stories260K.bin";
+  return std::string(PARALLM_SOURCE_DIR) + "/models/stories260K/stories260K.bin";
 }
 
 }  // namespace parallm::testing

@@ -7,7 +7,7 @@ if(PARALLM_HAVE_MPI)
     list(GET parts 1 np)
     set(path ${model})
     if(model STREQUAL "stories")
-      set(path ${PROJECT_SOURCE_DIR}/../shared/models/stories260K/stories260K.bin)
+      set(path ${PROJECT_SOURCE_DIR}/models/stories260K/stories260K.bin)
     endif()
     add_test(NAME engine_mpi_tp_${model}_np${np}
              COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/engine/mpi_tp_check.sh $<TARGET_FILE:parallm_bin>
@@ -24,7 +24,7 @@ if(PARALLM_HAVE_MPI)
     add_test(NAME engine_mpi_${name}
              COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/engine/mpi_tp_check.sh $<TARGET_FILE:parallm_bin>
                      ${PARALLM_MPIRUN} "${flags}" ${np}
-                     ${PROJECT_SOURCE_DIR}/../shared/models/stories260K/stories260K.bin 10 "${layout}")
+                     ${PROJECT_SOURCE_DIR}/models/stories260K/stories260K.bin 10 "${layout}")
     set_tests_properties(engine_mpi_${name} PROPERTIES LABELS "mpi;engine" TIMEOUT 300
                          ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
   endforeach()

@@ -20,7 +20,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-const std::string kStories = PARALLM_SHARED_DIR "/models/stories260K/stories260K.bin";
+const std::string kStories = testing::stories_model();
 
 using testing::TempDir;
 

@@ -154,17 +154,29 @@ TEST(TokenizerByteLevel, Gpt2ByteToUnicodeMap) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Pre-split patterns, expected splits worked out from the regexes in bpe_split.h.
+// Pre-split patterns (bpe_split.h, PCRE2), expected splits worked out from the regexes.
 
 using Words = std::vector<std::string>;
-Words split(std::string_view text, SplitPattern p) {
+Words split(std::string_view text, const SplitRegex& r) {
   Words out;
-  for (std::string_view w : split_words(text, p)) out.emplace_back(w);
+  for (std::string_view w : r.split(text)) out.emplace_back(w);
   return out;
 }
 
+// The patterns as tokenizer.json files spell them, written out here rather than taken from
+// bpe_split.h, so that a typo there shows.
+constexpr std::string_view kGpt2Text =
+    R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
+constexpr std::string_view kLlama3Text =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+
+TEST(TokenizerSplit, BuiltInPatternsAreTheFilesText) {
+  EXPECT_EQ(kGpt2SplitRegex, kGpt2Text);
+  EXPECT_EQ(kLlama3SplitRegex, kLlama3Text);
+}
+
 TEST(TokenizerSplit, Gpt2Pattern) {
-  const auto p = SplitPattern::kGpt2;
+  const SplitRegex p(kGpt2Text);
   EXPECT_EQ(split("Hello world's  end\n\nok 123abc!?", p),
             (Words{"Hello", " world", "'s", " ", " end", "\n", "\n", "ok", " 123", "abc", "!?"}));
   EXPECT_EQ(split("a   b", p), (Words{"a", "  ", " b"}));
@@ -178,7 +190,7 @@ TEST(TokenizerSplit, Gpt2Pattern) {
 }
 
 TEST(TokenizerSplit, Llama3Pattern) {
-  const auto p = SplitPattern::kLlama3;
+  const SplitRegex p(kLlama3Text);
   EXPECT_EQ(split("Hello world's  end\n\nok 123abc!?", p),
             (Words{"Hello", " world", "'s", " ", " end", "\n\n", "ok", " ", "123", "abc", "!?"}));
   EXPECT_EQ(split("I'M \tfoo", p), (Words{"I", "'M", " ", "\tfoo"}));  // case-insensitive 'm
@@ -190,7 +202,9 @@ TEST(TokenizerSplit, Llama3Pattern) {
 }
 
 // Against the real regexes: split_golden.json holds random strings split by Python's `regex`
-// module (make_split_golden.py beside it).
+// module (make_split_golden.py beside it): GPT-2's, LLaMA-3's, and GPT-4o's pattern, a third one
+// that the hand-written splitter this replaced could not run (camel-case words, contractions
+// glued to the word, \p{Lu}/\p{Ll}/\p{M} classes).
 TEST(TokenizerSplit, MatchesRegexModuleOnGoldenStrings) {
   const std::string file =
       std::string(PARALLM_SOURCE_DIR) + "/tests/model/fixtures/tokenizer/split_golden.json";
@@ -198,26 +212,82 @@ TEST(TokenizerSplit, MatchesRegexModuleOnGoldenStrings) {
   ASSERT_TRUE(in) << file;
   const json golden = json::parse(in);
   ASSERT_GE(golden["cases"].size(), 400u);
+  const SplitRegex gpt2(kGpt2Text), llama3(kLlama3Text);
+  const SplitRegex o200k(golden["o200k_regex"].get<std::string>());
+  // The LLaMA-3 pattern as converters that avoid (?i) spell it: the same splits.
+  const SplitRegex llama3_spelled(
+      R"((?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)");
+  int o200k_differs = 0;
   for (const json& c : golden["cases"]) {
     const std::string text = c["text"];
-    EXPECT_EQ(split(text, SplitPattern::kGpt2), c["gpt2"].get<Words>()) << json(text).dump();
-    EXPECT_EQ(split(text, SplitPattern::kLlama3), c["llama3"].get<Words>()) << json(text).dump();
+    EXPECT_EQ(split(text, gpt2), c["gpt2"].get<Words>()) << json(text).dump();
+    EXPECT_EQ(split(text, llama3), c["llama3"].get<Words>()) << json(text).dump();
+    EXPECT_EQ(split(text, llama3_spelled), c["llama3"].get<Words>()) << json(text).dump();
+    EXPECT_EQ(split(text, o200k), c["o200k"].get<Words>()) << json(text).dump();
+    o200k_differs += c["o200k"] != c["llama3"];
   }
+  EXPECT_GT(o200k_differs, 100);  // the third pattern is not the LLaMA-3 one in disguise
 }
 
-TEST(TokenizerSplit, RecognisesRegexText) {
-  EXPECT_EQ(split_pattern_from_regex(
-                R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)"),
-            SplitPattern::kGpt2);
-  EXPECT_EQ(
-      split_pattern_from_regex(
-          R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)"),
-      SplitPattern::kLlama3);
-  EXPECT_EQ(
-      split_pattern_from_regex(
-          R"((?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)"),
-      SplitPattern::kLlama3);
-  EXPECT_FALSE(split_pattern_from_regex(R"(\w+|\s+)").has_value());
+TEST(TokenizerSplit, Gpt4oPatternByHand) {
+  const json golden = json::parse(std::ifstream(
+      std::string(PARALLM_SOURCE_DIR) + "/tests/model/fixtures/tokenizer/split_golden.json"));
+  const SplitRegex p(golden["o200k_regex"].get<std::string>());
+  // An upper-case run then lower-case letters make a word; the contraction stays on it.
+  EXPECT_EQ(split("HelloWorld's XMLHttp", p), (Words{"Hello", "World's", " XMLHttp"}));
+  // '/' and newlines after punctuation stay with it.
+  EXPECT_EQ(split("a//\nb 12345", p), (Words{"a", "//\n", "b", " ", "123", "45"}));
+  // A combining mark (U+0301) is part of the word.
+  EXPECT_EQ(split("Cafe\xCC\x81 ok", p), (Words{"Cafe\xCC\x81", " ok"}));
+}
+
+// What Hugging Face's "Isolated" Split does with patterns that do not cover the text: the runs
+// between matches are pieces too, empty matches only cut, a String pattern is literal.
+TEST(TokenizerSplit, RunsBetweenMatchesEmptyMatchesAndStrings) {
+  EXPECT_EQ(split("ab, cd!", SplitRegex(R"(\p{L}+)")), (Words{"ab", ", ", "cd", "!"}));
+  EXPECT_EQ(split("1234", SplitRegex(R"(\p{N})")), (Words{"1", "2", "3", "4"}));  // Qwen2's digits
+  EXPECT_EQ(split("ab12cd", SplitRegex(R"((?=\d))")), (Words{"ab", "1", "2cd"}));
+  EXPECT_EQ(split("x\xE6\x97\xA5y", SplitRegex(R"((?=\p{L}))")),
+            (Words{"x", "\xE6\x97\xA5", "y"}));  // cuts between characters, not inside one
+  EXPECT_EQ(split("a.b.c", SplitRegex(".", true, "test")), (Words{"a", ".", "b", ".", "c"}));
+  EXPECT_EQ(split("a.b.c", SplitRegex(".", false, "test")), (Words{"a", ".", "b", ".", "c"}));
+  EXPECT_EQ(split("a+b", SplitRegex("a+", true, "test")), (Words{"a+", "b"}));
+  // Bytes that are not UTF-8 match nothing and stay, between the matches around them.
+  EXPECT_EQ(split("ab\xFF\xFE"
+                  "cd",
+                  SplitRegex(kGpt2Text)),
+            (Words{"ab", "\xFF\xFE", "cd"}));
+  EXPECT_EQ(split("!\xFF?", SplitRegex(kGpt2Text)), (Words{"!", "\xFF", "?"}));
+}
+
+TEST(TokenizerSplit, BadRegexNamesWhereAndWhy) {
+  const std::string msg =
+      error_of<std::invalid_argument>([] { SplitRegex(R"((\p{L}+)", false, "tok.json: field"); });
+  EXPECT_NE(msg.find("tok.json: field"), std::string::npos) << msg;
+  EXPECT_NE(msg.find(R"((\p{L}+)"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("offset"), std::string::npos) << msg;
+}
+
+// PCRE2's classes against the Unicode tables the rest of the tokenizer uses (tokenizer_unicode.h),
+// over every code point: x + c + x splits into three pieces exactly when c is in the class.
+TEST(TokenizerSplit, Pcre2ClassesAgreeWithUnicodeTables) {
+  const SplitRegex space(R"(\s)"), letter(R"(\p{L})"), number(R"(\p{N})");
+  int checked = 0;
+  for (char32_t cp = 0; cp < 0x110000; ++cp) {
+    if (cp >= 0xD800 && cp <= 0xDFFF) continue;
+    // U+180E MONGOLIAN VOWEL SEPARATOR: white space before Unicode 6.3, still in PCRE2's \s.
+    if (cp == 0x180E) continue;
+    std::string c;
+    unicode::append_utf8(c, cp);
+    ASSERT_EQ(space.split("x" + c + "x").size() == 3, unicode::is_whitespace(cp))
+        << std::hex << uint32_t(cp);
+    ASSERT_EQ(letter.split("!" + c + "!").size() == 3, unicode::is_letter(cp))
+        << std::hex << uint32_t(cp);
+    ASSERT_EQ(number.split("!" + c + "!").size() == 3, unicode::is_number(cp))
+        << std::hex << uint32_t(cp);
+    ++checked;
+  }
+  EXPECT_EQ(checked, 0x110000 - 0x800 - 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -743,6 +813,26 @@ TEST(HfByteLevel, WithoutIgnoreMergesAndWithGpt2Split) {
   EXPECT_EQ(tok->encode("the", false), Ids{258});  // " the"
 }
 
+// Any Split regex runs, compiled once at load: Qwen2's pattern is LLaMA-3's with single digits
+// (\p{N} instead of \p{N}{1,3}), which keeps "12" from merging; a String pattern cuts at a literal.
+TEST(HfByteLevel, AnySplitPattern) {
+  TempDir dir;
+  json j = byte_level_json();
+  std::string qwen2 = kLlama3Regex;
+  const size_t at = qwen2.find(R"(\p{N}{1,3})");
+  ASSERT_NE(at, std::string::npos);
+  qwen2.replace(at, std::string(R"(\p{N}{1,3})").size(), R"(\p{N})");
+  j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = qwen2;
+  auto tok = load_json(dir, j);
+  EXPECT_EQ(tok->encode("1212", false), (Ids{'1', '2', '1', '2'}));
+  EXPECT_EQ(tok->encode("the in", false), (Ids{'t', 257, ' ', 259}));  // words as with LLaMA-3
+  // {"String": "e"}: pieces "th", "e", " in": no "he" merge across the cut, " in" -> Ġ in.
+  j["pre_tokenizer"]["pretokenizers"][0]["pattern"] = {{"String", "e"}};
+  tok = load_json(dir, j);
+  EXPECT_EQ(tok->encode("the in", false), (Ids{'t', 'h', 'e', ' ', 259}));
+  EXPECT_EQ(tok->decode(tok->encode("the in", false)), "the in");
+}
+
 TEST(HfByteLevel, RoundTripAndStreaming) {
   TempDir dir;
   auto tok = load_json(dir, byte_level_json());
@@ -896,8 +986,12 @@ TEST(HfTokenizerErrors, NameTheFileAndTheField) {
   expect_error(dir, j.dump(), {"Metaspace", "ByteLevel"});  // cannot tell the alphabet
 
   j = byte_level_json();
-  j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = R"(\w+|\s+)";
-  expect_error(dir, j.dump(), {"pre_tokenizer.pretokenizers[0].pattern", R"(\\w+)"});
+  j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = R"(\w+|(\s+)";
+  expect_error(dir, j.dump(),
+               {"pre_tokenizer.pretokenizers[0].pattern", R"(\w+|(\s+)", "does not compile"});
+  j = byte_level_json();
+  j["pre_tokenizer"]["pretokenizers"][0]["pattern"] = {{"Nope", "x"}};
+  expect_error(dir, j.dump(), {"pre_tokenizer.pretokenizers[0].pattern", "Nope"});
   j = byte_level_json();
   j["pre_tokenizer"] = {{"type", "Whitespace"}};
   expect_error(dir, j.dump(), {"pre_tokenizer", "Whitespace"});

@@ -38,7 +38,7 @@ CmdResult run_cli(const std::string& args) {
   return r;
 }
 
-const std::string kFixtures = std::string(PARALLM_SHARED_DIR) + "/fixtures/nvidia-smi-topo/";
+const std::string kFixtures = std::string(PARALLM_SOURCE_DIR) + "/tests/fixtures/nvidia-smi-topo/";
 
 TEST(PlanCli, SeedScenarioTable) {
   const CmdResult r =

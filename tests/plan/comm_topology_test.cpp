@@ -1,5 +1,5 @@
 // Alpha-beta collective costs, calibration, topology parsing (real captures in
-// ../shared/fixtures/nvidia-smi-topo/) and the cluster built from them.
+// tests/fixtures/nvidia-smi-topo/) and the cluster built from them.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -14,7 +14,7 @@
 namespace parallm::plan {
 namespace {
 
-const std::string kFixtures = std::string(PARALLM_SHARED_DIR) + "/fixtures/nvidia-smi-topo/";
+const std::string kFixtures = std::string(PARALLM_SOURCE_DIR) + "/tests/fixtures/nvidia-smi-topo/";
 
 LinkSpec link(double gbps, double us) {
   return {"test", LinkKind::PCIe, gbps * 1e9, us * 1e-6};

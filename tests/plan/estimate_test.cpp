@@ -4,7 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <fstream>
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "parallm/pipeline/simulator.h"
 #include "parallm/plan/cluster.h"
@@ -59,8 +61,18 @@ TEST(Estimate, SeedScenarioTp4DecodeByHand) {
     EXPECT_NEAR(e.memory.weights / 1e9, 34.49, 0.01);
     EXPECT_TRUE(e.fits);
   }
-  // 160 all-reduces of 16 KiB with a ring: 3.93 MB, the figure the guide quotes.
-  EXPECT_NEAR(160 * 2 * 0.75 * 16384 / 1e6, 3.93, 0.01);
+  // The guide's figure for a ring (docs/parallelism-guide.md, "rules of thumb"): 160 all-reduces
+  // of 16 KiB, each sending 2 (p-1)/p of the buffer, 3.93 MB. The planner's ring sends that (a
+  // link without latency makes the ring the cheaper algorithm), recursive doubling (what it picks
+  // above) the whole buffer twice.
+  const LinkSpec no_latency{"test", LinkKind::NVLink, 300e9, 0};
+  const CommCost ring = collective_cost(Collective::AllReduce, 16384, 4, no_latency);
+  EXPECT_EQ(ring.algorithm, "ring");
+  EXPECT_DOUBLE_EQ(ring.bytes_sent, 2 * (4 - 1) / 4.0 * 16384);
+  EXPECT_NEAR(160 * ring.bytes_sent / 1e6, 3.93, 0.005);
+  const CommCost rd = collective_cost(Collective::AllReduce, 16384, 4, link_preset("nvlink4"));
+  EXPECT_EQ(rd.algorithm, "recursive-doubling");
+  EXPECT_DOUBLE_EQ(rd.bytes_sent, 2 * 16384.0);
 }
 
 TEST(Estimate, SeedScenarioPp4DecodeByHand) {
@@ -184,6 +196,87 @@ TEST(Search, ThroughputGoalAndRejectedLayouts) {
   EXPECT_TRUE(saw);
 }
 
+// Training with experts split over nodes: the EP all-to-all is timed and labelled with the link
+// that joins the EP group (here InfiniBand between the two nodes), not the TP group's NVLink.
+TEST(Estimate, TrainingEpAllToAllNamesTheEpLink) {
+  const ModelConfig c = resolve_model("mixtral-8x7b");
+  ClusterOptions co;
+  co.gpu = "h100-sxm";
+  co.nodes = 2;
+  co.gpus_per_node = 8;
+  co.inter_node = "ib-hdr";
+  const ClusterSpec cl = build_cluster(co);
+  TrainingWorkload w;
+  w.global_batch = 16;
+  w.micro_batch = 1;
+  w.seq_len = 1024;
+  // TP=8 fills a node; DP=2 = EP=2: the expert group is rank 0 and rank 8, one per node.
+  const LayoutEstimate e = estimate_training(c, cl, {8, 1, 2, 2}, w, {});
+  EXPECT_EQ(e.tp_link, "nvlink4");
+  bool saw = false;
+  for (const CostTerm& t : e.step_terms) {
+    if (t.name != "ep all-to-all") continue;
+    saw = true;
+    EXPECT_EQ(t.detail, "ib-hdr");
+  }
+  EXPECT_TRUE(saw);
+  // Inference names it the same way.
+  const LayoutEstimate inf = estimate_inference(c, cl, {8, 1, 2, 2}, seed_workload(8), {});
+  saw = false;
+  for (const CostTerm& t : inf.decode_terms) {
+    if (t.name != "ep all-to-all") continue;
+    saw = true;
+    EXPECT_EQ(t.detail.rfind("ib-hdr, ", 0), 0u) << t.detail;
+  }
+  EXPECT_TRUE(saw);
+}
+
+// Rejections are the layout's problems (layout_problem, training_problem), word for word; a bad
+// workload or any other error is not passed off as every layout being rejected.
+TEST(Search, RejectsOnlyWhatTheLayoutCannotRun) {
+  PlanRequest req;
+  req.model = resolve_model("llama-3-8b");
+  req.model_name = "llama-3-8b";
+  ClusterOptions o;
+  o.gpu = "a100-80g";
+  o.gpus = 6;
+  req.cluster = build_cluster(o);
+  req.inference = seed_workload(8);
+  const PlanResult res = search(req);
+  ASSERT_FALSE(res.rejected.empty());
+  for (const Rejected& r : res.rejected) EXPECT_EQ(r.why, layout_problem(req.model, r.layout));
+  for (const LayoutEstimate& e : res.ranked) EXPECT_EQ(layout_problem(req.model, e.layout), "");
+
+  // Training: DP x micro-batch 4 must divide a global batch of 12 (DP=2 and DP=6 cannot); the
+  // other layouts are planned.
+  req.training = true;
+  req.train.global_batch = 12;
+  req.train.micro_batch = 4;
+  req.train.seq_len = 1024;
+  const PlanResult t = search(req);
+  EXPECT_FALSE(t.ranked.empty());
+  bool saw = false;
+  for (const Rejected& r : t.rejected) {
+    EXPECT_EQ(r.why, training_problem(req.model, r.layout, req.train));
+    if (r.layout == Layout{1, 1, 6, 1}) {
+      saw = true;
+      EXPECT_EQ(r.why, "global batch 12 is not a multiple of DP x micro-batch = 6 x 4");
+    }
+  }
+  EXPECT_TRUE(saw);
+
+  // A workload no layout could run is the caller's mistake, reported as such.
+  req.training = false;
+  req.inference.batch = 0;
+  try {
+    search(req);
+    FAIL();
+  } catch (const std::invalid_argument& e) {
+    EXPECT_EQ(std::string(e.what()).rfind("[plan] batch, prompt and output lengths", 0), 0u)
+        << e.what();
+  }
+}
+
 TEST(Search, BadInputGetsClearErrors) {
   PlanRequest req;
   req.model = resolve_model("llama-2-70b");
@@ -297,10 +390,25 @@ TEST(Estimate, CpuDecodeIsWeightsOverBandwidthPlusCalibratedComm) {
   EXPECT_NEAR(pp_uncapped.tpot, pp_expect - (s0 + s1) / 3, 1e-9 * pp_expect);
   // With 2 micro-batches (batch 2) both stages stream at once: 15 GB/s each.
   EXPECT_NEAR(rank_mem_bw(cl, o, 2), 15e9, 1);
-  // The CPU preset describes this machine.
+  // The CPU preset describes this machine: its online processors and its memory, as the kernel
+  // lists them in /proc.
   EXPECT_TRUE(cl.device.is_cpu);
-  EXPECT_GT(cl.device.cores, 0);
-  EXPECT_GT(cl.device.mem_capacity, 0);
+  std::ifstream cpuinfo("/proc/cpuinfo"), meminfo("/proc/meminfo");
+  int processors = 0;
+  double mem_total_kib = 0;
+  for (std::string line; std::getline(cpuinfo, line);)
+    processors += line.rfind("processor", 0) == 0;
+  for (std::string key; meminfo >> key;) {
+    if (key == "MemTotal:") {
+      meminfo >> mem_total_kib;
+      break;
+    }
+    meminfo.ignore(1 << 10, '\n');
+  }
+  ASSERT_GT(processors, 0);
+  ASSERT_GT(mem_total_kib, 0);
+  EXPECT_EQ(cl.device.cores, processors);
+  EXPECT_DOUBLE_EQ(cl.device.mem_capacity, mem_total_kib * 1024);
 }
 
 TEST(Estimate, TrainingStepBubbleAndMfu) {

@@ -1,4 +1,4 @@
-// llama2.c legacy checkpoints (../shared/models/stories260K/README.md): 7 int32 (dim, hidden_dim,
+// llama2.c legacy checkpoints (models/stories260K/README.md): 7 int32 (dim, hidden_dim,
 // n_layers, n_heads, n_kv_heads, vocab_size, seq_len), then float32 arrays, each layer-major:
 // token_embedding [vocab, dim], rms_att [L, dim], wq [L, dim, dim], wk [L, kv_dim, dim],
 // wv [L, kv_dim, dim], wo [L, dim, dim], rms_ffn [L, dim], w1 [L, hidden, dim],

@@ -114,7 +114,7 @@ class HfBpeTokenizer final : public Tokenizer {
   bool metaspace_split_ = false;
   // Byte-level.
   ByteLevelMap byte_map_;
-  std::optional<SplitPattern> split_;
+  std::optional<SplitRegex> split_;  // compiled once, here
   bool add_prefix_space_ = false;
 
   std::vector<AddedToken> added_;
@@ -295,16 +295,18 @@ void HfBpeTokenizer::parse_pre_tokenizer_step(const json& step, const std::strin
     add_prefix_space_ = step.value("add_prefix_space", false);
     if (step.value("use_regex", true)) {
       if (split_) fail("tokenizer", file_, ": ", field, " splits the text a second time");
-      split_ = SplitPattern::kGpt2;
+      split_.emplace(kGpt2SplitRegex, false, cat(file_, ": ", field));
     }
   } else if (type == "Split") {
     set_flavour(Flavour::kByteLevel);
+    // {"Regex": "..."} or {"String": "..."} (a plain string to cut at).
     const json& pattern = step.value("pattern", json::object());
-    const std::string regex = pattern.value("Regex", "");
-    const auto parsed = split_pattern_from_regex(regex);
-    if (!parsed) {
+    const bool literal = pattern.is_object() && pattern.contains("String");
+    const char* kind = literal ? "String" : "Regex";
+    if (!pattern.is_object() || !pattern.contains(kind) || !pattern[kind].is_string() ||
+        pattern[kind] == "") {
       fail("tokenizer", file_, ": ", field, ".pattern ", show(pattern),
-           " is not supported (only the GPT-2 and LLaMA-3 regexes)");
+           " is neither {\"Regex\": \"...\"} nor {\"String\": \"...\"}");
     }
     if (step.value("behavior", "Isolated") != "Isolated" || step.value("invert", false)) {
       fail("tokenizer", file_, ": ", field, " with behavior ", show(step.value("behavior", json())),
@@ -312,7 +314,7 @@ void HfBpeTokenizer::parse_pre_tokenizer_step(const json& step, const std::strin
            " is not supported (only Isolated, not inverted)");
     }
     if (split_) fail("tokenizer", file_, ": ", field, " splits the text a second time");
-    split_ = parsed;
+    split_.emplace(pattern[kind].get<std::string>(), literal, cat(file_, ": ", field, ".pattern"));
   } else {
     fail("tokenizer", file_, ": ", field, " type \"", type,
          "\" is not supported (only Metaspace, ByteLevel and Split)");
@@ -528,7 +530,7 @@ void HfBpeTokenizer::encode_segment(std::string_view text, size_t offset,
       bpe_.encode_word(byte_map_.encode(text), out);
       return;
     }
-    for (std::string_view word : split_words(text, *split_)) {
+    for (std::string_view word : split_->split(text)) {
       bpe_.encode_word(byte_map_.encode(word), out);
     }
     return;

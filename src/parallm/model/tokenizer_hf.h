@@ -7,7 +7,8 @@
 //   model       BPE with "▁" for spaces, byte_fallback with <0xNN> tokens, unk_token, fuse_unk.
 // Byte-level BPE (GPT-2, LLaMA-3):
 //   pre_tokenizer ByteLevel (use_regex true: the GPT-2 split; add_prefix_space) or
-//   Sequence[Split (the GPT-2 or LLaMA-3 regex, behavior Isolated), ByteLevel (use_regex false)];
+//   Sequence[Split (any regex or string, behavior Isolated; run by PCRE2, bpe_split.h),
+//   ByteLevel (use_regex false)];
 //   model       BPE over the GPT-2 byte-to-unicode alphabet, ignore_merges honoured.
 // Both: merges as "a b" strings or ["a", "b"] pairs; added_tokens matched in the text before
 // anything else (leftmost, then longest; lstrip/rstrip/single_word honoured; matched on the raw
@@ -19,7 +20,7 @@
 // tokenizer_config.json eos_token, else </s>, <|end_of_text|>, <|endoftext|>.
 // Not supported, with an error naming the file and field: other model types (WordPiece,
 // Unigram, WordLevel), normalizers other than Prepend/Replace (NFC, NFKC, Lowercase...),
-// pre-tokenizers other than the above (Digits, Whitespace, other Split regexes),
+// pre-tokenizers other than the above (Digits, Whitespace, Split with another behavior),
 // continuing_subword_prefix / end_of_word_suffix. dropout is ignored (inference is
 // deterministic).
 #pragma once

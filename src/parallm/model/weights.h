@@ -53,7 +53,7 @@ class WeightSource {
 // validates every header field (JSON, dtype names, shapes, offsets within the file, no overlaps).
 std::unique_ptr<WeightSource> open_safetensors(const std::string& path);
 
-// A llama2.c legacy checkpoint (see ../shared/models/stories260K/README.md): fills `config`
+// A llama2.c legacy checkpoint (see models/stories260K/README.md): fills `config`
 // (rope_interleaved = true, tie_word_embeddings from the sign of vocab_size) and exposes the
 // arrays under Hugging Face names.
 std::unique_ptr<WeightSource> open_llama2c(const std::string& path, ModelConfig* config);

@@ -1,5 +1,6 @@
 #include "parallm/plan/cluster.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -34,11 +35,14 @@ LinkSpec resolve_link(const std::string& name, const DeviceSpec& d, const char* 
     const LinkSpec native = link_preset(d.native_link.empty() ? "pcie4" : d.native_link);
     return native.kind == LinkKind::NVLink ? native : link_preset("nvlink4");
   }
-  try {
-    return link_preset(name);
-  } catch (const std::invalid_argument& e) {
-    fail("hardware", flag, ": ", std::string(e.what()).substr(std::string("[hardware] ").size()));
+  // Asked first, so that only an unknown name is reported against the flag ("pcie" is
+  // link_preset's alias of pcie4).
+  const std::vector<std::string> names = link_preset_names();
+  if (name != "pcie" && std::find(names.begin(), names.end(), name) == names.end()) {
+    fail("hardware", flag, ": unknown link \"", name, "\" (presets: nvlink, pcie, ",
+         join(names, ", "), ")");
   }
+  return link_preset(name);
 }
 
 }  // namespace

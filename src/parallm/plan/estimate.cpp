@@ -1,8 +1,9 @@
 #include "parallm/plan/estimate.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
 
 #include "parallm/core/error.h"
 #include "parallm/pipeline/simulator.h"
@@ -13,19 +14,11 @@ namespace {
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
-std::string num(const char* f, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, f, v);
-  return buf;
-}
-std::string ms(double s) {
-  return num(s < 0.01 ? "%.3f ms" : "%.2f ms", s * 1e3);
-}
 std::string gib(double b) {
-  return num("%.1f GiB", b / kGiB);
+  return fmt::format("{:.1f} GiB", b / kGiB);
 }
 std::string us(double s) {
-  return num("%.1f us", s * 1e6);
+  return fmt::format("{:.1f} us", s * 1e6);
 }
 
 int64_t ceil_div(int64_t a, int64_t b) {
@@ -168,7 +161,20 @@ void add_term(std::vector<CostTerm>& terms, const CostTerm& t) {
   terms.push_back(t);
 }
 
+// The schedule a layout runs: interleaving needs more than one stage.
+pipeline::ScheduleKind schedule_for(const Layout& l, const TrainingWorkload& w, int* chunks) {
+  *chunks = l.pp > 1 && w.schedule == pipeline::ScheduleKind::Interleaved ? w.chunks : 1;
+  if (l.pp == 1 && w.schedule == pipeline::ScheduleKind::Interleaved)
+    return pipeline::ScheduleKind::OneFOneB;
+  return w.schedule;
+}
+
 }  // namespace
+
+std::string ms_text(double seconds) {
+  return seconds < 0.01 ? fmt::format("{:.3f} ms", seconds * 1e3)
+                        : fmt::format("{:.2f} ms", seconds * 1e3);
+}
 
 double rank_flops(const ClusterSpec& cl, const PlanOptions& o) {
   if (o.flops > 0) return o.flops;
@@ -337,11 +343,11 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
   if (l.tp > 1 && slow_for_tp(*k.tp))
     e.reasons.push_back(cat("TP over ", k.tp->name, ": ", 2 * c.num_hidden_layers + 1,
                             " all-reduces per token at ", us(k.tp->latency),
-                            " latency per step cost ", ms(tp_time), " (",
-                            num("%.0f", 100 * tp_time / e.tpot), "% of a token)"));
+                            " latency per step cost ", ms_text(tp_time), " (",
+                            fmt::format("{:.0f}", 100 * tp_time / e.tpot), "% of a token)"));
   else if (l.tp > 1 && tp_time > 0.15 * e.tpot)
-    e.reasons.push_back(cat("TP all-reduces take ", num("%.0f", 100 * tp_time / e.tpot),
-                            "% of a token (", ms(tp_time), ")"));
+    e.reasons.push_back(cat("TP all-reduces take ", fmt::format("{:.0f}", 100 * tp_time / e.tpot),
+                            "% of a token (", ms_text(tp_time), ")"));
   if (l.tp > c.num_key_value_heads)
     e.reasons.push_back(cat("TP=", l.tp, " > ", c.num_key_value_heads,
                             " KV heads: each KV head stored on ", l.tp / c.num_key_value_heads,
@@ -351,38 +357,45 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
     e.reasons.push_back(cat("PP=", l.pp, ": a token crosses ", l.pp, " stages in turn; batch ", b,
                             " in ", e.micro_batches, " micro-batch",
                             e.micro_batches > 1 ? "es" : "", " keeps each device busy ",
-                            num("%.0f", 100 * std::min(1.0, busy)), "% of the time (bubble)"));
+                            fmt::format("{:.0f}", 100 * std::min(1.0, busy)),
+                            "% of the time (bubble)"));
   }
   if (l.ep > 1)
     for (const CostTerm& t : terms)
       if (t.name == "ep all-to-all")
-        e.reasons.push_back(cat("EP all-to-all: ", t.count, " per token, ", ms(t.seconds)));
+        e.reasons.push_back(cat("EP all-to-all: ", t.count, " per token, ", ms_text(t.seconds)));
   return e;
+}
+
+std::string training_problem(const ModelConfig& c, const Layout& l, const TrainingWorkload& w) {
+  if (w.global_batch < 1 || w.micro_batch < 1 || w.seq_len < 1)
+    fail("plan", "global batch, micro-batch and sequence length must be >= 1 (got ", w.global_batch,
+         ", ", w.micro_batch, ", ", w.seq_len, ")");
+  if (std::string p = layout_problem(c, l); !p.empty()) return p;
+  if (w.global_batch % (int64_t(l.dp) * w.micro_batch) != 0)
+    return cat("global batch ", w.global_batch, " is not a multiple of DP x micro-batch = ", l.dp,
+               " x ", w.micro_batch);
+  const int64_t m = w.global_batch / (int64_t(l.dp) * w.micro_batch);
+  int v = 1;
+  if (schedule_for(l, w, &v) == pipeline::ScheduleKind::Interleaved) {
+    if (v < 1) fail("plan", "interleaved schedule: chunks must be >= 1 (got ", v, ")");
+    if (m % l.pp != 0)
+      return cat("interleaved schedule: ", m, " micro-batches is not a multiple of PP=", l.pp);
+    if (c.num_hidden_layers % (int64_t(l.pp) * v) != 0)
+      return cat("interleaved schedule: ", c.num_hidden_layers,
+                 " layers do not split into PP x chunks = ", l.pp, " x ", v);
+  }
+  return "";
 }
 
 LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, const Layout& l,
                                  const TrainingWorkload& w, const PlanOptions& o) {
-  if (std::string p = layout_problem(c, l); !p.empty()) fail("plan", p);
+  if (std::string p = training_problem(c, l, w); !p.empty()) fail("plan", p);
   if (l.world() != cl.world())
     fail("plan", l.str(), " uses ", l.world(), " devices but the cluster has ", cl.world());
-  if (w.global_batch < 1 || w.micro_batch < 1 || w.seq_len < 1)
-    fail("plan", "global batch, micro-batch and sequence length must be >= 1");
-  if (w.global_batch % (int64_t(l.dp) * w.micro_batch) != 0)
-    fail("plan", "global batch ", w.global_batch, " is not a multiple of DP x micro-batch = ", l.dp,
-         " x ", w.micro_batch);
   const int m = int(w.global_batch / (int64_t(l.dp) * w.micro_batch));
-  pipeline::ScheduleKind kind = w.schedule;
-  int v = w.chunks;
-  if (l.pp == 1 || kind != pipeline::ScheduleKind::Interleaved) v = 1;
-  if (l.pp == 1 && kind == pipeline::ScheduleKind::Interleaved)
-    kind = pipeline::ScheduleKind::OneFOneB;
-  if (kind == pipeline::ScheduleKind::Interleaved) {
-    if (m % l.pp != 0)
-      fail("plan", "interleaved schedule: ", m, " micro-batches is not a multiple of PP=", l.pp);
-    if (c.num_hidden_layers % (int64_t(l.pp) * v) != 0)
-      fail("plan", "interleaved schedule: ", c.num_hidden_layers,
-           " layers do not split into PP x chunks = ", l.pp, " x ", v);
-  }
+  int v = 1;
+  const pipeline::ScheduleKind kind = schedule_for(l, w, &v);
   LayoutEstimate e;
   e.layout = l;
   e.training = true;
@@ -446,7 +459,7 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
       terms = {{"matmuls", 0, 0, (fwd_c + bwd_c) * m, ""}};
       if (l.tp > 1) terms.push_back(tp_term);
       if (l.ep > 1)
-        terms.push_back({"ep all-to-all", int(4 * P.layers), 0, 2 * ep_f * m, e.tp_link});
+        terms.push_back({"ep all-to-all", int(4 * P.layers), 0, 2 * ep_f * m, k.ep->name});
       if (zero3 > 0) terms.push_back({"zero-3 weight all-gathers", 2, 0, 2 * zero3 * m, e.dp_link});
     }
     params_dev = std::max(params_dev, P.total());
@@ -506,19 +519,20 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
                             gib(e.memory.weights), ", gradients ", gib(e.memory.gradients),
                             ", optimizer ", gib(e.memory.optimizer), ", activations ",
                             gib(e.memory.activations), " for ",
-                            num("%g", sim.peak_in_flight[e.memory.stage]),
+                            fmt::format("{:g}", sim.peak_in_flight[e.memory.stage]),
                             " micro-batches in flight) > ", gib(e.capacity), " usable"));
   if (l.tp > 1 && slow_for_tp(*k.tp))
     e.reasons.push_back(
         cat("TP over ", k.tp->name, ": activations cross a slow link 4x per layer"));
   if (l.pp > 1)
-    e.reasons.push_back(cat("pipeline bubble ", num("%.1f", 100 * e.bubble_fraction), "% (",
-                            schedule_kind_name(kind), ", ", m, " micro-batches over ", l.pp,
-                            " stages; formula ",
-                            num("%.1f", 100 * pipeline::bubble_formula(kind, l.pp, m, v)), "%)"));
+    e.reasons.push_back(
+        cat("pipeline bubble ", fmt::format("{:.1f}", 100 * e.bubble_fraction), "% (",
+            schedule_kind_name(kind), ", ", m, " micro-batches over ", l.pp, " stages; formula ",
+            fmt::format("{:.1f}", 100 * pipeline::bubble_formula(kind, l.pp, m, v)), "%)"));
   if (e.dp_comm_time > 0.1 * e.step_time)
     e.reasons.push_back(cat("DP gradient all-reduce over ", e.dp_link, " takes ",
-                            num("%.0f", 100 * e.dp_comm_time / e.step_time), "% of the step"));
+                            fmt::format("{:.0f}", 100 * e.dp_comm_time / e.step_time),
+                            "% of the step"));
   return e;
 }
 

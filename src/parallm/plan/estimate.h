@@ -85,8 +85,17 @@ double rank_mem_bw(const ClusterSpec& cl, const PlanOptions& o, int streaming);
 // node, more ranks than devices.
 std::string placement_problem(const ClusterSpec& cl, const Layout& l, const PlanOptions& o);
 
-// Throws std::invalid_argument when the layout cannot run the model (layout_problem) or does not
-// use exactly the cluster's devices.
+// Why `l` cannot train `c` with `w` ("" when it can): layout_problem, then what the workload asks
+// of the layout (DP x micro-batch divides the global batch; the interleaved schedule's micro-
+// batches and layers divide by PP). Throws std::invalid_argument when `w` itself is invalid
+// (a size below 1), whatever the layout.
+std::string training_problem(const ModelConfig& c, const Layout& l, const TrainingWorkload& w);
+
+// Seconds as the reports show them: "0.123 ms" below 10 ms, "12.34 ms" from there.
+std::string ms_text(double seconds);
+
+// Throws std::invalid_argument when the layout cannot run the model (layout_problem; for training
+// training_problem) or does not use exactly the cluster's devices.
 LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, const Layout& l,
                                   const InferenceWorkload& w, const PlanOptions& o);
 LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, const Layout& l,

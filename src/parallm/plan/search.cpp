@@ -1,7 +1,8 @@
 #include "parallm/plan/search.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
-#include <cstdio>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -15,19 +16,11 @@ namespace {
 using nlohmann::json;
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
-std::string num(const char* f, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, f, v);
-  return buf;
-}
-std::string ms(double s) {
-  return num(s * 1e3 < 10 ? "%.3f ms" : "%.2f ms", s * 1e3);
-}
 std::string bytes_h(double b) {
-  if (b >= 1e9) return num("%.2f GB", b / 1e9);
-  if (b >= 1e6) return num("%.2f MB", b / 1e6);
-  if (b >= 1e3) return num("%.1f kB", b / 1e3);
-  return num("%.0f B", b);
+  if (b >= 1e9) return fmt::format("{:.2f} GB", b / 1e9);
+  if (b >= 1e6) return fmt::format("{:.2f} MB", b / 1e6);
+  if (b >= 1e3) return fmt::format("{:.1f} kB", b / 1e3);
+  return fmt::format("{:.0f} B", b);
 }
 
 std::vector<int> divisors(int n) {
@@ -57,7 +50,7 @@ std::string biggest_gap(const std::vector<CostTerm>& mine, const std::vector<Cos
   for (const auto& [n, d] : diff)
     if (d > gap) gap = d, name = n;
   if (name.empty()) return "";
-  return cat("; most of the gap: ", name, " (+", ms(gap), ")");
+  return cat("; most of the gap: ", name, " (+", ms_text(gap), ")");
 }
 
 void add_comparisons(const PlanRequest& req, PlanResult& res) {
@@ -68,14 +61,15 @@ void add_comparisons(const PlanRequest& req, PlanResult& res) {
     if (!e.feasible()) continue;
     std::string why;
     if (e.training) {
-      why = cat("step ", num("%.2f", e.step_time), " s vs ", num("%.2f", best.step_time), " s for ",
-                best.layout.str(), biggest_gap(e.step_terms, best.step_terms));
+      why = fmt::format("step {:.2f} s vs {:.2f} s for {}{}", e.step_time, best.step_time,
+                        best.layout.str(), biggest_gap(e.step_terms, best.step_terms));
     } else if (req.goal == Goal::Latency) {
-      why = cat("TPOT ", ms(e.tpot), " vs ", ms(best.tpot), " (", num("%.2f", e.tpot / best.tpot),
-                "x) for ", best.layout.str(), biggest_gap(e.decode_terms, best.decode_terms));
+      why = fmt::format("TPOT {} vs {} ({:.2f}x) for {}{}", ms_text(e.tpot), ms_text(best.tpot),
+                        e.tpot / best.tpot, best.layout.str(),
+                        biggest_gap(e.decode_terms, best.decode_terms));
     } else {
-      why = cat(num("%.0f", e.tokens_per_s), " tokens/s vs ", num("%.0f", best.tokens_per_s),
-                " for ", best.layout.str(), biggest_gap(e.decode_terms, best.decode_terms));
+      why = fmt::format("{:.0f} tokens/s vs {:.0f} for {}{}", e.tokens_per_s, best.tokens_per_s,
+                        best.layout.str(), biggest_gap(e.decode_terms, best.decode_terms));
     }
     e.reasons.insert(e.reasons.begin(), why);
   }
@@ -119,16 +113,18 @@ PlanResult search(const PlanRequest& req) {
         if ((pin.tp && pin.tp != tp) || (pin.pp && pin.pp != pp) || (pin.dp && pin.dp != dp) ||
             (pin.ep && pin.ep != ep))
           continue;
-        try {
-          res.ranked.push_back(
-              req.training
-                  ? estimate_training(req.model, req.cluster, l, req.train, req.options)
-                  : estimate_inference(req.model, req.cluster, l, req.inference, req.options));
-        } catch (const std::invalid_argument& e) {
-          std::string why = e.what();
-          if (why.rfind("[plan] ", 0) == 0) why = why.substr(7);
+        // A layout that cannot run the model is reported with its reason; any other error (a
+        // bad workload, a bug) propagates instead of passing for a rejected layout.
+        const std::string why =
+            req.training ? training_problem(req.model, l, req.train) : layout_problem(req.model, l);
+        if (!why.empty()) {
           res.rejected.push_back({l, why});
+          continue;
         }
+        res.ranked.push_back(
+            req.training
+                ? estimate_training(req.model, req.cluster, l, req.train, req.options)
+                : estimate_inference(req.model, req.cluster, l, req.inference, req.options));
       }
     }
   }
@@ -265,18 +261,22 @@ json to_json(const PlanRequest& req, const PlanResult& res) {
 std::string render_report(const PlanRequest& req, const PlanResult& res, int top) {
   std::ostringstream out;
   const ClusterSpec& cl = req.cluster;
-  out << "model    " << req.model_name << ": " << num("%.2f", req.model.param_count() / 1e9)
-      << " B parameters";
+  out << "model    " << req.model_name << ": "
+      << fmt::format("{:.2f}", req.model.param_count() / 1e9) << " B parameters";
   if (req.model.is_moe())
-    out << " (" << num("%.2f", active_params_per_token(req.model) / 1e9) << " B active per token)";
+    out << " (" << fmt::format("{:.2f}", active_params_per_token(req.model) / 1e9)
+        << " B active per token)";
   out << "\nhardware " << cl.describe() << "\n";
-  out << "rates    per rank: " << num("%.1f", rank_flops(cl, req.options) / 1e12) << " TFLOP/s, "
-      << num("%.1f", rank_mem_bw(cl, req.options, std::min(cl.world(), cl.gpus_per_node)) / 1e9)
+  out << "rates    per rank: " << fmt::format("{:.1f}", rank_flops(cl, req.options) / 1e12)
+      << " TFLOP/s, "
+      << fmt::format("{:.1f}",
+                     rank_mem_bw(cl, req.options, std::min(cl.world(), cl.gpus_per_node)) / 1e9)
       << " GB/s"
-      << (cl.device.shared_memory_bw ? cat(" with every rank streaming, ",
-                                           num("%.1f", rank_mem_bw(cl, req.options, 1) / 1e9),
-                                           " GB/s alone (shared node memory)")
-                                     : "")
+      << (cl.device.shared_memory_bw
+              ? cat(" with every rank streaming, ",
+                    fmt::format("{:.1f}", rank_mem_bw(cl, req.options, 1) / 1e9),
+                    " GB/s alone (shared node memory)")
+              : "")
       << (req.options.calibration
               ? cat(" (comm calibrated from ", req.options.calibration->source, ")")
               : "")
@@ -296,57 +296,54 @@ std::string render_report(const PlanRequest& req, const PlanResult& res, int top
         << precision_name(w.kv_cache) << "; goal "
         << (req.goal == Goal::Latency ? "latency" : "throughput") << "\n\n";
   }
-  char line[320];
   const int shown = std::min<int>(top, int(res.ranked.size()));
   if (req.training) {
-    std::snprintf(line, sizeof line, "%3s %4s %4s %4s %4s %5s %10s %9s %8s %10s %7s %6s\n", "#",
-                  "tp", "pp", "dp", "ep", "fits", "mem/dev", "step s", "bubble", "tokens/s", "MFU",
-                  "links");
-    out << line;
+    out << fmt::format(
+        "{:>3} {:>4} {:>4} {:>4} {:>4} {:>5} {:>10} {:>9} {:>8} {:>10} {:>7} {:>6}\n", "#", "tp",
+        "pp", "dp", "ep", "fits", "mem/dev", "step s", "bubble", "tokens/s", "MFU", "links");
     for (int i = 0; i < shown; ++i) {
       const LayoutEstimate& e = res.ranked[i];
-      std::snprintf(line, sizeof line,
-                    "%3d %4d %4d %4d %4d %5s %6.1f GiB %9.3f %7.1f%% %10.0f %6.1f%% %s/%s/%s\n",
-                    i + 1, e.layout.tp, e.layout.pp, e.layout.dp, e.layout.ep,
-                    e.feasible() ? "yes" : (e.fits ? "rule" : "no"), e.memory.total() / kGiB,
-                    e.step_time, 100 * e.bubble_fraction, e.tokens_per_s, 100 * e.mfu,
-                    e.tp_link.c_str(), e.pp_link.c_str(), e.dp_link.c_str());
-      out << line;
+      out << fmt::format(
+          "{:3} {:4} {:4} {:4} {:4} {:>5} {:6.1f} GiB {:9.3f} {:7.1f}% {:10.0f} {:6.1f}% "
+          "{}/{}/{}\n",
+          i + 1, e.layout.tp, e.layout.pp, e.layout.dp, e.layout.ep,
+          e.feasible() ? "yes" : (e.fits ? "rule" : "no"), e.memory.total() / kGiB, e.step_time,
+          100 * e.bubble_fraction, e.tokens_per_s, 100 * e.mfu, e.tp_link, e.pp_link, e.dp_link);
     }
   } else {
-    std::snprintf(line, sizeof line, "%3s %4s %4s %4s %4s %5s %10s %10s %10s %9s %10s %11s  %s\n",
-                  "#", "tp", "pp", "dp", "ep", "fits", "mem/dev", "TTFT ms", "TPOT ms", "tokens/s",
-                  "tok/s/dev", "comm/token", "links tp/pp");
-    out << line;
+    out << fmt::format(
+        "{:>3} {:>4} {:>4} {:>4} {:>4} {:>5} {:>10} {:>10} {:>10} {:>9} {:>10} {:>11}  {}\n", "#",
+        "tp", "pp", "dp", "ep", "fits", "mem/dev", "TTFT ms", "TPOT ms", "tokens/s", "tok/s/dev",
+        "comm/token", "links tp/pp");
     for (int i = 0; i < shown; ++i) {
       const LayoutEstimate& e = res.ranked[i];
-      std::snprintf(line, sizeof line,
-                    "%3d %4d %4d %4d %4d %5s %6.1f GiB %10.2f %10.3f %9.1f %10.1f %11s  %s/%s\n",
-                    i + 1, e.layout.tp, e.layout.pp, e.layout.dp, e.layout.ep,
-                    e.feasible() ? "yes" : (e.fits ? "rule" : "no"), e.memory.total() / kGiB,
-                    e.ttft * 1e3, e.tpot * 1e3, e.tokens_per_s, e.tokens_per_s_per_device,
-                    bytes_h(e.comm_bytes_per_token).c_str(), e.tp_link.c_str(), e.pp_link.c_str());
-      out << line;
+      out << fmt::format(
+          "{:3} {:4} {:4} {:4} {:4} {:>5} {:6.1f} GiB {:10.2f} {:10.3f} {:9.1f} {:10.1f} {:>11}  "
+          "{}/{}\n",
+          i + 1, e.layout.tp, e.layout.pp, e.layout.dp, e.layout.ep,
+          e.feasible() ? "yes" : (e.fits ? "rule" : "no"), e.memory.total() / kGiB, e.ttft * 1e3,
+          e.tpot * 1e3, e.tokens_per_s, e.tokens_per_s_per_device, bytes_h(e.comm_bytes_per_token),
+          e.tp_link, e.pp_link);
     }
   }
   out << "(fits: yes; no = out of memory; rule = fits but breaks a placement rule)\n";
   const LayoutEstimate& best = res.ranked[0];
   if (best.feasible()) {
     out << "\nbest: " << best.layout.str() << "; memory per device "
-        << num("%.1f", best.memory.total() / kGiB) << " GiB (weights "
-        << num("%.1f", best.memory.weights / kGiB);
+        << fmt::format("{:.1f}", best.memory.total() / kGiB) << " GiB (weights "
+        << fmt::format("{:.1f}", best.memory.weights / kGiB);
     if (best.training)
-      out << ", gradients " << num("%.1f", best.memory.gradients / kGiB) << ", optimizer "
-          << num("%.1f", best.memory.optimizer / kGiB);
+      out << ", gradients " << fmt::format("{:.1f}", best.memory.gradients / kGiB) << ", optimizer "
+          << fmt::format("{:.1f}", best.memory.optimizer / kGiB);
     else
-      out << ", KV cache " << num("%.1f", best.memory.kv_cache / kGiB);
-    out << ", activations " << num("%.1f", best.memory.activations / kGiB) << ") of "
-        << num("%.1f", best.capacity / kGiB) << " GiB usable\n";
+      out << ", KV cache " << fmt::format("{:.1f}", best.memory.kv_cache / kGiB);
+    out << ", activations " << fmt::format("{:.1f}", best.memory.activations / kGiB) << ") of "
+        << fmt::format("{:.1f}", best.capacity / kGiB) << " GiB usable\n";
     out << (best.training ? "  per step:\n" : "  per decode step (one token for each sequence):\n");
     for (const CostTerm& t : best.training ? best.step_terms : best.decode_terms) {
       out << "    " << t.name;
       if (t.count > 0 && t.bytes > 0) out << ": " << t.count << " x " << bytes_h(t.bytes);
-      out << "  " << ms(t.seconds);
+      out << "  " << ms_text(t.seconds);
       if (!t.detail.empty()) out << "  [" << t.detail << "]";
       out << "\n";
     }
