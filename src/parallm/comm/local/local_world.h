@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "parallm/comm/in_flight.h"  // steady_seconds
 #include "parallm/comm/stats.h"
 
 namespace parallm::comm::local {
@@ -165,8 +166,6 @@ class LocalWorld {
   std::mutex shared_mu_;
   std::map<uint64_t, std::shared_ptr<GroupShared>> shared_;
 };
-
-double steady_seconds();
 
 template <class Pred>
 bool LocalWorld::sleep_until(Pred& pred, double deadline) {
