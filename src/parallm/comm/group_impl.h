@@ -19,6 +19,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <thread>
 
 #include "parallm/comm/group.h"
 #include "parallm/comm/in_flight.h"
