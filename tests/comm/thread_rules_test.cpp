@@ -113,11 +113,11 @@ TEST(Watchdog, ReportsAStuckCallOnceAndNotTheOnesThatEnded) {
     // a blocking MPI call whose peer never comes).
     std::thread rank([&] {
       for (int i = 0; i < 2000; ++i) {
-        const double now = steady_seconds();
+        const double now = now_seconds();
         quick.begin(Kind::AllReduce, now, now + 60);
         quick.end();
       }
-      const double now = steady_seconds();
+      const double now = now_seconds();
       stuck.begin(Kind::Recv, now, now + 0.05, /*peer=*/0, /*tag=*/9);
       std::this_thread::sleep_for(300ms);  // stuck past the deadline, seen several times
       stuck.end();
@@ -147,7 +147,7 @@ TEST(Watchdog, SeesALocalRankWaitingInABarrier) {
         std::lock_guard<std::mutex> lock(mu);
         reported.push_back(s.describe() + " after " + std::to_string(int(s.timeout_s())) + " s");
       },
-      /*period_s=*/0.002, [&] { return steady_seconds() + skew.load(); });
+      /*period_s=*/0.002, [&] { return now_seconds() + skew.load(); });
   launch(2, local_options(/*timeout_s=*/100), [&](Group world) {
     Group tp = world.split(0, world.rank(), "tp");
     dog.add(&tp.impl()->in_flight());

@@ -95,7 +95,7 @@ class OpScope {
  public:
   // peer, tag: of a send or recv (-1: none), for the watchdog's message.
   OpScope(GroupImpl& g, Kind kind, int peer = -1, int tag = -1)
-      : g_(g), kind_(kind), sent0_(g.bytes_sent()), recv0_(g.bytes_recv()), t0_(steady_seconds()) {
+      : g_(g), kind_(kind), sent0_(g.bytes_sent()), recv0_(g.bytes_recv()), t0_(now_seconds()) {
     g_.start_op(kind, peer, tag);
   }
   ~OpScope() { g_.finish_op(); }
@@ -106,7 +106,7 @@ class OpScope {
   }
   void done() {
     g_.stats().record(kind_, g_.bytes_sent() - sent0_ + extra_sent_,
-                      g_.bytes_recv() - recv0_ + extra_recv_, steady_seconds() - t0_);
+                      g_.bytes_recv() - recv0_ + extra_recv_, now_seconds() - t0_);
   }
 
  private:

@@ -71,7 +71,7 @@ class GroupImpl {
     check_owner(kind);
 #endif
     current_kind_ = kind;
-    const double now = steady_seconds();
+    const double now = now_seconds();
     deadline_ = now + options_.timeout_s;
     in_flight_.begin(kind, now, deadline_, peer, tag);
     begin_op(kind);
@@ -81,7 +81,7 @@ class GroupImpl {
     in_flight_.end();
   }
   Kind current_kind() const { return current_kind_; }
-  // When the call in progress gives up (seconds on steady_seconds()'s clock).
+  // When the call in progress gives up (seconds on now_seconds()'s clock).
   double deadline() const { return deadline_; }
   // What this group has in flight, for a watchdog on another thread.
   const InFlight& in_flight() const { return in_flight_; }

@@ -6,11 +6,6 @@
 
 namespace parallm::comm {
 
-double steady_seconds() {
-  using namespace std::chrono;
-  return duration<double>(steady_clock::now().time_since_epoch()).count();
-}
-
 InFlight::InFlight(int rank, int size, int world_rank, std::string name)
     : rank_(rank), size_(size), world_rank_(world_rank), name_(std::move(name)) {}
 

@@ -24,11 +24,9 @@
 #include <thread>
 
 #include "parallm/comm/stats.h"
+#include "parallm/core/timer.h"  // now_seconds: the steady clock deadlines are measured on
 
 namespace parallm::comm {
-
-// Seconds on the steady clock (what deadlines are measured in).
-double steady_seconds();
 
 class InFlight {
  public:
@@ -82,9 +80,9 @@ class InFlight {
 class Watchdog {
  public:
   using OnOverdue = std::function<void(const InFlight::Snapshot&)>;
-  // now: the clock compared with deadlines (steady_seconds; tests may move it).
+  // now: the clock compared with deadlines (now_seconds; tests may move it).
   explicit Watchdog(OnOverdue on_overdue, double period_s = 0.05,
-                    std::function<double()> now = steady_seconds);
+                    std::function<double()> now = now_seconds);
   ~Watchdog();  // stops and joins the thread
   Watchdog(const Watchdog&) = delete;
   Watchdog& operator=(const Watchdog&) = delete;

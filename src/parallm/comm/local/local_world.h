@@ -19,8 +19,8 @@
 #include <string>
 #include <vector>
 
-#include "parallm/comm/in_flight.h"  // steady_seconds
 #include "parallm/comm/stats.h"
+#include "parallm/core/timer.h"
 
 namespace parallm::comm::local {
 
@@ -179,7 +179,7 @@ bool LocalWorld::sleep_until(Pred& pred, double deadline) {
       ok = false;
       break;
     }
-    const double left = deadline - steady_seconds();
+    const double left = deadline - now_seconds();
     if (left <= 0) {
       ok = false;
       break;

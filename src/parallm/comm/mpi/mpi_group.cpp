@@ -140,8 +140,8 @@ class MpiGroup final : public GroupImpl {
     if (!finalized) {
       // Sends nobody received within the timeout are left behind (with their buffers) rather than
       // hanging here.
-      const double deadline = steady_seconds() + options_.timeout_s;
-      while (!pending_.empty() && steady_seconds() < deadline) {
+      const double deadline = now_seconds() + options_.timeout_s;
+      while (!pending_.empty() && now_seconds() < deadline) {
         reap();
         if (!pending_.empty()) std::this_thread::sleep_for(std::chrono::microseconds(100));
       }
