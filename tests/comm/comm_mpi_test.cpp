@@ -4,6 +4,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
+#include <string>
 #include <thread>
 
 #include "conformance.h"
@@ -49,6 +51,29 @@ TEST(MpiConformance, SplitAndMesh) {
       for (size_t i = 0; i < l.size(); ++i) EXPECT_EQ(got[i], float(l[i]));
     }
     EXPECT_EQ(mesh.pp().name(), "pp");
+  });
+}
+
+TEST(MpiConformance, GatherStringsAndRanksOnThisNode) {
+  SKIP_UNLESS_MPIRUN();
+  launch(launched_size(), mpi_options(120), [&](Group world) {
+    const int p = world.size();
+    auto text = [](int r) { return "rank " + std::to_string(r) + std::string(r * 1000, char(r)); };
+    for (int root : {0, p - 1}) {
+      const std::vector<std::string> all = gather_strings(world, text(world.rank()), root);
+      if (world.rank() != root) {
+        EXPECT_TRUE(all.empty());
+        continue;
+      }
+      ASSERT_EQ(all.size(), size_t(p));
+      for (int q = 0; q < p; ++q) EXPECT_EQ(all[q], text(q)) << "from rank " << q;
+    }
+    // Every process of these tests runs on this machine; Open MPI says how many exactly.
+    const int here = ranks_on_this_node(p);
+    if (std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE"))
+      EXPECT_EQ(here, p);
+    else
+      EXPECT_TRUE(here >= 1 && here <= p) << here;
   });
 }
 

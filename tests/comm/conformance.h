@@ -201,6 +201,156 @@ inline void check_ring_send_recv(const Group& g, size_t count) {
   }
 }
 
+// ---- integer data: copied bit-exactly, never through f32 -----------------------------------------
+
+// Rank r's i-th value of an integer dtype: above 2^24 (i32) or 2^53 (i64), where a trip through
+// f32 or f64 would round, and with low bits that record rank and index; negative for odd i.
+template <class T>
+T int_value(int r, size_t i) {
+  if constexpr (sizeof(T) == 1) {
+    return static_cast<T>((r * 53 + i * 7 + 1) % 256);
+  } else {
+    const T big = sizeof(T) == 8 ? (T(1) << 53) + (T(1) << 60) : (T(1) << 24) + (T(1) << 29);
+    const T v = big + T(r) * 1000003 + T(i) * 2 + 1;
+    return i % 2 ? -v : v;
+  }
+}
+
+template <class T>
+constexpr DType dtype_of() {
+  if constexpr (sizeof(T) == 1) return DType::U8;
+  if constexpr (sizeof(T) == 4) return DType::I32;
+  return DType::I64;
+}
+
+template <class T>
+void check_int_all_gather(const Group& g, size_t count, Algorithm algo) {
+  const int p = g.size();
+  const DType dtype = dtype_of<T>();
+  std::vector<T> send(count), recv(count * p + 1, T(0));
+  for (size_t i = 0; i < count; ++i) send[i] = int_value<T>(g.rank(), i);
+  g.all_gather(send.data(), recv.data(), count, dtype, algo);
+  for (int q = 0; q < p; ++q)
+    for (size_t i = 0; i < count; ++i)
+      require(recv[q * count + i] == int_value<T>(q, i), where("all_gather", g, count, dtype, algo),
+              ": block of rank ", q, " element ", i, " is ", int64_t(recv[q * count + i]),
+              ", expected ", int64_t(int_value<T>(q, i)));
+  require(recv[count * p] == T(0), where("all_gather", g, count, dtype, algo),
+          ": wrote past the end");
+}
+
+template <class T>
+void check_int_broadcast(const Group& g, size_t count, int root) {
+  const DType dtype = dtype_of<T>();
+  std::vector<T> buf(count + 1, T(0));
+  if (g.rank() == root)
+    for (size_t i = 0; i < count; ++i) buf[i] = int_value<T>(root, i);
+  g.broadcast(buf.data(), count, dtype, root);
+  for (size_t i = 0; i < count; ++i)
+    require(buf[i] == int_value<T>(root, i), "broadcast (", dtype_name(dtype), ") from root ", root,
+            " count ", count, " on rank ", g.rank(), ": element ", i, " is ", int64_t(buf[i]),
+            ", expected ", int64_t(int_value<T>(root, i)));
+  require(buf[count] == T(0), "broadcast (", dtype_name(dtype), "): wrote past the end");
+}
+
+template <class T>
+void check_int_all_to_all(const Group& g, size_t base) {
+  const int p = g.size(), r = g.rank();
+  const DType dtype = dtype_of<T>();
+  std::vector<size_t> sc(p), rc(p);
+  size_t st = 0, rt = 0;
+  for (int q = 0; q < p; ++q) {
+    sc[q] = a2a_count(r, q, base);
+    rc[q] = a2a_count(q, r, base);
+    st += sc[q];
+    rt += rc[q];
+  }
+  // Element i from src to dst: int_value of "rank" src * 8 + dst, so pairs are told apart.
+  std::vector<T> send(st), recv(rt + 1, T(0));
+  for (int q = 0, off = 0; q < p; off += static_cast<int>(sc[q]), ++q)
+    for (size_t i = 0; i < sc[q]; ++i) send[off + i] = int_value<T>(r * 8 + q, i);
+  g.all_to_all(send.data(), sc, recv.data(), rc, dtype);
+  for (int q = 0, off = 0; q < p; off += static_cast<int>(rc[q]), ++q)
+    for (size_t i = 0; i < rc[q]; ++i)
+      require(recv[off + i] == int_value<T>(q * 8 + r, i), "all_to_all (", dtype_name(dtype),
+              ", base ", base, ") on rank ", r, " of ", p, ": element ", i, " from rank ", q,
+              " is ", int64_t(recv[off + i]), ", expected ", int64_t(int_value<T>(q * 8 + r, i)));
+  require(recv[rt] == T(0), "all_to_all (", dtype_name(dtype), "): wrote past the end");
+}
+
+// Integers sent around the ring as bytes.
+inline void check_int_send_recv(const Group& g, size_t count) {
+  const int p = g.size(), r = g.rank(), next = (r + 1) % p, prev = (r - 1 + p) % p;
+  std::vector<int64_t> out(count), in(count, 0);
+  for (size_t i = 0; i < count; ++i) out[i] = int_value<int64_t>(r, i);
+  g.send(out.data(), count * sizeof(int64_t), next, 3);
+  g.recv(in.data(), count * sizeof(int64_t), prev, 3);
+  for (size_t i = 0; i < count; ++i)
+    require(in[i] == int_value<int64_t>(prev, i), "send/recv (i64) on rank ", r, ": element ", i,
+            " is ", in[i], ", expected ", int_value<int64_t>(prev, i));
+}
+
+// all_reduce and reduce_scatter refuse integer dtypes, at every size (size 1 included), with
+// std::invalid_argument naming the call and the dtype.
+inline void check_int_reductions_refused(const Group& g) {
+  int64_t x[8] = {};
+  int64_t y[8] = {};
+  for (DType dtype : {DType::I32, DType::I64, DType::U8}) {
+    auto refused = [&](const char* call, auto&& fn) {
+      try {
+        fn();
+      } catch (const std::invalid_argument& e) {
+        const std::string m = e.what();
+        require(m.find(call) != std::string::npos &&
+                    m.find(cat("dtype ", dtype_name(dtype))) != std::string::npos,
+                call, " of ", dtype_name(dtype), ": message does not name both: ", m);
+        return;
+      }
+      require(false, call, " of ", dtype_name(dtype), " on rank ", g.rank(), " of ", g.size(),
+              " did not throw");
+    };
+    refused("all_reduce", [&] { g.all_reduce(x, 1, dtype, ReduceOp::Max); });
+    refused("reduce_scatter", [&] { g.reduce_scatter(x, y, 1, dtype, ReduceOp::Sum); });
+  }
+}
+
+// Every copying collective on every integer dtype and algorithm, at a few counts.
+inline void run_int_suite(const Group& g) {
+  for (size_t count : {size_t(1), size_t(7), size_t(1000)}) {
+    for (Algorithm a : {Algorithm::Native, Algorithm::Ring, Algorithm::RecursiveDoubling}) {
+      check_int_all_gather<int32_t>(g, count, a);
+      check_int_all_gather<int64_t>(g, count, a);
+      check_int_all_gather<uint8_t>(g, count, a);
+    }
+    for (int root = 0; root < g.size(); ++root) {
+      check_int_broadcast<int32_t>(g, count, root);
+      check_int_broadcast<int64_t>(g, count, root);
+      check_int_broadcast<uint8_t>(g, count, root);
+    }
+    if (g.size() > 1) check_int_send_recv(g, count);
+  }
+  for (size_t base : {size_t(0), size_t(1), size_t(100)}) {
+    check_int_all_to_all<int32_t>(g, base);
+    check_int_all_to_all<int64_t>(g, base);
+    check_int_all_to_all<uint8_t>(g, base);
+  }
+  // all_to_all and broadcast over send/recv (pairwise, binomial tree).
+  const CommOptions saved = g.options();
+  CommOptions forced = saved;
+  forced.algorithm = Algorithm::Ring;
+  g.set_options(forced);
+  for (size_t base : {size_t(1), size_t(100)}) {
+    check_int_all_to_all<int64_t>(g, base);
+    check_int_all_to_all<uint8_t>(g, base);
+  }
+  for (int root = 0; root < g.size(); ++root) {
+    check_int_broadcast<int64_t>(g, 1000, root);
+    check_int_broadcast<int32_t>(g, 7, root);
+  }
+  g.set_options(saved);
+  check_int_reductions_refused(g);
+}
+
 inline const std::vector<size_t>& conformance_counts() {
   static const std::vector<size_t> counts = {0, 1, 7, 1000, 1u << 20};
   return counts;
@@ -246,6 +396,7 @@ inline void run_suite(const Group& g, bool big = !kSanitized) {
   for (size_t base : {size_t(0), size_t(1), size_t(100)}) check_all_to_all(g, base, DType::F32);
   for (int root = 0; root < g.size(); ++root) check_broadcast(g, 1000, root);
   g.set_options(saved);
+  run_int_suite(g);
 }
 
 // split: even and odd ranks, ordered by descending key; a collective in each sub-group; a split

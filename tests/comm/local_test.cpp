@@ -4,7 +4,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -44,6 +46,31 @@ TEST_P(LocalConformance, SplitSubGroups) {
 
 INSTANTIATE_TEST_SUITE_P(WorldSizes, LocalConformance, ::testing::Values(1, 2, 3, 4, 7),
                          [](const auto& info) { return "p" + std::to_string(info.param); });
+
+class LocalIntegerData : public ::testing::TestWithParam<int> {};
+
+// i32 above 2^24, i64 above 2^53, u8: bit-exact through every copying collective and algorithm;
+// reductions refuse them. (run_suite runs the same at 1, 2, 3, 4, 7; this adds 5, and a sub-group.)
+TEST_P(LocalIntegerData, CopiedExactlyReductionsRefused) {
+  launch(GetParam(), local_options(), [&](Group world) {
+    testing::run_int_suite(world);
+    Group sub = world.split(world.rank() % 2, world.rank(), "sub");
+    testing::run_int_suite(sub);
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(WorldSizes, LocalIntegerData, ::testing::Values(1, 2, 3, 4, 5),
+                         [](const auto& info) { return "p" + std::to_string(info.param); });
+
+TEST(LocalIntegerData, SuiteCatchesAnIdRoundedThroughF32) {
+  // The check itself must fail when ids lose bits: an id above 2^24 through f32 does.
+  const int32_t id = testing::int_value<int32_t>(0, 0);
+  EXPECT_GT(id, 1 << 24);
+  EXPECT_NE(static_cast<int32_t>(static_cast<float>(id)), id);
+  const int64_t big = testing::int_value<int64_t>(3, 2);
+  EXPECT_GT(big, int64_t(1) << 53);
+  EXPECT_NE(static_cast<int64_t>(static_cast<double>(big)), big);
+}
 
 TEST(LocalGroup, ResultsAreBitwiseEqualOnAllRanks) {
   // Sums of values that round differently in different orders: every rank must still get the
@@ -320,6 +347,96 @@ TEST(Launch, NotUnderMpirunHere) {
   if (under_mpirun()) GTEST_SKIP() << "running under mpirun";
   EXPECT_EQ(launched_rank(), 0);
   EXPECT_EQ(launched_size(), 1);
+}
+
+// Sets an environment variable for one scope, restoring the old value (or its absence).
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
+    if (value)
+      ::setenv(name, value, 1);
+    else
+      ::unsetenv(name);
+  }
+  ~ScopedEnv() {
+    if (old_)
+      ::setenv(name_, old_->c_str(), 1);
+    else
+      ::unsetenv(name_);
+  }
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+};
+
+TEST(Launch, RanksOnThisNode) {
+  if (under_mpirun()) GTEST_SKIP() << "running under mpirun";
+  // Threads: all ranks of the run are on this machine.
+  EXPECT_EQ(ranks_on_this_node(6), 6);
+  {
+    // Open MPI: 8 processes, 3 of them here.
+    ScopedEnv size("OMPI_COMM_WORLD_SIZE", "8");
+    ScopedEnv local("OMPI_COMM_WORLD_LOCAL_SIZE", "3");
+    EXPECT_EQ(ranks_on_this_node(8), 3);
+  }
+  {
+    // MPICH hydra: MPI_LOCALNRANKS.
+    ScopedEnv size("PMI_SIZE", "4");
+    ScopedEnv local("MPI_LOCALNRANKS", "2");
+    EXPECT_EQ(ranks_on_this_node(4), 2);
+  }
+  {
+    // Under mpirun with no local count: assume one per node rather than all.
+    ScopedEnv size("PMI_SIZE", "4");
+    ScopedEnv bad("PMI_LOCAL_SIZE", "zero");
+    EXPECT_EQ(ranks_on_this_node(4), 1);
+  }
+  EXPECT_EQ(ranks_on_this_node(2), 2);  // the environment is restored
+}
+
+TEST(Launch, GatherStringsAtAnyRoot) {
+  for (int p = 1; p <= 5; ++p) {
+    for (int root : {0, p - 1}) {
+      std::mutex mu;
+      std::vector<std::vector<std::string>> got(p);
+      // Rank r's string: r x 37 bytes (rank 0 empty) with NULs and quotes, and its rank.
+      auto text = [](int r) {
+        std::string s;
+        for (int i = 0; i < r * 37; ++i) s.push_back(static_cast<char>((r * 31 + i) % 256));
+        return s + "\"rank " + std::to_string(r) + "\"\n";
+      };
+      launch(p, local_options(), [&](Group world) {
+        // A message with the same peer and a small tag in flight around it must not be taken.
+        const int next = (world.rank() + 1) % p, prev = (world.rank() - 1 + p) % p;
+        int64_t token = world.rank();
+        if (p > 1) world.send(&token, sizeof token, next, 0);
+        std::vector<std::string> all = gather_strings(world, text(world.rank()), root);
+        if (p > 1) {
+          world.recv(&token, sizeof token, prev, 0);
+          EXPECT_EQ(token, prev);
+        }
+        std::lock_guard<std::mutex> lock(mu);
+        got[world.rank()] = std::move(all);
+      });
+      for (int r = 0; r < p; ++r) {
+        if (r != root) {
+          EXPECT_TRUE(got[r].empty()) << "p " << p << " rank " << r;
+          continue;
+        }
+        ASSERT_EQ(got[r].size(), size_t(p)) << "p " << p;
+        for (int q = 0; q < p; ++q) EXPECT_EQ(got[r][q], text(q)) << "p " << p << " from " << q;
+      }
+    }
+  }
+  try {
+    launch(1, local_options(), [](Group world) { gather_strings(world, "x", 1); });
+    FAIL() << "no error";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("root 1 is out of range [0, 1)"), std::string::npos)
+        << e.what();
+  }
 }
 
 }  // namespace

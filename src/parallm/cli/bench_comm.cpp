@@ -13,6 +13,7 @@
 // for broadcast and sendrecv.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -41,7 +42,7 @@ struct Options {
   int ranks = 2;
   std::string op = "all";
   std::string algo = "all";
-  std::string min_bytes = "4", max_bytes = "64M";
+  uint64_t min_bytes = 4, max_bytes = uint64_t{64} << 20;
   int factor = 2;
   int iters = 0;  // 0: by size
   std::string dtype = "f32";
@@ -49,29 +50,6 @@ struct Options {
   double timeout_s = 300;
   bool comm_stats = false;
 };
-
-size_t parse_bytes(const std::string& text, const char* flag) {
-  size_t used = 0;
-  double v = 0;
-  try {
-    v = std::stod(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  double mult = 1;
-  std::string suffix = text.substr(used);
-  if (suffix == "K" || suffix == "KiB" || suffix == "k")
-    mult = 1024;
-  else if (suffix == "M" || suffix == "MiB")
-    mult = 1024.0 * 1024;
-  else if (suffix == "G" || suffix == "GiB")
-    mult = 1024.0 * 1024 * 1024;
-  else if (!suffix.empty() || used == 0)
-    used = 0;
-  if (used == 0 || v < 0)
-    fail("bench comm", flag, ": \"", text, "\" is not a size (bytes, or with K, M, G)");
-  return static_cast<size_t>(v * mult);
-}
 
 std::string human(size_t bytes) {
   char b[32];
@@ -208,10 +186,10 @@ int run(const Options& o) {
     ops = all_ops;
   else
     ops = {o.op};
-  const size_t lo = std::max<size_t>(parse_bytes(o.min_bytes, "--min-bytes"), 1);
-  const size_t hi = parse_bytes(o.max_bytes, "--max-bytes");
+  const size_t lo = std::max<size_t>(o.min_bytes, 1);
+  const size_t hi = o.max_bytes;
   if (hi < lo)
-    fail("bench comm", "--max-bytes ", o.max_bytes, " is below --min-bytes ", o.min_bytes);
+    fail("bench comm", "--max-bytes ", human(hi), " is below --min-bytes ", human(lo));
   if (o.factor < 2) fail("bench comm", "--step-factor must be >= 2, got ", o.factor);
   const DType dtype = parse_dtype(o.dtype, "--dtype");
   const int world = comm::under_mpirun() && o.backend != "local" ? comm::launched_size() : o.ranks;
@@ -338,8 +316,22 @@ const bool registered = register_command(
                                   "broadcast", "sendrecv"}));
        app.add_option("--algo", o->algo, "all, auto, native, ring, rd")
            ->check(CLI::IsMember({"all", "auto", "native", "ring", "rd"}));
-       app.add_option("--min-bytes", o->min_bytes, "Smallest size (default 4)");
-       app.add_option("--max-bytes", o->max_bytes, "Largest size (default 64M)");
+       // Sizes in bytes, or with a unit of 1024s: 64K, 1M, 2MiB, 1G (CLI11 parses them and names
+       // the flag and value it rejects). CLI11 runs the transform added last first: the sign check
+       // sees the text before AsSizeValue, whose unsigned parse would wrap "-5" around.
+       const CLI::Validator not_negative(
+           [](std::string& v) {
+             return v.find('-') != std::string::npos
+                        ? "\"" + v + "\" is negative: a size is bytes, or with K, M, G"
+                        : std::string();
+           },
+           "");
+       app.add_option("--min-bytes", o->min_bytes, "Smallest size (default 4)")
+           ->transform(CLI::AsSizeValue(false))
+           ->transform(not_negative);
+       app.add_option("--max-bytes", o->max_bytes, "Largest size (default 64M)")
+           ->transform(CLI::AsSizeValue(false))
+           ->transform(not_negative);
        app.add_option("--step-factor", o->factor, "Size multiplier between points (default 2)");
        app.add_option("--iters", o->iters, "Timed calls per point (default: by size)")
            ->check(CLI::NonNegativeNumber);

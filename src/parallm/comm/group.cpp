@@ -2,8 +2,9 @@
 // backend's GroupImpl.
 #include "parallm/comm/group.h"
 
-#include <chrono>
 #include <cstring>
+#include <sstream>
+#include <thread>
 
 #include "parallm/comm/algorithms/algorithms.h"
 #include "parallm/comm/group_impl.h"
@@ -37,6 +38,20 @@ Algorithm parse_algorithm(std::string_view text, std::string_view what) {
 std::string GroupImpl::describe() const {
   return cat("rank ", rank_, " of group \"", name(), "\" (size ", size_, ", world rank ",
              world_rank_, ") in ", kind_name(current_kind_));
+}
+
+void GroupImpl::check_owner(Kind kind) {
+  const std::thread::id me = std::this_thread::get_id();
+  std::thread::id owner{};
+  // The first caller becomes the owner; later calls only compare.
+  if (owner_.compare_exchange_strong(owner, me, std::memory_order_relaxed) || owner == me) return;
+  std::ostringstream ids;
+  ids << "thread " << me << " called " << kind_name(kind) << " on group \"" << name()
+      << "\" (rank " << rank_ << " of " << size_ << ", world rank " << world_rank_
+      << "), which belongs to thread " << owner;
+  fail<std::logic_error>("comm", ids.str(),
+                         ": a Group is used by one thread only (the first that calls it); give "
+                         "another thread its own group (split), or hand it work through a queue");
 }
 
 namespace {
@@ -74,20 +89,16 @@ class SelfImpl final : public GroupImpl {
   }
 };
 
-inline double seconds_now() {
-  using namespace std::chrono;
-  return duration<double>(steady_clock::now().time_since_epoch()).count();
-}
-
 // Brackets one call: arms the backend's timeout, measures time and bytes, and records them in the
 // group's statistics if the call returns normally.
 class OpScope {
  public:
-  OpScope(GroupImpl& g, Kind kind)
-      : g_(g), kind_(kind), sent0_(g.bytes_sent()), recv0_(g.bytes_recv()), t0_(seconds_now()) {
-    g_.begin_op(kind);
+  // peer, tag: of a send or recv (-1: none), for the watchdog's message.
+  OpScope(GroupImpl& g, Kind kind, int peer = -1, int tag = -1)
+      : g_(g), kind_(kind), sent0_(g.bytes_sent()), recv0_(g.bytes_recv()), t0_(now_seconds()) {
+    g_.start_op(kind, peer, tag);
   }
-  ~OpScope() { g_.end_op(); }
+  ~OpScope() { g_.finish_op(); }
   // Bytes moved by a native collective (the algorithms count theirs through the transport).
   void add_bytes(uint64_t sent, uint64_t recv) {
     extra_sent_ += sent;
@@ -95,7 +106,7 @@ class OpScope {
   }
   void done() {
     g_.stats().record(kind_, g_.bytes_sent() - sent0_ + extra_sent_,
-                      g_.bytes_recv() - recv0_ + extra_recv_, seconds_now() - t0_);
+                      g_.bytes_recv() - recv0_ + extra_recv_, now_seconds() - t0_);
   }
 
  private:
@@ -110,6 +121,15 @@ void check_buffer(const void* p, size_t count, const GroupImpl& g, const char* c
                   const char* what) {
   if (p == nullptr && count > 0)
     fail("comm", call, " on group \"", g.name(), "\": ", what, " is null but count is ", count);
+}
+
+// Integer dtypes are copy-only (core/dtype.h): a sum of token ids is never meant, and a reduction
+// through f32 would round ids above 2^24.
+void check_reducible(DType dtype, const GroupImpl& g, const char* call) {
+  if (!is_float(dtype))
+    fail("comm", call, " on group \"", g.name(), "\": dtype ", dtype_name(dtype),
+         " cannot be reduced (integer dtypes are copy-only: all_gather, broadcast, all_to_all and "
+         "send/recv carry them; reductions take f32, bf16 or f16)");
 }
 
 void check_peer(int peer, const GroupImpl& g, const char* call, const char* what) {
@@ -154,7 +174,7 @@ CommStats& Group::stats() const {
   return impl_->stats();
 }
 void Group::set_name(std::string name) const {
-  impl_->stats().set_name(std::move(name));
+  impl_->set_name(std::move(name));
 }
 const CommOptions& Group::options() const {
   return impl_->options();
@@ -174,6 +194,7 @@ int Group::world_rank() const {
 void Group::all_reduce(void* data, size_t count, DType dtype, ReduceOp op, Algorithm algo) const {
   GroupImpl& g = *impl_;
   check_buffer(data, count, g, "all_reduce", "data");
+  check_reducible(dtype, g, "all_reduce");
   OpScope scope(g, Kind::AllReduce);
   const size_t bytes = count * dtype_size(dtype);
   if (g.size() > 1 && count > 0) {
@@ -226,6 +247,7 @@ void Group::reduce_scatter(const void* send, void* recv, size_t count, DType dty
   GroupImpl& g = *impl_;
   check_buffer(send, count, g, "reduce_scatter", "send");
   check_buffer(recv, count, g, "reduce_scatter", "recv");
+  check_reducible(dtype, g, "reduce_scatter");
   OpScope scope(g, Kind::ReduceScatter);
   const size_t bytes = count * dtype_size(dtype);
   if (g.size() == 1) {
@@ -314,7 +336,7 @@ void Group::send(const void* data, size_t bytes, int dst, int tag) const {
   if (tag < 0 || tag > kMaxTag)
     fail("comm", "send on group \"", g.name(), "\": tag ", tag, " is out of range [0, ", kMaxTag,
          "]");
-  OpScope scope(g, Kind::Send);
+  OpScope scope(g, Kind::Send, dst, tag);
   g.send(data, bytes, dst, tag);
   scope.add_bytes(bytes, 0);
   scope.done();
@@ -327,7 +349,7 @@ void Group::recv(void* data, size_t bytes, int src, int tag) const {
   if (tag < 0 || tag > kMaxTag)
     fail("comm", "recv on group \"", g.name(), "\": tag ", tag, " is out of range [0, ", kMaxTag,
          "]");
-  OpScope scope(g, Kind::Recv);
+  OpScope scope(g, Kind::Recv, src, tag);
   g.recv(data, bytes, src, tag);
   scope.add_bytes(0, bytes);
   scope.done();

@@ -2,6 +2,16 @@
 // per backend: local threads, MPI). The code above comm/ sees only this handle and cannot tell the
 // backends apart. A default-constructed Group is the size-1 group: every collective on it is a
 // no-op (or a copy), never an error.
+//
+// Data types: the copying calls (all_gather, broadcast, all_to_all; send/recv move bytes) carry
+// every dtype bit-exactly, the integer ones (i32, i64, u8: token and candidate ids) included. The
+// reductions (all_reduce, reduce_scatter) take f32, bf16 and f16 only and throw
+// std::invalid_argument naming the call and the dtype for an integer one.
+//
+// Threads: a Group (all copies of one handle) belongs to one thread, the first that calls through
+// it; builds without NDEBUG throw std::logic_error naming the group when another thread calls.
+// Ranks that are threads each have their own Group; a second thread of a rank needs its own group
+// (split). What a group has in flight is published for watchdogs through atomics (InFlight).
 #pragma once
 
 #include <cstddef>
@@ -42,7 +52,7 @@ class Group {
   int size() const;
   const std::string& name() const;  // e.g. "world", "tp", "pp"; set by the mesh, shown in stats
 
-  // In place over `count` elements. bf16 reduces with f32 accumulation.
+  // In place over `count` elements. bf16 reduces with f32 accumulation. Float dtypes only.
   void all_reduce(void* data, size_t count, DType dtype, ReduceOp op = ReduceOp::Sum,
                   Algorithm algo = Algorithm::Auto) const;
   void all_reduce(float* data, size_t count, ReduceOp op = ReduceOp::Sum) const {
@@ -51,7 +61,7 @@ class Group {
   // send: `count` elements; recv: size() * count elements, rank r's block at r * count.
   void all_gather(const void* send, void* recv, size_t count, DType dtype,
                   Algorithm algo = Algorithm::Auto) const;
-  // send: size() * count elements; recv: this rank's reduced block of `count`.
+  // send: size() * count elements; recv: this rank's reduced block of `count`. Float dtypes only.
   void reduce_scatter(const void* send, void* recv, size_t count, DType dtype,
                       ReduceOp op = ReduceOp::Sum, Algorithm algo = Algorithm::Auto) const;
   // send_counts[r] elements go to rank r (blocks packed in rank order); recv_counts[r] come from r.

@@ -7,15 +7,22 @@
 // keeps the statistics; a GroupImpl may assume its arguments are valid and size() > 1.
 //
 // One GroupImpl object belongs to one rank (the local backend makes one per rank thread, with the
-// state the ranks share held apart), so its plain members need no locking.
+// state the ranks share held apart) and to one thread of it, its owner: the first thread that
+// calls through it. Its plain members need no locking. Builds without NDEBUG check the owner on
+// every call (a second thread calling a collective gets std::logic_error naming the group); the
+// one thing other threads read, what is in flight (a watchdog's view), is published through
+// InFlight's atomics.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <thread>
 
 #include "parallm/comm/group.h"
+#include "parallm/comm/in_flight.h"
 #include "parallm/comm/stats.h"
 
 namespace parallm::comm {
@@ -30,7 +37,8 @@ class GroupImpl {
         world_rank_(world_rank),
         stats_(std::move(stats)),
         options_(options),
-        registry_(std::move(registry)) {}
+        registry_(std::move(registry)),
+        in_flight_(rank, size, world_rank, stats_->name()) {}
   virtual ~GroupImpl() = default;
   GroupImpl(const GroupImpl&) = delete;
   GroupImpl& operator=(const GroupImpl&) = delete;
@@ -39,6 +47,10 @@ class GroupImpl {
   int size() const { return size_; }
   int world_rank() const { return world_rank_; }
   const std::string& name() const { return stats_->name(); }
+  void set_name(std::string name) {
+    in_flight_.set_name(name);
+    stats_->set_name(std::move(name));
+  }
   CommStats& stats() { return *stats_; }
   const std::shared_ptr<CommStats>& stats_ptr() const { return stats_; }
   const CommOptions& options() const { return options_; }
@@ -51,11 +63,33 @@ class GroupImpl {
   void set_options(const CommOptions& o) { options_ = o; }
   virtual std::string_view backend() const = 0;
 
-  // Bracket every call made through Group: backends arm their timeout here (the deadline is
-  // options().timeout_s from begin_op) and name the call in errors.
-  virtual void begin_op(Kind kind) { current_kind_ = kind; }
-  virtual void end_op() {}
+  // Bracket every call made through Group: check the owner thread (builds without NDEBUG), publish
+  // the call in in_flight(), and set the deadline (options().timeout_s from now); peer and tag for
+  // send/recv. Then the backend's begin_op / end_op.
+  void start_op(Kind kind, int peer = -1, int tag = -1) {
+#if !defined(NDEBUG) || defined(PARALLM_CHECK_GROUP_OWNER)
+    check_owner(kind);
+#endif
+    current_kind_ = kind;
+    const double now = now_seconds();
+    deadline_ = now + options_.timeout_s;
+    in_flight_.begin(kind, now, deadline_, peer, tag);
+    begin_op(kind);
+  }
+  void finish_op() {
+    end_op();
+    in_flight_.end();
+  }
   Kind current_kind() const { return current_kind_; }
+  // When the call in progress gives up (seconds on now_seconds()'s clock).
+  double deadline() const { return deadline_; }
+  // What this group has in flight, for a watchdog on another thread.
+  const InFlight& in_flight() const { return in_flight_; }
+
+  // Throws std::logic_error naming the group and `kind` unless the calling thread is this group's
+  // owner (the first thread that called check_owner). start_op calls it in builds without
+  // NDEBUG; always compiled, so that tests of every build can call it.
+  void check_owner(Kind kind);
   // "rank 1 of group "tp" (size 2, world rank 3) in all_reduce": for error messages.
   std::string describe() const;
 
@@ -110,6 +144,15 @@ class GroupImpl {
   std::shared_ptr<StatsRegistry> registry_;
   Kind current_kind_ = Kind::Barrier;
   uint64_t sent_ = 0, recv_ = 0;
+
+ private:
+  // Hooks for the backends, inside start_op / finish_op.
+  virtual void begin_op(Kind) {}
+  virtual void end_op() {}
+
+  double deadline_ = 0;
+  InFlight in_flight_;
+  std::atomic<std::thread::id> owner_{};  // default id: no owner yet
 };
 
 constexpr int kMaxTag = 32767;  // the smallest MPI_TAG_UB the MPI standard allows

@@ -1,5 +1,6 @@
 #include "parallm/comm/launch.h"
 
+#include <cstdint>
 #include <cstdlib>
 #include <exception>
 #include <iostream>
@@ -94,12 +95,46 @@ int launched_size() {
   return env_int("OMPI_COMM_WORLD_SIZE", env_int("PMI_SIZE", 1));
 }
 
-bool mpi_available() {
-#if PARALLM_HAVE_MPI
-  return true;
-#else
-  return false;
-#endif
+int ranks_on_this_node(int world_size) {
+  if (!under_mpirun()) return world_size;
+  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE"}) {
+    const int n = env_int(var, 0);
+    if (n > 0) return n;
+  }
+  return 1;
+}
+
+std::vector<std::string> gather_strings(const Group& group, const std::string& mine, int root) {
+  const int p = group.size(), r = group.rank();
+  if (root < 0 || root >= p)
+    fail("comm", "gather_strings on group \"", group.name(), "\" (size ", p, "): root ", root,
+         " is out of range [0, ", p, ")");
+  // Lengths to every rank (all_to_all needs them only at the root, but the all-gather is one call).
+  const int64_t my_len = static_cast<int64_t>(mine.size());
+  std::vector<int64_t> lens(p);
+  group.all_gather(&my_len, lens.data(), 1, DType::I64);
+  // Each rank sends its bytes to the root only; the root receives lens[q] from rank q.
+  std::vector<size_t> send_counts(p, 0), recv_counts(p, 0);
+  send_counts[root] = mine.size();
+  if (r == root)
+    for (int q = 0; q < p; ++q) recv_counts[q] = static_cast<size_t>(lens[q]);
+  else
+    recv_counts[r] = send_counts[r];  // 0: a rank sends itself nothing but at the root
+  std::string all;
+  if (r == root) {
+    size_t total = 0;
+    for (size_t n : recv_counts) total += n;
+    all.resize(total);
+  }
+  group.all_to_all(mine.data(), send_counts, all.data(), recv_counts, DType::U8);
+  if (r != root) return {};
+  std::vector<std::string> out(p);
+  size_t off = 0;
+  for (int q = 0; q < p; ++q) {
+    out[q] = all.substr(off, recv_counts[q]);
+    off += recv_counts[q];
+  }
+  return out;
 }
 
 void launch(int world_size, const LaunchOptions& options, const std::function<void(Group)>& fn) {

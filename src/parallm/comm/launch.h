@@ -20,6 +20,7 @@
 #include <functional>
 #include <iosfwd>
 #include <string>
+#include <vector>
 
 #include "parallm/comm/group.h"
 
@@ -43,7 +44,16 @@ bool under_mpirun();
 int launched_rank();
 // The number of processes mpirun started, else 1.
 int launched_size();
-// Whether this build has the MPI backend.
-bool mpi_available();
+// How many ranks of this run share this machine (to split its cores between them): under mpirun,
+// the processes it started on this node (OMPI_COMM_WORLD_LOCAL_SIZE, MPI_LOCALNRANKS or
+// PMI_LOCAL_SIZE; 1 if none is set); otherwise all `world_size` ranks, which are threads of this
+// process.
+int ranks_on_this_node(int world_size);
+
+// Collective over `group`: every rank passes one string (any bytes, any length, each rank its
+// own); `root` gets all of them, index = rank, and the others an empty vector. Two collectives
+// (an all-gather of the lengths, an all-to-all of the bytes), no point-to-point tags, so it cannot
+// match a message of the caller's.
+std::vector<std::string> gather_strings(const Group& group, const std::string& mine, int root = 0);
 
 }  // namespace parallm::comm

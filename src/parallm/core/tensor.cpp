@@ -46,9 +46,11 @@ Tensor Tensor::empty(DType dtype, Shape shape) {
   t.strides_ = contiguous_strides(shape);
   t.shape_ = std::move(shape);
   size_t bytes = t.nbytes();
-  // Large tensors (weights, KV caches) go on 2 MiB-aligned memory that the kernel is asked to back
-  // with transparent huge pages: a decode step streams every weight once, and with 4 KiB pages
-  // that is one TLB miss and page walk per 4 KiB read (see docs/benchmarks.md).
+  // Tensors of 2 MiB and more (the weights above all) go on 2 MiB-aligned memory that the kernel is
+  // asked to back with transparent huge pages: a decode step streams every weight once, and with
+  // 4 KiB pages that is one TLB miss and page walk per 4 KiB read (see docs/benchmarks.md). Only
+  // Tensor storage gets this: buffers kept outside a Tensor (the KV cache, a std::vector<float> in
+  // engine/kv_cache.cpp) get the allocator's ordinary pages.
   const size_t align = bytes >= kHugePageBytes ? kHugePageBytes : 64;
   size_t rounded = (bytes + align - 1) / align * align;
   if (rounded == 0) rounded = 64;

@@ -1,7 +1,7 @@
 #include "parallm/core/trace.h"
 
 #include <fstream>
-#include <sstream>
+#include <nlohmann/json.hpp>
 
 #include "parallm/core/error.h"
 #include "parallm/core/timer.h"
@@ -24,21 +24,26 @@ void TraceBuffer::add(std::string name, const char* category, double begin_s, do
 }
 
 std::string TraceBuffer::to_json_events() const {
-  std::ostringstream s;
-  s.precision(3);
-  s << std::fixed;
-  bool first = true;
-  s << "{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":" << rank_ << ",\"args\":{\"name\":\"rank "
-    << rank_ << "\"}}";
-  first = false;
+  // Each object through nlohmann-json, so that names with quotes, backslashes or control
+  // characters come out escaped (and bytes that are not UTF-8 as U+FFFD, not as an exception).
+  auto dump = [](const nlohmann::json& j) {
+    return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  };
+  std::string out = dump({{"name", "process_name"},
+                          {"ph", "M"},
+                          {"pid", rank_},
+                          {"args", {{"name", "rank " + std::to_string(rank_)}}}});
   for (const TraceEvent& e : events_) {
-    if (!first) s << ",\n";
-    first = false;
-    s << "{\"name\":\"" << e.name << "\",\"cat\":\"" << e.category
-      << "\",\"ph\":\"X\",\"pid\":" << rank_ << ",\"tid\":0,\"ts\":" << e.begin_us
-      << ",\"dur\":" << e.duration_us << "}";
+    out += ",\n";
+    out += dump({{"name", e.name},
+                 {"cat", e.category},
+                 {"ph", "X"},
+                 {"pid", rank_},
+                 {"tid", 0},
+                 {"ts", e.begin_us},
+                 {"dur", e.duration_us}});
   }
-  return s.str();
+  return out;
 }
 
 void set_thread_trace(TraceBuffer* buffer) {

@@ -22,7 +22,8 @@ class TraceBuffer {
   void add(std::string name, const char* category, double begin_s, double end_s);
   int rank() const { return rank_; }
   const std::vector<TraceEvent>& events() const { return events_; }
-  // This rank's events as JSON objects separated by commas (to splice into one file).
+  // This rank's events as JSON objects separated by commas (to splice into one file): "[" + this +
+  // "]" is a valid JSON array, whatever the span names hold.
   std::string to_json_events() const;
 
  private:
@@ -50,7 +51,8 @@ class TraceSpan {
   double begin_;
 };
 
-// Writes a complete trace file from the ranks' event JSON fragments (index = rank).
+// Writes a complete trace file from the ranks' event JSON fragments (index = rank; each from
+// to_json_events, or empty).
 void write_trace_file(const std::string& path, const std::vector<std::string>& rank_events);
 
 }  // namespace parallm

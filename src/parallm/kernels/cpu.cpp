@@ -231,20 +231,23 @@ struct BandwidthProbe::State {
   int64_t lines = 0;
   std::vector<float> sums;
   ReadStrategy how{1, 0};
+  int64_t lines_read = 0;  // what the last read summed
 
   // Seconds for one read of the whole buffer with `how`, all threads of the pool.
   double read_once(ReadStrategy h) {
     ThreadPool& pool = ThreadPool::current();
+    std::fill(sums.begin(), sums.end(), 0.0f);
     Timer timer;
     pool.parallel_for(lines, [&](int64_t b, int64_t e) {
       sums[static_cast<size_t>(b)] =
           sum_floats(buf.data<float>() + b * 16, static_cast<size_t>(e - b) * 16, h);
     });
     const double s = timer.seconds();
-    // Use the sums so the reads cannot be removed.
-    float total = 0;
+    // Use the sums, so that the reads cannot be removed: they count the lines read (one 1.0 per
+    // line), exact in float up to 2^24 lines per thread.
+    double total = 0;
     for (float v : sums) total += v;
-    if (total < 0) fail<std::runtime_error>("cpu", "read bandwidth: impossible sum ", total);
+    lines_read = static_cast<int64_t>(total);
     return s;
   }
 };
@@ -264,7 +267,7 @@ BandwidthProbe::BandwidthProbe(size_t bytes, int reps) : state_(std::make_unique
   ThreadPool::current().parallel_for(st.lines, [&](int64_t b, int64_t e) {
     float* p = st.buf.data<float>() + b * 16;
     const size_t m = static_cast<size_t>(e - b) * 16;
-    for (size_t i = 0; i < m; ++i) p[i] = static_cast<float>(i & 7);
+    for (size_t i = 0; i < m; ++i) p[i] = i % 16 == 0 ? 1.0f : 0.0f;  // one 1.0 per line
   });
   // The best over several ways of reading (one sequential stream per thread with and without
   // software prefetch, several concurrent streams per thread): the roofline must be the most
@@ -273,6 +276,11 @@ BandwidthProbe::BandwidthProbe(size_t bytes, int reps) : state_(std::make_unique
   for (const ReadStrategy& how : kStrategies) {
     for (int r = 0; r < reps; ++r) {
       const double s = st.read_once(how);
+      // Every pattern must read each line exactly once, or its speed means nothing.
+      if (st.lines <= (int64_t{1} << 24) && st.lines_read != st.lines)
+        fail<std::logic_error>("cpu", "read bandwidth: the pattern of ", how.streams,
+                               " streams (prefetch ", how.prefetch, ") read ", st.lines_read,
+                               " cache lines of ", st.lines);
       if (s < best) {
         best = s;
         st.how = how;
@@ -288,6 +296,14 @@ double BandwidthProbe::measure(int reps) {
   double best = 1e300;
   for (int r = 0; r < std::max(reps, 1); ++r) best = std::min(best, state_->read_once(state_->how));
   return static_cast<double>(state_->buf.nbytes()) / best;
+}
+
+size_t BandwidthProbe::bytes() const {
+  return state_->buf.nbytes();
+}
+
+int64_t BandwidthProbe::lines_read() const {
+  return state_->lines_read;
 }
 
 double measure_read_bandwidth(size_t bytes, int reps) {

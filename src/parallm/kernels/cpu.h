@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -39,6 +40,12 @@ class BandwidthProbe {
   BandwidthProbe& operator=(const BandwidthProbe&) = delete;
   double best() const { return best_; }  // bytes/s from the constructor's search
   double measure(int reps = 2);          // bytes/s now, best of `reps` with the chosen pattern
+  // The bytes one read covers: what was asked, in whole 64-byte cache lines.
+  size_t bytes() const;
+  // The cache lines the last read actually summed: each line holds one 1.0 among zeros, so this
+  // is the sum of what was read. The constructor checks it against bytes() / 64 for every read
+  // pattern (buffers up to 1 GiB, where the float sums are exact).
+  int64_t lines_read() const;
 
  private:
   struct State;

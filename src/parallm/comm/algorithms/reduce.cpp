@@ -3,6 +3,8 @@
 #include <algorithm>
 
 #include "parallm/core/error.h"
+#include "parallm/kernels/cpu.h"
+#include "parallm/kernels/simd.h"
 
 namespace parallm::comm::algorithms {
 
@@ -31,9 +33,9 @@ void reduce_plain(float* __restrict acc, const float* __restrict in, size_t n, R
   reduce_blocks(acc, in, n, op);
 }
 
-#if defined(__x86_64__)
-__attribute__((target("avx2"))) void reduce_avx2(float* __restrict acc, const float* __restrict in,
-                                                 size_t n, ReduceOp op) {
+#if PARALLM_X86
+PARALLM_AVX2 void reduce_avx2(float* __restrict acc, const float* __restrict in, size_t n,
+                              ReduceOp op) {
   reduce_blocks(acc, in, n, op);
 }
 #endif
@@ -41,12 +43,11 @@ __attribute__((target("avx2"))) void reduce_avx2(float* __restrict acc, const fl
 }  // namespace
 
 void reduce_f32(float* __restrict acc, const float* __restrict in, size_t n, ReduceOp op) {
-  // The AVX2 version where the CPU has it (checked once, at the first call; not with an ifunc,
-  // which runs before the sanitizers' runtimes are up): it took the ring from 1.1-1.2x to
-  // 0.9-1.0x of MPI_Allreduce (docs/benchmarks.md).
-#if defined(__x86_64__)
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) return reduce_avx2(acc, in, n, op);
+  // The AVX2 version where the kernels' CPU-feature query allows it (the CPU has it, and
+  // PARALLM_SIMD does not cap it): it took the ring from 1.1-1.2x to 0.9-1.0x of MPI_Allreduce
+  // (docs/benchmarks.md).
+#if PARALLM_X86
+  if (kernels::simd_level() >= kernels::SimdLevel::Avx2) return reduce_avx2(acc, in, n, op);
 #endif
   reduce_plain(acc, in, n, op);
 }

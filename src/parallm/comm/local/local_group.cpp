@@ -32,11 +32,6 @@ std::shared_ptr<GroupImpl> make_world_group(std::shared_ptr<LocalWorld> world, i
                                       options);
 }
 
-void LocalGroup::begin_op(Kind kind) {
-  current_kind_ = kind;
-  deadline_ = steady_seconds() + options_.timeout_s;
-}
-
 void LocalGroup::sync() {
   GroupShared& s = *shared_;
   const uint64_t gen = s.generation.load(std::memory_order_acquire);
@@ -59,7 +54,7 @@ void LocalGroup::send(const void* data, size_t bytes, int dst, int tag) {
 void LocalGroup::p2p_recv(uint64_t ctx, void* data, size_t bytes, int src, int tag) {
   PostedRecv pr{ctx, world_ranks_[src], tag, data, bytes};
   world_->post_recv(world_rank_, pr);
-  world_->wait_recv(world_rank_, pr, deadline_, options_.timeout_s,
+  world_->wait_recv(world_rank_, pr, deadline(), options_.timeout_s,
                     [&] { return cat(describe(), ", receiving from rank ", src, " tag ", tag); });
 }
 
@@ -86,7 +81,7 @@ void LocalGroup::do_coll_sendrecv(const void* send, size_t send_bytes, int dst, 
     world_->withdraw(world_rank_, pr);
     throw;
   }
-  world_->wait_recv(world_rank_, pr, deadline_, options_.timeout_s,
+  world_->wait_recv(world_rank_, pr, deadline(), options_.timeout_s,
                     [&] { return cat(describe(), ", receiving from rank ", src); });
 }
 
@@ -213,13 +208,13 @@ void LocalGroup::native_broadcast(void* data, size_t count, DType dtype, int roo
 }
 
 std::shared_ptr<GroupImpl> LocalGroup::split(int color, int key) {
-  // Gather (color, key) from everyone; the bytes are only copied, so any 4-byte dtype will do.
+  // Gather (color, key) from everyone.
   int64_t mine[2] = {color, key};
   std::vector<int64_t> all(2 * size_);
-  native_all_gather(mine, all.data(), 4, DType::F32);
+  native_all_gather(mine, all.data(), 2, DType::I64);
   uint64_t base = 0;
   if (rank_ == 0) base = world_->new_contexts(2 * static_cast<uint64_t>(size_));
-  native_broadcast(&base, 2, DType::F32, 0);
+  native_broadcast(&base, 1, DType::I64, 0);
 
   std::vector<int> members;  // parent ranks with our color, ordered by (key, parent rank)
   for (int q = 0; q < size_; ++q)

@@ -18,7 +18,6 @@ class LocalGroup final : public GroupImpl {
              uint64_t ctx, std::shared_ptr<CommStats> stats, CommOptions options);
 
   std::string_view backend() const override { return "local"; }
-  void begin_op(Kind kind) override;
 
   void send(const void* data, size_t bytes, int dst, int tag) override;
   void recv(void* data, size_t bytes, int src, int tag) override;
@@ -50,14 +49,13 @@ class LocalGroup final : public GroupImpl {
   void p2p_recv(uint64_t ctx, void* data, size_t bytes, int src, int tag);
   template <class Describe>
   void wait(const auto& pred, Describe&& describe) {
-    world_->wait(pred, deadline_, options_.timeout_s, describe);
+    world_->wait(pred, deadline(), options_.timeout_s, describe);
   }
 
   std::shared_ptr<LocalWorld> world_;
   std::vector<int> world_ranks_;
   uint64_t ctx_;  // ctx_: user send/recv; ctx_ + 1: algorithm traffic
   std::shared_ptr<GroupShared> shared_;
-  double deadline_ = 0;
   uint64_t small_reduces_ = 0;  // small all-reduces so far: picks the staging generation
 };
 

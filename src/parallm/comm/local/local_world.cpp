@@ -14,11 +14,6 @@
 
 namespace parallm::comm::local {
 
-double steady_seconds() {
-  using namespace std::chrono;
-  return duration<double>(steady_clock::now().time_since_epoch()).count();
-}
-
 void LocalWorld::cpu_relax() {
 #if defined(__x86_64__)
   _mm_pause();

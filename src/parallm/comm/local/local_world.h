@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "parallm/comm/stats.h"
+#include "parallm/core/timer.h"
 
 namespace parallm::comm::local {
 
@@ -166,8 +167,6 @@ class LocalWorld {
   std::map<uint64_t, std::shared_ptr<GroupShared>> shared_;
 };
 
-double steady_seconds();
-
 template <class Pred>
 bool LocalWorld::sleep_until(Pred& pred, double deadline) {
   sleepers_.fetch_add(1, std::memory_order_seq_cst);
@@ -180,7 +179,7 @@ bool LocalWorld::sleep_until(Pred& pred, double deadline) {
       ok = false;
       break;
     }
-    const double left = deadline - steady_seconds();
+    const double left = deadline - now_seconds();
     if (left <= 0) {
       ok = false;
       break;

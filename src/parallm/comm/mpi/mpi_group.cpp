@@ -10,30 +10,18 @@
 #include <atomic>
 #include <chrono>
 #include <climits>
-#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <deque>
 #include <mutex>
-#include <set>
 #include <thread>
 #include <vector>
 
+#include "parallm/comm/in_flight.h"
 #include "parallm/core/error.h"
 
 namespace parallm::comm::mpi {
 namespace {
-
-double steady_seconds() {
-  using namespace std::chrono;
-  return duration<double>(steady_clock::now().time_since_epoch()).count();
-}
-
-// The call a group has in progress, for the watchdog: 0 when idle, else its deadline.
-struct Watch {
-  std::atomic<double> deadline{0};
-  const GroupImpl* group = nullptr;
-};
 
 class Runtime {
  public:
@@ -46,22 +34,10 @@ class Runtime {
   int size() const { return size_; }
   int thread_level() const { return thread_level_; }
 
-  void add(Watch* w) {
-    std::lock_guard<std::mutex> lock(mu_);
-    watches_.insert(w);
-  }
-  void remove(Watch* w) {
-    std::lock_guard<std::mutex> lock(mu_);
-    watches_.erase(w);
-  }
+  Watchdog& watchdog() { return *watchdog_; }
 
   ~Runtime() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    if (watchdog_.joinable()) watchdog_.join();
+    watchdog_.reset();  // stops its thread
     int finalized = 0;
     MPI_Finalized(&finalized);
     if (owns_ && !finalized) MPI_Finalize();
@@ -81,40 +57,30 @@ class Runtime {
     }
     MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
     MPI_Comm_size(MPI_COMM_WORLD, &size_);
-    watchdog_ = std::thread([this] { watch_loop(); });
+    // Blocking MPI calls cannot time out: the watchdog thread reads each group's InFlight (a
+    // snapshot through atomics, never the fields the rank thread writes) and ends the job.
+    watchdog_ = std::make_unique<Watchdog>(
+        [this](const InFlight::Snapshot& call) { timed_out(call); });
   }
 
-  void watch_loop() {
-    std::unique_lock<std::mutex> lock(mu_);
-    while (!stop_) {
-      cv_.wait_for(lock, std::chrono::milliseconds(50));
-      const double now = steady_seconds();
-      for (Watch* w : watches_) {
-        const double d = w->deadline.load();
-        if (d == 0 || now < d) continue;
-        const std::string msg =
-            cat("[comm] MPI rank ", rank_, ": ", w->group->describe(), " timed out after ",
-                w->group->options().timeout_s,
-                " s (--comm-timeout): a peer rank is stuck, failed, or did not make the matching "
-                "call; aborting the job");
-        std::fprintf(stderr, "%s\n", msg.c_str());
-        std::fflush(stderr);
-        // MPI_Abort from this thread needs MPI_THREAD_MULTIPLE; otherwise exiting without
-        // MPI_Finalize makes mpirun end the job.
-        if (thread_level_ == MPI_THREAD_MULTIPLE) MPI_Abort(MPI_COMM_WORLD, 1);
-        _exit(1);
-      }
-    }
+  [[noreturn]] void timed_out(const InFlight::Snapshot& call) const {
+    const std::string msg =
+        cat("[comm] MPI rank ", rank_, ": ", call.describe(), " timed out after ",
+            call.timeout_s(),
+            " s (--comm-timeout): a peer rank is stuck, failed, or did not make the matching "
+            "call; aborting the job");
+    std::fprintf(stderr, "%s\n", msg.c_str());
+    std::fflush(stderr);
+    // MPI_Abort from this thread needs MPI_THREAD_MULTIPLE; otherwise exiting without
+    // MPI_Finalize makes mpirun end the job.
+    if (thread_level_ == MPI_THREAD_MULTIPLE) MPI_Abort(MPI_COMM_WORLD, 1);
+    _exit(1);
   }
 
   bool owns_ = false;
   int thread_level_ = 0;
   int rank_ = 0, size_ = 1;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool stop_ = false;
-  std::set<Watch*> watches_;
-  std::thread watchdog_;
+  std::unique_ptr<Watchdog> watchdog_;
 };
 
 void check(int rc, const char* call, const GroupImpl& g) {
@@ -134,9 +100,22 @@ int as_int(size_t n, const char* what, const GroupImpl& g) {
 MPI_Op mpi_op(ReduceOp op) {
   return op == ReduceOp::Sum ? MPI_SUM : MPI_MAX;
 }
-// Element types for moving data (reductions always run on f32).
+// Element types for moving data (reductions always run on f32; Group refuses to reduce integers).
 MPI_Datatype mpi_type(DType d) {
-  return d == DType::F32 ? MPI_FLOAT : MPI_UINT16_T;
+  switch (d) {
+    case DType::F32:
+      return MPI_FLOAT;
+    case DType::BF16:
+    case DType::F16:
+      return MPI_UINT16_T;
+    case DType::I32:
+      return MPI_INT32_T;
+    case DType::I64:
+      return MPI_INT64_T;
+    case DType::U8:
+      return MPI_UINT8_T;
+  }
+  fail<std::logic_error>("comm", "MPI: no MPI datatype for dtype ", static_cast<int>(d));
 }
 
 constexpr size_t kChunk = size_t(1) << 30;  // user messages above INT_MAX bytes go in chunks
@@ -152,18 +131,17 @@ class MpiGroup final : public GroupImpl {
     MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
     MPI_Comm_dup(comm_, &coll_);
     MPI_Comm_set_errhandler(coll_, MPI_ERRORS_RETURN);
-    watch_.group = this;
-    Runtime::get().add(&watch_);
+    Runtime::get().watchdog().add(&in_flight());
   }
   ~MpiGroup() override {
-    Runtime::get().remove(&watch_);
+    Runtime::get().watchdog().remove(&in_flight());
     int finalized = 0;
     MPI_Finalized(&finalized);
     if (!finalized) {
       // Sends nobody received within the timeout are left behind (with their buffers) rather than
       // hanging here.
-      const double deadline = steady_seconds() + options_.timeout_s;
-      while (!pending_.empty() && steady_seconds() < deadline) {
+      const double deadline = now_seconds() + options_.timeout_s;
+      while (!pending_.empty() && now_seconds() < deadline) {
         reap();
         if (!pending_.empty()) std::this_thread::sleep_for(std::chrono::microseconds(100));
       }
@@ -174,11 +152,6 @@ class MpiGroup final : public GroupImpl {
   }
 
   std::string_view backend() const override { return "mpi"; }
-  void begin_op(Kind kind) override {
-    current_kind_ = kind;
-    watch_.deadline.store(steady_seconds() + options_.timeout_s, std::memory_order_relaxed);
-  }
-  void end_op() override { watch_.deadline.store(0, std::memory_order_relaxed); }
 
   // Like the local backend, send never waits for the matching recv (so that stages may send to
   // each other around a ring): the bytes are copied and sent with MPI_Isend; finished sends are
@@ -340,7 +313,6 @@ class MpiGroup final : public GroupImpl {
 
   MPI_Comm comm_;
   MPI_Comm coll_;
-  Watch watch_;
   std::deque<Pending> pending_;
 };
 
