@@ -9,22 +9,11 @@
 
 namespace parallm {
 
+// Moved to parallel::VocabExchange::gather_row (the LM head's gather_logits); this forwarder stays
+// only until batch_generate calls the LM head.
 std::vector<float> gather_vocab(const float* local, const parallel::ShardSpec& shard,
                                 const comm::Group& tp) {
-  const int p = tp.size();
-  if (p == 1) return std::vector<float>(local, local + shard.size());
-  // Shards differ by at most one row: pad each to the largest, gather, then drop the padding.
-  const int64_t width = parallel::ShardSpec::max_size(shard.full, p);
-  std::vector<float> padded(width, 0.0f), all(width * p);
-  std::copy(local, local + shard.size(), padded.begin());
-  tp.all_gather(padded.data(), all.data(), width, DType::F32);
-  std::vector<float> out;
-  out.reserve(shard.full);
-  for (int r = 0; r < p; ++r) {
-    const parallel::ShardSpec s = parallel::ShardSpec::even(shard.full, p, r);
-    out.insert(out.end(), all.begin() + r * width, all.begin() + r * width + s.size());
-  }
-  return out;
+  return parallel::VocabExchange(tp).gather_row(local, shard);
 }
 
 GenerateResult generate(const LlamaModel& model, comm::Group tp, const std::vector<int32_t>& prompt,
@@ -43,6 +32,7 @@ GenerateResult generate(const LlamaModel& model, comm::Group tp, const std::vect
          ") exceeds the model's max_position_embeddings ", c.max_position_embeddings);
 
   KvCache kv(model.local_layers(), 1, capacity, model.local_kv_dim());
+  Workspace ws = model.make_workspace(static_cast<int64_t>(prompt.size()));
   Sampler sampler(options.sampling, tp);
   const auto& vocab = model.vocab_shard();
   const int64_t H = c.hidden_size;
@@ -52,7 +42,7 @@ GenerateResult generate(const LlamaModel& model, comm::Group tp, const std::vect
   std::vector<float> x(prompt.size() * H), logits(vocab.size());
   auto step = [&](const int32_t* ids, int64_t T, int64_t pos) {
     model.embed(ids, T, x.data());
-    model.forward_layers(x.data(), {SeqChunk{0, pos, T}}, kv);
+    model.forward_layers(x.data(), {SeqChunk{0, pos, T}}, kv, ws);
     model.head(x.data() + (T - 1) * H, 1, logits.data());  // only the last token's logits
     if (options.collect_logits) result.logits.push_back(gather_vocab(logits.data(), vocab, tp));
     return sampler.sample(logits.data(), vocab.begin, vocab.end);

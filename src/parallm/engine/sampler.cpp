@@ -11,16 +11,8 @@
 namespace parallm {
 namespace {
 
-// A (logit, id) pair travelling as two f32 slots; the id's bits are copied, not converted.
-struct Candidate {
-  float logit;
-  int32_t id;
-};
-static_assert(sizeof(Candidate) == 8);
-
-bool better(const Candidate& a, const Candidate& b) {
-  return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
-}
+using parallel::outranks;
+using parallel::VocabCandidate;
 
 float clean(float v) {
   return std::isnan(v) ? -std::numeric_limits<float>::infinity() : v;
@@ -37,7 +29,7 @@ void validate_sampling(const SamplingParams& p) {
 }
 
 Sampler::Sampler(SamplingParams params, comm::Group tp)
-    : params_(params), tp_(std::move(tp)), rng_(params.seed) {
+    : params_(params), vocab_(std::move(tp)), rng_(params.seed) {
   validate_sampling(params_);
 }
 
@@ -46,6 +38,10 @@ double Sampler::uniform() {
 }
 
 int32_t Sampler::sample(const float* logits, int64_t vocab_begin, int64_t vocab_end) {
+  if (vocab_begin < 0 || vocab_end < vocab_begin ||
+      vocab_end > static_cast<int64_t>(std::numeric_limits<int32_t>::max()) + 1)
+    fail("sampler", "vocab slice [", vocab_begin, ", ", vocab_end,
+         ") is not a range of int32 token ids");
   const int64_t n = vocab_end - vocab_begin;
   if (params_.temperature == 0.0f || params_.top_k == 1) return greedy(logits, vocab_begin, n);
   if (params_.top_k == 0 && params_.top_p >= 1.0f) return full(logits, vocab_begin, n);
@@ -53,60 +49,55 @@ int32_t Sampler::sample(const float* logits, int64_t vocab_begin, int64_t vocab_
 }
 
 int32_t Sampler::greedy(const float* logits, int64_t begin, int64_t n) {
-  Candidate best{-std::numeric_limits<float>::infinity(), static_cast<int32_t>(begin)};
+  VocabCandidate best{-std::numeric_limits<float>::infinity(), static_cast<int32_t>(begin)};
   for (int64_t i = 0; i < n; ++i) {
     const float v = clean(logits[i]);
     if (v > best.logit) best = {v, static_cast<int32_t>(begin + i)};
   }
-  if (tp_.size() == 1) return best.id;
-  std::vector<Candidate> all(tp_.size());
-  tp_.all_gather(&best, all.data(), 2, DType::F32);
-  return std::min_element(all.begin(), all.end(), better)->id;
+  return vocab_.argmax(best).id;
 }
 
 int32_t Sampler::full(const float* logits, int64_t begin, int64_t n) {
   const float inv_t = 1.0f / params_.temperature;
   float m = -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < n; ++i) m = std::max(m, clean(logits[i]) * inv_t);
-  tp_.all_reduce(&m, 1, comm::ReduceOp::Max);
+  m = vocab_.max(m);
   double s = 0;
   for (int64_t i = 0; i < n; ++i) s += std::exp(static_cast<double>(clean(logits[i]) * inv_t - m));
-  float local = static_cast<float>(s);
-  std::vector<float> sums(tp_.size());
-  tp_.all_gather(&local, sums.data(), 1, DType::F32);
+  const std::vector<float> sums = vocab_.gather(static_cast<float>(s));
+  const int p = static_cast<int>(sums.size());
   const double total = std::accumulate(sums.begin(), sums.end(), 0.0);
   double u = uniform() * total;
   // The rank whose slice of the mass holds u picks the token; every rank finds the same owner.
-  int owner = tp_.size() - 1;
-  for (int r = 0; r < tp_.size(); ++r) {
-    if (u < sums[r] || r == tp_.size() - 1) {
+  int owner = p - 1;
+  for (int r = 0; r < p; ++r) {
+    if (u < sums[r] || r == p - 1) {
       owner = r;
       break;
     }
     u -= sums[r];
   }
-  float chosen = -1.0f;
-  if (owner == tp_.rank()) {
-    chosen = static_cast<float>(begin + n - 1);
+  int32_t chosen = -1;
+  if (owner == vocab_.group().rank()) {
+    chosen = static_cast<int32_t>(begin + n - 1);
     double acc = 0;
     for (int64_t i = 0; i < n; ++i) {
       acc += std::exp(static_cast<double>(clean(logits[i]) * inv_t - m));
       if (u < acc) {
-        chosen = static_cast<float>(begin + i);
+        chosen = static_cast<int32_t>(begin + i);
         break;
       }
     }
   }
-  tp_.all_reduce(&chosen, 1, comm::ReduceOp::Max);
-  return static_cast<int32_t>(chosen);
+  return vocab_.share_id(chosen, owner);
 }
 
 int32_t Sampler::truncated(const float* logits, int64_t begin, int64_t n) {
   const float inv_t = 1.0f / params_.temperature;
-  std::vector<Candidate> local(n);
+  std::vector<VocabCandidate> local(n);
   for (int64_t i = 0; i < n; ++i)
     local[i] = {clean(logits[i]) * inv_t, static_cast<int32_t>(begin + i)};
-  std::sort(local.begin(), local.end(), better);
+  std::sort(local.begin(), local.end(), outranks);
   // Without top-k, top-p measures mass against the whole vocabulary: keep the global max and
   // normaliser. With top-k it is measured within the top k (Hugging Face's order of warpers).
   float global_m = 0.0f, global_z = 0.0f;
@@ -117,12 +108,11 @@ int32_t Sampler::truncated(const float* logits, int64_t begin, int64_t n) {
     // Nucleus without top-k: a token in the global nucleus has less than p of the mass above it,
     // so it is inside its own rank's prefix that first reaches p (measured against the global
     // normaliser).
-    float m = local.empty() ? -std::numeric_limits<float>::infinity() : local[0].logit;
-    tp_.all_reduce(&m, 1, comm::ReduceOp::Max);
+    const float m =
+        vocab_.max(local.empty() ? -std::numeric_limits<float>::infinity() : local[0].logit);
     double s = 0;
-    for (const Candidate& c : local) s += std::exp(static_cast<double>(c.logit - m));
-    float z = static_cast<float>(s);
-    tp_.all_reduce(&z, 1, comm::ReduceOp::Sum);
+    for (const VocabCandidate& c : local) s += std::exp(static_cast<double>(c.logit - m));
+    const float z = vocab_.sum(static_cast<float>(s));
     double cum = 0;
     size_t keep = 0;
     while (keep < local.size() && cum < params_.top_p) {
@@ -133,21 +123,8 @@ int32_t Sampler::truncated(const float* logits, int64_t begin, int64_t n) {
     global_m = m;
     global_z = z;
   }
-  std::vector<Candidate> merged = local;
-  if (tp_.size() > 1) {
-    float count = static_cast<float>(local.size());
-    float max_count = count;
-    tp_.all_reduce(&max_count, 1, comm::ReduceOp::Max);
-    const size_t width = static_cast<size_t>(max_count);
-    std::vector<Candidate> padded(width, Candidate{-std::numeric_limits<float>::infinity(), -1});
-    std::copy(local.begin(), local.end(), padded.begin());
-    std::vector<Candidate> all(width * tp_.size());
-    tp_.all_gather(padded.data(), all.data(), 2 * width, DType::F32);
-    merged.clear();
-    for (const Candidate& c : all)
-      if (c.id >= 0) merged.push_back(c);
-    std::sort(merged.begin(), merged.end(), better);
-  }
+  std::vector<VocabCandidate> merged = vocab_.all_candidates(local);
+  if (vocab_.group().size() > 1) std::sort(merged.begin(), merged.end(), outranks);
   if (params_.top_k > 0 && static_cast<int64_t>(merged.size()) > params_.top_k)
     merged.resize(params_.top_k);
   // Unnormalised probabilities of the candidates, and the mass top-p is measured against.
