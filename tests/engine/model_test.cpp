@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "parallm/engine/generate.h"
+#include "parallm/engine/kv_cache.h"
 #include "parallm/model/weights.h"
 #include "test_util.h"
 
@@ -108,6 +109,39 @@ TEST(Stories260K, Bf16WeightsKeepTheGreedyTokensClose) {
   GenerateResult r = run_single_rank(testing::stories_model(), {1}, 16, DType::BF16);
   EXPECT_EQ(r.tokens,
             std::vector<int32_t>(kStoriesReference.begin(), kStoriesReference.begin() + 16));
+}
+
+TEST(Workspace, SizedWithoutAllocatingAndRefusesLargerSteps) {
+  ModelConfig config;
+  auto source = open_model(testing::stories_model(), &config);
+  LlamaOptions lo;
+  lo.weight_dtype = DType::F32;
+  LlamaModel model(config, *source, comm::Group(), lo);
+  Workspace ws = model.make_workspace(4);
+  EXPECT_EQ(ws.max_tokens(), 4);
+  EXPECT_EQ(ws.bytes(), LlamaModel::workspace_bytes(config, 1, 0, 4));
+  // stories260K: hidden 64, 8 query heads and 4 KV heads of 8, FFN 172. Per token: normed and
+  // block output (2 x 64), max(attention 64+2*32 + 64 + 2*32 + 64, MLP 2*172) scratch, 1 position.
+  EXPECT_EQ(LlamaModel::workspace_bytes(config, 1, 0, 4), 4u * 4 * (2 * 64 + 344 + 1));
+  // TP 2: each rank's scratch halves (rank 1's FFN shard is 86 rows too).
+  EXPECT_EQ(LlamaModel::workspace_bytes(config, 2, 1, 4), 4u * 4 * (2 * 64 + 172 + 1));
+
+  KvCache kv(model.local_layers(), 1, 16, model.local_kv_dim());
+  std::vector<float> x(5 * config.hidden_size, 0.1f);
+  EXPECT_EQ(testing::error_of([&] {
+              model.forward_layers(x.data(), {{0, 0, 5}}, kv, ws);
+            }),
+            "[model] forward of 5 tokens (1 chunks) exceeds the workspace's 4 tokens; make the "
+            "workspace for the largest step");
+  Workspace other(LlamaModel::workspace_layout(config, 2, 0), 8);
+  EXPECT_NE(testing::error_of([&] {
+              model.forward_layers(x.data(), {{0, 0, 5}}, kv, other);
+            }).find("was made for another model or shard"),
+            std::string::npos);
+  // Within the bound it runs, and reusing one workspace across calls changes nothing.
+  model.forward_layers(x.data(), {{0, 0, 4}}, kv, ws);
+  std::vector<float> once(x.begin(), x.begin() + config.hidden_size);
+  EXPECT_TRUE(std::all_of(once.begin(), once.end(), [](float v) { return std::isfinite(v); }));
 }
 
 }  // namespace

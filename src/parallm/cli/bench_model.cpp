@@ -220,11 +220,12 @@ int run_prefill(const PrefillOptions& o) {
     for (int i = 0; i < o.prompt_len; ++i)
       ids[i] = static_cast<int32_t>((i * 7919 + 3) % c.vocab_size);
     KvCache kv(ctx.model.local_layers(), 1, o.prompt_len, ctx.model.local_kv_dim());
+    Workspace ws = ctx.model.make_workspace(o.prompt_len);
     std::vector<float> x(static_cast<size_t>(o.prompt_len) * c.hidden_size);
     std::vector<float> logits(ctx.model.vocab_shard().size());
     auto once = [&] {
       ctx.model.embed(ids.data(), o.prompt_len, x.data());
-      ctx.model.forward_layers(x.data(), {SeqChunk{0, 0, o.prompt_len}}, kv);
+      ctx.model.forward_layers(x.data(), {SeqChunk{0, 0, o.prompt_len}}, kv, ws);
       ctx.model.head(x.data() + (o.prompt_len - 1) * c.hidden_size, 1, logits.data());
     };
     once();  // warm-up

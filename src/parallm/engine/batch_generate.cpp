@@ -54,6 +54,13 @@ BatchResult generate_batch(const LlamaModel& model, const comm::Mesh& mesh,
   const int64_t H = c.hidden_size;
 
   KvCache kv(model.local_layers(), B, capacity, model.local_kv_dim());
+  int64_t max_step_tokens = 1;  // the largest micro-batch's prompts: its first step's tokens
+  for (int j = 0; j < M; ++j) {
+    int64_t n = 0;
+    for (int i = mb_begin(j); i < mb_begin(j + 1); ++i) n += std::ssize(prompts[i]);
+    max_step_tokens = std::max(max_step_tokens, n);
+  }
+  Workspace ws = model.make_workspace(max_step_tokens);
   std::vector<Sampler> samplers;
   if (last)
     for (int i = 0; i < B; ++i) samplers.emplace_back(options.sampling, tp);
@@ -148,7 +155,7 @@ BatchResult generate_batch(const LlamaModel& model, const comm::Mesh& mesh,
         busy += now_seconds() - b;
       }
       const double b = now_seconds();
-      if (!chunks.empty()) model.forward_layers(x.data(), chunks, kv);
+      if (!chunks.empty()) model.forward_layers(x.data(), chunks, kv, ws);
       if (last) {
         // One row of logits per sequence: its chunk's last token.
         TraceSpan span("head+sample", "compute");

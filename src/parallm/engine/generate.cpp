@@ -32,6 +32,7 @@ GenerateResult generate(const LlamaModel& model, comm::Group tp, const std::vect
          ") exceeds the model's max_position_embeddings ", c.max_position_embeddings);
 
   KvCache kv(model.local_layers(), 1, capacity, model.local_kv_dim());
+  Workspace ws = model.make_workspace(static_cast<int64_t>(prompt.size()));
   Sampler sampler(options.sampling, tp);
   const auto& vocab = model.vocab_shard();
   const int64_t H = c.hidden_size;
@@ -41,7 +42,7 @@ GenerateResult generate(const LlamaModel& model, comm::Group tp, const std::vect
   std::vector<float> x(prompt.size() * H), logits(vocab.size());
   auto step = [&](const int32_t* ids, int64_t T, int64_t pos) {
     model.embed(ids, T, x.data());
-    model.forward_layers(x.data(), {SeqChunk{0, pos, T}}, kv);
+    model.forward_layers(x.data(), {SeqChunk{0, pos, T}}, kv, ws);
     model.head(x.data() + (T - 1) * H, 1, logits.data());  // only the last token's logits
     if (options.collect_logits) result.logits.push_back(gather_vocab(logits.data(), vocab, tp));
     return sampler.sample(logits.data(), vocab.begin, vocab.end);

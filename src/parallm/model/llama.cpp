@@ -1,12 +1,13 @@
 #include "parallm/model/llama.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
 #include "parallm/core/error.h"
 #include "parallm/core/trace.h"
-#include "parallm/kernels/attention.h"
 #include "parallm/kernels/matmul.h"
+#include "parallm/kernels/ops.h"
 
 namespace parallm {
 namespace {
@@ -29,15 +30,6 @@ std::vector<float> read_vector(const WeightSource& src, const std::string& name)
   return std::vector<float>(t.data<float>(), t.data<float>() + t.numel());
 }
 
-// Scratch buffers that only grow, one set per thread: a rank's forward pass reuses them instead of
-// allocating (and page-faulting) megabytes per layer during prefill.
-std::vector<float>& scratch(int which, size_t n) {
-  thread_local std::vector<float> bufs[8];
-  std::vector<float>& b = bufs[which];
-  if (b.size() < n) b.resize(n);
-  return b;
-}
-
 }  // namespace
 
 LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, comm::Group tp,
@@ -57,42 +49,38 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
   if (ffn_.size() == 0 || vocab_.size() == 0)
     fail("tp", "tensor-parallel size ", tp_size, " leaves rank ", tp_rank, " no rows of the FFN (",
          c.intermediate_size, ") or vocabulary (", c.vocab_size, ")");
-  inv_freq_ = c.rope_inv_freq();
-  rope_style_ =
-      c.rope_interleaved ? kernels::RopeStyle::Interleaved : kernels::RopeStyle::HalfSplit;
+  const parallel::RopeSpec rope{c.rope_inv_freq(), c.rope_interleaved
+                                                       ? kernels::RopeStyle::Interleaved
+                                                       : kernels::RopeStyle::HalfSplit};
 
   const DType wt = opts_.weight_dtype;
   const int64_t hd = c.head_dim;
-  const Slice q_rows = Slice::rows(heads_.q_begin * hd, (heads_.q_begin + heads_.q_heads) * hd);
-  const Slice kv_rows = Slice::rows(heads_.kv_begin * hd, (heads_.kv_begin + heads_.kv_heads) * hd);
-  const parallel::ShardSpec q_cols{c.q_dim(), q_rows.begin, q_rows.end};
-  const parallel::ShardSpec qkv_out{c.q_dim() + 2 * c.kv_dim(), 0,
-                                    q_rows.end - q_rows.begin + 2 * (kv_rows.end - kv_rows.begin)};
-  const parallel::ShardSpec gate_up_out{2 * c.intermediate_size, 0, 2 * ffn_.size()};
+  // Each fused block is read as the rows its spec names, so the spec and the bytes cannot differ.
+  const parallel::FusedShardSpec qkv_spec = parallel::ParallelAttention::qkv_spec(heads_, hd);
+  const parallel::ShardSpec o_cols = parallel::ParallelAttention::o_spec(heads_, hd);
+  const parallel::FusedShardSpec gate_up_spec = parallel::ParallelMlp::gate_up_spec(ffn_);
+  auto rows = [](const parallel::ShardSpec& s) { return Slice::rows(s.begin, s.end); };
+  auto cols = [](const parallel::ShardSpec& s) { return Slice::cols(s.begin, s.end); };
+  auto read_fused = [&](int64_t i, const parallel::FusedShardSpec& spec, const char* prefix) {
+    std::vector<Tensor> parts;
+    for (const parallel::FusedPart& p : spec.parts)
+      parts.push_back(
+          source.read(names::layer(i, cat(prefix, p.name, ".weight")), wt, rows(p.rows)));
+    return concat_rows(parts);
+  };
 
   for (int64_t i = opts_.layer_begin; i < opts_.layer_end; ++i) {
     Layer L;
     L.attn_norm = read_vector(source, names::layer(i, "input_layernorm.weight"));
     L.ffn_norm = read_vector(source, names::layer(i, "post_attention_layernorm.weight"));
-    L.qkv = parallel::ColumnParallelLinear(
-        concat_rows({source.read(names::layer(i, "self_attn.q_proj.weight"), wt, q_rows),
-                     source.read(names::layer(i, "self_attn.k_proj.weight"), wt, kv_rows),
-                     source.read(names::layer(i, "self_attn.v_proj.weight"), wt, kv_rows)}),
-        qkv_out);
-    L.o = parallel::RowParallelLinear(source.read(names::layer(i, "self_attn.o_proj.weight"), wt,
-                                                  Slice::cols(q_cols.begin, q_cols.end)),
-                                      q_cols, tp_);
-    L.gate_up = parallel::ColumnParallelLinear(
-        concat_rows({source.read(names::layer(i, "mlp.gate_proj.weight"), wt,
-                                 Slice::rows(ffn_.begin, ffn_.end)),
-                     source.read(names::layer(i, "mlp.up_proj.weight"), wt,
-                                 Slice::rows(ffn_.begin, ffn_.end))}),
-        gate_up_out);
-    L.down = parallel::RowParallelLinear(
-        source.read(names::layer(i, "mlp.down_proj.weight"), wt, Slice::cols(ffn_.begin, ffn_.end)),
-        ffn_, tp_);
-    weight_bytes_ += L.qkv.weight().nbytes() + L.o.weight().nbytes() + L.gate_up.weight().nbytes() +
-                     L.down.weight().nbytes() + 2 * c.hidden_size * sizeof(float);
+    L.attention = parallel::ParallelAttention(
+        read_fused(i, qkv_spec, "self_attn."),
+        source.read(names::layer(i, "self_attn.o_proj.weight"), wt, cols(o_cols)), heads_, hd, rope,
+        tp_);
+    L.mlp = parallel::ParallelMlp(
+        read_fused(i, gate_up_spec, "mlp."),
+        source.read(names::layer(i, "mlp.down_proj.weight"), wt, cols(ffn_)), ffn_, tp_);
+    weight_bytes_ += L.bytes();
     layers_.push_back(std::move(L));
   }
 
@@ -115,11 +103,15 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
   }
 }
 
+uint64_t LlamaModel::Layer::bytes() const {
+  return attention.qkv().weight().nbytes() + attention.o().weight().nbytes() +
+         mlp.gate_up().weight().nbytes() + mlp.down().weight().nbytes() +
+         (attn_norm.size() + ffn_norm.size()) * sizeof(float);
+}
+
 uint64_t LlamaModel::decode_bytes_per_token() const {
   uint64_t b = 0;
-  for (const Layer& L : layers_)
-    b += L.qkv.weight().nbytes() + L.o.weight().nbytes() + L.gate_up.weight().nbytes() +
-         L.down.weight().nbytes() + 2 * config_.hidden_size * sizeof(float);
+  for (const Layer& L : layers_) b += L.bytes();
   if (has_embedding()) b += config_.hidden_size * dtype_size(opts_.weight_dtype);
   if (has_head()) b += lm_head_.nbytes() + final_norm_.size() * sizeof(float);
   return b;
@@ -130,82 +122,64 @@ void LlamaModel::embed(const int32_t* ids, int64_t T, float* x) const {
   embedding_.forward(ids, T, x);
 }
 
-void LlamaModel::forward_layers(float* x, const std::vector<SeqChunk>& chunks, KvStore& kv) const {
-  const ModelConfig& c = config_;
-  const int64_t H = c.hidden_size, hd = c.head_dim;
-  const int64_t qd = heads_.q_heads * hd, kvd = heads_.kv_heads * hd;
-  const int64_t fl = ffn_.size();
+WorkspaceLayout LlamaModel::workspace_layout(const ModelConfig& config, int tp_size, int tp_rank) {
+  const parallel::HeadPlan heads = parallel::HeadPlan::make(
+      config.num_attention_heads, config.num_key_value_heads, tp_size, tp_rank);
+  const parallel::ShardSpec ffn =
+      parallel::ShardSpec::even(config.intermediate_size, tp_size, tp_rank);
+  return {config.hidden_size,
+          std::max(parallel::ParallelAttention::scratch_floats(heads, config.head_dim, 1),
+                   parallel::ParallelMlp::scratch_floats(ffn, 1))};
+}
+
+uint64_t LlamaModel::workspace_bytes(const ModelConfig& config, int tp_size, int tp_rank,
+                                     int64_t max_tokens) {
+  return workspace_layout(config, tp_size, tp_rank).bytes(max_tokens);
+}
+
+Workspace LlamaModel::make_workspace(int64_t max_tokens) const {
+  return Workspace(workspace_layout(config_, tp_.size(), tp_.rank()), max_tokens);
+}
+
+void LlamaModel::forward_layers(float* x, const std::vector<SeqChunk>& chunks, KvStore& kv,
+                                Workspace& ws) const {
+  const int64_t H = config_.hidden_size;
   int64_t T = 0;
   for (const SeqChunk& ch : chunks) {
-    if (ch.start_pos < 0 || ch.start_pos + ch.n_tokens > kv.capacity())
-      fail("model", "sequence ", ch.slot, ": positions [", ch.start_pos, ", ",
-           ch.start_pos + ch.n_tokens, ") exceed the KV cache's ", kv.capacity(), " positions");
+    if (ch.n_tokens < 0)
+      fail("model", "sequence ", ch.slot, ": a chunk of ", ch.n_tokens, " tokens");
     T += ch.n_tokens;
   }
   if (T == 0) return;
+  if (T > ws.max_tokens())
+    fail("model", "forward of ", T, " tokens (", chunks.size(), " chunks) exceeds the workspace's ",
+         ws.max_tokens(), " tokens; make the workspace for the largest step");
+  if (!(ws.layout() == workspace_layout(config_, tp_.size(), tp_.rank())))
+    fail("model", "the workspace (hidden ", ws.layout().hidden, ", ", ws.layout().scratch_per_token,
+         " scratch floats per token) was made for another model or shard");
 
-  std::vector<int32_t> positions(T);
+  int32_t* positions = ws.positions();
   {
     int64_t t = 0;
     for (const SeqChunk& ch : chunks)
       for (int64_t i = 0; i < ch.n_tokens; ++i)
         positions[t++] = static_cast<int32_t>(ch.start_pos + i);
   }
-  // x: [T, H]; xn: [T, H]; qkv: [T, qd + 2 kvd]; q, attn: [T, qd]; k, v: [T, kvd];
-  // gu: [T, 2 fl]; out: [T, H]
-  float* xn = scratch(0, T * H).data();
-  float* qkv = scratch(1, T * (qd + 2 * kvd)).data();
-  float* q = scratch(2, T * qd).data();
-  float* k = scratch(3, T * kvd).data();
-  float* v = scratch(4, T * kvd).data();
-  float* attn = scratch(5, T * qd).data();
-  float* gu = scratch(6, T * 2 * fl).data();
-  float* out = scratch(7, T * H).data();
-  const kernels::AttentionShape shape{heads_.q_heads, heads_.kv_heads, hd, kv.kv_stride()};
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const float eps = static_cast<float>(c.rms_norm_eps);
+  float* xn = ws.normed();      // [T, H]
+  float* out = ws.block_out();  // [T, H]
+  const float eps = static_cast<float>(config_.rms_norm_eps);
 
   for (size_t li = 0; li < layers_.size(); ++li) {
     const Layer& L = layers_[li];
     TraceSpan span(thread_trace() ? cat("layer ", opts_.layer_begin + static_cast<int64_t>(li))
                                   : std::string(),
                    "compute");
-    // Attention block.
     kernels::rmsnorm(x, L.attn_norm.data(), xn, T, H, eps);
-    L.qkv.forward(xn, T, qkv);
-    for (int64_t t = 0; t < T; ++t) {
-      const float* row = qkv + t * (qd + 2 * kvd);
-      std::memcpy(q + t * qd, row, qd * sizeof(float));
-      std::memcpy(k + t * kvd, row + qd, kvd * sizeof(float));
-      std::memcpy(v + t * kvd, row + qd + kvd, kvd * sizeof(float));
-    }
-    kernels::rope(q, T, heads_.q_heads, hd, positions.data(), inv_freq_.data(), rope_style_);
-    kernels::rope(k, T, heads_.kv_heads, hd, positions.data(), inv_freq_.data(), rope_style_);
-    int64_t off = 0;
-    for (const SeqChunk& ch : chunks) {
-      float* kc = kv.keys(static_cast<int64_t>(li), ch.slot);
-      float* vc = kv.values(static_cast<int64_t>(li), ch.slot);
-      for (int64_t i = 0; i < ch.n_tokens; ++i) {
-        std::memcpy(kc + (ch.start_pos + i) * kv.kv_stride(), k + (off + i) * kvd,
-                    kvd * sizeof(float));
-        std::memcpy(vc + (ch.start_pos + i) * kv.kv_stride(), v + (off + i) * kvd,
-                    kvd * sizeof(float));
-      }
-      kernels::attention(q + off * qd, kc, vc, attn + off * qd, ch.n_tokens, ch.start_pos, shape,
-                         scale);
-      off += ch.n_tokens;
-    }
-    L.o.forward(attn, T, out);  // all-reduce #1
+    L.attention.forward(xn, chunks, positions, kv, static_cast<int64_t>(li), ws.scratch(), out);
     for (int64_t i = 0; i < T * H; ++i) x[i] += out[i];
 
-    // MLP block.
     kernels::rmsnorm(x, L.ffn_norm.data(), xn, T, H, eps);
-    L.gate_up.forward(xn, T, gu);
-    for (int64_t t = 0; t < T; ++t) {
-      float* row = gu + t * 2 * fl;
-      kernels::silu_mul(row, row + fl, gu + t * fl, fl);  // packs [T, fl] at the front of gu
-    }
-    L.down.forward(gu, T, out);  // all-reduce #2
+    L.mlp.forward(xn, T, ws.scratch(), out);
     for (int64_t i = 0; i < T * H; ++i) x[i] += out[i];
   }
 }

@@ -1,9 +1,10 @@
 // The LLaMA architecture (also Mistral-7B-style and TinyLlama configs) built from the parallel
 // layers, for one rank: its tensor-parallel shard of its pipeline stage's layers.
 //
-// Per decoder layer:  x += RowParallel(o)(attention(rope(ColumnParallel(qkv)(rmsnorm(x)))))
-//                     x += RowParallel(down)(silu(gate) * up), gate/up = ColumnParallel(rmsnorm(x))
-// so a layer costs exactly two all-reduces forward when TP > 1 (none when TP == 1).
+// Per decoder layer:  x += ParallelAttention(rmsnorm(x))   (parallel/attention.h)
+//                     x += ParallelMlp(rmsnorm(x))         (parallel/mlp.h)
+// so a layer costs exactly two all-reduces forward when TP > 1 (none when TP == 1). The model
+// holds the norms and the residual adds; every split and every collective is in the layers.
 #pragma once
 
 #include <cstdint>
@@ -11,32 +12,19 @@
 
 #include "parallm/comm/group.h"
 #include "parallm/core/tensor.h"
-#include "parallm/kernels/ops.h"
 #include "parallm/model/config.h"
 #include "parallm/model/weights.h"
-#include "parallm/parallel/linear.h"
+#include "parallm/model/workspace.h"
+#include "parallm/parallel/attention.h"
+#include "parallm/parallel/embedding.h"
+#include "parallm/parallel/mlp.h"
 #include "parallm/parallel/shard.h"
 
 namespace parallm {
 
-// Where a rank's keys and values live: the engine's KV cache implements this. Position p of local
-// KV head h of layer l (counted within this rank's layers) for sequence `slot` is at
-// keys(l, slot) + p * kv_stride() + h * head_dim.
-class KvStore {
- public:
-  virtual ~KvStore() = default;
-  virtual float* keys(int64_t layer, int slot) = 0;
-  virtual float* values(int64_t layer, int slot) = 0;
-  virtual int64_t kv_stride() const = 0;
-  virtual int64_t capacity() const = 0;  // positions per sequence
-};
-
-// A run of consecutive tokens of one sequence inside a batch.
-struct SeqChunk {
-  int slot = 0;           // which sequence (KV cache slot)
-  int64_t start_pos = 0;  // position of the chunk's first token
-  int64_t n_tokens = 0;
-};
+// The KV store and the batch's chunks are the attention layer's (parallel/attention.h).
+using parallel::KvStore;
+using parallel::SeqChunk;
 
 struct LlamaOptions {
   DType weight_dtype = DType::BF16;  // matrices and embeddings; norms are always f32
@@ -63,8 +51,11 @@ class LlamaModel {
   // ids: [T] -> x: [T, hidden]. First stage only.
   void embed(const int32_t* ids, int64_t T, float* x) const;
   // x: [T, hidden], the tokens of `chunks` back to back, through this rank's layers, in place.
-  // Writes their keys and values into `kv` and reads the earlier positions from it.
-  void forward_layers(float* x, const std::vector<SeqChunk>& chunks, KvStore& kv) const;
+  // Writes their keys and values into `kv` and reads the earlier positions from it. `ws` is the
+  // caller's workspace (make_workspace); throws std::invalid_argument when T exceeds its
+  // max_tokens() or it was made for another model shape.
+  void forward_layers(float* x, const std::vector<SeqChunk>& chunks, KvStore& kv,
+                      Workspace& ws) const;
   // x: [R, hidden] -> logits: [R, vocab_shard().size()] (final norm, then this rank's vocab
   // slice of the LM head). Last stage only. x is normalised in place.
   void head(float* x, int64_t R, float* logits) const;
@@ -74,13 +65,21 @@ class LlamaModel {
   uint64_t weight_bytes() const { return weight_bytes_; }
   uint64_t decode_bytes_per_token() const;
 
+  // The workspace forward_layers needs for up to max_tokens tokens per call (the largest prompt
+  // chunk, or the batch's tokens in one step). The same for every pipeline stage: layers run one
+  // at a time and reuse it.
+  Workspace make_workspace(int64_t max_tokens) const;
+  static WorkspaceLayout workspace_layout(const ModelConfig& config, int tp_size, int tp_rank);
+  // Bytes of that workspace, without building the model or allocating (for the planner).
+  static uint64_t workspace_bytes(const ModelConfig& config, int tp_size, int tp_rank,
+                                  int64_t max_tokens);
+
  private:
   struct Layer {
     std::vector<float> attn_norm, ffn_norm;
-    parallel::ColumnParallelLinear qkv;      // [q + k + v local rows, hidden]
-    parallel::RowParallelLinear o;           // [hidden, q local]
-    parallel::ColumnParallelLinear gate_up;  // [2 * ffn local, hidden]: gate rows then up rows
-    parallel::RowParallelLinear down;        // [hidden, ffn local]
+    parallel::ParallelAttention attention;
+    parallel::ParallelMlp mlp;
+    uint64_t bytes() const;  // weights, norms included
   };
 
   ModelConfig config_;
@@ -88,8 +87,6 @@ class LlamaModel {
   comm::Group tp_;
   parallel::HeadPlan heads_;
   parallel::ShardSpec ffn_, vocab_;
-  std::vector<float> inv_freq_;
-  kernels::RopeStyle rope_style_;
   std::vector<Layer> layers_;
   parallel::VocabParallelEmbedding embedding_;
   Tensor lm_head_;  // [vocab local, hidden]; shares the embedding's storage when tied

@@ -4,12 +4,11 @@
 // the same input and produces its slice of the output. No communication forward.
 // RowParallelLinear ("sharded-to-all"): W split by input features; each rank multiplies its slice
 // of the input and one all-reduce sums the partial outputs.
-// VocabParallelEmbedding: each rank owns a vocab range of the table, looks up the ids it owns,
-// writes zeros for the others, and one all-reduce completes the rows.
 //
-// Each takes its weight already sliced (the loader reads only the rank's bytes). Backward passes
-// (for training) pair with these: column's backward all-reduces the input gradient, row's is
-// communication-free, as in Megatron's copy/reduce mappings.
+// Each takes its weight already sliced (the loader reads only the rank's bytes). Only forward is
+// written. A layer keeps what a backward pass will need beside it: its weight, its shard spec and
+// its group (column's backward will all-reduce the input gradient, row's needs no communication:
+// Megatron's copy / reduce pairs).
 #pragma once
 
 #include <cstdint>
@@ -23,16 +22,18 @@ namespace parallm::parallel {
 class ColumnParallelLinear {
  public:
   ColumnParallelLinear() = default;
-  // weight: [out_shard.size(), in], this rank's rows.
-  ColumnParallelLinear(Tensor weight, ShardSpec out_shard);
-  // x: [T, in] -> y: [T, out/tp] (this rank's columns of the output).
+  // weight: [out_shard.size(), in], this rank's rows: the blocks of out_shard, back to back.
+  ColumnParallelLinear(Tensor weight, FusedShardSpec out_shard, comm::Group group);
+  // x: [T, in] (the same on every rank) -> y: [T, out_shard.size()] (this rank's output columns).
   void forward(const float* x, int64_t T, float* y) const;
   const Tensor& weight() const { return weight_; }
-  const ShardSpec& out_shard() const { return out_shard_; }
+  const FusedShardSpec& out_shard() const { return out_shard_; }
+  const comm::Group& group() const { return group_; }
 
  private:
   Tensor weight_;
-  ShardSpec out_shard_;
+  FusedShardSpec out_shard_;
+  comm::Group group_;
 };
 
 class RowParallelLinear {
@@ -40,30 +41,15 @@ class RowParallelLinear {
   RowParallelLinear() = default;
   // weight: [out, in_shard.size()], this rank's columns.
   RowParallelLinear(Tensor weight, ShardSpec in_shard, comm::Group group);
-  // x: [T, in/tp] -> y: [T, out], summed over the group (one all-reduce).
+  // x: [T, in_shard.size()] -> y: [T, out], summed over the group (one all-reduce).
   void forward(const float* x, int64_t T, float* y) const;
   const Tensor& weight() const { return weight_; }
+  const ShardSpec& in_shard() const { return in_shard_; }
+  const comm::Group& group() const { return group_; }
 
  private:
   Tensor weight_;
   ShardSpec in_shard_;
-  comm::Group group_;
-};
-
-class VocabParallelEmbedding {
- public:
-  VocabParallelEmbedding() = default;
-  // table: [vocab_shard.size(), hidden], this rank's vocab rows.
-  VocabParallelEmbedding(Tensor table, ShardSpec vocab_shard, comm::Group group);
-  // ids: [T] -> x: [T, hidden] f32 (one all-reduce when the group has more than one rank).
-  // Throws std::invalid_argument naming the id when an id is outside [0, vocab).
-  void forward(const int32_t* ids, int64_t T, float* x) const;
-  const Tensor& table() const { return table_; }
-  const ShardSpec& vocab_shard() const { return vocab_shard_; }
-
- private:
-  Tensor table_;
-  ShardSpec vocab_shard_;
   comm::Group group_;
 };
 

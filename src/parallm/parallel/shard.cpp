@@ -14,6 +14,42 @@ bool fits(int64_t q, int64_t kv, int64_t tp) {
 
 }  // namespace
 
+FusedShardSpec FusedShardSpec::single(std::string name, ShardSpec rows, int replicas) {
+  return {{FusedPart{std::move(name), rows, replicas}}};
+}
+
+int64_t FusedShardSpec::size() const {
+  int64_t n = 0;
+  for (const FusedPart& p : parts) n += p.rows.size();
+  return n;
+}
+
+int64_t FusedShardSpec::full() const {
+  int64_t n = 0;
+  for (const FusedPart& p : parts) n += p.rows.full;
+  return n;
+}
+
+int64_t FusedShardSpec::offset(size_t i) const {
+  if (i > parts.size())
+    fail("parallel", "fused part ", i, " of a weight with ", parts.size(), " parts");
+  int64_t n = 0;
+  for (size_t k = 0; k < i; ++k) n += parts[k].rows.size();
+  return n;
+}
+
+size_t FusedShardSpec::index(std::string_view name) const {
+  for (size_t i = 0; i < parts.size(); ++i)
+    if (parts[i].name == name) return i;
+  std::vector<std::string> have;
+  for (const FusedPart& p : parts) have.push_back(p.name);
+  fail("parallel", "fused weight has no part \"", name, "\" (parts: ", join(have, ", "), ")");
+}
+
+const FusedPart& FusedShardSpec::part(std::string_view name) const {
+  return parts[index(name)];
+}
+
 std::string HeadPlan::valid_sizes(int64_t q_heads, int64_t kv_heads) {
   std::vector<int64_t> ok;
   for (int64_t t = 1; t <= q_heads; ++t)
@@ -29,6 +65,8 @@ HeadPlan HeadPlan::make(int64_t q_heads, int64_t kv_heads, int tp, int rank) {
          "KV heads); sizes that work: ",
          valid_sizes(q_heads, kv_heads));
   HeadPlan p;
+  p.q_total = q_heads;
+  p.kv_total = kv_heads;
   p.q_heads = q_heads / tp;
   p.q_begin = p.q_heads * rank;
   if (kv_heads >= tp) {
@@ -36,7 +74,8 @@ HeadPlan HeadPlan::make(int64_t q_heads, int64_t kv_heads, int tp, int rank) {
     p.kv_begin = p.kv_heads * rank;
   } else {
     p.kv_heads = 1;
-    p.kv_begin = rank / (tp / kv_heads);
+    p.kv_replicas = static_cast<int>(tp / kv_heads);
+    p.kv_begin = rank / p.kv_replicas;
   }
   return p;
 }

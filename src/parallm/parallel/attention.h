@@ -1,0 +1,87 @@
+// ParallelAttention: causal grouped-query attention split by heads over a TP group.
+//
+//   xn [T, hidden] -> qkv = ColumnParallel(W_qkv) xn   [T, (q_heads + 2 kv_heads) * head_dim]
+//                  -> rope(q), rope(k); k, v into the KV store; attention over the cached positions
+//                  -> out = RowParallel(W_o) attn       [T, hidden], one all-reduce
+//
+// Q, K and V are fused into one column-parallel GEMM; its FusedShardSpec names the rows of
+// q_proj / k_proj / v_proj each block holds. Query heads split evenly; KV heads split evenly when
+// TP <= KV heads and are replicated over TP / KV heads ranks otherwise (parallel::HeadPlan).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "parallm/comm/group.h"
+#include "parallm/core/tensor.h"
+#include "parallm/kernels/ops.h"
+#include "parallm/parallel/linear.h"
+#include "parallm/parallel/shard.h"
+
+namespace parallm::parallel {
+
+// Where a rank's keys and values live: the engine's KV cache implements this. Position p of local
+// KV head h of layer l (counted within this rank's layers) for sequence `slot` is at
+// keys(l, slot) + p * kv_stride() + h * head_dim.
+class KvStore {
+ public:
+  virtual ~KvStore() = default;
+  virtual float* keys(int64_t layer, int slot) = 0;
+  virtual float* values(int64_t layer, int slot) = 0;
+  virtual int64_t kv_stride() const = 0;
+  virtual int64_t capacity() const = 0;  // positions per sequence
+};
+
+// A run of consecutive tokens of one sequence inside a batch.
+struct SeqChunk {
+  int slot = 0;           // which sequence (KV cache slot)
+  int64_t start_pos = 0;  // position of the chunk's first token
+  int64_t n_tokens = 0;
+};
+
+struct RopeSpec {
+  std::vector<float> inv_freq;  // [head_dim / 2]
+  kernels::RopeStyle style = kernels::RopeStyle::HalfSplit;
+};
+
+class ParallelAttention {
+ public:
+  ParallelAttention() = default;
+  // qkv: [qkv_spec(heads, head_dim).size(), hidden], this rank's q rows, then k rows, then v rows;
+  // o: [hidden, heads.q_heads * head_dim], this rank's input columns of o_proj.
+  ParallelAttention(Tensor qkv, Tensor o, const HeadPlan& heads, int64_t head_dim, RopeSpec rope,
+                    comm::Group group);
+
+  // The fused Q/K/V rows a rank holds: parts "q_proj", "k_proj", "v_proj" (k and v with
+  // heads.kv_replicas replicas).
+  static FusedShardSpec qkv_spec(const HeadPlan& heads, int64_t head_dim);
+  // o_proj's input columns a rank holds (its query heads).
+  static ShardSpec o_spec(const HeadPlan& heads, int64_t head_dim) {
+    return heads.q_rows(head_dim);
+  }
+  // Scratch floats forward() needs for T tokens.
+  static int64_t scratch_floats(const HeadPlan& heads, int64_t head_dim, int64_t T);
+
+  // xn: [T, hidden] (the normalised input, the same on every rank), the tokens of `chunks` back to
+  // back, at `positions` [T] -> out: [T, hidden], summed over the group. Writes the chunks' keys
+  // and values into layer `layer` of kv and reads the earlier positions from it.
+  // scratch: scratch_floats(T) floats, clobbered.
+  void forward(const float* xn, const std::vector<SeqChunk>& chunks, const int32_t* positions,
+               KvStore& kv, int64_t layer, float* scratch, float* out) const;
+
+  const HeadPlan& heads() const { return heads_; }
+  int64_t head_dim() const { return head_dim_; }
+  const ColumnParallelLinear& qkv() const { return qkv_; }
+  const RowParallelLinear& o() const { return o_; }
+  const comm::Group& group() const { return group_; }
+
+ private:
+  HeadPlan heads_;
+  int64_t head_dim_ = 0;
+  RopeSpec rope_;
+  ColumnParallelLinear qkv_;
+  RowParallelLinear o_;
+  comm::Group group_;
+};
+
+}  // namespace parallm::parallel

@@ -1,0 +1,33 @@
+// VocabParallelEmbedding: each rank owns a vocab range of the table, looks up the ids it owns,
+// writes zeros for the others, and one all-reduce completes the rows (Megatron's
+// reduce-from-region; its backward will need no communication: each rank scatters the gradient rows
+// of its own ids).
+#pragma once
+
+#include <cstdint>
+
+#include "parallm/comm/group.h"
+#include "parallm/core/tensor.h"
+#include "parallm/parallel/shard.h"
+
+namespace parallm::parallel {
+
+class VocabParallelEmbedding {
+ public:
+  VocabParallelEmbedding() = default;
+  // table: [vocab_shard.size(), hidden], this rank's vocab rows.
+  VocabParallelEmbedding(Tensor table, ShardSpec vocab_shard, comm::Group group);
+  // ids: [T] -> x: [T, hidden] f32 (one all-reduce when the group has more than one rank).
+  // Throws std::invalid_argument naming the id when an id is outside [0, vocab).
+  void forward(const int32_t* ids, int64_t T, float* x) const;
+  const Tensor& table() const { return table_; }
+  const ShardSpec& vocab_shard() const { return vocab_shard_; }
+  const comm::Group& group() const { return group_; }
+
+ private:
+  Tensor table_;
+  ShardSpec vocab_shard_;
+  comm::Group group_;
+};
+
+}  // namespace parallm::parallel
