@@ -109,6 +109,7 @@ int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts
   bo.collect_logits = o.print_logits;
   const bool ids_out = o.print_ids || !tok;
   run_model(o.engine, [&](RankContext& ctx) {
+    ctx.world.barrier();  // the ranks start together: idle time is the pipeline's, not loading's
     BatchResult r = generate_batch(ctx.model, ctx.mesh, prompts, bo);
     // Each rank's (busy, wall, prompt-pass busy, prompt-pass end, KV-cache MiB), gathered at every
     // rank.
@@ -219,6 +220,7 @@ int run(const Options& o) {
   go.collect_logits = o.print_logits;
   const bool ids_out = o.print_ids || !tok;
   run_model(o.engine, [&](RankContext& ctx) {
+    ctx.world.barrier();  // the ranks start together, so the prompt's time is the prompt's
     const bool root = ctx.is_root();
     // Streams whole characters only: a character split over byte tokens is held back.
     std::unique_ptr<TokenStreamer> stream;
