@@ -67,13 +67,15 @@ int StepPlan::wire_size(int max_entries, int64_t max_ids) {
 
 void broadcast_plan(StepPlan& plan, const comm::Group& tp, int root, int max_entries,
                     int64_t max_ids) {
+  if (tp.rank() == root &&
+      (static_cast<int64_t>(plan.entries.size()) > max_entries ||
+       static_cast<int64_t>(plan.ids.size()) > max_ids))
+    fail("step-plan", "plan of ", plan.entries.size(), " entries and ", plan.ids.size(),
+         " ids exceeds the limits (", max_entries, " entries, ", max_ids, " ids)");
   if (tp.size() == 1) return;
   std::vector<int64_t> wire(StepPlan::wire_size(max_entries, max_ids), 0);
   if (tp.rank() == root) {
     const std::vector<int64_t> v = plan.encode(true);
-    if (v.size() > wire.size())
-      fail("step-plan", "plan of ", plan.entries.size(), " entries and ", plan.ids.size(),
-           " ids exceeds the limits (", max_entries, " entries, ", max_ids, " ids)");
     std::copy(v.begin(), v.end(), wire.begin());
   }
   // A broadcast only copies: the int64 values travel as pairs of f32 bit patterns, since the MPI
