@@ -191,8 +191,7 @@ TEST(GenerationLoop, ShortRequestLeavesTheBatchAtItsMaxTokens) {
   const std::string m = testing::stories_model();
   const std::vector<Request> batch = {{{1, 400, 401}, 3}, {{1, 2, 3, 4, 5, 6}, 12}};
   // Each alone, on one rank.
-  const std::vector<int32_t> short_alone =
-      run_requests(m, {}, {batch[0]}, 0).sequences[0].tokens;
+  const std::vector<int32_t> short_alone = run_requests(m, {}, {batch[0]}, 0).sequences[0].tokens;
   const std::vector<int32_t> long_alone = run_requests(m, {}, {batch[1]}, 0).sequences[0].tokens;
   ASSERT_EQ(short_alone.size(), 3u);
   ASSERT_EQ(long_alone.size(), 12u);

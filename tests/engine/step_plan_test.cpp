@@ -1,9 +1,10 @@
 // The step plan's flat form round-trips, a malformed one is refused, and the broadcast gives every
 // TP rank the first rank's plan (ids included) within the fixed limits.
+#include "parallm/engine/step_plan.h"
+
 #include <gtest/gtest.h>
 
 #include "parallm/comm/launch.h"
-#include "parallm/engine/step_plan.h"
 
 namespace parallm {
 namespace {
@@ -56,8 +57,7 @@ TEST(StepPlan, BroadcastReachesEveryTpRank) {
       broadcast_plan(p, g, 0, /*max_entries=*/4, /*max_ids=*/8);
       expect_same(p, sample_plan(), true);
       // Over the limits: the root refuses (alone, before any rank waits on it).
-      if (g.rank() == 0)
-        EXPECT_THROW(broadcast_plan(p, g, 0, 1, 8), std::invalid_argument) << tp;
+      if (g.rank() == 0) EXPECT_THROW(broadcast_plan(p, g, 0, 1, 8), std::invalid_argument) << tp;
     });
   }
 }

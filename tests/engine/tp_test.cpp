@@ -20,9 +20,9 @@ namespace parallm {
 namespace {
 
 struct TpRun {
-  GenerateResult result;                           // rank 0's
+  GenerateResult result;                                       // rank 0's
   std::vector<uint64_t> all_reduces, all_gathers, broadcasts;  // per rank, the whole generation
-  std::vector<uint64_t> weight_bytes;              // per rank
+  std::vector<uint64_t> weight_bytes;                          // per rank
 };
 
 TpRun run_tp(const std::string& path, int tp, const std::vector<int32_t>& prompt, int64_t steps,

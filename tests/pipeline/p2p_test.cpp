@@ -1,11 +1,12 @@
 // The stage link: messages are keyed by (micro-batch, chunk), so a receiver gets each key's own
 // message whatever order the sender used, each key keeps its own buffer, and results travel back.
+#include "parallm/pipeline/p2p.h"
+
 #include <gtest/gtest.h>
 
 #include <numeric>
 
 #include "parallm/comm/launch.h"
-#include "parallm/pipeline/p2p.h"
 
 namespace parallm::pipeline {
 namespace {
@@ -18,7 +19,9 @@ comm::LaunchOptions local() {
 }
 
 // Micro-batch j, chunk c carries header {j, c} and j * 10 + c + 1 rows of value 100 j + c.
-std::vector<float> rows(int j, int c) { return std::vector<float>(j * 10 + c + 1, 100.0f * j + c); }
+std::vector<float> rows(int j, int c) {
+  return std::vector<float>(j * 10 + c + 1, 100.0f * j + c);
+}
 
 TEST(StageLink, EachKeyGetsItsOwnMessageAndBuffer) {
   for (int stages : {2, 3}) {

@@ -173,8 +173,8 @@ int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts
       std::fprintf(stderr,
                    "[pipeline] bubble: prompt pass %.3f (GPipe formula (p-1)/(m+p-1) = %.3f), "
                    "whole run %.3f\n",
-                   idle_prefill / P,
-                   pipeline::bubble_formula(pipeline::ScheduleKind::GPipe, P, M), idle_all / P);
+                   idle_prefill / P, pipeline::bubble_formula(pipeline::ScheduleKind::GPipe, P, M),
+                   idle_all / P);
     }
   });
   return 0;

@@ -122,7 +122,8 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
         const int64_t left = len - s.fed;
         e.n_tokens = options.prefill_chunk > 0 ? std::min(left, options.prefill_chunk) : left;
         e.sample = e.n_tokens == left;
-        plan.ids.insert(plan.ids.end(), prompt.begin() + s.fed, prompt.begin() + s.fed + e.n_tokens);
+        plan.ids.insert(plan.ids.end(), prompt.begin() + s.fed,
+                        prompt.begin() + s.fed + e.n_tokens);
       } else {
         plan.ids.push_back(s.next);
       }
@@ -218,8 +219,8 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
         const float* row = logits.data() + r * V;
         if (options.collect_logits)
           result.sequences[e.slot].logits.push_back(gather_vocab(row, model.vocab_shard(), tp));
-        tokens[r++] = samplers[e.slot].sample(row, model.vocab_shard().begin,
-                                              model.vocab_shard().end);
+        tokens[r++] =
+            samplers[e.slot].sample(row, model.vocab_shard().begin, model.vocab_shard().end);
       }
       r = 0;
       for (const PlanEntry& e : plan.entries) {

@@ -46,11 +46,11 @@ struct Request {
 };
 
 struct BatchOptions {
-  int64_t max_tokens = 64;   // for requests that do not say
+  int64_t max_tokens = 64;  // for requests that do not say
   bool ignore_eos = false;
   SamplingParams sampling;
-  int micro_batches = 0;      // 0: as many as pipeline stages (capped at the batch size)
-  int64_t prefill_chunk = 0;  // feed prompts at most this many tokens per step; 0: whole prompts
+  int micro_batches = 0;        // 0: as many as pipeline stages (capped at the batch size)
+  int64_t prefill_chunk = 0;    // feed prompts at most this many tokens per step; 0: whole prompts
   bool collect_logits = false;  // full-vocab logits of every step (last stage's ranks)
 };
 
@@ -69,9 +69,9 @@ struct BatchResult {
   // last stage's results); empty elsewhere.
   std::vector<SequenceOutput> sequences;
   int micro_batches = 0;
-  int64_t steps = 0;          // pipeline passes, the closing empty one included
-  double seconds = 0;         // the whole generation, on this rank
-  double busy_seconds = 0;    // this rank's compute (embedding, layers, head, sampling)
+  int64_t steps = 0;        // pipeline passes, the closing empty one included
+  double seconds = 0;       // the whole generation, on this rank
+  double busy_seconds = 0;  // this rank's compute (embedding, layers, head, sampling)
   // Until this rank's part of the prompt pass was done (its forward of the last prompt chunk that
   // ends a prompt); the largest over ranks, the last stage's, ends the prompt pass.
   double prefill_seconds = 0;

@@ -42,8 +42,8 @@ GenerateResult generate(const LlamaModel& model, comm::Group tp, const std::vect
   bo.collect_logits = options.collect_logits;
   TokenCallback cb;
   if (on_token) cb = [&](int, int32_t token) { on_token(token); };
-  BatchResult r = run_generation(model, tp, comm::Group(), {Request{prompt, options.max_tokens}},
-                                 bo, cb);
+  BatchResult r =
+      run_generation(model, tp, comm::Group(), {Request{prompt, options.max_tokens}}, bo, cb);
   GenerateResult out;
   SequenceOutput& seq = r.sequences[0];
   out.tokens = std::move(seq.tokens);

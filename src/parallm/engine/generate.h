@@ -29,7 +29,7 @@ struct GenerateResult {
   double prefill_seconds = 0;
   double decode_seconds = 0;  // for tokens after the first
   bool stopped_at_eos = false;
-  int64_t steps = 0;  // forward passes this sequence took (prompt chunks + decode steps)
+  int64_t steps = 0;            // forward passes this sequence took (prompt chunks + decode steps)
   uint64_t kv_cache_bytes = 0;  // this rank's KV cache
 };
 

@@ -5,8 +5,7 @@
 
 namespace parallm {
 
-StageForward::StageForward(const LlamaModel& model, int slots, int64_t capacity,
-                           int64_t max_tokens)
+StageForward::StageForward(const LlamaModel& model, int slots, int64_t capacity, int64_t max_tokens)
     : model_(model),
       max_tokens_(max_tokens),
       kv_(model.local_layers(), slots, capacity, model.local_kv_dim()) {

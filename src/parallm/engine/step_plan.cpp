@@ -47,8 +47,8 @@ StepPlan StepPlan::decode(const int64_t* v, size_t n) {
   if (n < static_cast<size_t>(kHead) || v[1] < 0 || v[2] < 0 ||
       static_cast<size_t>(kHead + kPerEntry * v[1] + v[2]) > n)
     fail<std::runtime_error>("step-plan", "malformed plan: ", n, " values, header (",
-                             n > 0 ? v[0] : -1, ", ", n > 1 ? v[1] : -1, ", ",
-                             n > 2 ? v[2] : -1, ")");
+                             n > 0 ? v[0] : -1, ", ", n > 1 ? v[1] : -1, ", ", n > 2 ? v[2] : -1,
+                             ")");
   StepPlan p;
   p.exit = v[0] != 0;
   p.entries.resize(v[1]);
@@ -67,9 +67,8 @@ int StepPlan::wire_size(int max_entries, int64_t max_ids) {
 
 void broadcast_plan(StepPlan& plan, const comm::Group& tp, int root, int max_entries,
                     int64_t max_ids) {
-  if (tp.rank() == root &&
-      (static_cast<int64_t>(plan.entries.size()) > max_entries ||
-       static_cast<int64_t>(plan.ids.size()) > max_ids))
+  if (tp.rank() == root && (static_cast<int64_t>(plan.entries.size()) > max_entries ||
+                            static_cast<int64_t>(plan.ids.size()) > max_ids))
     fail("step-plan", "plan of ", plan.entries.size(), " entries and ", plan.ids.size(),
          " ids exceeds the limits (", max_entries, " entries, ", max_ids, " ids)");
   if (tp.size() == 1) return;

@@ -34,8 +34,8 @@ struct StepPlan {
   std::vector<int32_t> ids;  // the tokens fed, entries back to back (first stage only)
   bool exit = false;
 
-  int64_t tokens() const;   // sum of n_tokens
-  int samples() const;      // entries with sample
+  int64_t tokens() const;                // sum of n_tokens
+  int samples() const;                   // entries with sample
   std::vector<SeqChunk> chunks() const;  // the entries as the model takes them
 
   // Flat form: [exit, entries, ids, (slot, start_pos, n_tokens, sample) per entry, ids...].

@@ -32,8 +32,7 @@ int StageLink::tag(int micro_batch, int chunk, int kind) const {
 void StageLink::send_activation(int to, int micro_batch, int chunk, const int64_t* header, int n,
                                 const float* data, size_t count) const {
   if (n < 0 || n > max_header_)
-    fail("pipeline", "activation header of ", n, " values, the link carries at most ",
-         max_header_);
+    fail("pipeline", "activation header of ", n, " values, the link carries at most ", max_header_);
   std::vector<int64_t> head(2 + max_header_, 0);
   head[0] = n;
   head[1] = static_cast<int64_t>(count);
@@ -46,8 +45,9 @@ Activation& StageLink::recv_activation(int from, int micro_batch, int chunk) {
   std::vector<int64_t> head(2 + max_header_);
   pp_.recv(head.data(), head.size() * sizeof(int64_t), from, tag(micro_batch, chunk, 0));
   if (head[0] < 0 || head[0] > max_header_ || head[1] < 0)
-    fail<std::runtime_error>("pipeline", "stage ", pp_.rank(), ": bad activation header from stage ",
-                             from, " (", head[0], " values, ", head[1], " rows)");
+    fail<std::runtime_error>("pipeline", "stage ", pp_.rank(),
+                             ": bad activation header from stage ", from, " (", head[0],
+                             " values, ", head[1], " rows)");
   Activation& a = inbox_[{micro_batch, chunk}];
   a.header.assign(head.begin() + 2, head.begin() + 2 + head[0]);
   a.data.resize(head[1]);
