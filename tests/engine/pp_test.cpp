@@ -1,6 +1,8 @@
 // Pipeline parallelism (and TP x PP) is shown by equality with one rank: same greedy tokens and
 // logits within 1e-5 (f32), for every stage count and uneven splits, with one and several prompts;
-// and a batch gives each prompt the tokens it gets alone.
+// the first rank (which learns the tokens from the last stage) holds the same tokens as the last
+// stage; a batch gives each prompt the tokens it gets alone; a finished sequence leaves the batch;
+// prompts fed in chunks give the same tokens.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -9,12 +11,14 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <tuple>
 
 #include "parallm/comm/launch.h"
 #include "parallm/comm/mesh.h"
 #include "parallm/engine/batch_generate.h"
 #include "parallm/model/weights.h"
 #include "parallm/pipeline/partition.h"
+#include "stories_reference.h"
 #include "test_util.h"
 
 namespace parallm {
@@ -22,21 +26,37 @@ namespace {
 
 using Prompts = std::vector<std::vector<int32_t>>;
 
-// Runs the batch on tp x pp ranks (local backend) and returns the last stage's first TP rank's
-// result (it holds tokens and logits).
-BatchResult run_pipeline(const std::string& path, int tp, int pp, const Prompts& prompts,
-                         int64_t steps, int micro_batches, std::vector<int64_t> layers = {},
-                         SamplingParams sampling = {}) {
+struct PipelineRun {
+  int tp = 1, pp = 1;
+  int micro_batches = 0;
+  std::vector<int64_t> layers;  // --pp-layers; empty: even
+  SamplingParams sampling;
+  int64_t prefill_chunk = 0;
+  bool ignore_eos = true;
+  std::vector<int64_t> eos;  // replaces the model's eos ids when not empty
+};
+
+// What every rank saw of each sequence's forward work: [world rank][sequence] -> (steps, fed).
+using Work = std::vector<std::vector<std::pair<int64_t, int64_t>>>;
+
+// Runs the requests on tp x pp ranks (local backend) and returns the last stage's first TP rank's
+// result (it holds tokens and logits). The first rank learns every token from the last stage's
+// results: its tokens must be the same ones. `work`, if given, gets every rank's step counts.
+BatchResult run_requests(const std::string& path, const PipelineRun& run,
+                         const std::vector<Request>& requests, int64_t steps,
+                         Work* work = nullptr) {
   ModelConfig config;
   auto source = open_model(path, &config);
-  auto stages = pipeline::partition_layers(config.num_hidden_layers, pp, layers);
-  BatchResult out;
+  if (!run.eos.empty()) config.eos_token_ids = run.eos;
+  auto stages = pipeline::partition_layers(config.num_hidden_layers, run.pp, run.layers);
+  BatchResult out, first;
   std::mutex mu;
+  if (work) work->assign(run.tp * run.pp, {});
   comm::LaunchOptions lo;
   lo.backend = "local";
   lo.timeout_s = 60;
-  comm::launch(tp * pp, lo, [&](comm::Group world) {
-    comm::Mesh mesh(world, {tp, pp, 1, 1});
+  comm::launch(run.tp * run.pp, lo, [&](comm::Group world) {
+    comm::Mesh mesh(world, {run.tp, run.pp, 1, 1});
     LlamaOptions mo;
     mo.weight_dtype = DType::F32;
     mo.layer_begin = stages[mesh.pp_rank()].begin;
@@ -44,23 +64,40 @@ BatchResult run_pipeline(const std::string& path, int tp, int pp, const Prompts&
     LlamaModel model(config, *source, mesh.tp(), mo);
     BatchOptions bo;
     bo.max_tokens = steps;
-    bo.ignore_eos = true;
+    bo.ignore_eos = run.ignore_eos;
     bo.collect_logits = true;
-    bo.micro_batches = micro_batches;
-    bo.sampling = sampling;
-    BatchResult r = generate_batch(model, mesh, prompts, bo);
-    if (mesh.first_stage() && mesh.tp_rank() == 0) {
-      // The first stage learns every token through the pipeline's feedback: check it agrees.
-      std::lock_guard<std::mutex> lock(mu);
-      for (size_t i = 0; i < r.sequences.size(); ++i)
-        EXPECT_EQ(r.sequences[i].tokens.size(), static_cast<size_t>(steps)) << "sequence " << i;
-    }
-    if (mesh.last_stage() && mesh.tp_rank() == 0) {
-      std::lock_guard<std::mutex> lock(mu);
-      out = std::move(r);
-    }
+    bo.micro_batches = run.micro_batches;
+    bo.sampling = run.sampling;
+    bo.prefill_chunk = run.prefill_chunk;
+    BatchResult r = generate_batch(model, mesh, requests, bo);
+    std::lock_guard<std::mutex> lock(mu);
+    if (work)
+      for (const SequenceOutput& seq : r.sequences)
+        (*work)[world.rank()].push_back({seq.steps, seq.tokens_fed});
+    if (world.rank() == 0) first = r;
+    if (mesh.last_stage() && mesh.tp_rank() == 0) out = std::move(r);
   });
+  EXPECT_EQ(first.sequences.size(), out.sequences.size());
+  for (size_t i = 0; i < out.sequences.size() && i < first.sequences.size(); ++i) {
+    EXPECT_EQ(first.sequences[i].tokens, out.sequences[i].tokens)
+        << "sequence " << i << ": the first rank's tokens differ from the last stage's";
+    EXPECT_EQ(first.sequences[i].stopped_at_eos, out.sequences[i].stopped_at_eos) << i;
+  }
   return out;
+}
+
+BatchResult run_pipeline(const std::string& path, int tp, int pp, const Prompts& prompts,
+                         int64_t steps, int micro_batches, std::vector<int64_t> layers = {},
+                         SamplingParams sampling = {}) {
+  std::vector<Request> requests;
+  for (const auto& p : prompts) requests.push_back({p, steps});
+  PipelineRun run;
+  run.tp = tp;
+  run.pp = pp;
+  run.micro_batches = micro_batches;
+  run.layers = std::move(layers);
+  run.sampling = sampling;
+  return run_requests(path, run, requests, steps);
 }
 
 void expect_equal(const BatchResult& got, const BatchResult& want, const std::string& what) {
@@ -84,10 +121,7 @@ TEST(Stories260KPp, EveryStageCountAndUnevenSplits) {
   const std::string m = testing::stories_model();
   BatchResult one = run_pipeline(m, 1, 1, kOne, 20, 1);
   // The single-rank batch path reproduces llama2.c's reference too (first tokens).
-  const std::vector<int32_t> ref = {461, 461, 401, 401, 401, 461, 378, 455, 473, 456};
-  EXPECT_EQ(
-      std::vector<int32_t>(one.sequences[0].tokens.begin(), one.sequences[0].tokens.begin() + 10),
-      ref);
+  EXPECT_EQ(one.sequences[0].tokens, testing::stories_llama2c_tokens(20));
   for (int pp = 2; pp <= 5; ++pp)
     expect_equal(run_pipeline(m, 1, pp, kOne, 20, 0), one, "pp " + std::to_string(pp));
   expect_equal(run_pipeline(m, 1, 3, kOne, 20, 0, {1, 3, 1}), one, "pp 1,3,1");
@@ -131,6 +165,101 @@ TEST(TinyTpPp, SampledBatchMatchesOneRank) {
   BatchResult grid = run_pipeline(dir.file("m"), 2, 3, kSeveralTiny, 8, 2, {}, sp);
   for (size_t i = 0; i < kSeveralTiny.size(); ++i)
     EXPECT_EQ(grid.sequences[i].tokens, one.sequences[i].tokens) << i;
+}
+
+// Layouts that the finishing and chunking tests run, on the threads backend: TP alone, PP alone
+// (each sequence its own micro-batch, and both in one), and TP x PP.
+const std::vector<PipelineRun> kLayouts = [] {
+  std::vector<PipelineRun> v;
+  for (auto [tp, pp, mb] : std::vector<std::tuple<int, int, int>>{
+           {1, 1, 1}, {2, 1, 1}, {4, 1, 1}, {1, 2, 2}, {1, 3, 1}, {2, 2, 2}}) {
+    PipelineRun r;
+    r.tp = tp;
+    r.pp = pp;
+    r.micro_batches = mb;
+    v.push_back(r);
+  }
+  return v;
+}();
+
+std::string name(const PipelineRun& r) {
+  return "tp " + std::to_string(r.tp) + " pp " + std::to_string(r.pp) + " micro-batches " +
+         std::to_string(r.micro_batches);
+}
+
+TEST(GenerationLoop, ShortRequestLeavesTheBatchAtItsMaxTokens) {
+  const std::string m = testing::stories_model();
+  const std::vector<Request> batch = {{{1, 400, 401}, 3}, {{1, 2, 3, 4, 5, 6}, 12}};
+  // Each alone, on one rank.
+  const std::vector<int32_t> short_alone = run_requests(m, {}, {batch[0]}, 0).sequences[0].tokens;
+  const std::vector<int32_t> long_alone = run_requests(m, {}, {batch[1]}, 0).sequences[0].tokens;
+  ASSERT_EQ(short_alone.size(), 3u);
+  ASSERT_EQ(long_alone.size(), 12u);
+  for (const PipelineRun& layout : kLayouts) {
+    Work work;
+    BatchResult r = run_requests(m, layout, batch, 0, &work);
+    EXPECT_EQ(r.sequences[0].tokens, short_alone) << name(layout);
+    EXPECT_EQ(r.sequences[1].tokens, long_alone) << name(layout);
+    // The long one sets the number of steps (+ the closing pass that only says "exit").
+    EXPECT_EQ(r.steps, 13) << name(layout);
+    for (size_t rank = 0; rank < work.size(); ++rank) {
+      // The short one's forward work stops after its 3 tokens (a prompt pass and 2 decode
+      // steps); the long one feeds its prompt and 11 tokens. Every rank does only that.
+      EXPECT_EQ(work[rank][0], std::make_pair(int64_t{3}, int64_t{3 + 2}))
+          << name(layout) << " rank " << rank;
+      EXPECT_EQ(work[rank][1], std::make_pair(int64_t{12}, int64_t{6 + 11}))
+          << name(layout) << " rank " << rank;
+    }
+  }
+}
+
+TEST(GenerationLoop, SequenceThatReachesEosLeavesTheBatch) {
+  const std::string m = testing::stories_model();
+  // Greedy decoding from BOS gives 461 461 401 ...: with 401 as the end-of-sequence token the
+  // first request stops at its third token, the second (which never picks 401 here) runs on.
+  const std::vector<Request> batch = {{{1}, 16}, {{1, 300}, 16}};
+  PipelineRun alone;
+  alone.ignore_eos = false;
+  alone.eos = {401};
+  const BatchResult a = run_requests(m, alone, {batch[0]}, 0);
+  const BatchResult b = run_requests(m, alone, {batch[1]}, 0);
+  ASSERT_EQ(a.sequences[0].tokens, (std::vector<int32_t>{461, 461, 401}));
+  EXPECT_TRUE(a.sequences[0].stopped_at_eos);
+  ASSERT_EQ(b.sequences[0].tokens.size(), 16u) << "the second prompt picked 401: choose another";
+  for (PipelineRun layout : kLayouts) {
+    layout.ignore_eos = false;
+    layout.eos = {401};
+    Work work;
+    BatchResult r = run_requests(m, layout, batch, 0, &work);
+    EXPECT_EQ(r.sequences[0].tokens, a.sequences[0].tokens) << name(layout);
+    EXPECT_TRUE(r.sequences[0].stopped_at_eos) << name(layout);
+    EXPECT_EQ(r.sequences[1].tokens, b.sequences[0].tokens) << name(layout);
+    EXPECT_FALSE(r.sequences[1].stopped_at_eos) << name(layout);
+    for (size_t rank = 0; rank < work.size(); ++rank) {
+      EXPECT_EQ(work[rank][0].first, 3) << name(layout) << " rank " << rank;
+      EXPECT_EQ(work[rank][1].first, 16) << name(layout) << " rank " << rank;
+    }
+  }
+}
+
+TEST(GenerationLoop, PromptsFedInChunksGiveTheSameTokens) {
+  const std::string m = testing::stories_model();
+  std::vector<Request> batch;
+  for (const auto& p : kSeveral) batch.push_back({p, 8});
+  const BatchResult whole = run_requests(m, {}, batch, 0);
+  for (PipelineRun layout : kLayouts) {
+    layout.prefill_chunk = 2;
+    Work work;
+    expect_equal(run_requests(m, layout, batch, 0, &work), whole,
+                 name(layout) + " prefill chunk 2");
+    for (size_t rank = 0; rank < work.size(); ++rank)
+      for (size_t i = 0; i < batch.size(); ++i) {
+        // ceil(len / 2) prompt chunks, then one step per token after the first.
+        const int64_t len = static_cast<int64_t>(batch[i].prompt.size());
+        EXPECT_EQ(work[rank][i], std::make_pair((len + 1) / 2 + 7, len + 7))
+            << name(layout) << " rank " << rank << " sequence " << i;
+      }
+  }
 }
 
 TEST(Partition, EvenSplitGivesLeftoversToTheMiddle) {

@@ -15,8 +15,10 @@ if(PARALLM_HAVE_MPI)
     set_tests_properties(engine_mpi_tp_${model}_np${np} PROPERTIES LABELS "mpi;engine" TIMEOUT 300
                          ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
   endforeach()
-  # Pipeline and hybrid layouts: a batch of three prompts.
-  foreach(case "pp2:2:--pp 2" "tp2pp2:4:--tp 2 --pp 2" "pp3:3:--pp 3 --pp-layers 1,3,1")
+  # Pipeline and hybrid layouts: a batch of three prompts (the last one fed 2 tokens per step,
+  # against whole prompts on one rank).
+  foreach(case "pp2:2:--pp 2" "tp2pp2:4:--tp 2 --pp 2" "pp3:3:--pp 3 --pp-layers 1,3,1"
+               "tp2pp2_chunks:4:--tp 2 --pp 2 --prefill-chunk 2")
     string(REPLACE ":" ";" parts "${case}")
     list(GET parts 0 name)
     list(GET parts 1 np)

@@ -1,6 +1,7 @@
 // Tensor parallelism is shown by equality: every TP size the model allows gives the same greedy
-// tokens as one rank and logits within 1e-5 (f32), and each decode step costs exactly two
-// all-reduces per layer plus the embedding's.
+// tokens as one rank and logits within 1e-5 (f32), and stories260K's tokens equal llama2.c's at
+// every TP size; each decode step costs exactly two all-reduces per layer plus the embedding's, and
+// one step-plan broadcast.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -12,15 +13,16 @@
 #include "parallm/comm/stats.h"
 #include "parallm/engine/generate.h"
 #include "parallm/model/weights.h"
+#include "stories_reference.h"
 #include "test_util.h"
 
 namespace parallm {
 namespace {
 
 struct TpRun {
-  GenerateResult result;                           // rank 0's
-  std::vector<uint64_t> all_reduces, all_gathers;  // per rank, over the whole generation
-  std::vector<uint64_t> weight_bytes;              // per rank
+  GenerateResult result;                                       // rank 0's
+  std::vector<uint64_t> all_reduces, all_gathers, broadcasts;  // per rank, the whole generation
+  std::vector<uint64_t> weight_bytes;                          // per rank
 };
 
 TpRun run_tp(const std::string& path, int tp, const std::vector<int32_t>& prompt, int64_t steps,
@@ -30,6 +32,7 @@ TpRun run_tp(const std::string& path, int tp, const std::vector<int32_t>& prompt
   TpRun out;
   out.all_reduces.resize(tp);
   out.all_gathers.resize(tp);
+  out.broadcasts.resize(tp);
   out.weight_bytes.resize(tp);
   std::mutex mu;
   comm::LaunchOptions lo;
@@ -51,18 +54,24 @@ TpRun run_tp(const std::string& path, int tp, const std::vector<int32_t>& prompt
     const int rank = world.rank();
     out.all_reduces[rank] = mesh.tp().stats().count(comm::Kind::AllReduce);
     out.all_gathers[rank] = mesh.tp().stats().count(comm::Kind::AllGather);
+    out.broadcasts[rank] = mesh.tp().stats().count(comm::Kind::Broadcast);
     out.weight_bytes[rank] = model.weight_bytes();
     if (rank == 0) out.result = std::move(r);
   });
   return out;
 }
 
+// Every size in `sizes` against one rank; and, when `reference` is given, every size and one rank
+// against it.
 void expect_same_as_one_rank(const std::string& path, const std::vector<int>& sizes,
-                             const std::vector<int32_t>& prompt, int64_t steps) {
+                             const std::vector<int32_t>& prompt, int64_t steps,
+                             const std::vector<int32_t>& reference = {}) {
   TpRun one = run_tp(path, 1, prompt, steps, true);
+  if (!reference.empty()) EXPECT_EQ(one.result.tokens, reference) << "tp 1";
   for (int tp : sizes) {
     TpRun r = run_tp(path, tp, prompt, steps, true);
     EXPECT_EQ(r.result.tokens, one.result.tokens) << "tp " << tp;
+    if (!reference.empty()) EXPECT_EQ(r.result.tokens, reference) << "tp " << tp;
     ASSERT_EQ(r.result.logits.size(), one.result.logits.size());
     double worst = 0;
     for (size_t s = 0; s < r.result.logits.size(); ++s)
@@ -96,9 +105,11 @@ TEST_F(TinyModel, TwoAllReducesPerLayerPerStep) {
   TpRun r = run_tp(path(), 3, {1, 2, 3}, steps, false);
   for (int rank = 0; rank < 3; ++rank) {
     // Per step (the prefill is one): 2 per layer + 1 for the vocab-parallel embedding; the greedy
-    // sampler exchanges candidates with one all-gather, not an all-reduce.
+    // sampler exchanges candidates with one all-gather, not an all-reduce. The step plan is one
+    // broadcast per step, plus the closing step's (whose plan only says "exit").
     EXPECT_EQ(r.all_reduces[rank], static_cast<uint64_t>(steps * (2 * layers + 1))) << rank;
     EXPECT_EQ(r.all_gathers[rank], static_cast<uint64_t>(steps)) << rank;
+    EXPECT_EQ(r.broadcasts[rank], static_cast<uint64_t>(steps + 1)) << rank;
   }
 }
 
@@ -126,9 +137,11 @@ TEST_F(TinyModel, SampledTokensAgreeAcrossTpSizes) {
   }
 }
 
-TEST(Stories260KTp, ReferenceTokensAtEveryTpSize) {
+TEST(Stories260KTp, Llama2cTokensAtEveryTpSize) {
   // 8 heads, 4 KV heads: TP 2 and 4 split KV heads, TP 8 replicates them; FFN 172 splits unevenly.
-  expect_same_as_one_rank(testing::stories_model(), {2, 4, 8}, {1}, 24);
+  // The tokens are llama2.c's own (an independent implementation), at every size.
+  expect_same_as_one_rank(testing::stories_model(), {2, 4, 8}, {1}, 24,
+                          testing::stories_llama2c_tokens(24));
 }
 
 TEST(Tp, SizeThatDoesNotFitSaysWhichWould) {

@@ -19,8 +19,9 @@
 #include "parallm/core/timer.h"
 #include "parallm/engine/batch_generate.h"
 #include "parallm/engine/generate.h"
-#include "parallm/engine/kv_cache.h"
+#include "parallm/engine/stage_forward.h"
 #include "parallm/kernels/cpu.h"
+#include "parallm/pipeline/simulator.h"
 
 namespace parallm::cli {
 namespace {
@@ -52,13 +53,18 @@ void run_decode_batch(const DecodeOptions& o, RankContext& ctx) {
     prompts.push_back({static_cast<int32_t>(ctx.config.bos_token_id),
                        static_cast<int32_t>((i * 131 + 7) % ctx.config.vocab_size)});
   BatchOptions bo;
-  bo.max_tokens = o.warmup + o.tokens + 1;
+  bo.max_tokens = 2;
   bo.ignore_eos = true;
   bo.micro_batches = o.micro_batches;
-  generate_batch(ctx.model, ctx.mesh, prompts, {2, true, {}, o.micro_batches, false});  // warm-up
+  generate_batch(ctx.model, ctx.mesh, prompts, bo);  // warm-up
+  bo.max_tokens = o.warmup + o.tokens + 1;
   ctx.mesh.tp().stats().reset();
+  ctx.world.barrier();  // every rank starts the timed run together
   BatchResult r = generate_batch(ctx.model, ctx.mesh, prompts, bo);
-  const double decode_s = r.seconds - r.prefill_seconds;
+  // Decode starts when the prompt pass is done on its last stage (the latest end over ranks).
+  float prefill_end = static_cast<float>(r.prefill_seconds);
+  ctx.world.all_reduce(&prefill_end, 1, comm::ReduceOp::Max);
+  const double decode_s = r.seconds - prefill_end;
   const int64_t steps = bo.max_tokens - 1;
   float mine[3] = {static_cast<float>(r.busy_seconds), static_cast<float>(r.seconds),
                    static_cast<float>(ctx.mesh.tp().stats().get(comm::Kind::AllReduce).seconds)};
@@ -81,7 +87,7 @@ void run_decode_batch(const DecodeOptions& o, RankContext& ctx) {
   std::printf("  tp all-reduce time  %10.2f ms/step (%.1f%% of the run)\n",
               1e3 * comm_s / (steps + 1), 100.0 * comm_s / r.seconds);
   std::printf("  bubble (measured)   %10.3f   (GPipe pass formula (p-1)/(m+p-1) = %.3f)\n",
-              idle / P, (P - 1.0) / (M + P - 1.0));
+              idle / P, pipeline::bubble_formula(pipeline::ScheduleKind::GPipe, P, M));
 }
 
 int run_decode(const DecodeOptions& o) {
@@ -219,14 +225,13 @@ int run_prefill(const PrefillOptions& o) {
     std::vector<int32_t> ids(o.prompt_len);
     for (int i = 0; i < o.prompt_len; ++i)
       ids[i] = static_cast<int32_t>((i * 7919 + 3) % c.vocab_size);
-    KvCache kv(ctx.model.local_layers(), 1, o.prompt_len, ctx.model.local_kv_dim());
-    Workspace ws = ctx.model.make_workspace(o.prompt_len);
+    StageForward fwd(ctx.model, 1, o.prompt_len, o.prompt_len);
     std::vector<float> x(static_cast<size_t>(o.prompt_len) * c.hidden_size);
     std::vector<float> logits(ctx.model.vocab_shard().size());
     auto once = [&] {
-      ctx.model.embed(ids.data(), o.prompt_len, x.data());
-      ctx.model.forward_layers(x.data(), {SeqChunk{0, 0, o.prompt_len}}, kv, ws);
-      ctx.model.head(x.data() + (o.prompt_len - 1) * c.hidden_size, 1, logits.data());
+      fwd.embed(ids.data(), o.prompt_len, x.data());
+      fwd.layers(x.data(), {SeqChunk{0, 0, o.prompt_len}});
+      fwd.head(x.data() + (o.prompt_len - 1) * c.hidden_size, 1, logits.data());
     };
     once();  // warm-up
     ctx.tp.barrier();

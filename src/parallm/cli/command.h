@@ -28,7 +28,4 @@ struct Command {
 
 bool register_command(Command command);
 
-// Parses "1,2,3" into integers; throws std::invalid_argument naming `flag` and the bad item.
-std::vector<int64_t> parse_int_list(const std::string& text, const std::string& flag);
-
 }  // namespace parallm::cli

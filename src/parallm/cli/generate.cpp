@@ -1,10 +1,16 @@
-// parallm generate: one prompt in, tokens out, on one rank or a tensor-parallel group.
+// parallm generate: prompts in, tokens out, through the one generation loop (engine/
+// batch_generate.h) on any layout: one prompt (--prompt, --prompt-ids) on one rank or a
+// tensor-parallel group, streamed as it is generated; or a batch (--prompts-file) and/or a pipeline
+// (--pp), cut into micro-batches, printed at the end with the pipeline's measured bubble.
 #include "parallm/engine/generate.h"
 
+#include <charconv>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <memory>
+#include <sstream>
 
 #include "parallm/cli/command.h"
 #include "parallm/cli/engine_flags.h"
@@ -12,15 +18,17 @@
 #include "parallm/engine/batch_generate.h"
 #include "parallm/model/tokenizer.h"
 #include "parallm/model/weights.h"
+#include "parallm/pipeline/simulator.h"
 
 namespace parallm::cli {
 namespace {
 
 struct Options {
   EngineOptions engine;
-  std::string prompt, prompt_ids, tokenizer, prompts_file;
+  std::string prompt, tokenizer, prompts_file;
+  std::vector<int64_t> prompt_ids;
   int micro_batches = 0;
-  int64_t max_tokens = 64;
+  int64_t max_tokens = 64, prefill_chunk = 0;
   float temperature = 0.0f, top_p = 1.0f;
   int top_k = 0;
   uint64_t seed = 0;
@@ -32,8 +40,32 @@ bool is_id_list(const std::string& line) {
          line.find_first_of("0123456789") != std::string::npos;
 }
 
+// One item of a token-id list ("42", spaces around allowed) -> its value; "" when it is not an
+// integer that fits a token id (int32), else the reason. The one parse of --prompt-ids (through
+// CLI11's list splitting) and of --prompts-file lines.
+std::string parse_token_id(std::string item, int32_t* id) {
+  const size_t b = item.find_first_not_of(' '), e = item.find_last_not_of(' ');
+  item = b == std::string::npos ? "" : item.substr(b, e - b + 1);
+  int64_t v = 0;
+  const auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
+  if (item.empty() || ec == std::errc::invalid_argument || end != item.data() + item.size())
+    return cat("\"", item, "\" is not an integer");
+  if (ec == std::errc::result_out_of_range || v < 0 || v > std::numeric_limits<int32_t>::max())
+    return cat("token id ", item, " is outside [0, 2^31)");
+  *id = static_cast<int32_t>(v);
+  return "";
+}
+
+// Token ids inside the model's vocabulary; one error line names `what` and the value.
+void check_vocab(const std::vector<int32_t>& ids, const std::string& what, int64_t vocab) {
+  for (int32_t id : ids)
+    if (id >= vocab)
+      fail("cli", what, ": token id ", id, " is outside the model's vocabulary [0, ", vocab, ")");
+}
+
 // Reads --prompts-file: one prompt per line, text or token ids ("1,2,3"); blank lines skipped.
-std::vector<std::vector<int32_t>> read_prompts(const std::string& path, const Tokenizer* tok) {
+std::vector<std::vector<int32_t>> read_prompts(const std::string& path, const Tokenizer* tok,
+                                               int64_t vocab) {
   std::ifstream in(path);
   if (!in) fail<std::runtime_error>("cli", "--prompts-file ", path, ": cannot open");
   std::vector<std::vector<int32_t>> out;
@@ -43,9 +75,15 @@ std::vector<std::vector<int32_t>> read_prompts(const std::string& path, const To
     ++n;
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     if (is_id_list(line)) {
+      const std::string what = cat("--prompts-file ", path, " line ", n);
       std::vector<int32_t> ids;
-      for (int64_t v : parse_int_list(line, cat("--prompts-file ", path, " line ", n)))
-        ids.push_back(static_cast<int32_t>(v));
+      std::string item;
+      for (std::istringstream items(line); std::getline(items, item, ',');) {
+        int32_t id = 0;
+        if (std::string why = parse_token_id(item, &id); !why.empty()) fail("cli", what, ": ", why);
+        ids.push_back(id);
+      }
+      check_vocab(ids, what, vocab);
       out.push_back(std::move(ids));
     } else {
       if (!tok)
@@ -67,16 +105,20 @@ int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts
   bo.ignore_eos = o.ignore_eos;
   bo.sampling = {o.temperature, o.top_k, o.top_p, o.seed};
   bo.micro_batches = o.micro_batches;
+  bo.prefill_chunk = o.prefill_chunk;
   bo.collect_logits = o.print_logits;
   const bool ids_out = o.print_ids || !tok;
   run_model(o.engine, [&](RankContext& ctx) {
+    ctx.world.barrier();  // the ranks start together: idle time is the pipeline's, not loading's
     BatchResult r = generate_batch(ctx.model, ctx.mesh, prompts, bo);
-    // Each rank's (busy, wall, prompt-pass busy, prompt-pass wall), gathered at every rank.
-    float mine[4] = {static_cast<float>(r.busy_seconds), static_cast<float>(r.seconds),
+    // Each rank's (busy, wall, prompt-pass busy, prompt-pass end, KV-cache MiB), gathered at every
+    // rank.
+    float mine[5] = {static_cast<float>(r.busy_seconds), static_cast<float>(r.seconds),
                      static_cast<float>(r.prefill_busy_seconds),
-                     static_cast<float>(r.prefill_seconds)};
-    std::vector<float> all(4 * ctx.world.size());
-    ctx.world.all_gather(mine, all.data(), 4, DType::F32);
+                     static_cast<float>(r.prefill_seconds),
+                     static_cast<float>(r.kv_cache_bytes / 1048576.0)};
+    std::vector<float> all(5 * ctx.world.size());
+    ctx.world.all_gather(mine, all.data(), 5, DType::F32);
     size_t total = 0;
     for (const auto& seq : r.sequences) total += seq.tokens.size();
     // One process prints all of stdout: the last stage's first TP rank, which holds the logits and
@@ -103,6 +145,10 @@ int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts
       std::fflush(stdout);
     }
     if (!ctx.is_root()) return;
+    if (o.engine.mem_stats)
+      for (int w = 0; w < ctx.world.size(); ++w)
+        std::fprintf(stderr, "[mem] rank %d: KV cache %.2f MiB (%zu sequences)\n", w,
+                     all[5 * w + 4], r.sequences.size());
     const int P = ctx.mesh.pp_size(), M = r.micro_batches;
     std::fprintf(stderr,
                  "[generate] tp %d x pp %d, %zu sequences in %d micro-batches: %zu tokens in %.3f "
@@ -110,19 +156,25 @@ int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts
                  ctx.mesh.tp_size(), P, r.sequences.size(), M, total, r.seconds,
                  total / std::max(r.seconds, 1e-9));
     if (P > 1) {
+      // The prompt pass ends when its last stage is done with it: the latest end over ranks.
+      double prefill_end = 0;
+      for (int w = 0; w < ctx.world.size(); ++w)
+        prefill_end = std::max<double>(prefill_end, all[5 * w + 3]);
+      prefill_end = std::max(prefill_end, 1e-9);
       double idle_all = 0, idle_prefill = 0;
       for (int s = 0; s < P; ++s) {
-        const float* v = &all[4 * ctx.mesh.global_rank(0, 0, s)];
+        const float* v = &all[5 * ctx.mesh.global_rank(0, 0, s)];
         std::fprintf(stderr,
                      "[pipeline] stage %d: busy %.1f%% of the run, %.1f%% of the prompt pass\n", s,
-                     100.0 * v[0] / v[1], 100.0 * v[2] / v[3]);
+                     100.0 * v[0] / v[1], 100.0 * v[2] / prefill_end);
         idle_all += 1.0 - v[0] / v[1];
-        idle_prefill += 1.0 - v[2] / v[3];
+        idle_prefill += 1.0 - v[2] / prefill_end;
       }
       std::fprintf(stderr,
                    "[pipeline] bubble: prompt pass %.3f (GPipe formula (p-1)/(m+p-1) = %.3f), "
                    "whole run %.3f\n",
-                   idle_prefill / P, (P - 1.0) / (M + P - 1.0), idle_all / P);
+                   idle_prefill / P, pipeline::bubble_formula(pipeline::ScheduleKind::GPipe, P, M),
+                   idle_all / P);
     }
   });
   return 0;
@@ -139,19 +191,20 @@ int run(const Options& o) {
     tok = load_tokenizer_file(o.tokenizer);
   else
     tok = load_tokenizer(o.engine.model);
+  ModelConfig config;
+  open_model(o.engine.model, &config);
   if (tok) {
-    ModelConfig config;
-    open_model(o.engine.model, &config);
     if (tok->vocab_size() > config.vocab_size)
       fail("cli", "the tokenizer has ", tok->vocab_size(), " tokens but the model's vocab_size is ",
            config.vocab_size, ": they do not belong together");
   }
   if (!o.prompts_file.empty())
-    return run_batch(o, read_prompts(o.prompts_file, tok.get()), tok.get());
+    return run_batch(o, read_prompts(o.prompts_file, tok.get(), config.vocab_size), tok.get());
   std::vector<int32_t> prompt;
   if (!o.prompt_ids.empty()) {
-    for (int64_t v : parse_int_list(o.prompt_ids, "--prompt-ids"))
-      prompt.push_back(static_cast<int32_t>(v));
+    // CLI11 checked each value against int32 (the option's validator); now the vocabulary.
+    prompt.assign(o.prompt_ids.begin(), o.prompt_ids.end());
+    check_vocab(prompt, "--prompt-ids", config.vocab_size);
   } else {
     if (!tok)
       fail("cli", "--prompt needs a tokenizer, and none was found beside ", o.engine.model,
@@ -163,13 +216,11 @@ int run(const Options& o) {
   go.max_tokens = o.max_tokens;
   go.ignore_eos = o.ignore_eos;
   go.sampling = sp;
+  go.prefill_chunk = o.prefill_chunk;
   go.collect_logits = o.print_logits;
   const bool ids_out = o.print_ids || !tok;
   run_model(o.engine, [&](RankContext& ctx) {
-    for (int32_t id : prompt)
-      if (id < 0 || id >= ctx.config.vocab_size)
-        fail("cli", "prompt token id ", id, " is outside the model's vocabulary [0, ",
-             ctx.config.vocab_size, ")");
+    ctx.world.barrier();  // the ranks start together, so the prompt's time is the prompt's
     const bool root = ctx.is_root();
     // Streams whole characters only: a character split over byte tokens is held back.
     std::unique_ptr<TokenStreamer> stream;
@@ -184,6 +235,9 @@ int run(const Options& o) {
     };
     if (root && !o.quiet && !ids_out) std::printf("%s", o.prompt.c_str());
     GenerateResult r = generate(ctx.model, ctx.tp, prompt, go, on_token);
+    float kv_mib = static_cast<float>(r.kv_cache_bytes / 1048576.0);
+    std::vector<float> kv_all(ctx.world.size());
+    ctx.world.all_gather(&kv_mib, kv_all.data(), 1, DType::F32);
     if (!root) return;
     if (!o.quiet && !ids_out) std::printf("%s", stream->finish().c_str());
     if (!o.quiet) std::printf("\n");
@@ -202,6 +256,9 @@ int run(const Options& o) {
                  prompt.size() / std::max(r.prefill_seconds, 1e-9), n,
                  n > 1 ? (n - 1) / std::max(r.decode_seconds, 1e-9) : 0.0,
                  r.stopped_at_eos ? " (stopped at EOS)" : "");
+    if (o.engine.mem_stats)
+      for (int w = 0; w < ctx.world.size(); ++w)
+        std::fprintf(stderr, "[mem] rank %d: KV cache %.2f MiB\n", w, kv_all[w]);
   });
   return 0;
 }
@@ -211,11 +268,21 @@ int run(const Options& o) {
        auto o = std::make_shared<Options>();
        add_engine_flags(app, o->engine);
        app.add_option("--prompt", o->prompt, "Prompt text (needs a tokenizer beside the model)");
-       app.add_option("--prompt-ids", o->prompt_ids, "Prompt as token ids: 1,2,3");
+       app.add_option("--prompt-ids", o->prompt_ids, "Prompt as token ids: 1,2,3")
+           ->delimiter(',')
+           ->check(CLI::Validator(
+               [](std::string& item) {
+                 int32_t id = 0;
+                 return parse_token_id(item, &id);
+               },
+               "token id", "token id"));
        app.add_option("--prompts-file", o->prompts_file,
                       "Generate for every line (text or token ids 1,2,3) together, as one batch");
        app.add_option("--micro-batches", o->micro_batches,
                       "Micro-batches the batch is cut into (default: the number of --pp stages)")
+           ->check(CLI::NonNegativeNumber);
+       app.add_option("--prefill-chunk", o->prefill_chunk,
+                      "Feed prompts at most N tokens per step (default: whole prompts)")
            ->check(CLI::NonNegativeNumber);
        app.add_option("--tokenizer", o->tokenizer,
                       "tokenizer.model or tokenizer.json (default: beside the model)");

@@ -5,11 +5,9 @@
 #include <exception>
 #include <map>
 #include <memory>
-#include <sstream>
 #include <vector>
 
 #include "parallm/cli/command.h"
-#include "parallm/core/error.h"
 
 namespace parallm::cli {
 namespace {
@@ -24,27 +22,6 @@ std::vector<Command>& registry() {
 bool register_command(Command command) {
   registry().push_back(std::move(command));
   return true;
-}
-
-std::vector<int64_t> parse_int_list(const std::string& text, const std::string& flag) {
-  std::vector<int64_t> out;
-  std::stringstream ss(text);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    size_t used = 0;
-    int64_t v = 0;
-    try {
-      v = std::stoll(item, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    while (used < item.size() && item[used] == ' ') ++used;
-    if (item.empty() || used != item.size())
-      fail("cli", flag, ": \"", item, "\" is not an integer (in \"", text, "\")");
-    out.push_back(v);
-  }
-  if (out.empty()) fail("cli", flag, ": empty list");
-  return out;
 }
 
 }  // namespace parallm::cli

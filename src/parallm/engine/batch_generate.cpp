@@ -6,61 +6,87 @@
 #include "parallm/core/error.h"
 #include "parallm/core/timer.h"
 #include "parallm/core/trace.h"
-#include "parallm/engine/kv_cache.h"
+#include "parallm/engine/generate.h"
+#include "parallm/engine/stage_forward.h"
+#include "parallm/engine/step_plan.h"
 #include "parallm/pipeline/executor.h"
+#include "parallm/pipeline/p2p.h"
 #include "parallm/pipeline/schedule.h"
 
 namespace parallm {
 namespace {
 
-// Point-to-point tags: activations (header, then data) go forward; tokens come back.
-constexpr int kTagHeader = 11, kTagData = 12, kTagTokens = 13;
-
 bool is_eos(const ModelConfig& c, int32_t t) {
   return std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), t) != c.eos_token_ids.end();
 }
 
+// What the first rank knows of each sequence between steps.
+struct SeqState {
+  int64_t max_tokens = 0;
+  int64_t fed = 0;        // tokens fed so far = position of the next one
+  int64_t generated = 0;  // tokens sampled so far
+  int32_t next = 0;       // the token it feeds next, once its prompt is in
+  bool active = false;
+};
+
 }  // namespace
 
-BatchResult generate_batch(const LlamaModel& model, const comm::Mesh& mesh,
-                           const std::vector<std::vector<int32_t>>& prompts,
-                           const BatchOptions& options) {
+BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const comm::Group& pp,
+                           const std::vector<Request>& requests, const BatchOptions& options,
+                           const TokenCallback& on_token) {
   const ModelConfig& c = model.config();
-  const int B = static_cast<int>(prompts.size());
+  const int B = static_cast<int>(requests.size());
+  const int P = pp.size(), stage = pp.rank();
+  const bool first = stage == 0, last = stage == P - 1;
+  const bool root = first && tp.rank() == 0;
   if (B == 0) fail("generate", "no prompts");
-  if (options.max_tokens < 1) fail("generate", "--max-tokens must be >= 1 for batched generation");
-  int64_t longest = 0;
+  if ((first && !model.has_embedding()) || (last && !model.has_head()))
+    fail("generate", "stage ", stage, " of ", P, " holds layers [", model.layer_begin(), ", ",
+         model.layer_end(), "): the first stage needs the embedding and the last the head");
+  if (options.max_tokens < 0)
+    fail("generate", "--max-tokens must be >= 0, got ", options.max_tokens);
+  if (options.prefill_chunk < 0)
+    fail("generate", "--prefill-chunk must be >= 0, got ", options.prefill_chunk);
+
+  std::vector<SeqState> st(B);
+  int64_t capacity = 1;
   for (int i = 0; i < B; ++i) {
-    if (prompts[i].empty()) fail("generate", "prompt ", i + 1, " is empty");
-    for (int32_t id : prompts[i])
+    const std::vector<int32_t>& prompt = requests[i].prompt;
+    if (prompt.empty()) fail("generate", "prompt ", i + 1, " is empty");
+    for (int32_t id : prompt)
       if (id < 0 || id >= c.vocab_size)
         fail("generate", "prompt ", i + 1, ": token id ", id, " is outside the vocabulary [0, ",
              c.vocab_size, ")");
-    longest = std::max<int64_t>(longest, static_cast<int64_t>(prompts[i].size()));
+    const int64_t mt = requests[i].max_tokens >= 0 ? requests[i].max_tokens : options.max_tokens;
+    const int64_t len = static_cast<int64_t>(prompt.size());
+    if (len + mt > c.max_position_embeddings)
+      fail("generate", "prompt ", i + 1, " (", len, " tokens) + max tokens (", mt,
+           ") exceeds the model's max_position_embeddings ", c.max_position_embeddings);
+    capacity = std::max(capacity, len + mt);
+    st[i].max_tokens = mt;
+    st[i].active = mt > 0;
   }
-  const int64_t capacity = longest + options.max_tokens;
-  if (capacity > c.max_position_embeddings)
-    fail("generate", "longest prompt (", longest, " tokens) + --max-tokens (", options.max_tokens,
-         ") exceeds the model's max_position_embeddings ", c.max_position_embeddings);
 
-  const int P = mesh.pp_size(), stage = mesh.pp_rank();
-  const bool first = mesh.first_stage(), last = mesh.last_stage();
-  const comm::Group& pp = mesh.pp();
-  const comm::Group& tp = mesh.tp();
   const int M = std::min(options.micro_batches > 0 ? options.micro_batches : P, B);
   auto mb_begin = [&](int j) { return B * j / M; };
-  auto mb_size = [&](int j) { return mb_begin(j + 1) - mb_begin(j); };
-  const int max_mb = (B + M - 1) / M;
+  int max_mb = 0;
+  for (int j = 0; j < M; ++j) max_mb = std::max(max_mb, mb_begin(j + 1) - mb_begin(j));
+  // The most tokens one micro-batch feeds in a step: each of its sequences feeds its first prompt
+  // chunk at most (later chunks are no longer, decode tokens are one).
+  auto first_chunk = [&](int i) {
+    const int64_t len = static_cast<int64_t>(requests[i].prompt.size());
+    return options.prefill_chunk > 0 ? std::min(len, options.prefill_chunk) : len;
+  };
+  int64_t budget = 1;
+  for (int j = 0; j < M; ++j) {
+    int64_t t = 0;
+    for (int i = mb_begin(j); i < mb_begin(j + 1); ++i) t += first_chunk(i);
+    budget = std::max(budget, t);
+  }
   const int64_t H = c.hidden_size;
 
-  KvCache kv(model.local_layers(), B, capacity, model.local_kv_dim());
-  int64_t max_step_tokens = 1;  // the largest micro-batch's prompts: its first step's tokens
-  for (int j = 0; j < M; ++j) {
-    int64_t n = 0;
-    for (int i = mb_begin(j); i < mb_begin(j + 1); ++i) n += std::ssize(prompts[i]);
-    max_step_tokens = std::max(max_step_tokens, n);
-  }
-  Workspace ws = model.make_workspace(max_step_tokens);
+  StageForward fwd(model, B, capacity, budget);
+  pipeline::StageLink link(pp, StepPlan::wire_size(max_mb, 0));
   std::vector<Sampler> samplers;
   if (last)
     for (int i = 0; i < B; ++i) samplers.emplace_back(options.sampling, tp);
@@ -68,159 +94,176 @@ BatchResult generate_batch(const LlamaModel& model, const comm::Mesh& mesh,
   BatchResult result;
   result.micro_batches = M;
   result.sequences.resize(B);
-  std::vector<int64_t> pos(B, 0);   // next position of each sequence
-  std::vector<int32_t> next(B, 0);  // the token each sequence feeds next
-  std::vector<char> active(B, 1);
+  result.kv_cache_bytes = fwd.kv_bytes();
 
-  // Per micro-batch, what is in flight on this stage: the chunk header and activations.
-  std::vector<int32_t> header(1 + 3 * max_mb);
-  std::vector<SeqChunk> chunks;
-  std::vector<float> x;
-  std::vector<float> logits;
-  std::vector<int32_t> feedback(2 * max_mb);  // (token, still active) per sequence of a micro-batch
+  // Records a sampled token where it is learnt (last stage, and the first rank).
+  auto record = [&](int i, int32_t tok) {
+    result.sequences[i].tokens.push_back(tok);
+    if (is_eos(c, tok) && !options.ignore_eos) result.sequences[i].stopped_at_eos = true;
+    if (on_token) on_token(i, tok);
+  };
+  // The first rank's stop rule: EOS (unless ignored) or the request's own max_tokens.
+  auto decide = [&](int i, int32_t tok) {
+    SeqState& s = st[i];
+    s.next = tok;
+    ++s.generated;
+    if ((is_eos(c, tok) && !options.ignore_eos) || s.generated >= s.max_tokens) s.active = false;
+  };
+  // The first rank's plan for micro-batch j.
+  auto build_plan = [&](int j) {
+    StepPlan plan;
+    for (int i = mb_begin(j); i < mb_begin(j + 1); ++i) {
+      SeqState& s = st[i];
+      if (!s.active) continue;
+      const std::vector<int32_t>& prompt = requests[i].prompt;
+      const int64_t len = static_cast<int64_t>(prompt.size());
+      PlanEntry e{i, s.fed, 1, true};
+      if (s.fed < len) {
+        const int64_t left = len - s.fed;
+        e.n_tokens = options.prefill_chunk > 0 ? std::min(left, options.prefill_chunk) : left;
+        e.sample = e.n_tokens == left;
+        plan.ids.insert(plan.ids.end(), prompt.begin() + s.fed,
+                        prompt.begin() + s.fed + e.n_tokens);
+      } else {
+        plan.ids.push_back(s.next);
+      }
+      s.fed += e.n_tokens;
+      plan.entries.push_back(e);
+    }
+    if (j == M - 1)
+      plan.exit = std::none_of(st.begin(), st.end(), [](const SeqState& s) { return s.active; });
+    return plan;
+  };
 
-  auto pack_header = [&] {
-    header[0] = static_cast<int32_t>(chunks.size());
-    for (size_t k = 0; k < chunks.size(); ++k) {
-      header[1 + 3 * k] = chunks[k].slot;
-      header[2 + 3 * k] = static_cast<int32_t>(chunks[k].start_pos);
-      header[3 + 3 * k] = static_cast<int32_t>(chunks[k].n_tokens);
+  // Per micro-batch: the plan in flight on this stage and its activations ([tokens, hidden]: the
+  // first stage's own buffer, later stages' the link's buffer for that micro-batch).
+  std::vector<StepPlan> plans(M);
+  std::vector<std::vector<float>> embedded(first ? M : 0);
+  std::vector<pipeline::Activation*> received(M, nullptr);
+  std::vector<int> sampled_in_flight(M, 0);  // first rank: tokens due back for each micro-batch
+  std::vector<char> has_token(B, 0);         // this rank has seen the sequence's first sample
+  int prompts_left = 0;
+  for (const SeqState& s : st) prompts_left += s.active;
+  std::vector<float> rows, logits;
+  std::vector<int32_t> tokens(max_mb);
+
+  auto activations = [&](int j) -> float* {
+    return first ? embedded[j].data() : received[j]->data.data();
+  };
+
+  const double t0 = now_seconds();
+  double busy = 0;
+  pipeline::StageCallbacks cb;
+  cb.recv_activation = [&](int j, int) {
+    pipeline::Activation& a = link.recv_activation(stage - 1, j, 0);
+    plans[j] = StepPlan::decode(a.header.data(), a.header.size());
+    if (static_cast<int64_t>(a.data.size()) != plans[j].tokens() * H)
+      fail<std::runtime_error>("generate", "stage ", stage, ": micro-batch ", j, " brought ",
+                               a.data.size(), " values for ", plans[j].tokens(), " tokens");
+    received[j] = &a;
+  };
+  cb.send_activation = [&](int j, int) {
+    const std::vector<int64_t> header = plans[j].encode(false);
+    link.send_activation(stage + 1, j, 0, header.data(), static_cast<int>(header.size()),
+                         activations(j), static_cast<size_t>(plans[j].tokens() * H));
+  };
+  cb.forward = [&](int j, int) {
+    StepPlan& plan = plans[j];
+    if (first) {
+      if (root) {
+        if (P > 1 && sampled_in_flight[j] > 0) {
+          // Micro-batch j's tokens from its previous step, in its plan's order.
+          TraceSpan wait("recv tokens", "wait");
+          link.recv_result(P - 1, j, tokens.data(), sampled_in_flight[j]);
+          int k = 0;
+          for (const PlanEntry& e : plan.entries)
+            if (e.sample) {
+              record(e.slot, tokens[k]);
+              decide(e.slot, tokens[k++]);
+            }
+        }
+        plan = build_plan(j);
+        sampled_in_flight[j] = plan.samples();
+      }
+      broadcast_plan(plan, tp, 0, max_mb, budget);
+      const double b = now_seconds();
+      embedded[j].resize(plan.tokens() * H);
+      if (!plan.ids.empty())
+        fwd.embed(plan.ids.data(), static_cast<int64_t>(plan.ids.size()), embedded[j].data());
+      busy += now_seconds() - b;
     }
-  };
-  auto unpack_header = [&] {
-    chunks.resize(header[0]);
-    for (size_t k = 0; k < chunks.size(); ++k)
-      chunks[k] = {header[1 + 3 * k], header[2 + 3 * k], header[3 + 3 * k]};
-  };
-  auto tokens_in = [&] {
-    int64_t t = 0;
-    for (const SeqChunk& ch : chunks) t += ch.n_tokens;
-    return t;
-  };
-  // Applies the last stage's decision for micro-batch j (tokens and stops) on the first stage.
-  auto apply_feedback = [&](int j) {
-    for (int k = 0; k < mb_size(j); ++k) {
-      const int i = mb_begin(j) + k;
-      if (!active[i]) continue;
-      const int32_t tok = feedback[2 * k];
-      result.sequences[i].tokens.push_back(tok);
-      next[i] = tok;
-      active[i] = feedback[2 * k + 1];
+    const double b = now_seconds();
+    float* x = activations(j);
+    for (const PlanEntry& e : plan.entries) {
+      ++result.sequences[e.slot].steps;
+      result.sequences[e.slot].tokens_fed += e.n_tokens;
     }
+    if (!plan.entries.empty()) fwd.layers(x, plan.chunks());
+    if (last && plan.samples() > 0) {
+      // One row of logits per sampled sequence: its chunk's last token.
+      TraceSpan span("head+sample", "compute");
+      const int64_t V = model.vocab_shard().size();
+      const int R = plan.samples();
+      rows.resize(R * H);
+      logits.resize(R * V);
+      int64_t off = 0;
+      int r = 0;
+      for (const PlanEntry& e : plan.entries) {
+        off += e.n_tokens;
+        if (e.sample) std::memcpy(&rows[r++ * H], x + (off - 1) * H, H * sizeof(float));
+      }
+      fwd.head(rows.data(), R, logits.data());
+      r = 0;
+      for (const PlanEntry& e : plan.entries) {
+        if (!e.sample) continue;
+        const float* row = logits.data() + r * V;
+        if (options.collect_logits)
+          result.sequences[e.slot].logits.push_back(gather_vocab(row, model.vocab_shard(), tp));
+        tokens[r++] =
+            samplers[e.slot].sample(row, model.vocab_shard().begin, model.vocab_shard().end);
+      }
+      r = 0;
+      for (const PlanEntry& e : plan.entries) {
+        if (!e.sample) continue;
+        record(e.slot, tokens[r]);
+        if (root) decide(e.slot, tokens[r]);  // no pipeline: the first rank samples too
+        ++r;
+      }
+      if (P > 1 && tp.rank() == 0) link.send_result(0, j, tokens.data(), R);
+    }
+    busy += now_seconds() - b;
+    for (const PlanEntry& e : plan.entries)
+      if (e.sample && !has_token[e.slot]) {
+        has_token[e.slot] = 1;
+        if (--prompts_left == 0) {
+          result.prefill_seconds = now_seconds() - t0;
+          result.prefill_busy_seconds = busy;
+        }
+      }
   };
 
   const pipeline::Schedule schedule = pipeline::gpipe(P, M, /*forward_only=*/true);
-  pp.barrier();
-  const double t0 = now_seconds();
-  double busy = 0;
-  for (int64_t step = 0; step < options.max_tokens; ++step) {
-    pipeline::StageCallbacks cb;
-    cb.recv_activation = [&](int j, int) {
-      pp.recv(header.data(), header.size() * sizeof(int32_t), stage - 1, kTagHeader);
-      unpack_header();
-      x.resize(tokens_in() * H);
-      if (!x.empty()) pp.recv(x.data(), x.size() * sizeof(float), stage - 1, kTagData);
-    };
-    cb.send_activation = [&](int j, int) {
-      pack_header();
-      pp.send(header.data(), header.size() * sizeof(int32_t), stage + 1, kTagHeader);
-      if (!x.empty()) pp.send(x.data(), x.size() * sizeof(float), stage + 1, kTagData);
-    };
-    cb.forward = [&](int j, int) {
-      if (first) {
-        if (step > 0 && P > 1) {
-          TraceSpan wait("recv tokens", "wait");
-          pp.recv(feedback.data(), 2 * mb_size(j) * sizeof(int32_t), P - 1, kTagTokens);
-          apply_feedback(j);
-        }
-        chunks.clear();
-        std::vector<int32_t> ids;
-        for (int i = mb_begin(j); i < mb_begin(j + 1); ++i) {
-          if (!active[i]) continue;
-          if (step == 0) {
-            chunks.push_back({i, 0, static_cast<int64_t>(prompts[i].size())});
-            ids.insert(ids.end(), prompts[i].begin(), prompts[i].end());
-          } else {
-            chunks.push_back({i, pos[i], 1});
-            ids.push_back(next[i]);
-          }
-          pos[i] += chunks.back().n_tokens;
-        }
-        x.resize(ids.size() * H);
-        const double b = now_seconds();
-        if (!ids.empty()) {
-          TraceSpan span("embed", "compute");
-          model.embed(ids.data(), static_cast<int64_t>(ids.size()), x.data());
-        }
-        busy += now_seconds() - b;
-      }
-      const double b = now_seconds();
-      if (!chunks.empty()) model.forward_layers(x.data(), chunks, kv, ws);
-      if (last) {
-        // One row of logits per sequence: its chunk's last token.
-        TraceSpan span("head+sample", "compute");
-        const int64_t V = model.vocab_shard().size();
-        std::vector<float> rows(chunks.size() * H);
-        int64_t off = 0;
-        for (size_t k = 0; k < chunks.size(); ++k) {
-          off += chunks[k].n_tokens;
-          std::memcpy(rows.data() + k * H, x.data() + (off - 1) * H, H * sizeof(float));
-        }
-        logits.resize(chunks.size() * V);
-        if (!chunks.empty())
-          model.head(rows.data(), static_cast<int64_t>(chunks.size()), logits.data());
-        std::fill(feedback.begin(), feedback.end(), 0);
-        for (size_t k = 0; k < chunks.size(); ++k) {
-          const int i = chunks[k].slot;
-          const float* row = logits.data() + k * V;
-          if (options.collect_logits)
-            result.sequences[i].logits.push_back(gather_vocab(row, model.vocab_shard(), tp));
-          const int32_t tok =
-              samplers[i].sample(row, model.vocab_shard().begin, model.vocab_shard().end);
-          // A sequence yields one token per step until it stops, so this is its (step+1)-th.
-          bool stop = step + 1 >= options.max_tokens;
-          if (is_eos(c, tok) && !options.ignore_eos) {
-            stop = true;
-            result.sequences[i].stopped_at_eos = true;
-          }
-          const int kk = i - mb_begin(j);
-          feedback[2 * kk] = tok;
-          feedback[2 * kk + 1] = stop ? 0 : 1;
-        }
-        if (P > 1) {
-          pp.send(feedback.data(), 2 * mb_size(j) * sizeof(int32_t), 0, kTagTokens);
-          // The last stage keeps its own record too (for logits and the output of tests).
-          for (size_t k = 0; k < chunks.size(); ++k) {
-            const int i = chunks[k].slot;
-            const int kk = i - mb_begin(j);
-            result.sequences[i].tokens.push_back(feedback[2 * kk]);
-          }
-        } else {
-          apply_feedback(j);
-        }
-      }
-      busy += now_seconds() - b;
-    };
+  do {
     pipeline::execute_stage(schedule, stage, cb);
-    if (step == 0) {
-      result.prefill_busy_seconds = busy;
-      // The prompt pass ends when the last stage has sampled its last micro-batch.
-      float end = last ? static_cast<float>(now_seconds() - t0) : 0.0f;
-      // (Every rank learns it; one small all-reduce per run.)
-      mesh.world().all_reduce(&end, 1, comm::ReduceOp::Max);
-      result.prefill_seconds = end;
-    }
-  }
-  if (first && P > 1) {
-    // The tokens of the final step.
-    for (int j = 0; j < M; ++j) {
-      pp.recv(feedback.data(), 2 * mb_size(j) * sizeof(int32_t), P - 1, kTagTokens);
-      apply_feedback(j);
-    }
-  }
+    ++result.steps;
+  } while (!plans[M - 1].exit);
   result.seconds = now_seconds() - t0;
   result.busy_seconds = busy;
   return result;
+}
+
+BatchResult generate_batch(const LlamaModel& model, const comm::Mesh& mesh,
+                           const std::vector<Request>& requests, const BatchOptions& options,
+                           const TokenCallback& on_token) {
+  return run_generation(model, mesh.tp(), mesh.pp(), requests, options, on_token);
+}
+
+BatchResult generate_batch(const LlamaModel& model, const comm::Mesh& mesh,
+                           const std::vector<std::vector<int32_t>>& prompts,
+                           const BatchOptions& options) {
+  std::vector<Request> requests;
+  for (const auto& p : prompts) requests.push_back({p, options.max_tokens});
+  return generate_batch(model, mesh, requests, options);
 }
 
 }  // namespace parallm

@@ -1,49 +1,100 @@
-// Batched generation through a pipeline of stages, each stage a tensor-parallel group.
+// The generation loop: one loop for every layout, from one sequence on one rank to a batch through
+// a pipeline of stages, each stage a tensor-parallel group. `generate()` (generate.h) is its
+// batch-of-one case.
 //
-// The batch of sequences is cut into micro-batches that flow through the stages by the GPipe
-// forward-only schedule (pipeline/schedule.h), run by the pipeline executor: stage s works on
-// micro-batch j while stage s+1 works on j-1. Decode keeps the pipeline full across steps: the last
-// stage samples micro-batch j's next tokens and sends them straight back to the first stage, which
-// starts j's next step while the later micro-batches of this step are still in flight, so with
-// micro-batches >= stages no stage waits between steps.
+// Each step, the first rank (world rank 0: first stage, TP rank 0) builds a StepPlan per
+// micro-batch (step_plan.h): which sequences run and how many tokens each feeds (a prompt chunk of
+// at most prefill_chunk tokens, or one decode token). A sequence that finishes (EOS, or its own
+// max_tokens) is left out of every later plan: its forward work stops, the others go on. The plan
+// is the only per-step knowledge the other ranks need; they learn it as follows.
 //
-// Every rank calls it with the same prompts and options. Each sequence has its own length,
-// position, sampler and stop (EOS or max_tokens); sampling is seeded per sequence exactly as a run
-// of that prompt alone, so a batched run gives each prompt the tokens it gets alone.
+// The batch is cut into micro-batches that flow through the stages by the GPipe forward-only
+// schedule (pipeline/schedule.h), run by the pipeline executor: stage s works on micro-batch j
+// while stage s+1 works on j-1. Decode keeps the pipeline full across steps: the last stage's
+// first TP rank sends micro-batch j's sampled tokens straight back to the first rank
+// (pipeline::StageLink), which plans j's next step while the later micro-batches of this step are
+// still in flight, so with micro-batches >= stages no stage waits between steps. For that the plan
+// must not need a world-wide synchronisation per step (it would drain the pipeline every step):
+//   - on the first stage, rank 0 broadcasts plan (j, step) over its TP group (broadcast_plan: the
+//     loop's one collective; a no-op without TP);
+//   - every TP rank then sends the plan, as the header of micro-batch j's activations, to the same
+//     TP rank of the next stage: activations are replicated across a TP group, so each TP rank
+//     already has its own link to the next stage, and the plan arrives with the data it describes,
+//     with no extra message and no wait for any stage but the previous one.
+// The loop ends with a pass whose plans are empty and whose last plan says `exit` (rank 0 builds
+// it once no sequence is active; every rank sees it with micro-batch M-1 and leaves).
+//
+// Sampling is seeded per sequence exactly as a run of that prompt alone, and a sequence's tokens
+// do not depend on which others share its steps, so a batched run gives each prompt the tokens it
+// gets alone.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "parallm/comm/mesh.h"
-#include "parallm/engine/generate.h"
+#include "parallm/engine/sampler.h"
 #include "parallm/model/llama.h"
 
 namespace parallm {
 
+// One request: its prompt and its own options.
+struct Request {
+  std::vector<int32_t> prompt;
+  int64_t max_tokens = -1;  // tokens to generate; -1: BatchOptions::max_tokens
+};
+
 struct BatchOptions {
-  int64_t max_tokens = 64;
+  int64_t max_tokens = 64;  // for requests that do not say
   bool ignore_eos = false;
   SamplingParams sampling;
   int micro_batches = 0;        // 0: as many as pipeline stages (capped at the batch size)
+  int64_t prefill_chunk = 0;    // feed prompts at most this many tokens per step; 0: whole prompts
   bool collect_logits = false;  // full-vocab logits of every step (last stage's ranks)
 };
 
 struct SequenceOutput {
-  std::vector<int32_t> tokens;
+  std::vector<int32_t> tokens;             // generated, not including the prompt
   std::vector<std::vector<float>> logits;  // collect_logits, on the last stage
   bool stopped_at_eos = false;
+  // The forward work of this sequence on this rank (every rank runs every plan): the steps it
+  // took part in and the tokens it fed.
+  int64_t steps = 0;
+  int64_t tokens_fed = 0;
 };
 
 struct BatchResult {
-  std::vector<SequenceOutput> sequences;  // complete on the first and the last stage
+  // tokens and stopped_at_eos: complete on the last stage's ranks and on the first rank (from the
+  // last stage's results); empty elsewhere.
+  std::vector<SequenceOutput> sequences;
   int micro_batches = 0;
-  double seconds = 0;               // the whole generation, on this rank
-  double busy_seconds = 0;          // this rank's compute (embedding, layers, head, sampling)
-  double prefill_seconds = 0;       // until the last stage finished the prompts (same on all ranks)
-  double prefill_busy_seconds = 0;  // this rank's compute during the prompt pass
+  int64_t steps = 0;        // pipeline passes, the closing empty one included
+  double seconds = 0;       // the whole generation, on this rank
+  double busy_seconds = 0;  // this rank's compute (embedding, layers, head, sampling)
+  // Until this rank's part of the prompt pass was done (its forward of the last prompt chunk that
+  // ends a prompt); the largest over ranks, the last stage's, ends the prompt pass.
+  double prefill_seconds = 0;
+  double prefill_busy_seconds = 0;  // this rank's compute until then
+  uint64_t kv_cache_bytes = 0;      // this rank's KV cache
 };
 
+// Called with (sequence, token) on each rank that learns a token: the last stage's ranks as they
+// sample it, and the first rank. Without pipeline stages that is every rank, once per token.
+using TokenCallback = std::function<void(int sequence, int32_t token)>;
+
+// The loop on one rank: tp is this stage's TP group (the model's), pp this TP rank's pipeline
+// group (one rank per stage; the size-1 group without pipeline). Every rank of tp x pp calls it
+// with the same requests and options.
+BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const comm::Group& pp,
+                           const std::vector<Request>& requests, const BatchOptions& options,
+                           const TokenCallback& on_token = nullptr);
+
+// The same over a mesh's TP and PP groups.
+BatchResult generate_batch(const LlamaModel& model, const comm::Mesh& mesh,
+                           const std::vector<Request>& requests, const BatchOptions& options,
+                           const TokenCallback& on_token = nullptr);
+// Every prompt with options.max_tokens.
 BatchResult generate_batch(const LlamaModel& model, const comm::Mesh& mesh,
                            const std::vector<std::vector<int32_t>>& prompts,
                            const BatchOptions& options);

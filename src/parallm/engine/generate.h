@@ -1,4 +1,5 @@
-// The generation loop for one sequence on one tensor-parallel group: prefill the prompt, then
+// One sequence on one tensor-parallel group: the generation loop (batch_generate.h) with a batch
+// of one and no pipeline. Prefill the prompt (in chunks of prefill_chunk tokens if given), then
 // decode a token at a time until EOS or max_tokens. Every rank of the group runs it with the same
 // prompt; all ranks produce the same tokens (the sampler agrees across the vocab split).
 #pragma once
@@ -17,6 +18,7 @@ struct GenerateOptions {
   int64_t max_tokens = 64;
   bool ignore_eos = false;
   SamplingParams sampling;
+  int64_t prefill_chunk = 0;  // feed the prompt at most this many tokens per step; 0: at once
   bool collect_logits =
       false;  // gather the full vocabulary's logits of every step (tests, --print-logits)
 };
@@ -27,9 +29,12 @@ struct GenerateResult {
   double prefill_seconds = 0;
   double decode_seconds = 0;  // for tokens after the first
   bool stopped_at_eos = false;
+  int64_t steps = 0;            // forward passes this sequence took (prompt chunks + decode steps)
+  uint64_t kv_cache_bytes = 0;  // this rank's KV cache
 };
 
-// Runs on every rank of `tp` (the model's group). on_token is called for each new token.
+// Runs on every rank of `tp` (the model's group), which must hold the whole model. on_token is
+// called on every rank for each new token, right after it is sampled.
 GenerateResult generate(const LlamaModel& model, comm::Group tp, const std::vector<int32_t>& prompt,
                         const GenerateOptions& options,
                         const std::function<void(int32_t)>& on_token = nullptr);

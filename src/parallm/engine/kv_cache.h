@@ -18,7 +18,6 @@ class KvCache : public KvStore {
   float* values(int64_t layer, int slot) override { return base(1, layer, slot); }
   int64_t kv_stride() const override { return kv_dim_; }
   int64_t capacity() const override { return capacity_; }
-  int slots() const { return slots_; }
   uint64_t bytes() const { return data_.size() * sizeof(float); }
 
  private:

@@ -121,7 +121,6 @@ void run_model(const EngineOptions& options, const std::function<void(RankContex
                    config.param_count() * static_cast<double>(dtype_size(dtype)) / 1048576.0,
                    std::string(dtype_name(dtype)).c_str(), resident_bytes() / 1048576.0);
     }
-    world.barrier();
     RankContext ctx{world, tp, mesh, config, model};
     fn(ctx);
     if (!options.trace_file.empty()) {

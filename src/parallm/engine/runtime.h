@@ -46,6 +46,7 @@ DType resolve_weight_dtype(const std::string& flag, const ModelConfig& config);
 
 // Opens the model (reading only its config), launches the ranks (threads, or this process's rank
 // under mpirun), loads each rank's shard, and calls fn on every rank. Errors in any rank end all.
+// Ranks reach fn as their loading ends: a command that times them together starts with a barrier.
 void run_model(const EngineOptions& options, const std::function<void(RankContext&)>& fn);
 
 // This process's resident set size in bytes (VmRSS), 0 where unknown.

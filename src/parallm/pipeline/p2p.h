@@ -1,0 +1,54 @@
+// Stage-to-stage transport of a pipeline: activations forward (a small integer header that says
+// what the rows are, then the rows), and per-micro-batch results (sampled tokens) back from the
+// last stage to the first. Every message is keyed by (micro-batch, model chunk): its tag is derived
+// from the key, and each received activation lands in its own buffer, kept until the next message
+// with the same key. So schedules that hold several micro-batches in flight on one stage (1F1B,
+// interleaved; training keeps activations for the backward) never share a buffer, and a message
+// cannot be taken for another key's.
+//
+// Over a PP group (one rank per stage, comm::Mesh::pp()): Group::send never waits for the receiver,
+// so stages may send ahead in any order (schedule.h's rules); recv blocks until its key arrives.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <utility>
+#include <vector>
+
+#include "parallm/comm/group.h"
+
+namespace parallm::pipeline {
+
+// One received activation: the sender's header and its rows.
+struct Activation {
+  std::vector<int64_t> header;
+  std::vector<float> data;
+};
+
+class StageLink {
+ public:
+  // pp: the pipeline group (rank = stage). max_header: the most header values a message carries
+  // (every stage passes the same); chunks: model chunks per stage (v of interleaved schedules).
+  StageLink(comm::Group pp, int max_header, int chunks = 1);
+
+  // header: [n <= max_header], data: [count] -> stage `to`, under key (micro_batch, chunk).
+  void send_activation(int to, int micro_batch, int chunk, const int64_t* header, int n,
+                       const float* data, size_t count) const;
+  // Waits for key (micro_batch, chunk) from stage `from`; the buffer is this key's own.
+  Activation& recv_activation(int from, int micro_batch, int chunk);
+
+  // Results of a micro-batch (e.g. sampled token ids), `count` known to both sides.
+  void send_result(int to, int micro_batch, const int32_t* values, size_t count) const;
+  void recv_result(int from, int micro_batch, int32_t* values, size_t count) const;
+
+  // Tags: kFirstTag + 3 * (micro_batch * chunks + chunk) + kind; kind 0 header, 1 rows, 2 result.
+  static constexpr int kFirstTag = 1000;
+  int tag(int micro_batch, int chunk, int kind) const;
+
+ private:
+  comm::Group pp_;
+  int max_header_, chunks_;
+  std::map<std::pair<int, int>, Activation> inbox_;  // (micro-batch, chunk) -> last received
+};
+
+}  // namespace parallm::pipeline
