@@ -6,7 +6,6 @@
 
 #include "parallm/core/error.h"
 #include "parallm/core/trace.h"
-#include "parallm/kernels/matmul.h"
 #include "parallm/kernels/ops.h"
 
 namespace parallm {
@@ -94,11 +93,12 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
     final_norm_ = read_vector(source, names::kNorm);
     weight_bytes_ += final_norm_.size() * sizeof(float);
     if (c.tie_word_embeddings && has_embedding()) {
-      lm_head_ = embedding_.table();  // same rows, same storage
+      lm_head_ = parallel::VocabParallelLmHead(embedding_.table(), vocab_, tp_);  // same storage
     } else {
-      lm_head_ =
-          source.read(c.tie_word_embeddings ? names::kEmbed : names::kLmHead, wt, vocab_rows);
-      weight_bytes_ += lm_head_.nbytes();
+      lm_head_ = parallel::VocabParallelLmHead(
+          source.read(c.tie_word_embeddings ? names::kEmbed : names::kLmHead, wt, vocab_rows),
+          vocab_, tp_);
+      weight_bytes_ += lm_head_.weight().nbytes();
     }
   }
 }
@@ -113,7 +113,7 @@ uint64_t LlamaModel::decode_bytes_per_token() const {
   uint64_t b = 0;
   for (const Layer& L : layers_) b += L.bytes();
   if (has_embedding()) b += config_.hidden_size * dtype_size(opts_.weight_dtype);
-  if (has_head()) b += lm_head_.nbytes() + final_norm_.size() * sizeof(float);
+  if (has_head()) b += lm_head_.weight().nbytes() + final_norm_.size() * sizeof(float);
   return b;
 }
 
@@ -184,11 +184,16 @@ void LlamaModel::forward_layers(float* x, const std::vector<SeqChunk>& chunks, K
   }
 }
 
+const parallel::VocabParallelLmHead& LlamaModel::lm_head() const {
+  if (!has_head()) fail("model", "lm_head() called on a stage without the LM head");
+  return lm_head_;
+}
+
 void LlamaModel::head(float* x, int64_t R, float* logits) const {
   if (!has_head()) fail("model", "head() called on a stage without the LM head");
   kernels::rmsnorm(x, final_norm_.data(), x, R, config_.hidden_size,
                    static_cast<float>(config_.rms_norm_eps));
-  kernels::matmul(x, R, lm_head_, logits);
+  lm_head_.forward(x, R, logits);
 }
 
 }  // namespace parallm
