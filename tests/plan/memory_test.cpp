@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include "parallm/model/llama_tensors.h"
+#include "parallm/pipeline/partition.h"
 #include "parallm/plan/model_presets.h"
 
 namespace parallm::plan {
@@ -37,7 +39,9 @@ TEST(Memory, SeedScenarioWeightsAndKvByHand) {
   w.prompt_len = 512;
   w.output_len = 128;
   const MemoryBreakdown m4 = inference_memory(c, {4, 1, 1, 1}, w, 0, 8, 8);
-  EXPECT_DOUBLE_EQ(m4.weights, tp4 * 2);  // 34.49 GB of fp16
+  // Matrices in fp16, the norms (two per layer and the final one) in f32 as the engine keeps them.
+  const double norms = 80 * 2 * 8192.0 + 8192;
+  EXPECT_DOUBLE_EQ(m4.weights, (tp4 - norms) * 2 + norms * 4);  // 34.49 GB of fp16
   EXPECT_NEAR(m4.weights / 1e9, 34.49, 0.01);
   // KV cache: 2 (K, V) x 80 layers x 2 KV heads x 128 x 2 bytes = 81920 bytes per token, for
   // 8 x 640 tokens.
@@ -59,7 +63,7 @@ TEST(Memory, SeedScenarioWeightsAndKvByHand) {
   q.weights = Precision::INT4;
   q.kv_cache = Precision::FP8;
   const MemoryBreakdown m4q = inference_memory(c, {4, 1, 1, 1}, q, 0, 8, 8);
-  EXPECT_DOUBLE_EQ(m4q.weights, tp4 * 0.5);
+  EXPECT_DOUBLE_EQ(m4q.weights, (tp4 - norms) * 0.5 + norms * 4);
   EXPECT_DOUBLE_EQ(m4q.kv_cache, 40960.0 * 8 * 640);
 }
 
@@ -76,8 +80,19 @@ TEST(Memory, KvHeadsAreReplicatedWhenTpExceedsThem) {
 TEST(Memory, LayoutProblemsAreNamed) {
   const ModelConfig c = resolve_model("llama-2-70b");
   EXPECT_EQ(layout_problem(c, {4, 1, 1, 1}), "");
-  EXPECT_NE(layout_problem(c, {3, 1, 1, 1}).find("does not divide the 64 attention heads"),
+  EXPECT_NE(layout_problem(c, {3, 1, 1, 1})
+                .find("does not divide the 64 attention heads (the engine runs TP sizes 1, 2, 4, "
+                      "8, 16, 32, 64)"),
             std::string::npos);
+  ModelConfig kv6 = c;  // 64 heads, 6 KV heads: TP 4 divides the heads but not the KV heads
+  kv6.num_attention_heads = 48;
+  kv6.num_key_value_heads = 6;
+  kv6.head_dim = 8192 / 48;
+  EXPECT_NE(layout_problem(kv6, {4, 1, 1, 1})
+                .find("TP=4 neither divides nor is a multiple of the 6 KV heads (the engine runs "
+                      "TP sizes 1, 2, 3, 6, 12, 24, 48)"),
+            std::string::npos)
+      << layout_problem(kv6, {4, 1, 1, 1});
   EXPECT_NE(layout_problem(c, {1, 81, 1, 1}).find("exceeds the 80 layers"), std::string::npos);
   EXPECT_NE(layout_problem(c, {1, 1, 2, 2}).find("mixture-of-experts"), std::string::npos);
   const ModelConfig mix = resolve_model("mixtral-8x7b");
@@ -89,6 +104,61 @@ TEST(Memory, LayoutProblemsAreNamed) {
   // Experts split over EP.
   EXPECT_DOUBLE_EQ(stage_params(mix, {1, 1, 8, 8}, 0).experts * 8,
                    stage_params(mix, {1, 1, 1, 1}, 0).experts);
+}
+
+// stories260K's shape: an FFN of 172 that TP 8 does not divide. The engine runs it (shards of 21
+// and 22 rows), so the planner accepts it and counts the fullest rank.
+ModelConfig stories_shape() {
+  ModelConfig c;
+  c.hidden_size = 64;
+  c.intermediate_size = 172;
+  c.num_hidden_layers = 5;
+  c.num_attention_heads = 8;
+  c.num_key_value_heads = 4;
+  c.head_dim = 8;
+  c.vocab_size = 512;
+  c.tie_word_embeddings = true;
+  c.validate("stories");
+  return c;
+}
+
+TEST(Memory, UnevenFfnRunsAsTheEngineSplitsIt) {
+  const ModelConfig c = stories_shape();
+  EXPECT_EQ(layout_problem(c, {8, 1, 1, 1}), "");
+  // Rank r holds FFN rows [172 r / 8, 172 (r + 1) / 8): 21 on rank 0, 22 on rank 1.
+  EXPECT_DOUBLE_EQ(stage_params(c, {8, 1, 1, 1}, 0, 0).mlp, 5 * 3 * 21 * 64.0);
+  EXPECT_DOUBLE_EQ(stage_params(c, {8, 1, 1, 1}, 0, 1).mlp, 5 * 3 * 22 * 64.0);
+  EXPECT_DOUBLE_EQ(stage_params(c, {8, 1, 1, 1}, 0).mlp, 5 * 3 * 22 * 64.0);  // the fullest
+  // TP 8 over 4 KV heads: one head per rank, replicated on 2 ranks.
+  EXPECT_DOUBLE_EQ(stage_params(c, {8, 1, 1, 1}, 0, 3).attention, 5 * (2.0 * 8 * 64 + 2 * 8 * 64));
+  // Every rank's bytes are the tensor table's (the engine's) count.
+  for (int r = 0; r < 8; ++r)
+    EXPECT_EQ(rank_weight_bytes(c, {8, 1, 1, 1}, Precision::BF16, 0, r),
+              double(llama_rank_weight_bytes(c, DType::BF16, 8, r, 0, 5)))
+        << "rank " << r;
+  // 9 heads would not fit TP 8 at all.
+  ModelConfig odd = c;
+  odd.num_attention_heads = 9;
+  odd.num_key_value_heads = 3;
+  odd.hidden_size = 72;
+  EXPECT_NE(layout_problem(odd, {8, 1, 1, 1}).find("does not divide the 9 attention heads"),
+            std::string::npos);
+}
+
+TEST(Memory, StagesTakeTheEnginesPartition) {
+  // 22 layers over 3 stages: pipeline::partition_layers gives the leftover layer to the middle.
+  EXPECT_EQ(layers_per_stage(22, 3), (std::vector<int64_t>{7, 8, 7}));
+  EXPECT_EQ(layers_per_stage(5, 2), (std::vector<int64_t>{3, 2}));
+  const ModelConfig c = stories_shape();
+  for (int pp : {2, 3}) {
+    const std::vector<pipeline::StageLayers> stages = pipeline::partition_layers(5, pp);
+    for (int s = 0; s < pp; ++s) {
+      EXPECT_EQ(stage_params(c, {1, pp, 1, 1}, s).layers, stages[s].count());
+      EXPECT_EQ(
+          rank_weight_bytes(c, {1, pp, 1, 1}, Precision::FP32, s, 0),
+          double(llama_rank_weight_bytes(c, DType::F32, 1, 0, stages[s].begin, stages[s].end)));
+    }
+  }
 }
 
 TEST(Memory, KorthikantiFormulaStructure) {

@@ -7,6 +7,7 @@
 
 #include "parallm/core/error.h"
 #include "parallm/core/thread_pool.h"
+#include "parallm/model/llama_tensors.h"
 #include "parallm/model/weights.h"
 
 namespace parallm {
@@ -88,27 +89,21 @@ void init_random_model(const ModelConfig& c, const std::string& out_dir, uint64_
   ModelConfig cfg = c;
   cfg.torch_dtype = dtype == DType::F32 ? "float32" : dtype == DType::BF16 ? "bfloat16" : "float16";
 
-  const int64_t H = c.hidden_size, F = c.intermediate_size;
+  // Every tensor of the table, in its order (the order numbers the generator's streams, so it
+  // fixes the bytes): matrices uniform with std 1/sqrt(fan_in = columns), the embedding std 1,
+  // norms near 1.
   std::vector<std::pair<std::string, Tensor>> tensors;
   uint64_t index = 0;
-  auto add = [&](const std::string& name, Shape shape, float mean, float std) {
-    tensors.emplace_back(name, random_tensor(std::move(shape), dtype, seed, index++, mean, std));
-  };
-  auto inv_sqrt = [](int64_t n) { return 1.0f / std::sqrt(static_cast<float>(n)); };
-  add(names::kEmbed, {c.vocab_size, H}, 0.0f, 1.0f);
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    add(names::layer(i, "input_layernorm.weight"), {H}, 1.0f, 0.1f);
-    add(names::layer(i, "self_attn.q_proj.weight"), {c.q_dim(), H}, 0.0f, inv_sqrt(H));
-    add(names::layer(i, "self_attn.k_proj.weight"), {c.kv_dim(), H}, 0.0f, inv_sqrt(H));
-    add(names::layer(i, "self_attn.v_proj.weight"), {c.kv_dim(), H}, 0.0f, inv_sqrt(H));
-    add(names::layer(i, "self_attn.o_proj.weight"), {H, c.q_dim()}, 0.0f, inv_sqrt(c.q_dim()));
-    add(names::layer(i, "post_attention_layernorm.weight"), {H}, 1.0f, 0.1f);
-    add(names::layer(i, "mlp.gate_proj.weight"), {F, H}, 0.0f, inv_sqrt(H));
-    add(names::layer(i, "mlp.up_proj.weight"), {F, H}, 0.0f, inv_sqrt(H));
-    add(names::layer(i, "mlp.down_proj.weight"), {H, F}, 0.0f, inv_sqrt(F));
+  for (const LlamaTensor& t : llama_tensors(c)) {
+    float mean = 0.0f, std = 1.0f;
+    if (t.part == LlamaPart::Norm) {
+      mean = 1.0f;
+      std = 0.1f;
+    } else if (t.part != LlamaPart::Embedding) {
+      std = 1.0f / std::sqrt(static_cast<float>(t.shape.at(1)));
+    }
+    tensors.emplace_back(t.name, random_tensor(t.shape, dtype, seed, index++, mean, std));
   }
-  add(names::kNorm, {H}, 1.0f, 0.1f);
-  if (!c.tie_word_embeddings) add(names::kLmHead, {c.vocab_size, H}, 0.0f, inv_sqrt(H));
 
   write_safetensors(
       (fs::path(out_dir) / "model.safetensors").string(), tensors,

@@ -4,6 +4,7 @@
 #include <optional>
 
 #include "parallm/core/error.h"
+#include "parallm/model/llama_tensors.h"
 #include "parallm/model/safetensors.h"
 
 namespace parallm {
@@ -88,42 +89,43 @@ void check_llama_weights(const WeightSource& source, const ModelConfig& c) {
            " but config.json says torch_dtype \"", c.torch_dtype, "\"");
   };
 
-  const int64_t h = c.hidden_size, q = c.q_dim(), kv = c.kv_dim(), ffn = c.intermediate_size;
-  const std::string hs = cat("hidden_size ", h);
-  const std::string qs =
-      cat("num_attention_heads ", c.num_attention_heads, " x head_dim ", c.head_dim, " = ", q);
-  const std::string kvs =
-      cat("num_key_value_heads ", c.num_key_value_heads, " x head_dim ", c.head_dim, " = ", kv);
-  const std::string fs_ = cat("intermediate_size ", ffn);
+  const std::string hs = cat("hidden_size ", c.hidden_size);
+  const std::string qs = cat("num_attention_heads ", c.num_attention_heads, " x head_dim ",
+                             c.head_dim, " = ", c.q_dim());
+  const std::string kvs = cat("num_key_value_heads ", c.num_key_value_heads, " x head_dim ",
+                              c.head_dim, " = ", c.kv_dim());
+  const std::string fs_ = cat("intermediate_size ", c.intermediate_size);
   const std::string vs = cat("vocab_size ", c.vocab_size, ", ", hs);
-
-  expect(names::kEmbed, {c.vocab_size, h}, vs);
-  expect(names::kNorm, {h}, hs);
-  if (!c.tie_word_embeddings || source.has(names::kLmHead))
-    expect(names::kLmHead, {c.vocab_size, h}, cat(vs, ", tie_word_embeddings false"));
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    const std::string li = cat("layer ", i, " of num_hidden_layers ", c.num_hidden_layers, "; ");
-    expect(names::layer(i, "input_layernorm.weight"), {h}, li + hs);
-    expect(names::layer(i, "post_attention_layernorm.weight"), {h}, li + hs);
-    expect(names::layer(i, "self_attn.q_proj.weight"), {q, h}, li + qs + ", " + hs);
-    expect(names::layer(i, "self_attn.k_proj.weight"), {kv, h}, li + kvs + ", " + hs);
-    expect(names::layer(i, "self_attn.v_proj.weight"), {kv, h}, li + kvs + ", " + hs);
-    expect(names::layer(i, "self_attn.o_proj.weight"), {h, q}, li + hs + ", " + qs);
-    if (c.is_moe()) {
-      const std::string es = cat("num_local_experts ", c.num_local_experts);
-      expect(names::layer(i, "block_sparse_moe.gate.weight"), {c.num_local_experts, h},
-             li + es + ", " + hs);
-      for (int64_t e = 0; e < c.num_local_experts; ++e) {
-        const std::string ex = cat("block_sparse_moe.experts.", e, ".");
-        expect(names::layer(i, ex + "w1.weight"), {ffn, h}, li + fs_ + ", " + hs);
-        expect(names::layer(i, ex + "w2.weight"), {h, ffn}, li + hs + ", " + fs_);
-        expect(names::layer(i, ex + "w3.weight"), {ffn, h}, li + fs_ + ", " + hs);
-      }
-    } else {
-      expect(names::layer(i, "mlp.gate_proj.weight"), {ffn, h}, li + fs_ + ", " + hs);
-      expect(names::layer(i, "mlp.up_proj.weight"), {ffn, h}, li + fs_ + ", " + hs);
-      expect(names::layer(i, "mlp.down_proj.weight"), {h, ffn}, li + hs + ", " + fs_);
+  const std::string es = cat("num_local_experts ", c.num_local_experts);
+  // The config fields behind each tensor's shape, for the message.
+  auto why = [&](const LlamaTensor& t) {
+    std::string w =
+        t.layer >= 0 ? cat("layer ", t.layer, " of num_hidden_layers ", c.num_hidden_layers, "; ")
+                     : std::string();
+    switch (t.rule) {
+      case ShardRule::Replicated:
+        return w + (t.part == LlamaPart::Router ? es + ", " + hs : hs);
+      case ShardRule::VocabRows:
+        return w + vs + (t.part == LlamaPart::LmHead ? ", tie_word_embeddings false" : "");
+      case ShardRule::QHeadRows:
+        return w + qs + ", " + hs;
+      case ShardRule::KvHeadRows:
+        return w + kvs + ", " + hs;
+      case ShardRule::QHeadCols:
+        return w + hs + ", " + qs;
+      case ShardRule::FfnRows:
+        return w + fs_ + ", " + hs;
+      case ShardRule::FfnCols:
+        return w + hs + ", " + fs_;
     }
+    return w;
+  };
+
+  for (const LlamaTensor& t : llama_tensors(c)) expect(t.name, t.shape, why(t));
+  // Tied embeddings: a checkpoint that stores lm_head anyway must still have its shape.
+  if (c.tie_word_embeddings && source.has(names::kLmHead)) {
+    const LlamaTensor head = llama_lm_head(c);
+    expect(head.name, head.shape, why(head));
   }
   // More layers in the checkpoint than in the config means the two belong to different models.
   const std::string prefix = "model.layers.";

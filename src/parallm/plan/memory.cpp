@@ -3,6 +3,9 @@
 #include <algorithm>
 
 #include "parallm/core/error.h"
+#include "parallm/model/llama_tensors.h"
+#include "parallm/parallel/shard.h"
+#include "parallm/pipeline/partition.h"
 
 namespace parallm::plan {
 namespace {
@@ -16,13 +19,21 @@ int64_t ceil_div(int64_t a, int64_t b) {
 std::string layout_problem(const ModelConfig& c, const Layout& l) {
   if (l.tp < 1 || l.pp < 1 || l.dp < 1 || l.ep < 1)
     return cat("every degree must be >= 1 (", l.str(), ")");
-  if (c.num_attention_heads % l.tp != 0)
-    return cat("TP=", l.tp, " does not divide the ", c.num_attention_heads, " attention heads");
-  if (c.num_key_value_heads % l.tp != 0 && l.tp % c.num_key_value_heads != 0)
-    return cat("TP=", l.tp, " neither divides nor is a multiple of the ", c.num_key_value_heads,
-               " KV heads");
-  if (c.intermediate_size % l.tp != 0)
-    return cat("TP=", l.tp, " does not divide intermediate_size ", c.intermediate_size);
+  // The engine decides (llama_tp_problem: HeadPlan's head rule; FFN and vocabulary split
+  // unevenly, so only an empty shard stops them); the message names the count at fault and the
+  // sizes the engine runs.
+  if (std::string p = llama_tp_problem(c, l.tp); !p.empty()) {
+    const std::string sizes =
+        cat(" (the engine runs TP sizes ",
+            parallel::HeadPlan::valid_sizes(c.num_attention_heads, c.num_key_value_heads), ")");
+    if (c.num_attention_heads % l.tp != 0)
+      return cat("TP=", l.tp, " does not divide the ", c.num_attention_heads, " attention heads",
+                 sizes);
+    if (c.num_key_value_heads % l.tp != 0 && l.tp % c.num_key_value_heads != 0)
+      return cat("TP=", l.tp, " neither divides nor is a multiple of the ", c.num_key_value_heads,
+                 " KV heads", sizes);
+    return cat("TP=", l.tp, ": ", p);
+  }
   if (l.pp > c.num_hidden_layers)
     return cat("PP=", l.pp, " exceeds the ", c.num_hidden_layers, " layers");
   if (l.ep > 1 && !c.is_moe()) return cat("EP=", l.ep, " needs a mixture-of-experts model");
@@ -34,8 +45,9 @@ std::string layout_problem(const ModelConfig& c, const Layout& l) {
 }
 
 std::vector<int64_t> layers_per_stage(int64_t layers, int pp) {
-  std::vector<int64_t> out(pp, layers / pp);
-  for (int s = 0; s < int(layers % pp); ++s) ++out[s];
+  std::vector<int64_t> out;
+  for (const pipeline::StageLayers& s : pipeline::partition_layers(layers, pp))
+    out.push_back(s.count());
   return out;
 }
 
@@ -43,34 +55,38 @@ int64_t kv_heads_per_rank(const ModelConfig& c, int tp) {
   return c.num_key_value_heads >= tp ? c.num_key_value_heads / tp : 1;
 }
 
-StageParams stage_params(const ModelConfig& c, const Layout& l, int stage) {
+StageParams stage_params(const ModelConfig& c, const Layout& l, int stage, int tp_rank) {
   const std::string problem = layout_problem(c, l);
   if (!problem.empty()) fail("plan", problem);
   if (stage < 0 || stage >= l.pp) fail("plan", "stage ", stage, " out of 0..", l.pp - 1);
-  const double h = double(c.hidden_size), t = l.tp;
+  if (tp_rank >= l.tp) fail("plan", "TP rank ", tp_rank, " out of 0..", l.tp - 1);
+  if (tp_rank < 0) {  // the fullest rank: shards of an uneven split differ by a row
+    StageParams best;
+    for (int r = 0; r < l.tp; ++r) {
+      const StageParams p = stage_params(c, l, stage, r);
+      if (r == 0 || p.total() > best.total()) best = p;
+    }
+    return best;
+  }
+  const pipeline::StageLayers layers = pipeline::partition_layers(c.num_hidden_layers, l.pp)[stage];
+  // Experts split evenly over EP (layout_problem checked), so every EP rank holds as many.
+  const LlamaRankShare s = llama_rank_share(c, l.tp, tp_rank, layers.begin, layers.end, l.ep, 0);
   StageParams p;
   p.stage = stage;
-  p.layers = layers_per_stage(c.num_hidden_layers, l.pp)[stage];
-  const double kv_rank = double(kv_heads_per_rank(c, l.tp) * c.head_dim);
-  const double L = double(p.layers);
-  p.attention = L * (2 * h * double(c.q_dim()) / t + 2 * h * kv_rank);
-  const double expert = 3 * h * double(c.intermediate_size) / t;
-  if (c.is_moe()) {
-    p.mlp = L * h * double(c.num_local_experts);  // router, replicated
-    p.experts = L * double(c.num_local_experts / l.ep) * expert;
-  } else {
-    p.mlp = L * expert;
-  }
-  p.norms = L * 2 * h;
-  const double vocab_slice = double(ceil_div(c.vocab_size, l.tp)) * h;
-  if (stage == 0) p.embedding = vocab_slice;
-  if (stage == l.pp - 1) {
-    p.head = h;  // final norm
-    // Tied embeddings share one matrix when both ends sit on the same stage; across stages each
-    // end keeps its copy (as Megatron-LM does).
-    if (!(c.tie_word_embeddings && l.pp == 1)) p.head += vocab_slice;
-  }
+  p.tp_rank = tp_rank;
+  p.layers = layers.count();
+  p.attention = double(s.attention);
+  p.mlp = double(s.mlp + s.router);
+  p.experts = double(s.experts);
+  p.norms = double(s.norms);
+  p.embedding = double(s.embedding);
+  p.head = double(s.head);
   return p;
+}
+
+double rank_weight_bytes(const ModelConfig& c, const Layout& l, Precision weights, int stage,
+                         int tp_rank) {
+  return stage_params(c, l, stage, tp_rank).weight_bytes(precision_bytes(weights));
 }
 
 double kv_bytes_per_token(const ModelConfig& c, int tp, int64_t layers, Precision kv) {
@@ -106,7 +122,7 @@ MemoryBreakdown inference_memory(const ModelConfig& c, const Layout& l, const In
   const StageParams p = stage_params(c, l, stage);
   MemoryBreakdown m;
   m.stage = stage;
-  m.weights = p.total() * precision_bytes(w.weights);
+  m.weights = p.weight_bytes(precision_bytes(w.weights));
   m.kv_cache = kv_bytes_per_token(c, l.tp, p.layers, w.kv_cache) * double(replica_batch) *
                double(w.prompt_len + w.output_len);
   // Prefill working set of one layer: residual and normed input, Q/K/V, attention output, gate,

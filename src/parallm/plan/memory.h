@@ -13,30 +13,47 @@
 
 namespace parallm::plan {
 
-// Why a layout cannot run this model at all ("TP=3 does not divide the 64 attention heads"), or
-// "" when it can. Memory is not checked here.
+// Why a layout cannot run this model at all, or "" when it can. TP sizes are the engine's
+// (llama_tp_problem: HeadPlan's head rule in its words; FFN and vocabulary split unevenly, so any
+// size up to them runs). Memory is not checked here.
 std::string layout_problem(const ModelConfig& c, const Layout& l);
 
-// Layers of each stage: an even split, the first (L mod pp) stages one layer more.
+// Layers of each stage: the engine's pipeline::partition_layers (the leftover layers to the
+// middle stages).
 std::vector<int64_t> layers_per_stage(int64_t layers, int pp);
 
 // KV heads each TP rank stores: kv_heads / tp, or 1 (replicated) when tp > kv_heads.
 int64_t kv_heads_per_rank(const ModelConfig& c, int tp);
 
-// Parameters one device of pipeline stage `stage` holds (TP and EP applied).
+// Parameters one device of pipeline stage `stage` holds, by the engine's rules: the tensor table's
+// shard rules (model/llama_tensors.h: near-even FFN and vocabulary shards, KV heads replicated when
+// TP exceeds them), the engine's stage partition, EP applied to the experts.
 struct StageParams {
   int stage = 0;
+  int tp_rank = 0;
   int64_t layers = 0;
   double attention = 0;  // q, k, v, o of all the stage's layers
   double mlp = 0;        // dense MLPs, or the MoE routers
   double experts = 0;    // the experts this device holds (MoE)
-  double norms = 0;
+  double norms = 0;      // the layers' RMSNorms and, last stage, the final norm
   double embedding = 0;  // first stage: the vocab-parallel embedding slice
-  double head = 0;       // last stage: output projection slice and final norm
+  double head = 0;       // last stage: the LM head's vocab slice (a copy of the embedding's rows
+                         // when tied and on another stage; 0 when it shares the embedding)
   double dense() const { return attention + mlp + norms + embedding + head; }
   double total() const { return dense() + experts; }
+  // Bytes for inference as the engine holds them: matrices at `matrix_bytes` per element, the
+  // norms in f32.
+  double weight_bytes(double matrix_bytes) const {
+    return (total() - norms) * matrix_bytes + norms * 4;
+  }
 };
-StageParams stage_params(const ModelConfig& c, const Layout& l, int stage);
+// For TP rank `tp_rank` of the stage; -1: the rank holding the most (uneven shards differ).
+StageParams stage_params(const ModelConfig& c, const Layout& l, int stage, int tp_rank = -1);
+
+// Weight bytes TP rank `tp_rank` of `stage` holds for inference: for f32, f16 and bf16 exactly
+// LlamaModel::weight_bytes() of that rank, what `parallm generate --mem-stats` prints.
+double rank_weight_bytes(const ModelConfig& c, const Layout& l, Precision weights, int stage,
+                         int tp_rank);
 
 // KV cache bytes per token per device on a stage with `layers` layers:
 // 2 (K and V) x layers x kv_heads_per_rank x head_dim x bytes.
@@ -64,9 +81,10 @@ struct MemoryBreakdown {
   double total() const { return weights + kv_cache + activations + gradients + optimizer; }
 };
 
-// Inference on one device of `stage`: weights, the KV cache of the replica's sequences at full
-// length (prompt + output), and the prefill working set of one layer for one micro-batch of
-// `micro_batch` sequences (attention computed in blocks: no s x s scores kept).
+// Inference on the fullest device of `stage`: weights (rank_weight_bytes), the KV cache of the
+// replica's sequences at full length (prompt + output), and the prefill working set of one layer
+// for one micro-batch of `micro_batch` sequences (attention computed in blocks: no s x s scores
+// kept).
 MemoryBreakdown inference_memory(const ModelConfig& c, const Layout& l, const InferenceWorkload& w,
                                  int stage, int64_t replica_batch, int64_t micro_batch);
 

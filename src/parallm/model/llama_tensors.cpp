@@ -1,0 +1,268 @@
+#include "parallm/model/llama_tensors.h"
+
+#include "parallm/core/error.h"
+#include "parallm/parallel/shard.h"
+
+namespace parallm {
+namespace {
+
+LlamaTensor entry(std::string name, Shape shape, ShardRule rule, LlamaPart part, int64_t layer,
+                  int64_t expert = -1) {
+  LlamaTensor t;
+  t.name = std::move(name);
+  t.shape = std::move(shape);
+  t.rule = rule;
+  t.part = part;
+  t.layer = layer;
+  t.expert = expert;
+  t.matrix = part != LlamaPart::Norm;
+  return t;
+}
+
+// HeadPlan's rule (parallel/shard.cpp), asked without an exception: tp divides the query heads,
+// and divides or is a multiple of the KV heads. tests/model/llama_tensors_test.cpp checks that it
+// agrees with HeadPlan::make for every size.
+bool heads_fit(const ModelConfig& c, int tp) {
+  const int64_t q = c.num_attention_heads, kv = c.num_key_value_heads;
+  if (tp < 1 || q % tp != 0) return false;
+  return kv % tp == 0 || tp % kv == 0;
+}
+
+LlamaTensor embedding(const ModelConfig& c) {
+  return entry(names::kEmbed, {c.vocab_size, c.hidden_size}, ShardRule::VocabRows,
+               LlamaPart::Embedding, -1);
+}
+
+// The tensors outside the decoder layers: the embedding, the final norm, lm_head when untied.
+std::vector<LlamaTensor> outer_tensors(const ModelConfig& c) {
+  std::vector<LlamaTensor> out{embedding(c), entry(names::kNorm, {c.hidden_size},
+                                                   ShardRule::Replicated, LlamaPart::Norm, -1)};
+  if (!c.tie_word_embeddings) out.push_back(llama_lm_head(c));
+  return out;
+}
+
+parallel::ShardSpec ffn_shard(const ModelConfig& c, int tp, int tp_rank) {
+  return parallel::ShardSpec::even(c.intermediate_size, tp, tp_rank);
+}
+
+}  // namespace
+
+std::string_view shard_rule_name(ShardRule r) {
+  switch (r) {
+    case ShardRule::Replicated:
+      return "replicated";
+    case ShardRule::VocabRows:
+      return "vocab rows";
+    case ShardRule::QHeadRows:
+      return "query-head rows";
+    case ShardRule::KvHeadRows:
+      return "KV-head rows";
+    case ShardRule::QHeadCols:
+      return "query-head columns";
+    case ShardRule::FfnRows:
+      return "FFN rows";
+    case ShardRule::FfnCols:
+      return "FFN columns";
+  }
+  return "?";
+}
+
+int64_t LlamaTensor::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::vector<LlamaTensor> llama_layer_tensors(const ModelConfig& c, int64_t i) {
+  const int64_t h = c.hidden_size, q = c.q_dim(), kv = c.kv_dim(), f = c.intermediate_size;
+  using R = ShardRule;
+  using P = LlamaPart;
+  std::vector<LlamaTensor> out;
+  out.push_back(entry(names::layer(i, "input_layernorm.weight"), {h}, R::Replicated, P::Norm, i));
+  out.push_back(
+      entry(names::layer(i, "self_attn.q_proj.weight"), {q, h}, R::QHeadRows, P::Attention, i));
+  out.push_back(
+      entry(names::layer(i, "self_attn.k_proj.weight"), {kv, h}, R::KvHeadRows, P::Attention, i));
+  out.push_back(
+      entry(names::layer(i, "self_attn.v_proj.weight"), {kv, h}, R::KvHeadRows, P::Attention, i));
+  out.push_back(
+      entry(names::layer(i, "self_attn.o_proj.weight"), {h, q}, R::QHeadCols, P::Attention, i));
+  out.push_back(
+      entry(names::layer(i, "post_attention_layernorm.weight"), {h}, R::Replicated, P::Norm, i));
+  if (c.is_moe()) {
+    out.push_back(entry(names::layer(i, "block_sparse_moe.gate.weight"), {c.num_local_experts, h},
+                        R::Replicated, P::Router, i));
+    for (int64_t e = 0; e < c.num_local_experts; ++e) {
+      const std::string ex = cat("block_sparse_moe.experts.", e, ".");
+      out.push_back(entry(names::layer(i, ex + "w1.weight"), {f, h}, R::FfnRows, P::Expert, i, e));
+      out.push_back(entry(names::layer(i, ex + "w2.weight"), {h, f}, R::FfnCols, P::Expert, i, e));
+      out.push_back(entry(names::layer(i, ex + "w3.weight"), {f, h}, R::FfnRows, P::Expert, i, e));
+    }
+  } else {
+    out.push_back(entry(names::layer(i, "mlp.gate_proj.weight"), {f, h}, R::FfnRows, P::Mlp, i));
+    out.push_back(entry(names::layer(i, "mlp.up_proj.weight"), {f, h}, R::FfnRows, P::Mlp, i));
+    out.push_back(entry(names::layer(i, "mlp.down_proj.weight"), {h, f}, R::FfnCols, P::Mlp, i));
+  }
+  return out;
+}
+
+LlamaTensor llama_lm_head(const ModelConfig& c) {
+  return entry(names::kLmHead, {c.vocab_size, c.hidden_size}, ShardRule::VocabRows,
+               LlamaPart::LmHead, -1);
+}
+
+std::vector<LlamaTensor> llama_tensors(const ModelConfig& c) {
+  const std::vector<LlamaTensor> outer = outer_tensors(c);
+  std::vector<LlamaTensor> out{outer[0]};
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i)
+    for (LlamaTensor& t : llama_layer_tensors(c, i)) out.push_back(std::move(t));
+  out.insert(out.end(), outer.begin() + 1, outer.end());
+  return out;
+}
+
+std::optional<LlamaTensor> find_llama_tensor(const ModelConfig& c, const std::string& name) {
+  const std::string prefix = "model.layers.";
+  if (name.compare(0, prefix.size(), prefix) == 0) {
+    int64_t layer = 0;
+    size_t i = prefix.size();
+    for (; i < name.size() && name[i] >= '0' && name[i] <= '9' && layer < c.num_hidden_layers; ++i)
+      layer = layer * 10 + (name[i] - '0');
+    if (i == prefix.size() || i >= name.size() || name[i] != '.' || layer >= c.num_hidden_layers)
+      return std::nullopt;
+    for (LlamaTensor& t : llama_layer_tensors(c, layer))
+      if (t.name == name) return std::move(t);
+    return std::nullopt;
+  }
+  for (LlamaTensor& t : outer_tensors(c))
+    if (t.name == name) return std::move(t);
+  return std::nullopt;
+}
+
+std::string llama_tp_problem(const ModelConfig& c, int tp) {
+  const int64_t q = c.num_attention_heads, kv = c.num_key_value_heads;
+  if (!heads_fit(c, tp))
+    return cat("tensor-parallel size ", tp, " does not fit ", q, " query heads and ", kv,
+               " KV heads (it must divide the query heads, and divide or be a multiple of the KV "
+               "heads); sizes that work: ",
+               parallel::HeadPlan::valid_sizes(q, kv));
+  // Near-even shards leave rank 0 empty first (n * 1 / tp == 0) when tp exceeds the dimension.
+  if (tp > c.intermediate_size || tp > c.vocab_size)
+    return cat("tensor-parallel size ", tp, " leaves rank 0 no rows of the FFN (",
+               c.intermediate_size, ") or vocabulary (", c.vocab_size, ")");
+  return "";
+}
+
+Slice llama_tensor_slice(const LlamaTensor& t, const ModelConfig& c, int tp, int tp_rank) {
+  if (std::string p = llama_tp_problem(c, tp); !p.empty()) fail("tp", p);
+  if (tp_rank < 0 || tp_rank >= tp)
+    fail("tp", "rank ", tp_rank, " is outside a tensor-parallel group of ", tp);
+  const int64_t hd = c.head_dim;
+  switch (t.rule) {
+    case ShardRule::Replicated:
+      return Slice::all();
+    case ShardRule::VocabRows: {
+      const parallel::ShardSpec s = parallel::ShardSpec::even(c.vocab_size, tp, tp_rank);
+      return Slice::rows(s.begin, s.end);
+    }
+    case ShardRule::QHeadRows:
+    case ShardRule::QHeadCols: {
+      const parallel::HeadPlan p =
+          parallel::HeadPlan::make(c.num_attention_heads, c.num_key_value_heads, tp, tp_rank);
+      const int64_t b = p.q_begin * hd, e = (p.q_begin + p.q_heads) * hd;
+      return t.rule == ShardRule::QHeadRows ? Slice::rows(b, e) : Slice::cols(b, e);
+    }
+    case ShardRule::KvHeadRows: {
+      const parallel::HeadPlan p =
+          parallel::HeadPlan::make(c.num_attention_heads, c.num_key_value_heads, tp, tp_rank);
+      return Slice::rows(p.kv_begin * hd, (p.kv_begin + p.kv_heads) * hd);
+    }
+    case ShardRule::FfnRows: {
+      const parallel::ShardSpec s = ffn_shard(c, tp, tp_rank);
+      return Slice::rows(s.begin, s.end);
+    }
+    case ShardRule::FfnCols: {
+      const parallel::ShardSpec s = ffn_shard(c, tp, tp_rank);
+      return Slice::cols(s.begin, s.end);
+    }
+  }
+  fail("model", "tensor \"", t.name, "\" has an unknown shard rule");
+}
+
+int64_t llama_slice_numel(const LlamaTensor& t, const Slice& s) {
+  switch (s.kind) {
+    case Slice::Kind::All:
+      return t.numel();
+    case Slice::Kind::Rows:
+      return (s.end - s.begin) * (t.numel() / t.shape.at(0));
+    case Slice::Kind::Cols:
+      return (s.end - s.begin) * t.shape.at(0);
+  }
+  return 0;
+}
+
+uint64_t LlamaRankShare::bytes(DType dtype) const {
+  return static_cast<uint64_t>(matrices()) * dtype_size(dtype) +
+         static_cast<uint64_t>(norms) * sizeof(float);
+}
+
+double LlamaRankShare::bytes(double matrix_bytes) const {
+  return double(matrices()) * matrix_bytes + double(norms) * sizeof(float);
+}
+
+LlamaRankShare llama_rank_share(const ModelConfig& c, int tp, int tp_rank, int64_t layer_begin,
+                                int64_t layer_end, int ep, int ep_rank) {
+  if (layer_begin < 0 || layer_begin >= layer_end || layer_end > c.num_hidden_layers)
+    fail("model", "layer range [", layer_begin, ", ", layer_end, ") is not within the model's ",
+         c.num_hidden_layers, " layers");
+  const int64_t experts = c.num_local_experts;
+  if (ep < 1 || ep_rank < 0 || ep_rank >= ep || (c.is_moe() && experts % ep != 0))
+    fail("model", "expert-parallel rank ", ep_rank, " of ", ep, " does not split the ", experts,
+         " experts evenly");
+  const int64_t e_begin = experts * ep_rank / ep, e_end = experts * (ep_rank + 1) / ep;
+  LlamaRankShare s;
+  auto add = [&](const LlamaTensor& t, int64_t copies, bool as_head) {
+    const int64_t n = copies * llama_slice_numel(t, llama_tensor_slice(t, c, tp, tp_rank));
+    switch (t.part) {
+      case LlamaPart::Embedding:
+        (as_head ? s.head : s.embedding) += n;
+        break;
+      case LlamaPart::Norm:
+        s.norms += n;
+        break;
+      case LlamaPart::Attention:
+        s.attention += n;
+        break;
+      case LlamaPart::Mlp:
+        s.mlp += n;
+        break;
+      case LlamaPart::Router:
+        s.router += n;
+        break;
+      case LlamaPart::Expert:
+        if (t.expert >= e_begin && t.expert < e_end) s.experts += n;
+        break;
+      case LlamaPart::LmHead:
+        s.head += n;
+        break;
+    }
+  };
+  // Every decoder layer has the same tensors: count one and multiply.
+  for (const LlamaTensor& t : llama_layer_tensors(c, layer_begin))
+    add(t, layer_end - layer_begin, false);
+  const bool first = layer_begin == 0, last = layer_end == c.num_hidden_layers;
+  for (const LlamaTensor& t : outer_tensors(c)) {
+    if (t.part == LlamaPart::Embedding && first) add(t, 1, false);
+    if (t.part != LlamaPart::Embedding && last) add(t, 1, false);
+  }
+  // Tied: the last stage uses the embedding's rows as the LM head; a stage that also holds the
+  // embedding shares them, any other stage loads its own copy.
+  if (last && c.tie_word_embeddings && !first) add(embedding(c), 1, true);
+  return s;
+}
+
+uint64_t llama_rank_weight_bytes(const ModelConfig& c, DType weight_dtype, int tp, int tp_rank,
+                                 int64_t layer_begin, int64_t layer_end) {
+  return llama_rank_share(c, tp, tp_rank, layer_begin, layer_end).bytes(weight_dtype);
+}
+
+}  // namespace parallm
