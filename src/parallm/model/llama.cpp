@@ -3,10 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 
 #include "parallm/core/error.h"
 #include "parallm/core/trace.h"
 #include "parallm/kernels/ops.h"
+#include "parallm/model/llama_tensors.h"
 
 namespace parallm {
 namespace {
@@ -22,11 +24,6 @@ Tensor concat_rows(const std::vector<Tensor>& parts) {
     dst += p.nbytes();
   }
   return out;
-}
-
-std::vector<float> read_vector(const WeightSource& src, const std::string& name) {
-  Tensor t = src.read(name, DType::F32);
-  return std::vector<float>(t.data<float>(), t.data<float>() + t.numel());
 }
 
 }  // namespace
@@ -54,49 +51,67 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
 
   const DType wt = opts_.weight_dtype;
   const int64_t hd = c.head_dim;
-  // Each fused block is read as the rows its spec names, so the spec and the bytes cannot differ.
-  const parallel::FusedShardSpec qkv_spec = parallel::ParallelAttention::qkv_spec(heads_, hd);
-  const parallel::ShardSpec o_cols = parallel::ParallelAttention::o_spec(heads_, hd);
-  const parallel::FusedShardSpec gate_up_spec = parallel::ParallelMlp::gate_up_spec(ffn_);
-  auto rows = [](const parallel::ShardSpec& s) { return Slice::rows(s.begin, s.end); };
-  auto cols = [](const parallel::ShardSpec& s) { return Slice::cols(s.begin, s.end); };
+  // Which part of each tensor this rank reads is the tensor table's rule (model/llama_tensors.h),
+  // the one init-model, the weight checker and the planner use. The layers name the same rows in
+  // their shard specs; a disagreement would load wrong bytes silently, so it is an error here.
+  auto slice_of = [&](const std::string& name) {
+    const std::optional<LlamaTensor> t = find_llama_tensor(c, name);
+    if (!t) fail("model", "tensor \"", name, "\" is not in the LLaMA tensor table");
+    return llama_tensor_slice(*t, c, tp_size, tp_rank);
+  };
+  auto read = [&](const std::string& name, Slice::Kind kind, const parallel::ShardSpec& want) {
+    const Slice s = slice_of(name);
+    if (s.kind != kind || s.begin != want.begin || s.end != want.end)
+      fail("model", "tensor \"", name, "\": the tensor table gives rank ", tp_rank, " of ", tp_size,
+           " ", s.kind == Slice::Kind::Cols ? "cols" : "rows", " [", s.begin, ", ", s.end,
+           ") but the layer holds ", kind == Slice::Kind::Cols ? "cols" : "rows", " [", want.begin,
+           ", ", want.end, ")");
+    return source.read(name, wt, s);
+  };
+  auto read_norm = [&](const std::string& name) {
+    Tensor t = source.read(name, DType::F32, slice_of(name));
+    return std::vector<float>(t.data<float>(), t.data<float>() + t.numel());
+  };
+  // A fused weight: each part's rows, stacked in the spec's order.
   auto read_fused = [&](int64_t i, const parallel::FusedShardSpec& spec, const char* prefix) {
     std::vector<Tensor> parts;
     for (const parallel::FusedPart& p : spec.parts)
       parts.push_back(
-          source.read(names::layer(i, cat(prefix, p.name, ".weight")), wt, rows(p.rows)));
+          read(names::layer(i, cat(prefix, p.name, ".weight")), Slice::Kind::Rows, p.rows));
     return concat_rows(parts);
   };
+  const parallel::FusedShardSpec qkv_spec = parallel::ParallelAttention::qkv_spec(heads_, hd);
+  const parallel::ShardSpec o_cols = parallel::ParallelAttention::o_spec(heads_, hd);
+  const parallel::FusedShardSpec gate_up_spec = parallel::ParallelMlp::gate_up_spec(ffn_);
 
   for (int64_t i = opts_.layer_begin; i < opts_.layer_end; ++i) {
     Layer L;
-    L.attn_norm = read_vector(source, names::layer(i, "input_layernorm.weight"));
-    L.ffn_norm = read_vector(source, names::layer(i, "post_attention_layernorm.weight"));
+    L.attn_norm = read_norm(names::layer(i, "input_layernorm.weight"));
+    L.ffn_norm = read_norm(names::layer(i, "post_attention_layernorm.weight"));
     L.attention = parallel::ParallelAttention(
         read_fused(i, qkv_spec, "self_attn."),
-        source.read(names::layer(i, "self_attn.o_proj.weight"), wt, cols(o_cols)), heads_, hd, rope,
-        tp_);
+        read(names::layer(i, "self_attn.o_proj.weight"), Slice::Kind::Cols, o_cols), heads_, hd,
+        rope, tp_);
     L.mlp = parallel::ParallelMlp(
         read_fused(i, gate_up_spec, "mlp."),
-        source.read(names::layer(i, "mlp.down_proj.weight"), wt, cols(ffn_)), ffn_, tp_);
+        read(names::layer(i, "mlp.down_proj.weight"), Slice::Kind::Cols, ffn_), ffn_, tp_);
     weight_bytes_ += L.bytes();
     layers_.push_back(std::move(L));
   }
 
-  const Slice vocab_rows = Slice::rows(vocab_.begin, vocab_.end);
   if (has_embedding()) {
-    embedding_ =
-        parallel::VocabParallelEmbedding(source.read(names::kEmbed, wt, vocab_rows), vocab_, tp_);
+    embedding_ = parallel::VocabParallelEmbedding(read(names::kEmbed, Slice::Kind::Rows, vocab_),
+                                                  vocab_, tp_);
     weight_bytes_ += embedding_.table().nbytes();
   }
   if (has_head()) {
-    final_norm_ = read_vector(source, names::kNorm);
+    final_norm_ = read_norm(names::kNorm);
     weight_bytes_ += final_norm_.size() * sizeof(float);
     if (c.tie_word_embeddings && has_embedding()) {
       lm_head_ = parallel::VocabParallelLmHead(embedding_.table(), vocab_, tp_);  // same storage
     } else {
       lm_head_ = parallel::VocabParallelLmHead(
-          source.read(c.tie_word_embeddings ? names::kEmbed : names::kLmHead, wt, vocab_rows),
+          read(c.tie_word_embeddings ? names::kEmbed : names::kLmHead, Slice::Kind::Rows, vocab_),
           vocab_, tp_);
       weight_bytes_ += lm_head_.weight().nbytes();
     }
