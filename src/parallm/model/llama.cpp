@@ -45,6 +45,7 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
   if (ffn_.size() == 0 || vocab_.size() == 0)
     fail("tp", "tensor-parallel size ", tp_size, " leaves rank ", tp_rank, " no rows of the FFN (",
          c.intermediate_size, ") or vocabulary (", c.vocab_size, ")");
+  workspace_layout_ = workspace_layout(c, tp_size, tp_rank);
   const parallel::RopeSpec rope{c.rope_inv_freq(), c.rope_interleaved
                                                        ? kernels::RopeStyle::Interleaved
                                                        : kernels::RopeStyle::HalfSplit};
@@ -153,7 +154,7 @@ uint64_t LlamaModel::workspace_bytes(const ModelConfig& config, int tp_size, int
 }
 
 Workspace LlamaModel::make_workspace(int64_t max_tokens) const {
-  return Workspace(workspace_layout(config_, tp_.size(), tp_.rank()), max_tokens);
+  return Workspace(workspace_layout_, max_tokens);
 }
 
 void LlamaModel::forward_layers(float* x, const std::vector<SeqChunk>& chunks, KvStore& kv,
@@ -169,7 +170,7 @@ void LlamaModel::forward_layers(float* x, const std::vector<SeqChunk>& chunks, K
   if (T > ws.max_tokens())
     fail("model", "forward of ", T, " tokens (", chunks.size(), " chunks) exceeds the workspace's ",
          ws.max_tokens(), " tokens; make the workspace for the largest step");
-  if (!(ws.layout() == workspace_layout(config_, tp_.size(), tp_.rank())))
+  if (!(ws.layout() == workspace_layout_))
     fail("model", "the workspace (hidden ", ws.layout().hidden, ", ", ws.layout().scratch_per_token,
          " scratch floats per token) was made for another model or shard");
 

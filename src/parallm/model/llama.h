@@ -91,6 +91,7 @@ class LlamaModel {
   comm::Group tp_;
   parallel::HeadPlan heads_;
   parallel::ShardSpec ffn_, vocab_;
+  WorkspaceLayout workspace_layout_;  // what forward_layers needs of a workspace, per token
   std::vector<Layer> layers_;
   parallel::VocabParallelEmbedding embedding_;
   parallel::VocabParallelLmHead lm_head_;  // shares the embedding's storage when tied
