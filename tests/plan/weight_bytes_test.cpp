@@ -2,7 +2,8 @@
 // builds its LlamaModel as `parallm generate` does (comm::launch, the mesh, the engine's stage
 // partition) and its weight_bytes(), which --mem-stats prints, is compared with
 // plan::rank_weight_bytes for that (stage, TP rank), and the planner's per-device figure
-// (inference_memory) with the fullest rank's. On stories260K (tied embeddings, an FFN of 172 that
+// (inference_memory) with the fullest rank's; the planner's activations hold the workspace the
+// engine allocates. On stories260K (tied embeddings, an FFN of 172 that
 // TP 8 splits unevenly, 4 KV heads replicated at TP 8) and on the TinyLlama shape (zero weights
 // served without a file, so nothing but allocation happens).
 #include <gtest/gtest.h>
@@ -96,6 +97,9 @@ std::vector<std::vector<uint64_t>> expect_planner_matches_engine(const ModelConf
   const std::vector<pipeline::StageLayers> stages =
       pipeline::partition_layers(config.num_hidden_layers, pp);
   std::vector<std::vector<uint64_t>> engine(pp, std::vector<uint64_t>(tp));
+  // The engine's workspace for a step of 2 prompts of 5 tokens, per stage: the fullest rank's.
+  const int64_t micro_batch = 2, prompt = 5;
+  std::vector<uint64_t> workspace(pp, 0);
   std::mutex mu;
   comm::LaunchOptions lo;
   lo.backend = "local";
@@ -107,14 +111,17 @@ std::vector<std::vector<uint64_t>> expect_planner_matches_engine(const ModelConf
     mo.layer_begin = stages[mesh.pp_rank()].begin;
     mo.layer_end = stages[mesh.pp_rank()].end;
     const LlamaModel model(config, source, mesh.tp(), mo);
+    const uint64_t ws = model.make_workspace(micro_batch * prompt).bytes();
     std::lock_guard<std::mutex> lock(mu);
     engine[mesh.pp_rank()][mesh.tp_rank()] = model.weight_bytes();
+    workspace[mesh.pp_rank()] = std::max(workspace[mesh.pp_rank()], ws);
   });
 
   const Layout layout{tp, pp, 1, 1};
   EXPECT_EQ(layout_problem(config, layout), "");
   InferenceWorkload w;
   w.weights = precision_of(dtype);
+  w.prompt_len = prompt;
   for (int s = 0; s < pp; ++s) {
     uint64_t fullest = 0;
     for (int r = 0; r < tp; ++r) {
@@ -122,7 +129,15 @@ std::vector<std::vector<uint64_t>> expect_planner_matches_engine(const ModelConf
           << "stage " << s << " rank " << r;
       fullest = std::max(fullest, engine[s][r]);
     }
-    EXPECT_EQ(inference_memory(config, layout, w, s, 1, 1).weights, double(fullest))
+    const MemoryBreakdown m = inference_memory(config, layout, w, s, micro_batch, micro_batch);
+    EXPECT_EQ(m.weights, double(fullest)) << "stage " << s;
+    // Activations: the workspace the engine allocates, the residual stream, the last's logits.
+    double logits = 0;
+    if (s == pp - 1)
+      logits = double(micro_batch) * double((config.vocab_size + tp - 1) / tp) * sizeof(float);
+    EXPECT_EQ(m.activations, double(workspace[s]) +
+                                 double(micro_batch * prompt * config.hidden_size) * sizeof(float) +
+                                 logits)
         << "stage " << s;
   }
   return engine;

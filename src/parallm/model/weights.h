@@ -68,8 +68,8 @@ void write_safetensors(const std::string& path,
                        const std::vector<std::pair<std::string, Tensor>>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 
-// Checks that `source` holds every tensor a LLaMA model of `config` needs, with the right shapes;
-// throws std::invalid_argument naming the file, the tensor and both shapes otherwise.
+// Checks that `source` holds every tensor a LLaMA model of `config` needs (llama_tensors(config),
+// model/llama_tensors.h), with the right shapes; throws std::invalid_argument naming the file, the tensor and both shapes otherwise.
 void check_llama_weights(const WeightSource& source, const ModelConfig& config);
 
 // Hugging Face tensor names of a LLaMA model.

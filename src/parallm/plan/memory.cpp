@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "parallm/core/error.h"
+#include "parallm/model/llama.h"
 #include "parallm/model/llama_tensors.h"
 #include "parallm/parallel/shard.h"
 #include "parallm/pipeline/partition.h"
@@ -125,15 +126,19 @@ MemoryBreakdown inference_memory(const ModelConfig& c, const Layout& l, const In
   m.weights = p.weight_bytes(precision_bytes(w.weights));
   m.kv_cache = kv_bytes_per_token(c, l.tp, p.layers, w.kv_cache) * double(replica_batch) *
                double(w.prompt_len + w.output_len);
-  // Prefill working set of one layer: residual and normed input, Q/K/V, attention output, gate,
-  // up and their product, for micro_batch x prompt tokens; plus last-token logits in fp32.
-  const double T = double(micro_batch) * double(w.prompt_len), t = l.tp, h = double(c.hidden_size);
-  const double kv_rank = double(kv_heads_per_rank(c, l.tp) * c.head_dim);
-  const double ffn = double(c.intermediate_size) * (c.is_moe() ? c.num_experts_per_tok : 1);
-  m.activations = T * precision_bytes(w.activations) *
-                  (2 * h + 2 * double(c.q_dim()) / t + 2 * kv_rank + 3 * ffn / t);
+  // The engine's working set, in f32 whatever the weights: its workspace for a step of the
+  // micro-batch's prompts (LlamaModel::workspace_bytes, exactly what make_workspace allocates, on
+  // the fullest TP rank: uneven FFN shards differ), the residual stream x [T, hidden] the step runs
+  // through, and on the last stage the logits [micro_batch, largest vocab shard]. (MoE layers are
+  // counted as one dense MLP: the engine does not run them yet.)
+  const int64_t T = micro_batch * w.prompt_len;
+  uint64_t workspace = 0;
+  for (int r = 0; r < l.tp; ++r)
+    workspace = std::max(workspace, LlamaModel::workspace_bytes(c, l.tp, r, T));
+  m.activations = double(workspace) + double(T) * double(c.hidden_size) * sizeof(float);
   if (stage == l.pp - 1)
-    m.activations += double(micro_batch) * double(ceil_div(c.vocab_size, l.tp)) * 4;
+    m.activations += double(micro_batch) *
+                     double(parallel::ShardSpec::max_size(c.vocab_size, l.tp)) * sizeof(float);
   return m;
 }
 

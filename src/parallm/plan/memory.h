@@ -82,9 +82,9 @@ struct MemoryBreakdown {
 };
 
 // Inference on the fullest device of `stage`: weights (rank_weight_bytes), the KV cache of the
-// replica's sequences at full length (prompt + output), and the prefill working set of one layer
-// for one micro-batch of `micro_batch` sequences (attention computed in blocks: no s x s scores
-// kept).
+// replica's sequences at full length (prompt + output), and the engine's prefill working set for
+// one micro-batch of `micro_batch` prompts in one step: its workspace (LlamaModel::workspace_bytes)
+// plus the residual stream, and the last stage's logits, all f32.
 MemoryBreakdown inference_memory(const ModelConfig& c, const Layout& l, const InferenceWorkload& w,
                                  int stage, int64_t replica_batch, int64_t micro_batch);
 
