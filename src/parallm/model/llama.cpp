@@ -3,11 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 
 #include "parallm/core/error.h"
 #include "parallm/core/trace.h"
-#include "parallm/kernels/matmul.h"
 #include "parallm/kernels/ops.h"
+#include "parallm/model/llama_tensors.h"
 
 namespace parallm {
 namespace {
@@ -23,11 +24,6 @@ Tensor concat_rows(const std::vector<Tensor>& parts) {
     dst += p.nbytes();
   }
   return out;
-}
-
-std::vector<float> read_vector(const WeightSource& src, const std::string& name) {
-  Tensor t = src.read(name, DType::F32);
-  return std::vector<float>(t.data<float>(), t.data<float>() + t.numel());
 }
 
 }  // namespace
@@ -49,56 +45,76 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
   if (ffn_.size() == 0 || vocab_.size() == 0)
     fail("tp", "tensor-parallel size ", tp_size, " leaves rank ", tp_rank, " no rows of the FFN (",
          c.intermediate_size, ") or vocabulary (", c.vocab_size, ")");
+  workspace_layout_ = workspace_layout(c, tp_size, tp_rank);
   const parallel::RopeSpec rope{c.rope_inv_freq(), c.rope_interleaved
                                                        ? kernels::RopeStyle::Interleaved
                                                        : kernels::RopeStyle::HalfSplit};
 
   const DType wt = opts_.weight_dtype;
   const int64_t hd = c.head_dim;
-  // Each fused block is read as the rows its spec names, so the spec and the bytes cannot differ.
-  const parallel::FusedShardSpec qkv_spec = parallel::ParallelAttention::qkv_spec(heads_, hd);
-  const parallel::ShardSpec o_cols = parallel::ParallelAttention::o_spec(heads_, hd);
-  const parallel::FusedShardSpec gate_up_spec = parallel::ParallelMlp::gate_up_spec(ffn_);
-  auto rows = [](const parallel::ShardSpec& s) { return Slice::rows(s.begin, s.end); };
-  auto cols = [](const parallel::ShardSpec& s) { return Slice::cols(s.begin, s.end); };
+  // Which part of each tensor this rank reads is the tensor table's rule (model/llama_tensors.h),
+  // the one init-model, the weight checker and the planner use. The layers name the same rows in
+  // their shard specs; a disagreement would load wrong bytes silently, so it is an error here.
+  auto slice_of = [&](const std::string& name) {
+    const std::optional<LlamaTensor> t = find_llama_tensor(c, name);
+    if (!t) fail("model", "tensor \"", name, "\" is not in the LLaMA tensor table");
+    return llama_tensor_slice(*t, c, tp_size, tp_rank);
+  };
+  auto read = [&](const std::string& name, Slice::Kind kind, const parallel::ShardSpec& want) {
+    const Slice s = slice_of(name);
+    if (s.kind != kind || s.begin != want.begin || s.end != want.end)
+      fail("model", "tensor \"", name, "\": the tensor table gives rank ", tp_rank, " of ", tp_size,
+           " ", s.kind == Slice::Kind::Cols ? "cols" : "rows", " [", s.begin, ", ", s.end,
+           ") but the layer holds ", kind == Slice::Kind::Cols ? "cols" : "rows", " [", want.begin,
+           ", ", want.end, ")");
+    return source.read(name, wt, s);
+  };
+  auto read_norm = [&](const std::string& name) {
+    Tensor t = source.read(name, DType::F32, slice_of(name));
+    return std::vector<float>(t.data<float>(), t.data<float>() + t.numel());
+  };
+  // A fused weight: each part's rows, stacked in the spec's order.
   auto read_fused = [&](int64_t i, const parallel::FusedShardSpec& spec, const char* prefix) {
     std::vector<Tensor> parts;
     for (const parallel::FusedPart& p : spec.parts)
       parts.push_back(
-          source.read(names::layer(i, cat(prefix, p.name, ".weight")), wt, rows(p.rows)));
+          read(names::layer(i, cat(prefix, p.name, ".weight")), Slice::Kind::Rows, p.rows));
     return concat_rows(parts);
   };
+  const parallel::FusedShardSpec qkv_spec = parallel::ParallelAttention::qkv_spec(heads_, hd);
+  const parallel::ShardSpec o_cols = parallel::ParallelAttention::o_spec(heads_, hd);
+  const parallel::FusedShardSpec gate_up_spec = parallel::ParallelMlp::gate_up_spec(ffn_);
 
   for (int64_t i = opts_.layer_begin; i < opts_.layer_end; ++i) {
     Layer L;
-    L.attn_norm = read_vector(source, names::layer(i, "input_layernorm.weight"));
-    L.ffn_norm = read_vector(source, names::layer(i, "post_attention_layernorm.weight"));
+    L.attn_norm = read_norm(names::layer(i, "input_layernorm.weight"));
+    L.ffn_norm = read_norm(names::layer(i, "post_attention_layernorm.weight"));
     L.attention = parallel::ParallelAttention(
         read_fused(i, qkv_spec, "self_attn."),
-        source.read(names::layer(i, "self_attn.o_proj.weight"), wt, cols(o_cols)), heads_, hd, rope,
-        tp_);
+        read(names::layer(i, "self_attn.o_proj.weight"), Slice::Kind::Cols, o_cols), heads_, hd,
+        rope, tp_);
     L.mlp = parallel::ParallelMlp(
         read_fused(i, gate_up_spec, "mlp."),
-        source.read(names::layer(i, "mlp.down_proj.weight"), wt, cols(ffn_)), ffn_, tp_);
+        read(names::layer(i, "mlp.down_proj.weight"), Slice::Kind::Cols, ffn_), ffn_, tp_);
     weight_bytes_ += L.bytes();
     layers_.push_back(std::move(L));
   }
 
-  const Slice vocab_rows = Slice::rows(vocab_.begin, vocab_.end);
   if (has_embedding()) {
-    embedding_ =
-        parallel::VocabParallelEmbedding(source.read(names::kEmbed, wt, vocab_rows), vocab_, tp_);
+    embedding_ = parallel::VocabParallelEmbedding(read(names::kEmbed, Slice::Kind::Rows, vocab_),
+                                                  vocab_, tp_);
     weight_bytes_ += embedding_.table().nbytes();
   }
   if (has_head()) {
-    final_norm_ = read_vector(source, names::kNorm);
+    final_norm_ = read_norm(names::kNorm);
     weight_bytes_ += final_norm_.size() * sizeof(float);
     if (c.tie_word_embeddings && has_embedding()) {
-      lm_head_ = embedding_.table();  // same rows, same storage
+      lm_head_ = parallel::VocabParallelLmHead(embedding_.table(), vocab_, tp_);  // same storage
     } else {
-      lm_head_ =
-          source.read(c.tie_word_embeddings ? names::kEmbed : names::kLmHead, wt, vocab_rows);
-      weight_bytes_ += lm_head_.nbytes();
+      lm_head_ = parallel::VocabParallelLmHead(
+          read(c.tie_word_embeddings ? names::kEmbed : names::kLmHead, Slice::Kind::Rows, vocab_),
+          vocab_, tp_);
+      weight_bytes_ += lm_head_.weight().nbytes();
     }
   }
 }
@@ -113,7 +129,7 @@ uint64_t LlamaModel::decode_bytes_per_token() const {
   uint64_t b = 0;
   for (const Layer& L : layers_) b += L.bytes();
   if (has_embedding()) b += config_.hidden_size * dtype_size(opts_.weight_dtype);
-  if (has_head()) b += lm_head_.nbytes() + final_norm_.size() * sizeof(float);
+  if (has_head()) b += lm_head_.weight().nbytes() + final_norm_.size() * sizeof(float);
   return b;
 }
 
@@ -138,7 +154,7 @@ uint64_t LlamaModel::workspace_bytes(const ModelConfig& config, int tp_size, int
 }
 
 Workspace LlamaModel::make_workspace(int64_t max_tokens) const {
-  return Workspace(workspace_layout(config_, tp_.size(), tp_.rank()), max_tokens);
+  return Workspace(workspace_layout_, max_tokens);
 }
 
 void LlamaModel::forward_layers(float* x, const std::vector<SeqChunk>& chunks, KvStore& kv,
@@ -154,7 +170,7 @@ void LlamaModel::forward_layers(float* x, const std::vector<SeqChunk>& chunks, K
   if (T > ws.max_tokens())
     fail("model", "forward of ", T, " tokens (", chunks.size(), " chunks) exceeds the workspace's ",
          ws.max_tokens(), " tokens; make the workspace for the largest step");
-  if (!(ws.layout() == workspace_layout(config_, tp_.size(), tp_.rank())))
+  if (!(ws.layout() == workspace_layout_))
     fail("model", "the workspace (hidden ", ws.layout().hidden, ", ", ws.layout().scratch_per_token,
          " scratch floats per token) was made for another model or shard");
 
@@ -184,11 +200,16 @@ void LlamaModel::forward_layers(float* x, const std::vector<SeqChunk>& chunks, K
   }
 }
 
+const parallel::VocabParallelLmHead& LlamaModel::lm_head() const {
+  if (!has_head()) fail("model", "lm_head() called on a stage without the LM head");
+  return lm_head_;
+}
+
 void LlamaModel::head(float* x, int64_t R, float* logits) const {
   if (!has_head()) fail("model", "head() called on a stage without the LM head");
   kernels::rmsnorm(x, final_norm_.data(), x, R, config_.hidden_size,
                    static_cast<float>(config_.rms_norm_eps));
-  kernels::matmul(x, R, lm_head_, logits);
+  lm_head_.forward(x, R, logits);
 }
 
 }  // namespace parallm

@@ -17,6 +17,7 @@
 #include "parallm/model/workspace.h"
 #include "parallm/parallel/attention.h"
 #include "parallm/parallel/embedding.h"
+#include "parallm/parallel/lm_head.h"
 #include "parallm/parallel/mlp.h"
 #include "parallm/parallel/shard.h"
 
@@ -59,6 +60,9 @@ class LlamaModel {
   // x: [R, hidden] -> logits: [R, vocab_shard().size()] (final norm, then this rank's vocab
   // slice of the LM head). Last stage only. x is normalised in place.
   void head(float* x, int64_t R, float* logits) const;
+  // The vocab-parallel LM head (its gather of full logits and the sampler's exchanges). Last stage
+  // only: throws std::invalid_argument elsewhere.
+  const parallel::VocabParallelLmHead& lm_head() const;
 
   // Bytes of weights this rank holds, and the bytes a decode step reads (every matrix once; the
   // embedding contributes one row).
@@ -87,9 +91,10 @@ class LlamaModel {
   comm::Group tp_;
   parallel::HeadPlan heads_;
   parallel::ShardSpec ffn_, vocab_;
+  WorkspaceLayout workspace_layout_;  // what forward_layers needs of a workspace, per token
   std::vector<Layer> layers_;
   parallel::VocabParallelEmbedding embedding_;
-  Tensor lm_head_;  // [vocab local, hidden]; shares the embedding's storage when tied
+  parallel::VocabParallelLmHead lm_head_;  // shares the embedding's storage when tied
   std::vector<float> final_norm_;
   uint64_t weight_bytes_ = 0;
 };

@@ -26,6 +26,12 @@ class Workspace {
   Workspace() = default;
   // Allocates (uninitialised) room for max_tokens >= 1 tokens.
   Workspace(const WorkspaceLayout& layout, int64_t max_tokens);
+  // Move-only: a copy would share the memory (Tensor storage is shared), and two forward passes
+  // on one workspace at once would overwrite each other's activations.
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  Workspace(Workspace&&) = default;
+  Workspace& operator=(Workspace&&) = default;
 
   const WorkspaceLayout& layout() const { return layout_; }
   int64_t max_tokens() const { return max_tokens_; }

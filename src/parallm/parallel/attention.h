@@ -71,6 +71,7 @@ class ParallelAttention {
 
   const HeadPlan& heads() const { return heads_; }
   int64_t head_dim() const { return head_dim_; }
+  const RopeSpec& rope() const { return rope_; }
   const ColumnParallelLinear& qkv() const { return qkv_; }
   const RowParallelLinear& o() const { return o_; }
   const comm::Group& group() const { return group_; }

@@ -3,7 +3,7 @@
 #include <cstring>
 
 #include "parallm/core/error.h"
-#include "parallm/core/trace.h"
+#include "parallm/parallel/mappings.h"
 
 namespace parallm::parallel {
 
@@ -33,10 +33,7 @@ void VocabParallelEmbedding::forward(const int32_t* ids, int64_t T, float* x) co
     }
   }
   // Rows of ids outside this rank's range are zero here: the sum over ranks completes them.
-  if (group_.size() > 1) {
-    TraceSpan span("all_reduce", "comm");
-    group_.all_reduce(x, static_cast<size_t>(T * hidden));
-  }
+  reduce_from_region_forward(group_, x, T, hidden);
 }
 
 }  // namespace parallm::parallel

@@ -1,7 +1,7 @@
 // VocabParallelEmbedding: each rank owns a vocab range of the table, looks up the ids it owns,
-// writes zeros for the others, and one all-reduce completes the rows (Megatron's
-// reduce-from-region; its backward will need no communication: each rank scatters the gradient rows
-// of its own ids).
+// writes zeros for the others, and one all-reduce completes the rows (reduce_from_region, see
+// parallel/mappings.h; its backward is the identity: each rank will scatter the gradient rows of
+// its own ids).
 #pragma once
 
 #include <cstdint>

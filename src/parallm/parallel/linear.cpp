@@ -1,8 +1,8 @@
 #include "parallm/parallel/linear.h"
 
 #include "parallm/core/error.h"
-#include "parallm/core/trace.h"
 #include "parallm/kernels/matmul.h"
+#include "parallm/parallel/mappings.h"
 
 namespace parallm::parallel {
 
@@ -15,7 +15,8 @@ ColumnParallelLinear::ColumnParallelLinear(Tensor weight, FusedShardSpec out_sha
 }
 
 void ColumnParallelLinear::forward(const float* x, int64_t T, float* y) const {
-  // The input is already the same on every rank (copy-to-region forward is the identity).
+  // The input is already the same on every rank: copy_to_region's forward is the identity (its
+  // backward, the all-reduce of the input gradient, is where this layer will communicate).
   kernels::matmul(x, T, weight_, y);
 }
 
@@ -29,8 +30,7 @@ RowParallelLinear::RowParallelLinear(Tensor weight, ShardSpec in_shard, comm::Gr
 void RowParallelLinear::forward(const float* x, int64_t T, float* y) const {
   kernels::matmul(x, T, weight_, y);
   // Partial sums -> full output. (A bias, if LLaMA had one, would be added after this.)
-  TraceSpan span("all_reduce", "comm");
-  group_.all_reduce(y, static_cast<size_t>(T * weight_.dim(0)));
+  reduce_from_region_forward(group_, y, T, weight_.dim(0));
 }
 
 }  // namespace parallm::parallel

@@ -3,7 +3,8 @@
 // ColumnParallelLinear ("all-to-sharded"): W [out, in] split by output features; every rank gets
 // the same input and produces its slice of the output. No communication forward.
 // RowParallelLinear ("sharded-to-all"): W split by input features; each rank multiplies its slice
-// of the input and one all-reduce sums the partial outputs.
+// of the input and one all-reduce sums the partial outputs (reduce_from_region, see
+// parallel/mappings.h).
 //
 // Each takes its weight already sliced (the loader reads only the rank's bytes). Only forward is
 // written. A layer keeps what a backward pass will need beside it: its weight, its shard spec and
