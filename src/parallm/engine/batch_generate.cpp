@@ -218,7 +218,7 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
         if (!e.sample) continue;
         const float* row = logits.data() + r * V;
         if (options.collect_logits)
-          result.sequences[e.slot].logits.push_back(gather_vocab(row, model.vocab_shard(), tp));
+          result.sequences[e.slot].logits.push_back(model.lm_head().gather_logits(row));
         tokens[r++] =
             samplers[e.slot].sample(row, model.vocab_shard().begin, model.vocab_shard().end);
       }

@@ -8,24 +8,6 @@
 
 namespace parallm {
 
-std::vector<float> gather_vocab(const float* local, const parallel::ShardSpec& shard,
-                                const comm::Group& tp) {
-  const int p = tp.size();
-  if (p == 1) return std::vector<float>(local, local + shard.size());
-  // Shards differ by at most one row: pad each to the largest, gather, then drop the padding.
-  const int64_t width = parallel::ShardSpec::max_size(shard.full, p);
-  std::vector<float> padded(width, 0.0f), all(width * p);
-  std::copy(local, local + shard.size(), padded.begin());
-  tp.all_gather(padded.data(), all.data(), width, DType::F32);
-  std::vector<float> out;
-  out.reserve(shard.full);
-  for (int r = 0; r < p; ++r) {
-    const parallel::ShardSpec s = parallel::ShardSpec::even(shard.full, p, r);
-    out.insert(out.end(), all.begin() + r * width, all.begin() + r * width + s.size());
-  }
-  return out;
-}
-
 GenerateResult generate(const LlamaModel& model, comm::Group tp, const std::vector<int32_t>& prompt,
                         const GenerateOptions& options,
                         const std::function<void(int32_t)>& on_token) {

@@ -39,9 +39,5 @@ GenerateResult generate(const LlamaModel& model, comm::Group tp, const std::vect
                         const GenerateOptions& options,
                         const std::function<void(int32_t)>& on_token = nullptr);
 
-// Gathers a vocab-split row of logits into the full vocabulary on every rank of `tp`.
-// Deprecated forwarder to parallel::VocabExchange::gather_row (VocabParallelLmHead::gather_logits).
-std::vector<float> gather_vocab(const float* local, const parallel::ShardSpec& shard,
-                                const comm::Group& tp);
 
 }  // namespace parallm

@@ -37,44 +37,6 @@ uint64_t resident_bytes() {
   return 0;
 }
 
-namespace {
-
-// Ranks that mpirun put on this machine (they share its cores), from the launcher's environment.
-int local_mpi_ranks() {
-  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE"}) {
-    if (const char* v = std::getenv(var)) {
-      const int n = std::atoi(v);
-      if (n > 0) return n;
-    }
-  }
-  return 1;
-}
-
-// Rank 0 collects every rank's events (send/recv, so it works on every backend) and writes one
-// file.
-void gather_and_write_trace(const comm::Group& world, const TraceBuffer& trace,
-                            const std::string& path) {
-  constexpr int kTag = 901;
-  std::string mine = trace.to_json_events();
-  if (world.rank() != 0) {
-    uint64_t n = mine.size();
-    world.send(&n, sizeof(n), 0, kTag);
-    world.send(mine.data(), n, 0, kTag);
-    return;
-  }
-  std::vector<std::string> all(world.size());
-  all[0] = std::move(mine);
-  for (int r = 1; r < world.size(); ++r) {
-    uint64_t n = 0;
-    world.recv(&n, sizeof(n), r, kTag);
-    all[r].resize(n);
-    world.recv(all[r].data(), n, r, kTag);
-  }
-  write_trace_file(path, all);
-}
-
-}  // namespace
-
 void run_model(const EngineOptions& options, const std::function<void(RankContext&)>& fn) {
   if (options.tp < 1) fail("cli", "--tp must be >= 1, got ", options.tp);
   if (options.pp < 1) fail("cli", "--pp must be >= 1, got ", options.pp);
@@ -92,7 +54,7 @@ void run_model(const EngineOptions& options, const std::function<void(RankContex
   launch.backend = options.backend;
   launch.timeout_s = options.comm_timeout_s;
   launch.print_stats = options.comm_stats;
-  const int ranks_here = comm::under_mpirun() ? local_mpi_ranks() : world_size;
+  const int ranks_here = comm::ranks_on_this_node(world_size);
   const int threads = options.threads > 0
                           ? options.threads
                           : std::max(1, ThreadPool::hardware_threads() / ranks_here);
@@ -125,7 +87,9 @@ void run_model(const EngineOptions& options, const std::function<void(RankContex
     fn(ctx);
     if (!options.trace_file.empty()) {
       set_thread_trace(nullptr);
-      gather_and_write_trace(world, trace, options.trace_file);
+      // Rank 0 collects every rank's events and writes one file.
+      const std::vector<std::string> all = comm::gather_strings(world, trace.to_json_events(), 0);
+      if (world.rank() == 0) write_trace_file(options.trace_file, all);
     }
   });
 }

@@ -77,9 +77,7 @@ void broadcast_plan(StepPlan& plan, const comm::Group& tp, int root, int max_ent
     const std::vector<int64_t> v = plan.encode(true);
     std::copy(v.begin(), v.end(), wire.begin());
   }
-  // A broadcast only copies: the int64 values travel as pairs of f32 bit patterns, since the MPI
-  // backend maps only f32 and 16-bit dtypes today (issue 10 item 4 adds I64 there; then use it).
-  tp.broadcast(wire.data(), 2 * wire.size(), DType::F32, root);
+  tp.broadcast(wire.data(), wire.size(), DType::I64, root);
   if (tp.rank() != root) plan = StepPlan::decode(wire.data(), wire.size());
 }
 

@@ -12,19 +12,10 @@
 namespace parallm::parallel {
 namespace {
 
-// The algorithm for gathers of integer data. MPI's native collectives map every dtype but f32 to
-// MPI_UINT16_T (comm/mpi/mpi_group.cpp, mpi_type), which would move half of an I32 and a quarter
-// of an I64; Bruck's all-gather (comm/algorithms/) moves bytes over the transport, right for any
-// dtype. Elsewhere the backend's own gather is a byte copy. (Once the MPI map knows the integer
-// dtypes this can be Auto everywhere.)
-comm::Algorithm integer_algorithm(const comm::Group& group) {
-  return group.backend() == "mpi" ? comm::Algorithm::RecursiveDoubling : comm::Algorithm::Auto;
-}
-
 void gather_integers(const comm::Group& group, const void* send, void* recv, size_t count,
                      DType dtype) {
   TraceSpan span("all_gather", "comm");
-  group.all_gather(send, recv, count, dtype, integer_algorithm(group));
+  group.all_gather(send, recv, count, dtype);
 }
 
 }  // namespace
@@ -70,10 +61,9 @@ int32_t VocabExchange::share_id(int32_t id, int owner) const {
   if (owner < 0 || owner >= group_.size())
     fail("parallel", "share_id: owner rank ", owner, " is outside the group of ", group_.size());
   if (group_.size() == 1) return id;
-  // A gather rather than a broadcast: broadcast takes no algorithm (see integer_algorithm).
-  std::vector<int32_t> all(group_.size());
-  gather_integers(group_, &id, all.data(), 1, DType::I32);
-  return all[owner];
+  TraceSpan span("broadcast", "comm");
+  group_.broadcast(&id, 1, DType::I32, owner);
+  return id;
 }
 
 std::vector<VocabCandidate> VocabExchange::all_candidates(
