@@ -19,13 +19,8 @@ LlamaTensor entry(std::string name, Shape shape, ShardRule rule, LlamaPart part,
   return t;
 }
 
-// HeadPlan's rule (parallel/shard.cpp), asked without an exception: tp divides the query heads,
-// and divides or is a multiple of the KV heads. tests/model/llama_tensors_test.cpp checks that it
-// agrees with HeadPlan::make for every size.
 bool heads_fit(const ModelConfig& c, int tp) {
-  const int64_t q = c.num_attention_heads, kv = c.num_key_value_heads;
-  if (tp < 1 || q % tp != 0) return false;
-  return kv % tp == 0 || tp % kv == 0;
+  return parallel::HeadPlan::fits(c.num_attention_heads, c.num_key_value_heads, tp);
 }
 
 LlamaTensor embedding(const ModelConfig& c) {

@@ -5,14 +5,10 @@
 #include "parallm/core/error.h"
 
 namespace parallm::parallel {
-namespace {
-
-bool fits(int64_t q, int64_t kv, int64_t tp) {
+bool HeadPlan::fits(int64_t q, int64_t kv, int tp) {
   if (tp < 1 || q % tp != 0) return false;
   return kv % tp == 0 || tp % kv == 0;
 }
-
-}  // namespace
 
 FusedShardSpec FusedShardSpec::single(std::string name, ShardSpec rows, int replicas) {
   return {{FusedPart{std::move(name), rows, replicas}}};

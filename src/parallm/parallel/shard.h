@@ -67,6 +67,8 @@ struct HeadPlan {
   int64_t q_total = 0, kv_total = 0;   // the model's heads
   int kv_replicas = 1;                 // ranks holding each of this rank's KV heads
 
+  // Whether tp fits: it divides the query heads, and divides or is a multiple of the KV heads.
+  static bool fits(int64_t q_heads, int64_t kv_heads, int tp);
   // Throws std::invalid_argument naming the sizes that would work when tp does not fit.
   static HeadPlan make(int64_t q_heads, int64_t kv_heads, int tp, int rank);
   // The TP sizes that work for these head counts, e.g. "1, 2, 4, 8".
