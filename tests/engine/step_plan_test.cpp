@@ -25,7 +25,9 @@ void expect_same(const StepPlan& a, const StepPlan& b, bool ids) {
     EXPECT_EQ(a.entries[k].sample, b.entries[k].sample);
   }
   EXPECT_EQ(a.exit, b.exit);
-  if (ids) EXPECT_EQ(a.ids, b.ids);
+  if (ids) {
+    EXPECT_EQ(a.ids, b.ids);
+  }
 }
 
 TEST(StepPlan, FlatFormRoundTrips) {
@@ -57,7 +59,9 @@ TEST(StepPlan, BroadcastReachesEveryTpRank) {
       broadcast_plan(p, g, 0, /*max_entries=*/4, /*max_ids=*/8);
       expect_same(p, sample_plan(), true);
       // Over the limits: the root refuses (alone, before any rank waits on it).
-      if (g.rank() == 0) EXPECT_THROW(broadcast_plan(p, g, 0, 1, 8), std::invalid_argument) << tp;
+      if (g.rank() == 0) {
+        EXPECT_THROW(broadcast_plan(p, g, 0, 1, 8), std::invalid_argument) << tp;
+      }
     });
   }
 }

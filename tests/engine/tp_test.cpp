@@ -67,11 +67,15 @@ void expect_same_as_one_rank(const std::string& path, const std::vector<int>& si
                              const std::vector<int32_t>& prompt, int64_t steps,
                              const std::vector<int32_t>& reference = {}) {
   TpRun one = run_tp(path, 1, prompt, steps, true);
-  if (!reference.empty()) EXPECT_EQ(one.result.tokens, reference) << "tp 1";
+  if (!reference.empty()) {
+    EXPECT_EQ(one.result.tokens, reference) << "tp 1";
+  }
   for (int tp : sizes) {
     TpRun r = run_tp(path, tp, prompt, steps, true);
     EXPECT_EQ(r.result.tokens, one.result.tokens) << "tp " << tp;
-    if (!reference.empty()) EXPECT_EQ(r.result.tokens, reference) << "tp " << tp;
+    if (!reference.empty()) {
+      EXPECT_EQ(r.result.tokens, reference) << "tp " << tp;
+    }
     ASSERT_EQ(r.result.logits.size(), one.result.logits.size());
     double worst = 0;
     for (size_t s = 0; s < r.result.logits.size(); ++s)

@@ -176,7 +176,9 @@ TEST(PlanWeightBytes, EqualTheEnginesOnTheTinyLlamaShape) {
   expect_planner_matches_engine(config, source, DType::BF16, 1, 2);
 }
 
-// What --mem-stats prints (MiB, two decimals) is the planner's figure for each rank.
+// What --mem-stats prints is the planner's figure for each rank, to the byte: the weights at load,
+// and after the run the activation workspace the engine allocated (LlamaModel::workspace_bytes,
+// which the planner's activation memory uses), sized for the step's 2 prompt tokens.
 TEST(PlanWeightBytes, MemStatsPrintsThePlannersBytes) {
   const testing::CommandResult r = testing::run_parallm(
       "generate --model " + testing::stories_model() +
@@ -185,7 +187,7 @@ TEST(PlanWeightBytes, MemStatsPrintsThePlannersBytes) {
   ModelConfig config;
   open_model(testing::stories_model(), &config);
   const std::regex line(
-      R"(\[mem\] rank \d+/4 \(tp (\d), stage (\d)[^)]*\): weights ([0-9.]+) MiB)");
+      R"(\[mem\] rank \d+/4 \(tp (\d), stage (\d)[^)]*\): weights ([0-9.]+) MiB \((\d+) bytes)");
   int seen = 0;
   for (std::sregex_iterator it(r.output.begin(), r.output.end(), line), end; it != end; ++it) {
     const int tp_rank = std::stoi((*it)[1]), stage = std::stoi((*it)[2]);
@@ -193,9 +195,20 @@ TEST(PlanWeightBytes, MemStatsPrintsThePlannersBytes) {
     char want[64];
     std::snprintf(want, sizeof want, "%.2f", bytes / 1048576.0);
     EXPECT_EQ((*it)[3].str(), want) << "stage " << stage << " rank " << tp_rank;
+    EXPECT_EQ(std::stod((*it)[4]), bytes) << "stage " << stage << " rank " << tp_rank;
     ++seen;
   }
   EXPECT_EQ(seen, 4) << r.output;
+  // World rank w is TP rank w % 2 (TP fastest).
+  const std::regex ws_line(R"(\[mem\] rank (\d+): KV cache [^,]*, workspace [0-9.]+ MiB \((\d+) bytes)");
+  int ws_seen = 0;
+  for (std::sregex_iterator it(r.output.begin(), r.output.end(), ws_line), end; it != end; ++it) {
+    const int w = std::stoi((*it)[1]);
+    EXPECT_EQ(std::stoull((*it)[2]), LlamaModel::workspace_bytes(config, 2, w % 2, 2))
+        << "rank " << w;
+    ++ws_seen;
+  }
+  EXPECT_EQ(ws_seen, 4) << r.output;
 }
 
 }  // namespace

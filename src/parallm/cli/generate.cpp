@@ -97,6 +97,24 @@ std::vector<std::vector<int32_t>> read_prompts(const std::string& path, const To
   return out;
 }
 
+// Every rank's (KV-cache bytes, workspace bytes), gathered at every rank as exact integers.
+std::vector<int64_t> gather_memory(const comm::Group& world, uint64_t kv, uint64_t workspace) {
+  const int64_t mine[2] = {static_cast<int64_t>(kv), static_cast<int64_t>(workspace)};
+  std::vector<int64_t> all(2 * world.size());
+  world.all_gather(mine, all.data(), 2, DType::I64);
+  return all;
+}
+
+// --mem-stats after the run: what each rank allocated beside its weights.
+void print_memory(const std::vector<int64_t>& mem, size_t sequences) {
+  for (size_t w = 0; w < mem.size() / 2; ++w)
+    std::fprintf(stderr,
+                 "[mem] rank %zu: KV cache %.2f MiB (%zu sequences), workspace %.2f MiB (%lld "
+                 "bytes)\n",
+                 w, mem[2 * w] / 1048576.0, sequences, mem[2 * w + 1] / 1048576.0,
+                 static_cast<long long>(mem[2 * w + 1]));
+}
+
 // Batched and/or pipelined generation: prints each sequence, then the pipeline's summary.
 int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts,
               const Tokenizer* tok) {
@@ -111,14 +129,13 @@ int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts
   run_model(o.engine, [&](RankContext& ctx) {
     ctx.world.barrier();  // the ranks start together: idle time is the pipeline's, not loading's
     BatchResult r = generate_batch(ctx.model, ctx.mesh, prompts, bo);
-    // Each rank's (busy, wall, prompt-pass busy, prompt-pass end, KV-cache MiB), gathered at every
-    // rank.
-    float mine[5] = {static_cast<float>(r.busy_seconds), static_cast<float>(r.seconds),
+    // Each rank's (busy, wall, prompt-pass busy, prompt-pass end), gathered at every rank.
+    float mine[4] = {static_cast<float>(r.busy_seconds), static_cast<float>(r.seconds),
                      static_cast<float>(r.prefill_busy_seconds),
-                     static_cast<float>(r.prefill_seconds),
-                     static_cast<float>(r.kv_cache_bytes / 1048576.0)};
-    std::vector<float> all(5 * ctx.world.size());
-    ctx.world.all_gather(mine, all.data(), 5, DType::F32);
+                     static_cast<float>(r.prefill_seconds)};
+    std::vector<float> all(4 * ctx.world.size());
+    ctx.world.all_gather(mine, all.data(), 4, DType::F32);
+    const std::vector<int64_t> mem = gather_memory(ctx.world, r.kv_cache_bytes, r.workspace_bytes);
     size_t total = 0;
     for (const auto& seq : r.sequences) total += seq.tokens.size();
     // One process prints all of stdout: the last stage's first TP rank, which holds the logits and
@@ -145,10 +162,7 @@ int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts
       std::fflush(stdout);
     }
     if (!ctx.is_root()) return;
-    if (o.engine.mem_stats)
-      for (int w = 0; w < ctx.world.size(); ++w)
-        std::fprintf(stderr, "[mem] rank %d: KV cache %.2f MiB (%zu sequences)\n", w,
-                     all[5 * w + 4], r.sequences.size());
+    if (o.engine.mem_stats) print_memory(mem, r.sequences.size());
     const int P = ctx.mesh.pp_size(), M = r.micro_batches;
     std::fprintf(stderr,
                  "[generate] tp %d x pp %d, %zu sequences in %d micro-batches: %zu tokens in %.3f "
@@ -235,9 +249,7 @@ int run(const Options& o) {
     };
     if (root && !o.quiet && !ids_out) std::printf("%s", o.prompt.c_str());
     GenerateResult r = generate(ctx.model, ctx.tp, prompt, go, on_token);
-    float kv_mib = static_cast<float>(r.kv_cache_bytes / 1048576.0);
-    std::vector<float> kv_all(ctx.world.size());
-    ctx.world.all_gather(&kv_mib, kv_all.data(), 1, DType::F32);
+    const std::vector<int64_t> mem = gather_memory(ctx.world, r.kv_cache_bytes, r.workspace_bytes);
     if (!root) return;
     if (!o.quiet && !ids_out) std::printf("%s", stream->finish().c_str());
     if (!o.quiet) std::printf("\n");
@@ -256,9 +268,7 @@ int run(const Options& o) {
                  prompt.size() / std::max(r.prefill_seconds, 1e-9), n,
                  n > 1 ? (n - 1) / std::max(r.decode_seconds, 1e-9) : 0.0,
                  r.stopped_at_eos ? " (stopped at EOS)" : "");
-    if (o.engine.mem_stats)
-      for (int w = 0; w < ctx.world.size(); ++w)
-        std::fprintf(stderr, "[mem] rank %d: KV cache %.2f MiB\n", w, kv_all[w]);
+    if (o.engine.mem_stats) print_memory(mem, 1);
   });
   return 0;
 }

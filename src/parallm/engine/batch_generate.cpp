@@ -95,6 +95,7 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
   result.micro_batches = M;
   result.sequences.resize(B);
   result.kv_cache_bytes = fwd.kv_bytes();
+  result.workspace_bytes = fwd.workspace_bytes();
 
   // Records a sampled token where it is learnt (last stage, and the first rank).
   auto record = [&](int i, int32_t tok) {

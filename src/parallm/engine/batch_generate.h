@@ -77,6 +77,7 @@ struct BatchResult {
   double prefill_seconds = 0;
   double prefill_busy_seconds = 0;  // this rank's compute until then
   uint64_t kv_cache_bytes = 0;      // this rank's KV cache
+  uint64_t workspace_bytes = 0;     // this rank's activation workspace (model/workspace.h)
 };
 
 // Called with (sequence, token) on each rank that learns a token: the last stage's ranks as they

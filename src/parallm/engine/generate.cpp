@@ -33,6 +33,7 @@ GenerateResult generate(const LlamaModel& model, comm::Group tp, const std::vect
   out.stopped_at_eos = seq.stopped_at_eos;
   out.steps = seq.steps;
   out.kv_cache_bytes = r.kv_cache_bytes;
+  out.workspace_bytes = r.workspace_bytes;
   out.prefill_seconds = r.prefill_seconds;
   out.decode_seconds = r.seconds - r.prefill_seconds;
   return out;

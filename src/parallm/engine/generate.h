@@ -31,6 +31,7 @@ struct GenerateResult {
   bool stopped_at_eos = false;
   int64_t steps = 0;            // forward passes this sequence took (prompt chunks + decode steps)
   uint64_t kv_cache_bytes = 0;  // this rank's KV cache
+  uint64_t workspace_bytes = 0;  // this rank's activation workspace
 };
 
 // Runs on every rank of `tp` (the model's group), which must hold the whole model. on_token is
