@@ -1,6 +1,7 @@
-// UTF-8 and Unicode character classes for the tokenizers, without a regex or ICU dependency.
-// The classes are those the GPT-2 / LLaMA-3 pre-split patterns use: \p{L} (general category L*),
-// \p{N} (N*) and \s (the White_Space property).
+// UTF-8 and Unicode character classes for the tokenizers. The pre-split regex runs on PCRE2
+// (bpe_split.h); these classes serve the rest: the word boundaries of added tokens (single_word,
+// lstrip, rstrip) use \p{L} (general category L*), \p{N} (N*) and \s (the White_Space property),
+// and a test checks that they agree with PCRE2's on every code point.
 #pragma once
 
 #include <cstddef>
