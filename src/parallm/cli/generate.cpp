@@ -4,7 +4,10 @@
 // (--pp), cut into micro-batches, printed at the end with the pipeline's measured bubble.
 #include "parallm/engine/generate.h"
 
+#include <sys/stat.h>
+
 #include <charconv>
+#include <csignal>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -33,7 +36,24 @@ struct Options {
   int top_k = 0;
   uint64_t seed = 0;
   bool print_ids = false, ignore_eos = false, print_logits = false, quiet = false;
+  bool check_finite = false;
 };
+
+// The most --prompts-file may hold: the file is read whole, so its size is bounded before reading.
+constexpr int64_t kPromptsFileLimit = int64_t{64} << 20;
+
+// --seed: an integer in [0, 2^64); "" or the reason. Parsed as unsigned without a sign, so "-1"
+// is refused instead of wrapping to 2^64-1.
+std::string parse_seed(const std::string& text, uint64_t* seed) {
+  uint64_t v = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+  if (text.empty() || ec == std::errc::invalid_argument || end != text.data() + text.size())
+    return cat("--seed must be an integer in [0, 2^64), got \"", text, "\"");
+  if (ec == std::errc::result_out_of_range)
+    return cat("--seed ", text, " is outside [0, 2^64)");
+  *seed = v;
+  return "";
+}
 
 bool is_id_list(const std::string& line) {
   return !line.empty() && line.find_first_not_of("0123456789, ") == std::string::npos &&
@@ -64,13 +84,35 @@ void check_vocab(const std::vector<int32_t>& ids, const std::string& what, int64
 }
 
 // Reads --prompts-file: one prompt per line, text or token ids ("1,2,3"); blank lines skipped.
+// Only a regular file of at most kPromptsFileLimit bytes is read (a device or FIFO could be
+// endless), and no more than that many bytes even if it grows while read.
+std::string read_prompts_text(const std::string& path) {
+  struct stat sb {};
+  if (::stat(path.c_str(), &sb) != 0)
+    fail<std::runtime_error>("cli", "--prompts-file ", path, ": cannot open");
+  if (!S_ISREG(sb.st_mode))
+    fail("cli", "--prompts-file ", path, ": not a regular file");
+  if (sb.st_size > kPromptsFileLimit)
+    fail("cli", "--prompts-file ", path, ": ", static_cast<int64_t>(sb.st_size),
+         " bytes exceeds the limit of 64 MiB");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail<std::runtime_error>("cli", "--prompts-file ", path, ": cannot open");
+  std::string text;
+  char buf[1 << 16];
+  while (in.read(buf, sizeof(buf)) || in.gcount() > 0) {
+    text.append(buf, static_cast<size_t>(in.gcount()));
+    if (static_cast<int64_t>(text.size()) > kPromptsFileLimit)
+      fail("cli", "--prompts-file ", path, ": more than the limit of 64 MiB");
+  }
+  return text;
+}
+
 std::vector<std::vector<int32_t>> read_prompts(const std::string& path, const Tokenizer* tok,
                                                int64_t vocab) {
-  std::ifstream in(path);
-  if (!in) fail<std::runtime_error>("cli", "--prompts-file ", path, ": cannot open");
+  std::istringstream in(read_prompts_text(path));
   std::vector<std::vector<int32_t>> out;
   std::string line;
-  int n = 0;
+  int64_t n = 0;
   while (std::getline(in, line)) {
     ++n;
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
@@ -125,34 +167,58 @@ int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts
   bo.micro_batches = o.micro_batches;
   bo.prefill_chunk = o.prefill_chunk;
   bo.collect_logits = o.print_logits;
+  bo.check_finite = o.check_finite;
   const bool ids_out = o.print_ids || !tok;
+  auto print_sequences = [&](const std::vector<std::vector<int32_t>>& seqs) {
+    for (size_t i = 0; !o.quiet && i < seqs.size(); ++i) {
+      std::printf("[%zu] ", i);
+      if (ids_out) {
+        for (int32_t t : seqs[i]) std::printf("%d ", t);
+      } else {
+        std::printf("%s", tok->decode(seqs[i]).c_str());
+      }
+      std::printf("\n");
+    }
+    std::fflush(stdout);
+  };
   run_model(o.engine, [&](RankContext& ctx) {
     ctx.world.barrier();  // the ranks start together: idle time is the pipeline's, not loading's
-    BatchResult r = generate_batch(ctx.model, ctx.mesh, prompts, bo);
-    // Each rank's (busy, wall, prompt-pass busy, prompt-pass end), gathered at every rank.
-    float mine[4] = {static_cast<float>(r.busy_seconds), static_cast<float>(r.seconds),
-                     static_cast<float>(r.prefill_busy_seconds),
-                     static_cast<float>(r.prefill_seconds)};
-    std::vector<float> all(4 * ctx.world.size());
-    ctx.world.all_gather(mine, all.data(), 4, DType::F32);
-    const std::vector<int64_t> mem = gather_memory(ctx.world, r.kv_cache_bytes, r.workspace_bytes);
-    size_t total = 0;
-    for (const auto& seq : r.sequences) total += seq.tokens.size();
     // One process prints all of stdout: the last stage's first TP rank, which holds the logits and
     // its own record of every token. (Two printers, even ordered by a barrier, can interleave
     // mid-line under mpirun, whose output forwarding merges the processes' pipes in arbitrary
     // chunks.)
     const bool printer = ctx.mesh.last_stage() && ctx.mesh.tp_rank() == 0;
+    // The printer's own record of the tokens as they come, so that a run that fails part way
+    // (a rank's error, a comm timeout) still prints what it generated before the error line.
+    std::vector<std::vector<int32_t>> so_far(prompts.size());
+    TokenCallback on_token;
+    if (printer) on_token = [&](int i, int32_t t) { so_far[i].push_back(t); };
+    std::vector<Request> requests;
+    for (const auto& p : prompts) requests.push_back({p, bo.max_tokens});
+    BatchResult r;
+    try {
+      r = generate_batch(ctx.model, ctx.mesh, requests, bo, on_token);
+    } catch (...) {
+      if (printer) print_sequences(so_far);
+      throw;
+    }
+    // Each rank's (busy, wall, prompt-pass busy, prompt-pass end) in nanoseconds, gathered at
+    // every rank as exact integers. All four come from one clock on one rank, measured from that
+    // rank's own start (t0 in the loop): busy is a sum of disjoint intervals inside [t0, end], so
+    // busy <= wall and prompt-pass busy <= prompt-pass end <= the largest prompt-pass end, and no
+    // share below can leave [0, 100%].
+    auto ns = [](double s) { return static_cast<int64_t>(s * 1e9); };
+    const int64_t mine[4] = {ns(r.busy_seconds), ns(r.seconds), ns(r.prefill_busy_seconds),
+                             ns(r.prefill_seconds)};
+    std::vector<int64_t> all(4 * ctx.world.size());
+    ctx.world.all_gather(mine, all.data(), 4, DType::I64);
+    const std::vector<int64_t> mem = gather_memory(ctx.world, r.kv_cache_bytes, r.workspace_bytes);
+    size_t total = 0;
+    for (const auto& seq : r.sequences) total += seq.tokens.size();
     if (printer) {
-      for (size_t i = 0; !o.quiet && i < r.sequences.size(); ++i) {
-        std::printf("[%zu] ", i);
-        if (ids_out) {
-          for (int32_t t : r.sequences[i].tokens) std::printf("%d ", t);
-        } else {
-          std::printf("%s", tok->decode(r.sequences[i].tokens).c_str());
-        }
-        std::printf("\n");
-      }
+      std::vector<std::vector<int32_t>> seqs;
+      for (const auto& seq : r.sequences) seqs.push_back(seq.tokens);
+      print_sequences(seqs);
       for (size_t i = 0; o.print_logits && i < r.sequences.size(); ++i)
         for (size_t s = 0; s < r.sequences[i].logits.size(); ++s) {
           std::printf("logits[%zu][%zu]:", i, s);
@@ -171,18 +237,21 @@ int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts
                  total / std::max(r.seconds, 1e-9));
     if (P > 1) {
       // The prompt pass ends when its last stage is done with it: the latest end over ranks.
-      double prefill_end = 0;
-      for (int w = 0; w < ctx.world.size(); ++w)
-        prefill_end = std::max<double>(prefill_end, all[5 * w + 3]);
-      prefill_end = std::max(prefill_end, 1e-9);
+      int64_t prefill_end = 1;
+      for (int w = 0; w < ctx.world.size(); ++w) prefill_end = std::max(prefill_end, all[4 * w + 3]);
+      // busy / wall of one rank (both in [0, wall] by the above; a zero wall is an idle rank).
+      auto share = [](int64_t part, int64_t whole) {
+        return whole > 0 ? static_cast<double>(part) / static_cast<double>(whole) : 0.0;
+      };
       double idle_all = 0, idle_prefill = 0;
       for (int s = 0; s < P; ++s) {
-        const float* v = &all[5 * ctx.mesh.global_rank(0, 0, s)];
+        const int64_t* v = &all[4 * ctx.mesh.global_rank(0, 0, s)];
+        const double run = share(v[0], v[1]), prompt = share(v[2], prefill_end);
         std::fprintf(stderr,
                      "[pipeline] stage %d: busy %.1f%% of the run, %.1f%% of the prompt pass\n", s,
-                     100.0 * v[0] / v[1], 100.0 * v[2] / prefill_end);
-        idle_all += 1.0 - v[0] / v[1];
-        idle_prefill += 1.0 - v[2] / prefill_end;
+                     100.0 * run, 100.0 * prompt);
+        idle_all += 1.0 - run;
+        idle_prefill += 1.0 - prompt;
       }
       std::fprintf(stderr,
                    "[pipeline] bubble: prompt pass %.3f (GPipe formula (p-1)/(m+p-1) = %.3f), "
@@ -194,7 +263,39 @@ int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts
   return 0;
 }
 
+// SIGINT/SIGTERM: the handler only records the signal and asks the loop to stop (an atomic flag);
+// the loop ends at its next plan, the tokens so far are printed, and run() exits non-zero. A second
+// signal while stopping ends the process the default way.
+volatile std::sig_atomic_t g_signal = 0;
+
+extern "C" void on_stop_signal(int sig) {
+  if (g_signal != 0) {
+    std::signal(sig, SIG_DFL);
+    std::raise(sig);
+    return;
+  }
+  g_signal = sig;
+  request_stop();
+}
+
+int run_generate(const Options& o);
+
 int run(const Options& o) {
+  clear_stop();
+  g_signal = 0;
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
+  const int rc = run_generate(o);
+  std::signal(SIGINT, SIG_DFL);
+  std::signal(SIGTERM, SIG_DFL);
+  if (g_signal != 0)
+    fail<std::runtime_error>("cli", "generate stopped by signal ", static_cast<int>(g_signal),
+                             " (", g_signal == SIGINT ? "SIGINT" : "SIGTERM",
+                             "); the tokens generated so far are printed above");
+  return rc;
+}
+
+int run_generate(const Options& o) {
   const int given = !o.prompt.empty() + !o.prompt_ids.empty() + !o.prompts_file.empty();
   if (given != 1)
     fail("cli", "give exactly one of --prompt TEXT, --prompt-ids 1,2,3 or --prompts-file FILE");
@@ -232,6 +333,7 @@ int run(const Options& o) {
   go.sampling = sp;
   go.prefill_chunk = o.prefill_chunk;
   go.collect_logits = o.print_logits;
+  go.check_finite = o.check_finite;
   const bool ids_out = o.print_ids || !tok;
   run_model(o.engine, [&](RankContext& ctx) {
     ctx.world.barrier();  // the ranks start together, so the prompt's time is the prompt's
@@ -303,7 +405,17 @@ int run(const Options& o) {
        app.add_option("--top-k", o->top_k, "Keep the k most likely tokens (0 = off)")
            ->check(CLI::NonNegativeNumber);
        app.add_option("--top-p", o->top_p, "Nucleus sampling mass in (0, 1] (1 = off)");
-       app.add_option("--seed", o->seed, "Sampling seed (default 0)");
+       app.add_option_function<std::string>(
+              "--seed",
+              [o](const std::string& text) {
+                if (std::string why = parse_seed(text, &o->seed); !why.empty())
+                  throw CLI::ValidationError(why);
+              },
+              "Sampling seed, an integer in [0, 2^64) (default 0)")
+           ->type_name("UINT");
+       app.add_flag("--check-finite", o->check_finite,
+                    "Scan the activations after every layer; fail naming the layer where a "
+                    "non-finite value first appears (the final logits are always checked)");
        app.add_flag("--print-ids", o->print_ids, "Print token ids instead of text");
        app.add_flag("--ignore-eos", o->ignore_eos, "Do not stop at the end-of-sequence token");
        app.add_flag("--print-logits", o->print_logits,

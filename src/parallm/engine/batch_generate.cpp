@@ -1,6 +1,8 @@
 #include "parallm/engine/batch_generate.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstring>
 
 #include "parallm/core/error.h"
@@ -29,7 +31,15 @@ struct SeqState {
   bool active = false;
 };
 
+// Set by request_stop() (a signal handler may call it): lock-free, so async-signal-safe.
+std::atomic<bool> g_stop{false};
+static_assert(std::atomic<bool>::is_always_lock_free);
+
 }  // namespace
+
+void request_stop() { g_stop.store(true, std::memory_order_relaxed); }
+bool stop_requested() { return g_stop.load(std::memory_order_relaxed); }
+void clear_stop() { g_stop.store(false, std::memory_order_relaxed); }
 
 BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const comm::Group& pp,
                            const std::vector<Request>& requests, const BatchOptions& options,
@@ -59,10 +69,16 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
              c.vocab_size, ")");
     const int64_t mt = requests[i].max_tokens >= 0 ? requests[i].max_tokens : options.max_tokens;
     const int64_t len = static_cast<int64_t>(prompt.size());
-    if (len + mt > c.max_position_embeddings)
-      fail("generate", "prompt ", i + 1, " (", len, " tokens) + max tokens (", mt,
-           ") exceeds the model's max_position_embeddings ", c.max_position_embeddings);
-    capacity = std::max(capacity, len + mt);
+    if (mt < 0) fail("generate", "prompt ", i + 1, ": --max-tokens must be >= 0, got ", mt);
+    // Checked: prompt + max_tokens is the KV capacity; a wrapped sum would pass the check below.
+    int64_t positions = 0;
+    if (__builtin_add_overflow(len, mt, &positions))
+      fail("generate", "prompt ", i + 1, " (", len, " tokens) + --max-tokens ", mt,
+           " overflows a 64-bit position count");
+    if (positions > c.max_position_embeddings)
+      fail("generate", "prompt ", i + 1, " (", len, " tokens) + --max-tokens ", mt,
+           " exceeds the model's max_position_embeddings ", c.max_position_embeddings);
+    capacity = std::max(capacity, positions);
     st[i].max_tokens = mt;
     st[i].active = mt > 0;
   }
@@ -113,6 +129,9 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
   // The first rank's plan for micro-batch j.
   auto build_plan = [&](int j) {
     StepPlan plan;
+    // A stop from outside: no more work; the loop ends through the usual exit plan.
+    if (stop_requested())
+      for (SeqState& s : st) s.active = false;
     for (int i = mb_begin(j); i < mb_begin(j + 1); ++i) {
       SeqState& s = st[i];
       if (!s.active) continue;
@@ -189,8 +208,12 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
       broadcast_plan(plan, tp, 0, max_mb, budget);
       const double b = now_seconds();
       embedded[j].resize(plan.tokens() * H);
-      if (!plan.ids.empty())
+      if (!plan.ids.empty()) {
         fwd.embed(plan.ids.data(), static_cast<int64_t>(plan.ids.size()), embedded[j].data());
+        if (options.check_finite)
+          check_finite_activations(embedded[j].data(), plan.tokens(), H, "the embedding",
+                                   result.steps);
+      }
       busy += now_seconds() - b;
     }
     const double b = now_seconds();
@@ -199,7 +222,7 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
       ++result.sequences[e.slot].steps;
       result.sequences[e.slot].tokens_fed += e.n_tokens;
     }
-    if (!plan.entries.empty()) fwd.layers(x, plan.chunks());
+    if (!plan.entries.empty()) fwd.layers(x, plan.chunks(), options.check_finite, result.steps);
     if (last && plan.samples() > 0) {
       // One row of logits per sampled sequence: its chunk's last token.
       TraceSpan span("head+sample", "compute");
@@ -218,7 +241,14 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
       for (const PlanEntry& e : plan.entries) {
         if (!e.sample) continue;
         const float* row = logits.data() + r * V;
-        if (options.collect_logits)
+        // The one check of the default path: a scan of each sampled row before sampling (the
+        // sampler would otherwise turn NaN logits into some token without a word).
+        for (int64_t v = 0; v < V; ++v)
+          if (!std::isfinite(row[v]))
+            fail<std::runtime_error>(
+                "generate", "step ", result.steps, ": the final logits of sequence ", e.slot + 1,
+                " hold a non-finite value (", row[v], " for token id ",
+                model.vocab_shard().begin + v, "); rerun with --check-finite to find the layer");        if (options.collect_logits)
           result.sequences[e.slot].logits.push_back(model.lm_head().gather_logits(row));
         tokens[r++] =
             samplers[e.slot].sample(row, model.vocab_shard().begin, model.vocab_shard().end);

@@ -52,6 +52,10 @@ struct BatchOptions {
   int micro_batches = 0;        // 0: as many as pipeline stages (capped at the batch size)
   int64_t prefill_chunk = 0;    // feed prompts at most this many tokens per step; 0: whole prompts
   bool collect_logits = false;  // full-vocab logits of every step (last stage's ranks)
+  // Scan the activations after the embedding and after every layer, and fail naming the layer
+  // where a non-finite value first appeared (--check-finite). Without it only the sampled rows of
+  // the final logits are scanned, once per step: non-finite logits are always an error.
+  bool check_finite = false;
 };
 
 struct SequenceOutput {
@@ -83,6 +87,13 @@ struct BatchResult {
 // Called with (sequence, token) on each rank that learns a token: the last stage's ranks as they
 // sample it, and the first rank. Without pipeline stages that is every rank, once per token.
 using TokenCallback = std::function<void(int sequence, int32_t token)>;
+
+// A stop asked for from outside the loop (a signal handler: only sets a flag, async-signal-safe).
+// The first rank sees it when it plans the next step and plans no more work: the loop ends as if
+// every sequence had finished, so each keeps the tokens generated so far. Cleared by clear_stop().
+void request_stop();
+bool stop_requested();
+void clear_stop();
 
 // The loop on one rank: tp is this stage's TP group (the model's), pp this TP rank's pipeline
 // group (one rank per stage; the size-1 group without pipeline). Every rank of tp x pp calls it

@@ -22,6 +22,7 @@ GenerateResult generate(const LlamaModel& model, comm::Group tp, const std::vect
   bo.micro_batches = 1;
   bo.prefill_chunk = options.prefill_chunk;
   bo.collect_logits = options.collect_logits;
+  bo.check_finite = options.check_finite;
   TokenCallback cb;
   if (on_token) cb = [&](int, int32_t token) { on_token(token); };
   BatchResult r =

@@ -21,6 +21,7 @@ struct GenerateOptions {
   int64_t prefill_chunk = 0;  // feed the prompt at most this many tokens per step; 0: at once
   bool collect_logits =
       false;  // gather the full vocabulary's logits of every step (tests, --print-logits)
+  bool check_finite = false;  // scan after every layer (BatchOptions::check_finite)
 };
 
 struct GenerateResult {

@@ -5,12 +5,18 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "parallm/engine/kv_cache.h"
 #include "parallm/model/llama.h"
 
 namespace parallm {
+
+// Fails (std::runtime_error) when x: [T, hidden] holds a non-finite value, naming `where` (e.g.
+// "layer 3"), the step, and the token row and value.
+void check_finite_activations(const float* x, int64_t T, int64_t hidden, const std::string& where,
+                              int64_t step);
 
 class StageForward {
  public:
@@ -23,7 +29,10 @@ class StageForward {
   // ids: [T] -> x: [T, hidden]. First stage only.
   void embed(const int32_t* ids, int64_t T, float* x) const;
   // x: [T, hidden], the tokens of `chunks` back to back, through this stage's layers, in place.
-  void layers(float* x, const std::vector<SeqChunk>& chunks);
+  // check_finite: x is scanned after every layer, and a non-finite value fails naming the layer
+  // (global index) and `step`.
+  void layers(float* x, const std::vector<SeqChunk>& chunks, bool check_finite = false,
+              int64_t step = 0);
   // rows: [R, hidden] (normalised in place) -> logits: [R, vocab shard]. Last stage only.
   void head(float* rows, int64_t R, float* logits) const;
 
