@@ -66,17 +66,20 @@ void run_decode_batch(const DecodeOptions& o, RankContext& ctx) {
   ctx.world.all_reduce(&prefill_end, 1, comm::ReduceOp::Max);
   const double decode_s = r.seconds - prefill_end;
   const int64_t steps = bo.max_tokens - 1;
-  float mine[3] = {static_cast<float>(r.busy_seconds), static_cast<float>(r.seconds),
-                   static_cast<float>(ctx.mesh.tp().stats().get(comm::Kind::AllReduce).seconds)};
-  std::vector<float> all(3 * ctx.world.size());
-  ctx.world.all_gather(mine, all.data(), 3, DType::F32);
+  // (busy, wall, all-reduce time) of each rank in integer nanoseconds: busy and wall are one
+  // clock's integers on one rank (BatchResult), so busy <= wall exactly and the bubble is in [0, 1].
+  const int64_t mine[3] = {
+      r.busy_ns, r.wall_ns,
+      static_cast<int64_t>(ctx.mesh.tp().stats().get(comm::Kind::AllReduce).seconds * 1e9)};
+  std::vector<int64_t> all(3 * ctx.world.size());
+  ctx.world.all_gather(mine, all.data(), 3, DType::I64);
   if (!ctx.is_root()) return;
   const int P = ctx.mesh.pp_size(), M = r.micro_batches;
   double idle = 0, comm_s = 0;
   for (int s = 0; s < P; ++s) {
-    const float* v = &all[3 * ctx.mesh.global_rank(0, 0, s)];
-    idle += 1.0 - v[0] / v[1];
-    comm_s = std::max<double>(comm_s, v[2]);
+    const int64_t* v = &all[3 * ctx.mesh.global_rank(0, 0, s)];
+    idle += v[1] > 0 ? 1.0 - static_cast<double>(v[0]) / static_cast<double>(v[1]) : 0.0;
+    comm_s = std::max(comm_s, v[2] * 1e-9);
   }
   std::printf("bench decode: %s, tp %d x pp %d, batch %d in %d micro-batches, %d threads/rank\n",
               o.engine.model.c_str(), ctx.mesh.tp_size(), P, o.batch, M,

@@ -203,13 +203,11 @@ int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts
       throw;
     }
     // Each rank's (busy, wall, prompt-pass busy, prompt-pass end) in nanoseconds, gathered at
-    // every rank as exact integers. All four come from one clock on one rank, measured from that
-    // rank's own start (t0 in the loop): busy is a sum of disjoint intervals inside [t0, end], so
-    // busy <= wall and prompt-pass busy <= prompt-pass end <= the largest prompt-pass end, and no
-    // share below can leave [0, 100%].
-    auto ns = [](double s) { return static_cast<int64_t>(s * 1e9); };
-    const int64_t mine[4] = {ns(r.busy_seconds), ns(r.seconds), ns(r.prefill_busy_seconds),
-                             ns(r.prefill_seconds)};
+    // every rank as exact integers (they were floats, read at stride 5 of 4: other ranks' values
+    // and past the end). All four are integers of one clock on one rank from that rank's own start
+    // (BatchResult): busy <= wall and prompt-pass busy <= prompt-pass end <= the largest
+    // prompt-pass end, so no share below can leave [0, 100%], and no clamp is needed.
+    const int64_t mine[4] = {r.busy_ns, r.wall_ns, r.prefill_busy_ns, r.prefill_ns};
     std::vector<int64_t> all(4 * ctx.world.size());
     ctx.world.all_gather(mine, all.data(), 4, DType::I64);
     const std::vector<int64_t> mem = gather_memory(ctx.world, r.kv_cache_bytes, r.workspace_bytes);

@@ -2,11 +2,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
 #include "parallm/core/error.h"
-#include "parallm/core/timer.h"
 #include "parallm/core/trace.h"
 #include "parallm/engine/generate.h"
 #include "parallm/engine/stage_forward.h"
@@ -30,6 +30,14 @@ struct SeqState {
   int32_t next = 0;       // the token it feeds next, once its prompt is in
   bool active = false;
 };
+
+// Nanoseconds of the steady clock: the loop's time statistics are integers of one clock, so
+// sums of sub-intervals never exceed the interval they lie in.
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 // Set by request_stop() (a signal handler may call it): lock-free, so async-signal-safe.
 std::atomic<bool> g_stop{false};
@@ -171,8 +179,8 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
     return first ? embedded[j].data() : received[j]->data.data();
   };
 
-  const double t0 = now_seconds();
-  double busy = 0;
+  const int64_t t0 = now_ns();
+  int64_t busy = 0;
   pipeline::StageCallbacks cb;
   cb.recv_activation = [&](int j, int) {
     pipeline::Activation& a = link.recv_activation(stage - 1, j, 0);
@@ -206,7 +214,7 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
         sampled_in_flight[j] = plan.samples();
       }
       broadcast_plan(plan, tp, 0, max_mb, budget);
-      const double b = now_seconds();
+      const int64_t b = now_ns();
       embedded[j].resize(plan.tokens() * H);
       if (!plan.ids.empty()) {
         fwd.embed(plan.ids.data(), static_cast<int64_t>(plan.ids.size()), embedded[j].data());
@@ -214,9 +222,9 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
           check_finite_activations(embedded[j].data(), plan.tokens(), H, "the embedding",
                                    result.steps);
       }
-      busy += now_seconds() - b;
+      busy += now_ns() - b;
     }
-    const double b = now_seconds();
+    const int64_t b = now_ns();
     float* x = activations(j);
     for (const PlanEntry& e : plan.entries) {
       ++result.sequences[e.slot].steps;
@@ -262,13 +270,13 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
       }
       if (P > 1 && tp.rank() == 0) link.send_result(0, j, tokens.data(), R);
     }
-    busy += now_seconds() - b;
+    busy += now_ns() - b;
     for (const PlanEntry& e : plan.entries)
       if (e.sample && !has_token[e.slot]) {
         has_token[e.slot] = 1;
         if (--prompts_left == 0) {
-          result.prefill_seconds = now_seconds() - t0;
-          result.prefill_busy_seconds = busy;
+          result.prefill_ns = now_ns() - t0;
+          result.prefill_busy_ns = busy;
         }
       }
   };
@@ -278,8 +286,12 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
     pipeline::execute_stage(schedule, stage, cb);
     ++result.steps;
   } while (!plans[M - 1].exit);
-  result.seconds = now_seconds() - t0;
-  result.busy_seconds = busy;
+  result.wall_ns = now_ns() - t0;
+  result.busy_ns = busy;
+  result.seconds = result.wall_ns * 1e-9;
+  result.busy_seconds = result.busy_ns * 1e-9;
+  result.prefill_seconds = result.prefill_ns * 1e-9;
+  result.prefill_busy_seconds = result.prefill_busy_ns * 1e-9;
   return result;
 }
 

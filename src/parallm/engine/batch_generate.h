@@ -80,6 +80,10 @@ struct BatchResult {
   // ends a prompt); the largest over ranks, the last stage's, ends the prompt pass.
   double prefill_seconds = 0;
   double prefill_busy_seconds = 0;  // this rank's compute until then
+  // The same four in integer nanoseconds of one steady clock, from this rank's own start: busy is
+  // a sum of disjoint intervals inside [start, end], so busy_ns <= wall_ns and prefill_busy_ns <=
+  // prefill_ns exactly (the shares printed from them cannot leave [0, 100%]).
+  int64_t wall_ns = 0, busy_ns = 0, prefill_ns = 0, prefill_busy_ns = 0;
   uint64_t kv_cache_bytes = 0;      // this rank's KV cache
   uint64_t workspace_bytes = 0;     // this rank's activation workspace (model/workspace.h)
 };
