@@ -183,8 +183,8 @@ TEST(GenerateHardening, PipelineStatisticsStayWithinBoundsUnderLoad) {
   for (int i = 0; i < 2; ++i) {
     const pid_t pid = fork();
     if (pid == 0) {
-      for (volatile uint64_t x = 0;; x = x + 1) {
-      }
+      volatile uint64_t x = 0;
+      for (;;) x = x + 1;
     }
     spinners.push_back(pid);
   }

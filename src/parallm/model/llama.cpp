@@ -158,7 +158,7 @@ Workspace LlamaModel::make_workspace(int64_t max_tokens) const {
 }
 
 void LlamaModel::forward_layers(float* x, const std::vector<SeqChunk>& chunks, KvStore& kv,
-                                Workspace& ws) const {
+                                Workspace& ws, const LayerHook& after_layer) const {
   const int64_t H = config_.hidden_size;
   int64_t T = 0;
   for (const SeqChunk& ch : chunks) {
@@ -197,6 +197,7 @@ void LlamaModel::forward_layers(float* x, const std::vector<SeqChunk>& chunks, K
     kernels::rmsnorm(x, L.ffn_norm.data(), xn, T, H, eps);
     L.mlp.forward(xn, T, ws.scratch(), out);
     for (int64_t i = 0; i < T * H; ++i) x[i] += out[i];
+    if (after_layer) after_layer(opts_.layer_begin + static_cast<int64_t>(li), x, T);
   }
 }
 

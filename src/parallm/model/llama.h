@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "parallm/comm/group.h"
@@ -54,9 +55,11 @@ class LlamaModel {
   // x: [T, hidden], the tokens of `chunks` back to back, through this rank's layers, in place.
   // Writes their keys and values into `kv` and reads the earlier positions from it. `ws` is the
   // caller's workspace (make_workspace); throws std::invalid_argument when T exceeds its
-  // max_tokens() or it was made for another model shape.
-  void forward_layers(float* x, const std::vector<SeqChunk>& chunks, KvStore& kv,
-                      Workspace& ws) const;
+  // max_tokens() or it was made for another model shape. `after_layer`, when set, sees x after
+  // each layer (its global index), e.g. to find where non-finite values first appear.
+  using LayerHook = std::function<void(int64_t layer, const float* x, int64_t T)>;
+  void forward_layers(float* x, const std::vector<SeqChunk>& chunks, KvStore& kv, Workspace& ws,
+                      const LayerHook& after_layer = nullptr) const;
   // x: [R, hidden] -> logits: [R, vocab_shard().size()] (final norm, then this rank's vocab
   // slice of the LM head). Last stage only. x is normalised in place.
   void head(float* x, int64_t R, float* logits) const;
