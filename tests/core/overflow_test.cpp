@@ -20,8 +20,7 @@ TEST(Overflow, MulChecked) {
     FAIL() << "no error";
   } catch (const std::invalid_argument& e) {
     EXPECT_NE(std::string(e.what()).find("the widget count"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("4294967296 x 2147483648"), std::string::npos)
-        << e.what();
+    EXPECT_NE(std::string(e.what()).find("4294967296 x 2147483648"), std::string::npos) << e.what();
   }
   EXPECT_THROW(mul_checked(-1, 2, "x"), std::invalid_argument);
   EXPECT_EQ(add_checked(2, 3, "x"), 5);

@@ -44,7 +44,8 @@ TEST(CliHardening, FifoAndDeviceAsTheModel) {
   const std::string fifo = dir.file("model.safetensors");
   ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
   expect_one_line_error("generate --model " + fifo + " --prompt-ids 1", "is a FIFO");
-  expect_one_line_error("generate --model /dev/zero --prompt-ids 1", "/dev/zero: is a character device");
+  expect_one_line_error("generate --model /dev/zero --prompt-ids 1",
+                        "/dev/zero: is a character device");
 }
 
 TEST(CliHardening, InitModelTooLargeLeavesNothing) {
@@ -52,9 +53,9 @@ TEST(CliHardening, InitModelTooLargeLeavesNothing) {
   json c = tiny_config(dir);
   c["num_hidden_layers"] = 1'000'000'000;
   write_json(dir.file("layers.json"), c);
-  expect_one_line_error("init-model --shape " + dir.file("layers.json") + " --out " +
-                            dir.file("out1/x"),
-                        "num_hidden_layers 1000000000");
+  expect_one_line_error(
+      "init-model --shape " + dir.file("layers.json") + " --out " + dir.file("out1/x"),
+      "num_hidden_layers 1000000000");
   EXPECT_FALSE(fs::exists(dir.file("out1")));
   c = tiny_config(dir);
   c["hidden_size"] = int64_t{1} << 62;
@@ -62,9 +63,9 @@ TEST(CliHardening, InitModelTooLargeLeavesNothing) {
   c["num_attention_heads"] = 1;
   c["num_key_value_heads"] = 1;
   write_json(dir.file("huge.json"), c);
-  expect_one_line_error("init-model --shape " + dir.file("huge.json") + " --out " +
-                            dir.file("out2"),
-                        "hidden_size 4611686018427387904");
+  expect_one_line_error(
+      "init-model --shape " + dir.file("huge.json") + " --out " + dir.file("out2"),
+      "hidden_size 4611686018427387904");
   EXPECT_FALSE(fs::exists(dir.file("out2")));
 }
 
@@ -84,7 +85,8 @@ TEST(CliHardening, BadConfigValuesAndHeaderLength) {
   c.erase("eos_token_id");
   write_json(dir.file("m/config.json"), c);
   {
-    std::fstream f(dir.file("m/model.safetensors"), std::ios::in | std::ios::out | std::ios::binary);
+    std::fstream f(dir.file("m/model.safetensors"),
+                   std::ios::in | std::ios::out | std::ios::binary);
     unsigned char len[8];
     f.read(reinterpret_cast<char*>(len), 8);
     uint64_t n = 0;
@@ -94,7 +96,8 @@ TEST(CliHardening, BadConfigValuesAndHeaderLength) {
     f.seekp(0);
     f.write(reinterpret_cast<const char*>(len), 8);
   }
-  expect_one_line_error("generate --model " + dir.file("m") + " --prompt-ids 1", "model.safetensors");
+  expect_one_line_error("generate --model " + dir.file("m") + " --prompt-ids 1",
+                        "model.safetensors");
 }
 
 }  // namespace

@@ -29,7 +29,7 @@ using nlohmann::json;
 using testing::error_of;
 using testing::TempDir;
 
-#define EXPECT_HAS(haystack, needle)                                  \
+#define EXPECT_HAS(haystack, needle)                               \
   EXPECT_NE(std::string(haystack).find(needle), std::string::npos) \
       << "expected \"" << (needle) << "\" in: " << (haystack)
 
@@ -59,7 +59,7 @@ std::string st_error(const std::string& path) {
 TEST(Hardening, JsonNestingDepthIsScannedWithoutRecursion) {
   EXPECT_EQ(json_nesting_depth("{}"), 1);
   EXPECT_EQ(json_nesting_depth(R"({"a": [1, {"b": "[[[["}]})"), 3);  // brackets in strings skipped
-  EXPECT_EQ(json_nesting_depth(R"(["\"[[["])"), 1);                 // escaped quote stays inside
+  EXPECT_EQ(json_nesting_depth(R"(["\"[[["])"), 1);                  // escaped quote stays inside
   EXPECT_EQ(json_nesting_depth(nested(100000), 256), 257);
   EXPECT_HAS(error_of([] { parse_json_bounded(nested(70000), "x", "f.json"); }),
              "f.json: JSON nests deeper than 256 levels");
@@ -88,14 +88,16 @@ TEST(Hardening, SafetensorsTensorsMustCoverTheDataSectionExactly) {
   write_st(dir / "tail.safetensors", kHeader, kData + "xx");
   EXPECT_HAS(st_error(dir / "tail.safetensors"), "it has 26 bytes");
   // A gap at the start and between tensors.
-  write_st(dir / "gap0.safetensors",
-           R"({"w":{"dtype":"F32","shape":[2,3],"data_offsets":[4,28]}})", std::string(28, '\0'));
-  EXPECT_HAS(st_error(dir / "gap0.safetensors"), "bytes [0, 4) of the data section belong to no tensor");
+  write_st(dir / "gap0.safetensors", R"({"w":{"dtype":"F32","shape":[2,3],"data_offsets":[4,28]}})",
+           std::string(28, '\0'));
+  EXPECT_HAS(st_error(dir / "gap0.safetensors"),
+             "bytes [0, 4) of the data section belong to no tensor");
   write_st(dir / "gap.safetensors",
            R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
            R"("b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}})",
            std::string(12, '\0'));
-  EXPECT_HAS(st_error(dir / "gap.safetensors"), "bytes [4, 8) of the data section belong to no tensor (before \"b\")");
+  EXPECT_HAS(st_error(dir / "gap.safetensors"),
+             "bytes [4, 8) of the data section belong to no tensor (before \"b\")");
   write_st(dir / "overlap.safetensors",
            R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
            R"("b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
@@ -158,29 +160,31 @@ std::string config_error(const std::function<void(json&)>& edit) {
 TEST(Hardening, ConfigValuesAreRangeChecked) {
   EXPECT_EQ(config_error([](json&) {}), "no error");
   auto llama3 = [](double factor) {
-    return [factor](json& j) {
-      j["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", factor}};
-    };
+    return [factor](json& j) { j["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", factor}}; };
   };
   EXPECT_EQ(config_error(llama3(8.0)), "no error");
   for (double bad : {0.0, -2.0, std::nan(""), std::numeric_limits<double>::infinity()})
     EXPECT_HAS(config_error(llama3(bad)),
                "config.json: field \"rope_scaling.factor\" must be a finite positive number");
   EXPECT_HAS(config_error([](json& j) {
-               j["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0},
-                                    {"low_freq_factor", 4.0}, {"high_freq_factor", 4.0}};
+               j["rope_scaling"] = {{"rope_type", "llama3"},
+                                    {"factor", 8.0},
+                                    {"low_freq_factor", 4.0},
+                                    {"high_freq_factor", 4.0}};
              }),
              "rope_scaling.high_freq_factor");
-  EXPECT_HAS(config_error([](json& j) {
-               j["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0},
-                                    {"original_max_position_embeddings", "x"}};
-             }),
-             "field \"rope_scaling.original_max_position_embeddings\" must be an integer, got \"x\"");
+  EXPECT_HAS(
+      config_error([](json& j) {
+        j["rope_scaling"] = {
+            {"rope_type", "llama3"}, {"factor", 8.0}, {"original_max_position_embeddings", "x"}};
+      }),
+      "field \"rope_scaling.original_max_position_embeddings\" must be an integer, got \"x\"");
   EXPECT_HAS(config_error([](json& j) { j["rope_theta"] = 0; }), "field \"rope_theta\"");
-  EXPECT_HAS(config_error([](json& j) { j["rope_theta"] = std::nan(""); }),
-             "field \"rope_theta\"");
+  EXPECT_HAS(config_error([](json& j) { j["rope_theta"] = std::nan(""); }), "field \"rope_theta\"");
   EXPECT_HAS(config_error([](json& j) { j["rms_norm_eps"] = -1e-5; }), "field \"rms_norm_eps\"");
-  EXPECT_HAS(config_error([](json& j) { j["eos_token_id"] = json::array({2, "a"}); }),
+  EXPECT_HAS(config_error([](json& j) {
+               j["eos_token_id"] = json::array({2, "a"});
+             }),
              "field \"eos_token_id[1]\" must be an integer, got \"a\"");
   EXPECT_HAS(config_error([](json& j) { j["eos_token_id"] = json::array({"a"}); }),
              "field \"eos_token_id[0]\"");
@@ -261,8 +265,7 @@ TEST(Hardening, InitModelRefusesHugeModelsAndLeavesNothing) {
   int n = 0;
   for (const auto& e : fs::directory_iterator(out)) {
     ++n;
-    EXPECT_TRUE(e.path().filename() == "config.json" ||
-                e.path().filename() == "model.safetensors")
+    EXPECT_TRUE(e.path().filename() == "config.json" || e.path().filename() == "model.safetensors")
         << e.path();
   }
   EXPECT_EQ(n, 2);

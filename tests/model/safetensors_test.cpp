@@ -282,10 +282,12 @@ TEST(Safetensors, BadHeadersFailWithTheNumbers) {
             std::string::npos);
 
   write_raw(p, R"({"w":{"dtype":"F32","shape":[2,2.5],"data_offsets":[0,16]}})", data16);
-  EXPECT_NE(open_error(p).find("shape[1] must be a non-negative integer, got 2.5"), std::string::npos);
+  EXPECT_NE(open_error(p).find("shape[1] must be a non-negative integer, got 2.5"),
+            std::string::npos);
 
   write_raw(p, R"({"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0]}})", data16);
-  EXPECT_NE(open_error(p).find("needs \"data_offsets\": [begin, end], got an array of 1"), std::string::npos);
+  EXPECT_NE(open_error(p).find("needs \"data_offsets\": [begin, end], got an array of 1"),
+            std::string::npos);
 
   write_raw(p, R"({"w":{"dtype":"F32","shape":[0],"data_offsets":[8,4]}})", data16);
   EXPECT_NE(open_error(p).find("tensor \"w\" begins at byte 8 after it ends at byte 4"),

@@ -150,8 +150,7 @@ ModelConfig ModelConfig::from_file(const std::string& path) {
   // A config.json is a few kB: the limit keeps /dev/zero-like inputs from reading without end.
   constexpr uint64_t kMaxConfigBytes = 16 << 20;
   return from_json(
-      parse_json_bounded(read_regular_file(path, "config", kMaxConfigBytes), "config", path),
-      path);
+      parse_json_bounded(read_regular_file(path, "config", kMaxConfigBytes), "config", path), path);
 }
 
 json ModelConfig::to_json() const {
@@ -240,8 +239,9 @@ void ModelConfig::validate(const std::string& source) const {
          vocab_size);
   for (size_t i = 0; i < eos_token_ids.size(); ++i)
     if (eos_token_ids[i] < 0 || eos_token_ids[i] >= vocab_size)
-      fail("config", source, ": field \"eos_token_id", eos_token_ids.size() > 1 ? cat("[", i, "]") : "",
-           "\" = ", eos_token_ids[i], " is not in [0, vocab_size ", vocab_size, ")");
+      fail("config", source, ": field \"eos_token_id",
+           eos_token_ids.size() > 1 ? cat("[", i, "]") : "", "\" = ", eos_token_ids[i],
+           " is not in [0, vocab_size ", vocab_size, ")");
   // Every product of sizes the model uses must fit: the parameter count bounds them all.
   try {
     (void)param_count();

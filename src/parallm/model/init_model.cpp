@@ -76,8 +76,9 @@ void check_init_model_size(const ModelConfig& c, DType dtype) {
   const uint64_t mem = physical_memory_bytes();
   if (mem != 0 && static_cast<uint64_t>(bytes) > mem)
     fail("init-model", "the config makes ", params, " parameters (", bytes, " bytes as ",
-         dtype_name(dtype), "), more than this machine's ", mem, " bytes of memory (num_hidden_layers ",
-         c.num_hidden_layers, ", hidden_size ", c.hidden_size, ")");
+         dtype_name(dtype), "), more than this machine's ", mem,
+         " bytes of memory (num_hidden_layers ", c.num_hidden_layers, ", hidden_size ",
+         c.hidden_size, ")");
 }
 
 std::string shape_preset_names() {

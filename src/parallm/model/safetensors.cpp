@@ -113,7 +113,8 @@ MappedTensor parse_entry(const std::string& name, const json& e, uint64_t data_s
          " of header)");
   if (end - begin != nbytes)
     fail(kComponent, source, ": tensor \"", name, "\" has data_offsets [", begin, ", ", end, "] (",
-         end - begin, " bytes) but ", t.dtype_name, " ", shape_str(t.shape), " needs ", nbytes, " bytes");
+         end - begin, " bytes) but ", t.dtype_name, " ", shape_str(t.shape), " needs ", nbytes,
+         " bytes");
   t.begin = data_start + begin;
   t.end = data_start + end;
   return t;
@@ -123,8 +124,8 @@ MappedTensor parse_entry(const std::string& name, const json& e, uint64_t data_s
 // begins at 0, each begins where the one before ends, and the last ends at the end of the file.
 // A gap or a tail of unclaimed bytes means the header length or an offset is wrong (a header a few
 // bytes short still parses thanks to the space padding, and would read every tensor shifted).
-void check_coverage(const std::vector<MappedTensor>& tensors, size_t data_start,
-                    uint64_t data_size, const std::string& source) {
+void check_coverage(const std::vector<MappedTensor>& tensors, size_t data_start, uint64_t data_size,
+                    const std::string& source) {
   std::vector<const MappedTensor*> order;
   for (const MappedTensor& t : tensors)
     if (t.end > t.begin) order.push_back(&t);  // empty tensors occupy no bytes
@@ -145,8 +146,9 @@ void check_coverage(const std::vector<MappedTensor>& tensors, size_t data_start,
     prev = t;
   }
   if (covered != data_size)
-    fail(kComponent, source, ": the tensors end at byte ", covered, " of the data section but it has ",
-         data_size, " bytes (", data_start, " of header before it); the header length or "
+    fail(kComponent, source, ": the tensors end at byte ", covered,
+         " of the data section but it has ", data_size, " bytes (", data_start,
+         " of header before it); the header length or "
          "data_offsets are wrong");
 }
 
@@ -166,9 +168,8 @@ std::unique_ptr<WeightSource> open_single(const std::string& path, const std::st
 
 std::unique_ptr<WeightSource> open_index(const std::string& index_path,
                                          const std::string& description) {
-  const json j =
-      parse_json_bounded(read_regular_file(index_path, kComponent, kMaxIndexBytes), kComponent,
-                         index_path);
+  const json j = parse_json_bounded(read_regular_file(index_path, kComponent, kMaxIndexBytes),
+                                    kComponent, index_path);
   if (!j.is_object()) fail(kComponent, index_path, ": expected a JSON object");
   auto wm = j.find("weight_map");
   if (wm == j.end() || !wm->is_object())

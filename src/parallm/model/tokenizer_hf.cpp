@@ -8,9 +8,9 @@
 #include <sstream>
 
 #include "parallm/core/error.h"
-#include "parallm/model/json_util.h"
 #include "parallm/model/bpe.h"
 #include "parallm/model/bpe_split.h"
+#include "parallm/model/json_util.h"
 #include "parallm/model/tokenizer_unicode.h"
 
 namespace parallm {
