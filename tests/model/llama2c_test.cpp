@@ -220,8 +220,13 @@ TEST(Llama2c, TruncatedAndBadHeadersAreNamed) {
   write_header({0x616b3432, 2, 64, 172, 5, 8, 4});
   EXPECT_NE(error_of([&] { open_llama2c(tiny, nullptr); }).find("version-2 export"),
             std::string::npos);
-  // Huge fields do not overflow the size computation; the size check catches them.
+  // Huge fields do not overflow the size computation: the config's checked parameter count
+  // refuses them, naming the sizes.
   write_header({1 << 30, 1 << 30, 1 << 30, 1, 1, -(1 << 30), 1 << 30});
+  EXPECT_NE(error_of([&] { open_llama2c(tiny, nullptr); }).find("overflows 64 bits"),
+            std::string::npos);
+  // Large but not overflowing: the size check catches them.
+  write_header({1 << 16, 1 << 16, 1 << 10, 1, 1, -(1 << 16), 1 << 10});
   EXPECT_NE(error_of([&] { open_llama2c(tiny, nullptr); }).find("bytes but its header"),
             std::string::npos);
   EXPECT_NE(error_of([&] { open_llama2c(dir / "absent.bin", nullptr); }).find("no such file"),

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "parallm/core/error.h"
+#include "parallm/core/overflow.h"
 
 namespace parallm {
 namespace {
@@ -27,6 +28,15 @@ void check_shape(const Shape& shape) {
     if (d < 0) fail("tensor", "negative dimension in shape ", shape_str(shape));
 }
 
+// numel x element size, checked: a shape whose byte count overflows is an error, not a wrapped
+// (too small) allocation that later writes go past.
+size_t checked_bytes(const Shape& shape, DType dtype) {
+  const std::string what = "tensor of shape " + shape_str(shape);
+  int64_t n = 1;
+  for (int64_t d : shape) n = mul_checked(n, d, what);
+  return static_cast<size_t>(mul_checked(n, static_cast<int64_t>(dtype_size(dtype)), what));
+}
+
 }  // namespace
 
 std::string shape_str(const Shape& s) {
@@ -43,9 +53,9 @@ Tensor Tensor::empty(DType dtype, Shape shape) {
   check_shape(shape);
   Tensor t;
   t.dtype_ = dtype;
+  const size_t bytes = checked_bytes(shape, dtype);
   t.strides_ = contiguous_strides(shape);
   t.shape_ = std::move(shape);
-  size_t bytes = t.nbytes();
   // Tensors of 2 MiB and more (the weights above all) go on 2 MiB-aligned memory that the kernel is
   // asked to back with transparent huge pages: a decode step streams every weight once, and with
   // 4 KiB pages that is one TLB miss and page walk per 4 KiB read (see docs/benchmarks.md). Only

@@ -5,6 +5,8 @@
 #include <nlohmann/json.hpp>
 
 #include "parallm/core/error.h"
+#include "parallm/core/overflow.h"
+#include "parallm/model/json_util.h"
 
 namespace parallm {
 namespace {
@@ -18,29 +20,42 @@ const json& require(const json& j, const char* field, const std::string& source)
   return *it;
 }
 
-int64_t get_int(const json& j, const char* field, const std::string& source) {
-  const json& v = require(j, field, source);
+// An integer value at `field` (a path such as "rope_scaling.original_max_position_embeddings"),
+// or an error naming the path and a short preview of what is there instead.
+int64_t as_int(const json& v, const std::string& field, const std::string& source) {
+  if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))
+    fail("config", source, ": field \"", field, "\" is out of range, got ", json_preview(v));
   if (!v.is_number_integer())
-    fail("config", source, ": field \"", field, "\" must be an integer, got ", v.dump());
+    fail("config", source, ": field \"", field, "\" must be an integer, got ", json_preview(v));
   return v.get<int64_t>();
+}
+
+int64_t get_int(const json& j, const char* field, const std::string& source) {
+  return as_int(require(j, field, source), field, source);
 }
 
 double get_num(const json& v, const char* field, const std::string& source) {
   if (!v.is_number())
-    fail("config", source, ": field \"", field, "\" must be a number, got ", v.dump());
+    fail("config", source, ": field \"", field, "\" must be a number, got ", json_preview(v));
   return v.get<double>();
 }
 
 }  // namespace
 
 int64_t ModelConfig::param_count() const {
+  // Checked: a config with dimensions near 2^62 is an error naming the count, not a wrapped sum.
+  constexpr std::string_view w = "the model's parameter count";
+  auto mul = [&](int64_t a, int64_t b) { return mul_checked(a, b, w); };
+  auto add = [&](int64_t a, int64_t b) { return add_checked(a, b, w); };
   const int64_t h = hidden_size;
-  const int64_t attn = h * q_dim() + 2 * h * kv_dim() + q_dim() * h;
-  const int64_t mlp_one = 3 * h * intermediate_size;
-  const int64_t mlp = is_moe() ? num_local_experts * mlp_one + h * num_local_experts : mlp_one;
-  const int64_t layer = attn + mlp + 2 * h;
-  const int64_t embed = vocab_size * h * (tie_word_embeddings ? 1 : 2);
-  return num_hidden_layers * layer + embed + h;
+  const int64_t q = mul(num_attention_heads, head_dim), kv = mul(num_key_value_heads, head_dim);
+  const int64_t attn = add(add(mul(h, q), mul(2, mul(h, kv))), mul(q, h));
+  const int64_t mlp_one = mul(3, mul(h, intermediate_size));
+  const int64_t mlp =
+      is_moe() ? add(mul(num_local_experts, mlp_one), mul(h, num_local_experts)) : mlp_one;
+  const int64_t layer = add(add(attn, mlp), mul(2, h));
+  const int64_t embed = mul(mul(vocab_size, h), tie_word_embeddings ? 1 : 2);
+  return add(add(mul(num_hidden_layers, layer), embed), h);
 }
 
 ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
@@ -73,8 +88,17 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
   if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
     const json& rs = j["rope_scaling"];
     if (!rs.is_object())
-      fail("config", source, ": field \"rope_scaling\" must be an object or null");
-    std::string type = rs.value("rope_type", rs.value("type", std::string()));
+      fail("config", source, ": field \"rope_scaling\" must be an object or null, got ",
+           json_preview(rs));
+    std::string type;
+    for (const char* key : {"type", "rope_type"}) {
+      auto t = rs.find(key);
+      if (t == rs.end() || t->is_null()) continue;
+      if (!t->is_string())
+        fail("config", source, ": field \"rope_scaling.", key, "\" must be a string, got ",
+             json_preview(*t));
+      type = t->get<std::string>();
+    }
     if (type == "llama3") {
       c.rope_scaling.type = type;
       c.rope_scaling.factor = get_num(require(rs, "factor", source), "rope_scaling.factor", source);
@@ -86,7 +110,8 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
             get_num(rs["high_freq_factor"], "rope_scaling.high_freq_factor", source);
       if (rs.contains("original_max_position_embeddings"))
         c.rope_scaling.original_max_position_embeddings =
-            rs["original_max_position_embeddings"].get<int64_t>();
+            as_int(rs["original_max_position_embeddings"],
+                   "rope_scaling.original_max_position_embeddings", source);
     } else if (type != "default" && !type.empty()) {
       fail("config", source, ": rope_scaling type \"", type,
            "\" is not supported (supported: none, \"llama3\")");
@@ -99,15 +124,16 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
   }
   if (j.contains("torch_dtype") && j["torch_dtype"].is_string())
     c.torch_dtype = j["torch_dtype"].get<std::string>();
-  if (j.contains("bos_token_id") && j["bos_token_id"].is_number_integer())
-    c.bos_token_id = j["bos_token_id"].get<int64_t>();
-  if (j.contains("eos_token_id")) {
+  if (j.contains("bos_token_id") && !j["bos_token_id"].is_null())
+    c.bos_token_id = as_int(j["bos_token_id"], "bos_token_id", source);
+  if (j.contains("eos_token_id") && !j["eos_token_id"].is_null()) {
     const json& e = j["eos_token_id"];
-    if (e.is_number_integer()) {
-      c.eos_token_ids = {e.get<int64_t>()};
-    } else if (e.is_array()) {
+    if (e.is_array()) {
       c.eos_token_ids.clear();
-      for (const auto& v : e) c.eos_token_ids.push_back(v.get<int64_t>());
+      for (size_t i = 0; i < e.size(); ++i)
+        c.eos_token_ids.push_back(as_int(e[i], cat("eos_token_id[", i, "]"), source));
+    } else {
+      c.eos_token_ids = {as_int(e, "eos_token_id", source)};
     }
   }
   if (j.contains("num_local_experts") && !j["num_local_experts"].is_null())
@@ -121,15 +147,10 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
 }
 
 ModelConfig ModelConfig::from_file(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) fail<std::runtime_error>("config", path, ": cannot open file");
-  json j;
-  try {
-    j = json::parse(in);
-  } catch (const json::parse_error& e) {
-    fail("config", path, ": invalid JSON: ", e.what());
-  }
-  return from_json(j, path);
+  // A config.json is a few kB: the limit keeps /dev/zero-like inputs from reading without end.
+  constexpr uint64_t kMaxConfigBytes = 16 << 20;
+  return from_json(
+      parse_json_bounded(read_regular_file(path, "config", kMaxConfigBytes), "config", path), path);
 }
 
 json ModelConfig::to_json() const {
@@ -188,15 +209,47 @@ void ModelConfig::validate(const std::string& source) const {
   if (num_attention_heads % num_key_value_heads != 0)
     fail("config", source, ": num_attention_heads ", num_attention_heads,
          " is not divisible by num_key_value_heads ", num_key_value_heads);
-  if (!(rms_norm_eps > 0))
-    fail("config", source, ": rms_norm_eps must be positive, got ", rms_norm_eps);
-  if (!(rope_theta > 0)) fail("config", source, ": rope_theta must be positive, got ", rope_theta);
+  // NaN and infinities fail these too: each would turn every logit into NaN.
+  auto finite_positive = [&](const char* field, double v) {
+    if (!(std::isfinite(v) && v > 0))
+      fail("config", source, ": field \"", field, "\" must be a finite positive number, got ", v);
+  };
+  finite_positive("rms_norm_eps", rms_norm_eps);
+  finite_positive("rope_theta", rope_theta);
+  if (!rope_scaling.type.empty()) {
+    finite_positive("rope_scaling.factor", rope_scaling.factor);
+    finite_positive("rope_scaling.low_freq_factor", rope_scaling.low_freq_factor);
+    finite_positive("rope_scaling.high_freq_factor", rope_scaling.high_freq_factor);
+    // The llama3 blend divides by their difference.
+    if (!(rope_scaling.high_freq_factor > rope_scaling.low_freq_factor))
+      fail("config", source, ": field \"rope_scaling.high_freq_factor\" (",
+           rope_scaling.high_freq_factor, ") must be above rope_scaling.low_freq_factor (",
+           rope_scaling.low_freq_factor, ")");
+    positive("rope_scaling.original_max_position_embeddings",
+             rope_scaling.original_max_position_embeddings);
+  }
+  if (num_local_experts < 0)
+    fail("config", source, ": field \"num_local_experts\" must not be negative, got ",
+         num_local_experts);
   if (is_moe() && (num_experts_per_tok <= 0 || num_experts_per_tok > num_local_experts))
     fail("config", source, ": num_experts_per_tok ", num_experts_per_tok, " must be in 1..",
          num_local_experts);
   if (bos_token_id >= vocab_size)
     fail("config", source, ": bos_token_id ", bos_token_id, " is not below vocab_size ",
          vocab_size);
+  for (size_t i = 0; i < eos_token_ids.size(); ++i)
+    if (eos_token_ids[i] < 0 || eos_token_ids[i] >= vocab_size)
+      fail("config", source, ": field \"eos_token_id",
+           eos_token_ids.size() > 1 ? cat("[", i, "]") : "", "\" = ", eos_token_ids[i],
+           " is not in [0, vocab_size ", vocab_size, ")");
+  // Every product of sizes the model uses must fit: the parameter count bounds them all.
+  try {
+    (void)param_count();
+  } catch (const std::invalid_argument&) {
+    fail("config", source, ": the sizes (hidden_size ", hidden_size, ", intermediate_size ",
+         intermediate_size, ", num_hidden_layers ", num_hidden_layers, ", vocab_size ", vocab_size,
+         ") make a parameter count that overflows 64 bits");
+  }
 }
 
 std::vector<float> ModelConfig::rope_inv_freq() const {

@@ -1,11 +1,14 @@
 #include "parallm/model/init_model.h"
 
+#include <unistd.h>
+
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "parallm/core/error.h"
+#include "parallm/core/overflow.h"
 #include "parallm/core/thread_pool.h"
 #include "parallm/model/llama_tensors.h"
 #include "parallm/model/weights.h"
@@ -38,7 +41,45 @@ Tensor random_tensor(Shape shape, DType dtype, uint64_t seed, uint64_t index, fl
   return dtype == DType::F32 ? f : f.to(dtype);
 }
 
+// The machine's physical memory in bytes (0 when unknown).
+uint64_t physical_memory_bytes() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+  return pages > 0 && page > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(page) : 0;
+}
+
+// The first missing directory on the way to `dir` (what create_directories would create first),
+// or "" when `dir` exists: removing it undoes the whole creation.
+std::filesystem::path first_missing(const std::filesystem::path& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::path missing;
+  for (fs::path p = fs::absolute(dir, ec); !p.empty(); p = p.parent_path()) {
+    if (fs::exists(p, ec)) break;
+    missing = p;
+    if (p == p.parent_path()) break;
+  }
+  return missing;
+}
+
 }  // namespace
+
+void check_init_model_size(const ModelConfig& c, DType dtype) {
+  // Every tensor is generated in memory before the file is written, so the model must fit; and a
+  // fixed ceiling far above any real model catches a typo'd size on a machine of any memory.
+  const int64_t params = c.param_count();  // validated: does not overflow
+  if (params > kMaxInitModelParams)
+    fail("init-model", "the config makes ", params, " parameters, over the limit of ",
+         kMaxInitModelParams, " (num_hidden_layers ", c.num_hidden_layers, ", hidden_size ",
+         c.hidden_size, ")");
+  const int64_t bytes =
+      mul_checked(params, static_cast<int64_t>(dtype_size(dtype)), "init-model weight bytes");
+  const uint64_t mem = physical_memory_bytes();
+  if (mem != 0 && static_cast<uint64_t>(bytes) > mem)
+    fail("init-model", "the config makes ", params, " parameters (", bytes, " bytes as ",
+         dtype_name(dtype), "), more than this machine's ", mem,
+         " bytes of memory (num_hidden_layers ", c.num_hidden_layers, ", hidden_size ",
+         c.hidden_size, ")");
+}
 
 std::string shape_preset_names() {
   return "tiny, tinyllama-1.1b";
@@ -82,10 +123,26 @@ ModelConfig shape_preset(const std::string& name) {
 void init_random_model(const ModelConfig& c, const std::string& out_dir, uint64_t seed,
                        DType dtype) {
   namespace fs = std::filesystem;
+  c.validate("init-model config");
+  check_init_model_size(c, dtype);
+  // Nothing is left behind on failure: the directories this call creates are removed again, and
+  // each file is written beside its target and renamed into place only when complete.
+  const fs::path created = first_missing(out_dir);
   std::error_code ec;
   fs::create_directories(out_dir, ec);
   if (ec)
     fail<std::runtime_error>("init-model", out_dir, ": cannot create directory: ", ec.message());
+  try {
+    write_random_model(c, out_dir, seed, dtype);
+  } catch (...) {
+    if (!created.empty()) fs::remove_all(created, ec);
+    throw;
+  }
+}
+
+void write_random_model(const ModelConfig& c, const std::string& out_dir, uint64_t seed,
+                        DType dtype) {
+  namespace fs = std::filesystem;
   ModelConfig cfg = c;
   cfg.torch_dtype = dtype == DType::F32 ? "float32" : dtype == DType::BF16 ? "bfloat16" : "float16";
 
@@ -109,9 +166,20 @@ void init_random_model(const ModelConfig& c, const std::string& out_dir, uint64_
       (fs::path(out_dir) / "model.safetensors").string(), tensors,
       {{"format", "pt"}, {"generator", "parallm init-model"}, {"seed", std::to_string(seed)}});
   const std::string config_path = (fs::path(out_dir) / "config.json").string();
-  std::ofstream out(config_path);
-  out << cfg.to_json().dump(2) << "\n";
-  if (!out) fail<std::runtime_error>("init-model", config_path, ": write failed");
+  const std::string tmp_path = cat(config_path, ".tmp.", ::getpid());
+  {
+    std::ofstream out(tmp_path);
+    out << cfg.to_json().dump(2) << "\n";
+    out.close();
+    if (!out) {
+      std::remove(tmp_path.c_str());
+      fail<std::runtime_error>("init-model", config_path, ": write failed");
+    }
+  }
+  if (std::rename(tmp_path.c_str(), config_path.c_str()) != 0) {
+    std::remove(tmp_path.c_str());
+    fail<std::runtime_error>("init-model", config_path, ": cannot rename ", tmp_path, " to it");
+  }
 }
 
 }  // namespace parallm

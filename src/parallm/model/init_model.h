@@ -19,7 +19,18 @@ std::string shape_preset_names();
 // Writes `out_dir`/config.json and `out_dir`/model.safetensors with weights drawn from a seeded
 // generator: matrices uniform with std 1/sqrt(fan_in), the embedding with std 1, norms near 1.
 // The same (config, seed, dtype) gives the same bytes.
+// Refuses (std::invalid_argument naming the sizes) a config too large to generate: over
+// kMaxInitModelParams parameters, or weight bytes above the machine's physical memory. Directories
+// it creates are removed again when it fails, so a failed call leaves nothing behind.
 void init_random_model(const ModelConfig& config, const std::string& out_dir, uint64_t seed,
                        DType dtype);
+
+// The size check init_random_model makes first.
+constexpr int64_t kMaxInitModelParams = 1'000'000'000'000;
+void check_init_model_size(const ModelConfig& config, DType dtype);
+
+// init_random_model's writing step alone, into an existing directory.
+void write_random_model(const ModelConfig& config, const std::string& out_dir, uint64_t seed,
+                        DType dtype);
 
 }  // namespace parallm

@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "parallm/core/error.h"
+#include "parallm/model/json_util.h"
 
 namespace parallm {
 namespace {
@@ -31,19 +32,11 @@ size_t page_size() {
 }  // namespace
 
 MappedFile::MappedFile(const std::string& path) : path_(path) {
+  // Only regular files: a FIFO, device or directory is refused without blocking (json_util.h).
   Fd f;
-  f.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (f.fd < 0) {
-    const int err = errno;
-    if (err == ENOENT) fail("mmap", path, ": no such file");
-    fail<std::runtime_error>("mmap", path, ": cannot open: ", std::strerror(err));
-  }
-  struct stat st;
-  if (::fstat(f.fd, &st) != 0)
-    fail<std::runtime_error>("mmap", path, ": cannot stat: ", std::strerror(errno));
-  if (S_ISDIR(st.st_mode)) fail("mmap", path, ": is a directory, not a file");
-  if (!S_ISREG(st.st_mode)) fail("mmap", path, ": is not a regular file");
-  size_ = static_cast<size_t>(st.st_size);
+  uint64_t size = 0;
+  f.fd = open_regular_file(path, "mmap", &size);
+  size_ = static_cast<size_t>(size);
   if (size_ == 0) return;
   void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, f.fd, 0);
   if (p == MAP_FAILED)

@@ -1,5 +1,6 @@
 #include "parallm/model/safetensors.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -15,6 +16,7 @@
 #include <unordered_map>
 
 #include "parallm/core/error.h"
+#include "parallm/model/json_util.h"
 
 namespace parallm {
 namespace {
@@ -25,6 +27,8 @@ using nlohmann::json;
 constexpr const char* kComponent = "safetensors";
 // The same cap as the reference implementation: a larger header is a corrupt length field.
 constexpr uint64_t kMaxHeaderBytes = 100'000'000;
+// An index lists one line per tensor: a larger one is not an index.
+constexpr uint64_t kMaxIndexBytes = 100'000'000;
 
 // Every dtype of the safetensors spec with its size; only F32/BF16/F16 are readable.
 size_t st_dtype_size(const std::string& s) {
@@ -50,19 +54,20 @@ uint64_t read_le64(const uint8_t* p) {
 }
 
 // A non-negative JSON integer as uint64, or an error naming the field.
+// `field` is the path below the tensor, e.g. "shape[1]"; the value is shown as a short preview.
 uint64_t get_count(const json& v, const std::string& source, const std::string& name,
-                   const char* field) {
+                   const std::string& field) {
   if (v.is_number_unsigned()) return v.get<uint64_t>();
   if (v.is_number_integer() && v.get<int64_t>() >= 0)
     return static_cast<uint64_t>(v.get<int64_t>());
-  fail(kComponent, source, ": tensor \"", name, "\": ", field,
-       " must hold non-negative integers, got ", v.dump());
+  fail(kComponent, source, ": tensors[\"", name, "\"].", field,
+       " must be a non-negative integer, got ", json_preview(v));
 }
 
 MappedTensor parse_entry(const std::string& name, const json& e, uint64_t data_size,
                          size_t data_start, const std::string& source) {
   if (!e.is_object())
-    fail(kComponent, source, ": tensor \"", name, "\": expected an object, got ", e.dump());
+    fail(kComponent, source, ": tensors[\"", name, "\"] must be an object, got ", json_preview(e));
   MappedTensor t;
   t.name = name;
 
@@ -81,23 +86,24 @@ MappedTensor parse_entry(const std::string& name, const json& e, uint64_t data_s
     fail(kComponent, source, ": tensor \"", name, "\" has no \"shape\" array");
   uint64_t numel = 1;
   bool overflow = false;
-  for (const json& d : *sh) {
-    const uint64_t n = get_count(d, source, name, "shape");
+  for (size_t i = 0; i < sh->size(); ++i) {
+    const uint64_t n = get_count((*sh)[i], source, name, cat("shape[", i, "]"));
     if (n > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
-      fail(kComponent, source, ": tensor \"", name, "\": shape ", sh->dump(), " is too large");
+      fail(kComponent, source, ": tensors[\"", name, "\"].shape[", i, "] = ", n, " is too large");
     t.shape.push_back(static_cast<int64_t>(n));
     overflow = overflow || __builtin_mul_overflow(numel, n, &numel);
   }
   uint64_t nbytes = 0;
   if (overflow || __builtin_mul_overflow(numel, static_cast<uint64_t>(es), &nbytes))
-    fail(kComponent, source, ": tensor \"", name, "\": shape ", sh->dump(), " is too large");
+    fail(kComponent, source, ": tensors[\"", name, "\"].shape ", shape_str(t.shape),
+         " is too large (its byte count overflows)");
 
   auto off = e.find("data_offsets");
   if (off == e.end() || !off->is_array() || off->size() != 2)
     fail(kComponent, source, ": tensor \"", name, "\" needs \"data_offsets\": [begin, end], got ",
-         off == e.end() ? std::string("nothing") : off->dump());
-  const uint64_t begin = get_count((*off)[0], source, name, "data_offsets");
-  const uint64_t end = get_count((*off)[1], source, name, "data_offsets");
+         off == e.end() ? std::string("nothing") : json_preview(*off));
+  const uint64_t begin = get_count((*off)[0], source, name, "data_offsets[0]");
+  const uint64_t end = get_count((*off)[1], source, name, "data_offsets[1]");
   if (begin > end)
     fail(kComponent, source, ": tensor \"", name, "\" begins at byte ", begin,
          " after it ends at byte ", end);
@@ -107,27 +113,43 @@ MappedTensor parse_entry(const std::string& name, const json& e, uint64_t data_s
          " of header)");
   if (end - begin != nbytes)
     fail(kComponent, source, ": tensor \"", name, "\" has data_offsets [", begin, ", ", end, "] (",
-         end - begin, " bytes) but ", t.dtype_name, " ", sh->dump(), " needs ", nbytes, " bytes");
+         end - begin, " bytes) but ", t.dtype_name, " ", shape_str(t.shape), " needs ", nbytes,
+         " bytes");
   t.begin = data_start + begin;
   t.end = data_start + end;
   return t;
 }
 
-void check_no_overlap(const std::vector<MappedTensor>& tensors, size_t data_start,
-                      const std::string& source) {
+// The format requires the tensors to cover the data section exactly: sorted by offset, the first
+// begins at 0, each begins where the one before ends, and the last ends at the end of the file.
+// A gap or a tail of unclaimed bytes means the header length or an offset is wrong (a header a few
+// bytes short still parses thanks to the space padding, and would read every tensor shifted).
+void check_coverage(const std::vector<MappedTensor>& tensors, size_t data_start, uint64_t data_size,
+                    const std::string& source) {
   std::vector<const MappedTensor*> order;
   for (const MappedTensor& t : tensors)
     if (t.end > t.begin) order.push_back(&t);  // empty tensors occupy no bytes
   std::sort(order.begin(), order.end(),
             [](const MappedTensor* a, const MappedTensor* b) { return a->begin < b->begin; });
-  for (size_t i = 1; i < order.size(); ++i) {
-    const MappedTensor& a = *order[i - 1];
-    const MappedTensor& b = *order[i];
-    if (b.begin < a.end)
-      fail(kComponent, source, ": tensors \"", a.name, "\" (bytes [", a.begin - data_start, ", ",
-           a.end - data_start, ")) and \"", b.name, "\" (bytes [", b.begin - data_start, ", ",
-           b.end - data_start, ")) overlap");
+  uint64_t covered = 0;  // bytes [0, covered) of the data section are claimed
+  const MappedTensor* prev = nullptr;
+  for (const MappedTensor* t : order) {
+    const uint64_t b = t->begin - data_start, e = t->end - data_start;
+    if (b < covered)
+      fail(kComponent, source, ": tensors \"", prev->name, "\" (bytes [", prev->begin - data_start,
+           ", ", covered, ")) and \"", t->name, "\" (bytes [", b, ", ", e, ")) overlap");
+    if (b > covered)
+      fail(kComponent, source, ": bytes [", covered, ", ", b,
+           ") of the data section belong to no tensor (before \"", t->name,
+           "\"); the header length or data_offsets are wrong");
+    covered = e;
+    prev = t;
   }
+  if (covered != data_size)
+    fail(kComponent, source, ": the tensors end at byte ", covered,
+         " of the data section but it has ", data_size, " bytes (", data_start,
+         " of header before it); the header length or "
+         "data_offsets are wrong");
 }
 
 std::shared_ptr<const MappedFile> map_file(const std::string& path) {
@@ -146,14 +168,8 @@ std::unique_ptr<WeightSource> open_single(const std::string& path, const std::st
 
 std::unique_ptr<WeightSource> open_index(const std::string& index_path,
                                          const std::string& description) {
-  std::ifstream in(index_path);
-  if (!in) fail(kComponent, index_path, ": cannot open the index file");
-  json j;
-  try {
-    j = json::parse(in);
-  } catch (const json::exception& e) {
-    fail(kComponent, index_path, ": invalid JSON: ", e.what());
-  }
+  const json j = parse_json_bounded(read_regular_file(index_path, kComponent, kMaxIndexBytes),
+                                    kComponent, index_path);
   if (!j.is_object()) fail(kComponent, index_path, ": expected a JSON object");
   auto wm = j.find("weight_map");
   if (wm == j.end() || !wm->is_object())
@@ -167,7 +183,7 @@ std::unique_ptr<WeightSource> open_index(const std::string& index_path,
   for (auto it = wm->begin(); it != wm->end(); ++it) {
     if (!it->is_string())
       fail(kComponent, index_path, ": weight_map[\"", it.key(), "\"] must be a file name, got ",
-           it->dump());
+           json_preview(*it));
     const std::string shard = it->get<std::string>();
     auto [pos, inserted] = shard_index.emplace(shard, files.size());
     if (inserted) {
@@ -265,9 +281,13 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size,
   h.data_start = 8 + static_cast<size_t>(n);
   const uint64_t data_size = size - h.data_start;
 
+  const std::string_view text(reinterpret_cast<const char*>(bytes + 8), static_cast<size_t>(n));
+  if (json_nesting_depth(text) > kMaxJsonDepth)
+    fail(kComponent, source, ": the ", n, "-byte header nests deeper than ", kMaxJsonDepth,
+         " levels");
   json j;
   try {
-    j = json::parse(bytes + 8, bytes + h.data_start);
+    j = json::parse(text.begin(), text.end());
   } catch (const json::exception& e) {
     fail(kComponent, source, ": the ", n, "-byte header is not valid JSON: ", e.what());
   }
@@ -277,29 +297,31 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size,
   for (auto it = j.begin(); it != j.end(); ++it) {
     if (it.key() == "__metadata__") {
       if (!it->is_object())
-        fail(kComponent, source, ": __metadata__ must be an object, got ", it->dump());
+        fail(kComponent, source, ": __metadata__ must be an object, got ", json_preview(*it));
       for (auto m = it->begin(); m != it->end(); ++m) {
         if (!m->is_string())
           fail(kComponent, source, ": __metadata__[\"", m.key(), "\"] must be a string, got ",
-               m->dump());
+               json_preview(*m));
         h.metadata[m.key()] = m->get<std::string>();
       }
       continue;
     }
     h.tensors.push_back(parse_entry(it.key(), *it, data_size, h.data_start, source));
   }
-  check_no_overlap(h.tensors, h.data_start, source);
+  check_coverage(h.tensors, h.data_start, data_size, source);
   return h;
 }
 
 bool looks_like_safetensors(const std::string& path) {
+  // Never blocks: a FIFO or device is not safetensors (and is refused by name when opened).
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return false;
   std::ifstream in(path, std::ios::binary);
   uint8_t head[9];
   if (!in.read(reinterpret_cast<char*>(head), sizeof(head))) return false;
-  std::error_code ec;
-  const uint64_t size = fs::file_size(path, ec);
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
   const uint64_t n = read_le64(head);
-  return !ec && n >= 2 && n <= size - 8 && n <= kMaxHeaderBytes && head[8] == '{';
+  return n >= 2 && n <= size - 8 && n <= kMaxHeaderBytes && head[8] == '{';
 }
 
 std::map<std::string, std::string> read_safetensors_metadata(const std::string& path) {

@@ -10,6 +10,7 @@
 #include "parallm/core/error.h"
 #include "parallm/model/bpe.h"
 #include "parallm/model/bpe_split.h"
+#include "parallm/model/json_util.h"
 #include "parallm/model/tokenizer_unicode.h"
 
 namespace parallm {
@@ -22,23 +23,12 @@ constexpr std::string_view kSpace = "\xE2\x96\x81";  // "▁"
 // limit keeps a typo from allocating gigabytes for the id -> piece table.
 constexpr int64_t kMaxTokenId = int64_t{1} << 24;
 
-// Reads a whole file; a missing or unreadable file is an environment error.
-std::string read_text_file(const std::string& file) {
-  std::ifstream in(file, std::ios::binary);
-  if (!in) fail<std::runtime_error>("tokenizer", file, ": cannot open (no such file?)");
-  std::ostringstream s;
-  s << in.rdbuf();
-  if (in.bad()) fail<std::runtime_error>("tokenizer", file, ": read error");
-  return s.str();
-}
-
+// A whole tokenizer.json (the largest real ones are ~20 MB), only from a regular file, nesting
+// bounded before parsing (json_util.h).
 json parse_json_file(const std::string& file) {
-  const std::string text = read_text_file(file);
-  try {
-    return json::parse(text);
-  } catch (const json::exception& e) {
-    fail("tokenizer", file, ": invalid JSON: ", e.what());
-  }
+  constexpr uint64_t kMaxTokenizerBytes = uint64_t{1} << 30;
+  return parse_json_bounded(read_regular_file(file, "tokenizer", kMaxTokenizerBytes), "tokenizer",
+                            file);
 }
 
 // The "type" of a tokenizer.json component; "" when it is not an object with a type.

@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "parallm/core/error.h"
+#include "parallm/model/json_util.h"
 
 namespace parallm {
 namespace {
@@ -14,11 +15,11 @@ constexpr std::string_view kSpace = "\xE2\x96\x81";  // "▁", sentencepiece's s
 class SentencePieceTokenizer final : public Tokenizer {
  public:
   explicit SentencePieceTokenizer(const std::string& file) : file_(file) {
-    std::error_code ec;
-    if (!std::filesystem::is_regular_file(file, ec)) {
-      fail<std::runtime_error>("tokenizer", file, ": no such file");
-    }
-    const auto status = sp_.Load(file);
+    // Read here, from a regular file only and with a limit (json_util.h), so a FIFO or device
+    // given as the model is refused by name instead of blocking inside sentencepiece.
+    constexpr uint64_t kMaxSpmBytes = uint64_t{1} << 30;
+    const std::string bytes = read_regular_file(file, "tokenizer", kMaxSpmBytes);
+    const auto status = sp_.LoadFromSerializedProto(bytes);
     if (!status.ok()) {
       fail<std::runtime_error>("tokenizer", file,
                                ": not a sentencepiece model: ", status.ToString());

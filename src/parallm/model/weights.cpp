@@ -1,9 +1,12 @@
 #include "parallm/model/weights.h"
 
+#include <sys/stat.h>
+
 #include <filesystem>
 #include <optional>
 
 #include "parallm/core/error.h"
+#include "parallm/model/json_util.h"
 #include "parallm/model/llama_tensors.h"
 #include "parallm/model/safetensors.h"
 
@@ -39,6 +42,13 @@ std::unique_ptr<WeightSource> open_model(const std::string& path, ModelConfig* c
   std::error_code ec;
   const fs::file_status st = fs::status(path, ec);
   if (!fs::exists(st)) fail(kComponent, path, ": no such file or directory");
+  // A FIFO or device would block or never end when read: only directories and regular files.
+  if (!fs::is_directory(st) && !fs::is_regular_file(st)) {
+    struct stat raw {};
+    (void)::stat(path.c_str(), &raw);
+    fail(kComponent, path, ": is ", non_regular_kind(raw.st_mode),
+         ", not a model file or directory");
+  }
   ModelConfig c;
   std::unique_ptr<WeightSource> source;
   const fs::path p(path);
