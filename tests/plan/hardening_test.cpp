@@ -82,6 +82,9 @@ TEST(PlanHardening, CountFlagsGivenAreChecked) {
           {m + "--batch 0", {"--batch", "got 0"}},
           {m + "--prompt-len 99999999999", {"--prompt-len", "99999999999"}},
           {m + "--top 0", {"--top", "got 0"}},
+          // A long name is cut in the message.
+          {m + "--gpu " + std::string(100000, 'x'), {"--gpu", "(100000 bytes)"}},
+          {m + "--gpus 2 --link " + std::string(100000, 'y'), {"--link", "yyy..."}},
           // One node cannot hold a million devices: the user is told to give --nodes.
           {m + "--gpus 1000000", {"--gpus 1000000", "--nodes"}},
       },

@@ -35,7 +35,8 @@ LinkSpec resolve_link(const std::string& name, const DeviceSpec& d, const char* 
   // link_preset's alias of pcie4).
   const std::vector<std::string> names = link_preset_names();
   if (name != "pcie" && std::find(names.begin(), names.end(), name) == names.end()) {
-    fail("hardware", flag, ": unknown link \"", name, "\" (presets: nvlink, pcie, ",
+    fail("hardware", flag, ": unknown link \"",
+         name.size() <= 64 ? name : name.substr(0, 64) + "...", "\" (presets: nvlink, pcie, ",
          join(names, ", "), ")");
   }
   return link_preset(name);

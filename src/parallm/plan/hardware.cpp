@@ -92,6 +92,12 @@ bool bool_field(const json& j, const char* field, const std::string& source, boo
   return it->get<bool>();
 }
 
+// A name from the user, cut for a message: a 1 MB "device name" must not fill the terminal.
+std::string shown(std::string_view name) {
+  return name.size() <= 64 ? std::string(name) : cat(name.substr(0, 64), "... (", name.size(),
+                                                      " bytes)");
+}
+
 std::string fmt_num(double v) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%g", v);
@@ -172,7 +178,7 @@ DeviceSpec device_preset(std::string_view name) {
     d.native_link = "shm";
     return d;
   }
-  fail("hardware", "--gpu: unknown device \"", name,
+  fail("hardware", "--gpu: unknown device \"", shown(name),
        "\" (presets: ", join(device_preset_names(), ", "), "; or a JSON file)");
 }
 
@@ -215,7 +221,7 @@ LinkSpec link_preset(std::string_view name) {
   if (name == "pcie") name = "pcie4";
   for (const auto& p : kLinks)
     if (name == p.name) return {p.name, p.kind, p.gbps * 1e9, p.us * 1e-6};
-  fail("hardware", "unknown link \"", name, "\" (presets: nvlink, ",
+  fail("hardware", "unknown link \"", shown(name), "\" (presets: nvlink, ",
        join(link_preset_names(), ", "), ")");
 }
 
@@ -244,7 +250,8 @@ LinkSpec link_from_json(const json& j, const std::string& source) {
   else if (kind == "shm")
     l.kind = LinkKind::SharedMemory;
   else
-    fail("hardware", source, ": link kind \"", kind, "\" is not one of nvlink, pcie, network, shm");
+    fail("hardware", where(source, "kind"), " \"", shown(kind),
+         "\" is not one of nvlink, pcie, network, shm");
   return l;
 }
 
