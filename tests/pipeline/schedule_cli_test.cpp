@@ -61,4 +61,34 @@ TEST(ScheduleCli, BadInput) {
   }
 }
 
+// Issue 17: infinite times printed "busy -nan%"; NaN slipped past the checks; huge counts sized
+// the schedule without bound. Each is one line naming the flag and its value, exit 1, no signal.
+TEST(ScheduleCli, NonFiniteTimesAndHugeCountsAreRefused) {
+  struct Case {
+    std::string args, flag, value;
+  };
+  const Case cases[] = {
+      {"schedule --forward-time inf", "--forward-time", "got inf"},
+      {"schedule --forward-time nan", "--forward-time", "got nan"},
+      {"schedule --backward-time inf", "--backward-time", "got inf"},
+      {"schedule --backward-time nan", "--backward-time", "got nan"},
+      {"schedule --p2p-time inf", "--p2p-time", "got inf"},
+      {"schedule --p2p-time nan", "--p2p-time", "got nan"},
+      {"schedule --p2p-time -1", "--p2p-time", "got -1"},
+      {"schedule --pp 100000", "--pp", "got 100000"},
+      {"schedule --micro-batches 2000000000", "--micro-batches", "got 2000000000"},
+      {"schedule --pp 1024 --micro-batches 65536", "--micro-batches 65536", "more than 4194304 actions"},
+      {"schedule --width 0", "--width", "got 0"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.args);
+    const auto [code, out] = run(c.args);
+    EXPECT_EQ(code, 1) << out;  // run() reports a signal as -1
+    EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
+    EXPECT_NE(out.find(c.flag), std::string::npos) << out;
+    EXPECT_NE(out.find(c.value), std::string::npos) << out;
+    EXPECT_EQ(out.find("nan%"), std::string::npos) << out;
+  }
+}
+
 }  // namespace

@@ -1,7 +1,9 @@
 // parallm plan: given a model and hardware, every layout's memory, communication, latency and
 // throughput, ranked, with reasons. See docs/parallelism-guide.md.
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <functional>
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -25,13 +27,40 @@ struct Options {
   bool json = false, list = false, tp_anywhere = false;
   std::string calibrate;
   double mem_bw_gbps = 0, rank_mem_bw_gbps = 0, gflops = 0;
-  int tp = 0, pp = 0, dp = 0, ep = 0;
+  int64_t gpus = 0, nodes = 0, gpus_per_node = 0;
+  int64_t tp = 0, pp = 0, dp = 0, ep = 0;
   bool train = false;
   int64_t global_batch = 512, micro_batch = 1, seq_len = 4096;
   std::string optimizer = "adam", recompute = "selective", schedule = "1f1b";
   bool no_sp = false;
   int zero = 0, chunks = 1;
+  // Whether a flag was on the command line: a count or rate given is checked even when its
+  // value (0) is what the planner takes for "absent".
+  std::function<bool(const char*)> given = [](const char*) { return false; };
 };
+
+// Bounds of the count flags: far beyond real clusters and workloads, small enough that products
+// of them (devices, tokens x hidden) stay exact.
+constexpr int64_t kMaxTokens = int64_t(1) << 24;  // per sequence, and sequences per batch
+
+// A count flag: 0 when absent, else within [1, max]; one line naming the flag and value.
+int64_t count_flag(const Options& o, int64_t v, const char* flag, int64_t max) {
+  if (!o.given(flag)) return v;
+  if (v < 1 || v > max) fail("plan", flag, " must be an integer in 1..", max, ", got ", v);
+  return v;
+}
+
+// A rate flag (GB/s, GFLOP/s): 0 when absent, else positive and finite.
+double rate_flag(const Options& o, double v, const char* flag) {
+  if (!o.given(flag)) return v;
+  if (!std::isfinite(v) || !(v > 0)) fail("plan", flag, " must be positive, got ", v);
+  return v;
+}
+
+// A string flag given empty would pass for absent.
+void nonempty_flag(const Options& o, const std::string& v, const char* flag) {
+  if (o.given(flag) && v.empty()) fail("plan", flag, " must not be empty");
+}
 
 void list_presets() {
   std::printf("models:\n");
@@ -65,9 +94,42 @@ int run(const Options& o) {
   }
   if (o.model.empty())
     fail("plan", "--model is required (a preset, a config.json, or a directory; --list)");
+  // Every flag first, so that a bad one is named before any file is read or bandwidth measured.
+  const std::pair<const char*, const std::string*> strings[] = {
+      {"--model", &o.model},
+      {"--gpu", &o.cluster.gpu},
+      {"--hardware", &o.cluster.hardware_file},
+      {"--link", &o.cluster.link},
+      {"--inter-node", &o.cluster.inter_node},
+      {"--topology", &o.cluster.topology_file},
+      {"--calibrate", &o.calibrate},
+      {"--dtype", &o.dtype},
+      {"--kv-dtype", &o.kv_dtype},
+      {"--act-dtype", &o.act_dtype}};
+  for (const auto& [flag, value] : strings) nonempty_flag(o, *value, flag);
+  plan::ClusterOptions copt = o.cluster;
+  copt.gpus = int(count_flag(o, o.gpus, "--gpus", plan::kMaxDevices));
+  copt.nodes = int(count_flag(o, o.nodes, "--nodes", plan::kMaxDevices));
+  copt.gpus_per_node =
+      int(count_flag(o, o.gpus_per_node, "--gpus-per-node", plan::kMaxDevicesPerNode));
+  const int tp = int(count_flag(o, o.tp, "--tp", plan::kMaxDevices));
+  const int pp = int(count_flag(o, o.pp, "--pp", plan::kMaxDevices));
+  const int dp = int(count_flag(o, o.dp, "--dp", plan::kMaxDevices));
+  const int ep = int(count_flag(o, o.ep, "--ep", plan::kMaxDevices));
+  rate_flag(o, o.mem_bw_gbps, "--mem-bw");
+  rate_flag(o, o.rank_mem_bw_gbps, "--rank-mem-bw");
+  rate_flag(o, o.gflops, "--flops");
+  count_flag(o, o.top, "--top", 1 << 20);
+  count_flag(o, o.batch, "--batch", kMaxTokens);
+  count_flag(o, o.prompt_len, "--prompt-len", kMaxTokens);
+  count_flag(o, o.output_len, "--output-len", kMaxTokens);
+  count_flag(o, o.global_batch, "--global-batch", kMaxTokens);
+  count_flag(o, o.micro_batch, "--micro-batch", kMaxTokens);
+  count_flag(o, o.seq_len, "--seq-len", kMaxTokens);
+  count_flag(o, o.chunks, "--chunks", 1024);
   plan::PlanRequest req;
   req.model = plan::resolve_model(o.model, &req.model_name);
-  req.cluster = plan::build_cluster(o.cluster);
+  req.cluster = plan::build_cluster(copt);
   plan::DeviceSpec& dev = req.cluster.device;
   if (dev.is_cpu && dev.mem_bw == 0 && o.mem_bw_gbps == 0) {
     // Measure this node once (ranks share it), and one rank alone with its share of the cores.
@@ -89,9 +151,7 @@ int run(const Options& o) {
   req.options.rank_mem_bw = o.rank_mem_bw_gbps * 1e9;
   req.options.flops = o.gflops * 1e9;
   req.options.tp_anywhere = o.tp_anywhere;
-  req.pinned = {o.tp, o.pp, o.dp, o.ep};
-  if (o.tp < 0 || o.pp < 0 || o.dp < 0 || o.ep < 0)
-    fail("plan", "--tp/--pp/--dp/--ep must be positive");
+  req.pinned = {tp, pp, dp, ep};
   if (o.top < 1) fail("plan", "--top must be >= 1, got ", o.top);
   req.training = o.train;
   if (o.train) {
@@ -144,9 +204,9 @@ const bool registered = register_command(
                       "Device preset (a100-80g, h100-sxm, cpu, ...) or a device JSON file");
        app.add_option("--hardware", o->cluster.hardware_file,
                       "Cluster JSON: {gpu, nodes, gpus_per_node, intra_node, inter_node}");
-       app.add_option("--gpus", o->cluster.gpus, "Devices in all (ranks, for --gpu cpu)");
-       app.add_option("--nodes", o->cluster.nodes, "Nodes (default 1)");
-       app.add_option("--gpus-per-node", o->cluster.gpus_per_node, "Devices per node");
+       app.add_option("--gpus", o->gpus, "Devices in all (ranks, for --gpu cpu)");
+       app.add_option("--nodes", o->nodes, "Nodes (default 1)");
+       app.add_option("--gpus-per-node", o->gpus_per_node, "Devices per node");
        app.add_option("--link", o->cluster.link,
                       "Intra-node link: nvlink, nvlink3, nvlink4, pcie4, pcie5, shm");
        app.add_option("--inter-node", o->cluster.inter_node,
@@ -192,6 +252,8 @@ const bool registered = register_command(
                       "Training: ZeRO stage 0-3 (shard optimizer/gradients/weights over DP)");
        app.add_option("--schedule", o->schedule, "Training: gpipe, 1f1b (default), interleaved");
        app.add_option("--chunks", o->chunks, "Training: model chunks per stage for interleaved");
+       // The subcommand outlives the run: ask it which flags were given.
+       o->given = [&app](const char* flag) { return app.count(flag) > 0; };
        return [o] { return run(*o); };
      }});
 

@@ -2,6 +2,8 @@
 // and compare its bubble and in-flight micro-batches with the formulas.
 #include "parallm/pipeline/schedule.h"
 
+#include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -24,13 +26,25 @@ struct Options {
 
 int run(const Options& o) {
   using namespace pipeline;
-  if (o.pp < 1) fail("schedule", "--pp must be >= 1, got ", o.pp);
-  if (o.micro_batches < 1) fail("schedule", "--micro-batches must be >= 1, got ", o.micro_batches);
-  if (o.chunks < 1) fail("schedule", "--chunks must be >= 1, got ", o.chunks);
-  if (!(o.forward > 0)) fail("schedule", "--forward-time must be positive, got ", o.forward);
-  if (o.backward < 0 || (o.backward == 0 && !o.forward_only))
-    fail("schedule", "--backward-time must be positive, got ", o.backward);
-  if (o.p2p < 0) fail("schedule", "--p2p-time must be >= 0, got ", o.p2p);
+  // Bounds: the schedule holds pp x micro-batches x chunks actions per direction and the drawing
+  // `width` cells per stage; beyond these it is no picture anyone reads.
+  if (o.pp < 1 || o.pp > 1024) fail("schedule", "--pp must be in 1..1024, got ", o.pp);
+  if (o.micro_batches < 1 || o.micro_batches > 65536)
+    fail("schedule", "--micro-batches must be in 1..65536, got ", o.micro_batches);
+  if (o.chunks < 1 || o.chunks > 1024)
+    fail("schedule", "--chunks must be in 1..1024, got ", o.chunks);
+  if (int64_t(o.pp) * o.micro_batches * o.chunks > (int64_t(1) << 22))
+    fail("schedule", "--pp ", o.pp, " x --micro-batches ", o.micro_batches, " x --chunks ",
+         o.chunks, " is more than ", int64_t(1) << 22, " actions");
+  if (o.width < 1 || o.width > 100000)
+    fail("schedule", "--width must be in 1..100000, got ", o.width);
+  // Times: finite (an infinite one makes every share inf/inf, printed "-nan%").
+  if (!std::isfinite(o.forward) || !(o.forward > 0))
+    fail("schedule", "--forward-time must be a positive finite number, got ", o.forward);
+  if (!std::isfinite(o.backward) || o.backward < 0 || (o.backward == 0 && !o.forward_only))
+    fail("schedule", "--backward-time must be a positive finite number, got ", o.backward);
+  if (!std::isfinite(o.p2p) || o.p2p < 0)
+    fail("schedule", "--p2p-time must be a finite number >= 0, got ", o.p2p);
   const ScheduleKind kind = parse_schedule_kind(o.schedule);
   const Schedule s = make_schedule(kind, o.pp, o.micro_batches, o.chunks, o.forward_only);
   validate(s);

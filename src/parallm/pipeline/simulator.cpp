@@ -27,8 +27,10 @@ std::string label(const Action& a, int chunks) {
 }  // namespace
 
 SimResult simulate(const Schedule& s, const SimOptions& opt) {
-  if (!(opt.forward_time >= 0) || !(opt.backward_time >= 0) || !(opt.p2p_time >= 0))
-    fail("simulator", "times must be non-negative (forward ", opt.forward_time, ", backward ",
+  // Finite as well: an infinite time makes every fraction inf/inf (a "-nan%" busy share).
+  auto ok = [](double t) { return std::isfinite(t) && t >= 0; };
+  if (!ok(opt.forward_time) || !ok(opt.backward_time) || !ok(opt.p2p_time))
+    fail("simulator", "times must be finite and non-negative (forward ", opt.forward_time, ", backward ",
          opt.backward_time, ", p2p ", opt.p2p_time, ")");
   const int p = s.stages;
   const double tf = opt.forward_time / s.chunks, tb = opt.backward_time / s.chunks;

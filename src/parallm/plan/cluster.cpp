@@ -6,7 +6,9 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 
+#include "parallm/core/checked.h"
 #include "parallm/core/error.h"
+#include "parallm/core/json_limits.h"
 #include "parallm/plan/topology.h"
 
 namespace parallm::plan {
@@ -15,13 +17,7 @@ namespace {
 using nlohmann::json;
 
 json read_json(const std::string& path, const char* component) {
-  std::ifstream in(path);
-  if (!in) fail<std::runtime_error>(component, path, ": cannot open file");
-  try {
-    return json::parse(in);
-  } catch (const json::parse_error& e) {
-    fail(component, path, ": invalid JSON: ", e.what());
-  }
+  return read_json_file(path, component);
 }
 
 bool looks_like_file(const std::string& s) {
@@ -39,7 +35,8 @@ LinkSpec resolve_link(const std::string& name, const DeviceSpec& d, const char* 
   // link_preset's alias of pcie4).
   const std::vector<std::string> names = link_preset_names();
   if (name != "pcie" && std::find(names.begin(), names.end(), name) == names.end()) {
-    fail("hardware", flag, ": unknown link \"", name, "\" (presets: nvlink, pcie, ",
+    fail("hardware", flag, ": unknown link \"",
+         name.size() <= 64 ? name : name.substr(0, 64) + "...", "\" (presets: nvlink, pcie, ",
          join(names, ", "), ")");
   }
   return link_preset(name);
@@ -64,20 +61,24 @@ ClusterSpec build_cluster(const ClusterOptions& o) {
   } else {
     cl.device = device_preset("a100-80g");
   }
-  auto file_int = [&](const char* field) {
+  auto file_int = [&](const char* field, int max) {
     if (!file.contains(field)) return 0;
-    if (!file[field].is_number_integer() || file[field].get<int>() < 1)
-      fail("hardware", src, ": field \"", field, "\" must be a positive integer, got ",
-           file[field].dump());
-    return file[field].get<int>();
+    const json& v = file[field];
+    if (!v.is_number_integer() || v.get<int64_t>() < 1 || v.get<int64_t>() > max)
+      fail("hardware", src, ": ", field, " must be an integer in 1..", max, ", got ",
+           json_preview(v));
+    return int(v.get<int64_t>());
   };
-  // Counts.
-  if (o.gpus < 0 || o.nodes < 0 || o.gpus_per_node < 0)
-    fail("hardware", "--gpus, --nodes and --gpus-per-node must be positive");
+  // Counts (0: not given).
+  if (o.gpus < 0 || o.nodes < 0 || o.gpus_per_node < 0 || o.gpus > kMaxDevices ||
+      o.nodes > kMaxDevices || o.gpus_per_node > kMaxDevicesPerNode)
+    fail("hardware", "--gpus ", o.gpus, ", --nodes ", o.nodes, ", --gpus-per-node ",
+         o.gpus_per_node, ": counts must be in 1..", kMaxDevices, " (1..", kMaxDevicesPerNode,
+         " per node)");
   std::optional<Topology> topo;
   if (!o.topology_file.empty()) topo = Topology::from_file(o.topology_file);
-  int nodes = o.nodes ? o.nodes : file_int("nodes");
-  int gpn = o.gpus_per_node ? o.gpus_per_node : file_int("gpus_per_node");
+  int nodes = o.nodes ? o.nodes : file_int("nodes", kMaxDevices);
+  int gpn = o.gpus_per_node ? o.gpus_per_node : file_int("gpus_per_node", kMaxDevicesPerNode);
   if (nodes == 0) nodes = (o.gpus && gpn) ? o.gpus / gpn : 1;
   if (gpn == 0) {
     if (o.gpus)
@@ -87,6 +88,11 @@ ClusterSpec build_cluster(const ClusterOptions& o) {
     else
       gpn = 1;
   }
+  if (gpn > kMaxDevicesPerNode)
+    fail("hardware", "--gpus ", o.gpus, " over ", nodes, nodes == 1 ? " node" : " nodes", " is ",
+         gpn, " devices per node, more than ", kMaxDevicesPerNode, " (give --nodes)");
+  if (int64_t(nodes) * gpn > kMaxDevices)
+    fail("hardware", nodes, " nodes x ", gpn, " devices is more than ", kMaxDevices, " devices");
   if (o.gpus && o.gpus != nodes * gpn)
     fail("hardware", "--gpus ", o.gpus, " is not --nodes ", nodes, " x --gpus-per-node ", gpn);
   if (topo && gpn > topo->num_gpus())

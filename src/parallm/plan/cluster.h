@@ -9,6 +9,12 @@
 
 namespace parallm::plan {
 
+// Bounds on device counts: far beyond any real cluster, small enough that the layout search over
+// divisors and every product of degrees stay cheap and exact. A node's devices are bounded like a
+// topology matrix's columns.
+constexpr int kMaxDevices = 1 << 20;
+constexpr int kMaxDevicesPerNode = 1024;
+
 struct ClusterOptions {
   std::string gpu;            // device preset or JSON file; "" = from the hardware file or a100-80g
   std::string hardware_file;  // {"gpu", "nodes", "gpus_per_node", "intra_node", "inter_node"}

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "parallm/core/error.h"
+#include "parallm/core/json_limits.h"
 
 namespace parallm::plan {
 namespace {
@@ -52,18 +53,49 @@ constexpr LinkPreset kLinks[] = {
     {"shm", LinkKind::SharedMemory, 10, 2},  // ranks on one host; calibrate for real numbers
 };
 
+// The path of `field` inside `source` for messages: "file.json: gpu.mem_bw_gbps" when source
+// already names a place inside its file ("file.json: gpu"), else "file.json: mem_bw_gbps".
+std::string where(const std::string& source, std::string_view field) {
+  return source.find(": ") != std::string::npos ? cat(source, ".", field) : cat(source, ": ", field);
+}
+
+// A positive finite number (JSON has no NaN, but 1e999 parses as infinity).
 double number(const json& j, const char* field, const std::string& source, bool required,
-              double fallback = 0) {
+              double fallback = 0, const char* component = "hardware") {
   auto it = j.find(field);
   if (it == j.end() || it->is_null()) {
-    if (required) fail("hardware", source, ": missing required field \"", field, "\"");
+    if (required) fail(component, where(source, field), " is missing (required)");
     return fallback;
   }
   if (!it->is_number())
-    fail("hardware", source, ": field \"", field, "\" must be a number, got ", it->dump());
+    fail(component, where(source, field), " must be a number, got ", json_preview(*it));
   const double v = it->get<double>();
-  if (!(v > 0)) fail("hardware", source, ": field \"", field, "\" must be positive, got ", v);
+  if (!std::isfinite(v) || !(v > 0))
+    fail(component, where(source, field), " must be a positive number, got ", json_preview(*it));
   return v;
+}
+
+std::string string_field(const json& j, const char* field, const std::string& source,
+                         const std::string& fallback, const char* component = "hardware") {
+  auto it = j.find(field);
+  if (it == j.end() || it->is_null()) return fallback;
+  if (!it->is_string())
+    fail(component, where(source, field), " must be a string, got ", json_preview(*it));
+  return it->get<std::string>();
+}
+
+bool bool_field(const json& j, const char* field, const std::string& source, bool fallback) {
+  auto it = j.find(field);
+  if (it == j.end() || it->is_null()) return fallback;
+  if (!it->is_boolean())
+    fail("hardware", where(source, field), " must be true or false, got ", json_preview(*it));
+  return it->get<bool>();
+}
+
+// A name from the user, cut for a message: a 1 MB "device name" must not fill the terminal.
+std::string shown(std::string_view name) {
+  return name.size() <= 64 ? std::string(name) : cat(name.substr(0, 64), "... (", name.size(),
+                                                      " bytes)");
 }
 
 std::string fmt_num(double v) {
@@ -146,7 +178,7 @@ DeviceSpec device_preset(std::string_view name) {
     d.native_link = "shm";
     return d;
   }
-  fail("hardware", "--gpu: unknown device \"", name,
+  fail("hardware", "--gpu: unknown device \"", shown(name),
        "\" (presets: ", join(device_preset_names(), ", "), "; or a JSON file)");
 }
 
@@ -159,10 +191,12 @@ std::vector<std::string> device_preset_names() {
 
 DeviceSpec device_from_json(const json& j, const std::string& source) {
   if (j.is_string()) return device_preset(j.get<std::string>());
-  if (!j.is_object()) fail("hardware", source, ": a device must be a preset name or an object");
+  if (!j.is_object())
+    fail("hardware", source, ": a device must be a preset name or an object, got ",
+         json_preview(j));
   DeviceSpec d;
-  d.name = j.value("name", std::string("custom"));
-  d.is_cpu = j.value("cpu", false);
+  d.name = string_field(j, "name", source, "custom");
+  d.is_cpu = bool_field(j, "cpu", source, false);
   d.shared_memory_bw = d.is_cpu;
   d.peak_flops = number(j, "peak_tflops", source, true) * 1e12;
   d.mem_bw = number(j, "mem_bw_gbps", source, true) * 1e9;
@@ -173,8 +207,11 @@ DeviceSpec device_from_json(const json& j, const std::string& source) {
   d.flops_efficiency = number(j, "flops_efficiency", source, false, d.flops_efficiency);
   d.mem_efficiency = number(j, "mem_efficiency", source, false, d.mem_efficiency);
   d.usable_fraction = number(j, "usable_fraction", source, false, d.usable_fraction);
-  d.cores = int(number(j, "cores", source, false, 0));
-  d.native_link = j.value("native_link", std::string(d.is_cpu ? "shm" : "pcie4"));
+  const double cores = number(j, "cores", source, false, 0);
+  if (cores > 1e6 || cores != std::floor(cores))
+    fail("hardware", where(source, "cores"), " must be an integer in 1..1000000, got ", cores);
+  d.cores = int(cores);
+  d.native_link = string_field(j, "native_link", source, d.is_cpu ? "shm" : "pcie4");
   if (d.flops_efficiency > 1 || d.mem_efficiency > 1 || d.usable_fraction > 1)
     fail("hardware", source, ": efficiencies and usable_fraction must be in (0, 1]");
   return d;
@@ -184,7 +221,7 @@ LinkSpec link_preset(std::string_view name) {
   if (name == "pcie") name = "pcie4";
   for (const auto& p : kLinks)
     if (name == p.name) return {p.name, p.kind, p.gbps * 1e9, p.us * 1e-6};
-  fail("hardware", "unknown link \"", name, "\" (presets: nvlink, ",
+  fail("hardware", "unknown link \"", shown(name), "\" (presets: nvlink, ",
        join(link_preset_names(), ", "), ")");
 }
 
@@ -196,12 +233,14 @@ std::vector<std::string> link_preset_names() {
 
 LinkSpec link_from_json(const json& j, const std::string& source) {
   if (j.is_string()) return link_preset(j.get<std::string>());
-  if (!j.is_object()) fail("hardware", source, ": a link must be a preset name or an object");
+  if (!j.is_object())
+    fail("hardware", source, ": a link must be a preset name or an object, got ",
+         json_preview(j));
   LinkSpec l;
-  l.name = j.value("name", std::string("custom-link"));
+  l.name = string_field(j, "name", source, "custom-link");
   l.bandwidth = number(j, "bandwidth_gbps", source, true) * 1e9;
   l.latency = number(j, "latency_us", source, true) * 1e-6;
-  const std::string kind = j.value("kind", std::string("pcie"));
+  const std::string kind = string_field(j, "kind", source, "pcie");
   if (kind == "nvlink")
     l.kind = LinkKind::NVLink;
   else if (kind == "pcie")
@@ -211,7 +250,8 @@ LinkSpec link_from_json(const json& j, const std::string& source) {
   else if (kind == "shm")
     l.kind = LinkKind::SharedMemory;
   else
-    fail("hardware", source, ": link kind \"", kind, "\" is not one of nvlink, pcie, network, shm");
+    fail("hardware", where(source, "kind"), " \"", shown(kind),
+         "\" is not one of nvlink, pcie, network, shm");
   return l;
 }
 
@@ -265,26 +305,31 @@ Calibration Calibration::from_json(const json& j, const std::string& source) {
   if (!j.is_object()) fail("calibrate", source, ": expected a JSON object");
   Calibration c;
   c.source = source;
-  c.backend = j.value("backend", std::string("unknown"));
+  c.backend = string_field(j, "backend", source, "unknown", "calibrate");
   if (j.contains("world")) {
-    if (!j["world"].is_number_integer() || j["world"].get<int>() < 2)
-      fail("calibrate", source, ": field \"world\" must be an integer >= 2, got ",
-           j["world"].dump());
-    c.world = j["world"].get<int>();
+    const json& w = j["world"];
+    if (!w.is_number_integer() || w.get<int64_t>() < 2 || w.get<int64_t>() > (1 << 20))
+      fail("calibrate", source, ": world must be an integer in 2..", 1 << 20, ", got ",
+           json_preview(w));
+    c.world = int(w.get<int64_t>());
   }
   if (j.contains("ops")) {
     if (!j["ops"].is_object()) fail("calibrate", source, ": field \"ops\" must be an object");
     for (const auto& [name, v] : j["ops"].items()) {
-      const std::string where = cat(source, ": ops.", name);
+      // The key as a short JSON string: a hostile name must not fill the message.
+      const std::string at =
+          cat(source, ": ops.", name.size() <= 40 ? name : name.substr(0, 40) + "...");
       if (!v.is_object())
-        fail("calibrate", where, " must be an object with alpha_us and beta_gbps");
+        fail("calibrate", at, " must be an object with alpha_us and beta_gbps, got ",
+             json_preview(v));
       AlphaBeta ab;
       auto a = v.find("alpha_us");
-      if (a == v.end() || !a->is_number() || a->get<double>() < 0)
-        fail("calibrate", where, ": field \"alpha_us\" must be a non-negative number, got ",
-             a == v.end() ? std::string("nothing") : a->dump());
+      if (a == v.end() || !a->is_number() || !std::isfinite(a->get<double>()) ||
+          a->get<double>() < 0)
+        fail("calibrate", at, ".alpha_us must be a non-negative number, got ",
+             a == v.end() ? std::string("nothing") : json_preview(*a));
       ab.alpha = a->get<double>() * 1e-6;
-      ab.beta = number(v, "beta_gbps", where, true) * 1e9;
+      ab.beta = number(v, "beta_gbps", at, true, 0, "calibrate") * 1e9;
       std::string key = name;
       if (key == "send_recv" || key == "p2p" || key == "send") key = "sendrecv";
       if (key == "allreduce") key = "all_reduce";
@@ -296,9 +341,10 @@ Calibration Calibration::from_json(const json& j, const std::string& source) {
   }
   if (j.contains("compute")) {
     const json& comp = j["compute"];
-    if (!comp.is_object()) fail("calibrate", source, ": field \"compute\" must be an object");
-    c.mem_bw = number(comp, "mem_bw_gbps", source + ": compute", false) * 1e9;
-    c.flops = number(comp, "gflops", source + ": compute", false) * 1e9;
+    if (!comp.is_object())
+      fail("calibrate", source, ": compute must be an object, got ", json_preview(comp));
+    c.mem_bw = number(comp, "mem_bw_gbps", source + ": compute", false, 0, "calibrate") * 1e9;
+    c.flops = number(comp, "gflops", source + ": compute", false, 0, "calibrate") * 1e9;
   }
   if (c.ops.empty() && c.mem_bw == 0 && c.flops == 0)
     fail("calibrate", source, ": no \"ops\" and no \"compute\": nothing to calibrate with");
@@ -306,15 +352,7 @@ Calibration Calibration::from_json(const json& j, const std::string& source) {
 }
 
 Calibration Calibration::from_file(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) fail<std::runtime_error>("calibrate", path, ": cannot open file");
-  json j;
-  try {
-    j = json::parse(in);
-  } catch (const json::parse_error& e) {
-    fail("calibrate", path, ": invalid JSON: ", e.what());
-  }
-  return from_json(j, path);
+  return from_json(read_json_file(path, "calibrate"), path);
 }
 
 int ClusterSpec::island_of(int local) const {

@@ -7,7 +7,9 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "parallm/core/checked.h"
 #include "parallm/core/error.h"
+#include "parallm/plan/cluster.h"
 #include "parallm/plan/model_presets.h"
 
 namespace parallm::plan {
@@ -23,11 +25,16 @@ std::string bytes_h(double b) {
   return fmt::format("{:.0f} B", b);
 }
 
+// Ascending divisors of n >= 1, by trial up to sqrt(n) in 64 bits (i * i cannot overflow).
 std::vector<int> divisors(int n) {
-  std::vector<int> d;
-  for (int i = 1; i <= n; ++i)
-    if (n % i == 0) d.push_back(i);
-  return d;
+  std::vector<int> low, high;
+  for (int64_t i = 1; i * i <= n; ++i) {
+    if (n % i != 0) continue;
+    low.push_back(int(i));
+    if (i * i != n) high.push_back(int(n / i));
+  }
+  low.insert(low.end(), high.rbegin(), high.rend());
+  return low;
 }
 
 // Higher is better.
@@ -99,8 +106,28 @@ Goal parse_goal(std::string_view s, std::string_view flag) {
 }
 
 PlanResult search(const PlanRequest& req) {
-  const int world = req.cluster.world();
-  if (world < 1) fail("plan", "the cluster has no devices");
+  const int64_t world64 = int64_t(req.cluster.nodes) * req.cluster.gpus_per_node;
+  if (req.cluster.nodes < 1 || req.cluster.gpus_per_node < 1 || world64 > kMaxDevices)
+    fail("plan", "the cluster has ", req.cluster.nodes, " nodes of ", req.cluster.gpus_per_node,
+         " devices: expected 1..", kMaxDevices, " devices in all");
+  const int world = int(world64);
+  // The largest activation the estimates size (tokens of a step x the widest row, in f32 with the
+  // engine's few buffers) must be a count that fits: the workload flags are bounded, the model's
+  // shapes checked (checked_param_count), but their product is checked here, once.
+  {
+    const ModelConfig& c = req.model;
+    const int64_t widest = std::max({c.hidden_size, c.q_dim() + 2 * c.kv_dim(),
+                                     2 * c.intermediate_size, c.vocab_size});
+    const int64_t tokens =
+        req.training ? checked_mul(req.train.seq_len, req.train.micro_batch,
+                                   "plan: --seq-len x --micro-batch")
+                     : checked_mul(req.inference.batch,
+                                   checked_add(req.inference.prompt_len, req.inference.output_len,
+                                               "plan: --prompt-len + --output-len"),
+                                   "plan: --batch x (--prompt-len + --output-len)");
+    checked_mul(checked_mul(tokens, widest, "plan: tokens of a step x the model's widest row"),
+                int64_t(64), "plan: activation bytes of a step");
+  }
   const Layout& pin = req.pinned;
   PlanResult res;
   for (int tp : divisors(world)) {

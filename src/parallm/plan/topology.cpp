@@ -1,11 +1,10 @@
 #include "parallm/plan/topology.h"
 
 #include <algorithm>
-#include <fstream>
-#include <regex>
 #include <sstream>
 
 #include "parallm/core/error.h"
+#include "parallm/core/json_limits.h"
 
 namespace parallm::plan {
 namespace {
@@ -18,9 +17,21 @@ std::vector<std::string> split_ws(const std::string& line) {
   return out;
 }
 
+bool all_digits(std::string_view s) {
+  return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+// No std::regex here: its matcher recurses per character and overflowed the stack on a 26 KB cell.
 bool is_gpu_name(const std::string& s) {
-  static const std::regex re("GPU[0-9]+");
-  return std::regex_match(s, re);
+  return s.size() > 3 && s.compare(0, 3, "GPU") == 0 && all_digits(std::string_view(s).substr(3));
+}
+
+// A cell or device name longer than this is no `nvidia-smi topo -m` output; it is refused (and
+// printed cut) rather than carried into messages.
+constexpr size_t kMaxToken = 64;
+
+std::string shown(const std::string& token) {
+  return token.size() <= kMaxToken ? token : token.substr(0, kMaxToken) + "...";
 }
 
 // Column titles that end the device list of the header.
@@ -37,10 +48,10 @@ bool parse_cell(const std::string& cell, TopoLink& link, int& nv) {
   if (cell == "NODE") return link = TopoLink::Node, true;
   if (cell == "SYS" || cell == "SOC") return link = TopoLink::Sys, true;  // SOC: older drivers
   if (cell == "NVB") return link = TopoLink::PXB, true;  // NVLink via another GPU: not direct
-  static const std::regex nv_re("NV([0-9]+)");
-  std::smatch m;
-  if (std::regex_match(cell, m, nv_re)) {
-    nv = std::stoi(m[1].str());
+  // NV# with # the number of links: 1..999 (a GPU has at most 18 today).
+  if (cell.size() > 2 && cell.size() <= 5 && cell.compare(0, 2, "NV") == 0 &&
+      all_digits(std::string_view(cell).substr(2))) {
+    nv = std::stoi(cell.substr(2));
     if (nv <= 0) return false;
     link = TopoLink::NVLink;
     return true;
@@ -134,12 +145,20 @@ Topology Topology::parse(const std::string& text, const std::string& source) {
       if (header) break;  // the matrix ends at the first blank line; the legend follows
       continue;
     }
+    if (!header && cells[0] != "GPU0") continue;  // banners before the matrix
+    if (cells[0] == "Legend:" || cells[0].rfind("Legend", 0) == 0) break;
+    for (const auto& c : cells)
+      if (c.size() > kMaxToken)
+        fail("topology", source, ":", line_no, ": a cell of ", c.size(), " bytes (\"", shown(c),
+             "\"); cells and device names have at most ", kMaxToken);
     if (!header) {
-      if (cells[0] != "GPU0") continue;  // banners before the matrix
       for (const auto& c : cells) {
         if (is_trailing_title(c)) break;
         t.devices.push_back(c);
       }
+      if (t.devices.size() > kMaxTopologyDevices)
+        fail("topology", source, ":", line_no, ": the header names ", t.devices.size(),
+             " devices, more than the ", kMaxTopologyDevices, " a node can have here");
       for (size_t i = 0; i < t.devices.size(); ++i)
         if (is_gpu_name(t.devices[i])) t.gpu_columns.push_back(int(i));
       // GPU columns are named GPU0..GPUn-1 in order; keep ordinals equal to the number.
@@ -154,7 +173,6 @@ Topology Topology::parse(const std::string& text, const std::string& source) {
       header = true;
       continue;
     }
-    if (cells[0] == "Legend:" || cells[0].rfind("Legend", 0) == 0) break;
     const auto it = std::find(t.devices.begin(), t.devices.end(), cells[0]);
     if (it == t.devices.end()) {
       // A row for an unknown device inside the matrix means the capture is mangled.
@@ -197,11 +215,7 @@ Topology Topology::parse(const std::string& text, const std::string& source) {
 }
 
 Topology Topology::from_file(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) fail<std::runtime_error>("topology", path, ": cannot open file");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return parse(ss.str(), path);
+  return parse(read_text_file(path, kMaxTopologyFileBytes, "topology"), path);
 }
 
 }  // namespace parallm::plan

@@ -7,10 +7,17 @@
 // legend below the matrix is ignored (its wording differs between driver versions).
 #pragma once
 
+#include <cstddef>
 #include <string>
 #include <vector>
 
 namespace parallm::plan {
+
+// Bounds of a capture: a node with 1024 devices (GPUs and NICs) would print a 1024 x 1024 matrix
+// of about 6 MB; beyond that the input is not `nvidia-smi topo -m` and is refused before the
+// matrix is allocated.
+constexpr size_t kMaxTopologyDevices = 1024;
+constexpr size_t kMaxTopologyFileBytes = size_t(16) << 20;
 
 // Fastest first. NVLink carries the number of links in `nvlinks`.
 enum class TopoLink { Self, NVLink, PIX, PXB, PHB, Node, Sys };
