@@ -254,18 +254,19 @@ TEST(GenerateHardening, StoppedRunPrintsWhatItGenerated) {
   TempDir dir;
   {
     std::ofstream p(dir.file("p.txt"));
-    for (int i = 0; i < 8; ++i) p << "1," << 10 + i << "\n";
+    // 64 sequences x 500 tokens: ~20 s on an idle 2-core machine, so 1.5 s in it is still running.
+    for (int i = 0; i < 64; ++i) p << "1," << 10 + i << "\n";
   }
   const pid_t pid = start("generate " + kModel + " --prompts-file " + dir.file("p.txt") +
                               " --max-tokens 500 --ignore-eos --pp 2 --threads 1",
                           dir);
-  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
   kill(pid, SIGTERM);
   const int rc = wait_exit(pid);
   const std::string out = slurp(dir.file("stdout")), err = slurp(dir.file("stderr"));
   EXPECT_EQ(rc, 1) << err;
   EXPECT_NE(err.find("stopped by signal 15 (SIGTERM)"), std::string::npos) << err;
-  for (int i = 0; i < 8; ++i)
+  for (int i = 0; i < 64; ++i)
     EXPECT_NE(out.find("[" + std::to_string(i) + "] "), std::string::npos) << out;
   EXPECT_LT(lines(err), 6) << err;
 }

@@ -14,7 +14,7 @@
 
 #include "parallm/model/config.h"
 #include "parallm/model/init_model.h"
-#include "parallm/model/json_util.h"
+#include "parallm/core/json_limits.h"
 #include "parallm/model/mmap_file.h"
 #include "parallm/model/safetensors.h"
 #include "parallm/model/tokenizer.h"
@@ -56,15 +56,13 @@ std::string st_error(const std::string& path) {
   return error_of([&] { open_safetensors(path); });
 }
 
-TEST(Hardening, JsonNestingDepthIsScannedWithoutRecursion) {
-  EXPECT_EQ(json_nesting_depth("{}"), 1);
-  EXPECT_EQ(json_nesting_depth(R"({"a": [1, {"b": "[[[["}]})"), 3);  // brackets in strings skipped
-  EXPECT_EQ(json_nesting_depth(R"(["\"[[["])"), 1);                  // escaped quote stays inside
-  EXPECT_EQ(json_nesting_depth(nested(100000), 256), 257);
-  EXPECT_HAS(error_of([] { parse_json_bounded(nested(70000), "x", "f.json"); }),
-             "f.json: JSON nests deeper than 256 levels");
-  EXPECT_EQ(json_preview(json::parse(nested(100))), "an array of 1");
-  EXPECT_EQ(json_preview(json("0123456789012345678901234567890123456789xyz")).size(), 43u);
+// The loaders' JSON goes through core/json_limits.h (its own cases in
+// tests/core/checked_json_limits_test.cpp): depth bounded before parsing, short previews.
+TEST(Hardening, LoadersRefuseDeepJsonBeforeParsing) {
+  EXPECT_NO_THROW(check_json_depth(R"({"a": [1, {"b": "[[[["}]})", 3, "x", "f.json"));
+  EXPECT_HAS(error_of([] { parse_json_text(nested(70000), "x", "f.json"); }),
+             "f.json: JSON nested deeper than 256 levels");
+  EXPECT_EQ(json_preview(json::parse(nested(100))), "an array of 1 element");
 }
 
 // A valid one-tensor file: [2, 3] F32 = 24 bytes, header padded with 8 spaces.
@@ -117,10 +115,10 @@ TEST(Hardening, SafetensorsErrorsNameThePathNotTheValue) {
     std::string header, needle;
   };
   const Case cases[] = {
-      {R"({"w":)" + deep + "}", "nests deeper than 256 levels"},
-      {R"({"__metadata__":{"a":)" + deep + "}}", "nests deeper than 256 levels"},
+      {R"({"w":)" + deep + "}", "nested deeper than 256 levels"},
+      {R"({"__metadata__":{"a":)" + deep + "}}", "nested deeper than 256 levels"},
       {R"({"w":{"dtype":"F32","shape":[2,)" + deep + R"(],"data_offsets":[0,24]}})",
-       "nests deeper than 256 levels"},
+       "nested deeper than 256 levels"},
       {R"({"w":{"dtype":"F32","shape":[2,[[[3]]]],"data_offsets":[0,24]}})",
        R"(tensors["w"].shape[1] must be a non-negative integer, got an array of 1)"},
       {R"({"w":{"dtype":"F32","shape":[2,-3],"data_offsets":[0,24]}})",
@@ -141,7 +139,7 @@ TEST(Hardening, SafetensorsErrorsNameThePathNotTheValue) {
   write_st(dir / "s1.safetensors", kHeader, kData);
   write_file(dir / "model.safetensors.index.json",
              R"({"weight_map":{"w":"s1.safetensors"},"metadata":)" + deep + "}");
-  EXPECT_HAS(st_error(dir / "model.safetensors.index.json"), "nests deeper than 256 levels");
+  EXPECT_HAS(st_error(dir / "model.safetensors.index.json"), "nested deeper than 256 levels");
   write_file(dir / "model.safetensors.index.json", R"({"weight_map":{"w":[[["s1"]]]}})");
   EXPECT_HAS(st_error(dir / "model.safetensors.index.json"),
              R"(weight_map["w"] must be a file name, got an array of 1)");
@@ -212,7 +210,7 @@ TEST(Hardening, ConfigFileTooDeepOrNotARegularFile) {
   TempDir dir;
   write_file(dir / "config.json", R"({"hidden_size": )" + nested(70000) + "}");
   EXPECT_HAS(error_of([&] { ModelConfig::from_file(dir / "config.json"); }),
-             "config.json: JSON nests deeper than 256 levels");
+             "config.json: JSON nested deeper than 256 levels");
   EXPECT_HAS(error_of([] { ModelConfig::from_file("/dev/zero"); }),
              "/dev/zero: is a character device, not a regular file");
   EXPECT_HAS(error_of([&] { ModelConfig::from_file(dir.path()); }), "is a directory");
@@ -239,7 +237,7 @@ TEST(Hardening, TokenizerJsonTooDeep) {
   TempDir dir;
   write_file(dir / "tokenizer.json", R"({"model": )" + nested(70000) + "}");
   EXPECT_HAS(error_of([&] { load_tokenizer_file(dir / "tokenizer.json"); }),
-             "nests deeper than 256 levels");
+             "nested deeper than 256 levels");
 }
 
 TEST(Hardening, InitModelRefusesHugeModelsAndLeavesNothing) {

@@ -173,7 +173,7 @@ TEST(PlanHardening, ConfigShapesThatOverflowAreRefused) {
   expect_refused(
       {
           {"plan --model " + dir / "config.json", {"config.json", "hidden_size", "64 bits"}},
-          {"plan --model " + dir / "vocab.json", {"vocab.json", "vocab_size x hidden_size"}},
+          {"plan --model " + dir / "vocab.json", {"vocab.json", "vocab_size", "64 bits"}},
       },
       dir);
 }

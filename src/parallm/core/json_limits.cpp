@@ -11,24 +11,58 @@
 
 namespace parallm {
 
+std::string non_regular_kind(unsigned mode) {
+  if (S_ISREG(mode)) return "";
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISFIFO(mode)) return "a FIFO";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  if (S_ISSOCK(mode)) return "a socket";
+  return "not a regular file";
+}
+
+int open_regular_file(const std::string& path, std::string_view component, uint64_t* size,
+                      bool missing_is_environment) {
+  // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever. The kind is
+  // then checked on the descriptor itself, so nothing can swap the file between check and use.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) {
+    const int err = errno;
+    if (err == ENOENT && !missing_is_environment) fail(component, path, ": no such file");
+    if (err == ENOENT) fail<std::runtime_error>(component, path, ": no such file");
+    fail<std::runtime_error>(component, path, ": cannot open: ", std::strerror(err));
+  }
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    fail<std::runtime_error>(component, path, ": cannot stat: ", std::strerror(err));
+  }
+  const std::string kind = non_regular_kind(st.st_mode);
+  if (!kind.empty()) {
+    ::close(fd);
+    fail(component, path, ": is ", kind, ", not a regular file");
+  }
+  // Regular files ignore O_NONBLOCK for reads, but clear it anyway for plain blocking reads.
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags >= 0) (void)::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+  *size = static_cast<uint64_t>(st.st_size);
+  return fd;
+}
+
 std::string read_text_file(const std::string& path, size_t max_bytes, std::string_view component) {
-  // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer; it is refused below.
-  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-  if (fd < 0)
-    fail<std::runtime_error>(component, path, ": cannot open file (", std::strerror(errno), ")");
+  uint64_t size = 0;
+  const int fd = open_regular_file(path, component, &size, /*missing_is_environment=*/true);
   struct Closer {
     int fd;
     ~Closer() { ::close(fd); }
   } closer{fd};
-  struct stat st{};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
-    fail<std::runtime_error>(component, path, ": is not a regular file");
-  if (size_t(st.st_size) > max_bytes)
-    fail(component, path, ": ", st.st_size, " bytes, larger than the ", max_bytes,
+  if (size > max_bytes)
+    fail(component, path, ": ", size, " bytes, larger than the ", max_bytes,
          " bytes allowed for this input");
   // Read to EOF but never past the limit: the file may grow while we read it.
   std::string text;
-  text.reserve(size_t(st.st_size));
+  text.reserve(size_t(size));
   char buf[65536];
   while (true) {
     const ssize_t n = ::read(fd, buf, sizeof buf);

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
@@ -17,6 +18,17 @@ namespace parallm {
 
 constexpr size_t kMaxJsonDepth = 256;
 constexpr size_t kMaxJsonFileBytes = size_t(64) << 20;  // 64 MiB: far above any config
+
+// What a file mode names when it is not a regular file ("a directory", "a FIFO", "a character
+// device", ...), or "" for a regular file.
+std::string non_regular_kind(unsigned mode);
+
+// Opens `path` read-only, refusing anything but a regular file after an O_NONBLOCK open (so a
+// FIFO never blocks), naming the path and what it is; returns the descriptor (the caller closes
+// it) and sets *size. A missing file is std::invalid_argument (a wrong path given) unless
+// `missing_is_environment` (std::runtime_error).
+int open_regular_file(const std::string& path, std::string_view component, uint64_t* size,
+                      bool missing_is_environment = false);
 
 // The whole of the regular file `path`, at most `max_bytes`. Throws std::runtime_error
 // "[component] path: cannot open file" / "is not a regular file", std::invalid_argument

@@ -6,7 +6,7 @@
 #include <cstring>
 
 #include "parallm/core/error.h"
-#include "parallm/core/overflow.h"
+#include "parallm/core/checked.h"
 
 namespace parallm {
 namespace {
@@ -33,8 +33,8 @@ void check_shape(const Shape& shape) {
 size_t checked_bytes(const Shape& shape, DType dtype) {
   const std::string what = "tensor of shape " + shape_str(shape);
   int64_t n = 1;
-  for (int64_t d : shape) n = mul_checked(n, d, what);
-  return static_cast<size_t>(mul_checked(n, static_cast<int64_t>(dtype_size(dtype)), what));
+  for (int64_t d : shape) n = checked_mul<int64_t>(n, d, what);
+  return static_cast<size_t>(checked_mul<int64_t>(n, static_cast<int64_t>(dtype_size(dtype)), what));
 }
 
 }  // namespace

@@ -5,8 +5,8 @@
 #include <nlohmann/json.hpp>
 
 #include "parallm/core/error.h"
-#include "parallm/core/overflow.h"
-#include "parallm/model/json_util.h"
+#include "parallm/core/checked.h"
+#include "parallm/core/json_limits.h"
 
 namespace parallm {
 namespace {
@@ -45,8 +45,8 @@ double get_num(const json& v, const char* field, const std::string& source) {
 int64_t ModelConfig::param_count() const {
   // Checked: a config with dimensions near 2^62 is an error naming the count, not a wrapped sum.
   constexpr std::string_view w = "the model's parameter count";
-  auto mul = [&](int64_t a, int64_t b) { return mul_checked(a, b, w); };
-  auto add = [&](int64_t a, int64_t b) { return add_checked(a, b, w); };
+  auto mul = [&](int64_t a, int64_t b) { return checked_mul<int64_t>(a, b, w); };
+  auto add = [&](int64_t a, int64_t b) { return checked_add<int64_t>(a, b, w); };
   const int64_t h = hidden_size;
   const int64_t q = mul(num_attention_heads, head_dim), kv = mul(num_key_value_heads, head_dim);
   const int64_t attn = add(add(mul(h, q), mul(2, mul(h, kv))), mul(q, h));
@@ -150,7 +150,7 @@ ModelConfig ModelConfig::from_file(const std::string& path) {
   // A config.json is a few kB: the limit keeps /dev/zero-like inputs from reading without end.
   constexpr uint64_t kMaxConfigBytes = 16 << 20;
   return from_json(
-      parse_json_bounded(read_regular_file(path, "config", kMaxConfigBytes), "config", path), path);
+      parse_json_text(read_text_file(path, kMaxConfigBytes, "config"), "config", path), path);
 }
 
 json ModelConfig::to_json() const {

@@ -8,7 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "parallm/core/error.h"
-#include "parallm/core/overflow.h"
+#include "parallm/core/checked.h"
 #include "parallm/core/thread_pool.h"
 #include "parallm/model/llama_tensors.h"
 #include "parallm/model/weights.h"
@@ -72,7 +72,7 @@ void check_init_model_size(const ModelConfig& c, DType dtype) {
          kMaxInitModelParams, " (num_hidden_layers ", c.num_hidden_layers, ", hidden_size ",
          c.hidden_size, ")");
   const int64_t bytes =
-      mul_checked(params, static_cast<int64_t>(dtype_size(dtype)), "init-model weight bytes");
+      checked_mul<int64_t>(params, static_cast<int64_t>(dtype_size(dtype)), "init-model weight bytes");
   const uint64_t mem = physical_memory_bytes();
   if (mem != 0 && static_cast<uint64_t>(bytes) > mem)
     fail("init-model", "the config makes ", params, " parameters (", bytes, " bytes as ",

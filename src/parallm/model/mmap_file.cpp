@@ -11,7 +11,7 @@
 #include <utility>
 
 #include "parallm/core/error.h"
-#include "parallm/model/json_util.h"
+#include "parallm/core/json_limits.h"
 
 namespace parallm {
 namespace {
@@ -32,7 +32,7 @@ size_t page_size() {
 }  // namespace
 
 MappedFile::MappedFile(const std::string& path) : path_(path) {
-  // Only regular files: a FIFO, device or directory is refused without blocking (json_util.h).
+  // Only regular files: a FIFO, device or directory is refused without blocking (core/json_limits.h).
   Fd f;
   uint64_t size = 0;
   f.fd = open_regular_file(path, "mmap", &size);

@@ -16,7 +16,7 @@
 #include <unordered_map>
 
 #include "parallm/core/error.h"
-#include "parallm/model/json_util.h"
+#include "parallm/core/json_limits.h"
 
 namespace parallm {
 namespace {
@@ -168,7 +168,7 @@ std::unique_ptr<WeightSource> open_single(const std::string& path, const std::st
 
 std::unique_ptr<WeightSource> open_index(const std::string& index_path,
                                          const std::string& description) {
-  const json j = parse_json_bounded(read_regular_file(index_path, kComponent, kMaxIndexBytes),
+  const json j = parse_json_text(read_text_file(index_path, kMaxIndexBytes, kComponent),
                                     kComponent, index_path);
   if (!j.is_object()) fail(kComponent, index_path, ": expected a JSON object");
   auto wm = j.find("weight_map");
@@ -282,9 +282,7 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size,
   const uint64_t data_size = size - h.data_start;
 
   const std::string_view text(reinterpret_cast<const char*>(bytes + 8), static_cast<size_t>(n));
-  if (json_nesting_depth(text) > kMaxJsonDepth)
-    fail(kComponent, source, ": the ", n, "-byte header nests deeper than ", kMaxJsonDepth,
-         " levels");
+  check_json_depth(text, kMaxJsonDepth, kComponent, source);
   json j;
   try {
     j = json::parse(text.begin(), text.end());

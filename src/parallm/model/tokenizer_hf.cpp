@@ -10,7 +10,7 @@
 #include "parallm/core/error.h"
 #include "parallm/model/bpe.h"
 #include "parallm/model/bpe_split.h"
-#include "parallm/model/json_util.h"
+#include "parallm/core/json_limits.h"
 #include "parallm/model/tokenizer_unicode.h"
 
 namespace parallm {
@@ -24,10 +24,10 @@ constexpr std::string_view kSpace = "\xE2\x96\x81";  // "▁"
 constexpr int64_t kMaxTokenId = int64_t{1} << 24;
 
 // A whole tokenizer.json (the largest real ones are ~20 MB), only from a regular file, nesting
-// bounded before parsing (json_util.h).
+// bounded before parsing (core/json_limits.h).
 json parse_json_file(const std::string& file) {
   constexpr uint64_t kMaxTokenizerBytes = uint64_t{1} << 30;
-  return parse_json_bounded(read_regular_file(file, "tokenizer", kMaxTokenizerBytes), "tokenizer",
+  return parse_json_text(read_text_file(file, kMaxTokenizerBytes, "tokenizer"), "tokenizer",
                             file);
 }
 

@@ -5,7 +5,7 @@
 #include <filesystem>
 
 #include "parallm/core/error.h"
-#include "parallm/model/json_util.h"
+#include "parallm/core/json_limits.h"
 
 namespace parallm {
 namespace {
@@ -15,10 +15,10 @@ constexpr std::string_view kSpace = "\xE2\x96\x81";  // "▁", sentencepiece's s
 class SentencePieceTokenizer final : public Tokenizer {
  public:
   explicit SentencePieceTokenizer(const std::string& file) : file_(file) {
-    // Read here, from a regular file only and with a limit (json_util.h), so a FIFO or device
+    // Read here, from a regular file only and with a limit (core/json_limits.h), so a FIFO or device
     // given as the model is refused by name instead of blocking inside sentencepiece.
     constexpr uint64_t kMaxSpmBytes = uint64_t{1} << 30;
-    const std::string bytes = read_regular_file(file, "tokenizer", kMaxSpmBytes);
+    const std::string bytes = read_text_file(file, kMaxSpmBytes, "tokenizer");
     const auto status = sp_.LoadFromSerializedProto(bytes);
     if (!status.ok()) {
       fail<std::runtime_error>("tokenizer", file,

@@ -6,7 +6,7 @@
 #include <optional>
 
 #include "parallm/core/error.h"
-#include "parallm/model/json_util.h"
+#include "parallm/core/json_limits.h"
 #include "parallm/model/llama_tensors.h"
 #include "parallm/model/safetensors.h"
 

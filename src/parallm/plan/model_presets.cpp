@@ -2,7 +2,6 @@
 
 #include <filesystem>
 
-#include "parallm/core/checked.h"
 #include "parallm/core/error.h"
 
 namespace parallm::plan {
@@ -80,47 +79,10 @@ ModelConfig resolve_model(const std::string& spec, std::string* display_name) {
   if (fs::is_directory(path, ec)) path /= "config.json";
   if (fs::exists(path, ec)) {
     if (display_name) *display_name = path.string();
-    ModelConfig c = ModelConfig::from_file(path.string());
-    checked_param_count(c, path.string());
-    return c;
+    return ModelConfig::from_file(path.string());  // validated: shapes whose counts overflow refused
   }
   fail("plan", "--model: \"", spec, "\" is neither a preset (", join(model_preset_names(), ", "),
        ") nor a config.json file or a directory holding one");
-}
-
-int64_t checked_param_count(const ModelConfig& c, const std::string& source) {
-  // ModelConfig::param_count's sum, term by term, each product named by its config fields.
-  auto mul = [&](int64_t a, int64_t b, const char* what) {
-    return checked_mul(a, b, cat(source, ": ", what));
-  };
-  auto add = [&](int64_t a, int64_t b, const char* what) {
-    return checked_add(a, b, cat(source, ": ", what));
-  };
-  const int64_t h = c.hidden_size;
-  const int64_t q = mul(c.num_attention_heads, c.head_dim, "num_attention_heads x head_dim");
-  const int64_t kv = mul(c.num_key_value_heads, c.head_dim, "num_key_value_heads x head_dim");
-  const int64_t hq = mul(h, q, "hidden_size x num_attention_heads x head_dim");
-  const int64_t hkv = mul(h, kv, "hidden_size x num_key_value_heads x head_dim");
-  int64_t attn = add(hq, hq, "attention weights (q and o projections)");
-  attn = add(attn, mul(hkv, 2, "hidden_size x num_key_value_heads x head_dim x 2"),
-             "attention weights");
-  const int64_t mlp_one = mul(mul(h, c.intermediate_size, "hidden_size x intermediate_size"), 3,
-                              "hidden_size x intermediate_size x 3");
-  int64_t mlp = mlp_one;
-  if (c.is_moe())
-    mlp = add(mul(c.num_local_experts, mlp_one, "num_local_experts x expert weights"),
-              mul(h, c.num_local_experts, "hidden_size x num_local_experts"), "MoE weights");
-  const int64_t layer = add(add(attn, mlp, "weights of one layer"),
-                            mul(h, 2, "hidden_size x 2"), "weights of one layer");
-  const int64_t embed = mul(mul(c.vocab_size, h, "vocab_size x hidden_size"),
-                            c.tie_word_embeddings ? 1 : 2, "vocab_size x hidden_size x 2");
-  const int64_t total =
-      add(add(mul(c.num_hidden_layers, layer, "num_hidden_layers x weights per layer"), embed,
-              "parameters"),
-          h, "parameters");
-  // Bytes at 4 per parameter (f32, the widest the planner and engine use) must fit as well.
-  mul(total, 4, "parameters x 4 bytes");
-  return total;
 }
 
 double active_params_per_token(const ModelConfig& c) {

@@ -24,12 +24,6 @@ std::vector<std::string> model_preset_names();
 // std::invalid_argument naming `spec` and listing the presets when it is none of these.
 ModelConfig resolve_model(const std::string& spec, std::string* display_name = nullptr);
 
-// The parameter count (ModelConfig::param_count) with every product and sum checked: throws
-// std::invalid_argument "[overflow] source: <config fields>: a x b does not fit in 64 bits" for a
-// config whose shapes overflow, so that no count the planner derives from it wraps.
-// resolve_model calls it on every config file.
-int64_t checked_param_count(const ModelConfig& c, const std::string& source);
-
 // Parameters one token runs through: dense layers, the k routed experts of an MoE layer, the
 // output projection; not the embedding lookup (a gather, no FLOPs).
 double active_params_per_token(const ModelConfig& c);

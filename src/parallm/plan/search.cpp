@@ -113,7 +113,7 @@ PlanResult search(const PlanRequest& req) {
   const int world = int(world64);
   // The largest activation the estimates size (tokens of a step x the widest row, in f32 with the
   // engine's few buffers) must be a count that fits: the workload flags are bounded, the model's
-  // shapes checked (checked_param_count), but their product is checked here, once.
+  // shapes checked (ModelConfig::validate), but their product is checked here, once.
   {
     const ModelConfig& c = req.model;
     const int64_t widest = std::max({c.hidden_size, c.q_dim() + 2 * c.kv_dim(),
