@@ -49,7 +49,9 @@ Mat sum_over_ranks(int64_t rows, int64_t cols, int p) {
 }
 
 bool same_bits(const Mat& a, const Mat& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  // (memcmp may not be given the null data() of an empty vector, even for 0 bytes.)
+  return a.size() == b.size() &&
+         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }
 
 // Runs fn on every rank of a local TP group of size p; failures inside ranks are collected.

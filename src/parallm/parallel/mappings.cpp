@@ -39,12 +39,17 @@ void all_reduce(const comm::Group& group, float* x, int64_t n) {
   group.all_reduce(x, static_cast<size_t>(n));
 }
 
+// memcpy of n floats; n == 0 copies nothing (an empty shard's data may be null, which memcpy may
+// not be given even for zero bytes).
+void copy_floats(float* dst, const float* src, int64_t n) {
+  if (n > 0) std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+}
+
 // Copies the columns [begin, begin + width) of src [rows, cols] into dst [rows, width].
 void copy_cols(const float* src, int64_t rows, int64_t cols, int64_t begin, int64_t width,
                float* dst) {
   for (int64_t t = 0; t < rows; ++t)
-    std::memcpy(dst + t * width, src + t * cols + begin,
-                static_cast<size_t>(width) * sizeof(float));
+    copy_floats(dst + t * width, src + t * cols + begin, width);
 }
 
 // Split along cols -> replicated: x [rows, shard] -> y [rows, cols]. Every rank's block goes out
@@ -55,7 +60,7 @@ void all_gather_cols(const comm::Group& group, const float* x, int64_t rows, int
   const int p = group.size();
   const ShardSpec mine = shard_of(cols, group);
   if (p == 1) {
-    if (x != y) std::memmove(y, x, static_cast<size_t>(rows * cols) * sizeof(float));
+    if (x != y && rows * cols > 0) std::memmove(y, x, static_cast<size_t>(rows * cols) * sizeof(float));
     return;
   }
   if (rows == 0 || cols == 0) return;
@@ -72,8 +77,7 @@ void all_gather_cols(const comm::Group& group, const float* x, int64_t rows, int
   if (cols % p != 0) {
     float* padded = staging.data();
     for (int64_t t = 0; t < rows; ++t) {
-      std::memcpy(padded + t * width, x + t * mine.size(),
-                  static_cast<size_t>(mine.size()) * sizeof(float));
+      copy_floats(padded + t * width, x + t * mine.size(), mine.size());
       std::fill(padded + t * width + mine.size(), padded + (t + 1) * width, 0.0f);
     }
     send = padded;
@@ -86,8 +90,7 @@ void all_gather_cols(const comm::Group& group, const float* x, int64_t rows, int
     const ShardSpec s = ShardSpec::even(cols, p, r);
     const float* block = recv + r * rows * width;
     for (int64_t t = 0; t < rows; ++t)
-      std::memcpy(y + t * cols + s.begin, block + t * width,
-                  static_cast<size_t>(s.size()) * sizeof(float));
+      copy_floats(y + t * cols + s.begin, block + t * width, s.size());
   }
 }
 
@@ -95,7 +98,7 @@ void all_gather_cols(const comm::Group& group, const float* x, int64_t rows, int
 void split_cols(const comm::Group& group, const float* x, int64_t rows, int64_t cols, float* y) {
   const ShardSpec mine = shard_of(cols, group);
   if (group.size() == 1) {
-    if (x != y) std::memmove(y, x, static_cast<size_t>(rows * cols) * sizeof(float));
+    if (x != y && rows * cols > 0) std::memmove(y, x, static_cast<size_t>(rows * cols) * sizeof(float));
     return;
   }
   copy_cols(x, rows, cols, mine.begin, mine.size(), y);
@@ -107,7 +110,7 @@ void all_gather_rows(const comm::Group& group, const float* x, int64_t rows, int
   const int p = group.size();
   const ShardSpec mine = shard_of(rows, group);
   if (p == 1) {
-    if (x != y) std::memmove(y, x, static_cast<size_t>(rows * cols) * sizeof(float));
+    if (x != y && rows * cols > 0) std::memmove(y, x, static_cast<size_t>(rows * cols) * sizeof(float));
     return;
   }
   if (rows == 0 || cols == 0) return;
@@ -121,7 +124,7 @@ void all_gather_rows(const comm::Group& group, const float* x, int64_t rows, int
   Staging staging(scratch, (p + 1) * block);
   float* send = staging.data();  // [max_rows, cols]
   float* recv = send + block;    // [p, max_rows, cols]
-  std::memcpy(send, x, static_cast<size_t>(mine.size() * cols) * sizeof(float));
+  copy_floats(send, x, mine.size() * cols);
   std::fill(send + mine.size() * cols, send + block, 0.0f);
   {
     TraceSpan span("all_gather", "comm");
@@ -129,8 +132,7 @@ void all_gather_rows(const comm::Group& group, const float* x, int64_t rows, int
   }
   for (int r = 0; r < p; ++r) {
     const ShardSpec s = ShardSpec::even(rows, p, r);
-    std::memcpy(y + s.begin * cols, recv + r * block,
-                static_cast<size_t>(s.size() * cols) * sizeof(float));
+    copy_floats(y + s.begin * cols, recv + r * block, s.size() * cols);
   }
 }
 
@@ -140,7 +142,7 @@ void reduce_scatter_rows(const comm::Group& group, const float* x, int64_t rows,
   const int p = group.size();
   const ShardSpec mine = shard_of(rows, group);
   if (p == 1) {
-    if (x != y) std::memmove(y, x, static_cast<size_t>(rows * cols) * sizeof(float));
+    if (x != y && rows * cols > 0) std::memmove(y, x, static_cast<size_t>(rows * cols) * sizeof(float));
     return;
   }
   if (rows == 0 || cols == 0) return;
@@ -157,14 +159,14 @@ void reduce_scatter_rows(const comm::Group& group, const float* x, int64_t rows,
   for (int r = 0; r < p; ++r) {
     const ShardSpec s = ShardSpec::even(rows, p, r);
     float* dst = send + r * block;
-    std::memcpy(dst, x + s.begin * cols, static_cast<size_t>(s.size() * cols) * sizeof(float));
+    copy_floats(dst, x + s.begin * cols, s.size() * cols);
     std::fill(dst + s.size() * cols, dst + block, 0.0f);
   }
   {
     TraceSpan span("reduce_scatter", "comm");
     group.reduce_scatter(send, recv, static_cast<size_t>(block), DType::F32);
   }
-  std::memcpy(y, recv, static_cast<size_t>(mine.size() * cols) * sizeof(float));
+  copy_floats(y, recv, mine.size() * cols);
 }
 
 }  // namespace
