@@ -9,25 +9,13 @@
 
 #include "parallm/core/error.h"
 #include "parallm/parallel/shard.h"
+#include "model/tiny_config.h"
 #include "test_util.h"
 
 namespace parallm {
 namespace {
 
-// hidden 8, 2 heads of 4, 1 KV head, FFN 12, 2 layers, vocab 10.
-ModelConfig small_config(bool tied) {
-  ModelConfig c;
-  c.hidden_size = 8;
-  c.intermediate_size = 12;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 2;
-  c.num_key_value_heads = 1;
-  c.head_dim = 4;
-  c.vocab_size = 10;
-  c.tie_word_embeddings = tied;
-  c.validate("small");
-  return c;
-}
+ModelConfig small_config(bool tied) { return testing::tiny_gqa_config(tied); }
 
 // Heads of width 2, an FFN of 13 and a vocabulary of 11 (split unevenly by most sizes).
 ModelConfig heads_config(int64_t q_heads, int64_t kv_heads) {

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "model/tiny_config.h"
 #include "test_util.h"
 
 namespace parallm {
@@ -22,21 +23,7 @@ using testing::TempDir;
 
 using testing::error_of;
 
-// A tiny GQA LLaMA: hidden 8, 2 heads of 4, 1 KV head, ffn 12, 2 layers, vocab 10.
-ModelConfig tiny_config(bool tied) {
-  ModelConfig c;
-  c.hidden_size = 8;
-  c.intermediate_size = 12;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 2;
-  c.num_key_value_heads = 1;
-  c.head_dim = 4;
-  c.vocab_size = 10;
-  c.tie_word_embeddings = tied;
-  c.torch_dtype = "bfloat16";
-  c.validate("tiny");
-  return c;
-}
+ModelConfig tiny_config(bool tied) { return testing::tiny_gqa_config(tied); }
 
 Tensor filled(Shape shape, float v) {
   Tensor t = Tensor::empty(DType::F32, std::move(shape));
