@@ -1,0 +1,85 @@
+// The backward passes of the LLaMA building blocks, each beside a plain reference (*_ref: simple
+// loops, written for clarity, used by the tests). No communication here: the tensor-parallel
+// versions are the layers in parallel/, which call these on their shard and add the mappings.
+//
+// Layout: row-major f32; T = tokens (B sequences of S tokens back to back), D = features.
+// "accumulate" outputs (weight gradients) are added to; the others are overwritten.
+#pragma once
+
+#include <cstdint>
+
+#include "parallm/kernels/ops.h"
+
+namespace parallm::parallel {
+class VocabExchange;
+}
+
+namespace parallm::train {
+
+// ---- linear: y [T, out] = x [T, in] . W^T, W [out, in] ----
+// dx [T, in] = dy . W  (accumulate into dx when accumulate, else overwrite)
+void linear_backward_input(const float* dy, const float* w, int64_t T, int64_t out, int64_t in,
+                           float* dx, bool accumulate = false);
+// dW [out, in] += dy^T . x
+void linear_backward_weight(const float* dy, const float* x, int64_t T, int64_t out, int64_t in,
+                            float* dw);
+// y = x . W^T (f32 weights; through OpenBLAS)
+void linear_forward(const float* x, const float* w, int64_t T, int64_t out, int64_t in, float* y);
+
+// ---- embedding: x[t] = table[ids[t] - row_begin] for ids in [row_begin, row_end) ----
+// dtable [row_end - row_begin, D] += dx[t] for each t whose id is in range.
+void embedding_backward(const int32_t* ids, int64_t T, const float* dx, int64_t D,
+                        int64_t row_begin, int64_t row_end, float* dtable);
+
+// ---- RMSNorm: y = x / sqrt(mean(x^2) + eps) * w ----
+// Forward keeping rstd [T] (1/sqrt(mean(x^2)+eps)) for the backward.
+void rmsnorm_forward(const float* x, const float* w, int64_t T, int64_t D, float eps, float* y,
+                     float* rstd);
+// dx [T, D] = d/dx (overwrite, or add when accumulate: the residual stream adds it),
+// dw [D] += d/dw.
+void rmsnorm_backward(const float* x, const float* w, const float* rstd, const float* dy,
+                      int64_t T, int64_t D, float* dx, float* dw, bool accumulate);
+void rmsnorm_backward_ref(const float* x, const float* w, float eps, const float* dy, int64_t T,
+                          int64_t D, float* dx, float* dw, bool accumulate);
+
+// ---- RoPE (both conventions, kernels::RopeStyle): the rotation's backward is the rotation by
+// the opposite angle, in place on dx [T, heads * head_dim] at positions [T].
+void rope_backward(float* dx, int64_t T, int64_t heads, int64_t head_dim, const int32_t* positions,
+                   const float* inv_freq, kernels::RopeStyle style);
+void rope_backward_ref(float* dx, int64_t T, int64_t heads, int64_t head_dim,
+                       const int32_t* positions, const float* inv_freq, kernels::RopeStyle style);
+
+// ---- causal grouped-query attention over B sequences of S tokens ----
+// q [B*S, Hq*hd], k and v [B*S, Hkv*hd] (after RoPE); query head h reads KV head h / (Hq/Hkv).
+// out [B*S, Hq*hd]; probs [B, Hq, S, S] (the softmax, zero above the diagonal) kept for the
+// backward. scale = 1/sqrt(hd).
+void attention_forward(const float* q, const float* k, const float* v, int64_t B, int64_t S,
+                       int64_t Hq, int64_t Hkv, int64_t hd, float* out, float* probs);
+// dq, dk, dv (overwritten) from dout [B*S, Hq*hd]; dk and dv sum over the query heads of a group.
+void attention_backward(const float* q, const float* k, const float* v, const float* probs,
+                        const float* dout, int64_t B, int64_t S, int64_t Hq, int64_t Hkv,
+                        int64_t hd, float* dq, float* dk, float* dv);
+void attention_backward_ref(const float* q, const float* k, const float* v, const float* dout,
+                            int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t hd, float* dq,
+                            float* dk, float* dv);
+
+// ---- SwiGLU: h = silu(gate) * up ----
+// dgate, dup [n] (overwritten) from dh [n].
+void swiglu_backward(const float* gate, const float* up, const float* dh, int64_t n, float* dgate,
+                     float* dup);
+
+// ---- cross-entropy over a vocabulary split across `ex`'s group (the TP group) ----
+// logits [R, V_local], this rank's columns [vocab_begin, vocab_begin + V_local) of the full
+// vocabulary; targets [R] (full-vocabulary ids). Megatron's vocab-parallel cross-entropy: the row
+// max and the sum of exp are all-reduced (max, then sum), the target's logit is summed from the
+// rank that owns it: three all-reduces of [R] floats, the logits never gathered. On the size-1
+// group: plain cross-entropy with no collective.
+// Returns the sum over rows of -log softmax(logits)[target] (the same on every rank) and, when
+// dlogits is not null, writes dlogits [R, V_local] = grad_scale * (softmax - onehot(target)).
+double cross_entropy(const parallel::VocabExchange& ex, const float* logits, int64_t R,
+                     int64_t V_local, int64_t vocab_begin, const int32_t* targets,
+                     float grad_scale, float* dlogits);
+double cross_entropy_ref(const float* logits, int64_t R, int64_t V, const int32_t* targets,
+                         float grad_scale, float* dlogits);
+
+}  // namespace parallm::train

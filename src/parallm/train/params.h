@@ -1,0 +1,66 @@
+// The trainable parameters of one rank: every tensor of the LLaMA table (model/llama_tensors.h)
+// that this rank holds, as f32 master copies in one flat buffer, with the gradients in a second
+// flat buffer of the same layout. One flat buffer makes the data-parallel work simple: gradient
+// buckets are ranges of it, ZeRO-1 shards it by range over DP, and the global gradient norm is one
+// pass over it.
+//
+// Order: the checkpoint order of llama_tensors(config) (embedding, layers, final norm, lm_head when
+// untied); each tensor holds this rank's TP slice (llama_tensor_slice). Offsets are multiples of
+// 16 floats (64 bytes), so every tensor starts aligned.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "parallm/core/tensor.h"
+#include "parallm/model/config.h"
+#include "parallm/model/llama_tensors.h"
+#include "parallm/model/weights.h"
+
+namespace parallm::train {
+
+struct Param {
+  LlamaTensor tensor;   // Hugging Face name, full shape, shard rule
+  Slice slice;          // this rank's part (Slice::all() when the rule is Replicated)
+  Shape local_shape;    // the slice's shape
+  int64_t offset = 0;   // in floats, into ParamStore::values() / grads()
+  int64_t numel = 0;
+  bool decay = false;   // AdamW weight decay: 2-D tensors (embeddings, linear weights), not norms
+  // Whether every rank of the TP group holds the same values (norm weights, and K/V rows that TP
+  // replicates when TP > KV heads). The global gradient norm counts such a tensor once, a sharded
+  // tensor's slices once each.
+  bool tp_replicated = false;
+};
+
+class ParamStore {
+ public:
+  ParamStore() = default;
+  // The layout of every tensor of `config` that TP rank `tp_rank` of `tp` holds; values and grads
+  // zero-filled.
+  ParamStore(const ModelConfig& config, int tp, int tp_rank);
+
+  const std::vector<Param>& params() const { return params_; }
+  const Param& find(const std::string& name) const;  // throws std::invalid_argument naming it
+  int64_t size() const { return size_; }              // floats in each flat buffer (with padding)
+
+  float* values() { return values_.data<float>(); }
+  const float* values() const { return values_.data<float>(); }
+  float* grads() { return grads_.data<float>(); }
+  const float* grads() const { return grads_.data<float>(); }
+  float* value(const Param& p) { return values() + p.offset; }
+  const float* value(const Param& p) const { return values() + p.offset; }
+  float* grad(const Param& p) { return grads() + p.offset; }
+  const float* grad(const Param& p) const { return grads() + p.offset; }
+
+  void zero_grads();
+  // Fills every value from `source` (this rank's slices, converted to f32).
+  void load(const WeightSource& source);
+
+ private:
+  std::vector<Param> params_;
+  int64_t size_ = 0;
+  Tensor values_, grads_;  // f32 [size_]
+};
+
+}  // namespace parallm::train
