@@ -18,6 +18,7 @@
 #include "parallm/comm/launch.h"
 #include "parallm/core/thread_pool.h"
 #include "parallm/kernels/attention.h"
+#include "parallm/kernels/cpu.h"
 #include "parallm/kernels/ops.h"
 #include "parallm/parallel/lm_head.h"
 #include "parallm/parallel/shard.h"
@@ -26,6 +27,25 @@ namespace parallm::train {
 namespace {
 
 using kernels::RopeStyle;
+using kernels::SimdLevel;
+
+// Sets the SIMD level for a scope (the exps of softmax, cross-entropy and SwiGLU have AVX2 and
+// scalar paths) and restores the previous one.
+class ScopedSimd {
+ public:
+  explicit ScopedSimd(SimdLevel l) : previous_(kernels::simd_level()) { kernels::set_simd_level(l); }
+  ~ScopedSimd() { kernels::set_simd_level(previous_); }
+
+ private:
+  SimdLevel previous_;
+};
+
+// Scalar, and the CPU's own level when it has more.
+std::vector<SimdLevel> levels() {
+  std::vector<SimdLevel> out = {SimdLevel::Scalar};
+  if (kernels::cpu_simd_level() != SimdLevel::Scalar) out.push_back(kernels::cpu_simd_level());
+  return out;
+}
 
 std::vector<float> randn(int64_t n, uint32_t seed, float scale = 1.0f) {
   std::mt19937 gen(seed);
@@ -108,10 +128,14 @@ void linear_case(int64_t T, int64_t out, int64_t in, const std::string& tag) {
 TEST(TrainOps, LinearMatchesLoops) { linear_case(7, 6, 13, "small"); }
 
 TEST(TrainOps, LinearMatchesLoopsSplitOverThePool) {
-  ThreadPool pool(3);
-  ScopedPool scope(pool);
-  linear_case(70, 90, 53, "wide out");  // split along the longer side of each product
-  linear_case(130, 17, 61, "tall T");
+  for (int threads : {3, 4}) {  // 3: a 1-D split; 4: a 2 x 2 grid where both sides are long
+    ThreadPool pool(threads);
+    ScopedPool scope(pool);
+    const std::string tag = std::to_string(threads) + " threads ";
+    linear_case(70, 90, 53, tag + "wide out");
+    linear_case(130, 17, 61, tag + "tall T");
+    linear_case(5, 300, 211, tag + "few tokens");
+  }
 }
 
 // ---- embedding
@@ -326,12 +350,18 @@ void attention_case(const AttnSizes& z, bool fd, const std::string& tag) {
 }
 
 TEST(TrainOps, AttentionForwardAndBackward) {
-  attention_case({2, 5, 6, 2, 4}, true, "small");
-  attention_case({1, 3, 2, 2, 4}, false, "mha");
-  ThreadPool pool(3);
-  ScopedPool scope(pool);
-  // S beyond one block of query rows (64), under the pool.
-  attention_case({2, 70, 4, 2, 8}, false, "pool");
+  for (SimdLevel l : levels()) {
+    ScopedSimd simd(l);
+    const std::string tag = kernels::simd_name(l) + " ";
+    attention_case({2, 5, 6, 2, 4}, l == SimdLevel::Scalar, tag + "small");
+    attention_case({1, 3, 2, 2, 4}, false, tag + "mha");
+    ThreadPool pool(3);
+    ScopedPool scope(pool);
+    // S beyond one block of query rows (64), under the pool: a task per (sequence, KV head) ...
+    attention_case({2, 70, 4, 2, 8}, false, tag + "pool");
+    // ... and, with fewer of those than threads, a task per query head and a sum over groups.
+    attention_case({1, 70, 6, 2, 8}, false, tag + "pool, per query head");
+  }
 }
 
 TEST(TrainOps, AttentionRejectsBadHeads) {
@@ -349,6 +379,11 @@ TEST(TrainOps, SwigluBackward) {
     std::vector<float> dg(n), du(n), dg_ref(n), du_ref(n);
     ThreadPool pool(n > 100 ? 3 : 1);
     ScopedPool scope(pool);
+    std::vector<float> dg_scalar(n), du_scalar(n);
+    {
+      ScopedSimd simd(SimdLevel::Scalar);
+      swiglu_backward(g.data(), u.data(), dh.data(), n, dg_scalar.data(), du_scalar.data());
+    }
     swiglu_backward(g.data(), u.data(), dh.data(), n, dg.data(), du.data());
     for (int64_t i = 0; i < n; ++i) {
       const double s = 1.0 / (1.0 + std::exp(-double{g[i]}));
@@ -357,6 +392,8 @@ TEST(TrainOps, SwigluBackward) {
     }
     expect_close(dg, dg_ref, 1e-5, 1e-7, "dgate");
     expect_close(du, du_ref, 1e-5, 1e-7, "dup");
+    expect_close(dg_scalar, dg_ref, 1e-5, 1e-7, "dgate scalar");
+    expect_close(du_scalar, du_ref, 1e-5, 1e-7, "dup scalar");
     if (n > 100) continue;
     // The analytic form against finite differences of silu(g) * u.
     for (int64_t i = 0; i < n; ++i) {
@@ -467,14 +504,17 @@ TEST(TrainOps, CrossEntropySizeOneGroupUnderThePool) {
   std::vector<int32_t> targets(R);
   for (int64_t r = 0; r < R; ++r) targets[r] = static_cast<int32_t>((r * 97) % V);
   std::vector<float> d(R * V), d_ref(R * V);
-  ThreadPool pool(3);
-  ScopedPool scope(pool);
-  const double loss = cross_entropy(parallel::VocabExchange(), logits.data(), R, V, 0,
-                                    targets.data(), 1.0f / R, d.data());
   const double loss_ref = cross_entropy_ref(logits.data(), R, V, targets.data(), 1.0f / R,
                                             d_ref.data());
-  EXPECT_NEAR(loss, loss_ref, 1e-6 * std::fabs(loss_ref));
-  expect_close(d, d_ref, 1e-6, 1e-12, "dlogits");
+  ThreadPool pool(3);
+  ScopedPool scope(pool);
+  for (SimdLevel l : levels()) {
+    ScopedSimd simd(l);
+    const double loss = cross_entropy(parallel::VocabExchange(), logits.data(), R, V, 0,
+                                      targets.data(), 1.0f / R, d.data());
+    EXPECT_NEAR(loss, loss_ref, 1e-6 * std::fabs(loss_ref)) << kernels::simd_name(l);
+    expect_close(d, d_ref, 1e-6, 1e-12, kernels::simd_name(l) + " dlogits");
+  }
 }
 
 }  // namespace
