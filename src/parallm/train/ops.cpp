@@ -137,6 +137,7 @@ void check_rope(const char* fn, int64_t T, int64_t heads, int64_t head_dim) {
 void check_attention(const char* fn, int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t hd) {
   check_dim(fn, "B", B);
   check_dim(fn, "S", S);
+  if (hd <= 0) fail(kWho, fn, ": head_dim must be > 0, got ", hd);
   check_dim(fn, "head_dim", hd);
   if (Hq <= 0 || Hkv <= 0 || Hq % Hkv != 0)
     fail(kWho, fn, ": query heads (", Hq, ") must be a positive multiple of KV heads (", Hkv, ")");
@@ -224,7 +225,43 @@ PARALLM_AVX2 void swiglu_backward_avx2(const float* gate, const float* up, const
     dgate[i] = dh[i] * up[i] * (s * (1.0f + g * (1.0f - s)));
   }
 }
+
+// d[j] = p[j] * (d[j] - sum_l d[l] p[l]) over one row of n (the softmax's backward).
+PARALLM_AVX2 void softmax_backward_row_avx2(float* d, const float* p, int64_t n) {
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 prod = _mm256_mul_ps(_mm256_loadu_ps(d + j), _mm256_loadu_ps(p + j));
+    s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(prod)));
+    s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(prod, 1)));
+  }
+  double lanes[4];
+  _mm256_storeu_pd(lanes, _mm256_add_pd(s0, s1));
+  double dot = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (int64_t t = j; t < n; ++t) dot += static_cast<double>(d[t] * p[t]);
+  const float fdot = static_cast<float>(dot);
+  const __m256 vdot = _mm256_set1_ps(fdot);
+  for (j = 0; j + 8 <= n; j += 8) {
+    const __m256 dv = _mm256_sub_ps(_mm256_loadu_ps(d + j), vdot);
+    _mm256_storeu_ps(d + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), dv));
+  }
+  for (; j < n; ++j) d[j] = p[j] * (d[j] - fdot);
+}
 #endif
+
+void softmax_backward_row(float* d, const float* p, int64_t n, bool avx2) {
+#if PARALLM_X86
+  if (avx2) {
+    softmax_backward_row_avx2(d, p, n);
+    return;
+  }
+#endif
+  (void)avx2;
+  double dot = 0;
+  for (int64_t j = 0; j < n; ++j) dot += static_cast<double>(d[j] * p[j]);
+  const float fdot = static_cast<float>(dot);
+  for (int64_t j = 0; j < n; ++j) d[j] = p[j] * (d[j] - fdot);
+}
 
 inline bool use_avx2() {
 #if PARALLM_X86
@@ -495,6 +532,7 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
   init_openblas_threads();
   const int64_t group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const bool avx2 = use_avx2();
   // Query head h of sequence b: writes its dq and adds its share to dkb / dvb ([S, hd], rows
   // ldkv apart), the gradients of its KV head.
   auto head = [&](int64_t b, int64_t h, float* dkb, float* dvb, int64_t ldkv) {
@@ -514,10 +552,7 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
       for (int64_t i = r0; i < r1; ++i) {
         float* d = dS + (i - r0) * r1;
         const float* p = P + i * S;
-        double dot = 0;
-        for (int64_t j = 0; j <= i; ++j) dot += static_cast<double>(d[j] * p[j]);
-        const float fdot = static_cast<float>(dot);
-        for (int64_t j = 0; j <= i; ++j) d[j] = p[j] * (d[j] - fdot);
+        softmax_backward_row(d, p, i + 1, avx2);
         std::fill(d + i + 1, d + r1, 0.0f);
       }
       // dq [rows] = scale * dS . K[0, r1)
@@ -680,7 +715,9 @@ double cross_entropy(const parallel::VocabExchange& ex, const float* logits, int
   if (R < 0 || V_local < 0 || vocab_begin < 0)
     fail(kWho, "cross_entropy: need R, V_local, vocab_begin >= 0, got ", R, ", ", V_local, ", ",
          vocab_begin);
-  // Every rank takes part in the collectives even with R == 0, so the group stays in step.
+  // R is the same on every rank of the group (the same rows, split by vocabulary), so all of them
+  // skip the collectives together.
+  if (R == 0) return 0.0;
   const bool avx2 = use_avx2();
   std::vector<float> mx(static_cast<size_t>(R));
   for_rows(R, V_local, [&](int64_t r0, int64_t r1) {
