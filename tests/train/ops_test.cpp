@@ -33,7 +33,9 @@ using kernels::SimdLevel;
 // scalar paths) and restores the previous one.
 class ScopedSimd {
  public:
-  explicit ScopedSimd(SimdLevel l) : previous_(kernels::simd_level()) { kernels::set_simd_level(l); }
+  explicit ScopedSimd(SimdLevel l) : previous_(kernels::simd_level()) {
+    kernels::set_simd_level(l);
+  }
   ~ScopedSimd() { kernels::set_simd_level(previous_); }
 
  private:
@@ -125,7 +127,9 @@ void linear_case(int64_t T, int64_t out, int64_t in, const std::string& tag) {
   expect_close(dw, dw_ref, 1e-5, tol, tag + " dw");
 }
 
-TEST(TrainOps, LinearMatchesLoops) { linear_case(7, 6, 13, "small"); }
+TEST(TrainOps, LinearMatchesLoops) {
+  linear_case(7, 6, 13, "small");
+}
 
 TEST(TrainOps, LinearMatchesLoopsSplitOverThePool) {
   for (int threads : {3, 4}) {  // 3: a 1-D split; 4: a 2 x 2 grid where both sides are long
@@ -303,9 +307,8 @@ void attention_case(const AttnSizes& z, bool fd, const std::string& tag) {
   const kernels::AttentionShape shape{z.Hq, z.Hkv, z.hd, ldk};
   const float scale = 1.0f / std::sqrt(static_cast<float>(z.hd));
   for (int64_t b = 0; b < z.B; ++b)
-    kernels::attention(q.data() + b * z.S * ldq, k.data() + b * z.S * ldk,
-                       v.data() + b * z.S * ldk, out_kernel.data() + b * z.S * ldq, z.S, 0, shape,
-                       scale);
+    kernels::attention(q.data() + b * z.S * ldq, k.data() + b * z.S * ldk, v.data() + b * z.S * ldk,
+                       out_kernel.data() + b * z.S * ldq, z.S, 0, shape, scale);
   expect_close(out, out_kernel, 1e-5, 1e-6, tag + " out vs kernels::attention");
   for (int64_t bh = 0; bh < z.B * z.Hq; ++bh)
     for (int64_t i = 0; i < z.S; ++i) {
@@ -323,8 +326,8 @@ void attention_case(const AttnSizes& z, bool fd, const std::string& tag) {
     }
   std::vector<float> dq(T * ldq, 7.0f), dk(T * ldk, 7.0f), dv(T * ldk, 7.0f);
   std::vector<float> dq_ref(T * ldq), dk_ref(T * ldk), dv_ref(T * ldk);
-  attention_backward(q.data(), k.data(), v.data(), probs.data(), dout.data(), z.B, z.S, z.Hq,
-                     z.Hkv, z.hd, dq.data(), dk.data(), dv.data());
+  attention_backward(q.data(), k.data(), v.data(), probs.data(), dout.data(), z.B, z.S, z.Hq, z.Hkv,
+                     z.hd, dq.data(), dk.data(), dv.data());
   attention_backward_ref(q.data(), k.data(), v.data(), dout.data(), z.B, z.S, z.Hq, z.Hkv, z.hd,
                          dq_ref.data(), dk_ref.data(), dv_ref.data());
   expect_close(dq, dq_ref, 1e-5, 2e-6 * max_abs(dq_ref), tag + " dq");
@@ -337,8 +340,8 @@ void attention_case(const AttnSizes& z, bool fd, const std::string& tag) {
     for (size_t i : {size_t{1}, x.size() / 2 + 1, x.size() - 2}) {
       const double num = central_diff(
           [&](const std::vector<double>& xp) {
-            return attention_loss(which == 0 ? xp : qd, which == 1 ? xp : kd,
-                                  which == 2 ? xp : vd, dout, z);
+            return attention_loss(which == 0 ? xp : qd, which == 1 ? xp : kd, which == 2 ? xp : vd,
+                                  dout, z);
           },
           x, i);
       EXPECT_NEAR(grad[i], num, 1e-4 * (1 + std::fabs(num))) << tag << " " << name << " fd " << i;
@@ -366,9 +369,9 @@ TEST(TrainOps, AttentionForwardAndBackward) {
 
 TEST(TrainOps, AttentionRejectsBadHeads) {
   std::vector<float> buf(64);
-  EXPECT_THROW(attention_forward(buf.data(), buf.data(), buf.data(), 1, 2, 3, 2, 4, buf.data(),
-                                 buf.data()),
-               std::invalid_argument);
+  EXPECT_THROW(
+      attention_forward(buf.data(), buf.data(), buf.data(), 1, 2, 3, 2, 4, buf.data(), buf.data()),
+      std::invalid_argument);
 }
 
 // ---- SwiGLU
@@ -440,9 +443,9 @@ TEST(TrainOps, CrossEntropyRefMatchesFiniteDifferences) {
     const double num = c.grad_scale * central_diff(f, c.logits, i);
     EXPECT_NEAR(d[i], num, 1e-6) << "dlogits " << i;
   }
-  EXPECT_THROW(cross_entropy_ref(c.logits.data(), 1, c.V, std::vector<int32_t>{37}.data(), 1.0f,
-                                 nullptr),
-               std::invalid_argument);
+  EXPECT_THROW(
+      cross_entropy_ref(c.logits.data(), 1, c.V, std::vector<int32_t>{37}.data(), 1.0f, nullptr),
+      std::invalid_argument);
 }
 
 void ce_on_ranks(int tp) {
@@ -504,8 +507,8 @@ TEST(TrainOps, CrossEntropySizeOneGroupUnderThePool) {
   std::vector<int32_t> targets(R);
   for (int64_t r = 0; r < R; ++r) targets[r] = static_cast<int32_t>((r * 97) % V);
   std::vector<float> d(R * V), d_ref(R * V);
-  const double loss_ref = cross_entropy_ref(logits.data(), R, V, targets.data(), 1.0f / R,
-                                            d_ref.data());
+  const double loss_ref =
+      cross_entropy_ref(logits.data(), R, V, targets.data(), 1.0f / R, d_ref.data());
   ThreadPool pool(3);
   ScopedPool scope(pool);
   for (SimdLevel l : levels()) {

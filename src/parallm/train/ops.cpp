@@ -65,7 +65,8 @@ void sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const
     // BLAS may skip C entirely when K is 0; the contract is C = beta * C.
     if (beta != 1.0f)
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == 0.0f ? 0.0f : beta * C[m * ldc + n];
+        for (int64_t n = 0; n < N; ++n)
+          C[m * ldc + n] = beta == 0.0f ? 0.0f : beta * C[m * ldc + n];
     return;
   }
   cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
@@ -102,8 +103,10 @@ void sgemm_pool(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, 
   pool.parallel_for(ga * gb, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t ia = i / gb, ib = i % gb;
-      const int64_t m0 = std::min(M, mu * ia / ga * unit), m1 = std::min(M, mu * (ia + 1) / ga * unit);
-      const int64_t n0 = std::min(N, nu * ib / gb * unit), n1 = std::min(N, nu * (ib + 1) / gb * unit);
+      const int64_t m0 = std::min(M, mu * ia / ga * unit),
+                    m1 = std::min(M, mu * (ia + 1) / ga * unit);
+      const int64_t n0 = std::min(N, nu * ib / gb * unit),
+                    n1 = std::min(N, nu * (ib + 1) / gb * unit);
       if (m1 <= m0 || n1 <= n0) continue;
       // Row m of op(A) starts at A + m * lda (not transposed) or at column m (transposed); column
       // n of op(B) at B + n (not transposed) or at row n (transposed).
@@ -210,8 +213,8 @@ PARALLM_AVX2 void swiglu_backward_avx2(const float* gate, const float* up, const
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 g = _mm256_loadu_ps(gate + i);
-    const __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, kernels::simd::exp8(_mm256_sub_ps(
-                                                                _mm256_setzero_ps(), g))));
+    const __m256 s = _mm256_div_ps(
+        one, _mm256_add_ps(one, kernels::simd::exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
     const __m256 d = _mm256_loadu_ps(dh + i);
     _mm256_storeu_ps(dup + i, _mm256_mul_ps(d, _mm256_mul_ps(g, s)));
     // s (1 + g (1 - s))
@@ -316,8 +319,8 @@ void linear_backward_weight(const float* dy, const float* x, int64_t T, int64_t 
 void embedding_backward(const int32_t* ids, int64_t T, const float* dx, int64_t D,
                         int64_t row_begin, int64_t row_end, float* dtable) {
   if (T < 0 || D < 0 || row_end < row_begin)
-    fail(kWho, "embedding_backward: bad sizes T=", T, " D=", D, " rows [", row_begin, ", ",
-         row_end, ")");
+    fail(kWho, "embedding_backward: bad sizes T=", T, " D=", D, " rows [", row_begin, ", ", row_end,
+         ")");
   // Tokens may repeat an id, so rows are not independent: threads split the columns instead,
   // each walking all tokens over its own columns.
   auto cols = [&](int64_t c0, int64_t c1) {
@@ -361,8 +364,8 @@ void rmsnorm_forward(const float* x, const float* w, int64_t T, int64_t D, float
   });
 }
 
-void rmsnorm_backward(const float* x, const float* w, const float* rstd, const float* dy,
-                      int64_t T, int64_t D, float* dx, float* dw, bool accumulate) {
+void rmsnorm_backward(const float* x, const float* w, const float* rstd, const float* dy, int64_t T,
+                      int64_t D, float* dx, float* dw, bool accumulate) {
   if (D <= 0 || T < 0) fail(kWho, "rmsnorm_backward: need D > 0 and T >= 0, got D=", D, " T=", T);
   // y = x r w with r = (mean(x^2) + eps)^-1/2, dr/dx_j = -r^3 x_j / D:
   // dx_j = r (w_j dy_j) - x_j r^3 / D * sum_i w_i dy_i x_i.
@@ -375,8 +378,7 @@ void rmsnorm_backward(const float* x, const float* w, const float* rstd, const f
       double acc[4] = {0, 0, 0, 0};
       int64_t i = 0;
       for (; i + 4 <= D; i += 4)
-        for (int j = 0; j < 4; ++j)
-          acc[j] += static_cast<double>(gr[i + j] * w[i + j]) * xr[i + j];
+        for (int j = 0; j < 4; ++j) acc[j] += static_cast<double>(gr[i + j] * w[i + j]) * xr[i + j];
       for (; i < D; ++i) acc[0] += static_cast<double>(gr[i] * w[i]) * xr[i];
       const double dot = (acc[0] + acc[1]) + (acc[2] + acc[3]);
       const float r = rstd[t];
@@ -418,8 +420,7 @@ void rmsnorm_backward_ref(const float* x, const float* w, float eps, const float
     for (int64_t i = 0; i < D; ++i) ss += static_cast<double>(x[t * D + i]) * x[t * D + i];
     const double r = 1.0 / std::sqrt(ss / static_cast<double>(D) + eps);
     double dot = 0;  // sum_i w_i dy_i x_i
-    for (int64_t i = 0; i < D; ++i)
-      dot += static_cast<double>(w[i]) * dy[t * D + i] * x[t * D + i];
+    for (int64_t i = 0; i < D; ++i) dot += static_cast<double>(w[i]) * dy[t * D + i] * x[t * D + i];
     for (int64_t j = 0; j < D; ++j) {
       const double g = r * w[j] * dy[t * D + j] - x[t * D + j] * r * r * r * dot / D;
       dx[t * D + j] = static_cast<float>(accumulate ? dx[t * D + j] + g : g);
@@ -636,9 +637,7 @@ void attention_backward_ref(const float* q, const float* k, const float* v, cons
       auto Q = [&](int64_t i, int64_t c) { return double{q[(b * S + i) * ldq + h * hd + c]}; };
       auto K = [&](int64_t j, int64_t c) { return double{k[(b * S + j) * ldk + g * hd + c]}; };
       auto V = [&](int64_t j, int64_t c) { return double{v[(b * S + j) * ldk + g * hd + c]}; };
-      auto dO = [&](int64_t i, int64_t c) {
-        return double{dout[(b * S + i) * ldq + h * hd + c]};
-      };
+      auto dO = [&](int64_t i, int64_t c) { return double{dout[(b * S + i) * ldq + h * hd + c]}; };
       for (int64_t i = 0; i < S; ++i) {
         // p = softmax over j <= i of scale * q_i . k_j
         double m = -std::numeric_limits<double>::infinity();
@@ -710,8 +709,8 @@ void swiglu_backward(const float* gate, const float* up, const float* dh, int64_
 // ---- cross-entropy
 
 double cross_entropy(const parallel::VocabExchange& ex, const float* logits, int64_t R,
-                     int64_t V_local, int64_t vocab_begin, const int32_t* targets,
-                     float grad_scale, float* dlogits) {
+                     int64_t V_local, int64_t vocab_begin, const int32_t* targets, float grad_scale,
+                     float* dlogits) {
   if (R < 0 || V_local < 0 || vocab_begin < 0)
     fail(kWho, "cross_entropy: need R, V_local, vocab_begin >= 0, got ", R, ", ", V_local, ", ",
          vocab_begin);
