@@ -3,8 +3,9 @@
 // Matrix products (linear layers, attention scores and their gradients) go through OpenBLAS
 // sgemm, single-threaded inside OpenBLAS: the rank's ThreadPool owns the parallelism (several
 // ranks can run as threads of one process, each with its own pool), as in kernels/matmul.cpp.
-// Linear layers split one product over the pool; attention runs one task per (sequence, head)
-// with single-threaded sgemm calls inside. Row-wise ops split rows over the pool once there is
+// Linear layers split one product over the pool as a grid of blocks; attention runs one task per
+// (sequence, head) with single-threaded sgemm calls inside, on blocks of query rows so most of
+// the masked upper triangle is never computed. Row-wise ops split rows over the pool once there is
 // enough work to pay for waking the threads. Sums that decide 1e-5 agreement with PyTorch (the
 // RMSNorm mean, the softmax sums, the weight gradients of RMSNorm) are taken in double.
 #include "parallm/train/ops.h"
@@ -13,7 +14,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <mutex>
 #include <vector>
