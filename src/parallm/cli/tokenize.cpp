@@ -48,6 +48,7 @@ void write_atomically(const std::string& path, std::string_view component, Write
 
 struct TokenizeOptions {
   std::string model, tokenizer, in, out, dtype = "u16";
+  int threads = 0;
 };
 
 int run_tokenize(const TokenizeOptions& o) {
@@ -62,6 +63,8 @@ int run_tokenize(const TokenizeOptions& o) {
     fail("tokenize", "--data-dtype u16 holds ids below 65536 but the tokenizer has ", vocab,
          " tokens; use --data-dtype u32");
   }
+  ThreadPool pool(o.threads > 0 ? o.threads : ThreadPool::hardware_threads());
+  ScopedPool scoped(pool);
   Timer t;
   const auto data = train::TokenData::from_text(o.in, *tok, vocab);
   write_atomically(o.out, "tokenize", [&](const std::string& tmp) {
@@ -90,6 +93,7 @@ int run_tokenize(const TokenizeOptions& o) {
        app.add_option("--out", o->out, "Token file to write")->required();
        app.add_option("--data-dtype", o->dtype, "u16 (default; vocabularies up to 65536) or u32")
            ->check(CLI::IsMember({"u16", "u32"}));
+       app.add_option("--threads", o->threads, "Encoding threads (default: all hardware threads)");
        return [o] { return run_tokenize(*o); };
      }});
 

@@ -45,9 +45,11 @@ class TokenData {
   // kMaxTokenFileBytes, its size is not a whole number of ids, or an id is >= vocab;
   // std::runtime_error when it exists but cannot be opened or read.
   static TokenData from_bin(const std::string& path, TokenFileType type, int64_t vocab);
-  // A text file tokenized with `tok` (BOS at the start of the file, no EOS), the whole file as one
-  // text. Same file errors as from_bin (limit kMaxTextFileBytes); an id >= vocab (a tokenizer
-  // larger than the model's vocabulary) is named with its index.
+  // A text file tokenized with `tok`: BOS (when the tokenizer has one) at the start of the file,
+  // no EOS, then the concatenation of tok.encode(line, no BOS) for each line of the file, each
+  // line with its '\n' (the last may lack it); lines are encoded on ThreadPool::current(). Same
+  // file errors as from_bin (limit kMaxTextFileBytes); an id >= vocab (a tokenizer larger than the
+  // model's vocabulary) is named with its index.
   static TokenData from_text(const std::string& path, const Tokenizer& tok, int64_t vocab);
   static TokenData from_ids(std::vector<int32_t> ids, int64_t vocab);
 
