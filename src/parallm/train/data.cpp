@@ -173,6 +173,17 @@ TokenData TokenData::from_ids(std::vector<int32_t> ids, int64_t vocab) {
   return d;
 }
 
+TokenData TokenData::from_file(const std::string& path, TokenFileType type, const Tokenizer* tok,
+                               int64_t vocab) {
+  if (path.size() >= 4 && path.compare(path.size() - 4, 4, ".bin") == 0)
+    return from_bin(path, type, vocab);
+  if (!tok) {
+    fail(kComponent, path, ": a text file (not *.bin) needs the model's tokenizer and the model "
+         "has none; write a token file with parallm tokenize --tokenizer FILE");
+  }
+  return from_text(path, *tok, vocab);
+}
+
 int64_t TokenData::sequences(int64_t S) const {
   if (S < 1) fail(kComponent, "--seq-len ", S, " must be at least 1");
   const int64_t n = size();

@@ -52,6 +52,10 @@ class TokenData {
   // model's vocabulary) is named with its index.
   static TokenData from_text(const std::string& path, const Tokenizer& tok, int64_t vocab);
   static TokenData from_ids(std::vector<int32_t> ids, int64_t vocab);
+  // What --data FILE means: a name ending in ".bin" is a token file of `type` (from_bin), anything
+  // else is text (from_text with `tok`; std::invalid_argument naming the file when tok is null).
+  static TokenData from_file(const std::string& path, TokenFileType type, const Tokenizer* tok,
+                             int64_t vocab);
 
   int64_t size() const { return static_cast<int64_t>(ids_.size()); }
   const std::vector<int32_t>& ids() const { return ids_; }
