@@ -29,15 +29,19 @@ force=0
 [ "${2:-}" = "--force" ] && force=1
 parallm="${PARALLM:-$root/build/parallm}"
 vocab="${KJV_VOCAB:-2048}"
-[ -x "$parallm" ] || { echo "kjv-corpus: $parallm not found; build it first (bash scripts/setup.sh)" >&2; exit 1; }
+if [ ! -x "$parallm" ]; then
+  echo "kjv-corpus: $parallm not found; build it first (bash scripts/setup.sh)" >&2
+  exit 1
+fi
 
 mkdir -p "$out"
-if [ $force = 0 ] && [ -s "$out/kjv.bin" ] && [ -s "$out/kjv-val.bin" ] && [ -s "$out/tokenizer.model" ]; then
+if [ $force = 0 ] && [ -s "$out/kjv.bin" ] && [ -s "$out/kjv-val.bin" ] &&
+  [ -s "$out/tokenizer.model" ]; then
   echo "kjv-corpus: $out already has kjv.bin, kjv-val.bin and tokenizer.model (--force rebuilds)"
   exit 0
 fi
 
-start=$(date +%s.%N)
+start=$(date +%s%N)
 # bible-kjv: the `bible` program; bible-kjv-text: its compressed text (/usr/lib/bible.data).
 if ! command -v bible >/dev/null || [ ! -e /usr/lib/bible.data ]; then
   bash "$root/scripts/install-packages.sh" bible-kjv bible-kjv-text
@@ -61,10 +65,14 @@ tail -n $val "$out/kjv.txt" > "$out/kjv-val.txt"
 
 "$parallm" tokenizer train --in "$out/kjv-train.txt" --vocab-size "$vocab" --model-type bpe \
   --out "$out/tokenizer.model"
-"$parallm" tokenize --tokenizer "$out/tokenizer.model" --in "$out/kjv-train.txt" --out "$out/kjv.bin"
-"$parallm" tokenize --tokenizer "$out/tokenizer.model" --in "$out/kjv-val.txt" --out "$out/kjv-val.bin"
+for split in train val; do
+  bin="$out/kjv.bin"
+  [ $split = val ] && bin="$out/kjv-val.bin"
+  "$parallm" tokenize --tokenizer "$out/tokenizer.model" --in "$out/kjv-$split.txt" --out "$bin"
+done
 
-end=$(date +%s.%N)
-printf 'kjv-corpus: %s: kjv.txt %d bytes (%d verses), kjv.bin %d tokens, kjv-val.bin %d tokens (%d verses), vocabulary %s, in %.1f s\n' \
-  "$out" "$(stat -c %s "$out/kjv.txt")" "$lines" $(($(stat -c %s "$out/kjv.bin") / 2)) \
-  $(($(stat -c %s "$out/kjv-val.bin") / 2)) "$val" "$vocab" "$(echo "$end - $start" | bc)"
+ms=$((($(date +%s%N) - start) / 1000000))
+printf '%s: kjv.txt %d bytes (%d verses), kjv.bin %d tokens, kjv-val.bin %d tokens (%d verses), ' \
+  "kjv-corpus: $out" "$(stat -c %s "$out/kjv.txt")" "$lines" $(($(stat -c %s "$out/kjv.bin") / 2)) \
+  $(($(stat -c %s "$out/kjv-val.bin") / 2)) "$val"
+printf 'vocabulary %s, in %d.%d s\n' "$vocab" $((ms / 1000)) $((ms % 1000 / 100))

@@ -31,11 +31,10 @@ std::string read_all(const std::string& path) {
   return s.str();
 }
 
-const char* kLines[] = {
-    "In the beginning the rank held a slice of the weights.",
-    "And the model said, Let there be tensors: and there were tensors.",
-    "And every rank saw the data, that it was good.",
-    "The gradients were gathered, and the optimizer took a step."};
+const char* kLines[] = {"In the beginning the rank held a slice of the weights.",
+                        "And the model said, Let there be tensors: and there were tensors.",
+                        "And every rank saw the data, that it was good.",
+                        "The gradients were gathered, and the optimizer took a step."};
 
 // A corpus of the lines above, repeated, and a tokenizer trained on it.
 struct Trained {
@@ -48,9 +47,9 @@ struct Trained {
     for (int r = 0; r < 25; ++r)
       for (const char* l : kLines) f << l << "\n";
     f.close();
-    auto r = run_parallm("tokenizer train --in " + corpus + " --vocab-size " +
-                         std::to_string(vocab) + " --threads 1 --model-type " + type + " --out " +
-                         tmp.path());
+    auto r =
+        run_parallm("tokenizer train --in " + corpus + " --vocab-size " + std::to_string(vocab) +
+                    " --threads 1 --model-type " + type + " --out " + tmp.path());
     EXPECT_EQ(r.exit_code, 0) << r.output;
     EXPECT_TRUE(has(r.output, "vocabulary " + std::to_string(vocab))) << r.output;
     model = tmp / "tokenizer.model";
@@ -86,8 +85,8 @@ TEST(TokenizerTrain, OutputNamesAndErrors) {
                   t.tmp.path());
   EXPECT_NE(r.exit_code, 0);
   EXPECT_TRUE(has(r.output, "none.txt: no such file")) << r.output;
-  r = run_parallm("tokenizer train --in " + t.corpus + " --vocab-size 100 --model-type word --out " +
-                  t.tmp.path());
+  r = run_parallm("tokenizer train --in " + t.corpus +
+                  " --vocab-size 100 --model-type word --out " + t.tmp.path());
   EXPECT_NE(r.exit_code, 0);
   EXPECT_TRUE(has(r.output, "--model-type")) << r.output;
 }
@@ -147,7 +146,9 @@ TEST(Tokenize, BadInvocationsAreOneLineAndWriteNothing) {
   j["added_tokens"] = nlohmann::json::array();
   for (int i = 0; i < 3; ++i) {
     j["added_tokens"].push_back({{"id", i},
-                                 {"content", i == 0 ? "<unk>" : i == 1 ? "<s>" : "</s>"},
+                                 {"content", i == 0   ? "<unk>"
+                                             : i == 1 ? "<s>"
+                                                      : "</s>"},
                                  {"single_word", false},
                                  {"lstrip", false},
                                  {"rstrip", false},
@@ -159,10 +160,14 @@ TEST(Tokenize, BadInvocationsAreOneLineAndWriteNothing) {
       {"type", "Metaspace"}, {"replacement", "\xE2\x96\x81"}, {"add_prefix_space", true}};
   j["post_processor"] = nullptr;
   j["decoder"] = nullptr;
-  j["model"] = {{"type", "BPE"},       {"dropout", nullptr},
-                {"unk_token", "<unk>"}, {"continuing_subword_prefix", nullptr},
-                {"end_of_word_suffix", nullptr}, {"fuse_unk", false},
-                {"byte_fallback", false}, {"vocab", vocab},
+  j["model"] = {{"type", "BPE"},
+                {"dropout", nullptr},
+                {"unk_token", "<unk>"},
+                {"continuing_subword_prefix", nullptr},
+                {"end_of_word_suffix", nullptr},
+                {"fuse_unk", false},
+                {"byte_fallback", false},
+                {"vocab", vocab},
                 {"merges", nlohmann::json::array()}};
   {
     std::ofstream f(t.tmp / "big.json");
@@ -186,8 +191,8 @@ TEST(KjvCorpus, ScriptWritesTokenFilesThatDecodeToTheBible) {
                     "bible-kjv-text)";
   }
   TempDir tmp;
-  auto r = run_command("PARALLM=" PARALLM_BIN " bash " PARALLM_SOURCE_DIR
-                       "/scripts/kjv-corpus.sh " + tmp.path());
+  auto r = run_command(
+      "PARALLM=" PARALLM_BIN " bash " PARALLM_SOURCE_DIR "/scripts/kjv-corpus.sh " + tmp.path());
   ASSERT_EQ(r.exit_code, 0) << r.output;
   std::printf("%s", r.output.substr(r.output.rfind("kjv-corpus:")).c_str());
   auto tok = load_tokenizer_file(tmp / "tokenizer.model");
@@ -200,7 +205,8 @@ TEST(KjvCorpus, ScriptWritesTokenFilesThatDecodeToTheBible) {
   const std::vector<int32_t> head(train_data.ids().begin(), train_data.ids().begin() + 40);
   const std::string text = tok->decode(head);
   EXPECT_EQ(text.rfind("In the beginning God created the heaven and the earth. And the earth was "
-                       "without form, and void;", 0),
+                       "without form, and void;",
+                       0),
             0u)
       << text;
   const std::vector<int32_t> vhead(val.ids().begin(), val.ids().begin() + 12);

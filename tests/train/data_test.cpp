@@ -106,8 +106,8 @@ TEST(TokenFile, EveryErrorIsOneLineNamingTheCause) {
                 std::string::npos,
             true);
   EXPECT_TRUE(has(error_of([&] { d.sequences(0); }), "--seq-len 0"));
-  EXPECT_TRUE(has(error_of([] { parse_token_file_type("u8", "--data-dtype"); }),
-                  "--data-dtype \"u8\""));
+  EXPECT_TRUE(
+      has(error_of([] { parse_token_file_type("u8", "--data-dtype"); }), "--data-dtype \"u8\""));
 }
 
 TEST(BatchOrder, CheckNamesTheFlagsAndValues) {
@@ -234,8 +234,8 @@ TEST(Shuffle, APermutationPerPassAsDocumented) {
 }
 
 TEST(Shuffle, BatchOrderUsesPassOfThePosition) {
-  BatchOrder o{.seq_len = 2, .global_batch = 4, .micro_batch = 1, .dp = 2, .shuffle = true,
-               .seed = 9};
+  BatchOrder o{
+      .seq_len = 2, .global_batch = 4, .micro_batch = 1, .dp = 2, .shuffle = true, .seed = 9};
   const int64_t count = 10;
   // Every pass over the data visits each sequence once.
   std::vector<int64_t> stream;
@@ -293,9 +293,9 @@ TEST(TextData, TokenizedWithBosAndCheckedAgainstTheVocabulary) {
   write_token_file(tmp / "t.bin", d.ids(), TokenFileType::U16);
   EXPECT_EQ(TokenData::from_file(tmp / "t.bin", TokenFileType::U16, nullptr, 80).ids(), d.ids());
   EXPECT_EQ(TokenData::from_file(tmp / "t.txt", TokenFileType::U16, tok.get(), 80).ids(), d.ids());
-  EXPECT_TRUE(has(error_of([&] { TokenData::from_file(tmp / "t.txt", TokenFileType::U16, nullptr,
-                                                      80); }),
-                  "t.txt: a text file (not *.bin) needs the model's tokenizer"));
+  EXPECT_TRUE(
+      has(error_of([&] { TokenData::from_file(tmp / "t.txt", TokenFileType::U16, nullptr, 80); }),
+          "t.txt: a text file (not *.bin) needs the model's tokenizer"));
 }
 
 TEST(TextData, LineByLineOnAnyThreadCountEqualsOneEncodeForSentencePiece) {

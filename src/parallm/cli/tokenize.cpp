@@ -2,7 +2,6 @@
 // docs/training.md). parallm tokenizer train: a sentencepiece tokenizer.model from a text file,
 // through libsentencepiece's trainer.
 #include <sentencepiece_trainer.h>
-
 #include <unistd.h>
 
 #include <cstdio>
@@ -67,16 +66,16 @@ int run_tokenize(const TokenizeOptions& o) {
   ScopedPool scoped(pool);
   Timer t;
   const auto data = train::TokenData::from_text(o.in, *tok, vocab);
-  write_atomically(o.out, "tokenize", [&](const std::string& tmp) {
-    train::write_token_file(tmp, data.ids(), type);
-  });
+  write_atomically(o.out, "tokenize",
+                   [&](const std::string& tmp) { train::write_token_file(tmp, data.ids(), type); });
   const uint64_t text_bytes = fs::file_size(o.in);
-  std::printf("wrote %s: %lld tokens (%s, vocabulary %lld) from %llu bytes of text, %.2f bytes per "
-              "token, in %.1f s\n",
-              o.out.c_str(), static_cast<long long>(data.size()), o.dtype.c_str(),
-              static_cast<long long>(vocab), static_cast<unsigned long long>(text_bytes),
-              data.size() ? static_cast<double>(text_bytes) / static_cast<double>(data.size()) : 0.0,
-              t.seconds());
+  std::printf(
+      "wrote %s: %lld tokens (%s, vocabulary %lld) from %llu bytes of text, %.2f bytes per "
+      "token, in %.1f s\n",
+      o.out.c_str(), static_cast<long long>(data.size()), o.dtype.c_str(),
+      static_cast<long long>(vocab), static_cast<unsigned long long>(text_bytes),
+      data.size() ? static_cast<double>(text_bytes) / static_cast<double>(data.size()) : 0.0,
+      t.seconds());
   return 0;
 }
 

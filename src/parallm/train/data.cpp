@@ -49,7 +49,9 @@ TokenFileType parse_token_file_type(const std::string& name, const std::string& 
   fail(kComponent, flag, " \"", name, "\" is neither u16 nor u32");
 }
 
-int token_bytes(TokenFileType type) { return type == TokenFileType::U16 ? 2 : 4; }
+int token_bytes(TokenFileType type) {
+  return type == TokenFileType::U16 ? 2 : 4;
+}
 
 TokenData TokenData::from_bin(const std::string& path, TokenFileType type, int64_t vocab) {
   if (vocab <= 0) fail(kComponent, path, ": vocabulary size ", vocab, " must be positive");
@@ -178,7 +180,8 @@ TokenData TokenData::from_file(const std::string& path, TokenFileType type, cons
   if (path.size() >= 4 && path.compare(path.size() - 4, 4, ".bin") == 0)
     return from_bin(path, type, vocab);
   if (!tok) {
-    fail(kComponent, path, ": a text file (not *.bin) needs the model's tokenizer and the model "
+    fail(kComponent, path,
+         ": a text file (not *.bin) needs the model's tokenizer and the model "
          "has none; write a token file with parallm tokenize --tokenizer FILE");
   }
   return from_text(path, *tok, vocab);
@@ -212,7 +215,8 @@ void write_token_file(const std::string& path, const std::vector<int32_t>& ids,
   }
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   if (!out) fail<std::runtime_error>(kComponent, path, ": cannot open for writing");
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  out.write(reinterpret_cast<const char*>(bytes.data()),
+            static_cast<std::streamsize>(bytes.size()));
   out.close();
   if (!out) fail<std::runtime_error>(kComponent, path, ": write failed (disk full?)");
 }
@@ -225,8 +229,8 @@ void BatchOrder::check() const {
   if (dp < 1) fail(kComponent, "--dp ", dp, " must be at least 1");
   if (global_batch % (micro_batch * dp) != 0) {
     fail(kComponent, "--global-batch-size ", global_batch,
-         " is not a multiple of --micro-batch-size ", micro_batch, " x --dp ", dp, " (= ",
-         micro_batch * dp, ")");
+         " is not a multiple of --micro-batch-size ", micro_batch, " x --dp ", dp,
+         " (= ", micro_batch * dp, ")");
   }
 }
 
@@ -263,8 +267,8 @@ int64_t BatchOrder::sequence(int64_t step, int dp_rank, int64_t micro, int64_t i
   if (step < 0 || dp_rank < 0 || dp_rank >= dp || micro < 0 || micro >= micro_batches() || i < 0 ||
       i >= micro_batch || count < 1) {
     fail(kComponent, "batch position out of range: step ", step, ", dp rank ", dp_rank, "/", dp,
-         ", micro-batch ", micro, "/", micro_batches(), ", sequence ", i, "/", micro_batch,
-         ", of ", count, " sequences");
+         ", micro-batch ", micro, "/", micro_batches(), ", sequence ", i, "/", micro_batch, ", of ",
+         count, " sequences");
   }
   const int64_t j = step * global_batch + dp_rank * (global_batch / dp) + micro * micro_batch + i;
   const int64_t index = j % count;

@@ -34,8 +34,7 @@ constexpr uint64_t kMaxTextFileBytes = uint64_t{1} << 30;
 // Writes ids as a raw little-endian array of `type` (what `parallm tokenize` writes). Throws
 // std::invalid_argument naming the id and its index when one does not fit the type (u16: >= 65536)
 // and std::runtime_error naming the file when it cannot be written.
-void write_token_file(const std::string& path, const std::vector<int32_t>& ids,
-                      TokenFileType type);
+void write_token_file(const std::string& path, const std::vector<int32_t>& ids, TokenFileType type);
 
 class TokenData {
  public:
@@ -69,10 +68,10 @@ class TokenData {
 };
 
 struct BatchOrder {
-  int64_t seq_len = 0;            // S
-  int64_t global_batch = 0;       // G, sequences per step
-  int64_t micro_batch = 0;        // M, sequences per micro-batch
-  int dp = 1;                     // data-parallel ranks
+  int64_t seq_len = 0;       // S
+  int64_t global_batch = 0;  // G, sequences per step
+  int64_t micro_batch = 0;   // M, sequences per micro-batch
+  int dp = 1;                // data-parallel ranks
   bool shuffle = false;
   uint64_t seed = 0;
   // Throws std::invalid_argument naming the flags when G is not a multiple of M * dp, or a value is
