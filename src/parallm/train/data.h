@@ -5,8 +5,9 @@
 //   tokens[j*S+1 .. j*S+S]; there are floor((n-1)/S) sequences, used cyclically; step k's global
 //   batch is sequences k*G .. k*G+G-1 (G = global batch, in sequences); data-parallel rank d takes
 //   the d-th block of G/DP consecutive sequences, cut into micro-batches of M consecutive
-//   sequences. With shuffle, sequence j of the order is perm[j mod count], perm a permutation of
-//   the sequences drawn from the seed, redrawn every pass (documented in docs/training.md).
+//   sequences. With shuffle, position j of the stream is sequence perm_q[j mod count], q =
+//   floor(j / count) the pass, perm_q a permutation of the sequences keyed by the seed and the
+//   pass (shuffle_index below; exactly specified in docs/training.md).
 #pragma once
 
 #include <cstdint>
