@@ -80,6 +80,12 @@ RunResult run_tp(const ModelConfig& c, int tp, const std::vector<Batch>& batches
         for (int64_t i = 0; i < p.numel; ++i) sq += double(params.grad(p)[i]) * params.grad(p)[i];
     std::vector<double> sqs(static_cast<size_t>(tp));
     world.all_gather(&sq, sqs.data(), 1, DType::I64);
+    // Every rank returns the same loss, bitwise.
+    for (double l : losses) {
+      std::vector<double> all(static_cast<size_t>(tp));
+      world.all_gather(&l, all.data(), 1, DType::I64);
+      for (double x : all) EXPECT_EQ(x, l) << "TP " << tp;
+    }
     Full values = gather_full_tensors(params, world, false);
     Full grads = gather_full_tensors(params, world, true);
     std::lock_guard<std::mutex> lock(mu);
@@ -91,8 +97,6 @@ RunResult run_tp(const ModelConfig& c, int tp, const std::vector<Batch>& batches
       for (double x : sqs) out.grad_sq += x;
     } else {
       EXPECT_TRUE(values.empty());
-      // Every rank computes the same loss.
-      for (size_t i = 0; i < losses.size(); ++i) EXPECT_EQ(losses[i], losses[i]);
     }
   });
   return out;
