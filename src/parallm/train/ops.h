@@ -3,7 +3,10 @@
 // versions are the layers in parallel/, which call these on their shard and add the mappings.
 //
 // Layout: row-major f32; T = tokens (B sequences of S tokens back to back), D = features.
-// "accumulate" outputs (weight gradients) are added to; the others are overwritten.
+// "accumulate" outputs (weight gradients) are added to; the others are overwritten. Outputs must
+// not overlap inputs (except the in-place RoPE). The fast versions split work over
+// ThreadPool::current() (OpenBLAS itself runs single-threaded), so call them from outside any
+// parallel_for; for a given thread count their results are deterministic run to run.
 #pragma once
 
 #include <cstdint>
