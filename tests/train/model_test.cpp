@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "parallm/comm/launch.h"
+#include "parallm/core/thread_pool.h"
 #include "parallm/engine/stage_forward.h"
 #include "parallm/model/llama.h"
 #include "parallm/model/weights.h"
@@ -67,6 +68,9 @@ RunResult run_tp(const ModelConfig& c, int tp, const std::vector<Batch>& batches
   RunResult out;
   std::mutex mu;
   comm::launch(tp, {.backend = "local", .timeout_s = 60}, [&](comm::Group world) {
+    // TP 1, the reference, runs its kernels on 2 threads, the TP ranks on 1 each.
+    ThreadPool pool(tp == 1 ? 2 : 1);
+    ScopedPool scope(pool);
     ParamStore params(c, tp, world.rank());
     init_params(params, c, seed);
     TrainModel model(c, params, world);
