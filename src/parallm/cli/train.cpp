@@ -121,6 +121,10 @@ std::string parse_u64(const std::string& text, uint64_t* out, const char* flag) 
                       "the end and every --save-every steps");
        app.add_option("--save-every", o->save_every, "Save every K steps (0: only at the end)")
            ->check(CLI::NonNegativeNumber);
+       app.add_option("--stop-after", o->stop_after,
+                      "End after step K as if interrupted (with --save, the checkpoint is written "
+                      "there); the schedule stays --steps'")
+           ->check(CLI::NonNegativeNumber);
        app.add_option("--resume", o->resume,
                       "Continue a run bit for bit from a checkpoint directory (any TP x DP)");
        app.add_option("--log-json", o->log_json,

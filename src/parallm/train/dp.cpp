@@ -248,9 +248,7 @@ double DataParallel::local_grad_sq(bool count_replicated) const {
   double sum = 0;
   for (const OwnedSegment& s : owned_) {
     if (s.tp_replicated && !count_replicated) continue;
-    double part = 0;
-    for (int64_t i = s.begin; i < s.end; ++i) part += static_cast<double>(grads_[i]) * grads_[i];
-    sum += part;
+    sum += sum_of_squares(grads_ + s.begin, s.end - s.begin);
   }
   return sum;
 }

@@ -120,6 +120,7 @@ void check_options(const TrainOptions& o) {
   if (o.zero != 0 && o.zero != 1) fail("train", "--zero must be 0 or 1, got ", o.zero);
   if (o.threads < 0) fail("train", "--threads must be >= 0, got ", o.threads);
   if (o.save_every < 0) fail("train", "--save-every must be >= 0, got ", o.save_every);
+  if (o.stop_after < 0) fail("train", "--stop-after must be >= 0, got ", o.stop_after);
   if (o.eval_every < 0) fail("train", "--eval-every must be >= 0, got ", o.eval_every);
   if (o.save_every > 0 && o.save.empty()) fail("train", "--save-every needs --save DIR");
   if (o.eval_every > 0 && o.val_data.empty() && !o.val_ids)
@@ -128,19 +129,9 @@ void check_options(const TrainOptions& o) {
     fail("train", "--bucket-mb must be >= 1, got ", o.bucket_mb);
   if (o.dtype != "f32" && o.dtype != "bf16")
     fail("train", "--dtype must be f32 or bf16, got \"", o.dtype, "\"");
-  const AdamWConfig& a = o.adamw;
-  if (!(a.lr > 0) || !std::isfinite(a.lr)) fail("train", "--lr must be > 0, got ", a.lr);
-  if (!(a.min_lr >= 0) || a.min_lr > a.lr)
-    fail("train", "--min-lr must be in [0, --lr = ", a.lr, "], got ", a.min_lr);
-  if (a.warmup_steps < 0) fail("train", "--warmup-steps must be >= 0, got ", a.warmup_steps);
-  if (a.schedule != "constant" && a.schedule != "cosine")
-    fail("train", "--lr-schedule must be constant or cosine, got \"", a.schedule, "\"");
-  if (!(a.beta1 >= 0 && a.beta1 < 1)) fail("train", "--beta1 must be in [0, 1), got ", a.beta1);
-  if (!(a.beta2 >= 0 && a.beta2 < 1)) fail("train", "--beta2 must be in [0, 1), got ", a.beta2);
-  if (!(a.eps > 0)) fail("train", "--eps must be > 0, got ", a.eps);
-  if (!(a.weight_decay >= 0))
-    fail("train", "--weight-decay must be >= 0, got ", a.weight_decay);
-  if (!(a.grad_clip >= 0)) fail("train", "--grad-clip must be >= 0 (0: off), got ", a.grad_clip);
+  AdamWConfig a = o.adamw;
+  a.steps = o.steps;
+  check_config(a);  // the optimizer's flags, named
   if (!o.data_dtype.empty() && o.data_dtype != "auto" && o.data_dtype != "u16" &&
       o.data_dtype != "u32" && o.data_dtype != "text")
     fail("train", "--data-dtype must be auto, u16, u32 or text, got \"", o.data_dtype, "\"");
@@ -157,7 +148,7 @@ TokenData load_data(const std::string& path, const std::string& flag, const Trai
            " is text, but there is no tokenizer (give --tokenizer FILE, or token ids as .bin)");
     return TokenData::from_text(path, *tok, config.vocab_size);
   }
-  return TokenData::from_bin(path, kind == "u32" ? TokenFileType::U32 : TokenFileType::U16,
+  return TokenData::from_bin(path, parse_token_file_type(kind, "--data-dtype"),
                              config.vocab_size);
 }
 
@@ -319,14 +310,16 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
 
     // What every rank holds, measured from its allocations.
     {
-      const int64_t mine[2] = {static_cast<int64_t>(dp.optimizer_bytes()), dp.param_numel()};
-      std::vector<int64_t> all(2 * static_cast<size_t>(world.size()));
-      world.all_gather(mine, all.data(), 2, DType::I64);
+      const int64_t mine[3] = {static_cast<int64_t>(dp.optimizer_bytes()), dp.param_numel(),
+                               dp.state_size()};
+      std::vector<int64_t> all(3 * static_cast<size_t>(world.size()));
+      world.all_gather(mine, all.data(), 3, DType::I64);
       if (root) {
         std::lock_guard<std::mutex> lock(mu);
         for (int r = 0; r < world.size(); ++r) {
-          result.optimizer_bytes.push_back(static_cast<uint64_t>(all[2 * r]));
-          result.param_numel.push_back(all[2 * r + 1]);
+          result.optimizer_bytes.push_back(static_cast<uint64_t>(all[3 * r]));
+          result.param_numel.push_back(all[3 * r + 1]);
+          result.state_numel.push_back(all[3 * r + 2]);
         }
       }
     }
@@ -356,7 +349,8 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
     (void)val_sequences;
     world.barrier();  // the ranks start their clocks together
     Timer run_clock;
-    for (int64_t step = start; step < o.steps; ++step) {
+    const int64_t end = o.stop_after > 0 ? std::min(o.stop_after, o.steps) : o.steps;
+    for (int64_t step = start; step < end; ++step) {
       Timer t;
       params.zero_grads();
       double loss_sum = 0;
@@ -413,14 +407,14 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
         }
       }
       if (!o.save.empty() && o.save_every > 0 && (step + 1) % o.save_every == 0 &&
-          step + 1 < o.steps)
+          step + 1 < end)
         save(step + 1);
     }
     if (root) {
       std::lock_guard<std::mutex> lock(mu);
       result.seconds = run_clock.seconds();
     }
-    if (!o.save.empty()) save(o.steps);
+    if (!o.save.empty()) save(end);
   });
   return result;
 }

@@ -47,6 +47,9 @@ struct TrainOptions {
   bool overlap = true;        // reduce buckets during the backward
   std::string save;
   int64_t save_every = 0;
+  // When > 0: end after this step, as if interrupted there (the schedule is still --steps'); with
+  // --save the checkpoint is written at that step. For resume tests.
+  int64_t stop_after = 0;
   std::string resume;
   std::string log_json;
   int64_t eval_every = 0, eval_batches = 1;
@@ -69,6 +72,7 @@ struct TrainResult {
   int64_t param_count = 0;               // the model's parameters
   std::vector<uint64_t> optimizer_bytes;  // per world rank: values + grads + m + v held
   std::vector<int64_t> param_numel;       // per world rank: parameter elements held
+  std::vector<int64_t> state_numel;       // per world rank: elements of m (and of v) held
   double seconds = 0;                     // the steps' wall time
   int threads = 1;                        // per rank
 };
