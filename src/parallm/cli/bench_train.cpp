@@ -61,6 +61,7 @@ std::string bench_shape_file(const std::string& shape) {
 int run(Options o) {
   train::TrainOptions& t = o.t;
   if (t.model.empty() && t.init.empty()) t.init = "bench-30m";
+  const std::string shown = t.model.empty() ? t.init : t.model;
   if (!t.init.empty()) t.init = bench_shape_file(t.init);
   if (o.measure_steps < 1) fail("bench", "--steps must be >= 1, got ", o.measure_steps);
   if (o.warmup < 0) fail("bench", "--warmup must be >= 0, got ", o.warmup);
@@ -100,7 +101,7 @@ int run(Options o) {
                       static_cast<double>(config.q_dim()) * static_cast<double>(t.seq_len);
   const double flops_per_token = 6.0 * N + attn;
   std::printf("bench train: %s (%lld parameters), tp %d x dp %d%s, %s, %d threads/rank\n",
-              t.model.empty() ? t.init.c_str() : t.model.c_str(), static_cast<long long>(r.param_count),
+              shown.c_str(), static_cast<long long>(r.param_count),
               t.tp, t.dp, t.zero ? " ZeRO-1" : "", t.dtype.c_str(), r.threads);
   std::printf("  cpu                 %s, %d hardware threads, simd %s\n", cpu_name().c_str(),
               ThreadPool::hardware_threads(),
