@@ -151,6 +151,7 @@ void DataParallel::begin_sync() {
     }
     syncing_ = true;
     flushing_ = false;
+    early_buckets_ = 0;
   }
   if (options_.overlap) enqueue([this] { reduce_all_buckets(); });
 }
@@ -181,6 +182,7 @@ void DataParallel::finish_sync() {
     if (!syncing_) {  // no begin_sync: reduce everything now
       syncing_ = true;
       started = false;
+      early_buckets_ = 0;
     }
     flushing_ = true;
   }
@@ -198,6 +200,7 @@ void DataParallel::reduce_all_buckets() {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return stop_ || flushing_ || bucket_pending_[b] == 0; });
       if (stop_) return;
+      if (!flushing_) ++early_buckets_;
     }
     reduce_bucket(buckets_[b]);
   }

@@ -110,6 +110,10 @@ class DataParallel {
   // Elements of the parameters this rank holds (the flat buffers without their padding).
   int64_t param_numel() const { return param_numel_; }
 
+  // Buckets of the last sync whose reduction started before finish_sync() (while the backward
+  // still ran): the overlap, for tests and stats.
+  int early_buckets() const { return early_buckets_; }
+
   // Runs fn on the communication thread with the DP group and waits; rethrows its exception.
   void run_on_comm(const std::function<void(const comm::Group&)>& fn);
 
@@ -142,6 +146,7 @@ class DataParallel {
   std::vector<int> bucket_pending_;   // per bucket: parameters not yet ready
   std::vector<std::function<void()>> queue_;
   int busy_ = 0;  // tasks queued or running
+  int early_buckets_ = 0;
   std::exception_ptr error_;
   std::thread thread_;
 };
