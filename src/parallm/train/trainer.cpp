@@ -321,6 +321,11 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
           result.param_numel.push_back(all[3 * r + 1]);
           result.state_numel.push_back(all[3 * r + 2]);
         }
+        if (!o.quiet)
+          out << "[train] memory per rank: " << all[0] / 1e6 << " MB for values, grads, m and v ("
+              << static_cast<double>(all[0]) / static_cast<double>(std::max<int64_t>(all[1], 1))
+              << " bytes per parameter); " << dp.buckets().size() << " DP bucket"
+              << (dp.buckets().size() == 1 ? "" : "s") << std::endl;
       }
     }
     CheckpointInfo state;
@@ -413,6 +418,9 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
     if (root) {
       std::lock_guard<std::mutex> lock(mu);
       result.seconds = run_clock.seconds();
+      if (!o.quiet && o.dp > 1)
+        out << "[train] last step: " << dp.early_buckets() << " of " << dp.buckets().size()
+            << " DP buckets reduced while the backward ran" << std::endl;
     }
     if (!o.save.empty()) save(end);
   });
