@@ -56,6 +56,7 @@ struct RunResult {
   std::vector<double> losses;
   Full values, grads;
   int hook_calls = 0;
+  double grad_sq = 0;  // sum of squares of every gradient, each value counted once over TP
 };
 
 RunResult run_tp(const ModelConfig& c, int tp, const std::vector<Batch>& batches, uint64_t seed) {
@@ -70,6 +71,13 @@ RunResult run_tp(const ModelConfig& c, int tp, const std::vector<Batch>& batches
     std::vector<double> losses;
     for (const Batch& b : batches)
       losses.push_back(model.forward_backward(b.inputs.data(), b.targets.data(), b.B, b.S, 0.5f));
+    // The global gradient norm's sum, with Param::counts_once (replicated K/V included).
+    double sq = 0;
+    for (const Param& p : params.params())
+      if (p.counts_once(world.rank()))
+        for (int64_t i = 0; i < p.numel; ++i) sq += double(params.grad(p)[i]) * params.grad(p)[i];
+    std::vector<double> sqs(static_cast<size_t>(tp));
+    world.all_gather(&sq, sqs.data(), 1, DType::I64);
     Full values = gather_full_tensors(params, world, false);
     Full grads = gather_full_tensors(params, world, true);
     std::lock_guard<std::mutex> lock(mu);
@@ -78,6 +86,7 @@ RunResult run_tp(const ModelConfig& c, int tp, const std::vector<Batch>& batches
       out.values = std::move(values);
       out.grads = std::move(grads);
       out.hook_calls = hooks;
+      for (double x : sqs) out.grad_sq += x;
     } else {
       EXPECT_TRUE(values.empty());
       // Every rank computes the same loss.
@@ -211,6 +220,7 @@ void tp_check(const ModelConfig& c, const std::vector<int>& sizes) {
     // init_params is layout-independent: the gathered values are bitwise TP 1's.
     expect_same_tensors(r.values, ref.values, 0.0, what + " values");
     expect_same_tensors(r.grads, ref.grads, 1e-5, what + " grads");
+    EXPECT_NEAR(r.grad_sq, ref.grad_sq, 1e-5 * ref.grad_sq) << what;
   }
 }
 
