@@ -20,7 +20,7 @@ namespace parallm::train {
 namespace {
 
 // A layout of `sizes` floats per parameter, each starting at a multiple of 16 floats (as
-// ParamStore lays them out); every other one decays, every third is TP-replicated.
+// ParamStore lays them out); every other one decays, every third is TP-replicated (on 2 ranks).
 std::vector<Param> make_layout(const std::vector<int64_t>& sizes, int64_t* total) {
   std::vector<Param> out;
   int64_t off = 0;
@@ -33,6 +33,7 @@ std::vector<Param> make_layout(const std::vector<int64_t>& sizes, int64_t* total
     p.numel = sizes[i];
     p.decay = i % 2 == 0;
     p.tp_replicated = i % 3 == 1;
+    p.tp_replicas = i % 3 == 1 ? 2 : 1;
     out.push_back(p);
     off += (sizes[i] + 15) / 16 * 16;
   }

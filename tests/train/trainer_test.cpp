@@ -122,6 +122,21 @@ TEST_F(TrainerTest, LayoutsMatchOneRank) {
   }
 }
 
+// TP 4 over 2 KV heads: each KV head on two ranks. The global norm counts a replicated head once
+// (on the first of its replicas), not once per replica and not only rank 0's.
+TEST_F(TrainerTest, KvReplicatedTp4MatchesOneRank) {
+  TrainOptions o = base();
+  o.init = write_config(testing::tiny_train_config_kv_replicated(), "kv.json");
+  o.steps = 4;
+  const TrainResult ref = run_training(o);
+  o.tp = 4;
+  expect_close_losses(ref, run_training(o), "kv-replicated tp 4");
+  o.tp = 2;
+  o.dp = 2;
+  o.zero = 1;
+  expect_close_losses(ref, run_training(o), "kv-replicated tp 2 dp 2 zero");
+}
+
 TEST_F(TrainerTest, GradientAccumulationMatchesOneMicroBatch) {
   // G = 12 sequences in micro-batches of 2 (6 of them) or of 12 (one): the same gradients.
   const TrainResult ref = run_training(base());

@@ -51,12 +51,12 @@ std::string parse_u64(const std::string& text, uint64_t* out, const char* flag) 
                       "tokenizer.model or tokenizer.json: tokenizes text data; with --init it sets "
                       "the vocabulary; copied into checkpoints");
        app.add_option("--data", o->data,
-                      "Training data: token ids as raw little-endian uint16 (.bin, as nanoGPT and "
-                      "llm.c write them; --data-dtype u32 for larger vocabularies) or text (.txt)");
+                      "Training data: a token file (name ending in .bin: raw little-endian uint16 "
+                      "ids, as nanoGPT and llm.c write them; --data-dtype u32 for larger "
+                      "vocabularies), or any other name: text, tokenized with the tokenizer");
        app.add_option("--val-data", o->val_data, "Validation data, same formats as --data");
-       app.add_option("--data-dtype", o->data_dtype,
-                      "auto (.txt: text, else u16), u16, u32, text")
-           ->check(CLI::IsMember({"auto", "u16", "u32", "text"}));
+       app.add_option("--data-dtype", o->data_dtype, "Ids of a .bin token file: u16 (default), u32")
+           ->check(CLI::IsMember({"u16", "u32"}));
        app.add_flag("--shuffle", o->shuffle,
                     "Read the sequences in a seeded random order, redrawn every pass over the "
                     "data (docs/training.md)");

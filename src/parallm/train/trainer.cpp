@@ -132,24 +132,24 @@ void check_options(const TrainOptions& o) {
   AdamWConfig a = o.adamw;
   a.steps = o.steps;
   check_config(a);  // the optimizer's flags, named
-  if (!o.data_dtype.empty() && o.data_dtype != "auto" && o.data_dtype != "u16" &&
-      o.data_dtype != "u32" && o.data_dtype != "text")
-    fail("train", "--data-dtype must be auto, u16, u32 or text, got \"", o.data_dtype, "\"");
+  parse_token_file_type(o.data_dtype, "--data-dtype");
 }
 
 TokenData load_data(const std::string& path, const std::string& flag, const TrainOptions& o,
                     const ModelConfig& config) {
-  std::string kind = o.data_dtype;
-  if (kind.empty() || kind == "auto") kind = fs::path(path).extension() == ".txt" ? "text" : "u16";
-  if (kind == "text") {
-    const std::unique_ptr<Tokenizer> tok = find_tokenizer(o);
+  const TokenFileType type = parse_token_file_type(o.data_dtype, "--data-dtype");
+  std::unique_ptr<Tokenizer> tok;
+  if (fs::path(path).extension() != ".bin") {
+    tok = find_tokenizer(o);
     if (!tok)
       fail("train", flag, " ", path,
-           " is text, but there is no tokenizer (give --tokenizer FILE, or token ids as .bin)");
-    return TokenData::from_text(path, *tok, config.vocab_size);
+           " is text (its name does not end in .bin), but there is no tokenizer: give "
+           "--tokenizer FILE, or a token file");
   }
-  return TokenData::from_bin(path, parse_token_file_type(kind, "--data-dtype"),
-                             config.vocab_size);
+  // Text is encoded line by line on the current pool: use the machine's cores.
+  ThreadPool pool(ThreadPool::hardware_threads());
+  ScopedPool scoped(pool);
+  return TokenData::from_file(path, type, tok.get(), config.vocab_size);
 }
 
 }  // namespace
@@ -367,9 +367,10 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
       }
       dp.finish_sync();
       const double loss = dp.sum_over_dp(loss_sum) / static_cast<double>(G * S);
-      // The global norm: each sharded slice once, TP-replicated tensors on TP rank 0 only, and
-      // with ZeRO each rank's reduced shard once over DP.
-      double sq = sum_over(mesh.tp(), dp.local_grad_sq(tp_rank == 0));
+      // The global norm: each sharded slice once, TP-replicated tensors once (Param::counts_once:
+      // norms on TP rank 0, a replicated KV head on the first of its replicas), and with ZeRO
+      // each rank's reduced shard once over DP.
+      double sq = sum_over(mesh.tp(), dp.local_grad_sq(tp_rank));
       if (dp.zero()) sq = dp.sum_over_dp(sq);
       const double norm = std::sqrt(sq);
       const double lr = learning_rate(adamw, step);

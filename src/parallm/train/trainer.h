@@ -31,7 +31,8 @@ struct TrainOptions {
   // --seed); --resume alone takes the model from the checkpoint.
   std::string model, init, tokenizer;
   std::string data, val_data;
-  std::string data_dtype = "auto";  // auto (.txt: text, else u16), u16, u32, text
+  std::string data_dtype = "u16";  // u16 or u32: the ids of a token file (a name ending in .bin;
+                                   // any other name is text, tokenized at start-up)
   bool shuffle = false;
   int64_t seq_len = 128;
   int64_t micro_batch = 1;   // --micro-batch-size, sequences
