@@ -351,6 +351,10 @@ TEST_F(TrainerTest, BadInputOneLineNothingWritten) {
   foreign.save = (dir_ / "precious").string();
   EXPECT_THROW(run_training(foreign), std::invalid_argument);
   EXPECT_TRUE(fs::exists(dir_ / "precious" / "notes.txt"));
+  // A --save below a file fails before training, not after it.
+  TrainOptions below = base();
+  below.save = (dir_ / "precious" / "notes.txt" / "ckpt").string();
+  EXPECT_THROW(run_training(below), std::invalid_argument);
 }
 
 // The CLI: one line on stderr naming the flag, exit status non-zero.
