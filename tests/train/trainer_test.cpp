@@ -188,6 +188,28 @@ TEST_F(TrainerTest, ResumeContinuesBitForBit) {
     EXPECT_NEAR(d.steps[i].loss, a.steps[5 + i].loss, 1e-5 * a.steps[5 + i].loss);
 }
 
+// A stop request (what SIGINT does) ends the run after the step every rank is in, with a
+// checkpoint there that resumes.
+TEST_F(TrainerTest, StopRequestSavesAndResumes) {
+  TrainOptions o = base();
+  o.tp = 2;
+  o.dp = 2;
+  o.save = (dir_ / "stopped").string();
+  request_training_stop();  // before the first step ends: the ranks stop after step 1
+  const TrainResult r = run_training(o);
+  clear_training_stop();
+  EXPECT_TRUE(r.stopped);
+  ASSERT_EQ(r.steps.size(), 1u);
+  EXPECT_EQ(read_checkpoint_info(o.save).step, 1);
+  TrainOptions rest = o;
+  rest.init.clear();
+  rest.resume = o.save;
+  rest.save.clear();
+  const TrainResult c = run_training(rest);
+  EXPECT_FALSE(c.stopped);
+  EXPECT_EQ(c.steps.size(), 9u);
+}
+
 TEST_F(TrainerTest, CheckpointIsAHuggingFaceModel) {
   TrainOptions o = base();
   o.tp = 2;

@@ -3,6 +3,7 @@
 // `parallm generate --model DIR` loads as they are. The loop is train/trainer.h.
 #include <algorithm>
 #include <charconv>
+#include <csignal>
 #include <cstdio>
 #include <iostream>
 #include <memory>
@@ -14,8 +15,42 @@
 namespace parallm::cli {
 namespace {
 
+// SIGINT/SIGTERM: the first asks the loop to stop after its step (saving with --save); a second
+// ends the process the default way.
+volatile std::sig_atomic_t g_signal = 0;
+
+extern "C" void on_train_stop_signal(int sig) {
+  if (g_signal != 0) {
+    std::signal(sig, SIG_DFL);
+    std::raise(sig);
+    return;
+  }
+  g_signal = sig;
+  train::request_training_stop();
+}
+
 int run(const train::TrainOptions& o) {
-  const train::TrainResult r = train::run_training(o, &std::cerr);
+  train::clear_training_stop();
+  g_signal = 0;
+  std::signal(SIGINT, on_train_stop_signal);
+  std::signal(SIGTERM, on_train_stop_signal);
+  train::TrainResult r;
+  try {
+    r = train::run_training(o, &std::cerr);
+  } catch (...) {
+    std::signal(SIGINT, SIG_DFL);
+    std::signal(SIGTERM, SIG_DFL);
+    throw;
+  }
+  std::signal(SIGINT, SIG_DFL);
+  std::signal(SIGTERM, SIG_DFL);
+  if (r.stopped) {
+    const int64_t at = r.steps.empty() ? 0 : r.steps.back().step;
+    fail<std::runtime_error>("train", "stopped by signal after step ", at,
+                             o.save.empty() ? " (no --save: nothing saved)"
+                                            : cat("; checkpoint saved to ", o.save, " (continue "
+                                                  "with --resume ", o.save, ")"));
+  }
   if (!r.steps.empty() && !o.quiet) {
     const train::StepRecord& last = r.steps.back();
     const double tokens =

@@ -1,6 +1,7 @@
 #include "parallm/train/trainer.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -27,6 +28,9 @@ namespace fs = std::filesystem;
 
 namespace parallm::train {
 namespace {
+
+std::atomic<int> g_stop{0};
+static_assert(std::atomic<int>::is_always_lock_free, "the signal handler needs a lock-free flag");
 
 // The sum over `g` of each rank's double, exact and the same on every rank: the values are
 // gathered as their bits (all_gather carries I64 unchanged) and summed in rank order.
@@ -153,6 +157,9 @@ TokenData load_data(const std::string& path, const std::string& flag, const Trai
 }
 
 }  // namespace
+
+void request_training_stop() { g_stop.store(1, std::memory_order_relaxed); }
+void clear_training_stop() { g_stop.store(0, std::memory_order_relaxed); }
 
 ModelConfig resolve_config(const TrainOptions& o) {
   const int given = !o.model.empty() + !o.init.empty();
@@ -354,7 +361,7 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
     (void)val_sequences;
     world.barrier();  // the ranks start their clocks together
     Timer run_clock;
-    const int64_t end = o.stop_after > 0 ? std::min(o.stop_after, o.steps) : o.steps;
+    int64_t end = o.stop_after > 0 ? std::min(o.stop_after, o.steps) : o.steps;
     for (int64_t step = start; step < end; ++step) {
       Timer t;
       params.zero_grads();
@@ -411,6 +418,17 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
           log << j.dump() << "\n";
           log.flush();
         }
+      }
+      // A stop request (a signal) reaches the ranks at different moments: they agree on it here.
+      float stop = g_stop.load(std::memory_order_relaxed) ? 1.0f : 0.0f;
+      world.all_reduce(&stop, 1, comm::ReduceOp::Max);
+      if (stop > 0 && step + 1 < end) {
+        end = step + 1;
+        if (root) {
+          std::lock_guard<std::mutex> lock(mu);
+          result.stopped = true;
+        }
+        break;
       }
       if (!o.save.empty() && o.save_every > 0 && (step + 1) % o.save_every == 0 &&
           step + 1 < end)
