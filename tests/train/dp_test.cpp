@@ -54,8 +54,8 @@ TEST(DataParallel, BucketsTileTheBufferFromTheEnd) {
   const auto layout = make_layout(kSizes, &size);
   DataParallel dp(layout, size, nullptr, nullptr, comm::Group(), {256, false, true});
   ASSERT_GT(dp.buckets().size(), 3u);
-  EXPECT_EQ(dp.buckets().front().end, size);           // the last parameters first
-  EXPECT_EQ(dp.buckets().back().begin, 0);             // the embedding's end of the buffer last
+  EXPECT_EQ(dp.buckets().front().end, size);  // the last parameters first
+  EXPECT_EQ(dp.buckets().back().begin, 0);    // the embedding's end of the buffer last
   for (size_t b = 1; b < dp.buckets().size(); ++b)
     EXPECT_EQ(dp.buckets()[b].end, dp.buckets()[b - 1].begin);
   // One bucket for everything when the bucket is large.
@@ -70,7 +70,8 @@ void check_all_reduce(int dp_size, bool overlap, int64_t bucket_bytes) {
   const auto layout = make_layout(kSizes, &size);
   comm::launch(dp_size, {.backend = "local", .timeout_s = 30}, [&](comm::Group world) {
     std::vector<float> values(size, 0.0f), grads(size, 0.0f);
-    DataParallel dp(layout, size, values.data(), grads.data(), world, {bucket_bytes, false, overlap});
+    DataParallel dp(layout, size, values.data(), grads.data(), world,
+                    {bucket_bytes, false, overlap});
     int early = 0;
     for (int step = 0; step < 3; ++step) {
       std::fill(grads.begin(), grads.end(), 0.0f);
@@ -105,9 +106,15 @@ void check_all_reduce(int dp_size, bool overlap, int64_t bucket_bytes) {
   });
 }
 
-TEST(DataParallel, AllReduceDp2Overlapped) { check_all_reduce(2, true, 300); }
-TEST(DataParallel, AllReduceDp3Overlapped) { check_all_reduce(3, true, 128); }
-TEST(DataParallel, AllReduceDp3AfterBackward) { check_all_reduce(3, false, 1000); }
+TEST(DataParallel, AllReduceDp2Overlapped) {
+  check_all_reduce(2, true, 300);
+}
+TEST(DataParallel, AllReduceDp3Overlapped) {
+  check_all_reduce(3, true, 128);
+}
+TEST(DataParallel, AllReduceDp3AfterBackward) {
+  check_all_reduce(3, false, 1000);
+}
 
 // ZeRO-1 over DP ranks against one rank that holds the summed gradients and the whole state:
 // the same values after several steps on every rank, and the gathered m and v equal.
@@ -122,18 +129,21 @@ void check_zero(int dp_size, int64_t bucket_bytes) {
   for (const Param& p : layout)  // padding stays zero, as in a ParamStore
     (void)p;
   std::vector<char> is_param(size, 0);
-  for (const Param& p : layout) std::fill(is_param.begin() + p.offset, is_param.begin() + p.offset + p.numel, 1);
+  for (const Param& p : layout)
+    std::fill(is_param.begin() + p.offset, is_param.begin() + p.offset + p.numel, 1);
   for (int64_t i = 0; i < size; ++i)
     if (!is_param[i]) init[i] = 0;
   // The reference: one rank, the sum of every rank's gradients.
   std::vector<float> ref = init, ref_g(size), ref_m(size), ref_v(size);
   {
-    DataParallel one(layout, size, ref.data(), ref_g.data(), comm::Group(), {bucket_bytes, false, true});
+    DataParallel one(layout, size, ref.data(), ref_g.data(), comm::Group(),
+                     {bucket_bytes, false, true});
     for (int step = 0; step < 4; ++step) {
       std::fill(ref_g.begin(), ref_g.end(), 0.0f);
       for (const Param& p : layout)
         for (int64_t i = 0; i < p.numel; ++i)
-          for (int r = 0; r < dp_size; ++r) ref_g[p.offset + i] += grad_value(r, p.offset + i, step);
+          for (int r = 0; r < dp_size; ++r)
+            ref_g[p.offset + i] += grad_value(r, p.offset + i, step);
       one.step(c, c.lr, step + 1, 0.5f);
     }
     one.gather_state(ref_m.data(), ref_v.data());
@@ -178,9 +188,15 @@ void check_zero(int dp_size, int64_t bucket_bytes) {
   });
 }
 
-TEST(DataParallel, ZeroDp2MatchesOneRank) { check_zero(2, 256); }
-TEST(DataParallel, ZeroDp3MatchesOneRank) { check_zero(3, 200); }
-TEST(DataParallel, ZeroDp3OneBucket) { check_zero(3, int64_t{1} << 30); }
+TEST(DataParallel, ZeroDp2MatchesOneRank) {
+  check_zero(2, 256);
+}
+TEST(DataParallel, ZeroDp3MatchesOneRank) {
+  check_zero(3, 200);
+}
+TEST(DataParallel, ZeroDp3OneBucket) {
+  check_zero(3, int64_t{1} << 30);
+}
 
 // What a rank holds: 4 + 4 bytes per float of values and grads, plus m and v for its share:
 // 16 bytes per parameter without ZeRO, 8 + 8/DP with it (up to the padding of chunks).

@@ -20,13 +20,13 @@ r = random.Random(5)
 ids = [(r.randrange(67) * r.randrange(67)) // 67 for _ in range(3000)]
 open(sys.argv[1], "wb").write(struct.pack("<%dH" % len(ids), *ids))
 PY
-args=(train --init "$tmp/config.json" --seed 3 --data "$tmp/data.bin" --seq-len 8 --micro-batch-size 2
-      --global-batch-size 12 --steps 10 --lr 1e-2 --min-lr 1e-3 --warmup-steps 2 --grad-clip 0.5
-      --bucket-mb 1 --threads 1 --comm-timeout 60 --quiet)
+args=(train --init "$tmp/config.json" --seed 3 --data "$tmp/data.bin" --seq-len 8
+      --micro-batch-size 2 --global-batch-size 12 --steps 10 --lr 1e-2 --min-lr 1e-3
+      --warmup-steps 2 --grad-clip 0.5 --bucket-mb 1 --threads 1 --comm-timeout 60 --quiet)
 "$bin" "${args[@]}" --log-json "$tmp/one.jsonl" 2>"$tmp/one.err" || { cat "$tmp/one.err"; exit 1; }
 # shellcheck disable=SC2086
-"$mpirun" $flags -np "$np" "$bin" "${args[@]}" $layout --log-json "$tmp/mpi.jsonl" --save "$tmp/ckpt" \
-  >"$tmp/mpi.out" 2>"$tmp/mpi.err" || { cat "$tmp/mpi.err"; exit 1; }
+"$mpirun" $flags -np "$np" "$bin" "${args[@]}" $layout --log-json "$tmp/mpi.jsonl" \
+  --save "$tmp/ckpt" >"$tmp/mpi.out" 2>"$tmp/mpi.err" || { cat "$tmp/mpi.err"; exit 1; }
 python3 - "$tmp/one.jsonl" "$tmp/mpi.jsonl" <<'PY'
 import json, sys
 one = [json.loads(l) for l in open(sys.argv[1])]
@@ -34,7 +34,9 @@ mpi = [json.loads(l) for l in open(sys.argv[2])]
 assert len(one) == 10 and len(mpi) == 10, f"steps: one rank {len(one)}, mpi {len(mpi)}"
 for a, b in zip(one, mpi):
     rel = abs(a["loss"] - b["loss"]) / abs(a["loss"])
-    assert rel <= 1e-5, f"step {a['step']}: loss {a['loss']} (one rank) vs {b['loss']} (mpi), rel {rel:.2e}"
+    assert rel <= 1e-5, \
+        f"step {a['step']}: loss {a['loss']} (one rank) vs {b['loss']} (mpi), rel {rel:.2e}"
 print("losses match over", len(one), "steps; last", one[-1]["loss"], mpi[-1]["loss"])
 PY
-"$bin" generate --model "$tmp/ckpt" --prompt-ids 1,2,3 --max-tokens 4 --print-ids --threads 1 >/dev/null
+"$bin" generate --model "$tmp/ckpt" --prompt-ids 1,2,3 --max-tokens 4 --print-ids --threads 1 \
+  >/dev/null

@@ -4,7 +4,6 @@
 #include "parallm/train/trainer.h"
 
 #include <gtest/gtest.h>
-
 #include <unistd.h>
 
 #include <algorithm>
@@ -53,7 +52,8 @@ class TrainerTest : public ::testing::Test {
   std::string write_ids(const std::vector<uint16_t>& ids, const std::string& name) {
     const std::string path = (dir_ / name).string();
     std::ofstream out(path, std::ios::binary);
-    out.write(reinterpret_cast<const char*>(ids.data()), static_cast<std::streamsize>(ids.size() * 2));
+    out.write(reinterpret_cast<const char*>(ids.data()),
+              static_cast<std::streamsize>(ids.size() * 2));
     return path;
   }
   TrainOptions base() const {
@@ -110,9 +110,9 @@ TEST_F(TrainerTest, LayoutsMatchOneRank) {
   struct Layout {
     int tp, dp, zero;
   };
-  for (Layout l : {Layout{2, 1, 0}, Layout{3, 1, 0}, Layout{4, 1, 0}, Layout{1, 2, 0},
-                   Layout{1, 3, 0}, Layout{1, 2, 1}, Layout{1, 3, 1}, Layout{2, 2, 0},
-                   Layout{2, 2, 1}}) {
+  for (Layout l :
+       {Layout{2, 1, 0}, Layout{3, 1, 0}, Layout{4, 1, 0}, Layout{1, 2, 0}, Layout{1, 3, 0},
+        Layout{1, 2, 1}, Layout{1, 3, 1}, Layout{2, 2, 0}, Layout{2, 2, 1}}) {
     TrainOptions o = base();
     o.tp = l.tp;
     o.dp = l.dp;
@@ -216,12 +216,11 @@ TEST_F(TrainerTest, CheckpointIsAHuggingFaceModel) {
   o.steps = 3;
   o.save = (dir_ / "ckpt").string();
   o.log_json = (dir_ / "log.jsonl").string();
-  o.val_ids = std::make_shared<TokenData>(
-      TokenData::from_ids(std::vector<int32_t>(200, 3), 67));
+  o.val_ids = std::make_shared<TokenData>(TokenData::from_ids(std::vector<int32_t>(200, 3), 67));
   o.eval_every = 2;
   run_training(o);
-  for (const char* f : {"config.json", "model.safetensors", "optimizer.safetensors",
-                        "trainer_state.json"})
+  for (const char* f :
+       {"config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"})
     EXPECT_TRUE(fs::exists(dir_ / "ckpt" / f)) << f;
   EXPECT_EQ(ModelConfig::from_file((dir_ / "ckpt" / "config.json").string()).hidden_size, 48);
   // One JSON object per step; val_loss at step 2.
@@ -232,7 +231,8 @@ TEST_F(TrainerTest, CheckpointIsAHuggingFaceModel) {
     const auto j = nlohmann::json::parse(line);
     ++n;
     EXPECT_EQ(j["step"], n);
-    for (const char* k : {"loss", "lr", "grad_norm", "tokens_per_s"}) EXPECT_TRUE(j.contains(k)) << k;
+    for (const char* k : {"loss", "lr", "grad_norm", "tokens_per_s"})
+      EXPECT_TRUE(j.contains(k)) << k;
     EXPECT_EQ(j.contains("val_loss"), n == 2);
   }
   EXPECT_EQ(n, 3);
@@ -244,8 +244,8 @@ TEST_F(TrainerTest, CheckpointIsAHuggingFaceModel) {
 }
 
 // Text end to end through the CLI: a sentencepiece tokenizer trained on the text, `train --init
-// --tokenizer` on the text file (the vocabulary is the tokenizer's, which the checkpoint keeps), and
-// `generate --prompt` on the checkpoint prints text.
+// --tokenizer` on the text file (the vocabulary is the tokenizer's, which the checkpoint keeps),
+// and `generate --prompt` on the checkpoint prints text.
 TEST_F(TrainerTest, TextCorpusToGeneratedText) {
   const fs::path text = dir_ / "corpus.txt";
   {
@@ -302,8 +302,8 @@ TEST_F(TrainerTest, ZeroOptimizerBytesPerRank) {
       state += z.state_numel[r];
       EXPECT_NEAR(z.optimizer_bytes[r] / numel, 8.0 + 8.0 / D, (8.0 + 8.0 / D) * 0.06)
           << "DP " << D << " rank " << r;
-      std::printf("[zero] dp %d rank %d: %llu bytes for %.0f parameters = %.3f bytes/param\n", D,
-                  r, static_cast<unsigned long long>(z.optimizer_bytes[r]), numel,
+      std::printf("[zero] dp %d rank %d: %llu bytes for %.0f parameters = %.3f bytes/param\n", D, r,
+                  static_cast<unsigned long long>(z.optimizer_bytes[r]), numel,
                   z.optimizer_bytes[r] / numel);
     }
     EXPECT_EQ(state, one.param_numel[0]);  // m (and v): every parameter exactly once over DP

@@ -6,13 +6,13 @@
 // (heads x head dim), S the sequence length: 6N for the forward (2N) and backward (4N) matrix
 // products, 12*L*H*S for the attention scores and their use, forward and backward, counting the
 // full S x S matrix (causal masking halves the useful part; the formula keeps PaLM's convention).
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <random>
 #include <sstream>
-
-#include <unistd.h>
 
 #include "parallm/cli/command.h"
 #include "parallm/comm/launch.h"
@@ -101,11 +101,10 @@ int run(Options o) {
                       static_cast<double>(config.q_dim()) * static_cast<double>(t.seq_len);
   const double flops_per_token = 6.0 * N + attn;
   std::printf("bench train: %s (%lld parameters), tp %d x dp %d%s, %s, %d threads/rank\n",
-              shown.c_str(), static_cast<long long>(r.param_count),
-              t.tp, t.dp, t.zero ? " ZeRO-1" : "", t.dtype.c_str(), r.threads);
+              shown.c_str(), static_cast<long long>(r.param_count), t.tp, t.dp,
+              t.zero ? " ZeRO-1" : "", t.dtype.c_str(), r.threads);
   std::printf("  cpu                 %s, %d hardware threads, simd %s\n", cpu_name().c_str(),
-              ThreadPool::hardware_threads(),
-              kernels::simd_name(kernels::simd_level()).c_str());
+              ThreadPool::hardware_threads(), kernels::simd_name(kernels::simd_level()).c_str());
   std::printf("  batch               %lld sequences x %lld tokens per step (micro-batch %lld)\n",
               static_cast<long long>(t.global_batch), static_cast<long long>(t.seq_len),
               static_cast<long long>(t.micro_batch));

@@ -48,8 +48,10 @@ int run(const train::TrainOptions& o) {
     const int64_t at = r.steps.empty() ? 0 : r.steps.back().step;
     fail<std::runtime_error>("train", "stopped by signal after step ", at,
                              o.save.empty() ? " (no --save: nothing saved)"
-                                            : cat("; checkpoint saved to ", o.save, " (continue "
-                                                  "with --resume ", o.save, ")"));
+                                            : cat("; checkpoint saved to ", o.save,
+                                                  " (continue "
+                                                  "with --resume ",
+                                                  o.save, ")"));
   }
   if (!r.steps.empty() && !o.quiet) {
     const train::StepRecord& last = r.steps.back();
@@ -148,8 +150,7 @@ std::string parse_u64(const std::string& text, uint64_t* out, const char* flag) 
        app.add_option("--zero", o->zero,
                       "1: shard the optimizer state over DP (Megatron's distributed optimizer)")
            ->check(CLI::IsMember({0, 1}));
-       app.add_option("--bucket-mb", o->bucket_mb,
-                      "DP gradient bucket size in MB (default 25)")
+       app.add_option("--bucket-mb", o->bucket_mb, "DP gradient bucket size in MB (default 25)")
            ->check(CLI::PositiveNumber);
        app.add_option("--save", o->save,
                       "Checkpoint directory (Hugging Face format + optimizer state), written at "

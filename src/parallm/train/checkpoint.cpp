@@ -85,8 +85,8 @@ void swap_in(const fs::path& tmp, const fs::path& target) {
 CheckpointInfo read_checkpoint_info(const std::string& dir) {
   const fs::path d = clean_dir(dir);
   if (!fs::is_directory(d)) fail("checkpoint", "--resume ", dir, ": not a directory");
-  for (const char* f : {"config.json", "model.safetensors", "optimizer.safetensors",
-                        "trainer_state.json"})
+  for (const char* f :
+       {"config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"})
     if (!fs::exists(d / f))
       fail("checkpoint", "--resume ", dir, ": no ", f, " (not a parallm training checkpoint)");
   CheckpointInfo info;
@@ -114,7 +114,8 @@ std::string config_difference(const ModelConfig& mine, const ModelConfig& theirs
   for (auto it = a.begin(); it != a.end(); ++it) keys.insert(it.key());
   for (auto it = b.begin(); it != b.end(); ++it) keys.insert(it.key());
   for (const std::string& k : keys) {
-    const nlohmann::json va = a.contains(k) ? a[k] : nlohmann::json(), vb = b.contains(k) ? b[k] : nlohmann::json();
+    const nlohmann::json va = a.contains(k) ? a[k] : nlohmann::json(),
+                         vb = b.contains(k) ? b[k] : nlohmann::json();
     if (va != vb) return cat(k, " is ", va.dump(), " here but ", vb.dump(), " in the checkpoint");
   }
   return "";
@@ -135,11 +136,13 @@ void check_save_target(const std::string& dir, const std::string& flag) {
     }
     return;
   }
-  if (!fs::is_directory(d, ec)) fail("checkpoint", flag, " ", dir, ": exists and is not a directory");
+  if (!fs::is_directory(d, ec))
+    fail("checkpoint", flag, " ", dir, ": exists and is not a directory");
   if (fs::is_empty(d, ec)) return;
   if (!fs::exists(d / "trainer_state.json", ec))
-    fail("checkpoint", flag, " ", dir,
-         ": exists and is not a parallm checkpoint (no trainer_state.json); refusing to replace it");
+    fail(
+        "checkpoint", flag, " ", dir,
+        ": exists and is not a parallm checkpoint (no trainer_state.json); refusing to replace it");
 }
 
 void save_checkpoint(const std::string& dir, const ModelConfig& config, ParamStore& params,

@@ -30,7 +30,7 @@ constexpr int kCheckpointFormat = 1;
 
 struct CheckpointInfo {
   ModelConfig config;
-  int64_t step = 0;       // steps done
+  int64_t step = 0;        // steps done
   nlohmann::json options;  // the options that matter for a bit-exact continuation
 };
 

@@ -226,7 +226,8 @@ void DataParallel::reduce_bucket(const Bucket& b) {
                      comm::ReduceOp::Sum);
   const int64_t lo = dp_rank_ * b.chunk;
   const int64_t len = std::clamp<int64_t>(n - lo, 0, b.chunk);
-  if (len > 0) std::memcpy(grads_ + b.begin + lo, recv_scratch_.data(), static_cast<size_t>(len) * 4);
+  if (len > 0)
+    std::memcpy(grads_ + b.begin + lo, recv_scratch_.data(), static_cast<size_t>(len) * 4);
 }
 
 void DataParallel::all_gather_bucket(const Bucket& b, float* data) {

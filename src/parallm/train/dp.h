@@ -56,7 +56,7 @@ struct OwnedSegment {
 class DataParallel {
  public:
   struct Bucket {
-    int64_t begin = 0, end = 0;          // floats, into the flat buffers
+    int64_t begin = 0, end = 0;           // floats, into the flat buffers
     int first_param = 0, last_param = 0;  // indices into params(), inclusive
     int64_t chunk = 0;                    // ZeRO: ceil((end - begin) / DP)
   };
@@ -64,8 +64,8 @@ class DataParallel {
   // `params`: the layout (ParamStore::params(), offsets into buffers of `size` floats); `values`
   // and `grads`: the flat buffers (not owned; they outlive this object). `dp`: given to the
   // communication thread, which owns it from now on: the caller must not call through it again.
-  DataParallel(std::vector<Param> params, int64_t size, float* values, float* grads,
-               comm::Group dp, DpOptions options = {});
+  DataParallel(std::vector<Param> params, int64_t size, float* values, float* grads, comm::Group dp,
+               DpOptions options = {});
   ~DataParallel();
   DataParallel(const DataParallel&) = delete;
   DataParallel& operator=(const DataParallel&) = delete;
@@ -142,8 +142,8 @@ class DataParallel {
   std::mutex mu_;
   std::condition_variable cv_;
   bool syncing_ = false, flushing_ = false, stop_ = false;
-  std::vector<char> ready_;           // per parameter
-  std::vector<int> bucket_pending_;   // per bucket: parameters not yet ready
+  std::vector<char> ready_;          // per parameter
+  std::vector<int> bucket_pending_;  // per bucket: parameters not yet ready
   std::vector<std::function<void()>> queue_;
   int busy_ = 0;  // tasks queued or running
   int early_buckets_ = 0;

@@ -158,8 +158,12 @@ TokenData load_data(const std::string& path, const std::string& flag, const Trai
 
 }  // namespace
 
-void request_training_stop() { g_stop.store(1, std::memory_order_relaxed); }
-void clear_training_stop() { g_stop.store(0, std::memory_order_relaxed); }
+void request_training_stop() {
+  g_stop.store(1, std::memory_order_relaxed);
+}
+void clear_training_stop() {
+  g_stop.store(0, std::memory_order_relaxed);
+}
 
 ModelConfig resolve_config(const TrainOptions& o) {
   const int given = !o.model.empty() + !o.init.empty();
@@ -171,7 +175,7 @@ ModelConfig resolve_config(const TrainOptions& o) {
     open_model(o.model, &config);
   } else if (!o.init.empty()) {
     config = fs::path(o.init).extension() == ".json" ? ModelConfig::from_file(o.init)
-                                                      : shape_preset(o.init);
+                                                     : shape_preset(o.init);
     if (!o.tokenizer.empty()) {
       // The vocabulary is the tokenizer's, so the checkpoint generates text with it.
       const std::unique_ptr<Tokenizer> tok = load_tokenizer_file(o.tokenizer);
@@ -234,8 +238,8 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
   // Never write over the model the run starts from, nor over something that is not a checkpoint.
   if (!o.save.empty()) {
     const std::string save = canonical_or_empty(o.save);
-    if (!o.model.empty() && (save == canonical_or_empty(o.model) ||
-                             save == canonical_or_empty(model_dir(o.model))))
+    if (!o.model.empty() &&
+        (save == canonical_or_empty(o.model) || save == canonical_or_empty(model_dir(o.model))))
       fail("train", "--save ", o.save, " is the --model directory; save elsewhere");
     if (!o.resume.empty() && save == canonical_or_empty(o.resume))
       fail("train", "--save ", o.save, " is the --resume directory; save elsewhere");
@@ -267,9 +271,10 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
   comm::LaunchOptions lo;
   lo.backend = o.backend;
   lo.timeout_s = o.comm_timeout_s;
-  const int threads = o.threads > 0 ? o.threads
-                                    : std::max(1, ThreadPool::hardware_threads() /
-                                                      comm::ranks_on_this_node(world_size));
+  const int threads =
+      o.threads > 0
+          ? o.threads
+          : std::max(1, ThreadPool::hardware_threads() / comm::ranks_on_this_node(world_size));
   const int64_t bucket_bytes = o.bucket_bytes > 0 ? o.bucket_bytes : o.bucket_mb * 1000000;
   const std::vector<std::string> tok_files = tokenizer_files(o);
   const int64_t G = o.global_batch, S = o.seq_len, M = o.micro_batch;
@@ -397,12 +402,13 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
         const double per_step = run_clock.seconds() / static_cast<double>(step + 1 - start);
         if (!o.quiet) {
           char line[256];
-          std::snprintf(line, sizeof(line),
-                        "[train] step %lld/%lld | loss %.4f | lr %.3e | grad norm %.4f | %.0f "
-                        "tok/s | %s left",
-                        static_cast<long long>(step + 1), static_cast<long long>(o.steps), loss, lr,
-                        norm, rec.tokens_per_s,
-                        format_duration(per_step * static_cast<double>(o.steps - step - 1)).c_str());
+          std::snprintf(
+              line, sizeof(line),
+              "[train] step %lld/%lld | loss %.4f | lr %.3e | grad norm %.4f | %.0f "
+              "tok/s | %s left",
+              static_cast<long long>(step + 1), static_cast<long long>(o.steps), loss, lr, norm,
+              rec.tokens_per_s,
+              format_duration(per_step * static_cast<double>(o.steps - step - 1)).c_str());
           out << line;
           if (rec.val_loss >= 0) out << " | val loss " << rec.val_loss;
           out << std::endl;
@@ -430,8 +436,7 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
         }
         break;
       }
-      if (!o.save.empty() && o.save_every > 0 && (step + 1) % o.save_every == 0 &&
-          step + 1 < end)
+      if (!o.save.empty() && o.save_every > 0 && (step + 1) % o.save_every == 0 && step + 1 < end)
         save(step + 1);
     }
     if (root) {

@@ -43,9 +43,9 @@ struct TrainOptions {
   std::string dtype = "f32";  // compute dtype: f32 or bf16 (f32 master weights either way)
   int threads = 0;            // per rank; 0: cores / ranks on this machine
   int tp = 1, dp = 1, zero = 0;
-  int64_t bucket_mb = 25;     // DP bucket size in MB (decimal: 25 -> 25e6 bytes); tests go smaller
-  int64_t bucket_bytes = 0;   // when > 0, overrides bucket_mb (tests)
-  bool overlap = true;        // reduce buckets during the backward
+  int64_t bucket_mb = 25;    // DP bucket size in MB (decimal: 25 -> 25e6 bytes); tests go smaller
+  int64_t bucket_bytes = 0;  // when > 0, overrides bucket_mb (tests)
+  bool overlap = true;       // reduce buckets during the backward
   std::string save;
   int64_t save_every = 0;
   // When > 0: end after this step, as if interrupted there (the schedule is still --steps'); with
@@ -71,7 +71,7 @@ struct TrainResult {
   bool stopped = false;           // ended early by request_training_stop()
   std::vector<StepRecord> steps;  // the steps this run made (after a resume: from there on)
   ModelConfig config;
-  int64_t param_count = 0;               // the model's parameters
+  int64_t param_count = 0;                // the model's parameters
   std::vector<uint64_t> optimizer_bytes;  // per world rank: values + grads + m + v held
   std::vector<int64_t> param_numel;       // per world rank: parameter elements held
   std::vector<int64_t> state_numel;       // per world rank: elements of m (and of v) held
