@@ -122,6 +122,38 @@ TEST_F(TrainerTest, LayoutsMatchOneRank) {
   }
 }
 
+// --shuffle and the validation loss: the same at DP 3 with ZeRO and at TP 2 as on one rank.
+TEST_F(TrainerTest, ShuffleAndEvalMatchOneRank) {
+  TrainOptions o = base();
+  o.steps = 4;
+  o.shuffle = true;
+  o.val_ids = std::make_shared<TokenData>(TokenData::from_ids(
+      [] {
+        std::vector<int32_t> v;
+        for (uint16_t id : random_ids(400, 67, 9)) v.push_back(id);
+        return v;
+      }(),
+      67));
+  o.eval_every = 2;
+  const TrainResult ref = run_training(o);
+  TrainOptions plain = o;
+  plain.shuffle = false;
+  EXPECT_NE(run_training(plain).steps[1].loss, ref.steps[1].loss);  // the order did change
+  for (auto [tp, dp] : {std::pair{1, 3}, std::pair{2, 1}}) {
+    TrainOptions l = o;
+    l.tp = tp;
+    l.dp = dp;
+    l.zero = dp > 1;
+    const TrainResult got = run_training(l);
+    expect_close_losses(ref, got, cat("shuffle tp ", tp, " dp ", dp));
+    for (size_t i = 0; i < ref.steps.size(); ++i) {
+      EXPECT_EQ(got.steps[i].val_loss >= 0, i % 2 == 1);
+      EXPECT_NEAR(got.steps[i].val_loss, ref.steps[i].val_loss,
+                  1e-5 * std::abs(ref.steps[i].val_loss));
+    }
+  }
+}
+
 // TP 4 over 2 KV heads: each KV head on two ranks. The global norm counts a replicated head once
 // (on the first of its replicas), not once per replica and not only rank 0's.
 TEST_F(TrainerTest, KvReplicatedTp4MatchesOneRank) {
