@@ -254,7 +254,7 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
   const int64_t sequences = data->sequences(o.seq_len);
   if (!val && !o.val_data.empty())
     val = std::make_shared<TokenData>(load_data(o.val_data, "--val-data", o, config));
-  const int64_t val_sequences = val ? val->sequences(o.seq_len) : 0;
+  if (val) val->sequences(o.seq_len);  // throws naming the file when shorter than a sequence
   for (const auto* d : {data.get(), val.get()})
     if (d)
       for (int32_t id : d->ids())
@@ -363,7 +363,6 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
         }
       return dp.sum_over_dp(sum) / static_cast<double>(o.eval_batches * G * S);
     };
-    (void)val_sequences;
     world.barrier();  // the ranks start their clocks together
     Timer run_clock;
     int64_t end = o.stop_after > 0 ? std::min(o.stop_after, o.steps) : o.steps;
