@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "parallm/comm/launch.h"
@@ -68,6 +69,10 @@ struct TrainModel::Impl {
   parallel::VocabParallelLmHead head;
 
   std::vector<LayerState> st;
+  // The layers' backward scratch, lent to the layer being differentiated (swapped in and out of
+  // its cache), so only one layer's worth exists.
+  parallel::AttentionCache attn_scratch;
+  parallel::MlpCache mlp_scratch;
   std::vector<float> xlast, xf, rstdf, logits, dlogits, tmp, dx, dxn;
   GradReadyHook hook;
 
@@ -86,6 +91,11 @@ struct TrainModel::Impl {
     if (hook) hook(*p);
   }
 
+  void lend_scratch(LayerState& s) {
+    std::swap(s.attn.dattn, attn_scratch.dattn), std::swap(s.attn.dq, attn_scratch.dq);
+    std::swap(s.attn.dk, attn_scratch.dk), std::swap(s.attn.dv, attn_scratch.dv);
+    std::swap(s.mlp.dh, mlp_scratch.dh), std::swap(s.mlp.dgu, mlp_scratch.dgu);
+  }
   void build();
   double run(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t S, float grad_scale,
              bool backward);
@@ -190,6 +200,7 @@ double TrainModel::Impl::run(const int32_t* inputs, const int32_t* targets, int6
   for (int64_t l = L - 1; l >= 0; --l) {
     LayerState& s = st[l];
     const LayerParams& p = lp[l];
+    lend_scratch(s);
     mlp[l].backward(s.xn2.data(), s.mlp, dx.data(), T, dxn.data(), grad(p.gate), grad(p.down));
     ready(p.down), ready(p.gate), ready(p.up);
     rmsnorm_backward(s.x2.data(), value(p.post_norm), s.rstd2.data(), dxn.data(), T, H, dx.data(),
@@ -199,6 +210,7 @@ double TrainModel::Impl::run(const int32_t* inputs, const int32_t* targets, int6
     ready(p.o), ready(p.q), ready(p.k), ready(p.v);
     rmsnorm_backward(s.x.data(), value(p.in_norm), s.rstd1.data(), dxn.data(), T, H, dx.data(),
                      grad(p.in_norm), true);
+    lend_scratch(s);  // back
     ready(p.in_norm);
   }
   embed.backward(inputs, T, dx.data(), grad(embed_p));
