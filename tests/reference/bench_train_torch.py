@@ -23,9 +23,14 @@ import os
 import sys
 import time
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+# OpenBLAS (Debian's torch does its matrix products there) sizes its own thread pool from the
+# environment when it loads, and torch.set_num_threads does not reach it: give it --threads too.
+if "--threads" in sys.argv[:-1]:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", sys.argv[sys.argv.index("--threads") + 1])
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import llama_ref  # noqa: E402  (safetensors reader and RoPE frequencies)
