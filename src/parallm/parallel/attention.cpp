@@ -5,6 +5,7 @@
 
 #include "parallm/core/error.h"
 #include "parallm/kernels/attention.h"
+#include "parallm/train/ops.h"
 
 namespace parallm::parallel {
 
@@ -81,6 +82,60 @@ void ParallelAttention::forward(const float* xn, const std::vector<SeqChunk>& ch
     off += ch.n_tokens;
   }
   o_.forward(attn, T, out);  // partial sums over this rank's heads, all-reduced
+}
+
+void ParallelAttention::forward_train(const float* xn, int64_t B, int64_t S, AttentionCache& c,
+                                      float* out) const {
+  const int64_t hd = head_dim_, T = B * S;
+  const int64_t qd = heads_.q_heads * hd, kvd = heads_.kv_heads * hd, w = qd + 2 * kvd;
+  c.qkv.resize(static_cast<size_t>(T * w));
+  c.q.resize(static_cast<size_t>(T * qd));
+  c.k.resize(static_cast<size_t>(T * kvd));
+  c.v.resize(static_cast<size_t>(T * kvd));
+  c.probs.resize(static_cast<size_t>(B * heads_.q_heads * S * S));
+  c.attn.resize(static_cast<size_t>(T * qd));
+  c.positions.resize(static_cast<size_t>(T));
+  if (T == 0) return;
+  for (int64_t t = 0; t < T; ++t) c.positions[t] = static_cast<int32_t>(t % S);
+  qkv_.forward(xn, T, c.qkv.data());  // each row q | k | v
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = c.qkv.data() + t * w;
+    std::memcpy(c.q.data() + t * qd, row, qd * sizeof(float));
+    std::memcpy(c.k.data() + t * kvd, row + qd, kvd * sizeof(float));
+    std::memcpy(c.v.data() + t * kvd, row + qd + kvd, kvd * sizeof(float));
+  }
+  const float* inv = rope_.inv_freq.data();
+  kernels::rope(c.q.data(), T, heads_.q_heads, hd, c.positions.data(), inv, rope_.style);
+  kernels::rope(c.k.data(), T, heads_.kv_heads, hd, c.positions.data(), inv, rope_.style);
+  train::attention_forward(c.q.data(), c.k.data(), c.v.data(), B, S, heads_.q_heads,
+                           heads_.kv_heads, hd, c.attn.data(), c.probs.data());
+  o_.forward(c.attn.data(), T, out);  // partial sums over this rank's heads, all-reduced
+}
+
+void ParallelAttention::backward(const float* xn, AttentionCache& c, const float* dout, int64_t B,
+                                 int64_t S, float* dxn, float* dqkv, float* d_o) const {
+  const int64_t hd = head_dim_, T = B * S;
+  if (T == 0) return;
+  const int64_t qd = heads_.q_heads * hd, kvd = heads_.kv_heads * hd, w = qd + 2 * kvd;
+  c.dattn.resize(static_cast<size_t>(T * qd));
+  c.dq.resize(static_cast<size_t>(T * qd));
+  c.dk.resize(static_cast<size_t>(T * kvd));
+  c.dv.resize(static_cast<size_t>(T * kvd));
+  o_.backward(c.attn.data(), dout, T, c.dattn.data(), d_o);  // no communication
+  train::attention_backward(c.q.data(), c.k.data(), c.v.data(), c.probs.data(), c.dattn.data(), B,
+                            S, heads_.q_heads, heads_.kv_heads, hd, c.dq.data(), c.dk.data(),
+                            c.dv.data());
+  const float* inv = rope_.inv_freq.data();
+  train::rope_backward(c.dq.data(), T, heads_.q_heads, hd, c.positions.data(), inv, rope_.style);
+  train::rope_backward(c.dk.data(), T, heads_.kv_heads, hd, c.positions.data(), inv, rope_.style);
+  float* g = c.qkv.data();  // the forward's qkv is no longer needed: dqkv [T, w] goes there
+  for (int64_t t = 0; t < T; ++t) {
+    float* row = g + t * w;
+    std::memcpy(row, c.dq.data() + t * qd, qd * sizeof(float));
+    std::memcpy(row + qd, c.dk.data() + t * kvd, kvd * sizeof(float));
+    std::memcpy(row + qd + kvd, c.dv.data() + t * kvd, kvd * sizeof(float));
+  }
+  qkv_.backward(xn, g, T, dxn, dqkv);  // all-reduces dxn; sums the replicated K/V rows' gradient
 }
 
 }  // namespace parallm::parallel

@@ -44,6 +44,19 @@ struct RopeSpec {
   kernels::RopeStyle style = kernels::RopeStyle::HalfSplit;
 };
 
+// What the training forward keeps for the backward (and the backward's scratch); owned by the
+// caller, one per layer, reused across micro-batches. Local sizes: qd = q_heads * head_dim,
+// kvd = kv_heads * head_dim of this rank.
+struct AttentionCache {
+  std::vector<float> qkv;    // [T, qd + 2 kvd]: the column-parallel output (scratch, then dqkv)
+  std::vector<float> q;      // [T, qd] after RoPE
+  std::vector<float> k, v;   // [T, kvd], k after RoPE
+  std::vector<float> probs;  // [B, q_heads, S, S]: the softmax of each head
+  std::vector<float> attn;   // [T, qd]: the attention output (o_proj's input)
+  std::vector<float> dattn, dq, dk, dv;  // backward scratch
+  std::vector<int32_t> positions;        // [T]: 0..S-1 for each sequence
+};
+
 class ParallelAttention {
  public:
   ParallelAttention() = default;
@@ -68,6 +81,17 @@ class ParallelAttention {
   // scratch: scratch_floats(T) floats, clobbered.
   void forward(const float* xn, const std::vector<SeqChunk>& chunks, const int32_t* positions,
                KvStore& kv, int64_t layer, float* scratch, float* out) const;
+
+  // Training: full causal attention over B sequences of S tokens each (xn [B*S, hidden], sequence
+  // by sequence; positions 0..S-1 in each; no KV cache) -> out [B*S, hidden], summed over the
+  // group. Keeps what backward() needs in `cache`.
+  void forward_train(const float* xn, int64_t B, int64_t S, AttentionCache& cache,
+                     float* out) const;
+  // dout [B*S, hidden] (the same on every rank) -> dxn [B*S, hidden] summed over the group (null:
+  // skipped); dqkv [qkv rows, hidden] and d_o [hidden, qd] += the weight gradients (the K/V rows
+  // that TP replicates summed over their replicas). xn and cache as forward_train left them.
+  void backward(const float* xn, AttentionCache& cache, const float* dout, int64_t B, int64_t S,
+                float* dxn, float* dqkv, float* d_o) const;
 
   const HeadPlan& heads() const { return heads_; }
   int64_t head_dim() const { return head_dim_; }

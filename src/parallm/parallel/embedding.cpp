@@ -4,6 +4,7 @@
 
 #include "parallm/core/error.h"
 #include "parallm/parallel/mappings.h"
+#include "parallm/train/ops.h"
 
 namespace parallm::parallel {
 
@@ -34,6 +35,12 @@ void VocabParallelEmbedding::forward(const int32_t* ids, int64_t T, float* x) co
   }
   // Rows of ids outside this rank's range are zero here: the sum over ranks completes them.
   reduce_from_region_forward(group_, x, T, hidden);
+}
+
+void VocabParallelEmbedding::backward(const int32_t* ids, int64_t T, const float* dx,
+                                      float* dtable) const {
+  train::embedding_backward(ids, T, dx, table_.dim(1), vocab_shard_.begin, vocab_shard_.end,
+                            dtable);
 }
 
 }  // namespace parallm::parallel

@@ -20,6 +20,10 @@ class VocabParallelEmbedding {
   // ids: [T] -> x: [T, hidden] f32 (one all-reduce when the group has more than one rank).
   // Throws std::invalid_argument naming the id when an id is outside [0, vocab).
   void forward(const int32_t* ids, int64_t T, float* x) const;
+  // Backward: dtable [vocab_shard.size(), hidden] += the rows of dx [T, hidden] (the same on every
+  // rank) whose ids this rank owns. reduce_from_region's backward is the identity: no
+  // communication.
+  void backward(const int32_t* ids, int64_t T, const float* dx, float* dtable) const;
   const Tensor& table() const { return table_; }
   const ShardSpec& vocab_shard() const { return vocab_shard_; }
   const comm::Group& group() const { return group_; }

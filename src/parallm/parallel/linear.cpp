@@ -1,8 +1,12 @@
 #include "parallm/parallel/linear.h"
 
+#include <algorithm>
+#include <vector>
+
 #include "parallm/core/error.h"
 #include "parallm/kernels/matmul.h"
 #include "parallm/parallel/mappings.h"
+#include "parallm/train/ops.h"
 
 namespace parallm::parallel {
 
@@ -18,6 +22,59 @@ void ColumnParallelLinear::forward(const float* x, int64_t T, float* y) const {
   // The input is already the same on every rank: copy_to_region's forward is the identity (its
   // backward, the all-reduce of the input gradient, is where this layer will communicate).
   kernels::matmul(x, T, weight_, y);
+}
+
+namespace {
+
+const float* f32_weight(const Tensor& w, const char* layer) {
+  if (w.dtype() != DType::F32 || !w.is_contiguous())
+    fail("parallel", layer, " backward needs a contiguous f32 weight, got ", w.describe());
+  return w.data<float>();
+}
+
+}  // namespace
+
+void ColumnParallelLinear::backward(const float* x, const float* dy, int64_t T, float* dx,
+                                    float* dw) const {
+  const int64_t out = weight_.dim(0), in = weight_.dim(1);
+  const float* w = f32_weight(weight_, "column-parallel");
+  if (dw != nullptr) {
+    bool replicated = false;
+    for (const FusedPart& p : out_shard_.parts) replicated |= p.replicas > 1;
+    if (!replicated || group_.size() == 1) {
+      train::linear_backward_weight(dy, x, T, out, in, dw);
+    } else {
+      // This micro-batch's gradient alone (dw may hold earlier micro-batches' sums, already
+      // identical on the replicas), then each replicated part summed over the group through a
+      // buffer of the full tensor's rows where every rank writes its own rows.
+      std::vector<float> g(static_cast<size_t>(out * in), 0.0f);
+      train::linear_backward_weight(dy, x, T, out, in, g.data());
+      for (size_t i = 0; i < out_shard_.parts.size(); ++i) {
+        const FusedPart& p = out_shard_.parts[i];
+        float* mine = g.data() + out_shard_.offset(i) * in;
+        if (p.replicas <= 1) continue;
+        std::vector<float> full(static_cast<size_t>(p.rows.full * in), 0.0f);
+        std::copy(mine, mine + p.rows.size() * in, full.begin() + p.rows.begin * in);
+        group_.all_reduce(full.data(), full.size());
+        std::copy(full.begin() + p.rows.begin * in, full.begin() + p.rows.end * in, mine);
+      }
+      for (int64_t i = 0; i < out * in; ++i) dw[i] += g[i];
+    }
+  }
+  if (dx != nullptr) {
+    train::linear_backward_input(dy, w, T, out, in, dx);
+    // copy_to_region's backward: the input was replicated, each rank holds a partial gradient.
+    copy_to_region_backward(group_, dx, T, in);
+  }
+}
+
+void RowParallelLinear::backward(const float* x, const float* dy, int64_t T, float* dx,
+                                 float* dw) const {
+  const int64_t out = weight_.dim(0), in = weight_.dim(1);
+  const float* w = f32_weight(weight_, "row-parallel");
+  if (dw != nullptr) train::linear_backward_weight(dy, x, T, out, in, dw);
+  // reduce_from_region's backward is the identity: dy is already the full gradient on each rank.
+  if (dx != nullptr) train::linear_backward_input(dy, w, T, out, in, dx);
 }
 
 RowParallelLinear::RowParallelLinear(Tensor weight, ShardSpec in_shard, comm::Group group)

@@ -6,10 +6,9 @@
 // of the input and one all-reduce sums the partial outputs (reduce_from_region, see
 // parallel/mappings.h).
 //
-// Each takes its weight already sliced (the loader reads only the rank's bytes). Only forward is
-// written. A layer keeps what a backward pass will need beside it: its weight, its shard spec and
-// its group (column's backward will all-reduce the input gradient, row's needs no communication:
-// Megatron's copy / reduce pairs).
+// Each takes its weight already sliced (the loader reads only the rank's bytes). The backward
+// passes (training, f32 weights) are Megatron's copy / reduce pairs: column's all-reduces the
+// input gradient over the group, row's needs no communication.
 #pragma once
 
 #include <cstdint>
@@ -27,6 +26,13 @@ class ColumnParallelLinear {
   ColumnParallelLinear(Tensor weight, FusedShardSpec out_shard, comm::Group group);
   // x: [T, in] (the same on every rank) -> y: [T, out_shard.size()] (this rank's output columns).
   void forward(const float* x, int64_t T, float* y) const;
+  // Backward of forward(x) -> y, with dy: [T, out_shard.size()].
+  // dw [out_shard.size(), in] += dy^T . x (skipped when null). Parts with replicas > 1 (K/V heads
+  // that TP replicates) get their weight gradient summed over the ranks holding the same rows (an
+  // all-reduce of a full-size buffer of that part), so every replica adds the true gradient.
+  // dx [T, in] = dy . W summed over the group (copy_to_region's backward; skipped when null).
+  // Collective over the group when dx is set or a part is replicated. F32 weight only.
+  void backward(const float* x, const float* dy, int64_t T, float* dx, float* dw) const;
   const Tensor& weight() const { return weight_; }
   const FusedShardSpec& out_shard() const { return out_shard_; }
   const comm::Group& group() const { return group_; }
@@ -44,6 +50,10 @@ class RowParallelLinear {
   RowParallelLinear(Tensor weight, ShardSpec in_shard, comm::Group group);
   // x: [T, in_shard.size()] -> y: [T, out], summed over the group (one all-reduce).
   void forward(const float* x, int64_t T, float* y) const;
+  // Backward of forward(x) -> y, with dy: [T, out] (the same on every rank): dw [out,
+  // in_shard.size()] += dy^T . x (skipped when null); dx [T, in_shard.size()] = dy . W (skipped
+  // when null). reduce_from_region's backward is the identity: no communication.
+  void backward(const float* x, const float* dy, int64_t T, float* dx, float* dw) const;
   const Tensor& weight() const { return weight_; }
   const ShardSpec& in_shard() const { return in_shard_; }
   const comm::Group& group() const { return group_; }

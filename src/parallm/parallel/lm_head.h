@@ -77,6 +77,10 @@ class VocabParallelLmHead {
   // x: [R, hidden] (after the final norm) -> logits: [R, vocab_shard().size()], this rank's
   // slice. No communication.
   void forward(const float* x, int64_t R, float* logits) const;
+  // Backward (training, f32 weight): dlogits [R, vocab_shard().size()] -> dw [vocab_shard().size(),
+  // hidden] += dlogits^T . x (skipped when null); dx [R, hidden] = dlogits . W summed over the
+  // group (the head's input is replicated: copy_to_region's backward; skipped when null).
+  void backward(const float* x, const float* dlogits, int64_t R, float* dx, float* dw) const;
 
   // local: [vocab_shard().size()] (one row of forward's output) -> the full row [vocab].
   std::vector<float> gather_logits(const float* local) const;

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "parallm/comm/group.h"
 #include "parallm/core/tensor.h"
@@ -16,6 +17,15 @@
 #include "parallm/parallel/shard.h"
 
 namespace parallm::parallel {
+
+// What the training forward keeps for the backward (and the backward's scratch); owned by the
+// caller, one per layer, reused across micro-batches.
+struct MlpCache {
+  std::vector<float> gu;   // [T, 2 ffn_local]: each row gate | up (the column-parallel output)
+  std::vector<float> h;    // [T, ffn_local]: silu(gate) * up (down_proj's input)
+  std::vector<float> dh;   // backward scratch [T, ffn_local]
+  std::vector<float> dgu;  // backward scratch [T, 2 ffn_local]
+};
 
 class ParallelMlp {
  public:
@@ -32,6 +42,14 @@ class ParallelMlp {
   // xn: [T, hidden] (the same on every rank) -> out: [T, hidden], summed over the group.
   // scratch: scratch_floats(T) floats, clobbered.
   void forward(const float* xn, int64_t T, float* scratch, float* out) const;
+
+  // Training: forward() keeping what backward() needs in `cache`.
+  void forward_train(const float* xn, int64_t T, MlpCache& cache, float* out) const;
+  // dout [T, hidden] (the same on every rank) -> dxn [T, hidden] summed over the group (null:
+  // skipped); dgate_up [2 ffn_local, hidden] and ddown [hidden, ffn_local] += the weight
+  // gradients. xn and cache as forward_train left them.
+  void backward(const float* xn, MlpCache& cache, const float* dout, int64_t T, float* dxn,
+                float* dgate_up, float* ddown) const;
 
   const ShardSpec& ffn() const { return ffn_; }
   const ColumnParallelLinear& gate_up() const { return gate_up_; }

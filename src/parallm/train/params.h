@@ -6,7 +6,9 @@
 //
 // Order: the checkpoint order of llama_tensors(config) (embedding, layers, final norm, lm_head when
 // untied); each tensor holds this rank's TP slice (llama_tensor_slice). Offsets are multiples of
-// 16 floats (64 bytes), so every tensor starts aligned.
+// 16 floats (64 bytes), so every tensor starts aligned, except inside the fused groups: k_proj
+// follows q_proj and v_proj follows k_proj directly, up_proj follows gate_proj directly, so the
+// fused column-parallel layers (q|k|v, gate|up) are one contiguous view of the buffer.
 #pragma once
 
 #include <cstdint>
@@ -21,17 +23,21 @@
 namespace parallm::train {
 
 struct Param {
-  LlamaTensor tensor;   // Hugging Face name, full shape, shard rule
-  Slice slice;          // this rank's part (Slice::all() when the rule is Replicated)
-  Shape local_shape;    // the slice's shape
-  int64_t offset = 0;   // in floats, into ParamStore::values() / grads()
+  LlamaTensor tensor;  // Hugging Face name, full shape, shard rule
+  Slice slice;         // this rank's part (Slice::all() when the rule is Replicated)
+  Shape local_shape;   // the slice's shape
+  int64_t offset = 0;  // in floats, into ParamStore::values() / grads()
   int64_t numel = 0;
-  bool decay = false;   // AdamW weight decay: 2-D tensors (embeddings, linear weights), not norms
+  bool decay = false;  // AdamW weight decay: 2-D tensors (embeddings, linear weights), not norms
   // Whether every rank of the TP group holds the same values (norm weights, and K/V rows that TP
   // replicates when TP > KV heads). The global gradient norm counts such a tensor once, a sharded
   // tensor's slices once each.
   bool tp_replicated = false;
 };
+
+// The layout ParamStore(config, tp, tp_rank) has (params with offsets); `size` gets the floats of
+// each flat buffer. Throws std::invalid_argument (llama_tp_problem's reason) when tp does not fit.
+std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, int64_t* size);
 
 class ParamStore {
  public:
@@ -41,8 +47,11 @@ class ParamStore {
   ParamStore(const ModelConfig& config, int tp, int tp_rank);
 
   const std::vector<Param>& params() const { return params_; }
+  const ModelConfig& config() const { return config_; }
+  int tp() const { return tp_; }
+  int tp_rank() const { return tp_rank_; }
   const Param& find(const std::string& name) const;  // throws std::invalid_argument naming it
-  int64_t size() const { return size_; }              // floats in each flat buffer (with padding)
+  int64_t size() const { return size_; }             // floats in each flat buffer (with padding)
 
   float* values() { return values_.data<float>(); }
   const float* values() const { return values_.data<float>(); }
@@ -58,6 +67,8 @@ class ParamStore {
   void load(const WeightSource& source);
 
  private:
+  ModelConfig config_;
+  int tp_ = 1, tp_rank_ = 0;
   std::vector<Param> params_;
   int64_t size_ = 0;
   Tensor values_, grads_;  // f32 [size_]

@@ -1,0 +1,89 @@
+#include "parallm/train/params.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "parallm/core/error.h"
+#include "parallm/parallel/shard.h"
+
+namespace parallm::train {
+namespace {
+
+bool ends_with(const std::string& s, const char* suffix) {
+  const size_t n = std::strlen(suffix);
+  return s.size() >= n && s.compare(s.size() - n, n, suffix) == 0;
+}
+
+// Whether `t` continues a fused group started by the tensor before it (q|k|v, gate|up): it then
+// follows that tensor with no padding, so the fused layer views the group as one matrix.
+bool continues_fused_group(const LlamaTensor& t) {
+  return ends_with(t.name, "self_attn.k_proj.weight") ||
+         ends_with(t.name, "self_attn.v_proj.weight") || ends_with(t.name, "mlp.up_proj.weight");
+}
+
+Shape slice_shape(const LlamaTensor& t, const Slice& s) {
+  Shape shape = t.shape;
+  if (s.kind == Slice::Kind::Rows) shape.at(0) = s.end - s.begin;
+  if (s.kind == Slice::Kind::Cols) shape.at(1) = s.end - s.begin;
+  return shape;
+}
+
+}  // namespace
+
+std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, int64_t* size) {
+  if (config.is_moe())
+    fail("train", "mixture-of-experts models (", config.num_local_experts,
+         " experts) are not trainable yet");
+  if (std::string p = llama_tp_problem(config, tp); !p.empty()) fail("train", p);
+  const parallel::HeadPlan heads =
+      parallel::HeadPlan::make(config.num_attention_heads, config.num_key_value_heads, tp, tp_rank);
+  std::vector<Param> out;
+  int64_t offset = 0;
+  for (LlamaTensor& t : llama_tensors(config)) {
+    Param p;
+    p.slice = llama_tensor_slice(t, config, tp, tp_rank);
+    p.local_shape = slice_shape(t, p.slice);
+    p.numel = llama_slice_numel(t, p.slice);
+    if (!continues_fused_group(t)) offset = (offset + 15) / 16 * 16;
+    p.offset = offset;
+    offset += p.numel;
+    p.decay = t.shape.size() == 2;
+    p.tp_replicated = t.rule == ShardRule::Replicated ||
+                      (t.rule == ShardRule::KvHeadRows && heads.kv_replicas > 1);
+    p.tensor = std::move(t);
+    out.push_back(std::move(p));
+  }
+  if (size != nullptr) *size = (offset + 15) / 16 * 16;
+  return out;
+}
+
+ParamStore::ParamStore(const ModelConfig& config, int tp, int tp_rank)
+    : config_(config), tp_(tp), tp_rank_(tp_rank) {
+  params_ = param_layout(config, tp, tp_rank, &size_);
+  values_ = Tensor::zeros(DType::F32, {size_});
+  grads_ = Tensor::zeros(DType::F32, {size_});
+}
+
+const Param& ParamStore::find(const std::string& name) const {
+  for (const Param& p : params_)
+    if (p.tensor.name == name) return p;
+  fail("train", "no parameter named \"", name, "\" in this model (", params_.size(),
+       " parameters)");
+}
+
+void ParamStore::zero_grads() {
+  if (size_ > 0) std::memset(grads(), 0, static_cast<size_t>(size_) * sizeof(float));
+}
+
+void ParamStore::load(const WeightSource& source) {
+  for (const Param& p : params_) {
+    const Tensor t = source.read(p.tensor.name, DType::F32, p.slice);
+    if (t.numel() != p.numel)
+      fail("train", source.describe(), ": tensor \"", p.tensor.name, "\" slice holds ", t.numel(),
+           " values, expected ", p.numel, " (", shape_str(p.local_shape), ")");
+    const Tensor c = t.is_contiguous() ? t : t.contiguous();
+    std::memcpy(value(p), c.data<float>(), static_cast<size_t>(p.numel) * sizeof(float));
+  }
+}
+
+}  // namespace parallm::train

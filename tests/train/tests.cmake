@@ -1,0 +1,16 @@
+# Training under mpirun, one process per rank: the losses of one rank (tests/train/mpi_train_check.sh).
+if(PARALLM_HAVE_MPI)
+  string(JOIN " " flags ${PARALLM_MPIRUN_FLAGS})
+  foreach(case "dp2:2:--dp 2" "tp2dp2_zero:4:--tp 2 --dp 2 --zero 1" "dp3_zero:3:--dp 3 --zero 1"
+               "tp3:3:--tp 3")
+    string(REPLACE ":" ";" parts "${case}")
+    list(GET parts 0 name)
+    list(GET parts 1 np)
+    list(GET parts 2 layout)
+    add_test(NAME train_mpi_${name}
+             COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/train/mpi_train_check.sh $<TARGET_FILE:parallm_bin>
+                     ${PARALLM_MPIRUN} "${flags}" ${np} "${layout}")
+    set_tests_properties(train_mpi_${name} PROPERTIES LABELS "mpi;train" TIMEOUT 300
+                         ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
+  endforeach()
+endif()
