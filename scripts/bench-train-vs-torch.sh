@@ -7,8 +7,8 @@
 #      goal: parallm >= 1.2x PyTorch's tokens/s.
 #   2. data parallelism: DP=2 as two MPI processes of one thread each vs one process of 2 threads;
 #      goal: >= 0.9x.
-# The model (config below): hidden 512, 8 layers, 8 heads of 64 (8 KV heads), FFN 1376, vocab 8000,
-# untied head: 33.5M parameters. Batch: GLOBAL sequences of SEQ tokens per step, in micro-batches
+# The model (config below): hidden 512, 8 layers, 8 heads of 64 (8 KV heads), FFN 1376, vocab 8192,
+# untied head: 33.7M parameters (parallm bench train's default shape, bench-30m). Batch: GLOBAL sequences of SEQ tokens per step, in micro-batches
 # of MICRO (gradient accumulation).
 #
 # Usage: scripts/bench-train-vs-torch.sh   (env: THREADS=2 SEQ=128 MICRO=2 GLOBAL=4 STEPS=3
@@ -28,16 +28,18 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cat > "$work/config.json" <<'EOF'
 {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
- "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 8000,
+ "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 8192,
  "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
  "tie_word_embeddings": false, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
  "hidden_act": "silu"}
 EOF
 $B init-model --shape "$work/config.json" --dtype f32 --seed 1 --out "$work/model"
 # Uniform random ids: enough for every step without wrapping.
-$PY -c "import numpy as np; np.random.default_rng(0).integers(0, 8000, size=$(( (WARMUP + STEPS) * GLOBAL * SEQ + 1 ))).astype('<u2').tofile('$work/data.bin')"
+$PY -c "import numpy as np; np.random.default_rng(0).integers(0, 8192, size=$(( (WARMUP + STEPS) * GLOBAL * SEQ + 1 ))).astype('<u2').tofile('$work/data.bin')"
 
-common="--model $work/model --data $work/data.bin --seq-len $SEQ --micro-batch-size $MICRO --global-batch-size $GLOBAL --steps $STEPS"
+# Both sides: the same weights, batch layout and steps; parallm's bench draws its own uniform
+# random ids (it takes no --data), PyTorch reads the same distribution from a file.
+common="--model $work/model --seq-len $SEQ --micro-batch-size $MICRO --global-batch-size $GLOBAL --steps $STEPS"
 # The last number printed beside "tokens/s" (the run's summary, after any per-step lines).
 tps() { grep -oE '[0-9]+(\.[0-9]+)? tokens/s|tokens/s[:= ]+[0-9]+(\.[0-9]+)?' | tail -1 | grep -oE '[0-9]+(\.[0-9]+)?' || echo 0; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f", a / b; else print "n/a" }'; }
@@ -63,7 +65,7 @@ for r in $(seq 1 "$RUNS"); do
   if [ $have_bench = 1 ]; then
     p=$(run_parallm $B bench train $common --warmup "$WARMUP" --threads "$THREADS")
   fi
-  t=$($PY tests/reference/bench_train_torch.py $common --warmup "$WARMUP" --threads "$THREADS" | tps)
+  t=$($PY tests/reference/bench_train_torch.py $common --data "$work/data.bin" --warmup "$WARMUP" --threads "$THREADS" | tps)
   P+=("$p") T+=("$t")
   printf '%-5s %14s %14s %8s\n' "$r" "$p" "$t" "$(ratio "$p" "$t")"
 done
