@@ -8,8 +8,8 @@
 #   2. data parallelism: DP=2 as two MPI processes of one thread each vs one process of 2 threads;
 #      goal: >= 0.9x.
 # The model (config below): hidden 512, 8 layers, 8 heads of 64 (8 KV heads), FFN 1376, vocab 8192,
-# untied head: 33.7M parameters (parallm bench train's default shape, bench-30m). Batch: GLOBAL sequences of SEQ tokens per step, in micro-batches
-# of MICRO (gradient accumulation).
+# untied head: 33.7M parameters (parallm bench train's default shape, bench-30m). Batch: GLOBAL
+# sequences of SEQ tokens per step, in micro-batches of MICRO (gradient accumulation).
 #
 # Usage: scripts/bench-train-vs-torch.sh   (env: THREADS=2 SEQ=128 MICRO=2 GLOBAL=4 STEPS=3
 #        WARMUP=1 RUNS=3 PARALLM=./build/parallm; build with --target parallm_bin first)
