@@ -20,7 +20,8 @@ Modes:
          (0-based): lr*(k+1)/warmup for k < warmup, then constant, or
          min_lr + 0.5*(lr - min_lr)*(1 + cos(pi*(k - warmup)/(steps - warmup))). Writes "loss",
          "lr", "grad_norm" [N] (the loss of each step before its update, the norm before clipping)
-         and "param/<name>" (the parameters after the last step).
+         and "param/<name>" (the parameters after the last step), and also what grads writes for
+         step 0 ("grad/<name>", before clipping; "loss"[0] is its loss), so one run serves both.
 
 The output is a .safetensors file of F64 tensors (written here with the standard library).
 
@@ -159,6 +160,9 @@ def main():
             inputs, targets = batch(tokens, S, G, k)
             loss = mean_loss(cfg, params, inputs, targets)
             loss.backward()
+            if k == 0:
+                for n, p in params.items():
+                    out["grad/" + n] = p.grad.detach().numpy().copy()
             everything = list(params.values())
             if a.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(everything, a.grad_clip)

@@ -8,7 +8,8 @@
 //     within 1e-5 relative, the final parameters within 1e-5 relative Frobenius.
 // Models: tied embeddings with Meta's interleaved RoPE, and untied with Hugging Face's rotate_half,
 // so both heads' gradients and both RoPE conventions are covered. The data wraps around within the
-// 10 steps (the cyclic order) and each step accumulates two micro-batches.
+// 10 steps (the cyclic order) and each step accumulates two micro-batches. One reference run per
+// model (its train mode also writes step 0's gradients) serves all three checks.
 //
 // The tests skip (saying why) only when /usr/bin/python3 has no torch.
 #include <gtest/gtest.h>
@@ -207,25 +208,20 @@ Loaded load(const Setup& s) {
   return l;
 }
 
-void check_gradients(bool tied) {
-  SKIP_WITHOUT_TORCH();
-  TempDir tmp;
-  Setup s = make_setup(tmp, tied);
-  auto ref = run_reference("grads", s, tmp);
+// Step 0's loss and gradients (train_ref.py's train mode writes them before its first update).
+void check_gradients(const Setup& s, const std::map<std::string, std::vector<double>>& ref) {
+  SCOPED_TRACE("gradients of step 0");
   ASSERT_TRUE(ref.count("loss"));
   Loaded l = load(s);
   train::TrainModel model(l.config, l.params, comm::Group());
   const double loss = step_gradients(model, l.data, batch_order(), 0);
-  const double ref_loss = ref["loss"][0];
+  const double ref_loss = ref.at("loss")[0];
   std::printf("loss %.10f, PyTorch %.10f (relative %.3g)\n", loss, ref_loss,
               std::abs(loss - ref_loss) / ref_loss);
   EXPECT_LE(std::abs(loss - ref_loss), 1e-6 * std::abs(ref_loss));
   expect_tensors_match(train::gather_full_tensors(l.params, comm::Group(), /*grads=*/true), ref,
                        "grad/", 1e-5);
 }
-
-TEST(TrainReference, GradientsMatchPyTorchUntied) { check_gradients(false); }
-TEST(TrainReference, GradientsMatchPyTorchTiedInterleavedRope) { check_gradients(true); }
 
 // The optimizer settings both runs use (beta2 and eps given, not left to either side's default).
 train::AdamWConfig adamw() {
@@ -263,11 +259,9 @@ void expect_steps_match(const std::vector<double>& loss, const std::vector<doubl
 }
 
 // The 10 steps in process: TrainModel, the global norm, clip_factor, learning_rate, adamw_update.
-void check_adamw_in_process(bool tied) {
-  SKIP_WITHOUT_TORCH();
-  TempDir tmp;
-  Setup s = make_setup(tmp, tied);
-  auto ref = run_reference("train", s, tmp, kRefTrainFlags);
+void check_adamw_in_process(const Setup& s,
+                            const std::map<std::string, std::vector<double>>& ref) {
+  SCOPED_TRACE("10 AdamW steps in process");
   Loaded l = load(s);
   train::TrainModel model(l.config, l.params, comm::Group());
   const train::AdamWConfig c = adamw();
@@ -290,15 +284,10 @@ void check_adamw_in_process(bool tied) {
   expect_tensors_match(train::gather_full_tensors(l.params, comm::Group()), ref, "param/", 1e-5);
 }
 
-TEST(TrainReference, AdamWStepsMatchPyTorchUntied) { check_adamw_in_process(false); }
-TEST(TrainReference, AdamWStepsMatchPyTorchTiedInterleavedRope) { check_adamw_in_process(true); }
-
 // The same through `parallm train`: its --log-json lines and its --save checkpoint.
-void check_cli_training(bool tied) {
-  SKIP_WITHOUT_TORCH();
-  TempDir tmp;
-  Setup s = make_setup(tmp, tied);
-  auto ref = run_reference("train", s, tmp, kRefTrainFlags);
+void check_cli_training(const Setup& s, const std::map<std::string, std::vector<double>>& ref,
+                        const TempDir& tmp) {
+  SCOPED_TRACE("10 AdamW steps through parallm train");
   const std::string log = tmp.file("log.jsonl"), saved = tmp.file("saved");
   auto r = run_parallm("train --model " + s.model + " --data " + s.data + " --seq-len " +
                        std::to_string(kSeqLen) + " --micro-batch-size " + std::to_string(kMicro) +
@@ -324,8 +313,20 @@ void check_cli_training(bool tied) {
   expect_tensors_match(ours, ref, "param/", 1e-5);
 }
 
-TEST(TrainReference, CliTrainMatchesPyTorchUntied) { check_cli_training(false); }
-TEST(TrainReference, CliTrainMatchesPyTorchTiedInterleavedRope) { check_cli_training(true); }
+// One reference run per model serves the three checks (PyTorch's start-up is most of the time).
+void check_against_pytorch(bool tied) {
+  SKIP_WITHOUT_TORCH();
+  TempDir tmp;
+  Setup s = make_setup(tmp, tied);
+  const auto ref = run_reference("train", s, tmp, kRefTrainFlags);
+  ASSERT_FALSE(ref.empty());
+  check_gradients(s, ref);
+  check_adamw_in_process(s, ref);
+  check_cli_training(s, ref, tmp);
+}
+
+TEST(TrainReference, UntiedRotateHalfMatchesPyTorch) { check_against_pytorch(false); }
+TEST(TrainReference, TiedInterleavedRopeMatchesPyTorch) { check_against_pytorch(true); }
 
 }  // namespace
 }  // namespace parallm
