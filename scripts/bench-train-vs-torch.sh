@@ -12,8 +12,8 @@
 # sequences of SEQ tokens per step, in micro-batches of MICRO (gradient accumulation).
 #
 # Usage: scripts/bench-train-vs-torch.sh   (env: THREADS=2 SEQ=128 MICRO=2 GLOBAL=4 STEPS=3
-#        WARMUP=1 RUNS=3 PARALLM=./build/parallm OMP_WAIT_POLICY=PASSIVE; build with
-#        --target parallm_bin first)
+#        WARMUP=1 RUNS=3 PARALLM=./build/parallm OMP_WAIT_POLICY=PASSIVE DP_COMPARE=1 (0: the
+#        one-rank comparison only); build with --target parallm_bin first)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${PARALLM:-./build/parallm}
@@ -77,6 +77,7 @@ done
 pm=$(median "${P[@]}") tm=$(median "${T[@]}")
 printf '%-5s %14s %14s %8s   (ratio of the medians; goal: >= 1.2)\n' median "$pm" "$tm" "$(ratio "$pm" "$tm")"
 
+[ "${DP_COMPARE:-1}" = 0 ] && exit 0
 echo "== data parallelism: DP=2 as 2 MPI processes x 1 thread vs 1 process x 2 threads"
 if [ $have_bench = 0 ]; then
   echo "skipped: needs 'parallm bench train'"

@@ -41,7 +41,8 @@ class Llama(torch.nn.Module):
         super().__init__()
         self.cfg = cfg
         self.p = torch.nn.ParameterDict(
-            {n.replace(".", "/"): torch.nn.Parameter(t.to(torch.float32)) for n, t in tensors.items()})
+            {n.replace(".", "/"): torch.nn.Parameter(t.to(torch.float32))
+             for n, t in tensors.items()})
         self.tied = cfg.get("tie_word_embeddings", False)
         self.interleaved = cfg.get("rope_interleaved", False)
 
@@ -55,7 +56,8 @@ class Llama(torch.nn.Module):
         eps = cfg.get("rms_norm_eps", 1e-6)
         cos, sin = torch.cos(ang), torch.sin(ang)  # [T, hd/2]
         if not self.interleaved:
-            cos, sin = torch.cat((cos, cos), -1)[None, :, None, :], torch.cat((sin, sin), -1)[None, :, None, :]
+            cos = torch.cat((cos, cos), -1)[None, :, None, :]
+            sin = torch.cat((sin, sin), -1)[None, :, None, :]
 
         def rope(x):  # [B, T, heads, hd]
             if self.interleaved:
@@ -126,7 +128,8 @@ def main():
 
     S, M, G = a.seq_len, a.micro_batch_size, a.global_batch_size
     if G % M:
-        sys.exit(f"bench_train_torch.py: --global-batch-size {G} is not a multiple of --micro-batch-size {M}")
+        sys.exit(f"bench_train_torch.py: --global-batch-size {G} is not a multiple of "
+                 f"--micro-batch-size {M}")
     tokens = torch.from_numpy(np.fromfile(a.data, dtype="<u2").astype(np.int64))
     count = (tokens.numel() - 1) // S
     if count < 1:
@@ -155,7 +158,8 @@ def main():
         ts = time.perf_counter()
         loss, norm = step(k)
         dt = time.perf_counter() - ts
-        print(f"step {k}: loss {loss:.4f} grad_norm {norm:.3f} {G * S / dt:.0f} tokens/s", flush=True)
+        print(f"step {k}: loss {loss:.4f} grad_norm {norm:.3f} {G * S / dt:.0f} tokens/s",
+              flush=True)
     tps = a.steps * G * S / (time.perf_counter() - t0)
     print(f"torch tokens/s: {tps:.1f} (threads {a.threads}, batch {G} x {S}, micro-batch {M}, "
           f"{nparams} parameters)")

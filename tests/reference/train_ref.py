@@ -90,14 +90,16 @@ def learning_rate(a, k):
     if a.lr_schedule == "constant":
         return a.lr
     span = a.steps - a.warmup_steps
-    return a.min_lr + 0.5 * (a.lr - a.min_lr) * (1 + math.cos(math.pi * (k - a.warmup_steps) / span))
+    progress = (k - a.warmup_steps) / span
+    return a.min_lr + 0.5 * (a.lr - a.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def write_f64_safetensors(path, tensors):
     header, blobs, offset = {}, [], 0
     for name, t in tensors.items():
         raw = np.ascontiguousarray(np.asarray(t, dtype="<f8")).tobytes()
-        header[name] = {"dtype": "F64", "shape": list(np.shape(t)), "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {"dtype": "F64", "shape": list(np.shape(t)),
+                        "data_offsets": [offset, offset + len(raw)]}
         blobs.append(raw)
         offset += len(raw)
     h = json.dumps(header).encode()

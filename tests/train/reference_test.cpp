@@ -49,13 +49,13 @@ std::string torch_missing() {
   return r.exit_code == 0 ? "" : "/usr/bin/python3 cannot import torch and numpy: " + r.output;
 }
 
-#define SKIP_WITHOUT_TORCH()                                       \
-  do {                                                             \
-    const std::string why = torch_missing();                       \
-    if (!why.empty()) {                                            \
+#define SKIP_WITHOUT_TORCH()                                            \
+  do {                                                                  \
+    const std::string why = torch_missing();                            \
+    if (!why.empty()) {                                                 \
       std::printf("SKIPPED (no PyTorch reference): %s\n", why.c_str()); \
-      GTEST_SKIP() << why;                                         \
-    }                                                              \
+      GTEST_SKIP() << why;                                              \
+    }                                                                   \
   } while (0)
 
 ModelConfig tiny_config(bool tied) {
@@ -126,11 +126,10 @@ std::map<std::string, std::vector<double>> run_reference(const std::string& mode
                                                          const TempDir& tmp,
                                                          const std::string& extra = "") {
   const std::string out = tmp.file("ref_" + mode + ".safetensors");
-  auto r = run_command("/usr/bin/python3 " PARALLM_SOURCE_DIR
-                       "/tests/reference/train_ref.py --mode " + mode + " --model " + s.model +
-                       " --data " + s.data + " --seq-len " + std::to_string(kSeqLen) +
-                       " --global-batch-size " + std::to_string(kGlobal) + " --out " + out + " " +
-                       extra);
+  auto r = run_command(
+      "/usr/bin/python3 " PARALLM_SOURCE_DIR "/tests/reference/train_ref.py --mode " + mode +
+      " --model " + s.model + " --data " + s.data + " --seq-len " + std::to_string(kSeqLen) +
+      " --global-batch-size " + std::to_string(kGlobal) + " --out " + out + " " + extra);
   EXPECT_EQ(r.exit_code, 0) << "train_ref.py failed: " << r.output;
   return read_f64_safetensors(out);
 }
@@ -148,7 +147,7 @@ double rel_frobenius(const float* a, const std::vector<double>& b) {
 // same set of parameters.
 void expect_tensors_match(const std::vector<std::pair<std::string, Tensor>>& ours,
                           const std::map<std::string, std::vector<double>>& ref,
-                          const std::string& prefix, double tol) {
+                          const std::string& prefix, double tol, const char* what) {
   size_t ref_count = 0;
   for (auto& [name, v] : ref) ref_count += name.rfind(prefix, 0) == 0;
   EXPECT_EQ(ours.size(), ref_count) << "parameter count differs from the reference";
@@ -166,8 +165,8 @@ void expect_tensors_match(const std::vector<std::pair<std::string, Tensor>>& our
     EXPECT_LE(e, tol) << prefix << name;
     if (e > worst) worst = e, worst_name = name;
   }
-  std::printf("[%s] worst relative Frobenius error vs PyTorch (float64): %.3g (%s)\n",
-              prefix.c_str(), worst, worst_name.c_str());
+  std::printf("[%s] worst relative Frobenius error vs PyTorch (float64): %.3g (%s)\n", what, worst,
+              worst_name.c_str());
 }
 
 train::BatchOrder batch_order() {
@@ -220,7 +219,7 @@ void check_gradients(const Setup& s, const std::map<std::string, std::vector<dou
               std::abs(loss - ref_loss) / ref_loss);
   EXPECT_LE(std::abs(loss - ref_loss), 1e-6 * std::abs(ref_loss));
   expect_tensors_match(train::gather_full_tensors(l.params, comm::Group(), /*grads=*/true), ref,
-                       "grad/", 1e-5);
+                       "grad/", 1e-5, "gradients");
 }
 
 // The optimizer settings both runs use (beta2 and eps given, not left to either side's default).
@@ -259,8 +258,7 @@ void expect_steps_match(const std::vector<double>& loss, const std::vector<doubl
 }
 
 // The 10 steps in process: TrainModel, the global norm, clip_factor, learning_rate, adamw_update.
-void check_adamw_in_process(const Setup& s,
-                            const std::map<std::string, std::vector<double>>& ref) {
+void check_adamw_in_process(const Setup& s, const std::map<std::string, std::vector<double>>& ref) {
   SCOPED_TRACE("10 AdamW steps in process");
   Loaded l = load(s);
   train::TrainModel model(l.config, l.params, comm::Group());
@@ -281,7 +279,8 @@ void check_adamw_in_process(const Setup& s,
     model.refresh_compute_weights();
   }
   expect_steps_match(losses, lrs, norms, ref);
-  expect_tensors_match(train::gather_full_tensors(l.params, comm::Group()), ref, "param/", 1e-5);
+  expect_tensors_match(train::gather_full_tensors(l.params, comm::Group()), ref, "param/", 1e-5,
+                       "parameters after 10 steps in process");
 }
 
 // The same through `parallm train`: its --log-json lines and its --save checkpoint.
@@ -309,8 +308,9 @@ void check_cli_training(const Setup& s, const std::map<std::string, std::vector<
   ModelConfig config;
   auto source = open_model(saved, &config);
   std::vector<std::pair<std::string, Tensor>> ours;
-  for (const auto& t : llama_tensors(config)) ours.emplace_back(t.name, source->read(t.name, DType::F32));
-  expect_tensors_match(ours, ref, "param/", 1e-5);
+  for (const auto& t : llama_tensors(config))
+    ours.emplace_back(t.name, source->read(t.name, DType::F32));
+  expect_tensors_match(ours, ref, "param/", 1e-5, "parameters saved by parallm train");
 }
 
 // One reference run per model serves the three checks (PyTorch's start-up is most of the time).
@@ -325,8 +325,12 @@ void check_against_pytorch(bool tied) {
   check_cli_training(s, ref, tmp);
 }
 
-TEST(TrainReference, UntiedRotateHalfMatchesPyTorch) { check_against_pytorch(false); }
-TEST(TrainReference, TiedInterleavedRopeMatchesPyTorch) { check_against_pytorch(true); }
+TEST(TrainReference, UntiedRotateHalfMatchesPyTorch) {
+  check_against_pytorch(false);
+}
+TEST(TrainReference, TiedInterleavedRopeMatchesPyTorch) {
+  check_against_pytorch(true);
+}
 
 }  // namespace
 }  // namespace parallm
