@@ -9,6 +9,7 @@
 #include <numeric>
 #include <set>
 
+#include "parallm/core/thread_pool.h"
 #include "parallm/model/tokenizer.h"
 #include "test_util.h"
 
@@ -105,8 +106,8 @@ TEST(TokenFile, EveryErrorIsOneLineNamingTheCause) {
                 std::string::npos,
             true);
   EXPECT_TRUE(has(error_of([&] { d.sequences(0); }), "--seq-len 0"));
-  EXPECT_TRUE(has(error_of([] { parse_token_file_type("u8", "--data-dtype"); }),
-                  "--data-dtype \"u8\""));
+  EXPECT_TRUE(
+      has(error_of([] { parse_token_file_type("u8", "--data-dtype"); }), "--data-dtype \"u8\""));
 }
 
 TEST(BatchOrder, CheckNamesTheFlagsAndValues) {
@@ -233,8 +234,8 @@ TEST(Shuffle, APermutationPerPassAsDocumented) {
 }
 
 TEST(Shuffle, BatchOrderUsesPassOfThePosition) {
-  BatchOrder o{.seq_len = 2, .global_batch = 4, .micro_batch = 1, .dp = 2, .shuffle = true,
-               .seed = 9};
+  BatchOrder o{
+      .seq_len = 2, .global_batch = 4, .micro_batch = 1, .dp = 2, .shuffle = true, .seed = 9};
   const int64_t count = 10;
   // Every pass over the data visits each sequence once.
   std::vector<int64_t> stream;
@@ -288,6 +289,32 @@ TEST(TextData, TokenizedWithBosAndCheckedAgainstTheVocabulary) {
   EXPECT_TRUE(has(e, "t.txt: token id ") && has(e, "at index 1 ")) << e;
   EXPECT_TRUE(has(error_of([&] { TokenData::from_text(tmp / "no.txt", *tok, 512); }),
                   "no.txt: no such file"));
+  // from_file: *.bin is a token file, anything else text.
+  write_token_file(tmp / "t.bin", d.ids(), TokenFileType::U16);
+  EXPECT_EQ(TokenData::from_file(tmp / "t.bin", TokenFileType::U16, nullptr, 80).ids(), d.ids());
+  EXPECT_EQ(TokenData::from_file(tmp / "t.txt", TokenFileType::U16, tok.get(), 80).ids(), d.ids());
+  EXPECT_TRUE(
+      has(error_of([&] { TokenData::from_file(tmp / "t.txt", TokenFileType::U16, nullptr, 80); }),
+          "t.txt: a text file (not *.bin) needs the model's tokenizer"));
+}
+
+TEST(TextData, LineByLineOnAnyThreadCountEqualsOneEncodeForSentencePiece) {
+  TempDir tmp;
+  auto tok = load_tokenizer_file(small_tokenizer(tmp));
+  // About 300 KB: several blocks for the threads; the last line without its newline.
+  std::string text;
+  for (int r = 0; r < 2000; ++r) text += "The birds came to listen, and the fish swam near.\n";
+  for (int r = 0; r < 2000; ++r) text += "She lived in a house by the sea.\n\n";
+  text += "Once upon a time";
+  {
+    std::ofstream f(tmp / "long.txt");
+    f << text;
+  }
+  const auto one = TokenData::from_text(tmp / "long.txt", *tok, tok->vocab_size());
+  EXPECT_EQ(one.ids(), tok->encode(text, true));
+  ThreadPool pool(3);
+  ScopedPool scoped(pool);
+  EXPECT_EQ(TokenData::from_text(tmp / "long.txt", *tok, tok->vocab_size()).ids(), one.ids());
 }
 
 }  // namespace

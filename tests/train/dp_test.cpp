@@ -20,7 +20,7 @@ namespace parallm::train {
 namespace {
 
 // A layout of `sizes` floats per parameter, each starting at a multiple of 16 floats (as
-// ParamStore lays them out); every other one decays, every third is TP-replicated.
+// ParamStore lays them out); every other one decays, every third is TP-replicated (on 2 ranks).
 std::vector<Param> make_layout(const std::vector<int64_t>& sizes, int64_t* total) {
   std::vector<Param> out;
   int64_t off = 0;
@@ -33,6 +33,7 @@ std::vector<Param> make_layout(const std::vector<int64_t>& sizes, int64_t* total
     p.numel = sizes[i];
     p.decay = i % 2 == 0;
     p.tp_replicated = i % 3 == 1;
+    p.tp_replicas = i % 3 == 1 ? 2 : 1;
     out.push_back(p);
     off += (sizes[i] + 15) / 16 * 16;
   }
@@ -70,6 +71,7 @@ void check_all_reduce(int dp_size, bool overlap, int64_t bucket_bytes) {
   comm::launch(dp_size, {.backend = "local", .timeout_s = 30}, [&](comm::Group world) {
     std::vector<float> values(size, 0.0f), grads(size, 0.0f);
     DataParallel dp(layout, size, values.data(), grads.data(), world, {bucket_bytes, false, overlap});
+    int early = 0;
     for (int step = 0; step < 3; ++step) {
       std::fill(grads.begin(), grads.end(), 0.0f);
       dp.begin_sync();
@@ -79,9 +81,16 @@ void check_all_reduce(int dp_size, bool overlap, int64_t bucket_bytes) {
         for (int64_t i = 0; i < p.numel; ++i)
           grads[p.offset + i] = grad_value(world.rank(), p.offset + i, step);
         if (!(world.rank() == 1 && k == 4)) dp.grad_ready(p);
-        if (k % 3 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        if (k % 3 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
       }
       dp.finish_sync();
+      // Overlapped: buckets went out while the "backward" still ran (it sleeps between
+      // parameters); otherwise none did.
+      early += dp.early_buckets();
+      if (!overlap) {
+        EXPECT_EQ(dp.early_buckets(), 0);
+      }
+      EXPECT_LE(dp.early_buckets(), static_cast<int>(dp.buckets().size()));
       for (const Param& p : layout)
         for (int64_t i = 0; i < p.numel; ++i) {
           float want = 0;
@@ -89,6 +98,9 @@ void check_all_reduce(int dp_size, bool overlap, int64_t bucket_bytes) {
           ASSERT_NEAR(grads[p.offset + i], want, 1e-6f) << p.tensor.name << "[" << i << "]";
         }
       EXPECT_DOUBLE_EQ(dp.sum_over_dp(world.rank() + 0.5), dp_size * dp_size / 2.0);
+    }
+    if (overlap) {
+      EXPECT_GT(early, 0);
     }
   });
 }

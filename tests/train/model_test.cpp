@@ -6,7 +6,9 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <map>
 #include <mutex>
 #include <random>
@@ -56,6 +58,7 @@ struct RunResult {
   std::vector<double> losses;
   Full values, grads;
   int hook_calls = 0;
+  double grad_sq = 0;  // sum of squares of every gradient, each value counted once over TP
 };
 
 RunResult run_tp(const ModelConfig& c, int tp, const std::vector<Batch>& batches, uint64_t seed) {
@@ -70,6 +73,19 @@ RunResult run_tp(const ModelConfig& c, int tp, const std::vector<Batch>& batches
     std::vector<double> losses;
     for (const Batch& b : batches)
       losses.push_back(model.forward_backward(b.inputs.data(), b.targets.data(), b.B, b.S, 0.5f));
+    // The global gradient norm's sum, with Param::counts_once (replicated K/V included).
+    double sq = 0;
+    for (const Param& p : params.params())
+      if (p.counts_once(world.rank()))
+        for (int64_t i = 0; i < p.numel; ++i) sq += double(params.grad(p)[i]) * params.grad(p)[i];
+    std::vector<double> sqs(static_cast<size_t>(tp));
+    world.all_gather(&sq, sqs.data(), 1, DType::I64);
+    // Every rank returns the same loss, bitwise.
+    for (double l : losses) {
+      std::vector<double> all(static_cast<size_t>(tp));
+      world.all_gather(&l, all.data(), 1, DType::I64);
+      for (double x : all) EXPECT_EQ(x, l) << "TP " << tp;
+    }
     Full values = gather_full_tensors(params, world, false);
     Full grads = gather_full_tensors(params, world, true);
     std::lock_guard<std::mutex> lock(mu);
@@ -78,10 +94,9 @@ RunResult run_tp(const ModelConfig& c, int tp, const std::vector<Batch>& batches
       out.values = std::move(values);
       out.grads = std::move(grads);
       out.hook_calls = hooks;
+      for (double x : sqs) out.grad_sq += x;
     } else {
       EXPECT_TRUE(values.empty());
-      // Every rank computes the same loss.
-      for (size_t i = 0; i < losses.size(); ++i) EXPECT_EQ(losses[i], losses[i]);
     }
   });
   return out;
@@ -211,6 +226,7 @@ void tp_check(const ModelConfig& c, const std::vector<int>& sizes) {
     // init_params is layout-independent: the gathered values are bitwise TP 1's.
     expect_same_tensors(r.values, ref.values, 0.0, what + " values");
     expect_same_tensors(r.grads, ref.grads, 1e-5, what + " grads");
+    EXPECT_NEAR(r.grad_sq, ref.grad_sq, 1e-5 * ref.grad_sq) << what;
   }
 }
 
@@ -292,6 +308,36 @@ TEST(TrainModel, Bf16ComputeIsCloseToF32) {
   const double z = bf16.loss(b.inputs.data(), b.targets.data(), b.B, b.S);
   EXPECT_NEAR(z, a, 1e-2 * a);
   EXPECT_NE(z, a);  // the bf16 weights are really used
+}
+
+}  // namespace
+}  // namespace parallm::train
+
+namespace parallm::train {
+namespace {
+
+// Not a test: a rough timing of one rank's forward + backward on a model of ~20M parameters
+// (run with --gtest_also_run_disabled_tests --gtest_filter='*Timing*').
+TEST(TrainModel, DISABLED_Timing) {
+  ModelConfig c = testing::tiny_train_config();
+  c.hidden_size = 512, c.num_attention_heads = 8, c.num_key_value_heads = 8, c.head_dim = 64;
+  c.intermediate_size = 1376, c.num_hidden_layers = 6, c.vocab_size = 8000;
+  c.max_position_embeddings = 256;
+  ParamStore ps(c, 1, 0);
+  init_params(ps, c, 1);
+  TrainModel m(c, ps, comm::Group());
+  const Batch b = make_batch(c, 4, 256, 3);
+  m.forward_backward(b.inputs.data(), b.targets.data(), b.B, b.S, 1.0f);
+  const auto t0 = std::chrono::steady_clock::now();
+  const int reps = 3;
+  for (int i = 0; i < reps; ++i)
+    m.forward_backward(b.inputs.data(), b.targets.data(), b.B, b.S, 1.0f);
+  const double s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
+  const double tokens = static_cast<double>(b.B * b.S);
+  std::printf("params %lld, %.3f s per step, %.0f tokens/s, %.1f GFLOP/s (6 N T)\n",
+              static_cast<long long>(c.param_count()), s, tokens / s,
+              6.0 * c.param_count() * tokens / s / 1e9);
 }
 
 }  // namespace

@@ -18,6 +18,7 @@
 #include "parallm/comm/launch.h"
 #include "parallm/core/thread_pool.h"
 #include "parallm/kernels/attention.h"
+#include "parallm/kernels/cpu.h"
 #include "parallm/kernels/ops.h"
 #include "parallm/parallel/lm_head.h"
 #include "parallm/parallel/shard.h"
@@ -26,6 +27,27 @@ namespace parallm::train {
 namespace {
 
 using kernels::RopeStyle;
+using kernels::SimdLevel;
+
+// Sets the SIMD level for a scope (the exps of softmax, cross-entropy and SwiGLU have AVX2 and
+// scalar paths) and restores the previous one.
+class ScopedSimd {
+ public:
+  explicit ScopedSimd(SimdLevel l) : previous_(kernels::simd_level()) {
+    kernels::set_simd_level(l);
+  }
+  ~ScopedSimd() { kernels::set_simd_level(previous_); }
+
+ private:
+  SimdLevel previous_;
+};
+
+// Scalar, and the CPU's own level when it has more.
+std::vector<SimdLevel> levels() {
+  std::vector<SimdLevel> out = {SimdLevel::Scalar};
+  if (kernels::cpu_simd_level() != SimdLevel::Scalar) out.push_back(kernels::cpu_simd_level());
+  return out;
+}
 
 std::vector<float> randn(int64_t n, uint32_t seed, float scale = 1.0f) {
   std::mt19937 gen(seed);
@@ -105,13 +127,19 @@ void linear_case(int64_t T, int64_t out, int64_t in, const std::string& tag) {
   expect_close(dw, dw_ref, 1e-5, tol, tag + " dw");
 }
 
-TEST(TrainOps, LinearMatchesLoops) { linear_case(7, 6, 13, "small"); }
+TEST(TrainOps, LinearMatchesLoops) {
+  linear_case(7, 6, 13, "small");
+}
 
 TEST(TrainOps, LinearMatchesLoopsSplitOverThePool) {
-  ThreadPool pool(3);
-  ScopedPool scope(pool);
-  linear_case(70, 90, 53, "wide out");  // split along the longer side of each product
-  linear_case(130, 17, 61, "tall T");
+  for (int threads : {3, 4}) {  // 3: a 1-D split; 4: a 2 x 2 grid where both sides are long
+    ThreadPool pool(threads);
+    ScopedPool scope(pool);
+    const std::string tag = std::to_string(threads) + " threads ";
+    linear_case(70, 90, 53, tag + "wide out");
+    linear_case(130, 17, 61, tag + "tall T");
+    linear_case(5, 300, 211, tag + "few tokens");
+  }
 }
 
 // ---- embedding
@@ -279,9 +307,8 @@ void attention_case(const AttnSizes& z, bool fd, const std::string& tag) {
   const kernels::AttentionShape shape{z.Hq, z.Hkv, z.hd, ldk};
   const float scale = 1.0f / std::sqrt(static_cast<float>(z.hd));
   for (int64_t b = 0; b < z.B; ++b)
-    kernels::attention(q.data() + b * z.S * ldq, k.data() + b * z.S * ldk,
-                       v.data() + b * z.S * ldk, out_kernel.data() + b * z.S * ldq, z.S, 0, shape,
-                       scale);
+    kernels::attention(q.data() + b * z.S * ldq, k.data() + b * z.S * ldk, v.data() + b * z.S * ldk,
+                       out_kernel.data() + b * z.S * ldq, z.S, 0, shape, scale);
   expect_close(out, out_kernel, 1e-5, 1e-6, tag + " out vs kernels::attention");
   for (int64_t bh = 0; bh < z.B * z.Hq; ++bh)
     for (int64_t i = 0; i < z.S; ++i) {
@@ -299,8 +326,8 @@ void attention_case(const AttnSizes& z, bool fd, const std::string& tag) {
     }
   std::vector<float> dq(T * ldq, 7.0f), dk(T * ldk, 7.0f), dv(T * ldk, 7.0f);
   std::vector<float> dq_ref(T * ldq), dk_ref(T * ldk), dv_ref(T * ldk);
-  attention_backward(q.data(), k.data(), v.data(), probs.data(), dout.data(), z.B, z.S, z.Hq,
-                     z.Hkv, z.hd, dq.data(), dk.data(), dv.data());
+  attention_backward(q.data(), k.data(), v.data(), probs.data(), dout.data(), z.B, z.S, z.Hq, z.Hkv,
+                     z.hd, dq.data(), dk.data(), dv.data());
   attention_backward_ref(q.data(), k.data(), v.data(), dout.data(), z.B, z.S, z.Hq, z.Hkv, z.hd,
                          dq_ref.data(), dk_ref.data(), dv_ref.data());
   expect_close(dq, dq_ref, 1e-5, 2e-6 * max_abs(dq_ref), tag + " dq");
@@ -313,8 +340,8 @@ void attention_case(const AttnSizes& z, bool fd, const std::string& tag) {
     for (size_t i : {size_t{1}, x.size() / 2 + 1, x.size() - 2}) {
       const double num = central_diff(
           [&](const std::vector<double>& xp) {
-            return attention_loss(which == 0 ? xp : qd, which == 1 ? xp : kd,
-                                  which == 2 ? xp : vd, dout, z);
+            return attention_loss(which == 0 ? xp : qd, which == 1 ? xp : kd, which == 2 ? xp : vd,
+                                  dout, z);
           },
           x, i);
       EXPECT_NEAR(grad[i], num, 1e-4 * (1 + std::fabs(num))) << tag << " " << name << " fd " << i;
@@ -326,19 +353,25 @@ void attention_case(const AttnSizes& z, bool fd, const std::string& tag) {
 }
 
 TEST(TrainOps, AttentionForwardAndBackward) {
-  attention_case({2, 5, 6, 2, 4}, true, "small");
-  attention_case({1, 3, 2, 2, 4}, false, "mha");
-  ThreadPool pool(3);
-  ScopedPool scope(pool);
-  // S beyond one block of query rows (64), under the pool.
-  attention_case({2, 70, 4, 2, 8}, false, "pool");
+  for (SimdLevel l : levels()) {
+    ScopedSimd simd(l);
+    const std::string tag = kernels::simd_name(l) + " ";
+    attention_case({2, 5, 6, 2, 4}, l == SimdLevel::Scalar, tag + "small");
+    attention_case({1, 3, 2, 2, 4}, false, tag + "mha");
+    ThreadPool pool(3);
+    ScopedPool scope(pool);
+    // S beyond one block of query rows (64), under the pool: a task per (sequence, KV head) ...
+    attention_case({2, 70, 4, 2, 8}, false, tag + "pool");
+    // ... and, with fewer of those than threads, a task per query head and a sum over groups.
+    attention_case({1, 70, 6, 2, 8}, false, tag + "pool, per query head");
+  }
 }
 
 TEST(TrainOps, AttentionRejectsBadHeads) {
   std::vector<float> buf(64);
-  EXPECT_THROW(attention_forward(buf.data(), buf.data(), buf.data(), 1, 2, 3, 2, 4, buf.data(),
-                                 buf.data()),
-               std::invalid_argument);
+  EXPECT_THROW(
+      attention_forward(buf.data(), buf.data(), buf.data(), 1, 2, 3, 2, 4, buf.data(), buf.data()),
+      std::invalid_argument);
 }
 
 // ---- SwiGLU
@@ -349,6 +382,11 @@ TEST(TrainOps, SwigluBackward) {
     std::vector<float> dg(n), du(n), dg_ref(n), du_ref(n);
     ThreadPool pool(n > 100 ? 3 : 1);
     ScopedPool scope(pool);
+    std::vector<float> dg_scalar(n), du_scalar(n);
+    {
+      ScopedSimd simd(SimdLevel::Scalar);
+      swiglu_backward(g.data(), u.data(), dh.data(), n, dg_scalar.data(), du_scalar.data());
+    }
     swiglu_backward(g.data(), u.data(), dh.data(), n, dg.data(), du.data());
     for (int64_t i = 0; i < n; ++i) {
       const double s = 1.0 / (1.0 + std::exp(-double{g[i]}));
@@ -357,6 +395,8 @@ TEST(TrainOps, SwigluBackward) {
     }
     expect_close(dg, dg_ref, 1e-5, 1e-7, "dgate");
     expect_close(du, du_ref, 1e-5, 1e-7, "dup");
+    expect_close(dg_scalar, dg_ref, 1e-5, 1e-7, "dgate scalar");
+    expect_close(du_scalar, du_ref, 1e-5, 1e-7, "dup scalar");
     if (n > 100) continue;
     // The analytic form against finite differences of silu(g) * u.
     for (int64_t i = 0; i < n; ++i) {
@@ -376,10 +416,13 @@ struct CeCase {
   float grad_scale = 0.25f;
 };
 
-CeCase ce_case() {
+CeCase ce_case(int64_t V = 37) {
   CeCase c;
+  c.V = V;
   c.logits = randn(c.R * c.V, 21, 4.0f);
-  c.targets = {0, 36, 17, 9, 28};  // first, last, and ids owned by different ranks
+  // first, last, and ids owned by different ranks
+  for (int32_t t : {0, 36, 17, 9, 28}) c.targets.push_back(static_cast<int32_t>(t % V));
+  c.targets[1] = static_cast<int32_t>(V - 1);
   return c;
 }
 
@@ -403,13 +446,13 @@ TEST(TrainOps, CrossEntropyRefMatchesFiniteDifferences) {
     const double num = c.grad_scale * central_diff(f, c.logits, i);
     EXPECT_NEAR(d[i], num, 1e-6) << "dlogits " << i;
   }
-  EXPECT_THROW(cross_entropy_ref(c.logits.data(), 1, c.V, std::vector<int32_t>{37}.data(), 1.0f,
-                                 nullptr),
-               std::invalid_argument);
+  EXPECT_THROW(
+      cross_entropy_ref(c.logits.data(), 1, c.V, std::vector<int32_t>{37}.data(), 1.0f, nullptr),
+      std::invalid_argument);
 }
 
-void ce_on_ranks(int tp) {
-  const CeCase c = ce_case();
+void ce_on_ranks(int tp, int64_t V) {
+  const CeCase c = ce_case(V);
   std::vector<float> d_ref(c.R * c.V);
   const double loss_ref =
       cross_entropy_ref(c.logits.data(), c.R, c.V, c.targets.data(), c.grad_scale, d_ref.data());
@@ -457,7 +500,8 @@ void ce_on_ranks(int tp) {
 }
 
 TEST(TrainOps, CrossEntropyVocabParallelMatchesRef) {
-  for (int tp : {1, 2, 3, 4}) ce_on_ranks(tp);
+  for (int tp : {1, 2, 3, 4}) ce_on_ranks(tp, 37);
+  ce_on_ranks(4, 3);  // rank 0's slice of the vocabulary is empty
 }
 
 TEST(TrainOps, CrossEntropySizeOneGroupUnderThePool) {
@@ -467,14 +511,17 @@ TEST(TrainOps, CrossEntropySizeOneGroupUnderThePool) {
   std::vector<int32_t> targets(R);
   for (int64_t r = 0; r < R; ++r) targets[r] = static_cast<int32_t>((r * 97) % V);
   std::vector<float> d(R * V), d_ref(R * V);
+  const double loss_ref =
+      cross_entropy_ref(logits.data(), R, V, targets.data(), 1.0f / R, d_ref.data());
   ThreadPool pool(3);
   ScopedPool scope(pool);
-  const double loss = cross_entropy(parallel::VocabExchange(), logits.data(), R, V, 0,
-                                    targets.data(), 1.0f / R, d.data());
-  const double loss_ref = cross_entropy_ref(logits.data(), R, V, targets.data(), 1.0f / R,
-                                            d_ref.data());
-  EXPECT_NEAR(loss, loss_ref, 1e-6 * std::fabs(loss_ref));
-  expect_close(d, d_ref, 1e-6, 1e-12, "dlogits");
+  for (SimdLevel l : levels()) {
+    ScopedSimd simd(l);
+    const double loss = cross_entropy(parallel::VocabExchange(), logits.data(), R, V, 0,
+                                      targets.data(), 1.0f / R, d.data());
+    EXPECT_NEAR(loss, loss_ref, 1e-6 * std::fabs(loss_ref)) << kernels::simd_name(l);
+    expect_close(d, d_ref, 1e-6, 1e-12, kernels::simd_name(l) + " dlogits");
+  }
 }
 
 }  // namespace

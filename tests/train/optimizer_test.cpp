@@ -39,9 +39,9 @@ TEST(LearningRate, WarmupIsLinearFromLrOverWarmup) {
 
 TEST(LearningRate, CosineStartsAtLrEndsAtMinLrAndPassesTheMidpoint) {
   const AdamWConfig c = schedule_config();
-  EXPECT_DOUBLE_EQ(learning_rate(c, 4), 1e-3);                 // first step after warm-up
+  EXPECT_DOUBLE_EQ(learning_rate(c, 4), 1e-3);                  // first step after warm-up
   EXPECT_DOUBLE_EQ(learning_rate(c, 12), 0.5 * (1e-3 + 1e-4));  // (k - 4) / 16 = 1/2
-  EXPECT_NEAR(learning_rate(c, 20), 1e-4, 1e-18);              // (k - 4) / 16 = 1
+  EXPECT_NEAR(learning_rate(c, 20), 1e-4, 1e-18);               // (k - 4) / 16 = 1
   EXPECT_NEAR(learning_rate(c, 8), 1e-4 + 0.5 * 9e-4 * (1 + std::cos(M_PI * 0.25)), 1e-18);
   // Monotone non-increasing after the warm-up, and clamped at min_lr past the end.
   for (int64_t k = 5; k < 20; ++k) EXPECT_LE(learning_rate(c, k), learning_rate(c, k - 1)) << k;
@@ -152,8 +152,8 @@ void check_against_double(bool decay, int threads) {
     const float scale = 0.5f;
     std::vector<double> gd(n);
     for (size_t i = 0; i < n; ++i) gd[i] = static_cast<double>(g[i] * scale);
-    adamw_update(p.data(), g.data(), m.data(), v.data(), static_cast<int64_t>(n), decay, c, c.lr,
-                 t, scale);
+    adamw_update(p.data(), g.data(), m.data(), v.data(), static_cast<int64_t>(n), decay, c, c.lr, t,
+                 scale);
     adamw_double(pd, gd, md, vd, decay, c, c.lr, t);
   }
   const double err = rel_frobenius(p, pd);
@@ -183,8 +183,9 @@ TEST(AdamW, DecayOnlyWhenAskedAndThreadsDoNotChangeBits) {
   std::vector<float> p1(1, 0.f), g1(1, -3.f), m1(1, 0.f), v1(1, 0.f);
   adamw_update(p1.data(), g1.data(), m1.data(), v1.data(), 1, false, c, c.lr, 1, 1.f);
   EXPECT_NEAR(p1[0], 0.1, 1e-7);
-  EXPECT_NE(error_of([&] { adamw_update(p.data(), g.data(), m.data(), v.data(), 4, true, c, 0.1,
-                                        0, 1.f); }).find("step 0"),
+  EXPECT_NE(error_of([&] {
+              adamw_update(p.data(), g.data(), m.data(), v.data(), 4, true, c, 0.1, 0, 1.f);
+            }).find("step 0"),
             std::string::npos);
 
   const int64_t n = 100003;
@@ -251,9 +252,15 @@ TEST(AdamW, TenStepsMatchTorch) {
   }
 
   nlohmann::json spec;
-  spec["config"] = {{"lr", c.lr},       {"min_lr", c.min_lr},     {"warmup_steps", c.warmup_steps},
-                    {"schedule", c.schedule}, {"steps", c.steps}, {"beta1", c.beta1},
-                    {"beta2", c.beta2}, {"eps", c.eps}, {"weight_decay", c.weight_decay},
+  spec["config"] = {{"lr", c.lr},
+                    {"min_lr", c.min_lr},
+                    {"warmup_steps", c.warmup_steps},
+                    {"schedule", c.schedule},
+                    {"steps", c.steps},
+                    {"beta1", c.beta1},
+                    {"beta2", c.beta2},
+                    {"eps", c.eps},
+                    {"weight_decay", c.weight_decay},
                     {"grad_clip", c.grad_clip}};
   for (const Param& q : params) {
     spec["params"].push_back({{"data", q.p}, {"decay", q.decay}, {"a", q.a}, {"b", q.b}});
@@ -264,8 +271,8 @@ TEST(AdamW, TenStepsMatchTorch) {
     f << spec.dump();
   }
   auto r = testing::run_command("/usr/bin/python3 " PARALLM_SOURCE_DIR
-                                "/tests/reference/adamw_ref.py --in " + tmp.file("in.json") +
-                                " --out " + tmp.file("out.json"));
+                                "/tests/reference/adamw_ref.py --in " +
+                                tmp.file("in.json") + " --out " + tmp.file("out.json"));
   ASSERT_EQ(r.exit_code, 0) << "PyTorch reference failed: " << r.output;
   nlohmann::json ref;
   {
@@ -308,8 +315,10 @@ TEST(AdamW, TenStepsMatchTorch) {
     EXPECT_LT(rel_frobenius(params[t].m, ref["exp_avg"][t].get<std::vector<double>>()), 1e-5);
     EXPECT_LT(rel_frobenius(params[t].v, ref["exp_avg_sq"][t].get<std::vector<double>>()), 1e-5);
   }
-  std::printf("10 AdamW steps vs torch.optim.AdamW: worst relative Frobenius error %.3g "
-              "(%d steps clipped, %d not)\n", worst, clipped, unclipped);
+  std::printf(
+      "10 AdamW steps vs torch.optim.AdamW: worst relative Frobenius error %.3g "
+      "(%d steps clipped, %d not)\n",
+      worst, clipped, unclipped);
 }
 
 }  // namespace

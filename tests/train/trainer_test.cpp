@@ -94,7 +94,9 @@ void expect_close_losses(const TrainResult& ref, const TrainResult& got, const s
   for (size_t i = 0; i < ref.steps.size(); ++i) {
     EXPECT_NEAR(got.steps[i].loss, ref.steps[i].loss, 1e-5 * std::abs(ref.steps[i].loss))
         << what << " step " << i + 1;
-    EXPECT_NEAR(got.steps[i].grad_norm, ref.steps[i].grad_norm, 1e-4 * ref.steps[i].grad_norm)
+    // The norm is looser: Adam's m/sqrt(v) turns f32 rounding in near-zero gradients into
+    // full-size updates, so the layouts' parameters drift apart by more than the losses show.
+    EXPECT_NEAR(got.steps[i].grad_norm, ref.steps[i].grad_norm, 2e-3 * ref.steps[i].grad_norm)
         << what << " step " << i + 1;
     EXPECT_EQ(got.steps[i].lr, ref.steps[i].lr) << what << " step " << i + 1;
   }
@@ -118,6 +120,21 @@ TEST_F(TrainerTest, LayoutsMatchOneRank) {
     expect_close_losses(ref, run_training(o),
                         cat("tp ", l.tp, " dp ", l.dp, l.zero ? " zero" : ""));
   }
+}
+
+// TP 4 over 2 KV heads: each KV head on two ranks. The global norm counts a replicated head once
+// (on the first of its replicas), not once per replica and not only rank 0's.
+TEST_F(TrainerTest, KvReplicatedTp4MatchesOneRank) {
+  TrainOptions o = base();
+  o.init = write_config(testing::tiny_train_config_kv_replicated(), "kv.json");
+  o.steps = 4;
+  const TrainResult ref = run_training(o);
+  o.tp = 4;
+  expect_close_losses(ref, run_training(o), "kv-replicated tp 4");
+  o.tp = 2;
+  o.dp = 2;
+  o.zero = 1;
+  expect_close_losses(ref, run_training(o), "kv-replicated tp 2 dp 2 zero");
 }
 
 TEST_F(TrainerTest, GradientAccumulationMatchesOneMicroBatch) {
@@ -171,6 +188,28 @@ TEST_F(TrainerTest, ResumeContinuesBitForBit) {
     EXPECT_NEAR(d.steps[i].loss, a.steps[5 + i].loss, 1e-5 * a.steps[5 + i].loss);
 }
 
+// A stop request (what SIGINT does) ends the run after the step every rank is in, with a
+// checkpoint there that resumes.
+TEST_F(TrainerTest, StopRequestSavesAndResumes) {
+  TrainOptions o = base();
+  o.tp = 2;
+  o.dp = 2;
+  o.save = (dir_ / "stopped").string();
+  request_training_stop();  // before the first step ends: the ranks stop after step 1
+  const TrainResult r = run_training(o);
+  clear_training_stop();
+  EXPECT_TRUE(r.stopped);
+  ASSERT_EQ(r.steps.size(), 1u);
+  EXPECT_EQ(read_checkpoint_info(o.save).step, 1);
+  TrainOptions rest = o;
+  rest.init.clear();
+  rest.resume = o.save;
+  rest.save.clear();
+  const TrainResult c = run_training(rest);
+  EXPECT_FALSE(c.stopped);
+  EXPECT_EQ(c.steps.size(), 9u);
+}
+
 TEST_F(TrainerTest, CheckpointIsAHuggingFaceModel) {
   TrainOptions o = base();
   o.tp = 2;
@@ -202,6 +241,42 @@ TEST_F(TrainerTest, CheckpointIsAHuggingFaceModel) {
                               " --prompt-ids 1,2,3 --max-tokens 4 --print-ids --threads 1 --tp 2 "
                               "> /dev/null 2>&1");
   EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+}
+
+// Text end to end through the CLI: a sentencepiece tokenizer trained on the text, `train --init
+// --tokenizer` on the text file (the vocabulary is the tokenizer's, which the checkpoint keeps), and
+// `generate --prompt` on the checkpoint prints text.
+TEST_F(TrainerTest, TextCorpusToGeneratedText) {
+  const fs::path text = dir_ / "corpus.txt";
+  {
+    std::ofstream out(text);
+    for (int i = 0; i < 60; ++i)
+      out << "in the beginning was the word and the word was with the light " << i % 7 << "\n"
+          << "and the light shone in the darkness and the darkness knew it not\n";
+  }
+  const std::string bin = PARALLM_BIN, d = dir_.string();
+  ASSERT_EQ(std::system(cat(bin, " tokenizer train --in ", text.string(), " --vocab-size 60 --out ",
+                            d, "/tok.model --threads 1 > /dev/null 2>&1")
+                            .c_str()),
+            0);
+  const std::string tok = d + "/tok.model";
+  ASSERT_TRUE(fs::exists(tok));
+  const std::string cfg = write_config(testing::tiny_train_config(), "text.json");
+  const std::string train =
+      cat(bin, " train --init ", cfg, " --tokenizer ", tok, " --data ", text.string(),
+          " --seq-len 16 --micro-batch-size 2 --global-batch-size 4 --steps 30 --lr 1e-2 "
+          "--warmup-steps 3 --tp 2 --dp 2 --zero 1 --threads 1 --quiet --save ",
+          d, "/text_ckpt 2> ", d, "/train.err");
+  ASSERT_EQ(std::system(train.c_str()), 0) << read_bytes(dir_ / "train.err");
+  EXPECT_TRUE(fs::exists(dir_ / "text_ckpt" / "tokenizer.model"));
+  EXPECT_EQ(ModelConfig::from_file(d + "/text_ckpt/config.json").vocab_size, 60);
+  const std::string gen = cat(bin, " generate --model ", d, "/text_ckpt --prompt \"and the\" ",
+                              "--max-tokens 8 --threads 1 > ", d, "/gen.txt 2> /dev/null");
+  ASSERT_EQ(std::system(gen.c_str()), 0);
+  const std::string out = read_bytes(dir_ / "gen.txt");
+  EXPECT_EQ(out.rfind("and the", 0), 0u) << out;
+  EXPECT_GT(out.size(), std::string("and the").size() + 3) << out;  // words follow, not ids
+  std::printf("[text] generated: %s", out.c_str());
 }
 
 // ZeRO-1 holds 8 + 8/DP bytes per parameter (f32 values and grads whole, m and v sharded);
@@ -298,6 +373,10 @@ TEST_F(TrainerTest, BadInputOneLineNothingWritten) {
   foreign.save = (dir_ / "precious").string();
   EXPECT_THROW(run_training(foreign), std::invalid_argument);
   EXPECT_TRUE(fs::exists(dir_ / "precious" / "notes.txt"));
+  // A --save below a file fails before training, not after it.
+  TrainOptions below = base();
+  below.save = (dir_ / "precious" / "notes.txt" / "ckpt").string();
+  EXPECT_THROW(run_training(below), std::invalid_argument);
 }
 
 // The CLI: one line on stderr naming the flag, exit status non-zero.

@@ -2,7 +2,6 @@
 // docs/training.md). parallm tokenizer train: a sentencepiece tokenizer.model from a text file,
 // through libsentencepiece's trainer.
 #include <sentencepiece_trainer.h>
-
 #include <unistd.h>
 
 #include <cstdio>
@@ -48,6 +47,7 @@ void write_atomically(const std::string& path, std::string_view component, Write
 
 struct TokenizeOptions {
   std::string model, tokenizer, in, out, dtype = "u16";
+  int threads = 0;
 };
 
 int run_tokenize(const TokenizeOptions& o) {
@@ -62,18 +62,20 @@ int run_tokenize(const TokenizeOptions& o) {
     fail("tokenize", "--data-dtype u16 holds ids below 65536 but the tokenizer has ", vocab,
          " tokens; use --data-dtype u32");
   }
+  ThreadPool pool(o.threads > 0 ? o.threads : ThreadPool::hardware_threads());
+  ScopedPool scoped(pool);
   Timer t;
   const auto data = train::TokenData::from_text(o.in, *tok, vocab);
-  write_atomically(o.out, "tokenize", [&](const std::string& tmp) {
-    train::write_token_file(tmp, data.ids(), type);
-  });
+  write_atomically(o.out, "tokenize",
+                   [&](const std::string& tmp) { train::write_token_file(tmp, data.ids(), type); });
   const uint64_t text_bytes = fs::file_size(o.in);
-  std::printf("wrote %s: %lld tokens (%s, vocabulary %lld) from %llu bytes of text, %.2f bytes per "
-              "token, in %.1f s\n",
-              o.out.c_str(), static_cast<long long>(data.size()), o.dtype.c_str(),
-              static_cast<long long>(vocab), static_cast<unsigned long long>(text_bytes),
-              data.size() ? static_cast<double>(text_bytes) / static_cast<double>(data.size()) : 0.0,
-              t.seconds());
+  std::printf(
+      "wrote %s: %lld tokens (%s, vocabulary %lld) from %llu bytes of text, %.2f bytes per "
+      "token, in %.1f s\n",
+      o.out.c_str(), static_cast<long long>(data.size()), o.dtype.c_str(),
+      static_cast<long long>(vocab), static_cast<unsigned long long>(text_bytes),
+      data.size() ? static_cast<double>(text_bytes) / static_cast<double>(data.size()) : 0.0,
+      t.seconds());
   return 0;
 }
 
@@ -90,6 +92,7 @@ int run_tokenize(const TokenizeOptions& o) {
        app.add_option("--out", o->out, "Token file to write")->required();
        app.add_option("--data-dtype", o->dtype, "u16 (default; vocabularies up to 65536) or u32")
            ->check(CLI::IsMember({"u16", "u32"}));
+       app.add_option("--threads", o->threads, "Encoding threads (default: all hardware threads)");
        return [o] { return run_tokenize(*o); };
      }});
 

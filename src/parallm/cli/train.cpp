@@ -3,6 +3,7 @@
 // `parallm generate --model DIR` loads as they are. The loop is train/trainer.h.
 #include <algorithm>
 #include <charconv>
+#include <csignal>
 #include <cstdio>
 #include <iostream>
 #include <memory>
@@ -14,8 +15,42 @@
 namespace parallm::cli {
 namespace {
 
+// SIGINT/SIGTERM: the first asks the loop to stop after its step (saving with --save); a second
+// ends the process the default way.
+volatile std::sig_atomic_t g_signal = 0;
+
+extern "C" void on_train_stop_signal(int sig) {
+  if (g_signal != 0) {
+    std::signal(sig, SIG_DFL);
+    std::raise(sig);
+    return;
+  }
+  g_signal = sig;
+  train::request_training_stop();
+}
+
 int run(const train::TrainOptions& o) {
-  const train::TrainResult r = train::run_training(o, &std::cerr);
+  train::clear_training_stop();
+  g_signal = 0;
+  std::signal(SIGINT, on_train_stop_signal);
+  std::signal(SIGTERM, on_train_stop_signal);
+  train::TrainResult r;
+  try {
+    r = train::run_training(o, &std::cerr);
+  } catch (...) {
+    std::signal(SIGINT, SIG_DFL);
+    std::signal(SIGTERM, SIG_DFL);
+    throw;
+  }
+  std::signal(SIGINT, SIG_DFL);
+  std::signal(SIGTERM, SIG_DFL);
+  if (r.stopped) {
+    const int64_t at = r.steps.empty() ? 0 : r.steps.back().step;
+    fail<std::runtime_error>("train", "stopped by signal after step ", at,
+                             o.save.empty() ? " (no --save: nothing saved)"
+                                            : cat("; checkpoint saved to ", o.save, " (continue "
+                                                  "with --resume ", o.save, ")"));
+  }
   if (!r.steps.empty() && !o.quiet) {
     const train::StepRecord& last = r.steps.back();
     const double tokens =
@@ -51,12 +86,12 @@ std::string parse_u64(const std::string& text, uint64_t* out, const char* flag) 
                       "tokenizer.model or tokenizer.json: tokenizes text data; with --init it sets "
                       "the vocabulary; copied into checkpoints");
        app.add_option("--data", o->data,
-                      "Training data: token ids as raw little-endian uint16 (.bin, as nanoGPT and "
-                      "llm.c write them; --data-dtype u32 for larger vocabularies) or text (.txt)");
+                      "Training data: a token file (name ending in .bin: raw little-endian uint16 "
+                      "ids, as nanoGPT and llm.c write them; --data-dtype u32 for larger "
+                      "vocabularies), or any other name: text, tokenized with the tokenizer");
        app.add_option("--val-data", o->val_data, "Validation data, same formats as --data");
-       app.add_option("--data-dtype", o->data_dtype,
-                      "auto (.txt: text, else u16), u16, u32, text")
-           ->check(CLI::IsMember({"auto", "u16", "u32", "text"}));
+       app.add_option("--data-dtype", o->data_dtype, "Ids of a .bin token file: u16 (default), u32")
+           ->check(CLI::IsMember({"u16", "u32"}));
        app.add_flag("--shuffle", o->shuffle,
                     "Read the sequences in a seeded random order, redrawn every pass over the "
                     "data (docs/training.md)");

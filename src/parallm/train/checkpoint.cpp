@@ -123,7 +123,18 @@ std::string config_difference(const ModelConfig& mine, const ModelConfig& theirs
 void check_save_target(const std::string& dir, const std::string& flag) {
   const fs::path d = clean_dir(dir);
   std::error_code ec;
-  if (!fs::exists(d, ec)) return;
+  if (!fs::exists(d, ec)) {
+    // The first ancestor that exists must be a directory, or the save at the end would fail.
+    for (fs::path up = d.parent_path(); !up.empty(); up = up.parent_path()) {
+      if (fs::exists(up, ec)) {
+        if (!fs::is_directory(up, ec))
+          fail("checkpoint", flag, " ", dir, ": ", up.string(), " is not a directory");
+        break;
+      }
+      if (up == up.parent_path()) break;
+    }
+    return;
+  }
   if (!fs::is_directory(d, ec)) fail("checkpoint", flag, " ", dir, ": exists and is not a directory");
   if (fs::is_empty(d, ec)) return;
   if (!fs::exists(d / "trainer_state.json", ec))
@@ -154,10 +165,10 @@ void save_checkpoint(const std::string& dir, const ModelConfig& config, ParamSto
     const fs::path target = clean_dir(dir);
     check_save_target(dir, "--save");
     const fs::path parent = target.has_parent_path() ? target.parent_path() : fs::path(".");
-    fs::create_directories(parent);
     const fs::path tmp =
         parent / cat(".", target.filename().string(), ".tmp-", static_cast<long>(::getpid()));
     try {
+      fs::create_directories(parent);
       fs::remove_all(tmp);
       fs::create_directories(tmp);
       ModelConfig out = config;
@@ -177,6 +188,10 @@ void save_checkpoint(const std::string& dir, const ModelConfig& config, ParamSto
       st["written_by"] = "parallm train";
       write_text(tmp / "trainer_state.json", st.dump(2) + "\n");
       swap_in(tmp, target);
+    } catch (const fs::filesystem_error& e) {
+      std::error_code ec;
+      fs::remove_all(tmp, ec);
+      fail<std::runtime_error>("checkpoint", "--save ", dir, ": ", e.what());
     } catch (...) {
       std::error_code ec;
       fs::remove_all(tmp, ec);

@@ -3,12 +3,16 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <exception>
 #include <fstream>
+#include <string_view>
 
 #include "parallm/core/error.h"
 #include "parallm/core/json_limits.h"
+#include "parallm/core/thread_pool.h"
 #include "parallm/model/tokenizer.h"
 
 namespace parallm::train {
@@ -45,7 +49,9 @@ TokenFileType parse_token_file_type(const std::string& name, const std::string& 
   fail(kComponent, flag, " \"", name, "\" is neither u16 nor u32");
 }
 
-int token_bytes(TokenFileType type) { return type == TokenFileType::U16 ? 2 : 4; }
+int token_bytes(TokenFileType type) {
+  return type == TokenFileType::U16 ? 2 : 4;
+}
 
 TokenData TokenData::from_bin(const std::string& path, TokenFileType type, int64_t vocab) {
   if (vocab <= 0) fail(kComponent, path, ": vocabulary size ", vocab, " must be positive");
@@ -100,14 +106,63 @@ TokenData TokenData::from_bin(const std::string& path, TokenFileType type, int64
 }
 
 TokenData TokenData::from_text(const std::string& path, const Tokenizer& tok, int64_t vocab) {
+  if (vocab <= 0) fail(kComponent, path, ": vocabulary size ", vocab, " must be positive");
   // read_text_file reports a missing file as the environment's fault; here the path is the
   // user's --data, so say "no such file" as a caller mistake first.
   uint64_t size = 0;
   ::close(open_regular_file(path, kComponent, &size));
   const std::string text = read_text_file(path, kMaxTextFileBytes, kComponent);
+  // Lines, each with its '\n' (the last one may lack it), grouped into blocks of about
+  // kBlockBytes for the threads. Encoding line by line keeps the cost linear (sentencepiece's
+  // BPE is superlinear on one 4 MB string) and defines the result simply.
+  constexpr size_t kBlockBytes = size_t{1} << 16;
+  std::vector<size_t> line_starts;
+  for (size_t pos = 0; pos < text.size();) {
+    line_starts.push_back(pos);
+    const size_t nl = text.find('\n', pos);
+    pos = nl == std::string::npos ? text.size() : nl + 1;
+  }
+  line_starts.push_back(text.size());
+  std::vector<size_t> block_starts;  // indices into line_starts
+  for (size_t l = 0; l + 1 < line_starts.size();) {
+    block_starts.push_back(l);
+    const size_t begin = line_starts[l];
+    while (l + 1 < line_starts.size() && line_starts[l] - begin < kBlockBytes) ++l;
+  }
+  block_starts.push_back(line_starts.size() - 1);
+  const int64_t blocks = static_cast<int64_t>(block_starts.size()) - 1;
+  std::vector<std::vector<int32_t>> parts(static_cast<size_t>(std::max<int64_t>(blocks, 0)));
+  std::vector<std::exception_ptr> errors(parts.size());
+  auto encode_blocks = [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      try {
+        auto& out = parts[static_cast<size_t>(b)];
+        for (size_t l = block_starts[static_cast<size_t>(b)];
+             l < block_starts[static_cast<size_t>(b) + 1]; ++l) {
+          const std::string_view line(text.data() + line_starts[l],
+                                      line_starts[l + 1] - line_starts[l]);
+          const auto ids = tok.encode(line, /*add_bos=*/false);
+          out.insert(out.end(), ids.begin(), ids.end());
+        }
+      } catch (...) {
+        errors[static_cast<size_t>(b)] = std::current_exception();
+      }
+    }
+  };
+  if (blocks > 1) {
+    ThreadPool::current().parallel_for_dynamic(blocks, 1, encode_blocks);
+  } else {
+    encode_blocks(0, blocks);
+  }
+  for (const auto& e : errors)
+    if (e) std::rethrow_exception(e);
   TokenData d;
   d.path_ = path;
-  d.ids_ = tok.encode(text, /*add_bos=*/true);
+  size_t total = tok.bos_id() >= 0 ? 1 : 0;
+  for (const auto& p : parts) total += p.size();
+  d.ids_.reserve(total);
+  if (tok.bos_id() >= 0) d.ids_.push_back(tok.bos_id());
+  for (const auto& p : parts) d.ids_.insert(d.ids_.end(), p.begin(), p.end());
   check_ids(d.ids_, vocab, path);
   return d;
 }
@@ -118,6 +173,18 @@ TokenData TokenData::from_ids(std::vector<int32_t> ids, int64_t vocab) {
   check_ids(ids, vocab, d.path_);
   d.ids_ = std::move(ids);
   return d;
+}
+
+TokenData TokenData::from_file(const std::string& path, TokenFileType type, const Tokenizer* tok,
+                               int64_t vocab) {
+  if (path.size() >= 4 && path.compare(path.size() - 4, 4, ".bin") == 0)
+    return from_bin(path, type, vocab);
+  if (!tok) {
+    fail(kComponent, path,
+         ": a text file (not *.bin) needs the model's tokenizer and the model "
+         "has none; write a token file with parallm tokenize --tokenizer FILE");
+  }
+  return from_text(path, *tok, vocab);
 }
 
 int64_t TokenData::sequences(int64_t S) const {
@@ -148,7 +215,8 @@ void write_token_file(const std::string& path, const std::vector<int32_t>& ids,
   }
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   if (!out) fail<std::runtime_error>(kComponent, path, ": cannot open for writing");
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  out.write(reinterpret_cast<const char*>(bytes.data()),
+            static_cast<std::streamsize>(bytes.size()));
   out.close();
   if (!out) fail<std::runtime_error>(kComponent, path, ": write failed (disk full?)");
 }
@@ -161,8 +229,8 @@ void BatchOrder::check() const {
   if (dp < 1) fail(kComponent, "--dp ", dp, " must be at least 1");
   if (global_batch % (micro_batch * dp) != 0) {
     fail(kComponent, "--global-batch-size ", global_batch,
-         " is not a multiple of --micro-batch-size ", micro_batch, " x --dp ", dp, " (= ",
-         micro_batch * dp, ")");
+         " is not a multiple of --micro-batch-size ", micro_batch, " x --dp ", dp,
+         " (= ", micro_batch * dp, ")");
   }
 }
 
@@ -199,8 +267,8 @@ int64_t BatchOrder::sequence(int64_t step, int dp_rank, int64_t micro, int64_t i
   if (step < 0 || dp_rank < 0 || dp_rank >= dp || micro < 0 || micro >= micro_batches() || i < 0 ||
       i >= micro_batch || count < 1) {
     fail(kComponent, "batch position out of range: step ", step, ", dp rank ", dp_rank, "/", dp,
-         ", micro-batch ", micro, "/", micro_batches(), ", sequence ", i, "/", micro_batch,
-         ", of ", count, " sequences");
+         ", micro-batch ", micro, "/", micro_batches(), ", sequence ", i, "/", micro_batch, ", of ",
+         count, " sequences");
   }
   const int64_t j = step * global_batch + dp_rank * (global_batch / dp) + micro * micro_batch + i;
   const int64_t index = j % count;

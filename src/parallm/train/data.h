@@ -5,8 +5,9 @@
 //   tokens[j*S+1 .. j*S+S]; there are floor((n-1)/S) sequences, used cyclically; step k's global
 //   batch is sequences k*G .. k*G+G-1 (G = global batch, in sequences); data-parallel rank d takes
 //   the d-th block of G/DP consecutive sequences, cut into micro-batches of M consecutive
-//   sequences. With shuffle, sequence j of the order is perm[j mod count], perm a permutation of
-//   the sequences drawn from the seed, redrawn every pass (documented in docs/training.md).
+//   sequences. With shuffle, position j of the stream is sequence perm_q[j mod count], q =
+//   floor(j / count) the pass, perm_q a permutation of the sequences keyed by the seed and the
+//   pass (shuffle_index below; exactly specified in docs/training.md).
 #pragma once
 
 #include <cstdint>
@@ -34,8 +35,7 @@ constexpr uint64_t kMaxTextFileBytes = uint64_t{1} << 30;
 // Writes ids as a raw little-endian array of `type` (what `parallm tokenize` writes). Throws
 // std::invalid_argument naming the id and its index when one does not fit the type (u16: >= 65536)
 // and std::runtime_error naming the file when it cannot be written.
-void write_token_file(const std::string& path, const std::vector<int32_t>& ids,
-                      TokenFileType type);
+void write_token_file(const std::string& path, const std::vector<int32_t>& ids, TokenFileType type);
 
 class TokenData {
  public:
@@ -45,11 +45,17 @@ class TokenData {
   // kMaxTokenFileBytes, its size is not a whole number of ids, or an id is >= vocab;
   // std::runtime_error when it exists but cannot be opened or read.
   static TokenData from_bin(const std::string& path, TokenFileType type, int64_t vocab);
-  // A text file tokenized with `tok` (BOS at the start of the file, no EOS), the whole file as one
-  // text. Same file errors as from_bin (limit kMaxTextFileBytes); an id >= vocab (a tokenizer
-  // larger than the model's vocabulary) is named with its index.
+  // A text file tokenized with `tok`: BOS (when the tokenizer has one) at the start of the file,
+  // no EOS, then the concatenation of tok.encode(line, no BOS) for each line of the file, each
+  // line with its '\n' (the last may lack it); lines are encoded on ThreadPool::current(). Same
+  // file errors as from_bin (limit kMaxTextFileBytes); an id >= vocab (a tokenizer larger than the
+  // model's vocabulary) is named with its index.
   static TokenData from_text(const std::string& path, const Tokenizer& tok, int64_t vocab);
   static TokenData from_ids(std::vector<int32_t> ids, int64_t vocab);
+  // What --data FILE means: a name ending in ".bin" is a token file of `type` (from_bin), anything
+  // else is text (from_text with `tok`; std::invalid_argument naming the file when tok is null).
+  static TokenData from_file(const std::string& path, TokenFileType type, const Tokenizer* tok,
+                             int64_t vocab);
 
   int64_t size() const { return static_cast<int64_t>(ids_.size()); }
   const std::vector<int32_t>& ids() const { return ids_; }
@@ -63,10 +69,10 @@ class TokenData {
 };
 
 struct BatchOrder {
-  int64_t seq_len = 0;            // S
-  int64_t global_batch = 0;       // G, sequences per step
-  int64_t micro_batch = 0;        // M, sequences per micro-batch
-  int dp = 1;                     // data-parallel ranks
+  int64_t seq_len = 0;       // S
+  int64_t global_batch = 0;  // G, sequences per step
+  int64_t micro_batch = 0;   // M, sequences per micro-batch
+  int dp = 1;                // data-parallel ranks
   bool shuffle = false;
   uint64_t seed = 0;
   // Throws std::invalid_argument naming the flags when G is not a multiple of M * dp, or a value is

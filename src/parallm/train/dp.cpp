@@ -57,7 +57,7 @@ DataParallel::DataParallel(std::vector<Param> params, int64_t size, float* value
     lo = std::max(lo, p.offset);
     hi = std::min(hi, p.offset + p.numel);
     if (hi <= lo) return;
-    owned_.push_back({lo, hi, state, p.decay, p.tp_replicated});
+    owned_.push_back({lo, hi, state, p.decay, p.tp_replicas});
     state += hi - lo;
   };
   if (!shard) {
@@ -151,6 +151,7 @@ void DataParallel::begin_sync() {
     }
     syncing_ = true;
     flushing_ = false;
+    early_buckets_ = 0;
   }
   if (options_.overlap) enqueue([this] { reduce_all_buckets(); });
 }
@@ -181,6 +182,7 @@ void DataParallel::finish_sync() {
     if (!syncing_) {  // no begin_sync: reduce everything now
       syncing_ = true;
       started = false;
+      early_buckets_ = 0;
     }
     flushing_ = true;
   }
@@ -198,6 +200,7 @@ void DataParallel::reduce_all_buckets() {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return stop_ || flushing_ || bucket_pending_[b] == 0; });
       if (stop_) return;
+      if (!flushing_) ++early_buckets_;
     }
     reduce_bucket(buckets_[b]);
   }
@@ -244,10 +247,10 @@ void DataParallel::all_gather_bucket(const Bucket& b, float* data) {
   std::memcpy(data + b.begin, recv_scratch_.data(), static_cast<size_t>(n) * 4);
 }
 
-double DataParallel::local_grad_sq(bool count_replicated) const {
+double DataParallel::local_grad_sq(int tp_rank) const {
   double sum = 0;
   for (const OwnedSegment& s : owned_) {
-    if (s.tp_replicated && !count_replicated) continue;
+    if (tp_rank % s.tp_replicas != 0) continue;
     sum += sum_of_squares(grads_ + s.begin, s.end - s.begin);
   }
   return sum;

@@ -50,7 +50,7 @@ struct OwnedSegment {
   int64_t begin = 0, end = 0;  // floats, into the flat buffers
   int64_t state = 0;           // offset into m() / v()
   bool decay = false;
-  bool tp_replicated = false;
+  int tp_replicas = 1;  // Param::tp_replicas of the parameter it is part of
 };
 
 class DataParallel {
@@ -84,9 +84,9 @@ class DataParallel {
   // DP sum (with ZeRO: on the owned segments only). Rethrows a communication error.
   void finish_sync();
 
-  // Sum of grad^2 over the owned segments; tp-replicated ones only when `count_replicated` (TP
-  // rank 0 counts them, so a TP sum counts each once).
-  double local_grad_sq(bool count_replicated) const;
+  // Sum of grad^2 over the owned segments, each parameter's part only where
+  // Param::counts_once(tp_rank) (so a sum over the TP group counts every element once).
+  double local_grad_sq(int tp_rank) const;
   // The sum over the DP group of each rank's `x` (exact: gathered as bits, summed in rank order,
   // so every rank gets the same double). Collective over DP.
   double sum_over_dp(double x);
@@ -109,6 +109,10 @@ class DataParallel {
   uint64_t optimizer_bytes() const;
   // Elements of the parameters this rank holds (the flat buffers without their padding).
   int64_t param_numel() const { return param_numel_; }
+
+  // Buckets of the last sync whose reduction started before finish_sync() (while the backward
+  // still ran): the overlap, for tests and stats.
+  int early_buckets() const { return early_buckets_; }
 
   // Runs fn on the communication thread with the DP group and waits; rethrows its exception.
   void run_on_comm(const std::function<void(const comm::Group&)>& fn);
@@ -142,6 +146,7 @@ class DataParallel {
   std::vector<int> bucket_pending_;   // per bucket: parameters not yet ready
   std::vector<std::function<void()>> queue_;
   int busy_ = 0;  // tasks queued or running
+  int early_buckets_ = 0;
   std::exception_ptr error_;
   std::thread thread_;
 };

@@ -7,6 +7,10 @@
 //
 // Parameters and gradients live in a ParamStore (params.h); the layers hold views of its values.
 // Activations of one micro-batch are kept from forward to backward (no recomputation yet).
+//
+// K/V heads that TP replicates (TP > KV heads): each replica's k_proj / v_proj gradient is summed
+// over the ranks holding the same head inside the backward (ColumnParallelLinear::backward), so
+// the replicas hold identical gradients and Param::tp_replicas says how many there are.
 #pragma once
 
 #include <cstdint>
@@ -21,9 +25,11 @@
 namespace parallm::train {
 
 struct TrainModelOptions {
-  // F32: everything in f32 (the reference). BF16: the forward and the input-gradient products use
-  // bf16 copies of the matrices (refreshed from the f32 masters by refresh_compute_weights());
-  // activations, gradients, master weights and optimizer state stay f32.
+  // F32: everything in f32 (the reference); the layers view the master values directly.
+  // BF16: the forward and the input-gradient products use copies of the matrices rounded to bf16
+  // (held as f32 values that bf16 represents exactly; refreshed from the f32 masters by
+  // refresh_compute_weights()); activations, gradients, norm weights, master weights and
+  // optimizer state stay f32.
   DType compute = DType::F32;
   int threads = 1;  // informational; kernels use the calling rank's ThreadPool
 };
@@ -76,6 +82,11 @@ std::vector<std::pair<std::string, Tensor>> gather_full_tensors(const ParamStore
 // generator seeded by (seed, tensor index); matrices and embeddings normal(0, 0.02) (GPT-2's and
 // LLaMA's init), o_proj and down_proj normal(0, 0.02 / sqrt(2 * layers)), norm weights 1. Fills
 // this rank's slices of `params`.
+// The generator is counter-based, so a rank draws only its slice: element j (row-major index in
+// the full tensor) of tensor i (its index in llama_tensors(config)) is std * z, with
+// key = splitmix64(seed) ^ splitmix64(0x5eed0000 + i), u(n) = ((splitmix64(key ^ splitmix64(n))
+// >> 11) + 1) * 2^-53 and z = sqrt(-2 ln u(2*(j/2))) * (j even ? cos : sin)(2 pi u(2*(j/2)+1))
+// (Box-Muller, in double, rounded to f32). Gathered full tensors are bitwise the same at any TP.
 void init_params(ParamStore& params, const ModelConfig& config, uint64_t seed);
 
 }  // namespace parallm::train

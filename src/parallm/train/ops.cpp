@@ -3,8 +3,9 @@
 // Matrix products (linear layers, attention scores and their gradients) go through OpenBLAS
 // sgemm, single-threaded inside OpenBLAS: the rank's ThreadPool owns the parallelism (several
 // ranks can run as threads of one process, each with its own pool), as in kernels/matmul.cpp.
-// Linear layers split one product over the pool; attention runs one task per (sequence, head)
-// with single-threaded sgemm calls inside. Row-wise ops split rows over the pool once there is
+// Linear layers split one product over the pool as a grid of blocks; attention runs one task per
+// (sequence, head) with single-threaded sgemm calls inside, on blocks of query rows so most of
+// the masked upper triangle is never computed. Row-wise ops split rows over the pool once there is
 // enough work to pay for waking the threads. Sums that decide 1e-5 agreement with PyTorch (the
 // RMSNorm mean, the softmax sums, the weight gradients of RMSNorm) are taken in double.
 #include "parallm/train/ops.h"
@@ -13,7 +14,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -65,7 +65,8 @@ void sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const
     // BLAS may skip C entirely when K is 0; the contract is C = beta * C.
     if (beta != 1.0f)
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == 0.0f ? 0.0f : beta * C[m * ldc + n];
+        for (int64_t n = 0; n < N; ++n)
+          C[m * ldc + n] = beta == 0.0f ? 0.0f : beta * C[m * ldc + n];
     return;
   }
   cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
@@ -73,8 +74,10 @@ void sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const
               static_cast<int>(lda), B, static_cast<int>(ldb), beta, C, static_cast<int>(ldc));
 }
 
-// The same product split over the pool along the longer of M and N (each thread one sgemm on
-// its own rows or columns of C).
+// The same product split over the pool as a grid of blocks of C, one per thread: a parts along M
+// times b along N with a * b = threads. Each thread's sgemm packs its own slices of op(A) and
+// op(B), K * (M/a + N/b) floats, so the grid is the factor pair that makes that smallest (a 1-D
+// split would have every thread pack all of the other operand).
 void sgemm_pool(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                 int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   init_openblas_threads();
@@ -85,24 +88,33 @@ void sgemm_pool(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, 
     return;
   }
   constexpr int64_t unit = 16;  // rows or columns per unit of the split
-  if (M >= N) {
-    const int64_t units = (M + unit - 1) / unit;
-    pool.parallel_for(units, [&](int64_t u0, int64_t u1) {
-      const int64_t m0 = u0 * unit, m1 = std::min(M, u1 * unit);
-      if (m1 <= m0) return;
-      // Row m of op(A) starts at A + m * lda (not transposed) or at column m (transposed).
-      const float* a = ta ? A + m0 : A + m0 * lda;
-      sgemm(ta, tb, m1 - m0, N, K, alpha, a, lda, B, ldb, beta, C + m0 * ldc, ldc);
-    });
-  } else {
-    const int64_t units = (N + unit - 1) / unit;
-    pool.parallel_for(units, [&](int64_t u0, int64_t u1) {
-      const int64_t n0 = u0 * unit, n1 = std::min(N, u1 * unit);
-      if (n1 <= n0) return;
-      const float* b = tb ? B + n0 * ldb : B + n0;
-      sgemm(ta, tb, M, n1 - n0, K, alpha, A, lda, b, ldb, beta, C + n0, ldc);
-    });
+  const int64_t mu = (M + unit - 1) / unit, nu = (N + unit - 1) / unit;
+  int64_t ga = 1, gb = 1;
+  double best = std::numeric_limits<double>::infinity();
+  for (int64_t a = 1; a <= P; ++a) {
+    if (P % a != 0) continue;
+    const int64_t b = P / a;
+    const int64_t ma = (mu + a - 1) / a, nb = (nu + b - 1) / b;  // units per block
+    // Blocks beyond the units idle their thread: count the busy ones.
+    const double busy = static_cast<double>(std::min(a, mu) * std::min(b, nu));
+    const double cost = static_cast<double>(ma + nb) + 1e9 * (P - busy);
+    if (cost < best) best = cost, ga = a, gb = b;
   }
+  pool.parallel_for(ga * gb, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t ia = i / gb, ib = i % gb;
+      const int64_t m0 = std::min(M, mu * ia / ga * unit),
+                    m1 = std::min(M, mu * (ia + 1) / ga * unit);
+      const int64_t n0 = std::min(N, nu * ib / gb * unit),
+                    n1 = std::min(N, nu * (ib + 1) / gb * unit);
+      if (m1 <= m0 || n1 <= n0) continue;
+      // Row m of op(A) starts at A + m * lda (not transposed) or at column m (transposed); column
+      // n of op(B) at B + n (not transposed) or at row n (transposed).
+      const float* a = ta ? A + m0 : A + m0 * lda;
+      const float* b = tb ? B + n0 * ldb : B + n0;
+      sgemm(ta, tb, m1 - m0, n1 - n0, K, alpha, a, lda, b, ldb, beta, C + m0 * ldc + n0, ldc);
+    }
+  });
 }
 
 void check_linear(const char* fn, int64_t T, int64_t out, int64_t in) {
@@ -128,6 +140,7 @@ void check_rope(const char* fn, int64_t T, int64_t heads, int64_t head_dim) {
 void check_attention(const char* fn, int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t hd) {
   check_dim(fn, "B", B);
   check_dim(fn, "S", S);
+  if (hd <= 0) fail(kWho, fn, ": head_dim must be > 0, got ", hd);
   check_dim(fn, "head_dim", hd);
   if (Hq <= 0 || Hkv <= 0 || Hq % Hkv != 0)
     fail(kWho, fn, ": query heads (", Hq, ") must be a positive multiple of KV heads (", Hkv, ")");
@@ -140,6 +153,141 @@ float* scratch(int64_t floats) {
   thread_local std::vector<float> buf;
   if (static_cast<int64_t>(buf.size()) < floats) buf.resize(static_cast<size_t>(floats));
   return buf.data();
+}
+
+// ---- row helpers: the max, exp(x - m) with its sum, in AVX2 where the CPU has it. The exps
+// dominate attention's softmax (S^2 per head) and the cross-entropy (R x vocab), so they are
+// vectorised (kernels::simd::exp8: within 2 ulp of expf); sums of exps are taken in double.
+
+float row_max_scalar(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// out[j] = exp(x[j] - m) (out may be x; null: not stored); returns the sum.
+double exp_sum_scalar(const float* x, int64_t n, float m, float* out) {
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = std::exp(x[j] - m);
+    if (out) out[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+#if PARALLM_X86
+PARALLM_AVX2 float row_max_avx2(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+  if (n >= 8) {
+    __m256 v = _mm256_loadu_ps(x);
+    for (j = 8; j + 8 <= n; j += 8) v = _mm256_max_ps(v, _mm256_loadu_ps(x + j));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, v);
+    for (float l : lanes) m = std::max(m, l);
+  }
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+PARALLM_AVX2 double exp_sum_avx2(const float* x, int64_t n, float m, float* out) {
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = kernels::simd::exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm));
+    if (out) _mm256_storeu_ps(out + j, e);
+    s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+    s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+  }
+  double lanes[4];
+  _mm256_storeu_pd(lanes, _mm256_add_pd(s0, s1));
+  double sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  return sum + exp_sum_scalar(x + j, n - j, m, out ? out + j : nullptr);
+}
+
+PARALLM_AVX2 void swiglu_backward_avx2(const float* gate, const float* up, const float* dh,
+                                       int64_t n, float* dgate, float* dup) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 s = _mm256_div_ps(
+        one, _mm256_add_ps(one, kernels::simd::exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    const __m256 d = _mm256_loadu_ps(dh + i);
+    _mm256_storeu_ps(dup + i, _mm256_mul_ps(d, _mm256_mul_ps(g, s)));
+    // s (1 + g (1 - s))
+    const __m256 ds = _mm256_mul_ps(s, _mm256_fmadd_ps(g, _mm256_sub_ps(one, s), one));
+    _mm256_storeu_ps(dgate + i, _mm256_mul_ps(_mm256_mul_ps(d, _mm256_loadu_ps(up + i)), ds));
+  }
+  for (; i < n; ++i) {
+    const float g = gate[i];
+    const float s = 1.0f / (1.0f + std::exp(-g));
+    dup[i] = dh[i] * (g * s);
+    dgate[i] = dh[i] * up[i] * (s * (1.0f + g * (1.0f - s)));
+  }
+}
+
+// d[j] = p[j] * (d[j] - sum_l d[l] p[l]) over one row of n (the softmax's backward).
+PARALLM_AVX2 void softmax_backward_row_avx2(float* d, const float* p, int64_t n) {
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 prod = _mm256_mul_ps(_mm256_loadu_ps(d + j), _mm256_loadu_ps(p + j));
+    s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(prod)));
+    s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(prod, 1)));
+  }
+  double lanes[4];
+  _mm256_storeu_pd(lanes, _mm256_add_pd(s0, s1));
+  double dot = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (int64_t t = j; t < n; ++t) dot += static_cast<double>(d[t] * p[t]);
+  const float fdot = static_cast<float>(dot);
+  const __m256 vdot = _mm256_set1_ps(fdot);
+  for (j = 0; j + 8 <= n; j += 8) {
+    const __m256 dv = _mm256_sub_ps(_mm256_loadu_ps(d + j), vdot);
+    _mm256_storeu_ps(d + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), dv));
+  }
+  for (; j < n; ++j) d[j] = p[j] * (d[j] - fdot);
+}
+#endif
+
+void softmax_backward_row(float* d, const float* p, int64_t n, bool avx2) {
+#if PARALLM_X86
+  if (avx2) {
+    softmax_backward_row_avx2(d, p, n);
+    return;
+  }
+#endif
+  (void)avx2;
+  double dot = 0;
+  for (int64_t j = 0; j < n; ++j) dot += static_cast<double>(d[j] * p[j]);
+  const float fdot = static_cast<float>(dot);
+  for (int64_t j = 0; j < n; ++j) d[j] = p[j] * (d[j] - fdot);
+}
+
+inline bool use_avx2() {
+#if PARALLM_X86
+  return kernels::simd_level() >= kernels::SimdLevel::Avx2;
+#else
+  return false;
+#endif
+}
+
+float row_max(const float* x, int64_t n, bool avx2) {
+#if PARALLM_X86
+  if (avx2) return row_max_avx2(x, n);
+#endif
+  (void)avx2;
+  return row_max_scalar(x, n);
+}
+
+double exp_sum(const float* x, int64_t n, float m, float* out, bool avx2) {
+#if PARALLM_X86
+  if (avx2) return exp_sum_avx2(x, n, m, out);
+#endif
+  (void)avx2;
+  return exp_sum_scalar(x, n, m, out);
 }
 
 }  // namespace
@@ -171,8 +319,8 @@ void linear_backward_weight(const float* dy, const float* x, int64_t T, int64_t 
 void embedding_backward(const int32_t* ids, int64_t T, const float* dx, int64_t D,
                         int64_t row_begin, int64_t row_end, float* dtable) {
   if (T < 0 || D < 0 || row_end < row_begin)
-    fail(kWho, "embedding_backward: bad sizes T=", T, " D=", D, " rows [", row_begin, ", ",
-         row_end, ")");
+    fail(kWho, "embedding_backward: bad sizes T=", T, " D=", D, " rows [", row_begin, ", ", row_end,
+         ")");
   // Tokens may repeat an id, so rows are not independent: threads split the columns instead,
   // each walking all tokens over its own columns.
   auto cols = [&](int64_t c0, int64_t c1) {
@@ -216,8 +364,8 @@ void rmsnorm_forward(const float* x, const float* w, int64_t T, int64_t D, float
   });
 }
 
-void rmsnorm_backward(const float* x, const float* w, const float* rstd, const float* dy,
-                      int64_t T, int64_t D, float* dx, float* dw, bool accumulate) {
+void rmsnorm_backward(const float* x, const float* w, const float* rstd, const float* dy, int64_t T,
+                      int64_t D, float* dx, float* dw, bool accumulate) {
   if (D <= 0 || T < 0) fail(kWho, "rmsnorm_backward: need D > 0 and T >= 0, got D=", D, " T=", T);
   // y = x r w with r = (mean(x^2) + eps)^-1/2, dr/dx_j = -r^3 x_j / D:
   // dx_j = r (w_j dy_j) - x_j r^3 / D * sum_i w_i dy_i x_i.
@@ -230,8 +378,7 @@ void rmsnorm_backward(const float* x, const float* w, const float* rstd, const f
       double acc[4] = {0, 0, 0, 0};
       int64_t i = 0;
       for (; i + 4 <= D; i += 4)
-        for (int j = 0; j < 4; ++j)
-          acc[j] += static_cast<double>(gr[i + j] * w[i + j]) * xr[i + j];
+        for (int j = 0; j < 4; ++j) acc[j] += static_cast<double>(gr[i + j] * w[i + j]) * xr[i + j];
       for (; i < D; ++i) acc[0] += static_cast<double>(gr[i] * w[i]) * xr[i];
       const double dot = (acc[0] + acc[1]) + (acc[2] + acc[3]);
       const float r = rstd[t];
@@ -273,8 +420,7 @@ void rmsnorm_backward_ref(const float* x, const float* w, float eps, const float
     for (int64_t i = 0; i < D; ++i) ss += static_cast<double>(x[t * D + i]) * x[t * D + i];
     const double r = 1.0 / std::sqrt(ss / static_cast<double>(D) + eps);
     double dot = 0;  // sum_i w_i dy_i x_i
-    for (int64_t i = 0; i < D; ++i)
-      dot += static_cast<double>(w[i]) * dy[t * D + i] * x[t * D + i];
+    for (int64_t i = 0; i < D; ++i) dot += static_cast<double>(w[i]) * dy[t * D + i] * x[t * D + i];
     for (int64_t j = 0; j < D; ++j) {
       const double g = r * w[j] * dy[t * D + j] - x[t * D + j] * r * r * r * dot / D;
       dx[t * D + j] = static_cast<float>(accumulate ? dx[t * D + j] + g : g);
@@ -346,6 +492,7 @@ void attention_forward(const float* q, const float* k, const float* v, int64_t B
   init_openblas_threads();
   const int64_t group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const bool avx2 = use_avx2();
   auto task = [&](int64_t i0, int64_t i1) {
     for (int64_t bh = i0; bh < i1; ++bh) {
       const int64_t b = bh / Hq, h = bh % Hq, g = h / group;
@@ -360,13 +507,8 @@ void attention_forward(const float* q, const float* k, const float* v, int64_t B
         sgemm(false, true, n, r1, hd, scale, qb + r0 * ldq, ldq, kb, ldk, 0.0f, P + r0 * S, S);
         for (int64_t i = r0; i < r1; ++i) {
           float* row = P + i * S;
-          float m = row[0];
-          for (int64_t j = 1; j <= i; ++j) m = std::max(m, row[j]);
-          double sum = 0;
-          for (int64_t j = 0; j <= i; ++j) {
-            row[j] = std::exp(row[j] - m);
-            sum += row[j];
-          }
+          const float m = row_max(row, i + 1, avx2);
+          const double sum = exp_sum(row, i + 1, m, row, avx2);
           const float inv = static_cast<float>(1.0 / sum);
           for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
           std::fill(row + i + 1, row + S, 0.0f);
@@ -387,60 +529,97 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
                         const float* dout, int64_t B, int64_t S, int64_t Hq, int64_t Hkv,
                         int64_t hd, float* dq, float* dk, float* dv) {
   check_attention("attention_backward", B, S, Hq, Hkv, hd);
-  (void)v;
   if (B == 0 || S == 0) return;
   init_openblas_threads();
   const int64_t group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  // One task per (sequence, KV head): it owns that head's dk and dv and the dq of its group's
-  // query heads, so no two tasks write the same element.
-  auto task = [&](int64_t i0, int64_t i1) {
+  const bool avx2 = use_avx2();
+  // Query head h of sequence b: writes its dq and adds its share to dkb / dvb ([S, hd], rows
+  // ldkv apart), the gradients of its KV head.
+  auto head = [&](int64_t b, int64_t h, float* dkb, float* dvb, int64_t ldkv) {
     float* dS = scratch(std::min(S, kAttnBlock) * S);
-    for (int64_t bg = i0; bg < i1; ++bg) {
-      const int64_t b = bg / Hkv, g = bg % Hkv;
-      const float* kb = k + b * S * ldk + g * hd;
-      const float* vb = v + b * S * ldk + g * hd;
-      float* dkb = dk + b * S * ldk + g * hd;
-      float* dvb = dv + b * S * ldk + g * hd;
-      for (int64_t s = 0; s < S; ++s) {
-        std::fill(dkb + s * ldk, dkb + s * ldk + hd, 0.0f);
-        std::fill(dvb + s * ldk, dvb + s * ldk + hd, 0.0f);
+    const int64_t g = h / group;
+    const float* kb = k + b * S * ldk + g * hd;
+    const float* vb = v + b * S * ldk + g * hd;
+    const float* qb = q + b * S * ldq + h * hd;
+    const float* dob = dout + b * S * ldq + h * hd;
+    float* dqb = dq + b * S * ldq + h * hd;
+    const float* P = probs + (b * Hq + h) * S * S;
+    for (int64_t r0 = 0; r0 < S; r0 += kAttnBlock) {
+      const int64_t r1 = std::min(S, r0 + kAttnBlock), n = r1 - r0;
+      // dP [n, r1] = dO [rows] . V[0, r1)^T
+      sgemm(false, true, n, r1, hd, 1.0f, dob + r0 * ldq, ldq, vb, ldk, 0.0f, dS, r1);
+      // dS = P * (dP - rowsum(dP * P)), the softmax's backward; zero above the diagonal.
+      for (int64_t i = r0; i < r1; ++i) {
+        float* d = dS + (i - r0) * r1;
+        const float* p = P + i * S;
+        softmax_backward_row(d, p, i + 1, avx2);
+        std::fill(d + i + 1, d + r1, 0.0f);
       }
-      for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-        const float* qb = q + b * S * ldq + h * hd;
-        const float* dob = dout + b * S * ldq + h * hd;
-        float* dqb = dq + b * S * ldq + h * hd;
-        const float* P = probs + (b * Hq + h) * S * S;
-        for (int64_t r0 = 0; r0 < S; r0 += kAttnBlock) {
-          const int64_t r1 = std::min(S, r0 + kAttnBlock), n = r1 - r0;
-          // dP [n, r1] = dO [rows] . V[0, r1)^T
-          sgemm(false, true, n, r1, hd, 1.0f, dob + r0 * ldq, ldq, vb, ldk, 0.0f, dS, r1);
-          // dS = P * (dP - rowsum(dP * P)), the softmax's backward; zero above the diagonal.
-          for (int64_t i = r0; i < r1; ++i) {
-            float* d = dS + (i - r0) * r1;
-            const float* p = P + i * S;
-            double dot = 0;
-            for (int64_t j = 0; j <= i; ++j) dot += static_cast<double>(d[j]) * p[j];
-            const float fdot = static_cast<float>(dot);
-            for (int64_t j = 0; j <= i; ++j) d[j] = p[j] * (d[j] - fdot);
-            std::fill(d + i + 1, d + r1, 0.0f);
+      // dq [rows] = scale * dS . K[0, r1)
+      sgemm(false, false, n, hd, r1, scale, dS, r1, kb, ldk, 0.0f, dqb + r0 * ldq, ldq);
+      // dK[0, r1) += scale * dS^T . q [rows]
+      sgemm(true, false, r1, hd, n, scale, dS, r1, qb + r0 * ldq, ldq, 1.0f, dkb, ldkv);
+      // dV[0, r1) += P [rows, 0..r1)^T . dO [rows]
+      sgemm(true, false, r1, hd, n, 1.0f, P + r0 * S, S, dob + r0 * ldq, ldq, 1.0f, dvb, ldkv);
+    }
+  };
+  auto zero_rows = [&](float* p, int64_t ld) {
+    for (int64_t s = 0; s < S; ++s) std::fill(p + s * ld, p + s * ld + hd, 0.0f);
+  };
+  ThreadPool& pool = ThreadPool::current();
+  const bool parallel = pool.size() > 1 && B * Hq > 1 && B * Hq * S * S * hd >= kParallelMin;
+  if (!parallel || B * Hkv >= pool.size() || group == 1) {
+    // One task per (sequence, KV head): it owns that head's dk and dv and the dq of its group's
+    // query heads, so no two tasks write the same element.
+    auto task = [&](int64_t i0, int64_t i1) {
+      for (int64_t bg = i0; bg < i1; ++bg) {
+        const int64_t b = bg / Hkv, g = bg % Hkv;
+        float* dkb = dk + b * S * ldk + g * hd;
+        float* dvb = dv + b * S * ldk + g * hd;
+        zero_rows(dkb, ldk);
+        zero_rows(dvb, ldk);
+        for (int64_t h = g * group; h < (g + 1) * group; ++h) head(b, h, dkb, dvb, ldk);
+      }
+    };
+    if (parallel) {
+      pool.parallel_for_dynamic(B * Hkv, 1, task);
+    } else {
+      task(0, B * Hkv);
+    }
+    return;
+  }
+  // Fewer (sequence, KV head) pairs than threads (e.g. one sequence per micro-batch): one task per
+  // query head, each with its own dk and dv partials, summed over the group afterwards.
+  std::vector<float> part(static_cast<size_t>(2 * B * Hq * S * hd));
+  pool.parallel_for_dynamic(B * Hq, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t bh = i0; bh < i1; ++bh) {
+      float* pk = part.data() + bh * S * hd;
+      float* pv = pk + B * Hq * S * hd;
+      std::fill(pk, pk + S * hd, 0.0f);
+      std::fill(pv, pv + S * hd, 0.0f);
+      head(bh / Hq, bh % Hq, pk, pv, hd);
+    }
+  });
+  pool.parallel_for(B * S, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / S, s = t % S;
+      for (int64_t g = 0; g < Hkv; ++g) {
+        float* dkr = dk + t * ldk + g * hd;
+        float* dvr = dv + t * ldk + g * hd;
+        std::fill(dkr, dkr + hd, 0.0f);
+        std::fill(dvr, dvr + hd, 0.0f);
+        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+          const float* pk = part.data() + ((b * Hq + h) * S + s) * hd;
+          const float* pv = pk + B * Hq * S * hd;
+          for (int64_t c = 0; c < hd; ++c) {
+            dkr[c] += pk[c];
+            dvr[c] += pv[c];
           }
-          // dq [rows] = scale * dS . K[0, r1)
-          sgemm(false, false, n, hd, r1, scale, dS, r1, kb, ldk, 0.0f, dqb + r0 * ldq, ldq);
-          // dK[0, r1) += scale * dS^T . q [rows]
-          sgemm(true, false, r1, hd, n, scale, dS, r1, qb + r0 * ldq, ldq, 1.0f, dkb, ldk);
-          // dV[0, r1) += P [rows, 0..r1)^T . dO [rows]
-          sgemm(true, false, r1, hd, n, 1.0f, P + r0 * S, S, dob + r0 * ldq, ldq, 1.0f, dvb, ldk);
         }
       }
     }
-  };
-  ThreadPool& pool = ThreadPool::current();
-  if (pool.size() > 1 && B * Hkv > 1 && B * Hq * S * S * hd >= kParallelMin) {
-    pool.parallel_for_dynamic(B * Hkv, 1, task);
-  } else {
-    task(0, B * Hkv);
-  }
+  });
 }
 
 void attention_backward_ref(const float* q, const float* k, const float* v, const float* dout,
@@ -458,9 +637,7 @@ void attention_backward_ref(const float* q, const float* k, const float* v, cons
       auto Q = [&](int64_t i, int64_t c) { return double{q[(b * S + i) * ldq + h * hd + c]}; };
       auto K = [&](int64_t j, int64_t c) { return double{k[(b * S + j) * ldk + g * hd + c]}; };
       auto V = [&](int64_t j, int64_t c) { return double{v[(b * S + j) * ldk + g * hd + c]}; };
-      auto dO = [&](int64_t i, int64_t c) {
-        return double{dout[(b * S + i) * ldq + h * hd + c]};
-      };
+      auto dO = [&](int64_t i, int64_t c) { return double{dout[(b * S + i) * ldq + h * hd + c]}; };
       for (int64_t i = 0; i < S; ++i) {
         // p = softmax over j <= i of scale * q_i . k_j
         double m = -std::numeric_limits<double>::infinity();
@@ -509,9 +686,17 @@ void swiglu_backward(const float* gate, const float* up, const float* dh, int64_
   if (n < 0) fail(kWho, "swiglu_backward: n must be >= 0, got ", n);
   constexpr int64_t chunk = 4096;
   const int64_t chunks = (n + chunk - 1) / chunk;
+  const bool avx2 = use_avx2();
   for_rows(chunks, chunk, [&](int64_t c0, int64_t c1) {
-    const int64_t e = std::min(n, c1 * chunk);
-    for (int64_t i = c0 * chunk; i < e; ++i) {
+    const int64_t b = c0 * chunk, e = std::min(n, c1 * chunk);
+#if PARALLM_X86
+    if (avx2) {
+      swiglu_backward_avx2(gate + b, up + b, dh + b, e - b, dgate + b, dup + b);
+      return;
+    }
+#endif
+    (void)avx2;
+    for (int64_t i = b; i < e; ++i) {
       const float g = gate[i];
       const float s = 1.0f / (1.0f + std::exp(-g));
       const float d = dh[i];
@@ -524,19 +709,19 @@ void swiglu_backward(const float* gate, const float* up, const float* dh, int64_
 // ---- cross-entropy
 
 double cross_entropy(const parallel::VocabExchange& ex, const float* logits, int64_t R,
-                     int64_t V_local, int64_t vocab_begin, const int32_t* targets,
-                     float grad_scale, float* dlogits) {
+                     int64_t V_local, int64_t vocab_begin, const int32_t* targets, float grad_scale,
+                     float* dlogits) {
   if (R < 0 || V_local < 0 || vocab_begin < 0)
     fail(kWho, "cross_entropy: need R, V_local, vocab_begin >= 0, got ", R, ", ", V_local, ", ",
          vocab_begin);
-  // Every rank takes part in the collectives even with R == 0, so the group stays in step.
+  // R is the same on every rank of the group (the same rows, split by vocabulary), so all of them
+  // skip the collectives together.
+  if (R == 0) return 0.0;
+  const bool avx2 = use_avx2();
   std::vector<float> mx(static_cast<size_t>(R));
   for_rows(R, V_local, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const float* row = logits + r * V_local;
-      float m = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < V_local; ++j) m = std::max(m, row[j]);
-      mx[r] = m;
+      mx[r] = row_max(logits + r * V_local, V_local, avx2);
     }
   });
   ex.max(mx.data(), R);
@@ -547,13 +732,8 @@ double cross_entropy(const parallel::VocabExchange& ex, const float* logits, int
     for (int64_t r = r0; r < r1; ++r) {
       const float* row = logits + r * V_local;
       const float m = mx[r];
-      double sum = 0;
-      if (dlogits) {
-        float* d = dlogits + r * V_local;  // keep exp(x - max) for the gradient
-        for (int64_t j = 0; j < V_local; ++j) sum += (d[j] = std::exp(row[j] - m));
-      } else {
-        for (int64_t j = 0; j < V_local; ++j) sum += std::exp(row[j] - m);
-      }
+      // dlogits keeps exp(x - max) for the gradient.
+      const double sum = exp_sum(row, V_local, m, dlogits ? dlogits + r * V_local : nullptr, avx2);
       red[r] = static_cast<float>(sum);
       const int64_t local = static_cast<int64_t>(targets[r]) - vocab_begin;
       if (local >= 0 && local < V_local) {

@@ -3,7 +3,10 @@
 // versions are the layers in parallel/, which call these on their shard and add the mappings.
 //
 // Layout: row-major f32; T = tokens (B sequences of S tokens back to back), D = features.
-// "accumulate" outputs (weight gradients) are added to; the others are overwritten.
+// "accumulate" outputs (weight gradients) are added to; the others are overwritten. Outputs must
+// not overlap inputs (except the in-place RoPE). The fast versions split work over
+// ThreadPool::current() (OpenBLAS itself runs single-threaded), so call them from outside any
+// parallel_for; for a given thread count their results are deterministic run to run.
 #pragma once
 
 #include <cstdint>
@@ -72,8 +75,10 @@ void swiglu_backward(const float* gate, const float* up, const float* dh, int64_
 // logits [R, V_local], this rank's columns [vocab_begin, vocab_begin + V_local) of the full
 // vocabulary; targets [R] (full-vocabulary ids). Megatron's vocab-parallel cross-entropy: the row
 // max and the sum of exp are all-reduced (max, then sum), the target's logit is summed from the
-// rank that owns it: three all-reduces of [R] floats, the logits never gathered. On the size-1
-// group: plain cross-entropy with no collective.
+// rank that owns it, the logits never gathered. The sums travel together: two all-reduces in all,
+// a max of [R] floats, then a sum of [3R] (sums of exp, target logits, and how many ranks own each
+// target: an id outside the vocabulary throws std::invalid_argument on every rank alike). On the
+// size-1 group: plain cross-entropy with no collective.
 // Returns the sum over rows of -log softmax(logits)[target] (the same on every rank) and, when
 // dlogits is not null, writes dlogits [R, V_local] = grad_scale * (softmax - onehot(target)).
 double cross_entropy(const parallel::VocabExchange& ex, const float* logits, int64_t R,

@@ -48,8 +48,9 @@ std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, 
     p.offset = offset;
     offset += p.numel;
     p.decay = t.shape.size() == 2;
-    p.tp_replicated = t.rule == ShardRule::Replicated ||
-                      (t.rule == ShardRule::KvHeadRows && heads.kv_replicas > 1);
+    const bool kv_replicated = t.rule == ShardRule::KvHeadRows && heads.kv_replicas > 1;
+    p.tp_replicated = t.rule == ShardRule::Replicated || kv_replicated;
+    p.tp_replicas = t.rule == ShardRule::Replicated ? tp : kv_replicated ? heads.kv_replicas : 1;
     p.tensor = std::move(t);
     out.push_back(std::move(p));
   }

@@ -33,6 +33,13 @@ struct Param {
   // replicates when TP > KV heads). The global gradient norm counts such a tensor once, a sharded
   // tensor's slices once each.
   bool tp_replicated = false;
+  // How many ranks of the TP group hold these same values: tp for Replicated tensors, the KV
+  // heads' replica count for K/V rows that TP replicates, else 1. A TP-wide sum over parameters
+  // (the global gradient norm) counts this rank's part exactly once when it adds it on the ranks
+  // with tp_rank % tp_replicas == 0 (the replicas of a KV head are consecutive ranks). Counting
+  // tp_replicated tensors on TP rank 0 alone would miss the KV heads that rank 0 does not hold.
+  int tp_replicas = 1;
+  bool counts_once(int tp_rank) const { return tp_rank % tp_replicas == 0; }
 };
 
 // The layout ParamStore(config, tp, tp_rank) has (params with offsets); `size` gets the floats of

@@ -1,6 +1,7 @@
 #include "parallm/train/trainer.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -27,6 +28,9 @@ namespace fs = std::filesystem;
 
 namespace parallm::train {
 namespace {
+
+std::atomic<int> g_stop{0};
+static_assert(std::atomic<int>::is_always_lock_free, "the signal handler needs a lock-free flag");
 
 // The sum over `g` of each rank's double, exact and the same on every rank: the values are
 // gathered as their bits (all_gather carries I64 unchanged) and summed in rank order.
@@ -132,27 +136,30 @@ void check_options(const TrainOptions& o) {
   AdamWConfig a = o.adamw;
   a.steps = o.steps;
   check_config(a);  // the optimizer's flags, named
-  if (!o.data_dtype.empty() && o.data_dtype != "auto" && o.data_dtype != "u16" &&
-      o.data_dtype != "u32" && o.data_dtype != "text")
-    fail("train", "--data-dtype must be auto, u16, u32 or text, got \"", o.data_dtype, "\"");
+  parse_token_file_type(o.data_dtype, "--data-dtype");
 }
 
 TokenData load_data(const std::string& path, const std::string& flag, const TrainOptions& o,
                     const ModelConfig& config) {
-  std::string kind = o.data_dtype;
-  if (kind.empty() || kind == "auto") kind = fs::path(path).extension() == ".txt" ? "text" : "u16";
-  if (kind == "text") {
-    const std::unique_ptr<Tokenizer> tok = find_tokenizer(o);
+  const TokenFileType type = parse_token_file_type(o.data_dtype, "--data-dtype");
+  std::unique_ptr<Tokenizer> tok;
+  if (fs::path(path).extension() != ".bin") {
+    tok = find_tokenizer(o);
     if (!tok)
       fail("train", flag, " ", path,
-           " is text, but there is no tokenizer (give --tokenizer FILE, or token ids as .bin)");
-    return TokenData::from_text(path, *tok, config.vocab_size);
+           " is text (its name does not end in .bin), but there is no tokenizer: give "
+           "--tokenizer FILE, or a token file");
   }
-  return TokenData::from_bin(path, parse_token_file_type(kind, "--data-dtype"),
-                             config.vocab_size);
+  // Text is encoded line by line on the current pool: use the machine's cores.
+  ThreadPool pool(ThreadPool::hardware_threads());
+  ScopedPool scoped(pool);
+  return TokenData::from_file(path, type, tok.get(), config.vocab_size);
 }
 
 }  // namespace
+
+void request_training_stop() { g_stop.store(1, std::memory_order_relaxed); }
+void clear_training_stop() { g_stop.store(0, std::memory_order_relaxed); }
 
 ModelConfig resolve_config(const TrainOptions& o) {
   const int given = !o.model.empty() + !o.init.empty();
@@ -321,6 +328,11 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
           result.param_numel.push_back(all[3 * r + 1]);
           result.state_numel.push_back(all[3 * r + 2]);
         }
+        if (!o.quiet)
+          out << "[train] memory per rank: " << all[0] / 1e6 << " MB for values, grads, m and v ("
+              << static_cast<double>(all[0]) / static_cast<double>(std::max<int64_t>(all[1], 1))
+              << " bytes per parameter); " << dp.buckets().size() << " DP bucket"
+              << (dp.buckets().size() == 1 ? "" : "s") << std::endl;
       }
     }
     CheckpointInfo state;
@@ -349,7 +361,7 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
     (void)val_sequences;
     world.barrier();  // the ranks start their clocks together
     Timer run_clock;
-    const int64_t end = o.stop_after > 0 ? std::min(o.stop_after, o.steps) : o.steps;
+    int64_t end = o.stop_after > 0 ? std::min(o.stop_after, o.steps) : o.steps;
     for (int64_t step = start; step < end; ++step) {
       Timer t;
       params.zero_grads();
@@ -362,9 +374,10 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
       }
       dp.finish_sync();
       const double loss = dp.sum_over_dp(loss_sum) / static_cast<double>(G * S);
-      // The global norm: each sharded slice once, TP-replicated tensors on TP rank 0 only, and
-      // with ZeRO each rank's reduced shard once over DP.
-      double sq = sum_over(mesh.tp(), dp.local_grad_sq(tp_rank == 0));
+      // The global norm: each sharded slice once, TP-replicated tensors once (Param::counts_once:
+      // norms on TP rank 0, a replicated KV head on the first of its replicas), and with ZeRO
+      // each rank's reduced shard once over DP.
+      double sq = sum_over(mesh.tp(), dp.local_grad_sq(tp_rank));
       if (dp.zero()) sq = dp.sum_over_dp(sq);
       const double norm = std::sqrt(sq);
       const double lr = learning_rate(adamw, step);
@@ -406,6 +419,17 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
           log.flush();
         }
       }
+      // A stop request (a signal) reaches the ranks at different moments: they agree on it here.
+      float stop = g_stop.load(std::memory_order_relaxed) ? 1.0f : 0.0f;
+      world.all_reduce(&stop, 1, comm::ReduceOp::Max);
+      if (stop > 0 && step + 1 < end) {
+        end = step + 1;
+        if (root) {
+          std::lock_guard<std::mutex> lock(mu);
+          result.stopped = true;
+        }
+        break;
+      }
       if (!o.save.empty() && o.save_every > 0 && (step + 1) % o.save_every == 0 &&
           step + 1 < end)
         save(step + 1);
@@ -413,6 +437,9 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
     if (root) {
       std::lock_guard<std::mutex> lock(mu);
       result.seconds = run_clock.seconds();
+      if (!o.quiet && o.dp > 1)
+        out << "[train] last step: " << dp.early_buckets() << " of " << dp.buckets().size()
+            << " DP buckets reduced while the backward ran" << std::endl;
     }
     if (!o.save.empty()) save(end);
   });

@@ -31,7 +31,8 @@ struct TrainOptions {
   // --seed); --resume alone takes the model from the checkpoint.
   std::string model, init, tokenizer;
   std::string data, val_data;
-  std::string data_dtype = "auto";  // auto (.txt: text, else u16), u16, u32, text
+  std::string data_dtype = "u16";  // u16 or u32: the ids of a token file (a name ending in .bin;
+                                   // any other name is text, tokenized at start-up)
   bool shuffle = false;
   int64_t seq_len = 128;
   int64_t micro_batch = 1;   // --micro-batch-size, sequences
@@ -67,6 +68,7 @@ struct StepRecord {
 };
 
 struct TrainResult {
+  bool stopped = false;           // ended early by request_training_stop()
   std::vector<StepRecord> steps;  // the steps this run made (after a resume: from there on)
   ModelConfig config;
   int64_t param_count = 0;               // the model's parameters
@@ -81,6 +83,13 @@ struct TrainResult {
 // `progress` (stderr when null) from world rank 0. Returns what rank 0 saw (under mpirun, the
 // other processes return their own partial view: their steps' records are the same).
 TrainResult run_training(const TrainOptions& options, std::ostream* progress = nullptr);
+
+// Asks a running training to stop after its current step (async-signal-safe: an atomic store; the
+// CLI calls it from SIGINT/SIGTERM). The ranks agree on the step (a world all-reduce of the flag
+// after each step), save the checkpoint there when --save is given, and run_training returns with
+// `stopped` set. clear_training_stop() resets it.
+void request_training_stop();
+void clear_training_stop();
 
 // The model config a run would train, after the checks that need no data (for the CLI and bench).
 ModelConfig resolve_config(const TrainOptions& options);
