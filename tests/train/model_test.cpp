@@ -16,6 +16,9 @@
 #include <vector>
 
 #include "parallm/comm/launch.h"
+#include "parallm/core/thread_pool.h"
+#include "parallm/engine/stage_forward.h"
+#include "parallm/model/llama.h"
 #include "parallm/model/weights.h"
 #include "parallm/train/params.h"
 #include "test_util.h"
@@ -65,6 +68,9 @@ RunResult run_tp(const ModelConfig& c, int tp, const std::vector<Batch>& batches
   RunResult out;
   std::mutex mu;
   comm::launch(tp, {.backend = "local", .timeout_s = 60}, [&](comm::Group world) {
+    // TP 1, the reference, runs its kernels on 2 threads, the TP ranks on 1 each.
+    ThreadPool pool(tp == 1 ? 2 : 1);
+    ScopedPool scope(pool);
     ParamStore params(c, tp, world.rank());
     init_params(params, c, seed);
     TrainModel model(c, params, world);
@@ -338,6 +344,49 @@ TEST(TrainModel, DISABLED_Timing) {
   std::printf("params %lld, %.3f s per step, %.0f tokens/s, %.1f GFLOP/s (6 N T)\n",
               static_cast<long long>(c.param_count()), s, tokens / s,
               6.0 * c.param_count() * tokens / s / 1e9);
+}
+
+}  // namespace
+}  // namespace parallm::train
+
+namespace parallm::train {
+namespace {
+
+// The training forward is the inference forward: stories260K (llama2.c, interleaved RoPE, GQA,
+// tied) loaded into a ParamStore gives the loss that the engine's logits (f32 weights) give, at
+// TP 1 and TP 2; so a model trained here generates as it trained.
+TEST(TrainModel, LossEqualsInferenceCrossEntropyOnStories260K) {
+  const std::string path = std::string(PARALLM_SOURCE_DIR) + "/models/stories260K/stories260K.bin";
+  ModelConfig c;
+  const std::unique_ptr<WeightSource> src = open_model(path, &c);
+  const int64_t S = 24;
+  const Batch b = make_batch(c, 1, S, 9);
+
+  LlamaModel lm(c, *src, comm::Group(), {.weight_dtype = DType::F32});
+  StageForward sf(lm, 1, S, S);
+  std::vector<float> x(static_cast<size_t>(S * c.hidden_size)),
+      logits(static_cast<size_t>(S * c.vocab_size));
+  sf.embed(b.inputs.data(), S, x.data());
+  sf.layers(x.data(), {parallel::SeqChunk{0, 0, S}});
+  sf.head(x.data(), S, logits.data());
+  double expect = 0;
+  for (int64_t t = 0; t < S; ++t) {
+    const float* row = logits.data() + t * c.vocab_size;
+    double mx = row[0], sum = 0;
+    for (int64_t j = 0; j < c.vocab_size; ++j) mx = std::max<double>(mx, row[j]);
+    for (int64_t j = 0; j < c.vocab_size; ++j) sum += std::exp(row[j] - mx);
+    expect += std::log(sum) + mx - row[b.targets[t]];
+  }
+  for (int tp : {1, 2}) {
+    comm::launch(tp, {.backend = "local", .timeout_s = 60}, [&](comm::Group world) {
+      ModelConfig own;  // one reader per rank thread
+      ParamStore ps(c, tp, world.rank());
+      ps.load(*open_model(path, &own));
+      TrainModel m(c, ps, world);
+      const double loss = m.loss(b.inputs.data(), b.targets.data(), 1, S);
+      EXPECT_NEAR(loss, expect, 1e-5 * expect) << "TP " << tp;
+    });
+  }
 }
 
 }  // namespace
