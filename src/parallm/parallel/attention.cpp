@@ -5,7 +5,7 @@
 
 #include "parallm/core/error.h"
 #include "parallm/kernels/attention.h"
-#include "parallm/train/ops.h"
+#include "parallm/kernels/backward.h"
 
 namespace parallm::parallel {
 
@@ -107,7 +107,7 @@ void ParallelAttention::forward_train(const float* xn, int64_t B, int64_t S, Att
   const float* inv = rope_.inv_freq.data();
   kernels::rope(c.q.data(), T, heads_.q_heads, hd, c.positions.data(), inv, rope_.style);
   kernels::rope(c.k.data(), T, heads_.kv_heads, hd, c.positions.data(), inv, rope_.style);
-  train::attention_forward(c.q.data(), c.k.data(), c.v.data(), B, S, heads_.q_heads,
+  kernels::attention_forward(c.q.data(), c.k.data(), c.v.data(), B, S, heads_.q_heads,
                            heads_.kv_heads, hd, c.attn.data(), c.probs.data());
   o_.forward(c.attn.data(), T, out);  // partial sums over this rank's heads, all-reduced
 }
@@ -122,12 +122,12 @@ void ParallelAttention::backward(const float* xn, AttentionCache& c, const float
   c.dk.resize(static_cast<size_t>(T * kvd));
   c.dv.resize(static_cast<size_t>(T * kvd));
   o_.backward(c.attn.data(), dout, T, c.dattn.data(), d_o);  // no communication
-  train::attention_backward(c.q.data(), c.k.data(), c.v.data(), c.probs.data(), c.dattn.data(), B,
+  kernels::attention_backward(c.q.data(), c.k.data(), c.v.data(), c.probs.data(), c.dattn.data(), B,
                             S, heads_.q_heads, heads_.kv_heads, hd, c.dq.data(), c.dk.data(),
                             c.dv.data());
   const float* inv = rope_.inv_freq.data();
-  train::rope_backward(c.dq.data(), T, heads_.q_heads, hd, c.positions.data(), inv, rope_.style);
-  train::rope_backward(c.dk.data(), T, heads_.kv_heads, hd, c.positions.data(), inv, rope_.style);
+  kernels::rope_backward(c.dq.data(), T, heads_.q_heads, hd, c.positions.data(), inv, rope_.style);
+  kernels::rope_backward(c.dk.data(), T, heads_.kv_heads, hd, c.positions.data(), inv, rope_.style);
   float* g = c.qkv.data();  // the forward's qkv is no longer needed: dqkv [T, w] goes there
   for (int64_t t = 0; t < T; ++t) {
     float* row = g + t * w;

@@ -4,7 +4,7 @@
 
 #include "parallm/core/error.h"
 #include "parallm/parallel/mappings.h"
-#include "parallm/train/ops.h"
+#include "parallm/kernels/backward.h"
 
 namespace parallm::parallel {
 
@@ -39,7 +39,7 @@ void VocabParallelEmbedding::forward(const int32_t* ids, int64_t T, float* x) co
 
 void VocabParallelEmbedding::backward(const int32_t* ids, int64_t T, const float* dx,
                                       float* dtable) const {
-  train::embedding_backward(ids, T, dx, table_.dim(1), vocab_shard_.begin, vocab_shard_.end,
+  kernels::embedding_backward(ids, T, dx, table_.dim(1), vocab_shard_.begin, vocab_shard_.end,
                             dtable);
 }
 

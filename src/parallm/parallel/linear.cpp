@@ -6,7 +6,7 @@
 #include "parallm/core/error.h"
 #include "parallm/kernels/matmul.h"
 #include "parallm/parallel/mappings.h"
-#include "parallm/train/ops.h"
+#include "parallm/kernels/backward.h"
 
 namespace parallm::parallel {
 
@@ -42,13 +42,13 @@ void ColumnParallelLinear::backward(const float* x, const float* dy, int64_t T, 
     bool replicated = false;
     for (const FusedPart& p : out_shard_.parts) replicated |= p.replicas > 1;
     if (!replicated || group_.size() == 1) {
-      train::linear_backward_weight(dy, x, T, out, in, dw);
+      kernels::linear_backward_weight(dy, x, T, out, in, dw);
     } else {
       // This micro-batch's gradient alone (dw may hold earlier micro-batches' sums, already
       // identical on the replicas), then each replicated part summed over the group through a
       // buffer of the full tensor's rows where every rank writes its own rows.
       std::vector<float> g(static_cast<size_t>(out * in), 0.0f);
-      train::linear_backward_weight(dy, x, T, out, in, g.data());
+      kernels::linear_backward_weight(dy, x, T, out, in, g.data());
       for (size_t i = 0; i < out_shard_.parts.size(); ++i) {
         const FusedPart& p = out_shard_.parts[i];
         float* mine = g.data() + out_shard_.offset(i) * in;
@@ -62,7 +62,7 @@ void ColumnParallelLinear::backward(const float* x, const float* dy, int64_t T, 
     }
   }
   if (dx != nullptr) {
-    train::linear_backward_input(dy, w, T, out, in, dx);
+    kernels::linear_backward_input(dy, w, T, out, in, dx);
     // copy_to_region's backward: the input was replicated, each rank holds a partial gradient.
     copy_to_region_backward(group_, dx, T, in);
   }
@@ -72,9 +72,9 @@ void RowParallelLinear::backward(const float* x, const float* dy, int64_t T, flo
                                  float* dw) const {
   const int64_t out = weight_.dim(0), in = weight_.dim(1);
   const float* w = f32_weight(weight_, "row-parallel");
-  if (dw != nullptr) train::linear_backward_weight(dy, x, T, out, in, dw);
+  if (dw != nullptr) kernels::linear_backward_weight(dy, x, T, out, in, dw);
   // reduce_from_region's backward is the identity: dy is already the full gradient on each rank.
-  if (dx != nullptr) train::linear_backward_input(dy, w, T, out, in, dx);
+  if (dx != nullptr) kernels::linear_backward_input(dy, w, T, out, in, dx);
 }
 
 RowParallelLinear::RowParallelLinear(Tensor weight, ShardSpec in_shard, comm::Group group)

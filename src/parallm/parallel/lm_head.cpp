@@ -8,7 +8,7 @@
 #include "parallm/core/trace.h"
 #include "parallm/kernels/matmul.h"
 #include "parallm/parallel/mappings.h"
-#include "parallm/train/ops.h"
+#include "parallm/kernels/backward.h"
 
 namespace parallm::parallel {
 namespace {
@@ -132,9 +132,9 @@ void VocabParallelLmHead::backward(const float* x, const float* dlogits, int64_t
   if (weight_.dtype() != DType::F32 || !weight_.is_contiguous())
     fail("parallel", "LM head backward needs a contiguous f32 weight, got ", weight_.describe());
   const int64_t vl = weight_.dim(0), h = weight_.dim(1);
-  if (dw != nullptr) train::linear_backward_weight(dlogits, x, R, vl, h, dw);
+  if (dw != nullptr) kernels::linear_backward_weight(dlogits, x, R, vl, h, dw);
   if (dx != nullptr) {
-    train::linear_backward_input(dlogits, weight_.data<float>(), R, vl, h, dx);
+    kernels::linear_backward_input(dlogits, weight_.data<float>(), R, vl, h, dx);
     copy_to_region_backward(exchange_.group(), dx, R, h);
   }
 }

@@ -2,7 +2,7 @@
 
 #include "parallm/core/error.h"
 #include "parallm/kernels/ops.h"
-#include "parallm/train/ops.h"
+#include "parallm/kernels/backward.h"
 
 namespace parallm::parallel {
 
@@ -56,7 +56,7 @@ void ParallelMlp::backward(const float* xn, MlpCache& cache, const float* dout, 
   for (int64_t t = 0; t < T; ++t) {
     const float* row = cache.gu.data() + t * 2 * fl;
     float* drow = cache.dgu.data() + t * 2 * fl;
-    train::swiglu_backward(row, row + fl, cache.dh.data() + t * fl, fl, drow, drow + fl);
+    kernels::swiglu_backward(row, row + fl, cache.dh.data() + t * fl, fl, drow, drow + fl);
   }
   gate_up_.backward(xn, cache.dgu.data(), T, dxn, dgate_up);  // all-reduces dxn
 }

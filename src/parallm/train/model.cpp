@@ -13,7 +13,8 @@
 #include "parallm/parallel/lm_head.h"
 #include "parallm/parallel/mlp.h"
 #include "parallm/parallel/shard.h"
-#include "parallm/train/ops.h"
+#include "parallm/kernels/backward.h"
+#include "parallm/parallel/cross_entropy.h"
 
 namespace parallm::train {
 namespace {
@@ -175,18 +176,18 @@ double TrainModel::Impl::run(const int32_t* inputs, const int32_t* targets, int6
   for (int64_t l = 0; l < L; ++l) {
     LayerState& s = st[l];
     const LayerParams& p = lp[l];
-    rmsnorm_forward(s.x.data(), value(p.in_norm), T, H, eps, s.xn1.data(), s.rstd1.data());
+    kernels::rmsnorm_forward(s.x.data(), value(p.in_norm), T, H, eps, s.xn1.data(), s.rstd1.data());
     attn[l].forward_train(s.xn1.data(), B, S, s.attn, tmp.data());
     for (int64_t i = 0; i < T * H; ++i) s.x2[i] = s.x[i] + tmp[i];
-    rmsnorm_forward(s.x2.data(), value(p.post_norm), T, H, eps, s.xn2.data(), s.rstd2.data());
+    kernels::rmsnorm_forward(s.x2.data(), value(p.post_norm), T, H, eps, s.xn2.data(), s.rstd2.data());
     mlp[l].forward_train(s.xn2.data(), T, s.mlp, tmp.data());
     float* next = l + 1 < L ? st[l + 1].x.data() : xlast.data();
     for (int64_t i = 0; i < T * H; ++i) next[i] = s.x2[i] + tmp[i];
   }
-  rmsnorm_forward(xlast.data(), value(norm_p), T, H, eps, xf.data(), rstdf.data());
+  kernels::rmsnorm_forward(xlast.data(), value(norm_p), T, H, eps, xf.data(), rstdf.data());
   head.forward(xf.data(), T, logits.data());
   if (backward) resize(dlogits, T * vocab.size());
-  const double loss = cross_entropy(head.exchange(), logits.data(), T, vocab.size(), vocab.begin,
+  const double loss = parallel::cross_entropy(head.exchange(), logits.data(), T, vocab.size(), vocab.begin,
                                     targets, grad_scale, backward ? dlogits.data() : nullptr);
   if (!backward) return loss;
 
@@ -194,7 +195,7 @@ double TrainModel::Impl::run(const int32_t* inputs, const int32_t* targets, int6
   resize(dx, T * H), resize(dxn, T * H);
   head.backward(xf.data(), dlogits.data(), T, dxn.data(), grad(head_p));  // all-reduces dxn
   if (head_p != embed_p) ready(head_p);
-  rmsnorm_backward(xlast.data(), value(norm_p), rstdf.data(), dxn.data(), T, H, dx.data(),
+  kernels::rmsnorm_backward(xlast.data(), value(norm_p), rstdf.data(), dxn.data(), T, H, dx.data(),
                    grad(norm_p), false);
   ready(norm_p);
   for (int64_t l = L - 1; l >= 0; --l) {
@@ -203,12 +204,12 @@ double TrainModel::Impl::run(const int32_t* inputs, const int32_t* targets, int6
     lend_scratch(s);
     mlp[l].backward(s.xn2.data(), s.mlp, dx.data(), T, dxn.data(), grad(p.gate), grad(p.down));
     ready(p.down), ready(p.gate), ready(p.up);
-    rmsnorm_backward(s.x2.data(), value(p.post_norm), s.rstd2.data(), dxn.data(), T, H, dx.data(),
+    kernels::rmsnorm_backward(s.x2.data(), value(p.post_norm), s.rstd2.data(), dxn.data(), T, H, dx.data(),
                      grad(p.post_norm), true);
     ready(p.post_norm);
     attn[l].backward(s.xn1.data(), s.attn, dx.data(), B, S, dxn.data(), grad(p.q), grad(p.o));
     ready(p.o), ready(p.q), ready(p.k), ready(p.v);
-    rmsnorm_backward(s.x.data(), value(p.in_norm), s.rstd1.data(), dxn.data(), T, H, dx.data(),
+    kernels::rmsnorm_backward(s.x.data(), value(p.in_norm), s.rstd1.data(), dxn.data(), T, H, dx.data(),
                      grad(p.in_norm), true);
     lend_scratch(s);  // back
     ready(p.in_norm);

@@ -1,4 +1,4 @@
-// The backward passes of the LLaMA building blocks (see ops.h).
+// The backward passes of the LLaMA building blocks (see backward.h).
 //
 // Matrix products (linear layers, attention scores and their gradients) go through OpenBLAS
 // sgemm, single-threaded inside OpenBLAS: the rank's ThreadPool owns the parallelism (several
@@ -8,7 +8,7 @@
 // the masked upper triangle is never computed. Row-wise ops split rows over the pool once there is
 // enough work to pay for waking the threads. Sums that decide 1e-5 agreement with PyTorch (the
 // RMSNorm mean, the softmax sums, the weight gradients of RMSNorm) are taken in double.
-#include "parallm/train/ops.h"
+#include "parallm/kernels/backward.h"
 
 #include <cblas.h>
 
@@ -22,12 +22,11 @@
 #include "parallm/core/thread_pool.h"
 #include "parallm/kernels/cpu.h"
 #include "parallm/kernels/simd.h"
-#include "parallm/parallel/lm_head.h"
 
-namespace parallm::train {
+namespace parallm::kernels {
 namespace {
 
-constexpr const char* kWho = "train.ops";
+constexpr const char* kWho = "kernels.backward";
 
 // Below this many elements a row-wise op runs on the calling thread alone.
 constexpr int64_t kParallelMin = int64_t{1} << 15;
@@ -708,60 +707,10 @@ void swiglu_backward(const float* gate, const float* up, const float* dh, int64_
 
 // ---- cross-entropy
 
-double cross_entropy(const parallel::VocabExchange& ex, const float* logits, int64_t R,
-                     int64_t V_local, int64_t vocab_begin, const int32_t* targets, float grad_scale,
-                     float* dlogits) {
-  if (R < 0 || V_local < 0 || vocab_begin < 0)
-    fail(kWho, "cross_entropy: need R, V_local, vocab_begin >= 0, got ", R, ", ", V_local, ", ",
-         vocab_begin);
-  // R is the same on every rank of the group (the same rows, split by vocabulary), so all of them
-  // skip the collectives together.
-  if (R == 0) return 0.0;
-  const bool avx2 = use_avx2();
-  std::vector<float> mx(static_cast<size_t>(R));
-  for_rows(R, V_local, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      mx[r] = row_max(logits + r * V_local, V_local, avx2);
-    }
-  });
-  ex.max(mx.data(), R);
-  // One sum all-reduce of [3R]: the sums of exp, the target's logit (from its owner, zero
-  // elsewhere) and how many ranks own the target (1 when it is a valid id).
-  std::vector<float> red(static_cast<size_t>(3 * R), 0.0f);
-  for_rows(R, V_local, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* row = logits + r * V_local;
-      const float m = mx[r];
-      // dlogits keeps exp(x - max) for the gradient.
-      const double sum = exp_sum(row, V_local, m, dlogits ? dlogits + r * V_local : nullptr, avx2);
-      red[r] = static_cast<float>(sum);
-      const int64_t local = static_cast<int64_t>(targets[r]) - vocab_begin;
-      if (local >= 0 && local < V_local) {
-        red[R + r] = row[local];
-        red[2 * R + r] = 1.0f;
-      }
-    }
-  });
-  ex.sum(red.data(), 3 * R);
-  double loss = 0;
-  for (int64_t r = 0; r < R; ++r) {
-    if (red[2 * R + r] != 1.0f)
-      fail(kWho, "cross_entropy: target ", targets[r], " of row ", r,
-           " is outside the vocabulary (", red[2 * R + r], " ranks own it)");
-    loss += std::log(static_cast<double>(red[r])) + mx[r] - red[R + r];
-  }
-  if (dlogits) {
-    for_rows(R, V_local, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        float* d = dlogits + r * V_local;
-        const float f = static_cast<float>(grad_scale / static_cast<double>(red[r]));
-        for (int64_t j = 0; j < V_local; ++j) d[j] *= f;
-        const int64_t local = static_cast<int64_t>(targets[r]) - vocab_begin;
-        if (local >= 0 && local < V_local) d[local] -= grad_scale;
-      }
-    });
-  }
-  return loss;
+float row_max(const float* x, int64_t n) { return row_max(x, n, use_avx2()); }
+
+double exp_sum(const float* x, int64_t n, float m, float* out) {
+  return exp_sum(x, n, m, out, use_avx2());
 }
 
 double cross_entropy_ref(const float* logits, int64_t R, int64_t V, const int32_t* targets,
@@ -786,4 +735,4 @@ double cross_entropy_ref(const float* logits, int64_t R, int64_t V, const int32_
   return loss;
 }
 
-}  // namespace parallm::train
+}  // namespace parallm::kernels

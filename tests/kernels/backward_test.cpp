@@ -3,7 +3,8 @@
 // and, where the op splits work over the pool, at sizes that do so under a 3-thread pool.
 // Attention's forward also matches the inference kernel; the vocab-parallel cross-entropy runs at
 // TP 1..4 as threads over an uneven vocabulary split.
-#include "parallm/train/ops.h"
+#include "parallm/kernels/backward.h"
+#include "parallm/parallel/cross_entropy.h"
 
 #include <gtest/gtest.h>
 
@@ -23,7 +24,7 @@
 #include "parallm/parallel/lm_head.h"
 #include "parallm/parallel/shard.h"
 
-namespace parallm::train {
+namespace parallm::kernels {
 namespace {
 
 using kernels::RopeStyle;
@@ -127,11 +128,11 @@ void linear_case(int64_t T, int64_t out, int64_t in, const std::string& tag) {
   expect_close(dw, dw_ref, 1e-5, tol, tag + " dw");
 }
 
-TEST(TrainOps, LinearMatchesLoops) {
+TEST(Backward, LinearMatchesLoops) {
   linear_case(7, 6, 13, "small");
 }
 
-TEST(TrainOps, LinearMatchesLoopsSplitOverThePool) {
+TEST(Backward, LinearMatchesLoopsSplitOverThePool) {
   for (int threads : {3, 4}) {  // 3: a 1-D split; 4: a 2 x 2 grid where both sides are long
     ThreadPool pool(threads);
     ScopedPool scope(pool);
@@ -158,7 +159,7 @@ void embedding_case(int64_t T, int64_t D, const std::string& tag) {
   expect_close(table, std::vector<float>(want.begin(), want.end()), 1e-6, 1e-6, tag);
 }
 
-TEST(TrainOps, EmbeddingBackwardAddsRowsInRange) {
+TEST(Backward, EmbeddingBackwardAddsRowsInRange) {
   embedding_case(7, 13, "small");
   ThreadPool pool(3);
   ScopedPool scope(pool);
@@ -216,7 +217,7 @@ void rmsnorm_case(int64_t T, int64_t D, bool fd, const std::string& tag) {
   }
 }
 
-TEST(TrainOps, RmsNormForwardAndBackward) {
+TEST(Backward, RmsNormForwardAndBackward) {
   rmsnorm_case(7, 13, true, "small");
   ThreadPool pool(3);
   ScopedPool scope(pool);
@@ -250,7 +251,7 @@ void rope_case(RopeStyle style, int64_t T, int64_t heads, int64_t hd, const std:
   expect_close(y, x, 1e-5, 1e-6, tag + " inverse");
 }
 
-TEST(TrainOps, RopeBackwardBothStyles) {
+TEST(Backward, RopeBackwardBothStyles) {
   for (RopeStyle s : {RopeStyle::Interleaved, RopeStyle::HalfSplit}) {
     const std::string tag = s == RopeStyle::Interleaved ? "interleaved" : "half-split";
     rope_case(s, 7, 6, 4, tag);
@@ -352,7 +353,7 @@ void attention_case(const AttnSizes& z, bool fd, const std::string& tag) {
   check(v, dv_ref, 2, "dv");
 }
 
-TEST(TrainOps, AttentionForwardAndBackward) {
+TEST(Backward, AttentionForwardAndBackward) {
   for (SimdLevel l : levels()) {
     ScopedSimd simd(l);
     const std::string tag = kernels::simd_name(l) + " ";
@@ -367,7 +368,7 @@ TEST(TrainOps, AttentionForwardAndBackward) {
   }
 }
 
-TEST(TrainOps, AttentionRejectsBadHeads) {
+TEST(Backward, AttentionRejectsBadHeads) {
   std::vector<float> buf(64);
   EXPECT_THROW(
       attention_forward(buf.data(), buf.data(), buf.data(), 1, 2, 3, 2, 4, buf.data(), buf.data()),
@@ -376,7 +377,7 @@ TEST(TrainOps, AttentionRejectsBadHeads) {
 
 // ---- SwiGLU
 
-TEST(TrainOps, SwigluBackward) {
+TEST(Backward, SwigluBackward) {
   for (int64_t n : {int64_t{13}, int64_t{100003}}) {
     const auto g = randn(n, 18, 3.0f), u = randn(n, 19), dh = randn(n, 20);
     std::vector<float> dg(n), du(n), dg_ref(n), du_ref(n);
@@ -426,7 +427,7 @@ CeCase ce_case(int64_t V = 37) {
   return c;
 }
 
-TEST(TrainOps, CrossEntropyRefMatchesFiniteDifferences) {
+TEST(Backward, CrossEntropyRefMatchesFiniteDifferences) {
   const CeCase c = ce_case();
   std::vector<float> d(c.R * c.V);
   const double loss =
@@ -471,16 +472,16 @@ void ce_on_ranks(int tp, int64_t V) {
     std::vector<float> local(c.R * vl), dl(c.R * vl);
     for (int64_t i = 0; i < c.R; ++i)
       for (int64_t j = 0; j < vl; ++j) local[i * vl + j] = c.logits[i * c.V + shard.begin + j];
-    const double loss = cross_entropy(ex, local.data(), c.R, vl, shard.begin, c.targets.data(),
+    const double loss = parallel::cross_entropy(ex, local.data(), c.R, vl, shard.begin, c.targets.data(),
                                       c.grad_scale, dl.data());
     // Without dlogits: the same loss.
-    const double loss2 = cross_entropy(ex, local.data(), c.R, vl, shard.begin, c.targets.data(),
+    const double loss2 = parallel::cross_entropy(ex, local.data(), c.R, vl, shard.begin, c.targets.data(),
                                        c.grad_scale, nullptr);
     // A target outside the vocabulary throws on every rank, keeping them in step.
     bool threw = false;
     try {
       const std::vector<int32_t> bad = {3, static_cast<int32_t>(c.V), 5, 0, 1};
-      cross_entropy(ex, local.data(), c.R, vl, shard.begin, bad.data(), 1.0f, nullptr);
+      parallel::cross_entropy(ex, local.data(), c.R, vl, shard.begin, bad.data(), 1.0f, nullptr);
     } catch (const std::invalid_argument&) {
       threw = true;
     }
@@ -499,12 +500,12 @@ void ce_on_ranks(int tp, int64_t V) {
   expect_close(d, d_ref, 1e-6, 1e-12, "tp " + std::to_string(tp) + " dlogits");
 }
 
-TEST(TrainOps, CrossEntropyVocabParallelMatchesRef) {
+TEST(Backward, CrossEntropyVocabParallelMatchesRef) {
   for (int tp : {1, 2, 3, 4}) ce_on_ranks(tp, 37);
   ce_on_ranks(4, 3);  // rank 0's slice of the vocabulary is empty
 }
 
-TEST(TrainOps, CrossEntropySizeOneGroupUnderThePool) {
+TEST(Backward, CrossEntropySizeOneGroupUnderThePool) {
   // Enough rows for the row split; the default exchange is the size-1 group.
   const int64_t R = 64, V = 1001;
   const auto logits = randn(R * V, 22, 3.0f);
@@ -517,7 +518,7 @@ TEST(TrainOps, CrossEntropySizeOneGroupUnderThePool) {
   ScopedPool scope(pool);
   for (SimdLevel l : levels()) {
     ScopedSimd simd(l);
-    const double loss = cross_entropy(parallel::VocabExchange(), logits.data(), R, V, 0,
+    const double loss = parallel::cross_entropy(parallel::VocabExchange(), logits.data(), R, V, 0,
                                       targets.data(), 1.0f / R, d.data());
     EXPECT_NEAR(loss, loss_ref, 1e-6 * std::fabs(loss_ref)) << kernels::simd_name(l);
     expect_close(d, d_ref, 1e-6, 1e-12, kernels::simd_name(l) + " dlogits");
@@ -525,4 +526,4 @@ TEST(TrainOps, CrossEntropySizeOneGroupUnderThePool) {
 }
 
 }  // namespace
-}  // namespace parallm::train
+}  // namespace parallm::kernels

@@ -1,6 +1,7 @@
 // The backward passes of the LLaMA building blocks, each beside a plain reference (*_ref: simple
 // loops, written for clarity, used by the tests). No communication here: the tensor-parallel
-// versions are the layers in parallel/, which call these on their shard and add the mappings.
+// versions are the layers in parallel/, which call these on their shard and add the mappings (the
+// vocab-parallel cross-entropy is parallel/cross_entropy.h, built on row_max and exp_sum below).
 //
 // Layout: row-major f32; T = tokens (B sequences of S tokens back to back), D = features.
 // "accumulate" outputs (weight gradients) are added to; the others are overwritten. Outputs must
@@ -13,11 +14,7 @@
 
 #include "parallm/kernels/ops.h"
 
-namespace parallm::parallel {
-class VocabExchange;
-}
-
-namespace parallm::train {
+namespace parallm::kernels {
 
 // ---- linear: y [T, out] = x [T, in] . W^T, W [out, in] ----
 // dx [T, in] = dy . W  (accumulate into dx when accumulate, else overwrite)
@@ -71,20 +68,15 @@ void attention_backward_ref(const float* q, const float* k, const float* v, cons
 void swiglu_backward(const float* gate, const float* up, const float* dh, int64_t n, float* dgate,
                      float* dup);
 
-// ---- cross-entropy over a vocabulary split across `ex`'s group (the TP group) ----
-// logits [R, V_local], this rank's columns [vocab_begin, vocab_begin + V_local) of the full
-// vocabulary; targets [R] (full-vocabulary ids). Megatron's vocab-parallel cross-entropy: the row
-// max and the sum of exp are all-reduced (max, then sum), the target's logit is summed from the
-// rank that owns it, the logits never gathered. The sums travel together: two all-reduces in all,
-// a max of [R] floats, then a sum of [3R] (sums of exp, target logits, and how many ranks own each
-// target: an id outside the vocabulary throws std::invalid_argument on every rank alike). On the
-// size-1 group: plain cross-entropy with no collective.
-// Returns the sum over rows of -log softmax(logits)[target] (the same on every rank) and, when
-// dlogits is not null, writes dlogits [R, V_local] = grad_scale * (softmax - onehot(target)).
-double cross_entropy(const parallel::VocabExchange& ex, const float* logits, int64_t R,
-                     int64_t V_local, int64_t vocab_begin, const int32_t* targets,
-                     float grad_scale, float* dlogits);
+// ---- cross-entropy, row by row ----
+// The max of x [n] (AVX2 where the CPU has it).
+float row_max(const float* x, int64_t n);
+// out[j] = exp(x[j] - m) (out may be x; null: not stored); returns the sum, taken in double.
+double exp_sum(const float* x, int64_t n, float m, float* out);
+// Plain cross-entropy over the whole vocabulary V: returns the sum over rows of
+// -log softmax(logits)[target] and, when dlogits is not null, writes dlogits [R, V] =
+// grad_scale * (softmax - onehot(target)). The reference for parallel::cross_entropy.
 double cross_entropy_ref(const float* logits, int64_t R, int64_t V, const int32_t* targets,
                          float grad_scale, float* dlogits);
 
-}  // namespace parallm::train
+}  // namespace parallm::kernels
