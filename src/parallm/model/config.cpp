@@ -1,5 +1,6 @@
 #include "parallm/model/config.h"
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -231,6 +232,16 @@ void ModelConfig::validate(const std::string& source) const {
   if (num_local_experts < 0)
     fail("config", source, ": field \"num_local_experts\" must not be negative, got ",
          num_local_experts);
+  if (num_hidden_layers > kMaxModelLayers)
+    fail("config", source, ": field \"num_hidden_layers\" = ", num_hidden_layers,
+         " is more than ", kMaxModelLayers, " layers");
+  if (num_local_experts > kMaxModelExperts)
+    fail("config", source, ": field \"num_local_experts\" = ", num_local_experts,
+         " is more than ", kMaxModelExperts, " experts");
+  // Attention and norms take 6 tensors a layer, the MLP 3 per expert (and a router).
+  if (num_hidden_layers * (7 + 3 * std::max<int64_t>(num_local_experts, 1)) > kMaxModelTensors)
+    fail("config", source, ": num_hidden_layers ", num_hidden_layers, " x num_local_experts ",
+         num_local_experts, " is more than ", kMaxModelTensors, " tensors");
   if (is_moe() && (num_experts_per_tok <= 0 || num_experts_per_tok > num_local_experts))
     fail("config", source, ": num_experts_per_tok ", num_experts_per_tok, " must be in 1..",
          num_local_experts);
