@@ -232,16 +232,6 @@ void ModelConfig::validate(const std::string& source) const {
   if (num_local_experts < 0)
     fail("config", source, ": field \"num_local_experts\" must not be negative, got ",
          num_local_experts);
-  if (num_hidden_layers > kMaxModelLayers)
-    fail("config", source, ": field \"num_hidden_layers\" = ", num_hidden_layers,
-         " is more than ", kMaxModelLayers, " layers");
-  if (num_local_experts > kMaxModelExperts)
-    fail("config", source, ": field \"num_local_experts\" = ", num_local_experts,
-         " is more than ", kMaxModelExperts, " experts");
-  // Attention and norms take 6 tensors a layer, the MLP 3 per expert (and a router).
-  if (num_hidden_layers * (7 + 3 * std::max<int64_t>(num_local_experts, 1)) > kMaxModelTensors)
-    fail("config", source, ": num_hidden_layers ", num_hidden_layers, " x num_local_experts ",
-         num_local_experts, " is more than ", kMaxModelTensors, " tensors");
   if (is_moe() && (num_experts_per_tok <= 0 || num_experts_per_tok > num_local_experts))
     fail("config", source, ": num_experts_per_tok ", num_experts_per_tok, " must be in 1..",
          num_local_experts);
@@ -261,6 +251,17 @@ void ModelConfig::validate(const std::string& source) const {
          intermediate_size, ", num_hidden_layers ", num_hidden_layers, ", vocab_size ", vocab_size,
          ") make a parameter count that overflows 64 bits");
   }
+  // After the parameter count, so that sizes that overflow are named as such.
+  if (num_hidden_layers > kMaxModelLayers)
+    fail("config", source, ": num_hidden_layers ", num_hidden_layers, " is more than the ",
+         kMaxModelLayers, " layers a model may have");
+  if (num_local_experts > kMaxModelExperts)
+    fail("config", source, ": num_local_experts ", num_local_experts, " is more than the ",
+         kMaxModelExperts, " experts a model may have");
+  // Attention and norms take 6 tensors a layer, the MLP 3 per expert (and a router).
+  if (num_hidden_layers * (7 + 3 * std::max<int64_t>(num_local_experts, 1)) > kMaxModelTensors)
+    fail("config", source, ": num_hidden_layers ", num_hidden_layers, " x num_local_experts ",
+         num_local_experts, " is more than the ", kMaxModelTensors, " tensors a model may have");
 }
 
 std::vector<float> ModelConfig::rope_inv_freq() const {
