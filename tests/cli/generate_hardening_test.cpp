@@ -271,5 +271,35 @@ TEST(GenerateHardening, StoppedRunPrintsWhatItGenerated) {
   EXPECT_LT(lines(err), 6) << err;
 }
 
+TEST(GenerateHardening, FailingRankAfterTheFirstTokensKeepsThemPrinted) {
+  // A rank that throws mid-generation (PARALLM_FAULT_AFTER_STEPS, engine/batch_generate.cpp: the
+  // world's last rank throws after its 5th step): under tensor parallelism the other rank is
+  // blocked in a collective, under pipeline parallelism in a receive. The tokens of the first
+  // steps stay printed (streamed, or the batch's partial sequences), the exit is non-zero, and
+  // the failing rank's error is one line.
+  for (const std::string layout : {"--tp 2", "--pp 2"}) {
+    TempDir dir;
+    ASSERT_EQ(setenv("PARALLM_FAULT_AFTER_STEPS", "5", 1), 0);
+    const pid_t pid = start("generate " + kModel + " --prompt-ids 1 --max-tokens 50 --ignore-eos " +
+                                "--print-ids --threads 1 " + layout,
+                            dir);
+    unsetenv("PARALLM_FAULT_AFTER_STEPS");
+    const int rc = wait_exit(pid);
+    const std::string out = slurp(dir.file("stdout")), err = slurp(dir.file("stderr"));
+    EXPECT_EQ(rc, 1) << layout << "\n" << err;
+    EXPECT_NE(err.find("injected fault after step 5 (PARALLM_FAULT_AFTER_STEPS)"),
+              std::string::npos)
+        << layout << "\n" << err;
+    EXPECT_EQ(lines(err), 1) << layout << "\n" << err;
+    // stories260K's greedy continuation of token 1 starts 461 461 401 401 401.
+    EXPECT_NE(out.find("461 461 401 401 401"), std::string::npos) << layout << "\n" << out;
+    std::istringstream s(out);
+    int tokens = 0;
+    for (std::string t; s >> t;) tokens += t[0] != '[';
+    EXPECT_GE(tokens, 4) << layout << "\n" << out;
+    EXPECT_LT(tokens, 50) << layout << "\n" << out;
+  }
+}
+
 }  // namespace
 }  // namespace parallm

@@ -14,6 +14,7 @@
 
 #include "parallm/model/config.h"
 #include "parallm/model/init_model.h"
+#include "parallm/model/llama2c.h"
 #include "parallm/core/json_limits.h"
 #include "parallm/model/mmap_file.h"
 #include "parallm/model/safetensors.h"
@@ -204,6 +205,37 @@ TEST(Hardening, ConfigValuesAreRangeChecked) {
              "overflows 64 bits");
   EXPECT_HAS(config_error([](json& j) { j["vocab_size"] = uint64_t{1} << 63; }),
              "field \"vocab_size\" is out of range");
+}
+
+// Found by fuzz/llama2c_header: a 28-byte llama2.c header asking for 620,756,997 layers of a
+// model small enough per layer that the implied file size fits 64 bits had its billions of
+// tensors listed (minutes, then out of memory) before the size check could matter; config.json
+// likewise. Layers, experts and the tensor count are bounded in ModelConfig::validate.
+TEST(Hardening, LayerAndExpertCountsAreBounded) {
+  EXPECT_HAS(config_error([](json& j) { j["num_hidden_layers"] = 1'000'000'000; }),
+             "num_hidden_layers 1000000000 is more than the 16384 layers");
+  EXPECT_HAS(config_error([](json& j) {
+               j["num_local_experts"] = 1'000'000;
+               j["num_experts_per_tok"] = 2;
+             }),
+             "num_local_experts 1000000 is more than the 65536 experts");
+  EXPECT_HAS(config_error([](json& j) {
+               j["num_hidden_layers"] = 16384;
+               j["num_local_experts"] = 1024;
+               j["num_experts_per_tok"] = 2;
+             }),
+             "tensors");
+  const int32_t raw[7] = {64, 172, 620'756'997, 8, 4, 512, 512};  // the fuzzer's header
+  Llama2cHeader h;
+  h.dim = raw[0], h.hidden_dim = raw[1], h.n_layers = raw[2], h.n_heads = raw[3];
+  h.n_kv_heads = raw[4], h.vocab_size = raw[5], h.seq_len = raw[6];
+  const auto start = std::chrono::steady_clock::now();
+  const std::string err = error_of([&] {
+    llama2c_tensors(reinterpret_cast<const uint8_t*>(raw), llama2c_file_bytes(h), "huge.bin",
+                    nullptr);
+  });
+  EXPECT_HAS(err, "huge.bin: num_hidden_layers 620756997 is more than");
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(1));
 }
 
 TEST(Hardening, ConfigFileTooDeepOrNotARegularFile) {

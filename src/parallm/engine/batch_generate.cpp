@@ -4,6 +4,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "parallm/core/error.h"
@@ -281,10 +282,21 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
       }
   };
 
+  // Fault injection for the tests of failure handling (tests/cli/generate_hardening_test.cpp):
+  // PARALLM_FAULT_AFTER_STEPS=N makes the world's last rank throw after its N-th step, as a rank
+  // failing mid-generation would. Unset (always, outside tests) it costs one getenv per call.
+  int64_t fault_after = 0;
+  if (const char* v = std::getenv("PARALLM_FAULT_AFTER_STEPS")) fault_after = std::atoll(v);
+  const bool faulty_rank = last && tp.rank() == tp.size() - 1;
+
   const pipeline::Schedule schedule = pipeline::gpipe(P, M, /*forward_only=*/true);
   do {
     pipeline::execute_stage(schedule, stage, cb);
     ++result.steps;
+    if (fault_after > 0 && faulty_rank && result.steps == fault_after)
+      fail<std::runtime_error>("generate", "stage ", stage, " rank ", tp.rank(),
+                               ": injected fault after step ", fault_after,
+                               " (PARALLM_FAULT_AFTER_STEPS)");
   } while (!plans[M - 1].exit);
   result.wall_ns = now_ns() - t0;
   result.busy_ns = busy;

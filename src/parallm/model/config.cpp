@@ -1,5 +1,6 @@
 #include "parallm/model/config.h"
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -250,6 +251,17 @@ void ModelConfig::validate(const std::string& source) const {
          intermediate_size, ", num_hidden_layers ", num_hidden_layers, ", vocab_size ", vocab_size,
          ") make a parameter count that overflows 64 bits");
   }
+  // After the parameter count, so that sizes that overflow are named as such.
+  if (num_hidden_layers > kMaxModelLayers)
+    fail("config", source, ": num_hidden_layers ", num_hidden_layers, " is more than the ",
+         kMaxModelLayers, " layers a model may have");
+  if (num_local_experts > kMaxModelExperts)
+    fail("config", source, ": num_local_experts ", num_local_experts, " is more than the ",
+         kMaxModelExperts, " experts a model may have");
+  // Attention and norms take 6 tensors a layer, the MLP 3 per expert (and a router).
+  if (num_hidden_layers * (7 + 3 * std::max<int64_t>(num_local_experts, 1)) > kMaxModelTensors)
+    fail("config", source, ": num_hidden_layers ", num_hidden_layers, " x num_local_experts ",
+         num_local_experts, " is more than the ", kMaxModelTensors, " tensors a model may have");
 }
 
 std::vector<float> ModelConfig::rope_inv_freq() const {

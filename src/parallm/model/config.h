@@ -17,6 +17,14 @@ struct RopeScaling {
   int64_t original_max_position_embeddings = 8192;
 };
 
+// Bounds on what a config may describe, far above any real model (the deepest have ~130 layers,
+// the widest MoE a few hundred experts): every loader lists the tensors a config implies before it
+// reads a byte of weights, so without them a tiny header (a llama2.c file, a config.json) could
+// ask for billions of entries.
+constexpr int64_t kMaxModelLayers = int64_t{1} << 14;
+constexpr int64_t kMaxModelExperts = int64_t{1} << 16;
+constexpr int64_t kMaxModelTensors = int64_t{1} << 20;  // layers x tensors per layer
+
 struct ModelConfig {
   std::string architecture = "LlamaForCausalLM";
   int64_t hidden_size = 0;

@@ -83,14 +83,14 @@ uint64_t llama2c_file_bytes(const Llama2cHeader& h) {
                                                       : static_cast<uint64_t>(bytes);
 }
 
-std::unique_ptr<WeightSource> open_llama2c(const std::string& path, ModelConfig* config) {
-  auto file = std::make_shared<const MappedFile>(path);
-  if (file->size() < kLlama2cHeaderBytes)
-    fail(kComponent, path, ": the file has ", file->size(), " bytes, fewer than the ",
+std::vector<MappedTensor> llama2c_tensors(const uint8_t* bytes, uint64_t size,
+                                          const std::string& path, ModelConfig* config) {
+  if (size < kLlama2cHeaderBytes)
+    fail(kComponent, path, ": the file has ", size, " bytes, fewer than the ",
          kLlama2cHeaderBytes, "-byte header");
   Llama2cHeader h;
   int32_t raw[7];
-  std::memcpy(raw, file->data(), sizeof(raw));
+  std::memcpy(raw, bytes, sizeof(raw));
   if (static_cast<uint32_t>(raw[0]) == kLlama2cMagic)
     fail(kComponent, path, ": a llama2.c version-", raw[1],
          " export (magic \"ak42\"); only the legacy format (export.py --version 0) is supported");
@@ -103,11 +103,11 @@ std::unique_ptr<WeightSource> open_llama2c(const std::string& path, ModelConfig*
   h.seq_len = raw[6];
   ModelConfig c = llama2c_config(h, path);
   const uint64_t want = llama2c_file_bytes(h);
-  if (file->size() != want)
-    fail(kComponent, path, ": the file has ", file->size(), " bytes but its header (dim ", h.dim,
+  if (size != want)
+    fail(kComponent, path, ": the file has ", size, " bytes but its header (dim ", h.dim,
          ", hidden_dim ", h.hidden_dim, ", n_layers ", h.n_layers, ", n_heads ", h.n_heads,
          ", n_kv_heads ", h.n_kv_heads, ", vocab_size ", h.vocab_size, ", seq_len ", h.seq_len,
-         ") implies ", want, file->size() < want ? " (truncated?)" : "");
+         ") implies ", want, size < want ? " (truncated?)" : "");
 
   const int64_t dim = c.hidden_size, hidden = c.intermediate_size, layers = c.num_hidden_layers;
   const int64_t kv_dim = c.kv_dim(), vocab = c.vocab_size;
@@ -154,6 +154,12 @@ std::unique_ptr<WeightSource> open_llama2c(const std::string& path, ModelConfig*
   if (!c.tie_word_embeddings) add_global(names::kLmHead, {vocab, dim});
 
   if (config) *config = c;
+  return tensors;
+}
+
+std::unique_ptr<WeightSource> open_llama2c(const std::string& path, ModelConfig* config) {
+  auto file = std::make_shared<const MappedFile>(path);
+  std::vector<MappedTensor> tensors = llama2c_tensors(file->data(), file->size(), path, config);
   return std::make_unique<MappedTensorSource>(
       kComponent, path, std::vector<std::shared_ptr<const MappedFile>>{file}, std::move(tensors));
 }

@@ -9,8 +9,10 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "parallm/model/config.h"
+#include "parallm/model/mmap_file_source.h"
 
 namespace parallm {
 
@@ -33,5 +35,13 @@ ModelConfig llama2c_config(const Llama2cHeader& header, const std::string& sourc
 
 // The file size the header implies, in bytes (header included).
 uint64_t llama2c_file_bytes(const Llama2cHeader& header);
+
+// The tensors of a llama2.c file of `size` bytes whose header is at `bytes` (only the header is
+// read: `bytes` holds at least kLlama2cHeaderBytes when size does), with absolute offsets, file
+// index 0; sets *config when given. open_llama2c() maps the file and calls this; the fuzzer
+// (fuzz/llama2c_header.cpp) calls it on bytes in memory. Throws std::invalid_argument naming
+// `source` and the field.
+std::vector<MappedTensor> llama2c_tensors(const uint8_t* bytes, uint64_t size,
+                                          const std::string& source, ModelConfig* config);
 
 }  // namespace parallm

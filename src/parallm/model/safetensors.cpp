@@ -168,41 +168,38 @@ std::unique_ptr<WeightSource> open_single(const std::string& path, const std::st
 
 std::unique_ptr<WeightSource> open_index(const std::string& index_path,
                                          const std::string& description) {
-  const json j = parse_json_text(read_text_file(index_path, kMaxIndexBytes, kComponent),
-                                    kComponent, index_path);
-  if (!j.is_object()) fail(kComponent, index_path, ": expected a JSON object");
-  auto wm = j.find("weight_map");
-  if (wm == j.end() || !wm->is_object())
-    fail(kComponent, index_path, ": missing the \"weight_map\" object (tensor name -> shard file)");
+  const std::vector<std::pair<std::string, std::string>> weight_map = parse_safetensors_index(
+      read_text_file(index_path, kMaxIndexBytes, kComponent), index_path);
 
   const fs::path dir = fs::path(index_path).parent_path();
   std::vector<std::shared_ptr<const MappedFile>> files;
   std::vector<SafetensorsHeader> headers;
   std::map<std::string, size_t> shard_index;           // shard file name -> index into files
+  std::unordered_map<std::string, size_t> shard_of;    // tensor -> index into files
   std::vector<std::pair<std::string, size_t>> wanted;  // (tensor, shard), in index order
-  for (auto it = wm->begin(); it != wm->end(); ++it) {
-    if (!it->is_string())
-      fail(kComponent, index_path, ": weight_map[\"", it.key(), "\"] must be a file name, got ",
-           json_preview(*it));
-    const std::string shard = it->get<std::string>();
+  for (const auto& [tensor, shard] : weight_map) {
     auto [pos, inserted] = shard_index.emplace(shard, files.size());
     if (inserted) {
       const std::string shard_path = (dir / shard).string();
       std::error_code ec;
       if (!fs::is_regular_file(shard_path, ec))
-        fail(kComponent, index_path, ": shard \"", shard, "\" (holding tensor \"", it.key(),
+        fail(kComponent, index_path, ": shard \"", shard, "\" (holding tensor \"", tensor,
              "\") does not exist: no file ", shard_path);
       files.push_back(map_file(shard_path));
       headers.push_back(
           parse_safetensors_header(files.back()->data(), files.back()->size(), shard_path));
       files.back()->release(0, headers.back().data_start);
     }
-    wanted.emplace_back(it.key(), pos->second);
+    wanted.emplace_back(tensor, pos->second);
+    shard_of.emplace(tensor, pos->second);
   }
 
   std::vector<MappedTensor> tensors;
   std::set<std::string> taken;
-  for (const auto& [name, shard] : wanted) {
+  for (const auto& want : wanted) {
+    // Not a structured binding: clang (the fuzz build) does not let a lambda capture one.
+    const std::string& name = want.first;
+    const size_t shard = want.second;
     const auto& ts = headers[shard].tensors;
     auto found =
         std::find_if(ts.begin(), ts.end(), [&](const MappedTensor& t) { return t.name == name; });
@@ -216,8 +213,8 @@ std::unique_ptr<WeightSource> open_index(const std::string& index_path,
   // Tensors a shard holds that the index forgot are still readable, unless two shards hold one.
   for (size_t s = 0; s < headers.size(); ++s) {
     for (const MappedTensor& t : headers[s].tensors) {
-      auto it = wm->find(t.name);
-      if (it != wm->end() && shard_index.at(it->get<std::string>()) == s) continue;
+      auto it = shard_of.find(t.name);
+      if (it != shard_of.end() && it->second == s) continue;
       if (!taken.insert(t.name).second)
         fail(kComponent, index_path, ": tensor \"", t.name, "\" is in more than one shard (",
              files[s]->path(), " is one)");
@@ -397,6 +394,24 @@ void write_safetensors(const std::string& path,
     fail<std::runtime_error>(kComponent, path, ": cannot rename ", tmp.path,
                              " to it: ", std::strerror(errno));
   tmp.committed = true;
+}
+
+std::vector<std::pair<std::string, std::string>> parse_safetensors_index(std::string_view text,
+                                                                      const std::string& source) {
+  const json j = parse_json_text(text, kComponent, source);
+  if (!j.is_object()) fail(kComponent, source, ": expected a JSON object");
+  auto wm = j.find("weight_map");
+  if (wm == j.end() || !wm->is_object())
+    fail(kComponent, source, ": missing the \"weight_map\" object (tensor name -> shard file)");
+  std::vector<std::pair<std::string, std::string>> out;
+  out.reserve(wm->size());
+  for (auto it = wm->begin(); it != wm->end(); ++it) {
+    if (!it->is_string())
+      fail(kComponent, source, ": weight_map[\"", it.key(), "\"] must be a file name, got ",
+           json_preview(*it));
+    out.emplace_back(it.key(), it->get<std::string>());
+  }
+  return out;
 }
 
 }  // namespace parallm

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include "parallm/model/mmap_file_source.h"
@@ -29,6 +31,13 @@ struct SafetensorsHeader {
 // the tensor and the numbers.
 SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size,
                                            const std::string& source);
+
+// The weight_map of a model.safetensors.index.json held in `text`: (tensor name, shard file
+// name) pairs in the index's order. Throws std::invalid_argument naming `source` when it is not
+// JSON, has no "weight_map" object, or a value is not a string. open_safetensors() reads the file
+// and calls this; the fuzzer (fuzz/safetensors_index.cpp) calls it on bytes in memory.
+std::vector<std::pair<std::string, std::string>> parse_safetensors_index(std::string_view text,
+                                                                      const std::string& source);
 
 // True when the file starts like a safetensors file (a plausible header length, then '{').
 bool looks_like_safetensors(const std::string& path);

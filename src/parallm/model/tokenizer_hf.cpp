@@ -25,10 +25,13 @@ constexpr int64_t kMaxTokenId = int64_t{1} << 24;
 
 // A whole tokenizer.json (the largest real ones are ~20 MB), only from a regular file, nesting
 // bounded before parsing (core/json_limits.h).
-json parse_json_file(const std::string& file) {
+std::string read_tokenizer_file(const std::string& file) {
   constexpr uint64_t kMaxTokenizerBytes = uint64_t{1} << 30;
-  return parse_json_text(read_text_file(file, kMaxTokenizerBytes, "tokenizer"), "tokenizer",
-                            file);
+  return read_text_file(file, kMaxTokenizerBytes, "tokenizer");
+}
+
+json parse_json_file(const std::string& file) {
+  return parse_json_text(read_tokenizer_file(file), "tokenizer", file);
 }
 
 // The "type" of a tokenizer.json component; "" when it is not an object with a type.
@@ -58,7 +61,7 @@ enum class Prepend { kNever, kAlways, kIfNoSpace, kFirstIfNoSpace };
 
 class HfBpeTokenizer final : public Tokenizer {
  public:
-  explicit HfBpeTokenizer(const std::string& file);
+  HfBpeTokenizer(const std::string& file, std::string_view text);
 
   std::vector<int32_t> encode(std::string_view text, bool add_bos) const override;
   std::string decode(const std::vector<int32_t>& ids) const override;
@@ -117,8 +120,8 @@ class HfBpeTokenizer final : public Tokenizer {
   std::vector<int32_t> eos_ids_;
 };
 
-HfBpeTokenizer::HfBpeTokenizer(const std::string& file) : file_(file) {
-  const json root = parse_json_file(file);
+HfBpeTokenizer::HfBpeTokenizer(const std::string& file, std::string_view text) : file_(file) {
+  const json root = parse_json_text(text, "tokenizer", file);
   if (!root.is_object()) fail("tokenizer", file, ": expected a JSON object, got ", show(root));
   if (!root.contains("model") || !root["model"].is_object()) {
     fail("tokenizer", file, ": no \"model\" object");
@@ -609,8 +612,12 @@ std::string HfBpeTokenizer::decode_token(int32_t prev, int32_t id) const {
 }  // namespace
 
 std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& file) {
+  return parse_hf_tokenizer(read_tokenizer_file(file), file);
+}
+
+std::unique_ptr<Tokenizer> parse_hf_tokenizer(std::string_view text, const std::string& file) {
   try {
-    return std::make_unique<HfBpeTokenizer>(file);
+    return std::make_unique<HfBpeTokenizer>(file, text);
   } catch (const nlohmann::json::exception& e) {
     // A field of the wrong JSON type somewhere we read with value()/get().
     fail("tokenizer", file, ": unexpected content: ", e.what());

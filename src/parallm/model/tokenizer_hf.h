@@ -27,6 +27,7 @@
 
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "parallm/model/tokenizer.h"
 
@@ -35,5 +36,10 @@ namespace parallm {
 // Throws std::runtime_error when `file` cannot be read, std::invalid_argument naming the file
 // and the field when it is not valid JSON or not a supported tokenizer.
 std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& file);
+
+// The same from the file's contents in `text` (config.json, tokenizer_config.json and
+// generation_config.json are still looked for beside `file`); load_hf_tokenizer() reads the file
+// and calls this, the fuzzer (fuzz/tokenizer_json.cpp) calls it on bytes in memory.
+std::unique_ptr<Tokenizer> parse_hf_tokenizer(std::string_view text, const std::string& file);
 
 }  // namespace parallm

@@ -14,11 +14,7 @@ constexpr std::string_view kSpace = "\xE2\x96\x81";  // "▁", sentencepiece's s
 
 class SentencePieceTokenizer final : public Tokenizer {
  public:
-  explicit SentencePieceTokenizer(const std::string& file) : file_(file) {
-    // Read here, from a regular file only and with a limit (core/json_limits.h), so a FIFO or device
-    // given as the model is refused by name instead of blocking inside sentencepiece.
-    constexpr uint64_t kMaxSpmBytes = uint64_t{1} << 30;
-    const std::string bytes = read_text_file(file, kMaxSpmBytes, "tokenizer");
+  SentencePieceTokenizer(const std::string& file, std::string_view bytes) : file_(file) {
     const auto status = sp_.LoadFromSerializedProto(bytes);
     if (!status.ok()) {
       fail<std::runtime_error>("tokenizer", file,
@@ -102,7 +98,15 @@ class SentencePieceTokenizer final : public Tokenizer {
 }  // namespace
 
 std::unique_ptr<Tokenizer> load_sentencepiece_tokenizer(const std::string& file) {
-  return std::make_unique<SentencePieceTokenizer>(file);
+  // Read here, from a regular file only and with a limit (core/json_limits.h), so a FIFO or device
+  // given as the model is refused by name instead of blocking inside sentencepiece.
+  constexpr uint64_t kMaxSpmBytes = uint64_t{1} << 30;
+  return parse_sentencepiece_tokenizer(read_text_file(file, kMaxSpmBytes, "tokenizer"), file);
+}
+
+std::unique_ptr<Tokenizer> parse_sentencepiece_tokenizer(std::string_view bytes,
+                                                         const std::string& file) {
+  return std::make_unique<SentencePieceTokenizer>(file, bytes);
 }
 
 }  // namespace parallm
