@@ -40,29 +40,10 @@ std::string cpu_name() {
   return "unknown CPU";
 }
 
-// "bench-30m": a LLaMA of about 34 million parameters (hidden 512, 8 layers, 8 heads, FFN 1376,
-// vocab 8192), the default: big enough that the matrix products dominate, small enough to run in
-// seconds on a few cores.
-std::string bench_shape_file(const std::string& shape) {
-  if (shape != "bench-30m") return shape;
-  // One file per process (mpirun starts several), removed when the run ends.
-  const std::string path = cat("/tmp/parallm-bench-30m-", static_cast<long>(::getpid()), ".json");
-  std::ofstream out(path, std::ios::trunc);
-  out << R"({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512,
-  "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8,
-  "num_key_value_heads": 8, "vocab_size": 8192, "max_position_embeddings": 2048,
-  "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false,
-  "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2})";
-  out.close();
-  if (!out) fail<std::runtime_error>("bench", "cannot write ", path);
-  return path;
-}
-
 int run(Options o) {
   train::TrainOptions& t = o.t;
   if (t.model.empty() && t.init.empty()) t.init = "bench-30m";
   const std::string shown = t.model.empty() ? t.init : t.model;
-  if (!t.init.empty()) t.init = bench_shape_file(t.init);
   if (o.measure_steps < 1) fail("bench", "--steps must be >= 1, got ", o.measure_steps);
   if (o.warmup < 0) fail("bench", "--warmup must be >= 0, got ", o.warmup);
   if (t.global_batch == 0) t.global_batch = t.micro_batch * t.dp;
@@ -79,14 +60,7 @@ int run(Options o) {
   for (auto& id : ids) id = dist(rng);
   t.data_ids = std::make_shared<train::TokenData>(
       train::TokenData::from_ids(std::move(ids), config.vocab_size));
-  train::TrainResult r;
-  try {
-    r = train::run_training(t);
-  } catch (...) {
-    if (t.init.rfind("/tmp/parallm-bench-30m-", 0) == 0) std::remove(t.init.c_str());
-    throw;
-  }
-  if (t.init.rfind("/tmp/parallm-bench-30m-", 0) == 0) std::remove(t.init.c_str());
+  const train::TrainResult r = train::run_training(t);
   if (comm::launched_rank() != 0) return 0;
   double secs = 0;
   int64_t measured = 0;
@@ -130,7 +104,7 @@ int run(Options o) {
        o->t.global_batch = 0;
        app.add_option("--model", o->t.model, "A model directory to train (its weights as start)");
        app.add_option("--init", o->t.init,
-                      "A shape: bench-30m (default, ~34M parameters), tiny, tinyllama-1.1b, or a "
+                      "A shape: bench-30m (default, ~34M parameters), small, tiny, tinyllama-1.1b, or a "
                       "config.json");
        app.add_option("--seq-len", o->t.seq_len, "Tokens per sequence (default 256)")
            ->check(CLI::PositiveNumber);

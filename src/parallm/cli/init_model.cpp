@@ -39,7 +39,7 @@ int run(const Options& o) {
     {"init-model", "Write a model with random weights (config.json + model.safetensors)",
      [](CLI::App& app) {
        auto o = std::make_shared<Options>();
-       app.add_option("--shape", o->shape, "tiny, tinyllama-1.1b, or a config.json")->required();
+       app.add_option("--shape", o->shape, "tiny, small, bench-30m, tinyllama-1.1b, or a config.json")->required();
        app.add_option("--out", o->out, "Output directory")->required();
        app.add_option("--seed", o->seed, "Random seed (default 0)");
        app.add_option("--dtype", o->dtype, "auto (f32 for tiny, bf16 otherwise), f32, bf16, f16")

@@ -81,9 +81,10 @@ std::string parse_u64(const std::string& text, uint64_t* out, const char* flag) 
                       "Start from a model: a Hugging Face directory (config.json + safetensors) "
                       "or a llama2.c .bin");
        app.add_option("--init", o->init,
-                      "Start from random weights of a shape: a preset (tiny, tinyllama-1.1b) or a "
-                      "config.json. Init: matrices and embeddings normal(0, 0.02), o_proj and "
-                      "down_proj normal(0, 0.02/sqrt(2*layers)), norms 1, seeded by --seed");
+                      "Start from random weights of a shape: a preset (tiny, small, bench-30m, "
+                      "tinyllama-1.1b) or a config.json. Init: matrices and embeddings normal(0, "
+                      "0.02), o_proj and down_proj normal(0, 0.02/sqrt(2*layers)), norms 1, "
+                      "seeded by --seed");
        app.add_option("--tokenizer", o->tokenizer,
                       "tokenizer.model or tokenizer.json: tokenizes text data; with --init it sets "
                       "the vocabulary; copied into checkpoints");
