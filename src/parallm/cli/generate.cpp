@@ -361,6 +361,9 @@ int run_generate(const Options& o) {
       }
     }
     const size_t n = r.tokens.size();
+    // The text ends before the statistics reach stderr (2>&1 into a pipe would otherwise put them
+    // on the text's last line: stdout is buffered there, stderr is not).
+    std::fflush(stdout);
     std::fprintf(stderr,
                  "[generate] tp %d: prompt %zu tokens in %.1f ms (%.1f tok/s); %zu tokens, decode "
                  "%.2f tok/s%s\n",
