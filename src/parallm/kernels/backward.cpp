@@ -434,31 +434,7 @@ void rmsnorm_backward_ref(const float* x, const float* w, float eps, const float
 void rope_backward(float* dx, int64_t T, int64_t heads, int64_t head_dim, const int32_t* positions,
                    const float* inv_freq, kernels::RopeStyle style) {
   check_rope("rope_backward", T, heads, head_dim);
-  const int64_t half = head_dim / 2;
-  for_rows(T, heads * head_dim, [&](int64_t t0, int64_t t1) {
-    std::vector<float> cs(static_cast<size_t>(head_dim));
-    float* c = cs.data();
-    float* s = cs.data() + half;
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t i = 0; i < half; ++i) rope_angle(positions[t], inv_freq[i], &c[i], &s[i]);
-      for (int64_t h = 0; h < heads; ++h) {
-        float* v = dx + (t * heads + h) * head_dim;
-        if (style == kernels::RopeStyle::Interleaved) {
-          for (int64_t i = 0; i < half; ++i) {
-            const float a = v[2 * i], b = v[2 * i + 1];
-            v[2 * i] = a * c[i] + b * s[i];
-            v[2 * i + 1] = b * c[i] - a * s[i];
-          }
-        } else {
-          for (int64_t i = 0; i < half; ++i) {
-            const float a = v[i], b = v[i + half];
-            v[i] = a * c[i] + b * s[i];
-            v[i + half] = b * c[i] - a * s[i];
-          }
-        }
-      }
-    }
-  });
+  kernels::rope_inverse(dx, T, heads, head_dim, positions, inv_freq, style);
 }
 
 void rope_backward_ref(float* dx, int64_t T, int64_t heads, int64_t head_dim,

@@ -144,9 +144,13 @@ void silu_mul_ref(const float* gate, const float* up, float* out, int64_t n) {
 
 // ---- RoPE
 
-void rope(float* x, int64_t T, int64_t heads, int64_t head_dim, const int32_t* positions,
-          const float* inv_freq, RopeStyle style) {
-  check_rope(head_dim, "rope");
+namespace {
+
+// Turns every pair by sign * positions[t] * inv_freq[i]: +1 is RoPE, -1 its inverse (the
+// transpose of each rotation, which is also its backward). Negating the sine is exact, so the two
+// directions round alike.
+void rope_rotate(float* x, int64_t T, int64_t heads, int64_t head_dim, const int32_t* positions,
+                 const float* inv_freq, RopeStyle style, float sign) {
   const int64_t half = head_dim / 2;
   for_rows(T, heads * head_dim, [&](int64_t t0, int64_t t1) {
     // cos/sin of one token, shared by all its heads.
@@ -154,7 +158,10 @@ void rope(float* x, int64_t T, int64_t heads, int64_t head_dim, const int32_t* p
     float* c = cs.data();
     float* s = cs.data() + half;
     for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t i = 0; i < half; ++i) rope_angle(positions[t], inv_freq[i], &c[i], &s[i]);
+      for (int64_t i = 0; i < half; ++i) {
+        rope_angle(positions[t], inv_freq[i], &c[i], &s[i]);
+        s[i] *= sign;
+      }
       for (int64_t h = 0; h < heads; ++h) {
         float* v = x + (t * heads + h) * head_dim;
         if (style == RopeStyle::Interleaved) {
@@ -173,6 +180,20 @@ void rope(float* x, int64_t T, int64_t heads, int64_t head_dim, const int32_t* p
       }
     }
   });
+}
+
+}  // namespace
+
+void rope(float* x, int64_t T, int64_t heads, int64_t head_dim, const int32_t* positions,
+          const float* inv_freq, RopeStyle style) {
+  check_rope(head_dim, "rope");
+  rope_rotate(x, T, heads, head_dim, positions, inv_freq, style, 1.0f);
+}
+
+void rope_inverse(float* x, int64_t T, int64_t heads, int64_t head_dim, const int32_t* positions,
+                  const float* inv_freq, RopeStyle style) {
+  check_rope(head_dim, "rope_inverse");
+  rope_rotate(x, T, heads, head_dim, positions, inv_freq, style, -1.0f);
 }
 
 void rope_ref(float* x, int64_t T, int64_t heads, int64_t head_dim, const int32_t* positions,

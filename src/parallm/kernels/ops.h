@@ -28,5 +28,8 @@ void rope(float* x, int64_t T, int64_t heads, int64_t head_dim, const int32_t* p
           const float* inv_freq, RopeStyle style);
 void rope_ref(float* x, int64_t T, int64_t heads, int64_t head_dim, const int32_t* positions,
               const float* inv_freq, RopeStyle style);
+// The inverse rotation (each pair turned back by the same angle): RoPE's backward.
+void rope_inverse(float* x, int64_t T, int64_t heads, int64_t head_dim, const int32_t* positions,
+                  const float* inv_freq, RopeStyle style);
 
 }  // namespace parallm::kernels
