@@ -104,8 +104,8 @@ int run(Options o) {
        o->t.global_batch = 0;
        app.add_option("--model", o->t.model, "A model directory to train (its weights as start)");
        app.add_option("--init", o->t.init,
-                      "A shape: bench-30m (default, ~34M parameters), small, tiny, tinyllama-1.1b, or a "
-                      "config.json");
+                      "A shape: bench-30m (default, ~34M parameters), small, tiny, "
+                      "tinyllama-1.1b, or a config.json");
        app.add_option("--seq-len", o->t.seq_len, "Tokens per sequence (default 256)")
            ->check(CLI::PositiveNumber);
        app.add_option("--micro-batch-size", o->t.micro_batch, "Sequences per micro-batch (4)")

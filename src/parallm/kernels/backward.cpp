@@ -50,6 +50,19 @@ void for_rows(int64_t rows, int64_t row_size, Fn&& fn) {
   }
 }
 
+// Columns [c0, c1) of a [T, D] reduction over rows, split over the pool in blocks of 16 columns
+// (each thread owns its columns, so sums over rows need no merging) once there is enough work.
+template <class Fn>
+void for_cols(int64_t T, int64_t D, Fn&& cols) {
+  if (T * D >= kParallelMin && D >= 64 && ThreadPool::current().size() > 1) {
+    const int64_t units = (D + 15) / 16;
+    ThreadPool::current().parallel_for(
+        units, [&](int64_t u0, int64_t u1) { cols(u0 * 16, std::min(D, u1 * 16)); });
+  } else {
+    cols(0, D);
+  }
+}
+
 void check_dim(const char* fn, const char* name, int64_t v) {
   if (v < 0) fail(kWho, fn, ": ", name, " must be >= 0, got ", v);
   if (v > std::numeric_limits<int>::max())
@@ -331,13 +344,7 @@ void embedding_backward(const int32_t* ids, int64_t T, const float* dx, int64_t 
       for (int64_t c = c0; c < c1; ++c) dst[c] += src[c];
     }
   };
-  if (T * D >= kParallelMin && D >= 64 && ThreadPool::current().size() > 1) {
-    const int64_t units = (D + 15) / 16;
-    ThreadPool::current().parallel_for(
-        units, [&](int64_t u0, int64_t u1) { cols(u0 * 16, std::min(D, u1 * 16)); });
-  } else {
-    cols(0, D);
-  }
+  for_cols(T, D, cols);
 }
 
 // ---- RMSNorm
@@ -400,13 +407,7 @@ void rmsnorm_backward(const float* x, const float* w, const float* rstd, const f
     }
     for (int64_t k = c0; k < c1; ++k) dw[k] = static_cast<float>(dw[k] + acc[k - c0]);
   };
-  if (T * D >= kParallelMin && D >= 64 && ThreadPool::current().size() > 1) {
-    const int64_t units = (D + 15) / 16;
-    ThreadPool::current().parallel_for(
-        units, [&](int64_t u0, int64_t u1) { cols(u0 * 16, std::min(D, u1 * 16)); });
-  } else {
-    cols(0, D);
-  }
+  for_cols(T, D, cols);
 }
 
 void rmsnorm_backward_ref(const float* x, const float* w, float eps, const float* dy, int64_t T,
