@@ -6,7 +6,6 @@
 // (heads x head dim), S the sequence length: 6N for the forward (2N) and backward (4N) matrix
 // products, 12*L*H*S for the attention scores and their use, forward and backward, counting the
 // full S x S matrix (causal masking halves the useful part; the formula keeps PaLM's convention).
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
