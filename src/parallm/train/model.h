@@ -6,7 +6,9 @@
 // cross-entropy is vocab-parallel (the logits are never gathered).
 //
 // Parameters and gradients live in a ParamStore (params.h); the layers hold views of its values.
-// Activations of one micro-batch are kept from forward to backward (no recomputation yet).
+// Under pipeline parallelism a rank holds one or more model chunks (layer ranges); each
+// micro-batch's activations are kept per (micro-batch, chunk) from its forward to its backward,
+// as many at once as the schedule has in flight (pipeline/schedule.h).
 //
 // K/V heads that TP replicates (TP > KV heads): each replica's k_proj / v_proj gradient is summed
 // over the ranks holding the same head inside the backward (ColumnParallelLinear::backward), so
@@ -16,13 +18,25 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "parallm/comm/group.h"
 #include "parallm/core/dtype.h"
 #include "parallm/model/config.h"
+#include "parallm/parallel/train_mode.h"
+#include "parallm/pipeline/partition.h"
 #include "parallm/train/params.h"
 
 namespace parallm::train {
+
+// Activation recomputation (--recompute): none keeps every activation of a micro-batch from its
+// forward to its backward; selective drops the attention's softmax probabilities (recomputed from
+// q and k); full keeps only each layer's input and runs the layer's forward again just before its
+// backward. The results are bit for bit the same in every mode.
+enum class Recompute { None, Selective, Full };
+Recompute parse_recompute(const std::string& s, const std::string& flag = "--recompute");
+const char* recompute_name(Recompute r);  // "none", "selective", "full"
 
 struct TrainModelOptions {
   // F32: everything in f32 (the reference); the layers view the master values directly.
@@ -32,7 +46,23 @@ struct TrainModelOptions {
   // optimizer state stay f32.
   DType compute = DType::F32;
   int threads = 1;  // informational; kernels use the calling rank's ThreadPool
+  // Pipeline: the layer ranges of this rank's model chunks, in local chunk order (chunk c is the
+  // virtual stage c * pp + pp_rank; pipeline/schedule.h). Empty: one chunk holding every layer.
+  // The chunk whose range starts at layer 0 and is virtual stage 0 runs the embedding; the last
+  // virtual stage runs the final norm, the LM head and the cross-entropy. `first_virtual` and
+  // `last_virtual` say whether local chunk 0 / chunk chunks-1 are those (set by pipeline_chunks()).
+  std::vector<pipeline::StageLayers> chunks;
+  bool has_embedding = true;  // local chunk 0 is virtual stage 0
+  bool has_head = true;       // the last local chunk is the last virtual stage
+  parallel::TrainMode mode;   // --sp, the ZB split (defer_weight_grads); selective via recompute
+  Recompute recompute = Recompute::None;
 };
+
+// The layer ranges and embedding/head flags of pipeline rank `pp_rank` of `pp` with `v` chunks
+// per stage, from the per-virtual-stage layer ranges (pipeline::partition_layers over pp * v).
+TrainModelOptions pipeline_chunks(TrainModelOptions base,
+                                  const std::vector<pipeline::StageLayers>& virtual_stages, int pp,
+                                  int pp_rank, int v);
 
 class TrainModel {
  public:
@@ -54,7 +84,46 @@ class TrainModel {
                           float grad_scale);
 
   // The forward alone (evaluation): the sum of the cross-entropies. Collective over TP.
+  // PP = 1 only (one chunk holding the embedding and the head).
   double loss(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t S);
+
+  // ---- the pipeline's per-chunk calls (pipeline/executor.h drives them) ----
+  // Micro-batch `mb` (any int key, unique among those in flight) through local chunk `chunk`.
+  // inputs/targets [B * S] are read by the chunk that has the embedding / the head (every rank
+  // may pass them). x_in: the previous virtual stage's output (null on the embedding's chunk);
+  // x_out: this chunk's output for the next virtual stage (null on the head's chunk). Activations
+  // are [activation_rows(B, S), hidden]: all B*S rows, or this TP rank's rows under SP.
+  // Keeps what the backward needs (per the recompute mode) under the key (mb, chunk) until
+  // backward/backward_weight releases it. Returns the sum of the cross-entropies on the head's
+  // chunk (its backward scaled by grad_scale), else 0. Collective over TP.
+  double forward(int mb, int chunk, const int32_t* inputs, const int32_t* targets, int64_t B,
+                 int64_t S, float grad_scale, const float* x_in, float* x_out);
+  // The whole backward of (mb, chunk): dy: the gradient of x_out from the next virtual stage
+  // (null on the head's chunk); dx: the gradient of x_in for the previous one (null on the
+  // embedding's chunk). Adds the weight gradients into params().grads(). `last`: the step's last
+  // micro-batch for this chunk, so its parameters' gradients are complete: the grad-ready hook
+  // fires for them (and only then). Releases (mb, chunk)'s activations.
+  void backward(int mb, int chunk, const float* dy, float* dx, bool last);
+  // ZB-H1's split (needs options.mode.defer_weight_grads): B computes dx only and keeps what W
+  // needs; W adds the weight gradients (the hook fires for the chunk's parameters when `last`)
+  // and releases (mb, chunk). Norm weights' gradients are added in B.
+  void backward_input(int mb, int chunk, const float* dy, float* dx);
+  void backward_weight(int mb, int chunk, bool last);
+
+  int64_t activation_rows(int64_t B, int64_t S) const;  // B*S, or this rank's rows under SP
+  int chunks() const;
+  bool has_embedding() const;
+  bool has_head() const;
+
+  // Measured activation memory: what the held (mb, chunk) states occupy now (bytes of the
+  // vectors' sizes, not capacity; scratch that no state owns is not counted), the most at once
+  // since reset_stats(), and the most (mb, chunk) states held at once (in_flight()).
+  struct ActivationStats {
+    int64_t held_bytes = 0, peak_bytes = 0;
+    int in_flight = 0, peak_in_flight = 0;  // (mb, chunk) states held
+  };
+  ActivationStats activation_stats() const;
+  void reset_stats();
 
   // Called (when set) during backward as soon as a parameter's gradient for this micro-batch is
   // complete, in the order the backward finishes them (last layer first), so a data-parallel

@@ -30,7 +30,8 @@ Shape slice_shape(const LlamaTensor& t, const Slice& s) {
 
 }  // namespace
 
-std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, int64_t* size) {
+std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, int64_t* size,
+                                const StageTensors& /*stage: not yet used*/) {
   if (config.is_moe())
     fail("train", "mixture-of-experts models (", config.num_local_experts,
          " experts) are not trainable yet");
@@ -58,8 +59,8 @@ std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, 
   return out;
 }
 
-ParamStore::ParamStore(const ModelConfig& config, int tp, int tp_rank)
-    : config_(config), tp_(tp), tp_rank_(tp_rank) {
+ParamStore::ParamStore(const ModelConfig& config, int tp, int tp_rank, const StageTensors& stage)
+    : config_(config), tp_(tp), tp_rank_(tp_rank), stage_(stage) {
   params_ = param_layout(config, tp, tp_rank, &size_);
   values_ = Tensor::zeros(DType::F32, {size_});
   grads_ = Tensor::zeros(DType::F32, {size_});

@@ -19,6 +19,7 @@
 #include "parallm/model/config.h"
 #include "parallm/model/llama_tensors.h"
 #include "parallm/model/weights.h"
+#include "parallm/pipeline/partition.h"
 
 namespace parallm::train {
 
@@ -39,24 +40,41 @@ struct Param {
   // with tp_rank % tp_replicas == 0 (the replicas of a KV head are consecutive ranks). Counting
   // tp_replicated tensors on TP rank 0 alone would miss the KV heads that rank 0 does not hold.
   int tp_replicas = 1;
-  bool counts_once(int tp_rank) const { return tp_rank % tp_replicas == 0; }
+  // Pipeline with tied embeddings: the last stage's copy of the embedding (the LM head's weight),
+  // whose gradient is summed with the first stage's and whose values equal it. The global
+  // gradient norm counts the embedding on the first stage only.
+  bool tied_copy = false;
+  bool counts_once(int tp_rank) const { return !tied_copy && tp_rank % tp_replicas == 0; }
 };
 
-// The layout ParamStore(config, tp, tp_rank) has (params with offsets); `size` gets the floats of
-// each flat buffer. Throws std::invalid_argument (llama_tp_problem's reason) when tp does not fit.
-std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, int64_t* size);
+// Which tensors of the model a rank holds under pipeline parallelism: the layers of its chunks,
+// the embedding on the first virtual stage, the final norm and the LM head on the last (with tied
+// embeddings the last stage holds the embedding as the head, marked tied_copy unless it is also
+// the first). Default: everything (PP = 1).
+struct StageTensors {
+  std::vector<pipeline::StageLayers> layers;  // empty: every layer
+  bool embedding = true, head = true;
+  bool holds_layer(int64_t layer) const;
+};
+
+// The layout ParamStore(config, tp, tp_rank, stage) has (params with offsets); `size` gets the
+// floats of each flat buffer. Throws std::invalid_argument (llama_tp_problem's reason) when tp
+// does not fit.
+std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, int64_t* size,
+                                const StageTensors& stage = {});
 
 class ParamStore {
  public:
   ParamStore() = default;
   // The layout of every tensor of `config` that TP rank `tp_rank` of `tp` holds; values and grads
   // zero-filled.
-  ParamStore(const ModelConfig& config, int tp, int tp_rank);
+  ParamStore(const ModelConfig& config, int tp, int tp_rank, const StageTensors& stage = {});
 
   const std::vector<Param>& params() const { return params_; }
   const ModelConfig& config() const { return config_; }
   int tp() const { return tp_; }
   int tp_rank() const { return tp_rank_; }
+  const StageTensors& stage() const { return stage_; }
   const Param& find(const std::string& name) const;  // throws std::invalid_argument naming it
   int64_t size() const { return size_; }             // floats in each flat buffer (with padding)
 
@@ -76,6 +94,7 @@ class ParamStore {
  private:
   ModelConfig config_;
   int tp_ = 1, tp_rank_ = 0;
+  StageTensors stage_;
   std::vector<Param> params_;
   int64_t size_ = 0;
   Tensor values_, grads_;  // f32 [size_]

@@ -1,0 +1,25 @@
+// How a layer's training forward and backward run (parallel/attention.h, mlp.h, embedding.h,
+// lm_head.h): sequence parallelism, selective recomputation and the zero-bubble split of the
+// backward. One struct, passed to every training call of a layer, so the model sets a mode once.
+#pragma once
+
+namespace parallm::parallel {
+
+struct TrainMode {
+  // Sequence parallelism (Korthikanti et al. 2022): the layer's input and output (xn, out, and
+  // their gradients dxn, dout) are this TP rank's rows of the B*S tokens (shard_of(B*S, tp):
+  // [T_local, hidden]) instead of all T rows. The column-parallel input is all-gathered along the
+  // rows (gather_from_sequence; its backward a reduce-scatter), and the row-parallel output is
+  // reduce-scattered (reduce_scatter_to_sequence; its backward an all-gather) instead of
+  // all-reduced. The gathered input is not kept: the backward gathers it again.
+  bool sequence_parallel = false;
+  // Selective recomputation (--recompute selective): the attention's softmax probabilities
+  // [B, heads, S, S] are not kept by the forward; the backward recomputes them from q and k.
+  bool recompute_probs = false;
+  // Zero-bubble split (ZB-H1): backward() computes the input gradient only (B) and keeps in the
+  // cache what backward_weight() needs to add the weight gradients later (W). Off: backward()
+  // does both, as before.
+  bool defer_weight_grads = false;
+};
+
+}  // namespace parallm::parallel
