@@ -146,6 +146,8 @@ TEST(ScheduleCli, ZeroBubbleBadInput) {
       {"schedule --pp 4 --schedule zb-h1 --stage-forward-times 1,2", "--stage-forward-times"},
       {"schedule --pp 2 --schedule zb-h1 --stage-backward-times 1,inf", "--stage-backward-times"},
       {"schedule --pp 2 --schedule zb-h1 --stage-weight-times 1,3", "--stage-weight-times"},
+      {"schedule --pp 2 --schedule zb-h1 --stage-backward-times 2,4 --weight-time 3",
+       "--weight-time: stage 0 W 3"},
       {"schedule --schedule zb-h2", "zb-h1"},
   };
   for (const Case& c : cases) {

@@ -158,7 +158,7 @@ TEST(ZeroBubble, BubbleMatchesFormulaAtEqualTimes) {
 
 TEST(ZeroBubble, MakespanMatchesFormulaForUnequalTimes) {
   // Exact whenever W <= min(F, B).
-  const double times[][3] = {{1, 1, 1},   {1, 2, 1},     {1, 1, 0.5},    {2, 1, 1},
+  const double times[][3] = {{1, 1, 1},   {1, 2, 1},      {1, 1, 0.5},   {2, 1, 1},
                              {1, 3, 0.5}, {1.5, 1, 0.25}, {0.5, 2, 0.5}, {1, 1, 0}};
   for (const auto& t : times) {
     const double f = t[0], b = t[1], w = t[2];
@@ -332,7 +332,7 @@ TEST(ZeroBubble, RendersBAndWDistinctly) {
   const std::string text = render_text(s, r, 120);
   EXPECT_NE(text.find("B0"), std::string::npos) << text;
   EXPECT_NE(text.find("W0"), std::string::npos) << text;
-  EXPECT_NE(text.find('~'), std::string::npos) << text;  // W's fill
+  EXPECT_NE(text.find('~'), std::string::npos) << text;   // W's fill
   EXPECT_EQ(text.find("b0"), std::string::npos) << text;  // no whole backwards
   const std::string svg = render_svg(s, r, opt);
   auto occurrences = [&](const std::string& needle) {
@@ -341,7 +341,7 @@ TEST(ZeroBubble, RendersBAndWDistinctly) {
     return n;
   };
   EXPECT_EQ(occurrences("stroke=\"white\""), 3u * 4 * 3);  // F, B and W blocks
-  EXPECT_EQ(occurrences("fill=\"#e07b10\""), 3u * 4);     // the W's in orange
+  EXPECT_EQ(occurrences("fill=\"#e07b10\""), 3u * 4);      // the W's in orange
   EXPECT_NE(svg.find("weight gradient W"), std::string::npos);
 }
 

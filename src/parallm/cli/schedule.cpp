@@ -2,6 +2,7 @@
 // and compare its bubble and in-flight micro-batches with the formulas.
 #include "parallm/pipeline/schedule.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -65,11 +66,13 @@ int run(const Options& o) {
       if (!std::isfinite(t) || t < 0)
         fail("schedule", flag, ": times must be finite numbers >= 0, got ", t);
   }
-  for (size_t st = 0; st < o.stage_weight.size(); ++st) {
+  // W is part of the backward: no stage's W may be longer than that stage's whole backward.
+  for (int st = 0; st < o.pp && !o.forward_only; ++st) {
     const double b = o.stage_backward.empty() ? o.backward : o.stage_backward[st];
-    if (o.stage_weight[st] > b)
-      fail("schedule", "--stage-weight-times: stage ", st, " W ", o.stage_weight[st],
-           " is longer than its whole backward ", b);
+    const double w = !o.stage_weight.empty() ? o.stage_weight[st] : o.weight;
+    if (w > b)
+      fail("schedule", o.stage_weight.empty() ? "--weight-time" : "--stage-weight-times",
+           ": stage ", st, " W ", w, " is longer than its whole backward ", b);
   }
   const Schedule s = make_schedule(kind, o.pp, o.micro_batches, o.chunks, o.forward_only);
   validate(s);
@@ -105,9 +108,10 @@ int run(const Options& o) {
                   3 * o.micro_batches + o.pp - 1, formula,
                   o.p2p > 0 ? "; p2p time is not in the formula" : "");
     else
-      std::printf("  (formula 1 - m(F+B+W)/max(m(F+B+W)+(p-1)(F+B-W), (m+p-1)(F+B)+W) = %.4f%s%s)\n",
-                  formula, w <= std::min(f, b) ? "" : "; W > min(F, B): formula not exact",
-                  o.p2p > 0 ? "; p2p time is not in the formula" : "");
+      std::printf(
+          "  (formula 1 - m(F+B+W)/max(m(F+B+W)+(p-1)(F+B-W), (m+p-1)(F+B)+W) = %.4f%s%s)\n",
+          formula, w <= std::min(f, b) ? "" : "; W > min(F, B): formula not exact",
+          o.p2p > 0 ? "; p2p time is not in the formula" : "");
     std::printf("(1f1b at the same p and m: (p-1)/(m+p-1) = %.4f)\n",
                 bubble_formula(ScheduleKind::OneFOneB, o.pp, o.micro_batches));
   } else
