@@ -114,8 +114,32 @@ VocabParallelLmHead::VocabParallelLmHead(Tensor weight, ShardSpec vocab_shard, c
          " but the near-even split gives it [", expect.begin, ", ", expect.end, ")");
 }
 
-void VocabParallelLmHead::forward(const float* x, int64_t R, float* logits) const {
+namespace {
+
+// The scratch of a sequence-parallel call: [R, hidden] rows, then the mapping's staging.
+float* sp_rows(std::vector<float>* given, std::vector<float>& own, int64_t R, int64_t hidden,
+               const comm::Group& g, float** seq) {
+  std::vector<float>& buf = given != nullptr ? *given : own;
+  const int64_t extra = sequence_scratch(R, hidden, g.size());
+  buf.resize(static_cast<size_t>(R * hidden + extra));
+  *seq = extra > 0 ? buf.data() + R * hidden : nullptr;
+  return buf.data();
+}
+
+}  // namespace
+
+void VocabParallelLmHead::forward(const float* x, int64_t R, float* logits,
+                                  bool sequence_parallel, std::vector<float>* scratch) const {
   // x: [R, hidden] -> logits: [R, vocab/tp]
+  const comm::Group& g = exchange_.group();
+  if (sequence_parallel && g.size() > 1) {
+    std::vector<float> own;
+    float* seq = nullptr;
+    float* full = sp_rows(scratch, own, R, hidden(), g, &seq);
+    gather_from_sequence_forward(g, x, R, hidden(), full, seq);
+    kernels::matmul(full, R, weight_, logits);
+    return;
+  }
   kernels::matmul(x, R, weight_, logits);
 }
 
@@ -127,16 +151,52 @@ void VocabParallelLmHead::gather_logits(const float* local, int64_t R, float* fu
   gather_from_region_forward(exchange_.group(), local, R, vocab_shard_.full, full);
 }
 
-void VocabParallelLmHead::backward(const float* x, const float* dlogits, int64_t R, float* dx,
-                                   float* dw) const {
+const float* VocabParallelLmHead::f32_weight() const {
   if (weight_.dtype() != DType::F32 || !weight_.is_contiguous())
     fail("parallel", "LM head backward needs a contiguous f32 weight, got ", weight_.describe());
+  return weight_.data<float>();
+}
+
+void VocabParallelLmHead::backward_weight(const float* x, const float* dlogits, int64_t R,
+                                          float* dw, bool sequence_parallel,
+                                          std::vector<float>* scratch) const {
   const int64_t vl = weight_.dim(0), h = weight_.dim(1);
-  if (dw != nullptr) kernels::linear_backward_weight(dlogits, x, R, vl, h, dw);
-  if (dx != nullptr) {
-    kernels::linear_backward_input(dlogits, weight_.data<float>(), R, vl, h, dx);
-    copy_to_region_backward(exchange_.group(), dx, R, h);
+  const comm::Group& g = exchange_.group();
+  if (sequence_parallel && g.size() > 1) {  // the input on all rows again (not kept)
+    std::vector<float> own;
+    float* seq = nullptr;
+    float* full = sp_rows(scratch, own, R, h, g, &seq);
+    gather_from_sequence_forward(g, x, R, h, full, seq);
+    kernels::linear_backward_weight(dlogits, full, R, vl, h, dw);
+    return;
   }
+  kernels::linear_backward_weight(dlogits, x, R, vl, h, dw);
+}
+
+void VocabParallelLmHead::backward_input(const float* dlogits, int64_t R, float* dx,
+                                         bool sequence_parallel,
+                                         std::vector<float>* scratch) const {
+  const int64_t vl = weight_.dim(0), h = weight_.dim(1);
+  const float* w = f32_weight();
+  const comm::Group& g = exchange_.group();
+  if (sequence_parallel && g.size() > 1) {  // partial sums on all rows, reduce-scattered
+    std::vector<float> own;
+    float* seq = nullptr;
+    float* full = sp_rows(scratch, own, R, h, g, &seq);
+    kernels::linear_backward_input(dlogits, w, R, vl, h, full);
+    gather_from_sequence_backward(g, full, R, h, dx, seq);
+    return;
+  }
+  kernels::linear_backward_input(dlogits, w, R, vl, h, dx);
+  copy_to_region_backward(g, dx, R, h);  // the head's input was replicated
+}
+
+void VocabParallelLmHead::backward(const float* x, const float* dlogits, int64_t R, float* dx,
+                                   float* dw, bool sequence_parallel,
+                                   std::vector<float>* scratch) const {
+  f32_weight();
+  if (dw != nullptr) backward_weight(x, dlogits, R, dw, sequence_parallel, scratch);
+  if (dx != nullptr) backward_input(dlogits, R, dx, sequence_parallel, scratch);
 }
 
 }  // namespace parallm::parallel
