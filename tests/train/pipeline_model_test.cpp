@@ -45,6 +45,19 @@ Batch make_batch(const ModelConfig& c, int64_t B, int64_t S, uint32_t seed) {
   return b;
 }
 
+TrainModelOptions with_recompute(Recompute r) {
+  TrainModelOptions o;
+  o.recompute = r;
+  return o;
+}
+
+TrainModelOptions middle_chunk(StageLayers layers) {
+  TrainModelOptions o;
+  o.chunks = {layers};
+  o.has_embedding = o.has_head = false;
+  return o;
+}
+
 std::vector<Batch> batches_for(const ModelConfig& c) {
   // Repeated ids inside a batch on purpose (vocabulary 67): the embedding's gradient rows add up.
   return {make_batch(c, 2, 7, 1), make_batch(c, 3, 5, 2), make_batch(c, 1, 9, 3)};
@@ -122,8 +135,11 @@ PipeResult run_pipeline(const ModelConfig& c, int tp, int pp, int v,
         const double l = m.forward(static_cast<int>(mb), s / pp, b.inputs.data(), b.targets.data(),
                                    b.B, b.S, scale, s > 0 ? acts[mb][s - 1].data() : nullptr,
                                    s + 1 < nv ? acts[mb][s].data() : nullptr);
-        if (s + 1 == nv) losses[mb] = l;
-        else EXPECT_EQ(l, 0.0);
+        if (s + 1 == nv) {
+          losses[mb] = l;
+        } else {
+          EXPECT_EQ(l, 0.0);
+        }
       }
     }
     auto expect_held = [&](bool after_b) {
@@ -139,7 +155,9 @@ PipeResult run_pipeline(const ModelConfig& c, int tp, int pp, int v,
         EXPECT_EQ(st.in_flight, static_cast<int>(batches.size()) * v) << "pipeline rank " << r;
         EXPECT_EQ(st.peak_in_flight, st.in_flight);
         EXPECT_EQ(st.held_bytes, floats * 4) << "pipeline rank " << r << (after_b ? " after B" : "");
-        if (!after_b) EXPECT_EQ(st.peak_bytes, st.held_bytes);
+        if (!after_b) {
+          EXPECT_EQ(st.peak_bytes, st.held_bytes);
+        }
       }
     };
     expect_held(false);
@@ -331,7 +349,7 @@ TEST(TrainPipelineModel, RecomputeIsBitwiseNone) {
   for (int tp : {1, 3}) {
     const PipeResult none = run_reference(c, tp, batches, {}, 0.5f);
     for (Recompute r : {Recompute::Selective, Recompute::Full}) {
-      const PipeResult got = run_reference(c, tp, batches, {.recompute = r}, 0.5f);
+      const PipeResult got = run_reference(c, tp, batches, with_recompute(r), 0.5f);
       EXPECT_EQ(got.losses, none.losses);
       EXPECT_EQ(got.hooks, none.hooks);
       for (const auto& [name, t] : none.grads)
@@ -411,7 +429,7 @@ TEST(TrainPipelineModel, ActivationStatsCountTheDocumentedVectors) {
   for (Recompute r : {Recompute::None, Recompute::Selective, Recompute::Full}) {
     ParamStore ps(c, 1, 0);
     init_params(ps, c, 1);
-    TrainModel m(c, ps, comm::Group(), {.recompute = r});
+    TrainModel m(c, ps, comm::Group(), with_recompute(r));
     const int64_t one = 4 * state_floats(c, 1, 0, b.B, b.S, c.num_hidden_layers, true, true, r);
     for (int mb = 0; mb < 3; ++mb) {
       m.forward(mb, 0, b.inputs.data(), b.targets.data(), b.B, b.S, 1.0f, nullptr, nullptr);
@@ -497,7 +515,7 @@ TEST(TrainPipelineModel, ErrorsNameTheProblem) {
   // A store without the model's layers, embedding or head.
   EXPECT_NE(testing::error_of([&] {
               TrainModel(c, mid, comm::Group(),
-                         {.chunks = {{1, 4}}, .has_embedding = false, .has_head = false});
+                         middle_chunk({1, 4}));
             }).find("layer 3 of chunk 0"),
             std::string::npos);
   EXPECT_NE(testing::error_of([&] { TrainModel(c, mid, comm::Group()); }).find("the embedding"),
