@@ -6,7 +6,10 @@
 // exactly a stage's tensors.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <new>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -573,6 +576,77 @@ TEST(TrainParams, StageHoldsItsTensorsOnly) {
   EXPECT_NE(testing::error_of([&] { ParamStore(c, 1, 0, StageTensors{{{1, 3}}, true, true}); })
                 .find("[1, 3)"),
             std::string::npos);
+}
+
+}  // namespace
+}  // namespace parallm::train
+
+// ---- steady-state training allocates nothing in the model ----
+// Counts the allocations of at least 1 KiB while a flag is on. The kernels make small transient
+// allocations of their own (a tensor's strides, a std::function, a norm's column sums); every
+// vector the model holds or lends is 1 KiB or more with the sizes below (T = 256 rows).
+
+namespace {
+std::atomic<bool> g_counting{false};
+std::atomic<int64_t> g_allocs{0};
+}  // namespace
+
+void* operator new(size_t n) {
+  if (n >= 1024 && g_counting.load(std::memory_order_relaxed)) g_allocs.fetch_add(1);
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept {
+  std::free(p);
+}
+void operator delete(void* p, size_t) noexcept {
+  std::free(p);
+}
+
+namespace parallm::train {
+namespace {
+
+TEST(TrainPipelineModel, SteadyStateDoesNotAllocate) {
+  ModelConfig c = testing::tiny_train_config(true, false);
+  c.num_hidden_layers = 2;
+  c.max_position_embeddings = 128;
+  const std::vector<Batch> batches = {make_batch(c, 2, 128, 1), make_batch(c, 2, 128, 2),
+                                      make_batch(c, 2, 128, 3)};
+  const char* names[] = {"none", "selective", "full", "ZB", "ZB + full"};
+  for (int mode = 0; mode < 5; ++mode) {
+    TrainModelOptions o;
+    o.recompute = mode == 1 ? Recompute::Selective
+                  : mode == 2 || mode == 4 ? Recompute::Full
+                                           : Recompute::None;
+    o.mode.defer_weight_grads = mode >= 3;
+    ParamStore ps(c, 1, 0);
+    init_params(ps, c, 3);
+    TrainModel m(c, ps, comm::Group(), o);
+    int64_t allocs = -1;
+    for (int step = 0; step < 4; ++step) {
+      g_allocs = 0;
+      g_counting = step == 3;
+      // Three micro-batches in flight at once, released out of order.
+      for (size_t mb = 0; mb < batches.size(); ++mb)
+        m.forward(static_cast<int>(mb), 0, batches[mb].inputs.data(), batches[mb].targets.data(),
+                  batches[mb].B, batches[mb].S, 1.0f, nullptr, nullptr);
+      for (int mb : {1, 0, 2}) {
+        if (o.mode.defer_weight_grads) {
+          m.backward_input(mb, 0, nullptr, nullptr);
+        } else {
+          m.backward(mb, 0, nullptr, nullptr, mb == 2);
+        }
+      }
+      if (o.mode.defer_weight_grads)
+        for (int mb : {0, 2, 1}) m.backward_weight(mb, 0, mb == 1);
+      g_counting = false;
+      allocs = g_allocs;
+    }
+    // The vocab-parallel cross-entropy (parallel/cross_entropy.cpp) allocates two [T] row
+    // vectors per call; nothing else does. Without the state pool it would be dozens per
+    // micro-batch.
+    EXPECT_LE(allocs, 2 * static_cast<int64_t>(batches.size())) << names[mode];
+  }
 }
 
 }  // namespace
