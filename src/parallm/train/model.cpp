@@ -691,6 +691,19 @@ void TrainModel::backward_weight(int mb, int chunk, bool last) {
   impl_->backward_weight(mb, chunk, last);
 }
 
+void TrainModel::discard(int mb, int chunk) {
+  impl_->release(impl_->take(mb, chunk, "discard"), true);
+}
+
+void TrainModel::discard_all() {
+  Impl& m = *impl_;
+  while (!m.held.empty()) {
+    std::unique_ptr<ChunkState> s = std::move(m.held.back());
+    m.held.pop_back();
+    m.release(std::move(s), true);
+  }
+}
+
 int64_t TrainModel::activation_rows(int64_t B, int64_t S) const {
   return impl_->rows(B * S);
 }
