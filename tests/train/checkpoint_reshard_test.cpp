@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <string>
@@ -296,6 +297,32 @@ TEST(Reshard, LoadRefusesATpRankThatIsNotTheParameters) {
   ParamStore params(config, 2, 0);
   DataParallel dp(params.params(), params.size(), params.values(), params.grads(), comm::Group());
   EXPECT_THROW(load_checkpoint(tmp.sub("c"), config, params, dp, 1, 0), std::invalid_argument);
+}
+
+TEST(Reshard, LoadingNeedsNoLayoutRecord) {
+  // A checkpoint without "layout" (as written before it existed) loads the same: the loader reads
+  // tensors by name and never the record. Each TP rank of a PP 2 stage loads alone (no comm).
+  const ModelConfig config = model(true);
+  TmpDir tmp("no_layout");
+  const std::string dir = tmp.sub("c");
+  run_layout(config, Layout(1, 1, 1, false), "", dir, nullptr);
+  const std::string state_path = dir + "/trainer_state.json";
+  nlohmann::json st = nlohmann::json::parse(std::ifstream(state_path));
+  ASSERT_TRUE(st.contains("layout"));
+  st.erase("layout");
+  std::ofstream(state_path) << st.dump();
+  EXPECT_TRUE(read_checkpoint_info(dir).layout.is_null());
+  const Layout l(2, 2, 1, false);
+  for (int stage = 0; stage < 2; ++stage)
+    for (int r = 0; r < 2; ++r) {
+      ParamStore params(config, 2, r, stage_of(config, l, stage));
+      DataParallel dp(params.params(), params.size(), params.values(), params.grads(),
+                      comm::Group());
+      load_checkpoint(dir, config, params, dp, 2, r);
+      std::string first;
+      EXPECT_EQ(mismatches(params, dp, &first), 0)
+          << "stage " << stage << " rank " << r << ": " << first;
+    }
 }
 
 TEST(Reshard, StagesThatOverlapAreRefusedNamingTheTensor) {
