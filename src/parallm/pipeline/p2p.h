@@ -1,6 +1,6 @@
 // Stage-to-stage transport of a pipeline: activations forward (a small integer header that says
-// what the rows are, then the rows), and per-micro-batch results (sampled tokens) back from the
-// last stage to the first. Every message is keyed by (micro-batch, model chunk): its tag is derived
+// what the rows are, then the rows), per-micro-batch results (sampled tokens) back from the
+// last stage to the first, and in training the activations' gradients backward. Every message is keyed by (micro-batch, model chunk): its tag is derived
 // from the key, and each received activation lands in its own buffer, kept until the next message
 // with the same key. So schedules that hold several micro-batches in flight on one stage (1F1B,
 // interleaved; training keeps activations for the backward) never share a buffer, and a message
@@ -41,7 +41,14 @@ class StageLink {
   void send_result(int to, int micro_batch, const int32_t* values, size_t count) const;
   void recv_result(int from, int micro_batch, int32_t* values, size_t count) const;
 
-  // Tags: kFirstTag + 3 * (micro_batch * chunks + chunk) + kind; kind 0 header, 1 rows, 2 result.
+  // Training: the gradient of an activation, backward (`count` floats, known to both sides). Its
+  // own tag kind, so a gradient never matches an activation of the same key, even between the two
+  // stages of a two-stage pipeline, which send both ways.
+  void send_grad(int to, int micro_batch, int chunk, const float* data, size_t count) const;
+  void recv_grad(int from, int micro_batch, int chunk, float* data, size_t count) const;
+
+  // Tags: kFirstTag + 4 * (micro_batch * chunks + chunk) + kind; kind 0 header, 1 rows, 2 result,
+  // 3 gradient. Tags below kFirstTag are free for the caller's own messages on the same group.
   static constexpr int kFirstTag = 1000;
   int tag(int micro_batch, int chunk, int kind) const;
 
