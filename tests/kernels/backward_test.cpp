@@ -331,6 +331,20 @@ void attention_case(const AttnSizes& z, bool fd, const std::string& tag) {
                      z.hd, dq.data(), dk.data(), dv.data());
   attention_backward_ref(q.data(), k.data(), v.data(), dout.data(), z.B, z.S, z.Hq, z.Hkv, z.hd,
                          dq_ref.data(), dk_ref.data(), dv_ref.data());
+  // Selective recomputation: without probs the forward's output and the backward's gradients
+  // (the softmax recomputed block by block from q and k) are bit for bit those with probs kept.
+  {
+    std::vector<float> out2(T * ldq, 3.0f), dq2(T * ldq, 7.0f), dk2(T * ldk, 7.0f),
+        dv2(T * ldk, 7.0f);
+    attention_forward(q.data(), k.data(), v.data(), z.B, z.S, z.Hq, z.Hkv, z.hd, out2.data(),
+                      nullptr);
+    attention_backward(q.data(), k.data(), v.data(), nullptr, dout.data(), z.B, z.S, z.Hq, z.Hkv,
+                       z.hd, dq2.data(), dk2.data(), dv2.data());
+    EXPECT_EQ(out2, out) << tag << " out without probs";
+    EXPECT_EQ(dq2, dq) << tag << " dq with recomputed probs";
+    EXPECT_EQ(dk2, dk) << tag << " dk with recomputed probs";
+    EXPECT_EQ(dv2, dv) << tag << " dv with recomputed probs";
+  }
   expect_close(dq, dq_ref, 1e-5, 2e-6 * max_abs(dq_ref), tag + " dq");
   expect_close(dk, dk_ref, 1e-5, 2e-6 * max_abs(dk_ref), tag + " dk");
   expect_close(dv, dv_ref, 1e-5, 2e-6 * max_abs(dv_ref), tag + " dv");

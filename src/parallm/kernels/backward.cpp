@@ -461,6 +461,28 @@ void rope_backward_ref(float* dx, int64_t T, int64_t heads, int64_t head_dim,
 
 // ---- attention
 
+namespace {
+
+// Rows [r0, r1) of one head's causal softmax: P_rows [r1 - r0, S] (row i at P_rows + (i - r0) *
+// S) = softmax over j <= i of scale * q_i . k_j, zero above the diagonal. The forward keeps these
+// rows in probs; the backward recomputes them here when probs were not kept, so both are the
+// same calls on the same operands and agree bit for bit.
+void softmax_rows(const float* qb, int64_t ldq, const float* kb, int64_t ldk, int64_t S,
+                  int64_t hd, float scale, int64_t r0, int64_t r1, bool avx2, float* P_rows) {
+  // Scores of rows [r0, r1) against keys [0, r1): the later keys are masked anyway.
+  sgemm(false, true, r1 - r0, r1, hd, scale, qb + r0 * ldq, ldq, kb, ldk, 0.0f, P_rows, S);
+  for (int64_t i = r0; i < r1; ++i) {
+    float* row = P_rows + (i - r0) * S;
+    const float m = row_max(row, i + 1, avx2);
+    const double sum = exp_sum(row, i + 1, m, row, avx2);
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
+    std::fill(row + i + 1, row + S, 0.0f);
+  }
+}
+
+}  // namespace
+
 void attention_forward(const float* q, const float* k, const float* v, int64_t B, int64_t S,
                        int64_t Hq, int64_t Hkv, int64_t hd, float* out, float* probs) {
   check_attention("attention_forward", B, S, Hq, Hkv, hd);
@@ -470,26 +492,19 @@ void attention_forward(const float* q, const float* k, const float* v, int64_t B
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const bool avx2 = use_avx2();
   auto task = [&](int64_t i0, int64_t i1) {
+    // Without probs, each block's rows live in this thread's scratch only.
+    float* block = probs == nullptr ? scratch(std::min(S, kAttnBlock) * S) : nullptr;
     for (int64_t bh = i0; bh < i1; ++bh) {
       const int64_t b = bh / Hq, h = bh % Hq, g = h / group;
       const float* qb = q + b * S * ldq + h * hd;
       const float* kb = k + b * S * ldk + g * hd;
       const float* vb = v + b * S * ldk + g * hd;
       float* ob = out + b * S * ldq + h * hd;
-      float* P = probs + bh * S * S;
       for (int64_t r0 = 0; r0 < S; r0 += kAttnBlock) {
         const int64_t r1 = std::min(S, r0 + kAttnBlock), n = r1 - r0;
-        // Scores of rows [r0, r1) against keys [0, r1): the later keys are masked anyway.
-        sgemm(false, true, n, r1, hd, scale, qb + r0 * ldq, ldq, kb, ldk, 0.0f, P + r0 * S, S);
-        for (int64_t i = r0; i < r1; ++i) {
-          float* row = P + i * S;
-          const float m = row_max(row, i + 1, avx2);
-          const double sum = exp_sum(row, i + 1, m, row, avx2);
-          const float inv = static_cast<float>(1.0 / sum);
-          for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
-          std::fill(row + i + 1, row + S, 0.0f);
-        }
-        sgemm(false, false, n, hd, r1, 1.0f, P + r0 * S, S, vb, ldk, 0.0f, ob + r0 * ldq, ldq);
+        float* P = probs != nullptr ? probs + bh * S * S + r0 * S : block;
+        softmax_rows(qb, ldq, kb, ldk, S, hd, scale, r0, r1, avx2, P);
+        sgemm(false, false, n, hd, r1, 1.0f, P, S, vb, ldk, 0.0f, ob + r0 * ldq, ldq);
       }
     }
   };
@@ -513,22 +528,30 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
   // Query head h of sequence b: writes its dq and adds its share to dkb / dvb ([S, hd], rows
   // ldkv apart), the gradients of its KV head.
   auto head = [&](int64_t b, int64_t h, float* dkb, float* dvb, int64_t ldkv) {
-    float* dS = scratch(std::min(S, kAttnBlock) * S);
+    // dS [block, S], then (probs not kept) the block's recomputed softmax rows [block, S].
+    const int64_t blk = std::min(S, kAttnBlock) * S;
+    float* dS = scratch(probs == nullptr ? 2 * blk : blk);
+    float* recomputed = dS + blk;
     const int64_t g = h / group;
     const float* kb = k + b * S * ldk + g * hd;
     const float* vb = v + b * S * ldk + g * hd;
     const float* qb = q + b * S * ldq + h * hd;
     const float* dob = dout + b * S * ldq + h * hd;
     float* dqb = dq + b * S * ldq + h * hd;
-    const float* P = probs + (b * Hq + h) * S * S;
     for (int64_t r0 = 0; r0 < S; r0 += kAttnBlock) {
       const int64_t r1 = std::min(S, r0 + kAttnBlock), n = r1 - r0;
+      // P: rows [r0, r1) of the softmax, row i at P + (i - r0) * S.
+      const float* P = probs + (b * Hq + h) * S * S + r0 * S;
+      if (probs == nullptr) {
+        softmax_rows(qb, ldq, kb, ldk, S, hd, scale, r0, r1, avx2, recomputed);
+        P = recomputed;
+      }
       // dP [n, r1] = dO [rows] . V[0, r1)^T
       sgemm(false, true, n, r1, hd, 1.0f, dob + r0 * ldq, ldq, vb, ldk, 0.0f, dS, r1);
       // dS = P * (dP - rowsum(dP * P)), the softmax's backward; zero above the diagonal.
       for (int64_t i = r0; i < r1; ++i) {
         float* d = dS + (i - r0) * r1;
-        const float* p = P + i * S;
+        const float* p = P + (i - r0) * S;
         softmax_backward_row(d, p, i + 1, avx2);
         std::fill(d + i + 1, d + r1, 0.0f);
       }
@@ -537,7 +560,7 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
       // dK[0, r1) += scale * dS^T . q [rows]
       sgemm(true, false, r1, hd, n, scale, dS, r1, qb + r0 * ldq, ldq, 1.0f, dkb, ldkv);
       // dV[0, r1) += P [rows, 0..r1)^T . dO [rows]
-      sgemm(true, false, r1, hd, n, 1.0f, P + r0 * S, S, dob + r0 * ldq, ldq, 1.0f, dvb, ldkv);
+      sgemm(true, false, r1, hd, n, 1.0f, P, S, dob + r0 * ldq, ldq, 1.0f, dvb, ldkv);
     }
   };
   auto zero_rows = [&](float* p, int64_t ld) {

@@ -52,10 +52,13 @@ void rope_backward_ref(float* dx, int64_t T, int64_t heads, int64_t head_dim,
 // ---- causal grouped-query attention over B sequences of S tokens ----
 // q [B*S, Hq*hd], k and v [B*S, Hkv*hd] (after RoPE); query head h reads KV head h / (Hq/Hkv).
 // out [B*S, Hq*hd]; probs [B, Hq, S, S] (the softmax, zero above the diagonal) kept for the
-// backward. scale = 1/sqrt(hd).
+// backward, or null: not kept (selective recomputation; only a block of rows per thread exists at
+// a time). scale = 1/sqrt(hd).
 void attention_forward(const float* q, const float* k, const float* v, int64_t B, int64_t S,
                        int64_t Hq, int64_t Hkv, int64_t hd, float* out, float* probs);
 // dq, dk, dv (overwritten) from dout [B*S, Hq*hd]; dk and dv sum over the query heads of a group.
+// probs: what attention_forward kept, or null: each block of softmax rows is recomputed from q and
+// k by the forward's own code, so the gradients are bit for bit those of the kept probs.
 void attention_backward(const float* q, const float* k, const float* v, const float* probs,
                         const float* dout, int64_t B, int64_t S, int64_t Hq, int64_t Hkv,
                         int64_t hd, float* dq, float* dk, float* dv);

@@ -1,11 +1,14 @@
 #include "parallm/parallel/attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "parallm/core/error.h"
 #include "parallm/kernels/attention.h"
 #include "parallm/kernels/backward.h"
+#include "parallm/parallel/mappings.h"
 
 namespace parallm::parallel {
 
@@ -84,20 +87,47 @@ void ParallelAttention::forward(const float* xn, const std::vector<SeqChunk>& ch
   o_.forward(attn, T, out);  // partial sums over this rank's heads, all-reduced
 }
 
+namespace {
+
+void resize(std::vector<float>& v, int64_t n) { v.resize(static_cast<size_t>(n)); }
+
+// The sequence mappings' staging in `seq` (empty when the rows split evenly).
+float* seq_scratch(std::vector<float>& seq, int64_t rows, int64_t cols, const comm::Group& g) {
+  resize(seq, sequence_scratch(rows, cols, g.size()));
+  return seq.empty() ? nullptr : seq.data();
+}
+
+}  // namespace
+
 void ParallelAttention::forward_train(const float* xn, int64_t B, int64_t S, AttentionCache& c,
-                                      float* out) const {
-  const int64_t hd = head_dim_, T = B * S;
+                                      float* out, const TrainMode& mode) const {
+  const int64_t hd = head_dim_, T = B * S, H = qkv_.weight().dim(1);
   const int64_t qd = heads_.q_heads * hd, kvd = heads_.kv_heads * hd, w = qd + 2 * kvd;
-  c.qkv.resize(static_cast<size_t>(T * w));
-  c.q.resize(static_cast<size_t>(T * qd));
-  c.k.resize(static_cast<size_t>(T * kvd));
-  c.v.resize(static_cast<size_t>(T * kvd));
-  c.probs.resize(static_cast<size_t>(B * heads_.q_heads * S * S));
-  c.attn.resize(static_cast<size_t>(T * qd));
+  // On one rank the sequence split is the whole: the plain path is the same arithmetic.
+  const bool sp = mode.sequence_parallel && group_.size() > 1;
+  resize(c.qkv, T * w);
+  resize(c.q, T * qd);
+  resize(c.k, T * kvd);
+  resize(c.v, T * kvd);
+  if (mode.recompute_probs) {
+    std::vector<float>().swap(c.probs);  // not kept: release what an earlier mode held
+  } else {
+    resize(c.probs, B * heads_.q_heads * S * S);
+  }
+  resize(c.attn, T * qd);
   c.positions.resize(static_cast<size_t>(T));
   if (T == 0) return;
   for (int64_t t = 0; t < T; ++t) c.positions[t] = static_cast<int32_t>(t % S);
-  qkv_.forward(xn, T, c.qkv.data());  // each row q | k | v
+  const float* x = xn;
+  float* seq = nullptr;
+  if (sp) {
+    // gather_from_sequence: every rank needs all T rows for the Q/K/V GEMM; not kept.
+    resize(c.xg, T * H);
+    seq = seq_scratch(c.seq, T, H, group_);
+    gather_from_sequence_forward(group_, xn, T, H, c.xg.data(), seq);
+    x = c.xg.data();
+  }
+  qkv_.forward(x, T, c.qkv.data());  // each row q | k | v
   for (int64_t t = 0; t < T; ++t) {
     const float* row = c.qkv.data() + t * w;
     std::memcpy(c.q.data() + t * qd, row, qd * sizeof(float));
@@ -108,34 +138,120 @@ void ParallelAttention::forward_train(const float* xn, int64_t B, int64_t S, Att
   kernels::rope(c.q.data(), T, heads_.q_heads, hd, c.positions.data(), inv, rope_.style);
   kernels::rope(c.k.data(), T, heads_.kv_heads, hd, c.positions.data(), inv, rope_.style);
   kernels::attention_forward(c.q.data(), c.k.data(), c.v.data(), B, S, heads_.q_heads,
-                           heads_.kv_heads, hd, c.attn.data(), c.probs.data());
-  o_.forward(c.attn.data(), T, out);  // partial sums over this rank's heads, all-reduced
+                             heads_.kv_heads, hd, c.attn.data(),
+                             mode.recompute_probs ? nullptr : c.probs.data());
+  if (sp) {
+    // Partial sums over this rank's heads (xg is free again), reduce-scattered to this rank's rows.
+    o_.forward(c.attn.data(), T, c.xg.data(), /*reduce=*/false);
+    reduce_scatter_to_sequence_forward(group_, c.xg.data(), T, H, out, seq);
+  } else {
+    o_.forward(c.attn.data(), T, out);  // partial sums over this rank's heads, all-reduced
+  }
 }
 
 void ParallelAttention::backward(const float* xn, AttentionCache& c, const float* dout, int64_t B,
-                                 int64_t S, float* dxn, float* dqkv, float* d_o) const {
-  const int64_t hd = head_dim_, T = B * S;
+                                 int64_t S, float* dxn, float* dqkv, float* d_o,
+                                 const TrainMode& mode) const {
+  const int64_t hd = head_dim_, T = B * S, H = qkv_.weight().dim(1);
   if (T == 0) return;
   const int64_t qd = heads_.q_heads * hd, kvd = heads_.kv_heads * hd, w = qd + 2 * kvd;
-  c.dattn.resize(static_cast<size_t>(T * qd));
-  c.dq.resize(static_cast<size_t>(T * qd));
-  c.dk.resize(static_cast<size_t>(T * kvd));
-  c.dv.resize(static_cast<size_t>(T * kvd));
-  o_.backward(c.attn.data(), dout, T, c.dattn.data(), d_o);  // no communication
-  kernels::attention_backward(c.q.data(), c.k.data(), c.v.data(), c.probs.data(), c.dattn.data(), B,
-                            S, heads_.q_heads, heads_.kv_heads, hd, c.dq.data(), c.dk.data(),
-                            c.dv.data());
+  const bool sp = mode.sequence_parallel && group_.size() > 1;
+  const bool defer = mode.defer_weight_grads;
+  if (static_cast<int64_t>(c.q.size()) != T * qd || static_cast<int64_t>(c.attn.size()) != T * qd)
+    fail("attention", "backward of ", B, " x ", S, " tokens without its forward_train (the cache "
+         "holds q for ", c.q.size() / std::max<int64_t>(qd, 1), " tokens)");
+  const float* probs = nullptr;
+  if (!mode.recompute_probs) {
+    if (static_cast<int64_t>(c.probs.size()) != B * heads_.q_heads * S * S)
+      fail("attention", "backward without recompute_probs, but the forward kept ", c.probs.size(),
+           " softmax floats, not ", B * heads_.q_heads * S * S,
+           " (was forward_train run with recompute_probs?)");
+    probs = c.probs.data();
+  }
+  resize(c.dattn, T * qd);
+  resize(c.dq, T * qd);
+  resize(c.dk, T * kvd);
+  resize(c.dv, T * kvd);
+  c.positions.resize(static_cast<size_t>(T));  // scratch: filled again, it may have been lent
+  for (int64_t t = 0; t < T; ++t) c.positions[t] = static_cast<int32_t>(t % S);
+  float* seq = sp ? seq_scratch(c.seq, T, H, group_) : nullptr;
+
+  // The output's gradient on all T rows: reduce_scatter_to_sequence's backward under SP; kept
+  // for backward_weight() when deferring.
+  const float* g_out = dout;
+  if (sp || defer) {
+    std::vector<float>& buf = defer ? c.wgrad_dout : c.dout;
+    resize(buf, T * H);
+    if (sp) {
+      reduce_scatter_to_sequence_backward(group_, dout, T, H, buf.data(), seq);
+    } else {
+      std::memcpy(buf.data(), dout, static_cast<size_t>(T * H) * sizeof(float));
+    }
+    g_out = buf.data();
+  }
+  if (!defer && d_o != nullptr) o_.backward_weight(c.attn.data(), g_out, T, d_o);
+  o_.backward_input(g_out, T, c.dattn.data());  // no communication
+  kernels::attention_backward(c.q.data(), c.k.data(), c.v.data(), probs, c.dattn.data(), B, S,
+                              heads_.q_heads, heads_.kv_heads, hd, c.dq.data(), c.dk.data(),
+                              c.dv.data());
   const float* inv = rope_.inv_freq.data();
   kernels::rope_backward(c.dq.data(), T, heads_.q_heads, hd, c.positions.data(), inv, rope_.style);
   kernels::rope_backward(c.dk.data(), T, heads_.kv_heads, hd, c.positions.data(), inv, rope_.style);
-  float* g = c.qkv.data();  // the forward's qkv is no longer needed: dqkv [T, w] goes there
+  std::vector<float>& gbuf = defer ? c.wgrad_dqkv : c.qkv;  // dqkv [T, w]
+  resize(gbuf, T * w);
+  float* g = gbuf.data();
   for (int64_t t = 0; t < T; ++t) {
     float* row = g + t * w;
     std::memcpy(row, c.dq.data() + t * qd, qd * sizeof(float));
     std::memcpy(row + qd, c.dk.data() + t * kvd, kvd * sizeof(float));
     std::memcpy(row + qd + kvd, c.dv.data() + t * kvd, kvd * sizeof(float));
   }
-  qkv_.backward(xn, g, T, dxn, dqkv);  // all-reduces dxn; sums the replicated K/V rows' gradient
+  if (!defer && dqkv != nullptr) {
+    const float* x = xn;
+    if (sp) {  // the input again on all rows (the forward did not keep it)
+      resize(c.xg, T * H);
+      gather_from_sequence_forward(group_, xn, T, H, c.xg.data(), seq);
+      x = c.xg.data();
+    }
+    qkv_.backward_weight(x, g, T, dqkv);  // sums the replicated K/V rows' gradient
+  }
+  if (dxn != nullptr) {
+    if (sp) {
+      // Partial input gradient on all rows, reduce-scattered to this rank's rows.
+      resize(c.xg, T * H);
+      qkv_.backward_input(g, T, c.xg.data(), /*reduce=*/false);
+      gather_from_sequence_backward(group_, c.xg.data(), T, H, dxn, seq);
+    } else {
+      qkv_.backward_input(g, T, dxn);  // all-reduced
+    }
+  }
+}
+
+void ParallelAttention::backward_weight(const float* xn, AttentionCache& c, int64_t B, int64_t S,
+                                        float* dqkv, float* d_o, const TrainMode& mode) const {
+  const int64_t hd = head_dim_, T = B * S, H = qkv_.weight().dim(1);
+  if (T == 0) return;
+  const int64_t qd = heads_.q_heads * hd, kvd = heads_.kv_heads * hd, w = qd + 2 * kvd;
+  if (static_cast<int64_t>(c.wgrad_dqkv.size()) != T * w ||
+      static_cast<int64_t>(c.wgrad_dout.size()) != T * H ||
+      static_cast<int64_t>(c.attn.size()) != T * qd)
+    fail("attention", "backward_weight of ", B, " x ", S,
+         " tokens needs a backward() with defer_weight_grads first (the cache holds ",
+         c.wgrad_dqkv.size(), " dqkv floats, expected ", T * w, ")");
+  const bool sp = mode.sequence_parallel && group_.size() > 1;
+  if (d_o != nullptr) o_.backward_weight(c.attn.data(), c.wgrad_dout.data(), T, d_o);
+  if (dqkv != nullptr) {
+    const float* x = xn;
+    if (sp) {
+      resize(c.xg, T * H);
+      gather_from_sequence_forward(group_, xn, T, H, c.xg.data(), seq_scratch(c.seq, T, H, group_));
+      x = c.xg.data();
+    }
+    qkv_.backward_weight(x, c.wgrad_dqkv.data(), T, dqkv);
+  }
+  // Consumed: sizes back to 0 (their capacity stays for the next micro-batch).
+  c.wgrad_dqkv.clear();
+  c.wgrad_dout.clear();
 }
 
 }  // namespace parallm::parallel

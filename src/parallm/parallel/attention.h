@@ -17,6 +17,7 @@
 #include "parallm/kernels/ops.h"
 #include "parallm/parallel/linear.h"
 #include "parallm/parallel/shard.h"
+#include "parallm/parallel/train_mode.h"
 
 namespace parallm::parallel {
 
@@ -44,16 +45,33 @@ struct RopeSpec {
   kernels::RopeStyle style = kernels::RopeStyle::HalfSplit;
 };
 
-// What the training forward keeps for the backward (and the backward's scratch); owned by the
-// caller, one per layer, reused across micro-batches. Local sizes: qd = q_heads * head_dim,
-// kvd = kv_heads * head_dim of this rank.
+// What the training forward keeps for the backward, what a deferred backward keeps for
+// backward_weight(), and the scratch of each call; owned by the caller, one per (micro-batch,
+// layer) state, reused. Local sizes: qd = q_heads * head_dim, kvd = kv_heads * head_dim of this
+// rank; w = qd + 2 kvd; T = B*S, all the tokens (also under sequence parallelism).
+//
+// Kept from forward_train() to backward(): q, k, v, attn, and probs unless recompute_probs.
+// Kept from backward() to backward_weight() (defer_weight_grads only): attn, wgrad_dqkv,
+// wgrad_dout (q, k, v and probs are free once backward() returns).
+// Everything else is scratch, clobbered by each call and never read across calls: the caller may
+// lend one shared set to every state (swap the vectors in before a call and out after).
 struct AttentionCache {
-  std::vector<float> qkv;    // [T, qd + 2 kvd]: the column-parallel output (scratch, then dqkv)
+  // ---- kept forward -> backward
   std::vector<float> q;      // [T, qd] after RoPE
   std::vector<float> k, v;   // [T, kvd], k after RoPE
-  std::vector<float> probs;  // [B, q_heads, S, S]: the softmax of each head
-  std::vector<float> attn;   // [T, qd]: the attention output (o_proj's input)
-  std::vector<float> dattn, dq, dk, dv;  // backward scratch
+  std::vector<float> probs;  // [B, q_heads, S, S]: the softmax of each head; empty (size 0)
+                             // under recompute_probs, where the backward recomputes it
+  std::vector<float> attn;   // [T, qd]: the attention output (o_proj's input); also kept -> W
+  // ---- kept backward -> backward_weight (defer_weight_grads; empty otherwise)
+  std::vector<float> wgrad_dqkv;  // [T, w]: the gradient of the fused Q/K/V output
+  std::vector<float> wgrad_dout;  // [T, hidden]: the output's gradient (all rows under SP)
+  // ---- scratch
+  std::vector<float> qkv;    // [T, w]: the column-parallel output, then the backward's dqkv
+  std::vector<float> xg;     // [T, hidden] under SP: the gathered input, the partial output, the
+                             // partial input gradient in turn
+  std::vector<float> dout;   // [T, hidden] under SP without defer: the gathered output gradient
+  std::vector<float> seq;    // the sequence mappings' staging (uneven row splits)
+  std::vector<float> dattn, dq, dk, dv;  // [T, qd], [T, qd], [T, kvd], [T, kvd]
   std::vector<int32_t> positions;        // [T]: 0..S-1 for each sequence
 };
 
@@ -84,14 +102,25 @@ class ParallelAttention {
 
   // Training: full causal attention over B sequences of S tokens each (xn [B*S, hidden], sequence
   // by sequence; positions 0..S-1 in each; no KV cache) -> out [B*S, hidden], summed over the
-  // group. Keeps what backward() needs in `cache`.
-  void forward_train(const float* xn, int64_t B, int64_t S, AttentionCache& cache,
-                     float* out) const;
+  // group. Keeps what backward() needs in `cache`. Under mode.sequence_parallel, xn and out are
+  // this rank's rows, [shard_of(B*S, group).size(), hidden]: xn is all-gathered before the Q/K/V
+  // GEMM and the output reduce-scattered instead of all-reduced. Under mode.recompute_probs the
+  // softmax is not kept (cache.probs left empty).
+  void forward_train(const float* xn, int64_t B, int64_t S, AttentionCache& cache, float* out,
+                     const TrainMode& mode = {}) const;
   // dout [B*S, hidden] (the same on every rank) -> dxn [B*S, hidden] summed over the group (null:
   // skipped); dqkv [qkv rows, hidden] and d_o [hidden, qd] += the weight gradients (the K/V rows
-  // that TP replicates summed over their replicas). xn and cache as forward_train left them.
+  // that TP replicates summed over their replicas). xn and cache as forward_train left them, with
+  // the same mode. Under mode.sequence_parallel, dout and dxn are this rank's rows (dout is
+  // all-gathered, dxn reduce-scattered). Under mode.defer_weight_grads only dxn is computed (dqkv
+  // and d_o are not touched and may be null) and the cache keeps what backward_weight() needs.
   void backward(const float* xn, AttentionCache& cache, const float* dout, int64_t B, int64_t S,
-                float* dxn, float* dqkv, float* d_o) const;
+                float* dxn, float* dqkv, float* d_o, const TrainMode& mode = {}) const;
+  // After backward() with mode.defer_weight_grads: dqkv and d_o += the weight gradients, bit for
+  // bit what backward() without it adds. xn as given to forward_train (this rank's rows under SP:
+  // gathered again here). Collective over the group under SP or when K/V rows are replicated.
+  void backward_weight(const float* xn, AttentionCache& cache, int64_t B, int64_t S, float* dqkv,
+                       float* d_o, const TrainMode& mode = {}) const;
 
   const HeadPlan& heads() const { return heads_; }
   int64_t head_dim() const { return head_dim_; }

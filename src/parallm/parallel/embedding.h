@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "parallm/comm/group.h"
 #include "parallm/core/tensor.h"
@@ -19,11 +20,17 @@ class VocabParallelEmbedding {
   VocabParallelEmbedding(Tensor table, ShardSpec vocab_shard, comm::Group group);
   // ids: [T] -> x: [T, hidden] f32 (one all-reduce when the group has more than one rank).
   // Throws std::invalid_argument naming the id when an id is outside [0, vocab).
-  void forward(const int32_t* ids, int64_t T, float* x) const;
+  // sequence_parallel (training, Korthikanti et al.): x is this rank's rows only,
+  // [shard_of(T, group).size(), hidden], by a reduce-scatter instead of the all-reduce. scratch:
+  // the full partial rows [T, hidden] and the mapping's staging (null: allocated per call).
+  void forward(const int32_t* ids, int64_t T, float* x, bool sequence_parallel = false,
+               std::vector<float>* scratch = nullptr) const;
   // Backward: dtable [vocab_shard.size(), hidden] += the rows of dx [T, hidden] (the same on every
   // rank) whose ids this rank owns. reduce_from_region's backward is the identity: no
-  // communication.
-  void backward(const int32_t* ids, int64_t T, const float* dx, float* dtable) const;
+  // communication. sequence_parallel: dx is this rank's rows, all-gathered first (the
+  // reduce-scatter's backward); scratch as for forward.
+  void backward(const int32_t* ids, int64_t T, const float* dx, float* dtable,
+                bool sequence_parallel = false, std::vector<float>* scratch = nullptr) const;
   const Tensor& table() const { return table_; }
   const ShardSpec& vocab_shard() const { return vocab_shard_; }
   const comm::Group& group() const { return group_; }

@@ -33,6 +33,13 @@ class ColumnParallelLinear {
   // dx [T, in] = dy . W summed over the group (copy_to_region's backward; skipped when null).
   // Collective over the group when dx is set or a part is replicated. F32 weight only.
   void backward(const float* x, const float* dy, int64_t T, float* dx, float* dw) const;
+  // The two halves of backward(), for the zero-bubble split (backward() is backward_weight() then
+  // backward_input(), bit for bit). backward_input: dx [T, in] = dy . W, summed over the group
+  // when `reduce` (copy_to_region's backward), else this rank's partial sum (the caller maps it,
+  // e.g. a reduce-scatter under sequence parallelism). backward_weight: dw += dy^T . x with the
+  // replicated parts summed over the group (collective when a part is replicated).
+  void backward_input(const float* dy, int64_t T, float* dx, bool reduce = true) const;
+  void backward_weight(const float* x, const float* dy, int64_t T, float* dw) const;
   const Tensor& weight() const { return weight_; }
   const FusedShardSpec& out_shard() const { return out_shard_; }
   const comm::Group& group() const { return group_; }
@@ -48,12 +55,17 @@ class RowParallelLinear {
   RowParallelLinear() = default;
   // weight: [out, in_shard.size()], this rank's columns.
   RowParallelLinear(Tensor weight, ShardSpec in_shard, comm::Group group);
-  // x: [T, in_shard.size()] -> y: [T, out], summed over the group (one all-reduce).
-  void forward(const float* x, int64_t T, float* y) const;
+  // x: [T, in_shard.size()] -> y: [T, out], summed over the group (one all-reduce) when
+  // `reduce`, else this rank's partial sums (the caller maps them, e.g. a reduce-scatter under
+  // sequence parallelism).
+  void forward(const float* x, int64_t T, float* y, bool reduce = true) const;
   // Backward of forward(x) -> y, with dy: [T, out] (the same on every rank): dw [out,
   // in_shard.size()] += dy^T . x (skipped when null); dx [T, in_shard.size()] = dy . W (skipped
   // when null). reduce_from_region's backward is the identity: no communication.
   void backward(const float* x, const float* dy, int64_t T, float* dx, float* dw) const;
+  // The two halves of backward() (no communication in either).
+  void backward_input(const float* dy, int64_t T, float* dx) const;
+  void backward_weight(const float* x, const float* dy, int64_t T, float* dw) const;
   const Tensor& weight() const { return weight_; }
   const ShardSpec& in_shard() const { return in_shard_; }
   const comm::Group& group() const { return group_; }

@@ -114,8 +114,32 @@ VocabParallelLmHead::VocabParallelLmHead(Tensor weight, ShardSpec vocab_shard, c
          " but the near-even split gives it [", expect.begin, ", ", expect.end, ")");
 }
 
-void VocabParallelLmHead::forward(const float* x, int64_t R, float* logits) const {
+namespace {
+
+// The scratch of a sequence-parallel call: [R, hidden] rows, then the mapping's staging.
+float* sp_rows(std::vector<float>* given, std::vector<float>& own, int64_t R, int64_t hidden,
+               const comm::Group& g, float** seq) {
+  std::vector<float>& buf = given != nullptr ? *given : own;
+  const int64_t extra = sequence_scratch(R, hidden, g.size());
+  buf.resize(static_cast<size_t>(R * hidden + extra));
+  *seq = extra > 0 ? buf.data() + R * hidden : nullptr;
+  return buf.data();
+}
+
+}  // namespace
+
+void VocabParallelLmHead::forward(const float* x, int64_t R, float* logits,
+                                  bool sequence_parallel, std::vector<float>* scratch) const {
   // x: [R, hidden] -> logits: [R, vocab/tp]
+  const comm::Group& g = exchange_.group();
+  if (sequence_parallel && g.size() > 1) {
+    std::vector<float> own;
+    float* seq = nullptr;
+    float* full = sp_rows(scratch, own, R, hidden(), g, &seq);
+    gather_from_sequence_forward(g, x, R, hidden(), full, seq);
+    kernels::matmul(full, R, weight_, logits);
+    return;
+  }
   kernels::matmul(x, R, weight_, logits);
 }
 
@@ -128,14 +152,30 @@ void VocabParallelLmHead::gather_logits(const float* local, int64_t R, float* fu
 }
 
 void VocabParallelLmHead::backward(const float* x, const float* dlogits, int64_t R, float* dx,
-                                   float* dw) const {
+                                   float* dw, bool sequence_parallel,
+                                   std::vector<float>* scratch) const {
   if (weight_.dtype() != DType::F32 || !weight_.is_contiguous())
     fail("parallel", "LM head backward needs a contiguous f32 weight, got ", weight_.describe());
   const int64_t vl = weight_.dim(0), h = weight_.dim(1);
+  const comm::Group& g = exchange_.group();
+  if (sequence_parallel && g.size() > 1) {
+    std::vector<float> own;
+    float* seq = nullptr;
+    float* full = sp_rows(scratch, own, R, h, g, &seq);
+    if (dw != nullptr) {  // the input on all rows again (the forward did not keep it)
+      gather_from_sequence_forward(g, x, R, h, full, seq);
+      kernels::linear_backward_weight(dlogits, full, R, vl, h, dw);
+    }
+    if (dx != nullptr) {  // partial sums on all rows, reduce-scattered to this rank's rows
+      kernels::linear_backward_input(dlogits, weight_.data<float>(), R, vl, h, full);
+      gather_from_sequence_backward(g, full, R, h, dx, seq);
+    }
+    return;
+  }
   if (dw != nullptr) kernels::linear_backward_weight(dlogits, x, R, vl, h, dw);
   if (dx != nullptr) {
     kernels::linear_backward_input(dlogits, weight_.data<float>(), R, vl, h, dx);
-    copy_to_region_backward(exchange_.group(), dx, R, h);
+    copy_to_region_backward(g, dx, R, h);
   }
 }
 

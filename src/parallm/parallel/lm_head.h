@@ -75,12 +75,18 @@ class VocabParallelLmHead {
   VocabParallelLmHead(Tensor weight, ShardSpec vocab_shard, comm::Group group);
 
   // x: [R, hidden] (after the final norm) -> logits: [R, vocab_shard().size()], this rank's
-  // slice. No communication.
-  void forward(const float* x, int64_t R, float* logits) const;
+  // slice. No communication. sequence_parallel (training): x is this rank's rows,
+  // [shard_of(R, group).size(), hidden], all-gathered before the GEMM (logits still cover all R
+  // rows); scratch: the gathered rows and the mapping's staging (null: allocated per call).
+  void forward(const float* x, int64_t R, float* logits, bool sequence_parallel = false,
+               std::vector<float>* scratch = nullptr) const;
   // Backward (training, f32 weight): dlogits [R, vocab_shard().size()] -> dw [vocab_shard().size(),
   // hidden] += dlogits^T . x (skipped when null); dx [R, hidden] = dlogits . W summed over the
   // group (the head's input is replicated: copy_to_region's backward; skipped when null).
-  void backward(const float* x, const float* dlogits, int64_t R, float* dx, float* dw) const;
+  // sequence_parallel: x and dx are this rank's rows; x is gathered again for dw, and dx is
+  // reduce-scattered instead of all-reduced.
+  void backward(const float* x, const float* dlogits, int64_t R, float* dx, float* dw,
+                bool sequence_parallel = false, std::vector<float>* scratch = nullptr) const;
 
   // local: [vocab_shard().size()] (one row of forward's output) -> the full row [vocab].
   std::vector<float> gather_logits(const float* local) const;

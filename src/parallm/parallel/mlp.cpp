@@ -1,8 +1,12 @@
 #include "parallm/parallel/mlp.h"
 
+#include <cstring>
+#include <vector>
+
 #include "parallm/core/error.h"
 #include "parallm/kernels/ops.h"
 #include "parallm/kernels/backward.h"
+#include "parallm/parallel/mappings.h"
 
 namespace parallm::parallel {
 
@@ -33,32 +37,122 @@ void ParallelMlp::forward(const float* xn, int64_t T, float* scratch, float* out
   down_.forward(gu, T, out);
 }
 
-void ParallelMlp::forward_train(const float* xn, int64_t T, MlpCache& cache, float* out) const {
-  const int64_t fl = ffn_.size();
-  cache.gu.resize(static_cast<size_t>(T * 2 * fl));
-  cache.h.resize(static_cast<size_t>(T * fl));
+namespace {
+
+void resize(std::vector<float>& v, int64_t n) { v.resize(static_cast<size_t>(n)); }
+
+float* seq_scratch(std::vector<float>& seq, int64_t rows, int64_t cols, const comm::Group& g) {
+  resize(seq, sequence_scratch(rows, cols, g.size()));
+  return seq.empty() ? nullptr : seq.data();
+}
+
+}  // namespace
+
+void ParallelMlp::forward_train(const float* xn, int64_t T, MlpCache& cache, float* out,
+                                const TrainMode& mode) const {
+  const int64_t fl = ffn_.size(), H = gate_up_.weight().dim(1);
+  const bool sp = mode.sequence_parallel && group_.size() > 1;
+  resize(cache.gu, T * 2 * fl);
+  resize(cache.h, T * fl);
   if (T == 0) return;
-  gate_up_.forward(xn, T, cache.gu.data());
+  const float* x = xn;
+  float* seq = nullptr;
+  if (sp) {  // gather_from_sequence: all T rows for the gate/up GEMM; not kept
+    resize(cache.xg, T * H);
+    seq = seq_scratch(cache.seq, T, H, group_);
+    gather_from_sequence_forward(group_, xn, T, H, cache.xg.data(), seq);
+    x = cache.xg.data();
+  }
+  gate_up_.forward(x, T, cache.gu.data());
   for (int64_t t = 0; t < T; ++t) {
     const float* row = cache.gu.data() + t * 2 * fl;
     kernels::silu_mul(row, row + fl, cache.h.data() + t * fl, fl);
   }
-  down_.forward(cache.h.data(), T, out);
+  if (sp) {
+    down_.forward(cache.h.data(), T, cache.xg.data(), /*reduce=*/false);
+    reduce_scatter_to_sequence_forward(group_, cache.xg.data(), T, H, out, seq);
+  } else {
+    down_.forward(cache.h.data(), T, out);
+  }
 }
 
 void ParallelMlp::backward(const float* xn, MlpCache& cache, const float* dout, int64_t T,
-                           float* dxn, float* dgate_up, float* ddown) const {
+                           float* dxn, float* dgate_up, float* ddown,
+                           const TrainMode& mode) const {
   if (T == 0) return;
-  const int64_t fl = ffn_.size();
-  cache.dh.resize(static_cast<size_t>(T * fl));
-  cache.dgu.resize(static_cast<size_t>(T * 2 * fl));
-  down_.backward(cache.h.data(), dout, T, cache.dh.data(), ddown);  // [T, hidden] -> [T, fl]
+  const int64_t fl = ffn_.size(), H = gate_up_.weight().dim(1);
+  const bool sp = mode.sequence_parallel && group_.size() > 1;
+  const bool defer = mode.defer_weight_grads;
+  if (static_cast<int64_t>(cache.gu.size()) != T * 2 * fl ||
+      static_cast<int64_t>(cache.h.size()) != T * fl)
+    fail("mlp", "backward of ", T, " tokens without its forward_train (the cache holds ",
+         cache.h.size() / fl, " tokens)");
+  resize(cache.dh, T * fl);
+  float* seq = sp ? seq_scratch(cache.seq, T, H, group_) : nullptr;
+  const float* g_out = dout;  // all T rows; kept for backward_weight() when deferring
+  if (sp || defer) {
+    std::vector<float>& buf = defer ? cache.wgrad_dout : cache.dout;
+    resize(buf, T * H);
+    if (sp) {
+      reduce_scatter_to_sequence_backward(group_, dout, T, H, buf.data(), seq);
+    } else {
+      std::memcpy(buf.data(), dout, static_cast<size_t>(T * H) * sizeof(float));
+    }
+    g_out = buf.data();
+  }
+  if (!defer && ddown != nullptr) down_.backward_weight(cache.h.data(), g_out, T, ddown);
+  down_.backward_input(g_out, T, cache.dh.data());  // [T, hidden] -> [T, fl]
+  std::vector<float>& dgu = defer ? cache.wgrad_dgu : cache.dgu;
+  resize(dgu, T * 2 * fl);
   for (int64_t t = 0; t < T; ++t) {
     const float* row = cache.gu.data() + t * 2 * fl;
-    float* drow = cache.dgu.data() + t * 2 * fl;
+    float* drow = dgu.data() + t * 2 * fl;
     kernels::swiglu_backward(row, row + fl, cache.dh.data() + t * fl, fl, drow, drow + fl);
   }
-  gate_up_.backward(xn, cache.dgu.data(), T, dxn, dgate_up);  // all-reduces dxn
+  if (!defer && dgate_up != nullptr) {
+    const float* x = xn;
+    if (sp) {  // the input again on all rows (the forward did not keep it)
+      resize(cache.xg, T * H);
+      gather_from_sequence_forward(group_, xn, T, H, cache.xg.data(), seq);
+      x = cache.xg.data();
+    }
+    gate_up_.backward_weight(x, dgu.data(), T, dgate_up);
+  }
+  if (dxn != nullptr) {
+    if (sp) {
+      resize(cache.xg, T * H);
+      gate_up_.backward_input(dgu.data(), T, cache.xg.data(), /*reduce=*/false);
+      gather_from_sequence_backward(group_, cache.xg.data(), T, H, dxn, seq);
+    } else {
+      gate_up_.backward_input(dgu.data(), T, dxn);  // all-reduced
+    }
+  }
+}
+
+void ParallelMlp::backward_weight(const float* xn, MlpCache& cache, int64_t T, float* dgate_up,
+                                  float* ddown, const TrainMode& mode) const {
+  if (T == 0) return;
+  const int64_t fl = ffn_.size(), H = gate_up_.weight().dim(1);
+  if (static_cast<int64_t>(cache.wgrad_dgu.size()) != T * 2 * fl ||
+      static_cast<int64_t>(cache.wgrad_dout.size()) != T * H ||
+      static_cast<int64_t>(cache.h.size()) != T * fl)
+    fail("mlp", "backward_weight of ", T, " tokens needs a backward() with defer_weight_grads "
+         "first (the cache holds ", cache.wgrad_dgu.size(), " dgate_up floats, expected ",
+         T * 2 * fl, ")");
+  const bool sp = mode.sequence_parallel && group_.size() > 1;
+  if (ddown != nullptr) down_.backward_weight(cache.h.data(), cache.wgrad_dout.data(), T, ddown);
+  if (dgate_up != nullptr) {
+    const float* x = xn;
+    if (sp) {
+      resize(cache.xg, T * H);
+      gather_from_sequence_forward(group_, xn, T, H, cache.xg.data(),
+                                   seq_scratch(cache.seq, T, H, group_));
+      x = cache.xg.data();
+    }
+    gate_up_.backward_weight(x, cache.wgrad_dgu.data(), T, dgate_up);
+  }
+  cache.wgrad_dgu.clear();
+  cache.wgrad_dout.clear();
 }
 
 }  // namespace parallm::parallel

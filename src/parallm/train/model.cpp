@@ -1,5 +1,7 @@
 #include "parallm/train/model.h"
 
+#include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -8,15 +10,55 @@
 
 #include "parallm/comm/launch.h"
 #include "parallm/core/error.h"
+#include "parallm/kernels/backward.h"
 #include "parallm/parallel/attention.h"
+#include "parallm/parallel/cross_entropy.h"
 #include "parallm/parallel/embedding.h"
 #include "parallm/parallel/lm_head.h"
 #include "parallm/parallel/mlp.h"
 #include "parallm/parallel/shard.h"
-#include "parallm/kernels/backward.h"
-#include "parallm/parallel/cross_entropy.h"
 
 namespace parallm::train {
+
+Recompute parse_recompute(const std::string& s, const std::string& flag) {
+  if (s == "none") return Recompute::None;
+  if (s == "selective") return Recompute::Selective;
+  if (s == "full") return Recompute::Full;
+  fail(flag, "\"", s, "\" is not a recomputation mode (none, selective, full)");
+}
+
+const char* recompute_name(Recompute r) {
+  switch (r) {
+    case Recompute::None:
+      return "none";
+    case Recompute::Selective:
+      return "selective";
+    case Recompute::Full:
+      return "full";
+  }
+  return "?";
+}
+
+TrainModelOptions pipeline_chunks(TrainModelOptions base,
+                                  const std::vector<pipeline::StageLayers>& virtual_stages, int pp,
+                                  int pp_rank, int v) {
+  if (pp < 1 || v < 1 || pp_rank < 0 || pp_rank >= pp)
+    fail("train", "pipeline_chunks: rank ", pp_rank, " of ", pp, " stages with ", v,
+         " chunks each is not a pipeline position");
+  if (virtual_stages.size() != static_cast<size_t>(pp) * static_cast<size_t>(v))
+    fail("train", "pipeline_chunks: ", virtual_stages.size(), " layer ranges for ", pp,
+         " stages x ", v, " chunks (needs ", pp * v, ")");
+  base.chunks.clear();
+  for (int c = 0; c < v; ++c) base.chunks.push_back(virtual_stages[c * pp + pp_rank]);
+  base.has_embedding = pp_rank == 0;     // virtual stage 0 is chunk 0 of rank 0
+  base.has_head = pp_rank == pp - 1;     // virtual stage pp*v-1 is chunk v-1 of rank pp-1
+  return base;
+}
+
+StageTensors stage_tensors(const TrainModelOptions& options) {
+  return StageTensors{options.chunks, options.has_embedding, options.has_head};
+}
+
 namespace {
 
 // A layer's parameters, by role.
@@ -32,19 +74,58 @@ struct LayerParams {
   const Param* down = nullptr;
 };
 
-// What one layer's forward keeps for its backward.
+// What one layer's forward keeps for its backward. Under full recomputation a held state fills
+// only x; the rest lives in the model's one recompute scratch while the layer's forward reruns.
 struct LayerState {
   std::vector<float> x;           // [T, H] the layer's input (the residual stream)
   std::vector<float> xn1, rstd1;  // input_layernorm's output [T, H] and 1/rms [T]
   std::vector<float> x2;          // [T, H] after the attention's residual
   std::vector<float> xn2, rstd2;  // post_attention_layernorm's
-  parallel::AttentionCache attn;
-  parallel::MlpCache mlp;
+  parallel::AttentionCache attn;  // its qkv and backward scratch are lent, not held
+  parallel::MlpCache mlp;         // its dh, dgu are lent, not held
+
+  // Floats of the vectors docs/PLAN count as held activations (the positions, int32 [T], are
+  // not activations and are not counted).
+  int64_t floats() const {
+    return static_cast<int64_t>(x.size() + xn1.size() + rstd1.size() + x2.size() + xn2.size() +
+                                rstd2.size() + attn.q.size() + attn.k.size() + attn.v.size() +
+                                attn.probs.size() + attn.attn.size() + mlp.gu.size() +
+                                mlp.h.size());
+  }
+};
+
+// Everything (micro-batch, chunk) keeps from its forward to its backward.
+struct ChunkState {
+  int mb = 0, chunk = 0;
+  int64_t B = 0, S = 0;
+  std::vector<int32_t> ids;        // the embedding's chunk: the inputs, for its backward
+  std::vector<LayerState> layers;  // one per layer of the chunk
+  std::vector<float> xlast, xf, rstdf;  // the head's chunk: the final norm's input, output, 1/rms
+  std::vector<float> dlogits;           // the head's chunk: [T, V_local], computed in the forward
+  int64_t bytes = 0;                    // counted in ActivationStats while held
+
+  int64_t floats() const {
+    int64_t n = static_cast<int64_t>(xlast.size() + xf.size() + rstdf.size() + dlogits.size());
+    for (const LayerState& l : layers) n += l.floats();
+    return n;
+  }
+};
+
+// One local chunk: model layers [begin, end), at slots [slot, slot + count) of the per-layer
+// arrays, with the states released by its backward kept for reuse (steady-state training
+// allocates nothing).
+struct Chunk {
+  int64_t begin = 0, end = 0, slot = 0;
+  bool embedding = false, head = false;
+  std::vector<std::unique_ptr<ChunkState>> pool;
 };
 
 void resize(std::vector<float>& v, int64_t n) {
   v.resize(static_cast<size_t>(n));
 }
+
+// Key forward_backward() and loss() use; the pipeline's keys are its micro-batch numbers.
+constexpr int kSoloKey = INT_MIN;
 
 }  // namespace
 
@@ -59,26 +140,33 @@ struct TrainModel::Impl {
   // view the masters.
   Tensor compute;
 
-  const Param* embed_p = nullptr;
-  const Param* norm_p = nullptr;
-  const Param* head_p = nullptr;  // the embedding when tied
-  std::vector<LayerParams> lp;
+  const Param* embed_p = nullptr;  // null unless a chunk runs the embedding
+  const Param* norm_p = nullptr;   // null unless a chunk runs the head
+  const Param* head_p = nullptr;   // the embedding (or its tied copy) when tied
+  std::vector<LayerParams> lp;     // per slot (the chunks' layers in local order)
+  std::vector<int64_t> layer_of;   // per slot: the model layer
 
   parallel::VocabParallelEmbedding embed;
   std::vector<parallel::ParallelAttention> attn;
   std::vector<parallel::ParallelMlp> mlp;
   parallel::VocabParallelLmHead head;
 
-  std::vector<LayerState> st;
-  // The layers' backward scratch, lent to the layer being differentiated (swapped in and out of
-  // its cache), so only one layer's worth exists.
+  std::vector<Chunk> chunks;
+  std::vector<std::unique_ptr<ChunkState>> held;  // in flight, any order
+  TrainModel::ActivationStats stats;
+
+  // Scratch shared by every state: the layers' forward GEMM output and backward scratch, lent to
+  // the layer being run (swapped in and out of its cache), so only one layer's worth exists; the
+  // full-recompute scratch holding one layer's rerun forward; the head's logits; the gradients
+  // flowing back through the residual stream (dx) and a norm's output (dxn).
   parallel::AttentionCache attn_scratch;
   parallel::MlpCache mlp_scratch;
-  std::vector<float> xlast, xf, rstdf, logits, dlogits, tmp, dx, dxn;
+  LayerState rerun;
+  std::vector<float> logits, tmp, dx, dxn;
   GradReadyHook hook;
 
   Impl(const ModelConfig& c, ParamStore& p, comm::Group g, TrainModelOptions o)
-      : config(c), params(p), tp(std::move(g)), options(o) {}
+      : config(c), params(p), tp(std::move(g)), options(std::move(o)) {}
 
   float* weights_base() {
     return options.compute == DType::F32 ? params.values() : compute.data<float>();
@@ -93,13 +181,34 @@ struct TrainModel::Impl {
   }
 
   void lend_scratch(LayerState& s) {
+    std::swap(s.attn.qkv, attn_scratch.qkv);
     std::swap(s.attn.dattn, attn_scratch.dattn), std::swap(s.attn.dq, attn_scratch.dq);
     std::swap(s.attn.dk, attn_scratch.dk), std::swap(s.attn.dv, attn_scratch.dv);
     std::swap(s.mlp.dh, mlp_scratch.dh), std::swap(s.mlp.dgu, mlp_scratch.dgu);
   }
+
   void build();
-  double run(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t S, float grad_scale,
-             bool backward);
+  const Chunk& chunk_at(int c) const {
+    if (c < 0 || c >= static_cast<int>(chunks.size()))
+      fail("train", "chunk ", c, " is not one of this rank's ", chunks.size(), " chunks");
+    return chunks[c];
+  }
+  void check_ids(const Chunk& ch, const int32_t* inputs, const int32_t* targets, int64_t B,
+                 int64_t S) const;
+  ChunkState& acquire(int mb, int c);
+  std::unique_ptr<ChunkState> take(int mb, int c, const char* what);
+  void release(std::unique_ptr<ChunkState> s, bool counted);
+
+  // One layer's forward from x [T, H] with what the backward needs in `w` (the held state, or
+  // the rerun scratch); writes the layer's output to `next` unless null (a rerun).
+  void layer_forward(int64_t slot, const float* x, LayerState& w, int64_t B, int64_t S,
+                     float* next);
+  // One layer's backward: dx [T, H] the residual stream's gradient, in place.
+  void layer_backward(int64_t slot, const float* x, LayerState& w, int64_t B, int64_t S,
+                      bool last);
+  double forward(int mb, int c, const int32_t* inputs, const int32_t* targets, int64_t B,
+                 int64_t S, float grad_scale, const float* x_in, float* x_out, bool training);
+  void backward(int mb, int c, const float* dy, float* dx_out, bool last);
 };
 
 void TrainModel::Impl::build() {
@@ -117,111 +226,261 @@ void TrainModel::Impl::build() {
       parallel::HeadPlan::make(c.num_attention_heads, c.num_key_value_heads, size, rank);
   const parallel::ShardSpec ffn = parallel::ShardSpec::even(c.intermediate_size, size, rank);
   vocab = parallel::ShardSpec::even(c.vocab_size, size, rank);
-  const int64_t H = c.hidden_size, hd = c.head_dim;
+  const int64_t H = c.hidden_size, hd = c.head_dim, L = c.num_hidden_layers;
 
-  embed_p = &params.find(names::kEmbed);
-  norm_p = &params.find(names::kNorm);
-  head_p = c.tie_word_embeddings ? embed_p : &params.find(names::kLmHead);
+  std::vector<pipeline::StageLayers> ranges = options.chunks;
+  if (ranges.empty()) ranges.push_back({0, L});
+  int64_t slot = 0;
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    const pipeline::StageLayers& r = ranges[i];
+    if (r.begin < 0 || r.end > L || r.begin > r.end)
+      fail("train", "chunk ", i, ": layers [", r.begin, ", ", r.end, ") are not a range of the ", L,
+           " layers");
+    Chunk ch;
+    ch.begin = r.begin, ch.end = r.end, ch.slot = slot;
+    ch.embedding = i == 0 && options.has_embedding;
+    ch.head = i + 1 == ranges.size() && options.has_head;
+    slot += r.count();
+    chunks.push_back(std::move(ch));
+  }
+
+  // The embedding's chunk, the head's, and each chunk's layers must be in the parameter store
+  // (ParamStore built with the matching StageTensors; find names a missing tensor).
+  const StageTensors& stage = params.stage();
+  if ((options.has_embedding && !stage.embedding) || (options.has_head && !stage.head))
+    fail("train", "the parameter store's stage lacks the ",
+         options.has_embedding && !stage.embedding ? "embedding" : "final norm and head",
+         " this rank's chunks run (build it with stage_tensors(options))");
+  if (options.has_embedding) embed_p = &params.find(names::kEmbed);
+  if (options.has_head) {
+    norm_p = &params.find(names::kNorm);
+    head_p = c.tie_word_embeddings ? &params.find(names::kEmbed) : &params.find(names::kLmHead);
+  }
   parallel::RopeSpec rope{c.rope_inv_freq(), c.rope_interleaved ? kernels::RopeStyle::Interleaved
                                                                 : kernels::RopeStyle::HalfSplit};
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    auto f = [&](const char* suffix) { return &params.find(names::layer(l, suffix)); };
-    LayerParams p{f("input_layernorm.weight"),  f("self_attn.q_proj.weight"),
-                  f("self_attn.k_proj.weight"), f("self_attn.v_proj.weight"),
-                  f("self_attn.o_proj.weight"), f("post_attention_layernorm.weight"),
-                  f("mlp.gate_proj.weight"),    f("mlp.up_proj.weight"),
-                  f("mlp.down_proj.weight")};
-    // The fused layers view q|k|v and gate|up as one matrix: params.h keeps each group contiguous.
-    if (p.k->offset != p.q->offset + p.q->numel || p.v->offset != p.k->offset + p.k->numel ||
-        p.up->offset != p.gate->offset + p.gate->numel)
-      fail("train", "layer ", l, ": q/k/v or gate/up are not contiguous in the parameter buffer");
-    const int64_t qkv_rows = p.q->local_shape[0] + p.k->local_shape[0] + p.v->local_shape[0];
-    attn.emplace_back(view(*p.q, {qkv_rows, H}), view(*p.o, p.o->local_shape), heads, hd, rope, tp);
-    mlp.emplace_back(view(*p.gate, {2 * ffn.size(), H}), view(*p.down, p.down->local_shape), ffn,
-                     tp);
-    lp.push_back(p);
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    const Chunk& ch = chunks[i];
+    for (int64_t l = ch.begin; l < ch.end; ++l) {
+      if (!stage.holds_layer(l))
+        fail("train", "layer ", l, " of chunk ", i,
+             " is not in the parameter store's stage (build it with stage_tensors(options))");
+      auto f = [&](const char* suffix) { return &params.find(names::layer(l, suffix)); };
+      LayerParams p{f("input_layernorm.weight"),  f("self_attn.q_proj.weight"),
+                    f("self_attn.k_proj.weight"), f("self_attn.v_proj.weight"),
+                    f("self_attn.o_proj.weight"), f("post_attention_layernorm.weight"),
+                    f("mlp.gate_proj.weight"),    f("mlp.up_proj.weight"),
+                    f("mlp.down_proj.weight")};
+      // The fused layers view q|k|v and gate|up as one matrix: params.h keeps each group
+      // contiguous.
+      if (p.k->offset != p.q->offset + p.q->numel || p.v->offset != p.k->offset + p.k->numel ||
+          p.up->offset != p.gate->offset + p.gate->numel)
+        fail("train", "layer ", l, ": q/k/v or gate/up are not contiguous in the parameter buffer");
+      const int64_t qkv_rows = p.q->local_shape[0] + p.k->local_shape[0] + p.v->local_shape[0];
+      attn.emplace_back(view(*p.q, {qkv_rows, H}), view(*p.o, p.o->local_shape), heads, hd, rope,
+                        tp);
+      mlp.emplace_back(view(*p.gate, {2 * ffn.size(), H}), view(*p.down, p.down->local_shape), ffn,
+                       tp);
+      lp.push_back(p);
+      layer_of.push_back(l);
+    }
   }
-  embed = parallel::VocabParallelEmbedding(view(*embed_p, embed_p->local_shape), vocab, tp);
-  head = parallel::VocabParallelLmHead(view(*head_p, head_p->local_shape), vocab, tp);
-  st.resize(static_cast<size_t>(c.num_hidden_layers));
+  if (embed_p != nullptr)
+    embed = parallel::VocabParallelEmbedding(view(*embed_p, embed_p->local_shape), vocab, tp);
+  if (head_p != nullptr)
+    head = parallel::VocabParallelLmHead(view(*head_p, head_p->local_shape), vocab, tp);
 }
 
-double TrainModel::Impl::run(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t S,
-                             float grad_scale, bool backward) {
-  const ModelConfig& c = config;
+void TrainModel::Impl::check_ids(const Chunk& ch, const int32_t* inputs, const int32_t* targets,
+                                 int64_t B, int64_t S) const {
   if (B <= 0 || S <= 0)
     fail("train", "a micro-batch needs B >= 1 and S >= 1, got B ", B, ", S ", S);
-  const int64_t T = B * S, H = c.hidden_size, L = c.num_hidden_layers, V = c.vocab_size;
-  const float eps = static_cast<float>(c.rms_norm_eps);
+  const int64_t T = B * S, V = config.vocab_size;
+  if (T * config.hidden_size > (int64_t{1} << 40))
+    fail("train", "micro-batch of ", T, " tokens is too large");
   // Checked before any collective, on every rank alike (all ranks see the same ids).
-  for (int64_t t = 0; t < T; ++t) {
-    if (inputs[t] < 0 || inputs[t] >= V)
-      fail("train", "input token id ", inputs[t], " at position ", t,
-           " is outside the vocabulary [0, ", V, ")");
-    if (targets[t] < 0 || targets[t] >= V)
-      fail("train", "target token id ", targets[t], " at position ", t,
-           " is outside the vocabulary [0, ", V, ")");
+  if (ch.embedding) {
+    if (inputs == nullptr) fail("train", "the embedding's chunk needs the input ids");
+    for (int64_t t = 0; t < T; ++t)
+      if (inputs[t] < 0 || inputs[t] >= V)
+        fail("train", "input token id ", inputs[t], " at position ", t,
+             " is outside the vocabulary [0, ", V, ")");
   }
-  if (T * H > (int64_t{1} << 40)) fail("train", "micro-batch of ", T, " tokens is too large");
-  for (LayerState& s : st) {
-    resize(s.x, T * H), resize(s.xn1, T * H), resize(s.x2, T * H), resize(s.xn2, T * H);
-    resize(s.rstd1, T), resize(s.rstd2, T);
+  if (ch.head) {
+    if (targets == nullptr) fail("train", "the head's chunk needs the target ids");
+    for (int64_t t = 0; t < T; ++t)
+      if (targets[t] < 0 || targets[t] >= V)
+        fail("train", "target token id ", targets[t], " at position ", t,
+             " is outside the vocabulary [0, ", V, ")");
   }
-  resize(xlast, T * H), resize(xf, T * H), resize(rstdf, T), resize(tmp, T * H);
-  resize(logits, T * vocab.size());
+}
 
-  // ---- forward ----
-  float* x0 = L > 0 ? st[0].x.data() : xlast.data();
-  embed.forward(inputs, T, x0);
-  for (int64_t l = 0; l < L; ++l) {
-    LayerState& s = st[l];
-    const LayerParams& p = lp[l];
-    kernels::rmsnorm_forward(s.x.data(), value(p.in_norm), T, H, eps, s.xn1.data(), s.rstd1.data());
-    attn[l].forward_train(s.xn1.data(), B, S, s.attn, tmp.data());
-    for (int64_t i = 0; i < T * H; ++i) s.x2[i] = s.x[i] + tmp[i];
-    kernels::rmsnorm_forward(s.x2.data(), value(p.post_norm), T, H, eps, s.xn2.data(), s.rstd2.data());
-    mlp[l].forward_train(s.xn2.data(), T, s.mlp, tmp.data());
-    float* next = l + 1 < L ? st[l + 1].x.data() : xlast.data();
-    for (int64_t i = 0; i < T * H; ++i) next[i] = s.x2[i] + tmp[i];
+ChunkState& TrainModel::Impl::acquire(int mb, int c) {
+  for (const auto& s : held)
+    if (s->mb == mb && s->chunk == c)
+      fail("train", "micro-batch ", mb, " is already in flight through chunk ", c);
+  Chunk& ch = chunks[c];
+  std::unique_ptr<ChunkState> s;
+  if (!ch.pool.empty()) {
+    s = std::move(ch.pool.back());
+    ch.pool.pop_back();
+  } else {
+    s = std::make_unique<ChunkState>();
+    s->layers.resize(static_cast<size_t>(ch.end - ch.begin));
   }
-  kernels::rmsnorm_forward(xlast.data(), value(norm_p), T, H, eps, xf.data(), rstdf.data());
-  head.forward(xf.data(), T, logits.data());
-  if (backward) resize(dlogits, T * vocab.size());
-  const double loss = parallel::cross_entropy(head.exchange(), logits.data(), T, vocab.size(), vocab.begin,
-                                    targets, grad_scale, backward ? dlogits.data() : nullptr);
-  if (!backward) return loss;
+  s->mb = mb, s->chunk = c, s->bytes = 0;
+  held.push_back(std::move(s));
+  return *held.back();
+}
 
-  // ---- backward: dx is the gradient of the residual stream, dxn of a norm's output ----
-  resize(dx, T * H), resize(dxn, T * H);
-  head.backward(xf.data(), dlogits.data(), T, dxn.data(), grad(head_p));  // all-reduces dxn
-  if (head_p != embed_p) ready(head_p);
-  kernels::rmsnorm_backward(xlast.data(), value(norm_p), rstdf.data(), dxn.data(), T, H, dx.data(),
-                   grad(norm_p), false);
-  ready(norm_p);
-  for (int64_t l = L - 1; l >= 0; --l) {
-    LayerState& s = st[l];
-    const LayerParams& p = lp[l];
-    lend_scratch(s);
-    mlp[l].backward(s.xn2.data(), s.mlp, dx.data(), T, dxn.data(), grad(p.gate), grad(p.down));
-    ready(p.down), ready(p.gate), ready(p.up);
-    kernels::rmsnorm_backward(s.x2.data(), value(p.post_norm), s.rstd2.data(), dxn.data(), T, H, dx.data(),
-                     grad(p.post_norm), true);
-    ready(p.post_norm);
-    attn[l].backward(s.xn1.data(), s.attn, dx.data(), B, S, dxn.data(), grad(p.q), grad(p.o));
-    ready(p.o), ready(p.q), ready(p.k), ready(p.v);
-    kernels::rmsnorm_backward(s.x.data(), value(p.in_norm), s.rstd1.data(), dxn.data(), T, H, dx.data(),
-                     grad(p.in_norm), true);
-    lend_scratch(s);  // back
-    ready(p.in_norm);
+std::unique_ptr<ChunkState> TrainModel::Impl::take(int mb, int c, const char* what) {
+  for (size_t i = 0; i < held.size(); ++i) {
+    if (held[i]->mb != mb || held[i]->chunk != c) continue;
+    std::unique_ptr<ChunkState> s = std::move(held[i]);
+    held[i] = std::move(held.back());
+    held.pop_back();
+    return s;
   }
-  embed.backward(inputs, T, dx.data(), grad(embed_p));
-  ready(embed_p);
+  fail("train", what, ": micro-batch ", mb, " has no forward in flight through chunk ", c);
+}
+
+void TrainModel::Impl::release(std::unique_ptr<ChunkState> s, bool counted) {
+  if (counted) {
+    stats.held_bytes -= s->bytes;
+    stats.in_flight -= 1;
+  }
+  s->bytes = 0;
+  chunks[s->chunk].pool.push_back(std::move(s));
+}
+
+void TrainModel::Impl::layer_forward(int64_t slot, const float* x, LayerState& w, int64_t B,
+                                     int64_t S, float* next) {
+  const int64_t T = B * S, H = config.hidden_size;
+  const float eps = static_cast<float>(config.rms_norm_eps);
+  const LayerParams& p = lp[slot];
+  resize(w.xn1, T * H), resize(w.x2, T * H), resize(w.xn2, T * H);
+  resize(w.rstd1, T), resize(w.rstd2, T);
+  kernels::rmsnorm_forward(x, value(p.in_norm), T, H, eps, w.xn1.data(), w.rstd1.data());
+  lend_scratch(w);
+  attn[slot].forward_train(w.xn1.data(), B, S, w.attn, tmp.data());
+  for (int64_t i = 0; i < T * H; ++i) w.x2[i] = x[i] + tmp[i];
+  kernels::rmsnorm_forward(w.x2.data(), value(p.post_norm), T, H, eps, w.xn2.data(),
+                           w.rstd2.data());
+  mlp[slot].forward_train(w.xn2.data(), T, w.mlp, tmp.data());
+  lend_scratch(w);  // back
+  if (next != nullptr)
+    for (int64_t i = 0; i < T * H; ++i) next[i] = w.x2[i] + tmp[i];
+}
+
+void TrainModel::Impl::layer_backward(int64_t slot, const float* x, LayerState& w, int64_t B,
+                                      int64_t S, bool last) {
+  const int64_t T = B * S, H = config.hidden_size;
+  const LayerParams& p = lp[slot];
+  lend_scratch(w);
+  mlp[slot].backward(w.xn2.data(), w.mlp, dx.data(), T, dxn.data(), grad(p.gate), grad(p.down));
+  if (last) ready(p.down), ready(p.gate), ready(p.up);
+  kernels::rmsnorm_backward(w.x2.data(), value(p.post_norm), w.rstd2.data(), dxn.data(), T, H,
+                            dx.data(), grad(p.post_norm), true);
+  if (last) ready(p.post_norm);
+  attn[slot].backward(w.xn1.data(), w.attn, dx.data(), B, S, dxn.data(), grad(p.q), grad(p.o));
+  if (last) ready(p.o), ready(p.q), ready(p.k), ready(p.v);
+  kernels::rmsnorm_backward(x, value(p.in_norm), w.rstd1.data(), dxn.data(), T, H, dx.data(),
+                            grad(p.in_norm), true);
+  lend_scratch(w);  // back
+  if (last) ready(p.in_norm);
+}
+
+double TrainModel::Impl::forward(int mb, int c, const int32_t* inputs, const int32_t* targets,
+                                 int64_t B, int64_t S, float grad_scale, const float* x_in,
+                                 float* x_out, bool training) {
+  const Chunk& ch = chunk_at(c);
+  check_ids(ch, inputs, targets, B, S);
+  if (!ch.embedding && x_in == nullptr)
+    fail("train", "chunk ", c, " has no embedding: its forward needs x_in");
+  if (!ch.head && x_out == nullptr)
+    fail("train", "chunk ", c, " has no head: its forward needs x_out");
+  const int64_t T = B * S, H = config.hidden_size;
+  const float eps = static_cast<float>(config.rms_norm_eps);
+  const bool full = options.recompute == Recompute::Full;
+  ChunkState& s = acquire(mb, c);
+  s.B = B, s.S = S;
+  if (ch.embedding) s.ids.assign(inputs, inputs + T);
+  for (LayerState& l : s.layers) resize(l.x, T * H);
+  if (ch.head) resize(s.xlast, T * H), resize(s.xf, T * H), resize(s.rstdf, T);
+  resize(tmp, T * H);
+
+  const int64_t n = ch.end - ch.begin;
+  float* out = ch.head ? s.xlast.data() : x_out;  // where the chunk's last layer writes
+  float* first = n > 0 ? s.layers[0].x.data() : out;
+  if (ch.embedding) {
+    embed.forward(inputs, T, first);
+  } else {
+    std::memcpy(first, x_in, static_cast<size_t>(T * H) * sizeof(float));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    LayerState& l = s.layers[i];
+    float* next = i + 1 < n ? s.layers[i + 1].x.data() : out;
+    layer_forward(ch.slot + i, l.x.data(), full ? rerun : l, B, S, next);
+  }
+  double loss = 0;
+  if (ch.head) {
+    kernels::rmsnorm_forward(s.xlast.data(), value(norm_p), T, H, eps, s.xf.data(),
+                             s.rstdf.data());
+    resize(logits, T * vocab.size());
+    head.forward(s.xf.data(), T, logits.data());
+    resize(s.dlogits, training ? T * vocab.size() : 0);
+    loss = parallel::cross_entropy(head.exchange(), logits.data(), T, vocab.size(), vocab.begin,
+                                   targets, grad_scale, training ? s.dlogits.data() : nullptr);
+  }
+  if (training) {
+    s.bytes = s.floats() * static_cast<int64_t>(sizeof(float));
+    stats.held_bytes += s.bytes;
+    stats.in_flight += 1;
+    stats.peak_bytes = std::max(stats.peak_bytes, stats.held_bytes);
+    stats.peak_in_flight = std::max(stats.peak_in_flight, stats.in_flight);
+  }
   return loss;
+}
+
+void TrainModel::Impl::backward(int mb, int c, const float* dy, float* dx_out, bool last) {
+  const Chunk& ch = chunk_at(c);
+  if (!ch.head && dy == nullptr)
+    fail("train", "chunk ", c, " has no head: its backward needs dy");
+  if (!ch.embedding && dx_out == nullptr)
+    fail("train", "chunk ", c, " has no embedding: its backward needs dx");
+  std::unique_ptr<ChunkState> held_state = take(mb, c, "backward");
+  ChunkState& s = *held_state;
+  const int64_t B = s.B, S = s.S, T = B * S, H = config.hidden_size;
+  const bool full = options.recompute == Recompute::Full;
+  resize(dx, T * H), resize(dxn, T * H), resize(tmp, T * H);
+
+  // dx is the gradient of the residual stream, dxn of a norm's output.
+  if (ch.head) {
+    head.backward(s.xf.data(), s.dlogits.data(), T, dxn.data(), grad(head_p));  // all-reduces dxn
+    if (last && head_p != embed_p) ready(head_p);
+    kernels::rmsnorm_backward(s.xlast.data(), value(norm_p), s.rstdf.data(), dxn.data(), T, H,
+                              dx.data(), grad(norm_p), false);
+    if (last) ready(norm_p);
+  } else {
+    std::memcpy(dx.data(), dy, static_cast<size_t>(T * H) * sizeof(float));
+  }
+  for (int64_t i = ch.end - ch.begin - 1; i >= 0; --i) {
+    LayerState& l = s.layers[i];
+    // Full recomputation: the layer's forward again from its kept input, into the scratch.
+    if (full) layer_forward(ch.slot + i, l.x.data(), rerun, B, S, nullptr);
+    layer_backward(ch.slot + i, l.x.data(), full ? rerun : l, B, S, last);
+  }
+  if (ch.embedding) {
+    embed.backward(s.ids.data(), T, dx.data(), grad(embed_p));
+    if (last) ready(embed_p);
+  } else {
+    std::memcpy(dx_out, dx.data(), static_cast<size_t>(T * H) * sizeof(float));
+  }
+  release(std::move(held_state), true);
 }
 
 TrainModel::TrainModel(const ModelConfig& config, ParamStore& params, comm::Group tp,
                        TrainModelOptions options)
-    : impl_(std::make_unique<Impl>(config, params, std::move(tp), options)) {
+    : impl_(std::make_unique<Impl>(config, params, std::move(tp), std::move(options))) {
   impl_->build();
   refresh_compute_weights();
 }
@@ -235,13 +494,75 @@ ParamStore& TrainModel::params() {
   return impl_->params;
 }
 
+namespace {
+void require_one_chunk(const TrainModel& m, const char* what) {
+  if (m.chunks() != 1 || !m.has_embedding() || !m.has_head())
+    fail("train", what, " needs one chunk holding the embedding and the head (PP 1); this rank has ",
+         m.chunks(), " chunk(s)", m.has_embedding() ? "" : " without the embedding",
+         m.has_head() ? "" : " without the head", ": use forward/backward per chunk");
+}
+}  // namespace
+
 double TrainModel::forward_backward(const int32_t* inputs, const int32_t* targets, int64_t B,
                                     int64_t S, float grad_scale) {
-  return impl_->run(inputs, targets, B, S, grad_scale, true);
+  require_one_chunk(*this, "forward_backward");
+  const double loss =
+      impl_->forward(kSoloKey, 0, inputs, targets, B, S, grad_scale, nullptr, nullptr, true);
+  impl_->backward(kSoloKey, 0, nullptr, nullptr, true);
+  return loss;
 }
 
 double TrainModel::loss(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t S) {
-  return impl_->run(inputs, targets, B, S, 1.0f, false);
+  require_one_chunk(*this, "loss");
+  Impl& m = *impl_;
+  const double loss = m.forward(kSoloKey, 0, inputs, targets, B, S, 1.0f, nullptr, nullptr, false);
+  m.release(m.take(kSoloKey, 0, "loss"), false);  // evaluation: not counted in the stats
+  return loss;
+}
+
+double TrainModel::forward(int mb, int chunk, const int32_t* inputs, const int32_t* targets,
+                           int64_t B, int64_t S, float grad_scale, const float* x_in,
+                           float* x_out) {
+  return impl_->forward(mb, chunk, inputs, targets, B, S, grad_scale, x_in, x_out, true);
+}
+
+void TrainModel::backward(int mb, int chunk, const float* dy, float* dx, bool last) {
+  impl_->backward(mb, chunk, dy, dx, last);
+}
+
+void TrainModel::backward_input(int mb, int chunk, const float* dy, float* dx) {
+  (void)mb, (void)chunk, (void)dy, (void)dx;
+  fail("train", "backward_input: the zero-bubble split is not wired yet (needs the layers' "
+                "deferred weight gradients)");
+}
+
+void TrainModel::backward_weight(int mb, int chunk, bool last) {
+  (void)mb, (void)chunk, (void)last;
+  fail("train", "backward_weight: the zero-bubble split is not wired yet (needs the layers' "
+                "deferred weight gradients)");
+}
+
+int64_t TrainModel::activation_rows(int64_t B, int64_t S) const {
+  return B * S;
+}
+int TrainModel::chunks() const {
+  return static_cast<int>(impl_->chunks.size());
+}
+bool TrainModel::has_embedding() const {
+  return impl_->options.has_embedding;
+}
+bool TrainModel::has_head() const {
+  return impl_->options.has_head;
+}
+
+TrainModel::ActivationStats TrainModel::activation_stats() const {
+  return impl_->stats;
+}
+
+void TrainModel::reset_stats() {
+  ActivationStats& s = impl_->stats;
+  s.peak_bytes = s.held_bytes;
+  s.peak_in_flight = s.in_flight;
 }
 
 void TrainModel::set_grad_ready_hook(GradReadyHook hook) {
@@ -317,7 +638,7 @@ std::vector<std::pair<std::string, Tensor>> gather_full_tensors(const ParamStore
   data[0] = mine;
   for (int r = 1; r < tp.size(); ++r) {
     int64_t size = 0;
-    layouts[r] = param_layout(params.config(), tp.size(), r, &size);
+    layouts[r] = param_layout(params.config(), tp.size(), r, &size, params.stage());
     if (all[r].size() != static_cast<size_t>(size) * sizeof(float))
       fail("train", "gather_full_tensors: TP rank ", r, " sent ", all[r].size(),
            " bytes, its layout holds ", size * 4);

@@ -1,5 +1,5 @@
 // TrainModel: the LLaMA architecture with a backward pass, for one rank: its tensor-parallel
-// shard of the whole model (pipeline stages come with the 3D-training issue). Built from the
+// shard of its pipeline stage's model chunks (the whole model at PP 1). Built from the
 // layers in parallel/ and their backwards (parallel/*.h), so the TP backward is the mappings'
 // conjugates: column-parallel inputs' gradients are all-reduced (copy_to_region backward),
 // row-parallel outputs' gradients pass through (reduce_from_region backward), and the
@@ -63,6 +63,9 @@ struct TrainModelOptions {
 TrainModelOptions pipeline_chunks(TrainModelOptions base,
                                   const std::vector<pipeline::StageLayers>& virtual_stages, int pp,
                                   int pp_rank, int v);
+// The tensors a ParamStore needs for a model built with `options` (its chunks' layers, the
+// embedding and the head as the flags say).
+StageTensors stage_tensors(const TrainModelOptions& options);
 
 class TrainModel {
  public:
@@ -117,7 +120,12 @@ class TrainModel {
 
   // Measured activation memory: what the held (mb, chunk) states occupy now (bytes of the
   // vectors' sizes, not capacity; scratch that no state owns is not counted), the most at once
-  // since reset_stats(), and the most (mb, chunk) states held at once (in_flight()).
+  // since reset_stats(), and the most (mb, chunk) states held at once. Per state, f32, T = B*S:
+  // per layer x, xn1, x2, xn2 [T, H], rstd1, rstd2 [T], q, attn [T, qd], k, v [T, kvd], probs
+  // [B, hq, S, S], the MLP's gu [T, 2f] and h [T, f] (qd, kvd, hq, f: this rank's); selective
+  // drops probs; full keeps x only. The head's chunk adds xlast, xf [T, H], rstdf [T] and dlogits
+  // [T, V_local]. Not counted: the input ids and RoPE positions (int32 [T]), and loss()'s state.
+  // forward_backward() holds one state while it runs.
   struct ActivationStats {
     int64_t held_bytes = 0, peak_bytes = 0;
     int in_flight = 0, peak_in_flight = 0;  // (mb, chunk) states held

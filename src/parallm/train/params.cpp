@@ -28,10 +28,25 @@ Shape slice_shape(const LlamaTensor& t, const Slice& s) {
   return shape;
 }
 
+// Whether the stage holds `t`: its layers' tensors, the embedding on the first stage, the final
+// norm and the LM head on the last (with tied embeddings the last stage's head is the embedding).
+bool stage_holds(const StageTensors& stage, const LlamaTensor& t, bool tied) {
+  if (t.layer >= 0) return stage.holds_layer(t.layer);
+  if (t.part == LlamaPart::Embedding) return stage.embedding || (tied && stage.head);
+  return stage.head;  // the final norm, the untied lm_head
+}
+
 }  // namespace
 
+bool StageTensors::holds_layer(int64_t layer) const {
+  if (layers.empty()) return true;
+  for (const pipeline::StageLayers& r : layers)
+    if (layer >= r.begin && layer < r.end) return true;
+  return false;
+}
+
 std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, int64_t* size,
-                                const StageTensors& /*stage: not yet used*/) {
+                                const StageTensors& stage) {
   if (config.is_moe())
     fail("train", "mixture-of-experts models (", config.num_local_experts,
          " experts) are not trainable yet");
@@ -40,7 +55,13 @@ std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, 
       parallel::HeadPlan::make(config.num_attention_heads, config.num_key_value_heads, tp, tp_rank);
   std::vector<Param> out;
   int64_t offset = 0;
+  for (const pipeline::StageLayers& r : stage.layers)
+    if (r.begin < 0 || r.end > config.num_hidden_layers || r.begin >= r.end)
+      fail("train", "stage layer range [", r.begin, ", ", r.end, ") is not a non-empty range of the ",
+           config.num_hidden_layers, " layers");
+  const bool tied = config.tie_word_embeddings;
   for (LlamaTensor& t : llama_tensors(config)) {
+    if (!stage_holds(stage, t, tied)) continue;
     Param p;
     p.slice = llama_tensor_slice(t, config, tp, tp_rank);
     p.local_shape = slice_shape(t, p.slice);
@@ -52,6 +73,8 @@ std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, 
     const bool kv_replicated = t.rule == ShardRule::KvHeadRows && heads.kv_replicas > 1;
     p.tp_replicated = t.rule == ShardRule::Replicated || kv_replicated;
     p.tp_replicas = t.rule == ShardRule::Replicated ? tp : kv_replicated ? heads.kv_replicas : 1;
+    // The head stage's copy of a tied embedding that another stage holds as the embedding.
+    p.tied_copy = t.part == LlamaPart::Embedding && !stage.embedding;
     p.tensor = std::move(t);
     out.push_back(std::move(p));
   }
@@ -61,7 +84,7 @@ std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, 
 
 ParamStore::ParamStore(const ModelConfig& config, int tp, int tp_rank, const StageTensors& stage)
     : config_(config), tp_(tp), tp_rank_(tp_rank), stage_(stage) {
-  params_ = param_layout(config, tp, tp_rank, &size_);
+  params_ = param_layout(config, tp, tp_rank, &size_, stage);
   values_ = Tensor::zeros(DType::F32, {size_});
   grads_ = Tensor::zeros(DType::F32, {size_});
 }
