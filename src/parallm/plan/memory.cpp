@@ -108,6 +108,41 @@ double activation_bytes_per_layer(const ModelConfig& c, int64_t s, int64_t b, in
   return bytes;
 }
 
+int64_t activation_bytes_per_chunk(const ModelConfig& c, const ActivationShape& a) {
+  if (a.micro_batch < 1)
+    fail("plan", "activation shape: micro_batch must be >= 1, got ", a.micro_batch);
+  if (a.seq_len < 1) fail("plan", "activation shape: seq_len must be >= 1, got ", a.seq_len);
+  if (a.tp < 1) fail("plan", "activation shape: tp must be >= 1, got ", a.tp);
+  if (a.tp_rank < 0 || a.tp_rank >= a.tp)
+    fail("plan", "activation shape: tp_rank ", a.tp_rank, " out of 0..", a.tp - 1);
+  if (a.recompute < 0 || a.recompute > 2)
+    fail("plan", "activation shape: recompute must be 0 (none), 1 (selective) or 2 (full), got ",
+         a.recompute);
+  if (a.layers < 0) fail("plan", "activation shape: layers must be >= 0, got ", a.layers);
+  const int64_t B = a.micro_batch, S = a.seq_len, T = B * S, H = c.hidden_size;
+  const int64_t T_sp =
+      a.sequence_parallel ? parallel::ShardSpec::even(T, a.tp, a.tp_rank).size() : T;
+  const parallel::HeadPlan heads =
+      parallel::HeadPlan::make(c.num_attention_heads, c.num_key_value_heads, a.tp, a.tp_rank);
+  const int64_t qd = heads.q_heads * c.head_dim, kvd = heads.kv_heads * c.head_dim;
+  // The engine trains dense MLPs; a mixture of experts is counted as top-k MLPs per token.
+  const int64_t ffn = c.intermediate_size * (c.is_moe() ? c.num_experts_per_tok : 1);
+  const int64_t f = parallel::ShardSpec::even(ffn, a.tp, a.tp_rank).size();
+  int64_t per_layer = 0;  // floats
+  if (a.recompute == 2) {
+    per_layer = T_sp * H;
+  } else {
+    per_layer = T_sp * (4 * H + 2) + T * (2 * qd + 2 * kvd + 3 * f);
+    if (a.recompute == 0) per_layer += B * heads.q_heads * S * S;
+  }
+  int64_t floats = a.layers * per_layer;
+  if (a.head) {
+    const int64_t v_local = parallel::ShardSpec::even(c.vocab_size, a.tp, a.tp_rank).size();
+    floats += T_sp * (2 * H + 1) + T * v_local;
+  }
+  return floats * int64_t(sizeof(float));
+}
+
 double korthikanti_gpt_bytes_per_layer(int64_t s, int64_t b, int64_t h, int64_t a, int t, bool sp,
                                        Recompute r) {
   const double sbh = double(s) * double(b) * double(h);

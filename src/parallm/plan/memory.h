@@ -75,6 +75,30 @@ double activation_bytes_per_layer(const ModelConfig& c, int64_t s, int64_t b, in
 double korthikanti_gpt_bytes_per_layer(int64_t s, int64_t b, int64_t h, int64_t a, int t, bool sp,
                                        Recompute r);
 
+// The engine's training model (train/model.h), exactly: the bytes that one held (micro-batch,
+// chunk) state keeps from its forward to its backward, what TrainModel::activation_stats() counts
+// for it. f32 (4 bytes) throughout, whatever the compute dtype: the BF16 mode rounds weights, not
+// activations. With T = micro_batch * seq_len tokens, T_sp = this rank's rows of them under SP
+// (ShardSpec::even(T, tp, tp_rank)) else T, and this rank's heads, FFN rows and vocabulary rows by
+// the engine's split (HeadPlan::make: KV heads replicated when tp > KV heads; ShardSpec::even:
+// uneven FFN and vocabulary shards differ by a row, by tp_rank):
+//   per layer, no recompute: x, xn1, x2, xn2 [T_sp, H]; rstd1, rstd2 [T_sp]; q, attn [T, qd];
+//     k, v [T, kvd]; probs [B, hq, S, S]; gate|up [T, 2f]; h = silu(gate)*up [T, f]
+//   selective: the same without probs;  full: x [T_sp, H] only
+//   the chunk with the head adds xlast, xf [T_sp, H], rstdf [T_sp], dlogits [T, V_local]
+// Scratch that no state owns (the QKV GEMM output, backward and recompute buffers, the logits) is
+// not counted; neither is what the zero-bubble split keeps between B and W. docs/
+// parallelism-guide.md derives it. Throws std::invalid_argument naming the field out of range.
+struct ActivationShape {
+  int64_t micro_batch = 1, seq_len = 1;
+  int tp = 1, tp_rank = 0;
+  bool sequence_parallel = false;
+  int recompute = 0;   // 0 none, 1 selective, 2 full
+  int64_t layers = 0;  // layers in the chunk
+  bool head = false;   // the chunk has the final norm, LM head and loss
+};
+int64_t activation_bytes_per_chunk(const ModelConfig& c, const ActivationShape& a);
+
 struct MemoryBreakdown {
   int stage = 0;  // the stage this is for (the fullest one when summarised)
   double weights = 0, kv_cache = 0, activations = 0, gradients = 0, optimizer = 0;
