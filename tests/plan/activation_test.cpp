@@ -5,6 +5,8 @@
 
 #include <stdexcept>
 
+#include "parallm/plan/cluster.h"
+#include "parallm/plan/estimate.h"
 #include "parallm/plan/memory.h"
 #include "parallm/plan/model_presets.h"
 
@@ -137,6 +139,58 @@ TEST(ActivationBytes, BadShapesAreNamed) {
   EXPECT_NE(message(a).find("micro_batch"), std::string::npos) << message(a);
   a = shape(3, 0, false, 0, 1, false);  // 3 does not divide the 4 query heads
   EXPECT_NE(message(a), "no error");
+}
+
+}  // namespace
+}  // namespace parallm::plan
+
+namespace parallm::plan {
+namespace {
+
+// The training step time on CPU ranks from the kernels' measured rates, by hand for parallm's
+// "small" shape (hidden 256, 4 layers, 8 heads of 32 over 4 KV heads, FFN 688, vocabulary 2048,
+// tied), one rank, f32: forward = products / GEMM rate + causal attention / attention rate +
+// elementwise bytes / bandwidth; the backward twice each; the per-stage activations in the report.
+TEST(TrainingEstimate, StepTimeFromMeasuredKernelRatesByHand) {
+  const ModelConfig c = resolve_model("small");
+  ClusterOptions co;
+  co.gpu = "cpu";
+  co.gpus = 1;
+  ClusterSpec cl = build_cluster(co);
+  PlanOptions o;
+  o.mem_bw = 1e10;
+  o.training_rates = {1e10, 5e9, 1e9, 2e9};
+  TrainingWorkload w;
+  w.global_batch = 2;
+  w.micro_batch = 1;
+  w.seq_len = 128;
+  w.recompute = Recompute::None;
+  w.precision = Precision::FP32;
+  const LayoutEstimate e = estimate_training(c, cl, {1, 1, 1, 1}, w, o);
+  // Products per token: 4 layers x (q, o 256 x 256; k, v 256 x 128; gate, up, down 256 x 688)
+  // and the LM head 2048 x 256: 3,424,256 multiply-adds.
+  const double linear = 2.0 * 128 * 3424256;
+  const double attn = 2.0 * 128 * 128 * 256 * 4;  // causal: 2 s^2 q_dim per sequence and layer
+  // Elementwise values per token: 4 x (10 x 256 + 2 x (256 + 2 x 128) + 3 x 688) + 3 x 2048 + 256.
+  const double elem = 128.0 * 28992 * 4 / 1e10;
+  const double fwd = linear / 1e10 + attn / 1e9 + elem;
+  const double bwd = 2 * linear / 5e9 + 2 * attn / 2e9 + 2 * elem;
+  EXPECT_NEAR(e.forward_time, fwd, 1e-12);
+  EXPECT_NEAR(e.backward_time, bwd, 1e-12);
+  // Two micro-batches, then Adam over the f32 parameters: 36 bytes each at the bandwidth.
+  const double params = double(c.param_count());
+  EXPECT_NEAR(e.step_time, 2 * (fwd + bwd) + params * 36 / 1e10, 1e-9);
+  ASSERT_EQ(e.stage_activations.size(), 1u);
+  ActivationShape a;
+  a.seq_len = 128;
+  a.layers = 4;
+  a.head = true;
+  EXPECT_DOUBLE_EQ(e.stage_activations[0].peak_bytes, double(activation_bytes_per_chunk(c, a)));
+  EXPECT_EQ(e.stage_activations[0].peak_states, 1);
+  // --flops replaces the measured rates for every product.
+  o.flops = 2e10;
+  const LayoutEstimate g = estimate_training(c, cl, {1, 1, 1, 1}, w, o);
+  EXPECT_NEAR(g.forward_time, (linear + attn) / 2e10 + elem, 1e-12);
 }
 
 }  // namespace

@@ -9,14 +9,6 @@
 #include "parallm/pipeline/partition.h"
 
 namespace parallm::plan {
-namespace {
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-}  // namespace
-
 std::string layout_problem(const ModelConfig& c, const Layout& l) {
   if (l.tp < 1 || l.pp < 1 || l.dp < 1 || l.ep < 1)
     return cat("every degree must be >= 1 (", l.str(), ")");
@@ -177,6 +169,79 @@ MemoryBreakdown inference_memory(const ModelConfig& c, const Layout& l, const In
   return m;
 }
 
+std::vector<double> chunk_activation_bytes(const ModelConfig& c, const Layout& l,
+                                           const TrainingWorkload& w, int chunks, int stage,
+                                           int tp_rank) {
+  if (chunks < 1) fail("plan", "chunks must be >= 1, got ", chunks);
+  if (stage < 0 || stage >= l.pp) fail("plan", "stage ", stage, " out of 0..", l.pp - 1);
+  const int virtual_stages = l.pp * chunks;
+  const std::vector<pipeline::StageLayers> parts =
+      pipeline::partition_layers(c.num_hidden_layers, virtual_stages);
+  const double scale = precision_bytes(w.precision) / sizeof(float);
+  ActivationShape a;
+  a.micro_batch = w.micro_batch;
+  a.seq_len = w.seq_len;
+  a.tp = l.tp;
+  a.tp_rank = tp_rank;
+  a.sequence_parallel = w.sequence_parallel && l.tp > 1;
+  a.recompute = w.recompute == Recompute::None ? 0 : w.recompute == Recompute::Selective ? 1 : 2;
+  std::vector<double> out;
+  for (int ch = 0; ch < chunks; ++ch) {
+    const int g = ch * l.pp + stage;
+    a.layers = parts[size_t(g)].count();
+    a.head = g == virtual_stages - 1;
+    out.push_back(double(activation_bytes_per_chunk(c, a)) * scale);
+  }
+  return out;
+}
+
+std::vector<StageActivations> stage_activations(const ModelConfig& c, const Layout& l,
+                                                const TrainingWorkload& w,
+                                                const pipeline::Schedule& s) {
+  if (s.stages != l.pp) fail("plan", "schedule of ", s.stages, " stages for a layout of PP=", l.pp);
+  const double scale = precision_bytes(w.precision) / sizeof(float);
+  std::vector<StageActivations> out;
+  for (int st = 0; st < l.pp; ++st) {
+    StageActivations best;
+    best.stage = st;
+    for (int r = 0; r < l.tp; ++r) {
+      const std::vector<double> bytes = chunk_activation_bytes(c, l, w, s.chunks, st, r);
+      StageActivations a;
+      a.stage = st;
+      for (double b : bytes) a.per_micro_batch += b;
+      double held = 0;
+      int states = 0;
+      for (const pipeline::Action& act : s.actions(st)) {
+        if (act.kind == pipeline::ActionKind::Forward) {
+          held += bytes[size_t(act.chunk)];
+          ++states;
+        } else if (act.kind == pipeline::ActionKind::Backward) {
+          held -= bytes[size_t(act.chunk)];
+          --states;
+        }
+        a.peak_bytes = std::max(a.peak_bytes, held);
+        a.peak_states = std::max(a.peak_states, states);
+      }
+      // Scratch: one layer's whole state (recompute none), and the logits [T, V_local] on the
+      // head's stage.
+      ActivationShape one;
+      one.micro_batch = w.micro_batch;
+      one.seq_len = w.seq_len;
+      one.tp = l.tp;
+      one.tp_rank = r;
+      one.sequence_parallel = w.sequence_parallel && l.tp > 1;
+      one.layers = 1;
+      a.scratch = double(activation_bytes_per_chunk(c, one)) * scale;
+      if (st == l.pp - 1)  // the last virtual stage, (v - 1) p + p - 1, is on the last stage
+        a.scratch += double(w.micro_batch) * double(w.seq_len) *
+                     double(parallel::ShardSpec::even(c.vocab_size, l.tp, r).size()) * 4 * scale;
+      if (r == 0 || a.peak_bytes + a.scratch > best.peak_bytes + best.scratch) best = a;
+    }
+    out.push_back(best);
+  }
+  return out;
+}
+
 MemoryBreakdown training_memory(const ModelConfig& c, const Layout& l, const TrainingWorkload& w,
                                 int stage, double in_flight) {
   const StageParams p = stage_params(c, l, stage);
@@ -187,21 +252,15 @@ MemoryBreakdown training_memory(const ModelConfig& c, const Layout& l, const Tra
     return bytes_per_param *
            (p.dense() / (shard ? dp_dense : 1) + p.experts / (shard ? dp_expert : 1));
   };
-  m.weights = sharded(2, w.zero >= 3);
-  m.gradients = sharded(2, w.zero >= 2);
-  m.optimizer = sharded(w.optimizer == Optimizer::Adam ? 12 : 8, w.zero >= 1);
-  const bool sp = w.sequence_parallel && l.tp > 1;
-  const double per_layer =
-      activation_bytes_per_layer(c, w.seq_len, w.micro_batch, l.tp, sp, w.recompute);
-  const double T = double(w.seq_len) * double(w.micro_batch), h = double(c.hidden_size);
-  double per_micro_batch = double(p.layers) * per_layer;
-  if (stage == 0) per_micro_batch += 2 * T * h / (sp ? l.tp : 1);  // embedding output
-  if (stage == l.pp - 1)  // logits in bf16 and their fp32 softmax, vocab-parallel
-    per_micro_batch += T * double(ceil_div(c.vocab_size, l.tp)) * (2 + 4);
-  m.activations = in_flight * per_micro_batch;
-  if (w.recompute == Recompute::Full)  // the layer being recomputed holds its full activations
-    m.activations +=
-        activation_bytes_per_layer(c, w.seq_len, w.micro_batch, l.tp, sp, Recompute::None);
+  const bool f32 = w.precision == Precision::FP32;
+  const bool adam = w.optimizer == Optimizer::Adam;
+  m.weights = sharded(f32 ? 4 : 2, w.zero >= 3);
+  m.gradients = sharded(f32 ? 4 : 2, w.zero >= 2);
+  m.optimizer = sharded(f32 ? (adam ? 8 : 4) : (adam ? 12 : 8), w.zero >= 1);
+  // One micro-batch through the stage's chunks (v = 1: the stage is one chunk), the fullest rank.
+  const pipeline::Schedule one = pipeline::make_schedule(pipeline::ScheduleKind::GPipe, l.pp, 1);
+  const StageActivations a = stage_activations(c, l, w, one)[size_t(stage)];
+  m.activations = in_flight * a.per_micro_batch + a.scratch;
   return m;
 }
 

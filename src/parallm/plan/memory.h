@@ -99,6 +99,30 @@ struct ActivationShape {
 };
 int64_t activation_bytes_per_chunk(const ModelConfig& c, const ActivationShape& a);
 
+// One TP rank's held activation bytes per local model chunk of pipeline stage `stage` under `w`
+// (activation_bytes_per_chunk at w.precision's bytes per value: x 1 for f32, x 1/2 for 16 bits):
+// chunk c is virtual stage c * pp + stage; the virtual stages' layers are the engine's
+// pipeline::partition_layers(layers, pp * chunks); the last virtual stage has the head.
+std::vector<double> chunk_activation_bytes(const ModelConfig& c, const Layout& l,
+                                           const TrainingWorkload& w, int chunks, int stage,
+                                           int tp_rank);
+
+// What a pipeline stage's (fullest TP rank's) held activations come to under a schedule.
+struct StageActivations {
+  int stage = 0;
+  double per_micro_batch = 0;  // one micro-batch through all the stage's chunks
+  double peak_bytes = 0;       // the most held at once: what TrainModel's peak_bytes measures
+  int peak_states = 0;         // the most (micro-batch, chunk) states held at once
+  // Working buffers no state owns, for the fit check only (not in peak_bytes): one layer's full
+  // state (the layer being differentiated or recomputed) and, on the head's stage, the logits.
+  double scratch = 0;
+};
+// Walks each stage's action list of `s` (the lists the executor runs): a chunk's bytes are held
+// from its Forward to its Backward. For every stage of `l` (s.stages == l.pp).
+std::vector<StageActivations> stage_activations(const ModelConfig& c, const Layout& l,
+                                                const TrainingWorkload& w,
+                                                const pipeline::Schedule& s);
+
 struct MemoryBreakdown {
   int stage = 0;  // the stage this is for (the fullest one when summarised)
   double weights = 0, kv_cache = 0, activations = 0, gradients = 0, optimizer = 0;
@@ -112,11 +136,12 @@ struct MemoryBreakdown {
 MemoryBreakdown inference_memory(const ModelConfig& c, const Layout& l, const InferenceWorkload& w,
                                  int stage, int64_t replica_batch, int64_t micro_batch);
 
-// Training on one device of `stage`, mixed precision as in ZeRO: bf16 weights and gradients,
-// fp32 master weights + Adam m and v (12 bytes/param; SGD with momentum 8), sharded over DP by the
-// ZeRO stage (experts over their DP/EP group); activations for `in_flight` micro-batches (the
-// schedule's peak for this stage, from the simulator) plus, for full recompute, one layer being
-// recomputed.
+// Training on one device of `stage`: w.precision FP32 (parallm's engine): f32 weights and
+// gradients, Adam m and v (8 bytes/param; SGD's momentum 4); 16 bits: mixed precision as in ZeRO,
+// bf16 weights and gradients, fp32 master weights + Adam m and v (12 bytes/param; SGD with
+// momentum 8); sharded over DP by the ZeRO stage (experts over their DP/EP group). Activations:
+// `in_flight` micro-batches through the stage's chunks (StageActivations::per_micro_batch; the
+// schedule's peak for this stage) plus the scratch (StageActivations::scratch).
 MemoryBreakdown training_memory(const ModelConfig& c, const Layout& l, const TrainingWorkload& w,
                                 int stage, double in_flight);
 
