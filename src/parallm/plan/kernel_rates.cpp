@@ -1,0 +1,84 @@
+// measure_training_rates: what parallm's own training kernels reach on this machine, so that the
+// planner's training step time for --gpu cpu stands on measured rates, as its decode time stands
+// on a measured memory bandwidth.
+#include <algorithm>
+#include <chrono>
+#include <vector>
+
+#include "parallm/core/thread_pool.h"
+#include "parallm/kernels/backward.h"
+#include "parallm/plan/hardware.h"
+
+namespace parallm::plan {
+namespace {
+
+// Best of four timed runs of `f` after one warm-up run, in seconds (the machine may be shared).
+template <typename F>
+double best_of(F&& f) {
+  f();
+  double best = 1e30;
+  for (int rep = 0; rep < 4; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    best = std::min(best,
+                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return std::max(best, 1e-9);
+}
+
+}  // namespace
+
+TrainingRates measure_training_rates(const ModelConfig& c, int64_t micro_batch, int64_t seq_len,
+                                     int threads) {
+  ThreadPool pool(std::max(1, threads));
+  ScopedPool scope(pool);
+  TrainingRates r;
+  const int64_t H = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim(), f = c.intermediate_size;
+  // The layer's products: qkv [H -> qd + 2 kvd], o [qd -> H], gate|up [H -> 2f], down [f -> H].
+  const int64_t shapes[4][2] = {{qd + 2 * kvd, H}, {H, qd}, {2 * f, H}, {H, f}};
+  double per_token = 0;  // multiply-adds per token
+  int64_t widest = 0;
+  for (const auto& s : shapes) {
+    per_token += double(s[0]) * double(s[1]);
+    widest = std::max({widest, s[0], s[1]});
+  }
+  const int64_t T = std::clamp<int64_t>(int64_t(2e9 / per_token), 64,
+                                        std::min<int64_t>(micro_batch * seq_len, 512));
+  size_t wmax = 0;
+  for (const auto& s : shapes) wmax = std::max(wmax, size_t(s[0] * s[1]));
+  std::vector<float> w(wmax, 0.01f), dw(wmax, 0.f), x(size_t(T * widest), 0.02f),
+      y(size_t(T * widest), 0.f);
+  const double flops = 2.0 * double(T) * per_token;
+  r.gemm_forward = flops / best_of([&] {
+                     for (const auto& s : shapes)
+                       kernels::linear_forward(x.data(), w.data(), T, s[0], s[1], y.data());
+                   });
+  r.gemm_backward =
+      2 * flops / best_of([&] {
+        for (const auto& s : shapes) {
+          kernels::linear_backward_input(x.data(), w.data(), T, s[0], s[1], y.data());
+          kernels::linear_backward_weight(x.data(), y.data(), T, s[0], s[1], dw.data());
+        }
+      });
+  // Attention: KV heads keep the model's grouping (query heads per KV head), up to 8 query heads.
+  const int64_t group = std::max<int64_t>(1, c.num_attention_heads / c.num_key_value_heads);
+  const int64_t hkv = std::clamp<int64_t>(8 / group, 1, c.num_key_value_heads);
+  const int64_t hq = hkv * group, hd = c.head_dim, S = std::min<int64_t>(seq_len, 512);
+  std::vector<float> q(size_t(S * hq * hd), 0.02f), k(size_t(S * hkv * hd), 0.03f),
+      v(size_t(S * hkv * hd), 0.01f), out(q.size()), probs(size_t(hq * S * S)), dq(q.size()),
+      dk(k.size()), dv(v.size());
+  for (size_t i = 0; i < q.size(); ++i) q[i] = 0.02f * float(i % 17);
+  const double attn = 2.0 * double(hq) * double(S) * double(S) * double(hd);
+  r.attention_forward = attn / best_of([&] {
+                          kernels::attention_forward(q.data(), k.data(), v.data(), 1, S, hq, hkv,
+                                                     hd, out.data(), probs.data());
+                        });
+  r.attention_backward =
+      2 * attn / best_of([&] {
+        kernels::attention_backward(q.data(), k.data(), v.data(), probs.data(), q.data(), 1, S, hq,
+                                    hkv, hd, dq.data(), dk.data(), dv.data());
+      });
+  return r;
+}
+
+}  // namespace parallm::plan
