@@ -46,8 +46,9 @@ int main(int argc, char** argv) {
       name = c.path.substr(sp + 1);
       auto& g = groups[group];
       if (!g) {
-        g = app.add_subcommand(group,
-                               group == "bench" ? "Benchmarks that print their numbers" : group);
+        g = app.add_subcommand(group, group == "bench" ? "Benchmarks that print their numbers"
+                                      : group == "checkpoint" ? "Inspect training checkpoints"
+                                                              : group);
         g->require_subcommand(1);
       }
       parent = g;

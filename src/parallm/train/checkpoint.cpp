@@ -5,14 +5,17 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <set>
 
+#include "parallm/comm/launch.h"
 #include "parallm/core/error.h"
 #include "parallm/core/json_limits.h"
+#include "parallm/model/llama_tensors.h"
 #include "parallm/model/weights.h"
-#include "parallm/train/model.h"
 
 namespace fs = std::filesystem;
 
@@ -80,15 +83,194 @@ void swap_in(const fs::path& tmp, const fs::path& target) {
   fs::remove_all(old);
 }
 
+using NamedTensors = std::vector<std::pair<std::string, Tensor>>;
+
+// Places the slice `p` of one rank's flat buffer `src` into the full tensor `full`.
+void place(const Param& p, const float* src, Tensor& full) {
+  float* dst = full.data<float>();
+  const float* s = src + p.offset;
+  const Shape& shape = p.tensor.shape;
+  switch (p.slice.kind) {
+    case Slice::Kind::All:
+      std::memcpy(dst, s, static_cast<size_t>(p.numel) * sizeof(float));
+      break;
+    case Slice::Kind::Rows: {
+      const int64_t row = p.tensor.numel() / shape.at(0);
+      std::memcpy(dst + p.slice.begin * row, s, static_cast<size_t>(p.numel) * sizeof(float));
+      break;
+    }
+    case Slice::Kind::Cols: {
+      const int64_t cols = shape.at(1), w = p.slice.end - p.slice.begin;
+      for (int64_t r = 0; r < shape.at(0); ++r)
+        std::memcpy(dst + r * cols + p.slice.begin, s + r * w,
+                    static_cast<size_t>(w) * sizeof(float));
+      break;
+    }
+  }
+}
+
+// Every tensor of `layout`'s stage whole, from the TP group's flat buffers laid out as `layout`
+// (values, or m or v in the same layout): on TP rank 0 in layout.params() order, elsewhere
+// empty. Collective over `tp`. Like gather_full_tensors, but each rank's layout is rebuilt with
+// the stage's StageTensors, so it holds under pipeline parallelism too.
+NamedTensors gather_over_tp(const ParamStore& layout, const float* mine, const comm::Group& tp) {
+  if (layout.tp() != tp.size() || layout.tp_rank() != tp.rank())
+    fail("checkpoint", "parameters laid out for TP rank ", layout.tp_rank(), " of ", layout.tp(),
+         " given to TP rank ", tp.rank(), " of ", tp.size());
+  std::vector<std::string> all;
+  if (tp.size() > 1) {
+    all = comm::gather_strings(tp, std::string(reinterpret_cast<const char*>(mine),
+                                               static_cast<size_t>(layout.size()) * sizeof(float)));
+    if (tp.rank() != 0) return {};
+  }
+  std::vector<std::vector<Param>> layouts(static_cast<size_t>(tp.size()));
+  std::vector<const float*> data(static_cast<size_t>(tp.size()));
+  layouts[0] = layout.params();
+  data[0] = mine;
+  for (int r = 1; r < tp.size(); ++r) {
+    int64_t size = 0;
+    layouts[r] = param_layout(layout.config(), tp.size(), r, &size, layout.stage());
+    if (all[r].size() != static_cast<size_t>(size) * sizeof(float) ||
+        layouts[r].size() != layouts[0].size())
+      fail("checkpoint", "TP rank ", r, " sent ", all[r].size(), " bytes, its layout holds ",
+           size * 4);
+    data[r] = reinterpret_cast<const float*>(all[r].data());
+  }
+  NamedTensors out;
+  for (size_t i = 0; i < layouts[0].size(); ++i) {
+    const Param& p0 = layouts[0][i];
+    Tensor full = Tensor::zeros(DType::F32, p0.tensor.shape);
+    if (p0.slice.kind == Slice::Kind::All) {
+      place(p0, data[0], full);
+    } else {
+      for (int r = 0; r < tp.size(); ++r) place(layouts[r][i], data[r], full);
+    }
+    out.emplace_back(p0.tensor.name, std::move(full));
+  }
+  return out;
+}
+
+// One stage's share of a checkpoint, as TP rank 0 / DP rank 0 of the stage has it: the tensors
+// it writes (its tied head copy left out) with their m and v, and which layers it holds.
+struct StagePart {
+  nlohmann::json meta;  // {"layers": [[begin, end], ...], "embedding": bool, "head": bool}
+  NamedTensors weights, m, v;
+};
+
+// A StagePart as bytes for the PP gather: an 8-byte header length, the JSON header (names and
+// shapes in order), then every tensor's floats back to back (weights, then m, then v).
+std::string pack(const StagePart& part) {
+  nlohmann::json h;
+  h["meta"] = part.meta;
+  h["tensors"] = nlohmann::json::array();
+  int64_t floats = 0;
+  for (const auto& [name, t] : part.weights) {
+    h["tensors"].push_back({{"name", name}, {"shape", t.shape()}});
+    floats += t.numel();
+  }
+  const std::string header = h.dump();
+  const uint64_t hlen = header.size();
+  std::string out(sizeof(hlen) + header.size() + 3 * static_cast<size_t>(floats) * 4, '\0');
+  char* w = out.data();
+  std::memcpy(w, &hlen, sizeof(hlen));
+  w += sizeof(hlen);
+  std::memcpy(w, header.data(), header.size());
+  w += header.size();
+  for (const NamedTensors* set : {&part.weights, &part.m, &part.v})
+    for (const auto& [name, t] : *set) {
+      const size_t n = static_cast<size_t>(t.numel()) * 4;
+      std::memcpy(w, t.data<float>(), n);
+      w += n;
+    }
+  return out;
+}
+
+StagePart unpack(const std::string& bytes, int stage) {
+  auto broken = [&](const char* why) {
+    fail<std::runtime_error>("checkpoint", "stage ", stage, " sent a malformed part (", why, ", ",
+                             bytes.size(), " bytes)");
+  };
+  uint64_t hlen = 0;
+  if (bytes.size() < sizeof(hlen)) broken("no header");
+  std::memcpy(&hlen, bytes.data(), sizeof(hlen));
+  if (hlen > bytes.size() - sizeof(hlen)) broken("header past the end");
+  const nlohmann::json h = nlohmann::json::parse(bytes.substr(sizeof(hlen), hlen));
+  StagePart part;
+  part.meta = h.at("meta");
+  size_t at = sizeof(hlen) + hlen;
+  for (NamedTensors* set : {&part.weights, &part.m, &part.v})
+    for (const nlohmann::json& t : h.at("tensors")) {
+      Tensor full = Tensor::zeros(DType::F32, t.at("shape").get<Shape>());
+      const size_t n = static_cast<size_t>(full.numel()) * 4;
+      if (n > bytes.size() - at) broken("tensors past the end");
+      std::memcpy(full.data<float>(), bytes.data() + at, n);
+      at += n;
+      set->emplace_back(t.at("name").get<std::string>(), std::move(full));
+    }
+  if (at != bytes.size()) broken("bytes left over");
+  return part;
+}
+
+nlohmann::json stage_meta(const ParamStore& params) {
+  const StageTensors& st = params.stage();
+  nlohmann::json layers = nlohmann::json::array();
+  if (st.layers.empty()) {
+    layers.push_back({0, params.config().num_hidden_layers});
+  } else {
+    for (const pipeline::StageLayers& r : st.layers) layers.push_back({r.begin, r.end});
+  }
+  return {{"layers", layers}, {"embedding", st.embedding}, {"head", st.head}};
+}
+
+// Every stage's part in the model's checkpoint order, each tensor once; throws naming the tensor
+// when a stage misses it or two stages both hold it (a mesh whose stages do not cover the model).
+void consolidate(const ModelConfig& config, const std::vector<StagePart>& parts,
+                 NamedTensors* weights, NamedTensors* optim) {
+  const std::vector<LlamaTensor> table = llama_tensors(config);
+  std::map<std::string, size_t> index;
+  for (size_t i = 0; i < table.size(); ++i) index[table[i].name] = i;
+  std::vector<int> from(table.size(), -1);
+  std::vector<const Tensor*> w(table.size()), m(table.size()), v(table.size());
+  for (size_t s = 0; s < parts.size(); ++s) {
+    const StagePart& part = parts[s];
+    for (size_t k = 0; k < part.weights.size(); ++k) {
+      const std::string& name = part.weights[k].first;
+      const auto it = index.find(name);
+      if (it == index.end())
+        fail("checkpoint", "stage ", s, " holds \"", name, "\", which is not in the model");
+      const size_t i = it->second;
+      if (from[i] >= 0)
+        fail("checkpoint", "tensor \"", name, "\" is held by stages ", from[i], " and ", s,
+             " (the stages' tensors overlap)");
+      if (part.weights[k].second.shape() != table[i].shape)
+        fail("checkpoint", "stage ", s, " sent \"", name, "\" as ",
+             shape_str(part.weights[k].second.shape()), ", the model's is ",
+             shape_str(table[i].shape));
+      from[i] = static_cast<int>(s);
+      w[i] = &part.weights[k].second;
+      m[i] = &part.m[k].second;
+      v[i] = &part.v[k].second;
+    }
+  }
+  for (size_t i = 0; i < table.size(); ++i) {
+    if (from[i] < 0)
+      fail("checkpoint", "no pipeline stage holds tensor \"", table[i].name,
+           "\" (the stages do not cover the model)");
+    weights->emplace_back(table[i].name, *w[i]);
+  }
+  for (size_t i = 0; i < table.size(); ++i) optim->emplace_back(kExpAvg + table[i].name, *m[i]);
+  for (size_t i = 0; i < table.size(); ++i) optim->emplace_back(kExpAvgSq + table[i].name, *v[i]);
+}
+
 }  // namespace
 
-CheckpointInfo read_checkpoint_info(const std::string& dir) {
+CheckpointInfo read_checkpoint_info(const std::string& dir, const std::string& flag) {
   const fs::path d = clean_dir(dir);
-  if (!fs::is_directory(d)) fail("checkpoint", "--resume ", dir, ": not a directory");
+  if (!fs::is_directory(d)) fail("checkpoint", flag, " ", dir, ": not a directory");
   for (const char* f :
        {"config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"})
     if (!fs::exists(d / f))
-      fail("checkpoint", "--resume ", dir, ": no ", f, " (not a parallm training checkpoint)");
+      fail("checkpoint", flag, " ", dir, ": no ", f, " (not a parallm training checkpoint)");
   CheckpointInfo info;
   info.config = ModelConfig::from_file((d / "config.json").string());
   const std::string state_path = (d / "trainer_state.json").string();
@@ -103,6 +285,7 @@ CheckpointInfo read_checkpoint_info(const std::string& dir) {
          j.contains("step") ? json_preview(j["step"]) : "nothing");
   info.step = j["step"].get<int64_t>();
   if (j.contains("options") && j["options"].is_object()) info.options = j["options"];
+  if (j.contains("layout") && j["layout"].is_object()) info.layout = j["layout"];
   return info;
 }
 
@@ -148,22 +331,62 @@ void check_save_target(const std::string& dir, const std::string& flag) {
 void save_checkpoint(const std::string& dir, const ModelConfig& config, ParamStore& params,
                      DataParallel& dp, const comm::Mesh& mesh, const CheckpointInfo& state,
                      const std::vector<std::string>& tokenizer_files) {
-  // m and v whole over DP (ZeRO shards them), then every tensor whole over TP.
+  if (params.tp() != mesh.tp_size() || params.tp_rank() != mesh.tp_rank())
+    fail("checkpoint", "save: parameters laid out for TP rank ", params.tp_rank(), " of ",
+         params.tp(), " on mesh TP rank ", mesh.tp_rank(), " of ", mesh.tp_size());
+  // m and v whole over DP (ZeRO shards them; the DP collectives run on dp's communication
+  // thread), then every tensor of this stage whole over TP on DP rank 0.
   std::vector<float> m_full(static_cast<size_t>(params.size())), v_full(m_full.size());
   dp.gather_state(m_full.data(), v_full.data());
-  std::vector<std::pair<std::string, Tensor>> weights, optim;
+  StagePart mine;
   if (mesh.dp_rank() == 0) {
-    weights = gather_full_tensors(params, mesh.tp(), false);
-    ParamStore moments(config, mesh.tp_size(), mesh.tp_rank());
-    std::copy(m_full.begin(), m_full.end(), moments.values());
-    std::copy(v_full.begin(), v_full.end(), moments.grads());
-    auto m = gather_full_tensors(moments, mesh.tp(), false);
-    auto v = gather_full_tensors(moments, mesh.tp(), true);
-    for (auto& [name, t] : m) optim.emplace_back(kExpAvg + name, std::move(t));
-    for (auto& [name, t] : v) optim.emplace_back(kExpAvgSq + name, std::move(t));
+    NamedTensors w = gather_over_tp(params, params.values(), mesh.tp());
+    NamedTensors m = gather_over_tp(params, m_full.data(), mesh.tp());
+    NamedTensors v = gather_over_tp(params, v_full.data(), mesh.tp());
+    // The tied head copy of the last stage is the first stage's embedding: written once, from
+    // the first stage (its values and moments equal it when the trainer keeps them tied).
+    for (size_t i = 0; i < w.size(); ++i) {
+      if (params.params()[i].tied_copy) continue;
+      mine.weights.push_back(std::move(w[i]));
+      mine.m.push_back(std::move(m[i]));
+      mine.v.push_back(std::move(v[i]));
+    }
+    mine.meta = stage_meta(params);
   }
-  m_full.clear();
-  v_full.clear();
+  m_full = {};
+  v_full = {};
+  // Every stage's part to world rank 0 over the PP group of TP rank 0 / DP rank 0 (whose rank 0
+  // is world rank 0: stage 0).
+  NamedTensors weights, optim;
+  nlohmann::json layout;
+  if (mesh.tp_rank() == 0 && mesh.dp_rank() == 0) {
+    std::vector<StagePart> parts;
+    if (mesh.pp_size() > 1) {
+      std::vector<std::string> all = comm::gather_strings(mesh.pp(), pack(mine));
+      mine = {};
+      for (size_t s = 0; s < all.size(); ++s) {
+        parts.push_back(unpack(all[s], static_cast<int>(s)));
+        all[s] = {};
+      }
+    } else {
+      parts.push_back(std::move(mine));
+    }
+    if (mesh.world().rank() == 0) {
+      consolidate(config, parts, &weights, &optim);
+      int virtual_stages = 1;
+      nlohmann::json stage_layers = nlohmann::json::array();
+      for (const StagePart& p : parts) {
+        virtual_stages = std::max(virtual_stages, static_cast<int>(p.meta["layers"].size()));
+        stage_layers.push_back(p.meta["layers"]);
+      }
+      layout = {{"tp", mesh.tp_size()},
+                {"pp", mesh.pp_size()},
+                {"dp", mesh.dp_size()},
+                {"zero", dp.zero() ? 1 : 0},
+                {"virtual_stages", virtual_stages},
+                {"stage_layers", stage_layers}};
+    }
+  }
   if (mesh.world().rank() == 0) {
     const fs::path target = clean_dir(dir);
     check_save_target(dir, "--save");
@@ -189,6 +412,7 @@ void save_checkpoint(const std::string& dir, const ModelConfig& config, ParamSto
       st["step"] = state.step;
       st["options"] = state.options.is_null() ? nlohmann::json::object() : state.options;
       st["written_by"] = "parallm train";
+      st["layout"] = layout;
       write_text(tmp / "trainer_state.json", st.dump(2) + "\n");
       swap_in(tmp, target);
     } catch (const fs::filesystem_error& e) {
@@ -206,10 +430,18 @@ void save_checkpoint(const std::string& dir, const ModelConfig& config, ParamSto
 
 void load_checkpoint(const std::string& dir, const ModelConfig& config, ParamStore& params,
                      DataParallel& dp, int tp, int tp_rank) {
+  if (tp != params.tp() || tp_rank != params.tp_rank())
+    fail("checkpoint", "load: TP rank ", tp_rank, " of ", tp,
+         " given parameters laid out for TP rank ", params.tp_rank(), " of ", params.tp());
   const fs::path d = clean_dir(dir);
+  // The stage's tensors by name: a tied head copy is "model.embed_tokens.weight" and reads the
+  // embedding, and so do its m and v.
   params.load(*open_safetensors((d / "model.safetensors").string()));
   const auto source = open_safetensors((d / "optimizer.safetensors").string());
-  ParamStore moments(config, tp, tp_rank);
+  ParamStore moments(config, tp, tp_rank, params.stage());
+  if (moments.size() != params.size())
+    fail("checkpoint", "load: the optimizer layout holds ", moments.size(), " floats, the values ",
+         params.size(), " (config differs from the parameters')");
   moments.load(PrefixSource(*source, kExpAvg));
   std::vector<float> m_full(moments.values(), moments.values() + moments.size());
   moments.load(PrefixSource(*source, kExpAvgSq));
