@@ -25,6 +25,7 @@
 #include "parallm/pipeline/partition.h"
 #include "parallm/pipeline/schedule.h"
 #include "parallm/pipeline/simulator.h"
+#include "parallm/plan/memory.h"
 #include "parallm/train/checkpoint.h"
 #include "parallm/train/dp.h"
 #include "parallm/train/model.h"
@@ -262,8 +263,43 @@ TokenData load_data(const std::string& path, const std::string& flag, const Trai
 // B sum, B count, W sum, W count, peak in flight (chunks), peak activation bytes.
 constexpr size_t kStageFields = 12;
 
+// The activation bytes plan's formula (plan::activation_bytes_per_chunk: per held (micro-batch,
+// chunk) state) gives stage `stage` of TP rank 0 at its peak: its action list walked, a chunk's
+// state held from its Forward to its Backward (ZB-H1: to its W, when the model releases it).
+double formula_peak_bytes(const PipelinePlan& pipe, int stage, const ModelConfig& config,
+                          const TrainOptions& o, Recompute recompute) {
+  const pipeline::Schedule& s = pipe.schedule;
+  std::vector<double> bytes(static_cast<size_t>(pipe.v));
+  for (int c = 0; c < pipe.v; ++c) {
+    const int g = s.virtual_stage(stage, c);
+    plan::ActivationShape a;
+    a.micro_batch = o.micro_batch;
+    a.seq_len = o.seq_len;
+    a.tp = o.tp;
+    a.tp_rank = 0;
+    a.sequence_parallel = o.sp && o.tp > 1;
+    a.recompute = recompute == Recompute::None ? 0 : recompute == Recompute::Selective ? 1 : 2;
+    a.layers = pipe.virtual_stages.at(static_cast<size_t>(g)).count();
+    a.head = g == s.virtual_stages() - 1;
+    bytes[c] = static_cast<double>(plan::activation_bytes_per_chunk(config, a));
+  }
+  const bool split = pipe.kind == pipeline::ScheduleKind::ZeroBubbleH1;
+  double held = 0, peak = 0;
+  for (const pipeline::Action& a : s.actions(stage)) {
+    if (a.kind == pipeline::ActionKind::Forward) {
+      held += bytes[a.chunk];
+      peak = std::max(peak, held);
+    } else if (a.kind == (split ? pipeline::ActionKind::BackwardWeight
+                                : pipeline::ActionKind::Backward)) {
+      held -= bytes[a.chunk];
+    }
+  }
+  return peak;
+}
+
 void fill_stage_stats(TrainResult& r, const std::vector<double>& all, const comm::Mesh& mesh,
-                      const PipelinePlan& pipe, const TrainOptions& o, int64_t m) {
+                      const PipelinePlan& pipe, const TrainOptions& o, int64_t m,
+                      const ModelConfig& config, Recompute recompute) {
   const int p = o.pp, v = pipe.v;
   double busy_sum = 0, span_max = 0, f = 0, b = 0, w = 0;
   int64_t nf = 0, nb = 0, nw = 0;
@@ -283,6 +319,7 @@ void fill_stage_stats(TrainResult& r, const std::vector<double>& all, const comm
     st.peak_in_flight = x[10] / v;
     st.schedule_in_flight_chunks = pipe.sim.peak_in_flight_chunks.at(static_cast<size_t>(s));
     st.peak_activation_bytes = static_cast<int64_t>(x[11]);
+    st.formula_activation_bytes = formula_peak_bytes(pipe, s, config, o, recompute);
     r.stages.push_back(st);
     busy_sum += x[2];
     span_max = std::max(span_max, x[3]);
@@ -316,17 +353,16 @@ void print_pipeline_stats(const TrainResult& r, std::ostream& out) {
   char line[320];
   out << "[stats] " << r.schedule_name << ": per stage (times over the steps after the first)\n";
   out << "[stats] stage layers   busy s   span s  bubble |   F ms   B ms   W ms | in flight "
-         "meas/sched (mb units) | act peak MB  formula MB\n";
+         "meas/sched (mb units) | act peak MB  formula MB  ratio\n";
   for (const StageStats& s : r.stages) {
+    const double f = s.formula_activation_bytes;
     std::snprintf(line, sizeof(line),
                   "[stats] %5d %6lld %8.3f %8.3f  %6.3f | %6.2f %6.2f %6.2f | %5d / %-5d (%5.2f)  "
-                  "     | %11.3f  %10s\n",
+                  "     | %11.4f  %10.4f  %5.3f\n",
                   s.stage, static_cast<long long>(s.layers), s.busy_s, s.makespan_s, s.bubble,
                   s.f_ms, s.b_ms, s.w_ms, s.peak_in_flight_chunks, s.schedule_in_flight_chunks,
-                  s.peak_in_flight, s.peak_activation_bytes / 1e6,
-                  s.formula_activation_bytes < 0
-                      ? "-"
-                      : cat(s.formula_activation_bytes / 1e6).c_str());
+                  s.peak_in_flight, s.peak_activation_bytes / 1e6, f / 1e6,
+                  f > 0 ? s.peak_activation_bytes / f : 0.0);
     out << line;
   }
   std::snprintf(line, sizeof(line),
@@ -457,12 +493,7 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
   // The pipeline, checked before any rank starts.
   const int64_t nm = order.micro_batches();
   PipelinePlan pipe;
-  if (o.pp > 1) {
-    pipe = plan_pipeline(o, config, nm);
-    if (!o.save.empty() || !o.resume.empty())
-      fail("train", o.save.empty() ? "--resume" : "--save",
-           " with --pp > 1: pipeline checkpoints are not wired into the loop yet; use --pp 1");
-  }
+  if (o.pp > 1) pipe = plan_pipeline(o, config, nm);
   const bool pipelined = o.pp > 1;
   const bool zb = pipelined && pipe.kind == pipeline::ScheduleKind::ZeroBubbleH1;
   const Recompute recompute = parse_recompute(o.recompute, "--recompute");
@@ -520,14 +551,8 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
     mo.recompute = recompute;
     mo.mode.sequence_parallel = o.sp && o.tp > 1;
     mo.mode.defer_weight_grads = zb;
-    StageTensors st;
-    if (pipelined) {
-      mo = pipeline_chunks(mo, pipe.virtual_stages, o.pp, stage, pipe.v);
-      st.layers = mo.chunks;
-      st.embedding = mo.has_embedding;
-      st.head = mo.has_head;
-    }
-    ParamStore params(config, o.tp, tp_rank, st);
+    if (pipelined) mo = pipeline_chunks(mo, pipe.virtual_stages, o.pp, stage, pipe.v);
+    ParamStore params(config, o.tp, tp_rank, pipelined ? stage_tensors(mo) : StageTensors{});
     if (o.resume.empty()) {
       if (!o.model.empty()) {
         ModelConfig c;
@@ -853,7 +878,7 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
       world.all_gather(mine, all.data(), kStageFields, DType::I64);
       if (root) {
         std::lock_guard<std::mutex> lock(mu);
-        fill_stage_stats(result, all, mesh, pipe, o, nm);
+        fill_stage_stats(result, all, mesh, pipe, o, nm, config, recompute);
       }
     }
     if (o.keep_params) {
