@@ -331,18 +331,25 @@ void fill_stage_stats(TrainResult& r, const std::vector<double>& all, const comm
     nw += static_cast<int64_t>(x[9]);
   }
   r.bubble = span_max > 0 ? 1.0 - busy_sum / (p * span_max) : 0.0;
-  r.bubble_formula = pipeline::bubble_formula(pipe.kind, p, static_cast<int>(m), v);
-  // The replay: the simulator's times are per micro-batch through a whole stage (a chunk 1/v).
-  pipeline::SimOptions so;
-  so.forward_time = nf > 0 ? v * f / nf : 1.0;
-  so.backward_time = nb > 0 ? v * (b / nb + (nw > 0 ? w / nw : 0.0)) : 2.0;
-  r.sim_bubble = pipeline::simulate(pipe.schedule, so).bubble_fraction;
+  // The replay: the simulator's times are per micro-batch through a whole stage (a chunk 1/v);
+  // its backward is B + W. The scalar means (over stages) for other p; this p's per stage.
+  const double fm = nf > 0 ? f / nf : 1.0, bm = nb > 0 ? b / nb : 2.0, wm = nw > 0 ? w / nw : 0.0;
+  const bool split = pipe.kind == pipeline::ScheduleKind::ZeroBubbleH1;
+  pipeline::SimOptions mean(v * fm, v * (bm + wm), 0.0, split ? v * wm : -1.0);
+  r.bubble_formula = pipeline::bubble_formula(pipe.kind, p, static_cast<int>(m), v, mean);
+  pipeline::SimOptions per_stage = mean;
+  for (const StageStats& st : r.stages) {
+    per_stage.stage_forward.push_back(v * st.f_ms / 1e3);
+    per_stage.stage_backward.push_back(v * (st.b_ms + st.w_ms) / 1e3);
+    if (split) per_stage.stage_weight.push_back(v * st.w_ms / 1e3);
+  }
+  r.sim_bubble = pipeline::simulate(pipe.schedule, per_stage).bubble_fraction;
   r.replay.clear();
   for (int q = 2; q <= 8; ++q) {
     if (pipe.kind == pipeline::ScheduleKind::Interleaved && m % q != 0) continue;
     const pipeline::Schedule sq = pipeline::make_schedule(pipe.kind, q, static_cast<int>(m), v);
-    r.replay.push_back({q, static_cast<int>(m), pipeline::simulate(sq, so).bubble_fraction,
-                        pipeline::bubble_formula(pipe.kind, q, static_cast<int>(m), v)});
+    r.replay.push_back({q, static_cast<int>(m), pipeline::simulate(sq, mean).bubble_fraction,
+                        pipeline::bubble_formula(pipe.kind, q, static_cast<int>(m), v, mean)});
   }
 }
 
@@ -367,11 +374,11 @@ void print_pipeline_stats(const TrainResult& r, std::ostream& out) {
   }
   std::snprintf(line, sizeof(line),
                 "[stats] bubble: measured %.4f (1 - sum busy / (p x longest span)), formula %.4f, "
-                "simulator replaying the measured F/B/W %.4f\n",
+                "simulator replaying each stage's measured F/B/W %.4f\n",
                 r.bubble, r.bubble_formula, r.sim_bubble);
   out << line;
   if (!r.replay.empty()) {
-    out << "[stats] replay of the measured F/B/W at p stages (simulated bubble / formula):";
+    out << "[stats] replay of the mean measured F/B/W at p stages (simulated bubble / formula):";
     for (const ReplayStats& q : r.replay) {
       std::snprintf(line, sizeof(line), " p=%d %.3f/%.3f", q.stages, q.bubble, q.formula);
       out << line;
