@@ -224,14 +224,14 @@ TEST_F(PipelineTrainTest, TiedEmbeddingsSummedAcrossStages) {
 // TP x PP on threads, world sizes that are not powers of two, and DP with ZeRO: one rank's
 // losses within 1e-5 relative (TP changes the order of the reductions).
 TEST_F(PipelineTrainTest, TpPpDpLayoutsMatchOneRank) {
-  const TrainResult ref = run_training(base(false, 6));
+  const TrainResult ref = run_training(base(false, 10));
   struct Layout {
     int tp, pp, dp, zero;
     const char* schedule;
   };
   for (Layout l : {Layout{2, 3, 1, 0, "1f1b"}, Layout{3, 3, 1, 0, "1f1b"},
                    Layout{1, 3, 2, 1, "interleaved"}, Layout{2, 2, 2, 1, "zb-h1"}}) {
-    TrainOptions o = base(false, 6);
+    TrainOptions o = base(false, 10);
     o.tp = l.tp;
     o.pp = l.pp;
     o.dp = l.dp;
