@@ -491,6 +491,13 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
         if (id < 0 || id >= config.vocab_size)
           fail("train", "token id ", id, " in the data is outside the vocabulary [0, ",
                config.vocab_size, ")");
+  if (!o.trace.empty() && comm::launched_rank() == 0) {
+    // Found unwritable now, not after the training.
+    const bool existed = fs::exists(o.trace);
+    if (!std::ofstream(o.trace, std::ios::app))
+      fail("train", "--trace ", o.trace, ": cannot open for writing");
+    if (!existed) fs::remove(o.trace);
+  }
   std::ofstream log;
   if (!o.log_json.empty() && comm::launched_rank() == 0) {
     log.open(o.log_json, start > 0 ? std::ios::app : std::ios::trunc);
@@ -905,7 +912,12 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
       if (root) write_trace_file(o.trace, all);
     }
   });
-  if (o.stats && pipelined && comm::launched_rank() == 0) print_pipeline_stats(result, out);
+  if (o.stats && comm::launched_rank() == 0) {
+    if (pipelined)
+      print_pipeline_stats(result, out);
+    else
+      out << "[stats] --stats measures pipelines: nothing to report at --pp 1" << std::endl;
+  }
   return result;
 }
 
