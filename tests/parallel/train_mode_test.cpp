@@ -9,7 +9,8 @@
 // - sequence_parallel: at TP 2 and 3 with token counts TP does not divide, every layer's output
 //   rows and input gradient equal the non-SP layer's rows of this rank within 1e-6 relative, and
 //   its weight gradients too (attention, MLP, embedding, LM head); SP with the split backward is
-//   bit for bit SP's combined backward.
+//   bit for bit SP's combined backward; the LM head's backward_input/backward_weight are bit for
+//   bit its backward().
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -323,6 +324,17 @@ TEST(TrainMode, EmbeddingAndHeadSequenceParallel) {
         head.backward(xf_sp.data(), dl.data(), T, dxf_sp.data(), dw_sp.data(), true, &scratch);
         EXPECT_LT(rel_error(dxf_sp, rows_of(dxf, H, mine)), kSpTol) << tag << " head dx";
         EXPECT_LT(rel_error(dw_sp, dw), kSpTol) << tag << " head dw";
+        // The head's B/W split: bit for bit the combined backward, with and without SP.
+        std::vector<float> dxf_b(T * H), dw_w(shard.numel(), 0.25f);
+        head.backward_weight(xf.data(), dl.data(), T, dw_w.data());
+        head.backward_input(dl.data(), T, dxf_b.data());
+        EXPECT_EQ(dxf_b, dxf) << tag << " head backward_input";
+        EXPECT_EQ(dw_w, dw) << tag << " head backward_weight";
+        std::vector<float> dxf_b_sp(mine.size() * H), dw_w_sp(shard.numel(), 0.25f);
+        head.backward_weight(xf_sp.data(), dl.data(), T, dw_w_sp.data(), true, &scratch);
+        head.backward_input(dl.data(), T, dxf_b_sp.data(), true, &scratch);
+        EXPECT_EQ(dxf_b_sp, dxf_sp) << tag << " head backward_input under SP";
+        EXPECT_EQ(dw_w_sp, dw_sp) << tag << " head backward_weight under SP";
       });
     }
   }

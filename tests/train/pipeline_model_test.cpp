@@ -6,7 +6,10 @@
 // exactly a stage's tensors.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <new>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -45,24 +48,46 @@ Batch make_batch(const ModelConfig& c, int64_t B, int64_t S, uint32_t seed) {
   return b;
 }
 
+TrainModelOptions with_recompute(Recompute r) {
+  TrainModelOptions o;
+  o.recompute = r;
+  return o;
+}
+
+TrainModelOptions middle_chunk(StageLayers layers) {
+  TrainModelOptions o;
+  o.chunks = {layers};
+  o.has_embedding = o.has_head = false;
+  return o;
+}
+
 std::vector<Batch> batches_for(const ModelConfig& c) {
   // Repeated ids inside a batch on purpose (vocabulary 67): the embedding's gradient rows add up.
   return {make_batch(c, 2, 7, 1), make_batch(c, 3, 5, 2), make_batch(c, 1, 9, 3)};
 }
 
-// The documented activation floats of one held (micro-batch, chunk) state (PLAN12.md, model.h).
+// The documented activation floats of one held (micro-batch, chunk) state (PLAN12.md, model.h):
+// R = this rank's rows (T, or its SP share). `after_b`: what ZB keeps between B and W.
 int64_t state_floats(const ModelConfig& c, int tp, int rank, int64_t B, int64_t S, int64_t layers,
-                     bool head, Recompute r) {
+                     bool embedding, bool head, Recompute r, bool sp = false,
+                     bool after_b = false) {
   const parallel::HeadPlan h =
       parallel::HeadPlan::make(c.num_attention_heads, c.num_key_value_heads, tp, rank);
   const int64_t T = B * S, H = c.hidden_size, qd = h.q_heads * c.head_dim,
                 kvd = h.kv_heads * c.head_dim;
+  const int64_t R = sp ? parallel::ShardSpec::even(T, tp, rank).size() : T;
   const int64_t f = parallel::ShardSpec::even(c.intermediate_size, tp, rank).size();
   const int64_t v = parallel::ShardSpec::even(c.vocab_size, tp, rank).size();
-  int64_t layer = 4 * T * H + 2 * T + 2 * T * qd + 2 * T * kvd + 3 * T * f;
+  if (after_b) {
+    // Per layer: xn1, xn2, attn, dqkv, the attention's and the MLP's output gradients, h, dgu;
+    // the head: xf and dlogits; the embedding: its output's gradient.
+    const int64_t layer = 2 * R * H + T * qd + T * (qd + 2 * kvd) + 2 * T * H + T * f + 2 * T * f;
+    return layers * layer + (head ? R * H + T * v : 0) + (embedding ? R * H : 0);
+  }
+  int64_t layer = 4 * R * H + 2 * R + 2 * T * qd + 2 * T * kvd + 3 * T * f;
   if (r == Recompute::None) layer += B * h.q_heads * S * S;
-  if (r == Recompute::Full) layer = T * H;
-  return layers * layer + (head ? 2 * T * H + T + T * v : 0);
+  if (r == Recompute::Full) layer = R * H;
+  return layers * layer + (head ? 2 * R * H + R + T * v : 0);
 }
 
 struct PipeResult {
@@ -75,13 +100,15 @@ struct PipeResult {
 
 // Runs `batches` (gradients accumulating) through `pp` pipeline ranks of `v` chunks each over the
 // virtual stages `vs`, every pipeline rank's model on each TP thread, GPipe's order: every
-// forward (virtual stage 0 first), then every backward (the last virtual stage first). Checks
-// the ActivationStats against state_floats while all forwards are in flight.
+// forward (virtual stage 0 first), then every backward (the last virtual stage first); with `zb`
+// every B, then every W, micro-batch by micro-batch. Checks the ActivationStats against
+// state_floats while all forwards (and, ZB, all Bs) are in flight.
 PipeResult run_pipeline(const ModelConfig& c, int tp, int pp, int v,
                         const std::vector<StageLayers>& vs, const std::vector<Batch>& batches,
-                        Recompute recompute, float scale) {
+                        const TrainModelOptions& base, bool zb, float scale) {
   PipeResult out;
   std::mutex mu;
+  const bool sp = base.mode.sequence_parallel && tp > 1;
   comm::launch(tp, {.backend = "local", .timeout_s = 60}, [&](comm::Group world) {
     ThreadPool pool(1);
     ScopedPool scope(pool);
@@ -89,7 +116,7 @@ PipeResult run_pipeline(const ModelConfig& c, int tp, int pp, int v,
     std::vector<std::unique_ptr<TrainModel>> models;
     std::vector<int> hooks(static_cast<size_t>(pp), 0);
     for (int r = 0; r < pp; ++r) {
-      TrainModelOptions o = pipeline_chunks({.recompute = recompute}, vs, pp, r, v);
+      TrainModelOptions o = pipeline_chunks(base, vs, pp, r, v);
       stores.push_back(std::make_unique<ParamStore>(c, tp, world.rank(), stage_tensors(o)));
       init_params(*stores.back(), c, 42);
       models.push_back(std::make_unique<TrainModel>(c, *stores.back(), world, o));
@@ -102,37 +129,57 @@ PipeResult run_pipeline(const ModelConfig& c, int tp, int pp, int v,
     std::vector<double> losses(batches.size(), 0.0);
     for (size_t mb = 0; mb < batches.size(); ++mb) {
       const Batch& b = batches[mb];
-      acts[mb].assign(nv, std::vector<float>(b.B * b.S * H));
-      grads[mb].assign(nv, std::vector<float>(b.B * b.S * H));
+      const int64_t R = models[0]->activation_rows(b.B, b.S);
+      EXPECT_EQ(R, sp ? parallel::ShardSpec::even(b.B * b.S, tp, world.rank()).size() : b.B * b.S);
+      acts[mb].assign(nv, std::vector<float>(R * H));
+      grads[mb].assign(nv, std::vector<float>(R * H));
       for (int s = 0; s < nv; ++s) {
         TrainModel& m = *models[s % pp];
         const double l = m.forward(static_cast<int>(mb), s / pp, b.inputs.data(), b.targets.data(),
                                    b.B, b.S, scale, s > 0 ? acts[mb][s - 1].data() : nullptr,
                                    s + 1 < nv ? acts[mb][s].data() : nullptr);
-        if (s + 1 == nv) losses[mb] = l;
-        else EXPECT_EQ(l, 0.0);
+        if (s + 1 == nv) {
+          losses[mb] = l;
+        } else {
+          EXPECT_EQ(l, 0.0);
+        }
       }
     }
-    for (int r = 0; r < pp; ++r) {
-      const TrainModel::ActivationStats st = models[r]->activation_stats();
-      int64_t floats = 0;
-      for (int ch = 0; ch < v; ++ch) {
-        const StageLayers& sl = vs[ch * pp + r];
-        for (const Batch& b : batches)
-          floats += state_floats(c, tp, world.rank(), b.B, b.S, sl.count(),
-                                 ch == v - 1 && r == pp - 1, recompute);
+    auto expect_held = [&](bool after_b) {
+      for (int r = 0; r < pp; ++r) {
+        const TrainModel::ActivationStats st = models[r]->activation_stats();
+        int64_t floats = 0;
+        for (int ch = 0; ch < v; ++ch) {
+          const StageLayers& sl = vs[ch * pp + r];
+          for (const Batch& b : batches)
+            floats += state_floats(c, tp, world.rank(), b.B, b.S, sl.count(), ch == 0 && r == 0,
+                                   ch == v - 1 && r == pp - 1, base.recompute, sp, after_b);
+        }
+        EXPECT_EQ(st.in_flight, static_cast<int>(batches.size()) * v) << "pipeline rank " << r;
+        EXPECT_EQ(st.peak_in_flight, st.in_flight);
+        EXPECT_EQ(st.held_bytes, floats * 4) << "pipeline rank " << r << (after_b ? " after B" : "");
+        if (!after_b) {
+          EXPECT_EQ(st.peak_bytes, st.held_bytes);
+        }
       }
-      EXPECT_EQ(st.in_flight, static_cast<int>(batches.size()) * v) << "pipeline rank " << r;
-      EXPECT_EQ(st.peak_in_flight, st.in_flight);
-      EXPECT_EQ(st.held_bytes, floats * 4) << "pipeline rank " << r;
-      EXPECT_EQ(st.peak_bytes, st.held_bytes);
-    }
+    };
+    expect_held(false);
     for (size_t mb = 0; mb < batches.size(); ++mb) {
       for (int s = nv - 1; s >= 0; --s) {
-        models[s % pp]->backward(static_cast<int>(mb), s / pp,
-                                 s + 1 < nv ? grads[mb][s + 1].data() : nullptr,
-                                 s > 0 ? grads[mb][s].data() : nullptr, mb + 1 == batches.size());
+        const float* dy = s + 1 < nv ? grads[mb][s + 1].data() : nullptr;
+        float* dx = s > 0 ? grads[mb][s].data() : nullptr;
+        if (zb) {
+          models[s % pp]->backward_input(static_cast<int>(mb), s / pp, dy, dx);
+        } else {
+          models[s % pp]->backward(static_cast<int>(mb), s / pp, dy, dx, mb + 1 == batches.size());
+        }
       }
+    }
+    if (zb) {
+      expect_held(true);
+      for (size_t mb = 0; mb < batches.size(); ++mb)
+        for (int s = nv - 1; s >= 0; --s)
+          models[s % pp]->backward_weight(static_cast<int>(mb), s / pp, mb + 1 == batches.size());
     }
     for (int r = 0; r < pp; ++r) {
       const TrainModel::ActivationStats st = models[r]->activation_stats();
@@ -164,7 +211,7 @@ PipeResult run_pipeline(const ModelConfig& c, int tp, int pp, int v,
 
 // The reference: one chunk, forward_backward per micro-batch.
 PipeResult run_reference(const ModelConfig& c, int tp, const std::vector<Batch>& batches,
-                         Recompute recompute, float scale) {
+                         const TrainModelOptions& options, float scale) {
   PipeResult out;
   std::mutex mu;
   comm::launch(tp, {.backend = "local", .timeout_s = 60}, [&](comm::Group world) {
@@ -172,7 +219,7 @@ PipeResult run_reference(const ModelConfig& c, int tp, const std::vector<Batch>&
     ScopedPool scope(pool);
     ParamStore params(c, tp, world.rank());
     init_params(params, c, 42);
-    TrainModel model(c, params, world, {.recompute = recompute});
+    TrainModel model(c, params, world, options);
     int hooks = 0;
     model.set_grad_ready_hook([&](const Param&) { ++hooks; });
     std::vector<double> losses;
@@ -181,6 +228,12 @@ PipeResult run_reference(const ModelConfig& c, int tp, const std::vector<Batch>&
           model.forward_backward(b.inputs.data(), b.targets.data(), b.B, b.S, scale));
     // forward_backward holds one state at a time.
     EXPECT_EQ(model.activation_stats().peak_in_flight, 1);
+    // Every rank returns the same loss, bitwise.
+    for (double l : losses) {
+      std::vector<double> all(static_cast<size_t>(tp));
+      world.all_gather(&l, all.data(), 1, DType::I64);
+      for (double x : all) EXPECT_EQ(x, l) << "TP " << tp;
+    }
     Full g = gather_full_tensors(params, world, true);
     std::lock_guard<std::mutex> lock(mu);
     if (world.rank() != 0) return;
@@ -207,14 +260,23 @@ double rel_diff(const Tensor& a, const std::vector<float>& b) {
   return std::sqrt(num / std::max(den, 1e-300));
 }
 
+// The pipeline run with `options` (ZB's B/W calls when `zb`) against the one-chunk reference
+// with the same sequence parallelism and no recomputation or split: bit for bit.
 void expect_pipeline_matches(const ModelConfig& c, int tp, int pp, int v,
-                             const std::vector<StageLayers>& vs, Recompute recompute) {
+                             const std::vector<StageLayers>& vs, Recompute recompute,
+                             bool sp = false, bool zb = false) {
   const std::string what = "TP " + std::to_string(tp) + " PP " + std::to_string(pp) + " V " +
                            std::to_string(v) + (c.tie_word_embeddings ? " tied" : " untied") +
-                           " recompute " + recompute_name(recompute);
+                           " recompute " + recompute_name(recompute) + (sp ? " SP" : "") +
+                           (zb ? " ZB" : "");
   const std::vector<Batch> batches = batches_for(c);
-  const PipeResult ref = run_reference(c, tp, batches, Recompute::None, 0.25f);
-  const PipeResult got = run_pipeline(c, tp, pp, v, vs, batches, recompute, 0.25f);
+  TrainModelOptions ref_options;
+  ref_options.mode.sequence_parallel = sp;
+  TrainModelOptions options = ref_options;
+  options.recompute = recompute;
+  options.mode.defer_weight_grads = zb;
+  const PipeResult ref = run_reference(c, tp, batches, ref_options, 0.25f);
+  const PipeResult got = run_pipeline(c, tp, pp, v, vs, batches, options, zb, 0.25f);
   ASSERT_EQ(got.losses.size(), ref.losses.size()) << what;
   for (size_t i = 0; i < ref.losses.size(); ++i)
     EXPECT_EQ(got.losses[i], ref.losses[i]) << what << " micro-batch " << i;
@@ -279,31 +341,99 @@ TEST(TrainPipelineModel, InterleavedChunksMatchOneChunk) {
   expect_pipeline_matches(c, 1, 1, 3, {{0, 1}, {1, 2}, {2, 3}}, Recompute::None);
 }
 
-TEST(TrainPipelineModel, FullRecomputeIsBitwiseNone) {
+TEST(TrainPipelineModel, RecomputeIsBitwiseNone) {
   ModelConfig c = testing::tiny_train_config(false, true);
   c.num_hidden_layers = 4;
-  // Through the pipeline (stats checked against the full-recompute formula inside)...
+  // Through the pipeline (stats checked against each mode's formula inside)...
   expect_pipeline_matches(c, 2, 2, 1, {{0, 2}, {2, 4}}, Recompute::Full);
+  expect_pipeline_matches(c, 2, 2, 1, {{0, 1}, {1, 4}}, Recompute::Selective);
   // ...and forward_backward alone.
   const std::vector<Batch> batches = batches_for(c);
   for (int tp : {1, 3}) {
-    const PipeResult none = run_reference(c, tp, batches, Recompute::None, 0.5f);
-    const PipeResult full = run_reference(c, tp, batches, Recompute::Full, 0.5f);
-    EXPECT_EQ(full.losses, none.losses);
-    EXPECT_EQ(full.hooks, none.hooks);
-    for (const auto& [name, t] : none.grads)
-      EXPECT_TRUE(bitwise_equal(full.grads.at(name), t)) << "TP " << tp << " " << name;
+    const PipeResult none = run_reference(c, tp, batches, {}, 0.5f);
+    for (Recompute r : {Recompute::Selective, Recompute::Full}) {
+      const PipeResult got = run_reference(c, tp, batches, with_recompute(r), 0.5f);
+      EXPECT_EQ(got.losses, none.losses);
+      EXPECT_EQ(got.hooks, none.hooks);
+      for (const auto& [name, t] : none.grads)
+        EXPECT_TRUE(bitwise_equal(got.grads.at(name), t))
+            << "TP " << tp << " " << recompute_name(r) << " " << name;
+    }
   }
+}
+
+double rel_frobenius(const Tensor& a, const Tensor& b) {
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < b.numel(); ++i) {
+    const double d = double(a.data<float>()[i]) - b.data<float>()[i];
+    num += d * d;
+    den += double(b.data<float>()[i]) * b.data<float>()[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+TEST(TrainPipelineModel, SequenceParallelMatchesWithout) {
+  for (bool tied : {false, true}) {
+    ModelConfig c = testing::tiny_train_config(tied, tied);
+    c.num_hidden_layers = 3;
+    const std::vector<Batch> batches = batches_for(c);  // 14, 15, 9 tokens: uneven over 2 and 3
+    for (int tp : {2, 3}) {
+      TrainModelOptions sp;
+      sp.mode.sequence_parallel = true;
+      const PipeResult off = run_reference(c, tp, batches, {}, 0.5f);
+      const PipeResult on = run_reference(c, tp, batches, sp, 0.5f);
+      const std::string what = "TP " + std::to_string(tp) + (tied ? " tied" : " untied");
+      ASSERT_EQ(on.losses.size(), off.losses.size());
+      for (size_t i = 0; i < off.losses.size(); ++i)
+        EXPECT_NEAR(on.losses[i], off.losses[i], 1e-6 * std::abs(off.losses[i])) << what;
+      EXPECT_EQ(on.hooks, off.hooks) << what;
+      for (const auto& [name, t] : off.grads)
+        EXPECT_LE(rel_frobenius(on.grads.at(name), t), 1e-6) << what << " " << name;
+    }
+    // SP through a pipeline (x and dx are this rank's rows between the stages): bitwise the
+    // one-chunk SP run; the stats count R = this rank's rows in the SP regions.
+    expect_pipeline_matches(c, 3, 2, 1, {{0, 1}, {1, 3}}, Recompute::None, true);
+    expect_pipeline_matches(c, 2, 3, 1, {{0, 1}, {1, 2}, {2, 3}}, Recompute::Full, true);
+  }
+  // On one rank SP is the plain path, bit for bit.
+  const ModelConfig c = testing::tiny_train_config();
+  TrainModelOptions sp;
+  sp.mode.sequence_parallel = true;
+  const PipeResult off = run_reference(c, 1, batches_for(c), {}, 0.5f);
+  const PipeResult on = run_reference(c, 1, batches_for(c), sp, 0.5f);
+  EXPECT_EQ(on.losses, off.losses);
+  for (const auto& [name, t] : off.grads) EXPECT_TRUE(bitwise_equal(on.grads.at(name), t)) << name;
+}
+
+TEST(TrainPipelineModel, ZeroBubbleSplitIsBitwiseTheWholeBackward) {
+  for (bool tied : {false, true}) {
+    ModelConfig c = testing::tiny_train_config(tied, false);
+    c.num_hidden_layers = 4;
+    expect_pipeline_matches(c, 1, 2, 1, {{0, 2}, {2, 4}}, Recompute::None, false, true);
+    expect_pipeline_matches(c, 2, 2, 2, {{0, 1}, {1, 2}, {2, 3}, {3, 4}}, Recompute::Selective,
+                            false, true);
+    expect_pipeline_matches(c, 2, 2, 1, {{0, 1}, {1, 4}}, Recompute::Full, true, true);
+  }
+  // backward() of a model built for the split runs B then W: bitwise the plain one.
+  const ModelConfig c = testing::tiny_train_config();
+  TrainModelOptions zb;
+  zb.mode.defer_weight_grads = true;
+  const PipeResult plain = run_reference(c, 2, batches_for(c), {}, 0.5f);
+  const PipeResult split = run_reference(c, 2, batches_for(c), zb, 0.5f);
+  EXPECT_EQ(split.losses, plain.losses);
+  EXPECT_EQ(split.hooks, plain.hooks);
+  for (const auto& [name, t] : plain.grads)
+    EXPECT_TRUE(bitwise_equal(split.grads.at(name), t)) << name;
 }
 
 TEST(TrainPipelineModel, ActivationStatsCountTheDocumentedVectors) {
   const ModelConfig c = testing::tiny_train_config(false, false);
   const Batch b = make_batch(c, 2, 6, 5);
-  for (Recompute r : {Recompute::None, Recompute::Full}) {
+  for (Recompute r : {Recompute::None, Recompute::Selective, Recompute::Full}) {
     ParamStore ps(c, 1, 0);
     init_params(ps, c, 1);
-    TrainModel m(c, ps, comm::Group(), {.recompute = r});
-    const int64_t one = 4 * state_floats(c, 1, 0, b.B, b.S, c.num_hidden_layers, true, r);
+    TrainModel m(c, ps, comm::Group(), with_recompute(r));
+    const int64_t one = 4 * state_floats(c, 1, 0, b.B, b.S, c.num_hidden_layers, true, true, r);
     for (int mb = 0; mb < 3; ++mb) {
       m.forward(mb, 0, b.inputs.data(), b.targets.data(), b.B, b.S, 1.0f, nullptr, nullptr);
       EXPECT_EQ(m.activation_stats().held_bytes, (mb + 1) * one);
@@ -327,8 +457,8 @@ TEST(TrainPipelineModel, ActivationStatsCountTheDocumentedVectors) {
     EXPECT_EQ(m.activation_stats().peak_bytes, 0);
   }
   // Full recomputation keeps a fraction of none's.
-  EXPECT_LT(state_floats(c, 1, 0, 2, 6, 2, false, Recompute::Full) * 5,
-            state_floats(c, 1, 0, 2, 6, 2, false, Recompute::None));
+  EXPECT_LT(state_floats(c, 1, 0, 2, 6, 2, false, false, Recompute::Full) * 5,
+            state_floats(c, 1, 0, 2, 6, 2, false, false, Recompute::None));
 }
 
 TEST(TrainPipelineModel, ErrorsNameTheProblem) {
@@ -348,7 +478,25 @@ TEST(TrainPipelineModel, ErrorsNameTheProblem) {
             std::string::npos);
   EXPECT_NE(testing::error_of([&] { m.backward(3, 1, nullptr, nullptr, true); }).find("chunk 1"),
             std::string::npos);
+  EXPECT_NE(testing::error_of([&] { m.backward_input(3, 0, nullptr, nullptr); })
+                .find("defer_weight_grads"),
+            std::string::npos);
   m.backward(3, 0, nullptr, nullptr, true);
+
+  // ZB's calls out of order.
+  TrainModelOptions zb;
+  zb.mode.defer_weight_grads = true;
+  TrainModel mz(c, ps, comm::Group(), zb);
+  mz.forward(5, 0, b.inputs.data(), b.targets.data(), b.B, b.S, 1.0f, nullptr, nullptr);
+  EXPECT_NE(testing::error_of([&] { mz.backward_weight(5, 0, true); })
+                .find("micro-batch 5 has not run backward_input through chunk 0"),
+            std::string::npos);
+  mz.backward_input(5, 0, nullptr, nullptr);
+  EXPECT_NE(testing::error_of([&] { mz.backward_input(5, 0, nullptr, nullptr); })
+                .find("already ran B"),
+            std::string::npos);
+  mz.backward_weight(5, 0, true);
+  EXPECT_EQ(mz.activation_stats().in_flight, 0);
 
   // A middle stage: no embedding, no head; forward_backward refuses, x_in is required.
   const TrainModelOptions o = pipeline_chunks({}, {{0, 1}, {1, 3}, {3, 4}}, 3, 1, 1);
@@ -370,7 +518,7 @@ TEST(TrainPipelineModel, ErrorsNameTheProblem) {
   // A store without the model's layers, embedding or head.
   EXPECT_NE(testing::error_of([&] {
               TrainModel(c, mid, comm::Group(),
-                         {.chunks = {{1, 4}}, .has_embedding = false, .has_head = false});
+                         middle_chunk({1, 4}));
             }).find("layer 3 of chunk 0"),
             std::string::npos);
   EXPECT_NE(testing::error_of([&] { TrainModel(c, mid, comm::Group()); }).find("the embedding"),
@@ -428,6 +576,77 @@ TEST(TrainParams, StageHoldsItsTensorsOnly) {
   EXPECT_NE(testing::error_of([&] { ParamStore(c, 1, 0, StageTensors{{{1, 3}}, true, true}); })
                 .find("[1, 3)"),
             std::string::npos);
+}
+
+}  // namespace
+}  // namespace parallm::train
+
+// ---- steady-state training allocates nothing in the model ----
+// Counts the allocations of at least 1 KiB while a flag is on. The kernels make small transient
+// allocations of their own (a tensor's strides, a std::function, a norm's column sums); every
+// vector the model holds or lends is 1 KiB or more with the sizes below (T = 256 rows).
+
+namespace {
+std::atomic<bool> g_counting{false};
+std::atomic<int64_t> g_allocs{0};
+}  // namespace
+
+void* operator new(size_t n) {
+  if (n >= 1024 && g_counting.load(std::memory_order_relaxed)) g_allocs.fetch_add(1);
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept {
+  std::free(p);
+}
+void operator delete(void* p, size_t) noexcept {
+  std::free(p);
+}
+
+namespace parallm::train {
+namespace {
+
+TEST(TrainPipelineModel, SteadyStateDoesNotAllocate) {
+  ModelConfig c = testing::tiny_train_config(true, false);
+  c.num_hidden_layers = 2;
+  c.max_position_embeddings = 128;
+  const std::vector<Batch> batches = {make_batch(c, 2, 128, 1), make_batch(c, 2, 128, 2),
+                                      make_batch(c, 2, 128, 3)};
+  const char* names[] = {"none", "selective", "full", "ZB", "ZB + full"};
+  for (int mode = 0; mode < 5; ++mode) {
+    TrainModelOptions o;
+    o.recompute = mode == 1 ? Recompute::Selective
+                  : mode == 2 || mode == 4 ? Recompute::Full
+                                           : Recompute::None;
+    o.mode.defer_weight_grads = mode >= 3;
+    ParamStore ps(c, 1, 0);
+    init_params(ps, c, 3);
+    TrainModel m(c, ps, comm::Group(), o);
+    int64_t allocs = -1;
+    for (int step = 0; step < 4; ++step) {
+      g_allocs = 0;
+      g_counting = step == 3;
+      // Three micro-batches in flight at once, released out of order.
+      for (size_t mb = 0; mb < batches.size(); ++mb)
+        m.forward(static_cast<int>(mb), 0, batches[mb].inputs.data(), batches[mb].targets.data(),
+                  batches[mb].B, batches[mb].S, 1.0f, nullptr, nullptr);
+      for (int mb : {1, 0, 2}) {
+        if (o.mode.defer_weight_grads) {
+          m.backward_input(mb, 0, nullptr, nullptr);
+        } else {
+          m.backward(mb, 0, nullptr, nullptr, mb == 2);
+        }
+      }
+      if (o.mode.defer_weight_grads)
+        for (int mb : {0, 2, 1}) m.backward_weight(mb, 0, mb == 1);
+      g_counting = false;
+      allocs = g_allocs;
+    }
+    // The vocab-parallel cross-entropy (parallel/cross_entropy.cpp) allocates two [T] row
+    // vectors per call; nothing else does. Without the state pool it would be dozens per
+    // micro-batch.
+    EXPECT_LE(allocs, 2 * static_cast<int64_t>(batches.size())) << names[mode];
+  }
 }
 
 }  // namespace

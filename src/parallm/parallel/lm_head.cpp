@@ -151,32 +151,52 @@ void VocabParallelLmHead::gather_logits(const float* local, int64_t R, float* fu
   gather_from_region_forward(exchange_.group(), local, R, vocab_shard_.full, full);
 }
 
-void VocabParallelLmHead::backward(const float* x, const float* dlogits, int64_t R, float* dx,
-                                   float* dw, bool sequence_parallel,
-                                   std::vector<float>* scratch) const {
+const float* VocabParallelLmHead::f32_weight() const {
   if (weight_.dtype() != DType::F32 || !weight_.is_contiguous())
     fail("parallel", "LM head backward needs a contiguous f32 weight, got ", weight_.describe());
+  return weight_.data<float>();
+}
+
+void VocabParallelLmHead::backward_weight(const float* x, const float* dlogits, int64_t R,
+                                          float* dw, bool sequence_parallel,
+                                          std::vector<float>* scratch) const {
   const int64_t vl = weight_.dim(0), h = weight_.dim(1);
   const comm::Group& g = exchange_.group();
-  if (sequence_parallel && g.size() > 1) {
+  if (sequence_parallel && g.size() > 1) {  // the input on all rows again (not kept)
     std::vector<float> own;
     float* seq = nullptr;
     float* full = sp_rows(scratch, own, R, h, g, &seq);
-    if (dw != nullptr) {  // the input on all rows again (the forward did not keep it)
-      gather_from_sequence_forward(g, x, R, h, full, seq);
-      kernels::linear_backward_weight(dlogits, full, R, vl, h, dw);
-    }
-    if (dx != nullptr) {  // partial sums on all rows, reduce-scattered to this rank's rows
-      kernels::linear_backward_input(dlogits, weight_.data<float>(), R, vl, h, full);
-      gather_from_sequence_backward(g, full, R, h, dx, seq);
-    }
+    gather_from_sequence_forward(g, x, R, h, full, seq);
+    kernels::linear_backward_weight(dlogits, full, R, vl, h, dw);
     return;
   }
-  if (dw != nullptr) kernels::linear_backward_weight(dlogits, x, R, vl, h, dw);
-  if (dx != nullptr) {
-    kernels::linear_backward_input(dlogits, weight_.data<float>(), R, vl, h, dx);
-    copy_to_region_backward(g, dx, R, h);
+  kernels::linear_backward_weight(dlogits, x, R, vl, h, dw);
+}
+
+void VocabParallelLmHead::backward_input(const float* dlogits, int64_t R, float* dx,
+                                         bool sequence_parallel,
+                                         std::vector<float>* scratch) const {
+  const int64_t vl = weight_.dim(0), h = weight_.dim(1);
+  const float* w = f32_weight();
+  const comm::Group& g = exchange_.group();
+  if (sequence_parallel && g.size() > 1) {  // partial sums on all rows, reduce-scattered
+    std::vector<float> own;
+    float* seq = nullptr;
+    float* full = sp_rows(scratch, own, R, h, g, &seq);
+    kernels::linear_backward_input(dlogits, w, R, vl, h, full);
+    gather_from_sequence_backward(g, full, R, h, dx, seq);
+    return;
   }
+  kernels::linear_backward_input(dlogits, w, R, vl, h, dx);
+  copy_to_region_backward(g, dx, R, h);  // the head's input was replicated
+}
+
+void VocabParallelLmHead::backward(const float* x, const float* dlogits, int64_t R, float* dx,
+                                   float* dw, bool sequence_parallel,
+                                   std::vector<float>* scratch) const {
+  f32_weight();
+  if (dw != nullptr) backward_weight(x, dlogits, R, dw, sequence_parallel, scratch);
+  if (dx != nullptr) backward_input(dlogits, R, dx, sequence_parallel, scratch);
 }
 
 }  // namespace parallm::parallel

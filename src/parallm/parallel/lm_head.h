@@ -87,6 +87,13 @@ class VocabParallelLmHead {
   // reduce-scattered instead of all-reduced.
   void backward(const float* x, const float* dlogits, int64_t R, float* dx, float* dw,
                 bool sequence_parallel = false, std::vector<float>* scratch = nullptr) const;
+  // The two halves of backward() for the zero-bubble split (backward() is backward_weight() then
+  // backward_input(), bit for bit): the input gradient (collective: all-reduce, or reduce-scatter
+  // under SP) and dw += dlogits^T . x (collective under SP only: x is gathered again).
+  void backward_input(const float* dlogits, int64_t R, float* dx, bool sequence_parallel = false,
+                      std::vector<float>* scratch = nullptr) const;
+  void backward_weight(const float* x, const float* dlogits, int64_t R, float* dw,
+                       bool sequence_parallel = false, std::vector<float>* scratch = nullptr) const;
 
   // local: [vocab_shard().size()] (one row of forward's output) -> the full row [vocab].
   std::vector<float> gather_logits(const float* local) const;
@@ -103,6 +110,8 @@ class VocabParallelLmHead {
   int64_t hidden() const { return weight_.defined() ? weight_.dim(1) : 0; }
 
  private:
+  const float* f32_weight() const;  // throws unless the weight is contiguous f32
+
   Tensor weight_;
   ShardSpec vocab_shard_;
   VocabExchange exchange_;

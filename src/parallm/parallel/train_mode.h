@@ -11,14 +11,18 @@ struct TrainMode {
   // [T_local, hidden]) instead of all T rows. The column-parallel input is all-gathered along the
   // rows (gather_from_sequence; its backward a reduce-scatter), and the row-parallel output is
   // reduce-scattered (reduce_scatter_to_sequence; its backward an all-gather) instead of
-  // all-reduced. The gathered input is not kept: the backward gathers it again.
+  // all-reduced. The gathered input is not kept: the backward (with defer_weight_grads, the
+  // backward_weight) gathers it again for the weight gradient. q, k, v, attn, probs and the MLP's
+  // gu, h still cover all T rows (they are split by heads / FFN rows, not by tokens).
   bool sequence_parallel = false;
   // Selective recomputation (--recompute selective): the attention's softmax probabilities
   // [B, heads, S, S] are not kept by the forward; the backward recomputes them from q and k.
   bool recompute_probs = false;
   // Zero-bubble split (ZB-H1): backward() computes the input gradient only (B) and keeps in the
-  // cache what backward_weight() needs to add the weight gradients later (W). Off: backward()
-  // does both, as before.
+  // cache what backward_weight() needs to add the weight gradients later (W): the output
+  // gradient and the gradient of the column-parallel output (wgrad_* fields), besides attn / h and
+  // the layer input xn that the caller keeps. Off: backward() does both, as before. Either way the
+  // gradients are bit for bit the same; the K/V replicas' weight-gradient sum over TP runs in W.
   bool defer_weight_grads = false;
 };
 

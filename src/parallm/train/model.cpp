@@ -15,6 +15,7 @@
 #include "parallm/parallel/cross_entropy.h"
 #include "parallm/parallel/embedding.h"
 #include "parallm/parallel/lm_head.h"
+#include "parallm/parallel/mappings.h"
 #include "parallm/parallel/mlp.h"
 #include "parallm/parallel/shard.h"
 
@@ -74,38 +75,59 @@ struct LayerParams {
   const Param* down = nullptr;
 };
 
-// What one layer's forward keeps for its backward. Under full recomputation a held state fills
-// only x; the rest lives in the model's one recompute scratch while the layer's forward reruns.
-struct LayerState {
-  std::vector<float> x;           // [T, H] the layer's input (the residual stream)
-  std::vector<float> xn1, rstd1;  // input_layernorm's output [T, H] and 1/rms [T]
-  std::vector<float> x2;          // [T, H] after the attention's residual
-  std::vector<float> xn2, rstd2;  // post_attention_layernorm's
-  parallel::AttentionCache attn;  // its qkv and backward scratch are lent, not held
-  parallel::MlpCache mlp;         // its dh, dgu are lent, not held
+void resize(std::vector<float>& v, int64_t n) {
+  v.resize(static_cast<size_t>(n));
+}
 
-  // Floats of the vectors docs/PLAN count as held activations (the positions, int32 [T], are
-  // not activations and are not counted).
+// What one layer keeps for its backward. R = this rank's rows (T, or T's share under SP). Under
+// full recomputation a held state fills only x; the rest lives in the model's one rerun scratch
+// while the layer's forward runs again. Between ZB's B and W it keeps only what W needs.
+struct LayerState {
+  std::vector<float> x;           // [R, H] the layer's input (the residual stream)
+  std::vector<float> xn1, rstd1;  // input_layernorm's output [R, H] and 1/rms [R]
+  std::vector<float> x2;          // [R, H] after the attention's residual
+  std::vector<float> xn2, rstd2;  // post_attention_layernorm's
+  parallel::AttentionCache attn;  // its scratch is lent (Impl::lend_scratch), never held
+  parallel::MlpCache mlp;
+
+  // Floats of the vectors counted as held activations (model.h's ActivationStats).
   int64_t floats() const {
-    return static_cast<int64_t>(x.size() + xn1.size() + rstd1.size() + x2.size() + xn2.size() +
-                                rstd2.size() + attn.q.size() + attn.k.size() + attn.v.size() +
-                                attn.probs.size() + attn.attn.size() + mlp.gu.size() +
-                                mlp.h.size());
+    return static_cast<int64_t>(
+        x.size() + xn1.size() + rstd1.size() + x2.size() + xn2.size() + rstd2.size() +
+        attn.q.size() + attn.k.size() + attn.v.size() + attn.probs.size() + attn.attn.size() +
+        attn.wgrad_dqkv.size() + attn.wgrad_dout.size() + mlp.gu.size() + mlp.h.size() +
+        mlp.wgrad_dgu.size() + mlp.wgrad_dout.size());
+  }
+  // After ZB's B: drop what only B needed (sizes to 0, capacity kept for the next micro-batch).
+  void keep_for_weights() {
+    x.clear(), rstd1.clear(), x2.clear(), rstd2.clear();
+    attn.q.clear(), attn.k.clear(), attn.v.clear(), attn.probs.clear(), mlp.gu.clear();
+  }
+  // Full recomputation with ZB: what W needs moves from the rerun scratch into the held state.
+  void take_weight_inputs(LayerState& from) {
+    std::swap(xn1, from.xn1), std::swap(xn2, from.xn2), std::swap(attn.attn, from.attn.attn);
+    std::swap(attn.wgrad_dqkv, from.attn.wgrad_dqkv);
+    std::swap(attn.wgrad_dout, from.attn.wgrad_dout);
+    std::swap(mlp.h, from.mlp.h), std::swap(mlp.wgrad_dgu, from.mlp.wgrad_dgu);
+    std::swap(mlp.wgrad_dout, from.mlp.wgrad_dout);
   }
 };
 
-// Everything (micro-batch, chunk) keeps from its forward to its backward.
+// Everything (micro-batch, chunk) keeps from its forward to its backward (or ZB's W).
 struct ChunkState {
   int mb = 0, chunk = 0;
   int64_t B = 0, S = 0;
+  bool input_done = false;         // ZB: backward_input ran, backward_weight is next
   std::vector<int32_t> ids;        // the embedding's chunk: the inputs, for its backward
   std::vector<LayerState> layers;  // one per layer of the chunk
   std::vector<float> xlast, xf, rstdf;  // the head's chunk: the final norm's input, output, 1/rms
   std::vector<float> dlogits;           // the head's chunk: [T, V_local], computed in the forward
-  int64_t bytes = 0;                    // counted in ActivationStats while held
+  std::vector<float> demb;  // ZB, the embedding's chunk: the embedding output's gradient [R, H]
+  int64_t bytes = 0;        // counted in ActivationStats while held
 
   int64_t floats() const {
-    int64_t n = static_cast<int64_t>(xlast.size() + xf.size() + rstdf.size() + dlogits.size());
+    int64_t n = static_cast<int64_t>(xlast.size() + xf.size() + rstdf.size() + dlogits.size() +
+                                     demb.size());
     for (const LayerState& l : layers) n += l.floats();
     return n;
   }
@@ -120,10 +142,6 @@ struct Chunk {
   std::vector<std::unique_ptr<ChunkState>> pool;
 };
 
-void resize(std::vector<float>& v, int64_t n) {
-  v.resize(static_cast<size_t>(n));
-}
-
 // Key forward_backward() and loss() use; the pipeline's keys are its micro-batch numbers.
 constexpr int kSoloKey = INT_MIN;
 
@@ -134,6 +152,9 @@ struct TrainModel::Impl {
   ParamStore& params;
   comm::Group tp;
   TrainModelOptions options;
+  parallel::TrainMode lmode;      // what the layers run: options.mode with the recompute choice
+  bool sp = false;                // sequence parallelism in effect (TP > 1)
+  bool defer = false;             // ZB's B/W split
   parallel::ShardSpec vocab;
   // BF16 compute: the matrices rounded to bf16 and held as f32 (the same layout as the masters),
   // so the forward and the input-gradient products see bf16 weights; F32: unused, the layers
@@ -144,7 +165,6 @@ struct TrainModel::Impl {
   const Param* norm_p = nullptr;   // null unless a chunk runs the head
   const Param* head_p = nullptr;   // the embedding (or its tied copy) when tied
   std::vector<LayerParams> lp;     // per slot (the chunks' layers in local order)
-  std::vector<int64_t> layer_of;   // per slot: the model layer
 
   parallel::VocabParallelEmbedding embed;
   std::vector<parallel::ParallelAttention> attn;
@@ -155,14 +175,15 @@ struct TrainModel::Impl {
   std::vector<std::unique_ptr<ChunkState>> held;  // in flight, any order
   TrainModel::ActivationStats stats;
 
-  // Scratch shared by every state: the layers' forward GEMM output and backward scratch, lent to
-  // the layer being run (swapped in and out of its cache), so only one layer's worth exists; the
-  // full-recompute scratch holding one layer's rerun forward; the head's logits; the gradients
-  // flowing back through the residual stream (dx) and a norm's output (dxn).
+  // Scratch shared by every state: the layers' scratch (GEMM outputs, gathered rows, backward
+  // scratch), lent to the layer being run (swapped in and out of its cache), so only one layer's
+  // worth exists; the full-recompute scratch holding one layer's rerun forward; the head's
+  // logits; the SP embedding's and head's gathered rows; the gradients flowing back through the
+  // residual stream (dx) and a norm's output (dxn); a norm weight's gradient under SP.
   parallel::AttentionCache attn_scratch;
   parallel::MlpCache mlp_scratch;
   LayerState rerun;
-  std::vector<float> logits, tmp, dx, dxn;
+  std::vector<float> logits, tmp, dx, dxn, sp_rows, norm_grad;
   GradReadyHook hook;
 
   Impl(const ModelConfig& c, ParamStore& p, comm::Group g, TrainModelOptions o)
@@ -179,12 +200,19 @@ struct TrainModel::Impl {
   void ready(const Param* p) {
     if (hook) hook(*p);
   }
+  int64_t rows(int64_t T) const { return sp ? parallel::shard_of(T, tp).size() : T; }
 
   void lend_scratch(LayerState& s) {
-    std::swap(s.attn.qkv, attn_scratch.qkv);
-    std::swap(s.attn.dattn, attn_scratch.dattn), std::swap(s.attn.dq, attn_scratch.dq);
-    std::swap(s.attn.dk, attn_scratch.dk), std::swap(s.attn.dv, attn_scratch.dv);
-    std::swap(s.mlp.dh, mlp_scratch.dh), std::swap(s.mlp.dgu, mlp_scratch.dgu);
+    parallel::AttentionCache& a = s.attn;
+    std::swap(a.qkv, attn_scratch.qkv), std::swap(a.xg, attn_scratch.xg);
+    std::swap(a.dout, attn_scratch.dout), std::swap(a.seq, attn_scratch.seq);
+    std::swap(a.dattn, attn_scratch.dattn), std::swap(a.dq, attn_scratch.dq);
+    std::swap(a.dk, attn_scratch.dk), std::swap(a.dv, attn_scratch.dv);
+    std::swap(a.positions, attn_scratch.positions);
+    parallel::MlpCache& m = s.mlp;
+    std::swap(m.dh, mlp_scratch.dh), std::swap(m.dgu, mlp_scratch.dgu);
+    std::swap(m.xg, mlp_scratch.xg), std::swap(m.dout, mlp_scratch.dout);
+    std::swap(m.seq, mlp_scratch.seq);
   }
 
   void build();
@@ -196,19 +224,29 @@ struct TrainModel::Impl {
   void check_ids(const Chunk& ch, const int32_t* inputs, const int32_t* targets, int64_t B,
                  int64_t S) const;
   ChunkState& acquire(int mb, int c);
+  ChunkState& find(int mb, int c, const char* what);
   std::unique_ptr<ChunkState> take(int mb, int c, const char* what);
+  void recount(ChunkState& s);
   void release(std::unique_ptr<ChunkState> s, bool counted);
 
-  // One layer's forward from x [T, H] with what the backward needs in `w` (the held state, or
+  // RMSNorm's backward over this rank's R rows; under SP the weight's gradient is this rank's
+  // rows' part, summed over TP before it is added (the norm weights are replicated).
+  void norm_backward(const float* x, const Param* p, const float* rstd, const float* dy, int64_t R,
+                     float* dxr, bool accumulate);
+  // One layer's forward from x [R, H] with what the backward needs in `w` (the held state, or
   // the rerun scratch); writes the layer's output to `next` unless null (a rerun).
   void layer_forward(int64_t slot, const float* x, LayerState& w, int64_t B, int64_t S,
                      float* next);
-  // One layer's backward: dx [T, H] the residual stream's gradient, in place.
+  // One layer's backward (ZB: B only): dx [R, H], the residual stream's gradient, in place.
   void layer_backward(int64_t slot, const float* x, LayerState& w, int64_t B, int64_t S,
                       bool last);
+  // ZB's W of one layer.
+  void layer_weights(int64_t slot, LayerState& w, int64_t B, int64_t S, bool last);
   double forward(int mb, int c, const int32_t* inputs, const int32_t* targets, int64_t B,
                  int64_t S, float grad_scale, const float* x_in, float* x_out, bool training);
   void backward(int mb, int c, const float* dy, float* dx_out, bool last);
+  void backward_input(int mb, int c, const float* dy, float* dx_out);
+  void backward_weight(int mb, int c, bool last);
 };
 
 void TrainModel::Impl::build() {
@@ -222,6 +260,11 @@ void TrainModel::Impl::build() {
   if (options.compute == DType::BF16) {
     compute = Tensor::zeros(DType::F32, {params.size()});
   }
+  lmode = options.mode;
+  if (options.recompute == Recompute::Selective) lmode.recompute_probs = true;
+  // On one TP rank the sequence split is the whole sequence: the plain path, bit for bit.
+  sp = options.mode.sequence_parallel && size > 1;
+  defer = options.mode.defer_weight_grads;
   const parallel::HeadPlan heads =
       parallel::HeadPlan::make(c.num_attention_heads, c.num_key_value_heads, size, rank);
   const parallel::ShardSpec ffn = parallel::ShardSpec::even(c.intermediate_size, size, rank);
@@ -245,7 +288,7 @@ void TrainModel::Impl::build() {
   }
 
   // The embedding's chunk, the head's, and each chunk's layers must be in the parameter store
-  // (ParamStore built with the matching StageTensors; find names a missing tensor).
+  // (ParamStore built with the matching StageTensors).
   const StageTensors& stage = params.stage();
   if ((options.has_embedding && !stage.embedding) || (options.has_head && !stage.head))
     fail("train", "the parameter store's stage lacks the ",
@@ -281,7 +324,6 @@ void TrainModel::Impl::build() {
       mlp.emplace_back(view(*p.gate, {2 * ffn.size(), H}), view(*p.down, p.down->local_shape), ffn,
                        tp);
       lp.push_back(p);
-      layer_of.push_back(l);
     }
   }
   if (embed_p != nullptr)
@@ -327,12 +369,20 @@ ChunkState& TrainModel::Impl::acquire(int mb, int c) {
     s = std::make_unique<ChunkState>();
     s->layers.resize(static_cast<size_t>(ch.end - ch.begin));
   }
-  s->mb = mb, s->chunk = c, s->bytes = 0;
+  s->mb = mb, s->chunk = c, s->bytes = 0, s->input_done = false;
   held.push_back(std::move(s));
   return *held.back();
 }
 
+ChunkState& TrainModel::Impl::find(int mb, int c, const char* what) {
+  chunk_at(c);
+  for (const auto& s : held)
+    if (s->mb == mb && s->chunk == c) return *s;
+  fail("train", what, ": micro-batch ", mb, " has no forward in flight through chunk ", c);
+}
+
 std::unique_ptr<ChunkState> TrainModel::Impl::take(int mb, int c, const char* what) {
+  chunk_at(c);
   for (size_t i = 0; i < held.size(); ++i) {
     if (held[i]->mb != mb || held[i]->chunk != c) continue;
     std::unique_ptr<ChunkState> s = std::move(held[i]);
@@ -341,6 +391,14 @@ std::unique_ptr<ChunkState> TrainModel::Impl::take(int mb, int c, const char* wh
     return s;
   }
   fail("train", what, ": micro-batch ", mb, " has no forward in flight through chunk ", c);
+}
+
+// A held state's bytes, measured again (after its forward, or after ZB's B).
+void TrainModel::Impl::recount(ChunkState& s) {
+  stats.held_bytes -= s.bytes;
+  s.bytes = s.floats() * static_cast<int64_t>(sizeof(float));
+  stats.held_bytes += s.bytes;
+  stats.peak_bytes = std::max(stats.peak_bytes, stats.held_bytes);
 }
 
 void TrainModel::Impl::release(std::unique_ptr<ChunkState> s, bool counted) {
@@ -352,41 +410,70 @@ void TrainModel::Impl::release(std::unique_ptr<ChunkState> s, bool counted) {
   chunks[s->chunk].pool.push_back(std::move(s));
 }
 
+void TrainModel::Impl::norm_backward(const float* x, const Param* p, const float* rstd,
+                                     const float* dy, int64_t R, float* dxr, bool accumulate) {
+  const int64_t H = config.hidden_size;
+  if (!sp) {
+    kernels::rmsnorm_backward(x, value(p), rstd, dy, R, H, dxr, grad(p), accumulate);
+    return;
+  }
+  norm_grad.assign(static_cast<size_t>(H), 0.0f);
+  kernels::rmsnorm_backward(x, value(p), rstd, dy, R, H, dxr, norm_grad.data(), accumulate);
+  tp.all_reduce(norm_grad.data(), norm_grad.size());
+  float* g = grad(p);
+  for (int64_t i = 0; i < H; ++i) g[i] += norm_grad[i];
+}
+
 void TrainModel::Impl::layer_forward(int64_t slot, const float* x, LayerState& w, int64_t B,
                                      int64_t S, float* next) {
-  const int64_t T = B * S, H = config.hidden_size;
+  const int64_t T = B * S, R = rows(T), H = config.hidden_size;
   const float eps = static_cast<float>(config.rms_norm_eps);
   const LayerParams& p = lp[slot];
-  resize(w.xn1, T * H), resize(w.x2, T * H), resize(w.xn2, T * H);
-  resize(w.rstd1, T), resize(w.rstd2, T);
-  kernels::rmsnorm_forward(x, value(p.in_norm), T, H, eps, w.xn1.data(), w.rstd1.data());
+  resize(w.xn1, R * H), resize(w.x2, R * H), resize(w.xn2, R * H);
+  resize(w.rstd1, R), resize(w.rstd2, R);
+  kernels::rmsnorm_forward(x, value(p.in_norm), R, H, eps, w.xn1.data(), w.rstd1.data());
   lend_scratch(w);
-  attn[slot].forward_train(w.xn1.data(), B, S, w.attn, tmp.data());
-  for (int64_t i = 0; i < T * H; ++i) w.x2[i] = x[i] + tmp[i];
-  kernels::rmsnorm_forward(w.x2.data(), value(p.post_norm), T, H, eps, w.xn2.data(),
+  attn[slot].forward_train(w.xn1.data(), B, S, w.attn, tmp.data(), lmode);
+  for (int64_t i = 0; i < R * H; ++i) w.x2[i] = x[i] + tmp[i];
+  kernels::rmsnorm_forward(w.x2.data(), value(p.post_norm), R, H, eps, w.xn2.data(),
                            w.rstd2.data());
-  mlp[slot].forward_train(w.xn2.data(), T, w.mlp, tmp.data());
+  mlp[slot].forward_train(w.xn2.data(), T, w.mlp, tmp.data(), lmode);
   lend_scratch(w);  // back
   if (next != nullptr)
-    for (int64_t i = 0; i < T * H; ++i) next[i] = w.x2[i] + tmp[i];
+    for (int64_t i = 0; i < R * H; ++i) next[i] = w.x2[i] + tmp[i];
 }
 
 void TrainModel::Impl::layer_backward(int64_t slot, const float* x, LayerState& w, int64_t B,
                                       int64_t S, bool last) {
-  const int64_t T = B * S, H = config.hidden_size;
+  const int64_t T = B * S, R = rows(T);
+  const LayerParams& p = lp[slot];
+  // ZB's B: the matrices' gradients wait for layer_weights(); the hooks fire there.
+  float* dgu = defer ? nullptr : grad(p.gate);
+  float* ddown = defer ? nullptr : grad(p.down);
+  float* dqkv = defer ? nullptr : grad(p.q);
+  float* d_o = defer ? nullptr : grad(p.o);
+  const bool fire = last && !defer;
+  lend_scratch(w);
+  mlp[slot].backward(w.xn2.data(), w.mlp, dx.data(), T, dxn.data(), dgu, ddown, lmode);
+  if (fire) ready(p.down), ready(p.gate), ready(p.up);
+  norm_backward(w.x2.data(), p.post_norm, w.rstd2.data(), dxn.data(), R, dx.data(), true);
+  if (fire) ready(p.post_norm);
+  attn[slot].backward(w.xn1.data(), w.attn, dx.data(), B, S, dxn.data(), dqkv, d_o, lmode);
+  if (fire) ready(p.o), ready(p.q), ready(p.k), ready(p.v);
+  norm_backward(x, p.in_norm, w.rstd1.data(), dxn.data(), R, dx.data(), true);
+  lend_scratch(w);  // back
+  if (fire) ready(p.in_norm);
+}
+
+void TrainModel::Impl::layer_weights(int64_t slot, LayerState& w, int64_t B, int64_t S,
+                                     bool last) {
   const LayerParams& p = lp[slot];
   lend_scratch(w);
-  mlp[slot].backward(w.xn2.data(), w.mlp, dx.data(), T, dxn.data(), grad(p.gate), grad(p.down));
-  if (last) ready(p.down), ready(p.gate), ready(p.up);
-  kernels::rmsnorm_backward(w.x2.data(), value(p.post_norm), w.rstd2.data(), dxn.data(), T, H,
-                            dx.data(), grad(p.post_norm), true);
-  if (last) ready(p.post_norm);
-  attn[slot].backward(w.xn1.data(), w.attn, dx.data(), B, S, dxn.data(), grad(p.q), grad(p.o));
-  if (last) ready(p.o), ready(p.q), ready(p.k), ready(p.v);
-  kernels::rmsnorm_backward(x, value(p.in_norm), w.rstd1.data(), dxn.data(), T, H, dx.data(),
-                            grad(p.in_norm), true);
+  mlp[slot].backward_weight(w.xn2.data(), w.mlp, B * S, grad(p.gate), grad(p.down), lmode);
+  if (last) ready(p.down), ready(p.gate), ready(p.up), ready(p.post_norm);
+  attn[slot].backward_weight(w.xn1.data(), w.attn, B, S, grad(p.q), grad(p.o), lmode);
   lend_scratch(w);  // back
-  if (last) ready(p.in_norm);
+  if (last) ready(p.o), ready(p.q), ready(p.k), ready(p.v), ready(p.in_norm);
 }
 
 double TrainModel::Impl::forward(int mb, int c, const int32_t* inputs, const int32_t* targets,
@@ -398,23 +485,23 @@ double TrainModel::Impl::forward(int mb, int c, const int32_t* inputs, const int
     fail("train", "chunk ", c, " has no embedding: its forward needs x_in");
   if (!ch.head && x_out == nullptr)
     fail("train", "chunk ", c, " has no head: its forward needs x_out");
-  const int64_t T = B * S, H = config.hidden_size;
+  const int64_t T = B * S, R = rows(T), H = config.hidden_size;
   const float eps = static_cast<float>(config.rms_norm_eps);
   const bool full = options.recompute == Recompute::Full;
   ChunkState& s = acquire(mb, c);
   s.B = B, s.S = S;
   if (ch.embedding) s.ids.assign(inputs, inputs + T);
-  for (LayerState& l : s.layers) resize(l.x, T * H);
-  if (ch.head) resize(s.xlast, T * H), resize(s.xf, T * H), resize(s.rstdf, T);
+  for (LayerState& l : s.layers) resize(l.x, R * H);
+  if (ch.head) resize(s.xlast, R * H), resize(s.xf, R * H), resize(s.rstdf, R);
   resize(tmp, T * H);
 
   const int64_t n = ch.end - ch.begin;
   float* out = ch.head ? s.xlast.data() : x_out;  // where the chunk's last layer writes
   float* first = n > 0 ? s.layers[0].x.data() : out;
   if (ch.embedding) {
-    embed.forward(inputs, T, first);
+    embed.forward(inputs, T, first, sp, &sp_rows);
   } else {
-    std::memcpy(first, x_in, static_cast<size_t>(T * H) * sizeof(float));
+    std::memcpy(first, x_in, static_cast<size_t>(R * H) * sizeof(float));
   }
   for (int64_t i = 0; i < n; ++i) {
     LayerState& l = s.layers[i];
@@ -423,25 +510,28 @@ double TrainModel::Impl::forward(int mb, int c, const int32_t* inputs, const int
   }
   double loss = 0;
   if (ch.head) {
-    kernels::rmsnorm_forward(s.xlast.data(), value(norm_p), T, H, eps, s.xf.data(),
+    kernels::rmsnorm_forward(s.xlast.data(), value(norm_p), R, H, eps, s.xf.data(),
                              s.rstdf.data());
     resize(logits, T * vocab.size());
-    head.forward(s.xf.data(), T, logits.data());
+    head.forward(s.xf.data(), T, logits.data(), sp, &sp_rows);  // all T rows (gathered under SP)
     resize(s.dlogits, training ? T * vocab.size() : 0);
     loss = parallel::cross_entropy(head.exchange(), logits.data(), T, vocab.size(), vocab.begin,
                                    targets, grad_scale, training ? s.dlogits.data() : nullptr);
   }
   if (training) {
-    s.bytes = s.floats() * static_cast<int64_t>(sizeof(float));
-    stats.held_bytes += s.bytes;
     stats.in_flight += 1;
-    stats.peak_bytes = std::max(stats.peak_bytes, stats.held_bytes);
     stats.peak_in_flight = std::max(stats.peak_in_flight, stats.in_flight);
+    recount(s);
   }
   return loss;
 }
 
 void TrainModel::Impl::backward(int mb, int c, const float* dy, float* dx_out, bool last) {
+  if (defer) {  // B then W: bit for bit the undivided backward
+    backward_input(mb, c, dy, dx_out);
+    backward_weight(mb, c, last);
+    return;
+  }
   const Chunk& ch = chunk_at(c);
   if (!ch.head && dy == nullptr)
     fail("train", "chunk ", c, " has no head: its backward needs dy");
@@ -449,19 +539,19 @@ void TrainModel::Impl::backward(int mb, int c, const float* dy, float* dx_out, b
     fail("train", "chunk ", c, " has no embedding: its backward needs dx");
   std::unique_ptr<ChunkState> held_state = take(mb, c, "backward");
   ChunkState& s = *held_state;
-  const int64_t B = s.B, S = s.S, T = B * S, H = config.hidden_size;
+  const int64_t B = s.B, S = s.S, T = B * S, R = rows(T), H = config.hidden_size;
   const bool full = options.recompute == Recompute::Full;
-  resize(dx, T * H), resize(dxn, T * H), resize(tmp, T * H);
+  resize(dx, R * H), resize(dxn, R * H), resize(tmp, T * H);
 
   // dx is the gradient of the residual stream, dxn of a norm's output.
   if (ch.head) {
-    head.backward(s.xf.data(), s.dlogits.data(), T, dxn.data(), grad(head_p));  // all-reduces dxn
+    // All-reduces dxn (reduce-scatters it to this rank's rows under SP).
+    head.backward(s.xf.data(), s.dlogits.data(), T, dxn.data(), grad(head_p), sp, &sp_rows);
     if (last && head_p != embed_p) ready(head_p);
-    kernels::rmsnorm_backward(s.xlast.data(), value(norm_p), s.rstdf.data(), dxn.data(), T, H,
-                              dx.data(), grad(norm_p), false);
+    norm_backward(s.xlast.data(), norm_p, s.rstdf.data(), dxn.data(), R, dx.data(), false);
     if (last) ready(norm_p);
   } else {
-    std::memcpy(dx.data(), dy, static_cast<size_t>(T * H) * sizeof(float));
+    std::memcpy(dx.data(), dy, static_cast<size_t>(R * H) * sizeof(float));
   }
   for (int64_t i = ch.end - ch.begin - 1; i >= 0; --i) {
     LayerState& l = s.layers[i];
@@ -470,11 +560,74 @@ void TrainModel::Impl::backward(int mb, int c, const float* dy, float* dx_out, b
     layer_backward(ch.slot + i, l.x.data(), full ? rerun : l, B, S, last);
   }
   if (ch.embedding) {
-    embed.backward(s.ids.data(), T, dx.data(), grad(embed_p));
+    embed.backward(s.ids.data(), T, dx.data(), grad(embed_p), sp, &sp_rows);
     if (last) ready(embed_p);
   } else {
-    std::memcpy(dx_out, dx.data(), static_cast<size_t>(T * H) * sizeof(float));
+    std::memcpy(dx_out, dx.data(), static_cast<size_t>(R * H) * sizeof(float));
   }
+  release(std::move(held_state), true);
+}
+
+void TrainModel::Impl::backward_input(int mb, int c, const float* dy, float* dx_out) {
+  if (!defer)
+    fail("train", "backward_input needs TrainModelOptions.mode.defer_weight_grads (the ZB split)");
+  const Chunk& ch = chunk_at(c);
+  if (!ch.head && dy == nullptr)
+    fail("train", "chunk ", c, " has no head: its backward needs dy");
+  if (!ch.embedding && dx_out == nullptr)
+    fail("train", "chunk ", c, " has no embedding: its backward needs dx");
+  ChunkState& s = find(mb, c, "backward_input");
+  if (s.input_done)
+    fail("train", "backward_input: micro-batch ", mb, " already ran B through chunk ", c);
+  const int64_t B = s.B, S = s.S, T = B * S, R = rows(T), H = config.hidden_size;
+  const bool full = options.recompute == Recompute::Full;
+  resize(dx, R * H), resize(dxn, R * H), resize(tmp, T * H);
+
+  if (ch.head) {
+    head.backward(s.xf.data(), s.dlogits.data(), T, dxn.data(), nullptr, sp, &sp_rows);
+    norm_backward(s.xlast.data(), norm_p, s.rstdf.data(), dxn.data(), R, dx.data(), false);
+    s.xlast.clear(), s.rstdf.clear();  // W needs xf and dlogits only
+  } else {
+    std::memcpy(dx.data(), dy, static_cast<size_t>(R * H) * sizeof(float));
+  }
+  for (int64_t i = ch.end - ch.begin - 1; i >= 0; --i) {
+    LayerState& l = s.layers[i];
+    if (full) layer_forward(ch.slot + i, l.x.data(), rerun, B, S, nullptr);
+    layer_backward(ch.slot + i, l.x.data(), full ? rerun : l, B, S, false);
+    l.keep_for_weights();
+    if (full) l.take_weight_inputs(rerun);
+  }
+  if (ch.embedding) {
+    s.demb.assign(dx.begin(), dx.begin() + R * H);  // the embedding's gradient waits for W
+  } else {
+    std::memcpy(dx_out, dx.data(), static_cast<size_t>(R * H) * sizeof(float));
+  }
+  s.input_done = true;
+  recount(s);
+}
+
+void TrainModel::Impl::backward_weight(int mb, int c, bool last) {
+  if (!defer)
+    fail("train", "backward_weight needs TrainModelOptions.mode.defer_weight_grads (the ZB split)");
+  const Chunk& ch = chunk_at(c);
+  if (!find(mb, c, "backward_weight").input_done)
+    fail("train", "backward_weight: micro-batch ", mb, " has not run backward_input through chunk ",
+         c);
+  std::unique_ptr<ChunkState> held_state = take(mb, c, "backward_weight");
+  ChunkState& s = *held_state;
+  const int64_t B = s.B, S = s.S, T = B * S;
+  if (ch.head) {
+    head.backward(s.xf.data(), s.dlogits.data(), T, nullptr, grad(head_p), sp, &sp_rows);
+    if (last && head_p != embed_p) ready(head_p);
+    if (last) ready(norm_p);
+  }
+  for (int64_t i = ch.end - ch.begin - 1; i >= 0; --i)
+    layer_weights(ch.slot + i, s.layers[i], B, S, last);
+  if (ch.embedding) {
+    embed.backward(s.ids.data(), T, s.demb.data(), grad(embed_p), sp, &sp_rows);
+    if (last) ready(embed_p);
+  }
+  s.demb.clear();
   release(std::move(held_state), true);
 }
 
@@ -531,19 +684,15 @@ void TrainModel::backward(int mb, int chunk, const float* dy, float* dx, bool la
 }
 
 void TrainModel::backward_input(int mb, int chunk, const float* dy, float* dx) {
-  (void)mb, (void)chunk, (void)dy, (void)dx;
-  fail("train", "backward_input: the zero-bubble split is not wired yet (needs the layers' "
-                "deferred weight gradients)");
+  impl_->backward_input(mb, chunk, dy, dx);
 }
 
 void TrainModel::backward_weight(int mb, int chunk, bool last) {
-  (void)mb, (void)chunk, (void)last;
-  fail("train", "backward_weight: the zero-bubble split is not wired yet (needs the layers' "
-                "deferred weight gradients)");
+  impl_->backward_weight(mb, chunk, last);
 }
 
 int64_t TrainModel::activation_rows(int64_t B, int64_t S) const {
-  return B * S;
+  return impl_->rows(B * S);
 }
 int TrainModel::chunks() const {
   return static_cast<int>(impl_->chunks.size());

@@ -48,13 +48,16 @@ struct TrainModelOptions {
   int threads = 1;  // informational; kernels use the calling rank's ThreadPool
   // Pipeline: the layer ranges of this rank's model chunks, in local chunk order (chunk c is the
   // virtual stage c * pp + pp_rank; pipeline/schedule.h). Empty: one chunk holding every layer.
-  // The chunk whose range starts at layer 0 and is virtual stage 0 runs the embedding; the last
-  // virtual stage runs the final norm, the LM head and the cross-entropy. `first_virtual` and
-  // `last_virtual` say whether local chunk 0 / chunk chunks-1 are those (set by pipeline_chunks()).
+  // Virtual stage 0 runs the embedding; the last virtual stage runs the final norm, the LM head
+  // and the cross-entropy. has_embedding / has_head say whether local chunk 0 / chunk chunks-1
+  // are those (set by pipeline_chunks()). The ParamStore must hold these tensors
+  // (stage_tensors(options)).
   std::vector<pipeline::StageLayers> chunks;
   bool has_embedding = true;  // local chunk 0 is virtual stage 0
   bool has_head = true;       // the last local chunk is the last virtual stage
-  parallel::TrainMode mode;   // --sp, the ZB split (defer_weight_grads); selective via recompute
+  // --sp (sequence_parallel: no effect at TP 1), the ZB split (defer_weight_grads); selective
+  // recomputation is `recompute` (it sets the layers' recompute_probs).
+  parallel::TrainMode mode;
   Recompute recompute = Recompute::None;
 };
 
@@ -109,7 +112,11 @@ class TrainModel {
   void backward(int mb, int chunk, const float* dy, float* dx, bool last);
   // ZB-H1's split (needs options.mode.defer_weight_grads): B computes dx only and keeps what W
   // needs; W adds the weight gradients (the hook fires for the chunk's parameters when `last`)
-  // and releases (mb, chunk). Norm weights' gradients are added in B.
+  // and releases (mb, chunk). Norm weights' gradients are added in B; the matrices', the LM
+  // head's and the embedding's in W (B keeps the embedding output's gradient for it). B then W is
+  // bit for bit backward(); backward() of a model built with the split runs B then W.
+  // Under SP the norm weights' gradients are summed over TP as each backward adds them (each
+  // rank sees its own rows), so they are complete before the hook fires.
   void backward_input(int mb, int chunk, const float* dy, float* dx);
   void backward_weight(int mb, int chunk, bool last);
 
@@ -124,8 +131,12 @@ class TrainModel {
   // per layer x, xn1, x2, xn2 [T, H], rstd1, rstd2 [T], q, attn [T, qd], k, v [T, kvd], probs
   // [B, hq, S, S], the MLP's gu [T, 2f] and h [T, f] (qd, kvd, hq, f: this rank's); selective
   // drops probs; full keeps x only. The head's chunk adds xlast, xf [T, H], rstdf [T] and dlogits
-  // [T, V_local]. Not counted: the input ids and RoPE positions (int32 [T]), and loss()'s state.
-  // forward_backward() holds one state while it runs.
+  // [T, V_local]. Under SP the x, xn1, x2, xn2, rstd, xlast, xf, rstdf rows are this rank's
+  // (T_sp = activation_rows()). ZB, between B and W: per layer xn1, xn2 [T_sp, H], attn [T, qd],
+  // dqkv [T, qd + 2 kvd], the attention's and the MLP's output gradients [T, H] each, h [T, f],
+  // dgu [T, 2f]; the head's chunk xf [T_sp, H] and dlogits; the embedding's chunk its output's
+  // gradient [T_sp, H]. Not counted: the input ids and RoPE positions (int32 [T]), and loss()'s
+  // state. forward_backward() holds one state while it runs.
   struct ActivationStats {
     int64_t held_bytes = 0, peak_bytes = 0;
     int in_flight = 0, peak_in_flight = 0;  // (mb, chunk) states held
