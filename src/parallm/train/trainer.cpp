@@ -265,7 +265,8 @@ constexpr size_t kStageFields = 12;
 
 // The activation bytes plan's formula (plan::activation_bytes_per_chunk: per held (micro-batch,
 // chunk) state) gives stage `stage` of TP rank 0 at its peak: its action list walked, a chunk's
-// state held from its Forward to its Backward (ZB-H1: to its W, when the model releases it).
+// state held from its Forward to its Backward (ZB-H1: to its B; what W needs from B to W is not
+// in the formula, so ZB-H1's measurement is above it by that much at most).
 double formula_peak_bytes(const PipelinePlan& pipe, int stage, const ModelConfig& config,
                           const TrainOptions& o, Recompute recompute) {
   const pipeline::Schedule& s = pipe.schedule;
@@ -283,14 +284,13 @@ double formula_peak_bytes(const PipelinePlan& pipe, int stage, const ModelConfig
     a.head = g == s.virtual_stages() - 1;
     bytes[c] = static_cast<double>(plan::activation_bytes_per_chunk(config, a));
   }
-  const bool split = pipe.kind == pipeline::ScheduleKind::ZeroBubbleH1;
   double held = 0, peak = 0;
   for (const pipeline::Action& a : s.actions(stage)) {
     if (a.kind == pipeline::ActionKind::Forward) {
       held += bytes[a.chunk];
       peak = std::max(peak, held);
-    } else if (a.kind == (split ? pipeline::ActionKind::BackwardWeight
-                                : pipeline::ActionKind::Backward)) {
+    } else if (a.kind == pipeline::ActionKind::Backward ||
+               a.kind == pipeline::ActionKind::BackwardInput) {
       held -= bytes[a.chunk];
     }
   }
