@@ -261,7 +261,19 @@ TEST_F(PipelineTrainTest, SequenceParallelMatches) {
   o.pp = 2;
   const TrainResult off = run_training(o);
   o.sp = true;
-  expect_close(off, run_training(o), 1e-6, "sp tp 2 pp 2");
+  const TrainResult on = run_training(o);
+  expect_close(off, on, 1e-6, "sp tp 2 pp 2");
+  // TP rank 0's held bytes: the formula's with SP (the norm/residual rows split over TP), and less
+  // than without SP.
+  for (size_t s = 0; s < on.stages.size(); ++s) {
+    EXPECT_EQ(static_cast<double>(on.stages[s].peak_activation_bytes),
+              on.stages[s].formula_activation_bytes)
+        << "sp stage " << s;
+    EXPECT_EQ(static_cast<double>(off.stages[s].peak_activation_bytes),
+              off.stages[s].formula_activation_bytes)
+        << "no sp stage " << s;
+    EXPECT_LT(on.stages[s].peak_activation_bytes, off.stages[s].peak_activation_bytes);
+  }
   TrainOptions one = base(false, 2);  // (PP 1's SP path is the slow one: 2 steps)
   one.tp = 2;
   const TrainResult one_off = run_training(one);
@@ -287,6 +299,9 @@ TEST_F(PipelineTrainTest, RecomputeBitForBit) {
       expect_bit_for_bit(none, got, cat("recompute ", r, " pp ", pp));
       for (size_t s = 0; s < got.stages.size(); ++s) {
         EXPECT_LT(got.stages[s].peak_activation_bytes, none.stages[s].peak_activation_bytes)
+            << r << " stage " << s;
+        EXPECT_EQ(static_cast<double>(got.stages[s].peak_activation_bytes),
+                  got.stages[s].formula_activation_bytes)
             << r << " stage " << s;
       }
     }
