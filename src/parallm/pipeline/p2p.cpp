@@ -56,6 +56,10 @@ Activation& StageLink::recv_activation(int from, int micro_batch, int chunk) {
   return a;
 }
 
+void StageLink::release(int micro_batch, int chunk) {
+  inbox_.erase({micro_batch, chunk});
+}
+
 void StageLink::send_result(int to, int micro_batch, const int32_t* values, size_t count) const {
   pp_.send(values, count * sizeof(int32_t), to, tag(micro_batch, 0, 2));
 }

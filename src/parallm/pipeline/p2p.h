@@ -36,6 +36,10 @@ class StageLink {
                        const float* data, size_t count) const;
   // Waits for key (micro_batch, chunk) from stage `from`; the buffer is this key's own.
   Activation& recv_activation(int from, int micro_batch, int chunk);
+  // Frees the buffer of key (micro_batch, chunk) once its rows are consumed (training copies
+  // them into the micro-batch's state, so a stage need not hold every key's rows until the next
+  // step). A later recv of the key allocates it again.
+  void release(int micro_batch, int chunk);
 
   // Results of a micro-batch (e.g. sampled token ids), `count` known to both sides.
   void send_result(int to, int micro_batch, const int32_t* values, size_t count) const;

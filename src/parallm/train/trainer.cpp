@@ -651,7 +651,7 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
           last_mb[a.chunk] = a.micro_batch;
     using Key = std::pair<int, int>;  // (micro-batch, local chunk)
     std::map<Key, std::vector<float>> x_out, dy, dx;
-    std::map<Key, const float*> x_in;
+    std::map<Key, std::pair<const float*, int>> x_in;  // rows in the link's buffer, sender chunk
     StageClock clock, step_clock;
     double loss_sum = 0;
     int64_t cur_step = 0;
@@ -676,8 +676,7 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
         if (it == x_in.end())
           fail<std::logic_error>("train", "pipeline: forward ", mb, ".", chunk,
                                  " before its activation arrived");
-        in = it->second;
-        x_in.erase(it);
+        in = it->second.first;
       }
       float* outp = nullptr;
       if (vstage(chunk) < vlast) {
@@ -691,6 +690,10 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
       step_clock.busy += dt;
       step_clock.f += dt;
       ++step_clock.nf;
+      if (in) {  // the model copied the rows into the micro-batch's state
+        link->release(mb, x_in.at({mb, chunk}).second);
+        x_in.erase({mb, chunk});
+      }
     };
     // The backward's two halves (or the whole): dy in from the next virtual stage, dx out.
     auto run_backward = [&](int mb, int chunk, bool input_only) {
@@ -737,7 +740,7 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
         fail<std::runtime_error>("train", "pipeline stage ", stage, ": activation of ",
                                  a.data.size(), " floats from stage ", from.stage, ", expected ",
                                  act_count);
-      x_in[{mb, chunk}] = a.data.data();  // the link's buffer of this key, kept until the next step
+      x_in[{mb, chunk}] = {a.data.data(), from.chunk};  // the link's buffer, until the forward
     };
     cb.send_grad = [&](int mb, int chunk) {
       const pipeline::Peer to = peer(pipeline::ActionKind::SendGrad, mb, chunk);
