@@ -154,11 +154,20 @@ TEST_F(PipelineTrainTest, EverySchedulePp234MatchesPp1BitForBit) {
   EXPECT_LT(ref.steps.back().loss, ref.steps.front().loss);
   EXPECT_GT(ref.steps.front().grad_norm, 0.5);  // the clip was active
   const std::vector<Case> cases = {
-      {"gpipe", 2, 1, {}},          {"gpipe", 3, 1, {}},       {"gpipe", 4, 1, {}},
-      {"1f1b", 2, 1, {}},           {"1f1b", 3, 1, {}},        {"1f1b", 4, 1, {}},
-      {"1f1b", 3, 1, {1, 5, 2}},    {"interleaved", 2, 2, {}}, {"interleaved", 3, 2, {}},
-      {"interleaved", 4, 2, {}},    {"interleaved", 2, 2, {3, 1, 1, 3}},
-      {"zb-h1", 2, 1, {}},          {"zb-h1", 3, 1, {}},       {"zb-h1", 4, 1, {4, 1, 1, 2}},
+      {"gpipe", 2, 1, {}},
+      {"gpipe", 3, 1, {}},
+      {"gpipe", 4, 1, {}},
+      {"1f1b", 2, 1, {}},
+      {"1f1b", 3, 1, {}},
+      {"1f1b", 4, 1, {}},
+      {"1f1b", 3, 1, {1, 5, 2}},
+      {"interleaved", 2, 2, {}},
+      {"interleaved", 3, 2, {}},
+      {"interleaved", 4, 2, {}},
+      {"interleaved", 2, 2, {3, 1, 1, 3}},
+      {"zb-h1", 2, 1, {}},
+      {"zb-h1", 3, 1, {}},
+      {"zb-h1", 4, 1, {4, 1, 1, 2}},
   };
   for (const Case& c : cases) {
     TrainOptions o = base();
@@ -171,8 +180,8 @@ TEST_F(PipelineTrainTest, EverySchedulePp234MatchesPp1BitForBit) {
     const TrainResult got = run_training(o);
     expect_bit_for_bit(ref, got, what);
     ASSERT_EQ(got.stages.size(), static_cast<size_t>(c.pp)) << what;
-    const pipeline::Schedule s = pipeline::make_schedule(
-        pipeline::parse_schedule_kind(c.schedule), c.pp, 12, c.v);
+    const pipeline::Schedule s =
+        pipeline::make_schedule(pipeline::parse_schedule_kind(c.schedule), c.pp, 12, c.v);
     const pipeline::SimResult sim = pipeline::simulate(s);
     int64_t layers = 0;
     for (const StageStats& st : got.stages) {
@@ -214,8 +223,8 @@ TEST_F(PipelineTrainTest, EverySchedulePp234MatchesPp1BitForBit) {
 // stay equal bit for bit.
 TEST_F(PipelineTrainTest, TiedEmbeddingsSummedAcrossStages) {
   const TrainResult ref = run_training(base(true));
-  for (const Case& c : std::vector<Case>{
-           {"1f1b", 2, 1, {}}, {"interleaved", 3, 2, {}}, {"zb-h1", 4, 1, {}}}) {
+  for (const Case& c :
+       std::vector<Case>{{"1f1b", 2, 1, {}}, {"interleaved", 3, 2, {}}, {"zb-h1", 4, 1, {}}}) {
     TrainOptions o = base(true);
     o.pp = c.pp;
     o.schedule = c.schedule;
@@ -319,8 +328,8 @@ TEST_F(PipelineTrainTest, ResumeUnderPipelineBitForBit) {
   half.save = (dir_ / "half").string();
   half.stop_after = 4;
   run_training(half);
-  for (auto [pp, schedule, v] : {std::tuple{2, "1f1b", 1}, std::tuple{3, "interleaved", 2},
-                                 std::tuple{1, "1f1b", 1}}) {
+  for (auto [pp, schedule, v] :
+       {std::tuple{2, "1f1b", 1}, std::tuple{3, "interleaved", 2}, std::tuple{1, "1f1b", 1}}) {
     TrainOptions rest = full;
     rest.init.clear();
     rest.resume = half.save;
@@ -334,8 +343,7 @@ TEST_F(PipelineTrainTest, ResumeUnderPipelineBitForBit) {
       EXPECT_EQ(c.steps[i].lr, a.steps[4 + i].lr);
     }
     const auto x = by_name(a), y = by_name(c);
-    for (const auto& [name, val] : x)
-      EXPECT_EQ(*val, *y.at(name)) << "pp " << pp << ": " << name;
+    for (const auto& [name, val] : x) EXPECT_EQ(*val, *y.at(name)) << "pp " << pp << ": " << name;
   }
 }
 

@@ -77,11 +77,12 @@ int run(Options o) {
   const double attn = 12.0 * static_cast<double>(config.num_hidden_layers) *
                       static_cast<double>(config.q_dim()) * static_cast<double>(t.seq_len);
   const double flops_per_token = 6.0 * N + attn;
-  std::printf("bench train: %s (%lld parameters), tp %d x pp %d x dp %d%s%s%s, %s, %d threads/rank\n",
-              shown.c_str(), static_cast<long long>(r.param_count), t.tp, t.pp, t.dp,
-              t.zero ? " ZeRO-1" : "", t.sp && t.tp > 1 ? " SP" : "",
-              t.recompute != "none" ? cat(" recompute ", t.recompute).c_str() : "",
-              t.dtype.c_str(), r.threads);
+  std::printf(
+      "bench train: %s (%lld parameters), tp %d x pp %d x dp %d%s%s%s, %s, %d threads/rank\n",
+      shown.c_str(), static_cast<long long>(r.param_count), t.tp, t.pp, t.dp,
+      t.zero ? " ZeRO-1" : "", t.sp && t.tp > 1 ? " SP" : "",
+      t.recompute != "none" ? cat(" recompute ", t.recompute).c_str() : "", t.dtype.c_str(),
+      r.threads);
   if (t.pp > 1) std::printf("  pipeline            %s\n", r.schedule_name.c_str());
   std::printf("  cpu                 %s, %d hardware threads, simd %s\n", cpu_name().c_str(),
               ThreadPool::hardware_threads(), kernels::simd_name(kernels::simd_level()).c_str());

@@ -1,8 +1,9 @@
 // Stage-to-stage transport of a pipeline: activations forward (a small integer header that says
 // what the rows are, then the rows), per-micro-batch results (sampled tokens) back from the
-// last stage to the first, and in training the activations' gradients backward. Every message is keyed by (micro-batch, model chunk): its tag is derived
-// from the key, and each received activation lands in its own buffer, kept until the next message
-// with the same key. So schedules that hold several micro-batches in flight on one stage (1F1B,
+// last stage to the first, and in training the activations' gradients backward. Every message is
+// keyed by (micro-batch, model chunk): its tag is derived from the key, and each received
+// activation lands in its own buffer, kept until the next message with the same key (or
+// release()). So schedules that hold several micro-batches in flight on one stage (1F1B,
 // interleaved; training keeps activations for the backward) never share a buffer, and a message
 // cannot be taken for another key's.
 //

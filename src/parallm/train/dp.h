@@ -50,7 +50,7 @@ struct OwnedSegment {
   int64_t begin = 0, end = 0;  // floats, into the flat buffers
   int64_t state = 0;           // offset into m() / v()
   bool decay = false;
-  int tp_replicas = 1;  // Param::tp_replicas of the parameter it is part of
+  int tp_replicas = 1;     // Param::tp_replicas of the parameter it is part of
   bool tied_copy = false;  // Param::tied_copy: not counted by the global gradient norm
 };
 

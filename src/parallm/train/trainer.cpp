@@ -224,7 +224,8 @@ std::string pack_tensors(const std::vector<std::pair<std::string, Tensor>>& tens
   return out;
 }
 
-void unpack_tensors(const std::string& in, std::vector<std::pair<std::string, std::vector<float>>>* out) {
+void unpack_tensors(const std::string& in,
+                    std::vector<std::pair<std::string, std::vector<float>>>* out) {
   size_t at = 0;
   auto get = [&](void* p, size_t n) {
     std::copy(in.data() + at, in.data() + at + n, static_cast<char*>(p));
@@ -659,8 +660,9 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
       return pipe.schedule.peer(stage, pipeline::Action{kind, mb, chunk});
     };
     auto need = [](const std::vector<float>* v, const char* what, int mb, int chunk) {
-      if (!v) fail<std::logic_error>("train", "pipeline: no ", what, " for micro-batch ", mb,
-                                     " chunk ", chunk);
+      if (!v)
+        fail<std::logic_error>("train", "pipeline: no ", what, " for micro-batch ", mb, " chunk ",
+                               chunk);
       return v;
     };
     auto find = [](std::map<Key, std::vector<float>>& m, int mb, int chunk) {
@@ -685,7 +687,8 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
         outp = buf.data();
       }
       const double t0 = now_seconds();
-      loss_sum += model.forward(mb, chunk, inputs.data(), targets.data(), M, S, grad_scale, in, outp);
+      loss_sum +=
+          model.forward(mb, chunk, inputs.data(), targets.data(), M, S, grad_scale, in, outp);
       const double dt = now_seconds() - t0;
       step_clock.busy += dt;
       step_clock.f += dt;
@@ -698,7 +701,8 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
     // The backward's two halves (or the whole): dy in from the next virtual stage, dx out.
     auto run_backward = [&](int mb, int chunk, bool input_only) {
       const float* g = nullptr;
-      if (vstage(chunk) < vlast) g = need(find(dy, mb, chunk), "output gradient", mb, chunk)->data();
+      if (vstage(chunk) < vlast)
+        g = need(find(dy, mb, chunk), "output gradient", mb, chunk)->data();
       float* d = nullptr;
       if (vstage(chunk) > 0) {
         std::vector<float>& buf = dx[{mb, chunk}];
@@ -884,13 +888,18 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
       const TrainModel::ActivationStats as = model.activation_stats();
       int64_t layers = 0;
       for (const auto& l : mo.chunks) layers += l.count();
-      const double mine[kStageFields] = {
-          static_cast<double>(stage), static_cast<double>(layers),
-          clock.busy,                 clock.makespan,
-          clock.f,                    static_cast<double>(clock.nf),
-          clock.b,                    static_cast<double>(clock.nb),
-          clock.w,                    static_cast<double>(clock.nw),
-          static_cast<double>(as.peak_in_flight), static_cast<double>(as.peak_bytes)};
+      const double mine[kStageFields] = {static_cast<double>(stage),
+                                         static_cast<double>(layers),
+                                         clock.busy,
+                                         clock.makespan,
+                                         clock.f,
+                                         static_cast<double>(clock.nf),
+                                         clock.b,
+                                         static_cast<double>(clock.nb),
+                                         clock.w,
+                                         static_cast<double>(clock.nw),
+                                         static_cast<double>(as.peak_in_flight),
+                                         static_cast<double>(as.peak_bytes)};
       std::vector<double> all(kStageFields * static_cast<size_t>(world.size()));
       world.all_gather(mine, all.data(), kStageFields, DType::I64);
       if (root) {
@@ -899,7 +908,8 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
       }
     }
     if (o.keep_params) {
-      const std::vector<std::pair<std::string, Tensor>> full = gather_full_tensors(params, mesh.tp());
+      const std::vector<std::pair<std::string, Tensor>> full =
+          gather_full_tensors(params, mesh.tp());
       const bool mine = tp_rank == 0 && dp_rank == 0;
       const std::string packed =
           mine ? pack_tensors(full, llama_tensors(config)[0].name, pipelined && stage > 0) : "";

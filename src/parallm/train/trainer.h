@@ -67,9 +67,9 @@ struct TrainOptions {
   double comm_timeout_s = 300;
   bool quiet = false;  // no progress lines
   // 3D training (docs/training.md, "Pipeline and 3D training").
-  int pp = 1;                     // --pp: pipeline stages; world = tp * pp * dp
-  std::string schedule = "1f1b";  // --schedule gpipe|1f1b|interleaved|zb-h1 (PP > 1)
-  int virtual_stages = 1;         // --virtual-stages V: chunks per stage (interleaved only)
+  int pp = 1;                      // --pp: pipeline stages; world = tp * pp * dp
+  std::string schedule = "1f1b";   // --schedule gpipe|1f1b|interleaved|zb-h1 (PP > 1)
+  int virtual_stages = 1;          // --virtual-stages V: chunks per stage (interleaved only)
   std::vector<int64_t> pp_layers;  // --pp-layers: layers per virtual stage (pp * V of them)
   bool sp = false;                 // --sp: sequence parallelism (a no-op at TP 1)
   std::string recompute = "none";  // --recompute none|selective|full
@@ -84,7 +84,7 @@ struct TrainOptions {
 // first (all steps when there is one).
 struct StageStats {
   int stage = 0;
-  int64_t layers = 0;  // layers the stage's chunks hold
+  int64_t layers = 0;     // layers the stage's chunks hold
   double busy_s = 0;      // inside the forward/backward callbacks, summed over the steps
   double makespan_s = 0;  // execute_stage's start to end, summed over the steps
   double bubble = 0;      // 1 - busy / makespan
