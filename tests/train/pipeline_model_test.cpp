@@ -498,6 +498,21 @@ TEST(TrainPipelineModel, ErrorsNameTheProblem) {
   mz.backward_weight(5, 0, true);
   EXPECT_EQ(mz.activation_stats().in_flight, 0);
 
+  // discard: evaluation through the per-chunk calls, and dropping a failed step's states.
+  const double eval = mz.loss(b.inputs.data(), b.targets.data(), b.B, b.S);
+  EXPECT_EQ(mz.forward(6, 0, b.inputs.data(), b.targets.data(), b.B, b.S, 1.0f, nullptr, nullptr),
+            eval);
+  mz.forward(7, 0, b.inputs.data(), b.targets.data(), b.B, b.S, 1.0f, nullptr, nullptr);
+  mz.backward_input(7, 0, nullptr, nullptr);
+  EXPECT_EQ(mz.activation_stats().in_flight, 2);
+  mz.discard(6, 0);
+  EXPECT_EQ(mz.activation_stats().in_flight, 1);
+  EXPECT_NE(testing::error_of([&] { mz.discard(6, 0); }).find("discard: micro-batch 6"),
+            std::string::npos);
+  mz.discard_all();
+  EXPECT_EQ(mz.activation_stats().in_flight, 0);
+  EXPECT_EQ(mz.activation_stats().held_bytes, 0);
+
   // A middle stage: no embedding, no head; forward_backward refuses, x_in is required.
   const TrainModelOptions o = pipeline_chunks({}, {{0, 1}, {1, 3}, {3, 4}}, 3, 1, 1);
   EXPECT_EQ(o.chunks.size(), 1u);

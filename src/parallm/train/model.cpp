@@ -584,7 +584,7 @@ void TrainModel::Impl::backward_input(int mb, int c, const float* dy, float* dx_
   resize(dx, R * H), resize(dxn, R * H), resize(tmp, T * H);
 
   if (ch.head) {
-    head.backward(s.xf.data(), s.dlogits.data(), T, dxn.data(), nullptr, sp, &sp_rows);
+    head.backward_input(s.dlogits.data(), T, dxn.data(), sp, &sp_rows);
     norm_backward(s.xlast.data(), norm_p, s.rstdf.data(), dxn.data(), R, dx.data(), false);
     s.xlast.clear(), s.rstdf.clear();  // W needs xf and dlogits only
   } else {
@@ -617,7 +617,7 @@ void TrainModel::Impl::backward_weight(int mb, int c, bool last) {
   ChunkState& s = *held_state;
   const int64_t B = s.B, S = s.S, T = B * S;
   if (ch.head) {
-    head.backward(s.xf.data(), s.dlogits.data(), T, nullptr, grad(head_p), sp, &sp_rows);
+    head.backward_weight(s.xf.data(), s.dlogits.data(), T, grad(head_p), sp, &sp_rows);
     if (last && head_p != embed_p) ready(head_p);
     if (last) ready(norm_p);
   }
@@ -689,6 +689,19 @@ void TrainModel::backward_input(int mb, int chunk, const float* dy, float* dx) {
 
 void TrainModel::backward_weight(int mb, int chunk, bool last) {
   impl_->backward_weight(mb, chunk, last);
+}
+
+void TrainModel::discard(int mb, int chunk) {
+  impl_->release(impl_->take(mb, chunk, "discard"), true);
+}
+
+void TrainModel::discard_all() {
+  Impl& m = *impl_;
+  while (!m.held.empty()) {
+    std::unique_ptr<ChunkState> s = std::move(m.held.back());
+    m.held.pop_back();
+    m.release(std::move(s), true);
+  }
 }
 
 int64_t TrainModel::activation_rows(int64_t B, int64_t S) const {

@@ -120,6 +120,12 @@ class TrainModel {
   void backward_input(int mb, int chunk, const float* dy, float* dx);
   void backward_weight(int mb, int chunk, bool last);
 
+  // Drops (mb, chunk)'s state without its backward (evaluation through a pipeline: forward, then
+  // discard; its loss is forward's return); discard_all() drops every state in flight (after a
+  // step that failed midway). Local, no communication.
+  void discard(int mb, int chunk);
+  void discard_all();
+
   int64_t activation_rows(int64_t B, int64_t S) const;  // B*S, or this rank's rows under SP
   int chunks() const;
   bool has_embedding() const;
