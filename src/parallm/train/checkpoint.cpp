@@ -16,6 +16,7 @@
 #include "parallm/core/json_limits.h"
 #include "parallm/model/llama_tensors.h"
 #include "parallm/model/weights.h"
+#include "parallm/train/model.h"
 
 namespace fs = std::filesystem;
 
@@ -84,71 +85,6 @@ void swap_in(const fs::path& tmp, const fs::path& target) {
 }
 
 using NamedTensors = std::vector<std::pair<std::string, Tensor>>;
-
-// Places the slice `p` of one rank's flat buffer `src` into the full tensor `full`.
-void place(const Param& p, const float* src, Tensor& full) {
-  float* dst = full.data<float>();
-  const float* s = src + p.offset;
-  const Shape& shape = p.tensor.shape;
-  switch (p.slice.kind) {
-    case Slice::Kind::All:
-      std::memcpy(dst, s, static_cast<size_t>(p.numel) * sizeof(float));
-      break;
-    case Slice::Kind::Rows: {
-      const int64_t row = p.tensor.numel() / shape.at(0);
-      std::memcpy(dst + p.slice.begin * row, s, static_cast<size_t>(p.numel) * sizeof(float));
-      break;
-    }
-    case Slice::Kind::Cols: {
-      const int64_t cols = shape.at(1), w = p.slice.end - p.slice.begin;
-      for (int64_t r = 0; r < shape.at(0); ++r)
-        std::memcpy(dst + r * cols + p.slice.begin, s + r * w,
-                    static_cast<size_t>(w) * sizeof(float));
-      break;
-    }
-  }
-}
-
-// Every tensor of `layout`'s stage whole, from the TP group's flat buffers laid out as `layout`
-// (values, or m or v in the same layout): on TP rank 0 in layout.params() order, elsewhere
-// empty. Collective over `tp`. Like gather_full_tensors, but each rank's layout is rebuilt with
-// the stage's StageTensors, so it holds under pipeline parallelism too.
-NamedTensors gather_over_tp(const ParamStore& layout, const float* mine, const comm::Group& tp) {
-  if (layout.tp() != tp.size() || layout.tp_rank() != tp.rank())
-    fail("checkpoint", "parameters laid out for TP rank ", layout.tp_rank(), " of ", layout.tp(),
-         " given to TP rank ", tp.rank(), " of ", tp.size());
-  std::vector<std::string> all;
-  if (tp.size() > 1) {
-    all = comm::gather_strings(tp, std::string(reinterpret_cast<const char*>(mine),
-                                               static_cast<size_t>(layout.size()) * sizeof(float)));
-    if (tp.rank() != 0) return {};
-  }
-  std::vector<std::vector<Param>> layouts(static_cast<size_t>(tp.size()));
-  std::vector<const float*> data(static_cast<size_t>(tp.size()));
-  layouts[0] = layout.params();
-  data[0] = mine;
-  for (int r = 1; r < tp.size(); ++r) {
-    int64_t size = 0;
-    layouts[r] = param_layout(layout.config(), tp.size(), r, &size, layout.stage());
-    if (all[r].size() != static_cast<size_t>(size) * sizeof(float) ||
-        layouts[r].size() != layouts[0].size())
-      fail("checkpoint", "TP rank ", r, " sent ", all[r].size(), " bytes, its layout holds ",
-           size * 4);
-    data[r] = reinterpret_cast<const float*>(all[r].data());
-  }
-  NamedTensors out;
-  for (size_t i = 0; i < layouts[0].size(); ++i) {
-    const Param& p0 = layouts[0][i];
-    Tensor full = Tensor::zeros(DType::F32, p0.tensor.shape);
-    if (p0.slice.kind == Slice::Kind::All) {
-      place(p0, data[0], full);
-    } else {
-      for (int r = 0; r < tp.size(); ++r) place(layouts[r][i], data[r], full);
-    }
-    out.emplace_back(p0.tensor.name, std::move(full));
-  }
-  return out;
-}
 
 // One stage's share of a checkpoint, as TP rank 0 / DP rank 0 of the stage has it: the tensors
 // it writes (its tied head copy left out) with their m and v, and which layers it holds.
@@ -340,9 +276,14 @@ void save_checkpoint(const std::string& dir, const ModelConfig& config, ParamSto
   dp.gather_state(m_full.data(), v_full.data());
   StagePart mine;
   if (mesh.dp_rank() == 0) {
-    NamedTensors w = gather_over_tp(params, params.values(), mesh.tp());
-    NamedTensors m = gather_over_tp(params, m_full.data(), mesh.tp());
-    NamedTensors v = gather_over_tp(params, v_full.data(), mesh.tp());
+    NamedTensors w = gather_full_tensors(params, mesh.tp(), false);
+    // m and v as the values and gradients of a store with the stage's layout, to gather them
+    // the same way.
+    ParamStore moments(params.config(), params.tp(), params.tp_rank(), params.stage());
+    std::copy(m_full.begin(), m_full.end(), moments.values());
+    std::copy(v_full.begin(), v_full.end(), moments.grads());
+    NamedTensors m = gather_full_tensors(moments, mesh.tp(), false);
+    NamedTensors v = gather_full_tensors(moments, mesh.tp(), true);
     // The tied head copy of the last stage is the first stage's embedding: written once, from
     // the first stage (its values and moments equal it when the trainer keeps them tied).
     for (size_t i = 0; i < w.size(); ++i) {
