@@ -92,3 +92,76 @@ TEST(ScheduleCli, NonFiniteTimesAndHugeCountsAreRefused) {
 }
 
 }  // namespace
+
+namespace {
+
+// Zero bubble (issue 12): the H1 schedule beside its formula and 1F1B's, W drawn apart from B.
+TEST(ScheduleCli, ZeroBubbleH1) {
+  const auto [code, out] = run("schedule --pp 4 --micro-batches 8 --schedule zb-h1 --list");
+  ASSERT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("zb-h1 p=4 m=8, forward 1, backward 2 (B 1 + W 1)"), std::string::npos)
+      << out;
+  EXPECT_NE(out.find("bubble fraction 0.1111"), std::string::npos) << out;  // 3/27
+  EXPECT_NE(out.find("formula with F = B = W: (p-1)/(3m+p-1) = 3/27 = 0.1111"), std::string::npos)
+      << out;
+  EXPECT_NE(out.find("(1f1b at the same p and m: (p-1)/(m+p-1) = 0.2727)"), std::string::npos)
+      << out;
+  for (const char* stage : {"stage 0: 4 (formula 4)", "stage 3: 4 (formula 4)"})
+    EXPECT_NE(out.find(stage), std::string::npos) << out;
+  EXPECT_NE(out.find("stage 3: recvA0 F0 B0 sendG0 recvA1 F1 B1 sendG1"), std::string::npos) << out;
+  EXPECT_NE(out.find("recvA7 F7 B7 sendG7 W4 W5 W6 W7"), std::string::npos) << out;
+  EXPECT_NE(out.find("|W0"), std::string::npos) << out;  // the drawing names W blocks
+}
+
+TEST(ScheduleCli, ZeroBubbleWeightAndPerStageTimes) {
+  {
+    // F 1, B 1.5, W 0.5: the general formula, still exact since W <= min(F, B).
+    const auto [code, out] = run(
+        "schedule --pp 4 --micro-batches 8 --schedule zb-h1 --backward-time 2 --weight-time 0.5");
+    ASSERT_EQ(code, 0) << out;
+    EXPECT_NE(out.find("(B 1.5 + W 0.5)"), std::string::npos) << out;
+    // makespan max(8 * 3 + 3 * 2, 11 * 2.5 + 0.5) = 30, bubble 1 - 24/30 = 0.2
+    EXPECT_NE(out.find("makespan 30; bubble fraction 0.2000"), std::string::npos) << out;
+    EXPECT_NE(out.find("= 0.2000)"), std::string::npos) << out;
+  }
+  {
+    const auto [code, out] =
+        run("schedule --pp 2 --micro-batches 4 --schedule zb-h1 --stage-forward-times 1,2 "
+            "--stage-backward-times 2,4 --stage-weight-times 1,2");
+    ASSERT_EQ(code, 0) << out;
+    EXPECT_NE(out.find("per-stage times given"), std::string::npos) << out;
+    // Stage 1 paces: it starts after stage 0's F0 (1) and is busy 4 x 6 = 24 without a gap.
+    EXPECT_NE(out.find("makespan 25;"), std::string::npos) << out;
+  }
+}
+
+TEST(ScheduleCli, ZeroBubbleBadInput) {
+  struct Case {
+    std::string args, needle;
+  };
+  const Case cases[] = {
+      {"schedule --schedule zb-h1 --chunks 2", "--chunks 2"},
+      {"schedule --schedule zb-h1 --weight-time 3", "--weight-time"},
+      {"schedule --schedule zb-h1 --weight-time nan", "--weight-time"},
+      {"schedule --pp 4 --schedule zb-h1 --stage-forward-times 1,2", "--stage-forward-times"},
+      {"schedule --pp 2 --schedule zb-h1 --stage-backward-times 1,inf", "--stage-backward-times"},
+      {"schedule --pp 2 --schedule zb-h1 --stage-weight-times 1,3", "--stage-weight-times"},
+      {"schedule --pp 2 --schedule zb-h1 --stage-backward-times 2,4 --weight-time 3",
+       "--weight-time: stage 0 W 3"},
+      {"schedule --schedule zb-h2", "zb-h1"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.args);
+    const auto [code, out] = run(c.args);
+    EXPECT_EQ(code, 1) << out;
+    EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
+    EXPECT_NE(out.find(c.needle), std::string::npos) << out;
+  }
+  const auto [code, out] = run("schedule --help");
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("zb-h1"), std::string::npos) << out;
+  EXPECT_NE(out.find("--weight-time"), std::string::npos) << out;
+  EXPECT_NE(out.find("--stage-forward-times"), std::string::npos) << out;
+}
+
+}  // namespace

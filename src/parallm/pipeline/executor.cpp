@@ -16,6 +16,12 @@ void execute_stage(const Schedule& schedule, int stage, const StageCallbacks& cb
       case ActionKind::Backward:
         fn = &cb.backward;
         break;
+      case ActionKind::BackwardInput:
+        fn = &cb.backward_input;
+        break;
+      case ActionKind::BackwardWeight:
+        fn = &cb.backward_weight;
+        break;
       case ActionKind::SendActivation:
         fn = &cb.send_activation;
         category = "p2p";

@@ -12,6 +12,9 @@ namespace parallm::pipeline {
 
 struct StageCallbacks {
   std::function<void(int micro_batch, int chunk)> forward, backward;
+  // Split backward (zb-h1): the input gradient (what SendGrad sends) and, later, the weight
+  // gradients of the same (micro-batch, chunk).
+  std::function<void(int micro_batch, int chunk)> backward_input, backward_weight;
   std::function<void(int micro_batch, int chunk)> send_activation, recv_activation;
   std::function<void(int micro_batch, int chunk)> send_grad, recv_grad;
 };

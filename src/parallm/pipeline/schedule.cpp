@@ -23,11 +23,18 @@ void add_forward(const Schedule& s, std::vector<Action>& out, int stage, int mb,
   if (g < s.virtual_stages() - 1) out.push_back({ActionKind::SendActivation, mb, chunk});
 }
 
+// The whole backward, or for split schedules its input-gradient half B: the gradient goes to the
+// previous stage at once, W comes later (add_weight).
 void add_backward(const Schedule& s, std::vector<Action>& out, int stage, int mb, int chunk) {
   const int g = s.virtual_stage(stage, chunk);
   if (g < s.virtual_stages() - 1) out.push_back({ActionKind::RecvGrad, mb, chunk});
-  out.push_back({ActionKind::Backward, mb, chunk});
+  out.push_back(
+      {s.split_backward() ? ActionKind::BackwardInput : ActionKind::Backward, mb, chunk});
   if (g > 0) out.push_back({ActionKind::SendGrad, mb, chunk});
+}
+
+void add_weight(std::vector<Action>& out, int mb, int chunk) {
+  out.push_back({ActionKind::BackwardWeight, mb, chunk});
 }
 
 Schedule empty(ScheduleKind kind, int p, int m, int v, bool forward_only) {
@@ -57,6 +64,10 @@ std::string_view action_kind_name(ActionKind k) {
       return "SendGrad";
     case ActionKind::RecvGrad:
       return "RecvGrad";
+    case ActionKind::BackwardInput:
+      return "BackwardInput";
+    case ActionKind::BackwardWeight:
+      return "BackwardWeight";
   }
   return "?";
 }
@@ -82,6 +93,12 @@ std::string to_string(const Action& a) {
     case ActionKind::RecvGrad:
       prefix = "recvG";
       break;
+    case ActionKind::BackwardInput:
+      prefix = "B";
+      break;
+    case ActionKind::BackwardWeight:
+      prefix = "W";
+      break;
   }
   std::string s = prefix + std::to_string(a.micro_batch);
   if (a.chunk != 0) s += "." + std::to_string(a.chunk);
@@ -96,6 +113,8 @@ std::string_view schedule_kind_name(ScheduleKind k) {
       return "1f1b";
     case ScheduleKind::Interleaved:
       return "interleaved";
+    case ScheduleKind::ZeroBubbleH1:
+      return "zb-h1";
   }
   return "?";
 }
@@ -104,7 +123,9 @@ ScheduleKind parse_schedule_kind(std::string_view s, std::string_view flag) {
   if (s == "gpipe") return ScheduleKind::GPipe;
   if (s == "1f1b" || s == "1F1B") return ScheduleKind::OneFOneB;
   if (s == "interleaved") return ScheduleKind::Interleaved;
-  fail("schedule", flag, ": unknown schedule \"", s, "\" (choose gpipe, 1f1b or interleaved)");
+  if (s == "zb-h1" || s == "ZB-H1") return ScheduleKind::ZeroBubbleH1;
+  fail("schedule", flag, ": unknown schedule \"", s,
+       "\" (choose gpipe, 1f1b, interleaved or zb-h1)");
 }
 
 Peer Schedule::peer(int stage, const Action& a) const {
@@ -195,6 +216,33 @@ Schedule interleaved(int p, int m, int v) {
   return s;
 }
 
+Schedule zb_h1(int p, int m) {
+  check_sizes("zb-h1", p, m, 1);
+  Schedule s = empty(ScheduleKind::ZeroBubbleH1, p, m, 1, false);
+  for (int r = 0; r < p; ++r) {
+    auto& out = s.per_stage[r];
+    // The W of micro-batch j waits for the B of j + r: stage r ends with r + 1 W's after its last
+    // B (the W of that drain step and r deferred ones), exactly the time its last B's gradient
+    // takes to reach stage 0 and run W there, so every stage finishes together.
+    const int lag = r;
+    int backwards = 0, weights = 0;
+    auto backward = [&] {
+      add_backward(s, out, r, backwards, 0);
+      ++backwards;
+      if (backwards - 1 - lag >= 0) add_weight(out, weights++, 0);
+    };
+    const int warmup = std::min(p - r - 1, m);
+    for (int i = 0; i < warmup; ++i) add_forward(s, out, r, i, 0);
+    for (int i = warmup; i < m; ++i) {
+      add_forward(s, out, r, i, 0);
+      backward();
+    }
+    while (backwards < m) backward();
+    while (weights < m) add_weight(out, weights++, 0);
+  }
+  return s;
+}
+
 Schedule make_schedule(ScheduleKind kind, int p, int m, int v, bool forward_only) {
   if (kind != ScheduleKind::Interleaved && v != 1)
     fail("schedule", "--chunks ", v, " is only meaningful with --schedule interleaved");
@@ -208,6 +256,8 @@ Schedule make_schedule(ScheduleKind kind, int p, int m, int v, bool forward_only
       return one_f_one_b(p, m);
     case ScheduleKind::Interleaved:
       return interleaved(p, m, v);
+    case ScheduleKind::ZeroBubbleH1:
+      return zb_h1(p, m);
   }
   fail("schedule", "unknown schedule kind");
 }
@@ -262,23 +312,43 @@ void validate(const Schedule& s) {
                " without receiving its input first");
         if (!last && !(sa > f))
           fail("schedule", name, ": stage ", r, " never sends the output of ", what);
-        const int b = at(ActionKind::Backward, mb, c);
+        const int whole = at(ActionKind::Backward, mb, c);
+        const int bi = at(ActionKind::BackwardInput, mb, c);
+        const int bw = at(ActionKind::BackwardWeight, mb, c);
         if (s.forward_only) {
-          if (b >= 0) fail("schedule", name, ": forward-only schedule has a backward on stage ", r);
+          if (whole >= 0 || bi >= 0 || bw >= 0)
+            fail("schedule", name, ": forward-only schedule has a backward on stage ", r);
           continue;
         }
-        if (b < 0)
-          fail("schedule", name, ": stage ", r, " never runs ",
-               to_string(Action{ActionKind::Backward, mb, c}));
+        const bool split = s.split_backward();
+        const ActionKind bkind = split ? ActionKind::BackwardInput : ActionKind::Backward;
+        const std::string bname = to_string(Action{bkind, mb, c});
+        const std::string wname = to_string(Action{ActionKind::BackwardWeight, mb, c});
+        if (split ? whole >= 0 : (bi >= 0 || bw >= 0))
+          fail("schedule", name, ": stage ", r, " runs micro-batch ", mb,
+               split ? " as a whole Backward in a split-backward schedule"
+                     : " as a split BackwardInput/BackwardWeight in a whole-backward schedule");
+        const int b = split ? bi : whole;
+        if (b < 0) fail("schedule", name, ": stage ", r, " never runs ", bname);
         if (b < f)
           fail("schedule", name, ": stage ", r, " runs the backward of micro-batch ", mb,
                " before its forward");
+        if (split) {
+          if (bw < 0) fail("schedule", name, ": stage ", r, " never runs ", wname);
+          if (bw < b)
+            fail("schedule", name, ": stage ", r, " runs ", wname, " before ", bname);
+        }
         const int rg = at(ActionKind::RecvGrad, mb, c);
         const int sg = at(ActionKind::SendGrad, mb, c);
         if (!last && !(rg >= 0 && rg < b))
           fail("schedule", name, ": stage ", r, " runs backward ", mb, " without its gradient");
         if (!first && !(sg > b))
           fail("schedule", name, ": stage ", r, " never sends the gradient of micro-batch ", mb);
+        // The point of splitting: the previous stage waits for B's gradient only, so nothing may
+        // run between B and its send (a W there would put itself on the critical path).
+        if (split && !first && sg != b + 1)
+          fail("schedule", name, ": stage ", r, " does not send the gradient of ", bname,
+               " right after it (action ", sg, ", expected ", b + 1, ")");
       }
     }
   }
