@@ -3,6 +3,7 @@
 // on a measured memory bandwidth.
 #include <algorithm>
 #include <chrono>
+#include <thread>
 #include <vector>
 
 #include "parallm/core/thread_pool.h"
@@ -26,10 +27,8 @@ double best_of(F&& f) {
   return std::max(best, 1e-9);
 }
 
-}  // namespace
-
-TrainingRates measure_training_rates(const ModelConfig& c, int64_t micro_batch, int64_t seq_len,
-                                     int threads) {
+// One rank's measurement, on the calling thread with a pool of `threads`.
+TrainingRates measure_one(const ModelConfig& c, int64_t micro_batch, int64_t seq_len, int threads) {
   ThreadPool pool(std::max(1, threads));
   ScopedPool scope(pool);
   TrainingRates r;
@@ -78,6 +77,27 @@ TrainingRates measure_training_rates(const ModelConfig& c, int64_t micro_batch, 
         kernels::attention_backward(q.data(), k.data(), v.data(), probs.data(), q.data(), 1, S, hq,
                                     hkv, hd, dq.data(), dk.data(), dv.data());
       });
+  return r;
+}
+
+}  // namespace
+
+TrainingRates measure_training_rates(const ModelConfig& c, int64_t micro_batch, int64_t seq_len,
+                                     int threads, int ranks) {
+  ranks = std::max(1, ranks);
+  std::vector<TrainingRates> each(static_cast<size_t>(ranks));
+  std::vector<std::thread> running;
+  for (int i = 0; i < ranks; ++i)
+    running.emplace_back(
+        [&, i] { each[size_t(i)] = measure_one(c, micro_batch, seq_len, threads); });
+  for (std::thread& t : running) t.join();
+  TrainingRates r;
+  for (const TrainingRates& e : each) {
+    r.gemm_forward += e.gemm_forward / ranks;
+    r.gemm_backward += e.gemm_backward / ranks;
+    r.attention_forward += e.attention_forward / ranks;
+    r.attention_backward += e.attention_backward / ranks;
+  }
   return r;
 }
 
