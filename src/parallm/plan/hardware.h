@@ -100,7 +100,7 @@ struct TrainingRates {
 // with `threads` threads, at the shapes of `c`'s layer (TP 1) for micro-batches of `micro_batch`
 // sequences of `seq_len` tokens; the ranks' mean. The four products of a layer at up to 512 tokens
 // (fewer for wide layers, at least 64: one pass stays near 4 GFLOP), attention on up to 8 query
-// heads of one sequence of up to 512 tokens. Best of four runs after a warm-up; about 0.2-2 s.
+// heads of one sequence of up to 512 tokens. The median of five runs after a warm-up; about 0.3-3 s.
 TrainingRates measure_training_rates(const ModelConfig& c, int64_t micro_batch, int64_t seq_len,
                                      int threads, int ranks = 1);
 
