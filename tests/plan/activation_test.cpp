@@ -195,3 +195,38 @@ TEST(TrainingEstimate, StepTimeFromMeasuredKernelRatesByHand) {
 
 }  // namespace
 }  // namespace parallm::plan
+
+namespace parallm::plan {
+namespace {
+
+TEST(ActivationBytes, WhatZeroBubbleKeepsForWByHand) {
+  ModelConfig c;
+  c.hidden_size = 8;
+  c.intermediate_size = 10;
+  c.num_hidden_layers = 4;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 2;
+  c.vocab_size = 11;
+  ActivationShape a;
+  a.micro_batch = 2;
+  a.seq_len = 3;
+  a.layers = 1;
+  // xn1, xn2 2 x 6 x 8 = 96; attn 6 x 8, h 6 x 10, dQKV 6 x 16, dgate|up 6 x 20, two output
+  // gradients 2 x 6 x 8: 6 x 70 = 420. 516 floats, whatever the recompute.
+  EXPECT_EQ(weight_grad_bytes_per_chunk(c, a, false), 516 * 4);
+  a.recompute = 2;
+  EXPECT_EQ(weight_grad_bytes_per_chunk(c, a, false), 516 * 4);
+  // The head: xf 6 x 8 and dlogits 6 x 11; the embedding's output gradient 6 x 8.
+  a.head = true;
+  EXPECT_EQ(weight_grad_bytes_per_chunk(c, a, true), (516 + 114 + 48) * 4);
+  // TP 4 rank 1 with SP: 2 token rows; qd 2, kvd 2, f 3, vocabulary 3:
+  // 2 x 2 x 8 + 6 x (4 + 4 + 9 + 16) = 32 + 198 = 230; head 2 x 8 + 18 = 34; embedding 16.
+  a.tp = 4;
+  a.tp_rank = 1;
+  a.sequence_parallel = true;
+  EXPECT_EQ(weight_grad_bytes_per_chunk(c, a, true), (230 + 34 + 16) * 4);
+}
+
+}  // namespace
+}  // namespace parallm::plan

@@ -181,11 +181,12 @@ int run(const Options& o) {
     const bool flops_given =
         o.gflops > 0 || (req.options.calibration && req.options.calibration->flops > 0);
     if (dev.is_cpu && !flops_given) {
-      const int threads =
-          o.threads > 0 ? int(o.threads)
-                        : std::max(1, dev.cores / std::max(1, req.cluster.gpus_per_node));
-      req.options.training_rates =
-          plan::measure_training_rates(req.model, w.micro_batch, w.seq_len, threads);
+      const int threads = o.threads > 0
+                              ? int(o.threads)
+                              : std::max(1, dev.cores / std::max(1, req.cluster.gpus_per_node));
+      // Every rank of the node at once: they share its cores and memory while they train.
+      req.options.training_rates = plan::measure_training_rates(req.model, w.micro_batch, w.seq_len,
+                                                                threads, req.cluster.gpus_per_node);
     }
   } else {
     plan::InferenceWorkload& w = req.inference;

@@ -418,8 +418,10 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
   const double attn_f = measured ? kr.attention_forward : r.flops;
   const double attn_b = measured ? kr.attention_backward : r.flops;
 
-  // Per micro-batch, per stage: the slowest stage sets the pace.
-  double tf = 0, tb = 0, params_dev = 0, expert_params_dev = 0;
+  // Per micro-batch, per stage; the simulator runs the schedule with each stage's own times (the
+  // first holds the embedding, the last the LM head and the loss). The slowest stage's are shown.
+  double tf = 0, tb = 0, tw = 0, params_dev = 0, expert_params_dev = 0;
+  pipeline::SimOptions sim_opt;
   std::vector<CostTerm> terms;
   for (int s = 0; s < l.pp; ++s) {
     const StageParams P = stage_params(c, l, s);
@@ -478,9 +480,16 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
     if (w.zero >= 3 && l.dp > 1)
       zero3 = collective_cost(Collective::AllGather, wb * P.total(), l.dp, *k.dp, cal).seconds;
     const double stage_f = fwd_c + tp_f + ep_f + zero3, stage_b = bwd_c + tp_b + ep_f + zero3;
+    // ZB-H1's W: the weight-gradient products, half the backward's (dW = dY^T X beside dX = dY W);
+    // B is the rest of the backward.
+    const double stage_w = linear / gemm_b;
+    sim_opt.stage_forward.push_back(stage_f);
+    sim_opt.stage_backward.push_back(stage_b);
+    sim_opt.stage_weight.push_back(stage_w);
     if (stage_f + stage_b > tf + tb) {
       tf = stage_f;
       tb = stage_b;
+      tw = stage_w;
       tp_term.seconds = (tp_f + tp_b) * m;
       terms = {{"matmuls", 0, 0, (linear / gemm_f + 2 * linear / gemm_b) * m,
                 measured ? "parallm's kernels, measured here" : ""},
@@ -509,7 +518,11 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
   e.backward_time = tb;
   e.p2p_time = p2p;
   const pipeline::Schedule sched = pipeline::make_schedule(kind, l.pp, m, v, false);
-  const pipeline::SimResult sim = pipeline::simulate(sched, {tf, tb, p2p});
+  sim_opt.forward_time = tf;
+  sim_opt.backward_time = tb;
+  sim_opt.weight_time = tw;
+  sim_opt.p2p_time = p2p;
+  const pipeline::SimResult sim = pipeline::simulate(sched, sim_opt);
   e.bubble_fraction = sim.bubble_fraction;
   e.peak_in_flight = sim.peak_in_flight[0];
   if (l.pp > 1)
@@ -567,10 +580,11 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
     e.reasons.push_back(
         cat("TP over ", k.tp->name, ": activations cross a slow link 4x per layer"));
   if (l.pp > 1)
-    e.reasons.push_back(
-        cat("pipeline bubble ", fmt::format("{:.1f}", 100 * e.bubble_fraction), "% (",
-            schedule_kind_name(kind), ", ", m, " micro-batches over ", l.pp, " stages; formula ",
-            fmt::format("{:.1f}", 100 * pipeline::bubble_formula(kind, l.pp, m, v)), "%)"));
+    e.reasons.push_back(cat(
+        "pipeline bubble ", fmt::format("{:.1f}", 100 * e.bubble_fraction), "% (",
+        schedule_kind_name(kind), ", ", m, " micro-batches over ", l.pp, " stages; formula ",
+        fmt::format("{:.1f}", 100 * pipeline::bubble_formula(kind, l.pp, m, v, {tf, tb, p2p, tw})),
+        "%)"));
   if (e.dp_comm_time > 0.1 * e.step_time)
     e.reasons.push_back(cat("DP gradient all-reduce over ", e.dp_link, " takes ",
                             fmt::format("{:.0f}", 100 * e.dp_comm_time / e.step_time),

@@ -96,12 +96,13 @@ struct TrainingRates {
   double attention_forward = 0, attention_backward = 0;
   bool measured() const { return gemm_forward > 0; }
 };
-// Measures them with `threads` threads at the shapes of `c`'s layer (TP 1) for micro-batches of
-// `micro_batch` sequences of `seq_len` tokens: the four products of a layer at up to 512 tokens
+// Measures them with `ranks` ranks at once (the ranks of a node share its cores and memory), each
+// with `threads` threads, at the shapes of `c`'s layer (TP 1) for micro-batches of `micro_batch`
+// sequences of `seq_len` tokens; the ranks' mean. The four products of a layer at up to 512 tokens
 // (fewer for wide layers, at least 64: one pass stays near 4 GFLOP), attention on up to 8 query
-// heads of one sequence of up to 512 tokens. Best of four runs after a warm-up; about 0.2-2 s.
+// heads of one sequence of up to 512 tokens. The median of five runs after a warm-up; about 0.3-3 s.
 TrainingRates measure_training_rates(const ModelConfig& c, int64_t micro_batch, int64_t seq_len,
-                                     int threads);
+                                     int threads, int ranks = 1);
 
 // Measurements that replace catalog figures: `parallm bench comm` writes the comm part,
 //   {"backend": "mpi", "world": 2, "ops": {"all_reduce": {"alpha_us": 12.0, "beta_gbps": 3.1},

@@ -3,6 +3,7 @@
 // on a measured memory bandwidth.
 #include <algorithm>
 #include <chrono>
+#include <thread>
 #include <vector>
 
 #include "parallm/core/thread_pool.h"
@@ -12,24 +13,23 @@
 namespace parallm::plan {
 namespace {
 
-// Best of four timed runs of `f` after one warm-up run, in seconds (the machine may be shared).
+// The median of five timed runs of `f` after one warm-up run, in seconds: on a shared machine the
+// training that follows meets the typical load, not the quietest moment.
 template <typename F>
-double best_of(F&& f) {
+double median_of(F&& f) {
   f();
-  double best = 1e30;
-  for (int rep = 0; rep < 4; ++rep) {
+  std::vector<double> t;
+  for (int rep = 0; rep < 5; ++rep) {
     const auto t0 = std::chrono::steady_clock::now();
     f();
-    best = std::min(best,
-                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
-  return std::max(best, 1e-9);
+  std::nth_element(t.begin(), t.begin() + 2, t.end());
+  return std::max(t[2], 1e-9);
 }
 
-}  // namespace
-
-TrainingRates measure_training_rates(const ModelConfig& c, int64_t micro_batch, int64_t seq_len,
-                                     int threads) {
+// One rank's measurement, on the calling thread with a pool of `threads`.
+TrainingRates measure_one(const ModelConfig& c, int64_t micro_batch, int64_t seq_len, int threads) {
   ThreadPool pool(std::max(1, threads));
   ScopedPool scope(pool);
   TrainingRates r;
@@ -49,12 +49,12 @@ TrainingRates measure_training_rates(const ModelConfig& c, int64_t micro_batch, 
   std::vector<float> w(wmax, 0.01f), dw(wmax, 0.f), x(size_t(T * widest), 0.02f),
       y(size_t(T * widest), 0.f);
   const double flops = 2.0 * double(T) * per_token;
-  r.gemm_forward = flops / best_of([&] {
+  r.gemm_forward = flops / median_of([&] {
                      for (const auto& s : shapes)
                        kernels::linear_forward(x.data(), w.data(), T, s[0], s[1], y.data());
                    });
   r.gemm_backward =
-      2 * flops / best_of([&] {
+      2 * flops / median_of([&] {
         for (const auto& s : shapes) {
           kernels::linear_backward_input(x.data(), w.data(), T, s[0], s[1], y.data());
           kernels::linear_backward_weight(x.data(), y.data(), T, s[0], s[1], dw.data());
@@ -69,15 +69,36 @@ TrainingRates measure_training_rates(const ModelConfig& c, int64_t micro_batch, 
       dk(k.size()), dv(v.size());
   for (size_t i = 0; i < q.size(); ++i) q[i] = 0.02f * float(i % 17);
   const double attn = 2.0 * double(hq) * double(S) * double(S) * double(hd);
-  r.attention_forward = attn / best_of([&] {
+  r.attention_forward = attn / median_of([&] {
                           kernels::attention_forward(q.data(), k.data(), v.data(), 1, S, hq, hkv,
                                                      hd, out.data(), probs.data());
                         });
   r.attention_backward =
-      2 * attn / best_of([&] {
+      2 * attn / median_of([&] {
         kernels::attention_backward(q.data(), k.data(), v.data(), probs.data(), q.data(), 1, S, hq,
                                     hkv, hd, dq.data(), dk.data(), dv.data());
       });
+  return r;
+}
+
+}  // namespace
+
+TrainingRates measure_training_rates(const ModelConfig& c, int64_t micro_batch, int64_t seq_len,
+                                     int threads, int ranks) {
+  ranks = std::max(1, ranks);
+  std::vector<TrainingRates> each(static_cast<size_t>(ranks));
+  std::vector<std::thread> running;
+  for (int i = 0; i < ranks; ++i)
+    running.emplace_back(
+        [&, i] { each[size_t(i)] = measure_one(c, micro_batch, seq_len, threads); });
+  for (std::thread& t : running) t.join();
+  TrainingRates r;
+  for (const TrainingRates& e : each) {
+    r.gemm_forward += e.gemm_forward / ranks;
+    r.gemm_backward += e.gemm_backward / ranks;
+    r.attention_forward += e.attention_forward / ranks;
+    r.attention_backward += e.attention_backward / ranks;
+  }
   return r;
 }
 

@@ -135,6 +135,24 @@ int64_t activation_bytes_per_chunk(const ModelConfig& c, const ActivationShape& 
   return floats * int64_t(sizeof(float));
 }
 
+int64_t weight_grad_bytes_per_chunk(const ModelConfig& c, const ActivationShape& a,
+                                    bool embedding) {
+  activation_bytes_per_chunk(c, a);  // the same checks
+  const int64_t T = a.micro_batch * a.seq_len, H = c.hidden_size;
+  const int64_t T_sp =
+      a.sequence_parallel ? parallel::ShardSpec::even(T, a.tp, a.tp_rank).size() : T;
+  const parallel::HeadPlan heads =
+      parallel::HeadPlan::make(c.num_attention_heads, c.num_key_value_heads, a.tp, a.tp_rank);
+  const int64_t qd = heads.q_heads * c.head_dim, kvd = heads.kv_heads * c.head_dim;
+  const int64_t ffn = c.intermediate_size * (c.is_moe() ? c.num_experts_per_tok : 1);
+  const int64_t f = parallel::ShardSpec::even(ffn, a.tp, a.tp_rank).size();
+  int64_t floats = a.layers * (2 * T_sp * H + T * (2 * qd + 2 * kvd + 3 * f + 2 * H));
+  if (a.head)
+    floats += T_sp * H + T * parallel::ShardSpec::even(c.vocab_size, a.tp, a.tp_rank).size();
+  if (embedding) floats += T_sp * H;
+  return floats * int64_t(sizeof(float));
+}
+
 double korthikanti_gpt_bytes_per_layer(int64_t s, int64_t b, int64_t h, int64_t a, int t, bool sp,
                                        Recompute r) {
   const double sbh = double(s) * double(b) * double(h);
@@ -171,7 +189,7 @@ MemoryBreakdown inference_memory(const ModelConfig& c, const Layout& l, const In
 
 std::vector<double> chunk_activation_bytes(const ModelConfig& c, const Layout& l,
                                            const TrainingWorkload& w, int chunks, int stage,
-                                           int tp_rank) {
+                                           int tp_rank, bool after_input) {
   if (chunks < 1) fail("plan", "chunks must be >= 1, got ", chunks);
   if (stage < 0 || stage >= l.pp) fail("plan", "stage ", stage, " out of 0..", l.pp - 1);
   const int virtual_stages = l.pp * chunks;
@@ -190,7 +208,9 @@ std::vector<double> chunk_activation_bytes(const ModelConfig& c, const Layout& l
     const int g = ch * l.pp + stage;
     a.layers = parts[size_t(g)].count();
     a.head = g == virtual_stages - 1;
-    out.push_back(double(activation_bytes_per_chunk(c, a)) * scale);
+    const double bytes = after_input ? double(weight_grad_bytes_per_chunk(c, a, g == 0))
+                                     : double(activation_bytes_per_chunk(c, a));
+    out.push_back(bytes * scale);
   }
   return out;
 }
@@ -206,18 +226,32 @@ std::vector<StageActivations> stage_activations(const ModelConfig& c, const Layo
     best.stage = st;
     for (int r = 0; r < l.tp; ++r) {
       const std::vector<double> bytes = chunk_activation_bytes(c, l, w, s.chunks, st, r);
+      const std::vector<double> for_w = chunk_activation_bytes(c, l, w, s.chunks, st, r, true);
       StageActivations a;
       a.stage = st;
       for (double b : bytes) a.per_micro_batch += b;
       double held = 0;
       int states = 0;
       for (const pipeline::Action& act : s.actions(st)) {
-        if (act.kind == pipeline::ActionKind::Forward) {
-          held += bytes[size_t(act.chunk)];
-          ++states;
-        } else if (act.kind == pipeline::ActionKind::Backward) {
-          held -= bytes[size_t(act.chunk)];
-          --states;
+        const size_t ch = size_t(act.chunk);
+        switch (act.kind) {
+          case pipeline::ActionKind::Forward:
+            held += bytes[ch];
+            ++states;
+            break;
+          case pipeline::ActionKind::Backward:
+            held -= bytes[ch];
+            --states;
+            break;
+          case pipeline::ActionKind::BackwardInput:
+            held += for_w[ch] - bytes[ch];
+            break;
+          case pipeline::ActionKind::BackwardWeight:
+            held -= for_w[ch];
+            --states;
+            break;
+          default:
+            break;
         }
         a.peak_bytes = std::max(a.peak_bytes, held);
         a.peak_states = std::max(a.peak_states, states);

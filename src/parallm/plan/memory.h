@@ -98,14 +98,23 @@ struct ActivationShape {
   bool head = false;   // the chunk has the final norm, LM head and loss
 };
 int64_t activation_bytes_per_chunk(const ModelConfig& c, const ActivationShape& a);
+// ZB-H1's split backward (TrainMode::defer_weight_grads): what the state keeps from its B (the
+// input gradient) to its W (the weight gradients), whatever the recompute mode:
+//   per layer: xn1, xn2 [T_sp, H] (the norm outputs, inputs of QKV and gate|up); attn [T, qd] and
+//     h [T, f] (inputs of o_proj and down_proj); the gradients of the QKV output [T, qd + 2 kvd],
+//     of gate|up [T, 2f], and of the attention's and the MLP's outputs [T, H] each (all rows)
+//   the head's chunk: xf [T_sp, H], dlogits [T, V_local];  the embedding's chunk (`embedding`):
+//     the embedding output's gradient [T_sp, H]
+int64_t weight_grad_bytes_per_chunk(const ModelConfig& c, const ActivationShape& a, bool embedding);
 
 // One TP rank's held activation bytes per local model chunk of pipeline stage `stage` under `w`
 // (activation_bytes_per_chunk at w.precision's bytes per value: x 1 for f32, x 1/2 for 16 bits):
 // chunk c is virtual stage c * pp + stage; the virtual stages' layers are the engine's
 // pipeline::partition_layers(layers, pp * chunks); the last virtual stage has the head.
+// `after_input`: what each chunk keeps between ZB's B and W (weight_grad_bytes_per_chunk).
 std::vector<double> chunk_activation_bytes(const ModelConfig& c, const Layout& l,
                                            const TrainingWorkload& w, int chunks, int stage,
-                                           int tp_rank);
+                                           int tp_rank, bool after_input = false);
 
 // What a pipeline stage's (fullest TP rank's) held activations come to under a schedule.
 struct StageActivations {
@@ -118,7 +127,9 @@ struct StageActivations {
   double scratch = 0;
 };
 // Walks each stage's action list of `s` (the lists the executor runs): a chunk's bytes are held
-// from its Forward to its Backward. For every stage of `l` (s.stages == l.pp).
+// from its Forward to its Backward; under a split backward (zb-h1) they shrink at its
+// BackwardInput to what W needs and go at its BackwardWeight. For every stage of `l`
+// (s.stages == l.pp).
 std::vector<StageActivations> stage_activations(const ModelConfig& c, const Layout& l,
                                                 const TrainingWorkload& w,
                                                 const pipeline::Schedule& s);
