@@ -159,9 +159,6 @@ void check_options(const TrainOptions& o) {
     fail("train", "--schedule interleaved needs --pp >= 2, got --pp 1");
   if (o.pp == 1 && !o.pp_layers.empty())
     fail("train", "--pp-layers ", join(o.pp_layers, ","), " needs --pp >= 2");
-  if (o.pp > 1 && o.eval_every > 0)
-    fail("train", "--eval-every ", o.eval_every,
-         " is not supported with --pp > 1 (the validation loss runs on one stage); use --pp 1");
 }
 
 // The pipeline of a run with PP > 1: per virtual stage its layers, the schedule and what the
@@ -266,12 +263,12 @@ constexpr size_t kStageFields = 12;
 
 // The activation bytes plan's formula (plan::activation_bytes_per_chunk: per held (micro-batch,
 // chunk) state) gives stage `stage` of TP rank 0 at its peak: its action list walked, a chunk's
-// state held from its Forward to its Backward (ZB-H1: to its B; what W needs from B to W is not
-// in the formula, so ZB-H1's measurement is above it by that much at most).
+// state held from its Forward to its Backward; ZB-H1's B shrinks it to what W needs
+// (plan::weight_grad_bytes_per_chunk), which W releases.
 double formula_peak_bytes(const PipelinePlan& pipe, int stage, const ModelConfig& config,
                           const TrainOptions& o, Recompute recompute) {
   const pipeline::Schedule& s = pipe.schedule;
-  std::vector<double> bytes(static_cast<size_t>(pipe.v));
+  std::vector<double> bytes(static_cast<size_t>(pipe.v)), keep(bytes.size());
   for (int c = 0; c < pipe.v; ++c) {
     const int g = s.virtual_stage(stage, c);
     plan::ActivationShape a;
@@ -284,15 +281,20 @@ double formula_peak_bytes(const PipelinePlan& pipe, int stage, const ModelConfig
     a.layers = pipe.virtual_stages.at(static_cast<size_t>(g)).count();
     a.head = g == s.virtual_stages() - 1;
     bytes[c] = static_cast<double>(plan::activation_bytes_per_chunk(config, a));
+    keep[c] = static_cast<double>(plan::weight_grad_bytes_per_chunk(config, a, g == 0));
   }
   double held = 0, peak = 0;
   for (const pipeline::Action& a : s.actions(stage)) {
     if (a.kind == pipeline::ActionKind::Forward) {
       held += bytes[a.chunk];
       peak = std::max(peak, held);
-    } else if (a.kind == pipeline::ActionKind::Backward ||
-               a.kind == pipeline::ActionKind::BackwardInput) {
+    } else if (a.kind == pipeline::ActionKind::Backward) {
       held -= bytes[a.chunk];
+    } else if (a.kind == pipeline::ActionKind::BackwardInput) {
+      held += keep[a.chunk] - bytes[a.chunk];  // B keeps what W needs
+      peak = std::max(peak, held);
+    } else if (a.kind == pipeline::ActionKind::BackwardWeight) {
+      held -= keep[a.chunk];
     }
   }
   return peak;
@@ -625,18 +627,6 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
             << static_cast<int>(t.millis()) << " ms" << std::endl;
     };
     std::vector<int32_t> inputs(static_cast<size_t>(M * S)), targets(inputs.size());
-    auto evaluate = [&]() {
-      BatchOrder vo = order;
-      vo.shuffle = false;
-      double sum = 0;
-      for (int64_t e = 0; e < o.eval_batches; ++e)
-        for (int64_t micro = 0; micro < nm; ++micro) {
-          fill_micro_batch(*val, vo, e, dp_rank, micro, inputs.data(), targets.data());
-          sum += model.loss(inputs.data(), targets.data(), M, S);
-        }
-      return dp.sum_over_dp(sum) / static_cast<double>(o.eval_batches * G * S);
-    };
-
     // ---- the pipeline's step: callbacks of this stage's action list ----
     std::unique_ptr<pipeline::StageLink> link;
     if (pipelined) link = std::make_unique<pipeline::StageLink>(mesh.pp(), 0, pipe.v);
@@ -771,6 +761,52 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
       // first + last on both (f32 addition commutes, so the two stages hold the same bits).
       for (size_t i = 0; i < n; ++i) g[i] = stage == 0 ? g[i] + theirs[i] : theirs[i] + g[i];
       dp.grad_ready(*tied);
+    };
+
+    // The validation loss. PP > 1: the micro-batches' forwards alone through the pipeline, in
+    // (micro-batch, virtual stage) order, each state discarded at once. That order is a
+    // topological order of the forwards, so each stage's part of it cannot deadlock under
+    // buffered sends; no training message is in flight between steps, so the keys are free.
+    auto evaluate = [&]() {
+      BatchOrder vo = order;
+      vo.shuffle = false;
+      double sum = 0;
+      std::vector<float> out_rows;
+      for (int64_t e = 0; e < o.eval_batches; ++e)
+        for (int64_t micro = 0; micro < nm; ++micro) {
+          fill_micro_batch(*val, vo, e, dp_rank, micro, inputs.data(), targets.data());
+          if (!pipelined) {
+            sum += model.loss(inputs.data(), targets.data(), M, S);
+            continue;
+          }
+          const int mb = static_cast<int>(micro);
+          for (int c = 0; c < pipe.v; ++c) {
+            const float* in = nullptr;
+            pipeline::Peer from;
+            if (vstage(c) > 0) {
+              from = peer(pipeline::ActionKind::RecvActivation, mb, c);
+              const pipeline::Activation& a = link->recv_activation(from.stage, mb, from.chunk);
+              if (static_cast<int64_t>(a.data.size()) != act_count)
+                fail<std::runtime_error>("train", "pipeline stage ", stage, ": activation of ",
+                                         a.data.size(), " floats, expected ", act_count);
+              in = a.data.data();
+            }
+            float* outp = nullptr;
+            if (vstage(c) < vlast) {
+              out_rows.resize(static_cast<size_t>(act_count));
+              outp = out_rows.data();
+            }
+            sum += model.forward(mb, c, inputs.data(), targets.data(), M, S, grad_scale, in, outp);
+            model.discard(mb, c);
+            if (in) link->release(mb, from.chunk);
+            if (outp) {
+              const pipeline::Peer to = peer(pipeline::ActionKind::SendActivation, mb, c);
+              link->send_activation(to.stage, mb, c, nullptr, 0, outp, out_rows.size());
+            }
+          }
+        }
+      if (pipelined) sum = sum_over(mesh.pp(), stage == o.pp - 1 ? sum : 0.0);
+      return dp.sum_over_dp(sum) / static_cast<double>(o.eval_batches * G * S);
     };
 
     model.reset_stats();
