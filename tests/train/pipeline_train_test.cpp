@@ -229,6 +229,17 @@ TEST_F(PipelineTrainTest, TiedEmbeddingsSummedAcrossStages) {
     ASSERT_TRUE(m.count(emb) && m.count("tied_copy:" + emb)) << what;
     EXPECT_EQ(*m.at(emb), *m.at("tied_copy:" + emb)) << what;
   }
+  // With TP 2 and DP 2 under ZeRO-1: the summed embedding gradient's bucket is reduced after the
+  // stage sum (its grad-ready hook held back until then); one rank's losses within 1e-5.
+  TrainOptions o = base(true);
+  o.tp = 2;
+  o.pp = 2;
+  o.dp = 2;
+  o.zero = 1;
+  const TrainResult got = run_training(o);
+  expect_close(ref, got, 1e-5, "tied tp 2 pp 2 dp 2 zero", false);
+  const auto m = by_name(got);
+  EXPECT_EQ(*m.at("model.embed_tokens.weight"), *m.at("tied_copy:model.embed_tokens.weight"));
 }
 
 // TP x PP on threads, world sizes that are not powers of two, and DP with ZeRO: one rank's
@@ -309,8 +320,8 @@ TEST_F(PipelineTrainTest, RecomputeBitForBit) {
   }
 }
 
-// The validation loss through the pipeline (forwards alone, states discarded): PP = 1's bit for bit,
-// interleaved and ZB-H1 too, and the training losses are unchanged by it.
+// The validation loss through the pipeline (forwards alone, states discarded): PP = 1's bit for
+// bit, interleaved and ZB-H1 too, and the training losses are unchanged by it.
 TEST_F(PipelineTrainTest, EvalThroughThePipeline) {
   TrainOptions o = base(false, 4);
   o.val_ids = std::make_shared<TokenData>(TokenData::from_ids(
@@ -323,8 +334,8 @@ TEST_F(PipelineTrainTest, EvalThroughThePipeline) {
   o.eval_every = 2;
   o.eval_batches = 2;
   const TrainResult ref = run_training(o);
-  for (const Case& c : std::vector<Case>{
-           {"1f1b", 3, 1, {}}, {"interleaved", 2, 2, {}}, {"zb-h1", 4, 1, {}}}) {
+  for (const Case& c :
+       std::vector<Case>{{"1f1b", 3, 1, {}}, {"interleaved", 2, 2, {}}, {"zb-h1", 4, 1, {}}}) {
     TrainOptions p = o;
     p.pp = c.pp;
     p.schedule = c.schedule;
@@ -394,6 +405,40 @@ TEST_F(PipelineTrainTest, TraceHasEveryStagesActions) {
     EXPECT_EQ(sends[rank], 2 * 12) << rank;  // 12 micro-batches x 2 steps, one send each
     EXPECT_EQ(recvs[rank], 2 * 12) << rank;
   }
+}
+
+// The CLI: --pp with --stats prints the per-stage table; a bad --pp-layers is one line.
+TEST_F(PipelineTrainTest, CliStatsAndBadFlag) {
+  const std::string d = dir_.string();
+  ModelConfig c = deep_config(false);
+  const std::string cfg = write_config(c, "cli.json");
+  {
+    std::ofstream out(dir_ / "data.bin", std::ios::binary);
+    for (int i = 0; i < 2000; ++i) {
+      const uint16_t id = static_cast<uint16_t>((i * 7 + i / 3) % 67);
+      out.write(reinterpret_cast<const char*>(&id), 2);
+    }
+  }
+  const std::string base_cmd =
+      cat(PARALLM_BIN, " train --init ", cfg, " --data ", d, "/data.bin --seq-len 8 ",
+          "--micro-batch-size 2 --global-batch-size 8 --steps 2 --threads 1 --quiet");
+  ASSERT_EQ(
+      std::system(cat(base_cmd, " --pp 2 --schedule zb-h1 --stats 2> ", d, "/stats.txt").c_str()),
+      0);
+  std::ifstream in(dir_ / "stats.txt");
+  std::stringstream text;
+  text << in.rdbuf();
+  const std::string t = text.str();
+  EXPECT_NE(t.find("[stats] zb-h1 p=2 m=4"), std::string::npos) << t;
+  EXPECT_NE(t.find("[stats] bubble: measured"), std::string::npos) << t;
+  EXPECT_NE(t.find("replay of the mean measured F/B/W at p stages"), std::string::npos) << t;
+  EXPECT_NE(std::system(cat(base_cmd, " --pp 2 --pp-layers 4,x 2> ", d, "/err.txt").c_str()), 0);
+  std::ifstream err(dir_ / "err.txt");
+  std::stringstream e;
+  e << err.rdbuf();
+  const std::string msg = e.str();
+  EXPECT_NE(msg.find("--pp-layers"), std::string::npos) << msg;
+  EXPECT_EQ(std::count(msg.begin(), msg.end(), '\n'), 1) << msg;
 }
 
 // Bad pipeline flags: one line naming the flag and the value, before any rank starts.
