@@ -551,6 +551,9 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
           << pipeline::bubble_formula(pipe.kind, o.pp, static_cast<int>(nm), pipe.v) << std::endl;
     }
     if (o.sp && o.tp == 1) out << "[train] note: --sp at --tp 1 changes nothing" << std::endl;
+    if ((o.sp && o.tp > 1) || recompute != Recompute::None)
+      out << "[train] sequence parallelism " << (o.sp && o.tp > 1 ? "on" : "off")
+          << ", recompute " << recompute_name(recompute) << std::endl;
   }
 
   std::mutex mu;
