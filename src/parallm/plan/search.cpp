@@ -218,10 +218,11 @@ json to_json(const PlanRequest& req, const PlanResult& res) {
                      {"precision", precision_name(w.precision)}};
     const TrainingRates& kr = req.options.training_rates;
     if (kr.measured())
-      j["hardware"]["training_kernels_gflops"] = {{"gemm_forward", kr.gemm_forward / 1e9},
-                                                  {"gemm_backward", kr.gemm_backward / 1e9},
-                                                  {"attention_forward", kr.attention_forward / 1e9},
-                                                  {"attention_backward", kr.attention_backward / 1e9}};
+      j["hardware"]["training_kernels_gflops"] = {
+          {"gemm_forward", kr.gemm_forward / 1e9},
+          {"gemm_backward", kr.gemm_backward / 1e9},
+          {"attention_forward", kr.attention_forward / 1e9},
+          {"attention_backward", kr.attention_backward / 1e9}};
   } else {
     const InferenceWorkload& w = req.inference;
     j["workload"] = {{"mode", "inference"},
@@ -405,8 +406,8 @@ std::string render_report(const PlanRequest& req, const PlanResult& res, int top
         out << fmt::format(
             "    stage {}: peak {} ({:g} micro-batches in flight, {} states) = {} per "
             "micro-batch; + {} scratch\n",
-            a.stage, bytes_h(a.peak_bytes), best.stage_in_flight[size_t(a.stage)],
-            a.peak_states, bytes_h(a.per_micro_batch), bytes_h(a.scratch));
+            a.stage, bytes_h(a.peak_bytes), best.stage_in_flight[size_t(a.stage)], a.peak_states,
+            bytes_h(a.per_micro_batch), bytes_h(a.scratch));
     }
     for (const std::string& r : best.reasons) out << "  note: " << r << "\n";
   } else {
