@@ -153,7 +153,7 @@ TEST(PlanCli, TrainingOnCpuRanksPrintsStageActivations) {
   // GPipe holds all 4 micro-batches on both stages.
   EXPECT_EQ(st[0]["peak_states"].get<int>(), 4);
   EXPECT_EQ(st[1]["activation_peak_bytes"].get<double>(), 4 * (53056.0 + 14176) * 4);
-  // Each stage's own times: the head's stage does more.
+  // Each stage's own times (stage 1: one layer and the head, stage 0: two layers); W is part of B.
   EXPECT_GT(st[1]["forward_ms"].get<double>(), st[0]["forward_ms"].get<double>() / 2);
   EXPECT_GT(st[0]["backward_ms"].get<double>(), st[0]["weight_ms"].get<double>());
 }
