@@ -132,7 +132,8 @@ TEST(PlanCli, TrainingOnCpuRanksPrintsStageActivations) {
       "--seq-len 32 --pp 2 --schedule gpipe --recompute none --threads 1");
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("kernels  measured here per rank"), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("stage 1: peak"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("stage 1: F "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("micro-batches in flight"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("fp32"), std::string::npos) << r.out;
   const CmdResult j = run_cli(
       "plan --model tiny --gpu cpu --gpus 2 --mem-bw 20 --flops 10 --train --global-batch 4 "
@@ -152,6 +153,9 @@ TEST(PlanCli, TrainingOnCpuRanksPrintsStageActivations) {
   // GPipe holds all 4 micro-batches on both stages.
   EXPECT_EQ(st[0]["peak_states"].get<int>(), 4);
   EXPECT_EQ(st[1]["activation_peak_bytes"].get<double>(), 4 * (53056.0 + 14176) * 4);
+  // Each stage's own times (stage 1: one layer and the head, stage 0: two layers); W is part of B.
+  EXPECT_GT(st[1]["forward_ms"].get<double>(), st[0]["forward_ms"].get<double>() / 2);
+  EXPECT_GT(st[0]["backward_ms"].get<double>(), st[0]["weight_ms"].get<double>());
 }
 
 TEST(PlanCli, BadInputIsOneClearLine) {

@@ -558,6 +558,9 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
 
   e.stage_activations = stage_activations(c, l, w, sched);
   e.stage_in_flight = sim.peak_in_flight;
+  e.stage_forward_time = sim_opt.stage_forward;
+  e.stage_backward_time = sim_opt.stage_backward;
+  e.stage_weight_time = sim_opt.stage_weight;
   for (int s = 0; s < l.pp; ++s) {
     MemoryBreakdown mem = training_memory(c, l, w, s, 0);
     mem.activations = e.stage_activations[s].peak_bytes + e.stage_activations[s].scratch;

@@ -77,6 +77,9 @@ struct LayoutEstimate {
   // action list with activation_bytes_per_chunk's bytes.
   std::vector<StageActivations> stage_activations;
   std::vector<double> stage_in_flight;  // [stage] the simulator's peak, micro-batch units
+  // [stage] seconds per micro-batch the simulator ran: forward, whole backward, and ZB-H1's W
+  // share of it (the weight-gradient products).
+  std::vector<double> stage_forward_time, stage_backward_time, stage_weight_time;
   std::vector<CostTerm> step_terms;
 };
 

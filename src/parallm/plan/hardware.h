@@ -96,11 +96,12 @@ struct TrainingRates {
   double attention_forward = 0, attention_backward = 0;
   bool measured() const { return gemm_forward > 0; }
 };
-// Measures them with `ranks` ranks at once (the ranks of a node share its cores and memory), each
-// with `threads` threads, at the shapes of `c`'s layer (TP 1) for micro-batches of `micro_batch`
-// sequences of `seq_len` tokens; the ranks' mean. The four products of a layer at up to 512 tokens
-// (fewer for wide layers, at least 64: one pass stays near 4 GFLOP), attention on up to 8 query
-// heads of one sequence of up to 512 tokens. The median of five runs after a warm-up; about 0.3-3 s.
+// Measures them with `ranks` ranks at once (the ranks of a node share its cores and memory; at
+// most one per hardware thread, and 16), each with `threads` threads, at the shapes of `c`'s layer
+// (TP 1; sides capped at 4096) for micro-batches of `micro_batch` sequences of `seq_len` tokens;
+// the ranks' mean. The four products of a layer at up to 512 tokens (fewer for wide layers, at
+// least 64: one pass stays near 4 GFLOP), attention on up to 8 query heads of one sequence of up
+// to 512 tokens. The median of five runs after a warm-up; about 0.3-3 s.
 TrainingRates measure_training_rates(const ModelConfig& c, int64_t micro_batch, int64_t seq_len,
                                      int threads, int ranks = 1);
 

@@ -34,16 +34,23 @@ TrainingRates measure_one(const ModelConfig& c, int64_t micro_batch, int64_t seq
   ScopedPool scope(pool);
   TrainingRates r;
   const int64_t H = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim(), f = c.intermediate_size;
-  // The layer's products: qkv [H -> qd + 2 kvd], o [qd -> H], gate|up [H -> 2f], down [f -> H].
-  const int64_t shapes[4][2] = {{qd + 2 * kvd, H}, {H, qd}, {2 * f, H}, {H, f}};
+  // The layer's products: qkv [H -> qd + 2 kvd], o [qd -> H], gate|up [H -> 2f], down [f -> H];
+  // sides beyond 4096 measured at 4096 (a GEMM that wide runs at its large-matrix rate anyway, and
+  // a 70B layer's matrices would take gigabytes and minutes).
+  auto side = [](int64_t n) { return std::min<int64_t>(n, 4096); };
+  const int64_t shapes[4][2] = {{side(qd + 2 * kvd), side(H)},
+                                {side(H), side(qd)},
+                                {side(2 * f), side(H)},
+                                {side(H), side(f)}};
   double per_token = 0;  // multiply-adds per token
   int64_t widest = 0;
   for (const auto& s : shapes) {
     per_token += double(s[0]) * double(s[1]);
     widest = std::max({widest, s[0], s[1]});
   }
-  const int64_t T = std::clamp<int64_t>(int64_t(2e9 / per_token), 64,
-                                        std::min<int64_t>(micro_batch * seq_len, 512));
+  const int64_t most = std::min<int64_t>(micro_batch * seq_len, 512);
+  const int64_t T =
+      std::clamp<int64_t>(int64_t(2e9 / per_token), std::min<int64_t>(64, most), most);
   size_t wmax = 0;
   for (const auto& s : shapes) wmax = std::max(wmax, size_t(s[0] * s[1]));
   std::vector<float> w(wmax, 0.01f), dw(wmax, 0.f), x(size_t(T * widest), 0.02f),
@@ -85,7 +92,8 @@ TrainingRates measure_one(const ModelConfig& c, int64_t micro_batch, int64_t seq
 
 TrainingRates measure_training_rates(const ModelConfig& c, int64_t micro_batch, int64_t seq_len,
                                      int threads, int ranks) {
-  ranks = std::max(1, ranks);
+  // At most one measuring rank per hardware thread (and 16): beyond that they only queue.
+  ranks = std::clamp(ranks, 1, std::min(16, ThreadPool::hardware_threads()));
   std::vector<TrainingRates> each(static_cast<size_t>(ranks));
   std::vector<std::thread> running;
   for (int i = 0; i < ranks; ++i)

@@ -218,10 +218,11 @@ json to_json(const PlanRequest& req, const PlanResult& res) {
                      {"precision", precision_name(w.precision)}};
     const TrainingRates& kr = req.options.training_rates;
     if (kr.measured())
-      j["hardware"]["training_kernels_gflops"] = {{"gemm_forward", kr.gemm_forward / 1e9},
-                                                  {"gemm_backward", kr.gemm_backward / 1e9},
-                                                  {"attention_forward", kr.attention_forward / 1e9},
-                                                  {"attention_backward", kr.attention_backward / 1e9}};
+      j["hardware"]["training_kernels_gflops"] = {
+          {"gemm_forward", kr.gemm_forward / 1e9},
+          {"gemm_backward", kr.gemm_backward / 1e9},
+          {"attention_forward", kr.attention_forward / 1e9},
+          {"attention_backward", kr.attention_backward / 1e9}};
   } else {
     const InferenceWorkload& w = req.inference;
     j["workload"] = {{"mode", "inference"},
@@ -273,7 +274,10 @@ json to_json(const PlanRequest& req, const PlanResult& res) {
                           {"peak_states", a.peak_states},
                           {"activation_peak_bytes", a.peak_bytes},
                           {"activation_bytes_per_micro_batch", a.per_micro_batch},
-                          {"activation_scratch_bytes", a.scratch}});
+                          {"activation_scratch_bytes", a.scratch},
+                          {"forward_ms", 1e3 * e.stage_forward_time[size_t(a.stage)]},
+                          {"backward_ms", 1e3 * e.stage_backward_time[size_t(a.stage)]},
+                          {"weight_ms", 1e3 * e.stage_weight_time[size_t(a.stage)]}});
       o["stages"] = stages;
     } else {
       o["replica_batch"] = e.replica_batch;
@@ -399,14 +403,17 @@ std::string render_report(const PlanRequest& req, const PlanResult& res, int top
       out << "\n";
     }
     if (best.training) {
-      out << "  activations held per stage (the fullest TP rank; the formula of "
-             "docs/parallelism-guide.md over the schedule's action list):\n";
-      for (const StageActivations& a : best.stage_activations)
+      out << "  per stage: F and B (W: ZB-H1's share of B) per micro-batch; activations held (the "
+             "fullest TP rank; docs/parallelism-guide.md's formula over the schedule's actions):\n";
+      for (const StageActivations& a : best.stage_activations) {
+        const size_t st = size_t(a.stage);
         out << fmt::format(
-            "    stage {}: peak {} ({:g} micro-batches in flight, {} states) = {} per "
-            "micro-batch; + {} scratch\n",
-            a.stage, bytes_h(a.peak_bytes), best.stage_in_flight[size_t(a.stage)],
+            "    stage {}: F {} B {} (W {}); peak {} ({:g} micro-batches in flight, {} states) = {} "
+            "per micro-batch; + {} scratch\n",
+            a.stage, ms_text(best.stage_forward_time[st]), ms_text(best.stage_backward_time[st]),
+            ms_text(best.stage_weight_time[st]), bytes_h(a.peak_bytes), best.stage_in_flight[st],
             a.peak_states, bytes_h(a.per_micro_batch), bytes_h(a.scratch));
+      }
     }
     for (const std::string& r : best.reasons) out << "  note: " << r << "\n";
   } else {
