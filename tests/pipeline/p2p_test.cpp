@@ -81,5 +81,30 @@ TEST(StageLink, EmptyActivationAndBadKeys) {
   });
 }
 
+// Training sends activations forward and their gradients backward under the same keys, both ways
+// between two stages: a gradient never matches an activation (its own tag kind), sent in any order.
+TEST(StageLink, GradientsNeverMatchActivations) {
+  comm::launch(2, local(), [&](comm::Group pp) {
+    StageLink link(pp, 0, 2);
+    const int other = 1 - pp.rank();
+    const std::vector<float> act(5, 1.0f + pp.rank()), grad(5, -1.0f - pp.rank());
+    // Each stage sends the gradient first, then the activation, for every key.
+    for (int j = 0; j < 3; ++j)
+      for (int c = 0; c < 2; ++c) {
+        link.send_grad(other, j, c, grad.data(), grad.size());
+        link.send_activation(other, j, c, nullptr, 0, act.data(), act.size());
+      }
+    for (int j = 0; j < 3; ++j)
+      for (int c = 0; c < 2; ++c) {
+        EXPECT_EQ(link.recv_activation(other, j, c).data, std::vector<float>(5, 1.0f + other));
+        std::vector<float> g(5);
+        link.recv_grad(other, j, c, g.data(), g.size());
+        EXPECT_EQ(g, std::vector<float>(5, -1.0f - other));
+      }
+    EXPECT_NE(link.tag(0, 0, 3), link.tag(0, 0, 1));
+    EXPECT_NE(link.tag(0, 0, 3), link.tag(0, 1, 0));
+  });
+}
+
 }  // namespace
 }  // namespace parallm::pipeline

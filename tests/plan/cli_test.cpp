@@ -124,6 +124,40 @@ TEST(PlanCli, TrainingMode) {
   EXPECT_NE(r.out.find("per step"), std::string::npos) << r.out;
 }
 
+// parallm's own shapes on CPU ranks: the kernels' rates measured (or --flops), the per-stage
+// activations printed and in the JSON, equal to the documented formula.
+TEST(PlanCli, TrainingOnCpuRanksPrintsStageActivations) {
+  const CmdResult r = run_cli(
+      "plan --model tiny --gpu cpu --gpus 2 --mem-bw 20 --train --global-batch 4 --micro-batch 1 "
+      "--seq-len 32 --pp 2 --schedule gpipe --recompute none --threads 1");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("kernels  measured here per rank"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("stage 1: F "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("micro-batches in flight"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("fp32"), std::string::npos) << r.out;
+  const CmdResult j = run_cli(
+      "plan --model tiny --gpu cpu --gpus 2 --mem-bw 20 --flops 10 --train --global-batch 4 "
+      "--micro-batch 1 --seq-len 32 --pp 2 --schedule gpipe --recompute none --json");
+  ASSERT_EQ(j.code, 0) << j.err;
+  const auto js = nlohmann::json::parse(j.out);
+  EXPECT_FALSE(js["hardware"].contains("training_kernels_gflops"));
+  ASSERT_EQ(js["layouts"].size(), 1u);
+  const auto& st = js["layouts"][0]["stages"];
+  ASSERT_EQ(st.size(), 2u);
+  // tiny: hidden 96, 12 heads of 8 over 6 KV heads, FFN 200, vocabulary 250, 3 layers: stage 0
+  // has 2 layers, stage 1 one and the head (partition_layers: the leftover to the first of the
+  // two middle stages). A layer of 32 tokens: 32 x (4 x 96 + 2 + 2 x 96 + 2 x 48 + 3 x 200) + 12 x
+  // 32^2 = 32 x 1274 + 12288 = 53056 values; the head 32 x (2 x 96 + 1 + 250) = 14176.
+  EXPECT_EQ(st[0]["activation_bytes_per_micro_batch"].get<double>(), 2 * 53056.0 * 4);
+  EXPECT_EQ(st[1]["activation_bytes_per_micro_batch"].get<double>(), (53056.0 + 14176) * 4);
+  // GPipe holds all 4 micro-batches on both stages.
+  EXPECT_EQ(st[0]["peak_states"].get<int>(), 4);
+  EXPECT_EQ(st[1]["activation_peak_bytes"].get<double>(), 4 * (53056.0 + 14176) * 4);
+  // Each stage's own times (stage 1: one layer and the head, stage 0: two layers); W is part of B.
+  EXPECT_GT(st[1]["forward_ms"].get<double>(), st[0]["forward_ms"].get<double>() / 2);
+  EXPECT_GT(st[0]["backward_ms"].get<double>(), st[0]["weight_ms"].get<double>());
+}
+
 TEST(PlanCli, BadInputIsOneClearLine) {
   struct Case {
     std::string args, expect;
@@ -147,6 +181,9 @@ TEST(PlanCli, BadInputIsOneClearLine) {
        "--rank-mem-bw is for --gpu cpu"},
       {"plan --model llama-2-7b --gpu cpu --gpus 2 --mem-bw 20 --rank-mem-bw -3",
        "--rank-mem-bw must be positive, got -3"},
+      {"plan --model tiny --gpus 2 --train --sp --no-sp", "--sp and --no-sp"},
+      {"plan --model tiny --gpus 2 --train --dtype int8", "--dtype int8"},
+      {"plan --model tiny --gpus 2 --train --schedule zigzag", "zigzag"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.args);

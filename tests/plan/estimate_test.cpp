@@ -423,10 +423,11 @@ TEST(Estimate, TrainingStepBubbleAndMfu) {
   w.seq_len = 4096;
   const LayoutEstimate e = estimate_training(c, cl, {2, 4, 1, 1}, w, {});
   EXPECT_EQ(e.micro_batches, 64);
-  // 1F1B's bubble: (p-1)/(m+p-1) when p2p is free; p2p only adds to it.
+  // 1F1B's bubble: (p-1)/(m+p-1) when p2p is free and the stages balanced; p2p and the LM head's
+  // stage (8 layers and the 32000 x 4096 head: the others wait for it) only add to it.
   const double formula = pipeline::bubble_formula(pipeline::ScheduleKind::OneFOneB, 4, 64);
   EXPECT_GE(e.bubble_fraction, formula - 1e-12);
-  EXPECT_LT(e.bubble_fraction, formula + 0.02);
+  EXPECT_LT(e.bubble_fraction, formula + 0.06);
   EXPECT_DOUBLE_EQ(e.peak_in_flight, 4);  // stage 0 holds p micro-batches
   EXPECT_GT(e.mfu, 0.2);
   EXPECT_LT(e.mfu, 0.6);  // below the 60% GEMM efficiency assumed

@@ -4,8 +4,12 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include "parallm/model/llama_tensors.h"
 #include "parallm/pipeline/partition.h"
+#include "parallm/pipeline/schedule.h"
+#include "parallm/pipeline/simulator.h"
 #include "parallm/plan/model_presets.h"
 
 namespace parallm::plan {
@@ -214,10 +218,128 @@ TEST(Memory, TrainingStatesAndZero) {
   EXPECT_DOUBLE_EQ(training_memory(c, l, w, 0, 1.0).weights, 0.5 * P);
   w.optimizer = Optimizer::SGD;
   EXPECT_DOUBLE_EQ(training_memory(c, l, w, 0, 1.0).optimizer, 2 * P);
-  // Activations scale with the micro-batches in flight.
+  // Activations scale with the micro-batches in flight, on top of a fixed scratch.
   w.zero = 0;
+  const double a0 = training_memory(c, l, w, 0, 0.0).activations;
   const double a1 = training_memory(c, l, w, 0, 1.0).activations;
-  EXPECT_DOUBLE_EQ(training_memory(c, l, w, 0, 4.0).activations, 4 * a1);
+  EXPECT_GT(a0, 0);
+  EXPECT_DOUBLE_EQ(training_memory(c, l, w, 0, 4.0).activations - a0, 4 * (a1 - a0));
+  // One micro-batch: the 32 layers and the head of activation_bytes_per_chunk at 2 bytes a value.
+  ActivationShape s;
+  s.seq_len = 2048;
+  s.recompute = 1;
+  s.layers = 32;
+  s.head = true;
+  EXPECT_DOUBLE_EQ(a1 - a0, double(activation_bytes_per_chunk(c, s)) / 2);
+  // parallm's engine (f32): 4 + 4 bytes of weights and gradients, Adam's m and v 8, activations
+  // x 2.
+  w.precision = Precision::FP32;
+  const MemoryBreakdown f = training_memory(c, l, w, 0, 1.0);
+  EXPECT_DOUBLE_EQ(f.weights, 4 * P);
+  EXPECT_DOUBLE_EQ(f.gradients, 4 * P);
+  EXPECT_DOUBLE_EQ(f.optimizer, 4 * P);  // SGD's momentum
+  w.optimizer = Optimizer::Adam;
+  EXPECT_DOUBLE_EQ(training_memory(c, l, w, 0, 1.0).optimizer, 8 * P);
+  EXPECT_DOUBLE_EQ(f.activations, 2 * a1);
+}
+
+// The per-stage peak walks the schedule's action list: 1F1B holds min(p - r, m) micro-batches on
+// stage r, GPipe m; the head's stage adds its chunk; interleaved chunks hold their own layers.
+TEST(Memory, StageActivationsWalkTheSchedule) {
+  const ModelConfig c = resolve_model("tinyllama-1.1b");  // 22 layers
+  TrainingWorkload w;
+  w.seq_len = 2048;
+  w.micro_batch = 1;
+  w.recompute = Recompute::Selective;
+  w.precision = Precision::FP32;
+  const Layout l{1, 4, 1, 1};
+  ActivationShape a;
+  a.seq_len = 2048;
+  a.recompute = 1;
+  a.layers = 1;
+  const double layer = double(activation_bytes_per_chunk(c, a));
+  EXPECT_EQ(layer, 243286016.0);  // 232.0 MiB and two rstd rows
+  a.layers = 0;
+  a.head = true;
+  const double head = double(activation_bytes_per_chunk(c, a));
+  const int counts[4] = {5, 6, 6, 5};  // partition_layers(22, 4)
+  const auto one = stage_activations(c, l, w, pipeline::one_f_one_b(4, 8));
+  const auto gp = stage_activations(c, l, w, pipeline::gpipe(4, 8));
+  for (int r = 0; r < 4; ++r) {
+    SCOPED_TRACE(r);
+    const double per = counts[r] * layer + (r == 3 ? head : 0);
+    EXPECT_DOUBLE_EQ(one[r].per_micro_batch, per);
+    EXPECT_EQ(one[r].peak_states, 4 - r);
+    EXPECT_DOUBLE_EQ(one[r].peak_bytes, (4 - r) * per);
+    EXPECT_EQ(gp[r].peak_states, 8);
+    EXPECT_DOUBLE_EQ(gp[r].peak_bytes, 8 * per);
+  }
+  // The guide's table: stage 0 under 1F1B, 4 x 1.13 GiB = 4.53 GiB.
+  EXPECT_NEAR(one[0].peak_bytes / (1 << 30), 4.53, 0.005);
+  // Interleaved, v = 2: 8 virtual stages of 2 or 3 layers (partition_layers(22, 8):
+  // 2,3,3,3,3,3,3,2); stage 0 holds chunks 0 (2 layers) and 4 (3 layers); Megatron's count of
+  // chunk states on stage 0: min(m v, 2 (p - 1) + (v - 1) p + 1) = 11.
+  const auto il = stage_activations(c, l, w, pipeline::interleaved(4, 8, 2));
+  EXPECT_EQ(il[0].peak_states, 11);
+  EXPECT_DOUBLE_EQ(il[0].per_micro_batch, 5 * layer);
+  EXPECT_GT(il[0].peak_bytes, 11 * 2 * layer);
+  EXPECT_LE(il[0].peak_bytes, 11 * 3 * layer);
+  // The last stage's last chunk (virtual stage 7, 2 layers) has the head.
+  EXPECT_DOUBLE_EQ(il[3].per_micro_batch, 5 * layer + head);
+  // 16 bits halve every byte.
+  w.precision = Precision::BF16;
+  EXPECT_DOUBLE_EQ(stage_activations(c, l, w, pipeline::one_f_one_b(4, 8))[0].peak_bytes,
+                   one[0].peak_bytes / 2);
+}
+
+}  // namespace
+}  // namespace parallm::plan
+
+namespace parallm::plan {
+namespace {
+
+// The planner's walk of the action lists counts the states the simulator counts, for every
+// schedule, and ZB-H1's states past B are held at the B-to-W size.
+TEST(Memory, StageActivationsAgreeWithTheSimulatorOnEverySchedule) {
+  const ModelConfig c = resolve_model("small");  // 4 layers
+  TrainingWorkload w;
+  w.seq_len = 16;
+  w.micro_batch = 1;
+  w.precision = Precision::FP32;
+  for (int p : {1, 2, 4}) {
+    for (int m : {1, 2, 3, 6}) {
+      std::vector<pipeline::Schedule> lists = {pipeline::gpipe(p, m), pipeline::one_f_one_b(p, m),
+                                               pipeline::zb_h1(p, m)};
+      if (p == 2 && m % p == 0) lists.push_back(pipeline::interleaved(p, m, 2));
+      for (const pipeline::Schedule& s : lists) {
+        SCOPED_TRACE(s.name());
+        const pipeline::SimResult sim = pipeline::simulate(s);
+        const auto acts = stage_activations(c, {1, p, 1, 1}, w, s);
+        for (int r = 0; r < p; ++r) {
+          EXPECT_EQ(acts[r].peak_states, sim.peak_in_flight_chunks[r]) << r;
+          const double whole = acts[r].peak_states * acts[r].per_micro_batch;
+          if (s.kind == pipeline::ScheduleKind::ZeroBubbleH1)
+            EXPECT_LE(acts[r].peak_bytes, 2 * whole) << r;
+          else if (s.chunks == 1)
+            EXPECT_DOUBLE_EQ(acts[r].peak_bytes, whole) << r;
+          else
+            EXPECT_LT(acts[r].peak_bytes, whole) << r;
+          EXPECT_GT(acts[r].peak_bytes, 0) << r;
+        }
+      }
+    }
+  }
+  // One stage, ZB-H1 with one micro-batch: F, then B (the state shrinks to what W needs), then W.
+  // The peak is the larger of the whole state and W's part.
+  ActivationShape a;
+  a.seq_len = 16;
+  a.layers = 4;
+  a.head = true;
+  a.recompute = 1;  // TrainingWorkload's default, selective
+  const double whole = double(activation_bytes_per_chunk(c, a));
+  const double for_w = double(weight_grad_bytes_per_chunk(c, a, true));
+  const auto one = stage_activations(c, {1, 1, 1, 1}, w, pipeline::zb_h1(1, 1));
+  EXPECT_DOUBLE_EQ(one[0].peak_bytes, std::max(whole, for_w));
 }
 
 }  // namespace

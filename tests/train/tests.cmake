@@ -8,7 +8,8 @@
 if(PARALLM_HAVE_MPI)
   string(JOIN " " flags ${PARALLM_MPIRUN_FLAGS})
   foreach(case "dp2:2:--dp 2" "tp2dp2_zero:4:--tp 2 --dp 2 --zero 1" "dp3_zero:3:--dp 3 --zero 1"
-               "tp3:3:--tp 3")
+               "tp3:3:--tp 3" "tp2pp2dp2:8:--tp 2 --pp 2 --dp 2"
+               "pp2zb:2:--pp 2 --schedule zb-h1")
     string(REPLACE ":" ";" parts "${case}")
     list(GET parts 0 name)
     list(GET parts 1 np)

@@ -10,10 +10,12 @@
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <iostream>
 #include <random>
 #include <sstream>
 
 #include "parallm/cli/command.h"
+#include "parallm/cli/train_flags.h"
 #include "parallm/comm/launch.h"
 #include "parallm/core/error.h"
 #include "parallm/core/thread_pool.h"
@@ -45,7 +47,9 @@ int run(Options o) {
   const std::string shown = t.model.empty() ? t.init : t.model;
   if (o.measure_steps < 1) fail("bench", "--steps must be >= 1, got ", o.measure_steps);
   if (o.warmup < 0) fail("bench", "--warmup must be >= 0, got ", o.warmup);
-  if (t.global_batch == 0) t.global_batch = t.micro_batch * t.dp;
+  // A pipeline needs micro-batches to fill it: 2 x pp per DP rank by default (a multiple of pp, as
+  // the interleaved schedule needs).
+  if (t.global_batch == 0) t.global_batch = t.micro_batch * t.dp * (t.pp > 1 ? 2 * t.pp : 1);
   t.steps = o.warmup + o.measure_steps;
   t.adamw.lr = 1e-4;
   t.adamw.schedule = "constant";
@@ -73,9 +77,13 @@ int run(Options o) {
   const double attn = 12.0 * static_cast<double>(config.num_hidden_layers) *
                       static_cast<double>(config.q_dim()) * static_cast<double>(t.seq_len);
   const double flops_per_token = 6.0 * N + attn;
-  std::printf("bench train: %s (%lld parameters), tp %d x dp %d%s, %s, %d threads/rank\n",
-              shown.c_str(), static_cast<long long>(r.param_count), t.tp, t.dp,
-              t.zero ? " ZeRO-1" : "", t.dtype.c_str(), r.threads);
+  std::printf(
+      "bench train: %s (%lld parameters), tp %d x pp %d x dp %d%s%s%s, %s, %d threads/rank\n",
+      shown.c_str(), static_cast<long long>(r.param_count), t.tp, t.pp, t.dp,
+      t.zero ? " ZeRO-1" : "", t.sp && t.tp > 1 ? " SP" : "",
+      t.recompute != "none" ? cat(" recompute ", t.recompute).c_str() : "", t.dtype.c_str(),
+      r.threads);
+  if (t.pp > 1) std::printf("  pipeline            %s\n", r.schedule_name.c_str());
   std::printf("  cpu                 %s, %d hardware threads, simd %s\n", cpu_name().c_str(),
               ThreadPool::hardware_threads(), kernels::simd_name(kernels::simd_level()).c_str());
   std::printf("  batch               %lld sequences x %lld tokens per step (micro-batch %lld)\n",
@@ -89,9 +97,13 @@ int run(Options o) {
               static_cast<long long>(config.num_hidden_layers),
               static_cast<long long>(config.q_dim()), static_cast<long long>(t.seq_len));
   std::printf("  GFLOP/s             %10.2f   (%.2f per thread)\n", tps * flops_per_token / 1e9,
-              tps * flops_per_token / 1e9 / (r.threads * t.tp * t.dp));
+              tps * flops_per_token / 1e9 / (r.threads * t.tp * t.pp * t.dp));
   std::printf("  optimizer bytes     %10.1f MB per rank (values, grads, m, v)\n",
               r.optimizer_bytes.empty() ? 0.0 : r.optimizer_bytes[0] / 1e6);
+  if (t.pp > 1) {
+    std::fflush(stdout);
+    train::print_pipeline_stats(r, std::cout);
+  }
   return 0;
 }
 
@@ -110,7 +122,7 @@ int run(Options o) {
        app.add_option("--micro-batch-size", o->t.micro_batch, "Sequences per micro-batch (4)")
            ->check(CLI::PositiveNumber);
        app.add_option("--global-batch-size", o->t.global_batch,
-                      "Sequences per step (default micro-batch-size x dp)")
+                      "Sequences per step (default micro-batch-size x dp, x 2 pp with --pp > 1)")
            ->check(CLI::NonNegativeNumber);
        app.add_option("--steps", o->measure_steps, "Measured steps (default 4)")
            ->check(CLI::PositiveNumber);
@@ -120,6 +132,7 @@ int run(Options o) {
            ->check(CLI::NonNegativeNumber);
        app.add_option("--tp", o->t.tp, "Tensor-parallel ranks")->check(CLI::PositiveNumber);
        app.add_option("--dp", o->t.dp, "Data-parallel replicas")->check(CLI::PositiveNumber);
+       add_pipeline_flags(app, o->t);
        app.add_option("--zero", o->t.zero, "1: ZeRO-1")->check(CLI::IsMember({0, 1}));
        app.add_option("--dtype", o->t.dtype, "f32 or bf16 compute")
            ->check(CLI::IsMember({"f32", "bf16"}));

@@ -32,8 +32,9 @@ struct Options {
   bool train = false;
   int64_t global_batch = 512, micro_batch = 1, seq_len = 4096;
   std::string optimizer = "adam", recompute = "selective", schedule = "1f1b";
-  bool no_sp = false;
+  bool no_sp = false, sp = false;
   int zero = 0, chunks = 1;
+  int64_t threads = 0;
   // Whether a flag was on the command line: a count or rate given is checked even when its
   // value (0) is what the planner takes for "absent".
   std::function<bool(const char*)> given = [](const char*) { return false; };
@@ -127,6 +128,8 @@ int run(const Options& o) {
   count_flag(o, o.micro_batch, "--micro-batch", kMaxTokens);
   count_flag(o, o.seq_len, "--seq-len", kMaxTokens);
   count_flag(o, o.chunks, "--chunks", 1024);
+  count_flag(o, o.threads, "--threads", 1 << 16);
+  if (o.sp && o.no_sp) fail("plan", "--sp and --no-sp contradict each other: give one");
   plan::PlanRequest req;
   req.model = plan::resolve_model(o.model, &req.model_name);
   req.cluster = plan::build_cluster(copt);
@@ -162,11 +165,29 @@ int run(const Options& o) {
     w.optimizer = plan::parse_optimizer(o.optimizer, "--optimizer");
     w.recompute = plan::parse_recompute(o.recompute, "--recompute");
     w.sequence_parallel = !o.no_sp;
+    // f32 is what parallm's engine trains in (the --gpu cpu default); GPUs: bf16 mixed precision.
+    w.precision = !o.given("--dtype") ? (dev.is_cpu ? plan::Precision::FP32 : plan::Precision::BF16)
+                                      : plan::parse_precision(o.dtype, "--dtype");
+    if (w.precision != plan::Precision::FP32 && w.precision != plan::Precision::BF16 &&
+        w.precision != plan::Precision::FP16)
+      fail("plan", "--dtype ", o.dtype, ": training runs in fp32 (parallm's engine), bf16 or fp16");
     if (o.zero < 0 || o.zero > 3) fail("plan", "--zero must be 0, 1, 2 or 3, got ", o.zero);
     w.zero = o.zero;
     w.schedule = pipeline::parse_schedule_kind(o.schedule);
     if (o.chunks < 1) fail("plan", "--chunks must be >= 1, got ", o.chunks);
     w.chunks = o.chunks;
+    // CPU ranks: the training kernels' rates, measured here at this model's shapes with each
+    // rank's threads (--flops, or "gflops" in the calibration, replaces them).
+    const bool flops_given =
+        o.gflops > 0 || (req.options.calibration && req.options.calibration->flops > 0);
+    if (dev.is_cpu && !flops_given) {
+      const int threads = o.threads > 0
+                              ? int(o.threads)
+                              : std::max(1, dev.cores / std::max(1, req.cluster.gpus_per_node));
+      // Every rank of the node at once: they share its cores and memory while they train.
+      req.options.training_rates = plan::measure_training_rates(req.model, w.micro_batch, w.seq_len,
+                                                                threads, req.cluster.gpus_per_node);
+    }
   } else {
     plan::InferenceWorkload& w = req.inference;
     if (o.batch < 1) fail("plan", "--batch must be >= 1, got ", o.batch);
@@ -218,7 +239,8 @@ const bool registered = register_command(
        app.add_option("--prompt-len", o->prompt_len, "Inference: prompt tokens (default 512)");
        app.add_option("--output-len", o->output_len, "Inference: generated tokens (default 128)");
        app.add_option("--dtype", o->dtype,
-                      "Weights: fp32, fp16, bf16, fp8, int8, int4 (default fp16)");
+                      "Weights: fp32, fp16, bf16, fp8, int8, int4 (default fp16); training: fp32 "
+                      "(parallm's engine, the --gpu cpu default), bf16 (default) or fp16");
        app.add_option("--kv-dtype", o->kv_dtype,
                       "KV cache (default: as weights; fp16 for int8/int4)");
        app.add_option("--act-dtype", o->act_dtype,
@@ -240,18 +262,24 @@ const bool registered = register_command(
        app.add_option("--dp", o->dp, "Only layouts with this DP");
        app.add_option("--ep", o->ep, "Only layouts with this EP");
        app.add_flag("--train", o->train, "Plan training instead of inference");
-       app.add_option("--global-batch", o->global_batch,
+       app.add_option("--global-batch,--global-batch-size", o->global_batch,
                       "Training: sequences per step (default 512)");
-       app.add_option("--micro-batch", o->micro_batch,
+       app.add_option("--micro-batch,--micro-batch-size", o->micro_batch,
                       "Training: sequences per micro-batch (default 1)");
        app.add_option("--seq-len", o->seq_len, "Training: sequence length (default 4096)");
        app.add_option("--optimizer", o->optimizer, "Training: adam or sgd");
        app.add_option("--recompute", o->recompute, "Training: none, selective (default), full");
        app.add_flag("--no-sp", o->no_sp, "Training: no sequence parallelism");
+       app.add_flag("--sp", o->sp, "Training: sequence parallelism with TP (the default)");
+       app.add_option("--threads", o->threads,
+                      "Training on --gpu cpu: threads per rank the kernels are measured with "
+                      "(default cores / ranks per node)");
        app.add_option("--zero", o->zero,
                       "Training: ZeRO stage 0-3 (shard optimizer/gradients/weights over DP)");
-       app.add_option("--schedule", o->schedule, "Training: gpipe, 1f1b (default), interleaved");
-       app.add_option("--chunks", o->chunks, "Training: model chunks per stage for interleaved");
+       app.add_option("--schedule", o->schedule,
+                      "Training: gpipe, 1f1b (default), interleaved, zb-h1");
+       app.add_option("--chunks,--virtual-stages", o->chunks,
+                      "Training: model chunks per stage for interleaved");
        // The subcommand outlives the run: ask it which flags were given.
        o->given = [&app](const char* flag) { return app.count(flag) > 0; };
        return [o] { return run(*o); };

@@ -1,6 +1,7 @@
-// parallm train: trains a LLaMA model on one rank or a TP x DP mesh (ranks as threads, or one
-// process per rank under mpirun), with AdamW, gradient accumulation, ZeRO-1 and checkpoints that
-// `parallm generate --model DIR` loads as they are. The loop is train/trainer.h.
+// parallm train: trains a LLaMA model on one rank or a TP x PP x DP mesh (ranks as threads, or
+// one process per rank under mpirun), with AdamW, gradient accumulation, pipeline schedules
+// (GPipe, 1F1B, interleaved, ZB-H1), sequence parallelism, activation recomputation, ZeRO-1 and
+// checkpoints that `parallm generate --model DIR` loads as they are. The loop is train/trainer.h.
 #include <algorithm>
 #include <charconv>
 #include <csignal>
@@ -9,6 +10,7 @@
 #include <memory>
 
 #include "parallm/cli/command.h"
+#include "parallm/cli/train_flags.h"
 #include "parallm/core/error.h"
 #include "parallm/train/trainer.h"
 
@@ -146,8 +148,9 @@ std::string parse_u64(const std::string& text, uint64_t* out, const char* flag) 
                       "Threads per rank (default: cores / ranks on this machine)")
            ->check(CLI::NonNegativeNumber);
        app.add_option("--tp", o->tp, "Tensor-parallel ranks")->check(CLI::PositiveNumber);
-       app.add_option("--dp", o->dp, "Data-parallel replicas (world size = tp x dp)")
+       app.add_option("--dp", o->dp, "Data-parallel replicas (world size = tp x pp x dp)")
            ->check(CLI::PositiveNumber);
+       add_pipeline_flags(app, *o);
        app.add_option("--zero", o->zero,
                       "1: shard the optimizer state over DP (Megatron's distributed optimizer)")
            ->check(CLI::IsMember({0, 1}));
@@ -180,6 +183,10 @@ std::string parse_u64(const std::string& text, uint64_t* out, const char* flag) 
                       "Seconds a blocking collective waits before failing (default 300)")
            ->check(CLI::PositiveNumber);
        app.add_flag("--quiet", o->quiet, "No progress lines");
+       app.add_flag("--stats", o->stats,
+                    "With --pp > 1: print per stage the busy time and bubble against the "
+                    "schedule's formula, F/B/W times, micro-batches in flight against the "
+                    "schedule's count, peak activation bytes, and the simulator's replay");
        return [o] { return run(*o); };
      }});
 

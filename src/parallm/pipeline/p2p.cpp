@@ -19,10 +19,10 @@ int StageLink::tag(int micro_batch, int chunk, int kind) const {
   if (micro_batch < 0 || chunk < 0 || chunk >= chunks_)
     fail("pipeline", "p2p key (micro-batch ", micro_batch, ", chunk ", chunk, ") out of range (",
          chunks_, " chunks)");
-  const int64_t t = kFirstTag + 3 * (static_cast<int64_t>(micro_batch) * chunks_ + chunk) + kind;
+  const int64_t t = kFirstTag + 4 * (static_cast<int64_t>(micro_batch) * chunks_ + chunk) + kind;
   if (t > kMaxTag)
     fail("pipeline", "micro-batch ", micro_batch, " chunk ", chunk,
-         " is past the p2p tag space (at most ", (kMaxTag - kFirstTag) / (3 * chunks_),
+         " is past the p2p tag space (at most ", (kMaxTag - kFirstTag) / (4 * chunks_),
          " micro-batches with ", chunks_, " chunks)");
   return static_cast<int>(t);
 }
@@ -56,12 +56,25 @@ Activation& StageLink::recv_activation(int from, int micro_batch, int chunk) {
   return a;
 }
 
+void StageLink::release(int micro_batch, int chunk) {
+  inbox_.erase({micro_batch, chunk});
+}
+
 void StageLink::send_result(int to, int micro_batch, const int32_t* values, size_t count) const {
   pp_.send(values, count * sizeof(int32_t), to, tag(micro_batch, 0, 2));
 }
 
 void StageLink::recv_result(int from, int micro_batch, int32_t* values, size_t count) const {
   pp_.recv(values, count * sizeof(int32_t), from, tag(micro_batch, 0, 2));
+}
+
+void StageLink::send_grad(int to, int micro_batch, int chunk, const float* data,
+                          size_t count) const {
+  pp_.send(data, count * sizeof(float), to, tag(micro_batch, chunk, 3));
+}
+
+void StageLink::recv_grad(int from, int micro_batch, int chunk, float* data, size_t count) const {
+  pp_.recv(data, count * sizeof(float), from, tag(micro_batch, chunk, 3));
 }
 
 }  // namespace parallm::pipeline

@@ -1,8 +1,9 @@
 // Stage-to-stage transport of a pipeline: activations forward (a small integer header that says
-// what the rows are, then the rows), and per-micro-batch results (sampled tokens) back from the
-// last stage to the first. Every message is keyed by (micro-batch, model chunk): its tag is derived
-// from the key, and each received activation lands in its own buffer, kept until the next message
-// with the same key. So schedules that hold several micro-batches in flight on one stage (1F1B,
+// what the rows are, then the rows), per-micro-batch results (sampled tokens) back from the
+// last stage to the first, and in training the activations' gradients backward. Every message is
+// keyed by (micro-batch, model chunk): its tag is derived from the key, and each received
+// activation lands in its own buffer, kept until the next message with the same key (or
+// release()). So schedules that hold several micro-batches in flight on one stage (1F1B,
 // interleaved; training keeps activations for the backward) never share a buffer, and a message
 // cannot be taken for another key's.
 //
@@ -36,12 +37,23 @@ class StageLink {
                        const float* data, size_t count) const;
   // Waits for key (micro_batch, chunk) from stage `from`; the buffer is this key's own.
   Activation& recv_activation(int from, int micro_batch, int chunk);
+  // Frees the buffer of key (micro_batch, chunk) once its rows are consumed (training copies
+  // them into the micro-batch's state, so a stage need not hold every key's rows until the next
+  // step). A later recv of the key allocates it again.
+  void release(int micro_batch, int chunk);
 
   // Results of a micro-batch (e.g. sampled token ids), `count` known to both sides.
   void send_result(int to, int micro_batch, const int32_t* values, size_t count) const;
   void recv_result(int from, int micro_batch, int32_t* values, size_t count) const;
 
-  // Tags: kFirstTag + 3 * (micro_batch * chunks + chunk) + kind; kind 0 header, 1 rows, 2 result.
+  // Training: the gradient of an activation, backward (`count` floats, known to both sides). Its
+  // own tag kind, so a gradient never matches an activation of the same key, even between the two
+  // stages of a two-stage pipeline, which send both ways.
+  void send_grad(int to, int micro_batch, int chunk, const float* data, size_t count) const;
+  void recv_grad(int from, int micro_batch, int chunk, float* data, size_t count) const;
+
+  // Tags: kFirstTag + 4 * (micro_batch * chunks + chunk) + kind; kind 0 header, 1 rows, 2 result,
+  // 3 gradient. Tags below kFirstTag are free for the caller's own messages on the same group.
   static constexpr int kFirstTag = 1000;
   int tag(int micro_batch, int chunk, int kind) const;
 

@@ -408,33 +408,61 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
   const Rates r{rank_flops(cl, o), rank_mem_bw(cl, o, std::min(l.world(), cl.gpus_per_node))};
   const double h = double(c.hidden_size), T = double(w.micro_batch) * double(w.seq_len);
   const bool sp = w.sequence_parallel && l.tp > 1;
+  // Bytes per activation value (and per value of a TP or PP message), per weight and gradient.
+  const double ab = precision_bytes(w.precision), wb = ab;
+  // The products' rates: parallm's kernels as measured here, or the rank's FLOP/s for all.
+  const TrainingRates& kr = o.training_rates;
+  const bool measured = kr.measured() && !(o.flops > 0);
+  const double gemm_f = measured ? kr.gemm_forward : r.flops;
+  const double gemm_b = measured ? kr.gemm_backward : r.flops;
+  const double attn_f = measured ? kr.attention_forward : r.flops;
+  const double attn_b = measured ? kr.attention_backward : r.flops;
 
-  // Per micro-batch, per stage: the slowest stage sets the pace.
-  double tf = 0, tb = 0, params_dev = 0, expert_params_dev = 0;
+  // Per micro-batch, per stage; the simulator runs the schedule with each stage's own times (the
+  // first holds the embedding, the last the LM head and the loss). The slowest stage's are shown.
+  double tf = 0, tb = 0, tw = 0, params_dev = 0, expert_params_dev = 0;
+  pipeline::SimOptions sim_opt;
   std::vector<CostTerm> terms;
   for (int s = 0; s < l.pp; ++s) {
     const StageParams P = stage_params(c, l, s);
     const double L = double(P.layers);
     const double expert_dev = 3 * h * double(c.intermediate_size) / l.tp;
     const double mlp_tok = c.is_moe() ? P.mlp + L * c.num_experts_per_tok * expert_dev : P.mlp;
-    const double head_mat = s == l.pp - 1 ? double(ceil_div(c.vocab_size, l.tp)) * h : 0.0;
+    const double v_local = double(ceil_div(c.vocab_size, l.tp));
+    const double head_mat = s == l.pp - 1 ? v_local * h : 0.0;
     const double linear = 2 * T * (P.attention + mlp_tok + head_mat);
     const double core_attn = 2 * T * double(w.seq_len) * double(c.q_dim()) / l.tp * L;  // causal
-    const double fwd_c = std::max((linear + core_attn) / r.flops, 2 * P.total() / r.bw);
-    double bwd_c = 2 * (linear + core_attn) / r.flops;
+    // Elementwise passes, memory-bound: each reads and writes its tensors once. Per layer: the
+    // two RMSNorms (2 h each; SP: this rank's rows), the two residual adds (3 h each), RoPE and the
+    // copies out of the QKV output (2 (qd + 2 kvd)), SwiGLU (3 f); the head's stage: the
+    // cross-entropy's passes over the logits (max, exp-sum, gradient: 3 V_local), the embedding's
+    // lookup (h). The backward makes about twice the passes.
+    const double h_rows = sp ? h / l.tp : h;
+    const double qkv_local =
+        double(c.q_dim()) / l.tp + 2.0 * double(kv_heads_per_rank(c, l.tp) * c.head_dim);
+    const double f_local = double(ceil_div(c.intermediate_size, l.tp)) *
+                           (c.is_moe() ? double(c.num_experts_per_tok) : 1.0);
+    double elem = L * (10 * h_rows + 2 * qkv_local + 3 * f_local);
+    if (s == l.pp - 1) elem += 3 * v_local;
+    if (s == 0) elem += h_rows;
+    const double elem_time = T * elem * ab / r.bw;
+    const double fwd_c =
+        std::max(linear / gemm_f + core_attn / attn_f + elem_time, wb * P.total() / r.bw);
+    double bwd_c = 2 * linear / gemm_b + 2 * core_attn / attn_b + 2 * elem_time;
     if (w.recompute == Recompute::Full) bwd_c += fwd_c;
-    if (w.recompute == Recompute::Selective) bwd_c += core_attn / r.flops;
+    // Selective: the softmax recomputed from q and k (QK^T, half the attention's forward).
+    if (w.recompute == Recompute::Selective) bwd_c += 0.5 * core_attn / attn_f;
     // TP: two all-reduces per layer forward and two backward; with SP each becomes a
     // reduce-scatter + all-gather pair. Full recompute repeats the forward ones.
     double tp_f = 0;
-    CostTerm tp_term{"tp collectives", 0, T * h * 2, 0, e.tp_link};
+    CostTerm tp_term{"tp collectives", 0, T * h * ab, 0, e.tp_link};
     if (l.tp > 1) {
       double one;
       if (sp)
-        one = collective_cost(Collective::ReduceScatter, T * h * 2, l.tp, *k.tp, cal).seconds +
-              collective_cost(Collective::AllGather, T * h * 2, l.tp, *k.tp, cal).seconds;
+        one = collective_cost(Collective::ReduceScatter, T * h * ab, l.tp, *k.tp, cal).seconds +
+              collective_cost(Collective::AllGather, T * h * ab, l.tp, *k.tp, cal).seconds;
       else
-        one = collective_cost(Collective::AllReduce, T * h * 2, l.tp, *k.tp, cal).seconds;
+        one = collective_cost(Collective::AllReduce, T * h * ab, l.tp, *k.tp, cal).seconds;
       tp_f = 2 * L * one;
       if (s == l.pp - 1)  // vocab-parallel cross-entropy: max, sum and target logit per token
         tp_f += 3 * collective_cost(Collective::AllReduce, T * 4, l.tp, *k.tp, cal).seconds;
@@ -443,20 +471,36 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
     const double tp_b = w.recompute == Recompute::Full ? 2 * tp_f : tp_f;
     double ep_f = 0;
     if (l.ep > 1)
-      ep_f =
-          2 * L *
-          collective_cost(Collective::AllToAll, T * c.num_experts_per_tok * h * 2, l.ep, *k.ep, cal)
-              .seconds;
+      ep_f = 2 * L *
+             collective_cost(Collective::AllToAll, T * c.num_experts_per_tok * h * ab, l.ep, *k.ep,
+                             cal)
+                 .seconds;
     double zero3 =
         0;  // ZeRO-3 gathers the stage's weights for the forward and again for the backward
     if (w.zero >= 3 && l.dp > 1)
-      zero3 = collective_cost(Collective::AllGather, 2 * P.total(), l.dp, *k.dp, cal).seconds;
+      zero3 = collective_cost(Collective::AllGather, wb * P.total(), l.dp, *k.dp, cal).seconds;
     const double stage_f = fwd_c + tp_f + ep_f + zero3, stage_b = bwd_c + tp_b + ep_f + zero3;
+    // ZB-H1's W: the weight-gradient products, half the backward's (dW = dY^T X beside dX = dY W);
+    // B is the rest of the backward.
+    const double stage_w = linear / gemm_b;
+    sim_opt.stage_forward.push_back(stage_f);
+    sim_opt.stage_backward.push_back(stage_b);
+    sim_opt.stage_weight.push_back(stage_w);
     if (stage_f + stage_b > tf + tb) {
       tf = stage_f;
       tb = stage_b;
+      tw = stage_w;
       tp_term.seconds = (tp_f + tp_b) * m;
-      terms = {{"matmuls", 0, 0, (fwd_c + bwd_c) * m, ""}};
+      terms = {{"matmuls", 0, 0, (linear / gemm_f + 2 * linear / gemm_b) * m,
+                measured ? "parallm's kernels, measured here" : ""},
+               {"attention core", 0, 0,
+                (core_attn / attn_f + 2 * core_attn / attn_b +
+                 (w.recompute == Recompute::Selective ? 0.5 * core_attn / attn_f : 0)) *
+                    m,
+                ""},
+               {"elementwise passes (memory-bound)", 0, 0, 3 * elem_time * m, ""}};
+      if (w.recompute == Recompute::Full)
+        terms.push_back({"full recompute (forward again)", 0, 0, fwd_c * m, ""});
       if (l.tp > 1) terms.push_back(tp_term);
       if (l.ep > 1)
         terms.push_back({"ep all-to-all", int(4 * P.layers), 0, 2 * ep_f * m, k.ep->name});
@@ -469,12 +513,16 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
   for (int s = 0; s + 1 < l.pp; ++s)
     p2p = std::max(
         p2p,
-        collective_cost(Collective::P2P, T * h * 2 / (sp ? l.tp : 1), 2, *k.pp[s], cal).seconds);
+        collective_cost(Collective::P2P, T * h * ab / (sp ? l.tp : 1), 2, *k.pp[s], cal).seconds);
   e.forward_time = tf;
   e.backward_time = tb;
   e.p2p_time = p2p;
   const pipeline::Schedule sched = pipeline::make_schedule(kind, l.pp, m, v, false);
-  const pipeline::SimResult sim = pipeline::simulate(sched, {tf, tb, p2p});
+  sim_opt.forward_time = tf;
+  sim_opt.backward_time = tb;
+  sim_opt.weight_time = tw;
+  sim_opt.p2p_time = p2p;
+  const pipeline::SimResult sim = pipeline::simulate(sched, sim_opt);
   e.bubble_fraction = sim.bubble_fraction;
   e.peak_in_flight = sim.peak_in_flight[0];
   if (l.pp > 1)
@@ -486,15 +534,19 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
   const double dense_dev = params_dev - expert_params_dev;
   if (l.dp > 1)
     e.dp_comm_time +=
-        collective_cost(Collective::AllReduce, 2 * dense_dev, l.dp, *k.dp, cal).seconds;
+        collective_cost(Collective::AllReduce, wb * dense_dev, l.dp, *k.dp, cal).seconds;
   if (l.dp / l.ep > 1 && expert_params_dev > 0)
     e.dp_comm_time +=
-        collective_cost(Collective::AllReduce, 2 * expert_params_dev, l.dp / l.ep, *k.dp, cal)
+        collective_cost(Collective::AllReduce, wb * expert_params_dev, l.dp / l.ep, *k.dp, cal)
             .seconds;
   if (e.dp_comm_time > 0)
-    terms.push_back({"dp gradient all-reduce", 1, 2 * dense_dev, e.dp_comm_time, e.dp_link});
+    terms.push_back({"dp gradient all-reduce", 1, wb * dense_dev, e.dp_comm_time, e.dp_link});
   // Optimizer: reads weights, gradients and states, writes weights and states (memory-bound).
-  const double opt_bytes_per_param = w.optimizer == Optimizer::Adam ? 30 : 22;
+  // f32 (parallm): Adam reads p, g, m, v and writes p, m, v (28 bytes), the gradient clipping reads
+  // g and zeroing writes it (8): 36; SGD with momentum 20 + 8. Mixed precision: 30 and 22.
+  const bool f32 = w.precision == Precision::FP32;
+  const double opt_bytes_per_param =
+      w.optimizer == Optimizer::Adam ? (f32 ? 36 : 30) : (f32 ? 28 : 22);
   e.optimizer_time = params_dev / (w.zero >= 1 ? l.dp : 1) * opt_bytes_per_param / r.bw;
   terms.push_back({"optimizer step", 1, 0, e.optimizer_time, ""});
   e.step_time = sim.makespan + e.dp_comm_time + e.optimizer_time;
@@ -504,8 +556,14 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
   e.mfu =
       training_flops_per_token(c, w.seq_len) * e.tokens_per_s / (l.world() * cl.device.peak_flops);
 
+  e.stage_activations = stage_activations(c, l, w, sched);
+  e.stage_in_flight = sim.peak_in_flight;
+  e.stage_forward_time = sim_opt.stage_forward;
+  e.stage_backward_time = sim_opt.stage_backward;
+  e.stage_weight_time = sim_opt.stage_weight;
   for (int s = 0; s < l.pp; ++s) {
-    const MemoryBreakdown mem = training_memory(c, l, w, s, sim.peak_in_flight[s]);
+    MemoryBreakdown mem = training_memory(c, l, w, s, 0);
+    mem.activations = e.stage_activations[s].peak_bytes + e.stage_activations[s].scratch;
     if (s == 0 || mem.total() > e.memory.total()) e.memory = mem;
   }
   e.capacity = cl.device.usable_memory();
@@ -525,10 +583,11 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
     e.reasons.push_back(
         cat("TP over ", k.tp->name, ": activations cross a slow link 4x per layer"));
   if (l.pp > 1)
-    e.reasons.push_back(
-        cat("pipeline bubble ", fmt::format("{:.1f}", 100 * e.bubble_fraction), "% (",
-            schedule_kind_name(kind), ", ", m, " micro-batches over ", l.pp, " stages; formula ",
-            fmt::format("{:.1f}", 100 * pipeline::bubble_formula(kind, l.pp, m, v)), "%)"));
+    e.reasons.push_back(cat(
+        "pipeline bubble ", fmt::format("{:.1f}", 100 * e.bubble_fraction), "% (",
+        schedule_kind_name(kind), ", ", m, " micro-batches over ", l.pp, " stages; formula ",
+        fmt::format("{:.1f}", 100 * pipeline::bubble_formula(kind, l.pp, m, v, {tf, tb, p2p, tw})),
+        "%)"));
   if (e.dp_comm_time > 0.1 * e.step_time)
     e.reasons.push_back(cat("DP gradient all-reduce over ", e.dp_link, " takes ",
                             fmt::format("{:.0f}", 100 * e.dp_comm_time / e.step_time),

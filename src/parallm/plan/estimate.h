@@ -27,6 +27,9 @@ struct PlanOptions {
   // device's figure (measured with the node's), or no cap when mem_bw is given without it.
   double rank_mem_bw = 0;
   double flops = 0;  // FLOP/s per rank (measured); 0: the catalog's
+  // Training on CPU ranks: what parallm's kernels reach here (measure_training_rates); when not
+  // measured, every product runs at rank_flops.
+  TrainingRates training_rates;
 };
 
 // One line of a cost: what, how many, how long in total on the critical path.
@@ -70,6 +73,13 @@ struct LayoutEstimate {
   double forward_time = 0, backward_time = 0, p2p_time = 0;  // per micro-batch per stage
   double dp_comm_time = 0, optimizer_time = 0;
   double peak_in_flight = 0;  // micro-batches held by stage 0
+  // Per pipeline stage: held activations (the fullest TP rank) under the schedule, by walking its
+  // action list with activation_bytes_per_chunk's bytes.
+  std::vector<StageActivations> stage_activations;
+  std::vector<double> stage_in_flight;  // [stage] the simulator's peak, micro-batch units
+  // [stage] seconds per micro-batch the simulator ran: forward, whole backward, and ZB-H1's W
+  // share of it (the weight-gradient products).
+  std::vector<double> stage_forward_time, stage_backward_time, stage_weight_time;
   std::vector<CostTerm> step_terms;
 };
 

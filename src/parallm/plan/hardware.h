@@ -11,6 +11,8 @@
 #include <string_view>
 #include <vector>
 
+#include "parallm/model/config.h"
+
 namespace parallm::plan {
 
 // Number formats of weights, KV cache and activations.
@@ -82,6 +84,26 @@ LinkSpec nvlink_with_links(int links);
 // Measures this machine's memory read bandwidth with all cores (bytes/s): streams a buffer much
 // larger than the last-level cache a few times and keeps the best run. About 0.1-0.3 s.
 double measure_memory_bandwidth(int threads);
+
+// FLOP/s parallm's CPU training kernels reach on this machine (per rank), for the planner's
+// training step time: the linear layers' products (kernels::linear_forward, linear_backward_input
+// and linear_backward_weight, OpenBLAS) and the causal attention (kernels::attention_forward and
+// attention_backward), counted as the planner counts them: 2 flops per multiply-add, attention
+// 2 b a s^2 d forward and 4 b a s^2 d backward (the unmasked half of QK^T and PV, and of their
+// four gradient products).
+struct TrainingRates {
+  double gemm_forward = 0, gemm_backward = 0;
+  double attention_forward = 0, attention_backward = 0;
+  bool measured() const { return gemm_forward > 0; }
+};
+// Measures them with `ranks` ranks at once (the ranks of a node share its cores and memory; at
+// most one per hardware thread, and 16), each with `threads` threads, at the shapes of `c`'s layer
+// (TP 1; sides capped at 4096) for micro-batches of `micro_batch` sequences of `seq_len` tokens;
+// the ranks' mean. The four products of a layer at up to 512 tokens (fewer for wide layers, at
+// least 64: one pass stays near 4 GFLOP), attention on up to 8 query heads of one sequence of up
+// to 512 tokens. The median of five runs after a warm-up; about 0.3-3 s.
+TrainingRates measure_training_rates(const ModelConfig& c, int64_t micro_batch, int64_t seq_len,
+                                     int threads, int ranks = 1);
 
 // Measurements that replace catalog figures: `parallm bench comm` writes the comm part,
 //   {"backend": "mpi", "world": 2, "ops": {"all_reduce": {"alpha_us": 12.0, "beta_gbps": 3.1},

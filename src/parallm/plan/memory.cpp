@@ -9,14 +9,6 @@
 #include "parallm/pipeline/partition.h"
 
 namespace parallm::plan {
-namespace {
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-}  // namespace
-
 std::string layout_problem(const ModelConfig& c, const Layout& l) {
   if (l.tp < 1 || l.pp < 1 || l.dp < 1 || l.ep < 1)
     return cat("every degree must be >= 1 (", l.str(), ")");
@@ -108,6 +100,59 @@ double activation_bytes_per_layer(const ModelConfig& c, int64_t s, int64_t b, in
   return bytes;
 }
 
+int64_t activation_bytes_per_chunk(const ModelConfig& c, const ActivationShape& a) {
+  if (a.micro_batch < 1)
+    fail("plan", "activation shape: micro_batch must be >= 1, got ", a.micro_batch);
+  if (a.seq_len < 1) fail("plan", "activation shape: seq_len must be >= 1, got ", a.seq_len);
+  if (a.tp < 1) fail("plan", "activation shape: tp must be >= 1, got ", a.tp);
+  if (a.tp_rank < 0 || a.tp_rank >= a.tp)
+    fail("plan", "activation shape: tp_rank ", a.tp_rank, " out of 0..", a.tp - 1);
+  if (a.recompute < 0 || a.recompute > 2)
+    fail("plan", "activation shape: recompute must be 0 (none), 1 (selective) or 2 (full), got ",
+         a.recompute);
+  if (a.layers < 0) fail("plan", "activation shape: layers must be >= 0, got ", a.layers);
+  const int64_t B = a.micro_batch, S = a.seq_len, T = B * S, H = c.hidden_size;
+  const int64_t T_sp =
+      a.sequence_parallel ? parallel::ShardSpec::even(T, a.tp, a.tp_rank).size() : T;
+  const parallel::HeadPlan heads =
+      parallel::HeadPlan::make(c.num_attention_heads, c.num_key_value_heads, a.tp, a.tp_rank);
+  const int64_t qd = heads.q_heads * c.head_dim, kvd = heads.kv_heads * c.head_dim;
+  // The engine trains dense MLPs; a mixture of experts is counted as top-k MLPs per token.
+  const int64_t ffn = c.intermediate_size * (c.is_moe() ? c.num_experts_per_tok : 1);
+  const int64_t f = parallel::ShardSpec::even(ffn, a.tp, a.tp_rank).size();
+  int64_t per_layer = 0;  // floats
+  if (a.recompute == 2) {
+    per_layer = T_sp * H;
+  } else {
+    per_layer = T_sp * (4 * H + 2) + T * (2 * qd + 2 * kvd + 3 * f);
+    if (a.recompute == 0) per_layer += B * heads.q_heads * S * S;
+  }
+  int64_t floats = a.layers * per_layer;
+  if (a.head) {
+    const int64_t v_local = parallel::ShardSpec::even(c.vocab_size, a.tp, a.tp_rank).size();
+    floats += T_sp * (2 * H + 1) + T * v_local;
+  }
+  return floats * int64_t(sizeof(float));
+}
+
+int64_t weight_grad_bytes_per_chunk(const ModelConfig& c, const ActivationShape& a,
+                                    bool embedding) {
+  activation_bytes_per_chunk(c, a);  // the same checks
+  const int64_t T = a.micro_batch * a.seq_len, H = c.hidden_size;
+  const int64_t T_sp =
+      a.sequence_parallel ? parallel::ShardSpec::even(T, a.tp, a.tp_rank).size() : T;
+  const parallel::HeadPlan heads =
+      parallel::HeadPlan::make(c.num_attention_heads, c.num_key_value_heads, a.tp, a.tp_rank);
+  const int64_t qd = heads.q_heads * c.head_dim, kvd = heads.kv_heads * c.head_dim;
+  const int64_t ffn = c.intermediate_size * (c.is_moe() ? c.num_experts_per_tok : 1);
+  const int64_t f = parallel::ShardSpec::even(ffn, a.tp, a.tp_rank).size();
+  int64_t floats = a.layers * (2 * T_sp * H + T * (2 * qd + 2 * kvd + 3 * f + 2 * H));
+  if (a.head)
+    floats += T_sp * H + T * parallel::ShardSpec::even(c.vocab_size, a.tp, a.tp_rank).size();
+  if (embedding) floats += T_sp * H;
+  return floats * int64_t(sizeof(float));
+}
+
 double korthikanti_gpt_bytes_per_layer(int64_t s, int64_t b, int64_t h, int64_t a, int t, bool sp,
                                        Recompute r) {
   const double sbh = double(s) * double(b) * double(h);
@@ -142,6 +187,95 @@ MemoryBreakdown inference_memory(const ModelConfig& c, const Layout& l, const In
   return m;
 }
 
+std::vector<double> chunk_activation_bytes(const ModelConfig& c, const Layout& l,
+                                           const TrainingWorkload& w, int chunks, int stage,
+                                           int tp_rank, bool after_input) {
+  if (chunks < 1) fail("plan", "chunks must be >= 1, got ", chunks);
+  if (stage < 0 || stage >= l.pp) fail("plan", "stage ", stage, " out of 0..", l.pp - 1);
+  const int virtual_stages = l.pp * chunks;
+  const std::vector<pipeline::StageLayers> parts =
+      pipeline::partition_layers(c.num_hidden_layers, virtual_stages);
+  const double scale = precision_bytes(w.precision) / sizeof(float);
+  ActivationShape a;
+  a.micro_batch = w.micro_batch;
+  a.seq_len = w.seq_len;
+  a.tp = l.tp;
+  a.tp_rank = tp_rank;
+  a.sequence_parallel = w.sequence_parallel && l.tp > 1;
+  a.recompute = w.recompute == Recompute::None ? 0 : w.recompute == Recompute::Selective ? 1 : 2;
+  std::vector<double> out;
+  for (int ch = 0; ch < chunks; ++ch) {
+    const int g = ch * l.pp + stage;
+    a.layers = parts[size_t(g)].count();
+    a.head = g == virtual_stages - 1;
+    const double bytes = after_input ? double(weight_grad_bytes_per_chunk(c, a, g == 0))
+                                     : double(activation_bytes_per_chunk(c, a));
+    out.push_back(bytes * scale);
+  }
+  return out;
+}
+
+std::vector<StageActivations> stage_activations(const ModelConfig& c, const Layout& l,
+                                                const TrainingWorkload& w,
+                                                const pipeline::Schedule& s) {
+  if (s.stages != l.pp) fail("plan", "schedule of ", s.stages, " stages for a layout of PP=", l.pp);
+  const double scale = precision_bytes(w.precision) / sizeof(float);
+  std::vector<StageActivations> out;
+  for (int st = 0; st < l.pp; ++st) {
+    StageActivations best;
+    best.stage = st;
+    for (int r = 0; r < l.tp; ++r) {
+      const std::vector<double> bytes = chunk_activation_bytes(c, l, w, s.chunks, st, r);
+      const std::vector<double> for_w = chunk_activation_bytes(c, l, w, s.chunks, st, r, true);
+      StageActivations a;
+      a.stage = st;
+      for (double b : bytes) a.per_micro_batch += b;
+      double held = 0;
+      int states = 0;
+      for (const pipeline::Action& act : s.actions(st)) {
+        const size_t ch = size_t(act.chunk);
+        switch (act.kind) {
+          case pipeline::ActionKind::Forward:
+            held += bytes[ch];
+            ++states;
+            break;
+          case pipeline::ActionKind::Backward:
+            held -= bytes[ch];
+            --states;
+            break;
+          case pipeline::ActionKind::BackwardInput:
+            held += for_w[ch] - bytes[ch];
+            break;
+          case pipeline::ActionKind::BackwardWeight:
+            held -= for_w[ch];
+            --states;
+            break;
+          default:
+            break;
+        }
+        a.peak_bytes = std::max(a.peak_bytes, held);
+        a.peak_states = std::max(a.peak_states, states);
+      }
+      // Scratch: one layer's whole state (recompute none), and the logits [T, V_local] on the
+      // head's stage.
+      ActivationShape one;
+      one.micro_batch = w.micro_batch;
+      one.seq_len = w.seq_len;
+      one.tp = l.tp;
+      one.tp_rank = r;
+      one.sequence_parallel = w.sequence_parallel && l.tp > 1;
+      one.layers = 1;
+      a.scratch = double(activation_bytes_per_chunk(c, one)) * scale;
+      if (st == l.pp - 1)  // the last virtual stage, (v - 1) p + p - 1, is on the last stage
+        a.scratch += double(w.micro_batch) * double(w.seq_len) *
+                     double(parallel::ShardSpec::even(c.vocab_size, l.tp, r).size()) * 4 * scale;
+      if (r == 0 || a.peak_bytes + a.scratch > best.peak_bytes + best.scratch) best = a;
+    }
+    out.push_back(best);
+  }
+  return out;
+}
+
 MemoryBreakdown training_memory(const ModelConfig& c, const Layout& l, const TrainingWorkload& w,
                                 int stage, double in_flight) {
   const StageParams p = stage_params(c, l, stage);
@@ -152,21 +286,15 @@ MemoryBreakdown training_memory(const ModelConfig& c, const Layout& l, const Tra
     return bytes_per_param *
            (p.dense() / (shard ? dp_dense : 1) + p.experts / (shard ? dp_expert : 1));
   };
-  m.weights = sharded(2, w.zero >= 3);
-  m.gradients = sharded(2, w.zero >= 2);
-  m.optimizer = sharded(w.optimizer == Optimizer::Adam ? 12 : 8, w.zero >= 1);
-  const bool sp = w.sequence_parallel && l.tp > 1;
-  const double per_layer =
-      activation_bytes_per_layer(c, w.seq_len, w.micro_batch, l.tp, sp, w.recompute);
-  const double T = double(w.seq_len) * double(w.micro_batch), h = double(c.hidden_size);
-  double per_micro_batch = double(p.layers) * per_layer;
-  if (stage == 0) per_micro_batch += 2 * T * h / (sp ? l.tp : 1);  // embedding output
-  if (stage == l.pp - 1)  // logits in bf16 and their fp32 softmax, vocab-parallel
-    per_micro_batch += T * double(ceil_div(c.vocab_size, l.tp)) * (2 + 4);
-  m.activations = in_flight * per_micro_batch;
-  if (w.recompute == Recompute::Full)  // the layer being recomputed holds its full activations
-    m.activations +=
-        activation_bytes_per_layer(c, w.seq_len, w.micro_batch, l.tp, sp, Recompute::None);
+  const bool f32 = w.precision == Precision::FP32;
+  const bool adam = w.optimizer == Optimizer::Adam;
+  m.weights = sharded(f32 ? 4 : 2, w.zero >= 3);
+  m.gradients = sharded(f32 ? 4 : 2, w.zero >= 2);
+  m.optimizer = sharded(f32 ? (adam ? 8 : 4) : (adam ? 12 : 8), w.zero >= 1);
+  // One micro-batch through the stage's chunks (v = 1: the stage is one chunk), the fullest rank.
+  const pipeline::Schedule one = pipeline::make_schedule(pipeline::ScheduleKind::GPipe, l.pp, 1);
+  const StageActivations a = stage_activations(c, l, w, one)[size_t(stage)];
+  m.activations = in_flight * a.per_micro_batch + a.scratch;
   return m;
 }
 

@@ -75,6 +75,65 @@ double activation_bytes_per_layer(const ModelConfig& c, int64_t s, int64_t b, in
 double korthikanti_gpt_bytes_per_layer(int64_t s, int64_t b, int64_t h, int64_t a, int t, bool sp,
                                        Recompute r);
 
+// The engine's training model (train/model.h), exactly: the bytes that one held (micro-batch,
+// chunk) state keeps from its forward to its backward, what TrainModel::activation_stats() counts
+// for it. f32 (4 bytes) throughout, whatever the compute dtype: the BF16 mode rounds weights, not
+// activations. With T = micro_batch * seq_len tokens, T_sp = this rank's rows of them under SP
+// (ShardSpec::even(T, tp, tp_rank)) else T, and this rank's heads, FFN rows and vocabulary rows by
+// the engine's split (HeadPlan::make: KV heads replicated when tp > KV heads; ShardSpec::even:
+// uneven FFN and vocabulary shards differ by a row, by tp_rank):
+//   per layer, no recompute: x, xn1, x2, xn2 [T_sp, H]; rstd1, rstd2 [T_sp]; q, attn [T, qd];
+//     k, v [T, kvd]; probs [B, hq, S, S]; gate|up [T, 2f]; h = silu(gate)*up [T, f]
+//   selective: the same without probs;  full: x [T_sp, H] only
+//   the chunk with the head adds xlast, xf [T_sp, H], rstdf [T_sp], dlogits [T, V_local]
+// Scratch that no state owns (the QKV GEMM output, backward and recompute buffers, the logits) is
+// not counted; neither is what the zero-bubble split keeps between B and W. docs/
+// parallelism-guide.md derives it. Throws std::invalid_argument naming the field out of range.
+struct ActivationShape {
+  int64_t micro_batch = 1, seq_len = 1;
+  int tp = 1, tp_rank = 0;
+  bool sequence_parallel = false;
+  int recompute = 0;   // 0 none, 1 selective, 2 full
+  int64_t layers = 0;  // layers in the chunk
+  bool head = false;   // the chunk has the final norm, LM head and loss
+};
+int64_t activation_bytes_per_chunk(const ModelConfig& c, const ActivationShape& a);
+// ZB-H1's split backward (TrainMode::defer_weight_grads): what the state keeps from its B (the
+// input gradient) to its W (the weight gradients), whatever the recompute mode:
+//   per layer: xn1, xn2 [T_sp, H] (the norm outputs, inputs of QKV and gate|up); attn [T, qd] and
+//     h [T, f] (inputs of o_proj and down_proj); the gradients of the QKV output [T, qd + 2 kvd],
+//     of gate|up [T, 2f], and of the attention's and the MLP's outputs [T, H] each (all rows)
+//   the head's chunk: xf [T_sp, H], dlogits [T, V_local];  the embedding's chunk (`embedding`):
+//     the embedding output's gradient [T_sp, H]
+int64_t weight_grad_bytes_per_chunk(const ModelConfig& c, const ActivationShape& a, bool embedding);
+
+// One TP rank's held activation bytes per local model chunk of pipeline stage `stage` under `w`
+// (activation_bytes_per_chunk at w.precision's bytes per value: x 1 for f32, x 1/2 for 16 bits):
+// chunk c is virtual stage c * pp + stage; the virtual stages' layers are the engine's
+// pipeline::partition_layers(layers, pp * chunks); the last virtual stage has the head.
+// `after_input`: what each chunk keeps between ZB's B and W (weight_grad_bytes_per_chunk).
+std::vector<double> chunk_activation_bytes(const ModelConfig& c, const Layout& l,
+                                           const TrainingWorkload& w, int chunks, int stage,
+                                           int tp_rank, bool after_input = false);
+
+// What a pipeline stage's (fullest TP rank's) held activations come to under a schedule.
+struct StageActivations {
+  int stage = 0;
+  double per_micro_batch = 0;  // one micro-batch through all the stage's chunks
+  double peak_bytes = 0;       // the most held at once: what TrainModel's peak_bytes measures
+  int peak_states = 0;         // the most (micro-batch, chunk) states held at once
+  // Working buffers no state owns, for the fit check only (not in peak_bytes): one layer's full
+  // state (the layer being differentiated or recomputed) and, on the head's stage, the logits.
+  double scratch = 0;
+};
+// Walks each stage's action list of `s` (the lists the executor runs): a chunk's bytes are held
+// from its Forward to its Backward; under a split backward (zb-h1) they shrink at its
+// BackwardInput to what W needs and go at its BackwardWeight. For every stage of `l`
+// (s.stages == l.pp).
+std::vector<StageActivations> stage_activations(const ModelConfig& c, const Layout& l,
+                                                const TrainingWorkload& w,
+                                                const pipeline::Schedule& s);
+
 struct MemoryBreakdown {
   int stage = 0;  // the stage this is for (the fullest one when summarised)
   double weights = 0, kv_cache = 0, activations = 0, gradients = 0, optimizer = 0;
@@ -88,11 +147,12 @@ struct MemoryBreakdown {
 MemoryBreakdown inference_memory(const ModelConfig& c, const Layout& l, const InferenceWorkload& w,
                                  int stage, int64_t replica_batch, int64_t micro_batch);
 
-// Training on one device of `stage`, mixed precision as in ZeRO: bf16 weights and gradients,
-// fp32 master weights + Adam m and v (12 bytes/param; SGD with momentum 8), sharded over DP by the
-// ZeRO stage (experts over their DP/EP group); activations for `in_flight` micro-batches (the
-// schedule's peak for this stage, from the simulator) plus, for full recompute, one layer being
-// recomputed.
+// Training on one device of `stage`: w.precision FP32 (parallm's engine): f32 weights and
+// gradients, Adam m and v (8 bytes/param; SGD's momentum 4); 16 bits: mixed precision as in ZeRO,
+// bf16 weights and gradients, fp32 master weights + Adam m and v (12 bytes/param; SGD with
+// momentum 8); sharded over DP by the ZeRO stage (experts over their DP/EP group). Activations:
+// `in_flight` micro-batches through the stage's chunks (StageActivations::per_micro_batch; the
+// schedule's peak for this stage) plus the scratch (StageActivations::scratch).
 MemoryBreakdown training_memory(const ModelConfig& c, const Layout& l, const TrainingWorkload& w,
                                 int stage, double in_flight);
 

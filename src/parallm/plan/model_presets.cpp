@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "parallm/core/error.h"
+#include "parallm/model/init_model.h"
 
 namespace parallm::plan {
 namespace {
@@ -73,6 +74,14 @@ ModelConfig resolve_model(const std::string& spec, std::string* display_name) {
       return p.config;
     }
   }
+  // The shapes `parallm init-model` and `train --init` make (tiny, small, bench-30m): what the
+  // planner is held to on this machine.
+  for (const char* shape : {"tiny", "small", "bench-30m"}) {
+    if (shape == name) {
+      if (display_name) *display_name = name;
+      return shape_preset(name);
+    }
+  }
   namespace fs = std::filesystem;
   std::error_code ec;
   fs::path path(spec);
@@ -82,7 +91,8 @@ ModelConfig resolve_model(const std::string& spec, std::string* display_name) {
     return ModelConfig::from_file(path.string());  // validated: shapes whose counts overflow refused
   }
   fail("plan", "--model: \"", spec, "\" is neither a preset (", join(model_preset_names(), ", "),
-       ") nor a config.json file or a directory holding one");
+       "; or parallm's shapes tiny, small, bench-30m) nor a config.json file or a directory "
+       "holding one");
 }
 
 double active_params_per_token(const ModelConfig& c) {

@@ -214,7 +214,15 @@ json to_json(const PlanRequest& req, const PlanResult& res) {
                      {"sequence_parallel", w.sequence_parallel},
                      {"zero", w.zero},
                      {"schedule", pipeline::schedule_kind_name(w.schedule)},
-                     {"chunks", w.chunks}};
+                     {"chunks", w.chunks},
+                     {"precision", precision_name(w.precision)}};
+    const TrainingRates& kr = req.options.training_rates;
+    if (kr.measured())
+      j["hardware"]["training_kernels_gflops"] = {
+          {"gemm_forward", kr.gemm_forward / 1e9},
+          {"gemm_backward", kr.gemm_backward / 1e9},
+          {"attention_forward", kr.attention_forward / 1e9},
+          {"attention_backward", kr.attention_backward / 1e9}};
   } else {
     const InferenceWorkload& w = req.inference;
     j["workload"] = {{"mode", "inference"},
@@ -259,6 +267,18 @@ json to_json(const PlanRequest& req, const PlanResult& res) {
       o["mfu"] = e.mfu;
       o["dp_link"] = e.dp_link;
       o["breakdown"] = terms_json(e.step_terms);
+      json stages = json::array();
+      for (const StageActivations& a : e.stage_activations)
+        stages.push_back({{"stage", a.stage},
+                          {"micro_batches_in_flight", e.stage_in_flight[size_t(a.stage)]},
+                          {"peak_states", a.peak_states},
+                          {"activation_peak_bytes", a.peak_bytes},
+                          {"activation_bytes_per_micro_batch", a.per_micro_batch},
+                          {"activation_scratch_bytes", a.scratch},
+                          {"forward_ms", 1e3 * e.stage_forward_time[size_t(a.stage)]},
+                          {"backward_ms", 1e3 * e.stage_backward_time[size_t(a.stage)]},
+                          {"weight_ms", 1e3 * e.stage_weight_time[size_t(a.stage)]}});
+      o["stages"] = stages;
     } else {
       o["replica_batch"] = e.replica_batch;
       o["micro_batches"] = e.micro_batches;
@@ -314,8 +334,16 @@ std::string render_report(const PlanRequest& req, const PlanResult& res, int top
         << ", seq " << w.seq_len << ", recompute " << recompute_name(w.recompute) << ", SP "
         << (w.sequence_parallel ? "on" : "off") << ", ZeRO " << w.zero << ", "
         << pipeline::schedule_kind_name(w.schedule)
-        << (w.schedule == pipeline::ScheduleKind::Interleaved ? cat(" v=", w.chunks) : "")
-        << "\n\n";
+        << (w.schedule == pipeline::ScheduleKind::Interleaved ? cat(" v=", w.chunks) : "") << ", "
+        << precision_name(w.precision) << "\n";
+    const TrainingRates& kr = req.options.training_rates;
+    if (kr.measured() && !(req.options.flops > 0))
+      out << fmt::format(
+          "kernels  measured here per rank: GEMM {:.1f} GFLOP/s forward, {:.1f} backward; "
+          "attention {:.1f} forward, {:.1f} backward\n",
+          kr.gemm_forward / 1e9, kr.gemm_backward / 1e9, kr.attention_forward / 1e9,
+          kr.attention_backward / 1e9);
+    out << "\n";
   } else {
     const InferenceWorkload& w = req.inference;
     out << "workload inference: batch " << w.batch << ", prompt " << w.prompt_len << ", output "
@@ -373,6 +401,19 @@ std::string render_report(const PlanRequest& req, const PlanResult& res, int top
       out << "  " << ms_text(t.seconds);
       if (!t.detail.empty()) out << "  [" << t.detail << "]";
       out << "\n";
+    }
+    if (best.training) {
+      out << "  per stage: F and B (W: ZB-H1's share of B) per micro-batch; activations held (the "
+             "fullest TP rank; docs/parallelism-guide.md's formula over the schedule's actions):\n";
+      for (const StageActivations& a : best.stage_activations) {
+        const size_t st = size_t(a.stage);
+        out << fmt::format(
+            "    stage {}: F {} B {} (W {}); peak {} ({:g} micro-batches in flight, {} states) = {} "
+            "per micro-batch; + {} scratch\n",
+            a.stage, ms_text(best.stage_forward_time[st]), ms_text(best.stage_backward_time[st]),
+            ms_text(best.stage_weight_time[st]), bytes_h(a.peak_bytes), best.stage_in_flight[st],
+            a.peak_states, bytes_h(a.per_micro_batch), bytes_h(a.scratch));
+      }
     }
     for (const std::string& r : best.reasons) out << "  note: " << r << "\n";
   } else {

@@ -46,6 +46,12 @@ struct TrainingWorkload {
   int zero = 0;  // ZeRO stage: 1 shards optimizer states over DP, 2 also gradients, 3 also weights
   pipeline::ScheduleKind schedule = pipeline::ScheduleKind::OneFOneB;
   int chunks = 1;  // model chunks per stage (interleaved)
+  // FP32: parallm's own training engine: f32 weights, gradients and activations (TP/PP messages
+  // too), Adam's m and v in f32 (4 + 4 + 8 bytes per parameter). BF16 or FP16: mixed precision as
+  // in Megatron-LM and ZeRO: 16-bit weights, gradients and activations, f32 master weights and
+  // Adam moments (2 + 2 + 12). The activation count is the engine's either way
+  // (activation_bytes_per_chunk), at this precision's bytes per value.
+  Precision precision = Precision::BF16;
 };
 
 }  // namespace parallm::plan

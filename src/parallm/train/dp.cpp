@@ -57,7 +57,7 @@ DataParallel::DataParallel(std::vector<Param> params, int64_t size, float* value
     lo = std::max(lo, p.offset);
     hi = std::min(hi, p.offset + p.numel);
     if (hi <= lo) return;
-    owned_.push_back({lo, hi, state, p.decay, p.tp_replicas});
+    owned_.push_back({lo, hi, state, p.decay, p.tp_replicas, p.tied_copy});
     state += hi - lo;
   };
   if (!shard) {
@@ -251,7 +251,7 @@ void DataParallel::all_gather_bucket(const Bucket& b, float* data) {
 double DataParallel::local_grad_sq(int tp_rank) const {
   double sum = 0;
   for (const OwnedSegment& s : owned_) {
-    if (tp_rank % s.tp_replicas != 0) continue;
+    if (s.tied_copy || tp_rank % s.tp_replicas != 0) continue;
     sum += sum_of_squares(grads_ + s.begin, s.end - s.begin);
   }
   return sum;

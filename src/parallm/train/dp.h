@@ -50,7 +50,8 @@ struct OwnedSegment {
   int64_t begin = 0, end = 0;  // floats, into the flat buffers
   int64_t state = 0;           // offset into m() / v()
   bool decay = false;
-  int tp_replicas = 1;  // Param::tp_replicas of the parameter it is part of
+  int tp_replicas = 1;     // Param::tp_replicas of the parameter it is part of
+  bool tied_copy = false;  // Param::tied_copy: not counted by the global gradient norm
 };
 
 class DataParallel {
@@ -85,7 +86,8 @@ class DataParallel {
   void finish_sync();
 
   // Sum of grad^2 over the owned segments, each parameter's part only where
-  // Param::counts_once(tp_rank) (so a sum over the TP group counts every element once).
+  // Param::counts_once(tp_rank) (so a sum over the TP group counts every element once, and a sum
+  // over the PP group counts a tied embedding on the first stage only).
   double local_grad_sq(int tp_rank) const;
   // The sum over the DP group of each rank's `x` (exact: gathered as bits, summed in rank order,
   // so every rank gets the same double). Collective over DP.

@@ -1,6 +1,7 @@
 // The training loop of `parallm train`: launches the ranks (threads, or this process's rank under
-// mpirun) as a TP x DP mesh (rank order TP, DP, PP with PP = 1), gives each its ParamStore and
-// TrainModel, and runs the steps:
+// mpirun) as a TP x PP x DP mesh (comm::Mesh's rank order: TP fastest, then DP, then PP), gives
+// each its ParamStore and TrainModel (with PP: the layers of its stage's chunks), and runs the
+// steps. PP = 1:
 //
 //   for each micro-batch of this DP rank's block of the global batch (data.h's fixed order):
 //     loss += forward_backward(micro-batch, grad_scale = 1 / (G*S))
@@ -8,6 +9,14 @@
 //   wait for the buckets (dp.h); loss = DP sum / (G*S)
 //   global gradient norm (sharded slices once each, TP-replicated tensors once, ZeRO shards once)
 //   clip factor, learning rate of the step, AdamW on the owned segments (ZeRO: then all-gather)
+//
+// PP > 1: the same micro-batches are the pipeline's; each stage runs its action list of
+// pipeline::make_schedule(--schedule, pp, m, v) through pipeline::execute_stage: forwards and
+// backwards per (micro-batch, chunk) (ZB-H1: B and W apart), activations sent forward and their
+// gradients backward (pipeline::StageLink). The DP buckets start as each chunk's last backward
+// completes its gradients. With tied embeddings the first stage's embedding gradient and the last
+// stage's copy (the LM head) are summed over the two stages before their DP reduction. The loss is
+// summed on the last stage and shared over PP; the gradient norm sums TP, then PP, then DP (ZeRO).
 //
 // Errors in the options or the data are found before any rank starts or any file is written,
 // and thrown as std::invalid_argument naming the flag and the value.
@@ -57,8 +66,43 @@ struct TrainOptions {
   std::string backend = "auto";
   double comm_timeout_s = 300;
   bool quiet = false;  // no progress lines
+  // 3D training (docs/training.md, "Pipeline and 3D training").
+  int pp = 1;                      // --pp: pipeline stages; world = tp * pp * dp
+  std::string schedule = "1f1b";   // --schedule gpipe|1f1b|interleaved|zb-h1 (PP > 1)
+  int virtual_stages = 1;          // --virtual-stages V: chunks per stage (interleaved only)
+  std::vector<int64_t> pp_layers;  // --pp-layers: layers per virtual stage (pp * V of them)
+  bool sp = false;                 // --sp: sequence parallelism (a no-op at TP 1)
+  std::string recompute = "none";  // --recompute none|selective|full
+  bool stats = false;              // --stats: print the pipeline measurements at the end
+  std::string trace;               // --trace FILE: Chrome trace JSON of every rank
   // Not flags: data given directly (bench, tests); replaces --data when set.
   std::shared_ptr<const TokenData> data_ids, val_ids;
+  bool keep_params = false;  // fill TrainResult::final_params (tests)
+};
+
+// What one pipeline stage measured (TP rank 0, DP rank 0 of the stage), over the steps after the
+// first (all steps when there is one).
+struct StageStats {
+  int stage = 0;
+  int64_t layers = 0;     // layers the stage's chunks hold
+  double busy_s = 0;      // inside the forward/backward callbacks, summed over the steps
+  double makespan_s = 0;  // execute_stage's start to end, summed over the steps
+  double bubble = 0;      // 1 - busy / makespan
+  double f_ms = 0, b_ms = 0, w_ms = 0;  // mean per (micro-batch, chunk) action (W: ZB-H1 only;
+                                        // b_ms is B alone there)
+  // Held (micro-batch, chunk) activation states, the most at once (TrainModel::ActivationStats),
+  // and the schedule's count (pipeline::simulate's peak_in_flight_chunks).
+  int peak_in_flight_chunks = 0, schedule_in_flight_chunks = 0;
+  double peak_in_flight = 0;  // micro-batch units (chunks / V)
+  int64_t peak_activation_bytes = 0;
+  double formula_activation_bytes = -1;  // per state x in flight (plan's formula); < 0 unknown
+};
+
+// The simulator replaying measured durations: the schedule at `stages` stages with the measured
+// mean F, B (and W) per chunk, against the closed form.
+struct ReplayStats {
+  int stages = 0, micro_batches = 0;
+  double bubble = 0, formula = 0;
 };
 
 struct StepRecord {
@@ -77,7 +121,19 @@ struct TrainResult {
   std::vector<int64_t> state_numel;       // per world rank: elements of m (and of v) held
   double seconds = 0;                     // the steps' wall time
   int threads = 1;                        // per rank
+  // PP > 1: per stage, and the whole pipeline's bubble (1 - sum busy / (p * max makespan)) with
+  // the schedule's formula; the simulator's replay at this p and at p = 2..8.
+  std::vector<StageStats> stages;
+  std::string schedule_name;  // "1f1b p=4 m=8"
+  double bubble = 0, bubble_formula = 0, sim_bubble = 0;
+  std::vector<ReplayStats> replay;
+  // keep_params: every tensor whole after the last step (checkpoint names; with tied embeddings
+  // and PP > 1 the last stage's copy as "tied_copy:<name>").
+  std::vector<std::pair<std::string, std::vector<float>>> final_params;
 };
+
+// The --stats report of a run with PP > 1 (what `train --stats` and `bench train` print).
+void print_pipeline_stats(const TrainResult& r, std::ostream& out);
 
 // Checks the options and the data, launches the ranks and trains. Progress lines go to
 // `progress` (stderr when null) from world rank 0. Returns what rank 0 saw (under mpirun, the
