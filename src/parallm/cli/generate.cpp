@@ -187,7 +187,7 @@ int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts
     // its own record of every token. (Two printers, even ordered by a barrier, can interleave
     // mid-line under mpirun, whose output forwarding merges the processes' pipes in arbitrary
     // chunks.)
-    const bool printer = ctx.mesh.last_stage() && ctx.mesh.tp_rank() == 0;
+    const bool printer = ctx.mesh.last_stage() && ctx.mesh.stage().rank() == 0;
     // The printer's own record of the tokens as they come, so that a run that fails part way
     // (a rank's error, a comm timeout) still prints what it generated before the error line.
     std::vector<std::vector<int32_t>> so_far(prompts.size());
@@ -324,7 +324,9 @@ int run_generate(const Options& o) {
            " (tokenizer.model or tokenizer.json); give --tokenizer FILE or --prompt-ids");
     prompt = tok->encode(o.prompt, true);
   }
-  if (o.engine.pp > 1 || o.micro_batches > 0) return run_batch(o, {prompt}, tok.get());
+  // EP replicas learn each step's plan from the batch loop's stage-wide broadcast.
+  if (o.engine.pp > 1 || o.engine.ep > 1 || o.micro_batches > 0)
+    return run_batch(o, {prompt}, tok.get());
   GenerateOptions go;
   go.max_tokens = o.max_tokens;
   go.ignore_eos = o.ignore_eos;
@@ -380,6 +382,10 @@ int run_generate(const Options& o) {
     {"generate", "Generate text from a prompt (greedy by default)", [](CLI::App& app) {
        auto o = std::make_shared<Options>();
        add_engine_flags(app, o->engine);
+       app.add_option("--ep", o->engine.ep,
+                      "Expert-parallel ranks per TP rank (mixture-of-experts models): attention "
+                      "replicated, experts split; world size = tp x ep x pp (docs/moe.md)")
+           ->check(CLI::PositiveNumber);
        app.add_option("--prompt", o->prompt, "Prompt text (needs a tokenizer beside the model)");
        app.add_option("--prompt-ids", o->prompt_ids, "Prompt as token ids: 1,2,3")
            ->delimiter(',')
