@@ -32,10 +32,9 @@ TEST(Mixtral, MatchesPyTorchReference) {
   const std::string dir = make_mixtral(tmp);
   const int steps = 32;
   const std::string out = tmp.file("ref.json");
-  auto r = run_command("/usr/bin/python3 " PARALLM_SOURCE_DIR
-                       "/tests/reference/llama_ref.py --model " + dir +
-                       " --prompt-ids 1,17,42,99,3 --steps " + std::to_string(steps) +
-                       " --out " + out);
+  auto r = run_command(
+      "/usr/bin/python3 " PARALLM_SOURCE_DIR "/tests/reference/llama_ref.py --model " + dir +
+      " --prompt-ids 1,17,42,99,3 --steps " + std::to_string(steps) + " --out " + out);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   std::ifstream in(out);
   const nlohmann::json ref = nlohmann::json::parse(in);
@@ -71,14 +70,15 @@ std::string generate_ids(const std::string& dir, const std::string& layout, bool
   }
   auto r = run_parallm("generate --model " + dir + " " + prompt +
                        " --max-tokens 12 --print-ids --print-logits --ignore-eos --threads 1"
-                       " --comm-timeout 60 " + layout + " 2>/dev/null");
+                       " --comm-timeout 60 " +
+                       layout + " 2>/dev/null");
   EXPECT_EQ(r.exit_code, 0) << layout << ": " << r.output;
   // Only the tokens and logits: the summary lines name the layout.
   std::string kept;
   std::istringstream lines(r.output);
   for (std::string line; std::getline(lines, line);)
-    if (!line.empty() && (line[0] == '[' || std::isdigit(static_cast<unsigned char>(line[0])) ||
-                          line.rfind("logits", 0) == 0))
+    if (line.rfind("logits", 0) == 0 ||
+        (line.size() > 1 && line[0] == '[' && std::isdigit(static_cast<unsigned char>(line[1]))))
       kept += line + "\n";
   EXPECT_NE(kept.find("logits"), std::string::npos) << layout << ": " << r.output;
   return kept;
@@ -90,15 +90,15 @@ TEST(MixtralEp, GenerateAtEveryEpIsEpOneBitForBit) {
   // Logits printed to 6 digits and tokens: the same text at every EP (the sums do not change).
   const std::string one = generate_ids(dir, "--micro-batches 1", true, tmp);
   for (const char* layout : {"--ep 2", "--ep 3", "--ep 8"})
-    EXPECT_EQ(generate_ids(dir, layout, true, tmp), one) << layout;
+    EXPECT_TRUE(generate_ids(dir, layout, true, tmp) == one) << layout;
   // The pipeline: the same layers, the same sums.
-  EXPECT_EQ(generate_ids(dir, "--ep 2 --pp 2 --micro-batches 1", true, tmp), one);
+  EXPECT_TRUE(generate_ids(dir, "--ep 2 --pp 2 --micro-batches 1", true, tmp) == one);
   // TP changes the sums of attention and experts: compare with TP 2 at EP 1.
   const std::string tp2 = generate_ids(dir, "--tp 2 --micro-batches 1", true, tmp);
-  EXPECT_EQ(generate_ids(dir, "--ep 2 --tp 2", true, tmp), tp2);
+  EXPECT_TRUE(generate_ids(dir, "--ep 2 --tp 2", true, tmp) == tp2);
   // Batch-1 decode (one prompt): all ranks but one route no token at every decode step.
-  EXPECT_EQ(generate_ids(dir, "--ep 4", false, tmp),
-            generate_ids(dir, "--micro-batches 1", false, tmp));
+  EXPECT_TRUE(generate_ids(dir, "--ep 4", false, tmp) ==
+              generate_ids(dir, "--micro-batches 1", false, tmp));
 }
 
 TEST(MixtralEp, MemStatsShowEachRankLoadsOnlyItsExperts) {
@@ -130,10 +130,11 @@ TEST(MixtralEp, BadLayoutsAndModelsFailInOneLine) {
     return out;
   };
   const std::string gen = "generate --prompt-ids 1 --max-tokens 2 --threads 1 --model ";
-  EXPECT_NE(one_line(run_parallm(gen + dir + " --ep 9")).find(
-                "--ep 9 exceeds the model's 8 experts (each expert-parallel rank needs at least "
+  EXPECT_NE(
+      one_line(run_parallm(gen + dir + " --ep 9"))
+          .find("--ep 9 exceeds the model's 8 experts (each expert-parallel rank needs at least "
                 "one expert)"),
-            std::string::npos);
+      std::string::npos);
   const std::string dense = tmp.file("dense");
   ASSERT_EQ(run_parallm("init-model --shape tiny --dtype f32 --out " + dense).exit_code, 0);
   EXPECT_NE(one_line(run_parallm(gen + dense + " --ep 2"))

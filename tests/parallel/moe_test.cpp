@@ -1,6 +1,8 @@
 // The mixture-of-experts layer (parallel/moe.h): expert placement, the router, and expert
 // parallelism bit for bit equal to one rank (EP 1, 2, 3, 4, 8; with TP 2), degenerate routing
 // included (every token to the same experts, ranks without tokens, batch-1 decode).
+#include "parallm/parallel/moe.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -9,7 +11,6 @@
 #include "layer_test_util.h"
 #include "parallm/comm/mesh.h"
 #include "parallm/kernels/ops.h"
-#include "parallm/parallel/moe.h"
 #include "test_util.h"
 
 namespace parallm::parallel {
@@ -161,9 +162,8 @@ TEST(MoeLayerEp, MatchesTheFormulasAndEveryEpIsBitForBitEpOne) {
   const std::vector<float> one = run_ep(m, x, {T});
   EXPECT_LT(testing::rel_error(one, reference(m, x, T)), 1e-5);
   // Uneven token counts, and ranks with none.
-  for (const std::vector<int64_t>& counts :
-       std::vector<std::vector<int64_t>>{{6, 7}, {5, 0, 8}, {13, 0, 0}, {3, 4, 0, 6},
-                                         {1, 2, 0, 3, 2, 1, 4, 0}})
+  for (const std::vector<int64_t>& counts : std::vector<std::vector<int64_t>>{
+           {6, 7}, {5, 0, 8}, {13, 0, 0}, {3, 4, 0, 6}, {1, 2, 0, 3, 2, 1, 4, 0}})
     EXPECT_TRUE(same_bits(run_ep(m, x, counts), one)) << "EP " << counts.size();
   // TP 2 inside each EP rank: the experts' FFN split too. Equal to TP 2 at EP 1 bit for bit.
   const std::vector<float> tp2 = run_ep(m, x, {T}, 2);
@@ -193,7 +193,9 @@ TEST(MoeLayerEp, ReplicatedForwardIsEpOneBitForBitAtBatchOneAndMore) {
   for (int64_t T : {1, 2, 7}) {
     const std::vector<float> x = random_floats(T * kH, 32 + T);
     std::vector<float> one(T * kH);
-    testing::run_tp(1, [&](comm::Group g) { rank_layer(m, g, comm::Group()).forward(x.data(), T, one.data()); });
+    testing::run_tp(1, [&](comm::Group g) {
+      rank_layer(m, g, comm::Group()).forward(x.data(), T, one.data());
+    });
     for (int ep : {2, 3, 4}) {
       std::vector<std::vector<float>> outs(ep, std::vector<float>(T * kH));
       testing::run_tp(ep, [&](comm::Group g) {

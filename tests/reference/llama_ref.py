@@ -85,13 +85,13 @@ def mixtral_moe(cfg, w, p, h):
     probs = torch.softmax(logits, dim=-1)
     top_w, top_e = torch.topk(probs, k, dim=-1)
     top_w = (top_w / top_w.sum(dim=-1, keepdim=True)).to(torch.float64)
+    # gates[t, e]: token t's weight for expert e, 0 where e is not among its top k.
+    gates = torch.zeros(h.shape[0], E, dtype=torch.float64).scatter(1, top_e, top_w)
     out = torch.zeros_like(h)
-    for t in range(h.shape[0]):
-        for j in range(k):
-            e = int(top_e[t, j])
-            q = f"{p}experts.{e}."
-            a = torch.nn.functional.silu(h[t] @ w[q + "w1.weight"].T) * (h[t] @ w[q + "w3.weight"].T)
-            out[t] += top_w[t, j] * (a @ w[q + "w2.weight"].T)
+    for e in range(E):
+        q = f"{p}experts.{e}."
+        a = torch.nn.functional.silu(h @ w[q + "w1.weight"].T) * (h @ w[q + "w3.weight"].T)
+        out += gates[:, e:e + 1] * (a @ w[q + "w2.weight"].T)
     return out
 
 

@@ -107,8 +107,9 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
       std::vector<Tensor> w13, w2;
       for (int64_t e = experts_.begin; e < experts_.end; ++e) {
         const std::string ex = cat(moe, "experts.", e, ".");
-        w13.push_back(concat_rows({read(names::layer(i, ex + "w1.weight"), Slice::Kind::Rows, ffn_),
-                                   read(names::layer(i, ex + "w3.weight"), Slice::Kind::Rows, ffn_)}));
+        Tensor w1 = read(names::layer(i, ex + "w1.weight"), Slice::Kind::Rows, ffn_);
+        Tensor w3 = read(names::layer(i, ex + "w3.weight"), Slice::Kind::Rows, ffn_);
+        w13.push_back(concat_rows({w1, w3}));
         w2.push_back(read(names::layer(i, ex + "w2.weight"), Slice::Kind::Cols, ffn_));
       }
       L.is_moe = true;

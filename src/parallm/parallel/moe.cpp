@@ -111,7 +111,8 @@ MoeLayer::MoeLayer(Tensor router, std::vector<Tensor> w13, std::vector<Tensor> w
 
 uint64_t MoeLayer::weight_bytes() const {
   uint64_t b = router_.nbytes();
-  for (size_t i = 0; i < w13_.size(); ++i) b += w13_[i].weight().nbytes() + w2_[i].weight().nbytes();
+  for (size_t i = 0; i < w13_.size(); ++i)
+    b += w13_[i].weight().nbytes() + w2_[i].weight().nbytes();
   return b;
 }
 
@@ -230,7 +231,8 @@ void MoeLayer::forward(const float* xn, int64_t T, float* out) const {
   const int64_t H = hidden();
   const ShardSpec mine = ShardSpec::even(T, P, r);
   const int64_t most = ShardSpec::max_size(T, P);
-  std::vector<float> part(static_cast<size_t>(most * H), 0.0f), all(static_cast<size_t>(P * most * H));
+  std::vector<float> part(static_cast<size_t>(most * H), 0.0f),
+      all(static_cast<size_t>(P * most * H));
   forward_tokens(xn + mine.begin * H, mine.size(), part.data());
   ep_.all_gather(part.data(), all.data(), static_cast<size_t>(most * H), DType::F32);
   for (int q = 0; q < P; ++q) {

@@ -3,7 +3,8 @@
 //
 // Router (as Hugging Face's Mixtral): logits = xn . Wg^T [T, E]; softmax over all E in f32; the k
 // largest (ties: the lower expert id first), in descending order; their weights renormalised to
-// sum to 1; out = sum over those k experts of weight x expert(xn), expert(x) = w2(silu(w1 x) * w3 x).
+// sum to 1; out = sum over those k experts of weight x expert(xn), expert(x) = w2(silu(w1 x) * w3
+// x).
 //
 // Expert placement: EP rank r holds experts [begin, end) (expert_range), contiguous; E % EP need
 // not be 0: the first E % EP ranks hold one expert more.
