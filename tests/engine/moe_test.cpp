@@ -5,9 +5,13 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <mutex>
 #include <nlohmann/json.hpp>
 
+#include "parallm/comm/launch.h"
+#include "parallm/comm/mesh.h"
 #include "parallm/engine/generate.h"
+#include "parallm/model/llama_tensors.h"
 #include "parallm/model/weights.h"
 #include "test_util.h"
 
@@ -119,6 +123,72 @@ TEST(MixtralEp, MemStatsShowEachRankLoadsOnlyItsExperts) {
   EXPECT_EQ(bytes_of(0), bytes_of(1));
 }
 
+TEST(MixtralEp, TensorTableBytesEqualWhatEachRankLoads) {
+  // The planner's count (llama_rank_share, the engine's placement) equals LlamaModel's bytes on
+  // every rank, bf16 matrices with the router kept in f32, at even and uneven expert splits.
+  TempDir tmp;
+  const std::string dir = tmp.file("bf16");
+  ASSERT_EQ(run_parallm("init-model --shape mixtral-tiny --dtype bf16 --out " + dir).exit_code, 0);
+  ModelConfig config;
+  auto source = open_model(dir, &config);
+  for (auto [tp, ep] : {std::pair{1, 1}, {1, 3}, {2, 2}, {1, 8}}) {
+    std::mutex mu;
+    std::vector<std::pair<uint64_t, uint64_t>> got;
+    comm::LaunchOptions lo;
+    lo.backend = "local";
+    lo.timeout_s = 60;
+    comm::launch(tp * ep, lo, [&](comm::Group world) {
+      comm::Mesh mesh(world, {tp, 1, ep, ep});
+      LlamaOptions mo;
+      mo.weight_dtype = DType::BF16;
+      mo.ep = mesh.ep();
+      LlamaModel model(config, *source, mesh.tp(), mo);
+      const uint64_t want = llama_rank_share(config, tp, mesh.tp_rank(), 0,
+                                             config.num_hidden_layers, ep, mesh.ep_rank())
+                                .bytes(DType::BF16);
+      std::lock_guard<std::mutex> lock(mu);
+      got.emplace_back(model.weight_bytes(), want);
+    });
+    for (const auto& [loaded, counted] : got)
+      EXPECT_EQ(loaded, counted) << "tp " << tp << " ep " << ep;
+  }
+}
+
+TEST(MixtralEp, MoeStatsCountEveryRoutedRowOnce) {
+  TempDir tmp;
+  const std::string dir = make_mixtral(tmp);
+  std::ofstream(tmp.file("prompts.txt")) << "1,7,11\n1\n1,100,5,9\n";
+  auto stats = [&](const std::string& layout) {
+    auto r =
+        run_parallm("generate --model " + dir + " --prompts-file " + tmp.file("prompts.txt") +
+                    " --max-tokens 8 --ignore-eos --threads 1 --moe-stats " + layout + " 2>&1");
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return r.output;
+  };
+  auto line_of = [](const std::string& out, const std::string& start) {
+    const size_t at = out.find(start);
+    return at == std::string::npos ? std::string() : out.substr(at, out.find('\n', at) - at);
+  };
+  const std::string one = stats("--ep 1"), three = stats("--ep 3");
+  // 8 + 3 x 7 tokens fed (the last sampled token of each sequence is not), 2 layers, top-2.
+  const std::string per_expert = line_of(one, "[moe] rows per expert");
+  ASSERT_FALSE(per_expert.empty()) << one;
+  int64_t total = 0;
+  for (size_t at = per_expert.find(": ", per_expert.find("layers)")); at != std::string::npos;
+       at = per_expert.find(": ", at + 1))
+    total += std::stoll(per_expert.substr(at + 2));
+  EXPECT_EQ(total, 29 * 2 * 2) << per_expert;
+  EXPECT_EQ(line_of(three, "[moe] rows per expert"), per_expert);
+  int64_t ranks = 0;
+  for (int r = 0; r < 3; ++r) {
+    const std::string l = line_of(three, "[moe] EP rank " + std::to_string(r) + ":");
+    ASSERT_FALSE(l.empty()) << three;
+    ranks += std::stoll(l.substr(l.find("), ") + 3));
+  }
+  EXPECT_EQ(ranks, total);
+  EXPECT_NE(three.find("[moe] imbalance over 3 EP ranks: max/mean "), std::string::npos) << three;
+}
+
 TEST(MixtralEp, BadLayoutsAndModelsFailInOneLine) {
   TempDir tmp;
   const std::string dir = make_mixtral(tmp);
@@ -139,6 +209,9 @@ TEST(MixtralEp, BadLayoutsAndModelsFailInOneLine) {
   ASSERT_EQ(run_parallm("init-model --shape tiny --dtype f32 --out " + dense).exit_code, 0);
   EXPECT_NE(one_line(run_parallm(gen + dense + " --ep 2"))
                 .find("--ep 2 needs a mixture-of-experts model (this one is dense)"),
+            std::string::npos);
+  EXPECT_NE(one_line(run_parallm(gen + dense + " --moe-stats"))
+                .find("--moe-stats needs a mixture-of-experts model (this one is dense)"),
             std::string::npos);
 
   // top-k above the experts.

@@ -84,9 +84,9 @@ void run_model(const EngineOptions& options, const std::function<void(RankContex
     if (options.mem_stats) {
       std::lock_guard<std::mutex> lock(print_mu);
       std::fprintf(stderr,
-                   "[mem] rank %d/%d (tp %d, ep %d, stage %d: layers %lld-%lld): weights %.2f MiB (%llu "
+                   "[mem] rank %d/%d (tp %d, stage %d: layers %lld-%lld): weights %.2f MiB (%llu "
                    "bytes; full model %.2f MiB in %s), process RSS %.2f MiB\n",
-                   world.rank(), world.size(), mesh.tp_rank(), mesh.ep_rank(), mesh.pp_rank(),
+                   world.rank(), world.size(), mesh.tp_rank(), mesh.pp_rank(),
                    static_cast<long long>(lo.layer_begin), static_cast<long long>(lo.layer_end - 1),
                    model.weight_bytes() / 1048576.0,
                    static_cast<unsigned long long>(model.weight_bytes()),

@@ -151,6 +151,15 @@ uint64_t LlamaModel::Layer::bytes() const {
          (attn_norm.size() + ffn_norm.size()) * sizeof(float);
 }
 
+std::vector<int64_t> LlamaModel::moe_expert_rows() const {
+  std::vector<int64_t> rows(config_.is_moe() ? config_.num_local_experts : 0, 0);
+  for (const Layer& L : layers_)
+    if (L.is_moe)
+      for (size_t i = 0; i < L.moe.expert_rows().size(); ++i)
+        rows[L.moe.experts().begin + static_cast<int64_t>(i)] += L.moe.expert_rows()[i];
+  return rows;
+}
+
 uint64_t LlamaModel::decode_bytes_per_token() const {
   uint64_t b = 0;
   for (const Layer& L : layers_) b += L.bytes();

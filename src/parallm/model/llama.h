@@ -76,6 +76,9 @@ class LlamaModel {
   // Bytes of weights this rank holds, and the bytes a decode step reads (every matrix once; the
   // embedding contributes one row).
   uint64_t weight_bytes() const { return weight_bytes_; }
+  // MoE: rows (token, expert pairs) each expert multiplied on this rank, summed over its layers,
+  // [num_local_experts] (0 for the experts it does not hold); empty for a dense model.
+  std::vector<int64_t> moe_expert_rows() const;
   uint64_t decode_bytes_per_token() const;
 
   // The workspace forward_layers needs for up to max_tokens tokens per call (the largest prompt

@@ -197,12 +197,13 @@ int64_t llama_slice_numel(const LlamaTensor& t, const Slice& s) {
 }
 
 uint64_t LlamaRankShare::bytes(DType dtype) const {
-  return static_cast<uint64_t>(matrices()) * dtype_size(dtype) +
-         static_cast<uint64_t>(norms) * sizeof(float);
+  // The MoE router is kept in f32 (it routes in f32), like the norms.
+  return static_cast<uint64_t>(matrices() - router) * dtype_size(dtype) +
+         static_cast<uint64_t>(norms + router) * sizeof(float);
 }
 
 double LlamaRankShare::bytes(double matrix_bytes) const {
-  return double(matrices()) * matrix_bytes + double(norms) * sizeof(float);
+  return double(matrices() - router) * matrix_bytes + double(norms + router) * sizeof(float);
 }
 
 LlamaRankShare llama_rank_share(const ModelConfig& c, int tp, int tp_rank, int64_t layer_begin,

@@ -82,7 +82,8 @@ struct LlamaRankShare {
   int64_t head = 0;       // last stage: the LM head's vocab slice (0 when shared with embedding)
   int64_t matrices() const { return attention + mlp + router + experts + embedding + head; }
   int64_t total() const { return matrices() + norms; }
-  // Bytes: matrices at `dtype` (or `matrix_bytes` per element, 0.5 for 4-bit), norms in f32.
+  // Bytes: matrices at `dtype` (or `matrix_bytes` per element, 0.5 for 4-bit), norms and the MoE
+  // routers in f32 (as LlamaModel keeps them).
   uint64_t bytes(DType dtype) const;
   double bytes(double matrix_bytes) const;
 };

@@ -107,6 +107,12 @@ MoeLayer::MoeLayer(Tensor router, std::vector<Tensor> w13, std::vector<Tensor> w
     w13_.emplace_back(std::move(w13[i]), spec, tp_);
     w2_.emplace_back(std::move(w2[i]), ffn_, tp_);
   }
+  reset_counters();
+}
+
+void MoeLayer::reset_counters() const {
+  expert_rows_.assign(static_cast<size_t>(experts_.size()), 0);
+  rows_sent_.assign(static_cast<size_t>(ep_.size()), 0);
 }
 
 uint64_t MoeLayer::weight_bytes() const {
@@ -180,6 +186,7 @@ void MoeLayer::forward_tokens(const float* xn, int64_t T, float* out, MoeCallSta
       const std::vector<int64_t>& rows = rows_of[i];
       const int64_t n = static_cast<int64_t>(rows.size());
       if (stats) stats->rows_per_expert.push_back(n);
+      expert_rows_[i] += n;
       if (n == 0) continue;  // the same on every TP rank: they received the same rows
       x.resize(n * H);
       gu.resize(n * 2 * fl);
@@ -220,6 +227,7 @@ void MoeLayer::forward_tokens(const float* xn, int64_t T, float* out, MoeCallSta
     }
   }
   if (stats) stats->rows_to_rank = send_rows;
+  for (int r = 0; r < P; ++r) rows_sent_[r] += send_rows[r];
 }
 
 void MoeLayer::forward(const float* xn, int64_t T, float* out) const {

@@ -86,6 +86,12 @@ class MoeLayer {
   const comm::Group& ep() const { return ep_; }
   uint64_t weight_bytes() const;  // router + this rank's expert slices
 
+  // Counts since construction (or reset_counters), for --moe-stats: rows (token, expert pairs)
+  // each local expert multiplied, and rows this rank sent to each EP rank.
+  const std::vector<int64_t>& expert_rows() const { return expert_rows_; }
+  const std::vector<int64_t>& rows_sent() const { return rows_sent_; }
+  void reset_counters() const;
+
  private:
   Tensor router_;  // [E, hidden] f32
   std::vector<ColumnParallelLinear> w13_;
@@ -93,6 +99,8 @@ class MoeLayer {
   int top_k_ = 0;
   ShardSpec experts_, ffn_;
   comm::Group ep_, tp_;
+  // Mutable: forward() is const, and the counters are this rank's thread's alone.
+  mutable std::vector<int64_t> expert_rows_, rows_sent_;
 };
 
 }  // namespace parallm::parallel
