@@ -22,7 +22,8 @@ using testing::random_matrix;
 using testing::rows_of;
 
 constexpr int64_t kH = 24, kF = 20, kE = 8;
-constexpr int kTopK = 2;
+// Top-3: with three rows a token's sum depends on their order (two rows add the same either way).
+constexpr int kTopK = 3;
 
 struct FullMoe {
   Tensor router;               // [E, H]
@@ -145,9 +146,12 @@ TEST(MoeRoute, TopKRenormalisedAndTopKAboveExpertsRefused) {
   std::vector<float> w(5 * kTopK);
   moe_route(x.data(), 5, m.router.data<float>(), kE, kH, kTopK, true, ex.data(), w.data());
   for (int t = 0; t < 5; ++t) {
-    EXPECT_NEAR(w[t * 2] + w[t * 2 + 1], 1.0f, 1e-6);
-    EXPECT_GE(w[t * 2], w[t * 2 + 1]);
-    EXPECT_NE(ex[t * 2], ex[t * 2 + 1]);
+    const float* wt = &w[t * kTopK];
+    const int32_t* et = &ex[t * kTopK];
+    EXPECT_NEAR(wt[0] + wt[1] + wt[2], 1.0f, 1e-6);
+    EXPECT_GE(wt[0], wt[1]);
+    EXPECT_GE(wt[1], wt[2]);
+    EXPECT_TRUE(et[0] != et[1] && et[1] != et[2] && et[0] != et[2]);
   }
   EXPECT_EQ(testing::error_of([&] {
               moe_route(x.data(), 5, m.router.data<float>(), kE, kH, 9, true, ex.data(), w.data());
@@ -172,12 +176,15 @@ TEST(MoeLayerEp, MatchesTheFormulasAndEveryEpIsBitForBitEpOne) {
 }
 
 TEST(MoeLayerEp, EveryTokenToTheSameExperts) {
-  // Router rows 0 and 1 point along +1, the others along -1, and every input is positive: all
-  // tokens pick experts 0 and 1 (rank 0's at every EP), the other ranks' experts get nothing.
+  // Router rows 0, 1, 2 rank above the others for every positive input: all tokens pick experts
+  // 0, 1 and 2 (rank 0's at EP 2), the other ranks' experts get nothing.
   FullMoe m = make_moe(21);
   for (int64_t e = 0; e < kE; ++e)
     for (int64_t h = 0; h < kH; ++h)
-      m.router.data<float>()[e * kH + h] = e == 0 ? 0.3f : e == 1 ? 0.2f : -0.1f * float(e);
+      m.router.data<float>()[e * kH + h] = e == 0   ? 0.3f
+                                           : e == 1 ? 0.2f
+                                           : e == 2 ? 0.1f
+                                                    : -0.1f * float(e);
   const int64_t T = 9;
   std::vector<float> x = random_floats(T * kH, 22);
   for (float& v : x) v = std::abs(v) + 0.1f;
