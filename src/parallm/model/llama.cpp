@@ -162,7 +162,17 @@ std::vector<int64_t> LlamaModel::moe_expert_rows() const {
 
 uint64_t LlamaModel::decode_bytes_per_token() const {
   uint64_t b = 0;
-  for (const Layer& L : layers_) b += L.bytes();
+  for (const Layer& L : layers_) {
+    b += L.bytes();
+    if (L.is_moe) {
+      // A token reads k of the E experts: this rank's experts count at k / E (the expectation
+      // under uniform routing), so the sum over EP ranks is k experts' bytes.
+      const uint64_t experts = L.moe.weight_bytes() - L.moe.num_experts() * L.moe.hidden() * 4;
+      b -= experts;
+      b += experts * static_cast<uint64_t>(L.moe.top_k()) /
+           static_cast<uint64_t>(L.moe.num_experts());
+    }
+  }
   if (has_embedding()) b += config_.hidden_size * dtype_size(opts_.weight_dtype);
   if (has_head()) b += lm_head_.weight().nbytes() + final_norm_.size() * sizeof(float);
   return b;

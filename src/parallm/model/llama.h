@@ -74,7 +74,7 @@ class LlamaModel {
   const parallel::VocabParallelLmHead& lm_head() const;
 
   // Bytes of weights this rank holds, and the bytes a decode step reads (every matrix once; the
-  // embedding contributes one row).
+  // embedding contributes one row; MoE experts at k / E of their bytes).
   uint64_t weight_bytes() const { return weight_bytes_; }
   // MoE: rows (token, expert pairs) each expert multiplied on this rank, summed over its layers,
   // [num_local_experts] (0 for the experts it does not hold); empty for a dense model.
