@@ -119,7 +119,7 @@ int run_decode(const DecodeOptions& o) {
     };
     float bytes = static_cast<float>(ctx.model.decode_bytes_per_token());
     // The whole model's bytes per token, as every rank reads them (EP ranks replicate attention).
-    ctx.mesh.stage().all_reduce(&bytes, 1, comm::ReduceOp::Sum);
+    ctx.mesh.tp_ep().all_reduce(&bytes, 1, comm::ReduceOp::Sum);
     const comm::Group& ep = ctx.mesh.ep();
     double ep_s = 0, ep_at_start = 0;  // the EP exchange: all-to-alls and the all-gather
     auto ep_seconds = [&] {
@@ -134,9 +134,9 @@ int run_decode(const DecodeOptions& o) {
     GenerateOptions go;
     go.max_tokens = o.warmup + o.tokens + 1;
     go.ignore_eos = true;
-    ctx.mesh.stage().barrier();
+    ctx.mesh.tp_ep().barrier();
     // on_token runs on every rank after each step; the first call follows the prefill.
-    generate(ctx.model, ctx.tp, ctx.mesh.stage(), {static_cast<int32_t>(ctx.config.bos_token_id)},
+    generate(ctx.model, ctx.tp, ctx.mesh.tp_ep(), {static_cast<int32_t>(ctx.config.bos_token_id)},
              go, [&](int32_t) {
       const double end = now_seconds();
       const bool timed = calls > o.warmup;

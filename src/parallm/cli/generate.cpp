@@ -237,7 +237,7 @@ int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts
     // its own record of every token. (Two printers, even ordered by a barrier, can interleave
     // mid-line under mpirun, whose output forwarding merges the processes' pipes in arbitrary
     // chunks.)
-    const bool printer = ctx.mesh.last_stage() && ctx.mesh.stage().rank() == 0;
+    const bool printer = ctx.mesh.last_stage() && ctx.mesh.tp_ep().rank() == 0;
     // The printer's own record of the tokens as they come, so that a run that fails part way
     // (a rank's error, a comm timeout) still prints what it generated before the error line.
     std::vector<std::vector<int32_t>> so_far(prompts.size());

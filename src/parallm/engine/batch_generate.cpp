@@ -318,7 +318,7 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
 BatchResult generate_batch(const LlamaModel& model, const comm::Mesh& mesh,
                            const std::vector<Request>& requests, const BatchOptions& options,
                            const TokenCallback& on_token) {
-  return run_generation(model, mesh.tp(), mesh.pp(), mesh.stage(), requests, options, on_token);
+  return run_generation(model, mesh.tp(), mesh.pp(), mesh.tp_ep(), requests, options, on_token);
 }
 
 BatchResult generate_batch(const LlamaModel& model, const comm::Mesh& mesh,
