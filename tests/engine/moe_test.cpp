@@ -101,7 +101,7 @@ TEST(MixtralEp, GenerateAtEveryEpIsEpOneBitForBit) {
   EXPECT_TRUE(generate_ids(dir, "--ep 2 --pp 2 --micro-batches 1", true, tmp) == one);
   // TP changes the sums of attention and experts: compare with TP 2 at EP 1.
   const std::string tp2 = generate_ids(dir, "--tp 2 --micro-batches 1", true, tmp);
-  for (const char* layout : {"--ep 2 --tp 2", "--ep 4 --tp 2",
+  for (const char* layout : {"--ep 2 --tp 2", "--ep 4 --tp 2", "--ep 8 --tp 2",
                              "--ep 2 --tp 2 --pp 2 --micro-batches 1", "--ep 3 --tp 2 --pp 2"})
     EXPECT_TRUE(generate_ids(dir, layout, true, tmp) == tp2) << layout;
   EXPECT_TRUE(generate_ids(dir, "--ep 3 --pp 2", true, tmp) == one);
@@ -157,6 +157,30 @@ TEST(MixtralEp, TensorTableBytesEqualWhatEachRankLoads) {
     for (const auto& [loaded, counted] : got)
       EXPECT_EQ(loaded, counted) << "tp " << tp << " ep " << ep;
   }
+}
+
+TEST(MixtralEp, EachRankReadsOnlyItsExperts) {
+  // f32, one weight source per rank: the bytes a rank reads from the file are the bytes it holds.
+  TempDir tmp;
+  const std::string dir = make_mixtral(tmp);
+  std::mutex mu;
+  std::vector<std::pair<uint64_t, uint64_t>> got;
+  comm::LaunchOptions lo;
+  lo.backend = "local";
+  lo.timeout_s = 60;
+  comm::launch(3, lo, [&](comm::Group world) {
+    comm::Mesh mesh(world, {1, 1, 3, 3});
+    ModelConfig config;
+    auto source = open_model(dir, &config);
+    LlamaOptions mo;
+    mo.weight_dtype = DType::F32;
+    mo.ep = mesh.ep();
+    LlamaModel model(config, *source, mesh.tp(), mo);
+    std::lock_guard<std::mutex> lock(mu);
+    got.emplace_back(source->bytes_read(), model.weight_bytes());
+  });
+  ASSERT_EQ(got.size(), 3u);
+  for (const auto& [read, held] : got) EXPECT_EQ(read, held);
 }
 
 TEST(MixtralEp, MoeStatsCountEveryRoutedRowOnce) {
