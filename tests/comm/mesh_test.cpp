@@ -108,5 +108,33 @@ TEST(Mesh, GroupsMatchLayoutOnLocalRanks) {
   EXPECT_TRUE(errors.empty()) << errors.size() << " wrong groups, first: " << errors[0];
 }
 
+// The TP x EP block (inference with --ep: the ranks holding the same tokens): TP 2 x PP 2 x DP 4
+// with EP 2 on 16 ranks; global = tp + dp*2 + pp*8, EP blocks are dp {0,1} and {2,3}.
+TEST(Mesh, TpEpBlockIsTheTpGroupsOfOneEpGroup) {
+  LaunchOptions o;
+  o.backend = "local";
+  std::mutex mu;
+  std::vector<std::vector<int>> blocks(16);
+  launch(16, o, [&](Group world) {
+    Mesh mesh(world, {.tp = 2, .pp = 2, .dp = 4, .ep = 2});
+    const Group& g = mesh.tp_ep();
+    std::vector<float> got(g.size());
+    const float mine = float(world.rank());
+    g.all_gather(&mine, got.data(), 1, DType::F32);
+    std::lock_guard<std::mutex> lock(mu);
+    blocks[world.rank()].assign(got.begin(), got.end());
+    EXPECT_EQ(g.name(), "tp_ep");
+  });
+  EXPECT_EQ(blocks[0], (std::vector<int>{0, 1, 2, 3}));
+  EXPECT_EQ(blocks[5], (std::vector<int>{4, 5, 6, 7}));
+  EXPECT_EQ(blocks[9], (std::vector<int>{8, 9, 10, 11}));
+  EXPECT_EQ(blocks[15], (std::vector<int>{12, 13, 14, 15}));
+  // Without EP it is the TP group itself.
+  launch(4, o, [&](Group world) {
+    Mesh mesh(world, {.tp = 2, .pp = 1, .dp = 2});
+    EXPECT_EQ(mesh.tp_ep().impl(), mesh.tp().impl());
+  });
+}
+
 }  // namespace
 }  // namespace parallm::comm

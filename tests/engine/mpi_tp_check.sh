@@ -2,19 +2,20 @@
 # Parallel layouts under MPI, one process per rank: `mpirun -np N parallm generate LAYOUT` gives the
 # same greedy tokens as one rank, and logits within 1e-5 relative (f32).
 # Usage: mpi_tp_check.sh PARALLM MPIRUN "MPI FLAGS" NP MODEL_OR_SHAPE STEPS [LAYOUT FLAGS]
-# LAYOUT defaults to "--tp NP" (one prompt); with --pp the run is a batch of three prompts.
+# LAYOUT defaults to "--tp NP" (one prompt); with --pp or --ep the run is a batch of three prompts.
+# MODEL_OR_SHAPE "tiny" or "mixtral-tiny" makes a random model of that shape.
 set -euo pipefail
 bin=$1 mpirun=$2 flags=$3 np=$4 model=$5 steps=$6 layout=${7:-"--tp $4"}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-if [ "$model" = tiny ]; then
-  "$bin" init-model --shape tiny --seed 9 --dtype f32 --out "$tmp/tiny" >/dev/null
-  model=$tmp/tiny
+if [ "$model" = tiny ] || [ "$model" = mixtral-tiny ]; then
+  "$bin" init-model --shape "$model" --seed 9 --dtype f32 --out "$tmp/$model" >/dev/null
+  model=$tmp/$model
 fi
 printf '1,7,11\n1\n1,100,5,9\n' >"$tmp/prompts.txt"
 prompt=(--prompt-ids 1,7,11)
 single=()
-case "$layout" in *--pp*) prompt=(--prompts-file "$tmp/prompts.txt") single=(--micro-batches 1) ;; esac
+case "$layout" in *--pp*|*--ep*) prompt=(--prompts-file "$tmp/prompts.txt") single=(--micro-batches 1) ;; esac
 args=(generate --model "$model" "${prompt[@]}" --max-tokens "$steps" --print-ids --print-logits --ignore-eos --threads 1 --comm-timeout 60)
 "$bin" "${args[@]}" "${single[@]}" >"$tmp/one.txt" 2>/dev/null
 # shellcheck disable=SC2086

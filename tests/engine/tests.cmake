@@ -30,4 +30,16 @@ if(PARALLM_HAVE_MPI)
     set_tests_properties(engine_mpi_${name} PROPERTIES LABELS "mpi;engine" TIMEOUT 300
                          ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
   endforeach()
+  # Expert parallelism (mixture of experts): EP 2, EP 4 and EP 2 x TP 2 as processes.
+  foreach(case "ep2:2:--ep 2" "ep4:4:--ep 4" "ep2tp2:4:--ep 2 --tp 2")
+    string(REPLACE ":" ";" parts "${case}")
+    list(GET parts 0 name)
+    list(GET parts 1 np)
+    list(GET parts 2 layout)
+    add_test(NAME engine_mpi_moe_${name}
+             COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/engine/mpi_tp_check.sh $<TARGET_FILE:parallm_bin>
+                     ${PARALLM_MPIRUN} "${flags}" ${np} mixtral-tiny 10 "${layout}")
+    set_tests_properties(engine_mpi_moe_${name} PROPERTIES LABELS "mpi;engine;moe" TIMEOUT 300
+                         ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
+  endforeach()
 endif()

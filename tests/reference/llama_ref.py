@@ -3,7 +3,8 @@
 
 Reads a Hugging Face-format model (config.json + model.safetensors, parsed here with the standard
 library and torch only) and runs greedy decoding in float64, following Hugging Face's
-LlamaForCausalLM conventions (RMSNorm, rotate_half RoPE, grouped-query attention, SwiGLU MLP).
+LlamaForCausalLM conventions (RMSNorm, rotate_half RoPE, grouped-query attention, SwiGLU MLP),
+and MixtralForCausalLM's sparse MoE block when config.json has num_local_experts.
 Writes {"tokens": [...], "logits": [[...], ...]} as JSON: logits[i] is the full-vocabulary row
 that chose tokens[i] (logits[0] comes from the prompt's last position).
 
@@ -75,6 +76,25 @@ def apply_rope(x, ang, interleaved):
     return x * cos2 + rotate_half(x) * sin2
 
 
+def mixtral_moe(cfg, w, p, h):
+    """Mixtral's sparse MoE block, from its formulas: router logits h.Wg^T; softmax over all
+    experts in float32; the top-k; their weights renormalised to sum to 1; the weighted sum of
+    those experts' SwiGLU outputs, w2(silu(w1 h) * w3 h). Expert maths in float64."""
+    E, k = cfg["num_local_experts"], cfg["num_experts_per_tok"]
+    logits = (h @ w[p + "gate.weight"].T).to(torch.float32)
+    probs = torch.softmax(logits, dim=-1)
+    top_w, top_e = torch.topk(probs, k, dim=-1)
+    top_w = (top_w / top_w.sum(dim=-1, keepdim=True)).to(torch.float64)
+    # gates[t, e]: token t's weight for expert e, 0 where e is not among its top k.
+    gates = torch.zeros(h.shape[0], E, dtype=torch.float64).scatter(1, top_e, top_w)
+    out = torch.zeros_like(h)
+    for e in range(E):
+        q = f"{p}experts.{e}."
+        a = torch.nn.functional.silu(h @ w[q + "w1.weight"].T) * (h @ w[q + "w3.weight"].T)
+        out += gates[:, e:e + 1] * (a @ w[q + "w2.weight"].T)
+    return out
+
+
 def forward(cfg, w, ids):
     """Full causal forward over the whole sequence (no cache: independent of parallm's design)."""
     H, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
@@ -98,6 +118,9 @@ def forward(cfg, w, ids):
         o = torch.einsum("hqk,khd->qhd", torch.softmax(att, -1), v).reshape(T, nh * hd)
         x = x + o @ w[p + "self_attn.o_proj.weight"].T
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
+        if cfg.get("num_local_experts"):
+            x = x + mixtral_moe(cfg, w, p + "block_sparse_moe.", h)
+            continue
         g = h @ w[p + "mlp.gate_proj.weight"].T
         u = h @ w[p + "mlp.up_proj.weight"].T
         x = x + (torch.nn.functional.silu(g) * u) @ w[p + "mlp.down_proj.weight"].T

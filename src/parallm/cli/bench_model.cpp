@@ -118,7 +118,14 @@ int run_decode(const DecodeOptions& o) {
       return machine_rate(ctx, probe->measure(kProbeReads));
     };
     float bytes = static_cast<float>(ctx.model.decode_bytes_per_token());
-    ctx.tp.all_reduce(&bytes, 1, comm::ReduceOp::Sum);  // the whole model's bytes per token
+    // The whole model's bytes per token, as every rank reads them (EP ranks replicate attention).
+    ctx.mesh.tp_ep().all_reduce(&bytes, 1, comm::ReduceOp::Sum);
+    const comm::Group& ep = ctx.mesh.ep();
+    double ep_s = 0, ep_at_start = 0;  // the EP exchange: all-to-alls and the all-gather
+    auto ep_seconds = [&] {
+      return ep.stats().get(comm::Kind::AllToAll).seconds +
+             ep.stats().get(comm::Kind::AllGather).seconds;
+    };
     std::vector<double> step_s, step_bw;                // timed steps only
     double step_start = 0, bw_before = 0, comm_s = 0;
     uint64_t reduces = 0, reduces_at_start = 0;
@@ -127,15 +134,17 @@ int run_decode(const DecodeOptions& o) {
     GenerateOptions go;
     go.max_tokens = o.warmup + o.tokens + 1;
     go.ignore_eos = true;
-    ctx.tp.barrier();
+    ctx.mesh.tp_ep().barrier();
     // on_token runs on every rank after each step; the first call follows the prefill.
-    generate(ctx.model, ctx.tp, {static_cast<int32_t>(ctx.config.bos_token_id)}, go, [&](int32_t) {
+    generate(ctx.model, ctx.tp, ctx.mesh.tp_ep(), {static_cast<int32_t>(ctx.config.bos_token_id)},
+             go, [&](int32_t) {
       const double end = now_seconds();
       const bool timed = calls > o.warmup;
       if (timed) {
         step_s.push_back(end - step_start);
         reduces += ctx.tp.stats().count(comm::Kind::AllReduce) - reduces_at_start;
         comm_s += ctx.tp.stats().get(comm::Kind::AllReduce).seconds - comm_at_start;
+        ep_s += ep_seconds() - ep_at_start;
       }
       const double bw = bandwidth_now();
       if (timed) step_bw.push_back((bw_before + bw) / 2);
@@ -143,6 +152,7 @@ int run_decode(const DecodeOptions& o) {
       ++calls;
       reduces_at_start = ctx.tp.stats().count(comm::Kind::AllReduce);
       comm_at_start = ctx.tp.stats().get(comm::Kind::AllReduce).seconds;
+      ep_at_start = ep_seconds();
       step_start = now_seconds();
     });
     double secs = 0, could_read = 0;
@@ -156,8 +166,9 @@ int run_decode(const DecodeOptions& o) {
     const double tps = o.tokens / secs;
     const double bw = could_read / secs;  // time-weighted mean of the probes
     if (!ctx.is_root()) return;
-    std::printf("bench decode: %s, tp %d, %d threads/rank, dtype %s, simd %s\n",
-                o.engine.model.c_str(), ctx.tp.size(), ThreadPool::current().size(),
+    std::printf("bench decode: %s, tp %d%s, %d threads/rank, dtype %s, simd %s\n",
+                o.engine.model.c_str(), ctx.tp.size(),
+                ep.size() > 1 ? cat(", ep ", ep.size()).c_str() : "", ThreadPool::current().size(),
                 std::string(dtype_name(resolve_weight_dtype(o.engine.dtype, ctx.config))).c_str(),
                 kernels::simd_name(kernels::simd_level()).c_str());
     std::printf("  tokens/s            %10.2f   (%d tokens after %d warm-up)\n", tps, o.tokens,
@@ -186,6 +197,10 @@ int run_decode(const DecodeOptions& o) {
           "token\n",
           1e3 * comm_s / o.tokens, 100.0 * comm_s / secs,
           1e6 * comm_s / std::max<uint64_t>(reduces, 1), static_cast<double>(reduces) / o.tokens);
+    if (ep.size() > 1)
+      std::printf("  ep all-to-all       %10.3f ms/token (%.1f%% of decode; rank 0's, with the "
+                  "all-gather of outputs)\n",
+                  1e3 * ep_s / o.tokens, 100.0 * ep_s / secs);
   });
   return 0;
 }
@@ -267,6 +282,9 @@ int run_prefill(const PrefillOptions& o) {
      [](CLI::App& app) {
        auto o = std::make_shared<DecodeOptions>();
        add_engine_flags(app, o->engine);
+       app.add_option("--ep", o->engine.ep,
+                      "Expert-parallel ranks per TP rank (mixture-of-experts models; batch 1)")
+           ->check(CLI::PositiveNumber);
        app.add_option("--tokens", o->tokens, "Timed decode steps (default 32)");
        app.add_option("--warmup", o->warmup, "Untimed decode steps first (default 4)");
        app.add_option("--batch", o->batch, "Sequences decoded together (default 1)");

@@ -17,6 +17,7 @@
 
 #include "parallm/cli/command.h"
 #include "parallm/cli/engine_flags.h"
+#include "parallm/comm/stats.h"
 #include "parallm/core/error.h"
 #include "parallm/engine/batch_generate.h"
 #include "parallm/model/tokenizer.h"
@@ -37,6 +38,7 @@ struct Options {
   uint64_t seed = 0;
   bool print_ids = false, ignore_eos = false, print_logits = false, quiet = false;
   bool check_finite = false;
+  bool moe_stats = false;
 };
 
 // The most --prompts-file may hold: the file is read whole, so its size is bounded before reading.
@@ -157,6 +159,54 @@ void print_memory(const std::vector<int64_t>& mem, size_t sequences) {
                  static_cast<long long>(mem[2 * w + 1]));
 }
 
+// --moe-stats (collective over the world; rank 0 prints): rows (token, expert pairs) per expert
+// and per EP rank over all layers, the max/mean imbalance over EP ranks, and the all-to-all time
+// of the EP group against the generation's wall time. TP ranks hold the same rows: TP rank 0's
+// are counted.
+void print_moe_stats(RankContext& ctx, double seconds) {
+  const ModelConfig& c = ctx.config;
+  const int64_t E = c.num_local_experts;
+  std::vector<int64_t> mine = ctx.model.moe_expert_rows();
+  if (ctx.mesh.tp_rank() != 0) std::fill(mine.begin(), mine.end(), 0);
+  mine.push_back(static_cast<int64_t>(
+      ctx.mesh.ep().stats().get(comm::Kind::AllToAll).seconds * 1e9));
+  mine.push_back(static_cast<int64_t>(seconds * 1e9));
+  std::vector<int64_t> all(mine.size() * ctx.world.size());
+  ctx.world.all_gather(mine.data(), all.data(), mine.size(), DType::I64);
+  if (!ctx.is_root()) return;
+  std::vector<int64_t> per_expert(E, 0);
+  int64_t a2a_ns = 0, wall_ns = 0;
+  for (int w = 0; w < ctx.world.size(); ++w) {
+    const int64_t* v = &all[w * mine.size()];
+    for (int64_t e = 0; e < E; ++e) per_expert[e] += v[e];
+    a2a_ns = std::max(a2a_ns, v[E]);
+    wall_ns = std::max(wall_ns, v[E + 1]);
+  }
+  std::string line;
+  for (int64_t e = 0; e < E; ++e) line += cat(e ? ", " : "", e, ": ", per_expert[e]);
+  std::fprintf(stderr, "[moe] rows per expert (token x expert pairs, all layers): %s\n",
+               line.c_str());
+  const int EP = ctx.mesh.ep_size();
+  int64_t most = 0, sum = 0;
+  for (int r = 0; r < EP; ++r) {
+    const parallel::ShardSpec s = parallel::expert_range(E, EP, r);
+    int64_t rows = 0;
+    for (int64_t e = s.begin; e < s.end; ++e) rows += per_expert[e];
+    most = std::max(most, rows);
+    sum += rows;
+    std::fprintf(stderr, "[moe] EP rank %d: experts [%lld, %lld), %lld rows\n", r,
+                 static_cast<long long>(s.begin), static_cast<long long>(s.end),
+                 static_cast<long long>(rows));
+  }
+  std::fprintf(stderr,
+               "[moe] imbalance over %d EP ranks: max/mean %.3f; all-to-all %.3f ms of %.3f ms "
+               "wall (%.1f%%, the slowest rank's)\n",
+               EP, sum > 0 ? static_cast<double>(most) * EP / static_cast<double>(sum) : 0.0,
+               a2a_ns * 1e-6, wall_ns * 1e-6,
+               wall_ns > 0 ? 100.0 * static_cast<double>(a2a_ns) / static_cast<double>(wall_ns)
+                           : 0.0);
+}
+
 // Batched and/or pipelined generation: prints each sequence, then the pipeline's summary.
 int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts,
               const Tokenizer* tok) {
@@ -187,7 +237,7 @@ int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts
     // its own record of every token. (Two printers, even ordered by a barrier, can interleave
     // mid-line under mpirun, whose output forwarding merges the processes' pipes in arbitrary
     // chunks.)
-    const bool printer = ctx.mesh.last_stage() && ctx.mesh.tp_rank() == 0;
+    const bool printer = ctx.mesh.last_stage() && ctx.mesh.tp_ep().rank() == 0;
     // The printer's own record of the tokens as they come, so that a run that fails part way
     // (a rank's error, a comm timeout) still prints what it generated before the error line.
     std::vector<std::vector<int32_t>> so_far(prompts.size());
@@ -225,6 +275,7 @@ int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts
         }
       std::fflush(stdout);
     }
+    if (o.moe_stats) print_moe_stats(ctx, r.seconds);
     if (!ctx.is_root()) return;
     if (o.engine.mem_stats) print_memory(mem, r.sequences.size());
     const int P = ctx.mesh.pp_size(), M = r.micro_batches;
@@ -311,6 +362,8 @@ int run_generate(const Options& o) {
       fail("cli", "the tokenizer has ", tok->vocab_size(), " tokens but the model's vocab_size is ",
            config.vocab_size, ": they do not belong together");
   }
+  if (o.moe_stats && !config.is_moe())
+    fail("cli", "--moe-stats needs a mixture-of-experts model (this one is dense)");
   if (!o.prompts_file.empty())
     return run_batch(o, read_prompts(o.prompts_file, tok.get(), config.vocab_size), tok.get());
   std::vector<int32_t> prompt;
@@ -324,7 +377,10 @@ int run_generate(const Options& o) {
            " (tokenizer.model or tokenizer.json); give --tokenizer FILE or --prompt-ids");
     prompt = tok->encode(o.prompt, true);
   }
-  if (o.engine.pp > 1 || o.micro_batches > 0) return run_batch(o, {prompt}, tok.get());
+  // EP replicas learn each step's plan from the batch loop's stage-wide broadcast; --moe-stats is
+  // the batch loop's report.
+  if (o.engine.pp > 1 || o.engine.ep > 1 || o.moe_stats || o.micro_batches > 0)
+    return run_batch(o, {prompt}, tok.get());
   GenerateOptions go;
   go.max_tokens = o.max_tokens;
   go.ignore_eos = o.ignore_eos;
@@ -380,6 +436,13 @@ int run_generate(const Options& o) {
     {"generate", "Generate text from a prompt (greedy by default)", [](CLI::App& app) {
        auto o = std::make_shared<Options>();
        add_engine_flags(app, o->engine);
+       app.add_option("--ep", o->engine.ep,
+                      "Expert-parallel ranks per TP rank (mixture-of-experts models): attention "
+                      "replicated, experts split; world size = tp x ep x pp (docs/moe.md)")
+           ->check(CLI::PositiveNumber);
+       app.add_flag("--moe-stats", o->moe_stats,
+                    "Print rows per expert and per EP rank, their imbalance and the all-to-all "
+                    "time share (mixture-of-experts models)");
        app.add_option("--prompt", o->prompt, "Prompt text (needs a tokenizer beside the model)");
        app.add_option("--prompt-ids", o->prompt_ids, "Prompt as token ids: 1,2,3")
            ->delimiter(',')

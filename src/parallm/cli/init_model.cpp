@@ -15,12 +15,17 @@ namespace {
 struct Options {
   std::string shape, out, dtype = "auto";
   uint64_t seed = 0;
+  int64_t layers = 0;  // 0: the shape's
 };
 
 int run(const Options& o) {
   ModelConfig config = std::filesystem::path(o.shape).extension() == ".json"
                            ? ModelConfig::from_file(o.shape)
                            : shape_preset(o.shape);
+  if (o.layers > 0) {
+    config.num_hidden_layers = o.layers;
+    config.validate("--layers");
+  }
   const DType dtype = o.dtype == "auto"
                           ? (config.torch_dtype == "float32" ? DType::F32 : DType::BF16)
                           : parse_dtype(o.dtype, "--dtype");
@@ -39,7 +44,12 @@ int run(const Options& o) {
     {"init-model", "Write a model with random weights (config.json + model.safetensors)",
      [](CLI::App& app) {
        auto o = std::make_shared<Options>();
-       app.add_option("--shape", o->shape, "tiny, small, bench-30m, tinyllama-1.1b, or a config.json")->required();
+       app.add_option("--shape", o->shape, shape_preset_names() + ", or a config.json")
+           ->required();
+       app.add_option("--layers", o->layers,
+                      "Keep this many decoder layers of the shape (e.g. a few real-shaped "
+                      "mixtral-8x7b layers for benchmarks)")
+           ->check(CLI::PositiveNumber);
        app.add_option("--out", o->out, "Output directory")->required();
        app.add_option("--seed", o->seed, "Random seed (default 0)");
        app.add_option("--dtype", o->dtype, "auto (f32 for tiny, bf16 otherwise), f32, bf16, f16")

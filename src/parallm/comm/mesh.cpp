@@ -69,6 +69,7 @@ Mesh::Mesh(Group world, MeshShape shape) : world_(std::move(world)) {
   pp_ = world_.split(d * T + t, p, "pp");
   ep_ = world_.split((p * (D / E) + d / E) * T + t, d % E, "ep");
   edp_ = world_.split((p * E + d % E) * T + t, d / E, "edp");
+  tp_ep_ = E == 1 ? tp_ : world_.split(p * (D / E) + d / E, (d % E) * T + t, "tp_ep");
 }
 
 }  // namespace parallm::comm

@@ -39,6 +39,10 @@ class Mesh {
   const Group& dp() const { return dp_; }
   const Group& ep() const { return ep_; }
   const Group& edp() const { return edp_; }  // same expert shard, different EP blocks
+  // This rank's TP x EP block (the TP groups of its EP group's ranks), in world order: the ranks
+  // that hold the same tokens when EP ranks replicate attention (inference with --ep). The tp group
+  // itself when EP is 1.
+  const Group& tp_ep() const { return tp_ep_; }
 
   int tp_rank() const { return tp_.rank(); }
   int pp_rank() const { return pp_.rank(); }
@@ -57,7 +61,7 @@ class Mesh {
 
  private:
   MeshShape shape_;
-  Group world_, tp_, pp_, dp_, ep_, edp_;
+  Group world_, tp_, pp_, dp_, ep_, edp_, tp_ep_;
 };
 
 }  // namespace parallm::comm

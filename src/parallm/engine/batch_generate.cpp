@@ -53,11 +53,19 @@ void clear_stop() { g_stop.store(false, std::memory_order_relaxed); }
 BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const comm::Group& pp,
                            const std::vector<Request>& requests, const BatchOptions& options,
                            const TokenCallback& on_token) {
+  return run_generation(model, tp, pp, tp, requests, options, on_token);
+}
+
+BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const comm::Group& pp,
+                           const comm::Group& stage_group, const std::vector<Request>& requests,
+                           const BatchOptions& options, const TokenCallback& on_token) {
   const ModelConfig& c = model.config();
   const int B = static_cast<int>(requests.size());
   const int P = pp.size(), stage = pp.rank();
   const bool first = stage == 0, last = stage == P - 1;
-  const bool root = first && tp.rank() == 0;
+  // stage_group: every rank of this stage that runs the same plans (the TP group, or TP x EP when
+  // EP replicates attention); its rank 0 plans (first stage) and sends the tokens back (last).
+  const bool root = first && stage_group.rank() == 0;
   if (B == 0) fail("generate", "no prompts");
   if ((first && !model.has_embedding()) || (last && !model.has_head()))
     fail("generate", "stage ", stage, " of ", P, " holds layers [", model.layer_begin(), ", ",
@@ -214,7 +222,7 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
         plan = build_plan(j);
         sampled_in_flight[j] = plan.samples();
       }
-      broadcast_plan(plan, tp, 0, max_mb, budget);
+      broadcast_plan(plan, stage_group, 0, max_mb, budget);
       const int64_t b = now_ns();
       embedded[j].resize(plan.tokens() * H);
       if (!plan.ids.empty()) {
@@ -269,7 +277,7 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
         if (root) decide(e.slot, tokens[r]);  // no pipeline: the first rank samples too
         ++r;
       }
-      if (P > 1 && tp.rank() == 0) link.send_result(0, j, tokens.data(), R);
+      if (P > 1 && stage_group.rank() == 0) link.send_result(0, j, tokens.data(), R);
     }
     busy += now_ns() - b;
     for (const PlanEntry& e : plan.entries)
@@ -310,7 +318,7 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
 BatchResult generate_batch(const LlamaModel& model, const comm::Mesh& mesh,
                            const std::vector<Request>& requests, const BatchOptions& options,
                            const TokenCallback& on_token) {
-  return run_generation(model, mesh.tp(), mesh.pp(), requests, options, on_token);
+  return run_generation(model, mesh.tp(), mesh.pp(), mesh.tp_ep(), requests, options, on_token);
 }
 
 BatchResult generate_batch(const LlamaModel& model, const comm::Mesh& mesh,

@@ -105,8 +105,14 @@ void clear_stop();
 BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const comm::Group& pp,
                            const std::vector<Request>& requests, const BatchOptions& options,
                            const TokenCallback& on_token = nullptr);
+// The same where more ranks than tp run each plan: stage_group holds every rank of this stage
+// that runs the same plans (TP x EP under expert parallelism, mesh.tp_ep()); tp stays the LM
+// head's and the sampler's group.
+BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const comm::Group& pp,
+                           const comm::Group& stage_group, const std::vector<Request>& requests,
+                           const BatchOptions& options, const TokenCallback& on_token = nullptr);
 
-// The same over a mesh's TP and PP groups.
+// The same over a mesh's TP, PP and stage groups.
 BatchResult generate_batch(const LlamaModel& model, const comm::Mesh& mesh,
                            const std::vector<Request>& requests, const BatchOptions& options,
                            const TokenCallback& on_token = nullptr);

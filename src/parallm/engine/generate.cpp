@@ -11,6 +11,13 @@ namespace parallm {
 GenerateResult generate(const LlamaModel& model, comm::Group tp, const std::vector<int32_t>& prompt,
                         const GenerateOptions& options,
                         const std::function<void(int32_t)>& on_token) {
+  comm::Group stage = tp;
+  return generate(model, std::move(tp), std::move(stage), prompt, options, on_token);
+}
+
+GenerateResult generate(const LlamaModel& model, comm::Group tp, comm::Group stage,
+                        const std::vector<int32_t>& prompt, const GenerateOptions& options,
+                        const std::function<void(int32_t)>& on_token) {
   if (!model.has_embedding() || !model.has_head())
     fail("generate", "this model holds layers [", model.layer_begin(), ", ", model.layer_end(),
          "), not the whole model; pipeline stages run through generate_batch");
@@ -26,7 +33,7 @@ GenerateResult generate(const LlamaModel& model, comm::Group tp, const std::vect
   TokenCallback cb;
   if (on_token) cb = [&](int, int32_t token) { on_token(token); };
   BatchResult r =
-      run_generation(model, tp, comm::Group(), {Request{prompt, options.max_tokens}}, bo, cb);
+      run_generation(model, tp, comm::Group(), stage, {Request{prompt, options.max_tokens}}, bo, cb);
   GenerateResult out;
   SequenceOutput& seq = r.sequences[0];
   out.tokens = std::move(seq.tokens);

@@ -40,6 +40,11 @@ struct GenerateResult {
 GenerateResult generate(const LlamaModel& model, comm::Group tp, const std::vector<int32_t>& prompt,
                         const GenerateOptions& options,
                         const std::function<void(int32_t)>& on_token = nullptr);
+// The same where more ranks than tp run the model together: `stage` holds them all (TP x EP under
+// expert parallelism, Mesh::tp_ep()); rank 0 of `stage` plans each step and broadcasts it.
+GenerateResult generate(const LlamaModel& model, comm::Group tp, comm::Group stage,
+                        const std::vector<int32_t>& prompt, const GenerateOptions& options,
+                        const std::function<void(int32_t)>& on_token = nullptr);
 
 
 }  // namespace parallm

@@ -40,6 +40,7 @@ uint64_t resident_bytes() {
 void run_model(const EngineOptions& options, const std::function<void(RankContext&)>& fn) {
   if (options.tp < 1) fail("cli", "--tp must be >= 1, got ", options.tp);
   if (options.pp < 1) fail("cli", "--pp must be >= 1, got ", options.pp);
+  if (options.ep < 1) fail("cli", "--ep must be >= 1, got ", options.ep);
   if (options.threads < 0) fail("cli", "--threads must be >= 0, got ", options.threads);
   ModelConfig config;
   std::unique_ptr<WeightSource> source = open_model(options.model, &config);
@@ -48,7 +49,14 @@ void run_model(const EngineOptions& options, const std::function<void(RankContex
   parallel::HeadPlan::make(config.num_attention_heads, config.num_key_value_heads, options.tp, 0);
   const std::vector<pipeline::StageLayers> stages =
       pipeline::partition_layers(config.num_hidden_layers, options.pp, options.pp_layers);
-  const int world_size = options.tp * options.pp;
+  // A missing or misshapen tensor is one line here, before any rank starts.
+  check_llama_weights(*source, config);
+  // --ep: fail before launching when the experts cannot be split so.
+  if (options.ep > 1) {
+    const std::string why = parallel::moe_ep_problem(config.num_local_experts, options.ep);
+    if (!why.empty()) fail("cli", why);
+  }
+  const int world_size = options.tp * options.pp * options.ep;
 
   comm::LaunchOptions launch;
   launch.backend = options.backend;
@@ -64,9 +72,11 @@ void run_model(const EngineOptions& options, const std::function<void(RankContex
     ScopedPool scoped(pool);
     TraceBuffer trace(world.rank());
     if (!options.trace_file.empty()) set_thread_trace(&trace);
-    comm::Mesh mesh(world, {options.tp, options.pp, 1, 1});
+    // EP ranks are the mesh's DP ranks, one EP block (docs/moe.md): rank = tp + ep*TP + pp*TP*EP.
+    comm::Mesh mesh(world, {options.tp, options.pp, options.ep, options.ep});
     comm::Group tp = mesh.tp();
     LlamaOptions lo;
+    lo.ep = mesh.ep();
     lo.weight_dtype = dtype;
     lo.layer_begin = stages[mesh.pp_rank()].begin;
     lo.layer_end = stages[mesh.pp_rank()].end;

@@ -82,7 +82,7 @@ void check_init_model_size(const ModelConfig& c, DType dtype) {
 }
 
 std::string shape_preset_names() {
-  return "tiny, small, bench-30m, tinyllama-1.1b";
+  return "tiny, small, bench-30m, tinyllama-1.1b, mixtral-tiny, mixtral-8x7b";
 }
 
 ModelConfig shape_preset(const std::string& name) {
@@ -126,6 +126,38 @@ ModelConfig shape_preset(const std::string& name) {
     c.rope_theta = 10000.0;
     c.tie_word_embeddings = false;
     c.torch_dtype = "float32";
+  } else if (name == "mixtral-tiny") {
+    // Mixtral-shaped for the MoE tests: 8 experts, top-2, so EP 1..8 fit (3 unevenly); 4 heads
+    // over 2 KV heads and an FFN of 96 for TP 2.
+    c.architecture = "MixtralForCausalLM";
+    c.hidden_size = 64;
+    c.intermediate_size = 96;
+    c.num_hidden_layers = 2;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = 2;
+    c.head_dim = 16;
+    c.vocab_size = 160;
+    c.max_position_embeddings = 256;
+    c.rope_theta = 10000.0;
+    c.torch_dtype = "float32";
+    c.num_local_experts = 8;
+    c.num_experts_per_tok = 2;
+  } else if (name == "mixtral-8x7b") {
+    // Mixtral-8x7B's shape (46.7 B parameters in 32 layers): with init-model --layers N, a few
+    // real-shaped layers for benchmarks (each layer 1.4 B parameters, 2.9 GB in bf16).
+    c.architecture = "MixtralForCausalLM";
+    c.hidden_size = 4096;
+    c.intermediate_size = 14336;
+    c.num_hidden_layers = 32;
+    c.num_attention_heads = 32;
+    c.num_key_value_heads = 8;
+    c.head_dim = 128;
+    c.vocab_size = 32000;
+    c.max_position_embeddings = 32768;
+    c.rope_theta = 1e6;
+    c.torch_dtype = "bfloat16";
+    c.num_local_experts = 8;
+    c.num_experts_per_tok = 2;
   } else if (name == "tinyllama-1.1b") {
     c.hidden_size = 2048;
     c.intermediate_size = 5632;

@@ -46,6 +46,11 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
     fail("tp", "tensor-parallel size ", tp_size, " leaves rank ", tp_rank, " no rows of the FFN (",
          c.intermediate_size, ") or vocabulary (", c.vocab_size, ")");
   workspace_layout_ = workspace_layout(c, tp_size, tp_rank);
+  if (c.is_moe()) {
+    experts_ = parallel::expert_range(c.num_local_experts, opts_.ep.size(), opts_.ep.rank());
+  } else if (opts_.ep.size() > 1) {
+    fail("moe", parallel::moe_ep_problem(0, opts_.ep.size()));
+  }
   const parallel::RopeSpec rope{c.rope_inv_freq(), c.rope_interleaved
                                                        ? kernels::RopeStyle::Interleaved
                                                        : kernels::RopeStyle::HalfSplit};
@@ -93,9 +98,29 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
         read_fused(i, qkv_spec, "self_attn."),
         read(names::layer(i, "self_attn.o_proj.weight"), Slice::Kind::Cols, o_cols), heads_, hd,
         rope, tp_);
-    L.mlp = parallel::ParallelMlp(
-        read_fused(i, gate_up_spec, "mlp."),
-        read(names::layer(i, "mlp.down_proj.weight"), Slice::Kind::Cols, ffn_), ffn_, tp_);
+    if (c.is_moe()) {
+      // The router whole (f32: it is routed in f32); only this EP rank's experts, each its TP
+      // slice of w1 and w3 rows (fused) and w2 columns.
+      const std::string moe = "block_sparse_moe.";
+      Tensor router = source.read(names::layer(i, moe + "gate.weight"), DType::F32,
+                                  slice_of(names::layer(i, moe + "gate.weight")));
+      std::vector<Tensor> w13, w2;
+      for (int64_t e = experts_.begin; e < experts_.end; ++e) {
+        const std::string ex = cat(moe, "experts.", e, ".");
+        Tensor w1 = read(names::layer(i, ex + "w1.weight"), Slice::Kind::Rows, ffn_);
+        Tensor w3 = read(names::layer(i, ex + "w3.weight"), Slice::Kind::Rows, ffn_);
+        w13.push_back(concat_rows({w1, w3}));
+        w2.push_back(read(names::layer(i, ex + "w2.weight"), Slice::Kind::Cols, ffn_));
+      }
+      L.is_moe = true;
+      L.moe = parallel::MoeLayer(std::move(router), std::move(w13), std::move(w2),
+                                 static_cast<int>(c.num_experts_per_tok), experts_, ffn_, opts_.ep,
+                                 tp_);
+    } else {
+      L.mlp = parallel::ParallelMlp(
+          read_fused(i, gate_up_spec, "mlp."),
+          read(names::layer(i, "mlp.down_proj.weight"), Slice::Kind::Cols, ffn_), ffn_, tp_);
+    }
     weight_bytes_ += L.bytes();
     layers_.push_back(std::move(L));
   }
@@ -120,14 +145,34 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
 }
 
 uint64_t LlamaModel::Layer::bytes() const {
-  return attention.qkv().weight().nbytes() + attention.o().weight().nbytes() +
-         mlp.gate_up().weight().nbytes() + mlp.down().weight().nbytes() +
+  const uint64_t ffn = is_moe ? moe.weight_bytes()
+                              : mlp.gate_up().weight().nbytes() + mlp.down().weight().nbytes();
+  return attention.qkv().weight().nbytes() + attention.o().weight().nbytes() + ffn +
          (attn_norm.size() + ffn_norm.size()) * sizeof(float);
+}
+
+std::vector<int64_t> LlamaModel::moe_expert_rows() const {
+  std::vector<int64_t> rows(config_.is_moe() ? config_.num_local_experts : 0, 0);
+  for (const Layer& L : layers_)
+    if (L.is_moe)
+      for (size_t i = 0; i < L.moe.expert_rows().size(); ++i)
+        rows[L.moe.experts().begin + static_cast<int64_t>(i)] += L.moe.expert_rows()[i];
+  return rows;
 }
 
 uint64_t LlamaModel::decode_bytes_per_token() const {
   uint64_t b = 0;
-  for (const Layer& L : layers_) b += L.bytes();
+  for (const Layer& L : layers_) {
+    b += L.bytes();
+    if (L.is_moe) {
+      // A token reads k of the E experts: this rank's experts count at k / E (the expectation
+      // under uniform routing), so the sum over EP ranks is k experts' bytes.
+      const uint64_t experts = L.moe.weight_bytes() - L.moe.num_experts() * L.moe.hidden() * 4;
+      b -= experts;
+      b += experts * static_cast<uint64_t>(L.moe.top_k()) /
+           static_cast<uint64_t>(L.moe.num_experts());
+    }
+  }
   if (has_embedding()) b += config_.hidden_size * dtype_size(opts_.weight_dtype);
   if (has_head()) b += lm_head_.weight().nbytes() + final_norm_.size() * sizeof(float);
   return b;
@@ -195,7 +240,10 @@ void LlamaModel::forward_layers(float* x, const std::vector<SeqChunk>& chunks, K
     for (int64_t i = 0; i < T * H; ++i) x[i] += out[i];
 
     kernels::rmsnorm(x, L.ffn_norm.data(), xn, T, H, eps);
-    L.mlp.forward(xn, T, ws.scratch(), out);
+    if (L.is_moe)
+      L.moe.forward(xn, T, out);
+    else
+      L.mlp.forward(xn, T, ws.scratch(), out);
     for (int64_t i = 0; i < T * H; ++i) x[i] += out[i];
     if (after_layer) after_layer(opts_.layer_begin + static_cast<int64_t>(li), x, T);
   }

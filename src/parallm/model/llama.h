@@ -3,6 +3,8 @@
 //
 // Per decoder layer:  x += ParallelAttention(rmsnorm(x))   (parallel/attention.h)
 //                     x += ParallelMlp(rmsnorm(x))         (parallel/mlp.h)
+// or, for a mixture-of-experts config (Mixtral), x += MoeLayer(rmsnorm(x)) (parallel/moe.h), its
+// experts split over LlamaOptions::ep and each expert's FFN over TP.
 // so a layer costs exactly two all-reduces forward when TP > 1 (none when TP == 1). The model
 // holds the norms and the residual adds; every split and every collective is in the layers.
 #pragma once
@@ -20,6 +22,7 @@
 #include "parallm/parallel/embedding.h"
 #include "parallm/parallel/lm_head.h"
 #include "parallm/parallel/mlp.h"
+#include "parallm/parallel/moe.h"
 #include "parallm/parallel/shard.h"
 
 namespace parallm {
@@ -32,6 +35,9 @@ struct LlamaOptions {
   DType weight_dtype = DType::BF16;  // matrices and embeddings; norms are always f32
   int64_t layer_begin = 0;           // this rank's pipeline stage: layers [layer_begin, layer_end)
   int64_t layer_end = -1;            // -1: to the last layer
+  // Mixture of experts: the expert-parallel group (size 1: every expert here). Its ranks hold the
+  // same tokens (attention replicated); each holds parallel::expert_range's experts.
+  comm::Group ep;
 };
 
 class LlamaModel {
@@ -68,8 +74,11 @@ class LlamaModel {
   const parallel::VocabParallelLmHead& lm_head() const;
 
   // Bytes of weights this rank holds, and the bytes a decode step reads (every matrix once; the
-  // embedding contributes one row).
+  // embedding contributes one row; MoE experts at k / E of their bytes).
   uint64_t weight_bytes() const { return weight_bytes_; }
+  // MoE: rows (token, expert pairs) each expert multiplied on this rank, summed over its layers,
+  // [num_local_experts] (0 for the experts it does not hold); empty for a dense model.
+  std::vector<int64_t> moe_expert_rows() const;
   uint64_t decode_bytes_per_token() const;
 
   // The workspace forward_layers needs for up to max_tokens tokens per call (the largest prompt
@@ -85,7 +94,9 @@ class LlamaModel {
   struct Layer {
     std::vector<float> attn_norm, ffn_norm;
     parallel::ParallelAttention attention;
-    parallel::ParallelMlp mlp;
+    parallel::ParallelMlp mlp;  // dense models
+    parallel::MoeLayer moe;     // mixture-of-experts models
+    bool is_moe = false;
     uint64_t bytes() const;  // weights, norms included
   };
 
@@ -94,6 +105,7 @@ class LlamaModel {
   comm::Group tp_;
   parallel::HeadPlan heads_;
   parallel::ShardSpec ffn_, vocab_;
+  parallel::ShardSpec experts_;  // this EP rank's experts (MoE)
   WorkspaceLayout workspace_layout_;  // what forward_layers needs of a workspace, per token
   std::vector<Layer> layers_;
   parallel::VocabParallelEmbedding embedding_;

@@ -1,6 +1,7 @@
 #include "parallm/model/llama_tensors.h"
 
 #include "parallm/core/error.h"
+#include "parallm/parallel/moe.h"
 #include "parallm/parallel/shard.h"
 
 namespace parallm {
@@ -196,12 +197,13 @@ int64_t llama_slice_numel(const LlamaTensor& t, const Slice& s) {
 }
 
 uint64_t LlamaRankShare::bytes(DType dtype) const {
-  return static_cast<uint64_t>(matrices()) * dtype_size(dtype) +
-         static_cast<uint64_t>(norms) * sizeof(float);
+  // The MoE router is kept in f32 (it routes in f32), like the norms.
+  return static_cast<uint64_t>(matrices() - router) * dtype_size(dtype) +
+         static_cast<uint64_t>(norms + router) * sizeof(float);
 }
 
 double LlamaRankShare::bytes(double matrix_bytes) const {
-  return double(matrices()) * matrix_bytes + double(norms) * sizeof(float);
+  return double(matrices() - router) * matrix_bytes + double(norms + router) * sizeof(float);
 }
 
 LlamaRankShare llama_rank_share(const ModelConfig& c, int tp, int tp_rank, int64_t layer_begin,
@@ -210,10 +212,15 @@ LlamaRankShare llama_rank_share(const ModelConfig& c, int tp, int tp_rank, int64
     fail("model", "layer range [", layer_begin, ", ", layer_end, ") is not within the model's ",
          c.num_hidden_layers, " layers");
   const int64_t experts = c.num_local_experts;
-  if (ep < 1 || ep_rank < 0 || ep_rank >= ep || (c.is_moe() && experts % ep != 0))
-    fail("model", "expert-parallel rank ", ep_rank, " of ", ep, " does not split the ", experts,
-         " experts evenly");
-  const int64_t e_begin = experts * ep_rank / ep, e_end = experts * (ep_rank + 1) / ep;
+  if (ep < 1 || ep_rank < 0 || ep_rank >= ep)
+    fail("model", "expert-parallel rank ", ep_rank, " of ", ep);
+  // The engine's placement (parallel::expert_range): contiguous, the first E % EP ranks one more.
+  int64_t e_begin = 0, e_end = 0;
+  if (c.is_moe()) {
+    const parallel::ShardSpec r = parallel::expert_range(experts, ep, ep_rank);
+    e_begin = r.begin;
+    e_end = r.end;
+  }
   LlamaRankShare s;
   auto add = [&](const LlamaTensor& t, int64_t copies, bool as_head) {
     const int64_t n = copies * llama_slice_numel(t, llama_tensor_slice(t, c, tp, tp_rank));

@@ -67,8 +67,8 @@ Slice llama_tensor_slice(const LlamaTensor& t, const ModelConfig& c, int tp, int
 // Elements of that slice.
 int64_t llama_slice_numel(const LlamaTensor& t, const Slice& s);
 
-// What one rank holds: TP rank `tp_rank` of `tp`, EP rank `ep_rank` of `ep` (experts split
-// evenly over EP), pipeline stage holding layers [layer_begin, layer_end). The first stage holds
+// What one rank holds: TP rank `tp_rank` of `tp`, EP rank `ep_rank` of `ep` (experts split over
+// EP by parallel::expert_range: contiguous, the first E % EP ranks one more), pipeline stage holding layers [layer_begin, layer_end). The first stage holds
 // the embedding; the last the final norm and the LM head, which is the embedding's rows again
 // when tied: counted once when the same rank holds the embedding, twice (a second copy) when the
 // embedding sits on another stage, as LlamaModel loads it.
@@ -82,7 +82,8 @@ struct LlamaRankShare {
   int64_t head = 0;       // last stage: the LM head's vocab slice (0 when shared with embedding)
   int64_t matrices() const { return attention + mlp + router + experts + embedding + head; }
   int64_t total() const { return matrices() + norms; }
-  // Bytes: matrices at `dtype` (or `matrix_bytes` per element, 0.5 for 4-bit), norms in f32.
+  // Bytes: matrices at `dtype` (or `matrix_bytes` per element, 0.5 for 4-bit), norms and the MoE
+  // routers in f32 (as LlamaModel keeps them).
   uint64_t bytes(DType dtype) const;
   double bytes(double matrix_bytes) const;
 };

@@ -1,0 +1,252 @@
+#include "parallm/parallel/moe.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "parallm/core/error.h"
+#include "parallm/core/trace.h"
+#include "parallm/kernels/ops.h"
+
+namespace parallm::parallel {
+
+std::string moe_ep_problem(int64_t experts, int ep) {
+  if (ep < 1) return cat("expert-parallel size must be >= 1, got ", ep);
+  if (experts < 1) return cat("--ep ", ep, " needs a mixture-of-experts model (this one is dense)");
+  if (ep > experts)
+    return cat("--ep ", ep, " exceeds the model's ", experts,
+               " experts (each expert-parallel rank needs at least one expert)");
+  return "";
+}
+
+ShardSpec expert_range(int64_t experts, int ep, int ep_rank) {
+  const std::string why = moe_ep_problem(experts, ep);
+  if (!why.empty()) fail("moe", why);
+  if (ep_rank < 0 || ep_rank >= ep) fail("moe", "expert-parallel rank ", ep_rank, " of ", ep);
+  const int64_t q = experts / ep, rem = experts % ep;
+  const int64_t begin = ep_rank * q + std::min<int64_t>(ep_rank, rem);
+  return {experts, begin, begin + q + (ep_rank < rem ? 1 : 0)};
+}
+
+int expert_owner(int64_t expert, int64_t experts, int ep) {
+  const int64_t q = experts / ep, rem = experts % ep;
+  // The first rem ranks hold q + 1 experts each.
+  const int64_t big = rem * (q + 1);
+  return static_cast<int>(expert < big ? expert / (q + 1) : rem + (expert - big) / q);
+}
+
+void moe_route(const float* xn, int64_t T, const float* router, int64_t E, int64_t H, int k,
+               bool renormalize, int32_t* experts, float* weights) {
+  if (k < 1 || k > E) fail("moe", "top-k ", k, " must be in 1..", E, " (the number of experts)");
+  std::vector<float> p(static_cast<size_t>(E));
+  std::vector<char> taken(static_cast<size_t>(E));
+  for (int64_t t = 0; t < T; ++t) {
+    const float* x = xn + t * H;
+    // One dot product per expert in a fixed order, so a token's routing does not depend on the
+    // other tokens of the call (a batched GEMM may sum differently for other row counts).
+    float mx = -INFINITY;
+    for (int64_t e = 0; e < E; ++e) {
+      const float* w = router + e * H;
+      float s = 0;
+      for (int64_t h = 0; h < H; ++h) s += x[h] * w[h];
+      p[e] = s;
+      mx = std::max(mx, s);
+    }
+    float sum = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      p[e] = std::exp(p[e] - mx);
+      sum += p[e];
+    }
+    for (int64_t e = 0; e < E; ++e) p[e] /= sum;
+    std::fill(taken.begin(), taken.end(), 0);
+    int32_t* ex = experts + t * k;
+    float* wt = weights + t * k;
+    float chosen = 0;
+    for (int j = 0; j < k; ++j) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
+      taken[best] = 1;
+      ex[j] = static_cast<int32_t>(best);
+      wt[j] = p[best];
+      chosen += p[best];
+    }
+    if (renormalize)
+      for (int j = 0; j < k; ++j) wt[j] /= chosen;
+  }
+}
+
+MoeLayer::MoeLayer(Tensor router, std::vector<Tensor> w13, std::vector<Tensor> w2, int top_k,
+                   ShardSpec experts, ShardSpec ffn, comm::Group ep, comm::Group tp)
+    : router_(std::move(router)),
+      top_k_(top_k),
+      experts_(experts),
+      ffn_(ffn),
+      ep_(std::move(ep)),
+      tp_(std::move(tp)) {
+  if (router_.dtype() != DType::F32 || router_.ndim() != 2)
+    fail("moe", "the router must be an f32 [experts, hidden] matrix, got ", router_.describe());
+  const int64_t E = router_.dim(0), H = router_.dim(1);
+  if (top_k_ < 1 || top_k_ > E)
+    fail("moe", "num_experts_per_tok ", top_k_, " must be in 1..", E, " (the model's experts)");
+  const ShardSpec want = expert_range(E, ep_.size(), ep_.rank());
+  if (!(experts_ == want))
+    fail("moe", "EP rank ", ep_.rank(), " of ", ep_.size(), " holds experts [", want.begin, ", ",
+         want.end, "), given [", experts_.begin, ", ", experts_.end, ")");
+  if (static_cast<int64_t>(w13.size()) != experts_.size() ||
+      static_cast<int64_t>(w2.size()) != experts_.size())
+    fail("moe", "EP rank ", ep_.rank(), " holds ", experts_.size(), " experts but was given ",
+         w13.size(), " w1/w3 and ", w2.size(), " w2 weights");
+  const FusedShardSpec spec{{{"w1", ffn_, 1}, {"w3", ffn_, 1}}};
+  for (size_t i = 0; i < w13.size(); ++i) {
+    if (w13[i].ndim() != 2 || w13[i].dim(0) != 2 * ffn_.size() || w13[i].dim(1) != H ||
+        w2[i].ndim() != 2 || w2[i].dim(0) != H || w2[i].dim(1) != ffn_.size())
+      fail("moe", "expert ", experts_.begin + static_cast<int64_t>(i), ": w1|w3 ",
+           w13[i].describe(), " and w2 ", w2[i].describe(), " do not fit hidden ", H,
+           " and FFN shard ", ffn_.size());
+    w13_.emplace_back(std::move(w13[i]), spec, tp_);
+    w2_.emplace_back(std::move(w2[i]), ffn_, tp_);
+  }
+  reset_counters();
+}
+
+void MoeLayer::reset_counters() const {
+  expert_rows_.assign(static_cast<size_t>(experts_.size()), 0);
+  rows_sent_.assign(static_cast<size_t>(ep_.size()), 0);
+}
+
+uint64_t MoeLayer::weight_bytes() const {
+  uint64_t b = router_.nbytes();
+  for (size_t i = 0; i < w13_.size(); ++i)
+    b += w13_[i].weight().nbytes() + w2_[i].weight().nbytes();
+  return b;
+}
+
+void MoeLayer::forward_tokens(const float* xn, int64_t T, float* out, MoeCallStats* stats) const {
+  const int64_t E = num_experts(), H = hidden(), fl = ffn_.size();
+  const int k = top_k_, P = ep_.size();
+  const int64_t W = H + 2;  // a dispatched row: hidden vector, routing weight, expert id
+
+  // 1. Route, then pack one row per (token, choice) by destination rank, (token, choice) order.
+  std::vector<int32_t> ex(static_cast<size_t>(T * k));
+  std::vector<float> wt(static_cast<size_t>(T * k));
+  {
+    TraceSpan span("moe route", "compute");
+    moe_route(xn, T, router_.data<float>(), E, H, k, /*renormalize=*/true, ex.data(), wt.data());
+  }
+  std::vector<int64_t> send_rows(P, 0), recv_rows(P, 0);
+  for (int64_t i = 0; i < T * k; ++i) ++send_rows[expert_owner(ex[i], E, P)];
+  std::vector<int64_t> offset(P + 1, 0);
+  for (int r = 0; r < P; ++r) offset[r + 1] = offset[r] + send_rows[r];
+  std::vector<int64_t> slot(static_cast<size_t>(T * k));  // where (token, choice)'s row was sent
+  std::vector<float> send(static_cast<size_t>(offset[P] * W));
+  {
+    std::vector<int64_t> fill(offset.begin(), offset.end() - 1);
+    for (int64_t t = 0; t < T; ++t)
+      for (int j = 0; j < k; ++j) {
+        const int64_t i = t * k + j;
+        const int64_t row = fill[expert_owner(ex[i], E, P)]++;
+        slot[i] = row;
+        float* dst = send.data() + row * W;
+        std::memcpy(dst, xn + t * H, H * sizeof(float));
+        dst[H] = wt[i];
+        std::memcpy(dst + H + 1, &ex[i], sizeof(int32_t));
+      }
+  }
+
+  // 2. Counts, then rows.
+  std::vector<size_t> ones(P, 1);
+  ep_.all_to_all(send_rows.data(), ones, recv_rows.data(), ones, DType::I64);
+  std::vector<size_t> send_counts(P), recv_counts(P);
+  int64_t R = 0;
+  for (int r = 0; r < P; ++r) {
+    send_counts[r] = static_cast<size_t>(send_rows[r] * W);
+    recv_counts[r] = static_cast<size_t>(recv_rows[r] * W);
+    R += recv_rows[r];
+  }
+  std::vector<float> recv(static_cast<size_t>(R * W));
+  ep_.all_to_all(send.data(), send_counts, recv.data(), recv_counts, DType::F32);
+
+  // 3. Each local expert's rows as one GEMM pair; results in arrival order.
+  std::vector<float> result(static_cast<size_t>(R * H), 0.0f);
+  {
+    TraceSpan span("moe experts", "compute");
+    std::vector<std::vector<int64_t>> rows_of(static_cast<size_t>(experts_.size()));
+    for (int64_t r = 0; r < R; ++r) {
+      int32_t e = 0;
+      std::memcpy(&e, recv.data() + r * W + H + 1, sizeof(int32_t));
+      if (e < experts_.begin || e >= experts_.end)
+        fail<std::runtime_error>("moe", "EP rank ", ep_.rank(), " received a row for expert ", e,
+                                 ", which it does not hold [", experts_.begin, ", ", experts_.end,
+                                 ")");
+      rows_of[e - experts_.begin].push_back(r);
+    }
+    std::vector<float> x, gu, y;
+    for (size_t i = 0; i < rows_of.size(); ++i) {
+      const std::vector<int64_t>& rows = rows_of[i];
+      const int64_t n = static_cast<int64_t>(rows.size());
+      if (stats) stats->rows_per_expert.push_back(n);
+      expert_rows_[i] += n;
+      if (n == 0) continue;  // the same on every TP rank: they received the same rows
+      x.resize(n * H);
+      gu.resize(n * 2 * fl);
+      y.resize(n * H);
+      for (int64_t j = 0; j < n; ++j)
+        std::memcpy(&x[j * H], recv.data() + rows[j] * W, H * sizeof(float));
+      w13_[i].forward(x.data(), n, gu.data());
+      for (int64_t j = 0; j < n; ++j) {
+        float* row = gu.data() + j * 2 * fl;
+        kernels::silu_mul(row, row + fl, gu.data() + j * fl, fl);  // packs [n, fl] at the front
+      }
+      w2_[i].forward(gu.data(), n, y.data(), /*reduce=*/false);
+      for (int64_t j = 0; j < n; ++j)
+        std::memcpy(&result[rows[j] * H], &y[j * H], H * sizeof(float));
+    }
+  }
+  // Every TP rank of this EP rank received the same rows: one all-reduce sums their FFN slices.
+  if (tp_.size() > 1 && R > 0) tp_.all_reduce(result.data(), static_cast<size_t>(R * H));
+  for (int64_t r = 0; r < R; ++r) {
+    const float w = recv[r * W + H];
+    float* row = result.data() + r * H;
+    for (int64_t h = 0; h < H; ++h) row[h] *= w;
+  }
+
+  // 4. Back to the senders, and each token's k rows summed in top-k order.
+  std::vector<float> back(static_cast<size_t>(offset[P] * H));
+  for (int r = 0; r < P; ++r) {
+    send_counts[r] = static_cast<size_t>(recv_rows[r] * H);
+    recv_counts[r] = static_cast<size_t>(send_rows[r] * H);
+  }
+  ep_.all_to_all(result.data(), send_counts, back.data(), recv_counts, DType::F32);
+  for (int64_t t = 0; t < T; ++t) {
+    float* o = out + t * H;
+    std::memcpy(o, back.data() + slot[t * k] * H, H * sizeof(float));
+    for (int j = 1; j < k; ++j) {
+      const float* b = back.data() + slot[t * k + j] * H;
+      for (int64_t h = 0; h < H; ++h) o[h] += b[h];
+    }
+  }
+  if (stats) stats->rows_to_rank = send_rows;
+  for (int r = 0; r < P; ++r) rows_sent_[r] += send_rows[r];
+}
+
+void MoeLayer::forward(const float* xn, int64_t T, float* out) const {
+  const int P = ep_.size(), r = ep_.rank();
+  if (P == 1) {
+    forward_tokens(xn, T, out);
+    return;
+  }
+  const int64_t H = hidden();
+  const ShardSpec mine = ShardSpec::even(T, P, r);
+  const int64_t most = ShardSpec::max_size(T, P);
+  std::vector<float> part(static_cast<size_t>(most * H), 0.0f),
+      all(static_cast<size_t>(P * most * H));
+  forward_tokens(xn + mine.begin * H, mine.size(), part.data());
+  ep_.all_gather(part.data(), all.data(), static_cast<size_t>(most * H), DType::F32);
+  for (int q = 0; q < P; ++q) {
+    const ShardSpec s = ShardSpec::even(T, P, q);
+    std::memcpy(out + s.begin * H, all.data() + q * most * H, s.size() * H * sizeof(float));
+  }
+}
+
+}  // namespace parallm::parallel

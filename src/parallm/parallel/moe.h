@@ -1,0 +1,106 @@
+// MoeLayer: Mixtral's sparse mixture-of-experts block, its experts split over an expert-parallel
+// (EP) group and each expert's FFN split over a tensor-parallel (TP) group.
+//
+// Router (as Hugging Face's Mixtral): logits = xn . Wg^T [T, E]; softmax over all E in f32; the k
+// largest (ties: the lower expert id first), in descending order; their weights renormalised to
+// sum to 1; out = sum over those k experts of weight x expert(xn), expert(x) = w2(silu(w1 x) * w3
+// x).
+//
+// Expert placement: EP rank r holds experts [begin, end) (expert_range), contiguous; E % EP need
+// not be 0: the first E % EP ranks hold one expert more.
+//
+// Dispatch (forward_tokens, each EP rank with its own tokens):
+//   1. route every token; one row per (token, chosen expert), packed by owning rank and, within a
+//      destination, in (token, top-k) order; a row carries the token's hidden vector, the routing
+//      weight and the expert id (H + 2 floats; the id's bits as they are);
+//   2. the row counts per destination are exchanged (all-to-all of one i64 per rank), then the
+//      rows (all-to-all-v);
+//   3. each local expert multiplies the rows sent to it (gathered in source-rank order, then
+//      arrival order) as one [rows, hidden] GEMM pair; under TP the partial sums of every row are
+//      all-reduced over TP at once, then scaled by the row's routing weight;
+//   4. the rows go back by the reverse all-to-all-v, and each token sums its k rows in the
+//      router's top-k order.
+// Every rank enters every collective, also one with no tokens and one whose experts receive none.
+//
+// Why the output is bit for bit the same at any EP: the router works row by row, an expert's GEMM
+// sees exactly the same rows in the same order (all tokens routed to it, in global token order:
+// ranks hold consecutive token ranges and rows arrive in source-rank order), and the final sum per
+// token has a fixed order. Nothing is reduced across EP ranks.
+//
+// forward() is the engine's: every rank of the EP and TP groups holds the same tokens (attention is
+// replicated over EP); EP rank r takes tokens [T*r/EP, T*(r+1)/EP), runs forward_tokens, and the
+// outputs are all-gathered over EP (padded to the largest range).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "parallm/comm/group.h"
+#include "parallm/core/tensor.h"
+#include "parallm/parallel/linear.h"
+#include "parallm/parallel/shard.h"
+
+namespace parallm::parallel {
+
+// Experts [begin, end) of EP rank `ep_rank` of `ep`: contiguous, the first experts % ep ranks one
+// more. Throws std::invalid_argument (moe_ep_problem's words) when ep does not fit.
+ShardSpec expert_range(int64_t experts, int ep, int ep_rank);
+// The EP rank that holds `expert`.
+int expert_owner(int64_t expert, int64_t experts, int ep);
+// Why EP size `ep` cannot split `experts` experts ("" when it can): every rank needs one expert.
+std::string moe_ep_problem(int64_t experts, int ep);
+
+// The router alone, row by row (independent of how many rows a call holds): xn [T, H], router
+// [E, H] f32 -> experts [T, k] (descending weight) and weights [T, k] (renormalised to sum to 1
+// when `renormalize`).
+void moe_route(const float* xn, int64_t T, const float* router, int64_t E, int64_t H, int k,
+               bool renormalize, int32_t* experts, float* weights);
+
+// Per-call counts, for statistics and tests.
+struct MoeCallStats {
+  std::vector<int64_t> rows_to_rank;     // rows this rank sent to each EP rank
+  std::vector<int64_t> rows_per_expert;  // rows each local expert multiplied
+};
+
+class MoeLayer {
+ public:
+  MoeLayer() = default;
+  // router: [E, hidden] f32 (every rank). w13[i]: expert (experts.begin + i)'s w1 rows of `ffn`
+  // then its w3 rows, [2 ffn.size(), hidden]; w2[i]: its w2 columns of `ffn`, [hidden, ffn.size()].
+  // `experts` must be expert_range(E, ep.size(), ep.rank()).
+  MoeLayer(Tensor router, std::vector<Tensor> w13, std::vector<Tensor> w2, int top_k,
+           ShardSpec experts, ShardSpec ffn, comm::Group ep, comm::Group tp);
+
+  // xn [T, hidden], the same on every rank of both groups -> out [T, hidden], the same too.
+  void forward(const float* xn, int64_t T, float* out) const;
+  // xn [T, hidden]: this EP rank's own tokens (T may differ per rank, and be 0) -> out [T, hidden].
+  // Collective over EP (and TP, whose ranks must hold the same tokens).
+  void forward_tokens(const float* xn, int64_t T, float* out, MoeCallStats* stats = nullptr) const;
+
+  int64_t num_experts() const { return router_.dim(0); }
+  int64_t hidden() const { return router_.dim(1); }
+  int top_k() const { return top_k_; }
+  const ShardSpec& experts() const { return experts_; }
+  const ShardSpec& ffn() const { return ffn_; }
+  const comm::Group& ep() const { return ep_; }
+  uint64_t weight_bytes() const;  // router + this rank's expert slices
+
+  // Counts since construction (or reset_counters), for --moe-stats: rows (token, expert pairs)
+  // each local expert multiplied, and rows this rank sent to each EP rank.
+  const std::vector<int64_t>& expert_rows() const { return expert_rows_; }
+  const std::vector<int64_t>& rows_sent() const { return rows_sent_; }
+  void reset_counters() const;
+
+ private:
+  Tensor router_;  // [E, hidden] f32
+  std::vector<ColumnParallelLinear> w13_;
+  std::vector<RowParallelLinear> w2_;
+  int top_k_ = 0;
+  ShardSpec experts_, ffn_;
+  comm::Group ep_, tp_;
+  // Mutable: forward() is const, and the counters are this rank's thread's alone.
+  mutable std::vector<int64_t> expert_rows_, rows_sent_;
+};
+
+}  // namespace parallm::parallel

@@ -1,0 +1,274 @@
+// Mixtral-shaped models (mixture of experts): the forward pass against the PyTorch reference
+// (tests/reference/llama_ref.py, written from the router's formulas), and `generate --ep N` (with
+// --tp and --pp) giving the same greedy tokens and logits as one rank; bad layouts and models
+// refused in one line.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <mutex>
+#include <nlohmann/json.hpp>
+
+#include "parallm/comm/launch.h"
+#include "parallm/comm/mesh.h"
+#include "parallm/engine/generate.h"
+#include "parallm/model/llama_tensors.h"
+#include "parallm/model/weights.h"
+#include "test_util.h"
+
+namespace parallm {
+namespace {
+
+using testing::run_command;
+using testing::run_parallm;
+using testing::TempDir;
+
+std::string make_mixtral(const TempDir& tmp, const std::string& name = "mixtral") {
+  const std::string dir = tmp.file(name);
+  auto init = run_parallm("init-model --shape mixtral-tiny --seed 5 --dtype f32 --out " + dir);
+  EXPECT_EQ(init.exit_code, 0) << init.output;
+  return dir;
+}
+
+TEST(Mixtral, MatchesPyTorchReference) {
+  if (run_command("/usr/bin/python3 -c 'import torch'").exit_code != 0)
+    GTEST_SKIP() << "/usr/bin/python3 has no torch";
+  TempDir tmp;
+  const std::string dir = make_mixtral(tmp);
+  const int steps = 32;
+  const std::string out = tmp.file("ref.json");
+  auto r = run_command(
+      "/usr/bin/python3 " PARALLM_SOURCE_DIR "/tests/reference/llama_ref.py --model " + dir +
+      " --prompt-ids 1,17,42,99,3 --steps " + std::to_string(steps) + " --out " + out);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::ifstream in(out);
+  const nlohmann::json ref = nlohmann::json::parse(in);
+
+  ModelConfig config;
+  auto source = open_model(dir, &config);
+  ASSERT_TRUE(config.is_moe());
+  LlamaOptions lo;
+  lo.weight_dtype = DType::F32;
+  LlamaModel model(config, *source, comm::Group(), lo);
+  GenerateOptions go;
+  go.max_tokens = steps;
+  go.ignore_eos = true;
+  go.collect_logits = true;
+  GenerateResult ours = generate(model, comm::Group(), {1, 17, 42, 99, 3}, go);
+  EXPECT_EQ(ours.tokens, ref["tokens"].get<std::vector<int32_t>>());
+  const auto logits = ref["logits"].get<std::vector<std::vector<double>>>();
+  ASSERT_EQ(ours.logits.size(), logits.size());
+  double worst = 0;
+  for (size_t s = 0; s < logits.size(); ++s)
+    worst = std::max(worst, testing::normalised_error(ours.logits[s], logits[s]));
+  std::printf("mixtral-tiny: max normalised logit error vs PyTorch (float64): %.3g\n", worst);
+  EXPECT_LT(worst, 1e-5);
+}
+
+// Tokens and logits as printed (one prompt, or a batch of three).
+std::string generate_ids(const std::string& dir, const std::string& layout, bool batch,
+                         const TempDir& tmp) {
+  std::string prompt = "--prompt-ids 1,7,11";
+  if (batch) {
+    std::ofstream(tmp.file("prompts.txt")) << "1,7,11\n1\n1,100,5,9,33,2,8\n";
+    prompt = "--prompts-file " + tmp.file("prompts.txt");
+  }
+  // stdout alone (a subshell drops stderr before run_command merges the two): rank 0's summary on
+  // stderr could otherwise land in the middle of the printer's lines.
+  auto r = testing::run_command("(" PARALLM_BIN " generate --model " + dir + " " + prompt +
+                                " --max-tokens 12 --print-ids --print-logits --ignore-eos "
+                                "--threads 1 --comm-timeout 60 " +
+                                layout + " 2>/dev/null)");
+  EXPECT_EQ(r.exit_code, 0) << layout << ": " << r.output;
+  // Only the tokens and logits: the summary lines name the layout.
+  std::string kept;
+  std::istringstream lines(r.output);
+  for (std::string line; std::getline(lines, line);)
+    if (line.rfind("logits", 0) == 0 ||
+        (line.size() > 1 && line[0] == '[' && std::isdigit(static_cast<unsigned char>(line[1]))))
+      kept += line + "\n";
+  EXPECT_NE(kept.find("logits"), std::string::npos) << layout << ": " << r.output;
+  return kept;
+}
+
+TEST(MixtralEp, GenerateAtEveryEpIsEpOneBitForBit) {
+  TempDir tmp;
+  const std::string dir = make_mixtral(tmp);
+  // Logits printed to 6 digits and tokens: the same text at every EP (the sums do not change).
+  const std::string one = generate_ids(dir, "--micro-batches 1", true, tmp);
+  for (const char* layout : {"--ep 2", "--ep 3", "--ep 8"})
+    EXPECT_TRUE(generate_ids(dir, layout, true, tmp) == one) << layout;
+  // The pipeline: the same layers, the same sums.
+  EXPECT_TRUE(generate_ids(dir, "--ep 2 --pp 2 --micro-batches 1", true, tmp) == one);
+  // TP changes the sums of attention and experts: compare with TP 2 at EP 1.
+  const std::string tp2 = generate_ids(dir, "--tp 2 --micro-batches 1", true, tmp);
+  for (const char* layout : {"--ep 2 --tp 2", "--ep 4 --tp 2", "--ep 8 --tp 2",
+                             "--ep 2 --tp 2 --pp 2 --micro-batches 1", "--ep 3 --tp 2 --pp 2"})
+    EXPECT_TRUE(generate_ids(dir, layout, true, tmp) == tp2) << layout;
+  EXPECT_TRUE(generate_ids(dir, "--ep 3 --pp 2", true, tmp) == one);
+  // Batch-1 decode (one prompt): all ranks but one route no token at every decode step.
+  EXPECT_TRUE(generate_ids(dir, "--ep 4", false, tmp) ==
+              generate_ids(dir, "--micro-batches 1", false, tmp));
+}
+
+TEST(MixtralEp, MemStatsShowEachRankLoadsOnlyItsExperts) {
+  TempDir tmp;
+  const std::string dir = make_mixtral(tmp);
+  auto r = run_parallm("generate --model " + dir +
+                       " --prompt-ids 1 --max-tokens 1 --ep 3 --threads 1 --mem-stats 2>&1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  // mixtral-tiny: hidden 64, FFN 96, 2 layers; an expert is 3 x 96 x 64 floats. EP 3 holds 3, 3,
+  // 2 experts: ranks 0 and 2 differ by one expert per layer.
+  auto bytes_of = [&](int rank) {
+    const size_t at = r.output.find("rank " + std::to_string(rank) + "/3");
+    EXPECT_NE(at, std::string::npos) << r.output;
+    const size_t b = r.output.find('(', r.output.find("weights", at));
+    return std::stoll(r.output.substr(b + 1));
+  };
+  EXPECT_EQ(bytes_of(0) - bytes_of(2), 2 * 3 * 96 * 64 * 4);
+  EXPECT_EQ(bytes_of(0), bytes_of(1));
+}
+
+TEST(MixtralEp, TensorTableBytesEqualWhatEachRankLoads) {
+  // The planner's count (llama_rank_share, the engine's placement) equals LlamaModel's bytes on
+  // every rank, bf16 matrices with the router kept in f32, at even and uneven expert splits.
+  TempDir tmp;
+  const std::string dir = tmp.file("bf16");
+  ASSERT_EQ(run_parallm("init-model --shape mixtral-tiny --dtype bf16 --out " + dir).exit_code, 0);
+  ModelConfig config;
+  auto source = open_model(dir, &config);
+  for (auto [tp, ep] : {std::pair{1, 1}, {1, 3}, {2, 2}, {1, 8}}) {
+    std::mutex mu;
+    std::vector<std::pair<uint64_t, uint64_t>> got;
+    comm::LaunchOptions lo;
+    lo.backend = "local";
+    lo.timeout_s = 60;
+    comm::launch(tp * ep, lo, [&](comm::Group world) {
+      comm::Mesh mesh(world, {tp, 1, ep, ep});
+      LlamaOptions mo;
+      mo.weight_dtype = DType::BF16;
+      mo.ep = mesh.ep();
+      LlamaModel model(config, *source, mesh.tp(), mo);
+      const uint64_t want = llama_rank_share(config, tp, mesh.tp_rank(), 0,
+                                             config.num_hidden_layers, ep, mesh.ep_rank())
+                                .bytes(DType::BF16);
+      std::lock_guard<std::mutex> lock(mu);
+      got.emplace_back(model.weight_bytes(), want);
+    });
+    for (const auto& [loaded, counted] : got)
+      EXPECT_EQ(loaded, counted) << "tp " << tp << " ep " << ep;
+  }
+}
+
+TEST(MixtralEp, EachRankReadsOnlyItsExperts) {
+  // f32, one weight source per rank: the bytes a rank reads from the file are the bytes it holds.
+  TempDir tmp;
+  const std::string dir = make_mixtral(tmp);
+  std::mutex mu;
+  std::vector<std::pair<uint64_t, uint64_t>> got;
+  comm::LaunchOptions lo;
+  lo.backend = "local";
+  lo.timeout_s = 60;
+  comm::launch(3, lo, [&](comm::Group world) {
+    comm::Mesh mesh(world, {1, 1, 3, 3});
+    ModelConfig config;
+    auto source = open_model(dir, &config);
+    LlamaOptions mo;
+    mo.weight_dtype = DType::F32;
+    mo.ep = mesh.ep();
+    LlamaModel model(config, *source, mesh.tp(), mo);
+    std::lock_guard<std::mutex> lock(mu);
+    got.emplace_back(source->bytes_read(), model.weight_bytes());
+  });
+  ASSERT_EQ(got.size(), 3u);
+  for (const auto& [read, held] : got) EXPECT_EQ(read, held);
+}
+
+TEST(MixtralEp, MoeStatsCountEveryRoutedRowOnce) {
+  TempDir tmp;
+  const std::string dir = make_mixtral(tmp);
+  std::ofstream(tmp.file("prompts.txt")) << "1,7,11\n1\n1,100,5,9\n";
+  auto stats = [&](const std::string& layout) {
+    auto r =
+        run_parallm("generate --model " + dir + " --prompts-file " + tmp.file("prompts.txt") +
+                    " --max-tokens 8 --ignore-eos --threads 1 --moe-stats " + layout + " 2>&1");
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return r.output;
+  };
+  auto line_of = [](const std::string& out, const std::string& start) {
+    const size_t at = out.find(start);
+    return at == std::string::npos ? std::string() : out.substr(at, out.find('\n', at) - at);
+  };
+  const std::string one = stats("--ep 1"), three = stats("--ep 3");
+  // 8 + 3 x 7 tokens fed (the last sampled token of each sequence is not), 2 layers, top-2.
+  const std::string per_expert = line_of(one, "[moe] rows per expert");
+  ASSERT_FALSE(per_expert.empty()) << one;
+  int64_t total = 0;
+  for (size_t at = per_expert.find(": ", per_expert.find("layers)")); at != std::string::npos;
+       at = per_expert.find(": ", at + 1))
+    total += std::stoll(per_expert.substr(at + 2));
+  EXPECT_EQ(total, 29 * 2 * 2) << per_expert;
+  EXPECT_EQ(line_of(three, "[moe] rows per expert"), per_expert);
+  int64_t ranks = 0;
+  for (int r = 0; r < 3; ++r) {
+    const std::string l = line_of(three, "[moe] EP rank " + std::to_string(r) + ":");
+    ASSERT_FALSE(l.empty()) << three;
+    ranks += std::stoll(l.substr(l.find("), ") + 3));
+  }
+  EXPECT_EQ(ranks, total);
+  EXPECT_NE(three.find("[moe] imbalance over 3 EP ranks: max/mean "), std::string::npos) << three;
+}
+
+TEST(MixtralEp, BadLayoutsAndModelsFailInOneLine) {
+  TempDir tmp;
+  const std::string dir = make_mixtral(tmp);
+  auto one_line = [](const testing::CommandResult& r) {
+    EXPECT_NE(r.exit_code, 0);
+    std::string out = r.output;
+    while (!out.empty() && out.back() == '\n') out.pop_back();
+    EXPECT_EQ(out.find('\n'), std::string::npos) << out;
+    return out;
+  };
+  const std::string gen = "generate --prompt-ids 1 --max-tokens 2 --threads 1 --model ";
+  EXPECT_NE(
+      one_line(run_parallm(gen + dir + " --ep 9"))
+          .find("--ep 9 exceeds the model's 8 experts (each expert-parallel rank needs at least "
+                "one expert)"),
+      std::string::npos);
+  const std::string dense = tmp.file("dense");
+  ASSERT_EQ(run_parallm("init-model --shape tiny --dtype f32 --out " + dense).exit_code, 0);
+  EXPECT_NE(one_line(run_parallm(gen + dense + " --ep 2"))
+                .find("--ep 2 needs a mixture-of-experts model (this one is dense)"),
+            std::string::npos);
+  EXPECT_NE(one_line(run_parallm(gen + dense + " --moe-stats"))
+                .find("--moe-stats needs a mixture-of-experts model (this one is dense)"),
+            std::string::npos);
+
+  // top-k above the experts.
+  const std::string topk = make_mixtral(tmp, "topk");
+  {
+    nlohmann::json j = nlohmann::json::parse(std::ifstream(topk + "/config.json"));
+    j["num_experts_per_tok"] = 9;
+    std::ofstream(topk + "/config.json") << j.dump();
+  }
+  EXPECT_NE(one_line(run_parallm(gen + topk)).find("num_experts_per_tok 9 must be in 1..8"),
+            std::string::npos);
+
+  // A checkpoint without one expert's w2.
+  const std::string holed = make_mixtral(tmp, "holed");
+  {
+    ModelConfig config;
+    auto source = open_model(holed, &config);
+    std::vector<std::pair<std::string, Tensor>> kept;
+    for (const std::string& name : source->names())
+      if (name != "model.layers.1.block_sparse_moe.experts.5.w2.weight")
+        kept.emplace_back(name, source->read(name, DType::F32));
+    source.reset();
+    write_safetensors(holed + "/model.safetensors", kept);
+  }
+  EXPECT_NE(one_line(run_parallm(gen + holed + " --ep 2"))
+                .find("missing tensor \"model.layers.1.block_sparse_moe.experts.5.w2.weight\""),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace parallm
