@@ -309,7 +309,9 @@ TEST(TrainModel, Bf16ComputeIsCloseToF32) {
   init_params(ps, c, 1);
   const Batch b = make_batch(c, 2, 6, 4);
   TrainModel f32(c, ps, comm::Group());
-  TrainModel bf16(c, ps, comm::Group(), {.compute = DType::BF16});
+  TrainModelOptions bo;
+  bo.compute = DType::BF16;
+  TrainModel bf16(c, ps, comm::Group(), bo);
   const double a = f32.loss(b.inputs.data(), b.targets.data(), b.B, b.S);
   const double z = bf16.loss(b.inputs.data(), b.targets.data(), b.B, b.S);
   EXPECT_NEAR(z, a, 1e-2 * a);
@@ -362,7 +364,9 @@ TEST(TrainModel, LossEqualsInferenceCrossEntropyOnStories260K) {
   const int64_t S = 24;
   const Batch b = make_batch(c, 1, S, 9);
 
-  LlamaModel lm(c, *src, comm::Group(), {.weight_dtype = DType::F32});
+  LlamaOptions lo;
+  lo.weight_dtype = DType::F32;
+  LlamaModel lm(c, *src, comm::Group(), lo);
   StageForward sf(lm, 1, S, S);
   std::vector<float> x(static_cast<size_t>(S * c.hidden_size)),
       logits(static_cast<size_t>(S * c.vocab_size));
