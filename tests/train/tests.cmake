@@ -21,3 +21,9 @@ if(PARALLM_HAVE_MPI)
                          ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
   endforeach()
 endif()
+
+# scripts/trace-timeline.py draws a real --trace (tests/train/trace_timeline_check.sh).
+add_test(NAME train_trace_timeline
+         COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/train/trace_timeline_check.sh
+                 $<TARGET_FILE:parallm_bin> ${PROJECT_SOURCE_DIR}/scripts/trace-timeline.py)
+set_tests_properties(train_trace_timeline PROPERTIES LABELS "train" TIMEOUT 120)
