@@ -122,8 +122,8 @@ TEST(Qwen2MoeEp, GenerateAtEveryEpIsEpOneBitForBit) {
     EXPECT_TRUE(generate_ids(dir, layout, tmp) == one) << layout;
   // TP changes the sums of attention, experts and the shared expert: compare with TP 2.
   const std::string tp2 = generate_ids(dir, "--tp 2 --micro-batches 1", tmp);
-  for (const char* layout : {"--ep 2 --tp 2", "--tp 2 --pp 2 --micro-batches 1",
-                             "--ep 3 --tp 2 --pp 2"})
+  for (const char* layout :
+       {"--ep 2 --tp 2", "--tp 2 --pp 2 --micro-batches 1", "--ep 3 --tp 2 --pp 2"})
     EXPECT_TRUE(generate_ids(dir, layout, tmp) == tp2) << layout;
   // And TP 2's greedy tokens are one rank's.
   EXPECT_EQ(generate_ids(dir, "--tp 2 --micro-batches 1", tmp, true),
@@ -228,9 +228,9 @@ TEST(Qwen2Moe, BadConfigsAndCheckpointsFailInOneLine) {
             std::string::npos);
 
   // Checkpoints without a bias, a shared expert's gate, or an expert's down_proj.
-  for (const char* missing : {"model.layers.2.self_attn.k_proj.bias",
-                              "model.layers.0.mlp.shared_expert_gate.weight",
-                              "model.layers.2.mlp.experts.5.down_proj.weight"}) {
+  for (const char* missing :
+       {"model.layers.2.self_attn.k_proj.bias", "model.layers.0.mlp.shared_expert_gate.weight",
+        "model.layers.2.mlp.experts.5.down_proj.weight"}) {
     const std::string holed = make_qwen(tmp, std::string("holed") + missing);
     {
       ModelConfig config;

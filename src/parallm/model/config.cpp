@@ -48,7 +48,9 @@ bool get_bool(const json& j, const char* field, const std::string& source) {
   return v.get<bool>();
 }
 
-bool has(const json& j, const char* field) { return j.contains(field) && !j[field].is_null(); }
+bool has(const json& j, const char* field) {
+  return j.contains(field) && !j[field].is_null();
+}
 
 }  // namespace
 
@@ -70,9 +72,10 @@ int64_t ModelConfig::param_count() const {
   int64_t attn = add(add(mul(h, q), mul(2, mul(h, kv))), mul(q, h));
   if (attention_bias) attn = add(attn, add(q, mul(2, kv)));
   const int64_t dense = mul(3, mul(h, intermediate_size));
-  int64_t sparse = add(mul(num_local_experts, mul(3, mul(h, expert_ffn()))),
-                       mul(h, num_local_experts));
-  if (has_shared_expert()) sparse = add(sparse, add(mul(3, mul(h, shared_expert_intermediate_size)), h));
+  int64_t sparse =
+      add(mul(num_local_experts, mul(3, mul(h, expert_ffn()))), mul(h, num_local_experts));
+  if (has_shared_expert())
+    sparse = add(sparse, add(mul(3, mul(h, shared_expert_intermediate_size)), h));
   // Sparse and dense layers: counted apart (qwen2_moe mixes them), the layers up to a bound so
   // that a huge num_hidden_layers is an overflow below, not a long loop.
   int64_t n_sparse = is_moe() ? num_hidden_layers : 0;
@@ -189,14 +192,14 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
         c.mlp_only_layers.push_back(as_int(m[i], cat("mlp_only_layers[", i, "]"), source));
     }
     if (has(j, "use_sliding_window") && get_bool(j, "use_sliding_window", source))
-      fail("config", source, ": use_sliding_window true (Qwen2 sliding-window attention) is not "
-           "supported");
+      fail("config", source,
+           ": use_sliding_window true (Qwen2 sliding-window attention) is not supported");
     if (c.num_local_experts <= 0)
-      fail("config", source, ": field \"num_experts\" must be positive for model_type "
-           "\"qwen2_moe\", got ", c.num_local_experts);
+      fail("config", source,
+           ": field \"num_experts\" must be positive for model_type \"qwen2_moe\", got ",
+           c.num_local_experts);
   } else {
-    if (has(j, "num_local_experts"))
-      c.num_local_experts = get_int(j, "num_local_experts", source);
+    if (has(j, "num_local_experts")) c.num_local_experts = get_int(j, "num_local_experts", source);
     if (has(j, "num_experts_per_tok"))
       c.num_experts_per_tok = get_int(j, "num_experts_per_tok", source);
     // LLaMA's attention_bias puts a bias on o_proj too, and mlp_bias on the MLP: neither is
@@ -312,8 +315,9 @@ void ModelConfig::validate(const std::string& source) const {
   if (is_qwen2_moe()) {
     positive("moe_intermediate_size", moe_intermediate_size);
     if (shared_expert_intermediate_size < 0)
-      fail("config", source, ": field \"shared_expert_intermediate_size\" must not be negative, "
-           "got ", shared_expert_intermediate_size);
+      fail("config", source,
+           ": field \"shared_expert_intermediate_size\" must not be negative, got ",
+           shared_expert_intermediate_size);
     if (decoder_sparse_step < 1)
       fail("config", source, ": field \"decoder_sparse_step\" must be at least 1, got ",
            decoder_sparse_step);
@@ -347,7 +351,8 @@ void ModelConfig::validate(const std::string& source) const {
          kMaxModelExperts, " experts a model may have");
   // Attention and norms take 6 tensors a layer (9 with biases), the MLP 3 per expert (and a
   // router, and a shared expert with its gate).
-  if (num_hidden_layers * ((is_qwen2_moe() ? 14 : 7) + 3 * std::max<int64_t>(num_local_experts, 1)) >
+  if (num_hidden_layers *
+          ((is_qwen2_moe() ? 14 : 7) + 3 * std::max<int64_t>(num_local_experts, 1)) >
       kMaxModelTensors)
     fail("config", source, ": num_hidden_layers ", num_hidden_layers, " x num_local_experts ",
          num_local_experts, " is more than the ", kMaxModelTensors, " tensors a model may have");

@@ -177,8 +177,8 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
 }
 
 uint64_t LlamaModel::Layer::bytes() const {
-  uint64_t ffn = is_moe ? moe.weight_bytes()
-                        : mlp.gate_up().weight().nbytes() + mlp.down().weight().nbytes();
+  uint64_t ffn =
+      is_moe ? moe.weight_bytes() : mlp.gate_up().weight().nbytes() + mlp.down().weight().nbytes();
   if (!shared_gate.empty())
     ffn += shared.gate_up().weight().nbytes() + shared.down().weight().nbytes() +
            shared_gate.size() * sizeof(float);
@@ -227,12 +227,12 @@ WorkspaceLayout LlamaModel::workspace_layout(const ModelConfig& config, int tp_s
                              parallel::ParallelMlp::scratch_floats(ffn, 1));
   // qwen2_moe's shared expert: its output [T, hidden] beside its own MLP scratch.
   if (config.has_shared_expert())
-    scratch = std::max(scratch, config.hidden_size +
-                                    parallel::ParallelMlp::scratch_floats(
-                                        parallel::ShardSpec::even(
-                                            config.shared_expert_intermediate_size, tp_size,
-                                            tp_rank),
-                                        1));
+    scratch = std::max(
+        scratch,
+        config.hidden_size +
+            parallel::ParallelMlp::scratch_floats(
+                parallel::ShardSpec::even(config.shared_expert_intermediate_size, tp_size, tp_rank),
+                1));
   return {config.hidden_size, scratch};
 }
 

@@ -95,23 +95,28 @@ std::vector<LlamaTensor> llama_layer_tensors(const ModelConfig& c, int64_t i) {
       entry(names::layer(i, "post_attention_layernorm.weight"), {h}, R::Replicated, P::Norm, i));
   if (c.is_qwen2_moe() && c.layer_is_moe(i)) {
     const int64_t ef = c.expert_ffn(), sf = c.shared_expert_intermediate_size;
-    out.push_back(
-        entry(names::layer(i, "mlp.gate.weight"), {c.num_local_experts, h}, R::Replicated, P::Router, i));
+    out.push_back(entry(names::layer(i, "mlp.gate.weight"), {c.num_local_experts, h}, R::Replicated,
+                        P::Router, i));
     for (int64_t e = 0; e < c.num_local_experts; ++e) {
       const std::string ex = cat("mlp.experts.", e, ".");
-      out.push_back(entry(names::layer(i, ex + "gate_proj.weight"), {ef, h}, R::FfnRows, P::Expert, i, e));
-      out.push_back(entry(names::layer(i, ex + "up_proj.weight"), {ef, h}, R::FfnRows, P::Expert, i, e));
-      out.push_back(entry(names::layer(i, ex + "down_proj.weight"), {h, ef}, R::FfnCols, P::Expert, i, e));
+      out.push_back(
+          entry(names::layer(i, ex + "gate_proj.weight"), {ef, h}, R::FfnRows, P::Expert, i, e));
+      out.push_back(
+          entry(names::layer(i, ex + "up_proj.weight"), {ef, h}, R::FfnRows, P::Expert, i, e));
+      out.push_back(
+          entry(names::layer(i, ex + "down_proj.weight"), {h, ef}, R::FfnCols, P::Expert, i, e));
     }
     // The shared expert: a dense SwiGLU MLP (TP-split, on every EP rank), its gate replicated and
     // kept in f32 like the router.
     if (c.has_shared_expert()) {
       const std::string se = "mlp.shared_expert.";
-      out.push_back(entry(names::layer(i, se + "gate_proj.weight"), {sf, h}, R::FfnRows, P::Mlp, i));
-      out.push_back(entry(names::layer(i, se + "up_proj.weight"), {sf, h}, R::FfnRows, P::Mlp, i));
-      out.push_back(entry(names::layer(i, se + "down_proj.weight"), {h, sf}, R::FfnCols, P::Mlp, i));
       out.push_back(
-          entry(names::layer(i, "mlp.shared_expert_gate.weight"), {1, h}, R::Replicated, P::Router, i));
+          entry(names::layer(i, se + "gate_proj.weight"), {sf, h}, R::FfnRows, P::Mlp, i));
+      out.push_back(entry(names::layer(i, se + "up_proj.weight"), {sf, h}, R::FfnRows, P::Mlp, i));
+      out.push_back(
+          entry(names::layer(i, se + "down_proj.weight"), {h, sf}, R::FfnCols, P::Mlp, i));
+      out.push_back(entry(names::layer(i, "mlp.shared_expert_gate.weight"), {1, h}, R::Replicated,
+                          P::Router, i));
     }
   } else if (c.layer_is_moe(i)) {
     out.push_back(entry(names::layer(i, "block_sparse_moe.gate.weight"), {c.num_local_experts, h},

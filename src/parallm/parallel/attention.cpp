@@ -25,8 +25,7 @@ int64_t ParallelAttention::scratch_floats(const HeadPlan& heads, int64_t head_di
 }
 
 ParallelAttention::ParallelAttention(Tensor qkv, Tensor o, const HeadPlan& heads, int64_t head_dim,
-                                     RopeSpec rope, comm::Group group,
-                                     std::vector<float> qkv_bias)
+                                     RopeSpec rope, comm::Group group, std::vector<float> qkv_bias)
     : heads_(heads),
       head_dim_(head_dim),
       rope_(std::move(rope)),
@@ -67,7 +66,7 @@ void ParallelAttention::forward(const float* xn, const std::vector<SeqChunk>& ch
   float* attn = v + T * kvd;
 
   qkv_.forward(xn, T, qkv);  // [T, qd + 2 kvd]: each row q | k | v
-  if (!qkv_bias_.empty()) {    // before RoPE, as Qwen2's q_proj/k_proj/v_proj biases
+  if (!qkv_bias_.empty()) {  // before RoPE, as Qwen2's q_proj/k_proj/v_proj biases
     const int64_t w = qd + 2 * kvd;
     for (int64_t t = 0; t < T; ++t)
       for (int64_t j = 0; j < w; ++j) qkv[t * w + j] += qkv_bias_[j];
