@@ -5,6 +5,7 @@
 // table counts, and bad configs and checkpoints refused in one line.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <fstream>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -125,8 +126,33 @@ TEST(Qwen2MoeEp, GenerateAtEveryEpIsEpOneBitForBit) {
   for (const char* layout :
        {"--ep 2 --tp 2", "--tp 2 --pp 2 --micro-batches 1", "--ep 3 --tp 2 --pp 2"})
     EXPECT_TRUE(generate_ids(dir, layout, tmp) == tp2) << layout;
-  // And TP 2's greedy tokens are one rank's.
+  // TP 4 replicates each KV head (and its bias rows) on two ranks.
+  const std::string tp4 = generate_ids(dir, "--tp 4 --micro-batches 1", tmp);
+  EXPECT_TRUE(generate_ids(dir, "--ep 2 --tp 4", tmp) == tp4);
+  // TP 2 and 4 against one rank: the same greedy tokens, logits within the f32 summation order
+  // (a wrong bias or shared-expert slice would move them by far more).
+  auto numbers = [](const std::string& text) {
+    std::vector<double> v;
+    std::istringstream lines(text);
+    for (std::string line; std::getline(lines, line);) {
+      if (line.rfind("logits", 0) != 0) continue;
+      std::istringstream in(line.substr(line.find(':') + 1));
+      for (double x; in >> x;) v.push_back(x);
+    }
+    return v;
+  };
+  const std::vector<double> ref = numbers(one);
+  ASSERT_GT(ref.size(), 100u);
+  for (const std::string* other : {&tp2, &tp4}) {
+    const std::vector<double> got = numbers(*other);
+    ASSERT_EQ(got.size(), ref.size());
+    double worst = 0;
+    for (size_t i = 0; i < ref.size(); ++i) worst = std::max(worst, std::abs(got[i] - ref[i]));
+    EXPECT_LT(worst, 1e-4) << (other == &tp2 ? "--tp 2" : "--tp 4");
+  }
   EXPECT_EQ(generate_ids(dir, "--tp 2 --micro-batches 1", tmp, true),
+            generate_ids(dir, "--micro-batches 1", tmp, true));
+  EXPECT_EQ(generate_ids(dir, "--tp 4 --micro-batches 1", tmp, true),
             generate_ids(dir, "--micro-batches 1", tmp, true));
 }
 
