@@ -4,7 +4,10 @@
 Reads a Hugging Face-format model (config.json + model.safetensors, parsed here with the standard
 library and torch only) and runs greedy decoding in float64, following Hugging Face's
 LlamaForCausalLM conventions (RMSNorm, rotate_half RoPE, grouped-query attention, SwiGLU MLP),
-and MixtralForCausalLM's sparse MoE block when config.json has num_local_experts.
+and MixtralForCausalLM's sparse MoE block when config.json has num_local_experts, and
+Qwen2MoeForCausalLM's (model_type qwen2_moe: q/k/v biases, top-k without renormalisation unless
+norm_topk_prob, a sigmoid-gated shared expert, dense layers in mlp_only_layers or off
+decoder_sparse_step).
 Writes {"tokens": [...], "logits": [[...], ...]} as JSON: logits[i] is the full-vocabulary row
 that chose tokens[i] (logits[0] comes from the prompt's last position).
 
@@ -95,6 +98,37 @@ def mixtral_moe(cfg, w, p, h):
     return out
 
 
+def swiglu(w, q, h):
+    """gate_proj/up_proj/down_proj SwiGLU at prefix q."""
+    a = torch.nn.functional.silu(h @ w[q + "gate_proj.weight"].T) * (h @ w[q + "up_proj.weight"].T)
+    return a @ w[q + "down_proj.weight"].T
+
+
+def qwen2_moe(cfg, w, p, h):
+    """Qwen2-MoE's sparse block from its formulas: router logits h.Wg^T; softmax over all experts
+    in float32; the top-k, renormalised only when norm_topk_prob; the weighted sum of those
+    experts' SwiGLU outputs; plus sigmoid(h.w_sg) * shared_expert(h). Expert maths in float64."""
+    E, k = cfg["num_experts"], cfg["num_experts_per_tok"]
+    logits = (h @ w[p + "gate.weight"].T).to(torch.float32)
+    probs = torch.softmax(logits, dim=-1)
+    top_w, top_e = torch.topk(probs, k, dim=-1)
+    if cfg.get("norm_topk_prob", False):
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    gates = torch.zeros(h.shape[0], E, dtype=torch.float64).scatter(1, top_e, top_w.to(torch.float64))
+    out = torch.zeros_like(h)
+    for e in range(E):
+        out += gates[:, e:e + 1] * swiglu(w, f"{p}experts.{e}.", h)
+    if p + "shared_expert.gate_proj.weight" in w:
+        sg = torch.sigmoid(h @ w[p + "shared_expert_gate.weight"].T)  # [T, 1]
+        out += sg * swiglu(w, p + "shared_expert.", h)
+    return out
+
+
+def qwen2_layer_is_sparse(cfg, i):
+    step = cfg.get("decoder_sparse_step", 1)
+    return i not in cfg.get("mlp_only_layers", []) and cfg["num_experts"] > 0 and (i + 1) % step == 0
+
+
 def forward(cfg, w, ids):
     """Full causal forward over the whole sequence (no cache: independent of parallm's design)."""
     H, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
@@ -105,12 +139,14 @@ def forward(cfg, w, ids):
     ang = rope_tables(cfg, torch.arange(T))
     mask = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
     inter = cfg.get("rope_interleaved", False)
+    qwen = cfg.get("model_type") == "qwen2_moe"
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
-        q = (h @ w[p + "self_attn.q_proj.weight"].T).view(T, nh, hd)
-        k = (h @ w[p + "self_attn.k_proj.weight"].T).view(T, nkv, hd)
-        v = (h @ w[p + "self_attn.v_proj.weight"].T).view(T, nkv, hd)
+        q, k, v = (h @ w[p + f"self_attn.{n}_proj.weight"].T for n in "qkv")
+        if qwen:  # Qwen2: q/k/v biases, before RoPE
+            q, k, v = (t + w[p + f"self_attn.{n}_proj.bias"] for t, n in zip((q, k, v), "qkv"))
+        q, k, v = q.view(T, nh, hd), k.view(T, nkv, hd), v.view(T, nkv, hd)
         q, k = apply_rope(q, ang, inter), apply_rope(k, ang, inter)
         rep = nh // nkv
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -118,7 +154,10 @@ def forward(cfg, w, ids):
         o = torch.einsum("hqk,khd->qhd", torch.softmax(att, -1), v).reshape(T, nh * hd)
         x = x + o @ w[p + "self_attn.o_proj.weight"].T
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
-        if cfg.get("num_local_experts"):
+        if qwen and qwen2_layer_is_sparse(cfg, i):
+            x = x + qwen2_moe(cfg, w, p + "mlp.", h)
+            continue
+        if not qwen and cfg.get("num_local_experts"):
             x = x + mixtral_moe(cfg, w, p + "block_sparse_moe.", h)
             continue
         g = h @ w[p + "mlp.gate_proj.weight"].T

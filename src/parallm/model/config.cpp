@@ -41,7 +41,26 @@ double get_num(const json& v, const char* field, const std::string& source) {
   return v.get<double>();
 }
 
+bool get_bool(const json& j, const char* field, const std::string& source) {
+  const json& v = j.at(field);
+  if (!v.is_boolean())
+    fail("config", source, ": field \"", field, "\" must be true or false, got ", json_preview(v));
+  return v.get<bool>();
+}
+
+bool has(const json& j, const char* field) {
+  return j.contains(field) && !j[field].is_null();
+}
+
 }  // namespace
+
+bool ModelConfig::layer_is_moe(int64_t layer) const {
+  if (!is_moe()) return false;
+  if (!is_qwen2_moe()) return true;
+  if (std::find(mlp_only_layers.begin(), mlp_only_layers.end(), layer) != mlp_only_layers.end())
+    return false;
+  return decoder_sparse_step > 0 && (layer + 1) % decoder_sparse_step == 0;
+}
 
 int64_t ModelConfig::param_count() const {
   // Checked: a config with dimensions near 2^62 is an error naming the count, not a wrapped sum.
@@ -50,13 +69,24 @@ int64_t ModelConfig::param_count() const {
   auto add = [&](int64_t a, int64_t b) { return checked_add<int64_t>(a, b, w); };
   const int64_t h = hidden_size;
   const int64_t q = mul(num_attention_heads, head_dim), kv = mul(num_key_value_heads, head_dim);
-  const int64_t attn = add(add(mul(h, q), mul(2, mul(h, kv))), mul(q, h));
-  const int64_t mlp_one = mul(3, mul(h, intermediate_size));
-  const int64_t mlp =
-      is_moe() ? add(mul(num_local_experts, mlp_one), mul(h, num_local_experts)) : mlp_one;
-  const int64_t layer = add(add(attn, mlp), mul(2, h));
+  int64_t attn = add(add(mul(h, q), mul(2, mul(h, kv))), mul(q, h));
+  if (attention_bias) attn = add(attn, add(q, mul(2, kv)));
+  const int64_t dense = mul(3, mul(h, intermediate_size));
+  int64_t sparse =
+      add(mul(num_local_experts, mul(3, mul(h, expert_ffn()))), mul(h, num_local_experts));
+  if (has_shared_expert())
+    sparse = add(sparse, add(mul(3, mul(h, shared_expert_intermediate_size)), h));
+  // Sparse and dense layers: counted apart (qwen2_moe mixes them), the layers up to a bound so
+  // that a huge num_hidden_layers is an overflow below, not a long loop.
+  int64_t n_sparse = is_moe() ? num_hidden_layers : 0;
+  if (is_qwen2_moe() && num_hidden_layers <= kMaxModelLayers) {
+    n_sparse = 0;
+    for (int64_t i = 0; i < num_hidden_layers; ++i) n_sparse += layer_is_moe(i) ? 1 : 0;
+  }
+  const int64_t layers = add(mul(n_sparse, add(sparse, add(attn, mul(2, h)))),
+                             mul(num_hidden_layers - n_sparse, add(dense, add(attn, mul(2, h)))));
   const int64_t embed = mul(mul(vocab_size, h), tie_word_embeddings ? 1 : 2);
-  return add(add(mul(num_hidden_layers, layer), embed), h);
+  return add(add(layers, embed), h);
 }
 
 ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
@@ -137,10 +167,48 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
       c.eos_token_ids = {as_int(e, "eos_token_id", source)};
     }
   }
-  if (j.contains("num_local_experts") && !j["num_local_experts"].is_null())
-    c.num_local_experts = get_int(j, "num_local_experts", source);
-  if (j.contains("num_experts_per_tok") && !j["num_experts_per_tok"].is_null())
+  if (has(j, "model_type")) {
+    if (!j["model_type"].is_string())
+      fail("config", source, ": field \"model_type\" must be a string, got ",
+           json_preview(j["model_type"]));
+    c.model_type = j["model_type"].get<std::string>();
+  }
+  if (c.is_qwen2_moe()) {
+    // Qwen2-MoE: q/k/v biases always; sparse blocks with a shared expert; HF's defaults.
+    c.attention_bias = true;
+    c.num_local_experts = get_int(j, "num_experts", source);
     c.num_experts_per_tok = get_int(j, "num_experts_per_tok", source);
+    c.moe_intermediate_size = get_int(j, "moe_intermediate_size", source);
+    c.shared_expert_intermediate_size = get_int(j, "shared_expert_intermediate_size", source);
+    c.norm_topk_prob = has(j, "norm_topk_prob") ? get_bool(j, "norm_topk_prob", source) : false;
+    if (has(j, "decoder_sparse_step"))
+      c.decoder_sparse_step = get_int(j, "decoder_sparse_step", source);
+    if (has(j, "mlp_only_layers")) {
+      const json& m = j["mlp_only_layers"];
+      if (!m.is_array())
+        fail("config", source, ": field \"mlp_only_layers\" must be a list of layer indices, got ",
+             json_preview(m));
+      for (size_t i = 0; i < m.size(); ++i)
+        c.mlp_only_layers.push_back(as_int(m[i], cat("mlp_only_layers[", i, "]"), source));
+    }
+    if (has(j, "use_sliding_window") && get_bool(j, "use_sliding_window", source))
+      fail("config", source,
+           ": use_sliding_window true (Qwen2 sliding-window attention) is not supported");
+    if (c.num_local_experts <= 0)
+      fail("config", source,
+           ": field \"num_experts\" must be positive for model_type \"qwen2_moe\", got ",
+           c.num_local_experts);
+  } else {
+    if (has(j, "num_local_experts")) c.num_local_experts = get_int(j, "num_local_experts", source);
+    if (has(j, "num_experts_per_tok"))
+      c.num_experts_per_tok = get_int(j, "num_experts_per_tok", source);
+    // LLaMA's attention_bias puts a bias on o_proj too, and mlp_bias on the MLP: neither is
+    // loaded, so a model that has them is refused rather than run without them.
+    for (const char* field : {"attention_bias", "mlp_bias"})
+      if (has(j, field) && get_bool(j, field, source))
+        fail("config", source, ": ", field, " true is not supported for model_type \"",
+             c.model_type, "\" (the biases would be ignored)");
+  }
   if (j.contains("rope_interleaved") && j["rope_interleaved"].is_boolean())
     c.rope_interleaved = j["rope_interleaved"].get<bool>();
   c.validate(source);
@@ -157,7 +225,7 @@ ModelConfig ModelConfig::from_file(const std::string& path) {
 json ModelConfig::to_json() const {
   json j;
   j["architectures"] = {architecture};
-  j["model_type"] = is_moe() ? "mixtral" : "llama";
+  j["model_type"] = is_qwen2_moe() ? "qwen2_moe" : is_moe() ? "mixtral" : "llama";
   j["hidden_size"] = hidden_size;
   j["intermediate_size"] = intermediate_size;
   j["num_hidden_layers"] = num_hidden_layers;
@@ -187,7 +255,16 @@ json ModelConfig::to_json() const {
   else
     j["eos_token_id"] = eos_token_ids;
   j["hidden_act"] = "silu";
-  if (is_moe()) {
+  if (is_qwen2_moe()) {
+    j["num_experts"] = num_local_experts;
+    j["num_experts_per_tok"] = num_experts_per_tok;
+    j["norm_topk_prob"] = norm_topk_prob;
+    j["moe_intermediate_size"] = moe_intermediate_size;
+    j["shared_expert_intermediate_size"] = shared_expert_intermediate_size;
+    j["decoder_sparse_step"] = decoder_sparse_step;
+    j["mlp_only_layers"] = mlp_only_layers;
+    j["use_sliding_window"] = false;
+  } else if (is_moe()) {
     j["num_local_experts"] = num_local_experts;
     j["num_experts_per_tok"] = num_experts_per_tok;
   }
@@ -235,6 +312,20 @@ void ModelConfig::validate(const std::string& source) const {
   if (is_moe() && (num_experts_per_tok <= 0 || num_experts_per_tok > num_local_experts))
     fail("config", source, ": num_experts_per_tok ", num_experts_per_tok, " must be in 1..",
          num_local_experts);
+  if (is_qwen2_moe()) {
+    positive("moe_intermediate_size", moe_intermediate_size);
+    if (shared_expert_intermediate_size < 0)
+      fail("config", source,
+           ": field \"shared_expert_intermediate_size\" must not be negative, got ",
+           shared_expert_intermediate_size);
+    if (decoder_sparse_step < 1)
+      fail("config", source, ": field \"decoder_sparse_step\" must be at least 1, got ",
+           decoder_sparse_step);
+    for (size_t i = 0; i < mlp_only_layers.size(); ++i)
+      if (mlp_only_layers[i] < 0 || mlp_only_layers[i] >= num_hidden_layers)
+        fail("config", source, ": field \"mlp_only_layers[", i, "]\" = ", mlp_only_layers[i],
+             " is not a layer in [0, num_hidden_layers ", num_hidden_layers, ")");
+  }
   if (bos_token_id >= vocab_size)
     fail("config", source, ": bos_token_id ", bos_token_id, " is not below vocab_size ",
          vocab_size);
@@ -258,8 +349,11 @@ void ModelConfig::validate(const std::string& source) const {
   if (num_local_experts > kMaxModelExperts)
     fail("config", source, ": num_local_experts ", num_local_experts, " is more than the ",
          kMaxModelExperts, " experts a model may have");
-  // Attention and norms take 6 tensors a layer, the MLP 3 per expert (and a router).
-  if (num_hidden_layers * (7 + 3 * std::max<int64_t>(num_local_experts, 1)) > kMaxModelTensors)
+  // Attention and norms take 6 tensors a layer (9 with biases), the MLP 3 per expert (and a
+  // router, and a shared expert with its gate).
+  if (num_hidden_layers *
+          ((is_qwen2_moe() ? 14 : 7) + 3 * std::max<int64_t>(num_local_experts, 1)) >
+      kMaxModelTensors)
     fail("config", source, ": num_hidden_layers ", num_hidden_layers, " x num_local_experts ",
          num_local_experts, " is more than the ", kMaxModelTensors, " tensors a model may have");
 }

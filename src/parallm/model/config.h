@@ -1,5 +1,5 @@
 // ModelConfig: the shape of a LLaMA-family model, read from a Hugging Face config.json (LLaMA,
-// Mistral, TinyLlama, Mixtral field names) or filled in by a checkpoint reader.
+// Mistral, TinyLlama, Mixtral, Qwen2-MoE field names) or filled in by a checkpoint reader.
 #pragma once
 
 #include <cstdint>
@@ -43,13 +43,31 @@ struct ModelConfig {
   std::string torch_dtype = "float32";
   int64_t bos_token_id = 1;
   std::vector<int64_t> eos_token_ids = {2};
-  // Mixture of experts (Mixtral): 0 experts means a dense MLP.
+  // config.json's model_type: "llama" unless it says otherwise; "mixtral" and "qwen2_moe" change
+  // the tensor names and the MoE block (docs/moe.md).
+  std::string model_type = "llama";
+  // Mixture of experts (Mixtral; qwen2_moe's num_experts): 0 experts means a dense MLP.
   int64_t num_local_experts = 0;
   int64_t num_experts_per_tok = 0;
+  bool norm_topk_prob = true;  // the top-k weights renormalised to sum to 1 (Mixtral: always)
+  // qwen2_moe: the experts' FFN width, the shared expert's (0: none), which layers are sparse
+  // (layer i when (i + 1) % decoder_sparse_step == 0 and i is not in mlp_only_layers; the others
+  // are dense MLPs of intermediate_size), and the q/k/v projections' biases.
+  int64_t moe_intermediate_size = 0;
+  int64_t shared_expert_intermediate_size = 0;
+  int64_t decoder_sparse_step = 1;
+  std::vector<int64_t> mlp_only_layers;
+  bool attention_bias = false;  // q_proj, k_proj, v_proj have .bias (o_proj none), as Qwen2
 
   int64_t q_dim() const { return num_attention_heads * head_dim; }
   int64_t kv_dim() const { return num_key_value_heads * head_dim; }
   bool is_moe() const { return num_local_experts > 0; }
+  bool is_qwen2_moe() const { return model_type == "qwen2_moe"; }
+  // Whether decoder layer `layer` is a sparse MoE block (else a dense MLP).
+  bool layer_is_moe(int64_t layer) const;
+  // Each expert's FFN width: moe_intermediate_size for qwen2_moe, intermediate_size for Mixtral.
+  int64_t expert_ffn() const { return is_qwen2_moe() ? moe_intermediate_size : intermediate_size; }
+  bool has_shared_expert() const { return is_moe() && shared_expert_intermediate_size > 0; }
 
   // Parameters in the model (embeddings once when tied; all experts for MoE).
   int64_t param_count() const;

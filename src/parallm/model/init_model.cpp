@@ -82,7 +82,7 @@ void check_init_model_size(const ModelConfig& c, DType dtype) {
 }
 
 std::string shape_preset_names() {
-  return "tiny, small, bench-30m, tinyllama-1.1b, mixtral-tiny, mixtral-8x7b";
+  return "tiny, small, bench-30m, tinyllama-1.1b, mixtral-tiny, mixtral-8x7b, qwen2-moe-tiny";
 }
 
 ModelConfig shape_preset(const std::string& name) {
@@ -142,6 +142,30 @@ ModelConfig shape_preset(const std::string& name) {
     c.torch_dtype = "float32";
     c.num_local_experts = 8;
     c.num_experts_per_tok = 2;
+  } else if (name == "qwen2-moe-tiny") {
+    // Qwen2-MoE-shaped for the tests: 8 experts, top-2 without renormalisation, a shared expert,
+    // q/k/v biases; 3 layers with layer 1 a dense MLP (mlp_only_layers), so both kinds run. Four
+    // heads over 2 KV heads and FFNs of 48 (experts), 80 (shared), 112 (dense) for TP 2.
+    c.architecture = "Qwen2MoeForCausalLM";
+    c.model_type = "qwen2_moe";
+    c.hidden_size = 64;
+    c.intermediate_size = 112;
+    c.num_hidden_layers = 3;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = 2;
+    c.head_dim = 16;
+    c.vocab_size = 160;
+    c.max_position_embeddings = 256;
+    c.rope_theta = 1e6;
+    c.torch_dtype = "float32";
+    c.num_local_experts = 8;
+    c.num_experts_per_tok = 2;
+    c.norm_topk_prob = false;
+    c.moe_intermediate_size = 48;
+    c.shared_expert_intermediate_size = 80;
+    c.decoder_sparse_step = 1;
+    c.mlp_only_layers = {1};
+    c.attention_bias = true;
   } else if (name == "mixtral-8x7b") {
     // Mixtral-8x7B's shape (46.7 B parameters in 32 layers): with init-model --layers N, a few
     // real-shaped layers for benchmarks (each layer 1.4 B parameters, 2.9 GB in bf16).
@@ -213,7 +237,10 @@ void write_random_model(const ModelConfig& c, const std::string& out_dir, uint64
   uint64_t index = 0;
   for (const LlamaTensor& t : llama_tensors(c)) {
     float mean = 0.0f, std = 1.0f;
-    if (t.part == LlamaPart::Norm) {
+    if (t.part == LlamaPart::Norm && t.name.size() > 5 &&
+        t.name.compare(t.name.size() - 5, 5, ".bias") == 0) {
+      std = 0.5f;  // q/k/v biases: centred, large enough to matter
+    } else if (t.part == LlamaPart::Norm) {
       mean = 1.0f;
       std = 0.1f;
     } else if (t.part != LlamaPart::Embedding) {

@@ -13,7 +13,8 @@ namespace parallm {
 // Named shapes: "tiny" (tests: 3 layers, 12 heads / 6 KV heads so TP 1, 2, 3, 6 and 12 fit, FFN
 // and vocab that split unevenly), "tinyllama-1.1b" (hidden 2048, 22 layers, 32 heads, 4 KV
 // heads, FFN 5632, vocab 32000), "mixtral-tiny" (MoE tests: 8 experts, top-2, 2 layers) and
-// "mixtral-8x7b" (the real shape, 32 layers; init-model --layers keeps fewer).
+// "mixtral-8x7b" (the real shape, 32 layers; init-model --layers keeps fewer), "qwen2-moe-tiny"
+// (qwen2_moe tests: 8 experts, top-2, a shared expert, q/k/v biases, layer 1 dense).
 // Throws std::invalid_argument listing the names otherwise.
 ModelConfig shape_preset(const std::string& name);
 std::string shape_preset_names();

@@ -48,6 +48,11 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
   workspace_layout_ = workspace_layout(c, tp_size, tp_rank);
   if (c.is_moe()) {
     experts_ = parallel::expert_range(c.num_local_experts, opts_.ep.size(), opts_.ep.rank());
+    expert_ffn_ = parallel::ShardSpec::even(c.expert_ffn(), tp_size, tp_rank);
+    if (c.has_shared_expert())
+      shared_ffn_ = parallel::ShardSpec::even(c.shared_expert_intermediate_size, tp_size, tp_rank);
+    if (expert_ffn_.size() == 0 || (c.has_shared_expert() && shared_ffn_.size() == 0))
+      fail("tp", llama_tp_problem(c, tp_size));
   } else if (opts_.ep.size() > 1) {
     fail("moe", parallel::moe_ep_problem(0, opts_.ep.size()));
   }
@@ -89,6 +94,21 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
   const parallel::FusedShardSpec qkv_spec = parallel::ParallelAttention::qkv_spec(heads_, hd);
   const parallel::ShardSpec o_cols = parallel::ParallelAttention::o_spec(heads_, hd);
   const parallel::FusedShardSpec gate_up_spec = parallel::ParallelMlp::gate_up_spec(ffn_);
+  // q/k/v biases (Qwen2): the rows of each part, as its weight's, stacked in the same order.
+  auto read_qkv_bias = [&](int64_t i) {
+    std::vector<float> bias;
+    if (!c.attention_bias) return bias;
+    for (const parallel::FusedPart& p : qkv_spec.parts) {
+      const std::string name = names::layer(i, cat("self_attn.", p.name, ".bias"));
+      const Slice s = slice_of(name);
+      if (s.kind != Slice::Kind::Rows || s.begin != p.rows.begin || s.end != p.rows.end)
+        fail("model", "tensor \"", name, "\": the tensor table's rows [", s.begin, ", ", s.end,
+             ") are not the layer's [", p.rows.begin, ", ", p.rows.end, ")");
+      Tensor t = source.read(name, DType::F32, s);
+      bias.insert(bias.end(), t.data<float>(), t.data<float>() + t.numel());
+    }
+    return bias;
+  };
 
   for (int64_t i = opts_.layer_begin; i < opts_.layer_end; ++i) {
     Layer L;
@@ -97,25 +117,37 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
     L.attention = parallel::ParallelAttention(
         read_fused(i, qkv_spec, "self_attn."),
         read(names::layer(i, "self_attn.o_proj.weight"), Slice::Kind::Cols, o_cols), heads_, hd,
-        rope, tp_);
-    if (c.is_moe()) {
+        rope, tp_, read_qkv_bias(i));
+    if (c.layer_is_moe(i)) {
       // The router whole (f32: it is routed in f32); only this EP rank's experts, each its TP
-      // slice of w1 and w3 rows (fused) and w2 columns.
-      const std::string moe = "block_sparse_moe.";
+      // slice of w1 and w3 rows (fused) and w2 columns (qwen2_moe: gate_proj, up_proj, down_proj).
+      const bool qwen = c.is_qwen2_moe();
+      const std::string moe = qwen ? "mlp." : "block_sparse_moe.";
+      const char* w1n = qwen ? "gate_proj.weight" : "w1.weight";
+      const char* w3n = qwen ? "up_proj.weight" : "w3.weight";
+      const char* w2n = qwen ? "down_proj.weight" : "w2.weight";
       Tensor router = source.read(names::layer(i, moe + "gate.weight"), DType::F32,
                                   slice_of(names::layer(i, moe + "gate.weight")));
       std::vector<Tensor> w13, w2;
       for (int64_t e = experts_.begin; e < experts_.end; ++e) {
         const std::string ex = cat(moe, "experts.", e, ".");
-        Tensor w1 = read(names::layer(i, ex + "w1.weight"), Slice::Kind::Rows, ffn_);
-        Tensor w3 = read(names::layer(i, ex + "w3.weight"), Slice::Kind::Rows, ffn_);
+        Tensor w1 = read(names::layer(i, ex + w1n), Slice::Kind::Rows, expert_ffn_);
+        Tensor w3 = read(names::layer(i, ex + w3n), Slice::Kind::Rows, expert_ffn_);
         w13.push_back(concat_rows({w1, w3}));
-        w2.push_back(read(names::layer(i, ex + "w2.weight"), Slice::Kind::Cols, ffn_));
+        w2.push_back(read(names::layer(i, ex + w2n), Slice::Kind::Cols, expert_ffn_));
       }
       L.is_moe = true;
       L.moe = parallel::MoeLayer(std::move(router), std::move(w13), std::move(w2),
-                                 static_cast<int>(c.num_experts_per_tok), experts_, ffn_, opts_.ep,
-                                 tp_);
+                                 static_cast<int>(c.num_experts_per_tok), experts_, expert_ffn_,
+                                 opts_.ep, tp_, c.norm_topk_prob);
+      if (c.has_shared_expert()) {
+        L.shared = parallel::ParallelMlp(
+            read_fused(i, parallel::ParallelMlp::gate_up_spec(shared_ffn_), "mlp.shared_expert."),
+            read(names::layer(i, "mlp.shared_expert.down_proj.weight"), Slice::Kind::Cols,
+                 shared_ffn_),
+            shared_ffn_, tp_);
+        L.shared_gate = read_norm(names::layer(i, "mlp.shared_expert_gate.weight"));
+      }
     } else {
       L.mlp = parallel::ParallelMlp(
           read_fused(i, gate_up_spec, "mlp."),
@@ -145,10 +177,13 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
 }
 
 uint64_t LlamaModel::Layer::bytes() const {
-  const uint64_t ffn = is_moe ? moe.weight_bytes()
-                              : mlp.gate_up().weight().nbytes() + mlp.down().weight().nbytes();
+  uint64_t ffn =
+      is_moe ? moe.weight_bytes() : mlp.gate_up().weight().nbytes() + mlp.down().weight().nbytes();
+  if (!shared_gate.empty())
+    ffn += shared.gate_up().weight().nbytes() + shared.down().weight().nbytes() +
+           shared_gate.size() * sizeof(float);
   return attention.qkv().weight().nbytes() + attention.o().weight().nbytes() + ffn +
-         (attn_norm.size() + ffn_norm.size()) * sizeof(float);
+         (attention.qkv_bias().size() + attn_norm.size() + ffn_norm.size()) * sizeof(float);
 }
 
 std::vector<int64_t> LlamaModel::moe_expert_rows() const {
@@ -188,9 +223,17 @@ WorkspaceLayout LlamaModel::workspace_layout(const ModelConfig& config, int tp_s
       config.num_attention_heads, config.num_key_value_heads, tp_size, tp_rank);
   const parallel::ShardSpec ffn =
       parallel::ShardSpec::even(config.intermediate_size, tp_size, tp_rank);
-  return {config.hidden_size,
-          std::max(parallel::ParallelAttention::scratch_floats(heads, config.head_dim, 1),
-                   parallel::ParallelMlp::scratch_floats(ffn, 1))};
+  int64_t scratch = std::max(parallel::ParallelAttention::scratch_floats(heads, config.head_dim, 1),
+                             parallel::ParallelMlp::scratch_floats(ffn, 1));
+  // qwen2_moe's shared expert: its output [T, hidden] beside its own MLP scratch.
+  if (config.has_shared_expert())
+    scratch = std::max(
+        scratch,
+        config.hidden_size +
+            parallel::ParallelMlp::scratch_floats(
+                parallel::ShardSpec::even(config.shared_expert_intermediate_size, tp_size, tp_rank),
+                1));
+  return {config.hidden_size, scratch};
 }
 
 uint64_t LlamaModel::workspace_bytes(const ModelConfig& config, int tp_size, int tp_rank,
@@ -240,10 +283,27 @@ void LlamaModel::forward_layers(float* x, const std::vector<SeqChunk>& chunks, K
     for (int64_t i = 0; i < T * H; ++i) x[i] += out[i];
 
     kernels::rmsnorm(x, L.ffn_norm.data(), xn, T, H, eps);
-    if (L.is_moe)
+    if (L.is_moe) {
       L.moe.forward(xn, T, out);
-    else
+      if (!L.shared_gate.empty()) {
+        // routed + sigmoid(xn . w_sg) * shared_expert(xn); the gate's dot product per token in a
+        // fixed order, like the router's.
+        float* shared = ws.scratch();  // [T, H], then the MLP's own scratch
+        L.shared.forward(xn, T, shared + T * H, shared);
+        const float* g = L.shared_gate.data();
+        for (int64_t t = 0; t < T; ++t) {
+          const float* xt = xn + t * H;
+          float s = 0;
+          for (int64_t h = 0; h < H; ++h) s += xt[h] * g[h];
+          const float gate = 1.0f / (1.0f + std::exp(-s));
+          float* o = out + t * H;
+          const float* sh = shared + t * H;
+          for (int64_t h = 0; h < H; ++h) o[h] += gate * sh[h];
+        }
+      }
+    } else {
       L.mlp.forward(xn, T, ws.scratch(), out);
+    }
     for (int64_t i = 0; i < T * H; ++i) x[i] += out[i];
     if (after_layer) after_layer(opts_.layer_begin + static_cast<int64_t>(li), x, T);
   }

@@ -4,7 +4,9 @@
 // Per decoder layer:  x += ParallelAttention(rmsnorm(x))   (parallel/attention.h)
 //                     x += ParallelMlp(rmsnorm(x))         (parallel/mlp.h)
 // or, for a mixture-of-experts config (Mixtral), x += MoeLayer(rmsnorm(x)) (parallel/moe.h), its
-// experts split over LlamaOptions::ep and each expert's FFN over TP.
+// experts split over LlamaOptions::ep and each expert's FFN over TP; qwen2_moe adds a shared
+// expert, x += MoeLayer(xn) + sigmoid(xn . w_sg) * SharedMlp(xn), the shared expert a dense
+// ParallelMlp on every EP rank, and q/k/v biases in the attention.
 // so a layer costs exactly two all-reduces forward when TP > 1 (none when TP == 1). The model
 // holds the norms and the residual adds; every split and every collective is in the layers.
 #pragma once
@@ -96,6 +98,8 @@ class LlamaModel {
     parallel::ParallelAttention attention;
     parallel::ParallelMlp mlp;  // dense models
     parallel::MoeLayer moe;     // mixture-of-experts models
+    parallel::ParallelMlp shared;    // qwen2_moe's shared expert (TP-split, on every EP rank)
+    std::vector<float> shared_gate;  // its gate [hidden] (f32), empty without a shared expert
     bool is_moe = false;
     uint64_t bytes() const;  // weights, norms included
   };
@@ -106,6 +110,7 @@ class LlamaModel {
   parallel::HeadPlan heads_;
   parallel::ShardSpec ffn_, vocab_;
   parallel::ShardSpec experts_;  // this EP rank's experts (MoE)
+  parallel::ShardSpec expert_ffn_, shared_ffn_;  // this TP rank's rows of an expert, shared expert
   WorkspaceLayout workspace_layout_;  // what forward_layers needs of a workspace, per token
   std::vector<Layer> layers_;
   parallel::VocabParallelEmbedding embedding_;

@@ -37,8 +37,10 @@ std::vector<LlamaTensor> outer_tensors(const ModelConfig& c) {
   return out;
 }
 
-parallel::ShardSpec ffn_shard(const ModelConfig& c, int tp, int tp_rank) {
-  return parallel::ShardSpec::even(c.intermediate_size, tp, tp_rank);
+// The FFN width is the tensor's own (dense MLP, experts and the shared expert may differ):
+// rows of gate/up, columns of down.
+parallel::ShardSpec ffn_shard(int64_t width, int tp, int tp_rank) {
+  return parallel::ShardSpec::even(width, tp, tp_rank);
 }
 
 }  // namespace
@@ -75,17 +77,48 @@ std::vector<LlamaTensor> llama_layer_tensors(const ModelConfig& c, int64_t i) {
   using P = LlamaPart;
   std::vector<LlamaTensor> out;
   out.push_back(entry(names::layer(i, "input_layernorm.weight"), {h}, R::Replicated, P::Norm, i));
-  out.push_back(
-      entry(names::layer(i, "self_attn.q_proj.weight"), {q, h}, R::QHeadRows, P::Attention, i));
-  out.push_back(
-      entry(names::layer(i, "self_attn.k_proj.weight"), {kv, h}, R::KvHeadRows, P::Attention, i));
-  out.push_back(
-      entry(names::layer(i, "self_attn.v_proj.weight"), {kv, h}, R::KvHeadRows, P::Attention, i));
+  // Biases (qwen2_moe) follow their weights; f32 vectors split by the same rows, counted as
+  // norms are (kept in f32).
+  auto proj = [&](const char* name, int64_t rows, ShardRule rule) {
+    out.push_back(entry(names::layer(i, cat("self_attn.", name, ".weight")), {rows, h}, rule,
+                        P::Attention, i));
+    if (c.attention_bias)
+      out.push_back(
+          entry(names::layer(i, cat("self_attn.", name, ".bias")), {rows}, rule, P::Norm, i));
+  };
+  proj("q_proj", q, R::QHeadRows);
+  proj("k_proj", kv, R::KvHeadRows);
+  proj("v_proj", kv, R::KvHeadRows);
   out.push_back(
       entry(names::layer(i, "self_attn.o_proj.weight"), {h, q}, R::QHeadCols, P::Attention, i));
   out.push_back(
       entry(names::layer(i, "post_attention_layernorm.weight"), {h}, R::Replicated, P::Norm, i));
-  if (c.is_moe()) {
+  if (c.is_qwen2_moe() && c.layer_is_moe(i)) {
+    const int64_t ef = c.expert_ffn(), sf = c.shared_expert_intermediate_size;
+    out.push_back(entry(names::layer(i, "mlp.gate.weight"), {c.num_local_experts, h}, R::Replicated,
+                        P::Router, i));
+    for (int64_t e = 0; e < c.num_local_experts; ++e) {
+      const std::string ex = cat("mlp.experts.", e, ".");
+      out.push_back(
+          entry(names::layer(i, ex + "gate_proj.weight"), {ef, h}, R::FfnRows, P::Expert, i, e));
+      out.push_back(
+          entry(names::layer(i, ex + "up_proj.weight"), {ef, h}, R::FfnRows, P::Expert, i, e));
+      out.push_back(
+          entry(names::layer(i, ex + "down_proj.weight"), {h, ef}, R::FfnCols, P::Expert, i, e));
+    }
+    // The shared expert: a dense SwiGLU MLP (TP-split, on every EP rank), its gate replicated and
+    // kept in f32 like the router.
+    if (c.has_shared_expert()) {
+      const std::string se = "mlp.shared_expert.";
+      out.push_back(
+          entry(names::layer(i, se + "gate_proj.weight"), {sf, h}, R::FfnRows, P::Mlp, i));
+      out.push_back(entry(names::layer(i, se + "up_proj.weight"), {sf, h}, R::FfnRows, P::Mlp, i));
+      out.push_back(
+          entry(names::layer(i, se + "down_proj.weight"), {h, sf}, R::FfnCols, P::Mlp, i));
+      out.push_back(entry(names::layer(i, "mlp.shared_expert_gate.weight"), {1, h}, R::Replicated,
+                          P::Router, i));
+    }
+  } else if (c.layer_is_moe(i)) {
     out.push_back(entry(names::layer(i, "block_sparse_moe.gate.weight"), {c.num_local_experts, h},
                         R::Replicated, P::Router, i));
     for (int64_t e = 0; e < c.num_local_experts; ++e) {
@@ -145,6 +178,12 @@ std::string llama_tp_problem(const ModelConfig& c, int tp) {
   if (tp > c.intermediate_size || tp > c.vocab_size)
     return cat("tensor-parallel size ", tp, " leaves rank 0 no rows of the FFN (",
                c.intermediate_size, ") or vocabulary (", c.vocab_size, ")");
+  if (c.is_qwen2_moe() && (tp > c.moe_intermediate_size ||
+                           (c.has_shared_expert() && tp > c.shared_expert_intermediate_size)))
+    return cat("tensor-parallel size ", tp, " leaves rank 0 no rows of the experts' FFN (",
+               "moe_intermediate_size ", c.moe_intermediate_size,
+               ") or the shared expert's (shared_expert_intermediate_size ",
+               c.shared_expert_intermediate_size, ")");
   return "";
 }
 
@@ -173,11 +212,11 @@ Slice llama_tensor_slice(const LlamaTensor& t, const ModelConfig& c, int tp, int
       return Slice::rows(p.kv_begin * hd, (p.kv_begin + p.kv_heads) * hd);
     }
     case ShardRule::FfnRows: {
-      const parallel::ShardSpec s = ffn_shard(c, tp, tp_rank);
+      const parallel::ShardSpec s = ffn_shard(t.shape.at(0), tp, tp_rank);
       return Slice::rows(s.begin, s.end);
     }
     case ShardRule::FfnCols: {
-      const parallel::ShardSpec s = ffn_shard(c, tp, tp_rank);
+      const parallel::ShardSpec s = ffn_shard(t.shape.at(1), tp, tp_rank);
       return Slice::cols(s.begin, s.end);
     }
   }
@@ -248,9 +287,20 @@ LlamaRankShare llama_rank_share(const ModelConfig& c, int tp, int tp_rank, int64
         break;
     }
   };
-  // Every decoder layer has the same tensors: count one and multiply.
-  for (const LlamaTensor& t : llama_layer_tensors(c, layer_begin))
-    add(t, layer_end - layer_begin, false);
+  // Every decoder layer of one kind has the same tensors: count one of each kind and multiply
+  // (Mixtral and dense models have one kind; qwen2_moe dense and sparse layers).
+  int64_t sparse_layer = -1, dense_layer = -1, n_sparse = 0;
+  for (int64_t i = layer_begin; i < layer_end; ++i) {
+    const bool moe = c.layer_is_moe(i);
+    n_sparse += moe ? 1 : 0;
+    if (moe && sparse_layer < 0) sparse_layer = i;
+    if (!moe && dense_layer < 0) dense_layer = i;
+  }
+  if (sparse_layer >= 0)
+    for (const LlamaTensor& t : llama_layer_tensors(c, sparse_layer)) add(t, n_sparse, false);
+  if (dense_layer >= 0)
+    for (const LlamaTensor& t : llama_layer_tensors(c, dense_layer))
+      add(t, layer_end - layer_begin - n_sparse, false);
   const bool first = layer_begin == 0, last = layer_end == c.num_hidden_layers;
   for (const LlamaTensor& t : outer_tensors(c)) {
     if (t.part == LlamaPart::Embedding && first) add(t, 1, false);

@@ -11,8 +11,11 @@
 //   KvHeadRows  rows split by KV heads (k_proj, v_proj); when tp > kv_heads each rank holds one KV
 //               head, the same head on tp / kv_heads consecutive ranks (replicated), as HeadPlan;
 //   QHeadCols   columns split by query heads (o_proj: [hidden, q_dim] -> [hidden, q local]);
-//   FfnRows     rows split near-evenly over intermediate_size (gate, up; experts' w1, w3);
-//   FfnCols     columns split near-evenly over intermediate_size (down; experts' w2).
+//   FfnRows     rows split near-evenly over the tensor's FFN width (gate, up; experts' w1, w3;
+//               qwen2_moe's moe_intermediate_size and shared_expert_intermediate_size);
+//   FfnCols     columns split near-evenly over the tensor's FFN width (down; experts' w2).
+// qwen2_moe's q/k/v biases are 1-D, split by the rows of their weights (QHeadRows, KvHeadRows),
+// part Norm (f32 vectors).
 // The TP sizes that fit the heads are HeadPlan's (llama_tp_problem names the others).
 #pragma once
 
@@ -74,10 +77,11 @@ int64_t llama_slice_numel(const LlamaTensor& t, const Slice& s);
 // embedding sits on another stage, as LlamaModel loads it.
 struct LlamaRankShare {
   int64_t attention = 0;  // q, k, v, o slices of the stage's layers
-  int64_t mlp = 0;        // dense gate, up, down slices
-  int64_t router = 0;     // MoE routers (replicated)
+  int64_t mlp = 0;        // dense gate, up, down slices (and qwen2_moe's shared experts)
+  int64_t router = 0;     // MoE routers and shared-expert gates (replicated, f32)
   int64_t experts = 0;    // this EP rank's experts' slices
-  int64_t norms = 0;      // the layers' two RMSNorms and, last stage, the final norm (f32)
+  int64_t norms = 0;      // the layers' two RMSNorms (and q/k/v biases) and, last stage, the
+                          // final norm (f32)
   int64_t embedding = 0;  // first stage: the vocab slice of the embedding
   int64_t head = 0;       // last stage: the LM head's vocab slice (0 when shared with embedding)
   int64_t matrices() const { return attention + mlp + router + experts + embedding + head; }

@@ -107,6 +107,15 @@ void check_llama_weights(const WeightSource& source, const ModelConfig& c) {
   const std::string fs_ = cat("intermediate_size ", c.intermediate_size);
   const std::string vs = cat("vocab_size ", c.vocab_size, ", ", hs);
   const std::string es = cat("num_local_experts ", c.num_local_experts);
+  // The FFN width field behind a gate/up/down tensor (qwen2_moe's experts and shared expert have
+  // their own).
+  auto ffn_field = [&](const LlamaTensor& t) {
+    if (t.name.find(".shared_expert.") != std::string::npos)
+      return cat("shared_expert_intermediate_size ", c.shared_expert_intermediate_size);
+    if (t.part == LlamaPart::Expert && c.is_qwen2_moe())
+      return cat("moe_intermediate_size ", c.moe_intermediate_size);
+    return fs_;
+  };
   // The config fields behind each tensor's shape, for the message.
   auto why = [&](const LlamaTensor& t) {
     std::string w =
@@ -114,7 +123,9 @@ void check_llama_weights(const WeightSource& source, const ModelConfig& c) {
                      : std::string();
     switch (t.rule) {
       case ShardRule::Replicated:
-        return w + (t.part == LlamaPart::Router ? es + ", " + hs : hs);
+        return w + (t.part == LlamaPart::Router && t.shape.at(0) == c.num_local_experts
+                        ? es + ", " + hs
+                        : hs);
       case ShardRule::VocabRows:
         return w + vs + (t.part == LlamaPart::LmHead ? ", tie_word_embeddings false" : "");
       case ShardRule::QHeadRows:
@@ -124,9 +135,9 @@ void check_llama_weights(const WeightSource& source, const ModelConfig& c) {
       case ShardRule::QHeadCols:
         return w + hs + ", " + qs;
       case ShardRule::FfnRows:
-        return w + fs_ + ", " + hs;
+        return w + ffn_field(t) + ", " + hs;
       case ShardRule::FfnCols:
-        return w + hs + ", " + fs_;
+        return w + hs + ", " + ffn_field(t);
     }
     return w;
   };

@@ -25,8 +25,12 @@ int64_t ParallelAttention::scratch_floats(const HeadPlan& heads, int64_t head_di
 }
 
 ParallelAttention::ParallelAttention(Tensor qkv, Tensor o, const HeadPlan& heads, int64_t head_dim,
-                                     RopeSpec rope, comm::Group group)
-    : heads_(heads), head_dim_(head_dim), rope_(std::move(rope)), group_(std::move(group)) {
+                                     RopeSpec rope, comm::Group group, std::vector<float> qkv_bias)
+    : heads_(heads),
+      head_dim_(head_dim),
+      rope_(std::move(rope)),
+      group_(std::move(group)),
+      qkv_bias_(std::move(qkv_bias)) {
   if (heads_.q_heads <= 0 || heads_.kv_heads <= 0 || heads_.q_heads % heads_.kv_heads != 0)
     fail("attention", "rank's heads: ", heads_.q_heads, " query heads over ", heads_.kv_heads,
          " KV heads (need a positive multiple)");
@@ -37,6 +41,9 @@ ParallelAttention::ParallelAttention(Tensor qkv, Tensor o, const HeadPlan& heads
   if (o_.weight().dim(0) != qkv_.weight().dim(1))
     fail("attention", "o_proj shard ", o_.weight().describe(), " does not map back to hidden ",
          qkv_.weight().dim(1));
+  if (!qkv_bias_.empty() && static_cast<int64_t>(qkv_bias_.size()) != qkv_.weight().dim(0))
+    fail("attention", "q/k/v bias of ", qkv_bias_.size(), " rows for a fused Q/K/V shard of ",
+         qkv_.weight().dim(0), " rows");
 }
 
 void ParallelAttention::forward(const float* xn, const std::vector<SeqChunk>& chunks,
@@ -59,6 +66,11 @@ void ParallelAttention::forward(const float* xn, const std::vector<SeqChunk>& ch
   float* attn = v + T * kvd;
 
   qkv_.forward(xn, T, qkv);  // [T, qd + 2 kvd]: each row q | k | v
+  if (!qkv_bias_.empty()) {  // before RoPE, as Qwen2's q_proj/k_proj/v_proj biases
+    const int64_t w = qd + 2 * kvd;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < w; ++j) qkv[t * w + j] += qkv_bias_[j];
+  }
   for (int64_t t = 0; t < T; ++t) {
     const float* row = qkv + t * (qd + 2 * kvd);
     std::memcpy(q + t * qd, row, qd * sizeof(float));
@@ -105,6 +117,8 @@ void ParallelAttention::forward_train(const float* xn, int64_t B, int64_t S, Att
   const int64_t qd = heads_.q_heads * hd, kvd = heads_.kv_heads * hd, w = qd + 2 * kvd;
   // On one rank the sequence split is the whole: the plain path is the same arithmetic.
   const bool sp = mode.sequence_parallel && group_.size() > 1;
+  if (!qkv_bias_.empty())
+    fail("attention", "training a layer with q/k/v biases (Qwen2) is not supported");
   resize(c.qkv, T * w);
   resize(c.q, T * qd);
   resize(c.k, T * kvd);

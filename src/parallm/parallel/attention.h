@@ -4,7 +4,8 @@
 //                  -> rope(q), rope(k); k, v into the KV store; attention over the cached positions
 //                  -> out = RowParallel(W_o) attn       [T, hidden], one all-reduce
 //
-// Q, K and V are fused into one column-parallel GEMM; its FusedShardSpec names the rows of
+// Q, K and V are fused into one column-parallel GEMM (plus, for Qwen2, a bias on its rows, added
+// before RoPE; inference only); its FusedShardSpec names the rows of
 // q_proj / k_proj / v_proj each block holds. Query heads split evenly; KV heads split evenly when
 // TP <= KV heads and are replicated over TP / KV heads ranks otherwise (parallel::HeadPlan).
 #pragma once
@@ -80,8 +81,10 @@ class ParallelAttention {
   ParallelAttention() = default;
   // qkv: [qkv_spec(heads, head_dim).size(), hidden], this rank's q rows, then k rows, then v rows;
   // o: [hidden, heads.q_heads * head_dim], this rank's input columns of o_proj.
+  // qkv_bias: empty (no bias, LLaMA) or one float per row of qkv, the same rows of the q_proj,
+  // k_proj and v_proj biases (Qwen2). forward() adds it; forward_train() refuses a biased layer.
   ParallelAttention(Tensor qkv, Tensor o, const HeadPlan& heads, int64_t head_dim, RopeSpec rope,
-                    comm::Group group);
+                    comm::Group group, std::vector<float> qkv_bias = {});
 
   // The fused Q/K/V rows a rank holds: parts "q_proj", "k_proj", "v_proj" (k and v with
   // heads.kv_replicas replicas).
@@ -127,6 +130,7 @@ class ParallelAttention {
   const RopeSpec& rope() const { return rope_; }
   const ColumnParallelLinear& qkv() const { return qkv_; }
   const RowParallelLinear& o() const { return o_; }
+  const std::vector<float>& qkv_bias() const { return qkv_bias_; }
   const comm::Group& group() const { return group_; }
 
  private:
@@ -136,6 +140,7 @@ class ParallelAttention {
   ColumnParallelLinear qkv_;
   RowParallelLinear o_;
   comm::Group group_;
+  std::vector<float> qkv_bias_;  // empty, or [qkv rows]
 };
 
 }  // namespace parallm::parallel

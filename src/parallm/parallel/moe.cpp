@@ -77,9 +77,11 @@ void moe_route(const float* xn, int64_t T, const float* router, int64_t E, int64
 }
 
 MoeLayer::MoeLayer(Tensor router, std::vector<Tensor> w13, std::vector<Tensor> w2, int top_k,
-                   ShardSpec experts, ShardSpec ffn, comm::Group ep, comm::Group tp)
+                   ShardSpec experts, ShardSpec ffn, comm::Group ep, comm::Group tp,
+                   bool renormalize)
     : router_(std::move(router)),
       top_k_(top_k),
+      renormalize_(renormalize),
       experts_(experts),
       ffn_(ffn),
       ep_(std::move(ep)),
@@ -132,7 +134,7 @@ void MoeLayer::forward_tokens(const float* xn, int64_t T, float* out, MoeCallSta
   std::vector<float> wt(static_cast<size_t>(T * k));
   {
     TraceSpan span("moe route", "compute");
-    moe_route(xn, T, router_.data<float>(), E, H, k, /*renormalize=*/true, ex.data(), wt.data());
+    moe_route(xn, T, router_.data<float>(), E, H, k, renormalize_, ex.data(), wt.data());
   }
   std::vector<int64_t> send_rows(P, 0), recv_rows(P, 0);
   for (int64_t i = 0; i < T * k; ++i) ++send_rows[expert_owner(ex[i], E, P)];

@@ -68,9 +68,11 @@ class MoeLayer {
   MoeLayer() = default;
   // router: [E, hidden] f32 (every rank). w13[i]: expert (experts.begin + i)'s w1 rows of `ffn`
   // then its w3 rows, [2 ffn.size(), hidden]; w2[i]: its w2 columns of `ffn`, [hidden, ffn.size()].
-  // `experts` must be expert_range(E, ep.size(), ep.rank()).
+  // `experts` must be expert_range(E, ep.size(), ep.rank()). `renormalize`: the top-k weights
+  // renormalised to sum to 1 (Mixtral; qwen2_moe's norm_topk_prob), else the softmax's as they are.
   MoeLayer(Tensor router, std::vector<Tensor> w13, std::vector<Tensor> w2, int top_k,
-           ShardSpec experts, ShardSpec ffn, comm::Group ep, comm::Group tp);
+           ShardSpec experts, ShardSpec ffn, comm::Group ep, comm::Group tp,
+           bool renormalize = true);
 
   // xn [T, hidden], the same on every rank of both groups -> out [T, hidden], the same too.
   void forward(const float* xn, int64_t T, float* out) const;
@@ -81,6 +83,7 @@ class MoeLayer {
   int64_t num_experts() const { return router_.dim(0); }
   int64_t hidden() const { return router_.dim(1); }
   int top_k() const { return top_k_; }
+  bool renormalize() const { return renormalize_; }
   const ShardSpec& experts() const { return experts_; }
   const ShardSpec& ffn() const { return ffn_; }
   const comm::Group& ep() const { return ep_; }
@@ -97,6 +100,7 @@ class MoeLayer {
   std::vector<ColumnParallelLinear> w13_;
   std::vector<RowParallelLinear> w2_;
   int top_k_ = 0;
+  bool renormalize_ = true;
   ShardSpec experts_, ffn_;
   comm::Group ep_, tp_;
   // Mutable: forward() is const, and the counters are this rank's thread's alone.
