@@ -3,12 +3,12 @@
 # same greedy tokens as one rank, and logits within 1e-5 relative (f32).
 # Usage: mpi_tp_check.sh PARALLM MPIRUN "MPI FLAGS" NP MODEL_OR_SHAPE STEPS [LAYOUT FLAGS]
 # LAYOUT defaults to "--tp NP" (one prompt); with --pp or --ep the run is a batch of three prompts.
-# MODEL_OR_SHAPE "tiny" or "mixtral-tiny" makes a random model of that shape.
+# MODEL_OR_SHAPE "tiny", "mixtral-tiny" or "qwen2-moe-tiny" makes a random model of that shape.
 set -euo pipefail
 bin=$1 mpirun=$2 flags=$3 np=$4 model=$5 steps=$6 layout=${7:-"--tp $4"}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-if [ "$model" = tiny ] || [ "$model" = mixtral-tiny ]; then
+if [ "$model" = tiny ] || [ "$model" = mixtral-tiny ] || [ "$model" = qwen2-moe-tiny ]; then
   "$bin" init-model --shape "$model" --seed 9 --dtype f32 --out "$tmp/$model" >/dev/null
   model=$tmp/$model
 fi

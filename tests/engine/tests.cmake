@@ -42,4 +42,10 @@ if(PARALLM_HAVE_MPI)
     set_tests_properties(engine_mpi_moe_${name} PROPERTIES LABELS "mpi;engine;moe" TIMEOUT 300
                          ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
   endforeach()
+  # qwen2_moe (shared expert, q/k/v biases): EP 2 x TP 2 as processes.
+  add_test(NAME engine_mpi_qwen2_moe_ep2tp2
+           COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/engine/mpi_tp_check.sh $<TARGET_FILE:parallm_bin>
+                   ${PARALLM_MPIRUN} "${flags}" 4 qwen2-moe-tiny 10 "--ep 2 --tp 2")
+  set_tests_properties(engine_mpi_qwen2_moe_ep2tp2 PROPERTIES LABELS "mpi;engine;moe" TIMEOUT 300
+                       ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
 endif()
