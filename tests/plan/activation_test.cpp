@@ -230,3 +230,23 @@ TEST(ActivationBytes, WhatZeroBubbleKeepsForWByHand) {
 
 }  // namespace
 }  // namespace parallm::plan
+
+namespace parallm::plan {
+namespace {
+
+TEST(ActivationBytes, ShapesBeyondInt64AreRefusedByName) {
+  const ModelConfig c = resolve_model("llama-2-70b");
+  ActivationShape a;
+  a.micro_batch = 1 << 20;
+  a.seq_len = 1 << 24;
+  a.layers = 80;
+  try {
+    activation_bytes_per_chunk(c, a);
+    FAIL() << "no error";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("9e18 bytes"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace parallm::plan
