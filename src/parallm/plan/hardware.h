@@ -101,7 +101,8 @@ struct TrainingRates {
 // (TP 1; sides capped at 4096) for micro-batches of `micro_batch` sequences of `seq_len` tokens;
 // the ranks' mean. The four products of a layer at up to 512 tokens (fewer for wide layers, at
 // least 64: one pass stays near 4 GFLOP), attention on up to 8 query heads of one sequence of up
-// to 512 tokens. The median of five runs after a warm-up; about 0.3-3 s.
+// to 512 tokens. Five interleaved rounds of the four after a warm-up, each rate the work over
+// the time summed; about 0.3-3 s.
 TrainingRates measure_training_rates(const ModelConfig& c, int64_t micro_batch, int64_t seq_len,
                                      int threads, int ranks = 1);
 
