@@ -250,3 +250,40 @@ TEST(ActivationBytes, ShapesBeyondInt64AreRefusedByName) {
 
 }  // namespace
 }  // namespace parallm::plan
+
+namespace parallm::plan {
+namespace {
+
+// ZB-H1 in the planner: W fills the bubble (a smaller bubble and step than 1F1B's at the same
+// stage times), and the later stages hold more: their states wait for W.
+TEST(TrainingEstimate, ZeroBubbleTradesTheBubbleForMemory) {
+  const ModelConfig c = resolve_model("bench-30m");
+  ClusterOptions co;
+  co.gpu = "cpu";
+  co.gpus = 2;
+  const ClusterSpec cl = build_cluster(co);
+  PlanOptions o;
+  o.mem_bw = 1e10;
+  o.flops = 2e10;
+  TrainingWorkload w;
+  w.global_batch = 16;
+  w.micro_batch = 4;
+  w.seq_len = 256;
+  w.recompute = Recompute::None;
+  w.precision = Precision::FP32;
+  const LayoutEstimate one = estimate_training(c, cl, {1, 2, 1, 1}, w, o);
+  w.schedule = pipeline::ScheduleKind::ZeroBubbleH1;
+  const LayoutEstimate zb = estimate_training(c, cl, {1, 2, 1, 1}, w, o);
+  EXPECT_LT(zb.bubble_fraction, one.bubble_fraction);
+  EXPECT_LT(zb.step_time, one.step_time);
+  EXPECT_DOUBLE_EQ(zb.stage_activations[0].peak_bytes, one.stage_activations[0].peak_bytes);
+  EXPECT_EQ(one.stage_activations[1].peak_states, 1);
+  EXPECT_EQ(zb.stage_activations[1].peak_states, 2);
+  EXPECT_GT(zb.stage_activations[1].peak_bytes, one.stage_activations[1].peak_bytes);
+  // The W the simulator ran is the weight-gradient half of the backward's products.
+  EXPECT_GT(zb.stage_weight_time[1], 0.3 * zb.stage_backward_time[1]);
+  EXPECT_LT(zb.stage_weight_time[1], 0.5 * zb.stage_backward_time[1]);
+}
+
+}  // namespace
+}  // namespace parallm::plan
