@@ -187,6 +187,14 @@ TEST(TrainingEstimate, StepTimeFromMeasuredKernelRatesByHand) {
   a.head = true;
   EXPECT_DOUBLE_EQ(e.stage_activations[0].peak_bytes, double(activation_bytes_per_chunk(c, a)));
   EXPECT_EQ(e.stage_activations[0].peak_states, 1);
+  // The LM head's products at their own rate: 2048 x 256 of the 3,424,256 multiply-adds a token.
+  o.training_rates.head_forward = 4e10;
+  o.training_rates.head_backward = 2e10;
+  const LayoutEstimate h = estimate_training(c, cl, {1, 1, 1, 1}, w, o);
+  const double head = 2.0 * 128 * 2048 * 256, layers = linear - head;
+  EXPECT_NEAR(h.forward_time, layers / 1e10 + head / 4e10 + attn / 1e9 + elem, 1e-12);
+  EXPECT_NEAR(h.backward_time, 2 * layers / 5e9 + 2 * head / 2e10 + 2 * attn / 2e9 + 2 * elem,
+              1e-12);
   // --flops replaces the measured rates for every product.
   o.flops = 2e10;
   const LayoutEstimate g = estimate_training(c, cl, {1, 1, 1, 1}, w, o);
