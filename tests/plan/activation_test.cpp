@@ -187,6 +187,14 @@ TEST(TrainingEstimate, StepTimeFromMeasuredKernelRatesByHand) {
   a.head = true;
   EXPECT_DOUBLE_EQ(e.stage_activations[0].peak_bytes, double(activation_bytes_per_chunk(c, a)));
   EXPECT_EQ(e.stage_activations[0].peak_states, 1);
+  // The LM head's products at their own rate: 2048 x 256 of the 3,424,256 multiply-adds a token.
+  o.training_rates.head_forward = 4e10;
+  o.training_rates.head_backward = 2e10;
+  const LayoutEstimate h = estimate_training(c, cl, {1, 1, 1, 1}, w, o);
+  const double head = 2.0 * 128 * 2048 * 256, layers = linear - head;
+  EXPECT_NEAR(h.forward_time, layers / 1e10 + head / 4e10 + attn / 1e9 + elem, 1e-12);
+  EXPECT_NEAR(h.backward_time, 2 * layers / 5e9 + 2 * head / 2e10 + 2 * attn / 2e9 + 2 * elem,
+              1e-12);
   // --flops replaces the measured rates for every product.
   o.flops = 2e10;
   const LayoutEstimate g = estimate_training(c, cl, {1, 1, 1, 1}, w, o);
@@ -226,6 +234,63 @@ TEST(ActivationBytes, WhatZeroBubbleKeepsForWByHand) {
   a.tp_rank = 1;
   a.sequence_parallel = true;
   EXPECT_EQ(weight_grad_bytes_per_chunk(c, a, true), (230 + 34 + 16) * 4);
+}
+
+}  // namespace
+}  // namespace parallm::plan
+
+namespace parallm::plan {
+namespace {
+
+TEST(ActivationBytes, ShapesBeyondInt64AreRefusedByName) {
+  const ModelConfig c = resolve_model("llama-2-70b");
+  ActivationShape a;
+  a.micro_batch = 1 << 20;
+  a.seq_len = 1 << 24;
+  a.layers = 80;
+  try {
+    activation_bytes_per_chunk(c, a);
+    FAIL() << "no error";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("9e18 bytes"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace parallm::plan
+
+namespace parallm::plan {
+namespace {
+
+// ZB-H1 in the planner: W fills the bubble (a smaller bubble and step than 1F1B's at the same
+// stage times), and the later stages hold more: their states wait for W.
+TEST(TrainingEstimate, ZeroBubbleTradesTheBubbleForMemory) {
+  const ModelConfig c = resolve_model("bench-30m");
+  ClusterOptions co;
+  co.gpu = "cpu";
+  co.gpus = 2;
+  const ClusterSpec cl = build_cluster(co);
+  PlanOptions o;
+  o.mem_bw = 1e10;
+  o.flops = 2e10;
+  TrainingWorkload w;
+  w.global_batch = 16;
+  w.micro_batch = 4;
+  w.seq_len = 256;
+  w.recompute = Recompute::None;
+  w.precision = Precision::FP32;
+  const LayoutEstimate one = estimate_training(c, cl, {1, 2, 1, 1}, w, o);
+  w.schedule = pipeline::ScheduleKind::ZeroBubbleH1;
+  const LayoutEstimate zb = estimate_training(c, cl, {1, 2, 1, 1}, w, o);
+  EXPECT_LT(zb.bubble_fraction, one.bubble_fraction);
+  EXPECT_LT(zb.step_time, one.step_time);
+  EXPECT_DOUBLE_EQ(zb.stage_activations[0].peak_bytes, one.stage_activations[0].peak_bytes);
+  EXPECT_EQ(one.stage_activations[1].peak_states, 1);
+  EXPECT_EQ(zb.stage_activations[1].peak_states, 2);
+  EXPECT_GT(zb.stage_activations[1].peak_bytes, one.stage_activations[1].peak_bytes);
+  // The W the simulator ran is the weight-gradient half of the backward's products.
+  EXPECT_GT(zb.stage_weight_time[1], 0.3 * zb.stage_backward_time[1]);
+  EXPECT_LT(zb.stage_weight_time[1], 0.5 * zb.stage_backward_time[1]);
 }
 
 }  // namespace

@@ -417,6 +417,8 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
   const double gemm_b = measured ? kr.gemm_backward : r.flops;
   const double attn_f = measured ? kr.attention_forward : r.flops;
   const double attn_b = measured ? kr.attention_backward : r.flops;
+  const double head_f = measured && kr.head_forward > 0 ? kr.head_forward : gemm_f;
+  const double head_b = measured && kr.head_backward > 0 ? kr.head_backward : gemm_b;
 
   // Per micro-batch, per stage; the simulator runs the schedule with each stage's own times (the
   // first holds the embedding, the last the LM head and the loss). The slowest stage's are shown.
@@ -430,7 +432,10 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
     const double mlp_tok = c.is_moe() ? P.mlp + L * c.num_experts_per_tok * expert_dev : P.mlp;
     const double v_local = double(ceil_div(c.vocab_size, l.tp));
     const double head_mat = s == l.pp - 1 ? v_local * h : 0.0;
-    const double linear = 2 * T * (P.attention + mlp_tok + head_mat);
+    // The products' seconds: the layers' at their rates, the LM head's at its own.
+    const double layer_lin = 2 * T * (P.attention + mlp_tok), head_lin = 2 * T * head_mat;
+    const double prod_f = layer_lin / gemm_f + head_lin / head_f;
+    const double prod_b = 2 * layer_lin / gemm_b + 2 * head_lin / head_b;
     const double core_attn = 2 * T * double(w.seq_len) * double(c.q_dim()) / l.tp * L;  // causal
     // Elementwise passes, memory-bound: each reads and writes its tensors once. Per layer: the
     // two RMSNorms (2 h each; SP: this rank's rows), the two residual adds (3 h each), RoPE and the
@@ -446,9 +451,8 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
     if (s == l.pp - 1) elem += 3 * v_local;
     if (s == 0) elem += h_rows;
     const double elem_time = T * elem * ab / r.bw;
-    const double fwd_c =
-        std::max(linear / gemm_f + core_attn / attn_f + elem_time, wb * P.total() / r.bw);
-    double bwd_c = 2 * linear / gemm_b + 2 * core_attn / attn_b + 2 * elem_time;
+    const double fwd_c = std::max(prod_f + core_attn / attn_f + elem_time, wb * P.total() / r.bw);
+    double bwd_c = prod_b + 2 * core_attn / attn_b + 2 * elem_time;
     if (w.recompute == Recompute::Full) bwd_c += fwd_c;
     // Selective: the softmax recomputed from q and k (QK^T, half the attention's forward).
     if (w.recompute == Recompute::Selective) bwd_c += 0.5 * core_attn / attn_f;
@@ -482,7 +486,7 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
     const double stage_f = fwd_c + tp_f + ep_f + zero3, stage_b = bwd_c + tp_b + ep_f + zero3;
     // ZB-H1's W: the weight-gradient products, half the backward's (dW = dY^T X beside dX = dY W);
     // B is the rest of the backward.
-    const double stage_w = linear / gemm_b;
+    const double stage_w = prod_b / 2;
     sim_opt.stage_forward.push_back(stage_f);
     sim_opt.stage_backward.push_back(stage_b);
     sim_opt.stage_weight.push_back(stage_w);
@@ -491,7 +495,7 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
       tb = stage_b;
       tw = stage_w;
       tp_term.seconds = (tp_f + tp_b) * m;
-      terms = {{"matmuls", 0, 0, (linear / gemm_f + 2 * linear / gemm_b) * m,
+      terms = {{"matmuls", 0, 0, (prod_f + prod_b) * m,
                 measured ? "parallm's kernels, measured here" : ""},
                {"attention core", 0, 0,
                 (core_attn / attn_f + 2 * core_attn / attn_b +

@@ -94,6 +94,9 @@ double measure_memory_bandwidth(int threads);
 struct TrainingRates {
   double gemm_forward = 0, gemm_backward = 0;
   double attention_forward = 0, attention_backward = 0;
+  // The LM head's products ([T, hidden] x [vocab, hidden]^T: wider than a layer's, often faster);
+  // 0: as the layers'.
+  double head_forward = 0, head_backward = 0;
   bool measured() const { return gemm_forward > 0; }
 };
 // Measures them with `ranks` ranks at once (the ranks of a node share its cores and memory; at
@@ -101,7 +104,8 @@ struct TrainingRates {
 // (TP 1; sides capped at 4096) for micro-batches of `micro_batch` sequences of `seq_len` tokens;
 // the ranks' mean. The four products of a layer at up to 512 tokens (fewer for wide layers, at
 // least 64: one pass stays near 4 GFLOP), attention on up to 8 query heads of one sequence of up
-// to 512 tokens. The median of five runs after a warm-up; about 0.3-3 s.
+// to 512 tokens, and the LM head's (vocabulary side capped at 4096 too). Five interleaved rounds of
+// the four after a warm-up, each rate the work over the time summed; about 0.3-3 s.
 TrainingRates measure_training_rates(const ModelConfig& c, int64_t micro_batch, int64_t seq_len,
                                      int threads, int ranks = 1);
 

@@ -120,19 +120,27 @@ int64_t activation_bytes_per_chunk(const ModelConfig& c, const ActivationShape& 
   // The engine trains dense MLPs; a mixture of experts is counted as top-k MLPs per token.
   const int64_t ffn = c.intermediate_size * (c.is_moe() ? c.num_experts_per_tok : 1);
   const int64_t f = parallel::ShardSpec::even(ffn, a.tp, a.tp_rank).size();
-  int64_t per_layer = 0;  // floats
-  if (a.recompute == 2) {
-    per_layer = T_sp * H;
-  } else {
-    per_layer = T_sp * (4 * H + 2) + T * (2 * qd + 2 * kvd + 3 * f);
-    if (a.recompute == 0) per_layer += B * heads.q_heads * S * S;
-  }
-  int64_t floats = a.layers * per_layer;
-  if (a.head) {
-    const int64_t v_local = parallel::ShardSpec::even(c.vocab_size, a.tp, a.tp_rank).size();
-    floats += T_sp * (2 * H + 1) + T * v_local;
-  }
-  return floats * int64_t(sizeof(float));
+  // Counted in double first: shapes far beyond any machine must not wrap around int64.
+  auto count = [&](auto zero) {
+    using N = decltype(zero);
+    N per_layer = 0;  // floats
+    if (a.recompute == 2) {
+      per_layer = N(T_sp) * N(H);
+    } else {
+      per_layer = N(T_sp) * N(4 * H + 2) + N(T) * N(2 * qd + 2 * kvd + 3 * f);
+      if (a.recompute == 0) per_layer += N(B) * N(heads.q_heads) * N(S) * N(S);
+    }
+    N floats = N(a.layers) * per_layer;
+    if (a.head) {
+      const int64_t v_local = parallel::ShardSpec::even(c.vocab_size, a.tp, a.tp_rank).size();
+      floats += N(T_sp) * N(2 * H + 1) + N(T) * N(v_local);
+    }
+    return floats * N(sizeof(float));
+  };
+  if (count(0.0) > 9e18)
+    fail("plan", "activation shape: ", a.micro_batch, " x ", a.seq_len, " tokens and ", a.layers,
+         " layers make more than 9e18 bytes of activations");
+  return count(int64_t{0});
 }
 
 int64_t weight_grad_bytes_per_chunk(const ModelConfig& c, const ActivationShape& a,
@@ -146,11 +154,20 @@ int64_t weight_grad_bytes_per_chunk(const ModelConfig& c, const ActivationShape&
   const int64_t qd = heads.q_heads * c.head_dim, kvd = heads.kv_heads * c.head_dim;
   const int64_t ffn = c.intermediate_size * (c.is_moe() ? c.num_experts_per_tok : 1);
   const int64_t f = parallel::ShardSpec::even(ffn, a.tp, a.tp_rank).size();
-  int64_t floats = a.layers * (2 * T_sp * H + T * (2 * qd + 2 * kvd + 3 * f + 2 * H));
-  if (a.head)
-    floats += T_sp * H + T * parallel::ShardSpec::even(c.vocab_size, a.tp, a.tp_rank).size();
-  if (embedding) floats += T_sp * H;
-  return floats * int64_t(sizeof(float));
+  // In double first, as activation_bytes_per_chunk.
+  auto count = [&](auto zero) {
+    using N = decltype(zero);
+    N floats = N(a.layers) * (N(2 * H) * N(T_sp) + N(T) * N(2 * qd + 2 * kvd + 3 * f + 2 * H));
+    if (a.head)
+      floats += N(T_sp) * N(H) +
+                N(T) * N(parallel::ShardSpec::even(c.vocab_size, a.tp, a.tp_rank).size());
+    if (embedding) floats += N(T_sp) * N(H);
+    return floats * N(sizeof(float));
+  };
+  if (count(0.0) > 9e18)
+    fail("plan", "activation shape: ", a.micro_batch, " x ", a.seq_len, " tokens and ", a.layers,
+         " layers make more than 9e18 bytes kept for W");
+  return count(int64_t{0});
 }
 
 double korthikanti_gpt_bytes_per_layer(int64_t s, int64_t b, int64_t h, int64_t a, int t, bool sp,

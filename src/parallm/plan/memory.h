@@ -59,8 +59,10 @@ double rank_weight_bytes(const ModelConfig& c, const Layout& l, Precision weight
 // 2 (K and V) x layers x kv_heads_per_rank x head_dim x bytes.
 double kv_bytes_per_token(const ModelConfig& c, int tp, int64_t layers, Precision kv);
 
-// Activation memory of one layer for one micro-batch of b sequences of s tokens, per TP rank,
-// stored for the backward pass (bf16), after Korthikanti et al. 2022 written for LLaMA layers:
+// A reference count, no longer what the planner uses (activation_bytes_per_chunk is: what parallm
+// keeps): activation memory of one layer for one micro-batch of b sequences of s tokens, per TP
+// rank, stored for the backward pass (bf16), after Korthikanti et al. 2022 written for LLaMA
+// layers with SiLU(gate) kept as well:
 //   replicated across TP unless SP: the inputs of the two RMSNorms and of the QKV and gate/up
 //     projections, 8 s b h bytes;
 //   split by TP: Q, K, V, the attention output, gate, up, SiLU(gate), SiLU(gate)*up:

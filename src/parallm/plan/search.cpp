@@ -222,7 +222,9 @@ json to_json(const PlanRequest& req, const PlanResult& res) {
           {"gemm_forward", kr.gemm_forward / 1e9},
           {"gemm_backward", kr.gemm_backward / 1e9},
           {"attention_forward", kr.attention_forward / 1e9},
-          {"attention_backward", kr.attention_backward / 1e9}};
+          {"attention_backward", kr.attention_backward / 1e9},
+          {"head_forward", kr.head_forward / 1e9},
+          {"head_backward", kr.head_backward / 1e9}};
   } else {
     const InferenceWorkload& w = req.inference;
     j["workload"] = {{"mode", "inference"},
@@ -340,9 +342,9 @@ std::string render_report(const PlanRequest& req, const PlanResult& res, int top
     if (kr.measured() && !(req.options.flops > 0))
       out << fmt::format(
           "kernels  measured here per rank: GEMM {:.1f} GFLOP/s forward, {:.1f} backward; "
-          "attention {:.1f} forward, {:.1f} backward\n",
+          "attention {:.1f}, {:.1f}; LM head {:.1f}, {:.1f}\n",
           kr.gemm_forward / 1e9, kr.gemm_backward / 1e9, kr.attention_forward / 1e9,
-          kr.attention_backward / 1e9);
+          kr.attention_backward / 1e9, kr.head_forward / 1e9, kr.head_backward / 1e9);
     out << "\n";
   } else {
     const InferenceWorkload& w = req.inference;
@@ -408,7 +410,8 @@ std::string render_report(const PlanRequest& req, const PlanResult& res, int top
       for (const StageActivations& a : best.stage_activations) {
         const size_t st = size_t(a.stage);
         out << fmt::format(
-            "    stage {}: F {} B {} (W {}); peak {} ({:g} micro-batches in flight, {} states) = {} "
+            "    stage {}: F {} B {} (W {}); peak {} ({:g} micro-batches in flight, {} states) = "
+            "{} "
             "per micro-batch; + {} scratch\n",
             a.stage, ms_text(best.stage_forward_time[st]), ms_text(best.stage_backward_time[st]),
             ms_text(best.stage_weight_time[st]), bytes_h(a.peak_bytes), best.stage_in_flight[st],
