@@ -13,6 +13,7 @@
 #include "parallm/engine/generate.h"
 #include "parallm/model/llama_tensors.h"
 #include "parallm/model/weights.h"
+#include "engine/moe_reference.h"
 #include "test_util.h"
 
 namespace parallm {
@@ -34,33 +35,8 @@ TEST(Mixtral, MatchesPyTorchReference) {
     GTEST_SKIP() << "/usr/bin/python3 has no torch";
   TempDir tmp;
   const std::string dir = make_mixtral(tmp);
-  const int steps = 32;
-  const std::string out = tmp.file("ref.json");
-  auto r = run_command(
-      "/usr/bin/python3 " PARALLM_SOURCE_DIR "/tests/reference/llama_ref.py --model " + dir +
-      " --prompt-ids 1,17,42,99,3 --steps " + std::to_string(steps) + " --out " + out);
-  ASSERT_EQ(r.exit_code, 0) << r.output;
-  std::ifstream in(out);
-  const nlohmann::json ref = nlohmann::json::parse(in);
-
-  ModelConfig config;
-  auto source = open_model(dir, &config);
-  ASSERT_TRUE(config.is_moe());
-  LlamaOptions lo;
-  lo.weight_dtype = DType::F32;
-  LlamaModel model(config, *source, comm::Group(), lo);
-  GenerateOptions go;
-  go.max_tokens = steps;
-  go.ignore_eos = true;
-  go.collect_logits = true;
-  GenerateResult ours = generate(model, comm::Group(), {1, 17, 42, 99, 3}, go);
-  EXPECT_EQ(ours.tokens, ref["tokens"].get<std::vector<int32_t>>());
-  const auto logits = ref["logits"].get<std::vector<std::vector<double>>>();
-  ASSERT_EQ(ours.logits.size(), logits.size());
-  double worst = 0;
-  for (size_t s = 0; s < logits.size(); ++s)
-    worst = std::max(worst, testing::normalised_error(ours.logits[s], logits[s]));
-  std::printf("mixtral-tiny: max normalised logit error vs PyTorch (float64): %.3g\n", worst);
+  const double worst =
+      testing::moe_reference_error(dir, tmp, "mixtral-tiny", {1, 17, 42, 99, 3}, 32);
   EXPECT_LT(worst, 1e-5);
 }
 
