@@ -103,12 +103,6 @@ namespace {
 
 void resize(std::vector<float>& v, int64_t n) { v.resize(static_cast<size_t>(n)); }
 
-// The sequence mappings' staging in `seq` (empty when the rows split evenly).
-float* seq_scratch(std::vector<float>& seq, int64_t rows, int64_t cols, const comm::Group& g) {
-  resize(seq, sequence_scratch(rows, cols, g.size()));
-  return seq.empty() ? nullptr : seq.data();
-}
-
 }  // namespace
 
 void ParallelAttention::forward_train(const float* xn, int64_t B, int64_t S, AttentionCache& c,
@@ -137,7 +131,7 @@ void ParallelAttention::forward_train(const float* xn, int64_t B, int64_t S, Att
   if (sp) {
     // gather_from_sequence: every rank needs all T rows for the Q/K/V GEMM; not kept.
     resize(c.xg, T * H);
-    seq = seq_scratch(c.seq, T, H, group_);
+    seq = sequence_scratch(c.seq, T, H, group_);
     gather_from_sequence_forward(group_, xn, T, H, c.xg.data(), seq);
     x = c.xg.data();
   }
@@ -188,7 +182,7 @@ void ParallelAttention::backward(const float* xn, AttentionCache& c, const float
   resize(c.dv, T * kvd);
   c.positions.resize(static_cast<size_t>(T));  // scratch: filled again, it may have been lent
   for (int64_t t = 0; t < T; ++t) c.positions[t] = static_cast<int32_t>(t % S);
-  float* seq = sp ? seq_scratch(c.seq, T, H, group_) : nullptr;
+  float* seq = sp ? sequence_scratch(c.seq, T, H, group_) : nullptr;
 
   // The output's gradient on all T rows: reduce_scatter_to_sequence's backward under SP; kept
   // for backward_weight() when deferring.
@@ -258,7 +252,7 @@ void ParallelAttention::backward_weight(const float* xn, AttentionCache& c, int6
     const float* x = xn;
     if (sp) {
       resize(c.xg, T * H);
-      gather_from_sequence_forward(group_, xn, T, H, c.xg.data(), seq_scratch(c.seq, T, H, group_));
+      gather_from_sequence_forward(group_, xn, T, H, c.xg.data(), sequence_scratch(c.seq, T, H, group_));
       x = c.xg.data();
     }
     qkv_.backward_weight(x, c.wgrad_dqkv.data(), T, dqkv);

@@ -255,4 +255,10 @@ int64_t sequence_scratch(int64_t rows, int64_t cols, int parts) {
   return (parts + 1) * ShardSpec::max_size(rows, parts) * cols;
 }
 
+float* sequence_scratch(std::vector<float>& buffer, int64_t rows, int64_t cols,
+                        const comm::Group& group) {
+  buffer.resize(static_cast<size_t>(sequence_scratch(rows, cols, group.size())));
+  return buffer.empty() ? nullptr : buffer.data();
+}
+
 }  // namespace parallm::parallel

@@ -32,6 +32,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "parallm/comm/group.h"
 #include "parallm/parallel/shard.h"
@@ -94,5 +95,9 @@ void reduce_scatter_to_sequence_backward(const comm::Group& group, const float* 
 // Scratch (floats) for any of the four sequence mappings: 0 when `parts` divides `rows`, else
 // room for the padded blocks of every rank.
 int64_t sequence_scratch(int64_t rows, int64_t cols, int parts);
+// `buffer` resized to sequence_scratch(rows, cols, group.size()) floats: its data, or null when
+// the split is even and no staging is needed (what the sequence mappings' `scratch` takes).
+float* sequence_scratch(std::vector<float>& buffer, int64_t rows, int64_t cols,
+                        const comm::Group& group);
 
 }  // namespace parallm::parallel

@@ -41,11 +41,6 @@ namespace {
 
 void resize(std::vector<float>& v, int64_t n) { v.resize(static_cast<size_t>(n)); }
 
-float* seq_scratch(std::vector<float>& seq, int64_t rows, int64_t cols, const comm::Group& g) {
-  resize(seq, sequence_scratch(rows, cols, g.size()));
-  return seq.empty() ? nullptr : seq.data();
-}
-
 }  // namespace
 
 void ParallelMlp::forward_train(const float* xn, int64_t T, MlpCache& cache, float* out,
@@ -59,7 +54,7 @@ void ParallelMlp::forward_train(const float* xn, int64_t T, MlpCache& cache, flo
   float* seq = nullptr;
   if (sp) {  // gather_from_sequence: all T rows for the gate/up GEMM; not kept
     resize(cache.xg, T * H);
-    seq = seq_scratch(cache.seq, T, H, group_);
+    seq = sequence_scratch(cache.seq, T, H, group_);
     gather_from_sequence_forward(group_, xn, T, H, cache.xg.data(), seq);
     x = cache.xg.data();
   }
@@ -88,7 +83,7 @@ void ParallelMlp::backward(const float* xn, MlpCache& cache, const float* dout, 
     fail("mlp", "backward of ", T, " tokens without its forward_train (the cache holds ",
          cache.h.size() / fl, " tokens)");
   resize(cache.dh, T * fl);
-  float* seq = sp ? seq_scratch(cache.seq, T, H, group_) : nullptr;
+  float* seq = sp ? sequence_scratch(cache.seq, T, H, group_) : nullptr;
   const float* g_out = dout;  // all T rows; kept for backward_weight() when deferring
   if (sp || defer) {
     std::vector<float>& buf = defer ? cache.wgrad_dout : cache.dout;
@@ -146,7 +141,7 @@ void ParallelMlp::backward_weight(const float* xn, MlpCache& cache, int64_t T, f
     if (sp) {
       resize(cache.xg, T * H);
       gather_from_sequence_forward(group_, xn, T, H, cache.xg.data(),
-                                   seq_scratch(cache.seq, T, H, group_));
+                                   sequence_scratch(cache.seq, T, H, group_));
       x = cache.xg.data();
     }
     gate_up_.backward_weight(x, cache.wgrad_dgu.data(), T, dgate_up);
