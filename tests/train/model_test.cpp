@@ -29,21 +29,8 @@ namespace {
 
 using Full = std::vector<std::pair<std::string, Tensor>>;
 
-struct Batch {
-  std::vector<int32_t> inputs, targets;
-  int64_t B = 0, S = 0;
-};
-
-Batch make_batch(const ModelConfig& c, int64_t B, int64_t S, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_int_distribution<int32_t> id(0, static_cast<int32_t>(c.vocab_size - 1));
-  Batch b{{}, {}, B, S};
-  for (int64_t i = 0; i < B * S; ++i) {
-    b.inputs.push_back(id(rng));
-    b.targets.push_back(id(rng));
-  }
-  return b;
-}
+using testing::Batch;
+using testing::make_batch;
 
 double rel_frobenius(const Tensor& a, const Tensor& b) {
   double num = 0, den = 0;

@@ -7,9 +7,30 @@
 // ranks (HeadPlan's replication; TP 8 on 4).
 #pragma once
 
+#include <cstdint>
+#include <random>
+#include <vector>
+
 #include "parallm/model/config.h"
 
 namespace parallm::testing {
+
+// B sequences of S random ids (inputs and targets drawn independently), seeded.
+struct Batch {
+  std::vector<int32_t> inputs, targets;
+  int64_t B = 0, S = 0;
+};
+
+inline Batch make_batch(const ModelConfig& c, int64_t B, int64_t S, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int32_t> id(0, static_cast<int32_t>(c.vocab_size - 1));
+  Batch b{{}, {}, B, S};
+  for (int64_t i = 0; i < B * S; ++i) {
+    b.inputs.push_back(id(rng));
+    b.targets.push_back(id(rng));
+  }
+  return b;
+}
 
 inline ModelConfig tiny_train_config(bool tied = false, bool interleaved = false) {
   ModelConfig c;
