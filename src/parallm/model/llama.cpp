@@ -195,6 +195,16 @@ std::vector<int64_t> LlamaModel::moe_expert_rows() const {
   return rows;
 }
 
+std::vector<int64_t> LlamaModel::moe_rows_sent() const {
+  std::vector<int64_t> rows;
+  for (const Layer& L : layers_)
+    if (L.is_moe) {
+      rows.resize(L.moe.rows_sent().size(), 0);
+      for (size_t r = 0; r < rows.size(); ++r) rows[r] += L.moe.rows_sent()[r];
+    }
+  return rows;
+}
+
 uint64_t LlamaModel::decode_bytes_per_token() const {
   uint64_t b = 0;
   for (const Layer& L : layers_) {

@@ -81,6 +81,9 @@ class LlamaModel {
   // MoE: rows (token, expert pairs) each expert multiplied on this rank, summed over its layers,
   // [num_local_experts] (0 for the experts it does not hold); empty for a dense model.
   std::vector<int64_t> moe_expert_rows() const;
+  // MoE: rows this rank sent to each EP rank (its own included), summed over its layers, [ep];
+  // empty for a dense model. The planner's all-to-all bytes are exact given these (plan/moe.h).
+  std::vector<int64_t> moe_rows_sent() const;
   uint64_t decode_bytes_per_token() const;
 
   // The workspace forward_layers needs for up to max_tokens tokens per call (the largest prompt

@@ -30,8 +30,11 @@ std::string layout_problem(const ModelConfig& c, const Layout& l) {
   if (l.pp > c.num_hidden_layers)
     return cat("PP=", l.pp, " exceeds the ", c.num_hidden_layers, " layers");
   if (l.ep > 1 && !c.is_moe()) return cat("EP=", l.ep, " needs a mixture-of-experts model");
-  if (c.is_moe() && c.num_local_experts % l.ep != 0)
-    return cat("EP=", l.ep, " does not divide the ", c.num_local_experts, " experts");
+  // The engine's placement (parallel::expert_range) runs uneven splits: the first E % EP ranks
+  // hold one expert more; only a rank without an expert is refused.
+  if (c.is_moe() && l.ep > c.num_local_experts)
+    return cat("EP=", l.ep, " exceeds the ", c.num_local_experts,
+               " experts (each expert-parallel rank needs at least one)");
   if (l.dp % l.ep != 0)
     return cat("EP=", l.ep, " must divide DP=", l.dp, " (expert parallelism is carved out of DP)");
   return "";
@@ -48,28 +51,31 @@ int64_t kv_heads_per_rank(const ModelConfig& c, int tp) {
   return c.num_key_value_heads >= tp ? c.num_key_value_heads / tp : 1;
 }
 
-StageParams stage_params(const ModelConfig& c, const Layout& l, int stage, int tp_rank) {
+StageParams stage_params(const ModelConfig& c, const Layout& l, int stage, int tp_rank,
+                         int ep_rank) {
   const std::string problem = layout_problem(c, l);
   if (!problem.empty()) fail("plan", problem);
   if (stage < 0 || stage >= l.pp) fail("plan", "stage ", stage, " out of 0..", l.pp - 1);
   if (tp_rank >= l.tp) fail("plan", "TP rank ", tp_rank, " out of 0..", l.tp - 1);
+  if (ep_rank < 0 || ep_rank >= l.ep) fail("plan", "EP rank ", ep_rank, " out of 0..", l.ep - 1);
   if (tp_rank < 0) {  // the fullest rank: shards of an uneven split differ by a row
     StageParams best;
     for (int r = 0; r < l.tp; ++r) {
-      const StageParams p = stage_params(c, l, stage, r);
+      const StageParams p = stage_params(c, l, stage, r, ep_rank);
       if (r == 0 || p.total() > best.total()) best = p;
     }
     return best;
   }
   const pipeline::StageLayers layers = pipeline::partition_layers(c.num_hidden_layers, l.pp)[stage];
-  // Experts split evenly over EP (layout_problem checked), so every EP rank holds as many.
-  const LlamaRankShare s = llama_rank_share(c, l.tp, tp_rank, layers.begin, layers.end, l.ep, 0);
+  const LlamaRankShare s =
+      llama_rank_share(c, l.tp, tp_rank, layers.begin, layers.end, l.ep, ep_rank);
   StageParams p;
   p.stage = stage;
   p.tp_rank = tp_rank;
   p.layers = layers.count();
   p.attention = double(s.attention);
   p.mlp = double(s.mlp + s.router);
+  p.router = double(s.router);
   p.experts = double(s.experts);
   p.norms = double(s.norms);
   p.embedding = double(s.embedding);
@@ -78,8 +84,8 @@ StageParams stage_params(const ModelConfig& c, const Layout& l, int stage, int t
 }
 
 double rank_weight_bytes(const ModelConfig& c, const Layout& l, Precision weights, int stage,
-                         int tp_rank) {
-  return stage_params(c, l, stage, tp_rank).weight_bytes(precision_bytes(weights));
+                         int tp_rank, int ep_rank) {
+  return stage_params(c, l, stage, tp_rank, ep_rank).weight_bytes(precision_bytes(weights));
 }
 
 double kv_bytes_per_token(const ModelConfig& c, int tp, int64_t layers, Precision kv) {

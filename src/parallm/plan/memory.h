@@ -33,7 +33,8 @@ struct StageParams {
   int tp_rank = 0;
   int64_t layers = 0;
   double attention = 0;  // q, k, v, o of all the stage's layers
-  double mlp = 0;        // dense MLPs, or the MoE routers
+  double mlp = 0;        // dense MLPs, or the MoE routers (and qwen2_moe's shared experts)
+  double router = 0;     // of which the MoE routers and shared-expert gates, kept in f32
   double experts = 0;    // the experts this device holds (MoE)
   double norms = 0;      // the layers' RMSNorms and, last stage, the final norm
   double embedding = 0;  // first stage: the vocab-parallel embedding slice
@@ -42,18 +43,22 @@ struct StageParams {
   double dense() const { return attention + mlp + norms + embedding + head; }
   double total() const { return dense() + experts; }
   // Bytes for inference as the engine holds them: matrices at `matrix_bytes` per element, the
-  // norms in f32.
+  // norms and the MoE routers in f32 (LlamaRankShare::bytes).
   double weight_bytes(double matrix_bytes) const {
-    return (total() - norms) * matrix_bytes + norms * 4;
+    return (total() - norms - router) * matrix_bytes + (norms + router) * 4;
   }
 };
 // For TP rank `tp_rank` of the stage; -1: the rank holding the most (uneven shards differ).
-StageParams stage_params(const ModelConfig& c, const Layout& l, int stage, int tp_rank = -1);
+// `ep_rank`: which EP rank's experts (parallel::expert_range: the first E % EP ranks hold one
+// more, so EP rank 0 holds the most).
+StageParams stage_params(const ModelConfig& c, const Layout& l, int stage, int tp_rank = -1,
+                         int ep_rank = 0);
 
-// Weight bytes TP rank `tp_rank` of `stage` holds for inference: for f32, f16 and bf16 exactly
-// LlamaModel::weight_bytes() of that rank, what `parallm generate --mem-stats` prints.
+// Weight bytes TP rank `tp_rank`, EP rank `ep_rank` of `stage` holds for inference: for f32, f16
+// and bf16 exactly LlamaModel::weight_bytes() of that rank, what `parallm generate --mem-stats`
+// prints (llama_rank_share, the tensor table the loader reads by).
 double rank_weight_bytes(const ModelConfig& c, const Layout& l, Precision weights, int stage,
-                         int tp_rank);
+                         int tp_rank, int ep_rank = 0);
 
 // KV cache bytes per token per device on a stage with `layers` layers:
 // 2 (K and V) x layers x kv_heads_per_rank x head_dim x bytes.

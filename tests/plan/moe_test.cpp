@@ -1,0 +1,152 @@
+// The planner's expert parallelism against the engine, exactly: the weight bytes it gives each
+// (TP, EP) rank are the bytes LlamaModel loads there, and its all-to-all (and all-gather) bytes are
+// what the EP group's CommStats count on a real run of the model's layers (a prefill step of two
+// sequences, then decode steps), given the rows the router sent off-rank.
+#include <gtest/gtest.h>
+
+#include <mutex>
+#include <vector>
+
+#include "parallm/comm/launch.h"
+#include "parallm/comm/mesh.h"
+#include "parallm/comm/stats.h"
+#include "parallm/engine/kv_cache.h"
+#include "parallm/model/llama.h"
+#include "parallm/model/weights.h"
+#include "parallm/plan/memory.h"
+#include "parallm/plan/moe.h"
+#include "test_util.h"
+
+namespace parallm::plan {
+namespace {
+
+using testing::run_parallm;
+using testing::TempDir;
+
+struct RankRun {
+  int tp_rank = 0, ep_rank = 0;
+  uint64_t loaded = 0;
+  double planned = 0;
+  uint64_t a2a_sent = 0, a2a_recv = 0, gather_sent = 0;
+  int64_t off_rows = 0;  // rows this rank sent to another EP rank
+};
+
+// Steps of the run: one prefill of two prompts (5 + 3 tokens), then three decode steps of both.
+const std::vector<int64_t> kSteps = {8, 2, 2, 2};
+
+std::vector<RankRun> run_layout(const std::string& dir, int tp, int ep) {
+  ModelConfig config;
+  open_model(dir, &config);
+  std::mutex mu;
+  std::vector<RankRun> out;
+  comm::LaunchOptions lo;
+  lo.backend = "local";
+  lo.timeout_s = 60;
+  comm::launch(tp * ep, lo, [&](comm::Group world) {
+    comm::Mesh mesh(world, {tp, 1, ep, ep});
+    ModelConfig c;
+    auto source = open_model(dir, &c);
+    LlamaOptions mo;
+    mo.weight_dtype = DType::BF16;
+    mo.ep = mesh.ep();
+    LlamaModel model(c, *source, mesh.tp(), mo);
+    RankRun r;
+    r.tp_rank = mesh.tp_rank();
+    r.ep_rank = mesh.ep_rank();
+    r.loaded = model.weight_bytes();
+    r.planned = rank_weight_bytes(c, {tp, 1, ep, ep}, Precision::BF16, 0, r.tp_rank, r.ep_rank);
+
+    const comm::KindStats a0 = mesh.ep().stats().get(comm::Kind::AllToAll);
+    const comm::KindStats g0 = mesh.ep().stats().get(comm::Kind::AllGather);
+    KvCache kv(model.local_layers(), 2, 16, model.local_kv_dim());
+    Workspace ws = model.make_workspace(8);
+    // The same inputs on every rank (attention is replicated over EP), varied so that the router
+    // spreads them.
+    std::vector<float> x(8 * c.hidden_size);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = float((i * 37) % 101) / 50.0f - 1.0f;
+    model.forward_layers(x.data(), {{0, 0, 5}, {1, 0, 3}}, kv, ws);
+    for (int s = 0; s < 3; ++s) {
+      for (size_t i = 0; i < 2 * size_t(c.hidden_size); ++i)
+        x[i] = float((i * 13 + s * 7) % 89) / 40.0f - 1.0f;
+      model.forward_layers(x.data(), {{0, 5 + s, 1}, {1, 3 + s, 1}}, kv, ws);
+    }
+    const comm::KindStats a1 = mesh.ep().stats().get(comm::Kind::AllToAll);
+    const comm::KindStats g1 = mesh.ep().stats().get(comm::Kind::AllGather);
+    r.a2a_sent = a1.bytes_sent - a0.bytes_sent;
+    r.a2a_recv = a1.bytes_recv - a0.bytes_recv;
+    r.gather_sent = g1.bytes_sent - g0.bytes_sent;
+    const std::vector<int64_t> sent = model.moe_rows_sent();
+    for (size_t q = 0; q < sent.size(); ++q)
+      if (int(q) != r.ep_rank) r.off_rows += sent[q];
+    std::lock_guard<std::mutex> lock(mu);
+    out.push_back(r);
+  });
+  return out;
+}
+
+void check_family(const std::string& shape) {
+  TempDir tmp;
+  const std::string dir = tmp.file(shape);
+  auto init = run_parallm("init-model --shape " + shape + " --seed 3 --dtype bf16 --out " + dir);
+  ASSERT_EQ(init.exit_code, 0) << init.output;
+  ModelConfig c;
+  open_model(dir, &c);
+  const int64_t layers = moe_layers(c, 0, c.num_hidden_layers);
+  for (auto [tp, ep] : {std::pair{1, 2}, {1, 3}, {2, 2}}) {
+    SCOPED_TRACE(shape + " tp " + std::to_string(tp) + " ep " + std::to_string(ep));
+    const std::vector<RankRun> runs = run_layout(dir, tp, ep);
+    ASSERT_EQ(runs.size(), size_t(tp * ep));
+    for (int t = 0; t < tp; ++t) {
+      uint64_t a2a = 0, a2a_recv = 0, gather = 0;
+      int64_t off = 0;
+      for (const RankRun& r : runs) {
+        if (r.tp_rank != t) continue;
+        // Memory per rank: exactly the loaded bytes.
+        EXPECT_EQ(r.planned, double(r.loaded)) << "tp rank " << t << " ep rank " << r.ep_rank;
+        a2a += r.a2a_sent;
+        a2a_recv += r.a2a_recv;
+        gather += r.gather_sent;
+        off += r.off_rows;
+      }
+      ASSERT_GT(off, 0);  // the check below would not see the rows' bytes otherwise
+      const MoeStepBytes want = moe_run_bytes(c, ep, kSteps, layers, double(off));
+      EXPECT_EQ(double(a2a), want.all_to_all()) << "tp rank " << t;
+      EXPECT_EQ(a2a_recv, a2a);  // everything sent is received within the group
+      EXPECT_EQ(double(gather), want.gather) << "tp rank " << t;
+      // Per step it is the sum of the step formulas (off split any way: linear in it).
+      double by_step = 0;
+      for (int64_t T : kSteps) by_step += moe_step_bytes(c, ep, T, 0).total() * double(layers);
+      const MoeStepBytes rows = moe_step_bytes(c, ep, 0, double(off));
+      by_step += rows.dispatch + rows.combine;
+      EXPECT_EQ(by_step, want.total());
+    }
+  }
+}
+
+TEST(PlanMoe, MixtralWeightsAndAllToAllBytesAreTheEngines) { check_family("mixtral-tiny"); }
+
+TEST(PlanMoe, Qwen2MoeWeightsAndAllToAllBytesAreTheEngines) { check_family("qwen2-moe-tiny"); }
+
+TEST(PlanMoe, StepFormulaAndExpectation) {
+  ModelConfig c;
+  c.hidden_size = 64;
+  c.num_local_experts = 8;
+  c.num_experts_per_tok = 2;
+  // EP 3 holds 3, 3, 2 experts; T = 7 splits 2, 2, 3 (ShardSpec::even).
+  EXPECT_DOUBLE_EQ(moe_expected_off_rank_rows(c, 3, 7),
+                   2 * 2 * (5.0 / 8) + 2 * 2 * (5.0 / 8) + 3 * 2 * (6.0 / 8));
+  const MoeStepBytes b = moe_step_bytes(c, 3, 7, 10);
+  EXPECT_EQ(b.counts, 3 * 2 * 8);
+  EXPECT_EQ(b.dispatch, 10 * 66 * 4);
+  EXPECT_EQ(b.combine, 10 * 64 * 4);
+  EXPECT_EQ(b.gather, 3 * 2 * 3 * 64 * 4);  // padded to ceil(7 / 3) = 3 tokens
+  EXPECT_EQ(moe_step_bytes(c, 1, 7).total(), 0);
+  EXPECT_THROW(moe_step_bytes(c, 9, 7), std::invalid_argument);
+  EXPECT_THROW(moe_step_bytes(c, 2, -1), std::invalid_argument);
+  ModelConfig dense;
+  dense.hidden_size = 64;
+  EXPECT_THROW(moe_step_bytes(dense, 2, 1), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace parallm::plan
