@@ -8,6 +8,7 @@
 #include "parallm/core/error.h"
 #include "parallm/pipeline/simulator.h"
 #include "parallm/plan/model_presets.h"
+#include "parallm/plan/moe.h"
 
 namespace parallm::plan {
 namespace {
@@ -112,8 +113,10 @@ StageCost stage_cost(const ModelConfig& c, const Layout& l, const InferenceWorkl
   s.mem_time = (weight_bytes + kv_bytes) / r.bw;
   // FLOPs: 2 per parameter per token through the linear layers (k experts per token for MoE), the
   // output projection for the last token only, and attention scores + values.
-  const double expert_dev = 3 * h * double(c.intermediate_size) / l.tp;
-  const double mlp_tok = c.is_moe() ? P.mlp + L * c.num_experts_per_tok * expert_dev : P.mlp;
+  // Routed experts in the sparse layers only (qwen2_moe has dense ones), at their own FFN width.
+  const double expert_dev = 3 * h * double(c.expert_ffn()) / l.tp;
+  const double L_moe = double(stage_moe_layers(c, l.pp, stage));
+  const double mlp_tok = c.is_moe() ? P.mlp + L_moe * c.num_experts_per_tok * expert_dev : P.mlp;
   const double head_mat = stage == l.pp - 1 ? double(ceil_div(c.vocab_size, l.tp)) * h : 0.0;
   const double qd = double(c.q_dim()) / l.tp;
   const double attn_flops = prefill ? 2 * n * tokens * tokens * qd * L : 4 * n * ctx * qd * L;
@@ -142,9 +145,9 @@ StageCost stage_cost(const ModelConfig& c, const Layout& l, const InferenceWorkl
   if (l.ep > 1) {  // dispatch to the experts and combine back
     const double bytes = T * c.num_experts_per_tok * h * ab;
     const CommCost a2a = collective_cost(Collective::AllToAll, bytes, l.ep, *k.ep, cal);
-    s.ep_a2a = {"ep all-to-all", int(2 * P.layers), bytes, 2 * L * a2a.seconds,
+    s.ep_a2a = {"ep all-to-all", int(2 * L_moe), bytes, 2 * L_moe * a2a.seconds,
                 cat(k.ep->name, ", ", a2a.algorithm)};
-    s.sent += 2 * L * a2a.bytes_sent;
+    s.sent += 2 * L_moe * a2a.bytes_sent;
   }
   return s;
 }
@@ -428,8 +431,9 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
   for (int s = 0; s < l.pp; ++s) {
     const StageParams P = stage_params(c, l, s);
     const double L = double(P.layers);
-    const double expert_dev = 3 * h * double(c.intermediate_size) / l.tp;
-    const double mlp_tok = c.is_moe() ? P.mlp + L * c.num_experts_per_tok * expert_dev : P.mlp;
+    const double expert_dev = 3 * h * double(c.expert_ffn()) / l.tp;
+    const double L_moe = double(stage_moe_layers(c, l.pp, s));
+    const double mlp_tok = c.is_moe() ? P.mlp + L_moe * c.num_experts_per_tok * expert_dev : P.mlp;
     const double v_local = double(ceil_div(c.vocab_size, l.tp));
     const double head_mat = s == l.pp - 1 ? v_local * h : 0.0;
     // The products' seconds: the layers' at their rates, the LM head's at its own.
@@ -475,7 +479,7 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
     const double tp_b = w.recompute == Recompute::Full ? 2 * tp_f : tp_f;
     double ep_f = 0;
     if (l.ep > 1)
-      ep_f = 2 * L *
+      ep_f = 2 * L_moe *
              collective_cost(Collective::AllToAll, T * c.num_experts_per_tok * h * ab, l.ep, *k.ep,
                              cal)
                  .seconds;
@@ -507,7 +511,7 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
         terms.push_back({"full recompute (forward again)", 0, 0, fwd_c * m, ""});
       if (l.tp > 1) terms.push_back(tp_term);
       if (l.ep > 1)
-        terms.push_back({"ep all-to-all", int(4 * P.layers), 0, 2 * ep_f * m, k.ep->name});
+        terms.push_back({"ep all-to-all", int(4 * L_moe), 0, 2 * ep_f * m, k.ep->name});
       if (zero3 > 0) terms.push_back({"zero-3 weight all-gathers", 2, 0, 2 * zero3 * m, e.dp_link});
     }
     params_dev = std::max(params_dev, P.total());

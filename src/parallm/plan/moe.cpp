@@ -3,6 +3,7 @@
 #include "parallm/core/error.h"
 #include "parallm/parallel/moe.h"
 #include "parallm/parallel/shard.h"
+#include "parallm/pipeline/partition.h"
 
 namespace parallm::plan {
 namespace {
@@ -45,6 +46,11 @@ int64_t moe_layers(const ModelConfig& c, int64_t layer_begin, int64_t layer_end)
   int64_t n = 0;
   for (int64_t i = layer_begin; i < layer_end; ++i) n += c.layer_is_moe(i) ? 1 : 0;
   return n;
+}
+
+int64_t stage_moe_layers(const ModelConfig& c, int pp, int stage) {
+  const pipeline::StageLayers s = pipeline::partition_layers(c.num_hidden_layers, pp).at(stage);
+  return moe_layers(c, s.begin, s.end);
 }
 
 MoeStepBytes moe_run_bytes(const ModelConfig& c, int ep, const std::vector<int64_t>& step_tokens,

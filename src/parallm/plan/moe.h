@@ -44,6 +44,8 @@ MoeStepBytes moe_step_bytes(const ModelConfig& c, int ep, int64_t T, double off_
 // Sparse layers among [layer_begin, layer_end) (qwen2_moe's mlp_only_layers and
 // decoder_sparse_step leave dense ones): each does one MoeLayer::forward per step.
 int64_t moe_layers(const ModelConfig& c, int64_t layer_begin, int64_t layer_end);
+// Those of pipeline stage `stage` of `pp` (pipeline::partition_layers).
+int64_t stage_moe_layers(const ModelConfig& c, int pp, int stage);
 
 // A run of steps (T per step) through `layers` sparse layers, its rows routed off-rank summed over
 // layers and steps (`off_rank_rows`, linear in the bytes): what --comm-stats counts for the EP
