@@ -13,6 +13,8 @@
 #include "parallm/engine/kv_cache.h"
 #include "parallm/model/llama.h"
 #include "parallm/model/weights.h"
+#include "parallm/plan/cluster.h"
+#include "parallm/plan/estimate.h"
 #include "parallm/plan/memory.h"
 #include "parallm/plan/moe.h"
 #include "test_util.h"
@@ -146,6 +148,35 @@ TEST(PlanMoe, StepFormulaAndExpectation) {
   ModelConfig dense;
   dense.hidden_size = 64;
   EXPECT_THROW(moe_step_bytes(dense, 2, 1), std::invalid_argument);
+}
+
+TEST(PlanMoe, DecodeEstimateSendsTheEnginesExpectedRows) {
+  // The ranking's decode term at f32 activations, EP = DP = 2, one sequence per replica: each
+  // device sends, per token, its share of the engine's dispatch and return bytes (plan/moe.h) for
+  // a step of both replicas' tokens with routing spread evenly, in every sparse layer.
+  ModelConfig c;
+  c.model_type = "mixtral";
+  c.hidden_size = 64;
+  c.intermediate_size = 96;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 16;
+  c.vocab_size = 160;
+  c.num_local_experts = 8;
+  c.num_experts_per_tok = 2;
+  ClusterOptions o;
+  o.gpu = "a100-80g";
+  o.gpus = 2;
+  o.link = "nvlink";
+  InferenceWorkload w;
+  w.batch = 2;
+  w.prompt_len = 8;
+  w.output_len = 8;
+  w.weights = w.kv_cache = w.activations = Precision::FP32;
+  const LayoutEstimate e = estimate_inference(c, build_cluster(o), {1, 1, 2, 2}, w, {});
+  const MoeStepBytes b = moe_step_bytes(c, 2, 2);
+  EXPECT_DOUBLE_EQ(e.comm_bytes_per_token, 2 * (b.dispatch + b.combine) / 2);
 }
 
 }  // namespace

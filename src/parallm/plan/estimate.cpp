@@ -142,12 +142,17 @@ StageCost stage_cost(const ModelConfig& c, const Layout& l, const InferenceWorkl
       s.sent += ag.bytes_sent;
     }
   }
-  if (l.ep > 1) {  // dispatch to the experts and combine back
-    const double bytes = T * c.num_experts_per_tok * h * ab;
+  if (l.ep > 1) {
+    // Dispatch to the experts and combine back, rows as MoeLayer sends them (plan/moe.h): a
+    // dispatched row carries the hidden vector, its routing weight and expert id (4 bytes each),
+    // a returned row the hidden vector; (EP-1)/EP of them leave the rank (collective_cost).
+    const double rows = T * c.num_experts_per_tok;
+    const double bytes = rows * (h * ab + 8), back = rows * h * ab;
     const CommCost a2a = collective_cost(Collective::AllToAll, bytes, l.ep, *k.ep, cal);
-    s.ep_a2a = {"ep all-to-all", int(2 * L_moe), bytes, 2 * L_moe * a2a.seconds,
+    const CommCost ret = collective_cost(Collective::AllToAll, back, l.ep, *k.ep, cal);
+    s.ep_a2a = {"ep all-to-all", int(2 * L_moe), bytes, L_moe * (a2a.seconds + ret.seconds),
                 cat(k.ep->name, ", ", a2a.algorithm)};
-    s.sent += 2 * L_moe * a2a.bytes_sent;
+    s.sent += L_moe * (a2a.bytes_sent + ret.bytes_sent);
   }
   return s;
 }
