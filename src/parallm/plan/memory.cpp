@@ -106,6 +106,33 @@ double activation_bytes_per_layer(const ModelConfig& c, int64_t s, int64_t b, in
   return bytes;
 }
 
+namespace {
+
+// One TP rank's local sizes of a training micro-batch (the engine's splits: HeadPlan for heads,
+// ShardSpec::even for FFN rows, vocabulary rows and, under SP, token rows).
+struct LocalDims {
+  int64_t T = 0, T_sp = 0;  // tokens; this rank's token rows under SP (else T)
+  int64_t q_heads = 0, qd = 0, kvd = 0, f = 0, v_local = 0;
+};
+
+LocalDims local_dims(const ModelConfig& c, const ActivationShape& a) {
+  LocalDims d;
+  d.T = a.micro_batch * a.seq_len;
+  d.T_sp = a.sequence_parallel ? parallel::ShardSpec::even(d.T, a.tp, a.tp_rank).size() : d.T;
+  const parallel::HeadPlan heads =
+      parallel::HeadPlan::make(c.num_attention_heads, c.num_key_value_heads, a.tp, a.tp_rank);
+  d.q_heads = heads.q_heads;
+  d.qd = heads.q_heads * c.head_dim;
+  d.kvd = heads.kv_heads * c.head_dim;
+  // The engine trains dense MLPs; a mixture of experts is counted as top-k MLPs per token.
+  const int64_t ffn = c.intermediate_size * (c.is_moe() ? c.num_experts_per_tok : 1);
+  d.f = parallel::ShardSpec::even(ffn, a.tp, a.tp_rank).size();
+  d.v_local = parallel::ShardSpec::even(c.vocab_size, a.tp, a.tp_rank).size();
+  return d;
+}
+
+}  // namespace
+
 int64_t activation_bytes_per_chunk(const ModelConfig& c, const ActivationShape& a) {
   if (a.micro_batch < 1)
     fail("plan", "activation shape: micro_batch must be >= 1, got ", a.micro_batch);
@@ -117,15 +144,9 @@ int64_t activation_bytes_per_chunk(const ModelConfig& c, const ActivationShape& 
     fail("plan", "activation shape: recompute must be 0 (none), 1 (selective) or 2 (full), got ",
          a.recompute);
   if (a.layers < 0) fail("plan", "activation shape: layers must be >= 0, got ", a.layers);
-  const int64_t B = a.micro_batch, S = a.seq_len, T = B * S, H = c.hidden_size;
-  const int64_t T_sp =
-      a.sequence_parallel ? parallel::ShardSpec::even(T, a.tp, a.tp_rank).size() : T;
-  const parallel::HeadPlan heads =
-      parallel::HeadPlan::make(c.num_attention_heads, c.num_key_value_heads, a.tp, a.tp_rank);
-  const int64_t qd = heads.q_heads * c.head_dim, kvd = heads.kv_heads * c.head_dim;
-  // The engine trains dense MLPs; a mixture of experts is counted as top-k MLPs per token.
-  const int64_t ffn = c.intermediate_size * (c.is_moe() ? c.num_experts_per_tok : 1);
-  const int64_t f = parallel::ShardSpec::even(ffn, a.tp, a.tp_rank).size();
+  const int64_t B = a.micro_batch, S = a.seq_len, H = c.hidden_size;
+  const LocalDims d = local_dims(c, a);
+  const int64_t T = d.T, T_sp = d.T_sp, qd = d.qd, kvd = d.kvd, f = d.f;
   // Counted in double first: shapes far beyond any machine must not wrap around int64.
   auto count = [&](auto zero) {
     using N = decltype(zero);
@@ -134,13 +155,10 @@ int64_t activation_bytes_per_chunk(const ModelConfig& c, const ActivationShape& 
       per_layer = N(T_sp) * N(H);
     } else {
       per_layer = N(T_sp) * N(4 * H + 2) + N(T) * N(2 * qd + 2 * kvd + 3 * f);
-      if (a.recompute == 0) per_layer += N(B) * N(heads.q_heads) * N(S) * N(S);
+      if (a.recompute == 0) per_layer += N(B) * N(d.q_heads) * N(S) * N(S);
     }
     N floats = N(a.layers) * per_layer;
-    if (a.head) {
-      const int64_t v_local = parallel::ShardSpec::even(c.vocab_size, a.tp, a.tp_rank).size();
-      floats += N(T_sp) * N(2 * H + 1) + N(T) * N(v_local);
-    }
+    if (a.head) floats += N(T_sp) * N(2 * H + 1) + N(T) * N(d.v_local);
     return floats * N(sizeof(float));
   };
   if (count(0.0) > 9e18)
@@ -152,21 +170,15 @@ int64_t activation_bytes_per_chunk(const ModelConfig& c, const ActivationShape& 
 int64_t weight_grad_bytes_per_chunk(const ModelConfig& c, const ActivationShape& a,
                                     bool embedding) {
   activation_bytes_per_chunk(c, a);  // the same checks
-  const int64_t T = a.micro_batch * a.seq_len, H = c.hidden_size;
-  const int64_t T_sp =
-      a.sequence_parallel ? parallel::ShardSpec::even(T, a.tp, a.tp_rank).size() : T;
-  const parallel::HeadPlan heads =
-      parallel::HeadPlan::make(c.num_attention_heads, c.num_key_value_heads, a.tp, a.tp_rank);
-  const int64_t qd = heads.q_heads * c.head_dim, kvd = heads.kv_heads * c.head_dim;
-  const int64_t ffn = c.intermediate_size * (c.is_moe() ? c.num_experts_per_tok : 1);
-  const int64_t f = parallel::ShardSpec::even(ffn, a.tp, a.tp_rank).size();
+  const int64_t H = c.hidden_size;
+  const LocalDims d = local_dims(c, a);
+  const int64_t T = d.T, T_sp = d.T_sp, qd = d.qd, kvd = d.kvd, f = d.f;
   // In double first, as activation_bytes_per_chunk.
   auto count = [&](auto zero) {
     using N = decltype(zero);
     N floats = N(a.layers) * (N(2 * H) * N(T_sp) + N(T) * N(2 * qd + 2 * kvd + 3 * f + 2 * H));
     if (a.head)
-      floats += N(T_sp) * N(H) +
-                N(T) * N(parallel::ShardSpec::even(c.vocab_size, a.tp, a.tp_rank).size());
+      floats += N(T_sp) * N(H) + N(T) * N(d.v_local);
     if (embedding) floats += N(T_sp) * N(H);
     return floats * N(sizeof(float));
   };
