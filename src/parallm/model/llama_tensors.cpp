@@ -1,7 +1,6 @@
 #include "parallm/model/llama_tensors.h"
 
 #include "parallm/core/error.h"
-#include "parallm/parallel/moe.h"
 #include "parallm/parallel/shard.h"
 
 namespace parallm {

@@ -10,31 +10,6 @@
 
 namespace parallm::parallel {
 
-std::string moe_ep_problem(int64_t experts, int ep) {
-  if (ep < 1) return cat("expert-parallel size must be >= 1, got ", ep);
-  if (experts < 1) return cat("--ep ", ep, " needs a mixture-of-experts model (this one is dense)");
-  if (ep > experts)
-    return cat("--ep ", ep, " exceeds the model's ", experts,
-               " experts (each expert-parallel rank needs at least one expert)");
-  return "";
-}
-
-ShardSpec expert_range(int64_t experts, int ep, int ep_rank) {
-  const std::string why = moe_ep_problem(experts, ep);
-  if (!why.empty()) fail("moe", why);
-  if (ep_rank < 0 || ep_rank >= ep) fail("moe", "expert-parallel rank ", ep_rank, " of ", ep);
-  const int64_t q = experts / ep, rem = experts % ep;
-  const int64_t begin = ep_rank * q + std::min<int64_t>(ep_rank, rem);
-  return {experts, begin, begin + q + (ep_rank < rem ? 1 : 0)};
-}
-
-int expert_owner(int64_t expert, int64_t experts, int ep) {
-  const int64_t q = experts / ep, rem = experts % ep;
-  // The first rem ranks hold q + 1 experts each.
-  const int64_t big = rem * (q + 1);
-  return static_cast<int>(expert < big ? expert / (q + 1) : rem + (expert - big) / q);
-}
-
 void moe_route(const float* xn, int64_t T, const float* router, int64_t E, int64_t H, int k,
                bool renormalize, int32_t* experts, float* weights) {
   if (k < 1 || k > E) fail("moe", "top-k ", k, " must be in 1..", E, " (the number of experts)");

@@ -43,13 +43,7 @@
 
 namespace parallm::parallel {
 
-// Experts [begin, end) of EP rank `ep_rank` of `ep`: contiguous, the first experts % ep ranks one
-// more. Throws std::invalid_argument (moe_ep_problem's words) when ep does not fit.
-ShardSpec expert_range(int64_t experts, int ep, int ep_rank);
-// The EP rank that holds `expert`.
-int expert_owner(int64_t expert, int64_t experts, int ep);
-// Why EP size `ep` cannot split `experts` experts ("" when it can): every rank needs one expert.
-std::string moe_ep_problem(int64_t experts, int ep);
+// expert_range, expert_owner and moe_ep_problem (the placement) are in parallel/shard.h.
 
 // The router alone, row by row (independent of how many rows a call holds): xn [T, H], router
 // [E, H] f32 -> experts [T, k] (descending weight) and weights [T, k] (renormalised to sum to 1

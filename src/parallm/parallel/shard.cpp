@@ -1,5 +1,7 @@
 #include "parallm/parallel/shard.h"
 
+#include <algorithm>
+#include <string>
 #include <vector>
 
 #include "parallm/core/error.h"
@@ -74,6 +76,33 @@ HeadPlan HeadPlan::make(int64_t q_heads, int64_t kv_heads, int tp, int rank) {
     p.kv_begin = rank / p.kv_replicas;
   }
   return p;
+}
+
+// ---- expert placement (mixture of experts, parallel/moe.h) ----
+
+std::string moe_ep_problem(int64_t experts, int ep) {
+  if (ep < 1) return cat("expert-parallel size must be >= 1, got ", ep);
+  if (experts < 1) return cat("--ep ", ep, " needs a mixture-of-experts model (this one is dense)");
+  if (ep > experts)
+    return cat("--ep ", ep, " exceeds the model's ", experts,
+               " experts (each expert-parallel rank needs at least one expert)");
+  return "";
+}
+
+ShardSpec expert_range(int64_t experts, int ep, int ep_rank) {
+  const std::string why = moe_ep_problem(experts, ep);
+  if (!why.empty()) fail("moe", why);
+  if (ep_rank < 0 || ep_rank >= ep) fail("moe", "expert-parallel rank ", ep_rank, " of ", ep);
+  const int64_t q = experts / ep, rem = experts % ep;
+  const int64_t begin = ep_rank * q + std::min<int64_t>(ep_rank, rem);
+  return {experts, begin, begin + q + (ep_rank < rem ? 1 : 0)};
+}
+
+int expert_owner(int64_t expert, int64_t experts, int ep) {
+  const int64_t q = experts / ep, rem = experts % ep;
+  // The first rem ranks hold q + 1 experts each.
+  const int64_t big = rem * (q + 1);
+  return static_cast<int>(expert < big ? expert / (q + 1) : rem + (expert - big) / q);
 }
 
 }  // namespace parallm::parallel

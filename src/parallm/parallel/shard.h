@@ -84,4 +84,13 @@ struct HeadPlan {
   }
 };
 
+// ---- expert placement over an EP group (mixture of experts, parallel/moe.h) ----
+// Experts [begin, end) of EP rank `ep_rank` of `ep`: contiguous, the first experts % ep ranks one
+// more. Throws std::invalid_argument (moe_ep_problem's words) when ep does not fit.
+ShardSpec expert_range(int64_t experts, int ep, int ep_rank);
+// The EP rank that holds `expert`.
+int expert_owner(int64_t expert, int64_t experts, int ep);
+// Why EP size `ep` cannot split `experts` experts ("" when it can): every rank needs one expert.
+std::string moe_ep_problem(int64_t experts, int ep);
+
 }  // namespace parallm::parallel
