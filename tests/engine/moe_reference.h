@@ -8,7 +8,9 @@
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <cctype>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -55,6 +57,18 @@ inline double moe_reference_error(const std::string& dir, const TempDir& tmp, co
     worst = std::max(worst, normalised_error(ours.logits[s], logits[s]));
   std::printf("%s: max normalised logit error vs PyTorch (float64): %.3g\n", name, worst);
   return worst;
+}
+
+// The lines of `parallm generate` output that carry results: "[i] ..." token lines and, unless
+// `tokens_only`, the "logits ..." lines (the summary lines name the layout, so they differ).
+inline std::string generated_lines(const std::string& output, bool tokens_only = false) {
+  std::string kept;
+  std::istringstream lines(output);
+  for (std::string line; std::getline(lines, line);)
+    if ((!tokens_only && line.rfind("logits", 0) == 0) ||
+        (line.size() > 1 && line[0] == '[' && std::isdigit(static_cast<unsigned char>(line[1]))))
+      kept += line + "\n";
+  return kept;
 }
 
 }  // namespace parallm::testing

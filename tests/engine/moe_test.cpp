@@ -56,12 +56,7 @@ std::string generate_ids(const std::string& dir, const std::string& layout, bool
                                 layout + " 2>/dev/null)");
   EXPECT_EQ(r.exit_code, 0) << layout << ": " << r.output;
   // Only the tokens and logits: the summary lines name the layout.
-  std::string kept;
-  std::istringstream lines(r.output);
-  for (std::string line; std::getline(lines, line);)
-    if (line.rfind("logits", 0) == 0 ||
-        (line.size() > 1 && line[0] == '[' && std::isdigit(static_cast<unsigned char>(line[1]))))
-      kept += line + "\n";
+  const std::string kept = testing::generated_lines(r.output);
   EXPECT_NE(kept.find("logits"), std::string::npos) << layout << ": " << r.output;
   return kept;
 }

@@ -83,12 +83,7 @@ std::string generate_ids(const std::string& dir, const std::string& layout, cons
                        "--threads 1 --comm-timeout 60 " +
                        layout + " 2>/dev/null)");
   EXPECT_EQ(r.exit_code, 0) << layout << ": " << r.output;
-  std::string kept;
-  std::istringstream lines(r.output);
-  for (std::string line; std::getline(lines, line);)
-    if ((!tokens_only && line.rfind("logits", 0) == 0) ||
-        (line.size() > 1 && line[0] == '[' && std::isdigit(static_cast<unsigned char>(line[1]))))
-      kept += line + "\n";
+  const std::string kept = testing::generated_lines(r.output, tokens_only);
   EXPECT_NE(kept.find('['), std::string::npos) << layout << ": " << r.output;
   return kept;
 }
