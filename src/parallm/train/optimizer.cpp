@@ -7,6 +7,7 @@
 
 #include "parallm/core/error.h"
 #include "parallm/core/thread_pool.h"
+#include "parallm/kernels/optim.h"
 
 namespace parallm::train {
 namespace {
@@ -92,27 +93,22 @@ void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, bool 
                   const AdamWConfig& c, double lr, int64_t step, float grad_scale) {
   if (step < 1) fail("optimizer", "AdamW step ", step, " must be at least 1 (1-based)");
   if (n <= 0) return;
-  // The scalars torch computes once per tensor, in double as Python does.
+  // The scalars torch computes once per tensor, in double as Python does; torch then applies
+  // each to the f32 tensors as an f32 scalar, and so does the kernel (kernels/optim.h: every
+  // operation in f32, in torch's order, eight lanes at a time).
   const double b1 = c.beta1, b2 = c.beta2;
-  const double decay_factor = decay ? 1.0 - lr * c.weight_decay : 1.0;
-  const double bias1 = 1.0 - std::pow(b1, static_cast<double>(step));
-  const double bias2_sqrt = std::sqrt(1.0 - std::pow(b2, static_cast<double>(step)));
-  const double step_size = lr / bias1;
-  const double eps = c.eps;
-  // Per element in double, rounded to f32 wherever torch stores an f32 tensor (the clipped
-  // gradient, the decayed parameter, m, v, the new parameter), so each stored value is torch's
-  // f32 value or within an f32 rounding of it.
+  kernels::AdamWScalars s;
+  s.grad_scale = grad_scale;
+  s.decay = static_cast<float>(decay ? 1.0 - lr * c.weight_decay : 1.0);
+  s.beta1 = static_cast<float>(b1);
+  s.one_minus_beta1 = static_cast<float>(1.0 - b1);
+  s.beta2 = static_cast<float>(b2);
+  s.one_minus_beta2 = static_cast<float>(1.0 - b2);
+  s.bias2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(b2, static_cast<double>(step))));
+  s.step_size = static_cast<float>(lr / (1.0 - std::pow(b1, static_cast<double>(step))));
+  s.eps = static_cast<float>(c.eps);
   auto body = [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const double gi = static_cast<float>(g[i] * grad_scale);
-      const double pi = static_cast<float>(p[i] * decay_factor);
-      const float mi = static_cast<float>(b1 * m[i] + (1.0 - b1) * gi);
-      const float vi = static_cast<float>(b2 * v[i] + (1.0 - b2) * gi * gi);
-      const double denom = std::sqrt(static_cast<double>(vi)) / bias2_sqrt + eps;
-      p[i] = static_cast<float>(pi - step_size * (static_cast<double>(mi) / denom));
-      m[i] = mi;
-      v[i] = vi;
-    }
+    kernels::adamw(p + begin, g + begin, m + begin, v + begin, end - begin, s);
   };
   if (n >= kParallelMin) {
     ThreadPool::current().parallel_for(n, body);

@@ -38,9 +38,10 @@ double clip_factor(double max_norm, double norm);
 constexpr int64_t kNormChunk = 1 << 16;
 double sum_of_squares(const float* x, int64_t n);
 
-// One AdamW step on n elements (torch order): p *= 1 - lr*wd (when decay); m = b1 m + (1-b1) g;
-// v = b2 v + (1-b2) g^2; p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps), t = step
-// (1-based). g is multiplied by grad_scale first (the clip factor). Threads over the rank's pool.
+// One AdamW step on n elements, as torch.optim.AdamW computes it: g *= grad_scale (the clip
+// factor); p *= 1 - lr*wd (when decay); m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+// p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps), t = step (1-based); the scalars in
+// double, the element-wise work in f32 (kernels/optim.h). Threads over the rank's pool.
 void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, bool decay,
                   const AdamWConfig& c, double lr, int64_t step, float grad_scale);
 
