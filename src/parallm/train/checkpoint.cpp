@@ -322,7 +322,8 @@ void save_checkpoint(const std::string& dir, const ModelConfig& config, ParamSto
       }
       layout = {{"tp", mesh.tp_size()},
                 {"pp", mesh.pp_size()},
-                {"dp", mesh.dp_size()},
+                {"dp", mesh.dp_size() / mesh.ep_size()},
+                {"ep", mesh.ep_size()},
                 {"zero", dp.zero() ? 1 : 0},
                 {"virtual_stages", virtual_stages},
                 {"stage_layers", stage_layers}};

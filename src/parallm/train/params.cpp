@@ -47,9 +47,9 @@ bool StageTensors::holds_layer(int64_t layer) const {
 
 std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, int64_t* size,
                                 const StageTensors& stage) {
-  if (config.is_moe())
-    fail("train", "mixture-of-experts models (", config.num_local_experts,
-         " experts) are not trainable yet");
+  if (config.is_qwen2_moe())
+    fail("train", "model_type qwen2_moe cannot be trained (its shared expert and q/k/v biases "
+                  "have no backward here); Mixtral-style models can");
   if (std::string p = llama_tp_problem(config, tp); !p.empty()) fail("train", p);
   const parallel::HeadPlan heads =
       parallel::HeadPlan::make(config.num_attention_heads, config.num_key_value_heads, tp, tp_rank);
