@@ -908,20 +908,19 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
         result.steps.push_back(rec);
         const double per_step = run_clock.seconds() / static_cast<double>(step + 1 - start);
         if (!o.quiet) {
-          char line[256];
+          char line[256], aux_part[64] = "";
+          // MoE: the load-balancing loss beside the LM loss (its weight in the optimised loss).
+          if (config.is_moe())
+            std::snprintf(aux_part, sizeof(aux_part), " | aux loss %.4f (x %g)", aux,
+                          config.router_aux_loss_coef);
           std::snprintf(
               line, sizeof(line),
-              "[train] step %lld/%lld | loss %.4f | lr %.3e | grad norm %.4f | %.0f "
+              "[train] step %lld/%lld | loss %.4f%s | lr %.3e | grad norm %.4f | %.0f "
               "tok/s | %s left",
-              static_cast<long long>(step + 1), static_cast<long long>(o.steps), loss, lr, norm,
-              rec.tokens_per_s,
+              static_cast<long long>(step + 1), static_cast<long long>(o.steps), loss, aux_part,
+              lr, norm, rec.tokens_per_s,
               format_duration(per_step * static_cast<double>(o.steps - step - 1)).c_str());
           out << line;
-          if (config.is_moe()) {
-            std::snprintf(line, sizeof(line), " | aux loss %.4f (x %g)", aux,
-                          config.router_aux_loss_coef);
-            out << line;
-          }
           if (rec.val_loss >= 0) out << " | val loss " << rec.val_loss;
           out << std::endl;
         }
