@@ -263,6 +263,7 @@ TEST_F(MoeTrainTest, ExpertParallelMatchesOneRank) {
   const std::string config = write_config(tiny_moe(0.01), "config.json");
   const std::string data = write_data(3000, 64, "data.bin");
   train::TrainOptions o = base(config, data);
+  o.keep_params = true;
   const train::TrainResult ref = train::run_training(o);
   ASSERT_EQ(ref.steps.size(), 10u);
   EXPECT_LT(ref.steps.back().loss, ref.steps.front().loss);  // it learns
@@ -274,8 +275,28 @@ TEST_F(MoeTrainTest, ExpertParallelMatchesOneRank) {
   for (const Layout l : {Layout{2, 1, 1}, Layout{3, 1, 1}, Layout{2, 2, 1}, Layout{2, 1, 2}}) {
     train::TrainOptions e = o;
     e.ep = l.ep, e.tp = l.tp, e.dp = l.dp;
-    expect_same_run(ref, train::run_training(e),
-                    cat("ep ", l.ep, " tp ", l.tp, " dp ", l.dp), &worst);
+    e.keep_params = true;
+    const train::TrainResult got = train::run_training(e);
+    const std::string what = cat("ep ", l.ep, " tp ", l.tp, " dp ", l.dp);
+    expect_same_run(ref, got, what, &worst);
+    // Each rank holds only its experts: E/EP of the experts' parameters (TP 1: 2 of 4 experts at
+    // EP 2 saves 2 experts' w1, w2, w3 of 3 x 24 x 32 floats per layer; EP 3 rank 0 holds 2).
+    if (l.tp == 1) {
+      const int64_t expert = 3 * 24 * 32 * 2;  // one expert's floats over the 2 layers
+      ASSERT_FALSE(got.param_numel.empty());
+      EXPECT_EQ(got.param_numel[0], ref.param_numel[0] - 2 * expert) << what;
+    }
+    // Every tensor whole after the run (gathered over EP): the one-rank run's within 1e-4.
+    std::map<std::string, std::vector<float>> mine(got.final_params.begin(),
+                                                   got.final_params.end());
+    EXPECT_EQ(mine.size(), ref.final_params.size()) << what;
+    for (const auto& [name, v] : ref.final_params) {
+      ASSERT_TRUE(mine.count(name)) << what << ": " << name;
+      double num = 0, den = 0;
+      for (size_t i = 0; i < v.size(); ++i)
+        num += (v[i] - mine[name][i]) * (v[i] - mine[name][i]), den += v[i] * v[i];
+      EXPECT_LE(std::sqrt(num / den), 1e-4) << what << ": " << name;
+    }
   }
   std::printf("[moe ep] worst relative loss / aux loss difference to one rank over 10 steps: "
               "%.3g\n",

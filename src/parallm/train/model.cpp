@@ -74,8 +74,7 @@ struct LayerParams {
   const Param* gate = nullptr;
   const Param* up = nullptr;
   const Param* down = nullptr;
-  // MoE layers (gate/up/down null): the router and every expert's w1, w2, w3 (all E: the store
-  // holds them all; the layer uses this EP rank's).
+  // MoE layers (gate/up/down null): the router and this EP rank's experts' w1, w2, w3.
   const Param* router = nullptr;
   std::vector<const Param*> w1, w2, w3;
   bool moe() const { return router != nullptr; }
@@ -275,6 +274,9 @@ void TrainModel::Impl::build() {
   if (params.tp() != size || params.tp_rank() != rank)
     fail("train", "parameters laid out for TP rank ", params.tp_rank(), " of ", params.tp(),
          " given to TP rank ", rank, " of ", size);
+  if (params.ep() != options.ep.size() || params.ep_rank() != options.ep.rank())
+    fail("train", "parameters laid out for EP rank ", params.ep_rank(), " of ", params.ep(),
+         " given to EP rank ", options.ep.rank(), " of ", options.ep.size());
   if (options.compute != DType::F32 && options.compute != DType::BF16)
     fail("train", "compute dtype ", dtype_name(options.compute), " is not supported (f32, bf16)");
   if (options.compute == DType::BF16) {
@@ -366,15 +368,15 @@ void TrainModel::Impl::build() {
       attn.emplace_back(view(*p.q, {qkv_rows, H}), view(*p.o, p.o->local_shape), heads, hd, rope,
                         tp);
       if (sparse) {
+        const parallel::ShardSpec mine =
+            parallel::expert_range(c.num_local_experts, ep.size(), ep.rank());
         p.router = f("block_sparse_moe.gate.weight");
-        for (int64_t e = 0; e < c.num_local_experts; ++e) {
+        for (int64_t e = mine.begin; e < mine.end; ++e) {
           const std::string ex = cat("block_sparse_moe.experts.", e, ".");
           p.w1.push_back(f(ex + "w1.weight"));
           p.w2.push_back(f(ex + "w2.weight"));
           p.w3.push_back(f(ex + "w3.weight"));
         }
-        const parallel::ShardSpec mine =
-            parallel::expert_range(c.num_local_experts, ep.size(), ep.rank());
         const parallel::ShardSpec effn = parallel::ShardSpec::even(c.expert_ffn(), size, rank);
         moe.emplace_back(c.num_local_experts, H, static_cast<int>(c.num_experts_per_tok),
                          c.norm_topk_prob, mine, effn, ep, tp);
@@ -382,7 +384,7 @@ void TrainModel::Impl::build() {
         parallel::MoeTrainGrads mg;
         mw.router = weights_base() + p.router->offset;
         mg.router = grad(p.router);
-        for (int64_t e = mine.begin; e < mine.end; ++e) {
+        for (size_t e = 0; e < p.w1.size(); ++e) {
           mw.w1.push_back(weights_base() + p.w1[e]->offset);
           mw.w2.push_back(weights_base() + p.w2[e]->offset);
           mw.w3.push_back(weights_base() + p.w3[e]->offset);
@@ -924,7 +926,8 @@ std::vector<std::pair<std::string, Tensor>> gather_full_tensors(const ParamStore
   data[0] = mine;
   for (int r = 1; r < tp.size(); ++r) {
     int64_t size = 0;
-    layouts[r] = param_layout(params.config(), tp.size(), r, &size, params.stage());
+    layouts[r] = param_layout(params.config(), tp.size(), r, &size, params.stage(), params.ep(),
+                              params.ep_rank());
     if (all[r].size() != static_cast<size_t>(size) * sizeof(float))
       fail("train", "gather_full_tensors: TP rank ", r, " sent ", all[r].size(),
            " bytes, its layout holds ", size * 4);

@@ -597,7 +597,8 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
     mo.ep = mesh.ep();
     mo.aux_scale = static_cast<double>(M) / static_cast<double>(G);  // 1 / micro-batches per step
     if (pipelined) mo = pipeline_chunks(mo, pipe.virtual_stages, o.pp, stage, pipe.v);
-    ParamStore params(config, o.tp, tp_rank, pipelined ? stage_tensors(mo) : StageTensors{});
+    ParamStore params(config, o.tp, tp_rank, pipelined ? stage_tensors(mo) : StageTensors{}, o.ep,
+                      mesh.ep_rank());
     if (o.resume.empty()) {
       if (!o.model.empty()) {
         ModelConfig c;
@@ -606,9 +607,23 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
         init_params(params, config, o.seed);
       }
     }
-    DataParallel dp(params.params(), params.size(), params.values(), params.grads(), mesh.dp(),
+    // Expert parallelism: the experts' range of the flat buffers (this rank's experts, the same
+    // ones on every EP block) is reduced over the expert-data-parallel group (mesh.edp(): DP
+    // ranks), everything else over all DP x EP data ranks (mesh.dp()).
+    const bool split_experts = o.ep > 1;
+    std::vector<Param> dense_params, expert_params;
+    for (const Param& p : params.params())
+      (split_experts && p.expert ? expert_params : dense_params).push_back(p);
+    DataParallel dp(dense_params, split_experts ? params.expert_begin() : params.size(),
+                    params.values(), params.grads(), mesh.dp(),
                     {bucket_bytes, o.zero == 1, o.overlap});
-    if (!o.resume.empty()) load_checkpoint(o.resume, config, params, dp, o.tp, tp_rank);
+    std::unique_ptr<DataParallel> edp;
+    if (split_experts)
+      edp = std::make_unique<DataParallel>(expert_params, params.size(), params.values(),
+                                           params.grads(), mesh.edp(),
+                                           DpOptions{bucket_bytes, o.zero == 1, o.overlap});
+    if (!o.resume.empty())
+      load_checkpoint(o.resume, config, params, dp, o.tp, tp_rank, edp.get());
     TrainModel model(config, params, mesh.tp(), mo);
     model.refresh_compute_weights();
     // Tied embeddings across stages: the first stage's embedding and the last stage's copy get
@@ -619,15 +634,23 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
         if (p.tied_copy || (stage == 0 && p.tensor.name == llama_tensors(config)[0].name))
           tied = &p;
     }
-    model.set_grad_ready_hook([&dp, tied](const Param& p) {
+    model.set_grad_ready_hook([&dp, &edp, tied](const Param& p) {
       if (tied && p.offset == tied->offset) return;
-      dp.grad_ready(p);
+      if (edp && p.expert)
+        edp->grad_ready(p);
+      else
+        dp.grad_ready(p);
     });
 
     // What every rank holds, measured from its allocations.
     {
-      const int64_t mine[3] = {static_cast<int64_t>(dp.optimizer_bytes()), dp.param_numel(),
-                               dp.state_size()};
+      int64_t mine[3] = {static_cast<int64_t>(dp.optimizer_bytes()), dp.param_numel(),
+                         dp.state_size()};
+      if (edp) {  // values and grads of the experts' range, and their m and v
+        mine[0] += 4 * (2 * (params.size() - params.expert_begin()) + 2 * edp->state_size());
+        mine[1] += edp->param_numel();
+        mine[2] += edp->state_size();
+      }
       std::vector<int64_t> all(3 * static_cast<size_t>(world.size()));
       world.all_gather(mine, all.data(), 3, DType::I64);
       if (root) {
@@ -649,7 +672,7 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
     auto save = [&](int64_t step) {
       state.step = step;
       Timer t;
-      save_checkpoint(o.save, config, params, dp, mesh, state, tok_files);
+      save_checkpoint(o.save, config, params, dp, mesh, state, tok_files, edp.get());
       if (root && !o.quiet)
         out << "[train] saved " << o.save << " at step " << step << " in "
             << static_cast<int>(t.millis()) << " ms" << std::endl;
@@ -850,7 +873,10 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
         for (int64_t micro = 0; micro < nm; ++micro) {
           fill_micro_batch(*data, order, step, dp_rank, micro, inputs.data(), targets.data());
           // Only the last micro-batch's gradients are final: its backward starts the buckets.
-          if (micro == nm - 1) dp.begin_sync();
+          if (micro == nm - 1) {
+            dp.begin_sync();
+            if (edp) edp->begin_sync();
+          }
           loss_sum += model.forward_backward(inputs.data(), targets.data(), M, S, grad_scale);
           aux_sum += model.last_aux_loss();
         }
@@ -878,6 +904,7 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
         }
       }
       dp.finish_sync();
+      if (edp) edp->finish_sync();
       const double loss = dp.sum_over_dp(loss_sum) / static_cast<double>(G * S);
       // The mean of the micro-batches' load-balancing losses (each data rank's own; PP 1).
       const double aux =
@@ -890,9 +917,18 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
       double sq = sum_over(mesh.tp(), dp.local_grad_sq(tp_rank));
       if (pipelined) sq = sum_over(mesh.pp(), sq);
       if (dp.zero()) sq = dp.sum_over_dp(sq);
+      if (edp) {
+        // The experts: each element once over TP (slices), over EDP (ZeRO's owner) and over EP
+        // (every rank holds other experts).
+        double e = sum_over(mesh.tp(), edp->local_grad_sq(tp_rank));
+        if (edp->zero()) e = edp->sum_over_dp(e);
+        sq += sum_over(mesh.ep(), e);
+      }
       const double norm = std::sqrt(sq);
       const double lr = learning_rate(adamw, step);
-      dp.step(adamw, lr, step + 1, static_cast<float>(clip_factor(adamw.grad_clip, norm)));
+      const float clip = static_cast<float>(clip_factor(adamw.grad_clip, norm));
+      dp.step(adamw, lr, step + 1, clip);
+      if (edp) edp->step(adamw, lr, step + 1, clip);
       model.refresh_compute_weights();
       StepRecord rec;
       rec.step = step + 1;
@@ -984,11 +1020,16 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
       }
     }
     if (o.keep_params) {
-      const std::vector<std::pair<std::string, Tensor>> full =
+      std::vector<std::pair<std::string, Tensor>> full =
           gather_full_tensors(params, mesh.tp());
-      const bool mine = tp_rank == 0 && dp_rank == 0;
+      // Under EP the first EP block holds every expert once: EP rank 0 sends everything, the
+      // others their experts.
+      const bool mine = tp_rank == 0 && dp_rank < o.ep;
+      std::vector<std::pair<std::string, Tensor>> sent;
+      for (size_t i = 0; i < full.size(); ++i)
+        if (mesh.ep_rank() == 0 || params.params()[i].expert) sent.push_back(std::move(full[i]));
       const std::string packed =
-          mine ? pack_tensors(full, llama_tensors(config)[0].name, pipelined && stage > 0) : "";
+          mine ? pack_tensors(sent, llama_tensors(config)[0].name, pipelined && stage > 0) : "";
       const std::vector<std::string> all = comm::gather_strings(world, packed, 0);
       if (root) {
         std::lock_guard<std::mutex> lock(mu);
