@@ -4,8 +4,9 @@
 //     load_balancing_loss_func), within 1e-5 relative; router_aux_loss_coef is 0.1 there, so a
 //     dropped aux-loss gradient moves the routers' gradients far past the tolerance (checked
 //     directly too: the routers' gradients at coef 0.1 and 0 differ by what the reference says);
-//   - --ep 2 and --ep 3 (4 experts: 2, 1, 1 per rank) on threads, alone and with --tp 2 and --dp 2,
-//     give the losses and aux losses of one rank within 1e-5 over 10 steps;
+//   - --ep 2 and --ep 3 (4 experts: 2, 1, 1 per rank) on threads, alone, with --tp 2, and with
+//     --dp 2 --zero 1 --recompute full, give the losses and aux losses of one rank within 1e-5 over
+//     10 steps and its final parameters, each rank holding only its experts;
 //   - a checkpoint trained at --ep 2 loads into generate and resumes at --ep 1;
 //   - bad input: --ep on a dense model, --ep above the experts, qwen2_moe, --pp with MoE.
 #include <gtest/gtest.h>
@@ -269,15 +270,18 @@ TEST_F(MoeTrainTest, ExpertParallelMatchesOneRank) {
   EXPECT_LT(ref.steps.back().loss, ref.steps.front().loss);  // it learns
   EXPECT_GT(ref.steps.front().aux_loss, 0.9);
   struct Layout {
-    int ep, tp, dp;
+    int ep, tp, dp, zero;
+    const char* recompute;
   };
   double worst = 0;
-  for (const Layout l : {Layout{2, 1, 1}, Layout{3, 1, 1}, Layout{2, 2, 1}, Layout{2, 1, 2}}) {
+  for (const Layout l : {Layout{2, 1, 1, 0, "none"}, Layout{3, 1, 1, 0, "none"},
+                         Layout{2, 2, 1, 0, "none"}, Layout{2, 1, 2, 1, "full"}}) {
     train::TrainOptions e = o;
-    e.ep = l.ep, e.tp = l.tp, e.dp = l.dp;
+    e.ep = l.ep, e.tp = l.tp, e.dp = l.dp, e.zero = l.zero, e.recompute = l.recompute;
     e.keep_params = true;
     const train::TrainResult got = train::run_training(e);
-    const std::string what = cat("ep ", l.ep, " tp ", l.tp, " dp ", l.dp);
+    const std::string what =
+        cat("ep ", l.ep, " tp ", l.tp, " dp ", l.dp, " zero ", l.zero, " recompute ", l.recompute);
     expect_same_run(ref, got, what, &worst);
     // Each rank holds only its experts: E/EP of the experts' parameters (TP 1: 2 of 4 experts at
     // EP 2 saves 2 experts' w1, w2, w3 of 3 x 24 x 32 floats per layer; EP 3 rank 0 holds 2).
@@ -285,6 +289,11 @@ TEST_F(MoeTrainTest, ExpertParallelMatchesOneRank) {
       const int64_t expert = 3 * 24 * 32 * 2;  // one expert's floats over the 2 layers
       ASSERT_FALSE(got.param_numel.empty());
       EXPECT_EQ(got.param_numel[0], ref.param_numel[0] - 2 * expert) << what;
+    }
+    // ZeRO-1 shards Adam's state over each reducer's group (the experts' over DP only).
+    if (l.zero) {
+      ASSERT_FALSE(got.state_numel.empty());
+      EXPECT_LT(got.state_numel[0], got.param_numel[0]) << what;
     }
     // Every tensor whole after the run (gathered over EP): the one-rank run's within 1e-4.
     std::map<std::string, std::vector<float>> mine(got.final_params.begin(),
