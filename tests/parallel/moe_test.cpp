@@ -252,16 +252,17 @@ struct TrainSlices {
 };
 
 struct TrainGrads {
-  std::vector<float> out, dx, router;    // [T, H], [T, H], [E, H]
-  std::vector<std::vector<float>> w1;    // per expert, full [F, H] (TP slices placed)
-  std::vector<std::vector<float>> w2;    // per expert, full [H, F]
+  std::vector<float> out, dx, router;  // [T, H], [T, H], [E, H]
+  std::vector<std::vector<float>> w1;  // per expert, full [F, H] (TP slices placed)
+  std::vector<std::vector<float>> w2;  // per expert, full [H, F]
 };
 
 // Forward and backward of `dout` (plus aux_dprob) with EP ranks holding `counts` consecutive
 // tokens each, TP `tp`: outputs, input gradients, the router's gradient summed over EP ranks, and
 // w1 / w2 gradients of every expert (from its owner).
 TrainGrads run_train(const FullMoe& m, const std::vector<float>& x, const std::vector<float>& dout,
-                     const std::vector<float>& aux, const std::vector<int64_t>& counts, int tp = 1) {
+                     const std::vector<float>& aux, const std::vector<int64_t>& counts,
+                     int tp = 1) {
   const int ep = static_cast<int>(counts.size());
   std::vector<int64_t> begin(ep + 1, 0);
   for (int r = 0; r < ep; ++r) begin[r + 1] = begin[r] + counts[r];
@@ -369,9 +370,10 @@ TEST(MoeTrainLayer, RouterAndInputGradientsMatchFiniteDifferences) {
     num += (fd - g.dx[i]) * (fd - g.dx[i]);
     den += fd * fd;
   }
-  std::printf("input gradient vs central differences: relative %.3g (%d entries skipped: routing "
-              "flips)\n",
-              std::sqrt(num / den), skipped);
+  std::printf(
+      "input gradient vs central differences: relative %.3g (%d entries skipped: routing "
+      "flips)\n",
+      std::sqrt(num / den), skipped);
   EXPECT_LT(std::sqrt(num / den), 2e-3);
   EXPECT_LE(skipped, 8) << "too many routing flips for a meaningful check";
   // Without the aux term the router's gradient changes (the term is not silently dropped).

@@ -80,7 +80,8 @@ def forward(cfg, w, ids, gate_logits):
         h = llama_ref.rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
         x = x + moe_block(cfg, w, p + "block_sparse_moe.", h, gate_logits)
     x = llama_ref.rms_norm(x, w["model.norm.weight"], eps)
-    head = w["model.embed_tokens.weight"] if cfg.get("tie_word_embeddings", False) else w["lm_head.weight"]
+    tied = cfg.get("tie_word_embeddings", False)
+    head = w["model.embed_tokens.weight"] if tied else w["lm_head.weight"]
     return x @ head.T
 
 

@@ -184,10 +184,10 @@ TEST_F(MoeTrainTest, GradientsMatchPyTorch) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const std::string data = write_data(7 * kSeqLen + 5, 64, "data.bin");
   const std::string out = file("ref.safetensors");
-  r = run_command("/usr/bin/python3 " PARALLM_SOURCE_DIR "/tests/reference/moe_train_ref.py --model " +
-                  model + " --data " + data + " --seq-len " + std::to_string(kSeqLen) +
-                  " --global-batch-size " + std::to_string(kGlobal) + " --micro-batch-size " +
-                  std::to_string(kMicro) + " --out " + out);
+  r = run_command(
+      "/usr/bin/python3 " PARALLM_SOURCE_DIR "/tests/reference/moe_train_ref.py --model " + model +
+      " --data " + data + " --seq-len " + std::to_string(kSeqLen) + " --global-batch-size " +
+      std::to_string(kGlobal) + " --micro-batch-size " + std::to_string(kMicro) + " --out " + out);
   ASSERT_EQ(r.exit_code, 0) << "moe_train_ref.py failed: " << r.output;
   const auto ref = read_f64_safetensors(out);
   ASSERT_TRUE(ref.count("loss") && ref.count("aux"));
@@ -307,9 +307,10 @@ TEST_F(MoeTrainTest, ExpertParallelMatchesOneRank) {
       EXPECT_LE(std::sqrt(num / den), 1e-4) << what << ": " << name;
     }
   }
-  std::printf("[moe ep] worst relative loss / aux loss difference to one rank over 10 steps: "
-              "%.3g\n",
-              worst);
+  std::printf(
+      "[moe ep] worst relative loss / aux loss difference to one rank over 10 steps: "
+      "%.3g\n",
+      worst);
 }
 
 TEST_F(MoeTrainTest, CheckpointGeneratesAndResumesAtAnotherEp) {
@@ -370,8 +371,9 @@ TEST_F(MoeTrainTest, BadInputRefusedInOneLine) {
   o.ep = 2;
   o.global_batch = 10;  // not a multiple of 1 x dp 2 x ep 2
   o.dp = 2;
-  expect(error_of(o), "--global-batch-size 10 is not a multiple of --micro-batch-size 1 x --dp 2 "
-                      "x --ep 2");
+  expect(error_of(o),
+         "--global-batch-size 10 is not a multiple of --micro-batch-size 1 x --dp 2 "
+         "x --ep 2");
   o = base(moe, data);
   o.pp = 2;
   expect(error_of(o), "--pp 2 with a mixture-of-experts model");

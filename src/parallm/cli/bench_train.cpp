@@ -49,8 +49,7 @@ int run(Options o) {
   if (o.warmup < 0) fail("bench", "--warmup must be >= 0, got ", o.warmup);
   // A pipeline needs micro-batches to fill it: 2 x pp per DP rank by default (a multiple of pp, as
   // the interleaved schedule needs).
-  if (t.global_batch == 0)
-    t.global_batch = t.micro_batch * t.dp * t.ep * (t.pp > 1 ? 2 * t.pp : 1);
+  if (t.global_batch == 0) t.global_batch = t.micro_batch * t.dp * t.ep * (t.pp > 1 ? 2 * t.pp : 1);
   t.steps = o.warmup + o.measure_steps;
   t.adamw.lr = 1e-4;
   t.adamw.schedule = "constant";
@@ -81,8 +80,8 @@ int run(Options o) {
   std::printf(
       "bench train: %s (%lld parameters), tp %d x pp %d x dp %d%s%s%s%s, %s, %d threads/rank\n",
       shown.c_str(), static_cast<long long>(r.param_count), t.tp, t.pp, t.dp,
-      t.ep > 1 ? cat(" x ep ", t.ep).c_str() : "",
-      t.zero ? " ZeRO-1" : "", t.sp && t.tp > 1 ? " SP" : "",
+      t.ep > 1 ? cat(" x ep ", t.ep).c_str() : "", t.zero ? " ZeRO-1" : "",
+      t.sp && t.tp > 1 ? " SP" : "",
       t.recompute != "none" ? cat(" recompute ", t.recompute).c_str() : "", t.dtype.c_str(),
       r.threads);
   if (t.pp > 1) std::printf("  pipeline            %s\n", r.schedule_name.c_str());

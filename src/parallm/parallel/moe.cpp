@@ -258,8 +258,8 @@ void check_weights(const MoeTrainWeights& w, const ShardSpec& experts) {
 
 }  // namespace
 
-void MoeTrainLayer::forward(const MoeTrainWeights& w, const float* xn, int64_t T,
-                            MoeCache& c, float* out) const {
+void MoeTrainLayer::forward(const MoeTrainWeights& w, const float* xn, int64_t T, MoeCache& c,
+                            float* out) const {
   check_weights(w, experts_);
   const int64_t E = E_, H = H_, fl = ffn_.size();
   const int k = k_, P = ep_.size();
@@ -389,8 +389,7 @@ void MoeTrainLayer::backward(const MoeTrainWeights& w, const float* xn, const Mo
   std::vector<float> ret(static_cast<size_t>(R * B), 0.0f);
   for (int64_t r = 0; r < R; ++r) {
     double s = 0;
-    for (int64_t hh = 0; hh < H; ++hh)
-      s += static_cast<double>(drow[r * H + hh]) * c.y[r * H + hh];
+    for (int64_t hh = 0; hh < H; ++hh) s += static_cast<double>(drow[r * H + hh]) * c.y[r * H + hh];
     ret[r * B + H] = static_cast<float>(s);
   }
   std::vector<float> dxr(static_cast<size_t>(R * H), 0.0f);

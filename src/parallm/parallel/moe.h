@@ -132,8 +132,8 @@ struct MoeCache {
   std::vector<float> h;                       // [R, fl] silu(gate) * up, in `order`
   std::vector<float> y;                       // [R, H] expert outputs (TP-summed), arrival order
   int64_t floats() const {
-    return static_cast<int64_t>(probs.size() + weights.size() + recv.size() + gu.size() +
-                                h.size() + y.size());
+    return static_cast<int64_t>(probs.size() + weights.size() + recv.size() + gu.size() + h.size() +
+                                y.size());
   }
 };
 
@@ -155,8 +155,8 @@ struct MoeCache {
 class MoeTrainLayer {
  public:
   MoeTrainLayer() = default;
-  MoeTrainLayer(int64_t num_experts, int64_t hidden, int top_k, bool renormalize,
-                ShardSpec experts, ShardSpec ffn, comm::Group ep, comm::Group tp);
+  MoeTrainLayer(int64_t num_experts, int64_t hidden, int top_k, bool renormalize, ShardSpec experts,
+                ShardSpec ffn, comm::Group ep, comm::Group tp);
 
   // xn [T, hidden] -> out [T, hidden] (overwritten), the same on every TP rank.
   void forward(const MoeTrainWeights& w, const float* xn, int64_t T, MoeCache& cache,
@@ -164,9 +164,8 @@ class MoeTrainLayer {
   // dout [T, hidden] -> dxn [T, hidden] (overwritten); the weight gradients added into g.
   // aux_dprob [E] (or null): the gradient of the loss with respect to every token's router
   // probability of expert e (the load-balancing loss's, the same for every token).
-  void backward(const MoeTrainWeights& w, const float* xn, const MoeCache& cache,
-                const float* dout, int64_t T, const float* aux_dprob, float* dxn,
-                const MoeTrainGrads& g) const;
+  void backward(const MoeTrainWeights& w, const float* xn, const MoeCache& cache, const float* dout,
+                int64_t T, const float* aux_dprob, float* dxn, const MoeTrainGrads& g) const;
 
   int64_t num_experts() const { return E_; }
   int top_k() const { return k_; }

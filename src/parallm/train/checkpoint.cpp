@@ -282,8 +282,8 @@ void save_checkpoint(const std::string& dir, const ModelConfig& config, ParamSto
     NamedTensors w = gather_full_tensors(params, mesh.tp(), false);
     // m and v as the values and gradients of a store with the stage's layout, to gather them
     // the same way.
-    ParamStore moments(params.config(), params.tp(), params.tp_rank(), params.stage(),
-                       params.ep(), params.ep_rank());
+    ParamStore moments(params.config(), params.tp(), params.tp_rank(), params.stage(), params.ep(),
+                       params.ep_rank());
     std::copy(m_full.begin(), m_full.end(), moments.values());
     std::copy(v_full.begin(), v_full.end(), moments.grads());
     NamedTensors m = gather_full_tensors(moments, mesh.tp(), false);

@@ -48,8 +48,9 @@ bool StageTensors::holds_layer(int64_t layer) const {
 std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, int64_t* size,
                                 const StageTensors& stage, int ep, int ep_rank) {
   if (config.is_qwen2_moe())
-    fail("train", "model_type qwen2_moe cannot be trained (its shared expert and q/k/v biases "
-                  "have no backward here); Mixtral-style models can");
+    fail("train",
+         "model_type qwen2_moe cannot be trained (its shared expert and q/k/v biases "
+         "have no backward here); Mixtral-style models can");
   if (std::string p = llama_tp_problem(config, tp); !p.empty()) fail("train", p);
   const parallel::HeadPlan heads =
       parallel::HeadPlan::make(config.num_attention_heads, config.num_key_value_heads, tp, tp_rank);
@@ -57,8 +58,8 @@ std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, 
   int64_t offset = 0;
   for (const pipeline::StageLayers& r : stage.layers)
     if (r.begin < 0 || r.end > config.num_hidden_layers || r.begin >= r.end)
-      fail("train", "stage layer range [", r.begin, ", ", r.end, ") is not a non-empty range of the ",
-           config.num_hidden_layers, " layers");
+      fail("train", "stage layer range [", r.begin, ", ", r.end,
+           ") is not a non-empty range of the ", config.num_hidden_layers, " layers");
   const bool tied = config.tie_word_embeddings;
   parallel::ShardSpec experts{0, 0};
   if (config.is_moe()) {

@@ -442,7 +442,8 @@ ModelConfig resolve_config(const TrainOptions& o) {
     if (std::string why = parallel::moe_ep_problem(config.num_local_experts, o.ep); !why.empty())
       fail("train", "--ep ", o.ep, " does not fit the model: ", why);
     if (o.pp > 1)
-      fail("train", "--pp ", o.pp, " with a mixture-of-experts model is not supported (use --pp 1)");
+      fail("train", "--pp ", o.pp,
+           " with a mixture-of-experts model is not supported (use --pp 1)");
     if (o.sp && o.tp > 1)
       fail("train", "--sp with a mixture-of-experts model is not supported");
   }
@@ -460,9 +461,9 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
   order.shuffle = o.shuffle;
   order.seed = o.seed;
   if (o.ep > 1 && o.micro_batch > 0 && o.global_batch % (o.micro_batch * o.dp * o.ep) != 0)
-    fail("train", "--global-batch-size ", o.global_batch, " is not a multiple of --micro-batch-size ",
-         o.micro_batch, " x --dp ", o.dp, " x --ep ", o.ep, " (= ", o.micro_batch * o.dp * o.ep,
-         "; the EP ranks are data-parallel ranks)");
+    fail("train", "--global-batch-size ", o.global_batch,
+         " is not a multiple of --micro-batch-size ", o.micro_batch, " x --dp ", o.dp, " x --ep ",
+         o.ep, " (= ", o.micro_batch * o.dp * o.ep, "; the EP ranks are data-parallel ranks)");
   order.check();
   const ModelConfig config = resolve_config(o);
   if (o.seq_len > config.max_position_embeddings)
@@ -907,9 +908,9 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
       if (edp) edp->finish_sync();
       const double loss = dp.sum_over_dp(loss_sum) / static_cast<double>(G * S);
       // The mean of the micro-batches' load-balancing losses (each data rank's own; PP 1).
-      const double aux =
-          config.is_moe() ? dp.sum_over_dp(aux_sum) * static_cast<double>(M) / static_cast<double>(G)
-                          : 0.0;
+      const double aux = config.is_moe() ? dp.sum_over_dp(aux_sum) * static_cast<double>(M) /
+                                               static_cast<double>(G)
+                                         : 0.0;
       // The global norm: each sharded slice once, TP-replicated tensors once (Param::counts_once:
       // norms on TP rank 0, a replicated KV head on the first of its replicas, a tied embedding on
       // the first stage), each stage's parameters once over PP, and with ZeRO each rank's reduced
