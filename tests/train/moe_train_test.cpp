@@ -7,7 +7,8 @@
 //   - --ep 2 and --ep 3 (4 experts: 2, 1, 1 per rank) on threads, alone, with --tp 2, and with
 //     --dp 2 --zero 1 --recompute full, give the losses and aux losses of one rank within 1e-5 over
 //     10 steps and its final parameters, each rank holding only its experts;
-//   - a checkpoint trained at --ep 2 loads into generate and resumes at --ep 1;
+//   - a checkpoint trained at --ep 2 loads into generate and resumes at --ep 1; one saved at
+//     --ep 1 resumes at --ep 3;
 //   - bad input: --ep on a dense model, --ep above the experts, qwen2_moe, --pp with MoE.
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -337,6 +338,23 @@ TEST_F(MoeTrainTest, CheckpointGeneratesAndResumesAtAnotherEp) {
   ASSERT_EQ(rest.steps.size(), 2u);
   for (size_t i = 0; i < 2; ++i)
     EXPECT_NEAR(rest.steps[i].loss, full.steps[i + 2].loss, 1e-5 * full.steps[i + 2].loss);
+  // And the other way: saved at EP 1, resumed at EP 3 (experts 2, 1, 1).
+  train::TrainOptions c = o;
+  c.stop_after = 2;
+  c.save = file("ckpt1");
+  train::run_training(c);
+  train::TrainOptions d = o;
+  d.init.clear();
+  d.resume = c.save;
+  d.ep = 3;
+  d.global_batch = 12;
+  const train::TrainResult rest3 = train::run_training(d);
+  ASSERT_EQ(rest3.steps.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_NEAR(rest3.steps[i].loss, full.steps[i + 2].loss, 1e-5 * full.steps[i + 2].loss);
+    EXPECT_NEAR(rest3.steps[i].aux_loss, full.steps[i + 2].aux_loss,
+                1e-5 * full.steps[i + 2].aux_loss);
+  }
 }
 
 std::string error_of(const train::TrainOptions& o) {
