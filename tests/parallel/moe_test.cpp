@@ -1,15 +1,20 @@
 // The mixture-of-experts layer (parallel/moe.h): expert placement, the router, and expert
 // parallelism bit for bit equal to one rank (EP 1, 2, 3, 4, 8; with TP 2), degenerate routing
-// included (every token to the same experts, ranks without tokens, batch-1 decode).
+// included (every token to the same experts, ranks without tokens, batch-1 decode); the training
+// layer's backward (MoeTrainLayer): router and input gradients against central differences with the
+// load-balancing term, and EP 2, 3, 4 (a rank without tokens) and TP 2 against one rank.
 #include "parallm/parallel/moe.h"
 
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstring>
+#include <mutex>
 
 #include "layer_test_util.h"
 #include "parallm/comm/mesh.h"
+#include "parallm/core/error.h"
 #include "parallm/kernels/ops.h"
 #include "test_util.h"
 
@@ -210,6 +215,188 @@ TEST(MoeLayerEp, ReplicatedForwardIsEpOneBitForBitAtBatchOneAndMore) {
       });
       for (int r = 0; r < ep; ++r)
         EXPECT_TRUE(same_bits(outs[r], one)) << "T " << T << " EP " << ep << " rank " << r;
+    }
+  }
+}
+
+// ---- training: MoeTrainLayer's backward ----
+
+// A rank's training view of the full weights: its experts' TP slices, and gradients to match.
+struct TrainSlices {
+  std::vector<Tensor> w1, w3, w2;
+  std::vector<std::vector<float>> g1, g3, g2;
+  std::vector<float> grouter;
+  MoeTrainWeights w;
+  MoeTrainGrads g;
+  TrainSlices(const FullMoe& m, const ShardSpec& experts, const ShardSpec& ffn) {
+    w.router = m.router.data<float>();
+    for (int64_t e = experts.begin; e < experts.end; ++e) {
+      w1.push_back(rows_of(m.w1[e], ffn).contiguous());
+      w3.push_back(rows_of(m.w3[e], ffn).contiguous());
+      w2.push_back(cols_of(m.w2[e], ffn).contiguous());
+      g1.emplace_back(w1.back().numel(), 0.0f);
+      g3.emplace_back(w3.back().numel(), 0.0f);
+      g2.emplace_back(w2.back().numel(), 0.0f);
+    }
+    grouter.assign(kE * kH, 0.0f);
+    g.router = grouter.data();
+    for (size_t i = 0; i < w1.size(); ++i) {
+      w.w1.push_back(w1[i].data<float>());
+      w.w3.push_back(w3[i].data<float>());
+      w.w2.push_back(w2[i].data<float>());
+      g.w1.push_back(g1[i].data());
+      g.w3.push_back(g3[i].data());
+      g.w2.push_back(g2[i].data());
+    }
+  }
+};
+
+struct TrainGrads {
+  std::vector<float> out, dx, router;  // [T, H], [T, H], [E, H]
+  std::vector<std::vector<float>> w1;  // per expert, full [F, H] (TP slices placed)
+  std::vector<std::vector<float>> w2;  // per expert, full [H, F]
+};
+
+// Forward and backward of `dout` (plus aux_dprob) with EP ranks holding `counts` consecutive
+// tokens each, TP `tp`: outputs, input gradients, the router's gradient summed over EP ranks, and
+// w1 / w2 gradients of every expert (from its owner).
+TrainGrads run_train(const FullMoe& m, const std::vector<float>& x, const std::vector<float>& dout,
+                     const std::vector<float>& aux, const std::vector<int64_t>& counts,
+                     int tp = 1) {
+  const int ep = static_cast<int>(counts.size());
+  std::vector<int64_t> begin(ep + 1, 0);
+  for (int r = 0; r < ep; ++r) begin[r + 1] = begin[r] + counts[r];
+  const int64_t T = begin[ep];
+  TrainGrads o;
+  o.out.assign(T * kH, NAN);
+  o.dx.assign(T * kH, NAN);
+  o.router.assign(kE * kH, 0.0f);
+  o.w1.assign(kE, std::vector<float>(kF * kH, 0.0f));
+  o.w2.assign(kE, std::vector<float>(kH * kF, 0.0f));
+  std::vector<std::vector<float>> routers(ep);
+  std::mutex mu;
+  testing::run_tp(ep * tp, [&](comm::Group world) {
+    comm::Mesh mesh(world, {tp, 1, ep, ep});
+    const ShardSpec experts = expert_range(kE, ep, mesh.ep_rank());
+    const ShardSpec ffn = ShardSpec::even(kF, tp, mesh.tp_rank());
+    TrainSlices sl(m, experts, ffn);
+    MoeTrainLayer layer(kE, kH, kTopK, true, experts, ffn, mesh.ep(), mesh.tp());
+    const int r = mesh.ep_rank();
+    const int64_t n = counts[r];
+    MoeCache cache;
+    std::vector<float> out(std::max<int64_t>(n, 1) * kH), dx(out.size());
+    layer.forward(sl.w, x.data() + begin[r] * kH, n, cache, out.data());
+    layer.backward(sl.w, x.data() + begin[r] * kH, cache, dout.data() + begin[r] * kH, n,
+                   aux.empty() ? nullptr : aux.data(), dx.data(), sl.g);
+    std::lock_guard<std::mutex> lock(mu);
+    if (mesh.tp_rank() == 0) {
+      std::memcpy(o.out.data() + begin[r] * kH, out.data(), n * kH * sizeof(float));
+      std::memcpy(o.dx.data() + begin[r] * kH, dx.data(), n * kH * sizeof(float));
+      routers[r] = sl.grouter;
+    }
+    for (int64_t e = experts.begin; e < experts.end; ++e) {
+      const size_t i = static_cast<size_t>(e - experts.begin);
+      for (int64_t f = ffn.begin; f < ffn.end; ++f)
+        for (int64_t h = 0; h < kH; ++h) {
+          o.w1[e][f * kH + h] = sl.g1[i][(f - ffn.begin) * kH + h];
+          o.w2[e][h * kF + f] = sl.g2[i][h * ffn.size() + (f - ffn.begin)];
+        }
+    }
+  });
+  for (int r = 0; r < ep; ++r)  // the router is replicated: the rank's gradients add up
+    for (int64_t i = 0; i < kE * kH; ++i) o.router[i] += routers[r][i];
+  return o;
+}
+
+TEST(MoeTrainLayer, RouterAndInputGradientsMatchFiniteDifferences) {
+  // L = sum(dout * out) + sum_{t,e} aux[e] p_te. Central differences in f32 on the router and the
+  // input, skipping the few entries whose step flips a token's top-3 (L jumps there).
+  const FullMoe m = make_moe(41);
+  const int64_t T = 6;
+  const std::vector<float> x = random_floats(T * kH, 42), dout = random_floats(T * kH, 43);
+  std::vector<float> aux(kE);
+  for (int64_t e = 0; e < kE; ++e) aux[e] = 0.05f * float(e + 1);
+  const TrainGrads g = run_train(m, x, dout, aux, {T});
+  const float eps = 1e-2f;
+  std::vector<int32_t> chosen;  // the last loss() call's routing
+  auto loss = [&](const FullMoe& mm, const std::vector<float>& xx) {
+    MoeTrainLayer layer(kE, kH, kTopK, true, ShardSpec{kE, 0, kE}, ShardSpec{kF, 0, kF},
+                        comm::Group(), comm::Group());
+    TrainSlices sl(mm, ShardSpec{kE, 0, kE}, ShardSpec{kF, 0, kF});
+    MoeCache c;
+    std::vector<float> out(T * kH);
+    layer.forward(sl.w, xx.data(), T, c, out.data());
+    double l = 0;
+    for (int64_t i = 0; i < T * kH; ++i) l += double(dout[i]) * out[i];
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t e = 0; e < kE; ++e) l += double(aux[e]) * c.probs[t * kE + e];
+    chosen = c.experts;
+    return l;
+  };
+  loss(m, x);
+  const std::vector<int32_t> base = chosen;
+  int skipped = 0;
+  // Central difference of loss(plus) - loss(minus), or NAN when either flips the routing.
+  auto central = [&](double lp, const std::vector<int32_t>& rp, double lm) {
+    if (rp != base || chosen != base) return ++skipped, double(NAN);
+    return (lp - lm) / (2.0 * eps);
+  };
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < kE * kH; i += 7) {
+    FullMoe a = m, b = m;
+    for (FullMoe* f : {&a, &b}) {  // own copies of the router (a Tensor copy may share storage)
+      f->router = Tensor::empty(DType::F32, {kE, kH});
+      std::memcpy(f->router.data<float>(), m.router.data<float>(), kE * kH * sizeof(float));
+    }
+    a.router.data<float>()[i] += eps;
+    b.router.data<float>()[i] -= eps;
+    const double lp = loss(a, x);
+    const std::vector<int32_t> rp = chosen;
+    const double fd = central(lp, rp, loss(b, x));
+    if (std::isnan(fd)) continue;
+    num += (fd - g.router[i]) * (fd - g.router[i]);
+    den += fd * fd;
+  }
+  std::printf("router gradient vs central differences: relative %.3g\n", std::sqrt(num / den));
+  EXPECT_LT(std::sqrt(num / den), 2e-3);
+  num = den = 0;
+  for (int64_t i = 0; i < T * kH; i += 5) {
+    std::vector<float> a = x, b = x;
+    a[i] += eps, b[i] -= eps;
+    const double lp = loss(m, a);
+    const std::vector<int32_t> rp = chosen;
+    const double fd = central(lp, rp, loss(m, b));
+    if (std::isnan(fd)) continue;
+    num += (fd - g.dx[i]) * (fd - g.dx[i]);
+    den += fd * fd;
+  }
+  std::printf(
+      "input gradient vs central differences: relative %.3g (%d entries skipped: routing "
+      "flips)\n",
+      std::sqrt(num / den), skipped);
+  EXPECT_LT(std::sqrt(num / den), 2e-3);
+  EXPECT_LE(skipped, 8) << "too many routing flips for a meaningful check";
+  // Without the aux term the router's gradient changes (the term is not silently dropped).
+  const TrainGrads plain = run_train(m, x, dout, {}, {T});
+  EXPECT_GT(testing::rel_error(plain.router, g.router), 1e-2);
+}
+
+TEST(MoeTrainLayer, ExpertParallelBackwardMatchesOneRank) {
+  const FullMoe m = make_moe(51);
+  const int64_t T = 11;
+  const std::vector<float> x = random_floats(T * kH, 52), dout = random_floats(T * kH, 53);
+  std::vector<float> aux(kE, 0.01f);
+  const TrainGrads one = run_train(m, x, dout, aux, {T});
+  for (const auto& [counts, tp] : std::vector<std::pair<std::vector<int64_t>, int>>{
+           {{5, 6}, 1}, {{4, 0, 7}, 1}, {{3, 3, 0, 5}, 1}, {{6, 5}, 2}, {{T}, 2}}) {
+    const TrainGrads g = run_train(m, x, dout, aux, counts, tp);
+    const std::string what = cat("EP ", counts.size(), " TP ", tp);
+    EXPECT_LT(testing::rel_error(g.out, one.out), 1e-6) << what;
+    EXPECT_LT(testing::rel_error(g.dx, one.dx), 1e-5) << what;
+    EXPECT_LT(testing::rel_error(g.router, one.router), 1e-5) << what;
+    for (int64_t e = 0; e < kE; ++e) {
+      EXPECT_LT(testing::rel_error(g.w1[e], one.w1[e]), 1e-5) << what << " expert " << e;
+      EXPECT_LT(testing::rel_error(g.w2[e], one.w2[e]), 1e-5) << what << " expert " << e;
     }
   }
 }

@@ -22,6 +22,22 @@ if(PARALLM_HAVE_MPI)
   endforeach()
 endif()
 
+# Mixture-of-experts training with --ep under mpirun (tests/train/mpi_moe_train_check.sh).
+if(PARALLM_HAVE_MPI)
+  string(JOIN " " flags ${PARALLM_MPIRUN_FLAGS})
+  foreach(case "moe_ep2:2:--ep 2" "moe_tp2ep2:4:--tp 2 --ep 2")
+    string(REPLACE ":" ";" parts "${case}")
+    list(GET parts 0 name)
+    list(GET parts 1 np)
+    list(GET parts 2 layout)
+    add_test(NAME train_mpi_${name}
+             COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/train/mpi_moe_train_check.sh
+                     $<TARGET_FILE:parallm_bin> ${PARALLM_MPIRUN} "${flags}" ${np} "${layout}")
+    set_tests_properties(train_mpi_${name} PROPERTIES LABELS "mpi;train" TIMEOUT 300
+                         ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
+  endforeach()
+endif()
+
 # scripts/trace-timeline.py draws a real --trace (tests/train/trace_timeline_check.sh).
 add_test(NAME train_trace_timeline
          COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/train/trace_timeline_check.sh

@@ -49,7 +49,7 @@ int run(Options o) {
   if (o.warmup < 0) fail("bench", "--warmup must be >= 0, got ", o.warmup);
   // A pipeline needs micro-batches to fill it: 2 x pp per DP rank by default (a multiple of pp, as
   // the interleaved schedule needs).
-  if (t.global_batch == 0) t.global_batch = t.micro_batch * t.dp * (t.pp > 1 ? 2 * t.pp : 1);
+  if (t.global_batch == 0) t.global_batch = t.micro_batch * t.dp * t.ep * (t.pp > 1 ? 2 * t.pp : 1);
   t.steps = o.warmup + o.measure_steps;
   t.adamw.lr = 1e-4;
   t.adamw.schedule = "constant";
@@ -78,9 +78,10 @@ int run(Options o) {
                       static_cast<double>(config.q_dim()) * static_cast<double>(t.seq_len);
   const double flops_per_token = 6.0 * N + attn;
   std::printf(
-      "bench train: %s (%lld parameters), tp %d x pp %d x dp %d%s%s%s, %s, %d threads/rank\n",
+      "bench train: %s (%lld parameters), tp %d x pp %d x dp %d%s%s%s%s, %s, %d threads/rank\n",
       shown.c_str(), static_cast<long long>(r.param_count), t.tp, t.pp, t.dp,
-      t.zero ? " ZeRO-1" : "", t.sp && t.tp > 1 ? " SP" : "",
+      t.ep > 1 ? cat(" x ep ", t.ep).c_str() : "", t.zero ? " ZeRO-1" : "",
+      t.sp && t.tp > 1 ? " SP" : "",
       t.recompute != "none" ? cat(" recompute ", t.recompute).c_str() : "", t.dtype.c_str(),
       r.threads);
   if (t.pp > 1) std::printf("  pipeline            %s\n", r.schedule_name.c_str());
@@ -97,7 +98,7 @@ int run(Options o) {
               static_cast<long long>(config.num_hidden_layers),
               static_cast<long long>(config.q_dim()), static_cast<long long>(t.seq_len));
   std::printf("  GFLOP/s             %10.2f   (%.2f per thread)\n", tps * flops_per_token / 1e9,
-              tps * flops_per_token / 1e9 / (r.threads * t.tp * t.pp * t.dp));
+              tps * flops_per_token / 1e9 / (r.threads * t.tp * t.pp * t.dp * t.ep));
   std::printf("  optimizer bytes     %10.1f MB per rank (values, grads, m, v)\n",
               r.optimizer_bytes.empty() ? 0.0 : r.optimizer_bytes[0] / 1e6);
   if (t.pp > 1) {

@@ -1,5 +1,5 @@
 // The 3D-training flags `parallm train` and `parallm bench train` share: the pipeline (--pp,
-// --schedule, --virtual-stages, --pp-layers), --sp, --recompute and --trace.
+// --schedule, --virtual-stages, --pp-layers), --sp, --recompute, --ep and --trace.
 #pragma once
 
 #include <CLI/CLI.hpp>
@@ -59,6 +59,11 @@ inline void add_pipeline_flags(CLI::App& app, train::TrainOptions& o) {
                  "Activation recomputation: none (default), selective (the attention's softmax "
                  "probabilities), full (a layer's input only)")
       ->check(CLI::IsMember({"none", "selective", "full"}));
+  app.add_option("--ep", o.ep,
+                 "Expert parallelism for mixture-of-experts models (Mixtral): EP ranks are "
+                 "data-parallel ranks each computing E/EP experts, tokens exchanged by all-to-all "
+                 "(default 1; world size = tp x pp x dp x ep)")
+      ->check(CLI::PositiveNumber);
   app.add_option("--trace", o.trace,
                  "Write a Chrome trace (JSON) of every rank: F, B, W, sends and receives per "
                  "stage, layers and collectives");

@@ -209,6 +209,13 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
         fail("config", source, ": ", field, " true is not supported for model_type \"",
              c.model_type, "\" (the biases would be ignored)");
   }
+  if (c.is_moe() && j.contains("router_aux_loss_coef")) {
+    c.router_aux_loss_coef =
+        get_num(j["router_aux_loss_coef"], "router_aux_loss_coef", source);
+    if (!(c.router_aux_loss_coef >= 0) || !std::isfinite(c.router_aux_loss_coef))
+      fail("config", source, ": router_aux_loss_coef must be a finite number >= 0, got ",
+           c.router_aux_loss_coef);
+  }
   if (j.contains("rope_interleaved") && j["rope_interleaved"].is_boolean())
     c.rope_interleaved = j["rope_interleaved"].get<bool>();
   c.validate(source);
@@ -264,9 +271,11 @@ json ModelConfig::to_json() const {
     j["decoder_sparse_step"] = decoder_sparse_step;
     j["mlp_only_layers"] = mlp_only_layers;
     j["use_sliding_window"] = false;
+    j["router_aux_loss_coef"] = router_aux_loss_coef;
   } else if (is_moe()) {
     j["num_local_experts"] = num_local_experts;
     j["num_experts_per_tok"] = num_experts_per_tok;
+    j["router_aux_loss_coef"] = router_aux_loss_coef;
   }
   return j;
 }

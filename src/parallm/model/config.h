@@ -50,6 +50,9 @@ struct ModelConfig {
   int64_t num_local_experts = 0;
   int64_t num_experts_per_tok = 0;
   bool norm_topk_prob = true;  // the top-k weights renormalised to sum to 1 (Mixtral: always)
+  // Training: the weight of the load-balancing auxiliary loss (Hugging Face's default 0.001; 0
+  // turns it off). Not used by inference.
+  double router_aux_loss_coef = 0.001;
   // qwen2_moe: the experts' FFN width, the shared expert's (0: none), which layers are sparse
   // (layer i when (i + 1) % decoder_sparse_step == 0 and i is not in mlp_only_layers; the others
   // are dense MLPs of intermediate_size), and the q/k/v projections' biases.

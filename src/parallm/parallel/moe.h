@@ -48,8 +48,10 @@ namespace parallm::parallel {
 // The router alone, row by row (independent of how many rows a call holds): xn [T, H], router
 // [E, H] f32 -> experts [T, k] (descending weight) and weights [T, k] (renormalised to sum to 1
 // when `renormalize`).
+// probs (when not null): [T, E], every token's softmax over all E (what training's backward and
+// the load-balancing loss need).
 void moe_route(const float* xn, int64_t T, const float* router, int64_t E, int64_t H, int k,
-               bool renormalize, int32_t* experts, float* weights);
+               bool renormalize, int32_t* experts, float* weights, float* probs = nullptr);
 
 // Per-call counts, for statistics and tests.
 struct MoeCallStats {
@@ -99,6 +101,82 @@ class MoeLayer {
   comm::Group ep_, tp_;
   // Mutable: forward() is const, and the counters are this rank's thread's alone.
   mutable std::vector<int64_t> expert_rows_, rows_sent_;
+};
+
+// ---- Training (docs/moe.md, "Training") ----
+//
+// The weights of one MoE layer as views of a parameter store (train/params.h keeps w1, w3, w2
+// apart, as the checkpoint does): router [E, H]; per local expert (experts.begin + i) this TP
+// rank's w1 and w3 rows [fl, H] and w2 columns [H, fl]. The gradients in the same shapes.
+struct MoeTrainWeights {
+  const float* router = nullptr;
+  std::vector<const float*> w1, w3, w2;
+};
+struct MoeTrainGrads {
+  float* router = nullptr;
+  std::vector<float*> w1, w3, w2;
+};
+
+// What MoeTrainLayer::forward keeps for its backward (caller-owned, reused). T tokens of this EP
+// rank, R rows it received (one per (token, choice) routed to its experts), fl = ffn.size().
+struct MoeCache {
+  std::vector<float> probs;                   // [T, E] the router's softmax
+  std::vector<int32_t> experts;               // [T, k] chosen experts, descending weight
+  std::vector<float> weights;                 // [T, k] their routing weights
+  std::vector<int64_t> send_rows, recv_rows;  // per EP rank
+  std::vector<int64_t> slot;                  // [T, k]: the row's place in the send buffer
+  std::vector<float> recv;                    // [R, H + 2]: x | weight | expert id, as received
+  std::vector<int64_t> order;                 // [R]: received rows grouped by local expert
+  std::vector<int64_t> per_expert;            // rows of each local expert (in `order`)
+  std::vector<float> gu;                      // [R, 2 fl] gate | up, in `order`
+  std::vector<float> h;                       // [R, fl] silu(gate) * up, in `order`
+  std::vector<float> y;                       // [R, H] expert outputs (TP-summed), arrival order
+  int64_t floats() const {
+    return static_cast<int64_t>(probs.size() + weights.size() + recv.size() + gu.size() + h.size() +
+                                y.size());
+  }
+};
+
+// Mixtral's MoE block with a backward, for training. Each EP rank holds its own tokens (EP ranks
+// are data-parallel ranks) and experts `experts` (expert_range); the TP ranks of an EP rank hold
+// the same tokens and split every expert's FFN (`ffn`). forward is forward_tokens' dispatch;
+// backward runs the same exchanges in reverse:
+//   1. the output gradient of each (token, choice) goes to the expert's rank (all-to-all-v of the
+//      forward's counts);
+//   2. there: dweight = dout . y (y the expert's unweighted output), dy = weight * dout, the
+//      expert's SwiGLU backward (weight gradients added; the input gradient's TP partial sums
+//      all-reduced over TP at once, as a column-parallel layer's);
+//   3. each row's input gradient and dweight return by the reverse all-to-all-v;
+//   4. the router's backward on the token's rank: through the renormalisation
+//      (w_j = p_j / s, s = sum of the k chosen p: dp_j = (dw_j - sum_i w_i dw_i) / s), plus the
+//      load-balancing loss's dp_e = aux_dprob[e] for every expert, then the softmax
+//      (dl_e = p_e (dp_e - sum_i p_i dp_i)); dWg += dl^T xn, dxn += dl . Wg.
+// Every rank enters every collective, also with no tokens or rows.
+class MoeTrainLayer {
+ public:
+  MoeTrainLayer() = default;
+  MoeTrainLayer(int64_t num_experts, int64_t hidden, int top_k, bool renormalize, ShardSpec experts,
+                ShardSpec ffn, comm::Group ep, comm::Group tp);
+
+  // xn [T, hidden] -> out [T, hidden] (overwritten), the same on every TP rank.
+  void forward(const MoeTrainWeights& w, const float* xn, int64_t T, MoeCache& cache,
+               float* out) const;
+  // dout [T, hidden] -> dxn [T, hidden] (overwritten); the weight gradients added into g.
+  // aux_dprob [E] (or null): the gradient of the loss with respect to every token's router
+  // probability of expert e (the load-balancing loss's, the same for every token).
+  void backward(const MoeTrainWeights& w, const float* xn, const MoeCache& cache, const float* dout,
+                int64_t T, const float* aux_dprob, float* dxn, const MoeTrainGrads& g) const;
+
+  int64_t num_experts() const { return E_; }
+  int top_k() const { return k_; }
+  const ShardSpec& experts() const { return experts_; }
+
+ private:
+  int64_t E_ = 0, H_ = 0;
+  int k_ = 0;
+  bool renormalize_ = true;
+  ShardSpec experts_, ffn_;
+  comm::Group ep_, tp_;
 };
 
 }  // namespace parallm::parallel

@@ -266,7 +266,7 @@ void check_save_target(const std::string& dir, const std::string& flag) {
 
 void save_checkpoint(const std::string& dir, const ModelConfig& config, ParamStore& params,
                      DataParallel& dp, const comm::Mesh& mesh, const CheckpointInfo& state,
-                     const std::vector<std::string>& tokenizer_files) {
+                     const std::vector<std::string>& tokenizer_files, DataParallel* experts) {
   if (params.tp() != mesh.tp_size() || params.tp_rank() != mesh.tp_rank())
     fail("checkpoint", "save: parameters laid out for TP rank ", params.tp_rank(), " of ",
          params.tp(), " on mesh TP rank ", mesh.tp_rank(), " of ", mesh.tp_size());
@@ -274,25 +274,31 @@ void save_checkpoint(const std::string& dir, const ModelConfig& config, ParamSto
   // thread), then every tensor of this stage whole over TP on DP rank 0.
   std::vector<float> m_full(static_cast<size_t>(params.size())), v_full(m_full.size());
   dp.gather_state(m_full.data(), v_full.data());
+  if (experts != nullptr) experts->gather_state(m_full.data(), v_full.data());
+  // Under EP the first EP block (DP ranks [0, EP)) holds every expert once.
+  const int ep = mesh.ep_size();
   StagePart mine;
-  if (mesh.dp_rank() == 0) {
+  if (mesh.dp_rank() < ep) {
     NamedTensors w = gather_full_tensors(params, mesh.tp(), false);
     // m and v as the values and gradients of a store with the stage's layout, to gather them
     // the same way.
-    ParamStore moments(params.config(), params.tp(), params.tp_rank(), params.stage());
+    ParamStore moments(params.config(), params.tp(), params.tp_rank(), params.stage(), params.ep(),
+                       params.ep_rank());
     std::copy(m_full.begin(), m_full.end(), moments.values());
     std::copy(v_full.begin(), v_full.end(), moments.grads());
     NamedTensors m = gather_full_tensors(moments, mesh.tp(), false);
     NamedTensors v = gather_full_tensors(moments, mesh.tp(), true);
     // The tied head copy of the last stage is the first stage's embedding: written once, from
     // the first stage (its values and moments equal it when the trainer keeps them tied).
+    // EP ranks past 0 send their experts only (EP rank 0 the rest).
     for (size_t i = 0; i < w.size(); ++i) {
       if (params.params()[i].tied_copy) continue;
+      if (params.ep_rank() > 0 && !params.params()[i].expert) continue;
       mine.weights.push_back(std::move(w[i]));
       mine.m.push_back(std::move(m[i]));
       mine.v.push_back(std::move(v[i]));
     }
-    mine.meta = stage_meta(params);
+    if (params.ep_rank() == 0) mine.meta = stage_meta(params);
   }
   m_full = {};
   v_full = {};
@@ -300,9 +306,16 @@ void save_checkpoint(const std::string& dir, const ModelConfig& config, ParamSto
   // is world rank 0: stage 0).
   NamedTensors weights, optim;
   nlohmann::json layout;
-  if (mesh.tp_rank() == 0 && mesh.dp_rank() == 0) {
+  if (mesh.tp_rank() == 0 && mesh.dp_rank() < ep) {
     std::vector<StagePart> parts;
-    if (mesh.pp_size() > 1) {
+    if (ep > 1) {  // PP 1: the EP ranks' experts to EP rank 0 (world rank 0)
+      std::vector<std::string> all = comm::gather_strings(mesh.ep(), pack(mine));
+      mine = {};
+      for (size_t s = 0; s < all.size(); ++s) {
+        parts.push_back(unpack(all[s], static_cast<int>(s)));
+        all[s] = {};
+      }
+    } else if (mesh.pp_size() > 1) {
       std::vector<std::string> all = comm::gather_strings(mesh.pp(), pack(mine));
       mine = {};
       for (size_t s = 0; s < all.size(); ++s) {
@@ -317,12 +330,14 @@ void save_checkpoint(const std::string& dir, const ModelConfig& config, ParamSto
       int virtual_stages = 1;
       nlohmann::json stage_layers = nlohmann::json::array();
       for (const StagePart& p : parts) {
+        if (p.meta.is_null()) continue;  // an EP rank's experts
         virtual_stages = std::max(virtual_stages, static_cast<int>(p.meta["layers"].size()));
         stage_layers.push_back(p.meta["layers"]);
       }
       layout = {{"tp", mesh.tp_size()},
                 {"pp", mesh.pp_size()},
-                {"dp", mesh.dp_size()},
+                {"dp", mesh.dp_size() / mesh.ep_size()},
+                {"ep", mesh.ep_size()},
                 {"zero", dp.zero() ? 1 : 0},
                 {"virtual_stages", virtual_stages},
                 {"stage_layers", stage_layers}};
@@ -370,7 +385,7 @@ void save_checkpoint(const std::string& dir, const ModelConfig& config, ParamSto
 }
 
 void load_checkpoint(const std::string& dir, const ModelConfig& config, ParamStore& params,
-                     DataParallel& dp, int tp, int tp_rank) {
+                     DataParallel& dp, int tp, int tp_rank, DataParallel* experts) {
   if (tp != params.tp() || tp_rank != params.tp_rank())
     fail("checkpoint", "load: TP rank ", tp_rank, " of ", tp,
          " given parameters laid out for TP rank ", params.tp_rank(), " of ", params.tp());
@@ -379,7 +394,7 @@ void load_checkpoint(const std::string& dir, const ModelConfig& config, ParamSto
   // embedding, and so do its m and v.
   params.load(*open_safetensors((d / "model.safetensors").string()));
   const auto source = open_safetensors((d / "optimizer.safetensors").string());
-  ParamStore moments(config, tp, tp_rank, params.stage());
+  ParamStore moments(config, tp, tp_rank, params.stage(), params.ep(), params.ep_rank());
   if (moments.size() != params.size())
     fail("checkpoint", "load: the optimizer layout holds ", moments.size(), " floats, the values ",
          params.size(), " (config differs from the parameters')");
@@ -387,6 +402,7 @@ void load_checkpoint(const std::string& dir, const ModelConfig& config, ParamSto
   std::vector<float> m_full(moments.values(), moments.values() + moments.size());
   moments.load(PrefixSource(*source, kExpAvgSq));
   dp.scatter_state(m_full.data(), moments.values());
+  if (experts != nullptr) experts->scatter_state(m_full.data(), moments.values());
 }
 
 }  // namespace parallm::train

@@ -65,15 +65,20 @@ void check_save_target(const std::string& dir, const std::string& flag);
 // tokenizer.model / tokenizer.json. Threads: the TP, PP and world groups are called from the
 // calling thread (the rank's, which owns them), the DP group only through
 // DataParallel::run_on_comm.
+// Expert parallelism (mesh EP > 1, PP 1): `experts` is the reducer of the experts' range (dp
+// then holds the rest); the first EP block's ranks gather their tensors over TP, and its EP
+// ranks send their experts to EP rank 0 (world rank 0), so the files hold every expert whole.
 void save_checkpoint(const std::string& dir, const ModelConfig& config, ParamStore& params,
                      DataParallel& dp, const comm::Mesh& mesh, const CheckpointInfo& state,
-                     const std::vector<std::string>& tokenizer_files);
+                     const std::vector<std::string>& tokenizer_files,
+                     DataParallel* experts = nullptr);
 
 // Per rank (no communication): this rank's slices of the values of the tensors its stage holds
 // (params.stage(); a tied head copy reads the embedding), and of their m and v, from `dir`,
 // whatever layout wrote it. `tp` and `tp_rank` must be the ParamStore's (std::invalid_argument
-// otherwise); dp must be built over `params`' layout.
+// otherwise); dp must be built over `params`' layout (with `experts`: dp over all but the
+// experts' range, `experts` over it). Under EP a rank reads only its experts.
 void load_checkpoint(const std::string& dir, const ModelConfig& config, ParamStore& params,
-                     DataParallel& dp, int tp, int tp_rank);
+                     DataParallel& dp, int tp, int tp_rank, DataParallel* experts = nullptr);
 
 }  // namespace parallm::train

@@ -42,7 +42,9 @@ DataParallel::DataParallel(std::vector<Param> params, int64_t size, float* value
     Bucket b;
     b.first_param = i;
     b.last_param = last;
-    b.begin = i == 0 ? 0 : params_[i].offset;
+    // The first bucket starts at the first parameter's offset (0 for a whole store; the experts'
+    // range when this reducer holds the experts alone).
+    b.begin = params_[i].offset;
     b.end = end;
     b.chunk = (b.end - b.begin + dp_size_ - 1) / dp_size_;
     for (int k = i; k <= last; ++k) bucket_of_param_[k] = static_cast<int>(buckets_.size());
@@ -277,8 +279,10 @@ void DataParallel::step(const AdamWConfig& c, double lr, int64_t t, float grad_s
 }
 
 void DataParallel::gather_state(float* m_full, float* v_full) {
-  std::fill(m_full, m_full + size_, 0.0f);
-  std::fill(v_full, v_full + size_, 0.0f);
+  // Only this reducer's range: another reducer may hold the rest of the same buffers.
+  const int64_t lo = params_.empty() ? 0 : params_.front().offset;
+  std::fill(m_full + lo, m_full + size_, 0.0f);
+  std::fill(v_full + lo, v_full + size_, 0.0f);
   for (const OwnedSegment& s : owned_) {
     std::memcpy(m_full + s.begin, m_.data() + s.state, static_cast<size_t>(s.end - s.begin) * 4);
     std::memcpy(v_full + s.begin, v_.data() + s.state, static_cast<size_t>(s.end - s.begin) * 4);

@@ -62,7 +62,8 @@ class DataParallel {
     int64_t chunk = 0;                    // ZeRO: ceil((end - begin) / DP)
   };
 
-  // `params`: the layout (ParamStore::params(), offsets into buffers of `size` floats); `values`
+  // `params`: the layout (ParamStore::params(), offsets into buffers of `size` floats; or a run of
+  // them covering [first offset, size), as the MoE experts' reducer takes); `values`
   // and `grads`: the flat buffers (not owned; they outlive this object). `dp`: given to the
   // communication thread, which owns it from now on: the caller must not call through it again.
   DataParallel(std::vector<Param> params, int64_t size, float* values, float* grads, comm::Group dp,

@@ -17,6 +17,7 @@
 #include "parallm/parallel/lm_head.h"
 #include "parallm/parallel/mappings.h"
 #include "parallm/parallel/mlp.h"
+#include "parallm/parallel/moe.h"
 #include "parallm/parallel/shard.h"
 
 namespace parallm::train {
@@ -73,6 +74,10 @@ struct LayerParams {
   const Param* gate = nullptr;
   const Param* up = nullptr;
   const Param* down = nullptr;
+  // MoE layers (gate/up/down null): the router and this EP rank's experts' w1, w2, w3.
+  const Param* router = nullptr;
+  std::vector<const Param*> w1, w2, w3;
+  bool moe() const { return router != nullptr; }
 };
 
 void resize(std::vector<float>& v, int64_t n) {
@@ -89,6 +94,7 @@ struct LayerState {
   std::vector<float> xn2, rstd2;  // post_attention_layernorm's
   parallel::AttentionCache attn;  // its scratch is lent (Impl::lend_scratch), never held
   parallel::MlpCache mlp;
+  parallel::MoeCache moe;
 
   // Floats of the vectors counted as held activations (model.h's ActivationStats).
   int64_t floats() const {
@@ -96,7 +102,7 @@ struct LayerState {
         x.size() + xn1.size() + rstd1.size() + x2.size() + xn2.size() + rstd2.size() +
         attn.q.size() + attn.k.size() + attn.v.size() + attn.probs.size() + attn.attn.size() +
         attn.wgrad_dqkv.size() + attn.wgrad_dout.size() + mlp.gu.size() + mlp.h.size() +
-        mlp.wgrad_dgu.size() + mlp.wgrad_dout.size());
+        mlp.wgrad_dgu.size() + mlp.wgrad_dout.size()) + moe.floats();
   }
   // After ZB's B: drop what only B needed (sizes to 0, capacity kept for the next micro-batch).
   void keep_for_weights() {
@@ -123,6 +129,13 @@ struct ChunkState {
   std::vector<float> xlast, xf, rstdf;  // the head's chunk: the final norm's input, output, 1/rms
   std::vector<float> dlogits;           // the head's chunk: [T, V_local], computed in the forward
   std::vector<float> demb;  // ZB, the embedding's chunk: the embedding output's gradient [R, H]
+  // MoE: the load-balancing loss's counts over the chunk's MoE layers (per expert: the tokens
+  // whose top-k holds it, the sum of its router probability), the loss, and its gradient with
+  // respect to every router probability [E].
+  std::vector<double> moe_count, moe_psum;
+  int64_t moe_layers = 0;
+  double aux = 0;
+  std::vector<float> aux_dprob;
   int64_t bytes = 0;        // counted in ActivationStats while held
 
   int64_t floats() const {
@@ -152,6 +165,7 @@ struct TrainModel::Impl {
   ParamStore& params;
   comm::Group tp;
   TrainModelOptions options;
+  comm::Group ep;                 // options.ep
   parallel::TrainMode lmode;      // what the layers run: options.mode with the recompute choice
   bool sp = false;                // sequence parallelism in effect (TP > 1)
   bool defer = false;             // ZB's B/W split
@@ -168,7 +182,12 @@ struct TrainModel::Impl {
 
   parallel::VocabParallelEmbedding embed;
   std::vector<parallel::ParallelAttention> attn;
-  std::vector<parallel::ParallelMlp> mlp;
+  std::vector<parallel::ParallelMlp> mlp;  // per slot (default-constructed on MoE layers)
+  std::vector<parallel::MoeTrainLayer> moe;  // per slot (default-constructed on dense layers)
+  std::vector<parallel::MoeTrainWeights> moe_w;
+  std::vector<parallel::MoeTrainGrads> moe_g;
+  const float* aux_dprob = nullptr;  // the backward's chunk state's (null: no aux gradient)
+  double last_aux = 0;
   parallel::VocabParallelLmHead head;
 
   std::vector<Chunk> chunks;
@@ -255,6 +274,9 @@ void TrainModel::Impl::build() {
   if (params.tp() != size || params.tp_rank() != rank)
     fail("train", "parameters laid out for TP rank ", params.tp_rank(), " of ", params.tp(),
          " given to TP rank ", rank, " of ", size);
+  if (params.ep() != options.ep.size() || params.ep_rank() != options.ep.rank())
+    fail("train", "parameters laid out for EP rank ", params.ep_rank(), " of ", params.ep(),
+         " given to EP rank ", options.ep.rank(), " of ", options.ep.size());
   if (options.compute != DType::F32 && options.compute != DType::BF16)
     fail("train", "compute dtype ", dtype_name(options.compute), " is not supported (f32, bf16)");
   if (options.compute == DType::BF16) {
@@ -270,6 +292,25 @@ void TrainModel::Impl::build() {
   const parallel::ShardSpec ffn = parallel::ShardSpec::even(c.intermediate_size, size, rank);
   vocab = parallel::ShardSpec::even(c.vocab_size, size, rank);
   const int64_t H = c.hidden_size, hd = c.head_dim, L = c.num_hidden_layers;
+  ep = options.ep;
+  if (c.is_moe()) {
+    if (c.is_qwen2_moe())
+      fail("train", "model_type qwen2_moe cannot be trained (its shared expert and q/k/v biases "
+                    "have no backward here); Mixtral-style models can");
+    if (sp)
+      fail("train", "--sp with a mixture-of-experts model is not supported (the MoE layer takes "
+                    "every token of its TP group)");
+    if (defer)
+      fail("train", "the zero-bubble split (--schedule zb-h1) with a mixture-of-experts model is "
+                    "not supported");
+    if (options.chunks.size() > 1 || !options.has_embedding || !options.has_head)
+      fail("train", "pipeline parallelism with a mixture-of-experts model is not supported "
+                    "(the load-balancing loss sums over every layer of a micro-batch)");
+    if (std::string why = parallel::moe_ep_problem(c.num_local_experts, ep.size()); !why.empty())
+      fail("train", "--ep ", ep.size(), ": ", why);
+  } else if (ep.size() > 1) {
+    fail("train", "--ep ", ep.size(), " needs a mixture-of-experts model; this one is dense");
+  }
 
   std::vector<pipeline::StageLayers> ranges = options.chunks;
   if (ranges.empty()) ranges.push_back({0, L});
@@ -307,22 +348,60 @@ void TrainModel::Impl::build() {
       if (!stage.holds_layer(l))
         fail("train", "layer ", l, " of chunk ", i,
              " is not in the parameter store's stage (build it with stage_tensors(options))");
-      auto f = [&](const char* suffix) { return &params.find(names::layer(l, suffix)); };
-      LayerParams p{f("input_layernorm.weight"),  f("self_attn.q_proj.weight"),
-                    f("self_attn.k_proj.weight"), f("self_attn.v_proj.weight"),
-                    f("self_attn.o_proj.weight"), f("post_attention_layernorm.weight"),
-                    f("mlp.gate_proj.weight"),    f("mlp.up_proj.weight"),
-                    f("mlp.down_proj.weight")};
+      auto f = [&](const std::string& suffix) { return &params.find(names::layer(l, suffix)); };
+      const bool sparse = c.layer_is_moe(l);
+      LayerParams p{f("input_layernorm.weight"),
+                    f("self_attn.q_proj.weight"),
+                    f("self_attn.k_proj.weight"),
+                    f("self_attn.v_proj.weight"),
+                    f("self_attn.o_proj.weight"),
+                    f("post_attention_layernorm.weight"),
+                    sparse ? nullptr : f("mlp.gate_proj.weight"),
+                    sparse ? nullptr : f("mlp.up_proj.weight"),
+                    sparse ? nullptr : f("mlp.down_proj.weight")};
       // The fused layers view q|k|v and gate|up as one matrix: params.h keeps each group
       // contiguous.
       if (p.k->offset != p.q->offset + p.q->numel || p.v->offset != p.k->offset + p.k->numel ||
-          p.up->offset != p.gate->offset + p.gate->numel)
+          (!sparse && p.up->offset != p.gate->offset + p.gate->numel))
         fail("train", "layer ", l, ": q/k/v or gate/up are not contiguous in the parameter buffer");
       const int64_t qkv_rows = p.q->local_shape[0] + p.k->local_shape[0] + p.v->local_shape[0];
       attn.emplace_back(view(*p.q, {qkv_rows, H}), view(*p.o, p.o->local_shape), heads, hd, rope,
                         tp);
-      mlp.emplace_back(view(*p.gate, {2 * ffn.size(), H}), view(*p.down, p.down->local_shape), ffn,
-                       tp);
+      if (sparse) {
+        const parallel::ShardSpec mine =
+            parallel::expert_range(c.num_local_experts, ep.size(), ep.rank());
+        p.router = f("block_sparse_moe.gate.weight");
+        for (int64_t e = mine.begin; e < mine.end; ++e) {
+          const std::string ex = cat("block_sparse_moe.experts.", e, ".");
+          p.w1.push_back(f(ex + "w1.weight"));
+          p.w2.push_back(f(ex + "w2.weight"));
+          p.w3.push_back(f(ex + "w3.weight"));
+        }
+        const parallel::ShardSpec effn = parallel::ShardSpec::even(c.expert_ffn(), size, rank);
+        moe.emplace_back(c.num_local_experts, H, static_cast<int>(c.num_experts_per_tok),
+                         c.norm_topk_prob, mine, effn, ep, tp);
+        parallel::MoeTrainWeights mw;
+        parallel::MoeTrainGrads mg;
+        mw.router = weights_base() + p.router->offset;
+        mg.router = grad(p.router);
+        for (size_t e = 0; e < p.w1.size(); ++e) {
+          mw.w1.push_back(weights_base() + p.w1[e]->offset);
+          mw.w2.push_back(weights_base() + p.w2[e]->offset);
+          mw.w3.push_back(weights_base() + p.w3[e]->offset);
+          mg.w1.push_back(grad(p.w1[e]));
+          mg.w2.push_back(grad(p.w2[e]));
+          mg.w3.push_back(grad(p.w3[e]));
+        }
+        moe_w.push_back(std::move(mw));
+        moe_g.push_back(std::move(mg));
+        mlp.emplace_back();
+      } else {
+        mlp.emplace_back(view(*p.gate, {2 * ffn.size(), H}), view(*p.down, p.down->local_shape),
+                         ffn, tp);
+        moe.emplace_back();
+        moe_w.emplace_back();
+        moe_g.emplace_back();
+      }
       lp.push_back(p);
     }
   }
@@ -437,7 +516,10 @@ void TrainModel::Impl::layer_forward(int64_t slot, const float* x, LayerState& w
   for (int64_t i = 0; i < R * H; ++i) w.x2[i] = x[i] + tmp[i];
   kernels::rmsnorm_forward(w.x2.data(), value(p.post_norm), R, H, eps, w.xn2.data(),
                            w.rstd2.data());
-  mlp[slot].forward_train(w.xn2.data(), T, w.mlp, tmp.data(), lmode);
+  if (p.moe())
+    moe[slot].forward(moe_w[slot], w.xn2.data(), T, w.moe, tmp.data());
+  else
+    mlp[slot].forward_train(w.xn2.data(), T, w.mlp, tmp.data(), lmode);
   lend_scratch(w);  // back
   if (next != nullptr)
     for (int64_t i = 0; i < R * H; ++i) next[i] = w.x2[i] + tmp[i];
@@ -448,14 +530,23 @@ void TrainModel::Impl::layer_backward(int64_t slot, const float* x, LayerState& 
   const int64_t T = B * S, R = rows(T);
   const LayerParams& p = lp[slot];
   // ZB's B: the matrices' gradients wait for layer_weights(); the hooks fire there.
-  float* dgu = defer ? nullptr : grad(p.gate);
-  float* ddown = defer ? nullptr : grad(p.down);
+  float* dgu = defer || p.moe() ? nullptr : grad(p.gate);
+  float* ddown = defer || p.moe() ? nullptr : grad(p.down);
   float* dqkv = defer ? nullptr : grad(p.q);
   float* d_o = defer ? nullptr : grad(p.o);
   const bool fire = last && !defer;
   lend_scratch(w);
-  mlp[slot].backward(w.xn2.data(), w.mlp, dx.data(), T, dxn.data(), dgu, ddown, lmode);
-  if (fire) ready(p.down), ready(p.gate), ready(p.up);
+  if (p.moe()) {
+    moe[slot].backward(moe_w[slot], w.xn2.data(), w.moe, dx.data(), T, aux_dprob, dxn.data(),
+                       moe_g[slot]);
+    if (fire) {
+      ready(p.router);
+      for (size_t e = 0; e < p.w1.size(); ++e) ready(p.w1[e]), ready(p.w2[e]), ready(p.w3[e]);
+    }
+  } else {
+    mlp[slot].backward(w.xn2.data(), w.mlp, dx.data(), T, dxn.data(), dgu, ddown, lmode);
+    if (fire) ready(p.down), ready(p.gate), ready(p.up);
+  }
   norm_backward(w.x2.data(), p.post_norm, w.rstd2.data(), dxn.data(), R, dx.data(), true);
   if (fire) ready(p.post_norm);
   attn[slot].backward(w.xn1.data(), w.attn, dx.data(), B, S, dxn.data(), dqkv, d_o, lmode);
@@ -503,11 +594,41 @@ double TrainModel::Impl::forward(int mb, int c, const int32_t* inputs, const int
   } else {
     std::memcpy(first, x_in, static_cast<size_t>(R * H) * sizeof(float));
   }
+  const int64_t E = config.num_local_experts;
+  s.moe_count.assign(static_cast<size_t>(E), 0.0);
+  s.moe_psum.assign(static_cast<size_t>(E), 0.0);
+  s.moe_layers = 0;
   for (int64_t i = 0; i < n; ++i) {
     LayerState& l = s.layers[i];
     float* next = i + 1 < n ? s.layers[i + 1].x.data() : out;
-    layer_forward(ch.slot + i, l.x.data(), full ? rerun : l, B, S, next);
+    LayerState& w = full ? rerun : l;
+    layer_forward(ch.slot + i, l.x.data(), w, B, S, next);
+    if (lp[ch.slot + i].moe()) {
+      // The load-balancing loss's counts (Hugging Face: over the concatenation of every MoE
+      // layer's router logits).
+      ++s.moe_layers;
+      for (int32_t e : w.moe.experts) s.moe_count[e] += 1.0;
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t e = 0; e < E; ++e) s.moe_psum[e] += w.moe.probs[t * E + e];
+    }
   }
+  s.aux = 0;
+  s.aux_dprob.clear();
+  if (s.moe_layers > 0 && T > 0) {
+    // aux = E * sum_e (C_e / N) (Psum_e / N); d aux / d p_{t,e} = E * C_e / N^2 for every token
+    // of every MoE layer (f is counted, not differentiated).
+    const double N = static_cast<double>(s.moe_layers * T);
+    for (int64_t e = 0; e < E; ++e) s.aux += s.moe_count[e] * s.moe_psum[e];
+    s.aux *= static_cast<double>(E) / (N * N);
+    const double coef = config.router_aux_loss_coef * options.aux_scale;
+    if (coef != 0) {
+      s.aux_dprob.resize(static_cast<size_t>(E));
+      for (int64_t e = 0; e < E; ++e)
+        s.aux_dprob[e] = static_cast<float>(coef * static_cast<double>(E) * s.moe_count[e] /
+                                            (N * N));
+    }
+  }
+  last_aux = s.aux;
   double loss = 0;
   if (ch.head) {
     kernels::rmsnorm_forward(s.xlast.data(), value(norm_p), R, H, eps, s.xf.data(),
@@ -553,6 +674,7 @@ void TrainModel::Impl::backward(int mb, int c, const float* dy, float* dx_out, b
   } else {
     std::memcpy(dx.data(), dy, static_cast<size_t>(R * H) * sizeof(float));
   }
+  aux_dprob = s.aux_dprob.empty() ? nullptr : s.aux_dprob.data();
   for (int64_t i = ch.end - ch.begin - 1; i >= 0; --i) {
     LayerState& l = s.layers[i];
     // Full recomputation: the layer's forward again from its kept input, into the scratch.
@@ -663,6 +785,10 @@ double TrainModel::forward_backward(const int32_t* inputs, const int32_t* target
       impl_->forward(kSoloKey, 0, inputs, targets, B, S, grad_scale, nullptr, nullptr, true);
   impl_->backward(kSoloKey, 0, nullptr, nullptr, true);
   return loss;
+}
+
+double TrainModel::last_aux_loss() const {
+  return impl_->last_aux;
 }
 
 double TrainModel::loss(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t S) {
@@ -800,7 +926,8 @@ std::vector<std::pair<std::string, Tensor>> gather_full_tensors(const ParamStore
   data[0] = mine;
   for (int r = 1; r < tp.size(); ++r) {
     int64_t size = 0;
-    layouts[r] = param_layout(params.config(), tp.size(), r, &size, params.stage());
+    layouts[r] = param_layout(params.config(), tp.size(), r, &size, params.stage(), params.ep(),
+                              params.ep_rank());
     if (all[r].size() != static_cast<size_t>(size) * sizeof(float))
       fail("train", "gather_full_tensors: TP rank ", r, " sent ", all[r].size(),
            " bytes, its layout holds ", size * 4);
@@ -866,7 +993,9 @@ void init_params(ParamStore& params, const ModelConfig& config, uint64_t seed) {
       continue;
     }
     const double std =
-        ends_with(p.tensor.name, "o_proj.weight") || ends_with(p.tensor.name, "down_proj.weight")
+        ends_with(p.tensor.name, "o_proj.weight") ||
+                ends_with(p.tensor.name, "down_proj.weight") ||
+                ends_with(p.tensor.name, "w2.weight")
             ? small
             : 0.02;
     const uint64_t key = splitmix64(seed) ^ splitmix64(0x5eed0000ULL + index);

@@ -59,6 +59,16 @@ struct TrainModelOptions {
   // recomputation is `recompute` (it sets the layers' recompute_probs).
   parallel::TrainMode mode;
   Recompute recompute = Recompute::None;
+  // Mixture of experts (Mixtral): the expert-parallel group (the EP ranks are data-parallel ranks
+  // of the same TP rank, each with its own micro-batches; docs/moe.md "Training"). Size 1: every
+  // expert here. The parameter store holds every expert's tensors on every EP rank; a rank
+  // computes (and adds gradients to) only its experts [expert_range(E, ep, rank)).
+  comm::Group ep;
+  // The weight of a micro-batch's load-balancing loss in the step's loss, before
+  // router_aux_loss_coef: 1 / (micro-batches in the global batch), so the step adds the mean of
+  // the micro-batches' aux losses, as gradient accumulation over Hugging Face's per-forward loss
+  // does.
+  double aux_scale = 1.0;
 };
 
 // The layer ranges and embedding/head flags of pipeline rank `pp_rank` of `pp` with `v` chunks
@@ -88,6 +98,13 @@ class TrainModel {
   // Throws std::invalid_argument naming the id when an input or target is outside the vocabulary.
   double forward_backward(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t S,
                           float grad_scale);
+
+  // MoE: the load-balancing loss of the last forward (its micro-batch, every MoE layer of the
+  // chunk), as Hugging Face's load_balancing_loss_func computes it over the concatenated router
+  // logits: E * sum_e f_e P_e, f_e = (tokens whose top-k holds e) / N, P_e = (sum of p_e over
+  // the tokens) / N, N = tokens x MoE layers; before router_aux_loss_coef. 0 for a dense model.
+  // Its gradient (scaled by router_aux_loss_coef x options.aux_scale) is added by the backward.
+  double last_aux_loss() const;
 
   // The forward alone (evaluation): the sum of the cross-entropies. Collective over TP.
   // PP = 1 only (one chunk holding the embedding and the head).

@@ -46,10 +46,11 @@ bool StageTensors::holds_layer(int64_t layer) const {
 }
 
 std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, int64_t* size,
-                                const StageTensors& stage) {
-  if (config.is_moe())
-    fail("train", "mixture-of-experts models (", config.num_local_experts,
-         " experts) are not trainable yet");
+                                const StageTensors& stage, int ep, int ep_rank) {
+  if (config.is_qwen2_moe())
+    fail("train",
+         "model_type qwen2_moe cannot be trained (its shared expert and q/k/v biases "
+         "have no backward here); Mixtral-style models can");
   if (std::string p = llama_tp_problem(config, tp); !p.empty()) fail("train", p);
   const parallel::HeadPlan heads =
       parallel::HeadPlan::make(config.num_attention_heads, config.num_key_value_heads, tp, tp_rank);
@@ -57,10 +58,24 @@ std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, 
   int64_t offset = 0;
   for (const pipeline::StageLayers& r : stage.layers)
     if (r.begin < 0 || r.end > config.num_hidden_layers || r.begin >= r.end)
-      fail("train", "stage layer range [", r.begin, ", ", r.end, ") is not a non-empty range of the ",
-           config.num_hidden_layers, " layers");
+      fail("train", "stage layer range [", r.begin, ", ", r.end,
+           ") is not a non-empty range of the ", config.num_hidden_layers, " layers");
   const bool tied = config.tie_word_embeddings;
-  for (LlamaTensor& t : llama_tensors(config)) {
+  parallel::ShardSpec experts{0, 0};
+  if (config.is_moe()) {
+    experts = parallel::expert_range(config.num_local_experts, ep, ep_rank);
+  } else if (ep != 1 || ep_rank != 0) {
+    fail("train", "expert parallelism (EP ", ep, ") needs a mixture-of-experts model");
+  }
+  // Two passes: everything but the experts, then the experts (one range at the end).
+  std::vector<LlamaTensor> table = llama_tensors(config);
+  std::vector<LlamaTensor> ordered;
+  for (const LlamaTensor& t : table)
+    if (t.part != LlamaPart::Expert) ordered.push_back(t);
+  for (const LlamaTensor& t : table)
+    if (t.part == LlamaPart::Expert && t.expert >= experts.begin && t.expert < experts.end)
+      ordered.push_back(t);
+  for (LlamaTensor& t : ordered) {
     if (!stage_holds(stage, t, tied)) continue;
     Param p;
     p.slice = llama_tensor_slice(t, config, tp, tp_rank);
@@ -75,6 +90,7 @@ std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, 
     p.tp_replicas = t.rule == ShardRule::Replicated ? tp : kv_replicated ? heads.kv_replicas : 1;
     // The head stage's copy of a tied embedding that another stage holds as the embedding.
     p.tied_copy = t.part == LlamaPart::Embedding && !stage.embedding;
+    p.expert = t.part == LlamaPart::Expert;
     p.tensor = std::move(t);
     out.push_back(std::move(p));
   }
@@ -82,9 +98,16 @@ std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, 
   return out;
 }
 
-ParamStore::ParamStore(const ModelConfig& config, int tp, int tp_rank, const StageTensors& stage)
-    : config_(config), tp_(tp), tp_rank_(tp_rank), stage_(stage) {
-  params_ = param_layout(config, tp, tp_rank, &size_, stage);
+ParamStore::ParamStore(const ModelConfig& config, int tp, int tp_rank, const StageTensors& stage,
+                       int ep, int ep_rank)
+    : config_(config), tp_(tp), tp_rank_(tp_rank), ep_(ep), ep_rank_(ep_rank), stage_(stage) {
+  params_ = param_layout(config, tp, tp_rank, &size_, stage, ep, ep_rank);
+  expert_begin_ = size_;
+  for (const Param& p : params_)
+    if (p.expert) {
+      expert_begin_ = p.offset;
+      break;
+    }
   values_ = Tensor::zeros(DType::F32, {size_});
   grads_ = Tensor::zeros(DType::F32, {size_});
 }

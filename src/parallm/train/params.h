@@ -9,6 +9,12 @@
 // 16 floats (64 bytes), so every tensor starts aligned, except inside the fused groups: k_proj
 // follows q_proj and v_proj follows k_proj directly, up_proj follows gate_proj directly, so the
 // fused column-parallel layers (q|k|v, gate|up) are one contiguous view of the buffer.
+//
+// Mixture of experts (Mixtral): the routers are ordinary (replicated) parameters; every expert's
+// w1, w2, w3 (Param::expert) come after all the other parameters, in checkpoint order, so the
+// experts are one range of the flat buffers [expert_begin(), size()). Under expert parallelism
+// (EP > 1) a rank holds only its experts (parallel::expert_range), and that range is reduced over
+// the expert-data-parallel group while the rest is reduced over all data ranks (train/trainer.h).
 #pragma once
 
 #include <cstdint>
@@ -44,6 +50,8 @@ struct Param {
   // whose gradient is summed with the first stage's and whose values equal it. The global
   // gradient norm counts the embedding on the first stage only.
   bool tied_copy = false;
+  // An MoE expert's tensor (w1, w2, w3): held by one EP rank of each EP group.
+  bool expert = false;
   bool counts_once(int tp_rank) const { return !tied_copy && tp_rank % tp_replicas == 0; }
 };
 
@@ -60,21 +68,27 @@ struct StageTensors {
 // The layout ParamStore(config, tp, tp_rank, stage) has (params with offsets); `size` gets the
 // floats of each flat buffer. Throws std::invalid_argument (llama_tp_problem's reason) when tp
 // does not fit.
+// ep / ep_rank: the expert-parallel position (only experts expert_range(E, ep, ep_rank) held).
 std::vector<Param> param_layout(const ModelConfig& config, int tp, int tp_rank, int64_t* size,
-                                const StageTensors& stage = {});
+                                const StageTensors& stage = {}, int ep = 1, int ep_rank = 0);
 
 class ParamStore {
  public:
   ParamStore() = default;
   // The layout of every tensor of `config` that TP rank `tp_rank` of `tp` holds; values and grads
   // zero-filled.
-  ParamStore(const ModelConfig& config, int tp, int tp_rank, const StageTensors& stage = {});
+  ParamStore(const ModelConfig& config, int tp, int tp_rank, const StageTensors& stage = {},
+             int ep = 1, int ep_rank = 0);
 
   const std::vector<Param>& params() const { return params_; }
   const ModelConfig& config() const { return config_; }
   int tp() const { return tp_; }
   int tp_rank() const { return tp_rank_; }
   const StageTensors& stage() const { return stage_; }
+  int ep() const { return ep_; }
+  int ep_rank() const { return ep_rank_; }
+  // Where the experts' range of the flat buffers starts (size() when there is none).
+  int64_t expert_begin() const { return expert_begin_; }
   const Param& find(const std::string& name) const;  // throws std::invalid_argument naming it
   int64_t size() const { return size_; }             // floats in each flat buffer (with padding)
 
@@ -93,7 +107,8 @@ class ParamStore {
 
  private:
   ModelConfig config_;
-  int tp_ = 1, tp_rank_ = 0;
+  int tp_ = 1, tp_rank_ = 0, ep_ = 1, ep_rank_ = 0;
+  int64_t expert_begin_ = 0;
   StageTensors stage_;
   std::vector<Param> params_;
   int64_t size_ = 0;

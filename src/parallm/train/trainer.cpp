@@ -20,6 +20,7 @@
 #include "parallm/model/llama_tensors.h"
 #include "parallm/model/tokenizer.h"
 #include "parallm/model/weights.h"
+#include "parallm/parallel/shard.h"
 #include "parallm/pipeline/executor.h"
 #include "parallm/pipeline/p2p.h"
 #include "parallm/pipeline/partition.h"
@@ -105,6 +106,7 @@ nlohmann::json options_json(const TrainOptions& o) {
   j["dtype"] = o.dtype;
   j["tp"] = o.tp;
   j["dp"] = o.dp;
+  j["ep"] = o.ep;
   j["zero"] = o.zero;
   j["pp"] = o.pp;
   j["schedule"] = o.schedule;
@@ -126,6 +128,7 @@ void check_options(const TrainOptions& o) {
   };
   positive(o.tp, "--tp");
   positive(o.dp, "--dp");
+  positive(o.ep, "--ep");
   positive(o.seq_len, "--seq-len");
   positive(o.micro_batch, "--micro-batch-size");
   positive(o.global_batch, "--global-batch-size");
@@ -429,7 +432,21 @@ ModelConfig resolve_config(const TrainOptions& o) {
   }
   if (std::string why = llama_tp_problem(config, o.tp); !why.empty())
     fail("train", "--tp ", o.tp, " does not fit the model: ", why);
-  if (config.is_moe()) fail("train", "mixture-of-experts models cannot be trained yet");
+  if (o.ep > 1 && !config.is_moe())
+    fail("train", "--ep ", o.ep, " needs a mixture-of-experts model (num_local_experts in "
+                  "config.json); this model is dense");
+  if (config.is_moe()) {
+    if (config.is_qwen2_moe())
+      fail("train", "model_type qwen2_moe cannot be trained (its shared expert and q/k/v biases "
+                    "have no backward here); Mixtral-style models can");
+    if (std::string why = parallel::moe_ep_problem(config.num_local_experts, o.ep); !why.empty())
+      fail("train", "--ep ", o.ep, " does not fit the model: ", why);
+    if (o.pp > 1)
+      fail("train", "--pp ", o.pp,
+           " with a mixture-of-experts model is not supported (use --pp 1)");
+    if (o.sp && o.tp > 1)
+      fail("train", "--sp with a mixture-of-experts model is not supported");
+  }
   return config;
 }
 
@@ -440,9 +457,13 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
   order.seq_len = o.seq_len;
   order.global_batch = o.global_batch;
   order.micro_batch = o.micro_batch;
-  order.dp = o.dp;
+  order.dp = o.dp * o.ep;  // the EP ranks are data-parallel ranks
   order.shuffle = o.shuffle;
   order.seed = o.seed;
+  if (o.ep > 1 && o.micro_batch > 0 && o.global_batch % (o.micro_batch * o.dp * o.ep) != 0)
+    fail("train", "--global-batch-size ", o.global_batch,
+         " is not a multiple of --micro-batch-size ", o.micro_batch, " x --dp ", o.dp, " x --ep ",
+         o.ep, " (= ", o.micro_batch * o.dp * o.ep, "; the EP ranks are data-parallel ranks)");
   order.check();
   const ModelConfig config = resolve_config(o);
   if (o.seq_len > config.max_position_embeddings)
@@ -515,7 +536,7 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
   const bool zb = pipelined && pipe.kind == pipeline::ScheduleKind::ZeroBubbleH1;
   const Recompute recompute = parse_recompute(o.recompute, "--recompute");
 
-  const int world_size = o.tp * o.pp * o.dp;
+  const int world_size = o.tp * o.pp * o.dp * o.ep;
   comm::LaunchOptions lo;
   lo.backend = o.backend;
   lo.timeout_s = o.comm_timeout_s;
@@ -538,7 +559,8 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
   if (!o.quiet && comm::launched_rank() == 0) {
     out << "[train] " << config.param_count() << " parameters, " << config.num_hidden_layers
         << " layers, hidden " << config.hidden_size << "; tp " << o.tp << " x pp " << o.pp
-        << " x dp " << o.dp << (o.zero ? " (ZeRO-1)" : "") << ", " << threads
+        << " x dp " << o.dp << (o.ep > 1 ? cat(" x ep ", o.ep) : "")
+        << (o.zero ? " (ZeRO-1)" : "") << ", " << threads
         << " threads per rank; " << sequences << " sequences of " << S << " tokens, " << G
         << " per step (" << nm << " micro-batches of " << M << " per DP rank)"
         << (start > 0 ? "; resuming at step " : "") << (start > 0 ? std::to_string(start) : "")
@@ -562,7 +584,9 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
     ScopedPool scoped(pool);
     TraceBuffer trace(world.rank());
     if (!o.trace.empty()) set_thread_trace(&trace);
-    comm::Mesh mesh(world, {o.tp, o.pp, o.dp, 1});
+    // EP is carved from the data ranks (comm/mesh.h): mesh.dp() is all DP x EP data ranks (the
+    // dense gradients' all-reduce), mesh.ep() a block of EP consecutive ones.
+    comm::Mesh mesh(world, {o.tp, o.pp, o.dp * o.ep, o.ep});
     const int tp_rank = mesh.tp_rank(), dp_rank = mesh.dp_rank(), stage = mesh.pp_rank();
     const bool root = world.rank() == 0;
     TrainModelOptions mo;
@@ -571,8 +595,11 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
     mo.recompute = recompute;
     mo.mode.sequence_parallel = o.sp && o.tp > 1;
     mo.mode.defer_weight_grads = zb;
+    mo.ep = mesh.ep();
+    mo.aux_scale = static_cast<double>(M) / static_cast<double>(G);  // 1 / micro-batches per step
     if (pipelined) mo = pipeline_chunks(mo, pipe.virtual_stages, o.pp, stage, pipe.v);
-    ParamStore params(config, o.tp, tp_rank, pipelined ? stage_tensors(mo) : StageTensors{});
+    ParamStore params(config, o.tp, tp_rank, pipelined ? stage_tensors(mo) : StageTensors{}, o.ep,
+                      mesh.ep_rank());
     if (o.resume.empty()) {
       if (!o.model.empty()) {
         ModelConfig c;
@@ -581,9 +608,23 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
         init_params(params, config, o.seed);
       }
     }
-    DataParallel dp(params.params(), params.size(), params.values(), params.grads(), mesh.dp(),
+    // Expert parallelism: the experts' range of the flat buffers (this rank's experts, the same
+    // ones on every EP block) is reduced over the expert-data-parallel group (mesh.edp(): DP
+    // ranks), everything else over all DP x EP data ranks (mesh.dp()).
+    const bool split_experts = o.ep > 1;
+    std::vector<Param> dense_params, expert_params;
+    for (const Param& p : params.params())
+      (split_experts && p.expert ? expert_params : dense_params).push_back(p);
+    DataParallel dp(dense_params, split_experts ? params.expert_begin() : params.size(),
+                    params.values(), params.grads(), mesh.dp(),
                     {bucket_bytes, o.zero == 1, o.overlap});
-    if (!o.resume.empty()) load_checkpoint(o.resume, config, params, dp, o.tp, tp_rank);
+    std::unique_ptr<DataParallel> edp;
+    if (split_experts)
+      edp = std::make_unique<DataParallel>(expert_params, params.size(), params.values(),
+                                           params.grads(), mesh.edp(),
+                                           DpOptions{bucket_bytes, o.zero == 1, o.overlap});
+    if (!o.resume.empty())
+      load_checkpoint(o.resume, config, params, dp, o.tp, tp_rank, edp.get());
     TrainModel model(config, params, mesh.tp(), mo);
     model.refresh_compute_weights();
     // Tied embeddings across stages: the first stage's embedding and the last stage's copy get
@@ -594,15 +635,23 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
         if (p.tied_copy || (stage == 0 && p.tensor.name == llama_tensors(config)[0].name))
           tied = &p;
     }
-    model.set_grad_ready_hook([&dp, tied](const Param& p) {
+    model.set_grad_ready_hook([&dp, &edp, tied](const Param& p) {
       if (tied && p.offset == tied->offset) return;
-      dp.grad_ready(p);
+      if (edp && p.expert)
+        edp->grad_ready(p);
+      else
+        dp.grad_ready(p);
     });
 
     // What every rank holds, measured from its allocations.
     {
-      const int64_t mine[3] = {static_cast<int64_t>(dp.optimizer_bytes()), dp.param_numel(),
-                               dp.state_size()};
+      int64_t mine[3] = {static_cast<int64_t>(dp.optimizer_bytes()), dp.param_numel(),
+                         dp.state_size()};
+      if (edp) {  // values and grads of the experts' range, and their m and v
+        mine[0] += 4 * (2 * (params.size() - params.expert_begin()) + 2 * edp->state_size());
+        mine[1] += edp->param_numel();
+        mine[2] += edp->state_size();
+      }
       std::vector<int64_t> all(3 * static_cast<size_t>(world.size()));
       world.all_gather(mine, all.data(), 3, DType::I64);
       if (root) {
@@ -624,7 +673,7 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
     auto save = [&](int64_t step) {
       state.step = step;
       Timer t;
-      save_checkpoint(o.save, config, params, dp, mesh, state, tok_files);
+      save_checkpoint(o.save, config, params, dp, mesh, state, tok_files, edp.get());
       if (root && !o.quiet)
         out << "[train] saved " << o.save << " at step " << step << " in "
             << static_cast<int>(t.millis()) << " ms" << std::endl;
@@ -647,7 +696,7 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
     std::map<Key, std::vector<float>> x_out, dy, dx;
     std::map<Key, std::pair<const float*, int>> x_in;  // rows in the link's buffer, sender chunk
     StageClock clock, step_clock;
-    double loss_sum = 0;
+    double loss_sum = 0, aux_sum = 0;
     int64_t cur_step = 0;
     auto peer = [&](pipeline::ActionKind kind, int mb, int chunk) {
       return pipe.schedule.peer(stage, pipeline::Action{kind, mb, chunk});
@@ -820,12 +869,17 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
       Timer t;
       params.zero_grads();
       loss_sum = 0;
+      aux_sum = 0;
       if (!pipelined) {
         for (int64_t micro = 0; micro < nm; ++micro) {
           fill_micro_batch(*data, order, step, dp_rank, micro, inputs.data(), targets.data());
           // Only the last micro-batch's gradients are final: its backward starts the buckets.
-          if (micro == nm - 1) dp.begin_sync();
+          if (micro == nm - 1) {
+            dp.begin_sync();
+            if (edp) edp->begin_sync();
+          }
           loss_sum += model.forward_backward(inputs.data(), targets.data(), M, S, grad_scale);
+          aux_sum += model.last_aux_loss();
         }
       } else {
         // The model fires the grad-ready hooks on each chunk's last backward only.
@@ -851,7 +905,12 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
         }
       }
       dp.finish_sync();
+      if (edp) edp->finish_sync();
       const double loss = dp.sum_over_dp(loss_sum) / static_cast<double>(G * S);
+      // The mean of the micro-batches' load-balancing losses (each data rank's own; PP 1).
+      const double aux = config.is_moe() ? dp.sum_over_dp(aux_sum) * static_cast<double>(M) /
+                                               static_cast<double>(G)
+                                         : 0.0;
       // The global norm: each sharded slice once, TP-replicated tensors once (Param::counts_once:
       // norms on TP rank 0, a replicated KV head on the first of its replicas, a tied embedding on
       // the first stage), each stage's parameters once over PP, and with ZeRO each rank's reduced
@@ -859,13 +918,23 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
       double sq = sum_over(mesh.tp(), dp.local_grad_sq(tp_rank));
       if (pipelined) sq = sum_over(mesh.pp(), sq);
       if (dp.zero()) sq = dp.sum_over_dp(sq);
+      if (edp) {
+        // The experts: each element once over TP (slices), over EDP (ZeRO's owner) and over EP
+        // (every rank holds other experts).
+        double e = sum_over(mesh.tp(), edp->local_grad_sq(tp_rank));
+        if (edp->zero()) e = edp->sum_over_dp(e);
+        sq += sum_over(mesh.ep(), e);
+      }
       const double norm = std::sqrt(sq);
       const double lr = learning_rate(adamw, step);
-      dp.step(adamw, lr, step + 1, static_cast<float>(clip_factor(adamw.grad_clip, norm)));
+      const float clip = static_cast<float>(clip_factor(adamw.grad_clip, norm));
+      dp.step(adamw, lr, step + 1, clip);
+      if (edp) edp->step(adamw, lr, step + 1, clip);
       model.refresh_compute_weights();
       StepRecord rec;
       rec.step = step + 1;
       rec.loss = loss;
+      rec.aux_loss = aux;
       rec.lr = lr;
       rec.grad_norm = norm;
       rec.seconds = t.seconds();
@@ -876,13 +945,17 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
         result.steps.push_back(rec);
         const double per_step = run_clock.seconds() / static_cast<double>(step + 1 - start);
         if (!o.quiet) {
-          char line[256];
+          char line[256], aux_part[64] = "";
+          // MoE: the load-balancing loss beside the LM loss (its weight in the optimised loss).
+          if (config.is_moe())
+            std::snprintf(aux_part, sizeof(aux_part), " | aux loss %.4f (x %g)", aux,
+                          config.router_aux_loss_coef);
           std::snprintf(
               line, sizeof(line),
-              "[train] step %lld/%lld | loss %.4f | lr %.3e | grad norm %.4f | %.0f "
+              "[train] step %lld/%lld | loss %.4f%s | lr %.3e | grad norm %.4f | %.0f "
               "tok/s | %s left",
-              static_cast<long long>(step + 1), static_cast<long long>(o.steps), loss, lr, norm,
-              rec.tokens_per_s,
+              static_cast<long long>(step + 1), static_cast<long long>(o.steps), loss, aux_part,
+              lr, norm, rec.tokens_per_s,
               format_duration(per_step * static_cast<double>(o.steps - step - 1)).c_str());
           out << line;
           if (rec.val_loss >= 0) out << " | val loss " << rec.val_loss;
@@ -892,6 +965,7 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
           nlohmann::json j;
           j["step"] = rec.step;
           j["loss"] = rec.loss;
+          if (config.is_moe()) j["aux_loss"] = rec.aux_loss;
           j["lr"] = rec.lr;
           j["grad_norm"] = rec.grad_norm;
           j["tokens_per_s"] = rec.tokens_per_s;
@@ -947,11 +1021,16 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
       }
     }
     if (o.keep_params) {
-      const std::vector<std::pair<std::string, Tensor>> full =
+      std::vector<std::pair<std::string, Tensor>> full =
           gather_full_tensors(params, mesh.tp());
-      const bool mine = tp_rank == 0 && dp_rank == 0;
+      // Under EP the first EP block holds every expert once: EP rank 0 sends everything, the
+      // others their experts.
+      const bool mine = tp_rank == 0 && dp_rank < o.ep;
+      std::vector<std::pair<std::string, Tensor>> sent;
+      for (size_t i = 0; i < full.size(); ++i)
+        if (mesh.ep_rank() == 0 || params.params()[i].expert) sent.push_back(std::move(full[i]));
       const std::string packed =
-          mine ? pack_tensors(full, llama_tensors(config)[0].name, pipelined && stage > 0) : "";
+          mine ? pack_tensors(sent, llama_tensors(config)[0].name, pipelined && stage > 0) : "";
       const std::vector<std::string> all = comm::gather_strings(world, packed, 0);
       if (root) {
         std::lock_guard<std::mutex> lock(mu);

@@ -52,6 +52,10 @@ struct TrainOptions {
   std::string dtype = "f32";  // compute dtype: f32 or bf16 (f32 master weights either way)
   int threads = 0;            // per rank; 0: cores / ranks on this machine
   int tp = 1, dp = 1, zero = 0;
+  // --ep: expert parallelism for mixture-of-experts models (docs/moe.md, "Training"). The EP
+  // ranks are data-parallel ranks (the data order is DP x EP's), each computing E/EP experts;
+  // world = tp * pp * dp * ep.
+  int ep = 1;
   int64_t bucket_mb = 25;    // DP bucket size in MB (decimal: 25 -> 25e6 bytes); tests go smaller
   int64_t bucket_bytes = 0;  // when > 0, overrides bucket_mb (tests)
   bool overlap = true;       // reduce buckets during the backward
@@ -108,6 +112,10 @@ struct ReplayStats {
 struct StepRecord {
   int64_t step = 0;  // 1-based: the number of steps done after this one
   double loss = 0, lr = 0, grad_norm = 0, tokens_per_s = 0, seconds = 0;
+  // MoE: the mean over the step's micro-batches of the load-balancing loss (before
+  // router_aux_loss_coef; `loss` is the LM loss alone, the optimised loss is
+  // loss + router_aux_loss_coef x aux_loss). 0 for dense models.
+  double aux_loss = 0;
   double val_loss = -1;  // < 0: not evaluated at this step
 };
 
