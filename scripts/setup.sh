@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 # (the regex pre-split of tokenizer.json).
 RUN_PACKAGES=(build-essential cmake pkg-config
   libopenblas-dev libopenmpi-dev openmpi-bin
-  nlohmann-json3-dev libcli11-dev libfmt-dev libsentencepiece-dev libpcre2-dev)
+  nlohmann-json3-dev libcli11-dev libfmt-dev libsentencepiece-dev libpcre2-dev libcpp-httplib-dev)
 bash scripts/install-packages.sh "${RUN_PACKAGES[@]}"
 
 BUILD_DIR=${1:-build}
