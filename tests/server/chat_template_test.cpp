@@ -39,9 +39,9 @@ TEST(ChatTemplate, MatchesJinjaGoldens) {
     const auto family = detect_chat_family(source);
     ASSERT_TRUE(family) << name;
     EXPECT_EQ(chat_family_name(*family), t["family"].get<std::string>()) << name;
-    const ChatTemplate tpl(*family, t["bos_token"].is_string() ? t["bos_token"].get<std::string>() : "",
-                           t["eos_token"].is_string() ? t["eos_token"].get<std::string>() : "",
-                           source);
+    const ChatTemplate tpl(
+        *family, t["bos_token"].is_string() ? t["bos_token"].get<std::string>() : "",
+        t["eos_token"].is_string() ? t["eos_token"].get<std::string>() : "", source);
     const auto msgs = messages_of(fixtures["conversations"][c["conversation"].get<size_t>()]);
     const bool gen = c["add_generation_prompt"];
     if (c.contains("error")) {

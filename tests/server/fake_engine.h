@@ -39,8 +39,13 @@ inline void write_test_model(const std::filesystem::path& dir, const std::string
   const char* specials[] = {"<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"};
   int next = 0;
   for (const char* s : specials) {
-    added.push_back({{"id", next}, {"content", s}, {"single_word", false}, {"lstrip", false},
-                     {"rstrip", false}, {"normalized", false}, {"special", true}});
+    added.push_back({{"id", next},
+                     {"content", s},
+                     {"single_word", false},
+                     {"lstrip", false},
+                     {"rstrip", false},
+                     {"normalized", false},
+                     {"special", true}});
     vocab[s] = next++;
   }
   for (int b = 0; b < 256; ++b) {
@@ -55,9 +60,9 @@ inline void write_test_model(const std::filesystem::path& dir, const std::string
   for (char c = 33; c < 127; ++c) add(std::string(1, c));
   json merges = json::array();
   std::set<std::string> seen;
-  const char* words[] = {"Once", "upon", "a",     "time",  "there",   "was", "tiny", "robot",
-                         "named", "Bo",  "liked", "the",   "said",    "hello", "world", "to",
-                         "everyone", "The", "end", "and", "Hello", "story"};
+  const char* words[] = {"Once",     "upon", "a",     "time", "there", "was",   "tiny",  "robot",
+                         "named",    "Bo",   "liked", "the",  "said",  "hello", "world", "to",
+                         "everyone", "The",  "end",   "and",  "Hello", "story"};
   for (const char* w : words) {
     std::string prefix = meta;
     for (const char* p = w; *p; ++p) {
@@ -88,10 +93,14 @@ inline void write_test_model(const std::filesystem::path& dir, const std::string
                     {{"type", "ByteFallback"}},
                     {{"type", "Fuse"}},
                     {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}};
-  j["model"] = {{"type", "BPE"},          {"dropout", nullptr},
-                {"unk_token", "<unk>"},   {"continuing_subword_prefix", nullptr},
-                {"end_of_word_suffix", nullptr}, {"fuse_unk", true},
-                {"byte_fallback", true},  {"vocab", vocab},
+  j["model"] = {{"type", "BPE"},
+                {"dropout", nullptr},
+                {"unk_token", "<unk>"},
+                {"continuing_subword_prefix", nullptr},
+                {"end_of_word_suffix", nullptr},
+                {"fuse_unk", true},
+                {"byte_fallback", true},
+                {"vocab", vocab},
                 {"merges", merges}};
   std::filesystem::create_directories(dir);
   std::ofstream(dir / "tokenizer.json") << j.dump(1);
@@ -170,8 +179,9 @@ class FakeEngine : public serve::ServeEngine {
 
   std::atomic<bool> ready_flag{true};
   std::atomic<int> step_us{1000};
-  std::atomic<int> fail_after{-1};  // >= 0: the request fails (FinishReason::Error) after this many tokens
-  bool queue_full = false;          // under mu_ via submit; set before requests
+  std::atomic<int> fail_after{
+      -1};                  // >= 0: the request fails (FinishReason::Error) after this many tokens
+  bool queue_full = false;  // under mu_ via submit; set before requests
   std::atomic<int> submitted{0}, cancelled{0};
   std::vector<int32_t> last_prompt;
   serve::GenParams last_params;

@@ -42,8 +42,9 @@ std::string concat_text(const std::vector<json>& chunks, bool chat) {
 
 TEST(Server, CompletionTextUsageAndFinishReasons) {
   ServerRig rig;
-  const json a = post_ok(rig, "/v1/completions",
-                         {{"model", "fake-model"}, {"prompt", "Once upon a time"}, {"max_tokens", 7}});
+  const json a =
+      post_ok(rig, "/v1/completions",
+              {{"model", "fake-model"}, {"prompt", "Once upon a time"}, {"max_tokens", 7}});
   EXPECT_EQ(a["object"], "text_completion");
   EXPECT_EQ(a["model"], "fake-model");
   ASSERT_EQ(a["choices"].size(), 1u);
@@ -64,8 +65,12 @@ TEST(Server, CompletionTextUsageAndFinishReasons) {
 
   // Token ids are used exactly as given (no BOS), and parameters reach the engine.
   const json c = post_ok(rig, "/v1/completions",
-                         {{"prompt", {7, 8, 9}}, {"max_tokens", 3}, {"temperature", 0},
-                          {"top_p", 0.5}, {"top_k", 4}, {"seed", 42}});
+                         {{"prompt", {7, 8, 9}},
+                          {"max_tokens", 3},
+                          {"temperature", 0},
+                          {"top_p", 0.5},
+                          {"top_k", 4},
+                          {"seed", 42}});
   EXPECT_EQ(rig.engine->last_prompt, (std::vector<int32_t>{7, 8, 9}));
   EXPECT_EQ(rig.engine->last_params.temperature, 0.0f);
   EXPECT_EQ(rig.engine->last_params.top_p, 0.5f);
@@ -85,7 +90,8 @@ TEST(Server, CompletionTextUsageAndFinishReasons) {
 TEST(Server, StreamingFramingDeltasAndUsage) {
   ServerRig rig;
   for (const bool chat : {false, true}) {
-    json req = {{"max_tokens", 20}, {"stream", true}, {"stream_options", {{"include_usage", true}}}};
+    json req = {
+        {"max_tokens", 20}, {"stream", true}, {"stream_options", {{"include_usage", true}}}};
     if (chat) {
       req["messages"] = {{{"role", "user"}, {"content", "Tell me a story"}}};
     } else {
@@ -101,7 +107,8 @@ TEST(Server, StreamingFramingDeltasAndUsage) {
     if (chat) {
       EXPECT_EQ(chunks[0]["choices"][0]["delta"]["role"], "assistant");
       for (size_t i = 1; i < chunks.size(); ++i)
-        EXPECT_FALSE(chunks[i]["choices"].size() && chunks[i]["choices"][0]["delta"].contains("role"));
+        EXPECT_FALSE(chunks[i]["choices"].size() &&
+                     chunks[i]["choices"][0]["delta"].contains("role"));
     }
     for (const json& c : chunks) {
       EXPECT_EQ(c["object"], chat ? "chat.completion.chunk" : "text_completion");
@@ -153,7 +160,8 @@ TEST(Server, StopStringsAcrossTokens) {
   ServerRig rig;
   const std::string full = rig.reply_text(1000);
   // "ot na" straddles the pieces " robot" and " named"; "\xF0\x9F\x99\x82" spans four byte tokens.
-  for (const std::string& stop : {std::string("ot na"), std::string("\xF0\x9F\x99\x82"), std::string("Bo.")}) {
+  for (const std::string& stop :
+       {std::string("ot na"), std::string("\xF0\x9F\x99\x82"), std::string("Bo.")}) {
     const size_t at = full.find(stop);
     ASSERT_NE(at, std::string::npos);
     const std::string want = full.substr(0, at);
@@ -169,25 +177,28 @@ TEST(Server, StopStringsAcrossTokens) {
     EXPECT_EQ(rig.engine->cancelled.load(), before + 1) << "the engine request was not cancelled";
 
     auto r = post(rig, "/v1/chat/completions",
-                  {{"messages", {{{"role", "user"}, {"content", "hi"}}}}, {"max_tokens", 200},
-                   {"stop", stop}, {"stream", true}});
+                  {{"messages", {{{"role", "user"}, {"content", "hi"}}}},
+                   {"max_tokens", 200},
+                   {"stop", stop},
+                   {"stream", true}});
     ASSERT_TRUE(r);
     const auto chunks = parse_sse(r->body);
     EXPECT_EQ(concat_text(chunks, true), want) << stop;
     EXPECT_EQ(chunks.back()["choices"][0]["finish_reason"], "stop");
   }
   // A stop string never reached: the whole text, held-back tails included.
-  const json b = post_ok(rig, "/v1/completions",
-                         {{"prompt", "a"}, {"max_tokens", 200}, {"stop", "end.!"}});
+  const json b =
+      post_ok(rig, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 200}, {"stop", "end.!"}});
   EXPECT_EQ(b["choices"][0]["text"], full);
 }
 
 TEST(Server, ChatUsesTheTemplate) {
   ServerRig rig;
-  const json a = post_ok(rig, "/v1/chat/completions",
-                         {{"messages", {{{"role", "system"}, {"content", "Be brief."}},
-                                        {{"role", "user"}, {"content", "Hello"}}}},
-                          {"max_tokens", 5}});
+  const json a = post_ok(
+      rig, "/v1/chat/completions",
+      {{"messages",
+        {{{"role", "system"}, {"content", "Be brief."}}, {{"role", "user"}, {"content", "Hello"}}}},
+       {"max_tokens", 5}});
   EXPECT_EQ(a["object"], "chat.completion");
   EXPECT_EQ(a["choices"][0]["message"]["role"], "assistant");
   EXPECT_EQ(a["choices"][0]["message"]["content"], rig.reply_text(5));
@@ -199,13 +210,16 @@ TEST(Server, ChatUsesTheTemplate) {
   EXPECT_EQ(a["usage"]["prompt_tokens"], rig.engine->last_prompt.size());
   // /tokenize renders the same way.
   const json t = post_ok(rig, "/tokenize",
-                         {{"messages", {{{"role", "system"}, {"content", "Be brief."}},
-                                        {{"role", "user"}, {"content", "Hello"}}}}});
+                         {{"messages",
+                           {{{"role", "system"}, {"content", "Be brief."}},
+                            {{"role", "user"}, {"content", "Hello"}}}}});
   EXPECT_EQ(t["tokens"].get<std::vector<int32_t>>(), rig.engine->last_prompt);
   // Content parts join with newlines; chat's default max_tokens is what the context leaves.
-  post_ok(rig, "/v1/chat/completions",
-          {{"messages", {{{"role", "user"}, {"content", {{{"type", "text"}, {"text", "a"}},
-                                                         {{"type", "text"}, {"text", "b"}}}}}}}});
+  post_ok(
+      rig, "/v1/chat/completions",
+      {{"messages",
+        {{{"role", "user"},
+          {"content", {{{"type", "text"}, {"text", "a"}}, {{"type", "text"}, {"text", "b"}}}}}}}});
   EXPECT_EQ(rig.engine->last_prompt,
             rig.tok->encode("<|im_start|>user\na\nb<|im_end|>\n<|im_start|>assistant\n", false));
   EXPECT_EQ(rig.engine->last_params.max_tokens,
@@ -214,7 +228,8 @@ TEST(Server, ChatUsesTheTemplate) {
 
 TEST(Server, Logprobs) {
   ServerRig rig;
-  const json a = post_ok(rig, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 6}, {"logprobs", 2}});
+  const json a =
+      post_ok(rig, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 6}, {"logprobs", 2}});
   EXPECT_EQ(rig.engine->last_params.top_logprobs, 2);
   const json& lp = a["choices"][0]["logprobs"];
   ASSERT_EQ(lp["tokens"].size(), 6u);
@@ -229,8 +244,10 @@ TEST(Server, Logprobs) {
   EXPECT_EQ(lp["top_logprobs"][0].size(), 2u);
 
   const json c = post_ok(rig, "/v1/chat/completions",
-                         {{"messages", {{{"role", "user"}, {"content", "x"}}}}, {"max_tokens", 3},
-                          {"logprobs", true}, {"top_logprobs", 3}});
+                         {{"messages", {{{"role", "user"}, {"content", "x"}}}},
+                          {"max_tokens", 3},
+                          {"logprobs", true},
+                          {"top_logprobs", 3}});
   const json& content = c["choices"][0]["logprobs"]["content"];
   ASSERT_EQ(content.size(), 3u);
   EXPECT_EQ(content[0]["top_logprobs"].size(), 3u);
@@ -238,8 +255,10 @@ TEST(Server, Logprobs) {
   EXPECT_FLOAT_EQ(content[2]["logprob"].get<float>(), -0.75f);
   // Streamed: one logprobs entry per chunk, in order.
   auto r = post(rig, "/v1/chat/completions",
-                {{"messages", {{{"role", "user"}, {"content", "x"}}}}, {"max_tokens", 3},
-                 {"logprobs", true}, {"stream", true}});
+                {{"messages", {{{"role", "user"}, {"content", "x"}}}},
+                 {"max_tokens", 3},
+                 {"logprobs", true},
+                 {"stream", true}});
   ASSERT_TRUE(r);
   int entries = 0;
   for (const json& ch : parse_sse(r->body)) {
@@ -262,28 +281,45 @@ TEST(Server, ErrorsHaveStatusAndShape) {
   expect_error(post(rig, "/v1/completions", {{"prompt", {1, 99999}}}), 400, "prompt");
   expect_error(post(rig, "/v1/completions", {{"prompt", json::array()}}), 400, "prompt");
   expect_error(post(rig, "/v1/chat/completions", {{"max_tokens", 3}}), 400, "messages");
-  expect_error(post(rig, "/v1/chat/completions", {{"messages", {{{"role", "wizard"}, {"content", "x"}}}}}), 400, "messages");
-  expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"temperature", 3}}), 400, "temperature");
-  expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"temperature", "hot"}}), 400, "temperature");
+  expect_error(
+      post(rig, "/v1/chat/completions", {{"messages", {{{"role", "wizard"}, {"content", "x"}}}}}),
+      400, "messages");
+  expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"temperature", 3}}), 400,
+               "temperature");
+  expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"temperature", "hot"}}), 400,
+               "temperature");
   expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"top_p", 0}}), 400, "top_p");
   expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"top_k", -5}}), 400, "top_k");
-  expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 0}}), 400, "max_tokens");
-  expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 1.5}}), 400, "max_tokens");
+  expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 0}}), 400,
+               "max_tokens");
+  expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 1.5}}), 400,
+               "max_tokens");
   expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"n", 2}}), 400, "n");
   expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"logprobs", 21}}), 400, "logprobs");
   expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"stop", {1}}}), 400, "stop");
   expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"stream", "yes"}}), 400, "stream");
-  expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"stream_options", {{"include_usage", true}}}}), 400, "stream_options");
-  expect_error(post(rig, "/v1/chat/completions", {{"messages", {{{"role", "user"}, {"content", "x"}}}}, {"top_logprobs", 2}}), 400, "top_logprobs");
-  expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"presence_penalty", 1}}), 400, "presence_penalty");
+  expect_error(post(rig, "/v1/completions",
+                    {{"prompt", "a"}, {"stream_options", {{"include_usage", true}}}}),
+               400, "stream_options");
+  expect_error(post(rig, "/v1/chat/completions",
+                    {{"messages", {{{"role", "user"}, {"content", "x"}}}}, {"top_logprobs", 2}}),
+               400, "top_logprobs");
+  expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"presence_penalty", 1}}), 400,
+               "presence_penalty");
   // Over the context: 400 naming max_tokens, never a truncated answer.
-  const json e = expect_error(post(rig, "/v1/completions", {{"prompt", {5, 6, 7}}, {"max_tokens", 254}}), 400, "max_tokens");
+  const json e =
+      expect_error(post(rig, "/v1/completions", {{"prompt", {5, 6, 7}}, {"max_tokens", 254}}), 400,
+                   "max_tokens");
   EXPECT_EQ(e["code"], "context_length_exceeded");
   EXPECT_NE(e["message"].get<std::string>().find("257"), std::string::npos) << e;
   post_ok(rig, "/v1/completions", {{"prompt", {5, 6, 7}}, {"max_tokens", 253}});
-  expect_error(post(rig, "/v1/completions", {{"prompt", std::vector<int>(256, 5)}, {"max_tokens", 1}}), 400, "prompt");
+  expect_error(
+      post(rig, "/v1/completions", {{"prompt", std::vector<int>(256, 5)}, {"max_tokens", 1}}), 400,
+      "prompt");
   // Unknown model and route: 404; wrong method: 405 with Allow.
-  EXPECT_EQ(expect_error(post(rig, "/v1/completions", {{"model", "gpt-4"}, {"prompt", "a"}}), 404, "model")["code"], "model_not_found");
+  EXPECT_EQ(expect_error(post(rig, "/v1/completions", {{"model", "gpt-4"}, {"prompt", "a"}}), 404,
+                         "model")["code"],
+            "model_not_found");
   expect_error(c.Get("/v1/nothing"), 404);
   expect_error(c.Post("/v2/completions", "{}", "application/json"), 404);
   auto m = c.Get("/v1/completions");
@@ -333,16 +369,21 @@ TEST(Server, ApiKey) {
 TEST(Server, NoChatTemplateMeans400) {
   ServerRig rig({}, "");
   EXPECT_FALSE(rig.http->chat_template_problem().empty());
-  const json e = expect_error(post(rig, "/v1/chat/completions", {{"messages", {{{"role", "user"}, {"content", "x"}}}}}), 400, "messages");
+  const json e = expect_error(
+      post(rig, "/v1/chat/completions", {{"messages", {{{"role", "user"}, {"content", "x"}}}}}),
+      400, "messages");
   EXPECT_NE(e["message"].get<std::string>().find("--chat-template"), std::string::npos);
   post_ok(rig, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 1}});  // completions still work
   // An override by name works without tokenizer_config.json.
   server::ServerOptions o;
   o.chat_template = "llama-2";
   ServerRig rig2(o, "");
-  post_ok(rig2, "/v1/chat/completions", {{"messages", {{{"role", "user"}, {"content", "hi"}}}}, {"max_tokens", 2}});
+  post_ok(rig2, "/v1/chat/completions",
+          {{"messages", {{{"role", "user"}, {"content", "hi"}}}}, {"max_tokens", 2}});
   EXPECT_EQ(rig2.engine->last_prompt, rig2.tok->encode("<s>[INST] hi [/INST]", false));
-  expect_error(post(rig2, "/v1/chat/completions", {{"messages", {{{"role", "assistant"}, {"content", "x"}}}}}), 400, "messages");
+  expect_error(post(rig2, "/v1/chat/completions",
+                    {{"messages", {{{"role", "assistant"}, {"content", "x"}}}}}),
+               400, "messages");
   o.chat_template = "vicuna";
   EXPECT_THROW(ServerRig bad(o, ""), std::invalid_argument);
 }
@@ -372,8 +413,10 @@ TEST(Server, DisconnectCancelsWithinOneSecond) {
     req.path = chat ? "/v1/chat/completions" : "/v1/completions";
     json body = {{"max_tokens", 100000 / 1000}, {"ignore_eos", true}, {"stream", true}};
     body["max_tokens"] = 200;
-    if (chat) body["messages"] = {{{"role", "user"}, {"content", "x"}}};
-    else body["prompt"] = "a";
+    if (chat)
+      body["messages"] = {{{"role", "user"}, {"content", "x"}}};
+    else
+      body["prompt"] = "a";
     req.body = body.dump();
     req.set_header("Content-Type", "application/json");
     int events = 0;
@@ -384,8 +427,7 @@ TEST(Server, DisconnectCancelsWithinOneSecond) {
     auto cli = rig.client();
     cli.send(req);
     const auto t0 = std::chrono::steady_clock::now();
-    while (rig.engine->cancelled.load() == before &&
-           std::chrono::steady_clock::now() - t0 < 2s)
+    while (rig.engine->cancelled.load() == before && std::chrono::steady_clock::now() - t0 < 2s)
       std::this_thread::sleep_for(2ms);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     EXPECT_EQ(rig.engine->cancelled.load(), before + 1);
@@ -400,7 +442,8 @@ TEST(Server, StopEndsStreamsPromptly) {
   rig.engine->step_us = 20000;
   std::string body;
   std::thread t([&] {
-    auto r = post(rig, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 200}, {"ignore_eos", true}, {"stream", true}});
+    auto r = post(rig, "/v1/completions",
+                  {{"prompt", "a"}, {"max_tokens", 200}, {"ignore_eos", true}, {"stream", true}});
     if (r) body = r->body;
   });
   for (int i = 0; i < 200 && rig.engine->running() == 0; ++i) std::this_thread::sleep_for(5ms);
@@ -468,7 +511,8 @@ TEST(Server, HealthModelsMetricsTokenize) {
   const auto ids = t["tokens"].get<std::vector<int32_t>>();
   EXPECT_EQ(ids, rig.tok->encode("hello world", true));
   EXPECT_EQ(t["count"], ids.size());
-  EXPECT_EQ(post_ok(rig, "/tokenize", {{"prompt", "hi"}, {"add_special_tokens", false}})["tokens"].get<std::vector<int32_t>>(),
+  EXPECT_EQ(post_ok(rig, "/tokenize", {{"prompt", "hi"}, {"add_special_tokens", false}})["tokens"]
+                .get<std::vector<int32_t>>(),
             rig.tok->encode("hi", false));
   EXPECT_EQ(post_ok(rig, "/detokenize", {{"tokens", ids}})["prompt"], "hello world");
 }
@@ -479,7 +523,8 @@ TEST(Server, ConcurrentStreams) {
   std::atomic<int> good{0};
   for (int i = 0; i < 64; ++i) {
     ts.emplace_back([&, i] {
-      auto r = post(rig, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 5 + i % 30}, {"stream", true}});
+      auto r = post(rig, "/v1/completions",
+                    {{"prompt", "a"}, {"max_tokens", 5 + i % 30}, {"stream", true}});
       ASSERT_TRUE(r) << "request " << i << ": " << httplib::to_string(r.error());
       ASSERT_EQ(r->status, 200) << r->body;
       const auto chunks = parse_sse(r->body);

@@ -84,7 +84,8 @@ inline std::vector<json> parse_sse(const std::string& body) {
   bool done = false;
   while (pos < body.size()) {
     EXPECT_FALSE(done) << "data after [DONE]";
-    EXPECT_EQ(body.compare(pos, 6, "data: "), 0) << "event at " << pos << " does not start with 'data: '";
+    EXPECT_EQ(body.compare(pos, 6, "data: "), 0)
+        << "event at " << pos << " does not start with 'data: '";
     const size_t end = body.find("\n\n", pos);
     if (end == std::string::npos) {
       ADD_FAILURE() << "unterminated event at " << pos;
@@ -119,7 +120,8 @@ inline json expect_error(const httplib::Result& r, int status, const std::string
   }
   EXPECT_TRUE(j.contains("error")) << r->body;
   const json& e = j["error"];
-  for (const char* k : {"message", "type", "param", "code"}) EXPECT_TRUE(e.contains(k)) << k << " in " << r->body;
+  for (const char* k : {"message", "type", "param", "code"})
+    EXPECT_TRUE(e.contains(k)) << k << " in " << r->body;
   EXPECT_TRUE(e["message"].is_string());
   EXPECT_FALSE(e["message"].get<std::string>().empty());
   if (!param.empty()) {

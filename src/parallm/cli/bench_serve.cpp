@@ -41,7 +41,8 @@ int run_bench_serve(BenchServeOptions o) {
   std::printf("%s", rep.summary().c_str());
   if (!o.result_file.empty()) {
     std::ofstream out(o.result_file);
-    if (!out) fail<std::runtime_error>("bench serve", "--result-file ", o.result_file, ": cannot write");
+    if (!out)
+      fail<std::runtime_error>("bench serve", "--result-file ", o.result_file, ": cannot write");
     out << rep.to_json().dump(1) << "\n";
     std::printf("wrote %s\n", o.result_file.c_str());
   }

@@ -39,8 +39,12 @@ RequestResult send_one(const BenchOptions& o, const std::string& model,
                        const std::vector<int32_t>& prompt, int output_len) {
   RequestResult r;
   r.prompt_len = static_cast<int64_t>(prompt.size());
-  json body = {{"model", model},         {"prompt", prompt},       {"max_tokens", output_len},
-               {"temperature", 0},       {"stream", true},         {"ignore_eos", o.ignore_eos},
+  json body = {{"model", model},
+               {"prompt", prompt},
+               {"max_tokens", output_len},
+               {"temperature", 0},
+               {"stream", true},
+               {"ignore_eos", o.ignore_eos},
                {"stream_options", {{"include_usage", true}}}};
   auto cli = make_client(o);
   httplib::Request req;
@@ -145,7 +149,8 @@ Stats stats_ms(const std::vector<double>& seconds) {
 
 BenchReport run_bench_serve(const BenchOptions& o) {
   if (o.num_prompts < 1) fail("bench serve", "--num-prompts must be >= 1, got ", o.num_prompts);
-  if (!(o.request_rate > 0)) fail("bench serve", "--request-rate must be > 0 (or inf), got ", o.request_rate);
+  if (!(o.request_rate > 0))
+    fail("bench serve", "--request-rate must be > 0 (or inf), got ", o.request_rate);
   if (o.input_len < 1 || o.output_len < 1)
     fail("bench serve", "--random-input-len and --random-output-len must be >= 1");
   if (o.range_ratio < 0 || o.range_ratio >= 1)
@@ -236,7 +241,8 @@ json BenchReport::to_json() const {
   j["num_prompts"] = options.num_prompts;
   j["request_rate"] = std::isinf(options.request_rate) ? json("inf") : json(options.request_rate);
   j["burstiness"] = 1.0;
-  j["max_concurrency"] = options.max_concurrency > 0 ? json(options.max_concurrency) : json(nullptr);
+  j["max_concurrency"] =
+      options.max_concurrency > 0 ? json(options.max_concurrency) : json(nullptr);
   j["seed"] = options.seed;
   j["random_input_len"] = options.input_len;
   j["random_output_len"] = options.output_len;
@@ -328,7 +334,10 @@ std::string BenchReport::summary() const {
     std::string upper = k;
     for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
     for (const char* stat : {"mean", "median", "p99"}) {
-      const std::string label = std::string(stat == std::string("mean") ? "Mean" : stat == std::string("median") ? "Median" : "P99") + " " + upper + " (ms):";
+      const std::string label = std::string(stat == std::string("mean")     ? "Mean"
+                                            : stat == std::string("median") ? "Median"
+                                                                            : "P99") +
+                                " " + upper + " (ms):";
       row(label.c_str(), j[std::string(stat) + "_" + k + "_ms"], 2);
     }
   }

@@ -17,7 +17,9 @@ using nlohmann::json;
 // Python's str.strip() (Jinja's trim filter and the templates' .strip()) for the whitespace
 // that occurs in chat text: ASCII whitespace and the separators Python also counts.
 std::string py_strip(const std::string& s) {
-  auto ws = [](unsigned char c) { return c == ' ' || (c >= '\t' && c <= '\r') || (c >= 0x1c && c <= 0x1f); };
+  auto ws = [](unsigned char c) {
+    return c == ' ' || (c >= '\t' && c <= '\r') || (c >= 0x1c && c <= 0x1f);
+  };
   size_t b = 0, e = s.size();
   while (b < e && ws(static_cast<unsigned char>(s[b]))) ++b;
   while (e > b && ws(static_cast<unsigned char>(s[e - 1]))) --e;
@@ -62,17 +64,21 @@ std::string chatml_default_system(const std::string& src) {
 
 const char* chat_family_name(ChatFamily f) {
   switch (f) {
-    case ChatFamily::Llama2: return "llama-2";
-    case ChatFamily::Llama3: return "llama-3";
-    case ChatFamily::ChatML: return "chatml";
-    case ChatFamily::Mistral: return "mistral";
+    case ChatFamily::Llama2:
+      return "llama-2";
+    case ChatFamily::Llama3:
+      return "llama-3";
+    case ChatFamily::ChatML:
+      return "chatml";
+    case ChatFamily::Mistral:
+      return "mistral";
   }
   return "?";
 }
 
 std::optional<ChatFamily> chat_family_from_name(const std::string& name) {
-  for (ChatFamily f : {ChatFamily::Llama2, ChatFamily::Llama3, ChatFamily::ChatML,
-                       ChatFamily::Mistral}) {
+  for (ChatFamily f :
+       {ChatFamily::Llama2, ChatFamily::Llama3, ChatFamily::ChatML, ChatFamily::Mistral}) {
     if (name == chat_family_name(f)) return f;
   }
   return std::nullopt;
@@ -91,7 +97,8 @@ ChatTemplate::ChatTemplate(ChatFamily family, std::string bos_token, std::string
                            const std::string& source)
     : family_(family), bos_(std::move(bos_token)), eos_(std::move(eos_token)) {
   if (family_ == ChatFamily::ChatML) default_system_ = chatml_default_system(source);
-  if (family_ == ChatFamily::Mistral) eos_then_space_ = source.find("eos_token + ' '") != std::string::npos;
+  if (family_ == ChatFamily::Mistral)
+    eos_then_space_ = source.find("eos_token + ' '") != std::string::npos;
 }
 
 std::string ChatTemplate::render(const std::vector<ChatMessage>& messages,
@@ -117,8 +124,7 @@ std::string ChatTemplate::render(const std::vector<ChatMessage>& messages,
         const ChatMessage& m = messages[i];
         if ((m.role == "user") != (idx % 2 == 0)) refuse(alternate);
         std::string content = m.content;
-        if (idx == 0 && system)
-          content = "<<SYS>>\n" + *system + "\n<</SYS>>\n\n" + m.content;
+        if (idx == 0 && system) content = "<<SYS>>\n" + *system + "\n<</SYS>>\n\n" + m.content;
         if (m.role == "user") {
           out += bos_ + "[INST] " + py_strip(content) + " [/INST]";
         } else if (m.role == "assistant") {
@@ -221,8 +227,9 @@ std::optional<ChatTemplate> load_chat_template(const std::string& model_dir,
       *why_not = config_path.empty()
                      ? "this model has no tokenizer_config.json with a chat_template; start the "
                        "server with --chat-template llama-2|llama-3|chatml|mistral"
-                     : config_path + " has no chat_template; start the server with "
-                                     "--chat-template llama-2|llama-3|chatml|mistral";
+                     : config_path +
+                           " has no chat_template; start the server with "
+                           "--chat-template llama-2|llama-3|chatml|mistral";
     }
     return std::nullopt;
   }

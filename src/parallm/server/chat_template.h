@@ -8,9 +8,9 @@
 // tests/server/chat_template_test.cpp compares against.
 //
 // Families:
-//   llama-2  "<<SYS>>" ... "[INST]" (Llama-2-chat): bos [INST] <<SYS>>\nsys\n<</SYS>>\n\nuser [/INST]
-//   llama-3  "<|start_header_id|>" (Llama-3-Instruct)
-//   chatml   "<|im_start|>" (OpenHermes, Qwen; Qwen's default system message when the template
+//   llama-2  "<<SYS>>" ... "[INST]" (Llama-2-chat): bos [INST] <<SYS>>\nsys\n<</SYS>>\n\nuser
+//   [/INST] llama-3  "<|start_header_id|>" (Llama-3-Instruct) chatml   "<|im_start|>" (OpenHermes,
+//   Qwen; Qwen's default system message when the template
 //            has one)
 //   mistral  "[INST]" without "<<SYS>>" (Mistral-7B-Instruct v0.1 / v0.2)
 #pragma once
@@ -59,7 +59,7 @@ class ChatTemplate {
  private:
   ChatFamily family_;
   std::string bos_, eos_;
-  std::string default_system_;  // chatml (Qwen): the system turn added when there is none
+  std::string default_system_;   // chatml (Qwen): the system turn added when there is none
   bool eos_then_space_ = false;  // mistral v0.1: "content + eos_token + ' '"
 };
 

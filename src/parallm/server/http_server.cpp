@@ -42,7 +42,10 @@ struct ApiError : std::exception {
   std::string message, type = "invalid_request_error", param, code;
   ApiError(int s, std::string m, std::string p = "", std::string t = "invalid_request_error",
            std::string c = "")
-      : status(s), message(std::move(m)), type(std::move(t)), param(std::move(p)),
+      : status(s),
+        message(std::move(m)),
+        type(std::move(t)),
+        param(std::move(p)),
         code(std::move(c)) {}
   const char* what() const noexcept override { return message.c_str(); }
 };
@@ -209,9 +212,9 @@ struct HttpServer::Impl {
     if (!m->is_string()) bad("model", "'model' must be a string");
     const std::string name = m->get<std::string>();
     if (name != model_name && name != engine.info().name) {
-      throw ApiError(404, cat("The model '", name, "' does not exist; this server serves '",
-                              model_name, "'"),
-                     "model", "invalid_request_error", "model_not_found");
+      throw ApiError(
+          404, cat("The model '", name, "' does not exist; this server serves '", model_name, "'"),
+          "model", "invalid_request_error", "model_not_found");
     }
   }
 
@@ -227,8 +230,8 @@ struct HttpServer::Impl {
       size_t nb = bos.empty() ? std::string::npos : text.find(bos, pos);
       size_t ne = eos.empty() ? std::string::npos : text.find(eos, pos);
       const size_t next = std::min(nb, ne);
-      const std::string piece = text.substr(pos, next == std::string::npos ? std::string::npos
-                                                                            : next - pos);
+      const std::string piece =
+          text.substr(pos, next == std::string::npos ? std::string::npos : next - pos);
       if (!piece.empty()) {
         auto part = tok.encode(piece, false);
         ids.insert(ids.end(), part.begin(), part.end());
@@ -261,8 +264,8 @@ struct HttpServer::Impl {
     const int32_t vocab = tok.vocab_size();
     for (int32_t id : ids) {
       if (id < 0 || id >= vocab)
-        bad(param, cat("'", param, "': token id ", id, " is outside the vocabulary [0, ", vocab,
-                       ")"));
+        bad(param,
+            cat("'", param, "': token id ", id, " is outside the vocabulary [0, ", vocab, ")"));
     }
   }
 
@@ -271,7 +274,8 @@ struct HttpServer::Impl {
     for (const json& v : a) {
       if (!v.is_number_integer()) bad(param, cat("'", param, "' must hold integers only"));
       const int64_t id = v.get<int64_t>();
-      if (id < INT32_MIN || id > INT32_MAX) bad(param, cat("'", param, "': token id ", id, " is outside the vocabulary"));
+      if (id < INT32_MIN || id > INT32_MAX)
+        bad(param, cat("'", param, "': token id ", id, " is outside the vocabulary"));
       ids.push_back(static_cast<int32_t>(id));
     }
     check_ids(ids, param);
@@ -333,8 +337,9 @@ struct HttpServer::Impl {
       }
       r.echo = opt_bool(body, "echo").value_or(false);
       if (r.echo && r.logprobs)
-        bad("echo", "'echo' with 'logprobs' needs prompt logprobs, which this server does not "
-                    "compute");
+        bad("echo",
+            "'echo' with 'logprobs' needs prompt logprobs, which this server does not "
+            "compute");
     }
     if (r.prompt.empty()) bad(prompt_param, cat("'", prompt_param, "' gives no tokens"));
 
@@ -364,8 +369,10 @@ struct HttpServer::Impl {
       if (*tp <= 0) bad("top_p", "'top_p' must be in (0, 1]");
       r.params.top_p = static_cast<float>(*tp);
     }
-    if (auto k = opt_int(body, "top_k", -1, INT32_MAX)) r.params.top_k = *k < 0 ? 0 : static_cast<int>(*k);
-    if (auto s = opt_int(body, "seed", INT64_MIN, INT64_MAX)) r.params.seed = static_cast<uint64_t>(*s);
+    if (auto k = opt_int(body, "top_k", -1, INT32_MAX))
+      r.params.top_k = *k < 0 ? 0 : static_cast<int>(*k);
+    if (auto s = opt_int(body, "seed", INT64_MIN, INT64_MAX))
+      r.params.seed = static_cast<uint64_t>(*s);
     r.params.ignore_eos = opt_bool(body, "ignore_eos").value_or(false);
     r.params.top_logprobs = r.logprobs ? r.top_logprobs : -1;
 
@@ -455,7 +462,10 @@ struct Out {
 class Generation {
  public:
   Generation(HttpServer::Impl& s, const GenRequest& r)
-      : srv_(s), req_(r), streamer_(s.tok, r.prompt.back()), stop_(r.stop),
+      : srv_(s),
+        req_(r),
+        streamer_(s.tok, r.prompt.back()),
+        stop_(r.stop),
         prev_(r.prompt.back()) {}
   ~Generation() {
     cancel();
@@ -498,8 +508,8 @@ class Generation {
     try {
       id_ = srv_.engine.submit(std::move(sub), std::move(cb));
     } catch (const serve::QueueFull& e) {
-      throw ApiError(429, cat("the server's queue is full: ", e.what()), "",
-                     "rate_limit_exceeded", "rate_limit_exceeded");
+      throw ApiError(429, cat("the server's queue is full: ", e.what()), "", "rate_limit_exceeded",
+                     "rate_limit_exceeded");
     } catch (const std::invalid_argument& e) {
       throw ApiError(400, e.what());
     }
@@ -521,8 +531,7 @@ class Generation {
     serve::FinishEvent fin;
     {
       std::unique_lock<std::mutex> lock(inbox_->mu);
-      inbox_->cv.wait_for(lock, wait,
-                          [&] { return !inbox_->tokens.empty() || inbox_->finished; });
+      inbox_->cv.wait_for(lock, wait, [&] { return !inbox_->tokens.empty() || inbox_->finished; });
       tokens.swap(inbox_->tokens);
       finished = inbox_->finished;
       fin = inbox_->finish;
@@ -590,8 +599,7 @@ class Generation {
     done_ = true;
     cancel();
     srv_.metrics.count_finished(reason);
-    srv_.metrics.e2e.observe(
-        std::chrono::duration<double>(Clock::now() - inbox_->arrival).count());
+    srv_.metrics.e2e.observe(std::chrono::duration<double>(Clock::now() - inbox_->arrival).count());
   }
   void fail_with(int status, const std::string& msg, const std::string& type) {
     error_ = ApiError(status, msg, "", type);
@@ -789,9 +797,8 @@ void HttpServer::Impl::handle_generate(const httplib::Request& req, httplib::Res
             // The headers are gone: the error travels as an event of its own.
             data += "data: " + dump(error_json(*st->gen->error())) + "\n\n";
           } else {
-            json choice = {{"index", 0},
-                           {"logprobs", nullptr},
-                           {"finish_reason", st->gen->finish_reason()}};
+            json choice = {
+                {"index", 0}, {"logprobs", nullptr}, {"finish_reason", st->gen->finish_reason()}};
             if (chat_r) {
               choice["delta"] = json::object();
             } else {
@@ -799,13 +806,13 @@ void HttpServer::Impl::handle_generate(const httplib::Request& req, httplib::Res
             }
             data += chunk(choice);
             if (st->req.include_usage) {
-              json c = {{"id", st->id},
-                        {"object", chat_r ? "chat.completion.chunk" : "text_completion"},
-                        {"created", st->created},
-                        {"model", self->model_name},
-                        {"choices", json::array()},
-                        {"usage", self->usage(st->gen->prompt_tokens(),
-                                              st->gen->completion_tokens())}};
+              json c = {
+                  {"id", st->id},
+                  {"object", chat_r ? "chat.completion.chunk" : "text_completion"},
+                  {"created", st->created},
+                  {"model", self->model_name},
+                  {"choices", json::array()},
+                  {"usage", self->usage(st->gen->prompt_tokens(), st->gen->completion_tokens())}};
               data += "data: " + dump(c) + "\n\n";
             }
           }
@@ -848,8 +855,7 @@ void HttpServer::Impl::register_routes() {
   svr.Post("/v1/completions", guard([this](const httplib::Request& q, httplib::Response& r) {
              handle_generate(q, r, false);
            }));
-  svr.Post("/v1/chat/completions",
-           guard([this](const httplib::Request& q, httplib::Response& r) {
+  svr.Post("/v1/chat/completions", guard([this](const httplib::Request& q, httplib::Response& r) {
              handle_generate(q, r, true);
            }));
   auto model_card = [this] {
@@ -882,8 +888,7 @@ void HttpServer::Impl::register_routes() {
             r.set_content(metrics.render(model_name, engine.stats()),
                           "text/plain; version=0.0.4; charset=utf-8");
           }));
-  svr.Post("/tokenize",
-           guard([this, parse_body](const httplib::Request& q, httplib::Response& r) {
+  svr.Post("/tokenize", guard([this, parse_body](const httplib::Request& q, httplib::Response& r) {
              const json body = parse_body(q);
              check_model(body);
              std::vector<int32_t> ids;
@@ -896,33 +901,34 @@ void HttpServer::Impl::register_routes() {
                ids = tok.encode(p->get<std::string>(),
                                 opt_bool(body, "add_special_tokens").value_or(true));
              }
-             r.set_content(dump({{"tokens", ids},
-                                 {"count", ids.size()},
-                                 {"max_model_len", max_model_len()}}),
-                           "application/json");
+             r.set_content(
+                 dump({{"tokens", ids}, {"count", ids.size()}, {"max_model_len", max_model_len()}}),
+                 "application/json");
            }));
   svr.Post("/detokenize",
            guard([this, parse_body](const httplib::Request& q, httplib::Response& r) {
              const json body = parse_body(q);
              check_model(body);
              const json* t = field(body, "tokens");
-             if (!t || !t->is_array()) bad("tokens", "'tokens' (an array of token ids) is required");
+             if (!t || !t->is_array())
+               bad("tokens", "'tokens' (an array of token ids) is required");
              const auto ids = parse_token_array(*t, "tokens");
              r.set_content(dump({{"prompt", tok.decode(ids)}}), "application/json");
            }));
 
   // A known path with the wrong method: 405 with Allow (httplib alone would say 404).
   const std::pair<const char*, const char*> routes[] = {
-      {"/v1/completions", "POST"}, {"/v1/chat/completions", "POST"}, {"/v1/models", "GET"},
-      {R"(/v1/models/(.+))", "GET"}, {"/health", "GET"},          {"/metrics", "GET"},
+      {"/v1/completions", "POST"}, {"/v1/chat/completions", "POST"},
+      {"/v1/models", "GET"},       {R"(/v1/models/(.+))", "GET"},
+      {"/health", "GET"},          {"/metrics", "GET"},
       {"/tokenize", "POST"},       {"/detokenize", "POST"}};
   for (const auto& [path, allowed] : routes) {
     const std::string allow = allowed;
     auto refuse = [allow](const httplib::Request& q, httplib::Response& r) {
       r.set_header("Allow", allow);
-      send_error(r, ApiError(405, cat("method ", q.method, " is not allowed on ", q.path,
-                                      "; use ", allow),
-                             "", "invalid_request_error", "method_not_allowed"));
+      send_error(
+          r, ApiError(405, cat("method ", q.method, " is not allowed on ", q.path, "; use ", allow),
+                      "", "invalid_request_error", "method_not_allowed"));
     };
     if (allow != "GET") svr.Get(path, refuse);
     if (allow != "POST") svr.Post(path, httplib::Server::Handler(refuse));
@@ -954,17 +960,17 @@ void HttpServer::Impl::register_routes() {
                              r.status >= 500 ? "server_error" : "invalid_request_error"));
     }
   });
-  svr.set_exception_handler([](const httplib::Request&, httplib::Response& r,
-                               std::exception_ptr ep) {
-    std::string what = "unknown";
-    try {
-      std::rethrow_exception(ep);
-    } catch (const std::exception& e) {
-      what = e.what();
-    } catch (...) {
-    }
-    send_error(r, ApiError(500, "internal error: " + what, "", "server_error"));
-  });
+  svr.set_exception_handler(
+      [](const httplib::Request&, httplib::Response& r, std::exception_ptr ep) {
+        std::string what = "unknown";
+        try {
+          std::rethrow_exception(ep);
+        } catch (const std::exception& e) {
+          what = e.what();
+        } catch (...) {
+        }
+        send_error(r, ApiError(500, "internal error: " + what, "", "server_error"));
+      });
 }
 
 HttpServer::HttpServer(serve::ServeEngine& engine, const Tokenizer& tokenizer,
@@ -987,7 +993,9 @@ HttpServer::HttpServer(serve::ServeEngine& engine, const Tokenizer& tokenizer,
   s.register_routes();
 }
 
-HttpServer::~HttpServer() { stop(); }
+HttpServer::~HttpServer() {
+  stop();
+}
 
 int HttpServer::listen(const std::string& host, int port) {
   Impl& s = *impl_;
@@ -1026,18 +1034,25 @@ void HttpServer::wait() {
   while (running()) std::this_thread::sleep_for(50ms);
 }
 
-bool HttpServer::running() const { return impl_->svr.is_running() && !impl_->stopping; }
+bool HttpServer::running() const {
+  return impl_->svr.is_running() && !impl_->stopping;
+}
 
-const std::string& HttpServer::chat_template_problem() const { return impl_->chat_problem; }
+const std::string& HttpServer::chat_template_problem() const {
+  return impl_->chat_problem;
+}
 
 namespace {
 volatile sig_atomic_t g_signal = 0;
-extern "C" void on_signal(int sig) { g_signal = sig; }
+extern "C" void on_signal(int sig) {
+  g_signal = sig;
+}
 }  // namespace
 
 int wait_for_signal(HttpServer& server) {
   g_signal = 0;
-  struct sigaction sa {}, old_int{}, old_term{};
+  struct sigaction sa {
+  }, old_int{}, old_term{};
   sa.sa_handler = on_signal;
   sigemptyset(&sa.sa_mask);
   sigaction(SIGINT, &sa, &old_int);

@@ -27,13 +27,13 @@ class Tokenizer;
 namespace parallm::server {
 
 struct ServerOptions {
-  std::string api_key;             // non-empty: /v1/* needs "Authorization: Bearer <api_key>"
-  std::string model_dir;           // where tokenizer_config.json (chat_template, bos/eos) is read
-  std::string chat_template;       // a family name (llama-2, llama-3, chatml, mistral) overriding
-                                   // the model's template; "" = detect from tokenizer_config.json
-  std::string served_model_name;   // "" = engine.info().name; requests may name either
-  int64_t max_pending = 0;         // > 0: requests in flight in the server beyond this get 429
-  int http_threads = 128;          // connections served at once (a stream holds one throughout)
+  std::string api_key;            // non-empty: /v1/* needs "Authorization: Bearer <api_key>"
+  std::string model_dir;          // where tokenizer_config.json (chat_template, bos/eos) is read
+  std::string chat_template;      // a family name (llama-2, llama-3, chatml, mistral) overriding
+                                  // the model's template; "" = detect from tokenizer_config.json
+  std::string served_model_name;  // "" = engine.info().name; requests may name either
+  int64_t max_pending = 0;        // > 0: requests in flight in the server beyond this get 429
+  int http_threads = 128;         // connections served at once (a stream holds one throughout)
   size_t max_body_bytes = 64 << 20;
 };
 

@@ -56,19 +56,23 @@ std::string Histogram::render(const std::string& name, const std::string& help,
 
 // vLLM's buckets.
 ServerMetrics::ServerMetrics()
-    : ttft({0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-            10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0}),
+    : ttft({0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1,  0.25,  0.5,   0.75,
+            1.0,   2.5,   5.0,  7.5,  10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0}),
       itl({0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
            20.0, 40.0, 80.0}),
-      e2e({0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-           240.0, 480.0, 960.0, 1920.0, 7680.0}) {}
+      e2e({0.3,  0.5,  0.8,  1.0,  1.5,   2.0,   2.5,   5.0,   10.0,   15.0,  20.0,
+           30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0}) {}
 
 void ServerMetrics::count_finished(const std::string& reason) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (reason == "stop") ++stop_;
-  else if (reason == "length") ++length_;
-  else if (reason == "abort") ++abort_;
-  else ++error_;
+  if (reason == "stop")
+    ++stop_;
+  else if (reason == "length")
+    ++length_;
+  else if (reason == "abort")
+    ++abort_;
+  else
+    ++error_;
 }
 
 std::string ServerMetrics::render(const std::string& model_name,
@@ -77,7 +81,10 @@ std::string ServerMetrics::render(const std::string& model_name,
   std::string esc;
   for (char c : model) {
     if (c == '\\' || c == '"') esc += '\\';
-    if (c == '\n') { esc += "\\n"; continue; }
+    if (c == '\n') {
+      esc += "\\n";
+      continue;
+    }
     esc += c;
   }
   const std::string labels = "model_name=\"" + esc + "\"";
@@ -113,8 +120,7 @@ std::string ServerMetrics::render(const std::string& model_name,
     }
   }
   o << ttft.render("parallm:time_to_first_token_seconds", "Time to the first token.", labels);
-  o << itl.render("parallm:inter_token_latency_seconds", "Time between successive tokens.",
-                  labels);
+  o << itl.render("parallm:inter_token_latency_seconds", "Time between successive tokens.", labels);
   o << e2e.render("parallm:e2e_request_latency_seconds", "Request latency, arrival to finish.",
                   labels);
   return o.str();

@@ -10,8 +10,8 @@
 #include <fstream>
 #include <string>
 
-#include "server/fake_engine.h"
 #include "parallm/server/http_server.h"
+#include "server/fake_engine.h"
 
 int main(int argc, char** argv) {
   using namespace parallm;
@@ -19,11 +19,16 @@ int main(int argc, char** argv) {
   std::string api_key, port_file, expected_out;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
-    if (k == "--port") port = std::atoi(v.c_str());
-    else if (k == "--api-key") api_key = v;
-    else if (k == "--port-file") port_file = v;
-    else if (k == "--expected-out") expected_out = v;
-    else if (k == "--expected-tokens") expected_tokens = std::atoi(v.c_str());
+    if (k == "--port")
+      port = std::atoi(v.c_str());
+    else if (k == "--api-key")
+      api_key = v;
+    else if (k == "--port-file")
+      port_file = v;
+    else if (k == "--expected-out")
+      expected_out = v;
+    else if (k == "--expected-tokens")
+      expected_tokens = std::atoi(v.c_str());
     else {
       std::fprintf(stderr, "parallm_fake_server: unknown flag %s\n", k.c_str());
       return 2;
