@@ -141,8 +141,8 @@ class FakeEngine : public serve::ServeEngine {
     std::lock_guard<std::mutex> lock(mu_);
     if (queue_full) throw serve::QueueFull("fake queue full");
     const uint64_t id = next_id_++;
-    last_prompt = s.prompt;
-    last_params = s.params;
+    last_prompt_ = s.prompt;
+    last_params_ = s.params;
     reqs_[id] = Req{std::move(s), std::move(cb)};
     ++submitted;
     return id;
@@ -181,10 +181,17 @@ class FakeEngine : public serve::ServeEngine {
   std::atomic<int> step_us{1000};
   std::atomic<int> fail_after{
       -1};                  // >= 0: the request fails (FinishReason::Error) after this many tokens
-  bool queue_full = false;  // under mu_ via submit; set before requests
+  std::atomic<bool> queue_full{false};
   std::atomic<int> submitted{0}, cancelled{0};
-  std::vector<int32_t> last_prompt;
-  serve::GenParams last_params;
+  // The last submission's prompt and parameters (under the lock: httplib threads write them).
+  std::vector<int32_t> last_prompt() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return last_prompt_;
+  }
+  serve::GenParams last_params() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return last_params_;
+  }
   int64_t running() const { return stats().running; }
   const std::vector<int32_t>& reply() const { return reply_; }
 
@@ -266,6 +273,8 @@ class FakeEngine : public serve::ServeEngine {
   serve::ModelInfo info_;
   mutable std::mutex mu_;
   std::map<uint64_t, Req> reqs_;
+  std::vector<int32_t> last_prompt_;
+  serve::GenParams last_params_;
   uint64_t next_id_ = 1;
   int64_t generated_ = 0, prompt_tokens_ = 0;
   bool stop_ = false;

@@ -51,7 +51,7 @@ TEST(Server, CompletionTextUsageAndFinishReasons) {
   EXPECT_EQ(a["choices"][0]["text"], rig.reply_text(7));
   EXPECT_EQ(a["choices"][0]["finish_reason"], "length");
   const auto prompt_ids = rig.tok->encode("Once upon a time", true);
-  EXPECT_EQ(rig.engine->last_prompt, prompt_ids);  // BOS added for a string prompt
+  EXPECT_EQ(rig.engine->last_prompt(), prompt_ids);  // BOS added for a string prompt
   EXPECT_EQ(prompt_ids.front(), rig.tok->bos_id());
   EXPECT_EQ(a["usage"]["prompt_tokens"], prompt_ids.size());
   EXPECT_EQ(a["usage"]["completion_tokens"], 7);
@@ -71,13 +71,13 @@ TEST(Server, CompletionTextUsageAndFinishReasons) {
                           {"top_p", 0.5},
                           {"top_k", 4},
                           {"seed", 42}});
-  EXPECT_EQ(rig.engine->last_prompt, (std::vector<int32_t>{7, 8, 9}));
-  EXPECT_EQ(rig.engine->last_params.temperature, 0.0f);
-  EXPECT_EQ(rig.engine->last_params.top_p, 0.5f);
-  EXPECT_EQ(rig.engine->last_params.top_k, 4);
-  EXPECT_EQ(rig.engine->last_params.seed, 42u);
-  EXPECT_EQ(rig.engine->last_params.max_tokens, 3);
-  EXPECT_EQ(rig.engine->last_params.top_logprobs, -1);
+  EXPECT_EQ(rig.engine->last_prompt(), (std::vector<int32_t>{7, 8, 9}));
+  EXPECT_EQ(rig.engine->last_params().temperature, 0.0f);
+  EXPECT_EQ(rig.engine->last_params().top_p, 0.5f);
+  EXPECT_EQ(rig.engine->last_params().top_k, 4);
+  EXPECT_EQ(rig.engine->last_params().seed, 42u);
+  EXPECT_EQ(rig.engine->last_params().max_tokens, 3);
+  EXPECT_EQ(rig.engine->last_params().top_logprobs, -1);
   EXPECT_EQ(c["usage"]["prompt_tokens"], 3);
 
   // max_completion_tokens is max_tokens' other name; echo puts the prompt in front.
@@ -205,32 +205,32 @@ TEST(Server, ChatUsesTheTemplate) {
   const std::string rendered =
       "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n"
       "<|im_start|>assistant\n";
-  EXPECT_EQ(rig.engine->last_prompt, rig.tok->encode(rendered, false));
-  EXPECT_EQ(rig.engine->last_prompt.front(), 3);  // <|im_start|> as its special id
-  EXPECT_EQ(a["usage"]["prompt_tokens"], rig.engine->last_prompt.size());
+  EXPECT_EQ(rig.engine->last_prompt(), rig.tok->encode(rendered, false));
+  EXPECT_EQ(rig.engine->last_prompt().front(), 3);  // <|im_start|> as its special id
+  EXPECT_EQ(a["usage"]["prompt_tokens"], rig.engine->last_prompt().size());
   // /tokenize renders the same way.
   const json t = post_ok(rig, "/tokenize",
                          {{"messages",
                            {{{"role", "system"}, {"content", "Be brief."}},
                             {{"role", "user"}, {"content", "Hello"}}}}});
-  EXPECT_EQ(t["tokens"].get<std::vector<int32_t>>(), rig.engine->last_prompt);
+  EXPECT_EQ(t["tokens"].get<std::vector<int32_t>>(), rig.engine->last_prompt());
   // Content parts join with newlines; chat's default max_tokens is what the context leaves.
   post_ok(
       rig, "/v1/chat/completions",
       {{"messages",
         {{{"role", "user"},
           {"content", {{{"type", "text"}, {"text", "a"}}, {{"type", "text"}, {"text", "b"}}}}}}}});
-  EXPECT_EQ(rig.engine->last_prompt,
+  EXPECT_EQ(rig.engine->last_prompt(),
             rig.tok->encode("<|im_start|>user\na\nb<|im_end|>\n<|im_start|>assistant\n", false));
-  EXPECT_EQ(rig.engine->last_params.max_tokens,
-            256 - static_cast<int64_t>(rig.engine->last_prompt.size()));
+  EXPECT_EQ(rig.engine->last_params().max_tokens,
+            256 - static_cast<int64_t>(rig.engine->last_prompt().size()));
 }
 
 TEST(Server, Logprobs) {
   ServerRig rig;
   const json a =
       post_ok(rig, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 6}, {"logprobs", 2}});
-  EXPECT_EQ(rig.engine->last_params.top_logprobs, 2);
+  EXPECT_EQ(rig.engine->last_params().top_logprobs, 2);
   const json& lp = a["choices"][0]["logprobs"];
   ASSERT_EQ(lp["tokens"].size(), 6u);
   ASSERT_EQ(lp["token_logprobs"].size(), 6u);
@@ -380,7 +380,7 @@ TEST(Server, NoChatTemplateMeans400) {
   ServerRig rig2(o, "");
   post_ok(rig2, "/v1/chat/completions",
           {{"messages", {{{"role", "user"}, {"content", "hi"}}}}, {"max_tokens", 2}});
-  EXPECT_EQ(rig2.engine->last_prompt, rig2.tok->encode("<s>[INST] hi [/INST]", false));
+  EXPECT_EQ(rig2.engine->last_prompt(), rig2.tok->encode("<s>[INST] hi [/INST]", false));
   expect_error(post(rig2, "/v1/chat/completions",
                     {{"messages", {{{"role", "assistant"}, {"content", "x"}}}}}),
                400, "messages");
@@ -575,7 +575,7 @@ TEST(BenchServe, CountsTokensAndTimesAgainstTheFakeServer) {
     ASSERT_TRUE(j.contains(k)) << k;
     EXPECT_GT(j[k].get<double>(), 0) << k;
   }
-  EXPECT_EQ(rig.engine->last_params.ignore_eos, true);
+  EXPECT_EQ(rig.engine->last_params().ignore_eos, true);
   // The same seed gives the same requests.
   const server::BenchReport again = server::run_bench_serve(o);
   EXPECT_EQ(again.to_json()["input_lens"], j["input_lens"]);
