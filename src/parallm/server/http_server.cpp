@@ -196,6 +196,7 @@ struct HttpServer::Impl {
   std::thread thread;
   std::atomic<bool> stopping{false}, started{false};
   std::atomic<int64_t> in_flight{0};
+  std::atomic<int> open_streams{0};  // SSE responses not yet finished
   std::atomic<uint64_t> next_id{1};
   ServerMetrics metrics;
   std::mutex active_mu;
@@ -748,6 +749,7 @@ void HttpServer::Impl::handle_generate(const httplib::Request& req, httplib::Res
     return "data: " + dump(c) + "\n\n";
   };
   Impl* self = this;
+  open_streams.fetch_add(1);
   res.set_chunked_content_provider(
       "text/event-stream",
       [st, chunk, chat_r, self](size_t, httplib::DataSink& sink) -> bool {
@@ -825,7 +827,10 @@ void HttpServer::Impl::handle_generate(const httplib::Request& req, httplib::Res
         if (done) sink.done();
         return true;
       },
-      [st](bool) { st->gen->cancel(); });
+      [st, self](bool) {
+        st->gen->cancel();
+        self->open_streams.fetch_sub(1);
+      });
 }
 
 void HttpServer::Impl::register_routes() {
@@ -1026,6 +1031,9 @@ void HttpServer::stop() {
     std::lock_guard<std::mutex> lock(s.active_mu);
     for (uint64_t id : s.active) s.engine.cancel(id);
   }
+  // Let open streams write their closing error event and [DONE] (their next poll sees
+  // `stopping`) before httplib stops calling their providers.
+  for (int i = 0; i < 200 && s.open_streams.load() > 0; ++i) std::this_thread::sleep_for(5ms);
   s.svr.stop();
   if (s.thread.joinable()) s.thread.join();
 }
