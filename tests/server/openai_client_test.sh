@@ -19,7 +19,8 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
 fi
 if [ ! -f "$cache/node_modules/openai/package.json" ]; then
   mkdir -p "$cache"
-  if ! npm install --prefix "$cache" --no-audit --no-fund --loglevel=error "openai@$OPENAI_VERSION" >"$cache/install.log" 2>&1; then
+  if ! npm install --prefix "$cache" --no-audit --no-fund --loglevel=error --fetch-retries=1 \
+      --fetch-timeout=30000 "openai@$OPENAI_VERSION" >"$cache/install.log" 2>&1; then
     echo "openai_client_test: npm install openai@$OPENAI_VERSION failed (no registry?); skipped"
     tail -5 "$cache/install.log"
     exit 77
