@@ -366,6 +366,79 @@ TEST(Server, ApiKey) {
   EXPECT_EQ(health->status, 200);
 }
 
+// A tokenizer that reads "<s>" and "</s>" in text as plain characters, as sentencepiece's
+// tokenizer.model does: those spellings become their byte tokens, the rest is encoded as usual.
+class TextSpecialsTokenizer : public Tokenizer {
+ public:
+  explicit TextSpecialsTokenizer(const Tokenizer& t) : t_(t) {}
+  std::vector<int32_t> encode(std::string_view text, bool add_bos) const override {
+    std::vector<int32_t> out;
+    if (add_bos) out.push_back(t_.bos_id());
+    std::string s(text);
+    size_t pos = 0;
+    while (pos < s.size()) {
+      size_t a = std::min(s.find("<s>", pos), s.find("</s>", pos));
+      auto seg = t_.encode(s.substr(pos, a == std::string::npos ? std::string::npos : a - pos), false);
+      out.insert(out.end(), seg.begin(), seg.end());
+      if (a == std::string::npos) break;
+      const size_t len = s.compare(a, 3, "<s>") == 0 ? 3 : 4;
+      for (size_t i = a; i < a + len; ++i) out.push_back(t_.piece_to_id(cat_byte(s[i])));
+      pos = a + len;
+    }
+    return out;
+  }
+  std::string decode(const std::vector<int32_t>& ids) const override { return t_.decode(ids); }
+  std::string decode_token(int32_t prev, int32_t id) const override {
+    return t_.decode_token(prev, id);
+  }
+  int32_t vocab_size() const override { return t_.vocab_size(); }
+  int32_t bos_id() const override { return t_.bos_id(); }
+  int32_t eos_id() const override { return t_.eos_id(); }
+  std::string id_to_piece(int32_t id) const override { return t_.id_to_piece(id); }
+
+ private:
+  static std::string cat_byte(char c) {
+    char name[8];
+    std::snprintf(name, sizeof(name), "<0x%02X>", static_cast<unsigned char>(c));
+    return name;
+  }
+  const Tokenizer& t_;
+};
+
+TEST(Server, ChatBosEosIdsWhenTheTokenizerReadsThemAsText) {
+  TempModelDir dir("");
+  auto inner = load_tokenizer(dir.str());
+  TextSpecialsTokenizer tok(*inner);
+  ASSERT_NE(tok.encode("<s>", false), std::vector<int32_t>{1});
+  FakeEngine engine(inner->encode(kReplyText, false), tok.vocab_size(), 256);
+  server::ServerOptions o;
+  o.chat_template = "llama-2";
+  o.model_dir = dir.str();
+  server::HttpServer http(engine, tok, o);
+  const int port = http.listen("127.0.0.1", 0);
+  httplib::Client c("127.0.0.1", port);
+  json body = {{"messages",
+                {{{"role", "user"}, {"content", "hi"}},
+                 {{"role", "assistant"}, {"content", "yo"}},
+                 {{"role", "user"}, {"content", "and?"}}}},
+               {"max_tokens", 2}};
+  auto r = c.Post("/v1/chat/completions", body.dump(), "application/json");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 200) << r->body;
+  std::vector<int32_t> want = {1};
+  auto add = [&](const std::string& text) {
+    auto ids = tok.encode(text, false);
+    want.insert(want.end(), ids.begin(), ids.end());
+  };
+  add("[INST] hi [/INST] yo ");
+  want.push_back(2);
+  want.push_back(1);
+  add("[INST] and? [/INST]");
+  EXPECT_EQ(engine.last_prompt(), want);
+  http.stop();
+  engine.shutdown();
+}
+
 TEST(Server, NoChatTemplateMeans400) {
   ServerRig rig({}, "");
   EXPECT_FALSE(rig.http->chat_template_problem().empty());
