@@ -266,8 +266,9 @@ TEST(Server, Logprobs) {
       entries += static_cast<int>(ch["choices"][0]["logprobs"]["content"].size());
   }
   EXPECT_EQ(entries, 3);
-  // Without logprobs the field is null.
-  const json d = post_ok(rig, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 2}});
+  // Without logprobs (or with false) the field is null.
+  const json d =
+      post_ok(rig, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 2}, {"logprobs", false}});
   EXPECT_TRUE(d["choices"][0]["logprobs"].is_null());
 }
 
@@ -296,6 +297,7 @@ TEST(Server, ErrorsHaveStatusAndShape) {
                "max_tokens");
   expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"n", 2}}), 400, "n");
   expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"logprobs", 21}}), 400, "logprobs");
+  expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"logprobs", true}}), 400, "logprobs");
   expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"stop", {1}}}), 400, "stop");
   expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"stream", "yes"}}), 400, "stream");
   expect_error(post(rig, "/v1/completions",

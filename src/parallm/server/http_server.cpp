@@ -330,11 +330,14 @@ struct HttpServer::Impl {
       } else {
         bad("prompt", "'prompt' must be a string or an array of token ids");
       }
-      if (auto lp = opt_int(body, "logprobs", 0, 20)) {
+      // The number of top tokens; `false` (some clients send it) means none.
+      const json* l = field(body, "logprobs");
+      if (l && l->is_boolean()) {
+        if (l->get<bool>())
+          bad("logprobs", "'logprobs' for completions is the number of top tokens (0..20)");
+      } else if (auto lp = opt_int(body, "logprobs", 0, 20)) {
         r.logprobs = true;
         r.top_logprobs = static_cast<int>(*lp);
-      } else if (const json* l = field(body, "logprobs"); l && l->is_boolean() && l->get<bool>()) {
-        bad("logprobs", "'logprobs' for completions is the number of top tokens (0..20)");
       }
       r.echo = opt_bool(body, "echo").value_or(false);
       if (r.echo && r.logprobs)

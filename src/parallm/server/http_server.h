@@ -33,7 +33,7 @@ struct ServerOptions {
                                   // the model's template; "" = detect from tokenizer_config.json
   std::string served_model_name;  // "" = engine.info().name; requests may name either
   int64_t max_pending = 0;        // > 0: requests in flight in the server beyond this get 429
-  int http_threads = 128;         // connections served at once (a stream holds one throughout)
+  int http_threads = 256;         // connections served at once (a stream holds one throughout)
   size_t max_body_bytes = 64 << 20;
 };
 
