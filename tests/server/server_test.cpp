@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <fstream>
 #include <regex>
 #include <sstream>
 #include <thread>
@@ -297,7 +298,8 @@ TEST(Server, ErrorsHaveStatusAndShape) {
                "max_tokens");
   expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"n", 2}}), 400, "n");
   expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"logprobs", 21}}), 400, "logprobs");
-  expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"logprobs", true}}), 400, "logprobs");
+  expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"logprobs", true}}), 400,
+               "logprobs");
   expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"stop", {1}}}), 400, "stop");
   expect_error(post(rig, "/v1/completions", {{"prompt", "a"}, {"stream", "yes"}}), 400, "stream");
   expect_error(post(rig, "/v1/completions",
@@ -380,7 +382,8 @@ class TextSpecialsTokenizer : public Tokenizer {
     size_t pos = 0;
     while (pos < s.size()) {
       size_t a = std::min(s.find("<s>", pos), s.find("</s>", pos));
-      auto seg = t_.encode(s.substr(pos, a == std::string::npos ? std::string::npos : a - pos), false);
+      auto seg =
+          t_.encode(s.substr(pos, a == std::string::npos ? std::string::npos : a - pos), false);
       out.insert(out.end(), seg.begin(), seg.end());
       if (a == std::string::npos) break;
       const size_t len = s.compare(a, 3, "<s>") == 0 ? 3 : 4;
@@ -659,6 +662,44 @@ TEST(BenchServe, CountsTokensAndTimesAgainstTheFakeServer) {
   // An unreachable server is one clear error.
   o.base_url = "http://127.0.0.1:1";
   EXPECT_THROW(server::run_bench_serve(o), std::runtime_error);
+}
+
+}  // namespace
+}  // namespace parallm::testing
+
+#include "test_util.h"
+
+namespace parallm::testing {
+namespace {
+
+// The CLI end to end: `parallm bench serve` against the fake server writes vLLM's JSON; its
+// mistakes are one line.
+TEST(BenchServe, CommandLine) {
+  ServerRig rig;
+  const std::string out = ::testing::TempDir() + "bench_serve_result.json";
+  auto r = run_parallm("bench serve --port " + std::to_string(rig.port) +
+                       " --num-prompts 5 --random-input-len 4 --random-output-len 3 --seed 7"
+                       " --result-file " +
+                       out);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("Successful requests:                     5"), std::string::npos)
+      << r.output;
+  std::ifstream in(out);
+  const json j = json::parse(in);
+  EXPECT_EQ(j["completed"], 5);
+  EXPECT_EQ(j["total_output_tokens"], 15);
+  EXPECT_EQ(j["request_rate"], "inf");
+  for (const auto& [args, needle] : std::vector<std::pair<std::string, std::string>>{
+           {"--port 1", "cannot reach the server"},
+           {"--port 1 --request-rate 0", "--request-rate 0"},
+           {"--port 1 --num-prompts 0", "--num-prompts"},
+           {"--port 1 --random-range-ratio 1", "--random-range-ratio"}}) {
+    auto e = run_parallm("bench serve " + args);
+    EXPECT_EQ(e.exit_code, 1) << args << "\n" << e.output;
+    EXPECT_NE(e.output.find(needle), std::string::npos) << args << "\n" << e.output;
+    EXPECT_EQ(std::count(e.output.begin(), e.output.end(), '\n'), 1) << e.output;
+  }
+  std::remove(out.c_str());
 }
 
 }  // namespace
