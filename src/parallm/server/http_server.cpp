@@ -198,7 +198,9 @@ struct HttpServer::Impl {
   std::atomic<int64_t> in_flight{0};
   std::atomic<int> open_streams{0};  // SSE responses not yet finished
   std::atomic<uint64_t> next_id{1};
-  ServerMetrics metrics;
+  // Shared with the engine's callbacks, which may run after the server is gone (an engine that
+  // outlives it and still reports a token of a cancelled request).
+  std::shared_ptr<ServerMetrics> metrics = std::make_shared<ServerMetrics>();
   std::mutex active_mu;
   std::set<uint64_t> active;  // engine ids of requests in flight, cancelled by stop()
 
@@ -486,7 +488,7 @@ class Generation {
     inbox_->arrival = Clock::now();
     serve::RequestCallbacks cb;
     std::shared_ptr<Inbox> in = inbox_;
-    ServerMetrics* m = &srv_.metrics;
+    std::shared_ptr<ServerMetrics> m = srv_.metrics;
     cb.on_token = [in, m](const serve::TokenEvent& ev) {
       const auto now = Clock::now();
       std::lock_guard<std::mutex> lock(in->mu);
@@ -602,14 +604,15 @@ class Generation {
     finish_reason_ = reason;
     done_ = true;
     cancel();
-    srv_.metrics.count_finished(reason);
-    srv_.metrics.e2e.observe(std::chrono::duration<double>(Clock::now() - inbox_->arrival).count());
+    srv_.metrics->count_finished(reason);
+    srv_.metrics->e2e.observe(
+        std::chrono::duration<double>(Clock::now() - inbox_->arrival).count());
   }
   void fail_with(int status, const std::string& msg, const std::string& type) {
     error_ = ApiError(status, msg, "", type);
     done_ = true;
     cancel();
-    srv_.metrics.count_finished(status == 503 ? "abort" : "error");
+    srv_.metrics->count_finished(status == 503 ? "abort" : "error");
   }
   void forget() {
     std::lock_guard<std::mutex> lock(srv_.active_mu);
@@ -893,7 +896,7 @@ void HttpServer::Impl::register_routes() {
     r.set_content(ok ? "{\"status\":\"ok\"}" : "{\"status\":\"loading\"}", "application/json");
   });
   svr.Get("/metrics", guard([this](const httplib::Request&, httplib::Response& r) {
-            r.set_content(metrics.render(model_name, engine.stats()),
+            r.set_content(metrics->render(model_name, engine.stats()),
                           "text/plain; version=0.0.4; charset=utf-8");
           }));
   svr.Post("/tokenize", guard([this, parse_body](const httplib::Request& q, httplib::Response& r) {
