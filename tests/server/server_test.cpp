@@ -80,6 +80,11 @@ TEST(Server, CompletionTextUsageAndFinishReasons) {
   EXPECT_EQ(rig.engine->last_params().max_tokens, 3);
   EXPECT_EQ(rig.engine->last_params().top_logprobs, -1);
   EXPECT_EQ(c["usage"]["prompt_tokens"], 3);
+  // Without a seed each request gets its own.
+  post_ok(rig, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 1}});
+  const uint64_t s1 = rig.engine->last_params().seed;
+  post_ok(rig, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 1}});
+  EXPECT_NE(rig.engine->last_params().seed, s1);
 
   // max_completion_tokens is max_tokens' other name; echo puts the prompt in front.
   const json d = post_ok(rig, "/v1/completions",

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <random>
 #include <set>
 #include <stdexcept>
 #include <thread>
@@ -198,6 +199,8 @@ struct HttpServer::Impl {
   std::atomic<int64_t> in_flight{0};
   std::atomic<int> open_streams{0};  // SSE responses not yet finished
   std::atomic<uint64_t> next_id{1};
+  std::mutex seed_mu;
+  std::mt19937_64 seed_rng{std::random_device{}()};
   // Shared with the engine's callbacks, which may run after the server is gone (an engine that
   // outlives it and still reports a token of a cancelled request).
   std::shared_ptr<ServerMetrics> metrics = std::make_shared<ServerMetrics>();
@@ -377,8 +380,14 @@ struct HttpServer::Impl {
     }
     if (auto k = opt_int(body, "top_k", -1, INT32_MAX))
       r.params.top_k = *k < 0 ? 0 : static_cast<int>(*k);
-    if (auto s = opt_int(body, "seed", INT64_MIN, INT64_MAX))
+    // No seed: a fresh one per request, so that sampled requests differ (as OpenAI's do); with
+    // one, the engine gives the same tokens for it at any load.
+    if (auto s = opt_int(body, "seed", INT64_MIN, INT64_MAX)) {
       r.params.seed = static_cast<uint64_t>(*s);
+    } else {
+      std::lock_guard<std::mutex> lock(seed_mu);
+      r.params.seed = seed_rng();
+    }
     r.params.ignore_eos = opt_bool(body, "ignore_eos").value_or(false);
     r.params.top_logprobs = r.logprobs ? r.top_logprobs : -1;
 
