@@ -9,10 +9,10 @@ cd "$(dirname "$0")/.."
 # Every package whose headers, libraries or programs the build uses, named (not left to arrive as
 # a dependency of another): compiler and build tools; BLAS (GEMM); MPI (the multi-process
 # backend, and mpirun); JSON, CLI parsing, formatting; sentencepiece (tokenizer.model); PCRE2
-# (the regex pre-split of tokenizer.json).
+# (the regex pre-split of tokenizer.json); cpp-httplib (the HTTP server of `parallm serve`).
 RUN_PACKAGES=(build-essential cmake pkg-config
   libopenblas-dev libopenmpi-dev openmpi-bin
-  nlohmann-json3-dev libcli11-dev libfmt-dev libsentencepiece-dev libpcre2-dev)
+  nlohmann-json3-dev libcli11-dev libfmt-dev libsentencepiece-dev libpcre2-dev libcpp-httplib-dev)
 bash scripts/install-packages.sh "${RUN_PACKAGES[@]}"
 
 BUILD_DIR=${1:-build}

@@ -10,8 +10,10 @@ shift || true
 
 [ -f "$BUILD_DIR/CMakeCache.txt" ] || bash scripts/setup.sh "$BUILD_DIR"
 # libgtest-dev (and googletest, which it depends on): the test framework; python3-torch and
-# python3-numpy: tests/reference/llama_ref.py; python3: also tests/engine/mpi_tp_check.sh.
-TEST_PACKAGES=(googletest libgtest-dev python3 python3-torch python3-numpy)
+# python3-numpy: tests/reference/llama_ref.py; python3: also tests/engine/mpi_tp_check.sh;
+# python3-jinja2: the chat template goldens (tests/reference/chat_template_ref.py); nodejs and npm:
+# the `openai` npm client test of the server (tests/server/openai_client_test.sh).
+TEST_PACKAGES=(googletest libgtest-dev python3 python3-torch python3-numpy python3-jinja2 nodejs npm)
 bash scripts/install-packages.sh "${TEST_PACKAGES[@]}"
 
 cmake -S . -B "$BUILD_DIR" -DPARALLM_TESTS=ON >/dev/null
