@@ -3,7 +3,19 @@
 // backward. One struct, passed to every training call of a layer, so the model sets a mode once.
 #pragma once
 
+#include <string_view>
+
 namespace parallm::parallel {
+
+// Activation recomputation (Korthikanti et al. 2022), one name for the trainer (train/model.h)
+// and the planner's memory and time model (plan/workload.h):
+//   None: every activation the backward needs is kept from the forward;
+//   Selective: the attention's softmax probabilities are recomputed (TrainMode::recompute_probs);
+//   Full: only each layer's input is kept, the layer's forward runs again before its backward.
+enum class Recompute { None, Selective, Full };
+const char* recompute_name(Recompute r);  // "none", "selective", "full"
+// Throws std::invalid_argument naming `flag` and the value.
+Recompute parse_recompute(std::string_view s, std::string_view flag = "--recompute");
 
 struct TrainMode {
   // Sequence parallelism (Korthikanti et al. 2022): the layer's input and output (xn, out, and

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <string>
 
+#include "parallm/parallel/train_mode.h"
 #include "parallm/pipeline/schedule.h"
 #include "parallm/plan/hardware.h"
 
@@ -29,11 +30,12 @@ struct InferenceWorkload {
   Precision activations = Precision::FP16;  // also what TP/PP messages carry
 };
 
-enum class Optimizer { Adam, SGD };
-enum class Recompute { None, Selective, Full };
+// The recomputation modes are the trainer's own (parallel/train_mode.h).
+using parallel::parse_recompute;
+using parallel::Recompute;
+using parallel::recompute_name;
 
-std::string_view recompute_name(Recompute r);  // "none", "selective", "full"
-Recompute parse_recompute(std::string_view s, std::string_view flag);
+enum class Optimizer { Adam, SGD };
 Optimizer parse_optimizer(std::string_view s, std::string_view flag);
 
 struct TrainingWorkload {

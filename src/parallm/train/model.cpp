@@ -22,25 +22,6 @@
 
 namespace parallm::train {
 
-Recompute parse_recompute(const std::string& s, const std::string& flag) {
-  if (s == "none") return Recompute::None;
-  if (s == "selective") return Recompute::Selective;
-  if (s == "full") return Recompute::Full;
-  fail(flag, "\"", s, "\" is not a recomputation mode (none, selective, full)");
-}
-
-const char* recompute_name(Recompute r) {
-  switch (r) {
-    case Recompute::None:
-      return "none";
-    case Recompute::Selective:
-      return "selective";
-    case Recompute::Full:
-      return "full";
-  }
-  return "?";
-}
-
 TrainModelOptions pipeline_chunks(TrainModelOptions base,
                                   const std::vector<pipeline::StageLayers>& virtual_stages, int pp,
                                   int pp_rank, int v) {

@@ -34,9 +34,9 @@ namespace parallm::train {
 // forward to its backward; selective drops the attention's softmax probabilities (recomputed from
 // q and k); full keeps only each layer's input and runs the layer's forward again just before its
 // backward. The results are bit for bit the same in every mode.
-enum class Recompute { None, Selective, Full };
-Recompute parse_recompute(const std::string& s, const std::string& flag = "--recompute");
-const char* recompute_name(Recompute r);  // "none", "selective", "full"
+using parallel::parse_recompute;
+using parallel::Recompute;
+using parallel::recompute_name;
 
 struct TrainModelOptions {
   // F32: everything in f32 (the reference); the layers view the master values directly.
