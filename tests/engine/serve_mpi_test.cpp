@@ -1,0 +1,43 @@
+// The serving engine under mpirun, one process per rank (tests/engine/tests.cmake runs it with
+// `mpirun -np 2`): world rank 0's process holds the ServeEngine, the other runs
+// run_serve_follower; greedy outputs equal `parallm generate`'s, and shutdown ends the follower
+// (its call returns). Skipped outside mpirun.
+#include <gtest/gtest.h>
+
+#include "serve_test_util.h"
+
+namespace parallm::serve {
+namespace {
+
+TEST(ServeMpi, RankZeroServesAndTheFollowerLeavesAtShutdown) {
+  if (!comm::under_mpirun()) GTEST_SKIP() << "runs under mpirun only (tests/engine/tests.cmake)";
+  testing::Watchdog dog(120);
+  ServeConfig c = testing::stories_config(1, comm::launched_size());  // one stage per process
+  c.backend = "mpi";
+  if (!serve_process_is_root()) {
+    run_serve_follower(c);  // returns at rank 0's exit message
+    return;
+  }
+  const auto prompts = testing::mixed_prompts(6, 20, 17);
+  const std::vector<int64_t> max_tokens = {3, 9, 1, 12, 6, 8};
+  const auto want = testing::reference(prompts, max_tokens, true);
+  auto engine = make_serve_engine(c);
+  ASSERT_TRUE(testing::wait_ready(*engine, 60)) << engine->failure();
+  testing::Sink sink;
+  std::vector<std::shared_ptr<testing::Outcome>> outs(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    GenParams g;
+    g.max_tokens = max_tokens[i];
+    g.temperature = 0;
+    g.ignore_eos = true;
+    sink.submit(*engine, prompts[i], g, &outs[i]);
+  }
+  ASSERT_TRUE(sink.wait(outs, 60)) << engine->failure();
+  for (size_t i = 0; i < prompts.size(); ++i)
+    EXPECT_EQ(sink.get(outs[i]).tokens, want[i]) << "request " << i;
+  engine->shutdown();
+  EXPECT_TRUE(engine->failure().empty()) << engine->failure();
+}
+
+}  // namespace
+}  // namespace parallm::serve
