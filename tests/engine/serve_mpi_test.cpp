@@ -1,7 +1,7 @@
 // The serving engine under mpirun, one process per rank (tests/engine/tests.cmake runs it with
-// `mpirun -np 2`): world rank 0's process holds the ServeEngine, the other runs
-// run_serve_follower; greedy outputs equal `parallm generate`'s, and shutdown ends the follower
-// (its call returns). Skipped outside mpirun.
+// `mpirun -np 2`: PP 2, and `-np 4`: TP 2 x PP 2): world rank 0's process holds the ServeEngine,
+// the others run run_serve_follower; greedy outputs equal `parallm generate`'s, and shutdown ends
+// the followers (their calls return). Skipped outside mpirun.
 #include <gtest/gtest.h>
 
 #include "serve_test_util.h"
@@ -12,7 +12,9 @@ namespace {
 TEST(ServeMpi, RankZeroServesAndTheFollowerLeavesAtShutdown) {
   if (!comm::under_mpirun()) GTEST_SKIP() << "runs under mpirun only (tests/engine/tests.cmake)";
   testing::Watchdog dog(120);
-  ServeConfig c = testing::stories_config(1, comm::launched_size());  // one stage per process
+  // 2 processes: PP 2; 4: TP 2 x PP 2.
+  const int np = comm::launched_size(), tp = np % 2 == 0 && np >= 4 ? 2 : 1;
+  ServeConfig c = testing::stories_config(tp, np / tp);
   c.backend = "mpi";
   if (!serve_process_is_root()) {
     run_serve_follower(c);  // returns at rank 0's exit message
