@@ -409,5 +409,30 @@ TEST(ServeEngine, BadRequestsAndConfigsAreRefusedNamingTheParameter) {
   EXPECT_THROW(make_serve_engine(bad), std::invalid_argument);
 }
 
+TEST(ServeEngine, ALoadFailureIsReportedNotHung) {
+  Watchdog dog;
+  ServeConfig c = testing::stories_config();
+  c.dtype = "f64";  // refused while the ranks start, after make_serve_engine returned
+  auto engine = make_serve_engine(c);
+  Sink sink;
+  GenParams g;
+  std::shared_ptr<Outcome> early;
+  try {
+    sink.submit(*engine, {1, 2}, g, &early);
+  } catch (const std::runtime_error&) {
+    early = nullptr;  // the failure came first
+  }
+  EXPECT_FALSE(testing::wait_ready(*engine, 20));
+  EXPECT_NE(engine->failure().find("dtype"), std::string::npos) << engine->failure();
+  if (early) {
+    ASSERT_TRUE(sink.wait({early}, 20));
+    EXPECT_EQ(sink.get(early).finish.reason, FinishReason::Error);
+    EXPECT_FALSE(sink.get(early).finish.error.empty());
+  }
+  std::shared_ptr<Outcome> late;
+  EXPECT_THROW(sink.submit(*engine, {1, 2}, g, &late), std::runtime_error);
+  engine->shutdown();
+}
+
 }  // namespace
 }  // namespace parallm::serve
