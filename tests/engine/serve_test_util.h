@@ -137,7 +137,8 @@ inline std::vector<std::vector<int32_t>> reference(
       bo.ignore_eos = ignore_eos;
       bo.sampling = sampling;
       bo.collect_logits = logits != nullptr;
-      BatchResult r = run_generation(ctx.model, ctx.tp, ctx.mesh.pp(), {Request{prompts[i], -1}}, bo);
+      BatchResult r =
+          run_generation(ctx.model, ctx.tp, ctx.mesh.pp(), {Request{prompts[i], -1}}, bo);
       std::vector<int32_t> t = r.sequences[0].tokens;
       if (r.sequences[0].stopped_at_eos) t.pop_back();
       out[i] = t;
