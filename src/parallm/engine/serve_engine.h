@@ -111,8 +111,8 @@ class ServeEngine {
   // finish with Cancelled. Returns when every rank has left. Idempotent.
   virtual void shutdown() = 0;
   // Why the engine stopped serving (loading failed, a rank failed), empty while it serves or
-  // after a clean shutdown. ready() is false once it is set.
-  virtual std::string failure() const = 0;
+  // after a clean shutdown. ready() is false once it is set. (Not pure: fakes need not define it.)
+  virtual std::string failure() const { return {}; }
 };
 
 // What `parallm serve` passes to the engine (vLLM's flag names in the comments).
