@@ -217,7 +217,11 @@ KvLayout serve_kv_layout(const ServeConfig& c) {
   kv.block_bytes = kv_block_bytes(layers, heads.kv_heads * mc.head_dim, c.block_size);
   const int64_t per_seq = ceil_div(kv.max_model_len, c.block_size);
   if (c.kv_cache_memory == 0) {
-    kv.num_blocks = per_seq * c.max_num_seqs;
+    // max_num_seqs full-length sequences, but not past kDefaultKvBytes per rank (a 70B model's
+    // full-length sequences would take hundreds of GiB), and never less than one sequence.
+    constexpr uint64_t kDefaultKvBytes = uint64_t{4} << 30;
+    const int64_t cap = static_cast<int64_t>(kDefaultKvBytes / kv.block_bytes);
+    kv.num_blocks = std::max(per_seq, std::min(per_seq * c.max_num_seqs, cap));
   } else {
     kv.num_blocks = static_cast<int64_t>(c.kv_cache_memory / kv.block_bytes);
     if (kv.num_blocks < 1)

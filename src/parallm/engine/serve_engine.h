@@ -131,7 +131,8 @@ struct ServeConfig {
   int64_t max_num_batched_tokens = 512;   // --max-num-batched-tokens: tokens per micro-batch
   int64_t block_size = 16;                // --block-size: positions per KV block
   // --kv-cache-memory: bytes of KV cache per rank (the stage with the most layers decides the
-  // block count); 0: enough for max_num_seqs sequences of max_model_len.
+  // block count); 0: enough for max_num_seqs sequences of max_model_len, capped at 4 GiB per
+  // rank (but at least one such sequence).
   uint64_t kv_cache_memory = 0;
   bool enable_prefix_caching = false;     // --enable-prefix-caching
   int64_t max_model_len = 0;              // --max-model-len; 0: max_position_embeddings
