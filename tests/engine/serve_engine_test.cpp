@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <cmath>
 #include <thread>
 
@@ -431,6 +433,59 @@ TEST(ServeEngine, ALoadFailureIsReportedNotHung) {
   }
   std::shared_ptr<Outcome> late;
   EXPECT_THROW(sink.submit(*engine, {1, 2}, g, &late), std::runtime_error);
+  engine->shutdown();
+}
+
+// A measurement, not a check (disabled; prints only): output tokens/s of 1, 4 and 16 concurrent
+// greedy requests on the model in PARALLM_SERVE_BENCH_MODEL (e.g. `parallm init-model --shape
+// bench-30m`), PARALLM_SERVE_BENCH_TP / _PP ranks, _THREADS per rank, _N: one concurrency only;
+// 64 tokens each after a 32-token prompt.
+//   PARALLM_SERVE_BENCH_MODEL=/tmp/m build/tests/test_engine \
+//     --gtest_also_run_disabled_tests --gtest_filter='*DISABLED_Throughput*'
+std::vector<int> bench_sizes() {
+  const char* v = std::getenv("PARALLM_SERVE_BENCH_N");
+  if (v) return {std::atoi(v)};
+  return {1, 4, 16};
+}
+
+TEST(ServeEngine, DISABLED_Throughput) {
+  const char* path = std::getenv("PARALLM_SERVE_BENCH_MODEL");
+  if (!path) GTEST_SKIP() << "set PARALLM_SERVE_BENCH_MODEL";
+  auto env = [](const char* name, int def) {
+    const char* v = std::getenv(name);
+    return v ? std::atoi(v) : def;
+  };
+  ServeConfig c;
+  c.model = path;
+  c.tp = env("PARALLM_SERVE_BENCH_TP", 1);
+  c.pp = env("PARALLM_SERVE_BENCH_PP", 1);
+  c.threads = env("PARALLM_SERVE_BENCH_THREADS", 0);
+  c.backend = "local";
+  c.max_model_len = 256;
+  auto engine = make_serve_engine(c);
+  ASSERT_TRUE(testing::wait_ready(*engine, 120)) << engine->failure();
+  for (int n : bench_sizes()) {
+    Sink sink;
+    std::vector<std::shared_ptr<Outcome>> outs(n);
+    const auto prompts = testing::mixed_prompts(n, 1, 5);
+    GenParams g;
+    g.max_tokens = 64;
+    g.temperature = 0;
+    g.ignore_eos = true;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < n; ++i) {
+      std::vector<int32_t> p(32);
+      for (int k = 0; k < 32; ++k) p[k] = 1 + (i * 131 + k * 7) % 500;
+      sink.submit(*engine, p, g, &outs[i]);
+    }
+    ASSERT_TRUE(sink.wait(outs, 600));
+    const double s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("[serve bench] tp %d pp %d: %2d concurrent x 64 tokens: %.2f s, %.1f output "
+                "tokens/s\n",
+                c.tp, c.pp, n, s, n * 64 / s);
+    std::fflush(stdout);
+  }
   engine->shutdown();
 }
 
