@@ -80,13 +80,12 @@ class Sink {
       o->events.push_back(e);
     };
     cb.on_finish = [this, o](const FinishEvent& f) {
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        EXPECT_FALSE(o->done) << "on_finish called twice";
-        o->finish = f;
-        o->done = true;
-        o->finish_order = finished_++;
-      }
+      // Notified under the lock: a waiter may destroy the sink as soon as it sees `done`.
+      std::lock_guard<std::mutex> lock(mu_);
+      EXPECT_FALSE(o->done) << "on_finish called twice";
+      o->finish = f;
+      o->done = true;
+      o->finish_order = finished_++;
       cv_.notify_all();
     };
     return {o, cb};
