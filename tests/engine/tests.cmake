@@ -42,6 +42,15 @@ if(PARALLM_HAVE_MPI)
     set_tests_properties(engine_mpi_moe_${name} PROPERTIES LABELS "mpi;engine;moe" TIMEOUT 300
                          ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
   endforeach()
+  # Serving (engine/serve_engine.h): rank 0's process serves, the others follow its plans (PP 2;
+  # TP 2 x PP 2).
+  foreach(np 2 4)
+    add_test(NAME engine_mpi_serve_np${np}
+             COMMAND ${PARALLM_MPIRUN} ${PARALLM_MPIRUN_FLAGS} -np ${np} $<TARGET_FILE:test_engine>
+                     --gtest_filter=ServeMpi.*)
+    set_tests_properties(engine_mpi_serve_np${np} PROPERTIES LABELS "mpi;engine" TIMEOUT 180
+                         ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
+  endforeach()
   # qwen2_moe (shared expert, q/k/v biases): EP 2 x TP 2 as processes.
   add_test(NAME engine_mpi_qwen2_moe_ep2tp2
            COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/engine/mpi_tp_check.sh $<TARGET_FILE:parallm_bin>

@@ -41,6 +41,10 @@ void run_model(const EngineOptions& options, const std::function<void(RankContex
   if (options.tp < 1) fail("cli", "--tp must be >= 1, got ", options.tp);
   if (options.pp < 1) fail("cli", "--pp must be >= 1, got ", options.pp);
   if (options.ep < 1) fail("cli", "--ep must be >= 1, got ", options.ep);
+  if (options.dp < 1) fail("cli", "--data-parallel-size must be >= 1, got ", options.dp);
+  if (options.dp > 1 && options.ep > 1)
+    fail("cli", "--data-parallel-size ", options.dp, " with --ep ", options.ep,
+         " is not supported (EP ranks take the mesh's DP dimension)");
   if (options.threads < 0) fail("cli", "--threads must be >= 0, got ", options.threads);
   ModelConfig config;
   std::unique_ptr<WeightSource> source = open_model(options.model, &config);
@@ -56,7 +60,7 @@ void run_model(const EngineOptions& options, const std::function<void(RankContex
     const std::string why = parallel::moe_ep_problem(config.num_local_experts, options.ep);
     if (!why.empty()) fail("cli", why);
   }
-  const int world_size = options.tp * options.pp * options.ep;
+  const int world_size = options.tp * options.pp * options.ep * options.dp;
 
   comm::LaunchOptions launch;
   launch.backend = options.backend;
@@ -73,7 +77,10 @@ void run_model(const EngineOptions& options, const std::function<void(RankContex
     TraceBuffer trace(world.rank());
     if (!options.trace_file.empty()) set_thread_trace(&trace);
     // EP ranks are the mesh's DP ranks, one EP block (docs/moe.md): rank = tp + ep*TP + pp*TP*EP.
-    comm::Mesh mesh(world, {options.tp, options.pp, options.ep, options.ep});
+    // With dp > 1 (serving replicas) the DP dimension holds the replicas instead.
+    comm::Mesh mesh(world, options.dp > 1 ? comm::MeshShape{options.tp, options.pp, options.dp, 1}
+                                          : comm::MeshShape{options.tp, options.pp, options.ep,
+                                                            options.ep});
     comm::Group tp = mesh.tp();
     LlamaOptions lo;
     lo.ep = mesh.ep();

@@ -22,6 +22,7 @@ struct EngineOptions {
   int pp = 1;                      // pipeline stages
   int ep = 1;  // expert-parallel ranks per TP rank (MoE): each stage is TP x EP ranks, attention
                // replicated over EP, experts split over it (docs/moe.md)
+  int dp = 1;  // data-parallel replicas (serving): each its own TP x PP ranks; not with ep > 1
   std::vector<int64_t> pp_layers;  // explicit layers per stage (--pp-layers), else even
   std::string trace_file;          // --trace: Chrome trace-event JSON of every rank
   int threads = 0;               // threads per rank; 0: the machine's cores / ranks in this process

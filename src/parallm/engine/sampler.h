@@ -37,6 +37,10 @@ class Sampler {
   // (vocab_begin + i), so vocab_end must fit an int32.
   int32_t sample(const float* logits, int64_t vocab_begin, int64_t vocab_end);
   const SamplingParams& params() const { return params_; }
+  // Advances the generator past `draws` draws, as if that many tokens had been sampled (each
+  // non-greedy sample draws exactly one number; greedy draws none): a request restarted after
+  // preemption continues its random stream where it stopped.
+  void skip(uint64_t draws) { rng_.discard(draws); }
 
  private:
   int32_t greedy(const float* logits, int64_t begin, int64_t n);

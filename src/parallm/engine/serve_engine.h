@@ -110,6 +110,55 @@ class ServeEngine {
   // Ends the loop on every rank (an explicit stop message to the followers); running requests
   // finish with Cancelled. Returns when every rank has left. Idempotent.
   virtual void shutdown() = 0;
+  // Why the engine stopped serving (loading failed, a rank failed), empty while it serves or
+  // after a clean shutdown. ready() is false once it is set. (Not pure: fakes need not define it.)
+  virtual std::string failure() const { return {}; }
 };
+
+// What `parallm serve` passes to the engine (vLLM's flag names in the comments).
+struct ServeConfig {
+  std::string model;              // directory, .safetensors or llama2.c .bin
+  std::string served_model_name;  // --served-model-name; empty: the model's file/directory name
+  int tp = 1;                     // --tensor-parallel-size
+  int pp = 1;                     // --pipeline-parallel-size
+  int dp = 1;                     // --data-parallel-size: replicas (threads only, not mpirun)
+  std::vector<int64_t> pp_layers;  // explicit layers per stage, else even
+  int threads = 0;                 // threads per rank; 0: the machine's cores / ranks here
+  std::string dtype = "auto";      // weights: auto, f32, bf16, f16
+  std::string backend = "auto";    // comm: auto (mpi under mpirun), local, mpi
+  double comm_timeout_s = 300;
+  int max_num_seqs = 64;                  // --max-num-seqs: running sequences per replica
+  int64_t max_num_batched_tokens = 512;   // --max-num-batched-tokens: tokens per micro-batch
+  int64_t block_size = 16;                // --block-size: positions per KV block
+  // --kv-cache-memory: bytes of KV cache per rank (the stage with the most layers decides the
+  // block count); 0: enough for max_num_seqs sequences of max_model_len, capped at 4 GiB per
+  // rank (but at least one such sequence).
+  uint64_t kv_cache_memory = 0;
+  bool enable_prefix_caching = false;     // --enable-prefix-caching
+  int64_t max_model_len = 0;              // --max-model-len; 0: max_position_embeddings
+  int64_t max_waiting = 1024;             // waiting requests before submit() throws QueueFull
+  double idle_tick_s = 0.5;  // when idle, rank 0 still sends an empty plan this often
+};
+
+// The KV layout a config gives (every rank computes the same): blocks of block_size positions,
+// each kv_block_bytes on the rank with the most layers.
+struct KvLayout {
+  int64_t num_blocks = 0;
+  uint64_t block_bytes = 0;
+  int64_t max_model_len = 0;
+};
+// Throws std::invalid_argument naming the flag when the config cannot serve the model.
+KvLayout serve_kv_layout(const ServeConfig& config);
+
+// Starts the engine: returns at once (ready() turns true once every replica's first rank runs its
+// loop). Without mpirun every rank is a thread of this process. Under mpirun call it in world
+// rank 0's process only (serve_process_is_root()); the other processes call run_serve_follower
+// with the same config. Throws std::invalid_argument for a bad config (before starting anything).
+std::unique_ptr<ServeEngine> make_serve_engine(const ServeConfig& config);
+// Under mpirun: whether this process is world rank 0 (the one that serves HTTP).
+bool serve_process_is_root();
+// Under mpirun, on every process but world rank 0: loads this rank's shard and follows rank 0's
+// plans; returns when rank 0 shuts the engine down (its exit message). Throws on failure.
+void run_serve_follower(const ServeConfig& config);
 
 }  // namespace parallm::serve

@@ -8,7 +8,10 @@
 #include <string>
 #include <vector>
 
+#include <memory>
+
 #include "parallm/engine/kv_cache.h"
+#include "parallm/engine/paged_kv_cache.h"
 #include "parallm/model/llama.h"
 
 namespace parallm {
@@ -22,6 +25,14 @@ class StageForward {
  public:
   // slots sequences of up to `capacity` positions; at most max_tokens tokens per forward.
   StageForward(const LlamaModel& model, int slots, int64_t capacity, int64_t max_tokens);
+  // Serving: a paged cache of num_blocks blocks of block_size positions (paged_kv_cache.h), slots
+  // sequences of at most max_blocks_per_slot blocks.
+  struct Paged {
+    int64_t num_blocks = 0, block_size = 16;
+    int slots = 1;
+    int64_t max_blocks_per_slot = 1;
+  };
+  StageForward(const LlamaModel& model, const Paged& paged, int64_t max_tokens);
 
   const LlamaModel& model() const { return model_; }
   int64_t max_tokens() const { return max_tokens_; }
@@ -36,13 +47,17 @@ class StageForward {
   // rows: [R, hidden] (normalised in place) -> logits: [R, vocab shard]. Last stage only.
   void head(float* rows, int64_t R, float* logits) const;
 
-  uint64_t kv_bytes() const { return kv_.bytes(); }
+  uint64_t kv_bytes() const { return kv_bytes_; }
   uint64_t workspace_bytes() const { return ws_.bytes(); }
+  // The paged cache (its block tables), null for the contiguous one.
+  PagedKvCache* paged() { return paged_; }
 
  private:
   const LlamaModel& model_;
   int64_t max_tokens_;
-  KvCache kv_;
+  std::unique_ptr<KvStore> kv_;
+  PagedKvCache* paged_ = nullptr;
+  uint64_t kv_bytes_ = 0;
   Workspace ws_;
 };
 

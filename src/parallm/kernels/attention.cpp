@@ -31,11 +31,11 @@ void check_shape(const AttentionShape& s, int64_t T, int64_t start_pos, const ch
     fail("attention", fn, ": T and start_pos must be >= 0, got ", T, " and ", start_pos);
 }
 
-}  // namespace
-
-void attention(const float* q, const float* k_cache, const float* v_cache, float* out, int64_t T,
-               int64_t start_pos, const AttentionShape& shape, float scale) {
-  check_shape(shape, T, start_pos, "attention");
+// The fast kernel over any layout: row(p) is the cache row (in units of kv_stride) of position p.
+template <class Row>
+void attention_rows(const float* q, const float* k_cache, const float* v_cache, float* out,
+                    int64_t T, int64_t start_pos, const AttentionShape& shape, float scale,
+                    const Row& row) {
   const int64_t H = shape.q_heads, D = shape.head_dim, group = shape.q_heads / shape.kv_heads;
   const SimdLevel level = simd_level();
   ThreadPool::current().parallel_for_dynamic(T * H, 1, [&](int64_t i0, int64_t i1) {
@@ -48,18 +48,21 @@ void attention(const float* q, const float* k_cache, const float* v_cache, float
       const float* kb = k_cache + (h / group) * D;
       const float* vb = v_cache + (h / group) * D;
       for (int64_t p = 0; p < len; ++p)
-        scores[p] = scale * vec::dot(qv, kb + p * shape.kv_stride, D, level);
+        scores[p] = scale * vec::dot(qv, kb + row(p) * shape.kv_stride, D, level);
       vec::softmax(scores.data(), len, level);
       float* o = out + item * D;
       std::fill(o, o + D, 0.0f);
-      for (int64_t p = 0; p < len; ++p) vec::axpy(scores[p], vb + p * shape.kv_stride, o, D, level);
+      for (int64_t p = 0; p < len; ++p)
+        vec::axpy(scores[p], vb + row(p) * shape.kv_stride, o, D, level);
     }
   });
 }
 
-void attention_ref(const float* q, const float* k_cache, const float* v_cache, float* out,
-                   int64_t T, int64_t start_pos, const AttentionShape& shape, float scale) {
-  check_shape(shape, T, start_pos, "attention_ref");
+// The reference over any layout (double accumulation), row(p) as above.
+template <class Row>
+void attention_rows_ref(const float* q, const float* k_cache, const float* v_cache, float* out,
+                        int64_t T, int64_t start_pos, const AttentionShape& shape, float scale,
+                        const Row& row) {
   const int64_t H = shape.q_heads, D = shape.head_dim, group = shape.q_heads / shape.kv_heads;
   std::vector<double> s(static_cast<size_t>(start_pos + T));
   for (int64_t t = 0; t < T; ++t) {
@@ -69,7 +72,7 @@ void attention_ref(const float* q, const float* k_cache, const float* v_cache, f
       const int64_t len = start_pos + t + 1;  // causal: positions 0 ..= start_pos + t
       double m = -INFINITY;
       for (int64_t p = 0; p < len; ++p) {
-        const float* kv = k_cache + p * shape.kv_stride + kvh * D;  // k[p, kvh, :]
+        const float* kv = k_cache + row(p) * shape.kv_stride + kvh * D;  // k[p, kvh, :]
         double d = 0;
         for (int64_t i = 0; i < D; ++i) d += static_cast<double>(qv[i]) * kv[i];
         s[p] = d * scale;
@@ -83,11 +86,54 @@ void attention_ref(const float* q, const float* k_cache, const float* v_cache, f
       float* o = out + (t * H + h) * D;  // out[t, h, :] = sum_p softmax_p * v[p, kvh, :]
       for (int64_t i = 0; i < D; ++i) {
         double acc = 0;
-        for (int64_t p = 0; p < len; ++p) acc += s[p] * v_cache[p * shape.kv_stride + kvh * D + i];
+        for (int64_t p = 0; p < len; ++p)
+          acc += s[p] * v_cache[row(p) * shape.kv_stride + kvh * D + i];
         o[i] = static_cast<float>(acc / sum);
       }
     }
   }
+}
+
+void check_paged(const PagedCache& c, const char* fn) {
+  if (c.block_size <= 0 || c.k_pool == nullptr || c.v_pool == nullptr || c.block_table == nullptr)
+    fail("attention", fn, ": a paged cache needs pools, a block table and block_size > 0 (got ",
+         c.block_size, ")");
+}
+
+}  // namespace
+
+void attention(const float* q, const float* k_cache, const float* v_cache, float* out, int64_t T,
+               int64_t start_pos, const AttentionShape& shape, float scale) {
+  check_shape(shape, T, start_pos, "attention");
+  attention_rows(q, k_cache, v_cache, out, T, start_pos, shape, scale,
+                 [](int64_t p) { return p; });
+}
+
+void attention_ref(const float* q, const float* k_cache, const float* v_cache, float* out,
+                   int64_t T, int64_t start_pos, const AttentionShape& shape, float scale) {
+  check_shape(shape, T, start_pos, "attention_ref");
+  attention_rows_ref(q, k_cache, v_cache, out, T, start_pos, shape, scale,
+                     [](int64_t p) { return p; });
+}
+
+void attention_paged(const float* q, const PagedCache& c, float* out, int64_t T,
+                     int64_t start_pos, const AttentionShape& shape, float scale) {
+  check_shape(shape, T, start_pos, "attention_paged");
+  check_paged(c, "attention_paged");
+  const int64_t bs = c.block_size;
+  const int32_t* table = c.block_table;
+  attention_rows(q, c.k_pool, c.v_pool, out, T, start_pos, shape, scale,
+                 [=](int64_t p) { return static_cast<int64_t>(table[p / bs]) * bs + p % bs; });
+}
+
+void attention_paged_ref(const float* q, const PagedCache& c, float* out, int64_t T,
+                         int64_t start_pos, const AttentionShape& shape, float scale) {
+  check_shape(shape, T, start_pos, "attention_paged_ref");
+  check_paged(c, "attention_paged_ref");
+  const int64_t bs = c.block_size;
+  const int32_t* table = c.block_table;
+  attention_rows_ref(q, c.k_pool, c.v_pool, out, T, start_pos, shape, scale,
+                     [=](int64_t p) { return static_cast<int64_t>(table[p / bs]) * bs + p % bs; });
 }
 
 }  // namespace parallm::kernels

@@ -51,11 +51,14 @@ void ParallelAttention::forward(const float* xn, const std::vector<SeqChunk>& ch
                                 float* scratch, float* out) const {
   const int64_t hd = head_dim_;
   const int64_t qd = heads_.q_heads * hd, kvd = heads_.kv_heads * hd;
+  const int64_t bs = kv.block_size();
   int64_t T = 0;
   for (const SeqChunk& ch : chunks) {
-    if (ch.n_tokens < 0 || ch.start_pos < 0 || ch.start_pos + ch.n_tokens > kv.capacity())
+    const int64_t cap = bs > 0 ? kv.table_blocks(ch.slot) * bs : kv.capacity();
+    if (ch.n_tokens < 0 || ch.start_pos < 0 || ch.start_pos + ch.n_tokens > cap)
       fail("attention", "sequence ", ch.slot, ": positions [", ch.start_pos, ", ",
-           ch.start_pos + ch.n_tokens, ") exceed the KV cache's ", kv.capacity(), " positions");
+           ch.start_pos + ch.n_tokens, ") exceed the KV cache's ", cap, " positions",
+           bs > 0 ? " (its block table)" : "");
     T += ch.n_tokens;
   }
   if (T == 0) return;
@@ -86,6 +89,20 @@ void ParallelAttention::forward(const float* xn, const std::vector<SeqChunk>& ch
   for (const SeqChunk& ch : chunks) {
     float* kc = kv.keys(layer, ch.slot);
     float* vc = kv.values(layer, ch.slot);
+    if (bs > 0) {
+      // Paged: each position's row through the slot's block table, then attention through it.
+      const int32_t* table = kv.block_table(ch.slot);
+      for (int64_t i = 0; i < ch.n_tokens; ++i) {
+        const int64_t p = ch.start_pos + i;
+        const int64_t row = static_cast<int64_t>(table[p / bs]) * bs + p % bs;
+        std::memcpy(kc + row * kv.kv_stride(), k + (off + i) * kvd, kvd * sizeof(float));
+        std::memcpy(vc + row * kv.kv_stride(), v + (off + i) * kvd, kvd * sizeof(float));
+      }
+      kernels::attention_paged(q + off * qd, {kc, vc, table, bs}, attn + off * qd, ch.n_tokens,
+                               ch.start_pos, shape, scale);
+      off += ch.n_tokens;
+      continue;
+    }
     for (int64_t i = 0; i < ch.n_tokens; ++i) {
       std::memcpy(kc + (ch.start_pos + i) * kv.kv_stride(), k + (off + i) * kvd,
                   kvd * sizeof(float));

@@ -22,16 +22,23 @@
 
 namespace parallm::parallel {
 
-// Where a rank's keys and values live: the engine's KV cache implements this. Position p of local
-// KV head h of layer l (counted within this rank's layers) for sequence `slot` is at
-// keys(l, slot) + p * kv_stride() + h * head_dim.
+// Where a rank's keys and values live: the engine's KV caches implement this. Two layouts:
+//  - contiguous (block_size() == 0): position p of local KV head h of layer l (counted within this
+//    rank's layers) for sequence `slot` is at keys(l, slot) + p * kv_stride() + h * head_dim;
+//  - paged (block_size() > 0, vLLM's design): keys(l, slot) and values(l, slot) are layer l's
+//    block pools (the same for every slot), and position p of `slot` is pool row
+//    block_table(slot)[p / block_size()] * block_size() + p % block_size(); the table holds
+//    table_blocks(slot) entries, so the slot covers table_blocks(slot) * block_size() positions.
 class KvStore {
  public:
   virtual ~KvStore() = default;
   virtual float* keys(int64_t layer, int slot) = 0;
   virtual float* values(int64_t layer, int slot) = 0;
   virtual int64_t kv_stride() const = 0;
-  virtual int64_t capacity() const = 0;  // positions per sequence
+  virtual int64_t capacity() const = 0;  // positions per sequence (the most, when paged)
+  virtual int64_t block_size() const { return 0; }
+  virtual const int32_t* block_table(int /*slot*/) const { return nullptr; }
+  virtual int64_t table_blocks(int /*slot*/) const { return 0; }
 };
 
 // A run of consecutive tokens of one sequence inside a batch.

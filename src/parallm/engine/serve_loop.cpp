@@ -1,0 +1,178 @@
+#include "parallm/engine/serve_loop.h"
+
+#include <cmath>
+#include <cstring>
+#include <optional>
+
+#include "parallm/core/error.h"
+#include "parallm/core/trace.h"
+#include "parallm/engine/logprobs.h"
+#include "parallm/engine/sampler.h"
+#include "parallm/engine/stage_forward.h"
+#include "parallm/pipeline/executor.h"
+#include "parallm/pipeline/p2p.h"
+#include "parallm/pipeline/schedule.h"
+
+namespace parallm::serve {
+namespace {
+
+int32_t float_bits(float f) {
+  int32_t v;
+  std::memcpy(&v, &f, 4);
+  return v;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A request's sampling state on the last stage's ranks, from its `init` entry.
+struct SlotSampler {
+  Sampler sampler;
+  int top_logprobs = -1;
+};
+
+}  // namespace
+
+void run_serve_loop(const LlamaModel& model, const comm::Group& tp, const comm::Group& pp,
+                    const ServeLoopConfig& cfg, Scheduler* scheduler,
+                    const std::function<void()>& on_ready) {
+  const ModelConfig& c = model.config();
+  const int P = pp.size(), stage = pp.rank();
+  const bool first = stage == 0, last = stage == P - 1;
+  const bool root = first && tp.rank() == 0;
+  if (root != (scheduler != nullptr))
+    fail<std::logic_error>("serve", "the first rank and only it runs the scheduler");
+  if ((first && !model.has_embedding()) || (last && !model.has_head()))
+    fail("serve", "stage ", stage, " of ", P, " lacks the embedding or the head it needs");
+  const int M = P;  // lanes: one plan in flight per stage
+  const int64_t H = c.hidden_size;
+  const int64_t max_blocks_per_seq = ceil_div(cfg.max_model_len, cfg.block_size);
+  // The same bound as Scheduler::max_plan_blocks(), from the same limits on every rank.
+  const int64_t max_plan_blocks = ceil_div(cfg.max_num_batched_tokens, cfg.block_size) +
+                                  2 * static_cast<int64_t>(cfg.max_num_seqs) + max_blocks_per_seq;
+  if (scheduler && (scheduler->config().lanes != M ||
+                    scheduler->max_plan_blocks() != max_plan_blocks))
+    fail<std::logic_error>("serve", "the scheduler was built for another layout");
+
+  StageForward fwd(model,
+                   StageForward::Paged{cfg.num_blocks, cfg.block_size, cfg.max_num_seqs,
+                                       max_blocks_per_seq},
+                   cfg.max_num_batched_tokens);
+  PagedKvCache& kv = *fwd.paged();
+  const auto header_max = ServePlan::wire_size(cfg.max_num_seqs, max_plan_blocks, 0);
+  pipeline::StageLink link(pp, static_cast<int>(header_max));
+  std::vector<std::optional<SlotSampler>> samplers(last ? cfg.max_num_seqs : 0);
+  const parallel::VocabExchange vocab(tp);
+  const int64_t v_begin = model.vocab_shard().begin, v_end = model.vocab_shard().end;
+
+  std::vector<ServePlan> plans(M);
+  std::vector<std::vector<float>> embedded(first ? M : 0);
+  std::vector<pipeline::Activation*> received(M, nullptr);
+  std::vector<int64_t> expected(M, 0);  // first rank: result values due back per lane
+  std::vector<int32_t> results, incoming;
+  std::vector<float> rows, logits;
+  if (on_ready) on_ready();
+
+  auto activations = [&](int j) -> float* {
+    return first ? embedded[j].data() : received[j]->data.data();
+  };
+
+  pipeline::StageCallbacks cb;
+  cb.recv_activation = [&](int j, int) {
+    pipeline::Activation& a = link.recv_activation(stage - 1, j, 0);
+    plans[j] = ServePlan::decode(a.header.data(), a.header.size());
+    if (static_cast<int64_t>(a.data.size()) != plans[j].tokens() * H)
+      fail<std::runtime_error>("serve", "stage ", stage, ": micro-batch ", j, " brought ",
+                               a.data.size(), " values for ", plans[j].tokens(), " tokens");
+    received[j] = &a;
+  };
+  cb.send_activation = [&](int j, int) {
+    const std::vector<int64_t> header = plans[j].encode(false);
+    link.send_activation(stage + 1, j, 0, header.data(), static_cast<int>(header.size()),
+                         activations(j), static_cast<size_t>(plans[j].tokens() * H));
+  };
+  cb.forward = [&](int j, int) {
+    ServePlan& plan = plans[j];
+    if (first) {
+      if (root) {
+        if (P > 1) {
+          // Lane j's results from its previous plan, then the lane is free again.
+          incoming.resize(expected[j]);
+          if (expected[j] > 0) {
+            TraceSpan wait("recv tokens", "wait");
+            link.recv_result(P - 1, j, incoming.data(), incoming.size());
+          }
+          scheduler->complete(j, incoming.data());
+        }
+        if (j == 0 && scheduler->idle()) scheduler->wait_for_work(cfg.idle_tick_s);
+        plan = scheduler->plan(j);
+        expected[j] = scheduler->result_values(j);
+      }
+      broadcast_serve_plan(plan, tp, 0, cfg.max_num_seqs, max_plan_blocks,
+                           cfg.max_num_batched_tokens);
+      embedded[j].resize(plan.tokens() * H);
+      if (!plan.ids.empty())
+        fwd.embed(plan.ids.data(), static_cast<int64_t>(plan.ids.size()), embedded[j].data());
+    }
+    // Block tables and, on the last stage, the samplers of requests starting in a slot.
+    for (const ServeEntry& e : plan.entries) {
+      if (e.init) {
+        kv.reset(e.slot);
+        if (last) {
+          samplers.at(e.slot).emplace(SlotSampler{Sampler(e.sampling, tp), e.top_logprobs});
+          samplers[e.slot]->sampler.skip(static_cast<uint64_t>(e.rng_skip));
+        }
+      }
+      kv.append(e.slot, e.blocks.data(), static_cast<int64_t>(e.blocks.size()));
+    }
+    float* x = activations(j);
+    if (!plan.entries.empty()) fwd.layers(x, plan.chunks());
+    results.clear();
+    if (last && plan.samples() > 0) {
+      TraceSpan span("head+sample", "compute");
+      const int64_t V = v_end - v_begin;
+      const int R = plan.samples();
+      rows.resize(R * H);
+      logits.resize(R * V);
+      int64_t off = 0;
+      int r = 0;
+      for (const ServeEntry& e : plan.entries) {
+        off += e.n_tokens;
+        if (e.sample) std::memcpy(&rows[r++ * H], x + (off - 1) * H, H * sizeof(float));
+      }
+      fwd.head(rows.data(), R, logits.data());
+      r = 0;
+      for (const ServeEntry& e : plan.entries) {
+        if (!e.sample) continue;
+        const float* row = logits.data() + r++ * V;
+        for (int64_t v = 0; v < V; ++v)
+          if (!std::isfinite(row[v]))
+            fail<std::runtime_error>("serve", "the final logits of slot ", e.slot,
+                                     " hold a non-finite value (", row[v], " for token id ",
+                                     v_begin + v, ")");
+        if (!samplers.at(e.slot))
+          fail<std::runtime_error>("serve", "slot ", e.slot, " sampled before its init entry");
+        SlotSampler& s = *samplers[e.slot];
+        const int32_t tok = s.sampler.sample(row, v_begin, v_end);
+        results.push_back(tok);
+        if (s.top_logprobs >= 0) {
+          const LogprobResult lp =
+              token_logprobs(vocab, row, v_begin, v_end, tok, s.top_logprobs);
+          results.push_back(float_bits(lp.logprob));
+          for (const auto& t : lp.top) {
+            results.push_back(t.id);
+            results.push_back(float_bits(t.logit));
+          }
+        }
+      }
+      if (P > 1 && tp.rank() == 0) link.send_result(0, j, results.data(), results.size());
+    }
+    if (root && P == 1) scheduler->complete(j, results.data());
+  };
+
+  const pipeline::Schedule schedule = pipeline::gpipe(P, M, /*forward_only=*/true);
+  do {
+    pipeline::execute_stage(schedule, stage, cb);
+  } while (!plans[M - 1].exit);
+}
+
+}  // namespace parallm::serve

@@ -1,0 +1,45 @@
+// The serving loop on one rank: the generation loop of batch_generate.h, fed by a Scheduler
+// instead of a fixed batch, over a paged KV cache, until the scheduler's exit message.
+//
+// Rank roles (one replica: a TP x PP group):
+//   - the first rank (first stage, TP rank 0) owns the Scheduler: at each micro-batch of each
+//     step it takes the sampled tokens of that micro-batch's previous plan (from the last stage,
+//     or its own sampling without pipeline), hands them to the scheduler, asks it for the next
+//     plan and broadcasts it over the first stage's TP group;
+//   - every stage runs each plan as it comes (with its activations from the previous stage):
+//     applies the plan's block tables to its paged cache, runs its layers, and the last stage's
+//     TP ranks sample each request with its own Sampler (created on the request's `init` entry,
+//     seeded by the request) and compute logprobs; the last stage's TP rank 0 sends the results
+//     back to the first rank;
+//   - with as many micro-batches (lanes) as stages, every stage has a plan in flight.
+// The loop ends on the plan that says `exit` (the scheduler sends it after stop(): the explicit
+// stop message, so no rank waits forever). When idle the first rank waits for requests, but sends
+// an empty plan every idle_tick_s so that waiting ranks stay inside their comm timeout.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+#include "parallm/comm/group.h"
+#include "parallm/engine/scheduler.h"
+#include "parallm/model/llama.h"
+
+namespace parallm::serve {
+
+struct ServeLoopConfig {
+  int max_num_seqs = 64;
+  int64_t max_num_batched_tokens = 512;
+  int64_t block_size = 16;
+  int64_t num_blocks = 0;
+  int64_t max_model_len = 0;
+  double idle_tick_s = 0.5;
+};
+
+// On every rank of tp x pp. scheduler: the replica's scheduler on its first rank (built with
+// lanes = pp.size() and the same limits), null on the others. on_ready: called once the rank's
+// cache is allocated and its loop starts.
+void run_serve_loop(const LlamaModel& model, const comm::Group& tp, const comm::Group& pp,
+                    const ServeLoopConfig& config, Scheduler* scheduler,
+                    const std::function<void()>& on_ready = nullptr);
+
+}  // namespace parallm::serve
