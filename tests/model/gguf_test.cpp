@@ -188,6 +188,25 @@ TEST(Gguf, AlignmentDuplicatesAndLlamaConfigErrors) {
   EXPECT_EQ(gguf_name_of("model.embed_tokens.weight"), "token_embd.weight");
 }
 
+TEST(Gguf, FuzzSeedsParseAndTheTinyLlamaSeedRuns) {
+  const std::string seeds = std::string(PARALLM_SOURCE_DIR) + "/fuzz/corpus/gguf/";
+  for (const char* f : {"empty.gguf", "align64.gguf", "tiny_llama.gguf", "tiny_llama_v2.gguf"})
+    EXPECT_EQ(error_of([&] { open_gguf(seeds + f); }), "no error") << f;
+  // One layer of Q8_0 and Q4_0 matrices with a token list in the metadata (hand-written by a
+  // script, not by parallm's writer): it loads and generates.
+  ModelConfig c;
+  auto src = open_model(seeds + "tiny_llama.gguf", &c);
+  EXPECT_EQ(c.vocab_size, 8);
+  EXPECT_EQ(src->info("model.layers.0.self_attn.v_proj.weight").dtype, DType::Q4_0);
+  EXPECT_EQ(error_of([&] {
+              LlamaModel m(c, *src, comm::Group(), {});
+              std::vector<float> x(2 * c.hidden_size);
+              const int32_t ids[2] = {1, 5};
+              m.embed(ids, 2, x.data());
+            }),
+            "no error");
+}
+
 // ---- models
 
 std::string quantize_stories(const testing::TempDir& dir, const std::string& type) {
