@@ -6,6 +6,7 @@
 #include "parallm/model/gguf.h"
 
 #include <gtest/gtest.h>
+#include <sentencepiece_trainer.h>
 
 #include <cstring>
 #include <fstream>
@@ -16,6 +17,7 @@
 #include "parallm/engine/batch_generate.h"
 #include "parallm/engine/generate.h"
 #include "parallm/model/llama.h"
+#include "parallm/model/tokenizer.h"
 #include "parallm/model/weights.h"
 #include "parallm/pipeline/partition.h"
 #include "test_util.h"
@@ -406,6 +408,72 @@ TEST(GgufModel, HuggingFaceQkRowsArePermutedIntoLlamaCppOrderExactly) {
     }
     EXPECT_LE(worst, 1e-5 * scale) << i;
   }
+}
+
+class Lines final : public sentencepiece::SentenceIterator {
+ public:
+  explicit Lines(const std::vector<std::string>& l) : lines_(l) {}
+  bool done() const override { return i_ >= lines_.size(); }
+  void Next() override { ++i_; }
+  const std::string& value() const override { return lines_[i_]; }
+  sentencepiece::util::Status status() const override { return {}; }
+
+ private:
+  const std::vector<std::string>& lines_;
+  size_t i_ = 0;
+};
+
+TEST(GgufModel, SentencepieceVocabularyTravelsInsideTheFile) {
+  testing::TempDir dir;
+  const std::string hf = dir.file("hf");
+  ASSERT_EQ(testing::run_parallm("init-model --shape tiny --seed 2 --dtype f32 --out " + hf)
+                .exit_code,
+            0);
+  // A LLaMA-like sentencepiece model (BPE, byte fallback, identity normalizer) beside it.
+  const char* words[] = {"the", "model", "runs", "on", "many", "ranks", "and", "each", "holds",
+                         "a", "slice", "of", "weights", "hello", "world"};
+  std::vector<std::string> lines;
+  uint32_t state = 7;
+  for (int l = 0; l < 200; ++l) {
+    std::string line;
+    for (int w = 0; w < 8; ++w) {
+      state = state * 1664525u + 1013904223u;
+      line += (w ? " " : "") + std::string(words[(state >> 8) % std::size(words)]);
+    }
+    lines.push_back(line + ".");
+  }
+  Lines it(lines);
+  ASSERT_TRUE(sentencepiece::SentencePieceTrainer::Train(
+                  {{"model_prefix", hf + "/tokenizer"}, {"model_type", "bpe"},
+                   {"vocab_size", "300"}, {"byte_fallback", "true"},
+                   {"character_coverage", "1.0"}, {"normalization_rule_name", "identity"},
+                   {"remove_extra_whitespaces", "false"}, {"num_threads", "1"},
+                   {"minloglevel", "2"}},
+                  &it)
+                  .ok());
+  const auto r = testing::run_parallm("quantize --model " + hf + " --type q8_0 --out " +
+                                      dir.file("m.gguf"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("with the sentencepiece vocabulary"), std::string::npos) << r.output;
+  const auto want = load_tokenizer(hf);
+  const auto mine = load_tokenizer(dir.file("m.gguf"));  // no tokenizer file beside it
+  ASSERT_TRUE(want && mine);
+  EXPECT_EQ(mine->vocab_size(), want->vocab_size());
+  EXPECT_EQ(mine->bos_id(), want->bos_id());
+  EXPECT_EQ(mine->eos_id(), want->eos_id());
+  for (const char* text : {"hello world", "the model runs on many ranks.", "  two  spaces",
+                           "\xC3\xA9t\xC3\xA9 \xF0\x9F\x98\x80 bytes", "weights42"}) {
+    const std::vector<int32_t> ids = want->encode(text, true);
+    EXPECT_EQ(mine->encode(text, true), ids) << text;
+    EXPECT_EQ(mine->decode(ids), want->decode(ids)) << text;
+  }
+  // A damaged vocabulary: one clear line.
+  GgufFile g = open_gguf(dir.file("m.gguf"));
+  for (auto& [k, v] : g.header.metadata)
+    if (k == "tokenizer.ggml.token_type") v.items[5].i = 9;
+  EXPECT_NE(error_of([&] { gguf_tokenizer(g.header, "m.gguf"); })
+                .find("tokenizer.ggml.token_type[5] = 9 is not a token type"),
+            std::string::npos);
 }
 
 }  // namespace

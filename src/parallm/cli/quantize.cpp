@@ -88,6 +88,17 @@ int run(const Options& o) {
        GgufValue::u32(static_cast<uint32_t>(c.eos_token_ids.empty() ? 2 : c.eos_token_ids[0]))},
   };
 
+  // The vocabulary, when the model has a sentencepiece tokenizer.model (a tokenizer.json-only
+  // model gets none yet).
+  {
+    namespace fs = std::filesystem;
+    const fs::path p(o.model);
+    const fs::path spm = (fs::is_directory(p) ? p : p.parent_path()) / "tokenizer.model";
+    std::error_code ec;
+    if (fs::is_regular_file(spm, ec))
+      for (auto& kv : gguf_tokenizer_metadata(spm.string())) meta.push_back(std::move(kv));
+  }
+
   std::vector<LlamaTensor> table = llama_tensors(c);
   std::vector<std::pair<std::string, Tensor>> out;
   int64_t kept_f32 = 0;
@@ -113,10 +124,13 @@ int run(const Options& o) {
     out.emplace_back(gguf_name_of(t.name), std::move(stored));
   }
   write_gguf(o.out, meta, out);
+  bool has_tokenizer = false;
+  for (const auto& kv : meta) has_tokenizer |= kv.first == "tokenizer.ggml.tokens";
   std::printf("wrote %s: %zu tensors, %s matrices (%lld kept f32: rows not whole blocks), "
-              "%.1f MiB, in %.1f s\n",
+              "%.1f MiB, %s, in %.1f s\n",
               o.out.c_str(), out.size(), std::string(dtype_name(type)).c_str(),
               static_cast<long long>(kept_f32), static_cast<double>(bytes) / (1 << 20),
+              has_tokenizer ? "with the sentencepiece vocabulary" : "no tokenizer",
               timer.seconds());
   return 0;
 }

@@ -1,5 +1,7 @@
 #include "parallm/model/gguf.h"
 
+#include <sentencepiece_processor.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -9,6 +11,8 @@
 
 #include "parallm/core/checked.h"
 #include "parallm/core/error.h"
+#include "parallm/model/tokenizer.h"
+#include "parallm/model/tokenizer_spm.h"
 
 namespace parallm {
 namespace {
@@ -579,6 +583,128 @@ std::unique_ptr<WeightSource> open_gguf_llama(const std::string& path, ModelConf
   return std::make_unique<MappedTensorSource>("gguf", path,
                                               std::vector<std::shared_ptr<const MappedFile>>{g.file},
                                               std::move(tensors));
+}
+
+// ---- tokenizer
+
+namespace {
+
+// Protocol buffers' wire format, enough to write a sentencepiece ModelProto.
+void pb_varint(std::string& out, uint64_t v) {
+  while (v >= 0x80) {
+    out += static_cast<char>((v & 0x7f) | 0x80);
+    v >>= 7;
+  }
+  out += static_cast<char>(v);
+}
+void pb_key(std::string& out, int field, int wire) { pb_varint(out, (uint64_t(field) << 3) | wire); }
+void pb_int(std::string& out, int field, int64_t v) {  // int32/enum/bool: negatives as 10 bytes
+  pb_key(out, field, 0);
+  pb_varint(out, static_cast<uint64_t>(v));
+}
+void pb_bytes(std::string& out, int field, const std::string& b) {
+  pb_key(out, field, 2);
+  pb_varint(out, b.size());
+  out += b;
+}
+void pb_float(std::string& out, int field, float f) {
+  pb_key(out, field, 5);
+  put_bytes(out, &f, 4);
+}
+
+const GgufValue* array_of(const GgufHeader& h, const std::string& key, GgufType elem,
+                          const std::string& source, size_t count) {
+  const GgufValue* v = h.find(key);
+  if (!v) return nullptr;
+  if (v->type != GgufType::Array || v->elem != elem)
+    fail(kComponent, source, ": ", key, " is not an array of ", gguf_type_name(elem));
+  if (count != SIZE_MAX && v->items.size() != count)
+    fail(kComponent, source, ": ", key, " has ", v->items.size(), " entries for ", count,
+         " tokens");
+  return v;
+}
+
+}  // namespace
+
+std::unique_ptr<Tokenizer> gguf_tokenizer(const GgufHeader& h, const std::string& source) {
+  const GgufValue* model = h.find("tokenizer.ggml.model");
+  if (!model || model->type != GgufType::String || model->s != "llama") return nullptr;
+  const GgufValue* tokens = array_of(h, "tokenizer.ggml.tokens", GgufType::String, source, SIZE_MAX);
+  if (!tokens || tokens->items.empty())
+    fail(kComponent, source, ": tokenizer.ggml.model is \"llama\" but tokenizer.ggml.tokens is "
+         "missing or empty");
+  const size_t n = tokens->items.size();
+  const GgufValue* scores = array_of(h, "tokenizer.ggml.scores", GgufType::F32, source, n);
+  const GgufValue* types = array_of(h, "tokenizer.ggml.token_type", GgufType::I32, source, n);
+  auto id = [&](const char* key, int64_t fallback) {
+    const int64_t v = meta_int(h, key, source, fallback);
+    if (v < -1 || v >= static_cast<int64_t>(n))
+      fail(kComponent, source, ": ", key, " ", v, " is outside the ", n, "-token vocabulary");
+    return v;
+  };
+  const int64_t unk = id("tokenizer.ggml.unknown_token_id", 0);
+  const int64_t bos = id("tokenizer.ggml.bos_token_id", 1);
+  const int64_t eos = id("tokenizer.ggml.eos_token_id", 2);
+  std::string proto;
+  bool byte_fallback = false;
+  for (size_t i = 0; i < n; ++i) {
+    // GGUF's token types are sentencepiece's: 1 normal, 2 unknown, 3 control, 4 user defined,
+    // 5 unused, 6 byte.
+    int64_t type = types ? types->items[i].i : 1;
+    if (!types && static_cast<int64_t>(i) == unk) type = 2;
+    if (!types && (static_cast<int64_t>(i) == bos || static_cast<int64_t>(i) == eos)) type = 3;
+    if (type < 1 || type > 6)
+      fail(kComponent, source, ": tokenizer.ggml.token_type[", i, "] = ", type,
+           " is not a token type (1..6)");
+    byte_fallback |= type == 6;
+    std::string piece;
+    pb_bytes(piece, 1, tokens->items[i].s);
+    pb_float(piece, 2, scores ? static_cast<float>(scores->items[i].f) : 0.0f);
+    pb_int(piece, 3, type);
+    pb_bytes(proto, 1, piece);
+  }
+  std::string trainer;
+  pb_int(trainer, 3, 2);  // model_type: BPE (merges by piece score)
+  pb_int(trainer, 4, static_cast<int64_t>(n));
+  pb_int(trainer, 35, byte_fallback ? 1 : 0);
+  pb_int(trainer, 40, unk);
+  pb_int(trainer, 41, bos);
+  pb_int(trainer, 42, eos);
+  pb_int(trainer, 43, -1);  // pad_id
+  pb_bytes(proto, 2, trainer);
+  std::string normalizer;
+  pb_bytes(normalizer, 1, "identity");
+  pb_int(normalizer, 3, 1);  // add_dummy_prefix
+  pb_int(normalizer, 4, 0);  // remove_extra_whitespaces
+  pb_int(normalizer, 5, 1);  // escape_whitespaces
+  pb_bytes(proto, 3, normalizer);
+  try {
+    return parse_sentencepiece_tokenizer(proto, source);
+  } catch (const std::runtime_error& e) {
+    fail(kComponent, source, ": the tokenizer.ggml.* vocabulary is not a valid sentencepiece "
+         "model: ", e.what());
+  }
+}
+
+std::vector<std::pair<std::string, GgufValue>> gguf_tokenizer_metadata(const std::string& file) {
+  sentencepiece::SentencePieceProcessor sp;
+  if (!sp.Load(file).ok()) return {};
+  std::vector<GgufValue> tokens, scores, types;
+  for (int i = 0; i < sp.GetPieceSize(); ++i) {
+    tokens.push_back(GgufValue::str(sp.IdToPiece(i)));
+    scores.push_back(GgufValue::f32(sp.GetScore(i)));
+    const int type = sp.IsUnknown(i) ? 2 : sp.IsControl(i) ? 3 : sp.IsUnused(i) ? 5
+                     : sp.IsByte(i)  ? 6 : 1;
+    types.push_back(GgufValue::i32(type));
+  }
+  std::vector<std::pair<std::string, GgufValue>> out = {
+      {"tokenizer.ggml.model", GgufValue::str("llama")},
+      {"tokenizer.ggml.tokens", GgufValue::array(GgufType::String, std::move(tokens))},
+      {"tokenizer.ggml.scores", GgufValue::array(GgufType::F32, std::move(scores))},
+      {"tokenizer.ggml.token_type", GgufValue::array(GgufType::I32, std::move(types))}};
+  if (sp.unk_id() >= 0)
+    out.push_back({"tokenizer.ggml.unknown_token_id", GgufValue::u32(sp.unk_id())});
+  return out;
 }
 
 }  // namespace parallm

@@ -127,4 +127,15 @@ std::string gguf_name_of(const std::string& hf_name);
 // Opens a LLaMA GGUF as a WeightSource with Hugging Face names; fills `config`.
 std::unique_ptr<WeightSource> open_gguf_llama(const std::string& path, ModelConfig* config);
 
+// The tokenizer inside a GGUF: tokenizer.ggml.model "llama" (a sentencepiece vocabulary:
+// tokenizer.ggml.tokens, .scores, .token_type, .bos/.eos/.unknown_token_id) becomes a
+// sentencepiece BPE model (byte fallback when the vocabulary has byte pieces, identity
+// normalizer, a dummy space prefix: LLaMA's options) run by libsentencepiece. Null when the file
+// has no tokenizer or another model ("gpt2" BPE: not yet). Throws std::invalid_argument naming the
+// field when the vocabulary is malformed.
+std::unique_ptr<class Tokenizer> gguf_tokenizer(const GgufHeader& h, const std::string& source);
+// The same vocabulary as tokenizer.ggml.* metadata entries (for `parallm quantize`), from a
+// sentencepiece .model file; empty when `spm_file` is not one.
+std::vector<std::pair<std::string, GgufValue>> gguf_tokenizer_metadata(const std::string& spm_file);
+
 }  // namespace parallm
