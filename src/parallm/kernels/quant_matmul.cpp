@@ -29,6 +29,15 @@ namespace {
 
 constexpr int kRows = 4;  // rows of W per tile
 
+// One token's activations, quantized: the Q8_0 blocks, their scales as f32, and 8 x the sum of
+// each block's codes (Q4_0's kernels multiply the unsigned codes 0..15 and subtract 8 x sum(x)
+// once per block instead of re-centring every code).
+struct Act {
+  const BlockQ8_0* q;
+  const float* d;
+  const int32_t* sum8;
+};
+
 // ---- plain reference: exact integer sums per block, scaled in f32.
 template <class WB>
 inline int block_isum(const WB& w, const BlockQ8_0& x) {
@@ -45,61 +54,61 @@ inline int block_isum(const WB& w, const BlockQ8_0& x) {
 }
 
 template <class WB>
-void tile_scalar(const WB* const* w, int rows, const BlockQ8_0* x, int64_t nb, float* out) {
+void tile_scalar(const WB* const* w, int rows, const Act& x, int64_t nb, float* out) {
   for (int r = 0; r < rows; ++r) {
     float acc = 0.0f;
     for (int64_t b = 0; b < nb; ++b)
-      acc += f16_to_f32(w[r][b].d) * f16_to_f32(x[b].d) * static_cast<float>(block_isum(w[r][b], x[b]));
+      acc += f16_to_f32(w[r][b].d) * f16_to_f32(x.q[b].d) *
+             static_cast<float>(block_isum(w[r][b], x.q[b]));
     out[r] = acc;
   }
 }
 
 #if PARALLM_X86
-// 32 weight codes of a block as signed bytes.
+// Q4_0's 32 codes as unsigned bytes 0..15: low nibbles are values 0..15, high nibbles 16..31.
+PARALLM_AVX2 static inline __m256i nibbles_avx2(const BlockQ4_0& w) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m), _mm_and_si128(raw, m));
+}
+
+// The 8 i32 lanes whose sum is one block's integer dot product. Q8_0: maddubs needs an unsigned
+// operand, so |w| and x with w's sign (|w| <= 128, |x| <= 127: the i16 pair sums stay below
+// 2 x 128 x 127 < 32767). Q4_0: the codes are unsigned already (pair sums <= 2 x 15 x 127);
+// 8 x sum(x) is subtracted in lane 0.
 template <class WB>
-PARALLM_AVX2 static inline __m256i codes_avx2(const WB& w) {
+PARALLM_AVX2 static inline __m256i block_dot_avx2(const WB& w, __m256i xv, int32_t sum8) {
+  const __m256i ones = _mm256_set1_epi16(1);
   if constexpr (std::is_same_v<WB, BlockQ8_0>) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs));
+    (void)sum8;
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs));
+    return _mm256_madd_epi16(
+        _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)), ones);
   } else {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs));
-    const __m128i m = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(raw, m);                     // values 0..15
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m);  // values 16..31
-    return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+    const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles_avx2(w), xv), ones);
+    return _mm256_sub_epi32(s, _mm256_setr_epi32(sum8, 0, 0, 0, 0, 0, 0, 0));
   }
 }
 
-PARALLM_AVX2 static inline float scale2(uint16_t a, uint16_t b) {
-  return _cvtsh_ss(a) * _cvtsh_ss(b);
-}
-
-// maddubs needs one unsigned operand: |w| as unsigned, x with w's sign moved onto it. |w| <= 128
-// and |x| <= 127, so the pairwise i16 sums (<= 2 * 128 * 127) never saturate.
 template <class WB>
-PARALLM_AVX2 void tile_avx2(const WB* const* w, int rows, const BlockQ8_0* x, int64_t nb,
-                            float* out) {
+PARALLM_AVX2 void tile_avx2(const WB* const* w, int rows, const Act& x, int64_t nb, float* out) {
   __m256 acc[kRows];
   for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
-  const __m256i ones = _mm256_set1_epi16(1);
   if (rows == kRows) {
     for (int64_t b = 0; b < nb; ++b) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].qs));
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q[b].qs));
 #pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r) {
-        const __m256i wv = codes_avx2(w[r][b]);
-        const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-        const __m256 s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale2(w[r][b].d, x[b].d)), s, acc[r]);
+        const __m256 s = _mm256_cvtepi32_ps(block_dot_avx2(w[r][b], xv, x.sum8[b]));
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[r][b].d) * x.d[b]), s, acc[r]);
       }
     }
   } else {
     for (int r = 0; r < rows; ++r)
       for (int64_t b = 0; b < nb; ++b) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].qs));
-        const __m256i wv = codes_avx2(w[r][b]);
-        const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-        const __m256 s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale2(w[r][b].d, x[b].d)), s, acc[r]);
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q[b].qs));
+        const __m256 s = _mm256_cvtepi32_ps(block_dot_avx2(w[r][b], xv, x.sum8[b]));
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[r][b].d) * x.d[b]), s, acc[r]);
       }
   }
   for (int r = 0; r < rows; ++r) out[r] = simd::hsum8(acc[r]);
@@ -107,102 +116,123 @@ PARALLM_AVX2 void tile_avx2(const WB* const* w, int rows, const BlockQ8_0* x, in
 
 // AVX-VNNI: vpdpbusd sums the four u8 x s8 products per 32-bit lane in one instruction, without
 // the i16 intermediate.
+PARALLM_AVXVNNI static inline __m256i nibbles_vnni(const BlockQ4_0& w) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m), _mm_and_si128(raw, m));
+}
+
 template <class WB>
-PARALLM_AVXVNNI static inline __m256i codes_vnni(const WB& w) {
+PARALLM_AVXVNNI static inline __m256i block_dot_vnni(const WB& w, __m256i xv, int32_t sum8) {
   if constexpr (std::is_same_v<WB, BlockQ8_0>) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs));
+    (void)sum8;
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs));
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv),
+                                   _mm256_sign_epi8(xv, wv));
   } else {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs));
-    const __m128i m = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(raw, m);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m);
-    return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+    return _mm256_dpbusd_avx_epi32(_mm256_setr_epi32(-sum8, 0, 0, 0, 0, 0, 0, 0),
+                                   nibbles_vnni(w), xv);
   }
 }
 
 template <class WB>
-PARALLM_AVXVNNI void tile_avxvnni(const WB* const* w, int rows, const BlockQ8_0* x, int64_t nb,
+PARALLM_AVXVNNI void tile_avxvnni(const WB* const* w, int rows, const Act& x, int64_t nb,
                                   float* out) {
   __m256 acc[kRows];
   for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
-  for (int r0 = 0; r0 < rows; r0 += (rows == kRows ? kRows : 1)) {
-    const int rn = rows == kRows ? kRows : 1;
+  const int step = rows == kRows ? kRows : 1;
+  for (int r0 = 0; r0 < rows; r0 += step) {
     for (int64_t b = 0; b < nb; ++b) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].qs));
-      const float dx = _cvtsh_ss(x[b].d);
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q[b].qs));
 #pragma GCC unroll 4
-      for (int i = 0; i < rn; ++i) {
+      for (int i = 0; i < step; ++i) {
         const int r = r0 + i;
-        const __m256i wv = codes_vnni(w[r][b]);
-        const __m256i p = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(),
-                                                  _mm256_sign_epi8(wv, wv),
-                                                  _mm256_sign_epi8(xv, wv));
-        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[r][b].d) * dx),
-                                 _mm256_cvtepi32_ps(p), acc[r]);
+        const __m256 s = _mm256_cvtepi32_ps(block_dot_vnni(w[r][b], xv, x.sum8[b]));
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[r][b].d) * x.d[b]), s, acc[r]);
       }
     }
   }
   for (int r = 0; r < rows; ++r) out[r] = simd::hsum8(acc[r]);
 }
 
-// AVX-512 VNNI: two blocks per 512-bit register (blocks b and b+1 of one row), |w| by vpabsb and
-// x negated where w < 0 by a masked subtract (AVX-512 has no vpsignb).
-template <class WB>
-PARALLM_AVX512VNNI static inline __m256i codes_512(const WB& w) {
-  if constexpr (std::is_same_v<WB, BlockQ8_0>) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs));
-  } else {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs));
-    const __m128i m = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(raw, m);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m);
-    return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
-  }
-}
-
+// AVX-512 VNNI: two blocks per 512-bit register (blocks b and b+1 of one row); Q8_0's |w| by
+// vpabsb and x negated where w < 0 by a masked subtract (AVX-512 has no vpsignb); Q4_0's
+// unsigned codes with 8 x sum(x) subtracted in lanes 0 and 8.
 PARALLM_AVX512VNNI static inline __m512i pair512(__m256i a, __m256i b) {
-  // Zero-masked forms: GCC 12's unmasked ones pass an "undefined" register -Wuninitialized sees.
+  // Masked forms: GCC 12's unmasked ones pass an "undefined" register -Wuninitialized sees.
   return _mm512_mask_broadcast_i64x4(_mm512_maskz_broadcast_i64x4(0x0F, a), 0xF0, b);
 }
 
+PARALLM_AVX512VNNI static inline __m256i nibbles_512(const BlockQ4_0& w) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m), _mm_and_si128(raw, m));
+}
+
 template <class WB>
-PARALLM_AVX512VNNI void tile_avx512vnni(const WB* const* w, int rows, const BlockQ8_0* x,
-                                        int64_t nb, float* out) {
-  __m512 acc[kRows];
-  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
-  __m256 tail[kRows];
-  for (int r = 0; r < kRows; ++r) tail[r] = _mm256_setzero_ps();
+PARALLM_AVX512VNNI static inline __m512i pair_dot_512(const WB& w0, const WB& w1, __m512i xv,
+                                                      int32_t s0, int32_t s1) {
   const __m512i zero = _mm512_setzero_si512();
-  for (int r0 = 0; r0 < rows; r0 += (rows == kRows ? kRows : 1)) {
-    const int rn = rows == kRows ? kRows : 1;
+  if constexpr (std::is_same_v<WB, BlockQ8_0>) {
+    (void)s0;
+    (void)s1;
+    const __m512i wv =
+        pair512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0.qs)),
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1.qs)));
+    const __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), zero, xv);
+    return _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), sx);
+  } else {
+    const __m512i init =
+        _mm512_setr_epi32(-s0, 0, 0, 0, 0, 0, 0, 0, -s1, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_dpbusd_epi32(init, pair512(nibbles_512(w0), nibbles_512(w1)), xv);
+  }
+}
+
+template <class WB>
+PARALLM_AVX512VNNI static inline __m256i block_dot_512(const WB& w, __m256i xv, int32_t sum8) {
+  if constexpr (std::is_same_v<WB, BlockQ8_0>) {
+    (void)sum8;
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs));
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wv),
+                               _mm256_sign_epi8(xv, wv));
+  } else {
+    return _mm256_dpbusd_epi32(_mm256_setr_epi32(-sum8, 0, 0, 0, 0, 0, 0, 0), nibbles_512(w),
+                               xv);
+  }
+}
+
+template <class WB>
+PARALLM_AVX512VNNI void tile_avx512vnni(const WB* const* w, int rows, const Act& x, int64_t nb,
+                                        float* out) {
+  __m512 acc[kRows];
+  __m256 tail[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    acc[r] = _mm512_setzero_ps();
+    tail[r] = _mm256_setzero_ps();
+  }
+  const int step = rows == kRows ? kRows : 1;
+  for (int r0 = 0; r0 < rows; r0 += step) {
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
       const __m512i xv =
-          pair512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].qs)),
-                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b + 1].qs)));
-      const float dx0 = _cvtsh_ss(x[b].d), dx1 = _cvtsh_ss(x[b + 1].d);
+          pair512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q[b].qs)),
+                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q[b + 1].qs)));
 #pragma GCC unroll 4
-      for (int i = 0; i < rn; ++i) {
+      for (int i = 0; i < step; ++i) {
         const int r = r0 + i;
-        const __m512i wv = pair512(codes_512(w[r][b]), codes_512(w[r][b + 1]));
-        const __mmask64 neg = _mm512_movepi8_mask(wv);
-        const __m512i sx = _mm512_mask_sub_epi8(xv, neg, zero, xv);
-        const __m512i p = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), sx);
+        const __m512i p = pair_dot_512(w[r][b], w[r][b + 1], xv, x.sum8[b], x.sum8[b + 1]);
         const __m512 sc = _mm512_maskz_insertf32x8(
-            simd::kAll16, _mm512_set1_ps(_cvtsh_ss(w[r][b].d) * dx0),
-            _mm256_set1_ps(_cvtsh_ss(w[r][b + 1].d) * dx1), 1);
+            simd::kAll16, _mm512_set1_ps(_cvtsh_ss(w[r][b].d) * x.d[b]),
+            _mm256_set1_ps(_cvtsh_ss(w[r][b + 1].d) * x.d[b + 1]), 1);
         acc[r] = _mm512_fmadd_ps(sc, _mm512_maskz_cvtepi32_ps(simd::kAll16, p), acc[r]);
       }
     }
     for (; b < nb; ++b) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].qs));
-      for (int i = 0; i < rn; ++i) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q[b].qs));
+      for (int i = 0; i < step; ++i) {
         const int r = r0 + i;
-        const __m256i wv = codes_512(w[r][b]);
-        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wv),
-                                              _mm256_sign_epi8(xv, wv));
-        tail[r] = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[r][b].d) * _cvtsh_ss(x[b].d)),
-                                  _mm256_cvtepi32_ps(p), tail[r]);
+        const __m256 s = _mm256_cvtepi32_ps(block_dot_512(w[r][b], xv, x.sum8[b]));
+        tail[r] = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[r][b].d) * x.d[b]), s, tail[r]);
       }
     }
   }
@@ -211,7 +241,7 @@ PARALLM_AVX512VNNI void tile_avx512vnni(const WB* const* w, int rows, const Bloc
 #endif  // PARALLM_X86
 
 template <class WB>
-using TileFn = void (*)(const WB* const*, int, const BlockQ8_0*, int64_t, float*);
+using TileFn = void (*)(const WB* const*, int, const Act&, int64_t, float*);
 
 template <class WB>
 TileFn<WB> tile_for(QuantPath p) {
@@ -252,10 +282,26 @@ template <class WB>
 void run_blocks(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
                 QuantPath path) {
   const int64_t N = w.dim(0), K = w.dim(1), nb = K / 32;
+  // The activations, quantized once per call by the calling thread and read by all threads.
   thread_local std::vector<BlockQ8_0> xq_buf;
-  xq_buf.resize(static_cast<size_t>(T * nb));
+  thread_local std::vector<float> xd_buf;
+  thread_local std::vector<int32_t> xs_buf;
+  const size_t n = static_cast<size_t>(T * nb);
+  xq_buf.resize(n);
+  xd_buf.resize(n);
+  xs_buf.resize(n);
   quantize_activations(x, T, K, xq_buf.data());
+  for (size_t b = 0; b < n; ++b) {
+    xd_buf[b] = f16_to_f32(xq_buf[b].d);
+    int32_t s = 0;
+    for (int j = 0; j < 32; ++j) s += xq_buf[b].qs[j];
+    xs_buf[b] = 8 * s;
+  }
+  // Plain pointers for the pool's threads: inside the lambda the thread_local names would be
+  // each worker's own (empty) buffers.
   const BlockQ8_0* xq = xq_buf.data();
+  const float* xd = xd_buf.data();
+  const int32_t* xs = xs_buf.data();
   const WB* wb = static_cast<const WB*>(w.raw());
   const TileFn<WB> tile = tile_for<WB>(path);
   const int64_t tiles = (N + kRows - 1) / kRows;
@@ -267,7 +313,8 @@ void run_blocks(const float* x, int64_t T, const Tensor& w, float* y, bool accum
       for (int r = 0; r < rows; ++r) rowp[r] = wb + (n0 + r) * nb;
       for (int64_t t = 0; t < T; ++t) {
         float out[kRows];
-        tile(rowp, rows, xq + t * nb, nb, out);
+        const Act act{xq + t * nb, xd + t * nb, xs + t * nb};
+        tile(rowp, rows, act, nb, out);
         float* yt = y + t * N + n0;
         for (int r = 0; r < rows; ++r) yt[r] = accumulate ? yt[r] + out[r] : out[r];
       }
