@@ -387,6 +387,35 @@ TEST(GgufModel, Q4_0RunsAtTp2AndOffBlockTpIsOneClearError) {
       << e;
 }
 
+TEST(GgufModel, TpOneTwoFourAndPpTwoAgreeAtQ8_0AndQ4_0) {
+  // The "small" shape: head_dim 32, so TP 4's o_proj columns (2 heads) are whole blocks; its FFN
+  // of 688 is not whole blocks (down_proj stays f32, split anywhere).
+  testing::TempDir dir;
+  ASSERT_EQ(testing::run_parallm("init-model --shape small --seed 4 --dtype f32 --out " +
+                                 dir.file("hf"))
+                .exit_code,
+            0);
+  for (const std::string type : {"q8_0", "q4_0"}) {
+    const std::string path = dir.file(type + ".gguf");
+    const auto r =
+        testing::run_parallm("quantize --model " + dir.file("hf") + " --type " + type + " --out " + path);
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    const ModelRun one = run_model(path, 1, 1, 6);
+    for (auto [tp, pp] : std::vector<std::pair<int, int>>{{2, 1}, {4, 1}, {1, 2}, {4, 2}}) {
+      const ModelRun m = run_model(path, tp, pp, 6);
+      for (size_t i = 0; i < kPrompts.size(); ++i) {
+        EXPECT_EQ(m.tokens[i], one.tokens[i]) << type << " tp " << tp << " pp " << pp;
+        double worst = 0, scale = 0;
+        for (size_t v = 0; v < one.logits[i].size(); ++v) {
+          worst = std::max(worst, std::abs(double(m.logits[i][v]) - one.logits[i][v]));
+          scale = std::max(scale, std::abs(double(one.logits[i][v])));
+        }
+        EXPECT_LE(worst, 1e-5 * scale) << type << " tp " << tp << " pp " << pp;
+      }
+    }
+  }
+}
+
 TEST(GgufModel, HuggingFaceQkRowsArePermutedIntoLlamaCppOrderExactly) {
   testing::TempDir dir;
   ASSERT_EQ(testing::run_parallm("init-model --shape tiny --seed 5 --dtype f32 --out " +
