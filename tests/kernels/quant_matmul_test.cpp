@@ -103,6 +103,24 @@ INSTANTIATE_TEST_SUITE_P(
       return cat(dtype_name(c.type), "_N", c.N, "_K", c.K, "_T", c.T);
     });
 
+TEST(QuantMatmul, PrefillGoesThroughDequantizedSgemm) {
+  // From 64 tokens: f32 activations against the dequantized weights, so close to the reference
+  // (no activation quantization), with and without accumulate, every block dtype.
+  ThreadPool pool(2);
+  ScopedPool scoped(pool);
+  for (DType t : {DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q6_K}) {
+    SCOPED_TRACE(std::string(dtype_name(t)));
+    const Tensor w = t == DType::Q8_0 || t == DType::Q4_0 ? quantized(t, 45, 256, 8)
+                                                           : random_kblocks(t, 45, 256, 8);
+    const std::vector<float> x = testing::random_vec(70 * 256, 9);
+    std::vector<float> ref(70 * 45), y(70 * 45, 2.0f);
+    matmul_ref(x.data(), 70, w, ref.data());
+    quant_matmul(x.data(), 70, w, y.data(), true);
+    for (float& v : y) v -= 2.0f;
+    EXPECT_LE(testing::normalised_error(y, ref), 1e-5);
+  }
+}
+
 TEST(QuantMatmul, KFormatsMatchTheDequantizedProduct) {
   for (DType t : {DType::Q4_K, DType::Q6_K}) {
     SCOPED_TRACE(std::string(dtype_name(t)));
