@@ -22,12 +22,12 @@ void convert_any_alignment(const uint8_t* src, DType st, uint8_t* dst, DType dt,
     return;
   }
   alignas(64) uint8_t bounce[4096];
+  // 4096 / 4 or 4096 / 2 values: whole blocks when dt is a block dtype (quantized on load).
   const size_t chunk = sizeof(bounce) / ss;
-  const size_t ds = dtype_size(dt);
   for (size_t i = 0; i < n; i += chunk) {
     const size_t m = std::min(chunk, n - i);
     std::memcpy(bounce, src + i * ss, m * ss);
-    convert(bounce, st, dst + i * ds, dt, m);
+    convert(bounce, st, dst + dtype_bytes(dt, static_cast<int64_t>(i)), dt, m);
   }
 }
 
