@@ -13,7 +13,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const parallm::GgufHeader h = parallm::parse_gguf(data, size, "fuzz.gguf");
     parallm::fuzz::expect_clean([&] { (void)parallm::gguf_llama_config(h, "fuzz.gguf"); });
     parallm::fuzz::expect_clean([&] {
-      if (auto tok = parallm::gguf_tokenizer(h, "fuzz.gguf")) parallm::fuzz::exercise_tokenizer(*tok);
+      if (auto tok = parallm::gguf_tokenizer(h, "fuzz.gguf"))
+        parallm::fuzz::exercise_tokenizer(*tok);
     });
     for (const parallm::GgufTensorInfo& t : h.tensors) {
       const int64_t n = parallm::shape_numel(t.shape);

@@ -2,7 +2,8 @@
 // a whole TinyLlama-1.1B decode step of matmuls, and 512-token prefill sgemm GFLOP/s against
 // OpenBLAS's own threaded sgemm on f32 weights.
 //
-//   bench_kernels [--threads N] [--bw-bytes BYTES] [--no-gemv] [--no-model] [--no-prefill] [--quant]
+//   bench_kernels [--threads N] [--bw-bytes BYTES] [--no-gemv] [--no-model] [--no-prefill]
+//                 [--quant]
 //                 [--crossover]
 //
 // Weights are random and, for the GEMV, several copies of each matrix are used in turn so that the

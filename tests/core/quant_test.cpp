@@ -176,13 +176,14 @@ TEST(QuantTensor, BytesSlicesAndConversions) {
     for (int j = 0; j < 64; ++j) ASSERT_EQ(part[i * 64 + j], all[i * 320 + 64 + j]);
   EXPECT_NE(testing::error_of([&] { q.slice_cols(16, 64); }).find("block boundaries"),
             std::string::npos);
-  EXPECT_NE(testing::error_of([&] { Tensor::empty(DType::Q4_0, {2, 48}); })
-                .find("not a multiple of the 32-value block"),
+  EXPECT_NE(testing::error_of([&] {
+              Tensor::empty(DType::Q4_0, {2, 48});
+            }).find("not a multiple of the 32-value block"),
             std::string::npos);
-  EXPECT_NE(testing::error_of([&] { q.to(DType::I32); }).find("cannot convert"),
-            std::string::npos);
-  EXPECT_NE(testing::error_of([&] { Tensor::zeros(DType::F32, {1, 256}).to(DType::Q6_K); })
-                .find("cannot convert"),
+  EXPECT_NE(testing::error_of([&] { q.to(DType::I32); }).find("cannot convert"), std::string::npos);
+  EXPECT_NE(testing::error_of([&] {
+              Tensor::zeros(DType::F32, {1, 256}).to(DType::Q6_K);
+            }).find("cannot convert"),
             std::string::npos);
   EXPECT_EQ(parse_dtype("Q4_K"), DType::Q4_K);
   // bf16 -> q4_0 quantizes the widened values.

@@ -8,10 +8,10 @@
 #include <cstring>
 #include <random>
 
+#include "kernel_test_util.h"
 #include "parallm/core/error.h"
 #include "parallm/core/thread_pool.h"
 #include "parallm/kernels/matmul.h"
-#include "kernel_test_util.h"
 
 namespace parallm::kernels {
 namespace {
@@ -111,7 +111,7 @@ TEST(QuantMatmul, PrefillGoesThroughDequantizedSgemm) {
   for (DType t : {DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q6_K}) {
     SCOPED_TRACE(std::string(dtype_name(t)));
     const Tensor w = t == DType::Q8_0 || t == DType::Q4_0 ? quantized(t, 45, 256, 8)
-                                                           : random_kblocks(t, 45, 256, 8);
+                                                          : random_kblocks(t, 45, 256, 8);
     const std::vector<float> x = testing::random_vec(70 * 256, 9);
     std::vector<float> ref(70 * 45), y(70 * 45, 2.0f);
     matmul_ref(x.data(), 70, w, ref.data());

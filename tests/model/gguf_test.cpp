@@ -34,12 +34,14 @@ std::vector<uint8_t> file_bytes(const std::string& path) {
 
 Tensor ramp(DType t, Shape shape) {
   Tensor f = Tensor::empty(DType::F32, shape);
-  for (int64_t i = 0; i < f.numel(); ++i) f.data<float>()[i] = 0.01f * static_cast<float>(i % 97) - 0.3f;
+  for (int64_t i = 0; i < f.numel(); ++i)
+    f.data<float>()[i] = 0.01f * static_cast<float>(i % 97) - 0.3f;
   return f.to(t);
 }
 
 std::vector<std::pair<std::string, GgufValue>> all_types_metadata() {
-  std::vector<GgufValue> strs = {GgufValue::str("a"), GgufValue::str(""), GgufValue::str("\xE2\x96\x81x")};
+  std::vector<GgufValue> strs = {GgufValue::str("a"), GgufValue::str(""),
+                                 GgufValue::str("\xE2\x96\x81x")};
   std::vector<GgufValue> nested = {GgufValue::array(GgufType::I32, {GgufValue::i32(-1)}),
                                    GgufValue::array(GgufType::I32, {})};
   return {{"general.architecture", GgufValue::str("test")},
@@ -52,7 +54,8 @@ std::vector<std::pair<std::string, GgufValue>> all_types_metadata() {
           {"u64", GgufValue::u64(uint64_t{1} << 40)},
           {"i64", GgufValue::of(GgufType::I64, -(int64_t{1} << 40))},
           {"f32", GgufValue::f32(0.25f)},
-          {"f64", [] {
+          {"f64",
+           [] {
              GgufValue v;
              v.type = GgufType::F64;
              v.f = 1e-300;
@@ -66,10 +69,11 @@ std::vector<std::pair<std::string, GgufValue>> all_types_metadata() {
 TEST(Gguf, WriterAndReaderAgreeOnEveryTypeAndDtype) {
   testing::TempDir dir;
   const auto meta = all_types_metadata();
-  const std::vector<std::pair<std::string, Tensor>> tensors = {
-      {"a", ramp(DType::F32, {3})},          {"b", ramp(DType::F16, {2, 5})},
-      {"c", ramp(DType::BF16, {2, 2, 3})},   {"q8", ramp(DType::Q8_0, {3, 64})},
-      {"q4", ramp(DType::Q4_0, {5, 32})}};
+  const std::vector<std::pair<std::string, Tensor>> tensors = {{"a", ramp(DType::F32, {3})},
+                                                               {"b", ramp(DType::F16, {2, 5})},
+                                                               {"c", ramp(DType::BF16, {2, 2, 3})},
+                                                               {"q8", ramp(DType::Q8_0, {3, 64})},
+                                                               {"q4", ramp(DType::Q4_0, {5, 32})}};
   write_gguf(dir / "t.gguf", meta, tensors);
   const GgufFile g = open_gguf(dir / "t.gguf");
   EXPECT_EQ(g.header.version, 3u);
@@ -103,12 +107,12 @@ TEST(Gguf, WriterAndReaderAgreeOnEveryTypeAndDtype) {
 // A small valid file to damage: one metadata key, two Q8_0 tensors.
 struct Small {
   std::vector<uint8_t> bytes;
-  size_t kv_type_at = 0;       // the u32 value type of the first metadata entry
-  size_t t0_ndims_at = 0;      // tensor 0's n_dims
-  size_t t0_ne0_at = 0;        // tensor 0's ne[0]
-  size_t t0_type_at = 0;       // tensor 0's ggml type
-  size_t t0_offset_at = 0;     // tensor 0's offset
-  size_t t1_offset_at = 0;     // tensor 1's offset
+  size_t kv_type_at = 0;    // the u32 value type of the first metadata entry
+  size_t t0_ndims_at = 0;   // tensor 0's n_dims
+  size_t t0_ne0_at = 0;     // tensor 0's ne[0]
+  size_t t0_type_at = 0;    // tensor 0's ggml type
+  size_t t0_offset_at = 0;  // tensor 0's offset
+  size_t t1_offset_at = 0;  // tensor 1's offset
 };
 
 Small small_file(const testing::TempDir& dir) {
@@ -148,12 +152,14 @@ TEST(Gguf, EveryDamagedFieldIsOneClearLine) {
   has(parse_error_with(s, 16, uint64_t{1} << 50), "kv_count 1125899906842624 exceeds");
   has(parse_error_with(s, 24, uint64_t{1} << 40), "metadata key #0 length 1099511627776 exceeds");
   has(parse_error_with(s, s.kv_type_at, uint32_t{13}), "value type 13 is not a GGUF type");
-  has(parse_error_with(s, s.t0_ndims_at, uint32_t{0}), "tensor \"w0\": n_dims 0 is not within 1..4");
+  has(parse_error_with(s, s.t0_ndims_at, uint32_t{0}),
+      "tensor \"w0\": n_dims 0 is not within 1..4");
   has(parse_error_with(s, s.t0_ne0_at, uint64_t{48}),
       "tensor \"w0\": row length ne[0] = 48 is not a multiple of q8_0's 32-value block");
   has(parse_error_with(s, s.t0_ne0_at, uint64_t{0}), "ne[0] = 0 is not within 1..2^40");
   has(parse_error_with(s, s.t0_type_at, uint32_t{3}), "ggml type 3 is not supported");
-  has(parse_error_with(s, s.t0_offset_at, uint64_t{8}), "offset 8 is not a multiple of the alignment 32");
+  has(parse_error_with(s, s.t0_offset_at, uint64_t{8}),
+      "offset 8 is not a multiple of the alignment 32");
   has(parse_error_with(s, s.t0_offset_at, uint64_t{1} << 20), "are outside the file");
   has(parse_error_with(s, s.t1_offset_at, uint64_t{0}), "tensors \"w0\" and \"w1\" overlap");
   // Truncation anywhere: a clean error naming the field, never a crash.
@@ -172,18 +178,22 @@ TEST(Gguf, AlignmentDuplicatesAndLlamaConfigErrors) {
   EXPECT_EQ(g.header.alignment, 64u);
   EXPECT_EQ(g.header.tensors[1].offset % 64, 0u);
   write_gguf(dir / "b.gguf", {{"general.alignment", GgufValue::u32(48)}}, {});
-  EXPECT_NE(error_of([&] { open_gguf(dir / "b.gguf"); }).find("general.alignment 48 is not a power of two"),
+  EXPECT_NE(error_of([&] {
+              open_gguf(dir / "b.gguf");
+            }).find("general.alignment 48 is not a power of two"),
             std::string::npos);
   write_gguf(dir / "c.gguf", {{"k", GgufValue::u32(1)}, {"k", GgufValue::u32(2)}}, {});
   EXPECT_NE(error_of([&] { open_gguf(dir / "c.gguf"); }).find("metadata key \"k\" appears twice"),
             std::string::npos);
   write_gguf(dir / "d.gguf", {{"general.architecture", GgufValue::str("gpt2")}}, {});
-  EXPECT_NE(error_of([&] { gguf_llama_config(open_gguf(dir / "d.gguf").header, "d"); })
-                .find("general.architecture \"gpt2\" is not supported"),
+  EXPECT_NE(error_of([&] {
+              gguf_llama_config(open_gguf(dir / "d.gguf").header, "d");
+            }).find("general.architecture \"gpt2\" is not supported"),
             std::string::npos);
   write_gguf(dir / "e.gguf", {{"general.architecture", GgufValue::str("llama")}}, {});
-  EXPECT_NE(error_of([&] { gguf_llama_config(open_gguf(dir / "e.gguf").header, "e"); })
-                .find("\"llama.embedding_length\" is missing"),
+  EXPECT_NE(error_of([&] {
+              gguf_llama_config(open_gguf(dir / "e.gguf").header, "e");
+            }).find("\"llama.embedding_length\" is missing"),
             std::string::npos);
   EXPECT_EQ(gguf_name_of("model.layers.12.mlp.down_proj.weight"), "blk.12.ffn_down.weight");
   EXPECT_EQ(gguf_name_of("model.layers.0.self_attn.q_proj.weight"), "blk.0.attn_q.weight");
@@ -213,8 +223,8 @@ TEST(Gguf, FuzzSeedsParseAndTheTinyLlamaSeedRuns) {
 
 std::string quantize_stories(const testing::TempDir& dir, const std::string& type) {
   const std::string out = dir / ("stories_" + type + ".gguf");
-  const auto r = testing::run_parallm("quantize --model " + testing::stories_model() +
-                                      " --type " + type + " --out " + out);
+  const auto r = testing::run_parallm("quantize --model " + testing::stories_model() + " --type " +
+                                      type + " --out " + out);
   EXPECT_EQ(r.exit_code, 0) << r.output;
   return out;
 }
@@ -357,8 +367,10 @@ TEST(GgufModel, Q8_0FollowsTheF32GreedyPathAndTpPpMatchOneRank) {
     }
   }
   const double n = static_cast<double>(kPrompts.size() * steps);
-  std::printf("[ gguf ] teacher-forced: Q8_0 kernels pick f32's token at %d of %.0f steps; mean logit "
-              "NMSE %.2e (weights' rounding alone: %.2e)\n", agree, n, sum_q / n, sum_w / n);
+  std::printf(
+      "[ gguf ] teacher-forced: Q8_0 kernels pick f32's token at %d of %.0f steps; mean logit "
+      "NMSE %.2e (weights' rounding alone: %.2e)\n",
+      agree, n, sum_q / n, sum_w / n);
   EXPECT_LE(sum_q, 2 * sum_w);
   EXPECT_GE(agree, static_cast<int>(n) * 3 / 4);
   for (auto [tp, pp] : std::vector<std::pair<int, int>>{{2, 1}, {1, 2}, {2, 2}}) {
@@ -394,14 +406,14 @@ TEST(GgufModel, TpOneTwoFourAndPpTwoAgreeAtQ8_0AndQ4_0) {
   // The "small" shape: head_dim 32, so TP 4's o_proj columns (2 heads) are whole blocks; its FFN
   // of 688 is not whole blocks (down_proj stays f32, split anywhere).
   testing::TempDir dir;
-  ASSERT_EQ(testing::run_parallm("init-model --shape small --seed 4 --dtype f32 --out " +
-                                 dir.file("hf"))
-                .exit_code,
-            0);
+  ASSERT_EQ(
+      testing::run_parallm("init-model --shape small --seed 4 --dtype f32 --out " + dir.file("hf"))
+          .exit_code,
+      0);
   for (const std::string type : {"q8_0", "q4_0"}) {
     const std::string path = dir.file(type + ".gguf");
-    const auto r =
-        testing::run_parallm("quantize --model " + dir.file("hf") + " --type " + type + " --out " + path);
+    const auto r = testing::run_parallm("quantize --model " + dir.file("hf") + " --type " + type +
+                                        " --out " + path);
     ASSERT_EQ(r.exit_code, 0) << r.output;
     const ModelRun one = run_model(path, 1, 1, 6);
     for (auto [tp, pp] : std::vector<std::pair<int, int>>{{2, 1}, {4, 1}, {1, 2}, {4, 2}}) {
@@ -421,12 +433,12 @@ TEST(GgufModel, TpOneTwoFourAndPpTwoAgreeAtQ8_0AndQ4_0) {
 
 TEST(GgufModel, HuggingFaceQkRowsArePermutedIntoLlamaCppOrderExactly) {
   testing::TempDir dir;
-  ASSERT_EQ(testing::run_parallm("init-model --shape tiny --seed 5 --dtype f32 --out " +
-                                 dir.file("hf"))
-                .exit_code,
-            0);
-  const auto r = testing::run_parallm("quantize --model " + dir.file("hf") +
-                                      " --type f32 --out " + dir.file("hf.gguf"));
+  ASSERT_EQ(
+      testing::run_parallm("init-model --shape tiny --seed 5 --dtype f32 --out " + dir.file("hf"))
+          .exit_code,
+      0);
+  const auto r = testing::run_parallm("quantize --model " + dir.file("hf") + " --type f32 --out " +
+                                      dir.file("hf.gguf"));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   // Same numbers, RoPE on adjacent pairs of the permuted rows instead of on halves.
   const ModelRun hf = run_model(dir.file("hf"), 1, 1, 6);
@@ -458,12 +470,12 @@ class Lines final : public sentencepiece::SentenceIterator {
 TEST(GgufModel, SentencepieceVocabularyTravelsInsideTheFile) {
   testing::TempDir dir;
   const std::string hf = dir.file("hf");
-  ASSERT_EQ(testing::run_parallm("init-model --shape tiny --seed 2 --dtype f32 --out " + hf)
-                .exit_code,
-            0);
+  ASSERT_EQ(
+      testing::run_parallm("init-model --shape tiny --seed 2 --dtype f32 --out " + hf).exit_code,
+      0);
   // A LLaMA-like sentencepiece model (BPE, byte fallback, identity normalizer) beside it.
-  const char* words[] = {"the", "model", "runs", "on", "many", "ranks", "and", "each", "holds",
-                         "a", "slice", "of", "weights", "hello", "world"};
+  const char* words[] = {"the",   "model", "runs",  "on", "many",    "ranks", "and",  "each",
+                         "holds", "a",     "slice", "of", "weights", "hello", "world"};
   std::vector<std::string> lines;
   uint32_t state = 7;
   for (int l = 0; l < 200; ++l) {
@@ -475,16 +487,19 @@ TEST(GgufModel, SentencepieceVocabularyTravelsInsideTheFile) {
     lines.push_back(line + ".");
   }
   Lines it(lines);
-  ASSERT_TRUE(sentencepiece::SentencePieceTrainer::Train(
-                  {{"model_prefix", hf + "/tokenizer"}, {"model_type", "bpe"},
-                   {"vocab_size", "300"}, {"byte_fallback", "true"},
-                   {"character_coverage", "1.0"}, {"normalization_rule_name", "identity"},
-                   {"remove_extra_whitespaces", "false"}, {"num_threads", "1"},
-                   {"minloglevel", "2"}},
-                  &it)
+  ASSERT_TRUE(sentencepiece::SentencePieceTrainer::Train({{"model_prefix", hf + "/tokenizer"},
+                                                          {"model_type", "bpe"},
+                                                          {"vocab_size", "300"},
+                                                          {"byte_fallback", "true"},
+                                                          {"character_coverage", "1.0"},
+                                                          {"normalization_rule_name", "identity"},
+                                                          {"remove_extra_whitespaces", "false"},
+                                                          {"num_threads", "1"},
+                                                          {"minloglevel", "2"}},
+                                                         &it)
                   .ok());
-  const auto r = testing::run_parallm("quantize --model " + hf + " --type q8_0 --out " +
-                                      dir.file("m.gguf"));
+  const auto r =
+      testing::run_parallm("quantize --model " + hf + " --type q8_0 --out " + dir.file("m.gguf"));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("with the sentencepiece vocabulary"), std::string::npos) << r.output;
   const auto want = load_tokenizer(hf);
@@ -503,8 +518,9 @@ TEST(GgufModel, SentencepieceVocabularyTravelsInsideTheFile) {
   GgufFile g = open_gguf(dir.file("m.gguf"));
   for (auto& [k, v] : g.header.metadata)
     if (k == "tokenizer.ggml.token_type") v.items[5].i = 9;
-  EXPECT_NE(error_of([&] { gguf_tokenizer(g.header, "m.gguf"); })
-                .find("tokenizer.ggml.token_type[5] = 9 is not a token type"),
+  EXPECT_NE(error_of([&] {
+              gguf_tokenizer(g.header, "m.gguf");
+            }).find("tokenizer.ggml.token_type[5] = 9 is not a token type"),
             std::string::npos);
 }
 

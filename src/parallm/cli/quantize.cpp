@@ -126,12 +126,12 @@ int run(const Options& o) {
   write_gguf(o.out, meta, out);
   bool has_tokenizer = false;
   for (const auto& kv : meta) has_tokenizer |= kv.first == "tokenizer.ggml.tokens";
-  std::printf("wrote %s: %zu tensors, %s matrices (%lld kept f32: rows not whole blocks), "
-              "%.1f MiB, %s, in %.1f s\n",
-              o.out.c_str(), out.size(), std::string(dtype_name(type)).c_str(),
-              static_cast<long long>(kept_f32), static_cast<double>(bytes) / (1 << 20),
-              has_tokenizer ? "with the sentencepiece vocabulary" : "no tokenizer",
-              timer.seconds());
+  std::printf(
+      "wrote %s: %zu tensors, %s matrices (%lld kept f32: rows not whole blocks), "
+      "%.1f MiB, %s, in %.1f s\n",
+      o.out.c_str(), out.size(), std::string(dtype_name(type)).c_str(),
+      static_cast<long long>(kept_f32), static_cast<double>(bytes) / (1 << 20),
+      has_tokenizer ? "with the sentencepiece vocabulary" : "no tokenizer", timer.seconds());
   return 0;
 }
 

@@ -138,8 +138,8 @@ void convert(const void* src, DType st, void* dst, DType dt, size_t n) {
     float buf[kChunk];
     for (size_t i = 0; i < n; i += kChunk) {
       const int64_t m = std::min<int64_t>(kChunk, static_cast<int64_t>(n - i));
-      quant::dequantize(st, static_cast<const char*>(src) + dtype_bytes(st, static_cast<int64_t>(i)),
-                        buf, m);
+      const char* blocks = static_cast<const char*>(src) + dtype_bytes(st, static_cast<int64_t>(i));
+      quant::dequantize(st, blocks, buf, m);
       convert(buf, DType::F32, static_cast<char*>(dst) + i * dtype_size(dt), dt,
               static_cast<size_t>(m));
     }

@@ -133,8 +133,8 @@ PARALLM_AVXVNNI static inline __m256i block_dot_vnni(const WB& w, __m256i xv, in
     return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv),
                                    _mm256_sign_epi8(xv, wv));
   } else {
-    return _mm256_dpbusd_avx_epi32(_mm256_setr_epi32(-sum8, 0, 0, 0, 0, 0, 0, 0),
-                                   nibbles_vnni(w), xv);
+    return _mm256_dpbusd_avx_epi32(_mm256_setr_epi32(-sum8, 0, 0, 0, 0, 0, 0, 0), nibbles_vnni(w),
+                                   xv);
   }
 }
 
@@ -179,14 +179,12 @@ PARALLM_AVX512VNNI static inline __m512i pair_dot_512(const WB& w0, const WB& w1
   if constexpr (std::is_same_v<WB, BlockQ8_0>) {
     (void)s0;
     (void)s1;
-    const __m512i wv =
-        pair512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0.qs)),
-                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1.qs)));
+    const __m512i wv = pair512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0.qs)),
+                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1.qs)));
     const __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), zero, xv);
     return _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), sx);
   } else {
-    const __m512i init =
-        _mm512_setr_epi32(-s0, 0, 0, 0, 0, 0, 0, 0, -s1, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i init = _mm512_setr_epi32(-s0, 0, 0, 0, 0, 0, 0, 0, -s1, 0, 0, 0, 0, 0, 0, 0);
     return _mm512_dpbusd_epi32(init, pair512(nibbles_512(w0), nibbles_512(w1)), xv);
   }
 }
@@ -199,8 +197,7 @@ PARALLM_AVX512VNNI static inline __m256i block_dot_512(const WB& w, __m256i xv, 
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wv),
                                _mm256_sign_epi8(xv, wv));
   } else {
-    return _mm256_dpbusd_epi32(_mm256_setr_epi32(-sum8, 0, 0, 0, 0, 0, 0, 0), nibbles_512(w),
-                               xv);
+    return _mm256_dpbusd_epi32(_mm256_setr_epi32(-sum8, 0, 0, 0, 0, 0, 0, 0), nibbles_512(w), xv);
   }
 }
 
@@ -224,9 +221,9 @@ PARALLM_AVX512VNNI void tile_avx512vnni(const WB* const* w, int rows, const Act&
       for (int i = 0; i < step; ++i) {
         const int r = r0 + i;
         const __m512i p = pair_dot_512(w[r][b], w[r][b + 1], xv, x.sum8[b], x.sum8[b + 1]);
-        const __m512 sc = _mm512_maskz_insertf32x8(
-            simd::kAll16, _mm512_set1_ps(_cvtsh_ss(w[r][b].d) * x.d[b]),
-            _mm256_set1_ps(_cvtsh_ss(w[r][b + 1].d) * x.d[b + 1]), 1);
+        const __m512 sc =
+            _mm512_maskz_insertf32x8(simd::kAll16, _mm512_set1_ps(_cvtsh_ss(w[r][b].d) * x.d[b]),
+                                     _mm256_set1_ps(_cvtsh_ss(w[r][b + 1].d) * x.d[b + 1]), 1);
         acc[r] = _mm512_fmadd_ps(sc, _mm512_maskz_cvtepi32_ps(simd::kAll16, p), acc[r]);
       }
     }

@@ -29,8 +29,8 @@ class Cursor {
 
   void need(size_t k, const std::string& field) const {
     if (k > left())
-      fail(kComponent, src_, ": truncated at byte ", pos_, ": ", field, " needs ", k,
-           " bytes, ", left(), " left");
+      fail(kComponent, src_, ": truncated at byte ", pos_, ": ", field, " needs ", k, " bytes, ",
+           left(), " left");
   }
   template <class T>
   T get(const std::string& field) {
@@ -140,10 +140,11 @@ GgufValue read_value(Cursor& c, GgufType t, const std::string& source, const std
       v.elem = value_type(c.get<uint32_t>(what + " array type"), source, key);
       const uint64_t n = c.get<uint64_t>(what + " array count");
       if (n > c.left() / scalar_size(v.elem))
-        fail(kComponent, source, ": ", what, ": array count ", n, " of ",
-             gguf_type_name(v.elem), " exceeds the ", c.left(), " bytes left in the file");
+        fail(kComponent, source, ": ", what, ": array count ", n, " of ", gguf_type_name(v.elem),
+             " exceeds the ", c.left(), " bytes left in the file");
       v.items.reserve(static_cast<size_t>(n));
-      for (uint64_t i = 0; i < n; ++i) v.items.push_back(read_value(c, v.elem, source, key, depth + 1));
+      for (uint64_t i = 0; i < n; ++i)
+        v.items.push_back(read_value(c, v.elem, source, key, depth + 1));
       break;
     }
   }
@@ -153,7 +154,7 @@ GgufValue read_value(Cursor& c, GgufType t, const std::string& source, const std
 }  // namespace
 
 std::string gguf_type_name(GgufType t) {
-  static const char* names[] = {"u8",  "i8",   "u16",    "i16",   "u32", "i32", "f32",
+  static const char* names[] = {"u8",   "i8",     "u16",   "i16", "u32", "i32", "f32",
                                 "bool", "string", "array", "u64", "i64", "f64"};
   const auto i = static_cast<uint32_t>(t);
   return i < 13 ? names[i] : cat("type ", i);
@@ -182,7 +183,9 @@ bool GgufValue::is_int() const {
       return false;
   }
 }
-bool GgufValue::is_float() const { return type == GgufType::F32 || type == GgufType::F64; }
+bool GgufValue::is_float() const {
+  return type == GgufType::F32 || type == GgufType::F64;
+}
 
 const GgufValue* GgufHeader::find(const std::string& key) const {
   for (const auto& [k, v] : metadata)
@@ -238,11 +241,14 @@ GgufHeader parse_gguf(const uint8_t* bytes, size_t size, const std::string& sour
   GgufHeader h;
   const uint32_t magic = c.get<uint32_t>("magic");
   if (magic != kMagic)
-    fail(kComponent, source, ": bad magic 0x", [&] {
-      char buf[16];
-      std::snprintf(buf, sizeof buf, "%08x", magic);
-      return std::string(buf);
-    }(), " (a GGUF file starts with \"GGUF\")");
+    fail(
+        kComponent, source, ": bad magic 0x",
+        [&] {
+          char buf[16];
+          std::snprintf(buf, sizeof buf, "%08x", magic);
+          return std::string(buf);
+        }(),
+        " (a GGUF file starts with \"GGUF\")");
   h.version = c.get<uint32_t>("version");
   if (h.version != 2 && h.version != 3)
     fail(kComponent, source, ": version ", h.version, " is not supported (2 or 3)");
@@ -278,8 +284,7 @@ GgufHeader parse_gguf(const uint8_t* bytes, size_t size, const std::string& sour
     GgufTensorInfo t;
     t.name = c.str(cat("tensor #", i, " name"));
     const std::string what = cat("tensor \"", t.name, "\"");
-    if (!names.insert(t.name).second)
-      fail(kComponent, source, ": ", what, " appears twice");
+    if (!names.insert(t.name).second) fail(kComponent, source, ": ", what, " appears twice");
     const uint32_t nd = c.get<uint32_t>(what + " n_dims");
     if (nd == 0 || nd > kGgufMaxDims)
       fail(kComponent, source, ": ", what, ": n_dims ", nd, " is not within 1..", kGgufMaxDims);
@@ -296,14 +301,14 @@ GgufHeader parse_gguf(const uint8_t* bytes, size_t size, const std::string& sour
     t.dtype = dtype_of_ggml_type(c.get<uint32_t>(what + " type"), cat(source, ": ", what));
     const int64_t block = dtype_block(t.dtype);
     if (ne[0] % block != 0)
-      fail(kComponent, source, ": ", what, ": row length ne[0] = ", ne[0],
-           " is not a multiple of ", dtype_name(t.dtype), "'s ", block, "-value block");
+      fail(kComponent, source, ": ", what, ": row length ne[0] = ", ne[0], " is not a multiple of ",
+           dtype_name(t.dtype), "'s ", block, "-value block");
     t.offset = c.get<uint64_t>(what + " offset");
     if (t.offset % h.alignment != 0)
       fail(kComponent, source, ": ", what, ": offset ", t.offset,
            " is not a multiple of the alignment ", h.alignment);
-    t.nbytes = checked_mul<uint64_t>(static_cast<uint64_t>(numel / block),
-                                     dtype_size(t.dtype), cat(source, ": ", what, " bytes"));
+    t.nbytes = checked_mul<uint64_t>(static_cast<uint64_t>(numel / block), dtype_size(t.dtype),
+                                     cat(source, ": ", what, " bytes"));
     h.tensors.push_back(std::move(t));
   }
   h.data_start = (c.pos() + h.alignment - 1) / h.alignment * h.alignment;
@@ -326,8 +331,8 @@ GgufHeader parse_gguf(const uint8_t* bytes, size_t size, const std::string& sour
     const GgufTensorInfo& a = *by_offset[i - 1];
     const GgufTensorInfo& b = *by_offset[i];
     if (a.offset + a.nbytes > b.offset)
-      fail(kComponent, source, ": tensors \"", a.name, "\" and \"", b.name,
-           "\" overlap (bytes ", a.offset, "+", a.nbytes, " and ", b.offset, ")");
+      fail(kComponent, source, ": tensors \"", a.name, "\" and \"", b.name, "\" overlap (bytes ",
+           a.offset, "+", a.nbytes, " and ", b.offset, ")");
   }
   return h;
 }
@@ -512,8 +517,7 @@ ModelConfig gguf_llama_config(const GgufHeader& h, const std::string& source) {
   if (!arch || arch->type != GgufType::String)
     fail(kComponent, source, ": metadata \"general.architecture\" is missing or not a string");
   if (arch->s != "llama")
-    fail(kComponent, source, ": general.architecture \"", arch->s,
-         "\" is not supported (llama)");
+    fail(kComponent, source, ": general.architecture \"", arch->s, "\" is not supported (llama)");
   ModelConfig c;
   c.hidden_size = meta_int(h, "llama.embedding_length", source);
   c.intermediate_size = meta_int(h, "llama.feed_forward_length", source);
@@ -542,8 +546,7 @@ ModelConfig gguf_llama_config(const GgufHeader& h, const std::string& source) {
   }
   if (!embd) fail(kComponent, source, ": tensor \"token_embd.weight\" is missing");
   if (embd->shape.size() != 2)
-    fail(kComponent, source, ": token_embd.weight has shape ", shape_str(embd->shape),
-         ", not 2-D");
+    fail(kComponent, source, ": token_embd.weight has shape ", shape_str(embd->shape), ", not 2-D");
   c.vocab_size = embd->shape[0];
   c.tie_word_embeddings = !has_output;
   c.bos_token_id = meta_int(h, "tokenizer.ggml.bos_token_id", source, 1);
@@ -580,9 +583,8 @@ std::unique_ptr<WeightSource> open_gguf_llama(const std::string& path, ModelConf
     tensors.push_back(std::move(m));
   }
   if (config) *config = c;
-  return std::make_unique<MappedTensorSource>("gguf", path,
-                                              std::vector<std::shared_ptr<const MappedFile>>{g.file},
-                                              std::move(tensors));
+  return std::make_unique<MappedTensorSource>(
+      "gguf", path, std::vector<std::shared_ptr<const MappedFile>>{g.file}, std::move(tensors));
 }
 
 // ---- tokenizer
@@ -597,7 +599,9 @@ void pb_varint(std::string& out, uint64_t v) {
   }
   out += static_cast<char>(v);
 }
-void pb_key(std::string& out, int field, int wire) { pb_varint(out, (uint64_t(field) << 3) | wire); }
+void pb_key(std::string& out, int field, int wire) {
+  pb_varint(out, (uint64_t(field) << 3) | wire);
+}
 void pb_int(std::string& out, int field, int64_t v) {  // int32/enum/bool: negatives as 10 bytes
   pb_key(out, field, 0);
   pb_varint(out, static_cast<uint64_t>(v));
@@ -629,9 +633,11 @@ const GgufValue* array_of(const GgufHeader& h, const std::string& key, GgufType 
 std::unique_ptr<Tokenizer> gguf_tokenizer(const GgufHeader& h, const std::string& source) {
   const GgufValue* model = h.find("tokenizer.ggml.model");
   if (!model || model->type != GgufType::String || model->s != "llama") return nullptr;
-  const GgufValue* tokens = array_of(h, "tokenizer.ggml.tokens", GgufType::String, source, SIZE_MAX);
+  const GgufValue* tokens =
+      array_of(h, "tokenizer.ggml.tokens", GgufType::String, source, SIZE_MAX);
   if (!tokens || tokens->items.empty())
-    fail(kComponent, source, ": tokenizer.ggml.model is \"llama\" but tokenizer.ggml.tokens is "
+    fail(kComponent, source,
+         ": tokenizer.ggml.model is \"llama\" but tokenizer.ggml.tokens is "
          "missing or empty");
   const size_t n = tokens->items.size();
   const GgufValue* scores = array_of(h, "tokenizer.ggml.scores", GgufType::F32, source, n);
@@ -681,8 +687,10 @@ std::unique_ptr<Tokenizer> gguf_tokenizer(const GgufHeader& h, const std::string
   try {
     return parse_sentencepiece_tokenizer(proto, source);
   } catch (const std::runtime_error& e) {
-    fail(kComponent, source, ": the tokenizer.ggml.* vocabulary is not a valid sentencepiece "
-         "model: ", e.what());
+    fail(kComponent, source,
+         ": the tokenizer.ggml.* vocabulary is not a valid sentencepiece "
+         "model: ",
+         e.what());
   }
 }
 
@@ -693,8 +701,11 @@ std::vector<std::pair<std::string, GgufValue>> gguf_tokenizer_metadata(const std
   for (int i = 0; i < sp.GetPieceSize(); ++i) {
     tokens.push_back(GgufValue::str(sp.IdToPiece(i)));
     scores.push_back(GgufValue::f32(sp.GetScore(i)));
-    const int type = sp.IsUnknown(i) ? 2 : sp.IsControl(i) ? 3 : sp.IsUnused(i) ? 5
-                     : sp.IsByte(i)  ? 6 : 1;
+    const int type = sp.IsUnknown(i)   ? 2
+                     : sp.IsControl(i) ? 3
+                     : sp.IsUnused(i)  ? 5
+                     : sp.IsByte(i)    ? 6
+                                       : 1;
     types.push_back(GgufValue::i32(type));
   }
   std::vector<std::pair<std::string, GgufValue>> out = {

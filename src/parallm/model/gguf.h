@@ -34,8 +34,19 @@
 namespace parallm {
 
 enum class GgufType : uint32_t {
-  U8 = 0, I8 = 1, U16 = 2, I16 = 3, U32 = 4, I32 = 5, F32 = 6, Bool = 7, String = 8, Array = 9,
-  U64 = 10, I64 = 11, F64 = 12
+  U8 = 0,
+  I8 = 1,
+  U16 = 2,
+  I16 = 3,
+  U32 = 4,
+  I32 = 5,
+  F32 = 6,
+  Bool = 7,
+  String = 8,
+  Array = 9,
+  U64 = 10,
+  I64 = 11,
+  F64 = 12
 };
 std::string gguf_type_name(GgufType t);
 
@@ -92,7 +103,7 @@ struct GgufTensorInfo {
 struct GgufHeader {
   uint32_t version = 3;
   uint64_t alignment = 32;
-  uint64_t data_start = 0;  // absolute offset of the data section
+  uint64_t data_start = 0;                                  // absolute offset of the data section
   std::vector<std::pair<std::string, GgufValue>> metadata;  // in file order
   std::vector<GgufTensorInfo> tensors;                      // in file order
   const GgufValue* find(const std::string& key) const;      // null when absent
