@@ -117,6 +117,42 @@ PARALLM_AVX2 void tile_avx2(const WB* const* w, int rows, const Act& x, int64_t 
   for (int r = 0; r < rows; ++r) out[r] = simd::hsum8(acc[r]);
 }
 
+// 4 rows x 2 tokens (batched decoding, small prompt chunks): each weight block is loaded, its
+// sign or nibbles taken and its scale converted once for both tokens.
+template <class WB>
+PARALLM_AVX2 void tile2_avx2(const WB* const* w, const Act* x, int64_t nb, float (*out)[kRows]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[2][kRows];
+  for (int t = 0; t < 2; ++t)
+    for (int r = 0; r < kRows; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[0].q[b].qs));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[1].q[b].qs));
+    const float d0 = x[0].d[b], d1 = x[1].d[b];
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      __m256i s0, s1;
+      if constexpr (std::is_same_v<WB, BlockQ8_0>) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r][b].qs));
+        const __m256i aw = _mm256_sign_epi8(wv, wv);
+        s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x0, wv)), ones);
+        s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x1, wv)), ones);
+      } else {
+        const __m256i q = nibbles_avx2(w[r][b]);
+        s0 = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q, x0), ones),
+                              _mm256_setr_epi32(x[0].sum8[b], 0, 0, 0, 0, 0, 0, 0));
+        s1 = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q, x1), ones),
+                              _mm256_setr_epi32(x[1].sum8[b], 0, 0, 0, 0, 0, 0, 0));
+      }
+      const float dw = _cvtsh_ss(w[r][b].d);
+      acc[0][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d0), _mm256_cvtepi32_ps(s0), acc[0][r]);
+      acc[1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d1), _mm256_cvtepi32_ps(s1), acc[1][r]);
+    }
+  }
+  for (int t = 0; t < 2; ++t)
+    for (int r = 0; r < kRows; ++r) out[t][r] = simd::hsum8(acc[t][r]);
+}
+
 // AVX-VNNI: vpdpbusd sums the four u8 x s8 products per 32-bit lane in one instruction, without
 // the i16 intermediate.
 PARALLM_AVXVNNI static inline __m256i nibbles_vnni(const BlockQ4_0& w) {
@@ -311,7 +347,21 @@ void run_blocks(const float* x, int64_t T, const Tensor& w, float* y, bool accum
       const int rows = static_cast<int>(std::min<int64_t>(kRows, N - n0));
       const WB* rowp[kRows];
       for (int r = 0; r < rows; ++r) rowp[r] = wb + (n0 + r) * nb;
-      for (int64_t t = 0; t < T; ++t) {
+      int64_t t = 0;
+#if PARALLM_X86
+      if (path == QuantPath::Avx2 && rows == kRows)
+        for (; t + 2 <= T; t += 2) {
+          float out[2][kRows];
+          const Act act[2] = {{xq + t * nb, xd + t * nb, xs + t * nb},
+                              {xq + (t + 1) * nb, xd + (t + 1) * nb, xs + (t + 1) * nb}};
+          tile2_avx2(rowp, act, nb, out);
+          for (int i = 0; i < 2; ++i) {
+            float* yt = y + (t + i) * N + n0;
+            for (int r = 0; r < rows; ++r) yt[r] = accumulate ? yt[r] + out[i][r] : out[i][r];
+          }
+        }
+#endif
+      for (; t < T; ++t) {
         float out[kRows];
         const Act act{xq + t * nb, xd + t * nb, xs + t * nb};
         tile(rowp, rows, act, nb, out);
