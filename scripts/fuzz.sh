@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 out=$root/build-fuzz
 targets=(safetensors_header safetensors_index config_json llama2c_header tokenizer_json
-  tokenizer_spm topology hardware_json)
+  tokenizer_spm topology hardware_json gguf)
 
 build() {
   command -v clang++ >/dev/null || bash scripts/install-packages.sh clang

@@ -3,6 +3,7 @@
 // OpenBLAS's own threaded sgemm on f32 weights.
 //
 //   bench_kernels [--threads N] [--bw-bytes BYTES] [--no-gemv] [--no-model] [--no-prefill]
+//                 [--quant]
 //                 [--crossover]
 //
 // Weights are random and, for the GEMV, several copies of each matrix are used in turn so that the
@@ -20,6 +21,7 @@
 #include "parallm/core/timer.h"
 #include "parallm/kernels/cpu.h"
 #include "parallm/kernels/matmul.h"
+#include "parallm/kernels/quant_matmul.h"
 
 using namespace parallm;
 
@@ -44,12 +46,12 @@ Tensor random_weight(DType dtype, int64_t N, int64_t K, uint32_t seed) {
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> d(-0.05f, 0.05f);
   for (auto& v : row) v = d(rng);
-  const size_t es = dtype_size(dtype);
-  std::vector<char> conv(static_cast<size_t>(K) * es);
+  const size_t row_bytes = dtype_bytes(dtype, K);  // block dtypes: whole blocks per row
+  std::vector<char> conv(row_bytes);
   convert(row.data(), DType::F32, conv.data(), dtype, static_cast<size_t>(K));
   ThreadPool::current().parallel_for(N, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n)
-      std::memcpy(static_cast<char*>(w.raw()) + static_cast<size_t>(n * K) * es, conv.data(),
+      std::memcpy(static_cast<char*>(w.raw()) + static_cast<size_t>(n) * row_bytes, conv.data(),
                   conv.size());
   });
   return w;
@@ -158,7 +160,7 @@ void prefill(const Shape2& s, int64_t T, int threads, int reps) {
 int main(int argc, char** argv) {
   int threads = ThreadPool::hardware_threads();
   size_t bw_bytes = size_t{1} << 30;
-  bool do_prefill = true, do_model = true, do_gemv = true, crossover = false;
+  bool do_prefill = true, do_model = true, do_gemv = true, crossover = false, quant = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--threads" && i + 1 < argc) {
@@ -173,6 +175,8 @@ int main(int argc, char** argv) {
       do_model = false;
     } else if (a == "--crossover") {
       crossover = true;
+    } else if (a == "--quant") {
+      quant = true;  // the decode step also at Q8_0 and Q4_0 (kernels/quant_matmul.h)
     } else {
       std::fprintf(stderr, "bench_kernels: unknown argument %s\n", a.c_str());
       return 1;
@@ -206,6 +210,13 @@ int main(int argc, char** argv) {
       cross.push_back({T, gemv_bandwidth(DType::BF16, kShapes[0], target, T, 3)});
   double tps = 0, model_bytes = 0;
   if (do_model) model_decode(DType::BF16, 5, &tps, &model_bytes);
+  std::vector<std::pair<DType, std::pair<double, double>>> quant_rows;
+  if (do_model && quant)
+    for (DType t : {DType::Q8_0, DType::Q4_0}) {
+      double qt = 0, qb = 0;
+      model_decode(t, 5, &qt, &qb);
+      quant_rows.push_back({t, {qt, qb}});
+    }
   const double bw2 = kernels::measure_read_bandwidth(bw_bytes, 5);
   std::printf("read bandwidth again: %.2f GB/s; roofline = the larger\n\n", bw2 / 1e9);
   bw = std::max(bw, bw2);
@@ -230,6 +241,13 @@ int main(int argc, char** argv) {
         "\nbf16 TinyLlama-1.1B decode step (22 layers x 7 matmuls + lm_head, matmuls only): "
         "%.1f MB of weights, %.2f ms/token = %.2f tok/s, %.2f GB/s = %.3f of roofline\n",
         model_bytes / 1e6, 1e3 / tps, tps, model_bytes * tps / 1e9, model_bytes * tps / bw);
+  for (const auto& [t, r] : quant_rows)
+    std::printf("%s TinyLlama-1.1B decode step (%s, activations Q8_0): %.1f MB of weights, "
+                "%.2f ms/token = %.2f tok/s (%.2fx bf16), %.2f GB/s = %.3f of roofline\n",
+                std::string(dtype_name(t)).c_str(),
+                kernels::quant_path_name(kernels::quant_path()).c_str(), r.second / 1e6,
+                1e3 / r.first, r.first, r.first / tps, r.second * r.first / 1e9,
+                r.second * r.first / bw);
   if (do_prefill) {
     std::printf("\nprefill sgemm, T=512 (GFLOP/s; ratio to OpenBLAS's own %d-thread sgemm):\n",
                 threads);

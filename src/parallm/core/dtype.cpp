@@ -1,8 +1,10 @@
 #include "parallm/core/dtype.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "parallm/core/error.h"
+#include "parallm/core/quant.h"
 
 namespace parallm {
 
@@ -19,6 +21,14 @@ size_t dtype_size(DType t) {
       return 8;
     case DType::U8:
       return 1;
+    case DType::Q8_0:
+      return 34;
+    case DType::Q4_0:
+      return 18;
+    case DType::Q4_K:
+      return 144;
+    case DType::Q6_K:
+      return 210;
   }
   return 0;
 }
@@ -39,6 +49,14 @@ std::string_view dtype_name(DType t) {
       return "i64";
     case DType::U8:
       return "u8";
+    case DType::Q8_0:
+      return "q8_0";
+    case DType::Q4_0:
+      return "q4_0";
+    case DType::Q4_K:
+      return "q4_k";
+    case DType::Q6_K:
+      return "q6_k";
   }
   return "?";
 }
@@ -50,7 +68,12 @@ DType parse_dtype(std::string_view s, std::string_view what) {
   if (s == "i32" || s == "I32" || s == "int32") return DType::I32;
   if (s == "i64" || s == "I64" || s == "int64") return DType::I64;
   if (s == "u8" || s == "U8" || s == "uint8") return DType::U8;
-  fail("dtype", what, ": unsupported dtype \"", s, "\" (expected f32, bf16, f16, i32, i64 or u8)");
+  if (s == "q8_0" || s == "Q8_0") return DType::Q8_0;
+  if (s == "q4_0" || s == "Q4_0") return DType::Q4_0;
+  if (s == "q4_k" || s == "Q4_K") return DType::Q4_K;
+  if (s == "q6_k" || s == "Q6_K") return DType::Q6_K;
+  fail("dtype", what, ": unsupported dtype \"", s,
+       "\" (expected f32, bf16, f16, i32, i64, u8, q8_0, q4_0, q4_k or q6_k)");
 }
 
 uint16_t f32_to_f16(float f) {
@@ -99,13 +122,44 @@ float f16_to_f32(uint16_t h) {
 }
 
 void convert(const void* src, DType st, void* dst, DType dt, size_t n) {
+  if (is_block(st) || is_block(dt)) {
+    const int64_t block = std::max(dtype_block(st), dtype_block(dt));
+    if (static_cast<int64_t>(n) % block != 0)
+      fail("dtype", "cannot convert ", n, " values of ", dtype_name(st), " to ", dtype_name(dt),
+           ": not a multiple of the ", block, "-value block");
+  }
   if (st == dt) {
-    std::memcpy(dst, src, n * dtype_size(st));
+    std::memcpy(dst, src, dtype_bytes(st, static_cast<int64_t>(n)));
+    return;
+  }
+  if (is_block(st) && is_float(dt)) {
+    // Dequantize a chunk of blocks at a time into f32, then narrow.
+    constexpr int64_t kChunk = 4096;  // a multiple of every block
+    float buf[kChunk];
+    for (size_t i = 0; i < n; i += kChunk) {
+      const int64_t m = std::min<int64_t>(kChunk, static_cast<int64_t>(n - i));
+      const char* blocks = static_cast<const char*>(src) + dtype_bytes(st, static_cast<int64_t>(i));
+      quant::dequantize(st, blocks, buf, m);
+      convert(buf, DType::F32, static_cast<char*>(dst) + i * dtype_size(dt), dt,
+              static_cast<size_t>(m));
+    }
+    return;
+  }
+  if (is_float(st) && (dt == DType::Q8_0 || dt == DType::Q4_0)) {
+    constexpr int64_t kChunk = 4096;
+    float buf[kChunk];
+    for (size_t i = 0; i < n; i += kChunk) {
+      const int64_t m = std::min<int64_t>(kChunk, static_cast<int64_t>(n - i));
+      convert(static_cast<const char*>(src) + i * dtype_size(st), st, buf, DType::F32,
+              static_cast<size_t>(m));
+      quant::quantize(dt, buf, static_cast<char*>(dst) + dtype_bytes(dt, static_cast<int64_t>(i)),
+                      m);
+    }
     return;
   }
   if (!is_float(st) || !is_float(dt))
     fail("dtype", "cannot convert ", dtype_name(st), " to ", dtype_name(dt),
-         " (integer dtypes are copy-only)");
+         " (integer dtypes are copy-only; only q8_0 and q4_0 can be quantized to)");
   auto load = [&](size_t i) -> float {
     switch (st) {
       case DType::F32:

@@ -34,7 +34,13 @@ size_t checked_bytes(const Shape& shape, DType dtype) {
   const std::string what = "tensor of shape " + shape_str(shape);
   int64_t n = 1;
   for (int64_t d : shape) n = checked_mul<int64_t>(n, d, what);
-  return static_cast<size_t>(checked_mul<int64_t>(n, static_cast<int64_t>(dtype_size(dtype)), what));
+  // A block dtype's rows are whole blocks (a 0-D tensor of one: never a block dtype).
+  const int64_t block = dtype_block(dtype);
+  if (block > 1 && (shape.empty() || shape.back() % block != 0))
+    fail("tensor", dtype_name(dtype), " ", what, ": the last dimension is not a multiple of the ",
+         block, "-value block");
+  return static_cast<size_t>(
+      checked_mul<int64_t>(n / block, static_cast<int64_t>(dtype_size(dtype)), what));
 }
 
 }  // namespace
@@ -123,16 +129,20 @@ Tensor Tensor::slice_rows(int64_t begin, int64_t end) const {
     fail("tensor", "rows [", begin, ", ", end, ") out of range for ", describe());
   Tensor t = *this;
   t.shape_[0] = end - begin;
-  t.data_ = static_cast<char*>(data_) + begin * strides_[0] * dtype_size(dtype_);
+  t.data_ = static_cast<char*>(data_) + dtype_bytes(dtype_, begin * strides_[0]);
   return t;
 }
 
 Tensor Tensor::slice_cols(int64_t begin, int64_t end) const {
   if (ndim() != 2 || begin < 0 || end < begin || end > shape_[1])
     fail("tensor", "columns [", begin, ", ", end, ") out of range for ", describe());
+  const int64_t block = dtype_block(dtype_);
+  if (begin % block != 0 || end % block != 0)
+    fail("tensor", "columns [", begin, ", ", end, ") of ", describe(), " are not on ", block,
+         "-value block boundaries");
   Tensor t = *this;
   t.shape_[1] = end - begin;
-  t.data_ = static_cast<char*>(data_) + begin * strides_[1] * dtype_size(dtype_);
+  t.data_ = static_cast<char*>(data_) + dtype_bytes(dtype_, begin * strides_[1]);
   return t;
 }
 
@@ -150,15 +160,16 @@ Tensor Tensor::to(DType dtype) const {
   // Strided: copy the innermost dimension run by run (it must be unit-stride, as our views are).
   const int64_t inner = shape_.back();
   const int64_t rows = numel() / inner;
-  const size_t es = dtype_size(dtype_), eo = dtype_size(dtype);
+  // Byte offsets through dtype_bytes: block dtypes keep whole blocks per row.
   std::vector<int64_t> idx(shape_.size(), 0);
   for (int64_t r = 0; r < rows; ++r) {
     int64_t off = 0;
     for (size_t d = 0; d + 1 < shape_.size(); ++d) off += idx[d] * strides_[d];
     if (strides_.back() != 1)
       fail("tensor", "copy of a tensor with inner stride ", strides_.back());
-    convert(static_cast<char*>(data_) + off * es, dtype_,
-            static_cast<char*>(out.data_) + r * inner * eo, dtype, static_cast<size_t>(inner));
+    convert(static_cast<char*>(data_) + dtype_bytes(dtype_, off), dtype_,
+            static_cast<char*>(out.data_) + dtype_bytes(dtype, r * inner), dtype,
+            static_cast<size_t>(inner));
     for (size_t d = shape_.size() - 1; d-- > 0;) {
       if (++idx[d] < shape_[d]) break;
       idx[d] = 0;

@@ -35,7 +35,8 @@ class Tensor {
   int ndim() const { return static_cast<int>(shape_.size()); }
   int64_t dim(int i) const { return shape_.at(i < 0 ? i + ndim() : i); }
   int64_t numel() const { return shape_numel(shape_); }
-  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
+  // Block dtypes (core/quant.h): whole blocks along the last dimension.
+  size_t nbytes() const { return dtype_bytes(dtype_, numel()); }
   bool is_contiguous() const;
 
   void* raw() const { return data_; }

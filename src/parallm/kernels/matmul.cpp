@@ -24,6 +24,7 @@
 #include "parallm/core/error.h"
 #include "parallm/core/thread_pool.h"
 #include "parallm/kernels/cpu.h"
+#include "parallm/kernels/quant_matmul.h"
 #include "parallm/kernels/simd.h"
 
 namespace parallm::kernels {
@@ -483,6 +484,7 @@ void check_args(const char* fn, const float* x, int64_t T, const Tensor& w, cons
 
 void matmul(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate) {
   check_args("matmul", x, T, w, y);
+  if (is_block(w.dtype())) return quant_matmul(x, T, w, y, accumulate);
   const int64_t N = w.dim(0), K = w.dim(1);
   if (T == 0 || N == 0) return;
   if (K == 0) {
@@ -519,6 +521,10 @@ void matmul(const float* x, int64_t T, const Tensor& w, float* y, bool accumulat
 
 void matmul_ref(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate) {
   check_args("matmul_ref", x, T, w, y);
+  if (is_block(w.dtype())) {  // the f32 product on the dequantized weights
+    const Tensor wf = w.to(DType::F32);
+    return matmul_ref(x, T, wf, y, accumulate);
+  }
   const int64_t N = w.dim(0), K = w.dim(1);
   const WKind kind = kind_of(w.dtype());
   // y[t, n] = sum_k x[t, k] * W[n, k], summed in double so the reference is the more exact side.

@@ -11,6 +11,8 @@
 namespace parallm::kernels {
 
 // x: [T, K] f32 (row stride K); w: [N, K] contiguous, f32/bf16/f16; y: [T, N] f32.
+// Block-quantized weights (Q8_0, Q4_0, Q4_K, Q6_K) go to kernels/quant_matmul.h (matmul_ref: the
+// f32 product on the dequantized weights).
 // accumulate: y += x W^T instead of y = x W^T. Threads: ThreadPool::current().
 // No alignment needed. T < 64 runs the GEMV (W streamed once per call); T >= 64 runs OpenBLAS
 // sgemm with OpenBLAS set to 1 thread (once per process) and each pool thread widening 16-bit

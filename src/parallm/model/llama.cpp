@@ -26,6 +26,27 @@ Tensor concat_rows(const std::vector<Tensor>& parts) {
   return out;
 }
 
+// The error for a block-quantized tensor whose TP column split misses the block boundaries,
+// naming the TP sizes (up to 64) whose every rank's columns fall on them.
+std::string quantized_tp_problem(const ModelConfig& c, const std::string& name, DType type,
+                                 int tp_size) {
+  const std::optional<LlamaTensor> t = find_llama_tensor(c, name);
+  std::string ok;
+  for (int tp = 1; tp <= 64 && t; ++tp) {
+    if (!llama_tp_problem(c, tp).empty()) continue;
+    bool aligned = true;
+    for (int r = 0; r < tp && aligned; ++r) {
+      const Slice s = llama_tensor_slice(*t, c, tp, r);
+      aligned = s.kind != Slice::Kind::Cols ||
+                (s.begin % dtype_block(type) == 0 && s.end % dtype_block(type) == 0);
+    }
+    if (aligned) ok += cat(ok.empty() ? "" : ", ", tp);
+  }
+  return cat("tensor \"", name, "\" is ", dtype_name(type), " (", dtype_block(type),
+             "-value blocks): tensor-parallel size ", tp_size,
+             " splits its columns off the block boundaries; sizes that work: ", ok);
+}
+
 }  // namespace
 
 LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, comm::Group tp,
@@ -77,6 +98,13 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
            " ", s.kind == Slice::Kind::Cols ? "cols" : "rows", " [", s.begin, ", ", s.end,
            ") but the layer holds ", kind == Slice::Kind::Cols ? "cols" : "rows", " [", want.begin,
            ", ", want.end, ")");
+    const DType src = source.info(name).dtype;
+    if (opts_.keep_quantized && is_block(src)) {
+      // Columns split over TP must fall on the format's block boundaries.
+      if (s.kind == Slice::Kind::Cols && (s.begin % dtype_block(src) || s.end % dtype_block(src)))
+        fail("tp", quantized_tp_problem(c, name, src, tp_size));
+      return source.read(name, src, s);
+    }
     return source.read(name, wt, s);
   };
   auto read_norm = [&](const std::string& name) {

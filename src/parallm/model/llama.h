@@ -35,6 +35,9 @@ using parallel::SeqChunk;
 
 struct LlamaOptions {
   DType weight_dtype = DType::BF16;  // matrices and embeddings; norms are always f32
+  // Matrices the source holds block-quantized (a GGUF's Q8_0, Q4_0, ...) stay so, whatever
+  // weight_dtype says: linear layers run the quantized GEMV, the embedding dequantizes at lookup.
+  bool keep_quantized = true;
   int64_t layer_begin = 0;           // this rank's pipeline stage: layers [layer_begin, layer_end)
   int64_t layer_end = -1;            // -1: to the last layer
   // Mixture of experts: the expert-parallel group (size 1: every expert here). Its ranks hold the

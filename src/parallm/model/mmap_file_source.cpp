@@ -15,17 +15,19 @@ namespace {
 // bounce buffer instead.
 void convert_any_alignment(const uint8_t* src, DType st, uint8_t* dst, DType dt, size_t n) {
   const size_t ss = dtype_size(st);
-  if (st == dt || reinterpret_cast<uintptr_t>(src) % ss == 0) {
+  // Block dtypes: their f16 scales sit at even offsets of every block, and the GGUF reader only
+  // accepts tensors at aligned offsets.
+  if (st == dt || is_block(st) || reinterpret_cast<uintptr_t>(src) % ss == 0) {
     convert(src, st, dst, dt, n);
     return;
   }
   alignas(64) uint8_t bounce[4096];
+  // 4096 / 4 or 4096 / 2 values: whole blocks when dt is a block dtype (quantized on load).
   const size_t chunk = sizeof(bounce) / ss;
-  const size_t ds = dtype_size(dt);
   for (size_t i = 0; i < n; i += chunk) {
     const size_t m = std::min(chunk, n - i);
     std::memcpy(bounce, src + i * ss, m * ss);
-    convert(bounce, st, dst + i * ds, dt, m);
+    convert(bounce, st, dst + dtype_bytes(dt, static_cast<int64_t>(i)), dt, m);
   }
 }
 
@@ -85,7 +87,8 @@ Tensor MappedTensorSource::read(const std::string& name, DType dtype, Slice slic
   const MappedTensor& t = entry(name);
   const MappedFile& f = *files_[t.file];
   const Shape& shape = t.shape;
-  const size_t es = dtype_size(ti.dtype);
+  // Byte counts through dtype_bytes: block dtypes (core/quant.h) hold whole blocks per row.
+  const auto bytes_of = [&](int64_t n) { return dtype_bytes(ti.dtype, n); };
   const std::string what = cat("tensor \"", name, "\" ", shape_str(shape));
 
   // The slice as `runs` runs of `run` elements, the first at byte `first`, `stride` bytes apart.
@@ -105,7 +108,7 @@ Tensor MappedTensorSource::read(const std::string& name, DType dtype, Slice slic
       int64_t inner = 1;
       for (size_t d = 1; d < shape.size(); ++d) inner *= shape[d];
       out_shape[0] = slice.end - slice.begin;
-      first += static_cast<size_t>(slice.begin * inner) * es;
+      first += bytes_of(slice.begin * inner);
       run = static_cast<size_t>(out_shape[0] * inner);
       break;
     }
@@ -115,11 +118,16 @@ Tensor MappedTensorSource::read(const std::string& name, DType dtype, Slice slic
       if (slice.begin < 0 || slice.begin > slice.end || slice.end > shape[1])
         fail(component_, f.path(), ": ", what, ": column slice [", slice.begin, ", ", slice.end,
              ") is not within [0, ", shape[1], "]");
+      const int64_t block = std::max(dtype_block(ti.dtype), dtype_block(dtype));
+      if (slice.begin % block != 0 || slice.end % block != 0)
+        fail(component_, f.path(), ": ", what, ": column slice [", slice.begin, ", ", slice.end,
+             ") does not start and end on ", block, "-value block boundaries of ",
+             dtype_name(block == dtype_block(ti.dtype) ? ti.dtype : dtype));
       out_shape[1] = slice.end - slice.begin;
-      first += static_cast<size_t>(slice.begin) * es;
+      first += bytes_of(slice.begin);
       runs = static_cast<size_t>(shape[0]);
       run = static_cast<size_t>(out_shape[1]);
-      stride = static_cast<size_t>(shape[1]) * es;
+      stride = bytes_of(shape[1]);
       break;
     }
   }
@@ -128,13 +136,13 @@ Tensor MappedTensorSource::read(const std::string& name, DType dtype, Slice slic
   const size_t total = runs * run;
   if (total == 0) return out;
   uint8_t* dst = out.data<uint8_t>();
-  const size_t ds = dtype_size(dtype);
   for (size_t r = 0; r < runs; ++r)
-    convert_any_alignment(f.data() + first + r * stride, ti.dtype, dst + r * run * ds, dtype, run);
-  bytes_read_.fetch_add(total * es, std::memory_order_relaxed);
+    convert_any_alignment(f.data() + first + r * stride, ti.dtype,
+                          dst + dtype_bytes(dtype, static_cast<int64_t>(r * run)), dtype, run);
+  bytes_read_.fetch_add(bytes_of(static_cast<int64_t>(total)), std::memory_order_relaxed);
   // The bytes now live in `out`; the mapped pages we touched can leave the resident set. For a
   // column slice that is every row's page (rows shorter than a page are read whole by the kernel).
-  f.release(first, (runs - 1) * stride + run * es);
+  f.release(first, (runs - 1) * stride + bytes_of(static_cast<int64_t>(run)));
   return out;
 }
 

@@ -258,6 +258,11 @@ const char* safetensors_dtype_name(DType dtype) {
       return "I64";
     case DType::U8:
       return "U8";
+    case DType::Q8_0:
+    case DType::Q4_0:
+    case DType::Q4_K:
+    case DType::Q6_K:
+      break;  // no safetensors dtype: block-quantized weights are written as GGUF
   }
   return "?";
 }
@@ -359,6 +364,9 @@ void write_safetensors(const std::string& path,
       fail(kComponent, path, ": cannot write a tensor named \"", name, "\"");
     if (header.contains(name)) fail(kComponent, path, ": tensor \"", name, "\" is given twice");
     if (!tensor.defined()) fail(kComponent, path, ": tensor \"", name, "\" is undefined");
+    if (is_block(tensor.dtype()))
+      fail(kComponent, path, ": tensor \"", name, "\" is ", dtype_name(tensor.dtype()),
+           ", which safetensors cannot hold (write a GGUF: parallm quantize)");
     data.push_back(tensor.is_contiguous() ? tensor : tensor.contiguous());
     const uint64_t nbytes = data.back().nbytes();
     header[name] = {{"dtype", safetensors_dtype_name(tensor.dtype())},

@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "parallm/core/error.h"
+#include "parallm/model/gguf.h"
 #include "parallm/model/tokenizer_hf.h"
 #include "parallm/model/tokenizer_spm.h"
 #include "parallm/model/tokenizer_unicode.h"
@@ -13,6 +14,11 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_path) {
   namespace fs = std::filesystem;
   std::error_code ec;
   fs::path dir = model_path;
+  // A GGUF carries its own vocabulary (tokenizer.ggml.*); without one, look beside the file.
+  if (dir.extension() == ".gguf" && fs::is_regular_file(dir, ec)) {
+    const GgufFile g = open_gguf(model_path);
+    if (auto tok = gguf_tokenizer(g.header, model_path)) return tok;
+  }
   if (!fs::is_directory(dir, ec)) dir = dir.parent_path();
   if (dir.empty()) dir = ".";
   // tokenizer.json first: it is what transformers uses, and it knows the chat special tokens.

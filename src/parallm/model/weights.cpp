@@ -7,6 +7,7 @@
 
 #include "parallm/core/error.h"
 #include "parallm/core/json_limits.h"
+#include "parallm/model/gguf.h"
 #include "parallm/model/llama_tensors.h"
 #include "parallm/model/safetensors.h"
 
@@ -62,6 +63,8 @@ std::unique_ptr<WeightSource> open_model(const std::string& path, ModelConfig* c
     source = open_safetensors(path);
   } else if (p.filename() == "config.json") {
     return open_model(p.parent_path().empty() ? "." : p.parent_path().string(), config);
+  } else if (ends_with(path, ".gguf")) {
+    source = open_gguf_llama(path, &c);
   } else if (ends_with(path, ".bin")) {
     source = open_llama2c(path, &c);
   } else if (ends_with(path, ".safetensors") || ends_with(path, ".index.json") ||

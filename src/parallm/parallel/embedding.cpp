@@ -38,7 +38,8 @@ void VocabParallelEmbedding::forward(const int32_t* ids, int64_t T, float* x,
   float* seq = nullptr;
   // Under SP the rows of all T tokens are partial sums here; only this rank's rows come out.
   float* rows = sp ? sp_scratch(scratch, own, T, hidden, group_, &seq) : x;
-  const size_t row_bytes = static_cast<size_t>(hidden) * dtype_size(table_.dtype());
+  // dtype_bytes: a block-quantized table (GGUF) is dequantized row by row here, at lookup.
+  const size_t row_bytes = dtype_bytes(table_.dtype(), hidden);
   for (int64_t t = 0; t < T; ++t) {
     const int64_t id = ids[t];
     if (id < 0 || id >= vocab_shard_.full)

@@ -114,6 +114,11 @@ MPI_Datatype mpi_type(DType d) {
       return MPI_INT64_T;
     case DType::U8:
       return MPI_UINT8_T;
+    case DType::Q8_0:
+    case DType::Q4_0:
+    case DType::Q4_K:
+    case DType::Q6_K:
+      break;  // block-quantized weights never travel between ranks: each reads its own slice
   }
   fail<std::logic_error>("comm", "MPI: no MPI datatype for dtype ", static_cast<int>(d));
 }

@@ -1,0 +1,151 @@
+// parallm quantize: a model (Hugging Face directory or llama2.c file) -> a LLaMA-architecture GGUF
+// with llama.cpp's tensor names, Q/K row order and metadata, matrices quantized to Q8_0 or Q4_0.
+#include <cstdio>
+#include <filesystem>
+
+#include "parallm/cli/command.h"
+#include "parallm/core/error.h"
+#include "parallm/core/thread_pool.h"
+#include "parallm/core/timer.h"
+#include "parallm/model/gguf.h"
+#include "parallm/model/llama_tensors.h"
+#include "parallm/model/weights.h"
+
+namespace parallm::cli {
+namespace {
+
+struct Options {
+  std::string model, type, out;
+};
+
+// llama.cpp's convert script permutes Hugging Face's q/k rows (RoPE on the two halves of each
+// head) into Meta's order (RoPE on adjacent pairs): within each head, row 2i + j of the result is
+// row j * head_dim / 2 + i of the input.
+Tensor permute_rope_rows(const Tensor& w, int64_t heads) {
+  const int64_t rows = w.dim(0), cols = w.dim(1), hd = rows / heads;
+  Tensor out = Tensor::empty(DType::F32, {rows, cols});
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < hd / 2; ++i)
+      for (int64_t j = 0; j < 2; ++j)
+        std::copy_n(w.data<float>() + (h * hd + j * hd / 2 + i) * cols, cols,
+                    out.data<float>() + (h * hd + 2 * i + j) * cols);
+  return out;
+}
+
+uint32_t file_type(DType t) {  // llama.cpp's general.file_type (LLAMA_FTYPE_*)
+  switch (t) {
+    case DType::F32:
+      return 0;
+    case DType::F16:
+      return 1;
+    case DType::Q4_0:
+      return 2;
+    case DType::Q8_0:
+      return 7;
+    case DType::BF16:
+      return 32;
+    default:
+      return 0;
+  }
+}
+
+int run(const Options& o) {
+  const DType type = parse_dtype(o.type, "--type");
+  ModelConfig c;
+  const std::unique_ptr<WeightSource> source = open_model(o.model, &c);
+  if (c.is_moe() || c.attention_bias)
+    fail("quantize", o.model, ": only dense LLaMA models are written (model_type ", c.model_type,
+         ")");
+  if (!c.rope_scaling.type.empty())
+    fail("quantize", o.model, ": rope_scaling \"", c.rope_scaling.type,
+         "\" is not written to GGUF yet");
+  if (c.head_dim * c.num_attention_heads != c.hidden_size)
+    fail("quantize", o.model, ": head_dim ", c.head_dim, " x heads ", c.num_attention_heads,
+         " != hidden_size ", c.hidden_size, " (llama.cpp derives head_dim)");
+  ThreadPool pool(ThreadPool::hardware_threads());
+  ScopedPool scoped(pool);
+  Timer timer;
+
+  std::vector<std::pair<std::string, GgufValue>> meta = {
+      {"general.architecture", GgufValue::str("llama")},
+      {"general.name", GgufValue::str(std::filesystem::path(o.model).filename().string())},
+      {"general.file_type", GgufValue::u32(file_type(type))},
+      {"general.quantization_version", GgufValue::u32(2)},
+      {"llama.vocab_size", GgufValue::u32(static_cast<uint32_t>(c.vocab_size))},
+      {"llama.context_length", GgufValue::u32(static_cast<uint32_t>(c.max_position_embeddings))},
+      {"llama.embedding_length", GgufValue::u32(static_cast<uint32_t>(c.hidden_size))},
+      {"llama.block_count", GgufValue::u32(static_cast<uint32_t>(c.num_hidden_layers))},
+      {"llama.feed_forward_length", GgufValue::u32(static_cast<uint32_t>(c.intermediate_size))},
+      {"llama.rope.dimension_count", GgufValue::u32(static_cast<uint32_t>(c.head_dim))},
+      {"llama.attention.head_count", GgufValue::u32(static_cast<uint32_t>(c.num_attention_heads))},
+      {"llama.attention.head_count_kv",
+       GgufValue::u32(static_cast<uint32_t>(c.num_key_value_heads))},
+      {"llama.attention.layer_norm_rms_epsilon",
+       GgufValue::f32(static_cast<float>(c.rms_norm_eps))},
+      {"llama.rope.freq_base", GgufValue::f32(static_cast<float>(c.rope_theta))},
+      {"tokenizer.ggml.bos_token_id", GgufValue::u32(static_cast<uint32_t>(c.bos_token_id))},
+      {"tokenizer.ggml.eos_token_id",
+       GgufValue::u32(static_cast<uint32_t>(c.eos_token_ids.empty() ? 2 : c.eos_token_ids[0]))},
+  };
+
+  // The vocabulary, when the model has a sentencepiece tokenizer.model (a tokenizer.json-only
+  // model gets none yet).
+  {
+    namespace fs = std::filesystem;
+    const fs::path p(o.model);
+    const fs::path spm = (fs::is_directory(p) ? p : p.parent_path()) / "tokenizer.model";
+    std::error_code ec;
+    if (fs::is_regular_file(spm, ec))
+      for (auto& kv : gguf_tokenizer_metadata(spm.string())) meta.push_back(std::move(kv));
+  }
+
+  std::vector<LlamaTensor> table = llama_tensors(c);
+  std::vector<std::pair<std::string, Tensor>> out;
+  int64_t kept_f32 = 0;
+  uint64_t bytes = 0;
+  for (const LlamaTensor& t : table) {
+    Tensor w = source->read(t.name, DType::F32);
+    const bool q = t.name.find("q_proj") != std::string::npos;
+    const bool k = t.name.find("k_proj") != std::string::npos;
+    if ((q || k) && !c.rope_interleaved)
+      w = permute_rope_rows(w, q ? c.num_attention_heads : c.num_key_value_heads);
+    // Norms stay f32; so does a matrix whose rows are not whole blocks (stories260K's FFN of
+    // 172), as llama.cpp falls back to another type for them.
+    DType want = DType::F32;
+    if (t.matrix && w.ndim() == 2) {
+      want = type;
+      if (w.dim(1) % dtype_block(type) != 0) {
+        want = DType::F32;
+        ++kept_f32;
+      }
+    }
+    Tensor stored = want == DType::F32 ? w : w.to(want);
+    bytes += stored.nbytes();
+    out.emplace_back(gguf_name_of(t.name), std::move(stored));
+  }
+  write_gguf(o.out, meta, out);
+  bool has_tokenizer = false;
+  for (const auto& kv : meta) has_tokenizer |= kv.first == "tokenizer.ggml.tokens";
+  std::printf(
+      "wrote %s: %zu tensors, %s matrices (%lld kept f32: rows not whole blocks), "
+      "%.1f MiB, %s, in %.1f s\n",
+      o.out.c_str(), out.size(), std::string(dtype_name(type)).c_str(),
+      static_cast<long long>(kept_f32), static_cast<double>(bytes) / (1 << 20),
+      has_tokenizer ? "with the sentencepiece vocabulary" : "no tokenizer", timer.seconds());
+  return 0;
+}
+
+[[maybe_unused]] const bool registered = register_command(
+    {"quantize", "Write a model as a LLaMA GGUF (llama.cpp's names), matrices in q8_0 or q4_0",
+     [](CLI::App& app) {
+       auto o = std::make_shared<Options>();
+       app.add_option("--model", o->model, "Hugging Face directory or llama2.c .bin")->required();
+       app.add_option("--type", o->type, "q8_0, q4_0 (or f32, f16, bf16: unquantized)")
+           ->required()
+           ->check(CLI::IsMember({"q8_0", "q4_0", "f32", "f16", "bf16"}));
+       app.add_option("--out", o->out, "Output .gguf file")->required();
+       return [o] { return run(*o); };
+     }});
+
+}  // namespace
+}  // namespace parallm::cli

@@ -1,0 +1,61 @@
+// llama.cpp's block-quantized weight formats (the published ggml layouts, little-endian), their
+// dequantization, and the reference quantizers for Q8_0 and Q4_0.
+//
+//   Q8_0  32 values, 34 bytes: f16 scale d, then 32 int8 q;            value = q * d
+//   Q4_0  32 values, 18 bytes: f16 scale d, then 16 bytes of nibbles: byte j holds value j in its
+//         low nibble and value j + 16 in its high nibble;              value = (q - 8) * d
+//   Q4_K  256 values, 144 bytes: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins for 8
+//         sub-blocks of 32, 128 bytes of nibbles (each 32 bytes: a pair of sub-blocks, the first
+//         in the low nibbles);                                          value = d*sc*q - dmin*m
+//   Q6_K  256 values, 210 bytes: 128 bytes of low 4 bits, 64 bytes of high 2 bits, 16 int8
+//         scales (one per 16 values), f16 d;                            value = d * sc * (q - 32)
+//
+// Every function works on whole blocks: n (values) must be a multiple of dtype_block(type).
+// Dequantization does the arithmetic in llama.cpp's order in f32 (no fused multiply-add), so it is
+// bit-exact against tests/reference/quant_ref.py.
+#pragma once
+
+#include <cstdint>
+
+#include "parallm/core/dtype.h"
+
+namespace parallm::quant {
+
+struct BlockQ8_0 {
+  uint16_t d;  // f16
+  int8_t qs[32];
+};
+struct BlockQ4_0 {
+  uint16_t d;  // f16
+  uint8_t qs[16];
+};
+struct BlockQ4_K {
+  uint16_t d;     // f16, scale of the sub-block scales
+  uint16_t dmin;  // f16, scale of the sub-block mins
+  uint8_t scales[12];
+  uint8_t qs[128];
+};
+struct BlockQ6_K {
+  uint8_t ql[128];
+  uint8_t qh[64];
+  int8_t scales[16];
+  uint16_t d;  // f16
+};
+static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18);
+static_assert(sizeof(BlockQ4_K) == 144 && sizeof(BlockQ6_K) == 210);
+
+// x[n] -> n / 32 blocks. Q8_0: d = max|x| / 127, q = round(x / d) (half away from zero).
+// Q4_0: d = m / -8 where m is the value of largest magnitude (its sign kept), q = min(15,
+// trunc(x / d + 8.5)). An all-zero block gets d = 0 and zero codes.
+void quantize_q8_0(const float* x, BlockQ8_0* y, int64_t n);
+void quantize_q4_0(const float* x, BlockQ4_0* y, int64_t n);
+// Q8_0 or Q4_0 (std::invalid_argument for any other dtype).
+void quantize(DType type, const float* x, void* blocks, int64_t n);
+
+// blocks of `type` (any block dtype) -> y[n].
+void dequantize(DType type, const void* blocks, float* y, int64_t n);
+
+// Throws std::invalid_argument naming `what` unless n is a multiple of type's block.
+void check_blocks(DType type, int64_t n, const char* what);
+
+}  // namespace parallm::quant

@@ -1,0 +1,489 @@
+// Quantized GEMV / GEMM (see quant_matmul.h).
+//
+// Work unit: a tile of R = 4 rows of W against one token; the tokens are the inner loop, so a
+// tile's rows (K/32 blocks each: 4.25 KiB at K = 4096 for Q8_0) come from memory once and from
+// L1/L2 for the later tokens. Rows are split statically over the pool (memory-bound, as the f32
+// GEMV). The activations are quantized once per call by the calling thread.
+#include "parallm/kernels/quant_matmul.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+
+#include "parallm/core/error.h"
+#include "parallm/core/thread_pool.h"
+#include "parallm/kernels/cpu.h"
+#include "parallm/kernels/simd.h"
+
+#if PARALLM_X86
+#define PARALLM_AVXVNNI __attribute__((target("avxvnni,avx2,fma,f16c")))
+#define PARALLM_AVX512VNNI \
+  __attribute__((target("avx512vnni,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#endif
+
+namespace parallm::kernels {
+
+using quant::BlockQ4_0;
+using quant::BlockQ8_0;
+
+namespace {
+
+constexpr int kRows = 4;  // rows of W per tile
+
+// One token's activations, quantized: the Q8_0 blocks, their scales as f32, and 8 x the sum of
+// each block's codes (Q4_0's kernels multiply the unsigned codes 0..15 and subtract 8 x sum(x)
+// once per block instead of re-centring every code).
+struct Act {
+  const BlockQ8_0* q;
+  const float* d;
+  const int32_t* sum8;
+};
+
+// ---- plain reference: exact integer sums per block, scaled in f32.
+template <class WB>
+inline int block_isum(const WB& w, const BlockQ8_0& x) {
+  int s = 0;
+  if constexpr (std::is_same_v<WB, BlockQ8_0>) {
+    for (int j = 0; j < 32; ++j) s += static_cast<int>(w.qs[j]) * x.qs[j];
+  } else {
+    for (int j = 0; j < 16; ++j) {
+      s += ((w.qs[j] & 0xF) - 8) * static_cast<int>(x.qs[j]);
+      s += ((w.qs[j] >> 4) - 8) * static_cast<int>(x.qs[j + 16]);
+    }
+  }
+  return s;
+}
+
+template <class WB>
+void tile_scalar(const WB* const* w, int rows, const Act& x, int64_t nb, float* out) {
+  for (int r = 0; r < rows; ++r) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; ++b)
+      acc += f16_to_f32(w[r][b].d) * f16_to_f32(x.q[b].d) *
+             static_cast<float>(block_isum(w[r][b], x.q[b]));
+    out[r] = acc;
+  }
+}
+
+#if PARALLM_X86
+// Q4_0's 32 codes as unsigned bytes 0..15: low nibbles are values 0..15, high nibbles 16..31.
+PARALLM_AVX2 static inline __m256i nibbles_avx2(const BlockQ4_0& w) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m), _mm_and_si128(raw, m));
+}
+
+// The 8 i32 lanes whose sum is one block's integer dot product. Q8_0: maddubs needs an unsigned
+// operand, so |w| and x with w's sign (|w| <= 128, |x| <= 127: the i16 pair sums stay below
+// 2 x 128 x 127 < 32767). Q4_0: the codes are unsigned already (pair sums <= 2 x 15 x 127);
+// 8 x sum(x) is subtracted in lane 0.
+template <class WB>
+PARALLM_AVX2 static inline __m256i block_dot_avx2(const WB& w, __m256i xv, int32_t sum8) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (std::is_same_v<WB, BlockQ8_0>) {
+    (void)sum8;
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs));
+    return _mm256_madd_epi16(
+        _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)), ones);
+  } else {
+    const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles_avx2(w), xv), ones);
+    return _mm256_sub_epi32(s, _mm256_setr_epi32(sum8, 0, 0, 0, 0, 0, 0, 0));
+  }
+}
+
+template <class WB>
+PARALLM_AVX2 void tile_avx2(const WB* const* w, int rows, const Act& x, int64_t nb, float* out) {
+  __m256 acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+  if (rows == kRows) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q[b].qs));
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r) {
+        const __m256 s = _mm256_cvtepi32_ps(block_dot_avx2(w[r][b], xv, x.sum8[b]));
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[r][b].d) * x.d[b]), s, acc[r]);
+      }
+    }
+  } else {
+    for (int r = 0; r < rows; ++r)
+      for (int64_t b = 0; b < nb; ++b) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q[b].qs));
+        const __m256 s = _mm256_cvtepi32_ps(block_dot_avx2(w[r][b], xv, x.sum8[b]));
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[r][b].d) * x.d[b]), s, acc[r]);
+      }
+  }
+  for (int r = 0; r < rows; ++r) out[r] = simd::hsum8(acc[r]);
+}
+
+// 4 rows x 2 tokens (batched decoding, small prompt chunks): each weight block is loaded, its
+// sign or nibbles taken and its scale converted once for both tokens.
+template <class WB>
+PARALLM_AVX2 void tile2_avx2(const WB* const* w, const Act* x, int64_t nb, float (*out)[kRows]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[2][kRows];
+  for (int t = 0; t < 2; ++t)
+    for (int r = 0; r < kRows; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[0].q[b].qs));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[1].q[b].qs));
+    const float d0 = x[0].d[b], d1 = x[1].d[b];
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      __m256i s0, s1;
+      if constexpr (std::is_same_v<WB, BlockQ8_0>) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r][b].qs));
+        const __m256i aw = _mm256_sign_epi8(wv, wv);
+        s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x0, wv)), ones);
+        s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x1, wv)), ones);
+      } else {
+        const __m256i q = nibbles_avx2(w[r][b]);
+        s0 = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q, x0), ones),
+                              _mm256_setr_epi32(x[0].sum8[b], 0, 0, 0, 0, 0, 0, 0));
+        s1 = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q, x1), ones),
+                              _mm256_setr_epi32(x[1].sum8[b], 0, 0, 0, 0, 0, 0, 0));
+      }
+      const float dw = _cvtsh_ss(w[r][b].d);
+      acc[0][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d0), _mm256_cvtepi32_ps(s0), acc[0][r]);
+      acc[1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d1), _mm256_cvtepi32_ps(s1), acc[1][r]);
+    }
+  }
+  for (int t = 0; t < 2; ++t)
+    for (int r = 0; r < kRows; ++r) out[t][r] = simd::hsum8(acc[t][r]);
+}
+
+// AVX-VNNI: vpdpbusd sums the four u8 x s8 products per 32-bit lane in one instruction, without
+// the i16 intermediate.
+PARALLM_AVXVNNI static inline __m256i nibbles_vnni(const BlockQ4_0& w) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m), _mm_and_si128(raw, m));
+}
+
+template <class WB>
+PARALLM_AVXVNNI static inline __m256i block_dot_vnni(const WB& w, __m256i xv, int32_t sum8) {
+  if constexpr (std::is_same_v<WB, BlockQ8_0>) {
+    (void)sum8;
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs));
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv),
+                                   _mm256_sign_epi8(xv, wv));
+  } else {
+    return _mm256_dpbusd_avx_epi32(_mm256_setr_epi32(-sum8, 0, 0, 0, 0, 0, 0, 0), nibbles_vnni(w),
+                                   xv);
+  }
+}
+
+template <class WB>
+PARALLM_AVXVNNI void tile_avxvnni(const WB* const* w, int rows, const Act& x, int64_t nb,
+                                  float* out) {
+  __m256 acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+  const int step = rows == kRows ? kRows : 1;
+  for (int r0 = 0; r0 < rows; r0 += step) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q[b].qs));
+#pragma GCC unroll 4
+      for (int i = 0; i < step; ++i) {
+        const int r = r0 + i;
+        const __m256 s = _mm256_cvtepi32_ps(block_dot_vnni(w[r][b], xv, x.sum8[b]));
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[r][b].d) * x.d[b]), s, acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r) out[r] = simd::hsum8(acc[r]);
+}
+
+// AVX-512 VNNI: two blocks per 512-bit register (blocks b and b+1 of one row); Q8_0's |w| by
+// vpabsb and x negated where w < 0 by a masked subtract (AVX-512 has no vpsignb); Q4_0's
+// unsigned codes with 8 x sum(x) subtracted in lanes 0 and 8.
+PARALLM_AVX512VNNI static inline __m512i pair512(__m256i a, __m256i b) {
+  // Masked forms: GCC 12's unmasked ones pass an "undefined" register -Wuninitialized sees.
+  return _mm512_mask_broadcast_i64x4(_mm512_maskz_broadcast_i64x4(0x0F, a), 0xF0, b);
+}
+
+PARALLM_AVX512VNNI static inline __m256i nibbles_512(const BlockQ4_0& w) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m), _mm_and_si128(raw, m));
+}
+
+template <class WB>
+PARALLM_AVX512VNNI static inline __m512i pair_dot_512(const WB& w0, const WB& w1, __m512i xv,
+                                                      int32_t s0, int32_t s1) {
+  const __m512i zero = _mm512_setzero_si512();
+  if constexpr (std::is_same_v<WB, BlockQ8_0>) {
+    (void)s0;
+    (void)s1;
+    const __m512i wv = pair512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0.qs)),
+                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1.qs)));
+    const __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), zero, xv);
+    return _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), sx);
+  } else {
+    const __m512i init = _mm512_setr_epi32(-s0, 0, 0, 0, 0, 0, 0, 0, -s1, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_dpbusd_epi32(init, pair512(nibbles_512(w0), nibbles_512(w1)), xv);
+  }
+}
+
+template <class WB>
+PARALLM_AVX512VNNI static inline __m256i block_dot_512(const WB& w, __m256i xv, int32_t sum8) {
+  if constexpr (std::is_same_v<WB, BlockQ8_0>) {
+    (void)sum8;
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs));
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wv),
+                               _mm256_sign_epi8(xv, wv));
+  } else {
+    return _mm256_dpbusd_epi32(_mm256_setr_epi32(-sum8, 0, 0, 0, 0, 0, 0, 0), nibbles_512(w), xv);
+  }
+}
+
+template <class WB>
+PARALLM_AVX512VNNI void tile_avx512vnni(const WB* const* w, int rows, const Act& x, int64_t nb,
+                                        float* out) {
+  __m512 acc[kRows];
+  __m256 tail[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    acc[r] = _mm512_setzero_ps();
+    tail[r] = _mm256_setzero_ps();
+  }
+  const int step = rows == kRows ? kRows : 1;
+  for (int r0 = 0; r0 < rows; r0 += step) {
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+      const __m512i xv =
+          pair512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q[b].qs)),
+                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q[b + 1].qs)));
+#pragma GCC unroll 4
+      for (int i = 0; i < step; ++i) {
+        const int r = r0 + i;
+        const __m512i p = pair_dot_512(w[r][b], w[r][b + 1], xv, x.sum8[b], x.sum8[b + 1]);
+        const __m512 sc =
+            _mm512_maskz_insertf32x8(simd::kAll16, _mm512_set1_ps(_cvtsh_ss(w[r][b].d) * x.d[b]),
+                                     _mm256_set1_ps(_cvtsh_ss(w[r][b + 1].d) * x.d[b + 1]), 1);
+        acc[r] = _mm512_fmadd_ps(sc, _mm512_maskz_cvtepi32_ps(simd::kAll16, p), acc[r]);
+      }
+    }
+    for (; b < nb; ++b) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q[b].qs));
+      for (int i = 0; i < step; ++i) {
+        const int r = r0 + i;
+        const __m256 s = _mm256_cvtepi32_ps(block_dot_512(w[r][b], xv, x.sum8[b]));
+        tail[r] = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w[r][b].d) * x.d[b]), s, tail[r]);
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r) out[r] = simd::hsum16(acc[r]) + simd::hsum8(tail[r]);
+}
+#endif  // PARALLM_X86
+
+template <class WB>
+using TileFn = void (*)(const WB* const*, int, const Act&, int64_t, float*);
+
+template <class WB>
+TileFn<WB> tile_for(QuantPath p) {
+  switch (p) {
+#if PARALLM_X86
+    case QuantPath::Avx2:
+      return &tile_avx2<WB>;
+    case QuantPath::AvxVnni:
+      return &tile_avxvnni<WB>;
+    case QuantPath::Avx512Vnni:
+      return &tile_avx512vnni<WB>;
+#endif
+    default:
+      return &tile_scalar<WB>;
+  }
+}
+
+struct CpuVnni {
+  bool avxvnni = false, avx512vnni = false;
+};
+CpuVnni detect_vnni() {
+  CpuVnni v;
+#if PARALLM_X86
+  __builtin_cpu_init();
+  const bool avx512 = cpu_simd_level() == SimdLevel::Avx512;
+  v.avx512vnni = avx512 && __builtin_cpu_supports("avx512vnni") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  v.avxvnni = cpu_simd_level() >= SimdLevel::Avx2 && __builtin_cpu_supports("avxvnni");
+#endif
+  return v;
+}
+const CpuVnni& vnni() {
+  static const CpuVnni v = detect_vnni();
+  return v;
+}
+
+template <class WB>
+void run_blocks(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
+                QuantPath path) {
+  const int64_t N = w.dim(0), K = w.dim(1), nb = K / 32;
+  // The activations, quantized once per call by the calling thread and read by all threads.
+  thread_local std::vector<BlockQ8_0> xq_buf;
+  thread_local std::vector<float> xd_buf;
+  thread_local std::vector<int32_t> xs_buf;
+  const size_t n = static_cast<size_t>(T * nb);
+  xq_buf.resize(n);
+  xd_buf.resize(n);
+  xs_buf.resize(n);
+  quantize_activations(x, T, K, xq_buf.data());
+  for (size_t b = 0; b < n; ++b) {
+    xd_buf[b] = f16_to_f32(xq_buf[b].d);
+    int32_t s = 0;
+    for (int j = 0; j < 32; ++j) s += xq_buf[b].qs[j];
+    xs_buf[b] = 8 * s;
+  }
+  // Plain pointers for the pool's threads: inside the lambda the thread_local names would be
+  // each worker's own (empty) buffers.
+  const BlockQ8_0* xq = xq_buf.data();
+  const float* xd = xd_buf.data();
+  const int32_t* xs = xs_buf.data();
+  const WB* wb = static_cast<const WB*>(w.raw());
+  const TileFn<WB> tile = tile_for<WB>(path);
+  const int64_t tiles = (N + kRows - 1) / kRows;
+  ThreadPool::current().parallel_for(tiles, [&](int64_t t0, int64_t t1) {
+    for (int64_t ti = t0; ti < t1; ++ti) {
+      const int64_t n0 = ti * kRows;
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, N - n0));
+      const WB* rowp[kRows];
+      for (int r = 0; r < rows; ++r) rowp[r] = wb + (n0 + r) * nb;
+      int64_t t = 0;
+#if PARALLM_X86
+      if (path == QuantPath::Avx2 && rows == kRows)
+        for (; t + 2 <= T; t += 2) {
+          float out[2][kRows];
+          const Act act[2] = {{xq + t * nb, xd + t * nb, xs + t * nb},
+                              {xq + (t + 1) * nb, xd + (t + 1) * nb, xs + (t + 1) * nb}};
+          tile2_avx2(rowp, act, nb, out);
+          for (int i = 0; i < 2; ++i) {
+            float* yt = y + (t + i) * N + n0;
+            for (int r = 0; r < rows; ++r) yt[r] = accumulate ? yt[r] + out[i][r] : out[i][r];
+          }
+        }
+#endif
+      for (; t < T; ++t) {
+        float out[kRows];
+        const Act act{xq + t * nb, xd + t * nb, xs + t * nb};
+        tile(rowp, rows, act, nb, out);
+        float* yt = y + t * N + n0;
+        for (int r = 0; r < rows; ++r) yt[r] = accumulate ? yt[r] + out[r] : out[r];
+      }
+    }
+  });
+}
+
+// Q4_K / Q6_K: each row dequantized to f32 once, then a plain dot product per token.
+void run_dequant(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate) {
+  const int64_t N = w.dim(0), K = w.dim(1);
+  const size_t row_bytes = dtype_bytes(w.dtype(), K);
+  ThreadPool::current().parallel_for(N, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(static_cast<size_t>(K));
+    for (int64_t n = n0; n < n1; ++n) {
+      quant::dequantize(w.dtype(), static_cast<const char*>(w.raw()) + n * row_bytes, row.data(),
+                        K);
+      for (int64_t t = 0; t < T; ++t) {
+        const float* xt = x + t * K;
+        float s[8] = {};
+        for (int64_t k = 0; k < K; k += 8)
+          for (int j = 0; j < 8; ++j) s[j] += row[k + j] * xt[k + j];
+        float v = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+        float& o = y[t * N + n];
+        o = accumulate ? o + v : v;
+      }
+    }
+  });
+}
+
+// Prefill (T >= kSgemmMinT): the weights dequantized to f32 a block of rows at a time into the
+// thread's scratch, then OpenBLAS sgemm with the activations in f32, as matmul does for bf16
+// (kernels/matmul.cpp): the dequantization is paid once per block of rows, not once per token,
+// and sgemm's tiles beat rows of integer GEMVs by far at hundreds of tokens.
+constexpr int64_t kSgemmMinT = 64;
+constexpr int64_t kDequantBlockBytes = int64_t{8} << 20;
+
+void run_sgemm(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate) {
+  static std::once_flag once;
+  std::call_once(once, [] { openblas_set_num_threads(1); });  // the pool owns the parallelism
+  const int64_t N = w.dim(0), K = w.dim(1);
+  const size_t row_bytes = dtype_bytes(w.dtype(), K);
+  const int64_t block = std::clamp<int64_t>(kDequantBlockBytes / (K * 4) / 16 * 16, 16, 1024);
+  const int64_t units = (N + 15) / 16;
+  ThreadPool::current().parallel_for(units, [&](int64_t u0, int64_t u1) {
+    const int64_t n0 = u0 * 16, n1 = std::min(N, u1 * 16);
+    thread_local std::vector<float> scratch;
+    scratch.resize(static_cast<size_t>(std::min(block, std::max<int64_t>(n1 - n0, 0)) * K));
+    for (int64_t b = n0; b < n1; b += block) {
+      const int64_t rows = std::min(block, n1 - b);
+      quant::dequantize(w.dtype(), static_cast<const char*>(w.raw()) + b * row_bytes,
+                        scratch.data(), rows * K);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(T),
+                  static_cast<int>(rows), static_cast<int>(K), 1.0f, x, static_cast<int>(K),
+                  scratch.data(), static_cast<int>(K), accumulate ? 1.0f : 0.0f, y + b,
+                  static_cast<int>(N));
+    }
+  });
+}
+
+}  // namespace
+
+std::string quant_path_name(QuantPath p) {
+  switch (p) {
+    case QuantPath::Scalar:
+      return "scalar";
+    case QuantPath::Avx2:
+      return "avx2";
+    case QuantPath::AvxVnni:
+      return "avx-vnni";
+    case QuantPath::Avx512Vnni:
+      return "avx512-vnni";
+  }
+  return "?";
+}
+
+std::vector<QuantPath> quant_paths_available() {
+  std::vector<QuantPath> out{QuantPath::Scalar};
+  if (cpu_simd_level() >= SimdLevel::Avx2) out.push_back(QuantPath::Avx2);
+  if (vnni().avxvnni) out.push_back(QuantPath::AvxVnni);
+  if (vnni().avx512vnni) out.push_back(QuantPath::Avx512Vnni);
+  return out;
+}
+
+QuantPath quant_path() {
+  const SimdLevel level = simd_level();
+  if (level == SimdLevel::Avx512 && vnni().avx512vnni) return QuantPath::Avx512Vnni;
+  if (level >= SimdLevel::Avx2 && vnni().avxvnni) return QuantPath::AvxVnni;
+  if (level >= SimdLevel::Avx2) return QuantPath::Avx2;
+  return QuantPath::Scalar;
+}
+
+void quantize_activations(const float* x, int64_t T, int64_t K, BlockQ8_0* out) {
+  if (K % 32 != 0) fail("quant_matmul", "activation width ", K, " is not a multiple of 32");
+  for (int64_t t = 0; t < T; ++t) quant::quantize_q8_0(x + t * K, out + t * (K / 32), K);
+}
+
+void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
+                  QuantPath path) {
+  if (!w.defined() || w.ndim() != 2 || !w.is_contiguous() || !is_block(w.dtype()))
+    fail("quant_matmul", "weight must be a contiguous 2-D block-quantized [N, K] tensor, got ",
+         w.defined() ? w.describe() : std::string("an undefined tensor"));
+  const auto avail = quant_paths_available();
+  if (std::find(avail.begin(), avail.end(), path) == avail.end())
+    fail("quant_matmul", "path ", quant_path_name(path), " is not supported by this CPU");
+  if (T < 0) fail("quant_matmul", "T must be >= 0, got ", T);
+  if (T == 0 || w.dim(0) == 0) return;
+  if (w.dim(1) == 0) {
+    if (!accumulate) std::fill(y, y + T * w.dim(0), 0.0f);
+    return;
+  }
+  if (T >= kSgemmMinT) return run_sgemm(x, T, w, y, accumulate);
+  switch (w.dtype()) {
+    case DType::Q8_0:
+      return run_blocks<BlockQ8_0>(x, T, w, y, accumulate, path);
+    case DType::Q4_0:
+      return run_blocks<BlockQ4_0>(x, T, w, y, accumulate, path);
+    default:
+      return run_dequant(x, T, w, y, accumulate);
+  }
+}
+
+}  // namespace parallm::kernels
