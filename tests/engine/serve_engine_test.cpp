@@ -440,7 +440,7 @@ TEST(ServeEngine, ALoadFailureIsReportedNotHung) {
 // greedy requests on the model in PARALLM_SERVE_BENCH_MODEL (e.g. `parallm init-model --shape
 // bench-30m`), PARALLM_SERVE_BENCH_TP / _PP ranks, _THREADS per rank, _N: one concurrency only;
 // 64 tokens each after a 32-token prompt.
-//   PARALLM_SERVE_BENCH_MODEL=/tmp/m build/tests/test_engine \
+//   PARALLM_SERVE_BENCH_MODEL=/tmp/m build/tests/test_engine
 //     --gtest_also_run_disabled_tests --gtest_filter='*DISABLED_Throughput*'
 std::vector<int> bench_sizes() {
   const char* v = std::getenv("PARALLM_SERVE_BENCH_N");

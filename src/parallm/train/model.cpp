@@ -339,7 +339,11 @@ void TrainModel::Impl::build() {
                     f("post_attention_layernorm.weight"),
                     sparse ? nullptr : f("mlp.gate_proj.weight"),
                     sparse ? nullptr : f("mlp.up_proj.weight"),
-                    sparse ? nullptr : f("mlp.down_proj.weight")};
+                    sparse ? nullptr : f("mlp.down_proj.weight"),
+                    nullptr,
+                    {},
+                    {},
+                    {}};
       // The fused layers view q|k|v and gate|up as one matrix: params.h keeps each group
       // contiguous.
       if (p.k->offset != p.q->offset + p.q->numel || p.v->offset != p.k->offset + p.k->numel ||
