@@ -10,6 +10,7 @@
 #include "parallm/core/error.h"
 #include "parallm/core/trace.h"
 #include "parallm/engine/generate.h"
+#include "parallm/engine/plan_transport.h"
 #include "parallm/engine/stage_forward.h"
 #include "parallm/engine/step_plan.h"
 #include "parallm/pipeline/executor.h"
@@ -191,19 +192,7 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
   const int64_t t0 = now_ns();
   int64_t busy = 0;
   pipeline::StageCallbacks cb;
-  cb.recv_activation = [&](int j, int) {
-    pipeline::Activation& a = link.recv_activation(stage - 1, j, 0);
-    plans[j] = StepPlan::decode(a.header.data(), a.header.size());
-    if (static_cast<int64_t>(a.data.size()) != plans[j].tokens() * H)
-      fail<std::runtime_error>("generate", "stage ", stage, ": micro-batch ", j, " brought ",
-                               a.data.size(), " values for ", plans[j].tokens(), " tokens");
-    received[j] = &a;
-  };
-  cb.send_activation = [&](int j, int) {
-    const std::vector<int64_t> header = plans[j].encode(false);
-    link.send_activation(stage + 1, j, 0, header.data(), static_cast<int>(header.size()),
-                         activations(j), static_cast<size_t>(plans[j].tokens() * H));
-  };
+  set_plan_transport(cb, link, stage, H, plans, received, activations, "generate");
   cb.forward = [&](int j, int) {
     StepPlan& plan = plans[j];
     if (first) {

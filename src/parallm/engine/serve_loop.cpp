@@ -8,6 +8,7 @@
 #include "parallm/core/trace.h"
 #include "parallm/engine/logprobs.h"
 #include "parallm/engine/sampler.h"
+#include "parallm/engine/plan_transport.h"
 #include "parallm/engine/stage_forward.h"
 #include "parallm/pipeline/executor.h"
 #include "parallm/pipeline/p2p.h"
@@ -77,19 +78,7 @@ void run_serve_loop(const LlamaModel& model, const comm::Group& tp, const comm::
   };
 
   pipeline::StageCallbacks cb;
-  cb.recv_activation = [&](int j, int) {
-    pipeline::Activation& a = link.recv_activation(stage - 1, j, 0);
-    plans[j] = ServePlan::decode(a.header.data(), a.header.size());
-    if (static_cast<int64_t>(a.data.size()) != plans[j].tokens() * H)
-      fail<std::runtime_error>("serve", "stage ", stage, ": micro-batch ", j, " brought ",
-                               a.data.size(), " values for ", plans[j].tokens(), " tokens");
-    received[j] = &a;
-  };
-  cb.send_activation = [&](int j, int) {
-    const std::vector<int64_t> header = plans[j].encode(false);
-    link.send_activation(stage + 1, j, 0, header.data(), static_cast<int>(header.size()),
-                         activations(j), static_cast<size_t>(plans[j].tokens() * H));
-  };
+  set_plan_transport(cb, link, stage, H, plans, received, activations, "serve");
   cb.forward = [&](int j, int) {
     ServePlan& plan = plans[j];
     if (first) {
