@@ -600,6 +600,9 @@ class Generation {
       srv_.engine.cancel(id_);
       running_ = false;
       forget();
+      // Not finished yet: the client went away (or the handler gave up), an abort as vLLM counts
+      // it; end() and fail_with() set done_ first and count their own reason.
+      if (!done_) srv_.metrics->count_finished("abort");
     }
   }
 
