@@ -35,8 +35,8 @@ fail() {
 }
 
 # The model directory: stories260K beside the test tokenizer (padded to its 512 ids).
-PARALLM_E2E_MODEL_DIR="$tmp/model" "$test_server" --gtest_filter=ServeE2E.DISABLED_WriteCliModelDir \
-  --gtest_also_run_disabled_tests >"$tmp/write.log" 2>&1 || { cat "$tmp/write.log"; exit 1; }
+PARALLM_E2E_MODEL_DIR="$tmp/model" "$test_server" \
+  --gtest_filter=ServeE2E.DISABLED_WriteCliModelDir --gtest_also_run_disabled_tests >"$tmp/write.log" 2>&1 || { cat "$tmp/write.log"; exit 1; }
 cp "$root/models/stories260K/stories260K.bin" "$tmp/model/"
 model="$tmp/model/stories260K.bin"
 
@@ -71,7 +71,8 @@ start_server() {
   done
   [ -n "$port" ] || { echo "the server did not start:"; cat "$log"; return 1; }
   for _ in $(seq 300); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health")" = 200 ] && return 0
+    code="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health")"
+    [ "$code" = 200 ] && return 0
     sleep 0.1
   done
   echo "/health never answered 200:"
@@ -101,7 +102,8 @@ stop_server() {
 # Greedy completion over raw HTTP, not streamed and streamed; the text must equal the expected.
 check_completion() {
   local what="$1" stream="$2"
-  curl -s --max-time 30 "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
+  curl -s --max-time 30 "http://127.0.0.1:$port/v1/completions" \
+    -H 'Content-Type: application/json' \
     -d "{\"prompt\": \"$prompt\", \"max_tokens\": $ntok, \"temperature\": 0, \"stream\": $stream}" \
     >"$tmp/reply" || { fail "$what: curl failed"; return; }
   $py - "$tmp/reply" "$tmp/expected" "$stream" <<'EOF' || fail "$what (stream $stream)"
@@ -146,7 +148,8 @@ $py -c "
 import json, sys
 j = json.load(open('$tmp/bench.json'))
 print('bench serve: completed', j['completed'], 'failed', j['failed'])
-sys.exit(0 if j['completed'] == 8 and j['failed'] == 0 else 1)" || fail "bench serve: not 8 completed, 0 failed"
+sys.exit(0 if j['completed'] == 8 and j['failed'] == 0 else 1)" ||
+  fail "bench serve: not 8 completed, 0 failed"
 
 stop_server "parallm serve --tp 2 --pp 2"
 

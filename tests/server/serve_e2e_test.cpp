@@ -68,15 +68,16 @@ class E2EModelDir {
 // stories260K.
 struct E2ERig {
   E2EModelDir dir;
-  bool padded;
   std::unique_ptr<Tokenizer> tok;
   std::unique_ptr<serve::ServeEngine> engine;
   std::unique_ptr<server::HttpServer> http;
   int port = 0;
 
-  explicit E2ERig(const ServeConfig& config, bool pad = true) : dir(pad), padded(pad) {
+  explicit E2ERig(const ServeConfig& config, bool pad = true) : dir(pad) {
     tok = load_tokenizer(dir.str());
-    if (pad) EXPECT_EQ(tok->vocab_size(), kModelVocab);
+    if (pad) {
+      EXPECT_EQ(tok->vocab_size(), kModelVocab);
+    }
     engine = serve::make_serve_engine(config);
     EXPECT_TRUE(serve::testing::wait_ready(*engine)) << engine->failure();
     server::ServerOptions opts;
@@ -175,6 +176,30 @@ TEST(ServeE2E, GreedyTextAndIdPromptsMatchGenerate) {
     body["stream"] = true;
     EXPECT_EQ(streamed_text(rig.post(body).get<std::string>()), expect);
   }
+  // A chat: the chatml template's ids (as /tokenize renders them) continue greedily, streamed too.
+  const json messages = {{{"role", "user"}, {"content", "Hello world"}}};
+  auto t =
+      rig.client().Post("/tokenize", json({{"messages", messages}}).dump(), "application/json");
+  ASSERT_TRUE(t && t->status == 200);
+  const auto chat_ids = json::parse(t->body)["tokens"].get<std::vector<int32_t>>();
+  const auto chat_want = reference({chat_ids}, {10}, true);
+  json chat = {
+      {"messages", messages}, {"max_tokens", 10}, {"temperature", 0}, {"ignore_eos", true}};
+  auto c = rig.client().Post("/v1/chat/completions", chat.dump(), "application/json");
+  ASSERT_TRUE(c && c->status == 200) << (c ? c->body : "no response");
+  const json cj = json::parse(c->body);
+  EXPECT_EQ(cj["choices"][0]["message"]["content"], rig.text_of(chat_ids, chat_want[0]));
+  EXPECT_EQ(cj["usage"]["prompt_tokens"], chat_ids.size());
+  EXPECT_EQ(cj["usage"]["completion_tokens"], 10);
+  chat["stream"] = true;
+  c = rig.client().Post("/v1/chat/completions", chat.dump(), "application/json");
+  ASSERT_TRUE(c && c->status == 200);
+  std::string streamed;
+  for (const json& ch : parse_sse(c->body))
+    for (const json& x : ch["choices"])
+      if (x["delta"].contains("content")) streamed += x["delta"]["content"].get<std::string>();
+  EXPECT_EQ(streamed, cj["choices"][0]["message"]["content"]);
+
   // Without ignore_eos: EOS (or the length) ends it exactly where run_generation stops.
   const auto free_run = reference({prompts[0]}, {48}, false);
   const json b = rig.post(request(prompts[0], 48, false, false));
@@ -252,9 +277,8 @@ TEST(ServeE2E, ShortRequestStartsBeforeLongOneEnds) {
     EXPECT_TRUE(r && r->status == 200);
   };
   Clock::time_point long_first{}, long_last{}, short_first{}, short_last{};
-  std::thread longer([&] {
-    stream(request(mixed_prompts(1, 8, 3)[0], 240, true), &long_first, &long_last);
-  });
+  std::thread longer(
+      [&] { stream(request(mixed_prompts(1, 8, 3)[0], 240, true), &long_first, &long_last); });
   while (rig.metric("generation_tokens_total") < 4) std::this_thread::sleep_for(1ms);
   stream(request({1, 5, 6}, 2, true), &short_first, &short_last);
   longer.join();
@@ -361,9 +385,9 @@ TEST(ServeE2E, IdsPastTheTokenizerShowAsNoText) {
   ASSERT_LT(rig.tok->vocab_size(), kModelVocab);
   const std::vector<int32_t> p = rig.tok->encode("Once upon a time", true);
   const auto want = reference({p}, {16}, true);
-  ASSERT_TRUE(std::any_of(want[0].begin(), want[0].end(),
-                          [&](int32_t id) { return id >= rig.tok->vocab_size(); }))
-      << "the prompt no longer reaches the ids past the tokenizer";
+  ASSERT_TRUE(std::any_of(want[0].begin(), want[0].end(), [&](int32_t id) {
+    return id >= rig.tok->vocab_size();
+  })) << "the prompt no longer reaches the ids past the tokenizer";
   json body = request(p, 16, false);
   body["prompt"] = "Once upon a time";
   const json a = rig.post(body);
