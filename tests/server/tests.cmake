@@ -19,3 +19,20 @@ if(TARGET test_server)
            COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/openai_client_test.sh --fake $<TARGET_FILE:parallm_fake_server>)
   set_tests_properties(server_openai_node PROPERTIES SKIP_RETURN_CODE 77 LABELS "server;network" TIMEOUT 300)
 endif()
+
+# The real `parallm serve` end to end (serve_cli_check.sh): TP 2 x PP 2 threads on an ephemeral
+# port against raw HTTP, the `openai` npm client (its part skipped without npm) and `parallm bench
+# serve`, all greedy-exact against `parallm generate`; SIGTERM ends it. With MPI also
+# `mpirun -np 2 parallm serve --pp 2`.
+if(TARGET test_server)
+  set(serve_cli_mpi "")
+  if(PARALLM_HAVE_MPI)
+    string(JOIN " " serve_cli_mpi_flags ${PARALLM_MPIRUN_FLAGS})
+    set(serve_cli_mpi ${PARALLM_MPIRUN} "${serve_cli_mpi_flags}")
+  endif()
+  add_test(NAME server_serve_cli
+           COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/serve_cli_check.sh $<TARGET_FILE:parallm_bin>
+                   $<TARGET_FILE:test_server> ${serve_cli_mpi})
+  set_tests_properties(server_serve_cli PROPERTIES LABELS "server;e2e" TIMEOUT 300
+                       ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
+endif()

@@ -2,6 +2,7 @@
 // continuous batching, the paged KV cache, TP x PP ranks, DP replicas) runs as threads of this
 // process, or under mpirun as one process per rank: world rank 0's process serves HTTP and runs
 // the scheduler, the others follow its step plans until it shuts down.
+#include <csignal>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -26,6 +27,11 @@ struct ServeOptions {
 int run_serve(ServeOptions o) {
   if (o.port < 0 || o.port > 65535) fail("serve", "--port ", o.port, " is not in [0, 65535]");
   if (!serve::serve_process_is_root()) {  // under mpirun: a rank that follows rank 0's plans
+    // mpirun forwards a SIGTERM/SIGINT to every process: a follower that died of it would leave
+    // rank 0's shutdown message unanswered and the job failed. Rank 0 handles the signal and
+    // sends its exit message; the follower leaves when that arrives.
+    std::signal(SIGTERM, SIG_IGN);
+    std::signal(SIGINT, SIG_IGN);
     serve::run_serve_follower(o.engine);
     return 0;
   }

@@ -438,6 +438,15 @@ struct Inbox {
   bool any = false;
 };
 
+// The text of token `id` after `prev`. A model may sample ids its tokenizer lacks (an embedding
+// padded past the tokenizer's vocabulary, a random model): they show as no text, as in vLLM,
+// where decode_token would throw on the stream's thread and end the process.
+std::string piece_of(const Tokenizer& tok, int32_t prev, int32_t id) {
+  const auto n = tok.vocab_size();
+  if (id < 0 || id >= n) return {};
+  return tok.decode_token(prev >= 0 && prev < n ? prev : -1, id);
+}
+
 // Generated tokens -> whole UTF-8 characters, as TokenStreamer does, but decoded after the
 // prompt's last token: a completion continues its prompt, so "Once upon a" + "▁time" shows
 // " time" (TokenStreamer starts a fresh text and would drop that space).
@@ -445,7 +454,7 @@ class TextStreamer {
  public:
   TextStreamer(const Tokenizer& tok, int32_t prev) : tok_(tok), prev_(prev) {}
   std::string push(int32_t id) {
-    pending_ += tok_.decode_token(prev_, id);
+    pending_ += piece_of(tok_, prev_, id);
     prev_ = id;
     const size_t done = unicode::complete_utf8_prefix(pending_);
     std::string out = unicode::sanitize_utf8(std::string_view(pending_).substr(0, done));
@@ -557,7 +566,7 @@ class Generation {
       Out o;
       o.has_token = true;
       o.ev = ev;
-      if (req_.logprobs) o.piece = srv_.tok.decode_token(prev_, ev.token);
+      if (req_.logprobs) o.piece = piece_of(srv_.tok, prev_, ev.token);
       o.text = stop_.push(streamer_.push(ev.token));
       prev_ = ev.token;
       outs.push_back(std::move(o));
@@ -600,6 +609,9 @@ class Generation {
       srv_.engine.cancel(id_);
       running_ = false;
       forget();
+      // Not finished yet: the client went away (or the handler gave up), an abort as vLLM counts
+      // it; end() and fail_with() set done_ first and count their own reason.
+      if (!done_) srv_.metrics->count_finished("abort");
     }
   }
 
@@ -652,7 +664,7 @@ struct LogprobsBuilder {
       json entry = {{"token", o.piece}, {"logprob", o.ev.logprob}, {"bytes", token_bytes(o.piece)}};
       json tops = json::array();
       for (const auto& t : o.ev.top) {
-        const std::string p = tok.decode_token(prev, t.token);
+        const std::string p = piece_of(tok, prev, t.token);
         tops.push_back({{"token", p}, {"logprob", t.logprob}, {"bytes", token_bytes(p)}});
       }
       entry["top_logprobs"] = tops;
@@ -661,7 +673,7 @@ struct LogprobsBuilder {
       tokens.push_back(o.piece);
       token_logprobs.push_back(o.ev.logprob);
       json tops = json::object();
-      for (const auto& t : o.ev.top) tops[tok.decode_token(prev, t.token)] = t.logprob;
+      for (const auto& t : o.ev.top) tops[piece_of(tok, prev, t.token)] = t.logprob;
       top.push_back(tops);
       offsets.push_back(text_offset);
     }
