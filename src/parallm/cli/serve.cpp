@@ -8,6 +8,7 @@
 #include <string>
 
 #include "parallm/cli/command.h"
+#include "parallm/cli/engine_flags.h"
 #include "parallm/core/error.h"
 #include "parallm/engine/serve_engine.h"
 #include "parallm/model/tokenizer.h"
@@ -97,17 +98,7 @@ int run_serve(ServeOptions o) {
            ->check(CLI::PositiveNumber);
        app.add_option("--pp-layers", e.pp_layers, "Layers per stage, e.g. 6,5,5,6 (default: even)")
            ->delimiter(',');
-       app.add_option("--threads", e.threads,
-                      "Threads per rank (default: cores / ranks in this process)")
-           ->check(CLI::NonNegativeNumber);
-       app.add_option("--dtype", e.dtype, "Weight dtype: auto (the checkpoint's), f32, bf16, f16")
-           ->check(CLI::IsMember({"auto", "f32", "bf16", "f16"}));
-       app.add_option("--backend", e.backend,
-                      "Comm backend: auto (mpi under mpirun, else local), local, mpi")
-           ->check(CLI::IsMember({"auto", "local", "mpi"}));
-       app.add_option("--comm-timeout", e.comm_timeout_s,
-                      "Seconds a blocking collective waits before failing (default 300)")
-           ->check(CLI::PositiveNumber);
+       add_runtime_flags(app, e.threads, e.dtype, e.backend, e.comm_timeout_s);
        app.add_option("--max-num-seqs", e.max_num_seqs,
                       "Sequences in the running batch per replica (default 64)")
            ->check(CLI::PositiveNumber);
