@@ -13,7 +13,12 @@ shift || true
 # python3-numpy: tests/reference/llama_ref.py; python3: also tests/engine/mpi_tp_check.sh;
 # python3-jinja2: the chat template goldens (tests/reference/chat_template_ref.py); nodejs and npm:
 # the `openai` npm client test of the server (tests/server/openai_client_test.sh).
-TEST_PACKAGES=(googletest libgtest-dev python3 python3-torch python3-numpy python3-jinja2 nodejs npm)
+# A machine that already has node and npm (NodeSource's nodejs bundles npm, and conflicts with
+# Debian's npm package) keeps them.
+TEST_PACKAGES=(googletest libgtest-dev python3 python3-torch python3-numpy python3-jinja2)
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  TEST_PACKAGES+=(nodejs npm)
+fi
 bash scripts/install-packages.sh "${TEST_PACKAGES[@]}"
 
 cmake -S . -B "$BUILD_DIR" -DPARALLM_TESTS=ON >/dev/null
