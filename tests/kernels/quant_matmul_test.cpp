@@ -122,6 +122,8 @@ TEST(QuantMatmul, PrefillGoesThroughDequantizedSgemm) {
 }
 
 TEST(QuantMatmul, KFormatsMatchTheDequantizedProduct) {
+  // Integer kernels with 8-bit activations below 64 tokens (kquant_matmul_test.cpp checks them in
+  // detail): within the NMSE bound of the f32 product.
   for (DType t : {DType::Q4_K, DType::Q6_K}) {
     SCOPED_TRACE(std::string(dtype_name(t)));
     const Tensor w = random_kblocks(t, 13, 512, 5);
@@ -129,7 +131,7 @@ TEST(QuantMatmul, KFormatsMatchTheDequantizedProduct) {
     std::vector<float> ref(3 * 13), y(3 * 13);
     matmul_ref(x.data(), 3, w, ref.data());
     matmul(x.data(), 3, w, y.data());
-    EXPECT_LE(testing::normalised_error(y, ref), 1e-5);
+    EXPECT_LE(nmse(y, ref), 5e-4);
   }
 }
 

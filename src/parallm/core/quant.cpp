@@ -49,6 +49,29 @@ void quantize_q4_0(const float* x, BlockQ4_0* y, int64_t n) {
   }
 }
 
+void quantize_q8_k(const float* x, BlockQ8_K* y, int64_t n) {
+  if (n < 0 || n % 256 != 0)
+    fail("quant", "quantize_q8_k: ", n, " values are not whole 256-value blocks");
+  for (int64_t b = 0; b < n / 256; ++b) {
+    const float* xb = x + b * 256;
+    float amax = 0.0f;
+    for (int j = 0; j < 256; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    y[b].d = d;
+    for (int g = 0; g < 16; ++g) {
+      int s = 0;
+      for (int j = 16 * g; j < 16 * g + 16; ++j) {
+        // x * (1 / d) may land a rounding step above 127 at the largest value: clamp.
+        const int q = std::clamp(static_cast<int>(std::roundf(xb[j] * id)), -127, 127);
+        y[b].qs[j] = static_cast<int8_t>(q);
+        s += q;
+      }
+      y[b].bsums[g] = static_cast<int16_t>(s);
+    }
+  }
+}
+
 void quantize(DType type, const float* x, void* blocks, int64_t n) {
   if (type == DType::Q8_0) return quantize_q8_0(x, static_cast<BlockQ8_0*>(blocks), n);
   if (type == DType::Q4_0) return quantize_q4_0(x, static_cast<BlockQ4_0*>(blocks), n);

@@ -44,11 +44,25 @@ struct BlockQ6_K {
 static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18);
 static_assert(sizeof(BlockQ4_K) == 144 && sizeof(BlockQ6_K) == 210);
 
+// Activations for the K-format integer kernels (kernels/quant_matmul.h), never stored in a file:
+// 256 values as an f32 scale d and int8 codes (value ~ q * d, |q| <= 127), with the sum of each
+// group of 16 codes kept so that the kernels can apply Q4_K's mins and Q6_K's offset of 32 per
+// sub-block without touching the codes again.
+struct BlockQ8_K {
+  float d;
+  int8_t qs[256];
+  int16_t bsums[16];  // bsums[g] = sum of qs[16 g .. 16 g + 15], |bsums| <= 16 x 127
+};
+static_assert(sizeof(BlockQ8_K) == 292);
+
 // x[n] -> n / 32 blocks. Q8_0: d = max|x| / 127, q = round(x / d) (half away from zero).
 // Q4_0: d = m / -8 where m is the value of largest magnitude (its sign kept), q = min(15,
 // trunc(x / d + 8.5)). An all-zero block gets d = 0 and zero codes.
 void quantize_q8_0(const float* x, BlockQ8_0* y, int64_t n);
 void quantize_q4_0(const float* x, BlockQ4_0* y, int64_t n);
+// x[n] -> n / 256 BlockQ8_K: d = max|x| / 127, q = round(x / d) (half away from zero); an
+// all-zero block gets d = 0 and zero codes.
+void quantize_q8_k(const float* x, BlockQ8_K* y, int64_t n);
 // Q8_0 or Q4_0 (std::invalid_argument for any other dtype).
 void quantize(DType type, const float* x, void* blocks, int64_t n);
 

@@ -9,6 +9,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <mutex>
 
@@ -276,6 +277,227 @@ PARALLM_AVX512VNNI void tile_avx512vnni(const WB* const* w, int rows, const Act&
 }
 #endif  // PARALLM_X86
 
+// ---- K formats (Q4_K, Q6_K) against BlockQ8_K activations (256 values, f32 scale, codes
+// |x| <= 127, sums of 16 codes). Per (weight super-block, activation block) pair the kernels form
+// exact int32 sums; only then are they scaled in f32. Both paths produce the same integers and
+// combine them with the same f32 operations in the same order (explicit fma, so the compiler
+// cannot contract differently in the two), so their results are bit-identical.
+//
+// Q4_K (value = d sc_j q - dmin m_j, q in 0..15, sc_j and m_j in 0..63, sub-blocks j of 32):
+//   dot = d dx sum_j sc_j sum_{i in j} q_i x_i  -  dmin dx sum_j m_j sum_{i in j} x_i
+// Q6_K (value = d sc_g (q - 32), q in 0..63, sc_g int8, sub-blocks g of 16):
+//   dot = d dx (sum_g sc_g sum_{i in g} q_i x_i  -  32 sum_g sc_g sum_{i in g} x_i)
+// int32 bounds: Q4_K |first sum| <= 256 x 63 x 15 x 127 = 30.7e6, |second| <= 256 x 63 x 127
+// = 2.0e6; Q6_K |first| <= 256 x 128 x 63 x 127 = 262e6, |second| <= 32 x 256 x 128 x 127 =
+// 133e6: all far below 2^31.
+struct KSum {
+  int32_t q;  // sum of scale x code x activation
+  int32_t m;  // Q4_K: sum of min x activation (0 for Q6_K)
+};
+
+// Q4_K's 6-bit scales and mins of its 8 sub-blocks: bytes 0..3 hold sc_0..3 in their low 6 bits,
+// bytes 4..7 m_0..3; sub-blocks 4..7 take their low 4 bits from the nibbles of bytes 8..11 and
+// their high 2 bits from the top bits of bytes 0..3 (scales) and 4..7 (mins).
+inline void q4k_scales_mins(const uint8_t* p, uint8_t* sc, uint8_t* m) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = p[j] & 63;
+    m[j] = p[j + 4] & 63;
+    sc[j + 4] = static_cast<uint8_t>((p[j + 8] & 0xF) | ((p[j] >> 6) << 4));
+    m[j + 4] = static_cast<uint8_t>((p[j + 8] >> 4) | ((p[j + 4] >> 6) << 4));
+  }
+}
+
+// sum_j m_j x (codes summed over sub-block j of 32 = two groups of 16)
+inline int32_t q4k_min_sum(const uint8_t* m, const quant::BlockQ8_K& x) {
+  int32_t s = 0;
+  for (int j = 0; j < 8; ++j) s += m[j] * (x.bsums[2 * j] + x.bsums[2 * j + 1]);
+  return s;
+}
+
+// acc + d dx q - dmin dx m, from the weight block's scales already in f32 (the paths convert f16
+// their own way: f16_to_f32 or _cvtsh_ss, both exact).
+inline float kcombine(float d, float dmin, float dx, KSum s, float acc) {
+  acc = std::fma(d * dx, static_cast<float>(s.q), acc);
+  return std::fma(-(dmin * dx), static_cast<float>(s.m), acc);
+}
+inline float kcombine(float d, float dx, KSum s, float acc) {
+  return std::fma(d * dx, static_cast<float>(s.q), acc);
+}
+inline float kcombine_scalar(const quant::BlockQ4_K& w, const quant::BlockQ8_K& x, KSum s,
+                             float acc) {
+  return kcombine(f16_to_f32(w.d), f16_to_f32(w.dmin), x.d, s, acc);
+}
+inline float kcombine_scalar(const quant::BlockQ6_K& w, const quant::BlockQ8_K& x, KSum s,
+                             float acc) {
+  return kcombine(f16_to_f32(w.d), x.d, s, acc);
+}
+
+// The plain reference, code by code in the layout's own terms.
+inline KSum ksum_scalar(const quant::BlockQ4_K& w, const quant::BlockQ8_K& x) {
+  uint8_t sc[8], m[8];
+  q4k_scales_mins(w.scales, sc, m);
+  int32_t q = 0;
+  // 32 bytes of nibbles per pair of sub-blocks: 2c in the low nibbles, 2c + 1 in the high.
+  for (int c = 0; c < 4; ++c) {
+    int32_t lo = 0, hi = 0;
+    for (int l = 0; l < 32; ++l) {
+      lo += (w.qs[32 * c + l] & 0xF) * static_cast<int32_t>(x.qs[64 * c + l]);
+      hi += (w.qs[32 * c + l] >> 4) * static_cast<int32_t>(x.qs[64 * c + 32 + l]);
+    }
+    q += sc[2 * c] * lo + sc[2 * c + 1] * hi;
+  }
+  return {q, q4k_min_sum(m, x)};
+}
+
+inline KSum ksum_scalar(const quant::BlockQ6_K& w, const quant::BlockQ8_K& x) {
+  int32_t q = 0;
+  // Each half of 128 values: 64 bytes of low nibbles (values l and l + 64 in byte l, values
+  // l + 32 and l + 96 in byte l + 32) and 32 bytes of high 2-bit pairs (value l + 32 i in bits
+  // 2i, 2i + 1 of byte l).
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* ql = w.ql + 64 * h;
+    const uint8_t* qh = w.qh + 32 * h;
+    const int8_t* xq = x.qs + 128 * h;
+    int32_t g[8] = {};  // per group of 16 within the half
+    for (int l = 0; l < 32; ++l) {
+      const int q0 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32;
+      const int q1 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+      const int q2 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+      const int q3 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+      g[l / 16] += q0 * xq[l];
+      g[2 + l / 16] += q1 * xq[l + 32];
+      g[4 + l / 16] += q2 * xq[l + 64];
+      g[6 + l / 16] += q3 * xq[l + 96];
+    }
+    for (int i = 0; i < 8; ++i) q += w.scales[8 * h + i] * g[i];
+  }
+  return {q, 0};
+}
+
+template <class WB>
+void ktile_scalar(const WB* const* w, int rows, const quant::BlockQ8_K* x, int64_t nb,
+                  float* out) {
+  for (int r = 0; r < rows; ++r) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; ++b)
+      acc = kcombine_scalar(w[r][b], x[b], ksum_scalar(w[r][b], x[b]), acc);
+    out[r] = acc;
+  }
+}
+
+#if PARALLM_X86
+PARALLM_AVX2 static inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// Q4_K: maddubs(codes 0..15 unsigned, x signed) -> i16 pair sums, |.| <= 2 x 15 x 127 = 3810 (no
+// saturation); madd with the sub-block's scale (<= 63) -> i32 lanes <= 63 x 2 x 3810.
+PARALLM_AVX2 static inline KSum ksum_avx2(const quant::BlockQ4_K& w, const quant::BlockQ8_K& x) {
+  uint8_t sc[8], m[8];
+  q4k_scales_mins(w.scales, sc, m);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256i acc = _mm256_setzero_si256();
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs + 32 * c));
+    const __m256i lo = _mm256_and_si256(raw, low4);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qs + 64 * c));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qs + 64 * c + 32));
+    const __m256i p0 =
+        _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_set1_epi16(sc[2 * c]));
+    const __m256i p1 =
+        _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), _mm256_set1_epi16(sc[2 * c + 1]));
+    acc = _mm256_add_epi32(acc, _mm256_add_epi32(p0, p1));
+  }
+  return {hsum_i32(acc), q4k_min_sum(m, x)};
+}
+
+// Q6_K: the 6-bit codes rebuilt as unsigned bytes 0..63 (low nibble | high pair << 4), then
+// maddubs against x: i16 pair sums |.| <= 2 x 63 x 127 = 16002 < 32767 (no saturation); madd with
+// the group scales (int8 widened, |sc| <= 128) -> i32 lanes <= 2 x 16002 x 128. The offset of 32
+// comes off once per block as 32 x sum_g sc_g bsum_g (madd of the scales with the group sums,
+// |.| <= 2 x 128 x 2032 per lane).
+PARALLM_AVX2 static inline KSum ksum_avx2(const quant::BlockQ6_K& w, const quant::BlockQ8_K& x) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), bits45 = _mm256_set1_epi8(0x30);
+  const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales));
+  // Byte shuffle for chunk a/2: 8 x scale a then 8 x scale a + 1 (maddubs's i16 lanes 0..7 are
+  // the chunk's first 16 values, lanes 8..15 the next 16).
+  const __m128i pair = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  __m256i acc = _mm256_setzero_si256();
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.ql + 64 * h));
+    const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.ql + 64 * h + 32));
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qh + 32 * h));
+    // 16-bit shifts move bits across the byte boundary only into bits the masks clear.
+    const __m256i q[4] = {
+        _mm256_or_si256(_mm256_and_si256(l0, low4),
+                        _mm256_and_si256(_mm256_slli_epi16(qh, 4), bits45)),
+        _mm256_or_si256(_mm256_and_si256(l1, low4),
+                        _mm256_and_si256(_mm256_slli_epi16(qh, 2), bits45)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
+                        _mm256_and_si256(qh, bits45)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), bits45))};
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      const int a = 8 * h + 2 * k;
+      const __m256i s16 = _mm256_cvtepi8_epi16(
+          _mm_shuffle_epi8(sc8, _mm_add_epi8(pair, _mm_set1_epi8(static_cast<char>(a)))));
+      const __m256i xv =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qs + 128 * h + 32 * k));
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(q[k], xv), s16));
+    }
+  }
+  const __m256i off = _mm256_madd_epi16(
+      _mm256_cvtepi8_epi16(sc8), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.bsums)));
+  return {hsum_i32(_mm256_sub_epi32(acc, _mm256_slli_epi32(off, 5))), 0};
+}
+
+PARALLM_AVX2 static inline float kcombine_avx2(const quant::BlockQ4_K& w,
+                                               const quant::BlockQ8_K& x, KSum s, float acc) {
+  return kcombine(_cvtsh_ss(w.d), _cvtsh_ss(w.dmin), x.d, s, acc);
+}
+PARALLM_AVX2 static inline float kcombine_avx2(const quant::BlockQ6_K& w,
+                                               const quant::BlockQ8_K& x, KSum s, float acc) {
+  return kcombine(_cvtsh_ss(w.d), x.d, s, acc);
+}
+
+template <class WB>
+PARALLM_AVX2 void ktile_avx2(const WB* const* w, int rows, const quant::BlockQ8_K* x, int64_t nb,
+                             float* out) {
+  float acc[kRows] = {};
+  if (rows == kRows) {
+    for (int64_t b = 0; b < nb; ++b)
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r)
+        acc[r] = kcombine_avx2(w[r][b], x[b], ksum_avx2(w[r][b], x[b]), acc[r]);
+  } else {
+    for (int r = 0; r < rows; ++r)
+      for (int64_t b = 0; b < nb; ++b)
+        acc[r] = kcombine_avx2(w[r][b], x[b], ksum_avx2(w[r][b], x[b]), acc[r]);
+  }
+  for (int r = 0; r < rows; ++r) out[r] = acc[r];
+}
+#endif  // PARALLM_X86
+
+// AVX-VNNI and AVX-512 VNNI run the AVX2 kernel for the K formats (no vpdpbusd variant yet).
+template <class WB>
+using KTileFn = void (*)(const WB* const*, int, const quant::BlockQ8_K*, int64_t, float*);
+
+template <class WB>
+KTileFn<WB> ktile_for(QuantPath p) {
+#if PARALLM_X86
+  if (p != QuantPath::Scalar) return &ktile_avx2<WB>;
+#endif
+  (void)p;
+  return &ktile_scalar<WB>;
+}
+
 template <class WB>
 using TileFn = void (*)(const WB* const*, int, const Act&, int64_t, float*);
 
@@ -372,7 +594,37 @@ void run_blocks(const float* x, int64_t T, const Tensor& w, float* y, bool accum
   });
 }
 
-// Q4_K / Q6_K: each row dequantized to f32 once, then a plain dot product per token.
+// Q4_K / Q6_K below 64 tokens: the activations to BlockQ8_K once per call, then tiles of 4 rows
+// against each token, as run_blocks.
+template <class WB>
+void run_kblocks(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
+                 QuantPath path) {
+  const int64_t N = w.dim(0), K = w.dim(1), nb = K / 256;
+  thread_local std::vector<quant::BlockQ8_K> xq_buf;
+  xq_buf.resize(static_cast<size_t>(T * nb));
+  quantize_activations_k(x, T, K, xq_buf.data());
+  const quant::BlockQ8_K* xq = xq_buf.data();  // not the workers' own thread_local buffers
+  const WB* wb = static_cast<const WB*>(w.raw());
+  const KTileFn<WB> tile = ktile_for<WB>(path);
+  const int64_t tiles = (N + kRows - 1) / kRows;
+  ThreadPool::current().parallel_for(tiles, [&](int64_t t0, int64_t t1) {
+    for (int64_t ti = t0; ti < t1; ++ti) {
+      const int64_t n0 = ti * kRows;
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, N - n0));
+      const WB* rowp[kRows];
+      for (int r = 0; r < rows; ++r) rowp[r] = wb + (n0 + r) * nb;
+      for (int64_t t = 0; t < T; ++t) {
+        float out[kRows];
+        tile(rowp, rows, xq + t * nb, nb, out);
+        float* yt = y + t * N + n0;
+        for (int r = 0; r < rows; ++r) yt[r] = accumulate ? yt[r] + out[r] : out[r];
+      }
+    }
+  });
+}
+
+// The f32 baseline (quant_matmul_dequant): each row dequantized once, then a plain dot product
+// per token.
 void run_dequant(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate) {
   const int64_t N = w.dim(0), K = w.dim(1);
   const size_t row_bytes = dtype_bytes(w.dtype(), K);
@@ -461,11 +713,36 @@ void quantize_activations(const float* x, int64_t T, int64_t K, BlockQ8_0* out) 
   for (int64_t t = 0; t < T; ++t) quant::quantize_q8_0(x + t * K, out + t * (K / 32), K);
 }
 
-void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
-                  QuantPath path) {
+void quantize_activations_k(const float* x, int64_t T, int64_t K, quant::BlockQ8_K* out) {
+  if (K % 256 != 0) fail("quant_matmul", "activation width ", K, " is not a multiple of 256");
+  for (int64_t t = 0; t < T; ++t) quant::quantize_q8_k(x + t * K, out + t * (K / 256), K);
+}
+
+namespace {
+void check_weight(const Tensor& w) {
   if (!w.defined() || w.ndim() != 2 || !w.is_contiguous() || !is_block(w.dtype()))
     fail("quant_matmul", "weight must be a contiguous 2-D block-quantized [N, K] tensor, got ",
          w.defined() ? w.describe() : std::string("an undefined tensor"));
+}
+}  // namespace
+
+std::string quant_matmul_kernel(DType type, int64_t T, QuantPath path) {
+  if (T >= kSgemmMinT) return "sgemm";
+  const bool kformat = type == DType::Q4_K || type == DType::Q6_K;
+  if (kformat && path != QuantPath::Scalar) return "int8-avx2";
+  return "int8-" + quant_path_name(path);
+}
+
+void quant_matmul_dequant(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate) {
+  check_weight(w);
+  if (T < 0) fail("quant_matmul", "T must be >= 0, got ", T);
+  if (T == 0 || w.dim(0) == 0) return;
+  run_dequant(x, T, w, y, accumulate);
+}
+
+void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
+                  QuantPath path) {
+  check_weight(w);
   const auto avail = quant_paths_available();
   if (std::find(avail.begin(), avail.end(), path) == avail.end())
     fail("quant_matmul", "path ", quant_path_name(path), " is not supported by this CPU");
@@ -481,6 +758,10 @@ void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y, bool acc
       return run_blocks<BlockQ8_0>(x, T, w, y, accumulate, path);
     case DType::Q4_0:
       return run_blocks<BlockQ4_0>(x, T, w, y, accumulate, path);
+    case DType::Q4_K:
+      return run_kblocks<quant::BlockQ4_K>(x, T, w, y, accumulate, path);
+    case DType::Q6_K:
+      return run_kblocks<quant::BlockQ6_K>(x, T, w, y, accumulate, path);
     default:
       return run_dequant(x, T, w, y, accumulate);
   }

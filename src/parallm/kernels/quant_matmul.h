@@ -1,14 +1,16 @@
 // y = x W^T on block-quantized weights (core/quant.h), llama.cpp's way: each token's activations
-// are quantized per 32 values to Q8_0, then each (weight block, activation block) pair is an
-// integer dot product scaled by the two f16 scales, summed in f32.
+// are quantized to 8 bits per block (Q8_0, 32 values, for Q8_0 and Q4_0 weights; BlockQ8_K, 256
+// values with its sums of 16 codes, for Q4_K and Q6_K), then each (weight block, activation block)
+// pair is an exact integer dot product scaled by the blocks' scales, summed in f32.
 //
-// Q8_0 and Q4_0 weights run integer kernels for T < 64 tokens (decoding, small batches): the
-// plain reference, AVX2 (sign trick + maddubs/madd), AVX-VNNI and AVX-512 VNNI (vpdpbusd), chosen
-// at run time from kernels/cpu.h's level (PARALLM_SIMD caps it) and the CPU's VNNI flags. From 64
+// Below 64 tokens (decoding, small batches) every block dtype runs an integer kernel, the plain
+// reference or a SIMD path chosen at run time from kernels/cpu.h's level (PARALLM_SIMD caps it)
+// and the CPU's VNNI flags: Q8_0 and Q4_0 have AVX2 (sign trick + maddubs/madd), AVX-VNNI and
+// AVX-512 VNNI (vpdpbusd); Q4_K and Q6_K have AVX2 (maddubs/madd with the sub-block scales in the
+// madd), and the AVX-VNNI and AVX-512 VNNI paths run that same AVX2 kernel for them. The K-format
+// paths are bit-identical to their reference (same int32 sums, same f32 operations). From 64
 // tokens (prefill) every block dtype is dequantized to f32 a block of rows at a time and
-// multiplied by OpenBLAS sgemm with f32 activations (`path` is then unused). Q4_K and Q6_K below
-// 64 tokens are dequantized a row at a time and multiplied in f32 (correct, not fast: no K-format
-// integer kernel yet).
+// multiplied by OpenBLAS sgemm with f32 activations (`path` is then unused).
 // kernels::matmul sends every block-dtype weight here.
 #pragma once
 
@@ -32,6 +34,9 @@ QuantPath quant_path();
 // x [T, K] f32 -> T * K / 32 Q8_0 blocks (row t at out + t * K / 32). K % 32 == 0.
 void quantize_activations(const float* x, int64_t T, int64_t K, quant::BlockQ8_0* out);
 
+// x [T, K] f32 -> T * K / 256 BlockQ8_K (row t at out + t * K / 256). K % 256 == 0.
+void quantize_activations_k(const float* x, int64_t T, int64_t K, quant::BlockQ8_K* out);
+
 // x [T, K] f32; w [N, K] contiguous block dtype; y [T, N] f32 (+= when accumulate). Threads:
 // ThreadPool::current(), split over rows of W. `path` must be one of quant_paths_available().
 // T and every dimension below 2^31.
@@ -41,5 +46,16 @@ inline void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y,
                          bool accumulate = false) {
   quant_matmul(x, T, w, y, accumulate, quant_path());
 }
+
+// What quant_matmul runs for a weight of `type`, T tokens and `path`: "sgemm" (T >= 64),
+// otherwise "int8-" and the SIMD path that really runs ("int8-avx2" for the K formats on every
+// SIMD path). For benchmarks and tests.
+std::string quant_matmul_kernel(DType type, int64_t T, QuantPath path);
+
+// The f32 baseline: each row of w dequantized to f32, then a plain dot product per token with the
+// unquantized activations (what Q4_K / Q6_K ran before their integer kernels; kept to compare
+// against in tests and benchmarks). Same arguments as quant_matmul.
+void quant_matmul_dequant(const float* x, int64_t T, const Tensor& w, float* y,
+                          bool accumulate = false);
 
 }  // namespace parallm::kernels

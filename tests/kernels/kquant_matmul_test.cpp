@@ -1,0 +1,249 @@
+// Q4_K / Q6_K integer kernels (kernels/quant_matmul.h): every SIMD path bit-identical to the plain
+// reference, within the NMSE bound of issue 15 of the f32 product, and equal to an exact int64
+// product on codes chosen so that nothing rounds (a wrong scale, min or code index fails there);
+// extreme codes and scales (i16 saturation); kernels::matmul takes the integer path.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "kernel_test_util.h"
+#include "parallm/core/error.h"
+#include "parallm/core/quant.h"
+#include "parallm/core/thread_pool.h"
+#include "parallm/kernels/matmul.h"
+#include "parallm/kernels/quant_matmul.h"
+
+namespace parallm::kernels {
+namespace {
+
+using quant::BlockQ4_K;
+using quant::BlockQ6_K;
+
+// sum (a - b)^2 / sum b^2
+double nmse(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < b.size(); ++i) {
+    num += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
+    den += static_cast<double>(b[i]) * b[i];
+  }
+  return num / den;
+}
+
+// Valid blocks with random codes and random 6-bit (Q4_K) or int8 (Q6_K) scales. d (and dmin) are
+// f16 values drawn from [dlo, dhi] per block, or exactly `fixed` when fixed > 0.
+Tensor random_kweights(DType t, int64_t N, int64_t K, uint32_t seed, float fixed = 0.0f) {
+  Tensor w = Tensor::empty(t, {N, K});
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dd(0.002f, 0.02f);
+  auto f16 = [&] { return f32_to_f16(fixed > 0 ? fixed : dd(rng)); };
+  const int64_t nb = N * K / 256;
+  if (t == DType::Q4_K) {
+    auto* b = static_cast<BlockQ4_K*>(w.raw());
+    for (int64_t i = 0; i < nb; ++i) {
+      b[i].d = f16();
+      b[i].dmin = f16();
+      for (uint8_t& v : b[i].scales) v = static_cast<uint8_t>(rng());  // any 12 bytes are valid
+      for (uint8_t& v : b[i].qs) v = static_cast<uint8_t>(rng());
+    }
+  } else {
+    auto* b = static_cast<BlockQ6_K*>(w.raw());
+    for (int64_t i = 0; i < nb; ++i) {
+      for (uint8_t& v : b[i].ql) v = static_cast<uint8_t>(rng());
+      for (uint8_t& v : b[i].qh) v = static_cast<uint8_t>(rng());
+      for (int8_t& v : b[i].scales) v = static_cast<int8_t>(rng());  // -128..127
+      b[i].d = f16();
+    }
+  }
+  return w;
+}
+
+std::vector<float> dequantized(const Tensor& w) {
+  std::vector<float> f(static_cast<size_t>(w.numel()));
+  quant::dequantize(w.dtype(), w.raw(), f.data(), w.numel());
+  return f;
+}
+
+struct Case {
+  DType type;
+  int64_t N, K, T;
+};
+
+class KQuantMatmul : public ::testing::TestWithParam<Case> {};
+
+TEST_P(KQuantMatmul, PathsBitIdenticalAndWithinNmseOfF32) {
+  const Case c = GetParam();
+  const Tensor w = random_kweights(c.type, c.N, c.K, 21);
+  const std::vector<float> x = testing::random_vec(static_cast<size_t>(c.T * c.K), 22);
+  std::vector<float> ref(static_cast<size_t>(c.T * c.N));
+  matmul_ref(x.data(), c.T, w, ref.data());  // f32: dequantized weights, unquantized activations
+  ThreadPool pool(2);
+  ScopedPool scoped(pool);
+  std::vector<float> plain(ref.size());
+  quant_matmul(x.data(), c.T, w, plain.data(), false, QuantPath::Scalar);
+  EXPECT_EQ(quant_matmul_kernel(c.type, c.T, QuantPath::Scalar), "int8-scalar");
+  for (QuantPath p : quant_paths_available()) {
+    SCOPED_TRACE(quant_path_name(p));
+    if (p != QuantPath::Scalar) {
+      EXPECT_EQ(quant_matmul_kernel(c.type, c.T, p), "int8-avx2");
+    }
+    std::vector<float> y(ref.size(), 7.0f);
+    quant_matmul(x.data(), c.T, w, y.data(), false, p);
+    const double e = nmse(y, ref);
+    EXPECT_LE(e, 5e-4);
+    // The same int32 sums combined by the same f32 operations: bit-identical to the reference.
+    for (size_t i = 0; i < y.size(); ++i) ASSERT_EQ(y[i], plain[i]) << i;
+    std::vector<float> acc(ref.size(), 1.0f);
+    quant_matmul(x.data(), c.T, w, acc.data(), true, p);
+    for (size_t i = 0; i < acc.size(); ++i) ASSERT_EQ(acc[i], 1.0f + y[i]) << i;
+    if (c.N == 67 && c.T == 1)
+      std::printf("[ kquant ] %s %s NMSE %.2e\n", std::string(dtype_name(c.type)).c_str(),
+                  quant_path_name(p).c_str(), e);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, KQuantMatmul,
+    ::testing::Values(Case{DType::Q4_K, 67, 256, 1}, Case{DType::Q4_K, 5, 512, 2},
+                      Case{DType::Q4_K, 130, 2048, 3}, Case{DType::Q4_K, 9, 768, 7},
+                      Case{DType::Q6_K, 67, 256, 1}, Case{DType::Q6_K, 6, 512, 2},
+                      Case{DType::Q6_K, 130, 2048, 3}, Case{DType::Q6_K, 11, 768, 7}),
+    [](const auto& info) {
+      const Case& c = info.param;
+      return cat(dtype_name(c.type), "_N", c.N, "_K", c.K, "_T", c.T);
+    });
+
+TEST(KQuantMatmul, IntegerSumsAreExact) {
+  // d = dmin = 1 and integer activations with max |x| = 127 in every 256 values: the activation
+  // scale is exactly 1 and its codes are x itself, so y must equal the int64 product of the
+  // dequantized weights (integers sc q - m, or sc (q - 32)) with x. Small |x| elsewhere keeps
+  // every partial sum below 2^24, where f32 is exact (Q4_K: per super-block <= 255 x 63 x 15 x 8
+  // + 63 x 15 x 127 + 63 x (255 x 8 + 127) = 2.2e6, x 4 blocks; Q6_K: <= 255 x 128 x 32 x 4 +
+  // 128 x 32 x 127 = 4.7e6, x 2 blocks).
+  ThreadPool pool(2);
+  ScopedPool scoped(pool);
+  for (DType t : {DType::Q4_K, DType::Q6_K}) {
+    SCOPED_TRACE(std::string(dtype_name(t)));
+    const int64_t N = 6, K = t == DType::Q4_K ? 1024 : 512, T = 3;
+    const int small = t == DType::Q4_K ? 8 : 4;
+    const Tensor w = random_kweights(t, N, K, 31, 1.0f);
+    const std::vector<float> wf = dequantized(w);
+    std::mt19937 rng(32);
+    std::vector<float> x(static_cast<size_t>(T * K));
+    for (auto& v : x) v = static_cast<float>(static_cast<int>(rng() % (2 * small + 1)) - small);
+    for (int64_t b = 0; b < T * K / 256; ++b)
+      x[static_cast<size_t>(b * 256 + rng() % 256)] = rng() % 2 ? 127.0f : -127.0f;
+    std::vector<int64_t> ref(static_cast<size_t>(T * N));
+    for (int64_t tt = 0; tt < T; ++tt)
+      for (int64_t n = 0; n < N; ++n) {
+        int64_t s = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const float v = wf[n * K + k];
+          ASSERT_EQ(v, std::nearbyint(v));  // the dequantized weights are integers here
+          s += static_cast<int64_t>(v) * static_cast<int64_t>(x[tt * K + k]);
+        }
+        ASSERT_LT(std::llabs(s), int64_t{1} << 24);
+        ref[tt * N + n] = s;
+      }
+    for (QuantPath p : quant_paths_available()) {
+      SCOPED_TRACE(quant_path_name(p));
+      std::vector<float> y(ref.size());
+      quant_matmul(x.data(), T, w, y.data(), false, p);
+      for (size_t i = 0; i < y.size(); ++i) EXPECT_EQ(y[i], static_cast<float>(ref[i])) << i;
+    }
+  }
+}
+
+TEST(KQuantMatmul, ExtremeCodesAndScalesDoNotSaturate) {
+  // Largest codes, scales and mins against activations of +-127 (maddubs's i16 pair sums reach
+  // 2 x 15 x 127 for Q4_K and 2 x 63 x 127 for Q6_K; the Q6_K scale -128 is possible in a file):
+  // every path equal to the reference and within 1e-6 of the double product.
+  ThreadPool pool(2);
+  ScopedPool scoped(pool);
+  const int64_t N = 5, K = 512;
+  for (DType t : {DType::Q4_K, DType::Q6_K})
+    for (int fill : {0x00, 0xFF}) {
+      SCOPED_TRACE(cat(dtype_name(t), " fill ", fill));
+      Tensor w = random_kweights(t, N, K, 41, 1.0f);
+      if (t == DType::Q4_K) {
+        auto* b = static_cast<BlockQ4_K*>(w.raw());
+        for (int64_t i = 0; i < N * K / 256; ++i) {
+          std::memset(b[i].qs, fill, sizeof b[i].qs);
+          std::memset(b[i].scales, 0xFF, sizeof b[i].scales);  // every scale and min 63
+        }
+      } else {
+        auto* b = static_cast<BlockQ6_K*>(w.raw());
+        for (int64_t i = 0; i < N * K / 256; ++i) {
+          std::memset(b[i].ql, fill, sizeof b[i].ql);
+          std::memset(b[i].qh, fill, sizeof b[i].qh);
+          for (int g = 0; g < 16; ++g) b[i].scales[g] = static_cast<int8_t>(g % 2 ? -128 : 127);
+        }
+      }
+      const std::vector<float> wf = dequantized(w);
+      for (float sign : {1.0f, -1.0f}) {
+        std::vector<float> x(K, sign);  // codes +-127, scale 1/127
+        std::vector<float> plain(N);
+        quant_matmul(x.data(), 1, w, plain.data(), false, QuantPath::Scalar);
+        for (int64_t n = 0; n < N; ++n) {
+          double s = 0;
+          for (int64_t k = 0; k < K; ++k) s += static_cast<double>(wf[n * K + k]) * x[k];
+          EXPECT_NEAR(plain[n], s, 1e-6 * std::max(1.0, std::fabs(s))) << n;
+        }
+        for (QuantPath p : quant_paths_available()) {
+          std::vector<float> y(N);
+          quant_matmul(x.data(), 1, w, y.data(), false, p);
+          for (int64_t n = 0; n < N; ++n) EXPECT_EQ(y[n], plain[n]) << quant_path_name(p);
+        }
+      }
+    }
+}
+
+TEST(KQuantMatmul, MatmulTakesTheIntegerPath) {
+  // kernels::matmul on a Q4_K weight at T = 1: exactly quant_matmul's integer result, within the
+  // NMSE bound of the f32 baseline, and not the baseline itself (activations quantized to 8 bits).
+  ThreadPool pool(2);
+  ScopedPool scoped(pool);
+  for (DType t : {DType::Q4_K, DType::Q6_K}) {
+    SCOPED_TRACE(std::string(dtype_name(t)));
+    const Tensor w = random_kweights(t, 37, 1024, 51);
+    const std::vector<float> x = testing::random_vec(1024, 52);
+    std::vector<float> via(37), direct(37), base(37);
+    matmul(x.data(), 1, w, via.data());
+    quant_matmul(x.data(), 1, w, direct.data(), false, quant_path());
+    quant_matmul_dequant(x.data(), 1, w, base.data());
+    for (int i = 0; i < 37; ++i) ASSERT_EQ(via[i], direct[i]) << i;
+    EXPECT_LE(nmse(via, base), 5e-4);
+    EXPECT_GT(testing::normalised_error(via, base), 0.0);
+    EXPECT_EQ(quant_matmul_kernel(t, 1, quant_path()).rfind("int8-", 0), 0u);
+    EXPECT_EQ(quant_matmul_kernel(t, 64, quant_path()), "sgemm");
+  }
+}
+
+TEST(KQuantMatmul, ActivationBlocksKeepTheirGroupSums) {
+  const std::vector<float> x = testing::random_vec(2 * 512, 61, -3.0f, 3.0f);
+  std::vector<quant::BlockQ8_K> q(4);
+  quantize_activations_k(x.data(), 2, 512, q.data());
+  for (int b = 0; b < 4; ++b) {
+    float amax = 0;
+    for (int j = 0; j < 256; ++j) amax = std::max(amax, std::fabs(x[b * 256 + j]));
+    EXPECT_EQ(q[b].d, amax / 127.0f);
+    int big = 0;
+    for (int g = 0; g < 16; ++g) {
+      int s = 0;
+      for (int j = 0; j < 16; ++j) {
+        const int v = q[b].qs[16 * g + j];
+        EXPECT_LE(std::abs(v), 127);
+        EXPECT_LE(std::fabs(v * q[b].d - x[b * 256 + 16 * g + j]), 0.5f * q[b].d * 1.001f);
+        big = std::max(big, std::abs(v));
+        s += v;
+      }
+      EXPECT_EQ(q[b].bsums[g], s);
+    }
+    EXPECT_EQ(big, 127);
+  }
+  EXPECT_THROW(quantize_activations_k(x.data(), 1, 300, q.data()), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace parallm::kernels
