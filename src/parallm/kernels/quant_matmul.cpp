@@ -289,7 +289,8 @@ PARALLM_AVX512VNNI void tile_avx512vnni(const WB* const* w, int rows, const Act&
 //   dot = d dx (sum_g sc_g sum_{i in g} q_i x_i  -  32 sum_g sc_g sum_{i in g} x_i)
 // int32 bounds: Q4_K |first sum| <= 256 x 63 x 15 x 127 = 30.7e6, |second| <= 256 x 63 x 127
 // = 2.0e6; Q6_K |first| <= 256 x 128 x 63 x 127 = 262e6, |second| <= 32 x 256 x 128 x 127 =
-// 133e6: all far below 2^31.
+// 133e6, their difference <= 395e6: all below 2^31 = 2147e6 (partial sums are bounded by the same
+// products over fewer values).
 struct KSum {
   int32_t q;  // sum of scale x code x activation
   int32_t m;  // Q4_K: sum of min x activation (0 for Q6_K)

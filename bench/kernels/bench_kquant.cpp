@@ -1,0 +1,88 @@
+// Q4_K / Q6_K decode GEMV: the integer kernels (kernels/quant_matmul.h) against the f32 baseline
+// they replaced (quant_matmul_dequant: each row dequantized, f32 dot product), T = 1, on a
+// [5632, 2048] weight (TinyLlama's MLP up/gate shape). Random valid blocks; best of the repeats.
+//
+//   bench_kquant [--threads N] [--reps R]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "parallm/core/thread_pool.h"
+#include "parallm/kernels/quant_matmul.h"
+
+using namespace parallm;
+
+namespace {
+
+Tensor random_weight(DType t, int64_t N, int64_t K) {
+  Tensor w = Tensor::empty(t, {N, K});
+  std::mt19937 rng(1);
+  auto* p = static_cast<uint8_t*>(w.raw());
+  for (size_t i = 0; i < w.nbytes(); ++i) p[i] = static_cast<uint8_t>(rng());
+  const uint16_t d = f32_to_f16(0.01f);
+  for (int64_t b = 0; b < N * K / 256; ++b) {
+    uint8_t* blk = p + b * dtype_size(t);
+    if (t == DType::Q4_K) {
+      std::memcpy(blk, &d, 2);
+      std::memcpy(blk + 2, &d, 2);
+    } else {
+      std::memcpy(blk + 208, &d, 2);
+    }
+  }
+  return w;
+}
+
+template <class F>
+double best_ms(int reps, F&& f) {
+  f();
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    const auto t1 = std::chrono::steady_clock::now();
+    best = std::min(best, std::chrono::duration<double, std::milli>(t1 - t0).count());
+  }
+  return best;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int threads = 1, reps = 20;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--threads" && i + 1 < argc) {
+      threads = std::stoi(argv[++i]);
+    } else if (a == "--reps" && i + 1 < argc) {
+      reps = std::stoi(argv[++i]);
+    } else {
+      std::fprintf(stderr, "usage: bench_kquant [--threads N] [--reps R]\n");
+      return 2;
+    }
+  }
+  ThreadPool pool(threads);
+  ScopedPool scoped(pool);
+  const int64_t N = 5632, K = 2048;
+  std::vector<float> x(K), y(N);
+  std::mt19937 rng(2);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (float& v : x) v = u(rng);
+  const kernels::QuantPath path = kernels::quant_path();
+  for (DType t : {DType::Q4_K, DType::Q6_K}) {
+    const Tensor w = random_weight(t, N, K);
+    const double old_ms =
+        best_ms(reps, [&] { kernels::quant_matmul_dequant(x.data(), 1, w, y.data()); });
+    const double new_ms = best_ms(reps, [&] { kernels::quant_matmul(x.data(), 1, w, y.data()); });
+    std::printf("%s [%lld, %lld] T=1, %d thread(s): dequant-f32 %.3f ms, %s %.3f ms (%.2fx), "
+                "%.2f GB/s of weights\n",
+                std::string(dtype_name(t)).c_str(), static_cast<long long>(N),
+                static_cast<long long>(K), threads, old_ms,
+                kernels::quant_matmul_kernel(t, 1, path).c_str(), new_ms, old_ms / new_ms,
+                static_cast<double>(w.nbytes()) / new_ms / 1e6);
+  }
+  return 0;
+}
