@@ -1,6 +1,7 @@
 // Q4_K / Q6_K decode GEMV: the integer kernels (kernels/quant_matmul.h) against the f32 baseline
 // they replaced (quant_matmul_dequant: each row dequantized, f32 dot product), T = 1, on a
-// [5632, 2048] weight (TinyLlama's MLP up/gate shape). Random valid blocks; best of the repeats.
+// [5632, 2048] weight (TinyLlama's MLP up/gate shape), and Q4_0's integer kernel for scale. Random
+// valid blocks; best of the repeats.
 //
 //   bench_kquant [--threads N] [--reps R]
 #include <algorithm>
@@ -83,6 +84,19 @@ int main(int argc, char** argv) {
                 static_cast<long long>(K), threads, old_ms,
                 kernels::quant_matmul_kernel(t, 1, path).c_str(), new_ms, old_ms / new_ms,
                 static_cast<double>(w.nbytes()) / new_ms / 1e6);
+  }
+  // For scale: Q4_0 (32-value blocks, integer kernel since before) on the same shape.
+  {
+    std::vector<float> wf(static_cast<size_t>(N * K));
+    for (float& v : wf) v = u(rng);
+    Tensor f = Tensor::empty(DType::F32, {N, K});
+    std::memcpy(f.raw(), wf.data(), wf.size() * 4);
+    const Tensor w = f.to(DType::Q4_0);
+    const double ms = best_ms(reps, [&] { kernels::quant_matmul(x.data(), 1, w, y.data()); });
+    std::printf("q4_0 [%lld, %lld] T=1, %d thread(s): %s %.3f ms, %.2f GB/s of weights\n",
+                static_cast<long long>(N), static_cast<long long>(K), threads,
+                kernels::quant_matmul_kernel(DType::Q4_0, 1, path).c_str(), ms,
+                static_cast<double>(w.nbytes()) / ms / 1e6);
   }
   return 0;
 }

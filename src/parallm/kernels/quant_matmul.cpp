@@ -395,10 +395,22 @@ PARALLM_AVX2 static inline int32_t hsum_i32(__m256i v) {
 }
 
 // Q4_K: maddubs(codes 0..15 unsigned, x signed) -> i16 pair sums, |.| <= 2 x 15 x 127 = 3810 (no
-// saturation); madd with the sub-block's scale (<= 63) -> i32 lanes <= 63 x 2 x 3810.
+// saturation); madd with the sub-block's scale (<= 63) -> i32 lanes <= 63 x 2 x 3810. The scales
+// and mins are unpacked 4 at a time with 32-bit masks (the packing q4k_scales_mins reads byte by
+// byte; the reference's bit-identical results check the two against each other).
 PARALLM_AVX2 static inline KSum ksum_avx2(const quant::BlockQ4_K& w, const quant::BlockQ8_K& x) {
-  uint8_t sc[8], m[8];
-  q4k_scales_mins(w.scales, sc, m);
+  uint32_t p[3];
+  std::memcpy(p, w.scales, 12);
+  const uint32_t sc_lo = p[0] & 0x3F3F3F3Fu, m_lo = p[1] & 0x3F3F3F3Fu;
+  // Shifts across byte boundaries bring in only bits the masks clear.
+  const uint32_t sc_hi = (p[2] & 0x0F0F0F0Fu) | ((p[0] >> 2) & 0x30303030u);
+  const uint32_t m_hi = ((p[2] >> 4) & 0x0F0F0F0Fu) | ((p[1] >> 2) & 0x30303030u);
+  // bytes 0..7: sc_0..7, bytes 8..15: m_0..7
+  const __m128i scm = _mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi),
+                                     static_cast<int>(m_lo), static_cast<int>(m_hi));
+  // The 8 scales as i16 in both 128-bit halves; sub-block j's scale spread to every i16 lane by
+  // a byte shuffle of lane j.
+  const __m256i sc16 = _mm256_permute4x64_epi64(_mm256_cvtepu8_epi16(scm), 0x44);
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   __m256i acc = _mm256_setzero_si256();
 #pragma GCC unroll 4
@@ -408,13 +420,25 @@ PARALLM_AVX2 static inline KSum ksum_avx2(const quant::BlockQ4_K& w, const quant
     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
     const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qs + 64 * c));
     const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qs + 64 * c + 32));
-    const __m256i p0 =
-        _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_set1_epi16(sc[2 * c]));
-    const __m256i p1 =
-        _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), _mm256_set1_epi16(sc[2 * c + 1]));
+    const __m256i s0 = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(static_cast<short>(
+                                                     (4 * c) | ((4 * c + 1) << 8))));
+    const __m256i s1 = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(static_cast<short>(
+                                                     (4 * c + 2) | ((4 * c + 3) << 8))));
+    const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), s0);
+    const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), s1);
     acc = _mm256_add_epi32(acc, _mm256_add_epi32(p0, p1));
   }
-  return {hsum_i32(acc), q4k_min_sum(m, x)};
+  // Mins: each m_j twice as i16 (lanes 2j, 2j + 1) against the 16 group sums: i32 lane j =
+  // m_j x sum of sub-block j's codes (|.| <= 63 x 32 x 127).
+  const __m128i dup = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+  const __m256i mv =
+      _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.bsums)),
+                        _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scm, dup)));
+  // Both horizontal sums at once: [a01 a23 m01 m23 | a45 a67 m45 m67] -> [A, M, A, M].
+  const __m256i h = _mm256_hadd_epi32(acc, mv);
+  __m128i r = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  r = _mm_hadd_epi32(r, r);
+  return {_mm_cvtsi128_si32(r), _mm_extract_epi32(r, 1)};
 }
 
 // Q6_K: the 6-bit codes rebuilt as unsigned bytes 0..63 (low nibble | high pair << 4), then
