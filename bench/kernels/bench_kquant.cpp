@@ -78,12 +78,17 @@ int main(int argc, char** argv) {
     const double old_ms =
         best_ms(reps, [&] { kernels::quant_matmul_dequant(x.data(), 1, w, y.data()); });
     const double new_ms = best_ms(reps, [&] { kernels::quant_matmul(x.data(), 1, w, y.data()); });
+    // T = 2 (batched decoding: the 2-token tile), the same token twice.
+    std::vector<float> x2(x), y2(2 * N);
+    x2.insert(x2.end(), x.begin(), x.end());
+    const double two_ms =
+        best_ms(reps, [&] { kernels::quant_matmul(x2.data(), 2, w, y2.data()); });
     std::printf("%s [%lld, %lld] T=1, %d thread(s): dequant-f32 %.3f ms, %s %.3f ms (%.2fx), "
-                "%.2f GB/s of weights\n",
+                "%.2f GB/s of weights; T=2 %.3f ms per token\n",
                 std::string(dtype_name(t)).c_str(), static_cast<long long>(N),
                 static_cast<long long>(K), threads, old_ms,
                 kernels::quant_matmul_kernel(t, 1, path).c_str(), new_ms, old_ms / new_ms,
-                static_cast<double>(w.nbytes()) / new_ms / 1e6);
+                static_cast<double>(w.nbytes()) / new_ms / 1e6, two_ms / 2);
   }
   // For scale: Q4_0 (32-value blocks, integer kernel since before) on the same shape.
   {

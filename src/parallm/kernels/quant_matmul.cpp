@@ -397,8 +397,11 @@ PARALLM_AVX2 static inline int32_t hsum_i32(__m256i v) {
 // Q4_K: maddubs(codes 0..15 unsigned, x signed) -> i16 pair sums, |.| <= 2 x 15 x 127 = 3810 (no
 // saturation); madd with the sub-block's scale (<= 63) -> i32 lanes <= 63 x 2 x 3810. The scales
 // and mins are unpacked 4 at a time with 32-bit masks (the packing q4k_scales_mins reads byte by
-// byte; the reference's bit-identical results check the two against each other).
-PARALLM_AVX2 static inline KSum ksum_avx2(const quant::BlockQ4_K& w, const quant::BlockQ8_K& x) {
+// byte; the reference's bit-identical results check the two against each other). NT tokens (1 or
+// 2) share the weight block's unpacking.
+template <int NT>
+PARALLM_AVX2 static inline void ksum_avx2(const quant::BlockQ4_K& w,
+                                          const quant::BlockQ8_K* const* x, KSum* out) {
   uint32_t p[3];
   std::memcpy(p, w.scales, 12);
   const uint32_t sc_lo = p[0] & 0x3F3F3F3Fu, m_lo = p[1] & 0x3F3F3F3Fu;
@@ -412,47 +415,56 @@ PARALLM_AVX2 static inline KSum ksum_avx2(const quant::BlockQ4_K& w, const quant
   // a byte shuffle of lane j.
   const __m256i sc16 = _mm256_permute4x64_epi64(_mm256_cvtepu8_epi16(scm), 0x44);
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  __m256i acc = _mm256_setzero_si256();
+  __m256i acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_si256();
 #pragma GCC unroll 4
   for (int c = 0; c < 4; ++c) {
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs + 32 * c));
     const __m256i lo = _mm256_and_si256(raw, low4);
     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qs + 64 * c));
-    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qs + 64 * c + 32));
     const __m256i s0 = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(static_cast<short>(
                                                      (4 * c) | ((4 * c + 1) << 8))));
     const __m256i s1 = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(static_cast<short>(
                                                      (4 * c + 2) | ((4 * c + 3) << 8))));
-    const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), s0);
-    const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), s1);
-    acc = _mm256_add_epi32(acc, _mm256_add_epi32(p0, p1));
+    for (int t = 0; t < NT; ++t) {
+      const int8_t* xq = x[t]->qs + 64 * c;
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32));
+      const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), s0);
+      const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), s1);
+      acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(p0, p1));
+    }
   }
   // Mins: each m_j twice as i16 (lanes 2j, 2j + 1) against the 16 group sums: i32 lane j =
   // m_j x sum of sub-block j's codes (|.| <= 63 x 32 x 127).
   const __m128i dup = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
-  const __m256i mv =
-      _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.bsums)),
-                        _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scm, dup)));
-  // Both horizontal sums at once: [a01 a23 m01 m23 | a45 a67 m45 m67] -> [A, M, A, M].
-  const __m256i h = _mm256_hadd_epi32(acc, mv);
-  __m128i r = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-  r = _mm_hadd_epi32(r, r);
-  return {_mm_cvtsi128_si32(r), _mm_extract_epi32(r, 1)};
+  const __m256i m16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scm, dup));
+  for (int t = 0; t < NT; ++t) {
+    const __m256i mv = _mm256_madd_epi16(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t]->bsums)), m16);
+    // Both horizontal sums at once: [a01 a23 m01 m23 | a45 a67 m45 m67] -> [A, M, A, M].
+    const __m256i h = _mm256_hadd_epi32(acc[t], mv);
+    __m128i r = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    r = _mm_hadd_epi32(r, r);
+    out[t] = {_mm_cvtsi128_si32(r), _mm_extract_epi32(r, 1)};
+  }
 }
 
 // Q6_K: the 6-bit codes rebuilt as unsigned bytes 0..63 (low nibble | high pair << 4), then
 // maddubs against x: i16 pair sums |.| <= 2 x 63 x 127 = 16002 < 32767 (no saturation); madd with
 // the group scales (int8 widened, |sc| <= 128) -> i32 lanes <= 2 x 16002 x 128. The offset of 32
 // comes off once per block as 32 x sum_g sc_g bsum_g (madd of the scales with the group sums,
-// |.| <= 2 x 128 x 2032 per lane).
-PARALLM_AVX2 static inline KSum ksum_avx2(const quant::BlockQ6_K& w, const quant::BlockQ8_K& x) {
+// |.| <= 2 x 128 x 2032 per lane). NT tokens (1 or 2) share the codes' reconstruction.
+template <int NT>
+PARALLM_AVX2 static inline void ksum_avx2(const quant::BlockQ6_K& w,
+                                          const quant::BlockQ8_K* const* x, KSum* out) {
   const __m256i low4 = _mm256_set1_epi8(0x0F), bits45 = _mm256_set1_epi8(0x30);
   const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales));
   // Byte shuffle for chunk a/2: 8 x scale a then 8 x scale a + 1 (maddubs's i16 lanes 0..7 are
   // the chunk's first 16 values, lanes 8..15 the next 16).
   const __m128i pair = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  __m256i acc = _mm256_setzero_si256();
+  __m256i acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_si256();
 #pragma GCC unroll 2
   for (int h = 0; h < 2; ++h) {
     const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.ql + 64 * h));
@@ -473,14 +485,20 @@ PARALLM_AVX2 static inline KSum ksum_avx2(const quant::BlockQ6_K& w, const quant
       const int a = 8 * h + 2 * k;
       const __m256i s16 = _mm256_cvtepi8_epi16(
           _mm_shuffle_epi8(sc8, _mm_add_epi8(pair, _mm_set1_epi8(static_cast<char>(a)))));
-      const __m256i xv =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qs + 128 * h + 32 * k));
-      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(q[k], xv), s16));
+      for (int t = 0; t < NT; ++t) {
+        const __m256i xv =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t]->qs + 128 * h + 32 * k));
+        acc[t] =
+            _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(q[k], xv), s16));
+      }
     }
   }
-  const __m256i off = _mm256_madd_epi16(
-      _mm256_cvtepi8_epi16(sc8), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.bsums)));
-  return {hsum_i32(_mm256_sub_epi32(acc, _mm256_slli_epi32(off, 5))), 0};
+  const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+  for (int t = 0; t < NT; ++t) {
+    const __m256i off = _mm256_madd_epi16(
+        sc16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t]->bsums)));
+    out[t] = {hsum_i32(_mm256_sub_epi32(acc[t], _mm256_slli_epi32(off, 5))), 0};
+  }
 }
 
 PARALLM_AVX2 static inline float kcombine_avx2(const quant::BlockQ4_K& w,
@@ -496,17 +514,39 @@ template <class WB>
 PARALLM_AVX2 void ktile_avx2(const WB* const* w, int rows, const quant::BlockQ8_K* x, int64_t nb,
                              float* out) {
   float acc[kRows] = {};
-  if (rows == kRows) {
-    for (int64_t b = 0; b < nb; ++b)
+  const int step = rows == kRows ? kRows : 1;
+  for (int r0 = 0; r0 < rows; r0 += step)
+    for (int64_t b = 0; b < nb; ++b) {
+      const quant::BlockQ8_K* xb = x + b;
 #pragma GCC unroll 4
-      for (int r = 0; r < kRows; ++r)
-        acc[r] = kcombine_avx2(w[r][b], x[b], ksum_avx2(w[r][b], x[b]), acc[r]);
-  } else {
-    for (int r = 0; r < rows; ++r)
-      for (int64_t b = 0; b < nb; ++b)
-        acc[r] = kcombine_avx2(w[r][b], x[b], ksum_avx2(w[r][b], x[b]), acc[r]);
-  }
+      for (int i = 0; i < step; ++i) {
+        const int r = r0 + i;
+        KSum s;
+        ksum_avx2<1>(w[r][b], &xb, &s);
+        acc[r] = kcombine_avx2(w[r][b], x[b], s, acc[r]);
+      }
+    }
   for (int r = 0; r < rows; ++r) out[r] = acc[r];
+}
+
+// 4 rows x 2 tokens (batched decoding): each weight block unpacked once for both tokens. The
+// same int32 sums and f32 operations per token as ktile_avx2.
+template <class WB>
+PARALLM_AVX2 void ktile2_avx2(const WB* const* w, const quant::BlockQ8_K* const* x, int64_t nb,
+                              float (*out)[kRows]) {
+  float acc[2][kRows] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    const quant::BlockQ8_K* xb[2] = {x[0] + b, x[1] + b};
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      KSum s[2];
+      ksum_avx2<2>(w[r][b], xb, s);
+      acc[0][r] = kcombine_avx2(w[r][b], *xb[0], s[0], acc[0][r]);
+      acc[1][r] = kcombine_avx2(w[r][b], *xb[1], s[1], acc[1][r]);
+    }
+  }
+  for (int t = 0; t < 2; ++t)
+    for (int r = 0; r < kRows; ++r) out[t][r] = acc[t][r];
 }
 #endif  // PARALLM_X86
 
@@ -638,7 +678,20 @@ void run_kblocks(const float* x, int64_t T, const Tensor& w, float* y, bool accu
       const int rows = static_cast<int>(std::min<int64_t>(kRows, N - n0));
       const WB* rowp[kRows];
       for (int r = 0; r < rows; ++r) rowp[r] = wb + (n0 + r) * nb;
-      for (int64_t t = 0; t < T; ++t) {
+      int64_t t = 0;
+#if PARALLM_X86
+      if (path != QuantPath::Scalar && rows == kRows)
+        for (; t + 2 <= T; t += 2) {
+          float out[2][kRows];
+          const quant::BlockQ8_K* xt[2] = {xq + t * nb, xq + (t + 1) * nb};
+          ktile2_avx2(rowp, xt, nb, out);
+          for (int i = 0; i < 2; ++i) {
+            float* yt = y + (t + i) * N + n0;
+            for (int r = 0; r < rows; ++r) yt[r] = accumulate ? yt[r] + out[i][r] : out[i][r];
+          }
+        }
+#endif
+      for (; t < T; ++t) {
         float out[kRows];
         tile(rowp, rows, xq + t * nb, nb, out);
         float* yt = y + t * N + n0;
