@@ -195,5 +195,21 @@ finally:
         server.kill()
         check(False, "SIGTERM ends the server within 5 s")
 
+# ---- the command's own errors: one line, no hang ----
+r = subprocess.run([BIN, "playground", "--port", "70000"], capture_output=True, text=True,
+                   timeout=10)
+check(r.returncode == 1 and "--port 70000" in r.stderr and r.stderr.count("\n") == 1,
+      "playground --port 70000 -> one line: %r" % r.stderr.strip())
+busy = subprocess.Popen([BIN, "playground", "--port", "0"], stdout=subprocess.PIPE, text=True)
+try:
+    port = re.search(r":(\d+)/", busy.stdout.readline()).group(1)
+    r = subprocess.run([BIN, "playground", "--port", port], capture_output=True, text=True,
+                       timeout=10)
+    check(r.returncode == 1 and "cannot listen" in r.stderr and r.stderr.count("\n") == 1,
+          "a port in use -> one line: %r" % r.stderr.strip())
+finally:
+    busy.terminate()
+    busy.wait(timeout=5)
+
 print("%d failure(s)" % len(failures))
 sys.exit(1 if failures else 0)

@@ -1,5 +1,7 @@
 // parallm plan: given a model and hardware, every layout's memory, communication, latency and
 // throughput, ranked, with reasons. See docs/parallelism-guide.md.
+#include "parallm/cli/plan.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -8,7 +10,6 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 
-#include "parallm/cli/plan.h"
 #include "parallm/cli/command.h"
 #include "parallm/core/error.h"
 #include "parallm/plan/cluster.h"

@@ -47,8 +47,7 @@ httplib::Server::Handler api_route(json (*fn)(const json&)) {
 }
 
 int run(const PlaygroundOptions& o) {
-  if (o.port < 0 || o.port > 65535)
-    fail("playground", "--port ", o.port, " is not in [0, 65535]");
+  if (o.port < 0 || o.port > 65535) fail("playground", "--port ", o.port, " is not in [0, 65535]");
   // SIGINT/SIGTERM are taken by sigwait below, not by whichever thread they land on: block them
   // before the server's threads start (they inherit the mask).
   sigset_t sigs;
@@ -60,6 +59,12 @@ int run(const PlaygroundOptions& o) {
 
   httplib::Server svr;
   svr.set_payload_max_length(playground::kMaxBodyBytes);
+  // httplib's default also sets SO_REUSEPORT, with which a second playground on a port in use
+  // would bind and share it silently; SO_REUSEADDR alone lets a restart reuse the port at once.
+  svr.set_socket_options([](socket_t sock) {
+    int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+  });
   for (const playground::WebAsset& a : playground::web_assets()) {
     const std::string body(a.body), mime(a.mime);
     auto serve = [body, mime](const httplib::Request&, httplib::Response& res) {

@@ -11,8 +11,8 @@
 #include <memory>
 #include <vector>
 
-#include "parallm/cli/schedule.h"
 #include "parallm/cli/command.h"
+#include "parallm/cli/schedule.h"
 #include "parallm/core/error.h"
 #include "parallm/pipeline/simulator.h"
 
@@ -85,8 +85,8 @@ ScheduleRun run_schedule(const ScheduleOptions& o) {
   opt.stage_forward = o.stage_forward;
   opt.stage_backward = o.stage_backward;
   opt.stage_weight = o.stage_weight;
-  const bool per_stage = !o.stage_forward.empty() || !o.stage_backward.empty() ||
-                         !o.stage_weight.empty();
+  const bool per_stage =
+      !o.stage_forward.empty() || !o.stage_backward.empty() || !o.stage_weight.empty();
   ScheduleRun run;
   run.kind = kind;
   run.per_stage = per_stage;
@@ -110,25 +110,25 @@ std::string bubble_formula_note(const ScheduleOptions& o, const ScheduleRun& run
     appendf(out, "  (forward-only: formula (p-1)/(m+p-1) = %.4f)\n", formula);
   else if (kind == ScheduleKind::Interleaved)
     appendf(out, "  (formula (p-1)/(v m + p-1) = %d/%d = %.4f%s)\n", o.pp - 1,
-                o.chunks * o.micro_batches + o.pp - 1, formula,
-                o.p2p > 0 ? "; p2p time is not in the formula" : "");
+            o.chunks * o.micro_batches + o.pp - 1, formula,
+            o.p2p > 0 ? "; p2p time is not in the formula" : "");
   else if (kind == ScheduleKind::ZeroBubbleH1) {
     const double f = opt.forward_time, w = opt.weight(0), b = opt.backward_time - w;
     if (f == b && b == w && o.micro_batches >= o.pp)
       appendf(out, "  (formula with F = B = W: (p-1)/(3m+p-1) = %d/%d = %.4f%s)\n", o.pp - 1,
-                  3 * o.micro_batches + o.pp - 1, formula,
-                  o.p2p > 0 ? "; p2p time is not in the formula" : "");
+              3 * o.micro_batches + o.pp - 1, formula,
+              o.p2p > 0 ? "; p2p time is not in the formula" : "");
     else
-      appendf(out, 
-          "  (formula 1 - m(F+B+W)/max(m(F+B+W)+(p-1)(F+B-W), (m+p-1)(F+B)+W) = %.4f%s%s)\n",
-          formula, w <= std::min(f, b) ? "" : "; W > min(F, B): formula not exact",
-          o.p2p > 0 ? "; p2p time is not in the formula" : "");
+      appendf(out,
+              "  (formula 1 - m(F+B+W)/max(m(F+B+W)+(p-1)(F+B-W), (m+p-1)(F+B)+W) = %.4f%s%s)\n",
+              formula, w <= std::min(f, b) ? "" : "; W > min(F, B): formula not exact",
+              o.p2p > 0 ? "; p2p time is not in the formula" : "");
     appendf(out, "(1f1b at the same p and m: (p-1)/(m+p-1) = %.4f)\n",
-                bubble_formula(ScheduleKind::OneFOneB, o.pp, o.micro_batches));
+            bubble_formula(ScheduleKind::OneFOneB, o.pp, o.micro_batches));
   } else
     appendf(out, "  (formula (p-1)/(m+p-1) = %d/%d = %.4f%s)\n", o.pp - 1,
-                o.micro_batches + o.pp - 1, formula,
-                o.p2p > 0 ? "; p2p time is not in the formula" : "");
+            o.micro_batches + o.pp - 1, formula,
+            o.p2p > 0 ? "; p2p time is not in the formula" : "");
   return out;
 }
 
@@ -142,8 +142,7 @@ int run(const Options& o) {
   const SimResult& r = sr.result;
   const ScheduleKind kind = sr.kind;
   const bool per_stage = sr.per_stage;
-  std::printf("%s, forward %g, backward %g", s.name().c_str(), opt.forward_time,
-              opt.backward_time);
+  std::printf("%s, forward %g, backward %g", s.name().c_str(), opt.forward_time, opt.backward_time);
   if (s.split_backward())
     std::printf(" (B %g + W %g)", opt.backward_time - opt.weight(0), opt.weight(0));
   std::printf(", p2p %g per micro-batch per stage%s\n\n", opt.p2p_time,
@@ -188,8 +187,7 @@ const bool registered = register_command(
        app.add_option("--chunks", o->chunks, "Model chunks per stage (interleaved; default 1)");
        app.add_option("--forward-time", o->forward,
                       "Forward time of a micro-batch through a stage (default 1)");
-       app.add_option("--backward-time", o->backward,
-                      "Whole backward time, B + W (default 2)");
+       app.add_option("--backward-time", o->backward, "Whole backward time, B + W (default 2)");
        app.add_option("--weight-time", o->weight,
                       "zb-h1: W's share of the backward time (default half of it, so that the "
                       "defaults give F = B = W = 1)");

@@ -58,8 +58,8 @@ class Fields {
   double number(const char* k, double def) {
     if (!has(k)) return def;
     const json& v = body_.at(k);
-    if (!v.is_number()) fail("playground", endpoint_, ": ", k, " must be a number, got ",
-                             json_preview(v));
+    if (!v.is_number())
+      fail("playground", endpoint_, ": ", k, " must be a number, got ", json_preview(v));
     return v.get<double>();
   }
   std::string str(const char* k, std::string def = "") {
@@ -81,12 +81,11 @@ class Fields {
     if (!has(k)) return out;
     const json& v = body_.at(k);
     if (!v.is_array())
-      fail("playground", endpoint_, ": ", k, " must be an array of numbers, got ",
-           json_preview(v));
+      fail("playground", endpoint_, ": ", k, " must be an array of numbers, got ", json_preview(v));
     for (size_t i = 0; i < v.size(); ++i) {
       if (!v[i].is_number())
-        fail("playground", endpoint_, ": ", json_path(k, size_t(i)),
-             " must be a number, got ", json_preview(v[i]));
+        fail("playground", endpoint_, ": ", json_path(k, size_t(i)), " must be a number, got ",
+             json_preview(v[i]));
       out.push_back(v[i].get<double>());
     }
     return out;
@@ -97,8 +96,7 @@ class Fields {
     const json& v = body_.at(k);
     if (v.is_string()) return v.get<std::string>();
     if (v.is_object()) return v.dump();
-    fail("playground", endpoint_, ": ", k, " must be a string or an object, got ",
-         json_preview(v));
+    fail("playground", endpoint_, ": ", k, " must be a string or an object, got ", json_preview(v));
   }
   void finish() const {
     for (const auto& [k, v] : body_.items())
@@ -146,7 +144,8 @@ class PasteDir {
     for (const auto& [path, label] : labels_)
       for (size_t at; (at = s.find(path)) != std::string::npos;) s.replace(at, path.size(), label);
     if (!dir_.empty())
-      for (size_t at; (at = s.find(dir_)) != std::string::npos;) s.replace(at, dir_.size(), "pasted");
+      for (size_t at; (at = s.find(dir_)) != std::string::npos;)
+        s.replace(at, dir_.size(), "pasted");
     return s;
   }
 
@@ -184,11 +183,15 @@ std::string model_spec(Fields& f, PasteDir& paste, const char* endpoint) {
 std::string action_type(const pipeline::Action& a) {
   using pipeline::ActionKind;
   switch (a.kind) {
-    case ActionKind::Forward: return "F";
+    case ActionKind::Forward:
+      return "F";
     case ActionKind::Backward:
-    case ActionKind::BackwardInput: return "B";
-    case ActionKind::BackwardWeight: return "W";
-    default: return "";
+    case ActionKind::BackwardInput:
+      return "B";
+    case ActionKind::BackwardWeight:
+      return "W";
+    default:
+      return "";
   }
 }
 
@@ -196,11 +199,14 @@ std::string in_flight_formula_text(pipeline::ScheduleKind kind, bool forward_onl
   using pipeline::ScheduleKind;
   if (forward_only) return "forward-only: 1";
   switch (kind) {
-    case ScheduleKind::GPipe: return "GPipe: m (every forward before any backward)";
-    case ScheduleKind::OneFOneB: return "1F1B: min(p - r, m) on stage r";
+    case ScheduleKind::GPipe:
+      return "GPipe: m (every forward before any backward)";
+    case ScheduleKind::OneFOneB:
+      return "1F1B: min(p - r, m) on stage r";
     case ScheduleKind::Interleaved:
       return "interleaved: min(m v, 2 (p - r - 1) + (v - 1) p + 1) / v on stage r";
-    case ScheduleKind::ZeroBubbleH1: return "zb-h1: min(p, m) (activations held until W)";
+    case ScheduleKind::ZeroBubbleH1:
+      return "zb-h1: min(p, m) (activations held until W)";
   }
   return "";
 }
@@ -306,15 +312,14 @@ json api_schedule(const json& body) {
                          {"chunk", iv.action.chunk},
                          {"start", iv.start},
                          {"end", iv.end}});
-    stages.push_back(
-        {{"stage", st},
-         {"busy", r.busy[st]},
-         {"idle", r.idle[st]},
-         {"peak_in_flight", r.peak_in_flight[st]},
-         {"peak_in_flight_formula",
-          pipeline::peak_in_flight_formula(run.kind, o.pp, o.micro_batches, s.chunks, st,
-                                           o.forward_only)},
-         {"actions", std::move(actions)}});
+    stages.push_back({{"stage", st},
+                      {"busy", r.busy[st]},
+                      {"idle", r.idle[st]},
+                      {"peak_in_flight", r.peak_in_flight[st]},
+                      {"peak_in_flight_formula",
+                       pipeline::peak_in_flight_formula(run.kind, o.pp, o.micro_batches, s.chunks,
+                                                        st, o.forward_only)},
+                      {"actions", std::move(actions)}});
   }
   json out = {{"name", s.name()},
               {"schedule", std::string(pipeline::schedule_kind_name(run.kind))},
@@ -341,8 +346,9 @@ json api_trace(const json& body) {
   const json* events = &body;
   if (body.is_object()) {
     if (!body.contains("traceEvents"))
-      fail("playground", "/api/trace: a trace is an array of events or an object with "
-                         "\"traceEvents\"; this object has no \"traceEvents\"");
+      fail("playground",
+           "/api/trace: a trace is an array of events or an object with "
+           "\"traceEvents\"; this object has no \"traceEvents\"");
     events = &body.at("traceEvents");
   }
   if (!events->is_array())
@@ -380,9 +386,8 @@ json api_trace(const json& body) {
       if (v == e.end() || !v->is_number() || !std::isfinite(v->get<double>()) ||
           (std::string(k) == "dur" && v->get<double>() < 0))
         fail("playground", "/api/trace: ", json_path(where, k),
-             " must be a finite number (microseconds)",
-             std::string(k) == "dur" ? " >= 0" : "", ", got ",
-             v == e.end() ? std::string("nothing") : json_preview(*v));
+             " must be a finite number (microseconds)", std::string(k) == "dur" ? " >= 0" : "",
+             ", got ", v == e.end() ? std::string("nothing") : json_preview(*v));
     }
     if (++count > kMaxTraceSpans)
       fail("playground", "/api/trace: more than ", kMaxTraceSpans, " spans");
@@ -390,8 +395,9 @@ json api_trace(const json& body) {
     ranks[rank].push_back({e.value("name", ""), e.value("cat", ""), ts, ts + dur});
   }
   if (ranks.empty())
-    fail("playground", "/api/trace: no complete spans (\"ph\": \"X\"); is this a file written by "
-                       "`parallm generate --trace` or `parallm train --trace`?");
+    fail("playground",
+         "/api/trace: no complete spans (\"ph\": \"X\"); is this a file written by "
+         "`parallm generate --trace` or `parallm train --trace`?");
   // The schedule's own actions ("F3", "B3", "W3", "F3.1"), as scripts/trace-timeline.py reads them.
   static const std::regex action_re(R"(^([FBW])(\d+)(?:\.(\d+))?$)");
   struct Act {
@@ -447,13 +453,12 @@ json api_trace(const json& body) {
   const double window = std::max(w1 - w0, 1e-9);
   json rank_list = json::array();
   double busy_all = 0;
-  json stage_forward = json::array(), stage_backward = json::array(),
-       stage_weight = json::array();
+  json stage_forward = json::array(), stage_backward = json::array(), stage_weight = json::array();
   for (const auto& [rank, spans] : ranks) {
     json js = json::array();
     for (const Span& sp : spans)
-      js.push_back({{"name", sp.name}, {"cat", sp.cat}, {"start", sp.start - w0},
-                    {"end", sp.end - w0}});
+      js.push_back(
+          {{"name", sp.name}, {"cat", sp.cat}, {"start", sp.start - w0}, {"end", sp.end - w0}});
     double busy = 0;
     json actions = json::array();
     if (pipeline_trace) {
@@ -465,13 +470,13 @@ json api_trace(const json& body) {
         if (a.type == 'F') f += d, ++nf;
         if (a.type == 'B') b += d, ++nb;
         if (a.type == 'W') w += d, ++nw;
-        actions.push_back({{"type", std::string(1, a.type)},
-                           {"label", cat(a.type, a.mb, a.chunk || max_chunk ? cat(".", a.chunk)
-                                                                            : std::string())},
-                           {"micro_batch", a.mb},
-                           {"chunk", a.chunk},
-                           {"start", a.start - w0},
-                           {"end", a.end - w0}});
+        actions.push_back(
+            {{"type", std::string(1, a.type)},
+             {"label", cat(a.type, a.mb, a.chunk || max_chunk ? cat(".", a.chunk) : std::string())},
+             {"micro_batch", a.mb},
+             {"chunk", a.chunk},
+             {"start", a.start - w0},
+             {"end", a.end - w0}});
       }
       // Whole-stage times per micro-batch (all chunks), in the simulator's sense.
       const double per = double(std::max(m, 1));
@@ -512,8 +517,11 @@ json api_trace(const json& body) {
     out["steps"] = steps;
     // What to simulate beside it: the measured per-stage times replayed (api_schedule's fields).
     if (!has_b) {  // generate --pp: forwards only, in GPipe order
-      out["simulate"] = {{"p", int(ranks.size())}, {"m", m},           {"schedule", "gpipe"},
-                         {"forward_only", true},     {"stage_forward", stage_forward}};
+      out["simulate"] = {{"p", int(ranks.size())},
+                         {"m", m},
+                         {"schedule", "gpipe"},
+                         {"forward_only", true},
+                         {"stage_forward", stage_forward}};
     } else {
       out["simulate"] = {{"p", int(ranks.size())},
                          {"m", m},
@@ -539,8 +547,7 @@ json api_layer_split(const json& body) {
   f.finish();
   if (spec.empty()) fail("playground", "/api/layer-split: model (a preset) or config is required");
   std::string name;
-  const ModelConfig c =
-      with_paste_names(paste, [&] { return plan::resolve_model(spec, &name); });
+  const ModelConfig c = with_paste_names(paste, [&] { return plan::resolve_model(spec, &name); });
   name = paste.rewrite(name);
   const plan::Precision act = plan::parse_precision(dtype, "dtype");
   const double ab = plan::precision_bytes(act);
@@ -549,8 +556,8 @@ json api_layer_split(const json& body) {
     fail("playground", "/api/layer-split: tp ", tp, " does not split ", c.num_attention_heads,
          " query heads and ", c.num_key_value_heads, " KV heads; sizes that do: ",
          parallel::HeadPlan::valid_sizes(c.num_attention_heads, c.num_key_value_heads));
-  const int64_t h = c.hidden_size, hd = c.head_dim, ffn = c.is_moe() ? c.expert_ffn()
-                                                                      : c.intermediate_size;
+  const int64_t h = c.hidden_size, hd = c.head_dim,
+                ffn = c.is_moe() ? c.expert_ffn() : c.intermediate_size;
   json ranks = json::array();
   for (int r = 0; r < tp; ++r) {
     const parallel::HeadPlan hp =
@@ -558,8 +565,8 @@ json api_layer_split(const json& body) {
     const parallel::ShardSpec q = hp.q_rows(hd), kv = hp.kv_rows(hd),
                               f_rows = parallel::ShardSpec::even(ffn, tp, r),
                               vocab = parallel::ShardSpec::even(c.vocab_size, tp, r);
-    auto shard = [](const char* n, int64_t rows, int64_t cols, int64_t full_rows,
-                    int64_t full_cols, const char* split, std::string note = "") {
+    auto shard = [](const char* n, int64_t rows, int64_t cols, int64_t full_rows, int64_t full_cols,
+                    const char* split, std::string note = "") {
       return json{{"name", n},
                   {"shape", {rows, cols}},
                   {"full", {full_rows, full_cols}},
@@ -571,10 +578,9 @@ json api_layer_split(const json& body) {
                            cat("tokens ", vocab.begin, "..", vocab.end - 1)));
     shards.push_back(shard("q_proj", q.size(), h, c.q_dim(), h, "rows (query heads)",
                            cat("heads ", hp.q_begin, "..", hp.q_begin + hp.q_heads - 1)));
-    const std::string kv_note = cat("KV heads ", hp.kv_begin, "..", hp.kv_begin + hp.kv_heads - 1,
-                                    hp.kv_replicas > 1 ? cat(", replicated on ", hp.kv_replicas,
-                                                             " ranks")
-                                                       : std::string());
+    const std::string kv_note =
+        cat("KV heads ", hp.kv_begin, "..", hp.kv_begin + hp.kv_heads - 1,
+            hp.kv_replicas > 1 ? cat(", replicated on ", hp.kv_replicas, " ranks") : std::string());
     shards.push_back(shard("k_proj", kv.size(), h, c.kv_dim(), h, "rows (KV heads)", kv_note));
     shards.push_back(shard("v_proj", kv.size(), h, c.kv_dim(), h, "rows (KV heads)", kv_note));
     shards.push_back(shard("o_proj", h, q.size(), h, c.q_dim(), "columns (query heads)",
@@ -617,23 +623,23 @@ json api_layer_split(const json& body) {
     add("sampler all-gather", "each rank's best (value, id); the logits never travel", 1,
         plan::Collective::AllGather, 2.0 * 4 * tp);
   }
-  return {{"model", name},
-          {"tp", tp},
-          {"dtype", std::string(plan::precision_name(act))},
-          {"link", link.name},
-          {"hidden", h},
-          {"layers", c.num_hidden_layers},
-          {"heads", c.num_attention_heads},
-          {"kv_heads", c.num_key_value_heads},
-          {"head_dim", hd},
-          {"ffn", ffn},
-          {"vocab", c.vocab_size},
-          {"experts", c.num_local_experts},
-          {"valid_tp", parallel::HeadPlan::valid_sizes(c.num_attention_heads,
-                                                       c.num_key_value_heads)},
-          {"ranks", std::move(ranks)},
-          {"collectives", std::move(colls)},
-          {"bytes_sent_per_token", sent}};
+  return {
+      {"model", name},
+      {"tp", tp},
+      {"dtype", std::string(plan::precision_name(act))},
+      {"link", link.name},
+      {"hidden", h},
+      {"layers", c.num_hidden_layers},
+      {"heads", c.num_attention_heads},
+      {"kv_heads", c.num_key_value_heads},
+      {"head_dim", hd},
+      {"ffn", ffn},
+      {"vocab", c.vocab_size},
+      {"experts", c.num_local_experts},
+      {"valid_tp", parallel::HeadPlan::valid_sizes(c.num_attention_heads, c.num_key_value_heads)},
+      {"ranks", std::move(ranks)},
+      {"collectives", std::move(colls)},
+      {"bytes_sent_per_token", sent}};
 }
 
 json api_presets() {
