@@ -163,6 +163,26 @@ try:
     status, sim = post(base + "api/schedule", got["simulate"])
     check(status == 200 and sim["p"] == 2 and sim["m"] == 4, "the trace's simulate body runs (p 2, m 4)")
 
+    # TP 2 x PP 2: four ranks, two stages (the simulator's p is the stage count, not the ranks).
+    trace = os.path.join(tmp, "train-tp2pp2.json")
+    cli("train", "--init", "tiny", "--data", tok, "--pp", "2", "--tp", "2", "--steps", "1",
+        "--global-batch-size", "4", "--seq-len", "32", "--trace", trace, "--threads", "1")
+    with open(trace, "rb") as f:
+        status, got = post(base + "api/trace", f.read())
+    check(status == 200 and got["ranks_count"] == 4 and got["stages"] == 2
+          and got["simulate"]["p"] == 2
+          and [x["stage"] for x in got["rank_stages"]] == [0, 0, 1, 1],
+          "/api/trace: TP 2 x PP 2 trace -> ranks 0,1 stage 0 and 2,3 stage 1")
+    # generate --tp 2: one stage, no pipeline to compare; bubble over the compute spans.
+    trace = os.path.join(tmp, "generate-tp2.json")
+    cli("generate", "--model", os.path.join(SRC, "models/stories260K/stories260K.bin"),
+        "--prompt-ids", "1", "--max-tokens", "4", "--tp", "2", "--threads", "1", "--trace", trace)
+    with open(trace, "rb") as f:
+        status, got = post(base + "api/trace", f.read())
+    check(status == 200 and got["ranks_count"] == 2 and not got["pipeline"]
+          and 0 <= got["measured_bubble"] < 1 and "simulate" not in got,
+          "/api/trace: generate --tp 2 trace is no pipeline; bubble %.4f" % got.get("measured_bubble", -1))
+
     # ---- bad input: 400 + one line naming the field ----
     bad = [
         ("api/plan", {"config": "{\"hidden_size\": 64}"}, "config (pasted config.json)"),

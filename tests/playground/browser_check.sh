@@ -54,6 +54,10 @@ import struct; open('$tmp/tok.bin', 'wb').write(struct.pack('<2048H', *[(i * 791
   --threads 1 --trace "$tmp/train-trace.json" >"$tmp/train.log" 2>&1 ||
   { cat "$tmp/train.log"; exit 1; }
 cp "$tmp/train-trace.json" "$out/train-trace.json"
+# And one without pipeline actions: generate on 2 TP ranks (layer, collective spans).
+"$bin" generate --model "$here/../../models/stories260K/stories260K.bin" --prompt-ids 1 \
+  --max-tokens 4 --tp 2 --threads 1 --trace "$tmp/generate-trace.json" >"$tmp/gen.log" 2>&1 ||
+  { cat "$tmp/gen.log"; exit 1; }
 
 "$bin" playground --port 0 >"$tmp/server.log" 2>&1 &
 pid=$!
@@ -64,5 +68,5 @@ for _ in $(seq 100); do
   sleep 0.05
 done
 [ -n "$url" ] || { echo "playground did not start"; cat "$tmp/server.log"; exit 1; }
-node "$cache/browser_test.mjs" "${url%/}" "$tmp/train-trace.json" "$out"
+node "$cache/browser_test.mjs" "${url%/}" "$tmp/train-trace.json" "$out" "$tmp/generate-trace.json"
 echo "screenshots: $out"

@@ -3,11 +3,11 @@
 // trace loads, and bad input shows a message (never a blank page) while the API answers 400.
 // Screenshots go to OUT_DIR.
 //
-//   node browser_test.mjs URL TRACE_JSON OUT_DIR
+//   node browser_test.mjs URL TRAIN_TRACE_JSON OUT_DIR GENERATE_TRACE_JSON
 import { chromium } from 'playwright-core';
 import { mkdirSync } from 'node:fs';
 
-const [url, tracePath, outDir] = process.argv.slice(2);
+const [url, tracePath, outDir, genTracePath] = process.argv.slice(2);
 mkdirSync(outDir, { recursive: true });
 const failures = [];
 function check(cond, what) {
@@ -157,6 +157,14 @@ try {
   check(await page.locator('#trace-svg rect.act-F').count() === 8,
     'trace: 8 forward blocks of the last step drawn (2 ranks x 4 micro-batches)');
   await page.locator('#trace').screenshot({ path: `${outDir}/08-real-run.png` });
+  const g = await api('/api/trace', fs.readFileSync(genTracePath, 'utf8'));
+  await page.setInputFiles('#trace-file', genTracePath);
+  await waitText('#trace-bubble', g.json.measured_bubble.toFixed(4),
+    'trace: a generate --tp 2 trace\'s measured bubble equals the API');
+  await waitText('#trace-sim-bubble', 'n/a', 'trace: no simulator bubble without pipeline actions');
+  check(await page.locator('#trace-svg rect.act-comm').count() > 0,
+    'trace: its collectives drawn');
+  await page.locator('#trace').screenshot({ path: `${outDir}/08b-real-run-generate-tp2.png` });
   await page.setInputFiles('#trace-file', { name: 'bad.json', mimeType: 'application/json',
     buffer: Buffer.from('{"not": "a trace"}') });
   await waitError('#trace-error', 'traceEvents', 'trace: a file that is not a trace');

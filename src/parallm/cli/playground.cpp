@@ -86,7 +86,11 @@ int run(const PlaygroundOptions& o) {
     if (!r.body.empty()) return;
     send_json(r, r.status,
               {{"error", r.status == 404 ? cat("no route ", q.method, " ", q.path)
-                                         : cat("HTTP error ", r.status)}});
+                         : r.status == 413
+                             ? cat("request body over the limit (", playground::kMaxBodyBytes >> 20,
+                                   " MiB; a form-encoded one 8 KiB: send "
+                                   "Content-Type: application/json)")
+                             : cat("HTTP error ", r.status)}});
   });
 
   int port = o.port;

@@ -421,10 +421,9 @@ json api_trace(const json& body) {
       max_chunk = std::max(max_chunk, chunk);
     }
   }
-  const bool pipeline_trace = !acts.empty();
+  bool pipeline_trace = !acts.empty();
   json out;
   out["ranks_count"] = ranks.size();
-  out["pipeline"] = pipeline_trace;
   double t0 = INFINITY, t1 = -INFINITY;
   for (const auto& [rank, spans] : ranks)
     for (const Span& sp : spans) t0 = std::min(t0, sp.start), t1 = std::max(t1, sp.end);
@@ -450,6 +449,29 @@ json api_trace(const json& body) {
     }
     m = int(mbs.size());
   }
+  // Pipeline stages: the ranks of one TP group (one stage) start their first action of the step
+  // together, before any of them ends it; the next stage starts only after it ended (it waits for
+  // the activation). So ranks sorted by that start split into stages where one starts at or
+  // after the previous stage's first action ended.
+  std::map<int64_t, int> stage_of;
+  int stages = 0;
+  if (pipeline_trace) {
+    std::vector<std::pair<const Act*, int64_t>> firsts;
+    for (const auto& [rank, list] : acts)
+      if (!list.empty()) firsts.push_back({&list.front(), rank});
+    std::sort(firsts.begin(), firsts.end(),
+              [](const auto& a, const auto& b) { return a.first->start < b.first->start; });
+    double stage_end = -INFINITY;
+    for (const auto& [a, rank] : firsts) {
+      if (a->start >= stage_end) ++stages, stage_end = a->end;
+      stage_end = std::min(stage_end, a->end);
+      stage_of[rank] = stages - 1;
+    }
+    // One stage (TP or DP ranks only, e.g. generate --tp 2): no pipeline to compare.
+    if (stages < 2) pipeline_trace = false, w0 = t0, w1 = t1;
+  }
+  out["pipeline"] = pipeline_trace;
+  std::vector<double> st_f(stages, 0), st_b(stages, 0), st_w(stages, 0), st_n(stages, 0);
   const double window = std::max(w1 - w0, 1e-9);
   json rank_list = json::array();
   double busy_all = 0;
@@ -478,11 +500,11 @@ json api_trace(const json& body) {
              {"start", a.start - w0},
              {"end", a.end - w0}});
       }
-      // Whole-stage times per micro-batch (all chunks), in the simulator's sense.
+      // Whole-stage times per micro-batch (all chunks), in the simulator's sense, averaged over
+      // the stage's ranks below.
       const double per = double(std::max(m, 1));
-      stage_forward.push_back(f / per);
-      stage_backward.push_back((b + w) / per);
-      stage_weight.push_back(w / per);
+      const int st = stage_of[rank];
+      st_f[st] += f / per, st_b[st] += (b + w) / per, st_w[st] += w / per, st_n[st] += 1;
       (void)nf, (void)nb, (void)nw;
     } else {
       // Compute time: the union of compute spans (layer spans nest inside larger ones).
@@ -514,16 +536,26 @@ json api_trace(const json& body) {
       pipeline_trace ? "F/B/W actions of the last step" : "compute spans of the whole trace";
   out["ranks"] = std::move(rank_list);
   if (pipeline_trace) {
+    for (int st = 0; st < stages; ++st) {
+      const double n = std::max(st_n[st], 1.0);
+      stage_forward.push_back(st_f[st] / n);
+      stage_backward.push_back(st_b[st] / n);
+      stage_weight.push_back(st_w[st] / n);
+    }
     out["steps"] = steps;
+    out["stages"] = stages;
+    json stage_list = json::array();
+    for (const auto& [rank, st] : stage_of) stage_list.push_back({{"rank", rank}, {"stage", st}});
+    out["rank_stages"] = std::move(stage_list);
     // What to simulate beside it: the measured per-stage times replayed (api_schedule's fields).
     if (!has_b) {  // generate --pp: forwards only, in GPipe order
-      out["simulate"] = {{"p", int(ranks.size())},
+      out["simulate"] = {{"p", stages},
                          {"m", m},
                          {"schedule", "gpipe"},
                          {"forward_only", true},
                          {"stage_forward", stage_forward}};
     } else {
-      out["simulate"] = {{"p", int(ranks.size())},
+      out["simulate"] = {{"p", stages},
                          {"m", m},
                          {"v", max_chunk + 1},
                          {"schedule", has_w           ? "zb-h1"

@@ -101,7 +101,11 @@ function drawTimeline(container, rows, makespan, cursor = Infinity) {
   }
   const ly = 24 + rows.length * rowH;
   let lx = left;
-  for (const [k, name] of [['F', 'forward'], ['B', 'backward (B)'], ['W', 'weight grad (W)']]) {
+  const spans = rows.some((row) => row.items.some((a) => !a.type));
+  const legend = spans
+    ? [['compute', 'compute'], ['comm', 'collective'], ['p2p', 'send/recv'], ['wait', 'wait']]
+    : [['F', 'forward'], ['B', 'backward (B)'], ['W', 'weight grad (W)']];
+  for (const [k, name] of legend) {
     svg.appendChild(svgEl('rect', { x: lx, y: ly - 9, width: 10, height: 10, fill: COLOURS[k] }));
     svg.appendChild(svgEl('text', { x: lx + 14, y: ly }, name));
     lx += 130;
@@ -353,8 +357,10 @@ async function loadTrace(file) {
     showError('trace-error', null);
     $('trace-bubble').textContent = fmt.frac(r.measured_bubble);
     $('trace-over').textContent = `(${r.bubble_measured_over}, ${r.ranks_count} rank(s))`;
-    const rows = r.ranks.map((k) => ({ label: `rank ${k.rank}`,
-      items: r.pipeline ? k.actions : k.spans, right: `idle ${(k.bubble * 100).toFixed(1)}%` }));
+    const stageOf = new Map((r.rank_stages || []).map((x) => [x.rank, x.stage]));
+    const rows = r.ranks.map((k) => ({
+      label: stageOf.has(k.rank) ? `rank ${k.rank} s${stageOf.get(k.rank)}` : `rank ${k.rank}`,
+      items: r.pipeline ? k.actions : k.spans.map((x) => ({ ...x, label: x.name })), right: `idle ${(k.bubble * 100).toFixed(1)}%` }));
     const tbody = $('trace-ranks').tBodies[0];
     tbody.replaceChildren();
     for (const k of r.ranks) {
@@ -371,8 +377,8 @@ async function loadTrace(file) {
       $('trace-sim-name').textContent = `(${s.name}, the stages' measured times replayed)`;
     } else {
       $('trace-sim-bubble').textContent = 'n/a';
-      $('trace-sim-name').textContent = '(no F/B/W pipeline actions in this trace: a pipeline ' +
-        'training run (train --pp 2 --trace) has them)';
+      $('trace-sim-name').textContent = '(one pipeline stage in this trace: nothing to ' +
+        'simulate; a run with --pp 2 or more has F/B/W actions on each stage)';
     }
     $('trace-out').hidden = false;
   } catch (e) {
