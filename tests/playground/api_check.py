@@ -196,6 +196,7 @@ try:
         ("api/schedule", {"p": 8, "layers": 4}, "more than the model's 4 layers"),
         ("api/schedule", {"p": 0}, "--pp must be in 1..1024, got 0"),
         ("api/schedule", {"schedule": "zigzag"}, "zigzag"),
+        ("api/schedule", {"p": 64, "m": 1024}, "is more than the 16384 the playground draws"),
         ("api/layer-split", {"model": "llama-2-7b", "tp": 3}, "tp 3 does not split"),
         ("api/trace", {"x": 1}, "traceEvents"),
         ("api/trace", [{"ph": "X", "pid": 0, "ts": 0, "dur": -1}], "traceEvents[0].dur"),

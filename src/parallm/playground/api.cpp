@@ -299,6 +299,13 @@ json api_schedule(const json& body) {
            int64_t(o.pp) * o.chunks, " pipeline chunks, more than the model's ", layers,
            " layers (each chunk needs one)");
   }
+  // The answer lists every action: beyond this the page draws nothing anyone reads, and the JSON
+  // would run to hundreds of MB (`parallm schedule` takes up to 2^22).
+  const int64_t cells = int64_t(o.pp) * o.micro_batches * o.chunks;
+  if (o.pp > 0 && o.micro_batches > 0 && o.chunks > 0 && cells > kMaxScheduleCells)
+    fail("playground", "/api/schedule: p ", o.pp, " x m ", o.micro_batches, " x v ", o.chunks,
+         " = ", cells, " is more than the ", kMaxScheduleCells,
+         " the playground draws; `parallm schedule` simulates up to ", int64_t(1) << 22);
   const cli::ScheduleRun run = cli::run_schedule(o);
   const pipeline::Schedule& s = run.schedule;
   const pipeline::SimResult& r = run.result;

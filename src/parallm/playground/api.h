@@ -4,6 +4,7 @@
 // std::invalid_argument with one line naming the field and value (the server answers 400).
 #pragma once
 
+#include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -13,6 +14,7 @@ namespace parallm::playground {
 // request cannot hold the server long.
 constexpr size_t kMaxBodyBytes = size_t(64) << 20;
 constexpr size_t kMaxTraceSpans = 200000;
+constexpr int64_t kMaxScheduleCells = 16384;  // p x m x v of /api/schedule
 
 // {"model": preset | "config": config.json text or object, "gpu", "gpus", "nodes", "gpus_per_node",
 //  "link", "inter_node", "topology": `nvidia-smi topo -m` text, "batch", "prompt_len",
