@@ -109,6 +109,14 @@ try {
   await page.fill('#plan-topology', '');
   await page.locator('#plan-topology').dispatchEvent('input');
 
+  await set('#plan-gpus', 64);
+  await set('#plan-pp', 64);
+  await waitError('#plan-error', 'PP=64 exceeds the 32 layers', 'plan: PP 64 > 32 layers');
+  r = await api('/api/plan', { ...base, gpus: 64, pp: 64 });
+  check(r.status === 400 && r.json.error.includes('exceeds'), 'API: pp > layers -> 400');
+  await page.fill('#plan-pp', '');
+  await set('#plan-gpus', 8);
+
   // ---- Watch a pipeline ----
   await set('#sched-schedule', 'zb-h1');
   r = await api('/api/schedule', { p: 4, m: 8, v: 1, schedule: 'zb-h1', layers: 32, forward: 1,

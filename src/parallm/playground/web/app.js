@@ -129,6 +129,8 @@ function planBody() {
   b.nodes = intOf('plan-nodes');
   if ($('plan-link').value) b.link = $('plan-link').value;
   if ($('plan-inter-node').value) b.inter_node = $('plan-inter-node').value;
+  for (const k of ['tp', 'pp'])  // blank: any degree
+    if ($('plan-' + k).value.trim() !== '') b[k] = intOf('plan-' + k);
   const topo = $('plan-topology').value;
   if (topo.trim()) b.topology = topo;
   b.goal = $('plan-goal').value;
