@@ -184,6 +184,10 @@ try {
     'layer split: bytes per token equal the API');
   await waitText('#split-shards tr[data-weight=q_proj] td[data-key=shape]', '[1024, 4096]',
     'layer split: q_proj shard at TP 4 is [1024, 4096]');
+  check(await page.locator('#split-rank').inputValue() === '0', 'layer split: rank 0 chosen');
+  await set('#split-rank', 3);
+  await waitText('#split-shards tr[data-weight=embed_tokens] td:last-child', 'tokens 24000..31999',
+    'layer split: rank 3 holds the last quarter of the vocabulary');
   await page.locator('#layer').screenshot({ path: `${outDir}/09-layer-split.png` });
   await set('#split-tp', 3);
   await waitError('#split-error', 'does not split', 'layer split: TP 3 on 32 heads');

@@ -450,7 +450,7 @@ const runSplit = latestOnly(async (current) => {
     const sel = $('split-rank'), keep = sel.value;
     sel.replaceChildren();
     for (let i = 0; i < r.tp; ++i) sel.appendChild(el('option', { value: i }, String(i)));
-    sel.value = keep < r.tp ? keep : '0';
+    sel.value = keep !== '' && Number(keep) < r.tp ? keep : '0';
     const tbody = $('split-colls').tBodies[0];
     tbody.replaceChildren();
     for (const c of r.collectives) {
