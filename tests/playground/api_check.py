@@ -200,6 +200,7 @@ try:
         ("api/layer-split", {"model": "llama-2-7b", "tp": 3}, "tp 3 does not split"),
         ("api/trace", {"x": 1}, "traceEvents"),
         ("api/trace", [{"ph": "X", "pid": 0, "ts": 0, "dur": -1}], "traceEvents[0].dur"),
+        ("api/trace", [{"ph": "X", "pid": 0, "ts": 0, "dur": 1, "name": 5}], "traceEvents[0].name"),
         ("api/plan", "{not json", "invalid JSON"),
     ]
     for path, body, needle in bad:

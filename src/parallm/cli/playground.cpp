@@ -40,6 +40,8 @@ httplib::Server::Handler api_route(json (*fn)(const json&)) {
       send_json(res, 200, fn(body));
     } catch (const std::invalid_argument& e) {
       send_json(res, 400, {{"error", e.what()}});
+    } catch (const json::type_error& e) {  // a field of the wrong type that no check named
+      send_json(res, 400, {{"error", cat("[playground] ", req.path, ": ", e.what())}});
     } catch (const std::exception& e) {
       send_json(res, 500, {{"error", e.what()}});
     }

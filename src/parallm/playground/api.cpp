@@ -382,8 +382,9 @@ json api_trace(const json& body) {
            pid == e.end() ? std::string("nothing") : json_preview(*pid));
     const int64_t rank = pid->get<int64_t>();
     if (*ph == "M") {
-      if (e.value("name", "") == "process_name" && e.contains("args") && e["args"].is_object() &&
-          e["args"].contains("name") && e["args"]["name"].is_string())
+      const auto name = e.find("name");
+      if (name != e.end() && *name == "process_name" && e.contains("args") &&
+          e["args"].is_object() && e["args"].contains("name") && e["args"]["name"].is_string())
         rank_names[rank] = e["args"]["name"].get<std::string>();
       continue;
     }
@@ -398,8 +399,18 @@ json api_trace(const json& body) {
     }
     if (++count > kMaxTraceSpans)
       fail("playground", "/api/trace: more than ", kMaxTraceSpans, " spans");
+    std::string text[2];
+    for (int t = 0; t < 2; ++t) {
+      const char* k = t == 0 ? "name" : "cat";
+      const auto v = e.find(k);
+      if (v == e.end() || v->is_null()) continue;
+      if (!v->is_string())
+        fail("playground", "/api/trace: ", json_path(where, k), " must be a string, got ",
+             json_preview(*v));
+      text[t] = v->get<std::string>();
+    }
     const double ts = e["ts"].get<double>(), dur = e["dur"].get<double>();
-    ranks[rank].push_back({e.value("name", ""), e.value("cat", ""), ts, ts + dur});
+    ranks[rank].push_back({std::move(text[0]), std::move(text[1]), ts, ts + dur});
   }
   if (ranks.empty())
     fail("playground",
