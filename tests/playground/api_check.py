@@ -208,6 +208,35 @@ try:
         err = got.get("error", "") if isinstance(got, dict) else ""
         check(status == 400 and needle in err and "\n" not in err,
               "%s %s -> 400 %r" % (path, json.dumps(body)[:60], err[:110]))
+
+    # ---- odd values in every field: a 200 or a 400, never a 500, and the server lives ----
+    import random
+    rnd = random.Random(1)
+    odd = [None, True, -1, 0, 1, 2**63, -2**63, 1e308, 1.5, "", "x", [], [1, "a"], {},
+           {"a": [1]}, "9" * 400]
+    fields = {"api/plan": ["config", "gpu", "gpus", "nodes", "topology", "tp", "pp", "batch",
+                           "train", "seq_len", "zero", "chunks", "dtype", "micro_batch"],
+              "api/schedule": ["p", "m", "v", "schedule", "forward", "backward", "weight", "p2p",
+                               "forward_only", "stage_forward", "layers"],
+              "api/layer-split": ["config", "tp", "dtype", "link"]}
+    statuses = {}
+    for _ in range(300):
+        path = rnd.choice(list(fields) + ["api/trace"])
+        if path == "api/trace":
+            body = [{"ph": rnd.choice(["X", "M"]), "pid": rnd.choice(odd), "ts": rnd.choice(odd),
+                     "dur": rnd.choice(odd), "name": rnd.choice(["F0", "B1.2", "W3", 5, None]),
+                     "cat": rnd.choice(["compute", "comm", None, 1])}
+                    for _ in range(rnd.randint(0, 4))]
+        else:
+            body = {"model": "llama-2-7b"}
+            for _ in range(rnd.randint(1, 3)):
+                body[rnd.choice(fields[path])] = rnd.choice(odd)
+        status, got = post(base + path, body)
+        statuses[status] = statuses.get(status, 0) + 1
+        if status not in (200, 400):
+            check(False, "%s %s -> %d %s" % (path, json.dumps(body)[:120], status, got))
+    check(set(statuses) <= {200, 400} and server.poll() is None,
+          "300 requests with odd field values: %s, server alive" % statuses)
 finally:
     server.send_signal(signal.SIGTERM)
     try:
