@@ -119,6 +119,9 @@ try:
               and all("%g" % s["peak_in_flight"] == f and "%g" % s["peak_in_flight_formula"] == g
                       for s, (_, f, g) in zip(got["stages"], inflight)))
         check(ok, "/api/schedule == schedule " + " ".join(flags))
+        gaps_ok = all(abs(sum(b - a for a, b in s["idle_spans"]) - s["idle"]) < 1e-9
+                      for s in got["stages"])
+        check(status == 200 and gaps_ok, "  its idle spans add up to each stage's idle time")
         if body["schedule"] == "zb-h1" and body["m"] == 8:
             types = {a["type"] for s in got["stages"] for a in s["actions"]}
             check(types == {"F", "B", "W"}, "zb-h1 timeline has F, B and W actions")

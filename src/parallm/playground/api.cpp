@@ -311,7 +311,13 @@ json api_schedule(const json& body) {
   const pipeline::SimResult& r = run.result;
   json stages = json::array();
   for (int st = 0; st < s.stages; ++st) {
-    json actions = json::array();
+    json actions = json::array(), idle = json::array();
+    double at = 0;  // idle gaps: before, between and after the stage's actions
+    for (const pipeline::Interval& iv : r.timeline[st]) {
+      if (iv.start > at) idle.push_back({at, iv.start});
+      at = std::max(at, iv.end);
+    }
+    if (r.makespan > at) idle.push_back({at, r.makespan});
     for (const pipeline::Interval& iv : r.timeline[st])
       actions.push_back({{"label", pipeline::to_string(iv.action)},
                          {"type", action_type(iv.action)},
@@ -322,6 +328,7 @@ json api_schedule(const json& body) {
     stages.push_back({{"stage", st},
                       {"busy", r.busy[st]},
                       {"idle", r.idle[st]},
+                      {"idle_spans", std::move(idle)},
                       {"peak_in_flight", r.peak_in_flight[st]},
                       {"peak_in_flight_formula",
                        pipeline::peak_in_flight_formula(run.kind, o.pp, o.micro_batches, s.chunks,
