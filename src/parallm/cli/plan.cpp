@@ -1,5 +1,7 @@
 // parallm plan: given a model and hardware, every layout's memory, communication, latency and
 // throughput, ranked, with reasons. See docs/parallelism-guide.md.
+#include "parallm/cli/plan.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -17,28 +19,7 @@
 namespace parallm::cli {
 namespace {
 
-struct Options {
-  std::string model;
-  plan::ClusterOptions cluster;
-  int64_t batch = 1, prompt_len = 512, output_len = 128;
-  std::string dtype = "fp16", kv_dtype, act_dtype;
-  std::string goal = "latency";
-  int top = 5;
-  bool json = false, list = false, tp_anywhere = false;
-  std::string calibrate;
-  double mem_bw_gbps = 0, rank_mem_bw_gbps = 0, gflops = 0;
-  int64_t gpus = 0, nodes = 0, gpus_per_node = 0;
-  int64_t tp = 0, pp = 0, dp = 0, ep = 0;
-  bool train = false;
-  int64_t global_batch = 512, micro_batch = 1, seq_len = 4096;
-  std::string optimizer = "adam", recompute = "selective", schedule = "1f1b";
-  bool no_sp = false, sp = false;
-  int zero = 0, chunks = 1;
-  int64_t threads = 0;
-  // Whether a flag was on the command line: a count or rate given is checked even when its
-  // value (0) is what the planner takes for "absent".
-  std::function<bool(const char*)> given = [](const char*) { return false; };
-};
+using Options = PlanOptions;
 
 // Bounds of the count flags: far beyond real clusters and workloads, small enough that products
 // of them (devices, tokens x hidden) stay exact.
@@ -88,11 +69,9 @@ void list_presets() {
   }
 }
 
-int run(const Options& o) {
-  if (o.list) {
-    list_presets();
-    return 0;
-  }
+}  // namespace
+
+plan::PlanRequest make_plan_request(const PlanOptions& o) {
   if (o.model.empty())
     fail("plan", "--model is required (a preset, a config.json, or a directory; --list)");
   // Every flag first, so that a bad one is named before any file is read or bandwidth measured.
@@ -206,6 +185,22 @@ int run(const Options& o) {
                     : req.cluster.device.is_cpu ? plan::Precision::FP32
                                                 : plan::Precision::FP16;
   }
+  return req;
+}
+
+nlohmann::json plan_json(const PlanOptions& o) {
+  const plan::PlanRequest req = make_plan_request(o);
+  return plan::to_json(req, plan::search(req));
+}
+
+namespace {
+
+int run(const Options& o) {
+  if (o.list) {
+    list_presets();
+    return 0;
+  }
+  const plan::PlanRequest req = make_plan_request(o);
   const plan::PlanResult res = plan::search(req);
   if (o.json)
     std::cout << plan::to_json(req, res).dump(2) << "\n";

@@ -12,22 +12,26 @@
 #include <vector>
 
 #include "parallm/cli/command.h"
+#include "parallm/cli/schedule.h"
 #include "parallm/core/error.h"
 #include "parallm/pipeline/simulator.h"
 
 namespace parallm::cli {
 namespace {
 
-struct Options {
-  int pp = 4, micro_batches = 8, chunks = 1, width = 100;
-  std::string schedule = "1f1b";
-  double forward = 1.0, backward = 2.0, p2p = 0.0, weight = -1.0;
-  std::vector<double> stage_forward, stage_backward, stage_weight;
-  bool forward_only = false, list = false;
-  std::string svg;
-};
+using Options = ScheduleOptions;
 
-int run(const Options& o) {
+// printf into a string (the formula note is printed by the CLI and sent by the playground).
+template <typename... Args>
+void appendf(std::string& out, const char* fmt, Args... args) {
+  char buf[512];
+  std::snprintf(buf, sizeof buf, fmt, args...);
+  out += buf;
+}
+
+}  // namespace
+
+ScheduleRun run_schedule(const ScheduleOptions& o) {
   using namespace pipeline;
   // Bounds: the schedule holds pp x micro-batches x chunks actions per direction and the drawing
   // `width` cells per stage; beyond these it is no picture anyone reads.
@@ -81,43 +85,71 @@ int run(const Options& o) {
   opt.stage_forward = o.stage_forward;
   opt.stage_backward = o.stage_backward;
   opt.stage_weight = o.stage_weight;
-  const bool per_stage = !o.stage_forward.empty() || !o.stage_backward.empty() ||
-                         !o.stage_weight.empty();
-  const SimResult r = simulate(s, opt);
-  std::printf("%s, forward %g, backward %g", s.name().c_str(), opt.forward_time,
-              opt.backward_time);
+  const bool per_stage =
+      !o.stage_forward.empty() || !o.stage_backward.empty() || !o.stage_weight.empty();
+  ScheduleRun run;
+  run.kind = kind;
+  run.per_stage = per_stage;
+  run.result = simulate(s, opt);
+  run.formula = bubble_formula(kind, o.pp, o.micro_batches, s.chunks, opt);
+  run.schedule = s;
+  run.sim = opt;
+  return run;
+}
+
+std::string bubble_formula_note(const ScheduleOptions& o, const ScheduleRun& run) {
+  using namespace pipeline;
+  const ScheduleKind kind = run.kind;
+  const SimOptions& opt = run.sim;
+  const double formula = run.formula;
+  const bool per_stage = run.per_stage;
+  std::string out;
+  if (per_stage)
+    appendf(out, "  (per-stage times: the formula with the scalar times is %.4f)\n", formula);
+  else if (o.forward_only)
+    appendf(out, "  (forward-only: formula (p-1)/(m+p-1) = %.4f)\n", formula);
+  else if (kind == ScheduleKind::Interleaved)
+    appendf(out, "  (formula (p-1)/(v m + p-1) = %d/%d = %.4f%s)\n", o.pp - 1,
+            o.chunks * o.micro_batches + o.pp - 1, formula,
+            o.p2p > 0 ? "; p2p time is not in the formula" : "");
+  else if (kind == ScheduleKind::ZeroBubbleH1) {
+    const double f = opt.forward_time, w = opt.weight(0), b = opt.backward_time - w;
+    if (f == b && b == w && o.micro_batches >= o.pp)
+      appendf(out, "  (formula with F = B = W: (p-1)/(3m+p-1) = %d/%d = %.4f%s)\n", o.pp - 1,
+              3 * o.micro_batches + o.pp - 1, formula,
+              o.p2p > 0 ? "; p2p time is not in the formula" : "");
+    else
+      appendf(out,
+              "  (formula 1 - m(F+B+W)/max(m(F+B+W)+(p-1)(F+B-W), (m+p-1)(F+B)+W) = %.4f%s%s)\n",
+              formula, w <= std::min(f, b) ? "" : "; W > min(F, B): formula not exact",
+              o.p2p > 0 ? "; p2p time is not in the formula" : "");
+    appendf(out, "(1f1b at the same p and m: (p-1)/(m+p-1) = %.4f)\n",
+            bubble_formula(ScheduleKind::OneFOneB, o.pp, o.micro_batches));
+  } else
+    appendf(out, "  (formula (p-1)/(m+p-1) = %d/%d = %.4f%s)\n", o.pp - 1,
+            o.micro_batches + o.pp - 1, formula,
+            o.p2p > 0 ? "; p2p time is not in the formula" : "");
+  return out;
+}
+
+namespace {
+
+int run(const Options& o) {
+  using namespace pipeline;
+  const ScheduleRun sr = run_schedule(o);
+  const Schedule& s = sr.schedule;
+  const SimOptions& opt = sr.sim;
+  const SimResult& r = sr.result;
+  const ScheduleKind kind = sr.kind;
+  const bool per_stage = sr.per_stage;
+  std::printf("%s, forward %g, backward %g", s.name().c_str(), opt.forward_time, opt.backward_time);
   if (s.split_backward())
     std::printf(" (B %g + W %g)", opt.backward_time - opt.weight(0), opt.weight(0));
   std::printf(", p2p %g per micro-batch per stage%s\n\n", opt.p2p_time,
               per_stage ? "; per-stage times given" : "");
   std::cout << render_text(s, r, o.width);
-  const double formula = bubble_formula(kind, o.pp, o.micro_batches, s.chunks, opt);
   std::printf("\nmakespan %g; bubble fraction %.4f", r.makespan, r.bubble_fraction);
-  if (per_stage)
-    std::printf("  (per-stage times: the formula with the scalar times is %.4f)\n", formula);
-  else if (o.forward_only)
-    std::printf("  (forward-only: formula (p-1)/(m+p-1) = %.4f)\n", formula);
-  else if (kind == ScheduleKind::Interleaved)
-    std::printf("  (formula (p-1)/(v m + p-1) = %d/%d = %.4f%s)\n", o.pp - 1,
-                o.chunks * o.micro_batches + o.pp - 1, formula,
-                o.p2p > 0 ? "; p2p time is not in the formula" : "");
-  else if (kind == ScheduleKind::ZeroBubbleH1) {
-    const double f = opt.forward_time, w = opt.weight(0), b = opt.backward_time - w;
-    if (f == b && b == w && o.micro_batches >= o.pp)
-      std::printf("  (formula with F = B = W: (p-1)/(3m+p-1) = %d/%d = %.4f%s)\n", o.pp - 1,
-                  3 * o.micro_batches + o.pp - 1, formula,
-                  o.p2p > 0 ? "; p2p time is not in the formula" : "");
-    else
-      std::printf(
-          "  (formula 1 - m(F+B+W)/max(m(F+B+W)+(p-1)(F+B-W), (m+p-1)(F+B)+W) = %.4f%s%s)\n",
-          formula, w <= std::min(f, b) ? "" : "; W > min(F, B): formula not exact",
-          o.p2p > 0 ? "; p2p time is not in the formula" : "");
-    std::printf("(1f1b at the same p and m: (p-1)/(m+p-1) = %.4f)\n",
-                bubble_formula(ScheduleKind::OneFOneB, o.pp, o.micro_batches));
-  } else
-    std::printf("  (formula (p-1)/(m+p-1) = %d/%d = %.4f%s)\n", o.pp - 1,
-                o.micro_batches + o.pp - 1, formula,
-                o.p2p > 0 ? "; p2p time is not in the formula" : "");
+  std::fputs(bubble_formula_note(o, sr).c_str(), stdout);
   std::printf("peak micro-batches in flight per stage (activations held):\n");
   for (int st = 0; st < o.pp; ++st)
     std::printf("  stage %d: %g (formula %g)\n", st, r.peak_in_flight[st],
@@ -155,8 +187,7 @@ const bool registered = register_command(
        app.add_option("--chunks", o->chunks, "Model chunks per stage (interleaved; default 1)");
        app.add_option("--forward-time", o->forward,
                       "Forward time of a micro-batch through a stage (default 1)");
-       app.add_option("--backward-time", o->backward,
-                      "Whole backward time, B + W (default 2)");
+       app.add_option("--backward-time", o->backward, "Whole backward time, B + W (default 2)");
        app.add_option("--weight-time", o->weight,
                       "zb-h1: W's share of the backward time (default half of it, so that the "
                       "defaults give F = B = W = 1)");
