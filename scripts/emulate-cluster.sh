@@ -11,7 +11,7 @@
 #   status                                         namespaces, links, qdiscs
 #   latency                                        UDP round trip node0 <-> node1 (and root <-> node0)
 #   run [MPIRUN OPTIONS] -- CMD ...                mpirun across the nodes (default: one rank a node)
-#   grid [--model DIR] [--tokens T] [--presets "P ..."] [--sweep "MBIT ..."] [--no-plan]
+#   grid [--model DIR] [--tokens T] [--reps R] [--presets "P ..."] [--sweep "MBIT ..."] [--no-plan]
 #                                                  measure TP/PP layouts at each preset (sets up,
 #                                                  measures, tears down) beside `parallm plan`
 #   presets                                        the link presets and how they are scaled
@@ -60,16 +60,18 @@ need_root() {
   command -v ip >/dev/null && command -v tc >/dev/null || die "needs iproute2 (ip, tc)"
 }
 
-# Shapes one interface's egress: htb at RATE Mbit/s (burst of 1 ms of traffic, at least 16 KB, so
-# that a message far larger than the burst sees the rate and a lone small one is not delayed by
-# more than one token period); 0 removes the shaping.
+# Shapes one interface's egress: htb at RATE Mbit/s; 0 removes the shaping. The burst is 100 us of
+# traffic (at least one 1600-byte frame): a real link serializes every message at its rate, and a
+# larger bucket would let the small messages of decode (a few KB a step, with compute between)
+# through at the veth's own speed. htb sends a packet larger than the bucket and goes into debt, so
+# the GSO packets of veth are not dropped.
 shape_dev() {  # NETNS-or-"" DEV MBIT
   local in=() dev=$2 mbit=$3
   [ -n "$1" ] && in=(ip netns exec "$1")
   "${in[@]}" tc qdisc del dev "$dev" root 2>/dev/null || true
   [ "$mbit" = 0 ] && return 0
   local burst
-  burst=$(awk -v m="$mbit" 'BEGIN { b = m * 1e6 / 8 / 1000; if (b < 16384) b = 16384; printf "%d\n", b }')
+  burst=$(awk -v m="$mbit" 'BEGIN { b = m * 1e6 / 8 * 1e-4; if (b < 1600) b = 1600; printf "%d\n", b }')
   "${in[@]}" tc qdisc add dev "$dev" root handle 1: htb default 10
   "${in[@]}" tc class add dev "$dev" parent 1: classid 1:10 htb rate "${mbit}mbit" ceil "${mbit}mbit" quantum 30000 \
     burst "$burst" cburst "$burst"
