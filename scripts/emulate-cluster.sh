@@ -11,7 +11,8 @@
 #   status                                         namespaces, links, qdiscs
 #   latency                                        UDP round trip node0 <-> node1 (and root <-> node0)
 #   run [MPIRUN OPTIONS] -- CMD ...                mpirun across the nodes (default: one rank a node)
-#   grid [--model DIR] [--tokens T] [--reps R] [--presets "P ..."] [--sweep "MBIT ..."] [--no-plan]
+#   grid [--model DIR] [--tokens T] [--reps R] [--presets "P ..."] [--sweep "MBIT ..."]
+#        [--skew US|auto] [--no-plan]
 #                                                  measure TP/PP layouts at each preset (sets up,
 #                                                  measures, tears down) beside `parallm plan`
 #   presets                                        the link presets and how they are scaled
