@@ -75,18 +75,43 @@ cmd_grid() {
   # sizes decode sends (256 B to 16 KiB: one token's hidden state is 1 KiB here, 8 KiB at batch 8);
   # a fit over larger sizes is dominated by them and misses the intercept that decode pays.
   calibrate() {  # NAME MAP(node|slot)
-    local op
+    local op rep
     for op in all_reduce sendrecv; do
-      cmd_run -np 2 --map-by "$2" -- "$PARALLM" bench comm --op "$op" --min-bytes 256 \
-        --max-bytes 16K --step-factor 2 --iters 20 --json "$comm/$1.$op.json" >/dev/null 2>&1 ||
-        die "bench comm ($1, $op) failed"
+      for ((rep = 0; rep < reps; rep++)); do
+        cmd_run -np 2 --map-by "$2" -- "$PARALLM" bench comm --op "$op" --algo auto \
+          --min-bytes 256 --max-bytes 16K --step-factor 2 --iters 20 >>"$comm/$1.$op.txt" 2>&1 ||
+          die "bench comm ($1, $op) failed: $(tail -3 "$comm/$1.$op.txt")"
+      done
     done
+    # Our own fit, not bench comm's: per size the fastest of --reps runs, then alpha + n / beta by
+    # least squares on the relative error (a plain fit is ruled by the largest sizes and, on a
+    # loaded machine, gave a negative slope or an intercept of a millisecond).
     /usr/bin/python3 - "$comm/$1" "$skew_us" <<'PY'
 import json, sys
 p, skew = sys.argv[1], (0.0 if sys.argv[2] == "auto" else float(sys.argv[2]))
 ops = {}
 for op in ("all_reduce", "sendrecv"):
-    ops.update(json.load(open(f"{p}.{op}.json"))["ops"])
+    best = {}
+    for line in open(f"{p}.{op}.txt"):
+        f = line.split()
+        if len(f) >= 5 and f[0] == op and f[2].isdigit():
+            n = int(f[2]) * 4  # f32 elements
+            best[n] = min(best.get(n, 1e30), float(f[4]) * 1e-6)
+    if len(best) < 2:
+        sys.exit(f"bench comm {op}: no table rows in {p}.{op}.txt")
+    pts = sorted(best.items())
+    # minimise sum(((a + n x) - t) / t)^2 over a and x = 1 / beta: 2x2 normal equations.
+    saa = sum(1 / t**2 for n, t in pts); sax = sum(n / t**2 for n, t in pts)
+    sxx = sum(n * n / t**2 for n, t in pts)
+    sat = sum(1 / t for n, t in pts); sxt = sum(n / t for n, t in pts)
+    det = saa * sxx - sax * sax
+    a = (sat * sxx - sax * sxt) / det
+    x = (saa * sxt - sax * sat) / det
+    if x <= 0 or a < 0:  # fall back to the two ends
+        (n0, t0), (n1, t1) = pts[0], pts[-1]
+        x = max((t1 - t0) / (n1 - n0), 1e-12)
+        a = max(t0 - n0 * x, 0.0)
+    ops[op] = {"alpha_us": a * 1e6, "beta_gbps": 1e-9 / x}
 cal = {"backend": "mpi", "world": 2, "ops": ops}
 if skew > 0: cal["arrival_skew_us"] = skew
 json.dump(cal, open(p + ".json", "w"))
