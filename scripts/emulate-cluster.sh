@@ -53,7 +53,9 @@ preset_ratio() {
 }
 rate_of() {  # preset name or a number (Mbit/s)
   if [[ $1 =~ ^[0-9]+([.][0-9]+)?$ ]]; then echo "$1"; return; fi
-  awk -v r="$(preset_ratio "$1")" -v g="$RANK_GBPS" 'BEGIN { printf "%.0f\n", r * g * 8000 }'
+  local r
+  r=$(preset_ratio "$1") || exit 1  # (die in the command substitution only leaves it)
+  awk -v r="$r" -v g="$RANK_GBPS" 'BEGIN { printf "%.0f\n", r * g * 8000 }'
 }
 
 need_root() {
@@ -83,7 +85,7 @@ cmd_shape() {
   [ -f "$STATE/nodes" ] || die "no cluster is up (run: $0 up N)"
   local n mbit i
   n=$(cat "$STATE/nodes")
-  mbit=$(rate_of "${1:?shape: give a preset or Mbit/s}")
+  mbit=$(rate_of "${1:?shape: give a preset or Mbit/s}") || exit 1
   for ((i = 0; i < n; i++)); do
     shape_dev "" "$PREFIX-v$i" "$mbit"        # bridge -> node i (what node i receives)
     shape_dev "$(ns $i)" "$PREFIX-e$i" "$mbit"  # node i -> bridge (what node i sends)
@@ -130,9 +132,12 @@ cmd_up() {
       *) die "up: unknown option '$1'" ;;
     esac
   done
-  rate_of "$preset" >/dev/null
+  rate_of "$preset" >/dev/null || exit 1
   cmd_down
   check_subnet
+  # A failure (or ^C) half-way leaves nothing behind.
+  trap 'echo "emulate-cluster.sh: up failed; tearing down" >&2; cmd_down' EXIT
+  trap 'exit 130' INT TERM
   mkdir -p "$STATE"
   ip link add "$BR" type bridge
   ip addr add "$HOST_IP/24" dev "$BR"
@@ -153,6 +158,7 @@ cmd_up() {
   echo "nodes: $(for ((i = 0; i < n; i++)); do printf '%s=%s ' "$(ns $i)" "$SUBNET.$((i + 1))"; done)"
   echo "bridge $BR $HOST_IP/24, $slots slots a node"
   cmd_shape "$preset"
+  trap - EXIT INT TERM
 }
 
 cmd_status() {

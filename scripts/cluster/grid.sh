@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by scripts/emulate-cluster.sh for `grid`: measures decode ms/token of TP=2, PP=2 and
 # TP=2 x PP=2 (TP group inside a node, or across nodes) at each link preset and batch 1 and 8 on an
 # emulated 2-node cluster, next to what `parallm plan` predicts from `bench comm` calibrations
@@ -83,7 +84,8 @@ cmd_grid() {
           die "bench comm ($1, $op) failed: $(tail -3 "$comm/$1.$op.txt")"
       done
     done
-    # Our own fit, not bench comm's: per size the fastest of --reps runs, then alpha + n / beta by
+    # Our own fit, not bench comm's: per size (the auto algorithm's rows, not the memcpy+barrier
+    # reference) the fastest of --reps runs, then alpha + n / beta by
     # least squares on the relative error (a plain fit is ruled by the largest sizes and, on a
     # loaded machine, gave a negative slope or an intercept of a millisecond).
     /usr/bin/python3 - "$comm/$1" "$skew_us" <<'PY'
@@ -94,7 +96,7 @@ for op in ("all_reduce", "sendrecv"):
     best = {}
     for line in open(f"{p}.{op}.txt"):
         f = line.split()
-        if len(f) >= 5 and f[0] == op and f[2].isdigit():
+        if len(f) >= 5 and f[0] == op and f[3] == "auto" and f[2].isdigit():
             n = int(f[2]) * 4  # f32 elements
             best[n] = min(best.get(n, 1e30), float(f[4]) * 1e-6)
     if len(best) < 2:
@@ -107,10 +109,9 @@ for op in ("all_reduce", "sendrecv"):
     det = saa * sxx - sax * sax
     a = (sat * sxx - sax * sxt) / det
     x = (saa * sxt - sax * sat) / det
-    if x <= 0 or a < 0:  # fall back to the two ends
-        (n0, t0), (n1, t1) = pts[0], pts[-1]
-        x = max((t1 - t0) / (n1 - n0), 1e-12)
-        a = max(t0 - n0 * x, 0.0)
+    if x <= 0 or a < 0:  # noise beat the slope: the best bandwidth seen, the smallest time
+        x = min(t / n for n, t in pts)
+        a = max(min(t for n, t in pts) - pts[0][0] * x, 0.0)
     ops[op] = {"alpha_us": a * 1e6, "beta_gbps": 1e-9 / x}
 cal = {"backend": "mpi", "world": 2, "ops": ops}
 if skew > 0: cal["arrival_skew_us"] = skew
