@@ -9,7 +9,7 @@
 #   shape P|MBIT                                   reshape every link of the running cluster
 #   down                                           remove everything (idempotent)
 #   status                                         namespaces, links, qdiscs
-#   latency                                        UDP round trip node0 <-> node1 (and root <-> node0)
+#   latency                                        UDP round trip node0 <-> node1
 #   run [MPIRUN OPTIONS] -- CMD ...                mpirun across the nodes (default: one rank a node)
 #   grid [--model DIR] [--tokens T] [--reps R] [--presets "P ..."] [--sweep "MBIT ..."]
 #        [--skew US|auto] [--no-plan]
@@ -25,8 +25,9 @@
 # of a rank (decode streams the weights, so a rank's memory bandwidth is its compute rate). An A100
 # streams 2039 GB/s; per direction NVLink3 gives 300 GB/s (ratio 0.147), InfiniBand HDR 25 GB/s
 # (0.0123), PCIe gen4 between GPUs through the host about 12 GB/s (0.0059), 10 GbE 1.25 GB/s
-# (0.00061). One rank (one thread) of this machine streams about 2.5 GB/s in `bench decode`
-# (PLM_RANK_GBPS overrides it), so the presets are those ratios times 2.5 GB/s, in Mbit/s.
+# (0.00061). The presets are those ratios times one rank's (one thread's) decode bandwidth here,
+# PLM_RANK_GBPS, default 2.5 GB/s (measured under load; `grid` prints the rate it measures, its
+# "one rank" line: set PLM_RANK_GBPS to that on a quiet machine to keep the A100's ratios).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -243,5 +244,5 @@ case "${1:-}" in
   run) shift; cmd_run "$@" ;;
   grid) shift; source "$here/cluster/grid.sh"; cmd_grid "$@" ;;
   presets) cmd_presets ;;
-  *) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
