@@ -225,9 +225,10 @@ json.dump(c, open(sys.argv[1], "w"))' "$cal" "$skew_us"
   # shaped links' measured latency and a bandwidth of that rate times the efficiency bench comm
   # measured on the shaped links.
   /usr/bin/python3 - "$res" "$work/rates" "$comm" "$PARALLM" "$model" "$node_bw" "$alone_bw" \
-    "$tokens" "$do_plan" <<'PY'
+    "$tokens" "$do_plan" "$skew_us" <<'PY'
 import json, math, subprocess, sys, os
-res, rates_f, comm, parallm, model, node_bw, alone_bw, tokens, do_plan = sys.argv[1:]
+res, rates_f, comm, parallm, model, node_bw, alone_bw, tokens, do_plan, skew = sys.argv[1:]
+skew = 0.0 if skew == "auto" else float(skew)  # "auto" left only if the shm point never ran
 rates = dict(l.split() for l in open(rates_f))
 pts = {}
 for l in open(res):
@@ -269,9 +270,11 @@ for b in (1, 8):
         r = 4000.0
         while r >= 1:
             beta = r * e / 8000
-            json.dump({"backend": "mpi", "world": 2, "ops": {
+            cal = {"backend": "mpi", "world": 2, "ops": {
                 "all_reduce": {"alpha_us": med(ar_a), "beta_gbps": beta},
-                "sendrecv": {"alpha_us": med(sr_a), "beta_gbps": beta}}}, open(tmp, "w"))
+                "sendrecv": {"alpha_us": med(sr_a), "beta_gbps": beta}}}
+            if skew > 0: cal["arrival_skew_us"] = skew
+            json.dump(cal, open(tmp, "w"))
             t = []
             for lay in (["--tp", "2"], ["--pp", "2"]):
                 out = subprocess.run([parallm, "plan", "--model", model + "/config.json", "--gpu", "cpu",
