@@ -87,6 +87,38 @@ TEST(CommModel, CalibrationReplacesTheFormula) {
   }
 }
 
+TEST(CommModel, ArrivalSkewAddsToGroupCollectivesOnly) {
+  // scripts/emulate-cluster.sh grid: decode's all-reduces wait for the later rank; the wait,
+  // measured once, is added to every group collective and to no point-to-point message.
+  const auto j = nlohmann::json::parse(R"({"backend": "mpi", "world": 2, "arrival_skew_us": 100,
+      "ops": {"all_reduce": {"alpha_us": 20, "beta_gbps": 2.5},
+              "sendrecv": {"alpha_us": 4, "beta_gbps": 5}}})");
+  const Calibration cal = Calibration::from_json(j, "comm.json");
+  EXPECT_DOUBLE_EQ(cal.arrival_skew, 100e-6);
+  const LinkSpec l = link(100, 1);
+  const CommCost ar = collective_cost(Collective::AllReduce, 1024, 2, l, &cal);
+  EXPECT_DOUBLE_EQ(ar.seconds, 100e-6 + 20e-6 + 1024 / 2.5e9);
+  EXPECT_NE(ar.algorithm.find("arrival skew"), std::string::npos);
+  // Built from the calibrated sendrecv: skew too.
+  EXPECT_DOUBLE_EQ(collective_cost(Collective::AllGather, 1e6, 2, l, &cal).seconds,
+                   100e-6 + 4e-6 + 0.5e6 / 5e9);
+  EXPECT_DOUBLE_EQ(collective_cost(Collective::P2P, 1000, 2, l, &cal).seconds, 4e-6 + 1000 / 5e9);
+  // Absent: no skew; negative or not a number: a clear error naming the field.
+  EXPECT_DOUBLE_EQ(Calibration::from_json(nlohmann::json::parse(
+                       R"({"ops": {"sendrecv": {"alpha_us": 1, "beta_gbps": 1}}})"), "x")
+                       .arrival_skew,
+                   0);
+  for (const char* bad : {R"({"arrival_skew_us": -3, "ops": {"sendrecv": {"alpha_us": 1, "beta_gbps": 1}}})",
+                          R"({"arrival_skew_us": "x", "ops": {"sendrecv": {"alpha_us": 1, "beta_gbps": 1}}})"}) {
+    try {
+      Calibration::from_json(nlohmann::json::parse(bad), "c.json");
+      ADD_FAILURE() << bad;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("arrival_skew_us"), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST(Topology, ParsesH100NvlinkCapture) {
   const Topology t = Topology::from_file(kFixtures + "h100-8gpu-nvlink.txt");
   ASSERT_EQ(t.num_gpus(), 8);

@@ -74,12 +74,18 @@ CommCost collective_cost(Collective c, double bytes, int p, const LinkSpec& link
       double sent = frac * bytes;
       if (c == Collective::AllReduce) sent = 2 * frac * bytes;
       if (c == Collective::P2P) sent = bytes;
-      return {m->alpha * steps + bytes * volume / m->beta, sent, "calibrated"};
+      const double skew = c == Collective::P2P ? 0 : cal->arrival_skew;
+      return {m->alpha * steps + bytes * volume / m->beta + skew, sent,
+              skew > 0 ? "calibrated + arrival skew" : "calibrated"};
     }
     if (const AlphaBeta* m = cal->op("sendrecv")) {
       // No measurement of this collective: build it from the measured point-to-point link.
       CommCost cost = analytic(c, bytes, p, m->alpha, m->beta);
       cost.algorithm += " (from calibrated sendrecv)";
+      if (c != Collective::P2P && cal->arrival_skew > 0) {
+        cost.seconds += cal->arrival_skew;
+        cost.algorithm += " + arrival skew";
+      }
       return cost;
     }
   }

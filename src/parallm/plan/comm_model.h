@@ -13,7 +13,9 @@
 //   all-to-all      pairwise: (p-1) alpha + (p-1)/p n / beta (n = the whole send buffer)
 //   p2p             alpha + n / beta
 // With a calibration (bench comm output), a measured op replaces the formula: alpha_c + n / beta_c
-// at the measured world size, scaled by the ring's step and volume factors for other sizes.
+// at the measured world size, scaled by the ring's step and volume factors for other sizes; a
+// calibration's arrival skew (the wait for the last rank, measured in the workload) is added to
+// every group collective, not to point-to-point messages.
 #pragma once
 
 #include <string>

@@ -346,6 +346,7 @@ Calibration Calibration::from_json(const json& j, const std::string& source) {
     c.mem_bw = number(comp, "mem_bw_gbps", source + ": compute", false, 0, "calibrate") * 1e9;
     c.flops = number(comp, "gflops", source + ": compute", false, 0, "calibrate") * 1e9;
   }
+  c.arrival_skew = number(j, "arrival_skew_us", source, false, 0, "calibrate") * 1e-6;
   if (c.ops.empty() && c.mem_bw == 0 && c.flops == 0)
     fail("calibrate", source, ": no \"ops\" and no \"compute\": nothing to calibrate with");
   return c;

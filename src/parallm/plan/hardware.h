@@ -130,6 +130,11 @@ struct Calibration {
                                          // "all_to_all", "sendrecv", "broadcast"
   double mem_bw = 0;                     // bytes/s per rank, 0 = not measured
   double flops = 0;                      // FLOP/s per rank, 0 = not measured
+  // Optional "arrival_skew_us": what a rank of a group collective waits, on average, for the
+  // last rank to arrive, in the workload itself (decode: the ranks' halves of a layer finish at
+  // different times). An isolated `bench comm` loop, whose ranks arrive together, cannot see it;
+  // `bench decode --comm-stats` shows it as all-reduce time per call above alpha + n / beta.
+  double arrival_skew = 0;  // seconds per group collective (not point-to-point)
 
   const AlphaBeta* op(std::string_view name) const;
   static Calibration from_json(const nlohmann::json& j, const std::string& source);

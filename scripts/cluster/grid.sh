@@ -1,0 +1,292 @@
+# shellcheck shell=bash
+# Sourced by scripts/emulate-cluster.sh for `grid`: measures decode ms/token of TP=2, PP=2 and
+# TP=2 x PP=2 (TP group inside a node, or across nodes) at each link preset and batch 1 and 8 on an
+# emulated 2-node cluster, next to what `parallm plan` predicts from `bench comm` calibrations
+# taken on the same links; then the crossover bandwidth (below it PP=2 beats TP=2 for decode),
+# measured and predicted. Sets the cluster up and tears it down (trap) itself.
+#
+# Layouts (2 nodes, 2 slots each; world rank = tp + pp * TP, so --map-by slot puts a TP pair on
+# one node and --map-by node splits it):
+#   tp2      TP=2, one rank a node: every all-reduce crosses the link
+#   pp2      PP=2, one stage a node: the activations cross the link
+#   tp2pp2-tpin  TP pairs inside a node (shared memory), the stages across the link
+#   tp2pp2-tpx   TP pairs across the link, the two stages of a node over shared memory
+#   tp2/pp2 at link "shm": both ranks in one node, the in-node reference
+# The planner gets one calibration per layout: the all-reduce fit of the link its TP group uses,
+# and the send/recv fit of the link its stages use (shared memory or the shaped link), plus the
+# arrival skew (`arrival_skew_us`: what a TP all-reduce waits for the later rank in decode,
+# --skew US gives it; --skew auto measures it once on the in-node TP=2 batch-1 point from
+# --comm-stats; the default is 0, none: on the loaded 2-core box the in-node ranks, spinning in
+# shared memory, waited 4x longer than ranks on TCP, so the in-node skew did not carry over).
+
+cmd_grid() {
+  need_root
+  local model="" tokens=32 reps=3 skew_us=0 presets=$PRESETS sweep="60 30 6" do_plan=1
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --model) model=${2:?}; shift 2 ;;
+      --tokens) tokens=${2:?}; shift 2 ;;
+      --presets) presets=${2:?}; shift 2 ;;
+      --sweep) sweep=${2:-}; shift 2 ;;
+      --reps) reps=${2:?}; shift 2 ;;
+      --skew) skew_us=${2:?}; shift 2 ;;
+      --no-plan) do_plan=0; shift ;;
+      *) die "grid: unknown option '$1'" ;;
+    esac
+  done
+  [ -x "$PARALLM" ] || die "no parallm binary at $PARALLM (set PARALLM=...)"
+  local work retries=0
+  work=$(mktemp -d /tmp/plm-grid.XXXXXX)
+  # shellcheck disable=SC2064
+  trap "cmd_down; rm -rf '$work'" EXIT
+  trap 'exit 130' INT TERM
+  if [ -z "$model" ]; then
+    model=$work/model
+    "$PARALLM" init-model --shape small --seed 1 --out "$model" >/dev/null
+  fi
+  echo "# grid: model $model ($(/usr/bin/python3 -c 'import json,sys; c=json.load(open(sys.argv[1]+"/config.json")); print("hidden %d, %d layers, vocab %d, %s" % (c["hidden_size"], c["num_hidden_layers"], c["vocab_size"], c.get("torch_dtype")))' "$model")), $tokens timed tokens, fastest of $reps runs a point, arrival skew $skew_us"
+  echo "# cpu: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; $(date -u +%FT%TZ)"
+  echo "# presets: $(for p in $presets; do printf '%s=%s ' "$p" "$(rate_of "$p")"; done)Mbit/s; sweep: $sweep Mbit/s"
+
+  # What the planner needs of the compute: one rank's decode bandwidth (one thread, alone) and the
+  # node's, shared by ranks streaming at once: two one-thread ranks run together, summed (the
+  # grid's ranks are one thread each; scripts/planner-accuracy.sh measures the node with all cores
+  # in one process, which on a shared 2-core machine measures the other load more than the memory).
+  local node_bw alone_bw rep
+  achieved() { "$PARALLM" bench decode --model "$model" --tokens "$tokens" --threads 1 --warmup 3 \
+                 --bandwidth 5 |
+               awk '/^  achieved/ {print $2}'; }
+  # The best of --reps (others' load only lowers it); the node streams at least what one rank does.
+  for ((rep = 0; rep < reps; rep++)); do
+    achieved >>"$work/alone"
+    achieved >"$work/bw0" & achieved >"$work/bw1"; wait
+    cat "$work/bw0" "$work/bw1" | awk '{s += $1} END {print s}' >>"$work/node"
+  done
+  alone_bw=$(sort -g "$work/alone" | tail -1)
+  node_bw=$(sort -g "$work/node" | tail -1 | awk -v a="$alone_bw" '{printf "%.2f", ($1 > a ? $1 : a)}')
+  echo "# decode read bandwidth: node $node_bw GB/s, one rank $alone_bw GB/s (plan --mem-bw, --rank-mem-bw)"
+
+  cmd_up 2 --slots 2 >/dev/null
+  cmd_latency | sed 's/^/# /'
+  local res=$work/points.tsv comm=$work/comm
+  mkdir -p "$comm"
+  : >"$res"
+
+  # bench comm between two ranks over LINK's path (one rank a node, or both in node0), at the
+  # sizes decode sends (256 B to 16 KiB: one token's hidden state is 1 KiB here, 8 KiB at batch 8);
+  # a fit over larger sizes is dominated by them and misses the intercept that decode pays.
+  calibrate() {  # NAME MAP(node|slot)
+    local op rep
+    for op in all_reduce sendrecv; do
+      for ((rep = 0; rep < reps; rep++)); do
+        cmd_run -np 2 --map-by "$2" -- "$PARALLM" bench comm --op "$op" --algo auto \
+          --min-bytes 256 --max-bytes 16K --step-factor 2 --iters 20 >>"$comm/$1.$op.txt" 2>&1 ||
+          die "bench comm ($1, $op) failed: $(tail -3 "$comm/$1.$op.txt")"
+      done
+    done
+    # Our own fit, not bench comm's: per size (the auto algorithm's rows, not the memcpy+barrier
+    # reference) the fastest of --reps runs, then alpha + n / beta by
+    # least squares on the relative error (a plain fit is ruled by the largest sizes and, on a
+    # loaded machine, gave a negative slope or an intercept of a millisecond).
+    /usr/bin/python3 - "$comm/$1" "$skew_us" <<'PY'
+import json, sys
+p, skew = sys.argv[1], (0.0 if sys.argv[2] == "auto" else float(sys.argv[2]))
+ops = {}
+for op in ("all_reduce", "sendrecv"):
+    best = {}
+    for line in open(f"{p}.{op}.txt"):
+        f = line.split()
+        if len(f) >= 5 and f[0] == op and f[3] == "auto" and f[2].isdigit():
+            n = int(f[2]) * 4  # f32 elements
+            best[n] = min(best.get(n, 1e30), float(f[4]) * 1e-6)
+    if len(best) < 2:
+        sys.exit(f"bench comm {op}: no table rows in {p}.{op}.txt")
+    pts = sorted(best.items())
+    # minimise sum(((a + n x) - t) / t)^2 over a and x = 1 / beta: 2x2 normal equations.
+    saa = sum(1 / t**2 for n, t in pts); sax = sum(n / t**2 for n, t in pts)
+    sxx = sum(n * n / t**2 for n, t in pts)
+    sat = sum(1 / t for n, t in pts); sxt = sum(n / t for n, t in pts)
+    det = saa * sxx - sax * sax
+    a = (sat * sxx - sax * sxt) / det
+    x = (saa * sxt - sax * sat) / det
+    if x <= 0 or a < 0:  # noise beat the slope: the best bandwidth seen, the smallest time
+        x = min(t / n for n, t in pts)
+        a = max(min(t for n, t in pts) - pts[0][0] * x, 0.0)
+    ops[op] = {"alpha_us": a * 1e6, "beta_gbps": 1e-9 / x}
+cal = {"backend": "mpi", "world": 2, "ops": ops}
+if skew > 0: cal["arrival_skew_us"] = skew
+json.dump(cal, open(p + ".json", "w"))
+print("# comm %-6s all_reduce alpha %7.1f us beta %7.4f GB/s | sendrecv alpha %7.1f us beta %7.4f GB/s"
+      % (p.rsplit("/", 1)[1], ops["all_reduce"]["alpha_us"], ops["all_reduce"]["beta_gbps"],
+         ops["sendrecv"]["alpha_us"], ops["sendrecv"]["beta_gbps"]))
+PY
+  }
+  # A calibration made of the all-reduce of one link and the send/recv of another.
+  mixcal() {  # OUT AR_FROM SR_FROM
+    /usr/bin/python3 - "$@" <<'PY'
+import json, sys
+out, ar, sr = sys.argv[1:]
+a = json.load(open(ar)); s = json.load(open(sr))
+cal = {"backend": "mpi", "world": 2, "ops": {"all_reduce": a["ops"]["all_reduce"],
+       "sendrecv": s["ops"]["sendrecv"]}}
+if "arrival_skew_us" in a: cal["arrival_skew_us"] = a["arrival_skew_us"]
+json.dump(cal, open(out, "w"))
+PY
+  }
+  measure() {  # LAYOUT LINK BATCH NP MAP CAL DECODE-FLAGS...
+    local layout=$1 link=$2 batch=$3 np=$4 map=$5 cal=$6
+    shift 6
+    local mb=() out ms pred=nan stats
+    [ "$batch" = 1 ] && mb=(--micro-batches 1)
+    # The fastest of --reps runs: on a shared machine the others' load only ever adds time.
+    # A run that fails (seen now and then on the loaded machine: a rank leaving without
+    # MPI_Finalize after its output) is retried, twice at most in a point, and counted.
+    local rep best="" o m fails=0
+    for ((rep = 0; rep < reps; rep++)); do
+      if ! o=$(cmd_run -np "$np" --map-by "$map" -- "$PARALLM" bench decode --model "$model" \
+                 --tokens "$tokens" --warmup 3 --threads 1 --batch "$batch" "${mb[@]}" \
+                 --bandwidth 5 --comm-stats --comm-timeout 120 "$@" 2>&1); then
+        fails=$((fails + 1)) retries=$((retries + 1))
+        [ "$fails" -le 2 ] || { echo "$o" >&2; die "bench decode $layout $link b$batch failed 3 times"; }
+        echo "# retry: bench decode $layout $link b$batch failed: $(echo "$o" | grep -m1 -E 'exit|rror|abort')" >&2
+        rep=$((rep - 1))
+        continue
+      fi
+      m=$(echo "$o" | awk '/^  ms\/(step|token)/ {print $3; exit}')
+      if [ -z "$best" ] || awk -v a="$m" -v b="$best" 'BEGIN { exit !(a < b) }'; then
+        best=$m out=$o
+      fi
+    done
+    ms=$best
+    # Per call (--comm-stats, warm-up and prefill included): the TP all-reduce, the PP send and
+    # recv. An all-reduce's time includes waiting for the later peer (arrival skew); a recv's
+    # includes the upstream stage's compute.
+    stats=$(echo "$out" | awk '$1 == "tp" && $2 == "all_reduce" && $4 > 0 {ar = $7 / $4 * 1e6}
+      $1 == "pp" && $2 == "send" && $4 > 0 {sd = $7 / $4 * 1e6}
+      $1 == "pp" && $2 == "recv" && $4 > 0 {rv = $7 / $4 * 1e6}
+      END {printf "%.0f/%.0f/%.0f", ar, sd, rv}')
+    # --skew auto: the arrival skew the planner is given is measured once, on the in-node TP=2
+    # point at batch 1 (its all-reduce time per call above the calibrated alpha).
+    if [ "$skew_us" = auto ] && [ "$layout/$link/$batch" = tp2/shm/1 ]; then
+      skew_us=$(/usr/bin/python3 -c 'import json, sys
+a = json.load(open(sys.argv[1]))["ops"]["all_reduce"]["alpha_us"]
+print("%.1f" % max(0.0, float(sys.argv[2]) - a))' "$cal" "${stats%%/*}")
+      echo "# arrival skew: TP all-reduce in decode ${stats%%/*} us a call on shm -> plan gets arrival_skew_us $skew_us" >&2
+      /usr/bin/python3 -c 'import json, sys
+c = json.load(open(sys.argv[1]))
+if float(sys.argv[2]) > 0: c["arrival_skew_us"] = float(sys.argv[2])
+json.dump(c, open(sys.argv[1], "w"))' "$cal" "$skew_us"
+    fi
+    if [ "$do_plan" = 1 ]; then
+      local tp=1 pp=1 a prev=""
+      for a in "$@"; do case "$prev" in --tp) tp=$a ;; --pp) pp=$a ;; esac; prev=$a; done
+      pred=$("$PARALLM" plan --model "$model/config.json" --gpu cpu --gpus "$np" --calibrate "$cal" \
+               --mem-bw "$node_bw" --rank-mem-bw "$alone_bw" --dtype fp32 --act-dtype fp32 \
+               --batch "$batch" --prompt-len 1 --output-len "$tokens" --tp "$tp" --pp "$pp" --json |
+             /usr/bin/python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["layouts"][0]["tpot_ms"])')
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$layout" "$link" "$batch" "$ms" "$pred" "$stats" |
+      tee -a "$res" | awk -F'\t' '{e = ($5 == "nan") ? "nan" : sprintf("%+.1f", ($5 / $4 - 1) * 100);
+        printf "%-12s %-8s %5s %11s %12s %9s   us/call ar/send/recv %s\n", $1, $2, $3, $4, $5, e, $6}'
+  }
+
+  echo "# layout      link     batch measured_ms predicted_ms error_pct"
+  cmd_shape none >/dev/null
+  calibrate shm slot
+  local b
+  for b in 1 8; do
+    measure tp2 shm "$b" 2 slot "$comm/shm.json" --tp 2
+    measure pp2 shm "$b" 2 slot "$comm/shm.json" --pp 2
+  done
+  local p mbit name
+  for p in $presets $sweep; do
+    mbit=$(rate_of "$p")
+    name=$p
+    [[ $p =~ ^[0-9.]+$ ]] && name=${p}M
+    cmd_shape "$mbit" >/dev/null
+    calibrate "$name" node
+    mixcal "$comm/$name.tpin.json" "$comm/shm.json" "$comm/$name.json"
+    mixcal "$comm/$name.tpx.json" "$comm/$name.json" "$comm/shm.json"
+    for b in 1 8; do
+      measure tp2 "$name" "$b" 2 node "$comm/$name.json" --tp 2
+      measure pp2 "$name" "$b" 2 node "$comm/$name.json" --pp 2
+      case " $presets " in *" $p "*)
+        measure tp2pp2-tpin "$name" "$b" 4 slot "$comm/$name.tpin.json" --tp 2 --pp 2
+        measure tp2pp2-tpx "$name" "$b" 4 node "$comm/$name.tpx.json" --tp 2 --pp 2 ;;
+      esac
+    done
+    echo "$name $mbit" >>"$work/rates"
+  done
+  cmd_down
+  echo "# failed runs retried: $retries"
+
+  # Crossovers: measured from the grid's TP=2 / PP=2 points (log-linear between the two rates where
+  # the faster layout changes); predicted by the planner over a fine sweep of rates, each with the
+  # shaped links' measured latency and a bandwidth of that rate times the efficiency bench comm
+  # measured on the shaped links.
+  /usr/bin/python3 - "$res" "$work/rates" "$comm" "$PARALLM" "$model" "$node_bw" "$alone_bw" \
+    "$tokens" "$do_plan" "$skew_us" <<'PY'
+import json, math, subprocess, sys, os
+res, rates_f, comm, parallm, model, node_bw, alone_bw, tokens, do_plan, skew = sys.argv[1:]
+skew = 0.0 if skew == "auto" else float(skew)  # "auto" left only if the shm point never ran
+rates = dict(l.split() for l in open(rates_f))
+pts = {}
+for l in open(res):
+    layout, link, b, ms, pred = l.split("\t")[:5]
+    pts[(layout, link, int(b))] = (float(ms), float(pred))
+errs = [abs(p / m - 1) for (m, p) in pts.values() if p == p]
+if errs:
+    print("# planner error: mean |error| %.1f%%, max %.1f%% over %d points"
+          % (100 * sum(errs) / len(errs), 100 * max(errs), len(errs)))
+
+def crossover(series):  # [(mbit, tp_ms, pp_ms)] -> Mbit/s below which PP is faster
+    s = sorted(series, reverse=True)
+    if not s: return "n/a"
+    if s[0][1] >= s[0][2]: return "PP faster at every rate (>= %g)" % s[0][0]
+    for (r1, t1, p1), (r2, t2, p2) in zip(s, s[1:]):
+        d1, d2 = math.log(t1 / p1), math.log(t2 / p2)
+        if d1 < 0 <= d2:
+            f = d1 / (d1 - d2)
+            return "%.1f" % math.exp(math.log(r1) + f * (math.log(r2) - math.log(r1)))
+    return "TP faster at every rate (down to %g)" % s[-1][0]
+
+shaped = {n: float(r) for n, r in rates.items() if float(r) > 0}
+# Efficiency and latency of the shaped links, for the planner's sweep.
+eff, ar_a, sr_a = [], [], []
+for n, r in shaped.items():
+    c = json.load(open(f"{comm}/{n}.json"))["ops"]
+    eff.append(c["sendrecv"]["beta_gbps"] * 8000 / r)
+    ar_a.append(c["all_reduce"]["alpha_us"]); sr_a.append(c["sendrecv"]["alpha_us"])
+med = lambda v: sorted(v)[len(v) // 2]
+for b in (1, 8):
+    meas = [(r, pts[("tp2", n, b)][0], pts[("pp2", n, b)][0]) for n, r in shaped.items()
+            if ("tp2", n, b) in pts and ("pp2", n, b) in pts]
+    pred_pts = [(r, pts[("tp2", n, b)][1], pts[("pp2", n, b)][1]) for n, r in shaped.items()
+                if ("tp2", n, b) in pts and pts[("tp2", n, b)][1] == pts[("tp2", n, b)][1]]
+    line = "crossover batch %d: measured %s Mbit/s" % (b, crossover(meas))
+    if do_plan == "1" and eff:
+        sweep, e = [], med(eff)
+        tmp = comm + "/sweep.json"
+        r = 4000.0
+        while r >= 1:
+            beta = r * e / 8000
+            cal = {"backend": "mpi", "world": 2, "ops": {
+                "all_reduce": {"alpha_us": med(ar_a), "beta_gbps": beta},
+                "sendrecv": {"alpha_us": med(sr_a), "beta_gbps": beta}}}
+            if skew > 0: cal["arrival_skew_us"] = skew
+            json.dump(cal, open(tmp, "w"))
+            t = []
+            for lay in (["--tp", "2"], ["--pp", "2"]):
+                out = subprocess.run([parallm, "plan", "--model", model + "/config.json", "--gpu", "cpu",
+                    "--gpus", "2", "--calibrate", tmp, "--mem-bw", node_bw, "--rank-mem-bw", alone_bw,
+                    "--dtype", "fp32", "--act-dtype", "fp32", "--batch", str(b), "--prompt-len", "1",
+                    "--output-len", tokens, "--json"] + lay, capture_output=True, text=True, check=True)
+                t.append(json.loads(out.stdout)["layouts"][0]["tpot_ms"])
+            sweep.append((r, t[0], t[1]))
+            r /= 1.25
+        line += ", predicted %s Mbit/s (planner sweep, link efficiency %.2f, alpha %.0f/%.0f us)" % (
+            crossover(sweep), e, med(ar_a), med(sr_a))
+        line += ", predicted at the grid's rates %s Mbit/s" % crossover(pred_pts)
+    print(line)
+PY
+}

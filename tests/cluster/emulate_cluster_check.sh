@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# scripts/emulate-cluster.sh end to end: a 4- and a 2-node cluster come up and go down leaving
+# nothing behind; `bench comm` between two nodes measures the shaped bandwidth (within 20%);
+# `generate` with TP 2 and PP 2 across two nodes gives the tokens and logits of one rank; a rank
+# killed in one namespace ends the job in the other with a clear message, and a stopped one makes
+# the other time out (--comm-timeout). Exit 77 (skip) without root, network namespaces or mpirun.
+# Usage: emulate_cluster_check.sh PARALLM
+set -euo pipefail
+bin=$1
+src=$(cd "$(dirname "$0")/../.." && pwd)
+S=$src/scripts/emulate-cluster.sh
+[ "$(id -u)" = 0 ] || { echo "SKIP: not root"; exit 77; }
+command -v mpirun >/dev/null || { echo "SKIP: no mpirun"; exit 77; }
+command -v tc >/dev/null || { echo "SKIP: no tc"; exit 77; }
+# A prefix and subnet of its own, so a grid run beside it (prefix plm) is left alone.
+export PLM_PREFIX=plmt$$ PLM_SUBNET=10.213.$(( $$ % 200 + 20 )) PARALLM=$bin
+export PLM_STATE=/run/$PLM_PREFIX-cluster
+if ! ip netns add "$PLM_PREFIX-probe" 2>/dev/null; then echo "SKIP: ip netns unavailable"; exit 77; fi
+ip netns del "$PLM_PREFIX-probe"
+tmp=$(mktemp -d)
+cleanup() { "$S" down >/dev/null 2>&1 || true; rm -rf "$tmp"; }
+trap cleanup EXIT
+leftovers() {
+  { ip netns list; ip -o link show; } | grep -F "$PLM_PREFIX-" || true
+}
+step() { echo "== $* ($(date +%T))"; }
+
+step "4 nodes up and down"
+"$S" up 4 --rate 400 --slots 1 >/dev/null
+[ "$(ip netns list | grep -c "^$PLM_PREFIX-node")" = 4 ] || { echo "FAIL: 4 namespaces expected"; exit 1; }
+[ "$(tc qdisc show | grep -c htb)" -ge 4 ] || { echo "FAIL: no htb qdiscs"; exit 1; }
+"$S" down >/dev/null
+"$S" down >/dev/null  # idempotent
+[ -z "$(leftovers)" ] || { echo "FAIL: left behind after down:"; leftovers; exit 1; }
+
+step "2 nodes at 200 Mbit/s: bench comm"
+"$S" up 2 --rate 200 >/dev/null
+"$S" latency
+"$S" run -- "$bin" bench comm --op sendrecv --min-bytes 512K --max-bytes 2M --step-factor 4 \
+  --iters 4 --json "$tmp/comm.json" >"$tmp/comm.out" 2>&1 || { cat "$tmp/comm.out"; exit 1; }
+/usr/bin/python3 - "$tmp/comm.json" 200 <<'PY'
+import json, sys
+beta = json.load(open(sys.argv[1]))["ops"]["sendrecv"]["beta_gbps"] * 1e9
+want = float(sys.argv[2]) * 1e6 / 8
+err = beta / want - 1
+print(f"bench comm across nodes: {beta / 1e6:.1f} MB/s against {want / 1e6:.1f} MB/s shaped ({err:+.1%})")
+assert abs(err) <= 0.20, "measured bandwidth is not within 20% of the shaping"
+PY
+
+step "generate across 2 nodes = one rank"
+"$bin" init-model --shape tiny --seed 9 --dtype f32 --out "$tmp/tiny" >/dev/null
+printf '1,7,11\n1\n1,100,5,9\n' >"$tmp/prompts.txt"
+gen=(generate --model "$tmp/tiny" --prompts-file "$tmp/prompts.txt" --max-tokens 8 --print-ids
+     --print-logits --ignore-eos --threads 1 --comm-timeout 30 --micro-batches 1)
+"$bin" "${gen[@]}" >"$tmp/one.txt" 2>/dev/null
+for layout in "--tp 2" "--pp 2"; do
+  # One rank a node (--map-by node): the TP group or the two stages are in different namespaces.
+  # shellcheck disable=SC2086
+  "$S" run -np 2 --map-by node -- "$bin" "${gen[@]}" $layout \
+    >"$tmp/mpi.txt" 2>"$tmp/mpi.err" || { cat "$tmp/mpi.err"; exit 1; }
+  /usr/bin/python3 - "$tmp/one.txt" "$tmp/mpi.txt" "$layout" <<'PY'
+import sys
+def read(p):
+    lines = open(p).read().split("\n")
+    toks = [l.split() for l in lines if l and l[0] in "[0123456789" and not l.startswith("logits")]
+    logits = [[float(v) for v in l.split(":", 1)[1].split()] for l in lines if l.startswith("logits[")]
+    return toks, logits
+t1, l1 = read(sys.argv[1]); t2, l2 = read(sys.argv[2])
+assert t1 and t1 == t2, f"{sys.argv[3]}: tokens differ:\n one rank: {t1}\n 2 nodes:  {t2}"
+assert len(l1) == len(l2) and l1, "logit rows missing"
+worst = max(max(abs(a - b) for a, b in zip(r1, r2)) / max(abs(b) for b in r1)
+            for r1, r2 in zip(l1, l2))
+assert worst < 1e-5, f"{sys.argv[3]}: logits differ by {worst:.3g} relative"
+print(f"{sys.argv[3]} across 2 nodes: {len(t1)} token rows identical, logits within {worst:.2g}")
+PY
+done
+
+# Waits for the job's rank inside node1, then signals it; the job must end within 25 s.
+signal_rank() {  # SIGNAL OUTFILE
+  "$S" run -np 2 --map-by node -- "$bin" bench decode --model "$tmp/tiny" --tp 2 --threads 1 \
+    --tokens 100000000 --comm-timeout 4 >"$2" 2>&1 &
+  local job=$! pid="" i
+  for ((i = 0; i < 100; i++)); do
+    [ -z "$pid" ] || break
+    sleep 0.2
+    pid=$(ip netns pids "$PLM_PREFIX-node1" | while read -r p; do
+            if [ "$(cat "/proc/$p/comm" 2>/dev/null)" = parallm ]; then echo "$p"; fi; done |
+            head -1)
+  done
+  [ -n "$pid" ] || { kill "$job"; cat "$2"; echo "FAIL: no rank found in node1"; exit 1; }
+  sleep 1
+  kill -"$1" "$pid"
+  local start=$SECONDS
+  for ((i = 0; i < 125; i++)); do kill -0 "$job" 2>/dev/null || break; sleep 0.2; done
+  if kill -0 "$job" 2>/dev/null; then
+    kill "$job"; kill -CONT "$pid" 2>/dev/null || true; cat "$2"
+    echo "FAIL: job still running 25 s after SIG$1 to a rank"; exit 1
+  fi
+  if wait "$job"; then cat "$2"; echo "FAIL: job exited 0 after SIG$1 to a rank"; exit 1; fi
+  kill -CONT "$pid" 2>/dev/null || true
+  echo "SIG$1 to the rank in node1: job ended in $((SECONDS - start)) s"
+}
+step "a rank killed in node1 ends the job"
+signal_rank KILL "$tmp/kill.out"
+grep -E "rank 1 .*(signal 9|Killed)|exited on signal" "$tmp/kill.out" ||
+  { cat "$tmp/kill.out"; echo "FAIL: no message naming the killed rank"; exit 1; }
+step "a rank stopped in node1: the other times out"
+signal_rank STOP "$tmp/stop.out"
+grep -F "(--comm-timeout)" "$tmp/stop.out" ||
+  { cat "$tmp/stop.out"; echo "FAIL: no comm-timeout message"; exit 1; }
+
+step "down leaves nothing"
+"$S" down >/dev/null
+[ -z "$(leftovers)" ] || { echo "FAIL: left behind after down:"; leftovers; exit 1; }
+echo "emulate cluster check passed"

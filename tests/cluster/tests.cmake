@@ -1,0 +1,10 @@
+# scripts/emulate-cluster.sh end to end (tests/cluster/emulate_cluster_check.sh): network
+# namespaces joined by shaped veth links, Open MPI across them. Skipped (exit 77) without root,
+# `ip netns` or tc; the script tears its cluster down whatever happens.
+if(PARALLM_HAVE_MPI)
+  add_test(NAME cluster_emulate
+           COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/emulate_cluster_check.sh $<TARGET_FILE:parallm_bin>)
+  set_tests_properties(cluster_emulate PROPERTIES LABELS "mpi;cluster" TIMEOUT 180
+                       SKIP_RETURN_CODE 77 RUN_SERIAL TRUE
+                       ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
+endif()
