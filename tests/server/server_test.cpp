@@ -375,6 +375,21 @@ TEST(Server, ApiKey) {
   EXPECT_EQ(health->status, 200);
 }
 
+// A second server on a port in use is refused, not bound beside the first (httplib's default
+// socket options include SO_REUSEPORT, with which the kernel would share the port between them).
+TEST(Server, PortInUseIsRefused) {
+  ServerRig rig;
+  server::HttpServer second(*rig.engine, *rig.tok, server::ServerOptions{});
+  try {
+    second.listen("127.0.0.1", rig.port);
+    FAIL() << "a second server listened on port " << rig.port;
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("cannot listen on 127.0.0.1:" + std::to_string(rig.port)),
+              std::string::npos)
+        << e.what();
+  }
+}
+
 // A tokenizer that reads "<s>" and "</s>" in text as plain characters, as sentencepiece's
 // tokenizer.model does: those spellings become their byte tokens, the rest is encoded as usual.
 class TextSpecialsTokenizer : public Tokenizer {

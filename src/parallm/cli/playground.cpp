@@ -15,6 +15,7 @@
 #include "parallm/core/json_limits.h"
 #include "parallm/playground/api.h"
 #include "parallm/playground/web_assets.h"
+#include "parallm/server/socket_options.h"
 
 namespace parallm::cli {
 namespace {
@@ -61,12 +62,7 @@ int run(const PlaygroundOptions& o) {
 
   httplib::Server svr;
   svr.set_payload_max_length(playground::kMaxBodyBytes);
-  // httplib's default also sets SO_REUSEPORT, with which a second playground on a port in use
-  // would bind and share it silently; SO_REUSEADDR alone lets a restart reuse the port at once.
-  svr.set_socket_options([](socket_t sock) {
-    int yes = 1;
-    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
-  });
+  server::use_exclusive_port(svr);  // a port in use is refused, not shared
   for (const playground::WebAsset& a : playground::web_assets()) {
     const std::string body(a.body), mime(a.mime);
     auto serve = [body, mime](const httplib::Request&, httplib::Response& res) {

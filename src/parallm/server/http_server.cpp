@@ -22,6 +22,7 @@
 #include "parallm/model/tokenizer_unicode.h"
 #include "parallm/server/chat_template.h"
 #include "parallm/server/metrics.h"
+#include "parallm/server/socket_options.h"
 #include "parallm/server/stop_matcher.h"
 
 namespace parallm::server {
@@ -208,7 +209,9 @@ struct HttpServer::Impl {
   std::set<uint64_t> active;  // engine ids of requests in flight, cancelled by stop()
 
   Impl(serve::ServeEngine& e, const Tokenizer& t, ServerOptions o)
-      : engine(e), tok(t), opts(std::move(o)) {}
+      : engine(e), tok(t), opts(std::move(o)) {
+    use_exclusive_port(svr);
+  }
 
   int64_t max_model_len() const { return engine.info().max_model_len; }
 
