@@ -27,7 +27,7 @@ inline void add_runtime_flags(CLI::App& app, int& threads, std::string& dtype,
 inline void add_engine_flags(CLI::App& app, EngineOptions& o) {
   app.add_option("--model", o.model,
                  "Model: a Hugging Face directory (config.json + safetensors), a .safetensors "
-                 "file, or a llama2.c .bin checkpoint")
+                 "file, a .gguf file, or a llama2.c .bin checkpoint")
       ->required();
   app.add_option("--tp", o.tp, "Tensor-parallel ranks (threads here, or processes under mpirun)")
       ->check(CLI::PositiveNumber);
