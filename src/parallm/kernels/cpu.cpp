@@ -13,15 +13,38 @@
 #include "parallm/core/timer.h"
 #include "parallm/kernels/simd.h"
 
+#if PARALLM_X86
+#include <cpuid.h>
+#endif
+
 namespace parallm::kernels {
+
+bool cpu_has_f16c() {
+#if PARALLM_X86
+  unsigned a, b, c, d;
+  return __get_cpuid(1, &a, &b, &c, &d) && (c >> 29 & 1u);
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avxvnni() {
+#if PARALLM_X86
+  unsigned a, b, c, d;
+  return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 4 & 1u);
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 SimdLevel detect_cpu() {
 #if PARALLM_X86
   __builtin_cpu_init();
   // __builtin_cpu_supports also checks that the OS saves the wide registers (XGETBV).
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("f16c");
+  const bool avx2 =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
   const bool avx512 =
       avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   if (avx512) return SimdLevel::Avx512;

@@ -607,7 +607,7 @@ CpuVnni detect_vnni() {
   const bool avx512 = cpu_simd_level() == SimdLevel::Avx512;
   v.avx512vnni = avx512 && __builtin_cpu_supports("avx512vnni") &&
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  v.avxvnni = cpu_simd_level() >= SimdLevel::Avx2 && __builtin_cpu_supports("avxvnni");
+  v.avxvnni = cpu_simd_level() >= SimdLevel::Avx2 && cpu_has_avxvnni();
 #endif
   return v;
 }
