@@ -107,7 +107,9 @@ TEST(MixtralEp, TensorTableBytesEqualWhatEachRankLoads) {
   ASSERT_EQ(run_parallm("init-model --shape mixtral-tiny --dtype bf16 --out " + dir).exit_code, 0);
   ModelConfig config;
   auto source = open_model(dir, &config);
-  for (auto [tp, ep] : {std::pair{1, 1}, {1, 3}, {2, 2}, {1, 8}}) {
+  for (auto tp_ep : {std::pair{1, 1}, {1, 3}, {2, 2}, {1, 8}}) {
+    // Plain names, not a structured binding: clang 14 cannot capture those in a lambda.
+    const int tp = tp_ep.first, ep = tp_ep.second;
     std::mutex mu;
     std::vector<std::pair<uint64_t, uint64_t>> got;
     comm::LaunchOptions lo;

@@ -137,7 +137,9 @@ TEST(Qwen2MoeEp, TensorTableBytesEqualWhatEachRankLoads) {
   const std::string dir = make_qwen(tmp, "bf16", "bf16");
   ModelConfig config;
   ASSERT_NO_THROW(open_model(dir, &config));
-  for (auto [tp, ep, pp] : {std::tuple{1, 1, 1}, {1, 3, 1}, {2, 2, 1}, {2, 1, 2}, {1, 8, 1}}) {
+  for (auto sizes : {std::tuple{1, 1, 1}, {1, 3, 1}, {2, 2, 1}, {2, 1, 2}, {1, 8, 1}}) {
+    // Plain names, not a structured binding: clang 14 cannot capture those in a lambda.
+    const int tp = std::get<0>(sizes), ep = std::get<1>(sizes), pp = std::get<2>(sizes);
     std::mutex mu;
     std::vector<std::pair<uint64_t, uint64_t>> got;
     comm::LaunchOptions lo;

@@ -89,8 +89,10 @@ TEST(LlamaTensors, NamesAndShapesInCheckpointOrder) {
 }
 
 TEST(LlamaTensors, TpSizesAreHeadPlans) {
-  for (auto [q, kv] : std::vector<std::pair<int64_t, int64_t>>{
+  for (auto heads : std::vector<std::pair<int64_t, int64_t>>{
            {24, 24}, {8, 2}, {12, 6}, {32, 4}, {6, 1}, {64, 8}}) {
+    // Plain names, not a structured binding: clang 14 cannot capture those in a lambda.
+    const int64_t q = heads.first, kv = heads.second;
     const ModelConfig c = heads_config(q, kv);
     for (int tp = 0; tp <= 70; ++tp) {
       const std::string problem = llama_tp_problem(c, tp);

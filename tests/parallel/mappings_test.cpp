@@ -82,7 +82,10 @@ const Case kCases[] = {{1, 1},  {1, 13}, {1, 12}, {5, 6}, {7, 13},
 class Mappings : public ::testing::TestWithParam<std::tuple<int, comm::Algorithm>> {};
 
 TEST_P(Mappings, EachForwardAndBackwardEqualsTheSingleRankResult) {
-  const auto [p, algo] = GetParam();
+  // Plain names, not a structured binding: clang 14 cannot capture those in a lambda.
+  const auto param = GetParam();
+  const auto p = std::get<0>(param);
+  const auto algo = std::get<1>(param);
   on_ranks(p, algo, [&](const comm::Group& g, std::vector<std::string>& errors) {
     const int r = g.rank();
     auto check = [&](bool ok, const std::string& what, const Case& c) {
