@@ -541,7 +541,8 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
     for (int64_t r0 = 0; r0 < S; r0 += kAttnBlock) {
       const int64_t r1 = std::min(S, r0 + kAttnBlock), n = r1 - r0;
       // P: rows [r0, r1) of the softmax, row i at P + (i - r0) * S.
-      const float* P = probs + (b * Hq + h) * S * S + r0 * S;
+      // (No offset on a null probs: that is undefined behaviour, and clang's UBSan reports it.)
+      const float* P = probs != nullptr ? probs + (b * Hq + h) * S * S + r0 * S : nullptr;
       if (probs == nullptr) {
         softmax_rows(qb, ldq, kb, ldk, S, hd, scale, r0, r1, avx2, recomputed);
         P = recomputed;
