@@ -60,5 +60,24 @@ TEST(Cpu, BandwidthProbeReadsEveryLineOnce) {
   }
 }
 
+// The FMA probe checks its own chains' sums (a wrong or optimised-away loop throws); here every SIMD
+// level the CPU has gives a finite positive rate, and a non-positive duration is refused.
+TEST(Cpu, FmaPeakRunsAtEveryLevel) {
+  testing::ScopedSimd restore(simd_level());
+  for (int threads : {1, 2}) {
+    ThreadPool pool(threads);
+    ScopedPool scoped(pool);
+    for (SimdLevel l : {SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512}) {
+      if (l > cpu_simd_level()) continue;
+      set_simd_level(l);
+      const double flops = measure_fma_peak(0.01);
+      EXPECT_GT(flops, 1e6) << simd_name(l) << ", " << threads << " threads";
+      EXPECT_LT(flops, 1e15) << simd_name(l) << ", " << threads << " threads";
+    }
+  }
+  EXPECT_THROW(measure_fma_peak(0), std::invalid_argument);
+  EXPECT_THROW(measure_fma_peak(-1), std::invalid_argument);
+}
+
 }  // namespace
 }  // namespace parallm::kernels

@@ -22,6 +22,7 @@
 #include "parallm/engine/stage_forward.h"
 #include "parallm/kernels/cpu.h"
 #include "parallm/pipeline/simulator.h"
+#include "parallm/plan/model_presets.h"
 
 namespace parallm::cli {
 namespace {
@@ -73,6 +74,12 @@ void run_decode_batch(const DecodeOptions& o, RankContext& ctx) {
       static_cast<int64_t>(ctx.mesh.tp().stats().get(comm::Kind::AllReduce).seconds * 1e9)};
   std::vector<int64_t> all(3 * ctx.world.size());
   ctx.world.all_gather(mine, all.data(), 3, DType::I64);
+  // The compute roofline: every rank's multiply-add peak measured at once, summed. A step of B
+  // sequences is 2 x active parameters x B FLOPs in the linear layers (attention scores add
+  // 4 x layers x q_dim x context per sequence, under 1% at these lengths: not counted).
+  ctx.world.barrier();
+  float peak = static_cast<float>(kernels::measure_fma_peak(0.2));
+  ctx.world.all_reduce(&peak, 1, comm::ReduceOp::Sum);
   if (!ctx.is_root()) return;
   const int P = ctx.mesh.pp_size(), M = r.micro_batches;
   double idle = 0, comm_s = 0;
@@ -87,6 +94,12 @@ void run_decode_batch(const DecodeOptions& o, RankContext& ctx) {
   std::printf("  tokens/s            %10.2f   (%d sequences x %lld steps)\n",
               o.batch * steps / decode_s, o.batch, static_cast<long long>(steps));
   std::printf("  ms/step (latency)   %10.2f\n", 1e3 * decode_s / steps);
+  const double gflops =
+      2.0 * plan::active_params_per_token(ctx.config) * o.batch * steps / decode_s / 1e9;
+  std::printf("  GFLOP/s (linear)    %10.1f   (2 x %.3g active parameters x %d sequences per step)\n",
+              gflops, plan::active_params_per_token(ctx.config), o.batch);
+  std::printf("  FMA peak            %10.1f   GFLOP/s, all ranks, measured here: %.2f of it in use\n",
+              peak / 1e9, gflops * 1e9 / peak);
   std::printf("  tp all-reduce time  %10.2f ms/step (%.1f%% of the run)\n",
               1e3 * comm_s / (steps + 1), 100.0 * comm_s / r.seconds);
   std::printf("  bubble (measured)   %10.3f   (GPipe pass formula (p-1)/(m+p-1) = %.3f)\n",

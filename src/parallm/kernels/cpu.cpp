@@ -313,6 +313,94 @@ BandwidthProbe::BandwidthProbe(size_t bytes, int reps) : state_(std::make_unique
   best_ = static_cast<double>(n * sizeof(float)) / best;
 }
 
+namespace {
+
+// kChains independent accumulators, each a[i] = a[i] * one + zero, `iters` times; returns the sum
+// of the lanes, which must equal the starting sum (one and zero come from memory at run time, so
+// the compiler cannot fold them).
+constexpr int kChains = 12;  // FMA latency (4-5 cycles) x 2 pipes, plus slack
+
+float fma_scalar(int64_t iters, const float* one, const float* zero) {
+  float a[kChains];
+  for (int i = 0; i < kChains; ++i) a[i] = 1.0f + static_cast<float>(i);
+  const float m = *one, z = *zero;
+  for (int64_t it = 0; it < iters; ++it)
+    for (int i = 0; i < kChains; ++i) a[i] = a[i] * m + z;
+  float s = 0;
+  for (float v : a) s += v;
+  return s;
+}
+
+#if PARALLM_X86
+PARALLM_AVX2 float fma_avx2(int64_t iters, const float* one, const float* zero) {
+  __m256 a[kChains];
+  for (int i = 0; i < kChains; ++i) a[i] = _mm256_set1_ps(1.0f + static_cast<float>(i));
+  const __m256 m = _mm256_set1_ps(*one), z = _mm256_set1_ps(*zero);
+  for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 12
+    for (int i = 0; i < kChains; ++i) a[i] = _mm256_fmadd_ps(a[i], m, z);
+  }
+  float s = 0;
+  for (int i = 0; i < kChains; ++i) s += simd::hsum8(a[i]) / 8.0f;
+  return s;
+}
+
+PARALLM_AVX512 float fma_avx512(int64_t iters, const float* one, const float* zero) {
+  __m512 a[kChains];
+  for (int i = 0; i < kChains; ++i) a[i] = _mm512_set1_ps(1.0f + static_cast<float>(i));
+  const __m512 m = _mm512_set1_ps(*one), z = _mm512_set1_ps(*zero);
+  for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 12
+    for (int i = 0; i < kChains; ++i) a[i] = _mm512_fmadd_ps(a[i], m, z);
+  }
+  float s = 0;
+  for (int i = 0; i < kChains; ++i) s += simd::hsum16(a[i]) / 16.0f;
+  return s;
+}
+#endif
+
+}  // namespace
+
+double measure_fma_peak(double seconds) {
+  if (!(seconds > 0)) fail("cpu", "measure_fma_peak: seconds must be > 0, got ", seconds);
+  static const float kOne = 1.0f;
+  const volatile float* one_v = &kOne;  // read through volatile: not a compile-time constant
+  const float one = *one_v, zero = 0.0f * one;
+  const SimdLevel level = simd_level();
+  const int lanes = level == SimdLevel::Avx512 ? 16 : level == SimdLevel::Avx2 ? 8 : 1;
+  auto chains = [&](int64_t iters) -> float {
+#if PARALLM_X86
+    if (level == SimdLevel::Avx512) return fma_avx512(iters, &one, &zero);
+    if (level == SimdLevel::Avx2) return fma_avx2(iters, &one, &zero);
+#endif
+    return fma_scalar(iters, &one, &zero);
+  };
+  // Sum of the starting values 1..kChains: what every run must give back.
+  const float expect = kChains * (kChains + 1) / 2.0f;
+  ThreadPool& pool = ThreadPool::current();
+  const int threads = pool.size();
+  // Size the run on one thread first (about a hundredth of the time), then all threads at once.
+  int64_t iters = 1 << 16;
+  for (;;) {
+    Timer t;
+    if (chains(iters) != expect) fail<std::logic_error>("cpu", "FMA peak probe: wrong sum");
+    if (t.seconds() > seconds / 100 || iters > (int64_t{1} << 40)) {
+      iters = std::max<int64_t>(1, static_cast<int64_t>(iters * seconds / t.seconds()));
+      break;
+    }
+    iters *= 4;
+  }
+  std::vector<float> sums(static_cast<size_t>(threads), 0.0f);
+  Timer timer;
+  pool.parallel_for(threads, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) sums[static_cast<size_t>(i)] = chains(iters);
+  });
+  const double s = timer.seconds();
+  for (float v : sums)
+    if (v != expect) fail<std::logic_error>("cpu", "FMA peak probe: wrong sum ", v);
+  return threads * static_cast<double>(iters) * kChains * lanes * 2.0 / s;
+}
+
 BandwidthProbe::~BandwidthProbe() = default;
 
 double BandwidthProbe::measure(int reps) {

@@ -33,6 +33,13 @@ SimdLevel parse_simd_level(std::string_view value, std::string_view what);
 // for the decode benchmark. Takes ~2 s at the default size.
 double measure_read_bandwidth(size_t bytes = size_t{1} << 30, int reps = 5);
 
+// The machine's multiply-add peak (FLOP/s, all threads of the current pool together): each thread
+// runs independent fused multiply-add chains (enough of them to hide the latency) at the SIMD level
+// in use for `seconds`; an FMA counts 2 FLOPs per lane. The compute roofline of batched decode and
+// prefill: a product can't run faster than this. The chains multiply by 1 and add 0, so their
+// values stay what they were; the probe checks that, so the loop cannot be optimised away unseen.
+double measure_fma_peak(double seconds = 0.2);
+
 // The same measurement, kept ready to repeat: the constructor finds the best read pattern (as
 // measure_read_bandwidth does); measure() then re-reads the buffer with that pattern only, quickly
 // enough (~10 ms per 256 MiB) to run between decode steps. The bandwidth of a shared machine
