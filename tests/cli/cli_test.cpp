@@ -29,6 +29,25 @@ TEST(Cli, HelpOnEveryCommand) {
   }
 }
 
+// Batched decode prints its compute beside the machine's multiply-add peak: both positive, and the
+// share in use is the one over the other.
+TEST(Cli, BatchedDecodePrintsItsComputeRoofline) {
+  auto r = run_parallm("bench decode --model " + testing::stories_model() +
+                       " --batch 2 --tokens 2 --warmup 0 --threads 1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto number_after = [&](const std::string& label) {
+    const size_t at = r.output.find(label);
+    EXPECT_NE(at, std::string::npos) << label << "\n" << r.output;
+    return at == std::string::npos ? 0.0 : std::stod(r.output.substr(at + label.size()));
+  };
+  const double gflops = number_after("GFLOP/s (linear)");
+  const double peak = number_after("FMA peak");
+  const double share = number_after("measured here: ");
+  EXPECT_GT(gflops, 0);
+  EXPECT_GT(peak, 0);
+  EXPECT_NEAR(share, gflops / peak, 0.01 + 0.01 * share) << r.output;
+}
+
 TEST(Cli, BadFlagsAndValues) {
   const std::string m = "--model " + testing::stories_model();
   expect_one_line_error("generate " + m + " --prompt-ids 1 --no-such-flag", "--no-such-flag");
