@@ -157,6 +157,94 @@ TEST_P(Quant, ByteExactAgainstNumpyReferenceAndRoundTrips) {
 INSTANTIATE_TEST_SUITE_P(Formats, Quant, ::testing::Values(DType::Q8_0, DType::Q4_0),
                          [](const auto& info) { return std::string(dtype_name(info.param)); });
 
+// The K quantizers, through the dequantizer checked against numpy above: every value is coded to
+// the nearest point of the grid its block stores (read back from the packed scales, so a packing
+// error fails here), the error is that of a 4- or 6-bit grid, and all-zero, all-negative,
+// constant, outlier and uneven blocks are handled.
+TEST(QuantK, QuantizersCodeEveryValueOnItsNearestGridPoint) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  const int64_t nb = 24, n = nb * 256;
+  std::vector<float> x(n);
+  for (auto& v : x) v = g(rng);
+  std::fill(x.begin() + 256, x.begin() + 512, 0.0f);                   // all zero
+  for (int i = 512; i < 768; ++i) x[i] = -std::fabs(x[i]) - 0.5f;      // all negative
+  std::fill(x.begin() + 768, x.begin() + 1024, 3.25f);                 // constant
+  x[1024 + 17] = 60.0f;                                                // outliers
+  x[1280 + 200] = -60.0f;
+  for (int i = 1536; i < 1792; ++i) x[i] *= 1e-4f;                     // tiny scale
+  for (int i = 1792; i < 2048; ++i) x[i] *= (i % 32 < 16) ? 8.0f : 0.01f;  // uneven sub-blocks
+
+  for (DType t : {DType::Q4_K, DType::Q6_K}) {
+    std::vector<uint8_t> blocks(dtype_bytes(t, n));
+    quant::quantize(t, x.data(), blocks.data(), n);
+    std::vector<float> back(n);
+    quant::dequantize(t, blocks.data(), back.data(), n);
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = blocks.data() + b * dtype_size(t);
+      const int sub = t == DType::Q4_K ? 32 : 16;
+      for (int j = 0; j < 256 / sub; ++j) {
+        // The sub-block's grid from the stored bytes.
+        std::vector<float> grid;
+        if (t == DType::Q4_K) {
+          const auto* q = reinterpret_cast<const quant::BlockQ4_K*>(blk);
+          const int sc = j < 4 ? (q->scales[j] & 63)
+                               : ((q->scales[j + 4] & 0xF) | ((q->scales[j - 4] >> 6) << 4));
+          const int m = j < 4 ? (q->scales[j + 4] & 63)
+                              : ((q->scales[j + 4] >> 4) | ((q->scales[j] >> 6) << 4));
+          const float d1 = f16_to_f32(q->d) * static_cast<float>(sc);
+          const float m1 = f16_to_f32(q->dmin) * static_cast<float>(m);
+          for (int c = 0; c < 16; ++c) grid.push_back(d1 * static_cast<float>(c) - m1);
+        } else {
+          const auto* q = reinterpret_cast<const quant::BlockQ6_K*>(blk);
+          const float d = f16_to_f32(q->d);
+          for (int c = -32; c < 32; ++c)
+            grid.push_back(d * static_cast<float>(q->scales[j]) * static_cast<float>(c));
+        }
+        const float spacing = std::fabs(grid[1] - grid[0]);
+        for (int l = 0; l < sub; ++l) {
+          const int64_t i = b * 256 + j * sub + l;
+          float nearest = 1e30f;
+          for (float v : grid) nearest = std::min(nearest, std::fabs(v - x[i]));
+          // A value halfway between two points may go either way in f32: a hair of slack.
+          ASSERT_LE(std::fabs(back[i] - x[i]), nearest + 1e-4f * spacing + 1e-7f * std::fabs(x[i]))
+              << dtype_name(t) << " block " << b << " sub-block " << j << " value " << l << ": "
+              << x[i] << " -> " << back[i];
+        }
+      }
+    }
+    for (int l = 0; l < 256; ++l) ASSERT_EQ(back[256 + l], 0.0f) << dtype_name(t);
+    for (int l = 0; l < 256; ++l) ASSERT_NEAR(back[768 + l], 3.25f, 0.03f) << dtype_name(t);
+    // 16 gaussian blocks (0 and 8..23 less the special ones): the error of a 4- or 6-bit grid.
+    // Q4_0 on the same values (32-value blocks, symmetric) has 7.4e-3: the K form must beat it.
+    double err = 0, norm = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (i >= 256 && i < 2048) continue;
+      err += (back[i] - x[i]) * (back[i] - x[i]);
+      norm += x[i] * x[i];
+    }
+    std::vector<uint8_t> q40(dtype_bytes(DType::Q4_0, n));
+    quant::quantize(DType::Q4_0, x.data(), q40.data(), n);
+    std::vector<float> back40(n);
+    quant::dequantize(DType::Q4_0, q40.data(), back40.data(), n);
+    double err40 = 0;
+    for (int64_t i = 0; i < n; ++i)
+      if (i < 256 || i >= 2048) err40 += (back40[i] - x[i]) * (back40[i] - x[i]);
+    if (t == DType::Q4_K) {
+      EXPECT_LT(err, 0.8 * err40) << "q4_k nmse " << err / norm << ", q4_0 " << err40 / norm;
+    } else {
+      // A 64-level grid over +-max of 16 gaussians (max ~1.8 sigma): (1.8 / 32)^2 / 12 ~ 2.6e-4.
+      EXPECT_LT(err / norm, 4e-4) << "q6_k";
+    }
+    // Tensor::to quantizes the same way (in 4096-value chunks).
+    Tensor f = Tensor::empty(DType::F32, {4, n / 4});
+    std::memcpy(f.raw(), x.data(), n * 4);
+    Tensor q = f.to(t);
+    ASSERT_EQ(q.nbytes(), blocks.size());
+    EXPECT_EQ(std::memcmp(q.raw(), blocks.data(), blocks.size()), 0) << dtype_name(t);
+  }
+}
+
 TEST(QuantTensor, BytesSlicesAndConversions) {
   const std::vector<float> x = quant_inputs();  // 40 blocks: [4, 320]
   Tensor f = Tensor::empty(DType::F32, {4, 320});
@@ -182,7 +270,7 @@ TEST(QuantTensor, BytesSlicesAndConversions) {
             std::string::npos);
   EXPECT_NE(testing::error_of([&] { q.to(DType::I32); }).find("cannot convert"), std::string::npos);
   EXPECT_NE(testing::error_of([&] {
-              Tensor::zeros(DType::F32, {1, 256}).to(DType::Q6_K);
+              Tensor::zeros(DType::F32, {1, 256}).to(DType::Q6_K).to(DType::I32);
             }).find("cannot convert"),
             std::string::npos);
   EXPECT_EQ(parse_dtype("Q4_K"), DType::Q4_K);

@@ -13,6 +13,7 @@
 #include <mutex>
 
 #include "parallm/comm/launch.h"
+#include "parallm/core/error.h"
 #include "parallm/comm/mesh.h"
 #include "parallm/engine/batch_generate.h"
 #include "parallm/engine/generate.h"
@@ -427,6 +428,70 @@ TEST(GgufModel, TpOneTwoFourAndPpTwoAgreeAtQ8_0AndQ4_0) {
         }
         EXPECT_LE(worst, 1e-5 * scale) << type << " tp " << tp << " pp " << pp;
       }
+    }
+  }
+}
+
+// `quantize --type q4_k|q6_k`: matrices whose rows are whole 256-value blocks in the K type,
+// others in Q8_0 (rows of whole 32-value blocks) or f32; what is read back is what Tensor::to
+// wrote; the model runs on the K kernels, PP 2 as PP 1.
+TEST(GgufModel, KQuantizedFilesHoldTheKTypeAndRunUnderPp) {
+  testing::TempDir dir;
+  for (const char* shape : {"small", "tiny"})
+    ASSERT_EQ(testing::run_parallm(cat("init-model --shape ", shape, " --seed 6 --dtype f32 --out ",
+                                       dir.file(shape)))
+                  .exit_code,
+              0);
+  for (const std::string type : {"q4_k", "q6_k"}) {
+    const DType want_type = parse_dtype(type);
+    for (const char* shape : {"small", "tiny"}) {
+      const std::string path = dir.file(cat(shape, "_", type, ".gguf"));
+      const auto r = testing::run_parallm("quantize --model " + dir.file(shape) + " --type " +
+                                          type + " --out " + path);
+      ASSERT_EQ(r.exit_code, 0) << r.output;
+      ModelConfig hc, gc;
+      auto hf = open_model(dir.file(shape), &hc);
+      auto gg = open_model(path, &gc);
+      int k_type = 0, q8 = 0;
+      for (const std::string& name : hf->names()) {
+        const TensorInfo gi = gg->info(name);
+        const Tensor w = hf->read(name, DType::F32);
+        DType expect = DType::F32;
+        if (w.ndim() == 2 && name.find("norm") == std::string::npos) {
+          expect = w.dim(1) % 256 == 0 ? want_type : w.dim(1) % 32 == 0 ? DType::Q8_0 : DType::F32;
+        }
+        EXPECT_EQ(gi.dtype, expect) << shape << " " << name;
+        k_type += gi.dtype == want_type;
+        q8 += gi.dtype == DType::Q8_0;
+        // q/k rows are permuted into llama.cpp's order (checked below); the rest byte for byte.
+        if (is_block(gi.dtype) && name.find("q_proj") == std::string::npos &&
+            name.find("k_proj") == std::string::npos) {
+          const Tensor mine = gg->read(name, gi.dtype);
+          const Tensor ref = w.to(gi.dtype);
+          ASSERT_EQ(mine.nbytes(), ref.nbytes()) << name;
+          EXPECT_EQ(std::memcmp(mine.raw(), ref.raw(), ref.nbytes()), 0) << name;
+        }
+      }
+      if (std::string(shape) == "small") {
+        EXPECT_GT(k_type, 0) << r.output;  // hidden 256: embedding, attention, gate and up
+        EXPECT_EQ(q8, 0);                   // the FFN of 688: down_proj's rows stay f32
+      } else {
+        EXPECT_EQ(k_type, 0);  // hidden 64: no whole 256-value rows; all in Q8_0
+        EXPECT_GT(q8, 0) << r.output;
+      }
+    }
+    const std::string small = dir.file(cat("small_", type, ".gguf"));
+    const ModelRun one = run_model(small, 1, 1, 6);
+    const ModelRun two = run_model(small, 1, 2, 6);
+    for (size_t i = 0; i < kPrompts.size(); ++i) {
+      EXPECT_EQ(two.tokens[i], one.tokens[i]) << type;
+      EXPECT_EQ(one.tokens[i].size(), 6u) << type;
+      double worst = 0, scale = 0;
+      for (size_t v = 0; v < one.logits[i].size(); ++v) {
+        worst = std::max(worst, std::abs(double(two.logits[i][v]) - one.logits[i][v]));
+        scale = std::max(scale, std::abs(double(one.logits[i][v])));
+      }
+      EXPECT_LE(worst, 1e-5 * scale) << type;
     }
   }
 }

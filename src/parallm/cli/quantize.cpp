@@ -1,5 +1,6 @@
 // parallm quantize: a model (Hugging Face directory or llama2.c file) -> a LLaMA-architecture GGUF
-// with llama.cpp's tensor names, Q/K row order and metadata, matrices quantized to Q8_0 or Q4_0.
+// with llama.cpp's tensor names, Q/K row order and metadata, matrices quantized to Q8_0, Q4_0,
+// Q4_K or Q6_K.
 #include <cstdio>
 #include <filesystem>
 
@@ -42,6 +43,10 @@ uint32_t file_type(DType t) {  // llama.cpp's general.file_type (LLAMA_FTYPE_*)
       return 2;
     case DType::Q8_0:
       return 7;
+    case DType::Q4_K:
+      return 14;  // MOSTLY_Q4_K_S (every matrix Q4_K, as llama-quantize --pure writes it)
+    case DType::Q6_K:
+      return 18;
     case DType::BF16:
       return 32;
     default:
@@ -101,7 +106,7 @@ int run(const Options& o) {
 
   std::vector<LlamaTensor> table = llama_tensors(c);
   std::vector<std::pair<std::string, Tensor>> out;
-  int64_t kept_f32 = 0;
+  int64_t kept_f32 = 0, as_q8_0 = 0;
   uint64_t bytes = 0;
   for (const LlamaTensor& t : table) {
     Tensor w = source->read(t.name, DType::F32);
@@ -109,14 +114,20 @@ int run(const Options& o) {
     const bool k = t.name.find("k_proj") != std::string::npos;
     if ((q || k) && !c.rope_interleaved)
       w = permute_rope_rows(w, q ? c.num_attention_heads : c.num_key_value_heads);
-    // Norms stay f32; so does a matrix whose rows are not whole blocks (stories260K's FFN of
-    // 172), as llama.cpp falls back to another type for them.
+    // Norms stay f32. A matrix whose rows are not whole blocks falls back, as llama.cpp's does to
+    // another type: to Q8_0 when its rows are whole 32-value blocks (a K type's 256 do not divide
+    // them), else to f32 (stories260K's FFN of 172).
     DType want = DType::F32;
     if (t.matrix && w.ndim() == 2) {
       want = type;
-      if (w.dim(1) % dtype_block(type) != 0) {
-        want = DType::F32;
-        ++kept_f32;
+      if (is_block(type) && w.dim(1) % dtype_block(type) != 0) {
+        if (dtype_block(type) > 32 && w.dim(1) % 32 == 0) {
+          want = DType::Q8_0;
+          ++as_q8_0;
+        } else {
+          want = DType::F32;
+          ++kept_f32;
+        }
       }
     }
     Tensor stored = want == DType::F32 ? w : w.to(want);
@@ -127,22 +138,25 @@ int run(const Options& o) {
   bool has_tokenizer = false;
   for (const auto& kv : meta) has_tokenizer |= kv.first == "tokenizer.ggml.tokens";
   std::printf(
-      "wrote %s: %zu tensors, %s matrices (%lld kept f32: rows not whole blocks), "
+      "wrote %s: %zu tensors, %s matrices (rows not whole blocks: %lld as q8_0, %lld kept f32), "
       "%.1f MiB, %s, in %.1f s\n",
       o.out.c_str(), out.size(), std::string(dtype_name(type)).c_str(),
-      static_cast<long long>(kept_f32), static_cast<double>(bytes) / (1 << 20),
+      static_cast<long long>(as_q8_0), static_cast<long long>(kept_f32),
+      static_cast<double>(bytes) / (1 << 20),
       has_tokenizer ? "with the sentencepiece vocabulary" : "no tokenizer", timer.seconds());
   return 0;
 }
 
 [[maybe_unused]] const bool registered = register_command(
-    {"quantize", "Write a model as a LLaMA GGUF (llama.cpp's names), matrices in q8_0 or q4_0",
+    {"quantize",
+     "Write a model as a LLaMA GGUF (llama.cpp's names), matrices in q8_0, q4_0, q4_k or q6_k",
      [](CLI::App& app) {
        auto o = std::make_shared<Options>();
        app.add_option("--model", o->model, "Hugging Face directory or llama2.c .bin")->required();
-       app.add_option("--type", o->type, "q8_0, q4_0 (or f32, f16, bf16: unquantized)")
+       app.add_option("--type", o->type,
+                      "q8_0, q4_0, q4_k, q6_k (or f32, f16, bf16: unquantized)")
            ->required()
-           ->check(CLI::IsMember({"q8_0", "q4_0", "f32", "f16", "bf16"}));
+           ->check(CLI::IsMember({"q8_0", "q4_0", "q4_k", "q6_k", "f32", "f16", "bf16"}));
        app.add_option("--out", o->out, "Output .gguf file")->required();
        return [o] { return run(*o); };
      }});

@@ -145,7 +145,7 @@ void convert(const void* src, DType st, void* dst, DType dt, size_t n) {
     }
     return;
   }
-  if (is_float(st) && (dt == DType::Q8_0 || dt == DType::Q4_0)) {
+  if (is_float(st) && is_block(dt)) {
     constexpr int64_t kChunk = 4096;
     float buf[kChunk];
     for (size_t i = 0; i < n; i += kChunk) {
@@ -159,7 +159,7 @@ void convert(const void* src, DType st, void* dst, DType dt, size_t n) {
   }
   if (!is_float(st) || !is_float(dt))
     fail("dtype", "cannot convert ", dtype_name(st), " to ", dtype_name(dt),
-         " (integer dtypes are copy-only; only q8_0 and q4_0 can be quantized to)");
+         " (integer dtypes are copy-only)");
   auto load = [&](size_t i) -> float {
     switch (st) {
       case DType::F32:

@@ -72,10 +72,192 @@ void quantize_q8_k(const float* x, BlockQ8_K* y, int64_t n) {
   }
 }
 
+namespace {
+
+// Squared error of coding x[0, n) on the grid value = s * q - m, q = nearest code in [qlo, qhi].
+float grid_error(const float* x, int n, float s, float m, int qlo, int qhi) {
+  const float inv = s != 0.0f ? 1.0f / s : 0.0f;
+  float e = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    const int q = std::clamp(static_cast<int>(std::roundf((x[i] + m) * inv)), qlo, qhi);
+    const float r = s * static_cast<float>(q) - m - x[i];
+    e += r * r;
+  }
+  return e;
+}
+
+// A sub-block's scale s and offset m (value = s q - m, q in [0, 15], m >= 0) that code x[0, n)
+// with a small squared error: starting from the grid that just covers [min(x, 0), max(x)], codes
+// are assigned (nearest) and (s, m) refitted by least squares, a few rounds, keeping the best.
+void fit_asymmetric(const float* x, int n, float* s_out, float* m_out) {
+  float lo = 0.0f, hi = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+  }
+  float s = (hi - lo) / 15.0f, m = -lo;
+  float best = grid_error(x, n, s, m, 0, 15), bs = s, bm = m;
+  for (int round = 0; round < 4 && s > 0.0f; ++round) {
+    // Least squares of x = s q - m over the current codes: the 2x2 normal equations.
+    double sq = 0, sqq = 0, sx = 0, sqx = 0;
+    const float inv = 1.0f / s;
+    for (int i = 0; i < n; ++i) {
+      const double q = std::clamp(static_cast<int>(std::roundf((x[i] + m) * inv)), 0, 15);
+      sq += q;
+      sqq += q * q;
+      sx += x[i];
+      sqx += q * x[i];
+    }
+    const double det = n * sqq - sq * sq;
+    if (det <= 0) break;
+    double ns = (n * sqx - sq * sx) / det, nm = (ns * sq - sx) / n;
+    if (nm < 0) {  // the grid must start at or below 0: fit s alone with m = 0
+      nm = 0;
+      ns = sqq > 0 ? sqx / sqq : 0;
+    }
+    if (!(ns > 0)) break;
+    s = static_cast<float>(ns);
+    m = static_cast<float>(nm);
+    const float e = grid_error(x, n, s, m, 0, 15);
+    if (e < best) {
+      best = e;
+      bs = s;
+      bm = m;
+    }
+  }
+  *s_out = bs;
+  *m_out = bm;
+}
+
+// A sub-block's signed scale for codes in [-32, 31] (value = s q): the largest magnitude on -32,
+// then smaller steps that clip it (up to 38 steps), then the least-squares scale of the best
+// codes; the smallest squared error wins.
+float fit_symmetric(const float* x, int n) {
+  float big = 0.0f;
+  for (int i = 0; i < n; ++i)
+    if (std::fabs(x[i]) > std::fabs(big)) big = x[i];
+  if (big == 0.0f) return 0.0f;
+  float best_s = big / -32.0f, best = grid_error(x, n, best_s, 0.0f, -32, 31);
+  for (int k = 1; k <= 12; ++k) {
+    const float s = big / -(32.0f + 0.5f * static_cast<float>(k));
+    const float e = grid_error(x, n, s, 0.0f, -32, 31);
+    if (e < best) {
+      best = e;
+      best_s = s;
+    }
+  }
+  double qq = 0, qx = 0;
+  for (int i = 0; i < n; ++i) {
+    const double q = std::clamp(static_cast<int>(std::roundf(x[i] / best_s)), -32, 31);
+    qq += q * q;
+    qx += q * x[i];
+  }
+  if (qq > 0) {
+    const float s = static_cast<float>(qx / qq);
+    if (s != 0.0f && grid_error(x, n, s, 0.0f, -32, 31) < best) best_s = s;
+  }
+  return best_s;
+}
+
+uint8_t code6(float v, float d) {  // round(v / d) in [0, 63]
+  return d > 0.0f ? static_cast<uint8_t>(std::clamp(std::roundf(v / d), 0.0f, 63.0f)) : 0;
+}
+
+}  // namespace
+
+void quantize_q4_k(const float* x, BlockQ4_K* y, int64_t n) {
+  check_blocks(DType::Q4_K, n, "quantize_q4_k");
+  for (int64_t b = 0; b < n / 256; ++b) {
+    const float* xb = x + b * 256;
+    float s[8], m[8], smax = 0.0f, mmax = 0.0f;
+    for (int j = 0; j < 8; ++j) {
+      fit_asymmetric(xb + 32 * j, 32, &s[j], &m[j]);
+      smax = std::max(smax, s[j]);
+      mmax = std::max(mmax, m[j]);
+    }
+    // The sub-block scales and offsets as 6-bit codes of d and dmin (f16).
+    BlockQ4_K& out = y[b];
+    out.d = f32_to_f16(smax / 63.0f);
+    out.dmin = f32_to_f16(mmax / 63.0f);
+    const float d = f16_to_f32(out.d), dmin = f16_to_f32(out.dmin);
+    uint8_t sc[8], mq[8];
+    for (int j = 0; j < 8; ++j) {
+      sc[j] = code6(s[j], d);
+      mq[j] = code6(m[j], dmin);
+    }
+    // Pack (the inverse of scale_min_k4): sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scale)
+    // and 4-7 (min); sub-blocks 4-7 as nibbles of bytes 8-11, their top 2 bits in the top 2 bits
+    // of bytes 0-3 (scale) and 4-7 (min).
+    for (int j = 0; j < 4; ++j) {
+      out.scales[j] = static_cast<uint8_t>((sc[j] & 63) | ((sc[j + 4] >> 4) << 6));
+      out.scales[j + 4] = static_cast<uint8_t>((mq[j] & 63) | ((mq[j + 4] >> 4) << 6));
+      out.scales[j + 8] = static_cast<uint8_t>((sc[j + 4] & 0xF) | ((mq[j + 4] & 0xF) << 4));
+    }
+    // Codes on the stored grid, value = d*sc*q - dmin*m: the nearest in [0, 15]. Each 32 bytes
+    // hold a pair of sub-blocks, the first in the low nibbles.
+    for (int j = 0; j < 8; j += 2) {
+      int q[2][32];
+      for (int h = 0; h < 2; ++h) {
+        const float step = d * static_cast<float>(sc[j + h]);
+        const float off = dmin * static_cast<float>(mq[j + h]);
+        const float inv = step > 0.0f ? 1.0f / step : 0.0f;
+        for (int l = 0; l < 32; ++l)
+          q[h][l] = std::clamp(static_cast<int>(std::roundf((xb[32 * (j + h) + l] + off) * inv)),
+                               0, 15);
+      }
+      for (int l = 0; l < 32; ++l)
+        out.qs[16 * j + l] = static_cast<uint8_t>(q[0][l] | (q[1][l] << 4));
+    }
+  }
+}
+
+void quantize_q6_k(const float* x, BlockQ6_K* y, int64_t n) {
+  check_blocks(DType::Q6_K, n, "quantize_q6_k");
+  for (int64_t b = 0; b < n / 256; ++b) {
+    const float* xb = x + b * 256;
+    float s[16], amax = 0.0f;
+    for (int j = 0; j < 16; ++j) {
+      s[j] = fit_symmetric(xb + 16 * j, 16);
+      amax = std::max(amax, std::fabs(s[j]));
+    }
+    // int8 sub-block scales of d (f16).
+    BlockQ6_K& out = y[b];
+    out.d = f32_to_f16(amax / 127.0f);
+    const float d = f16_to_f32(out.d);
+    for (int j = 0; j < 16; ++j)
+      out.scales[j] = static_cast<int8_t>(
+          d > 0.0f ? std::clamp(std::roundf(s[j] / d), -128.0f, 127.0f) : 0.0f);
+    int q[256];  // codes 0..63 (value = d * sc * (q - 32)): the nearest on the stored grid
+    for (int j = 0; j < 16; ++j) {
+      const float step = d * static_cast<float>(out.scales[j]);
+      const float inv = step != 0.0f ? 1.0f / step : 0.0f;
+      for (int l = 0; l < 16; ++l)
+        q[16 * j + l] =
+            std::clamp(static_cast<int>(std::roundf(xb[16 * j + l] * inv)), -32, 31) + 32;
+    }
+    // Pack (the inverse of dequant_q6_k): per half of 128 values, value l (0..31) and l + 64 share
+    // byte l of ql (low and high nibble), l + 32 and l + 96 byte l + 32; the top 2 bits of l,
+    // l + 32, l + 64, l + 96 are bits 0-1, 2-3, 4-5, 6-7 of qh byte l.
+    for (int half = 0; half < 2; ++half) {
+      const int* qv = q + 128 * half;
+      uint8_t* ql = out.ql + 64 * half;
+      uint8_t* qh = out.qh + 32 * half;
+      for (int l = 0; l < 32; ++l) {
+        ql[l] = static_cast<uint8_t>((qv[l] & 0xF) | ((qv[l + 64] & 0xF) << 4));
+        ql[l + 32] = static_cast<uint8_t>((qv[l + 32] & 0xF) | ((qv[l + 96] & 0xF) << 4));
+        qh[l] = static_cast<uint8_t>((qv[l] >> 4) | ((qv[l + 32] >> 4) << 2) |
+                                     ((qv[l + 64] >> 4) << 4) | ((qv[l + 96] >> 4) << 6));
+      }
+    }
+  }
+}
+
 void quantize(DType type, const float* x, void* blocks, int64_t n) {
   if (type == DType::Q8_0) return quantize_q8_0(x, static_cast<BlockQ8_0*>(blocks), n);
   if (type == DType::Q4_0) return quantize_q4_0(x, static_cast<BlockQ4_0*>(blocks), n);
-  fail("quant", "quantizing to ", dtype_name(type), " is not supported (q8_0 and q4_0 are)");
+  if (type == DType::Q4_K) return quantize_q4_k(x, static_cast<BlockQ4_K*>(blocks), n);
+  if (type == DType::Q6_K) return quantize_q6_k(x, static_cast<BlockQ6_K*>(blocks), n);
+  fail("quant", "quantizing to ", dtype_name(type), " is not supported");
 }
 
 namespace {

@@ -1,5 +1,5 @@
 // llama.cpp's block-quantized weight formats (the published ggml layouts, little-endian), their
-// dequantization, and the reference quantizers for Q8_0 and Q4_0.
+// dequantization, and quantizers for each.
 //
 //   Q8_0  32 values, 34 bytes: f16 scale d, then 32 int8 q;            value = q * d
 //   Q4_0  32 values, 18 bytes: f16 scale d, then 16 bytes of nibbles: byte j holds value j in its
@@ -63,7 +63,16 @@ void quantize_q4_0(const float* x, BlockQ4_0* y, int64_t n);
 // x[n] -> n / 256 BlockQ8_K: d = max|x| / 127, q = round(x / d) (half away from zero); an
 // all-zero block gets d = 0 and zero codes.
 void quantize_q8_k(const float* x, BlockQ8_K* y, int64_t n);
-// Q8_0 or Q4_0 (std::invalid_argument for any other dtype).
+// x[n] -> n / 256 blocks. Each sub-block's scale (and Q4_K's offset) is fitted to its values:
+// Q4_K (value = s q - m, q in [0, 15], m >= 0): from the grid that just covers [min(x, 0), max x],
+// codes and a least-squares (s, m) alternate for a few rounds; Q6_K (value = s q, q in [-32, 31]):
+// the largest magnitude on -32, then smaller steps that clip it, then the least-squares scale.
+// The fitted values are stored as 6-bit (Q4_K) or int8 (Q6_K) codes of f16 super-block scales,
+// and every value gets the nearest code on the grid so stored. The error is what a search of this
+// kind gives (written here from the formats; llama.cpp's own search differs in its details).
+void quantize_q4_k(const float* x, BlockQ4_K* y, int64_t n);
+void quantize_q6_k(const float* x, BlockQ6_K* y, int64_t n);
+// Q8_0, Q4_0, Q4_K or Q6_K (std::invalid_argument for any other dtype).
 void quantize(DType type, const float* x, void* blocks, int64_t n);
 
 // blocks of `type` (any block dtype) -> y[n].
