@@ -33,6 +33,20 @@ Tensor permute_rope_rows(const Tensor& w, int64_t heads) {
   return out;
 }
 
+// w (f32 [rows, cols]) -> `type`, rows split over the pool (each row whole blocks): the bytes
+// of w.to(type), in a fraction of the time (the K types fit their scales, ~100 s a 1B model on
+// one thread).
+Tensor quantize_rows(const Tensor& w, DType type) {
+  Tensor out = Tensor::empty(type, {w.dim(0), w.dim(1)});
+  const int64_t cols = w.dim(1);
+  const size_t row_bytes = dtype_bytes(type, cols);
+  ThreadPool::current().parallel_for(w.dim(0), [&](int64_t b, int64_t e) {
+    convert(w.data<float>() + b * cols, DType::F32, static_cast<char*>(out.raw()) + b * row_bytes,
+            type, static_cast<size_t>((e - b) * cols));
+  });
+  return out;
+}
+
 uint32_t file_type(DType t) {  // llama.cpp's general.file_type (LLAMA_FTYPE_*)
   switch (t) {
     case DType::F32:
@@ -130,7 +144,7 @@ int run(const Options& o) {
         }
       }
     }
-    Tensor stored = want == DType::F32 ? w : w.to(want);
+    Tensor stored = want == DType::F32 ? w : is_block(want) ? quantize_rows(w, want) : w.to(want);
     bytes += stored.nbytes();
     out.emplace_back(gguf_name_of(t.name), std::move(stored));
   }
