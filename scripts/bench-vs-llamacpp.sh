@@ -9,7 +9,7 @@
 #   a vocabulary with the 256 byte pieces). Default: the TinyLlama-1.1B shape with a 2048-token
 #   vocabulary and random weights (bench/configs/tinyllama-vocab2048.json), written once to
 #   $WORK/model with a byte-fallback tokenizer trained on this repository's docs.
-# Environment: TYPES (default "bf16 q8_0 q4_0"), THREADS (default: all cores), ROUNDS (3),
+# Environment: TYPES (default "bf16 q8_0 q4_0 q4_k"), THREADS (default: all cores), ROUNDS (3),
 #   PROMPT (512), DECODE (64), WORK (default /tmp/parallm-vs-llamacpp: models and GGUF files),
 #   PARALLM (default ./build/parallm).
 # Prints one line per run and, per type, the medians and the ratio parallm / llama.cpp.
@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 P=${PARALLM:-./build/parallm}
-TYPES=${TYPES:-bf16 q8_0 q4_0}
+TYPES=${TYPES:-bf16 q8_0 q4_0 q4_k}
 THREADS=${THREADS:-$(nproc)}
 ROUNDS=${ROUNDS:-3}
 PROMPT=${PROMPT:-512}
