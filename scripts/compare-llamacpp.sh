@@ -5,8 +5,9 @@
 # part is printed (both quantize the activations to 8 bits, in different orders of summation: on a
 # model this small the top two logits are often within the rounding).
 #
-# Usage: scripts/compare-llamacpp.sh [N_TOKENS]   (default 32)
-# The model is stories260K (models/), written by `parallm quantize`; llama.cpp needs a vocabulary
+# Usage: scripts/compare-llamacpp.sh [N_TOKENS]   (default 32; MODELS="stories260K mixtral")
+# The models are stories260K (models/) and a random Mixtral-shaped MoE, written by `parallm
+# quantize`; llama.cpp needs a vocabulary
 # with the 256 byte pieces, and stories260K's own tokenizer is not in the repository, so a
 # 512-piece byte-fallback tokenizer is trained on the docs: token ids are compared, not text.
 set -euo pipefail
@@ -20,23 +21,38 @@ trap 'rm -rf "$work"' EXIT
 cp models/stories260K/stories260K.bin "$work/"
 cat docs/*.md > "$work/text.txt"
 "$P" tokenizer train --in "$work/text.txt" --vocab-size 512 --byte-fallback --out "$work" >/dev/null
+# A Mixtral-shaped MoE model (random weights, 8 experts, top 2, hidden 128) with the same
+# tokenizer, written as llama.cpp writes Mixtral: the llama architecture with stacked
+# ffn_*_exps experts and an f32 ffn_gate_inp router.
+"$P" init-model --shape mixtral-tiny --out "$work/mix-base" >/dev/null
+sed -e 's/"vocab_size": [0-9]*/"vocab_size": 512/' -e 's/"hidden_size": [0-9]*/"hidden_size": 128/' \
+  -e 's/"intermediate_size": [0-9]*/"intermediate_size": 128/' "$work/mix-base/config.json" \
+  > "$work/mix.json"
+"$P" init-model --shape "$work/mix.json" --dtype f32 --seed 3 --out "$work/mix" >/dev/null
+cp "$work/tokenizer.model" "$work/mix/"
 status=0
+for model in ${MODELS:-stories260K mixtral}; do
 for type in f32 q8_0 q4_0; do
-  "$P" quantize --model "$work/stories260K.bin" --type "$type" --out "$work/$type.gguf" >/dev/null
+  src="$work/stories260K.bin"
+  [ "$model" = mixtral ] && src="$work/mix"
+  "$P" quantize --model "$src" --type "$type" --out "$work/$type.gguf" >/dev/null
   for prompt in 1 1,400,300 1,260,300,280,290,500; do
+    # --dtype f32: parallm reads a GGUF's unquantized matrices as bf16 by default (--dtype auto);
+    # llama.cpp computes them in f32.
     ours=$("$P" generate --model "$work/$type.gguf" --prompt-ids "$prompt" --max-tokens "$N" \
-             --print-ids 2>/dev/null | head -1 | tr -s ' ' ',' | sed 's/,$//')
+             --dtype f32 --print-ids 2>/dev/null | head -1 | tr -s ' ' ',' | sed 's/,$//')
     theirs=$(cd bench/llamacpp && node greedy.mjs "$work/$type.gguf" "$prompt" "$N")
     same=$(paste -d' ' <(tr ',' '\n' <<<"$ours") <(tr ',' '\n' <<<"$theirs") |
            awk '$1 != $2 {print NR - 1; exit} END {if (NR) print NR}' | head -1)
     if [ "$ours" = "$theirs" ]; then
-      echo "$type prompt $prompt: the same $N tokens"
+      echo "$model $type prompt $prompt: the same $N tokens"
     else
-      echo "$type prompt $prompt: first difference at step $same"
+      echo "$model $type prompt $prompt: first difference at step $same"
       echo "  parallm   $ours"
       echo "  llama.cpp $theirs"
       [ "$type" = f32 ] && status=1
     fi
   done
+done
 done
 exit $status

@@ -496,6 +496,95 @@ TEST(GgufModel, KQuantizedFilesHoldTheKTypeAndRunUnderPp) {
   }
 }
 
+// Mixtral as llama.cpp writes it: llama.expert_count / expert_used_count, an f32 ffn_gate_inp
+// router, and per layer one [E, rows, cols] tensor per expert matrix kind (ffn_gate_exps = w1,
+// ffn_down_exps = w2, ffn_up_exps = w3). Read back, expert e of a stack is the HF tensor (f32
+// exactly, Q8_0 as Tensor::to writes it), and the f32 file runs as the HF directory does.
+TEST(GgufModel, MixtralWritesStackedExpertsAndReadsThemBack) {
+  testing::TempDir dir;
+  ASSERT_EQ(testing::run_parallm("init-model --shape mixtral-tiny --seed 8 --dtype f32 --out " +
+                                 dir.file("hf"))
+                .exit_code,
+            0);
+  for (const std::string type : {"f32", "q8_0"}) {
+    const std::string path = dir.file(type + ".gguf");
+    const auto r = testing::run_parallm("quantize --model " + dir.file("hf") + " --type " + type +
+                                        " --out " + path);
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    GgufFile g = open_gguf(path);
+    int stacks = 0;
+    for (const GgufTensorInfo& t : g.header.tensors) {
+      if (t.name.find("_exps.") != std::string::npos) {
+        ++stacks;
+        ASSERT_EQ(t.shape.size(), 3u) << t.name;
+        EXPECT_EQ(t.shape[0], 8) << t.name;
+        EXPECT_EQ(t.dtype, parse_dtype(type)) << t.name;
+      }
+      if (t.name.find("ffn_gate_inp") != std::string::npos) EXPECT_EQ(t.dtype, DType::F32);
+    }
+    EXPECT_EQ(stacks, 2 * 3);
+    ModelConfig hc, gc;
+    auto hf = open_model(dir.file("hf"), &hc);
+    auto gg = open_model(path, &gc);
+    EXPECT_EQ(gc.model_type, "mixtral");
+    EXPECT_EQ(gc.num_local_experts, hc.num_local_experts);
+    EXPECT_EQ(gc.num_experts_per_tok, hc.num_experts_per_tok);
+    int experts = 0;
+    for (const std::string& name : hf->names()) {
+      if (name.find("experts.") == std::string::npos && name.find("moe.gate") == std::string::npos)
+        continue;
+      const TensorInfo gi = gg->info(name);
+      const Tensor want = hf->read(name, DType::F32);
+      const Tensor ref = is_block(gi.dtype) ? want.to(gi.dtype) : want;
+      const Tensor mine = gg->read(name, gi.dtype);
+      ASSERT_EQ(mine.shape(), want.shape()) << name;
+      ASSERT_EQ(mine.nbytes(), ref.nbytes()) << name;
+      EXPECT_EQ(std::memcmp(mine.raw(), ref.raw(), ref.nbytes()), 0) << name;
+      experts += name.find("experts.") != std::string::npos;
+    }
+    EXPECT_EQ(experts, 2 * 8 * 3);
+  }
+  // The f32 file runs as the HF directory (q/k rows permuted both ways: logits within 1e-5).
+  const std::vector<std::vector<int32_t>> prompts = {{1}, {1, 103, 107, 61}, {1, 120, 80}};
+  const ModelRun a = run_model(dir.file("hf"), 1, 1, 6, prompts);
+  const ModelRun b = run_model(dir.file("f32.gguf"), 1, 1, 6, prompts);
+  const ModelRun q1 = run_model(dir.file("q8_0.gguf"), 1, 1, 6, prompts);
+  const ModelRun q2 = run_model(dir.file("q8_0.gguf"), 1, 2, 6, prompts);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    EXPECT_EQ(b.tokens[i], a.tokens[i]);
+    EXPECT_EQ(q2.tokens[i], q1.tokens[i]);
+    double worst = 0, scale = 0;
+    for (size_t v = 0; v < a.logits[i].size(); ++v) {
+      worst = std::max(worst, std::abs(double(b.logits[i][v]) - a.logits[i][v]));
+      scale = std::max(scale, std::abs(double(a.logits[i][v])));
+    }
+    EXPECT_LE(worst, 1e-5 * scale);
+  }
+  // A stack whose expert count is not llama.expert_count: one line naming the tensor.
+  {
+    GgufFile g = open_gguf(dir.file("f32.gguf"));
+    std::vector<std::pair<std::string, GgufValue>> meta = g.header.metadata;
+    for (auto& [k, v] : meta)
+      if (k == "llama.expert_count") v = GgufValue::u32(4);
+    std::vector<std::pair<std::string, Tensor>> tensors;
+    ModelConfig c;
+    auto src = open_model(dir.file("hf"), &c);
+    for (const GgufTensorInfo& t : g.header.tensors) {
+      Tensor x = Tensor::empty(t.dtype, t.shape);
+      std::memcpy(x.raw(), g.file->data() + t.offset, t.nbytes);
+      tensors.emplace_back(t.name, std::move(x));
+    }
+    write_gguf(dir.file("bad.gguf"), meta, tensors);
+    const std::string e = testing::error_of([&] {
+      ModelConfig bc;
+      open_model(dir.file("bad.gguf"), &bc);
+    });
+    EXPECT_NE(e.find("blk.0.ffn_gate_exps.weight has shape [8, 96, 64], not [4 experts"),
+              std::string::npos)
+        << e;
+  }
+}
+
 TEST(GgufModel, HuggingFaceQkRowsArePermutedIntoLlamaCppOrderExactly) {
   testing::TempDir dir;
   ASSERT_EQ(

@@ -2,7 +2,9 @@
 // with llama.cpp's tensor names, Q/K row order and metadata, matrices quantized to Q8_0, Q4_0,
 // Q4_K or Q6_K.
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
+#include <map>
 
 #include "parallm/cli/command.h"
 #include "parallm/core/error.h"
@@ -33,14 +35,14 @@ Tensor permute_rope_rows(const Tensor& w, int64_t heads) {
   return out;
 }
 
-// w (f32 [rows, cols]) -> `type`, rows split over the pool (each row whole blocks): the bytes
+// w (f32 [..., cols]) -> `type`, rows split over the pool (each row whole blocks): the bytes
 // of w.to(type), in a fraction of the time (the K types fit their scales, ~100 s a 1B model on
 // one thread).
 Tensor quantize_rows(const Tensor& w, DType type) {
-  Tensor out = Tensor::empty(type, {w.dim(0), w.dim(1)});
-  const int64_t cols = w.dim(1);
+  Tensor out = Tensor::empty(type, w.shape());
+  const int64_t cols = w.dim(w.ndim() - 1), rows = w.numel() / cols;
   const size_t row_bytes = dtype_bytes(type, cols);
-  ThreadPool::current().parallel_for(w.dim(0), [&](int64_t b, int64_t e) {
+  ThreadPool::current().parallel_for(rows, [&](int64_t b, int64_t e) {
     convert(w.data<float>() + b * cols, DType::F32, static_cast<char*>(out.raw()) + b * row_bytes,
             type, static_cast<size_t>((e - b) * cols));
   });
@@ -72,9 +74,9 @@ int run(const Options& o) {
   const DType type = parse_dtype(o.type, "--type");
   ModelConfig c;
   const std::unique_ptr<WeightSource> source = open_model(o.model, &c);
-  if (c.is_moe() || c.attention_bias)
-    fail("quantize", o.model, ": only dense LLaMA models are written (model_type ", c.model_type,
-         ")");
+  if (c.is_qwen2_moe() || c.attention_bias)
+    fail("quantize", o.model, ": only LLaMA and Mixtral models are written (model_type ",
+         c.model_type, ")");
   if (!c.rope_scaling.type.empty())
     fail("quantize", o.model, ": rope_scaling \"", c.rope_scaling.type,
          "\" is not written to GGUF yet");
@@ -107,6 +109,13 @@ int run(const Options& o) {
        GgufValue::u32(static_cast<uint32_t>(c.eos_token_ids.empty() ? 2 : c.eos_token_ids[0]))},
   };
 
+  if (c.is_moe()) {  // Mixtral, as llama.cpp writes it: the llama architecture with experts
+    meta.push_back(
+        {"llama.expert_count", GgufValue::u32(static_cast<uint32_t>(c.num_local_experts))});
+    meta.push_back(
+        {"llama.expert_used_count", GgufValue::u32(static_cast<uint32_t>(c.num_experts_per_tok))});
+  }
+
   // The vocabulary, when the model has a sentencepiece tokenizer.model (a tokenizer.json-only
   // model gets none yet).
   {
@@ -122,8 +131,34 @@ int run(const Options& o) {
   std::vector<std::pair<std::string, Tensor>> out;
   int64_t kept_f32 = 0, as_q8_0 = 0;
   uint64_t bytes = 0;
+  // Mixtral's expert matrices are stacked per layer and kind into llama.cpp's [E, rows, cols]
+  // tensors: the experts of one (layer, kind) gathered here until the last one is read.
+  std::map<std::string, std::vector<Tensor>> stacks;
   for (const LlamaTensor& t : table) {
     Tensor w = source->read(t.name, DType::F32);
+    if (t.expert >= 0) {
+      const std::string gg = gguf_expert_name_of(t.name, nullptr);
+      if (gg.empty()) fail("quantize", o.model, ": no GGUF name for expert tensor ", t.name);
+      std::vector<Tensor>& parts = stacks[gg];
+      parts.push_back(std::move(w));
+      if (static_cast<int64_t>(parts.size()) < c.num_local_experts) continue;
+      const int64_t rows = parts[0].dim(0), cols = parts[0].dim(1);
+      Tensor all = Tensor::empty(DType::F32, {c.num_local_experts, rows, cols});
+      for (size_t e = 0; e < parts.size(); ++e)
+        std::memcpy(all.data<float>() + e * rows * cols, parts[e].data<float>(),
+                    rows * cols * sizeof(float));
+      stacks.erase(gg);
+      DType want = type;
+      if (is_block(type) && cols % dtype_block(type) != 0) {
+        want = dtype_block(type) > 32 && cols % 32 == 0 ? DType::Q8_0 : DType::F32;
+        ++(want == DType::Q8_0 ? as_q8_0 : kept_f32);
+      }
+      Tensor stored = want == DType::F32 ? all : is_block(want) ? quantize_rows(all, want)
+                                                                : all.to(want);
+      bytes += stored.nbytes();
+      out.emplace_back(gg, std::move(stored));
+      continue;
+    }
     const bool q = t.name.find("q_proj") != std::string::npos;
     const bool k = t.name.find("k_proj") != std::string::npos;
     if ((q || k) && !c.rope_interleaved)
@@ -132,7 +167,8 @@ int run(const Options& o) {
     // another type: to Q8_0 when its rows are whole 32-value blocks (a K type's 256 do not divide
     // them), else to f32 (stories260K's FFN of 172).
     DType want = DType::F32;
-    if (t.matrix && w.ndim() == 2) {
+    // The router stays f32, as llama.cpp keeps ffn_gate_inp (and the engine keeps routers).
+    if (t.matrix && w.ndim() == 2 && t.part != LlamaPart::Router) {
       want = type;
       if (is_block(type) && w.dim(1) % dtype_block(type) != 0) {
         if (dtype_block(type) > 32 && w.dim(1) % 32 == 0) {

@@ -11,6 +11,7 @@
 
 #include "parallm/core/checked.h"
 #include "parallm/core/error.h"
+#include "parallm/model/llama_tensors.h"
 #include "parallm/model/tokenizer.h"
 #include "parallm/model/tokenizer_spm.h"
 
@@ -493,9 +494,39 @@ const std::pair<const char*, const char*> kLayerNames[] = {
     {"mlp.gate_proj.weight", "ffn_gate.weight"},
     {"mlp.up_proj.weight", "ffn_up.weight"},
     {"mlp.down_proj.weight", "ffn_down.weight"},
+    {"block_sparse_moe.gate.weight", "ffn_gate_inp.weight"},
+};
+
+// Mixtral's expert matrices <-> llama.cpp's, which stacks each kind over the experts in one 3-D
+// tensor per layer ([E, rows, cols] in PyTorch order).
+const std::pair<const char*, const char*> kExpertNames[] = {
+    {"w1.weight", "ffn_gate_exps.weight"},
+    {"w2.weight", "ffn_down_exps.weight"},
+    {"w3.weight", "ffn_up_exps.weight"},
 };
 
 }  // namespace
+
+std::string gguf_expert_name_of(const std::string& hf, int64_t* expert) {
+  const std::string prefix = "model.layers.";
+  if (hf.rfind(prefix, 0) != 0) return "";
+  const size_t dot = hf.find('.', prefix.size());
+  if (dot == std::string::npos) return "";
+  const std::string layer = hf.substr(prefix.size(), dot - prefix.size());
+  const std::string mid = ".block_sparse_moe.experts.";
+  if (hf.compare(dot, mid.size(), mid) != 0) return "";
+  const size_t e0 = dot + mid.size(), e1 = hf.find('.', e0);
+  if (e1 == std::string::npos || e1 == e0) return "";
+  const std::string num = hf.substr(e0, e1 - e0);
+  if (num.find_first_not_of("0123456789") != std::string::npos || num.size() > 9) return "";
+  const std::string suffix = hf.substr(e1 + 1);
+  for (const auto& [h, g] : kExpertNames)
+    if (suffix == h) {
+      if (expert) *expert = std::stoll(num);
+      return cat("blk.", layer, ".", g);
+    }
+  return "";
+}
 
 std::string gguf_name_of(const std::string& hf) {
   if (hf == names::kEmbed) return "token_embd.weight";
@@ -549,6 +580,14 @@ ModelConfig gguf_llama_config(const GgufHeader& h, const std::string& source) {
     fail(kComponent, source, ": token_embd.weight has shape ", shape_str(embd->shape), ", not 2-D");
   c.vocab_size = embd->shape[0];
   c.tie_word_embeddings = !has_output;
+  // Mixtral-style MoE (llama.cpp writes Mixtral under the llama architecture): the experts' count
+  // and how many each token uses; the router renormalises its top-k weights, as Mixtral's does.
+  if (const int64_t e = meta_int(h, "llama.expert_count", source, 0); e > 0) {
+    c.model_type = "mixtral";
+    c.num_local_experts = e;
+    c.num_experts_per_tok = meta_int(h, "llama.expert_used_count", source);
+    c.norm_topk_prob = true;
+  }
   c.bos_token_id = meta_int(h, "tokenizer.ggml.bos_token_id", source, 1);
   c.eos_token_ids = {meta_int(h, "tokenizer.ggml.eos_token_id", source, 2)};
   c.validate(source);
@@ -561,15 +600,13 @@ std::unique_ptr<WeightSource> open_gguf_llama(const std::string& path, ModelConf
   std::vector<MappedTensor> tensors;
   std::map<std::string, const GgufTensorInfo*> by_name;
   for (const GgufTensorInfo& t : g.header.tensors) by_name[t.name] = &t;
-  // Every table tensor (and lm_head when the file has output.weight) under its HF name.
-  std::vector<std::string> hf_names;
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i)
-    for (const auto& [hf, gg] : kLayerNames) hf_names.push_back(names::layer(i, hf));
-  hf_names.insert(hf_names.begin(), names::kEmbed);
-  hf_names.push_back(names::kNorm);
-  hf_names.push_back(names::kLmHead);
-  for (const std::string& hf : hf_names) {
-    auto it = by_name.find(gguf_name_of(hf));
+  // Every table tensor (lm_head when the file has output.weight) under its HF name.
+  for (const LlamaTensor& table_entry : llama_tensors(c)) {
+    const std::string& hf = table_entry.name;
+    int64_t expert = -1;
+    std::string gg = gguf_name_of(hf);
+    if (gg.empty()) gg = gguf_expert_name_of(hf, &expert);
+    auto it = by_name.find(gg);
     if (it == by_name.end()) continue;  // check_llama_weights names what is missing
     const GgufTensorInfo& t = *it->second;
     MappedTensor m;
@@ -580,6 +617,17 @@ std::unique_ptr<WeightSource> open_gguf_llama(const std::string& path, ModelConf
     m.shape = t.shape;
     m.begin = static_cast<size_t>(t.offset);
     m.end = static_cast<size_t>(t.offset + t.nbytes);
+    if (expert >= 0) {
+      // Expert e of a stacked [E, rows, cols] tensor: its e-th contiguous slice (each expert's
+      // rows are whole blocks, so the slices are whole bytes).
+      if (t.shape.size() != 3 || t.shape[0] != c.num_local_experts)
+        fail(kComponent, path, ": ", gg, " has shape ", shape_str(t.shape), ", not [",
+             c.num_local_experts, " experts (llama.expert_count), rows, cols]");
+      const size_t per = static_cast<size_t>(t.nbytes / t.shape[0]);
+      m.shape = {t.shape[1], t.shape[2]};
+      m.begin = static_cast<size_t>(t.offset) + static_cast<size_t>(expert) * per;
+      m.end = m.begin + per;
+    }
     tensors.push_back(std::move(m));
   }
   if (config) *config = c;

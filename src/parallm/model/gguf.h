@@ -135,6 +135,10 @@ ModelConfig gguf_llama_config(const GgufHeader& h, const std::string& source);
 // The GGUF name of a Hugging Face LLaMA tensor name ("model.layers.3.self_attn.q_proj.weight" ->
 // "blk.3.attn_q.weight"), "" when there is none.
 std::string gguf_name_of(const std::string& hf_name);
+// A Mixtral expert matrix's GGUF name: "model.layers.3.block_sparse_moe.experts.5.w1.weight" ->
+// "blk.3.ffn_gate_exps.weight" with *expert = 5 (w2: ffn_down_exps, w3: ffn_up_exps; the router
+// block_sparse_moe.gate is gguf_name_of's ffn_gate_inp); "" when `hf_name` is no expert matrix.
+std::string gguf_expert_name_of(const std::string& hf_name, int64_t* expert);
 // Opens a LLaMA GGUF as a WeightSource with Hugging Face names; fills `config`.
 std::unique_ptr<WeightSource> open_gguf_llama(const std::string& path, ModelConfig* config);
 
