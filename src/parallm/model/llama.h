@@ -43,6 +43,12 @@ struct LlamaOptions {
   // Mixture of experts: the expert-parallel group (size 1: every expert here). Its ranks hold the
   // same tokens (attention replicated); each holds parallel::expert_range's experts.
   comm::Group ep;
+  // vLLM's --enable-expert-parallel layout: the experts are not TP-split but placed whole over the
+  // TP group (expert_range(E, TP, tp_rank)), which is the EP group; the MoE layer all-reduces its
+  // [T, k, H] slots over it (parallel::MoeMode::AllReduce). Attention, the LM head and qwen2_moe's
+  // shared expert stay TP-split as for a dense model; the routers are on every rank. `ep` must be
+  // size 1; a dense model is refused.
+  bool experts_over_tp = false;
 };
 
 class LlamaModel {
@@ -87,6 +93,10 @@ class LlamaModel {
   // MoE: rows this rank sent to each EP rank (its own included), summed over its layers, [ep];
   // empty for a dense model. The planner's all-to-all bytes are exact given these (plan/moe.h).
   std::vector<int64_t> moe_rows_sent() const;
+  // MoE: the group the experts are placed over (LlamaOptions::ep, or a group of the TP ranks named
+  // "ep_tp" under experts_over_tp), and whether it is the TP group's ranks.
+  const comm::Group& expert_group() const { return expert_group_; }
+  bool experts_over_tp() const { return opts_.experts_over_tp; }
   uint64_t decode_bytes_per_token() const;
 
   // The workspace forward_layers needs for up to max_tokens tokens per call (the largest prompt
@@ -113,6 +123,7 @@ class LlamaModel {
   ModelConfig config_;
   LlamaOptions opts_;
   comm::Group tp_;
+  comm::Group expert_group_;  // MoE: opts_.ep, or the TP ranks' own group (experts_over_tp)
   parallel::HeadPlan heads_;
   parallel::ShardSpec ffn_, vocab_;
   parallel::ShardSpec experts_;  // this EP rank's experts (MoE)
