@@ -320,6 +320,8 @@ struct MoeShape {
 };
 constexpr MoeShape kMixtral{"mixtral", 32, 96, 8, 2, true};
 constexpr MoeShape kQwen2Moe{"qwen2_moe", 32, 48, 8, 2, false};
+// Top-3: with three slots a token's sum depends on their order (two add the same either way).
+constexpr MoeShape kTop3{"mixtral top-3", 32, 96, 8, 3, true};
 
 struct ShapedMoe {
   MoeShape s;
@@ -378,7 +380,7 @@ std::vector<float> run_dispatch_one(const ShapedMoe& m, const std::vector<float>
 }
 
 TEST(MoeLayerAllReduce, EveryRankCountIsEpOneBitForBit) {
-  for (const MoeShape& shape : {kMixtral, kQwen2Moe}) {
+  for (const MoeShape& shape : {kMixtral, kQwen2Moe, kTop3}) {
     const ShapedMoe m = make_shaped(shape, 31);
     for (int64_t T : {int64_t{1}, int64_t{2}, int64_t{13}}) {  // T = 1: batch-1 decode
       const std::vector<float> x = random_floats(T * shape.H, 32 + static_cast<uint32_t>(T));

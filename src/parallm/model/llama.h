@@ -4,7 +4,8 @@
 // Per decoder layer:  x += ParallelAttention(rmsnorm(x))   (parallel/attention.h)
 //                     x += ParallelMlp(rmsnorm(x))         (parallel/mlp.h)
 // or, for a mixture-of-experts config (Mixtral), x += MoeLayer(rmsnorm(x)) (parallel/moe.h), its
-// experts split over LlamaOptions::ep and each expert's FFN over TP; qwen2_moe adds a shared
+// experts split over LlamaOptions::ep and each expert's FFN over TP (or, experts_over_tp, whole
+// experts placed over the TP ranks); qwen2_moe adds a shared
 // expert, x += MoeLayer(xn) + sigmoid(xn . w_sg) * SharedMlp(xn), the shared expert a dense
 // ParallelMlp on every EP rank, and q/k/v biases in the attention.
 // so a layer costs exactly two all-reduces forward when TP > 1 (none when TP == 1). The model

@@ -64,9 +64,9 @@ std::optional<LlamaTensor> find_llama_tensor(const ModelConfig& c, const std::st
 // empty-shard check), or "" when it can.
 std::string llama_tp_problem(const ModelConfig& c, int tp);
 
-// Why vLLM's --enable-expert-parallel layout (experts whole, placed over the TP ranks; LlamaOptions::
-// experts_over_tp) cannot run this model at TP `tp` with `--ep ep`, or "" when it can: a dense
-// model, --ep above 1 as well, TP above the experts.
+// Why vLLM's --enable-expert-parallel layout (experts whole, placed over the TP ranks;
+// LlamaOptions::experts_over_tp) cannot run this model at TP `tp` with `--ep ep`, or "" when it
+// can: a dense model, --ep above 1 as well, TP above the experts.
 std::string llama_expert_parallel_problem(const ModelConfig& c, int tp, int ep);
 
 // The part of `t` that rank `tp_rank` of a TP group of `tp` holds. Throws std::invalid_argument
