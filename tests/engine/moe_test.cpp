@@ -4,8 +4,10 @@
 // refused in one line.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <fstream>
 #include <mutex>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "parallm/comm/launch.h"
@@ -241,6 +243,207 @@ TEST(MixtralEp, BadLayoutsAndModelsFailInOneLine) {
   EXPECT_NE(one_line(run_parallm(gen + holed + " --ep 2"))
                 .find("missing tensor \"model.layers.1.block_sparse_moe.experts.5.w2.weight\""),
             std::string::npos);
+}
+
+// ---- vLLM's --enable-expert-parallel layout: whole experts over the TP ranks ----
+
+// Printed tokens (the lines that are not logits) and logit rows of a run, stdout only.
+struct Printed {
+  std::vector<std::string> tokens;
+  std::vector<std::vector<double>> logits;
+};
+Printed generate_printed(const std::string& dir, const std::string& layout, bool batch,
+                         const TempDir& tmp) {
+  std::string prompt = "--prompt-ids 1,7,11";
+  if (batch) {
+    std::ofstream(tmp.file("prompts.txt")) << "1,7,11\n1\n1,100,5,9,33,2,8\n";
+    prompt = "--prompts-file " + tmp.file("prompts.txt");
+  }
+  auto r = testing::run_command("(" PARALLM_BIN " generate --model " + dir + " " + prompt +
+                                " --max-tokens 10 --print-ids --print-logits --ignore-eos "
+                                "--threads 1 --comm-timeout 60 " +
+                                layout + " 2>/dev/null)");
+  EXPECT_EQ(r.exit_code, 0) << layout << ": " << r.output;
+  Printed p;
+  std::istringstream lines(r.output);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.empty()) continue;
+    if (line.rfind("logits", 0) == 0) {
+      std::istringstream v(line.substr(line.find(':') + 1));
+      p.logits.emplace_back();
+      for (double x; v >> x;) p.logits.back().push_back(x);
+    } else {
+      p.tokens.push_back(line);
+    }
+  }
+  EXPECT_FALSE(p.tokens.empty() || p.logits.empty()) << layout << ": " << r.output;
+  return p;
+}
+
+// The same tokens, logits within the TP tests' 1e-5 (normalised): TP re-sums attention, the
+// experts are whole (summed as on one rank).
+void expect_close(const Printed& got, const Printed& one, const std::string& what) {
+  EXPECT_EQ(got.tokens, one.tokens) << what;
+  ASSERT_EQ(got.logits.size(), one.logits.size()) << what;
+  double worst = 0;
+  for (size_t s = 0; s < one.logits.size(); ++s) {
+    ASSERT_EQ(got.logits[s].size(), one.logits[s].size()) << what;
+    worst = std::max(worst, testing::normalised_error(got.logits[s], one.logits[s]));
+  }
+  EXPECT_LT(worst, 1e-5) << what;
+}
+
+// mixtral-tiny with 6 query / 3 KV heads (hidden 96): TP 3 fits its attention, and 8 experts over
+// 3 ranks are 3, 3, 2.
+std::string make_mixtral_tp3(const TempDir& tmp) {
+  const std::string base = make_mixtral(tmp, "base6");
+  nlohmann::json j = nlohmann::json::parse(std::ifstream(base + "/config.json"));
+  j["hidden_size"] = 96;
+  j["num_attention_heads"] = 6;
+  j["num_key_value_heads"] = 3;
+  std::ofstream(tmp.file("mixtral6.json")) << j.dump();
+  const std::string dir = tmp.file("mixtral6");
+  auto init = run_parallm("init-model --shape " + tmp.file("mixtral6.json") +
+                          " --seed 5 --dtype f32 --out " + dir);
+  EXPECT_EQ(init.exit_code, 0) << init.output;
+  return dir;
+}
+
+TEST(MixtralExpertParallel, GenerateGivesOneRanksTokens) {
+  TempDir tmp;
+  const std::string dir = make_mixtral(tmp);
+  // Batch-1 decode through the single-sequence loop, and a batch of three.
+  const Printed one = generate_printed(dir, "", false, tmp);
+  expect_close(generate_printed(dir, "--tp 2 --enable-expert-parallel", false, tmp), one,
+               "--tp 2 (one prompt)");
+  const Printed batch_one = generate_printed(dir, "--micro-batches 1", true, tmp);
+  const Printed tp2 =
+      generate_printed(dir, "--tp 2 --enable-expert-parallel --micro-batches 1", true, tmp);
+  expect_close(tp2, batch_one, "--tp 2 (batch)");
+  // TP 4: two experts a rank, KV heads replicated.
+  expect_close(generate_printed(dir, "--tp 4 --enable-expert-parallel --micro-batches 1", true,
+                                tmp),
+               batch_one, "--tp 4 (batch)");
+  // The pipeline: each stage's TP group is its EP group; the same sums as TP 2 alone.
+  const Printed pp =
+      generate_printed(dir, "--tp 2 --pp 2 --enable-expert-parallel --micro-batches 1", true, tmp);
+  expect_close(pp, batch_one, "--tp 2 --pp 2");
+  EXPECT_EQ(pp.tokens, tp2.tokens);
+  EXPECT_EQ(pp.logits, tp2.logits) << "--tp 2 --pp 2 against --tp 2, bit for bit as printed";
+  // Uneven: 8 experts over TP 3.
+  const std::string six = make_mixtral_tp3(tmp);
+  expect_close(generate_printed(six, "--tp 3 --enable-expert-parallel", false, tmp),
+               generate_printed(six, "", false, tmp), "--tp 3 (one prompt)");
+  expect_close(generate_printed(six, "--tp 3 --enable-expert-parallel --micro-batches 1", true,
+                                tmp),
+               generate_printed(six, "--micro-batches 1", true, tmp), "--tp 3 (batch)");
+}
+
+TEST(MixtralExpertParallel, TensorTableBytesEqualWhatEachRankLoads) {
+  // llama_rank_share's rule for the layout (whole experts, expert_range over TP) equals the bytes
+  // LlamaModel loads on every rank, bf16 with the routers in f32; the experts over the ranks sum
+  // to every expert once, each whole.
+  TempDir tmp;
+  for (const std::string shape : {"mixtral-tiny", "qwen2-moe-tiny"}) {
+    const std::string dir = tmp.file(shape);
+    ASSERT_EQ(run_parallm("init-model --shape " + shape + " --dtype bf16 --out " + dir).exit_code,
+              0);
+    ModelConfig config;
+    auto source = open_model(dir, &config);
+    int64_t expert_numel = 0;  // every expert of every layer, whole
+    for (const LlamaTensor& t : llama_tensors(config))
+      if (t.part == LlamaPart::Expert) expert_numel += t.numel();
+    for (auto tp_pp : {std::pair{1, 1}, {2, 1}, {4, 1}, {2, 2}}) {
+      const int tp = tp_pp.first, pp = tp_pp.second;
+      if (pp > 1 && config.num_hidden_layers % pp != 0) continue;
+      std::mutex mu;
+      std::vector<std::pair<uint64_t, uint64_t>> got;
+      int64_t experts = 0;
+      comm::LaunchOptions lo;
+      lo.backend = "local";
+      lo.timeout_s = 60;
+      comm::launch(tp * pp, lo, [&](comm::Group world) {
+        comm::Mesh mesh(world, {tp, pp, 1, 1});
+        const int64_t per = config.num_hidden_layers / pp;
+        LlamaOptions mo;
+        mo.weight_dtype = DType::BF16;
+        mo.experts_over_tp = true;
+        mo.layer_begin = per * mesh.pp_rank();
+        mo.layer_end = mesh.pp_rank() == pp - 1 ? config.num_hidden_layers : mo.layer_begin + per;
+        LlamaModel model(config, *source, mesh.tp(), mo);
+        const LlamaRankShare share = llama_rank_share(config, tp, mesh.tp_rank(), mo.layer_begin,
+                                                      mo.layer_end, 1, 0, true);
+        std::lock_guard<std::mutex> lock(mu);
+        got.emplace_back(model.weight_bytes(), share.bytes(DType::BF16));
+        experts += share.experts;
+      });
+      ASSERT_EQ(got.size(), size_t(tp * pp));
+      for (const auto& [loaded, counted] : got)
+        EXPECT_EQ(loaded, counted) << shape << " tp " << tp << " pp " << pp;
+      EXPECT_EQ(experts, expert_numel) << shape << " tp " << tp << " pp " << pp;
+    }
+  }
+  // Uneven, TP 3 (8 experts: 3, 3, 2 whole ones): rank 0 holds one more expert per layer than 2.
+  const std::string six = make_mixtral_tp3(tmp);
+  ModelConfig c6;
+  open_model(six, &c6);
+  const int64_t one_expert = 3 * c6.intermediate_size * c6.hidden_size;
+  EXPECT_EQ(llama_rank_share(c6, 3, 0, 0, 2, 1, 0, true).experts -
+                llama_rank_share(c6, 3, 2, 0, 2, 1, 0, true).experts,
+            2 * one_expert);
+}
+
+TEST(MixtralExpertParallel, MoeStatsAndCommStats) {
+  TempDir tmp;
+  const std::string dir = make_mixtral(tmp);
+  std::ofstream(tmp.file("prompts.txt")) << "1,7,11\n1\n1,100,5,9\n";
+  auto r = run_parallm("generate --model " + dir + " --prompts-file " + tmp.file("prompts.txt") +
+                       " --max-tokens 8 --ignore-eos --threads 1 --moe-stats --comm-stats --tp 2 "
+                       "--enable-expert-parallel 2>&1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  // 29 tokens fed, 2 layers, top-2 (as MixtralEp.MoeStatsCountEveryRoutedRowOnce): each TP rank
+  // counts its own experts' rows, so the ranks sum to every row once.
+  int64_t ranks = 0;
+  for (int q = 0; q < 2; ++q) {
+    const size_t at = r.output.find("[moe] EP rank " + std::to_string(q) + ": experts [" +
+                                    std::to_string(4 * q) + ", " + std::to_string(4 * q + 4));
+    ASSERT_NE(at, std::string::npos) << r.output;
+    ranks += std::stoll(r.output.substr(r.output.find("), ", at) + 3));
+  }
+  EXPECT_EQ(ranks, 29 * 2 * 2) << r.output;
+  EXPECT_NE(r.output.find("[moe] imbalance over 2 EP ranks: max/mean "), std::string::npos);
+  EXPECT_NE(r.output.find("all-reduce (ep_tp)"), std::string::npos) << r.output;
+  // The MoE all-reduce is its own group in --comm-stats.
+  EXPECT_NE(r.output.find("ep_tp    all_reduce"), std::string::npos) << r.output;
+}
+
+TEST(MixtralExpertParallel, BadLayoutsFailInOneLine) {
+  TempDir tmp;
+  const std::string dir = make_mixtral(tmp);
+  const std::string dense = tmp.file("dense");
+  ASSERT_EQ(run_parallm("init-model --shape tiny --dtype f32 --out " + dense).exit_code, 0);
+  auto error_line = [](const std::string& args) {
+    auto r = run_parallm(args);
+    EXPECT_NE(r.exit_code, 0) << args;
+    std::string out = r.output;
+    while (!out.empty() && out.back() == '\n') out.pop_back();
+    EXPECT_EQ(out.find('\n'), std::string::npos) << out;
+    return out;
+  };
+  const std::string gen = "generate --prompt-ids 1 --max-tokens 2 --threads 1 --model ";
+  EXPECT_EQ(error_line(gen + dense + " --tp 2 --enable-expert-parallel"),
+            "parallm: error: [cli] --enable-expert-parallel needs a mixture-of-experts model "
+            "(this one is dense)");
+  EXPECT_EQ(error_line(gen + dir + " --tp 2 --ep 2 --enable-expert-parallel"),
+            "parallm: error: [cli] --enable-expert-parallel places the experts over the --tp "
+            "ranks; it does not take --ep 2 as well");
+  EXPECT_EQ(error_line(gen + dir + " --tp 16 --enable-expert-parallel"),
+            "parallm: error: [cli] --enable-expert-parallel at --tp 16 exceeds the model's 8 "
+            "experts (each TP rank holds at least one whole expert)");
+  EXPECT_EQ(error_line("bench decode --tokens 1 --warmup 0 --threads 1 --model " + dense +
+                       " --enable-expert-parallel"),
+            "parallm: error: [cli] --enable-expert-parallel needs a mixture-of-experts model "
+            "(this one is dense)");
 }
 
 }  // namespace

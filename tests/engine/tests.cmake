@@ -30,8 +30,11 @@ if(PARALLM_HAVE_MPI)
     set_tests_properties(engine_mpi_${name} PROPERTIES LABELS "mpi;engine" TIMEOUT 300
                          ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
   endforeach()
-  # Expert parallelism (mixture of experts): EP 2, EP 4 and EP 2 x TP 2 as processes.
-  foreach(case "ep2:2:--ep 2" "ep4:4:--ep 4" "ep2tp2:4:--ep 2 --tp 2")
+  # Expert parallelism (mixture of experts): EP 2, EP 4 and EP 2 x TP 2 as processes; vLLM's
+  # layout (whole experts over the TP ranks) at TP 2 (one prompt) and TP 2 x PP 2.
+  foreach(case "ep2:2:--ep 2" "ep4:4:--ep 4" "ep2tp2:4:--ep 2 --tp 2"
+          "tp2_expert_parallel:2:--tp 2 --enable-expert-parallel"
+          "tp2pp2_expert_parallel:4:--tp 2 --pp 2 --enable-expert-parallel")
     string(REPLACE ":" ";" parts "${case}")
     list(GET parts 0 name)
     list(GET parts 1 np)

@@ -308,6 +308,141 @@ TrainGrads run_train(const FullMoe& m, const std::vector<float>& x, const std::v
   return o;
 }
 
+// ---- MoeMode::AllReduce (vLLM's --enable-expert-parallel layout) ----
+
+// A layer shape: mixtral-tiny's routing (top-2, renormalised) and qwen2-moe-tiny's (top-2, the
+// softmax's weights as they are, narrower experts), hidden cut to keep the test fast.
+struct MoeShape {
+  const char* name;
+  int64_t H, F, E;
+  int k;
+  bool renormalize;
+};
+constexpr MoeShape kMixtral{"mixtral", 32, 96, 8, 2, true};
+constexpr MoeShape kQwen2Moe{"qwen2_moe", 32, 48, 8, 2, false};
+// Top-3: with three slots a token's sum depends on their order (two add the same either way).
+constexpr MoeShape kTop3{"mixtral top-3", 32, 96, 8, 3, true};
+
+struct ShapedMoe {
+  MoeShape s;
+  Tensor router;
+  std::vector<Tensor> w13, w2;  // whole experts, w1 rows then w3 rows
+};
+
+ShapedMoe make_shaped(const MoeShape& s, uint32_t seed) {
+  ShapedMoe m{s, random_matrix(s.E, s.H, seed, 0.8f), {}, {}};
+  for (int64_t e = 0; e < s.E; ++e) {
+    m.w13.push_back(random_matrix(2 * s.F, s.H, seed + 10 + 2 * e));
+    m.w2.push_back(random_matrix(s.H, s.F, seed + 11 + 2 * e));
+  }
+  return m;
+}
+
+// Rank `ep.rank()`'s layer: its whole experts (expert_range), no TP inside.
+MoeLayer shaped_layer(const ShapedMoe& m, const comm::Group& ep, MoeMode mode) {
+  const ShardSpec experts = expert_range(m.s.E, ep.size(), ep.rank());
+  std::vector<Tensor> w13, w2;
+  for (int64_t e = experts.begin; e < experts.end; ++e) {
+    w13.push_back(m.w13[e].contiguous());
+    w2.push_back(m.w2[e].contiguous());
+  }
+  return MoeLayer(m.router.contiguous(), w13, w2, m.s.k, experts, ShardSpec::even(m.s.F, 1, 0),
+                  ep, comm::Group(), m.s.renormalize, mode);
+}
+
+// The AllReduce layer on `P` ranks holding the same T tokens: every rank's output (they must all be
+// the same), and the rows each expert multiplied (summed over ranks).
+struct AllReduceRun {
+  std::vector<std::vector<float>> out;  // per rank
+  std::vector<int64_t> expert_rows;
+};
+AllReduceRun run_all_reduce(const ShapedMoe& m, const std::vector<float>& x, int64_t T, int P) {
+  AllReduceRun run;
+  run.out.assign(P, std::vector<float>(T * m.s.H, NAN));
+  run.expert_rows.assign(m.s.E, 0);
+  std::mutex mu;
+  testing::run_tp(P, [&](comm::Group g) {
+    MoeLayer layer = shaped_layer(m, g, MoeMode::AllReduce);
+    layer.forward(x.data(), T, run.out[g.rank()].data());
+    std::lock_guard<std::mutex> lock(mu);
+    for (size_t i = 0; i < layer.expert_rows().size(); ++i)
+      run.expert_rows[layer.experts().begin + static_cast<int64_t>(i)] += layer.expert_rows()[i];
+  });
+  return run;
+}
+
+// EP 1 in the existing (dispatch) mode: the reference the new layout must equal bit for bit.
+std::vector<float> run_dispatch_one(const ShapedMoe& m, const std::vector<float>& x, int64_t T) {
+  std::vector<float> out(T * m.s.H, NAN);
+  MoeLayer layer = shaped_layer(m, comm::Group(), MoeMode::Dispatch);
+  layer.forward(x.data(), T, out.data());
+  return out;
+}
+
+TEST(MoeLayerAllReduce, EveryRankCountIsEpOneBitForBit) {
+  for (const MoeShape& shape : {kMixtral, kQwen2Moe, kTop3}) {
+    const ShapedMoe m = make_shaped(shape, 31);
+    for (int64_t T : {int64_t{1}, int64_t{2}, int64_t{13}}) {  // T = 1: batch-1 decode
+      const std::vector<float> x = random_floats(T * shape.H, 32 + static_cast<uint32_t>(T));
+      const std::vector<float> one = run_dispatch_one(m, x, T);
+      for (int P : {1, 2, 3, 4}) {  // 8 experts over 3: 3, 3, 2 (uneven)
+        const AllReduceRun run = run_all_reduce(m, x, T, P);
+        for (int r = 0; r < P; ++r)
+          EXPECT_TRUE(same_bits(run.out[r], one))
+              << shape.name << " T " << T << " ranks " << P << " rank " << r;
+        int64_t rows = 0;
+        for (int64_t v : run.expert_rows) rows += v;
+        EXPECT_EQ(rows, T * shape.k) << shape.name << " T " << T << " ranks " << P;
+      }
+    }
+  }
+}
+
+TEST(MoeLayerAllReduce, RanksWithoutRoutedRows) {
+  // Router rows 0 and 1 rank above the others for every positive input: every token picks experts
+  // 0 and 1, all on rank 0 at 2, 3 or 4 ranks; the other ranks contribute only zeros.
+  for (const MoeShape& shape : {kMixtral, kQwen2Moe}) {
+    ShapedMoe m = make_shaped(shape, 41);
+    for (int64_t e = 0; e < shape.E; ++e)
+      for (int64_t h = 0; h < shape.H; ++h)
+        m.router.data<float>()[e * shape.H + h] = e == 0 ? 0.3f : e == 1 ? 0.2f : -0.1f * float(e);
+    const int64_t T = 5;
+    std::vector<float> x = random_floats(T * shape.H, 42);
+    for (float& v : x) v = std::abs(v) + 0.1f;
+    const std::vector<float> one = run_dispatch_one(m, x, T);
+    for (int P : {2, 3, 4}) {
+      const AllReduceRun run = run_all_reduce(m, x, T, P);
+      for (int r = 0; r < P; ++r) EXPECT_TRUE(same_bits(run.out[r], one)) << shape.name << P;
+      EXPECT_EQ(run.expert_rows[0], T);
+      EXPECT_EQ(run.expert_rows[1], T);
+    }
+  }
+}
+
+TEST(MoeLayerAllReduce, SplitExpertsRefused) {
+  // The layout holds whole experts: a TP group inside it is a mistake, one line.
+  const ShapedMoe m = make_shaped(kMixtral, 51);
+  std::string err;
+  std::mutex mu;
+  testing::run_tp(2, [&](comm::Group g) {
+    const ShardSpec ffn = ShardSpec::even(kMixtral.F, 2, g.rank());
+    std::vector<Tensor> w13, w2;
+    for (int64_t e = 0; e < kMixtral.E; ++e) {
+      w13.push_back(Tensor::empty(DType::F32, {2 * ffn.size(), kMixtral.H}));
+      w2.push_back(Tensor::empty(DType::F32, {kMixtral.H, ffn.size()}));
+    }
+    const std::string e = testing::error_of([&] {
+      MoeLayer(m.router.contiguous(), w13, w2, 2, ShardSpec::even(kMixtral.E, 1, 0), ffn,
+               comm::Group(), g, true, MoeMode::AllReduce);
+    });
+    std::lock_guard<std::mutex> lock(mu);
+    err = e;
+  });
+  EXPECT_EQ(err,
+            "[moe] the all-reduce expert layout holds whole experts: its TP group must be size 1, "
+            "got 2");
+}
+
 TEST(MoeTrainLayer, RouterAndInputGradientsMatchFiniteDifferences) {
   // L = sum(dout * out) + sum_{t,e} aux[e] p_te. Central differences in f32 on the router and the
   // input, skipping the few entries whose step flips a token's top-3 (L jumps there).

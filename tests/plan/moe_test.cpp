@@ -129,6 +129,69 @@ TEST(PlanMoe, MixtralWeightsAndAllToAllBytesAreTheEngines) { check_family("mixtr
 
 TEST(PlanMoe, Qwen2MoeWeightsAndAllToAllBytesAreTheEngines) { check_family("qwen2-moe-tiny"); }
 
+// vLLM's --enable-expert-parallel layout (whole experts over the TP ranks): the planner's memory
+// per rank is what each rank loads, and its all-reduce formula is what group ep_tp's CommStats
+// count on the same run of steps; every routed row is multiplied exactly once over the ranks.
+TEST(PlanMoe, EnableExpertParallelWeightsAndAllReduceBytesAreTheEngines) {
+  for (const std::string shape : {"mixtral-tiny", "qwen2-moe-tiny"}) {
+    TempDir tmp;
+    const std::string dir = tmp.file(shape);
+    auto init = run_parallm("init-model --shape " + shape + " --seed 3 --dtype bf16 --out " + dir);
+    ASSERT_EQ(init.exit_code, 0) << init.output;
+    ModelConfig c;
+    open_model(dir, &c);
+    const int64_t layers = moe_layers(c, 0, c.num_hidden_layers);
+    int64_t tokens = 0;
+    for (int64_t T : kSteps) tokens += T;
+    for (int tp : {2, 4}) {
+      SCOPED_TRACE(shape + " tp " + std::to_string(tp));
+      double want_sent = 0, want_payload = 0;
+      for (int64_t T : kSteps) {
+        want_sent += moe_all_reduce_step_bytes(c, tp, T).sent * double(layers);
+        want_payload += moe_all_reduce_step_bytes(c, tp, T).payload * double(layers);
+      }
+      EXPECT_EQ(want_payload, double(tokens * c.num_experts_per_tok * c.hidden_size * 4 * layers));
+      std::mutex mu;
+      std::vector<int64_t> rows(c.num_local_experts, 0);
+      comm::LaunchOptions lo;
+      lo.backend = "local";
+      lo.timeout_s = 60;
+      comm::launch(tp, lo, [&](comm::Group world) {
+        comm::Mesh mesh(world, {tp, 1, 1, 1});
+        ModelConfig cc;
+        auto source = open_model(dir, &cc);
+        LlamaOptions mo;
+        mo.weight_dtype = DType::BF16;
+        mo.experts_over_tp = true;
+        LlamaModel model(cc, *source, mesh.tp(), mo);
+        const double planned =
+            rank_weight_bytes(cc, {tp, 1, 1, 1}, Precision::BF16, 0, mesh.tp_rank(), 0, true);
+        const comm::KindStats a0 = model.expert_group().stats().get(comm::Kind::AllReduce);
+        KvCache kv(model.local_layers(), 2, 16, model.local_kv_dim());
+        Workspace ws = model.make_workspace(8);
+        std::vector<float> x(8 * cc.hidden_size);
+        for (size_t i = 0; i < x.size(); ++i) x[i] = float((i * 37) % 101) / 50.0f - 1.0f;
+        model.forward_layers(x.data(), {{0, 0, 5}, {1, 0, 3}}, kv, ws);
+        for (int s = 0; s < 3; ++s) {
+          for (size_t i = 0; i < 2 * size_t(cc.hidden_size); ++i)
+            x[i] = float((i * 13 + s * 7) % 89) / 40.0f - 1.0f;
+          model.forward_layers(x.data(), {{0, 5 + s, 1}, {1, 3 + s, 1}}, kv, ws);
+        }
+        const comm::KindStats a1 = model.expert_group().stats().get(comm::Kind::AllReduce);
+        std::lock_guard<std::mutex> lock(mu);
+        EXPECT_EQ(planned, double(model.weight_bytes())) << "tp rank " << mesh.tp_rank();
+        EXPECT_EQ(double(a1.bytes_sent - a0.bytes_sent), want_sent) << "tp rank " << mesh.tp_rank();
+        EXPECT_EQ(a1.calls - a0.calls, uint64_t(kSteps.size()) * uint64_t(layers));
+        const std::vector<int64_t> mine = model.moe_expert_rows();
+        for (size_t e = 0; e < mine.size(); ++e) rows[e] += mine[e];
+      });
+      int64_t total = 0;
+      for (int64_t r : rows) total += r;
+      EXPECT_EQ(total, tokens * c.num_experts_per_tok * layers);
+    }
+  }
+}
+
 TEST(PlanMoe, StepFormulaAndExpectation) {
   ModelConfig c;
   c.hidden_size = 64;

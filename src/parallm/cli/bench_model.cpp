@@ -60,6 +60,9 @@ void run_decode_batch(const DecodeOptions& o, RankContext& ctx) {
   generate_batch(ctx.model, ctx.mesh, prompts, bo);  // warm-up
   bo.max_tokens = o.warmup + o.tokens + 1;
   ctx.mesh.tp().stats().reset();
+  const comm::Group& moe = ctx.model.expert_group();  // --enable-expert-parallel: "ep_tp"
+  const bool over_tp = ctx.model.experts_over_tp() && moe.size() > 1;
+  if (over_tp) moe.stats().reset();
   ctx.world.barrier();  // every rank starts the timed run together
   BatchResult r = generate_batch(ctx.model, ctx.mesh, prompts, bo);
   // Decode starts when the prompt pass is done on its last stage (the latest end over ranks).
@@ -69,11 +72,12 @@ void run_decode_batch(const DecodeOptions& o, RankContext& ctx) {
   const int64_t steps = bo.max_tokens - 1;
   // (busy, wall, all-reduce time) of each rank in integer nanoseconds: busy and wall are one
   // clock's integers on one rank (BatchResult), so busy <= wall exactly and the bubble is in [0, 1].
-  const int64_t mine[3] = {
+  const int64_t mine[4] = {
       r.busy_ns, r.wall_ns,
-      static_cast<int64_t>(ctx.mesh.tp().stats().get(comm::Kind::AllReduce).seconds * 1e9)};
-  std::vector<int64_t> all(3 * ctx.world.size());
-  ctx.world.all_gather(mine, all.data(), 3, DType::I64);
+      static_cast<int64_t>(ctx.mesh.tp().stats().get(comm::Kind::AllReduce).seconds * 1e9),
+      over_tp ? static_cast<int64_t>(moe.stats().get(comm::Kind::AllReduce).seconds * 1e9) : 0};
+  std::vector<int64_t> all(4 * ctx.world.size());
+  ctx.world.all_gather(mine, all.data(), 4, DType::I64);
   // The compute roofline: every rank's multiply-add peak measured at once, summed. A step of B
   // sequences is 2 x active parameters x B FLOPs in the linear layers (attention scores add
   // 4 x layers x q_dim x context per sequence, under 1% at these lengths: not counted).
@@ -82,14 +86,16 @@ void run_decode_batch(const DecodeOptions& o, RankContext& ctx) {
   ctx.world.all_reduce(&peak, 1, comm::ReduceOp::Sum);
   if (!ctx.is_root()) return;
   const int P = ctx.mesh.pp_size(), M = r.micro_batches;
-  double idle = 0, comm_s = 0;
+  double idle = 0, comm_s = 0, moe_s = 0;
   for (int s = 0; s < P; ++s) {
-    const int64_t* v = &all[3 * ctx.mesh.global_rank(0, 0, s)];
+    const int64_t* v = &all[4 * ctx.mesh.global_rank(0, 0, s)];
     idle += v[1] > 0 ? 1.0 - static_cast<double>(v[0]) / static_cast<double>(v[1]) : 0.0;
     comm_s = std::max(comm_s, v[2] * 1e-9);
+    moe_s = std::max(moe_s, v[3] * 1e-9);
   }
-  std::printf("bench decode: %s, tp %d x pp %d, batch %d in %d micro-batches, %d threads/rank\n",
-              o.engine.model.c_str(), ctx.mesh.tp_size(), P, o.batch, M,
+  std::printf("bench decode: %s, tp %d x pp %d%s, batch %d in %d micro-batches, %d threads/rank\n",
+              o.engine.model.c_str(), ctx.mesh.tp_size(), P,
+              over_tp ? " (experts over tp: --enable-expert-parallel)" : "", o.batch, M,
               ThreadPool::current().size());
   std::printf("  tokens/s            %10.2f   (%d sequences x %lld steps)\n",
               o.batch * steps / decode_s, o.batch, static_cast<long long>(steps));
@@ -102,6 +108,9 @@ void run_decode_batch(const DecodeOptions& o, RankContext& ctx) {
               peak / 1e9, gflops * 1e9 / peak);
   std::printf("  tp all-reduce time  %10.2f ms/step (%.1f%% of the run)\n",
               1e3 * comm_s / (steps + 1), 100.0 * comm_s / r.seconds);
+  if (over_tp)
+    std::printf("  moe all-reduce time %10.2f ms/step (%.1f%% of the run; group ep_tp)\n",
+                1e3 * moe_s / (steps + 1), 100.0 * moe_s / r.seconds);
   std::printf("  bubble (measured)   %10.3f   (GPipe pass formula (p-1)/(m+p-1) = %.3f)\n",
               idle / P, pipeline::bubble_formula(pipeline::ScheduleKind::GPipe, P, M));
 }
@@ -134,8 +143,12 @@ int run_decode(const DecodeOptions& o) {
     // The whole model's bytes per token, as every rank reads them (EP ranks replicate attention).
     ctx.mesh.tp_ep().all_reduce(&bytes, 1, comm::ReduceOp::Sum);
     const comm::Group& ep = ctx.mesh.ep();
+    // --enable-expert-parallel: the MoE all-reduce over the TP ranks' own group "ep_tp".
+    const comm::Group& moe = ctx.model.expert_group();
+    const bool over_tp = ctx.model.experts_over_tp() && moe.size() > 1;
     double ep_s = 0, ep_at_start = 0;  // the EP exchange: all-to-alls and the all-gather
     auto ep_seconds = [&] {
+      if (over_tp) return moe.stats().get(comm::Kind::AllReduce).seconds;
       return ep.stats().get(comm::Kind::AllToAll).seconds +
              ep.stats().get(comm::Kind::AllGather).seconds;
     };
@@ -181,7 +194,10 @@ int run_decode(const DecodeOptions& o) {
     if (!ctx.is_root()) return;
     std::printf("bench decode: %s, tp %d%s, %d threads/rank, dtype %s, simd %s\n",
                 o.engine.model.c_str(), ctx.tp.size(),
-                ep.size() > 1 ? cat(", ep ", ep.size()).c_str() : "", ThreadPool::current().size(),
+                ep.size() > 1 ? cat(", ep ", ep.size()).c_str()
+                : over_tp     ? " (experts over tp: --enable-expert-parallel)"
+                              : "",
+                ThreadPool::current().size(),
                 std::string(dtype_name(resolve_weight_dtype(o.engine.dtype, ctx.config))).c_str(),
                 kernels::simd_name(kernels::simd_level()).c_str());
     std::printf("  tokens/s            %10.2f   (%d tokens after %d warm-up)\n", tps, o.tokens,
@@ -210,6 +226,10 @@ int run_decode(const DecodeOptions& o) {
           "token\n",
           1e3 * comm_s / o.tokens, 100.0 * comm_s / secs,
           1e6 * comm_s / std::max<uint64_t>(reduces, 1), static_cast<double>(reduces) / o.tokens);
+    if (over_tp)
+      std::printf("  moe all-reduce      %10.3f ms/token (%.1f%% of decode; rank 0's, group "
+                  "ep_tp)\n",
+                  1e3 * ep_s / o.tokens, 100.0 * ep_s / secs);
     if (ep.size() > 1)
       std::printf("  ep all-to-all       %10.3f ms/token (%.1f%% of decode; rank 0's, with the "
                   "all-gather of outputs)\n",
@@ -298,6 +318,9 @@ int run_prefill(const PrefillOptions& o) {
        app.add_option("--ep", o->engine.ep,
                       "Expert-parallel ranks per TP rank (mixture-of-experts models; batch 1)")
            ->check(CLI::PositiveNumber);
+       app.add_flag("--enable-expert-parallel", o->engine.enable_expert_parallel,
+                    "Mixture of experts, vLLM's layout: whole experts placed over the --tp ranks "
+                    "(attention and LM head TP-split; docs/moe.md)");
        app.add_option("--tokens", o->tokens, "Timed decode steps (default 32)");
        app.add_option("--warmup", o->warmup, "Untimed decode steps first (default 4)");
        app.add_option("--batch", o->batch, "Sequences decoded together (default 1)");

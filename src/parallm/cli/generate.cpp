@@ -162,14 +162,19 @@ void print_memory(const std::vector<int64_t>& mem, size_t sequences) {
 // --moe-stats (collective over the world; rank 0 prints): rows (token, expert pairs) per expert
 // and per EP rank over all layers, the max/mean imbalance over EP ranks, and the all-to-all time
 // of the EP group against the generation's wall time. TP ranks hold the same rows: TP rank 0's
-// are counted.
+// are counted. --enable-expert-parallel: the TP ranks are the EP ranks, each with its own experts
+// (all counted), and the time is the MoE all-reduce's (group ep_tp).
 void print_moe_stats(RankContext& ctx, double seconds) {
   const ModelConfig& c = ctx.config;
   const int64_t E = c.num_local_experts;
+  const bool over_tp = ctx.model.experts_over_tp();
   std::vector<int64_t> mine = ctx.model.moe_expert_rows();
-  if (ctx.mesh.tp_rank() != 0) std::fill(mine.begin(), mine.end(), 0);
+  if (ctx.mesh.tp_rank() != 0 && !over_tp) std::fill(mine.begin(), mine.end(), 0);
+  const comm::CommStats& moe_comm = ctx.model.expert_group().stats();
   mine.push_back(static_cast<int64_t>(
-      ctx.mesh.ep().stats().get(comm::Kind::AllToAll).seconds * 1e9));
+      (over_tp ? moe_comm.get(comm::Kind::AllReduce) : moe_comm.get(comm::Kind::AllToAll))
+          .seconds *
+      1e9));
   mine.push_back(static_cast<int64_t>(seconds * 1e9));
   std::vector<int64_t> all(mine.size() * ctx.world.size());
   ctx.world.all_gather(mine.data(), all.data(), mine.size(), DType::I64);
@@ -186,7 +191,7 @@ void print_moe_stats(RankContext& ctx, double seconds) {
   for (int64_t e = 0; e < E; ++e) line += cat(e ? ", " : "", e, ": ", per_expert[e]);
   std::fprintf(stderr, "[moe] rows per expert (token x expert pairs, all layers): %s\n",
                line.c_str());
-  const int EP = ctx.mesh.ep_size();
+  const int EP = ctx.model.expert_group().size();
   int64_t most = 0, sum = 0;
   for (int r = 0; r < EP; ++r) {
     const parallel::ShardSpec s = parallel::expert_range(E, EP, r);
@@ -199,10 +204,10 @@ void print_moe_stats(RankContext& ctx, double seconds) {
                  static_cast<long long>(rows));
   }
   std::fprintf(stderr,
-               "[moe] imbalance over %d EP ranks: max/mean %.3f; all-to-all %.3f ms of %.3f ms "
+               "[moe] imbalance over %d EP ranks: max/mean %.3f; %s %.3f ms of %.3f ms "
                "wall (%.1f%%, the slowest rank's)\n",
                EP, sum > 0 ? static_cast<double>(most) * EP / static_cast<double>(sum) : 0.0,
-               a2a_ns * 1e-6, wall_ns * 1e-6,
+               over_tp ? "all-reduce (ep_tp)" : "all-to-all", a2a_ns * 1e-6, wall_ns * 1e-6,
                wall_ns > 0 ? 100.0 * static_cast<double>(a2a_ns) / static_cast<double>(wall_ns)
                            : 0.0);
 }
@@ -440,6 +445,9 @@ int run_generate(const Options& o) {
                       "Expert-parallel ranks per TP rank (mixture-of-experts models): attention "
                       "replicated, experts split; world size = tp x ep x pp (docs/moe.md)")
            ->check(CLI::PositiveNumber);
+       app.add_flag("--enable-expert-parallel", o->engine.enable_expert_parallel,
+                    "Mixture of experts, vLLM's layout: whole experts placed over the --tp ranks "
+                    "(E/TP each), attention and LM head TP-split; not with --ep (docs/moe.md)");
        app.add_flag("--moe-stats", o->moe_stats,
                     "Print rows per expert and per EP rank, their imbalance and the all-to-all "
                     "time share (mixture-of-experts models)");

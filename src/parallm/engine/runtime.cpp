@@ -12,6 +12,7 @@
 #include "parallm/core/error.h"
 #include "parallm/core/thread_pool.h"
 #include "parallm/core/trace.h"
+#include "parallm/model/llama_tensors.h"
 #include "parallm/pipeline/partition.h"
 
 namespace parallm {
@@ -49,6 +50,11 @@ void run_model(const EngineOptions& options, const std::function<void(RankContex
   ModelConfig config;
   std::unique_ptr<WeightSource> source = open_model(options.model, &config);
   const DType dtype = resolve_weight_dtype(options.dtype, config);
+  // --enable-expert-parallel: before the heads' check, so TP above the experts says so.
+  if (options.enable_expert_parallel) {
+    const std::string why = llama_expert_parallel_problem(config, options.tp, options.ep);
+    if (!why.empty()) fail("cli", why);
+  }
   // Fail before launching anything when the layout cannot fit the heads.
   parallel::HeadPlan::make(config.num_attention_heads, config.num_key_value_heads, options.tp, 0);
   const std::vector<pipeline::StageLayers> stages =
@@ -84,6 +90,7 @@ void run_model(const EngineOptions& options, const std::function<void(RankContex
     comm::Group tp = mesh.tp();
     LlamaOptions lo;
     lo.ep = mesh.ep();
+    lo.experts_over_tp = options.enable_expert_parallel;
     lo.weight_dtype = dtype;
     lo.layer_begin = stages[mesh.pp_rank()].begin;
     lo.layer_end = stages[mesh.pp_rank()].end;

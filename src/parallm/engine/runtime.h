@@ -22,6 +22,10 @@ struct EngineOptions {
   int pp = 1;                      // pipeline stages
   int ep = 1;  // expert-parallel ranks per TP rank (MoE): each stage is TP x EP ranks, attention
                // replicated over EP, experts split over it (docs/moe.md)
+  // vLLM's --enable-expert-parallel: each stage's TP ranks split attention and the LM head as for a
+  // dense model and hold whole experts (E / TP each), the TP group being the EP group; not with
+  // ep > 1 (docs/moe.md, "Composition in the engine").
+  bool enable_expert_parallel = false;
   int dp = 1;  // data-parallel replicas (serving): each its own TP x PP ranks; not with ep > 1
   std::vector<int64_t> pp_layers;  // explicit layers per stage (--pp-layers), else even
   std::string trace_file;          // --trace: Chrome trace-event JSON of every rank

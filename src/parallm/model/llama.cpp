@@ -67,9 +67,20 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
     fail("tp", "tensor-parallel size ", tp_size, " leaves rank ", tp_rank, " no rows of the FFN (",
          c.intermediate_size, ") or vocabulary (", c.vocab_size, ")");
   workspace_layout_ = workspace_layout(c, tp_size, tp_rank);
+  expert_group_ = opts_.ep;
+  if (opts_.experts_over_tp) {
+    if (std::string why = llama_expert_parallel_problem(c, tp_size, opts_.ep.size()); !why.empty())
+      fail("moe", why);
+    // Its own group over the same ranks: --comm-stats shows the MoE all-reduce apart from TP's.
+    if (tp_size > 1) expert_group_ = tp_.split(0, tp_rank, "ep_tp");
+  }
   if (c.is_moe()) {
-    experts_ = parallel::expert_range(c.num_local_experts, opts_.ep.size(), opts_.ep.rank());
-    expert_ffn_ = parallel::ShardSpec::even(c.expert_ffn(), tp_size, tp_rank);
+    experts_ = parallel::expert_range(c.num_local_experts, expert_group_.size(),
+                                      expert_group_.rank());
+    // Under experts_over_tp every expert is whole on its rank.
+    expert_ffn_ = opts_.experts_over_tp
+                      ? parallel::ShardSpec::even(c.expert_ffn(), 1, 0)
+                      : parallel::ShardSpec::even(c.expert_ffn(), tp_size, tp_rank);
     if (c.has_shared_expert())
       shared_ffn_ = parallel::ShardSpec::even(c.shared_expert_intermediate_size, tp_size, tp_rank);
     if (expert_ffn_.size() == 0 || (c.has_shared_expert() && shared_ffn_.size() == 0))
@@ -89,7 +100,7 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
   auto slice_of = [&](const std::string& name) {
     const std::optional<LlamaTensor> t = find_llama_tensor(c, name);
     if (!t) fail("model", "tensor \"", name, "\" is not in the LLaMA tensor table");
-    return llama_tensor_slice(*t, c, tp_size, tp_rank);
+    return llama_tensor_slice(*t, c, tp_size, tp_rank, opts_.experts_over_tp);
   };
   auto read = [&](const std::string& name, Slice::Kind kind, const parallel::ShardSpec& want) {
     const Slice s = slice_of(name);
@@ -165,9 +176,14 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
         w2.push_back(read(names::layer(i, ex + w2n), Slice::Kind::Cols, expert_ffn_));
       }
       L.is_moe = true;
-      L.moe = parallel::MoeLayer(std::move(router), std::move(w13), std::move(w2),
-                                 static_cast<int>(c.num_experts_per_tok), experts_, expert_ffn_,
-                                 opts_.ep, tp_, c.norm_topk_prob);
+      L.moe = opts_.experts_over_tp
+                  ? parallel::MoeLayer(std::move(router), std::move(w13), std::move(w2),
+                                       static_cast<int>(c.num_experts_per_tok), experts_,
+                                       expert_ffn_, expert_group_, comm::Group(), c.norm_topk_prob,
+                                       parallel::MoeMode::AllReduce)
+                  : parallel::MoeLayer(std::move(router), std::move(w13), std::move(w2),
+                                       static_cast<int>(c.num_experts_per_tok), experts_,
+                                       expert_ffn_, opts_.ep, tp_, c.norm_topk_prob);
       if (c.has_shared_expert()) {
         L.shared = parallel::ParallelMlp(
             read_fused(i, parallel::ParallelMlp::gate_up_spec(shared_ffn_), "mlp.shared_expert."),

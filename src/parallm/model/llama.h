@@ -4,7 +4,8 @@
 // Per decoder layer:  x += ParallelAttention(rmsnorm(x))   (parallel/attention.h)
 //                     x += ParallelMlp(rmsnorm(x))         (parallel/mlp.h)
 // or, for a mixture-of-experts config (Mixtral), x += MoeLayer(rmsnorm(x)) (parallel/moe.h), its
-// experts split over LlamaOptions::ep and each expert's FFN over TP; qwen2_moe adds a shared
+// experts split over LlamaOptions::ep and each expert's FFN over TP (or, experts_over_tp, whole
+// experts placed over the TP ranks); qwen2_moe adds a shared
 // expert, x += MoeLayer(xn) + sigmoid(xn . w_sg) * SharedMlp(xn), the shared expert a dense
 // ParallelMlp on every EP rank, and q/k/v biases in the attention.
 // so a layer costs exactly two all-reduces forward when TP > 1 (none when TP == 1). The model
@@ -43,6 +44,12 @@ struct LlamaOptions {
   // Mixture of experts: the expert-parallel group (size 1: every expert here). Its ranks hold the
   // same tokens (attention replicated); each holds parallel::expert_range's experts.
   comm::Group ep;
+  // vLLM's --enable-expert-parallel layout: the experts are not TP-split but placed whole over the
+  // TP group (expert_range(E, TP, tp_rank)), which is the EP group; the MoE layer all-reduces its
+  // [T, k, H] slots over it (parallel::MoeMode::AllReduce). Attention, the LM head and qwen2_moe's
+  // shared expert stay TP-split as for a dense model; the routers are on every rank. `ep` must be
+  // size 1; a dense model is refused.
+  bool experts_over_tp = false;
 };
 
 class LlamaModel {
@@ -87,6 +94,10 @@ class LlamaModel {
   // MoE: rows this rank sent to each EP rank (its own included), summed over its layers, [ep];
   // empty for a dense model. The planner's all-to-all bytes are exact given these (plan/moe.h).
   std::vector<int64_t> moe_rows_sent() const;
+  // MoE: the group the experts are placed over (LlamaOptions::ep, or a group of the TP ranks named
+  // "ep_tp" under experts_over_tp), and whether it is the TP group's ranks.
+  const comm::Group& expert_group() const { return expert_group_; }
+  bool experts_over_tp() const { return opts_.experts_over_tp; }
   uint64_t decode_bytes_per_token() const;
 
   // The workspace forward_layers needs for up to max_tokens tokens per call (the largest prompt
@@ -113,6 +124,7 @@ class LlamaModel {
   ModelConfig config_;
   LlamaOptions opts_;
   comm::Group tp_;
+  comm::Group expert_group_;  // MoE: opts_.ep, or the TP ranks' own group (experts_over_tp)
   parallel::HeadPlan heads_;
   parallel::ShardSpec ffn_, vocab_;
   parallel::ShardSpec experts_;  // this EP rank's experts (MoE)

@@ -186,10 +186,27 @@ std::string llama_tp_problem(const ModelConfig& c, int tp) {
   return "";
 }
 
-Slice llama_tensor_slice(const LlamaTensor& t, const ModelConfig& c, int tp, int tp_rank) {
+std::string llama_expert_parallel_problem(const ModelConfig& c, int tp, int ep) {
+  if (!c.is_moe())
+    return "--enable-expert-parallel needs a mixture-of-experts model (this one is dense)";
+  if (ep > 1)
+    return cat("--enable-expert-parallel places the experts over the --tp ranks; it does not ",
+               "take --ep ", ep, " as well");
+  if (tp > c.num_local_experts)
+    return cat("--enable-expert-parallel at --tp ", tp, " exceeds the model's ",
+               c.num_local_experts, " experts (each TP rank holds at least one whole expert)");
+  return "";
+}
+
+Slice llama_tensor_slice(const LlamaTensor& t, const ModelConfig& c, int tp, int tp_rank,
+                         bool experts_whole) {
   if (std::string p = llama_tp_problem(c, tp); !p.empty()) fail("tp", p);
   if (tp_rank < 0 || tp_rank >= tp)
     fail("tp", "rank ", tp_rank, " is outside a tensor-parallel group of ", tp);
+  // Whole experts keep their rule's kind (the loader checks it against the layer's spec).
+  if (experts_whole && t.part == LlamaPart::Expert)
+    return t.rule == ShardRule::FfnCols ? Slice::cols(0, t.shape.at(1))
+                                        : Slice::rows(0, t.shape.at(0));
   const int64_t hd = c.head_dim;
   switch (t.rule) {
     case ShardRule::Replicated:
@@ -245,7 +262,7 @@ double LlamaRankShare::bytes(double matrix_bytes) const {
 }
 
 LlamaRankShare llama_rank_share(const ModelConfig& c, int tp, int tp_rank, int64_t layer_begin,
-                                int64_t layer_end, int ep, int ep_rank) {
+                                int64_t layer_end, int ep, int ep_rank, bool experts_over_tp) {
   if (layer_begin < 0 || layer_begin >= layer_end || layer_end > c.num_hidden_layers)
     fail("model", "layer range [", layer_begin, ", ", layer_end, ") is not within the model's ",
          c.num_hidden_layers, " layers");
@@ -253,15 +270,20 @@ LlamaRankShare llama_rank_share(const ModelConfig& c, int tp, int tp_rank, int64
   if (ep < 1 || ep_rank < 0 || ep_rank >= ep)
     fail("model", "expert-parallel rank ", ep_rank, " of ", ep);
   // The engine's placement (parallel::expert_range): contiguous, the first E % EP ranks one more.
+  if (experts_over_tp) {
+    if (std::string p = llama_expert_parallel_problem(c, tp, ep); !p.empty()) fail("moe", p);
+  }
   int64_t e_begin = 0, e_end = 0;
   if (c.is_moe()) {
-    const parallel::ShardSpec r = parallel::expert_range(experts, ep, ep_rank);
+    const parallel::ShardSpec r = experts_over_tp ? parallel::expert_range(experts, tp, tp_rank)
+                                                  : parallel::expert_range(experts, ep, ep_rank);
     e_begin = r.begin;
     e_end = r.end;
   }
   LlamaRankShare s;
   auto add = [&](const LlamaTensor& t, int64_t copies, bool as_head) {
-    const int64_t n = copies * llama_slice_numel(t, llama_tensor_slice(t, c, tp, tp_rank));
+    const int64_t n =
+        copies * llama_slice_numel(t, llama_tensor_slice(t, c, tp, tp_rank, experts_over_tp));
     switch (t.part) {
       case LlamaPart::Embedding:
         (as_head ? s.head : s.embedding) += n;

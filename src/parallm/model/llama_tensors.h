@@ -64,9 +64,17 @@ std::optional<LlamaTensor> find_llama_tensor(const ModelConfig& c, const std::st
 // empty-shard check), or "" when it can.
 std::string llama_tp_problem(const ModelConfig& c, int tp);
 
+// Why vLLM's --enable-expert-parallel layout (experts whole, placed over the TP ranks;
+// LlamaOptions::experts_over_tp) cannot run this model at TP `tp` with `--ep ep`, or "" when it
+// can: a dense model, --ep above 1 as well, TP above the experts.
+std::string llama_expert_parallel_problem(const ModelConfig& c, int tp, int ep);
+
 // The part of `t` that rank `tp_rank` of a TP group of `tp` holds. Throws std::invalid_argument
-// (llama_tp_problem's reason) when tp does not fit the model.
-Slice llama_tensor_slice(const LlamaTensor& t, const ModelConfig& c, int tp, int tp_rank);
+// (llama_tp_problem's reason) when tp does not fit the model. `experts_whole` (the
+// --enable-expert-parallel layout): an expert's tensors are not split (Slice::all; which experts a
+// rank holds is expert_range over the TP ranks, not this function's business).
+Slice llama_tensor_slice(const LlamaTensor& t, const ModelConfig& c, int tp, int tp_rank,
+                         bool experts_whole = false);
 // Elements of that slice.
 int64_t llama_slice_numel(const LlamaTensor& t, const Slice& s);
 
@@ -91,8 +99,11 @@ struct LlamaRankShare {
   uint64_t bytes(DType dtype) const;
   double bytes(double matrix_bytes) const;
 };
+// `experts_over_tp` (--enable-expert-parallel): ep must be 1; the rank holds the whole experts
+// expert_range(E, tp, tp_rank), the rest as without it.
 LlamaRankShare llama_rank_share(const ModelConfig& c, int tp, int tp_rank, int64_t layer_begin,
-                                int64_t layer_end, int ep = 1, int ep_rank = 0);
+                                int64_t layer_end, int ep = 1, int ep_rank = 0,
+                                bool experts_over_tp = false);
 
 // Bytes of weights one rank of LlamaModel holds, exactly LlamaModel::weight_bytes() (what
 // `generate --mem-stats` prints): llama_rank_share(...).bytes(weight_dtype).

@@ -55,10 +55,11 @@ void moe_route(const float* xn, int64_t T, const float* router, int64_t E, int64
 
 MoeLayer::MoeLayer(Tensor router, std::vector<Tensor> w13, std::vector<Tensor> w2, int top_k,
                    ShardSpec experts, ShardSpec ffn, comm::Group ep, comm::Group tp,
-                   bool renormalize)
+                   bool renormalize, MoeMode mode)
     : router_(std::move(router)),
       top_k_(top_k),
       renormalize_(renormalize),
+      mode_(mode),
       experts_(experts),
       ffn_(ffn),
       ep_(std::move(ep)),
@@ -76,6 +77,9 @@ MoeLayer::MoeLayer(Tensor router, std::vector<Tensor> w13, std::vector<Tensor> w
       static_cast<int64_t>(w2.size()) != experts_.size())
     fail("moe", "EP rank ", ep_.rank(), " holds ", experts_.size(), " experts but was given ",
          w13.size(), " w1/w3 and ", w2.size(), " w2 weights");
+  if (mode_ == MoeMode::AllReduce && tp_.size() != 1)
+    fail("moe", "the all-reduce expert layout holds whole experts: its TP group must be size 1, ",
+         "got ", tp_.size());
   const FusedShardSpec spec{{{"w1", ffn_, 1}, {"w3", ffn_, 1}}};
   for (size_t i = 0; i < w13.size(); ++i) {
     if (w13[i].ndim() != 2 || w13[i].dim(0) != 2 * ffn_.size() || w13[i].dim(1) != H ||
@@ -101,8 +105,20 @@ uint64_t MoeLayer::weight_bytes() const {
   return b;
 }
 
+void MoeLayer::expert_ffn(size_t i, const float* x, int64_t n, std::vector<float>& gu,
+                          float* y) const {
+  const int64_t fl = ffn_.size();
+  gu.resize(static_cast<size_t>(n * 2 * fl));
+  w13_[i].forward(x, n, gu.data());
+  for (int64_t j = 0; j < n; ++j) {
+    float* row = gu.data() + j * 2 * fl;
+    kernels::silu_mul(row, row + fl, gu.data() + j * fl, fl);  // packs [n, fl] at the front
+  }
+  w2_[i].forward(gu.data(), n, y, /*reduce=*/false);
+}
+
 void MoeLayer::forward_tokens(const float* xn, int64_t T, float* out, MoeCallStats* stats) const {
-  const int64_t E = num_experts(), H = hidden(), fl = ffn_.size();
+  const int64_t E = num_experts(), H = hidden();
   const int k = top_k_, P = ep_.size();
   const int64_t W = H + 2;  // a dispatched row: hidden vector, routing weight, expert id
 
@@ -168,16 +184,10 @@ void MoeLayer::forward_tokens(const float* xn, int64_t T, float* out, MoeCallSta
       expert_rows_[i] += n;
       if (n == 0) continue;  // the same on every TP rank: they received the same rows
       x.resize(n * H);
-      gu.resize(n * 2 * fl);
       y.resize(n * H);
       for (int64_t j = 0; j < n; ++j)
         std::memcpy(&x[j * H], recv.data() + rows[j] * W, H * sizeof(float));
-      w13_[i].forward(x.data(), n, gu.data());
-      for (int64_t j = 0; j < n; ++j) {
-        float* row = gu.data() + j * 2 * fl;
-        kernels::silu_mul(row, row + fl, gu.data() + j * fl, fl);  // packs [n, fl] at the front
-      }
-      w2_[i].forward(gu.data(), n, y.data(), /*reduce=*/false);
+      expert_ffn(i, x.data(), n, gu, y.data());
       for (int64_t j = 0; j < n; ++j)
         std::memcpy(&result[rows[j] * H], &y[j * H], H * sizeof(float));
     }
@@ -209,7 +219,62 @@ void MoeLayer::forward_tokens(const float* xn, int64_t T, float* out, MoeCallSta
   for (int r = 0; r < P; ++r) rows_sent_[r] += send_rows[r];
 }
 
+void MoeLayer::forward_all_reduce(const float* xn, int64_t T, float* out) const {
+  const int64_t E = num_experts(), H = hidden();
+  const int k = top_k_, P = ep_.size();
+  std::vector<int32_t> ex(static_cast<size_t>(T * k));
+  std::vector<float> wt(static_cast<size_t>(T * k));
+  {
+    TraceSpan span("moe route", "compute");
+    moe_route(xn, T, router_.data<float>(), E, H, k, renormalize_, ex.data(), wt.data());
+  }
+  for (int64_t i = 0; i < T * k; ++i) ++rows_sent_[expert_owner(ex[i], E, P)];
+  // Y [T, k, H]: slot (t, j) holds weight x expert(x_t) on the rank owning its expert, else zeros.
+  std::vector<float> Y(static_cast<size_t>(T * k * H), 0.0f);
+  {
+    TraceSpan span("moe experts", "compute");
+    // Each local expert's slots in (token, choice) order: the rows Dispatch mode's GEMM sees at
+    // EP 1 (one destination, packed in (token, choice) order), so the GEMM sums the same way.
+    std::vector<std::vector<int64_t>> slots_of(static_cast<size_t>(experts_.size()));
+    for (int64_t i = 0; i < T * k; ++i)
+      if (ex[i] >= experts_.begin && ex[i] < experts_.end)
+        slots_of[ex[i] - experts_.begin].push_back(i);
+    std::vector<float> x, gu, y;
+    for (size_t e = 0; e < slots_of.size(); ++e) {
+      const std::vector<int64_t>& slots = slots_of[e];
+      const int64_t n = static_cast<int64_t>(slots.size());
+      expert_rows_[e] += n;
+      if (n == 0) continue;
+      x.resize(n * H);
+      y.resize(n * H);
+      for (int64_t j = 0; j < n; ++j)
+        std::memcpy(&x[j * H], xn + (slots[j] / k) * H, H * sizeof(float));
+      expert_ffn(e, x.data(), n, gu, y.data());
+      for (int64_t j = 0; j < n; ++j) {
+        const float w = wt[slots[j]];
+        float* dst = Y.data() + slots[j] * H;
+        const float* src = y.data() + j * H;
+        for (int64_t h = 0; h < H; ++h) dst[h] = src[h] * w;
+      }
+    }
+  }
+  // One non-zero contributor per element: the sum is exact in any order.
+  if (P > 1 && T > 0) ep_.all_reduce(Y.data(), static_cast<size_t>(T * k * H));
+  for (int64_t t = 0; t < T; ++t) {
+    float* o = out + t * H;
+    std::memcpy(o, Y.data() + t * k * H, H * sizeof(float));
+    for (int j = 1; j < k; ++j) {
+      const float* b = Y.data() + (t * k + j) * H;
+      for (int64_t h = 0; h < H; ++h) o[h] += b[h];
+    }
+  }
+}
+
 void MoeLayer::forward(const float* xn, int64_t T, float* out) const {
+  if (mode_ == MoeMode::AllReduce) {
+    forward_all_reduce(xn, T, out);
+    return;
+  }
   const int P = ep_.size(), r = ep_.rank();
   if (P == 1) {
     forward_tokens(xn, T, out);

@@ -30,6 +30,15 @@
 // forward() is the engine's: every rank of the EP and TP groups holds the same tokens (attention is
 // replicated over EP); EP rank r takes tokens [T*r/EP, T*(r+1)/EP), runs forward_tokens, and the
 // outputs are all-gathered over EP (padded to the largest range).
+//
+// MoeMode::AllReduce is vLLM's --enable-expert-parallel layout: the EP group is made of ranks that
+// already hold the same tokens (a TP group after attention's all-reduce), so there is no dispatch.
+// Every rank routes all T tokens (the same result on every rank); for each (token, choice) whose
+// expert is local it writes weight x expert(x) into Y [T, k, H] (zeros elsewhere); one all-reduce
+// (sum) of Y over the EP group; then each token sums its k slots in top-k order. Each element of Y
+// has exactly one non-zero contributor, and x + 0 = x exactly in any order, so the output is bit
+// for bit Dispatch mode's at EP 1 (an expert's GEMM sees the same rows, (token, choice) order,
+// either way). Experts are whole here: the `tp` group must be size 1 and `ffn` the full width.
 #pragma once
 
 #include <cstdint>
@@ -54,6 +63,12 @@ void moe_route(const float* xn, int64_t T, const float* router, int64_t E, int64
                bool renormalize, int32_t* experts, float* weights, float* probs = nullptr);
 
 // Per-call counts, for statistics and tests.
+// How the experts' group relates to the tokens (see above).
+enum class MoeMode {
+  Dispatch,   // EP ranks are replicas holding tokens; rows travel by all-to-all (Megatron-style)
+  AllReduce,  // EP ranks hold the same tokens and whole experts; one all-reduce of [T, k, H] (vLLM)
+};
+
 struct MoeCallStats {
   std::vector<int64_t> rows_to_rank;     // rows this rank sent to each EP rank
   std::vector<int64_t> rows_per_expert;  // rows each local expert multiplied
@@ -68,9 +83,10 @@ class MoeLayer {
   // renormalised to sum to 1 (Mixtral; qwen2_moe's norm_topk_prob), else the softmax's as they are.
   MoeLayer(Tensor router, std::vector<Tensor> w13, std::vector<Tensor> w2, int top_k,
            ShardSpec experts, ShardSpec ffn, comm::Group ep, comm::Group tp,
-           bool renormalize = true);
+           bool renormalize = true, MoeMode mode = MoeMode::Dispatch);
 
   // xn [T, hidden], the same on every rank of both groups -> out [T, hidden], the same too.
+  // MoeMode::AllReduce: every rank routes all T tokens, one all-reduce over `ep`.
   void forward(const float* xn, int64_t T, float* out) const;
   // xn [T, hidden]: this EP rank's own tokens (T may differ per rank, and be 0) -> out [T, hidden].
   // Collective over EP (and TP, whose ranks must hold the same tokens).
@@ -83,20 +99,28 @@ class MoeLayer {
   const ShardSpec& experts() const { return experts_; }
   const ShardSpec& ffn() const { return ffn_; }
   const comm::Group& ep() const { return ep_; }
+  MoeMode mode() const { return mode_; }
   uint64_t weight_bytes() const;  // router + this rank's expert slices
 
   // Counts since construction (or reset_counters), for --moe-stats: rows (token, expert pairs)
-  // each local expert multiplied, and rows this rank sent to each EP rank.
+  // each local expert multiplied, and rows this rank sent to each EP rank (AllReduce mode: rows
+  // routed to each EP rank's experts; every rank counts all the step's tokens, nothing is sent).
   const std::vector<int64_t>& expert_rows() const { return expert_rows_; }
   const std::vector<int64_t>& rows_sent() const { return rows_sent_; }
   void reset_counters() const;
 
  private:
+  // Local expert i on n rows: x [n, hidden] -> y [n, hidden] (this TP rank's partial sum when the
+  // FFN is split; not reduced, not scaled). gu: scratch, resized to [n, 2 ffn].
+  void expert_ffn(size_t i, const float* x, int64_t n, std::vector<float>& gu, float* y) const;
+  void forward_all_reduce(const float* xn, int64_t T, float* out) const;
+
   Tensor router_;  // [E, hidden] f32
   std::vector<ColumnParallelLinear> w13_;
   std::vector<RowParallelLinear> w2_;
   int top_k_ = 0;
   bool renormalize_ = true;
+  MoeMode mode_ = MoeMode::Dispatch;
   ShardSpec experts_, ffn_;
   comm::Group ep_, tp_;
   // Mutable: forward() is const, and the counters are this rank's thread's alone.

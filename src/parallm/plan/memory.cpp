@@ -52,7 +52,7 @@ int64_t kv_heads_per_rank(const ModelConfig& c, int tp) {
 }
 
 StageParams stage_params(const ModelConfig& c, const Layout& l, int stage, int tp_rank,
-                         int ep_rank) {
+                         int ep_rank, bool experts_over_tp) {
   const std::string problem = layout_problem(c, l);
   if (!problem.empty()) fail("plan", problem);
   if (stage < 0 || stage >= l.pp) fail("plan", "stage ", stage, " out of 0..", l.pp - 1);
@@ -61,14 +61,14 @@ StageParams stage_params(const ModelConfig& c, const Layout& l, int stage, int t
   if (tp_rank < 0) {  // the fullest rank: shards of an uneven split differ by a row
     StageParams best;
     for (int r = 0; r < l.tp; ++r) {
-      const StageParams p = stage_params(c, l, stage, r, ep_rank);
+      const StageParams p = stage_params(c, l, stage, r, ep_rank, experts_over_tp);
       if (r == 0 || p.total() > best.total()) best = p;
     }
     return best;
   }
   const pipeline::StageLayers layers = pipeline::partition_layers(c.num_hidden_layers, l.pp)[stage];
   const LlamaRankShare s =
-      llama_rank_share(c, l.tp, tp_rank, layers.begin, layers.end, l.ep, ep_rank);
+      llama_rank_share(c, l.tp, tp_rank, layers.begin, layers.end, l.ep, ep_rank, experts_over_tp);
   StageParams p;
   p.stage = stage;
   p.tp_rank = tp_rank;
@@ -84,8 +84,9 @@ StageParams stage_params(const ModelConfig& c, const Layout& l, int stage, int t
 }
 
 double rank_weight_bytes(const ModelConfig& c, const Layout& l, Precision weights, int stage,
-                         int tp_rank, int ep_rank) {
-  return stage_params(c, l, stage, tp_rank, ep_rank).weight_bytes(precision_bytes(weights));
+                         int tp_rank, int ep_rank, bool experts_over_tp) {
+  return stage_params(c, l, stage, tp_rank, ep_rank, experts_over_tp)
+      .weight_bytes(precision_bytes(weights));
 }
 
 double kv_bytes_per_token(const ModelConfig& c, int tp, int64_t layers, Precision kv) {

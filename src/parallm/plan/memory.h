@@ -50,15 +50,16 @@ struct StageParams {
 };
 // For TP rank `tp_rank` of the stage; -1: the rank holding the most (uneven shards differ).
 // `ep_rank`: which EP rank's experts (parallel::expert_range: the first E % EP ranks hold one
-// more, so EP rank 0 holds the most).
+// more, so EP rank 0 holds the most). `experts_over_tp`: vLLM's --enable-expert-parallel layout
+// (l.ep must be 1): whole experts placed over the TP ranks (llama_rank_share's rule).
 StageParams stage_params(const ModelConfig& c, const Layout& l, int stage, int tp_rank = -1,
-                         int ep_rank = 0);
+                         int ep_rank = 0, bool experts_over_tp = false);
 
 // Weight bytes TP rank `tp_rank`, EP rank `ep_rank` of `stage` holds for inference: for f32, f16
 // and bf16 exactly LlamaModel::weight_bytes() of that rank, what `parallm generate --mem-stats`
 // prints (llama_rank_share, the tensor table the loader reads by).
 double rank_weight_bytes(const ModelConfig& c, const Layout& l, Precision weights, int stage,
-                         int tp_rank, int ep_rank = 0);
+                         int tp_rank, int ep_rank = 0, bool experts_over_tp = false);
 
 // KV cache bytes per token per device on a stage with `layers` layers:
 // 2 (K and V) x layers x kv_heads_per_rank x head_dim x bytes.

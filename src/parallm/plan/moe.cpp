@@ -68,4 +68,15 @@ MoeStepBytes moe_run_bytes(const ModelConfig& c, int ep, const std::vector<int64
   return sum;
 }
 
+MoeAllReduceBytes moe_all_reduce_step_bytes(const ModelConfig& c, int tp, int64_t T) {
+  check(c, tp, T);
+  MoeAllReduceBytes b;
+  if (tp == 1 || T == 0) return b;
+  const uint64_t payload = uint64_t(T) * uint64_t(c.num_experts_per_tok) *
+                           uint64_t(c.hidden_size) * sizeof(float);
+  b.payload = double(payload);
+  b.sent = double(2 * uint64_t(tp - 1) * (payload / uint64_t(tp)));
+  return b;
+}
+
 }  // namespace parallm::plan

@@ -53,4 +53,15 @@ int64_t stage_moe_layers(const ModelConfig& c, int pp, int stage);
 MoeStepBytes moe_run_bytes(const ModelConfig& c, int ep, const std::vector<int64_t>& step_tokens,
                            int64_t layers, double off_rank_rows);
 
+// vLLM's --enable-expert-parallel layout (parallel::MoeMode::AllReduce: whole experts over the TP
+// ranks, no dispatch): one MoE layer, one step of T tokens is one all-reduce of the [T, k, H] f32
+// slots over the TP ranks (group "ep_tp"): `payload` = T k H 4 bytes, whatever the routing, and
+// `sent` = 2 (TP-1) floor(payload / TP), what --comm-stats counts each rank sending for it (a
+// ring's reduce-scatter + all-gather; the native path is counted the same way). Both 0 at TP 1 (no
+// call). Nothing else moves for the MoE layer: no counts, no dispatch, no gather.
+struct MoeAllReduceBytes {
+  double payload = 0, sent = 0;
+};
+MoeAllReduceBytes moe_all_reduce_step_bytes(const ModelConfig& c, int tp, int64_t T);
+
 }  // namespace parallm::plan
