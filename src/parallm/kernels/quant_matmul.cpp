@@ -706,13 +706,14 @@ struct PackedEntry {
   int64_t N, K;
   DType type;
 };
+// Never destroyed: a repacked tensor held in static storage may die after this file's statics.
 std::shared_mutex& packed_mu() {
-  static std::shared_mutex mu;
-  return mu;
+  static auto* mu = new std::shared_mutex;
+  return *mu;
 }
 std::map<const char*, PackedEntry>& packed_map() {
-  static std::map<const char*, PackedEntry> m;
-  return m;
+  static auto* m = new std::map<const char*, PackedEntry>;
+  return *m;
 }
 
 // True when w is a repacked weight; a view into one that is not the whole of it (another start,
