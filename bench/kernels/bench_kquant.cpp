@@ -2,8 +2,11 @@
 // they replaced (quant_matmul_dequant: each row dequantized, f32 dot product), T = 1, on a
 // [5632, 2048] weight (TinyLlama's MLP up/gate shape), and Q4_0's integer kernel for scale. Random
 // valid blocks; best of the repeats.
+// --repack: instead, Q4_0 and Q8_0 in the plain layout against the repacked one
+// (kernels::repack_quant_weight) at TinyLlama's shapes, T = 1 and 4, weights rotated over copies
+// of >= 64 MiB (from DRAM, not the cache), the two measured alternately rep by rep.
 //
-//   bench_kquant [--threads N] [--reps R]
+//   bench_kquant [--threads N] [--reps R] [--repack]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -52,21 +55,79 @@ double best_ms(int reps, F&& f) {
 
 }  // namespace
 
+// Plain vs repacked Q4_0 / Q8_0 GEMV (--repack).
+void bench_repack(int threads, int reps) {
+  struct Shape {
+    int64_t N, K;
+  };
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::printf("plain vs repacked GEMV, %d thread(s), path %s, best of %d alternating reps\n",
+              threads, kernels::quant_path_name(kernels::quant_path()).c_str(), reps);
+  for (DType t : {DType::Q4_0, DType::Q8_0})
+    for (Shape sh : {Shape{2048, 2048}, Shape{5632, 2048}, Shape{2048, 5632}}) {
+      std::vector<float> wf(static_cast<size_t>(sh.N * sh.K));
+      for (float& v : wf) v = u(rng);
+      Tensor f = Tensor::empty(DType::F32, {sh.N, sh.K});
+      std::memcpy(f.raw(), wf.data(), wf.size() * 4);
+      const Tensor w0 = f.to(t);
+      const size_t copies = std::max<size_t>(2, (size_t{64} << 20) / w0.nbytes() + 1);
+      std::vector<Tensor> plain, packed;
+      for (size_t c = 0; c < copies; ++c) {
+        plain.push_back(w0.contiguous());
+        packed.push_back(kernels::repack_quant_weight(plain.back()));
+      }
+      for (int64_t T : {1, 4}) {
+        std::vector<float> x(static_cast<size_t>(T * sh.K)), y(static_cast<size_t>(T * sh.N));
+        for (float& v : x) v = u(rng);
+        size_t i = 0, j = 0;
+        double best_old = 1e30, best_new = 1e30;
+        auto once = [&](const std::vector<Tensor>& ws, size_t& k) {
+          const auto t0 = std::chrono::steady_clock::now();
+          kernels::quant_matmul(x.data(), T, ws[k++ % ws.size()], y.data());
+          return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+              .count();
+        };
+        once(plain, i);
+        once(packed, j);
+        for (int r = 0; r < reps; ++r) {
+          best_old = std::min(best_old, once(plain, i));
+          best_new = std::min(best_new, once(packed, j));
+        }
+        const double gb = static_cast<double>(w0.nbytes()) / 1e6,
+                     gf = 2.0 * static_cast<double>(sh.N * sh.K * T) / 1e6;
+        std::printf("  %s [%5lld, %5lld] T=%lld: plain %.3f ms (%5.2f GB/s, %6.2f GFLOP/s)  "
+                    "repacked %.3f ms (%5.2f GB/s, %6.2f GFLOP/s)  %.2fx\n",
+                    std::string(dtype_name(t)).c_str(), static_cast<long long>(sh.N),
+                    static_cast<long long>(sh.K), static_cast<long long>(T), best_old,
+                    gb / best_old, gf / best_old, best_new, gb / best_new, gf / best_new,
+                    best_old / best_new);
+      }
+    }
+}
+
 int main(int argc, char** argv) {
   int threads = 1, reps = 20;
+  bool repack = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--threads" && i + 1 < argc) {
       threads = std::stoi(argv[++i]);
     } else if (a == "--reps" && i + 1 < argc) {
       reps = std::stoi(argv[++i]);
+    } else if (a == "--repack") {
+      repack = true;
     } else {
-      std::fprintf(stderr, "usage: bench_kquant [--threads N] [--reps R]\n");
+      std::fprintf(stderr, "usage: bench_kquant [--threads N] [--reps R] [--repack]\n");
       return 2;
     }
   }
   ThreadPool pool(threads);
   ScopedPool scoped(pool);
+  if (repack) {
+    bench_repack(threads, reps);
+    return 0;
+  }
   const int64_t N = 5632, K = 2048;
   std::vector<float> x(K), y(N);
   std::mt19937 rng(2);

@@ -165,5 +165,100 @@ TEST(QuantMatmul, ErrorsNameTheProblem) {
   EXPECT_THROW(quantize_activations(x.data(), 1, 31, out.data()), std::invalid_argument);
 }
 
+
+// Random Q4_0 / Q8_0 blocks: every code (Q8_0's -128 included) with small finite scales.
+Tensor random_blocks(DType t, int64_t N, int64_t K, uint32_t seed) {
+  Tensor w = Tensor::empty(t, {N, K});
+  std::mt19937 rng(seed);
+  uint8_t* p = static_cast<uint8_t*>(w.raw());
+  for (size_t i = 0; i < w.nbytes(); ++i) p[i] = static_cast<uint8_t>(rng());
+  std::uniform_real_distribution<float> sd(-0.05f, 0.05f);
+  for (int64_t b = 0; b < N * K / 32; ++b) {
+    const uint16_t d = f32_to_f16(sd(rng));
+    std::memcpy(p + b * dtype_size(t), &d, 2);
+  }
+  return w;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+}
+
+TEST(QuantRepack, BitIdenticalToThePlainLayoutOnEveryPath) {
+  // Every path, T = 1..8 (the 2-token tiles and the single-token rest), N with and without tail
+  // rows, K from one block to 4096; accumulate too; prefill (sgemm on unpacked rows) and the
+  // dequantized baseline.
+  ThreadPool pool(2);
+  ScopedPool scoped(pool);
+  for (DType type : {DType::Q4_0, DType::Q8_0})
+    for (int64_t K : {32, 96, 512, 4096})
+      for (int64_t N : {4, 5, 7, 13, 36}) {
+        SCOPED_TRACE(cat(dtype_name(type), " N ", N, " K ", K));
+        const Tensor w = random_blocks(type, N, K, static_cast<uint32_t>(N * 7919 + K));
+        const Tensor wp = repack_quant_weight(w);
+        ASSERT_TRUE(is_repacked(wp));
+        ASSERT_FALSE(is_repacked(w));
+        ASSERT_NE(wp.raw(), w.raw());
+        EXPECT_EQ(wp.nbytes(), w.nbytes());
+        // The tail rows keep their bytes and their place.
+        const size_t tail = static_cast<size_t>(N / 4 * 4) * dtype_bytes(type, K);
+        EXPECT_EQ(std::memcmp(static_cast<const char*>(w.raw()) + tail,
+                              static_cast<const char*>(wp.raw()) + tail, w.nbytes() - tail),
+                  0);
+        for (int64_t T : {1, 2, 3, 4, 5, 6, 7, 8, 70}) {
+          const std::vector<float> x =
+              testing::random_vec(static_cast<size_t>(T * K), static_cast<uint32_t>(T + K));
+          for (QuantPath p : quant_paths_available()) {
+            SCOPED_TRACE(cat(quant_path_name(p), " T ", T));
+            std::vector<float> a(static_cast<size_t>(T * N)), b(a.size(), 3.0f);
+            quant_matmul(x.data(), T, w, a.data(), false, p);
+            quant_matmul(x.data(), T, wp, b.data(), false, p);
+            if (p == QuantPath::Scalar || p == QuantPath::Avx2 || T >= 64) {
+              EXPECT_TRUE(same_bits(a, b));
+            } else {  // the VNNI paths run the repacked AVX2 kernel: the same sums, maybe reordered
+              EXPECT_LE(testing::normalised_error(b, a), 1e-5);
+            }
+            std::vector<float> aa(a.size(), 0.5f), ba(a.size(), 0.5f);
+            quant_matmul(x.data(), T, w, aa.data(), true, p);
+            quant_matmul(x.data(), T, wp, ba.data(), true, p);
+            if (p == QuantPath::Scalar || p == QuantPath::Avx2 || T >= 64) {
+              EXPECT_TRUE(same_bits(aa, ba));
+            }
+            if (T >= 64) break;  // sgemm: the path does not matter
+          }
+          if (T == 3) {
+            std::vector<float> a(static_cast<size_t>(T * N)), b(a.size());
+            quant_matmul_dequant(x.data(), T, w, a.data());
+            quant_matmul_dequant(x.data(), T, wp, b.data());
+            EXPECT_TRUE(same_bits(a, b));
+          }
+        }
+      }
+}
+
+TEST(QuantRepack, ViewsOtherDtypesAndLifetime) {
+  const Tensor w = random_blocks(DType::Q4_0, 12, 64, 1);
+  const std::vector<float> x = testing::random_vec(64, 2);
+  std::vector<float> y(12);
+  {
+    const Tensor wp = repack_quant_weight(w);
+    EXPECT_EQ(repack_quant_weight(wp).raw(), wp.raw());  // repacked already: itself
+    // A view would read the groups as plain rows: refused, whichever its start.
+    EXPECT_THROW(quant_matmul(x.data(), 1, wp.slice_rows(4, 8), y.data()), std::invalid_argument);
+    EXPECT_THROW(quant_matmul(x.data(), 1, wp.slice_rows(0, 8), y.data()), std::invalid_argument);
+    const Tensor copy = wp;  // copies share the storage and stay repacked
+    EXPECT_TRUE(is_repacked(copy));
+  }
+  // Not Q4_0 / Q8_0, or fewer than 4 rows: the tensor itself.
+  const Tensor k = random_kblocks(DType::Q4_K, 8, 256, 3);
+  EXPECT_EQ(repack_quant_weight(k).raw(), k.raw());
+  const Tensor small = random_blocks(DType::Q8_0, 3, 64, 4);
+  EXPECT_EQ(repack_quant_weight(small).raw(), small.raw());
+  EXPECT_FALSE(is_repacked(small));
+  const Tensor f = Tensor::zeros(DType::F32, {4, 32});
+  EXPECT_EQ(repack_quant_weight(f).raw(), f.raw());
+  EXPECT_FALSE(is_repacked(f));
+}
+
 }  // namespace
 }  // namespace parallm::kernels

@@ -17,6 +17,7 @@
 #include "parallm/comm/mesh.h"
 #include "parallm/engine/batch_generate.h"
 #include "parallm/engine/generate.h"
+#include "parallm/kernels/quant_matmul.h"
 #include "parallm/model/llama.h"
 #include "parallm/model/tokenizer.h"
 #include "parallm/model/weights.h"
@@ -401,6 +402,36 @@ TEST(GgufModel, Q4_0RunsAtTp2AndOffBlockTpIsOneClearError) {
                    "that work: 1, 2"),
             std::string::npos)
       << e;
+}
+
+TEST(GgufModel, RepackedQ4_0AndQ8_0GiveTheSamePathsAndLogitsBitForBitAtTp1And2) {
+  // The loader repacks Q4_0 / Q8_0 linear weights for the AVX2 GEMV (kernels/quant_matmul.h)
+  // unless PARALLM_REPACK=0: both layouts must give the same tokens and the very same logits,
+  // prefill (a whole prompt, T > 1) and decode, per TP rank's shard.
+  if (!kernels::quant_repack_enabled()) GTEST_SKIP() << "this CPU's quant path does not repack";
+  testing::TempDir dir;
+  for (const std::string type : {"q8_0", "q4_0"}) {
+    const std::string path = quantize_stories(dir, type);
+    for (int tp : {1, 2}) {
+      const ModelRun packed = run_model(path, tp, 1, 8);
+      ASSERT_EQ(setenv("PARALLM_REPACK", "0", 1), 0);
+      EXPECT_FALSE(kernels::quant_repack_enabled());
+      const ModelRun plain = run_model(path, tp, 1, 8);
+      ASSERT_EQ(unsetenv("PARALLM_REPACK"), 0);
+      ASSERT_EQ(packed.tokens.size(), plain.tokens.size());
+      for (size_t i = 0; i < plain.tokens.size(); ++i) {
+        EXPECT_EQ(packed.tokens[i], plain.tokens[i]) << type << " tp " << tp << " prompt " << i;
+        ASSERT_EQ(packed.all_logits[i].size(), plain.all_logits[i].size());
+        for (size_t k = 0; k < plain.all_logits[i].size(); ++k) {
+          const auto& a = packed.all_logits[i][k];
+          const auto& b = plain.all_logits[i][k];
+          ASSERT_EQ(a.size(), b.size());
+          EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0)
+              << type << " tp " << tp << " prompt " << i << " step " << k;
+        }
+      }
+    }
+  }
 }
 
 TEST(GgufModel, TpOneTwoFourAndPpTwoAgreeAtQ8_0AndQ4_0) {

@@ -10,8 +10,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
+#include <shared_mutex>
+#include <type_traits>
 
 #include "parallm/core/error.h"
 #include "parallm/core/thread_pool.h"
@@ -616,9 +620,228 @@ const CpuVnni& vnni() {
   return v;
 }
 
+// ---- Repacked Q4_0 / Q8_0 (repack_quant_weight, docs/quantization.md): rows in groups of
+// kRows; per 32-column block index one group block holding the group's 4 f16 scales together,
+// then its codes. Same bytes as the plain layout (4 x 18 = 8 + 64, 4 x 34 = 8 + 128), so rows
+// 4g..4g+3 keep their byte range and the N % 4 tail rows stay plain where they were.
+//
+// Q4_0: byte j of qs[p] holds row 2p's code j (0..15) in its low nibble and row 2p + 1's in its
+// high nibble, codes in column order (the plain block's low nibbles are columns 0..15, its high
+// nibbles 16..31): one 32-byte load, one mask and one shift give two rows' codes in the order
+// nibbles_avx2 builds them for one, so the int32 lanes, and every f32 operation on them, are the
+// plain kernel's.
+struct GroupQ4_0 {
+  uint16_t d[kRows];
+  uint8_t qs[kRows / 2][32];
+};
+struct GroupQ8_0 {
+  uint16_t d[kRows];
+  int8_t qs[kRows][32];
+};
+static_assert(sizeof(GroupQ4_0) == kRows * sizeof(BlockQ4_0));
+static_assert(sizeof(GroupQ8_0) == kRows * sizeof(BlockQ8_0));
+
+template <class WB>
+using GroupOf = std::conditional_t<std::is_same_v<WB, BlockQ8_0>, GroupQ8_0, GroupQ4_0>;
+
+inline int q4_code(const BlockQ4_0& b, int j) {
+  return j < 16 ? (b.qs[j] & 0xF) : (b.qs[j - 16] >> 4);
+}
+inline int q4_code(const GroupQ4_0& g, int r, int j) {
+  return (g.qs[r / 2][j] >> (4 * (r & 1))) & 0xF;
+}
+
+template <class WB>
+void pack_group(const WB* const* rows, GroupOf<WB>& g) {
+  for (int r = 0; r < kRows; ++r) g.d[r] = rows[r]->d;
+  if constexpr (std::is_same_v<WB, BlockQ8_0>) {
+    for (int r = 0; r < kRows; ++r) std::memcpy(g.qs[r], rows[r]->qs, 32);
+  } else {
+    for (int p = 0; p < kRows / 2; ++p)
+      for (int j = 0; j < 32; ++j)
+        g.qs[p][j] = static_cast<uint8_t>(q4_code(*rows[2 * p], j) |
+                                          (q4_code(*rows[2 * p + 1], j) << 4));
+  }
+}
+
+template <class WB>
+void unpack_row(const GroupOf<WB>& g, int r, WB& out) {
+  out.d = g.d[r];
+  if constexpr (std::is_same_v<WB, BlockQ8_0>) {
+    std::memcpy(out.qs, g.qs[r], 32);
+  } else {
+    for (int j = 0; j < 16; ++j)
+      out.qs[j] = static_cast<uint8_t>(q4_code(g, r, j) | (q4_code(g, r, j + 16) << 4));
+  }
+}
+
+template <class WB>
+inline int group_isum(const GroupOf<WB>& g, int r, const BlockQ8_0& x) {
+  int s = 0;
+  if constexpr (std::is_same_v<WB, BlockQ8_0>) {
+    for (int j = 0; j < 32; ++j) s += static_cast<int>(g.qs[r][j]) * x.qs[j];
+  } else {
+    for (int j = 0; j < 32; ++j) s += (q4_code(g, r, j) - 8) * static_cast<int>(x.qs[j]);
+  }
+  return s;
+}
+
+// tile_scalar's operations, in its order, on a group.
+template <class WB>
+void ptile_scalar(const GroupOf<WB>* g, const Act& x, int64_t nb, float* out) {
+  for (int r = 0; r < kRows; ++r) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; ++b)
+      acc += f16_to_f32(g[b].d[r]) * f16_to_f32(x.q[b].d) *
+             static_cast<float>(group_isum<WB>(g[b], r, x.q[b]));
+    out[r] = acc;
+  }
+}
+
+// Which repacked weights exist: start of the packed bytes -> end, shape and dtype. An entry lives
+// as long as its storage (the deleter of repack_quant_weight's buffer removes it), so a pointer is
+// never stale.
+struct PackedEntry {
+  const char* end;
+  int64_t N, K;
+  DType type;
+};
+// Never destroyed: a repacked tensor held in static storage may die after this file's statics.
+std::shared_mutex& packed_mu() {
+  static auto* mu = new std::shared_mutex;
+  return *mu;
+}
+std::map<const char*, PackedEntry>& packed_map() {
+  static auto* m = new std::map<const char*, PackedEntry>;
+  return *m;
+}
+
+// True when w is a repacked weight; a view into one that is not the whole of it (another start,
+// shape or dtype) is an error: its rows would be read in the wrong layout.
+bool lookup_packed(const Tensor& w) {
+  const char* p = static_cast<const char*>(w.raw());
+  std::shared_lock lock(packed_mu());
+  const auto& m = packed_map();
+  if (m.empty()) return false;
+  auto it = m.upper_bound(p);
+  if (it == m.begin()) return false;
+  --it;
+  if (p >= it->second.end) return false;
+  if (it->first == p && it->second.N == w.dim(0) && it->second.K == w.dim(1) &&
+      it->second.type == w.dtype())
+    return true;
+  fail("quant_matmul", "weight ", w.describe(),
+       " is a view into a repacked weight (kernels::repack_quant_weight); only the whole "
+       "repacked tensor can be multiplied");
+}
+
+// Rows [r0, r0 + n) of w in the plain layout: w's own bytes, or unpacked into tmp.
+const char* plain_rows(const Tensor& w, bool packed, int64_t r0, int64_t n,
+                       std::vector<char>& tmp) {
+  const int64_t K = w.dim(1);
+  const size_t row_bytes = dtype_bytes(w.dtype(), K);
+  const char* base = static_cast<const char*>(w.raw());
+  if (!packed) return base + r0 * row_bytes;
+  tmp.resize(static_cast<size_t>(n) * row_bytes);
+  const int64_t nb = K / 32, packed_rows = w.dim(0) / kRows * kRows;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t row = r0 + i;
+    char* dst = tmp.data() + i * row_bytes;
+    if (row >= packed_rows) {
+      std::memcpy(dst, base + row * row_bytes, row_bytes);
+      continue;
+    }
+    const int64_t gi = row / kRows;
+    const int r = static_cast<int>(row % kRows);
+    if (w.dtype() == DType::Q8_0) {
+      const GroupQ8_0* g = reinterpret_cast<const GroupQ8_0*>(base) + gi * nb;
+      BlockQ8_0* o = reinterpret_cast<BlockQ8_0*>(dst);
+      for (int64_t b = 0; b < nb; ++b) unpack_row<BlockQ8_0>(g[b], r, o[b]);
+    } else {
+      const GroupQ4_0* g = reinterpret_cast<const GroupQ4_0*>(base) + gi * nb;
+      BlockQ4_0* o = reinterpret_cast<BlockQ4_0*>(dst);
+      for (int64_t b = 0; b < nb; ++b) unpack_row<BlockQ4_0>(g[b], r, o[b]);
+    }
+  }
+  return tmp.data();
+}
+
+#if PARALLM_X86
+// The group's 4 weight scales as f32, twice: [d0 d1 d2 d3 d0 d1 d2 d3] (vcvtph2ps, exact as
+// _cvtsh_ss); times d_x each lane is the f32 product tile_avx2 forms with _cvtsh_ss(d_w) * d_x.
+PARALLM_AVX2 static inline __m256 group_scales(const uint16_t* d) {
+  int64_t raw;
+  std::memcpy(&raw, d, 8);
+  return _mm256_cvtph_ps(_mm_set1_epi64x(raw));
+}
+
+// The 4 rows' int32 lanes against one token (block_dot_avx2's for each row).
+template <class WB>
+PARALLM_AVX2 static inline void group_dots(const GroupOf<WB>& g, __m256i xv, __m256i sv,
+                                           __m256i* s) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (std::is_same_v<WB, BlockQ8_0>) {
+    (void)sv;
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.qs[r]));
+      s[r] = _mm256_madd_epi16(
+          _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)), ones);
+    }
+  } else {
+    const __m256i m = _mm256_set1_epi8(0x0F);
+#pragma GCC unroll 2
+    for (int p = 0; p < kRows / 2; ++p) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.qs[p]));
+      const __m256i q0 = _mm256_and_si256(raw, m);
+      const __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m);
+      s[2 * p] = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q0, xv), ones), sv);
+      s[2 * p + 1] = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q1, xv), ones), sv);
+    }
+  }
+}
+
+// acc[r] += broadcast(lane r of sc) * s[r], as tile_avx2's fmadd.
+PARALLM_AVX2 static inline void group_fma(__m256 sc, const __m256i* s, __m256* acc) {
+  acc[0] = _mm256_fmadd_ps(_mm256_permute_ps(sc, 0x00), _mm256_cvtepi32_ps(s[0]), acc[0]);
+  acc[1] = _mm256_fmadd_ps(_mm256_permute_ps(sc, 0x55), _mm256_cvtepi32_ps(s[1]), acc[1]);
+  acc[2] = _mm256_fmadd_ps(_mm256_permute_ps(sc, 0xAA), _mm256_cvtepi32_ps(s[2]), acc[2]);
+  acc[3] = _mm256_fmadd_ps(_mm256_permute_ps(sc, 0xFF), _mm256_cvtepi32_ps(s[3]), acc[3]);
+}
+static_assert(kRows == 4, "group_fma broadcasts 4 lanes");
+
+// NT tokens (1 or 2) against one group of 4 rows: one stream of group blocks, one scale load and
+// conversion per block for all 4 rows.
+template <class WB, int NT>
+PARALLM_AVX2 void ptile_avx2(const GroupOf<WB>* g, const Act* x, int64_t nb, float (*out)[kRows]) {
+  __m256 acc[NT][kRows];
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < kRows; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    // One stream, a fixed distance ahead: every cache line of it (a Q8_0 group block spans
+    // two or three lines of 64 bytes, a Q4_0 one one or two).
+    const char* ahead = reinterpret_cast<const char*>(g + b) + kPrefetchBytes;
+    _mm_prefetch(ahead, _MM_HINT_T0);
+    if constexpr (sizeof(GroupOf<WB>) > 64) _mm_prefetch(ahead + 64, _MM_HINT_T0);
+    if constexpr (sizeof(GroupOf<WB>) > 128) _mm_prefetch(ahead + 128, _MM_HINT_T0);
+    const __m256 dw = group_scales(g[b].d);
+#pragma GCC unroll 2
+    for (int t = 0; t < NT; ++t) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t].q[b].qs));
+      const __m256i sv = _mm256_setr_epi32(x[t].sum8[b], 0, 0, 0, 0, 0, 0, 0);
+      __m256i s[kRows];
+      group_dots<WB>(g[b], xv, sv, s);
+      group_fma(_mm256_mul_ps(dw, _mm256_set1_ps(x[t].d[b])), s, acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < kRows; ++r) out[t][r] = simd::hsum8(acc[t][r]);
+}
+#endif  // PARALLM_X86
+
 template <class WB>
 void run_blocks(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
-                QuantPath path) {
+                QuantPath path, bool packed) {
   const int64_t N = w.dim(0), K = w.dim(1), nb = K / 32;
   // The activations, quantized once per call by the calling thread and read by all threads.
   thread_local std::vector<BlockQ8_0> xq_buf;
@@ -649,6 +872,38 @@ void run_blocks(const float* x, int64_t T, const Tensor& w, float* y, bool accum
       const int rows = static_cast<int>(std::min<int64_t>(kRows, N - n0));
       const WB* rowp[kRows];
       for (int r = 0; r < rows; ++r) rowp[r] = wb + (n0 + r) * nb;
+      if (packed && rows == kRows) {  // a group of the repacked layout (tail rows stay plain)
+        const GroupOf<WB>* g = reinterpret_cast<const GroupOf<WB>*>(wb) + ti * nb;
+        auto store = [&](int64_t t, const float* out) {
+          float* yt = y + t * N + n0;
+          for (int r = 0; r < kRows; ++r) yt[r] = accumulate ? yt[r] + out[r] : out[r];
+        };
+        int64_t t = 0;
+#if PARALLM_X86
+        if (path != QuantPath::Scalar) {
+          for (; t + 2 <= T; t += 2) {
+            float out[2][kRows];
+            const Act act[2] = {{xq + t * nb, xd + t * nb, xs + t * nb},
+                                {xq + (t + 1) * nb, xd + (t + 1) * nb, xs + (t + 1) * nb}};
+            ptile_avx2<WB, 2>(g, act, nb, out);
+            store(t, out[0]);
+            store(t + 1, out[1]);
+          }
+          for (; t < T; ++t) {
+            float out[1][kRows];
+            const Act act[1] = {{xq + t * nb, xd + t * nb, xs + t * nb}};
+            ptile_avx2<WB, 1>(g, act, nb, out);
+            store(t, out[0]);
+          }
+        }
+#endif
+        for (; t < T; ++t) {
+          float out[kRows];
+          ptile_scalar<WB>(g, Act{xq + t * nb, xd + t * nb, xs + t * nb}, nb, out);
+          store(t, out);
+        }
+        continue;
+      }
       int64_t t = 0;
 #if PARALLM_X86
       if (path == QuantPath::Avx2 && rows == kRows)
@@ -718,14 +973,14 @@ void run_kblocks(const float* x, int64_t T, const Tensor& w, float* y, bool accu
 
 // The f32 baseline (quant_matmul_dequant): each row dequantized once, then a plain dot product
 // per token.
-void run_dequant(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate) {
+void run_dequant(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
+                 bool packed) {
   const int64_t N = w.dim(0), K = w.dim(1);
-  const size_t row_bytes = dtype_bytes(w.dtype(), K);
   ThreadPool::current().parallel_for(N, [&](int64_t n0, int64_t n1) {
     std::vector<float> row(static_cast<size_t>(K));
+    std::vector<char> tmp;
     for (int64_t n = n0; n < n1; ++n) {
-      quant::dequantize(w.dtype(), static_cast<const char*>(w.raw()) + n * row_bytes, row.data(),
-                        K);
+      quant::dequantize(w.dtype(), plain_rows(w, packed, n, 1, tmp), row.data(), K);
       for (int64_t t = 0; t < T; ++t) {
         const float* xt = x + t * K;
         float s[8] = {};
@@ -746,11 +1001,11 @@ void run_dequant(const float* x, int64_t T, const Tensor& w, float* y, bool accu
 constexpr int64_t kSgemmMinT = 64;
 constexpr int64_t kDequantBlockBytes = int64_t{8} << 20;
 
-void run_sgemm(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate) {
+void run_sgemm(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
+               bool packed) {
   static std::once_flag once;
   std::call_once(once, [] { openblas_set_num_threads(1); });  // the pool owns the parallelism
   const int64_t N = w.dim(0), K = w.dim(1);
-  const size_t row_bytes = dtype_bytes(w.dtype(), K);
   const int64_t block = std::clamp<int64_t>(kDequantBlockBytes / (K * 4) / 16 * 16, 16, 1024);
   const int64_t units = (N + 15) / 16;
   ThreadPool::current().parallel_for(units, [&](int64_t u0, int64_t u1) {
@@ -759,8 +1014,8 @@ void run_sgemm(const float* x, int64_t T, const Tensor& w, float* y, bool accumu
     scratch.resize(static_cast<size_t>(std::min(block, std::max<int64_t>(n1 - n0, 0)) * K));
     for (int64_t b = n0; b < n1; b += block) {
       const int64_t rows = std::min(block, n1 - b);
-      quant::dequantize(w.dtype(), static_cast<const char*>(w.raw()) + b * row_bytes,
-                        scratch.data(), rows * K);
+      thread_local std::vector<char> tmp;
+      quant::dequantize(w.dtype(), plain_rows(w, packed, b, rows, tmp), scratch.data(), rows * K);
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(T),
                   static_cast<int>(rows), static_cast<int>(K), 1.0f, x, static_cast<int>(K),
                   scratch.data(), static_cast<int>(K), accumulate ? 1.0f : 0.0f, y + b,
@@ -830,7 +1085,7 @@ void quant_matmul_dequant(const float* x, int64_t T, const Tensor& w, float* y, 
   check_weight(w);
   if (T < 0) fail("quant_matmul", "T must be >= 0, got ", T);
   if (T == 0 || w.dim(0) == 0) return;
-  run_dequant(x, T, w, y, accumulate);
+  run_dequant(x, T, w, y, accumulate, lookup_packed(w));
 }
 
 void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
@@ -845,19 +1100,82 @@ void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y, bool acc
     if (!accumulate) std::fill(y, y + T * w.dim(0), 0.0f);
     return;
   }
-  if (T >= kSgemmMinT) return run_sgemm(x, T, w, y, accumulate);
+  const bool packed = lookup_packed(w);
+  if (T >= kSgemmMinT) return run_sgemm(x, T, w, y, accumulate, packed);
   switch (w.dtype()) {
     case DType::Q8_0:
-      return run_blocks<BlockQ8_0>(x, T, w, y, accumulate, path);
+      return run_blocks<BlockQ8_0>(x, T, w, y, accumulate, path, packed);
     case DType::Q4_0:
-      return run_blocks<BlockQ4_0>(x, T, w, y, accumulate, path);
+      return run_blocks<BlockQ4_0>(x, T, w, y, accumulate, path, packed);
     case DType::Q4_K:
       return run_kblocks<quant::BlockQ4_K>(x, T, w, y, accumulate, path);
     case DType::Q6_K:
       return run_kblocks<quant::BlockQ6_K>(x, T, w, y, accumulate, path);
     default:
-      return run_dequant(x, T, w, y, accumulate);
+      return run_dequant(x, T, w, y, accumulate, packed);
   }
+}
+
+bool quant_repack_enabled() {
+  // Read at each call (once per model load), so a test can compare both layouts in one process.
+  const char* e = std::getenv("PARALLM_REPACK");
+  if (e != nullptr && std::strcmp(e, "0") != 0 && std::strcmp(e, "1") != 0)
+    fail("quant_matmul", "PARALLM_REPACK must be 0 or 1, got \"", e, "\"");
+  const bool off = e != nullptr && std::strcmp(e, "0") == 0;
+  return !off && quant_path() == QuantPath::Avx2;
+}
+
+bool is_repacked(const Tensor& w) {
+  return w.defined() && w.ndim() == 2 && w.raw() != nullptr && lookup_packed(w);
+}
+
+Tensor repack_quant_weight(const Tensor& w) {
+  if (!w.defined() || w.ndim() != 2 || !w.is_contiguous() || w.raw() == nullptr) return w;
+  const DType type = w.dtype();
+  const int64_t N = w.dim(0), K = w.dim(1), nb = K / 32;
+  if ((type != DType::Q4_0 && type != DType::Q8_0) || N < kRows || K == 0 || is_repacked(w))
+    return w;
+  const size_t bytes = w.nbytes();
+  char* buf = static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
+  if (buf == nullptr) fail("quant_matmul", "cannot allocate ", bytes, " bytes to repack ",
+                           w.describe());
+  const char* src = static_cast<const char*>(w.raw());
+  const int64_t groups = N / kRows;
+  const size_t row_bytes = dtype_bytes(type, K);
+  // Groups over the pool (a 7B model's matrices are GBs); the tail rows copied as they are.
+  ThreadPool::current().parallel_for(groups, [&](int64_t g0, int64_t g1) {
+    for (int64_t gi = g0; gi < g1; ++gi) {
+      if (type == DType::Q8_0) {
+        const BlockQ8_0* rows[kRows];
+        for (int64_t b = 0; b < nb; ++b) {
+          for (int r = 0; r < kRows; ++r)
+            rows[r] = reinterpret_cast<const BlockQ8_0*>(src + (gi * kRows + r) * row_bytes) + b;
+          pack_group<BlockQ8_0>(rows, reinterpret_cast<GroupQ8_0*>(buf)[gi * nb + b]);
+        }
+      } else {
+        const BlockQ4_0* rows[kRows];
+        for (int64_t b = 0; b < nb; ++b) {
+          for (int r = 0; r < kRows; ++r)
+            rows[r] = reinterpret_cast<const BlockQ4_0*>(src + (gi * kRows + r) * row_bytes) + b;
+          pack_group<BlockQ4_0>(rows, reinterpret_cast<GroupQ4_0*>(buf)[gi * nb + b]);
+        }
+      }
+    }
+  });
+  const size_t packed_bytes = static_cast<size_t>(groups * kRows) * row_bytes;
+  std::memcpy(buf + packed_bytes, src + packed_bytes, bytes - packed_bytes);
+  {
+    std::unique_lock lock(packed_mu());
+    packed_map()[buf] = PackedEntry{buf + bytes, N, K, type};
+  }
+  std::shared_ptr<void> keep(buf, [](void* p) {
+    {
+      std::unique_lock lock(packed_mu());
+      packed_map().erase(static_cast<const char*>(p));
+    }
+    std::free(p);
+  });
+  return Tensor::borrow(buf, type, {N, K}, std::move(keep));
 }
 
 }  // namespace parallm::kernels

@@ -8,6 +8,7 @@
 #include "parallm/core/error.h"
 #include "parallm/core/trace.h"
 #include "parallm/kernels/ops.h"
+#include "parallm/kernels/quant_matmul.h"
 #include "parallm/model/llama_tensors.h"
 
 namespace parallm {
@@ -122,6 +123,10 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
     Tensor t = source.read(name, DType::F32, slice_of(name));
     return std::vector<float>(t.data<float>(), t.data<float>() + t.numel());
   };
+  // Linear weights only (never the embedding table, which is read by row): Q4_0 / Q8_0 repacked
+  // for the AVX2 GEMV (kernels::repack_quant_weight), after the TP split above.
+  const bool repack = kernels::quant_repack_enabled();
+  auto linear = [&](Tensor t) { return repack ? kernels::repack_quant_weight(t) : t; };
   // A fused weight: each part's rows, stacked in the spec's order.
   auto read_fused = [&](int64_t i, const parallel::FusedShardSpec& spec, const char* prefix) {
     std::vector<Tensor> parts;
@@ -154,8 +159,9 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
     L.attn_norm = read_norm(names::layer(i, "input_layernorm.weight"));
     L.ffn_norm = read_norm(names::layer(i, "post_attention_layernorm.weight"));
     L.attention = parallel::ParallelAttention(
-        read_fused(i, qkv_spec, "self_attn."),
-        read(names::layer(i, "self_attn.o_proj.weight"), Slice::Kind::Cols, o_cols), heads_, hd,
+        linear(read_fused(i, qkv_spec, "self_attn.")),
+        linear(read(names::layer(i, "self_attn.o_proj.weight"), Slice::Kind::Cols, o_cols)),
+        heads_, hd,
         rope, tp_, read_qkv_bias(i));
     if (c.layer_is_moe(i)) {
       // The router whole (f32: it is routed in f32); only this EP rank's experts, each its TP
@@ -194,8 +200,9 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
       }
     } else {
       L.mlp = parallel::ParallelMlp(
-          read_fused(i, gate_up_spec, "mlp."),
-          read(names::layer(i, "mlp.down_proj.weight"), Slice::Kind::Cols, ffn_), ffn_, tp_);
+          linear(read_fused(i, gate_up_spec, "mlp.")),
+          linear(read(names::layer(i, "mlp.down_proj.weight"), Slice::Kind::Cols, ffn_)), ffn_,
+          tp_);
     }
     weight_bytes_ += L.bytes();
     layers_.push_back(std::move(L));
@@ -213,7 +220,8 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
       lm_head_ = parallel::VocabParallelLmHead(embedding_.table(), vocab_, tp_);  // same storage
     } else {
       lm_head_ = parallel::VocabParallelLmHead(
-          read(c.tie_word_embeddings ? names::kEmbed : names::kLmHead, Slice::Kind::Rows, vocab_),
+          linear(read(c.tie_word_embeddings ? names::kEmbed : names::kLmHead, Slice::Kind::Rows,
+                      vocab_)),
           vocab_, tp_);
       weight_bytes_ += lm_head_.weight().nbytes();
     }
