@@ -42,24 +42,32 @@ TEST(Mixtral, MatchesPyTorchReference) {
   EXPECT_LT(worst, 1e-5);
 }
 
-// Tokens and logits as printed (one prompt, or a batch of three).
-std::string generate_ids(const std::string& dir, const std::string& layout, bool batch,
-                         const TempDir& tmp) {
+// stdout of `generate --print-ids --print-logits` (one prompt, or a batch of three) at `layout`.
+// stdout alone (a subshell drops stderr before run_command merges the two): rank 0's summary on
+// stderr could otherwise land in the middle of the printer's lines.
+std::string generate_stdout(const std::string& dir, const std::string& layout, bool batch,
+                            const TempDir& tmp, int max_tokens) {
   std::string prompt = "--prompt-ids 1,7,11";
   if (batch) {
     std::ofstream(tmp.file("prompts.txt")) << "1,7,11\n1\n1,100,5,9,33,2,8\n";
     prompt = "--prompts-file " + tmp.file("prompts.txt");
   }
-  // stdout alone (a subshell drops stderr before run_command merges the two): rank 0's summary on
-  // stderr could otherwise land in the middle of the printer's lines.
   auto r = testing::run_command("(" PARALLM_BIN " generate --model " + dir + " " + prompt +
-                                " --max-tokens 12 --print-ids --print-logits --ignore-eos "
+                                " --max-tokens " + std::to_string(max_tokens) +
+                                " --print-ids --print-logits --ignore-eos "
                                 "--threads 1 --comm-timeout 60 " +
                                 layout + " 2>/dev/null)");
   EXPECT_EQ(r.exit_code, 0) << layout << ": " << r.output;
+  return r.output;
+}
+
+// Tokens and logits as printed (one prompt, or a batch of three).
+std::string generate_ids(const std::string& dir, const std::string& layout, bool batch,
+                         const TempDir& tmp) {
+  const std::string output = generate_stdout(dir, layout, batch, tmp, 12);
   // Only the tokens and logits: the summary lines name the layout.
-  const std::string kept = testing::generated_lines(r.output);
-  EXPECT_NE(kept.find("logits"), std::string::npos) << layout << ": " << r.output;
+  const std::string kept = testing::generated_lines(output);
+  EXPECT_NE(kept.find("logits"), std::string::npos) << layout << ": " << output;
   return kept;
 }
 
@@ -254,18 +262,9 @@ struct Printed {
 };
 Printed generate_printed(const std::string& dir, const std::string& layout, bool batch,
                          const TempDir& tmp) {
-  std::string prompt = "--prompt-ids 1,7,11";
-  if (batch) {
-    std::ofstream(tmp.file("prompts.txt")) << "1,7,11\n1\n1,100,5,9,33,2,8\n";
-    prompt = "--prompts-file " + tmp.file("prompts.txt");
-  }
-  auto r = testing::run_command("(" PARALLM_BIN " generate --model " + dir + " " + prompt +
-                                " --max-tokens 10 --print-ids --print-logits --ignore-eos "
-                                "--threads 1 --comm-timeout 60 " +
-                                layout + " 2>/dev/null)");
-  EXPECT_EQ(r.exit_code, 0) << layout << ": " << r.output;
+  const std::string output = generate_stdout(dir, layout, batch, tmp, 10);
   Printed p;
-  std::istringstream lines(r.output);
+  std::istringstream lines(output);
   for (std::string line; std::getline(lines, line);) {
     if (line.empty()) continue;
     if (line.rfind("logits", 0) == 0) {
@@ -276,7 +275,7 @@ Printed generate_printed(const std::string& dir, const std::string& layout, bool
       p.tokens.push_back(line);
     }
   }
-  EXPECT_FALSE(p.tokens.empty() || p.logits.empty()) << layout << ": " << r.output;
+  EXPECT_FALSE(p.tokens.empty() || p.logits.empty()) << layout << ": " << output;
   return p;
 }
 

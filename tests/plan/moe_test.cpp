@@ -36,6 +36,21 @@ struct RankRun {
 // Steps of the run: one prefill of two prompts (5 + 3 tokens), then three decode steps of both.
 const std::vector<int64_t> kSteps = {8, 2, 2, 2};
 
+// Runs kSteps through the model's layers: the same inputs on every rank (attention is replicated
+// over EP, and TP ranks hold the same tokens), varied so that the router spreads them.
+void run_steps(LlamaModel& model, const ModelConfig& c) {
+  KvCache kv(model.local_layers(), 2, 16, model.local_kv_dim());
+  Workspace ws = model.make_workspace(8);
+  std::vector<float> x(8 * c.hidden_size);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = float((i * 37) % 101) / 50.0f - 1.0f;
+  model.forward_layers(x.data(), {{0, 0, 5}, {1, 0, 3}}, kv, ws);
+  for (int s = 0; s < 3; ++s) {
+    for (size_t i = 0; i < 2 * size_t(c.hidden_size); ++i)
+      x[i] = float((i * 13 + s * 7) % 89) / 40.0f - 1.0f;
+    model.forward_layers(x.data(), {{0, 5 + s, 1}, {1, 3 + s, 1}}, kv, ws);
+  }
+}
+
 std::vector<RankRun> run_layout(const std::string& dir, int tp, int ep) {
   ModelConfig config;
   open_model(dir, &config);
@@ -60,18 +75,7 @@ std::vector<RankRun> run_layout(const std::string& dir, int tp, int ep) {
 
     const comm::KindStats a0 = mesh.ep().stats().get(comm::Kind::AllToAll);
     const comm::KindStats g0 = mesh.ep().stats().get(comm::Kind::AllGather);
-    KvCache kv(model.local_layers(), 2, 16, model.local_kv_dim());
-    Workspace ws = model.make_workspace(8);
-    // The same inputs on every rank (attention is replicated over EP), varied so that the router
-    // spreads them.
-    std::vector<float> x(8 * c.hidden_size);
-    for (size_t i = 0; i < x.size(); ++i) x[i] = float((i * 37) % 101) / 50.0f - 1.0f;
-    model.forward_layers(x.data(), {{0, 0, 5}, {1, 0, 3}}, kv, ws);
-    for (int s = 0; s < 3; ++s) {
-      for (size_t i = 0; i < 2 * size_t(c.hidden_size); ++i)
-        x[i] = float((i * 13 + s * 7) % 89) / 40.0f - 1.0f;
-      model.forward_layers(x.data(), {{0, 5 + s, 1}, {1, 3 + s, 1}}, kv, ws);
-    }
+    run_steps(model, c);
     const comm::KindStats a1 = mesh.ep().stats().get(comm::Kind::AllToAll);
     const comm::KindStats g1 = mesh.ep().stats().get(comm::Kind::AllGather);
     r.a2a_sent = a1.bytes_sent - a0.bytes_sent;
@@ -167,16 +171,7 @@ TEST(PlanMoe, EnableExpertParallelWeightsAndAllReduceBytesAreTheEngines) {
         const double planned =
             rank_weight_bytes(cc, {tp, 1, 1, 1}, Precision::BF16, 0, mesh.tp_rank(), 0, true);
         const comm::KindStats a0 = model.expert_group().stats().get(comm::Kind::AllReduce);
-        KvCache kv(model.local_layers(), 2, 16, model.local_kv_dim());
-        Workspace ws = model.make_workspace(8);
-        std::vector<float> x(8 * cc.hidden_size);
-        for (size_t i = 0; i < x.size(); ++i) x[i] = float((i * 37) % 101) / 50.0f - 1.0f;
-        model.forward_layers(x.data(), {{0, 0, 5}, {1, 0, 3}}, kv, ws);
-        for (int s = 0; s < 3; ++s) {
-          for (size_t i = 0; i < 2 * size_t(cc.hidden_size); ++i)
-            x[i] = float((i * 13 + s * 7) % 89) / 40.0f - 1.0f;
-          model.forward_layers(x.data(), {{0, 5 + s, 1}, {1, 3 + s, 1}}, kv, ws);
-        }
+        run_steps(model, cc);
         const comm::KindStats a1 = model.expert_group().stats().get(comm::Kind::AllReduce);
         std::lock_guard<std::mutex> lock(mu);
         EXPECT_EQ(planned, double(model.weight_bytes())) << "tp rank " << mesh.tp_rank();
