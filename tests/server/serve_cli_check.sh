@@ -124,9 +124,20 @@ if text != want:
 EOF
 }
 
-# --- threads: TP 2 x PP 2 ---
+# --kv-cache-memory: a bad value is one line naming the flag and the value, and a failure.
+for bad in 1.5 0 12XB; do
+  "$bin" serve --model "$model" --port 0 --kv-cache-memory "$bad" >"$tmp/bad.out" 2>"$tmp/bad.err"
+  rc=$?
+  [ $rc != 0 ] || fail "--kv-cache-memory $bad was accepted"
+  grep -q -- "--kv-cache-memory $bad:" "$tmp/bad.err" || fail "--kv-cache-memory $bad: $(cat "$tmp/bad.err")"
+  [ "$(wc -l <"$tmp/bad.err")" = 1 ] || fail "--kv-cache-memory $bad: not one line: $(cat "$tmp/bad.err")"
+done
+
+# --- threads: TP 2 x PP 2, the KV cache a fraction of MemAvailable ---
 start_server "$tmp/serve.log" "$bin" serve --model "$model" --port 0 --tp 2 --pp 2 --threads 1 \
-  --max-num-seqs 16 || exit 1
+  --max-num-seqs 16 --kv-cache-memory 0.001 || exit 1
+grep "kv-cache-memory 0.001 of MemAvailable" "$tmp/serve.log" ||
+  fail "the fraction's bytes and blocks were not printed: $(cat "$tmp/serve.log")"
 url="http://127.0.0.1:$port"
 echo "serve (tp 2 x pp 2) at $url"
 check_completion "raw HTTP completion" false
@@ -157,7 +168,7 @@ stop_server "parallm serve --tp 2 --pp 2"
 if [ -n "$mpirun" ]; then
   # shellcheck disable=SC2086  # the flags are words
   start_server "$tmp/mpi.log" "$mpirun" $mpiflags -np 2 "$bin" serve --model "$model" --port 0 \
-    --pp 2 --threads 1 || exit 1
+    --pp 2 --threads 1 --kv-cache-memory 0.001 || exit 1
   echo "mpirun -np 2 parallm serve --pp 2 at http://127.0.0.1:$port"
   check_completion "mpirun: raw HTTP completion" false
   stop_server "mpirun -np 2 parallm serve --pp 2" any

@@ -399,6 +399,53 @@ TEST(ServeE2E, IdsPastTheTokenizerShowAsNoText) {
   EXPECT_EQ(rig.client().Get("/health")->status, 200);
 }
 
+// --kv-cache-memory: bytes, bytes with a unit, or a fraction of MemAvailable split over the
+// ranks on this machine; anything else is one line naming the flag and the value.
+TEST(ServeE2E, KvCacheMemoryBytesUnitsAndFractions) {
+  auto parsed = [](const std::string& v) {
+    ServeConfig c;
+    serve::parse_kv_cache_memory(v, c);
+    return std::make_pair(c.kv_cache_memory, c.kv_cache_fraction);
+  };
+  EXPECT_EQ(parsed("1048576"), std::make_pair(uint64_t{1} << 20, 0.0));
+  EXPECT_EQ(parsed("512MiB"), std::make_pair(uint64_t{512} << 20, 0.0));
+  EXPECT_EQ(parsed("2GiB"), std::make_pair(uint64_t{2} << 30, 0.0));
+  EXPECT_EQ(parsed("2G"), std::make_pair(uint64_t{2} << 30, 0.0));
+  EXPECT_EQ(parsed("1.5GB"), std::make_pair(uint64_t{1500000000}, 0.0));
+  EXPECT_EQ(parsed("64kib"), std::make_pair(uint64_t{64} << 10, 0.0));
+  EXPECT_EQ(parsed("0.5"), std::make_pair(uint64_t{0}, 0.5));
+  EXPECT_EQ(parsed("1.0"), std::make_pair(uint64_t{0}, 1.0));
+  for (const std::string bad : {"0", "0.0", "1.5", "-1", "abc", "", "5XB", "0.5.1", "1e9", "."}) {
+    try {
+      parsed(bad);
+      ADD_FAILURE() << "'" << bad << "' was accepted";
+    } catch (const std::invalid_argument& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("--kv-cache-memory " + bad + ":"), std::string::npos) << msg;
+      EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+    }
+  }
+
+  // A fraction: that share of MemAvailable over the tp x pp x dp ranks (threads: all on this
+  // machine), cut into whole blocks.
+  ServeConfig c = config(2, 1);
+  const serve::KvLayout bytes_layout = serve::serve_kv_layout(c);
+  c.kv_cache_fraction = 0.001;
+  const serve::KvLayout kv = serve::serve_kv_layout(c);
+  const double avail = static_cast<double>(serve::mem_available_bytes());
+  EXPECT_EQ(kv.block_bytes, bytes_layout.block_bytes);
+  EXPECT_NEAR(static_cast<double>(kv.mem_available), avail, avail * 0.1);
+  EXPECT_EQ(kv.budget_bytes,
+            static_cast<uint64_t>(0.001 * static_cast<double>(kv.mem_available) / 2));
+  EXPECT_EQ(kv.num_blocks, static_cast<int64_t>(kv.budget_bytes / kv.block_bytes));
+  EXPECT_GT(kv.num_blocks, 0);
+  // Bytes: the budget itself.
+  c.kv_cache_fraction = 0;
+  c.kv_cache_memory = kv.block_bytes * 7 + 1;
+  EXPECT_EQ(serve::serve_kv_layout(c).num_blocks, 7);
+  EXPECT_EQ(serve::serve_kv_layout(c).budget_bytes, kv.block_bytes * 7 + 1);
+}
+
 // Not a test: serve_cli_check.sh runs it (--gtest_also_run_disabled_tests) to get the same
 // tokenizer directory for the real `parallm serve`, in $PARALLM_E2E_MODEL_DIR.
 TEST(ServeE2E, DISABLED_WriteCliModelDir) {

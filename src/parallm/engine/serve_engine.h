@@ -132,8 +132,12 @@ struct ServeConfig {
   int64_t block_size = 16;                // --block-size: positions per KV block
   // --kv-cache-memory: bytes of KV cache per rank (the stage with the most layers decides the
   // block count); 0: enough for max_num_seqs sequences of max_model_len, capped at 4 GiB per
-  // rank (but at least one such sequence).
+  // rank (but at least one such sequence). parse_kv_cache_memory() sets it or the fraction.
   uint64_t kv_cache_memory = 0;
+  // --kv-cache-memory 0.5: this fraction of the machine's available memory (MemAvailable in
+  // /proc/meminfo, read at startup), shared evenly by the ranks on this machine (vLLM's
+  // --gpu-memory-utilization, for the host's memory). 0: unset (kv_cache_memory decides).
+  double kv_cache_fraction = 0;
   bool enable_prefix_caching = false;     // --enable-prefix-caching
   int64_t max_model_len = 0;              // --max-model-len; 0: max_position_embeddings
   int64_t max_waiting = 1024;             // waiting requests before submit() throws QueueFull
@@ -146,7 +150,17 @@ struct KvLayout {
   int64_t num_blocks = 0;
   uint64_t block_bytes = 0;
   int64_t max_model_len = 0;
+  uint64_t mem_available = 0;  // with kv_cache_fraction: MemAvailable read (bytes)
+  uint64_t budget_bytes = 0;   // the per-rank budget the blocks were cut from (0: the default)
 };
+
+// --kv-cache-memory VALUE into `config`: bytes ("1073741824"), bytes with a unit ("512MiB",
+// "2GiB", "1.5GB"; K/M/G/T and KiB.. are powers of 1024, KB/MB/GB/TB of 1000, B bytes), or a
+// fraction of the available memory (a number with a decimal point in (0, 1], e.g. "0.5").
+// Throws std::invalid_argument "--kv-cache-memory VALUE: why" for anything else.
+void parse_kv_cache_memory(const std::string& value, ServeConfig& config);
+// MemAvailable from /proc/meminfo in bytes; throws std::runtime_error when it cannot be read.
+uint64_t mem_available_bytes();
 // Throws std::invalid_argument naming the flag when the config cannot serve the model.
 KvLayout serve_kv_layout(const ServeConfig& config);
 

@@ -21,6 +21,7 @@
 #include "parallm/model/tokenizer.h"
 #include "parallm/model/tokenizer_unicode.h"
 #include "parallm/server/chat_template.h"
+#include "parallm/server/connection.h"
 #include "parallm/server/metrics.h"
 #include "parallm/server/socket_options.h"
 #include "parallm/server/stop_matcher.h"
@@ -707,6 +708,7 @@ struct StreamState {
   bool opened = false, closed = false;
   size_t text_len = 0;  // text sent so far (completions' text_offset)
   int32_t prev = -1;
+  ConnectionProbe probe;  // the client's socket, polled while there is nothing to write
 };
 
 }  // namespace
@@ -726,6 +728,7 @@ void HttpServer::Impl::handle_generate(const httplib::Request& req, httplib::Res
   st->prev = st->req.prompt.back();
   st->gen = std::make_unique<Generation>(*this, st->req);
   st->gen->start();  // 429 / 503 / 400 from the engine: still a plain JSON answer
+  st->probe = ConnectionProbe(req.local_addr, req.local_port, req.remote_addr, req.remote_port);
   const std::string model = model_name;
   const bool chat_r = chat_route;
 
@@ -736,7 +739,7 @@ void HttpServer::Impl::handle_generate(const httplib::Request& req, httplib::Res
     int32_t prev = st->prev;
     while (true) {
       outs.clear();
-      const bool done = st->gen->poll(200ms, outs);
+      const bool done = st->gen->poll(100ms, outs);
       for (const Out& o : outs) {
         if (o.has_token && st->req.logprobs) {
           lp.add(o, prev, text.size());
@@ -745,6 +748,12 @@ void HttpServer::Impl::handle_generate(const httplib::Request& req, httplib::Res
         text += o.text;
       }
       if (done) break;
+      // Nobody will read the answer: the engine request ends now, not at its last token.
+      if (st->probe.closed()) {
+        st->gen->cancel();
+        res.status = 499;  // nginx's "client closed request"; never reaches the client
+        return;
+      }
     }
     if (st->gen->error()) throw *st->gen->error();
     json choice = {{"index", 0},
@@ -852,7 +861,9 @@ void HttpServer::Impl::handle_generate(const httplib::Request& req, httplib::Res
           st->closed = true;
         }
         // A failed write means the client is gone: returning false ends the response, and the
-        // releaser below cancels the engine request.
+        // releaser below cancels the engine request. With nothing to write (still queued, a
+        // prefill, text held for a stop string) the socket itself says so.
+        if (data.empty() && st->probe.closed()) return false;
         if (!data.empty() && !sink.write(data.data(), data.size())) return false;
         if (done) sink.done();
         return true;
