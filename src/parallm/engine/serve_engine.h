@@ -29,6 +29,10 @@ struct GenParams {
   uint64_t seed = 0;          // the request's own generator: same seed, same tokens at any load
   int top_logprobs = -1;      // -1: no logprobs; 0..20: the sampled token's logprob and this many
   bool ignore_eos = false;
+  // The logprobs of the prompt's tokens (each under its prefix; top_logprobs >= 0 gives the top
+  // list's length) through on_prompt_logprobs, before any token. Such a request computes its
+  // whole prompt (no prefix-cache hits) and may ask max_tokens 0 (the prompt only).
+  bool prompt_logprobs = false;
 };
 
 struct Submission {
@@ -64,6 +68,10 @@ struct FinishEvent {
 };
 
 struct RequestCallbacks {
+  // With GenParams::prompt_logprobs, once, before the first token: entry i - 1 for prompt token
+  // i >= 1 (token, its logprob given tokens 0..i-1, the top list). Not called for a 1-token
+  // prompt or a request that ends before its prompt was computed.
+  std::function<void(const std::vector<TokenEvent>&)> on_prompt_logprobs;
   std::function<void(const TokenEvent&)> on_token;
   std::function<void(const FinishEvent&)> on_finish;  // exactly once, last
 };

@@ -1,5 +1,6 @@
 #include "parallm/engine/serve_loop.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -59,7 +60,8 @@ void run_serve_loop(const LlamaModel& model, const comm::Group& tp, const comm::
                                        max_blocks_per_seq},
                    cfg.max_num_batched_tokens);
   PagedKvCache& kv = *fwd.paged();
-  const auto header_max = ServePlan::wire_size(cfg.max_num_seqs, max_plan_blocks, 0);
+  const auto header_max =
+      ServePlan::wire_size(cfg.max_num_seqs, max_plan_blocks, 0, cfg.max_num_batched_tokens);
   pipeline::StageLink link(pp, static_cast<int>(header_max));
   std::vector<std::optional<SlotSampler>> samplers(last ? cfg.max_num_seqs : 0);
   const parallel::VocabExchange vocab(tp);
@@ -70,7 +72,8 @@ void run_serve_loop(const LlamaModel& model, const comm::Group& tp, const comm::
   std::vector<pipeline::Activation*> received(M, nullptr);
   std::vector<int64_t> expected(M, 0);  // first rank: result values due back per lane
   std::vector<int32_t> results, incoming;
-  std::vector<float> rows, logits;
+  std::vector<float> rows, logits, lp_rows, lp_logits;
+  std::vector<std::vector<int32_t>> prompt_lp;  // per entry: its prompt logprobs' values
   if (on_ready) on_ready();
 
   auto activations = [&](int j) -> float* {
@@ -116,7 +119,43 @@ void run_serve_loop(const LlamaModel& model, const comm::Group& tp, const comm::
     float* x = activations(j);
     if (!plan.entries.empty()) fwd.layers(x, plan.chunks());
     results.clear();
-    if (last && plan.samples() > 0) {
+    // Prompt logprobs: the head over the rows that predict prompt tokens (only the entries that
+    // asked), each target's logprob and top list, sent back before the entry's sample.
+    prompt_lp.assign(plan.entries.size(), {});
+    if (last && plan.targets() > 0) {
+      TraceSpan span("prompt logprobs", "compute");
+      const int64_t V = v_end - v_begin;
+      int64_t off = 0;
+      for (size_t k = 0; k < plan.entries.size(); ++k) {
+        const ServeEntry& e = plan.entries[k];
+        const int64_t nt = static_cast<int64_t>(e.targets.size());
+        if (nt > 0) {
+          const int64_t first_row = e.lp_first - 1 - e.start_pos;
+          if (first_row < 0 || first_row + nt > e.n_tokens)
+            fail<std::runtime_error>("serve", "slot ", e.slot, ": prompt logprob targets from ",
+                                     e.lp_first, " outside its chunk at ", e.start_pos, " + ",
+                                     e.n_tokens);
+          lp_rows.resize(nt * H);
+          lp_logits.resize(nt * V);
+          std::memcpy(lp_rows.data(), x + (off + first_row) * H, nt * H * sizeof(float));
+          fwd.head(lp_rows.data(), nt, lp_logits.data());
+          if (!samplers.at(e.slot))
+            fail<std::runtime_error>("serve", "slot ", e.slot, " has targets before its init entry");
+          const int top = std::max(0, samplers[e.slot]->top_logprobs);
+          for (int64_t t = 0; t < nt; ++t) {
+            const LogprobResult lp = token_logprobs(vocab, lp_logits.data() + t * V, v_begin,
+                                                    v_end, e.targets[t], top);
+            prompt_lp[k].push_back(float_bits(lp.logprob));
+            for (const auto& c : lp.top) {
+              prompt_lp[k].push_back(c.id);
+              prompt_lp[k].push_back(float_bits(c.logit));
+            }
+          }
+        }
+        off += e.n_tokens;
+      }
+    }
+    if (last && (plan.samples() > 0 || plan.targets() > 0)) {
       TraceSpan span("head+sample", "compute");
       const int64_t V = v_end - v_begin;
       const int R = plan.samples();
@@ -128,9 +167,11 @@ void run_serve_loop(const LlamaModel& model, const comm::Group& tp, const comm::
         off += e.n_tokens;
         if (e.sample) std::memcpy(&rows[r++ * H], x + (off - 1) * H, H * sizeof(float));
       }
-      fwd.head(rows.data(), R, logits.data());
+      if (R > 0) fwd.head(rows.data(), R, logits.data());
       r = 0;
-      for (const ServeEntry& e : plan.entries) {
+      for (size_t k = 0; k < plan.entries.size(); ++k) {
+        const ServeEntry& e = plan.entries[k];
+        results.insert(results.end(), prompt_lp[k].begin(), prompt_lp[k].end());
         if (!e.sample) continue;
         const float* row = logits.data() + r++ * V;
         for (int64_t v = 0; v < V; ++v)
