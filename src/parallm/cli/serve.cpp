@@ -108,7 +108,7 @@ int run_serve(ServeOptions o) {
        app.add_option("--pipeline-parallel-size,--pp", e.pp, "Pipeline stages per replica")
            ->check(CLI::PositiveNumber);
        app.add_option("--data-parallel-size,--dp", e.dp,
-                      "Replicas, each with its own scheduler and KV cache (threads only)")
+                      "Replicas, each with its own scheduler and KV cache")
            ->check(CLI::PositiveNumber);
        app.add_option("--pp-layers", e.pp_layers, "Layers per stage, e.g. 6,5,5,6 (default: even)")
            ->delimiter(',');

@@ -7,6 +7,8 @@
 #include <atomic>
 #include <cctype>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -57,10 +59,6 @@ void check_config(const ServeConfig& c) {
   if (c.tp < 1) fail("serve", "--tensor-parallel-size must be >= 1, got ", c.tp);
   if (c.pp < 1) fail("serve", "--pipeline-parallel-size must be >= 1, got ", c.pp);
   if (c.dp < 1) fail("serve", "--data-parallel-size must be >= 1, got ", c.dp);
-  if (c.dp > 1 && comm::under_mpirun())
-    fail("serve", "--data-parallel-size ", c.dp,
-         " under mpirun is not supported; run the replicas as threads (without mpirun) or one "
-         "server per replica");
   if (c.kv_cache_fraction < 0 || c.kv_cache_fraction > 1)
     fail("serve", "--kv-cache-memory ", c.kv_cache_fraction, ": a fraction must be in (0, 1]");
   if (c.max_num_seqs < 1) fail("serve", "--max-num-seqs must be >= 1, got ", c.max_num_seqs);
@@ -90,6 +88,23 @@ void agree_on_blocks(const ServeConfig& c, const comm::Group& world, KvLayout& k
   int64_t n = kv.num_blocks;
   world.broadcast(&n, 1, DType::I64, 0);
   kv.num_blocks = n;
+}
+
+// DP under mpirun: every replica's scheduler lives in world rank 0's process (the front, which
+// serves HTTP and picks the least-loaded replica); replica d's first rank (world rank
+// global_rank(0, d, 0)) reaches it over a two-rank group {0, that rank}, one per replica d >= 1,
+// made here by collective splits of the world (every rank calls this). Elsewhere: none.
+std::vector<comm::Group> front_links(const ServeConfig& c, const RankContext& ctx) {
+  std::vector<comm::Group> links(c.dp);
+  if (c.dp == 1 || !comm::under_mpirun()) return links;
+  const int me = ctx.world.rank();
+  for (int d = 1; d < c.dp; ++d) {
+    const int leader = ctx.mesh.global_rank(0, d, 0);
+    const bool in = me == 0 || me == leader;
+    comm::Group g = ctx.world.split(in ? 1 : 0, me == 0 ? 0 : 1, "dp-front");
+    if (in) links[d] = g;
+  }
+  return links;
 }
 
 class Engine : public ServeEngine {
@@ -189,9 +204,32 @@ class Engine : public ServeEngine {
         const comm::Mesh& mesh = ctx.mesh;
         const bool first = mesh.pp_rank() == 0 && mesh.tp_rank() == 0;
         Scheduler* s = first ? replicas_.at(mesh.dp_rank()).get() : nullptr;
-        run_serve_loop(ctx.model, mesh.tp(), mesh.pp(), loop_config(cfg_, kv), s, [&] {
-          if (first) ++ready_count_;
-        });
+        const std::vector<comm::Group> links = front_links(cfg_, ctx);
+        // Under mpirun (this is world rank 0) the other replicas' schedulers are served from here.
+        std::vector<std::thread> remotes;
+        for (int d = 1; d < static_cast<int>(links.size()); ++d) {
+          if (links[d].size() != 2) continue;
+          remotes.emplace_back([this, &links, &kv, d] {
+            try {
+              serve_remote_scheduler(*replicas_[d], links[d], loop_config(cfg_, kv),
+                                     [this] { ++ready_count_; });
+            } catch (const std::exception& e) {
+              // The replica's ranks would wait for this thread forever: end the job.
+              std::fprintf(stderr, "[serve] the scheduler of replica %d failed: %s\n", d,
+                           e.what());
+              std::abort();
+            }
+          });
+        }
+        try {
+          run_serve_loop(ctx.model, mesh.tp(), mesh.pp(), loop_config(cfg_, kv), s, [&] {
+            if (first) ++ready_count_;
+          });
+        } catch (...) {
+          for (auto& t : remotes) t.detach();  // MPI ends the job on the way out
+          throw;
+        }
+        for (auto& t : remotes) t.join();
       });
     } catch (const std::exception& e) {
       why = e.what();
@@ -332,6 +370,14 @@ void run_serve_follower(const ServeConfig& config) {
       fail("serve", "run_serve_follower on world rank 0: call make_serve_engine there");
     KvLayout kv = layout;
     agree_on_blocks(config, ctx.world, kv);
+    const std::vector<comm::Group> links = front_links(config, ctx);
+    const int d = ctx.mesh.dp_rank();
+    if (ctx.mesh.tp_rank() == 0 && ctx.mesh.pp_rank() == 0 && d > 0) {
+      // A replica's first rank: its scheduler is world rank 0's.
+      run_serve_loop(ctx.model, ctx.mesh.tp(), ctx.mesh.pp(), loop_config(config, kv), nullptr,
+                     nullptr, &links.at(d));
+      return;
+    }
     run_serve_loop(ctx.model, ctx.mesh.tp(), ctx.mesh.pp(), loop_config(config, kv), nullptr);
   });
 }

@@ -129,7 +129,7 @@ struct ServeConfig {
   std::string served_model_name;  // --served-model-name; empty: the model's file/directory name
   int tp = 1;                     // --tensor-parallel-size
   int pp = 1;                     // --pipeline-parallel-size
-  int dp = 1;                     // --data-parallel-size: replicas (threads only, not mpirun)
+  int dp = 1;                     // --data-parallel-size: replicas (threads, or under mpirun)
   std::vector<int64_t> pp_layers;  // explicit layers per stage, else even
   int threads = 0;                 // threads per rank; 0: the machine's cores / ranks here
   std::string dtype = "auto";      // weights: auto, f32, bf16, f16

@@ -32,17 +32,51 @@ struct SlotSampler {
   int top_logprobs = -1;
 };
 
+// The remote-scheduler protocol (tags on the two-rank link): the replica's first rank sends
+// {lane, n} then n result values; the front answers {plan values, result values due}, then the
+// plan (encoded with its ids).
+constexpr int kTagRequest = 31001, kTagPlan = 31002;
+
 }  // namespace
+
+void serve_remote_scheduler(Scheduler& s, const comm::Group& link, const ServeLoopConfig& cfg,
+                            const std::function<void()>& on_first) {
+  std::vector<int64_t> expected(s.config().lanes, 0);
+  std::vector<int32_t> results;
+  bool first = true;
+  while (true) {
+    int64_t head[2];
+    link.recv(head, sizeof head, 1, kTagRequest);
+    if (first && on_first) on_first();
+    first = false;
+    const int j = static_cast<int>(head[0]);
+    if (j < 0 || j >= s.config().lanes || head[1] != expected[j])
+      fail<std::runtime_error>("serve", "remote replica: request for lane ", head[0], " with ",
+                               head[1], " results (", j >= 0 && j < s.config().lanes
+                                                          ? expected[j] : -1, " due)");
+    results.resize(head[1]);
+    if (head[1] > 0) link.recv(results.data(), results.size() * sizeof(int32_t), 1, kTagRequest);
+    s.complete(j, results.data());
+    if (j == 0 && s.idle()) s.wait_for_work(cfg.idle_tick_s);
+    const ServePlan plan = s.plan(j);
+    expected[j] = s.result_values(j);
+    const std::vector<int64_t> v = plan.encode(true);
+    const int64_t answer[2] = {static_cast<int64_t>(v.size()), expected[j]};
+    link.send(answer, sizeof answer, 1, kTagPlan);
+    link.send(v.data(), v.size() * sizeof(int64_t), 1, kTagPlan);
+    if (plan.exit) return;
+  }
+}
 
 void run_serve_loop(const LlamaModel& model, const comm::Group& tp, const comm::Group& pp,
                     const ServeLoopConfig& cfg, Scheduler* scheduler,
-                    const std::function<void()>& on_ready) {
+                    const std::function<void()>& on_ready, const comm::Group* front) {
   const ModelConfig& c = model.config();
   const int P = pp.size(), stage = pp.rank();
   const bool first = stage == 0, last = stage == P - 1;
   const bool root = first && tp.rank() == 0;
-  if (root != (scheduler != nullptr))
-    fail<std::logic_error>("serve", "the first rank and only it runs the scheduler");
+  if (root != (scheduler != nullptr || front != nullptr) || (scheduler && front))
+    fail<std::logic_error>("serve", "the first rank and only it runs the scheduler (or reaches it)");
   if ((first && !model.has_embedding()) || (last && !model.has_head()))
     fail("serve", "stage ", stage, " of ", P, " lacks the embedding or the head it needs");
   const int M = P;  // lanes: one plan in flight per stage
@@ -72,6 +106,7 @@ void run_serve_loop(const LlamaModel& model, const comm::Group& tp, const comm::
   std::vector<pipeline::Activation*> received(M, nullptr);
   std::vector<int64_t> expected(M, 0);  // first rank: result values due back per lane
   std::vector<int32_t> results, incoming;
+  std::vector<std::vector<int32_t>> pending(front && P == 1 ? M : 0);  // remote, no pipeline
   std::vector<float> rows, logits, lp_rows, lp_logits;
   std::vector<std::vector<int32_t>> prompt_lp;  // per entry: its prompt logprobs' values
   if (on_ready) on_ready();
@@ -85,7 +120,28 @@ void run_serve_loop(const LlamaModel& model, const comm::Group& tp, const comm::
   cb.forward = [&](int j, int) {
     ServePlan& plan = plans[j];
     if (first) {
-      if (root) {
+      if (root && front) {
+        // The scheduler is the front's: the previous plan's results go there, the plan comes back.
+        const std::vector<int32_t>* res = &incoming;
+        incoming.resize(expected[j]);
+        if (P > 1) {
+          if (expected[j] > 0) {
+            TraceSpan wait("recv tokens", "wait");
+            link.recv_result(P - 1, j, incoming.data(), incoming.size());
+          }
+        } else {
+          res = &pending[j];
+        }
+        const int64_t head[2] = {j, static_cast<int64_t>(res->size())};
+        front->send(head, sizeof head, 0, kTagRequest);
+        if (!res->empty()) front->send(res->data(), res->size() * sizeof(int32_t), 0, kTagRequest);
+        int64_t answer[2];
+        front->recv(answer, sizeof answer, 0, kTagPlan);
+        std::vector<int64_t> v(answer[0]);
+        front->recv(v.data(), v.size() * sizeof(int64_t), 0, kTagPlan);
+        plan = ServePlan::decode(v.data(), v.size());
+        expected[j] = answer[1];
+      } else if (root) {
         if (P > 1) {
           // Lane j's results from its previous plan, then the lane is free again.
           incoming.resize(expected[j]);
@@ -196,7 +252,12 @@ void run_serve_loop(const LlamaModel& model, const comm::Group& tp, const comm::
       }
       if (P > 1 && tp.rank() == 0) link.send_result(0, j, results.data(), results.size());
     }
-    if (root && P == 1) scheduler->complete(j, results.data());
+    if (root && P == 1) {
+      if (front)
+        pending[j] = results;
+      else
+        scheduler->complete(j, results.data());
+    }
   };
 
   const pipeline::Schedule schedule = pipeline::gpipe(P, M, /*forward_only=*/true);
