@@ -420,9 +420,11 @@ void check_prompt_logprobs(int tp, int pp) {
   json body = request(prompt, 3, false);
   body["echo"] = true;
   body["logprobs"] = 2;
+  json whole;  // the non-streamed answer's logprobs
   for (int round = 0; round < 2; ++round) {  // the second: the prompt's blocks are cached
     const json a = rig.post(body);
     const json& ch = a["choices"][0];
+    whole = ch["logprobs"];
     const std::string text = ch["text"];
     ASSERT_EQ(text.rfind(prompt_text, 0), 0u) << text;
     const json& lp = ch["logprobs"];
@@ -480,13 +482,30 @@ void check_prompt_logprobs(int tp, int pp) {
   auto r = rig.client().Post("/v1/completions", body.dump(), "application/json");
   ASSERT_TRUE(r);
   EXPECT_EQ(r->status, 400);
+
+  // Streamed: the first chunk is the prompt with its logprobs, then a chunk per token; together
+  // the same arrays as the non-streamed answer.
   json streamed = request(prompt, 3, true);
   streamed["echo"] = true;
-  streamed["logprobs"] = 1;
-  r = rig.client().Post("/v1/completions", streamed.dump(), "application/json");
-  ASSERT_TRUE(r);
-  EXPECT_EQ(r->status, 400);
-  EXPECT_NE(r->body.find("\"param\":\"echo\""), std::string::npos) << r->body;
+  streamed["logprobs"] = 2;
+  const auto events = parse_sse(rig.post(streamed).get<std::string>());
+  ASSERT_GE(events.size(), 2u);
+  EXPECT_EQ(events[0]["choices"][0]["text"], prompt_text);
+  EXPECT_EQ(events[0]["choices"][0]["logprobs"]["tokens"].size(), plen);
+  json tokens = json::array(), values = json::array(), offsets = json::array();
+  for (const json& e : events)
+    for (const json& c : e["choices"]) {
+      if (c["logprobs"].is_null()) continue;
+      for (const json& t : c["logprobs"]["tokens"]) tokens.push_back(t);
+      for (const json& t : c["logprobs"]["token_logprobs"]) values.push_back(t);
+      for (const json& t : c["logprobs"]["text_offset"]) offsets.push_back(t);
+    }
+  EXPECT_EQ(tokens, whole["tokens"]);
+  EXPECT_EQ(offsets, whole["text_offset"]);
+  ASSERT_EQ(values.size(), whole["token_logprobs"].size());
+  EXPECT_TRUE(values[0].is_null());
+  for (size_t i = 1; i < values.size(); ++i)
+    EXPECT_NEAR(values[i].get<double>(), whole["token_logprobs"][i].get<double>(), 1e-5) << i;
   EXPECT_EQ(rig.metric("num_requests_running"), 0);
 }
 

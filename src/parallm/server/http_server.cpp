@@ -349,9 +349,6 @@ struct HttpServer::Impl {
         r.top_logprobs = static_cast<int>(*lp);
       }
       r.echo = opt_bool(body, "echo").value_or(false);
-      if (r.echo && r.logprobs && opt_bool(body, "stream").value_or(false))
-        bad("echo",
-            "'echo' with 'logprobs' (prompt logprobs) is supported without 'stream' only");
     }
     if (r.prompt.empty()) bad(prompt_param, cat("'", prompt_param, "' gives no tokens"));
 
@@ -535,6 +532,7 @@ class Generation {
     cb.on_prompt_logprobs = [in](const std::vector<serve::TokenEvent>& lp) {
       std::lock_guard<std::mutex> lock(in->mu);
       in->prompt_lp = lp;
+      in->cv.notify_all();
     };
     cb.on_finish = [in](const serve::FinishEvent& ev) {
       std::lock_guard<std::mutex> lock(in->mu);
@@ -635,6 +633,16 @@ class Generation {
   std::vector<serve::TokenEvent> prompt_logprobs() const {
     std::lock_guard<std::mutex> lock(inbox_->mu);
     return inbox_->prompt_lp;
+  }
+  // Whether the prompt's logprobs are in (or will never come): the engine hands them over before
+  // the first token, so any token or the end means they are settled. Waits up to `wait`.
+  bool prompt_logprobs_settled(std::chrono::milliseconds wait) const {
+    std::unique_lock<std::mutex> lock(inbox_->mu);
+    auto settled = [&] {
+      return !inbox_->prompt_lp.empty() || !inbox_->tokens.empty() || inbox_->finished ||
+             req_.prompt.size() < 2;
+    };
+    return settled() || inbox_->cv.wait_for(lock, wait, settled);
   }
   const std::optional<ApiError>& error() const { return error_; }
   int64_t completion_tokens() const { return completion_tokens_; }
@@ -849,6 +857,21 @@ void HttpServer::Impl::handle_generate(const httplib::Request& req, httplib::Res
           return true;
         }
         std::string data;
+        if (!st->opened && st->req.echo && st->req.logprobs) {
+          // The echo chunk carries the prompt's logprobs: it waits for them (the prefill).
+          if (!st->gen->prompt_logprobs_settled(50ms)) {
+            if (st->probe.closed()) return false;
+            return true;
+          }
+          st->opened = true;
+          LogprobsBuilder lp{self->tok, false};
+          lp.add_prompt(st->req.prompt, st->gen->prompt_logprobs(), st->req.prompt_text.size());
+          data += chunk({{"index", 0},
+                         {"text", st->req.prompt_text},
+                         {"logprobs", lp.result()},
+                         {"finish_reason", nullptr}});
+          st->text_len = st->req.prompt_text.size();
+        }
         if (!st->opened) {
           st->opened = true;
           if (chat_r) {
