@@ -584,7 +584,8 @@ TEST(Server, NonStreamedDisconnectCancelsWithinOneSecond) {
         std::this_thread::sleep_for(2ms);
       const double s =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      EXPECT_EQ(rig.engine->cancelled.load(), before + 1) << "stream " << stream << " chat " << chat;
+      EXPECT_EQ(rig.engine->cancelled.load(), before + 1)
+          << "stream " << stream << " chat " << chat;
       EXPECT_LT(s, 1.0) << "cancel reached the engine after " << s << " s (stream " << stream
                         << ", chat " << chat << ")";
       rig.engine->step_us = 50000;
@@ -593,7 +594,8 @@ TEST(Server, NonStreamedDisconnectCancelsWithinOneSecond) {
     }
   }
   // A client that stays gets its whole answer (the probe does not mistake it for gone).
-  auto r = post(rig, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 20}, {"ignore_eos", true}});
+  auto r = post(rig, "/v1/completions",
+                {{"prompt", "a"}, {"max_tokens", 20}, {"ignore_eos", true}});
   ASSERT_TRUE(r);
   EXPECT_EQ(r->status, 200);
   EXPECT_EQ(json::parse(r->body)["usage"]["completion_tokens"], 20);

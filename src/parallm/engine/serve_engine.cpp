@@ -308,8 +308,10 @@ void parse_kv_cache_memory(const std::string& value, ServeConfig& c) {
          "memory in (0, 1], e.g. 0.5)");
   };
   size_t i = 0;
-  while (i < value.size() && (std::isdigit(static_cast<unsigned char>(value[i])) || value[i] == '.'))
-    ++i;
+  auto numeric = [&](char ch) {
+    return std::isdigit(static_cast<unsigned char>(ch)) != 0 || ch == '.';
+  };
+  while (i < value.size() && numeric(value[i])) ++i;
   const std::string num = value.substr(0, i);
   std::string unit = value.substr(i);
   while (!unit.empty() && unit.front() == ' ') unit.erase(0, 1);

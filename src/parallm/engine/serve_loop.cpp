@@ -76,7 +76,8 @@ void run_serve_loop(const LlamaModel& model, const comm::Group& tp, const comm::
   const bool first = stage == 0, last = stage == P - 1;
   const bool root = first && tp.rank() == 0;
   if (root != (scheduler != nullptr || front != nullptr) || (scheduler && front))
-    fail<std::logic_error>("serve", "the first rank and only it runs the scheduler (or reaches it)");
+    fail<std::logic_error>("serve",
+                           "the first rank and only it runs the scheduler (or reaches it)");
   if ((first && !model.has_embedding()) || (last && !model.has_head()))
     fail("serve", "stage ", stage, " of ", P, " lacks the embedding or the head it needs");
   const int M = P;  // lanes: one plan in flight per stage
@@ -196,7 +197,8 @@ void run_serve_loop(const LlamaModel& model, const comm::Group& tp, const comm::
           std::memcpy(lp_rows.data(), x + (off + first_row) * H, nt * H * sizeof(float));
           fwd.head(lp_rows.data(), nt, lp_logits.data());
           if (!samplers.at(e.slot))
-            fail<std::runtime_error>("serve", "slot ", e.slot, " has targets before its init entry");
+            fail<std::runtime_error>("serve", "slot ", e.slot,
+                                     " has targets before its init entry");
           const int top = std::max(0, samplers[e.slot]->top_logprobs);
           for (int64_t t = 0; t < nt; ++t) {
             const LogprobResult lp = token_logprobs(vocab, lp_logits.data() + t * V, v_begin,
