@@ -8,7 +8,8 @@
 #   - `parallm bench serve` (8 prompts at once): completed 8, failed 0;
 #   - SIGTERM ends the server within 10 s with status 0;
 #   - with an mpirun (3rd argument): `mpirun -np 2 parallm serve --pp 2` answers the same greedy
-#     completion and ends on SIGTERM to mpirun within 10 s.
+#     completion and ends on SIGTERM to mpirun within 10 s; so does `mpirun -np 4 parallm serve
+#     --pp 2 --dp 2`, with two requests running at once on one sequence per replica.
 #
 #   serve_cli_check.sh PARALLM_BIN TEST_SERVER_BIN [MPIRUN "MPIRUN_FLAGS"]
 set -uo pipefail
@@ -124,9 +125,20 @@ if text != want:
 EOF
 }
 
-# --- threads: TP 2 x PP 2 ---
+# --kv-cache-memory: a bad value is one line naming the flag and the value, and a failure.
+for bad in 1.5 0 12XB; do
+  "$bin" serve --model "$model" --port 0 --kv-cache-memory "$bad" >"$tmp/bad.out" 2>"$tmp/bad.err"
+  rc=$?
+  [ $rc != 0 ] || fail "--kv-cache-memory $bad was accepted"
+  grep -q -- "--kv-cache-memory $bad:" "$tmp/bad.err" || fail "--kv-cache-memory $bad: $(cat "$tmp/bad.err")"
+  [ "$(wc -l <"$tmp/bad.err")" = 1 ] || fail "--kv-cache-memory $bad: not one line: $(cat "$tmp/bad.err")"
+done
+
+# --- threads: TP 2 x PP 2, the KV cache a fraction of MemAvailable ---
 start_server "$tmp/serve.log" "$bin" serve --model "$model" --port 0 --tp 2 --pp 2 --threads 1 \
-  --max-num-seqs 16 || exit 1
+  --max-num-seqs 16 --kv-cache-memory 0.001 || exit 1
+grep "kv-cache-memory 0.001 of MemAvailable" "$tmp/serve.log" ||
+  fail "the fraction's bytes and blocks were not printed: $(cat "$tmp/serve.log")"
 url="http://127.0.0.1:$port"
 echo "serve (tp 2 x pp 2) at $url"
 check_completion "raw HTTP completion" false
@@ -157,7 +169,7 @@ stop_server "parallm serve --tp 2 --pp 2"
 if [ -n "$mpirun" ]; then
   # shellcheck disable=SC2086  # the flags are words
   start_server "$tmp/mpi.log" "$mpirun" $mpiflags -np 2 "$bin" serve --model "$model" --port 0 \
-    --pp 2 --threads 1 || exit 1
+    --pp 2 --threads 1 --kv-cache-memory 0.001 || exit 1
   echo "mpirun -np 2 parallm serve --pp 2 at http://127.0.0.1:$port"
   check_completion "mpirun: raw HTTP completion" false
   stop_server "mpirun -np 2 parallm serve --pp 2" any
@@ -167,6 +179,42 @@ if [ -n "$mpirun" ]; then
     fail "mpirun: a rank failed on the way out"
   fi
   cat "$tmp/mpi.log"
+
+  # DP 2 x PP 2 as four processes: the schedulers in rank 0's process, replica 1's first rank
+  # (world rank 1) fed over MPI. One sequence per replica (--max-num-seqs 1): two requests running
+  # at once prove that the second replica serves; every answer is the greedy text.
+  # shellcheck disable=SC2086
+  start_server "$tmp/mpi_dp.log" "$mpirun" $mpiflags -np 4 "$bin" serve --model "$model" \
+    --port 0 --pp 2 --dp 2 --threads 1 --max-num-seqs 1 || exit 1
+  echo "mpirun -np 4 parallm serve --pp 2 --dp 2 at http://127.0.0.1:$port"
+  check_completion "mpirun dp 2: raw HTTP completion" false
+  check_completion "mpirun dp 2: raw HTTP completion" true
+  for i in 1 2 3 4; do
+    curl -s --max-time 60 "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
+      -d '{"prompt": [1, 5, 6], "max_tokens": 400, "temperature": 0, "ignore_eos": true}' \
+      >"$tmp/long$i" &
+  done
+  most=0
+  for _ in $(seq 200); do
+    n="$(curl -s "http://127.0.0.1:$port/metrics" | grep '^parallm:num_requests_running' | awk '{print int($2)}')"
+    [ "${n:-0}" -gt "$most" ] && most=$n
+    [ "$most" -ge 2 ] && break
+    sleep 0.02
+  done
+  wait $(jobs -p | grep -v "^$pid\$") 2>/dev/null
+  [ "$most" -ge 2 ] || fail "mpirun dp 2: never two requests running (the second replica idle)"
+  for i in 1 2 3 4; do
+    cmp -s <($py -c "import json,sys; print(json.load(open('$tmp/long$i'))['choices'][0]['text'])") \
+      <($py -c "import json,sys; print(json.load(open('$tmp/long1'))['choices'][0]['text'])") ||
+      fail "mpirun dp 2: long request $i differs from the first"
+  done
+  echo "mpirun dp 2: at most $most requests running at once"
+  stop_server "mpirun -np 4 parallm serve --pp 2 --dp 2" any
+  grep -q "serve: signal 15, shutting down" "$tmp/mpi_dp.log" ||
+    fail "mpirun dp 2: rank 0 did not shut down on the SIGTERM"
+  if grep -q "^\[serve\]\|exited on signal\|MPI_ABORT" "$tmp/mpi_dp.log"; then
+    fail "mpirun dp 2: a rank failed on the way out"
+  fi
 fi
 
 [ $fails = 0 ] && echo "serve_cli_check: all passed"

@@ -399,6 +399,167 @@ TEST(ServeE2E, IdsPastTheTokenizerShowAsNoText) {
   EXPECT_EQ(rig.client().Get("/health")->status, 200);
 }
 
+// echo + logprobs: the prompt's tokens carry their logprobs too, each the one the engine gives
+// when that prefix alone is the prompt (the prefix request's first sampled token), computed over
+// chunked prefills (8 tokens a step), with prefix caching on, under TP 2 and PP 2 as well.
+void check_prompt_logprobs(int tp, int pp) {
+  Watchdog wd(60);
+  ServeConfig c = config(tp, pp);
+  c.max_num_batched_tokens = 8;
+  c.enable_prefix_caching = true;
+  E2ERig rig(c);
+  // A prompt whose tokens after the first 5 are the model's greedy continuation: each of those is
+  // what a greedy request on its prefix samples, and that request's logprob is the reference.
+  const std::vector<int32_t> head = mixed_prompts(1, 5, 21)[0];
+  std::vector<int32_t> prompt = head;
+  const auto cont = reference({head}, {22}, true);
+  prompt.insert(prompt.end(), cont[0].begin(), cont[0].end());
+  const size_t plen = prompt.size();
+  const std::string prompt_text = rig.tok->decode(prompt);
+
+  json body = request(prompt, 3, false);
+  body["echo"] = true;
+  body["logprobs"] = 2;
+  json whole;  // the non-streamed answer's logprobs
+  for (int round = 0; round < 2; ++round) {  // the second: the prompt's blocks are cached
+    const json a = rig.post(body);
+    const json& ch = a["choices"][0];
+    whole = ch["logprobs"];
+    const std::string text = ch["text"];
+    ASSERT_EQ(text.rfind(prompt_text, 0), 0u) << text;
+    const json& lp = ch["logprobs"];
+    ASSERT_EQ(lp["tokens"].size(), plen + 3) << lp.dump();
+    ASSERT_EQ(lp["token_logprobs"].size(), plen + 3);
+    ASSERT_EQ(lp["top_logprobs"].size(), plen + 3);
+    ASSERT_EQ(lp["text_offset"].size(), plen + 3);
+    EXPECT_TRUE(lp["token_logprobs"][0].is_null());
+    EXPECT_TRUE(lp["top_logprobs"][0].is_null());
+    EXPECT_EQ(lp["text_offset"][plen], prompt_text.size());
+    EXPECT_EQ(a["usage"]["prompt_tokens"], plen);
+    EXPECT_EQ(a["usage"]["completion_tokens"], 3);
+    for (size_t i = 1; i < plen; ++i) {
+      ASSERT_TRUE(lp["token_logprobs"][i].is_number()) << i;
+      const double got = lp["token_logprobs"][i];
+      EXPECT_LE(got, 0.0);
+      EXPECT_EQ(lp["top_logprobs"][i].size(), 2u) << i;
+      EXPECT_LE(lp["text_offset"][i - 1].get<size_t>(), lp["text_offset"][i].get<size_t>());
+      if (i < head.size()) continue;
+      // The prefix alone: its greedy token is prompt[i], with its logprob.
+      json pre = request(std::vector<int32_t>(prompt.begin(), prompt.begin() + i), 1, false);
+      pre["logprobs"] = 1;
+      const json b = rig.post(pre);
+      const json& blp = b["choices"][0]["logprobs"];
+      ASSERT_EQ(b["choices"][0]["text"], rig.text_of({prompt[i - 1]}, {prompt[i]})) << i;
+      EXPECT_NEAR(got, blp["token_logprobs"][0].get<double>(), 1e-5) << "prompt token " << i;
+      // prompt[i] is the greedy token: the first of its top list, with the same logprob.
+      const std::string piece = lp["tokens"][i];
+      ASSERT_TRUE(lp["top_logprobs"][i].contains(piece)) << lp["top_logprobs"][i].dump();
+      EXPECT_NEAR(lp["top_logprobs"][i][piece].get<double>(), got, 1e-6);
+    }
+    // The generated tokens' logprobs are those of the same request without echo.
+    json plain = request(prompt, 3, false);
+    plain["logprobs"] = 2;
+    const json p = rig.post(plain);
+    EXPECT_EQ(text, prompt_text + p["choices"][0]["text"].get<std::string>());
+    for (size_t k = 0; k < 3; ++k)
+      EXPECT_NEAR(lp["token_logprobs"][plen + k].get<double>(),
+                  p["choices"][0]["logprobs"]["token_logprobs"][k].get<double>(), 1e-5);
+  }
+
+  // max_tokens 0 with echo: the prompt alone (with its logprobs when asked).
+  body["max_tokens"] = 0;
+  const json z = rig.post(body);
+  EXPECT_EQ(z["choices"][0]["text"], prompt_text);
+  EXPECT_EQ(z["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(z["usage"]["completion_tokens"], 0);
+  EXPECT_EQ(z["choices"][0]["logprobs"]["tokens"].size(), plen);
+  body.erase("logprobs");
+  const json z2 = rig.post(body);
+  EXPECT_EQ(z2["choices"][0]["text"], prompt_text);
+  EXPECT_TRUE(z2["choices"][0]["logprobs"].is_null());
+  // Without echo, 0 is still refused; streamed echo + logprobs too (said so).
+  body["echo"] = false;
+  auto r = rig.client().Post("/v1/completions", body.dump(), "application/json");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 400);
+
+  // Streamed: the first chunk is the prompt with its logprobs, then a chunk per token; together
+  // the same arrays as the non-streamed answer.
+  json streamed = request(prompt, 3, true);
+  streamed["echo"] = true;
+  streamed["logprobs"] = 2;
+  const auto events = parse_sse(rig.post(streamed).get<std::string>());
+  ASSERT_GE(events.size(), 2u);
+  EXPECT_EQ(events[0]["choices"][0]["text"], prompt_text);
+  EXPECT_EQ(events[0]["choices"][0]["logprobs"]["tokens"].size(), plen);
+  json tokens = json::array(), values = json::array(), offsets = json::array();
+  for (const json& e : events)
+    for (const json& c : e["choices"]) {
+      if (c["logprobs"].is_null()) continue;
+      for (const json& t : c["logprobs"]["tokens"]) tokens.push_back(t);
+      for (const json& t : c["logprobs"]["token_logprobs"]) values.push_back(t);
+      for (const json& t : c["logprobs"]["text_offset"]) offsets.push_back(t);
+    }
+  EXPECT_EQ(tokens, whole["tokens"]);
+  EXPECT_EQ(offsets, whole["text_offset"]);
+  ASSERT_EQ(values.size(), whole["token_logprobs"].size());
+  EXPECT_TRUE(values[0].is_null());
+  for (size_t i = 1; i < values.size(); ++i)
+    EXPECT_NEAR(values[i].get<double>(), whole["token_logprobs"][i].get<double>(), 1e-5) << i;
+  EXPECT_EQ(rig.metric("num_requests_running"), 0);
+}
+
+TEST(ServeE2E, EchoPromptLogprobsMatchPrefixRequests) { check_prompt_logprobs(1, 1); }
+TEST(ServeE2E, EchoPromptLogprobsMatchPrefixRequestsTp2) { check_prompt_logprobs(2, 1); }
+TEST(ServeE2E, EchoPromptLogprobsMatchPrefixRequestsPp2) { check_prompt_logprobs(1, 2); }
+
+// --kv-cache-memory: bytes, bytes with a unit, or a fraction of MemAvailable split over the
+// ranks on this machine; anything else is one line naming the flag and the value.
+TEST(ServeE2E, KvCacheMemoryBytesUnitsAndFractions) {
+  auto parsed = [](const std::string& v) {
+    ServeConfig c;
+    serve::parse_kv_cache_memory(v, c);
+    return std::make_pair(c.kv_cache_memory, c.kv_cache_fraction);
+  };
+  EXPECT_EQ(parsed("1048576"), std::make_pair(uint64_t{1} << 20, 0.0));
+  EXPECT_EQ(parsed("512MiB"), std::make_pair(uint64_t{512} << 20, 0.0));
+  EXPECT_EQ(parsed("2GiB"), std::make_pair(uint64_t{2} << 30, 0.0));
+  EXPECT_EQ(parsed("2G"), std::make_pair(uint64_t{2} << 30, 0.0));
+  EXPECT_EQ(parsed("1.5GB"), std::make_pair(uint64_t{1500000000}, 0.0));
+  EXPECT_EQ(parsed("64kib"), std::make_pair(uint64_t{64} << 10, 0.0));
+  EXPECT_EQ(parsed("0.5"), std::make_pair(uint64_t{0}, 0.5));
+  EXPECT_EQ(parsed("1.0"), std::make_pair(uint64_t{0}, 1.0));
+  for (const std::string bad : {"0", "0.0", "1.5", "-1", "abc", "", "5XB", "0.5.1", "1e9", "."}) {
+    try {
+      parsed(bad);
+      ADD_FAILURE() << "'" << bad << "' was accepted";
+    } catch (const std::invalid_argument& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("--kv-cache-memory " + bad + ":"), std::string::npos) << msg;
+      EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+    }
+  }
+
+  // A fraction: that share of MemAvailable over the tp x pp x dp ranks (threads: all on this
+  // machine), cut into whole blocks.
+  ServeConfig c = config(2, 1);
+  const serve::KvLayout bytes_layout = serve::serve_kv_layout(c);
+  c.kv_cache_fraction = 0.001;
+  const serve::KvLayout kv = serve::serve_kv_layout(c);
+  const double avail = static_cast<double>(serve::mem_available_bytes());
+  EXPECT_EQ(kv.block_bytes, bytes_layout.block_bytes);
+  EXPECT_NEAR(static_cast<double>(kv.mem_available), avail, avail * 0.1);
+  EXPECT_EQ(kv.budget_bytes,
+            static_cast<uint64_t>(0.001 * static_cast<double>(kv.mem_available) / 2));
+  EXPECT_EQ(kv.num_blocks, static_cast<int64_t>(kv.budget_bytes / kv.block_bytes));
+  EXPECT_GT(kv.num_blocks, 0);
+  // Bytes: the budget itself.
+  c.kv_cache_fraction = 0;
+  c.kv_cache_memory = kv.block_bytes * 7 + 1;
+  EXPECT_EQ(serve::serve_kv_layout(c).num_blocks, 7);
+  EXPECT_EQ(serve::serve_kv_layout(c).budget_bytes, kv.block_bytes * 7 + 1);
+}
+
 // Not a test: serve_cli_check.sh runs it (--gtest_also_run_disabled_tests) to get the same
 // tokenizer directory for the real `parallm serve`, in $PARALLM_E2E_MODEL_DIR.
 TEST(ServeE2E, DISABLED_WriteCliModelDir) {

@@ -1,6 +1,9 @@
 // The HTTP server against a fake engine, over raw HTTP on loopback: responses, SSE framing,
 // stop strings, usage, logprobs, errors, cancellation on disconnect, metrics, health.
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <fstream>
@@ -533,6 +536,69 @@ TEST(Server, DisconnectCancelsWithinOneSecond) {
     for (int i = 0; i < 100 && rig.engine->running() > 0; ++i) std::this_thread::sleep_for(10ms);
     EXPECT_EQ(rig.engine->running(), 0);
   }
+}
+
+// A raw loopback connection that sends one request and can hang up before the answer.
+int send_raw(int port, const std::string& path, const json& body) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) return -1;
+  const std::string b = body.dump();
+  const std::string msg = "POST " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\n" +
+                          "Content-Type: application/json\r\nContent-Length: " +
+                          std::to_string(b.size()) + "\r\n\r\n" + b;
+  if (::send(fd, msg.data(), msg.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(msg.size()))
+    return -1;
+  return fd;
+}
+
+// A non-streamed request writes nothing until its end, so no failed write tells the server that
+// its client left: the handler polls the connection's socket and cancels the engine request.
+// Also a streamed one still waiting for its first token (nothing written yet either).
+TEST(Server, NonStreamedDisconnectCancelsWithinOneSecond) {
+  ServerRig rig;
+  rig.engine->step_us = 50000;  // 200 tokens: 10 s if nothing cancels them
+  for (const bool stream : {false, true}) {
+    for (const bool chat : {false, true}) {
+      if (stream && chat) continue;
+      const int before = rig.engine->cancelled.load();
+      json body = {{"max_tokens", 200}, {"ignore_eos", true}, {"stream", stream}};
+      if (chat)
+        body["messages"] = {{{"role", "user"}, {"content", "x"}}};
+      else
+        body["prompt"] = "a";
+      // Streamed: a token every 1.5 s, so that no write fails within the second measured.
+      if (stream) rig.engine->step_us = 1500000;
+      const int fd = send_raw(rig.port, chat ? "/v1/chat/completions" : "/v1/completions", body);
+      ASSERT_GE(fd, 0);
+      for (int i = 0; i < 400 && rig.engine->running() == 0; ++i)
+        std::this_thread::sleep_for(5ms);
+      ASSERT_EQ(rig.engine->running(), 1);
+      std::this_thread::sleep_for(100ms);
+      ::close(fd);
+      const auto t0 = std::chrono::steady_clock::now();
+      while (rig.engine->cancelled.load() == before && std::chrono::steady_clock::now() - t0 < 3s)
+        std::this_thread::sleep_for(2ms);
+      const double s =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      EXPECT_EQ(rig.engine->cancelled.load(), before + 1)
+          << "stream " << stream << " chat " << chat;
+      EXPECT_LT(s, 1.0) << "cancel reached the engine after " << s << " s (stream " << stream
+                        << ", chat " << chat << ")";
+      rig.engine->step_us = 50000;
+      for (int i = 0; i < 300 && rig.engine->running() > 0; ++i) std::this_thread::sleep_for(10ms);
+      EXPECT_EQ(rig.engine->running(), 0);
+    }
+  }
+  // A client that stays gets its whole answer (the probe does not mistake it for gone).
+  auto r = post(rig, "/v1/completions",
+                {{"prompt", "a"}, {"max_tokens", 20}, {"ignore_eos", true}});
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 200);
+  EXPECT_EQ(json::parse(r->body)["usage"]["completion_tokens"], 20);
 }
 
 TEST(Server, StopEndsStreamsPromptly) {

@@ -21,12 +21,14 @@ struct ServeOptions {
   serve::ServeConfig engine;
   server::ServerOptions http;
   std::string tokenizer;  // a file instead of the one beside the model
+  std::string kv_cache_memory;  // --kv-cache-memory as given (parse_kv_cache_memory)
   std::string host = "127.0.0.1";
   int port = 8000;
 };
 
 int run_serve(ServeOptions o) {
   if (o.port < 0 || o.port > 65535) fail("serve", "--port ", o.port, " is not in [0, 65535]");
+  if (!o.kv_cache_memory.empty()) serve::parse_kv_cache_memory(o.kv_cache_memory, o.engine);
   if (!serve::serve_process_is_root()) {  // under mpirun: a rank that follows rank 0's plans
     // mpirun forwards a SIGTERM/SIGINT to every process: a follower that died of it would leave
     // rank 0's shutdown message unanswered and the job failed. Rank 0 handles the signal and
@@ -61,6 +63,18 @@ int run_serve(ServeOptions o) {
     if (!http.chat_template_problem().empty())
       std::printf("serve: chat completions are refused: %s\n",
                   http.chat_template_problem().c_str());
+    if (o.engine.kv_cache_fraction > 0)
+      std::printf("serve: --kv-cache-memory %g of MemAvailable %.1f MiB, split over this "
+                  "machine's ranks: %llu bytes per rank -> %lld blocks of %llu bytes\n",
+                  o.engine.kv_cache_fraction, static_cast<double>(kv.mem_available) / (1 << 20),
+                  static_cast<unsigned long long>(kv.budget_bytes),
+                  static_cast<long long>(kv.num_blocks),
+                  static_cast<unsigned long long>(kv.block_bytes));
+    else if (kv.budget_bytes > 0)
+      std::printf("serve: --kv-cache-memory %llu bytes per rank -> %lld blocks of %llu bytes\n",
+                  static_cast<unsigned long long>(kv.budget_bytes),
+                  static_cast<long long>(kv.num_blocks),
+                  static_cast<unsigned long long>(kv.block_bytes));
     std::fflush(stdout);
     const int sig = server::wait_for_signal(http);
     if (sig != 0) std::printf("serve: signal %d, shutting down\n", sig);
@@ -94,7 +108,7 @@ int run_serve(ServeOptions o) {
        app.add_option("--pipeline-parallel-size,--pp", e.pp, "Pipeline stages per replica")
            ->check(CLI::PositiveNumber);
        app.add_option("--data-parallel-size,--dp", e.dp,
-                      "Replicas, each with its own scheduler and KV cache (threads only)")
+                      "Replicas, each with its own scheduler and KV cache")
            ->check(CLI::PositiveNumber);
        app.add_option("--pp-layers", e.pp_layers, "Layers per stage, e.g. 6,5,5,6 (default: even)")
            ->delimiter(',');
@@ -108,10 +122,10 @@ int run_serve(ServeOptions o) {
            ->check(CLI::PositiveNumber);
        app.add_option("--block-size", e.block_size, "Positions per KV-cache block (default 16)")
            ->check(CLI::PositiveNumber);
-       app.add_option("--kv-cache-memory", e.kv_cache_memory,
-                      "KV-cache bytes per rank, e.g. 512MiB (default: max-num-seqs sequences of "
-                      "max-model-len, at most 4 GiB)")
-           ->transform(CLI::AsSizeValue(false));
+       app.add_option("--kv-cache-memory", o->kv_cache_memory,
+                      "KV-cache budget per rank: bytes (1073741824, 512MiB, 2GiB) or a fraction "
+                      "in (0, 1] of the available memory, split between this machine's ranks "
+                      "(0.5) (default: max-num-seqs sequences of max-model-len, at most 4 GiB)");
        app.add_flag("--enable-prefix-caching", e.enable_prefix_caching,
                     "Reuse the KV blocks of identical prompt prefixes");
        app.add_option("--max-model-len", e.max_model_len,

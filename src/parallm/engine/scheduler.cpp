@@ -63,7 +63,10 @@ void Scheduler::submit(uint64_t id, Submission s, RequestCallbacks cb) {
     if (t < 0 || t >= cfg_.vocab_size)
       fail("serve", "prompt: token id ", t, " is outside the vocabulary [0, ", cfg_.vocab_size,
            ")");
-  if (g.max_tokens < 1) fail("serve", "max_tokens: must be >= 1, got ", g.max_tokens);
+  if (g.max_tokens < (g.prompt_logprobs ? 0 : 1))
+    fail("serve", "max_tokens: must be >= ", g.prompt_logprobs ? 0 : 1, ", got ", g.max_tokens);
+  if (g.prompt_logprobs && g.top_logprobs < 0)
+    fail("serve", "top_logprobs: prompt logprobs need top_logprobs >= 0, got ", g.top_logprobs);
   if (g.max_tokens > cfg_.max_model_len || len + g.max_tokens > cfg_.max_model_len)
     fail("serve", "max_tokens: the prompt (", len, " tokens) + max_tokens ", g.max_tokens,
          " exceeds max_model_len ", cfg_.max_model_len);
@@ -222,6 +225,17 @@ void Scheduler::schedule(Req* r, int64_t n, bool init, ServePlan& plan,
   } else {
     e.blocks.assign(r->blocks.begin() + static_cast<int64_t>(had), r->blocks.end());
   }
+  if (r->params.prompt_logprobs) {
+    // Prompt token t's logprob comes from the row of position t - 1: the targets this chunk's
+    // rows predict, inside the prompt, not asked for before.
+    const int64_t t0 = std::max(r->computed + 1, r->prompt_lp_next);
+    const int64_t t1 = std::min(r->computed + n, r->prompt_len - 1);
+    if (t1 >= t0) {
+      e.lp_first = t0;
+      e.targets.assign(r->tokens.begin() + t0, r->tokens.begin() + t1 + 1);
+      r->prompt_lp_next = t1 + 1;
+    }
+  }
   plan.ids.insert(plan.ids.end(), r->tokens.begin() + r->computed,
                   r->tokens.begin() + r->computed + n);
   // Prompt tokens computed, each counted once (not prefix-cache hits, not recomputation).
@@ -244,7 +258,8 @@ void Scheduler::schedule(Req* r, int64_t n, bool init, ServePlan& plan,
       r->hashes.push_back(h);
     }
   }
-  lane.push_back({r->id, e.sample, r->params.top_logprobs});
+  lane.push_back({r->id, e.sample, r->params.top_logprobs, e.lp_first,
+                  static_cast<int64_t>(e.targets.size())});
   plan.entries.push_back(std::move(e));
 }
 
@@ -301,7 +316,9 @@ ServePlan Scheduler::plan(int lane_index) {
     const int64_t len = static_cast<int64_t>(r->tokens.size());
     std::vector<int32_t> hits;
     std::vector<uint64_t> hashes;
-    if (blocks_.prefix_caching()) {
+    // A request that wants its prompt's logprobs computes every position (no hits).
+    const bool lookup = blocks_.prefix_caching() && !r->params.prompt_logprobs;
+    if (lookup) {
       // Full blocks only, and never the last token (it must be computed to sample after it).
       const int64_t eligible = (len - 1) / bs;
       counters_.prefix_cache_queries_total += eligible;
@@ -325,7 +342,7 @@ ServePlan Scheduler::plan(int lane_index) {
     if (need > blocks_.available() || wire_full) {
       // Not now: give the hits back (uncounted: the request will look them up again).
       counters_.prefix_cache_hits_total -= static_cast<int64_t>(hits.size());
-      if (blocks_.prefix_caching()) counters_.prefix_cache_queries_total -= (len - 1) / bs;
+      if (lookup) counters_.prefix_cache_queries_total -= (len - 1) / bs;
       blocks_.release(hits);
       break;
     }
@@ -350,8 +367,10 @@ ServePlan Scheduler::plan(int lane_index) {
 
 int64_t Scheduler::result_values(int lane) const {
   int64_t n = 0;
-  for (const LaneEntry& e : lanes_.at(lane))
+  for (const LaneEntry& e : lanes_.at(lane)) {
     if (e.sample) n += serve::result_values(e.top_logprobs, cfg_.vocab_size);
+    n += e.prompt_lps * (serve::result_values(e.top_logprobs, cfg_.vocab_size) - 1);
+  }
   return n;
 }
 
@@ -363,6 +382,28 @@ void Scheduler::complete(int lane_index, const int32_t* results) {
     auto it = reqs_.find(le.id);
     Req* r = it != reqs_.end() && it->second->slot >= 0 ? it->second.get() : nullptr;
     if (r) r->in_flight = false;
+    if (le.prompt_lps > 0) {
+      // Before the entry's sample: (logprob, top pairs) per target, in order.
+      const int64_t k = std::min<int64_t>(le.top_logprobs, cfg_.vocab_size);
+      for (int64_t t = 0; t < le.prompt_lps; ++t) {
+        TokenEvent pe;
+        pe.logprob = bits_float(v[0]);
+        for (int64_t i = 0; i < k; ++i) pe.top.push_back({v[1 + 2 * i], bits_float(v[2 + 2 * i])});
+        v += 1 + 2 * k;
+        if (!r) continue;
+        pe.token = r->tokens.at(le.lp_first + t);
+        r->prompt_lp.push_back(std::move(pe));
+      }
+      if (r && static_cast<int64_t>(r->prompt_lp.size()) == r->prompt_len - 1 &&
+          r->cb.on_prompt_logprobs) {
+        try {
+          r->cb.on_prompt_logprobs(r->prompt_lp);
+        } catch (...) {
+        }
+        r->prompt_lp.clear();
+        r->prompt_lp.shrink_to_fit();
+      }
+    }
     if (!le.sample) continue;
     TokenEvent ev;
     ev.token = v[0];
@@ -373,6 +414,10 @@ void Scheduler::complete(int lane_index, const int32_t* results) {
     }
     v += serve::result_values(le.top_logprobs, cfg_.vocab_size);
     if (!r) continue;  // cancelled while in flight
+    if (r->params.max_tokens == 0) {  // the prompt only (its logprobs went out above)
+      finish(r, FinishReason::Length);
+      continue;
+    }
     r->tokens.push_back(ev.token);
     ++r->generated;
     ++counters_.generation_tokens_total;

@@ -96,11 +96,16 @@ class Scheduler {
     std::vector<uint64_t> hashes;  // chain hashes of its registered full blocks
     int slot = -1;                 // -1: waiting
     bool in_flight = false;
+    // Prompt logprobs: the next prompt token whose logprob no plan asked for yet (a request
+    // recomputed after preemption does not ask again), and those received so far.
+    int64_t prompt_lp_next = 1;
+    std::vector<TokenEvent> prompt_lp;
   };
   struct LaneEntry {
     uint64_t id = 0;
     bool sample = false;
     int top_logprobs = -1;
+    int64_t lp_first = 0, prompt_lps = 0;  // prompt-logprob targets in this plan
   };
   struct Inbox {
     std::vector<std::unique_ptr<Req>> added;

@@ -29,6 +29,10 @@ struct GenParams {
   uint64_t seed = 0;          // the request's own generator: same seed, same tokens at any load
   int top_logprobs = -1;      // -1: no logprobs; 0..20: the sampled token's logprob and this many
   bool ignore_eos = false;
+  // The logprobs of the prompt's tokens (each under its prefix; top_logprobs >= 0 gives the top
+  // list's length) through on_prompt_logprobs, before any token. Such a request computes its
+  // whole prompt (no prefix-cache hits) and may ask max_tokens 0 (the prompt only).
+  bool prompt_logprobs = false;
 };
 
 struct Submission {
@@ -64,6 +68,10 @@ struct FinishEvent {
 };
 
 struct RequestCallbacks {
+  // With GenParams::prompt_logprobs, once, before the first token: entry i - 1 for prompt token
+  // i >= 1 (token, its logprob given tokens 0..i-1, the top list). Not called for a 1-token
+  // prompt or a request that ends before its prompt was computed.
+  std::function<void(const std::vector<TokenEvent>&)> on_prompt_logprobs;
   std::function<void(const TokenEvent&)> on_token;
   std::function<void(const FinishEvent&)> on_finish;  // exactly once, last
 };
@@ -121,7 +129,7 @@ struct ServeConfig {
   std::string served_model_name;  // --served-model-name; empty: the model's file/directory name
   int tp = 1;                     // --tensor-parallel-size
   int pp = 1;                     // --pipeline-parallel-size
-  int dp = 1;                     // --data-parallel-size: replicas (threads only, not mpirun)
+  int dp = 1;                     // --data-parallel-size: replicas (threads, or under mpirun)
   std::vector<int64_t> pp_layers;  // explicit layers per stage, else even
   int threads = 0;                 // threads per rank; 0: the machine's cores / ranks here
   std::string dtype = "auto";      // weights: auto, f32, bf16, f16
@@ -132,8 +140,12 @@ struct ServeConfig {
   int64_t block_size = 16;                // --block-size: positions per KV block
   // --kv-cache-memory: bytes of KV cache per rank (the stage with the most layers decides the
   // block count); 0: enough for max_num_seqs sequences of max_model_len, capped at 4 GiB per
-  // rank (but at least one such sequence).
+  // rank (but at least one such sequence). parse_kv_cache_memory() sets it or the fraction.
   uint64_t kv_cache_memory = 0;
+  // --kv-cache-memory 0.5: this fraction of the machine's available memory (MemAvailable in
+  // /proc/meminfo, read at startup), shared evenly by the ranks on this machine (vLLM's
+  // --gpu-memory-utilization, for the host's memory). 0: unset (kv_cache_memory decides).
+  double kv_cache_fraction = 0;
   bool enable_prefix_caching = false;     // --enable-prefix-caching
   int64_t max_model_len = 0;              // --max-model-len; 0: max_position_embeddings
   int64_t max_waiting = 1024;             // waiting requests before submit() throws QueueFull
@@ -146,7 +158,17 @@ struct KvLayout {
   int64_t num_blocks = 0;
   uint64_t block_bytes = 0;
   int64_t max_model_len = 0;
+  uint64_t mem_available = 0;  // with kv_cache_fraction: MemAvailable read (bytes)
+  uint64_t budget_bytes = 0;   // the per-rank budget the blocks were cut from (0: the default)
 };
+
+// --kv-cache-memory VALUE into `config`: bytes ("1073741824"), bytes with a unit ("512MiB",
+// "2GiB", "1.5GB"; K/M/G/T and KiB.. are powers of 1024, KB/MB/GB/TB of 1000, B bytes), or a
+// fraction of the available memory (a number with a decimal point in (0, 1], e.g. "0.5").
+// Throws std::invalid_argument "--kv-cache-memory VALUE: why" for anything else.
+void parse_kv_cache_memory(const std::string& value, ServeConfig& config);
+// MemAvailable from /proc/meminfo in bytes; throws std::runtime_error when it cannot be read.
+uint64_t mem_available_bytes();
 // Throws std::invalid_argument naming the flag when the config cannot serve the model.
 KvLayout serve_kv_layout(const ServeConfig& config);
 

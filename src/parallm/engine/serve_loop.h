@@ -37,9 +37,19 @@ struct ServeLoopConfig {
 
 // On every rank of tp x pp. scheduler: the replica's scheduler on its first rank (built with
 // lanes = pp.size() and the same limits), null on the others. on_ready: called once the rank's
-// cache is allocated and its loop starts.
+// cache is allocated and its loop starts. front: DP under mpirun, on the first rank of a replica
+// whose scheduler lives in world rank 0's process (then scheduler is null): a two-rank group,
+// rank 0 the front running serve_remote_scheduler for this replica, rank 1 this rank. At each
+// micro-batch it sends the front the previous plan's results and receives the next plan.
 void run_serve_loop(const LlamaModel& model, const comm::Group& tp, const comm::Group& pp,
                     const ServeLoopConfig& config, Scheduler* scheduler,
-                    const std::function<void()>& on_ready = nullptr);
+                    const std::function<void()>& on_ready = nullptr,
+                    const comm::Group* front = nullptr);
+
+// The front's side of `front` above (rank 0 of `link`), on a thread of world rank 0's process:
+// answers the remote first rank's requests from `scheduler` (complete, plan) until it has sent
+// the exit plan. on_first: called when the first request arrives (that replica's loop runs).
+void serve_remote_scheduler(Scheduler& scheduler, const comm::Group& link,
+                            const ServeLoopConfig& config, const std::function<void()>& on_first);
 
 }  // namespace parallm::serve

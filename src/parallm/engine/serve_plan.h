@@ -33,6 +33,10 @@ struct ServeEntry {
   int64_t rng_skip = 0;   // draws the request's generator made before (preemption)
   int top_logprobs = -1;  // -1: no logprobs
   std::vector<int32_t> blocks;  // appended to the slot's block table
+  // Prompt logprobs: the last stage returns the logprob (and top_logprobs list) of targets[k],
+  // prompt token lp_first + k, from the row of position lp_first + k - 1 (inside this chunk).
+  int64_t lp_first = 0;
+  std::vector<int32_t> targets;
 };
 
 struct ServePlan {
@@ -43,15 +47,18 @@ struct ServePlan {
   int64_t tokens() const;
   int samples() const;
   int64_t blocks() const;  // block ids over all entries
+  int64_t targets() const;  // prompt-logprob targets over all entries
   std::vector<SeqChunk> chunks() const;
 
   std::vector<int64_t> encode(bool with_ids) const;
   // Throws std::runtime_error naming the value when `v` is not a plan.
   static ServePlan decode(const int64_t* v, size_t n);
-  static int64_t wire_size(int64_t max_entries, int64_t max_blocks, int64_t max_ids);
+  static int64_t wire_size(int64_t max_entries, int64_t max_blocks, int64_t max_ids,
+                           int64_t max_targets = 0);
 };
 
-// rank `root` of `tp` -> every rank, in one message of wire_size(limits) values.
+// rank `root` of `tp` -> every rank, in one message of wire_size(limits) values (targets are
+// bounded by max_ids: a plan's targets are some of its tokens).
 void broadcast_serve_plan(ServePlan& plan, const comm::Group& tp, int root, int64_t max_entries,
                           int64_t max_blocks, int64_t max_ids);
 

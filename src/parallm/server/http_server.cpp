@@ -21,6 +21,7 @@
 #include "parallm/model/tokenizer.h"
 #include "parallm/model/tokenizer_unicode.h"
 #include "parallm/server/chat_template.h"
+#include "parallm/server/connection.h"
 #include "parallm/server/metrics.h"
 #include "parallm/server/socket_options.h"
 #include "parallm/server/stop_matcher.h"
@@ -348,18 +349,16 @@ struct HttpServer::Impl {
         r.top_logprobs = static_cast<int>(*lp);
       }
       r.echo = opt_bool(body, "echo").value_or(false);
-      if (r.echo && r.logprobs)
-        bad("echo",
-            "'echo' with 'logprobs' needs prompt logprobs, which this server does not "
-            "compute");
     }
     if (r.prompt.empty()) bad(prompt_param, cat("'", prompt_param, "' gives no tokens"));
 
     const int64_t len = max_model_len();
     const int64_t plen = static_cast<int64_t>(r.prompt.size());
-    std::optional<int64_t> mt = opt_int(body, "max_tokens", 1, INT64_MAX / 4);
+    // 0 with echo: the prompt alone (and its logprobs), as OpenAI's legacy completions allow.
+    const int64_t min_tokens = r.echo ? 0 : 1;
+    std::optional<int64_t> mt = opt_int(body, "max_tokens", min_tokens, INT64_MAX / 4);
     std::string max_param = "max_tokens";
-    if (auto mct = opt_int(body, "max_completion_tokens", 1, INT64_MAX / 4)) {
+    if (auto mct = opt_int(body, "max_completion_tokens", min_tokens, INT64_MAX / 4)) {
       mt = mct;
       max_param = "max_completion_tokens";
     }
@@ -393,6 +392,12 @@ struct HttpServer::Impl {
     }
     r.params.ignore_eos = opt_bool(body, "ignore_eos").value_or(false);
     r.params.top_logprobs = r.logprobs ? r.top_logprobs : -1;
+    // echo + logprobs: the prompt's logprobs too. max_tokens 0 also goes through the engine as
+    // a prompt-logprobs request (the one kind that may generate nothing).
+    if (r.echo && (r.logprobs || max_tokens == 0)) {
+      r.params.prompt_logprobs = true;
+      if (r.params.top_logprobs < 0) r.params.top_logprobs = 0;
+    }
 
     if (const json* s = field(body, "stop")) {
       if (s->is_string()) {
@@ -437,6 +442,7 @@ struct Inbox {
   std::deque<serve::TokenEvent> tokens;
   bool finished = false;
   serve::FinishEvent finish;
+  std::vector<serve::TokenEvent> prompt_lp;  // prompt tokens 1.. (echo + logprobs)
   Clock::time_point arrival, last;
   bool any = false;
 };
@@ -521,6 +527,11 @@ class Generation {
       in->any = true;
       in->last = now;
       in->tokens.push_back(ev);
+      in->cv.notify_all();
+    };
+    cb.on_prompt_logprobs = [in](const std::vector<serve::TokenEvent>& lp) {
+      std::lock_guard<std::mutex> lock(in->mu);
+      in->prompt_lp = lp;
       in->cv.notify_all();
     };
     cb.on_finish = [in](const serve::FinishEvent& ev) {
@@ -619,6 +630,20 @@ class Generation {
   }
 
   const std::string& finish_reason() const { return finish_reason_; }
+  std::vector<serve::TokenEvent> prompt_logprobs() const {
+    std::lock_guard<std::mutex> lock(inbox_->mu);
+    return inbox_->prompt_lp;
+  }
+  // Whether the prompt's logprobs are in (or will never come): the engine hands them over before
+  // the first token, so any token or the end means they are settled. Waits up to `wait`.
+  bool prompt_logprobs_settled(std::chrono::milliseconds wait) const {
+    std::unique_lock<std::mutex> lock(inbox_->mu);
+    auto settled = [&] {
+      return !inbox_->prompt_lp.empty() || !inbox_->tokens.empty() || inbox_->finished ||
+             req_.prompt.size() < 2;
+    };
+    return settled() || inbox_->cv.wait_for(lock, wait, settled);
+  }
   const std::optional<ApiError>& error() const { return error_; }
   int64_t completion_tokens() const { return completion_tokens_; }
   int64_t prompt_tokens() const { return static_cast<int64_t>(req_.prompt.size()); }
@@ -681,6 +706,29 @@ struct LogprobsBuilder {
       offsets.push_back(text_offset);
     }
   }
+  // Completions with echo: the prompt's tokens first; token 0 has no logprob (null), token i
+  // its logprob given tokens 0..i-1 (plp[i - 1]).
+  void add_prompt(const std::vector<int32_t>& prompt, const std::vector<serve::TokenEvent>& plp,
+                  size_t text_size) {
+    size_t offset = 0;
+    for (size_t i = 0; i < prompt.size(); ++i) {
+      const int32_t prev = i > 0 ? prompt[i - 1] : -1;
+      const std::string piece = piece_of(tok, prev, prompt[i]);
+      tokens.push_back(piece);
+      offsets.push_back(std::min(offset, text_size));
+      offset += piece.size();
+      if (i == 0 || i - 1 >= plp.size()) {
+        token_logprobs.push_back(nullptr);
+        top.push_back(nullptr);
+        continue;
+      }
+      const serve::TokenEvent& e = plp[i - 1];
+      token_logprobs.push_back(e.logprob);
+      json tops = json::object();
+      for (const auto& t : e.top) tops[piece_of(tok, prev, t.token)] = t.logprob;
+      top.push_back(tops);
+    }
+  }
   json result() const {
     if (chat) return {{"content", content}};
     return {{"tokens", tokens},
@@ -707,6 +755,7 @@ struct StreamState {
   bool opened = false, closed = false;
   size_t text_len = 0;  // text sent so far (completions' text_offset)
   int32_t prev = -1;
+  ConnectionProbe probe;  // the client's socket, polled while there is nothing to write
 };
 
 }  // namespace
@@ -726,6 +775,7 @@ void HttpServer::Impl::handle_generate(const httplib::Request& req, httplib::Res
   st->prev = st->req.prompt.back();
   st->gen = std::make_unique<Generation>(*this, st->req);
   st->gen->start();  // 429 / 503 / 400 from the engine: still a plain JSON answer
+  st->probe = ConnectionProbe(req.local_addr, req.local_port, req.remote_addr, req.remote_port);
   const std::string model = model_name;
   const bool chat_r = chat_route;
 
@@ -733,10 +783,11 @@ void HttpServer::Impl::handle_generate(const httplib::Request& req, httplib::Res
     std::vector<Out> outs;
     std::string text = st->req.echo ? st->req.prompt_text : "";
     LogprobsBuilder lp{tok, chat_r};
+    const bool prompt_lp = st->req.echo && st->req.logprobs;
     int32_t prev = st->prev;
     while (true) {
       outs.clear();
-      const bool done = st->gen->poll(200ms, outs);
+      const bool done = st->gen->poll(100ms, outs);
       for (const Out& o : outs) {
         if (o.has_token && st->req.logprobs) {
           lp.add(o, prev, text.size());
@@ -745,10 +796,28 @@ void HttpServer::Impl::handle_generate(const httplib::Request& req, httplib::Res
         text += o.text;
       }
       if (done) break;
+      // Nobody will read the answer: the engine request ends now, not at its last token.
+      if (st->probe.closed()) {
+        st->gen->cancel();
+        res.status = 499;  // nginx's "client closed request"; never reaches the client
+        return;
+      }
     }
     if (st->gen->error()) throw *st->gen->error();
+    json lpj = st->req.logprobs ? lp.result() : json(nullptr);
+    if (prompt_lp) {
+      LogprobsBuilder all{tok, false};
+      all.add_prompt(st->req.prompt, st->gen->prompt_logprobs(), st->req.prompt_text.size());
+      for (size_t i = 0; i < lp.tokens.size(); ++i) {
+        all.tokens.push_back(lp.tokens[i]);
+        all.token_logprobs.push_back(lp.token_logprobs[i]);
+        all.top.push_back(lp.top[i]);
+        all.offsets.push_back(lp.offsets[i]);
+      }
+      lpj = all.result();
+    }
     json choice = {{"index", 0},
-                   {"logprobs", st->req.logprobs ? lp.result() : json(nullptr)},
+                   {"logprobs", lpj},
                    {"finish_reason", st->gen->finish_reason()}};
     if (chat_r) {
       choice["message"] = {{"role", "assistant"}, {"content", text}};
@@ -788,6 +857,21 @@ void HttpServer::Impl::handle_generate(const httplib::Request& req, httplib::Res
           return true;
         }
         std::string data;
+        if (!st->opened && st->req.echo && st->req.logprobs) {
+          // The echo chunk carries the prompt's logprobs: it waits for them (the prefill).
+          if (!st->gen->prompt_logprobs_settled(50ms)) {
+            if (st->probe.closed()) return false;
+            return true;
+          }
+          st->opened = true;
+          LogprobsBuilder lp{self->tok, false};
+          lp.add_prompt(st->req.prompt, st->gen->prompt_logprobs(), st->req.prompt_text.size());
+          data += chunk({{"index", 0},
+                         {"text", st->req.prompt_text},
+                         {"logprobs", lp.result()},
+                         {"finish_reason", nullptr}});
+          st->text_len = st->req.prompt_text.size();
+        }
         if (!st->opened) {
           st->opened = true;
           if (chat_r) {
@@ -852,7 +936,9 @@ void HttpServer::Impl::handle_generate(const httplib::Request& req, httplib::Res
           st->closed = true;
         }
         // A failed write means the client is gone: returning false ends the response, and the
-        // releaser below cancels the engine request.
+        // releaser below cancels the engine request. With nothing to write (still queued, a
+        // prefill, text held for a stop string) the socket itself says so.
+        if (data.empty() && st->probe.closed()) return false;
         if (!data.empty() && !sink.write(data.data(), data.size())) return false;
         if (done) sink.done();
         return true;
