@@ -90,13 +90,19 @@ std::vector<RankRun> run_layout(const std::string& dir, int tp, int ep) {
   return out;
 }
 
-void check_family(const std::string& shape) {
-  TempDir tmp;
+// A random bf16 model of `shape` in tmp; its config into *c.
+std::string make_model(const TempDir& tmp, const std::string& shape, ModelConfig* c) {
   const std::string dir = tmp.file(shape);
   auto init = run_parallm("init-model --shape " + shape + " --seed 3 --dtype bf16 --out " + dir);
-  ASSERT_EQ(init.exit_code, 0) << init.output;
+  EXPECT_EQ(init.exit_code, 0) << init.output;
+  open_model(dir, c);
+  return dir;
+}
+
+void check_family(const std::string& shape) {
+  TempDir tmp;
   ModelConfig c;
-  open_model(dir, &c);
+  const std::string dir = make_model(tmp, shape, &c);
   const int64_t layers = moe_layers(c, 0, c.num_hidden_layers);
   for (auto [tp, ep] : {std::pair{1, 2}, {1, 3}, {2, 2}}) {
     SCOPED_TRACE(shape + " tp " + std::to_string(tp) + " ep " + std::to_string(ep));
@@ -139,11 +145,8 @@ TEST(PlanMoe, Qwen2MoeWeightsAndAllToAllBytesAreTheEngines) { check_family("qwen
 TEST(PlanMoe, EnableExpertParallelWeightsAndAllReduceBytesAreTheEngines) {
   for (const std::string shape : {"mixtral-tiny", "qwen2-moe-tiny"}) {
     TempDir tmp;
-    const std::string dir = tmp.file(shape);
-    auto init = run_parallm("init-model --shape " + shape + " --seed 3 --dtype bf16 --out " + dir);
-    ASSERT_EQ(init.exit_code, 0) << init.output;
     ModelConfig c;
-    open_model(dir, &c);
+    const std::string dir = make_model(tmp, shape, &c);
     const int64_t layers = moe_layers(c, 0, c.num_hidden_layers);
     int64_t tokens = 0;
     for (int64_t T : kSteps) tokens += T;
