@@ -102,9 +102,9 @@ void run_decode_batch(const DecodeOptions& o, RankContext& ctx) {
   std::printf("  ms/step (latency)   %10.2f\n", 1e3 * decode_s / steps);
   const double gflops =
       2.0 * plan::active_params_per_token(ctx.config) * o.batch * steps / decode_s / 1e9;
-  std::printf("  GFLOP/s (linear)    %10.1f   (2 x %.3g active parameters x %d sequences per step)\n",
+  std::printf("  GFLOP/s (linear)    %10.2f   (2 x %.3g active parameters x %d sequences per step)\n",
               gflops, plan::active_params_per_token(ctx.config), o.batch);
-  std::printf("  FMA peak            %10.1f   GFLOP/s, all ranks, measured here: %.2f of it in use\n",
+  std::printf("  FMA peak            %10.2f   GFLOP/s, all ranks, measured here: %.2f of it in use\n",
               peak / 1e9, gflops * 1e9 / peak);
   std::printf("  tp all-reduce time  %10.2f ms/step (%.1f%% of the run)\n",
               1e3 * comm_s / (steps + 1), 100.0 * comm_s / r.seconds);
