@@ -2,7 +2,7 @@
 // they replaced (quant_matmul_dequant: each row dequantized, f32 dot product), T = 1, on a
 // [5632, 2048] weight (TinyLlama's MLP up/gate shape), and Q4_0's integer kernel for scale. Random
 // valid blocks; best of the repeats.
-// --repack: instead, Q4_0 and Q8_0 in the plain layout against the repacked one
+// --repack: instead, Q4_0, Q8_0 and Q4_K in the plain layout against the repacked one
 // (kernels::repack_quant_weight) at TinyLlama's shapes, T = 1 and 4, weights rotated over copies
 // of >= 64 MiB (from DRAM, not the cache), the two measured alternately rep by rep.
 //
@@ -64,7 +64,7 @@ void bench_repack(int threads, int reps) {
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   std::printf("plain vs repacked GEMV, %d thread(s), path %s, best of %d alternating reps\n",
               threads, kernels::quant_path_name(kernels::quant_path()).c_str(), reps);
-  for (DType t : {DType::Q4_0, DType::Q8_0})
+  for (DType t : {DType::Q4_0, DType::Q8_0, DType::Q4_K})
     for (Shape sh : {Shape{2048, 2048}, Shape{5632, 2048}, Shape{2048, 5632}}) {
       std::vector<float> wf(static_cast<size_t>(sh.N * sh.K));
       for (float& v : wf) v = u(rng);

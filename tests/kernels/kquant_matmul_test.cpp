@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 
 #include "kernel_test_util.h"
@@ -243,6 +244,41 @@ TEST(KQuantMatmul, ActivationBlocksKeepTheirGroupSums) {
     EXPECT_EQ(big, 127);
   }
   EXPECT_THROW(quantize_activations_k(x.data(), 1, 300, q.data()), std::invalid_argument);
+}
+
+TEST(KQuantMatmul, ActivationQuantizersAreTheReferenceByteForByte) {
+  // quantize_activations_k (and quantize_activations) run AVX2 quantizers where the CPU has AVX2: its blocks must be
+  // quant::quantize_q8_k's bytes, on random values, on exact ties (max 127, so d = 1 and x * (1 / d)
+  // = k + 0.5: roundf goes away from zero), on zeros, on tiny and huge scales, and on NaN and inf.
+  std::vector<float> x = testing::random_vec(8 * 256, 71, -5.0f, 5.0f);
+  for (int j = 0; j < 256; ++j)  // block 1: ties
+    x[256 + j] = j == 0 ? 127.0f : static_cast<float>((j % 200) - 100) + (j % 2 ? 0.5f : -0.5f);
+  for (int j = 0; j < 256; ++j) x[512 + j] = 0.0f;             // block 2: all zero
+  for (int j = 0; j < 256; ++j) x[768 + j] *= 1e-30f;          // block 3: tiny
+  for (int j = 0; j < 256; ++j) x[1024 + j] *= 1e30f;          // block 4: huge
+  x[1280 + 7] = std::numeric_limits<float>::quiet_NaN();       // block 5: a NaN
+  x[1536 + 9] = std::numeric_limits<float>::infinity();        // block 6: inf (d = inf)
+  for (int j = 0; j < 256; ++j) x[1792 + j] = 127.0f * ((j % 5) - 2) / 2.0f;  // +-63.5, +-127
+  std::vector<quant::BlockQ8_K> got(8), want(8);
+  quantize_activations_k(x.data(), 2, 1024, got.data());
+  quant::quantize_q8_k(x.data(), want.data(), 8 * 256);
+  for (int b = 0; b < 8; ++b) {
+    SCOPED_TRACE(b);
+    EXPECT_EQ(std::memcmp(&got[b].d, &want[b].d, sizeof(float)), 0);
+    EXPECT_EQ(std::memcmp(got[b].qs, want[b].qs, 256), 0);
+    EXPECT_EQ(std::memcmp(got[b].bsums, want[b].bsums, sizeof want[b].bsums), 0);
+  }
+  EXPECT_EQ(want[1].qs[101], 2);  // x = 1.5 -> 2 (away from zero)
+  EXPECT_EQ(want[1].qs[1], -99);  // x = -98.5 -> -99
+  // The Q8_0 / Q4_0 GEMVs' activations (32-value blocks, f16 d) on the same values.
+  std::vector<quant::BlockQ8_0> got0(64), want0(64);
+  quantize_activations(x.data(), 2, 1024, got0.data());
+  quant::quantize_q8_0(x.data(), want0.data(), 8 * 256);
+  for (int b = 0; b < 64; ++b) {
+    SCOPED_TRACE(cat("q8_0 block ", b));
+    EXPECT_EQ(got0[b].d, want0[b].d);
+    EXPECT_EQ(std::memcmp(got0[b].qs, want0[b].qs, 32), 0);
+  }
 }
 
 }  // namespace

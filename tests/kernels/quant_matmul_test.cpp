@@ -180,6 +180,20 @@ Tensor random_blocks(DType t, int64_t N, int64_t K, uint32_t seed) {
   return w;
 }
 
+// Q4_K blocks whose d and dmin differ from block to block (and so from row to row: a kernel
+// that gave one row another's scales would fail), every code and 6-bit scale random.
+Tensor random_kblocks_varied(int64_t N, int64_t K, uint32_t seed) {
+  Tensor w = random_kblocks(DType::Q4_K, N, K, seed);
+  std::mt19937 rng(seed + 1);
+  std::uniform_real_distribution<float> sd(0.001f, 0.05f);
+  auto* b = static_cast<quant::BlockQ4_K*>(w.raw());
+  for (int64_t i = 0; i < N * K / 256; ++i) {
+    b[i].d = f32_to_f16(sd(rng));
+    b[i].dmin = f32_to_f16(sd(rng));
+  }
+  return w;
+}
+
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
 }
@@ -190,11 +204,20 @@ TEST(QuantRepack, BitIdenticalToThePlainLayoutOnEveryPath) {
   // dequantized baseline.
   ThreadPool pool(2);
   ScopedPool scoped(pool);
-  for (DType type : {DType::Q4_0, DType::Q8_0})
-    for (int64_t K : {32, 96, 512, 4096})
+  struct Sizes {
+    DType type;
+    std::vector<int64_t> K;
+  };
+  for (const Sizes& sz : {Sizes{DType::Q4_0, {32, 96, 512, 4096}},
+                          Sizes{DType::Q8_0, {32, 96, 512, 4096}},
+                          Sizes{DType::Q4_K, {256, 768, 2048}}})
+    for (int64_t K : sz.K)
       for (int64_t N : {4, 5, 7, 13, 36}) {
+        const DType type = sz.type;
         SCOPED_TRACE(cat(dtype_name(type), " N ", N, " K ", K));
-        const Tensor w = random_blocks(type, N, K, static_cast<uint32_t>(N * 7919 + K));
+        const uint32_t seed = static_cast<uint32_t>(N * 7919 + K);
+        const Tensor w = type == DType::Q4_K ? random_kblocks_varied(N, K, seed)
+                                             : random_blocks(type, N, K, seed);
         const Tensor wp = repack_quant_weight(w);
         ASSERT_TRUE(is_repacked(wp));
         ASSERT_FALSE(is_repacked(w));
@@ -213,7 +236,10 @@ TEST(QuantRepack, BitIdenticalToThePlainLayoutOnEveryPath) {
             std::vector<float> a(static_cast<size_t>(T * N)), b(a.size(), 3.0f);
             quant_matmul(x.data(), T, w, a.data(), false, p);
             quant_matmul(x.data(), T, wp, b.data(), false, p);
-            if (p == QuantPath::Scalar || p == QuantPath::Avx2 || T >= 64) {
+            // Q4_K: every SIMD path runs the AVX2 kernels, plain and repacked alike.
+            const bool exact = p == QuantPath::Scalar || p == QuantPath::Avx2 || T >= 64 ||
+                               type == DType::Q4_K;
+            if (exact) {
               EXPECT_TRUE(same_bits(a, b));
             } else {  // the VNNI paths run the repacked AVX2 kernel: the same sums, maybe reordered
               EXPECT_LE(testing::normalised_error(b, a), 1e-5);
@@ -221,7 +247,7 @@ TEST(QuantRepack, BitIdenticalToThePlainLayoutOnEveryPath) {
             std::vector<float> aa(a.size(), 0.5f), ba(a.size(), 0.5f);
             quant_matmul(x.data(), T, w, aa.data(), true, p);
             quant_matmul(x.data(), T, wp, ba.data(), true, p);
-            if (p == QuantPath::Scalar || p == QuantPath::Avx2 || T >= 64) {
+            if (exact) {
               EXPECT_TRUE(same_bits(aa, ba));
             }
             if (T >= 64) break;  // sgemm: the path does not matter
@@ -249,8 +275,8 @@ TEST(QuantRepack, ViewsOtherDtypesAndLifetime) {
     const Tensor copy = wp;  // copies share the storage and stay repacked
     EXPECT_TRUE(is_repacked(copy));
   }
-  // Not Q4_0 / Q8_0, or fewer than 4 rows: the tensor itself.
-  const Tensor k = random_kblocks(DType::Q4_K, 8, 256, 3);
+  // Not Q4_0 / Q8_0 / Q4_K, or fewer than 4 rows: the tensor itself.
+  const Tensor k = random_kblocks(DType::Q6_K, 8, 256, 3);
   EXPECT_EQ(repack_quant_weight(k).raw(), k.raw());
   const Tensor small = random_blocks(DType::Q8_0, 3, 64, 4);
   EXPECT_EQ(repack_quant_weight(small).raw(), small.raw());

@@ -404,31 +404,52 @@ TEST(GgufModel, Q4_0RunsAtTp2AndOffBlockTpIsOneClearError) {
       << e;
 }
 
-TEST(GgufModel, RepackedQ4_0AndQ8_0GiveTheSamePathsAndLogitsBitForBitAtTp1And2) {
-  // The loader repacks Q4_0 / Q8_0 linear weights for the AVX2 GEMV (kernels/quant_matmul.h)
-  // unless PARALLM_REPACK=0: both layouts must give the same tokens and the very same logits,
-  // prefill (a whole prompt, T > 1) and decode, per TP rank's shard.
-  if (!kernels::quant_repack_enabled()) GTEST_SKIP() << "this CPU's quant path does not repack";
+TEST(GgufModel, RepackedWeightsGiveTheSamePathsAndLogitsBitForBit) {
+  // The loader repacks Q4_0 / Q8_0 / Q4_K linear weights for the AVX2 GEMV
+  // (kernels/quant_matmul.h) unless PARALLM_REPACK=0: both layouts must give the same tokens and
+  // the very same logits, prefill (a whole prompt, T > 1) and decode, per rank's shard. Q4_0 and
+  // Q8_0 on stories260K at TP 1 and 2; Q4_K on the "small" shape (hidden 256, whole super-blocks;
+  // its o_proj columns split off the super-blocks at TP 2) at PP 1 and 2.
   testing::TempDir dir;
+  ASSERT_EQ(testing::run_parallm("init-model --shape small --seed 5 --dtype f32 --out " +
+                                 dir.file("small"))
+                .exit_code,
+            0);
+  const std::string small_q4k = dir.file("small_q4_k.gguf");
+  const auto q = testing::run_parallm("quantize --model " + dir.file("small") +
+                                      " --type q4_k --out " + small_q4k);
+  ASSERT_EQ(q.exit_code, 0) << q.output;
+  struct Run {
+    std::string type, path;
+    int tp, pp;
+  };
+  std::vector<Run> runs;
   for (const std::string type : {"q8_0", "q4_0"}) {
     const std::string path = quantize_stories(dir, type);
-    for (int tp : {1, 2}) {
-      const ModelRun packed = run_model(path, tp, 1, 8);
-      ASSERT_EQ(setenv("PARALLM_REPACK", "0", 1), 0);
-      EXPECT_FALSE(kernels::quant_repack_enabled());
-      const ModelRun plain = run_model(path, tp, 1, 8);
-      ASSERT_EQ(unsetenv("PARALLM_REPACK"), 0);
-      ASSERT_EQ(packed.tokens.size(), plain.tokens.size());
-      for (size_t i = 0; i < plain.tokens.size(); ++i) {
-        EXPECT_EQ(packed.tokens[i], plain.tokens[i]) << type << " tp " << tp << " prompt " << i;
-        ASSERT_EQ(packed.all_logits[i].size(), plain.all_logits[i].size());
-        for (size_t k = 0; k < plain.all_logits[i].size(); ++k) {
-          const auto& a = packed.all_logits[i][k];
-          const auto& b = plain.all_logits[i][k];
-          ASSERT_EQ(a.size(), b.size());
-          EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0)
-              << type << " tp " << tp << " prompt " << i << " step " << k;
-        }
+    for (int tp : {1, 2}) runs.push_back({type, path, tp, 1});
+  }
+  for (int pp : {1, 2}) runs.push_back({"q4_k", small_q4k, 1, pp});
+  for (const Run& run : runs) {
+    if (!kernels::quant_repack_enabled(parse_dtype(run.type))) {
+      std::printf("[ skipped ] %s: this CPU's quant path does not repack it\n", run.type.c_str());
+      continue;
+    }
+    SCOPED_TRACE(cat(run.type, " tp ", run.tp, " pp ", run.pp));
+    const ModelRun packed = run_model(run.path, run.tp, run.pp, 8);
+    ASSERT_EQ(setenv("PARALLM_REPACK", "0", 1), 0);
+    EXPECT_FALSE(kernels::quant_repack_enabled(parse_dtype(run.type)));
+    const ModelRun plain = run_model(run.path, run.tp, run.pp, 8);
+    ASSERT_EQ(unsetenv("PARALLM_REPACK"), 0);
+    ASSERT_EQ(packed.tokens.size(), plain.tokens.size());
+    for (size_t i = 0; i < plain.tokens.size(); ++i) {
+      EXPECT_EQ(packed.tokens[i], plain.tokens[i]) << "prompt " << i;
+      ASSERT_EQ(packed.all_logits[i].size(), plain.all_logits[i].size());
+      for (size_t k = 0; k < plain.all_logits[i].size(); ++k) {
+        const auto& a = packed.all_logits[i][k];
+        const auto& b = plain.all_logits[i][k];
+        ASSERT_EQ(a.size(), b.size());
+        EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0)
+            << "prompt " << i << " step " << k;
       }
     }
   }
@@ -551,7 +572,9 @@ TEST(GgufModel, MixtralWritesStackedExpertsAndReadsThemBack) {
         EXPECT_EQ(t.shape[0], 8) << t.name;
         EXPECT_EQ(t.dtype, parse_dtype(type)) << t.name;
       }
-      if (t.name.find("ffn_gate_inp") != std::string::npos) EXPECT_EQ(t.dtype, DType::F32);
+      if (t.name.find("ffn_gate_inp") != std::string::npos) {
+        EXPECT_EQ(t.dtype, DType::F32);
+      }
     }
     EXPECT_EQ(stacks, 2 * 3);
     ModelConfig hc, gc;

@@ -162,7 +162,9 @@ try:
     want = 1 - busy / (len(last) * (t1 - t0))
     check(status == 200 and got["pipeline"] and got["steps"] == 2 and got["ranks_count"] == 2
           and abs(got["measured_bubble"] - want) < 1e-9,
-          "/api/trace measured bubble %.4f == the last step's (%.4f)" % (got.get("measured_bubble", -1), want))
+          "/api/trace measured bubble %.12f == the last step's (%.12f); status %s, steps %s, "
+          "ranks %s" % (got.get("measured_bubble", -1), want, status, got.get("steps"),
+                        got.get("ranks_count")))
     status, sim = post(base + "api/schedule", got["simulate"])
     check(status == 200 and sim["p"] == 2 and sim["m"] == 4, "the trace's simulate body runs (p 2, m 4)")
 

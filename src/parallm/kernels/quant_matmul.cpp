@@ -418,27 +418,21 @@ PARALLM_AVX2 static inline int32_t hsum_i32(__m256i v) {
 // and mins are unpacked 4 at a time with 32-bit masks (the packing q4k_scales_mins reads byte by
 // byte; the reference's bit-identical results check the two against each other). NT tokens (1 or
 // 2) share the weight block's unpacking.
+// The unreduced form: per token, 8 int32 lanes whose sum is KSum::q (q[t]) and 8 whose sum is
+// KSum::m (m[t]); ksum_avx2 reduces them one row at a time, ktile4_avx2 and ptile_k_avx2 four
+// rows at once. q4k_code_lanes_avx2 forms the q lanes from the scales as i16 in both 128-bit
+// halves (sc16); q4k_lanes_avx2 both kinds from the unpacked scales and mins (scm: bytes 0..7
+// sc_0..7, bytes 8..15 m_0..7); ksum_lanes_avx2 unpacks a plain block's scales and mins.
 template <int NT>
-PARALLM_AVX2 static inline void ksum_avx2(const quant::BlockQ4_K& w,
-                                          const quant::BlockQ8_K* const* x, KSum* out) {
-  uint32_t p[3];
-  std::memcpy(p, w.scales, 12);
-  const uint32_t sc_lo = p[0] & 0x3F3F3F3Fu, m_lo = p[1] & 0x3F3F3F3Fu;
-  // Shifts across byte boundaries bring in only bits the masks clear.
-  const uint32_t sc_hi = (p[2] & 0x0F0F0F0Fu) | ((p[0] >> 2) & 0x30303030u);
-  const uint32_t m_hi = ((p[2] >> 4) & 0x0F0F0F0Fu) | ((p[1] >> 2) & 0x30303030u);
-  // bytes 0..7: sc_0..7, bytes 8..15: m_0..7
-  const __m128i scm = _mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi),
-                                     static_cast<int>(m_lo), static_cast<int>(m_hi));
-  // The 8 scales as i16 in both 128-bit halves; sub-block j's scale spread to every i16 lane by
-  // a byte shuffle of lane j.
-  const __m256i sc16 = _mm256_permute4x64_epi64(_mm256_cvtepu8_epi16(scm), 0x44);
+PARALLM_AVX2 static inline void q4k_code_lanes_avx2(__m256i sc16, const uint8_t* qs,
+                                                    const quant::BlockQ8_K* const* x,
+                                                    __m256i* q) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   __m256i acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_si256();
 #pragma GCC unroll 4
   for (int c = 0; c < 4; ++c) {
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs + 32 * c));
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
     const __m256i lo = _mm256_and_si256(raw, low4);
     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
     const __m256i s0 = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(static_cast<short>(
@@ -454,15 +448,48 @@ PARALLM_AVX2 static inline void ksum_avx2(const quant::BlockQ4_K& w,
       acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(p0, p1));
     }
   }
+  for (int t = 0; t < NT; ++t) q[t] = acc[t];
+}
+
+template <int NT>
+PARALLM_AVX2 static inline void q4k_lanes_avx2(__m128i scm, const uint8_t* qs,
+                                               const quant::BlockQ8_K* const* x, __m256i* q,
+                                               __m256i* m) {
+  // The 8 scales as i16 in both 128-bit halves; sub-block j's scale spread to every i16 lane by
+  // a byte shuffle of lane j.
+  q4k_code_lanes_avx2<NT>(_mm256_permute4x64_epi64(_mm256_cvtepu8_epi16(scm), 0x44), qs, x, q);
   // Mins: each m_j twice as i16 (lanes 2j, 2j + 1) against the 16 group sums: i32 lane j =
   // m_j x sum of sub-block j's codes (|.| <= 63 x 32 x 127).
   const __m128i dup = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
   const __m256i m16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scm, dup));
+  for (int t = 0; t < NT; ++t)
+    m[t] = _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t]->bsums)),
+                             m16);
+}
+
+template <int NT>
+PARALLM_AVX2 static inline void ksum_lanes_avx2(const quant::BlockQ4_K& w,
+                                                const quant::BlockQ8_K* const* x, __m256i* q,
+                                                __m256i* m) {
+  uint32_t p[3];
+  std::memcpy(p, w.scales, 12);
+  const uint32_t sc_lo = p[0] & 0x3F3F3F3Fu, m_lo = p[1] & 0x3F3F3F3Fu;
+  // Shifts across byte boundaries bring in only bits the masks clear.
+  const uint32_t sc_hi = (p[2] & 0x0F0F0F0Fu) | ((p[0] >> 2) & 0x30303030u);
+  const uint32_t m_hi = ((p[2] >> 4) & 0x0F0F0F0Fu) | ((p[1] >> 2) & 0x30303030u);
+  q4k_lanes_avx2<NT>(_mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi),
+                                    static_cast<int>(m_lo), static_cast<int>(m_hi)),
+                     w.qs, x, q, m);
+}
+
+template <int NT>
+PARALLM_AVX2 static inline void ksum_avx2(const quant::BlockQ4_K& w,
+                                          const quant::BlockQ8_K* const* x, KSum* out) {
+  __m256i q[NT], m[NT];
+  ksum_lanes_avx2<NT>(w, x, q, m);
   for (int t = 0; t < NT; ++t) {
-    const __m256i mv = _mm256_madd_epi16(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t]->bsums)), m16);
     // Both horizontal sums at once: [a01 a23 m01 m23 | a45 a67 m45 m67] -> [A, M, A, M].
-    const __m256i h = _mm256_hadd_epi32(acc[t], mv);
+    const __m256i h = _mm256_hadd_epi32(q[t], m[t]);
     __m128i r = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
     r = _mm_hadd_epi32(r, r);
     out[t] = {_mm_cvtsi128_si32(r), _mm_extract_epi32(r, 1)};
@@ -475,8 +502,10 @@ PARALLM_AVX2 static inline void ksum_avx2(const quant::BlockQ4_K& w,
 // comes off once per block as 32 x sum_g sc_g bsum_g (madd of the scales with the group sums,
 // |.| <= 2 x 128 x 2032 per lane). NT tokens (1 or 2) share the codes' reconstruction.
 template <int NT>
-PARALLM_AVX2 static inline void ksum_avx2(const quant::BlockQ6_K& w,
-                                          const quant::BlockQ8_K* const* x, KSum* out) {
+PARALLM_AVX2 static inline void ksum_lanes_avx2(const quant::BlockQ6_K& w,
+                                                const quant::BlockQ8_K* const* x, __m256i* q,
+                                                __m256i* m) {
+  (void)m;  // Q6_K has no mins
   const __m256i low4 = _mm256_set1_epi8(0x0F), bits45 = _mm256_set1_epi8(0x30);
   const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales));
   // Byte shuffle for chunk a/2: 8 x scale a then 8 x scale a + 1 (maddubs's i16 lanes 0..7 are
@@ -516,8 +545,92 @@ PARALLM_AVX2 static inline void ksum_avx2(const quant::BlockQ6_K& w,
   for (int t = 0; t < NT; ++t) {
     const __m256i off = _mm256_madd_epi16(
         sc16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t]->bsums)));
-    out[t] = {hsum_i32(_mm256_sub_epi32(acc[t], _mm256_slli_epi32(off, 5))), 0};
+    q[t] = _mm256_sub_epi32(acc[t], _mm256_slli_epi32(off, 5));
   }
+}
+
+template <int NT>
+PARALLM_AVX2 static inline void ksum_avx2(const quant::BlockQ6_K& w,
+                                          const quant::BlockQ8_K* const* x, KSum* out) {
+  __m256i q[NT];
+  ksum_lanes_avx2<NT>(w, x, q, nullptr);
+  for (int t = 0; t < NT; ++t) out[t] = {hsum_i32(q[t]), 0};
+}
+
+// The 4 rows' lane sums in one go: [sum v0, sum v1, sum v2, sum v3] (int32 adds, exact in any
+// order, so each equals hsum_i32 of its vector).
+PARALLM_AVX2 static inline __m128i hsum4_i32(const __m256i* v) {
+  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+// The 4 rows' f16 scales of block b as f32 (exact, as _cvtsh_ss): d, and dmin for Q4_K.
+PARALLM_AVX2 static inline void kscales4(const quant::BlockQ4_K* const* w, int64_t b, __m128* d,
+                                         __m128* dmin) {
+  uint32_t dd[kRows];
+  for (int r = 0; r < kRows; ++r) std::memcpy(&dd[r], &w[r][b].d, 4);  // d, dmin adjacent
+  const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dd)));
+  const __m128 lo = _mm256_castps256_ps128(f), hi = _mm256_extractf128_ps(f, 1);
+  *d = _mm_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+  *dmin = _mm_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
+}
+PARALLM_AVX2 static inline void kscales4(const quant::BlockQ6_K* const* w, int64_t b, __m128* d,
+                                         __m128* dmin) {
+  (void)dmin;
+  *d = _mm_cvtph_ps(_mm_setr_epi16(static_cast<short>(w[0][b].d), static_cast<short>(w[1][b].d),
+                                   static_cast<short>(w[2][b].d), static_cast<short>(w[3][b].d),
+                                   0, 0, 0, 0));
+}
+
+// acc[t] (lane r: row r) += the 4 rows' block sums, as kcombine does for each row.
+template <bool kMins, int NT>
+PARALLM_AVX2 static inline void kcombine4(__m128 d, __m128 dmin,
+                                          const quant::BlockQ8_K* const* xb,
+                                          const __m256i (*q)[kRows], const __m256i (*m)[kRows],
+                                          __m128* acc) {
+  for (int t = 0; t < NT; ++t) {
+    const __m128 dx = _mm_set1_ps(xb[t]->d);
+    acc[t] = _mm_fmadd_ps(_mm_mul_ps(d, dx), _mm_cvtepi32_ps(hsum4_i32(q[t])), acc[t]);
+    if constexpr (kMins)
+      acc[t] = _mm_fnmadd_ps(_mm_mul_ps(dmin, dx), _mm_cvtepi32_ps(hsum4_i32(m[t])), acc[t]);
+  }
+}
+
+// 4 rows x NT tokens (1 or 2): each row's lanes as ksum_lanes_avx2 forms them, the four rows
+// reduced together and combined 4 at a time in f32: lane r takes kcombine's operations in its order
+// (d x dx, then fma with the q sum, then fma with -(dmin x dx) and the m sum), so each output is
+// bit-identical to ktile_scalar's. Weights are the 4 row streams, prefetched ahead.
+template <class WB, int NT>
+PARALLM_AVX2 void ktile4_avx2(const WB* const* w, const quant::BlockQ8_K* const* x, int64_t nb,
+                              float (*out)[kRows]) {
+  constexpr bool kMins = std::is_same_v<WB, quant::BlockQ4_K>;
+  __m128 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int r = 0; r < kRows; ++r) {
+      const char* ahead = reinterpret_cast<const char*>(w[r] + b) + 8 * sizeof(WB);
+      _mm_prefetch(ahead, _MM_HINT_T0);
+      _mm_prefetch(ahead + 64, _MM_HINT_T0);
+      _mm_prefetch(ahead + 128, _MM_HINT_T0);
+      if constexpr (sizeof(WB) > 192) _mm_prefetch(ahead + 192, _MM_HINT_T0);
+    }
+    const quant::BlockQ8_K* xb[NT];
+    for (int t = 0; t < NT; ++t) xb[t] = x[t] + b;
+    __m256i q[NT][kRows], m[NT][kRows];
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      __m256i qr[NT], mr[NT];
+      ksum_lanes_avx2<NT>(w[r][b], xb, qr, mr);
+      for (int t = 0; t < NT; ++t) {
+        q[t][r] = qr[t];
+        if constexpr (kMins) m[t][r] = mr[t];
+      }
+    }
+    __m128 d, dmin;
+    kscales4(w, b, &d, &dmin);
+    kcombine4<kMins, NT>(d, dmin, xb, q, m, acc);
+  }
+  for (int t = 0; t < NT; ++t) _mm_storeu_ps(out[t], acc[t]);
 }
 
 PARALLM_AVX2 static inline float kcombine_avx2(const quant::BlockQ4_K& w,
@@ -532,41 +645,24 @@ PARALLM_AVX2 static inline float kcombine_avx2(const quant::BlockQ6_K& w,
 template <class WB>
 PARALLM_AVX2 void ktile_avx2(const WB* const* w, int rows, const quant::BlockQ8_K* x, int64_t nb,
                              float* out) {
-  float acc[kRows] = {};
-  const int step = rows == kRows ? kRows : 1;
-  for (int r0 = 0; r0 < rows; r0 += step)
+  if (rows == kRows) {
+    float o[1][kRows];
+    ktile4_avx2<WB, 1>(w, &x, nb, o);
+    for (int r = 0; r < kRows; ++r) out[r] = o[0][r];
+    return;
+  }
+  for (int r = 0; r < rows; ++r) {
+    float acc = 0.0f;
     for (int64_t b = 0; b < nb; ++b) {
       const quant::BlockQ8_K* xb = x + b;
-#pragma GCC unroll 4
-      for (int i = 0; i < step; ++i) {
-        const int r = r0 + i;
-        KSum s;
-        ksum_avx2<1>(w[r][b], &xb, &s);
-        acc[r] = kcombine_avx2(w[r][b], x[b], s, acc[r]);
-      }
+      KSum s;
+      ksum_avx2<1>(w[r][b], &xb, &s);
+      acc = kcombine_avx2(w[r][b], x[b], s, acc);
     }
-  for (int r = 0; r < rows; ++r) out[r] = acc[r];
+    out[r] = acc;
+  }
 }
 
-// 4 rows x 2 tokens (batched decoding): each weight block unpacked once for both tokens. The
-// same int32 sums and f32 operations per token as ktile_avx2.
-template <class WB>
-PARALLM_AVX2 void ktile2_avx2(const WB* const* w, const quant::BlockQ8_K* const* x, int64_t nb,
-                              float (*out)[kRows]) {
-  float acc[2][kRows] = {};
-  for (int64_t b = 0; b < nb; ++b) {
-    const quant::BlockQ8_K* xb[2] = {x[0] + b, x[1] + b};
-#pragma GCC unroll 4
-    for (int r = 0; r < kRows; ++r) {
-      KSum s[2];
-      ksum_avx2<2>(w[r][b], xb, s);
-      acc[0][r] = kcombine_avx2(w[r][b], *xb[0], s[0], acc[0][r]);
-      acc[1][r] = kcombine_avx2(w[r][b], *xb[1], s[1], acc[1][r]);
-    }
-  }
-  for (int t = 0; t < 2; ++t)
-    for (int r = 0; r < kRows; ++r) out[t][r] = acc[t][r];
-}
 #endif  // PARALLM_X86
 
 // AVX-VNNI and AVX-512 VNNI run the AVX2 kernel for the K formats (no vpdpbusd variant yet).
@@ -643,6 +739,34 @@ static_assert(sizeof(GroupQ8_0) == kRows * sizeof(BlockQ8_0));
 
 template <class WB>
 using GroupOf = std::conditional_t<std::is_same_v<WB, BlockQ8_0>, GroupQ8_0, GroupQ4_0>;
+
+// Q4_K: per 256-column super-block index one group block of 4 rows, same bytes as 4 plain blocks
+// (16 + 48 + 512 = 4 x 144): the 4 rows' d then dmin (one 16-byte load, one conversion), word i
+// of each row's 12 scale bytes side by side (the 6-bit unpacking runs on all 4 rows in one
+// 128-bit register), then each row's 128 code bytes as they were.
+struct GroupQ4_K {
+  uint16_t d[kRows];
+  uint16_t dmin[kRows];
+  uint32_t sc[3][kRows];
+  uint8_t qs[kRows][128];
+};
+static_assert(sizeof(GroupQ4_K) == kRows * sizeof(quant::BlockQ4_K));
+
+void pack_group_k(const quant::BlockQ4_K* const* rows, GroupQ4_K& g) {
+  for (int r = 0; r < kRows; ++r) {
+    g.d[r] = rows[r]->d;
+    g.dmin[r] = rows[r]->dmin;
+    for (int i = 0; i < 3; ++i) std::memcpy(&g.sc[i][r], rows[r]->scales + 4 * i, 4);
+    std::memcpy(g.qs[r], rows[r]->qs, 128);
+  }
+}
+
+void unpack_row_k(const GroupQ4_K& g, int r, quant::BlockQ4_K& out) {
+  out.d = g.d[r];
+  out.dmin = g.dmin[r];
+  for (int i = 0; i < 3; ++i) std::memcpy(out.scales + 4 * i, &g.sc[i][r], 4);
+  std::memcpy(out.qs, g.qs[r], 128);
+}
 
 inline int q4_code(const BlockQ4_0& b, int j) {
   return j < 16 ? (b.qs[j] & 0xF) : (b.qs[j - 16] >> 4);
@@ -743,7 +867,8 @@ const char* plain_rows(const Tensor& w, bool packed, int64_t r0, int64_t n,
   const char* base = static_cast<const char*>(w.raw());
   if (!packed) return base + r0 * row_bytes;
   tmp.resize(static_cast<size_t>(n) * row_bytes);
-  const int64_t nb = K / 32, packed_rows = w.dim(0) / kRows * kRows;
+  const int64_t nb = w.dtype() == DType::Q4_K ? K / 256 : K / 32;
+  const int64_t packed_rows = w.dim(0) / kRows * kRows;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t row = r0 + i;
     char* dst = tmp.data() + i * row_bytes;
@@ -753,7 +878,11 @@ const char* plain_rows(const Tensor& w, bool packed, int64_t r0, int64_t n,
     }
     const int64_t gi = row / kRows;
     const int r = static_cast<int>(row % kRows);
-    if (w.dtype() == DType::Q8_0) {
+    if (w.dtype() == DType::Q4_K) {
+      const GroupQ4_K* g = reinterpret_cast<const GroupQ4_K*>(base) + gi * nb;
+      auto* o = reinterpret_cast<quant::BlockQ4_K*>(dst);
+      for (int64_t b = 0; b < nb; ++b) unpack_row_k(g[b], r, o[b]);
+    } else if (w.dtype() == DType::Q8_0) {
       const GroupQ8_0* g = reinterpret_cast<const GroupQ8_0*>(base) + gi * nb;
       BlockQ8_0* o = reinterpret_cast<BlockQ8_0*>(dst);
       for (int64_t b = 0; b < nb; ++b) unpack_row<BlockQ8_0>(g[b], r, o[b]);
@@ -836,6 +965,78 @@ PARALLM_AVX2 void ptile_avx2(const GroupOf<WB>* g, const Act* x, int64_t nb, flo
   }
   for (int t = 0; t < NT; ++t)
     for (int r = 0; r < kRows; ++r) out[t][r] = simd::hsum8(acc[t][r]);
+}
+
+// Q4_K groups against NT tokens (1 or 2): ktile4_avx2's lanes, reductions and f32 operations (so
+// bit-identical to it and to the plain reference), with the 4 rows' scales unpacked together, one
+// d/dmin conversion, and one stream of group blocks prefetched a fixed distance ahead.
+template <int NT>
+PARALLM_AVX2 void ptile_k_avx2(const GroupQ4_K* g, const quant::BlockQ8_K* const* x, int64_t nb,
+                               float (*out)[kRows]) {
+  const __m128i m3f = _mm_set1_epi8(0x3F), m0f = _mm_set1_epi8(0x0F), m30 = _mm_set1_epi8(0x30);
+  __m128 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const char* ahead = reinterpret_cast<const char*>(g + b) + kPrefetchBytes;
+#pragma GCC unroll 9
+    for (int l = 0; l < static_cast<int>(sizeof(GroupQ4_K)) / 64; ++l)
+      _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
+    const GroupQ4_K& G = g[b];
+    // q4k_scales_mins / ksum_lanes_avx2's masks, on word i of 4 rows at once.
+    const __m128i p0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(G.sc[0]));
+    const __m128i p1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(G.sc[1]));
+    const __m128i p2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(G.sc[2]));
+    const __m128i sc_lo = _mm_and_si128(p0, m3f), m_lo = _mm_and_si128(p1, m3f);
+    const __m128i sc_hi = _mm_or_si128(_mm_and_si128(p2, m0f),
+                                       _mm_and_si128(_mm_srli_epi32(p0, 2), m30));
+    const __m128i m_hi = _mm_or_si128(_mm_and_si128(_mm_srli_epi32(p2, 4), m0f),
+                                      _mm_and_si128(_mm_srli_epi32(p1, 2), m30));
+    // Rows 2i and 2i + 1's 8 scales (sc01: row 0's then row 1's) and 8 mins (m01), as bytes.
+    const __m128i sc01 = _mm_unpacklo_epi32(sc_lo, sc_hi), sc23 = _mm_unpackhi_epi32(sc_lo, sc_hi);
+    const __m128i m01 = _mm_unpacklo_epi32(m_lo, m_hi), m23 = _mm_unpackhi_epi32(m_lo, m_hi);
+    // Row r's scales as i16 in both 128-bit halves (q4k_lanes_avx2's sc16).
+    const __m128i zero = _mm_setzero_si128();
+    const __m128i sc16[kRows] = {_mm_unpacklo_epi8(sc01, zero), _mm_unpackhi_epi8(sc01, zero),
+                                 _mm_unpacklo_epi8(sc23, zero), _mm_unpackhi_epi8(sc23, zero)};
+    const quant::BlockQ8_K* xb[NT];
+    for (int t = 0; t < NT; ++t) xb[t] = x[t] + b;
+    // Code sums: rows 0 and 1 folded by one hadd before rows 2 and 3 are formed (fewer live
+    // registers), then hsum4_i32's tree: the same int32 sums.
+    __m256i h[NT][2];
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; ++i) {
+      __m256i q0[NT], q1[NT];
+      q4k_code_lanes_avx2<NT>(_mm256_broadcastsi128_si256(sc16[2 * i]), G.qs[2 * i], xb, q0);
+      q4k_code_lanes_avx2<NT>(_mm256_broadcastsi128_si256(sc16[2 * i + 1]), G.qs[2 * i + 1], xb,
+                              q1);
+      for (int t = 0; t < NT; ++t) h[t][i] = _mm256_hadd_epi32(q0[t], q1[t]);
+    }
+    // Mins, 4 rows at once: each row's 8 mins (i16) against the token's 8 sub-block sums
+    // (bsums pairs, |.| <= 32 x 127, i16) by madd, two rows per register, then a hadd tree to
+    // [M0 M1 M2 M3]: q4k_min_sum's int32 sum for each row.
+    const __m256i m16_01 = _mm256_cvtepu8_epi16(m01), m16_23 = _mm256_cvtepu8_epi16(m23);
+    const __m256 dd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(G.d)));
+    const __m128 d = _mm256_castps256_ps128(dd), dmin = _mm256_extractf128_ps(dd, 1);
+    for (int t = 0; t < NT; ++t) {
+      const __m128i bs = _mm_hadd_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb[t]->bsums)),
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb[t]->bsums + 8)));
+      const __m256i bs2 = _mm256_broadcastsi128_si256(bs);
+      // [row 0's 4 partial sums | row 1's], [row 2's | row 3's]
+      const __m256i a01 = _mm256_madd_epi16(m16_01, bs2), a23 = _mm256_madd_epi16(m16_23, bs2);
+      const __m256i hm = _mm256_hadd_epi32(_mm256_hadd_epi32(a01, a23),
+                                           _mm256_hadd_epi32(a01, a23));
+      // hm: [M0 M2 M0 M2 | M1 M3 M1 M3]
+      const __m128i M = _mm_unpacklo_epi32(_mm256_castsi256_si128(hm),
+                                           _mm256_extracti128_si256(hm, 1));
+      const __m256i hq = _mm256_hadd_epi32(h[t][0], h[t][1]);
+      const __m128i Q = _mm_add_epi32(_mm256_castsi256_si128(hq), _mm256_extracti128_si256(hq, 1));
+      const __m128 dx = _mm_set1_ps(xb[t]->d);
+      acc[t] = _mm_fmadd_ps(_mm_mul_ps(d, dx), _mm_cvtepi32_ps(Q), acc[t]);
+      acc[t] = _mm_fnmadd_ps(_mm_mul_ps(dmin, dx), _mm_cvtepi32_ps(M), acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) _mm_storeu_ps(out[t], acc[t]);
 }
 #endif  // PARALLM_X86
 
@@ -933,7 +1134,7 @@ void run_blocks(const float* x, int64_t T, const Tensor& w, float* y, bool accum
 // against each token, as run_blocks.
 template <class WB>
 void run_kblocks(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
-                 QuantPath path) {
+                 QuantPath path, bool packed) {
   const int64_t N = w.dim(0), K = w.dim(1), nb = K / 256;
   thread_local std::vector<quant::BlockQ8_K> xq_buf;
   xq_buf.resize(static_cast<size_t>(T * nb));
@@ -948,13 +1149,52 @@ void run_kblocks(const float* x, int64_t T, const Tensor& w, float* y, bool accu
       const int rows = static_cast<int>(std::min<int64_t>(kRows, N - n0));
       const WB* rowp[kRows];
       for (int r = 0; r < rows; ++r) rowp[r] = wb + (n0 + r) * nb;
+      if (packed && rows == kRows) {  // a group of the repacked layout (tail rows stay plain)
+        auto store = [&](int64_t t, const float* out) {
+          float* yt = y + t * N + n0;
+          for (int r = 0; r < kRows; ++r) yt[r] = accumulate ? yt[r] + out[r] : out[r];
+        };
+        int64_t t = 0;
+#if PARALLM_X86
+        if constexpr (std::is_same_v<WB, quant::BlockQ4_K>) {
+          const GroupQ4_K* g = reinterpret_cast<const GroupQ4_K*>(wb) + ti * nb;
+          if (path != QuantPath::Scalar) {
+            for (; t + 2 <= T; t += 2) {
+              float out[2][kRows];
+              const quant::BlockQ8_K* xt[2] = {xq + t * nb, xq + (t + 1) * nb};
+              ptile_k_avx2<2>(g, xt, nb, out);
+              store(t, out[0]);
+              store(t + 1, out[1]);
+            }
+            for (; t < T; ++t) {
+              float out[1][kRows];
+              const quant::BlockQ8_K* xt = xq + t * nb;
+              ptile_k_avx2<1>(g, &xt, nb, out);
+              store(t, out[0]);
+            }
+          }
+        }
+#endif
+        if (t < T) {  // the plain reference on the group's rows unpacked
+          thread_local std::vector<char> tmp;
+          const auto* plain = reinterpret_cast<const WB*>(plain_rows(w, true, n0, kRows, tmp));
+          const WB* prow[kRows];
+          for (int r = 0; r < kRows; ++r) prow[r] = plain + r * nb;
+          for (; t < T; ++t) {
+            float out[kRows];
+            ktile_scalar(prow, kRows, xq + t * nb, nb, out);
+            store(t, out);
+          }
+        }
+        continue;
+      }
       int64_t t = 0;
 #if PARALLM_X86
       if (path != QuantPath::Scalar && rows == kRows)
         for (; t + 2 <= T; t += 2) {
           float out[2][kRows];
           const quant::BlockQ8_K* xt[2] = {xq + t * nb, xq + (t + 1) * nb};
-          ktile2_avx2(rowp, xt, nb, out);
+          ktile4_avx2<WB, 2>(rowp, xt, nb, out);
           for (int i = 0; i < 2; ++i) {
             float* yt = y + (t + i) * N + n0;
             for (int r = 0; r < rows; ++r) yt[r] = accumulate ? yt[r] + out[i][r] : out[i][r];
@@ -1056,13 +1296,119 @@ QuantPath quant_path() {
   return QuantPath::Scalar;
 }
 
+#if PARALLM_X86
+namespace {
+// roundf of 8 values (half away from zero), as std::roundf rounds: truncate, then one step away
+// from zero when the exact remainder |v - t| is >= 0.5.
+PARALLM_AVX2 static inline __m256 round_away_avx2(__m256 v) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __m256 up = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(v, t)),
+                                  _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+  return _mm256_add_ps(
+      t, _mm256_and_ps(up, _mm256_or_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(sign, v))));
+}
+
+// quant::quantize_q8_k in AVX2, byte for byte: the same max |x| (max ignores NaN as std::max
+// does: vmaxps returns its second operand, the running maximum, when the first is NaN), the same
+// d, 1/d and products x * (1/d), roundf's half-away-from-zero (truncate, then one step away from
+// zero when the exact remainder is >= 0.5), the int32 clamp to +-127 (cvttps gives INT_MIN for
+// NaN, as the scalar conversion does on x86), and the group sums. Decode quantizes each token's
+// activations on one thread before the GEMV's threads start; roundf, a library call per value,
+// was ~2% of a Q4_K decode step.
+PARALLM_AVX2 void quantize_q8_k_avx2(const float* x, quant::BlockQ8_K* y, int64_t n) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  for (int64_t b = 0; b < n / 256; ++b) {
+    const float* xb = x + b * 256;
+    __m256 m = _mm256_setzero_ps();
+    for (int j = 0; j < 256; j += 8)
+      m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xb + j)), m);
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float amax = _mm_cvtss_f32(m4);
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    y[b].d = d;
+    const __m256 idv = _mm256_set1_ps(id);
+    for (int g = 0; g < 16; ++g) {
+      __m256i q[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xb + 16 * g + 8 * h), idv);
+        q[h] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvttps_epi32(round_away_avx2(v)), lo),
+                                hi);
+      }
+      // 16 int32 -> 16 int8 in order (packs work within 128-bit lanes: put them back).
+      const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
+      const __m128i b8 = _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(y[b].qs + 16 * g), b8);
+      const __m256i s8 = _mm256_add_epi32(q[0], q[1]);
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+      y[b].bsums[g] = static_cast<int16_t>(_mm_cvtsi128_si32(s4));
+    }
+  }
+}
+
+// quant::quantize_q8_0 in AVX2, byte for byte (the activations of the Q8_0 / Q4_0 GEMVs): the
+// same max, d (f16 by f32_to_f16), 1/d, products and roundf; the scalar code's int8 cast keeps
+// the low byte of the int32 conversion, which is the value itself (|x / d| <= 127) or, for NaN,
+// INT_MIN's low byte 0: INT_MIN lanes become 0 before the saturating packs.
+PARALLM_AVX2 void quantize_q8_0_avx2(const float* x, BlockQ8_0* y, int64_t n) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i int_min = _mm256_set1_epi32(INT32_MIN);
+  for (int64_t b = 0; b < n / 32; ++b) {
+    const float* xb = x + b * 32;
+    __m256 v[4];
+    __m256 m = _mm256_setzero_ps();
+    for (int h = 0; h < 4; ++h) {
+      v[h] = _mm256_loadu_ps(xb + 8 * h);
+      m = _mm256_max_ps(_mm256_andnot_ps(sign, v[h]), m);
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float d = _mm_cvtss_f32(m4) / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    y[b].d = f32_to_f16(d);
+    const __m256 idv = _mm256_set1_ps(id);
+    __m256i q[4];
+    for (int h = 0; h < 4; ++h) {
+      q[h] = _mm256_cvttps_epi32(round_away_avx2(_mm256_mul_ps(v[h], idv)));
+      q[h] = _mm256_andnot_si256(_mm256_cmpeq_epi32(q[h], int_min), q[h]);
+    }
+    // packs interleave the 128-bit lanes: [0 1 4 5 | 2 3 6 7] in dwords after both; put back.
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
+                                         _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[b].qs),
+                        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
+}
+}  // namespace
+#endif
+
 void quantize_activations(const float* x, int64_t T, int64_t K, BlockQ8_0* out) {
   if (K % 32 != 0) fail("quant_matmul", "activation width ", K, " is not a multiple of 32");
+#if PARALLM_X86
+  if (simd_level() >= SimdLevel::Avx2) {
+    for (int64_t t = 0; t < T; ++t) quantize_q8_0_avx2(x + t * K, out + t * (K / 32), K);
+    return;
+  }
+#endif
   for (int64_t t = 0; t < T; ++t) quant::quantize_q8_0(x + t * K, out + t * (K / 32), K);
 }
 
+
 void quantize_activations_k(const float* x, int64_t T, int64_t K, quant::BlockQ8_K* out) {
   if (K % 256 != 0) fail("quant_matmul", "activation width ", K, " is not a multiple of 256");
+#if PARALLM_X86
+  if (simd_level() >= SimdLevel::Avx2) {
+    for (int64_t t = 0; t < T; ++t) quantize_q8_k_avx2(x + t * K, out + t * (K / 256), K);
+    return;
+  }
+#endif
   for (int64_t t = 0; t < T; ++t) quant::quantize_q8_k(x + t * K, out + t * (K / 256), K);
 }
 
@@ -1108,21 +1454,29 @@ void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y, bool acc
     case DType::Q4_0:
       return run_blocks<BlockQ4_0>(x, T, w, y, accumulate, path, packed);
     case DType::Q4_K:
-      return run_kblocks<quant::BlockQ4_K>(x, T, w, y, accumulate, path);
+      return run_kblocks<quant::BlockQ4_K>(x, T, w, y, accumulate, path, packed);
     case DType::Q6_K:
-      return run_kblocks<quant::BlockQ6_K>(x, T, w, y, accumulate, path);
+      return run_kblocks<quant::BlockQ6_K>(x, T, w, y, accumulate, path, packed);
     default:
       return run_dequant(x, T, w, y, accumulate, packed);
   }
 }
 
-bool quant_repack_enabled() {
-  // Read at each call (once per model load), so a test can compare both layouts in one process.
+bool quant_repack_enabled(DType type) {
+  // Read at each call (per weight at load), so a test can compare both layouts in one process.
   const char* e = std::getenv("PARALLM_REPACK");
   if (e != nullptr && std::strcmp(e, "0") != 0 && std::strcmp(e, "1") != 0)
     fail("quant_matmul", "PARALLM_REPACK must be 0 or 1, got \"", e, "\"");
-  const bool off = e != nullptr && std::strcmp(e, "0") == 0;
-  return !off && quant_path() == QuantPath::Avx2;
+  if (e != nullptr && std::strcmp(e, "0") == 0) return false;
+  switch (type) {
+    case DType::Q4_0:
+    case DType::Q8_0:
+      return quant_path() == QuantPath::Avx2;
+    case DType::Q4_K:
+      return quant_path() != QuantPath::Scalar;
+    default:
+      return false;
+  }
 }
 
 bool is_repacked(const Tensor& w) {
@@ -1132,8 +1486,9 @@ bool is_repacked(const Tensor& w) {
 Tensor repack_quant_weight(const Tensor& w) {
   if (!w.defined() || w.ndim() != 2 || !w.is_contiguous() || w.raw() == nullptr) return w;
   const DType type = w.dtype();
-  const int64_t N = w.dim(0), K = w.dim(1), nb = K / 32;
-  if ((type != DType::Q4_0 && type != DType::Q8_0) || N < kRows || K == 0 || is_repacked(w))
+  const int64_t N = w.dim(0), K = w.dim(1), nb = type == DType::Q4_K ? K / 256 : K / 32;
+  if ((type != DType::Q4_0 && type != DType::Q8_0 && type != DType::Q4_K) || N < kRows ||
+      K == 0 || is_repacked(w))
     return w;
   const size_t bytes = w.nbytes();
   char* buf = static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
@@ -1145,7 +1500,15 @@ Tensor repack_quant_weight(const Tensor& w) {
   // Groups over the pool (a 7B model's matrices are GBs); the tail rows copied as they are.
   ThreadPool::current().parallel_for(groups, [&](int64_t g0, int64_t g1) {
     for (int64_t gi = g0; gi < g1; ++gi) {
-      if (type == DType::Q8_0) {
+      if (type == DType::Q4_K) {
+        const quant::BlockQ4_K* rows[kRows];
+        for (int64_t b = 0; b < nb; ++b) {
+          for (int r = 0; r < kRows; ++r)
+            rows[r] = reinterpret_cast<const quant::BlockQ4_K*>(src + (gi * kRows + r) *
+                                                                         row_bytes) + b;
+          pack_group_k(rows, reinterpret_cast<GroupQ4_K*>(buf)[gi * nb + b]);
+        }
+      } else if (type == DType::Q8_0) {
         const BlockQ8_0* rows[kRows];
         for (int64_t b = 0; b < nb; ++b) {
           for (int r = 0; r < kRows; ++r)

@@ -58,23 +58,25 @@ std::string quant_matmul_kernel(DType type, int64_t T, QuantPath path);
 void quant_matmul_dequant(const float* x, int64_t T, const Tensor& w, float* y,
                           bool accumulate = false);
 
-// Load-time repacking of Q4_0 / Q8_0 weights for the AVX2 GEMV (docs/quantization.md): rows in
-// groups of 4, per 32-column block the group's 4 f16 scales together, then its codes (Q4_0: two
-// rows' codes per byte, in column order). Same byte count as the plain layout; rows N - N % 4..N-1
-// stay plain. quant_matmul recognises a repacked tensor by its storage and gives results
-// bit-identical to the plain weight's on the same path (Scalar and Avx2; the VNNI paths run the
-// repacked AVX2 kernel). Only the whole tensor may be multiplied: a view into it (slice_rows...)
-// is refused, and nothing but quant_matmul / kernels::matmul reads the layout (no to(), no
-// embedding lookups: repack linear weights only, after the TP split).
+// Load-time repacking of Q4_0 / Q8_0 / Q4_K weights for the AVX2 GEMV (docs/quantization.md): rows
+// in groups of 4, per 32-column block (256 for Q4_K) the group's 4 f16 scales together, then its
+// codes (Q4_0: two rows' codes per byte, in column order; Q4_K: the 4 rows' 6-bit scale words side
+// by side, then each row's codes). Same byte count as the plain layout; rows N - N % 4..N-1 stay
+// plain. quant_matmul recognises a repacked tensor by its storage and gives results bit-identical
+// to the plain weight's on the same path (Scalar and Avx2, and for Q4_K every path; the VNNI paths
+// run the repacked AVX2 kernel). Only the whole tensor may be multiplied: a view into it
+// (slice_rows...) is refused, and nothing but quant_matmul / kernels::matmul reads the layout (no
+// to(), no embedding lookups: repack linear weights only, after the TP split).
 //
 // repack_quant_weight: a new tensor (owned storage, same dtype and shape) in the repacked layout,
-// or w itself when it is not a contiguous 2-D Q4_0 / Q8_0 weight of at least 4 rows (any other
-// dtype included) or is repacked already.
+// or w itself when it is not a contiguous 2-D Q4_0 / Q8_0 / Q4_K weight of at least 4 rows (any
+// other dtype included) or is repacked already.
 Tensor repack_quant_weight(const Tensor& w);
 bool is_repacked(const Tensor& w);
-// Whether the model loader repacks: the default quant_path() is Avx2 (repacking pays off for its
-// kernel; the VNNI paths keep the plain layout) and PARALLM_REPACK is not 0 (PARALLM_REPACK=0
-// turns it off; anything but 0 or 1 is an error).
-bool quant_repack_enabled();
+// Whether the model loader repacks weights of this dtype: PARALLM_REPACK is not 0 (PARALLM_REPACK=0
+// turns it off; anything but 0 or 1 is an error) and the default quant_path() runs a repacked
+// kernel for it: Q4_0 / Q8_0 on Avx2 only (the VNNI paths keep the plain layout), Q4_K on every
+// SIMD path (all run its AVX2 kernels). False for every other dtype.
+bool quant_repack_enabled(DType type);
 
 }  // namespace parallm::kernels

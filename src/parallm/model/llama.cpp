@@ -123,10 +123,12 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
     Tensor t = source.read(name, DType::F32, slice_of(name));
     return std::vector<float>(t.data<float>(), t.data<float>() + t.numel());
   };
-  // Linear weights only (never the embedding table, which is read by row): Q4_0 / Q8_0 repacked
-  // for the AVX2 GEMV (kernels::repack_quant_weight), after the TP split above.
-  const bool repack = kernels::quant_repack_enabled();
-  auto linear = [&](Tensor t) { return repack ? kernels::repack_quant_weight(t) : t; };
+  // Linear weights only (never the embedding table, which is read by row): Q4_0 / Q8_0 / Q4_K
+  // repacked for the AVX2 GEMV (kernels::repack_quant_weight), after the TP split above.
+  auto linear = [&](Tensor t) {
+    return t.defined() && kernels::quant_repack_enabled(t.dtype()) ? kernels::repack_quant_weight(t)
+                                                                  : t;
+  };
   // A fused weight: each part's rows, stacked in the spec's order.
   auto read_fused = [&](int64_t i, const parallel::FusedShardSpec& spec, const char* prefix) {
     std::vector<Tensor> parts;
