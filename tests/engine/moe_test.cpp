@@ -443,6 +443,16 @@ TEST(MixtralExpertParallel, BadLayoutsFailInOneLine) {
                        " --enable-expert-parallel"),
             "parallm: error: [cli] --enable-expert-parallel needs a mixture-of-experts model "
             "(this one is dense)");
+  // serve: the same lines, before the tokenizer is looked for (neither model has one) and
+  // before any rank starts.
+  EXPECT_EQ(error_line("serve --port 0 --threads 1 --model " + dense +
+                       " --tp 2 --enable-expert-parallel"),
+            "parallm: error: [cli] --enable-expert-parallel needs a mixture-of-experts model "
+            "(this one is dense)");
+  EXPECT_EQ(error_line("serve --port 0 --threads 1 --model " + dir +
+                       " --tensor-parallel-size 16 --enable-expert-parallel"),
+            "parallm: error: [cli] --enable-expert-parallel at --tp 16 exceeds the model's 8 "
+            "experts (each TP rank holds at least one whole expert)");
 }
 
 }  // namespace

@@ -7,6 +7,8 @@
 #     text (that part alone is skipped where npm or its registry is missing: exit 77 there);
 #   - `parallm bench serve` (8 prompts at once): completed 8, failed 0;
 #   - SIGTERM ends the server within 10 s with status 0;
+#   - a tiny Mixtral under `serve --tp 2 --enable-expert-parallel` completes generate's greedy
+#     ids; the flag on a dense model is generate's one-line error;
 #   - with an mpirun (3rd argument): `mpirun -np 2 parallm serve --pp 2` answers the same greedy
 #     completion and ends on SIGTERM to mpirun within 10 s; so does `mpirun -np 4 parallm serve
 #     --pp 2 --dp 2`, with two requests running at once on one sequence per replica.
@@ -164,6 +166,40 @@ sys.exit(0 if j['completed'] == 8 and j['failed'] == 0 else 1)" ||
   fail "bench serve: not 8 completed, 0 failed"
 
 stop_server "parallm serve --tp 2 --pp 2"
+
+# --- a tiny Mixtral, experts over the TP ranks: serve --tp 2 --enable-expert-parallel ---
+# Its greedy ids from `generate` at one rank, shown through the test tokenizer (/detokenize), must
+# be the completion's text, 8 tokens. A dense model with the flag is one line, generate's.
+"$bin" init-model --shape mixtral-tiny --seed 5 --dtype f32 --out "$tmp/mix" >/dev/null ||
+  { echo "init-model mixtral-tiny failed"; exit 1; }
+"$bin" generate --model "$tmp/mix" --prompt-ids 1,7,11 --max-tokens 8 --print-ids --ignore-eos \
+  --threads 1 2>/dev/null | tr -s ' \n' ',' | sed 's/^,//; s/,$//' >"$tmp/mix.ids"
+start_server "$tmp/mix.log" "$bin" serve --model "$tmp/mix" \
+  --tokenizer "$tmp/model/tokenizer.json" --port 0 --tp 2 --enable-expert-parallel --threads 1 ||
+  exit 1
+curl -s --max-time 30 "http://127.0.0.1:$port/detokenize" -H 'Content-Type: application/json' \
+  -d "{\"tokens\": [$(cat "$tmp/mix.ids")]}" >"$tmp/mix.want"
+curl -s --max-time 30 "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
+  -d '{"prompt": [1, 7, 11], "max_tokens": 8, "temperature": 0, "ignore_eos": true}' \
+  >"$tmp/mix.reply"
+$py - "$tmp/mix.reply" "$tmp/mix.want" "$tmp/mix.ids" <<'EOF' || fail "serve with experts over tp"
+import json, sys
+reply = json.load(open(sys.argv[1]))
+want = json.load(open(sys.argv[2]))['prompt']
+ids = open(sys.argv[3]).read().strip()
+assert len(ids.split(',')) == 8, ids
+assert reply['usage']['completion_tokens'] == 8, reply
+if reply['choices'][0]['text'] != want:
+    print(f"got {reply['choices'][0]['text']!r}, want {want!r} (generate's ids {ids})")
+    sys.exit(1)
+print(f"serve --tp 2 --enable-expert-parallel: generate's ids {ids}, the same text")
+EOF
+stop_server "parallm serve --tp 2 --enable-expert-parallel"
+"$bin" serve --model "$model" --port 0 --enable-expert-parallel >"$tmp/bad.out" 2>"$tmp/bad.err" &&
+  fail "--enable-expert-parallel on a dense model was accepted"
+want_err="parallm: error: [cli] --enable-expert-parallel needs a mixture-of-experts model"
+[ "$(cat "$tmp/bad.err")" = "$want_err (this one is dense)" ] ||
+  fail "dense --enable-expert-parallel: $(cat "$tmp/bad.err")"
 
 # --- mpirun: PP 2 as two processes ---
 if [ -n "$mpirun" ]; then

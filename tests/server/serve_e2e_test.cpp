@@ -19,6 +19,7 @@
 #include "engine/serve_test_util.h"
 #include "parallm/model/tokenizer_unicode.h"
 #include "server/server_test_util.h"
+#include "test_util.h"
 
 namespace parallm::testing {
 namespace {
@@ -558,6 +559,65 @@ TEST(ServeE2E, KvCacheMemoryBytesUnitsAndFractions) {
   c.kv_cache_memory = kv.block_bytes * 7 + 1;
   EXPECT_EQ(serve::serve_kv_layout(c).num_blocks, 7);
   EXPECT_EQ(serve::serve_kv_layout(c).budget_bytes, kv.block_bytes * 7 + 1);
+}
+
+// vLLM's expert-parallel layout served (`serve --tp 2 --enable-expert-parallel`) on a tiny
+// Mixtral (8 experts, top-2, 160 ids): whole experts over the two TP ranks, one all-reduce per MoE
+// layer. Every greedy completion, alone or four at once (batched steps), is what run_generation
+// (`parallm generate`) gives the prompt alone on one rank; the test tokenizer covers the 160 ids.
+TEST(ServeE2E, ExpertParallelOverTp2MatchesGenerateOnMixtral) {
+  Watchdog wd(60);
+  TempDir tmp;
+  const std::string model = tmp.file("mixtral");
+  const auto init =
+      run_parallm("init-model --shape mixtral-tiny --seed 5 --dtype f32 --out " + model);
+  ASSERT_EQ(init.exit_code, 0) << init.output;
+  const std::vector<std::vector<int32_t>> prompts = {
+      {1, 7, 11}, {1}, {1, 100, 5, 9, 33, 2, 8}, {1, 42, 42, 17, 150, 3, 99, 64, 12, 5, 77}};
+  const int64_t n = 10;
+  std::vector<std::vector<int32_t>> want(prompts.size());
+  EngineOptions eo;
+  eo.model = model;
+  eo.backend = "local";
+  eo.threads = 1;
+  run_model(eo, [&](RankContext& ctx) {
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      BatchOptions bo;
+      bo.max_tokens = n;
+      bo.ignore_eos = true;
+      want[i] =
+          run_generation(ctx.model, ctx.tp, ctx.mesh.pp(), {Request{prompts[i], -1}}, bo)
+              .sequences[0]
+              .tokens;
+      ASSERT_EQ(int64_t(want[i].size()), n);
+    }
+  });
+  ServeConfig c = config(2, 1);
+  c.model = model;
+  c.enable_expert_parallel = true;
+  // The layout is checked before any rank starts, in generate's words: TP 16 exceeds 8 experts.
+  ServeConfig wide = c;
+  wide.tp = 16;
+  EXPECT_EQ(error_of([&] { serve::serve_kv_layout(wide); }),
+            "[cli] --enable-expert-parallel at --tp 16 exceeds the model's 8 experts (each TP "
+            "rank holds at least one whole expert)");
+  E2ERig rig(c);
+  EXPECT_TRUE(rig.engine->failure().empty()) << rig.engine->failure();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    SCOPED_TRACE("prompt " + std::to_string(i));
+    const json a = rig.post(request(prompts[i], n, false));
+    EXPECT_FALSE(rig.text_of(prompts[i], want[i]).empty());
+    EXPECT_EQ(a["choices"][0]["text"], rig.text_of(prompts[i], want[i]));
+    EXPECT_EQ(a["usage"]["completion_tokens"], n);
+  }
+  std::vector<std::string> got(prompts.size());
+  std::vector<std::thread> clients;
+  for (size_t i = 0; i < prompts.size(); ++i)
+    clients.emplace_back(
+        [&, i] { got[i] = rig.post(request(prompts[i], n, true)).get<std::string>(); });
+  for (auto& t : clients) t.join();
+  for (size_t i = 0; i < prompts.size(); ++i)
+    EXPECT_EQ(streamed_text(got[i]), rig.text_of(prompts[i], want[i])) << "client " << i;
 }
 
 // Not a test: serve_cli_check.sh runs it (--gtest_also_run_disabled_tests) to get the same

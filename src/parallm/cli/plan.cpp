@@ -134,6 +134,7 @@ plan::PlanRequest make_plan_request(const PlanOptions& o) {
   req.options.flops = o.gflops * 1e9;
   req.options.tp_anywhere = o.tp_anywhere;
   req.pinned = {tp, pp, dp, ep};
+  req.only_experts_over_tp = o.enable_expert_parallel;
   if (o.top < 1) fail("plan", "--top must be >= 1, got ", o.top);
   req.training = o.train;
   if (o.train) {
@@ -256,6 +257,9 @@ const bool registered = register_command(
        app.add_option("--pp", o->pp, "Only layouts with this PP");
        app.add_option("--dp", o->dp, "Only layouts with this DP");
        app.add_option("--ep", o->ep, "Only layouts with this EP");
+       app.add_flag("--enable-expert-parallel", o->enable_expert_parallel,
+                    "Only vLLM's expert-parallel layouts: whole experts over the TP ranks "
+                    "(mixture-of-experts inference; ranked beside the others without it)");
        app.add_flag("--train", o->train, "Plan training instead of inference");
        app.add_option("--global-batch,--global-batch-size", o->global_batch,
                       "Training: sequences per step (default 512)");

@@ -21,6 +21,7 @@ struct PlanOptions {
   std::string goal = "latency";
   int top = 5;
   bool json = false, list = false, tp_anywhere = false;
+  bool enable_expert_parallel = false;  // only the experts-over-TP layouts (MoE inference)
   std::string calibrate;
   double mem_bw_gbps = 0, rank_mem_bw_gbps = 0, gflops = 0;
   int64_t gpus = 0, nodes = 0, gpus_per_node = 0;

@@ -38,7 +38,10 @@ int run_serve(ServeOptions o) {
     serve::run_serve_follower(o.engine);
     return 0;
   }
-  // Checked before any rank loads: a server that cannot tokenize answers nothing.
+  // The layout first (a bad config, e.g. --enable-expert-parallel on a dense model, is one line
+  // naming the flag, whatever the tokenizer), then the tokenizer, both before any rank loads.
+  const serve::KvLayout kv = serve::serve_kv_layout(o.engine);
+  // A server that cannot tokenize answers nothing.
   std::unique_ptr<Tokenizer> tokenizer =
       o.tokenizer.empty() ? load_tokenizer(o.engine.model) : load_tokenizer_file(o.tokenizer);
   if (!tokenizer)
@@ -47,7 +50,6 @@ int run_serve(ServeOptions o) {
          "--tokenizer");
   o.http.model_dir = o.engine.model;
   if (o.http.served_model_name.empty()) o.http.served_model_name = o.engine.served_model_name;
-  const serve::KvLayout kv = serve::serve_kv_layout(o.engine);  // throws for a bad config
   std::unique_ptr<serve::ServeEngine> engine = serve::make_serve_engine(o.engine);
   int exit_code = 0;
   {
@@ -112,6 +114,9 @@ int run_serve(ServeOptions o) {
            ->check(CLI::PositiveNumber);
        app.add_option("--pp-layers", e.pp_layers, "Layers per stage, e.g. 6,5,5,6 (default: even)")
            ->delimiter(',');
+       app.add_flag("--enable-expert-parallel", e.enable_expert_parallel,
+                    "Mixture of experts, vLLM's layout: whole experts placed over the --tp ranks "
+                    "(E/TP each), attention and LM head TP-split (docs/moe.md)");
        add_runtime_flags(app, e.threads, e.dtype, e.backend, e.comm_timeout_s);
        app.add_option("--max-num-seqs", e.max_num_seqs,
                       "Sequences in the running batch per replica (default 64)")

@@ -21,6 +21,7 @@
 #include "parallm/engine/runtime.h"
 #include "parallm/engine/scheduler.h"
 #include "parallm/engine/serve_loop.h"
+#include "parallm/model/llama_tensors.h"
 #include "parallm/model/weights.h"
 #include "parallm/parallel/shard.h"
 #include "parallm/pipeline/partition.h"
@@ -36,6 +37,7 @@ EngineOptions engine_options(const ServeConfig& c) {
   o.tp = c.tp;
   o.pp = c.pp;
   o.dp = c.dp;
+  o.enable_expert_parallel = c.enable_expert_parallel;
   o.pp_layers = c.pp_layers;
   o.threads = c.threads;
   o.dtype = c.dtype;
@@ -260,6 +262,11 @@ KvLayout serve_kv_layout(const ServeConfig& c) {
   check_config(c);
   ModelConfig mc;
   open_model(c.model, &mc);
+  // Before the heads' check, and in generate's words (run_model makes the same check).
+  if (c.enable_expert_parallel) {
+    const std::string why = llama_expert_parallel_problem(mc, c.tp, 1);
+    if (!why.empty()) fail("cli", why);
+  }
   KvLayout kv;
   kv.max_model_len = c.max_model_len > 0 ? c.max_model_len : mc.max_position_embeddings;
   if (kv.max_model_len > mc.max_position_embeddings)

@@ -131,6 +131,9 @@ struct ServeConfig {
   int pp = 1;                     // --pipeline-parallel-size
   int dp = 1;                     // --data-parallel-size: replicas (threads, or under mpirun)
   std::vector<int64_t> pp_layers;  // explicit layers per stage, else even
+  // --enable-expert-parallel (MoE): whole experts over each replica's TP ranks, attention and the
+  // LM head TP-split (EngineOptions::enable_expert_parallel).
+  bool enable_expert_parallel = false;
   int threads = 0;                 // threads per rank; 0: the machine's cores / ranks here
   std::string dtype = "auto";      // weights: auto, f32, bf16, f16
   std::string backend = "auto";    // comm: auto (mpi under mpirun), local, mpi

@@ -61,7 +61,8 @@ Links find_links(const ClusterSpec& cl, const Layout& l) {
   for (int p = 0; p < l.pp; ++p)
     for (int d = 0; d < l.dp; ++d) k.tp = &worst(*k.tp, cl.group_link(tp_group(l, d, p)));
   k.dp = &cl.group_link(dp_group(l, 0, l.dp));
-  k.ep = &cl.group_link(dp_group(l, 0, l.ep));
+  // Experts over TP: the MoE all-reduce runs over the TP group itself.
+  k.ep = l.experts_over_tp ? k.tp : &cl.group_link(dp_group(l, 0, l.ep));
   for (int s = 0; s + 1 < l.pp; ++s)
     k.pp.push_back(&cl.link_between(l.global_rank(0, 0, s), l.global_rank(0, 0, s + 1)));
   k.pp_return = &cl.link_between(l.global_rank(0, 0, l.pp - 1), 0);
@@ -82,9 +83,9 @@ const Calibration* cal_of(const PlanOptions& o) {
 struct StageCost {
   double flops_time = 0, mem_time = 0;
   double roofline() const { return std::max(flops_time, mem_time); }
-  CostTerm tp_ar, tp_embed, tp_logits, ep_a2a;
+  CostTerm tp_ar, tp_embed, tp_logits, ep_a2a, ep_ar;
   double comm() const {
-    return tp_ar.seconds + tp_embed.seconds + tp_logits.seconds + ep_a2a.seconds;
+    return tp_ar.seconds + tp_embed.seconds + tp_logits.seconds + ep_a2a.seconds + ep_ar.seconds;
   }
   double total() const { return roofline() + comm(); }
   double sent = 0;  // bytes this device sends
@@ -125,9 +126,22 @@ StageCost stage_cost(const ModelConfig& c, const Layout& l, const InferenceWorkl
 
   if (l.tp > 1) {
     const CommCost ar = collective_cost(Collective::AllReduce, T * h * ab, l.tp, *k.tp, cal);
-    s.tp_ar = {"tp all-reduce", int(2 * P.layers), T * h * ab, 2 * L * ar.seconds,
+    // Two per layer (attention, MLP); experts over TP: a sparse layer's MLP all-reduce is the MoE
+    // all-reduce below instead, qwen2_moe's TP-split shared expert keeping its own.
+    const double ars =
+        l.experts_over_tp ? 2 * L - L_moe + (c.has_shared_expert() ? L_moe : 0) : 2 * L;
+    s.tp_ar = {"tp all-reduce", int(ars), T * h * ab, ars * ar.seconds,
                cat(k.tp->name, ", ", ar.algorithm)};
-    s.sent += 2 * L * ar.bytes_sent;
+    s.sent += ars * ar.bytes_sent;
+    if (l.experts_over_tp && L_moe > 0) {
+      // vLLM's layout (plan/moe.h): each sparse layer all-reduces the [T, k, H] f32 slots of
+      // its tokens' expert outputs over the TP ranks, whatever the routing.
+      const MoeAllReduceBytes mb = moe_all_reduce_step_bytes(c, l.tp, std::llround(T));
+      const CommCost mar = collective_cost(Collective::AllReduce, mb.payload, l.tp, *k.tp, cal);
+      s.ep_ar = {"ep=tp all-reduce", int(L_moe), mb.payload, L_moe * mar.seconds,
+                 cat(k.tp->name, ", ", mar.algorithm, ", [T, k, H] f32")};
+      s.sent += L_moe * mb.sent;
+    }
     if (stage == 0) {  // vocab-parallel embedding: partial lookups summed
       s.tp_embed = {"tp embedding all-reduce", 1, T * h * ab, ar.seconds, s.tp_ar.detail};
       s.sent += ar.bytes_sent;
@@ -281,7 +295,7 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
     roofline += sc.roofline();
     flops_t += sc.flops_time;
     mem_t += sc.mem_time;
-    for (const CostTerm* t : {&sc.tp_ar, &sc.tp_embed, &sc.tp_logits, &sc.ep_a2a})
+    for (const CostTerm* t : {&sc.tp_ar, &sc.tp_embed, &sc.tp_logits, &sc.ep_a2a, &sc.ep_ar})
       add_term(terms, *t);
     double sent = sc.sent;
     if (s + 1 < l.pp) {
@@ -372,6 +386,11 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
     for (const CostTerm& t : terms)
       if (t.name == "ep all-to-all")
         e.reasons.push_back(cat("EP all-to-all: ", t.count, " per token, ", ms_text(t.seconds)));
+  if (l.experts_over_tp)
+    for (const CostTerm& t : terms)
+      if (t.name == "ep=tp all-reduce")
+        e.reasons.push_back(cat("experts over TP (--enable-expert-parallel): ", t.count,
+                                " MoE all-reduces per token, ", ms_text(t.seconds)));
   return e;
 }
 
@@ -380,6 +399,8 @@ std::string training_problem(const ModelConfig& c, const Layout& l, const Traini
     fail("plan", "global batch, micro-batch and sequence length must be >= 1 (got ", w.global_batch,
          ", ", w.micro_batch, ", ", w.seq_len, ")");
   if (std::string p = layout_problem(c, l); !p.empty()) return p;
+  if (l.experts_over_tp)
+    return "--enable-expert-parallel (experts over TP) is an inference layout; training has none";
   if (w.global_batch % (int64_t(l.dp) * w.micro_batch) != 0)
     return cat("global batch ", w.global_batch, " is not a multiple of DP x micro-batch = ", l.dp,
                " x ", w.micro_batch);

@@ -37,6 +37,8 @@ std::string layout_problem(const ModelConfig& c, const Layout& l) {
                " experts (each expert-parallel rank needs at least one)");
   if (l.dp % l.ep != 0)
     return cat("EP=", l.ep, " must divide DP=", l.dp, " (expert parallelism is carved out of DP)");
+  // Experts over TP: the engine's own rule (a MoE model, no --ep beside it, TP <= experts).
+  if (l.experts_over_tp) return llama_expert_parallel_problem(c, l.tp, l.ep);
   return "";
 }
 
@@ -53,6 +55,7 @@ int64_t kv_heads_per_rank(const ModelConfig& c, int tp) {
 
 StageParams stage_params(const ModelConfig& c, const Layout& l, int stage, int tp_rank,
                          int ep_rank, bool experts_over_tp) {
+  experts_over_tp = experts_over_tp || l.experts_over_tp;
   const std::string problem = layout_problem(c, l);
   if (!problem.empty()) fail("plan", problem);
   if (stage < 0 || stage >= l.pp) fail("plan", "stage ", stage, " out of 0..", l.pp - 1);

@@ -50,8 +50,9 @@ struct StageParams {
 };
 // For TP rank `tp_rank` of the stage; -1: the rank holding the most (uneven shards differ).
 // `ep_rank`: which EP rank's experts (parallel::expert_range: the first E % EP ranks hold one
-// more, so EP rank 0 holds the most). `experts_over_tp`: vLLM's --enable-expert-parallel layout
-// (l.ep must be 1): whole experts placed over the TP ranks (llama_rank_share's rule).
+// more, so EP rank 0 holds the most). `experts_over_tp` (or l.experts_over_tp): vLLM's
+// --enable-expert-parallel layout (l.ep must be 1): whole experts placed over the TP ranks
+// (llama_rank_share's rule).
 StageParams stage_params(const ModelConfig& c, const Layout& l, int stage, int tp_rank = -1,
                          int ep_rank = 0, bool experts_over_tp = false);
 

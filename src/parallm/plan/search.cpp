@@ -37,6 +37,11 @@ std::vector<int> divisors(int n) {
   return low;
 }
 
+// The table's ep column: the degree, or "tp" for experts over the TP ranks.
+std::string ep_column(const Layout& l) {
+  return l.experts_over_tp ? std::string("tp") : std::to_string(l.ep);
+}
+
 // Higher is better.
 double score(const PlanRequest& req, const LayoutEstimate& e) {
   if (e.training) return e.tokens_per_s;
@@ -129,6 +134,11 @@ PlanResult search(const PlanRequest& req) {
                 int64_t(64), "plan: activation bytes of a step");
   }
   const Layout& pin = req.pinned;
+  if (req.only_experts_over_tp && !req.model.is_moe())
+    fail("plan", "--enable-expert-parallel needs a mixture-of-experts model (",
+         req.model_name.empty() ? std::string("this one") : req.model_name, " is dense)");
+  if (req.only_experts_over_tp && req.training)
+    fail("plan", "--enable-expert-parallel is an inference layout: not with --train");
   PlanResult res;
   for (int tp : divisors(world)) {
     for (int pp : divisors(world / tp)) {
@@ -136,22 +146,30 @@ PlanResult search(const PlanRequest& req) {
       for (int ep : divisors(dp)) {
         if (!req.model.is_moe() && ep > 1) continue;
         if (req.model.is_moe() && ep > req.model.num_local_experts) continue;
-        const Layout l{tp, pp, dp, ep};
         if ((pin.tp && pin.tp != tp) || (pin.pp && pin.pp != pp) || (pin.dp && pin.dp != dp) ||
             (pin.ep && pin.ep != ep))
           continue;
-        // A layout that cannot run the model is reported with its reason; any other error (a
-        // bad workload, a bug) propagates instead of passing for a rejected layout.
-        const std::string why =
-            req.training ? training_problem(req.model, l, req.train) : layout_problem(req.model, l);
-        if (!why.empty()) {
-          res.rejected.push_back({l, why});
-          continue;
+        // Inference on a MoE model also tries vLLM's --enable-expert-parallel beside plain TP:
+        // the same ranks, whole experts over the TP group (TP <= experts, as the engine asks).
+        std::vector<Layout> tries{{tp, pp, dp, ep}};
+        if (!req.training && req.model.is_moe() && ep == 1 && tp > 1 &&
+            tp <= req.model.num_local_experts)
+          tries.push_back({tp, pp, dp, ep, true});
+        for (const Layout& l : tries) {
+          if (req.only_experts_over_tp && !l.experts_over_tp) continue;
+          // A layout that cannot run the model is reported with its reason; any other error (a
+          // bad workload, a bug) propagates instead of passing for a rejected layout.
+          const std::string why = req.training ? training_problem(req.model, l, req.train)
+                                               : layout_problem(req.model, l);
+          if (!why.empty()) {
+            res.rejected.push_back({l, why});
+            continue;
+          }
+          res.ranked.push_back(
+              req.training
+                  ? estimate_training(req.model, req.cluster, l, req.train, req.options)
+                  : estimate_inference(req.model, req.cluster, l, req.inference, req.options));
         }
-        res.ranked.push_back(
-            req.training
-                ? estimate_training(req.model, req.cluster, l, req.train, req.options)
-                : estimate_inference(req.model, req.cluster, l, req.inference, req.options));
       }
     }
   }
@@ -243,6 +261,8 @@ json to_json(const PlanRequest& req, const PlanResult& res) {
     o["pp"] = e.layout.pp;
     o["dp"] = e.layout.dp;
     o["ep"] = e.layout.ep;
+    o["experts_over_tp"] = e.layout.experts_over_tp;
+    o["engine_flags"] = e.layout.engine_flags();
     o["fits"] = e.fits;
     o["allowed"] = e.allowed;
     o["feasible"] = e.feasible();
@@ -302,6 +322,7 @@ json to_json(const PlanRequest& req, const PlanResult& res) {
                         {"pp", r.layout.pp},
                         {"dp", r.layout.dp},
                         {"ep", r.layout.ep},
+                        {"experts_over_tp", r.layout.experts_over_tp},
                         {"reason", r.why}});
   j["rejected"] = rejected;
   return j;
@@ -375,15 +396,21 @@ std::string render_report(const PlanRequest& req, const PlanResult& res, int top
     for (int i = 0; i < shown; ++i) {
       const LayoutEstimate& e = res.ranked[i];
       out << fmt::format(
-          "{:3} {:4} {:4} {:4} {:4} {:>5} {:6.1f} GiB {:10.2f} {:10.3f} {:9.1f} {:10.1f} {:>11}  "
+          "{:3} {:4} {:4} {:4} {:>4} {:>5} {:6.1f} GiB {:10.2f} {:10.3f} {:9.1f} {:10.1f} {:>11}  "
           "{}/{}\n",
-          i + 1, e.layout.tp, e.layout.pp, e.layout.dp, e.layout.ep,
+          i + 1, e.layout.tp, e.layout.pp, e.layout.dp, ep_column(e.layout),
           e.feasible() ? "yes" : (e.fits ? "rule" : "no"), e.memory.total() / kGiB, e.ttft * 1e3,
           e.tpot * 1e3, e.tokens_per_s, e.tokens_per_s_per_device, bytes_h(e.comm_bytes_per_token),
           e.tp_link, e.pp_link);
     }
   }
   out << "(fits: yes; no = out of memory; rule = fits but breaks a placement rule)\n";
+  for (int i = 0; i < shown; ++i)
+    if (res.ranked[i].layout.experts_over_tp) {
+      out << "(ep tp: --enable-expert-parallel, vLLM's layout: whole experts over the TP ranks, "
+             "one all-reduce per MoE layer)\n";
+      break;
+    }
   const LayoutEstimate& best = res.ranked[0];
   if (best.feasible()) {
     out << "\nbest: " << best.layout.str() << "; memory per device "
@@ -419,6 +446,15 @@ std::string render_report(const PlanRequest& req, const PlanResult& res, int top
       }
     }
     for (const std::string& r : best.reasons) out << "  note: " << r << "\n";
+    // The command that runs it: serve's replicas (--dp) or generate's --ep (serve has none, and
+    // --ep takes no replicas beside it: such a layout has no command).
+    const Layout& bl = best.layout;
+    if (!best.training && (bl.ep == 1 || bl.dp == bl.ep)) {
+      const std::string flags = bl.engine_flags();
+      out << "  run: parallm " << (bl.ep > 1 ? "generate" : "serve") << " --model MODEL"
+          << (flags.empty() ? "" : " ") << flags
+          << (bl.ep > 1 || bl.dp > 1 ? "" : "  (parallm generate takes the same flags)") << "\n";
+    }
   } else {
     out << "\nno layout fits and follows the placement rules; the closest: " << best.layout.str()
         << "\n";

@@ -1,4 +1,5 @@
-// The search: every (tp, pp, dp, ep) that uses the cluster's devices, estimated, ranked by the
+// The search: every (tp, pp, dp, ep) that uses the cluster's devices (for MoE inference also each
+// TP > 1 with the experts over TP, vLLM's --enable-expert-parallel), estimated, ranked by the
 // goal, with the reasons each layout loses to the best; and the report (table or JSON).
 #pragma once
 
@@ -24,6 +25,9 @@ struct PlanRequest {
   Goal goal = Goal::Latency;
   PlanOptions options;
   Layout pinned{0, 0, 0, 0};  // a degree > 0 restricts the search to it
+  // plan --enable-expert-parallel: only the experts-over-TP layouts (MoE inference); otherwise they
+  // are ranked beside the others.
+  bool only_experts_over_tp = false;
 };
 
 struct Rejected {

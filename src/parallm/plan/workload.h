@@ -13,11 +13,20 @@ namespace parallm::plan {
 // Ranks as in DESIGN.md: TP fastest, then DP, then PP (global = tp + dp*TP + pp*TP*DP). Expert
 // parallelism is carved out of DP as in Megatron-LM and DeepSpeed-MoE: ep ranks of one DP group
 // share the dense weights and split the experts, so ep divides dp.
+//
+// `experts_over_tp`: vLLM's --enable-expert-parallel (inference, MoE, ep 1): each stage's TP ranks
+// split attention and the LM head as for a dense model and hold whole experts (E / TP each), the
+// TP group being the EP group; one all-reduce per MoE layer replaces the all-to-all.
 struct Layout {
   int tp = 1, pp = 1, dp = 1, ep = 1;
+  bool experts_over_tp = false;
   int world() const { return tp * pp * dp; }
   int global_rank(int t, int d, int p) const { return t + d * tp + p * tp * dp; }
-  std::string str() const;  // "tp=4 pp=1 dp=1 ep=1"
+  std::string str() const;  // "tp=4 pp=1 dp=1 ep=1"; experts over TP: "tp=4 pp=1 dp=1 ep=tp"
+  // The flags that run it: "--tp 4 --enable-expert-parallel", "--pp 2 --ep 2" (generate's), "--dp
+  // 2" (serve's replicas); "" for one rank. The engine's --ep takes no replicas beside it (dp !=
+  // ep): those layouts have no flags, "".
+  std::string engine_flags() const;
   bool operator==(const Layout&) const = default;
 };
 

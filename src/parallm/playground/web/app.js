@@ -179,7 +179,10 @@ const MEM_PARTS = [['weights', 'weights_bytes_per_device', '#4c78a8'],
   ['gradients', 'gradient_bytes_per_device', '#b07aa1'],
   ['optimizer', 'optimizer_bytes_per_device', '#e15759']];
 
-function layoutName(l) { return `tp${l.tp} pp${l.pp} dp${l.dp}` + (l.ep > 1 ? ` ep${l.ep}` : ''); }
+function layoutName(l) {
+  const ep = l.experts_over_tp ? ' ep=tp' : l.ep > 1 ? ` ep${l.ep}` : '';
+  return `tp${l.tp} pp${l.pp} dp${l.dp}` + ep;
+}
 
 function stackedBars(container, rows, max, legend, unit, fmtv, capacity) {
   const left = 130, width = 640, rowH = 22;
