@@ -377,7 +377,9 @@ TEST(PlanMoe, ExpertsOverTpWeightsAndCommAreTheEngines) {
                      double(L) * (mb.sent - ar.bytes_sent) / double(n));
     bool seen = false;
     for (const CostTerm& t : e.decode_terms) {
-      if (t.name == "tp all-reduce") EXPECT_EQ(t.count, 2 * L - L);
+      if (t.name == "tp all-reduce") {
+        EXPECT_EQ(t.count, 2 * L - L);
+      }
       if (t.name != "ep=tp all-reduce") continue;
       seen = true;
       EXPECT_EQ(t.count, L);
