@@ -743,7 +743,15 @@ using GroupOf = std::conditional_t<std::is_same_v<WB, BlockQ8_0>, GroupQ8_0, Gro
 // Q4_K: per 256-column super-block index one group block of 4 rows, same bytes as 4 plain blocks
 // (16 + 48 + 512 = 4 x 144): the 4 rows' d then dmin (one 16-byte load, one conversion), word i
 // of each row's 12 scale bytes side by side (the 6-bit unpacking runs on all 4 rows in one
-// 128-bit register), then each row's 128 code bytes as they were.
+// 128-bit register), then each row's 128 code bytes, reordered within each 64-value chunk.
+//
+// The reorder: chunk c holds sub-blocks a = 2c and b = 2c + 1 (32 values each; plain: a in the
+// low nibbles, b in the high). Repacked, its 64 codes are in the order vpunpck{l,h}wd give when
+// they interleave a's and b's bytes two at a time (k4_source below): pairs of a and pairs of b
+// alternate, so after vpmaddubsw the int16 lanes alternate a, b, a, b and one vpmaddwd against
+// the dword (sc_a, sc_b) scales them both, for the low and the high nibbles alike. The codes
+// meet activations reordered the same way (k4_reorder_activations, once per call), so every
+// int32 block sum is the plain layout's.
 struct GroupQ4_K {
   uint16_t d[kRows];
   uint16_t dmin[kRows];
@@ -752,12 +760,34 @@ struct GroupQ4_K {
 };
 static_assert(sizeof(GroupQ4_K) == kRows * sizeof(quant::BlockQ4_K));
 
+// Where value j (0..63) of a reordered chunk comes from: sub-block 0 (a) or 1 (b) of the chunk,
+// and its index there (0..31). Values 0..31 are _mm256_unpacklo_epi16(a, b)'s bytes, 32..63
+// _mm256_unpackhi_epi16(a, b)'s (both work within 128-bit lanes, 4 int16 from each per lane).
+struct K4Source {
+  int sub, index;
+};
+constexpr K4Source k4_source(int j) {
+  const int high = j / 32, lane = (j % 32) / 16, r = j % 16;
+  const int i16 = lane * 8 + high * 4 + r / 4;  // the int16 taken from a or b
+  return {(r % 4) / 2, 2 * i16 + r % 2};
+}
+
+inline int k4_plain_code(const uint8_t* qs, int c, K4Source s) {
+  const uint8_t byte = qs[32 * c + s.index];
+  return s.sub == 0 ? byte & 0xF : byte >> 4;
+}
+
 void pack_group_k(const quant::BlockQ4_K* const* rows, GroupQ4_K& g) {
   for (int r = 0; r < kRows; ++r) {
     g.d[r] = rows[r]->d;
     g.dmin[r] = rows[r]->dmin;
     for (int i = 0; i < 3; ++i) std::memcpy(&g.sc[i][r], rows[r]->scales + 4 * i, 4);
-    std::memcpy(g.qs[r], rows[r]->qs, 128);
+    // Byte j of chunk c: reordered value j in the low nibble, value 32 + j in the high.
+    for (int c = 0; c < 4; ++c)
+      for (int j = 0; j < 32; ++j)
+        g.qs[r][32 * c + j] =
+            static_cast<uint8_t>(k4_plain_code(rows[r]->qs, c, k4_source(j)) |
+                                 (k4_plain_code(rows[r]->qs, c, k4_source(32 + j)) << 4));
   }
 }
 
@@ -765,7 +795,14 @@ void unpack_row_k(const GroupQ4_K& g, int r, quant::BlockQ4_K& out) {
   out.d = g.d[r];
   out.dmin = g.dmin[r];
   for (int i = 0; i < 3; ++i) std::memcpy(out.scales + 4 * i, &g.sc[i][r], 4);
-  std::memcpy(out.qs, g.qs[r], 128);
+  std::memset(out.qs, 0, sizeof out.qs);
+  for (int c = 0; c < 4; ++c)
+    for (int j = 0; j < 64; ++j) {
+      const K4Source s = k4_source(j);
+      const uint8_t byte = g.qs[r][32 * c + j % 32];
+      const int code = j < 32 ? byte & 0xF : byte >> 4;
+      out.qs[32 * c + s.index] |= static_cast<uint8_t>(code << (4 * s.sub));
+    }
 }
 
 inline int q4_code(const BlockQ4_0& b, int j) {
@@ -967,12 +1004,58 @@ PARALLM_AVX2 void ptile_avx2(const GroupOf<WB>* g, const Act* x, int64_t nb, flo
     for (int r = 0; r < kRows; ++r) out[t][r] = simd::hsum8(acc[t][r]);
 }
 
-// Q4_K groups against NT tokens (1 or 2): ktile4_avx2's lanes, reductions and f32 operations (so
-// bit-identical to it and to the plain reference), with the 4 rows' scales unpacked together, one
-// d/dmin conversion, and one stream of group blocks prefetched a fixed distance ahead.
+// The activations' codes in the reordered chunks' order (GroupQ4_K): per 256-value block, chunk
+// c's 64 codes (sub-blocks 2c, 2c + 1) as unpacklo_epi16 then unpackhi_epi16 of the two.
+PARALLM_AVX2 void k4_reorder_activations(const quant::BlockQ8_K* x, int64_t n, int8_t* out) {
+  for (int64_t b = 0; b < n; ++b)
+    for (int c = 0; c < 4; ++c) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].qs + 64 * c));
+      const __m256i v =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].qs + 64 * c + 32));
+      int8_t* o = out + 256 * b + 64 * c;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_unpacklo_epi16(a, v));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 32), _mm256_unpackhi_epi16(a, v));
+    }
+}
+
+// One reordered chunk C against NT tokens: the low nibbles meet activation values 0..31, the
+// high nibbles 32..63; sc16 holds the row's 8 scales as int16 in both 128-bit halves, and dword C
+// of it, (sc_2C, sc_2C+1), scales the alternating int16 lanes of both products.
+template <int C, int NT>
+PARALLM_AVX2 static inline void k4_chunk(__m256i sc16, const uint8_t* qs, const int8_t* const* xr,
+                                         __m256i* acc) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * C));
+  const __m256i lo = _mm256_and_si256(raw, low4);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+  const __m256i sc = _mm256_shuffle_epi32(sc16, 0x55 * C);
+  for (int t = 0; t < NT; ++t) {
+    const int8_t* xq = xr[t] + 64 * C;
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32));
+    const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), sc);
+    const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), sc);
+    acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(p0, p1));
+  }
+}
+
 template <int NT>
-PARALLM_AVX2 void ptile_k_avx2(const GroupQ4_K* g, const quant::BlockQ8_K* const* x, int64_t nb,
-                               float (*out)[kRows]) {
+PARALLM_AVX2 static inline void k4_code_lanes(__m256i sc16, const uint8_t* qs,
+                                              const int8_t* const* xr, __m256i* q) {
+  for (int t = 0; t < NT; ++t) q[t] = _mm256_setzero_si256();
+  k4_chunk<0, NT>(sc16, qs, xr, q);
+  k4_chunk<1, NT>(sc16, qs, xr, q);
+  k4_chunk<2, NT>(sc16, qs, xr, q);
+  k4_chunk<3, NT>(sc16, qs, xr, q);
+}
+
+// Q4_K groups against NT tokens (1 or 2): ktile4_avx2's reductions and f32 operations on the
+// same int32 block sums (so bit-identical to it and to the plain reference), with the 4 rows'
+// scales unpacked together, one d/dmin conversion, one stream of group blocks prefetched a fixed
+// distance ahead, and reordered codes against reordered activations xr (256 per block).
+template <int NT>
+PARALLM_AVX2 void ptile_k_avx2(const GroupQ4_K* g, const quant::BlockQ8_K* const* x,
+                               const int8_t* const* xr, int64_t nb, float (*out)[kRows]) {
   const __m128i m3f = _mm_set1_epi8(0x3F), m0f = _mm_set1_epi8(0x0F), m30 = _mm_set1_epi8(0x30);
   __m128 acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm_setzero_ps();
@@ -999,16 +1082,16 @@ PARALLM_AVX2 void ptile_k_avx2(const GroupQ4_K* g, const quant::BlockQ8_K* const
     const __m128i sc16[kRows] = {_mm_unpacklo_epi8(sc01, zero), _mm_unpackhi_epi8(sc01, zero),
                                  _mm_unpacklo_epi8(sc23, zero), _mm_unpackhi_epi8(sc23, zero)};
     const quant::BlockQ8_K* xb[NT];
-    for (int t = 0; t < NT; ++t) xb[t] = x[t] + b;
+    const int8_t* xrb[NT];
+    for (int t = 0; t < NT; ++t) xb[t] = x[t] + b, xrb[t] = xr[t] + 256 * b;
     // Code sums: rows 0 and 1 folded by one hadd before rows 2 and 3 are formed (fewer live
     // registers), then hsum4_i32's tree: the same int32 sums.
     __m256i h[NT][2];
 #pragma GCC unroll 2
     for (int i = 0; i < 2; ++i) {
       __m256i q0[NT], q1[NT];
-      q4k_code_lanes_avx2<NT>(_mm256_broadcastsi128_si256(sc16[2 * i]), G.qs[2 * i], xb, q0);
-      q4k_code_lanes_avx2<NT>(_mm256_broadcastsi128_si256(sc16[2 * i + 1]), G.qs[2 * i + 1], xb,
-                              q1);
+      k4_code_lanes<NT>(_mm256_broadcastsi128_si256(sc16[2 * i]), G.qs[2 * i], xrb, q0);
+      k4_code_lanes<NT>(_mm256_broadcastsi128_si256(sc16[2 * i + 1]), G.qs[2 * i + 1], xrb, q1);
       for (int t = 0; t < NT; ++t) h[t][i] = _mm256_hadd_epi32(q0[t], q1[t]);
     }
     // Mins, 4 rows at once: each row's 8 mins (i16) against the token's 8 sub-block sums
@@ -1140,6 +1223,16 @@ void run_kblocks(const float* x, int64_t T, const Tensor& w, float* y, bool accu
   xq_buf.resize(static_cast<size_t>(T * nb));
   quantize_activations_k(x, T, K, xq_buf.data());
   const quant::BlockQ8_K* xq = xq_buf.data();  // not the workers' own thread_local buffers
+  // The repacked Q4_K kernel's activation codes, reordered as its codes are (GroupQ4_K).
+  thread_local std::vector<int8_t> xr_buf;
+  const int8_t* xr = nullptr;
+#if PARALLM_X86
+  if (std::is_same_v<WB, quant::BlockQ4_K> && packed && path != QuantPath::Scalar) {
+    xr_buf.resize(static_cast<size_t>(T * nb * 256));
+    k4_reorder_activations(xq, T * nb, xr_buf.data());
+    xr = xr_buf.data();
+  }
+#endif
   const WB* wb = static_cast<const WB*>(w.raw());
   const KTileFn<WB> tile = ktile_for<WB>(path);
   const int64_t tiles = (N + kRows - 1) / kRows;
@@ -1162,14 +1255,16 @@ void run_kblocks(const float* x, int64_t T, const Tensor& w, float* y, bool accu
             for (; t + 2 <= T; t += 2) {
               float out[2][kRows];
               const quant::BlockQ8_K* xt[2] = {xq + t * nb, xq + (t + 1) * nb};
-              ptile_k_avx2<2>(g, xt, nb, out);
+              const int8_t* xrt[2] = {xr + t * nb * 256, xr + (t + 1) * nb * 256};
+              ptile_k_avx2<2>(g, xt, xrt, nb, out);
               store(t, out[0]);
               store(t + 1, out[1]);
             }
             for (; t < T; ++t) {
               float out[1][kRows];
               const quant::BlockQ8_K* xt = xq + t * nb;
-              ptile_k_avx2<1>(g, &xt, nb, out);
+              const int8_t* xrt = xr + t * nb * 256;
+              ptile_k_avx2<1>(g, &xt, &xrt, nb, out);
               store(t, out[0]);
             }
           }
