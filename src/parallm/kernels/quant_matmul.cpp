@@ -9,6 +9,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -772,6 +773,16 @@ constexpr K4Source k4_source(int j) {
   return {(r % 4) / 2, 2 * i16 + r % 2};
 }
 
+// k4_source for j = 0..63, computed once (repacking reads it for every code of a model).
+const std::array<K4Source, 64>& k4_sources() {
+  static const std::array<K4Source, 64> table = [] {
+    std::array<K4Source, 64> t{};
+    for (int j = 0; j < 64; ++j) t[j] = k4_source(j);
+    return t;
+  }();
+  return table;
+}
+
 inline int k4_plain_code(const uint8_t* qs, int c, K4Source s) {
   const uint8_t byte = qs[32 * c + s.index];
   return s.sub == 0 ? byte & 0xF : byte >> 4;
@@ -783,27 +794,53 @@ void pack_group_k(const quant::BlockQ4_K* const* rows, GroupQ4_K& g) {
     g.dmin[r] = rows[r]->dmin;
     for (int i = 0; i < 3; ++i) std::memcpy(&g.sc[i][r], rows[r]->scales + 4 * i, 4);
     // Byte j of chunk c: reordered value j in the low nibble, value 32 + j in the high.
+    const std::array<K4Source, 64>& src = k4_sources();
     for (int c = 0; c < 4; ++c)
       for (int j = 0; j < 32; ++j)
         g.qs[r][32 * c + j] =
-            static_cast<uint8_t>(k4_plain_code(rows[r]->qs, c, k4_source(j)) |
-                                 (k4_plain_code(rows[r]->qs, c, k4_source(32 + j)) << 4));
+            static_cast<uint8_t>(k4_plain_code(rows[r]->qs, c, src[j]) |
+                                 (k4_plain_code(rows[r]->qs, c, src[32 + j]) << 4));
   }
 }
 
-void unpack_row_k(const GroupQ4_K& g, int r, quant::BlockQ4_K& out) {
+// codes = false: the scales only (unpack_codes_k_avx2 does the codes).
+void unpack_row_k(const GroupQ4_K& g, int r, quant::BlockQ4_K& out, bool codes = true) {
   out.d = g.d[r];
   out.dmin = g.dmin[r];
   for (int i = 0; i < 3; ++i) std::memcpy(out.scales + 4 * i, &g.sc[i][r], 4);
+  if (!codes) return;
   std::memset(out.qs, 0, sizeof out.qs);
+  const std::array<K4Source, 64>& src = k4_sources();
   for (int c = 0; c < 4; ++c)
     for (int j = 0; j < 64; ++j) {
-      const K4Source s = k4_source(j);
+      const K4Source s = src[j];
       const uint8_t byte = g.qs[r][32 * c + j % 32];
       const int code = j < 32 ? byte & 0xF : byte >> 4;
       out.qs[32 * c + s.index] |= static_cast<uint8_t>(code << (4 * s.sub));
     }
 }
+
+#if PARALLM_X86
+// unpack_row_k's codes in AVX2 (prefill and the f32 baseline unpack every row of a repacked
+// weight on every call): per chunk, the low and high nibbles are unpacklo / unpackhi_epi16(a, b);
+// a byte shuffle puts each 128-bit lane's a int16 first and b's after, and unpack{lo,hi}_epi64
+// of the two gives a and b back.
+PARALLM_AVX2 void unpack_codes_k_avx2(const uint8_t* qs, uint8_t* out) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i split = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0,
+                                         1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  for (int c = 0; c < 4; ++c) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
+    const __m256i lo = _mm256_shuffle_epi8(_mm256_and_si256(raw, low4), split);
+    const __m256i hi =
+        _mm256_shuffle_epi8(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low4), split);
+    const __m256i a = _mm256_unpacklo_epi64(lo, hi), b = _mm256_unpackhi_epi64(lo, hi);
+    // b's codes are 0..15: a 16-bit shift by 4 keeps each in its own byte.
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * c),
+                        _mm256_or_si256(a, _mm256_slli_epi16(b, 4)));
+  }
+}
+#endif
 
 inline int q4_code(const BlockQ4_0& b, int j) {
   return j < 16 ? (b.qs[j] & 0xF) : (b.qs[j - 16] >> 4);
@@ -897,8 +934,8 @@ bool lookup_packed(const Tensor& w) {
 }
 
 // Rows [r0, r0 + n) of w in the plain layout: w's own bytes, or unpacked into tmp.
-const char* plain_rows(const Tensor& w, bool packed, int64_t r0, int64_t n,
-                       std::vector<char>& tmp) {
+const char* plain_rows(const Tensor& w, bool packed, int64_t r0, int64_t n, std::vector<char>& tmp,
+                       bool simd) {
   const int64_t K = w.dim(1);
   const size_t row_bytes = dtype_bytes(w.dtype(), K);
   const char* base = static_cast<const char*>(w.raw());
@@ -918,7 +955,12 @@ const char* plain_rows(const Tensor& w, bool packed, int64_t r0, int64_t n,
     if (w.dtype() == DType::Q4_K) {
       const GroupQ4_K* g = reinterpret_cast<const GroupQ4_K*>(base) + gi * nb;
       auto* o = reinterpret_cast<quant::BlockQ4_K*>(dst);
-      for (int64_t b = 0; b < nb; ++b) unpack_row_k(g[b], r, o[b]);
+      for (int64_t b = 0; b < nb; ++b) {
+        unpack_row_k(g[b], r, o[b], !simd);
+#if PARALLM_X86
+        if (simd) unpack_codes_k_avx2(g[b].qs[r], o[b].qs);
+#endif
+      }
     } else if (w.dtype() == DType::Q8_0) {
       const GroupQ8_0* g = reinterpret_cast<const GroupQ8_0*>(base) + gi * nb;
       BlockQ8_0* o = reinterpret_cast<BlockQ8_0*>(dst);
@@ -1272,7 +1314,8 @@ void run_kblocks(const float* x, int64_t T, const Tensor& w, float* y, bool accu
 #endif
         if (t < T) {  // the plain reference on the group's rows unpacked
           thread_local std::vector<char> tmp;
-          const auto* plain = reinterpret_cast<const WB*>(plain_rows(w, true, n0, kRows, tmp));
+          const auto* plain =
+              reinterpret_cast<const WB*>(plain_rows(w, true, n0, kRows, tmp, false));
           const WB* prow[kRows];
           for (int r = 0; r < kRows; ++r) prow[r] = plain + r * nb;
           for (; t < T; ++t) {
@@ -1308,14 +1351,24 @@ void run_kblocks(const float* x, int64_t T, const Tensor& w, float* y, bool accu
 
 // The f32 baseline (quant_matmul_dequant): each row dequantized once, then a plain dot product
 // per token.
+// Whether plain_rows may unpack repacked Q4_K codes with unpack_codes_k_avx2.
+bool simd_unpack() {
+#if PARALLM_X86
+  return simd_level() >= SimdLevel::Avx2;
+#else
+  return false;
+#endif
+}
+
 void run_dequant(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
                  bool packed) {
   const int64_t N = w.dim(0), K = w.dim(1);
+  const bool simd = simd_unpack();
   ThreadPool::current().parallel_for(N, [&](int64_t n0, int64_t n1) {
     std::vector<float> row(static_cast<size_t>(K));
     std::vector<char> tmp;
     for (int64_t n = n0; n < n1; ++n) {
-      quant::dequantize(w.dtype(), plain_rows(w, packed, n, 1, tmp), row.data(), K);
+      quant::dequantize(w.dtype(), plain_rows(w, packed, n, 1, tmp, simd), row.data(), K);
       for (int64_t t = 0; t < T; ++t) {
         const float* xt = x + t * K;
         float s[8] = {};
@@ -1341,6 +1394,7 @@ void run_sgemm(const float* x, int64_t T, const Tensor& w, float* y, bool accumu
   static std::once_flag once;
   std::call_once(once, [] { openblas_set_num_threads(1); });  // the pool owns the parallelism
   const int64_t N = w.dim(0), K = w.dim(1);
+  const bool simd = simd_unpack();
   const int64_t block = std::clamp<int64_t>(kDequantBlockBytes / (K * 4) / 16 * 16, 16, 1024);
   const int64_t units = (N + 15) / 16;
   ThreadPool::current().parallel_for(units, [&](int64_t u0, int64_t u1) {
@@ -1350,7 +1404,8 @@ void run_sgemm(const float* x, int64_t T, const Tensor& w, float* y, bool accumu
     for (int64_t b = n0; b < n1; b += block) {
       const int64_t rows = std::min(block, n1 - b);
       thread_local std::vector<char> tmp;
-      quant::dequantize(w.dtype(), plain_rows(w, packed, b, rows, tmp), scratch.data(), rows * K);
+      quant::dequantize(w.dtype(), plain_rows(w, packed, b, rows, tmp, simd), scratch.data(),
+                        rows * K);
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(T),
                   static_cast<int>(rows), static_cast<int>(K), 1.0f, x, static_cast<int>(K),
                   scratch.data(), static_cast<int>(K), accumulate ? 1.0f : 0.0f, y + b,
