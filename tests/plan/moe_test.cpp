@@ -12,6 +12,7 @@
 #include "parallm/comm/mesh.h"
 #include "parallm/comm/stats.h"
 #include "parallm/engine/kv_cache.h"
+#include "parallm/model/init_model.h"
 #include "parallm/model/llama.h"
 #include "parallm/model/weights.h"
 #include "parallm/plan/cluster.h"
@@ -214,21 +215,19 @@ TEST(PlanMoe, StepFormulaAndExpectation) {
   EXPECT_THROW(moe_step_bytes(dense, 2, 1), std::invalid_argument);
 }
 
+// init-model's mixtral-tiny shape (8 experts, top 2, hidden 64, FFN 96, 2 layers, 4 heads over 2
+// KV heads), as a config.json of it reads.
+ModelConfig tiny_mixtral() {
+  ModelConfig c = shape_preset("mixtral-tiny");
+  c.model_type = "mixtral";
+  return c;
+}
+
 TEST(PlanMoe, DecodeEstimateSendsTheEnginesExpectedRows) {
   // The ranking's decode term at f32 activations, EP = DP = 2, one sequence per replica: each
   // device sends, per token, its share of the engine's dispatch and return bytes (plan/moe.h) for
   // a step of both replicas' tokens with routing spread evenly, in every sparse layer.
-  ModelConfig c;
-  c.model_type = "mixtral";
-  c.hidden_size = 64;
-  c.intermediate_size = 96;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 16;
-  c.vocab_size = 160;
-  c.num_local_experts = 8;
-  c.num_experts_per_tok = 2;
+  const ModelConfig c = tiny_mixtral();
   ClusterOptions o;
   o.gpu = "a100-80g";
   o.gpus = 2;
@@ -244,22 +243,6 @@ TEST(PlanMoe, DecodeEstimateSendsTheEnginesExpectedRows) {
 }
 
 // ---- the search and vLLM's --enable-expert-parallel layout (experts over the TP ranks) ----
-
-ModelConfig tiny_mixtral() {
-  ModelConfig c;
-  c.model_type = "mixtral";
-  c.hidden_size = 64;
-  c.intermediate_size = 96;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 16;
-  c.vocab_size = 160;
-  c.max_position_embeddings = 256;
-  c.num_local_experts = 8;
-  c.num_experts_per_tok = 2;
-  return c;
-}
 
 PlanRequest request_for(const ModelConfig& c, int gpus, int64_t batch) {
   PlanRequest req;
