@@ -420,20 +420,29 @@ PARALLM_AVX2 static inline int32_t hsum_i32(__m256i v) {
 // byte; the reference's bit-identical results check the two against each other). NT tokens (1 or
 // 2) share the weight block's unpacking.
 // The unreduced form: per token, 8 int32 lanes whose sum is KSum::q (q[t]) and 8 whose sum is
-// KSum::m (m[t]); ksum_avx2 reduces them one row at a time, ktile4_avx2 and ptile_k_avx2 four
-// rows at once. q4k_code_lanes_avx2 forms the q lanes from the scales as i16 in both 128-bit
-// halves (sc16); q4k_lanes_avx2 both kinds from the unpacked scales and mins (scm: bytes 0..7
-// sc_0..7, bytes 8..15 m_0..7); ksum_lanes_avx2 unpacks a plain block's scales and mins.
+// KSum::m (m[t]); ksum_avx2 reduces them one row at a time, ktile4_avx2 four rows at once.
 template <int NT>
-PARALLM_AVX2 static inline void q4k_code_lanes_avx2(__m256i sc16, const uint8_t* qs,
-                                                    const quant::BlockQ8_K* const* x,
-                                                    __m256i* q) {
+PARALLM_AVX2 static inline void ksum_lanes_avx2(const quant::BlockQ4_K& w,
+                                                const quant::BlockQ8_K* const* x, __m256i* q,
+                                                __m256i* m) {
+  uint32_t p[3];
+  std::memcpy(p, w.scales, 12);
+  const uint32_t sc_lo = p[0] & 0x3F3F3F3Fu, m_lo = p[1] & 0x3F3F3F3Fu;
+  // Shifts across byte boundaries bring in only bits the masks clear.
+  const uint32_t sc_hi = (p[2] & 0x0F0F0F0Fu) | ((p[0] >> 2) & 0x30303030u);
+  const uint32_t m_hi = ((p[2] >> 4) & 0x0F0F0F0Fu) | ((p[1] >> 2) & 0x30303030u);
+  // bytes 0..7: sc_0..7, bytes 8..15: m_0..7
+  const __m128i scm = _mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi),
+                                     static_cast<int>(m_lo), static_cast<int>(m_hi));
+  // The 8 scales as i16 in both 128-bit halves; sub-block j's scale spread to every i16 lane by
+  // a byte shuffle of lane j.
+  const __m256i sc16 = _mm256_permute4x64_epi64(_mm256_cvtepu8_epi16(scm), 0x44);
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   __m256i acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_si256();
 #pragma GCC unroll 4
   for (int c = 0; c < 4; ++c) {
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs + 32 * c));
     const __m256i lo = _mm256_and_si256(raw, low4);
     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
     const __m256i s0 = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(static_cast<short>(
@@ -449,38 +458,15 @@ PARALLM_AVX2 static inline void q4k_code_lanes_avx2(__m256i sc16, const uint8_t*
       acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(p0, p1));
     }
   }
-  for (int t = 0; t < NT; ++t) q[t] = acc[t];
-}
-
-template <int NT>
-PARALLM_AVX2 static inline void q4k_lanes_avx2(__m128i scm, const uint8_t* qs,
-                                               const quant::BlockQ8_K* const* x, __m256i* q,
-                                               __m256i* m) {
-  // The 8 scales as i16 in both 128-bit halves; sub-block j's scale spread to every i16 lane by
-  // a byte shuffle of lane j.
-  q4k_code_lanes_avx2<NT>(_mm256_permute4x64_epi64(_mm256_cvtepu8_epi16(scm), 0x44), qs, x, q);
   // Mins: each m_j twice as i16 (lanes 2j, 2j + 1) against the 16 group sums: i32 lane j =
   // m_j x sum of sub-block j's codes (|.| <= 63 x 32 x 127).
   const __m128i dup = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
   const __m256i m16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scm, dup));
-  for (int t = 0; t < NT; ++t)
+  for (int t = 0; t < NT; ++t) {
+    q[t] = acc[t];
     m[t] = _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t]->bsums)),
                              m16);
-}
-
-template <int NT>
-PARALLM_AVX2 static inline void ksum_lanes_avx2(const quant::BlockQ4_K& w,
-                                                const quant::BlockQ8_K* const* x, __m256i* q,
-                                                __m256i* m) {
-  uint32_t p[3];
-  std::memcpy(p, w.scales, 12);
-  const uint32_t sc_lo = p[0] & 0x3F3F3F3Fu, m_lo = p[1] & 0x3F3F3F3Fu;
-  // Shifts across byte boundaries bring in only bits the masks clear.
-  const uint32_t sc_hi = (p[2] & 0x0F0F0F0Fu) | ((p[0] >> 2) & 0x30303030u);
-  const uint32_t m_hi = ((p[2] >> 4) & 0x0F0F0F0Fu) | ((p[1] >> 2) & 0x30303030u);
-  q4k_lanes_avx2<NT>(_mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi),
-                                    static_cast<int>(m_lo), static_cast<int>(m_hi)),
-                     w.qs, x, q, m);
+  }
 }
 
 template <int NT>
@@ -803,23 +789,6 @@ void pack_group_k(const quant::BlockQ4_K* const* rows, GroupQ4_K& g) {
   }
 }
 
-// codes = false: the scales only (unpack_codes_k_avx2 does the codes).
-void unpack_row_k(const GroupQ4_K& g, int r, quant::BlockQ4_K& out, bool codes = true) {
-  out.d = g.d[r];
-  out.dmin = g.dmin[r];
-  for (int i = 0; i < 3; ++i) std::memcpy(out.scales + 4 * i, &g.sc[i][r], 4);
-  if (!codes) return;
-  std::memset(out.qs, 0, sizeof out.qs);
-  const std::array<K4Source, 64>& src = k4_sources();
-  for (int c = 0; c < 4; ++c)
-    for (int j = 0; j < 64; ++j) {
-      const K4Source s = src[j];
-      const uint8_t byte = g.qs[r][32 * c + j % 32];
-      const int code = j < 32 ? byte & 0xF : byte >> 4;
-      out.qs[32 * c + s.index] |= static_cast<uint8_t>(code << (4 * s.sub));
-    }
-}
-
 #if PARALLM_X86
 // unpack_row_k's codes in AVX2 (prefill and the f32 baseline unpack every row of a repacked
 // weight on every call): per chunk, the low and high nibbles are unpacklo / unpackhi_epi16(a, b);
@@ -841,6 +810,29 @@ PARALLM_AVX2 void unpack_codes_k_avx2(const uint8_t* qs, uint8_t* out) {
   }
 }
 #endif
+
+// Row r of a group block in the plain layout; simd: the codes by unpack_codes_k_avx2 (the scalar
+// path, and CPUs without AVX2, take the loop below: its results are the same bytes).
+void unpack_row_k(const GroupQ4_K& g, int r, quant::BlockQ4_K& out, bool simd) {
+  out.d = g.d[r];
+  out.dmin = g.dmin[r];
+  for (int i = 0; i < 3; ++i) std::memcpy(out.scales + 4 * i, &g.sc[i][r], 4);
+#if PARALLM_X86
+  if (simd) return unpack_codes_k_avx2(g.qs[r], out.qs);
+#else
+  (void)simd;
+#endif
+  std::memset(out.qs, 0, sizeof out.qs);
+  const std::array<K4Source, 64>& src = k4_sources();
+  for (int c = 0; c < 4; ++c)
+    for (int j = 0; j < 64; ++j) {
+      const K4Source s = src[j];
+      const uint8_t byte = g.qs[r][32 * c + j % 32];
+      const int code = j < 32 ? byte & 0xF : byte >> 4;
+      out.qs[32 * c + s.index] |= static_cast<uint8_t>(code << (4 * s.sub));
+    }
+}
+
 
 inline int q4_code(const BlockQ4_0& b, int j) {
   return j < 16 ? (b.qs[j] & 0xF) : (b.qs[j - 16] >> 4);
@@ -955,12 +947,7 @@ const char* plain_rows(const Tensor& w, bool packed, int64_t r0, int64_t n, std:
     if (w.dtype() == DType::Q4_K) {
       const GroupQ4_K* g = reinterpret_cast<const GroupQ4_K*>(base) + gi * nb;
       auto* o = reinterpret_cast<quant::BlockQ4_K*>(dst);
-      for (int64_t b = 0; b < nb; ++b) {
-        unpack_row_k(g[b], r, o[b], !simd);
-#if PARALLM_X86
-        if (simd) unpack_codes_k_avx2(g[b].qs[r], o[b].qs);
-#endif
-      }
+      for (int64_t b = 0; b < nb; ++b) unpack_row_k(g[b], r, o[b], simd);
     } else if (w.dtype() == DType::Q8_0) {
       const GroupQ8_0* g = reinterpret_cast<const GroupQ8_0*>(base) + gi * nb;
       BlockQ8_0* o = reinterpret_cast<BlockQ8_0*>(dst);
@@ -1107,7 +1094,7 @@ PARALLM_AVX2 void ptile_k_avx2(const GroupQ4_K* g, const quant::BlockQ8_K* const
     for (int l = 0; l < static_cast<int>(sizeof(GroupQ4_K)) / 64; ++l)
       _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
     const GroupQ4_K& G = g[b];
-    // q4k_scales_mins / ksum_lanes_avx2's masks, on word i of 4 rows at once.
+    // ksum_lanes_avx2's masks, on word i of 4 rows at once.
     const __m128i p0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(G.sc[0]));
     const __m128i p1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(G.sc[1]));
     const __m128i p2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(G.sc[2]));
@@ -1119,7 +1106,7 @@ PARALLM_AVX2 void ptile_k_avx2(const GroupQ4_K* g, const quant::BlockQ8_K* const
     // Rows 2i and 2i + 1's 8 scales (sc01: row 0's then row 1's) and 8 mins (m01), as bytes.
     const __m128i sc01 = _mm_unpacklo_epi32(sc_lo, sc_hi), sc23 = _mm_unpackhi_epi32(sc_lo, sc_hi);
     const __m128i m01 = _mm_unpacklo_epi32(m_lo, m_hi), m23 = _mm_unpackhi_epi32(m_lo, m_hi);
-    // Row r's scales as i16 in both 128-bit halves (q4k_lanes_avx2's sc16).
+    // Row r's 8 scales as i16 (k4_code_lanes takes them in both 128-bit halves).
     const __m128i zero = _mm_setzero_si128();
     const __m128i sc16[kRows] = {_mm_unpacklo_epi8(sc01, zero), _mm_unpackhi_epi8(sc01, zero),
                                  _mm_unpacklo_epi8(sc23, zero), _mm_unpackhi_epi8(sc23, zero)};
@@ -1149,8 +1136,8 @@ PARALLM_AVX2 void ptile_k_avx2(const GroupQ4_K* g, const quant::BlockQ8_K* const
       const __m256i bs2 = _mm256_broadcastsi128_si256(bs);
       // [row 0's 4 partial sums | row 1's], [row 2's | row 3's]
       const __m256i a01 = _mm256_madd_epi16(m16_01, bs2), a23 = _mm256_madd_epi16(m16_23, bs2);
-      const __m256i hm = _mm256_hadd_epi32(_mm256_hadd_epi32(a01, a23),
-                                           _mm256_hadd_epi32(a01, a23));
+      const __m256i h01_23 = _mm256_hadd_epi32(a01, a23);
+      const __m256i hm = _mm256_hadd_epi32(h01_23, h01_23);
       // hm: [M0 M2 M0 M2 | M1 M3 M1 M3]
       const __m128i M = _mm_unpacklo_epi32(_mm256_castsi256_si128(hm),
                                            _mm256_extracti128_si256(hm, 1));
@@ -1349,8 +1336,6 @@ void run_kblocks(const float* x, int64_t T, const Tensor& w, float* y, bool accu
   });
 }
 
-// The f32 baseline (quant_matmul_dequant): each row dequantized once, then a plain dot product
-// per token.
 // Whether plain_rows may unpack repacked Q4_K codes with unpack_codes_k_avx2.
 bool simd_unpack() {
 #if PARALLM_X86
@@ -1360,6 +1345,8 @@ bool simd_unpack() {
 #endif
 }
 
+// The f32 baseline (quant_matmul_dequant): each row dequantized once, then a plain dot product
+// per token.
 void run_dequant(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
                  bool packed) {
   const int64_t N = w.dim(0), K = w.dim(1);
@@ -1459,6 +1446,13 @@ PARALLM_AVX2 static inline __m256 round_away_avx2(__m256 v) {
       t, _mm256_and_ps(up, _mm256_or_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(sign, v))));
 }
 
+// The largest of m's 8 lanes (all >= 0 here: maxima of |x|).
+PARALLM_AVX2 static inline float hmax8(__m256 m) {
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  return _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+}
+
 // quant::quantize_q8_k in AVX2, byte for byte: the same max |x| (max ignores NaN as std::max
 // does: vmaxps returns its second operand, the running maximum, when the first is NaN), the same
 // d, 1/d and products x * (1/d), roundf's half-away-from-zero (truncate, then one step away from
@@ -1474,11 +1468,7 @@ PARALLM_AVX2 void quantize_q8_k_avx2(const float* x, quant::BlockQ8_K* y, int64_
     __m256 m = _mm256_setzero_ps();
     for (int j = 0; j < 256; j += 8)
       m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xb + j)), m);
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-    const float amax = _mm_cvtss_f32(m4);
-    const float d = amax / 127.0f;
+    const float d = hmax8(m) / 127.0f;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     y[b].d = d;
     const __m256 idv = _mm256_set1_ps(id);
@@ -1517,10 +1507,7 @@ PARALLM_AVX2 void quantize_q8_0_avx2(const float* x, BlockQ8_0* y, int64_t n) {
       v[h] = _mm256_loadu_ps(xb + 8 * h);
       m = _mm256_max_ps(_mm256_andnot_ps(sign, v[h]), m);
     }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-    const float d = _mm_cvtss_f32(m4) / 127.0f;
+    const float d = hmax8(m) / 127.0f;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     y[b].d = f32_to_f16(d);
     const __m256 idv = _mm256_set1_ps(id);
@@ -1549,7 +1536,6 @@ void quantize_activations(const float* x, int64_t T, int64_t K, BlockQ8_0* out) 
 #endif
   for (int64_t t = 0; t < T; ++t) quant::quantize_q8_0(x + t * K, out + t * (K / 32), K);
 }
-
 
 void quantize_activations_k(const float* x, int64_t T, int64_t K, quant::BlockQ8_K* out) {
   if (K % 256 != 0) fail("quant_matmul", "activation width ", K, " is not a multiple of 256");
