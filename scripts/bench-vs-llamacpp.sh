@@ -29,7 +29,10 @@ command -v node >/dev/null && command -v npm >/dev/null ||
 mkdir -p "$WORK"
 
 echo "== llama.cpp: node-llama-cpp from bench/llamacpp/package-lock.json"
-(cd bench/llamacpp && [ -d node_modules/node-llama-cpp ] || npm ci --no-audit --no-fund >/dev/null)
+# npm 11 refuses `npm ci` here (the lock file has no entries for other platforms' optional builds);
+# `npm install` then installs the same pinned versions from the lock file.
+(cd bench/llamacpp && [ -d node_modules/node-llama-cpp ] || npm ci --no-audit --no-fund >/dev/null 2>&1 ||
+  npm install --no-audit --no-fund >/dev/null)
 nlc_version=$(node -p "require('$root/bench/llamacpp/node_modules/node-llama-cpp/package.json').version")
 
 model=${1:-}

@@ -15,7 +15,10 @@ cd "$(dirname "$0")/.."
 P=${PARALLM:-./build/parallm}
 N=${1:-32}
 [ -x "$P" ] || { echo "compare-llamacpp: $P not built" >&2; exit 1; }
-(cd bench/llamacpp && [ -d node_modules/node-llama-cpp ] || npm ci --no-audit --no-fund >/dev/null)
+# npm 11 refuses `npm ci` here (the lock file has no entries for other platforms' optional builds);
+# `npm install` then installs the same pinned versions from the lock file.
+(cd bench/llamacpp && [ -d node_modules/node-llama-cpp ] || npm ci --no-audit --no-fund >/dev/null 2>&1 ||
+  npm install --no-audit --no-fund >/dev/null)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cp models/stories260K/stories260K.bin "$work/"

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <random>
 
@@ -105,11 +106,13 @@ INSTANTIATE_TEST_SUITE_P(
 
 TEST(QuantMatmul, PrefillGoesThroughDequantizedSgemm) {
   // From 64 tokens: f32 activations against the dequantized weights, so close to the reference
-  // (no activation quantization), with and without accumulate, every block dtype.
+  // (no activation quantization), with and without accumulate, every block dtype (Q8_0 and Q4_0
+  // on the AVX-512 VNNI path run the int8 GEMM instead: the next test).
   ThreadPool pool(2);
   ScopedPool scoped(pool);
   for (DType t : {DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q6_K}) {
     SCOPED_TRACE(std::string(dtype_name(t)));
+    if (quant_matmul_kernel(t, 70, quant_path()) != "sgemm") continue;
     const Tensor w = t == DType::Q8_0 || t == DType::Q4_0 ? quantized(t, 45, 256, 8)
                                                           : random_kblocks(t, 45, 256, 8);
     const std::vector<float> x = testing::random_vec(70 * 256, 9);
@@ -118,6 +121,54 @@ TEST(QuantMatmul, PrefillGoesThroughDequantizedSgemm) {
     quant_matmul(x.data(), 70, w, y.data(), true);
     for (float& v : y) v -= 2.0f;
     EXPECT_LE(testing::normalised_error(y, ref), 1e-5);
+  }
+}
+
+TEST(QuantMatmul, PrefillGemmOnAvx512VnniIsThePlainReferenceBitForBit) {
+  // From 64 tokens on the AVX-512 VNNI path, Q8_0 and Q4_0 run an int8 GEMM (packed 32-row
+  // panels, vpdpbusd): the same integer block sums as the plain reference, scaled and added in its
+  // order, so every output equals the scalar GEMV's bit for bit. N = 77: two whole panels and a
+  // tail of 13 rows; T = 70: tiles of 4 tokens and a tail of 2; plain and repacked weights;
+  // accumulate; and Q8_0 codes of -128 against activations of +-127 (no saturation).
+  const auto avail = quant_paths_available();
+  if (std::find(avail.begin(), avail.end(), QuantPath::Avx512Vnni) == avail.end()) {
+    std::printf("[ skipped ] this CPU has no AVX-512 VNNI\n");
+    return;
+  }
+  ThreadPool pool(2);
+  ScopedPool scoped(pool);
+  constexpr int64_t N = 77, K = 256, T = 70;
+  for (DType t : {DType::Q8_0, DType::Q4_0}) {
+    SCOPED_TRACE(std::string(dtype_name(t)));
+    EXPECT_EQ(quant_matmul_kernel(t, T, QuantPath::Avx512Vnni), "int8-gemm-avx512-vnni");
+    EXPECT_EQ(quant_matmul_kernel(t, T, QuantPath::Avx2), "sgemm");
+    Tensor w = quantized(t, N, K, 21);
+    if (t == DType::Q8_0) {  // one row of extreme codes
+      auto* b = static_cast<quant::BlockQ8_0*>(w.raw()) + 5 * (K / 32);
+      for (int i = 0; i < K / 32; ++i)
+        for (int j = 0; j < 32; ++j) b[i].qs[j] = static_cast<int8_t>(j % 2 ? -128 : 127);
+    }
+    std::vector<float> x = testing::random_vec(static_cast<size_t>(T * K), 22);
+    for (int64_t k = 0; k < K; ++k) x[3 * K + k] = k % 2 ? -1.0f : 1.0f;  // codes +-127
+    // The reference: the scalar GEMV, in chunks below 64 tokens.
+    std::vector<float> ref(T * N, 0.5f);
+    quant_matmul(x.data(), 40, w, ref.data(), true, QuantPath::Scalar);
+    quant_matmul(x.data() + 40 * K, T - 40, w, ref.data() + 40 * N, true, QuantPath::Scalar);
+    std::vector<float> dq(T * N);
+    matmul_ref(x.data(), T, w, dq.data());
+    for (const Tensor& wt : {w, repack_quant_weight(w)}) {
+      SCOPED_TRACE(is_repacked(wt) ? "repacked" : "plain");
+      std::vector<float> y(T * N, 0.5f);
+      quant_matmul(x.data(), T, wt, y.data(), true, QuantPath::Avx512Vnni);
+      for (int64_t i = 0; i < T * N; ++i)
+        ASSERT_EQ(std::memcmp(&y[i], &ref[i], 4), 0)
+            << "token " << i / N << " row " << i % N << ": " << y[i] << " vs " << ref[i];
+      std::vector<float> z(T * N, 7.0f);
+      quant_matmul(x.data(), T, wt, z.data(), false, QuantPath::Avx512Vnni);
+      for (float& v : y) v -= 0.5f;
+      EXPECT_LE(testing::normalised_error(z, y), 1e-6);
+      EXPECT_LE(nmse(z, dq), 5e-4);
+    }
   }
 }
 
@@ -200,8 +251,8 @@ bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
 
 TEST(QuantRepack, BitIdenticalToThePlainLayoutOnEveryPath) {
   // Every path, T = 1..8 (the 2-token tiles and the single-token rest), N with and without tail
-  // rows, K from one block to 4096; accumulate too; prefill (sgemm on unpacked rows) and the
-  // dequantized baseline.
+  // rows, K from one block to 4096; accumulate too; prefill (sgemm, or the AVX-512 VNNI GEMM, on
+  // unpacked rows) and the dequantized baseline.
   ThreadPool pool(2);
   ScopedPool scoped(pool);
   struct Sizes {
@@ -250,7 +301,6 @@ TEST(QuantRepack, BitIdenticalToThePlainLayoutOnEveryPath) {
             if (exact) {
               EXPECT_TRUE(same_bits(aa, ba));
             }
-            if (T >= 64) break;  // sgemm: the path does not matter
           }
           if (T == 3) {
             std::vector<float> a(static_cast<size_t>(T * N)), b(a.size());

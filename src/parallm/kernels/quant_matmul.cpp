@@ -1376,6 +1376,180 @@ void run_dequant(const float* x, int64_t T, const Tensor& w, float* y, bool accu
 constexpr int64_t kSgemmMinT = 64;
 constexpr int64_t kDequantBlockBytes = int64_t{8} << 20;
 
+// Prefill of Q4_0 / Q8_0 on the AVX-512 VNNI path (T >= kSgemmMinT): an int8 GEMM instead of
+// sgemm. The activations are quantized to Q8_0 as for decoding; each thread packs 32 rows of W at
+// a time (a panel) into per-block tiles of codes as bytes, [8 quads of 4 columns][32 rows][4], so
+// one 64-byte load holds 16 rows' next 4 codes and vpdpbusd multiplies them by one token's 4
+// codes broadcast to every lane. A tile of 32 rows x 4 tokens keeps 8 int32 accumulators for the
+// current block and 8 f32 ones for the row (21 of the 32 registers), so each weight load feeds 4
+// vpdpbusd and each broadcast 2. Q4_0: codes 0..15 (unsigned operand) against x, and the block's
+// sum starts at -8 x sum(x). Q8_0: the weights are signed, so the activations are made unsigned
+// (x + 128, the operand vpdpbusd wants) and the block's sum starts at -128 x sum(w). Either way
+// each block's int32 sum is block_isum's exactly, and it is scaled and added in tile_scalar's
+// f32 operations and order ((dw x dx) x sum, added to a sum from 0 block by block, no fma), so
+// every output is bit-identical to the plain reference's.
+constexpr int kPanelRows = 32;
+constexpr int kGemmTokens = 4;
+
+struct alignas(64) PanelBlock {
+  uint8_t codes[8][kPanelRows][4];
+  float d[kPanelRows];
+  int32_t start[kPanelRows];  // Q8_0: -128 x the row's code sum; Q4_0: 0 (unused)
+};
+
+// Rows [0, nr) of `rows` (plain blocks, nb per row) into nb PanelBlocks; rows nr..31 are zeros
+// (scale 0: they add 0 to outputs that are never stored).
+template <class WB>
+void pack_panel(const WB* rows, int nr, int64_t nb, PanelBlock* out) {
+  for (int64_t b = 0; b < nb; ++b) {
+    PanelBlock& p = out[b];
+    for (int r = 0; r < kPanelRows; ++r) {
+      if (r >= nr) {
+        for (int q = 0; q < 8; ++q) std::memset(p.codes[q][r], 0, 4);
+        p.d[r] = 0.0f;
+        p.start[r] = 0;
+        continue;
+      }
+      const WB& w = rows[r * nb + b];
+      p.d[r] = f16_to_f32(w.d);
+      if constexpr (std::is_same_v<WB, BlockQ8_0>) {
+        int32_t s = 0;
+        for (int j = 0; j < 32; ++j) s += w.qs[j];
+        p.start[r] = -128 * s;
+        for (int q = 0; q < 8; ++q) std::memcpy(p.codes[q][r], w.qs + 4 * q, 4);
+      } else {
+        p.start[r] = 0;
+        for (int q = 0; q < 4; ++q) {  // columns 4q..4q+3: low nibbles; 16 + 4q..: high nibbles
+          uint32_t u;
+          std::memcpy(&u, w.qs + 4 * q, 4);
+          const uint32_t lo = u & 0x0F0F0F0Fu, hi = (u >> 4) & 0x0F0F0F0Fu;
+          std::memcpy(p.codes[q][r], &lo, 4);
+          std::memcpy(p.codes[q + 4][r], &hi, 4);
+        }
+      }
+    }
+  }
+}
+
+#if PARALLM_X86
+// TT tokens x the panel's 32 rows. x: the tokens' Q8_0 blocks (row t at x + t * nb; Q8_0 weights:
+// codes + 128 as unsigned bytes), xd their scales, xs8 8 x their code sums (Q4_0). Outputs for
+// rows [0, nr) to y[t * ldy + r].
+template <class WB, int TT>
+PARALLM_AVX512VNNI void gemm_tile_512(const PanelBlock* p, int64_t nb, const BlockQ8_0* x,
+                                      const float* xd, const int32_t* xs8, float* y, int64_t ldy,
+                                      int nr, bool accumulate) {
+  constexpr bool kQ8 = std::is_same_v<WB, BlockQ8_0>;
+  __m512 acc[TT][2];
+#pragma GCC unroll 8
+  for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const PanelBlock& pb = p[b];
+    __m512i s[TT][2];
+#pragma GCC unroll 8
+    for (int t = 0; t < TT; ++t) {
+      if constexpr (kQ8) {
+        s[t][0] = _mm512_load_si512(pb.start);
+        s[t][1] = _mm512_load_si512(pb.start + 16);
+      } else {
+        s[t][0] = s[t][1] = _mm512_set1_epi32(-xs8[t * nb + b]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int q = 0; q < 8; ++q) {
+      const __m512i w0 = _mm512_load_si512(pb.codes[q][0]);
+      const __m512i w1 = _mm512_load_si512(pb.codes[q][16]);
+#pragma GCC unroll 8
+      for (int t = 0; t < TT; ++t) {
+        int32_t v;
+        std::memcpy(&v, x[t * nb + b].qs + 4 * q, 4);
+        const __m512i xv = _mm512_set1_epi32(v);
+        if constexpr (kQ8) {
+          s[t][0] = _mm512_dpbusd_epi32(s[t][0], xv, w0);
+          s[t][1] = _mm512_dpbusd_epi32(s[t][1], xv, w1);
+        } else {
+          s[t][0] = _mm512_dpbusd_epi32(s[t][0], w0, xv);
+          s[t][1] = _mm512_dpbusd_epi32(s[t][1], w1, xv);
+        }
+      }
+    }
+    const __m512 d0 = _mm512_load_ps(pb.d), d1 = _mm512_load_ps(pb.d + 16);
+#pragma GCC unroll 8
+    for (int t = 0; t < TT; ++t) {
+      const __m512 dx = _mm512_set1_ps(xd[t * nb + b]);
+      __m512 p0 = _mm512_mul_ps(_mm512_mul_ps(d0, dx), _mm512_cvtepi32_ps(s[t][0]));
+      __m512 p1 = _mm512_mul_ps(_mm512_mul_ps(d1, dx), _mm512_cvtepi32_ps(s[t][1]));
+      // The products are rounded before the add, as in tile_scalar: the empty asm keeps the
+      // compiler from contracting mul and add into one fma (C++'s default -ffp-contract=fast).
+      __asm__("" : "+v"(p0), "+v"(p1));
+      acc[t][0] = _mm512_add_ps(acc[t][0], p0);
+      acc[t][1] = _mm512_add_ps(acc[t][1], p1);
+    }
+  }
+  const __mmask16 m0 = static_cast<__mmask16>(nr >= 16 ? 0xFFFF : (1u << nr) - 1);
+  const __mmask16 m1 = static_cast<__mmask16>(nr >= 32   ? 0xFFFF
+                                              : nr <= 16 ? 0
+                                                         : (1u << (nr - 16)) - 1);
+#pragma GCC unroll 8
+  for (int t = 0; t < TT; ++t) {
+    float* yt = y + t * ldy;
+    __m512 v0 = acc[t][0], v1 = acc[t][1];
+    if (accumulate) {
+      v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, yt), v0);
+      v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, yt + 16), v1);
+    }
+    _mm512_mask_storeu_ps(yt, m0, v0);
+    _mm512_mask_storeu_ps(yt + 16, m1, v1);
+  }
+}
+
+template <class WB>
+void run_gemm_512(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
+                  bool packed) {
+  const int64_t N = w.dim(0), K = w.dim(1), nb = K / 32;
+  thread_local std::vector<BlockQ8_0> xq_buf;
+  thread_local std::vector<float> xd_buf;
+  thread_local std::vector<int32_t> xs_buf;
+  const size_t n = static_cast<size_t>(T * nb);
+  xq_buf.resize(n);
+  xd_buf.resize(n);
+  xs_buf.resize(n);
+  quantize_activations(x, T, K, xq_buf.data());
+  for (size_t i = 0; i < n; ++i) {
+    BlockQ8_0& q = xq_buf[i];
+    xd_buf[i] = f16_to_f32(q.d);
+    int32_t s = 0;
+    for (int j = 0; j < 32; ++j) s += q.qs[j];
+    xs_buf[i] = 8 * s;
+    if constexpr (std::is_same_v<WB, BlockQ8_0>)  // x + 128 as unsigned bytes
+      for (int j = 0; j < 32; ++j)
+        q.qs[j] = static_cast<int8_t>(static_cast<uint8_t>(q.qs[j]) ^ 0x80);
+  }
+  const BlockQ8_0* xq = xq_buf.data();
+  const float* xd = xd_buf.data();
+  const int32_t* xs = xs_buf.data();
+  const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
+  ThreadPool::current().parallel_for(panels, [&](int64_t p0, int64_t p1) {
+    thread_local std::vector<PanelBlock> panel;
+    thread_local std::vector<char> tmp;
+    panel.resize(static_cast<size_t>(nb));
+    for (int64_t pi = p0; pi < p1; ++pi) {
+      const int64_t n0 = pi * kPanelRows;
+      const int nr = static_cast<int>(std::min<int64_t>(kPanelRows, N - n0));
+      pack_panel<WB>(reinterpret_cast<const WB*>(plain_rows(w, packed, n0, nr, tmp, false)), nr, nb,
+                     panel.data());
+      int64_t t = 0;
+      for (; t + kGemmTokens <= T; t += kGemmTokens)
+        gemm_tile_512<WB, kGemmTokens>(panel.data(), nb, xq + t * nb, xd + t * nb, xs + t * nb,
+                                       y + t * N + n0, N, nr, accumulate);
+      for (; t < T; ++t)
+        gemm_tile_512<WB, 1>(panel.data(), nb, xq + t * nb, xd + t * nb, xs + t * nb,
+                             y + t * N + n0, N, nr, accumulate);
+    }
+  });
+}
+#endif  // PARALLM_X86
+
 void run_sgemm(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
                bool packed) {
   static std::once_flag once;
@@ -1557,7 +1731,10 @@ void check_weight(const Tensor& w) {
 }  // namespace
 
 std::string quant_matmul_kernel(DType type, int64_t T, QuantPath path) {
-  if (T >= kSgemmMinT) return "sgemm";
+  if (T >= kSgemmMinT)
+    return path == QuantPath::Avx512Vnni && (type == DType::Q8_0 || type == DType::Q4_0)
+               ? "int8-gemm-avx512-vnni"
+               : "sgemm";
   const bool kformat = type == DType::Q4_K || type == DType::Q6_K;
   if (kformat && path != QuantPath::Scalar) return "int8-avx2";
   return "int8-" + quant_path_name(path);
@@ -1583,7 +1760,15 @@ void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y, bool acc
     return;
   }
   const bool packed = lookup_packed(w);
-  if (T >= kSgemmMinT) return run_sgemm(x, T, w, y, accumulate, packed);
+  if (T >= kSgemmMinT) {
+#if PARALLM_X86
+    if (path == QuantPath::Avx512Vnni && w.dtype() == DType::Q8_0)
+      return run_gemm_512<BlockQ8_0>(x, T, w, y, accumulate, packed);
+    if (path == QuantPath::Avx512Vnni && w.dtype() == DType::Q4_0)
+      return run_gemm_512<BlockQ4_0>(x, T, w, y, accumulate, packed);
+#endif
+    return run_sgemm(x, T, w, y, accumulate, packed);
+  }
   switch (w.dtype()) {
     case DType::Q8_0:
       return run_blocks<BlockQ8_0>(x, T, w, y, accumulate, path, packed);
@@ -1607,7 +1792,6 @@ bool quant_repack_enabled(DType type) {
   switch (type) {
     case DType::Q4_0:
     case DType::Q8_0:
-      return quant_path() == QuantPath::Avx2;
     case DType::Q4_K:
       return quant_path() != QuantPath::Scalar;
     default:
