@@ -11,7 +11,7 @@
 #   $WORK/model with a byte-fallback tokenizer trained on this repository's docs.
 # Environment: TYPES (default "bf16 q8_0 q4_0 q4_k"), THREADS (default: all cores), ROUNDS (3),
 #   PROMPT (512), DECODE (64), WORK (default /tmp/parallm-vs-llamacpp: models and GGUF files),
-#   PARALLM (default ./build/parallm).
+#   PARALLM (default ./build/parallm), KEEP_OPENBLAS_CORETYPE (1: keep the environment's pin).
 # Prints one line per run and, per type, the medians and the ratio parallm / llama.cpp.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +54,15 @@ field() { sed -n "s/.*\"$1\": *\([0-9.eE+-]*\).*/\1/p"; }
 cpu=$(lscpu | sed -n 's/^Model name: *//p')
 simd=$(grep -o -w -E 'avx512_bf16|avx512_vnni|avx_vnni|avx512f|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')
 echo "== $cpu; $simd; $THREADS threads; prompt $PROMPT; decode $DECODE; $ROUNDS rounds, alternating"
+# OpenBLAS (parallm's prefill where no bf16/int8 GEMM of its own runs: f32 weights, and every
+# dtype below AVX-512) picks its kernels for this CPU unless OPENBLAS_CORETYPE pins them, and
+# some environments pin an older core (seen: Haswell, AVX2, on a Zen 5). Both engines then choose
+# their own kernels: the pin is dropped unless KEEP_OPENBLAS_CORETYPE=1.
+if [ -n "${OPENBLAS_CORETYPE:-}" ] && [ "${KEEP_OPENBLAS_CORETYPE:-0}" != 1 ]; then
+  echo "== OPENBLAS_CORETYPE=$OPENBLAS_CORETYPE in the environment: unset for these runs"
+  unset OPENBLAS_CORETYPE
+fi
+echo "== parallm's prefill kernels: $("$P" bench prefill --model "$model" --prompt-len 64 --threads 1 2>/dev/null | sed -n 's/^ *kernels *//p')"
 echo "== parallm $(git rev-parse --short HEAD 2>/dev/null || echo '?'), llama.cpp via node-llama-cpp $nlc_version"
 summary=()
 for type in $TYPES; do

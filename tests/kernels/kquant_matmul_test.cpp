@@ -217,7 +217,8 @@ TEST(KQuantMatmul, MatmulTakesTheIntegerPath) {
     EXPECT_LE(nmse(via, base), 5e-4);
     EXPECT_GT(testing::normalised_error(via, base), 0.0);
     EXPECT_EQ(quant_matmul_kernel(t, 1, quant_path()).rfind("int8-", 0), 0u);
-    EXPECT_EQ(quant_matmul_kernel(t, 64, quant_path()), "sgemm");
+    EXPECT_EQ(quant_matmul_kernel(t, 64, quant_path()),
+              bf16_gemm_available() ? "bf16-gemm-avx512" : "sgemm");
   }
 }
 

@@ -41,6 +41,11 @@ void expect_close(const std::vector<float>& x, int64_t T, const Tensor& w, const
   EXPECT_LT(testing::normalised_error(fast, ref), 1e-4) << what;
 }
 
+std::vector<float> bf16_rounded(std::vector<float> x) {
+  for (float& v : x) v = bf16_to_f32(f32_to_bf16(v));
+  return x;
+}
+
 struct Case {
   int64_t T, N, K;
 };
@@ -64,8 +69,11 @@ void run_cases(const std::vector<Case>& cases, int threads) {
           const std::vector<float> y0 = testing::random_vec(static_cast<size_t>(c.T * c.N), seed++);
           std::vector<float> fast = y0, ref = y0;
           matmul(x.data(), c.T, w, fast.data(), accumulate);
-          matmul_ref(x.data(), c.T, w, ref.data(), accumulate);
-          expect_close(x, c.T, w, accumulate ? y0.data() : nullptr, fast, ref, what);
+          // The AVX512_BF16 GEMM rounds x to bf16 first: the reference takes the same x.
+          const std::vector<float> xr =
+              matmul_kernel(dtype, c.T, c.K) == "bf16-gemm-avx512" ? bf16_rounded(x) : x;
+          matmul_ref(xr.data(), c.T, w, ref.data(), accumulate);
+          expect_close(xr, c.T, w, accumulate ? y0.data() : nullptr, fast, ref, what);
           if (::testing::Test::HasFatalFailure()) return;
         }
       }
@@ -99,6 +107,38 @@ TEST(Matmul, GemvMatchesReferenceWithThreads) {
 TEST(Matmul, SgemmPathMatchesReference) {
   run_cases({{64, 67, 129}, {64, 1, 17}, {70, 40, 1}, {64, 530, 33}}, 1);
   run_cases({{65, 1030, 20}, {80, 35, 300}}, 2);
+}
+
+// bf16 weights from 64 tokens on an AVX512_BF16 CPU: x rounded to bf16, then f32 sums (the cases
+// above with an even K check it element by element at every level this CPU has).
+TEST(Matmul, Bf16GemmOnAvx512Bf16RoundsOnlyX) {
+  EXPECT_EQ(matmul_kernel(DType::BF16, 63, 300), "gemv");
+  EXPECT_EQ(matmul_kernel(DType::F32, 64, 300), "sgemm");
+  EXPECT_EQ(matmul_kernel(DType::BF16, 64, 301), "sgemm");  // odd K: no column pairs
+  {
+    testing::ScopedSimd simd(SimdLevel::Avx2);
+    EXPECT_EQ(matmul_kernel(DType::BF16, 64, 300), "sgemm");
+  }
+  if (matmul_kernel(DType::BF16, 64, 300) != "bf16-gemm-avx512") {
+    std::printf("[ skipped ] this CPU has no AVX512_BF16 (bf16 prefill runs sgemm)\n");
+    return;
+  }
+  ThreadPool pool(2);
+  ScopedPool scoped(pool);
+  constexpr int64_t T = 70, N = 77, K = 300;  // a tail of 6 tokens and a panel of 13 rows
+  const Tensor w = random_weight(DType::BF16, N, K, 31);
+  const std::vector<float> x = testing::random_vec(static_cast<size_t>(T * K), 32);
+  const std::vector<float> xr = bf16_rounded(x);
+  std::vector<float> fast(T * N, 2.0f), ref(T * N, 2.0f), exact(T * N, 2.0f);
+  matmul(x.data(), T, w, fast.data(), true);
+  matmul_ref(xr.data(), T, w, ref.data(), true);
+  matmul_ref(x.data(), T, w, exact.data(), true);
+  std::vector<float> y0(T * N, 2.0f);
+  expect_close(xr, T, w, y0.data(), fast, ref, "bf16 gemm");
+  // Against the unrounded x: bf16's rounding (2^-9 relative), averaged over K products.
+  const double e = testing::normalised_error(fast, exact);
+  EXPECT_GT(e, 1e-6);
+  EXPECT_LT(e, 4e-3);
 }
 
 TEST(Matmul, EveryTokenCountMatchesReference) {
@@ -141,7 +181,10 @@ TEST(Matmul, ConcurrentCallersWithTheirOwnPools) {
   const Tensor w = random_weight(DType::BF16, 70, 150, 3);
   const std::vector<float> x = testing::random_vec(64 * 150, 4);
   std::vector<float> ref(64 * 70);
-  matmul_ref(x.data(), 64, w, ref.data());
+  // The prefill reference: on the x the path multiplies (bf16-rounded for the AVX512_BF16 GEMM).
+  const std::vector<float> xr =
+      matmul_kernel(DType::BF16, 64, 150) == "bf16-gemm-avx512" ? bf16_rounded(x) : x;
+  matmul_ref(xr.data(), 64, w, ref.data());
   std::vector<std::vector<float>> out(3, std::vector<float>(64 * 70));
   std::vector<std::thread> ranks;
   for (int r = 0; r < 3; ++r) {
@@ -149,7 +192,7 @@ TEST(Matmul, ConcurrentCallersWithTheirOwnPools) {
       ThreadPool pool(2);
       ScopedPool scoped(pool);
       for (int i = 0; i < 5; ++i) {
-        matmul(x.data(), 64, w, out[r].data());      // sgemm path
+        matmul(x.data(), 64, w, out[r].data());      // sgemm (or bf16 GEMM) path
         matmul(x.data(), 1, w, out[r].data() + 70);  // GEMV path, token 1's row
       }
     });

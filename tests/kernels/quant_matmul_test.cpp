@@ -172,6 +172,40 @@ TEST(QuantMatmul, PrefillGemmOnAvx512VnniIsThePlainReferenceBitForBit) {
   }
 }
 
+TEST(QuantMatmul, KFormatPrefillOnAvx512Bf16RoundsXAndTheDequantizedWeights) {
+  // From 64 tokens on an AVX512_BF16 CPU, Q4_K and Q6_K run the bf16 GEMM (kernels/matmul.h):
+  // rows dequantized to f32, then x and those rows rounded to bf16, products summed in f32.
+  if (quant_matmul_kernel(DType::Q4_K, 70, quant_path()) != "bf16-gemm-avx512") {
+    std::printf("[ skipped ] no AVX512_BF16 here: K-format prefill runs sgemm\n");
+    return;
+  }
+  ThreadPool pool(2);
+  ScopedPool scoped(pool);
+  constexpr int64_t T = 70, N = 45, K = 512;
+  auto round = [](std::vector<float> v) {
+    for (float& f : v) f = bf16_to_f32(f32_to_bf16(f));
+    return v;
+  };
+  for (DType t : {DType::Q4_K, DType::Q6_K}) {
+    SCOPED_TRACE(std::string(dtype_name(t)));
+    const Tensor w = random_kblocks(t, N, K, 41);
+    const Tensor wf = w.to(DType::F32);
+    const std::vector<float> wr =
+        round(std::vector<float>(wf.data<float>(), wf.data<float>() + N * K));
+    Tensor wrt = Tensor::empty(DType::F32, {N, K});
+    std::memcpy(wrt.raw(), wr.data(), wr.size() * 4);
+    const std::vector<float> x = testing::random_vec(static_cast<size_t>(T * K), 42);
+    const std::vector<float> xr = round(x);
+    std::vector<float> y(T * N, 1.5f), ref(T * N, 1.5f), exact(T * N);
+    quant_matmul(x.data(), T, w, y.data(), true);
+    matmul_ref(xr.data(), T, wrt, ref.data(), true);
+    EXPECT_LE(testing::normalised_error(y, ref), 1e-5);
+    for (float& v : y) v -= 1.5f;
+    matmul_ref(x.data(), T, w, exact.data());
+    EXPECT_LE(nmse(y, exact), 5e-4);
+  }
+}
+
 TEST(QuantMatmul, KFormatsMatchTheDequantizedProduct) {
   // Integer kernels with 8-bit activations below 64 tokens (kquant_matmul_test.cpp checks them in
   // detail): within the NMSE bound of the f32 product.

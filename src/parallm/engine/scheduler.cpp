@@ -467,6 +467,7 @@ void Scheduler::finish(Req* r, FinishReason reason, const std::string& error) {
 
 void Scheduler::publish() {
   counters_.running = static_cast<int64_t>(running_.size());
+  counters_.running_peak = std::max(counters_.running_peak, counters_.running);
   counters_.waiting = static_cast<int64_t>(waiting_.size());
   counters_.kv_blocks_total = blocks_.num_blocks();
   counters_.kv_blocks_used = blocks_.used();

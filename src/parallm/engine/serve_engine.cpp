@@ -163,6 +163,7 @@ class Engine : public ServeEngine {
     for (const auto& r : replicas_) {
       const EngineStats s = r->stats();
       t.running += s.running;
+      t.running_peak = std::max(t.running_peak, s.running_peak);
       t.waiting += s.waiting;
       t.kv_blocks_total += s.kv_blocks_total;
       t.kv_blocks_used += s.kv_blocks_used;

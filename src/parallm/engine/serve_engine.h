@@ -84,6 +84,10 @@ class QueueFull : public std::runtime_error {
 
 struct EngineStats {
   int64_t running = 0;  // sequences in the running batch
+  // The most sequences one batch held at once since the engine started (DP: the largest of the
+  // replicas'). Tests read it to see that requests ran together without racing to sample
+  // `running` at the right moment.
+  int64_t running_peak = 0;
   int64_t waiting = 0;  // admitted to the queue, not yet running (preempted ones included)
   int64_t kv_blocks_total = 0, kv_blocks_used = 0;
   double kv_usage = 0;  // used / total, 0..1

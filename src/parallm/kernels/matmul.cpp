@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <functional>
 #include <mutex>
 #include <new>
 #include <vector>
@@ -468,6 +469,130 @@ void sgemm_rows(const float* x, int64_t T, const void* w, WKind kind, int64_t K,
   }
 }
 
+// ---- bf16 weights from kSgemmMinT tokens on CPUs with AVX512_BF16 (Zen 4 and later, Cooper
+// Lake, Sapphire Rapids): vdpbf16ps multiplies 32 bf16 pairs into 16 f32 sums in one instruction,
+// twice sgemm's multiplies per instruction and no widening of W. The activations are rounded to
+// bf16 once per call (round to nearest even, as llama.cpp does for bf16 weights; the products and
+// sums stay f32). Each thread packs 32 rows of W at a time (a panel) as [K/2 column pairs][32
+// rows][2], so one 64-byte load holds 16 rows' next pair of weights, and a tile of 32 rows x 8
+// tokens (16 accumulators) feeds each weight load to 8 vdpbf16ps and each broadcast pair of x to 2.
+#if PARALLM_X86
+#define PARALLM_AVX512BF16 __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx2,fma")))
+
+constexpr int kBf16PanelRows = 32;
+
+bool cpu_has_avx512bf16() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return cpu_simd_level() == SimdLevel::Avx512 && __builtin_cpu_supports("avx512bf16");
+  }();
+  return has;
+}
+
+// x [T, K] f32 -> bf16 (round to nearest even), n = T * K values.
+PARALLM_AVX512BF16 void round_to_bf16(const float* x, uint16_t* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
+    _mm512_storeu_si512(out + i, reinterpret_cast<const __m512i&>(v));
+  }
+  for (; i < n; ++i) out[i] = f32_to_bf16(x[i]);
+}
+
+// Rows [0, nr) of w (row stride K, K even) into the panel; rows nr..31 are zeros.
+void pack_bf16_panel(const uint16_t* w, int nr, int64_t K, uint32_t* panel) {
+  const int64_t pairs = K / 2;
+  for (int r = 0; r < kBf16PanelRows; ++r) {
+    if (r >= nr) {
+      for (int64_t p = 0; p < pairs; ++p) panel[p * kBf16PanelRows + r] = 0;
+      continue;
+    }
+    const uint16_t* row = w + r * K;
+    for (int64_t p = 0; p < pairs; ++p) {
+      uint32_t v;
+      std::memcpy(&v, row + 2 * p, 4);
+      panel[p * kBf16PanelRows + r] = v;
+    }
+  }
+}
+
+// TT tokens of xb (bf16, row stride K) x the panel's 32 rows; rows [0, nr) to y[t * ldy + r].
+template <int TT>
+PARALLM_AVX512BF16 void bf16_gemm_tile(const uint32_t* panel, int64_t K, const uint16_t* xb,
+                                       float* y, int64_t ldy, int nr, bool accumulate) {
+  __m512 acc[TT][2];
+#pragma GCC unroll 8
+  for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  const int64_t pairs = K / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512 w0 = _mm512_castsi512_ps(_mm512_load_si512(panel + p * kBf16PanelRows));
+    const __m512 w1 = _mm512_castsi512_ps(_mm512_load_si512(panel + p * kBf16PanelRows + 16));
+#pragma GCC unroll 8
+    for (int t = 0; t < TT; ++t) {
+      uint32_t v;
+      std::memcpy(&v, xb + t * K + 2 * p, 4);
+      const __m512 xv = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(v)));
+      acc[t][0] = _mm512_dpbf16_ps(acc[t][0], reinterpret_cast<const __m512bh&>(w0),
+                                   reinterpret_cast<const __m512bh&>(xv));
+      acc[t][1] = _mm512_dpbf16_ps(acc[t][1], reinterpret_cast<const __m512bh&>(w1),
+                                   reinterpret_cast<const __m512bh&>(xv));
+    }
+  }
+  const __mmask16 m0 = static_cast<__mmask16>(nr >= 16 ? 0xFFFF : (1u << nr) - 1);
+  const __mmask16 m1 =
+      static_cast<__mmask16>(nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : (1u << (nr - 16)) - 1);
+#pragma GCC unroll 8
+  for (int t = 0; t < TT; ++t) {
+    float* yt = y + t * ldy;
+    __m512 v0 = acc[t][0], v1 = acc[t][1];
+    if (accumulate) {
+      v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, yt), v0);
+      v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, yt + 16), v1);
+    }
+    _mm512_mask_storeu_ps(yt, m0, v0);
+    _mm512_mask_storeu_ps(yt + 16, m1, v1);
+  }
+}
+
+bool bf16_gemm_runs(DType type, int64_t T, int64_t K) {
+  return type == DType::BF16 && T >= kSgemmMinT && K % 2 == 0 &&
+         simd_level() == SimdLevel::Avx512 && cpu_has_avx512bf16();
+}
+
+
+// y [T, N] (+)= x W^T, W's 32-row panels packed by fill(n0, nr, panel) on the pool's threads.
+template <class Fill>
+void bf16_gemm_panels(const float* x, int64_t T, int64_t K, int64_t N, float* y, bool accumulate,
+                      const Fill& fill) {
+  thread_local std::vector<uint16_t> xb_buf;
+  xb_buf.resize(static_cast<size_t>(T * K));
+  round_to_bf16(x, xb_buf.data(), T * K);
+  const uint16_t* xb = xb_buf.data();  // the pool's threads read the caller's buffer
+  const int64_t panels = (N + kBf16PanelRows - 1) / kBf16PanelRows;
+  ThreadPool::current().parallel_for(panels, [&](int64_t p0, int64_t p1) {
+    uint32_t* panel =
+        reinterpret_cast<uint32_t*>(widen_scratch(K / 2 * kBf16PanelRows));  // 64-byte aligned
+    for (int64_t pi = p0; pi < p1; ++pi) {
+      const int64_t n0 = pi * kBf16PanelRows;
+      const int nr = static_cast<int>(std::min<int64_t>(kBf16PanelRows, N - n0));
+      fill(n0, nr, panel);
+      int64_t t = 0;
+      for (; t + 8 <= T; t += 8)
+        bf16_gemm_tile<8>(panel, K, xb + t * K, y + t * N + n0, N, nr, accumulate);
+      for (; t < T; ++t) bf16_gemm_tile<1>(panel, K, xb + t * K, y + t * N + n0, N, nr, accumulate);
+    }
+  });
+}
+
+void bf16_gemm(const float* x, int64_t T, const uint16_t* w, int64_t K, int64_t N, float* y,
+               bool accumulate) {
+  bf16_gemm_panels(x, T, K, N, y, accumulate, [&](int64_t n0, int nr, uint32_t* panel) {
+    pack_bf16_panel(w + n0 * K, nr, K, panel);
+  });
+}
+#endif  // PARALLM_X86
+
+
 void check_args(const char* fn, const float* x, int64_t T, const Tensor& w, const float* y) {
   if (!w.defined() || w.ndim() != 2 || !w.is_contiguous())
     fail("matmul", fn, ": weight must be a contiguous 2-D [N, K] tensor, got ",
@@ -504,6 +629,10 @@ void matmul(const float* x, int64_t T, const Tensor& w, float* y, bool accumulat
     });
     return;
   }
+#if PARALLM_X86
+  if (bf16_gemm_runs(w.dtype(), T, K))
+    return bf16_gemm(x, T, static_cast<const uint16_t*>(w.raw()), K, N, y, accumulate);
+#endif
   init_openblas_threads();
   if (N < kSgemmMinRowsPerThread * pool.size() && T >= 16 * pool.size()) {
     // Few rows of W (e.g. the K/V projections): split the tokens instead; each thread widens all
@@ -517,6 +646,42 @@ void matmul(const float* x, int64_t T, const Tensor& w, float* y, bool accumulat
     sgemm_rows(x, T, w.raw(), kind, K, N, u0 * kRowUnit, std::min(N, u1 * kRowUnit), y, accumulate,
                level);
   });
+}
+
+bool bf16_gemm_available() {
+#if PARALLM_X86
+  return simd_level() == SimdLevel::Avx512 && cpu_has_avx512bf16();
+#else
+  return false;
+#endif
+}
+
+void bf16_gemm_f32_rows(const float* x, int64_t T, int64_t K, int64_t N, float* y,
+                        bool accumulate, const std::function<void(int64_t, int, float*)>& rows) {
+  if (!bf16_gemm_available() || K % 2 != 0)
+    fail("matmul", "bf16_gemm_f32_rows: needs AVX512_BF16 and an even K, got K = ", K);
+#if PARALLM_X86
+  bf16_gemm_panels(x, T, K, N, y, accumulate, [&](int64_t n0, int nr, uint32_t* panel) {
+    thread_local std::vector<float> f;
+    thread_local std::vector<uint16_t> b;
+    f.resize(static_cast<size_t>(nr * K));
+    b.resize(f.size());
+    rows(n0, nr, f.data());
+    round_to_bf16(f.data(), b.data(), nr * K);
+    pack_bf16_panel(b.data(), nr, K, panel);
+  });
+#else
+  (void)x, (void)T, (void)N, (void)y, (void)accumulate, (void)rows;
+#endif
+}
+
+std::string matmul_kernel(DType type, int64_t T, int64_t K) {
+  if (is_block(type)) return quant_matmul_kernel(type, T, quant_path());
+  if (T < kSgemmMinT) return "gemv";
+#if PARALLM_X86
+  if (bf16_gemm_runs(type, T, K)) return "bf16-gemm-avx512";
+#endif
+  return "sgemm";
 }
 
 void matmul_ref(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate) {

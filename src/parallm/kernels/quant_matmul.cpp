@@ -21,6 +21,7 @@
 #include "parallm/core/error.h"
 #include "parallm/core/thread_pool.h"
 #include "parallm/kernels/cpu.h"
+#include "parallm/kernels/matmul.h"
 #include "parallm/kernels/simd.h"
 
 #if PARALLM_X86
@@ -1731,10 +1732,13 @@ void check_weight(const Tensor& w) {
 }  // namespace
 
 std::string quant_matmul_kernel(DType type, int64_t T, QuantPath path) {
-  if (T >= kSgemmMinT)
-    return path == QuantPath::Avx512Vnni && (type == DType::Q8_0 || type == DType::Q4_0)
-               ? "int8-gemm-avx512-vnni"
-               : "sgemm";
+  if (T >= kSgemmMinT) {
+    if (path == QuantPath::Avx512Vnni && (type == DType::Q8_0 || type == DType::Q4_0))
+      return "int8-gemm-avx512-vnni";
+    if ((type == DType::Q4_K || type == DType::Q6_K) && bf16_gemm_available())
+      return "bf16-gemm-avx512";
+    return "sgemm";
+  }
   const bool kformat = type == DType::Q4_K || type == DType::Q6_K;
   if (kformat && path != QuantPath::Scalar) return "int8-avx2";
   return "int8-" + quant_path_name(path);
@@ -1767,6 +1771,16 @@ void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y, bool acc
     if (path == QuantPath::Avx512Vnni && w.dtype() == DType::Q4_0)
       return run_gemm_512<BlockQ4_0>(x, T, w, y, accumulate, packed);
 #endif
+    if ((w.dtype() == DType::Q4_K || w.dtype() == DType::Q6_K) && bf16_gemm_available()) {
+      const bool simd = simd_unpack();
+      return bf16_gemm_f32_rows(x, T, w.dim(1), w.dim(0), y, accumulate,
+                                [&](int64_t n0, int nr, float* out) {
+                                  thread_local std::vector<char> tmp;
+                                  quant::dequantize(w.dtype(),
+                                                    plain_rows(w, packed, n0, nr, tmp, simd), out,
+                                                    nr * w.dim(1));
+                                });
+    }
     return run_sgemm(x, T, w, y, accumulate, packed);
   }
   switch (w.dtype()) {

@@ -9,8 +9,11 @@
 // AVX-512 VNNI (vpdpbusd); Q4_K and Q6_K have AVX2 (maddubs/madd with the sub-block scales in the
 // madd), and the AVX-VNNI and AVX-512 VNNI paths run that same AVX2 kernel for them. The K-format
 // paths are bit-identical to their reference (same int32 sums, same f32 operations). From 64
-// tokens (prefill) every block dtype is dequantized to f32 a block of rows at a time and
-// multiplied by OpenBLAS sgemm with f32 activations (`path` is then unused).
+// tokens (prefill): Q8_0 and Q4_0 on the AVX-512 VNNI path run an int8 GEMM (packed 32-row
+// panels, vpdpbusd, activations quantized as for decoding; bit-identical to the plain reference);
+// Q4_K and Q6_K on an AVX512_BF16 CPU run kernels/matmul.h's bf16 GEMM on rows dequantized to f32
+// (x and those rows rounded to bf16); everything else is dequantized to f32 a block of rows at a
+// time and multiplied by OpenBLAS sgemm with f32 activations. quant_matmul_kernel names the one.
 // kernels::matmul sends every block-dtype weight here.
 #pragma once
 
@@ -47,9 +50,9 @@ inline void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y,
   quant_matmul(x, T, w, y, accumulate, quant_path());
 }
 
-// What quant_matmul runs for a weight of `type`, T tokens and `path`: "sgemm" (T >= 64),
-// otherwise "int8-" and the SIMD path that really runs ("int8-avx2" for the K formats on every
-// SIMD path). For benchmarks and tests.
+// What quant_matmul runs for a weight of `type`, T tokens and `path`: from T = 64
+// "int8-gemm-avx512-vnni", "bf16-gemm-avx512" or "sgemm", otherwise "int8-" and the SIMD path
+// that really runs ("int8-avx2" for the K formats on every SIMD path). For benchmarks and tests.
 std::string quant_matmul_kernel(DType type, int64_t T, QuantPath path);
 
 // The f32 baseline: each row of w dequantized to f32, then a plain dot product per token with the
@@ -75,8 +78,9 @@ Tensor repack_quant_weight(const Tensor& w);
 bool is_repacked(const Tensor& w);
 // Whether the model loader repacks weights of this dtype: PARALLM_REPACK is not 0 (PARALLM_REPACK=0
 // turns it off; anything but 0 or 1 is an error) and the default quant_path() runs a repacked
-// kernel for it: Q4_0 / Q8_0 on Avx2 only (the VNNI paths keep the plain layout), Q4_K on every
-// SIMD path (all run its AVX2 kernels). False for every other dtype.
+// kernel for it: Q4_0 / Q8_0 / Q4_K on every SIMD path (all run the repacked AVX2 kernels: on a
+// Zen 5 they beat the plain VNNI GEMVs by 1.3-2.3x, docs/benchmarks.md). False for every other
+// dtype.
 bool quant_repack_enabled(DType type);
 
 }  // namespace parallm::kernels
