@@ -19,6 +19,7 @@
 #include "parallm/engine/generate.h"
 #include "parallm/kernels/cpu.h"
 #include "parallm/kernels/quant_matmul.h"
+#include "parallm/model/bpe.h"
 #include "parallm/model/llama.h"
 #include "parallm/model/tokenizer.h"
 #include "parallm/model/weights.h"
@@ -746,6 +747,132 @@ TEST(GgufModel, SentencepieceVocabularyTravelsInsideTheFile) {
               gguf_tokenizer(g.header, "m.gguf");
             }).find("tokenizer.ggml.token_type[5] = 9 is not a token type"),
             std::string::npos);
+}
+
+
+// tokenizer.ggml.* metadata of a byte-level BPE vocabulary ("gpt2"): the 256 byte characters,
+// then " t", "he", " the", "in", " a", "12", " xyz" (256..262), then <|begin_of_text|>,
+// <|end_of_text|>, <|eot_id|> (control, 263..265) and "<tool>" (user defined, 266); merges (Ġ,t)
+// (h,e) (Ġt,he) (i,n) (Ġ,a) (1,2) in rank order.
+std::vector<std::pair<std::string, GgufValue>> gpt2_vocabulary(const std::string& pre) {
+  ByteLevelMap map;
+  const std::string G = map.encode_byte(' ');
+  std::vector<GgufValue> tokens, types, merges;
+  for (int b = 0; b < 256; ++b) {
+    tokens.push_back(GgufValue::str(map.encode_byte(static_cast<unsigned char>(b))));
+    types.push_back(GgufValue::i32(1));
+  }
+  for (const std::string& t : {G + "t", std::string("he"), G + "the", std::string("in"), G + "a",
+                               std::string("12"), G + "xyz"}) {
+    tokens.push_back(GgufValue::str(t));
+    types.push_back(GgufValue::i32(1));
+  }
+  for (const char* t : {"<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"}) {
+    tokens.push_back(GgufValue::str(t));
+    types.push_back(GgufValue::i32(3));
+  }
+  tokens.push_back(GgufValue::str("<tool>"));
+  types.push_back(GgufValue::i32(4));
+  for (const std::string& m : {G + " t", std::string("h e"), G + "t he", std::string("i n"),
+                               G + " a", std::string("1 2")})
+    merges.push_back(GgufValue::str(m));
+  return {{"tokenizer.ggml.model", GgufValue::str("gpt2")},
+          {"tokenizer.ggml.pre", GgufValue::str(pre)},
+          {"tokenizer.ggml.tokens", GgufValue::array(GgufType::String, tokens)},
+          {"tokenizer.ggml.token_type", GgufValue::array(GgufType::I32, types)},
+          {"tokenizer.ggml.merges", GgufValue::array(GgufType::String, merges)},
+          {"tokenizer.ggml.bos_token_id", GgufValue::u32(263)},
+          {"tokenizer.ggml.eos_token_id", GgufValue::u32(264)},
+          {"tokenizer.ggml.eot_token_id", GgufValue::u32(265)},
+          {"tokenizer.ggml.add_bos_token", GgufValue::boolean(true)}};
+}
+
+TEST(GgufModel, Gpt2BpeVocabularyTravelsInsideTheFile) {
+  using Ids = std::vector<int32_t>;
+  GgufHeader h;
+  h.metadata = gpt2_vocabulary("llama-bpe");
+  const auto tok = gguf_tokenizer(h, "m.gguf");
+  ASSERT_TRUE(tok);
+  EXPECT_EQ(tok->vocab_size(), 267);
+  EXPECT_EQ(tok->bos_id(), 263);
+  EXPECT_EQ(tok->eos_ids(), (Ids{264, 265}));
+  // LLaMA-3's split and ignore_merges (as tokenizer_test.cpp's HfByteLevel.Llama3ExactIds).
+  EXPECT_EQ(tok->encode("the in", false), (Ids{'t', 257, ' ', 259}));
+  EXPECT_EQ(tok->encode(" the", false), Ids{258});
+  EXPECT_EQ(tok->encode(" xyz", false), Ids{262});
+  EXPECT_EQ(tok->encode("1212", false), (Ids{261, '1', '2'}));
+  EXPECT_EQ(tok->encode("the", true), (Ids{263, 't', 257}));
+  EXPECT_EQ(tok->encode("<|begin_of_text|>the<|eot_id|>", false), (Ids{263, 't', 257, 265}));
+  EXPECT_EQ(tok->encode("a<tool>b", false), (Ids{'a', 266, 'b'}));
+  const Ids ids = tok->encode("\xC3\xA9t\xC3\xA9 the 1212\n", true);
+  EXPECT_EQ(tok->decode(ids), "\xC3\xA9t\xC3\xA9 the 1212\n");
+  // GPT-2's own split: numbers whole, merges only (no whole-word lookup); no BOS unless asked.
+  h.metadata = gpt2_vocabulary("gpt2");
+  h.metadata.pop_back();  // tokenizer.ggml.add_bos_token
+  const auto g2 = gguf_tokenizer(h, "m.gguf");
+  EXPECT_EQ(g2->bos_id(), -1);
+  EXPECT_EQ(g2->encode("1212", true), (Ids{261, 261}));
+  EXPECT_EQ(g2->encode(" xyz", false), (Ids{' ', 'x', 'y', 'z'}));
+  // Bad metadata: one line naming the field.
+  h.metadata = gpt2_vocabulary("falcon");
+  EXPECT_NE(error_of([&] { gguf_tokenizer(h, "m.gguf"); })
+                .find("m.gguf: tokenizer.ggml.pre \"falcon\" is not supported"),
+            std::string::npos);
+  h.metadata = gpt2_vocabulary("qwen2");
+  h.metadata.erase(h.metadata.begin() + 4);  // tokenizer.ggml.merges
+  EXPECT_NE(error_of([&] { gguf_tokenizer(h, "m.gguf"); })
+                .find("m.gguf: tokenizer.ggml.model is \"gpt2\" but tokenizer.ggml.merges is "
+                      "missing"),
+            std::string::npos);
+  h.metadata = gpt2_vocabulary("qwen2");
+  h.metadata[4].second.items[2] = GgufValue::str("zz q");  // a merge of unknown tokens
+  EXPECT_NE(error_of([&] { gguf_tokenizer(h, "m.gguf"); })
+                .find("m.gguf: the tokenizer.ggml.* BPE vocabulary is not valid"),
+            std::string::npos);
+  h.metadata = gpt2_vocabulary("qwen2");
+  h.metadata[2].second.items[7] = GgufValue::str("\xC3");  // half a character
+  EXPECT_NE(error_of([&] { gguf_tokenizer(h, "m.gguf"); })
+                .find("m.gguf: tokenizer.ggml.tokens[7] is not valid UTF-8"),
+            std::string::npos);
+  h.metadata = gpt2_vocabulary("qwen2");
+  h.metadata[5].second = GgufValue::u32(400);  // bos_token_id
+  EXPECT_NE(error_of([&] { gguf_tokenizer(h, "m.gguf"); })
+                .find("tokenizer.ggml.bos_token_id 400 is outside the 267-token vocabulary"),
+            std::string::npos);
+}
+
+TEST(GgufModel, GenerateReadsAGpt2VocabularyFromTheFileAlone) {
+  // A model GGUF given the vocabulary above (its ids fit the "small" shape's 2048): --prompt is
+  // tokenized and the output detokenized with nothing beside the file.
+  testing::TempDir dir;
+  ASSERT_EQ(testing::run_parallm("init-model --shape small --seed 3 --dtype f32 --out " +
+                                 dir.file("hf"))
+                .exit_code,
+            0);
+  const auto q = testing::run_parallm("quantize --model " + dir.file("hf") +
+                                      " --type q8_0 --out " + dir.file("plain.gguf"));
+  ASSERT_EQ(q.exit_code, 0) << q.output;
+  const GgufFile g = open_gguf(dir.file("plain.gguf"));
+  std::vector<std::pair<std::string, GgufValue>> meta;
+  for (const auto& kv : g.header.metadata)
+    if (kv.first.rfind("tokenizer.", 0) != 0) meta.push_back(kv);
+  for (auto& kv : gpt2_vocabulary("llama-bpe")) meta.push_back(kv);
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const GgufTensorInfo& t : g.header.tensors) {
+    Tensor copy = Tensor::empty(t.dtype, t.shape);
+    ASSERT_EQ(copy.nbytes(), t.nbytes);
+    std::memcpy(copy.raw(), g.file->data() + t.offset, t.nbytes);
+    tensors.emplace_back(t.name, std::move(copy));
+  }
+  write_gguf(dir.file("bpe.gguf"), meta, tensors);
+  const auto r = testing::run_parallm("generate --model " + dir.file("bpe.gguf") +
+                                      " --prompt \"the in\" --max-tokens 6 --temperature 0 "
+                                      "--ignore-eos");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(r.output.rfind("the in", 0), 0u) << r.output;  // the prompt, echoed, then the text
+  const auto none = testing::run_parallm("generate --model " + dir.file("plain.gguf") +
+                                         " --prompt \"the in\" --max-tokens 2");
+  EXPECT_NE(none.exit_code, 0);
 }
 
 }  // namespace

@@ -225,6 +225,30 @@ PARALLM_AVX512 static inline __m512 wload16(const void* w, int64_t i) {
   }
 }
 
+// bf16_step16's trick on AVX-512: a 64-byte load is a cache line of one row (32 weights), a shift
+// and a mask give its 16 even and 16 odd weights as f32, and x is permuted in blocks of 32.
+template <int R, int TT>
+PARALLM_AVX512 __attribute__((always_inline)) static inline void bf16_step32(
+    __m512 (&acc)[TT][R], const float* xp, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t k,
+    __m512i hi_mask) {
+  __m512 xe[TT], xo[TT];
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t) {
+    xe[t] = _mm512_loadu_ps(xp + t * ldx + k);
+    xo[t] = _mm512_loadu_ps(xp + t * ldx + k + 16);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const __m512i v = _mm512_loadu_si512(w + r * ldw + k);
+    const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+#pragma GCC unroll 16
+    for (int t = 0; t < TT; ++t) acc[t][r] = _mm512_fmadd_ps(even, xe[t], acc[t][r]);
+    const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
+#pragma GCC unroll 16
+    for (int t = 0; t < TT; ++t) acc[t][r] = _mm512_fmadd_ps(odd, xo[t], acc[t][r]);
+  }
+}
+
 template <WKind KW, int R, int TT>
 PARALLM_AVX512 void tile_avx512(const TileArgs& a) {
   constexpr int64_t es = KW == WKind::F32 ? 4 : 2;
@@ -237,8 +261,17 @@ PARALLM_AVX512 void tile_avx512(const TileArgs& a) {
   const float* x = a.x;
   const char* wb = static_cast<const char*>(a.w);
   int64_t k = 0;
+  if constexpr (KW == WKind::BF16) {
+    // x is permuted in blocks of 32 (see permute_x); the tail after the last block is not.
+    const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    const uint16_t* w = static_cast<const uint16_t*>(a.w);
+    for (; k + 32 <= K; k += 32) {  // a cache line per row
+      prefetch_rows<R>(wb + k * es, a.ldw * es);
+      bf16_step32<R, TT>(acc, x, a.ldx, w, a.ldw, k, hi_mask);
+    }
+  }
   for (; k + 16 <= K; k += 16) {
-    // One prefetch per 16 weights: per cache line for f32, twice per line for 16-bit weights.
+    // One prefetch per 16 weights: per cache line for f32, twice per line for f16.
     prefetch_rows<R>(wb + k * es, a.ldw * es);
     __m512 xv[TT];
 #pragma GCC unroll 16
@@ -304,7 +337,8 @@ Tiles make_tiles(int x_block = 0) {
 template <WKind KW>
 Tiles tiles_for(SimdLevel level) {
 #if PARALLM_X86
-  if (level == SimdLevel::Avx512) return make_tiles<KW, Avx512Impl, 4, 4>();
+  if (level == SimdLevel::Avx512)
+    return make_tiles<KW, Avx512Impl, 4, 4>(KW == WKind::BF16 ? 32 : 0);
   if (level == SimdLevel::Avx2) return make_tiles<KW, Avx2Impl, 4, 2>(KW == WKind::BF16 ? 16 : 0);
 #endif
   return make_tiles<KW, ScalarImpl, 4, 2>();

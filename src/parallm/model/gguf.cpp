@@ -1,5 +1,6 @@
 #include "parallm/model/gguf.h"
 
+#include <nlohmann/json.hpp>
 #include <sentencepiece_processor.h>
 
 #include <algorithm>
@@ -12,7 +13,10 @@
 #include "parallm/core/checked.h"
 #include "parallm/core/error.h"
 #include "parallm/model/llama_tensors.h"
+#include "parallm/model/bpe_split.h"
 #include "parallm/model/tokenizer.h"
+#include "parallm/model/tokenizer_hf.h"
+#include "parallm/model/tokenizer_unicode.h"
 #include "parallm/model/tokenizer_spm.h"
 
 namespace parallm {
@@ -678,8 +682,127 @@ const GgufValue* array_of(const GgufHeader& h, const std::string& key, GgufType 
 
 }  // namespace
 
+namespace {
+
+// Qwen2's split: LLaMA-3's with single digits.
+constexpr std::string_view kQwen2SplitRegex =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+
+// tokenizer.ggml.model "gpt2": byte-level BPE, the tokens in GPT-2's byte-to-unicode alphabet,
+// tokenizer.ggml.merges as "a b" in rank order, the pre-tokenizer named by tokenizer.ggml.pre.
+// Written as the tokenizer.json that says the same and run by tokenizer_hf (one BPE for both).
+std::unique_ptr<Tokenizer> gguf_bpe_tokenizer(const GgufHeader& h, const std::string& source) {
+  const GgufValue* tokens =
+      array_of(h, "tokenizer.ggml.tokens", GgufType::String, source, SIZE_MAX);
+  if (!tokens || tokens->items.empty())
+    fail(kComponent, source,
+         ": tokenizer.ggml.model is \"gpt2\" but tokenizer.ggml.tokens is missing or empty");
+  const size_t n = tokens->items.size();
+  const GgufValue* types = array_of(h, "tokenizer.ggml.token_type", GgufType::I32, source, n);
+  const GgufValue* merges =
+      array_of(h, "tokenizer.ggml.merges", GgufType::String, source, SIZE_MAX);
+  if (!merges)
+    fail(kComponent, source,
+         ": tokenizer.ggml.model is \"gpt2\" but tokenizer.ggml.merges is missing");
+  std::string pre = "default";
+  if (const GgufValue* p = h.find("tokenizer.ggml.pre")) {
+    if (p->type != GgufType::String)
+      fail(kComponent, source, ": tokenizer.ggml.pre has type ", gguf_type_name(p->type),
+           ", not a string");
+    pre = p->s;
+  }
+  nlohmann::json vocab = nlohmann::json::object(), added = nlohmann::json::array();
+  for (size_t i = 0; i < n; ++i) {
+    // 1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte (llama.cpp's types).
+    const int64_t type = types ? types->items[i].i : 1;
+    if (type < 1 || type > 6)
+      fail(kComponent, source, ": tokenizer.ggml.token_type[", i, "] = ", type,
+           " is not a token type (1..6)");
+    const std::string& piece = tokens->items[i].s;
+    if (unicode::sanitize_utf8(piece) != piece)  // byte-level tokens are always valid UTF-8
+      fail(kComponent, source, ": tokenizer.ggml.tokens[", i, "] is not valid UTF-8");
+    if (type == 3 || type == 4) {  // matched in the text before the split, as added tokens
+      added.push_back({{"id", i},
+                       {"content", piece},
+                       {"special", type == 3},
+                       {"single_word", false},
+                       {"lstrip", false},
+                       {"rstrip", false},
+                       {"normalized", false}});
+    } else if (!vocab.contains(piece)) {
+      vocab[piece] = i;
+    }
+  }
+  nlohmann::json merge_list = nlohmann::json::array();
+  for (size_t i = 0; i < merges->items.size(); ++i) {
+    const std::string& m = merges->items[i].s;
+    if (unicode::sanitize_utf8(m) != m)
+      fail(kComponent, source, ": tokenizer.ggml.merges[", i, "] is not valid UTF-8");
+    merge_list.push_back(m);
+  }
+  const nlohmann::json byte_level = {
+      {"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}};
+  auto split_then_bytes = [&](std::string_view regex) {
+    return nlohmann::json{
+        {"type", "Sequence"},
+        {"pretokenizers",
+         {{{"type", "Split"},
+           {"pattern", {{"Regex", std::string(regex)}}},
+           {"behavior", "Isolated"},
+           {"invert", false}},
+          byte_level}}};
+  };
+  nlohmann::json pre_tokenizer;
+  bool ignore_merges = false;
+  if (pre == "default" || pre == "gpt2") {
+    pre_tokenizer = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}};
+  } else if (pre == "llama-bpe" || pre == "llama3" || pre == "llama-v3") {
+    pre_tokenizer = split_then_bytes(kLlama3SplitRegex);
+    ignore_merges = true;
+  } else if (pre == "qwen2") {
+    pre_tokenizer = split_then_bytes(kQwen2SplitRegex);
+  } else {
+    fail(kComponent, source, ": tokenizer.ggml.pre \"", pre,
+         "\" is not supported (supported: default, gpt2, llama-bpe, llama3, llama-v3, qwen2)");
+  }
+  const nlohmann::json doc = {{"added_tokens", added},
+                              {"normalizer", nullptr},
+                              {"pre_tokenizer", pre_tokenizer},
+                              {"decoder", {{"type", "ByteLevel"}}},
+                              {"model",
+                               {{"type", "BPE"},
+                                {"vocab", vocab},
+                                {"merges", merge_list},
+                                {"byte_fallback", false},
+                                {"ignore_merges", ignore_merges}}}};
+  auto id = [&](const char* key) {
+    const int64_t v = meta_int(h, key, source, -1);
+    if (v < -1 || v >= static_cast<int64_t>(n))
+      fail(kComponent, source, ": ", key, " ", v, " is outside the ", n, "-token vocabulary");
+    return static_cast<int32_t>(v);
+  };
+  HfSpecialIds ids;
+  // llama.cpp adds BOS to a gpt2 vocabulary only when the file says so.
+  const GgufValue* add_bos = h.find("tokenizer.ggml.add_bos_token");
+  if (add_bos && add_bos->type != GgufType::Bool)
+    fail(kComponent, source, ": tokenizer.ggml.add_bos_token has type ",
+         gguf_type_name(add_bos->type), ", not a bool");
+  if (add_bos && add_bos->i != 0) ids.bos = id("tokenizer.ggml.bos_token_id");
+  for (const char* key : {"tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"})
+    if (const int32_t e = id(key); e >= 0) ids.eos.push_back(e);
+  try {
+    return parse_hf_tokenizer(doc.dump(), source, ids);
+  } catch (const std::invalid_argument& e) {
+    fail(kComponent, source, ": the tokenizer.ggml.* BPE vocabulary is not valid: ", e.what());
+  }
+}
+
+}  // namespace
+
 std::unique_ptr<Tokenizer> gguf_tokenizer(const GgufHeader& h, const std::string& source) {
   const GgufValue* model = h.find("tokenizer.ggml.model");
+  if (model && model->type == GgufType::String && model->s == "gpt2")
+    return gguf_bpe_tokenizer(h, source);
   if (!model || model->type != GgufType::String || model->s != "llama") return nullptr;
   const GgufValue* tokens =
       array_of(h, "tokenizer.ggml.tokens", GgufType::String, source, SIZE_MAX);

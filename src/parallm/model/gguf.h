@@ -145,9 +145,11 @@ std::unique_ptr<WeightSource> open_gguf_llama(const std::string& path, ModelConf
 // The tokenizer inside a GGUF: tokenizer.ggml.model "llama" (a sentencepiece vocabulary:
 // tokenizer.ggml.tokens, .scores, .token_type, .bos/.eos/.unknown_token_id) becomes a
 // sentencepiece BPE model (byte fallback when the vocabulary has byte pieces, identity
-// normalizer, a dummy space prefix: LLaMA's options) run by libsentencepiece. Null when the file
-// has no tokenizer or another model ("gpt2" BPE: not yet). Throws std::invalid_argument naming the
-// field when the vocabulary is malformed.
+// normalizer, a dummy space prefix: LLaMA's options) run by libsentencepiece; "gpt2" (byte-level
+// BPE: .tokens, .merges, .token_type, the split named by .pre: default/gpt2, llama-bpe/llama3,
+// qwen2; BOS only with .add_bos_token; EOS .eos_token_id and .eot_token_id) becomes the
+// equivalent tokenizer.json run by tokenizer_hf. Null when the file has no tokenizer or another
+// model. Throws std::invalid_argument naming the field when the vocabulary is malformed.
 std::unique_ptr<class Tokenizer> gguf_tokenizer(const GgufHeader& h, const std::string& source);
 // The same vocabulary as tokenizer.ggml.* metadata entries (for `parallm quantize`), from a
 // sentencepiece .model file; empty when `spm_file` is not one.

@@ -61,7 +61,8 @@ enum class Prepend { kNever, kAlways, kIfNoSpace, kFirstIfNoSpace };
 
 class HfBpeTokenizer final : public Tokenizer {
  public:
-  HfBpeTokenizer(const std::string& file, std::string_view text);
+  HfBpeTokenizer(const std::string& file, std::string_view text,
+                 const HfSpecialIds* ids = nullptr);
 
   std::vector<int32_t> encode(std::string_view text, bool add_bos) const override;
   std::string decode(const std::vector<int32_t>& ids) const override;
@@ -120,7 +121,9 @@ class HfBpeTokenizer final : public Tokenizer {
   std::vector<int32_t> eos_ids_;
 };
 
-HfBpeTokenizer::HfBpeTokenizer(const std::string& file, std::string_view text) : file_(file) {
+HfBpeTokenizer::HfBpeTokenizer(const std::string& file, std::string_view text,
+                               const HfSpecialIds* ids)
+    : file_(file) {
   const json root = parse_json_text(text, "tokenizer", file);
   if (!root.is_object()) fail("tokenizer", file, ": expected a JSON object, got ", show(root));
   if (!root.contains("model") || !root["model"].is_object()) {
@@ -136,7 +139,20 @@ HfBpeTokenizer::HfBpeTokenizer(const std::string& file, std::string_view text) :
   }
   parse_added_tokens(root.value("added_tokens", json::array()));
   build_pieces();
-  find_bos_eos(root);
+  if (!ids) {
+    find_bos_eos(root);
+    return;
+  }
+  auto check = [&](int32_t id, const char* what) {
+    if (id < 0 || id >= vocab_size())
+      fail("tokenizer", file_, ": ", what, " ", id, " is outside the vocabulary [0, ", vocab_size(),
+           ")");
+    return id;
+  };
+  if (ids->bos >= 0) bos_id_ = check(ids->bos, "bos id");
+  for (int32_t e : ids->eos)
+    if (std::find(eos_ids_.begin(), eos_ids_.end(), check(e, "eos id")) == eos_ids_.end())
+      eos_ids_.push_back(e);
 }
 
 void HfBpeTokenizer::parse_model(const json& model) {
@@ -620,6 +636,15 @@ std::unique_ptr<Tokenizer> parse_hf_tokenizer(std::string_view text, const std::
     return std::make_unique<HfBpeTokenizer>(file, text);
   } catch (const nlohmann::json::exception& e) {
     // A field of the wrong JSON type somewhere we read with value()/get().
+    fail("tokenizer", file, ": unexpected content: ", e.what());
+  }
+}
+
+std::unique_ptr<Tokenizer> parse_hf_tokenizer(std::string_view text, const std::string& file,
+                                              const HfSpecialIds& ids) {
+  try {
+    return std::make_unique<HfBpeTokenizer>(file, text, &ids);
+  } catch (const nlohmann::json::exception& e) {
     fail("tokenizer", file, ": unexpected content: ", e.what());
   }
 }

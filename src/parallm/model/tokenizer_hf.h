@@ -28,6 +28,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "parallm/model/tokenizer.h"
 
@@ -41,5 +42,15 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& file);
 // generation_config.json are still looked for beside `file`); load_hf_tokenizer() reads the file
 // and calls this, the fuzzer (fuzz/tokenizer_json.cpp) calls it on bytes in memory.
 std::unique_ptr<Tokenizer> parse_hf_tokenizer(std::string_view text, const std::string& file);
+
+// BOS and EOS given by the caller (a GGUF's tokenizer.ggml.* ids) instead of found in the
+// post-processor and the config files beside `file`, which are then not read. bos -1: none.
+// Ids outside the vocabulary: std::invalid_argument naming `file`.
+struct HfSpecialIds {
+  int32_t bos = -1;
+  std::vector<int32_t> eos;
+};
+std::unique_ptr<Tokenizer> parse_hf_tokenizer(std::string_view text, const std::string& file,
+                                              const HfSpecialIds& ids);
 
 }  // namespace parallm
