@@ -572,20 +572,7 @@ PARALLM_AVX512BF16 void bf16_gemm_tile(const uint32_t* panel, int64_t K, const u
                                    reinterpret_cast<const __m512bh&>(xv));
     }
   }
-  const __mmask16 m0 = static_cast<__mmask16>(nr >= 16 ? 0xFFFF : (1u << nr) - 1);
-  const __mmask16 m1 =
-      static_cast<__mmask16>(nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : (1u << (nr - 16)) - 1);
-#pragma GCC unroll 8
-  for (int t = 0; t < TT; ++t) {
-    float* yt = y + t * ldy;
-    __m512 v0 = acc[t][0], v1 = acc[t][1];
-    if (accumulate) {
-      v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, yt), v0);
-      v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, yt + 16), v1);
-    }
-    _mm512_mask_storeu_ps(yt, m0, v0);
-    _mm512_mask_storeu_ps(yt + 16, m1, v1);
-  }
+  simd::store_rows32<TT>(acc, y, ldy, nr, accumulate);
 }
 
 bool bf16_gemm_runs(DType type, int64_t T, int64_t K) {

@@ -1153,30 +1153,47 @@ PARALLM_AVX2 void ptile_k_avx2(const GroupQ4_K* g, const quant::BlockQ8_K* const
 }
 #endif  // PARALLM_X86
 
-template <class WB>
-void run_blocks(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
-                QuantPath path, bool packed) {
-  const int64_t N = w.dim(0), K = w.dim(1), nb = K / 32;
-  // The activations, quantized once per call by the calling thread and read by all threads.
+// The activations of one call, quantized once by the calling thread into its thread-local
+// buffers and read by all the pool's threads (through these plain pointers: inside a pool lambda
+// the thread_local names would be each worker's own, empty, buffers): the Q8_0 blocks, their
+// scales as f32 and 8 x the sum of each block's codes. `offset_codes`: each code stored as
+// x + 128 (as an unsigned byte, in the int8_t field), for kernels that need x unsigned; the sums
+// are the signed codes'.
+struct QuantizedActs {
+  const BlockQ8_0* q;
+  const float* d;
+  const int32_t* sum8;
+};
+QuantizedActs quantize_acts(const float* x, int64_t T, int64_t K, bool offset_codes) {
   thread_local std::vector<BlockQ8_0> xq_buf;
   thread_local std::vector<float> xd_buf;
   thread_local std::vector<int32_t> xs_buf;
-  const size_t n = static_cast<size_t>(T * nb);
+  const size_t n = static_cast<size_t>(T * (K / 32));
   xq_buf.resize(n);
   xd_buf.resize(n);
   xs_buf.resize(n);
   quantize_activations(x, T, K, xq_buf.data());
   for (size_t b = 0; b < n; ++b) {
-    xd_buf[b] = f16_to_f32(xq_buf[b].d);
+    BlockQ8_0& q = xq_buf[b];
+    xd_buf[b] = f16_to_f32(q.d);
     int32_t s = 0;
-    for (int j = 0; j < 32; ++j) s += xq_buf[b].qs[j];
+    for (int j = 0; j < 32; ++j) s += q.qs[j];
     xs_buf[b] = 8 * s;
+    if (offset_codes)
+      for (int j = 0; j < 32; ++j)
+        q.qs[j] = static_cast<int8_t>(static_cast<uint8_t>(q.qs[j]) ^ 0x80);
   }
-  // Plain pointers for the pool's threads: inside the lambda the thread_local names would be
-  // each worker's own (empty) buffers.
-  const BlockQ8_0* xq = xq_buf.data();
-  const float* xd = xd_buf.data();
-  const int32_t* xs = xs_buf.data();
+  return {xq_buf.data(), xd_buf.data(), xs_buf.data()};
+}
+
+template <class WB>
+void run_blocks(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
+                QuantPath path, bool packed) {
+  const int64_t N = w.dim(0), K = w.dim(1), nb = K / 32;
+  const QuantizedActs acts = quantize_acts(x, T, K, false);
+  const BlockQ8_0* xq = acts.q;
+  const float* xd = acts.d;
+  const int32_t* xs = acts.sum8;
   const WB* wb = static_cast<const WB*>(w.raw());
   const TileFn<WB> tile = tile_for<WB>(path);
   const int64_t tiles = (N + kRows - 1) / kRows;
@@ -1487,48 +1504,18 @@ PARALLM_AVX512VNNI void gemm_tile_512(const PanelBlock* p, int64_t nb, const Blo
       acc[t][1] = _mm512_add_ps(acc[t][1], p1);
     }
   }
-  const __mmask16 m0 = static_cast<__mmask16>(nr >= 16 ? 0xFFFF : (1u << nr) - 1);
-  const __mmask16 m1 = static_cast<__mmask16>(nr >= 32   ? 0xFFFF
-                                              : nr <= 16 ? 0
-                                                         : (1u << (nr - 16)) - 1);
-#pragma GCC unroll 8
-  for (int t = 0; t < TT; ++t) {
-    float* yt = y + t * ldy;
-    __m512 v0 = acc[t][0], v1 = acc[t][1];
-    if (accumulate) {
-      v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, yt), v0);
-      v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, yt + 16), v1);
-    }
-    _mm512_mask_storeu_ps(yt, m0, v0);
-    _mm512_mask_storeu_ps(yt + 16, m1, v1);
-  }
+  simd::store_rows32<TT>(acc, y, ldy, nr, accumulate);
 }
 
 template <class WB>
 void run_gemm_512(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
                   bool packed) {
   const int64_t N = w.dim(0), K = w.dim(1), nb = K / 32;
-  thread_local std::vector<BlockQ8_0> xq_buf;
-  thread_local std::vector<float> xd_buf;
-  thread_local std::vector<int32_t> xs_buf;
-  const size_t n = static_cast<size_t>(T * nb);
-  xq_buf.resize(n);
-  xd_buf.resize(n);
-  xs_buf.resize(n);
-  quantize_activations(x, T, K, xq_buf.data());
-  for (size_t i = 0; i < n; ++i) {
-    BlockQ8_0& q = xq_buf[i];
-    xd_buf[i] = f16_to_f32(q.d);
-    int32_t s = 0;
-    for (int j = 0; j < 32; ++j) s += q.qs[j];
-    xs_buf[i] = 8 * s;
-    if constexpr (std::is_same_v<WB, BlockQ8_0>)  // x + 128 as unsigned bytes
-      for (int j = 0; j < 32; ++j)
-        q.qs[j] = static_cast<int8_t>(static_cast<uint8_t>(q.qs[j]) ^ 0x80);
-  }
-  const BlockQ8_0* xq = xq_buf.data();
-  const float* xd = xd_buf.data();
-  const int32_t* xs = xs_buf.data();
+  // Q8_0 weights are the signed operand of vpdpbusd: the activations' codes go in as x + 128.
+  const QuantizedActs acts = quantize_acts(x, T, K, std::is_same_v<WB, BlockQ8_0>);
+  const BlockQ8_0* xq = acts.q;
+  const float* xd = acts.d;
+  const int32_t* xs = acts.sum8;
   const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
   ThreadPool::current().parallel_for(panels, [&](int64_t p0, int64_t p1) {
     thread_local std::vector<PanelBlock> panel;

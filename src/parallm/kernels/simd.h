@@ -40,6 +40,29 @@ PARALLM_AVX512 static inline float hsum16(__m512 v) {
   return hsum8(_mm256_add_ps(lo, hi));
 }
 
+// A GEMM tile's results for 32 consecutive outputs of TT rows (the prefill GEMMs' panels of 32
+// weight rows): acc[t][0..1] to y[t * ldy + 0..31], only the first nr (<= 32) of them, added to
+// what is there when `accumulate`.
+template <int TT>
+PARALLM_AVX512 static inline void store_rows32(const __m512 (&acc)[TT][2], float* y, int64_t ldy,
+                                               int nr, bool accumulate) {
+  const __mmask16 m0 = static_cast<__mmask16>(nr >= 16 ? 0xFFFF : (1u << nr) - 1);
+  const __mmask16 m1 = static_cast<__mmask16>(nr >= 32   ? 0xFFFF
+                                              : nr <= 16 ? 0
+                                                         : (1u << (nr - 16)) - 1);
+#pragma GCC unroll 8
+  for (int t = 0; t < TT; ++t) {
+    float* yt = y + t * ldy;
+    __m512 v0 = acc[t][0], v1 = acc[t][1];
+    if (accumulate) {
+      v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, yt), v0);
+      v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, yt + 16), v1);
+    }
+    _mm512_mask_storeu_ps(yt, m0, v0);
+    _mm512_mask_storeu_ps(yt + 16, m1, v1);
+  }
+}
+
 // Weight loaders: 8 (AVX2) or 16 (AVX-512) consecutive weights widened to f32.
 // bf16 is the top half of an f32: zero-extend each 16-bit value to 32 bits and shift left 16.
 PARALLM_AVX2 static inline __m256 load8(const float* p) {
