@@ -141,6 +141,10 @@ TEST(QuantMatmul, PrefillGemmOnAvx512VnniIsThePlainReferenceBitForBit) {
   for (DType t : {DType::Q8_0, DType::Q4_0}) {
     SCOPED_TRACE(std::string(dtype_name(t)));
     EXPECT_EQ(quant_matmul_kernel(t, T, QuantPath::Avx512Vnni), "int8-gemm-avx512-vnni");
+    // Batched decoding: from 16 tokens for Q8_0, 32 for Q4_0 (below, the GEMV).
+    const int64_t from = t == DType::Q8_0 ? 16 : 32;
+    EXPECT_EQ(quant_matmul_kernel(t, from, QuantPath::Avx512Vnni), "int8-gemm-avx512-vnni");
+    EXPECT_EQ(quant_matmul_kernel(t, from - 1, QuantPath::Avx512Vnni), "int8-avx512-vnni");
     EXPECT_EQ(quant_matmul_kernel(t, T, QuantPath::Avx2), "sgemm");
     Tensor w = quantized(t, N, K, 21);
     if (t == DType::Q8_0) {  // one row of extreme codes
@@ -168,6 +172,10 @@ TEST(QuantMatmul, PrefillGemmOnAvx512VnniIsThePlainReferenceBitForBit) {
       for (float& v : y) v -= 0.5f;
       EXPECT_LE(testing::normalised_error(z, y), 1e-6);
       EXPECT_LE(nmse(z, dq), 5e-4);
+      // A batched decoding step's size (3 tokens past the switch): the same bits.
+      std::vector<float> s(static_cast<size_t>((from + 3) * N), 0.5f);
+      quant_matmul(x.data(), from + 3, wt, s.data(), true, QuantPath::Avx512Vnni);
+      EXPECT_EQ(std::memcmp(s.data(), ref.data(), s.size() * 4), 0) << from + 3 << " tokens";
     }
   }
 }
