@@ -2,8 +2,12 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <cstring>
+
 #include "kernel_test_util.h"
 #include "parallm/core/thread_pool.h"
+#include "parallm/kernels/vec.h"
 
 namespace parallm::kernels {
 namespace {
@@ -91,6 +95,39 @@ TEST(Attention, MatchesReferenceOverGroupsAndPositions) {
           }
         }
       }
+    }
+  }
+}
+
+TEST(Attention, RegisterKernelIsTheVecKernelsBitForBit) {
+  // head_dim a multiple of 16 up to 128 runs attend_avx2 (q and the output row in registers): the
+  // same bits as a loop of vec::dot, vec::softmax and vec::axpy, the general path.
+  ThreadPool pool(2);
+  ScopedPool scoped(pool);
+  for (SimdLevel level : testing::supported_levels()) {
+    testing::ScopedSimd simd(level);
+    for (int64_t D : {16, 48, 64, 128}) {
+      const int64_t kv = 2, H = 4, T = 6, start = 5, stride = kv * D + 3;
+      const auto q = testing::random_vec(T * H * D, 21, -2, 2);
+      const auto k = testing::random_vec(16 * stride, 22, -2, 2);
+      const auto v = testing::random_vec(16 * stride, 23);
+      const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+      std::vector<float> fast(T * H * D), loop(T * H * D);
+      attention(q.data(), k.data(), v.data(), fast.data(), T, start, {H, kv, D, stride}, scale);
+      std::vector<float> scores(start + T);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t len = start + t + 1, item = t * H + h;
+          for (int64_t p = 0; p < len; ++p)
+            scores[p] = scale * vec::dot(q.data() + item * D,
+                                         k.data() + p * stride + (h / 2) * D, D, level);
+          vec::softmax(scores.data(), len, level);
+          float* o = loop.data() + item * D;
+          for (int64_t p = 0; p < len; ++p)
+            vec::axpy(scores[p], v.data() + p * stride + (h / 2) * D, o, D, level);
+        }
+      EXPECT_EQ(std::memcmp(fast.data(), loop.data(), fast.size() * 4), 0)
+          << simd_name(level) << " D=" << D;
     }
   }
 }

@@ -12,6 +12,7 @@
 #include "parallm/core/error.h"
 #include "parallm/core/thread_pool.h"
 #include "parallm/kernels/cpu.h"
+#include "parallm/kernels/simd.h"
 #include "parallm/kernels/vec.h"
 
 namespace parallm::kernels {
@@ -31,6 +32,42 @@ void check_shape(const AttentionShape& s, int64_t T, int64_t start_pos, const ch
     fail("attention", fn, ": T and start_pos must be >= 0, got ", T, " and ", start_pos);
 }
 
+#if PARALLM_X86
+// One (token, head) pair with head_dim D = 16 * C (C <= 8), AVX2: the same operations in the same
+// order as vec::dot_avx2 and vec::axpy_avx2 (so the same bits), with q and the output row held in
+// registers across positions instead of a call, a reload and a store per position.
+template <int C, class Row>
+PARALLM_AVX2 void attend_avx2(const float* qv, const float* kb, const float* vb, int64_t stride,
+                              int64_t len, float scale, const Row& row, float* scores, float* o,
+                              SimdLevel level) {
+  __m256 q[2 * C];
+#pragma GCC unroll 16
+  for (int j = 0; j < 2 * C; ++j) q[j] = _mm256_loadu_ps(qv + 8 * j);
+  for (int64_t p = 0; p < len; ++p) {
+    const float* k = kb + row(p) * stride;
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      s0 = _mm256_fmadd_ps(q[2 * c], _mm256_loadu_ps(k + 16 * c), s0);
+      s1 = _mm256_fmadd_ps(q[2 * c + 1], _mm256_loadu_ps(k + 16 * c + 8), s1);
+    }
+    scores[p] = scale * simd::hsum8(_mm256_add_ps(s0, s1));
+  }
+  vec::softmax(scores, len, level);
+  __m256 acc[2 * C];
+#pragma GCC unroll 16
+  for (int j = 0; j < 2 * C; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < len; ++p) {
+    const float* v = vb + row(p) * stride;
+    const __m256 a = _mm256_set1_ps(scores[p]);
+#pragma GCC unroll 16
+    for (int j = 0; j < 2 * C; ++j) acc[j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(v + 8 * j), acc[j]);
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < 2 * C; ++j) _mm256_storeu_ps(o + 8 * j, acc[j]);
+}
+#endif
+
 // The fast kernel over any layout: row(p) is the cache row (in units of kv_stride) of position p.
 template <class Row>
 void attention_rows(const float* q, const float* k_cache, const float* v_cache, float* out,
@@ -47,10 +84,29 @@ void attention_rows(const float* q, const float* k_cache, const float* v_cache, 
       const float* qv = q + item * D;
       const float* kb = k_cache + (h / group) * D;
       const float* vb = v_cache + (h / group) * D;
+      float* o = out + item * D;
+#if PARALLM_X86
+      if (level >= SimdLevel::Avx2 && D % 16 == 0 && D <= 128) {
+        switch (D / 16) {
+#define PARALLM_ATTEND(C)                                                                      \
+  case C:                                                                                      \
+    attend_avx2<C>(qv, kb, vb, shape.kv_stride, len, scale, row, scores.data(), o, level);     \
+    continue;
+          PARALLM_ATTEND(1)
+          PARALLM_ATTEND(2)
+          PARALLM_ATTEND(3)
+          PARALLM_ATTEND(4)
+          PARALLM_ATTEND(5)
+          PARALLM_ATTEND(6)
+          PARALLM_ATTEND(7)
+          PARALLM_ATTEND(8)
+#undef PARALLM_ATTEND
+        }
+      }
+#endif
       for (int64_t p = 0; p < len; ++p)
         scores[p] = scale * vec::dot(qv, kb + row(p) * shape.kv_stride, D, level);
       vec::softmax(scores.data(), len, level);
-      float* o = out + item * D;
       std::fill(o, o + D, 0.0f);
       for (int64_t p = 0; p < len; ++p)
         vec::axpy(scores[p], vb + row(p) * shape.kv_stride, o, D, level);
