@@ -2,6 +2,11 @@
 
 #include <gtest/gtest.h>
 
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <string>
+
 #include "kernel_test_util.h"
 #include "parallm/core/thread_pool.h"
 
@@ -20,6 +25,24 @@ TEST(Cpu, LevelIsCappedAtWhatTheCpuSupports) {
     EXPECT_GE(cpu_simd_level(), SimdLevel::Avx2);
   }
 #endif
+}
+
+TEST(Cpu, CpuidBitsAgreeWithTheKernelsFlags) {
+  // Linux lists what CPUID reports in /proc/cpuinfo's flags: our own reads of the bits must agree.
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line) && line.rfind("flags", 0) != 0) {
+  }
+  if (line.empty()) {
+    std::printf("[ skipped ] no flags line in /proc/cpuinfo\n");
+    return;
+  }
+  std::set<std::string> flags;
+  std::istringstream words(line.substr(line.find(':') + 1));
+  for (std::string w; words >> w;) flags.insert(w);
+  EXPECT_EQ(cpu_has_f16c(), flags.count("f16c") == 1);
+  EXPECT_EQ(cpu_has_avxvnni(), flags.count("avx_vnni") == 1);
+  EXPECT_EQ(cpu_has_avx512bf16(), flags.count("avx512_bf16") == 1);
 }
 
 TEST(Cpu, ParsesTheSimdCap) {

@@ -37,6 +37,15 @@ bool cpu_has_avxvnni() {
 #endif
 }
 
+bool cpu_has_avx512bf16() {
+#if PARALLM_X86
+  unsigned a, b, c, d;
+  return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 5 & 1u);
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 SimdLevel detect_cpu() {

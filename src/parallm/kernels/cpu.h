@@ -17,10 +17,12 @@ SimdLevel simd_level();            // what the fast paths use now
 void set_simd_level(SimdLevel l);  // capped at what the CPU supports
 SimdLevel cpu_simd_level();        // what the CPU supports
 // CPUID feature bits that not every compiler's __builtin_cpu_supports knows (clang 14 has neither
-// "f16c" nor "avxvnni"): F16C (leaf 1, ECX bit 29) and AVX-VNNI (leaf 7 sub-leaf 1, EAX bit 4).
-// Whether the OS saves the AVX registers is cpu_simd_level()'s check, not these.
+// "f16c" nor "avxvnni"): F16C (leaf 1, ECX bit 29), AVX-VNNI (leaf 7 sub-leaf 1, EAX bit 4) and
+// AVX512_BF16 (leaf 7 sub-leaf 1, EAX bit 5). Whether the OS saves the AVX registers is
+// cpu_simd_level()'s check, not these.
 bool cpu_has_f16c();
 bool cpu_has_avxvnni();
+bool cpu_has_avx512bf16();
 std::string simd_name(SimdLevel l);
 // "scalar", "avx2" or "avx512" (any case); otherwise std::invalid_argument naming `what` and the
 // value, e.g. "[cpu] PARALLM_SIMD=sse9 is not one of scalar, avx2, avx512".

@@ -16,8 +16,8 @@
 
 #include <algorithm>
 #include <cstring>
-#include <memory>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <vector>
@@ -240,7 +240,7 @@ PARALLM_AVX512 __attribute__((always_inline)) static inline void bf16_step32(
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     const __m512i v = _mm512_loadu_si512(w + r * ldw + k);
-    const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    const __m512 even = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(simd::kAll16, v, 16));
 #pragma GCC unroll 16
     for (int t = 0; t < TT; ++t) acc[t][r] = _mm512_fmadd_ps(even, xe[t], acc[t][r]);
     const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
@@ -515,14 +515,6 @@ void sgemm_rows(const float* x, int64_t T, const void* w, WKind kind, int64_t K,
 
 constexpr int kBf16PanelRows = 32;
 
-bool cpu_has_avx512bf16() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return cpu_simd_level() == SimdLevel::Avx512 && __builtin_cpu_supports("avx512bf16");
-  }();
-  return has;
-}
-
 // x [T, K] f32 -> bf16 (round to nearest even), n = T * K values.
 PARALLM_AVX512BF16 void round_to_bf16(const float* x, uint16_t* out, int64_t n) {
   int64_t i = 0;
@@ -576,10 +568,8 @@ PARALLM_AVX512BF16 void bf16_gemm_tile(const uint32_t* panel, int64_t K, const u
 }
 
 bool bf16_gemm_runs(DType type, int64_t T, int64_t K) {
-  return type == DType::BF16 && T >= kSgemmMinT && K % 2 == 0 &&
-         simd_level() == SimdLevel::Avx512 && cpu_has_avx512bf16();
+  return type == DType::BF16 && T >= kSgemmMinT && K % 2 == 0 && bf16_gemm_available();
 }
-
 
 // y [T, N] (+)= x W^T, W's 32-row panels packed by fill(n0, nr, panel) on the pool's threads.
 template <class Fill>
@@ -612,7 +602,6 @@ void bf16_gemm(const float* x, int64_t T, const uint16_t* w, int64_t K, int64_t 
   });
 }
 #endif  // PARALLM_X86
-
 
 void check_args(const char* fn, const float* x, int64_t T, const Tensor& w, const float* y) {
   if (!w.defined() || w.ndim() != 2 || !w.is_contiguous())
@@ -670,11 +659,8 @@ void matmul(const float* x, int64_t T, const Tensor& w, float* y, bool accumulat
 }
 
 bool bf16_gemm_available() {
-#if PARALLM_X86
+  // simd_level() is capped at what the CPU and the OS support, so Avx512 here means usable zmm.
   return simd_level() == SimdLevel::Avx512 && cpu_has_avx512bf16();
-#else
-  return false;
-#endif
 }
 
 void bf16_gemm_f32_rows(const float* x, int64_t T, int64_t K, int64_t N, float* y,

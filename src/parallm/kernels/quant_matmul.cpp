@@ -1394,9 +1394,10 @@ void run_dequant(const float* x, int64_t T, const Tensor& w, float* y, bool accu
 constexpr int64_t kSgemmMinT = 64;
 constexpr int64_t kDequantBlockBytes = int64_t{8} << 20;
 
-// Q4_0 / Q8_0 on the AVX-512 VNNI path from int8_gemm_min_tokens (prefill, and batched decoding
-// from 16 / 32 sequences): an int8 GEMM instead of sgemm or the GEMV. The activations are quantized to Q8_0 as for decoding; each thread packs 32 rows of W at
-// a time (a panel) into per-block tiles of codes as bytes, [8 quads of 4 columns][32 rows][4], so
+// Q4_0 / Q8_0 on the AVX-512 VNNI path from kInt8GemmMinT tokens (prefill, and batched decoding
+// of 16 sequences or more): an int8 GEMM instead of sgemm or the GEMV. The activations are
+// quantized to Q8_0 as for decoding; each thread packs 32 rows of W at a time (a panel), plain or
+// repacked, into per-block tiles of codes as bytes, [8 quads of 4 columns][32 rows][4], so
 // one 64-byte load holds 16 rows' next 4 codes and vpdpbusd multiplies them by one token's 4
 // codes broadcast to every lane. A tile of 32 rows x 4 tokens keeps 8 int32 accumulators for the
 // current block and 8 f32 ones for the row (21 of the 32 registers), so each weight load feeds 4
@@ -1410,9 +1411,17 @@ constexpr int kPanelRows = 32;
 constexpr int kGemmTokens = 4;
 // Tokens from which the int8 GEMM beats the GEMV (batched decoding runs below 64 tokens too).
 // Measured on a Zen 5, 2 threads, `bench decode --batch B` on the tinyllama shape, GEMM against
-// GEMV: Q8_0 0.69x at B = 8, 1.11x at 16, 1.47x at 24, 1.79x at 32; Q4_0 (whose nibbles cost more
-// to pack per call) 0.62x at 16, 0.94x at 24, 1.15x at 32, 1.54x at 48.
-int64_t int8_gemm_min_tokens(DType type) { return type == DType::Q8_0 ? 16 : 32; }
+// GEMV: Q8_0 0.69x at B = 8, 1.11x at 16, 1.47x at 24, 1.79x at 32; Q4_0 (panels packed from the
+// repacked groups) 0.60x at 8, 1.02x at 16, 1.42x at 24, 1.84x at 32.
+constexpr int64_t kInt8GemmMinT = 16;
+// Q4_K / Q6_K prefill (from kSgemmMinT tokens) on kernels/matmul.h's bf16 GEMM.
+bool kformat_bf16_gemm_runs(DType type) {
+  return (type == DType::Q4_K || type == DType::Q6_K) && bf16_gemm_available();
+}
+bool int8_gemm_runs(DType type, int64_t T, QuantPath path) {
+  return path == QuantPath::Avx512Vnni && (type == DType::Q8_0 || type == DType::Q4_0) &&
+         T >= kInt8GemmMinT;
+}
 
 struct alignas(64) PanelBlock {
   uint8_t codes[8][kPanelRows][4];
@@ -1420,34 +1429,48 @@ struct alignas(64) PanelBlock {
   int32_t start[kPanelRows];  // Q8_0: -128 x the row's code sum; Q4_0: 0 (unused)
 };
 
-// Rows [0, nr) of `rows` (plain blocks, nb per row) into nb PanelBlocks; rows nr..31 are zeros
-// (scale 0: they add 0 to outputs that are never stored).
+// Rows [n0, n0 + nr) of w (nb blocks per row) into nb PanelBlocks, read where they lie: a plain
+// row's blocks, or a repacked group's share of the row (no unpacking to plain blocks first); rows
+// nr..31 are zeros (scale 0: they add 0 to outputs that are never stored).
 template <class WB>
-void pack_panel(const WB* rows, int nr, int64_t nb, PanelBlock* out) {
+void pack_panel(const Tensor& w, bool packed, int64_t n0, int nr, int64_t nb, PanelBlock* out) {
+  const WB* plain = static_cast<const WB*>(w.raw());
+  const auto* groups = reinterpret_cast<const GroupOf<WB>*>(plain);
+  const int64_t packed_rows = packed ? w.dim(0) / kRows * kRows : 0;
   for (int64_t b = 0; b < nb; ++b) {
     PanelBlock& p = out[b];
     for (int r = 0; r < kPanelRows; ++r) {
+      const int64_t row = n0 + r;
       if (r >= nr) {
         for (int q = 0; q < 8; ++q) std::memset(p.codes[q][r], 0, 4);
         p.d[r] = 0.0f;
         p.start[r] = 0;
         continue;
       }
-      const WB& w = rows[r * nb + b];
-      p.d[r] = f16_to_f32(w.d);
+      const bool grouped = row < packed_rows;
+      const GroupOf<WB>& g = groups[row / kRows * nb + b];
+      const WB& blk = plain[row * nb + b];
+      const int gr = static_cast<int>(row % kRows);  // the row's place in its group
+      p.d[r] = f16_to_f32(grouped ? g.d[gr] : blk.d);
       if constexpr (std::is_same_v<WB, BlockQ8_0>) {
+        const int8_t* qs = grouped ? g.qs[gr] : blk.qs;
         int32_t s = 0;
-        for (int j = 0; j < 32; ++j) s += w.qs[j];
+        for (int j = 0; j < 32; ++j) s += qs[j];
         p.start[r] = -128 * s;
-        for (int q = 0; q < 8; ++q) std::memcpy(p.codes[q][r], w.qs + 4 * q, 4);
+        for (int q = 0; q < 8; ++q) std::memcpy(p.codes[q][r], qs + 4 * q, 4);
       } else {
         p.start[r] = 0;
-        for (int q = 0; q < 4; ++q) {  // columns 4q..4q+3: low nibbles; 16 + 4q..: high nibbles
+        for (int q = 0; q < 8; ++q) {  // columns 4q..4q+3
           uint32_t u;
-          std::memcpy(&u, w.qs + 4 * q, 4);
-          const uint32_t lo = u & 0x0F0F0F0Fu, hi = (u >> 4) & 0x0F0F0F0Fu;
-          std::memcpy(p.codes[q][r], &lo, 4);
-          std::memcpy(p.codes[q + 4][r], &hi, 4);
+          if (grouped) {  // codes in column order, this row's in one nibble of each byte
+            std::memcpy(&u, g.qs[gr / 2] + 4 * q, 4);
+            u >>= 4 * (gr & 1);
+          } else {  // columns 0..15 in the low nibbles, 16..31 in the high ones
+            std::memcpy(&u, blk.qs + 4 * (q & 3), 4);
+            u >>= 4 * (q >> 2);
+          }
+          u &= 0x0F0F0F0Fu;
+          std::memcpy(p.codes[q][r], &u, 4);
         }
       }
     }
@@ -1500,8 +1523,10 @@ PARALLM_AVX512VNNI void gemm_tile_512(const PanelBlock* p, int64_t nb, const Blo
 #pragma GCC unroll 8
     for (int t = 0; t < TT; ++t) {
       const __m512 dx = _mm512_set1_ps(xd[t * nb + b]);
-      __m512 p0 = _mm512_mul_ps(_mm512_mul_ps(d0, dx), _mm512_cvtepi32_ps(s[t][0]));
-      __m512 p1 = _mm512_mul_ps(_mm512_mul_ps(d1, dx), _mm512_cvtepi32_ps(s[t][1]));
+      __m512 p0 =
+          _mm512_mul_ps(_mm512_mul_ps(d0, dx), _mm512_maskz_cvtepi32_ps(simd::kAll16, s[t][0]));
+      __m512 p1 =
+          _mm512_mul_ps(_mm512_mul_ps(d1, dx), _mm512_maskz_cvtepi32_ps(simd::kAll16, s[t][1]));
       // The products are rounded before the add, as in tile_scalar: the empty asm keeps the
       // compiler from contracting mul and add into one fma (C++'s default -ffp-contract=fast).
       __asm__("" : "+v"(p0), "+v"(p1));
@@ -1524,13 +1549,11 @@ void run_gemm_512(const float* x, int64_t T, const Tensor& w, float* y, bool acc
   const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
   ThreadPool::current().parallel_for(panels, [&](int64_t p0, int64_t p1) {
     thread_local std::vector<PanelBlock> panel;
-    thread_local std::vector<char> tmp;
     panel.resize(static_cast<size_t>(nb));
     for (int64_t pi = p0; pi < p1; ++pi) {
       const int64_t n0 = pi * kPanelRows;
       const int nr = static_cast<int>(std::min<int64_t>(kPanelRows, N - n0));
-      pack_panel<WB>(reinterpret_cast<const WB*>(plain_rows(w, packed, n0, nr, tmp, false)), nr, nb,
-                     panel.data());
+      pack_panel<WB>(w, packed, n0, nr, nb, panel.data());
       int64_t t = 0;
       for (; t + kGemmTokens <= T; t += kGemmTokens)
         gemm_tile_512<WB, kGemmTokens>(panel.data(), nb, xq + t * nb, xd + t * nb, xs + t * nb,
@@ -1724,14 +1747,8 @@ void check_weight(const Tensor& w) {
 }  // namespace
 
 std::string quant_matmul_kernel(DType type, int64_t T, QuantPath path) {
-  if (path == QuantPath::Avx512Vnni && (type == DType::Q8_0 || type == DType::Q4_0) &&
-      T >= int8_gemm_min_tokens(type))
-    return "int8-gemm-avx512-vnni";
-  if (T >= kSgemmMinT) {
-    if ((type == DType::Q4_K || type == DType::Q6_K) && bf16_gemm_available())
-      return "bf16-gemm-avx512";
-    return "sgemm";
-  }
+  if (int8_gemm_runs(type, T, path)) return "int8-gemm-avx512-vnni";
+  if (T >= kSgemmMinT) return kformat_bf16_gemm_runs(type) ? "bf16-gemm-avx512" : "sgemm";
   const bool kformat = type == DType::Q4_K || type == DType::Q6_K;
   if (kformat && path != QuantPath::Scalar) return "int8-avx2";
   return "int8-" + quant_path_name(path);
@@ -1758,13 +1775,12 @@ void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y, bool acc
   }
   const bool packed = lookup_packed(w);
 #if PARALLM_X86
-  if (path == QuantPath::Avx512Vnni && T >= int8_gemm_min_tokens(w.dtype())) {
-    if (w.dtype() == DType::Q8_0) return run_gemm_512<BlockQ8_0>(x, T, w, y, accumulate, packed);
-    if (w.dtype() == DType::Q4_0) return run_gemm_512<BlockQ4_0>(x, T, w, y, accumulate, packed);
-  }
+  if (int8_gemm_runs(w.dtype(), T, path))
+    return w.dtype() == DType::Q8_0 ? run_gemm_512<BlockQ8_0>(x, T, w, y, accumulate, packed)
+                                    : run_gemm_512<BlockQ4_0>(x, T, w, y, accumulate, packed);
 #endif
   if (T >= kSgemmMinT) {
-    if ((w.dtype() == DType::Q4_K || w.dtype() == DType::Q6_K) && bf16_gemm_available()) {
+    if (kformat_bf16_gemm_runs(w.dtype())) {
       const bool simd = simd_unpack();
       return bf16_gemm_f32_rows(x, T, w.dim(1), w.dim(0), y, accumulate,
                                 [&](int64_t n0, int nr, float* out) {

@@ -11,7 +11,7 @@
 // paths are bit-identical to their reference (same int32 sums, same f32 operations). From 64
 // tokens (prefill): Q8_0 and Q4_0 on the AVX-512 VNNI path run an int8 GEMM (packed 32-row
 // panels, vpdpbusd, activations quantized as for decoding; bit-identical to the plain reference),
-// which they run from 16 (Q8_0) and 32 (Q4_0) tokens, batched decoding included;
+// which they run from 16 tokens, batched decoding included;
 // Q4_K and Q6_K on an AVX512_BF16 CPU run kernels/matmul.h's bf16 GEMM on rows dequantized to f32
 // (x and those rows rounded to bf16); everything else is dequantized to f32 a block of rows at a
 // time and multiplied by OpenBLAS sgemm with f32 activations. quant_matmul_kernel names the one.
@@ -52,7 +52,7 @@ inline void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y,
 }
 
 // What quant_matmul runs for a weight of `type`, T tokens and `path`: "int8-gemm-avx512-vnni"
-// (Q8_0 from 16 tokens, Q4_0 from 32, on that path), from T = 64 "bf16-gemm-avx512" or "sgemm",
+// (Q8_0 and Q4_0 from 16 tokens on that path), from T = 64 "bf16-gemm-avx512" or "sgemm",
 // otherwise "int8-" and the SIMD path that really runs ("int8-avx2" for the K formats on every
 // SIMD path). For benchmarks and tests.
 std::string quant_matmul_kernel(DType type, int64_t T, QuantPath path);

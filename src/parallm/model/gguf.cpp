@@ -684,6 +684,16 @@ const GgufValue* array_of(const GgufHeader& h, const std::string& key, GgufType 
 
 namespace {
 
+// A token id from the tokenizer.ggml.* metadata: `fallback` when the key is absent; -1 (none) or
+// an id of the n-token vocabulary, else one line naming the key.
+int64_t vocab_id(const GgufHeader& h, const char* key, const std::string& source, size_t n,
+                 int64_t fallback) {
+  const int64_t v = meta_int(h, key, source, fallback);
+  if (v < -1 || v >= static_cast<int64_t>(n))
+    fail(kComponent, source, ": ", key, " ", v, " is outside the ", n, "-token vocabulary");
+  return v;
+}
+
 // Qwen2's split: LLaMA-3's with single digits.
 constexpr std::string_view kQwen2SplitRegex =
     R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
@@ -775,12 +785,7 @@ std::unique_ptr<Tokenizer> gguf_bpe_tokenizer(const GgufHeader& h, const std::st
                                 {"merges", merge_list},
                                 {"byte_fallback", false},
                                 {"ignore_merges", ignore_merges}}}};
-  auto id = [&](const char* key) {
-    const int64_t v = meta_int(h, key, source, -1);
-    if (v < -1 || v >= static_cast<int64_t>(n))
-      fail(kComponent, source, ": ", key, " ", v, " is outside the ", n, "-token vocabulary");
-    return static_cast<int32_t>(v);
-  };
+  auto id = [&](const char* key) { return static_cast<int32_t>(vocab_id(h, key, source, n, -1)); };
   HfSpecialIds ids;
   // llama.cpp adds BOS to a gpt2 vocabulary only when the file says so.
   const GgufValue* add_bos = h.find("tokenizer.ggml.add_bos_token");
@@ -791,7 +796,7 @@ std::unique_ptr<Tokenizer> gguf_bpe_tokenizer(const GgufHeader& h, const std::st
   for (const char* key : {"tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"})
     if (const int32_t e = id(key); e >= 0) ids.eos.push_back(e);
   try {
-    return parse_hf_tokenizer(doc.dump(), source, ids);
+    return parse_hf_tokenizer(doc.dump(), source, &ids);
   } catch (const std::invalid_argument& e) {
     fail(kComponent, source, ": the tokenizer.ggml.* BPE vocabulary is not valid: ", e.what());
   }
@@ -814,10 +819,7 @@ std::unique_ptr<Tokenizer> gguf_tokenizer(const GgufHeader& h, const std::string
   const GgufValue* scores = array_of(h, "tokenizer.ggml.scores", GgufType::F32, source, n);
   const GgufValue* types = array_of(h, "tokenizer.ggml.token_type", GgufType::I32, source, n);
   auto id = [&](const char* key, int64_t fallback) {
-    const int64_t v = meta_int(h, key, source, fallback);
-    if (v < -1 || v >= static_cast<int64_t>(n))
-      fail(kComponent, source, ": ", key, " ", v, " is outside the ", n, "-token vocabulary");
-    return v;
+    return vocab_id(h, key, source, n, fallback);
   };
   const int64_t unk = id("tokenizer.ggml.unknown_token_id", 0);
   const int64_t bos = id("tokenizer.ggml.bos_token_id", 1);

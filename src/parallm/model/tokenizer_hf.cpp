@@ -61,8 +61,7 @@ enum class Prepend { kNever, kAlways, kIfNoSpace, kFirstIfNoSpace };
 
 class HfBpeTokenizer final : public Tokenizer {
  public:
-  HfBpeTokenizer(const std::string& file, std::string_view text,
-                 const HfSpecialIds* ids = nullptr);
+  HfBpeTokenizer(const std::string& file, std::string_view text, const HfSpecialIds* ids);
 
   std::vector<int32_t> encode(std::string_view text, bool add_bos) const override;
   std::string decode(const std::vector<int32_t>& ids) const override;
@@ -631,20 +630,12 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& file) {
   return parse_hf_tokenizer(read_tokenizer_file(file), file);
 }
 
-std::unique_ptr<Tokenizer> parse_hf_tokenizer(std::string_view text, const std::string& file) {
+std::unique_ptr<Tokenizer> parse_hf_tokenizer(std::string_view text, const std::string& file,
+                                              const HfSpecialIds* ids) {
   try {
-    return std::make_unique<HfBpeTokenizer>(file, text);
+    return std::make_unique<HfBpeTokenizer>(file, text, ids);
   } catch (const nlohmann::json::exception& e) {
     // A field of the wrong JSON type somewhere we read with value()/get().
-    fail("tokenizer", file, ": unexpected content: ", e.what());
-  }
-}
-
-std::unique_ptr<Tokenizer> parse_hf_tokenizer(std::string_view text, const std::string& file,
-                                              const HfSpecialIds& ids) {
-  try {
-    return std::make_unique<HfBpeTokenizer>(file, text, &ids);
-  } catch (const nlohmann::json::exception& e) {
     fail("tokenizer", file, ": unexpected content: ", e.what());
   }
 }

@@ -38,11 +38,6 @@ namespace parallm {
 // and the field when it is not valid JSON or not a supported tokenizer.
 std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& file);
 
-// The same from the file's contents in `text` (config.json, tokenizer_config.json and
-// generation_config.json are still looked for beside `file`); load_hf_tokenizer() reads the file
-// and calls this, the fuzzer (fuzz/tokenizer_json.cpp) calls it on bytes in memory.
-std::unique_ptr<Tokenizer> parse_hf_tokenizer(std::string_view text, const std::string& file);
-
 // BOS and EOS given by the caller (a GGUF's tokenizer.ggml.* ids) instead of found in the
 // post-processor and the config files beside `file`, which are then not read. bos -1: none.
 // Ids outside the vocabulary: std::invalid_argument naming `file`.
@@ -50,7 +45,12 @@ struct HfSpecialIds {
   int32_t bos = -1;
   std::vector<int32_t> eos;
 };
+
+// The same from the file's contents in `text` (config.json, tokenizer_config.json and
+// generation_config.json are still looked for beside `file` unless `ids` gives BOS and EOS);
+// load_hf_tokenizer() reads the file and calls this, the fuzzer (fuzz/tokenizer_json.cpp) calls it
+// on bytes in memory, the GGUF reader on the tokenizer.json it writes for a gpt2 vocabulary.
 std::unique_ptr<Tokenizer> parse_hf_tokenizer(std::string_view text, const std::string& file,
-                                              const HfSpecialIds& ids);
+                                              const HfSpecialIds* ids = nullptr);
 
 }  // namespace parallm
