@@ -14,7 +14,8 @@
 #   grid [--model DIR] [--tokens T] [--reps R] [--presets "P ..."] [--sweep "MBIT ..."]
 #        [--skew US|auto] [--no-plan]
 #                                                  measure TP/PP layouts at each preset (sets up,
-#                                                  measures, tears down) beside `parallm plan`
+#                                                  measures, tears down) beside `parallm plan`;
+#                                                  scripts/cluster/grid_svg.py draws its output
 #   presets                                        the link presets and how they are scaled
 #
 # Environment: PLM_PREFIX (default plm: namespaces plm-node0.., bridge plm-br, veths plm-v0..),
@@ -26,8 +27,8 @@
 # streams 2039 GB/s; per direction NVLink3 gives 300 GB/s (ratio 0.147), InfiniBand HDR 25 GB/s
 # (0.0123), PCIe gen4 between GPUs through the host about 12 GB/s (0.0059), 10 GbE 1.25 GB/s
 # (0.00061). The presets are those ratios times one rank's (one thread's) decode bandwidth here,
-# PLM_RANK_GBPS, default 2.5 GB/s (measured under load; `grid` prints the rate it measures, its
-# "one rank" line: set PLM_RANK_GBPS to that on a quiet machine to keep the A100's ratios).
+# PLM_RANK_GBPS: `grid` measures it first and scales its presets to it; `up`/`shape` take the
+# variable, default 2.5 GB/s (`grid` prints the rate it measured on its "compute" line).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -69,13 +70,12 @@ need_root() {
 # larger bucket would let the small messages of decode (a few KB a step, with compute between)
 # through at the veth's own speed. htb sends a packet larger than the bucket and goes into debt, so
 # the GSO packets of veth are not dropped.
-shape_dev() {  # NETNS-or-"" DEV MBIT
+shape_dev() {  # NETNS-or-"" DEV MBIT BURST_BYTES
   local in=() dev=$2 mbit=$3
   [ -n "$1" ] && in=(ip netns exec "$1")
   "${in[@]}" tc qdisc del dev "$dev" root 2>/dev/null || true
   [ "$mbit" = 0 ] && return 0
-  local burst
-  burst=$(awk -v m="$mbit" 'BEGIN { b = m * 1e6 / 8 * 1e-4; if (b < 1600) b = 1600; printf "%d\n", b }')
+  local burst=$4  # one packet: what passes at once after an idle spell is two packets (see cmd_shape)
   "${in[@]}" tc qdisc add dev "$dev" root handle 1: htb default 10
   "${in[@]}" tc class add dev "$dev" parent 1: classid 1:10 htb rate "${mbit}mbit" ceil "${mbit}mbit" quantum 30000 \
     burst "$burst" cburst "$burst"
@@ -87,12 +87,28 @@ cmd_shape() {
   local n mbit i
   n=$(cat "$STATE/nodes")
   mbit=$(rate_of "${1:?shape: give a preset or Mbit/s}") || exit 1
+  # After an idle spell htb lets through its bucket (the burst) and one packet more before it
+  # holds traffic to the rate; on a link that carries one message between two computes, that much
+  # of every message passes at once (`grid` tells the planner: burst_bytes). Both are one
+  # MTU, and the MTU is ~80 us of the link's rate within 576 B and 64000 B: small on slow links,
+  # and no more than ~12k packets a second on fast ones, above which the kernel's cost per packet,
+  # paid on the cores the ranks compute on, rules (1500 B packets at 600 Mbit/s: bench comm
+  # measured 49 MB/s of 75; 7500 B packets: 74).
+  local mtu
+  mtu=$(awk -v m="$mbit" 'BEGIN { b = (m == 0) ? 64000 : m * 1e6 / 8 * 8e-5;
+                                  if (b < 576) b = 576; if (b > 64000) b = 64000; printf "%d\n", b }')
   for ((i = 0; i < n; i++)); do
-    shape_dev "" "$PREFIX-v$i" "$mbit"        # bridge -> node i (what node i receives)
-    shape_dev "$(ns $i)" "$PREFIX-e$i" "$mbit"  # node i -> bridge (what node i sends)
+    ip link set "$PREFIX-v$i" mtu "$mtu"
+    ip netns exec "$(ns $i)" ip link set "$PREFIX-e$i" mtu "$mtu"
+  done
+  ip link set "$BR" mtu "$mtu"
+  for ((i = 0; i < n; i++)); do
+    shape_dev "" "$PREFIX-v$i" "$mbit" "$mtu"        # bridge -> node i (what node i receives)
+    shape_dev "$(ns $i)" "$PREFIX-e$i" "$mbit" "$mtu"  # node i -> bridge (what node i sends)
   done
   echo "$mbit" >"$STATE/mbit"
-  echo "links shaped to ${mbit} Mbit/s each way ($1)$([ "$mbit" = 0 ] && echo ', unshaped')"
+  echo "$mtu" >"$STATE/mtu"
+  echo "links shaped to ${mbit} Mbit/s each way ($1)$([ "$mbit" = 0 ] && echo ', unshaped'), MTU $mtu"
 }
 
 cmd_down() {
@@ -137,6 +153,9 @@ cmd_up() {
   cmd_down
   check_subnet
   # A failure (or ^C) half-way leaves nothing behind.
+  # Our own traps while the cluster is half made, the caller's (grid's tear-down) back after.
+  local saved_traps
+  saved_traps=$(trap -p EXIT INT TERM)
   trap 'echo "emulate-cluster.sh: up failed; tearing down" >&2; cmd_down' EXIT
   trap 'exit 130' INT TERM
   mkdir -p "$STATE"
@@ -150,7 +169,13 @@ cmd_up() {
     ip link add "$PREFIX-v$i" type veth peer name "$PREFIX-e$i"
     ip link set "$PREFIX-e$i" netns "$(ns $i)"
     ip link set "$PREFIX-v$i" master "$BR" up
+    # One MTU-sized packet per send (no GSO): htb lets a packet go whole while its bucket holds
+    # any credit and charges it after, so a 64 KiB GSO packet on an idle link left at once and
+    # was paid during the next compute (measured at 141 Mbit/s: a TP all-reduce of 8 KiB took
+    # 57 us with GSO, 370 us without). shape sets the MTU to the link's rate.
+    ip link set "$PREFIX-v$i" gso_max_segs 1
     ip netns exec "$(ns $i)" ip link set lo up
+    ip netns exec "$(ns $i)" ip link set "$PREFIX-e$i" gso_max_segs 1
     ip netns exec "$(ns $i)" ip addr add "$SUBNET.$((i + 1))/24" dev "$PREFIX-e$i"
     ip netns exec "$(ns $i)" ip link set "$PREFIX-e$i" up
     echo "$(ns $i) slots=$slots" >>"$STATE/hostfile"
@@ -160,6 +185,7 @@ cmd_up() {
   echo "bridge $BR $HOST_IP/24, $slots slots a node"
   cmd_shape "$preset"
   trap - EXIT INT TERM
+  eval "$saved_traps"
 }
 
 cmd_status() {
@@ -208,12 +234,14 @@ print("latency node0 -> node1: round trip median %.1f us, p10 %.1f us, p90 %.1f 
 # mpirun across the namespaces: the launch agent runs each node's daemon in its namespace; TCP and
 # the daemons' out-of-band channel only on the cluster's subnet (the shaped links), shared memory
 # (vader) between ranks of one namespace, and ranks yield when idle (every node shares this
-# machine's cores).
+# machine's cores). No binding: each node's daemon thinks it owns the machine and would bind its
+# first rank to core 0, so that one rank a node put every rank of the job on one core (measured:
+# TP=2 across two nodes 14.2 ms a token bound, 6.9 unbound; PP=2 19.0 against 11.5).
 mpirun_args() {
   echo --allow-run-as-root --oversubscribe --hostfile "$STATE/hostfile" \
     --mca plm_rsh_agent "$AGENT" --mca plm_rsh_no_tree_spawn 1 \
     --mca btl tcp,self,vader --mca btl_tcp_if_include "$SUBNET.0/24" \
-    --mca oob_tcp_if_include "$SUBNET.0/24" --mca mpi_yield_when_idle 1
+    --mca oob_tcp_if_include "$SUBNET.0/24" --mca mpi_yield_when_idle 1 --bind-to none
 }
 
 cmd_run() {

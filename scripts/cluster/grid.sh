@@ -21,7 +21,7 @@
 
 cmd_grid() {
   need_root
-  local model="" tokens=32 reps=3 skew_us=0 presets=$PRESETS sweep="60 30 6" do_plan=1
+  local model="" tokens=32 reps=3 skew_us=0 presets=$PRESETS sweep=default do_plan=1 plen=128
   while [ $# -gt 0 ]; do
     case "$1" in
       --model) model=${2:?}; shift 2 ;;
@@ -29,6 +29,7 @@ cmd_grid() {
       --presets) presets=${2:?}; shift 2 ;;
       --sweep) sweep=${2:-}; shift 2 ;;
       --reps) reps=${2:?}; shift 2 ;;
+      --prompt-len) plen=${2:?}; shift 2 ;;
       --skew) skew_us=${2:?}; shift 2 ;;
       --no-plan) do_plan=0; shift ;;
       *) die "grid: unknown option '$1'" ;;
@@ -41,30 +42,82 @@ cmd_grid() {
   trap "cmd_down; rm -rf '$work'" EXIT
   trap 'exit 130' INT TERM
   if [ -z "$model" ]; then
+    # Four layers of TinyLlama-1.1B's shape (bf16, 2048-token vocabulary): 352 MB of weights,
+    # ten times the L3, so that decode streams them from memory as a real model's does, and a
+    # step (~11 ms on one rank) that per-message latencies do not rule.
     model=$work/model
-    "$PARALLM" init-model --shape small --seed 1 --out "$model" >/dev/null
+    # shellcheck disable=SC2154  # root: set by emulate-cluster.sh, which sources this file
+    "$PARALLM" init-model --shape "$root/bench/configs/tinyllama-vocab2048.json" --layers 4 \
+      --seed 1 --out "$model" >/dev/null
   fi
+  local dtype row_bytes
+  row_bytes=$(/usr/bin/python3 -c 'import json,sys; print(4 * json.load(open(sys.argv[1]+"/config.json"))["hidden_size"])' "$model")
+  dtype=$(/usr/bin/python3 -c 'import json,sys; d=json.load(open(sys.argv[1]+"/config.json")).get("torch_dtype","float32"); print({"bfloat16":"bf16","float16":"fp16"}.get(d,"fp32"))' "$model")
   echo "# grid: model $model ($(/usr/bin/python3 -c 'import json,sys; c=json.load(open(sys.argv[1]+"/config.json")); print("hidden %d, %d layers, vocab %d, %s" % (c["hidden_size"], c["num_hidden_layers"], c["vocab_size"], c.get("torch_dtype")))' "$model")), $tokens timed tokens, fastest of $reps runs a point, arrival skew $skew_us"
   echo "# cpu: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; $(date -u +%FT%TZ)"
-  echo "# presets: $(for p in $presets; do printf '%s=%s ' "$p" "$(rate_of "$p")"; done)Mbit/s; sweep: $sweep Mbit/s"
 
-  # What the planner needs of the compute: one rank's decode bandwidth (one thread, alone) and the
-  # node's, shared by ranks streaming at once: two one-thread ranks run together, summed (the
-  # grid's ranks are one thread each; scripts/planner-accuracy.sh measures the node with all cores
-  # in one process, which on a shared 2-core machine measures the other load more than the memory).
-  local node_bw alone_bw rep
-  achieved() { "$PARALLM" bench decode --model "$model" --tokens "$tokens" --threads 1 --warmup 3 \
-                 --bandwidth 5 |
-               awk '/^  achieved/ {print $2}'; }
-  # The best of --reps (others' load only lowers it); the node streams at least what one rank does.
+  # What the planner needs of the compute, measured on one-thread ranks as the grid's are. A CPU
+  # rank's decode step is its bytes plus its FLOPs (the planner sums them on a CPU): one rank alone
+  # at batch 1 and 8 gives the FLOP rate of one more sequence (plan --flops: the GFLOPs a sequence
+  # adds over the time it adds) and, with the FLOPs of its one sequence taken out, the rate it
+  # streams the weights alone (--rank-mem-bw); two ranks at batch 1 at once, summed, what the
+  # node streams (--mem-bw: ranks on one machine share its memory). The best of --reps each
+  # (others' load only lowers them).
+  # --bandwidth as in the grid's own runs: without it bench decode reads a buffer between steps to
+  # measure the memory, which leaves every step's weights cold in the L3 (~9% slower here).
+  decode1() {  # BATCH -> "ms_per_step achieved_GBps gflops_per_s"
+    "$PARALLM" bench decode --model "$model" --tokens "$tokens" --threads 1 --warmup 3 --batch "$1" \
+      --bandwidth 5 |
+      awk '/^  ms\/(token|step)/ {ms = $NF} /^  achieved/ {bw = $2}
+           /^  GFLOP\/s \(linear\)/ {fl = $3} END {print ms + 0, bw + 0, fl + 0}'
+  }
+  local rep
   for ((rep = 0; rep < reps; rep++)); do
-    achieved >>"$work/alone"
-    achieved >"$work/bw0" & achieved >"$work/bw1"; wait
-    cat "$work/bw0" "$work/bw1" | awk '{s += $1} END {print s}' >>"$work/node"
+    decode1 1 >>"$work/alone1"
+    decode1 8 >>"$work/alone8"
+    { decode1 1 >"$work/bw0" & decode1 1 >"$work/bw1"; wait; }
+    cat "$work/bw0" "$work/bw1" | paste -sd' ' >>"$work/node"
   done
-  alone_bw=$(sort -g "$work/alone" | tail -1)
-  node_bw=$(sort -g "$work/node" | tail -1 | awk -v a="$alone_bw" '{printf "%.2f", ($1 > a ? $1 : a)}')
-  echo "# decode read bandwidth: node $node_bw GB/s, one rank $alone_bw GB/s (plan --mem-bw, --rank-mem-bw)"
+  # Prints "node alone flops" (GB/s, GB/s, GFLOP/s) from the runs in $work, the node's from NODEFILE.
+  rates() {  # NODEFILE [ALONEFILE]
+    /usr/bin/python3 - "$work" "$1" "${2:-$work/alone1}" <<'PY'
+import sys
+w = sys.argv[1]
+rows = lambda f: [list(map(float, l.split())) for l in open(f if "/" in f else f"{w}/{f}") if l.strip()]
+t1, bw1, _ = min(rows("alone1"))             # fastest batch-1 run: ms, GB/s
+t8, _, g8 = min(rows("alone8"))              # fastest batch-8 run: ms, GFLOP/s of its linear layers
+per_seq_ms = (t8 - t1) / 7                    # what one more sequence adds
+t1, bw1, _ = min(rows(sys.argv[3]))          # the one-rank run asked for (the start's, or a point's)
+# GFLOP/s: a sequence's GFLOPs (g8 x t8 / 1000 / 8) over the seconds it adds (per_seq_ms / 1000);
+# a batch-8 step no slower than batch 1 (noise) leaves the plain batch-8 rate.
+flops = g8 * t8 / 8 / per_seq_ms if per_seq_ms > 0 else g8
+stream = lambda t, bw: bw * t / max(t - per_seq_ms, 0.05 * t)  # bytes over the step less its FLOPs
+alone = stream(t1, bw1)
+node = max(max(stream(r[0], r[1]) + stream(r[3], r[4]) for r in rows(sys.argv[2])), alone)
+print("%.2f %.2f %.2f" % (node, alone, flops))
+PY
+  }
+  local node_bw alone_bw flops
+  read -r node_bw alone_bw flops < <(rates "$work/node")
+  [ -n "$flops" ] || die "bench decode printed no ms / achieved / GFLOP/s lines"
+  # Prefill's arithmetic: one rank alone on a --prompt-len prompt; its GFLOPs over its time less
+  # the weights' read (a step is bytes + FLOPs), the rate the planner gets for prefill points.
+  local pflops
+  pflops=$(for ((rep = 0; rep < reps; rep++)); do
+             "$PARALLM" bench prefill --model "$model" --threads 1 --prompt-len "$plen" |
+               awk '/^  GFLOP\/s / {g = $2} /^  ms\/prompt/ {ms = $2} END {print g * ms / 1000, ms}'
+           done | /usr/bin/python3 -c 'import sys
+bytes_gb = float(sys.argv[1]); bw = float(sys.argv[2])
+best = min((float(ms), float(gf)) for gf, ms in (l.split() for l in sys.stdin if l.strip()))
+print("%.2f" % (best[1] / (best[0] / 1e3 - bytes_gb / bw)))' \
+             "$(du -sb "$model"/*.safetensors | awk '{s += $1} END {print s / 1e9}')" "$alone_bw")
+  echo "# prefill arithmetic, one rank, $plen-token prompt: $pflops GFLOP/s (plan --flops for the prefill points)"
+  echo "# compute, one-thread ranks: node streams $node_bw GB/s, one rank alone $alone_bw GB/s, a sequence adds $flops GFLOP/s (plan --mem-bw, --rank-mem-bw, --flops; a step is bytes + FLOPs)"
+  # The presets keep the A100's link : memory ratios against what one rank streams here (unless
+  # PLM_RANK_GBPS says otherwise); the default sweep goes below the slowest preset by 2, 4 and 8.
+  [ -n "${PLM_RANK_GBPS:-}" ] || RANK_GBPS=$alone_bw
+  [ "$sweep" != default ] || sweep=$(rate_of eth | awk '{printf "%.0f %.0f %.0f", $1 / 2, $1 / 4, $1 / 8}')
+  echo "# presets: $(for p in $presets; do printf '%s=%s ' "$p" "$(rate_of "$p")"; done)Mbit/s (x $RANK_GBPS GB/s a rank); sweep: $sweep Mbit/s"
 
   cmd_up 2 --slots 2 >/dev/null
   cmd_latency | sed 's/^/# /'
@@ -73,14 +126,15 @@ cmd_grid() {
   : >"$res"
 
   # bench comm between two ranks over LINK's path (one rank a node, or both in node0), at the
-  # sizes decode sends (256 B to 16 KiB: one token's hidden state is 1 KiB here, 8 KiB at batch 8);
+  # sizes decode sends (a quarter of one token's f32 hidden state to 16 of them: 2 KiB to 128 KiB
+  # for the default model, whose token is 8 KiB, 64 KiB at batch 8);
   # a fit over larger sizes is dominated by them and misses the intercept that decode pays.
   calibrate() {  # NAME MAP(node|slot)
     local op rep
     for op in all_reduce sendrecv; do
       for ((rep = 0; rep < reps; rep++)); do
         cmd_run -np 2 --map-by "$2" -- "$PARALLM" bench comm --op "$op" --algo auto \
-          --min-bytes 256 --max-bytes 16K --step-factor 2 --iters 20 >>"$comm/$1.$op.txt" 2>&1 ||
+          --min-bytes "$((row_bytes / 4))" --max-bytes "$((row_bytes * 16))" --step-factor 2 --iters 20 >>"$comm/$1.$op.txt" 2>&1 ||
           die "bench comm ($1, $op) failed: $(tail -3 "$comm/$1.$op.txt")"
       done
     done
@@ -88,9 +142,15 @@ cmd_grid() {
     # reference) the fastest of --reps runs, then alpha + n / beta by
     # least squares on the relative error (a plain fit is ruled by the largest sizes and, on a
     # loaded machine, gave a negative slope or an intercept of a millisecond).
-    /usr/bin/python3 - "$comm/$1" "$skew_us" <<'PY'
+    # A shaped link's token bucket lets its burst (one MTU, see cmd_shape) through at once after
+    # an idle spell: the planner's burst_bytes. (The packet more that htb allows past an empty
+    # bucket did not show: per all-reduce of 8 KiB at 48-192 Mbit/s, decode saved 0.2-0.7 MTU
+    # against bench comm's back-to-back rate, not 2.) None in one node.
+    local burst=0
+    [ "$2" = node ] && [ "$(cat "$STATE/mbit")" != 0 ] && burst=$(cat "$STATE/mtu")
+    /usr/bin/python3 - "$comm/$1" "$skew_us" "$burst" <<'PY'
 import json, sys
-p, skew = sys.argv[1], (0.0 if sys.argv[2] == "auto" else float(sys.argv[2]))
+p, skew, burst = sys.argv[1], (0.0 if sys.argv[2] == "auto" else float(sys.argv[2])), int(sys.argv[3])
 ops = {}
 for op in ("all_reduce", "sendrecv"):
     best = {}
@@ -115,10 +175,11 @@ for op in ("all_reduce", "sendrecv"):
     ops[op] = {"alpha_us": a * 1e6, "beta_gbps": 1e-9 / x}
 cal = {"backend": "mpi", "world": 2, "ops": ops}
 if skew > 0: cal["arrival_skew_us"] = skew
+if burst > 0: cal["burst_bytes"] = burst
 json.dump(cal, open(p + ".json", "w"))
-print("# comm %-6s all_reduce alpha %7.1f us beta %7.4f GB/s | sendrecv alpha %7.1f us beta %7.4f GB/s"
+print("# comm %-6s all_reduce alpha %7.1f us beta %7.4f GB/s | sendrecv alpha %7.1f us beta %7.4f GB/s | burst %d B"
       % (p.rsplit("/", 1)[1], ops["all_reduce"]["alpha_us"], ops["all_reduce"]["beta_gbps"],
-         ops["sendrecv"]["alpha_us"], ops["sendrecv"]["beta_gbps"]))
+         ops["sendrecv"]["alpha_us"], ops["sendrecv"]["beta_gbps"], burst))
 PY
   }
   # A calibration made of the all-reduce of one link and the send/recv of another.
@@ -141,8 +202,20 @@ PY
     # The fastest of --reps runs: on a shared machine the others' load only ever adds time.
     # A run that fails (seen now and then on the loaded machine: a rank leaving without
     # MPI_Finalize after its output) is retried, twice at most in a point, and counted.
-    local rep best="" o m fails=0
+    # What two ranks stream at once varies here from minute to minute (the cores' and the
+    # memory's other tenants: a pair of one-rank runs took 11.2 ms a token in one minute and 14.5
+    # in the next), so each point's planner gets the node's rate measured beside it: a pair of
+    # one-rank batch-1 runs just before each of its runs, the fastest pair (as the runs are the
+    # fastest of theirs; the pair beside the run kept was tried too, and missed more); and so is
+    # one rank's alone (what a PP stage streams at batch 1), from a one-rank run beside the pair.
+    local rep best="" o m fails=0 pairs=$work/node.$layout.$link.$batch
+    local alone=$work/alone.$layout.$link.$batch
+    : >"$pairs"
+    : >"$alone"
     for ((rep = 0; rep < reps; rep++)); do
+      decode1 1 >>"$alone"
+      { decode1 1 >"$work/bw0" & decode1 1 >"$work/bw1"; wait; }
+      cat "$work/bw0" "$work/bw1" | paste -sd' ' >>"$pairs"
       if ! o=$(cmd_run -np "$np" --map-by "$map" -- "$PARALLM" bench decode --model "$model" \
                  --tokens "$tokens" --warmup 3 --threads 1 --batch "$batch" "${mb[@]}" \
                  --bandwidth 5 --comm-stats --comm-timeout 120 "$@" 2>&1); then
@@ -177,22 +250,52 @@ c = json.load(open(sys.argv[1]))
 if float(sys.argv[2]) > 0: c["arrival_skew_us"] = float(sys.argv[2])
 json.dump(c, open(sys.argv[1], "w"))' "$cal" "$skew_us"
     fi
+    local point_node_bw point_alone_bw
+    read -r point_node_bw point_alone_bw _ < <(rates "$pairs" "$alone")
     if [ "$do_plan" = 1 ]; then
       local tp=1 pp=1 a prev=""
       for a in "$@"; do case "$prev" in --tp) tp=$a ;; --pp) pp=$a ;; esac; prev=$a; done
       pred=$("$PARALLM" plan --model "$model/config.json" --gpu cpu --gpus "$np" --calibrate "$cal" \
-               --mem-bw "$node_bw" --rank-mem-bw "$alone_bw" --dtype fp32 --act-dtype fp32 \
-               --batch "$batch" --prompt-len 1 --output-len "$tokens" --tp "$tp" --pp "$pp" --json |
+               --mem-bw "$point_node_bw" --rank-mem-bw "$point_alone_bw" --flops "$flops" --dtype "$dtype" \
+               --act-dtype fp32 --batch "$batch" --prompt-len 1 --output-len "$tokens" --tp "$tp" --pp "$pp" --json |
              /usr/bin/python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["layouts"][0]["tpot_ms"])')
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$layout" "$link" "$batch" "$ms" "$pred" "$stats" |
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$layout" "$link" "$batch" "$ms" "$pred" "$stats" \
+      "$point_node_bw" "$point_alone_bw" |
       tee -a "$res" | awk -F'\t' '{e = ($5 == "nan") ? "nan" : sprintf("%+.1f", ($5 / $4 - 1) * 100);
-        printf "%-12s %-8s %5s %11s %12s %9s   us/call ar/send/recv %s\n", $1, $2, $3, $4, $5, e, $6}'
+        printf "%-12s %-8s %5s %11s %12s %9s   us/call ar/send/recv %s, node/rank %s/%s GB/s\n", $1, $2, $3, $4, $5, e, $6, $7, $8}'
+  }
+
+  # Prefill of one --prompt-len prompt (bench prefill: the timed pass after a warm-up; through the
+  # stages for PP) against the planner's time to first token less one decode step.
+  measure_prefill() {  # LAYOUT LINK NP MAP CAL FLAGS...
+    local layout=$1 link=$2 np=$3 map=$4 cal=$5
+    shift 5
+    local rep best="" o m pred=nan
+    for ((rep = 0; rep < reps; rep++)); do
+      o=$(cmd_run -np "$np" --map-by "$map" -- "$PARALLM" bench prefill --model "$model" \
+            --threads 1 --prompt-len "$plen" --comm-timeout 120 "$@" 2>&1) ||
+        die "bench prefill $layout $link failed: $(echo "$o" | tail -3)"
+      m=$(echo "$o" | awk '/^  ms\/prompt/ {print $2; exit}')
+      if [ -z "$best" ] || awk -v a="$m" -v b="$best" 'BEGIN { exit !(a < b) }'; then best=$m; fi
+    done
+    if [ "$do_plan" = 1 ]; then
+      local tp=1 pp=1 a prev=""
+      for a in "$@"; do case "$prev" in --tp) tp=$a ;; --pp) pp=$a ;; esac; prev=$a; done
+      pred=$("$PARALLM" plan --model "$model/config.json" --gpu cpu --gpus "$np" --calibrate "$cal" \
+               --mem-bw "$node_bw" --rank-mem-bw "$alone_bw" --flops "$pflops" --dtype "$dtype" \
+               --act-dtype fp32 --batch 1 --prompt-len "$plen" --output-len 1 --tp "$tp" --pp "$pp" \
+               --json | /usr/bin/python3 -c 'import json,sys; l = json.load(sys.stdin)["layouts"][0]
+print("%.3f" % (l["ttft_ms"]))')
+    fi
+    printf '%s\t%s\tp%s\t%s\t%s\t\t\t\n' "$layout" "$link" "$plen" "$best" "$pred" |
+      tee -a "$res" | awk -F'\t' '{e = ($5 == "nan") ? "nan" : sprintf("%+.1f", ($5 / $4 - 1) * 100);
+        printf "%-12s %-8s %5s %11s %12s %9s   (prefill)\n", $1, $2, $3, $4, $5, e}'
   }
 
   [ "$(nproc)" -ge 4 ] ||
     echo "# TP=2 x PP=2 points left out: 4 ranks on $(nproc) cores would time-slice (run on >= 4 cores)"
-  echo "# layout      link     batch measured_ms predicted_ms error_pct"
+  echo "# layout      link     batch measured_ms predicted_ms error_pct (batch pN: prefill of N tokens)"
   cmd_shape none >/dev/null
   calibrate shm slot
   local b
@@ -200,6 +303,8 @@ json.dump(c, open(sys.argv[1], "w"))' "$cal" "$skew_us"
     measure tp2 shm "$b" 2 slot "$comm/shm.json" --tp 2
     measure pp2 shm "$b" 2 slot "$comm/shm.json" --pp 2
   done
+  measure_prefill tp2 shm 2 slot "$comm/shm.json" --tp 2
+  measure_prefill pp2 shm 2 slot "$comm/shm.json" --pp 2
   local p mbit name
   for p in $presets $sweep; do
     mbit=$(rate_of "$p")
@@ -219,6 +324,8 @@ json.dump(c, open(sys.argv[1], "w"))' "$cal" "$skew_us"
         measure tp2pp2-tpx "$name" "$b" 4 node "$comm/$name.tpx.json" --tp 2 --pp 2 ;;
       esac
     done
+    measure_prefill tp2 "$name" 2 node "$comm/$name.json" --tp 2
+    measure_prefill pp2 "$name" 2 node "$comm/$name.json" --pp 2
     echo "$name $mbit" >>"$work/rates"
   done
   cmd_down
@@ -229,19 +336,29 @@ json.dump(c, open(sys.argv[1], "w"))' "$cal" "$skew_us"
   # shaped links' measured latency and a bandwidth of that rate times the efficiency bench comm
   # measured on the shaped links.
   /usr/bin/python3 - "$res" "$work/rates" "$comm" "$PARALLM" "$model" "$node_bw" "$alone_bw" \
-    "$tokens" "$do_plan" "$skew_us" <<'PY'
+    "$tokens" "$do_plan" "$skew_us" "$flops" "$dtype" <<'PY'
 import json, math, subprocess, sys, os
-res, rates_f, comm, parallm, model, node_bw, alone_bw, tokens, do_plan, skew = sys.argv[1:]
+res, rates_f, comm, parallm, model, node_bw, alone_bw, tokens, do_plan, skew, flops, dtype = sys.argv[1:]
 skew = 0.0 if skew == "auto" else float(skew)  # "auto" left only if the shm point never ran
 rates = dict(l.split() for l in open(rates_f))
-pts = {}
+pts, node_rates, prefill = {}, [], {}
 for l in open(res):
     layout, link, b, ms, pred = l.split("\t")[:5]
+    if b.startswith("p"):  # prefill points: their own error line, not in the crossovers
+        prefill[(layout, link)] = (float(ms), float(pred))
+        continue
     pts[(layout, link, int(b))] = (float(ms), float(pred))
-errs = [abs(p / m - 1) for (m, p) in pts.values() if p == p]
-if errs:
-    print("# planner error: mean |error| %.1f%%, max %.1f%% over %d points"
-          % (100 * sum(errs) / len(errs), 100 * max(errs), len(errs)))
+    node_rates.append((float(l.split("\t")[6]), float(l.split("\t")[7])))
+# The sweep's node and rank rates: the medians of those measured beside the points (the ones at
+# the start are one minute's).
+if node_rates:
+    node_bw = "%.2f" % sorted(r[0] for r in node_rates)[len(node_rates) // 2]
+    alone_bw = "%.2f" % sorted(r[1] for r in node_rates)[len(node_rates) // 2]
+for what, d in (("decode", pts), ("prefill", prefill)):
+    errs = [abs(p / m - 1) for (m, p) in d.values() if p == p]
+    if errs:
+        print("# planner error, %s: mean |error| %.1f%%, max %.1f%% over %d points"
+              % (what, 100 * sum(errs) / len(errs), 100 * max(errs), len(errs)))
 
 def crossover(series):  # [(mbit, tp_ms, pp_ms)] -> Mbit/s below which PP is faster
     s = sorted(series, reverse=True)
@@ -271,25 +388,27 @@ for b in (1, 8):
     if do_plan == "1" and eff:
         sweep, e = [], med(eff)
         tmp = comm + "/sweep.json"
-        r = 4000.0
-        while r >= 1:
+        r, low = 2 * max(shaped.values()), min(shaped.values()) / 2
+        while r >= low:
             beta = r * e / 8000
             cal = {"backend": "mpi", "world": 2, "ops": {
                 "all_reduce": {"alpha_us": med(ar_a), "beta_gbps": beta},
                 "sendrecv": {"alpha_us": med(sr_a), "beta_gbps": beta}}}
             if skew > 0: cal["arrival_skew_us"] = skew
+            # The bucket that shape would give this rate: one MTU, 80 us of the rate.
+            cal["burst_bytes"] = int(min(max(r * 1e6 / 8 * 8e-5, 576), 64000))
             json.dump(cal, open(tmp, "w"))
             t = []
             for lay in (["--tp", "2"], ["--pp", "2"]):
                 out = subprocess.run([parallm, "plan", "--model", model + "/config.json", "--gpu", "cpu",
                     "--gpus", "2", "--calibrate", tmp, "--mem-bw", node_bw, "--rank-mem-bw", alone_bw,
-                    "--dtype", "fp32", "--act-dtype", "fp32", "--batch", str(b), "--prompt-len", "1",
+                    "--flops", flops, "--dtype", dtype, "--act-dtype", "fp32", "--batch", str(b), "--prompt-len", "1",
                     "--output-len", tokens, "--json"] + lay, capture_output=True, text=True, check=True)
                 t.append(json.loads(out.stdout)["layouts"][0]["tpot_ms"])
             sweep.append((r, t[0], t[1]))
             r /= 1.25
-        line += ", predicted %s Mbit/s (planner sweep, link efficiency %.2f, alpha %.0f/%.0f us)" % (
-            crossover(sweep), e, med(ar_a), med(sr_a))
+        line += ", predicted %s Mbit/s (planner sweep, link efficiency %.2f, alpha %.0f/%.0f us, node/rank %s/%s GB/s)" % (
+            crossover(sweep), e, med(ar_a), med(sr_a), node_bw, alone_bw)
         line += ", predicted at the grid's rates %s Mbit/s" % crossover(pred_pts)
     print(line)
 PY

@@ -51,6 +51,21 @@ TEST(Cli, BatchedDecodePrintsItsComputeRoofline) {
   EXPECT_NEAR(share, gflops / peak, rounding + 0.001) << r.output;
 }
 
+// Prefill through pipeline stages runs the engine's prompt pass (the activations sent stage to
+// stage) and times it: the same prompt's FLOPs, a positive time, and the layout named.
+TEST(Cli, PrefillRunsThroughPipelineStages) {
+  for (const char* layout : {"--tp 2", "--pp 2"}) {
+    auto r = run_parallm("bench prefill --model " + testing::stories_model() +
+                         " --prompt-len 32 --threads 1 " + layout);
+    ASSERT_EQ(r.exit_code, 0) << layout << "\n" << r.output;
+    const std::string name = std::string(layout) == "--tp 2" ? "tp 2 x pp 1" : "tp 1 x pp 2";
+    EXPECT_NE(r.output.find(name), std::string::npos) << r.output;
+    const size_t at = r.output.find("ms/prompt");
+    ASSERT_NE(at, std::string::npos) << r.output;
+    EXPECT_GT(std::stod(r.output.substr(at + 9)), 0) << r.output;
+  }
+}
+
 TEST(Cli, BadFlagsAndValues) {
   const std::string m = "--model " + testing::stories_model();
   expect_one_line_error("generate " + m + " --prompt-ids 1 --no-such-flag", "--no-such-flag");

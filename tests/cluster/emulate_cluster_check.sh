@@ -77,8 +77,9 @@ done
 
 # Waits for the job's rank inside node1, then signals it; the job must end within 25 s.
 signal_rank() {  # SIGNAL OUTFILE
-  "$S" run -np 2 --map-by node -- "$bin" bench decode --model "$tmp/tiny" --tp 2 --threads 1 \
-    --tokens 100000000 --comm-timeout 4 >"$2" 2>&1 &
+  # A job that runs for hours unless stopped: all-reduces of 1 KiB between the two nodes.
+  "$S" run -np 2 --map-by node -- "$bin" bench comm --op all_reduce --min-bytes 1K --max-bytes 1K \
+    --iters 1000000000 --comm-timeout 4 >"$2" 2>&1 &
   local job=$! pid="" i
   for ((i = 0; i < 100; i++)); do
     [ -z "$pid" ] || break

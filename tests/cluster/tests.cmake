@@ -8,3 +8,7 @@ if(PARALLM_HAVE_MPI)
                        SKIP_RETURN_CODE 77 RUN_SERIAL TRUE
                        ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
 endif()
+
+# The grid's drawing (scripts/cluster/grid_svg.py) from a recorded grid output.
+add_test(NAME cluster_grid_svg COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/grid_svg_check.sh)
+set_tests_properties(cluster_grid_svg PROPERTIES LABELS "unit;cluster" TIMEOUT 60)

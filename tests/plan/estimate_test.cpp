@@ -16,20 +16,42 @@
 namespace parallm::plan {
 namespace {
 
-ClusterSpec a100x4(const std::string& link) {
+// `--gpu GPU --gpus N [--link LINK]`.
+ClusterSpec cluster_of(const std::string& gpu, int gpus, const std::string& link = "") {
   ClusterOptions o;
-  o.gpu = "a100-80g";
-  o.gpus = 4;
-  o.link = link;
+  o.gpu = gpu;
+  o.gpus = gpus;
+  if (!link.empty()) o.link = link;
   return build_cluster(o);
 }
 
-InferenceWorkload seed_workload(int64_t batch) {
+ClusterSpec a100x4(const std::string& link) {
+  return cluster_of("a100-80g", 4, link);
+}
+// This machine as `ranks` ranks.
+ClusterSpec cpu_cluster(int ranks) {
+  return cluster_of("cpu", ranks);
+}
+
+// Prompts of `prompt` tokens, `output` new tokens each.
+InferenceWorkload workload(int64_t batch, int64_t prompt, int64_t output) {
   InferenceWorkload w;
   w.batch = batch;
-  w.prompt_len = 512;
-  w.output_len = 128;
-  return w;  // fp16 weights, KV and activations
+  w.prompt_len = prompt;
+  w.output_len = output;
+  return w;
+}
+
+InferenceWorkload seed_workload(int64_t batch) {
+  return workload(batch, 512, 128);  // fp16 weights, KV and activations
+}
+
+// Decode of `batch` one-token prompts, one new token, bf16 weights, f32 activations (the engine's).
+InferenceWorkload cpu_decode(int64_t batch) {
+  InferenceWorkload w = workload(batch, 1, 1);
+  w.weights = Precision::BF16;
+  w.activations = Precision::FP32;
+  return w;
 }
 
 // Recursive doubling over 4 ranks: 2 steps of alpha + n / beta.
@@ -358,7 +380,7 @@ TEST(Estimate, CpuDecodeIsWeightsOverBandwidthPlusCalibratedComm) {
                              "comm.json");
   o.mem_bw = 30e9;
   o.rank_mem_bw = 20e9;
-  o.flops = 1e15;  // make compute free so that the check is about bytes and messages
+  o.flops = 1e30;  // make compute free so that the check is about bytes and messages
   InferenceWorkload w;
   w.batch = 1;
   w.prompt_len = 1;
@@ -409,6 +431,92 @@ TEST(Estimate, CpuDecodeIsWeightsOverBandwidthPlusCalibratedComm) {
   ASSERT_GT(mem_total_kib, 0);
   EXPECT_EQ(cl.device.cores, processors);
   EXPECT_DOUBLE_EQ(cl.device.mem_capacity, mem_total_kib * 1024);
+}
+
+TEST(Estimate, ATokenBucketLinkPassesItsBurstAfterCompute) {
+  // A shaped link lets burst_bytes through at once after an idle spell. In decode every TP
+  // all-reduce (44 in the layers, 1 in the embedding) and the PP hop follow compute long enough to
+  // refill it, so each saves burst / beta against the same calibration without the burst.
+  const ModelConfig c = resolve_model("tinyllama-1.1b");
+  const ClusterSpec cl = cpu_cluster(2);
+  const char* ops = R"("ops": {"all_reduce": {"alpha_us": 20, "beta_gbps": 0.01},
+      "sendrecv": {"alpha_us": 5, "beta_gbps": 0.02}})";
+  PlanOptions o;
+  o.mem_bw = 30e9;
+  o.rank_mem_bw = 20e9;
+  o.flops = 1e30;
+  const InferenceWorkload w = cpu_decode(1);
+  auto tpot = [&](const std::string& extra, Layout l) {
+    o.calibration =
+        Calibration::from_json(nlohmann::json::parse("{\"backend\": \"mpi\", \"world\": 2, " +
+                                                     extra + std::string(ops) + "}"),
+                               "comm.json");
+    return estimate_inference(c, cl, l, w, o).tpot;
+  };
+  const double burst = 4096;  // half of one token's 2048 f32
+  EXPECT_NEAR(tpot("", {2, 1, 1, 1}) - tpot("\"burst_bytes\": 4096, ", {2, 1, 1, 1}),
+              45 * burst / 0.01e9, 1e-9);
+  EXPECT_NEAR(tpot("", {1, 2, 1, 1}) - tpot("\"burst_bytes\": 4096, ", {1, 2, 1, 1}),
+              burst / 0.02e9, 1e-9);
+  // A burst larger than the message saves the message's bytes, never more.
+  EXPECT_NEAR(tpot("", {1, 2, 1, 1}) - tpot("\"burst_bytes\": 1e9, ", {1, 2, 1, 1}),
+              2048 * 4 / 0.02e9, 1e-9);
+  EXPECT_THROW(tpot("\"burst_bytes\": -1, ", {2, 1, 1, 1}), std::exception);
+}
+
+TEST(Estimate, PipelineMicroBatchesQueueOnASlowStageLink) {
+  // PP=2 at batch 8 runs 2 micro-batches of 4; over a link of 100 kB/s each one's activations
+  // (4 x 2048 f32 = 32 KiB) take ~330 ms, far longer than either stage's ~70 ms, and the second
+  // waits for the first on the link: the step is 2 hops, not one hop plus the stages.
+  const ModelConfig c = resolve_model("tinyllama-1.1b");
+  const ClusterSpec cl = cpu_cluster(2);
+  PlanOptions o;
+  o.calibration =
+      Calibration::from_json(nlohmann::json::parse(R"({"backend": "mpi", "world": 2, "ops": {
+      "all_reduce": {"alpha_us": 20, "beta_gbps": 0.001}, "sendrecv": {"alpha_us": 40, "beta_gbps": 0.0001}}})"),
+                             "comm.json");
+  o.mem_bw = 30e9;
+  o.rank_mem_bw = 20e9;
+  o.flops = 1e30;
+  const InferenceWorkload w = cpu_decode(8);
+  const LayoutEstimate pp = estimate_inference(c, cl, {1, 2, 1, 1}, w, o);
+  ASSERT_EQ(pp.micro_batches, 2);
+  const double hop = 40e-6 + 4 * 2048 * 4 / 1e5;
+  EXPECT_NEAR(pp.tpot, 2 * hop, 1e-9 * pp.tpot);
+  // The path (stages + one hop + the tokens back) is shorter: the rest is queueing on the link.
+  EXPECT_GT(pp.decode_pipeline_wait, 0.3 * hop);
+  bool named = false;
+  for (const CostTerm& t : pp.decode_terms)
+    named |= t.name == "micro-batches queueing on a stage link";
+  EXPECT_TRUE(named);
+  // On a fast link the stages are the bottleneck again: two micro-batches on the slower stage.
+  o.calibration->ops["sendrecv"] = {5e-6, 50e9};
+  const LayoutEstimate fast = estimate_inference(c, cl, {1, 2, 1, 1}, w, o);
+  EXPECT_LT(fast.tpot, 0.5 * pp.tpot);
+  bool at_stages = false;
+  for (const CostTerm& t : fast.decode_terms)
+    at_stages |= t.name == "micro-batches queueing at stages";
+  EXPECT_TRUE(at_stages);
+}
+
+TEST(Estimate, ACpuStepIsItsBytesPlusItsFlopsAnAcceleratorsTheLarger) {
+  // One CPU rank at batch 8: the step is the time to read the weights plus the time to multiply,
+  // each computed alone (the other rate made infinite); an A100's is the larger of the two.
+  const ModelConfig c = resolve_model("tinyllama-1.1b");
+  const InferenceWorkload w = cpu_decode(8);
+  auto tpot = [&](const ClusterSpec& cl, double bw, double flops) {
+    PlanOptions o;
+    o.mem_bw = bw;
+    o.flops = flops;
+    return estimate_inference(c, cl, {1, 1, 1, 1}, w, o).tpot;
+  };
+  const ClusterSpec cpu = cpu_cluster(1);
+  const double bytes = tpot(cpu, 30e9, 1e30), flops = tpot(cpu, 1e30, 100e9);
+  EXPECT_GT(flops, 0.5 * bytes);  // both matter
+  EXPECT_NEAR(tpot(cpu, 30e9, 100e9), bytes + flops, 1e-9 * (bytes + flops));
+  const ClusterSpec gpu = cluster_of("a100-80g", 1);
+  const double g_bytes = tpot(gpu, 30e9, 1e30), g_flops = tpot(gpu, 1e30, 100e9);
+  EXPECT_NEAR(tpot(gpu, 30e9, 100e9), std::max(g_bytes, g_flops), 1e-9 * (g_bytes + g_flops));
 }
 
 TEST(Estimate, TrainingStepBubbleAndMfu) {

@@ -277,20 +277,36 @@ int run_prefill(const PrefillOptions& o) {
     std::vector<int32_t> ids(o.prompt_len);
     for (int i = 0; i < o.prompt_len; ++i)
       ids[i] = static_cast<int32_t>((i * 7919 + 3) % c.vocab_size);
-    StageForward fwd(ctx.model, 1, o.prompt_len, o.prompt_len);
-    std::vector<float> x(static_cast<size_t>(o.prompt_len) * c.hidden_size);
-    std::vector<float> logits(ctx.model.vocab_shard().size());
-    auto once = [&] {
-      fwd.embed(ids.data(), o.prompt_len, x.data());
-      fwd.layers(x.data(), {SeqChunk{0, 0, o.prompt_len}});
-      fwd.head(x.data() + (o.prompt_len - 1) * c.hidden_size, 1, logits.data());
-    };
-    once();  // warm-up
-    ctx.tp.barrier();
-    Timer t;
-    once();
-    ctx.tp.barrier();
-    const double secs = t.seconds();
+    double secs = 0;
+    if (ctx.mesh.pp_size() > 1) {
+      // Through the stages: the engine's own prompt pass (one micro-batch, the activations sent
+      // stage to stage), timed until the last stage has it, the latest end over ranks.
+      BatchOptions bo;
+      bo.max_tokens = 1;
+      bo.ignore_eos = true;
+      bo.micro_batches = 1;
+      generate_batch(ctx.model, ctx.mesh, {ids}, bo);  // warm-up
+      ctx.world.barrier();
+      const BatchResult r = generate_batch(ctx.model, ctx.mesh, {ids}, bo);
+      float end = static_cast<float>(r.prefill_seconds);
+      ctx.world.all_reduce(&end, 1, comm::ReduceOp::Max);
+      secs = end;
+    } else {
+      StageForward fwd(ctx.model, 1, o.prompt_len, o.prompt_len);
+      std::vector<float> x(static_cast<size_t>(o.prompt_len) * c.hidden_size);
+      std::vector<float> logits(ctx.model.vocab_shard().size());
+      auto once = [&] {
+        fwd.embed(ids.data(), o.prompt_len, x.data());
+        fwd.layers(x.data(), {SeqChunk{0, 0, o.prompt_len}});
+        fwd.head(x.data() + (o.prompt_len - 1) * c.hidden_size, 1, logits.data());
+      };
+      once();  // warm-up
+      ctx.tp.barrier();
+      Timer t;
+      once();
+      ctx.tp.barrier();
+      secs = t.seconds();
+    }
     if (!ctx.is_root()) return;
     // FLOPs: 2 per weight per token in the layers, attention's QK^T and PV over the causal
     // triangle, and the LM head for the last token.
@@ -301,9 +317,11 @@ int run_prefill(const PrefillOptions& o) {
     const double flops = c.num_hidden_layers * (2 * T * layer_w + attn) + 2 * H * c.vocab_size;
     const double ours = flops / secs / 1e9;
     const double blas = openblas_gflops(c, o.prompt_len);
-    std::printf("bench prefill: %s, tp %d, %d threads/rank, prompt %d tokens\n",
-                o.engine.model.c_str(), ctx.tp.size(), ThreadPool::current().size(), o.prompt_len);
+    std::printf("bench prefill: %s, tp %d x pp %d, %d threads/rank, prompt %d tokens\n",
+                o.engine.model.c_str(), ctx.tp.size(), ctx.mesh.pp_size(),
+                ThreadPool::current().size(), o.prompt_len);
     std::printf("  prompt tokens/s     %10.1f\n", T / secs);
+    std::printf("  ms/prompt           %10.2f\n", 1e3 * secs);
     std::printf("  GFLOP/s             %10.1f\n", ours);
     std::printf("  OpenBLAS sgemm      %10.1f GFLOP/s (f32, same shapes, all threads)\n", blas);
     std::printf("  ratio               %10.3f\n", ours / blas);

@@ -347,6 +347,7 @@ Calibration Calibration::from_json(const json& j, const std::string& source) {
     c.flops = number(comp, "gflops", source + ": compute", false, 0, "calibrate") * 1e9;
   }
   c.arrival_skew = number(j, "arrival_skew_us", source, false, 0, "calibrate") * 1e-6;
+  c.burst_bytes = number(j, "burst_bytes", source, false, 0, "calibrate");
   if (c.ops.empty() && c.mem_bw == 0 && c.flops == 0)
     fail("calibrate", source, ": no \"ops\" and no \"compute\": nothing to calibrate with");
   return c;

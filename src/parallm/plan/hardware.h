@@ -135,6 +135,11 @@ struct Calibration {
   // different times). An isolated `bench comm` loop, whose ranks arrive together, cannot see it;
   // `bench decode --comm-stats` shows it as all-reduce time per call above alpha + n / beta.
   double arrival_skew = 0;  // seconds per group collective (not point-to-point)
+  // Optional "burst_bytes": a link shaped by a token bucket (tc htb, a cloud instance's network)
+  // lets this many bytes through at once after an idle spell and holds the rest to its rate. A
+  // `bench comm` loop keeps the bucket empty and cannot see it; in decode, where a message follows
+  // compute, a message pays alpha + (n - what the bucket refilled in the gap) / beta.
+  double burst_bytes = 0;
 
   const AlphaBeta* op(std::string_view name) const;
   static Calibration from_json(const nlohmann::json& j, const std::string& source);
