@@ -63,8 +63,8 @@ cmd_grid() {
   # streams the weights alone (--rank-mem-bw); two ranks at batch 1 at once, summed, what the
   # node streams (--mem-bw: ranks on one machine share its memory). The best of --reps each
   # (others' load only lowers them).
-  # --bandwidth as in the grid's own runs: without it bench decode reads a buffer between steps to
-  # measure the memory, which leaves every step's weights cold in the L3 (~9% slower here).
+  # --bandwidth as in the grid's own runs: without it bench decode also reads a buffer of its own
+  # between steps to measure the memory, which the measured runs do not.
   decode1() {  # BATCH -> "ms_per_step achieved_GBps gflops_per_s"
     "$PARALLM" bench decode --model "$model" --tokens "$tokens" --threads 1 --warmup 3 --batch "$1" \
       --bandwidth 5 |
