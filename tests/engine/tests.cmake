@@ -61,3 +61,13 @@ if(PARALLM_HAVE_MPI)
   set_tests_properties(engine_mpi_qwen2_moe_ep2tp2 PROPERTIES LABELS "mpi;engine;moe" TIMEOUT 300
                        ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
 endif()
+
+# `bench prefill` over MPI: the prompt pass through two pipeline stages, and TP across two processes.
+if(PARALLM_HAVE_MPI)
+  string(JOIN " " flags ${PARALLM_MPIRUN_FLAGS})
+  add_test(NAME engine_mpi_bench_prefill
+           COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/engine/mpi_prefill_check.sh $<TARGET_FILE:parallm_bin>
+                   ${PARALLM_MPIRUN} "${flags}" ${PROJECT_SOURCE_DIR}/models/stories260K/stories260K.bin)
+  set_tests_properties(engine_mpi_bench_prefill PROPERTIES LABELS "mpi;engine" TIMEOUT 300
+                       ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
+endif()

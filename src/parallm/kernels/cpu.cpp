@@ -28,22 +28,25 @@ bool cpu_has_f16c() {
 #endif
 }
 
-bool cpu_has_avxvnni() {
+namespace {
+// Bit `bit` of EAX in CPUID leaf 7, sub-leaf 1 (AVX-VNNI, AVX512_BF16, ...).
+bool cpuid_7_1_eax(int bit) {
 #if PARALLM_X86
   unsigned a, b, c, d;
-  return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 4 & 1u);
+  return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> bit & 1u);
 #else
+  (void)bit;
   return false;
 #endif
 }
+}  // namespace
+
+bool cpu_has_avxvnni() {
+  return cpuid_7_1_eax(4);
+}
 
 bool cpu_has_avx512bf16() {
-#if PARALLM_X86
-  unsigned a, b, c, d;
-  return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 5 & 1u);
-#else
-  return false;
-#endif
+  return cpuid_7_1_eax(5);
 }
 
 namespace {

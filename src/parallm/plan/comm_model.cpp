@@ -40,6 +40,12 @@ CommCost analytic(Collective c, double n, int p, double alpha, double beta) {
   return {};
 }
 
+// What the calibration's token bucket lets a message skip after `idle` seconds (seconds at beta).
+double burst_saving(const Calibration& cal, double beta, double bytes, double idle) {
+  if (!(cal.burst_bytes > 0) || !(beta > 0) || !(idle > 0)) return 0;
+  return std::min({cal.burst_bytes, idle * beta, bytes}) / beta;
+}
+
 }  // namespace
 
 std::string_view collective_name(Collective c) {
@@ -59,7 +65,7 @@ std::string_view collective_name(Collective c) {
 }
 
 CommCost collective_cost(Collective c, double bytes, int p, const LinkSpec& link,
-                         const Calibration* cal) {
+                         const Calibration* cal, double idle_before) {
   if (bytes < 0) fail("plan", "collective ", collective_name(c), " of negative size ", bytes);
   if (c == Collective::P2P) p = 2;
   if (p <= 1) return {0, 0, "none"};
@@ -75,12 +81,14 @@ CommCost collective_cost(Collective c, double bytes, int p, const LinkSpec& link
       if (c == Collective::AllReduce) sent = 2 * frac * bytes;
       if (c == Collective::P2P) sent = bytes;
       const double skew = c == Collective::P2P ? 0 : cal->arrival_skew;
-      return {m->alpha * steps + bytes * volume / m->beta + skew, sent,
-              skew > 0 ? "calibrated + arrival skew" : "calibrated"};
+      return {m->alpha * steps + bytes * volume / m->beta + skew -
+                  burst_saving(*cal, m->beta, bytes, idle_before),
+              sent, skew > 0 ? "calibrated + arrival skew" : "calibrated"};
     }
     if (const AlphaBeta* m = cal->op("sendrecv")) {
       // No measurement of this collective: build it from the measured point-to-point link.
       CommCost cost = analytic(c, bytes, p, m->alpha, m->beta);
+      cost.seconds -= burst_saving(*cal, m->beta, bytes, idle_before);
       cost.algorithm += " (from calibrated sendrecv)";
       if (c != Collective::P2P && cal->arrival_skew > 0) {
         cost.seconds += cal->arrival_skew;

@@ -15,7 +15,9 @@
 // With a calibration (bench comm output), a measured op replaces the formula: alpha_c + n / beta_c
 // at the measured world size, scaled by the ring's step and volume factors for other sizes; a
 // calibration's arrival skew (the wait for the last rank, measured in the workload) is added to
-// every group collective, not to point-to-point messages.
+// every group collective, not to point-to-point messages; its token-bucket burst (burst_bytes)
+// comes off a message that follows `idle_before` seconds without traffic on the link: the bytes
+// the bucket refilled in that time, at most its size and the message, pass without the rate.
 #pragma once
 
 #include <string>
@@ -36,6 +38,6 @@ struct CommCost {
 
 // `bytes` is the whole buffer as in the table above; `p` the group size (p = 1 costs nothing).
 CommCost collective_cost(Collective c, double bytes, int p, const LinkSpec& link,
-                         const Calibration* cal = nullptr);
+                         const Calibration* cal = nullptr, double idle_before = 0);
 
 }  // namespace parallm::plan

@@ -69,17 +69,6 @@ Links find_links(const ClusterSpec& cl, const Layout& l) {
   return k;
 }
 
-// What a message of `bytes` saves on a token-bucket link (Calibration::burst_bytes) when `gap`
-// seconds of compute came before it: the bytes the bucket refilled, at most its size and the
-// message, pass without waiting for the rate (the calibrated op's beta).
-double burst_saving(const Calibration* cal, const char* op, double bytes, double gap) {
-  if (!cal || !(cal->burst_bytes > 0)) return 0;
-  const AlphaBeta* m = cal->op(op);
-  if (!m) m = cal->op("sendrecv");
-  if (!m || !(m->beta > 0)) return 0;
-  return std::min({cal->burst_bytes, gap * m->beta, bytes}) / m->beta;
-}
-
 struct Rates {
   double flops;
   double bw;
@@ -146,9 +135,9 @@ StageCost stage_cost(const ModelConfig& c, const Layout& l, const InferenceWorkl
   s.flops_time = flops / r.flops;
 
   if (l.tp > 1) {
-    CommCost ar = collective_cost(Collective::AllReduce, T * h * ab, l.tp, *k.tp, cal);
     // Each all-reduce follows a slice of the stage's compute (the layers' halves between them).
-    ar.seconds -= burst_saving(cal, "all_reduce", T * h * ab, s.roofline() / (2 * L + 1));
+    const CommCost ar = collective_cost(Collective::AllReduce, T * h * ab, l.tp, *k.tp, cal,
+                                        s.roofline() / (2 * L + 1));
     // Two per layer (attention, MLP); experts over TP: a sparse layer's MLP all-reduce is the MoE
     // all-reduce below instead, qwen2_moe's TP-split shared expert keeping its own.
     const double ars =
@@ -323,11 +312,10 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
       add_term(terms, *t);
     double sent = sc.sent;
     if (s + 1 < l.pp) {
-      CommCost p2p = collective_cost(Collective::P2P, n * h * ab, 2, *k.pp[s], cal);
       // The link idles while the stage computes the next micro-batch (with one, the whole step).
-      const double idle =
-          e.micro_batches > 1 ? std::max(0.0, sc.roofline() - p2p.seconds) : sc.roofline();
-      p2p.seconds -= burst_saving(cal, "sendrecv", n * h * ab, idle);
+      const double busy = collective_cost(Collective::P2P, n * h * ab, 2, *k.pp[s], cal).seconds;
+      const double idle = e.micro_batches > 1 ? std::max(0.0, sc.roofline() - busy) : sc.roofline();
+      const CommCost p2p = collective_cost(Collective::P2P, n * h * ab, 2, *k.pp[s], cal, idle);
       path += p2p.seconds;
       slowest_hop = std::max(slowest_hop, p2p.seconds);
       add_term(terms, {"pp p2p", 1, n * h * ab, p2p.seconds, cat(k.pp[s]->name)});
