@@ -617,6 +617,10 @@ TEST(Server, StopEndsStreamsPromptly) {
   t.join();
   EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 3.0);
   EXPECT_NE(body.find("\"error\""), std::string::npos) << body;
+  // stop() cancels the request; the engine drops a cancelled request at its next step (20 ms
+  // here), which may come after stop() has returned.
+  EXPECT_EQ(rig.engine->cancelled.load(), 1);
+  for (int i = 0; i < 100 && rig.engine->running() > 0; ++i) std::this_thread::sleep_for(10ms);
   EXPECT_EQ(rig.engine->running(), 0);
 }
 
