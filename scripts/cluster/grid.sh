@@ -216,7 +216,7 @@ PY
       decode1 1 >>"$alone"
       { decode1 1 >"$work/bw0" & decode1 1 >"$work/bw1"; wait; }
       cat "$work/bw0" "$work/bw1" | paste -sd' ' >>"$pairs"
-      if ! o=$(cmd_run -np "$np" --map-by "$map" -- "$PARALLM" bench decode --model "$model" \
+      if ! o=$(cmd_run -np "$np" --map-by "$map" "${mpi_extra[@]}" -- "${wrap[@]}" "$PARALLM" bench decode --model "$model" \
                  --tokens "$tokens" --warmup 3 --threads 1 --batch "$batch" "${mb[@]}" \
                  --bandwidth 5 --comm-stats --comm-timeout 120 "$@" 2>&1); then
         fails=$((fails + 1)) retries=$((retries + 1))
@@ -293,8 +293,17 @@ print("%.3f" % (l["ttft_ms"]))')
         printf "%-12s %-8s %5s %11s %12s %9s   (prefill)\n", $1, $2, $3, $4, $5, e}'
   }
 
-  [ "$(nproc)" -ge 4 ] ||
-    echo "# TP=2 x PP=2 points left out: 4 ranks on $(nproc) cores would time-slice (run on >= 4 cores)"
+  # TP=2 x PP=2 is four ranks. On fewer than four cores they share cores, which only works while
+  # one stage computes at a time: batch 1 in one micro-batch, each rank pinned so that a stage's
+  # two ranks are on different cores (cluster/pin-rank.sh), and the waiting stage asleep rather
+  # than spinning in MPI (PARALLM_MPI_WAIT=sleep: a spinning rank took half the core from the rank
+  # beside it, 22-36 ms a token against 15-17 asleep). Batch 8's micro-batches would run both
+  # stages at once: those points need >= 4 cores.
+  local mpi_extra=() wrap=() tp2pp2_batches="1 8"
+  if [ "$(nproc)" -lt 4 ]; then
+    tp2pp2_batches=1
+    echo "# TP=2 x PP=2 at batch 1 only, ranks pinned and sleeping while they wait: $(nproc) cores (batch 8 needs >= 4)"
+  fi
   echo "# layout      link     batch measured_ms predicted_ms error_pct (batch pN: prefill of N tokens)"
   cmd_shape none >/dev/null
   calibrate shm slot
@@ -317,11 +326,11 @@ print("%.3f" % (l["ttft_ms"]))')
     for b in 1 8; do
       measure tp2 "$name" "$b" 2 node "$comm/$name.json" --tp 2
       measure pp2 "$name" "$b" 2 node "$comm/$name.json" --pp 2
-      # Four one-thread ranks on fewer than four cores time-slice: what they measure is the
-      # scheduler, which no planner term models; those points are left out there (said below).
-      [ "$(nproc)" -ge 4 ] && case " $presets " in *" $p "*)
+      case " $presets : $tp2pp2_batches " in *" $p "*:*" $b "*)
+        [ "$(nproc)" -ge 4 ] || { mpi_extra=(-x PARALLM_MPI_WAIT=sleep); wrap=("$here/cluster/pin-rank.sh"); }
         measure tp2pp2-tpin "$name" "$b" 4 slot "$comm/$name.tpin.json" --tp 2 --pp 2
-        measure tp2pp2-tpx "$name" "$b" 4 node "$comm/$name.tpx.json" --tp 2 --pp 2 ;;
+        measure tp2pp2-tpx "$name" "$b" 4 node "$comm/$name.tpx.json" --tp 2 --pp 2
+        mpi_extra=() wrap=() ;;
       esac
     done
     measure_prefill tp2 "$name" 2 node "$comm/$name.json" --tp 2

@@ -1,6 +1,7 @@
 // The MPI backend, run by ctest under mpirun (tests/comm/tests.cmake) at 2, 3, 4 and 7 processes.
 // Without mpirun (gtest discovery, plain ctest entries) these tests skip.
 #include <gtest/gtest.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -107,6 +108,57 @@ TEST(MpiFailure, RankExits) {
     if (world.rank() == 1) _exit(3);
     float x = 1;
     world.all_reduce(&x, 1);
+  });
+}
+
+// PARALLM_MPI_WAIT: a rank kept waiting 300 ms in a recv and then in a barrier spins through the
+// wait (MPI's blocking calls: about a core's worth of CPU time) or sleeps through it (sleep: the
+// CPU time of polls every ~20-70 us, under a fifth of the wait). ctest runs it once each way.
+TEST(MpiWait, AWaitingRankSpinsOrSleepsAsAsked) {
+  SKIP_UNLESS_MPIRUN();
+  const char* env = std::getenv("PARALLM_MPI_WAIT");
+  const std::string mode = env ? env : "";
+  if (mode != "spin" && mode != "sleep") GTEST_SKIP() << "run with PARALLM_MPI_WAIT=spin|sleep";
+  auto cpu_s = [] {
+    timespec t{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+  };
+  launch(launched_size(), mpi_options(60), [&](Group world) {
+    constexpr auto kWait = std::chrono::milliseconds(300);
+    for (const bool collective : {false, true}) {
+      world.barrier();
+      if (world.rank() == 1) {
+        std::this_thread::sleep_for(kWait);
+        float x = 1;
+        if (collective)
+          world.barrier();
+        else
+          world.send(&x, sizeof x, 0, 7);
+        continue;
+      }
+      if (world.rank() != 0) {
+        if (collective) world.barrier();
+        continue;
+      }
+      const double c0 = cpu_s();
+      const auto t0 = std::chrono::steady_clock::now();
+      float x = 0;
+      if (collective)
+        world.barrier();
+      else
+        world.recv(&x, sizeof x, 1, 7);
+      const double wall =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const double cpu = cpu_s() - c0;
+      EXPECT_GE(wall, 0.25);
+      if (mode == "sleep")
+        EXPECT_LT(cpu, 0.2 * wall)
+            << (collective ? "barrier" : "recv") << ": " << cpu << " s of CPU in " << wall << " s";
+      else
+        EXPECT_GT(cpu, 0.3 * wall)
+            << (collective ? "barrier" : "recv") << ": " << cpu << " s of CPU in " << wall << " s";
+    }
   });
 }
 

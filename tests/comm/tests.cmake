@@ -19,6 +19,28 @@ if(PARALLM_HAVE_MPI AND TARGET test_comm)
                      --gtest_filter=MpiConformance.*)
     set_tests_properties(comm_mpi_np${n} PROPERTIES LABELS "mpi;comm" TIMEOUT 300)
   endforeach()
+  # How ranks wait (PARALLM_MPI_WAIT): the runs above take the default, auto (on a 2-core machine
+  # np 2 spins in MPI's blocking calls and np 3, 4, 7 poll its nonblocking ones and sleep); these
+  # pin each way, whatever the machine's cores.
+  foreach(mode spin sleep)
+    add_test(NAME comm_mpi_np3_${mode}
+             COMMAND ${PARALLM_MPIEXEC} ${PARALLM_MPI_FLAGS} -np 3 $<TARGET_FILE:test_comm>
+                     --gtest_filter=MpiConformance.*)
+    set_tests_properties(comm_mpi_np3_${mode} PROPERTIES LABELS "mpi;comm" TIMEOUT 300
+                         ENVIRONMENT PARALLM_MPI_WAIT=${mode})
+    # CPU time against wall time: alone on the machine, so that a spinning rank gets its core.
+    add_test(NAME comm_mpi_wait_${mode}
+             COMMAND ${PARALLM_MPIEXEC} ${PARALLM_MPI_FLAGS} -np 2 $<TARGET_FILE:test_comm>
+                     --gtest_filter=MpiWait.*)
+    set_tests_properties(comm_mpi_wait_${mode} PROPERTIES LABELS "mpi;comm" TIMEOUT 60
+                         RUN_SERIAL TRUE ENVIRONMENT PARALLM_MPI_WAIT=${mode})
+  endforeach()
+  add_test(NAME comm_mpi_wait_bad_value
+           COMMAND ${PARALLM_MPIEXEC} ${PARALLM_MPI_FLAGS} -np 2 $<TARGET_FILE:test_comm>
+                   --gtest_filter=MpiConformance.*)
+  set_tests_properties(comm_mpi_wait_bad_value PROPERTIES LABELS "mpi;comm" TIMEOUT 60
+                       ENVIRONMENT PARALLM_MPI_WAIT=nap
+                       PASS_REGULAR_EXPRESSION "PARALLM_MPI_WAIT: 'nap' is not one of spin, sleep, auto")
   set(fail_cases
       "RankThrows\;\\[comm\\] MPI rank 1 of 3 failed: injected failure on rank 1"
       "RankExits\;Process name: \\[\\[[0-9]+,[0-9]+\\],1\\]|RANK 1 "

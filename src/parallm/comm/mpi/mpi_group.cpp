@@ -11,6 +11,7 @@
 #include <chrono>
 #include <climits>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -33,6 +34,9 @@ class Runtime {
   int rank() const { return rank_; }
   int size() const { return size_; }
   int thread_level() const { return thread_level_; }
+  // How this rank waits for MPI (PARALLM_MPI_WAIT): false = MPI's blocking calls, which spin;
+  // true = a nonblocking call polled, with sleeps between polls once the wait is long.
+  bool sleeps() const { return sleeps_; }
 
   Watchdog& watchdog() { return *watchdog_; }
 
@@ -57,16 +61,16 @@ class Runtime {
     }
     MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
     MPI_Comm_size(MPI_COMM_WORLD, &size_);
+    sleeps_ = resolve_wait_mode();
     // Blocking MPI calls cannot time out: the watchdog thread reads each group's InFlight (a
     // snapshot through atomics, never the fields the rank thread writes) and ends the job.
-    watchdog_ = std::make_unique<Watchdog>(
-        [this](const InFlight::Snapshot& call) { timed_out(call); });
+    watchdog_ =
+        std::make_unique<Watchdog>([this](const InFlight::Snapshot& call) { timed_out(call); });
   }
 
   [[noreturn]] void timed_out(const InFlight::Snapshot& call) const {
     const std::string msg =
-        cat("[comm] MPI rank ", rank_, ": ", call.describe(), " timed out after ",
-            call.timeout_s(),
+        cat("[comm] MPI rank ", rank_, ": ", call.describe(), " timed out after ", call.timeout_s(),
             " s (--comm-timeout): a peer rank is stuck, failed, or did not make the matching "
             "call; aborting the job");
     std::fprintf(stderr, "%s\n", msg.c_str());
@@ -77,6 +81,26 @@ class Runtime {
     _exit(1);
   }
 
+  // spin | sleep | auto (the default): sleep where this machine holds more ranks than cores, so
+  // that a waiting rank (a PP stage waiting for the others, a rank waiting in a collective) does
+  // not take the core from one that computes.
+  static bool resolve_wait_mode() {
+    const char* env = std::getenv("PARALLM_MPI_WAIT");
+    const std::string mode = env ? env : "auto";
+    if (mode == "spin") return false;
+    if (mode == "sleep") return true;
+    if (mode != "auto")
+      fail("comm", "PARALLM_MPI_WAIT: '", mode, "' is not one of spin, sleep, auto");
+    MPI_Comm node;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
+    int here = 1;
+    MPI_Comm_size(node, &here);
+    MPI_Comm_free(&node);
+    const long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    return cores > 0 && here > cores;
+  }
+
+  bool sleeps_ = false;
   bool owns_ = false;
   int thread_level_ = 0;
   int rank_ = 0, size_ = 1;
@@ -90,6 +114,38 @@ void check(int rc, const char* call, const GroupImpl& g) {
   MPI_Error_string(rc, text, &len);
   fail<std::runtime_error>("comm", call, " failed in ", g.describe(), ": ", std::string(text, len));
 }
+
+// Waits for `n` requests: polls them for kSpinWindow, then sleeps kSleep between polls (MPI
+// progresses only inside its calls, so a longer sleep would delay the rounds of a collective).
+void wait_all(int n, MPI_Request* requests, MPI_Status* statuses, const char* call,
+              const GroupImpl& g) {
+  // A TP all-reduce across a link finishes inside the window (measured on the emulated cluster:
+  // with 50 us, TCP all-reduces advanced only between sleeps, 12.5 -> 17 ms a token); a PP stage
+  // waiting for the others (milliseconds) sleeps through most of its wait.
+  constexpr auto kSpinWindow = std::chrono::milliseconds(1);
+  constexpr auto kSleep = std::chrono::microseconds(20);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (;;) {
+    int done = 0;
+    check(MPI_Testall(n, requests, &done, statuses), call, g);
+    if (done) return;
+    if (std::chrono::steady_clock::now() - t0 > kSpinWindow) std::this_thread::sleep_for(kSleep);
+  }
+}
+
+// One MPI call whose nonblocking form takes the same arguments and a request (MPI_Allreduce and
+// MPI_Iallreduce, ...): the blocking form, or where the runtime sleeps the nonblocking one and
+// wait_all.
+#define PLM_MPI_CALL(blocking, nonblocking, ...)                      \
+  do {                                                                \
+    if (!Runtime::get().sleeps()) {                                   \
+      check(blocking(__VA_ARGS__), #blocking, *this);                 \
+    } else {                                                          \
+      MPI_Request plm_rq;                                             \
+      check(nonblocking(__VA_ARGS__, &plm_rq), #nonblocking, *this);  \
+      wait_all(1, &plm_rq, MPI_STATUSES_IGNORE, #nonblocking, *this); \
+    }                                                                 \
+  } while (0)
 
 int as_int(size_t n, const char* what, const GroupImpl& g) {
   if (n > static_cast<size_t>(INT_MAX))
@@ -182,7 +238,7 @@ class MpiGroup final : public GroupImpl {
     do {
       const size_t n = std::min(bytes, kChunk);
       MPI_Status st;
-      check(MPI_Recv(p, static_cast<int>(n), MPI_BYTE, src, tag, comm_, &st), "MPI_Recv", *this);
+      recv_one(p, static_cast<int>(n), src, tag, comm_, &st);
       int got = 0;
       MPI_Get_count(&st, MPI_BYTE, &got);
       if (static_cast<size_t>(got) != n)
@@ -196,24 +252,23 @@ class MpiGroup final : public GroupImpl {
   void native_all_reduce(void* data, size_t count, DType dtype, ReduceOp op) override {
     const int n = as_int(count, "all_reduce count", *this);
     if (dtype == DType::F32) {
-      check(MPI_Allreduce(MPI_IN_PLACE, data, n, MPI_FLOAT, mpi_op(op), comm_), "MPI_Allreduce",
-            *this);
+      PLM_MPI_CALL(MPI_Allreduce, MPI_Iallreduce, MPI_IN_PLACE, data, n, MPI_FLOAT, mpi_op(op),
+                   comm_);
       return;
     }
     // MPI has no bf16/f16 reductions: reduce in f32 and round once.
     std::vector<float> work(count);
     convert(data, dtype, work.data(), DType::F32, count);
-    check(MPI_Allreduce(MPI_IN_PLACE, work.data(), n, MPI_FLOAT, mpi_op(op), comm_),
-          "MPI_Allreduce", *this);
+    PLM_MPI_CALL(MPI_Allreduce, MPI_Iallreduce, MPI_IN_PLACE, work.data(), n, MPI_FLOAT, mpi_op(op),
+                 comm_);
     convert(work.data(), DType::F32, data, dtype, count);
   }
 
   void native_all_gather(const void* send, void* recv, size_t count, DType dtype) override {
     const int n = as_int(count, "all_gather count", *this);
     const char* own = static_cast<const char*>(recv) + rank_ * count * dtype_size(dtype);
-    check(MPI_Allgather(own == send ? MPI_IN_PLACE : send, n, mpi_type(dtype), recv, n,
-                        mpi_type(dtype), comm_),
-          "MPI_Allgather", *this);
+    PLM_MPI_CALL(MPI_Allgather, MPI_Iallgather, own == send ? MPI_IN_PLACE : send, n,
+                 mpi_type(dtype), recv, n, mpi_type(dtype), comm_);
   }
 
   void native_reduce_scatter(const void* send, void* recv, size_t count, DType dtype,
@@ -221,14 +276,14 @@ class MpiGroup final : public GroupImpl {
     const int n = as_int(count, "reduce_scatter count", *this);
     as_int(count * size_, "reduce_scatter input", *this);
     if (dtype == DType::F32) {
-      check(MPI_Reduce_scatter_block(send, recv, n, MPI_FLOAT, mpi_op(op), comm_),
-            "MPI_Reduce_scatter_block", *this);
+      PLM_MPI_CALL(MPI_Reduce_scatter_block, MPI_Ireduce_scatter_block, send, recv, n, MPI_FLOAT,
+                   mpi_op(op), comm_);
       return;
     }
     std::vector<float> in(count * size_), out(count);
     convert(send, dtype, in.data(), DType::F32, in.size());
-    check(MPI_Reduce_scatter_block(in.data(), out.data(), n, MPI_FLOAT, mpi_op(op), comm_),
-          "MPI_Reduce_scatter_block", *this);
+    PLM_MPI_CALL(MPI_Reduce_scatter_block, MPI_Ireduce_scatter_block, in.data(), out.data(), n,
+                 MPI_FLOAT, mpi_op(op), comm_);
     convert(out.data(), DType::F32, recv, dtype, count);
   }
 
@@ -244,17 +299,16 @@ class MpiGroup final : public GroupImpl {
       so += send_counts[i];
       ro += recv_counts[i];
     }
-    check(MPI_Alltoallv(send, sc.data(), sd.data(), mpi_type(dtype), recv, rc.data(), rd.data(),
-                        mpi_type(dtype), comm_),
-          "MPI_Alltoallv", *this);
+    PLM_MPI_CALL(MPI_Alltoallv, MPI_Ialltoallv, send, sc.data(), sd.data(), mpi_type(dtype), recv,
+                 rc.data(), rd.data(), mpi_type(dtype), comm_);
   }
 
   void native_broadcast(void* data, size_t count, DType dtype, int root) override {
-    check(MPI_Bcast(data, as_int(count, "broadcast count", *this), mpi_type(dtype), root, comm_),
-          "MPI_Bcast", *this);
+    const int n = as_int(count, "broadcast count", *this);
+    PLM_MPI_CALL(MPI_Bcast, MPI_Ibcast, data, n, mpi_type(dtype), root, comm_);
   }
 
-  void barrier() override { check(MPI_Barrier(comm_), "MPI_Barrier", *this); }
+  void barrier() override { PLM_MPI_CALL(MPI_Barrier, MPI_Ibarrier, comm_); }
 
   std::shared_ptr<GroupImpl> split(int color, int key) override {
     MPI_Comm sub;
@@ -273,20 +327,26 @@ class MpiGroup final : public GroupImpl {
 
  protected:
   void do_coll_send(const void* data, size_t bytes, int dst) override {
-    check(MPI_Send(data, as_int(bytes, "message size", *this), MPI_BYTE, dst, 0, coll_), "MPI_Send",
-          *this);
+    const int n = as_int(bytes, "message size", *this);
+    PLM_MPI_CALL(MPI_Send, MPI_Isend, data, n, MPI_BYTE, dst, 0, coll_);
   }
   void do_coll_recv(void* data, size_t bytes, int src) override {
-    check(MPI_Recv(data, as_int(bytes, "message size", *this), MPI_BYTE, src, 0, coll_,
-                   MPI_STATUS_IGNORE),
-          "MPI_Recv", *this);
+    recv_one(data, as_int(bytes, "message size", *this), src, 0, coll_, MPI_STATUS_IGNORE);
   }
   void do_coll_sendrecv(const void* send, size_t send_bytes, int dst, void* recv, size_t recv_bytes,
                         int src) override {
-    check(MPI_Sendrecv(send, as_int(send_bytes, "message size", *this), MPI_BYTE, dst, 0, recv,
-                       as_int(recv_bytes, "message size", *this), MPI_BYTE, src, 0, coll_,
-                       MPI_STATUS_IGNORE),
-          "MPI_Sendrecv", *this);
+    const int ns = as_int(send_bytes, "message size", *this);
+    const int nr = as_int(recv_bytes, "message size", *this);
+    if (!Runtime::get().sleeps()) {
+      check(MPI_Sendrecv(send, ns, MPI_BYTE, dst, 0, recv, nr, MPI_BYTE, src, 0, coll_,
+                         MPI_STATUS_IGNORE),
+            "MPI_Sendrecv", *this);
+      return;
+    }
+    MPI_Request rq[2];
+    check(MPI_Irecv(recv, nr, MPI_BYTE, src, 0, coll_, &rq[0]), "MPI_Irecv", *this);
+    check(MPI_Isend(send, ns, MPI_BYTE, dst, 0, coll_, &rq[1]), "MPI_Isend", *this);
+    wait_all(2, rq, MPI_STATUSES_IGNORE, "MPI_Sendrecv", *this);
   }
 
  private:
@@ -299,6 +359,17 @@ class MpiGroup final : public GroupImpl {
     int s = 0;
     MPI_Comm_size(c, &s);
     return s;
+  }
+
+  void recv_one(void* data, int n, int src, int tag, MPI_Comm comm, MPI_Status* status) {
+    if (!Runtime::get().sleeps()) {
+      check(MPI_Recv(data, n, MPI_BYTE, src, tag, comm, status), "MPI_Recv", *this);
+      return;
+    }
+    MPI_Request rq;
+    check(MPI_Irecv(data, n, MPI_BYTE, src, tag, comm, &rq), "MPI_Irecv", *this);
+    wait_all(1, &rq, status == MPI_STATUS_IGNORE ? MPI_STATUSES_IGNORE : status, "MPI_Irecv",
+             *this);
   }
 
   struct Pending {
