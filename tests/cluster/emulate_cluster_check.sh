@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # scripts/emulate-cluster.sh end to end: a 4- and a 2-node cluster come up and go down leaving
 # nothing behind; `bench comm` between two nodes measures the shaped bandwidth (within 20%);
-# `generate` with TP 2 and PP 2 across two nodes gives the tokens and logits of one rank; a rank
-# killed in one namespace ends the job in the other with a clear message, and a stopped one makes
-# the other time out (--comm-timeout). Exit 77 (skip) without root, network namespaces or mpirun.
+# `generate` with TP 2, PP 2 and TP 2 x PP 2 across two nodes gives the tokens and logits of one
+# rank; a rank killed in one namespace ends the job in the other with a clear message, and a
+# stopped one makes the other time out (--comm-timeout). Exit 77 (skip) without root, network namespaces or mpirun.
 # Usage: emulate_cluster_check.sh PARALLM
 set -euo pipefail
 bin=$1
@@ -53,10 +53,14 @@ printf '1,7,11\n1\n1,100,5,9\n' >"$tmp/prompts.txt"
 gen=(generate --model "$tmp/tiny" --prompts-file "$tmp/prompts.txt" --max-tokens 8 --print-ids
      --print-logits --ignore-eos --threads 1 --comm-timeout 30 --micro-batches 1)
 "$bin" "${gen[@]}" >"$tmp/one.txt" 2>/dev/null
-for layout in "--tp 2" "--pp 2"; do
-  # One rank a node (--map-by node): the TP group or the two stages are in different namespaces.
+for layout in "--tp 2" "--pp 2" "--tp 2 --pp 2"; do
+  # --map-by node: the TP group or the two stages are in different namespaces. TP=2 x PP=2 runs
+  # as the grid runs it on few cores: each rank pinned, ranks sleeping while they wait.
+  np=2 extra=() wrap=()
+  [ "$layout" = "--tp 2 --pp 2" ] &&
+    np=4 extra=(-x PARALLM_MPI_WAIT=sleep) wrap=("$src/scripts/cluster/pin-rank.sh")
   # shellcheck disable=SC2086
-  "$S" run -np 2 --map-by node -- "$bin" "${gen[@]}" $layout \
+  "$S" run -np "$np" --map-by node "${extra[@]}" -- "${wrap[@]}" "$bin" "${gen[@]}" $layout \
     >"$tmp/mpi.txt" 2>"$tmp/mpi.err" || { cat "$tmp/mpi.err"; exit 1; }
   /usr/bin/python3 - "$tmp/one.txt" "$tmp/mpi.txt" "$layout" <<'PY'
 import sys
