@@ -13,7 +13,7 @@
 #   run [MPIRUN OPTIONS] -- CMD ...                mpirun across the nodes (default: one rank a node)
 #   grid [--model DIR] [--tokens T] [--reps R] [--presets "P ..."] [--sweep "MBIT ..."]
 #        [--skew US|auto] [--no-plan]
-#                                                  measure TP/PP layouts at each preset (sets up,
+#                                                  measure TP/PP/DP layouts at each preset (sets up,
 #                                                  measures, tears down) beside `parallm plan`;
 #                                                  scripts/cluster/grid_svg.py draws its output
 #   presets                                        the link presets and how they are scaled

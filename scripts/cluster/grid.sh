@@ -1,9 +1,10 @@
 # shellcheck shell=bash
 # Sourced by scripts/emulate-cluster.sh for `grid`: measures decode ms/token of TP=2, PP=2 and
-# TP=2 x PP=2 (TP group inside a node, or across nodes) at each link preset and batch 1 and 8 on an
-# emulated 2-node cluster, next to what `parallm plan` predicts from `bench comm` calibrations
-# taken on the same links; then the crossover bandwidth (below it PP=2 beats TP=2 for decode),
-# measured and predicted. Sets the cluster up and tears it down (trap) itself.
+# TP=2 x PP=2 (TP group inside a node, or across nodes) at each link preset and batch 1 and 8, and
+# DP=2 at batch 8, on an emulated 2-node cluster, next to what `parallm plan` predicts from `bench
+# comm` calibrations taken on the same links; then the planner's ranking of the layouts and the
+# crossover bandwidth (below it PP=2 beats TP=2 for decode), measured and predicted. Sets the
+# cluster up and tears it down (trap) itself.
 #
 # Layouts (2 nodes, 2 slots each; world rank = tp + pp * TP, so --map-by slot puts a TP pair on
 # one node and --map-by node splits it):
@@ -12,6 +13,7 @@
 #   tp2pp2-tpin  TP pairs inside a node (shared memory), the stages across the link
 #   tp2pp2-tpx   TP pairs across the link, the two stages of a node over shared memory
 #   tp2/pp2 at link "shm": both ranks in one node, the in-node reference
+#   dp2      DP=2 at batch 8: a replica of batch 4 a node, nothing on the link (link "any")
 # The planner gets one calibration per layout: the all-reduce fit of the link its TP group uses,
 # and the send/recv fit of the link its stages use (shared memory or the shaped link), plus the
 # arrival skew (`arrival_skew_us`: what a TP all-reduce waits for the later rank in decode,
@@ -197,8 +199,11 @@ PY
   measure() {  # LAYOUT LINK BATCH NP MAP CAL DECODE-FLAGS...
     local layout=$1 link=$2 batch=$3 np=$4 map=$5 cal=$6
     shift 6
-    local mb=() out ms pred=nan stats
+    local mb=() out ms pred=nan stats dp=1
     [ "$batch" = 1 ] && mb=(--micro-batches 1)
+    # dp2: two replicas of batch/2, one a node, each its own one-rank job (--backend local under
+    # mpirun); the step is the slower replica's.
+    [ "$layout" = dp2 ] && dp=2
     # The fastest of --reps runs: on a shared machine the others' load only ever adds time.
     # A run that fails (seen now and then on the loaded machine: a rank leaving without
     # MPI_Finalize after its output) is retried, twice at most in a point, and counted.
@@ -217,7 +222,7 @@ PY
       { decode1 1 >"$work/bw0" & decode1 1 >"$work/bw1"; wait; }
       cat "$work/bw0" "$work/bw1" | paste -sd' ' >>"$pairs"
       if ! o=$(cmd_run -np "$np" --map-by "$map" "${mpi_extra[@]}" -- "${wrap[@]}" "$PARALLM" bench decode --model "$model" \
-                 --tokens "$tokens" --warmup 3 --threads 1 --batch "$batch" "${mb[@]}" \
+                 --tokens "$tokens" --warmup 3 --threads 1 --batch "$((batch / dp))" "${mb[@]}" \
                  --bandwidth 5 --comm-stats --comm-timeout 120 "$@" 2>&1); then
         fails=$((fails + 1)) retries=$((retries + 1))
         [ "$fails" -le 2 ] || { echo "$o" >&2; die "bench decode $layout $link b$batch failed 3 times"; }
@@ -225,7 +230,7 @@ PY
         rep=$((rep - 1))
         continue
       fi
-      m=$(echo "$o" | awk '/^  ms\/(step|token)/ {print $3; exit}')
+      m=$(echo "$o" | awk '/^  ms\/(step|token)/ && $3 > m {m = $3} END {print m}')
       if [ -z "$best" ] || awk -v a="$m" -v b="$best" 'BEGIN { exit !(a < b) }'; then
         best=$m out=$o
       fi
@@ -257,7 +262,8 @@ json.dump(c, open(sys.argv[1], "w"))' "$cal" "$skew_us"
       for a in "$@"; do case "$prev" in --tp) tp=$a ;; --pp) pp=$a ;; esac; prev=$a; done
       pred=$("$PARALLM" plan --model "$model/config.json" --gpu cpu --gpus "$np" --calibrate "$cal" \
                --mem-bw "$point_node_bw" --rank-mem-bw "$point_alone_bw" --flops "$flops" --dtype "$dtype" \
-               --act-dtype fp32 --batch "$batch" --prompt-len 1 --output-len "$tokens" --tp "$tp" --pp "$pp" --json |
+               --act-dtype fp32 --batch "$batch" --prompt-len 1 --output-len "$tokens" --tp "$tp" --pp "$pp" \
+               --dp "$dp" --json |
              /usr/bin/python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["layouts"][0]["tpot_ms"])')
     fi
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$layout" "$link" "$batch" "$ms" "$pred" "$stats" \
@@ -314,6 +320,8 @@ print("%.3f" % (l["ttft_ms"]))')
   done
   measure_prefill tp2 shm 2 slot "$comm/shm.json" --tp 2
   measure_prefill pp2 shm 2 slot "$comm/shm.json" --pp 2
+  # DP=2 at batch 8: two replicas, no traffic between them, so one point serves every link ("any").
+  measure dp2 any 8 2 node "$comm/shm.json" --backend local
   local p mbit name
   for p in $presets $sweep; do
     mbit=$(rate_of "$p")
@@ -368,6 +376,24 @@ for what, d in (("decode", pts), ("prefill", prefill)):
     if errs:
         print("# planner error, %s: mean |error| %.1f%%, max %.1f%% over %d points"
               % (what, 100 * sum(errs) / len(errs), 100 * max(errs), len(errs)))
+
+# The planner's ranking of the layouts measured at each link and batch (DP=2's point, link "any",
+# joins every link at its batch): the fastest named right, and the whole order.
+fastest = order = total = 0
+for n, b in sorted({(n, b) for (_, n, b) in pts if n != "any"}):
+    lays = {lay: v for (lay, n2, b2), v in pts.items() if b2 == b and n2 in (n, "any")}
+    if len(lays) < 2 or any(p != p for _, p in lays.values()):
+        continue
+    meas = sorted(lays, key=lambda k: lays[k][0])
+    pred = sorted(lays, key=lambda k: lays[k][1])
+    total += 1
+    fastest += meas[0] == pred[0]
+    order += meas == pred
+    if meas != pred:
+        print("# ranking at %s batch %d: measured %s, predicted %s" % (n, b, " < ".join(meas), " < ".join(pred)))
+if total:
+    print("# planner ranking: fastest layout named right at %d of %d link/batch pairs, whole order at %d"
+          % (fastest, total, order))
 
 def crossover(series):  # [(mbit, tp_ms, pp_ms)] -> Mbit/s below which PP is faster
     s = sorted(series, reverse=True)
