@@ -303,7 +303,7 @@ print("%.3f" % (l["ttft_ms"]))')
   # one stage computes at a time: batch 1 in one micro-batch, each rank pinned so that a stage's
   # two ranks are on different cores (cluster/pin-rank.sh), and the waiting stage asleep rather
   # than spinning in MPI (PARALLM_MPI_WAIT=sleep: a spinning rank took half the core from the rank
-  # beside it, 22-36 ms a token against 15-17 asleep). Batch 8's micro-batches would run both
+  # beside it, 24-36 ms a token against 15-17 asleep). Batch 8's micro-batches would run both
   # stages at once: those points need >= 4 cores.
   local mpi_extra=() wrap=() tp2pp2_batches="1 8"
   if [ "$(nproc)" -lt 4 ]; then
