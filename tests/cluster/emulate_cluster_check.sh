@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # scripts/emulate-cluster.sh end to end: a 4- and a 2-node cluster come up and go down leaving
 # nothing behind; `bench comm` between two nodes measures the shaped bandwidth (within 20%);
-# `generate` with TP 2, PP 2 and TP 2 x PP 2 across two nodes gives the tokens and logits of one
-# rank; a rank killed in one namespace ends the job in the other with a clear message, and a
-# stopped one makes the other time out (--comm-timeout). Exit 77 (skip) without root, network namespaces or mpirun.
+# an all-reduce across them runs at the link's rate; `train --dp 2` across two nodes gives the
+# losses of one rank; `generate` with TP 2, PP 2 and TP 2 x PP 2 across two nodes gives the tokens
+# and logits of one rank; a rank killed in one namespace ends the job in the other with a clear
+# message, and a stopped one makes the other time out (--comm-timeout). Exit 77 (skip) without
+# root, network namespaces or mpirun.
 # Usage: emulate_cluster_check.sh PARALLM
 set -euo pipefail
 bin=$1
@@ -45,6 +47,43 @@ want = float(sys.argv[2]) * 1e6 / 8
 err = beta / want - 1
 print(f"bench comm across nodes: {beta / 1e6:.1f} MB/s against {want / 1e6:.1f} MB/s shaped ({err:+.1%})")
 assert abs(err) <= 0.20, "measured bandwidth is not within 20% of the shaping"
+PY
+
+# An all-reduce sends both ways at once; Open MPI's rendezvous (above 64 KiB) had one direction
+# wait for the other about half the time (comm/mpi/mpi_group.cpp: the engine sends eagerly).
+"$S" run -np 2 --map-by node -- "$bin" bench comm --op all_reduce --algo native --min-bytes 256K \
+  --max-bytes 2M --step-factor 2 --iters 4 >"$tmp/ar.out" 2>&1 || { cat "$tmp/ar.out"; exit 1; }
+/usr/bin/python3 - "$tmp/ar.out" 200 <<'PY'
+import sys
+rate = float(sys.argv[2]) * 1e6 / 8
+rows = [l.split() for l in open(sys.argv[1]) if l.startswith("  all_reduce") and " native " in l]
+assert len(rows) == 4, f"bench comm printed {len(rows)} all_reduce rows"
+# Two ranks: each sends its half and then the reduced half, n bytes each way.
+worst = max(float(f[4]) * 1e-6 / (int(f[2]) * 4 / rate) for f in rows)
+print(f"all-reduce across nodes, 256 KiB to 2 MiB: at worst {worst:.2f}x the link's time")
+assert worst <= 1.3, "an all-reduce took more than 1.3x the time its bytes take on the link"
+PY
+
+step "train --dp 2 across 2 nodes = one rank"
+printf '{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 48,
+ "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4,
+ "num_key_value_heads": 2, "head_dim": 12, "vocab_size": 67, "max_position_embeddings": 64,
+ "torch_dtype": "float32"}\n' >"$tmp/train.json"
+/usr/bin/python3 -c 'import random, struct, sys
+r = random.Random(5); ids = [r.randrange(67) for _ in range(2000)]
+open(sys.argv[1], "wb").write(struct.pack("<%dH" % len(ids), *ids))' "$tmp/train.bin"
+tr=(train --init "$tmp/train.json" --seed 3 --data "$tmp/train.bin" --seq-len 8 --micro-batch-size 2
+    --global-batch-size 8 --steps 6 --lr 1e-2 --bucket-mb 1 --threads 1 --comm-timeout 30 --quiet)
+"$bin" "${tr[@]}" --log-json "$tmp/train1.jsonl" 2>"$tmp/train1.err" || { cat "$tmp/train1.err"; exit 1; }
+"$S" run -np 2 --map-by node -- "$bin" "${tr[@]}" --dp 2 --log-json "$tmp/train2.jsonl" \
+  >"$tmp/train2.out" 2>&1 || { cat "$tmp/train2.out"; exit 1; }
+/usr/bin/python3 - "$tmp/train1.jsonl" "$tmp/train2.jsonl" <<'PY'
+import json, sys
+one, two = ([json.loads(l)["loss"] for l in open(p)] for p in sys.argv[1:])
+assert len(one) == 6 and len(two) == 6, f"steps: one rank {len(one)}, 2 nodes {len(two)}"
+worst = max(abs(a - b) / abs(a) for a, b in zip(one, two))
+assert worst <= 1e-5, f"losses differ by {worst:.2e} relative: {one} vs {two}"
+print(f"train --dp 2 across 2 nodes: 6 losses within {worst:.1e} of one rank's, last {two[-1]:.5f}")
 PY
 
 step "generate across 2 nodes = one rank"

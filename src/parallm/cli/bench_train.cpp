@@ -28,6 +28,7 @@ namespace {
 struct Options {
   train::TrainOptions t;
   int64_t measure_steps = 4, warmup = 1;
+  bool no_overlap = false;
 };
 
 std::string cpu_name() {
@@ -51,6 +52,7 @@ int run(Options o) {
   // the interleaved schedule needs).
   if (t.global_batch == 0) t.global_batch = t.micro_batch * t.dp * t.ep * (t.pp > 1 ? 2 * t.pp : 1);
   t.steps = o.warmup + o.measure_steps;
+  t.overlap = !o.no_overlap;
   t.adamw.lr = 1e-4;
   t.adamw.schedule = "constant";
   t.quiet = true;
@@ -138,6 +140,11 @@ int run(Options o) {
        app.add_option("--dtype", o->t.dtype, "f32 or bf16 compute")
            ->check(CLI::IsMember({"f32", "bf16"}));
        app.add_option("--seed", o->t.seed, "Seed of the weights and the random data");
+       app.add_option("--bucket-mb", o->t.bucket_mb,
+                      "DP gradient bucket size in MB (default 25, as train)")
+           ->check(CLI::PositiveNumber);
+       app.add_flag("--no-overlap", o->no_overlap,
+                    "Reduce the DP gradient buckets only after the backward (default: during it)");
        app.add_option("--backend", o->t.backend, "auto, local, mpi")
            ->check(CLI::IsMember({"auto", "local", "mpi"}));
        return [o] { return run(*o); };

@@ -52,6 +52,7 @@ class Runtime {
     int initialized = 0;
     MPI_Initialized(&initialized);
     if (!initialized) {
+      tcp_eager_by_default();
       // Several threads of a rank may talk (e.g. a server thread beside the engine).
       if (MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &thread_level_) != MPI_SUCCESS)
         fail<std::runtime_error>("comm", "MPI_Init_thread failed");
@@ -79,6 +80,22 @@ class Runtime {
     // MPI_Finalize makes mpirun end the job.
     if (thread_level_ == MPI_THREAD_MULTIPLE) MPI_Abort(MPI_COMM_WORLD, 1);
     _exit(1);
+  }
+
+  // Open MPI over TCP (ranks on different machines) sends a message above its eager limit (64 KiB)
+  // only after the receiver's acknowledgement, and that acknowledgement travels on the one socket
+  // between the two ranks, behind whatever the receiver is sending itself. When both send at once,
+  // as in every all-reduce, one rank's acknowledgement waited behind its own message and the two
+  // messages crossed the link one after the other: all-reduces of 256 KiB to 16 MiB ran at half
+  // the link's rate about half the time (docs/benchmarks.md, "Emulated clusters"). Eager sends
+  // up to 64 MiB (more than a DP bucket or a TP prefill message) need no acknowledgement; the
+  // receiver buffers a message that comes before its receive is posted. A value the user set
+  // (OMPI_MCA_... or --mca, which mpirun passes the same way) is kept.
+  static void tcp_eager_by_default() {
+#ifdef OPEN_MPI
+    setenv("OMPI_MCA_btl_tcp_eager_limit", "67108864", 0);
+    setenv("OMPI_MCA_btl_tcp_rndv_eager_limit", "67108864", 0);
+#endif
   }
 
   // spin | sleep | auto (the default): sleep where this machine holds more ranks than cores, so
