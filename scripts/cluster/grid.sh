@@ -1,8 +1,8 @@
 # shellcheck shell=bash
 # Sourced by scripts/emulate-cluster.sh for `grid`: measures decode ms/token of TP=2, PP=2 and
-# TP=2 x PP=2 (TP group inside a node, or across nodes) at each link preset and batch 1 and 8, and
-# DP=2 at batch 8, on an emulated 2-node cluster, next to what `parallm plan` predicts from `bench
-# comm` calibrations taken on the same links; then the planner's ranking of the layouts and the
+# TP=2 x PP=2 (TP group inside a node, or across nodes) at each link preset and batch 1 and 8,
+# DP=2 at batch 8, and a DP=2 training step, on an emulated 2-node cluster, next to what `parallm
+# plan` predicts from `bench comm` calibrations taken on the same links; then the planner's ranking of the layouts and the
 # crossover bandwidth (below it PP=2 beats TP=2 for decode), measured and predicted. Sets the
 # cluster up and tears it down (trap) itself.
 #
@@ -14,6 +14,7 @@
 #   tp2pp2-tpx   TP pairs across the link, the two stages of a node over shared memory
 #   tp2/pp2 at link "shm": both ranks in one node, the in-node reference
 #   dp2      DP=2 at batch 8: a replica of batch 4 a node, nothing on the link (link "any")
+#   dp2-train  DP=2 training (bench train, batch "t8"), a replica a node, gradients across the link
 # The planner gets one calibration per layout: the all-reduce fit of the link its TP group uses,
 # and the send/recv fit of the link its stages use (shared memory or the shaped link), plus the
 # arrival skew (`arrival_skew_us`: what a TP all-reduce waits for the later rank in decode,
@@ -131,12 +132,15 @@ print("%.2f" % (best[1] / (best[0] / 1e3 - bytes_gb / bw)))' \
   # sizes decode sends (a quarter of one token's f32 hidden state to 16 of them: 2 KiB to 128 KiB
   # for the default model, whose token is 8 KiB, 64 KiB at batch 8);
   # a fit over larger sizes is dominated by them and misses the intercept that decode pays.
+  # The DP training points' calibration (NAME ending in .train) takes the all-reduce alone, at the
+  # gradient buckets' sizes (512 KiB to 4 MiB, 5 iterations).
   calibrate() {  # NAME MAP(node|slot)
-    local op rep
-    for op in all_reduce sendrecv; do
+    local op rep ops=(all_reduce sendrecv) lo=$((row_bytes / 4)) hi=$((row_bytes * 16)) iters=20
+    [[ $1 == *.train ]] && ops=(all_reduce) lo=$((512 << 10)) hi=$((4 << 20)) iters=5
+    for op in "${ops[@]}"; do
       for ((rep = 0; rep < reps; rep++)); do
         cmd_run -np 2 --map-by "$2" -- "$PARALLM" bench comm --op "$op" --algo auto \
-          --min-bytes "$((row_bytes / 4))" --max-bytes "$((row_bytes * 16))" --step-factor 2 --iters 20 >>"$comm/$1.$op.txt" 2>&1 ||
+          --min-bytes "$lo" --max-bytes "$hi" --step-factor 2 --iters "$iters" >>"$comm/$1.$op.txt" 2>&1 ||
           die "bench comm ($1, $op) failed: $(tail -3 "$comm/$1.$op.txt")"
       done
     done
@@ -151,10 +155,12 @@ print("%.2f" % (best[1] / (best[0] / 1e3 - bytes_gb / bw)))' \
     local burst=0
     [ "$2" = node ] && [ "$(cat "$STATE/mbit")" != 0 ] && burst=$(cat "$STATE/mtu")
     /usr/bin/python3 - "$comm/$1" "$skew_us" "$burst" <<'PY'
-import json, sys
+import json, os, sys
 p, skew, burst = sys.argv[1], (0.0 if sys.argv[2] == "auto" else float(sys.argv[2])), int(sys.argv[3])
 ops = {}
 for op in ("all_reduce", "sendrecv"):
+    if not os.path.exists(f"{p}.{op}.txt"):
+        continue
     best = {}
     for line in open(f"{p}.{op}.txt"):
         f = line.split()
@@ -179,9 +185,9 @@ cal = {"backend": "mpi", "world": 2, "ops": ops}
 if skew > 0: cal["arrival_skew_us"] = skew
 if burst > 0: cal["burst_bytes"] = burst
 json.dump(cal, open(p + ".json", "w"))
-print("# comm %-6s all_reduce alpha %7.1f us beta %7.4f GB/s | sendrecv alpha %7.1f us beta %7.4f GB/s | burst %d B"
-      % (p.rsplit("/", 1)[1], ops["all_reduce"]["alpha_us"], ops["all_reduce"]["beta_gbps"],
-         ops["sendrecv"]["alpha_us"], ops["sendrecv"]["beta_gbps"], burst))
+print("# comm %-6s " % p.rsplit("/", 1)[1] + " | ".join(
+    "%s alpha %7.1f us beta %7.4f GB/s" % (op, v["alpha_us"], v["beta_gbps"]) for op, v in ops.items())
+      + " | burst %d B" % burst)
 PY
   }
   # A calibration made of the all-reduce of one link and the send/recv of another.
@@ -299,6 +305,34 @@ print("%.3f" % (l["ttft_ms"]))')
         printf "%-12s %-8s %5s %11s %12s %9s   (prefill)\n", $1, $2, $3, $4, $5, e}'
   }
 
+  # DP=2 training: `bench train` on the `small` shape (3.4 M parameters: 13.7 MB of f32 gradients
+  # in 2 MB buckets, so that their all-reduces overlap the last backward as a large model's 25 MB
+  # buckets do), one replica a node and the gradients across the link, against `plan --train`
+  # (its kernel rates measured by the planner itself, two one-thread ranks at once; the
+  # all-reduce from a calibration at the buckets' sizes). Batch "t8": a step of 8 sequences.
+  local tshape=(--seq-len 128 --micro-batch-size 4 --bucket-mb 2)
+  "$PARALLM" init-model --shape small --seed 1 --out "$work/small" >/dev/null
+  measure_train() {  # LINK MAP CAL
+    local link=$1 map=$2 cal=$3 rep best="" o m pred=nan
+    for ((rep = 0; rep < reps; rep++)); do
+      o=$(cmd_run -np 2 --map-by "$map" -- "$PARALLM" bench train --init small --dp 2 --threads 1 \
+            "${tshape[@]}" --steps 3 --warmup 1 2>&1) ||
+        die "bench train dp2 $link failed: $(echo "$o" | tail -3)"
+      m=$(echo "$o" | awk '/^  ms\/step/ {print $2; exit}')
+      if [ -z "$best" ] || awk -v a="$m" -v b="$best" 'BEGIN { exit !(a < b) }'; then best=$m; fi
+    done
+    if [ "$do_plan" = 1 ]; then
+      pred=$("$PARALLM" plan --model "$work/small/config.json" --gpu cpu --gpus 2 --train --dp 2 \
+               --seq-len 128 --micro-batch 4 --global-batch 8 --bucket-mb 2 --recompute none \
+               --threads 1 --dtype fp32 --calibrate "$cal" --json |
+             /usr/bin/python3 -c 'import json,sys; l = json.load(sys.stdin)["layouts"][0]
+print("%.3f" % (1e3 * l["step_time_s"]))')
+    fi
+    printf '%s\t%s\tt8\t%s\t%s\t\t\t\n' dp2-train "$link" "$best" "$pred" |
+      tee -a "$res" | awk -F'\t' '{e = ($5 == "nan") ? "nan" : sprintf("%+.1f", ($5 / $4 - 1) * 100);
+        printf "%-12s %-8s %5s %11s %12s %9s   (training step, ms)\n", $1, $2, $3, $4, $5, e}'
+  }
+
   # TP=2 x PP=2 is four ranks. On fewer than four cores they share cores, which only works while
   # one stage computes at a time: batch 1 in one micro-batch, each rank pinned so that a stage's
   # two ranks are on different cores (cluster/pin-rank.sh), and the waiting stage asleep rather
@@ -320,6 +354,8 @@ print("%.3f" % (l["ttft_ms"]))')
   done
   measure_prefill tp2 shm 2 slot "$comm/shm.json" --tp 2
   measure_prefill pp2 shm 2 slot "$comm/shm.json" --pp 2
+  calibrate shm.train slot
+  measure_train shm slot "$comm/shm.train.json"
   # DP=2 at batch 8: two replicas, no traffic between them, so one point serves every link ("any").
   measure dp2 any 8 2 node "$comm/shm.json" --backend local
   local p mbit name
@@ -343,6 +379,11 @@ print("%.3f" % (l["ttft_ms"]))')
     done
     measure_prefill tp2 "$name" 2 node "$comm/$name.json" --tp 2
     measure_prefill pp2 "$name" 2 node "$comm/$name.json" --pp 2
+    # Training across the presets only (a step over the sweep's slowest link takes ~8 s).
+    case " $presets " in *" $p "*)
+      calibrate "$name.train" node
+      measure_train "$name" node "$comm/$name.train.json" ;;
+    esac
     echo "$name $mbit" >>"$work/rates"
   done
   cmd_down
@@ -358,11 +399,14 @@ import json, math, subprocess, sys, os
 res, rates_f, comm, parallm, model, node_bw, alone_bw, tokens, do_plan, skew, flops, dtype = sys.argv[1:]
 skew = 0.0 if skew == "auto" else float(skew)  # "auto" left only if the shm point never ran
 rates = dict(l.split() for l in open(rates_f))
-pts, node_rates, prefill = {}, [], {}
+pts, node_rates, prefill, training = {}, [], {}, {}
 for l in open(res):
     layout, link, b, ms, pred = l.split("\t")[:5]
     if b.startswith("p"):  # prefill points: their own error line, not in the crossovers
         prefill[(layout, link)] = (float(ms), float(pred))
+        continue
+    if b.startswith("t"):  # training steps: likewise
+        training[(layout, link)] = (float(ms), float(pred))
         continue
     pts[(layout, link, int(b))] = (float(ms), float(pred))
     node_rates.append((float(l.split("\t")[6]), float(l.split("\t")[7])))
@@ -371,7 +415,7 @@ for l in open(res):
 if node_rates:
     node_bw = "%.2f" % sorted(r[0] for r in node_rates)[len(node_rates) // 2]
     alone_bw = "%.2f" % sorted(r[1] for r in node_rates)[len(node_rates) // 2]
-for what, d in (("decode", pts), ("prefill", prefill)):
+for what, d in (("decode", pts), ("prefill", prefill), ("training step", training)):
     errs = [abs(p / m - 1) for (m, p) in d.values() if p == p]
     if errs:
         print("# planner error, %s: mean |error| %.1f%%, max %.1f%% over %d points"

@@ -560,5 +560,56 @@ TEST(Estimate, TrainingStepBubbleAndMfu) {
   }
 }
 
+// The DP gradient all-reduce in buckets during the last micro-batch's backward (train/dp.cpp):
+// only what the backward does not hide adds to the step.
+TEST(Estimate, TrainingDpGradientsOverlapTheBackwardInBuckets) {
+  const ModelConfig c = resolve_model("llama-2-7b");
+  ClusterOptions co;
+  co.gpu = "a100-80g";
+  co.gpus = 8;
+  const ClusterSpec cl = build_cluster(co);
+  TrainingWorkload w;
+  w.global_batch = 8;
+  w.seq_len = 4096;
+  const Layout dp8{1, 1, 8, 1};
+  const LayoutEstimate e = estimate_training(c, cl, dp8, w, {});
+  // 13.5 GB of bf16 gradients in 25 MB buckets; NVLink reduces them faster than the backward
+  // makes them, so only the last bucket's reduction is left after it.
+  EXPECT_EQ(e.dp_buckets, int(2 * c.param_count() / 25e6));
+  EXPECT_GT(e.dp_comm_time, 0.01 * e.step_time);
+  EXPECT_LT(e.dp_comm_exposed, 0.01 * e.dp_comm_time);
+  EXPECT_GT(e.dp_comm_exposed, 0.5 * e.dp_comm_time / e.dp_buckets);
+  // Reduced after the backward (--no-overlap), or with ZeRO: all of it adds to the step.
+  w.overlap_grad_reduce = false;
+  const LayoutEstimate after = estimate_training(c, cl, dp8, w, {});
+  EXPECT_EQ(after.dp_buckets, 1);
+  EXPECT_NEAR(after.dp_comm_exposed, after.dp_comm_time, 1e-12);
+  EXPECT_NEAR(after.step_time - e.step_time, after.dp_comm_exposed - e.dp_comm_exposed,
+              1e-9 * e.step_time);
+  w.overlap_grad_reduce = true;
+  w.zero = 1;
+  const LayoutEstimate z = estimate_training(c, cl, dp8, w, {});
+  EXPECT_NEAR(z.dp_comm_exposed, z.dp_comm_time, 1e-12);
+  w.zero = 0;
+  // One bucket: nothing to overlap.
+  w.bucket_bytes = 1e12;
+  const LayoutEstimate one = estimate_training(c, cl, dp8, w, {});
+  EXPECT_EQ(one.dp_buckets, 1);
+  EXPECT_NEAR(one.dp_comm_exposed, one.dp_comm_time, 1e-12);
+  // Over a slow link (two nodes on 10 Gb Ethernet) the reductions outlast the backward: the step
+  // waits for all but what ran under the backward, and at most the backward is hidden.
+  co.gpus = 16;
+  co.nodes = 2;
+  co.gpus_per_node = 8;
+  co.inter_node = "eth-10g";
+  const ClusterSpec slow = build_cluster(co);
+  w.bucket_bytes = 25e6;
+  w.global_batch = 16;
+  const LayoutEstimate s = estimate_training(c, slow, {1, 1, 16, 1}, w, {});
+  EXPECT_GT(s.dp_comm_time, 2 * s.backward_time);
+  EXPECT_LT(s.dp_comm_exposed, s.dp_comm_time);
+  EXPECT_GE(s.dp_comm_exposed, s.dp_comm_time - s.backward_time - 1e-9);
+}
+
 }  // namespace
 }  // namespace parallm::plan

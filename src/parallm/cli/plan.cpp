@@ -156,6 +156,9 @@ plan::PlanRequest make_plan_request(const PlanOptions& o) {
     w.schedule = pipeline::parse_schedule_kind(o.schedule);
     if (o.chunks < 1) fail("plan", "--chunks must be >= 1, got ", o.chunks);
     w.chunks = o.chunks;
+    if (!(o.bucket_mb > 0)) fail("plan", "--bucket-mb must be positive, got ", o.bucket_mb);
+    w.bucket_bytes = o.bucket_mb * 1e6;
+    w.overlap_grad_reduce = !o.no_overlap;
     // CPU ranks: the training kernels' rates, measured here at this model's shapes with each
     // rank's threads (--flops, or "gflops" in the calibration, replaces them).
     const bool flops_given =
@@ -279,6 +282,10 @@ const bool registered = register_command(
                       "Training: gpipe, 1f1b (default), interleaved, zb-h1");
        app.add_option("--chunks,--virtual-stages", o->chunks,
                       "Training: model chunks per stage for interleaved");
+       app.add_option("--bucket-mb", o->bucket_mb,
+                      "Training: DP gradient bucket size in MB (default 25, as train's)");
+       app.add_flag("--no-overlap", o->no_overlap,
+                    "Training: DP gradients reduced after the backward, not during it");
        // The subcommand outlives the run: ask it which flags were given.
        o->given = [&app](const char* flag) { return app.count(flag) > 0; };
        return [o] { return run(*o); };

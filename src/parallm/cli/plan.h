@@ -31,6 +31,8 @@ struct PlanOptions {
   std::string optimizer = "adam", recompute = "selective", schedule = "1f1b";
   bool no_sp = false, sp = false;
   int zero = 0, chunks = 1;
+  double bucket_mb = 25;
+  bool no_overlap = false;
   int64_t threads = 0;
   // Whether a flag was on the command line: a count or rate given is checked even when its
   // value (0) is what the planner takes for "absent".

@@ -72,6 +72,10 @@ struct LayoutEstimate {
   double bubble_fraction = 0;
   double forward_time = 0, backward_time = 0, p2p_time = 0;  // per micro-batch per stage
   double dp_comm_time = 0, optimizer_time = 0;
+  // The part of dp_comm_time the step waits for (the rest overlaps the last backward), and the
+  // buckets the dense gradients are reduced in.
+  double dp_comm_exposed = 0;
+  int dp_buckets = 0;
   double peak_in_flight = 0;  // micro-batches held by stage 0
   // Per pipeline stage: held activations (the fullest TP rank) under the schedule, by walking its
   // action list with activation_bytes_per_chunk's bytes.

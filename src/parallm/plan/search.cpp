@@ -283,6 +283,8 @@ json to_json(const PlanRequest& req, const PlanResult& res) {
       o["p2p_ms"] = e.p2p_time * 1e3;
       o["bubble_fraction"] = e.bubble_fraction;
       o["dp_comm_ms"] = e.dp_comm_time * 1e3;
+      o["dp_comm_exposed_ms"] = e.dp_comm_exposed * 1e3;
+      o["dp_buckets"] = e.dp_buckets;
       o["step_time_s"] = e.step_time;
       o["tokens_per_s"] = e.tokens_per_s;
       o["tokens_per_s_per_device"] = e.tokens_per_s_per_device;

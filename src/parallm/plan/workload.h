@@ -57,6 +57,11 @@ struct TrainingWorkload {
   int zero = 0;  // ZeRO stage: 1 shards optimizer states over DP, 2 also gradients, 3 also weights
   pipeline::ScheduleKind schedule = pipeline::ScheduleKind::OneFOneB;
   int chunks = 1;  // model chunks per stage (interleaved)
+  // DP gradient buckets (the engine's --bucket-mb, PyTorch DDP's 25 MB): without ZeRO each bucket
+  // is all-reduced as soon as the last micro-batch's backward has produced it, while the backward
+  // goes on (overlap_grad_reduce); only what is left when the backward ends adds to the step.
+  double bucket_bytes = 25e6;
+  bool overlap_grad_reduce = true;
   // FP32: parallm's own training engine: f32 weights, gradients and activations (TP/PP messages
   // too), Adam's m and v in f32 (4 + 4 + 8 bytes per parameter). BF16 or FP16: mixed precision as
   // in Megatron-LM and ZeRO: 16-bit weights, gradients and activations, f32 master weights and
