@@ -611,5 +611,32 @@ TEST(Estimate, TrainingDpGradientsOverlapTheBackwardInBuckets) {
   EXPECT_GE(s.dp_comm_exposed, s.dp_comm_time - s.backward_time - 1e-9);
 }
 
+// CPU ranks: a bucket's reduction takes a share of the rank's cores from the backward (one more
+// thread beside its t), so the overlap hides less than on a GPU.
+TEST(Estimate, TrainingDpOverlapOnCpuRanksSlowsTheBackward) {
+  const ModelConfig c = resolve_model("llama-2-7b");
+  const ClusterSpec cl = cpu_cluster(2);
+  TrainingWorkload w;
+  w.global_batch = 2;
+  w.seq_len = 512;
+  w.precision = Precision::FP32;
+  PlanOptions o;
+  o.training_rates = {1e11, 1e11, 1e11, 1e11};
+  o.mem_bw = 20e9;
+  auto with_threads = [&](int t) {
+    o.training_rates.threads = t;
+    return estimate_training(c, cl, {1, 1, 2, 1}, w, o);
+  };
+  const LayoutEstimate one = with_threads(1), many = with_threads(1000000);
+  ASSERT_GT(one.dp_buckets, 100);
+  ASSERT_LT(many.dp_comm_exposed, 0.9 * many.dp_comm_time);  // mostly hidden...
+  // ...but at one thread a rank the backward runs at half speed while a bucket is reduced: the
+  // step gains half of what ran under it (the buckets reduced before the backward would end).
+  const double hidden = many.dp_comm_time - many.dp_comm_exposed;
+  EXPECT_NEAR(one.dp_comm_exposed - many.dp_comm_exposed, 0.5 * hidden, 0.05 * hidden);
+  EXPECT_NEAR(one.step_time - many.step_time, one.dp_comm_exposed - many.dp_comm_exposed,
+              1e-9 * one.step_time);
+}
+
 }  // namespace
 }  // namespace parallm::plan

@@ -170,6 +170,7 @@ plan::PlanRequest make_plan_request(const PlanOptions& o) {
       // Every rank of the node at once: they share its cores and memory while they train.
       req.options.training_rates = plan::measure_training_rates(req.model, w.micro_batch, w.seq_len,
                                                                 threads, req.cluster.gpus_per_node);
+      req.options.training_rates.threads = threads;
     }
   } else {
     plan::InferenceWorkload& w = req.inference;

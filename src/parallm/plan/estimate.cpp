@@ -26,6 +26,29 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
+// The DP gradient buckets under the last backward (train/dp.cpp): a backward of `tb` seconds
+// makes B equal buckets, bucket i when it is (i+1)/B done; one thread reduces them in order, each
+// in `one` seconds, starting as soon as it is ready and the one before is done. While a reduction
+// runs the backward goes at `speed` (1: free overlap). Returns the seconds the step gains over
+// the backward alone: until both the backward and the last reduction are done.
+double overlapped_reduction(double tb, double one, int B, double speed) {
+  double t = 0, done = 0;  // time; how much of the backward is done (seconds at full speed)
+  double bwd_end = -1;
+  for (int i = 0; i < B; ++i) {
+    const double ready = tb * (i + 1) / B;
+    if (done < ready) {  // the thread waits for bucket i: the backward at full speed
+      t += ready - done;
+      done = ready;
+    }
+    // Bucket i runs from t to t + one; the backward advances at `speed` meanwhile.
+    if (bwd_end < 0 && done + speed * one >= tb) bwd_end = t + (tb - done) / speed;
+    done = std::min(tb, done + speed * one);
+    t += one;
+  }
+  if (bwd_end < 0) bwd_end = t + (tb - done);
+  return std::max(bwd_end, t) - tb;
+}
+
 bool slow_for_tp(const LinkSpec& l) {
   return l.kind == LinkKind::PCIe || l.kind == LinkKind::Network;
 }
@@ -589,7 +612,6 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
   std::string dp_detail = e.dp_link;
   if (l.dp > 1) {
     const double bytes = wb * dense_dev;
-    const double whole = collective_cost(Collective::AllReduce, bytes, l.dp, *k.dp, cal).seconds;
     if (w.zero == 0 && w.overlap_grad_reduce && w.bucket_bytes > 0) {
       // The engine's buckets (train/dp.cpp): whole parameters from the last layer's back, each
       // at least bucket_bytes, reduced one after another on a communication thread as soon as
@@ -597,19 +619,35 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
       // equal buckets ready at even intervals of the backward: bucket i is ready at tb (i+1)/B
       // and starts when it is ready and the one before it is done; the step waits for what is
       // left after the backward (at least the last bucket's reduction).
+      // On CPU ranks the reduction is not free for the backward: the communication thread
+      // (polling MPI) and the kernel's network stack run on the cores the compute threads use,
+      // one more runnable thread beside a rank's t, so while a bucket is being reduced the
+      // backward runs at t / (t + 1) of its speed (the emulated cluster's DP=2 training at
+      // 700 Mbit/s, one thread a rank: the overlap saved 30-50 ms of the 118 a free overlap
+      // would).
+      double speed = 1;
+      if (cl.device.is_cpu) {
+        const int t = kr.threads > 0 ? kr.threads
+                                     : std::max(1, cl.device.cores / std::max(1, cl.gpus_per_node));
+        speed = double(t) / (t + 1);
+      }
       const int B = int(std::clamp(std::floor(bytes / w.bucket_bytes), 1.0, 1e6));
-      const double one = collective_cost(Collective::AllReduce, bytes / B, l.dp, *k.dp, cal).seconds;
-      double done = 0;
-      for (int i = 0; i < B; ++i) done = std::max(done, tb * (i + 1) / B) + one;
+      const double one =
+          collective_cost(Collective::AllReduce, bytes / B, l.dp, *k.dp, cal).seconds;
+      const double extra = overlapped_reduction(tb, one, B, speed);
       e.dp_comm_time += B * one;
-      e.dp_comm_exposed += done - tb;
+      e.dp_comm_exposed += extra;
       e.dp_buckets = B;
-      dp_detail = cat(e.dp_link, ", ", B, B == 1 ? " bucket" : " buckets", ", ",
-                      fmt::format("{:.0f}", 1e3 * (B * one - (done - tb))),
-                      " ms under the last backward");
+      dp_detail =
+          cat(e.dp_link, ", ", B, B == 1 ? " bucket" : " buckets", ", ",
+              fmt::format("{:.0f}", 1e3 * std::max(0.0, B * one - extra)),
+              " ms under the last backward",
+              speed < 1 ? fmt::format(" (which runs at {:.2f} of its speed meanwhile)", speed)
+                        : std::string());
     } else {
       // ZeRO (reduce-scatter, then the all-gather after the optimizer) or --no-overlap: the
       // whole volume after the backward.
+      const double whole = collective_cost(Collective::AllReduce, bytes, l.dp, *k.dp, cal).seconds;
       e.dp_comm_time += whole;
       e.dp_comm_exposed += whole;
       e.dp_buckets = 1;

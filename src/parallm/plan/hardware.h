@@ -97,6 +97,7 @@ struct TrainingRates {
   // The LM head's products ([T, hidden] x [vocab, hidden]^T: wider than a layer's, often faster);
   // 0: as the layers'.
   double head_forward = 0, head_backward = 0;
+  int threads = 0;  // compute threads per rank they were measured with
   bool measured() const { return gemm_forward > 0; }
 };
 // Measures them with `ranks` ranks at once (the ranks of a node share its cores and memory; at
