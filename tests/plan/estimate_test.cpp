@@ -564,13 +564,9 @@ TEST(Estimate, TrainingStepBubbleAndMfu) {
 // only what the backward does not hide adds to the step.
 TEST(Estimate, TrainingDpGradientsOverlapTheBackwardInBuckets) {
   const ModelConfig c = resolve_model("llama-2-7b");
-  ClusterOptions co;
-  co.gpu = "a100-80g";
-  co.gpus = 8;
-  const ClusterSpec cl = build_cluster(co);
+  const ClusterSpec cl = cluster_of("a100-80g", 8);
   TrainingWorkload w;
   w.global_batch = 8;
-  w.seq_len = 4096;
   const Layout dp8{1, 1, 8, 1};
   const LayoutEstimate e = estimate_training(c, cl, dp8, w, {});
   // 13.5 GB of bf16 gradients in 25 MB buckets; NVLink reduces them faster than the backward
@@ -598,6 +594,8 @@ TEST(Estimate, TrainingDpGradientsOverlapTheBackwardInBuckets) {
   EXPECT_NEAR(one.dp_comm_exposed, one.dp_comm_time, 1e-12);
   // Over a slow link (two nodes on 10 Gb Ethernet) the reductions outlast the backward: the step
   // waits for all but what ran under the backward, and at most the backward is hidden.
+  ClusterOptions co;
+  co.gpu = "a100-80g";
   co.gpus = 16;
   co.nodes = 2;
   co.gpus_per_node = 8;
