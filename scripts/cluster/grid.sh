@@ -2,9 +2,9 @@
 # Sourced by scripts/emulate-cluster.sh for `grid`: measures decode ms/token of TP=2, PP=2 and
 # TP=2 x PP=2 (TP group inside a node, or across nodes) at each link preset and batch 1 and 8,
 # DP=2 at batch 8, and a DP=2 training step, on an emulated 2-node cluster, next to what `parallm
-# plan` predicts from `bench comm` calibrations taken on the same links; then the planner's ranking of the layouts and the
-# crossover bandwidth (below it PP=2 beats TP=2 for decode), measured and predicted. Sets the
-# cluster up and tears it down (trap) itself.
+# plan` predicts from `bench comm` calibrations taken on the same links; then the planner's
+# ranking of the layouts and the crossover bandwidth (below it PP=2 beats TP=2 for decode),
+# measured and predicted. Sets the cluster up and tears it down (trap) itself.
 #
 # Layouts (2 nodes, 2 slots each; world rank = tp + pp * TP, so --map-by slot puts a TP pair on
 # one node and --map-by node splits it):
@@ -202,6 +202,7 @@ if "arrival_skew_us" in a: cal["arrival_skew_us"] = a["arrival_skew_us"]
 json.dump(cal, open(out, "w"))
 PY
   }
+  faster() { [ -z "$2" ] || awk -v a="$1" -v b="$2" 'BEGIN { exit !(a < b) }'; }  # MS BEST-SO-FAR
   measure() {  # LAYOUT LINK BATCH NP MAP CAL DECODE-FLAGS...
     local layout=$1 link=$2 batch=$3 np=$4 map=$5 cal=$6
     shift 6
@@ -237,9 +238,7 @@ PY
         continue
       fi
       m=$(echo "$o" | awk '/^  ms\/(step|token)/ && $3 > m {m = $3} END {print m}')
-      if [ -z "$best" ] || awk -v a="$m" -v b="$best" 'BEGIN { exit !(a < b) }'; then
-        best=$m out=$o
-      fi
+      if faster "$m" "$best"; then best=$m out=$o; fi
     done
     ms=$best
     # Per call (--comm-stats, warm-up and prefill included): the TP all-reduce, the PP send and
@@ -289,7 +288,7 @@ json.dump(c, open(sys.argv[1], "w"))' "$cal" "$skew_us"
             --threads 1 --prompt-len "$plen" --comm-timeout 120 "$@" 2>&1) ||
         die "bench prefill $layout $link failed: $(echo "$o" | tail -3)"
       m=$(echo "$o" | awk '/^  ms\/prompt/ {print $2; exit}')
-      if [ -z "$best" ] || awk -v a="$m" -v b="$best" 'BEGIN { exit !(a < b) }'; then best=$m; fi
+      if faster "$m" "$best"; then best=$m; fi
     done
     if [ "$do_plan" = 1 ]; then
       local tp=1 pp=1 a prev=""
@@ -319,7 +318,7 @@ print("%.3f" % (l["ttft_ms"]))')
             "${tshape[@]}" --steps 3 --warmup 1 2>&1) ||
         die "bench train dp2 $link failed: $(echo "$o" | tail -3)"
       m=$(echo "$o" | awk '/^  ms\/step/ {print $2; exit}')
-      if [ -z "$best" ] || awk -v a="$m" -v b="$best" 'BEGIN { exit !(a < b) }'; then best=$m; fi
+      if faster "$m" "$best"; then best=$m; fi
     done
     if [ "$do_plan" = 1 ]; then
       pred=$("$PARALLM" plan --model "$work/small/config.json" --gpu cpu --gpus 2 --train --dp 2 \
