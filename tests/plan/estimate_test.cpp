@@ -433,6 +433,55 @@ TEST(Estimate, CpuDecodeIsWeightsOverBandwidthPlusCalibratedComm) {
   EXPECT_DOUBLE_EQ(cl.device.mem_capacity, mem_total_kib * 1024);
 }
 
+TEST(Estimate, CpuRanksOnTheirOwnClocksShareTheNodeOnlyWhileTheyStream) {
+  // Two DP replicas on one CPU node (30 GB/s, one rank alone 20) each decode batch 4 on one rank.
+  // A replica streams its bytes B for part u of its step and multiplies for the rest (F), and the
+  // other replica streams at the same moment only u of the time: B / min(20, 30 / (1 + u)) + F,
+  // u being the streaming part of that step. Sharing all the time (15 GB/s each) would be slower.
+  const ModelConfig c = resolve_model("tinyllama-1.1b");
+  PlanOptions o;
+  o.mem_bw = 30e9;
+  o.rank_mem_bw = 20e9;
+  o.flops = 200e9;
+  const InferenceWorkload w4 = cpu_decode(4), w8 = cpu_decode(8);
+  // One rank alone: B / 20 GB/s + F; with free arithmetic, B / 20 GB/s.
+  const double alone = estimate_inference(c, cpu_cluster(1), {1, 1, 1, 1}, w4, o).tpot;
+  PlanOptions free_flops = o;
+  free_flops.flops = 1e30;
+  const double b_time = estimate_inference(c, cpu_cluster(1), {1, 1, 1, 1}, w4, free_flops).tpot;
+  const double bytes = b_time * 20e9, f_time = alone - b_time;
+  ASSERT_GT(f_time, 0.2 * alone);
+  double u = 1, step = 0;
+  for (int i = 0; i < 200; ++i) {
+    const double stream = bytes / std::min(20e9, 30e9 / (1 + u));
+    step = stream + f_time;
+    u = stream / step;
+  }
+  const LayoutEstimate dp = estimate_inference(c, cpu_cluster(2), {1, 1, 2, 1}, w8, o);
+  EXPECT_NEAR(dp.tpot, step, 1e-4 * step);
+  EXPECT_GT(dp.tpot, alone * 1.01);
+  EXPECT_LT(dp.tpot, (bytes / 15e9 + f_time) * 0.97);
+  // With free arithmetic a replica streams all the time: the node's rate halved.
+  EXPECT_NEAR(estimate_inference(c, cpu_cluster(2), {1, 1, 2, 1}, w8, free_flops).tpot,
+              bytes / 15e9, 1e-6 * b_time);
+  // PP=2 at batch 8: the stages' two micro-batches of 4 keep both streaming on their own clocks,
+  // so the step is also below two micro-batches on the slower stage at 15 GB/s each.
+  const LayoutEstimate pp = estimate_inference(c, cpu_cluster(2), {1, 2, 1, 1}, w8, o);
+  EXPECT_LT(pp.tpot, (bytes / 15e9 + f_time) * 1.02 * 0.97);
+  EXPECT_GT(pp.tpot, alone);
+  // TP=2: both ranks run the same matmuls at once and share the node all the time (half the
+  // bytes each at 15 GB/s), whatever the arithmetic.
+  const LayoutEstimate tp = estimate_inference(c, cpu_cluster(2), {2, 1, 1, 1}, w8, o);
+  const LayoutEstimate tp_free =
+      estimate_inference(c, cpu_cluster(2), {2, 1, 1, 1}, w8, free_flops);
+  double tp_comm = 0;
+  for (const CostTerm& t : tp_free.decode_terms)
+    if (t.name.rfind("tp ", 0) == 0) tp_comm += t.seconds;
+  EXPECT_GT(tp_free.tpot - tp_comm, 0.45 * bytes / 15e9);
+  EXPECT_LT(tp_free.tpot - tp_comm, 0.55 * bytes / 15e9);
+  EXPECT_NEAR(tp.decode_compute - tp_free.decode_compute, f_time, 0.1 * f_time);
+}
+
 TEST(Estimate, ATokenBucketLinkPassesItsBurstAfterCompute) {
   // A shaped link lets burst_bytes through at once after an idle spell. In decode every TP
   // all-reduce (44 in the layers, 1 in the embedding) and the PP hop follow compute long enough to

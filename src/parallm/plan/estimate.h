@@ -90,10 +90,11 @@ struct LayoutEstimate {
 // Compute and memory rates per rank: measured ones (options, calibration) or catalog x efficiency.
 // CPU ranks of one node share its memory bandwidth.
 double rank_flops(const ClusterSpec& cl, const PlanOptions& o);
-// Bytes/s one rank streams while `streaming` ranks of its node stream at once: the device's (or
-// the measured) rate; on a CPU node, the node's rate shared by the streaming ranks, and at most
-// what one rank reaches alone (at batch 1 a pipeline has one stage streaming at a time).
-double rank_mem_bw(const ClusterSpec& cl, const PlanOptions& o, int streaming);
+// Bytes/s one rank streams while `streaming` ranks of its node stream at once (on the average:
+// ranks that stream part of the time count as that part): the device's (or the measured) rate;
+// on a CPU node, the node's rate shared by the streaming ranks, and at most what one rank reaches
+// alone (at batch 1 a pipeline has one stage streaming at a time).
+double rank_mem_bw(const ClusterSpec& cl, const PlanOptions& o, double streaming);
 
 // Placement problem of the layout on the cluster ("" if none): TP outside an NVLink island or a
 // node, more ranks than devices.
