@@ -12,3 +12,7 @@ endif()
 # The grid's drawing (scripts/cluster/grid_svg.py) from a recorded grid output.
 add_test(NAME cluster_grid_svg COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/grid_svg_check.sh)
 set_tests_properties(cluster_grid_svg PROPERTIES LABELS "unit;cluster" TIMEOUT 60)
+
+# The grid's summary (scripts/cluster/grid_summary.py) from a recorded grid's points.
+add_test(NAME cluster_grid_summary COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/grid_summary_check.sh)
+set_tests_properties(cluster_grid_summary PROPERTIES LABELS "unit;cluster" TIMEOUT 60)

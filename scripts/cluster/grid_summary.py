@@ -1,0 +1,120 @@
+#!/usr/bin/python3
+"""The grid's summary (scripts/cluster/grid.sh): the planner's error per kind of point, its ranking
+of the layouts at each link and batch, and the crossovers below which PP=2 beats TP=2, measured
+(log-linear between the grid's rates) and predicted (the planner over a fine sweep of rates, each
+with the shaped links' measured latency and a bandwidth of that rate times the efficiency bench
+comm measured on them).
+
+Usage: grid_summary.py POINTS.tsv RATES COMM_DIR PARALLM MODEL_DIR NODE_GBPS ALONE_GBPS TOKENS
+       DO_PLAN(0|1) SKEW_US FLOPS DTYPE CORES
+POINTS.tsv: one line a point, "layout link batch measured_ms predicted_ms stats node_gbps
+alone_gbps" tab-separated (batch pN: prefill, tN: training step); RATES: "name mbit" a line.
+"""
+import json, math, subprocess, sys, os
+res, rates_f, comm, parallm, model, node_bw, alone_bw, tokens, do_plan, skew, flops, dtype, cores = sys.argv[1:]
+cores = int(cores)
+skew = 0.0 if skew == "auto" else float(skew)  # "auto" left only if the shm point never ran
+rates = dict(l.split() for l in open(rates_f))
+pts, node_rates, prefill, training = {}, [], {}, {}
+for l in open(res):
+    layout, link, b, ms, pred = l.split("\t")[:5]
+    if b.startswith("p"):  # prefill points: their own error line, not in the crossovers
+        prefill[(layout, link)] = (float(ms), float(pred))
+        continue
+    if b.startswith("t"):  # training steps: likewise
+        training[(layout, link)] = (float(ms), float(pred))
+        continue
+    pts[(layout, link, int(b))] = (float(ms), float(pred))
+    node_rates.append((float(l.split("\t")[6]), float(l.split("\t")[7])))
+# The sweep's node and rank rates: the medians of those measured beside the points (the ones at
+# the start are one minute's).
+if node_rates:
+    node_bw = "%.2f" % sorted(r[0] for r in node_rates)[len(node_rates) // 2]
+    alone_bw = "%.2f" % sorted(r[1] for r in node_rates)[len(node_rates) // 2]
+# On fewer than 4 cores the TP=2 x PP=2 points time-share the cores (4 ranks, the waiting stage
+# asleep), which the planner does not model: the decode error also without them.
+shared = {k: v for k, v in pts.items() if not (k[0].startswith("tp2pp2") and cores < 4)}
+for what, d in (("decode", pts), ("decode without TP=2 x PP=2 on %d cores" % cores, shared),
+                ("prefill", prefill), ("training step", training)):
+    errs = [abs(p / m - 1) for (m, p) in d.values() if p == p]
+    if errs and (d is not shared or len(shared) < len(pts)):
+        print("# planner error, %s: mean |error| %.1f%%, max %.1f%% over %d points, %d within 10%%"
+              % (what, 100 * sum(errs) / len(errs), 100 * max(errs), len(errs),
+                 sum(e <= 0.1 for e in errs)))
+
+# The planner's ranking of the layouts measured at each link and batch (DP=2's point, link "any",
+# joins every link at its batch): the fastest named right, and the whole order.
+def ranking(pts, show):  # -> (fastest named right, whole order right, link/batch pairs)
+    fastest = order = total = 0
+    for n, b in sorted({(n, b) for (_, n, b) in pts if n != "any"}):
+        lays = {lay: v for (lay, n2, b2), v in pts.items() if b2 == b and n2 in (n, "any")}
+        if len(lays) < 2 or any(p != p for _, p in lays.values()):
+            continue
+        meas = sorted(lays, key=lambda k: lays[k][0])
+        pred = sorted(lays, key=lambda k: lays[k][1])
+        total += 1
+        fastest += meas[0] == pred[0]
+        order += meas == pred
+        if show and meas != pred:
+            print("# ranking at %s batch %d: measured %s, predicted %s" % (n, b, " < ".join(meas), " < ".join(pred)))
+    return fastest, order, total
+fastest, order, total = ranking(pts, True)
+if total:
+    print("# planner ranking: fastest layout named right at %d of %d link/batch pairs, whole order at %d"
+          % (fastest, total, order))
+if len(shared) < len(pts):
+    f2, o2, t2 = ranking(shared, False)
+    print("# planner ranking without TP=2 x PP=2 on %d cores: fastest named right at %d of %d, whole order at %d"
+          % (cores, f2, t2, o2))
+
+def crossover(series):  # [(mbit, tp_ms, pp_ms)] -> Mbit/s below which PP is faster
+    s = sorted(series, reverse=True)
+    if not s: return "n/a"
+    if s[0][1] >= s[0][2]: return "PP faster at every rate (>= %g)" % s[0][0]
+    for (r1, t1, p1), (r2, t2, p2) in zip(s, s[1:]):
+        d1, d2 = math.log(t1 / p1), math.log(t2 / p2)
+        if d1 < 0 <= d2:
+            f = d1 / (d1 - d2)
+            return "%.1f" % math.exp(math.log(r1) + f * (math.log(r2) - math.log(r1)))
+    return "TP faster at every rate (down to %g)" % s[-1][0]
+
+shaped = {n: float(r) for n, r in rates.items() if float(r) > 0}
+# Efficiency and latency of the shaped links, for the planner's sweep.
+eff, ar_a, sr_a = [], [], []
+for n, r in (shaped.items() if do_plan == "1" else ()):
+    c = json.load(open(f"{comm}/{n}.json"))["ops"]
+    eff.append(c["sendrecv"]["beta_gbps"] * 8000 / r)
+    ar_a.append(c["all_reduce"]["alpha_us"]); sr_a.append(c["sendrecv"]["alpha_us"])
+med = lambda v: sorted(v)[len(v) // 2]
+for b in (1, 8):
+    meas = [(r, pts[("tp2", n, b)][0], pts[("pp2", n, b)][0]) for n, r in shaped.items()
+            if ("tp2", n, b) in pts and ("pp2", n, b) in pts]
+    pred_pts = [(r, pts[("tp2", n, b)][1], pts[("pp2", n, b)][1]) for n, r in shaped.items()
+                if ("tp2", n, b) in pts and pts[("tp2", n, b)][1] == pts[("tp2", n, b)][1]]
+    line = "crossover batch %d: measured %s Mbit/s" % (b, crossover(meas))
+    if do_plan == "1" and eff:
+        sweep, e = [], med(eff)
+        tmp = comm + "/sweep.json"
+        r, low = 2 * max(shaped.values()), min(shaped.values()) / 2
+        while r >= low:
+            beta = r * e / 8000
+            cal = {"backend": "mpi", "world": 2, "ops": {
+                "all_reduce": {"alpha_us": med(ar_a), "beta_gbps": beta},
+                "sendrecv": {"alpha_us": med(sr_a), "beta_gbps": beta}}}
+            if skew > 0: cal["arrival_skew_us"] = skew
+            # The bucket that shape would give this rate: one MTU, 80 us of the rate.
+            cal["burst_bytes"] = int(min(max(r * 1e6 / 8 * 8e-5, 576), 64000))
+            json.dump(cal, open(tmp, "w"))
+            t = []
+            for lay in (["--tp", "2"], ["--pp", "2"]):
+                out = subprocess.run([parallm, "plan", "--model", model + "/config.json", "--gpu", "cpu",
+                    "--gpus", "2", "--calibrate", tmp, "--mem-bw", node_bw, "--rank-mem-bw", alone_bw,
+                    "--flops", flops, "--dtype", dtype, "--act-dtype", "fp32", "--batch", str(b), "--prompt-len", "1",
+                    "--output-len", tokens, "--json"] + lay, capture_output=True, text=True, check=True)
+                t.append(json.loads(out.stdout)["layouts"][0]["tpot_ms"])
+            sweep.append((r, t[0], t[1]))
+            r /= 1.25
+        line += ", predicted %s Mbit/s (planner sweep, link efficiency %.2f, alpha %.0f/%.0f us, node/rank %s/%s GB/s)" % (
+            crossover(sweep), e, med(ar_a), med(sr_a), node_bw, alone_bw)
+        line += ", predicted at the grid's rates %s Mbit/s" % crossover(pred_pts)
+    print(line)
