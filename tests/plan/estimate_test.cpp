@@ -2,6 +2,7 @@
 // NVLink vs PCIe, TP=4 vs PP=4 at batch 1, 8, 32) is worked by hand here, term by term.
 #include "parallm/plan/estimate.h"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <fstream>
@@ -459,6 +460,9 @@ TEST(Estimate, CpuRanksOnTheirOwnClocksShareTheNodeOnlyWhileTheyStream) {
   }
   const LayoutEstimate dp = estimate_inference(c, cpu_cluster(2), {1, 1, 2, 1}, w8, o);
   EXPECT_NEAR(dp.tpot, step, 1e-4 * step);
+  // The breakdown names the rate (plan's "per decode step" lines and --json's "detail").
+  EXPECT_EQ(dp.decode_terms.at(0).detail,
+            fmt::format("{:.1f} GB/s a rank", std::min(20.0, 30 / (1 + u))));
   EXPECT_GT(dp.tpot, alone * 1.01);
   EXPECT_LT(dp.tpot, (bytes / 15e9 + f_time) * 0.97);
   // With free arithmetic a replica streams all the time: the node's rate halved.

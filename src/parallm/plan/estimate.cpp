@@ -378,10 +378,11 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
   }
   e.decode_compute = roofline;
   e.decode_memory_bound = mem_t >= flops_t;
-  terms.insert(terms.begin(), {r.additive ? "weights + KV cache read, then matmuls (CPU: summed)"
-                               : e.decode_memory_bound ? "weights + KV cache (memory-bound)"
-                                                       : "matmuls (compute-bound)",
-                               l.pp, 0, roofline, ""});
+  terms.insert(terms.begin(),
+               {r.additive              ? "weights + KV cache read, then matmuls (CPU: summed)"
+                : e.decode_memory_bound ? "weights + KV cache (memory-bound)"
+                                        : "matmuls (compute-bound)",
+                l.pp, 0, roofline, cat(fmt::format("{:.1f}", r.bw / 1e9), " GB/s a rank")});
   e.decode_pipeline_wait = e.tpot - path;
   if (e.decode_pipeline_wait > 0)
     terms.push_back({slowest_hop > slowest ? "micro-batches queueing on a stage link"
