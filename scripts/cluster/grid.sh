@@ -183,11 +183,24 @@ for op in ("all_reduce", "sendrecv"):
     ops[op] = {"alpha_us": a * 1e6, "beta_gbps": 1e-9 / x}
 cal = {"backend": "mpi", "world": 2, "ops": ops}
 if skew > 0: cal["arrival_skew_us"] = skew
+# bench comm's arrival-skew probe (its JSON line): the median of its runs, streaming and
+# arithmetic each.
+probes = []
+for op in ("all_reduce", "sendrecv"):
+    if os.path.exists(f"{p}.{op}.txt"):
+        for line in open(f"{p}.{op}.txt"):
+            if line.startswith("{") and "arrival_skew" in line:
+                probes.append(json.loads(line)["arrival_skew"])
+if probes:
+    med = lambda v: sorted(v)[len(v) // 2]
+    cal["arrival_skew"] = {"ranks": probes[0]["ranks"], "stream": med([q["stream"] for q in probes]),
+                           "compute": med([q["compute"] for q in probes])}
 if burst > 0: cal["burst_bytes"] = burst
 json.dump(cal, open(p + ".json", "w"))
 print("# comm %-6s " % p.rsplit("/", 1)[1] + " | ".join(
     "%s alpha %7.1f us beta %7.4f GB/s" % (op, v["alpha_us"], v["beta_gbps"]) for op, v in ops.items())
-      + " | burst %d B" % burst)
+      + " | burst %d B" % burst + ("" if not probes else " | arrival skew %.1f%% streaming, %.1f%% matmuls"
+      % (100 * cal["arrival_skew"]["stream"], 100 * cal["arrival_skew"]["compute"])))
 PY
   }
   # A calibration made of the all-reduce of one link and the send/recv of another.
@@ -198,7 +211,8 @@ out, ar, sr = sys.argv[1:]
 a = json.load(open(ar)); s = json.load(open(sr))
 cal = {"backend": "mpi", "world": 2, "ops": {"all_reduce": a["ops"]["all_reduce"],
        "sendrecv": s["ops"]["sendrecv"]}}
-if "arrival_skew_us" in a: cal["arrival_skew_us"] = a["arrival_skew_us"]
+for key in ("arrival_skew_us", "arrival_skew"):  # the TP group's: its all-reduce's link
+    if key in a: cal[key] = a[key]
 json.dump(cal, open(out, "w"))
 PY
   }

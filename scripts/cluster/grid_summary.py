@@ -80,11 +80,12 @@ def crossover(series):  # [(mbit, tp_ms, pp_ms)] -> Mbit/s below which PP is fas
 
 shaped = {n: float(r) for n, r in rates.items() if float(r) > 0}
 # Efficiency and latency of the shaped links, for the planner's sweep.
-eff, ar_a, sr_a = [], [], []
+eff, ar_a, sr_a, sk = [], [], [], []
 for n, r in (shaped.items() if do_plan == "1" else ()):
-    c = json.load(open(f"{comm}/{n}.json"))["ops"]
+    j = json.load(open(f"{comm}/{n}.json")); c = j["ops"]
     eff.append(c["sendrecv"]["beta_gbps"] * 8000 / r)
     ar_a.append(c["all_reduce"]["alpha_us"]); sr_a.append(c["sendrecv"]["alpha_us"])
+    if "arrival_skew" in j: sk.append(j["arrival_skew"])
 med = lambda v: sorted(v)[len(v) // 2]
 for b in (1, 8):
     meas = [(r, pts[("tp2", n, b)][0], pts[("pp2", n, b)][0]) for n, r in shaped.items()
@@ -102,6 +103,9 @@ for b in (1, 8):
                 "all_reduce": {"alpha_us": med(ar_a), "beta_gbps": beta},
                 "sendrecv": {"alpha_us": med(sr_a), "beta_gbps": beta}}}
             if skew > 0: cal["arrival_skew_us"] = skew
+            if sk:  # the probes' median over the links
+                cal["arrival_skew"] = {"ranks": sk[0]["ranks"], "stream": med([q["stream"] for q in sk]),
+                                       "compute": med([q["compute"] for q in sk])}
             # The bucket that shape would give this rate: one MTU, 80 us of the rate.
             cal["burst_bytes"] = int(min(max(r * 1e6 / 8 * 8e-5, 576), 64000))
             json.dump(cal, open(tmp, "w"))

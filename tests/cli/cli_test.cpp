@@ -3,7 +3,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "test_util.h"
 
@@ -49,6 +51,32 @@ TEST(Cli, BatchedDecodePrintsItsComputeRoofline) {
   // may be off by that much relative to each, and the share by its own rounding.
   const double rounding = 0.0051 + share * (0.0051 / gflops + 0.0051 / peak);
   EXPECT_NEAR(share, gflops / peak, rounding + 0.001) << r.output;
+}
+
+// bench comm's arrival-skew probe: the ranks run the same slice from a barrier, and the JSON's
+// "arrival_skew" (the planner's calibration) says how much later than the mean the slowest ends:
+// a share of a slice, above 0 (two threads never tie to the nanosecond) and below 1, for slices
+// that take time. --skew-rounds 0 leaves it out.
+TEST(Cli, BenchCommMeasuresTheArrivalSkewOfItsRanks) {
+  const std::string json = ::testing::TempDir() + "/parallm_bench_comm_skew.json";
+  const std::string base = "bench comm --ranks 2 --op sendrecv --min-bytes 1K --max-bytes 2K ";
+  auto r = run_parallm(base + "--skew-rounds 8 --json " + json);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("# arrival skew (2 ranks, 8 rounds"), std::string::npos) << r.output;
+  nlohmann::json j = nlohmann::json::parse(std::ifstream(json));
+  ASSERT_TRUE(j.contains("arrival_skew")) << j.dump();
+  const auto& sk = j["arrival_skew"];
+  EXPECT_EQ(sk["ranks"], 2);
+  for (const char* kind : {"stream", "compute"}) {
+    EXPECT_GT(sk[kind].get<double>(), 0) << kind;
+    EXPECT_LT(sk[kind].get<double>(), 1) << kind;
+    EXPECT_GT(sk[std::string(kind) + "_ms"].get<double>(), 0.05) << kind;
+  }
+  r = run_parallm(base + "--skew-rounds 0 --json " + json);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_FALSE(nlohmann::json::parse(std::ifstream(json)).contains("arrival_skew"));
+  expect_one_line_error(base + "--skew-rounds -1", "--skew-rounds");
+  std::remove(json.c_str());
 }
 
 // Prefill through pipeline stages runs the engine's prompt pass (the activations sent stage to

@@ -119,6 +119,40 @@ TEST(CommModel, ArrivalSkewAddsToGroupCollectivesOnly) {
   }
 }
 
+TEST(CommModel, ArrivalSkewShareParsesAndRefusesBadInput) {
+  // bench comm's probe: {"ranks", "stream", "compute"}, shares of a slice of work.
+  const char* ops = R"("ops": {"sendrecv": {"alpha_us": 1, "beta_gbps": 1}})";
+  auto parse = [&](const std::string& skew) {
+    return Calibration::from_json(nlohmann::json::parse("{" + skew + ops + "}"), "c.json");
+  };
+  const Calibration cal =
+      parse(R"("arrival_skew": {"ranks": 2, "stream": 0.04, "compute": 0.09, "stream_ms": 2},)");
+  EXPECT_EQ(cal.skew_share.ranks, 2);
+  EXPECT_DOUBLE_EQ(cal.skew_share.stream, 0.04);
+  EXPECT_DOUBLE_EQ(cal.skew_share.compute, 0.09);
+  EXPECT_EQ(parse("").skew_share.ranks, 0);  // absent: not measured
+  EXPECT_EQ(parse(R"("arrival_skew": {"ranks": 3, "stream": 0, "compute": 0},)").skew_share.ranks,
+            3);
+  const std::pair<const char*, const char*> bad[] = {
+      {R"("arrival_skew": 0.05,)", "arrival_skew must be an object"},
+      {R"("arrival_skew": {"stream": 0.1, "compute": 0.1},)", "ranks"},
+      {R"("arrival_skew": {"ranks": 1, "stream": 0.1, "compute": 0.1},)", "ranks"},
+      {R"("arrival_skew": {"ranks": 2.5, "stream": 0.1, "compute": 0.1},)", "ranks"},
+      {R"("arrival_skew": {"ranks": 2, "compute": 0.1},)", "stream"},
+      {R"("arrival_skew": {"ranks": 2, "stream": -0.1, "compute": 0.1},)", "stream"},
+      {R"("arrival_skew": {"ranks": 2, "stream": 0.1, "compute": 1.5},)", "compute"},
+      {R"("arrival_skew": {"ranks": 2, "stream": 0.1, "compute": "x"},)", "compute"}};
+  for (const auto& [text, needle] : bad) {
+    try {
+      parse(text);
+      ADD_FAILURE() << text;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("c.json"), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST(Topology, ParsesH100NvlinkCapture) {
   const Topology t = Topology::from_file(kFixtures + "h100-8gpu-nvlink.txt");
   ASSERT_EQ(t.num_gpus(), 8);

@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -484,6 +485,53 @@ TEST(Estimate, CpuRanksOnTheirOwnClocksShareTheNodeOnlyWhileTheyStream) {
   EXPECT_GT(tp_free.tpot - tp_comm, 0.45 * bytes / 15e9);
   EXPECT_LT(tp_free.tpot - tp_comm, 0.55 * bytes / 15e9);
   EXPECT_NEAR(tp.decode_compute - tp_free.decode_compute, f_time, 0.1 * f_time);
+}
+
+TEST(Estimate, ArrivalSkewIsAShareOfTheWorkBetweenTpCollectives) {
+  // bench comm's probe measured, on 2 ranks, the slowest ending a slice 5% of it after the mean
+  // streaming and 10% computing. A TP group's collectives wait that for its slowest rank: the
+  // step grows by 5% of its streaming time and 10% of its arithmetic, and for 4 ranks by
+  // E[max of 4 normals] / E[max of 2] = 1.0294 / 0.5642 times that. No TP: no wait.
+  const ModelConfig c = resolve_model("tinyllama-1.1b");
+  PlanOptions o;
+  o.mem_bw = 30e9;
+  o.rank_mem_bw = 20e9;
+  o.flops = 200e9;
+  const char* ops = R"("ops": {"all_reduce": {"alpha_us": 20, "beta_gbps": 1},
+      "sendrecv": {"alpha_us": 5, "beta_gbps": 1}})";
+  auto with = [&](const std::string& skew, double flops) {
+    PlanOptions p = o;
+    p.flops = flops;
+    p.calibration = Calibration::from_json(
+        nlohmann::json::parse("{\"backend\": \"mpi\", \"world\": 2, " + skew + ops + "}"),
+        "comm.json");
+    return p;
+  };
+  const std::string skew = R"("arrival_skew": {"ranks": 2, "stream": 0.05, "compute": 0.10}, )";
+  const InferenceWorkload w = cpu_decode(8);
+  for (int tp : {2, 4}) {
+    const ClusterSpec cl = cpu_cluster(tp);
+    const Layout l{tp, 1, 1, 1};
+    const LayoutEstimate plain = estimate_inference(c, cl, l, w, with("", o.flops));
+    const LayoutEstimate skewed = estimate_inference(c, cl, l, w, with(skew, o.flops));
+    // The streaming and arithmetic parts of the step, from the same plan with free arithmetic.
+    const double mem = estimate_inference(c, cl, l, w, with("", 1e30)).decode_compute;
+    const double flops = plain.decode_compute - mem;
+    ASSERT_GT(flops, 0.2 * mem);
+    const double scale = tp == 2 ? 1.0 : 1.0293754 / 0.5641896;
+    const double want = scale * (0.05 * mem + 0.10 * flops);
+    EXPECT_NEAR(skewed.tpot - plain.tpot, want, 1e-6 * want) << tp;
+    const auto term = std::find_if(skewed.decode_terms.begin(), skewed.decode_terms.end(),
+                                   [](const CostTerm& t) { return t.name == "tp arrival skew"; });
+    ASSERT_NE(term, skewed.decode_terms.end()) << tp;
+    EXPECT_NEAR(term->seconds, skewed.tpot - plain.tpot, 1e-12);
+    EXPECT_EQ(term->count, 2 * c.num_hidden_layers + 2);  // the layers', embedding's, sampler's
+    EXPECT_DOUBLE_EQ(skewed.ttft, plain.ttft);            // prefill: not its slices (estimate.cpp)
+  }
+  // PP alone or one rank: no TP collective to wait at.
+  for (Layout l : {Layout{1, 2, 1, 1}, Layout{1, 1, 2, 1}})
+    EXPECT_DOUBLE_EQ(estimate_inference(c, cpu_cluster(2), l, w, with(skew, o.flops)).tpot,
+                     estimate_inference(c, cpu_cluster(2), l, w, with("", o.flops)).tpot);
 }
 
 TEST(Estimate, ATokenBucketLinkPassesItsBurstAfterCompute) {

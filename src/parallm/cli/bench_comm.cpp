@@ -2,7 +2,8 @@
 // bandwidth, bus bandwidth), for each algorithm, beside baselines for all_reduce: a memcpy of the
 // same bytes plus a barrier, and (local backend) the same bytes copied from another rank's buffer
 // that it has just written, plus two barriers: the data that must cross between cores; then fit
-// latency (alpha) and per-byte cost (beta) for each op, for the planner.
+// latency (alpha) and per-byte cost (beta) for each op, for the planner; then time the ranks'
+// arrival skew on work of their own (skew_probe below).
 //
 //   parallm bench comm --ranks 4 --op all_reduce                  # local backend, 4 threads
 //   mpirun -np 2 parallm bench comm --op all --json comm.json     # MPI backend
@@ -29,7 +30,10 @@
 #include "parallm/comm/group.h"
 #include "parallm/comm/launch.h"
 #include "parallm/core/error.h"
+#include "parallm/core/tensor.h"
+#include "parallm/core/thread_pool.h"
 #include "parallm/core/timer.h"
+#include "parallm/kernels/matmul.h"
 
 namespace parallm::cli {
 namespace {
@@ -49,6 +53,8 @@ struct Options {
   std::string json;
   double timeout_s = 300;
   bool comm_stats = false;
+  int skew_rounds = 60;  // 0: no arrival-skew probe
+  int threads = 1;       // threads per rank for the probe's work
 };
 
 std::string human(size_t bytes) {
@@ -178,6 +184,77 @@ double measure(const Group& g, const std::string& op, const std::string& algo, s
   return secs;
 }
 
+// Arrival skew. A TP group's ranks start a slice of work together (the collective before it) and
+// meet again at the next collective, which waits for the slowest. Where cores run at different
+// speeds from moment to moment (a VM's other tenants, SMT siblings, clocks), the slowest ends
+// later than the average rank by a share of the slice that the back-to-back collectives above
+// cannot see. The probe starts the same slice on every rank with a barrier, each rank timing its
+// own, `rounds` times, for two kinds of slice: streaming (a GEMV over 24 MiB of bf16 weights of
+// the rank's own, read from memory as decode at batch 1 reads its layers) and arithmetic (the
+// same product at 8 rows on 256 KiB of weights that stay in the core's cache, repeated to the
+// streaming slice's length). For each kind: the mean over rounds of (slowest - mean) / mean.
+struct Skew {
+  double stream = 0, compute = 0;        // fractions of a slice
+  double stream_ms = 0, compute_ms = 0;  // the mean rank's slice
+};
+
+Skew skew_probe(const Group& g, int rounds, int threads) {
+  ThreadPool pool(threads);
+  ScopedPool scoped(pool);
+  const int64_t K = 2048, Ns = 6144, Nc = 64, Tc = 8;
+  Tensor ws = Tensor::empty(DType::BF16, {Ns, K}), wc = Tensor::empty(DType::BF16, {Nc, K});
+  // Small normal-range values (bf16 bit patterns of numbers near 0.01), not NaNs or denormals.
+  for (Tensor* w : {&ws, &wc}) {
+    auto* p = w->data<uint16_t>();
+    for (int64_t i = 0; i < w->numel(); ++i) p[i] = uint16_t(0x3c20 + (i * 7919 % 64));
+  }
+  std::vector<float> x(Tc * K, 0.5f), y(std::max(Ns, Tc * Nc));
+  auto stream = [&] { kernels::matmul(x.data(), 1, ws, y.data()); };
+  // The arithmetic slice repeats its product as often as the streaming slice takes (the same
+  // count on every rank: the slowest's estimate).
+  stream();
+  Timer t0;
+  stream();
+  const double stream_s = t0.seconds();
+  kernels::matmul(x.data(), Tc, wc, y.data());
+  Timer t1;
+  kernels::matmul(x.data(), Tc, wc, y.data());
+  float reps = static_cast<float>(std::ceil(stream_s / std::max(t1.seconds(), 1e-7)));
+  g.all_reduce(&reps, 1, comm::ReduceOp::Max);
+  auto compute = [&] {
+    for (int i = 0; i < int(reps); ++i) kernels::matmul(x.data(), Tc, wc, y.data());
+  };
+  const int warm = std::min(5, rounds / 4);
+  Skew out;
+  for (int kind = 0; kind < 2; ++kind) {
+    std::vector<float> mine(rounds), all(size_t(rounds) * g.size());
+    for (int i = 0; i < warm + rounds; ++i) {
+      g.barrier();
+      Timer t;
+      if (kind == 0)
+        stream();
+      else
+        compute();
+      if (i >= warm) mine[i - warm] = static_cast<float>(t.seconds());
+    }
+    g.all_gather(mine.data(), all.data(), rounds, DType::F32);
+    double frac = 0, slice = 0;
+    for (int i = 0; i < rounds; ++i) {
+      double mx = 0, sum = 0;
+      for (int r = 0; r < g.size(); ++r) {
+        mx = std::max(mx, double(all[size_t(r) * rounds + i]));
+        sum += all[size_t(r) * rounds + i];
+      }
+      const double mean = sum / g.size();
+      frac += (mx - mean) / mean;
+      slice += mean;
+    }
+    (kind == 0 ? out.stream : out.compute) = frac / rounds;
+    (kind == 0 ? out.stream_ms : out.compute_ms) = slice / rounds * 1e3;
+  }
+  return out;
+}
+
 int run(const Options& o) {
   const std::vector<std::string> all_ops = {"all_reduce", "all_gather", "reduce_scatter",
                                             "all_to_all", "broadcast",  "sendrecv"};
@@ -201,6 +278,7 @@ int run(const Options& o) {
   lo_opts.print_stats = o.comm_stats;
   std::vector<Row> rows;
   std::string backend;
+  Skew skew;
   comm::launch(world, lo_opts, [&](Group g) {
     const bool root = g.rank() == 0;
     const int p = g.size();
@@ -248,6 +326,10 @@ int run(const Options& o) {
         }
       }
     }
+    if (o.skew_rounds > 0) {
+      const Skew sk = skew_probe(g, o.skew_rounds, o.threads);
+      if (root) skew = sk;
+    }
   });
   if (comm::launched_rank() != 0) return 0;
 
@@ -291,6 +373,18 @@ int run(const Options& o) {
     auto [alpha, beta] = fit_alpha_beta(pts);
     j["ops"][op] = {{"alpha_us", alpha * 1e6}, {"beta_gbps", beta}};
     std::printf("#   %-14s alpha %8.2f us   beta %8.3f GB/s\n", op.c_str(), alpha * 1e6, beta);
+  }
+  if (o.skew_rounds > 0) {
+    j["arrival_skew"] = {{"ranks", world},
+                         {"stream", skew.stream},
+                         {"compute", skew.compute},
+                         {"stream_ms", skew.stream_ms},
+                         {"compute_ms", skew.compute_ms}};
+    std::printf(
+        "# arrival skew (%d ranks, %d rounds, %d thread%s a rank): the slowest rank ends a slice "
+        "%.1f%% after the mean streaming (%.2f ms slices), %.1f%% computing (%.2f ms)\n",
+        world, o.skew_rounds, o.threads, o.threads == 1 ? "" : "s", 100 * skew.stream,
+        skew.stream_ms, 100 * skew.compute, skew.compute_ms);
   }
   std::printf("%s\n", j.dump().c_str());
   if (!o.json.empty()) {
@@ -340,6 +434,13 @@ const bool registered = register_command(
        app.add_option("--comm-timeout", o->timeout_s, "Seconds before a blocked call fails")
            ->check(CLI::PositiveNumber);
        app.add_flag("--comm-stats", o->comm_stats, "Print the comm statistics table at exit");
+       app.add_option("--skew-rounds", o->skew_rounds,
+                      "Rounds of the arrival-skew probe (default 60; 0: none): the ranks run "
+                      "the same slice of work from a barrier, and the JSON's arrival_skew is how "
+                      "much later than the mean the slowest ends")
+           ->check(CLI::NonNegativeNumber);
+       app.add_option("--threads", o->threads, "Threads per rank for the probe (default 1)")
+           ->check(CLI::Range(1, 1024));
        return [o] { return run(*o); };
      }});
 

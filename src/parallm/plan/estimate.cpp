@@ -115,13 +115,28 @@ struct StageCost {
   double roofline() const {
     return additive ? flops_time + mem_time : std::max(flops_time, mem_time);
   }
-  CostTerm tp_ar, tp_embed, tp_logits, ep_a2a, ep_ar;
+  CostTerm tp_ar, tp_embed, tp_logits, tp_skew, ep_a2a, ep_ar;
   double comm() const {
-    return tp_ar.seconds + tp_embed.seconds + tp_logits.seconds + ep_a2a.seconds + ep_ar.seconds;
+    return tp_ar.seconds + tp_embed.seconds + tp_logits.seconds + tp_skew.seconds + ep_a2a.seconds +
+           ep_ar.seconds;
   }
   double total() const { return roofline() + comm(); }
   double sent = 0;  // bytes this device sends
 };
+
+// E[max of n standard normal deviates] (0 for n = 1): how far the slowest of n ranks whose
+// slice times vary independently ends after their mean, in standard deviations.
+double expected_max_normal(int n) {
+  if (n < 2) return 0;
+  const double step = 1e-3;
+  double sum = 0;
+  for (double x = -10; x < 10; x += step) {
+    const double pdf = std::exp(-x * x / 2) / std::sqrt(2 * M_PI);
+    const double cdf = 0.5 * std::erfc(-x / std::sqrt(2.0));
+    sum += x * n * pdf * std::pow(cdf, n - 1) * step;
+  }
+  return sum;
+}
 
 StageCost stage_cost(const ModelConfig& c, const Layout& l, const InferenceWorkload& w,
                      const Links& k, const Rates& r, const Calibration* cal, int stage, double n,
@@ -177,6 +192,25 @@ StageCost stage_cost(const ModelConfig& c, const Layout& l, const InferenceWorkl
                  cat(k.tp->name, ", ", mar.algorithm, ", [T, k, H] f32")};
       s.sent += L_moe * mb.sent;
     }
+    if (cal && cal->skew_share.ranks > 0 && !prefill) {
+      // Arrival skew: every collective waits for the group's slowest rank, which ends its slice
+      // of the stage's work a share of the slice after the mean rank (`bench comm`'s probe on
+      // its ranks), the streaming and the arithmetic each at their own share; summed over the
+      // slices, a share of the stage's work. Measured for the probe's ranks, scaled to the
+      // group's by the expected maximum of normal deviates (x1.82 from 2 ranks to 4). Decode
+      // only: the probe times decode's kind of slice (GEMVs of a few rows); prefill's are
+      // OpenBLAS GEMMs, and the emulated grid's TP prefill ran within 3% of the plan without it
+      // on the box where decode waited 5-8% (docs/parallelism-guide.md).
+      const auto& sk = cal->skew_share;
+      const double scale = expected_max_normal(l.tp) / expected_max_normal(sk.ranks);
+      const double wait = scale * (s.additive ? sk.stream * s.mem_time + sk.compute * s.flops_time
+                                   : s.mem_time >= s.flops_time ? sk.stream * s.mem_time
+                                                                : sk.compute * s.flops_time);
+      s.tp_skew = {"tp arrival skew", 0, 0, wait,
+                   fmt::format("the slowest of {} ranks: {:.1f}% of streaming, {:.1f}% of "
+                               "matmuls",
+                               l.tp, 100 * scale * sk.stream, 100 * scale * sk.compute)};
+    }
     if (stage == 0) {  // vocab-parallel embedding: partial lookups summed
       s.tp_embed = {"tp embedding all-reduce", 1, T * h * ab, ar.seconds, s.tp_ar.detail};
       s.sent += ar.bytes_sent;
@@ -190,6 +224,8 @@ StageCost stage_cost(const ModelConfig& c, const Layout& l, const InferenceWorkl
                      cat(k.tp->name, ", ", ag.algorithm)};
       s.sent += ag.bytes_sent;
     }
+    // The skew's waits, one at each of the stage's TP collectives.
+    if (s.tp_skew.seconds > 0) s.tp_skew.count = s.tp_ar.count + (stage == 0) + (stage == l.pp - 1);
   }
   if (l.ep > 1) {
     // Dispatch to the experts and combine back, rows as MoeLayer sends them (plan/moe.h): a
@@ -342,7 +378,8 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
       roofline += sc.roofline();
       flops_t += sc.flops_time;
       mem_t += sc.mem_time;
-      for (const CostTerm* t : {&sc.tp_ar, &sc.tp_embed, &sc.tp_logits, &sc.ep_a2a, &sc.ep_ar})
+      for (const CostTerm* t :
+           {&sc.tp_ar, &sc.tp_embed, &sc.tp_logits, &sc.tp_skew, &sc.ep_a2a, &sc.ep_ar})
         add_term(terms, *t);
       double sent = sc.sent;
       if (s + 1 < l.pp) {

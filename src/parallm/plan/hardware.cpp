@@ -348,6 +348,27 @@ Calibration Calibration::from_json(const json& j, const std::string& source) {
   }
   c.arrival_skew = number(j, "arrival_skew_us", source, false, 0, "calibrate") * 1e-6;
   c.burst_bytes = number(j, "burst_bytes", source, false, 0, "calibrate");
+  if (j.contains("arrival_skew")) {
+    const json& sk = j["arrival_skew"];
+    const std::string at = source + ": arrival_skew";
+    if (!sk.is_object())
+      fail("calibrate", at, " must be an object {ranks, stream, compute}, got ", json_preview(sk));
+    const double ranks = number(sk, "ranks", at, true, 0, "calibrate");
+    if (ranks < 2 || ranks != std::floor(ranks) || ranks > 1e6)
+      fail("calibrate", where(at, "ranks"), " must be a whole number of ranks >= 2, got ",
+           json_preview(sk["ranks"]));
+    c.skew_share.ranks = int(ranks);
+    for (auto [key, out] :
+         {std::pair{"stream", &c.skew_share.stream}, std::pair{"compute", &c.skew_share.compute}}) {
+      auto it = sk.find(key);
+      if (it == sk.end()) fail("calibrate", where(at, key), " is missing (required)");
+      if (!it->is_number() || !std::isfinite(it->get<double>()) || it->get<double>() < 0 ||
+          it->get<double>() >= 1)
+        fail("calibrate", where(at, key), " must be a fraction of a slice in [0, 1), got ",
+             json_preview(*it));
+      *out = it->get<double>();
+    }
+  }
   if (c.ops.empty() && c.mem_bw == 0 && c.flops == 0)
     fail("calibrate", source, ": no \"ops\" and no \"compute\": nothing to calibrate with");
   return c;

@@ -136,6 +136,15 @@ struct Calibration {
   // different times). An isolated `bench comm` loop, whose ranks arrive together, cannot see it;
   // `bench decode --comm-stats` shows it as all-reduce time per call above alpha + n / beta.
   double arrival_skew = 0;  // seconds per group collective (not point-to-point)
+  // Optional "arrival_skew": {"ranks": R, "stream": fs, "compute": fc}, from `bench comm`'s
+  // probe: R ranks that start the same slice of work together, the slowest ends it fs of the
+  // slice (streaming memory) or fc (arithmetic) after the mean rank. A TP group's collectives
+  // wait that for its slowest rank, in proportion to the work between them (the planner scales
+  // it from R ranks to the group's size as the expected maximum of normal deviates).
+  struct SkewShare {
+    int ranks = 0;  // 0: not measured
+    double stream = 0, compute = 0;
+  } skew_share;
   // Optional "burst_bytes": a link shaped by a token bucket (tc htb, a cloud instance's network)
   // lets this many bytes through at once after an idle spell and holds the rest to its rate. A
   // `bench comm` loop keeps the bucket empty and cannot see it; in decode, where a message follows
