@@ -17,10 +17,12 @@
 #   dp2-train  DP=2 training (bench train, batch "t8"), a replica a node, gradients across the link
 # The planner gets one calibration per layout: the all-reduce fit of the link its TP group uses,
 # and the send/recv fit of the link its stages use (shared memory or the shaped link), plus the
-# arrival skew (`arrival_skew_us`: what a TP all-reduce waits for the later rank in decode,
-# --skew US gives it; --skew auto measures it once on the in-node TP=2 batch-1 point from
-# --comm-stats; the default is 0, none: on the loaded 2-core box the in-node ranks, spinning in
-# shared memory, waited 4x longer than ranks on TCP, so the in-node skew did not carry over).
+# arrival skew of its TP group: the share of each slice of work that the slower rank adds
+# (`arrival_skew`, the median of the bench comm runs' probes on those ranks' places), and
+# optionally a fixed wait per all-reduce (`arrival_skew_us`: --skew US gives it; --skew auto
+# measures it once on the in-node TP=2 batch-1 point from --comm-stats; the default is 0, none:
+# on the loaded 2-core box the in-node ranks, spinning in shared memory, waited 4x longer than
+# ranks on TCP, so a fixed in-node wait did not carry over).
 
 cmd_grid() {
   need_root

@@ -526,7 +526,7 @@ TEST(Estimate, ArrivalSkewIsAShareOfTheWorkBetweenTpCollectives) {
     ASSERT_NE(term, skewed.decode_terms.end()) << tp;
     EXPECT_NEAR(term->seconds, skewed.tpot - plain.tpot, 1e-12);
     EXPECT_EQ(term->count, 2 * c.num_hidden_layers + 2);  // the layers', embedding's, sampler's
-    EXPECT_DOUBLE_EQ(skewed.ttft, plain.ttft);            // prefill: not its slices (estimate.cpp)
+    EXPECT_GT(skewed.ttft, plain.ttft);                   // prefill's slices wait too
   }
   // PP alone or one rank: no TP collective to wait at.
   for (Layout l : {Layout{1, 2, 1, 1}, Layout{1, 1, 2, 1}})

@@ -192,15 +192,13 @@ StageCost stage_cost(const ModelConfig& c, const Layout& l, const InferenceWorkl
                  cat(k.tp->name, ", ", mar.algorithm, ", [T, k, H] f32")};
       s.sent += L_moe * mb.sent;
     }
-    if (cal && cal->skew_share.ranks > 0 && !prefill) {
+    if (cal && cal->skew_share.ranks > 0) {
       // Arrival skew: every collective waits for the group's slowest rank, which ends its slice
       // of the stage's work a share of the slice after the mean rank (`bench comm`'s probe on
       // its ranks), the streaming and the arithmetic each at their own share; summed over the
       // slices, a share of the stage's work. Measured for the probe's ranks, scaled to the
-      // group's by the expected maximum of normal deviates (x1.82 from 2 ranks to 4). Decode
-      // only: the probe times decode's kind of slice (GEMVs of a few rows); prefill's are
-      // OpenBLAS GEMMs, and the emulated grid's TP prefill ran within 3% of the plan without it
-      // on the box where decode waited 5-8% (docs/parallelism-guide.md).
+      // group's by the expected maximum of normal deviates (x1.82 from 2 ranks to 4). Prefill's
+      // longer slices too: the probe's share held at slices of 20-40 ms (2026-12-01, Zen 3 box).
       const auto& sk = cal->skew_share;
       const double scale = expected_max_normal(l.tp) / expected_max_normal(sk.ranks);
       const double wait = scale * (s.additive ? sk.stream * s.mem_time + sk.compute * s.flops_time
