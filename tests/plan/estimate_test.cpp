@@ -435,16 +435,22 @@ TEST(Estimate, CpuDecodeIsWeightsOverBandwidthPlusCalibratedComm) {
   EXPECT_DOUBLE_EQ(cl.device.mem_capacity, mem_total_kib * 1024);
 }
 
+// A CPU node streaming 30 GB/s, 20 for one rank alone, 200 GFLOP/s a rank.
+PlanOptions cpu_node_rates() {
+  PlanOptions o;
+  o.mem_bw = 30e9;
+  o.rank_mem_bw = 20e9;
+  o.flops = 200e9;
+  return o;
+}
+
 TEST(Estimate, CpuRanksOnTheirOwnClocksShareTheNodeOnlyWhileTheyStream) {
   // Two DP replicas on one CPU node (30 GB/s, one rank alone 20) each decode batch 4 on one rank.
   // A replica streams its bytes B for part u of its step and multiplies for the rest (F), and the
   // other replica streams at the same moment only u of the time: B / min(20, 30 / (1 + u)) + F,
   // u being the streaming part of that step. Sharing all the time (15 GB/s each) would be slower.
   const ModelConfig c = resolve_model("tinyllama-1.1b");
-  PlanOptions o;
-  o.mem_bw = 30e9;
-  o.rank_mem_bw = 20e9;
-  o.flops = 200e9;
+  const PlanOptions o = cpu_node_rates();
   const InferenceWorkload w4 = cpu_decode(4), w8 = cpu_decode(8);
   // One rank alone: B / 20 GB/s + F; with free arithmetic, B / 20 GB/s.
   const double alone = estimate_inference(c, cpu_cluster(1), {1, 1, 1, 1}, w4, o).tpot;
@@ -493,10 +499,7 @@ TEST(Estimate, ArrivalSkewIsAShareOfTheWorkBetweenTpCollectives) {
   // step grows by 5% of its streaming time and 10% of its arithmetic, and for 4 ranks by
   // E[max of 4 normals] / E[max of 2] = 1.0294 / 0.5642 times that. No TP: no wait.
   const ModelConfig c = resolve_model("tinyllama-1.1b");
-  PlanOptions o;
-  o.mem_bw = 30e9;
-  o.rank_mem_bw = 20e9;
-  o.flops = 200e9;
+  const PlanOptions o = cpu_node_rates();
   const char* ops = R"("ops": {"all_reduce": {"alpha_us": 20, "beta_gbps": 1},
       "sendrecv": {"alpha_us": 5, "beta_gbps": 1}})";
   auto with = [&](const std::string& skew, double flops) {
