@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# `bench comm` under mpirun, one process per rank: the arrival-skew probe gathers every rank's
+# slice times over MPI, and rank 0 alone prints the line and writes "arrival_skew" to the JSON (the
+# planner's calibration): the world's size, and shares above 0 (processes never tie to the
+# nanosecond). At 2 processes on 2 or more cores the share is also below 1; at 3 (oversubscribed on
+# a 2-core machine, a rank can wait a whole slice for a core) only the count and sign are checked.
+# Usage: mpi_bench_comm_check.sh PARALLM MPIRUN "MPIRUN FLAGS"
+set -euo pipefail
+bin=$1 mpirun=$2 flags=$3
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+for np in 2 3; do
+  # shellcheck disable=SC2086
+  out=$("$mpirun" $flags -np "$np" "$bin" bench comm --op sendrecv --min-bytes 1K --max-bytes 2K \
+          --skew-rounds 6 --comm-timeout 60 --json "$dir/comm$np.json" 2>&1) ||
+    { echo "$out"; echo "FAIL: np $np exited non-zero"; exit 1; }
+  [ "$(echo "$out" | grep -c "^# arrival skew ($np ranks, 6 rounds")" = 1 ] ||
+    { echo "$out"; echo "FAIL: np $np: not one arrival-skew line for $np ranks"; exit 1; }
+  upper=$([ "$np" = 2 ] && [ "$(nproc)" -ge 2 ] && echo 1 || echo inf)
+  /usr/bin/python3 - "$dir/comm$np.json" "$np" "$upper" <<'PY' || { echo "$out"; exit 1; }
+import json, math, sys
+j = json.load(open(sys.argv[1]))
+np_, upper = int(sys.argv[2]), float(sys.argv[3])
+sk = j.get("arrival_skew")
+assert sk is not None, f"FAIL: no arrival_skew in {j}"
+assert j["backend"] == "mpi" and sk["ranks"] == np_, f"FAIL: backend/ranks {j}"
+for kind in ("stream", "compute"):
+    v = sk[kind]
+    assert math.isfinite(v) and 0 < v < upper, f"FAIL: {kind} share {v} not in (0, {upper})"
+    assert sk[kind + "_ms"] > 0.05, f"FAIL: {kind} slice {sk[kind + '_ms']} ms"
+print(f"np {np_}: stream {sk['stream']:.3f}, compute {sk['compute']:.3f}")
+PY
+done
