@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "llama_tokenizer_json.h"
 #include "parallm/model/bpe.h"
 #include "parallm/model/bpe_split.h"
 #include "parallm/model/tokenizer_unicode.h"
@@ -532,7 +533,7 @@ constexpr int32_t kSp = 259, kA = 260, kB = 261, kSpA = 263, kAB = 264, kSpAB = 
 int32_t byte_id(unsigned char b) {
   return 3 + b;
 }
-const std::string kMeta = "\xE2\x96\x81";  // ▁
+const std::string& kMeta = testing::kSpmSpace;  // ▁
 
 json spm_style_json() {
   json vocab = json::object();
@@ -547,48 +548,12 @@ json spm_style_json() {
   const std::vector<std::string> rest = {kMeta, "a",          "b",         "c", kMeta + "a",
                                          "ab",  kMeta + "ab", kMeta + "c", "ca"};
   for (size_t i = 0; i < rest.size(); ++i) vocab[rest[i]] = 259 + static_cast<int>(i);
-  json j;
-  j["version"] = "1.0";
-  j["added_tokens"] = json::array();
+  json added = json::array();
   const char* specials[] = {"<unk>", "<s>", "</s>"};
-  for (int i = 0; i < 3; ++i) {
-    j["added_tokens"].push_back({{"id", i},
-                                 {"content", specials[i]},
-                                 {"single_word", false},
-                                 {"lstrip", false},
-                                 {"rstrip", false},
-                                 {"normalized", false},
-                                 {"special", true}});
-  }
-  j["normalizer"] = {{"type", "Sequence"},
-                     {"normalizers",
-                      {{{"type", "Prepend"}, {"prepend", kMeta}},
-                       {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", kMeta}}}}};
-  j["pre_tokenizer"] = nullptr;
-  j["post_processor"] = {
-      {"type", "TemplateProcessing"},
-      {"single",
-       {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}},
-        {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
-      {"special_tokens",
-       {{"<s>", {{"id", "<s>"}, {"ids", json::array({1})}, {"tokens", json::array({"<s>"})}}}}}};
-  j["decoder"] = {{"type", "Sequence"},
-                  {"decoders",
-                   {{{"type", "Replace"}, {"pattern", {{"String", kMeta}}}, {"content", " "}},
-                    {{"type", "ByteFallback"}},
-                    {{"type", "Fuse"}},
-                    {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}};
-  j["model"] = {{"type", "BPE"},
-                {"dropout", nullptr},
-                {"unk_token", "<unk>"},
-                {"continuing_subword_prefix", nullptr},
-                {"end_of_word_suffix", nullptr},
-                {"fuse_unk", true},
-                {"byte_fallback", true},
-                {"vocab", vocab},
-                {"merges", json::array({kMeta + " a", "a b", kMeta + "a b", kMeta + " c",
-                                        "c a"})}};  // "a b" strings
-  return j;
+  for (int i = 0; i < 3; ++i) added.push_back(testing::special_added_token(i, specials[i]));
+  return testing::llama_style_tokenizer_json(
+      added, vocab,
+      json::array({kMeta + " a", "a b", kMeta + "a b", kMeta + " c", "c a"}));  // "a b" strings
 }
 
 std::unique_ptr<Tokenizer> load_json(const TempDir& dir, const json& j,

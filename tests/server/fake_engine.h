@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "llama_tokenizer_json.h"
 #include "parallm/engine/serve_engine.h"
 #include "parallm/model/tokenizer.h"
 
@@ -33,19 +34,13 @@ inline const char* kReplyText =
 // merges) and, when `chat_template` is given, tokenizer_config.json with it.
 inline void write_test_model(const std::filesystem::path& dir, const std::string& chat_template) {
   using nlohmann::json;
-  const std::string meta = "\xE2\x96\x81";
+  const std::string& meta = kSpmSpace;
   json vocab = json::object();
   json added = json::array();
   const char* specials[] = {"<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"};
   int next = 0;
   for (const char* s : specials) {
-    added.push_back({{"id", next},
-                     {"content", s},
-                     {"single_word", false},
-                     {"lstrip", false},
-                     {"rstrip", false},
-                     {"normalized", false},
-                     {"special", true}});
+    added.push_back(special_added_token(next, s));
     vocab[s] = next++;
   }
   for (int b = 0; b < 256; ++b) {
@@ -72,36 +67,7 @@ inline void write_test_model(const std::filesystem::path& dir, const std::string
       add(prefix);
     }
   }
-  json j;
-  j["version"] = "1.0";
-  j["added_tokens"] = added;
-  j["normalizer"] = {{"type", "Sequence"},
-                     {"normalizers",
-                      {{{"type", "Prepend"}, {"prepend", meta}},
-                       {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", meta}}}}};
-  j["pre_tokenizer"] = nullptr;
-  j["post_processor"] = {
-      {"type", "TemplateProcessing"},
-      {"single",
-       {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}},
-        {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
-      {"special_tokens",
-       {{"<s>", {{"id", "<s>"}, {"ids", json::array({1})}, {"tokens", json::array({"<s>"})}}}}}};
-  j["decoder"] = {{"type", "Sequence"},
-                  {"decoders",
-                   {{{"type", "Replace"}, {"pattern", {{"String", meta}}}, {"content", " "}},
-                    {{"type", "ByteFallback"}},
-                    {{"type", "Fuse"}},
-                    {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}};
-  j["model"] = {{"type", "BPE"},
-                {"dropout", nullptr},
-                {"unk_token", "<unk>"},
-                {"continuing_subword_prefix", nullptr},
-                {"end_of_word_suffix", nullptr},
-                {"fuse_unk", true},
-                {"byte_fallback", true},
-                {"vocab", vocab},
-                {"merges", merges}};
+  const json j = llama_style_tokenizer_json(added, vocab, merges);
   std::filesystem::create_directories(dir);
   std::ofstream(dir / "tokenizer.json") << j.dump(1);
   if (!chat_template.empty()) {

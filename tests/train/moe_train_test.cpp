@@ -32,14 +32,18 @@
 #include "parallm/train/params.h"
 #include "parallm/train/trainer.h"
 #include "test_util.h"
+#include "train/torch_reference.h"
 
 namespace fs = std::filesystem;
 
 namespace parallm {
 namespace {
 
+using testing::read_f64_safetensors;
+using testing::rel_frobenius;
 using testing::run_command;
 using testing::run_parallm;
+using testing::torch_missing;
 
 constexpr int64_t kSeqLen = 8, kMicro = 2, kGlobal = 4;
 
@@ -119,42 +123,6 @@ class MoeTrainTest : public ::testing::Test {
 
   fs::path dir_;
 };
-
-std::string torch_missing() {
-  auto r = run_command("/usr/bin/python3 -c 'import torch, numpy'");
-  return r.exit_code == 0 ? "" : "/usr/bin/python3 cannot import torch and numpy: " + r.output;
-}
-
-std::map<std::string, std::vector<double>> read_f64_safetensors(const std::string& path) {
-  std::map<std::string, std::vector<double>> out;
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    ADD_FAILURE() << path << ": the reference wrote nothing";
-    return out;
-  }
-  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  uint64_t n = 0;
-  std::memcpy(&n, bytes.data(), 8);
-  auto header = nlohmann::json::parse(bytes.substr(8, n));
-  const char* base = bytes.data() + 8 + n;
-  for (auto& [name, info] : header.items()) {
-    if (name == "__metadata__") continue;
-    const auto b = info["data_offsets"][0].get<size_t>(), e = info["data_offsets"][1].get<size_t>();
-    std::vector<double> v((e - b) / 8);
-    std::memcpy(v.data(), base + b, e - b);
-    out[name] = std::move(v);
-  }
-  return out;
-}
-
-double rel_frobenius(const float* a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < b.size(); ++i) {
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
-}
 
 // One step (kGlobal sequences in micro-batches of kMicro) through TrainModel on one rank: the LM
 // loss and the mean aux loss; gradients in the model's parameters.

@@ -32,22 +32,21 @@
 #include "parallm/train/optimizer.h"
 #include "parallm/train/params.h"
 #include "test_util.h"
+#include "train/torch_reference.h"
 
 namespace parallm {
 namespace {
 
+using testing::read_f64_safetensors;
+using testing::rel_frobenius;
 using testing::run_command;
 using testing::run_parallm;
 using testing::TempDir;
+using testing::torch_missing;
 
 constexpr int64_t kSeqLen = 16, kMicro = 2, kGlobal = 4, kSteps = 10;
 // floor((n-1)/S) = 7 sequences: 10 steps of 4 read 40, so the order wraps around five times.
 constexpr int64_t kTokens = 7 * kSeqLen + 5;
-
-std::string torch_missing() {
-  auto r = run_command("/usr/bin/python3 -c 'import torch, numpy'");
-  return r.exit_code == 0 ? "" : "/usr/bin/python3 cannot import torch and numpy: " + r.output;
-}
 
 #define SKIP_WITHOUT_TORCH()                                            \
   do {                                                                  \
@@ -99,29 +98,6 @@ Setup make_setup(const TempDir& tmp, bool tied) {
   return s;
 }
 
-// A safetensors file of F64 tensors, as train_ref.py writes it.
-std::map<std::string, std::vector<double>> read_f64_safetensors(const std::string& path) {
-  std::map<std::string, std::vector<double>> out;
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    ADD_FAILURE() << path << ": the reference wrote nothing";
-    return out;
-  }
-  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  uint64_t n = 0;
-  std::memcpy(&n, bytes.data(), 8);
-  auto header = nlohmann::json::parse(bytes.substr(8, n));
-  const char* base = bytes.data() + 8 + n;
-  for (auto& [name, info] : header.items()) {
-    if (name == "__metadata__") continue;
-    const auto b = info["data_offsets"][0].get<size_t>(), e = info["data_offsets"][1].get<size_t>();
-    std::vector<double> v((e - b) / 8);
-    std::memcpy(v.data(), base + b, e - b);
-    out[name] = std::move(v);
-  }
-  return out;
-}
-
 std::map<std::string, std::vector<double>> run_reference(const std::string& mode, const Setup& s,
                                                          const TempDir& tmp,
                                                          const std::string& extra = "") {
@@ -132,15 +108,6 @@ std::map<std::string, std::vector<double>> run_reference(const std::string& mode
       " --global-batch-size " + std::to_string(kGlobal) + " --out " + out + " " + extra);
   EXPECT_EQ(r.exit_code, 0) << "train_ref.py failed: " << r.output;
   return read_f64_safetensors(out);
-}
-
-double rel_frobenius(const float* a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < b.size(); ++i) {
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
 }
 
 // Every full tensor against the reference's "<prefix><name>"; the reference must hold exactly the
