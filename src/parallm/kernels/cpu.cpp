@@ -101,18 +101,17 @@ inline void prefetch_line(const char* p, bool to_l2) {
   }
 }
 
+// The 4 cache lines (one 64-float step of the sums below) from `at` on.
+inline void prefetch_lines4(const char* at, bool to_l2) {
+  for (int line = 0; line < 4; ++line) prefetch_line(at + 64 * line, to_l2);
+}
+
 // prefetch: 0, or how many bytes ahead to prefetch each cache line in software.
 PARALLM_AVX2 float sum_avx2(const float* p, size_t n, size_t prefetch, bool to_l2) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
   size_t i = 0;
   for (; i + 64 <= n; i += 64) {
-    if (prefetch) {
-      const char* ahead = reinterpret_cast<const char*>(p + i) + prefetch;
-      prefetch_line(ahead, to_l2);
-      prefetch_line(ahead + 64, to_l2);
-      prefetch_line(ahead + 128, to_l2);
-      prefetch_line(ahead + 192, to_l2);
-    }
+    if (prefetch) prefetch_lines4(reinterpret_cast<const char*>(p + i) + prefetch, to_l2);
     a0 = _mm256_add_ps(a0, _mm256_load_ps(p + i));
     a1 = _mm256_add_ps(a1, _mm256_load_ps(p + i + 8));
     a2 = _mm256_add_ps(a2, _mm256_load_ps(p + i + 16));
@@ -131,13 +130,7 @@ PARALLM_AVX512 float sum_avx512(const float* p, size_t n, size_t prefetch, bool 
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   size_t i = 0;
   for (; i + 64 <= n; i += 64) {
-    if (prefetch) {
-      const char* ahead = reinterpret_cast<const char*>(p + i) + prefetch;
-      prefetch_line(ahead, to_l2);
-      prefetch_line(ahead + 64, to_l2);
-      prefetch_line(ahead + 128, to_l2);
-      prefetch_line(ahead + 192, to_l2);
-    }
+    if (prefetch) prefetch_lines4(reinterpret_cast<const char*>(p + i) + prefetch, to_l2);
     a0 = _mm512_add_ps(a0, _mm512_load_ps(p + i));
     a1 = _mm512_add_ps(a1, _mm512_load_ps(p + i + 16));
     a2 = _mm512_add_ps(a2, _mm512_load_ps(p + i + 32));

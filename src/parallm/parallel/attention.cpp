@@ -201,19 +201,9 @@ void ParallelAttention::backward(const float* xn, AttentionCache& c, const float
   for (int64_t t = 0; t < T; ++t) c.positions[t] = static_cast<int32_t>(t % S);
   float* seq = sp ? sequence_scratch(c.seq, T, H, group_) : nullptr;
 
-  // The output's gradient on all T rows: reduce_scatter_to_sequence's backward under SP; kept
-  // for backward_weight() when deferring.
-  const float* g_out = dout;
-  if (sp || defer) {
-    std::vector<float>& buf = defer ? c.wgrad_dout : c.dout;
-    resize(buf, T * H);
-    if (sp) {
-      reduce_scatter_to_sequence_backward(group_, dout, T, H, buf.data(), seq);
-    } else {
-      std::memcpy(buf.data(), dout, static_cast<size_t>(T * H) * sizeof(float));
-    }
-    g_out = buf.data();
-  }
+  // The output's gradient on all T rows, kept for backward_weight() when deferring.
+  const float* g_out =
+      output_grad_on_all_rows(group_, dout, T, H, sp, defer, defer ? c.wgrad_dout : c.dout, seq);
   if (!defer && d_o != nullptr) o_.backward_weight(c.attn.data(), g_out, T, d_o);
   o_.backward_input(g_out, T, c.dattn.data());  // no communication
   kernels::attention_backward(c.q.data(), c.k.data(), c.v.data(), probs, c.dattn.data(), B, S,

@@ -45,6 +45,11 @@ void copy_floats(float* dst, const float* src, int64_t n) {
   if (n > 0) std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
 }
 
+// One rank's mapping is the identity: y = x, in place when they are the same buffer.
+void copy_unless_same(float* y, const float* x, int64_t n) {
+  if (x != y && n > 0) std::memmove(y, x, static_cast<size_t>(n) * sizeof(float));
+}
+
 // Copies the columns [begin, begin + width) of src [rows, cols] into dst [rows, width].
 void copy_cols(const float* src, int64_t rows, int64_t cols, int64_t begin, int64_t width,
                float* dst) {
@@ -60,7 +65,7 @@ void all_gather_cols(const comm::Group& group, const float* x, int64_t rows, int
   const int p = group.size();
   const ShardSpec mine = shard_of(cols, group);
   if (p == 1) {
-    if (x != y && rows * cols > 0) std::memmove(y, x, static_cast<size_t>(rows * cols) * sizeof(float));
+    copy_unless_same(y, x, rows * cols);
     return;
   }
   if (rows == 0 || cols == 0) return;
@@ -98,7 +103,7 @@ void all_gather_cols(const comm::Group& group, const float* x, int64_t rows, int
 void split_cols(const comm::Group& group, const float* x, int64_t rows, int64_t cols, float* y) {
   const ShardSpec mine = shard_of(cols, group);
   if (group.size() == 1) {
-    if (x != y && rows * cols > 0) std::memmove(y, x, static_cast<size_t>(rows * cols) * sizeof(float));
+    copy_unless_same(y, x, rows * cols);
     return;
   }
   copy_cols(x, rows, cols, mine.begin, mine.size(), y);
@@ -110,7 +115,7 @@ void all_gather_rows(const comm::Group& group, const float* x, int64_t rows, int
   const int p = group.size();
   const ShardSpec mine = shard_of(rows, group);
   if (p == 1) {
-    if (x != y && rows * cols > 0) std::memmove(y, x, static_cast<size_t>(rows * cols) * sizeof(float));
+    copy_unless_same(y, x, rows * cols);
     return;
   }
   if (rows == 0 || cols == 0) return;
@@ -142,7 +147,7 @@ void reduce_scatter_rows(const comm::Group& group, const float* x, int64_t rows,
   const int p = group.size();
   const ShardSpec mine = shard_of(rows, group);
   if (p == 1) {
-    if (x != y && rows * cols > 0) std::memmove(y, x, static_cast<size_t>(rows * cols) * sizeof(float));
+    copy_unless_same(y, x, rows * cols);
     return;
   }
   if (rows == 0 || cols == 0) return;
@@ -259,6 +264,19 @@ float* sequence_scratch(std::vector<float>& buffer, int64_t rows, int64_t cols,
                         const comm::Group& group) {
   buffer.resize(static_cast<size_t>(sequence_scratch(rows, cols, group.size())));
   return buffer.empty() ? nullptr : buffer.data();
+}
+
+const float* output_grad_on_all_rows(const comm::Group& group, const float* dout, int64_t rows,
+                                     int64_t cols, bool sp, bool keep, std::vector<float>& buf,
+                                     float* seq) {
+  if (!sp && !keep) return dout;
+  buf.resize(static_cast<size_t>(rows * cols));
+  if (sp) {
+    reduce_scatter_to_sequence_backward(group, dout, rows, cols, buf.data(), seq);
+  } else {
+    copy_floats(buf.data(), dout, rows * cols);
+  }
+  return buf.data();
 }
 
 }  // namespace parallm::parallel

@@ -100,4 +100,12 @@ int64_t sequence_scratch(int64_t rows, int64_t cols, int parts);
 float* sequence_scratch(std::vector<float>& buffer, int64_t rows, int64_t cols,
                         const comm::Group& group);
 
+// The gradient of a row-parallel output on all `rows` rows, as a layer's backward takes it from
+// `dout`: under SP (`sp`), gathered from this rank's rows into `buf` (reduce_scatter_to_sequence
+// backward, staging in `seq`); else `dout` itself, or a copy in `buf` when `keep` (a deferred
+// weight pass reads it after `dout` is gone).
+const float* output_grad_on_all_rows(const comm::Group& group, const float* dout, int64_t rows,
+                                     int64_t cols, bool sp, bool keep, std::vector<float>& buf,
+                                     float* seq);
+
 }  // namespace parallm::parallel

@@ -84,17 +84,9 @@ void ParallelMlp::backward(const float* xn, MlpCache& cache, const float* dout, 
          cache.h.size() / fl, " tokens)");
   resize(cache.dh, T * fl);
   float* seq = sp ? sequence_scratch(cache.seq, T, H, group_) : nullptr;
-  const float* g_out = dout;  // all T rows; kept for backward_weight() when deferring
-  if (sp || defer) {
-    std::vector<float>& buf = defer ? cache.wgrad_dout : cache.dout;
-    resize(buf, T * H);
-    if (sp) {
-      reduce_scatter_to_sequence_backward(group_, dout, T, H, buf.data(), seq);
-    } else {
-      std::memcpy(buf.data(), dout, static_cast<size_t>(T * H) * sizeof(float));
-    }
-    g_out = buf.data();
-  }
+  // The output's gradient on all T rows, kept for backward_weight() when deferring.
+  const float* g_out = output_grad_on_all_rows(group_, dout, T, H, sp, defer,
+                                               defer ? cache.wgrad_dout : cache.dout, seq);
   if (!defer && ddown != nullptr) down_.backward_weight(cache.h.data(), g_out, T, ddown);
   down_.backward_input(g_out, T, cache.dh.data());  // [T, hidden] -> [T, fl]
   std::vector<float>& dgu = defer ? cache.wgrad_dgu : cache.dgu;
