@@ -1,6 +1,6 @@
 // The tokenizer.json that Hugging Face writes for a LLaMA (sentencepiece BPE) model: "▁" for spaces
-// (prepended, then replacing " "), <s> before each sequence, byte-fallback tokens, and the decoder
-// that undoes it all. Tests give the vocabulary, the merges and the added (special) tokens.
+// (prepended, then replacing " "), <s> (id 1) before each sequence, byte-fallback tokens, and the
+// decoder that undoes it all. Tests give the vocabulary, the merges and the added (special) tokens.
 #pragma once
 
 #include <cstdint>
