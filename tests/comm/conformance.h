@@ -19,16 +19,13 @@
 #include "parallm/comm/group.h"
 #include "parallm/core/dtype.h"
 #include "parallm/core/error.h"
+#include "sanitizer_build.h"
 
 namespace parallm::comm::testing {
 
 // Sanitizer builds (CI) skip the 1M-element cases, which cost minutes there and no extra coverage
 // of the synchronisation.
-#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
-constexpr bool kSanitized = true;
-#else
-constexpr bool kSanitized = false;
-#endif
+constexpr bool kSanitized = PARALLM_SANITIZED;
 
 struct CheckFailure : std::runtime_error {
   using std::runtime_error::runtime_error;

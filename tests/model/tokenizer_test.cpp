@@ -529,7 +529,7 @@ TEST_F(SentencePieceTest, LoadTokenizerFindsItBesideTheModel) {
 // Vocabulary: 0 <unk>, 1 <s>, 2 </s>, 3..258 <0x00>..<0xFF> (byte b has id 3 + b),
 // 259 ▁, 260 a, 261 b, 262 c, 263 ▁a, 264 ab, 265 ▁ab, 266 ▁c, 267 ca.
 // Merges by rank: 0 "▁ a", 1 "a b", 2 "▁a b", 3 "▁ c", 4 "c a".
-constexpr int32_t kSp = 259, kA = 260, kB = 261, kSpA = 263, kAB = 264, kSpAB = 265, kSpC = 266;
+constexpr int32_t kSp = 259, kB = 261, kSpA = 263, kAB = 264, kSpAB = 265, kSpC = 266;
 int32_t byte_id(unsigned char b) {
   return 3 + b;
 }

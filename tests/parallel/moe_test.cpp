@@ -69,14 +69,15 @@ std::vector<float> reference(const FullMoe& m, const std::vector<float>& x, int6
   for (int64_t t = 0; t < T; ++t) {
     const float* xt = &x[t * kH];
     std::vector<double> p(kE);
-    double mx = -1e300, sum = 0;
+    double mx = -1e300;
     for (int64_t e = 0; e < kE; ++e) {
       double s = 0;
       for (int64_t h = 0; h < kH; ++h) s += double(xt[h]) * m.router.data<float>()[e * kH + h];
       p[e] = s;
       mx = std::max(mx, s);
     }
-    for (double& v : p) sum += (v = std::exp(v - mx));
+    // Unnormalised: the top-k weights below are renormalised over the chosen experts.
+    for (double& v : p) v = std::exp(v - mx);
     std::vector<int> order(kE);
     for (int e = 0; e < kE; ++e) order[e] = e;
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return p[a] > p[b]; });

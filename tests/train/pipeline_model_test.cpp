@@ -9,10 +9,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
-#include <new>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <new>
 #include <random>
 #include <string>
 #include <vector>
@@ -23,6 +23,7 @@
 #include "parallm/pipeline/partition.h"
 #include "parallm/train/model.h"
 #include "parallm/train/params.h"
+#include "sanitizer_build.h"
 #include "test_util.h"
 #include "train/train_config.h"
 
@@ -590,11 +591,7 @@ TEST(TrainParams, StageHoldsItsTensorsOnly) {
 
 // Sanitizer builds keep their own operator new (ASan/TSan track every allocation through it), so
 // the counter is compiled only into plain builds and the test is skipped under sanitizers.
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define PARALLM_COUNT_ALLOCATIONS 0
-#else
-#define PARALLM_COUNT_ALLOCATIONS 1
-#endif
+#define PARALLM_COUNT_ALLOCATIONS (!PARALLM_SANITIZED)
 
 namespace {
 std::atomic<bool> g_counting{false};

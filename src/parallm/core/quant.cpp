@@ -14,6 +14,16 @@ void check_blocks(DType type, int64_t n, const char* what) {
          dtype_block(type), "-value blocks");
 }
 
+// v (a value in int8's range, or NaN) as an int8, NaN as nan_code. A block holding an inf has
+// d = inf and 1 / d = 0, so x * (1 / d) is NaN at the inf; NaN activations do the same. Converting
+// NaN to an integer is undefined; x86's conversion gives INT_MIN, which the AVX2 activation
+// quantizers (kernels/quant_matmul.cpp) keep: 0 for Q8_0 (INT_MIN's low byte), -127 for Q8_K
+// (INT_MIN clamped; quantize_q8_k tests NaN itself). The callers pass those codes, so every path
+// writes the same bytes.
+inline int8_t nan_or_int8(float v, int8_t nan_code) {
+  return std::isnan(v) ? nan_code : static_cast<int8_t>(v);
+}
+
 void quantize_q8_0(const float* x, BlockQ8_0* y, int64_t n) {
   check_blocks(DType::Q8_0, n, "quantize_q8_0");
   for (int64_t b = 0; b < n / 32; ++b) {
@@ -23,7 +33,7 @@ void quantize_q8_0(const float* x, BlockQ8_0* y, int64_t n) {
     const float d = amax / 127.0f;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     y[b].d = f32_to_f16(d);
-    for (int j = 0; j < 32; ++j) y[b].qs[j] = static_cast<int8_t>(std::roundf(xb[j] * id));
+    for (int j = 0; j < 32; ++j) y[b].qs[j] = nan_or_int8(std::roundf(xb[j] * id), 0);
   }
 }
 
@@ -42,8 +52,8 @@ void quantize_q4_0(const float* x, BlockQ4_0* y, int64_t n) {
     y[b].d = f32_to_f16(d);
     for (int j = 0; j < 16; ++j) {
       const float x0 = xb[j] * id, x1 = xb[16 + j] * id;
-      const int q0 = std::min(15, static_cast<int>(static_cast<int8_t>(x0 + 8.5f)));
-      const int q1 = std::min(15, static_cast<int>(static_cast<int8_t>(x1 + 8.5f)));
+      const int q0 = std::min(15, static_cast<int>(nan_or_int8(x0 + 8.5f, 0)));
+      const int q1 = std::min(15, static_cast<int>(nan_or_int8(x1 + 8.5f, 0)));
       y[b].qs[j] = static_cast<uint8_t>(q0 | (q1 << 4));
     }
   }
@@ -63,7 +73,8 @@ void quantize_q8_k(const float* x, BlockQ8_K* y, int64_t n) {
       int s = 0;
       for (int j = 16 * g; j < 16 * g + 16; ++j) {
         // x * (1 / d) may land a rounding step above 127 at the largest value: clamp.
-        const int q = std::clamp(static_cast<int>(std::roundf(xb[j] * id)), -127, 127);
+        const float r = std::roundf(xb[j] * id);
+        const int q = std::isnan(r) ? -127 : std::clamp(static_cast<int>(r), -127, 127);
         y[b].qs[j] = static_cast<int8_t>(q);
         s += q;
       }

@@ -254,7 +254,8 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
             fail<std::runtime_error>(
                 "generate", "step ", result.steps, ": the final logits of sequence ", e.slot + 1,
                 " hold a non-finite value (", row[v], " for token id ",
-                model.vocab_shard().begin + v, "); rerun with --check-finite to find the layer");        if (options.collect_logits)
+                model.vocab_shard().begin + v, "); rerun with --check-finite to find the layer");
+        if (options.collect_logits)
           result.sequences[e.slot].logits.push_back(model.lm_head().gather_logits(row));
         tokens[r++] =
             samplers[e.slot].sample(row, model.vocab_shard().begin, model.vocab_shard().end);

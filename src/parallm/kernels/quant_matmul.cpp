@@ -1647,9 +1647,9 @@ PARALLM_AVX2 static inline float hmax8(__m256 m) {
 // does: vmaxps returns its second operand, the running maximum, when the first is NaN), the same
 // d, 1/d and products x * (1/d), roundf's half-away-from-zero (truncate, then one step away from
 // zero when the exact remainder is >= 0.5), the int32 clamp to +-127 (cvttps gives INT_MIN for
-// NaN, as the scalar conversion does on x86), and the group sums. Decode quantizes each token's
-// activations on one thread before the GEMV's threads start; roundf, a library call per value,
-// was ~2% of a Q4_K decode step.
+// NaN, clamped to -127: the scalar code's code for NaN), and the group sums. Decode quantizes each
+// token's activations on one thread before the GEMV's threads start; roundf, a library call per
+// value, was ~2% of a Q4_K decode step.
 PARALLM_AVX2 void quantize_q8_k_avx2(const float* x, quant::BlockQ8_K* y, int64_t n) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
@@ -1683,9 +1683,8 @@ PARALLM_AVX2 void quantize_q8_k_avx2(const float* x, quant::BlockQ8_K* y, int64_
 }
 
 // quant::quantize_q8_0 in AVX2, byte for byte (the activations of the Q8_0 / Q4_0 GEMVs): the
-// same max, d (f16 by f32_to_f16), 1/d, products and roundf; the scalar code's int8 cast keeps
-// the low byte of the int32 conversion, which is the value itself (|x / d| <= 127) or, for NaN,
-// INT_MIN's low byte 0: INT_MIN lanes become 0 before the saturating packs.
+// same max, d (f16 by f32_to_f16), 1/d, products and roundf; the scalar code codes NaN as 0, so
+// INT_MIN lanes (cvttps' NaN) become 0 before the saturating packs.
 PARALLM_AVX2 void quantize_q8_0_avx2(const float* x, BlockQ8_0* y, int64_t n) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256i int_min = _mm256_set1_epi32(INT32_MIN);

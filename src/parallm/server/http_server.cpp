@@ -950,8 +950,8 @@ void HttpServer::Impl::handle_generate(const httplib::Request& req, httplib::Res
 }
 
 void HttpServer::Impl::register_routes() {
-  auto guard = [this](auto fn) {
-    return [this, fn](const httplib::Request& req, httplib::Response& res) {
+  auto guard = [](auto fn) {
+    return [fn](const httplib::Request& req, httplib::Response& res) {
       try {
         fn(req, res);
       } catch (const ApiError& e) {
