@@ -22,13 +22,7 @@ targets=(safetensors_header safetensors_index config_json llama2c_header tokeniz
   tokenizer_spm topology hardware_json gguf)
 
 build() {
-  command -v clang++ >/dev/null || bash scripts/install-packages.sh clang
-  # libFuzzer and the sanitizer runtimes: Debian's clang only recommends them (and
-  # install-packages.sh installs without recommends).
-  if [ ! -e "$(clang++ -print-resource-dir)/lib/linux/libclang_rt.fuzzer-x86_64.a" ] &&
-    [ -z "$(clang++ -print-file-name=libclang_rt.fuzzer-x86_64.a | grep /)" ]; then
-    bash scripts/install-packages.sh "libclang-rt-$(clang++ -dumpversion | cut -d. -f1)-dev"
-  fi
+  bash scripts/install-clang.sh
   CC=clang CXX=clang++ cmake -S fuzz -B "$out" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
   cmake --build "$out" -j "$(nproc)"
 }
