@@ -16,10 +16,10 @@ void check_blocks(DType type, int64_t n, const char* what) {
 
 // v (a value in int8's range, or NaN) as an int8, NaN as nan_code. A block holding an inf has
 // d = inf and 1 / d = 0, so x * (1 / d) is NaN at the inf; NaN activations do the same. Converting
-// NaN to an integer is undefined; x86's conversion gives INT_MIN, which the AVX2 activation
-// quantizers (kernels/quant_matmul.cpp) keep: 0 for Q8_0 (INT_MIN's low byte), -127 for Q8_K
-// (INT_MIN clamped; quantize_q8_k tests NaN itself). The callers pass those codes, so every path
-// writes the same bytes.
+// NaN to an integer is undefined; x86's conversion gives INT_MIN, and the AVX2 activation
+// quantizers (kernels/quant_matmul.cpp) keep what the scalar code got from it: 0 for Q8_0 and
+// Q4_0 (INT_MIN's low byte, passed here as nan_code), -127 for Q8_K (INT_MIN clamped, in
+// quantize_q8_k), so every path writes the same bytes.
 inline int8_t nan_or_int8(float v, int8_t nan_code) {
   return std::isnan(v) ? nan_code : static_cast<int8_t>(v);
 }
