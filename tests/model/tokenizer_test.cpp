@@ -7,7 +7,6 @@
 #include <sentencepiece_trainer.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -21,6 +20,7 @@
 #include "parallm/model/bpe.h"
 #include "parallm/model/bpe_split.h"
 #include "parallm/model/tokenizer_unicode.h"
+#include "test_util.h"
 
 namespace parallm {
 namespace {
@@ -29,31 +29,7 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 using Ids = std::vector<int32_t>;
 
-// A fresh directory under the system temp dir, removed with everything in it at scope exit.
-class TempDir {
- public:
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path_ = fs::temp_directory_path() /
-            ("parallm_tok_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const fs::path& path() const { return path_; }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-  std::string write(const std::string& name, const std::string& content) const {
-    std::ofstream(path_ / name, std::ios::binary) << content;
-    return file(name);
-  }
-
- private:
-  fs::path path_;
-};
+using testing::TempDir;
 
 // The message of the exception `f` throws, checking its type.
 template <class E, class F>
@@ -513,10 +489,10 @@ TEST_F(SentencePieceTest, Errors) {
 
 TEST_F(SentencePieceTest, LoadTokenizerFindsItBesideTheModel) {
   TempDir dir;
-  EXPECT_EQ(load_tokenizer(dir.path().string()), nullptr);
-  fs::copy_file(model_file_, dir.path() / "tokenizer.model");
+  EXPECT_EQ(load_tokenizer(dir.path()), nullptr);
+  fs::copy_file(model_file_, dir.file("tokenizer.model"));
   dir.write("config.json", "{}");
-  for (const std::string& p : {dir.path().string(), dir.file("config.json")}) {
+  for (const std::string& p : {dir.path(), dir.file("config.json")}) {
     auto tok = load_tokenizer(p);
     ASSERT_NE(tok, nullptr) << p;
     EXPECT_EQ(tok->encode("hello world", true), tok_->encode("hello world", true));

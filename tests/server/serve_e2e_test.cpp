@@ -49,20 +49,11 @@ void write_e2e_model_dir(const std::string& dir, bool pad = true) {
 
 class E2EModelDir {
  public:
-  explicit E2EModelDir(bool pad) {
-    static std::atomic<int> counter{0};
-    path_ = std::filesystem::temp_directory_path() /
-            ("parallm_e2e_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    write_e2e_model_dir(path_.string(), pad);
-  }
-  ~E2EModelDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  std::string str() const { return path_.string(); }
+  explicit E2EModelDir(bool pad) : dir_("parallm_e2e") { write_e2e_model_dir(dir_.path(), pad); }
+  std::string str() const { return dir_.path(); }
 
  private:
-  std::filesystem::path path_;
+  TempDir dir_;
 };
 
 // The real engine and server over a temp directory holding the test tokenizer; the model is

@@ -4,9 +4,7 @@
 
 #include <gtest/gtest.h>
 #include <httplib.h>
-#include <unistd.h>
 
-#include <atomic>
 #include <filesystem>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -15,27 +13,23 @@
 
 #include "parallm/server/http_server.h"
 #include "server/fake_engine.h"
+#include "test_util.h"
 
 namespace parallm::testing {
 
 using nlohmann::json;
 
+// A fresh temp directory (mkdtemp: see TempDir) holding the test tokenizer and, unless
+// chat_template is empty, a tokenizer_config.json with that template.
 class TempModelDir {
  public:
-  explicit TempModelDir(const std::string& chat_template) {
-    static std::atomic<int> counter{0};
-    path_ = std::filesystem::temp_directory_path() /
-            ("parallm_srv_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    write_test_model(path_, chat_template);
+  explicit TempModelDir(const std::string& chat_template) : dir_("parallm_srv") {
+    write_test_model(dir_.path(), chat_template);
   }
-  ~TempModelDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  std::string str() const { return path_.string(); }
+  std::string str() const { return dir_.path(); }
 
  private:
-  std::filesystem::path path_;
+  TempDir dir_;
 };
 
 struct ServerRig {

@@ -34,10 +34,16 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  const auto dir = std::filesystem::temp_directory_path() /
-                   ("parallm_fake_server_" + std::to_string(::getpid()));
+  // mkdtemp, not a name from the pid: a directory left by an earlier process with this pid
+  // would hold stale files.
+  std::string dir =
+      (std::filesystem::temp_directory_path() / "parallm_fake_server-XXXXXX").string();
+  if (!mkdtemp(dir.data())) {
+    std::perror("parallm_fake_server: mkdtemp");
+    return 1;
+  }
   testing::write_test_model(dir, testing::kChatmlTemplate);
-  auto tok = load_tokenizer(dir.string());
+  auto tok = load_tokenizer(dir);
   testing::FakeEngine engine(tok->encode(testing::kReplyText, false), tok->vocab_size(), 512);
   engine.step_us = 2000;
   if (!expected_out.empty()) {
@@ -49,7 +55,7 @@ int main(int argc, char** argv) {
   }
   server::ServerOptions opts;
   opts.api_key = api_key;
-  opts.model_dir = dir.string();
+  opts.model_dir = dir;
   int rc = 0;
   {
     server::HttpServer http(engine, *tok, opts);
