@@ -5,7 +5,6 @@
 
 #include <gtest/gtest.h>
 #include <sentencepiece_trainer.h>
-#include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>

@@ -12,6 +12,7 @@
 
 #include "parallm/server/http_server.h"
 #include "server/fake_engine.h"
+#include "temp_dir.h"
 
 int main(int argc, char** argv) {
   using namespace parallm;
@@ -34,14 +35,8 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  // mkdtemp, not a name from the pid: a directory left by an earlier process with this pid
-  // would hold stale files.
-  std::string dir =
-      (std::filesystem::temp_directory_path() / "parallm_fake_server-XXXXXX").string();
-  if (!mkdtemp(dir.data())) {
-    std::perror("parallm_fake_server: mkdtemp");
-    return 1;
-  }
+  const testing::TempDir model_dir("parallm_fake_server");
+  const std::string& dir = model_dir.path();
   testing::write_test_model(dir, testing::kChatmlTemplate);
   auto tok = load_tokenizer(dir);
   testing::FakeEngine engine(tok->encode(testing::kReplyText, false), tok->vocab_size(), 512);
@@ -66,7 +61,5 @@ int main(int argc, char** argv) {
     server::wait_for_signal(http);
   }
   engine.shutdown();
-  std::error_code ec;
-  std::filesystem::remove_all(dir, ec);
   return rc;
 }
