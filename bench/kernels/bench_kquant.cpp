@@ -5,14 +5,18 @@
 // --repack: instead, Q4_0, Q8_0 and Q4_K in the plain layout against the repacked one
 // (kernels::repack_quant_weight) at TinyLlama's shapes, T = 1 and 4, weights rotated over copies
 // of >= 64 MiB (from DRAM, not the cache), the two measured alternately rep by rep.
+// --gemm: instead, Q8_0 and Q4_0 prefill (T = 512 and --tokens T) at TinyLlama's shapes, weights
+// repacked as the loader does: the int8 GEMM of this CPU's path against dequantize + OpenBLAS
+// sgemm (what the plain path runs), alternately rep by rep, best of the repeats, in GFLOP/s.
 //
-//   bench_kquant [--threads N] [--reps R] [--repack]
+//   bench_kquant [--threads N] [--reps R] [--repack | --gemm [--tokens T]]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "parallm/core/thread_pool.h"
@@ -106,9 +110,52 @@ void bench_repack(int threads, int reps) {
     }
 }
 
+// The int8 GEMM against dequantize + sgemm (--gemm).
+void bench_gemm(int threads, int reps, int64_t T) {
+  const kernels::QuantPath path = kernels::quant_path();
+  std::printf("prefill GEMM, %d thread(s), T = %lld, path %s, best of %d\n", threads,
+              static_cast<long long>(T), kernels::quant_path_name(path).c_str(), reps);
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(T * 5632));
+  for (float& v : x) v = u(rng);
+  for (DType t : {DType::Q8_0, DType::Q4_0}) {
+    for (auto [N, K] : {std::pair<int64_t, int64_t>{2048, 2048}, {5632, 2048}, {2048, 5632}}) {
+      std::vector<float> wf(static_cast<size_t>(N * K));
+      for (float& v : wf) v = u(rng);
+      Tensor f = Tensor::empty(DType::F32, {N, K});
+      std::memcpy(f.raw(), wf.data(), wf.size() * 4);
+      const Tensor w = kernels::repack_quant_weight(f.to(t));
+      std::vector<float> y(static_cast<size_t>(T * N));
+      double best_gemm = 1e30, best_sgemm = 1e30;
+      auto time = [&](kernels::QuantPath p) {
+        const auto t0 = std::chrono::steady_clock::now();
+        kernels::quant_matmul(x.data(), T, w, y.data(), false, p);
+        return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+            .count();
+      };
+      time(path);
+      time(kernels::QuantPath::Scalar);
+      for (int r = 0; r < reps; ++r) {
+        best_gemm = std::min(best_gemm, time(path));
+        best_sgemm = std::min(best_sgemm, time(kernels::QuantPath::Scalar));
+      }
+      const double gf = 2.0 * static_cast<double>(N * K * T) / 1e6;
+      std::printf(
+          "  %s [%5lld, %5lld]: %s %.2f ms (%6.1f GFLOP/s), %s %.2f ms (%6.1f GFLOP/s): "
+          "%.2fx\n",
+          std::string(dtype_name(t)).c_str(), static_cast<long long>(N), static_cast<long long>(K),
+          kernels::quant_matmul_kernel(t, T, path).c_str(), best_gemm, gf / best_gemm,
+          kernels::quant_matmul_kernel(t, T, kernels::QuantPath::Scalar).c_str(), best_sgemm,
+          gf / best_sgemm, best_sgemm / best_gemm);
+    }
+  }
+}
+
 int main(int argc, char** argv) {
   int threads = 1, reps = 20;
-  bool repack = false;
+  int64_t tokens = 512;
+  bool repack = false, gemm = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--threads" && i + 1 < argc) {
@@ -117,8 +164,14 @@ int main(int argc, char** argv) {
       reps = std::stoi(argv[++i]);
     } else if (a == "--repack") {
       repack = true;
+    } else if (a == "--gemm") {
+      gemm = true;
+    } else if (a == "--tokens" && i + 1 < argc) {
+      tokens = std::stoll(argv[++i]);
     } else {
-      std::fprintf(stderr, "usage: bench_kquant [--threads N] [--reps R] [--repack]\n");
+      std::fprintf(
+          stderr,
+          "usage: bench_kquant [--threads N] [--reps R] [--repack | --gemm [--tokens T]]\n");
       return 2;
     }
   }
@@ -126,6 +179,10 @@ int main(int argc, char** argv) {
   ScopedPool scoped(pool);
   if (repack) {
     bench_repack(threads, reps);
+    return 0;
+  }
+  if (gemm) {
+    bench_gemm(threads, reps, tokens);
     return 0;
   }
   const int64_t N = 5632, K = 2048;

@@ -124,60 +124,79 @@ TEST(QuantMatmul, PrefillGoesThroughDequantizedSgemm) {
   }
 }
 
-TEST(QuantMatmul, PrefillGemmOnAvx512VnniIsThePlainReferenceBitForBit) {
-  // From 64 tokens on the AVX-512 VNNI path, Q8_0 and Q4_0 run an int8 GEMM (packed 32-row
-  // panels, vpdpbusd): the same integer block sums as the plain reference, scaled and added in its
-  // order, so every output equals the scalar GEMV's bit for bit. N = 77: two whole panels and a
-  // tail of 13 rows; T = 70: tiles of 4 tokens and a tail of 2; plain and repacked weights;
-  // accumulate; and Q8_0 codes of -128 against activations of +-127 (no saturation).
-  const auto avail = quant_paths_available();
-  if (std::find(avail.begin(), avail.end(), QuantPath::Avx512Vnni) == avail.end()) {
-    std::printf("[ skipped ] this CPU has no AVX-512 VNNI\n");
-    return;
-  }
-  ThreadPool pool(2);
-  ScopedPool scoped(pool);
-  constexpr int64_t N = 77, K = 256, T = 70;
-  for (DType t : {DType::Q8_0, DType::Q4_0}) {
-    SCOPED_TRACE(std::string(dtype_name(t)));
-    EXPECT_EQ(quant_matmul_kernel(t, T, QuantPath::Avx512Vnni), "int8-gemm-avx512-vnni");
-    // Batched decoding: from 16 tokens (below, the GEMV).
-    const int64_t from = 16;
-    EXPECT_EQ(quant_matmul_kernel(t, from, QuantPath::Avx512Vnni), "int8-gemm-avx512-vnni");
-    EXPECT_EQ(quant_matmul_kernel(t, from - 1, QuantPath::Avx512Vnni), "int8-avx512-vnni");
-    EXPECT_EQ(quant_matmul_kernel(t, T, QuantPath::Avx2), "sgemm");
-    Tensor w = quantized(t, N, K, 21);
-    if (t == DType::Q8_0) {  // one row of extreme codes
-      auto* b = static_cast<quant::BlockQ8_0*>(w.raw()) + 5 * (K / 32);
-      for (int i = 0; i < K / 32; ++i)
-        for (int j = 0; j < 32; ++j) b[i].qs[j] = static_cast<int8_t>(j % 2 ? -128 : 127);
+TEST(QuantMatmul, PrefillInt8GemmIsThePlainReferenceBitForBit) {
+  // Q8_0 and Q4_0 run an int8 GEMM on packed 32-row panels: on the AVX-512 VNNI path (vpdpbusd)
+  // from 16 tokens, on the AVX2 and AVX-VNNI paths (vpmaddubsw, tiles of 16 rows) from 16 (Q4_0)
+  // and 64 (Q8_0). Both
+  // form the plain reference's integer block sums and scale and add them in its order, so every
+  // output equals the scalar GEMV's bit for bit. N = 77: two whole panels and a tail of 13 rows
+  // (a half panel of 16 and one of 13 on AVX2); T = 70 and the switch + 4: every token tile and
+  // tail; plain and repacked weights; accumulate; and Q8_0 codes of -128 against activations of
+  // +-127 (no int16 saturation).
+  struct Gemm {
+    QuantPath path;
+    const char* name;
+    int64_t from_q8, from_q4;
+    int64_t from(DType t) const { return t == DType::Q8_0 ? from_q8 : from_q4; }
+  };
+  int ran = 0;
+  for (const Gemm& g : {Gemm{QuantPath::Avx512Vnni, "int8-gemm-avx512-vnni", 16, 16},
+                        Gemm{QuantPath::AvxVnni, "int8-gemm-avx2", 64, 16},
+                        Gemm{QuantPath::Avx2, "int8-gemm-avx2", 64, 16}}) {
+    SCOPED_TRACE(quant_path_name(g.path));
+    for (DType t : {DType::Q8_0, DType::Q4_0}) {
+      EXPECT_EQ(quant_matmul_kernel(t, 70, g.path), g.name);
+      EXPECT_EQ(quant_matmul_kernel(t, g.from(t), g.path), g.name);
+      EXPECT_EQ(quant_matmul_kernel(t, g.from(t) - 1, g.path), "int8-" + quant_path_name(g.path));
+      EXPECT_EQ(quant_matmul_kernel(t, 70, QuantPath::Scalar), "sgemm");
     }
-    std::vector<float> x = testing::random_vec(static_cast<size_t>(T * K), 22);
-    for (int64_t k = 0; k < K; ++k) x[3 * K + k] = k % 2 ? -1.0f : 1.0f;  // codes +-127
-    // The reference: the scalar GEMV, in chunks below 64 tokens.
-    std::vector<float> ref(T * N, 0.5f);
-    quant_matmul(x.data(), 40, w, ref.data(), true, QuantPath::Scalar);
-    quant_matmul(x.data() + 40 * K, T - 40, w, ref.data() + 40 * N, true, QuantPath::Scalar);
-    std::vector<float> dq(T * N);
-    matmul_ref(x.data(), T, w, dq.data());
-    for (const Tensor& wt : {w, repack_quant_weight(w)}) {
-      SCOPED_TRACE(is_repacked(wt) ? "repacked" : "plain");
-      std::vector<float> y(T * N, 0.5f);
-      quant_matmul(x.data(), T, wt, y.data(), true, QuantPath::Avx512Vnni);
-      for (int64_t i = 0; i < T * N; ++i)
-        ASSERT_EQ(std::memcmp(&y[i], &ref[i], 4), 0)
-            << "token " << i / N << " row " << i % N << ": " << y[i] << " vs " << ref[i];
-      std::vector<float> z(T * N, 7.0f);
-      quant_matmul(x.data(), T, wt, z.data(), false, QuantPath::Avx512Vnni);
-      for (float& v : y) v -= 0.5f;
-      EXPECT_LE(testing::normalised_error(z, y), 1e-6);
-      EXPECT_LE(nmse(z, dq), 5e-4);
-      // A batched decoding step's size (3 tokens past the switch): the same bits.
-      std::vector<float> s(static_cast<size_t>((from + 3) * N), 0.5f);
-      quant_matmul(x.data(), from + 3, wt, s.data(), true, QuantPath::Avx512Vnni);
-      EXPECT_EQ(std::memcmp(s.data(), ref.data(), s.size() * 4), 0) << from + 3 << " tokens";
+    const auto avail = quant_paths_available();
+    if (std::find(avail.begin(), avail.end(), g.path) == avail.end()) {
+      std::printf("[ skipped ] this CPU has no %s path\n", quant_path_name(g.path).c_str());
+      continue;
+    }
+    ++ran;
+    ThreadPool pool(2);
+    ScopedPool scoped(pool);
+    constexpr int64_t N = 77, K = 256, T = 70;
+    for (DType t : {DType::Q8_0, DType::Q4_0}) {
+      SCOPED_TRACE(std::string(dtype_name(t)));
+      Tensor w = quantized(t, N, K, 21);
+      if (t == DType::Q8_0) {  // one row of extreme codes
+        auto* b = static_cast<quant::BlockQ8_0*>(w.raw()) + 5 * (K / 32);
+        for (int i = 0; i < K / 32; ++i)
+          for (int j = 0; j < 32; ++j) b[i].qs[j] = static_cast<int8_t>(j % 2 ? -128 : 127);
+      }
+      std::vector<float> x = testing::random_vec(static_cast<size_t>(T * K), 22);
+      for (int64_t k = 0; k < K; ++k) x[3 * K + k] = k % 2 ? -1.0f : 1.0f;  // codes +-127
+      // The reference: the scalar GEMV, in chunks below 64 tokens.
+      std::vector<float> ref(T * N, 0.5f);
+      quant_matmul(x.data(), 40, w, ref.data(), true, QuantPath::Scalar);
+      quant_matmul(x.data() + 40 * K, T - 40, w, ref.data() + 40 * N, true, QuantPath::Scalar);
+      std::vector<float> dq(T * N);
+      matmul_ref(x.data(), T, w, dq.data());
+      for (const Tensor& wt : {w, repack_quant_weight(w)}) {
+        SCOPED_TRACE(is_repacked(wt) ? "repacked" : "plain");
+        std::vector<float> y(T * N, 0.5f);
+        quant_matmul(x.data(), T, wt, y.data(), true, g.path);
+        for (int64_t i = 0; i < T * N; ++i)
+          ASSERT_EQ(std::memcmp(&y[i], &ref[i], 4), 0)
+              << "token " << i / N << " row " << i % N << ": " << y[i] << " vs " << ref[i];
+        std::vector<float> z(T * N, 7.0f);
+        quant_matmul(x.data(), T, wt, z.data(), false, g.path);
+        for (float& v : y) v -= 0.5f;
+        EXPECT_LE(testing::normalised_error(z, y), 1e-6);
+        EXPECT_LE(nmse(z, dq), 5e-4);
+        // 4 tokens past the switch (batched decoding; on AVX2, Q4_0's tiles of 3 tokens and one
+        // of 2): the same bits.
+        const int64_t n = g.from(t) + 4;
+        std::vector<float> s(static_cast<size_t>(n * N), 0.5f);
+        quant_matmul(x.data(), n, wt, s.data(), true, g.path);
+        EXPECT_EQ(std::memcmp(s.data(), ref.data(), s.size() * 4), 0) << n << " tokens";
+      }
     }
   }
+  if (ran == 0) std::printf("[ skipped ] no int8 GEMM path on this CPU\n");
 }
 
 TEST(QuantMatmul, KFormatPrefillOnAvx512Bf16RoundsXAndTheDequantizedWeights) {

@@ -1418,9 +1418,19 @@ constexpr int64_t kInt8GemmMinT = 16;
 bool kformat_bf16_gemm_runs(DType type) {
   return (type == DType::Q4_K || type == DType::Q6_K) && bf16_gemm_available();
 }
-bool int8_gemm_runs(DType type, int64_t T, QuantPath path) {
-  return path == QuantPath::Avx512Vnni && (type == DType::Q8_0 || type == DType::Q4_0) &&
-         T >= kInt8GemmMinT;
+// Tokens from which the AVX2 int8 GEMM (below) runs. Zen 3, 2 threads, `bench decode --batch B`
+// on the tinyllama shape, the GEMM against the GEMV, two runs each: Q4_0 0.94x / 0.99x at B = 8,
+// 1.02x / 1.21x at 16, 1.60x / 1.17x at 32; Q8_0 (its GEMM does twice Q4_0's work per code) 0.63x
+// / 0.76x at 8, 0.83x / 0.58x at 16, 1.18x / 0.85x at 32: from 64, where sgemm would run.
+constexpr int64_t kInt8GemmAvx2MinT[2] = {16, kSgemmMinT};  // Q4_0, Q8_0
+enum class Int8Gemm { None, Avx512Vnni, Avx2 };
+Int8Gemm int8_gemm_for(DType type, int64_t T, QuantPath path) {
+  if (type != DType::Q8_0 && type != DType::Q4_0) return Int8Gemm::None;
+  if (path == QuantPath::Avx512Vnni)
+    return T >= kInt8GemmMinT ? Int8Gemm::Avx512Vnni : Int8Gemm::None;
+  if (path == QuantPath::Avx2 || path == QuantPath::AvxVnni)
+    return T >= kInt8GemmAvx2MinT[type == DType::Q8_0] ? Int8Gemm::Avx2 : Int8Gemm::None;
+  return Int8Gemm::None;
 }
 
 struct alignas(64) PanelBlock {
@@ -1429,55 +1439,88 @@ struct alignas(64) PanelBlock {
   int32_t start[kPanelRows];  // Q8_0: -128 x the row's code sum; Q4_0: 0 (unused)
 };
 
+#if PARALLM_X86
+// 8 rows' 8 dwords (v[r], dword q = the row's columns 4q..4q+3) -> out[q] = the 8 rows' dword q.
+PARALLM_AVX2 static inline void transpose8x8_epi32(const __m256i (&v)[8], __m256i (&out)[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);      // dwords 0, 1 | 4, 5
+    t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);  // dwords 2, 3 | 6, 7
+  }
+  for (int h = 0; h < 2; ++h) {  // rows 4h..4h+3
+    const __m256i* th = t + 4 * h;
+    u[4 * h + 0] = _mm256_unpacklo_epi64(th[0], th[2]);  // dword 0 | 4
+    u[4 * h + 1] = _mm256_unpackhi_epi64(th[0], th[2]);  // dword 1 | 5
+    u[4 * h + 2] = _mm256_unpacklo_epi64(th[1], th[3]);  // dword 2 | 6
+    u[4 * h + 3] = _mm256_unpackhi_epi64(th[1], th[3]);  // dword 3 | 7
+  }
+  for (int q = 0; q < 4; ++q) {
+    out[q] = _mm256_permute2x128_si256(u[q], u[4 + q], 0x20);
+    out[q + 4] = _mm256_permute2x128_si256(u[q], u[4 + q], 0x31);
+  }
+}
+
 // Rows [n0, n0 + nr) of w (nb blocks per row) into nb PanelBlocks, read where they lie: a plain
 // row's blocks, or a repacked group's share of the row (no unpacking to plain blocks first); rows
-// nr..31 are zeros (scale 0: they add 0 to outputs that are never stored).
+// nr..31 are zeros (scale 0: they add 0 to outputs that are never stored). 8 rows at a time: each
+// row's 32 codes as bytes in one register (Q4_0's nibbles unpacked to 0..15), an 8 x 8 transpose
+// of their dwords gives the 8 quads' tiles. Q8_0's start (-128 x the row's code sum, for the
+// AVX-512 GEMM) from the same tiles: vpmaddubsw by ones sums code pairs, the quads add in int16
+// (|.| <= 8 x 256), vpmaddwd by ones finishes each row. The codes are the ones every GEMV reads,
+// so the GEMMs' bit-for-bit test against the scalar GEMV checks the packing too.
 template <class WB>
-void pack_panel(const Tensor& w, bool packed, int64_t n0, int nr, int64_t nb, PanelBlock* out) {
+PARALLM_AVX2 void pack_panel(const Tensor& w, bool packed, int64_t n0, int nr, int64_t nb,
+                             PanelBlock* out) {
+  constexpr bool kQ8 = std::is_same_v<WB, BlockQ8_0>;
   const WB* plain = static_cast<const WB*>(w.raw());
   const auto* groups = reinterpret_cast<const GroupOf<WB>*>(plain);
   const int64_t packed_rows = packed ? w.dim(0) / kRows * kRows : 0;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
     PanelBlock& p = out[b];
-    for (int r = 0; r < kPanelRows; ++r) {
-      const int64_t row = n0 + r;
-      if (r >= nr) {
-        for (int q = 0; q < 8; ++q) std::memset(p.codes[q][r], 0, 4);
-        p.d[r] = 0.0f;
-        p.start[r] = 0;
-        continue;
-      }
-      const bool grouped = row < packed_rows;
-      const GroupOf<WB>& g = groups[row / kRows * nb + b];
-      const WB& blk = plain[row * nb + b];
-      const int gr = static_cast<int>(row % kRows);  // the row's place in its group
-      p.d[r] = f16_to_f32(grouped ? g.d[gr] : blk.d);
-      if constexpr (std::is_same_v<WB, BlockQ8_0>) {
-        const int8_t* qs = grouped ? g.qs[gr] : blk.qs;
-        int32_t s = 0;
-        for (int j = 0; j < 32; ++j) s += qs[j];
-        p.start[r] = -128 * s;
-        for (int q = 0; q < 8; ++q) std::memcpy(p.codes[q][r], qs + 4 * q, 4);
-      } else {
-        p.start[r] = 0;
-        for (int q = 0; q < 8; ++q) {  // columns 4q..4q+3
-          uint32_t u;
-          if (grouped) {  // codes in column order, this row's in one nibble of each byte
-            std::memcpy(&u, g.qs[gr / 2] + 4 * q, 4);
-            u >>= 4 * (gr & 1);
-          } else {  // columns 0..15 in the low nibbles, 16..31 in the high ones
-            std::memcpy(&u, blk.qs + 4 * (q & 3), 4);
-            u >>= 4 * (q >> 2);
-          }
-          u &= 0x0F0F0F0Fu;
-          std::memcpy(p.codes[q][r], &u, 4);
+    for (int r0 = 0; r0 < kPanelRows; r0 += 8) {
+      __m256i v[8];
+      alignas(16) uint16_t d[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t row = n0 + r0 + i;
+        if (r0 + i >= nr) {
+          v[i] = _mm256_setzero_si256();
+          d[i] = 0;
+          continue;
+        }
+        const int gr = static_cast<int>(row % kRows);  // the row's place in its group
+        const GroupOf<WB>& g = groups[row / kRows * nb + b];
+        const WB& blk = plain[row * nb + b];
+        const bool grouped = row < packed_rows;
+        d[i] = grouped ? g.d[gr] : blk.d;
+        if constexpr (kQ8) {
+          v[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grouped ? g.qs[gr] : blk.qs));
+        } else if (grouped) {  // codes in column order, this row's in one nibble of each byte
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.qs[gr / 2]));
+          v[i] = _mm256_and_si256(gr & 1 ? _mm256_srli_epi16(raw, 4) : raw, low4);
+        } else {
+          v[i] = nibbles_avx2(blk);
         }
       }
+      __m256i q[8];
+      transpose8x8_epi32(v, q);
+      for (int k = 0; k < 8; ++k)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(p.codes[k][r0]), q[k]);
+      _mm256_store_ps(p.d + r0,
+                      _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(d))));
+      __m256i start = _mm256_setzero_si256();
+      if constexpr (kQ8) {
+        const __m256i ones8 = _mm256_set1_epi8(1);
+        __m256i s16 = _mm256_maddubs_epi16(ones8, q[0]);
+        for (int k = 1; k < 8; ++k) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(ones8, q[k]));
+        const __m256i sum = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+        start = _mm256_sub_epi32(start, _mm256_slli_epi32(sum, 7));
+      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(p.start + r0), start);
     }
   }
 }
 
-#if PARALLM_X86
 // TT tokens x the panel's 32 rows. x: the tokens' Q8_0 blocks (row t at x + t * nb; Q8_0 weights:
 // codes + 128 as unsigned bytes), xd their scales, xs8 8 x their code sums (Q4_0). Outputs for
 // rows [0, nr) to y[t * ldy + r].
@@ -1537,15 +1580,11 @@ PARALLM_AVX512VNNI void gemm_tile_512(const PanelBlock* p, int64_t nb, const Blo
   simd::store_rows32<TT>(acc, y, ldy, nr, accumulate);
 }
 
-template <class WB>
-void run_gemm_512(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
-                  bool packed) {
+template <class WB, class Tiles>
+void for_each_panel(const float* x, int64_t T, const Tensor& w, bool packed, bool offset_codes,
+                    const Tiles& tiles) {
   const int64_t N = w.dim(0), K = w.dim(1), nb = K / 32;
-  // Q8_0 weights are the signed operand of vpdpbusd: the activations' codes go in as x + 128.
-  const QuantizedActs acts = quantize_acts(x, T, K, std::is_same_v<WB, BlockQ8_0>);
-  const BlockQ8_0* xq = acts.q;
-  const float* xd = acts.d;
-  const int32_t* xs = acts.sum8;
+  const QuantizedActs acts = quantize_acts(x, T, K, offset_codes);
   const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
   ThreadPool::current().parallel_for(panels, [&](int64_t p0, int64_t p1) {
     thread_local std::vector<PanelBlock> panel;
@@ -1554,15 +1593,131 @@ void run_gemm_512(const float* x, int64_t T, const Tensor& w, float* y, bool acc
       const int64_t n0 = pi * kPanelRows;
       const int nr = static_cast<int>(std::min<int64_t>(kPanelRows, N - n0));
       pack_panel<WB>(w, packed, n0, nr, nb, panel.data());
-      int64_t t = 0;
-      for (; t + kGemmTokens <= T; t += kGemmTokens)
-        gemm_tile_512<WB, kGemmTokens>(panel.data(), nb, xq + t * nb, xd + t * nb, xs + t * nb,
-                                       y + t * N + n0, N, nr, accumulate);
-      for (; t < T; ++t)
-        gemm_tile_512<WB, 1>(panel.data(), nb, xq + t * nb, xd + t * nb, xs + t * nb,
-                             y + t * N + n0, N, nr, accumulate);
+      tiles(panel.data(), n0, nr, acts);
     }
   });
+}
+
+template <class WB>
+void run_gemm_512(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
+                  bool packed) {
+  const int64_t N = w.dim(0), nb = w.dim(1) / 32;
+  // Q8_0 weights are the signed operand of vpdpbusd: the activations' codes go in as x + 128.
+  for_each_panel<WB>(x, T, w, packed, std::is_same_v<WB, BlockQ8_0>,
+                     [&](const PanelBlock* panel, int64_t n0, int nr, const QuantizedActs& a) {
+                       int64_t t = 0;
+                       for (; t + kGemmTokens <= T; t += kGemmTokens)
+                         gemm_tile_512<WB, kGemmTokens>(panel, nb, a.q + t * nb, a.d + t * nb,
+                                                        a.sum8 + t * nb, y + t * N + n0, N, nr,
+                                                        accumulate);
+                       for (; t < T; ++t)
+                         gemm_tile_512<WB, 1>(panel, nb, a.q + t * nb, a.d + t * nb,
+                                              a.sum8 + t * nb, y + t * N + n0, N, nr, accumulate);
+                     });
+}
+
+// The same GEMM on AVX2 (no vpdpbusd), for Q8_0 and Q4_0 on the AVX2 and AVX-VNNI paths: the
+// panel is taken 16 rows (two 8-row groups, one 32-byte load each per quad) x 2 tokens at a time.
+// Q4_0: vpmaddubsw multiplies the unsigned codes by x (int16 pair sums |.| <= 2 x 15 x 127 =
+// 3810) and the 8 quads of a block add up in int16 (<= 8 x 3810 = 30480 < 32767, no saturation),
+// widened once per block by one vpmaddwd; 8 x sum(x) comes off in int32. Q8_0: the weights are
+// signed, so the sign trick of the GEMV (|w| unsigned, x with w's sign; pair sums <= 2 x 128 x
+// 127 = 32512) and a vpmaddwd per quad (two pair sums would not fit int16). Either way each
+// block's int32 sum is block_isum's, scaled and added in tile_scalar's f32 operations and order:
+// bit-identical to the plain reference, as the AVX-512 GEMM.
+template <class WB, int TT>
+PARALLM_AVX2 void gemm_tile_avx2(const PanelBlock* p, int64_t nb, int half, const BlockQ8_0* x,
+                                 const float* xd, const int32_t* xs8, float* y, int64_t ldy, int nr,
+                                 bool accumulate) {
+  constexpr bool kQ8 = std::is_same_v<WB, BlockQ8_0>;
+  const int r0 = 16 * half;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[TT][2];
+#pragma GCC unroll 4
+  for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const PanelBlock& pb = p[b];
+    __m256i s[TT][2];
+#pragma GCC unroll 4
+    for (int t = 0; t < TT; ++t) s[t][0] = s[t][1] = _mm256_setzero_si256();
+#pragma GCC unroll 2
+    for (int q = 0; q < 8; ++q) {
+      const __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.codes[q][r0]));
+      const __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.codes[q][r0 + 8]));
+#pragma GCC unroll 4
+      for (int t = 0; t < TT; ++t) {
+        int32_t v;
+        std::memcpy(&v, x[t * nb + b].qs + 4 * q, 4);
+        const __m256i xv = _mm256_set1_epi32(v);
+        if constexpr (kQ8) {
+          const __m256i m0 = _mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(xv, w0));
+          const __m256i m1 = _mm256_maddubs_epi16(_mm256_abs_epi8(w1), _mm256_sign_epi8(xv, w1));
+          s[t][0] = _mm256_add_epi32(s[t][0], _mm256_madd_epi16(m0, ones));
+          s[t][1] = _mm256_add_epi32(s[t][1], _mm256_madd_epi16(m1, ones));
+        } else {
+          s[t][0] = _mm256_add_epi16(s[t][0], _mm256_maddubs_epi16(w0, xv));
+          s[t][1] = _mm256_add_epi16(s[t][1], _mm256_maddubs_epi16(w1, xv));
+        }
+      }
+    }
+    const __m256 d0 = _mm256_load_ps(pb.d + r0), d1 = _mm256_load_ps(pb.d + r0 + 8);
+#pragma GCC unroll 4
+    for (int t = 0; t < TT; ++t) {
+      __m256i i0 = s[t][0], i1 = s[t][1];
+      if constexpr (!kQ8) {
+        const __m256i off = _mm256_set1_epi32(xs8[t * nb + b]);
+        i0 = _mm256_sub_epi32(_mm256_madd_epi16(i0, ones), off);
+        i1 = _mm256_sub_epi32(_mm256_madd_epi16(i1, ones), off);
+      }
+      const __m256 dx = _mm256_set1_ps(xd[t * nb + b]);
+      __m256 p0 = _mm256_mul_ps(_mm256_mul_ps(d0, dx), _mm256_cvtepi32_ps(i0));
+      __m256 p1 = _mm256_mul_ps(_mm256_mul_ps(d1, dx), _mm256_cvtepi32_ps(i1));
+      __asm__("" : "+x"(p0), "+x"(p1));  // no fma: the products are rounded, as in tile_scalar
+      acc[t][0] = _mm256_add_ps(acc[t][0], p0);
+      acc[t][1] = _mm256_add_ps(acc[t][1], p1);
+    }
+  }
+#pragma GCC unroll 4
+  for (int t = 0; t < TT; ++t) {
+    float* yt = y + t * ldy + r0;
+    if (nr >= 16) {
+      __m256 v0 = acc[t][0], v1 = acc[t][1];
+      if (accumulate) {
+        v0 = _mm256_add_ps(_mm256_loadu_ps(yt), v0);
+        v1 = _mm256_add_ps(_mm256_loadu_ps(yt + 8), v1);
+      }
+      _mm256_storeu_ps(yt, v0);
+      _mm256_storeu_ps(yt + 8, v1);
+    } else {
+      alignas(32) float out[16];
+      _mm256_store_ps(out, acc[t][0]);
+      _mm256_store_ps(out + 8, acc[t][1]);
+      for (int r = 0; r < nr; ++r) yt[r] = accumulate ? yt[r] + out[r] : out[r];
+    }
+  }
+}
+
+template <class WB>
+void run_gemm_avx2(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
+                   bool packed) {
+  const int64_t N = w.dim(0), nb = w.dim(1) / 32;
+  for_each_panel<WB>(
+      x, T, w, packed, false,
+      [&](const PanelBlock* panel, int64_t n0, int nr, const QuantizedActs& a) {
+        for (int half = 0; half < 2 && 16 * half < nr; ++half) {
+          const int hr = std::min(16, nr - 16 * half);
+          auto tile = [&](auto tt, int64_t t) {
+            gemm_tile_avx2<WB, decltype(tt)::value>(panel, nb, half, a.q + t * nb, a.d + t * nb,
+                                                    a.sum8 + t * nb, y + t * N + n0, N, hr,
+                                                    accumulate);
+          };
+          int64_t t = 0;
+          if constexpr (!std::is_same_v<WB, BlockQ8_0>)  // Q8_0's tile of 3 spills (measured)
+            for (; t + 3 <= T; t += 3) tile(std::integral_constant<int, 3>{}, t);
+          for (; t + 2 <= T; t += 2) tile(std::integral_constant<int, 2>{}, t);
+          for (; t < T; ++t) tile(std::integral_constant<int, 1>{}, t);
+        }
+      });
 }
 #endif  // PARALLM_X86
 
@@ -1746,7 +1901,14 @@ void check_weight(const Tensor& w) {
 }  // namespace
 
 std::string quant_matmul_kernel(DType type, int64_t T, QuantPath path) {
-  if (int8_gemm_runs(type, T, path)) return "int8-gemm-avx512-vnni";
+  switch (int8_gemm_for(type, T, path)) {
+    case Int8Gemm::Avx512Vnni:
+      return "int8-gemm-avx512-vnni";
+    case Int8Gemm::Avx2:
+      return "int8-gemm-avx2";
+    case Int8Gemm::None:
+      break;
+  }
   if (T >= kSgemmMinT) return kformat_bf16_gemm_runs(type) ? "bf16-gemm-avx512" : "sgemm";
   const bool kformat = type == DType::Q4_K || type == DType::Q6_K;
   if (kformat && path != QuantPath::Scalar) return "int8-avx2";
@@ -1774,9 +1936,16 @@ void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y, bool acc
   }
   const bool packed = lookup_packed(w);
 #if PARALLM_X86
-  if (int8_gemm_runs(w.dtype(), T, path))
-    return w.dtype() == DType::Q8_0 ? run_gemm_512<BlockQ8_0>(x, T, w, y, accumulate, packed)
-                                    : run_gemm_512<BlockQ4_0>(x, T, w, y, accumulate, packed);
+  switch (int8_gemm_for(w.dtype(), T, path)) {
+    case Int8Gemm::Avx512Vnni:
+      return w.dtype() == DType::Q8_0 ? run_gemm_512<BlockQ8_0>(x, T, w, y, accumulate, packed)
+                                      : run_gemm_512<BlockQ4_0>(x, T, w, y, accumulate, packed);
+    case Int8Gemm::Avx2:
+      return w.dtype() == DType::Q8_0 ? run_gemm_avx2<BlockQ8_0>(x, T, w, y, accumulate, packed)
+                                      : run_gemm_avx2<BlockQ4_0>(x, T, w, y, accumulate, packed);
+    case Int8Gemm::None:
+      break;
+  }
 #endif
   if (T >= kSgemmMinT) {
     if (kformat_bf16_gemm_runs(w.dtype())) {
