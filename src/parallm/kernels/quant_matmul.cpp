@@ -1425,6 +1425,10 @@ bool kformat_bf16_gemm_runs(DType type) {
 constexpr int64_t kInt8GemmAvx2MinT[2] = {16, kSgemmMinT};  // Q4_0, Q8_0
 enum class Int8Gemm { None, Avx512Vnni, Avx2 };
 Int8Gemm int8_gemm_for(DType type, int64_t T, QuantPath path) {
+  if (type == DType::Q4_K)  // the K-format GEMM below, AVX2 paths only (AVX-512: the bf16 GEMM)
+    return (path == QuantPath::Avx2 || path == QuantPath::AvxVnni) && T >= kSgemmMinT
+               ? Int8Gemm::Avx2
+               : Int8Gemm::None;
   if (type != DType::Q8_0 && type != DType::Q4_0) return Int8Gemm::None;
   if (path == QuantPath::Avx512Vnni)
     return T >= kInt8GemmMinT ? Int8Gemm::Avx512Vnni : Int8Gemm::None;
@@ -1580,22 +1584,35 @@ PARALLM_AVX512VNNI void gemm_tile_512(const PanelBlock* p, int64_t nb, const Blo
   simd::store_rows32<TT>(acc, y, ldy, nr, accumulate);
 }
 
-template <class WB, class Tiles>
-void for_each_panel(const float* x, int64_t T, const Tensor& w, bool packed, bool offset_codes,
-                    const Tiles& tiles) {
-  const int64_t N = w.dim(0), K = w.dim(1), nb = K / 32;
-  const QuantizedActs acts = quantize_acts(x, T, K, offset_codes);
+// The int8 GEMMs' driver: the pool's threads take the 32-row panels of W in turn, each packing
+// them into its own nb Panel blocks (pack(n0, nr, panel)) and running the tiles on them
+// (tiles(panel, n0, nr)).
+template <class Panel, class Pack, class Tiles>
+void for_each_panel(int64_t N, int64_t nb, const Pack& pack, const Tiles& tiles) {
   const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
   ThreadPool::current().parallel_for(panels, [&](int64_t p0, int64_t p1) {
-    thread_local std::vector<PanelBlock> panel;
+    thread_local std::vector<Panel> panel;
     panel.resize(static_cast<size_t>(nb));
     for (int64_t pi = p0; pi < p1; ++pi) {
       const int64_t n0 = pi * kPanelRows;
       const int nr = static_cast<int>(std::min<int64_t>(kPanelRows, N - n0));
-      pack_panel<WB>(w, packed, n0, nr, nb, panel.data());
-      tiles(panel.data(), n0, nr, acts);
+      pack(n0, nr, panel.data());
+      tiles(static_cast<const Panel*>(panel.data()), n0, nr);
     }
   });
+}
+
+// The Q8_0 / Q4_0 GEMMs: the activations quantized once (codes + 128 when offset_codes), then
+// tiles(panel, n0, nr, acts) on each panel.
+template <class WB, class Tiles>
+void for_each_q_panel(const float* x, int64_t T, const Tensor& w, bool packed, bool offset_codes,
+                      const Tiles& tiles) {
+  const int64_t nb = w.dim(1) / 32;
+  const QuantizedActs acts = quantize_acts(x, T, w.dim(1), offset_codes);
+  for_each_panel<PanelBlock>(
+      w.dim(0), nb,
+      [&](int64_t n0, int nr, PanelBlock* out) { pack_panel<WB>(w, packed, n0, nr, nb, out); },
+      [&](const PanelBlock* panel, int64_t n0, int nr) { tiles(panel, n0, nr, acts); });
 }
 
 template <class WB>
@@ -1603,17 +1620,42 @@ void run_gemm_512(const float* x, int64_t T, const Tensor& w, float* y, bool acc
                   bool packed) {
   const int64_t N = w.dim(0), nb = w.dim(1) / 32;
   // Q8_0 weights are the signed operand of vpdpbusd: the activations' codes go in as x + 128.
-  for_each_panel<WB>(x, T, w, packed, std::is_same_v<WB, BlockQ8_0>,
-                     [&](const PanelBlock* panel, int64_t n0, int nr, const QuantizedActs& a) {
-                       int64_t t = 0;
-                       for (; t + kGemmTokens <= T; t += kGemmTokens)
-                         gemm_tile_512<WB, kGemmTokens>(panel, nb, a.q + t * nb, a.d + t * nb,
-                                                        a.sum8 + t * nb, y + t * N + n0, N, nr,
-                                                        accumulate);
-                       for (; t < T; ++t)
-                         gemm_tile_512<WB, 1>(panel, nb, a.q + t * nb, a.d + t * nb,
-                                              a.sum8 + t * nb, y + t * N + n0, N, nr, accumulate);
-                     });
+  for_each_q_panel<WB>(x, T, w, packed, std::is_same_v<WB, BlockQ8_0>,
+                       [&](const PanelBlock* panel, int64_t n0, int nr, const QuantizedActs& a) {
+                         int64_t t = 0;
+                         for (; t + kGemmTokens <= T; t += kGemmTokens)
+                           gemm_tile_512<WB, kGemmTokens>(panel, nb, a.q + t * nb, a.d + t * nb,
+                                                          a.sum8 + t * nb, y + t * N + n0, N, nr,
+                                                          accumulate);
+                         for (; t < T; ++t)
+                           gemm_tile_512<WB, 1>(panel, nb, a.q + t * nb, a.d + t * nb,
+                                                a.sum8 + t * nb, y + t * N + n0, N, nr, accumulate);
+                       });
+}
+
+// Rows [0, nr) (nr <= 16) of TT tokens' 16-row accumulators to y[t * ldy + r] (+= when
+// accumulate).
+template <int TT>
+PARALLM_AVX2 static inline void store_rows16_avx2(const __m256 (&acc)[TT][2], float* y, int64_t ldy,
+                                                  int nr, bool accumulate) {
+#pragma GCC unroll 4
+  for (int t = 0; t < TT; ++t) {
+    float* yt = y + t * ldy;
+    if (nr >= 16) {
+      __m256 v0 = acc[t][0], v1 = acc[t][1];
+      if (accumulate) {
+        v0 = _mm256_add_ps(_mm256_loadu_ps(yt), v0);
+        v1 = _mm256_add_ps(_mm256_loadu_ps(yt + 8), v1);
+      }
+      _mm256_storeu_ps(yt, v0);
+      _mm256_storeu_ps(yt + 8, v1);
+    } else {
+      alignas(32) float out[16];
+      _mm256_store_ps(out, acc[t][0]);
+      _mm256_store_ps(out + 8, acc[t][1]);
+      for (int r = 0; r < nr; ++r) yt[r] = accumulate ? yt[r] + out[r] : out[r];
+    }
+  }
 }
 
 // The same GEMM on AVX2 (no vpdpbusd), for Q8_0 and Q4_0 on the AVX2 and AVX-VNNI paths: the
@@ -1677,31 +1719,14 @@ PARALLM_AVX2 void gemm_tile_avx2(const PanelBlock* p, int64_t nb, int half, cons
       acc[t][1] = _mm256_add_ps(acc[t][1], p1);
     }
   }
-#pragma GCC unroll 4
-  for (int t = 0; t < TT; ++t) {
-    float* yt = y + t * ldy + r0;
-    if (nr >= 16) {
-      __m256 v0 = acc[t][0], v1 = acc[t][1];
-      if (accumulate) {
-        v0 = _mm256_add_ps(_mm256_loadu_ps(yt), v0);
-        v1 = _mm256_add_ps(_mm256_loadu_ps(yt + 8), v1);
-      }
-      _mm256_storeu_ps(yt, v0);
-      _mm256_storeu_ps(yt + 8, v1);
-    } else {
-      alignas(32) float out[16];
-      _mm256_store_ps(out, acc[t][0]);
-      _mm256_store_ps(out + 8, acc[t][1]);
-      for (int r = 0; r < nr; ++r) yt[r] = accumulate ? yt[r] + out[r] : out[r];
-    }
-  }
+  store_rows16_avx2<TT>(acc, y + r0, ldy, nr, accumulate);
 }
 
 template <class WB>
 void run_gemm_avx2(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
                    bool packed) {
   const int64_t N = w.dim(0), nb = w.dim(1) / 32;
-  for_each_panel<WB>(
+  for_each_q_panel<WB>(
       x, T, w, packed, false,
       [&](const PanelBlock* panel, int64_t n0, int nr, const QuantizedActs& a) {
         for (int half = 0; half < 2 && 16 * half < nr; ++half) {
@@ -1716,6 +1741,161 @@ void run_gemm_avx2(const float* x, int64_t T, const Tensor& w, float* y, bool ac
             for (; t + 3 <= T; t += 3) tile(std::integral_constant<int, 3>{}, t);
           for (; t + 2 <= T; t += 2) tile(std::integral_constant<int, 2>{}, t);
           for (; t < T; ++t) tile(std::integral_constant<int, 1>{}, t);
+        }
+      });
+}
+
+// Q4_K on the AVX2 and AVX-VNNI paths from kSgemmMinT tokens (prefill): the same scheme per
+// 256-value super-block, against BlockQ8_K activations (quantized as for decoding). A panel block
+// holds 32 rows' codes as bytes in 64 quads (sub-block j = quads 8j..8j+7), each row's sub-block
+// scales twice (its two int16 lanes), its mins in pairs (m_2p, m_2p+1) and d, dmin in f32. Per
+// sub-block, vpmaddubsw sums codes (0..15) x x in int16 over its 8 quads (<= 8 x 2 x 15 x 127 =
+// 30480), one vpmaddwd by the row's scale adds it to the int32 q sum; the min sum is 4 vpmaddwd of
+// the min pairs against the token's sub-block sums (<= 32 x 127 = 4064, an int16). Both sums are
+// ksum_scalar's, combined with kcombine's fmas in its order: bit-identical to the scalar GEMV.
+struct alignas(64) PanelKBlock {
+  uint8_t codes[64][kPanelRows][4];
+  int16_t sc[8][kPanelRows][2];
+  int16_t m[4][kPanelRows][2];
+  float d[kPanelRows];
+  float dmin[kPanelRows];
+};
+
+// Rows [n0, n0 + nr) of a Q4_K weight into nb PanelKBlocks (rows nr..31 zero).
+PARALLM_AVX2 void pack_panel_k(const Tensor& w, bool packed, int64_t n0, int nr, int64_t nb,
+                               PanelKBlock* out) {
+  thread_local std::vector<char> tmp;
+  const auto* rows =
+      reinterpret_cast<const quant::BlockQ4_K*>(plain_rows(w, packed, n0, nr, tmp, simd_unpack()));
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    PanelKBlock& p = out[b];
+    for (int r0 = 0; r0 < kPanelRows; r0 += 8) {
+      __m256i raw[4][8];  // chunk c (sub-blocks 2c, 2c + 1) of the 8 rows
+      for (int i = 0; i < 8; ++i) {
+        const int r = r0 + i;
+        if (r >= nr) {
+          for (int c = 0; c < 4; ++c) raw[c][i] = _mm256_setzero_si256();
+          for (int j = 0; j < 8; ++j) p.sc[j][r][0] = p.sc[j][r][1] = 0;
+          for (int j = 0; j < 4; ++j) p.m[j][r][0] = p.m[j][r][1] = 0;
+          p.d[r] = p.dmin[r] = 0.0f;
+          continue;
+        }
+        const quant::BlockQ4_K& blk = rows[r * nb + b];
+        for (int c = 0; c < 4; ++c)
+          raw[c][i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs + 32 * c));
+        uint8_t sc[8], m[8];
+        q4k_scales_mins(blk.scales, sc, m);
+        for (int j = 0; j < 8; ++j) p.sc[j][r][0] = p.sc[j][r][1] = sc[j];
+        for (int j = 0; j < 4; ++j) {
+          p.m[j][r][0] = m[2 * j];
+          p.m[j][r][1] = m[2 * j + 1];
+        }
+        p.d[r] = f16_to_f32(blk.d);
+        p.dmin[r] = f16_to_f32(blk.dmin);
+      }
+      for (int j = 0; j < 8; ++j) {  // low nibbles: sub-block 2c; high: 2c + 1
+        __m256i v[8], q[8];
+        for (int i = 0; i < 8; ++i)
+          v[i] =
+              _mm256_and_si256(j % 2 ? _mm256_srli_epi16(raw[j / 2][i], 4) : raw[j / 2][i], low4);
+        transpose8x8_epi32(v, q);
+        for (int k = 0; k < 8; ++k)
+          _mm256_store_si256(reinterpret_cast<__m256i*>(p.codes[8 * j + k][r0]), q[k]);
+      }
+    }
+  }
+}
+
+template <int TT>
+PARALLM_AVX2 void gemm_ktile_avx2(const PanelKBlock* p, int64_t nb, int half,
+                                  const quant::BlockQ8_K* x, float* y, int64_t ldy, int nr,
+                                  bool accumulate) {
+  const int r0 = 16 * half;
+  __m256 acc[TT][2];
+#pragma GCC unroll 4
+  for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const PanelKBlock& pb = p[b];
+    __m256i qs[TT][2];
+#pragma GCC unroll 4
+    for (int t = 0; t < TT; ++t) qs[t][0] = qs[t][1] = _mm256_setzero_si256();
+    for (int j = 0; j < 8; ++j) {
+      __m256i s[TT][2];
+#pragma GCC unroll 4
+      for (int t = 0; t < TT; ++t) s[t][0] = s[t][1] = _mm256_setzero_si256();
+#pragma GCC unroll 2
+      for (int k = 0; k < 8; ++k) {
+        const __m256i w0 =
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.codes[8 * j + k][r0]));
+        const __m256i w1 =
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.codes[8 * j + k][r0 + 8]));
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; ++t) {
+          int32_t v;
+          std::memcpy(&v, x[t * nb + b].qs + 32 * j + 4 * k, 4);
+          const __m256i xv = _mm256_set1_epi32(v);
+          s[t][0] = _mm256_add_epi16(s[t][0], _mm256_maddubs_epi16(w0, xv));
+          s[t][1] = _mm256_add_epi16(s[t][1], _mm256_maddubs_epi16(w1, xv));
+        }
+      }
+      const __m256i sc0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.sc[j][r0]));
+      const __m256i sc1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.sc[j][r0 + 8]));
+#pragma GCC unroll 4
+      for (int t = 0; t < TT; ++t) {
+        qs[t][0] = _mm256_add_epi32(qs[t][0], _mm256_madd_epi16(s[t][0], sc0));
+        qs[t][1] = _mm256_add_epi32(qs[t][1], _mm256_madd_epi16(s[t][1], sc1));
+      }
+    }
+    const __m256 d0 = _mm256_load_ps(pb.d + r0), d1 = _mm256_load_ps(pb.d + r0 + 8);
+    const __m256 m0 = _mm256_load_ps(pb.dmin + r0), m1 = _mm256_load_ps(pb.dmin + r0 + 8);
+#pragma GCC unroll 4
+    for (int t = 0; t < TT; ++t) {
+      const quant::BlockQ8_K& xb = x[t * nb + b];
+      __m256i ms0 = _mm256_setzero_si256(), ms1 = _mm256_setzero_si256();
+      for (int j = 0; j < 4; ++j) {  // (m_2j, m_2j+1) against the sub-blocks' sums of x
+        const int32_t lo = xb.bsums[4 * j] + xb.bsums[4 * j + 1];
+        const int32_t hi = xb.bsums[4 * j + 2] + xb.bsums[4 * j + 3];
+        const __m256i xs = _mm256_set1_epi32(static_cast<int32_t>(
+            static_cast<uint32_t>(static_cast<uint16_t>(lo)) | (static_cast<uint32_t>(hi) << 16)));
+        ms0 = _mm256_add_epi32(
+            ms0, _mm256_madd_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(pb.m[j][r0])),
+                                   xs));
+        ms1 = _mm256_add_epi32(
+            ms1, _mm256_madd_epi16(
+                     _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.m[j][r0 + 8])), xs));
+      }
+      const __m256 dx = _mm256_set1_ps(xb.d);
+      const __m256 neg = _mm256_set1_ps(-0.0f);
+      acc[t][0] = _mm256_fmadd_ps(_mm256_mul_ps(d0, dx), _mm256_cvtepi32_ps(qs[t][0]), acc[t][0]);
+      acc[t][1] = _mm256_fmadd_ps(_mm256_mul_ps(d1, dx), _mm256_cvtepi32_ps(qs[t][1]), acc[t][1]);
+      acc[t][0] = _mm256_fmadd_ps(_mm256_xor_ps(_mm256_mul_ps(m0, dx), neg),
+                                  _mm256_cvtepi32_ps(ms0), acc[t][0]);
+      acc[t][1] = _mm256_fmadd_ps(_mm256_xor_ps(_mm256_mul_ps(m1, dx), neg),
+                                  _mm256_cvtepi32_ps(ms1), acc[t][1]);
+    }
+  }
+  store_rows16_avx2<TT>(acc, y + r0, ldy, nr, accumulate);
+}
+
+void run_kgemm_avx2(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
+                    bool packed) {
+  const int64_t N = w.dim(0), K = w.dim(1), nb = K / 256;
+  thread_local std::vector<quant::BlockQ8_K> xq;
+  xq.resize(static_cast<size_t>(T * nb));
+  quantize_activations_k(x, T, K, xq.data());
+  const quant::BlockQ8_K* xp = xq.data();  // xq is this thread's; the pool's threads read it here
+  for_each_panel<PanelKBlock>(
+      N, nb,
+      [&](int64_t n0, int nr, PanelKBlock* out) { pack_panel_k(w, packed, n0, nr, nb, out); },
+      [&](const PanelKBlock* panel, int64_t n0, int nr) {
+        for (int half = 0; half < 2 && 16 * half < nr; ++half) {
+          const int hr = std::min(16, nr - 16 * half);
+          int64_t t = 0;
+          for (; t + 2 <= T; t += 2)
+            gemm_ktile_avx2<2>(panel, nb, half, xp + t * nb, y + t * N + n0, N, hr, accumulate);
+          for (; t < T; ++t)
+            gemm_ktile_avx2<1>(panel, nb, half, xp + t * nb, y + t * N + n0, N, hr, accumulate);
         }
       });
 }
@@ -1941,6 +2121,7 @@ void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y, bool acc
       return w.dtype() == DType::Q8_0 ? run_gemm_512<BlockQ8_0>(x, T, w, y, accumulate, packed)
                                       : run_gemm_512<BlockQ4_0>(x, T, w, y, accumulate, packed);
     case Int8Gemm::Avx2:
+      if (w.dtype() == DType::Q4_K) return run_kgemm_avx2(x, T, w, y, accumulate, packed);
       return w.dtype() == DType::Q8_0 ? run_gemm_avx2<BlockQ8_0>(x, T, w, y, accumulate, packed)
                                       : run_gemm_avx2<BlockQ4_0>(x, T, w, y, accumulate, packed);
     case Int8Gemm::None:

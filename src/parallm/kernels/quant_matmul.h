@@ -12,10 +12,11 @@
 // tokens (prefill): Q8_0 and Q4_0 run an int8 GEMM (packed 32-row panels, activations quantized
 // as for decoding; bit-identical to the plain reference): on the AVX-512 VNNI path with vpdpbusd,
 // from 16 tokens there (batched decoding included), on the AVX2 and AVX-VNNI paths with
-// vpmaddubsw;
-// Q4_K and Q6_K on an AVX512_BF16 CPU run kernels/matmul.h's bf16 GEMM on rows dequantized to f32
-// (x and those rows rounded to bf16); everything else is dequantized to f32 a block of rows at a
-// time and multiplied by OpenBLAS sgemm with f32 activations. quant_matmul_kernel names the one.
+// vpmaddubsw, where Q4_K has one too (sub-block scales applied per 32 codes); Q4_K and Q6_K on
+// an AVX512_BF16 CPU (the AVX-512 VNNI path) run kernels/matmul.h's bf16 GEMM on rows dequantized
+// to f32 (x and those rows rounded to bf16); everything else is dequantized to f32 a block of rows
+// at a time and multiplied by OpenBLAS sgemm with f32 activations. quant_matmul_kernel names the
+// one.
 // kernels::matmul sends every block-dtype weight here.
 #pragma once
 
@@ -53,8 +54,8 @@ inline void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y,
 }
 
 // What quant_matmul runs for a weight of `type`, T tokens and `path`: "int8-gemm-avx512-vnni"
-// (Q8_0 and Q4_0 from 16 tokens on that path), "int8-gemm-avx2" (Q8_0 and Q4_0 from 64 tokens
-// on the AVX2 and AVX-VNNI paths), from T = 64 "bf16-gemm-avx512" or "sgemm",
+// (Q8_0 and Q4_0 from 16 tokens on that path), "int8-gemm-avx2" (Q4_0 from 16 tokens, Q8_0 and
+// Q4_K from 64, on the AVX2 and AVX-VNNI paths), from T = 64 "bf16-gemm-avx512" or "sgemm",
 // otherwise "int8-" and the SIMD path that really runs ("int8-avx2" for the K formats on every
 // SIMD path). For benchmarks and tests.
 std::string quant_matmul_kernel(DType type, int64_t T, QuantPath path);
