@@ -230,9 +230,9 @@ TEST(KQuantMatmul, Q4KPrefillGemmOnAvx2IsThePlainReferenceBitForBit) {
   // From 64 tokens on the AVX2 and AVX-VNNI paths, Q4_K runs an int8 GEMM over 32-row panels
   // (codes x x summed per sub-block in int16, scaled in int32; the min sums by vpmaddwd): the
   // reference's integer sums, combined with its fmas in its order, so every output equals the
-  // scalar GEMV's bit for bit. N = 45 (a whole panel, then halves of 8 and 5 rows), T = 67 (tiles
-  // of 2 tokens and one of 1), plain and repacked weights, accumulate; and the largest codes,
-  // scales and mins against activations of +-127 (no int16 saturation).
+  // scalar GEMV's bit for bit. N = 45 (a whole panel, then one of 13 rows: a partial 16-row half),
+  // T = 67 (tiles of 2 tokens and one of 1), plain and repacked weights, accumulate; and the
+  // largest codes, scales and mins against activations of +-127 (no int16 saturation).
   for (QuantPath path : {QuantPath::Avx2, QuantPath::AvxVnni}) {
     SCOPED_TRACE(quant_path_name(path));
     EXPECT_EQ(quant_matmul_kernel(DType::Q4_K, 64, path), "int8-gemm-avx2");

@@ -130,7 +130,7 @@ TEST(QuantMatmul, PrefillInt8GemmIsThePlainReferenceBitForBit) {
   // and 64 (Q8_0). Both
   // form the plain reference's integer block sums and scale and add them in its order, so every
   // output equals the scalar GEMV's bit for bit. N = 77: two whole panels and a tail of 13 rows
-  // (a half panel of 16 and one of 13 on AVX2); T = 70 and the switch + 4: every token tile and
+  // (on AVX2 a partial 16-row half); T = 70 and the switch + 4: every token tile and
   // tail; plain and repacked weights; accumulate; and Q8_0 codes of -128 against activations of
   // +-127 (no int16 saturation).
   struct Gemm {

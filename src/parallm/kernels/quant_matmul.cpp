@@ -1418,22 +1418,31 @@ constexpr int64_t kInt8GemmMinT = 16;
 bool kformat_bf16_gemm_runs(DType type) {
   return (type == DType::Q4_K || type == DType::Q6_K) && bf16_gemm_available();
 }
-// Tokens from which the AVX2 int8 GEMM (below) runs. Zen 3, 2 threads, `bench decode --batch B`
-// on the tinyllama shape, the GEMM against the GEMV, two runs each: Q4_0 0.94x / 0.99x at B = 8,
-// 1.02x / 1.21x at 16, 1.60x / 1.17x at 32; Q8_0 (its GEMM does twice Q4_0's work per code) 0.63x
-// / 0.76x at 8, 0.83x / 0.58x at 16, 1.18x / 0.85x at 32: from 64, where sgemm would run.
-constexpr int64_t kInt8GemmAvx2MinT[2] = {16, kSgemmMinT};  // Q4_0, Q8_0
+// Tokens from which the AVX2 int8 GEMM (below) runs for `type`, 0 where it has none. Zen 3, 2
+// threads, `bench decode --batch B` on the tinyllama shape, the GEMM against the GEMV, two runs
+// each: Q4_0 0.94x / 0.99x at B = 8, 1.02x / 1.21x at 16, 1.60x / 1.17x at 32; Q8_0 (its GEMM does
+// twice Q4_0's work per code) 0.63x / 0.76x at 8, 0.83x / 0.58x at 16, 1.18x / 0.85x at 32: from
+// 64, where sgemm would run, as Q4_K (not measured below).
+int64_t int8_gemm_avx2_min_t(DType type) {
+  switch (type) {
+    case DType::Q4_0:
+      return 16;
+    case DType::Q8_0:
+    case DType::Q4_K:
+      return kSgemmMinT;
+    default:
+      return 0;
+  }
+}
 enum class Int8Gemm { None, Avx512Vnni, Avx2 };
 Int8Gemm int8_gemm_for(DType type, int64_t T, QuantPath path) {
-  if (type == DType::Q4_K)  // the K-format GEMM below, AVX2 paths only (AVX-512: the bf16 GEMM)
-    return (path == QuantPath::Avx2 || path == QuantPath::AvxVnni) && T >= kSgemmMinT
-               ? Int8Gemm::Avx2
-               : Int8Gemm::None;
-  if (type != DType::Q8_0 && type != DType::Q4_0) return Int8Gemm::None;
-  if (path == QuantPath::Avx512Vnni)
-    return T >= kInt8GemmMinT ? Int8Gemm::Avx512Vnni : Int8Gemm::None;
-  if (path == QuantPath::Avx2 || path == QuantPath::AvxVnni)
-    return T >= kInt8GemmAvx2MinT[type == DType::Q8_0] ? Int8Gemm::Avx2 : Int8Gemm::None;
+  if (path == QuantPath::Avx512Vnni)  // Q4_K / Q6_K there: the bf16 GEMM or sgemm
+    return (type == DType::Q8_0 || type == DType::Q4_0) && T >= kInt8GemmMinT ? Int8Gemm::Avx512Vnni
+                                                                              : Int8Gemm::None;
+  if (path == QuantPath::Avx2 || path == QuantPath::AvxVnni) {
+    const int64_t from = int8_gemm_avx2_min_t(type);
+    return from > 0 && T >= from ? Int8Gemm::Avx2 : Int8Gemm::None;
+  }
   return Int8Gemm::None;
 }
 
@@ -1659,7 +1668,8 @@ PARALLM_AVX2 static inline void store_rows16_avx2(const __m256 (&acc)[TT][2], fl
 }
 
 // The same GEMM on AVX2 (no vpdpbusd), for Q8_0 and Q4_0 on the AVX2 and AVX-VNNI paths: the
-// panel is taken 16 rows (two 8-row groups, one 32-byte load each per quad) x 2 tokens at a time.
+// panel is taken 16 rows (two 8-row groups, one 32-byte load each per quad) by 3 tokens (Q4_0) or
+// 2 (Q8_0) at a time.
 // Q4_0: vpmaddubsw multiplies the unsigned codes by x (int16 pair sums |.| <= 2 x 15 x 127 =
 // 3810) and the 8 quads of a block add up in int16 (<= 8 x 3810 = 30480 < 32767, no saturation),
 // widened once per block by one vpmaddwd; 8 x sum(x) comes off in int32. Q8_0: the weights are
