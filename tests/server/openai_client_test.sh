@@ -22,16 +22,27 @@ cache="${PARALLM_NPM_CACHE:-$HOME/.cache/parallm-npm}/openai-$OPENAI_VERSION"
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
   skip "node and npm are needed (apt-get install nodejs npm)"
 fi
-if [ ! -f "$cache/node_modules/openai/package.json" ]; then
+# ctest runs two tests that call this script at once: one installs under a lock while the other
+# waits (two npm installs into one folder break each other, ENOTEMPTY, and leave a package whose
+# dependencies are missing), and a folder counts as installed only once npm has finished there.
+mkdir -p "$(dirname "$cache")"
+exec 9>"$cache.lock"
+flock 9
+if [ ! -f "$cache/.installed" ]; then
+  rm -rf "$cache"
   mkdir -p "$cache"
   if ! npm install --prefix "$cache" --no-audit --no-fund --loglevel=error --fetch-retries=1 \
       --fetch-timeout=30000 "openai@$OPENAI_VERSION" >"$cache/install.log" 2>&1; then
     tail -5 "$cache/install.log"
     skip "npm install openai@$OPENAI_VERSION failed (no registry?)"
   fi
+  touch "$cache/.installed"
 fi
 # ESM resolves 'openai' from the script's own directory upwards: run a copy inside the cache.
-cp "$here/openai_client_test.mjs" "$cache/openai_client_test.mjs"
+cmp -s "$here/openai_client_test.mjs" "$cache/openai_client_test.mjs" ||
+  cp "$here/openai_client_test.mjs" "$cache/openai_client_test.mjs"
+flock -u 9
+exec 9>&-
 
 if [ "${1:-}" = "--fake" ]; then
   bin="$2"
