@@ -5,9 +5,9 @@
 // --repack: instead, Q4_0, Q8_0 and Q4_K in the plain layout against the repacked one
 // (kernels::repack_quant_weight) at TinyLlama's shapes, T = 1 and 4, weights rotated over copies
 // of >= 64 MiB (from DRAM, not the cache), the two measured alternately rep by rep.
-// --gemm: instead, Q8_0, Q4_0 and Q4_K prefill (T = 512 and --tokens T) at TinyLlama's shapes,
-// weights repacked as the loader does: the int8 GEMM of this CPU's path against dequantize +
-// OpenBLAS sgemm (what the plain path runs), alternately rep by rep, best of the repeats, in
+// --gemm: instead, Q8_0, Q4_0, Q4_K and Q6_K prefill (T = 512 and --tokens T) at TinyLlama's
+// shapes, weights repacked as the loader does: the int8 GEMM of this CPU's path against dequantize
+// + OpenBLAS sgemm (what the plain path runs), alternately rep by rep, best of the repeats, in
 // GFLOP/s.
 //
 //   bench_kquant [--threads N] [--reps R] [--repack | --gemm [--tokens T]]
@@ -120,7 +120,7 @@ void bench_gemm(int threads, int reps, int64_t T) {
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   std::vector<float> x(static_cast<size_t>(T * 5632));
   for (float& v : x) v = u(rng);
-  for (DType t : {DType::Q8_0, DType::Q4_0, DType::Q4_K}) {
+  for (DType t : {DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q6_K}) {
     for (auto [N, K] : {std::pair<int64_t, int64_t>{2048, 2048}, {5632, 2048}, {2048, 5632}}) {
       std::vector<float> wf(static_cast<size_t>(N * K));
       for (float& v : wf) v = u(rng);

@@ -218,62 +218,71 @@ TEST(KQuantMatmul, MatmulTakesTheIntegerPath) {
     EXPECT_LE(nmse(via, base), 5e-4);
     EXPECT_GT(testing::normalised_error(via, base), 0.0);
     EXPECT_EQ(quant_matmul_kernel(t, 1, quant_path()).rfind("int8-", 0), 0u);
-    const bool avx2_gemm =
-        t == DType::Q4_K && (quant_path() == QuantPath::Avx2 || quant_path() == QuantPath::AvxVnni);
+    const bool avx2_gemm = quant_path() == QuantPath::Avx2 || quant_path() == QuantPath::AvxVnni;
     EXPECT_EQ(quant_matmul_kernel(t, 64, quant_path()), avx2_gemm               ? "int8-gemm-avx2"
                                                         : bf16_gemm_available() ? "bf16-gemm-avx512"
                                                                                 : "sgemm");
   }
 }
 
-TEST(KQuantMatmul, Q4KPrefillGemmOnAvx2IsThePlainReferenceBitForBit) {
-  // From 64 tokens on the AVX2 and AVX-VNNI paths, Q4_K runs an int8 GEMM over 32-row panels
-  // (codes x x summed per sub-block in int16, scaled in int32; the min sums by vpmaddwd): the
-  // reference's integer sums, combined with its fmas in its order, so every output equals the
-  // scalar GEMV's bit for bit. N = 45 (a whole panel, then one of 13 rows: a partial 16-row half),
-  // T = 67 (tiles of 2 tokens and one of 1), plain and repacked weights, accumulate; and the
-  // largest codes, scales and mins against activations of +-127 (no int16 saturation).
-  for (QuantPath path : {QuantPath::Avx2, QuantPath::AvxVnni}) {
-    SCOPED_TRACE(quant_path_name(path));
-    EXPECT_EQ(quant_matmul_kernel(DType::Q4_K, 64, path), "int8-gemm-avx2");
-    EXPECT_EQ(quant_matmul_kernel(DType::Q4_K, 63, path), "int8-avx2");
-    EXPECT_NE(quant_matmul_kernel(DType::Q6_K, 64, path), "int8-gemm-avx2");
-    const auto avail = quant_paths_available();
-    if (std::find(avail.begin(), avail.end(), path) == avail.end()) {
-      std::printf("[ skipped ] no %s path on this CPU\n", quant_path_name(path).c_str());
-      continue;
-    }
-    ThreadPool pool(2);
-    ScopedPool scoped(pool);
-    constexpr int64_t N = 45, K = 512, T = 67;
-    for (bool extreme : {false, true}) {
-      SCOPED_TRACE(extreme ? "extreme" : "random");
-      Tensor w = random_kweights(DType::Q4_K, N, K, 71);
-      std::vector<float> x = testing::random_vec(static_cast<size_t>(T * K), 72);
-      if (extreme) {
-        auto* b = static_cast<BlockQ4_K*>(w.raw());
-        for (int64_t i = 0; i < N * K / 256; ++i) {
-          std::memset(b[i].qs, 0xFF, sizeof b[i].qs);
-          std::memset(b[i].scales, 0xFF, sizeof b[i].scales);
-        }
-        for (int64_t i = 0; i < T * K; ++i) x[i] = (i / K) % 2 ? -1.0f : 1.0f;
+TEST(KQuantMatmul, PrefillGemmOnAvx2IsThePlainReferenceBitForBit) {
+  // From 64 tokens on the AVX2 and AVX-VNNI paths, Q4_K and Q6_K run an int8 GEMM over 32-row
+  // panels (codes x x summed in int16, scaled in int32; Q4_K's mins and Q6_K's -32 by vpmaddwd
+  // against the group sums): the reference's integer sums, combined with its fmas in its order,
+  // so every output equals the scalar GEMV's bit for bit. N = 45 (a whole panel, then one of 13
+  // rows: a partial 16-row half), T = 67 (tiles of 2 tokens and one of 1), plain and repacked
+  // weights (Q4_K), accumulate; and the largest codes and scales against activations of +-127 (no
+  // int16 saturation: Q6_K's two quads of 63 x 127 pairs sum to 32004).
+  for (DType type : {DType::Q4_K, DType::Q6_K}) {
+    SCOPED_TRACE(std::string(dtype_name(type)));
+    for (QuantPath path : {QuantPath::Avx2, QuantPath::AvxVnni}) {
+      SCOPED_TRACE(quant_path_name(path));
+      EXPECT_EQ(quant_matmul_kernel(type, 64, path), "int8-gemm-avx2");
+      EXPECT_EQ(quant_matmul_kernel(type, 63, path), "int8-avx2");
+      const auto avail = quant_paths_available();
+      if (std::find(avail.begin(), avail.end(), path) == avail.end()) {
+        std::printf("[ skipped ] no %s path on this CPU\n", quant_path_name(path).c_str());
+        continue;
       }
-      std::vector<float> ref(T * N, 0.25f);
-      quant_matmul(x.data(), 40, w, ref.data(), true, QuantPath::Scalar);
-      quant_matmul(x.data() + 40 * K, T - 40, w, ref.data() + 40 * N, true, QuantPath::Scalar);
-      for (const Tensor& wt : {w, repack_quant_weight(w)}) {
-        SCOPED_TRACE(is_repacked(wt) ? "repacked" : "plain");
-        std::vector<float> y(T * N, 0.25f);
-        quant_matmul(x.data(), T, wt, y.data(), true, path);
-        for (int64_t i = 0; i < T * N; ++i)
-          ASSERT_EQ(std::memcmp(&y[i], &ref[i], 4), 0)
-              << "token " << i / N << " row " << i % N << ": " << y[i] << " vs " << ref[i];
-        std::vector<float> z(T * N, 3.0f);
-        quant_matmul(x.data(), T, wt, z.data(), false, path);
-        std::vector<float> exact(T * N);
-        matmul_ref(x.data(), T, w, exact.data());
-        if (!extreme) {
-          EXPECT_LE(nmse(z, exact), 5e-4);
+      ThreadPool pool(2);
+      ScopedPool scoped(pool);
+      constexpr int64_t N = 45, K = 512, T = 67;
+      for (bool extreme : {false, true}) {
+        SCOPED_TRACE(extreme ? "extreme" : "random");
+        Tensor w = random_kweights(type, N, K, 71);
+        std::vector<float> x = testing::random_vec(static_cast<size_t>(T * K), 72);
+        if (extreme) {
+          for (int64_t i = 0; i < N * K / 256; ++i) {
+            if (type == DType::Q4_K) {
+              auto& b = static_cast<BlockQ4_K*>(w.raw())[i];
+              std::memset(b.qs, 0xFF, sizeof b.qs);
+              std::memset(b.scales, 0xFF, sizeof b.scales);
+            } else {  // codes 63 (q - 32 = 31), scales -128
+              auto& b = static_cast<BlockQ6_K*>(w.raw())[i];
+              std::memset(b.ql, 0xFF, sizeof b.ql);
+              std::memset(b.qh, 0xFF, sizeof b.qh);
+              std::memset(b.scales, 0x80, sizeof b.scales);
+            }
+          }
+          for (int64_t i = 0; i < T * K; ++i) x[i] = (i / K) % 2 ? -1.0f : 1.0f;
+        }
+        std::vector<float> ref(T * N, 0.25f);
+        quant_matmul(x.data(), 40, w, ref.data(), true, QuantPath::Scalar);
+        quant_matmul(x.data() + 40 * K, T - 40, w, ref.data() + 40 * N, true, QuantPath::Scalar);
+        for (const Tensor& wt : {w, repack_quant_weight(w)}) {
+          SCOPED_TRACE(is_repacked(wt) ? "repacked" : "plain");
+          std::vector<float> y(T * N, 0.25f);
+          quant_matmul(x.data(), T, wt, y.data(), true, path);
+          for (int64_t i = 0; i < T * N; ++i)
+            ASSERT_EQ(std::memcmp(&y[i], &ref[i], 4), 0)
+                << "token " << i / N << " row " << i % N << ": " << y[i] << " vs " << ref[i];
+          std::vector<float> z(T * N, 3.0f);
+          quant_matmul(x.data(), T, wt, z.data(), false, path);
+          std::vector<float> exact(T * N);
+          matmul_ref(x.data(), T, w, exact.data());
+          if (!extreme) {
+            EXPECT_LE(nmse(z, exact), 5e-4);
+          }
         }
       }
     }

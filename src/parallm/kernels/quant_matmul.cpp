@@ -1429,6 +1429,7 @@ int64_t int8_gemm_avx2_min_t(DType type) {
       return 16;
     case DType::Q8_0:
     case DType::Q4_K:
+    case DType::Q6_K:
       return kSgemmMinT;
     default:
       return 0;
@@ -1771,6 +1772,16 @@ struct alignas(64) PanelKBlock {
   float dmin[kPanelRows];
 };
 
+// 8 rows' codes for 32 values (v[i]: row r0 + i's values 32c..32c+31 as bytes) -> the panel's
+// quads 8c..8c+7 of those rows.
+PARALLM_AVX2 static inline void store_chunk8(const __m256i (&v)[8], uint8_t (*codes)[kPanelRows][4],
+                                             int c, int r0) {
+  __m256i q[8];
+  transpose8x8_epi32(v, q);
+  for (int k = 0; k < 8; ++k)
+    _mm256_store_si256(reinterpret_cast<__m256i*>(codes[8 * c + k][r0]), q[k]);
+}
+
 // Rows [n0, n0 + nr) of a Q4_K weight into nb PanelKBlocks (rows nr..31 zero).
 PARALLM_AVX2 void pack_panel_k(const Tensor& w, bool packed, int64_t n0, int nr, int64_t nb,
                                PanelKBlock* out) {
@@ -1805,13 +1816,11 @@ PARALLM_AVX2 void pack_panel_k(const Tensor& w, bool packed, int64_t n0, int nr,
         p.dmin[r] = f16_to_f32(blk.dmin);
       }
       for (int j = 0; j < 8; ++j) {  // low nibbles: sub-block 2c; high: 2c + 1
-        __m256i v[8], q[8];
+        __m256i v[8];
         for (int i = 0; i < 8; ++i)
           v[i] =
               _mm256_and_si256(j % 2 ? _mm256_srli_epi16(raw[j / 2][i], 4) : raw[j / 2][i], low4);
-        transpose8x8_epi32(v, q);
-        for (int k = 0; k < 8; ++k)
-          _mm256_store_si256(reinterpret_cast<__m256i*>(p.codes[8 * j + k][r0]), q[k]);
+        store_chunk8(v, p.codes, j, r0);
       }
     }
   }
@@ -1888,17 +1897,146 @@ PARALLM_AVX2 void gemm_ktile_avx2(const PanelKBlock* p, int64_t nb, int half,
   store_rows16_avx2<TT>(acc, y + r0, ldy, nr, accumulate);
 }
 
+// Q6_K the same way (value = d sc_g (q - 32), q in 0..63, sc_g int8, sub-blocks g of 16 = 4
+// quads): the codes rebuilt as bytes 0..63 in the panel, vpmaddubsw of two quads against x summed
+// in int16 (<= 2 x 2 x 63 x 127 = 32004, no saturation), one vpmaddwd by the row's scale per pair
+// of quads into the int32 q sum; the -32 comes off once per block as 32 x sum_g sc_g bsum_g (8
+// vpmaddwd of the scale pairs against the token's group sums, <= 16 x 127 = 2032, an int16).
+// sum_g sc_g (sum q x - 32 bsum_g) is ksum_scalar's integer exactly (every term below 2^31, see
+// the bounds above), combined with kcombine's fma: bit-identical to the scalar GEMV.
+struct alignas(64) PanelK6Block {
+  uint8_t codes[64][kPanelRows][4];
+  int16_t sc[16][kPanelRows][2];  // sc_g twice
+  int16_t scp[8][kPanelRows][2];  // (sc_2p, sc_2p+1)
+  float d[kPanelRows];
+};
+
+// 6-bit codes as bytes: ql's low nibbles, qh's bits 4, 5 above them.
+PARALLM_AVX2 static inline __m256i q6_code(__m256i ql, __m256i qh) {
+  return _mm256_or_si256(_mm256_and_si256(ql, _mm256_set1_epi8(0x0F)),
+                         _mm256_and_si256(qh, _mm256_set1_epi8(0x30)));
+}
+
+// Rows [n0, n0 + nr) of a Q6_K weight into nb PanelK6Blocks (rows nr..31 zero). Q6_K weights are
+// never repacked.
+PARALLM_AVX2 void pack_panel_k(const Tensor& w, bool packed, int64_t n0, int nr, int64_t nb,
+                               PanelK6Block* out) {
+  thread_local std::vector<char> tmp;
+  const auto* rows =
+      reinterpret_cast<const quant::BlockQ6_K*>(plain_rows(w, packed, n0, nr, tmp, false));
+  for (int64_t b = 0; b < nb; ++b) {
+    PanelK6Block& p = out[b];
+    for (int r0 = 0; r0 < kPanelRows; r0 += 8) {
+      __m256i v[8][8];  // values 32c..32c+31 of the 8 rows
+      for (int i = 0; i < 8; ++i) {
+        const int r = r0 + i;
+        if (r >= nr) {
+          for (int c = 0; c < 8; ++c) v[c][i] = _mm256_setzero_si256();
+          for (int g = 0; g < 16; ++g) p.sc[g][r][0] = p.sc[g][r][1] = 0;
+          for (int j = 0; j < 8; ++j) p.scp[j][r][0] = p.scp[j][r][1] = 0;
+          p.d[r] = 0.0f;
+          continue;
+        }
+        const quant::BlockQ6_K& blk = rows[r * nb + b];
+        for (int h = 0; h < 2; ++h) {  // ksum_scalar's layout: the high pairs to bits 4, 5
+          const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.ql + 64 * h));
+          const __m256i ql1 =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.ql + 64 * h + 32));
+          const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qh + 32 * h));
+          v[4 * h + 0][i] = q6_code(ql0, _mm256_slli_epi16(qh, 4));
+          v[4 * h + 1][i] = q6_code(ql1, _mm256_slli_epi16(qh, 2));
+          v[4 * h + 2][i] = q6_code(_mm256_srli_epi16(ql0, 4), qh);
+          v[4 * h + 3][i] = q6_code(_mm256_srli_epi16(ql1, 4), _mm256_srli_epi16(qh, 2));
+        }
+        for (int g = 0; g < 16; ++g) p.sc[g][r][0] = p.sc[g][r][1] = blk.scales[g];
+        for (int j = 0; j < 8; ++j) {
+          p.scp[j][r][0] = blk.scales[2 * j];
+          p.scp[j][r][1] = blk.scales[2 * j + 1];
+        }
+        p.d[r] = f16_to_f32(blk.d);
+      }
+      for (int c = 0; c < 8; ++c) store_chunk8(v[c], p.codes, c, r0);
+    }
+  }
+}
+
+template <int TT>
+PARALLM_AVX2 void gemm_ktile_avx2(const PanelK6Block* p, int64_t nb, int half,
+                                  const quant::BlockQ8_K* x, float* y, int64_t ldy, int nr,
+                                  bool accumulate) {
+  const int r0 = 16 * half;
+  __m256 acc[TT][2];
+#pragma GCC unroll 4
+  for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const PanelK6Block& pb = p[b];
+    __m256i qs[TT][2];
+#pragma GCC unroll 4
+    for (int t = 0; t < TT; ++t) qs[t][0] = qs[t][1] = _mm256_setzero_si256();
+    for (int g = 0; g < 16; ++g) {
+      const __m256i sc0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.sc[g][r0]));
+      const __m256i sc1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.sc[g][r0 + 8]));
+#pragma GCC unroll 2
+      for (int k = 4 * g; k < 4 * g + 4; k += 2) {
+        const auto* c = pb.codes;
+        const __m256i w0a = _mm256_load_si256(reinterpret_cast<const __m256i*>(c[k][r0]));
+        const __m256i w1a = _mm256_load_si256(reinterpret_cast<const __m256i*>(c[k][r0 + 8]));
+        const __m256i w0b = _mm256_load_si256(reinterpret_cast<const __m256i*>(c[k + 1][r0]));
+        const __m256i w1b = _mm256_load_si256(reinterpret_cast<const __m256i*>(c[k + 1][r0 + 8]));
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; ++t) {
+          int32_t va, vb;
+          std::memcpy(&va, x[t * nb + b].qs + 4 * k, 4);
+          std::memcpy(&vb, x[t * nb + b].qs + 4 * k + 4, 4);
+          const __m256i xa = _mm256_set1_epi32(va), xb = _mm256_set1_epi32(vb);
+          const __m256i s0 =
+              _mm256_add_epi16(_mm256_maddubs_epi16(w0a, xa), _mm256_maddubs_epi16(w0b, xb));
+          const __m256i s1 =
+              _mm256_add_epi16(_mm256_maddubs_epi16(w1a, xa), _mm256_maddubs_epi16(w1b, xb));
+          qs[t][0] = _mm256_add_epi32(qs[t][0], _mm256_madd_epi16(s0, sc0));
+          qs[t][1] = _mm256_add_epi32(qs[t][1], _mm256_madd_epi16(s1, sc1));
+        }
+      }
+    }
+    const __m256 d0 = _mm256_load_ps(pb.d + r0), d1 = _mm256_load_ps(pb.d + r0 + 8);
+#pragma GCC unroll 4
+    for (int t = 0; t < TT; ++t) {
+      const quant::BlockQ8_K& xb = x[t * nb + b];
+      __m256i os0 = _mm256_setzero_si256(), os1 = _mm256_setzero_si256();
+      for (int j = 0; j < 8; ++j) {  // (sc_2j, sc_2j+1) against the groups' sums of x
+        const __m256i xs = _mm256_set1_epi32(static_cast<int32_t>(
+            static_cast<uint32_t>(static_cast<uint16_t>(xb.bsums[2 * j])) |
+            (static_cast<uint32_t>(static_cast<uint16_t>(xb.bsums[2 * j + 1])) << 16)));
+        os0 = _mm256_add_epi32(
+            os0, _mm256_madd_epi16(
+                     _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.scp[j][r0])), xs));
+        os1 = _mm256_add_epi32(
+            os1, _mm256_madd_epi16(
+                     _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.scp[j][r0 + 8])), xs));
+      }
+      const __m256i q0 = _mm256_sub_epi32(qs[t][0], _mm256_slli_epi32(os0, 5));
+      const __m256i q1 = _mm256_sub_epi32(qs[t][1], _mm256_slli_epi32(os1, 5));
+      const __m256 dx = _mm256_set1_ps(xb.d);
+      acc[t][0] = _mm256_fmadd_ps(_mm256_mul_ps(d0, dx), _mm256_cvtepi32_ps(q0), acc[t][0]);
+      acc[t][1] = _mm256_fmadd_ps(_mm256_mul_ps(d1, dx), _mm256_cvtepi32_ps(q1), acc[t][1]);
+    }
+  }
+  store_rows16_avx2<TT>(acc, y + r0, ldy, nr, accumulate);
+}
+
+// The K-format GEMMs' driver: WB (Q4_K or Q6_K) picks the panel, its packing and its tile.
+template <class WB>
 void run_kgemm_avx2(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
                     bool packed) {
+  using Panel = std::conditional_t<std::is_same_v<WB, quant::BlockQ4_K>, PanelKBlock, PanelK6Block>;
   const int64_t N = w.dim(0), K = w.dim(1), nb = K / 256;
   thread_local std::vector<quant::BlockQ8_K> xq;
   xq.resize(static_cast<size_t>(T * nb));
   quantize_activations_k(x, T, K, xq.data());
   const quant::BlockQ8_K* xp = xq.data();  // xq is this thread's; the pool's threads read it here
-  for_each_panel<PanelKBlock>(
-      N, nb,
-      [&](int64_t n0, int nr, PanelKBlock* out) { pack_panel_k(w, packed, n0, nr, nb, out); },
-      [&](const PanelKBlock* panel, int64_t n0, int nr) {
+  for_each_panel<Panel>(
+      N, nb, [&](int64_t n0, int nr, Panel* out) { pack_panel_k(w, packed, n0, nr, nb, out); },
+      [&](const Panel* panel, int64_t n0, int nr) {
         for (int half = 0; half < 2 && 16 * half < nr; ++half) {
           const int hr = std::min(16, nr - 16 * half);
           int64_t t = 0;
@@ -2131,7 +2269,10 @@ void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y, bool acc
       return w.dtype() == DType::Q8_0 ? run_gemm_512<BlockQ8_0>(x, T, w, y, accumulate, packed)
                                       : run_gemm_512<BlockQ4_0>(x, T, w, y, accumulate, packed);
     case Int8Gemm::Avx2:
-      if (w.dtype() == DType::Q4_K) return run_kgemm_avx2(x, T, w, y, accumulate, packed);
+      if (w.dtype() == DType::Q4_K)
+        return run_kgemm_avx2<quant::BlockQ4_K>(x, T, w, y, accumulate, packed);
+      if (w.dtype() == DType::Q6_K)
+        return run_kgemm_avx2<quant::BlockQ6_K>(x, T, w, y, accumulate, packed);
       return w.dtype() == DType::Q8_0 ? run_gemm_avx2<BlockQ8_0>(x, T, w, y, accumulate, packed)
                                       : run_gemm_avx2<BlockQ4_0>(x, T, w, y, accumulate, packed);
     case Int8Gemm::None:
