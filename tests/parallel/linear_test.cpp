@@ -49,6 +49,49 @@ TEST_P(LinearTp, ColumnParallelGivesItsColumnsOfTheFullOutput) {
   }
 }
 
+// Row blocks of different dtypes (a GGUF's Q4_K q, k and Q6_K v) stay apart: each block's own
+// product lands in its columns, bit for bit; blocks of one dtype are fused into one tensor.
+TEST_P(LinearTp, ColumnParallelRowBlocksOfMixedDtypesGiveTheirColumns) {
+  const int64_t T = GetParam(), in = 64;
+  const Tensor a = random_matrix(40, in, 11).to(DType::Q8_0);
+  const Tensor b = random_matrix(24, in, 12).to(DType::Q4_0);
+  const Tensor c = random_matrix(8, in, 13);
+  const std::vector<float> x = random_floats(T * in, 14);
+  const FusedShardSpec spec = {
+      {{"a", ShardSpec::whole(40)}, {"b", ShardSpec::whole(24)}, {"c", ShardSpec::whole(8)}}};
+  const ColumnParallelLinear mixed(std::vector<Tensor>{a, b, c}, spec, comm::Group());
+  EXPECT_FALSE(mixed.weight().defined());
+  EXPECT_EQ(mixed.blocks().size(), 3u);
+  EXPECT_EQ(mixed.out_features(), 72);
+  EXPECT_EQ(mixed.in_features(), in);
+  EXPECT_EQ(mixed.weight_bytes(), a.nbytes() + b.nbytes() + c.nbytes());
+  std::vector<float> y(T * 72, 1e9f);
+  mixed.forward(x.data(), T, y.data());
+  int64_t col = 0;
+  for (const Tensor& w : {a, b, c}) {
+    const int64_t n = w.dim(0);
+    std::vector<float> want(T * n);
+    ColumnParallelLinear(w, FusedShardSpec::single("w", ShardSpec::whole(n)), comm::Group())
+        .forward(x.data(), T, want.data());
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < n; ++j)
+        ASSERT_EQ(y[t * 72 + col + j], want[t * n + j]) << "token " << t << " column " << col + j;
+    col += n;
+  }
+  const ColumnParallelLinear fused(std::vector<Tensor>{b, b},
+                                   {{{"b", ShardSpec::whole(24)}, {"b2", ShardSpec::whole(24)}}},
+                                   comm::Group());
+  EXPECT_TRUE(fused.blocks().empty());
+  EXPECT_EQ(fused.weight().dim(0), 48);
+  EXPECT_EQ(fused.weight().dtype(), DType::Q4_0);
+  try {
+    concat_rows({a, b});
+    ADD_FAILURE() << "no error";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("cannot stack"), std::string::npos) << e.what();
+  }
+}
+
 TEST_P(LinearTp, RowParallelGivesTheFullOutputOnEveryRank) {
   const int64_t T = GetParam(), in = 45, out = 38;
   const Tensor w = random_matrix(out, in, 3);
@@ -129,6 +172,12 @@ TEST(ParallelLinear, WeightsOfTheWrongShapeAreRefused) {
               ColumnParallelLinear(w, FusedShardSpec::single("w", {10, 0, 5}), comm::Group());
             }),
             "[parallel] column-parallel weight f32[4, 6] does not hold 5 output rows");
+  EXPECT_EQ(testing::error_of([&] {
+              ColumnParallelLinear(std::vector<Tensor>{w, w.to(DType::BF16)},
+                                   FusedShardSpec::single("w", {10, 0, 5}), comm::Group());
+            }),
+            "[parallel] column-parallel row blocks f32[4, 6], bf16[4, 6] (8 rows) do not hold 5 "
+            "output rows");
   EXPECT_EQ(testing::error_of([&] {
               RowParallelLinear(w, {12, 0, 4}, comm::Group());
             }),

@@ -1,6 +1,6 @@
 // parallm quantize: a model (Hugging Face directory or llama2.c file) -> a LLaMA-architecture GGUF
 // with llama.cpp's tensor names, Q/K row order and metadata, matrices quantized to Q8_0, Q4_0,
-// Q4_K or Q6_K.
+// Q4_K or Q6_K, or mixed as llama.cpp's Q4_K_M (q4_k_m).
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -49,7 +49,43 @@ Tensor quantize_rows(const Tensor& w, DType type) {
   return out;
 }
 
-uint32_t file_type(DType t) {  // llama.cpp's general.file_type (LLAMA_FTYPE_*)
+// llama.cpp's Q4_K_M recipe, from its documented per-tensor rules (llama-quantize's ftype 15),
+// for the LLaMA architecture: Q4_K, except in Q6_K the LM head (the embedding when tied), and
+// attn_v and ffn_down in the layers where more bits pay most (the first and last eighth, and every
+// third one between: more_bits below); with 8 experts (Mixtral) attn_k and attn_v in Q8_0 and
+// attn_output in Q6_K (llama.cpp: Q5_K, which parallm does not have). Rows that are not whole
+// blocks fall back as in a plain file.
+bool more_bits(int64_t layer, int64_t layers) {
+  return layer < layers / 8 || layer >= 7 * layers / 8 || (layer - layers / 8) % 3 == 2;
+}
+DType q4_k_m_type(const LlamaTensor& t, const ModelConfig& c) {
+  const auto has = [&](const char* s) { return t.name.find(s) != std::string::npos; };
+  const bool eight_experts = c.is_moe() && c.num_local_experts == 8;
+  if (t.part == LlamaPart::LmHead || (t.part == LlamaPart::Embedding && c.tie_word_embeddings))
+    return DType::Q6_K;
+  if (eight_experts && (has("k_proj") || has("v_proj"))) return DType::Q8_0;
+  if (eight_experts && has("o_proj")) return DType::Q6_K;
+  const bool down = has("down_proj") || (t.expert >= 0 && has(".w2."));
+  if ((has("v_proj") || down) && more_bits(t.layer, c.num_hidden_layers)) return DType::Q6_K;
+  return DType::Q4_K;
+}
+
+// The type a matrix of `cols` columns is stored in when `want` is asked: a block type whose blocks
+// do not divide the rows falls back, as llama.cpp's does to another type, to Q8_0 when the rows
+// are whole 32-value blocks (a K type's 256 do not divide them), else to f32 (stories260K's FFN
+// of 172).
+DType stored_type(DType want, int64_t cols, int64_t& as_q8_0, int64_t& kept_f32) {
+  if (!is_block(want) || cols % dtype_block(want) == 0) return want;
+  if (dtype_block(want) > 32 && cols % 32 == 0) {
+    ++as_q8_0;
+    return DType::Q8_0;
+  }
+  ++kept_f32;
+  return DType::F32;
+}
+
+uint32_t file_type(DType t, bool q4_k_m) {  // llama.cpp's general.file_type (LLAMA_FTYPE_*)
+  if (q4_k_m) return 15;                    // MOSTLY_Q4_K_M
   switch (t) {
     case DType::F32:
       return 0;
@@ -71,7 +107,8 @@ uint32_t file_type(DType t) {  // llama.cpp's general.file_type (LLAMA_FTYPE_*)
 }
 
 int run(const Options& o) {
-  const DType type = parse_dtype(o.type, "--type");
+  const bool q4_k_m = o.type == "q4_k_m";
+  const DType type = q4_k_m ? DType::Q4_K : parse_dtype(o.type, "--type");
   ModelConfig c;
   const std::unique_ptr<WeightSource> source = open_model(o.model, &c);
   if (c.is_qwen2_moe() || c.attention_bias)
@@ -90,7 +127,7 @@ int run(const Options& o) {
   std::vector<std::pair<std::string, GgufValue>> meta = {
       {"general.architecture", GgufValue::str("llama")},
       {"general.name", GgufValue::str(std::filesystem::path(o.model).filename().string())},
-      {"general.file_type", GgufValue::u32(file_type(type))},
+      {"general.file_type", GgufValue::u32(file_type(type, q4_k_m))},
       {"general.quantization_version", GgufValue::u32(2)},
       {"llama.vocab_size", GgufValue::u32(static_cast<uint32_t>(c.vocab_size))},
       {"llama.context_length", GgufValue::u32(static_cast<uint32_t>(c.max_position_embeddings))},
@@ -131,6 +168,7 @@ int run(const Options& o) {
   std::vector<std::pair<std::string, Tensor>> out;
   int64_t kept_f32 = 0, as_q8_0 = 0;
   uint64_t bytes = 0;
+  std::map<DType, int64_t> per_type;  // matrices stored per block type
   // Mixtral's expert matrices are stacked per layer and kind into llama.cpp's [E, rows, cols]
   // tensors: the experts of one (layer, kind) gathered here until the last one is read.
   std::map<std::string, std::vector<Tensor>> stacks;
@@ -148,11 +186,8 @@ int run(const Options& o) {
         std::memcpy(all.data<float>() + e * rows * cols, parts[e].data<float>(),
                     rows * cols * sizeof(float));
       stacks.erase(gg);
-      DType want = type;
-      if (is_block(type) && cols % dtype_block(type) != 0) {
-        want = dtype_block(type) > 32 && cols % 32 == 0 ? DType::Q8_0 : DType::F32;
-        ++(want == DType::Q8_0 ? as_q8_0 : kept_f32);
-      }
+      const DType want = stored_type(q4_k_m ? q4_k_m_type(t, c) : type, cols, as_q8_0, kept_f32);
+      ++per_type[want];
       Tensor stored = want == DType::F32 ? all : is_block(want) ? quantize_rows(all, want)
                                                                 : all.to(want);
       bytes += stored.nbytes();
@@ -163,22 +198,12 @@ int run(const Options& o) {
     const bool k = t.name.find("k_proj") != std::string::npos;
     if ((q || k) && !c.rope_interleaved)
       w = permute_rope_rows(w, q ? c.num_attention_heads : c.num_key_value_heads);
-    // Norms stay f32. A matrix whose rows are not whole blocks falls back, as llama.cpp's does to
-    // another type: to Q8_0 when its rows are whole 32-value blocks (a K type's 256 do not divide
-    // them), else to f32 (stories260K's FFN of 172).
+    // Norms stay f32, and the router, as llama.cpp keeps ffn_gate_inp (and the engine keeps
+    // routers).
     DType want = DType::F32;
-    // The router stays f32, as llama.cpp keeps ffn_gate_inp (and the engine keeps routers).
     if (t.matrix && w.ndim() == 2 && t.part != LlamaPart::Router) {
-      want = type;
-      if (is_block(type) && w.dim(1) % dtype_block(type) != 0) {
-        if (dtype_block(type) > 32 && w.dim(1) % 32 == 0) {
-          want = DType::Q8_0;
-          ++as_q8_0;
-        } else {
-          want = DType::F32;
-          ++kept_f32;
-        }
-      }
+      want = stored_type(q4_k_m ? q4_k_m_type(t, c) : type, w.dim(1), as_q8_0, kept_f32);
+      ++per_type[want];
     }
     Tensor stored = want == DType::F32 ? w : is_block(want) ? quantize_rows(w, want) : w.to(want);
     bytes += stored.nbytes();
@@ -187,11 +212,14 @@ int run(const Options& o) {
   write_gguf(o.out, meta, out);
   bool has_tokenizer = false;
   for (const auto& kv : meta) has_tokenizer |= kv.first == "tokenizer.ggml.tokens";
+  std::string types;
+  for (const auto& [t, n] : per_type)
+    types += cat(types.empty() ? "" : ", ", n, " ", std::string(dtype_name(t)));
   std::printf(
-      "wrote %s: %zu tensors, %s matrices (rows not whole blocks: %lld as q8_0, %lld kept f32), "
-      "%.1f MiB, %s, in %.1f s\n",
-      o.out.c_str(), out.size(), std::string(dtype_name(type)).c_str(),
-      static_cast<long long>(as_q8_0), static_cast<long long>(kept_f32),
+      "wrote %s: %zu tensors, %s matrices (%s; rows not whole blocks: %lld as q8_0, %lld kept "
+      "f32), %.1f MiB, %s, in %.1f s\n",
+      o.out.c_str(), out.size(), q4_k_m ? "q4_k_m" : std::string(dtype_name(type)).c_str(),
+      types.c_str(), static_cast<long long>(as_q8_0), static_cast<long long>(kept_f32),
       static_cast<double>(bytes) / (1 << 20),
       has_tokenizer ? "with the sentencepiece vocabulary" : "no tokenizer", timer.seconds());
   return 0;
@@ -199,14 +227,16 @@ int run(const Options& o) {
 
 [[maybe_unused]] const bool registered = register_command(
     {"quantize",
-     "Write a model as a LLaMA GGUF (llama.cpp's names), matrices in q8_0, q4_0, q4_k or q6_k",
+     "Write a model as a LLaMA GGUF (llama.cpp's names), matrices in q8_0, q4_0, q4_k, q6_k or "
+     "q4_k_m (mixed)",
      [](CLI::App& app) {
        auto o = std::make_shared<Options>();
        app.add_option("--model", o->model, "Hugging Face directory or llama2.c .bin")->required();
        app.add_option("--type", o->type,
-                      "q8_0, q4_0, q4_k, q6_k (or f32, f16, bf16: unquantized)")
+                      "q8_0, q4_0, q4_k, q6_k, q4_k_m (llama.cpp's Q4_K_M: Q4_K with the LM head "
+                      "and half the attn_v / ffn_down in Q6_K), or f32, f16, bf16: unquantized")
            ->required()
-           ->check(CLI::IsMember({"q8_0", "q4_0", "q4_k", "q6_k", "f32", "f16", "bf16"}));
+           ->check(CLI::IsMember({"q8_0", "q4_0", "q4_k", "q6_k", "q4_k_m", "f32", "f16", "bf16"}));
        app.add_option("--out", o->out, "Output .gguf file")->required();
        return [o] { return run(*o); };
      }});

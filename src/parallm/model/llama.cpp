@@ -14,19 +14,6 @@
 namespace parallm {
 namespace {
 
-// Stacks 2-D tensors of one dtype and width by rows (fusing Q/K/V, and gate/up, into one GEMM).
-Tensor concat_rows(const std::vector<Tensor>& parts) {
-  int64_t rows = 0;
-  for (const Tensor& p : parts) rows += p.dim(0);
-  Tensor out = Tensor::empty(parts.at(0).dtype(), {rows, parts[0].dim(1)});
-  char* dst = static_cast<char*>(out.raw());
-  for (const Tensor& p : parts) {
-    std::memcpy(dst, p.raw(), p.nbytes());
-    dst += p.nbytes();
-  }
-  return out;
-}
-
 // The error for a block-quantized tensor whose TP column split misses the block boundaries,
 // naming the TP sizes (up to 64) whose every rank's columns fall on them.
 std::string quantized_tp_problem(const ModelConfig& c, const std::string& name, DType type,
@@ -129,13 +116,27 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
     return t.defined() && kernels::quant_repack_enabled(t.dtype()) ? kernels::repack_quant_weight(t)
                                                                   : t;
   };
+  // Row blocks for one column-parallel weight: fused into one tensor when they share a dtype,
+  // else (a Q4_K_M file's Q4_K q, k with a Q6_K v) each kept and repacked apart.
+  auto fuse = [&](std::vector<Tensor> parts, bool repack) -> parallel::RowBlocks {
+    bool one_dtype = true;
+    for (const Tensor& t : parts) one_dtype &= t.dtype() == parts.at(0).dtype();
+    if (one_dtype) {
+      Tensor w = parallel::concat_rows(parts);
+      return repack ? linear(std::move(w)) : w;
+    }
+    if (repack)
+      for (Tensor& t : parts) t = linear(std::move(t));
+    return parts;
+  };
   // A fused weight: each part's rows, stacked in the spec's order.
-  auto read_fused = [&](int64_t i, const parallel::FusedShardSpec& spec, const char* prefix) {
+  auto read_fused = [&](int64_t i, const parallel::FusedShardSpec& spec, const char* prefix,
+                        bool repack = true) {
     std::vector<Tensor> parts;
     for (const parallel::FusedPart& p : spec.parts)
       parts.push_back(
           read(names::layer(i, cat(prefix, p.name, ".weight")), Slice::Kind::Rows, p.rows));
-    return concat_rows(parts);
+    return fuse(std::move(parts), repack);
   };
   const parallel::FusedShardSpec qkv_spec = parallel::ParallelAttention::qkv_spec(heads_, hd);
   const parallel::ShardSpec o_cols = parallel::ParallelAttention::o_spec(heads_, hd);
@@ -161,10 +162,9 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
     L.attn_norm = read_norm(names::layer(i, "input_layernorm.weight"));
     L.ffn_norm = read_norm(names::layer(i, "post_attention_layernorm.weight"));
     L.attention = parallel::ParallelAttention(
-        linear(read_fused(i, qkv_spec, "self_attn.")),
-        linear(read(names::layer(i, "self_attn.o_proj.weight"), Slice::Kind::Cols, o_cols)),
-        heads_, hd,
-        rope, tp_, read_qkv_bias(i));
+        read_fused(i, qkv_spec, "self_attn."),
+        linear(read(names::layer(i, "self_attn.o_proj.weight"), Slice::Kind::Cols, o_cols)), heads_,
+        hd, rope, tp_, read_qkv_bias(i));
     if (c.layer_is_moe(i)) {
       // The router whole (f32: it is routed in f32); only this EP rank's experts, each its TP
       // slice of w1 and w3 rows (fused) and w2 columns (qwen2_moe: gate_proj, up_proj, down_proj).
@@ -180,7 +180,7 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
         const std::string ex = cat(moe, "experts.", e, ".");
         Tensor w1 = read(names::layer(i, ex + w1n), Slice::Kind::Rows, expert_ffn_);
         Tensor w3 = read(names::layer(i, ex + w3n), Slice::Kind::Rows, expert_ffn_);
-        w13.push_back(concat_rows({w1, w3}));
+        w13.push_back(parallel::concat_rows({w1, w3}));
         w2.push_back(read(names::layer(i, ex + w2n), Slice::Kind::Cols, expert_ffn_));
       }
       L.is_moe = true;
@@ -194,7 +194,8 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
                                        expert_ffn_, opts_.ep, tp_, c.norm_topk_prob);
       if (c.has_shared_expert()) {
         L.shared = parallel::ParallelMlp(
-            read_fused(i, parallel::ParallelMlp::gate_up_spec(shared_ffn_), "mlp.shared_expert."),
+            read_fused(i, parallel::ParallelMlp::gate_up_spec(shared_ffn_), "mlp.shared_expert.",
+                       /*repack=*/false),
             read(names::layer(i, "mlp.shared_expert.down_proj.weight"), Slice::Kind::Cols,
                  shared_ffn_),
             shared_ffn_, tp_);
@@ -202,7 +203,7 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
       }
     } else {
       L.mlp = parallel::ParallelMlp(
-          linear(read_fused(i, gate_up_spec, "mlp.")),
+          read_fused(i, gate_up_spec, "mlp."),
           linear(read(names::layer(i, "mlp.down_proj.weight"), Slice::Kind::Cols, ffn_)), ffn_,
           tp_);
     }
@@ -232,11 +233,11 @@ LlamaModel::LlamaModel(const ModelConfig& config, const WeightSource& source, co
 
 uint64_t LlamaModel::Layer::bytes() const {
   uint64_t ffn =
-      is_moe ? moe.weight_bytes() : mlp.gate_up().weight().nbytes() + mlp.down().weight().nbytes();
+      is_moe ? moe.weight_bytes() : mlp.gate_up().weight_bytes() + mlp.down().weight().nbytes();
   if (!shared_gate.empty())
-    ffn += shared.gate_up().weight().nbytes() + shared.down().weight().nbytes() +
+    ffn += shared.gate_up().weight_bytes() + shared.down().weight().nbytes() +
            shared_gate.size() * sizeof(float);
-  return attention.qkv().weight().nbytes() + attention.o().weight().nbytes() + ffn +
+  return attention.qkv().weight_bytes() + attention.o().weight().nbytes() + ffn +
          (attention.qkv_bias().size() + attn_norm.size() + ffn_norm.size()) * sizeof(float);
 }
 

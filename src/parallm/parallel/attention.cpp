@@ -24,8 +24,9 @@ int64_t ParallelAttention::scratch_floats(const HeadPlan& heads, int64_t head_di
   return T * (qd + 2 * kvd) + T * qd + 2 * T * kvd + T * qd;
 }
 
-ParallelAttention::ParallelAttention(Tensor qkv, Tensor o, const HeadPlan& heads, int64_t head_dim,
-                                     RopeSpec rope, comm::Group group, std::vector<float> qkv_bias)
+ParallelAttention::ParallelAttention(RowBlocks qkv, Tensor o, const HeadPlan& heads,
+                                     int64_t head_dim, RopeSpec rope, comm::Group group,
+                                     std::vector<float> qkv_bias)
     : heads_(heads),
       head_dim_(head_dim),
       rope_(std::move(rope)),
@@ -38,12 +39,12 @@ ParallelAttention::ParallelAttention(Tensor qkv, Tensor o, const HeadPlan& heads
     fail("attention", "RoPE has ", rope_.inv_freq.size(), " frequencies for head_dim ", head_dim_);
   qkv_ = ColumnParallelLinear(std::move(qkv), qkv_spec(heads_, head_dim_), group_);
   o_ = RowParallelLinear(std::move(o), o_spec(heads_, head_dim_), group_);
-  if (o_.weight().dim(0) != qkv_.weight().dim(1))
+  if (o_.weight().dim(0) != qkv_.in_features())
     fail("attention", "o_proj shard ", o_.weight().describe(), " does not map back to hidden ",
-         qkv_.weight().dim(1));
-  if (!qkv_bias_.empty() && static_cast<int64_t>(qkv_bias_.size()) != qkv_.weight().dim(0))
+         qkv_.in_features());
+  if (!qkv_bias_.empty() && static_cast<int64_t>(qkv_bias_.size()) != qkv_.out_features())
     fail("attention", "q/k/v bias of ", qkv_bias_.size(), " rows for a fused Q/K/V shard of ",
-         qkv_.weight().dim(0), " rows");
+         qkv_.out_features(), " rows");
 }
 
 void ParallelAttention::forward(const float* xn, const std::vector<SeqChunk>& chunks,
@@ -124,7 +125,7 @@ void resize(std::vector<float>& v, int64_t n) { v.resize(static_cast<size_t>(n))
 
 void ParallelAttention::forward_train(const float* xn, int64_t B, int64_t S, AttentionCache& c,
                                       float* out, const TrainMode& mode) const {
-  const int64_t hd = head_dim_, T = B * S, H = qkv_.weight().dim(1);
+  const int64_t hd = head_dim_, T = B * S, H = qkv_.in_features();
   const int64_t qd = heads_.q_heads * hd, kvd = heads_.kv_heads * hd, w = qd + 2 * kvd;
   // On one rank the sequence split is the whole: the plain path is the same arithmetic.
   const bool sp = mode.sequence_parallel && group_.size() > 1;
@@ -177,7 +178,7 @@ void ParallelAttention::forward_train(const float* xn, int64_t B, int64_t S, Att
 void ParallelAttention::backward(const float* xn, AttentionCache& c, const float* dout, int64_t B,
                                  int64_t S, float* dxn, float* dqkv, float* d_o,
                                  const TrainMode& mode) const {
-  const int64_t hd = head_dim_, T = B * S, H = qkv_.weight().dim(1);
+  const int64_t hd = head_dim_, T = B * S, H = qkv_.in_features();
   if (T == 0) return;
   const int64_t qd = heads_.q_heads * hd, kvd = heads_.kv_heads * hd, w = qd + 2 * kvd;
   const bool sp = mode.sequence_parallel && group_.size() > 1;
@@ -244,7 +245,7 @@ void ParallelAttention::backward(const float* xn, AttentionCache& c, const float
 
 void ParallelAttention::backward_weight(const float* xn, AttentionCache& c, int64_t B, int64_t S,
                                         float* dqkv, float* d_o, const TrainMode& mode) const {
-  const int64_t hd = head_dim_, T = B * S, H = qkv_.weight().dim(1);
+  const int64_t hd = head_dim_, T = B * S, H = qkv_.in_features();
   if (T == 0) return;
   const int64_t qd = heads_.q_heads * hd, kvd = heads_.kv_heads * hd, w = qd + 2 * kvd;
   if (static_cast<int64_t>(c.wgrad_dqkv.size()) != T * w ||

@@ -90,7 +90,7 @@ class ParallelAttention {
   // o: [hidden, heads.q_heads * head_dim], this rank's input columns of o_proj.
   // qkv_bias: empty (no bias, LLaMA) or one float per row of qkv, the same rows of the q_proj,
   // k_proj and v_proj biases (Qwen2). forward() adds it; forward_train() refuses a biased layer.
-  ParallelAttention(Tensor qkv, Tensor o, const HeadPlan& heads, int64_t head_dim, RopeSpec rope,
+  ParallelAttention(RowBlocks qkv, Tensor o, const HeadPlan& heads, int64_t head_dim, RopeSpec rope,
                     comm::Group group, std::vector<float> qkv_bias = {});
 
   // The fused Q/K/V rows a rank holds: parts "q_proj", "k_proj", "v_proj" (k and v with

@@ -1,32 +1,97 @@
 #include "parallm/parallel/linear.h"
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "parallm/core/error.h"
+#include "parallm/kernels/backward.h"
 #include "parallm/kernels/matmul.h"
 #include "parallm/parallel/mappings.h"
-#include "parallm/kernels/backward.h"
 
 namespace parallm::parallel {
 
-ColumnParallelLinear::ColumnParallelLinear(Tensor weight, FusedShardSpec out_shard,
+Tensor concat_rows(const std::vector<Tensor>& parts) {
+  int64_t rows = 0;
+  for (const Tensor& p : parts) {
+    if (p.ndim() != 2 || p.dtype() != parts.at(0).dtype() || p.dim(1) != parts[0].dim(1) ||
+        !p.is_contiguous())
+      fail("parallel", "cannot stack ", p.describe(), " under ", parts[0].describe(),
+           " (row blocks of one dtype and width)");
+    rows += p.dim(0);
+  }
+  Tensor out = Tensor::empty(parts.at(0).dtype(), {rows, parts[0].dim(1)});
+  char* dst = static_cast<char*>(out.raw());
+  for (const Tensor& p : parts) {
+    std::memcpy(dst, p.raw(), p.nbytes());
+    dst += p.nbytes();
+  }
+  return out;
+}
+
+ColumnParallelLinear::ColumnParallelLinear(RowBlocks weight, FusedShardSpec out_shard,
                                            comm::Group group)
-    : weight_(std::move(weight)), out_shard_(std::move(out_shard)), group_(std::move(group)) {
-  if (weight_.ndim() != 2 || weight_.dim(0) != out_shard_.size())
-    fail("parallel", "column-parallel weight ", weight_.describe(), " does not hold ",
+    : out_shard_(std::move(out_shard)), group_(std::move(group)) {
+  std::vector<Tensor>& b = weight.blocks;
+  if (b.empty()) fail("parallel", "column-parallel weight with no row blocks");
+  int64_t rows = 0;
+  bool one_dtype = true;
+  for (const Tensor& t : b) {
+    if (t.ndim() != 2 || t.dim(1) != b[0].dim(1))
+      fail("parallel", "column-parallel row block ", t.describe(), " does not match ",
+           b[0].describe());
+    rows += t.dim(0);
+    one_dtype &= t.dtype() == b[0].dtype();
+  }
+  if (rows != out_shard_.size()) {
+    if (b.size() == 1)
+      fail("parallel", "column-parallel weight ", b[0].describe(), " does not hold ",
+           out_shard_.size(), " output rows");
+    std::string all;
+    for (const Tensor& t : b) all += cat(all.empty() ? "" : ", ", t.describe());
+    fail("parallel", "column-parallel row blocks ", all, " (", rows, " rows) do not hold ",
          out_shard_.size(), " output rows");
+  }
+  in_ = b[0].dim(1);
+  if (b.size() == 1)
+    weight_ = std::move(b[0]);
+  else if (one_dtype)
+    weight_ = concat_rows(b);
+  else
+    blocks_ = std::move(b);
+}
+
+size_t ColumnParallelLinear::weight_bytes() const {
+  size_t n = weight_.defined() ? weight_.nbytes() : 0;
+  for (const Tensor& t : blocks_) n += t.nbytes();
+  return n;
 }
 
 void ColumnParallelLinear::forward(const float* x, int64_t T, float* y) const {
   // The input is already the same on every rank: copy_to_region's forward is the identity (its
   // backward, the all-reduce of the input gradient, is where this layer will communicate).
-  kernels::matmul(x, T, weight_, y);
+  if (blocks_.empty()) return kernels::matmul(x, T, weight_, y);
+  // Row blocks of different dtypes: each block's GEMM, then its columns of y.
+  const int64_t N = out_features();
+  thread_local std::vector<float> part;
+  int64_t col = 0;
+  for (const Tensor& b : blocks_) {
+    const int64_t n = b.dim(0);
+    part.resize(static_cast<size_t>(T * n));
+    kernels::matmul(x, T, b, part.data());
+    for (int64_t t = 0; t < T; ++t)
+      std::memcpy(y + t * N + col, part.data() + t * n, static_cast<size_t>(n) * sizeof(float));
+    col += n;
+  }
 }
 
 namespace {
 
 const float* f32_weight(const Tensor& w, const char* layer) {
+  if (!w.defined())
+    fail("parallel", layer,
+         " backward needs a contiguous f32 weight, got row blocks of mixed "
+         "dtypes");
   if (w.dtype() != DType::F32 || !w.is_contiguous())
     fail("parallel", layer, " backward needs a contiguous f32 weight, got ", w.describe());
   return w.data<float>();
@@ -36,7 +101,7 @@ const float* f32_weight(const Tensor& w, const char* layer) {
 
 void ColumnParallelLinear::backward_weight(const float* x, const float* dy, int64_t T,
                                            float* dw) const {
-  const int64_t out = weight_.dim(0), in = weight_.dim(1);
+  const int64_t out = out_features(), in = in_features();
   bool replicated = false;
   for (const FusedPart& p : out_shard_.parts) replicated |= p.replicas > 1;
   if (!replicated || group_.size() == 1) {
@@ -62,7 +127,7 @@ void ColumnParallelLinear::backward_weight(const float* x, const float* dy, int6
 
 void ColumnParallelLinear::backward_input(const float* dy, int64_t T, float* dx,
                                           bool reduce) const {
-  const int64_t out = weight_.dim(0), in = weight_.dim(1);
+  const int64_t out = out_features(), in = in_features();
   kernels::linear_backward_input(dy, f32_weight(weight_, "column-parallel"), T, out, in, dx);
   // copy_to_region's backward: the input was replicated, each rank holds a partial gradient.
   if (reduce) copy_to_region_backward(group_, dx, T, in);

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "parallm/comm/group.h"
 #include "parallm/core/tensor.h"
@@ -19,11 +20,24 @@
 
 namespace parallm::parallel {
 
+// A column-parallel weight given as row blocks stacked in order (fused Q/K/V: q, k, v). Blocks of
+// one dtype are fused into one tensor (one GEMM); blocks of different dtypes, as a GGUF written
+// by llama.cpp's Q4_K_M holds them (q and k in Q4_K, v in Q6_K in some layers), stay apart and are
+// multiplied one by one into their columns of the output. A Tensor converts to one block.
+struct RowBlocks {
+  std::vector<Tensor> blocks;
+  RowBlocks(Tensor t) : blocks{std::move(t)} {}               // NOLINT(google-explicit-constructor)
+  RowBlocks(std::vector<Tensor> b) : blocks(std::move(b)) {}  // NOLINT
+};
+
+// Stacks 2-D tensors of one dtype and width by rows; a mix of dtypes or widths is an error.
+Tensor concat_rows(const std::vector<Tensor>& parts);
+
 class ColumnParallelLinear {
  public:
   ColumnParallelLinear() = default;
   // weight: [out_shard.size(), in], this rank's rows: the blocks of out_shard, back to back.
-  ColumnParallelLinear(Tensor weight, FusedShardSpec out_shard, comm::Group group);
+  ColumnParallelLinear(RowBlocks weight, FusedShardSpec out_shard, comm::Group group);
   // x: [T, in] (the same on every rank) -> y: [T, out_shard.size()] (this rank's output columns).
   void forward(const float* x, int64_t T, float* y) const;
   // Backward of forward(x) -> y, with dy: [T, out_shard.size()].
@@ -40,12 +54,19 @@ class ColumnParallelLinear {
   // replicated parts summed over the group (collective when a part is replicated).
   void backward_input(const float* dy, int64_t T, float* dx, bool reduce = true) const;
   void backward_weight(const float* x, const float* dy, int64_t T, float* dw) const;
+  // The fused weight; undefined when the row blocks have different dtypes (blocks() then).
   const Tensor& weight() const { return weight_; }
+  const std::vector<Tensor>& blocks() const { return blocks_; }  // empty when fused
+  int64_t out_features() const { return out_shard_.size(); }
+  int64_t in_features() const { return in_; }
+  size_t weight_bytes() const;
   const FusedShardSpec& out_shard() const { return out_shard_; }
   const comm::Group& group() const { return group_; }
 
  private:
   Tensor weight_;
+  std::vector<Tensor> blocks_;  // row blocks of different dtypes (weight_ undefined)
+  int64_t in_ = 0;
   FusedShardSpec out_shard_;
   comm::Group group_;
 };

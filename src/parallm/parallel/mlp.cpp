@@ -14,15 +14,15 @@ FusedShardSpec ParallelMlp::gate_up_spec(const ShardSpec& ffn) {
   return {{{"gate_proj", ffn, 1}, {"up_proj", ffn, 1}}};
 }
 
-ParallelMlp::ParallelMlp(Tensor gate_up, Tensor down, ShardSpec ffn, comm::Group group)
+ParallelMlp::ParallelMlp(RowBlocks gate_up, Tensor down, ShardSpec ffn, comm::Group group)
     : ffn_(ffn), group_(std::move(group)) {
   if (ffn_.size() <= 0)
     fail("mlp", "empty FFN shard [", ffn_.begin, ", ", ffn_.end, ") of ", ffn_.full);
   gate_up_ = ColumnParallelLinear(std::move(gate_up), gate_up_spec(ffn_), group_);
   down_ = RowParallelLinear(std::move(down), ffn_, group_);
-  if (down_.weight().dim(0) != gate_up_.weight().dim(1))
+  if (down_.weight().dim(0) != gate_up_.in_features())
     fail("mlp", "down_proj shard ", down_.weight().describe(), " does not map back to hidden ",
-         gate_up_.weight().dim(1));
+         gate_up_.in_features());
 }
 
 void ParallelMlp::forward(const float* xn, int64_t T, float* scratch, float* out) const {
@@ -45,7 +45,7 @@ void resize(std::vector<float>& v, int64_t n) { v.resize(static_cast<size_t>(n))
 
 void ParallelMlp::forward_train(const float* xn, int64_t T, MlpCache& cache, float* out,
                                 const TrainMode& mode) const {
-  const int64_t fl = ffn_.size(), H = gate_up_.weight().dim(1);
+  const int64_t fl = ffn_.size(), H = gate_up_.in_features();
   const bool sp = mode.sequence_parallel && group_.size() > 1;
   resize(cache.gu, T * 2 * fl);
   resize(cache.h, T * fl);
@@ -75,7 +75,7 @@ void ParallelMlp::backward(const float* xn, MlpCache& cache, const float* dout, 
                            float* dxn, float* dgate_up, float* ddown,
                            const TrainMode& mode) const {
   if (T == 0) return;
-  const int64_t fl = ffn_.size(), H = gate_up_.weight().dim(1);
+  const int64_t fl = ffn_.size(), H = gate_up_.in_features();
   const bool sp = mode.sequence_parallel && group_.size() > 1;
   const bool defer = mode.defer_weight_grads;
   if (static_cast<int64_t>(cache.gu.size()) != T * 2 * fl ||
@@ -119,7 +119,7 @@ void ParallelMlp::backward(const float* xn, MlpCache& cache, const float* dout, 
 void ParallelMlp::backward_weight(const float* xn, MlpCache& cache, int64_t T, float* dgate_up,
                                   float* ddown, const TrainMode& mode) const {
   if (T == 0) return;
-  const int64_t fl = ffn_.size(), H = gate_up_.weight().dim(1);
+  const int64_t fl = ffn_.size(), H = gate_up_.in_features();
   if (static_cast<int64_t>(cache.wgrad_dgu.size()) != T * 2 * fl ||
       static_cast<int64_t>(cache.wgrad_dout.size()) != T * H ||
       static_cast<int64_t>(cache.h.size()) != T * fl)

@@ -49,7 +49,7 @@ class ParallelMlp {
   ParallelMlp() = default;
   // gate_up: [2 * ffn.size(), hidden], this rank's gate_proj rows then its up_proj rows;
   // down: [hidden, ffn.size()], this rank's input columns of down_proj.
-  ParallelMlp(Tensor gate_up, Tensor down, ShardSpec ffn, comm::Group group);
+  ParallelMlp(RowBlocks gate_up, Tensor down, ShardSpec ffn, comm::Group group);
 
   // The fused gate/up rows a rank holds: parts "gate_proj", "up_proj".
   static FusedShardSpec gate_up_spec(const ShardSpec& ffn);
