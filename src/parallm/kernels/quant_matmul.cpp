@@ -496,9 +496,12 @@ PARALLM_AVX2 static inline void ksum_lanes_avx2(const quant::BlockQ6_K& w,
   (void)m;  // Q6_K has no mins
   const __m256i low4 = _mm256_set1_epi8(0x0F), bits45 = _mm256_set1_epi8(0x30);
   const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales));
-  // Byte shuffle for chunk a/2: 8 x scale a then 8 x scale a + 1 (maddubs's i16 lanes 0..7 are
-  // the chunk's first 16 values, lanes 8..15 the next 16).
-  const __m128i pair = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  // The scales as i16, the even ones in the low 128-bit half and the odd ones in the high half:
+  // chunk (h, k) wants 8 x scale a in its low half (maddubs's i16 lanes 0..7, the chunk's first 16
+  // values) and 8 x scale a + 1 in its high half (a = 8h + 2k), one in-lane byte shuffle of
+  // i16 lane a / 2 in both halves.
+  const __m256i sc_eo = _mm256_cvtepi8_epi16(
+      _mm_shuffle_epi8(sc8, _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15)));
   __m256i acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_si256();
 #pragma GCC unroll 2
@@ -518,9 +521,9 @@ PARALLM_AVX2 static inline void ksum_lanes_avx2(const quant::BlockQ6_K& w,
                         _mm256_and_si256(_mm256_srli_epi16(qh, 2), bits45))};
 #pragma GCC unroll 4
     for (int k = 0; k < 4; ++k) {
-      const int a = 8 * h + 2 * k;
-      const __m256i s16 = _mm256_cvtepi8_epi16(
-          _mm_shuffle_epi8(sc8, _mm_add_epi8(pair, _mm_set1_epi8(static_cast<char>(a)))));
+      const int e = 4 * h + k;  // i16 lane of scales 2e (low half) and 2e + 1 (high half)
+      const __m256i s16 = _mm256_shuffle_epi8(
+          sc_eo, _mm256_set1_epi16(static_cast<short>((2 * e) | ((2 * e + 1) << 8))));
       for (int t = 0; t < NT; ++t) {
         const __m256i xv =
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t]->qs + 128 * h + 32 * k));
@@ -584,6 +587,35 @@ PARALLM_AVX2 static inline void kcombine4(__m128 d, __m128 dmin,
   }
 }
 
+PARALLM_AVX2 static inline float kcombine_avx2(const quant::BlockQ4_K& w, const quant::BlockQ8_K& x,
+                                               KSum s, float acc) {
+  return kcombine(_cvtsh_ss(w.d), _cvtsh_ss(w.dmin), x.d, s, acc);
+}
+PARALLM_AVX2 static inline float kcombine_avx2(const quant::BlockQ6_K& w, const quant::BlockQ8_K& x,
+                                               KSum s, float acc) {
+  return kcombine(_cvtsh_ss(w.d), x.d, s, acc);
+}
+
+// `rows` rows x NT tokens (1 or 2), one row at a time: each block's sums (ksum_avx2) combined as
+// kcombine does, bit-identical to ktile_scalar. Q6_K's plain rows always run this way: with its
+// 210-byte blocks, four row streams at once (ktile4_avx2, prefetched) decoded at 11.3-12.1 tok/s
+// on a Zen 3 (2 threads, the tinyllama shape) against 17.7-19.5 one row after another.
+template <class WB, int NT>
+PARALLM_AVX2 void krows_avx2(const WB* const* w, int rows, const quant::BlockQ8_K* const* x,
+                             int64_t nb, float (*out)[kRows]) {
+  for (int r = 0; r < rows; ++r) {
+    float acc[NT] = {};
+    for (int64_t b = 0; b < nb; ++b) {
+      const quant::BlockQ8_K* xb[NT];
+      for (int t = 0; t < NT; ++t) xb[t] = x[t] + b;
+      KSum s[NT];
+      ksum_avx2<NT>(w[r][b], xb, s);
+      for (int t = 0; t < NT; ++t) acc[t] = kcombine_avx2(w[r][b], *xb[t], s[t], acc[t]);
+    }
+    for (int t = 0; t < NT; ++t) out[t][r] = acc[t];
+  }
+}
+
 // 4 rows x NT tokens (1 or 2): each row's lanes as ksum_lanes_avx2 forms them, the four rows
 // reduced together and combined 4 at a time in f32: lane r takes kcombine's operations in its order
 // (d x dx, then fma with the q sum, then fma with -(dmin x dx) and the m sum), so each output is
@@ -592,6 +624,7 @@ template <class WB, int NT>
 PARALLM_AVX2 void ktile4_avx2(const WB* const* w, const quant::BlockQ8_K* const* x, int64_t nb,
                               float (*out)[kRows]) {
   constexpr bool kMins = std::is_same_v<WB, quant::BlockQ4_K>;
+  if constexpr (!kMins) return krows_avx2<WB, NT>(w, kRows, x, nb, out);
   __m128 acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
@@ -621,34 +654,15 @@ PARALLM_AVX2 void ktile4_avx2(const WB* const* w, const quant::BlockQ8_K* const*
   for (int t = 0; t < NT; ++t) _mm_storeu_ps(out[t], acc[t]);
 }
 
-PARALLM_AVX2 static inline float kcombine_avx2(const quant::BlockQ4_K& w,
-                                               const quant::BlockQ8_K& x, KSum s, float acc) {
-  return kcombine(_cvtsh_ss(w.d), _cvtsh_ss(w.dmin), x.d, s, acc);
-}
-PARALLM_AVX2 static inline float kcombine_avx2(const quant::BlockQ6_K& w,
-                                               const quant::BlockQ8_K& x, KSum s, float acc) {
-  return kcombine(_cvtsh_ss(w.d), x.d, s, acc);
-}
-
 template <class WB>
 PARALLM_AVX2 void ktile_avx2(const WB* const* w, int rows, const quant::BlockQ8_K* x, int64_t nb,
                              float* out) {
-  if (rows == kRows) {
-    float o[1][kRows];
+  float o[1][kRows];
+  if (rows == kRows)
     ktile4_avx2<WB, 1>(w, &x, nb, o);
-    for (int r = 0; r < kRows; ++r) out[r] = o[0][r];
-    return;
-  }
-  for (int r = 0; r < rows; ++r) {
-    float acc = 0.0f;
-    for (int64_t b = 0; b < nb; ++b) {
-      const quant::BlockQ8_K* xb = x + b;
-      KSum s;
-      ksum_avx2<1>(w[r][b], &xb, &s);
-      acc = kcombine_avx2(w[r][b], x[b], s, acc);
-    }
-    out[r] = acc;
-  }
+  else
+    krows_avx2<WB, 1>(w, rows, &x, nb, o);
+  for (int r = 0; r < rows; ++r) out[r] = o[0][r];
 }
 
 #endif  // PARALLM_X86
@@ -1826,75 +1840,63 @@ PARALLM_AVX2 void pack_panel_k(const Tensor& w, bool packed, int64_t n0, int nr,
   }
 }
 
+// Q4_K's int32 q sums of one super-block for TT tokens (x: token t's block at x[t * nb]).
 template <int TT>
-PARALLM_AVX2 void gemm_ktile_avx2(const PanelKBlock* p, int64_t nb, int half,
-                                  const quant::BlockQ8_K* x, float* y, int64_t ldy, int nr,
-                                  bool accumulate) {
-  const int r0 = 16 * half;
-  __m256 acc[TT][2];
+PARALLM_AVX2 static inline void kblock_sums_avx2(const PanelKBlock& pb, const quant::BlockQ8_K* x,
+                                                 int64_t nb, int r0, __m256i (&qs)[TT][2]) {
+  for (int j = 0; j < 8; ++j) {
+    __m256i s[TT][2];
 #pragma GCC unroll 4
-  for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const PanelKBlock& pb = p[b];
-    __m256i qs[TT][2];
-#pragma GCC unroll 4
-    for (int t = 0; t < TT; ++t) qs[t][0] = qs[t][1] = _mm256_setzero_si256();
-    for (int j = 0; j < 8; ++j) {
-      __m256i s[TT][2];
-#pragma GCC unroll 4
-      for (int t = 0; t < TT; ++t) s[t][0] = s[t][1] = _mm256_setzero_si256();
+    for (int t = 0; t < TT; ++t) s[t][0] = s[t][1] = _mm256_setzero_si256();
 #pragma GCC unroll 2
-      for (int k = 0; k < 8; ++k) {
-        const __m256i w0 =
-            _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.codes[8 * j + k][r0]));
-        const __m256i w1 =
-            _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.codes[8 * j + k][r0 + 8]));
-#pragma GCC unroll 4
-        for (int t = 0; t < TT; ++t) {
-          int32_t v;
-          std::memcpy(&v, x[t * nb + b].qs + 32 * j + 4 * k, 4);
-          const __m256i xv = _mm256_set1_epi32(v);
-          s[t][0] = _mm256_add_epi16(s[t][0], _mm256_maddubs_epi16(w0, xv));
-          s[t][1] = _mm256_add_epi16(s[t][1], _mm256_maddubs_epi16(w1, xv));
-        }
-      }
-      const __m256i sc0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.sc[j][r0]));
-      const __m256i sc1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.sc[j][r0 + 8]));
+    for (int k = 0; k < 8; ++k) {
+      const __m256i w0 =
+          _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.codes[8 * j + k][r0]));
+      const __m256i w1 =
+          _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.codes[8 * j + k][r0 + 8]));
 #pragma GCC unroll 4
       for (int t = 0; t < TT; ++t) {
-        qs[t][0] = _mm256_add_epi32(qs[t][0], _mm256_madd_epi16(s[t][0], sc0));
-        qs[t][1] = _mm256_add_epi32(qs[t][1], _mm256_madd_epi16(s[t][1], sc1));
+        int32_t v;
+        std::memcpy(&v, x[t * nb].qs + 32 * j + 4 * k, 4);
+        const __m256i xv = _mm256_set1_epi32(v);
+        s[t][0] = _mm256_add_epi16(s[t][0], _mm256_maddubs_epi16(w0, xv));
+        s[t][1] = _mm256_add_epi16(s[t][1], _mm256_maddubs_epi16(w1, xv));
       }
     }
-    const __m256 d0 = _mm256_load_ps(pb.d + r0), d1 = _mm256_load_ps(pb.d + r0 + 8);
-    const __m256 m0 = _mm256_load_ps(pb.dmin + r0), m1 = _mm256_load_ps(pb.dmin + r0 + 8);
+    const __m256i sc0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.sc[j][r0]));
+    const __m256i sc1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.sc[j][r0 + 8]));
 #pragma GCC unroll 4
     for (int t = 0; t < TT; ++t) {
-      const quant::BlockQ8_K& xb = x[t * nb + b];
-      __m256i ms0 = _mm256_setzero_si256(), ms1 = _mm256_setzero_si256();
-      for (int j = 0; j < 4; ++j) {  // (m_2j, m_2j+1) against the sub-blocks' sums of x
-        const int32_t lo = xb.bsums[4 * j] + xb.bsums[4 * j + 1];
-        const int32_t hi = xb.bsums[4 * j + 2] + xb.bsums[4 * j + 3];
-        const __m256i xs = _mm256_set1_epi32(static_cast<int32_t>(
-            static_cast<uint32_t>(static_cast<uint16_t>(lo)) | (static_cast<uint32_t>(hi) << 16)));
-        ms0 = _mm256_add_epi32(
-            ms0, _mm256_madd_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(pb.m[j][r0])),
-                                   xs));
-        ms1 = _mm256_add_epi32(
-            ms1, _mm256_madd_epi16(
-                     _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.m[j][r0 + 8])), xs));
-      }
-      const __m256 dx = _mm256_set1_ps(xb.d);
-      const __m256 neg = _mm256_set1_ps(-0.0f);
-      acc[t][0] = _mm256_fmadd_ps(_mm256_mul_ps(d0, dx), _mm256_cvtepi32_ps(qs[t][0]), acc[t][0]);
-      acc[t][1] = _mm256_fmadd_ps(_mm256_mul_ps(d1, dx), _mm256_cvtepi32_ps(qs[t][1]), acc[t][1]);
-      acc[t][0] = _mm256_fmadd_ps(_mm256_xor_ps(_mm256_mul_ps(m0, dx), neg),
-                                  _mm256_cvtepi32_ps(ms0), acc[t][0]);
-      acc[t][1] = _mm256_fmadd_ps(_mm256_xor_ps(_mm256_mul_ps(m1, dx), neg),
-                                  _mm256_cvtepi32_ps(ms1), acc[t][1]);
+      qs[t][0] = _mm256_add_epi32(qs[t][0], _mm256_madd_epi16(s[t][0], sc0));
+      qs[t][1] = _mm256_add_epi32(qs[t][1], _mm256_madd_epi16(s[t][1], sc1));
     }
   }
-  store_rows16_avx2<TT>(acc, y + r0, ldy, nr, accumulate);
+}
+
+// acc (16 rows of one token) += Q4_K's block: d dx q - dmin dx (sum_j m_j bsum_j), kcombine's
+// fmas in its order.
+PARALLM_AVX2 static inline void kblock_combine_avx2(const PanelKBlock& pb,
+                                                    const quant::BlockQ8_K& xb, int r0,
+                                                    const __m256i (&q)[2], __m256 (&acc)[2]) {
+  __m256i ms[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (int j = 0; j < 4; ++j) {  // (m_2j, m_2j+1) against the sub-blocks' sums of x
+    const int32_t lo = xb.bsums[4 * j] + xb.bsums[4 * j + 1];
+    const int32_t hi = xb.bsums[4 * j + 2] + xb.bsums[4 * j + 3];
+    const __m256i xs = _mm256_set1_epi32(static_cast<int32_t>(
+        static_cast<uint32_t>(static_cast<uint16_t>(lo)) | (static_cast<uint32_t>(hi) << 16)));
+    for (int h = 0; h < 2; ++h)
+      ms[h] = _mm256_add_epi32(
+          ms[h], _mm256_madd_epi16(
+                     _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.m[j][r0 + 8 * h])), xs));
+  }
+  const __m256 dx = _mm256_set1_ps(xb.d);
+  const __m256 neg = _mm256_set1_ps(-0.0f);
+  for (int h = 0; h < 2; ++h) {
+    const __m256 d = _mm256_load_ps(pb.d + r0 + 8 * h), m = _mm256_load_ps(pb.dmin + r0 + 8 * h);
+    acc[h] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(q[h]), acc[h]);
+    acc[h] = _mm256_fmadd_ps(_mm256_xor_ps(_mm256_mul_ps(m, dx), neg), _mm256_cvtepi32_ps(ms[h]),
+                             acc[h]);
+  }
 }
 
 // Q6_K the same way (value = d sc_g (q - 32), q in 0..63, sc_g int8, sub-blocks g of 16 = 4
@@ -1960,66 +1962,75 @@ PARALLM_AVX2 void pack_panel_k(const Tensor& w, bool packed, int64_t n0, int nr,
   }
 }
 
+// Q6_K's int32 sums of scale x code x activation of one super-block for TT tokens.
 template <int TT>
-PARALLM_AVX2 void gemm_ktile_avx2(const PanelK6Block* p, int64_t nb, int half,
-                                  const quant::BlockQ8_K* x, float* y, int64_t ldy, int nr,
-                                  bool accumulate) {
+PARALLM_AVX2 static inline void kblock_sums_avx2(const PanelK6Block& pb, const quant::BlockQ8_K* x,
+                                                 int64_t nb, int r0, __m256i (&qs)[TT][2]) {
+  for (int g = 0; g < 16; ++g) {
+    const __m256i sc0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.sc[g][r0]));
+    const __m256i sc1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.sc[g][r0 + 8]));
+#pragma GCC unroll 2
+    for (int k = 4 * g; k < 4 * g + 4; k += 2) {
+      const auto* c = pb.codes;
+      const __m256i w0a = _mm256_load_si256(reinterpret_cast<const __m256i*>(c[k][r0]));
+      const __m256i w1a = _mm256_load_si256(reinterpret_cast<const __m256i*>(c[k][r0 + 8]));
+      const __m256i w0b = _mm256_load_si256(reinterpret_cast<const __m256i*>(c[k + 1][r0]));
+      const __m256i w1b = _mm256_load_si256(reinterpret_cast<const __m256i*>(c[k + 1][r0 + 8]));
+#pragma GCC unroll 4
+      for (int t = 0; t < TT; ++t) {
+        int32_t va, vb;
+        std::memcpy(&va, x[t * nb].qs + 4 * k, 4);
+        std::memcpy(&vb, x[t * nb].qs + 4 * k + 4, 4);
+        const __m256i xa = _mm256_set1_epi32(va), xb = _mm256_set1_epi32(vb);
+        const __m256i s0 =
+            _mm256_add_epi16(_mm256_maddubs_epi16(w0a, xa), _mm256_maddubs_epi16(w0b, xb));
+        const __m256i s1 =
+            _mm256_add_epi16(_mm256_maddubs_epi16(w1a, xa), _mm256_maddubs_epi16(w1b, xb));
+        qs[t][0] = _mm256_add_epi32(qs[t][0], _mm256_madd_epi16(s0, sc0));
+        qs[t][1] = _mm256_add_epi32(qs[t][1], _mm256_madd_epi16(s1, sc1));
+      }
+    }
+  }
+}
+
+// acc += Q6_K's block: d dx (q - 32 sum_g sc_g bsum_g), kcombine's fma.
+PARALLM_AVX2 static inline void kblock_combine_avx2(const PanelK6Block& pb,
+                                                    const quant::BlockQ8_K& xb, int r0,
+                                                    const __m256i (&q)[2], __m256 (&acc)[2]) {
+  __m256i os[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (int j = 0; j < 8; ++j) {  // (sc_2j, sc_2j+1) against the groups' sums of x
+    const __m256i xs = _mm256_set1_epi32(static_cast<int32_t>(
+        static_cast<uint32_t>(static_cast<uint16_t>(xb.bsums[2 * j])) |
+        (static_cast<uint32_t>(static_cast<uint16_t>(xb.bsums[2 * j + 1])) << 16)));
+    for (int h = 0; h < 2; ++h)
+      os[h] = _mm256_add_epi32(
+          os[h],
+          _mm256_madd_epi16(
+              _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.scp[j][r0 + 8 * h])), xs));
+  }
+  const __m256 dx = _mm256_set1_ps(xb.d);
+  for (int h = 0; h < 2; ++h) {
+    const __m256i qh = _mm256_sub_epi32(q[h], _mm256_slli_epi32(os[h], 5));
+    const __m256 d = _mm256_load_ps(pb.d + r0 + 8 * h);
+    acc[h] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(qh), acc[h]);
+  }
+}
+
+// One 16-row half of a K-format panel (PanelKBlock: Q4_K, PanelK6Block: Q6_K) by TT tokens.
+template <class Panel, int TT>
+PARALLM_AVX2 void gemm_ktile_avx2(const Panel* p, int64_t nb, int half, const quant::BlockQ8_K* x,
+                                  float* y, int64_t ldy, int nr, bool accumulate) {
   const int r0 = 16 * half;
   __m256 acc[TT][2];
 #pragma GCC unroll 4
   for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const PanelK6Block& pb = p[b];
     __m256i qs[TT][2];
 #pragma GCC unroll 4
     for (int t = 0; t < TT; ++t) qs[t][0] = qs[t][1] = _mm256_setzero_si256();
-    for (int g = 0; g < 16; ++g) {
-      const __m256i sc0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.sc[g][r0]));
-      const __m256i sc1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.sc[g][r0 + 8]));
-#pragma GCC unroll 2
-      for (int k = 4 * g; k < 4 * g + 4; k += 2) {
-        const auto* c = pb.codes;
-        const __m256i w0a = _mm256_load_si256(reinterpret_cast<const __m256i*>(c[k][r0]));
-        const __m256i w1a = _mm256_load_si256(reinterpret_cast<const __m256i*>(c[k][r0 + 8]));
-        const __m256i w0b = _mm256_load_si256(reinterpret_cast<const __m256i*>(c[k + 1][r0]));
-        const __m256i w1b = _mm256_load_si256(reinterpret_cast<const __m256i*>(c[k + 1][r0 + 8]));
+    kblock_sums_avx2<TT>(p[b], x + b, nb, r0, qs);
 #pragma GCC unroll 4
-        for (int t = 0; t < TT; ++t) {
-          int32_t va, vb;
-          std::memcpy(&va, x[t * nb + b].qs + 4 * k, 4);
-          std::memcpy(&vb, x[t * nb + b].qs + 4 * k + 4, 4);
-          const __m256i xa = _mm256_set1_epi32(va), xb = _mm256_set1_epi32(vb);
-          const __m256i s0 =
-              _mm256_add_epi16(_mm256_maddubs_epi16(w0a, xa), _mm256_maddubs_epi16(w0b, xb));
-          const __m256i s1 =
-              _mm256_add_epi16(_mm256_maddubs_epi16(w1a, xa), _mm256_maddubs_epi16(w1b, xb));
-          qs[t][0] = _mm256_add_epi32(qs[t][0], _mm256_madd_epi16(s0, sc0));
-          qs[t][1] = _mm256_add_epi32(qs[t][1], _mm256_madd_epi16(s1, sc1));
-        }
-      }
-    }
-    const __m256 d0 = _mm256_load_ps(pb.d + r0), d1 = _mm256_load_ps(pb.d + r0 + 8);
-#pragma GCC unroll 4
-    for (int t = 0; t < TT; ++t) {
-      const quant::BlockQ8_K& xb = x[t * nb + b];
-      __m256i os0 = _mm256_setzero_si256(), os1 = _mm256_setzero_si256();
-      for (int j = 0; j < 8; ++j) {  // (sc_2j, sc_2j+1) against the groups' sums of x
-        const __m256i xs = _mm256_set1_epi32(static_cast<int32_t>(
-            static_cast<uint32_t>(static_cast<uint16_t>(xb.bsums[2 * j])) |
-            (static_cast<uint32_t>(static_cast<uint16_t>(xb.bsums[2 * j + 1])) << 16)));
-        os0 = _mm256_add_epi32(
-            os0, _mm256_madd_epi16(
-                     _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.scp[j][r0])), xs));
-        os1 = _mm256_add_epi32(
-            os1, _mm256_madd_epi16(
-                     _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.scp[j][r0 + 8])), xs));
-      }
-      const __m256i q0 = _mm256_sub_epi32(qs[t][0], _mm256_slli_epi32(os0, 5));
-      const __m256i q1 = _mm256_sub_epi32(qs[t][1], _mm256_slli_epi32(os1, 5));
-      const __m256 dx = _mm256_set1_ps(xb.d);
-      acc[t][0] = _mm256_fmadd_ps(_mm256_mul_ps(d0, dx), _mm256_cvtepi32_ps(q0), acc[t][0]);
-      acc[t][1] = _mm256_fmadd_ps(_mm256_mul_ps(d1, dx), _mm256_cvtepi32_ps(q1), acc[t][1]);
-    }
+    for (int t = 0; t < TT; ++t) kblock_combine_avx2(p[b], x[t * nb + b], r0, qs[t], acc[t]);
   }
   store_rows16_avx2<TT>(acc, y + r0, ldy, nr, accumulate);
 }
@@ -2041,9 +2052,11 @@ void run_kgemm_avx2(const float* x, int64_t T, const Tensor& w, float* y, bool a
           const int hr = std::min(16, nr - 16 * half);
           int64_t t = 0;
           for (; t + 2 <= T; t += 2)
-            gemm_ktile_avx2<2>(panel, nb, half, xp + t * nb, y + t * N + n0, N, hr, accumulate);
+            gemm_ktile_avx2<Panel, 2>(panel, nb, half, xp + t * nb, y + t * N + n0, N, hr,
+                                      accumulate);
           for (; t < T; ++t)
-            gemm_ktile_avx2<1>(panel, nb, half, xp + t * nb, y + t * N + n0, N, hr, accumulate);
+            gemm_ktile_avx2<Panel, 1>(panel, nb, half, xp + t * nb, y + t * N + n0, N, hr,
+                                      accumulate);
         }
       });
 }
