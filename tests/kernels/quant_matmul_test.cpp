@@ -320,16 +320,17 @@ TEST(QuantRepack, BitIdenticalToThePlainLayoutOnEveryPath) {
     DType type;
     std::vector<int64_t> K;
   };
-  for (const Sizes& sz : {Sizes{DType::Q4_0, {32, 96, 512, 4096}},
-                          Sizes{DType::Q8_0, {32, 96, 512, 4096}},
-                          Sizes{DType::Q4_K, {256, 768, 2048}}})
+  for (const Sizes& sz :
+       {Sizes{DType::Q4_0, {32, 96, 512, 4096}}, Sizes{DType::Q8_0, {32, 96, 512, 4096}},
+        Sizes{DType::Q4_K, {256, 768, 2048}}, Sizes{DType::Q6_K, {256, 768, 2048}}})
     for (int64_t K : sz.K)
       for (int64_t N : {4, 5, 7, 13, 36}) {
         const DType type = sz.type;
         SCOPED_TRACE(cat(dtype_name(type), " N ", N, " K ", K));
         const uint32_t seed = static_cast<uint32_t>(N * 7919 + K);
-        const Tensor w = type == DType::Q4_K ? random_kblocks_varied(N, K, seed)
-                                             : random_blocks(type, N, K, seed);
+        const Tensor w = type == DType::Q4_K   ? random_kblocks_varied(N, K, seed)
+                         : type == DType::Q6_K ? random_kblocks(DType::Q6_K, N, K, seed)
+                                               : random_blocks(type, N, K, seed);
         const Tensor wp = repack_quant_weight(w);
         ASSERT_TRUE(is_repacked(wp));
         ASSERT_FALSE(is_repacked(w));
@@ -348,9 +349,9 @@ TEST(QuantRepack, BitIdenticalToThePlainLayoutOnEveryPath) {
             std::vector<float> a(static_cast<size_t>(T * N)), b(a.size(), 3.0f);
             quant_matmul(x.data(), T, w, a.data(), false, p);
             quant_matmul(x.data(), T, wp, b.data(), false, p);
-            // Q4_K: every SIMD path runs the AVX2 kernels, plain and repacked alike.
+            // The K formats: every SIMD path runs the AVX2 kernels, plain and repacked alike.
             const bool exact = p == QuantPath::Scalar || p == QuantPath::Avx2 || T >= 64 ||
-                               type == DType::Q4_K;
+                               type == DType::Q4_K || type == DType::Q6_K;
             if (exact) {
               EXPECT_TRUE(same_bits(a, b));
             } else {  // the VNNI paths run the repacked AVX2 kernel: the same sums, maybe reordered
@@ -386,8 +387,8 @@ TEST(QuantRepack, ViewsOtherDtypesAndLifetime) {
     const Tensor copy = wp;  // copies share the storage and stay repacked
     EXPECT_TRUE(is_repacked(copy));
   }
-  // Not Q4_0 / Q8_0 / Q4_K, or fewer than 4 rows: the tensor itself.
-  const Tensor k = random_kblocks(DType::Q6_K, 8, 256, 3);
+  // Not Q4_0 / Q8_0 / Q4_K / Q6_K, or fewer than 4 rows: the tensor itself.
+  const Tensor k = random_kblocks(DType::Q6_K, 3, 256, 3);
   EXPECT_EQ(repack_quant_weight(k).raw(), k.raw());
   const Tensor small = random_blocks(DType::Q8_0, 3, 64, 4);
   EXPECT_EQ(repack_quant_weight(small).raw(), small.raw());

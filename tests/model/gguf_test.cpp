@@ -407,20 +407,21 @@ TEST(GgufModel, Q4_0RunsAtTp2AndOffBlockTpIsOneClearError) {
 }
 
 TEST(GgufModel, RepackedWeightsGiveTheSamePathsAndLogitsBitForBit) {
-  // The loader repacks Q4_0 / Q8_0 / Q4_K linear weights for the AVX2 GEMV
+  // The loader repacks Q4_0 / Q8_0 / Q4_K / Q6_K linear weights for the AVX2 GEMV
   // (kernels/quant_matmul.h) unless PARALLM_REPACK=0: both layouts must give the same tokens and
   // the very same logits, prefill (a whole prompt, T > 1) and decode, per rank's shard. Q4_0 and
-  // Q8_0 on stories260K at TP 1 and 2; Q4_K on the "small" shape (hidden 256, whole super-blocks;
-  // its o_proj columns split off the super-blocks at TP 2) at PP 1 and 2.
+  // Q8_0 on stories260K at TP 1 and 2; Q4_K and Q6_K on the "small" shape (hidden 256, whole
+  // super-blocks; its o_proj columns split off the super-blocks at TP 2) at PP 1 and 2.
   testing::TempDir dir;
   ASSERT_EQ(testing::run_parallm("init-model --shape small --seed 5 --dtype f32 --out " +
                                  dir.file("small"))
                 .exit_code,
             0);
-  const std::string small_q4k = dir.file("small_q4_k.gguf");
-  const auto q = testing::run_parallm("quantize --model " + dir.file("small") +
-                                      " --type q4_k --out " + small_q4k);
-  ASSERT_EQ(q.exit_code, 0) << q.output;
+  for (const char* k : {"q4_k", "q6_k"}) {
+    const auto q = testing::run_parallm("quantize --model " + dir.file("small") + " --type " + k +
+                                        " --out " + dir.file(cat("small_", k, ".gguf")));
+    ASSERT_EQ(q.exit_code, 0) << q.output;
+  }
   struct Run {
     std::string type, path;
     int tp, pp;
@@ -430,7 +431,8 @@ TEST(GgufModel, RepackedWeightsGiveTheSamePathsAndLogitsBitForBit) {
     const std::string path = quantize_stories(dir, type);
     for (int tp : {1, 2}) runs.push_back({type, path, tp, 1});
   }
-  for (int pp : {1, 2}) runs.push_back({"q4_k", small_q4k, 1, pp});
+  for (const std::string k : {"q4_k", "q6_k"})
+    for (int pp : {1, 2}) runs.push_back({k, dir.file("small_" + k + ".gguf"), 1, pp});
   // The AVX-512 VNNI GEMV adds a row's block sums in another order than the AVX2 kernel that the
   // repacked layout runs on every SIMD path (AVX2's and AVX-VNNI's plain GEMVs share its order),
   // so there the bit-for-bit comparison runs at the AVX2 level and the default level's runs must
@@ -445,9 +447,9 @@ TEST(GgufModel, RepackedWeightsGiveTheSamePathsAndLogitsBitForBit) {
     }
     SCOPED_TRACE(cat(run.type, " tp ", run.tp, " pp ", run.pp));
     for (const bool exact : {true, false}) {
-      if (!exact && !(reordered && run.type != "q4_k")) continue;
-      if (exact && reordered && run.type != "q4_k")
-        kernels::set_simd_level(kernels::SimdLevel::Avx2);
+      const bool kformat = run.type == "q4_k" || run.type == "q6_k";
+      if (!exact && !(reordered && !kformat)) continue;
+      if (exact && reordered && !kformat) kernels::set_simd_level(kernels::SimdLevel::Avx2);
       SCOPED_TRACE(kernels::quant_path_name(kernels::quant_path()));
       const ModelRun packed = run_model(run.path, run.tp, run.pp, 8);
       ASSERT_EQ(setenv("PARALLM_REPACK", "0", 1), 0);

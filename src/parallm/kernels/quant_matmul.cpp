@@ -312,6 +312,13 @@ PARALLM_AVX512VNNI void tile_avx512vnni(const WB* const* w, int rows, const Act&
 // = 2.0e6; Q6_K |first| <= 256 x 128 x 63 x 127 = 262e6, |second| <= 32 x 256 x 128 x 127 =
 // 133e6, their difference <= 395e6: all below 2^31 = 2147e6 (partial sums are bounded by the same
 // products over fewer values).
+// Q6_K repacked (repack_quant_weight): per super-block index the 4 rows' plain blocks side by
+// side, so a tile of 4 rows reads one stream (four streams of 210-byte blocks at once run slower
+// than one row after another, see krows_avx2). The blocks themselves are unchanged.
+struct GroupQ6_K {
+  quant::BlockQ6_K blk[4];
+};
+
 struct KSum {
   int32_t q;  // sum of scale x code x activation
   int32_t m;  // Q4_K: sum of min x activation (0 for Q6_K)
@@ -572,6 +579,11 @@ PARALLM_AVX2 static inline void kscales4(const quant::BlockQ6_K* const* w, int64
                                    static_cast<short>(w[2][b].d), static_cast<short>(w[3][b].d),
                                    0, 0, 0, 0));
 }
+// Q6_K groups (GroupQ6_K): row r's block b at g[b].blk[r].
+PARALLM_AVX2 static inline void kscales4(const GroupQ6_K* g, int64_t b, __m128* d, __m128* dmin) {
+  const quant::BlockQ6_K* rows[kRows] = {g[b].blk, g[b].blk + 1, g[b].blk + 2, g[b].blk + 3};
+  kscales4(rows, 0, d, dmin);
+}
 
 // acc[t] (lane r: row r) += the 4 rows' block sums, as kcombine does for each row.
 template <bool kMins, int NT>
@@ -620,20 +632,34 @@ PARALLM_AVX2 void krows_avx2(const WB* const* w, int rows, const quant::BlockQ8_
 // reduced together and combined 4 at a time in f32: lane r takes kcombine's operations in its order
 // (d x dx, then fma with the q sum, then fma with -(dmin x dx) and the m sum), so each output is
 // bit-identical to ktile_scalar's. Weights are the 4 row streams, prefetched ahead.
-template <class WB, int NT>
-PARALLM_AVX2 void ktile4_avx2(const WB* const* w, const quant::BlockQ8_K* const* x, int64_t nb,
+// W: the 4 rows' plain block pointers (const WB* const*: four streams, prefetched), or a Q6_K
+// group array (const GroupQ6_K*: the 4 rows' blocks side by side, one stream).
+template <class WB, int NT, class W>
+PARALLM_AVX2 void ktile4_avx2(W w, const quant::BlockQ8_K* const* x, int64_t nb,
                               float (*out)[kRows]) {
   constexpr bool kMins = std::is_same_v<WB, quant::BlockQ4_K>;
-  if constexpr (!kMins) return krows_avx2<WB, NT>(w, kRows, x, nb, out);
+  constexpr bool kGroup = std::is_same_v<W, const GroupQ6_K*>;
+  if constexpr (!kMins && !kGroup) return krows_avx2<WB, NT>(w, kRows, x, nb, out);
+  auto block = [&](int r, int64_t b) -> const WB& {
+    if constexpr (kGroup)
+      return w[b].blk[r];
+    else
+      return w[r][b];
+  };
   __m128 acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    for (int r = 0; r < kRows; ++r) {
-      const char* ahead = reinterpret_cast<const char*>(w[r] + b) + 8 * sizeof(WB);
-      _mm_prefetch(ahead, _MM_HINT_T0);
-      _mm_prefetch(ahead + 64, _MM_HINT_T0);
-      _mm_prefetch(ahead + 128, _MM_HINT_T0);
-      if constexpr (sizeof(WB) > 192) _mm_prefetch(ahead + 192, _MM_HINT_T0);
+    if constexpr (kGroup) {
+      const char* ahead = reinterpret_cast<const char*>(w + b + 2);
+      for (size_t l = 0; l < sizeof(GroupQ6_K); l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+    } else {
+      for (int r = 0; r < kRows; ++r) {
+        const char* ahead = reinterpret_cast<const char*>(w[r] + b) + 8 * sizeof(WB);
+        _mm_prefetch(ahead, _MM_HINT_T0);
+        _mm_prefetch(ahead + 64, _MM_HINT_T0);
+        _mm_prefetch(ahead + 128, _MM_HINT_T0);
+        if constexpr (sizeof(WB) > 192) _mm_prefetch(ahead + 192, _MM_HINT_T0);
+      }
     }
     const quant::BlockQ8_K* xb[NT];
     for (int t = 0; t < NT; ++t) xb[t] = x[t] + b;
@@ -641,7 +667,7 @@ PARALLM_AVX2 void ktile4_avx2(const WB* const* w, const quant::BlockQ8_K* const*
 #pragma GCC unroll 4
     for (int r = 0; r < kRows; ++r) {
       __m256i qr[NT], mr[NT];
-      ksum_lanes_avx2<NT>(w[r][b], xb, qr, mr);
+      ksum_lanes_avx2<NT>(block(r, b), xb, qr, mr);
       for (int t = 0; t < NT; ++t) {
         q[t][r] = qr[t];
         if constexpr (kMins) m[t][r] = mr[t];
@@ -948,7 +974,7 @@ const char* plain_rows(const Tensor& w, bool packed, int64_t r0, int64_t n, std:
   const char* base = static_cast<const char*>(w.raw());
   if (!packed) return base + r0 * row_bytes;
   tmp.resize(static_cast<size_t>(n) * row_bytes);
-  const int64_t nb = w.dtype() == DType::Q4_K ? K / 256 : K / 32;
+  const int64_t nb = dtype_block(w.dtype()) == 256 ? K / 256 : K / 32;
   const int64_t packed_rows = w.dim(0) / kRows * kRows;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t row = r0 + i;
@@ -963,6 +989,10 @@ const char* plain_rows(const Tensor& w, bool packed, int64_t r0, int64_t n, std:
       const GroupQ4_K* g = reinterpret_cast<const GroupQ4_K*>(base) + gi * nb;
       auto* o = reinterpret_cast<quant::BlockQ4_K*>(dst);
       for (int64_t b = 0; b < nb; ++b) unpack_row_k(g[b], r, o[b], simd);
+    } else if (w.dtype() == DType::Q6_K) {
+      const GroupQ6_K* g = reinterpret_cast<const GroupQ6_K*>(base) + gi * nb;
+      auto* o = reinterpret_cast<quant::BlockQ6_K*>(dst);
+      for (int64_t b = 0; b < nb; ++b) o[b] = g[b].blk[r];
     } else if (w.dtype() == DType::Q8_0) {
       const GroupQ8_0* g = reinterpret_cast<const GroupQ8_0*>(base) + gi * nb;
       BlockQ8_0* o = reinterpret_cast<BlockQ8_0*>(dst);
@@ -1310,6 +1340,24 @@ void run_kblocks(const float* x, int64_t T, const Tensor& w, float* y, bool accu
         };
         int64_t t = 0;
 #if PARALLM_X86
+        if constexpr (std::is_same_v<WB, quant::BlockQ6_K>) {
+          const GroupQ6_K* g = reinterpret_cast<const GroupQ6_K*>(wb) + ti * nb;
+          if (path != QuantPath::Scalar) {
+            for (; t + 2 <= T; t += 2) {
+              float out[2][kRows];
+              const quant::BlockQ8_K* xt[2] = {xq + t * nb, xq + (t + 1) * nb};
+              ktile4_avx2<WB, 2>(g, xt, nb, out);
+              store(t, out[0]);
+              store(t + 1, out[1]);
+            }
+            for (; t < T; ++t) {
+              float out[1][kRows];
+              const quant::BlockQ8_K* xt = xq + t * nb;
+              ktile4_avx2<WB, 1>(g, &xt, nb, out);
+              store(t, out[0]);
+            }
+          }
+        }
         if constexpr (std::is_same_v<WB, quant::BlockQ4_K>) {
           const GroupQ4_K* g = reinterpret_cast<const GroupQ4_K*>(wb) + ti * nb;
           if (path != QuantPath::Scalar) {
@@ -1919,8 +1967,7 @@ PARALLM_AVX2 static inline __m256i q6_code(__m256i ql, __m256i qh) {
                          _mm256_and_si256(qh, _mm256_set1_epi8(0x30)));
 }
 
-// Rows [n0, n0 + nr) of a Q6_K weight into nb PanelK6Blocks (rows nr..31 zero). Q6_K weights are
-// never repacked.
+// Rows [n0, n0 + nr) of a Q6_K weight into nb PanelK6Blocks (rows nr..31 zero).
 PARALLM_AVX2 void pack_panel_k(const Tensor& w, bool packed, int64_t n0, int nr, int64_t nb,
                                PanelK6Block* out) {
   thread_local std::vector<char> tmp;
@@ -2329,6 +2376,7 @@ bool quant_repack_enabled(DType type) {
     case DType::Q4_0:
     case DType::Q8_0:
     case DType::Q4_K:
+    case DType::Q6_K:
       return quant_path() != QuantPath::Scalar;
     default:
       return false;
@@ -2342,9 +2390,10 @@ bool is_repacked(const Tensor& w) {
 Tensor repack_quant_weight(const Tensor& w) {
   if (!w.defined() || w.ndim() != 2 || !w.is_contiguous() || w.raw() == nullptr) return w;
   const DType type = w.dtype();
-  const int64_t N = w.dim(0), K = w.dim(1), nb = type == DType::Q4_K ? K / 256 : K / 32;
-  if ((type != DType::Q4_0 && type != DType::Q8_0 && type != DType::Q4_K) || N < kRows ||
-      K == 0 || is_repacked(w))
+  const bool kformat = type == DType::Q4_K || type == DType::Q6_K;
+  const int64_t N = w.dim(0), K = w.dim(1), nb = kformat ? K / 256 : K / 32;
+  if ((type != DType::Q4_0 && type != DType::Q8_0 && !kformat) || N < kRows || K == 0 ||
+      is_repacked(w))
     return w;
   const size_t bytes = w.nbytes();
   char* buf = static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
@@ -2356,7 +2405,12 @@ Tensor repack_quant_weight(const Tensor& w) {
   // Groups over the pool (a 7B model's matrices are GBs); the tail rows copied as they are.
   ThreadPool::current().parallel_for(groups, [&](int64_t g0, int64_t g1) {
     for (int64_t gi = g0; gi < g1; ++gi) {
-      if (type == DType::Q4_K) {
+      if (type == DType::Q6_K) {
+        for (int64_t b = 0; b < nb; ++b)
+          for (int r = 0; r < kRows; ++r)
+            reinterpret_cast<GroupQ6_K*>(buf)[gi * nb + b].blk[r] =
+                reinterpret_cast<const quant::BlockQ6_K*>(src + (gi * kRows + r) * row_bytes)[b];
+      } else if (type == DType::Q4_K) {
         const quant::BlockQ4_K* rows[kRows];
         for (int64_t b = 0; b < nb; ++b) {
           for (int r = 0; r < kRows; ++r)

@@ -54,10 +54,10 @@ inline void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y,
 }
 
 // What quant_matmul runs for a weight of `type`, T tokens and `path`: "int8-gemm-avx512-vnni"
-// (Q8_0 and Q4_0 from 16 tokens on that path), "int8-gemm-avx2" (Q4_0 from 16 tokens, Q8_0 and
-// Q4_K from 64, on the AVX2 and AVX-VNNI paths), from T = 64 "bf16-gemm-avx512" or "sgemm",
-// otherwise "int8-" and the SIMD path that really runs ("int8-avx2" for the K formats on every
-// SIMD path). For benchmarks and tests.
+// (Q8_0 and Q4_0 from 16 tokens on that path), "int8-gemm-avx2" (Q4_0 from 16 tokens, Q8_0,
+// Q4_K and Q6_K from 64, on the AVX2 and AVX-VNNI paths), from T = 64 "bf16-gemm-avx512" or
+// "sgemm", otherwise "int8-" and the SIMD path that really runs ("int8-avx2" for the K formats on
+// every SIMD path). For benchmarks and tests.
 std::string quant_matmul_kernel(DType type, int64_t T, QuantPath path);
 
 // The f32 baseline: each row of w dequantized to f32, then a plain dot product per token with the
@@ -66,25 +66,26 @@ std::string quant_matmul_kernel(DType type, int64_t T, QuantPath path);
 void quant_matmul_dequant(const float* x, int64_t T, const Tensor& w, float* y,
                           bool accumulate = false);
 
-// Load-time repacking of Q4_0 / Q8_0 / Q4_K weights for the AVX2 GEMV (docs/quantization.md): rows
-// in groups of 4, per 32-column block (256 for Q4_K) the group's 4 f16 scales together, then its
-// codes (Q4_0: two rows' codes per byte, in column order; Q4_K: the 4 rows' 6-bit scale words side
-// by side, then each row's codes). Same byte count as the plain layout; rows N - N % 4..N-1 stay
-// plain. quant_matmul recognises a repacked tensor by its storage and gives results bit-identical
-// to the plain weight's on the same path (Scalar and Avx2, and for Q4_K every path; the VNNI paths
-// run the repacked AVX2 kernel). Only the whole tensor may be multiplied: a view into it
+// Load-time repacking of Q4_0 / Q8_0 / Q4_K / Q6_K weights for the AVX2 GEMV
+// (docs/quantization.md): rows in groups of 4, per 32-column block (256 for the K formats) the
+// group's 4 f16 scales together, then its codes (Q4_0: two rows' codes per byte, in column order;
+// Q4_K: the 4 rows' 6-bit scale words side by side, then each row's codes; Q6_K: the 4 rows' plain
+// blocks side by side). Same byte count as the plain layout; rows N - N % 4..N-1 stay plain.
+// quant_matmul recognises a repacked tensor by its storage and gives results bit-identical to the
+// plain weight's on the same path (Scalar and Avx2, and for the K formats every path; the VNNI
+// paths run the repacked AVX2 kernel). Only the whole tensor may be multiplied: a view into it
 // (slice_rows...) is refused, and nothing but quant_matmul / kernels::matmul reads the layout (no
 // to(), no embedding lookups: repack linear weights only, after the TP split).
 //
 // repack_quant_weight: a new tensor (owned storage, same dtype and shape) in the repacked layout,
-// or w itself when it is not a contiguous 2-D Q4_0 / Q8_0 / Q4_K weight of at least 4 rows (any
-// other dtype included) or is repacked already.
+// or w itself when it is not a contiguous 2-D Q4_0 / Q8_0 / Q4_K / Q6_K weight of at least 4 rows
+// (any other dtype included) or is repacked already.
 Tensor repack_quant_weight(const Tensor& w);
 bool is_repacked(const Tensor& w);
 // Whether the model loader repacks weights of this dtype: PARALLM_REPACK is not 0 (PARALLM_REPACK=0
 // turns it off; anything but 0 or 1 is an error) and the default quant_path() runs a repacked
-// kernel for it: Q4_0 / Q8_0 / Q4_K on every SIMD path (all run the repacked AVX2 kernels: on a
-// Zen 5 they beat the plain VNNI GEMVs by 1.3-2.3x, docs/benchmarks.md). False for every other
+// kernel for it: Q4_0 / Q8_0 / Q4_K / Q6_K on every SIMD path (all run the repacked AVX2 kernels:
+// on a Zen 5 they beat the plain VNNI GEMVs by 1.3-2.3x, docs/benchmarks.md). False for every other
 // dtype.
 bool quant_repack_enabled(DType type);
 
