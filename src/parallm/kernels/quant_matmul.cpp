@@ -1340,42 +1340,42 @@ void run_kblocks(const float* x, int64_t T, const Tensor& w, float* y, bool accu
         };
         int64_t t = 0;
 #if PARALLM_X86
-        if constexpr (std::is_same_v<WB, quant::BlockQ6_K>) {
-          const GroupQ6_K* g = reinterpret_cast<const GroupQ6_K*>(wb) + ti * nb;
-          if (path != QuantPath::Scalar) {
-            for (; t + 2 <= T; t += 2) {
-              float out[2][kRows];
-              const quant::BlockQ8_K* xt[2] = {xq + t * nb, xq + (t + 1) * nb};
-              ktile4_avx2<WB, 2>(g, xt, nb, out);
-              store(t, out[0]);
-              store(t + 1, out[1]);
-            }
-            for (; t < T; ++t) {
-              float out[1][kRows];
-              const quant::BlockQ8_K* xt = xq + t * nb;
-              ktile4_avx2<WB, 1>(g, &xt, nb, out);
-              store(t, out[0]);
-            }
+        // Tiles of 2 tokens, then 1: tile(NT, t, out) for tokens t..t + NT - 1.
+        auto by_tokens = [&](auto tile) {
+          for (; t + 2 <= T; t += 2) {
+            float out[2][kRows];
+            tile(std::integral_constant<int, 2>{}, t, out);
+            store(t, out[0]);
+            store(t + 1, out[1]);
           }
-        }
-        if constexpr (std::is_same_v<WB, quant::BlockQ4_K>) {
-          const GroupQ4_K* g = reinterpret_cast<const GroupQ4_K*>(wb) + ti * nb;
-          if (path != QuantPath::Scalar) {
-            for (; t + 2 <= T; t += 2) {
-              float out[2][kRows];
-              const quant::BlockQ8_K* xt[2] = {xq + t * nb, xq + (t + 1) * nb};
-              const int8_t* xrt[2] = {xr + t * nb * 256, xr + (t + 1) * nb * 256};
-              ptile_k_avx2<2>(g, xt, xrt, nb, out);
-              store(t, out[0]);
-              store(t + 1, out[1]);
-            }
-            for (; t < T; ++t) {
-              float out[1][kRows];
-              const quant::BlockQ8_K* xt = xq + t * nb;
-              const int8_t* xrt = xr + t * nb * 256;
-              ptile_k_avx2<1>(g, &xt, &xrt, nb, out);
-              store(t, out[0]);
-            }
+          for (; t < T; ++t) {
+            float out[1][kRows];
+            tile(std::integral_constant<int, 1>{}, t, out);
+            store(t, out[0]);
+          }
+        };
+        if (path != QuantPath::Scalar) {
+          if constexpr (std::is_same_v<WB, quant::BlockQ6_K>) {
+            const GroupQ6_K* g = reinterpret_cast<const GroupQ6_K*>(wb) + ti * nb;
+            by_tokens([&](auto nt, int64_t t0, float(*out)[kRows]) {
+              constexpr int NT = decltype(nt)::value;
+              const quant::BlockQ8_K* xt[NT];
+              for (int i = 0; i < NT; ++i) xt[i] = xq + (t0 + i) * nb;
+              ktile4_avx2<WB, NT>(g, xt, nb, out);
+            });
+          }
+          if constexpr (std::is_same_v<WB, quant::BlockQ4_K>) {
+            const GroupQ4_K* g = reinterpret_cast<const GroupQ4_K*>(wb) + ti * nb;
+            by_tokens([&](auto nt, int64_t t0, float(*out)[kRows]) {
+              constexpr int NT = decltype(nt)::value;
+              const quant::BlockQ8_K* xt[NT];
+              const int8_t* xrt[NT];
+              for (int i = 0; i < NT; ++i) {
+                xt[i] = xq + (t0 + i) * nb;
+                xrt[i] = xr + (t0 + i) * nb * 256;
+              }
+              ptile_k_avx2<NT>(g, xt, xrt, nb, out);
+            });
           }
         }
 #endif
