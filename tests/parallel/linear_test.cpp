@@ -9,6 +9,7 @@
 #include <mutex>
 
 #include "layer_test_util.h"
+#include "parallm/kernels/quant_matmul.h"
 #include "test_util.h"
 
 namespace parallm::parallel {
@@ -90,6 +91,13 @@ TEST_P(LinearTp, ColumnParallelRowBlocksOfMixedDtypesGiveTheirColumns) {
   } catch (const std::exception& e) {
     EXPECT_NE(std::string(e.what()).find("cannot stack"), std::string::npos) << e.what();
   }
+  // Repacked rows (groups of 4) are not plain rows: stacking them is refused, not copied.
+  const Tensor packed = kernels::repack_quant_weight(b);
+  ASSERT_TRUE(kernels::is_repacked(packed));
+  EXPECT_THROW(ColumnParallelLinear(std::vector<Tensor>{packed, packed},
+                                    {{{"b", ShardSpec::whole(24)}, {"b2", ShardSpec::whole(24)}}},
+                                    comm::Group()),
+               std::exception);
 }
 
 TEST_P(LinearTp, RowParallelGivesTheFullOutputOnEveryRank) {

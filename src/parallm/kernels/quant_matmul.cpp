@@ -610,8 +610,9 @@ PARALLM_AVX2 static inline float kcombine_avx2(const quant::BlockQ6_K& w, const 
 
 // `rows` rows x NT tokens (1 or 2), one row at a time: each block's sums (ksum_avx2) combined as
 // kcombine does, bit-identical to ktile_scalar. Q6_K's plain rows always run this way: with its
-// 210-byte blocks, four row streams at once (ktile4_avx2, prefetched) decoded at 11.3-12.1 tok/s
-// on a Zen 3 (2 threads, the tinyllama shape) against 17.7-19.5 one row after another.
+// 210-byte blocks, four row streams at once (ktile4_avx2, prefetched) decoded at 9.5-10.2 tok/s on
+// a Zen 3 (2 threads, the tinyllama shape) against 16.2-16.7 one row after another
+// (docs/benchmarks.md); repacked, the 4 rows' blocks lie side by side and ktile4_avx2 runs.
 template <class WB, int NT>
 PARALLM_AVX2 void krows_avx2(const WB* const* w, int rows, const quant::BlockQ8_K* const* x,
                              int64_t nb, float (*out)[kRows]) {
@@ -974,7 +975,7 @@ const char* plain_rows(const Tensor& w, bool packed, int64_t r0, int64_t n, std:
   const char* base = static_cast<const char*>(w.raw());
   if (!packed) return base + r0 * row_bytes;
   tmp.resize(static_cast<size_t>(n) * row_bytes);
-  const int64_t nb = dtype_block(w.dtype()) == 256 ? K / 256 : K / 32;
+  const int64_t nb = K / dtype_block(w.dtype());
   const int64_t packed_rows = w.dim(0) / kRows * kRows;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t row = r0 + i;
@@ -2366,21 +2367,18 @@ void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y, bool acc
   }
 }
 
+// The dtypes that have a repacked layout (the groups above).
+static bool quant_repack_layout(DType type) {
+  return type == DType::Q4_0 || type == DType::Q8_0 || type == DType::Q4_K || type == DType::Q6_K;
+}
+
 bool quant_repack_enabled(DType type) {
   // Read at each call (per weight at load), so a test can compare both layouts in one process.
   const char* e = std::getenv("PARALLM_REPACK");
   if (e != nullptr && std::strcmp(e, "0") != 0 && std::strcmp(e, "1") != 0)
     fail("quant_matmul", "PARALLM_REPACK must be 0 or 1, got \"", e, "\"");
   if (e != nullptr && std::strcmp(e, "0") == 0) return false;
-  switch (type) {
-    case DType::Q4_0:
-    case DType::Q8_0:
-    case DType::Q4_K:
-    case DType::Q6_K:
-      return quant_path() != QuantPath::Scalar;
-    default:
-      return false;
-  }
+  return quant_repack_layout(type) && quant_path() != QuantPath::Scalar;
 }
 
 bool is_repacked(const Tensor& w) {
@@ -2390,11 +2388,8 @@ bool is_repacked(const Tensor& w) {
 Tensor repack_quant_weight(const Tensor& w) {
   if (!w.defined() || w.ndim() != 2 || !w.is_contiguous() || w.raw() == nullptr) return w;
   const DType type = w.dtype();
-  const bool kformat = type == DType::Q4_K || type == DType::Q6_K;
-  const int64_t N = w.dim(0), K = w.dim(1), nb = kformat ? K / 256 : K / 32;
-  if ((type != DType::Q4_0 && type != DType::Q8_0 && !kformat) || N < kRows || K == 0 ||
-      is_repacked(w))
-    return w;
+  if (!quant_repack_layout(type) || w.dim(0) < kRows || w.dim(1) == 0 || is_repacked(w)) return w;
+  const int64_t N = w.dim(0), K = w.dim(1), nb = K / dtype_block(type);
   const size_t bytes = w.nbytes();
   char* buf = static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
   if (buf == nullptr) fail("quant_matmul", "cannot allocate ", bytes, " bytes to repack ",

@@ -7,6 +7,7 @@
 #include "parallm/core/error.h"
 #include "parallm/kernels/backward.h"
 #include "parallm/kernels/matmul.h"
+#include "parallm/kernels/quant_matmul.h"
 #include "parallm/parallel/mappings.h"
 
 namespace parallm::parallel {
@@ -18,6 +19,11 @@ Tensor concat_rows(const std::vector<Tensor>& parts) {
         !p.is_contiguous())
       fail("parallel", "cannot stack ", p.describe(), " under ", parts[0].describe(),
            " (row blocks of one dtype and width)");
+    // Its bytes are groups of 4 rows (kernels::repack_quant_weight): copied, they would be read
+    // as plain rows. Stack first, then repack.
+    if (kernels::is_repacked(p))
+      fail("parallel", "cannot stack the repacked weight ", p.describe(),
+           " (stack the plain rows, then repack)");
     rows += p.dim(0);
   }
   Tensor out = Tensor::empty(parts.at(0).dtype(), {rows, parts[0].dim(1)});
@@ -89,9 +95,7 @@ namespace {
 
 const float* f32_weight(const Tensor& w, const char* layer) {
   if (!w.defined())
-    fail("parallel", layer,
-         " backward needs a contiguous f32 weight, got row blocks of mixed "
-         "dtypes");
+    fail("parallel", layer, " backward needs a contiguous f32 weight, got mixed-dtype row blocks");
   if (w.dtype() != DType::F32 || !w.is_contiguous())
     fail("parallel", layer, " backward needs a contiguous f32 weight, got ", w.describe());
   return w.data<float>();
