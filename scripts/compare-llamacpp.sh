@@ -5,8 +5,10 @@
 # part is printed (both quantize the activations to 8 bits, in different orders of summation: on a
 # model this small the top two logits are often within the rounding).
 #
-# Usage: scripts/compare-llamacpp.sh [N_TOKENS]   (default 32; MODELS="stories260K mixtral")
-# The models are stories260K (models/) and a random Mixtral-shaped MoE, written by `parallm
+# Usage: scripts/compare-llamacpp.sh [N_TOKENS]   (default 32; MODELS="stories260K mixtral llama256")
+# The models are stories260K (models/), a random Mixtral-shaped MoE and a random LLaMA of hidden
+# 256 (llama256: whole 256-value rows, so its matrices take the K types q4_k, q5_k, q6_k, q4_k_m
+# and q5_k_m; stories260K's and the MoE's rows fall back to Q8_0 there), written by `parallm
 # quantize`; llama.cpp needs a vocabulary
 # with the 256 byte pieces, and stories260K's own tokenizer is not in the repository, so a
 # 512-piece byte-fallback tokenizer is trained on the docs: token ids are compared, not text.
@@ -33,11 +35,21 @@ sed -e 's/"vocab_size": [0-9]*/"vocab_size": 512/' -e 's/"hidden_size": [0-9]*/"
   > "$work/mix.json"
 "$P" init-model --shape "$work/mix.json" --dtype f32 --seed 3 --out "$work/mix" >/dev/null
 cp "$work/tokenizer.model" "$work/mix/"
+# llama256: 4 layers, hidden 256, FFN 512, 8 heads over 4 KV heads, vocab 512.
+"$P" init-model --shape small --out "$work/small" >/dev/null
+sed -e 's/"vocab_size": [0-9]*/"vocab_size": 512/' \
+  -e 's/"intermediate_size": [0-9]*/"intermediate_size": 512/' "$work/small/config.json" \
+  > "$work/l256.json"
+"$P" init-model --shape "$work/l256.json" --dtype f32 --seed 5 --out "$work/l256" >/dev/null
+cp "$work/tokenizer.model" "$work/l256/"
 status=0
-for model in ${MODELS:-stories260K mixtral}; do
-for type in f32 q8_0 q4_0; do
+for model in ${MODELS:-stories260K mixtral llama256}; do
+types="f32 q8_0 q4_0"
+[ "$model" = llama256 ] && types="f32 q4_k q5_k q6_k q4_k_m q5_k_m"
+for type in $types; do
   src="$work/stories260K.bin"
   [ "$model" = mixtral ] && src="$work/mix"
+  [ "$model" = llama256 ] && src="$work/l256"
   "$P" quantize --model "$src" --type "$type" --out "$work/$type.gguf" >/dev/null
   for prompt in 1 1,400,300 1,260,300,280,290,500; do
     # --dtype f32: parallm reads a GGUF's unquantized matrices as bf16 by default (--dtype auto);

@@ -1,11 +1,11 @@
-// Q4_K / Q6_K decode GEMV: the integer kernels (kernels/quant_matmul.h) against the f32 baseline
-// they replaced (quant_matmul_dequant: each row dequantized, f32 dot product), T = 1, on a
+// Q4_K / Q5_K / Q6_K decode GEMV: the integer kernels (kernels/quant_matmul.h) against the f32
+// baseline they replaced (quant_matmul_dequant: each row dequantized, f32 dot product), T = 1, on a
 // [5632, 2048] weight (TinyLlama's MLP up/gate shape), and Q4_0's integer kernel for scale. Random
 // valid blocks; best of the repeats.
-// --repack: instead, Q4_0, Q8_0 and Q4_K in the plain layout against the repacked one
+// --repack: instead, Q4_0, Q8_0, Q4_K, Q5_K and Q6_K in the plain layout against the repacked one
 // (kernels::repack_quant_weight) at TinyLlama's shapes, T = 1 and 4, weights rotated over copies
 // of >= 64 MiB (from DRAM, not the cache), the two measured alternately rep by rep.
-// --gemm: instead, Q8_0, Q4_0, Q4_K and Q6_K prefill (T = 512 and --tokens T) at TinyLlama's
+// --gemm: instead, Q8_0, Q4_0, Q4_K, Q5_K and Q6_K prefill (T = 512 and --tokens T) at TinyLlama's
 // shapes, weights repacked as the loader does: the int8 GEMM of this CPU's path against dequantize
 // + OpenBLAS sgemm (what the plain path runs), alternately rep by rep, best of the repeats, in
 // GFLOP/s.
@@ -35,7 +35,7 @@ Tensor random_weight(DType t, int64_t N, int64_t K) {
   const uint16_t d = f32_to_f16(0.01f);
   for (int64_t b = 0; b < N * K / 256; ++b) {
     uint8_t* blk = p + b * dtype_size(t);
-    if (t == DType::Q4_K) {
+    if (t == DType::Q4_K || t == DType::Q5_K) {
       std::memcpy(blk, &d, 2);
       std::memcpy(blk + 2, &d, 2);
     } else {
@@ -69,7 +69,7 @@ void bench_repack(int threads, int reps) {
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   std::printf("plain vs repacked GEMV, %d thread(s), path %s, best of %d alternating reps\n",
               threads, kernels::quant_path_name(kernels::quant_path()).c_str(), reps);
-  for (DType t : {DType::Q4_0, DType::Q8_0, DType::Q4_K})
+  for (DType t : {DType::Q4_0, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K})
     for (Shape sh : {Shape{2048, 2048}, Shape{5632, 2048}, Shape{2048, 5632}}) {
       std::vector<float> wf(static_cast<size_t>(sh.N * sh.K));
       for (float& v : wf) v = u(rng);
@@ -120,7 +120,7 @@ void bench_gemm(int threads, int reps, int64_t T) {
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   std::vector<float> x(static_cast<size_t>(T * 5632));
   for (float& v : x) v = u(rng);
-  for (DType t : {DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q6_K}) {
+  for (DType t : {DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
     for (auto [N, K] : {std::pair<int64_t, int64_t>{2048, 2048}, {5632, 2048}, {2048, 5632}}) {
       std::vector<float> wf(static_cast<size_t>(N * K));
       for (float& v : wf) v = u(rng);
@@ -192,7 +192,7 @@ int main(int argc, char** argv) {
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   for (float& v : x) v = u(rng);
   const kernels::QuantPath path = kernels::quant_path();
-  for (DType t : {DType::Q4_K, DType::Q6_K}) {
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
     const Tensor w = random_weight(t, N, K);
     const double old_ms =
         best_ms(reps, [&] { kernels::quant_matmul_dequant(x.data(), 1, w, y.data()); });

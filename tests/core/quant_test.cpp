@@ -59,6 +59,7 @@ std::vector<uint8_t> random_blocks(DType t, int64_t nblocks, uint32_t seed) {
         put_f16(base);
         break;
       case DType::Q4_K:
+      case DType::Q5_K:
         put_f16(base);
         put_f16(base + 2);
         break;
@@ -104,7 +105,8 @@ TEST_P(Dequant, BitExactAgainstNumpyReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, Dequant,
-                         ::testing::Values(DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q6_K),
+                         ::testing::Values(DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q5_K,
+                                           DType::Q6_K),
                          [](const auto& info) { return std::string(dtype_name(info.param)); });
 
 // Values that exercise the quantizers: gaussians, an all-zero block, blocks whose largest value is
@@ -159,7 +161,7 @@ INSTANTIATE_TEST_SUITE_P(Formats, Quant, ::testing::Values(DType::Q8_0, DType::Q
 
 // The K quantizers, through the dequantizer checked against numpy above: every value is coded to
 // the nearest point of the grid its block stores (read back from the packed scales, so a packing
-// error fails here), the error is that of a 4- or 6-bit grid, and all-zero, all-negative,
+// error fails here), the error is that of a 4-, 5- or 6-bit grid, and all-zero, all-negative,
 // constant, outlier and uneven blocks are handled.
 TEST(QuantK, QuantizersCodeEveryValueOnItsNearestGridPoint) {
   std::mt19937 rng(11);
@@ -175,18 +177,21 @@ TEST(QuantK, QuantizersCodeEveryValueOnItsNearestGridPoint) {
   for (int i = 1536; i < 1792; ++i) x[i] *= 1e-4f;                     // tiny scale
   for (int i = 1792; i < 2048; ++i) x[i] *= (i % 32 < 16) ? 8.0f : 0.01f;  // uneven sub-blocks
 
-  for (DType t : {DType::Q4_K, DType::Q6_K}) {
+  double nmse[3] = {};  // Q4_K, Q5_K, Q6_K
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
     std::vector<uint8_t> blocks(dtype_bytes(t, n));
     quant::quantize(t, x.data(), blocks.data(), n);
     std::vector<float> back(n);
     quant::dequantize(t, blocks.data(), back.data(), n);
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* blk = blocks.data() + b * dtype_size(t);
-      const int sub = t == DType::Q4_K ? 32 : 16;
+      const bool kmin = t == DType::Q4_K || t == DType::Q5_K;  // same scales, mins and grid form
+      const int sub = kmin ? 32 : 16;
       for (int j = 0; j < 256 / sub; ++j) {
         // The sub-block's grid from the stored bytes.
         std::vector<float> grid;
-        if (t == DType::Q4_K) {
+        if (kmin) {
+          // Q5_K's d, dmin and scales lie where Q4_K's do.
           const auto* q = reinterpret_cast<const quant::BlockQ4_K*>(blk);
           const int sc = j < 4 ? (q->scales[j] & 63)
                                : ((q->scales[j + 4] & 0xF) | ((q->scales[j - 4] >> 6) << 4));
@@ -194,7 +199,8 @@ TEST(QuantK, QuantizersCodeEveryValueOnItsNearestGridPoint) {
                               : ((q->scales[j + 4] >> 4) | ((q->scales[j] >> 6) << 4));
           const float d1 = f16_to_f32(q->d) * static_cast<float>(sc);
           const float m1 = f16_to_f32(q->dmin) * static_cast<float>(m);
-          for (int c = 0; c < 16; ++c) grid.push_back(d1 * static_cast<float>(c) - m1);
+          for (int c = 0; c < (t == DType::Q4_K ? 16 : 32); ++c)
+            grid.push_back(d1 * static_cast<float>(c) - m1);
         } else {
           const auto* q = reinterpret_cast<const quant::BlockQ6_K*>(blk);
           const float d = f16_to_f32(q->d);
@@ -215,7 +221,7 @@ TEST(QuantK, QuantizersCodeEveryValueOnItsNearestGridPoint) {
     }
     for (int l = 0; l < 256; ++l) ASSERT_EQ(back[256 + l], 0.0f) << dtype_name(t);
     for (int l = 0; l < 256; ++l) ASSERT_NEAR(back[768 + l], 3.25f, 0.03f) << dtype_name(t);
-    // 16 gaussian blocks (0 and 8..23 less the special ones): the error of a 4- or 6-bit grid.
+    // 16 gaussian blocks (0 and 8..23 less the special ones): the error of a 4-, 5- or 6-bit grid.
     // Q4_0 on the same values (32-value blocks, symmetric) has 7.4e-3: the K form must beat it.
     double err = 0, norm = 0;
     for (int64_t i = 0; i < n; ++i) {
@@ -230,8 +236,12 @@ TEST(QuantK, QuantizersCodeEveryValueOnItsNearestGridPoint) {
     double err40 = 0;
     for (int64_t i = 0; i < n; ++i)
       if (i < 256 || i >= 2048) err40 += (back40[i] - x[i]) * (back40[i] - x[i]);
+    nmse[t == DType::Q4_K ? 0 : t == DType::Q5_K ? 1 : 2] = err / norm;
     if (t == DType::Q4_K) {
       EXPECT_LT(err, 0.8 * err40) << "q4_k nmse " << err / norm << ", q4_0 " << err40 / norm;
+    } else if (t == DType::Q5_K) {
+      // One more bit: about a quarter of Q4_K's error (checked below against it).
+      EXPECT_LT(err, 0.3 * err40) << "q5_k nmse " << err / norm << ", q4_0 " << err40 / norm;
     } else {
       // A 64-level grid over +-max of 16 gaussians (max ~1.8 sigma): (1.8 / 32)^2 / 12 ~ 2.6e-4.
       EXPECT_LT(err / norm, 4e-4) << "q6_k";
@@ -243,6 +253,8 @@ TEST(QuantK, QuantizersCodeEveryValueOnItsNearestGridPoint) {
     ASSERT_EQ(q.nbytes(), blocks.size());
     EXPECT_EQ(std::memcmp(q.raw(), blocks.data(), blocks.size()), 0) << dtype_name(t);
   }
+  EXPECT_LT(nmse[1], 0.4 * nmse[0]) << "q5_k against q4_k: " << nmse[1] << " vs " << nmse[0];
+  EXPECT_LT(nmse[2], nmse[1]) << "q6_k against q5_k";
 }
 
 TEST(QuantTensor, BytesSlicesAndConversions) {
@@ -274,6 +286,8 @@ TEST(QuantTensor, BytesSlicesAndConversions) {
             }).find("cannot convert"),
             std::string::npos);
   EXPECT_EQ(parse_dtype("Q4_K"), DType::Q4_K);
+  EXPECT_EQ(parse_dtype("q5_k"), DType::Q5_K);
+  EXPECT_EQ(dtype_size(DType::Q5_K), 176u);
   // bf16 -> q4_0 quantizes the widened values.
   Tensor q4 = f.to(DType::BF16).to(DType::Q4_0);
   EXPECT_EQ(q4.nbytes(), 40u * 18);

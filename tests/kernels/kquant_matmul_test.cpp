@@ -1,7 +1,7 @@
-// Q4_K / Q6_K integer kernels (kernels/quant_matmul.h): every SIMD path bit-identical to the plain
-// reference, within the NMSE bound of issue 15 of the f32 product, and equal to an exact int64
-// product on codes chosen so that nothing rounds (a wrong scale, min or code index fails there);
-// extreme codes and scales (i16 saturation); kernels::matmul takes the integer path.
+// Q4_K / Q5_K / Q6_K integer kernels (kernels/quant_matmul.h): every SIMD path bit-identical to the
+// plain reference, within the NMSE bound of issue 15 of the f32 product, and equal to an exact
+// int64 product on codes chosen so that nothing rounds (a wrong scale, min or code index fails
+// there); extreme codes and scales (i16 saturation); kernels::matmul takes the integer path.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -21,6 +21,7 @@ namespace parallm::kernels {
 namespace {
 
 using quant::BlockQ4_K;
+using quant::BlockQ5_K;
 using quant::BlockQ6_K;
 
 // sum (a - b)^2 / sum b^2
@@ -33,8 +34,8 @@ double nmse(const std::vector<float>& a, const std::vector<float>& b) {
   return num / den;
 }
 
-// Valid blocks with random codes and random 6-bit (Q4_K) or int8 (Q6_K) scales. d (and dmin) are
-// f16 values drawn from [dlo, dhi] per block, or exactly `fixed` when fixed > 0.
+// Valid blocks with random codes and random 6-bit (Q4_K, Q5_K) or int8 (Q6_K) scales. d (and dmin)
+// are f16 values drawn from [dlo, dhi] per block, or exactly `fixed` when fixed > 0.
 Tensor random_kweights(DType t, int64_t N, int64_t K, uint32_t seed, float fixed = 0.0f) {
   Tensor w = Tensor::empty(t, {N, K});
   std::mt19937 rng(seed);
@@ -47,6 +48,15 @@ Tensor random_kweights(DType t, int64_t N, int64_t K, uint32_t seed, float fixed
       b[i].d = f16();
       b[i].dmin = f16();
       for (uint8_t& v : b[i].scales) v = static_cast<uint8_t>(rng());  // any 12 bytes are valid
+      for (uint8_t& v : b[i].qs) v = static_cast<uint8_t>(rng());
+    }
+  } else if (t == DType::Q5_K) {
+    auto* b = static_cast<BlockQ5_K*>(w.raw());
+    for (int64_t i = 0; i < nb; ++i) {
+      b[i].d = f16();
+      b[i].dmin = f16();
+      for (uint8_t& v : b[i].scales) v = static_cast<uint8_t>(rng());
+      for (uint8_t& v : b[i].qh) v = static_cast<uint8_t>(rng());
       for (uint8_t& v : b[i].qs) v = static_cast<uint8_t>(rng());
     }
   } else {
@@ -109,6 +119,8 @@ INSTANTIATE_TEST_SUITE_P(
     Shapes, KQuantMatmul,
     ::testing::Values(Case{DType::Q4_K, 67, 256, 1}, Case{DType::Q4_K, 5, 512, 2},
                       Case{DType::Q4_K, 130, 2048, 3}, Case{DType::Q4_K, 9, 768, 7},
+                      Case{DType::Q5_K, 67, 256, 1}, Case{DType::Q5_K, 7, 512, 2},
+                      Case{DType::Q5_K, 130, 2048, 3}, Case{DType::Q5_K, 10, 768, 7},
                       Case{DType::Q6_K, 67, 256, 1}, Case{DType::Q6_K, 6, 512, 2},
                       Case{DType::Q6_K, 130, 2048, 3}, Case{DType::Q6_K, 11, 768, 7}),
     [](const auto& info) {
@@ -121,13 +133,14 @@ TEST(KQuantMatmul, IntegerSumsAreExact) {
   // scale is exactly 1 and its codes are x itself, so y must equal the int64 product of the
   // dequantized weights (integers sc q - m, or sc (q - 32)) with x. Small |x| elsewhere keeps
   // every partial sum below 2^24, where f32 is exact (Q4_K: per super-block <= 255 x 63 x 15 x 8
-  // + 63 x 15 x 127 + 63 x (255 x 8 + 127) = 2.2e6, x 4 blocks; Q6_K: <= 255 x 128 x 32 x 4 +
+  // + 63 x 15 x 127 + 63 x (255 x 8 + 127) = 2.2e6, x 4 blocks; Q5_K: <= 255 x 63 x 31 x 4 +
+  // 63 x 31 x 127 + 63 x (255 x 4 + 127) = 2.3e6, x 4 blocks; Q6_K: <= 255 x 128 x 32 x 4 +
   // 128 x 32 x 127 = 4.7e6, x 2 blocks).
   ThreadPool pool(2);
   ScopedPool scoped(pool);
-  for (DType t : {DType::Q4_K, DType::Q6_K}) {
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
     SCOPED_TRACE(std::string(dtype_name(t)));
-    const int64_t N = 6, K = t == DType::Q4_K ? 1024 : 512, T = 3;
+    const int64_t N = 6, K = t == DType::Q6_K ? 512 : 1024, T = 3;
     const int small = t == DType::Q4_K ? 8 : 4;
     const Tensor w = random_kweights(t, N, K, 31, 1.0f);
     const std::vector<float> wf = dequantized(w);
@@ -159,12 +172,13 @@ TEST(KQuantMatmul, IntegerSumsAreExact) {
 
 TEST(KQuantMatmul, ExtremeCodesAndScalesDoNotSaturate) {
   // Largest codes, scales and mins against activations of +-127 (maddubs's i16 pair sums reach
-  // 2 x 15 x 127 for Q4_K and 2 x 63 x 127 for Q6_K; the Q6_K scale -128 is possible in a file):
+  // 2 x 15 x 127 for Q4_K, 2 x 31 x 127 for Q5_K and 2 x 63 x 127 for Q6_K; the Q6_K scale -128
+  // is possible in a file):
   // every path equal to the reference and within 1e-6 of the double product.
   ThreadPool pool(2);
   ScopedPool scoped(pool);
   const int64_t N = 5, K = 512;
-  for (DType t : {DType::Q4_K, DType::Q6_K})
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K})
     for (int fill : {0x00, 0xFF}) {
       SCOPED_TRACE(cat(dtype_name(t), " fill ", fill));
       Tensor w = random_kweights(t, N, K, 41, 1.0f);
@@ -173,6 +187,13 @@ TEST(KQuantMatmul, ExtremeCodesAndScalesDoNotSaturate) {
         for (int64_t i = 0; i < N * K / 256; ++i) {
           std::memset(b[i].qs, fill, sizeof b[i].qs);
           std::memset(b[i].scales, 0xFF, sizeof b[i].scales);  // every scale and min 63
+        }
+      } else if (t == DType::Q5_K) {
+        auto* b = static_cast<BlockQ5_K*>(w.raw());
+        for (int64_t i = 0; i < N * K / 256; ++i) {
+          std::memset(b[i].qs, fill, sizeof b[i].qs);
+          std::memset(b[i].qh, fill, sizeof b[i].qh);
+          std::memset(b[i].scales, 0xFF, sizeof b[i].scales);
         }
       } else {
         auto* b = static_cast<BlockQ6_K*>(w.raw());
@@ -206,7 +227,7 @@ TEST(KQuantMatmul, MatmulTakesTheIntegerPath) {
   // NMSE bound of the f32 baseline, and not the baseline itself (activations quantized to 8 bits).
   ThreadPool pool(2);
   ScopedPool scoped(pool);
-  for (DType t : {DType::Q4_K, DType::Q6_K}) {
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
     SCOPED_TRACE(std::string(dtype_name(t)));
     const Tensor w = random_kweights(t, 37, 1024, 51);
     const std::vector<float> x = testing::random_vec(1024, 52);
@@ -226,14 +247,15 @@ TEST(KQuantMatmul, MatmulTakesTheIntegerPath) {
 }
 
 TEST(KQuantMatmul, PrefillGemmOnAvx2IsThePlainReferenceBitForBit) {
-  // From 64 tokens on the AVX2 and AVX-VNNI paths, Q4_K and Q6_K run an int8 GEMM over 32-row
+  // From 64 tokens on the AVX2 and AVX-VNNI paths, Q4_K, Q5_K and Q6_K run an int8 GEMM over 32-row
   // panels (codes x x summed in int16, scaled in int32; Q4_K's mins and Q6_K's -32 by vpmaddwd
   // against the group sums): the reference's integer sums, combined with its fmas in its order,
   // so every output equals the scalar GEMV's bit for bit. N = 45 (a whole panel, then one of 13
   // rows: a partial 16-row half), T = 67 (tiles of 2 tokens and one of 1), plain and repacked
-  // weights (Q4_K), accumulate; and the largest codes and scales against activations of +-127 (no
-  // int16 saturation: Q6_K's two quads of 63 x 127 pairs sum to 32004).
-  for (DType type : {DType::Q4_K, DType::Q6_K}) {
+  // weights, accumulate; and the largest codes and scales against activations of +-127 (no
+  // int16 saturation: Q6_K's two quads of 63 x 127 pairs sum to 32004, Q5_K's four quads of
+  // 31 x 127 pairs to 31496).
+  for (DType type : {DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
     SCOPED_TRACE(std::string(dtype_name(type)));
     for (QuantPath path : {QuantPath::Avx2, QuantPath::AvxVnni}) {
       SCOPED_TRACE(quant_path_name(path));
@@ -256,6 +278,11 @@ TEST(KQuantMatmul, PrefillGemmOnAvx2IsThePlainReferenceBitForBit) {
             if (type == DType::Q4_K) {
               auto& b = static_cast<BlockQ4_K*>(w.raw())[i];
               std::memset(b.qs, 0xFF, sizeof b.qs);
+              std::memset(b.scales, 0xFF, sizeof b.scales);
+            } else if (type == DType::Q5_K) {  // codes 31, scales and mins 63
+              auto& b = static_cast<BlockQ5_K*>(w.raw())[i];
+              std::memset(b.qs, 0xFF, sizeof b.qs);
+              std::memset(b.qh, 0xFF, sizeof b.qh);
               std::memset(b.scales, 0xFF, sizeof b.scales);
             } else {  // codes 63 (q - 32 = 31), scales -128
               auto& b = static_cast<BlockQ6_K*>(w.raw())[i];

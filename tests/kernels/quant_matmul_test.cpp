@@ -44,7 +44,7 @@ Tensor random_kblocks(DType t, int64_t N, int64_t K, uint32_t seed) {
   for (int64_t b = 0; b < nb; ++b) {
     uint8_t* blk = p + b * dtype_size(t);
     const uint16_t d = f32_to_f16(0.01f), dmin = f32_to_f16(0.02f);
-    if (t == DType::Q4_K) {
+    if (t == DType::Q4_K || t == DType::Q5_K) {
       std::memcpy(blk, &d, 2);
       std::memcpy(blk + 2, &dmin, 2);
     } else {
@@ -110,7 +110,7 @@ TEST(QuantMatmul, PrefillGoesThroughDequantizedSgemm) {
   // on the AVX-512 VNNI path run the int8 GEMM instead: the next test).
   ThreadPool pool(2);
   ScopedPool scoped(pool);
-  for (DType t : {DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q6_K}) {
+  for (DType t : {DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
     SCOPED_TRACE(std::string(dtype_name(t)));
     if (quant_matmul_kernel(t, 70, quant_path()) != "sgemm") continue;
     const Tensor w = t == DType::Q8_0 || t == DType::Q4_0 ? quantized(t, 45, 256, 8)
@@ -200,7 +200,7 @@ TEST(QuantMatmul, PrefillInt8GemmIsThePlainReferenceBitForBit) {
 }
 
 TEST(QuantMatmul, KFormatPrefillOnAvx512Bf16RoundsXAndTheDequantizedWeights) {
-  // From 64 tokens on an AVX512_BF16 CPU, Q4_K and Q6_K run the bf16 GEMM (kernels/matmul.h):
+  // From 64 tokens on an AVX512_BF16 CPU, Q4_K, Q5_K and Q6_K run the bf16 GEMM (kernels/matmul.h):
   // rows dequantized to f32, then x and those rows rounded to bf16, products summed in f32.
   if (quant_matmul_kernel(DType::Q4_K, 70, quant_path()) != "bf16-gemm-avx512") {
     std::printf("[ skipped ] no AVX512_BF16 here: K-format prefill runs sgemm\n");
@@ -213,7 +213,7 @@ TEST(QuantMatmul, KFormatPrefillOnAvx512Bf16RoundsXAndTheDequantizedWeights) {
     for (float& f : v) f = bf16_to_f32(f32_to_bf16(f));
     return v;
   };
-  for (DType t : {DType::Q4_K, DType::Q6_K}) {
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
     SCOPED_TRACE(std::string(dtype_name(t)));
     const Tensor w = random_kblocks(t, N, K, 41);
     const Tensor wf = w.to(DType::F32);
@@ -236,7 +236,7 @@ TEST(QuantMatmul, KFormatPrefillOnAvx512Bf16RoundsXAndTheDequantizedWeights) {
 TEST(QuantMatmul, KFormatsMatchTheDequantizedProduct) {
   // Integer kernels with 8-bit activations below 64 tokens (kquant_matmul_test.cpp checks them in
   // detail): within the NMSE bound of the f32 product.
-  for (DType t : {DType::Q4_K, DType::Q6_K}) {
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
     SCOPED_TRACE(std::string(dtype_name(t)));
     const Tensor w = random_kblocks(t, 13, 512, 5);
     const std::vector<float> x = testing::random_vec(3 * 512, 6);
@@ -292,16 +292,17 @@ Tensor random_blocks(DType t, int64_t N, int64_t K, uint32_t seed) {
   return w;
 }
 
-// Q4_K blocks whose d and dmin differ from block to block (and so from row to row: a kernel
-// that gave one row another's scales would fail), every code and 6-bit scale random.
-Tensor random_kblocks_varied(int64_t N, int64_t K, uint32_t seed) {
-  Tensor w = random_kblocks(DType::Q4_K, N, K, seed);
+// Q4_K / Q5_K blocks whose d and dmin differ from block to block (and so from row to row: a
+// kernel that gave one row another's scales would fail), every code and 6-bit scale random.
+Tensor random_kblocks_varied(DType t, int64_t N, int64_t K, uint32_t seed) {
+  Tensor w = random_kblocks(t, N, K, seed);
   std::mt19937 rng(seed + 1);
   std::uniform_real_distribution<float> sd(0.001f, 0.05f);
-  auto* b = static_cast<quant::BlockQ4_K*>(w.raw());
-  for (int64_t i = 0; i < N * K / 256; ++i) {
-    b[i].d = f32_to_f16(sd(rng));
-    b[i].dmin = f32_to_f16(sd(rng));
+  auto* p = static_cast<uint8_t*>(w.raw());
+  for (int64_t i = 0; i < N * K / 256; ++i) {  // d, dmin: the block's first 4 bytes in both
+    const uint16_t d = f32_to_f16(sd(rng)), dmin = f32_to_f16(sd(rng));
+    std::memcpy(p + i * dtype_size(t), &d, 2);
+    std::memcpy(p + i * dtype_size(t) + 2, &dmin, 2);
   }
   return w;
 }
@@ -322,13 +323,15 @@ TEST(QuantRepack, BitIdenticalToThePlainLayoutOnEveryPath) {
   };
   for (const Sizes& sz :
        {Sizes{DType::Q4_0, {32, 96, 512, 4096}}, Sizes{DType::Q8_0, {32, 96, 512, 4096}},
-        Sizes{DType::Q4_K, {256, 768, 2048}}, Sizes{DType::Q6_K, {256, 768, 2048}}})
+        Sizes{DType::Q4_K, {256, 768, 2048}}, Sizes{DType::Q5_K, {256, 768, 2048}},
+        Sizes{DType::Q6_K, {256, 768, 2048}}})
     for (int64_t K : sz.K)
       for (int64_t N : {4, 5, 7, 13, 36}) {
         const DType type = sz.type;
         SCOPED_TRACE(cat(dtype_name(type), " N ", N, " K ", K));
         const uint32_t seed = static_cast<uint32_t>(N * 7919 + K);
-        const Tensor w = type == DType::Q4_K   ? random_kblocks_varied(N, K, seed)
+        const Tensor w = type == DType::Q4_K || type == DType::Q5_K
+                             ? random_kblocks_varied(type, N, K, seed)
                          : type == DType::Q6_K ? random_kblocks(DType::Q6_K, N, K, seed)
                                                : random_blocks(type, N, K, seed);
         const Tensor wp = repack_quant_weight(w);
@@ -351,7 +354,7 @@ TEST(QuantRepack, BitIdenticalToThePlainLayoutOnEveryPath) {
             quant_matmul(x.data(), T, wp, b.data(), false, p);
             // The K formats: every SIMD path runs the AVX2 kernels, plain and repacked alike.
             const bool exact = p == QuantPath::Scalar || p == QuantPath::Avx2 || T >= 64 ||
-                               type == DType::Q4_K || type == DType::Q6_K;
+                               dtype_block(type) == 256;
             if (exact) {
               EXPECT_TRUE(same_bits(a, b));
             } else {  // the VNNI paths run the repacked AVX2 kernel: the same sums, maybe reordered
@@ -387,7 +390,7 @@ TEST(QuantRepack, ViewsOtherDtypesAndLifetime) {
     const Tensor copy = wp;  // copies share the storage and stay repacked
     EXPECT_TRUE(is_repacked(copy));
   }
-  // Not Q4_0 / Q8_0 / Q4_K / Q6_K, or fewer than 4 rows: the tensor itself.
+  // Not Q4_0 / Q8_0 / Q4_K / Q5_K / Q6_K, or fewer than 4 rows: the tensor itself.
   const Tensor k = random_kblocks(DType::Q6_K, 3, 256, 3);
   EXPECT_EQ(repack_quant_weight(k).raw(), k.raw());
   const Tensor small = random_blocks(DType::Q8_0, 3, 64, 4);

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """An independent numpy implementation of llama.cpp's block formats (ggml's published layouts).
 
-    quant_ref.py dequant TYPE IN OUT   IN: raw blocks of TYPE (q8_0, q4_0, q4_k, q6_k);
+    quant_ref.py dequant TYPE IN OUT   IN: raw blocks of TYPE (q8_0, q4_0, q4_k, q5_k, q6_k);
                                        OUT: the values as little-endian f32
     quant_ref.py quant TYPE IN OUT     IN: little-endian f32 values (a multiple of 32);
                                        OUT: raw blocks of TYPE (q8_0 or q4_0), the reference
@@ -19,9 +19,12 @@ F32 = np.float32
 Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
 Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", 16)])
 Q4_K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)])
+Q5_K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qh", "u1", 32),
+                 ("qs", "u1", 128)])
 Q6_K = np.dtype([("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")])
-TYPES = {"q8_0": Q8_0, "q4_0": Q4_0, "q4_k": Q4_K, "q6_k": Q6_K}
-assert (Q8_0.itemsize, Q4_0.itemsize, Q4_K.itemsize, Q6_K.itemsize) == (34, 18, 144, 210)
+TYPES = {"q8_0": Q8_0, "q4_0": Q4_0, "q4_k": Q4_K, "q5_k": Q5_K, "q6_k": Q6_K}
+assert (Q8_0.itemsize, Q4_0.itemsize, Q4_K.itemsize, Q5_K.itemsize, Q6_K.itemsize) == (
+    34, 18, 144, 176, 210)
 
 
 def f16(a):
@@ -63,6 +66,23 @@ def dequant_q4_k(b):
     return (d[:, :, None] * q - m[:, :, None]).reshape(-1)
 
 
+def dequant_q5_k(b):
+    """Q4_K's scales, mins and nibbles, plus a fifth bit: bit j of qh byte l for value l of
+    sub-block j."""
+    nb = b.shape[0]
+    sc, mn = q4k_scales_mins(b["scales"])
+    d = f16(b["d"])[:, None] * sc.astype(F32)
+    m = f16(b["dmin"])[:, None] * mn.astype(F32)
+    qs = b["qs"].reshape(nb, 4, 32).astype(np.int32)
+    qh = b["qh"].astype(np.int32)  # [nb, 32]
+    high = np.stack([(qh >> j) & 1 for j in range(8)], axis=1)  # [nb, 8, 32]
+    q = np.empty((nb, 8, 32), np.int32)
+    q[:, 0::2, :] = qs & 0xF
+    q[:, 1::2, :] = qs >> 4
+    q = (q | (high << 4)).astype(F32)
+    return (d[:, :, None] * q - m[:, :, None]).reshape(-1)
+
+
 def dequant_q6_k(b):
     nb = b.shape[0]
     out = np.empty((nb, 256), F32)
@@ -85,7 +105,8 @@ def dequant_q6_k(b):
     return out.reshape(-1)
 
 
-DEQUANT = {"q8_0": dequant_q8_0, "q4_0": dequant_q4_0, "q4_k": dequant_q4_k, "q6_k": dequant_q6_k}
+DEQUANT = {"q8_0": dequant_q8_0, "q4_0": dequant_q4_0, "q4_k": dequant_q4_k, "q5_k": dequant_q5_k,
+           "q6_k": dequant_q6_k}
 
 
 def round_half_away(v):

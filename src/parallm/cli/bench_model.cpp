@@ -326,7 +326,7 @@ int run_prefill(const PrefillOptions& o) {
     std::printf("  OpenBLAS sgemm      %10.1f GFLOP/s (f32, same shapes, all threads)\n", blas);
     std::printf("  ratio               %10.3f\n", ours / blas);
     // Which prefill kernels this CPU runs (kernels/matmul.h, kernels/quant_matmul.h).
-    std::printf("  kernels             simd %s; bf16 %s; q8_0/q4_0 %s; q4_k %s; q6_k %s\n",
+    std::printf("  kernels             simd %s; bf16 %s; q8_0/q4_0 %s; q4_k/q5_k %s; q6_k %s\n",
                 kernels::simd_name(kernels::simd_level()).c_str(),
                 kernels::matmul_kernel(DType::BF16, o.prompt_len, 2).c_str(),
                 kernels::matmul_kernel(DType::Q8_0, o.prompt_len, 32).c_str(),

@@ -1,6 +1,6 @@
 // parallm quantize: a model (Hugging Face directory or llama2.c file) -> a LLaMA-architecture GGUF
 // with llama.cpp's tensor names, Q/K row order and metadata, matrices quantized to Q8_0, Q4_0,
-// Q4_K or Q6_K, or mixed as llama.cpp's Q4_K_M (q4_k_m).
+// Q4_K, Q5_K or Q6_K, or mixed as llama.cpp's Q4_K_M (q4_k_m) and Q5_K_M (q5_k_m).
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -49,25 +49,25 @@ Tensor quantize_rows(const Tensor& w, DType type) {
   return out;
 }
 
-// llama.cpp's Q4_K_M recipe, from its documented per-tensor rules (llama-quantize's ftype 15),
-// for the LLaMA architecture: Q4_K, except in Q6_K the LM head (the embedding when tied), and
-// attn_v and ffn_down in the layers where more bits pay most (the first and last eighth, and every
-// third one between: more_bits below); with 8 experts (Mixtral) attn_k and attn_v in Q8_0 and
-// attn_output in Q6_K (llama.cpp: Q5_K, which parallm does not have). Rows that are not whole
+// llama.cpp's Q4_K_M and Q5_K_M recipes, from its documented per-tensor rules (llama-quantize's
+// ftypes 15 and 17), for the LLaMA architecture: every matrix in `base` (Q4_K or Q5_K), except in
+// Q6_K the LM head (the embedding when tied), and attn_v and ffn_down in the layers where more
+// bits pay most (the first and last eighth, and every third one between: more_bits below); with 8
+// experts (Mixtral) attn_k and attn_v in Q8_0 and attn_output in Q5_K. Rows that are not whole
 // blocks fall back as in a plain file.
 bool more_bits(int64_t layer, int64_t layers) {
   return layer < layers / 8 || layer >= 7 * layers / 8 || (layer - layers / 8) % 3 == 2;
 }
-DType q4_k_m_type(const LlamaTensor& t, const ModelConfig& c) {
+DType k_m_type(DType base, const LlamaTensor& t, const ModelConfig& c) {
   const auto has = [&](const char* s) { return t.name.find(s) != std::string::npos; };
   const bool eight_experts = c.is_moe() && c.num_local_experts == 8;
   if (t.part == LlamaPart::LmHead || (t.part == LlamaPart::Embedding && c.tie_word_embeddings))
     return DType::Q6_K;
   if (eight_experts && (has("k_proj") || has("v_proj"))) return DType::Q8_0;
-  if (eight_experts && has("o_proj")) return DType::Q6_K;
+  if (eight_experts && has("o_proj")) return DType::Q5_K;
   const bool down = has("down_proj") || (t.expert >= 0 && has(".w2."));
   if ((has("v_proj") || down) && more_bits(t.layer, c.num_hidden_layers)) return DType::Q6_K;
-  return DType::Q4_K;
+  return base;
 }
 
 // The type a matrix of `cols` columns is stored in when `want` is asked: a block type whose blocks
@@ -84,8 +84,8 @@ DType stored_type(DType want, int64_t cols, int64_t& as_q8_0, int64_t& kept_f32)
   return DType::F32;
 }
 
-uint32_t file_type(DType t, bool q4_k_m) {  // llama.cpp's general.file_type (LLAMA_FTYPE_*)
-  if (q4_k_m) return 15;                    // MOSTLY_Q4_K_M
+uint32_t file_type(DType t, bool mix) {        // llama.cpp's general.file_type (LLAMA_FTYPE_*)
+  if (mix) return t == DType::Q4_K ? 15 : 17;  // MOSTLY_Q4_K_M, MOSTLY_Q5_K_M
   switch (t) {
     case DType::F32:
       return 0;
@@ -97,6 +97,8 @@ uint32_t file_type(DType t, bool q4_k_m) {  // llama.cpp's general.file_type (LL
       return 7;
     case DType::Q4_K:
       return 14;  // MOSTLY_Q4_K_S (every matrix Q4_K, as llama-quantize --pure writes it)
+    case DType::Q5_K:
+      return 16;  // MOSTLY_Q5_K_S (likewise)
     case DType::Q6_K:
       return 18;
     case DType::BF16:
@@ -107,10 +109,13 @@ uint32_t file_type(DType t, bool q4_k_m) {  // llama.cpp's general.file_type (LL
 }
 
 int run(const Options& o) {
-  const bool q4_k_m = o.type == "q4_k_m";
-  const DType type = q4_k_m ? DType::Q4_K : parse_dtype(o.type, "--type");
+  // q4_k_m / q5_k_m: the mix on the base type Q4_K / Q5_K.
+  const bool mix = o.type == "q4_k_m" || o.type == "q5_k_m";
+  const DType type =
+      mix ? parse_dtype(o.type.substr(0, 4), "--type") : parse_dtype(o.type, "--type");
   ModelConfig c;
   const std::unique_ptr<WeightSource> source = open_model(o.model, &c);
+  auto type_of = [&](const LlamaTensor& t) { return mix ? k_m_type(type, t, c) : type; };
   if (c.is_qwen2_moe() || c.attention_bias)
     fail("quantize", o.model, ": only LLaMA and Mixtral models are written (model_type ",
          c.model_type, ")");
@@ -127,7 +132,7 @@ int run(const Options& o) {
   std::vector<std::pair<std::string, GgufValue>> meta = {
       {"general.architecture", GgufValue::str("llama")},
       {"general.name", GgufValue::str(std::filesystem::path(o.model).filename().string())},
-      {"general.file_type", GgufValue::u32(file_type(type, q4_k_m))},
+      {"general.file_type", GgufValue::u32(file_type(type, mix))},
       {"general.quantization_version", GgufValue::u32(2)},
       {"llama.vocab_size", GgufValue::u32(static_cast<uint32_t>(c.vocab_size))},
       {"llama.context_length", GgufValue::u32(static_cast<uint32_t>(c.max_position_embeddings))},
@@ -186,7 +191,7 @@ int run(const Options& o) {
         std::memcpy(all.data<float>() + e * rows * cols, parts[e].data<float>(),
                     rows * cols * sizeof(float));
       stacks.erase(gg);
-      const DType want = stored_type(q4_k_m ? q4_k_m_type(t, c) : type, cols, as_q8_0, kept_f32);
+      const DType want = stored_type(type_of(t), cols, as_q8_0, kept_f32);
       ++per_type[want];
       Tensor stored = want == DType::F32 ? all : is_block(want) ? quantize_rows(all, want)
                                                                 : all.to(want);
@@ -202,7 +207,7 @@ int run(const Options& o) {
     // routers).
     DType want = DType::F32;
     if (t.matrix && w.ndim() == 2 && t.part != LlamaPart::Router) {
-      want = stored_type(q4_k_m ? q4_k_m_type(t, c) : type, w.dim(1), as_q8_0, kept_f32);
+      want = stored_type(type_of(t), w.dim(1), as_q8_0, kept_f32);
       ++per_type[want];
     }
     Tensor stored = want == DType::F32 ? w : is_block(want) ? quantize_rows(w, want) : w.to(want);
@@ -218,7 +223,7 @@ int run(const Options& o) {
   std::printf(
       "wrote %s: %zu tensors, %s matrices (%s; rows not whole blocks: %lld as q8_0, %lld kept "
       "f32), %.1f MiB, %s, in %.1f s\n",
-      o.out.c_str(), out.size(), q4_k_m ? "q4_k_m" : std::string(dtype_name(type)).c_str(),
+      o.out.c_str(), out.size(), mix ? o.type.c_str() : std::string(dtype_name(type)).c_str(),
       types.c_str(), static_cast<long long>(as_q8_0), static_cast<long long>(kept_f32),
       static_cast<double>(bytes) / (1 << 20),
       has_tokenizer ? "with the sentencepiece vocabulary" : "no tokenizer", timer.seconds());
@@ -227,16 +232,18 @@ int run(const Options& o) {
 
 [[maybe_unused]] const bool registered = register_command(
     {"quantize",
-     "Write a model as a LLaMA GGUF (llama.cpp's names), matrices in q8_0, q4_0, q4_k, q6_k or "
-     "q4_k_m (mixed)",
+     "Write a model as a LLaMA GGUF (llama.cpp's names), matrices in q8_0, q4_0, q4_k, q5_k, q6_k "
+     "or mixed (q4_k_m, q5_k_m)",
      [](CLI::App& app) {
        auto o = std::make_shared<Options>();
        app.add_option("--model", o->model, "Hugging Face directory or llama2.c .bin")->required();
        app.add_option("--type", o->type,
-                      "q8_0, q4_0, q4_k, q6_k, q4_k_m (llama.cpp's Q4_K_M: Q4_K with the LM head "
-                      "and half the attn_v / ffn_down in Q6_K), or f32, f16, bf16: unquantized")
+                      "q8_0, q4_0, q4_k, q5_k, q6_k, q4_k_m / q5_k_m (llama.cpp's Q4_K_M / "
+                      "Q5_K_M: Q4_K / Q5_K with the LM head and half the attn_v / ffn_down in "
+                      "Q6_K), or f32, f16, bf16: unquantized")
            ->required()
-           ->check(CLI::IsMember({"q8_0", "q4_0", "q4_k", "q6_k", "q4_k_m", "f32", "f16", "bf16"}));
+           ->check(CLI::IsMember(
+               {"q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "q4_k_m", "q5_k_m", "f32", "f16", "bf16"}));
        app.add_option("--out", o->out, "Output .gguf file")->required();
        return [o] { return run(*o); };
      }});

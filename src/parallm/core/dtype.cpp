@@ -29,6 +29,8 @@ size_t dtype_size(DType t) {
       return 144;
     case DType::Q6_K:
       return 210;
+    case DType::Q5_K:
+      return 176;
   }
   return 0;
 }
@@ -57,6 +59,8 @@ std::string_view dtype_name(DType t) {
       return "q4_k";
     case DType::Q6_K:
       return "q6_k";
+    case DType::Q5_K:
+      return "q5_k";
   }
   return "?";
 }
@@ -72,8 +76,9 @@ DType parse_dtype(std::string_view s, std::string_view what) {
   if (s == "q4_0" || s == "Q4_0") return DType::Q4_0;
   if (s == "q4_k" || s == "Q4_K") return DType::Q4_K;
   if (s == "q6_k" || s == "Q6_K") return DType::Q6_K;
+  if (s == "q5_k" || s == "Q5_K") return DType::Q5_K;
   fail("dtype", what, ": unsupported dtype \"", s,
-       "\" (expected f32, bf16, f16, i32, i64, u8, q8_0, q4_0, q4_k or q6_k)");
+       "\" (expected f32, bf16, f16, i32, i64, u8, q8_0, q4_0, q4_k, q6_k or q5_k)");
 }
 
 uint16_t f32_to_f16(float f) {

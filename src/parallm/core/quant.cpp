@@ -107,23 +107,23 @@ float grid_error(const float* x, int n, float s, float m, int qlo, int qhi) {
   return e;
 }
 
-// A sub-block's scale s and offset m (value = s q - m, q in [0, 15], m >= 0) that code x[0, n)
+// A sub-block's scale s and offset m (value = s q - m, q in [0, qmax], m >= 0) that code x[0, n)
 // with a small squared error: starting from the grid that just covers [min(x, 0), max(x)], codes
 // are assigned (nearest) and (s, m) refitted by least squares, a few rounds, keeping the best.
-void fit_asymmetric(const float* x, int n, float* s_out, float* m_out) {
+void fit_asymmetric(const float* x, int n, int qmax, float* s_out, float* m_out) {
   float lo = 0.0f, hi = 0.0f;
   for (int i = 0; i < n; ++i) {
     lo = std::min(lo, x[i]);
     hi = std::max(hi, x[i]);
   }
-  float s = (hi - lo) / 15.0f, m = -lo;
-  float best = grid_error(x, n, s, m, 0, 15), bs = s, bm = m;
+  float s = (hi - lo) / static_cast<float>(qmax), m = -lo;
+  float best = grid_error(x, n, s, m, 0, qmax), bs = s, bm = m;
   for (int round = 0; round < 4 && s > 0.0f; ++round) {
     // Least squares of x = s q - m over the current codes: the 2x2 normal equations.
     double sq = 0, sqq = 0, sx = 0, sqx = 0;
     const float inv = 1.0f / s;
     for (int i = 0; i < n; ++i) {
-      const double q = code_in((x[i] + m) * inv, 0, 15);
+      const double q = code_in((x[i] + m) * inv, 0, qmax);
       sq += q;
       sqq += q * q;
       sx += x[i];
@@ -139,7 +139,7 @@ void fit_asymmetric(const float* x, int n, float* s_out, float* m_out) {
     if (!(ns > 0)) break;
     s = static_cast<float>(ns);
     m = static_cast<float>(nm);
-    const float e = grid_error(x, n, s, m, 0, 15);
+    const float e = grid_error(x, n, s, m, 0, qmax);
     if (e < best) {
       best = e;
       bs = s;
@@ -184,49 +184,69 @@ uint8_t code6(float v, float d) {  // round(v / d) in [0, 63]
   return d > 0.0f ? static_cast<uint8_t>(std::clamp(std::roundf(v / d), 0.0f, 63.0f)) : 0;
 }
 
+// A Q4_K / Q5_K super-block (they share d, dmin and the 12 bytes of scales and mins): each
+// sub-block's (s, m) fitted, stored as 6-bit codes of d and dmin, and every value's code on the
+// stored grid (value = d*sc*q - dmin*m, the nearest q in [0, qmax]) into q[256].
+template <class B>
+void fit_kmin_block(const float* xb, int qmax, B& out, int* q) {
+  float s[8], m[8], smax = 0.0f, mmax = 0.0f;
+  for (int j = 0; j < 8; ++j) {
+    fit_asymmetric(xb + 32 * j, 32, qmax, &s[j], &m[j]);
+    smax = std::max(smax, s[j]);
+    mmax = std::max(mmax, m[j]);
+  }
+  out.d = f32_to_f16(smax / 63.0f);
+  out.dmin = f32_to_f16(mmax / 63.0f);
+  const float d = f16_to_f32(out.d), dmin = f16_to_f32(out.dmin);
+  uint8_t sc[8], mq[8];
+  for (int j = 0; j < 8; ++j) {
+    sc[j] = code6(s[j], d);
+    mq[j] = code6(m[j], dmin);
+  }
+  // Pack (the inverse of scale_min_k4): sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scale)
+  // and 4-7 (min); sub-blocks 4-7 as nibbles of bytes 8-11, their top 2 bits in the top 2 bits
+  // of bytes 0-3 (scale) and 4-7 (min).
+  for (int j = 0; j < 4; ++j) {
+    out.scales[j] = static_cast<uint8_t>((sc[j] & 63) | ((sc[j + 4] >> 4) << 6));
+    out.scales[j + 4] = static_cast<uint8_t>((mq[j] & 63) | ((mq[j + 4] >> 4) << 6));
+    out.scales[j + 8] = static_cast<uint8_t>((sc[j + 4] & 0xF) | ((mq[j + 4] & 0xF) << 4));
+  }
+  for (int j = 0; j < 8; ++j) {
+    const float step = d * static_cast<float>(sc[j]);
+    const float off = dmin * static_cast<float>(mq[j]);
+    const float inv = step > 0.0f ? 1.0f / step : 0.0f;
+    for (int l = 0; l < 32; ++l) q[32 * j + l] = code_in((xb[32 * j + l] + off) * inv, 0, qmax);
+  }
+}
+
 }  // namespace
 
 void quantize_q4_k(const float* x, BlockQ4_K* y, int64_t n) {
   check_blocks(DType::Q4_K, n, "quantize_q4_k");
   for (int64_t b = 0; b < n / 256; ++b) {
-    const float* xb = x + b * 256;
-    float s[8], m[8], smax = 0.0f, mmax = 0.0f;
-    for (int j = 0; j < 8; ++j) {
-      fit_asymmetric(xb + 32 * j, 32, &s[j], &m[j]);
-      smax = std::max(smax, s[j]);
-      mmax = std::max(mmax, m[j]);
-    }
-    // The sub-block scales and offsets as 6-bit codes of d and dmin (f16).
-    BlockQ4_K& out = y[b];
-    out.d = f32_to_f16(smax / 63.0f);
-    out.dmin = f32_to_f16(mmax / 63.0f);
-    const float d = f16_to_f32(out.d), dmin = f16_to_f32(out.dmin);
-    uint8_t sc[8], mq[8];
-    for (int j = 0; j < 8; ++j) {
-      sc[j] = code6(s[j], d);
-      mq[j] = code6(m[j], dmin);
-    }
-    // Pack (the inverse of scale_min_k4): sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scale)
-    // and 4-7 (min); sub-blocks 4-7 as nibbles of bytes 8-11, their top 2 bits in the top 2 bits
-    // of bytes 0-3 (scale) and 4-7 (min).
-    for (int j = 0; j < 4; ++j) {
-      out.scales[j] = static_cast<uint8_t>((sc[j] & 63) | ((sc[j + 4] >> 4) << 6));
-      out.scales[j + 4] = static_cast<uint8_t>((mq[j] & 63) | ((mq[j + 4] >> 4) << 6));
-      out.scales[j + 8] = static_cast<uint8_t>((sc[j + 4] & 0xF) | ((mq[j + 4] & 0xF) << 4));
-    }
-    // Codes on the stored grid, value = d*sc*q - dmin*m: the nearest in [0, 15]. Each 32 bytes
-    // hold a pair of sub-blocks, the first in the low nibbles.
-    for (int j = 0; j < 8; j += 2) {
-      int q[2][32];
-      for (int h = 0; h < 2; ++h) {
-        const float step = d * static_cast<float>(sc[j + h]);
-        const float off = dmin * static_cast<float>(mq[j + h]);
-        const float inv = step > 0.0f ? 1.0f / step : 0.0f;
-        for (int l = 0; l < 32; ++l)
-          q[h][l] = code_in((xb[32 * (j + h) + l] + off) * inv, 0, 15);
-      }
+    int q[256];
+    fit_kmin_block(x + b * 256, 15, y[b], q);
+    // Each 32 bytes hold a pair of sub-blocks, the first in the low nibbles.
+    for (int c = 0; c < 4; ++c)
       for (int l = 0; l < 32; ++l)
-        out.qs[16 * j + l] = static_cast<uint8_t>(q[0][l] | (q[1][l] << 4));
+        y[b].qs[32 * c + l] = static_cast<uint8_t>(q[64 * c + l] | (q[64 * c + 32 + l] << 4));
+  }
+}
+
+void quantize_q5_k(const float* x, BlockQ5_K* y, int64_t n) {
+  check_blocks(DType::Q5_K, n, "quantize_q5_k");
+  for (int64_t b = 0; b < n / 256; ++b) {
+    int q[256];
+    fit_kmin_block(x + b * 256, 31, y[b], q);
+    // The low 4 bits as Q4_K's nibbles; bit 4 of value l of sub-block j is bit j of qh[l].
+    for (int c = 0; c < 4; ++c)
+      for (int l = 0; l < 32; ++l)
+        y[b].qs[32 * c + l] =
+            static_cast<uint8_t>((q[64 * c + l] & 0xF) | ((q[64 * c + 32 + l] & 0xF) << 4));
+    for (int l = 0; l < 32; ++l) {
+      int h = 0;
+      for (int j = 0; j < 8; ++j) h |= (q[32 * j + l] >> 4) << j;
+      y[b].qh[l] = static_cast<uint8_t>(h);
     }
   }
 }
@@ -275,6 +295,7 @@ void quantize(DType type, const float* x, void* blocks, int64_t n) {
   if (type == DType::Q8_0) return quantize_q8_0(x, static_cast<BlockQ8_0*>(blocks), n);
   if (type == DType::Q4_0) return quantize_q4_0(x, static_cast<BlockQ4_0*>(blocks), n);
   if (type == DType::Q4_K) return quantize_q4_k(x, static_cast<BlockQ4_K*>(blocks), n);
+  if (type == DType::Q5_K) return quantize_q5_k(x, static_cast<BlockQ5_K*>(blocks), n);
   if (type == DType::Q6_K) return quantize_q6_k(x, static_cast<BlockQ6_K*>(blocks), n);
   fail("quant", "quantizing to ", dtype_name(type), " is not supported");
 }
@@ -326,6 +347,26 @@ void dequant_q4_k(const BlockQ4_K* x, float* y, int64_t nb) {
   }
 }
 
+void dequant_q5_k(const BlockQ5_K* x, float* y, int64_t nb) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const float d = f16_to_f32(x[b].d), dmin = f16_to_f32(x[b].dmin);
+    const uint8_t* q = x[b].qs;
+    const uint8_t* qh = x[b].qh;
+    float* out = y + b * 256;
+    for (int j = 0, is = 0; j < 256; j += 64, is += 2, q += 32) {
+      uint8_t sc, m;
+      scale_min_k4(is, x[b].scales, &sc, &m);
+      const float d1 = d * static_cast<float>(sc), m1 = dmin * static_cast<float>(m);
+      scale_min_k4(is + 1, x[b].scales, &sc, &m);
+      const float d2 = d * static_cast<float>(sc), m2 = dmin * static_cast<float>(m);
+      for (int l = 0; l < 32; ++l)
+        *out++ = d1 * static_cast<float>((q[l] & 0xF) | (((qh[l] >> is) & 1) << 4)) - m1;
+      for (int l = 0; l < 32; ++l)
+        *out++ = d2 * static_cast<float>((q[l] >> 4) | (((qh[l] >> (is + 1)) & 1) << 4)) - m2;
+    }
+  }
+}
+
 void dequant_q6_k(const BlockQ6_K* x, float* y, int64_t nb) {
   for (int64_t b = 0; b < nb; ++b) {
     const float d = f16_to_f32(x[b].d);
@@ -361,6 +402,8 @@ void dequantize(DType type, const void* blocks, float* y, int64_t n) {
       return dequant_q4_0(static_cast<const BlockQ4_0*>(blocks), y, nb);
     case DType::Q4_K:
       return dequant_q4_k(static_cast<const BlockQ4_K*>(blocks), y, nb);
+    case DType::Q5_K:
+      return dequant_q5_k(static_cast<const BlockQ5_K*>(blocks), y, nb);
     case DType::Q6_K:
       return dequant_q6_k(static_cast<const BlockQ6_K*>(blocks), y, nb);
     default:

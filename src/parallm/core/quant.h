@@ -7,6 +7,9 @@
 //   Q4_K  256 values, 144 bytes: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins for 8
 //         sub-blocks of 32, 128 bytes of nibbles (each 32 bytes: a pair of sub-blocks, the first
 //         in the low nibbles);                                          value = d*sc*q - dmin*m
+//   Q5_K  256 values, 176 bytes: f16 d, f16 dmin, 12 bytes of scales and mins as Q4_K, 32 bytes
+//         of fifth bits (byte l, bit j: value l of sub-block j), 128 bytes of low nibbles as Q4_K;
+//                                                                       value = d*sc*q - dmin*m
 //   Q6_K  256 values, 210 bytes: 128 bytes of low 4 bits, 64 bytes of high 2 bits, 16 int8
 //         scales (one per 16 values), f16 d;                            value = d * sc * (q - 32)
 //
@@ -35,6 +38,13 @@ struct BlockQ4_K {
   uint8_t scales[12];
   uint8_t qs[128];
 };
+struct BlockQ5_K {
+  uint16_t d;     // f16, scale of the sub-block scales
+  uint16_t dmin;  // f16, scale of the sub-block mins
+  uint8_t scales[12];
+  uint8_t qh[32];
+  uint8_t qs[128];
+};
 struct BlockQ6_K {
   uint8_t ql[128];
   uint8_t qh[64];
@@ -42,7 +52,7 @@ struct BlockQ6_K {
   uint16_t d;  // f16
 };
 static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18);
-static_assert(sizeof(BlockQ4_K) == 144 && sizeof(BlockQ6_K) == 210);
+static_assert(sizeof(BlockQ4_K) == 144 && sizeof(BlockQ5_K) == 176 && sizeof(BlockQ6_K) == 210);
 
 // Activations for the K-format integer kernels (kernels/quant_matmul.h), never stored in a file:
 // 256 values as an f32 scale d and int8 codes (value ~ q * d, |q| <= 127), with the sum of each
@@ -64,15 +74,17 @@ void quantize_q4_0(const float* x, BlockQ4_0* y, int64_t n);
 // all-zero block gets d = 0 and zero codes.
 void quantize_q8_k(const float* x, BlockQ8_K* y, int64_t n);
 // x[n] -> n / 256 blocks. Each sub-block's scale (and Q4_K's offset) is fitted to its values:
-// Q4_K (value = s q - m, q in [0, 15], m >= 0): from the grid that just covers [min(x, 0), max x],
-// codes and a least-squares (s, m) alternate for a few rounds; Q6_K (value = s q, q in [-32, 31]):
-// the largest magnitude on -32, then smaller steps that clip it, then the least-squares scale.
-// The fitted values are stored as 6-bit (Q4_K) or int8 (Q6_K) codes of f16 super-block scales,
-// and every value gets the nearest code on the grid so stored. The error is what a search of this
-// kind gives (written here from the formats; llama.cpp's own search differs in its details).
+// Q4_K and Q5_K (value = s q - m, q in [0, 15] or [0, 31], m >= 0): from the grid that just covers
+// [min(x, 0), max x], codes and a least-squares (s, m) alternate for a few rounds; Q6_K (value = s
+// q, q in [-32, 31]): the largest magnitude on -32, then smaller steps that clip it, then the
+// least-squares scale. The fitted values are stored as 6-bit (Q4_K, Q5_K) or int8 (Q6_K) codes of
+// f16 super-block scales, and every value gets the nearest code on the grid so stored. The error is
+// what a search of this kind gives (written here from the formats; llama.cpp's own search differs
+// in its details).
 void quantize_q4_k(const float* x, BlockQ4_K* y, int64_t n);
+void quantize_q5_k(const float* x, BlockQ5_K* y, int64_t n);
 void quantize_q6_k(const float* x, BlockQ6_K* y, int64_t n);
-// Q8_0, Q4_0, Q4_K or Q6_K (std::invalid_argument for any other dtype).
+// Q8_0, Q4_0, Q4_K, Q5_K or Q6_K (std::invalid_argument for any other dtype).
 void quantize(DType type, const float* x, void* blocks, int64_t n);
 
 // blocks of `type` (any block dtype) -> y[n].

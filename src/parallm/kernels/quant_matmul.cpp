@@ -298,30 +298,42 @@ PARALLM_AVX512VNNI void tile_avx512vnni(const WB* const* w, int rows, const Act&
 }
 #endif  // PARALLM_X86
 
-// ---- K formats (Q4_K, Q6_K) against BlockQ8_K activations (256 values, f32 scale, codes
+// ---- K formats (Q4_K, Q5_K, Q6_K) against BlockQ8_K activations (256 values, f32 scale, codes
 // |x| <= 127, sums of 16 codes). Per (weight super-block, activation block) pair the kernels form
 // exact int32 sums; only then are they scaled in f32. Both paths produce the same integers and
 // combine them with the same f32 operations in the same order (explicit fma, so the compiler
 // cannot contract differently in the two), so their results are bit-identical.
 //
-// Q4_K (value = d sc_j q - dmin m_j, q in 0..15, sc_j and m_j in 0..63, sub-blocks j of 32):
+// Q4_K and Q5_K (value = d sc_j q - dmin m_j, q in 0..15 or 0..31, sc_j and m_j in 0..63,
+// sub-blocks j of 32):
 //   dot = d dx sum_j sc_j sum_{i in j} q_i x_i  -  dmin dx sum_j m_j sum_{i in j} x_i
 // Q6_K (value = d sc_g (q - 32), q in 0..63, sc_g int8, sub-blocks g of 16):
 //   dot = d dx (sum_g sc_g sum_{i in g} q_i x_i  -  32 sum_g sc_g sum_{i in g} x_i)
-// int32 bounds: Q4_K |first sum| <= 256 x 63 x 15 x 127 = 30.7e6, |second| <= 256 x 63 x 127
-// = 2.0e6; Q6_K |first| <= 256 x 128 x 63 x 127 = 262e6, |second| <= 32 x 256 x 128 x 127 =
-// 133e6, their difference <= 395e6: all below 2^31 = 2147e6 (partial sums are bounded by the same
-// products over fewer values).
-// Q6_K repacked (repack_quant_weight): per super-block index the 4 rows' plain blocks side by
-// side, so a tile of 4 rows reads one stream (four streams of 210-byte blocks at once run slower
-// than one row after another, see krows_avx2). The blocks themselves are unchanged.
-struct GroupQ6_K {
-  quant::BlockQ6_K blk[4];
+// int32 bounds: Q4_K |first sum| <= 256 x 63 x 15 x 127 = 30.7e6 (Q5_K: x 31 = 63.5e6), |second|
+// <= 256 x 63 x 127 = 2.0e6; Q6_K |first| <= 256 x 128 x 63 x 127 = 262e6, |second| <= 32 x 256 x
+// 128 x 127 = 133e6, their difference <= 395e6: all below 2^31 = 2147e6 (partial sums are bounded
+// by the same products over fewer values). Q6_K and Q5_K repacked (repack_quant_weight): per
+// super-block index the 4 rows' plain blocks side by side, so a tile of 4 rows reads one stream
+// (four streams of 210-byte blocks at once run slower than one row after another, see krows_avx2).
+// The blocks themselves are unchanged.
+template <class WB>
+struct GroupBlocks {
+  WB blk[4];
 };
+using GroupQ6_K = GroupBlocks<quant::BlockQ6_K>;
+using GroupQ5_K = GroupBlocks<quant::BlockQ5_K>;
+// The K formats with mins (Q4_K, Q5_K: d, dmin and the 12 scale bytes at the same offsets).
+template <class WB>
+constexpr bool kHasMins =
+    std::is_same_v<WB, quant::BlockQ4_K> || std::is_same_v<WB, quant::BlockQ5_K>;
+// The K formats repacked as GroupBlocks.
+template <class WB>
+constexpr bool kGroupedBlocks =
+    std::is_same_v<WB, quant::BlockQ6_K> || std::is_same_v<WB, quant::BlockQ5_K>;
 
 struct KSum {
   int32_t q;  // sum of scale x code x activation
-  int32_t m;  // Q4_K: sum of min x activation (0 for Q6_K)
+  int32_t m;  // Q4_K, Q5_K: sum of min x activation (0 for Q6_K)
 };
 
 // Q4_K's 6-bit scales and mins of its 8 sub-blocks: bytes 0..3 hold sc_0..3 in their low 6 bits,
@@ -352,8 +364,8 @@ inline float kcombine(float d, float dmin, float dx, KSum s, float acc) {
 inline float kcombine(float d, float dx, KSum s, float acc) {
   return std::fma(d * dx, static_cast<float>(s.q), acc);
 }
-inline float kcombine_scalar(const quant::BlockQ4_K& w, const quant::BlockQ8_K& x, KSum s,
-                             float acc) {
+template <class WB, std::enable_if_t<kHasMins<WB>, int> = 0>
+inline float kcombine_scalar(const WB& w, const quant::BlockQ8_K& x, KSum s, float acc) {
   return kcombine(f16_to_f32(w.d), f16_to_f32(w.dmin), x.d, s, acc);
 }
 inline float kcombine_scalar(const quant::BlockQ6_K& w, const quant::BlockQ8_K& x, KSum s,
@@ -372,6 +384,24 @@ inline KSum ksum_scalar(const quant::BlockQ4_K& w, const quant::BlockQ8_K& x) {
     for (int l = 0; l < 32; ++l) {
       lo += (w.qs[32 * c + l] & 0xF) * static_cast<int32_t>(x.qs[64 * c + l]);
       hi += (w.qs[32 * c + l] >> 4) * static_cast<int32_t>(x.qs[64 * c + 32 + l]);
+    }
+    q += sc[2 * c] * lo + sc[2 * c + 1] * hi;
+  }
+  return {q, q4k_min_sum(m, x)};
+}
+
+// Q5_K: Q4_K's nibbles with bit j of qh[l] as bit 4 of value l of sub-block j.
+inline KSum ksum_scalar(const quant::BlockQ5_K& w, const quant::BlockQ8_K& x) {
+  uint8_t sc[8], m[8];
+  q4k_scales_mins(w.scales, sc, m);
+  int32_t q = 0;
+  for (int c = 0; c < 4; ++c) {
+    int32_t lo = 0, hi = 0;
+    for (int l = 0; l < 32; ++l) {
+      const int q0 = (w.qs[32 * c + l] & 0xF) | (((w.qh[l] >> (2 * c)) & 1) << 4);
+      const int q1 = (w.qs[32 * c + l] >> 4) | (((w.qh[l] >> (2 * c + 1)) & 1) << 4);
+      lo += q0 * static_cast<int32_t>(x.qs[64 * c + l]);
+      hi += q1 * static_cast<int32_t>(x.qs[64 * c + 32 + l]);
     }
     q += sc[2 * c] * lo + sc[2 * c + 1] * hi;
   }
@@ -422,17 +452,71 @@ PARALLM_AVX2 static inline int32_t hsum_i32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
+// Bit `bit` of each byte of v as bit 4 (0x10) of the same byte, other bits 0 (16-bit shifts: the
+// bit that lands on bit 4 of either byte came from that byte).
+template <int bit>
+PARALLM_AVX2 static inline __m256i bit_to_4(__m256i v) {
+  const __m256i b4 = _mm256_set1_epi8(0x10);
+  if constexpr (bit <= 4)
+    return _mm256_and_si256(_mm256_slli_epi16(v, 4 - bit), b4);
+  else
+    return _mm256_and_si256(_mm256_srli_epi16(v, bit - 4), b4);
+}
+
 // Q4_K: maddubs(codes 0..15 unsigned, x signed) -> i16 pair sums, |.| <= 2 x 15 x 127 = 3810 (no
-// saturation); madd with the sub-block's scale (<= 63) -> i32 lanes <= 63 x 2 x 3810. The scales
+// saturation); madd with the sub-block's scale (<= 63) -> i32 lanes <= 63 x 2 x 3810. Q5_K the
+// same with each code's fifth bit (bit j of qh[l] for value l of sub-block j) ORed in as bit 4:
+// codes 0..31, pair sums <= 7874. The scales
 // and mins are unpacked 4 at a time with 32-bit masks (the packing q4k_scales_mins reads byte by
 // byte; the reference's bit-identical results check the two against each other). NT tokens (1 or
 // 2) share the weight block's unpacking.
 // The unreduced form: per token, 8 int32 lanes whose sum is KSum::q (q[t]) and 8 whose sum is
 // KSum::m (m[t]); ksum_avx2 reduces them one row at a time, ktile4_avx2 four rows at once.
-template <int NT>
-PARALLM_AVX2 static inline void ksum_lanes_avx2(const quant::BlockQ4_K& w,
-                                                const quant::BlockQ8_K* const* x, __m256i* q,
-                                                __m256i* m) {
+template <int C>
+PARALLM_AVX2 static inline void kcodes_avx2(const quant::BlockQ4_K& w, __m256i* lo, __m256i* hi) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs + 32 * C));
+  *lo = _mm256_and_si256(raw, low4);
+  *hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+}
+template <int C>
+PARALLM_AVX2 static inline void kcodes_avx2(const quant::BlockQ5_K& w, __m256i* lo, __m256i* hi) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs + 32 * C));
+  const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qh));
+  *lo = _mm256_or_si256(_mm256_and_si256(raw, low4), bit_to_4<2 * C>(qh));
+  *hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low4), bit_to_4<2 * C + 1>(qh));
+}
+
+template <int C, int NT>
+PARALLM_AVX2 static inline void kchunk_avx2(__m256i lo, __m256i hi, __m256i sc16,
+                                            const quant::BlockQ8_K* const* x, __m256i* acc) {
+  const __m256i s0 = _mm256_shuffle_epi8(
+      sc16, _mm256_set1_epi16(static_cast<short>((4 * C) | ((4 * C + 1) << 8))));
+  const __m256i s1 = _mm256_shuffle_epi8(
+      sc16, _mm256_set1_epi16(static_cast<short>((4 * C + 2) | ((4 * C + 3) << 8))));
+  for (int t = 0; t < NT; ++t) {
+    const int8_t* xq = x[t]->qs + 64 * C;
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32));
+    const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), s0);
+    const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), s1);
+    acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(p0, p1));
+  }
+}
+
+template <int C, int NT, class WB>
+PARALLM_AVX2 static inline void kchunks_avx2(const WB& w, __m256i sc16,
+                                             const quant::BlockQ8_K* const* x, __m256i* acc) {
+  __m256i lo, hi;
+  kcodes_avx2<C>(w, &lo, &hi);
+  kchunk_avx2<C, NT>(lo, hi, sc16, x, acc);
+  if constexpr (C < 3) kchunks_avx2<C + 1, NT>(w, sc16, x, acc);
+}
+
+template <int NT, class WB, std::enable_if_t<kHasMins<WB>, int> = 0>
+PARALLM_AVX2 static inline void ksum_lanes_avx2(const WB& w, const quant::BlockQ8_K* const* x,
+                                                __m256i* q, __m256i* m) {
   uint32_t p[3];
   std::memcpy(p, w.scales, 12);
   const uint32_t sc_lo = p[0] & 0x3F3F3F3Fu, m_lo = p[1] & 0x3F3F3F3Fu;
@@ -445,27 +529,9 @@ PARALLM_AVX2 static inline void ksum_lanes_avx2(const quant::BlockQ4_K& w,
   // The 8 scales as i16 in both 128-bit halves; sub-block j's scale spread to every i16 lane by
   // a byte shuffle of lane j.
   const __m256i sc16 = _mm256_permute4x64_epi64(_mm256_cvtepu8_epi16(scm), 0x44);
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
   __m256i acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_si256();
-#pragma GCC unroll 4
-  for (int c = 0; c < 4; ++c) {
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs + 32 * c));
-    const __m256i lo = _mm256_and_si256(raw, low4);
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-    const __m256i s0 = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(static_cast<short>(
-                                                     (4 * c) | ((4 * c + 1) << 8))));
-    const __m256i s1 = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(static_cast<short>(
-                                                     (4 * c + 2) | ((4 * c + 3) << 8))));
-    for (int t = 0; t < NT; ++t) {
-      const int8_t* xq = x[t]->qs + 64 * c;
-      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
-      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32));
-      const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), s0);
-      const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), s1);
-      acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(p0, p1));
-    }
-  }
+  kchunks_avx2<0, NT>(w, sc16, x, acc);  // chunks c = 0..3: sub-blocks 2c, 2c + 1
   // Mins: each m_j twice as i16 (lanes 2j, 2j + 1) against the 16 group sums: i32 lane j =
   // m_j x sum of sub-block j's codes (|.| <= 63 x 32 x 127).
   const __m128i dup = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
@@ -477,9 +543,9 @@ PARALLM_AVX2 static inline void ksum_lanes_avx2(const quant::BlockQ4_K& w,
   }
 }
 
-template <int NT>
-PARALLM_AVX2 static inline void ksum_avx2(const quant::BlockQ4_K& w,
-                                          const quant::BlockQ8_K* const* x, KSum* out) {
+template <int NT, class WB, std::enable_if_t<kHasMins<WB>, int> = 0>
+PARALLM_AVX2 static inline void ksum_avx2(const WB& w, const quant::BlockQ8_K* const* x,
+                                          KSum* out) {
   __m256i q[NT], m[NT];
   ksum_lanes_avx2<NT>(w, x, q, m);
   for (int t = 0; t < NT; ++t) {
@@ -562,9 +628,9 @@ PARALLM_AVX2 static inline __m128i hsum4_i32(const __m256i* v) {
   return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
-// The 4 rows' f16 scales of block b as f32 (exact, as _cvtsh_ss): d, and dmin for Q4_K.
-PARALLM_AVX2 static inline void kscales4(const quant::BlockQ4_K* const* w, int64_t b, __m128* d,
-                                         __m128* dmin) {
+// The 4 rows' f16 scales of block b as f32 (exact, as _cvtsh_ss): d, and dmin for Q4_K / Q5_K.
+template <class WB, std::enable_if_t<kHasMins<WB>, int> = 0>
+PARALLM_AVX2 static inline void kscales4(const WB* const* w, int64_t b, __m128* d, __m128* dmin) {
   uint32_t dd[kRows];
   for (int r = 0; r < kRows; ++r) std::memcpy(&dd[r], &w[r][b].d, 4);  // d, dmin adjacent
   const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dd)));
@@ -579,9 +645,11 @@ PARALLM_AVX2 static inline void kscales4(const quant::BlockQ6_K* const* w, int64
                                    static_cast<short>(w[2][b].d), static_cast<short>(w[3][b].d),
                                    0, 0, 0, 0));
 }
-// Q6_K groups (GroupQ6_K): row r's block b at g[b].blk[r].
-PARALLM_AVX2 static inline void kscales4(const GroupQ6_K* g, int64_t b, __m128* d, __m128* dmin) {
-  const quant::BlockQ6_K* rows[kRows] = {g[b].blk, g[b].blk + 1, g[b].blk + 2, g[b].blk + 3};
+// Q6_K / Q5_K groups (GroupBlocks): row r's block b at g[b].blk[r].
+template <class WB>
+PARALLM_AVX2 static inline void kscales4(const GroupBlocks<WB>* g, int64_t b, __m128* d,
+                                         __m128* dmin) {
+  const WB* rows[kRows] = {g[b].blk, g[b].blk + 1, g[b].blk + 2, g[b].blk + 3};
   kscales4(rows, 0, d, dmin);
 }
 
@@ -599,8 +667,9 @@ PARALLM_AVX2 static inline void kcombine4(__m128 d, __m128 dmin,
   }
 }
 
-PARALLM_AVX2 static inline float kcombine_avx2(const quant::BlockQ4_K& w, const quant::BlockQ8_K& x,
-                                               KSum s, float acc) {
+template <class WB, std::enable_if_t<kHasMins<WB>, int> = 0>
+PARALLM_AVX2 static inline float kcombine_avx2(const WB& w, const quant::BlockQ8_K& x, KSum s,
+                                               float acc) {
   return kcombine(_cvtsh_ss(w.d), _cvtsh_ss(w.dmin), x.d, s, acc);
 }
 PARALLM_AVX2 static inline float kcombine_avx2(const quant::BlockQ6_K& w, const quant::BlockQ8_K& x,
@@ -633,13 +702,13 @@ PARALLM_AVX2 void krows_avx2(const WB* const* w, int rows, const quant::BlockQ8_
 // reduced together and combined 4 at a time in f32: lane r takes kcombine's operations in its order
 // (d x dx, then fma with the q sum, then fma with -(dmin x dx) and the m sum), so each output is
 // bit-identical to ktile_scalar's. Weights are the 4 row streams, prefetched ahead.
-// W: the 4 rows' plain block pointers (const WB* const*: four streams, prefetched), or a Q6_K
-// group array (const GroupQ6_K*: the 4 rows' blocks side by side, one stream).
+// W: the 4 rows' plain block pointers (const WB* const*: four streams, prefetched), or a Q6_K /
+// Q5_K group array (const GroupBlocks<WB>*: the 4 rows' blocks side by side, one stream).
 template <class WB, int NT, class W>
 PARALLM_AVX2 void ktile4_avx2(W w, const quant::BlockQ8_K* const* x, int64_t nb,
                               float (*out)[kRows]) {
-  constexpr bool kMins = std::is_same_v<WB, quant::BlockQ4_K>;
-  constexpr bool kGroup = std::is_same_v<W, const GroupQ6_K*>;
+  constexpr bool kMins = kHasMins<WB>;
+  constexpr bool kGroup = std::is_same_v<W, const GroupBlocks<WB>*>;
   if constexpr (!kMins && !kGroup) return krows_avx2<WB, NT>(w, kRows, x, nb, out);
   auto block = [&](int r, int64_t b) -> const WB& {
     if constexpr (kGroup)
@@ -652,7 +721,7 @@ PARALLM_AVX2 void ktile4_avx2(W w, const quant::BlockQ8_K* const* x, int64_t nb,
   for (int64_t b = 0; b < nb; ++b) {
     if constexpr (kGroup) {
       const char* ahead = reinterpret_cast<const char*>(w + b + 2);
-      for (size_t l = 0; l < sizeof(GroupQ6_K); l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+      for (size_t l = 0; l < sizeof(GroupBlocks<WB>); l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
     } else {
       for (int r = 0; r < kRows; ++r) {
         const char* ahead = reinterpret_cast<const char*>(w[r] + b) + 8 * sizeof(WB);
@@ -990,10 +1059,10 @@ const char* plain_rows(const Tensor& w, bool packed, int64_t r0, int64_t n, std:
       const GroupQ4_K* g = reinterpret_cast<const GroupQ4_K*>(base) + gi * nb;
       auto* o = reinterpret_cast<quant::BlockQ4_K*>(dst);
       for (int64_t b = 0; b < nb; ++b) unpack_row_k(g[b], r, o[b], simd);
-    } else if (w.dtype() == DType::Q6_K) {
-      const GroupQ6_K* g = reinterpret_cast<const GroupQ6_K*>(base) + gi * nb;
-      auto* o = reinterpret_cast<quant::BlockQ6_K*>(dst);
-      for (int64_t b = 0; b < nb; ++b) o[b] = g[b].blk[r];
+    } else if (w.dtype() == DType::Q6_K || w.dtype() == DType::Q5_K) {  // GroupBlocks
+      const size_t bs = dtype_size(w.dtype());
+      const char* g = base + gi * nb * kRows * bs;
+      for (int64_t b = 0; b < nb; ++b) std::memcpy(dst + b * bs, g + (b * kRows + r) * bs, bs);
     } else if (w.dtype() == DType::Q8_0) {
       const GroupQ8_0* g = reinterpret_cast<const GroupQ8_0*>(base) + gi * nb;
       BlockQ8_0* o = reinterpret_cast<BlockQ8_0*>(dst);
@@ -1305,8 +1374,8 @@ void run_blocks(const float* x, int64_t T, const Tensor& w, float* y, bool accum
   });
 }
 
-// Q4_K / Q6_K below 64 tokens: the activations to BlockQ8_K once per call, then tiles of 4 rows
-// against each token, as run_blocks.
+// Q4_K / Q5_K / Q6_K below 64 tokens: the activations to BlockQ8_K once per call, then tiles of 4
+// rows against each token, as run_blocks.
 template <class WB>
 void run_kblocks(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
                  QuantPath path, bool packed) {
@@ -1356,8 +1425,8 @@ void run_kblocks(const float* x, int64_t T, const Tensor& w, float* y, bool accu
           }
         };
         if (path != QuantPath::Scalar) {
-          if constexpr (std::is_same_v<WB, quant::BlockQ6_K>) {
-            const GroupQ6_K* g = reinterpret_cast<const GroupQ6_K*>(wb) + ti * nb;
+          if constexpr (kGroupedBlocks<WB>) {
+            const GroupBlocks<WB>* g = reinterpret_cast<const GroupBlocks<WB>*>(wb) + ti * nb;
             by_tokens([&](auto nt, int64_t t0, float(*out)[kRows]) {
               constexpr int NT = decltype(nt)::value;
               const quant::BlockQ8_K* xt[NT];
@@ -1477,9 +1546,9 @@ constexpr int kGemmTokens = 4;
 // GEMV: Q8_0 0.69x at B = 8, 1.11x at 16, 1.47x at 24, 1.79x at 32; Q4_0 (panels packed from the
 // repacked groups) 0.60x at 8, 1.02x at 16, 1.42x at 24, 1.84x at 32.
 constexpr int64_t kInt8GemmMinT = 16;
-// Q4_K / Q6_K prefill (from kSgemmMinT tokens) on kernels/matmul.h's bf16 GEMM.
+// Q4_K / Q5_K / Q6_K prefill (from kSgemmMinT tokens) on kernels/matmul.h's bf16 GEMM.
 bool kformat_bf16_gemm_runs(DType type) {
-  return (type == DType::Q4_K || type == DType::Q6_K) && bf16_gemm_available();
+  return is_block(type) && dtype_block(type) == 256 && bf16_gemm_available();
 }
 // Tokens from which the AVX2 int8 GEMM (below) runs for `type`, 0 where it has none. Zen 3, 2
 // threads, `bench decode --batch B` on the tinyllama shape, the GEMM against the GEMV, two runs
@@ -1492,6 +1561,7 @@ int64_t int8_gemm_avx2_min_t(DType type) {
       return 16;
     case DType::Q8_0:
     case DType::Q4_K:
+    case DType::Q5_K:
     case DType::Q6_K:
       return kSgemmMinT;
     default:
@@ -1500,7 +1570,7 @@ int64_t int8_gemm_avx2_min_t(DType type) {
 }
 enum class Int8Gemm { None, Avx512Vnni, Avx2 };
 Int8Gemm int8_gemm_for(DType type, int64_t T, QuantPath path) {
-  if (path == QuantPath::Avx512Vnni)  // Q4_K / Q6_K there: the bf16 GEMM or sgemm
+  if (path == QuantPath::Avx512Vnni)  // the K formats there: the bf16 GEMM or sgemm
     return (type == DType::Q8_0 || type == DType::Q4_0) && T >= kInt8GemmMinT ? Int8Gemm::Avx512Vnni
                                                                               : Int8Gemm::None;
   if (path == QuantPath::Avx2 || path == QuantPath::AvxVnni) {
@@ -1845,29 +1915,38 @@ PARALLM_AVX2 static inline void store_chunk8(const __m256i (&v)[8], uint8_t (*co
     _mm256_store_si256(reinterpret_cast<__m256i*>(codes[8 * c + k][r0]), q[k]);
 }
 
-// Rows [n0, n0 + nr) of a Q4_K weight into nb PanelKBlocks (rows nr..31 zero).
-PARALLM_AVX2 void pack_panel_k(const Tensor& w, bool packed, int64_t n0, int nr, int64_t nb,
-                               PanelKBlock* out) {
+// Q5_K the same way, its codes 0..31 in the panel: vpmaddubsw sums over 4 quads in int16 (<= 4 x 2
+// x 31 x 127 = 31496; 8 would overflow), so two vpmaddwd by the scale per sub-block.
+struct alignas(64) PanelK5Block : PanelKBlock {};
+
+// Rows [n0, n0 + nr) of a Q4_K or Q5_K weight into nb PanelKBlocks (rows nr..31 zero).
+template <class WB, class Panel>
+PARALLM_AVX2 void pack_panel_kmin(const Tensor& w, bool packed, int64_t n0, int nr, int64_t nb,
+                                  Panel* out) {
+  constexpr bool kQ5 = std::is_same_v<WB, quant::BlockQ5_K>;
   thread_local std::vector<char> tmp;
   const auto* rows =
-      reinterpret_cast<const quant::BlockQ4_K*>(plain_rows(w, packed, n0, nr, tmp, simd_unpack()));
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
+      reinterpret_cast<const WB*>(plain_rows(w, packed, n0, nr, tmp, !kQ5 && simd_unpack()));
+  const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
   for (int64_t b = 0; b < nb; ++b) {
     PanelKBlock& p = out[b];
     for (int r0 = 0; r0 < kPanelRows; r0 += 8) {
       __m256i raw[4][8];  // chunk c (sub-blocks 2c, 2c + 1) of the 8 rows
+      __m256i qh[8];      // Q5_K: the 8 rows' fifth bits
       for (int i = 0; i < 8; ++i) {
         const int r = r0 + i;
         if (r >= nr) {
           for (int c = 0; c < 4; ++c) raw[c][i] = _mm256_setzero_si256();
+          qh[i] = _mm256_setzero_si256();
           for (int j = 0; j < 8; ++j) p.sc[j][r][0] = p.sc[j][r][1] = 0;
           for (int j = 0; j < 4; ++j) p.m[j][r][0] = p.m[j][r][1] = 0;
           p.d[r] = p.dmin[r] = 0.0f;
           continue;
         }
-        const quant::BlockQ4_K& blk = rows[r * nb + b];
+        const WB& blk = rows[r * nb + b];
         for (int c = 0; c < 4; ++c)
           raw[c][i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs + 32 * c));
+        if constexpr (kQ5) qh[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qh));
         uint8_t sc[8], m[8];
         q4k_scales_mins(blk.scales, sc, m);
         for (int j = 0; j < 8; ++j) p.sc[j][r][0] = p.sc[j][r][1] = sc[j];
@@ -1880,13 +1959,25 @@ PARALLM_AVX2 void pack_panel_k(const Tensor& w, bool packed, int64_t n0, int nr,
       }
       for (int j = 0; j < 8; ++j) {  // low nibbles: sub-block 2c; high: 2c + 1
         __m256i v[8];
-        for (int i = 0; i < 8; ++i)
+        for (int i = 0; i < 8; ++i) {
           v[i] =
               _mm256_and_si256(j % 2 ? _mm256_srli_epi16(raw[j / 2][i], 4) : raw[j / 2][i], low4);
+          if constexpr (kQ5)  // bit j of each qh byte to bit 4 (16-bit shifts, see bit_to_4)
+            v[i] = _mm256_or_si256(
+                v[i], _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh[i], j), 4), bit4));
+        }
         store_chunk8(v, p.codes, j, r0);
       }
     }
   }
+}
+PARALLM_AVX2 void pack_panel_k(const Tensor& w, bool packed, int64_t n0, int nr, int64_t nb,
+                               PanelKBlock* out) {
+  pack_panel_kmin<quant::BlockQ4_K>(w, packed, n0, nr, nb, out);
+}
+PARALLM_AVX2 void pack_panel_k(const Tensor& w, bool packed, int64_t n0, int nr, int64_t nb,
+                               PanelK5Block* out) {
+  pack_panel_kmin<quant::BlockQ5_K>(w, packed, n0, nr, nb, out);
 }
 
 // Q4_K's int32 q sums of one super-block for TT tokens (x: token t's block at x[t * nb]).
@@ -1922,8 +2013,44 @@ PARALLM_AVX2 static inline void kblock_sums_avx2(const PanelKBlock& pb, const qu
   }
 }
 
-// acc (16 rows of one token) += Q4_K's block: d dx q - dmin dx (sum_j m_j bsum_j), kcombine's
-// fmas in its order.
+// Q5_K's: per sub-block two int16 sums of 4 quads, each scaled into the int32 sum.
+template <int TT>
+PARALLM_AVX2 static inline void kblock_sums_avx2(const PanelK5Block& pb, const quant::BlockQ8_K* x,
+                                                 int64_t nb, int r0, __m256i (&qs)[TT][2]) {
+  for (int j = 0; j < 8; ++j) {
+    const __m256i sc0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.sc[j][r0]));
+    const __m256i sc1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.sc[j][r0 + 8]));
+#pragma GCC unroll 2
+    for (int k0 = 0; k0 < 8; k0 += 4) {
+      __m256i s[TT][2];
+#pragma GCC unroll 4
+      for (int t = 0; t < TT; ++t) s[t][0] = s[t][1] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int k = k0; k < k0 + 4; ++k) {
+        const __m256i w0 =
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.codes[8 * j + k][r0]));
+        const __m256i w1 =
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.codes[8 * j + k][r0 + 8]));
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; ++t) {
+          int32_t v;
+          std::memcpy(&v, x[t * nb].qs + 32 * j + 4 * k, 4);
+          const __m256i xv = _mm256_set1_epi32(v);
+          s[t][0] = _mm256_add_epi16(s[t][0], _mm256_maddubs_epi16(w0, xv));
+          s[t][1] = _mm256_add_epi16(s[t][1], _mm256_maddubs_epi16(w1, xv));
+        }
+      }
+#pragma GCC unroll 4
+      for (int t = 0; t < TT; ++t) {
+        qs[t][0] = _mm256_add_epi32(qs[t][0], _mm256_madd_epi16(s[t][0], sc0));
+        qs[t][1] = _mm256_add_epi32(qs[t][1], _mm256_madd_epi16(s[t][1], sc1));
+      }
+    }
+  }
+}
+
+// acc (16 rows of one token) += Q4_K's (or Q5_K's) block: d dx q - dmin dx (sum_j m_j bsum_j),
+// kcombine's fmas in its order.
 PARALLM_AVX2 static inline void kblock_combine_avx2(const PanelKBlock& pb,
                                                     const quant::BlockQ8_K& xb, int r0,
                                                     const __m256i (&q)[2], __m256 (&acc)[2]) {
@@ -2064,7 +2191,8 @@ PARALLM_AVX2 static inline void kblock_combine_avx2(const PanelK6Block& pb,
   }
 }
 
-// One 16-row half of a K-format panel (PanelKBlock: Q4_K, PanelK6Block: Q6_K) by TT tokens.
+// One 16-row half of a K-format panel (PanelKBlock: Q4_K, PanelK5Block: Q5_K, PanelK6Block: Q6_K)
+// by TT tokens.
 template <class Panel, int TT>
 PARALLM_AVX2 void gemm_ktile_avx2(const Panel* p, int64_t nb, int half, const quant::BlockQ8_K* x,
                                   float* y, int64_t ldy, int nr, bool accumulate) {
@@ -2083,11 +2211,13 @@ PARALLM_AVX2 void gemm_ktile_avx2(const Panel* p, int64_t nb, int half, const qu
   store_rows16_avx2<TT>(acc, y + r0, ldy, nr, accumulate);
 }
 
-// The K-format GEMMs' driver: WB (Q4_K or Q6_K) picks the panel, its packing and its tile.
+// The K-format GEMMs' driver: WB (Q4_K, Q5_K or Q6_K) picks the panel, its packing and its tile.
 template <class WB>
 void run_kgemm_avx2(const float* x, int64_t T, const Tensor& w, float* y, bool accumulate,
                     bool packed) {
-  using Panel = std::conditional_t<std::is_same_v<WB, quant::BlockQ4_K>, PanelKBlock, PanelK6Block>;
+  using Panel = std::conditional_t<
+      std::is_same_v<WB, quant::BlockQ4_K>, PanelKBlock,
+      std::conditional_t<std::is_same_v<WB, quant::BlockQ5_K>, PanelK5Block, PanelK6Block>>;
   const int64_t N = w.dim(0), K = w.dim(1), nb = K / 256;
   thread_local std::vector<quant::BlockQ8_K> xq;
   xq.resize(static_cast<size_t>(T * nb));
@@ -2299,7 +2429,7 @@ std::string quant_matmul_kernel(DType type, int64_t T, QuantPath path) {
       break;
   }
   if (T >= kSgemmMinT) return kformat_bf16_gemm_runs(type) ? "bf16-gemm-avx512" : "sgemm";
-  const bool kformat = type == DType::Q4_K || type == DType::Q6_K;
+  const bool kformat = dtype_block(type) == 256;
   if (kformat && path != QuantPath::Scalar) return "int8-avx2";
   return "int8-" + quant_path_name(path);
 }
@@ -2332,6 +2462,8 @@ void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y, bool acc
     case Int8Gemm::Avx2:
       if (w.dtype() == DType::Q4_K)
         return run_kgemm_avx2<quant::BlockQ4_K>(x, T, w, y, accumulate, packed);
+      if (w.dtype() == DType::Q5_K)
+        return run_kgemm_avx2<quant::BlockQ5_K>(x, T, w, y, accumulate, packed);
       if (w.dtype() == DType::Q6_K)
         return run_kgemm_avx2<quant::BlockQ6_K>(x, T, w, y, accumulate, packed);
       return w.dtype() == DType::Q8_0 ? run_gemm_avx2<BlockQ8_0>(x, T, w, y, accumulate, packed)
@@ -2360,6 +2492,8 @@ void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y, bool acc
       return run_blocks<BlockQ4_0>(x, T, w, y, accumulate, path, packed);
     case DType::Q4_K:
       return run_kblocks<quant::BlockQ4_K>(x, T, w, y, accumulate, path, packed);
+    case DType::Q5_K:
+      return run_kblocks<quant::BlockQ5_K>(x, T, w, y, accumulate, path, packed);
     case DType::Q6_K:
       return run_kblocks<quant::BlockQ6_K>(x, T, w, y, accumulate, path, packed);
     default:
@@ -2369,7 +2503,8 @@ void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y, bool acc
 
 // The dtypes that have a repacked layout (the groups above).
 static bool quant_repack_layout(DType type) {
-  return type == DType::Q4_0 || type == DType::Q8_0 || type == DType::Q4_K || type == DType::Q6_K;
+  return type == DType::Q4_0 || type == DType::Q8_0 || type == DType::Q4_K || type == DType::Q5_K ||
+         type == DType::Q6_K;
 }
 
 bool quant_repack_enabled(DType type) {
@@ -2400,11 +2535,12 @@ Tensor repack_quant_weight(const Tensor& w) {
   // Groups over the pool (a 7B model's matrices are GBs); the tail rows copied as they are.
   ThreadPool::current().parallel_for(groups, [&](int64_t g0, int64_t g1) {
     for (int64_t gi = g0; gi < g1; ++gi) {
-      if (type == DType::Q6_K) {
+      if (type == DType::Q6_K || type == DType::Q5_K) {  // GroupBlocks: row r's block b at b, r
+        const size_t bs = dtype_size(type);
+        char* g = buf + gi * nb * kRows * bs;
         for (int64_t b = 0; b < nb; ++b)
           for (int r = 0; r < kRows; ++r)
-            reinterpret_cast<GroupQ6_K*>(buf)[gi * nb + b].blk[r] =
-                reinterpret_cast<const quant::BlockQ6_K*>(src + (gi * kRows + r) * row_bytes)[b];
+            std::memcpy(g + (b * kRows + r) * bs, src + (gi * kRows + r) * row_bytes + b * bs, bs);
       } else if (type == DType::Q4_K) {
         const quant::BlockQ4_K* rows[kRows];
         for (int64_t b = 0; b < nb; ++b) {

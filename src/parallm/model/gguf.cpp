@@ -210,6 +210,8 @@ uint32_t gguf_ggml_type(DType t) {
       return 8;
     case DType::Q4_K:
       return 12;
+    case DType::Q5_K:
+      return 13;
     case DType::Q6_K:
       return 14;
     case DType::BF16:
@@ -231,13 +233,15 @@ DType dtype_of_ggml_type(uint32_t type, const std::string& what) {
       return DType::Q8_0;
     case 12:
       return DType::Q4_K;
+    case 13:
+      return DType::Q5_K;
     case 14:
       return DType::Q6_K;
     case 30:
       return DType::BF16;
     default:
       fail(kComponent, what, ": ggml type ", type,
-           " is not supported (F32 0, F16 1, Q4_0 2, Q8_0 8, Q4_K 12, Q6_K 14, BF16 30)");
+           " is not supported (F32 0, F16 1, Q4_0 2, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14, BF16 30)");
   }
 }
 

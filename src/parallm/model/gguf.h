@@ -87,8 +87,8 @@ struct GgufValue {
   bool is_float() const;  // F32, F64
 };
 
-// ggml's type ids for the dtypes parallm reads: F32 0, F16 1, Q4_0 2, Q8_0 8, Q4_K 12, Q6_K 14,
-// BF16 30. Others: std::invalid_argument naming the id.
+// ggml's type ids for the dtypes parallm reads: F32 0, F16 1, Q4_0 2, Q8_0 8, Q4_K 12, Q5_K 13,
+// Q6_K 14, BF16 30. Others: std::invalid_argument naming the id.
 uint32_t gguf_ggml_type(DType t);
 DType dtype_of_ggml_type(uint32_t type, const std::string& what);
 
@@ -117,7 +117,7 @@ GgufHeader parse_gguf(const uint8_t* bytes, size_t size, const std::string& sour
 
 // Writes a GGUF v3 file (alignment 32, general.alignment only if given in metadata): tensors in
 // the given order, each at the next aligned offset. Tensors: contiguous, dtype F32, F16, BF16,
-// Q8_0, Q4_0, Q4_K or Q6_K, 1-4 dims. Writes to a temporary file and renames it.
+// Q8_0, Q4_0, Q4_K, Q5_K or Q6_K, 1-4 dims. Writes to a temporary file and renames it.
 void write_gguf(const std::string& path,
                 const std::vector<std::pair<std::string, GgufValue>>& metadata,
                 const std::vector<std::pair<std::string, Tensor>>& tensors);

@@ -261,6 +261,7 @@ const char* safetensors_dtype_name(DType dtype) {
     case DType::Q8_0:
     case DType::Q4_0:
     case DType::Q4_K:
+    case DType::Q5_K:
     case DType::Q6_K:
       break;  // no safetensors dtype: block-quantized weights are written as GGUF
   }

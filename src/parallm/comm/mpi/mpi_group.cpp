@@ -190,6 +190,7 @@ MPI_Datatype mpi_type(DType d) {
     case DType::Q8_0:
     case DType::Q4_0:
     case DType::Q4_K:
+    case DType::Q5_K:
     case DType::Q6_K:
       break;  // block-quantized weights never travel between ranks: each reads its own slice
   }
