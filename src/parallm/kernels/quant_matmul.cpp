@@ -312,24 +312,22 @@ PARALLM_AVX512VNNI void tile_avx512vnni(const WB* const* w, int rows, const Act&
 // int32 bounds: Q4_K |first sum| <= 256 x 63 x 15 x 127 = 30.7e6 (Q5_K: x 31 = 63.5e6), |second|
 // <= 256 x 63 x 127 = 2.0e6; Q6_K |first| <= 256 x 128 x 63 x 127 = 262e6, |second| <= 32 x 256 x
 // 128 x 127 = 133e6, their difference <= 395e6: all below 2^31 = 2147e6 (partial sums are bounded
-// by the same products over fewer values). Q6_K and Q5_K repacked (repack_quant_weight): per
-// super-block index the 4 rows' plain blocks side by side, so a tile of 4 rows reads one stream
-// (four streams of 210-byte blocks at once run slower than one row after another, see krows_avx2).
-// The blocks themselves are unchanged.
+// by the same products over fewer values).
+// Q6_K repacked (repack_quant_weight): per super-block index the 4 rows' plain blocks side by
+// side, so a tile of 4 rows reads one stream (four streams of 210-byte blocks at once run slower
+// than one row after another, see krows_avx2). The blocks themselves are unchanged.
 template <class WB>
 struct GroupBlocks {
   WB blk[4];
 };
 using GroupQ6_K = GroupBlocks<quant::BlockQ6_K>;
-using GroupQ5_K = GroupBlocks<quant::BlockQ5_K>;
 // The K formats with mins (Q4_K, Q5_K: d, dmin and the 12 scale bytes at the same offsets).
 template <class WB>
 constexpr bool kHasMins =
     std::is_same_v<WB, quant::BlockQ4_K> || std::is_same_v<WB, quant::BlockQ5_K>;
 // The K formats repacked as GroupBlocks.
 template <class WB>
-constexpr bool kGroupedBlocks =
-    std::is_same_v<WB, quant::BlockQ6_K> || std::is_same_v<WB, quant::BlockQ5_K>;
+constexpr bool kGroupedBlocks = std::is_same_v<WB, quant::BlockQ6_K>;
 
 struct KSum {
   int32_t q;  // sum of scale x code x activation
@@ -645,7 +643,7 @@ PARALLM_AVX2 static inline void kscales4(const quant::BlockQ6_K* const* w, int64
                                    static_cast<short>(w[2][b].d), static_cast<short>(w[3][b].d),
                                    0, 0, 0, 0));
 }
-// Q6_K / Q5_K groups (GroupBlocks): row r's block b at g[b].blk[r].
+// Q6_K groups (GroupBlocks): row r's block b at g[b].blk[r].
 template <class WB>
 PARALLM_AVX2 static inline void kscales4(const GroupBlocks<WB>* g, int64_t b, __m128* d,
                                          __m128* dmin) {
@@ -702,8 +700,8 @@ PARALLM_AVX2 void krows_avx2(const WB* const* w, int rows, const quant::BlockQ8_
 // reduced together and combined 4 at a time in f32: lane r takes kcombine's operations in its order
 // (d x dx, then fma with the q sum, then fma with -(dmin x dx) and the m sum), so each output is
 // bit-identical to ktile_scalar's. Weights are the 4 row streams, prefetched ahead.
-// W: the 4 rows' plain block pointers (const WB* const*: four streams, prefetched), or a Q6_K /
-// Q5_K group array (const GroupBlocks<WB>*: the 4 rows' blocks side by side, one stream).
+// W: the 4 rows' plain block pointers (const WB* const*: four streams, prefetched), or a Q6_K
+// group array (const GroupBlocks<WB>*: the 4 rows' blocks side by side, one stream).
 template <class WB, int NT, class W>
 PARALLM_AVX2 void ktile4_avx2(W w, const quant::BlockQ8_K* const* x, int64_t nb,
                               float (*out)[kRows]) {
@@ -858,6 +856,16 @@ struct GroupQ4_K {
 };
 static_assert(sizeof(GroupQ4_K) == kRows * sizeof(quant::BlockQ4_K));
 
+// Q5_K: Q4_K's group block (its nibbles are Q4_K's, reordered the same way), then each row's 32
+// bytes of fifth bits reordered with them: bit 2c of qh[r][j] is the fifth bit of reordered value
+// j of chunk c, bit 2c + 1 that of reordered value 32 + j (the plain block has bit 2c + s of byte
+// i for value i of sub-block 2c + s). The kernel ORs them in as Q5_K's plain kernel does.
+struct GroupQ5_K {
+  GroupQ4_K k4;
+  uint8_t qh[kRows][32];
+};
+static_assert(sizeof(GroupQ5_K) == kRows * sizeof(quant::BlockQ5_K));
+
 // Where value j (0..63) of a reordered chunk comes from: sub-block 0 (a) or 1 (b) of the chunk,
 // and its index there (0..31). Values 0..31 are _mm256_unpacklo_epi16(a, b)'s bytes, 32..63
 // _mm256_unpackhi_epi16(a, b)'s (both work within 128-bit lanes, 4 int16 from each per lane).
@@ -885,7 +893,8 @@ inline int k4_plain_code(const uint8_t* qs, int c, K4Source s) {
   return s.sub == 0 ? byte & 0xF : byte >> 4;
 }
 
-void pack_group_k(const quant::BlockQ4_K* const* rows, GroupQ4_K& g) {
+template <class WB>  // Q4_K or Q5_K (the same d, dmin, scales and nibbles)
+void pack_group_k(const WB* const* rows, GroupQ4_K& g) {
   for (int r = 0; r < kRows; ++r) {
     g.d[r] = rows[r]->d;
     g.dmin[r] = rows[r]->dmin;
@@ -922,9 +931,36 @@ PARALLM_AVX2 void unpack_codes_k_avx2(const uint8_t* qs, uint8_t* out) {
 }
 #endif
 
+// Q5_K's fifth bits into the group's reordered qh (see GroupQ5_K), and back.
+void pack_group_qh(const quant::BlockQ5_K* const* rows, GroupQ5_K& g) {
+  const std::array<K4Source, 64>& src = k4_sources();
+  for (int r = 0; r < kRows; ++r)
+    for (int j = 0; j < 32; ++j) {
+      int bits = 0;
+      for (int c = 0; c < 4; ++c)
+        for (int h = 0; h < 2; ++h) {
+          const K4Source s = src[32 * h + j];
+          bits |= ((rows[r]->qh[s.index] >> (2 * c + s.sub)) & 1) << (2 * c + h);
+        }
+      g.qh[r][j] = static_cast<uint8_t>(bits);
+    }
+}
+void unpack_row_qh(const GroupQ5_K& g, int r, quant::BlockQ5_K& out) {
+  const std::array<K4Source, 64>& src = k4_sources();
+  std::memset(out.qh, 0, sizeof out.qh);
+  for (int j = 0; j < 32; ++j)
+    for (int c = 0; c < 4; ++c)
+      for (int h = 0; h < 2; ++h) {
+        const K4Source s = src[32 * h + j];
+        out.qh[s.index] |=
+            static_cast<uint8_t>(((g.qh[r][j] >> (2 * c + h)) & 1) << (2 * c + s.sub));
+      }
+}
+
 // Row r of a group block in the plain layout; simd: the codes by unpack_codes_k_avx2 (the scalar
 // path, and CPUs without AVX2, take the loop below: its results are the same bytes).
-void unpack_row_k(const GroupQ4_K& g, int r, quant::BlockQ4_K& out, bool simd) {
+template <class WB>
+void unpack_row_k(const GroupQ4_K& g, int r, WB& out, bool simd) {
   out.d = g.d[r];
   out.dmin = g.dmin[r];
   for (int i = 0; i < 3; ++i) std::memcpy(out.scales + 4 * i, &g.sc[i][r], 4);
@@ -943,7 +979,6 @@ void unpack_row_k(const GroupQ4_K& g, int r, quant::BlockQ4_K& out, bool simd) {
       out.qs[32 * c + s.index] |= static_cast<uint8_t>(code << (4 * s.sub));
     }
 }
-
 
 inline int q4_code(const BlockQ4_0& b, int j) {
   return j < 16 ? (b.qs[j] & 0xF) : (b.qs[j - 16] >> 4);
@@ -1059,10 +1094,17 @@ const char* plain_rows(const Tensor& w, bool packed, int64_t r0, int64_t n, std:
       const GroupQ4_K* g = reinterpret_cast<const GroupQ4_K*>(base) + gi * nb;
       auto* o = reinterpret_cast<quant::BlockQ4_K*>(dst);
       for (int64_t b = 0; b < nb; ++b) unpack_row_k(g[b], r, o[b], simd);
-    } else if (w.dtype() == DType::Q6_K || w.dtype() == DType::Q5_K) {  // GroupBlocks
-      const size_t bs = dtype_size(w.dtype());
-      const char* g = base + gi * nb * kRows * bs;
-      for (int64_t b = 0; b < nb; ++b) std::memcpy(dst + b * bs, g + (b * kRows + r) * bs, bs);
+    } else if (w.dtype() == DType::Q5_K) {
+      const GroupQ5_K* g = reinterpret_cast<const GroupQ5_K*>(base) + gi * nb;
+      auto* o = reinterpret_cast<quant::BlockQ5_K*>(dst);
+      for (int64_t b = 0; b < nb; ++b) {
+        unpack_row_k(g[b].k4, r, o[b], simd);
+        unpack_row_qh(g[b], r, o[b]);
+      }
+    } else if (w.dtype() == DType::Q6_K) {
+      const GroupQ6_K* g = reinterpret_cast<const GroupQ6_K*>(base) + gi * nb;
+      auto* o = reinterpret_cast<quant::BlockQ6_K*>(dst);
+      for (int64_t b = 0; b < nb; ++b) o[b] = g[b].blk[r];
     } else if (w.dtype() == DType::Q8_0) {
       const GroupQ8_0* g = reinterpret_cast<const GroupQ8_0*>(base) + gi * nb;
       BlockQ8_0* o = reinterpret_cast<BlockQ8_0*>(dst);
@@ -1165,13 +1207,18 @@ PARALLM_AVX2 void k4_reorder_activations(const quant::BlockQ8_K* x, int64_t n, i
 // One reordered chunk C against NT tokens: the low nibbles meet activation values 0..31, the
 // high nibbles 32..63; sc16 holds the row's 8 scales as int16 in both 128-bit halves, and dword C
 // of it, (sc_2C, sc_2C+1), scales the alternating int16 lanes of both products.
-template <int C, int NT>
-PARALLM_AVX2 static inline void k4_chunk(__m256i sc16, const uint8_t* qs, const int8_t* const* xr,
-                                         __m256i* acc) {
+// kQ5: qh holds the row's reordered fifth bits (GroupQ5_K), ORed in as bit 4.
+template <int C, int NT, bool kQ5>
+PARALLM_AVX2 static inline void k4_chunk(__m256i sc16, const uint8_t* qs, __m256i qh,
+                                         const int8_t* const* xr, __m256i* acc) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * C));
-  const __m256i lo = _mm256_and_si256(raw, low4);
-  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+  __m256i lo = _mm256_and_si256(raw, low4);
+  __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+  if constexpr (kQ5) {
+    lo = _mm256_or_si256(lo, bit_to_4<2 * C>(qh));
+    hi = _mm256_or_si256(hi, bit_to_4<2 * C + 1>(qh));
+  }
   const __m256i sc = _mm256_shuffle_epi32(sc16, 0x55 * C);
   for (int t = 0; t < NT; ++t) {
     const int8_t* xq = xr[t] + 64 * C;
@@ -1183,32 +1230,44 @@ PARALLM_AVX2 static inline void k4_chunk(__m256i sc16, const uint8_t* qs, const 
   }
 }
 
-template <int NT>
-PARALLM_AVX2 static inline void k4_code_lanes(__m256i sc16, const uint8_t* qs,
+template <int NT, bool kQ5>
+PARALLM_AVX2 static inline void k4_code_lanes(__m256i sc16, const uint8_t* qs, const uint8_t* qh,
                                               const int8_t* const* xr, __m256i* q) {
   for (int t = 0; t < NT; ++t) q[t] = _mm256_setzero_si256();
-  k4_chunk<0, NT>(sc16, qs, xr, q);
-  k4_chunk<1, NT>(sc16, qs, xr, q);
-  k4_chunk<2, NT>(sc16, qs, xr, q);
-  k4_chunk<3, NT>(sc16, qs, xr, q);
+  __m256i h = _mm256_setzero_si256();
+  if constexpr (kQ5) h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+  k4_chunk<0, NT, kQ5>(sc16, qs, h, xr, q);
+  k4_chunk<1, NT, kQ5>(sc16, qs, h, xr, q);
+  k4_chunk<2, NT, kQ5>(sc16, qs, h, xr, q);
+  k4_chunk<3, NT, kQ5>(sc16, qs, h, xr, q);
 }
 
-// Q4_K groups against NT tokens (1 or 2): ktile4_avx2's reductions and f32 operations on the
-// same int32 block sums (so bit-identical to it and to the plain reference), with the 4 rows'
-// scales unpacked together, one d/dmin conversion, one stream of group blocks prefetched a fixed
-// distance ahead, and reordered codes against reordered activations xr (256 per block).
-template <int NT>
-PARALLM_AVX2 void ptile_k_avx2(const GroupQ4_K* g, const quant::BlockQ8_K* const* x,
+// Q4_K groups (Group = GroupQ4_K), or Q5_K's (GroupQ5_K), against NT tokens (1 or 2):
+// ktile4_avx2's reductions and f32 operations on the same int32 block sums (so bit-identical to
+// it and to the plain reference), with the 4 rows' scales unpacked together, one d/dmin
+// conversion, one stream of group blocks prefetched a fixed distance ahead, and reordered codes
+// against reordered activations xr (256 per block).
+template <int NT, class Group>
+PARALLM_AVX2 void ptile_k_avx2(const Group* g, const quant::BlockQ8_K* const* x,
                                const int8_t* const* xr, int64_t nb, float (*out)[kRows]) {
+  constexpr bool kQ5 = std::is_same_v<Group, GroupQ5_K>;
   const __m128i m3f = _mm_set1_epi8(0x3F), m0f = _mm_set1_epi8(0x0F), m30 = _mm_set1_epi8(0x30);
   __m128 acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const char* ahead = reinterpret_cast<const char*>(g + b) + kPrefetchBytes;
-#pragma GCC unroll 9
-    for (int l = 0; l < static_cast<int>(sizeof(GroupQ4_K)) / 64; ++l)
+#pragma GCC unroll 11
+    for (int l = 0; l < static_cast<int>(sizeof(Group)) / 64; ++l)
       _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
-    const GroupQ4_K& G = g[b];
+    const GroupQ4_K* gk;
+    const uint8_t(*qh)[32] = nullptr;  // Q5_K: the 4 rows' fifth bits
+    if constexpr (kQ5) {
+      gk = &g[b].k4;
+      qh = g[b].qh;
+    } else {
+      gk = &g[b];
+    }
+    const GroupQ4_K& G = *gk;
     // ksum_lanes_avx2's masks, on word i of 4 rows at once.
     const __m128i p0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(G.sc[0]));
     const __m128i p1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(G.sc[1]));
@@ -1234,8 +1293,10 @@ PARALLM_AVX2 void ptile_k_avx2(const GroupQ4_K* g, const quant::BlockQ8_K* const
 #pragma GCC unroll 2
     for (int i = 0; i < 2; ++i) {
       __m256i q0[NT], q1[NT];
-      k4_code_lanes<NT>(_mm256_broadcastsi128_si256(sc16[2 * i]), G.qs[2 * i], xrb, q0);
-      k4_code_lanes<NT>(_mm256_broadcastsi128_si256(sc16[2 * i + 1]), G.qs[2 * i + 1], xrb, q1);
+      k4_code_lanes<NT, kQ5>(_mm256_broadcastsi128_si256(sc16[2 * i]), G.qs[2 * i],
+                             kQ5 ? qh[2 * i] : nullptr, xrb, q0);
+      k4_code_lanes<NT, kQ5>(_mm256_broadcastsi128_si256(sc16[2 * i + 1]), G.qs[2 * i + 1],
+                             kQ5 ? qh[2 * i + 1] : nullptr, xrb, q1);
       for (int t = 0; t < NT; ++t) h[t][i] = _mm256_hadd_epi32(q0[t], q1[t]);
     }
     // Mins, 4 rows at once: each row's 8 mins (i16) against the token's 8 sub-block sums
@@ -1384,11 +1445,11 @@ void run_kblocks(const float* x, int64_t T, const Tensor& w, float* y, bool accu
   xq_buf.resize(static_cast<size_t>(T * nb));
   quantize_activations_k(x, T, K, xq_buf.data());
   const quant::BlockQ8_K* xq = xq_buf.data();  // not the workers' own thread_local buffers
-  // The repacked Q4_K kernel's activation codes, reordered as its codes are (GroupQ4_K).
+  // The repacked Q4_K / Q5_K kernel's activation codes, reordered as its codes are (GroupQ4_K).
   thread_local std::vector<int8_t> xr_buf;
   const int8_t* xr = nullptr;
 #if PARALLM_X86
-  if (std::is_same_v<WB, quant::BlockQ4_K> && packed && path != QuantPath::Scalar) {
+  if (kHasMins<WB> && packed && path != QuantPath::Scalar) {
     xr_buf.resize(static_cast<size_t>(T * nb * 256));
     k4_reorder_activations(xq, T * nb, xr_buf.data());
     xr = xr_buf.data();
@@ -1434,8 +1495,10 @@ void run_kblocks(const float* x, int64_t T, const Tensor& w, float* y, bool accu
               ktile4_avx2<WB, NT>(g, xt, nb, out);
             });
           }
-          if constexpr (std::is_same_v<WB, quant::BlockQ4_K>) {
-            const GroupQ4_K* g = reinterpret_cast<const GroupQ4_K*>(wb) + ti * nb;
+          if constexpr (kHasMins<WB>) {
+            using G =
+                std::conditional_t<std::is_same_v<WB, quant::BlockQ4_K>, GroupQ4_K, GroupQ5_K>;
+            const G* g = reinterpret_cast<const G*>(wb) + ti * nb;
             by_tokens([&](auto nt, int64_t t0, float(*out)[kRows]) {
               constexpr int NT = decltype(nt)::value;
               const quant::BlockQ8_K* xt[NT];
@@ -1925,8 +1988,7 @@ PARALLM_AVX2 void pack_panel_kmin(const Tensor& w, bool packed, int64_t n0, int 
                                   Panel* out) {
   constexpr bool kQ5 = std::is_same_v<WB, quant::BlockQ5_K>;
   thread_local std::vector<char> tmp;
-  const auto* rows =
-      reinterpret_cast<const WB*>(plain_rows(w, packed, n0, nr, tmp, !kQ5 && simd_unpack()));
+  const auto* rows = reinterpret_cast<const WB*>(plain_rows(w, packed, n0, nr, tmp, simd_unpack()));
   const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
   for (int64_t b = 0; b < nb; ++b) {
     PanelKBlock& p = out[b];
@@ -2535,12 +2597,21 @@ Tensor repack_quant_weight(const Tensor& w) {
   // Groups over the pool (a 7B model's matrices are GBs); the tail rows copied as they are.
   ThreadPool::current().parallel_for(groups, [&](int64_t g0, int64_t g1) {
     for (int64_t gi = g0; gi < g1; ++gi) {
-      if (type == DType::Q6_K || type == DType::Q5_K) {  // GroupBlocks: row r's block b at b, r
-        const size_t bs = dtype_size(type);
-        char* g = buf + gi * nb * kRows * bs;
+      if (type == DType::Q6_K) {
         for (int64_t b = 0; b < nb; ++b)
           for (int r = 0; r < kRows; ++r)
-            std::memcpy(g + (b * kRows + r) * bs, src + (gi * kRows + r) * row_bytes + b * bs, bs);
+            reinterpret_cast<GroupQ6_K*>(buf)[gi * nb + b].blk[r] =
+                reinterpret_cast<const quant::BlockQ6_K*>(src + (gi * kRows + r) * row_bytes)[b];
+      } else if (type == DType::Q5_K) {
+        const quant::BlockQ5_K* rows[kRows];
+        for (int64_t b = 0; b < nb; ++b) {
+          for (int r = 0; r < kRows; ++r)
+            rows[r] =
+                reinterpret_cast<const quant::BlockQ5_K*>(src + (gi * kRows + r) * row_bytes) + b;
+          GroupQ5_K& g = reinterpret_cast<GroupQ5_K*>(buf)[gi * nb + b];
+          pack_group_k(rows, g.k4);
+          pack_group_qh(rows, g);
+        }
       } else if (type == DType::Q4_K) {
         const quant::BlockQ4_K* rows[kRows];
         for (int64_t b = 0; b < nb; ++b) {
