@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "parallm/core/error.h"
 
@@ -221,34 +222,36 @@ void fit_kmin_block(const float* xb, int qmax, B& out, int* q) {
 
 }  // namespace
 
+namespace {
+// A Q4_K / Q5_K block (B) from x[256]: the fitted scales, the low 4 bits of each code as nibbles
+// (each 32 bytes a pair of sub-blocks, the first in the low nibbles) and, for Q5_K, bit 4 of value
+// l of sub-block j as bit j of qh[l].
+template <class B>
+void quantize_kmin_block(const float* xb, B& out) {
+  constexpr bool kQ5 = std::is_same_v<B, BlockQ5_K>;
+  int q[256];
+  fit_kmin_block(xb, kQ5 ? 31 : 15, out, q);
+  for (int c = 0; c < 4; ++c)
+    for (int l = 0; l < 32; ++l)
+      out.qs[32 * c + l] =
+          static_cast<uint8_t>((q[64 * c + l] & 0xF) | ((q[64 * c + 32 + l] & 0xF) << 4));
+  if constexpr (kQ5)
+    for (int l = 0; l < 32; ++l) {
+      int h = 0;
+      for (int j = 0; j < 8; ++j) h |= (q[32 * j + l] >> 4) << j;
+      out.qh[l] = static_cast<uint8_t>(h);
+    }
+}
+}  // namespace
+
 void quantize_q4_k(const float* x, BlockQ4_K* y, int64_t n) {
   check_blocks(DType::Q4_K, n, "quantize_q4_k");
-  for (int64_t b = 0; b < n / 256; ++b) {
-    int q[256];
-    fit_kmin_block(x + b * 256, 15, y[b], q);
-    // Each 32 bytes hold a pair of sub-blocks, the first in the low nibbles.
-    for (int c = 0; c < 4; ++c)
-      for (int l = 0; l < 32; ++l)
-        y[b].qs[32 * c + l] = static_cast<uint8_t>(q[64 * c + l] | (q[64 * c + 32 + l] << 4));
-  }
+  for (int64_t b = 0; b < n / 256; ++b) quantize_kmin_block(x + b * 256, y[b]);
 }
 
 void quantize_q5_k(const float* x, BlockQ5_K* y, int64_t n) {
   check_blocks(DType::Q5_K, n, "quantize_q5_k");
-  for (int64_t b = 0; b < n / 256; ++b) {
-    int q[256];
-    fit_kmin_block(x + b * 256, 31, y[b], q);
-    // The low 4 bits as Q4_K's nibbles; bit 4 of value l of sub-block j is bit j of qh[l].
-    for (int c = 0; c < 4; ++c)
-      for (int l = 0; l < 32; ++l)
-        y[b].qs[32 * c + l] =
-            static_cast<uint8_t>((q[64 * c + l] & 0xF) | ((q[64 * c + 32 + l] & 0xF) << 4));
-    for (int l = 0; l < 32; ++l) {
-      int h = 0;
-      for (int j = 0; j < 8; ++j) h |= (q[32 * j + l] >> 4) << j;
-      y[b].qh[l] = static_cast<uint8_t>(h);
-    }
-  }
+  for (int64_t b = 0; b < n / 256; ++b) quantize_kmin_block(x + b * 256, y[b]);
 }
 
 void quantize_q6_k(const float* x, BlockQ6_K* y, int64_t n) {
@@ -330,7 +333,11 @@ void dequant_q4_0(const BlockQ4_0* x, float* y, int64_t nb) {
   }
 }
 
-void dequant_q4_k(const BlockQ4_K* x, float* y, int64_t nb) {
+// Q4_K and Q5_K (B): the nibbles, and for Q5_K bit `is` of qh[l] as bit 4 of value l of
+// sub-block `is`.
+template <class B>
+void dequant_kmin(const B* x, float* y, int64_t nb) {
+  constexpr bool kQ5 = std::is_same_v<B, BlockQ5_K>;
   for (int64_t b = 0; b < nb; ++b) {
     const float d = f16_to_f32(x[b].d), dmin = f16_to_f32(x[b].dmin);
     const uint8_t* q = x[b].qs;
@@ -341,28 +348,16 @@ void dequant_q4_k(const BlockQ4_K* x, float* y, int64_t nb) {
       const float d1 = d * static_cast<float>(sc), m1 = dmin * static_cast<float>(m);
       scale_min_k4(is + 1, x[b].scales, &sc, &m);
       const float d2 = d * static_cast<float>(sc), m2 = dmin * static_cast<float>(m);
-      for (int l = 0; l < 32; ++l) *out++ = d1 * static_cast<float>(q[l] & 0xF) - m1;
-      for (int l = 0; l < 32; ++l) *out++ = d2 * static_cast<float>(q[l] >> 4) - m2;
-    }
-  }
-}
-
-void dequant_q5_k(const BlockQ5_K* x, float* y, int64_t nb) {
-  for (int64_t b = 0; b < nb; ++b) {
-    const float d = f16_to_f32(x[b].d), dmin = f16_to_f32(x[b].dmin);
-    const uint8_t* q = x[b].qs;
-    const uint8_t* qh = x[b].qh;
-    float* out = y + b * 256;
-    for (int j = 0, is = 0; j < 256; j += 64, is += 2, q += 32) {
-      uint8_t sc, m;
-      scale_min_k4(is, x[b].scales, &sc, &m);
-      const float d1 = d * static_cast<float>(sc), m1 = dmin * static_cast<float>(m);
-      scale_min_k4(is + 1, x[b].scales, &sc, &m);
-      const float d2 = d * static_cast<float>(sc), m2 = dmin * static_cast<float>(m);
+      auto high = [&](int l, int sub) -> int {
+        if constexpr (kQ5) return ((x[b].qh[l] >> sub) & 1) << 4;
+        (void)l;
+        (void)sub;
+        return 0;
+      };
       for (int l = 0; l < 32; ++l)
-        *out++ = d1 * static_cast<float>((q[l] & 0xF) | (((qh[l] >> is) & 1) << 4)) - m1;
+        *out++ = d1 * static_cast<float>((q[l] & 0xF) | high(l, is)) - m1;
       for (int l = 0; l < 32; ++l)
-        *out++ = d2 * static_cast<float>((q[l] >> 4) | (((qh[l] >> (is + 1)) & 1) << 4)) - m2;
+        *out++ = d2 * static_cast<float>((q[l] >> 4) | high(l, is + 1)) - m2;
     }
   }
 }
@@ -401,9 +396,9 @@ void dequantize(DType type, const void* blocks, float* y, int64_t n) {
     case DType::Q4_0:
       return dequant_q4_0(static_cast<const BlockQ4_0*>(blocks), y, nb);
     case DType::Q4_K:
-      return dequant_q4_k(static_cast<const BlockQ4_K*>(blocks), y, nb);
+      return dequant_kmin(static_cast<const BlockQ4_K*>(blocks), y, nb);
     case DType::Q5_K:
-      return dequant_q5_k(static_cast<const BlockQ5_K*>(blocks), y, nb);
+      return dequant_kmin(static_cast<const BlockQ5_K*>(blocks), y, nb);
     case DType::Q6_K:
       return dequant_q6_k(static_cast<const BlockQ6_K*>(blocks), y, nb);
     default:

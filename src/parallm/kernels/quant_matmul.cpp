@@ -371,33 +371,25 @@ inline float kcombine_scalar(const quant::BlockQ6_K& w, const quant::BlockQ8_K& 
   return kcombine(f16_to_f32(w.d), x.d, s, acc);
 }
 
-// The plain reference, code by code in the layout's own terms.
-inline KSum ksum_scalar(const quant::BlockQ4_K& w, const quant::BlockQ8_K& x) {
-  uint8_t sc[8], m[8];
-  q4k_scales_mins(w.scales, sc, m);
-  int32_t q = 0;
-  // 32 bytes of nibbles per pair of sub-blocks: 2c in the low nibbles, 2c + 1 in the high.
-  for (int c = 0; c < 4; ++c) {
-    int32_t lo = 0, hi = 0;
-    for (int l = 0; l < 32; ++l) {
-      lo += (w.qs[32 * c + l] & 0xF) * static_cast<int32_t>(x.qs[64 * c + l]);
-      hi += (w.qs[32 * c + l] >> 4) * static_cast<int32_t>(x.qs[64 * c + 32 + l]);
-    }
-    q += sc[2 * c] * lo + sc[2 * c + 1] * hi;
-  }
-  return {q, q4k_min_sum(m, x)};
-}
-
-// Q5_K: Q4_K's nibbles with bit j of qh[l] as bit 4 of value l of sub-block j.
-inline KSum ksum_scalar(const quant::BlockQ5_K& w, const quant::BlockQ8_K& x) {
+// The plain reference, code by code in the layout's own terms. Q4_K, Q5_K: 32 bytes of nibbles
+// per pair of sub-blocks, 2c in the low nibbles, 2c + 1 in the high; Q5_K's bit j of qh[l] is bit
+// 4 of value l of sub-block j.
+template <class WB, std::enable_if_t<kHasMins<WB>, int> = 0>
+inline KSum ksum_scalar(const WB& w, const quant::BlockQ8_K& x) {
+  auto high = [&](int l, int j) -> int {
+    if constexpr (std::is_same_v<WB, quant::BlockQ5_K>) return ((w.qh[l] >> j) & 1) << 4;
+    (void)l;
+    (void)j;
+    return 0;
+  };
   uint8_t sc[8], m[8];
   q4k_scales_mins(w.scales, sc, m);
   int32_t q = 0;
   for (int c = 0; c < 4; ++c) {
     int32_t lo = 0, hi = 0;
     for (int l = 0; l < 32; ++l) {
-      const int q0 = (w.qs[32 * c + l] & 0xF) | (((w.qh[l] >> (2 * c)) & 1) << 4);
-      const int q1 = (w.qs[32 * c + l] >> 4) | (((w.qh[l] >> (2 * c + 1)) & 1) << 4);
+      const int q0 = (w.qs[32 * c + l] & 0xF) | high(l, 2 * c);
+      const int q1 = (w.qs[32 * c + l] >> 4) | high(l, 2 * c + 1);
       lo += q0 * static_cast<int32_t>(x.qs[64 * c + l]);
       hi += q1 * static_cast<int32_t>(x.qs[64 * c + 32 + l]);
     }
@@ -2042,53 +2034,23 @@ PARALLM_AVX2 void pack_panel_k(const Tensor& w, bool packed, int64_t n0, int nr,
   pack_panel_kmin<quant::BlockQ5_K>(w, packed, n0, nr, nb, out);
 }
 
-// Q4_K's int32 q sums of one super-block for TT tokens (x: token t's block at x[t * nb]).
-template <int TT>
-PARALLM_AVX2 static inline void kblock_sums_avx2(const PanelKBlock& pb, const quant::BlockQ8_K* x,
-                                                 int64_t nb, int r0, __m256i (&qs)[TT][2]) {
-  for (int j = 0; j < 8; ++j) {
-    __m256i s[TT][2];
-#pragma GCC unroll 4
-    for (int t = 0; t < TT; ++t) s[t][0] = s[t][1] = _mm256_setzero_si256();
-#pragma GCC unroll 2
-    for (int k = 0; k < 8; ++k) {
-      const __m256i w0 =
-          _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.codes[8 * j + k][r0]));
-      const __m256i w1 =
-          _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.codes[8 * j + k][r0 + 8]));
-#pragma GCC unroll 4
-      for (int t = 0; t < TT; ++t) {
-        int32_t v;
-        std::memcpy(&v, x[t * nb].qs + 32 * j + 4 * k, 4);
-        const __m256i xv = _mm256_set1_epi32(v);
-        s[t][0] = _mm256_add_epi16(s[t][0], _mm256_maddubs_epi16(w0, xv));
-        s[t][1] = _mm256_add_epi16(s[t][1], _mm256_maddubs_epi16(w1, xv));
-      }
-    }
-    const __m256i sc0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.sc[j][r0]));
-    const __m256i sc1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.sc[j][r0 + 8]));
-#pragma GCC unroll 4
-    for (int t = 0; t < TT; ++t) {
-      qs[t][0] = _mm256_add_epi32(qs[t][0], _mm256_madd_epi16(s[t][0], sc0));
-      qs[t][1] = _mm256_add_epi32(qs[t][1], _mm256_madd_epi16(s[t][1], sc1));
-    }
-  }
-}
-
-// Q5_K's: per sub-block two int16 sums of 4 quads, each scaled into the int32 sum.
-template <int TT>
-PARALLM_AVX2 static inline void kblock_sums_avx2(const PanelK5Block& pb, const quant::BlockQ8_K* x,
-                                                 int64_t nb, int r0, __m256i (&qs)[TT][2]) {
+// Q4_K's (Q5_K's) int32 q sums of one super-block for TT tokens (x: token t's block at
+// x[t * nb]): per sub-block, the vpmaddubsw sums of kQuads quads in int16 (8 for Q4_K's codes
+// 0..15, 4 for Q5_K's 0..31: see the bounds above), each scaled into the int32 sum.
+template <int TT, int kQuads>
+PARALLM_AVX2 static inline void kmin_block_sums_avx2(const PanelKBlock& pb,
+                                                     const quant::BlockQ8_K* x, int64_t nb, int r0,
+                                                     __m256i (&qs)[TT][2]) {
   for (int j = 0; j < 8; ++j) {
     const __m256i sc0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.sc[j][r0]));
     const __m256i sc1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.sc[j][r0 + 8]));
 #pragma GCC unroll 2
-    for (int k0 = 0; k0 < 8; k0 += 4) {
+    for (int k0 = 0; k0 < 8; k0 += kQuads) {
       __m256i s[TT][2];
 #pragma GCC unroll 4
       for (int t = 0; t < TT; ++t) s[t][0] = s[t][1] = _mm256_setzero_si256();
-#pragma GCC unroll 4
-      for (int k = k0; k < k0 + 4; ++k) {
+#pragma GCC unroll 2
+      for (int k = k0; k < k0 + kQuads; ++k) {
         const __m256i w0 =
             _mm256_load_si256(reinterpret_cast<const __m256i*>(pb.codes[8 * j + k][r0]));
         const __m256i w1 =
@@ -2109,6 +2071,16 @@ PARALLM_AVX2 static inline void kblock_sums_avx2(const PanelK5Block& pb, const q
       }
     }
   }
+}
+template <int TT>
+PARALLM_AVX2 static inline void kblock_sums_avx2(const PanelKBlock& pb, const quant::BlockQ8_K* x,
+                                                 int64_t nb, int r0, __m256i (&qs)[TT][2]) {
+  kmin_block_sums_avx2<TT, 8>(pb, x, nb, r0, qs);
+}
+template <int TT>
+PARALLM_AVX2 static inline void kblock_sums_avx2(const PanelK5Block& pb, const quant::BlockQ8_K* x,
+                                                 int64_t nb, int r0, __m256i (&qs)[TT][2]) {
+  kmin_block_sums_avx2<TT, 4>(pb, x, nb, r0, qs);
 }
 
 // acc (16 rows of one token) += Q4_K's (or Q5_K's) block: d dx q - dmin dx (sum_j m_j bsum_j),
