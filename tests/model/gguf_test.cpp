@@ -206,8 +206,17 @@ TEST(Gguf, AlignmentDuplicatesAndLlamaConfigErrors) {
 
 TEST(Gguf, FuzzSeedsParseAndTheTinyLlamaSeedRuns) {
   const std::string seeds = std::string(PARALLM_SOURCE_DIR) + "/fuzz/corpus/gguf/";
-  for (const char* f : {"empty.gguf", "align64.gguf", "tiny_llama.gguf", "tiny_llama_v2.gguf"})
+  for (const char* f :
+       {"empty.gguf", "align64.gguf", "tiny_llama.gguf", "tiny_llama_v2.gguf", "kquants.gguf"})
     EXPECT_EQ(error_of([&] { open_gguf(seeds + f); }), "no error") << f;
+  // Two rows each of Q4_K, Q5_K and Q6_K (random blocks with finite scales, written by a script):
+  // the fuzzer dequantizes them.
+  const GgufFile k = open_gguf(seeds + "kquants.gguf");
+  ASSERT_EQ(k.header.tensors.size(), 3u);
+  EXPECT_EQ(k.header.tensors[0].dtype, DType::Q4_K);
+  EXPECT_EQ(k.header.tensors[1].dtype, DType::Q5_K);
+  EXPECT_EQ(k.header.tensors[2].dtype, DType::Q6_K);
+  EXPECT_EQ(k.header.tensors[1].nbytes, 2u * 176);
   // One layer of Q8_0 and Q4_0 matrices with a token list in the metadata (hand-written by a
   // script, not by parallm's writer): it loads and generates.
   ModelConfig c;
@@ -669,6 +678,53 @@ TEST(GgufModel, KMFilesMixQ6KAsLlamaCppDoes) {
         EXPECT_LE(worst, 1e-5 * scale) << "tp " << tp << " pp " << pp;
       }
     }
+  }
+}
+
+// The K_M mixes on an 8-expert model (Mixtral), as llama-quantize assigns them: attn_k and attn_v
+// in Q8_0, attn_output in Q5_K, the stacked ffn_down experts in Q6_K in the layers where more bits
+// pay (0, 3, 6, 7 of 8) and the base type elsewhere, the other matrices in the base type, the LM
+// head in Q6_K, the router and norms in f32. Hidden 256: whole super-blocks.
+TEST(GgufModel, KMMixesOnEightExpertsFollowLlamaCppsRules) {
+  testing::TempDir dir;
+  const std::string hf = dir.file("moe");
+  {
+    std::ofstream f(hf + ".json");
+    f << R"({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 256,
+      "intermediate_size": 256, "num_hidden_layers": 8, "num_attention_heads": 4,
+      "num_key_value_heads": 2, "num_local_experts": 8, "num_experts_per_tok": 2,
+      "vocab_size": 288, "max_position_embeddings": 128, "rms_norm_eps": 1e-5,
+      "rope_theta": 10000.0, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
+      "hidden_act": "silu", "tie_word_embeddings": false})";
+  }
+  ASSERT_EQ(
+      testing::run_parallm(cat("init-model --shape ", hf, ".json --seed 3 --dtype f32 --out ", hf))
+          .exit_code,
+      0);
+  for (const auto& [mix, base] : std::vector<std::pair<std::string, DType>>{
+           {"q4_k_m", DType::Q4_K}, {"q5_k_m", DType::Q5_K}}) {
+    SCOPED_TRACE(mix);
+    const std::string path = dir.file(mix + ".gguf");
+    const auto r =
+        testing::run_parallm(cat("quantize --model ", hf, " --type ", mix, " --out ", path));
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    GgufFile g = open_gguf(path);
+    int checked = 0;
+    for (const GgufTensorInfo& t : g.header.tensors) {
+      int layer = -1;
+      std::sscanf(t.name.c_str(), "blk.%d.", &layer);
+      const bool more = layer == 0 || layer == 3 || layer == 6 || layer == 7;
+      const auto has = [&](const char* s) { return t.name.find(s) != std::string::npos; };
+      DType expect = base;
+      if (t.shape.size() == 1 || has("ffn_gate_inp")) expect = DType::F32;
+      if (has("attn_k.") || has("attn_v.")) expect = DType::Q8_0;
+      if (has("attn_output.")) expect = DType::Q5_K;
+      if (has("ffn_down_exps.") && more) expect = DType::Q6_K;
+      if (t.name == "output.weight") expect = DType::Q6_K;
+      EXPECT_EQ(t.dtype, expect) << t.name;
+      ++checked;
+    }
+    EXPECT_GT(checked, 8 * 9);
   }
 }
 
