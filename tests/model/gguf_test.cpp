@@ -415,6 +415,26 @@ TEST(GgufModel, Q4_0RunsAtTp2AndOffBlockTpIsOneClearError) {
       << e;
 }
 
+// bench decode / prefill name the quantized matrices a file holds (the engine keeps them as
+// stored, whatever --dtype says): as many as the file lists.
+TEST(GgufModel, BenchesNameTheQuantizedMatrices) {
+  testing::TempDir dir;
+  const std::string path = quantize_stories(dir, "q8_0");
+  int blocks = 0;
+  for (const GgufTensorInfo& t : open_gguf(path).header.tensors) blocks += is_block(t.dtype);
+  ASSERT_GT(blocks, 0);
+  for (const char* bench : {"decode --tokens 1 --warmup 0", "prefill --prompt-len 4"}) {
+    const auto r = testing::run_parallm(cat("bench ", bench, " --threads 1 --model ", path));
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_NE(r.output.find(cat("; matrices kept quantized: ", blocks, " q8_0")), std::string::npos)
+        << r.output;
+  }
+  const auto hf = testing::run_parallm("bench decode --tokens 1 --warmup 0 --threads 1 --model " +
+                                       testing::stories_model());
+  ASSERT_EQ(hf.exit_code, 0) << hf.output;
+  EXPECT_EQ(hf.output.find("kept quantized"), std::string::npos) << hf.output;
+}
+
 TEST(GgufModel, RepackedWeightsGiveTheSamePathsAndLogitsBitForBit) {
   // The loader repacks Q4_0 / Q8_0 / Q4_K / Q5_K / Q6_K linear weights for the AVX2 GEMV
   // (kernels/quant_matmul.h) unless PARALLM_REPACK=0: both layouts must give the same tokens and

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -22,11 +23,27 @@
 #include "parallm/engine/stage_forward.h"
 #include "parallm/kernels/cpu.h"
 #include "parallm/kernels/matmul.h"
+#include "parallm/model/weights.h"
 #include "parallm/pipeline/simulator.h"
 #include "parallm/plan/model_presets.h"
 
 namespace parallm::cli {
 namespace {
+
+// "; matrices kept quantized: 135 q5_k, 21 q6_k" for a model file holding block-quantized matrices
+// (the engine runs them as they are stored, whatever --dtype says), "" otherwise.
+std::string quantized_matrices(const std::string& model) {
+  ModelConfig c;
+  const std::unique_ptr<WeightSource> src = open_model(model, &c);
+  std::map<DType, int> n;
+  for (const std::string& name : src->names()) {
+    const DType t = src->info(name).dtype;
+    if (is_block(t)) ++n[t];
+  }
+  std::string s;
+  for (const auto& [t, k] : n) s += cat(s.empty() ? "" : ", ", k, " ", std::string(dtype_name(t)));
+  return s.empty() ? s : "; matrices kept quantized: " + s;
+}
 
 struct DecodeOptions {
   EngineOptions engine;
@@ -94,10 +111,11 @@ void run_decode_batch(const DecodeOptions& o, RankContext& ctx) {
     comm_s = std::max(comm_s, v[2] * 1e-9);
     moe_s = std::max(moe_s, v[3] * 1e-9);
   }
-  std::printf("bench decode: %s, tp %d x pp %d%s, batch %d in %d micro-batches, %d threads/rank\n",
-              o.engine.model.c_str(), ctx.mesh.tp_size(), P,
-              over_tp ? " (experts over tp: --enable-expert-parallel)" : "", o.batch, M,
-              ThreadPool::current().size());
+  std::printf(
+      "bench decode: %s, tp %d x pp %d%s, batch %d in %d micro-batches, %d threads/rank%s\n",
+      o.engine.model.c_str(), ctx.mesh.tp_size(), P,
+      over_tp ? " (experts over tp: --enable-expert-parallel)" : "", o.batch, M,
+      ThreadPool::current().size(), quantized_matrices(o.engine.model).c_str());
   std::printf("  tokens/s            %10.2f   (%d sequences x %lld steps)\n",
               o.batch * steps / decode_s, o.batch, static_cast<long long>(steps));
   std::printf("  ms/step (latency)   %10.2f\n", 1e3 * decode_s / steps);
@@ -193,13 +211,14 @@ int run_decode(const DecodeOptions& o) {
     const double tps = o.tokens / secs;
     const double bw = could_read / secs;  // time-weighted mean of the probes
     if (!ctx.is_root()) return;
-    std::printf("bench decode: %s, tp %d%s, %d threads/rank, dtype %s, simd %s\n",
+    std::printf("bench decode: %s, tp %d%s, %d threads/rank, dtype %s%s, simd %s\n",
                 o.engine.model.c_str(), ctx.tp.size(),
                 ep.size() > 1 ? cat(", ep ", ep.size()).c_str()
                 : over_tp     ? " (experts over tp: --enable-expert-parallel)"
                               : "",
                 ThreadPool::current().size(),
                 std::string(dtype_name(resolve_weight_dtype(o.engine.dtype, ctx.config))).c_str(),
+                quantized_matrices(o.engine.model).c_str(),
                 kernels::simd_name(kernels::simd_level()).c_str());
     std::printf("  tokens/s            %10.2f   (%d tokens after %d warm-up)\n", tps, o.tokens,
                 o.warmup);
@@ -317,9 +336,10 @@ int run_prefill(const PrefillOptions& o) {
     const double flops = c.num_hidden_layers * (2 * T * layer_w + attn) + 2 * H * c.vocab_size;
     const double ours = flops / secs / 1e9;
     const double blas = openblas_gflops(c, o.prompt_len);
-    std::printf("bench prefill: %s, tp %d x pp %d, %d threads/rank, prompt %d tokens\n",
+    std::printf("bench prefill: %s, tp %d x pp %d, %d threads/rank, prompt %d tokens%s\n",
                 o.engine.model.c_str(), ctx.tp.size(), ctx.mesh.pp_size(),
-                ThreadPool::current().size(), o.prompt_len);
+                ThreadPool::current().size(), o.prompt_len,
+                quantized_matrices(o.engine.model).c_str());
     std::printf("  prompt tokens/s     %10.1f\n", T / secs);
     std::printf("  ms/prompt           %10.2f\n", 1e3 * secs);
     std::printf("  GFLOP/s             %10.1f\n", ours);
