@@ -247,11 +247,11 @@ TEST(KQuantMatmul, MatmulTakesTheIntegerPath) {
 }
 
 TEST(KQuantMatmul, PrefillGemmOnAvx2IsThePlainReferenceBitForBit) {
-  // From 64 tokens on the AVX2 and AVX-VNNI paths, Q4_K, Q5_K and Q6_K run an int8 GEMM over 32-row
-  // panels (codes x x summed in int16, scaled in int32; Q4_K's mins and Q6_K's -32 by vpmaddwd
-  // against the group sums): the reference's integer sums, combined with its fmas in its order,
-  // so every output equals the scalar GEMV's bit for bit. N = 45 (a whole panel, then one of 13
-  // rows: a partial 16-row half), T = 67 (tiles of 2 tokens and one of 1), plain and repacked
+  // From 32 tokens (Q5_K: 48) on the AVX2 and AVX-VNNI paths, Q4_K, Q5_K and Q6_K run an int8 GEMM
+  // over 32-row panels (codes x x summed in int16, scaled in int32; Q4_K's mins and Q6_K's -32 by
+  // vpmaddwd against the group sums): the reference's integer sums, combined with its fmas in its
+  // order, so every output equals the scalar GEMV's bit for bit. N = 45 (a whole panel, then one of
+  // 13 rows: a partial 16-row half), T = 67 (tiles of 2 tokens and one of 1), plain and repacked
   // weights, accumulate; and the largest codes and scales against activations of +-127 (no
   // int16 saturation: Q6_K's two quads of 63 x 127 pairs sum to 32004, Q5_K's four quads of
   // 31 x 127 pairs to 31496).
@@ -259,8 +259,10 @@ TEST(KQuantMatmul, PrefillGemmOnAvx2IsThePlainReferenceBitForBit) {
     SCOPED_TRACE(std::string(dtype_name(type)));
     for (QuantPath path : {QuantPath::Avx2, QuantPath::AvxVnni}) {
       SCOPED_TRACE(quant_path_name(path));
+      const int64_t from = type == DType::Q5_K ? 48 : 32;
+      EXPECT_EQ(quant_matmul_kernel(type, from, path), "int8-gemm-avx2");
+      EXPECT_EQ(quant_matmul_kernel(type, from - 1, path), "int8-avx2");
       EXPECT_EQ(quant_matmul_kernel(type, 64, path), "int8-gemm-avx2");
-      EXPECT_EQ(quant_matmul_kernel(type, 63, path), "int8-avx2");
       const auto avail = quant_paths_available();
       if (std::find(avail.begin(), avail.end(), path) == avail.end()) {
         std::printf("[ skipped ] no %s path on this CPU\n", quant_path_name(path).c_str());
@@ -303,6 +305,11 @@ TEST(KQuantMatmul, PrefillGemmOnAvx2IsThePlainReferenceBitForBit) {
           for (int64_t i = 0; i < T * N; ++i)
             ASSERT_EQ(std::memcmp(&y[i], &ref[i], 4), 0)
                 << "token " << i / N << " row " << i % N << ": " << y[i] << " vs " << ref[i];
+          // The smallest GEMM call of batched decoding, an odd token count just above the switch.
+          std::vector<float> ys((from + 1) * N, 0.25f);
+          quant_matmul(x.data(), from + 1, wt, ys.data(), true, path);
+          for (int64_t i = 0; i < (from + 1) * N; ++i)
+            ASSERT_EQ(std::memcmp(&ys[i], &ref[i], 4), 0) << "T " << from + 1 << " at " << i;
           std::vector<float> z(T * N, 3.0f);
           quant_matmul(x.data(), T, wt, z.data(), false, path);
           std::vector<float> exact(T * N);

@@ -923,17 +923,19 @@ PARALLM_AVX2 void unpack_codes_k_avx2(const uint8_t* qs, uint8_t* out) {
 }
 #endif
 
-// Q5_K's fifth bits into the group's reordered qh (see GroupQ5_K), and back.
+// Q5_K's fifth bits into the group's reordered qh (see GroupQ5_K), and back. The reorder is the
+// same in every chunk, so one shift and mask moves a position's bits of all 4 chunks at once:
+// reordered position (h, j) of chunk c is bit 2c + h of qh[j], its plain source bit 2c + sub of
+// qh[index] (bits 0, 2, 4, 6 after the shift: mask 0x55).
 void pack_group_qh(const quant::BlockQ5_K* const* rows, GroupQ5_K& g) {
   const std::array<K4Source, 64>& src = k4_sources();
   for (int r = 0; r < kRows; ++r)
     for (int j = 0; j < 32; ++j) {
       int bits = 0;
-      for (int c = 0; c < 4; ++c)
-        for (int h = 0; h < 2; ++h) {
-          const K4Source s = src[32 * h + j];
-          bits |= ((rows[r]->qh[s.index] >> (2 * c + s.sub)) & 1) << (2 * c + h);
-        }
+      for (int h = 0; h < 2; ++h) {
+        const K4Source s = src[32 * h + j];
+        bits |= ((rows[r]->qh[s.index] >> s.sub) & 0x55) << h;
+      }
       g.qh[r][j] = static_cast<uint8_t>(bits);
     }
 }
@@ -941,12 +943,10 @@ void unpack_row_qh(const GroupQ5_K& g, int r, quant::BlockQ5_K& out) {
   const std::array<K4Source, 64>& src = k4_sources();
   std::memset(out.qh, 0, sizeof out.qh);
   for (int j = 0; j < 32; ++j)
-    for (int c = 0; c < 4; ++c)
-      for (int h = 0; h < 2; ++h) {
-        const K4Source s = src[32 * h + j];
-        out.qh[s.index] |=
-            static_cast<uint8_t>(((g.qh[r][j] >> (2 * c + h)) & 1) << (2 * c + s.sub));
-      }
+    for (int h = 0; h < 2; ++h) {
+      const K4Source s = src[32 * h + j];
+      out.qh[s.index] |= static_cast<uint8_t>(((g.qh[r][j] >> h) & 0x55) << s.sub);
+    }
 }
 
 // Row r of a group block in the plain layout; simd: the codes by unpack_codes_k_avx2 (the scalar
@@ -1609,16 +1609,22 @@ bool kformat_bf16_gemm_runs(DType type) {
 // threads, `bench decode --batch B` on the tinyllama shape, the GEMM against the GEMV, two runs
 // each: Q4_0 0.94x / 0.99x at B = 8, 1.02x / 1.21x at 16, 1.60x / 1.17x at 32; Q8_0 (its GEMM does
 // twice Q4_0's work per code) 0.63x / 0.76x at 8, 0.83x / 0.58x at 16, 1.18x / 0.85x at 32: from
-// 64, where sgemm would run, as Q4_K (not measured below).
+// 64, where sgemm would run. The K formats, one [5632, 2048] weight, three alternations of
+// GEMV and GEMM (Zen 3, 2 threads): Q4_K 0.93-0.97x at T = 16, 1.15-1.2x at 32, 1.2-1.3x at 48;
+// Q6_K 1.15-1.2x at 32, 1.3x at 48; Q5_K (its GEMM sums 4 quads in int16, not 8) 0.96-0.98x at
+// 32, 1.0-1.2x at 48, 1.3x at 63. `bench decode --batch 32` (Q4_K, Q6_K) / 48 (Q5_K) on the
+// tinyllama shape then ran 1.28-1.34x / 1.24-1.30x the GEMV's tokens/s.
 int64_t int8_gemm_avx2_min_t(DType type) {
   switch (type) {
     case DType::Q4_0:
       return 16;
     case DType::Q8_0:
-    case DType::Q4_K:
-    case DType::Q5_K:
-    case DType::Q6_K:
       return kSgemmMinT;
+    case DType::Q4_K:
+    case DType::Q6_K:
+      return 32;
+    case DType::Q5_K:
+      return 48;
     default:
       return 0;
   }

@@ -1,22 +1,22 @@
 // y = x W^T on block-quantized weights (core/quant.h), llama.cpp's way: each token's activations
 // are quantized to 8 bits per block (Q8_0, 32 values, for Q8_0 and Q4_0 weights; BlockQ8_K, 256
-// values with its sums of 16 codes, for Q4_K and Q6_K), then each (weight block, activation block)
-// pair is an exact integer dot product scaled by the blocks' scales, summed in f32.
+// values with its sums of 16 codes, for Q4_K, Q5_K and Q6_K), then each (weight block, activation
+// block) pair is an exact integer dot product scaled by the blocks' scales, summed in f32.
 //
 // Below 64 tokens (decoding, small batches) every block dtype runs an integer kernel, the plain
 // reference or a SIMD path chosen at run time from kernels/cpu.h's level (PARALLM_SIMD caps it)
 // and the CPU's VNNI flags: Q8_0 and Q4_0 have AVX2 (sign trick + maddubs/madd), AVX-VNNI and
-// AVX-512 VNNI (vpdpbusd); Q4_K and Q6_K have AVX2 (maddubs/madd with the sub-block scales in the
-// madd), and the AVX-VNNI and AVX-512 VNNI paths run that same AVX2 kernel for them. The K-format
-// paths are bit-identical to their reference (same int32 sums, same f32 operations). From 64
-// tokens (prefill): Q8_0 and Q4_0 run an int8 GEMM (packed 32-row panels, activations quantized
-// as for decoding; bit-identical to the plain reference): on the AVX-512 VNNI path with vpdpbusd,
-// from 16 tokens there (batched decoding included), on the AVX2 and AVX-VNNI paths with
-// vpmaddubsw, where Q4_K has one too (sub-block scales applied per 32 codes); Q4_K and Q6_K on
-// an AVX512_BF16 CPU (the AVX-512 VNNI path) run kernels/matmul.h's bf16 GEMM on rows dequantized
-// to f32 (x and those rows rounded to bf16); everything else is dequantized to f32 a block of rows
-// at a time and multiplied by OpenBLAS sgemm with f32 activations. quant_matmul_kernel names the
-// one.
+// AVX-512 VNNI (vpdpbusd); Q4_K, Q5_K and Q6_K have AVX2 (maddubs/madd with the sub-block scales
+// in the madd), and the AVX-VNNI and AVX-512 VNNI paths run that same AVX2 kernel for them. The
+// K-format paths are bit-identical to their reference (same int32 sums, same f32 operations). From
+// 64 tokens (prefill): Q8_0 and Q4_0 run an int8 GEMM (packed 32-row panels, activations
+// quantized as for decoding; bit-identical to the plain reference): on the AVX-512 VNNI path with
+// vpdpbusd, from 16 tokens there (batched decoding included), on the AVX2 and AVX-VNNI paths with
+// vpmaddubsw (Q4_0 from 16 tokens), where the K formats have one too (sub-block scales applied in
+// int32; Q4_K and Q6_K from 32 tokens, Q5_K from 48); the K formats on an AVX512_BF16 CPU (the
+// AVX-512 VNNI path) run kernels/matmul.h's bf16 GEMM on rows dequantized to f32 (x and those rows
+// rounded to bf16); everything else is dequantized to f32 a block of rows at a time and
+// multiplied by OpenBLAS sgemm with f32 activations. quant_matmul_kernel names the one.
 // kernels::matmul sends every block-dtype weight here.
 #pragma once
 
@@ -54,8 +54,9 @@ inline void quant_matmul(const float* x, int64_t T, const Tensor& w, float* y,
 }
 
 // What quant_matmul runs for a weight of `type`, T tokens and `path`: "int8-gemm-avx512-vnni"
-// (Q8_0 and Q4_0 from 16 tokens on that path), "int8-gemm-avx2" (Q4_0 from 16 tokens, Q8_0,
-// Q4_K and Q6_K from 64, on the AVX2 and AVX-VNNI paths), from T = 64 "bf16-gemm-avx512" or
+// (Q8_0 and Q4_0 from 16 tokens on that path), "int8-gemm-avx2" (Q4_0 from 16 tokens, Q4_K and
+// Q6_K from 32, Q5_K from 48, Q8_0 from 64, on the AVX2 and AVX-VNNI paths), from T = 64
+// "bf16-gemm-avx512" or
 // "sgemm", otherwise "int8-" and the SIMD path that really runs ("int8-avx2" for the K formats on
 // every SIMD path). For benchmarks and tests.
 std::string quant_matmul_kernel(DType type, int64_t T, QuantPath path);
