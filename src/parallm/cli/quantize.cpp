@@ -111,8 +111,7 @@ uint32_t file_type(DType t, bool mix) {        // llama.cpp's general.file_type 
 int run(const Options& o) {
   // q4_k_m / q5_k_m: the mix on the base type Q4_K / Q5_K.
   const bool mix = o.type == "q4_k_m" || o.type == "q5_k_m";
-  const DType type =
-      mix ? parse_dtype(o.type.substr(0, 4), "--type") : parse_dtype(o.type, "--type");
+  const DType type = parse_dtype(mix ? o.type.substr(0, 4) : o.type, "--type");
   ModelConfig c;
   const std::unique_ptr<WeightSource> source = open_model(o.model, &c);
   auto type_of = [&](const LlamaTensor& t) { return mix ? k_m_type(type, t, c) : type; };

@@ -316,18 +316,13 @@ PARALLM_AVX512VNNI void tile_avx512vnni(const WB* const* w, int rows, const Act&
 // Q6_K repacked (repack_quant_weight): per super-block index the 4 rows' plain blocks side by
 // side, so a tile of 4 rows reads one stream (four streams of 210-byte blocks at once run slower
 // than one row after another, see krows_avx2). The blocks themselves are unchanged.
-template <class WB>
-struct GroupBlocks {
-  WB blk[4];
+struct GroupQ6_K {
+  quant::BlockQ6_K blk[4];
 };
-using GroupQ6_K = GroupBlocks<quant::BlockQ6_K>;
 // The K formats with mins (Q4_K, Q5_K: d, dmin and the 12 scale bytes at the same offsets).
 template <class WB>
 constexpr bool kHasMins =
     std::is_same_v<WB, quant::BlockQ4_K> || std::is_same_v<WB, quant::BlockQ5_K>;
-// The K formats repacked as GroupBlocks.
-template <class WB>
-constexpr bool kGroupedBlocks = std::is_same_v<WB, quant::BlockQ6_K>;
 
 struct KSum {
   int32_t q;  // sum of scale x code x activation
@@ -462,20 +457,18 @@ PARALLM_AVX2 static inline __m256i bit_to_4(__m256i v) {
 // 2) share the weight block's unpacking.
 // The unreduced form: per token, 8 int32 lanes whose sum is KSum::q (q[t]) and 8 whose sum is
 // KSum::m (m[t]); ksum_avx2 reduces them one row at a time, ktile4_avx2 four rows at once.
-template <int C>
-PARALLM_AVX2 static inline void kcodes_avx2(const quant::BlockQ4_K& w, __m256i* lo, __m256i* hi) {
+// Chunk C's codes (sub-blocks 2C in lo, 2C + 1 in hi) as bytes.
+template <int C, class WB>
+PARALLM_AVX2 static inline void kcodes_avx2(const WB& w, __m256i* lo, __m256i* hi) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs + 32 * C));
   *lo = _mm256_and_si256(raw, low4);
   *hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-}
-template <int C>
-PARALLM_AVX2 static inline void kcodes_avx2(const quant::BlockQ5_K& w, __m256i* lo, __m256i* hi) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs + 32 * C));
-  const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qh));
-  *lo = _mm256_or_si256(_mm256_and_si256(raw, low4), bit_to_4<2 * C>(qh));
-  *hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low4), bit_to_4<2 * C + 1>(qh));
+  if constexpr (std::is_same_v<WB, quant::BlockQ5_K>) {
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qh));
+    *lo = _mm256_or_si256(*lo, bit_to_4<2 * C>(qh));
+    *hi = _mm256_or_si256(*hi, bit_to_4<2 * C + 1>(qh));
+  }
 }
 
 template <int C, int NT>
@@ -635,11 +628,9 @@ PARALLM_AVX2 static inline void kscales4(const quant::BlockQ6_K* const* w, int64
                                    static_cast<short>(w[2][b].d), static_cast<short>(w[3][b].d),
                                    0, 0, 0, 0));
 }
-// Q6_K groups (GroupBlocks): row r's block b at g[b].blk[r].
-template <class WB>
-PARALLM_AVX2 static inline void kscales4(const GroupBlocks<WB>* g, int64_t b, __m128* d,
-                                         __m128* dmin) {
-  const WB* rows[kRows] = {g[b].blk, g[b].blk + 1, g[b].blk + 2, g[b].blk + 3};
+// Q6_K groups (GroupQ6_K): row r's block b at g[b].blk[r].
+PARALLM_AVX2 static inline void kscales4(const GroupQ6_K* g, int64_t b, __m128* d, __m128* dmin) {
+  const quant::BlockQ6_K* rows[kRows] = {g[b].blk, g[b].blk + 1, g[b].blk + 2, g[b].blk + 3};
   kscales4(rows, 0, d, dmin);
 }
 
@@ -693,12 +684,12 @@ PARALLM_AVX2 void krows_avx2(const WB* const* w, int rows, const quant::BlockQ8_
 // (d x dx, then fma with the q sum, then fma with -(dmin x dx) and the m sum), so each output is
 // bit-identical to ktile_scalar's. Weights are the 4 row streams, prefetched ahead.
 // W: the 4 rows' plain block pointers (const WB* const*: four streams, prefetched), or a Q6_K
-// group array (const GroupBlocks<WB>*: the 4 rows' blocks side by side, one stream).
+// group array (const GroupQ6_K*: the 4 rows' blocks side by side, one stream).
 template <class WB, int NT, class W>
 PARALLM_AVX2 void ktile4_avx2(W w, const quant::BlockQ8_K* const* x, int64_t nb,
                               float (*out)[kRows]) {
   constexpr bool kMins = kHasMins<WB>;
-  constexpr bool kGroup = std::is_same_v<W, const GroupBlocks<WB>*>;
+  constexpr bool kGroup = std::is_same_v<W, const GroupQ6_K*>;
   if constexpr (!kMins && !kGroup) return krows_avx2<WB, NT>(w, kRows, x, nb, out);
   auto block = [&](int r, int64_t b) -> const WB& {
     if constexpr (kGroup)
@@ -711,7 +702,7 @@ PARALLM_AVX2 void ktile4_avx2(W w, const quant::BlockQ8_K* const* x, int64_t nb,
   for (int64_t b = 0; b < nb; ++b) {
     if constexpr (kGroup) {
       const char* ahead = reinterpret_cast<const char*>(w + b + 2);
-      for (size_t l = 0; l < sizeof(GroupBlocks<WB>); l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+      for (size_t l = 0; l < sizeof(GroupQ6_K); l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
     } else {
       for (int r = 0; r < kRows; ++r) {
         const char* ahead = reinterpret_cast<const char*>(w[r] + b) + 8 * sizeof(WB);
@@ -1478,8 +1469,8 @@ void run_kblocks(const float* x, int64_t T, const Tensor& w, float* y, bool accu
           }
         };
         if (path != QuantPath::Scalar) {
-          if constexpr (kGroupedBlocks<WB>) {
-            const GroupBlocks<WB>* g = reinterpret_cast<const GroupBlocks<WB>*>(wb) + ti * nb;
+          if constexpr (std::is_same_v<WB, quant::BlockQ6_K>) {
+            const GroupQ6_K* g = reinterpret_cast<const GroupQ6_K*>(wb) + ti * nb;
             by_tokens([&](auto nt, int64_t t0, float(*out)[kRows]) {
               constexpr int NT = decltype(nt)::value;
               const quant::BlockQ8_K* xt[NT];
