@@ -22,6 +22,7 @@
 #include <new>
 #include <vector>
 
+#include "parallm/core/aligned.h"
 #include "parallm/core/error.h"
 #include "parallm/core/thread_pool.h"
 #include "parallm/kernels/cpu.h"
@@ -373,9 +374,10 @@ WKind kind_of(DType t) {
 // x [T, K] laid out for tiles that take x_block-sized blocks of 16-bit weights as even and odd
 // halves: in each full block of B elements, the B/2 even elements, then the B/2 odd ones; the tail
 // after the last full block stays as it is. The copy lives in the calling thread's scratch and is
-// read by all threads of the pool during the call.
+// read by all threads of the pool during the call. It is 64-byte aligned, so that each vector
+// load of it reads one cache line (see core/aligned.h: 2x at 4 tokens on Zen 5).
 const float* permute_x(const float* x, int64_t T, int64_t K, int B) {
-  thread_local std::vector<float> buf;
+  thread_local AlignedVector<float> buf;
   buf.resize(static_cast<size_t>(T * K));
   for (int64_t t = 0; t < T; ++t) {
     const float* src = x + t * K;
