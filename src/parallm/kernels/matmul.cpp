@@ -17,9 +17,7 @@
 #include <algorithm>
 #include <cstring>
 #include <functional>
-#include <memory>
 #include <mutex>
-#include <new>
 #include <vector>
 
 #include "parallm/core/aligned.h"
@@ -465,20 +463,12 @@ void widen(const uint16_t* src, WKind kind, float* dst, int64_t n, SimdLevel lev
   for (int64_t i = 0; i < n; ++i) dst[i] = scalar_weight(src, kind, i);
 }
 
-struct AlignedFree {
-  void operator()(float* p) const { ::operator delete[](p, std::align_val_t{64}); }
-};
-
-// Per-thread scratch for widened weights, grown on demand and kept for the thread's lifetime.
+// Per-thread scratch for widened weights, grown on demand and kept for the thread's lifetime;
+// 64-byte aligned (core/aligned.h).
 float* widen_scratch(int64_t floats) {
-  thread_local std::unique_ptr<float[], AlignedFree> buf;
-  thread_local int64_t capacity = 0;
-  if (floats > capacity) {
-    buf.reset(static_cast<float*>(
-        ::operator new[](static_cast<size_t>(floats) * sizeof(float), std::align_val_t{64})));
-    capacity = floats;
-  }
-  return buf.get();
+  thread_local AlignedVector<float> buf;
+  if (floats > static_cast<int64_t>(buf.size())) buf = AlignedVector<float>(static_cast<size_t>(floats));
+  return buf.data();
 }
 
 void sgemm_rows(const float* x, int64_t T, const void* w, WKind kind, int64_t K, int64_t N,
