@@ -244,7 +244,7 @@ PY
       decode1 1 >>"$alone"
       { decode1 1 >"$work/bw0" & decode1 1 >"$work/bw1"; wait; }
       cat "$work/bw0" "$work/bw1" | paste -sd' ' >>"$pairs"
-      if ! o=$(cmd_run -np "$np" --map-by "$map" "${mpi_extra[@]}" -- "${wrap[@]}" "$PARALLM" bench decode --model "$model" \
+      if ! o=$(cmd_run -np "$np" --map-by "$map" -- "${wrap[@]}" "$PARALLM" bench decode --model "$model" \
                  --tokens "$tokens" --warmup 3 --threads 1 --batch "$((batch / dp))" "${mb[@]}" \
                  --bandwidth 5 --comm-stats --comm-timeout 120 "$@" 2>&1); then
         fails=$((fails + 1)) retries=$((retries + 1))
@@ -284,7 +284,7 @@ json.dump(c, open(sys.argv[1], "w"))' "$cal" "$skew_us"
       pred=$("$PARALLM" plan --model "$model/config.json" --gpu cpu --gpus "$np" --calibrate "$cal" \
                --mem-bw "$point_node_bw" --rank-mem-bw "$point_alone_bw" --flops "$flops" --dtype "$dtype" \
                --act-dtype fp32 --batch "$batch" --prompt-len 1 --output-len "$tokens" --tp "$tp" --pp "$pp" \
-               --dp "$dp" --json |
+               --dp "$dp" --shared-cores "$(nproc)" --json |
              /usr/bin/python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["layouts"][0]["tpot_ms"])')
     fi
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$layout" "$link" "$batch" "$ms" "$pred" "$stats" \
@@ -348,16 +348,19 @@ print("%.3f" % (1e3 * l["step_time_s"]))')
         printf "%-12s %-8s %5s %11s %12s %9s   (training step, ms)\n", $1, $2, $3, $4, $5, e}'
   }
 
-  # TP=2 x PP=2 is four ranks. On fewer than four cores they share cores, which only works while
-  # one stage computes at a time: batch 1 in one micro-batch, each rank pinned so that a stage's
-  # two ranks are on different cores (cluster/pin-rank.sh), and the waiting stage asleep rather
-  # than spinning in MPI (PARALLM_MPI_WAIT=sleep: a spinning rank took half the core from the rank
-  # beside it, 24-36 ms a token against 15-17 asleep). Batch 8's micro-batches would run both
-  # stages at once: those points need >= 4 cores.
-  local mpi_extra=() wrap=() tp2pp2_batches="1 8"
+  # TP=2 x PP=2 is four ranks. On fewer than four cores they share cores: each rank pinned so
+  # that a stage's two ranks are on different cores (cluster/pin-rank.sh). At batch 1 one stage
+  # computes at a time; batch 8's two micro-batches keep both stages busy, and the ranks take
+  # turns on the cores: the planner is told (plan --shared-cores, every point). Waiting ranks
+  # poll in MPI and yield the core (mpi_yield_when_idle; the engine's PARALLM_MPI_WAIT default
+  # here): with the scheduler's autogroups off (emulate-cluster.sh up) that beat sleeping between
+  # polls (PARALLM_MPI_WAIT=sleep; TP pairs inside the nodes, nvlink, interleaved runs: batch 1
+  # 5.7-7.8 ms a token against 7.6-8.4, batch 8 15.5-15.8 against 16.6-18.2). Under autogroups it
+  # was the other way round (24-36 ms against 15-17): a yield passes the core only within its own
+  # group, and each node was a group of its own.
+  local wrap=()
   if [ "$(nproc)" -lt 4 ]; then
-    tp2pp2_batches=1
-    echo "# TP=2 x PP=2 at batch 1 only, ranks pinned and sleeping while they wait: $(nproc) cores (batch 8 needs >= 4)"
+    echo "# TP=2 x PP=2 on $(nproc) cores: ranks pinned, taking turns on the cores (plan --shared-cores $(nproc))"
   fi
   echo "# layout      link     batch measured_ms predicted_ms error_pct (batch pN: prefill of N tokens)"
   cmd_shape none >/dev/null
@@ -385,11 +388,11 @@ print("%.3f" % (1e3 * l["step_time_s"]))')
     for b in 1 8; do
       measure tp2 "$name" "$b" 2 node "$comm/$name.json" --tp 2
       measure pp2 "$name" "$b" 2 node "$comm/$name.json" --pp 2
-      case " $presets : $tp2pp2_batches " in *" $p "*:*" $b "*)
-        [ "$(nproc)" -ge 4 ] || { mpi_extra=(-x PARALLM_MPI_WAIT=sleep); wrap=("$here/cluster/pin-rank.sh"); }
+      case " $presets " in *" $p "*)  # TP=2 x PP=2 at the presets, not the sweep
+        [ "$(nproc)" -ge 4 ] || wrap=("$here/cluster/pin-rank.sh")
         measure tp2pp2-tpin "$name" "$b" 4 slot "$comm/$name.tpin.json" --tp 2 --pp 2
         measure tp2pp2-tpx "$name" "$b" 4 node "$comm/$name.tpx.json" --tp 2 --pp 2
-        mpi_extra=() wrap=() ;;
+        wrap=() ;;
       esac
     done
     measure_prefill tp2 "$name" 2 node "$comm/$name.json" --tp 2
@@ -406,5 +409,5 @@ print("%.3f" % (1e3 * l["step_time_s"]))')
 
   # The planner's errors, its ranking of the layouts, and the crossovers (cluster/grid_summary.py).
   /usr/bin/python3 "$here/cluster/grid_summary.py" "$res" "$work/rates" "$comm" "$PARALLM" "$model" \
-    "$node_bw" "$alone_bw" "$tokens" "$do_plan" "$skew_us" "$flops" "$dtype" "$(nproc)"
+    "$node_bw" "$alone_bw" "$tokens" "$do_plan" "$skew_us" "$flops" "$dtype"
 }

@@ -6,13 +6,12 @@ with the shaped links' measured latency and a bandwidth of that rate times the e
 comm measured on them).
 
 Usage: grid_summary.py POINTS.tsv RATES COMM_DIR PARALLM MODEL_DIR NODE_GBPS ALONE_GBPS TOKENS
-       DO_PLAN(0|1) SKEW_US FLOPS DTYPE CORES
+       DO_PLAN(0|1) SKEW_US FLOPS DTYPE
 POINTS.tsv: one line a point, "layout link batch measured_ms predicted_ms stats node_gbps
 alone_gbps" tab-separated (batch pN: prefill, tN: training step); RATES: "name mbit" a line.
 """
 import json, math, subprocess, sys
-res, rates_f, comm, parallm, model, node_bw, alone_bw, tokens, do_plan, skew, flops, dtype, cores = sys.argv[1:]
-cores = int(cores)
+res, rates_f, comm, parallm, model, node_bw, alone_bw, tokens, do_plan, skew, flops, dtype = sys.argv[1:]
 skew = 0.0 if skew == "auto" else float(skew)  # "auto" left only if the shm point never ran
 rates = dict(l.split() for l in open(rates_f))
 pts, node_rates, prefill, training = {}, [], {}, {}
@@ -31,13 +30,11 @@ for l in open(res):
 if node_rates:
     node_bw = "%.2f" % sorted(r[0] for r in node_rates)[len(node_rates) // 2]
     alone_bw = "%.2f" % sorted(r[1] for r in node_rates)[len(node_rates) // 2]
-# On fewer than 4 cores the TP=2 x PP=2 points time-share the cores (4 ranks, the waiting stage
-# asleep), which the planner does not model: the decode error also without them.
-own_cores = {k: v for k, v in pts.items() if not (k[0].startswith("tp2pp2") and cores < 4)}
-for what, d in (("decode", pts), ("decode without TP=2 x PP=2 on %d cores" % cores, own_cores),
-                ("prefill", prefill), ("training step", training)):
+# (The TP=2 x PP=2 points on fewer than 4 cores count as the others: the planner was told the
+# cores the ranks share, plan --shared-cores.)
+for what, d in (("decode", pts), ("prefill", prefill), ("training step", training)):
     errs = [abs(p / m - 1) for (m, p) in d.values() if p == p]
-    if errs and (d is not own_cores or len(own_cores) < len(pts)):
+    if errs:
         print("# planner error, %s: mean |error| %.1f%%, max %.1f%% over %d points, %d within 10%%"
               % (what, 100 * sum(errs) / len(errs), 100 * max(errs), len(errs),
                  sum(e <= 0.1 for e in errs)))
@@ -62,10 +59,6 @@ fastest, order, total = ranking(pts, True)
 if total:
     print("# planner ranking: fastest layout named right at %d of %d link/batch pairs, whole order at %d"
           % (fastest, total, order))
-if len(own_cores) < len(pts):
-    f2, o2, t2 = ranking(own_cores, False)
-    print("# planner ranking without TP=2 x PP=2 on %d cores: fastest named right at %d of %d, whole order at %d"
-          % (cores, f2, t2, o2))
 
 def crossover(series):  # [(mbit, tp_ms, pp_ms)] -> Mbit/s below which PP is faster
     s = sorted(series, reverse=True)

@@ -28,12 +28,23 @@ leftovers() {
 step() { echo "== $* ($(date +%T))"; }
 
 step "4 nodes up and down"
+# The scheduler's autogroups are off while a cluster is up and back to what they were after.
+ag=/proc/sys/kernel/sched_autogroup_enabled ag_before=""
+[ -w "$ag" ] && ag_before=$(cat "$ag")
 "$S" up 4 --rate 400 --slots 1 >/dev/null
 [ "$(ip netns list | grep -c "^$PLM_PREFIX-node")" = 4 ] || { echo "FAIL: 4 namespaces expected"; exit 1; }
 [ "$(tc qdisc show | grep -c htb)" -ge 4 ] || { echo "FAIL: no htb qdiscs"; exit 1; }
+if [ -n "$ag_before" ]; then
+  [ "$(cat "$ag")" = 0 ] || { echo "FAIL: autogroups on ($(cat "$ag")) while the cluster is up"; exit 1; }
+fi
 "$S" down >/dev/null
 "$S" down >/dev/null  # idempotent
 [ -z "$(leftovers)" ] || { echo "FAIL: left behind after down:"; leftovers; exit 1; }
+if [ -n "$ag_before" ]; then
+  [ "$(cat "$ag")" = "$ag_before" ] ||
+    { echo "FAIL: autogroups $(cat "$ag") after down, $ag_before before"; exit 1; }
+  echo "autogroups: $ag_before before, 0 while up, $(cat "$ag") after down"
+fi
 
 step "2 nodes at 200 Mbit/s: bench comm"
 "$S" up 2 --rate 200 >/dev/null
@@ -94,7 +105,8 @@ gen=(generate --model "$tmp/tiny" --prompts-file "$tmp/prompts.txt" --max-tokens
 "$bin" "${gen[@]}" >"$tmp/one.txt" 2>/dev/null
 for layout in "--tp 2" "--pp 2" "--tp 2 --pp 2"; do
   # --map-by node: the TP group or the two stages are in different namespaces. TP=2 x PP=2 runs
-  # as the grid runs it on few cores: each rank pinned, ranks sleeping while they wait.
+  # each rank pinned, as the grid does on few cores, and with ranks sleeping between polls while
+  # they wait (the engine's other way of waiting; the grid polls).
   np=2 extra=() wrap=()
   [ "$layout" = "--tp 2 --pp 2" ] &&
     np=4 extra=(-x PARALLM_MPI_WAIT=sleep) wrap=("$src/scripts/cluster/pin-rank.sh")

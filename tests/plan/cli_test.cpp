@@ -88,6 +88,7 @@ TEST(PlanCli, CpuWithCalibrationAndConfigFile) {
   // The node's 30 GB/s shared by both ranks; one rank alone at most 20.
   EXPECT_DOUBLE_EQ(j["hardware"]["rank_mem_bw"].get<double>(), 15e9);
   EXPECT_DOUBLE_EQ(j["hardware"]["rank_mem_bw_alone"].get<double>(), 20e9);
+  EXPECT_EQ(j["hardware"]["shared_cores"], 0);  // every rank its own cores unless told
   bool tp2 = false, pp2 = false;
   for (const auto& l : j["layouts"]) {
     if (l["tp"] == 2) {
@@ -181,6 +182,11 @@ TEST(PlanCli, BadInputIsOneClearLine) {
        "--rank-mem-bw is for --gpu cpu"},
       {"plan --model llama-2-7b --gpu cpu --gpus 2 --mem-bw 20 --rank-mem-bw -3",
        "--rank-mem-bw must be positive, got -3"},
+      {"plan --model llama-2-7b --gpu a100-80g --gpus 2 --shared-cores 1",
+       "--shared-cores 1 is for --gpu cpu"},
+      {"plan --model tiny --gpu cpu --gpus 4 --mem-bw 20 --train --shared-cores 2",
+       "--shared-cores 2 is for inference plans"},
+      {"plan --model tiny --gpu cpu --gpus 4 --mem-bw 20 --shared-cores 0", "--shared-cores"},
       {"plan --model tiny --gpus 2 --train --sp --no-sp", "--sp and --no-sp"},
       {"plan --model tiny --gpus 2 --train --dtype int8", "--dtype int8"},
       {"plan --model tiny --gpus 2 --train --schedule zigzag", "zigzag"},

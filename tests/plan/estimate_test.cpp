@@ -493,6 +493,46 @@ TEST(Estimate, CpuRanksOnTheirOwnClocksShareTheNodeOnlyWhileTheyStream) {
   EXPECT_NEAR(tp.decode_compute - tp_free.decode_compute, f_time, 0.1 * f_time);
 }
 
+TEST(Estimate, CpuRanksSharingFewerCoresTakeTurns) {
+  // TP=2 x PP=2 on 2 shared cores (--shared-cores 2: an emulated cluster on one machine) at
+  // batch 8: the stages' 2 micro-batches would run at once, but only 2 of the 4 ranks run at a
+  // time. A micro-batch of 4 reads every stage's weights on its way, so the 4 ranks' work is that
+  // of TP=2 stepping batch 4 twice (the same bytes, FLOPs and all-reduces), done in turns on the
+  // 2 cores, 2 ranks streaming at once as TP=2's do.
+  const ModelConfig c = resolve_model("tinyllama-1.1b");
+  PlanOptions o = cpu_node_rates();
+  o.calibration =
+      Calibration::from_json(nlohmann::json::parse(R"({"backend": "mpi", "world": 2, "ops": {
+      "all_reduce": {"alpha_us": 0, "beta_gbps": 2}, "sendrecv": {"alpha_us": 5, "beta_gbps": 5}}})"),
+                             "comm.json");
+  const InferenceWorkload w8 = cpu_decode(8), w1 = cpu_decode(1);
+  const double tp2 = estimate_inference(c, cpu_cluster(2), {2, 1, 1, 1}, cpu_decode(4), o).tpot;
+  const LayoutEstimate own = estimate_inference(c, cpu_cluster(4), {2, 2, 1, 1}, w8, o);
+  PlanOptions shared = o;
+  shared.shared_cores = 2;
+  const LayoutEstimate turns = estimate_inference(c, cpu_cluster(4), {2, 2, 1, 1}, w8, shared);
+  ASSERT_EQ(turns.micro_batches, 2);
+  EXPECT_NEAR(turns.tpot, 2 * tp2, 1e-9 * tp2);
+  // A core a rank: the stages overlap, and only the node's memory, shared by 4, holds them back.
+  EXPECT_GT(turns.tpot, 1.1 * own.tpot);
+  // The breakdown names the wait: a step less one micro-batch's path (half of it here, and the
+  // p2p hops).
+  bool named = false;
+  for (const CostTerm& t : turns.decode_terms)
+    named |= t.name == "ranks taking turns on 2 shared cores" &&
+             std::abs(t.seconds - turns.tpot / 2) < 0.01 * turns.tpot;
+  EXPECT_TRUE(named);
+  // Prefill of 8 prompts in 2 micro-batches: the same turns.
+  EXPECT_GT(estimate_inference(c, cpu_cluster(4), {2, 2, 1, 1}, workload(8, 64, 1), shared).ttft,
+            1.2 * estimate_inference(c, cpu_cluster(4), {2, 2, 1, 1}, workload(8, 64, 1), o).ttft);
+  // At batch 1 one stage runs at a time: 2 cores are enough, nothing changes; nor with a core a
+  // rank.
+  EXPECT_DOUBLE_EQ(estimate_inference(c, cpu_cluster(4), {2, 2, 1, 1}, w1, shared).tpot,
+                   estimate_inference(c, cpu_cluster(4), {2, 2, 1, 1}, w1, o).tpot);
+  shared.shared_cores = 4;
+  EXPECT_DOUBLE_EQ(estimate_inference(c, cpu_cluster(4), {2, 2, 1, 1}, w8, shared).tpot, own.tpot);
+}
+
 TEST(Estimate, ArrivalSkewIsAShareOfTheWorkBetweenTpCollectives) {
   // bench comm's probe measured, on 2 ranks, the slowest ending a slice 5% of it after the mean
   // streaming and 10% computing. A TP group's collectives wait that for its slowest rank: the

@@ -108,6 +108,7 @@ plan::PlanRequest make_plan_request(const PlanOptions& o) {
   count_flag(o, o.seq_len, "--seq-len", kMaxTokens);
   count_flag(o, o.chunks, "--chunks", 1024);
   count_flag(o, o.threads, "--threads", 1 << 16);
+  count_flag(o, o.shared_cores, "--shared-cores", 1 << 16);
   if (o.sp && o.no_sp) fail("plan", "--sp and --no-sp contradict each other: give one");
   plan::PlanRequest req;
   req.model = plan::resolve_model(o.model, &req.model_name);
@@ -133,6 +134,14 @@ plan::PlanRequest make_plan_request(const PlanOptions& o) {
   req.options.rank_mem_bw = o.rank_mem_bw_gbps * 1e9;
   req.options.flops = o.gflops * 1e9;
   req.options.tp_anywhere = o.tp_anywhere;
+  if (o.shared_cores > 0 && !dev.is_cpu)
+    fail("plan", "--shared-cores ", o.shared_cores,
+         " is for --gpu cpu (ranks sharing one machine's cores); device \"", dev.name,
+         "\" is one rank each");
+  if (o.shared_cores > 0 && o.train)
+    fail("plan", "--shared-cores ", o.shared_cores,
+         " is for inference plans; training plans give each rank its own cores (--threads)");
+  req.options.shared_cores = int(o.shared_cores);
   req.pinned = {tp, pp, dp, ep};
   req.only_experts_over_tp = o.enable_expert_parallel;
   if (o.top < 1) fail("plan", "--top must be >= 1, got ", o.top);
@@ -277,6 +286,10 @@ const bool registered = register_command(
        app.add_option("--threads", o->threads,
                       "Training on --gpu cpu: threads per rank the kernels are measured with "
                       "(default cores / ranks per node)");
+       app.add_option("--shared-cores", o->shared_cores,
+                      "--gpu cpu inference: the cores all ranks of the job share (an emulated "
+                      "cluster on one machine, mpirun --oversubscribe); with more ranks than "
+                      "cores they take turns (default: every rank has its own)");
        app.add_option("--zero", o->zero,
                       "Training: ZeRO stage 0-3 (shard optimizer/gradients/weights over DP)");
        app.add_option("--schedule", o->schedule,

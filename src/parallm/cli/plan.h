@@ -34,6 +34,7 @@ struct PlanOptions {
   double bucket_mb = 25;
   bool no_overlap = false;
   int64_t threads = 0;
+  int64_t shared_cores = 0;  // --gpu cpu inference: cores all ranks share (0: one each)
   // Whether a flag was on the command line: a count or rate given is checked even when its
   // value (0) is what the planner takes for "absent".
   std::function<bool(const char*)> given = [](const char*) { return false; };

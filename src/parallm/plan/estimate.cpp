@@ -349,7 +349,11 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
   const double n = double(ceil_div(b, e.micro_batches));
   // Ranks streaming memory at once on a node (matters where they share it, CPU nodes): with fewer
   // micro-batches than stages, only that many stages work at a time.
-  const int streaming = std::max(1, std::min(l.world(), cl.gpus_per_node) * e.micro_batches / l.pp);
+  // Ranks that share fewer cores (--shared-cores) take turns: no more of them stream at once.
+  const int cores = cl.device.is_cpu && o.shared_cores > 0 ? o.shared_cores : 0;
+  const int streaming =
+      std::max(1, std::min(std::min(l.world(), cl.gpus_per_node) * e.micro_batches / l.pp,
+                           cores > 0 ? cores : l.world()));
   // Of those, a TP group's ranks run the same matmuls at the same moment and stream together;
   // the others (another stage's, another replica's) keep their own clocks and stream only a part
   // u of their step, the rest being arithmetic and waits. A rank then shares the node with its
@@ -375,14 +379,18 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
   // stage and m times the slowest hop.
   const double ctx = double(w.prompt_len) + double(w.output_len) / 2;
   double path = 0, slowest = 0, slowest_hop = 0, roofline = 0, flops_t = 0, mem_t = 0, max_sent = 0;
+  double turns = 0;  // ranks sharing `cores`: every rank's busy time over the cores
   std::vector<CostTerm> terms;
   auto decode_step = [&] {
-    path = slowest = slowest_hop = roofline = flops_t = mem_t = max_sent = 0;
+    path = slowest = slowest_hop = roofline = flops_t = mem_t = max_sent = turns = 0;
     terms.clear();
     for (int s = 0; s < l.pp; ++s) {
       const StageCost sc = stage_cost(c, l, w, k, r, cal, s, n, 1, ctx, false);
       path += sc.total();
       slowest = std::max(slowest, sc.total());
+      // A stage's ranks are busy through its arithmetic and its all-reduces (they poll through
+      // those); waiting for another stage, they sleep.
+      if (cores > 0) turns += double(l.dp) * l.tp * e.micro_batches * sc.total() / cores;
       roofline += sc.roofline();
       flops_t += sc.flops_time;
       mem_t += sc.mem_time;
@@ -409,7 +417,7 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
       }
       max_sent = std::max(max_sent, sent);
     }
-    e.tpot = std::max({path, e.micro_batches * slowest, e.micro_batches * slowest_hop});
+    e.tpot = std::max({path, e.micro_batches * slowest, e.micro_batches * slowest_hop, turns});
   };
   decode_step();
   // Ranks on their own clocks: u is the part of the step a stage streams (m micro-batches of its
@@ -430,8 +438,9 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
                 l.pp, 0, roofline, cat(fmt::format("{:.1f}", r.bw / 1e9), " GB/s a rank")});
   e.decode_pipeline_wait = e.tpot - path;
   if (e.decode_pipeline_wait > 0)
-    terms.push_back({slowest_hop > slowest ? "micro-batches queueing on a stage link"
-                                           : "micro-batches queueing at stages",
+    terms.push_back({turns >= e.tpot         ? cat("ranks taking turns on ", cores, " shared cores")
+                     : slowest_hop > slowest ? "micro-batches queueing on a stage link"
+                                             : "micro-batches queueing at stages",
                      0, 0, e.decode_pipeline_wait, ""});
   e.decode_terms = terms;
   e.comm_bytes_per_token = max_sent / n;
@@ -439,10 +448,11 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
   // Prefill of the replica's batch: the same micro-batches through a forward-only GPipe, at the
   // memory rate decode found (prefill's bytes are a small part of its time).
   const double P = double(w.prompt_len);
-  double pre_slowest = 0, pre_p2p = 0;
+  double pre_slowest = 0, pre_p2p = 0, pre_turns = 0;
   for (int s = 0; s < l.pp; ++s) {
     const StageCost sc = stage_cost(c, l, w, k, r, cal, s, n, P, P, true);
     pre_slowest = std::max(pre_slowest, sc.total());
+    if (cores > 0) pre_turns += double(l.dp) * l.tp * e.micro_batches * sc.total() / cores;
     if (s + 1 < l.pp)
       pre_p2p = std::max(
           pre_p2p, collective_cost(Collective::P2P, n * P * h * ab, 2, *k.pp[s], cal).seconds);
@@ -454,6 +464,7 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
   } else {
     e.ttft = pre_slowest;
   }
+  e.ttft = std::max(e.ttft, pre_turns);
   const double total_time = e.ttft + double(w.output_len - 1) * e.tpot;
   e.tokens_per_s = double(w.batch) * double(w.output_len) / total_time;
   e.tokens_per_s_per_device = e.tokens_per_s / l.world();

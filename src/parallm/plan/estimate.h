@@ -27,6 +27,11 @@ struct PlanOptions {
   // device's figure (measured with the node's), or no cap when mem_bw is given without it.
   double rank_mem_bw = 0;
   double flops = 0;  // FLOP/s per rank (measured); 0: the catalog's
+  // CPU inference: the cores every rank of the job shares (0: each rank has its own). With more
+  // ranks than cores the ranks take turns: a step is at least the ranks' busy time over the
+  // cores, and no more ranks stream memory at once than there are cores. (An emulated cluster of
+  // several "nodes" on one machine, or mpirun --oversubscribe.)
+  int shared_cores = 0;
   // Training on CPU ranks: what parallm's kernels reach here (measure_training_rates); when not
   // measured, every product runs at rank_flops.
   TrainingRates training_rates;

@@ -216,7 +216,8 @@ json to_json(const PlanRequest& req, const PlanResult& res) {
                    {"largest_nvlink_island", cl.largest_island()},
                    {"rank_flops", rank_flops(cl, req.options)},
                    {"rank_mem_bw", rank_mem_bw(cl, req.options, cl.gpus_per_node)},
-                   {"rank_mem_bw_alone", rank_mem_bw(cl, req.options, 1)}};
+                   {"rank_mem_bw_alone", rank_mem_bw(cl, req.options, 1)},
+                   {"shared_cores", req.options.shared_cores}};
   if (req.options.calibration) {
     j["hardware"]["calibration"] = {{"source", req.options.calibration->source},
                                     {"backend", req.options.calibration->backend},
@@ -351,6 +352,9 @@ std::string render_report(const PlanRequest& req, const PlanResult& res, int top
               : "")
       << (req.options.calibration
               ? cat(" (comm calibrated from ", req.options.calibration->source, ")")
+              : "")
+      << (req.options.shared_cores > 0
+              ? cat("; all ranks on ", req.options.shared_cores, " shared cores")
               : "")
       << "\n";
   if (req.training) {
