@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """Draw `emulate-cluster.sh grid` output as an SVG: decode ms per step against link bandwidth,
-TP=2 and PP=2, measured (solid, dots) beside predicted (dashed, rings), one panel per batch.
+TP=2, PP=2 and TP=2 x PP=2 (its TP pairs inside a node, or across the link), measured (solid,
+dots) beside predicted (dashed, rings), one panel per batch.
 
 Usage: scripts/cluster/grid_svg.py GRID_OUTPUT.txt > grid.svg
 The in-node ("shm") points stand in a column of their own at the right of each panel.
@@ -8,6 +9,11 @@ The in-node ("shm") points stand in a column of their own at the right of each p
 import math
 import re
 import sys
+
+# Layout -> (colour, legend name).
+LAYOUTS = {"tp2": ("#c0392b", "TP=2"), "pp2": ("#2471a3", "PP=2"),
+           "tp2pp2-tpin": ("#1e8449", "TP=2 x PP=2, TP in a node"),
+           "tp2pp2-tpx": ("#ca6f1e", "TP=2 x PP=2, TP across")}
 
 
 def parse(text):
@@ -23,7 +29,7 @@ def parse(text):
             title = line[2:].strip()
         elif not line.startswith("#"):
             f = line.split()
-            if len(f) >= 6 and f[0] in ("tp2", "pp2") and f[2] in ("1", "8"):
+            if len(f) >= 6 and f[0] in LAYOUTS and f[2] in ("1", "8"):
                 pts[(f[0], f[1], int(f[2]))] = (float(f[3]), float(f[4]))
     return rates, pts, title
 
@@ -31,7 +37,7 @@ def parse(text):
 def draw(rates, pts, title):
     W, H, pad, gap = 900, 420, 60, 40
     pw = (W - 2 * pad - gap) / 2
-    links = [l for l in rates if any((lay, l, b) in pts for lay in ("tp2", "pp2") for b in (1, 8))]
+    links = [l for l in rates if any((lay, l, b) in pts for lay in LAYOUTS for b in (1, 8))]
     if not links:
         sys.exit("grid_svg.py: no grid points (lines 'tp2 LINK BATCH measured predicted ...')")
     xs = [rates[l] for l in links]
@@ -45,7 +51,6 @@ def draw(rates, pts, title):
            f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">decode ms per step on an '
            'emulated 2-node cluster: measured (solid) and predicted by parallm plan (dashed)</text>',
            f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle" fill="#555">{title}</text>']
-    colour = {"tp2": "#c0392b", "pp2": "#2471a3"}
     for i, b in enumerate((1, 8)):
         x0 = pad + i * (pw + gap)
         y0, y1 = 40, H - 70
@@ -77,8 +82,8 @@ def draw(rates, pts, title):
         for l in links:
             out.append(f'<text x="{X(rates[l])}" y="{y0 + 14}" text-anchor="middle" fill="#888" '
                        f'font-size="10">{l}</text>')
-        for lay in ("tp2", "pp2"):
-            c = colour[lay]
+        for lay in LAYOUTS:
+            c = LAYOUTS[lay][0]
             for k, dash in ((0, ""), (1, ' stroke-dasharray="5,4"')):
                 seq = sorted((rates[l], pts[(lay, l, b)][k]) for l in links if (lay, l, b) in pts)
                 seq = [(r, v) for r, v in seq if v == v and v > 0]
@@ -96,14 +101,17 @@ def draw(rates, pts, title):
         if i == 0:
             out.append(f'<text x="{x0 - 45}" y="{(y0 + y1) / 2}" text-anchor="middle" '
                        f'transform="rotate(-90 {x0 - 45} {(y0 + y1) / 2})">ms per step (log)</text>')
-    lx = pad + pw - 50 - 225  # top right of the batch-1 panel, left of its in-node column
-    for j, (lay, name) in enumerate((("tp2", "TP=2"), ("pp2", "PP=2"))):
-        y = 66 + j * 16
-        out.append(f'<line x1="{lx}" y1="{y}" x2="{lx + 24}" y2="{y}" stroke="{colour[lay]}" stroke-width="1.5"/>')
-        out.append(f'<text x="{lx + 30}" y="{y + 4}">{name} measured</text>')
-        out.append(f'<line x1="{lx + 125}" y1="{y}" x2="{lx + 149}" y2="{y}" stroke="{colour[lay]}" '
+    # The legend: bottom left of the batch-8 panel (its steps are the slower ones: the bottom of
+    # the shared scale stays empty there), the layouts drawn.
+    drawn = [lay for lay in LAYOUTS if any(k[0] == lay for k in pts)]
+    lx, y = pad + pw + gap + 10, H - 70 - 12 - 16 * len(drawn)
+    for lay in drawn:
+        c, name = LAYOUTS[lay]
+        y += 16
+        out.append(f'<line x1="{lx}" y1="{y}" x2="{lx + 24}" y2="{y}" stroke="{c}" stroke-width="1.5"/>')
+        out.append(f'<line x1="{lx + 28}" y1="{y}" x2="{lx + 52}" y2="{y}" stroke="{c}" '
                    'stroke-width="1.5" stroke-dasharray="5,4"/>')
-        out.append(f'<text x="{lx + 155}" y="{y + 4}">predicted</text>')
+        out.append(f'<text x="{lx + 58}" y="{y + 4}" font-size="11">{name} measured, predicted</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
