@@ -348,12 +348,11 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
   e.micro_batches = l.pp > 1 ? int(std::min<int64_t>(b, l.pp)) : 1;
   const double n = double(ceil_div(b, e.micro_batches));
   // Ranks streaming memory at once on a node (matters where they share it, CPU nodes): with fewer
-  // micro-batches than stages, only that many stages work at a time.
-  // Ranks that share fewer cores (--shared-cores) take turns: no more of them stream at once.
+  // micro-batches than stages, only that many stages work at a time; ranks sharing fewer cores
+  // (--shared-cores) take turns, and no more of them than the cores stream at once.
   const int cores = cl.device.is_cpu && o.shared_cores > 0 ? o.shared_cores : 0;
-  const int streaming =
-      std::max(1, std::min(std::min(l.world(), cl.gpus_per_node) * e.micro_batches / l.pp,
-                           cores > 0 ? cores : l.world()));
+  int streaming = std::max(1, std::min(l.world(), cl.gpus_per_node) * e.micro_batches / l.pp);
+  if (cores > 0) streaming = std::min(streaming, cores);
   // Of those, a TP group's ranks run the same matmuls at the same moment and stream together;
   // the others (another stage's, another replica's) keep their own clocks and stream only a part
   // u of their step, the rest being arithmetic and waits. A rank then shares the node with its
@@ -378,8 +377,13 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
   // (its messages queue on it), so the step takes the longest of the path, m times the slowest
   // stage and m times the slowest hop.
   const double ctx = double(w.prompt_len) + double(w.output_len) / 2;
+  // Ranks taking turns on shared cores: a step is at least every rank's busy time over the cores
+  // (`turns`). A stage's ranks are busy through its arithmetic and its all-reduces (they poll
+  // through those), for each micro-batch of each replica; waiting for another stage, they sleep.
+  const double turns_per_stage_second =
+      cores > 0 ? double(l.dp) * l.tp * e.micro_batches / cores : 0.0;
   double path = 0, slowest = 0, slowest_hop = 0, roofline = 0, flops_t = 0, mem_t = 0, max_sent = 0;
-  double turns = 0;  // ranks sharing `cores`: every rank's busy time over the cores
+  double turns = 0;
   std::vector<CostTerm> terms;
   auto decode_step = [&] {
     path = slowest = slowest_hop = roofline = flops_t = mem_t = max_sent = turns = 0;
@@ -388,9 +392,7 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
       const StageCost sc = stage_cost(c, l, w, k, r, cal, s, n, 1, ctx, false);
       path += sc.total();
       slowest = std::max(slowest, sc.total());
-      // A stage's ranks are busy through its arithmetic and its all-reduces (they poll through
-      // those); waiting for another stage, they sleep.
-      if (cores > 0) turns += double(l.dp) * l.tp * e.micro_batches * sc.total() / cores;
+      turns += turns_per_stage_second * sc.total();
       roofline += sc.roofline();
       flops_t += sc.flops_time;
       mem_t += sc.mem_time;
@@ -452,7 +454,7 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
   for (int s = 0; s < l.pp; ++s) {
     const StageCost sc = stage_cost(c, l, w, k, r, cal, s, n, P, P, true);
     pre_slowest = std::max(pre_slowest, sc.total());
-    if (cores > 0) pre_turns += double(l.dp) * l.tp * e.micro_batches * sc.total() / cores;
+    pre_turns += turns_per_stage_second * sc.total();
     if (s + 1 < l.pp)
       pre_p2p = std::max(
           pre_p2p, collective_cost(Collective::P2P, n * P * h * ab, 2, *k.pp[s], cal).seconds);
