@@ -90,13 +90,16 @@ cmd_shape() {
   # After an idle spell htb lets through its bucket (the burst) and one packet more before it
   # holds traffic to the rate; on a link that carries one message between two computes, that much
   # of every message passes at once (`grid` tells the planner: burst_bytes). Both are one
-  # MTU, and the MTU is ~80 us of the link's rate within 576 B and 64000 B: small on slow links,
-  # and no more than ~12k packets a second on fast ones, above which the kernel's cost per packet,
-  # paid on the cores the ranks compute on, rules (1500 B packets at 600 Mbit/s: bench comm
-  # measured 49 MB/s of 75; 7500 B packets: 74).
+  # MTU, and the MTU is ~80 us of the link's rate within 1500 B (Ethernet's) and 64000 B: small on
+  # slow links, and no more than ~12k packets a second on fast ones, above which the kernel's cost
+  # per packet, paid on the cores the ranks compute on, rules (1500 B packets at 600 Mbit/s: bench
+  # comm measured 49 MB/s of 75; 7500 B packets: 74). Not below 1500 B: at 25 Mbit/s with 576 B
+  # packets a PP=2 stage computing while its last activation crossed ran its first layer at half
+  # speed (7.6-8.3 ms against 4.2; batch 8, 31.7-32.7 ms a token), with 1500 B at full speed
+  # (26.3-27.8 ms a token; 2026-12-03, Zen 5 box), and no network runs on packets that small.
   local mtu
   mtu=$(awk -v m="$mbit" 'BEGIN { b = (m == 0) ? 64000 : m * 1e6 / 8 * 8e-5;
-                                  if (b < 576) b = 576; if (b > 64000) b = 64000; printf "%d\n", b }')
+                                  if (b < 1500) b = 1500; if (b > 64000) b = 64000; printf "%d\n", b }')
   for ((i = 0; i < n; i++)); do
     ip link set "$PREFIX-v$i" mtu "$mtu"
     ip netns exec "$(ns $i)" ip link set "$PREFIX-e$i" mtu "$mtu"

@@ -62,12 +62,14 @@ cmd_grid() {
   echo "# cpu: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; $(date -u +%FT%TZ)"
 
   # What the planner needs of the compute, measured on one-thread ranks as the grid's are. A CPU
-  # rank's decode step is its bytes plus its FLOPs (the planner sums them on a CPU): one rank alone
-  # at batch 1 and 8 gives the FLOP rate of one more sequence (plan --flops: the GFLOPs a sequence
-  # adds over the time it adds) and, with the FLOPs of its one sequence taken out, the rate it
-  # streams the weights alone (--rank-mem-bw); two ranks at batch 1 at once, summed, what the
-  # node streams (--mem-bw: ranks on one machine share its memory). The best of --reps each
-  # (others' load only lowers them).
+  # rank's decode step is its bytes plus its FLOPs (the planner sums them on a CPU), and its GEMV
+  # takes the tokens 4 at a time, passing over the weights again, from the caches, for each further
+  # 4 (kernels/matmul.h). One rank alone at batch 1, 4 and 8: from 1 to 4 the FLOP rate of one more
+  # sequence (plan --flops: the GFLOPs a sequence adds over the time it adds), from 4 to 8 what the
+  # second pass adds beyond its 4 sequences (plan --reread-bw: the step's bytes over that time);
+  # and, with the FLOPs of its one sequence taken out, the rate batch 1 streams the weights alone
+  # (--rank-mem-bw); two ranks at batch 1 at once, summed, what the node streams (--mem-bw: ranks
+  # on one machine share its memory). The best of --reps each (others' load only lowers them).
   # --bandwidth as in the grid's own runs: without it bench decode also reads a buffer of its own
   # between steps to measure the memory, which the measured runs do not.
   decode1() {  # BATCH -> "ms_per_step achieved_GBps gflops_per_s"
@@ -79,31 +81,41 @@ cmd_grid() {
   local rep
   for ((rep = 0; rep < reps; rep++)); do
     decode1 1 >>"$work/alone1"
+    decode1 4 >>"$work/alone4"
     decode1 8 >>"$work/alone8"
     { decode1 1 >"$work/bw0" & decode1 1 >"$work/bw1"; wait; }
     cat "$work/bw0" "$work/bw1" | paste -sd' ' >>"$work/node"
   done
-  # Prints "node alone flops" (GB/s, GB/s, GFLOP/s) from the runs in $work, the node's from NODEFILE.
+  # Prints "node alone flops reread" (GB/s, GB/s, GFLOP/s, GB/s; reread 0: no second pass seen)
+  # from the runs in $work, the node's from NODEFILE.
   rates() {  # NODEFILE [ALONEFILE]
     /usr/bin/python3 - "$work" "$1" "${2:-$work/alone1}" <<'PY'
 import sys
 w = sys.argv[1]
 rows = lambda f: [list(map(float, l.split())) for l in open(f if "/" in f else f"{w}/{f}") if l.strip()]
 t1, bw1, _ = min(rows("alone1"))             # fastest batch-1 run: ms, GB/s
+t4, _, _ = min(rows("alone4"))               # fastest batch-4 run
 t8, _, g8 = min(rows("alone8"))              # fastest batch-8 run: ms, GFLOP/s of its linear layers
-per_seq_ms = (t8 - t1) / 7                    # what one more sequence adds
+per_seq_ms = (t4 - t1) / 3                    # what one more sequence adds within a pass
+second_ms = t8 - t4 - 4 * per_seq_ms          # what the second pass adds beyond its sequences
+# GB/s of the second pass: the batch-1 step's bytes (GB/s x ms) over its time; none when noise
+# hides it (under 2% of a batch-1 step).
+reread = bw1 * t1 / second_ms if second_ms > 0.02 * t1 else 0.0
 t1, bw1, _ = min(rows(sys.argv[3]))          # the one-rank run asked for (the start's, or a point's)
 # GFLOP/s: a sequence's GFLOPs (g8 x t8 / 1000 / 8) over the seconds it adds (per_seq_ms / 1000);
-# a batch-8 step no slower than batch 1 (noise) leaves the plain batch-8 rate.
+# a batch-4 step no slower than batch 1 (noise) leaves the plain batch-8 rate.
 flops = g8 * t8 / 8 / per_seq_ms if per_seq_ms > 0 else g8
 stream = lambda t, bw: bw * t / max(t - per_seq_ms, 0.05 * t)  # bytes over the step less its FLOPs
 alone = stream(t1, bw1)
 node = max(max(stream(r[0], r[1]) + stream(r[3], r[4]) for r in rows(sys.argv[2])), alone)
-print("%.2f %.2f %.2f" % (node, alone, flops))
+print("%.2f %.2f %.2f %.2f" % (node, alone, flops, reread))
 PY
   }
-  local node_bw alone_bw flops
-  read -r node_bw alone_bw flops < <(rates "$work/node")
+  local node_bw alone_bw flops reread_bw
+  read -r node_bw alone_bw flops reread_bw < <(rates "$work/node")
+  # plan's flag for the second pass, when one was seen.
+  local reread_flag=()
+  awk -v r="$reread_bw" 'BEGIN { exit !(r > 0) }' && reread_flag=(--reread-bw "$reread_bw")
   [ -n "$flops" ] || die "bench decode printed no ms / achieved / GFLOP/s lines"
   # Prefill's arithmetic: one rank alone on a --prompt-len prompt; its GFLOPs over its time less
   # the weights' read (a step is bytes + FLOPs), the rate the planner gets for prefill points.
@@ -117,7 +129,7 @@ best = min((float(ms), float(gf)) for gf, ms in (l.split() for l in sys.stdin if
 print("%.2f" % (best[1] / (best[0] / 1e3 - bytes_gb / bw)))' \
              "$(du -sb "$model"/*.safetensors | awk '{s += $1} END {print s / 1e9}')" "$alone_bw")
   echo "# prefill arithmetic, one rank, $plen-token prompt: $pflops GFLOP/s (plan --flops for the prefill points)"
-  echo "# compute, one-thread ranks: node streams $node_bw GB/s, one rank alone $alone_bw GB/s, a sequence adds $flops GFLOP/s (plan --mem-bw, --rank-mem-bw, --flops; a step is bytes + FLOPs)"
+  echo "# compute, one-thread ranks: node streams $node_bw GB/s, one rank alone $alone_bw GB/s, a sequence adds $flops GFLOP/s, a further 4 re-read the weights at $reread_bw GB/s (plan --mem-bw, --rank-mem-bw, --flops, --reread-bw; a step is bytes + FLOPs + re-reads)"
   # The presets keep the A100's link : memory ratios against what one rank streams here (unless
   # PLM_RANK_GBPS says otherwise); the default sweep goes below the slowest preset by 2, 4 and 8.
   [ -n "${PLM_RANK_GBPS:-}" ] || RANK_GBPS=$alone_bw
@@ -282,7 +294,7 @@ json.dump(c, open(sys.argv[1], "w"))' "$cal" "$skew_us"
       local tp=1 pp=1 a prev=""
       for a in "$@"; do case "$prev" in --tp) tp=$a ;; --pp) pp=$a ;; esac; prev=$a; done
       pred=$("$PARALLM" plan --model "$model/config.json" --gpu cpu --gpus "$np" --calibrate "$cal" \
-               --mem-bw "$point_node_bw" --rank-mem-bw "$point_alone_bw" --flops "$flops" --dtype "$dtype" \
+               --mem-bw "$point_node_bw" --rank-mem-bw "$point_alone_bw" --flops "$flops" "${reread_flag[@]}" --dtype "$dtype" \
                --act-dtype fp32 --batch "$batch" --prompt-len 1 --output-len "$tokens" --tp "$tp" --pp "$pp" \
                --dp "$dp" --shared-cores "$(nproc)" --json |
              /usr/bin/python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["layouts"][0]["tpot_ms"])')
@@ -409,5 +421,5 @@ print("%.3f" % (1e3 * l["step_time_s"]))')
 
   # The planner's errors, its ranking of the layouts, and the crossovers (cluster/grid_summary.py).
   /usr/bin/python3 "$here/cluster/grid_summary.py" "$res" "$work/rates" "$comm" "$PARALLM" "$model" \
-    "$node_bw" "$alone_bw" "$tokens" "$do_plan" "$skew_us" "$flops" "$dtype"
+    "$node_bw" "$alone_bw" "$tokens" "$do_plan" "$skew_us" "$flops" "$dtype" "$reread_bw"
 }

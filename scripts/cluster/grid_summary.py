@@ -11,7 +11,9 @@ POINTS.tsv: one line a point, "layout link batch measured_ms predicted_ms stats 
 alone_gbps" tab-separated (batch pN: prefill, tN: training step); RATES: "name mbit" a line.
 """
 import json, math, subprocess, sys
-res, rates_f, comm, parallm, model, node_bw, alone_bw, tokens, do_plan, skew, flops, dtype = sys.argv[1:]
+res, rates_f, comm, parallm, model, node_bw, alone_bw, tokens, do_plan, skew, flops, dtype = sys.argv[1:13]
+# The GEMV's second pass over the weights (grid.sh: plan --reread-bw; absent or 0: none seen).
+reread = sys.argv[13] if len(sys.argv) > 13 and float(sys.argv[13]) > 0 else None
 skew = 0.0 if skew == "auto" else float(skew)  # "auto" left only if the shm point never ran
 rates = dict(l.split() for l in open(rates_f))
 pts, node_rates, prefill, training = {}, [], {}, {}
@@ -99,14 +101,16 @@ for b in (1, 8):
             if sk:  # the probes' median over the links
                 cal["arrival_skew"] = {"ranks": sk[0]["ranks"], "stream": med([q["stream"] for q in sk]),
                                        "compute": med([q["compute"] for q in sk])}
-            # The bucket that shape would give this rate: one MTU, 80 us of the rate.
-            cal["burst_bytes"] = int(min(max(r * 1e6 / 8 * 8e-5, 576), 64000))
+            # The bucket that shape would give this rate: one MTU, 80 us of the rate (emulate-cluster.sh
+            # cmd_shape: within 1500 B and 64000 B).
+            cal["burst_bytes"] = int(min(max(r * 1e6 / 8 * 8e-5, 1500), 64000))
             json.dump(cal, open(tmp, "w"))
             t = []
             for lay in (["--tp", "2"], ["--pp", "2"]):
                 out = subprocess.run([parallm, "plan", "--model", model + "/config.json", "--gpu", "cpu",
                     "--gpus", "2", "--calibrate", tmp, "--mem-bw", node_bw, "--rank-mem-bw", alone_bw,
-                    "--flops", flops, "--dtype", dtype, "--act-dtype", "fp32", "--batch", str(b), "--prompt-len", "1",
+                    "--flops", flops] + (["--reread-bw", reread] if reread else []) + [
+                    "--dtype", dtype, "--act-dtype", "fp32", "--batch", str(b), "--prompt-len", "1",
                     "--output-len", tokens, "--json"] + lay, capture_output=True, text=True, check=True)
                 t.append(json.loads(out.stdout)["layouts"][0]["tpot_ms"])
             sweep.append((r, t[0], t[1]))

@@ -89,6 +89,7 @@ TEST(PlanCli, CpuWithCalibrationAndConfigFile) {
   EXPECT_DOUBLE_EQ(j["hardware"]["rank_mem_bw"].get<double>(), 15e9);
   EXPECT_DOUBLE_EQ(j["hardware"]["rank_mem_bw_alone"].get<double>(), 20e9);
   EXPECT_EQ(j["hardware"]["shared_cores"], 0);  // every rank its own cores unless told
+  EXPECT_EQ(j["hardware"]["reread_gbps"], 0);   // the GEMV's further passes free unless measured
   bool tp2 = false, pp2 = false;
   for (const auto& l : j["layouts"]) {
     if (l["tp"] == 2) {
@@ -187,6 +188,12 @@ TEST(PlanCli, BadInputIsOneClearLine) {
       {"plan --model tiny --gpu cpu --gpus 4 --mem-bw 20 --train --shared-cores 2",
        "--shared-cores 2 is for inference plans"},
       {"plan --model tiny --gpu cpu --gpus 4 --mem-bw 20 --shared-cores 0", "--shared-cores"},
+      {"plan --model tiny --gpu cpu --gpus 2 --mem-bw 20 --reread-bw -5",
+       "--reread-bw must be positive, got -5"},
+      {"plan --model llama-2-7b --gpu a100-80g --gpus 2 --reread-bw 90",
+       "--reread-bw 90 is for --gpu cpu"},
+      {"plan --model tiny --gpu cpu --gpus 2 --mem-bw 20 --train --reread-bw 90",
+       "--reread-bw 90 is for inference plans"},
       {"plan --model tiny --gpus 2 --train --sp --no-sp", "--sp and --no-sp"},
       {"plan --model tiny --gpus 2 --train --dtype int8", "--dtype int8"},
       {"plan --model tiny --gpus 2 --train --schedule zigzag", "zigzag"},

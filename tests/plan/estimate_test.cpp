@@ -533,6 +533,43 @@ TEST(Estimate, CpuRanksSharingFewerCoresTakeTurns) {
   EXPECT_DOUBLE_EQ(estimate_inference(c, cpu_cluster(4), {2, 2, 1, 1}, w8, shared).tpot, own.tpot);
 }
 
+TEST(Estimate, CpuGemvPassesOverTheWeightsAgainForEachFurtherFourTokens) {
+  // --reread-bw: the CPU decode GEMV takes a step's tokens 4 at a time (kernels/matmul.h), the
+  // weights from memory for the first 4 and from the caches for each further 4. One rank: from
+  // batch 1 to 4 a step grows by the sequences' FLOPs alone; the fifth sequence adds its FLOPs
+  // and one pass over the multiplied weights (every matrix but the looked-up embedding) at the
+  // re-read rate; batch 8 no further pass, batch 9 one more. Without the rate, none.
+  const ModelConfig c = resolve_model("tinyllama-1.1b");
+  PlanOptions o = cpu_node_rates();
+  auto tpot = [&](int64_t b, const PlanOptions& opt, Precision weights = Precision::BF16) {
+    InferenceWorkload w = cpu_decode(b);
+    w.weights = weights;
+    return estimate_inference(c, cpu_cluster(1), {1, 1, 1, 1}, w, opt).tpot;
+  };
+  const double seq = tpot(2, o) - tpot(1, o);  // one sequence's FLOPs (and its KV cache read)
+  const double matmul_bytes =
+      double(c.param_count() - c.vocab_size * c.hidden_size) * 2;  // bf16, untied head
+  PlanOptions re = o;
+  re.reread_bw = 100e9;
+  const double pass = matmul_bytes / 100e9;
+  EXPECT_NEAR(tpot(4, re) - tpot(1, re), 3 * seq, 1e-6 * tpot(4, re));
+  EXPECT_NEAR(tpot(5, re) - tpot(4, re), seq + pass, 0.02 * pass);
+  EXPECT_NEAR(tpot(8, re) - tpot(5, re), 3 * seq, 1e-6 * tpot(8, re));
+  EXPECT_NEAR(tpot(9, re) - tpot(8, re), seq + pass, 0.02 * pass);
+  EXPECT_NEAR(tpot(5, o) - tpot(4, o), seq, 1e-6 * tpot(5, o));
+  // The int8 GEMV is another kernel: no such pass.
+  EXPECT_DOUBLE_EQ(tpot(5, re, Precision::INT8), tpot(5, o, Precision::INT8));
+  // PP=2 at batch 8: 2 micro-batches of 4, each one pass: nothing added.
+  const InferenceWorkload w8 = cpu_decode(8);
+  EXPECT_DOUBLE_EQ(estimate_inference(c, cpu_cluster(2), {1, 2, 1, 1}, w8, re).tpot,
+                   estimate_inference(c, cpu_cluster(2), {1, 2, 1, 1}, w8, o).tpot);
+  // Accelerators: the flag is CPU's alone.
+  PlanOptions gpu = re;
+  const ClusterSpec a100 = cluster_of("a100-80g", 1);
+  EXPECT_DOUBLE_EQ(estimate_inference(c, a100, {1, 1, 1, 1}, cpu_decode(8), gpu).tpot,
+                   estimate_inference(c, a100, {1, 1, 1, 1}, cpu_decode(8), o).tpot);
+}
+
 TEST(Estimate, ArrivalSkewIsAShareOfTheWorkBetweenTpCollectives) {
   // bench comm's probe measured, on 2 ranks, the slowest ending a slice 5% of it after the mean
   // streaming and 10% computing. A TP group's collectives wait that for its slowest rank: the

@@ -99,6 +99,7 @@ plan::PlanRequest make_plan_request(const PlanOptions& o) {
   rate_flag(o, o.mem_bw_gbps, "--mem-bw");
   rate_flag(o, o.rank_mem_bw_gbps, "--rank-mem-bw");
   rate_flag(o, o.gflops, "--flops");
+  rate_flag(o, o.reread_gbps, "--reread-bw");
   count_flag(o, o.top, "--top", 1 << 20);
   count_flag(o, o.batch, "--batch", kMaxTokens);
   count_flag(o, o.prompt_len, "--prompt-len", kMaxTokens);
@@ -130,9 +131,17 @@ plan::PlanRequest make_plan_request(const PlanOptions& o) {
     fail("plan", "--rank-mem-bw is for --gpu cpu (ranks sharing a node's memory); device \"",
          dev.name, "\" has its own");
   if (o.gflops < 0) fail("plan", "--flops must be positive, got ", o.gflops);
+  if (o.reread_gbps > 0 && !dev.is_cpu)
+    fail("plan", "--reread-bw ", o.reread_gbps,
+         " is for --gpu cpu (parallm's CPU decode GEMV); device \"", dev.name,
+         "\" keeps the roofline");
+  if (o.reread_gbps > 0 && o.train)
+    fail("plan", "--reread-bw ", o.reread_gbps,
+         " is for inference plans (the decode GEMV); training runs GEMMs");
   req.options.mem_bw = o.mem_bw_gbps * 1e9;
   req.options.rank_mem_bw = o.rank_mem_bw_gbps * 1e9;
   req.options.flops = o.gflops * 1e9;
+  req.options.reread_bw = o.reread_gbps * 1e9;
   req.options.tp_anywhere = o.tp_anywhere;
   if (o.shared_cores > 0 && !dev.is_cpu)
     fail("plan", "--shared-cores ", o.shared_cores,
@@ -266,6 +275,10 @@ const bool registered = register_command(
                       "--gpu cpu: what one rank streams alone with its cores, GB/s (caps its share "
                       "when fewer ranks stream, e.g. one pipeline stage at batch 1)");
        app.add_option("--flops", o->gflops, "Measured compute per rank, GFLOP/s");
+       app.add_option("--reread-bw", o->reread_gbps,
+                      "--gpu cpu decode: GB/s a rank passes over its weights again from its "
+                      "caches (the GEMV takes a step's tokens 4 at a time: the weights from "
+                      "memory for the first 4, from the caches for each further 4; default: free)");
        app.add_option("--tp", o->tp, "Only layouts with this TP");
        app.add_option("--pp", o->pp, "Only layouts with this PP");
        app.add_option("--dp", o->dp, "Only layouts with this DP");

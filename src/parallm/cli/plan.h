@@ -24,6 +24,7 @@ struct PlanOptions {
   bool enable_expert_parallel = false;  // only the experts-over-TP layouts (MoE inference)
   std::string calibrate;
   double mem_bw_gbps = 0, rank_mem_bw_gbps = 0, gflops = 0;
+  double reread_gbps = 0;  // --gpu cpu decode: the GEMV's further passes over the weights
   int64_t gpus = 0, nodes = 0, gpus_per_node = 0;
   int64_t tp = 0, pp = 0, dp = 0, ep = 0;
   bool train = false;

@@ -33,7 +33,7 @@ namespace {
 // Tokens from which sgemm (with bf16 widened per call) beats the chunked GEMV: measured on Zen 3
 // with bf16 [2048, 2048], GEMV 78 vs sgemm 62 GFLOP/s at T = 48, 75 vs 73 at T = 64 (see
 // docs/benchmarks.md).
-constexpr int64_t kSgemmMinT = 64;
+constexpr int64_t kSgemmMinT = kGemvMaxTokens;
 // sgemm on fewer rows of W than this per thread runs well below OpenBLAS's speed (measured: half at
 // 128 rows); below it the tokens are split across threads instead.
 constexpr int64_t kSgemmMinRowsPerThread = 512;
@@ -405,8 +405,9 @@ void gemv_rows(const float* x, int64_t T, const void* w, WKind kind, int64_t K, 
   const int64_t part = (n1 - n0) / R;
   auto run = [&](const TileFn* fns, int64_t row, int64_t row_step) {
     // Token chunks inner: this tile's rows come from memory once, later chunks hit L1/L2.
-    for (int64_t t0 = 0; t0 < T; t0 += 4) {
-      const int64_t tt = std::min<int64_t>(4, T - t0);
+    static_assert(kGemvTokenChunk == 4, "one tile function per chunk width 1..4");
+    for (int64_t t0 = 0; t0 < T; t0 += kGemvTokenChunk) {
+      const int64_t tt = std::min<int64_t>(kGemvTokenChunk, T - t0);
       TileArgs a{x + t0 * K,
                  K,
                  wb + static_cast<size_t>(row * K) * esize,

@@ -13,6 +13,13 @@
 
 namespace parallm::kernels {
 
+// The f32/bf16/f16 GEMV (T < kGemvMaxTokens) takes the tokens kGemvTokenChunk at a time, a tile's
+// rows of W from memory for the first chunk and from L1/L2 for each further one: a step of T
+// tokens streams W once and passes over it ceil(T / 4) times (plan/estimate.cpp prices the further
+// passes, `plan --reread-bw`).
+inline constexpr int64_t kGemvMaxTokens = 64;
+inline constexpr int64_t kGemvTokenChunk = 4;
+
 // x: [T, K] f32 (row stride K); w: [N, K] contiguous, f32/bf16/f16; y: [T, N] f32.
 // Block-quantized weights (Q8_0, Q4_0, Q4_K, Q6_K) go to kernels/quant_matmul.h (matmul_ref: the
 // f32 product on the dequantized weights).

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "parallm/core/error.h"
+#include "parallm/kernels/matmul.h"
 #include "parallm/pipeline/simulator.h"
 #include "parallm/plan/model_presets.h"
 #include "parallm/plan/moe.h"
@@ -101,6 +102,11 @@ struct Rates {
   // a line, 9.8 ms + 1.37 ms a sequence, where the larger of the two would be flat to batch 8).
   // Accelerators keep the roofline, the larger of the two.
   bool additive = false;
+  // CPU: bytes/s of the GEMV's further passes over the weights from cache (PlanOptions::reread_bw;
+  // 0: free). The line above holds within a chunk of 4 tokens; each further chunk passes over the
+  // weights again (Zen 5, 2026-12-03, same shape, one thread: 11.8-12.5, 16.5-17.0, 20.2-21.2
+  // and 24.5-26.5 ms at batch 1, 4, 5 and 8: 1.5 ms a sequence, and 2.2 ms more at the fifth).
+  double reread = 0;
 };
 
 const Calibration* cal_of(const PlanOptions& o) {
@@ -166,6 +172,10 @@ StageCost stage_cost(const ModelConfig& c, const Layout& l, const InferenceWorkl
   // Tied embeddings on one stage: the table is streamed anyway, as the output projection.
   const bool tied_here = c.tie_word_embeddings && l.pp == 1;
   double weight_bytes = (P.dense() + P.experts * touched) * precision_bytes(w.weights);
+  // The dense matrices every token of the step goes through (the embedding is looked up, not
+  // multiplied; an expert sees only the tokens routed to it, rarely more than one chunk).
+  const double matmul_bytes =
+      (P.dense() - (stage == 0 && !tied_here ? P.embedding : 0.0)) * precision_bytes(w.weights);
   if (stage == 0 && !tied_here) weight_bytes += (T * h - P.embedding) * precision_bytes(w.weights);
   const double kv_tok = kv_bytes_per_token(c, l.tp, P.layers, w.kv_cache);
   const double kv_bytes = prefill ? T * kv_tok : n * ctx * kv_tok + T * kv_tok;
@@ -181,6 +191,14 @@ StageCost stage_cost(const ModelConfig& c, const Layout& l, const InferenceWorkl
   const double attn_flops = prefill ? 2 * n * tokens * tokens * qd * L : 4 * n * ctx * qd * L;
   const double flops = 2 * T * (P.attention + mlp_tok + P.norms) + 2 * n * head_mat + attn_flops;
   s.flops_time = flops / r.flops;
+  // CPU, 16/32-bit weights, fewer tokens than the GEMM takes: the GEMV's further passes over the
+  // weights, from cache, one per further chunk of tokens (counted with the arithmetic).
+  const bool float_weights =
+      w.weights == Precision::FP32 || w.weights == Precision::BF16 || w.weights == Precision::FP16;
+  if (r.reread > 0 && float_weights && T < double(kernels::kGemvMaxTokens)) {
+    const double passes = std::ceil(T / double(kernels::kGemvTokenChunk)) - 1;
+    s.flops_time += std::max(0.0, passes) * matmul_bytes / r.reread;
+  }
 
   if (l.tp > 1) {
     // Each all-reduce follows a slice of the stage's compute (the layers' halves between them).
@@ -361,7 +379,8 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
   // once) and 1.14-1.28x at batch 4, where sharing all the time gives 1.05-1.19x and 1.08-1.34x;
   // PP=2 at batch 8 ran 22% faster than sharing all the time predicts, 9% with u (5 runs).
   const int lockstep = std::min(l.tp, streaming), apart = streaming - lockstep;
-  Rates r{rank_flops(cl, o), rank_mem_bw(cl, o, streaming), cl.device.is_cpu};
+  Rates r{rank_flops(cl, o), rank_mem_bw(cl, o, streaming), cl.device.is_cpu,
+          cl.device.is_cpu ? o.reread_bw : 0.0};
   const double h = double(c.hidden_size), ab = precision_bytes(w.activations);
 
   // Memory: the fullest stage.

@@ -27,6 +27,10 @@ struct PlanOptions {
   // device's figure (measured with the node's), or no cap when mem_bw is given without it.
   double rank_mem_bw = 0;
   double flops = 0;  // FLOP/s per rank (measured); 0: the catalog's
+  // CPU decode: bytes/s a rank passes over its weights again from its caches, once per further
+  // chunk of 4 tokens in a step (kernels/matmul.h: the GEMV streams the weights for the first 4
+  // tokens and re-reads them from L1/L2 for each further 4); 0: no cost (not measured).
+  double reread_bw = 0;
   // CPU inference: the cores every rank of the job shares (0: each rank has its own). With more
   // ranks than cores the ranks take turns: a step is at least the ranks' busy time over the
   // cores, and no more ranks stream memory at once than there are cores. (An emulated cluster of

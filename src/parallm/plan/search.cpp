@@ -217,7 +217,8 @@ json to_json(const PlanRequest& req, const PlanResult& res) {
                    {"rank_flops", rank_flops(cl, req.options)},
                    {"rank_mem_bw", rank_mem_bw(cl, req.options, cl.gpus_per_node)},
                    {"rank_mem_bw_alone", rank_mem_bw(cl, req.options, 1)},
-                   {"shared_cores", req.options.shared_cores}};
+                   {"shared_cores", req.options.shared_cores},
+                   {"reread_gbps", req.options.reread_bw / 1e9}};
   if (req.options.calibration) {
     j["hardware"]["calibration"] = {{"source", req.options.calibration->source},
                                     {"backend", req.options.calibration->backend},
@@ -355,6 +356,11 @@ std::string render_report(const PlanRequest& req, const PlanResult& res, int top
               : "")
       << (req.options.shared_cores > 0
               ? cat("; all ranks on ", req.options.shared_cores, " shared cores")
+              : "")
+      << (req.options.reread_bw > 0 && !req.training
+              ? cat("; weights re-read from cache at ",
+                    fmt::format("{:.1f}", req.options.reread_bw / 1e9),
+                    " GB/s a further 4 tokens of a step")
               : "")
       << "\n";
   if (req.training) {
