@@ -64,12 +64,16 @@ cmd_grid() {
   # What the planner needs of the compute, measured on one-thread ranks as the grid's are. A CPU
   # rank's decode step is its bytes plus its FLOPs (the planner sums them on a CPU), and its GEMV
   # takes the tokens 4 at a time, passing over the weights again, from the caches, for each further
-  # 4 (kernels/matmul.h). One rank alone at batch 1, 4 and 8: from 1 to 4 the FLOP rate of one more
-  # sequence (plan --flops: the GFLOPs a sequence adds over the time it adds), from 4 to 8 what the
-  # second pass adds beyond its 4 sequences (plan --reread-bw: the step's bytes over that time);
-  # and, with the FLOPs of its one sequence taken out, the rate batch 1 streams the weights alone
-  # (--rank-mem-bw); two ranks at batch 1 at once, summed, what the node streams (--mem-bw: ranks
-  # on one machine share its memory). The best of --reps each (others' load only lowers them).
+  # 4 (kernels/matmul.h). One rank alone at batch 1 to 8, in rounds of the eight back to back, and
+  # in each round a line fitted to the steps with a step up at the fifth sequence (least squares):
+  # its slope, the time one more sequence adds, gives the FLOP rate (plan --flops: the GFLOPs a
+  # sequence adds over the time it adds), its step what the second pass adds (plan --reread-bw:
+  # the step's bytes over that time), each the median over the rounds (the machine's rate moves
+  # from minute to minute: from the fastest of 3 runs at batch 1, 4 and 8 two grids got 267
+  # GFLOP/s and 87 GB/s, 496 and 30); and, with the FLOPs of its one sequence taken out, the rate
+  # batch 1 streams the weights alone (--rank-mem-bw); two ranks at batch 1 at once, summed, what
+  # the node streams (--mem-bw: ranks on one machine share its memory). The rates: the best of
+  # the runs (others' load only lowers them). At least 5 rounds.
   # --bandwidth as in the grid's own runs: without it bench decode also reads a buffer of its own
   # between steps to measure the memory, which the measured runs do not.
   decode1() {  # BATCH -> "ms_per_step achieved_GBps gflops_per_s"
@@ -79,10 +83,9 @@ cmd_grid() {
            /^  GFLOP\/s \(linear\)/ {fl = $3} END {print ms + 0, bw + 0, fl + 0}'
   }
   local rep
-  for ((rep = 0; rep < reps; rep++)); do
-    decode1 1 >>"$work/alone1"
-    decode1 4 >>"$work/alone4"
-    decode1 8 >>"$work/alone8"
+  local b
+  for ((rep = 0; rep < (reps > 5 ? reps : 5); rep++)); do
+    for b in 1 2 3 4 5 6 7 8; do decode1 "$b" >>"$work/alone$b"; done
     { decode1 1 >"$work/bw0" & decode1 1 >"$work/bw1"; wait; }
     cat "$work/bw0" "$work/bw1" | paste -sd' ' >>"$work/node"
   done
@@ -93,11 +96,17 @@ cmd_grid() {
 import sys
 w = sys.argv[1]
 rows = lambda f: [list(map(float, l.split())) for l in open(f if "/" in f else f"{w}/{f}") if l.strip()]
+med = lambda v: sorted(v)[len(v) // 2]
+def fit(steps):  # ms at batch 1..8 -> (ms a sequence, ms of the second pass): least squares
+    import numpy as np
+    b = np.arange(1, 9)
+    a = np.stack([np.ones(8), b, (b > 4).astype(float)], axis=1)
+    return np.linalg.lstsq(a, np.array(steps), rcond=None)[0][1:]
+rounds = [fit([r[0] for r in rnd]) for rnd in zip(*(rows(f"alone{b}") for b in range(1, 9)))]
+per_seq_ms = med([c for c, _ in rounds])      # one more sequence within a pass
+second_ms = med([j for _, j in rounds])       # the second pass, beyond its sequences
 t1, bw1, _ = min(rows("alone1"))             # fastest batch-1 run: ms, GB/s
-t4, _, _ = min(rows("alone4"))               # fastest batch-4 run
 t8, _, g8 = min(rows("alone8"))              # fastest batch-8 run: ms, GFLOP/s of its linear layers
-per_seq_ms = (t4 - t1) / 3                    # what one more sequence adds within a pass
-second_ms = t8 - t4 - 4 * per_seq_ms          # what the second pass adds beyond its sequences
 # GB/s of the second pass: the batch-1 step's bytes (GB/s x ms) over its time; none when noise
 # hides it (under 2% of a batch-1 step).
 reread = bw1 * t1 / second_ms if second_ms > 0.02 * t1 else 0.0
