@@ -39,6 +39,17 @@ double rate_flag(const Options& o, double v, const char* flag) {
   return v;
 }
 
+// A flag given with `value` that only --gpu cpu inference plans take: one line naming it, what
+// it describes on a CPU (`cpu_what`), and why not on this device or for training.
+template <typename V>
+void cpu_inference_only(const Options& o, const plan::DeviceSpec& dev, const char* flag, V value,
+                        const char* cpu_what, const char* device_not, const char* train_not) {
+  if (!dev.is_cpu)
+    fail("plan", flag, " ", value, " is for --gpu cpu (", cpu_what, "); device \"", dev.name, "\" ",
+         device_not);
+  if (o.train) fail("plan", flag, " ", value, " is for inference plans", train_not);
+}
+
 // A string flag given empty would pass for absent.
 void nonempty_flag(const Options& o, const std::string& v, const char* flag) {
   if (o.given(flag) && v.empty()) fail("plan", flag, " must not be empty");
@@ -131,25 +142,18 @@ plan::PlanRequest make_plan_request(const PlanOptions& o) {
     fail("plan", "--rank-mem-bw is for --gpu cpu (ranks sharing a node's memory); device \"",
          dev.name, "\" has its own");
   if (o.gflops < 0) fail("plan", "--flops must be positive, got ", o.gflops);
-  if (o.reread_gbps > 0 && !dev.is_cpu)
-    fail("plan", "--reread-bw ", o.reread_gbps,
-         " is for --gpu cpu (parallm's CPU decode GEMV); device \"", dev.name,
-         "\" keeps the roofline");
-  if (o.reread_gbps > 0 && o.train)
-    fail("plan", "--reread-bw ", o.reread_gbps,
-         " is for inference plans (the decode GEMV); training runs GEMMs");
+  if (o.reread_gbps > 0)
+    cpu_inference_only(o, dev, "--reread-bw", o.reread_gbps, "parallm's CPU decode GEMV",
+                       "keeps the roofline", " (the decode GEMV); training runs GEMMs");
   req.options.mem_bw = o.mem_bw_gbps * 1e9;
   req.options.rank_mem_bw = o.rank_mem_bw_gbps * 1e9;
   req.options.flops = o.gflops * 1e9;
   req.options.reread_bw = o.reread_gbps * 1e9;
   req.options.tp_anywhere = o.tp_anywhere;
-  if (o.shared_cores > 0 && !dev.is_cpu)
-    fail("plan", "--shared-cores ", o.shared_cores,
-         " is for --gpu cpu (ranks sharing one machine's cores); device \"", dev.name,
-         "\" is one rank each");
-  if (o.shared_cores > 0 && o.train)
-    fail("plan", "--shared-cores ", o.shared_cores,
-         " is for inference plans; training plans give each rank its own cores (--threads)");
+  if (o.shared_cores > 0)
+    cpu_inference_only(o, dev, "--shared-cores", o.shared_cores,
+                       "ranks sharing one machine's cores", "is one rank each",
+                       "; training plans give each rank its own cores (--threads)");
   req.options.shared_cores = int(o.shared_cores);
   req.pinned = {tp, pp, dp, ep};
   req.only_experts_over_tp = o.enable_expert_parallel;
