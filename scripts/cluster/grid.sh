@@ -98,10 +98,13 @@ w = sys.argv[1]
 rows = lambda f: [list(map(float, l.split())) for l in open(f if "/" in f else f"{w}/{f}") if l.strip()]
 med = lambda v: sorted(v)[len(v) // 2]
 def fit(steps):  # ms at batch 1..8 -> (ms a sequence, ms of the second pass): least squares
-    import numpy as np
-    b = np.arange(1, 9)
-    a = np.stack([np.ones(8), b, (b > 4).astype(float)], axis=1)
-    return np.linalg.lstsq(a, np.array(steps), rcond=None)[0][1:]
+    # One slope, an intercept for batch 1-4 and one for 5-8: the slope is the two halves' pooled
+    # one, the step the halves' mean difference less 4 slopes (their mean batches 2.5 and 6.5).
+    lo, hi = steps[:4], steps[4:]
+    mean = lambda v: sum(v) / len(v)
+    slope = sum((b - 2.5) * (t - mean(lo) + t2 - mean(hi))
+                for b, t, t2 in zip((1, 2, 3, 4), lo, hi)) / (2 * 5.0)
+    return slope, mean(hi) - mean(lo) - 4 * slope
 rounds = [fit([r[0] for r in rnd]) for rnd in zip(*(rows(f"alone{b}") for b in range(1, 9)))]
 per_seq_ms = med([c for c, _ in rounds])      # one more sequence within a pass
 second_ms = med([j for _, j in rounds])       # the second pass, beyond its sequences
@@ -112,7 +115,7 @@ t8, _, g8 = min(rows("alone8"))              # fastest batch-8 run: ms, GFLOP/s 
 reread = bw1 * t1 / second_ms if second_ms > 0.02 * t1 else 0.0
 t1, bw1, _ = min(rows(sys.argv[3]))          # the one-rank run asked for (the start's, or a point's)
 # GFLOP/s: a sequence's GFLOPs (g8 x t8 / 1000 / 8) over the seconds it adds (per_seq_ms / 1000);
-# a batch-4 step no slower than batch 1 (noise) leaves the plain batch-8 rate.
+# a slope of 0 or less (noise) leaves the plain batch-8 rate.
 flops = g8 * t8 / 8 / per_seq_ms if per_seq_ms > 0 else g8
 stream = lambda t, bw: bw * t / max(t - per_seq_ms, 0.05 * t)  # bytes over the step less its FLOPs
 alone = stream(t1, bw1)

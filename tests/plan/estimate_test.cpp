@@ -564,9 +564,8 @@ TEST(Estimate, CpuGemvPassesOverTheWeightsAgainForEachFurtherFourTokens) {
   EXPECT_DOUBLE_EQ(estimate_inference(c, cpu_cluster(2), {1, 2, 1, 1}, w8, re).tpot,
                    estimate_inference(c, cpu_cluster(2), {1, 2, 1, 1}, w8, o).tpot);
   // Accelerators: the flag is CPU's alone.
-  PlanOptions gpu = re;
   const ClusterSpec a100 = cluster_of("a100-80g", 1);
-  EXPECT_DOUBLE_EQ(estimate_inference(c, a100, {1, 1, 1, 1}, cpu_decode(8), gpu).tpot,
+  EXPECT_DOUBLE_EQ(estimate_inference(c, a100, {1, 1, 1, 1}, cpu_decode(8), re).tpot,
                    estimate_inference(c, a100, {1, 1, 1, 1}, cpu_decode(8), o).tpot);
 }
 
