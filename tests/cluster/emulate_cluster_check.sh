@@ -3,7 +3,8 @@
 # nothing behind; `bench comm` between two nodes measures the shaped bandwidth (within 20%);
 # an all-reduce across them runs at the link's rate; `train --dp 2` across two nodes gives the
 # losses of one rank; `generate` with TP 2, PP 2 and TP 2 x PP 2 across two nodes gives the tokens
-# and logits of one rank; a rank killed in one namespace ends the job in the other with a clear
+# and logits of one rank (TP 2 x PP 2 with the TP pairs in the nodes too, where --pp-split auto
+# halves what crosses); a rank killed in one namespace ends the job in the other with a clear
 # message, and a stopped one makes the other time out (--comm-timeout). Exit 77 (skip) without
 # root, network namespaces or mpirun.
 # Usage: emulate_cluster_check.sh PARALLM
@@ -118,15 +119,20 @@ printf '1,7,11\n1\n1,100,5,9\n' >"$tmp/prompts.txt"
 gen=(generate --model "$tmp/tiny" --prompts-file "$tmp/prompts.txt" --max-tokens 8 --print-ids
      --print-logits --ignore-eos --threads 1 --comm-timeout 30 --micro-batches 1)
 "$bin" "${gen[@]}" >"$tmp/one.txt" 2>/dev/null
-for layout in "--tp 2" "--pp 2" "--tp 2 --pp 2"; do
+# "--tp 2 --pp 2 in": the TP pairs inside the nodes and the stages across them (--map-by slot),
+# where --pp-split auto splits the activations: each TP rank sends half, then the other node's pair
+# all-gathers (checked below: half the rows of --pp-split off).
+for layout in "--tp 2" "--pp 2" "--tp 2 --pp 2" "--tp 2 --pp 2 in"; do
   # --map-by node: the TP group or the two stages are in different namespaces. TP=2 x PP=2 runs
   # each rank pinned, as the grid does on few cores, and with ranks sleeping between polls while
   # they wait (the engine's other way of waiting; the grid polls).
-  np=2 extra=() wrap=()
-  [ "$layout" = "--tp 2 --pp 2" ] &&
-    np=4 extra=(-x PARALLM_MPI_WAIT=sleep) wrap=("$src/scripts/cluster/pin-rank.sh")
+  np=2 extra=() wrap=() map=node flags=$layout
+  case $layout in
+    "--tp 2 --pp 2") np=4 extra=(-x PARALLM_MPI_WAIT=sleep) wrap=("$src/scripts/cluster/pin-rank.sh") ;;
+    *in) np=4 map=slot flags="--tp 2 --pp 2 --comm-stats" wrap=("$src/scripts/cluster/pin-rank.sh") ;;
+  esac
   # shellcheck disable=SC2086
-  "$S" run -np "$np" --map-by node "${extra[@]}" -- "${wrap[@]}" "$bin" "${gen[@]}" $layout \
+  "$S" run -np "$np" --map-by "$map" "${extra[@]}" -- "${wrap[@]}" "$bin" "${gen[@]}" $flags \
     >"$tmp/mpi.txt" 2>"$tmp/mpi.err" || { cat "$tmp/mpi.err"; exit 1; }
   /usr/bin/python3 - "$tmp/one.txt" "$tmp/mpi.txt" "$layout" <<'PY'
 import sys
@@ -144,6 +150,21 @@ assert worst < 1e-5, f"{sys.argv[3]}: logits differ by {worst:.3g} relative"
 print(f"{sys.argv[3]} across 2 nodes: {len(t1)} token rows identical, logits within {worst:.2g}")
 PY
 done
+# The same TP-in-node run with --pp-split off: every TP rank sends all its rows across.
+"$S" run -np 4 --map-by slot -- "$src/scripts/cluster/pin-rank.sh" "$bin" "${gen[@]}" --tp 2 --pp 2 \
+  --comm-stats --pp-split off >/dev/null 2>"$tmp/off.err" || { cat "$tmp/off.err"; exit 1; }
+/usr/bin/python3 - "$tmp/mpi.err" "$tmp/off.err" <<'PY'
+import sys
+def pp_sent(p):  # the pp group's send row: MB sent per instance
+    rows = [l.split() for l in open(p) if l.startswith("pp ") and l.split()[1] == "send"]
+    assert rows, f"no pp send row in {p}:\n" + open(p).read()
+    return float(rows[0][4])
+auto, off = pp_sent(sys.argv[1]), pp_sent(sys.argv[2])
+# Half the rows; the headers (the step plans) and the sampled tokens back cross whole: 0.58 of
+# off's bytes for this model (unsplit: 1).
+assert 0 < auto <= 0.75 * off, f"--pp-split auto sent {auto} MB across, off {off} MB: not split"
+print(f"TP pairs in the nodes: --pp-split auto sends {auto} MB a rank across, off {off}")
+PY
 
 # Waits for the job's rank inside node1, then signals it; the job must end within 25 s.
 signal_rank() {  # SIGNAL OUTFILE

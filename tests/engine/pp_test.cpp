@@ -11,6 +11,7 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
 #include <tuple>
 
 #include "parallm/comm/launch.h"
@@ -34,6 +35,7 @@ struct PipelineRun {
   int64_t prefill_chunk = 0;
   bool ignore_eos = true;
   std::vector<int64_t> eos;  // replaces the model's eos ids when not empty
+  bool split = false;        // --pp-split on: activations cross in 1/TP blocks, all-gathered
 };
 
 // What every rank saw of each sequence's forward work: [world rank][sequence] -> (steps, fed).
@@ -69,6 +71,7 @@ BatchResult run_requests(const std::string& path, const PipelineRun& run,
     bo.micro_batches = run.micro_batches;
     bo.sampling = run.sampling;
     bo.prefill_chunk = run.prefill_chunk;
+    bo.split_pp_hops = run.split;
     BatchResult r = generate_batch(model, mesh, requests, bo);
     std::lock_guard<std::mutex> lock(mu);
     if (work)
@@ -88,10 +91,11 @@ BatchResult run_requests(const std::string& path, const PipelineRun& run,
 
 BatchResult run_pipeline(const std::string& path, int tp, int pp, const Prompts& prompts,
                          int64_t steps, int micro_batches, std::vector<int64_t> layers = {},
-                         SamplingParams sampling = {}) {
+                         SamplingParams sampling = {}, bool split = false) {
   std::vector<Request> requests;
   for (const auto& p : prompts) requests.push_back({p, steps});
   PipelineRun run;
+  run.split = split;
   run.tp = tp;
   run.pp = pp;
   run.micro_batches = micro_batches;
@@ -152,6 +156,9 @@ TEST(TinyTpPp, GridMatchesOneRank) {
     const std::string what = "tp " + std::to_string(tp) + " pp " + std::to_string(pp);
     expect_equal(run_pipeline(dir.file("m"), tp, pp, kSeveralTiny, 8, 0), one, what);
     expect_equal(run_pipeline(dir.file("m"), tp, pp, kOne, 8, 0), one_alone, what + " one prompt");
+    // --pp-split on: each TP rank sends its 1/TP block, the next stage all-gathers.
+    expect_equal(run_pipeline(dir.file("m"), tp, pp, kSeveralTiny, 8, 0, {}, {}, true), one,
+                 what + " split");
   }
 }
 
@@ -162,9 +169,11 @@ TEST(TinyTpPp, SampledBatchMatchesOneRank) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const SamplingParams sp{0.9f, 20, 0.95f, 17};
   BatchResult one = run_pipeline(dir.file("m"), 1, 1, kSeveralTiny, 8, 1, {}, sp);
-  BatchResult grid = run_pipeline(dir.file("m"), 2, 3, kSeveralTiny, 8, 2, {}, sp);
-  for (size_t i = 0; i < kSeveralTiny.size(); ++i)
-    EXPECT_EQ(grid.sequences[i].tokens, one.sequences[i].tokens) << i;
+  for (bool split : {false, true}) {
+    BatchResult grid = run_pipeline(dir.file("m"), 2, 3, kSeveralTiny, 8, 2, {}, sp, split);
+    for (size_t i = 0; i < kSeveralTiny.size(); ++i)
+      EXPECT_EQ(grid.sequences[i].tokens, one.sequences[i].tokens) << i << " split " << split;
+  }
 }
 
 // Layouts that the finishing and chunking tests run, on the threads backend: TP alone, PP alone
@@ -344,6 +353,50 @@ TEST(PipelineCli, BadPipelineFlagsFailWithOneLine) {
   EXPECT_NE(r.output.find("--pp-layers 1,1 sums to 2 but the model has 5 layers"),
             std::string::npos)
       << r.output;
+  r = testing::run_parallm("generate --model " + testing::stories_model() +
+                           " --prompt-ids 1 --pp 2 --pp-split sideways");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("--pp-split: sideways not in {auto,on,off}"), std::string::npos)
+      << r.output;
+}
+
+// --pp-split auto on the threads backend (one machine): off, so the stages' link carries every
+// TP rank's rows; on: each TP rank's half. Tokens the same.
+TEST(PipelineCli, PpSplitHalvesWhatTheStagesSend) {
+  testing::TempDir dir;
+  auto r = testing::run_parallm("init-model --shape small --seed 5 --out " + dir.file("m"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::string ids = "1";
+  for (int i = 2; i <= 40; ++i) ids += "," + std::to_string(i * 5);
+  const std::string base = "generate --model " + dir.file("m") + " --prompt-ids " + ids +
+                           " --max-tokens 6 --print-ids --tp 2 --pp 2 --comm-stats --pp-split ";
+  auto sent = [](const std::string& out) {  // the pp group's send row: MB sent per instance
+    std::istringstream in(out);
+    std::string line;
+    while (std::getline(in, line))
+      if (line.rfind("pp ", 0) == 0 && line.find(" send ") != std::string::npos) {
+        std::istringstream f(line);
+        std::string group, kind;
+        double instances = 0, calls = 0, mb = -1;
+        f >> group >> kind >> instances >> calls >> mb;
+        return mb;
+      }
+    return -1.0;
+  };
+  auto tokens = [](const std::string& out) {  // the "[0] ..." line (stderr's lines come between)
+    const size_t at = out.find("[0] ");
+    return at == std::string::npos ? std::string() : out.substr(at, out.find('\n', at) - at);
+  };
+  const auto off = testing::run_parallm(base + "auto");
+  const auto on = testing::run_parallm(base + "on");
+  ASSERT_EQ(off.exit_code, 0) << off.output;
+  ASSERT_EQ(on.exit_code, 0) << on.output;
+  EXPECT_FALSE(tokens(off.output).empty()) << off.output;
+  EXPECT_EQ(tokens(on.output), tokens(off.output));
+  // 45 rows of 256 f32 from each first-stage rank, a mean over the four ranks (the last stage
+  // sends only tokens back).
+  EXPECT_GT(sent(off.output), 0.02) << off.output;
+  EXPECT_LT(sent(on.output), 0.55 * sent(off.output)) << on.output << off.output;
 }
 
 }  // namespace

@@ -24,6 +24,7 @@ using testing::Watchdog;
 
 struct Layout {
   int tp, pp, dp;
+  bool split = false;  // --pp-split on
 };
 
 // Submits `prompts` from `threads` threads while the engine runs; checks each against the
@@ -120,6 +121,7 @@ TEST_P(ServeLayouts, GreedyMatchesGenerate) {
   const auto want = testing::reference(prompts, max_tokens, true);
   ServeConfig c = testing::stories_config(l.tp, l.pp);
   c.dp = l.dp;
+  c.pp_split = l.split ? "on" : "auto";
   auto engine = make_serve_engine(c);
   ASSERT_TRUE(testing::wait_ready(*engine)) << engine->failure();
   EXPECT_EQ(engine->stats().kv_blocks_total, l.dp * testing::stories_config().max_num_seqs *
@@ -133,11 +135,12 @@ TEST_P(ServeLayouts, GreedyMatchesGenerate) {
 
 INSTANTIATE_TEST_SUITE_P(Threads, ServeLayouts,
                          ::testing::Values(Layout{2, 1, 1}, Layout{1, 2, 1}, Layout{2, 2, 1},
-                                           Layout{1, 1, 2}),
+                                           Layout{2, 2, 1, true}, Layout{1, 1, 2}),
                          [](const auto& info) {
                            return "tp" + std::to_string(info.param.tp) + "_pp" +
                                   std::to_string(info.param.pp) + "_dp" +
-                                  std::to_string(info.param.dp);
+                                  std::to_string(info.param.dp) +
+                                  (info.param.split ? "_split" : "");
                          });
 
 TEST(ServeEngine, SeededSamplingIsTheSameAloneAndUnderLoad) {

@@ -7,6 +7,8 @@
 #include <numeric>
 
 #include "parallm/comm/launch.h"
+#include "parallm/comm/mesh.h"
+#include "parallm/comm/stats.h"
 
 namespace parallm::pipeline {
 namespace {
@@ -103,6 +105,37 @@ TEST(StageLink, GradientsNeverMatchActivations) {
       }
     EXPECT_NE(link.tag(0, 0, 3), link.tag(0, 0, 1));
     EXPECT_NE(link.tag(0, 0, 3), link.tag(0, 1, 0));
+  });
+}
+
+// split_over: activations replicated over a TP group of 3 cross in thirds and arrive whole (the
+// next stage's group all-gathers them), the link carrying each row once; rows a third does not
+// divide cross whole; a header alone still crosses.
+TEST(StageLink, SplitOverTheTpGroupCarriesEachRowOnce) {
+  comm::launch(6, local(), [&](comm::Group world) {
+    comm::Mesh mesh(world, comm::MeshShape{3, 2, 1, 1});
+    StageLink link(mesh.pp(), 1);
+    link.split_over(mesh.tp());
+    EXPECT_TRUE(link.split());
+    std::vector<float> even(12), odd(7);
+    std::iota(even.begin(), even.end(), 1.0f);
+    std::iota(odd.begin(), odd.end(), 50.0f);
+    const int64_t header[1] = {9};
+    if (mesh.pp_rank() == 0) {
+      mesh.pp().stats().reset();
+      link.send_activation(1, 0, 0, header, 1, even.data(), even.size());
+      link.send_activation(1, 1, 0, header, 1, odd.data(), odd.size());
+      link.send_activation(1, 2, 0, header, 1, nullptr, 0);
+      // Each TP rank sent 4 of the 12 rows and all 7 of the others (plus three headers).
+      const comm::KindStats sent = mesh.pp().stats().get(comm::Kind::Send);
+      EXPECT_EQ(sent.bytes_sent, (4 + 7) * sizeof(float) + 3 * 3 * sizeof(int64_t));
+    } else {
+      Activation& a = link.recv_activation(0, 0, 0);
+      EXPECT_EQ(a.header, (std::vector<int64_t>{9}));
+      EXPECT_EQ(a.data, even);
+      EXPECT_EQ(link.recv_activation(0, 1, 0).data, odd);
+      EXPECT_TRUE(link.recv_activation(0, 2, 0).data.empty());
+    }
   });
 }
 

@@ -569,6 +569,59 @@ TEST(Estimate, CpuGemvPassesOverTheWeightsAgainForEachFurtherFourTokens) {
                    estimate_inference(c, a100, {1, 1, 1, 1}, cpu_decode(8), o).tpot);
 }
 
+TEST(Estimate, StagesAcrossNodesTakeTheirActivationsIn1OverTpBlocks) {
+  // The engine's --pp-split auto: TP inside each node, the stages on different nodes: each TP rank
+  // sends its 1/TP block of a micro-batch's rows across, the next stage all-gathers them over its
+  // TP link. A GPU sends its block through its own port; a CPU node's ranks share the node's, so
+  // the rows cross once. PP alone: whole rows, no all-gather.
+  const ModelConfig c = resolve_model("llama-2-70b");
+  auto cluster = [](const std::string& gpu, int per_node, const std::string& inter) {
+    ClusterOptions o;
+    o.gpu = gpu;
+    o.nodes = 2;
+    o.gpus_per_node = per_node;
+    o.inter_node = inter;
+    return build_cluster(o);
+  };
+  auto hop = [&](const ClusterSpec& cl, Layout l, const InferenceWorkload& w,
+                 const PlanOptions& o = {}) {
+    const LayoutEstimate e = estimate_inference(c, cl, l, w, o);
+    for (const CostTerm& t : e.decode_terms)
+      if (t.name == "pp p2p") return t;
+    ADD_FAILURE() << "no pp p2p term";
+    return CostTerm{};
+  };
+  const InferenceWorkload w = seed_workload(8);
+  const double rows = 4 * double(c.hidden_size) * 2;  // a micro-batch (of 2) of 4 fp16 rows
+  const ClusterSpec gpus = cluster("a100-80g", 8, "ib-hdr");
+  const CostTerm split = hop(gpus, {8, 2, 1, 1}, w);
+  EXPECT_EQ(split.bytes, rows);
+  EXPECT_NE(split.detail.find("1/TP blocks all-gathered"), std::string::npos) << split.detail;
+  EXPECT_NEAR(split.seconds,
+              collective_cost(Collective::P2P, rows / 8, 2, gpus.inter).seconds +
+                  collective_cost(Collective::AllGather, rows, 8, gpus.nvlink).seconds,
+              1e-12);
+  // PP alone across the nodes: the whole rows, as before.
+  const ClusterSpec two = cluster("a100-80g", 1, "ib-hdr");
+  const CostTerm whole = hop(two, {1, 2, 1, 1}, w);
+  EXPECT_EQ(whole.detail, two.inter.name);
+  EXPECT_NEAR(whole.seconds, collective_cost(Collective::P2P, rows, 2, two.inter).seconds, 1e-12);
+  // CPU nodes of 2 ranks: the pair's halves queue on the node's link (the rows once), then the
+  // pair all-gathers through shared memory.
+  const ModelConfig small = resolve_model("tinyllama-1.1b");
+  const ClusterSpec cpus = cluster("cpu", 2, "eth-10g");
+  const InferenceWorkload cw = cpu_decode(8);
+  const double cpu_rows = 4 * double(small.hidden_size) * 4;  // a micro-batch of 4 f32 rows
+  const LayoutEstimate ce = estimate_inference(small, cpus, {2, 2, 1, 1}, cw, cpu_node_rates());
+  double cpu_hop = -1;
+  for (const CostTerm& t : ce.decode_terms)
+    if (t.name == "pp p2p") cpu_hop = t.seconds;
+  EXPECT_NEAR(cpu_hop,
+              collective_cost(Collective::P2P, cpu_rows, 2, cpus.inter).seconds +
+                  collective_cost(Collective::AllGather, cpu_rows, 2, cpus.pcie).seconds,
+              1e-12);
+}
+
 TEST(Estimate, ArrivalSkewIsAShareOfTheWorkBetweenTpCollectives) {
   // bench comm's probe measured, on 2 ranks, the slowest ending a slice 5% of it after the mean
   // streaming and 10% computing. A TP group's collectives wait that for its slowest rank: the

@@ -75,6 +75,7 @@ void run_decode_batch(const DecodeOptions& o, RankContext& ctx) {
   bo.max_tokens = 2;
   bo.ignore_eos = true;
   bo.micro_batches = o.micro_batches;
+  bo.split_pp_hops = ctx.split_pp_hops;
   generate_batch(ctx.model, ctx.mesh, prompts, bo);  // warm-up
   bo.max_tokens = o.warmup + o.tokens + 1;
   ctx.mesh.tp().stats().reset();
@@ -304,6 +305,7 @@ int run_prefill(const PrefillOptions& o) {
       bo.max_tokens = 1;
       bo.ignore_eos = true;
       bo.micro_batches = 1;
+      bo.split_pp_hops = ctx.split_pp_hops;
       generate_batch(ctx.model, ctx.mesh, {ids}, bo);  // warm-up
       ctx.world.barrier();
       const BatchResult r = generate_batch(ctx.model, ctx.mesh, {ids}, bo);

@@ -24,6 +24,15 @@ inline void add_runtime_flags(CLI::App& app, int& threads, std::string& dtype,
       ->check(CLI::PositiveNumber);
 }
 
+// How activations cross between pipeline stages under TP (EngineOptions::pp_split).
+inline void add_pp_split_flag(CLI::App& app, std::string& pp_split) {
+  app.add_option("--pp-split", pp_split,
+                 "Activations between stages: each TP rank sends 1/TP of them and the next "
+                 "stage all-gathers (on), every TP rank sends all (off), or auto (default): on "
+                 "where each stage's TP group is on one machine and the stages are not")
+      ->check(CLI::IsMember({"auto", "on", "off"}));
+}
+
 inline void add_engine_flags(CLI::App& app, EngineOptions& o) {
   app.add_option("--model", o.model,
                  "Model: a Hugging Face directory (config.json + safetensors), a .safetensors "
@@ -36,6 +45,7 @@ inline void add_engine_flags(CLI::App& app, EngineOptions& o) {
   app.add_option("--pp-layers", o.pp_layers, "Layers per stage, e.g. 6,5,5,6 (default: even)")
       ->delimiter(',');
   app.add_option("--trace", o.trace_file, "Write a Chrome trace-event JSON timeline of every rank");
+  add_pp_split_flag(app, o.pp_split);
   add_runtime_flags(app, o.threads, o.dtype, o.backend, o.comm_timeout_s);
   app.add_flag("--comm-stats", o.comm_stats, "Print calls, bytes and time per collective at exit");
   app.add_flag("--mem-stats", o.mem_stats, "Print each rank's weight bytes and resident memory");

@@ -251,6 +251,7 @@ int run_batch(const Options& o, const std::vector<std::vector<int32_t>>& prompts
     std::vector<Request> requests;
     for (const auto& p : prompts) requests.push_back({p, bo.max_tokens});
     BatchResult r;
+    bo.split_pp_hops = ctx.split_pp_hops;
     try {
       r = generate_batch(ctx.model, ctx.mesh, requests, bo, on_token);
     } catch (...) {

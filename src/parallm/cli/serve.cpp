@@ -118,6 +118,7 @@ int run_serve(ServeOptions o) {
                     "Mixture of experts, vLLM's layout: whole experts placed over the --tp ranks "
                     "(E/TP each), attention and LM head TP-split (docs/moe.md)");
        add_runtime_flags(app, e.threads, e.dtype, e.backend, e.comm_timeout_s);
+       add_pp_split_flag(app, e.pp_split);
        app.add_option("--max-num-seqs", e.max_num_seqs,
                       "Sequences in the running batch per replica (default 64)")
            ->check(CLI::PositiveNumber);

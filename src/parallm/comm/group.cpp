@@ -362,6 +362,15 @@ void Group::barrier() const {
   scope.done();
 }
 
+bool Group::on_one_machine() const {
+  if (size() == 1) return true;
+  GroupImpl& g = *impl_;
+  OpScope scope(g, Kind::Split);
+  const bool one = g.one_machine();
+  scope.done();
+  return one;
+}
+
 Group Group::split(int color, int key) const {
   if (color < 0) fail("comm", "split on group \"", name(), "\": color must be >= 0, got ", color);
   GroupImpl& g = *impl_;

@@ -82,6 +82,11 @@ class Group {
   // Same, and names the new group (shown in stats and errors).
   Group split(int color, int key, std::string name) const;
 
+  // Whether all ranks of the group run on one machine, sharing its memory (MPI: the launcher's
+  // node, as MPI_Comm_split_type's shared-memory split sees it; an emulated cluster's namespaces
+  // are nodes; the threads backend: always). Collective over the group; the size-1 group: true.
+  bool on_one_machine() const;
+
   // Call counts, bytes and time per kind of call, for this group as seen by this rank.
   CommStats& stats() const;
 

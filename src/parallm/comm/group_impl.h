@@ -126,6 +126,11 @@ class GroupImpl {
   virtual void native_broadcast(void* data, size_t count, DType dtype, int root) = 0;
   virtual void barrier() = 0;
   virtual std::shared_ptr<GroupImpl> split(int color, int key) = 0;
+  // Whether every rank of the group runs on this rank's machine (collective; see Group). The
+  // threads backend's ranks always do.
+  virtual bool one_machine() {
+    return true;
+  }
 
   // The algorithm Auto means for this backend, kind and message size (bytes per rank).
   virtual Algorithm choose(Kind kind, size_t bytes) const = 0;

@@ -121,6 +121,7 @@ BatchResult run_generation(const LlamaModel& model, const comm::Group& tp, const
 
   StageForward fwd(model, B, capacity, budget);
   pipeline::StageLink link(pp, StepPlan::wire_size(max_mb, 0));
+  if (options.split_pp_hops) link.split_over(stage_group);
   std::vector<Sampler> samplers;
   if (last)
     for (int i = 0; i < B; ++i) samplers.emplace_back(options.sampling, tp);

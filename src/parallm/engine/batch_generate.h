@@ -56,6 +56,9 @@ struct BatchOptions {
   // where a non-finite value first appeared (--check-finite). Without it only the sampled rows of
   // the final logits are scanned, once per step: non-finite logits are always an error.
   bool check_finite = false;
+  // Activations cross between stages in blocks over the stage's group (pipeline::StageLink::
+  // split_over; --pp-split, resolved into RankContext::split_pp_hops). The same on every rank.
+  bool split_pp_hops = false;
 };
 
 struct SequenceOutput {

@@ -38,6 +38,19 @@ uint64_t resident_bytes() {
   return 0;
 }
 
+bool resolve_pp_split(const std::string& mode, const comm::Group& world, const comm::Mesh& mesh) {
+  if (mode != "auto" && mode != "on" && mode != "off")
+    fail("cli", "--pp-split: '", mode, "' is not one of auto, on, off");
+  const comm::Group& stage = mesh.tp_ep();
+  if (mode == "off" || stage.size() == 1 || mesh.pp().size() == 1) return false;
+  if (mode == "on") return true;
+  // Every stage's group on one machine, and some pipeline crossing machines: agreed by all ranks
+  // (a max over the world of "mine is not" and "mine does").
+  float v[2] = {stage.on_one_machine() ? 0.f : 1.f, mesh.pp().on_one_machine() ? 0.f : 1.f};
+  world.all_reduce(v, 2, comm::ReduceOp::Max);
+  return v[0] == 0.f && v[1] == 1.f;
+}
+
 void run_model(const EngineOptions& options, const std::function<void(RankContext&)>& fn) {
   if (options.tp < 1) fail("cli", "--tp must be >= 1, got ", options.tp);
   if (options.pp < 1) fail("cli", "--pp must be >= 1, got ", options.pp);
@@ -67,6 +80,8 @@ void run_model(const EngineOptions& options, const std::function<void(RankContex
     if (!why.empty()) fail("cli", why);
   }
   const int world_size = options.tp * options.pp * options.ep * options.dp;
+  if (options.pp_split != "auto" && options.pp_split != "on" && options.pp_split != "off")
+    fail("cli", "--pp-split: '", options.pp_split, "' is not one of auto, on, off");
 
   comm::LaunchOptions launch;
   launch.backend = options.backend;
@@ -108,6 +123,7 @@ void run_model(const EngineOptions& options, const std::function<void(RankContex
                    std::string(dtype_name(dtype)).c_str(), resident_bytes() / 1048576.0);
     }
     RankContext ctx{world, tp, mesh, config, model};
+    ctx.split_pp_hops = resolve_pp_split(options.pp_split, world, mesh);
     fn(ctx);
     if (!options.trace_file.empty()) {
       set_thread_trace(nullptr);

@@ -35,6 +35,11 @@ struct EngineOptions {
   double comm_timeout_s = 300;
   bool comm_stats = false;  // print the per-group collective table at the end
   bool mem_stats = false;   // print per-rank weight bytes and resident memory after loading
+  // --pp-split: activations cross between stages in 1/TP blocks, all-gathered by the next stage's
+  // TP group (pipeline::StageLink::split_over): "on", "off", or "auto", on where every stage's TP
+  // group runs on one machine and the stages do not (the link between machines then carries a
+  // micro-batch's rows once, not TP times; the all-gather stays in shared memory).
+  std::string pp_split = "auto";
 };
 
 // What one rank sees once its shard is loaded.
@@ -44,8 +49,13 @@ struct RankContext {
   const comm::Mesh& mesh;
   const ModelConfig& config;
   LlamaModel& model;
+  bool split_pp_hops = false;  // --pp-split resolved for this layout (the same on every rank)
   bool is_root() const { return world.rank() == 0; }
 };
+
+// --pp-split for this mesh: "on" (with TP and PP both > 1), "off", or "auto" (see EngineOptions).
+// Collective over `world`; every rank gets the same answer. Throws naming the flag otherwise.
+bool resolve_pp_split(const std::string& mode, const comm::Group& world, const comm::Mesh& mesh);
 
 // The weight dtype for `flag` ("auto" follows config.torch_dtype: float32 -> f32, else bf16 or
 // f16).

@@ -43,11 +43,14 @@ EngineOptions engine_options(const ServeConfig& c) {
   o.dtype = c.dtype;
   o.backend = c.backend;
   o.comm_timeout_s = c.comm_timeout_s;
+  o.pp_split = c.pp_split;
   return o;
 }
 
-ServeLoopConfig loop_config(const ServeConfig& c, const KvLayout& kv) {
+// split: the layout's --pp-split (RankContext::split_pp_hops); the scheduler's side has none.
+ServeLoopConfig loop_config(const ServeConfig& c, const KvLayout& kv, bool split = false) {
   ServeLoopConfig l;
+  l.split_pp_hops = split;
   l.max_num_seqs = c.max_num_seqs;
   l.max_num_batched_tokens = c.max_num_batched_tokens;
   l.block_size = c.block_size;
@@ -225,9 +228,10 @@ class Engine : public ServeEngine {
           });
         }
         try {
-          run_serve_loop(ctx.model, mesh.tp(), mesh.pp(), loop_config(cfg_, kv), s, [&] {
-            if (first) ++ready_count_;
-          });
+          run_serve_loop(ctx.model, mesh.tp(), mesh.pp(), loop_config(cfg_, kv, ctx.split_pp_hops),
+                         s, [&] {
+                           if (first) ++ready_count_;
+                         });
         } catch (...) {
           for (auto& t : remotes) t.detach();  // MPI ends the job on the way out
           throw;
@@ -384,11 +388,12 @@ void run_serve_follower(const ServeConfig& config) {
     const int d = ctx.mesh.dp_rank();
     if (ctx.mesh.tp_rank() == 0 && ctx.mesh.pp_rank() == 0 && d > 0) {
       // A replica's first rank: its scheduler is world rank 0's.
-      run_serve_loop(ctx.model, ctx.mesh.tp(), ctx.mesh.pp(), loop_config(config, kv), nullptr,
-                     nullptr, &links.at(d));
+      run_serve_loop(ctx.model, ctx.mesh.tp(), ctx.mesh.pp(),
+                     loop_config(config, kv, ctx.split_pp_hops), nullptr, nullptr, &links.at(d));
       return;
     }
-    run_serve_loop(ctx.model, ctx.mesh.tp(), ctx.mesh.pp(), loop_config(config, kv), nullptr);
+    run_serve_loop(ctx.model, ctx.mesh.tp(), ctx.mesh.pp(),
+                   loop_config(config, kv, ctx.split_pp_hops), nullptr);
   });
 }
 

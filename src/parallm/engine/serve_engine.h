@@ -142,6 +142,7 @@ struct ServeConfig {
   std::string dtype = "auto";      // weights: auto, f32, bf16, f16
   std::string backend = "auto";    // comm: auto (mpi under mpirun), local, mpi
   double comm_timeout_s = 300;
+  std::string pp_split = "auto";          // --pp-split (EngineOptions::pp_split)
   int max_num_seqs = 64;                  // --max-num-seqs: running sequences per replica
   int64_t max_num_batched_tokens = 512;   // --max-num-batched-tokens: tokens per micro-batch
   int64_t block_size = 16;                // --block-size: positions per KV block

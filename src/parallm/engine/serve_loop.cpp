@@ -98,6 +98,7 @@ void run_serve_loop(const LlamaModel& model, const comm::Group& tp, const comm::
   const auto header_max =
       ServePlan::wire_size(cfg.max_num_seqs, max_plan_blocks, 0, cfg.max_num_batched_tokens);
   pipeline::StageLink link(pp, static_cast<int>(header_max));
+  if (cfg.split_pp_hops) link.split_over(tp);
   std::vector<std::optional<SlotSampler>> samplers(last ? cfg.max_num_seqs : 0);
   const parallel::VocabExchange vocab(tp);
   const int64_t v_begin = model.vocab_shard().begin, v_end = model.vocab_shard().end;

@@ -33,6 +33,7 @@ struct ServeLoopConfig {
   int64_t num_blocks = 0;
   int64_t max_model_len = 0;
   double idle_tick_s = 0.5;
+  bool split_pp_hops = false;  // activations cross between stages in 1/TP blocks (--pp-split)
 };
 
 // On every rank of tp x pp. scheduler: the replica's scheduler on its first rank (built with

@@ -27,8 +27,13 @@ int StageLink::tag(int micro_batch, int chunk, int kind) const {
   return static_cast<int>(t);
 }
 
+void StageLink::split_over(comm::Group group) {
+  split_ = std::move(group);
+}
+
 // Wire: message 0 is [n, count, header..., padding] of fixed size 2 + max_header (so the receiver
-// knows its size); message 1 holds the `count` rows (skipped when 0).
+// knows its size); message 1 holds the `count` rows (skipped when 0), or with split_over this
+// rank's block of them.
 void StageLink::send_activation(int to, int micro_batch, int chunk, const int64_t* header, int n,
                                 const float* data, size_t count) const {
   if (n < 0 || n > max_header_)
@@ -38,7 +43,14 @@ void StageLink::send_activation(int to, int micro_batch, int chunk, const int64_
   head[1] = static_cast<int64_t>(count);
   std::copy(header, header + n, head.begin() + 2);
   pp_.send(head.data(), head.size() * sizeof(int64_t), to, tag(micro_batch, chunk, 0));
-  if (count > 0) pp_.send(data, count * sizeof(float), to, tag(micro_batch, chunk, 1));
+  if (count == 0) return;
+  const size_t parts = static_cast<size_t>(split_.size());
+  if (parts > 1 && count % parts == 0) {
+    const size_t block = count / parts;
+    pp_.send(data + block * split_.rank(), block * sizeof(float), to, tag(micro_batch, chunk, 1));
+  } else {
+    pp_.send(data, count * sizeof(float), to, tag(micro_batch, chunk, 1));
+  }
 }
 
 Activation& StageLink::recv_activation(int from, int micro_batch, int chunk) {
@@ -51,8 +63,14 @@ Activation& StageLink::recv_activation(int from, int micro_batch, int chunk) {
   Activation& a = inbox_[{micro_batch, chunk}];
   a.header.assign(head.begin() + 2, head.begin() + 2 + head[0]);
   a.data.resize(head[1]);
-  if (!a.data.empty())
-    pp_.recv(a.data.data(), a.data.size() * sizeof(float), from, tag(micro_batch, chunk, 1));
+  const size_t count = a.data.size(), parts = static_cast<size_t>(split_.size());
+  if (count > 0 && parts > 1 && count % parts == 0) {
+    part_.resize(count / parts);
+    pp_.recv(part_.data(), part_.size() * sizeof(float), from, tag(micro_batch, chunk, 1));
+    split_.all_gather(part_.data(), a.data.data(), part_.size(), DType::F32);
+  } else if (count > 0) {
+    pp_.recv(a.data.data(), count * sizeof(float), from, tag(micro_batch, chunk, 1));
+  }
   return a;
 }
 

@@ -32,6 +32,15 @@ class StageLink {
   // (every stage passes the same); chunks: model chunks per stage (v of interleaved schedules).
   StageLink(comm::Group pp, int max_header, int chunks = 1);
 
+  // Activations replicated over `group` (a stage's TP group, in inference) cross in parts: each of
+  // its ranks sends its 1/size block of the rows to the same rank of the next stage, and there the
+  // group all-gathers them (Megatron-LM's scatter/gather of pipeline tensors). The link between
+  // two stages then carries the rows once, not once per TP rank. Every stage sets the same size
+  // (or none); a count the size does not divide crosses whole. Not for training, whose stage
+  // outputs are not replicated under sequence parallelism.
+  void split_over(comm::Group group);
+  bool split() const { return split_.size() > 1; }
+
   // header: [n <= max_header], data: [count] -> stage `to`, under key (micro_batch, chunk).
   void send_activation(int to, int micro_batch, int chunk, const int64_t* header, int n,
                        const float* data, size_t count) const;
@@ -59,6 +68,8 @@ class StageLink {
 
  private:
   comm::Group pp_;
+  comm::Group split_;        // size 1: whole rows
+  std::vector<float> part_;  // a received block before the all-gather
   int max_header_, chunks_;
   std::map<std::pair<int, int>, Activation> inbox_;  // (micro-batch, chunk) -> last received
 };

@@ -77,6 +77,10 @@ struct Links {
   const LinkSpec* ep;
   std::vector<const LinkSpec*> pp;  // [boundary s -> s+1]
   const LinkSpec* pp_return;        // last stage -> first stage
+  // The engine's --pp-split auto (engine/runtime.h): with every TP group inside a node and the
+  // pipeline across nodes, inference activations cross between stages in 1/TP blocks, which the
+  // next stage's TP group all-gathers.
+  bool split_hops = false;
 };
 
 Links find_links(const ClusterSpec& cl, const Layout& l) {
@@ -90,7 +94,30 @@ Links find_links(const ClusterSpec& cl, const Layout& l) {
   for (int s = 0; s + 1 < l.pp; ++s)
     k.pp.push_back(&cl.link_between(l.global_rank(0, 0, s), l.global_rank(0, 0, s + 1)));
   k.pp_return = &cl.link_between(l.global_rank(0, 0, l.pp - 1), 0);
+  bool tp_in_nodes = true, pp_across = false;
+  for (int d = 0; d < l.dp; ++d)
+    for (int p = 0; p < l.pp; ++p) {
+      const std::vector<int> g = tp_group(l, d, p);
+      for (int r : g) tp_in_nodes = tp_in_nodes && cl.node_of(r) == cl.node_of(g[0]);
+      pp_across = pp_across || cl.node_of(g[0]) != cl.node_of(l.global_rank(0, d, 0));
+    }
+  k.split_hops = l.tp > 1 && l.pp > 1 && tp_in_nodes && pp_across;
   return k;
+}
+
+// One micro-batch's activations (`bytes`, replicated over the TP group) from stage s to s + 1.
+// Split (Links::split_hops): each TP rank sends its 1/TP block, then the next stage all-gathers.
+// A GPU has its own network port (LinkSpec: bandwidth per device), so the blocks cross side by
+// side; a CPU node's ranks share the node's port, so theirs queue on it and the rows cross once
+// (where unsplit they would cross TP times). idle: as collective_cost's idle_before.
+CommCost pp_hop_cost(const ClusterSpec& cl, const Layout& l, const Links& k, int s, double bytes,
+                     const Calibration* cal, double idle = 0) {
+  if (!k.split_hops) return collective_cost(Collective::P2P, bytes, 2, *k.pp[s], cal, idle);
+  CommCost c = collective_cost(Collective::P2P, cl.device.is_cpu ? bytes : bytes / l.tp, 2,
+                               *k.pp[s], cal, idle);
+  c.seconds += collective_cost(Collective::AllGather, bytes, l.tp, *k.tp, cal).seconds;
+  c.bytes_sent = bytes / l.tp;
+  return c;
 }
 
 struct Rates {
@@ -421,13 +448,14 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
       double sent = sc.sent;
       if (s + 1 < l.pp) {
         // The link idles while the stage computes the next micro-batch (with one, the whole step).
-        const double busy = collective_cost(Collective::P2P, n * h * ab, 2, *k.pp[s], cal).seconds;
+        const double busy = pp_hop_cost(cl, l, k, s, n * h * ab, cal).seconds;
         const double idle =
             e.micro_batches > 1 ? std::max(0.0, sc.roofline() - busy) : sc.roofline();
-        const CommCost p2p = collective_cost(Collective::P2P, n * h * ab, 2, *k.pp[s], cal, idle);
+        const CommCost p2p = pp_hop_cost(cl, l, k, s, n * h * ab, cal, idle);
         path += p2p.seconds;
         slowest_hop = std::max(slowest_hop, p2p.seconds);
-        add_term(terms, {"pp p2p", 1, n * h * ab, p2p.seconds, cat(k.pp[s]->name)});
+        add_term(terms, {"pp p2p", 1, n * h * ab, p2p.seconds,
+                         cat(k.pp[s]->name, k.split_hops ? ", 1/TP blocks all-gathered" : "")});
         sent += p2p.bytes_sent;
       } else if (l.pp > 1) {  // the sampled token ids back to the first stage
         const double bytes = n * 8;
@@ -475,8 +503,7 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
     pre_slowest = std::max(pre_slowest, sc.total());
     pre_turns += turns_per_stage_second * sc.total();
     if (s + 1 < l.pp)
-      pre_p2p = std::max(
-          pre_p2p, collective_cost(Collective::P2P, n * P * h * ab, 2, *k.pp[s], cal).seconds);
+      pre_p2p = std::max(pre_p2p, pp_hop_cost(cl, l, k, s, n * P * h * ab, cal).seconds);
   }
   if (l.pp > 1) {
     const pipeline::Schedule sched = pipeline::gpipe(l.pp, e.micro_batches, true);

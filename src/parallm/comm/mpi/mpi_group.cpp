@@ -334,6 +334,15 @@ class MpiGroup final : public GroupImpl {
     return std::make_shared<MpiGroup>(sub, new_stats("split", size_of(sub)), options_, registry_);
   }
 
+  bool one_machine() override {
+    MPI_Comm node;
+    check(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node),
+          "MPI_Comm_split_type", *this);
+    const int here = size_of(node);
+    MPI_Comm_free(&node);
+    return here == size_;
+  }
+
   Algorithm choose(Kind kind, size_t bytes) const override {
     // See docs/benchmarks.md (Open MPI 4.1, 2 ranks on one node): MPI's own collectives are as
     // fast or faster up to 16 MiB; from 32 MiB our ring all-reduce takes 0.55-0.6x of
