@@ -86,6 +86,9 @@ TEST(MixtralEp, GenerateAtEveryEpIsEpOneBitForBit) {
                              "--ep 2 --tp 2 --pp 2 --micro-batches 1", "--ep 3 --tp 2 --pp 2"})
     EXPECT_TRUE(generate_ids(dir, layout, true, tmp) == tp2) << layout;
   EXPECT_TRUE(generate_ids(dir, "--ep 3 --pp 2", true, tmp) == one);
+  // --pp-split on: the stage's TP x EP ranks (attention replicated over EP) each send a block.
+  EXPECT_TRUE(generate_ids(dir, "--ep 3 --pp 2 --pp-split on", true, tmp) == one);
+  EXPECT_TRUE(generate_ids(dir, "--ep 2 --tp 2 --pp 2 --pp-split on", true, tmp) == tp2);
   // Batch-1 decode (one prompt): all ranks but one route no token at every decode step.
   EXPECT_TRUE(generate_ids(dir, "--ep 4", false, tmp) ==
               generate_ids(dir, "--micro-batches 1", false, tmp));

@@ -38,9 +38,15 @@ uint64_t resident_bytes() {
   return 0;
 }
 
-bool resolve_pp_split(const std::string& mode, const comm::Group& world, const comm::Mesh& mesh) {
+namespace {
+void check_pp_split(const std::string& mode) {
   if (mode != "auto" && mode != "on" && mode != "off")
     fail("cli", "--pp-split: '", mode, "' is not one of auto, on, off");
+}
+}  // namespace
+
+bool resolve_pp_split(const std::string& mode, const comm::Group& world, const comm::Mesh& mesh) {
+  check_pp_split(mode);
   const comm::Group& stage = mesh.tp_ep();
   if (mode == "off" || stage.size() == 1 || mesh.pp().size() == 1) return false;
   if (mode == "on") return true;
@@ -80,8 +86,7 @@ void run_model(const EngineOptions& options, const std::function<void(RankContex
     if (!why.empty()) fail("cli", why);
   }
   const int world_size = options.tp * options.pp * options.ep * options.dp;
-  if (options.pp_split != "auto" && options.pp_split != "on" && options.pp_split != "off")
-    fail("cli", "--pp-split: '", options.pp_split, "' is not one of auto, on, off");
+  check_pp_split(options.pp_split);  // before any rank starts
 
   comm::LaunchOptions launch;
   launch.backend = options.backend;
