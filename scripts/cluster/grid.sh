@@ -65,7 +65,7 @@ cmd_grid() {
   # rank's decode step is its bytes plus its FLOPs (the planner sums them on a CPU), and its GEMV
   # takes the tokens 4 at a time, passing over the weights again, from the caches, for each further
   # 4 (kernels/matmul.h). One rank alone at batch 1 to 8, in rounds of the eight back to back, and
-  # in each round a line fitted to the steps with a step up at the fifth sequence (least squares):
+  # in each round a line fitted to batch 1-4 (least squares) and the steps of batch 5-8 above it:
   # its slope, the time one more sequence adds, gives the FLOP rate (plan --flops: the GFLOPs a
   # sequence adds over the time it adds), its step what the second pass adds (plan --reread-bw:
   # the step's bytes over that time), each the median over the rounds (the machine's rate moves
@@ -97,14 +97,17 @@ import sys
 w = sys.argv[1]
 rows = lambda f: [list(map(float, l.split())) for l in open(f if "/" in f else f"{w}/{f}") if l.strip()]
 med = lambda v: sorted(v)[len(v) // 2]
-def fit(steps):  # ms at batch 1..8 -> (ms a sequence, ms of the second pass): least squares
-    # One slope, an intercept for batch 1-4 and one for 5-8: the slope is the two halves' pooled
-    # one, the step the halves' mean difference less 4 slopes (their mean batches 2.5 and 6.5).
+def fit(steps):  # ms at batch 1..8 -> (ms a sequence, ms of the second pass)
+    # The slope from batch 1-4 alone (least squares), the first pass, which is what a pipeline's
+    # micro-batches of 4 run; the second pass the mean of batch 5-8 above that line. (One slope
+    # through both passes, the later sequences costing more than the first four, put batch 4 0.8 ms
+    # high: 2026-12-03 14:07, slope 1.76 ms a sequence against 1.46 from batch 1-4, and PP=2's
+    # micro-batches of 4 predicted 15-20% slow.)
     lo, hi = steps[:4], steps[4:]
     mean = lambda v: sum(v) / len(v)
-    slope = sum((b - 2.5) * (t - mean(lo) + t2 - mean(hi))
-                for b, t, t2 in zip((1, 2, 3, 4), lo, hi)) / (2 * 5.0)
-    return slope, mean(hi) - mean(lo) - 4 * slope
+    slope = sum((b - 2.5) * (t - mean(lo)) for b, t in zip((1, 2, 3, 4), lo)) / 5.0
+    line = lambda b: mean(lo) + (b - 2.5) * slope
+    return slope, mean([t - line(b) for b, t in zip((5, 6, 7, 8), hi)])
 rounds = [fit([r[0] for r in rnd]) for rnd in zip(*(rows(f"alone{b}") for b in range(1, 9)))]
 per_seq_ms = med([c for c, _ in rounds])      # one more sequence within a pass
 second_ms = med([j for _, j in rounds])       # the second pass, beyond its sequences

@@ -16,3 +16,8 @@ set_tests_properties(cluster_grid_svg PROPERTIES LABELS "unit;cluster" TIMEOUT 6
 # The grid's summary (scripts/cluster/grid_summary.py) from a recorded grid's points.
 add_test(NAME cluster_grid_summary COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/grid_summary_check.sh)
 set_tests_properties(cluster_grid_summary PROPERTIES LABELS "unit;cluster" TIMEOUT 60)
+
+# Re-predicting a recorded grid's points (scripts/cluster/grid_replan.py) with the planner.
+add_test(NAME cluster_grid_replan
+         COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/grid_replan_check.sh $<TARGET_FILE:parallm_bin>)
+set_tests_properties(cluster_grid_replan PROPERTIES LABELS "unit;cluster" TIMEOUT 60)
