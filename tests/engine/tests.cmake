@@ -17,8 +17,11 @@ if(PARALLM_HAVE_MPI)
   endforeach()
   # Pipeline and hybrid layouts: a batch of three prompts (the last one fed 2 tokens per step,
   # against whole prompts on one rank).
+  # tp2pp2_split: the activations cross in halves, all-gathered (--pp-split on; auto is off on
+  # one machine).
   foreach(case "pp2:2:--pp 2" "tp2pp2:4:--tp 2 --pp 2" "pp3:3:--pp 3 --pp-layers 1,3,1"
-               "tp2pp2_chunks:4:--tp 2 --pp 2 --prefill-chunk 2")
+               "tp2pp2_chunks:4:--tp 2 --pp 2 --prefill-chunk 2"
+               "tp2pp2_split:4:--tp 2 --pp 2 --pp-split on")
     string(REPLACE ":" ";" parts "${case}")
     list(GET parts 0 name)
     list(GET parts 1 np)

@@ -31,6 +31,11 @@ void StageLink::split_over(comm::Group group) {
   split_ = std::move(group);
 }
 
+size_t StageLink::block(size_t count) const {
+  const size_t parts = static_cast<size_t>(split_.size());
+  return parts > 1 && count % parts == 0 ? count / parts : 0;
+}
+
 // Wire: message 0 is [n, count, header..., padding] of fixed size 2 + max_header (so the receiver
 // knows its size); message 1 holds the `count` rows (skipped when 0), or with split_over this
 // rank's block of them.
@@ -44,13 +49,10 @@ void StageLink::send_activation(int to, int micro_batch, int chunk, const int64_
   std::copy(header, header + n, head.begin() + 2);
   pp_.send(head.data(), head.size() * sizeof(int64_t), to, tag(micro_batch, chunk, 0));
   if (count == 0) return;
-  const size_t parts = static_cast<size_t>(split_.size());
-  if (parts > 1 && count % parts == 0) {
-    const size_t block = count / parts;
-    pp_.send(data + block * split_.rank(), block * sizeof(float), to, tag(micro_batch, chunk, 1));
-  } else {
+  if (const size_t b = block(count))
+    pp_.send(data + b * split_.rank(), b * sizeof(float), to, tag(micro_batch, chunk, 1));
+  else
     pp_.send(data, count * sizeof(float), to, tag(micro_batch, chunk, 1));
-  }
 }
 
 Activation& StageLink::recv_activation(int from, int micro_batch, int chunk) {
@@ -63,11 +65,11 @@ Activation& StageLink::recv_activation(int from, int micro_batch, int chunk) {
   Activation& a = inbox_[{micro_batch, chunk}];
   a.header.assign(head.begin() + 2, head.begin() + 2 + head[0]);
   a.data.resize(head[1]);
-  const size_t count = a.data.size(), parts = static_cast<size_t>(split_.size());
-  if (count > 0 && parts > 1 && count % parts == 0) {
-    part_.resize(count / parts);
-    pp_.recv(part_.data(), part_.size() * sizeof(float), from, tag(micro_batch, chunk, 1));
-    split_.all_gather(part_.data(), a.data.data(), part_.size(), DType::F32);
+  const size_t count = a.data.size();
+  if (const size_t b = block(count)) {
+    part_.resize(b);
+    pp_.recv(part_.data(), b * sizeof(float), from, tag(micro_batch, chunk, 1));
+    split_.all_gather(part_.data(), a.data.data(), b, DType::F32);
   } else if (count > 0) {
     pp_.recv(a.data.data(), count * sizeof(float), from, tag(micro_batch, chunk, 1));
   }

@@ -67,6 +67,10 @@ class StageLink {
   int tag(int micro_batch, int chunk, int kind) const;
 
  private:
+  // The rows of `count` this rank sends (and receives) split: count / parts, or 0 when they
+  // cross whole (no split group, or a count it does not divide). Sender and receiver agree.
+  size_t block(size_t count) const;
+
   comm::Group pp_;
   comm::Group split_;        // size 1: whole rows
   std::vector<float> part_;  // a received block before the all-gather
