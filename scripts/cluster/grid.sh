@@ -162,14 +162,16 @@ print("%.2f" % (best[1] / (best[0] / 1e3 - bytes_gb / bw)))' \
   # for the default model, whose token is 8 KiB, 64 KiB at batch 8);
   # a fit over larger sizes is dominated by them and misses the intercept that decode pays.
   # The DP training points' calibration (NAME ending in .train) takes the all-reduce alone, at the
-  # gradient buckets' sizes (512 KiB to 4 MiB, 5 iterations).
+  # gradient buckets' sizes (512 KiB to 4 MiB, 10 iterations), and again beside a computing thread
+  # a rank (--load 1: the buckets reduced under the backward, which `bench train --threads 1`
+  # runs on one thread), with what that thread kept of its speed: the JSON's beside_compute.
   calibrate() {  # NAME MAP(node|slot)
-    local op rep ops=(all_reduce sendrecv) lo=$((row_bytes / 4)) hi=$((row_bytes * 16)) iters=20
-    [[ $1 == *.train ]] && ops=(all_reduce) lo=$((512 << 10)) hi=$((4 << 20)) iters=5
+    local op rep ops=(all_reduce sendrecv) lo=$((row_bytes / 4)) hi=$((row_bytes * 16)) iters=20 load=()
+    [[ $1 == *.train ]] && ops=(all_reduce) lo=$((512 << 10)) hi=$((4 << 20)) iters=10 load=(--load 1)
     for op in "${ops[@]}"; do
       for ((rep = 0; rep < reps; rep++)); do
         cmd_run -np 2 --map-by "$2" -- "$PARALLM" bench comm --op "$op" --algo auto \
-          --min-bytes "$lo" --max-bytes "$hi" --step-factor 2 --iters "$iters" >>"$comm/$1.$op.txt" 2>&1 ||
+          --min-bytes "$lo" --max-bytes "$hi" --step-factor 2 --iters "$iters" "${load[@]}" >>"$comm/$1.$op.txt" 2>&1 ||
           die "bench comm ($1, $op) failed: $(tail -3 "$comm/$1.$op.txt")"
       done
     done
@@ -186,18 +188,15 @@ print("%.2f" % (best[1] / (best[0] / 1e3 - bytes_gb / bw)))' \
     /usr/bin/python3 - "$comm/$1" "$skew_us" "$burst" <<'PY'
 import json, os, sys
 p, skew, burst = sys.argv[1], (0.0 if sys.argv[2] == "auto" else float(sys.argv[2])), int(sys.argv[3])
-ops = {}
-for op in ("all_reduce", "sendrecv"):
-    if not os.path.exists(f"{p}.{op}.txt"):
-        continue
+def fit(op, algo):
     best = {}
     for line in open(f"{p}.{op}.txt"):
         f = line.split()
-        if len(f) >= 5 and f[0] == op and f[3] == "auto" and f[2].isdigit():
+        if len(f) >= 5 and f[0] == op and f[3] == algo and f[2].isdigit():
             n = int(f[2]) * 4  # f32 elements
             best[n] = min(best.get(n, 1e30), float(f[4]) * 1e-6)
     if len(best) < 2:
-        sys.exit(f"bench comm {op}: no table rows in {p}.{op}.txt")
+        return None
     pts = sorted(best.items())
     # minimise sum(((a + n x) - t) / t)^2 over a and x = 1 / beta: 2x2 normal equations.
     saa = sum(1 / t**2 for n, t in pts); sax = sum(n / t**2 for n, t in pts)
@@ -209,7 +208,16 @@ for op in ("all_reduce", "sendrecv"):
     if x <= 0 or a < 0:  # noise beat the slope: the best bandwidth seen, the smallest time
         x = min(t / n for n, t in pts)
         a = max(min(t for n, t in pts) - pts[0][0] * x, 0.0)
-    ops[op] = {"alpha_us": a * 1e6, "beta_gbps": 1e-9 / x}
+    return {"alpha_us": a * 1e6, "beta_gbps": 1e-9 / x}
+ops, loaded = {}, {}
+for op in ("all_reduce", "sendrecv"):
+    if not os.path.exists(f"{p}.{op}.txt"):
+        continue
+    ops[op] = fit(op, "auto")
+    if ops[op] is None:
+        sys.exit(f"bench comm {op}: no table rows in {p}.{op}.txt")
+    if fit(op, "loaded") is not None:
+        loaded[op] = fit(op, "loaded")
 cal = {"backend": "mpi", "world": 2, "ops": ops}
 if skew > 0: cal["arrival_skew_us"] = skew
 # bench comm's arrival-skew probe (its JSON line): the median of its runs, streaming and
@@ -220,8 +228,14 @@ for op in ("all_reduce", "sendrecv"):
         for line in open(f"{p}.{op}.txt"):
             if line.startswith("{") and "arrival_skew" in line:
                 probes.append(json.loads(line)["arrival_skew"])
+med = lambda v: sorted(v)[len(v) // 2]
+# --load's rows (the fastest of the runs per size, as above) and the median of the runs' speeds.
+speeds = [json.loads(line)["beside_compute"]["compute_speed"]
+          for op in ops for line in open(f"{p}.{op}.txt")
+          if line.startswith("{") and "beside_compute" in line]
+if loaded and speeds:
+    cal["beside_compute"] = {"threads": 1, "compute_speed": med(speeds), "ops": loaded}
 if probes:
-    med = lambda v: sorted(v)[len(v) // 2]
     cal["arrival_skew"] = {"ranks": probes[0]["ranks"], "stream": med([q["stream"] for q in probes]),
                            "compute": med([q["compute"] for q in probes])}
 if burst > 0: cal["burst_bytes"] = burst
@@ -229,7 +243,10 @@ json.dump(cal, open(p + ".json", "w"))
 print("# comm %-6s " % p.rsplit("/", 1)[1] + " | ".join(
     "%s alpha %7.1f us beta %7.4f GB/s" % (op, v["alpha_us"], v["beta_gbps"]) for op, v in ops.items())
       + " | burst %d B" % burst + ("" if not probes else " | arrival skew %.1f%% streaming, %.1f%% matmuls"
-      % (100 * cal["arrival_skew"]["stream"], 100 * cal["arrival_skew"]["compute"])))
+      % (100 * cal["arrival_skew"]["stream"], 100 * cal["arrival_skew"]["compute"]))
+      + ("" if "beside_compute" not in cal else " | beside compute: all_reduce alpha %.1f us beta %.4f GB/s, %.2f of its speed"
+      % (cal["beside_compute"]["ops"]["all_reduce"]["alpha_us"], cal["beside_compute"]["ops"]["all_reduce"]["beta_gbps"],
+         cal["beside_compute"]["compute_speed"])))
 PY
   }
   # A calibration made of the all-reduce of one link and the send/recv of another.

@@ -6,7 +6,9 @@
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
+#include "parallm/plan/hardware.h"
 #include "test_util.h"
 
 namespace parallm {
@@ -76,6 +78,44 @@ TEST(Cli, BenchCommMeasuresTheArrivalSkewOfItsRanks) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_FALSE(nlohmann::json::parse(std::ifstream(json)).contains("arrival_skew"));
   expect_one_line_error(base + "--skew-rounds -1", "--skew-rounds");
+  std::remove(json.c_str());
+}
+
+// bench comm --load N: each op again while N threads a rank compute beside it; the JSON's
+// beside_compute holds their fit and the share of its speed the computing kept (two ranks, each
+// with a computing thread and the collectives' thread, share this machine's cores: above 0, at
+// most 1).
+TEST(Cli, BenchCommLoadTimesTheCollectivesBesideCompute) {
+  const std::string json = ::testing::TempDir() + "/parallm_bench_comm_load.json";
+  const std::string base =
+      "bench comm --ranks 2 --op all_reduce --min-bytes 64K --max-bytes 256K --iters 3 "
+      "--skew-rounds 0 ";
+  auto r = run_parallm(base + "--load 1 --json " + json);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  int loaded = 0;  // table rows: op, size, count, "loaded", time, ...
+  std::istringstream lines(r.output);
+  for (std::string line; std::getline(lines, line);) {
+    std::istringstream f(line);
+    std::string op, size, count, algo;
+    if (f >> op >> size >> count >> algo && op == "all_reduce" && algo == "loaded") ++loaded;
+  }
+  EXPECT_EQ(loaded, 3) << r.output;  // 64K, 128K, 256K
+  EXPECT_NE(r.output.find("# beside compute (--load 1"), std::string::npos) << r.output;
+  const nlohmann::json j = nlohmann::json::parse(std::ifstream(json));
+  ASSERT_TRUE(j.contains("beside_compute")) << j.dump();
+  const auto& bc = j["beside_compute"];
+  EXPECT_EQ(bc["threads"], 1);
+  EXPECT_GT(bc["compute_speed"].get<double>(), 0) << j.dump();
+  EXPECT_LE(bc["compute_speed"].get<double>(), 1.0) << j.dump();
+  ASSERT_TRUE(bc["ops"].contains("all_reduce")) << j.dump();
+  EXPECT_GT(bc["ops"]["all_reduce"]["beta_gbps"].get<double>(), 0) << j.dump();
+  // The planner reads it back.
+  const auto cal = plan::Calibration::from_file(json);
+  EXPECT_EQ(cal.beside_compute.threads, 1);
+  r = run_parallm(base + "--json " + json);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_FALSE(nlohmann::json::parse(std::ifstream(json)).contains("beside_compute"));
+  expect_one_line_error(base + "--load -1", "--load");
   std::remove(json.c_str());
 }
 

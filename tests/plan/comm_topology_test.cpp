@@ -153,6 +153,46 @@ TEST(CommModel, ArrivalSkewShareParsesAndRefusesBadInput) {
   }
 }
 
+// bench comm --load's "beside_compute": the collectives timed beside computing threads and what
+// the computing kept of its speed; its ops parse as the top-level ones do.
+TEST(CommModel, BesideComputeParsesAndRefusesBadInput) {
+  const char* ops = R"("ops": {"all_reduce": {"alpha_us": 1, "beta_gbps": 1}})";
+  auto parse = [&](const std::string& beside) {
+    return Calibration::from_json(nlohmann::json::parse("{" + beside + ops + "}"), "c.json");
+  };
+  const Calibration cal = parse(R"("beside_compute": {"threads": 2, "compute_speed": 0.45,
+      "ops": {"allreduce": {"alpha_us": 3500, "beta_gbps": 0.15}}},)");
+  EXPECT_EQ(cal.beside_compute.threads, 2);
+  EXPECT_DOUBLE_EQ(cal.beside_compute.compute_speed, 0.45);
+  ASSERT_EQ(cal.beside_compute.ops.count("all_reduce"), 1u);  // the spelling unified
+  EXPECT_DOUBLE_EQ(cal.beside_compute.ops.at("all_reduce").alpha, 3500e-6);
+  EXPECT_DOUBLE_EQ(cal.beside_compute.ops.at("all_reduce").beta, 0.15e9);
+  EXPECT_DOUBLE_EQ(cal.op("all_reduce")->alpha, 1e-6);  // the top level's untouched
+  EXPECT_EQ(parse("").beside_compute.threads, 0);       // absent: not measured
+  const std::pair<const char*, const char*> bad[] = {
+      {R"("beside_compute": 1,)", "beside_compute must be an object"},
+      {R"("beside_compute": {"compute_speed": 0.5, "ops": {}},)", "threads"},
+      {R"("beside_compute": {"threads": 0, "compute_speed": 0.5, "ops": {}},)", "threads"},
+      {R"("beside_compute": {"threads": 1, "ops": {}},)", "compute_speed"},
+      {R"("beside_compute": {"threads": 1, "compute_speed": 0, "ops": {}},)", "compute_speed"},
+      {R"("beside_compute": {"threads": 1, "compute_speed": 1.5, "ops": {}},)", "compute_speed"},
+      {R"("beside_compute": {"threads": 1, "compute_speed": 0.5},)", "beside_compute.ops"},
+      {R"("beside_compute": {"threads": 1, "compute_speed": 0.5, "ops": {"all_reduce": 3}},)",
+       "beside_compute: ops.all_reduce"},
+      {R"("beside_compute": {"threads": 1, "compute_speed": 0.5,
+          "ops": {"all_reduce": {"alpha_us": -1, "beta_gbps": 1}}},)",
+       "alpha_us"}};
+  for (const auto& [text, needle] : bad) {
+    try {
+      parse(text);
+      ADD_FAILURE() << text;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("c.json"), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST(Topology, ParsesH100NvlinkCapture) {
   const Topology t = Topology::from_file(kFixtures + "h100-8gpu-nvlink.txt");
   ASSERT_EQ(t.num_gpus(), 8);

@@ -869,5 +869,50 @@ TEST(Estimate, TrainingDpOverlapOnCpuRanksSlowsTheBackward) {
               1e-9 * one.step_time);
 }
 
+// A calibration's beside_compute (bench comm --load): on CPU ranks a bucket reduced under the
+// backward costs the loaded all-reduce and the backward keeps the measured share of its speed.
+// Loaded = idle and a speed of 1 is the free overlap; slower buckets or a slower backward expose
+// more, and what a step exposes is still at most the whole all-reduce after the backward plus
+// what the backward lost.
+TEST(Estimate, TrainingDpOverlapTakesTheCalibratedCostBesideCompute) {
+  const ModelConfig c = resolve_model("llama-2-7b");
+  const ClusterSpec cl = cpu_cluster(2);
+  TrainingWorkload w;
+  w.global_batch = 2;
+  w.seq_len = 512;
+  w.precision = Precision::FP32;
+  PlanOptions o;
+  o.training_rates = {1e11, 1e11, 1e11, 1e11};
+  o.training_rates.threads = 1;
+  o.mem_bw = 20e9;
+  Calibration cal;
+  cal.backend = "mpi";
+  cal.ops["all_reduce"] = {20e-6, 2e9};
+  auto with = [&](double alpha, double beta, double speed) {
+    Calibration k = cal;
+    k.beside_compute.threads = 1;
+    k.beside_compute.compute_speed = speed;
+    k.beside_compute.ops["all_reduce"] = {alpha, beta};
+    o.calibration = k;
+    return estimate_training(c, cl, {1, 1, 2, 1}, w, o);
+  };
+  o.calibration = cal;
+  const LayoutEstimate plain = estimate_training(c, cl, {1, 1, 2, 1}, w, o);  // t / (t + 1)
+  const LayoutEstimate free = with(20e-6, 2e9, 1.0), half = with(20e-6, 2e9, 0.5),
+                       slow = with(5e-3, 1e9, 0.5);
+  ASSERT_GT(free.dp_buckets, 100);
+  EXPECT_EQ(free.dp_comm_time, plain.dp_comm_time);  // the all-reduce alone is the same
+  EXPECT_LT(free.dp_comm_exposed, 0.9 * free.dp_comm_time);
+  // The same speed as the default's one thread: the same estimate.
+  EXPECT_NEAR(half.dp_comm_exposed, plain.dp_comm_exposed, 1e-9);
+  EXPECT_GT(half.dp_comm_exposed, free.dp_comm_exposed);
+  EXPECT_GT(slow.dp_comm_exposed, half.dp_comm_exposed);
+  EXPECT_LE(slow.dp_comm_exposed, slow.dp_comm_time + slow.backward_time + 1e-9);
+  std::string detail;
+  for (const CostTerm& t : slow.step_terms)
+    if (t.name.rfind("dp gradient", 0) == 0) detail = t.detail;
+  EXPECT_NE(detail.find("calibrated"), std::string::npos) << detail;
+}
+
 }  // namespace
 }  // namespace parallm::plan

@@ -443,6 +443,41 @@ TEST_F(PipelineTrainTest, TraceHasEveryStagesActions) {
   }
 }
 
+// --trace under DP: each rank's step (F+B, the optimizer) on its own row and the DP gradient
+// buckets' reductions on the communication thread's ("dp comm", tid 1), every bucket every step;
+// --comm-stats prints the table with the DP group's all-reduces.
+TEST_F(PipelineTrainTest, TraceAndCommStatsShowTheDpBuckets) {
+  TrainOptions o = base(false, 2);
+  o.dp = 2;
+  o.trace = (dir_ / "dp-trace.json").string();
+  o.comm_stats = true;
+  std::ostringstream progress;
+  run_training(o, &progress);
+  EXPECT_NE(progress.str().find("dp       all_reduce"), std::string::npos) << progress.str();
+  const nlohmann::json j = nlohmann::json::parse(std::ifstream(o.trace));
+  std::map<int, int> buckets, steps, optimizer;
+  std::map<int, std::string> thread_name;
+  for (const auto& e : j.at("traceEvents")) {
+    const std::string name = e.value("name", "");
+    const int pid = e.value("pid", -1), tid = e.value("tid", 0);
+    if (e.value("ph", "") == "M" && name == "thread_name" && tid == 1)
+      thread_name[pid] = e["args"].value("name", "");
+    if (e.value("ph", "") != "X") continue;
+    if (name.rfind("dp bucket ", 0) == 0 && tid == 1) ++buckets[pid];
+    if (name.rfind("F+B ", 0) == 0 && tid == 0) ++steps[pid];
+    if (name == "optimizer" && tid == 0) ++optimizer[pid];
+  }
+  // 24 sequences a step over DP 2: 6 micro-batches of 2 per rank.
+  for (int rank : {0, 1}) {
+    EXPECT_EQ(thread_name[rank], "dp comm") << rank;
+    EXPECT_EQ(steps[rank], 2 * 6) << rank;
+    EXPECT_EQ(optimizer[rank], 2) << rank;
+    // 4 KB buckets: several a step, the same each of the 2 steps.
+    EXPECT_GT(buckets[rank], 2 * 2) << rank;
+    EXPECT_EQ(buckets[rank] % 2, 0) << rank;
+  }
+}
+
 // The CLI: --pp with --stats prints the per-stage table; a bad --pp-layers is one line.
 TEST_F(PipelineTrainTest, CliStatsAndBadFlag) {
   const std::string d = dir_.string();

@@ -3,7 +3,9 @@
 // same bytes plus a barrier, and (local backend) the same bytes copied from another rank's buffer
 // that it has just written, plus two barriers: the data that must cross between cores; then fit
 // latency (alpha) and per-byte cost (beta) for each op, for the planner; then time the ranks'
-// arrival skew on work of their own (skew_probe below).
+// arrival skew on work of their own (skew_probe below). With --load N, each collective again
+// while N threads a rank run matmuls beside it (Load below): what a DP gradient bucket costs
+// under the backward, and what the backward keeps of its speed meanwhile.
 //
 //   parallm bench comm --ranks 4 --op all_reduce                  # local backend, 4 threads
 //   mpirun -np 2 parallm bench comm --op all --json comm.json     # MPI backend
@@ -13,6 +15,8 @@
 // algbw x 2(p-1)/p for all_reduce, x (p-1)/p for all_gather, reduce_scatter and all_to_all, x 1
 // for broadcast and sendrecv.
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -55,6 +59,7 @@ struct Options {
   bool comm_stats = false;
   int skew_rounds = 60;  // 0: no arrival-skew probe
   int threads = 1;       // threads per rank for the probe's work
+  int load = 0;          // --load: threads a rank computing beside a second, loaded sweep
 };
 
 std::string human(size_t bytes) {
@@ -255,6 +260,56 @@ Skew skew_probe(const Group& g, int rounds, int threads) {
   return out;
 }
 
+// --load: `threads` threads of this rank repeating an arithmetic product on cached weights (a
+// training step's matmuls, as the backward runs them beside the DP buckets' all-reduces) until
+// stopped, counting the products done.
+class Load {
+ public:
+  explicit Load(int threads) : threads_(threads) {
+    const int64_t K = 2048, N = 64;
+    w_ = Tensor::empty(DType::BF16, {N, K});
+    auto* p = w_.data<uint16_t>();
+    for (int64_t i = 0; i < w_.numel(); ++i) p[i] = uint16_t(0x3c20 + (i * 7919 % 64));
+  }
+  ~Load() { stop(); }
+  void start() {
+    stop_ = false;
+    done_ = 0;
+    t0_ = now_seconds();
+    for (int i = 0; i < threads_; ++i)
+      workers_.emplace_back([this] {
+        ThreadPool pool(1);  // each its own: kernels find it through ThreadPool::current()
+        ScopedPool scoped(pool);
+        std::vector<float> x(8 * 2048, 0.5f), y(8 * 64);
+        while (!stop_.load(std::memory_order_relaxed)) {
+          kernels::matmul(x.data(), 8, w_, y.data());
+          done_.fetch_add(1, std::memory_order_relaxed);
+        }
+      });
+  }
+  // Counts from now on (the products done so far dropped).
+  void mark() {
+    done_ = 0;
+    t0_ = now_seconds();
+  }
+  // Stops the threads; products a second since start() or mark().
+  double stop() {
+    if (workers_.empty()) return 0;
+    stop_ = true;
+    for (auto& w : workers_) w.join();
+    workers_.clear();
+    return double(done_.load()) / std::max(now_seconds() - t0_, 1e-9);
+  }
+
+ private:
+  int threads_;
+  Tensor w_;
+  std::vector<std::thread> workers_;
+  std::atomic<bool> stop_{false};
+  std::atomic<int64_t> done_{0};
+  double t0_ = 0;
+};
+
 int run(const Options& o) {
   const std::vector<std::string> all_ops = {"all_reduce", "all_gather", "reduce_scatter",
                                             "all_to_all", "broadcast",  "sendrecv"};
@@ -279,6 +334,7 @@ int run(const Options& o) {
   std::vector<Row> rows;
   std::string backend;
   Skew skew;
+  double load_speed = 0;  // --load: the products' rate beside the collectives / alone
   comm::launch(world, lo_opts, [&](Group g) {
     const bool root = g.rank() == 0;
     const int p = g.size();
@@ -325,6 +381,49 @@ int run(const Options& o) {
           std::fflush(stdout);
         }
       }
+    }
+    if (o.load > 0) {
+      // Every rank's load alone for a moment (all at once, as they run in a training step),
+      // then beside each op's auto algorithm at every size.
+      Load load(o.load);
+      g.barrier();
+      load.start();
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      const double alone = load.stop();
+      g.barrier();
+      load.start();
+      std::string last_op;
+      size_t last_n = 0;
+      double last_s = 0;
+      for (const std::string& op : ops) {
+        for (size_t bytes = lo; bytes <= hi; bytes *= o.factor) {
+          const size_t unit =
+              (op == "all_reduce" || op == "broadcast" || op == "sendrecv") ? elem : elem * p;
+          const size_t n = bytes / unit * unit;
+          if (n == 0) continue;
+          const double s = measure(g, op, "auto", n, dtype, iterations(o, n), a, b, peer_a);
+          last_op = op, last_n = n, last_s = s;  // s: the slowest rank's, the same on every rank
+          if (!root) continue;
+          rows.push_back({op, "loaded", n, n / elem, s});
+          const double algbw = n / s / 1e9;
+          std::printf("  %-14s %9s %10zu %-9s %11.2f %11.3f %11.3f\n", op.c_str(), human(n).c_str(),
+                      n / elem, "loaded", s * 1e6, algbw, algbw * bus_factor(op, p));
+          std::fflush(stdout);
+        }
+      }
+      // The computing's speed over a window of its own, a third of a second of the last row's
+      // collective back to back (the sweep may be over in a millisecond); the slowest rank's
+      // (the minimum, as the maximum of the negatives).
+      load.mark();
+      if (!last_op.empty()) {
+        const int calls =
+            static_cast<int>(std::clamp(std::ceil(0.3 / std::max(last_s, 1e-7)), 3.0, 1e6));
+        measure(g, last_op, "auto", last_n, dtype, calls, a, b, peer_a);
+      }
+      float speed = -static_cast<float>(load.stop() / std::max(alone, 1e-9));
+      g.all_reduce(&speed, 1, comm::ReduceOp::Max);
+      speed = -speed;
+      if (root) load_speed = speed;
     }
     if (o.skew_rounds > 0) {
       const Skew sk = skew_probe(g, o.skew_rounds, o.threads);
@@ -373,6 +472,24 @@ int run(const Options& o) {
     auto [alpha, beta] = fit_alpha_beta(pts);
     j["ops"][op] = {{"alpha_us", alpha * 1e6}, {"beta_gbps", beta}};
     std::printf("#   %-14s alpha %8.2f us   beta %8.3f GB/s\n", op.c_str(), alpha * 1e6, beta);
+  }
+  if (o.load > 0) {
+    nlohmann::json bc = {
+        {"threads", o.load}, {"compute_speed", load_speed}, {"ops", nlohmann::json::object()}};
+    std::printf(
+        "# beside compute (--load %d: %d thread%s a rank computing): the load ran at "
+        "%.2f of its speed alone; loaded rows' fit:\n",
+        o.load, o.load, o.load == 1 ? "" : "s", load_speed);
+    for (const std::string& op : ops) {
+      std::vector<Row> pts;
+      for (const Row& r : rows)
+        if (r.op == op && r.algo == "loaded") pts.push_back(r);
+      if (pts.size() < 2) continue;
+      auto [alpha, beta] = fit_alpha_beta(pts);
+      bc["ops"][op] = {{"alpha_us", alpha * 1e6}, {"beta_gbps", beta}};
+      std::printf("#   %-14s alpha %8.2f us   beta %8.3f GB/s\n", op.c_str(), alpha * 1e6, beta);
+    }
+    j["beside_compute"] = bc;
   }
   if (o.skew_rounds > 0) {
     j["arrival_skew"] = {{"ranks", world},
@@ -441,6 +558,12 @@ const bool registered = register_command(
            ->check(CLI::NonNegativeNumber);
        app.add_option("--threads", o->threads, "Threads per rank for the probe (default 1)")
            ->check(CLI::Range(1, 1024));
+       app.add_option("--load", o->load,
+                      "Then each op again while N threads a rank compute beside it (a training "
+                      "step's matmuls beside its DP gradient all-reduces): rows 'loaded', and the "
+                      "JSON's beside_compute (their fit, and compute_speed: what the computing "
+                      "kept of its speed alone) for plan --train (default 0: none)")
+           ->check(CLI::Range(0, 1024));
        return [o] { return run(*o); };
      }});
 

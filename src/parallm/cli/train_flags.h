@@ -1,5 +1,5 @@
 // The 3D-training flags `parallm train` and `parallm bench train` share: the pipeline (--pp,
-// --schedule, --virtual-stages, --pp-layers), --sp, --recompute, --ep and --trace.
+// --schedule, --virtual-stages, --pp-layers), --sp, --recompute, --ep, --trace and --comm-stats.
 #pragma once
 
 #include <CLI/CLI.hpp>
@@ -66,7 +66,11 @@ inline void add_pipeline_flags(CLI::App& app, train::TrainOptions& o) {
       ->check(CLI::PositiveNumber);
   app.add_option("--trace", o.trace,
                  "Write a Chrome trace (JSON) of every rank: F, B, W, sends and receives per "
-                 "stage, layers and collectives");
+                 "stage, layers and collectives, and the DP gradient buckets' reductions (on the "
+                 "communication thread, a row of their own)");
+  app.add_flag("--comm-stats", o.comm_stats,
+               "Print calls, bytes and time per collective and group at exit (rank 0's, the DP "
+               "gradient buckets included)");
 }
 
 }  // namespace parallm::cli

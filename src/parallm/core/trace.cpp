@@ -29,19 +29,30 @@ std::string TraceBuffer::to_json_events() const {
   auto dump = [](const nlohmann::json& j) {
     return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   };
-  std::string out = dump({{"name", "process_name"},
-                          {"ph", "M"},
-                          {"pid", rank_},
-                          {"args", {{"name", "rank " + std::to_string(rank_)}}}});
+  std::string out;
+  auto add = [&](const nlohmann::json& j) {
+    if (!out.empty()) out += ",\n";
+    out += dump(j);
+  };
+  if (thread_ == 0)
+    add({{"name", "process_name"},
+         {"ph", "M"},
+         {"pid", rank_},
+         {"args", {{"name", "rank " + std::to_string(rank_)}}}});
+  if (!thread_name_.empty())
+    add({{"name", "thread_name"},
+         {"ph", "M"},
+         {"pid", rank_},
+         {"tid", thread_},
+         {"args", {{"name", thread_name_}}}});
   for (const TraceEvent& e : events_) {
-    out += ",\n";
-    out += dump({{"name", e.name},
-                 {"cat", e.category},
-                 {"ph", "X"},
-                 {"pid", rank_},
-                 {"tid", 0},
-                 {"ts", e.begin_us},
-                 {"dur", e.duration_us}});
+    add({{"name", e.name},
+         {"cat", e.category},
+         {"ph", "X"},
+         {"pid", rank_},
+         {"tid", thread_},
+         {"ts", e.begin_us},
+         {"dur", e.duration_us}});
   }
   return out;
 }

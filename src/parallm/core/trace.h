@@ -18,7 +18,10 @@ struct TraceEvent {
 
 class TraceBuffer {
  public:
-  explicit TraceBuffer(int rank) : rank_(rank) {}
+  // `thread`: the trace's tid under the rank's pid (0: the rank's own thread); a named one gets a
+  // thread_name line (the DP communication thread: "dp comm").
+  explicit TraceBuffer(int rank, int thread = 0, std::string thread_name = "")
+      : rank_(rank), thread_(thread), thread_name_(std::move(thread_name)) {}
   void add(std::string name, const char* category, double begin_s, double end_s);
   int rank() const { return rank_; }
   const std::vector<TraceEvent>& events() const { return events_; }
@@ -28,6 +31,8 @@ class TraceBuffer {
 
  private:
   int rank_;
+  int thread_;
+  std::string thread_name_;
   std::vector<TraceEvent> events_;
 };
 

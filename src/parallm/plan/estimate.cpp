@@ -28,11 +28,13 @@ int64_t ceil_div(int64_t a, int64_t b) {
 }
 
 // The DP gradient buckets under the last backward (train/dp.cpp): a backward of `tb` seconds
-// makes B equal buckets, bucket i when it is (i+1)/B done; one thread reduces them in order, each
-// in `one` seconds, starting as soon as it is ready and the one before is done. While a reduction
-// runs the backward goes at `speed` (1: free overlap). Returns the seconds the step gains over
-// the backward alone: until both the backward and the last reduction are done.
-double overlapped_reduction(double tb, double one, int B, double speed) {
+// makes B equal buckets, bucket i when it is (i+1)/B done; one thread reduces them in order,
+// starting each as soon as it is ready and the one before is done. A bucket takes `one` seconds
+// alone and `beside` seconds beside the backward, which meanwhile runs at `speed` of its own
+// (1 and one: a free overlap). Returns the seconds the step gains over the backward alone: until
+// both the backward and the last reduction are done.
+double overlapped_reduction(double tb, double one, double beside, int B, double speed) {
+  beside = std::max(beside, 1e-12);
   double t = 0, done = 0;  // time; how much of the backward is done (seconds at full speed)
   double bwd_end = -1;
   for (int i = 0; i < B; ++i) {
@@ -41,10 +43,16 @@ double overlapped_reduction(double tb, double one, int B, double speed) {
       t += ready - done;
       done = ready;
     }
-    // Bucket i runs from t to t + one; the backward advances at `speed` meanwhile.
-    if (bwd_end < 0 && done + speed * one >= tb) bwd_end = t + (tb - done) / speed;
-    done = std::min(tb, done + speed * one);
-    t += one;
+    // Bucket i from t: beside the backward until one of the two ends, then alone.
+    double left = 1;  // of the bucket's reduction
+    if (done < tb) {
+      const double x = std::min(left * beside, (tb - done) / speed);
+      t += x;
+      done = std::min(tb, done + x * speed);
+      left = std::max(0.0, left - x / beside);
+      if (done >= tb) bwd_end = t;
+    }
+    t += left * one;
   }
   if (bwd_end < 0) bwd_end = t + (tb - done);
   return std::max(bwd_end, t) - tb;
@@ -749,21 +757,37 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
       // and starts when it is ready and the one before it is done; the step waits for what is
       // left after the backward (at least the last bucket's reduction).
       // On CPU ranks the reduction is not free for the backward: the communication thread
-      // (polling MPI) and the kernel's network stack run on the cores the compute threads use,
-      // one more runnable thread beside a rank's t, so while a bucket is being reduced the
-      // backward runs at t / (t + 1) of its speed (the emulated cluster's DP=2 training at
-      // 700 Mbit/s, one thread a rank: the overlap saved 30-50 ms of the 118 a free overlap
-      // would).
+      // (polling MPI) and the kernel's network stack run on the cores the compute threads use.
+      // Measured (`bench comm --load`, the calibration's beside_compute): each bucket at the
+      // collective's cost beside computing threads, the backward at what they kept of their
+      // speed. Otherwise: one more runnable thread beside a rank's t, the backward at t / (t + 1)
+      // while a bucket is reduced, the bucket at its own cost (the emulated cluster's DP=2
+      // training, one thread a rank, traced: beside the backward the 2.2 MB buckets took 1.7x
+      // their time alone at 1846-3848 Mbit/s and 6-8 ms for 1 ms at 46 Gbit/s, as the
+      // calibration's loaded all-reduce does, its alpha 2-7 ms of time slices).
       double speed = 1;
+      const Calibration* beside_cal = nullptr;
+      Calibration beside;
       if (cl.device.is_cpu) {
         const int t = kr.threads > 0 ? kr.threads
                                      : std::max(1, cl.device.cores / std::max(1, cl.gpus_per_node));
         speed = double(t) / (t + 1);
+        if (cal && cal->beside_compute.threads > 0 &&
+            cal->beside_compute.ops.count("all_reduce") > 0) {
+          beside = *cal;
+          beside.ops = cal->beside_compute.ops;
+          beside_cal = &beside;
+          speed = cal->beside_compute.compute_speed;
+        }
       }
       const int B = int(std::clamp(std::floor(bytes / w.bucket_bytes), 1.0, 1e6));
       const double one =
           collective_cost(Collective::AllReduce, bytes / B, l.dp, *k.dp, cal).seconds;
-      const double extra = overlapped_reduction(tb, one, B, speed);
+      const double one_beside =
+          beside_cal
+              ? collective_cost(Collective::AllReduce, bytes / B, l.dp, *k.dp, beside_cal).seconds
+              : one;
+      const double extra = overlapped_reduction(tb, one, one_beside, B, speed);
       e.dp_comm_time += B * one;
       e.dp_comm_exposed += extra;
       e.dp_buckets = B;
@@ -771,8 +795,11 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
           cat(e.dp_link, ", ", B, B == 1 ? " bucket" : " buckets", ", ",
               fmt::format("{:.0f}", 1e3 * std::max(0.0, B * one - extra)),
               " ms under the last backward",
-              speed < 1 ? fmt::format(" (which runs at {:.2f} of its speed meanwhile)", speed)
-                        : std::string());
+              beside_cal  ? fmt::format(" (each {:.1f} ms beside it, which keeps {:.2f} of its "
+                                         "speed: calibrated)",
+                                        1e3 * one_beside, speed)
+              : speed < 1 ? fmt::format(" (which runs at {:.2f} of its speed meanwhile)", speed)
+                          : std::string());
     } else {
       // ZeRO (reduce-scatter, then the all-gather after the optimizer) or --no-overlap: the
       // whole volume after the backward.

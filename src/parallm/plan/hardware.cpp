@@ -301,6 +301,38 @@ const AlphaBeta* Calibration::op(std::string_view name) const {
   return it == ops.end() ? nullptr : &it->second;
 }
 
+namespace {
+
+// A calibration's "ops" object (at `source`, e.g. "cal.json" or "cal.json: beside_compute") into
+// `out`, the names' spellings unified.
+void parse_ops(const json& ops, const std::string& source, std::map<std::string, AlphaBeta>* out) {
+  if (!ops.is_object()) fail("calibrate", source, ": field \"ops\" must be an object");
+  for (const auto& [name, v] : ops.items()) {
+    // The key as a short JSON string: a hostile name must not fill the message.
+    const std::string at =
+        cat(source, ": ops.", name.size() <= 40 ? name : name.substr(0, 40) + "...");
+    if (!v.is_object())
+      fail("calibrate", at, " must be an object with alpha_us and beta_gbps, got ",
+           json_preview(v));
+    AlphaBeta ab;
+    auto a = v.find("alpha_us");
+    if (a == v.end() || !a->is_number() || !std::isfinite(a->get<double>()) || a->get<double>() < 0)
+      fail("calibrate", at, ".alpha_us must be a non-negative number, got ",
+           a == v.end() ? std::string("nothing") : json_preview(*a));
+    ab.alpha = a->get<double>() * 1e-6;
+    ab.beta = number(v, "beta_gbps", at, true, 0, "calibrate") * 1e9;
+    std::string key = name;
+    if (key == "send_recv" || key == "p2p" || key == "send") key = "sendrecv";
+    if (key == "allreduce") key = "all_reduce";
+    if (key == "allgather") key = "all_gather";
+    if (key == "reducescatter") key = "reduce_scatter";
+    if (key == "alltoall") key = "all_to_all";
+    (*out)[key] = ab;
+  }
+}
+
+}  // namespace
+
 Calibration Calibration::from_json(const json& j, const std::string& source) {
   if (!j.is_object()) fail("calibrate", source, ": expected a JSON object");
   Calibration c;
@@ -313,32 +345,7 @@ Calibration Calibration::from_json(const json& j, const std::string& source) {
            json_preview(w));
     c.world = int(w.get<int64_t>());
   }
-  if (j.contains("ops")) {
-    if (!j["ops"].is_object()) fail("calibrate", source, ": field \"ops\" must be an object");
-    for (const auto& [name, v] : j["ops"].items()) {
-      // The key as a short JSON string: a hostile name must not fill the message.
-      const std::string at =
-          cat(source, ": ops.", name.size() <= 40 ? name : name.substr(0, 40) + "...");
-      if (!v.is_object())
-        fail("calibrate", at, " must be an object with alpha_us and beta_gbps, got ",
-             json_preview(v));
-      AlphaBeta ab;
-      auto a = v.find("alpha_us");
-      if (a == v.end() || !a->is_number() || !std::isfinite(a->get<double>()) ||
-          a->get<double>() < 0)
-        fail("calibrate", at, ".alpha_us must be a non-negative number, got ",
-             a == v.end() ? std::string("nothing") : json_preview(*a));
-      ab.alpha = a->get<double>() * 1e-6;
-      ab.beta = number(v, "beta_gbps", at, true, 0, "calibrate") * 1e9;
-      std::string key = name;
-      if (key == "send_recv" || key == "p2p" || key == "send") key = "sendrecv";
-      if (key == "allreduce") key = "all_reduce";
-      if (key == "allgather") key = "all_gather";
-      if (key == "reducescatter") key = "reduce_scatter";
-      if (key == "alltoall") key = "all_to_all";
-      c.ops[key] = ab;
-    }
-  }
+  if (j.contains("ops")) parse_ops(j["ops"], source, &c.ops);
   if (j.contains("compute")) {
     const json& comp = j["compute"];
     if (!comp.is_object())
@@ -368,6 +375,28 @@ Calibration Calibration::from_json(const json& j, const std::string& source) {
              json_preview(*it));
       *out = it->get<double>();
     }
+  }
+  if (j.contains("beside_compute")) {
+    const json& bc = j["beside_compute"];
+    const std::string at = source + ": beside_compute";
+    if (!bc.is_object())
+      fail("calibrate", at, " must be an object {threads, compute_speed, ops}, got ",
+           json_preview(bc));
+    const double threads = number(bc, "threads", at, true, 0, "calibrate");
+    if (threads < 1 || threads != std::floor(threads) || threads > 1e6)
+      fail("calibrate", where(at, "threads"), " must be a whole number of threads >= 1, got ",
+           json_preview(bc["threads"]));
+    c.beside_compute.threads = int(threads);
+    auto sp = bc.find("compute_speed");
+    if (sp == bc.end()) fail("calibrate", where(at, "compute_speed"), " is missing (required)");
+    if (!sp->is_number() || !std::isfinite(sp->get<double>()) || sp->get<double>() <= 0 ||
+        sp->get<double>() > 1)
+      fail("calibrate", where(at, "compute_speed"),
+           " must be the share of its speed the computing kept, in (0, 1], got ",
+           json_preview(*sp));
+    c.beside_compute.compute_speed = sp->get<double>();
+    if (!bc.contains("ops")) fail("calibrate", where(at, "ops"), " is missing (required)");
+    parse_ops(bc["ops"], at, &c.beside_compute.ops);
   }
   if (c.ops.empty() && c.mem_bw == 0 && c.flops == 0)
     fail("calibrate", source, ": no \"ops\" and no \"compute\": nothing to calibrate with");

@@ -150,6 +150,17 @@ struct Calibration {
   // `bench comm` loop keeps the bucket empty and cannot see it; in decode, where a message follows
   // compute, a message pays alpha + (n - what the bucket refilled in the gap) / beta.
   double burst_bytes = 0;
+  // Optional "beside_compute": {"threads": N, "compute_speed": s, "ops": {...}}, from `bench comm
+  // --load N`: the collectives timed again while N threads a rank computed beside them, and the
+  // share s of its speed alone that the computing kept. On CPU ranks a DP gradient bucket reduced
+  // under the backward costs these ops' alpha + n / beta, and the backward runs at s meanwhile
+  // (a polling communication thread and the compute threads share the cores: the one waits for
+  // time slices, the other gives them up).
+  struct BesideCompute {
+    int threads = 0;  // 0: not measured
+    double compute_speed = 0;
+    std::map<std::string, AlphaBeta> ops;
+  } beside_compute;
 
   const AlphaBeta* op(std::string_view name) const;
   static Calibration from_json(const nlohmann::json& j, const std::string& source);

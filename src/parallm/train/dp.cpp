@@ -74,6 +74,9 @@ DataParallel::DataParallel(std::vector<Param> params, int64_t size, float* value
   v_.assign(state, 0.0f);
   ready_.assign(n, 0);
   bucket_pending_.assign(buckets_.size(), 0);
+  if (dp_size_ > 1 && options_.trace_rank >= 0)
+    comm_trace_ = std::make_unique<TraceBuffer>(options_.trace_rank, options_.trace_thread,
+                                                options_.trace_name);
   if (dp_size_ > 1) thread_ = std::thread([this] { comm_loop(); });
 }
 
@@ -92,6 +95,7 @@ void DataParallel::comm_loop() {
   // ThreadPool::current(), never the rank's pool (which is not reentrant).
   ThreadPool pool(1);
   ScopedPool scoped(pool);
+  set_thread_trace(comm_trace_.get());
   for (;;) {
     std::function<void()> task;
     {
@@ -190,6 +194,7 @@ void DataParallel::finish_sync() {
   }
   cv_.notify_all();
   if (!started || !options_.overlap) enqueue([this] { reduce_all_buckets(); });
+  TraceSpan span("dp flush", "wait");
   wait_idle();
   std::lock_guard<std::mutex> lock(mu_);
   syncing_ = false;
@@ -204,6 +209,10 @@ void DataParallel::reduce_all_buckets() {
       if (stop_) return;
       if (!flushing_) ++early_buckets_;
     }
+    TraceSpan span(thread_trace() ? cat("dp bucket ", b, " (",
+                                        (buckets_[b].end - buckets_[b].begin) * 4, " B)")
+                                  : std::string(),
+                   "comm");
     reduce_bucket(buckets_[b]);
   }
 }
@@ -301,6 +310,10 @@ void DataParallel::scatter_state(const float* m_full, const float* v_full) {
     std::memcpy(m_.data() + s.state, m_full + s.begin, static_cast<size_t>(s.end - s.begin) * 4);
     std::memcpy(v_.data() + s.state, v_full + s.begin, static_cast<size_t>(s.end - s.begin) * 4);
   }
+}
+
+std::string DataParallel::trace_events() const {
+  return comm_trace_ ? comm_trace_->to_json_events() : std::string();
 }
 
 uint64_t DataParallel::optimizer_bytes() const {

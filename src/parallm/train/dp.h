@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "parallm/comm/group.h"
+#include "parallm/core/trace.h"
 #include "parallm/train/optimizer.h"
 #include "parallm/train/params.h"
 
@@ -43,6 +44,11 @@ struct DpOptions {
   int64_t bucket_bytes = int64_t{25} << 20;  // about 25 MB per bucket (PyTorch DDP's default)
   bool zero = false;                         // --zero 1
   bool overlap = true;  // false: reduce the buckets only after the backward (for comparison)
+  // --trace: >= 0, the communication thread's spans under this rank, as thread `trace_thread`
+  // named `trace_name`.
+  int trace_rank = -1;
+  int trace_thread = 1;
+  const char* trace_name = "dp comm";
 };
 
 // A range of the flat buffers that this rank's optimizer updates, and where its m and v live.
@@ -117,6 +123,10 @@ class DataParallel {
   // still ran): the overlap, for tests and stats.
   int early_buckets() const { return early_buckets_; }
 
+  // --trace: the communication thread's spans (the buckets' reductions) as TraceBuffer's JSON
+  // fragment; empty without DpOptions::trace_rank. Read between syncs.
+  std::string trace_events() const;
+
   // Runs fn on the communication thread with the DP group and waits; rethrows its exception.
   void run_on_comm(const std::function<void(const comm::Group&)>& fn);
 
@@ -151,6 +161,7 @@ class DataParallel {
   int busy_ = 0;  // tasks queued or running
   int early_buckets_ = 0;
   std::exception_ptr error_;
+  std::unique_ptr<TraceBuffer> comm_trace_;  // written by the communication thread only
   std::thread thread_;
 };
 

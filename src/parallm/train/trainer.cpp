@@ -540,6 +540,8 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
   comm::LaunchOptions lo;
   lo.backend = o.backend;
   lo.timeout_s = o.comm_timeout_s;
+  lo.print_stats = o.comm_stats;
+  lo.stats_out = &out;
   const int threads =
       o.threads > 0
           ? o.threads
@@ -615,14 +617,18 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
     std::vector<Param> dense_params, expert_params;
     for (const Param& p : params.params())
       (split_experts && p.expert ? expert_params : dense_params).push_back(p);
+    DpOptions dpo{bucket_bytes, o.zero == 1, o.overlap};
+    if (!o.trace.empty()) dpo.trace_rank = world.rank();
     DataParallel dp(dense_params, split_experts ? params.expert_begin() : params.size(),
-                    params.values(), params.grads(), mesh.dp(),
-                    {bucket_bytes, o.zero == 1, o.overlap});
+                    params.values(), params.grads(), mesh.dp(), dpo);
     std::unique_ptr<DataParallel> edp;
-    if (split_experts)
+    if (split_experts) {
+      DpOptions edpo = dpo;
+      edpo.trace_thread = 2;
+      edpo.trace_name = "expert dp comm";
       edp = std::make_unique<DataParallel>(expert_params, params.size(), params.values(),
-                                           params.grads(), mesh.edp(),
-                                           DpOptions{bucket_bytes, o.zero == 1, o.overlap});
+                                           params.grads(), mesh.edp(), edpo);
+    }
     if (!o.resume.empty())
       load_checkpoint(o.resume, config, params, dp, o.tp, tp_rank, edp.get());
     TrainModel model(config, params, mesh.tp(), mo);
@@ -878,6 +884,7 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
             dp.begin_sync();
             if (edp) edp->begin_sync();
           }
+          TraceSpan span(thread_trace() ? cat("F+B ", micro) : std::string(), "compute");
           loss_sum += model.forward_backward(inputs.data(), targets.data(), M, S, grad_scale);
           aux_sum += model.last_aux_loss();
         }
@@ -928,9 +935,12 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
       const double norm = std::sqrt(sq);
       const double lr = learning_rate(adamw, step);
       const float clip = static_cast<float>(clip_factor(adamw.grad_clip, norm));
-      dp.step(adamw, lr, step + 1, clip);
-      if (edp) edp->step(adamw, lr, step + 1, clip);
-      model.refresh_compute_weights();
+      {
+        TraceSpan span("optimizer", "compute");
+        dp.step(adamw, lr, step + 1, clip);
+        if (edp) edp->step(adamw, lr, step + 1, clip);
+        model.refresh_compute_weights();
+      }
       StepRecord rec;
       rec.step = step + 1;
       rec.loss = loss;
@@ -1039,7 +1049,10 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
     }
     if (!o.trace.empty()) {
       set_thread_trace(nullptr);
-      const std::vector<std::string> all = comm::gather_strings(world, trace.to_json_events(), 0);
+      std::string events = trace.to_json_events();
+      for (const DataParallel* d : std::initializer_list<const DataParallel*>{&dp, edp.get()})
+        if (d != nullptr && !d->trace_events().empty()) events += ",\n" + d->trace_events();
+      const std::vector<std::string> all = comm::gather_strings(world, events, 0);
       if (root) write_trace_file(o.trace, all);
     }
   });

@@ -79,6 +79,7 @@ struct TrainOptions {
   std::string recompute = "none";  // --recompute none|selective|full
   bool stats = false;              // --stats: print the pipeline measurements at the end
   std::string trace;               // --trace FILE: Chrome trace JSON of every rank
+  bool comm_stats = false;         // --comm-stats: the communication table at exit (rank 0's)
   // Not flags: data given directly (bench, tests); replaces --data when set.
   std::shared_ptr<const TokenData> data_ids, val_ids;
   bool keep_params = false;  // fill TrainResult::final_params (tests)
