@@ -280,7 +280,7 @@ PY
     # one-rank batch-1 runs just before each of its runs, the fastest pair (as the runs are the
     # fastest of theirs; the pair beside the run kept was tried too, and missed more); and so is
     # one rank's alone (what a PP stage streams at batch 1), from a one-rank run beside the pair.
-    local rep best="" o m fails=0 pairs=$work/node.$layout.$link.$batch
+    local rep best="" worst="" o m fails=0 pairs=$work/node.$layout.$link.$batch
     local alone=$work/alone.$layout.$link.$batch
     : >"$pairs"
     : >"$alone"
@@ -299,8 +299,13 @@ PY
       fi
       m=$(echo "$o" | awk '/^  ms\/(step|token)/ && $3 > m {m = $3} END {print m}')
       if faster "$m" "$best"; then best=$m out=$o; fi
+      if [ -z "$worst" ] || faster "$worst" "$m"; then worst=$m; fi
     done
     ms=$best
+    # How far apart the point's runs came: (slowest - fastest) / fastest, what two layouts'
+    # measurements must differ by before their order is the machine's and not the moment's.
+    local spread
+    spread=$(awk -v a="$best" -v b="$worst" 'BEGIN {printf "%.3f", b / a - 1}')
     # Per call (--comm-stats, warm-up and prefill included): the TP all-reduce, the PP send and
     # recv. An all-reduce's time includes waiting for the later peer (arrival skew); a recv's
     # includes the upstream stage's compute.
@@ -331,10 +336,10 @@ json.dump(c, open(sys.argv[1], "w"))' "$cal" "$skew_us"
                --dp "$dp" --shared-cores "$(nproc)" --json |
              /usr/bin/python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["layouts"][0]["tpot_ms"])')
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$layout" "$link" "$batch" "$ms" "$pred" "$stats" \
-      "$point_node_bw" "$point_alone_bw" |
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$layout" "$link" "$batch" "$ms" "$pred" "$stats" \
+      "$point_node_bw" "$point_alone_bw" "$spread" |
       tee -a "$res" | awk -F'\t' '{e = ($5 == "nan") ? "nan" : sprintf("%+.1f", ($5 / $4 - 1) * 100);
-        printf "%-12s %-8s %5s %11s %12s %9s   us/call ar/send/recv %s, node/rank %s/%s GB/s\n", $1, $2, $3, $4, $5, e, $6, $7, $8}'
+        printf "%-12s %-8s %5s %11s %12s %9s   us/call ar/send/recv %s, node/rank %s/%s GB/s, runs +%.1f%%\n", $1, $2, $3, $4, $5, e, $6, $7, $8, 100 * $9}'
   }
 
   # Prefill of one --prompt-len prompt (bench prefill: the timed pass after a warm-up; through the

@@ -16,7 +16,7 @@ res, rates_f, comm, parallm, model, node_bw, alone_bw, tokens, do_plan, skew, fl
 reread = sys.argv[13] if len(sys.argv) > 13 and float(sys.argv[13]) > 0 else None
 skew = 0.0 if skew == "auto" else float(skew)  # "auto" left only if the shm point never ran
 rates = dict(l.split() for l in open(rates_f))
-pts, node_rates, prefill, training = {}, [], {}, {}
+pts, node_rates, prefill, training, spread = {}, [], {}, {}, {}
 for l in open(res):
     layout, link, b, ms, pred = l.split("\t")[:5]
     if b.startswith("p"):  # prefill points: their own error line, not in the crossovers
@@ -26,6 +26,9 @@ for l in open(res):
         training[(layout, link)] = (float(ms), float(pred))
         continue
     pts[(layout, link, int(b))] = (float(ms), float(pred))
+    f = l.rstrip("\n").split("\t")
+    if len(f) > 8 and f[8]:  # (slowest - fastest) / fastest of the point's runs
+        spread[(layout, link, int(b))] = float(f[8])
     node_rates.append((float(l.split("\t")[6]), float(l.split("\t")[7])))
 # The sweep's node and rank rates: the medians of those measured beside the points (the ones at
 # the start are one minute's).
@@ -43,10 +46,15 @@ for what, d in (("decode", pts), ("prefill", prefill), ("training step", trainin
 
 # The planner's ranking of the layouts measured at each link and batch (DP=2's point, link "any",
 # joins every link at its batch): the fastest named right, and the whole order.
+# By pairs too: each two layouts at a link and batch, ordered as measured or not; a pair the
+# planner orders the other way whose measurements are closer than either point's own runs differ
+# (the spread above) is one the grid cannot order either.
+pairs = {"total": 0, "right": 0, "close": 0}
 def ranking(pts, show):  # -> (fastest named right, whole order right, link/batch pairs)
     fastest = order = total = 0
     for n, b in sorted({(n, b) for (_, n, b) in pts if n != "any"}):
-        lays = {lay: v for (lay, n2, b2), v in pts.items() if b2 == b and n2 in (n, "any")}
+        keys = {lay: (lay, n2, b2) for (lay, n2, b2) in pts if b2 == b and n2 in (n, "any")}
+        lays = {lay: pts[k] for lay, k in keys.items()}
         if len(lays) < 2 or any(p != p for _, p in lays.values()):
             continue
         meas = sorted(lays, key=lambda k: lays[k][0])
@@ -56,11 +64,23 @@ def ranking(pts, show):  # -> (fastest named right, whole order right, link/batc
         order += meas == pred
         if show and meas != pred:
             print("# ranking at %s batch %d: measured %s, predicted %s" % (n, b, " < ".join(meas), " < ".join(pred)))
+        if show:
+            for i, x in enumerate(meas):
+                for y in meas[i + 1:]:
+                    pairs["total"] += 1
+                    if lays[x][1] <= lays[y][1]:
+                        pairs["right"] += 1
+                    elif lays[y][0] / lays[x][0] - 1 <= max(spread.get(keys[x], 0), spread.get(keys[y], 0)):
+                        pairs["close"] += 1
     return fastest, order, total
 fastest, order, total = ranking(pts, True)
 if total:
     print("# planner ranking: fastest layout named right at %d of %d link/batch pairs, whole order at %d"
           % (fastest, total, order))
+if pairs["total"] and spread:
+    print("# planner ranking by pairs of layouts: %d of %d ordered as measured; of the %d others, %d "
+          "measured closer than their points' runs spread" % (pairs["right"], pairs["total"],
+          pairs["total"] - pairs["right"], pairs["close"]))
 
 def crossover(series):  # [(mbit, tp_ms, pp_ms)] -> Mbit/s below which PP is faster
     s = sorted(series, reverse=True)

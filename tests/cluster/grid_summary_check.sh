@@ -26,4 +26,29 @@ grep -q "over 41 points" <<<"$want_all" || fail "fixture: $want_all"
 grep -qE '^# planner ranking: fastest layout named right at [0-9]+ of 16 ' <<<"$out2" || fail "ranking: $out2"
 grep -qxF "crossover batch 1: measured 99.3 Mbit/s" <<<"$out2" || fail "crossover batch 1: $out2"
 grep -qxF "crossover batch 8: measured 1424.4 Mbit/s" <<<"$out2" || fail "crossover batch 8: $out2"
-echo "grid_summary.py: $want_all"
+# With each point's runs spread (a 9th column, as grid.sh writes now), the ranking by pairs of
+# layouts: every pair of layouts measured at a link and batch (DP=2's "any" joining each link at
+# its batch), counted here with awk; a spread of 0 leaves no misordered pair "closer than their
+# runs spread", a spread of 100 (x101) leaves every one so.
+pairs=$(awk -F'\t' '$3 ~ /^[0-9]+$/ {n[$2 " " $3]++; if ($2 == "any") any[$3]++}
+  END {for (k in n) {split(k, f, " "); if (f[1] == "any") continue; c = n[k] + any[f[2]];
+    t += c * (c - 1) / 2} print t}' "$points")
+with_spread() {
+  local tmp
+  tmp=$(mktemp)
+  awk -v s="$1" '{print $0 "\t" s}' "$points" >"$tmp"
+  /usr/bin/python3 "$src/scripts/cluster/grid_summary.py" "$tmp" "$rates" /nonexistent \
+    /nonexistent /nonexistent 30 20 32 0 0 80 bf16
+  rm -f "$tmp"
+}
+grep -q "by pairs" <<<"$out2" && fail "a by-pairs line without the spread column: $out2"
+line0=$(with_spread 0 | grep "^# planner ranking by pairs")
+re="^# planner ranking by pairs of layouts: ([0-9]+) of $pairs ordered as measured; of the ([0-9]+) others, ([0-9]+) measured"
+[[ $line0 =~ $re ]] || fail "by pairs (spread 0, $pairs pairs): $line0"
+right=${BASH_REMATCH[1]} others=${BASH_REMATCH[2]}
+[ $((right + others)) = "$pairs" ] && [ "${BASH_REMATCH[3]}" = 0 ] && [ "$others" -gt 0 ] ||
+  fail "by pairs (spread 0): $line0"
+line100=$(with_spread 100 | grep "^# planner ranking by pairs")
+grep -qF "$right of $pairs ordered as measured; of the $others others, $others measured" <<<"$line100" ||
+  fail "by pairs (spread 100): $line100"
+echo "grid_summary.py: $want_all; $line0"
