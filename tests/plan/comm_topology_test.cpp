@@ -119,6 +119,20 @@ TEST(CommModel, ArrivalSkewAddsToGroupCollectivesOnly) {
   }
 }
 
+// Each (text, needle) of `bad` refused by `parse` with one line naming the file and `needle`.
+template <size_t N, typename Parse>
+void expect_refusals(const std::pair<const char*, const char*> (&bad)[N], Parse parse) {
+  for (const auto& [text, needle] : bad) {
+    try {
+      parse(text);
+      ADD_FAILURE() << text;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("c.json"), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST(CommModel, ArrivalSkewShareParsesAndRefusesBadInput) {
   // bench comm's probe: {"ranks", "stream", "compute"}, shares of a slice of work.
   const char* ops = R"("ops": {"sendrecv": {"alpha_us": 1, "beta_gbps": 1}})";
@@ -142,15 +156,7 @@ TEST(CommModel, ArrivalSkewShareParsesAndRefusesBadInput) {
       {R"("arrival_skew": {"ranks": 2, "stream": -0.1, "compute": 0.1},)", "stream"},
       {R"("arrival_skew": {"ranks": 2, "stream": 0.1, "compute": 1.5},)", "compute"},
       {R"("arrival_skew": {"ranks": 2, "stream": 0.1, "compute": "x"},)", "compute"}};
-  for (const auto& [text, needle] : bad) {
-    try {
-      parse(text);
-      ADD_FAILURE() << text;
-    } catch (const std::invalid_argument& e) {
-      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-      EXPECT_NE(std::string(e.what()).find("c.json"), std::string::npos) << e.what();
-    }
-  }
+  expect_refusals(bad, parse);
 }
 
 // bench comm --load's "beside_compute": the collectives timed beside computing threads and what
@@ -182,15 +188,7 @@ TEST(CommModel, BesideComputeParsesAndRefusesBadInput) {
       {R"("beside_compute": {"threads": 1, "compute_speed": 0.5,
           "ops": {"all_reduce": {"alpha_us": -1, "beta_gbps": 1}}},)",
        "alpha_us"}};
-  for (const auto& [text, needle] : bad) {
-    try {
-      parse(text);
-      ADD_FAILURE() << text;
-    } catch (const std::invalid_argument& e) {
-      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-      EXPECT_NE(std::string(e.what()).find("c.json"), std::string::npos) << e.what();
-    }
-  }
+  expect_refusals(bad, parse);
 }
 
 TEST(Topology, ParsesH100NvlinkCapture) {

@@ -360,28 +360,33 @@ int run(const Options& o) {
       std::printf("# %-14s %9s %10s %-9s %11s %11s %11s\n", "op", "size", "count", "algo",
                   "time(us)", "algbw(GB/s)", "busbw(GB/s)");
     }
-    for (const std::string& op : ops) {
-      for (size_t bytes = lo; bytes <= hi; bytes *= o.factor) {
-        // Every rank needs a whole number of elements per rank for the block ops.
-        const size_t unit =
-            (op == "all_reduce" || op == "broadcast" || op == "sendrecv") ? elem : elem * p;
-        const size_t n = bytes / unit * unit;
-        if (n == 0) continue;
-        for (const std::string& algo : algos_for(op, o.algo, peer_a != nullptr)) {
-          const double s = measure(g, op, algo, n, dtype, iterations(o, n), a, b, peer_a);
-          if (!root) continue;
-          rows.push_back({op, algo, n, n / elem, s});
-          const double algbw = n / s / 1e9;
-          std::printf("  %-14s %9s %10zu %-9s %11.2f %11.3f %11.3f\n", op.c_str(), human(n).c_str(),
-                      n / elem,
-                      algo == "baseline"   ? "memcpy+barrier"
-                      : algo == "peercopy" ? "peer-copy+2barriers"
-                                           : algo.c_str(),
-                      s * 1e6, algbw, algbw * bus_factor(op, p));
-          std::fflush(stdout);
-        }
-      }
-    }
+    // Each op's sizes: every rank needs a whole number of elements per rank for the block ops.
+    auto sizes = [&](const std::string& op) {
+      const size_t unit =
+          (op == "all_reduce" || op == "broadcast" || op == "sendrecv") ? elem : elem * p;
+      std::vector<size_t> out;
+      for (size_t bytes = lo; bytes <= hi; bytes *= o.factor)
+        if (bytes / unit * unit > 0) out.push_back(bytes / unit * unit);
+      return out;
+    };
+    // A row of the table (rank 0): `algo` its key in `rows`, `shown` what the table says.
+    auto row = [&](const std::string& op, const std::string& algo, const char* shown, size_t n,
+                   double s) {
+      if (!root) return;
+      rows.push_back({op, algo, n, n / elem, s});
+      const double algbw = n / s / 1e9;
+      std::printf("  %-14s %9s %10zu %-9s %11.2f %11.3f %11.3f\n", op.c_str(), human(n).c_str(),
+                  n / elem, shown, s * 1e6, algbw, algbw * bus_factor(op, p));
+      std::fflush(stdout);
+    };
+    for (const std::string& op : ops)
+      for (size_t n : sizes(op))
+        for (const std::string& algo : algos_for(op, o.algo, peer_a != nullptr))
+          row(op, algo,
+              algo == "baseline"   ? "memcpy+barrier"
+              : algo == "peercopy" ? "peer-copy+2barriers"
+                                   : algo.c_str(),
+              n, measure(g, op, algo, n, dtype, iterations(o, n), a, b, peer_a));
     if (o.load > 0) {
       // Every rank's load alone for a moment (all at once, as they run in a training step),
       // then beside each op's auto algorithm at every size.
@@ -395,22 +400,12 @@ int run(const Options& o) {
       std::string last_op;
       size_t last_n = 0;
       double last_s = 0;
-      for (const std::string& op : ops) {
-        for (size_t bytes = lo; bytes <= hi; bytes *= o.factor) {
-          const size_t unit =
-              (op == "all_reduce" || op == "broadcast" || op == "sendrecv") ? elem : elem * p;
-          const size_t n = bytes / unit * unit;
-          if (n == 0) continue;
+      for (const std::string& op : ops)
+        for (size_t n : sizes(op)) {
           const double s = measure(g, op, "auto", n, dtype, iterations(o, n), a, b, peer_a);
           last_op = op, last_n = n, last_s = s;  // s: the slowest rank's, the same on every rank
-          if (!root) continue;
-          rows.push_back({op, "loaded", n, n / elem, s});
-          const double algbw = n / s / 1e9;
-          std::printf("  %-14s %9s %10zu %-9s %11.2f %11.3f %11.3f\n", op.c_str(), human(n).c_str(),
-                      n / elem, "loaded", s * 1e6, algbw, algbw * bus_factor(op, p));
-          std::fflush(stdout);
+          row(op, "loaded", "loaded", n, s);
         }
-      }
       // The computing's speed over a window of its own, a third of a second of the last row's
       // collective back to back (the sweep may be over in a millisecond); the slowest rank's
       // (the minimum, as the maximum of the negatives).
@@ -462,34 +457,29 @@ int run(const Options& o) {
   nlohmann::json j;
   j["backend"] = backend;
   j["world"] = world;
-  j["ops"] = nlohmann::json::object();
+  // Each op's alpha-beta fit over the rows of `algo`, printed, as the calibration's "ops".
+  auto fit_ops = [&](const char* algo) {
+    nlohmann::json fitted = nlohmann::json::object();
+    for (const std::string& op : ops) {
+      std::vector<Row> pts;
+      for (const Row& r : rows)
+        if (r.op == op && r.algo == algo) pts.push_back(r);
+      if (pts.size() < 2) continue;
+      auto [alpha, beta] = fit_alpha_beta(pts);
+      fitted[op] = {{"alpha_us", alpha * 1e6}, {"beta_gbps", beta}};
+      std::printf("#   %-14s alpha %8.2f us   beta %8.3f GB/s\n", op.c_str(), alpha * 1e6, beta);
+    }
+    return fitted;
+  };
   std::printf("# alpha-beta fit (time = alpha + bytes / beta) of the auto algorithm:\n");
-  for (const std::string& op : ops) {
-    std::vector<Row> pts;
-    for (const Row& r : rows)
-      if (r.op == op && r.algo == "auto") pts.push_back(r);
-    if (pts.size() < 2) continue;
-    auto [alpha, beta] = fit_alpha_beta(pts);
-    j["ops"][op] = {{"alpha_us", alpha * 1e6}, {"beta_gbps", beta}};
-    std::printf("#   %-14s alpha %8.2f us   beta %8.3f GB/s\n", op.c_str(), alpha * 1e6, beta);
-  }
+  j["ops"] = fit_ops("auto");
   if (o.load > 0) {
-    nlohmann::json bc = {
-        {"threads", o.load}, {"compute_speed", load_speed}, {"ops", nlohmann::json::object()}};
     std::printf(
         "# beside compute (--load %d: %d thread%s a rank computing): the load ran at "
         "%.2f of its speed alone; loaded rows' fit:\n",
         o.load, o.load, o.load == 1 ? "" : "s", load_speed);
-    for (const std::string& op : ops) {
-      std::vector<Row> pts;
-      for (const Row& r : rows)
-        if (r.op == op && r.algo == "loaded") pts.push_back(r);
-      if (pts.size() < 2) continue;
-      auto [alpha, beta] = fit_alpha_beta(pts);
-      bc["ops"][op] = {{"alpha_us", alpha * 1e6}, {"beta_gbps", beta}};
-      std::printf("#   %-14s alpha %8.2f us   beta %8.3f GB/s\n", op.c_str(), alpha * 1e6, beta);
-    }
-    j["beside_compute"] = bc;
+    j["beside_compute"] = {
+        {"threads", o.load}, {"compute_speed", load_speed}, {"ops", fit_ops("loaded")}};
   }
   if (o.skew_rounds > 0) {
     j["arrival_skew"] = {{"ranks", world},
