@@ -4,6 +4,8 @@
 # planner's calibration): the world's size, and shares above 0 (processes never tie to the
 # nanosecond). At 2 processes on 2 or more cores the share is also below 1; at 3 (oversubscribed on
 # a 2-core machine, a rank can wait a whole slice for a core) only the count and sign are checked.
+# Then --load 1 at 2 processes: the loaded rows, and "beside_compute" (the loaded all-reduce's fit
+# and the share of its speed the computing kept, the slowest process's) in the JSON.
 # Usage: mpi_bench_comm_check.sh PARALLM MPIRUN "MPIRUN FLAGS"
 set -euo pipefail
 bin=$1 mpirun=$2 flags=$3
@@ -31,3 +33,18 @@ for kind in ("stream", "compute"):
 print(f"np {np_}: stream {sk['stream']:.3f}, compute {sk['compute']:.3f}")
 PY
 done
+# shellcheck disable=SC2086
+out=$("$mpirun" $flags -np 2 "$bin" bench comm --op all_reduce --min-bytes 64K --max-bytes 256K \
+        --iters 3 --skew-rounds 0 --load 1 --comm-timeout 60 --json "$dir/load.json" 2>&1) ||
+  { echo "$out"; echo "FAIL: --load exited non-zero"; exit 1; }
+[ "$(echo "$out" | awk '$1 == "all_reduce" && $4 == "loaded"' | wc -l)" = 3 ] ||
+  { echo "$out"; echo "FAIL: --load: not 3 loaded rows"; exit 1; }
+/usr/bin/python3 - "$dir/load.json" <<'PY' || { echo "$out"; exit 1; }
+import json, sys
+j = json.load(open(sys.argv[1]))
+bc = j.get("beside_compute")
+assert j["backend"] == "mpi" and bc is not None, f"FAIL: {j}"
+assert bc["threads"] == 1 and 0 < bc["compute_speed"] <= 1, f"FAIL: beside_compute {bc}"
+assert bc["ops"]["all_reduce"]["beta_gbps"] > 0, f"FAIL: beside_compute {bc}"
+print(f"--load 1: the computing kept {bc['compute_speed']:.2f}, loaded all_reduce {bc['ops']['all_reduce']}")
+PY

@@ -42,7 +42,27 @@ args=(train --init "$tmp/config.json" --seed 3 --data "$tmp/data.bin" --seq-len 
 "$bin" "${args[@]}" --log-json "$tmp/one.jsonl" 2>"$tmp/one.err" || { cat "$tmp/one.err"; exit 1; }
 # shellcheck disable=SC2086
 "$mpirun" $flags -np "$np" "$bin" "${args[@]}" $layout --log-json "$tmp/mpi.jsonl" \
-  --save "$tmp/ckpt" >"$tmp/mpi.out" 2>"$tmp/mpi.err" || { cat "$tmp/mpi.err"; exit 1; }
+  --save "$tmp/ckpt" --trace "$tmp/trace.json" --comm-stats >"$tmp/mpi.out" 2>"$tmp/mpi.err" ||
+  { cat "$tmp/mpi.err"; exit 1; }
+# --trace and --comm-stats across the processes: every rank's row in the trace; with DP, each
+# rank's communication thread's row ("dp comm") with its buckets, and the dp group's bucket
+# reductions in rank 0's table (all-reduces; with --zero 1 reduce-scatters).
+python3 - "$tmp/trace.json" "$np" "$layout" <<'PY' || { cat "$tmp/mpi.err"; exit 1; }
+import json, sys
+events = json.load(open(sys.argv[1]))["traceEvents"]
+np_, dp = int(sys.argv[2]), "--dp" in sys.argv[3]
+ranks = {e["pid"] for e in events if e.get("name") == "process_name"}
+assert ranks == set(range(np_)), f"trace ranks {sorted(ranks)}, want 0..{np_ - 1}"
+if dp:
+    named = {e["pid"] for e in events if e.get("name") == "thread_name" and e["args"]["name"] == "dp comm"}
+    buckets = {e["pid"] for e in events if e.get("ph") == "X" and e["name"].startswith("dp bucket ")}
+    assert named == ranks and buckets == ranks, f"dp comm rows {sorted(named)}, buckets {sorted(buckets)}"
+PY
+if [[ $layout == *--dp* ]]; then
+  want=$([[ $layout == *--zero* ]] && echo reduce_scatter || echo all_reduce)
+  grep -q "^dp  *$want " "$tmp/mpi.out" "$tmp/mpi.err" ||
+    { cat "$tmp/mpi.out" "$tmp/mpi.err"; echo "FAIL: no dp $want line in --comm-stats"; exit 1; }
+fi
 python3 - "$tmp/one.jsonl" "$tmp/mpi.jsonl" "$keys" <<'PY'
 import ast, json, sys
 one = [json.loads(l) for l in open(sys.argv[1])]

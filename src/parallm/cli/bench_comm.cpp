@@ -129,6 +129,18 @@ std::pair<double, double> fit_alpha_beta(const std::vector<Row>& rows) {
     alpha = 0;
     slope = s11 > 0 ? r1 / s11 : 0;
   }
+  if (!(slope > 0) && !rows.empty()) {
+    // Noise beat the slope (a loaded or busy machine, few sizes): the best bandwidth seen, and
+    // what the smallest size's best time leaves for alpha. A calibration needs a positive beta.
+    slope = rows[0].seconds / double(std::max<size_t>(rows[0].bytes, 1));
+    double least = rows[0].seconds, smallest = double(rows[0].bytes);
+    for (const Row& r : rows) {
+      slope = std::min(slope, r.seconds / double(std::max<size_t>(r.bytes, 1)));
+      least = std::min(least, r.seconds);
+      smallest = std::min(smallest, double(r.bytes));
+    }
+    alpha = std::max(least - smallest * slope, 0.0);
+  }
   const double beta_gbps = slope > 0 ? 1.0 / slope / 1e9 : 0.0;
   return {alpha, beta_gbps};
 }
@@ -203,16 +215,22 @@ struct Skew {
   double stream_ms = 0, compute_ms = 0;  // the mean rank's slice
 };
 
+// The probes' work (the skew's slices, --load's computing): bf16 weights [n, kProbeK] of small
+// normal-range values (bit patterns of numbers near 0.01), not NaNs or denormals; the arithmetic
+// slice multiplies kProbeRows rows by kProbeCachedN of them, 256 KiB that stay in the core's cache.
+constexpr int64_t kProbeK = 2048, kProbeCachedN = 64, kProbeRows = 8;
+Tensor probe_weights(int64_t n) {
+  Tensor w = Tensor::empty(DType::BF16, {n, kProbeK});
+  auto* p = w.data<uint16_t>();
+  for (int64_t i = 0; i < w.numel(); ++i) p[i] = uint16_t(0x3c20 + (i * 7919 % 64));
+  return w;
+}
+
 Skew skew_probe(const Group& g, int rounds, int threads) {
   ThreadPool pool(threads);
   ScopedPool scoped(pool);
-  const int64_t K = 2048, Ns = 6144, Nc = 64, Tc = 8;
-  Tensor ws = Tensor::empty(DType::BF16, {Ns, K}), wc = Tensor::empty(DType::BF16, {Nc, K});
-  // Small normal-range values (bf16 bit patterns of numbers near 0.01), not NaNs or denormals.
-  for (Tensor* w : {&ws, &wc}) {
-    auto* p = w->data<uint16_t>();
-    for (int64_t i = 0; i < w->numel(); ++i) p[i] = uint16_t(0x3c20 + (i * 7919 % 64));
-  }
+  const int64_t K = kProbeK, Ns = 6144, Nc = kProbeCachedN, Tc = kProbeRows;
+  const Tensor ws = probe_weights(Ns), wc = probe_weights(Nc);
   std::vector<float> x(Tc * K, 0.5f), y(std::max(Ns, Tc * Nc));
   auto stream = [&] { kernels::matmul(x.data(), 1, ws, y.data()); };
   // The arithmetic slice repeats its product as often as the streaming slice takes (the same
@@ -260,17 +278,12 @@ Skew skew_probe(const Group& g, int rounds, int threads) {
   return out;
 }
 
-// --load: `threads` threads of this rank repeating an arithmetic product on cached weights (a
-// training step's matmuls, as the backward runs them beside the DP buckets' all-reduces) until
-// stopped, counting the products done.
+// --load: `threads` threads of this rank repeating the skew probe's arithmetic product on cached
+// weights (a training step's matmuls, as the backward runs them beside the DP buckets'
+// all-reduces) until stopped, counting the products done.
 class Load {
  public:
-  explicit Load(int threads) : threads_(threads) {
-    const int64_t K = 2048, N = 64;
-    w_ = Tensor::empty(DType::BF16, {N, K});
-    auto* p = w_.data<uint16_t>();
-    for (int64_t i = 0; i < w_.numel(); ++i) p[i] = uint16_t(0x3c20 + (i * 7919 % 64));
-  }
+  explicit Load(int threads) : threads_(threads), w_(probe_weights(kProbeCachedN)) {}
   ~Load() { stop(); }
   void start() {
     stop_ = false;
@@ -280,9 +293,9 @@ class Load {
       workers_.emplace_back([this] {
         ThreadPool pool(1);  // each its own: kernels find it through ThreadPool::current()
         ScopedPool scoped(pool);
-        std::vector<float> x(8 * 2048, 0.5f), y(8 * 64);
+        std::vector<float> x(kProbeRows * kProbeK, 0.5f), y(kProbeRows * kProbeCachedN);
         while (!stop_.load(std::memory_order_relaxed)) {
-          kernels::matmul(x.data(), 8, w_, y.data());
+          kernels::matmul(x.data(), kProbeRows, w_, y.data());
           done_.fetch_add(1, std::memory_order_relaxed);
         }
       });

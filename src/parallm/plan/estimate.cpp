@@ -764,7 +764,7 @@ LayoutEstimate estimate_training(const ModelConfig& c, const ClusterSpec& cl, co
       // while a bucket is reduced, the bucket at its own cost (the emulated cluster's DP=2
       // training, one thread a rank, traced: beside the backward the 2.2 MB buckets took 1.7x
       // their time alone at 1846-3848 Mbit/s and 6-8 ms for 1 ms at 46 Gbit/s, as the
-      // calibration's loaded all-reduce does, its alpha 2-7 ms of time slices).
+      // calibration's loaded all-reduce does, its alpha 0.3-6 ms of time slices).
       double speed = 1;
       const Calibration* beside_cal = nullptr;
       Calibration beside;

@@ -1051,7 +1051,8 @@ TrainResult run_training(const TrainOptions& o, std::ostream* progress) {
       set_thread_trace(nullptr);
       std::string events = trace.to_json_events();
       for (const DataParallel* d : std::initializer_list<const DataParallel*>{&dp, edp.get()})
-        if (d != nullptr && !d->trace_events().empty()) events += ",\n" + d->trace_events();
+        if (const std::string more = d ? d->trace_events() : ""; !more.empty())
+          events += ",\n" + more;
       const std::vector<std::string> all = comm::gather_strings(world, events, 0);
       if (root) write_trace_file(o.trace, all);
     }
