@@ -90,9 +90,10 @@ cmd_grid() {
     cat "$work/bw0" "$work/bw1" | paste -sd' ' >>"$work/node"
   done
   # Prints "node alone flops reread" (GB/s, GB/s, GFLOP/s, GB/s; reread 0: no second pass seen)
-  # from the runs in $work, the node's from NODEFILE.
-  rates() {  # NODEFILE [ALONEFILE]
-    /usr/bin/python3 - "$work" "$1" "${2:-$work/alone1}" <<'PY'
+  # from the runs in $work, the node's from NODEFILE; with ALONE4FILE (a point's batch-4 runs)
+  # the four again with the point's own time a sequence adds (see measure).
+  rates() {  # NODEFILE [ALONEFILE [ALONE4FILE]]
+    /usr/bin/python3 - "$work" "$1" "${2:-$work/alone1}" "${3:-}" <<'PY'
 import sys
 w = sys.argv[1]
 rows = lambda f: [list(map(float, l.split())) for l in open(f if "/" in f else f"{w}/{f}") if l.strip()]
@@ -117,13 +118,19 @@ t8, _, g8 = min(rows("alone8"))              # fastest batch-8 run: ms, GFLOP/s 
 # hides it (under 2% of a batch-1 step).
 reread = bw1 * t1 / second_ms if second_ms > 0.02 * t1 else 0.0
 t1, bw1, _ = min(rows(sys.argv[3]))          # the one-rank run asked for (the start's, or a point's)
-# GFLOP/s: a sequence's GFLOPs (g8 x t8 / 1000 / 8) over the seconds it adds (per_seq_ms / 1000);
-# a slope of 0 or less (noise) leaves the plain batch-8 rate.
-flops = g8 * t8 / 8 / per_seq_ms if per_seq_ms > 0 else g8
-stream = lambda t, bw: bw * t / max(t - per_seq_ms, 0.05 * t)  # bytes over the step less its FLOPs
-alone = stream(t1, bw1)
-node = max(max(stream(r[0], r[1]) + stream(r[3], r[4]) for r in rows(sys.argv[2])), alone)
-print("%.2f %.2f %.2f %.2f" % (node, alone, flops, reread))
+def out(per_seq_ms):
+    # GFLOP/s: a sequence's GFLOPs (g8 x t8 / 1000 / 8) over the seconds it adds (per_seq_ms /
+    # 1000); a slope of 0 or less (noise) leaves the plain batch-8 rate.
+    flops = g8 * t8 / 8 / per_seq_ms if per_seq_ms > 0 else g8
+    stream = lambda t, bw: bw * t / max(t - per_seq_ms, 0.05 * t)  # bytes over the step less its FLOPs
+    alone = stream(t1, bw1)
+    node = max(max(stream(r[0], r[1]) + stream(r[3], r[4]) for r in rows(sys.argv[2])), alone)
+    return "%.2f %.2f %.2f %.2f" % (node, alone, flops, reread)
+line = out(per_seq_ms)
+if sys.argv[4]:  # a point's batch-4 runs beside its batch-1 ones: its own time a sequence adds
+    t4 = min(rows(sys.argv[4]))[0]
+    line += " " + out((t4 - t1) / 3 if t4 > t1 else per_seq_ms)
+print(line)
 PY
   }
   local node_bw alone_bw flops reread_bw
@@ -280,12 +287,21 @@ PY
     # one-rank batch-1 runs just before each of its runs, the fastest pair (as the runs are the
     # fastest of theirs; the pair beside the run kept was tried too, and missed more); and so is
     # one rank's alone (what a PP stage streams at batch 1), from a one-rank run beside the pair.
+    # So is the FLOP rate: a one-rank batch-4 run beside the batch-1 one, the fastest of each,
+    # gives the time a sequence adds, (t4 - t1) / 3, and with it the point's --flops (the start's
+    # fit over 5 rounds of batch 1-8 is one minute's: 431 GFLOP/s at 19:27, where the points' own
+    # came to 174-420; predicted both ways from the same runs, 39 of 49 decode points within 10%
+    # against 31, the batch-8 points' mean error -5.1% against -12.3%). Batch 1 does not move
+    # with it: the one-rank stream rate is the batch-1 step less that sequence's FLOPs, so their
+    # sum is the batch-1 step either way. The prediction at the start's rate is printed beside.
     local rep best="" worst="" o m fails=0 pairs=$work/node.$layout.$link.$batch
-    local alone=$work/alone.$layout.$link.$batch
+    local alone=$work/alone.$layout.$link.$batch alone4=$work/alone4.$layout.$link.$batch
     : >"$pairs"
     : >"$alone"
+    : >"$alone4"
     for ((rep = 0; rep < reps; rep++)); do
       decode1 1 >>"$alone"
+      decode1 4 >>"$alone4"
       { decode1 1 >"$work/bw0" & decode1 1 >"$work/bw1"; wait; }
       cat "$work/bw0" "$work/bw1" | paste -sd' ' >>"$pairs"
       if ! o=$(cmd_run -np "$np" --map-by "$map" -- "${wrap[@]}" "$PARALLM" bench decode --model "$model" \
@@ -325,21 +341,25 @@ c = json.load(open(sys.argv[1]))
 if float(sys.argv[2]) > 0: c["arrival_skew_us"] = float(sys.argv[2])
 json.dump(c, open(sys.argv[1], "w"))' "$cal" "$skew_us"
     fi
-    local point_node_bw point_alone_bw
-    read -r point_node_bw point_alone_bw _ < <(rates "$pairs" "$alone")
+    local point_node_bw point_alone_bw pn pa pf pred_s=nan
+    read -r point_node_bw point_alone_bw _ _ pn pa pf _ < <(rates "$pairs" "$alone" "$alone4")
     if [ "$do_plan" = 1 ]; then
       local tp=1 pp=1 a prev=""
       for a in "$@"; do case "$prev" in --tp) tp=$a ;; --pp) pp=$a ;; esac; prev=$a; done
-      pred=$("$PARALLM" plan --model "$model/config.json" --gpu cpu --gpus "$np" --calibrate "$cal" \
-               --mem-bw "$point_node_bw" --rank-mem-bw "$point_alone_bw" --flops "$flops" "${reread_flag[@]}" --dtype "$dtype" \
-               --act-dtype fp32 --batch "$batch" --prompt-len 1 --output-len "$tokens" --tp "$tp" --pp "$pp" \
-               --dp "$dp" --shared-cores "$(nproc)" --json |
-             /usr/bin/python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["layouts"][0]["tpot_ms"])')
+      plan_point() {  # NODE ALONE FLOPS
+        "$PARALLM" plan --model "$model/config.json" --gpu cpu --gpus "$np" --calibrate "$cal" \
+          --mem-bw "$1" --rank-mem-bw "$2" --flops "$3" "${reread_flag[@]}" --dtype "$dtype" \
+          --act-dtype fp32 --batch "$batch" --prompt-len 1 --output-len "$tokens" --tp "$tp" --pp "$pp" \
+          --dp "$dp" --shared-cores "$(nproc)" --json |
+          /usr/bin/python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["layouts"][0]["tpot_ms"])'
+      }
+      pred=$(plan_point "$pn" "$pa" "$pf")
+      pred_s=$(plan_point "$point_node_bw" "$point_alone_bw" "$flops")
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$layout" "$link" "$batch" "$ms" "$pred" "$stats" \
-      "$point_node_bw" "$point_alone_bw" "$spread" |
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$layout" "$link" "$batch" "$ms" "$pred" "$stats" \
+      "$pn" "$pa" "$spread" "$pf" "$pred_s" |
       tee -a "$res" | awk -F'\t' '{e = ($5 == "nan") ? "nan" : sprintf("%+.1f", ($5 / $4 - 1) * 100);
-        printf "%-12s %-8s %5s %11s %12s %9s   us/call ar/send/recv %s, node/rank %s/%s GB/s, runs +%.1f%%\n", $1, $2, $3, $4, $5, e, $6, $7, $8, 100 * $9}'
+        printf "%-12s %-8s %5s %11s %12s %9s   us/call ar/send/recv %s, node/rank %s/%s GB/s, %s GFLOP/s, runs +%.1f%% | start FLOP rate %s %+.1f%%\n", $1, $2, $3, $4, $5, e, $6, $7, $8, $10, 100 * $9, $11, ($11 / $4 - 1) * 100}'
   }
 
   # Prefill of one --prompt-len prompt (bench prefill: the timed pass after a warm-up; through the

@@ -1,8 +1,9 @@
 #!/usr/bin/python3
 """Re-predicts a recorded grid's decode points (the output of `scripts/emulate-cluster.sh grid`)
 with `parallm plan`, from what the grid printed: each link's calibration (its `# comm` line), each
-point's node and one-rank streaming rates, and the FLOP and re-read rates of its `# compute` line
-unless --flops / --reread-bw replace them. So a change to the planner, or to how the grid fits
+point's node and one-rank streaming rates and its FLOP rate (grids since 2026-12-03 19:27; before,
+the `# compute` line's), and the re-read rate of its `# compute` line, unless --flops /
+--reread-bw replace them. So a change to the planner, or to how the grid fits
 its inputs, can be held to grids already measured, side by side with what they predicted.
 
 Usage: grid_replan.py GRID.txt [--flops GFLOPS] [--reread-bw GBPS] [--parallm BIN]
@@ -38,9 +39,11 @@ for l in text.splitlines():
                       "burst": int(g[5]), "skew": (float(g[6]) / 100, float(g[7]) / 100) if g[6] else None}
         continue
     f = l.split()
-    nr = re.search(r"node/rank ([\d.]+)/([\d.]+)", l)
+    nr = re.search(r"node/rank ([\d.]+)/([\d.]+) GB/s(?:, ([\d.]+) GFLOP/s)?", l)
     if not l.startswith("#") and len(f) >= 6 and f[2].isdigit() and nr:
-        pts.append((f[0], f[1], int(f[2]), float(f[3]), float(f[4]), nr.group(1), nr.group(2)))
+        # A point's own FLOP rate (grids since 2026-12-03 19:20) unless --flops replaces it.
+        pts.append((f[0], f[1], int(f[2]), float(f[3]), float(f[4]), nr.group(1), nr.group(2),
+                    a.flops or nr.group(3) or flops))
 if not pts:
     sys.exit(f"grid_replan: {a.grid}: no decode points")
 
@@ -69,12 +72,12 @@ def calibration(layout, link):  # as the grid builds it (grid.sh: calibrate, mix
 
 
 errs = ([], [])
-for layout, link, b, meas, pred, node, alone in pts:
+for layout, link, b, meas, pred, node, alone, point_flops in pts:
     tp, pp, dp = 2 if layout.startswith("tp2") else 1, 2 if "pp2" in layout else 1, 2 if layout == "dp2" else 1
     json.dump(calibration(layout, link), open(f"{tmp}/cal.json", "w"))
     out = subprocess.run([a.parallm, "plan", "--model", f"{tmp}/config.json", "--gpu", "cpu",
                           "--gpus", str(tp * pp * dp), "--calibrate", f"{tmp}/cal.json", "--mem-bw", node,
-                          "--rank-mem-bw", alone, "--flops", flops] +
+                          "--rank-mem-bw", alone, "--flops", point_flops] +
                          (["--reread-bw", reread] if reread else []) +
                          ["--dtype", dtype, "--act-dtype", "fp32", "--batch", str(b), "--prompt-len", "1",
                           "--output-len", head.group(5), "--tp", str(tp), "--pp", str(pp), "--dp", str(dp),
@@ -86,9 +89,12 @@ for layout, link, b, meas, pred, node, alone in pts:
     errs[1].append(abs(new / meas - 1))
     print("%-12s %-8s %2d %9.2f   grid %9.3f %+6.1f%%   replanned %9.3f %+6.1f%%"
           % (layout, link, b, meas, pred, (pred / meas - 1) * 100, new, (new / meas - 1) * 100))
+# The FLOP rate each prediction had: the start's, each point's own (grids that print one), or --flops.
+own = any(p[7] != flops for p in pts) or re.search(r"GB/s, [\d.]+ GFLOP/s", text)
 for name, e in zip(("grid", "replanned"), errs):
     print("# %s (--flops %s%s): %d of %d decode points within 10%%, mean |error| %.1f%%, max %.1f%%"
-          % (name, rates.group(1) if name == "grid" else flops,
+          % (name, ("each point's own" if own and (name == "grid" or not a.flops) else
+                    rates.group(1) if name == "grid" else flops),
              "" if not (rates.group(2) if name == "grid" else reread) else
              ", --reread-bw %s" % (rates.group(2) if name == "grid" else reread),
              sum(x < 0.1 for x in e), len(e), 100 * sum(e) / len(e), 100 * max(e)))

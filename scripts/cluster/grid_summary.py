@@ -8,7 +8,8 @@ comm measured on them).
 Usage: grid_summary.py POINTS.tsv RATES COMM_DIR PARALLM MODEL_DIR NODE_GBPS ALONE_GBPS TOKENS
        DO_PLAN(0|1) SKEW_US FLOPS DTYPE
 POINTS.tsv: one line a point, "layout link batch measured_ms predicted_ms stats node_gbps
-alone_gbps" tab-separated (batch pN: prefill, tN: training step); RATES: "name mbit" a line.
+alone_gbps spread gflops predicted_at_start_ms" tab-separated (batch pN: prefill, tN: training
+step; the last four columns decode's alone, the last two optional); RATES: "name mbit" a line.
 """
 import json, math, subprocess, sys
 res, rates_f, comm, parallm, model, node_bw, alone_bw, tokens, do_plan, skew, flops, dtype = sys.argv[1:13]
@@ -16,7 +17,7 @@ res, rates_f, comm, parallm, model, node_bw, alone_bw, tokens, do_plan, skew, fl
 reread = sys.argv[13] if len(sys.argv) > 13 and float(sys.argv[13]) > 0 else None
 skew = 0.0 if skew == "auto" else float(skew)  # "auto" left only if the shm point never ran
 rates = dict(l.split() for l in open(rates_f))
-pts, node_rates, prefill, training, spread = {}, [], {}, {}, {}
+pts, node_rates, prefill, training, spread, at_start = {}, [], {}, {}, {}, {}
 for l in open(res):
     layout, link, b, ms, pred = l.split("\t")[:5]
     if b.startswith("p"):  # prefill points: their own error line, not in the crossovers
@@ -29,6 +30,8 @@ for l in open(res):
     f = l.rstrip("\n").split("\t")
     if len(f) > 8 and f[8]:  # (slowest - fastest) / fastest of the point's runs
         spread[(layout, link, int(b))] = float(f[8])
+    if len(f) > 10 and f[10] and f[10] != "nan":  # predicted at the start's FLOP rate (grid.sh)
+        at_start[(layout, link, int(b))] = (float(ms), float(f[10]))
     node_rates.append((float(l.split("\t")[6]), float(l.split("\t")[7])))
 # The sweep's node and rank rates: the medians of those measured beside the points (the ones at
 # the start are one minute's).
@@ -37,7 +40,8 @@ if node_rates:
     alone_bw = "%.2f" % sorted(r[1] for r in node_rates)[len(node_rates) // 2]
 # (The TP=2 x PP=2 points on fewer than 4 cores count as the others: the planner was told the
 # cores the ranks share, plan --shared-cores.)
-for what, d in (("decode", pts), ("prefill", prefill), ("training step", training)):
+for what, d in (("decode", pts), ("decode at the start's FLOP rate", at_start),
+                ("prefill", prefill), ("training step", training)):
     errs = [abs(p / m - 1) for (m, p) in d.values() if p == p]
     if errs:
         print("# planner error, %s: mean |error| %.1f%%, max %.1f%% over %d points, %d within 10%%"

@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
-# scripts/cluster/grid_replan.py re-predicts a recorded grid (2026-12-03 14:07 UTC) with
-# `parallm plan`: given the grid's own rates it gives back the grid's own predictions (all but a
-# few of the 49 within 2%: the planner may have moved a little since, the parsing may not); given
-# other rates it says so in its summary and its predictions move. Usage: grid_replan_check.sh PARALLM
+# scripts/cluster/grid_replan.py re-predicts recorded grids with `parallm plan`: given a grid's
+# own rates it gives back the grid's own predictions (all but a few of the 49 within 2%: the
+# planner may have moved a little since, the parsing may not); given other rates it says so in its
+# summary and its predictions move. Two grids: 2026-12-03 14:07 UTC (one FLOP rate, the start's)
+# and 19:27 UTC (each point planned with its own FLOP rate). Usage: grid_replan_check.sh PARALLM
 set -euo pipefail
 src=$(cd "$(dirname "$0")/../.." && pwd)
-grid=$src/tests/fixtures/cluster-grid-pp-split.txt
 fail() { echo "grid_replan_check: $*" >&2; exit 1; }
-own=$(/usr/bin/python3 "$src/scripts/cluster/grid_replan.py" "$grid" --parallm "$1")
-n=$(echo "$own" | grep -vc '^#')
-[ "$n" = 49 ] || fail "expected 49 decode points, got $n"
-close=$(echo "$own" | awk '!/^#/ {g = $6; r = $9; d = r / g - 1; if (d < 0) d = -d; if (d < 0.02) c++} END {print c + 0}')
-[ "$close" -ge 45 ] || fail "only $close of 49 replanned within 2% of the grid's own predictions:
+# GRID OWN_LABEL REREAD FLOPS: replans GRID as it is (its summary naming OWN_LABEL as the FLOP
+# rate) and with --flops FLOPS, a rate above every one the grid used: each batch-8 point faster.
+check() {
+  local grid=$src/tests/fixtures/$1 own other n close
+  own=$(/usr/bin/python3 "$src/scripts/cluster/grid_replan.py" "$grid" --parallm "$PARALLM")
+  n=$(echo "$own" | grep -vc '^#')
+  [ "$n" = 49 ] || fail "$1: expected 49 decode points, got $n"
+  close=$(echo "$own" | awk '!/^#/ {g = $6; r = $9; d = r / g - 1; if (d < 0) d = -d; if (d < 0.02) c++} END {print c + 0}')
+  [ "$close" -ge 45 ] || fail "$1: only $close of 49 replanned within 2% of the grid's own predictions:
 $own"
-echo "$own" | grep -q '^# replanned (--flops 201.55, --reread-bw 306.05): [0-9]* of 49' ||
-  fail "no summary line: $own"
-other=$(/usr/bin/python3 "$src/scripts/cluster/grid_replan.py" "$grid" --parallm "$1" --flops 400)
-echo "$other" | grep -q '^# replanned (--flops 400, --reread-bw 306.05)' || fail "--flops not taken: $other"
-# Twice the FLOP rate: every batch-8 point predicted faster than with the grid's own.
-paste <(echo "$own" | awk '!/^#/ && $3 == 8 {print $9}') <(echo "$other" | awk '!/^#/ && $3 == 8 {print $9}') |
-  awk '$2 >= $1 {bad++} END {exit bad > 0}' || fail "--flops 400 did not speed up the batch-8 points"
-echo "grid_replan: $close of 49 points as the grid predicted them; --flops moves them"
+  echo "$own" | grep -qF "# replanned (--flops $2, --reread-bw $3): " || fail "$1: no summary line: $own"
+  other=$(/usr/bin/python3 "$src/scripts/cluster/grid_replan.py" "$grid" --parallm "$PARALLM" --flops "$4")
+  echo "$other" | grep -qF "# replanned (--flops $4, --reread-bw $3)" || fail "$1: --flops not taken: $other"
+  paste <(echo "$own" | awk '!/^#/ && $3 == 8 {print $9}') <(echo "$other" | awk '!/^#/ && $3 == 8 {print $9}') |
+    awk '$2 >= $1 {bad++} END {exit bad > 0}' || fail "$1: --flops $4 did not speed up the batch-8 points"
+  echo "$close"
+}
+PARALLM=$1
+one=$(check cluster-grid-pp-split.txt 201.55 306.05 400)
+each=$(check cluster-grid-point-flops.txt "each point's own" 68.42 431.03)
+echo "grid_replan: $one of 49 points as the grid predicted them, $each of 49 with the points' own FLOP rates; --flops moves them"

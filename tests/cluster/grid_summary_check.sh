@@ -51,4 +51,17 @@ right=${BASH_REMATCH[1]} others=${BASH_REMATCH[2]}
 line100=$(with_spread 100 | grep "^# planner ranking by pairs")
 grep -qF "$right of $pairs ordered as measured; of the $others others, $others measured" <<<"$line100" ||
   fail "by pairs (spread 100): $line100"
+# With the point's FLOP rate and the prediction at the start's (columns 10 and 11, as grid.sh
+# writes since 2026-12-03 19:27): a second decode error line over those, recomputed here.
+tmp=$(mktemp)
+awk -F'\t' -v OFS='\t' '$3 ~ /^[0-9]+$/ {$9 = 0.05; $10 = 300; $11 = $5 * 1.3} {print}' "$points" >"$tmp"
+want_start=$(awk -F'\t' '$3 ~ /^[0-9]+$/ {e = $11 / $4 - 1; e = e < 0 ? -e : e;
+  s += e; n++; if (e > m) m = e; w += (e <= 0.1)}
+  END {printf "# planner error, decode at the start'"'"'s FLOP rate: mean |error| %.1f%%, max %.1f%% over %d points, %d within 10%%", 100 * s / n, 100 * m, n, w}' "$tmp")
+out3=$(/usr/bin/python3 "$src/scripts/cluster/grid_summary.py" "$tmp" "$rates" /nonexistent \
+  /nonexistent /nonexistent 30 20 32 0 0 80 bf16)
+rm -f "$tmp"
+grep -qxF "$want_start" <<<"$out3" || fail "no '$want_start' in: $out3"
+grep -qxF "$want_all" <<<"$out3" || fail "the decode error moved with column 11: $out3"
+grep -q "start's FLOP rate" <<<"$out2" && fail "a start's-rate line without column 11: $out2"
 echo "grid_summary.py: $want_all; $line0"
