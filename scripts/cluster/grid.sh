@@ -359,7 +359,8 @@ json.dump(c, open(sys.argv[1], "w"))' "$cal" "$skew_us"
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$layout" "$link" "$batch" "$ms" "$pred" "$stats" \
       "$pn" "$pa" "$spread" "$pf" "$pred_s" |
       tee -a "$res" | awk -F'\t' '{e = ($5 == "nan") ? "nan" : sprintf("%+.1f", ($5 / $4 - 1) * 100);
-        printf "%-12s %-8s %5s %11s %12s %9s   us/call ar/send/recv %s, node/rank %s/%s GB/s, %s GFLOP/s, runs +%.1f%% | start FLOP rate %s %+.1f%%\n", $1, $2, $3, $4, $5, e, $6, $7, $8, $10, 100 * $9, $11, ($11 / $4 - 1) * 100}'
+        printf "%-12s %-8s %5s %11s %12s %9s   us/call ar/send/recv %s, node/rank %s/%s GB/s, %s GFLOP/s, runs +%.1f%% | start FLOP rate %s %s\n", $1, $2, $3, $4, $5, e, $6, $7, $8, $10, 100 * $9, $11,
+          ($11 == "nan") ? "nan" : sprintf("%+.1f%%", ($11 / $4 - 1) * 100)}'
   }
 
   # Prefill of one --prompt-len prompt (bench prefill: the timed pass after a warm-up; through the

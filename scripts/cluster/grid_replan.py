@@ -41,7 +41,7 @@ for l in text.splitlines():
     f = l.split()
     nr = re.search(r"node/rank ([\d.]+)/([\d.]+) GB/s(?:, ([\d.]+) GFLOP/s)?", l)
     if not l.startswith("#") and len(f) >= 6 and f[2].isdigit() and nr:
-        # A point's own FLOP rate (grids since 2026-12-03 19:20) unless --flops replaces it.
+        # A point's own FLOP rate (grids since 2026-12-03 19:27) unless --flops replaces it.
         pts.append((f[0], f[1], int(f[2]), float(f[3]), float(f[4]), nr.group(1), nr.group(2),
                     a.flops or nr.group(3) or flops))
 if not pts:
@@ -90,7 +90,7 @@ for layout, link, b, meas, pred, node, alone, point_flops in pts:
     print("%-12s %-8s %2d %9.2f   grid %9.3f %+6.1f%%   replanned %9.3f %+6.1f%%"
           % (layout, link, b, meas, pred, (pred / meas - 1) * 100, new, (new / meas - 1) * 100))
 # The FLOP rate each prediction had: the start's, each point's own (grids that print one), or --flops.
-own = any(p[7] != flops for p in pts) or re.search(r"GB/s, [\d.]+ GFLOP/s", text)
+own = re.search(r"GB/s, [\d.]+ GFLOP/s", text)
 for name, e in zip(("grid", "replanned"), errs):
     print("# %s (--flops %s%s): %d of %d decode points within 10%%, mean |error| %.1f%%, max %.1f%%"
           % (name, ("each point's own" if own and (name == "grid" or not a.flops) else

@@ -17,7 +17,7 @@ res, rates_f, comm, parallm, model, node_bw, alone_bw, tokens, do_plan, skew, fl
 reread = sys.argv[13] if len(sys.argv) > 13 and float(sys.argv[13]) > 0 else None
 skew = 0.0 if skew == "auto" else float(skew)  # "auto" left only if the shm point never ran
 rates = dict(l.split() for l in open(rates_f))
-pts, node_rates, prefill, training, spread, at_start = {}, [], {}, {}, {}, {}
+pts, node_rates, prefill, training, spread, at_start, point_flops = {}, [], {}, {}, {}, {}, []
 for l in open(res):
     layout, link, b, ms, pred = l.split("\t")[:5]
     if b.startswith("p"):  # prefill points: their own error line, not in the crossovers
@@ -33,11 +33,15 @@ for l in open(res):
     if len(f) > 10 and f[10] and f[10] != "nan":  # predicted at the start's FLOP rate (grid.sh)
         at_start[(layout, link, int(b))] = (float(ms), float(f[10]))
     node_rates.append((float(l.split("\t")[6]), float(l.split("\t")[7])))
-# The sweep's node and rank rates: the medians of those measured beside the points (the ones at
-# the start are one minute's).
+    if len(f) > 9 and f[9]:  # the point's own FLOP rate (grid.sh)
+        point_flops.append(float(f[9]))
+# The sweep's node and rank rates (and FLOP rate, below): the medians of those measured beside the
+# points (the ones at the start are one minute's).
 if node_rates:
     node_bw = "%.2f" % sorted(r[0] for r in node_rates)[len(node_rates) // 2]
     alone_bw = "%.2f" % sorted(r[1] for r in node_rates)[len(node_rates) // 2]
+if point_flops:  # and the FLOP rate, where the points measured their own
+    flops = "%.2f" % sorted(point_flops)[len(point_flops) // 2]
 # (The TP=2 x PP=2 points on fewer than 4 cores count as the others: the planner was told the
 # cores the ranks share, plan --shared-cores.)
 for what, d in (("decode", pts), ("decode at the start's FLOP rate", at_start),
@@ -139,7 +143,7 @@ for b in (1, 8):
                 t.append(json.loads(out.stdout)["layouts"][0]["tpot_ms"])
             sweep.append((r, t[0], t[1]))
             r /= 1.25
-        line += ", predicted %s Mbit/s (planner sweep, link efficiency %.2f, alpha %.0f/%.0f us, node/rank %s/%s GB/s)" % (
-            crossover(sweep), e, med(ar_a), med(sr_a), node_bw, alone_bw)
+        line += ", predicted %s Mbit/s (planner sweep, link efficiency %.2f, alpha %.0f/%.0f us, node/rank %s/%s GB/s, %s GFLOP/s)" % (
+            crossover(sweep), e, med(ar_a), med(sr_a), node_bw, alone_bw, flops)
         line += ", predicted at the grid's rates %s Mbit/s" % crossover(pred_pts)
     print(line)
