@@ -22,7 +22,8 @@
 # optionally a fixed wait per all-reduce (`arrival_skew_us`: --skew US gives it; --skew auto
 # measures it once on the in-node TP=2 batch-1 point from --comm-stats; the default is 0, none:
 # on the loaded 2-core box the in-node ranks, spinning in shared memory, waited 4x longer than
-# ranks on TCP, so a fixed in-node wait did not carry over).
+# ranks on TCP, so a fixed in-node wait did not carry over). On fewer than 4 cores TP=2 x PP=2's
+# two calibrations also get the core-sharing efficiency of their pinned ranks (shareprobe).
 
 cmd_grid() {
   need_root
@@ -269,6 +270,31 @@ for key in ("arrival_skew_us", "arrival_skew"):  # the TP group's: its all-reduc
 json.dump(cal, open(out, "w"))
 PY
   }
+  # Ranks taking turns on shared cores (TP=2 x PP=2 on fewer than 4 cores): bench comm's
+  # core-sharing probe on the layout's four ranks, placed and pinned as its runs are (the TP
+  # groups inside a node with --map-by slot, across with node), --reps runs, the median
+  # efficiency into the layout's calibration (core_sharing; plan stretches the ranks' turns by
+  # its inverse where two TP groups have work at once: batch 8's two micro-batches).
+  shareprobe() {  # CAL MAP
+    local rep o effs=()
+    for ((rep = 0; rep < reps; rep++)); do
+      o=$(cmd_run -np 4 --map-by "$2" -- "$here/cluster/pin-rank.sh" "$PARALLM" bench comm \
+            --op all_reduce --algo auto --min-bytes 4K --max-bytes 4K --iters 5 --skew-rounds 0 \
+            --share-probe 2 2>&1) || die "bench comm --share-probe ($1) failed: $(echo "$o" | tail -3)"
+      effs+=("$(echo "$o" | /usr/bin/python3 -c 'import json, sys
+print([json.loads(l) for l in sys.stdin if l.startswith("{")][-1]["core_sharing"]["efficiency"])')")
+    done
+    /usr/bin/python3 - "$1" "${effs[@]}" <<'PY'
+import json, sys
+p, effs = sys.argv[1], sorted(float(e) for e in sys.argv[2:])
+c = json.load(open(p))
+c["core_sharing"] = {"efficiency": effs[len(effs) // 2]}
+json.dump(c, open(p, "w"))
+name = p.rsplit("/", 1)[1][:-len(".json")]
+print("# core sharing %-10s efficiency %.3f (median of %s)" % (name, effs[len(effs) // 2],
+      " ".join("%.3f" % e for e in effs)))
+PY
+  }
   faster() { [ -z "$2" ] || awk -v a="$1" -v b="$2" 'BEGIN { exit !(a < b) }'; }  # MS BEST-SO-FAR
   measure() {  # LAYOUT LINK BATCH NP MAP CAL DECODE-FLAGS...
     local layout=$1 link=$2 batch=$3 np=$4 map=$5 cal=$6
@@ -455,6 +481,12 @@ print("%.3f" % (1e3 * l["step_time_s"]))')
     calibrate "$name" node
     mixcal "$comm/$name.tpin.json" "$comm/shm.json" "$comm/$name.json"
     mixcal "$comm/$name.tpx.json" "$comm/$name.json" "$comm/shm.json"
+    case " $presets " in *" $p "*)
+      if [ "$(nproc)" -lt 4 ]; then
+        shareprobe "$comm/$name.tpin.json" slot
+        shareprobe "$comm/$name.tpx.json" node
+      fi ;;
+    esac
     for b in 1 8; do
       measure tp2 "$name" "$b" 2 node "$comm/$name.json" --tp 2
       measure pp2 "$name" "$b" 2 node "$comm/$name.json" --pp 2

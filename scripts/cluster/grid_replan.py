@@ -6,7 +6,9 @@ the `# compute` line's), and the re-read rate of its `# compute` line, unless --
 --reread-bw replace them. So a change to the planner, or to how the grid fits
 its inputs, can be held to grids already measured, side by side with what they predicted.
 
-Usage: grid_replan.py GRID.txt [--flops GFLOPS] [--reread-bw GBPS] [--parallm BIN]
+Usage: grid_replan.py GRID.txt [--flops GFLOPS] [--reread-bw GBPS] [--core-sharing E] [--parallm BIN]
+--core-sharing gives the TP=2 x PP=2 points' calibrations a core-sharing efficiency (bench comm
+--share-probe) where the grid printed none (its `# core sharing` lines, grids since 2026-12-03 23:30).
 Prints one line per decode point (layout link batch measured, the grid's prediction and error,
 the new one and its error), then how many of each are within 10% and their mean |error|.
 """
@@ -17,6 +19,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("grid")
 ap.add_argument("--flops")
 ap.add_argument("--reread-bw")
+ap.add_argument("--core-sharing", type=float)
 ap.add_argument("--parallm", default=os.environ.get("PARALLM", os.path.join(here, "../../build/parallm")))
 a = ap.parse_args()
 
@@ -27,11 +30,16 @@ if not head or not rates:
     sys.exit(f"grid_replan: {a.grid}: no '# grid:' model line or '# compute:' rates line")
 flops = a.flops or rates.group(1)
 reread = a.reread_bw or rates.group(2)
-comm, pts = {}, []
+comm, pts, sharing = {}, [], {}
+share_re = re.compile(r"# core sharing (\S+)\s+efficiency ([\d.]+)")
 line_re = re.compile(r"# comm (\S+)\s+all_reduce alpha\s+([\d.]+) us beta\s+([\d.]+) GB/s"
                      r"(?: \| sendrecv alpha\s+([\d.]+) us beta\s+([\d.]+) GB/s)? \| burst (\d+) B"
                      r"(?: \| arrival skew ([\d.]+)% streaming, ([\d.]+)% matmuls)?")
 for l in text.splitlines():
+    m = share_re.match(l)
+    if m:
+        sharing[m.group(1)] = float(m.group(2))
+        continue
     m = line_re.match(l)
     if m:
         g = m.groups()
@@ -66,6 +74,9 @@ def calibration(layout, link):  # as the grid builds it (grid.sh: calibrate, mix
         "sendrecv": {"alpha_us": comm[sr]["sr"][0], "beta_gbps": comm[sr]["sr"][1]}}}
     if comm[ar]["skew"]:
         cal["arrival_skew"] = {"ranks": 2, "stream": comm[ar]["skew"][0], "compute": comm[ar]["skew"][1]}
+    tag = {"tp2pp2-tpin": ".tpin", "tp2pp2-tpx": ".tpx"}.get(layout)
+    if tag and (link + tag in sharing or a.core_sharing):
+        cal["core_sharing"] = {"efficiency": sharing.get(link + tag, a.core_sharing)}
     if layout in ("tp2", "pp2") and comm[link]["burst"] > 0:
         cal["burst_bytes"] = comm[link]["burst"]
     return cal

@@ -119,6 +119,38 @@ TEST(Cli, BenchCommLoadTimesTheCollectivesBesideCompute) {
   std::remove(json.c_str());
 }
 
+// bench comm --share-probe G: groups of G ranks, each alone then all at once, a GEMV and an
+// all-reduce a round; the JSON's core_sharing names them and an efficiency in (0, 1] that the
+// planner reads back. A world that does not split into two or more groups is refused.
+TEST(Cli, BenchCommShareProbeTimesGroupsAloneAndAtOnce) {
+  const std::string json = ::testing::TempDir() + "/parallm_bench_comm_share.json";
+  const std::string base =
+      "bench comm --op all_reduce --min-bytes 4K --max-bytes 8K --iters 3 --skew-rounds 0 ";
+  auto r = run_parallm(base + "--ranks 4 --share-probe 2 --share-cores 2 --json " + json);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("# core sharing (2 groups of 2 ranks on 2 cores"), std::string::npos)
+      << r.output;
+  const nlohmann::json j = nlohmann::json::parse(std::ifstream(json));
+  ASSERT_TRUE(j.contains("core_sharing")) << j.dump();
+  const auto& cs = j["core_sharing"];
+  EXPECT_EQ(cs["groups"], 2);
+  EXPECT_EQ(cs["group_size"], 2);
+  EXPECT_EQ(cs["cores"], 2);
+  EXPECT_GT(cs["alone_ms"].get<double>(), 0) << j.dump();
+  EXPECT_GT(cs["together_ms"].get<double>(), 0) << j.dump();
+  EXPECT_GT(cs["efficiency"].get<double>(), 0) << j.dump();
+  EXPECT_LE(cs["efficiency"].get<double>(), 1.0) << j.dump();
+  EXPECT_DOUBLE_EQ(plan::Calibration::from_file(json).core_sharing_efficiency,
+                   cs["efficiency"].get<double>());
+  r = run_parallm(base + "--ranks 2 --json " + json);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_FALSE(nlohmann::json::parse(std::ifstream(json)).contains("core_sharing"));
+  expect_one_line_error(base + "--ranks 4 --share-probe 3", "--share-probe 3");
+  expect_one_line_error(base + "--ranks 2 --share-probe 2", "--share-probe 2");
+  expect_one_line_error(base + "--ranks 4 --share-probe -1", "--share-probe");
+  std::remove(json.c_str());
+}
+
 // Prefill through pipeline stages runs the engine's prompt pass (the activations sent stage to
 // stage) and times it: the same prompt's FLOPs, a positive time, and the layout named.
 TEST(Cli, PrefillRunsThroughPipelineStages) {

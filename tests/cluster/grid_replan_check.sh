@@ -3,7 +3,8 @@
 # own rates it gives back the grid's own predictions (all but a few of the 49 within 2%: the
 # planner may have moved a little since, the parsing may not); given other rates it says so in its
 # summary and its predictions move. Two grids: 2026-12-03 14:07 UTC (one FLOP rate, the start's)
-# and 19:27 UTC (each point planned with its own FLOP rate). Usage: grid_replan_check.sh PARALLM
+# and 19:27 UTC (each point planned with its own FLOP rate); --core-sharing moves only the points
+# it concerns. Usage: grid_replan_check.sh PARALLM
 set -euo pipefail
 src=$(cd "$(dirname "$0")/../.." && pwd)
 fail() { echo "grid_replan_check: $*" >&2; exit 1; }
@@ -27,4 +28,13 @@ $own"
 PARALLM=$1
 one=$(check cluster-grid-pp-split.txt 201.55 306.05 400)
 each=$(check cluster-grid-point-flops.txt "each point's own" 68.42 431.03)
+# --core-sharing E (a grid from before bench comm --share-probe printed none): the TP=2 x PP=2
+# points at batch 8 predicted slower, every other point as before.
+fx=$src/tests/fixtures/cluster-grid-point-flops.txt
+paste <(/usr/bin/python3 "$src/scripts/cluster/grid_replan.py" "$fx" --parallm "$PARALLM" | grep -v '^#') \
+      <(/usr/bin/python3 "$src/scripts/cluster/grid_replan.py" "$fx" --parallm "$PARALLM" --core-sharing 0.8 |
+          grep -v '^#' | awk '{print $9}') |
+  awk '{moved = $NF > $9 * 1.01; want = $1 ~ /^tp2pp2/ && $3 == 8
+        if (moved != want || (!want && $NF != $9)) {print; bad++}; if (want) n++}
+       END {exit bad > 0 || n != 8}' || fail "--core-sharing 0.8 did not move exactly the 8 tp2pp2 batch-8 points"
 echo "grid_replan: $one of 49 points as the grid predicted them, $each of 49 with the points' own FLOP rates; --flops moves them"

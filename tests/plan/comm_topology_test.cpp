@@ -191,6 +191,27 @@ TEST(CommModel, BesideComputeParsesAndRefusesBadInput) {
   expect_refusals(bad, parse);
 }
 
+// bench comm --share-probe's "core_sharing": the share of perfect core sharing that TP groups
+// taking turns on shared cores got; only its efficiency is read.
+TEST(CommModel, CoreSharingParsesAndRefusesBadInput) {
+  const char* ops = R"("ops": {"all_reduce": {"alpha_us": 1, "beta_gbps": 1}})";
+  auto parse = [&](const std::string& sharing) {
+    return Calibration::from_json(nlohmann::json::parse("{" + sharing + ops + "}"), "c.json");
+  };
+  EXPECT_DOUBLE_EQ(parse(R"("core_sharing": {"groups": 2, "group_size": 2, "efficiency": 0.85},)")
+                       .core_sharing_efficiency,
+                   0.85);
+  EXPECT_DOUBLE_EQ(parse(R"("core_sharing": {"efficiency": 1},)").core_sharing_efficiency, 1.0);
+  EXPECT_EQ(parse("").core_sharing_efficiency, 0.0);  // absent: not measured
+  const std::pair<const char*, const char*> bad[] = {
+      {R"("core_sharing": 0.9,)", "core_sharing must be an object"},
+      {R"("core_sharing": {"groups": 2},)", "core_sharing.efficiency is missing"},
+      {R"("core_sharing": {"efficiency": 0},)", "core_sharing.efficiency"},
+      {R"("core_sharing": {"efficiency": 1.2},)", "core_sharing.efficiency"},
+      {R"("core_sharing": {"efficiency": "high"},)", "core_sharing.efficiency"}};
+  expect_refusals(bad, parse);
+}
+
 TEST(Topology, ParsesH100NvlinkCapture) {
   const Topology t = Topology::from_file(kFixtures + "h100-8gpu-nvlink.txt");
   ASSERT_EQ(t.num_gpus(), 8);

@@ -533,6 +533,43 @@ TEST(Estimate, CpuRanksSharingFewerCoresTakeTurns) {
   EXPECT_DOUBLE_EQ(estimate_inference(c, cpu_cluster(4), {2, 2, 1, 1}, w8, shared).tpot, own.tpot);
 }
 
+TEST(Estimate, TpGroupsTakingTurnsAtOnceLoseWhatTheCoreSharingProbeMeasured) {
+  // bench comm --share-probe's efficiency e: where two TP groups have work at once on fewer
+  // cores than their ranks (TP=2 x PP=2 at batch 8 on 2 shared cores), the ranks' turns take
+  // their arithmetic and streaming over e; the collectives as before. At batch 1 one stage works
+  // at a time, with a core a rank nobody takes turns, and TP=1 has no group collectives to wait
+  // in: none of them changes.
+  const ModelConfig c = resolve_model("tinyllama-1.1b");
+  PlanOptions o = cpu_node_rates();
+  const std::string cal = R"({"backend": "mpi", "world": 2, "ops": {
+      "all_reduce": {"alpha_us": 0, "beta_gbps": 2}, "sendrecv": {"alpha_us": 5, "beta_gbps": 5}})";
+  o.calibration = Calibration::from_json(nlohmann::json::parse(cal + "}"), "comm.json");
+  PlanOptions lossy = o;
+  lossy.calibration = Calibration::from_json(
+      nlohmann::json::parse(cal + R"(, "core_sharing": {"efficiency": 0.8}})"), "comm.json");
+  o.shared_cores = lossy.shared_cores = 2;
+  const InferenceWorkload w8 = cpu_decode(8), w1 = cpu_decode(1);
+  const LayoutEstimate plain = estimate_inference(c, cpu_cluster(4), {2, 2, 1, 1}, w8, o);
+  const LayoutEstimate lost = estimate_inference(c, cpu_cluster(4), {2, 2, 1, 1}, w8, lossy);
+  // The turns: 2 x (each stage's total), and the stages' arithmetic and streaming (the decode
+  // compute, summed over the stages) again x (1/0.8 - 1), twice (two micro-batches of 2 TP ranks
+  // over 2 cores).
+  EXPECT_NEAR(lost.tpot - plain.tpot, 2 * plain.decode_compute * (1 / 0.8 - 1), 1e-6 * plain.tpot);
+  bool named = false;
+  for (const CostTerm& t : lost.decode_terms)
+    named |= t.name == "ranks taking turns on 2 shared cores" &&
+             t.detail.find("80% of perfect sharing") != std::string::npos;
+  EXPECT_TRUE(named);
+  EXPECT_DOUBLE_EQ(estimate_inference(c, cpu_cluster(4), {2, 2, 1, 1}, w1, lossy).tpot,
+                   estimate_inference(c, cpu_cluster(4), {2, 2, 1, 1}, w1, o).tpot);
+  PlanOptions own_cores = lossy, own_plain = o;
+  own_cores.shared_cores = own_plain.shared_cores = 4;
+  EXPECT_DOUBLE_EQ(estimate_inference(c, cpu_cluster(4), {2, 2, 1, 1}, w8, own_cores).tpot,
+                   estimate_inference(c, cpu_cluster(4), {2, 2, 1, 1}, w8, own_plain).tpot);
+  EXPECT_DOUBLE_EQ(estimate_inference(c, cpu_cluster(4), {1, 4, 1, 1}, w8, lossy).tpot,
+                   estimate_inference(c, cpu_cluster(4), {1, 4, 1, 1}, w8, o).tpot);
+}
+
 TEST(Estimate, CpuGemvPassesOverTheWeightsAgainForEachFurtherFourTokens) {
   // --reread-bw: the CPU decode GEMV takes a step's tokens 4 at a time (kernels/matmul.h), the
   // weights from memory for the first 4 and from the caches for each further 4. One rank: from

@@ -5,7 +5,8 @@
 // latency (alpha) and per-byte cost (beta) for each op, for the planner; then time the ranks'
 // arrival skew on work of their own (skew_probe below). With --load N, each collective again
 // while N threads a rank run matmuls beside it (Load below): what a DP gradient bucket costs
-// under the backward, and what the backward keeps of its speed meanwhile.
+// under the backward, and what the backward keeps of its speed meanwhile. With --share-probe G,
+// groups of G ranks taking turns on shared cores, alone and all at once (share_probe below).
 //
 //   parallm bench comm --ranks 4 --op all_reduce                  # local backend, 4 threads
 //   mpirun -np 2 parallm bench comm --op all --json comm.json     # MPI backend
@@ -14,6 +15,8 @@
 // reduce_scatter and all_to_all the input of one rank, sendrecv one message. Bus bandwidth is
 // algbw x 2(p-1)/p for all_reduce, x (p-1)/p for all_gather, reduce_scatter and all_to_all, x 1
 // for broadcast and sendrecv.
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -58,6 +61,8 @@ struct Options {
   double timeout_s = 300;
   bool comm_stats = false;
   int skew_rounds = 60;  // 0: no arrival-skew probe
+  int share_group = 0;  // --share-probe G: groups of G ranks taking turns on shared cores (0: none)
+  int share_cores = 0;  // --share-cores: the cores they share (0: the machine's online CPUs)
   int threads = 1;       // threads per rank for the probe's work
   int load = 0;          // --load: threads a rank computing beside a second, loaded sweep
 };
@@ -323,6 +328,69 @@ class Load {
   double t0_ = 0;
 };
 
+// Core sharing (--share-probe G). Where a machine holds more ranks than cores (an emulated cluster
+// on a small machine: TP=2 x PP=2, four ranks on two cores), the ranks take turns, and a TP
+// group's collective completes only when all its ranks hold a core at once; the scheduler places
+// each core's ranks on its own, so while two groups both have work, a rank that reaches a
+// collective before its peer is scheduled waits (and yields) through time the cores would
+// otherwise compute in. Processor sharing, which the planner's turns assume, has no such loss.
+// The probe splits the world into groups of G consecutive ranks (world rank = tp + pp x TP: the
+// TP groups), and times `rounds` of a decode-like slice, a 4-row GEMV over the skew probe's
+// 24 MiB of bf16 weights then a 32 KiB all-reduce in the group (a micro-batch of 4 tokens of a
+// 2048-wide hidden state), first for each group alone (the others waiting in a barrier, as idle
+// stages wait in MPI), then for all groups at once. Efficiency: what perfect sharing of `cores`
+// would take, max(slowest group alone, sum of the groups alone x G / cores), over the time taken
+// together (at most 1).
+struct Sharing {
+  int groups = 0, group_size = 0, cores = 0;
+  double alone_ms = 0, together_ms = 0, efficiency = 0;  // ms a round: the groups' sum; all at once
+};
+
+Sharing share_probe(const Group& g, int group_size, int cores, int rounds) {
+  Sharing out;
+  out.group_size = group_size;
+  out.groups = g.size() / group_size;
+  out.cores = cores;
+  const int mine = g.rank() / group_size;
+  const Group sub = g.split(mine, g.rank(), "share probe");
+  ThreadPool pool(1);
+  ScopedPool scoped(pool);
+  constexpr int64_t kRows = 4, kHidden = 8192;  // 32 KiB of f32 a round
+  const Tensor w = probe_weights(6144);
+  std::vector<float> x(kRows * kProbeK, 0.5f), y(kRows * 6144), h(kHidden, 1.0f);
+  auto rounds_of = [&](int n) {
+    for (int i = 0; i < n; ++i) {
+      kernels::matmul(x.data(), kRows, w, y.data());
+      sub.all_reduce(h.data(), kHidden, comm::ReduceOp::Sum);
+      std::fill(h.begin(), h.end(), 1.0f);  // keeps the sums finite
+    }
+  };
+  auto timed = [&](bool run_here) {
+    g.barrier();
+    Timer t;
+    if (run_here) rounds_of(rounds);
+    float secs = run_here ? static_cast<float>(t.seconds()) : 0.0f;
+    g.all_reduce(&secs, 1, comm::ReduceOp::Max);
+    return double(secs);
+  };
+  for (int k = 0; k < out.groups; ++k) {  // warm-up, each group alone
+    g.barrier();
+    if (mine == k) rounds_of(std::max(2, rounds / 8));
+  }
+  double sum = 0, slowest = 0;
+  for (int k = 0; k < out.groups; ++k) {
+    const double t = timed(mine == k);
+    sum += t;
+    slowest = std::max(slowest, t);
+  }
+  const double together = timed(true);
+  const double ideal = std::max(slowest, sum * group_size / std::max(cores, 1));
+  out.alone_ms = sum / rounds * 1e3;
+  out.together_ms = together / rounds * 1e3;
+  out.efficiency = std::min(1.0, ideal / std::max(together, 1e-9));
+  return out;
+}
+
 int run(const Options& o) {
   const std::vector<std::string> all_ops = {"all_reduce", "all_gather", "reduce_scatter",
                                             "all_to_all", "broadcast",  "sendrecv"};
@@ -339,6 +407,9 @@ int run(const Options& o) {
   const DType dtype = parse_dtype(o.dtype, "--dtype");
   const int world = comm::under_mpirun() && o.backend != "local" ? comm::launched_size() : o.ranks;
   if (world < 2) fail("bench comm", "--ranks must be >= 2 (a collective needs peers), got ", world);
+  if (o.share_group > 0 && (world % o.share_group != 0 || world / o.share_group < 2))
+    fail("bench comm", "--share-probe ", o.share_group, ": the ", world,
+         " ranks must split into two or more groups of that size");
 
   comm::LaunchOptions lo_opts;
   lo_opts.backend = o.backend;
@@ -347,6 +418,7 @@ int run(const Options& o) {
   std::vector<Row> rows;
   std::string backend;
   Skew skew;
+  Sharing sharing;
   double load_speed = 0;  // --load: the products' rate beside the collectives / alone
   comm::launch(world, lo_opts, [&](Group g) {
     const bool root = g.rank() == 0;
@@ -439,6 +511,12 @@ int run(const Options& o) {
       const Skew sk = skew_probe(g, o.skew_rounds, o.threads);
       if (root) skew = sk;
     }
+    if (o.share_group > 0) {
+      const int cores =
+          o.share_cores > 0 ? o.share_cores : static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
+      const Sharing sh = share_probe(g, o.share_group, cores, 40);
+      if (root) sharing = sh;
+    }
   });
   if (comm::launched_rank() != 0) return 0;
 
@@ -508,6 +586,20 @@ int run(const Options& o) {
         world, o.skew_rounds, o.threads, o.threads == 1 ? "" : "s", 100 * skew.stream,
         skew.stream_ms, 100 * skew.compute, skew.compute_ms);
   }
+  if (o.share_group > 0) {
+    j["core_sharing"] = {{"groups", sharing.groups},
+                         {"group_size", sharing.group_size},
+                         {"cores", sharing.cores},
+                         {"alone_ms", sharing.alone_ms},
+                         {"together_ms", sharing.together_ms},
+                         {"efficiency", sharing.efficiency}};
+    std::printf(
+        "# core sharing (%d groups of %d ranks on %d cores, 40 rounds of a 24 MiB GEMV and a 32 "
+        "KiB "
+        "all-reduce): %.2f ms a round in turn, %.2f ms all at once, efficiency %.2f\n",
+        sharing.groups, sharing.group_size, sharing.cores, sharing.alone_ms, sharing.together_ms,
+        sharing.efficiency);
+  }
   std::printf("%s\n", j.dump().c_str());
   if (!o.json.empty()) {
     std::ofstream f(o.json);
@@ -560,6 +652,15 @@ const bool registered = register_command(
                       "Rounds of the arrival-skew probe (default 60; 0: none): the ranks run "
                       "the same slice of work from a barrier, and the JSON's arrival_skew is how "
                       "much later than the mean the slowest ends")
+           ->check(CLI::NonNegativeNumber);
+       app.add_option("--share-probe", o->share_group,
+                      "Then the core-sharing probe over groups of G consecutive ranks (the TP "
+                      "groups): a decode-like slice and all-reduce per round, each group alone, "
+                      "then all at once; the JSON's core_sharing.efficiency is what perfect "
+                      "sharing of the cores would take over the time taken (default 0: none)")
+           ->check(CLI::NonNegativeNumber);
+       app.add_option("--share-cores", o->share_cores,
+                      "Cores the ranks share, for --share-probe (default: the online CPUs)")
            ->check(CLI::NonNegativeNumber);
        app.add_option("--threads", o->threads, "Threads per rank for the probe (default 1)")
            ->check(CLI::Range(1, 1024));

@@ -436,6 +436,14 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
   // through those), for each micro-batch of each replica; waiting for another stage, they sleep.
   const double turns_per_stage_second =
       cores > 0 ? double(l.dp) * l.tp * e.micro_batches / cores : 0.0;
+  // More TP groups' ranks with work at once than cores (each micro-batch at its own stage, each
+  // replica its own): the scheduler's loss on their arithmetic and streaming, measured by `bench
+  // comm --share-probe` (Calibration::core_sharing_efficiency); 1 where none was measured.
+  const bool groups_contend =
+      cores > 0 && l.tp > 1 && std::min(l.world(), l.dp * l.tp * e.micro_batches) > cores;
+  const double sharing_stretch = groups_contend && cal && cal->core_sharing_efficiency > 0
+                                     ? 1 / cal->core_sharing_efficiency
+                                     : 1.0;
   double path = 0, slowest = 0, slowest_hop = 0, roofline = 0, flops_t = 0, mem_t = 0, max_sent = 0;
   double turns = 0;
   std::vector<CostTerm> terms;
@@ -446,7 +454,7 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
       const StageCost sc = stage_cost(c, l, w, k, r, cal, s, n, 1, ctx, false);
       path += sc.total();
       slowest = std::max(slowest, sc.total());
-      turns += turns_per_stage_second * sc.total();
+      turns += turns_per_stage_second * (sc.total() + (sharing_stretch - 1) * sc.roofline());
       roofline += sc.roofline();
       flops_t += sc.flops_time;
       mem_t += sc.mem_time;
@@ -498,7 +506,11 @@ LayoutEstimate estimate_inference(const ModelConfig& c, const ClusterSpec& cl, c
     terms.push_back({turns >= e.tpot         ? cat("ranks taking turns on ", cores, " shared cores")
                      : slowest_hop > slowest ? "micro-batches queueing on a stage link"
                                              : "micro-batches queueing at stages",
-                     0, 0, e.decode_pipeline_wait, ""});
+                     0, 0, e.decode_pipeline_wait,
+                     turns >= e.tpot && sharing_stretch > 1
+                         ? fmt::format("TP groups at once get {:.0f}% of perfect sharing",
+                                       100 / sharing_stretch)
+                         : ""});
   e.decode_terms = terms;
   e.comm_bytes_per_token = max_sent / n;
 

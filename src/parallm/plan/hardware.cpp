@@ -398,6 +398,20 @@ Calibration Calibration::from_json(const json& j, const std::string& source) {
     if (!bc.contains("ops")) fail("calibrate", where(at, "ops"), " is missing (required)");
     parse_ops(bc["ops"], at, &c.beside_compute.ops);
   }
+  if (j.contains("core_sharing")) {
+    const json& cs = j["core_sharing"];
+    const std::string at = source + ": core_sharing";
+    if (!cs.is_object())
+      fail("calibrate", at, " must be an object {efficiency, ...}, got ", json_preview(cs));
+    auto ef = cs.find("efficiency");
+    if (ef == cs.end()) fail("calibrate", where(at, "efficiency"), " is missing (required)");
+    if (!ef->is_number() || !std::isfinite(ef->get<double>()) || ef->get<double>() <= 0 ||
+        ef->get<double>() > 1)
+      fail("calibrate", where(at, "efficiency"),
+           " must be the share of perfect core sharing the ranks got, in (0, 1], got ",
+           json_preview(*ef));
+    c.core_sharing_efficiency = ef->get<double>();
+  }
   if (c.ops.empty() && c.mem_bw == 0 && c.flops == 0)
     fail("calibrate", source, ": no \"ops\" and no \"compute\": nothing to calibrate with");
   return c;

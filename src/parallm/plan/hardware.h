@@ -161,6 +161,13 @@ struct Calibration {
     double compute_speed = 0;
     std::map<std::string, AlphaBeta> ops;
   } beside_compute;
+  // Optional "core_sharing": {"efficiency": e, ...}, from `bench comm --share-probe G`: where
+  // more ranks than cores take turns on them, two TP groups with work at once lose time to the
+  // scheduler (a group's collective completes only when all its ranks hold a core at once), and
+  // get e of what perfect sharing of the cores gives. The planner stretches the arithmetic and
+  // streaming of ranks taking turns (plan --shared-cores) by 1 / e where more TP groups' ranks
+  // have work at once than there are cores. 0: not measured.
+  double core_sharing_efficiency = 0;
 
   const AlphaBeta* op(std::string_view name) const;
   static Calibration from_json(const nlohmann::json& j, const std::string& source);
