@@ -272,12 +272,12 @@ PY
   }
   # Ranks taking turns on shared cores (TP=2 x PP=2 on fewer than 4 cores): bench comm's
   # core-sharing probe on the layout's four ranks, placed and pinned as its runs are (the TP
-  # groups inside a node with --map-by slot, across with node), --reps runs, the median
-  # efficiency into the layout's calibration (core_sharing; plan stretches the ranks' turns by
+  # groups inside a node with --map-by slot, across with node), 5 runs (or --reps if more: one
+  # run's efficiency moved 0.72-1.00 from run to run), the median into the layout's calibration (core_sharing; plan stretches the ranks' turns by
   # its inverse where two TP groups have work at once: batch 8's two micro-batches).
   shareprobe() {  # CAL MAP
     local rep o effs=()
-    for ((rep = 0; rep < reps; rep++)); do
+    for ((rep = 0; rep < (reps > 5 ? reps : 5); rep++)); do
       o=$(cmd_run -np 4 --map-by "$2" -- "$here/cluster/pin-rank.sh" "$PARALLM" bench comm \
             --op all_reduce --algo auto --min-bytes 4K --max-bytes 4K --iters 5 --skew-rounds 0 \
             --share-probe 2 2>&1) || die "bench comm --share-probe ($1) failed: $(echo "$o" | tail -3)"

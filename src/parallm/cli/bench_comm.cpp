@@ -337,8 +337,8 @@ class Load {
 // The probe splits the world into groups of G consecutive ranks (world rank = tp + pp x TP: the
 // TP groups), and times `rounds` of a decode-like slice, a 4-row GEMV over the skew probe's
 // 24 MiB of bf16 weights then a 32 KiB all-reduce in the group (a micro-batch of 4 tokens of a
-// 2048-wide hidden state), first for each group alone (the others waiting in a barrier, as idle
-// stages wait in MPI), then for all groups at once. Efficiency: what perfect sharing of `cores`
+// 2048-wide hidden state), first for each group alone (the others asleep), then for all groups
+// at once. Efficiency: what perfect sharing of `cores`
 // would take, max(slowest group alone, sum of the groups alone x G / cores), over the time taken
 // together (at most 1).
 struct Sharing {
@@ -365,18 +365,31 @@ Sharing share_probe(const Group& g, int group_size, int cores, int rounds) {
       std::fill(h.begin(), h.end(), 1.0f);  // keeps the sums finite
     }
   };
+  // Warm-up, each group alone, timing its rounds: the slowest group's time a round is what the
+  // idle groups sleep through below (1.5x, and 2 ms), so that a group alone has the cores to
+  // itself, as the planner's stage times do, and not beside ranks polling in MPI.
+  float per_round = 0;
+  const int warm = std::max(2, rounds / 8);
+  for (int k = 0; k < out.groups; ++k) {
+    g.barrier();
+    if (mine == k) {
+      Timer t;
+      rounds_of(warm);
+      per_round = std::max(per_round, static_cast<float>(t.seconds() / warm));
+    }
+  }
+  g.all_reduce(&per_round, 1, comm::ReduceOp::Max);
   auto timed = [&](bool run_here) {
     g.barrier();
     Timer t;
-    if (run_here) rounds_of(rounds);
+    if (run_here)
+      rounds_of(rounds);
+    else
+      std::this_thread::sleep_for(std::chrono::duration<double>(1.5 * per_round * rounds + 2e-3));
     float secs = run_here ? static_cast<float>(t.seconds()) : 0.0f;
     g.all_reduce(&secs, 1, comm::ReduceOp::Max);
     return double(secs);
   };
-  for (int k = 0; k < out.groups; ++k) {  // warm-up, each group alone
-    g.barrier();
-    if (mine == k) rounds_of(std::max(2, rounds / 8));
-  }
   double sum = 0, slowest = 0;
   for (int k = 0; k < out.groups; ++k) {
     const double t = timed(mine == k);
