@@ -6,6 +6,7 @@
 # a 2-core machine, a rank can wait a whole slice for a core) only the count and sign are checked.
 # Then --load 1 at 2 processes: the loaded rows, and "beside_compute" (the loaded all-reduce's fit
 # and the share of its speed the computing kept, the slowest process's) in the JSON.
+# Then --share-probe 2 at 4 processes (below).
 # Usage: mpi_bench_comm_check.sh PARALLM MPIRUN "MPIRUN FLAGS"
 set -euo pipefail
 bin=$1 mpirun=$2 flags=$3
@@ -47,4 +48,22 @@ assert j["backend"] == "mpi" and bc is not None, f"FAIL: {j}"
 assert bc["threads"] == 1 and 0 < bc["compute_speed"] <= 1, f"FAIL: beside_compute {bc}"
 assert bc["ops"]["all_reduce"]["beta_gbps"] > 0, f"FAIL: beside_compute {bc}"
 print(f"--load 1: the computing kept {bc['compute_speed']:.2f}, loaded all_reduce {bc['ops']['all_reduce']}")
+PY
+# --share-probe 2 at 4 processes: two groups of 2 over MPI sub-communicators, rank 0 alone writing
+# "core_sharing" (both groups' times, and an efficiency in (0, 1] the planner accepts).
+# shellcheck disable=SC2086
+out=$("$mpirun" $flags -np 4 "$bin" bench comm --op all_reduce --min-bytes 4K --max-bytes 8K \
+        --iters 3 --skew-rounds 0 --share-probe 2 --share-cores 2 --comm-timeout 60 \
+        --json "$dir/share.json" 2>&1) ||
+  { echo "$out"; echo "FAIL: --share-probe exited non-zero"; exit 1; }
+[ "$(echo "$out" | grep -c "^# core sharing (2 groups of 2 ranks on 2 cores")" = 1 ] ||
+  { echo "$out"; echo "FAIL: --share-probe: not one core-sharing line"; exit 1; }
+/usr/bin/python3 - "$dir/share.json" <<'PY' || { echo "$out"; exit 1; }
+import json, sys
+j = json.load(open(sys.argv[1]))
+cs = j.get("core_sharing")
+assert j["backend"] == "mpi" and cs is not None, f"FAIL: {j}"
+assert cs["groups"] == 2 and cs["group_size"] == 2, f"FAIL: core_sharing {cs}"
+assert cs["alone_ms"] > 0 and cs["together_ms"] > 0 and 0 < cs["efficiency"] <= 1, f"FAIL: {cs}"
+print(f"--share-probe 2: efficiency {cs['efficiency']:.2f}")
 PY

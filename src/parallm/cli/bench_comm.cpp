@@ -224,6 +224,7 @@ struct Skew {
 // normal-range values (bit patterns of numbers near 0.01), not NaNs or denormals; the arithmetic
 // slice multiplies kProbeRows rows by kProbeCachedN of them, 256 KiB that stay in the core's cache.
 constexpr int64_t kProbeK = 2048, kProbeCachedN = 64, kProbeRows = 8;
+constexpr int64_t kProbeStreamN = 6144;  // the streaming slice: 24 MiB of bf16 weights
 Tensor probe_weights(int64_t n) {
   Tensor w = Tensor::empty(DType::BF16, {n, kProbeK});
   auto* p = w.data<uint16_t>();
@@ -234,7 +235,7 @@ Tensor probe_weights(int64_t n) {
 Skew skew_probe(const Group& g, int rounds, int threads) {
   ThreadPool pool(threads);
   ScopedPool scoped(pool);
-  const int64_t K = kProbeK, Ns = 6144, Nc = kProbeCachedN, Tc = kProbeRows;
+  const int64_t K = kProbeK, Ns = kProbeStreamN, Nc = kProbeCachedN, Tc = kProbeRows;
   const Tensor ws = probe_weights(Ns), wc = probe_weights(Nc);
   std::vector<float> x(Tc * K, 0.5f), y(std::max(Ns, Tc * Nc));
   auto stream = [&] { kernels::matmul(x.data(), 1, ws, y.data()); };
@@ -338,9 +339,9 @@ class Load {
 // TP groups), and times `rounds` of a decode-like slice, a 4-row GEMV over the skew probe's
 // 24 MiB of bf16 weights then a 32 KiB all-reduce in the group (a micro-batch of 4 tokens of a
 // 2048-wide hidden state), first for each group alone (the others asleep), then for all groups
-// at once. Efficiency: what perfect sharing of `cores`
-// would take, max(slowest group alone, sum of the groups alone x G / cores), over the time taken
-// together (at most 1).
+// at once. Efficiency: what perfect sharing of `cores` would take, max(slowest group alone, sum
+// of the groups alone x G / cores), over the time taken together (at most 1).
+constexpr int kShareRounds = 40;
 struct Sharing {
   int groups = 0, group_size = 0, cores = 0;
   double alone_ms = 0, together_ms = 0, efficiency = 0;  // ms a round: the groups' sum; all at once
@@ -356,8 +357,8 @@ Sharing share_probe(const Group& g, int group_size, int cores, int rounds) {
   ThreadPool pool(1);
   ScopedPool scoped(pool);
   constexpr int64_t kRows = 4, kHidden = 8192;  // 32 KiB of f32 a round
-  const Tensor w = probe_weights(6144);
-  std::vector<float> x(kRows * kProbeK, 0.5f), y(kRows * 6144), h(kHidden, 1.0f);
+  const Tensor w = probe_weights(kProbeStreamN);
+  std::vector<float> x(kRows * kProbeK, 0.5f), y(kRows * kProbeStreamN), h(kHidden, 1.0f);
   auto rounds_of = [&](int n) {
     for (int i = 0; i < n; ++i) {
       kernels::matmul(x.data(), kRows, w, y.data());
@@ -527,7 +528,7 @@ int run(const Options& o) {
     if (o.share_group > 0) {
       const int cores =
           o.share_cores > 0 ? o.share_cores : static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
-      const Sharing sh = share_probe(g, o.share_group, cores, 40);
+      const Sharing sh = share_probe(g, o.share_group, cores, kShareRounds);
       if (root) sharing = sh;
     }
   });
@@ -607,11 +608,10 @@ int run(const Options& o) {
                          {"together_ms", sharing.together_ms},
                          {"efficiency", sharing.efficiency}};
     std::printf(
-        "# core sharing (%d groups of %d ranks on %d cores, 40 rounds of a 24 MiB GEMV and a 32 "
-        "KiB "
-        "all-reduce): %.2f ms a round in turn, %.2f ms all at once, efficiency %.2f\n",
-        sharing.groups, sharing.group_size, sharing.cores, sharing.alone_ms, sharing.together_ms,
-        sharing.efficiency);
+        "# core sharing (%d groups of %d ranks on %d cores, %d rounds of a 24 MiB GEMV and a "
+        "32 KiB all-reduce): %.2f ms a round in turn, %.2f ms all at once, efficiency %.2f\n",
+        sharing.groups, sharing.group_size, sharing.cores, kShareRounds, sharing.alone_ms,
+        sharing.together_ms, sharing.efficiency);
   }
   std::printf("%s\n", j.dump().c_str());
   if (!o.json.empty()) {

@@ -59,6 +59,16 @@ std::string where(const std::string& source, std::string_view field) {
   return source.find(": ") != std::string::npos ? cat(source, ".", field) : cat(source, ": ", field);
 }
 
+// A required share in (0, 1] at obj[key] (`what` says whose), or one line naming it.
+double share_in_unit(const json& obj, const char* key, const std::string& at, const char* what) {
+  auto it = obj.find(key);
+  if (it == obj.end()) fail("calibrate", where(at, key), " is missing (required)");
+  if (!it->is_number() || !std::isfinite(it->get<double>()) || it->get<double>() <= 0 ||
+      it->get<double>() > 1)
+    fail("calibrate", where(at, key), " must be ", what, ", in (0, 1], got ", json_preview(*it));
+  return it->get<double>();
+}
+
 // A positive finite number (JSON has no NaN, but 1e999 parses as infinity).
 double number(const json& j, const char* field, const std::string& source, bool required,
               double fallback = 0, const char* component = "hardware") {
@@ -387,14 +397,8 @@ Calibration Calibration::from_json(const json& j, const std::string& source) {
       fail("calibrate", where(at, "threads"), " must be a whole number of threads >= 1, got ",
            json_preview(bc["threads"]));
     c.beside_compute.threads = int(threads);
-    auto sp = bc.find("compute_speed");
-    if (sp == bc.end()) fail("calibrate", where(at, "compute_speed"), " is missing (required)");
-    if (!sp->is_number() || !std::isfinite(sp->get<double>()) || sp->get<double>() <= 0 ||
-        sp->get<double>() > 1)
-      fail("calibrate", where(at, "compute_speed"),
-           " must be the share of its speed the computing kept, in (0, 1], got ",
-           json_preview(*sp));
-    c.beside_compute.compute_speed = sp->get<double>();
+    c.beside_compute.compute_speed =
+        share_in_unit(bc, "compute_speed", at, "the share of its speed the computing kept");
     if (!bc.contains("ops")) fail("calibrate", where(at, "ops"), " is missing (required)");
     parse_ops(bc["ops"], at, &c.beside_compute.ops);
   }
@@ -403,14 +407,8 @@ Calibration Calibration::from_json(const json& j, const std::string& source) {
     const std::string at = source + ": core_sharing";
     if (!cs.is_object())
       fail("calibrate", at, " must be an object {efficiency, ...}, got ", json_preview(cs));
-    auto ef = cs.find("efficiency");
-    if (ef == cs.end()) fail("calibrate", where(at, "efficiency"), " is missing (required)");
-    if (!ef->is_number() || !std::isfinite(ef->get<double>()) || ef->get<double>() <= 0 ||
-        ef->get<double>() > 1)
-      fail("calibrate", where(at, "efficiency"),
-           " must be the share of perfect core sharing the ranks got, in (0, 1], got ",
-           json_preview(*ef));
-    c.core_sharing_efficiency = ef->get<double>();
+    c.core_sharing_efficiency =
+        share_in_unit(cs, "efficiency", at, "the share of perfect core sharing the ranks got");
   }
   if (c.ops.empty() && c.mem_bw == 0 && c.flops == 0)
     fail("calibrate", source, ": no \"ops\" and no \"compute\": nothing to calibrate with");
