@@ -11,8 +11,8 @@
 #   status                                         namespaces, links, qdiscs
 #   latency                                        UDP round trip node0 <-> node1
 #   run [MPIRUN OPTIONS] -- CMD ...                mpirun across the nodes (default: one rank a node)
-#   grid [--model DIR] [--tokens T] [--reps R] [--presets "P ..."] [--sweep "MBIT ..."]
-#        [--skew US|auto] [--no-plan]
+#   grid [--model DIR] [--tokens T] [--reps R] [--passes N] [--presets "P ..."]
+#        [--sweep "MBIT ..."] [--skew US|auto] [--no-plan]
 #                                                  measure TP/PP/DP layouts at each preset (sets up,
 #                                                  measures, tears down) beside `parallm plan`;
 #                                                  scripts/cluster/grid_svg.py draws its output
