@@ -20,4 +20,4 @@ set_tests_properties(cluster_grid_summary PROPERTIES LABELS "unit;cluster" TIMEO
 # Re-predicting a recorded grid's points (scripts/cluster/grid_replan.py) with the planner.
 add_test(NAME cluster_grid_replan
          COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/grid_replan_check.sh $<TARGET_FILE:parallm_bin>)
-set_tests_properties(cluster_grid_replan PROPERTIES LABELS "unit;cluster" TIMEOUT 60)
+set_tests_properties(cluster_grid_replan PROPERTIES LABELS "unit;cluster" TIMEOUT 300)
