@@ -300,6 +300,7 @@ PY
   # A point's line: into points.tsv (the summary's) on the last pass; before it, shown as a comment.
   record() { if [ "$pass" = "$passes" ]; then tee -a "$res"; else cat; fi; }
   shown() { if [ "$pass" = "$passes" ]; then cat; else sed "s/^/# pass $pass of $passes: /"; fi; }
+  fastest() { sort -g "$1" | head -1; }  # FILE of one time a line
   faster() { [ -z "$2" ] || awk -v a="$1" -v b="$2" 'BEGIN { exit !(a < b) }'; }  # MS BEST-SO-FAR
   measure() {  # LAYOUT LINK BATCH NP MAP CAL DECODE-FLAGS...
     local layout=$1 link=$2 batch=$3 np=$4 map=$5 cal=$6
@@ -344,10 +345,10 @@ PY
         continue
       fi
       m=$(echo "$o" | awk '/^  ms\/(step|token)/ && $3 > m {m = $3} END {print m}')
-      ! faster "$m" "$(sort -g "$runs" | head -1)" || echo "$o" >"$work/out.$key"
+      ! faster "$m" "$(fastest "$runs")" || echo "$o" >"$work/out.$key"
       echo "$m" >>"$runs"
     done
-    best=$(sort -g "$runs" | head -1) worst=$(sort -g "$runs" | tail -1)
+    best=$(fastest "$runs") worst=$(sort -g "$runs" | tail -1)
     out=$(cat "$work/out.$key")
     ms=$best
     # How far apart the point's runs came: (slowest - fastest) / fastest, what two layouts'
@@ -400,7 +401,7 @@ json.dump(c, open(sys.argv[1], "w"))' "$cal" "$skew_us"
   measure_prefill() {  # LAYOUT LINK NP MAP CAL FLAGS...
     local layout=$1 link=$2 np=$3 map=$4 cal=$5
     shift 5
-    local rep best o m pred=nan runs=$work/runs.$layout.$link.p$plen
+    local rep best o pred=nan runs=$work/runs.$layout.$link.p$plen
     [ "$pass" != 1 ] || : >"$runs"
     for ((rep = 0; rep < reps; rep++)); do
       o=$(cmd_run -np "$np" --map-by "$map" -- "$PARALLM" bench prefill --model "$model" \
@@ -408,7 +409,7 @@ json.dump(c, open(sys.argv[1], "w"))' "$cal" "$skew_us"
         die "bench prefill $layout $link failed: $(echo "$o" | tail -3)"
       echo "$o" | awk '/^  ms\/prompt/ {print $2; exit}' >>"$runs"
     done
-    best=$(sort -g "$runs" | head -1)
+    best=$(fastest "$runs")
     if [ "$do_plan" = 1 ]; then
       local tp=1 pp=1 a prev=""
       for a in "$@"; do case "$prev" in --tp) tp=$a ;; --pp) pp=$a ;; esac; prev=$a; done
@@ -439,7 +440,7 @@ print("%.3f" % (l["ttft_ms"]))')
         die "bench train dp2 $link failed: $(echo "$o" | tail -3)"
       echo "$o" | awk '/^  ms\/step/ {print $2; exit}' >>"$runs"
     done
-    best=$(sort -g "$runs" | head -1)
+    best=$(fastest "$runs")
     if [ "$do_plan" = 1 ]; then
       pred=$("$PARALLM" plan --model "$work/small/config.json" --gpu cpu --gpus 2 --train --dp 2 \
                --seq-len 128 --micro-batch 4 --global-batch 8 --bucket-mb 2 --recompute none \
@@ -476,11 +477,10 @@ print("%.3f" % (1e3 * l["step_time_s"]))')
   # alone: 39 of 49 decode points within 10% against 43 (2026-12-04 03:34, Zen 5 box); a second
   # pass found faster runs at 19 points (up to 25%) and the one-rank runs beside them did not
   # follow, so the fastest of more runs does not converge on the machine's quiet speed.
-  local pass
+  local pass b p mbit name
   for ((pass = 1; pass <= passes; pass++)); do
     cmd_shape none >/dev/null
     [ "$pass" != 1 ] || calibrate shm slot
-    local b
     for b in 1 8; do
       measure tp2 shm "$b" 2 slot "$comm/shm.json" --tp 2
       measure pp2 shm "$b" 2 slot "$comm/shm.json" --pp 2
@@ -491,7 +491,6 @@ print("%.3f" % (1e3 * l["step_time_s"]))')
     measure_train shm slot "$comm/shm.train.json"
     # DP=2 at batch 8: two replicas, no traffic between them, so one point serves every link ("any").
     measure dp2 any 8 2 node "$comm/shm.json" --backend local
-    local p mbit name
     for p in $presets $sweep; do
       mbit=$(rate_of "$p")
       name=$p
