@@ -11,7 +11,8 @@
 #   status                                         namespaces, links, qdiscs
 #   latency                                        UDP round trip node0 <-> node1
 #   run [MPIRUN OPTIONS] -- CMD ...                mpirun across the nodes (default: one rank a node)
-#   grid [--model DIR] [--tokens T] [--reps R] [--passes N] [--presets "P ..."]
+#   grid [--model DIR] [--tokens T] [--reps R] [--passes N] [--stat fastest|median]
+#        [--presets "P ..."]
 #        [--sweep "MBIT ..."] [--skew US|auto] [--no-plan]
 #                                                  measure TP/PP/DP layouts at each preset (sets up,
 #                                                  measures, tears down) beside `parallm plan`;

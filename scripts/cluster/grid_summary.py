@@ -8,8 +8,10 @@ comm measured on them).
 Usage: grid_summary.py POINTS.tsv RATES COMM_DIR PARALLM MODEL_DIR NODE_GBPS ALONE_GBPS TOKENS
        DO_PLAN(0|1) SKEW_US FLOPS DTYPE
 POINTS.tsv: one line a point, "layout link batch measured_ms predicted_ms stats node_gbps
-alone_gbps spread gflops predicted_at_start_ms" tab-separated (batch pN: prefill, tN: training
-step; the last four columns decode's alone, the last two optional); RATES: "name mbit" a line.
+alone_gbps spread gflops predicted_at_start_ms other_stat other_measured_ms other_predicted_ms"
+tab-separated (batch pN: prefill, tN: training step; the columns from spread on decode's alone,
+those from predicted_at_start_ms on optional; other_stat: the statistic of the runs grid.sh --stat
+did not pick, "fastest" or "median"); RATES: "name mbit" a line.
 """
 import json, math, subprocess, sys
 res, rates_f, comm, parallm, model, node_bw, alone_bw, tokens, do_plan, skew, flops, dtype = sys.argv[1:13]
@@ -18,6 +20,7 @@ reread = sys.argv[13] if len(sys.argv) > 13 and float(sys.argv[13]) > 0 else Non
 skew = 0.0 if skew == "auto" else float(skew)  # "auto" left only if the shm point never ran
 rates = dict(l.split() for l in open(rates_f))
 pts, node_rates, prefill, training, spread, at_start, point_flops = {}, [], {}, {}, {}, {}, []
+other, other_name = {}, ""
 for l in open(res):
     layout, link, b, ms, pred = l.split("\t")[:5]
     if b.startswith("p"):  # prefill points: their own error line, not in the crossovers
@@ -32,6 +35,9 @@ for l in open(res):
         spread[(layout, link, int(b))] = float(f[8])
     if len(f) > 10 and f[10] and f[10] != "nan":  # predicted at the start's FLOP rate (grid.sh)
         at_start[(layout, link, int(b))] = (float(ms), float(f[10]))
+    if len(f) > 13 and f[13] and f[13] != "nan":  # the other statistic of the runs (grid.sh --stat)
+        other[(layout, link, int(b))] = (float(f[12]), float(f[13]))
+        other_name = f[11]
     node_rates.append((float(l.split("\t")[6]), float(l.split("\t")[7])))
     if len(f) > 9 and f[9]:  # the point's own FLOP rate (grid.sh)
         point_flops.append(float(f[9]))
@@ -45,6 +51,7 @@ if point_flops:  # and the FLOP rate, where the points measured their own
 # (The TP=2 x PP=2 points on fewer than 4 cores count as the others: the planner was told the
 # cores the ranks share, plan --shared-cores.)
 for what, d in (("decode", pts), ("decode at the start's FLOP rate", at_start),
+                ("decode, the %s of the runs and the one-rank runs beside them" % other_name, other),
                 ("prefill", prefill), ("training step", training)):
     errs = [abs(p / m - 1) for (m, p) in d.values() if p == p]
     if errs:

@@ -47,10 +47,13 @@ if [ -n "$ag_before" ]; then
   echo "autogroups: $ag_before before, 0 while up, $(cat "$ag") after down"
 fi
 
-step "grid refuses a bad --passes before setting anything up"
+step "grid refuses a bad --passes or --stat before setting anything up"
 if o=$("$S" grid --passes 0 2>&1); then echo "FAIL: grid --passes 0 ran"; exit 1; fi
 echo "$o" | grep -q "passes.*'0'" || { echo "FAIL: grid --passes 0 said: $o"; exit 1; }
 [ -z "$(leftovers)" ] || { echo "FAIL: grid --passes 0 left behind:"; leftovers; exit 1; }
+if o=$("$S" grid --stat mean 2>&1); then echo "FAIL: grid --stat mean ran"; exit 1; fi
+echo "$o" | grep -q "stat.*'mean'" || { echo "FAIL: grid --stat mean said: $o"; exit 1; }
+[ -z "$(leftovers)" ] || { echo "FAIL: grid --stat mean left behind:"; leftovers; exit 1; }
 
 step "2 nodes at 200 Mbit/s: bench comm"
 "$S" up 2 --rate 200 >/dev/null

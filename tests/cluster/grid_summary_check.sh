@@ -64,4 +64,18 @@ rm -f "$tmp"
 grep -qxF "$want_start" <<<"$out3" || fail "no '$want_start' in: $out3"
 grep -qxF "$want_all" <<<"$out3" || fail "the decode error moved with column 11: $out3"
 grep -q "start's FLOP rate" <<<"$out2" && fail "a start's-rate line without column 11: $out2"
+# With the other statistic's measured and predicted (columns 12-14, grid.sh --stat): a third
+# decode error line over those, named for the statistic, recomputed here; the first unmoved.
+tmp=$(mktemp)
+awk -F'\t' -v OFS='\t' '$3 ~ /^[0-9]+$/ {$9 = 0.05; $10 = 300; $11 = $5; $12 = "median"; $13 = $4 * 1.1;
+  $14 = $5 * (NR % 3 ? 1.02 : 1.4)} {print}' "$points" >"$tmp"
+want_other=$(awk -F'\t' '$3 ~ /^[0-9]+$/ {e = $14 / $13 - 1; e = e < 0 ? -e : e;
+  s += e; n++; if (e > m) m = e; w += (e <= 0.1)}
+  END {printf "# planner error, decode, the median of the runs and the one-rank runs beside them: mean |error| %.1f%%, max %.1f%% over %d points, %d within 10%%", 100 * s / n, 100 * m, n, w}' "$tmp")
+out4=$(/usr/bin/python3 "$src/scripts/cluster/grid_summary.py" "$tmp" "$rates" /nonexistent \
+  /nonexistent /nonexistent 30 20 32 0 0 80 bf16)
+rm -f "$tmp"
+grep -qxF "$want_other" <<<"$out4" || fail "no '$want_other' in: $out4"
+grep -qxF "$want_all" <<<"$out4" || fail "the decode error moved with columns 12-14: $out4"
+grep -q "the median of the runs" <<<"$out3" && fail "an other-statistic line without columns 12-14: $out3"
 echo "grid_summary.py: $want_all; $line0"
