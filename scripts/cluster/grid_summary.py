@@ -1,9 +1,9 @@
 #!/usr/bin/python3
 """The grid's summary (scripts/cluster/grid.sh): the planner's error per kind of point, its ranking
 of the layouts at each link and batch, and the crossovers below which PP=2 beats TP=2, measured
-(log-linear between the grid's rates) and predicted (the planner over a fine sweep of rates, each
-with the shaped links' measured latency and a bandwidth of that rate times the efficiency bench
-comm measured on them).
+(log-linear between the grid's rates, with the range the points' runs spread allows) and
+predicted (the planner over a fine sweep of rates, each with the shaped links' measured latency
+and a bandwidth of that rate times the efficiency bench comm measured on them).
 
 Usage: grid_summary.py POINTS.tsv RATES COMM_DIR PARALLM MODEL_DIR NODE_GBPS ALONE_GBPS TOKENS
        DO_PLAN(0|1) SKEW_US FLOPS DTYPE
@@ -13,7 +13,7 @@ tab-separated (batch pN: prefill, tN: training step; the columns from spread on 
 those from predicted_at_start_ms on optional; other_stat: the statistic of the runs grid.sh --stat
 did not pick, "fastest" or "median"); RATES: "name mbit" a line.
 """
-import json, math, subprocess, sys
+import json, math, re, subprocess, sys
 res, rates_f, comm, parallm, model, node_bw, alone_bw, tokens, do_plan, skew, flops, dtype = sys.argv[1:13]
 # The GEMV's second pass over the weights (grid.sh: plan --reread-bw; absent or 0: none seen).
 reread = sys.argv[13] if len(sys.argv) > 13 and float(sys.argv[13]) > 0 else None
@@ -123,6 +123,18 @@ for b in (1, 8):
     pred_pts = [(r, pts[("tp2", n, b)][1], pts[("pp2", n, b)][1]) for n, r in shaped.items()
                 if ("tp2", n, b) in pts and pts[("tp2", n, b)][1] == pts[("tp2", n, b)][1]]
     line = "crossover batch %d: measured %s Mbit/s" % (b, crossover(meas))
+    # How far the runs' spread moves it: TP at its fastest run and PP at its slowest put it at the
+    # lowest rate, the other way round at the highest (the fastest run: the line's, or with
+    # grid.sh --stat median the other statistic's; the slowest that x (1 + spread)).
+    keys = [(n, r) for n, r in shaped.items() if ("tp2", n, b) in pts and ("pp2", n, b) in pts]
+    if keys and all((l, n, b) in spread for n, _ in keys for l in ("tp2", "pp2")):
+        fast = lambda k: other[k][0] if other_name == "fastest" and k in other else pts[k][0]
+        slow = lambda k: fast(k) * (1 + spread[k])
+        lo = crossover([(r, fast(("tp2", n, b)), slow(("pp2", n, b))) for n, r in keys])
+        hi = crossover([(r, slow(("tp2", n, b)), fast(("pp2", n, b))) for n, r in keys])
+        bound = lambda c: re.sub(r"^PP faster at every rate \(>= (\S+)\)$", r"over \1",
+                                 re.sub(r"^TP faster at every rate \(down to (\S+)\)$", r"under \1", c))
+        line += " (the points' runs spread allows %s to %s)" % (bound(lo), bound(hi))
     if do_plan == "1" and eff:
         sweep, e = [], med(eff)
         tmp = comm + "/sweep.json"

@@ -78,4 +78,22 @@ rm -f "$tmp"
 grep -qxF "$want_other" <<<"$out4" || fail "no '$want_other' in: $out4"
 grep -qxF "$want_all" <<<"$out4" || fail "the decode error moved with columns 12-14: $out4"
 grep -q "the median of the runs" <<<"$out3" && fail "an other-statistic line without columns 12-14: $out3"
-echo "grid_summary.py: $want_all; $line0"
+# The crossovers' range within the points' runs spread (column 9): none without it; with a
+# spread of 0 the measured crossover at both ends; with 5% one end below it and one above; with
+# --stat median (column 12 "fastest") the ends from the fastest runs (column 13), not the line's.
+grep -q "runs spread allows" <<<"$out2" && fail "a crossover range without the spread column: $out2"
+with_spread 0 | grep -qxF "crossover batch 1: measured 99.3 Mbit/s (the points' runs spread allows 99.3 to 99.3)" ||
+  fail "crossover range (spread 0): $(with_spread 0 | grep crossover)"
+range=$(with_spread 0.05 | grep "^crossover batch 1")
+[[ $range =~ measured\ 99.3\ Mbit/s\ \(the\ points\'\ runs\ spread\ allows\ ([0-9.]+)\ to\ ([0-9.]+)\)$ ]] &&
+  awk -v lo="${BASH_REMATCH[1]}" -v hi="${BASH_REMATCH[2]}" 'BEGIN {exit !(lo < 99.3 && hi > 99.3)}' ||
+  fail "crossover range (spread 5%): $range"
+tmp=$(mktemp)
+awk -F'\t' -v OFS='\t' '$3 ~ /^[0-9]+$/ {$9 = 0; $10 = 300; $11 = $5; $12 = "fastest"; $13 = $4; $14 = $5;
+  if ($1 == "tp2") $4 = $4 * 1.2} {print}' "$points" >"$tmp"
+out5=$(/usr/bin/python3 "$src/scripts/cluster/grid_summary.py" "$tmp" "$rates" /nonexistent \
+  /nonexistent /nonexistent 30 20 32 0 0 80 bf16)
+rm -f "$tmp"
+grep -qE "^crossover batch 1: measured [0-9.]+ Mbit/s \(the points' runs spread allows 99.3 to 99.3\)$" <<<"$out5" &&
+  ! grep -q "measured 99.3 Mbit/s" <<<"$out5" || fail "crossover range from the fastest runs (--stat median): $out5"
+echo "grid_summary.py: $want_all; $line0; $range"
