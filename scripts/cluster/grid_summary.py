@@ -97,16 +97,16 @@ if pairs["total"] and spread:
           "measured closer than their points' runs spread" % (pairs["right"], pairs["total"],
           pairs["total"] - pairs["right"], pairs["close"]))
 
-def crossover(series):  # [(mbit, tp_ms, pp_ms)] -> Mbit/s below which PP is faster
+def crossover(series):  # [(mbit, tp_ms, pp_ms)] -> "X Mbit/s" below which PP is faster
     s = sorted(series, reverse=True)
     if not s: return "n/a"
-    if s[0][1] >= s[0][2]: return "PP faster at every rate (>= %g)" % s[0][0]
+    if s[0][1] >= s[0][2]: return "PP faster at every rate (>= %g Mbit/s)" % s[0][0]
     for (r1, t1, p1), (r2, t2, p2) in zip(s, s[1:]):
         d1, d2 = math.log(t1 / p1), math.log(t2 / p2)
         if d1 < 0 <= d2:
             f = d1 / (d1 - d2)
-            return "%.1f" % math.exp(math.log(r1) + f * (math.log(r2) - math.log(r1)))
-    return "TP faster at every rate (down to %g)" % s[-1][0]
+            return "%.1f Mbit/s" % math.exp(math.log(r1) + f * (math.log(r2) - math.log(r1)))
+    return "TP faster at every rate (down to %g Mbit/s)" % s[-1][0]
 
 shaped = {n: float(r) for n, r in rates.items() if float(r) > 0}
 # Efficiency and latency of the shaped links, for the planner's sweep.
@@ -122,7 +122,7 @@ for b in (1, 8):
             if ("tp2", n, b) in pts and ("pp2", n, b) in pts]
     pred_pts = [(r, pts[("tp2", n, b)][1], pts[("pp2", n, b)][1]) for n, r in shaped.items()
                 if ("tp2", n, b) in pts and pts[("tp2", n, b)][1] == pts[("tp2", n, b)][1]]
-    line = "crossover batch %d: measured %s Mbit/s" % (b, crossover(meas))
+    line = "crossover batch %d: measured %s" % (b, crossover(meas))
     # How far the runs' spread moves it: TP at its fastest run and PP at its slowest put it at the
     # lowest rate, the other way round at the highest (the fastest run: the line's, or with
     # grid.sh --stat median the other statistic's; the slowest that x (1 + spread)).
@@ -132,9 +132,9 @@ for b in (1, 8):
         slow = lambda k: fast(k) * (1 + spread[k])
         lo = crossover([(r, fast(("tp2", n, b)), slow(("pp2", n, b))) for n, r in keys])
         hi = crossover([(r, slow(("tp2", n, b)), fast(("pp2", n, b))) for n, r in keys])
-        bound = lambda c: re.sub(r"^PP faster at every rate \(>= (\S+)\)$", r"over \1",
-                                 re.sub(r"^TP faster at every rate \(down to (\S+)\)$", r"under \1", c))
-        line += " (the points' runs spread allows %s to %s)" % (bound(lo), bound(hi))
+        bound = lambda c: re.sub(r"^PP faster at every rate \(>= (.+)\)$", r"over \1",
+                                 re.sub(r"^TP faster at every rate \(down to (.+)\)$", r"under \1", c))
+        line += " (the points' runs spread allows %s to %s)" % (bound(lo).replace(" Mbit/s", ""), bound(hi))
     if do_plan == "1" and eff:
         sweep, e = [], med(eff)
         tmp = comm + "/sweep.json"
@@ -162,7 +162,7 @@ for b in (1, 8):
                 t.append(json.loads(out.stdout)["layouts"][0]["tpot_ms"])
             sweep.append((r, t[0], t[1]))
             r /= 1.25
-        line += ", predicted %s Mbit/s (planner sweep, link efficiency %.2f, alpha %.0f/%.0f us, node/rank %s/%s GB/s, %s GFLOP/s)" % (
+        line += ", predicted %s (planner sweep, link efficiency %.2f, alpha %.0f/%.0f us, node/rank %s/%s GB/s, %s GFLOP/s)" % (
             crossover(sweep), e, med(ar_a), med(sr_a), node_bw, alone_bw, flops)
-        line += ", predicted at the grid's rates %s Mbit/s" % crossover(pred_pts)
+        line += ", predicted at the grid's rates %s" % crossover(pred_pts)
     print(line)

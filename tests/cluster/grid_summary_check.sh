@@ -7,17 +7,22 @@ set -euo pipefail
 src=$(cd "$(dirname "$0")/../.." && pwd)
 points=$src/tests/fixtures/cluster-grid-points.tsv
 rates=$src/tests/fixtures/cluster-grid-rates.txt
-summary() {
-  /usr/bin/python3 "$src/scripts/cluster/grid_summary.py" "$points" "$rates" /nonexistent \
+summary() {  # [POINTS]
+  /usr/bin/python3 "$src/scripts/cluster/grid_summary.py" "${1:-$points}" "$rates" /nonexistent \
     /nonexistent /nonexistent 30 20 32 0 0 80 bf16
 }
 fail() { echo "grid_summary_check: $*" >&2; exit 1; }
-# "mean max n within" of |predicted / measured - 1| over the decode points matching LAYOUT_RE.
-errors() {
-  awk -F'\t' -v re="$1" '$3 ~ /^[0-9]+$/ && $1 ~ re {e = $5 / $4 - 1; e = e < 0 ? -e : e;
-    s += e; n++; if (e > m) m = e; w += (e <= 0.1)}
-    END {printf "mean |error| %.1f%%, max %.1f%% over %d points, %d within 10%%", 100 * s / n, 100 * m, n, w}' "$points"
+# "mean max n within" of |predicted / measured - 1| over the decode points matching LAYOUT_RE,
+# the measured and predicted ms in columns MEAS and PRED (4 and 5) of POINTS.
+errors() {  # LAYOUT_RE [MEAS PRED POINTS]
+  awk -F'\t' -v re="$1" -v mc="${2:-4}" -v pc="${3:-5}" '$3 ~ /^[0-9]+$/ && $1 ~ re {e = $pc / $mc - 1;
+    e = e < 0 ? -e : e; s += e; n++; if (e > m) m = e; w += (e <= 0.1)}
+    END {printf "mean |error| %.1f%%, max %.1f%% over %d points, %d within 10%%", 100 * s / n, 100 * m, n, w}' "${4:-$points}"
 }
+# The fixture's points with the columns grid.sh writes today, set by the awk program EDIT, in $edited.
+edited=$(mktemp)
+trap 'rm -f "$edited"' EXIT
+edit() { awk -F'\t' -v OFS='\t' "$1" "$points" >"$edited"; }
 out2=$(summary)
 want_all="# planner error, decode: $(errors .)"
 grep -qxF "$want_all" <<<"$out2" || fail "no '$want_all' in: $out2"
@@ -33,14 +38,7 @@ grep -qxF "crossover batch 8: measured 1424.4 Mbit/s" <<<"$out2" || fail "crosso
 pairs=$(awk -F'\t' '$3 ~ /^[0-9]+$/ {n[$2 " " $3]++; if ($2 == "any") any[$3]++}
   END {for (k in n) {split(k, f, " "); if (f[1] == "any") continue; c = n[k] + any[f[2]];
     t += c * (c - 1) / 2} print t}' "$points")
-with_spread() {
-  local tmp
-  tmp=$(mktemp)
-  awk -v s="$1" '{print $0 "\t" s}' "$points" >"$tmp"
-  /usr/bin/python3 "$src/scripts/cluster/grid_summary.py" "$tmp" "$rates" /nonexistent \
-    /nonexistent /nonexistent 30 20 32 0 0 80 bf16
-  rm -f "$tmp"
-}
+with_spread() { edit '{print $0 "\t'"$1"'"}' && summary "$edited"; }
 grep -q "by pairs" <<<"$out2" && fail "a by-pairs line without the spread column: $out2"
 line0=$(with_spread 0 | grep "^# planner ranking by pairs")
 re="^# planner ranking by pairs of layouts: ([0-9]+) of $pairs ordered as measured; of the ([0-9]+) others, ([0-9]+) measured"
@@ -53,28 +51,18 @@ grep -qF "$right of $pairs ordered as measured; of the $others others, $others m
   fail "by pairs (spread 100): $line100"
 # With the point's FLOP rate and the prediction at the start's (columns 10 and 11, as grid.sh
 # writes since 2026-12-03 19:27): a second decode error line over those, recomputed here.
-tmp=$(mktemp)
-awk -F'\t' -v OFS='\t' '$3 ~ /^[0-9]+$/ {$9 = 0.05; $10 = 300; $11 = $5 * 1.3} {print}' "$points" >"$tmp"
-want_start=$(awk -F'\t' '$3 ~ /^[0-9]+$/ {e = $11 / $4 - 1; e = e < 0 ? -e : e;
-  s += e; n++; if (e > m) m = e; w += (e <= 0.1)}
-  END {printf "# planner error, decode at the start'"'"'s FLOP rate: mean |error| %.1f%%, max %.1f%% over %d points, %d within 10%%", 100 * s / n, 100 * m, n, w}' "$tmp")
-out3=$(/usr/bin/python3 "$src/scripts/cluster/grid_summary.py" "$tmp" "$rates" /nonexistent \
-  /nonexistent /nonexistent 30 20 32 0 0 80 bf16)
-rm -f "$tmp"
+edit '$3 ~ /^[0-9]+$/ {$9 = 0.05; $10 = 300; $11 = $5 * 1.3} {print}'
+want_start="# planner error, decode at the start's FLOP rate: $(errors . 4 11 "$edited")"
+out3=$(summary "$edited")
 grep -qxF "$want_start" <<<"$out3" || fail "no '$want_start' in: $out3"
 grep -qxF "$want_all" <<<"$out3" || fail "the decode error moved with column 11: $out3"
 grep -q "start's FLOP rate" <<<"$out2" && fail "a start's-rate line without column 11: $out2"
 # With the other statistic's measured and predicted (columns 12-14, grid.sh --stat): a third
 # decode error line over those, named for the statistic, recomputed here; the first unmoved.
-tmp=$(mktemp)
-awk -F'\t' -v OFS='\t' '$3 ~ /^[0-9]+$/ {$9 = 0.05; $10 = 300; $11 = $5; $12 = "median"; $13 = $4 * 1.1;
-  $14 = $5 * (NR % 3 ? 1.02 : 1.4)} {print}' "$points" >"$tmp"
-want_other=$(awk -F'\t' '$3 ~ /^[0-9]+$/ {e = $14 / $13 - 1; e = e < 0 ? -e : e;
-  s += e; n++; if (e > m) m = e; w += (e <= 0.1)}
-  END {printf "# planner error, decode, the median of the runs and the one-rank runs beside them: mean |error| %.1f%%, max %.1f%% over %d points, %d within 10%%", 100 * s / n, 100 * m, n, w}' "$tmp")
-out4=$(/usr/bin/python3 "$src/scripts/cluster/grid_summary.py" "$tmp" "$rates" /nonexistent \
-  /nonexistent /nonexistent 30 20 32 0 0 80 bf16)
-rm -f "$tmp"
+edit '$3 ~ /^[0-9]+$/ {$9 = 0.05; $10 = 300; $11 = $5; $12 = "median"; $13 = $4 * 1.1;
+  $14 = $5 * (NR % 3 ? 1.02 : 1.4)} {print}'
+want_other="# planner error, decode, the median of the runs and the one-rank runs beside them: $(errors . 13 14 "$edited")"
+out4=$(summary "$edited")
 grep -qxF "$want_other" <<<"$out4" || fail "no '$want_other' in: $out4"
 grep -qxF "$want_all" <<<"$out4" || fail "the decode error moved with columns 12-14: $out4"
 grep -q "the median of the runs" <<<"$out3" && fail "an other-statistic line without columns 12-14: $out3"
@@ -82,18 +70,16 @@ grep -q "the median of the runs" <<<"$out3" && fail "an other-statistic line wit
 # spread of 0 the measured crossover at both ends; with 5% one end below it and one above; with
 # --stat median (column 12 "fastest") the ends from the fastest runs (column 13), not the line's.
 grep -q "runs spread allows" <<<"$out2" && fail "a crossover range without the spread column: $out2"
-with_spread 0 | grep -qxF "crossover batch 1: measured 99.3 Mbit/s (the points' runs spread allows 99.3 to 99.3)" ||
-  fail "crossover range (spread 0): $(with_spread 0 | grep crossover)"
+out6=$(with_spread 0)  # (not piped into grep -q: its early exit would fail the pipe)
+grep -qxF "crossover batch 1: measured 99.3 Mbit/s (the points' runs spread allows 99.3 to 99.3 Mbit/s)" <<<"$out6" ||
+  fail "crossover range (spread 0): $out6"
 range=$(with_spread 0.05 | grep "^crossover batch 1")
-[[ $range =~ measured\ 99.3\ Mbit/s\ \(the\ points\'\ runs\ spread\ allows\ ([0-9.]+)\ to\ ([0-9.]+)\)$ ]] &&
+[[ $range =~ measured\ 99.3\ Mbit/s\ \(the\ points\'\ runs\ spread\ allows\ ([0-9.]+)\ to\ ([0-9.]+)\ Mbit/s\)$ ]] &&
   awk -v lo="${BASH_REMATCH[1]}" -v hi="${BASH_REMATCH[2]}" 'BEGIN {exit !(lo < 99.3 && hi > 99.3)}' ||
   fail "crossover range (spread 5%): $range"
-tmp=$(mktemp)
-awk -F'\t' -v OFS='\t' '$3 ~ /^[0-9]+$/ {$9 = 0; $10 = 300; $11 = $5; $12 = "fastest"; $13 = $4; $14 = $5;
-  if ($1 == "tp2") $4 = $4 * 1.2} {print}' "$points" >"$tmp"
-out5=$(/usr/bin/python3 "$src/scripts/cluster/grid_summary.py" "$tmp" "$rates" /nonexistent \
-  /nonexistent /nonexistent 30 20 32 0 0 80 bf16)
-rm -f "$tmp"
-grep -qE "^crossover batch 1: measured [0-9.]+ Mbit/s \(the points' runs spread allows 99.3 to 99.3\)$" <<<"$out5" &&
+edit '$3 ~ /^[0-9]+$/ {$9 = 0; $10 = 300; $11 = $5; $12 = "fastest"; $13 = $4; $14 = $5;
+  if ($1 == "tp2") $4 = $4 * 1.2} {print}'
+out5=$(summary "$edited")
+grep -qE "^crossover batch 1: measured [0-9.]+ Mbit/s \(the points' runs spread allows 99.3 to 99.3 Mbit/s\)$" <<<"$out5" &&
   ! grep -q "measured 99.3 Mbit/s" <<<"$out5" || fail "crossover range from the fastest runs (--stat median): $out5"
 echo "grid_summary.py: $want_all; $line0; $range"
