@@ -306,6 +306,7 @@ PY
   record() { if [ "$pass" = "$passes" ]; then tee -a "$res"; else cat; fi; }
   shown() { if [ "$pass" = "$passes" ]; then cat; else sed "s/^/# pass $pass of $passes: /"; fi; }
   fastest() { sort -g "$1" | head -1; }  # FILE of one time a line
+  median() { sort -g "$1" | awk '{v[NR] = $1} END {print v[int(NR / 2) + 1]}'; }  # upper middle, as rates'
   faster() { [ -z "$2" ] || awk -v a="$1" -v b="$2" 'BEGIN { exit !(a < b) }'; }  # MS BEST-SO-FAR
   measure() {  # LAYOUT LINK BATCH NP MAP CAL DECODE-FLAGS...
     local layout=$1 link=$2 batch=$3 np=$4 map=$5 cal=$6
@@ -384,12 +385,18 @@ c = json.load(open(sys.argv[1]))
 if float(sys.argv[2]) > 0: c["arrival_skew_us"] = float(sys.argv[2])
 json.dump(c, open(sys.argv[1], "w"))' "$cal" "$skew_us"
     fi
-    local point_node_bw point_alone_bw pn pa pf pred_s=nan mn ma mf
-    read -r point_node_bw point_alone_bw _ _ pn pa pf _ < <(rates "$pairs" "$alone" "$alone4")
-    # The same at the median (--stat median): of the point's runs and of the one-rank runs beside.
-    read -r _ _ _ _ mn ma mf _ < <(rates "$pairs" "$alone" "$alone4" median)
-    local med_ms med_pred=nan
-    med_ms=$(sort -g "$runs" | awk '{v[NR] = $1} END {print v[int(NR / 2) + 1]}')
+    # The line's measured ms and the one-rank rates beside it by --stat, the other statistic's
+    # (columns 12-14) beside them: of the point's runs and of the one-rank runs beside.
+    local other=median o_ms o_rates line_rates point_node_bw point_alone_bw pn pa pf on oa of
+    local pred_s=nan o_pred=nan
+    line_rates=$(rates "$pairs" "$alone" "$alone4") o_rates=$(rates "$pairs" "$alone" "$alone4" median)
+    o_ms=$(median "$runs")
+    if [ "$stat" = median ]; then
+      local fastest_rates=$line_rates
+      other=fastest o_ms=$ms ms=$(median "$runs") line_rates=$o_rates o_rates=$fastest_rates
+    fi
+    read -r point_node_bw point_alone_bw _ _ pn pa pf _ <<<"$line_rates"
+    read -r _ _ _ _ on oa of _ <<<"$o_rates"
     if [ "$do_plan" = 1 ]; then
       local tp=1 pp=1 a prev=""
       for a in "$@"; do case "$prev" in --tp) tp=$a ;; --pp) pp=$a ;; esac; prev=$a; done
@@ -402,12 +409,7 @@ json.dump(c, open(sys.argv[1], "w"))' "$cal" "$skew_us"
       }
       pred=$(plan_point "$pn" "$pa" "$pf")
       pred_s=$(plan_point "$point_node_bw" "$point_alone_bw" "$flops")
-      med_pred=$(plan_point "$mn" "$ma" "$mf")
-    fi
-    # The line's measured and predicted by --stat, the other statistic's beside them.
-    local other=median o_ms=$med_ms o_pred=$med_pred
-    if [ "$stat" = median ]; then
-      other=fastest o_ms=$ms o_pred=$pred ms=$med_ms pred=$med_pred pn=$mn pa=$ma pf=$mf
+      o_pred=$(plan_point "$on" "$oa" "$of")
     fi
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$layout" "$link" "$batch" "$ms" "$pred" "$stats" \
       "$pn" "$pa" "$spread" "$pf" "$pred_s" "$other" "$o_ms" "$o_pred" |
