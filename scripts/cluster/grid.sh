@@ -63,7 +63,7 @@ cmd_grid() {
   local dtype row_bytes
   row_bytes=$(/usr/bin/python3 -c 'import json,sys; print(4 * json.load(open(sys.argv[1]+"/config.json"))["hidden_size"])' "$model")
   dtype=$(/usr/bin/python3 -c 'import json,sys; d=json.load(open(sys.argv[1]+"/config.json")).get("torch_dtype","float32"); print({"bfloat16":"bf16","float16":"fp16"}.get(d,"fp32"))' "$model")
-  echo "# grid: model $model ($(/usr/bin/python3 -c 'import json,sys; c=json.load(open(sys.argv[1]+"/config.json")); print("hidden %d, %d layers, vocab %d, %s" % (c["hidden_size"], c["num_hidden_layers"], c["vocab_size"], c.get("torch_dtype")))' "$model")), $tokens timed tokens, $stat of $reps runs a point$([ "$passes" = 1 ] || echo " in each of $passes passes over the grid"), arrival skew $skew_us"
+  echo "# grid: model $model ($(/usr/bin/python3 -c 'import json,sys; c=json.load(open(sys.argv[1]+"/config.json")); print("hidden %d, %d layers, vocab %d, %s, %d heads, %d KV heads, FFN %d" % (c["hidden_size"], c["num_hidden_layers"], c["vocab_size"], c.get("torch_dtype"), c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"]), c["intermediate_size"]))' "$model")), $tokens timed tokens, $stat of $reps runs a point$([ "$passes" = 1 ] || echo " in each of $passes passes over the grid"), arrival skew $skew_us"
   echo "# cpu: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; $(date -u +%FT%TZ)"
 
   # What the planner needs of the compute, measured on one-thread ranks as the grid's are. A CPU
@@ -256,7 +256,7 @@ if probes:
 if burst > 0: cal["burst_bytes"] = burst
 json.dump(cal, open(p + ".json", "w"))
 print("# comm %-6s " % p.rsplit("/", 1)[1] + " | ".join(
-    "%s alpha %7.1f us beta %7.4f GB/s" % (op, v["alpha_us"], v["beta_gbps"]) for op, v in ops.items())
+    "%s alpha %7.2f us beta %9.6f GB/s" % (op, v["alpha_us"], v["beta_gbps"]) for op, v in ops.items())
       + " | burst %d B" % burst + ("" if not probes else " | arrival skew %.1f%% streaming, %.1f%% matmuls"
       % (100 * cal["arrival_skew"]["stream"], 100 * cal["arrival_skew"]["compute"]))
       + ("" if "beside_compute" not in cal else " | beside compute: all_reduce alpha %.1f us beta %.4f GB/s, %.2f of its speed"

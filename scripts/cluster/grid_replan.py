@@ -3,7 +3,9 @@
 with `parallm plan`, from what the grid printed: each link's calibration (its `# comm` line), each
 point's node and one-rank streaming rates and its FLOP rate (grids since 2026-12-03 19:27; before,
 the `# compute` line's), and the re-read rate of its `# compute` line, unless --flops /
---reread-bw replace them. So a change to the planner, or to how the grid fits
+--reread-bw replace them; the model's heads, KV heads and FFN width from the `# grid:` line (grids
+since 2026-12-04 17:00; before, TinyLlama-1.1B's, the default model's) and `plan --shared-cores`
+from the `# cpu:` line's cores. So a change to the planner, or to how the grid fits
 its inputs, can be held to grids already measured, side by side with what they predicted.
 
 Usage: grid_replan.py GRID.txt [--flops GFLOPS] [--reread-bw GBPS] [--core-sharing E] [--parallm BIN]
@@ -24,7 +26,10 @@ ap.add_argument("--parallm", default=os.environ.get("PARALLM", os.path.join(here
 a = ap.parse_args()
 
 text = open(a.grid).read()
-head = re.search(r"\(hidden (\d+), (\d+) layers, vocab (\d+), (\w+)\), (\d+) timed tokens", text)
+# The heads and FFN width: grids since 2026-12-04 17:00 (before, the bench shape's).
+head = re.search(r"\(hidden (\d+), (\d+) layers, vocab (\d+), (\w+)"
+                 r"(?:, (\d+) heads, (\d+) KV heads, FFN (\d+))?\), (\d+) timed tokens", text)
+cores = re.search(r"^# cpu: .*, (\d+) cores;", text, re.M)  # plan --shared-cores, as the grid ran it
 rates = re.search(r"a sequence adds ([\d.]+) GFLOP/s(?:, a further 4 re-read the weights at ([\d.]+) GB/s)?", text)
 if not head or not rates:
     sys.exit(f"grid_replan: {a.grid}: no '# grid:' model line or '# compute:' rates line")
@@ -59,6 +64,9 @@ if not pts:
 cfg = json.load(open(os.path.join(here, "../../bench/configs/tinyllama-vocab2048.json")))
 cfg.update(hidden_size=int(head.group(1)), num_hidden_layers=int(head.group(2)),
            vocab_size=int(head.group(3)), torch_dtype=head.group(4))
+if head.group(5):  # the grid's own model's heads and FFN (grid --model)
+    cfg.update(num_attention_heads=int(head.group(5)), num_key_value_heads=int(head.group(6)),
+               intermediate_size=int(head.group(7)))
 tmp = tempfile.mkdtemp()
 json.dump(cfg, open(f"{tmp}/config.json", "w"))
 dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(head.group(4), "fp32")
@@ -91,8 +99,8 @@ for layout, link, b, meas, pred, node, alone, point_flops in pts:
                           "--rank-mem-bw", alone, "--flops", point_flops] +
                          (["--reread-bw", reread] if reread else []) +
                          ["--dtype", dtype, "--act-dtype", "fp32", "--batch", str(b), "--prompt-len", "1",
-                          "--output-len", head.group(5), "--tp", str(tp), "--pp", str(pp), "--dp", str(dp),
-                          "--shared-cores", "2", "--json"], capture_output=True, text=True)
+                          "--output-len", head.group(8), "--tp", str(tp), "--pp", str(pp), "--dp", str(dp),
+                          "--shared-cores", cores.group(1) if cores else "2", "--json"], capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"grid_replan: plan failed for {layout} {link} {b}: {out.stderr.strip()}")
     new = json.loads(out.stdout)["layouts"][0]["tpot_ms"]

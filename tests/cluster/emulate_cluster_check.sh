@@ -10,22 +10,8 @@
 # Usage: emulate_cluster_check.sh PARALLM
 set -euo pipefail
 bin=$1
-src=$(cd "$(dirname "$0")/../.." && pwd)
-S=$src/scripts/emulate-cluster.sh
-[ "$(id -u)" = 0 ] || { echo "SKIP: not root"; exit 77; }
-command -v mpirun >/dev/null || { echo "SKIP: no mpirun"; exit 77; }
-command -v tc >/dev/null || { echo "SKIP: no tc"; exit 77; }
-# A prefix and subnet of its own, so a grid run beside it (prefix plm) is left alone.
-export PLM_PREFIX=plmt$$ PLM_SUBNET=10.213.$(( $$ % 200 + 20 )) PARALLM=$bin
-export PLM_STATE=/run/$PLM_PREFIX-cluster
-if ! ip netns add "$PLM_PREFIX-probe" 2>/dev/null; then echo "SKIP: ip netns unavailable"; exit 77; fi
-ip netns del "$PLM_PREFIX-probe"
-tmp=$(mktemp -d)
-cleanup() { "$S" down >/dev/null 2>&1 || true; rm -rf "$tmp"; }
-trap cleanup EXIT
-leftovers() {
-  { ip netns list; ip -o link show; } | grep -F "$PLM_PREFIX-" || true
-}
+# shellcheck source=tests/cluster/cluster_env.sh
+source "$(dirname "$0")/cluster_env.sh"
 step() { echo "== $* ($(date +%T))"; }
 
 step "4 nodes up and down"

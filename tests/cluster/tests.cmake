@@ -21,3 +21,13 @@ set_tests_properties(cluster_grid_summary PROPERTIES LABELS "unit;cluster" TIMEO
 add_test(NAME cluster_grid_replan
          COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/grid_replan_check.sh $<TARGET_FILE:parallm_bin>)
 set_tests_properties(cluster_grid_replan PROPERTIES LABELS "unit;cluster" TIMEOUT 300)
+
+# `emulate-cluster.sh grid` end to end at its smallest (tests/cluster/grid_check.sh): the tiny
+# model, one preset, 2 runs a point, about 2 minutes; skipped as cluster_emulate is.
+if(PARALLM_HAVE_MPI)
+  add_test(NAME cluster_grid
+           COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/grid_check.sh $<TARGET_FILE:parallm_bin>)
+  set_tests_properties(cluster_grid PROPERTIES LABELS "mpi;cluster" TIMEOUT 600
+                       SKIP_RETURN_CODE 77 RUN_SERIAL TRUE
+                       ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
+endif()
