@@ -14,9 +14,13 @@
 #   grid [--model DIR] [--tokens T] [--reps R] [--passes N] [--stat fastest|median]
 #        [--presets "P ..."]
 #        [--sweep "MBIT ..."] [--skew US|auto] [--no-plan]
+#        [--crossover BATCH [--lo MBIT] [--hi MBIT] [--pairs N] [--steps S]]
 #                                                  measure TP/PP/DP layouts at each preset (sets up,
 #                                                  measures, tears down) beside `parallm plan`;
 #                                                  scripts/cluster/grid_svg.py draws its output
+#                                                  --crossover: instead, bisect the link rate
+#                                                  where PP=2 and TP=2 are equally fast at BATCH
+#                                                  (alternating pairs), beside the planner
 #   presets                                        the link presets and how they are scaled
 #
 # Environment: PLM_PREFIX (default plm: namespaces plm-node0.., bridge plm-br, veths plm-v0..),

@@ -25,9 +25,13 @@
 # ranks on TCP, so a fixed in-node wait did not carry over). On fewer than 4 cores TP=2 x PP=2's
 # two calibrations also get the core-sharing efficiency of their pinned ranks (shareprobe).
 
+# shellcheck source=scripts/cluster/crossover.sh disable=SC2154  # here: emulate-cluster.sh's
+source "$here/cluster/crossover.sh"
+
 cmd_grid() {
   need_root
   local model="" tokens=32 reps=3 passes=1 stat=fastest skew_us=0 presets=$PRESETS sweep=default do_plan=1 plen=128
+  local xo_batch="" xo_lo="" xo_hi="" xo_pairs=8 xo_steps=5
   while [ $# -gt 0 ]; do
     case "$1" in
       --model) model=${2:?}; shift 2 ;;
@@ -40,11 +44,27 @@ cmd_grid() {
       --prompt-len) plen=${2:?}; shift 2 ;;
       --skew) skew_us=${2:?}; shift 2 ;;
       --no-plan) do_plan=0; shift ;;
+      --crossover) xo_batch=${2:?}; shift 2 ;;
+      --lo) xo_lo=${2:?}; shift 2 ;;
+      --hi) xo_hi=${2:?}; shift 2 ;;
+      --pairs) xo_pairs=${2:?}; shift 2 ;;
+      --steps) xo_steps=${2:?}; shift 2 ;;
       *) die "grid: unknown option '$1'" ;;
     esac
   done
   [[ $passes =~ ^[1-9][0-9]*$ ]] || die "grid: --passes must be a whole number of 1 or more, not '$passes'"
   [[ $stat =~ ^(fastest|median)$ ]] || die "grid: --stat must be fastest or median, not '$stat'"
+  if [ -n "$xo_batch" ]; then
+    [[ $xo_batch =~ ^[1-9][0-9]*$ ]] || die "grid: --crossover must be a batch size of 1 or more, not '$xo_batch'"
+    [[ $xo_pairs =~ ^[1-9][0-9]*$ ]] || die "grid: --pairs must be a whole number of 1 or more, not '$xo_pairs'"
+    [[ $xo_steps =~ ^[0-9]+$ ]] || die "grid: --steps must be a whole number, not '$xo_steps'"
+    local v
+    for v in "$xo_lo" "$xo_hi"; do
+      [ -z "$v" ] || [[ $v =~ ^[1-9][0-9]*$ ]] || die "grid: --lo and --hi are whole Mbit/s above 0, not '$v'"
+    done
+    [ -z "$xo_lo" ] || [ -z "$xo_hi" ] || [ "$xo_lo" -lt "$xo_hi" ] ||
+      die "grid: --lo ($xo_lo Mbit/s) must be below --hi ($xo_hi)"
+  fi
   [ -x "$PARALLM" ] || die "no parallm binary at $PARALLM (set PARALLM=...)"
   local work retries=0
   work=$(mktemp -d /tmp/plm-grid.XXXXXX)
@@ -308,11 +328,30 @@ PY
   fastest() { sort -g "$1" | head -1; }  # FILE of one time a line
   median() { sort -g "$1" | awk '{v[NR] = $1} END {print v[int(NR / 2) + 1]}'; }  # upper middle, as rates'
   faster() { [ -z "$2" ] || awk -v a="$1" -v b="$2" 'BEGIN { exit !(a < b) }'; }  # MS BEST-SO-FAR
+  # One decode run of a layout across the cluster (bench decode, 3 warm-up steps, --tokens timed;
+  # the wrap array before the binary: TP=2 x PP=2's pinning); BATCH is the whole step's, DP its
+  # replicas (each runs BATCH / DP).
+  decode_run() {  # NP MAP BATCH DP FLAGS...
+    local np=$1 map=$2 batch=$3 dp=$4 mb=()
+    shift 4
+    [ "$batch" = 1 ] && mb=(--micro-batches 1)
+    cmd_run -np "$np" --map-by "$map" -- "${wrap[@]}" "$PARALLM" bench decode --model "$model" \
+      --tokens "$tokens" --warmup 3 --threads 1 --batch "$((batch / dp))" "${mb[@]}" \
+      --bandwidth 5 --comm-timeout 120 "$@" 2>&1
+  }
+  step_ms() { awk '/^  ms\/(step|token)/ && $3 > m {m = $3} END {print m}'; }  # of decode_run's output
+  # The planner's ms a decode step for a layout with calibration CAL and the compute rates given.
+  plan_decode() {  # CAL TP PP DP BATCH NODE_GBPS ALONE_GBPS GFLOPS
+    "$PARALLM" plan --model "$model/config.json" --gpu cpu --gpus "$(($2 * $3 * $4))" --calibrate "$1" \
+      --mem-bw "$6" --rank-mem-bw "$7" --flops "$8" "${reread_flag[@]}" --dtype "$dtype" \
+      --act-dtype fp32 --batch "$5" --prompt-len 1 --output-len "$tokens" --tp "$2" --pp "$3" \
+      --dp "$4" --shared-cores "$(nproc)" --json |
+      /usr/bin/python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["layouts"][0]["tpot_ms"])'
+  }
   measure() {  # LAYOUT LINK BATCH NP MAP CAL DECODE-FLAGS...
     local layout=$1 link=$2 batch=$3 np=$4 map=$5 cal=$6
     shift 6
-    local mb=() out ms pred=nan stats dp=1
-    [ "$batch" = 1 ] && mb=(--micro-batches 1)
+    local out ms pred=nan stats dp=1
     # dp2: two replicas of batch/2, one a node, each its own one-rank job (--backend local under
     # mpirun); the step is the slower replica's.
     [ "$layout" = dp2 ] && dp=2
@@ -346,16 +385,14 @@ PY
       decode1 4 >>"$alone4"
       { decode1 1 >"$work/bw0" & decode1 1 >"$work/bw1"; wait; }
       cat "$work/bw0" "$work/bw1" | paste -sd' ' >>"$pairs"
-      if ! o=$(cmd_run -np "$np" --map-by "$map" -- "${wrap[@]}" "$PARALLM" bench decode --model "$model" \
-                 --tokens "$tokens" --warmup 3 --threads 1 --batch "$((batch / dp))" "${mb[@]}" \
-                 --bandwidth 5 --comm-stats --comm-timeout 120 "$@" 2>&1); then
+      if ! o=$(decode_run "$np" "$map" "$batch" "$dp" --comm-stats "$@"); then
         fails=$((fails + 1)) retries=$((retries + 1))
         [ "$fails" -le 2 ] || { echo "$o" >&2; die "bench decode $layout $link b$batch failed 3 times"; }
         echo "# retry: bench decode $layout $link b$batch failed: $(echo "$o" | grep -m1 -E 'exit|rror|abort')" >&2
         rep=$((rep - 1))
         continue
       fi
-      m=$(echo "$o" | awk '/^  ms\/(step|token)/ && $3 > m {m = $3} END {print m}')
+      m=$(echo "$o" | step_ms)
       ! faster "$m" "$(fastest "$runs")" || echo "$o" >"$work/out.$key"
       echo "$m" >>"$runs"
     done
@@ -400,16 +437,9 @@ json.dump(c, open(sys.argv[1], "w"))' "$cal" "$skew_us"
     if [ "$do_plan" = 1 ]; then
       local tp=1 pp=1 a prev=""
       for a in "$@"; do case "$prev" in --tp) tp=$a ;; --pp) pp=$a ;; esac; prev=$a; done
-      plan_point() {  # NODE ALONE FLOPS
-        "$PARALLM" plan --model "$model/config.json" --gpu cpu --gpus "$np" --calibrate "$cal" \
-          --mem-bw "$1" --rank-mem-bw "$2" --flops "$3" "${reread_flag[@]}" --dtype "$dtype" \
-          --act-dtype fp32 --batch "$batch" --prompt-len 1 --output-len "$tokens" --tp "$tp" --pp "$pp" \
-          --dp "$dp" --shared-cores "$(nproc)" --json |
-          /usr/bin/python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["layouts"][0]["tpot_ms"])'
-      }
-      pred=$(plan_point "$pn" "$pa" "$pf")
-      pred_s=$(plan_point "$point_node_bw" "$point_alone_bw" "$flops")
-      o_pred=$(plan_point "$on" "$oa" "$of")
+      pred=$(plan_decode "$cal" "$tp" "$pp" "$dp" "$batch" "$pn" "$pa" "$pf")
+      pred_s=$(plan_decode "$cal" "$tp" "$pp" "$dp" "$batch" "$point_node_bw" "$point_alone_bw" "$flops")
+      o_pred=$(plan_decode "$cal" "$tp" "$pp" "$dp" "$batch" "$on" "$oa" "$of")
     fi
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$layout" "$link" "$batch" "$ms" "$pred" "$stats" \
       "$pn" "$pa" "$spread" "$pf" "$pred_s" "$other" "$o_ms" "$o_pred" |
@@ -489,6 +519,13 @@ print("%.3f" % (1e3 * l["step_time_s"]))')
   local wrap=()
   if [ "$(nproc)" -lt 4 ]; then
     echo "# TP=2 x PP=2 on $(nproc) cores: ranks pinned, taking turns on the cores (plan --shared-cores $(nproc))"
+  fi
+  if [ -n "$xo_batch" ]; then  # --crossover: the bisection (cluster/crossover.sh) instead of the grid
+    # Default bracket: a quarter of eth's rate (batch 1's crossover was near half of it) to ib's.
+    [ -n "$xo_lo" ] || xo_lo=$(rate_of eth | awk '{printf "%.0f", $1 / 4}')
+    [ -n "$xo_hi" ] || xo_hi=$(rate_of ib)
+    xo_search "$xo_batch" "$xo_lo" "$xo_hi" "$xo_pairs" "$xo_steps"
+    return
   fi
   echo "# layout      link     batch measured_ms predicted_ms error_pct (batch pN: prefill of N tokens)"
   # The whole grid --passes times (default 1), its points in the same order each time; a point's

@@ -10,6 +10,7 @@ S=$src/scripts/emulate-cluster.sh
 [ "$(id -u)" = 0 ] || { echo "SKIP: not root"; exit 77; }
 command -v mpirun >/dev/null || { echo "SKIP: no mpirun"; exit 77; }
 command -v tc >/dev/null || { echo "SKIP: no tc"; exit 77; }
+# shellcheck disable=SC2154  # bin: the sourcing test's
 export PLM_PREFIX=plmt$$ PLM_SUBNET=10.213.$(($$ % 200 + 20)) PARALLM=$bin
 export PLM_STATE=/run/$PLM_PREFIX-cluster
 if ! ip netns add "$PLM_PREFIX-probe" 2>/dev/null; then echo "SKIP: ip netns unavailable"; exit 77; fi

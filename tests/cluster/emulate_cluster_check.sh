@@ -33,13 +33,22 @@ if [ -n "$ag_before" ]; then
   echo "autogroups: $ag_before before, 0 while up, $(cat "$ag") after down"
 fi
 
-step "grid refuses a bad --passes or --stat before setting anything up"
+step "grid refuses a bad --passes, --stat or --crossover before setting anything up"
 if o=$("$S" grid --passes 0 2>&1); then echo "FAIL: grid --passes 0 ran"; exit 1; fi
 echo "$o" | grep -q "passes.*'0'" || { echo "FAIL: grid --passes 0 said: $o"; exit 1; }
 [ -z "$(leftovers)" ] || { echo "FAIL: grid --passes 0 left behind:"; leftovers; exit 1; }
 if o=$("$S" grid --stat mean 2>&1); then echo "FAIL: grid --stat mean ran"; exit 1; fi
 echo "$o" | grep -q "stat.*'mean'" || { echo "FAIL: grid --stat mean said: $o"; exit 1; }
 [ -z "$(leftovers)" ] || { echo "FAIL: grid --stat mean left behind:"; leftovers; exit 1; }
+# OPTIONS:WHAT-THE-REFUSAL-SAYS (a grep pattern; its quotes are the message's)
+# shellcheck disable=SC2089
+for bad in "--crossover 0:crossover.*'0'" "--crossover 8 --lo 500 --hi 100:--lo (500 Mbit/s) must be below --hi" \
+  "--crossover 8 --pairs x:pairs.*'x'" "--crossover 1 --hi 2.5:--hi are whole Mbit/s.*'2.5'"; do
+  # shellcheck disable=SC2086,SC2090  # the options, split
+  if o=$("$S" grid ${bad%%:*} 2>&1); then echo "FAIL: grid ${bad%%:*} ran"; exit 1; fi
+  echo "$o" | grep -q -- "${bad#*:}" || { echo "FAIL: grid ${bad%%:*} said: $o"; exit 1; }
+done
+[ -z "$(leftovers)" ] || { echo "FAIL: a refused grid --crossover left behind:"; leftovers; exit 1; }
 
 step "2 nodes at 200 Mbit/s: bench comm"
 "$S" up 2 --rate 200 >/dev/null

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `scripts/emulate-cluster.sh grid` end to end at its smallest: the tiny model, one link preset
-# (eth) and no sweep, 2 runs a point, 4 timed tokens, --stat median (about 2 minutes on 2 cores).
+# (eth) and no sweep, 2 runs a point, 4 timed tokens, --stat median (about 2 minutes on 2 cores);
+# then grid --crossover at its smallest (half a minute).
 # What it holds, not the planner's accuracy on a model whose steps are tens of microseconds:
 # - every point of the grid is there once (13 decode, 4 prefill, 2 training), each line's error
 #   is its predicted over its measured time, and the line's statistic is the median with the
@@ -9,7 +10,8 @@
 # - the summary counts those points, names the other statistic, and gives both crossovers;
 # - grid_replan.py, from the printed lines alone (the model's heads and FFN, each link's fit, each
 #   point's rates, the cores), predicts every point again as the grid did;
-# - grid_svg.py draws it; the cluster is gone afterwards.
+# - grid_svg.py draws it; the cluster is gone afterwards;
+# - grid --crossover (the same model, 2 pairs a rate) searches its two ends and sums them up.
 # Exit 77 (skip) without root, network namespaces or mpirun. Usage: grid_check.sh PARALLM
 set -euo pipefail
 bin=$1
@@ -96,4 +98,22 @@ echo "$replan" | awk '!/^#/ {n++; d = $9 - $6; if (d < 0) d = -d; if (d > 0.01 *
 /usr/bin/python3 "$src/scripts/cluster/grid_svg.py" "$out" >"$tmp/grid.svg"
 dots=$(grep -c '<circle' "$tmp/grid.svg")
 [ "$dots" = 24 ] || fail "grid_svg.py drew $dots dots and rings, not 24 (12 decode points, measured and predicted)"
-echo "grid check passed: 19 points, $within of 13 decode within 10%, replanned as printed, drawn"
+
+# grid --crossover at its smallest: both ends (20 and 2000 Mbit/s), then one bisection if they
+# bracket a crossover (the tiny model's PP=2 is the faster at both here: TP=2's 7 all-reduces a
+# token against one hop), each rate's pairs and the planner's prediction, the summary over them.
+xo=$tmp/xo.txt
+"$S" grid --model "$tmp/tiny" --crossover 8 --pairs 2 --steps 1 --reps 1 --tokens 4 --prompt-len 32 \
+  --lo 20 --hi 2000 >"$xo" 2>"$tmp/xo.err" || { tail -20 "$xo" "$tmp/xo.err"; fail "grid --crossover failed"; }
+cat "$xo"
+[ -z "$(leftovers)" ] || { leftovers; fail "grid --crossover left its cluster behind"; }
+rates=$(grep -E '^ +[0-9]+ +[0-9.]+ +[0-9.]+ +[0-2] of 2 ' "$xo" | awk '{print $1}' | paste -sd' ')
+case "$rates" in
+  "20 2000") grep -q "^# not bracketed" "$xo" || fail "2 rates searched but no 'not bracketed' line" ;;
+  "20 2000 200") ;;
+  *) fail "grid --crossover searched '$rates' Mbit/s, not 20 and 2000 (then 200)" ;;
+esac
+n=$(echo "$rates" | wc -w)
+grep -qE "^crossover batch 8 \(paired search over $n rates\): measured .*Mbit/s.* predicted .*Mbit/s" "$xo" ||
+  fail "no crossover summary over the $n rates"
+echo "grid check passed: 19 points, $within of 13 decode within 10%, replanned as printed, drawn; --crossover searched $rates Mbit/s"

@@ -30,3 +30,7 @@ set_tests_properties(cluster_grid_replan PROPERTIES LABELS "unit;cluster" TIMEOU
 # `emulate-cluster.sh grid` end to end at its smallest (tests/cluster/grid_check.sh): the tiny
 # model, one preset, 2 runs a point, about 2 minutes; skipped as cluster_emulate is.
 parallm_cluster_test(cluster_grid grid_check.sh 600)
+
+# grid --crossover's summary (scripts/cluster/crossover_summary.py) on rates written by the test.
+add_test(NAME cluster_crossover_summary COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/crossover_summary_check.sh)
+set_tests_properties(cluster_crossover_summary PROPERTIES LABELS "unit;cluster" TIMEOUT 60)
