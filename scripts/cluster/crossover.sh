@@ -7,8 +7,8 @@
 # and how many of the pairs agree says how sure that is. Between the pairs, the one-rank runs that
 # give the planner its rates (as the grid's points take them), and at each rate a bench comm
 # calibration of the link, so the planner predicts the two layouts at the same rates.
-# Uses cmd_grid's functions (decode_run, step_ms, decode1, rates, calibrate, plan_decode) and its
-# $work and $comm.
+# Uses cmd_grid's functions (decode_run, step_ms, decode1, rates, calibrate, plan_decode, median)
+# and its $work and $comm.
 # shellcheck disable=SC2154  # work, comm (cmd_grid's) and here (emulate-cluster.sh's)
 
 # One rate: prints its line and appends "MBIT MEDIAN_LOG_RATIO TP_FASTER PAIRS PRED_LOG_RATIO
@@ -70,16 +70,14 @@ xo_search() {  # BATCH LO HI PAIRS STEPS
       if awk -v r="$mid" '$1 == r {exit !($2 > 0)}' "$work/xo"; then lo=$mid; else hi=$mid; fi
     done
   else
-    echo "# not bracketed: PP=2 is not the faster at $2 Mbit/s or TP=2 not at $3 (give other --lo/--hi)"
+    echo "# not bracketed: PP=2 is not the faster at $lo Mbit/s or TP=2 not at $hi (give other --lo/--hi)"
   fi
   # The planner once more at every rate with one set of compute rates, the medians of the rates'
   # (the compute does not change with the link; each rate's own moved with the host's minute), so
   # that its crossover follows the links' calibrations alone.
   local r pn pa pf
-  read -r pn pa pf < <(awk '{n[NR] = $6; a[NR] = $7; f[NR] = $8}
-    function med(v, c,   i, j, t) { for (i = 1; i <= c; i++) for (j = i + 1; j <= c; j++) if (v[j] < v[i]) {t = v[i]; v[i] = v[j]; v[j] = t}
-                                    return v[int(c / 2) + 1] }
-    END {print med(n, NR), med(a, NR), med(f, NR)}' "$work/xo")
+  pn=$(median <(cut -d' ' -f6 "$work/xo")) pa=$(median <(cut -d' ' -f7 "$work/xo"))
+  pf=$(median <(cut -d' ' -f8 "$work/xo"))
   echo "# planner at every rate with the rates' median compute: node/rank $pn/$pa GB/s, $pf GFLOP/s"
   while read -r r _; do
     echo "$r $(plan_decode "$comm/x${r}M.json" 2 1 1 "$b" "$pn" "$pa" "$pf") $(plan_decode "$comm/x${r}M.json" 1 2 1 "$b" "$pn" "$pa" "$pf")"

@@ -64,6 +64,8 @@ cmd_grid() {
     done
     [ -z "$xo_lo" ] || [ -z "$xo_hi" ] || [ "$xo_lo" -lt "$xo_hi" ] ||
       die "grid: --lo ($xo_lo Mbit/s) must be below --hi ($xo_hi)"
+  elif [ -n "$xo_lo$xo_hi" ] || [ "$xo_pairs/$xo_steps" != 8/5 ]; then
+    die "grid: --lo, --hi, --pairs and --steps go with --crossover BATCH"
   fi
   [ -x "$PARALLM" ] || die "no parallm binary at $PARALLM (set PARALLM=...)"
   local work retries=0

@@ -43,7 +43,8 @@ echo "$o" | grep -q "stat.*'mean'" || { echo "FAIL: grid --stat mean said: $o"; 
 # OPTIONS:WHAT-THE-REFUSAL-SAYS (a grep pattern; its quotes are the message's)
 # shellcheck disable=SC2089
 for bad in "--crossover 0:crossover.*'0'" "--crossover 8 --lo 500 --hi 100:--lo (500 Mbit/s) must be below --hi" \
-  "--crossover 8 --pairs x:pairs.*'x'" "--crossover 1 --hi 2.5:--hi are whole Mbit/s.*'2.5'"; do
+  "--crossover 8 --pairs x:pairs.*'x'" "--crossover 1 --hi 2.5:--hi are whole Mbit/s.*'2.5'" \
+  "--pairs 12:go with --crossover"; do
   # shellcheck disable=SC2086,SC2090  # the options, split
   if o=$("$S" grid ${bad%%:*} 2>&1); then echo "FAIL: grid ${bad%%:*} ran"; exit 1; fi
   echo "$o" | grep -q -- "${bad#*:}" || { echo "FAIL: grid ${bad%%:*} said: $o"; exit 1; }
