@@ -13,7 +13,8 @@ tab-separated (batch pN: prefill, tN: training step; the columns from spread on 
 those from predicted_at_start_ms on optional; other_stat: the statistic of the runs grid.sh --stat
 did not pick, "fastest" or "median"); RATES: "name mbit" a line.
 """
-import json, math, re, subprocess, sys
+import json, re, subprocess, sys
+from crossing import describe as crossover  # beside this script
 res, rates_f, comm, parallm, model, node_bw, alone_bw, tokens, do_plan, skew, flops, dtype = sys.argv[1:13]
 # The GEMV's second pass over the weights (grid.sh: plan --reread-bw; absent or 0: none seen).
 reread = sys.argv[13] if len(sys.argv) > 13 and float(sys.argv[13]) > 0 else None
@@ -96,17 +97,6 @@ if pairs["total"] and spread:
     print("# planner ranking by pairs of layouts: %d of %d ordered as measured; of the %d others, %d "
           "measured closer than their points' runs spread" % (pairs["right"], pairs["total"],
           pairs["total"] - pairs["right"], pairs["close"]))
-
-def crossover(series):  # [(mbit, tp_ms, pp_ms)] -> "X Mbit/s" below which PP is faster
-    s = sorted(series, reverse=True)
-    if not s: return "n/a"
-    if s[0][1] >= s[0][2]: return "PP faster at every rate (>= %g Mbit/s)" % s[0][0]
-    for (r1, t1, p1), (r2, t2, p2) in zip(s, s[1:]):
-        d1, d2 = math.log(t1 / p1), math.log(t2 / p2)
-        if d1 < 0 <= d2:
-            f = d1 / (d1 - d2)
-            return "%.1f Mbit/s" % math.exp(math.log(r1) + f * (math.log(r2) - math.log(r1)))
-    return "TP faster at every rate (down to %g Mbit/s)" % s[-1][0]
 
 shaped = {n: float(r) for n, r in rates.items() if float(r) > 0}
 # Efficiency and latency of the shaped links, for the planner's sweep.

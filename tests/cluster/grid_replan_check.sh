@@ -37,4 +37,47 @@ paste <(/usr/bin/python3 "$src/scripts/cluster/grid_replan.py" "$fx" --parallm "
   awk '{moved = $NF > $9 * 1.01; want = $1 ~ /^tp2pp2/ && $3 == 8
         if (moved != want || (!want && $NF != $9)) {print; bad++}; if (want) n++}
        END {exit bad > 0 || n != 8}' || fail "--core-sharing 0.8 did not move exactly the 8 tp2pp2 batch-8 points"
+# Several grids: each one's crossovers at its rates, measured as the grid's own summary read them
+# (crossing.py, shared with grid_summary.py), then pooled: with two grids each median is the
+# geometric mean of the two, and two crossovers 1.36x apart are not within 1.25x of each other.
+a=$src/tests/fixtures/cluster-grid-pp-split.txt
+two=$(/usr/bin/python3 "$src/scripts/cluster/grid_replan.py" "$a" "$fx" --parallm "$PARALLM")
+for g in "$a" "$fx"; do
+  echo "$two" | grep -qxF "# grid $g" || fail "no '# grid $g' header: $two"
+  for b in 1 8; do
+    want=$(sed -n "s/^crossover batch $b: measured \([0-9.]*\) Mbit\/s.*/\1/p" "$g")
+    sec=$(echo "$two" | awk -v h="# grid $g" '$0 == h {on = 1; next} /^# (grid [^(]|pooled)/ {on = 0} on')
+    grep -qF "# crossover batch $b at the grid's rates: measured $want Mbit/s," <<<"$sec" ||
+      fail "$g batch $b: the measured crossover is not the grid's own $want Mbit/s: $two"
+  done
+done
+pooled() {  # OUTPUT BATCH WHAT(measured|replanned) -> the pooled median
+  echo "$1" | sed -n "s/^# pooled over [0-9]* grids, crossover batch $2: .*$3 median \([0-9]*\) Mbit.*/\1/p"
+}
+for b in 1 8; do
+  for what in measured replanned; do
+    col=$([ $what = measured ] && echo 10 || echo 17)
+    geo=$(echo "$two" | awk -v b="$b" -v c="$col" '$1 == "#" && $2 == "crossover" && $4 == b {p = p == "" ? $c : p * $c} END {printf "%.0f", sqrt(p)}')
+    got=$(pooled "$two" "$b" "$what")
+    [ -n "$got" ] || fail "batch $b: no pooled $what median: $two"
+    awk -v g="$got" -v w="$geo" 'BEGIN {exit !(g - w <= 1 && w - g <= 1)}' ||
+      fail "batch $b: pooled $what median '$got', the two grids' geometric mean $geo: $two"
+  done
+done
+echo "$two" | grep -qF "crossover batch 8: measured median 1641 Mbit/s (1409-1913)" || fail "pooled batch 8: $two"
+echo "$two" | grep -q "crossover batch 8: .*within 1.25x of each other: 0 of 1 pairs" || fail "1913 and 1408.5 within 1.25x?"
+# One grid twice: every point's median error is its own, so the pooled decode count is the grid's.
+twice=$(/usr/bin/python3 "$src/scripts/cluster/grid_replan.py" "$fx" "$fx" --parallm "$PARALLM")
+n=$(echo "$twice" | sed -n 's/^# replanned .*: \([0-9]*\) of 49 decode.*/\1/p' | head -1)
+echo "$twice" | grep -qF "# pooled over 2 grids, decode: $n of 49 points' median error within 10%" ||
+  fail "one grid twice: the pooled decode count is not the grid's own $n: $twice"
+echo "$twice" | grep -q "crossover batch 8: .*measured/replanned 0.85x; .*1 of 1 pairs" || fail "one grid twice: $twice"
+# A grid that saw no second pass prints its re-read rate as 0.00 (grid.sh; the tiny model in
+# cluster_grid, now and then): planned without --reread-bw, as the grid planned it.
+zero=$(mktemp)
+trap 'rm -f "$zero"' EXIT
+sed 's/re-read the weights at [0-9.]* GB\/s/re-read the weights at 0.00 GB\/s/' "$fx" >"$zero"
+n=$(/usr/bin/python3 "$src/scripts/cluster/grid_replan.py" "$zero" --parallm "$PARALLM" | grep -vc '^#') ||
+  fail "a grid with a re-read rate of 0.00 did not replan"
+[ "$n" = 49 ] || fail "a grid with a re-read rate of 0.00: $n points replanned"
 echo "grid_replan: $one of 49 points as the grid predicted them, $each of 49 with the points' own FLOP rates; --flops moves them"
