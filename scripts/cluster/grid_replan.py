@@ -197,12 +197,15 @@ if len(a.grid) > 1:
                             own_close, len(own), close, len(pairs)))
     # Each point (layout, link, batch) over the grids that measured it: the median of its errors,
     # replanned against measured; the goal's 10% held to a point's typical error, not one minute's.
-    keys = {}
+    median = lambda v: sorted(v)[len(v) // 2] if len(v) % 2 else sum(sorted(v)[len(v) // 2 - 1:len(v) // 2 + 1]) / 2
+    keys, times = {}, {}
     for r in results:
         for k, (meas, _, new) in r["points"].items():
             keys.setdefault(k, []).append(new / meas - 1)
-    med_err = {k: sorted(e)[len(e) // 2] if len(e) % 2 else sum(sorted(e)[len(e) // 2 - 1:len(e) // 2 + 1]) / 2
-               for k, e in keys.items()}
+            times.setdefault(k, ([], []))
+            times[k][0].append(meas)
+            times[k][1].append(new)
+    med_err = {k: median(e) for k, e in keys.items()}
     worst = sorted(med_err.items(), key=lambda kv: -abs(kv[1]))[:3]
     print("# pooled over %d grids, decode: %d of %d points' median error within 10%%, mean |median "
           "error| %.1f%%; the largest: %s" % (
@@ -210,3 +213,26 @@ if len(a.grid) > 1:
               100 * sum(abs(e) for e in med_err.values()) / len(med_err),
               ", ".join("%s %s b%d %+.1f%% (%d grids)" % (k + (100 * e, len(keys[k])))
                         for k, e in worst)))
+    # The ranking of the layouts at each link and batch by their median times over the grids,
+    # measured and replanned (DP=2's point, link "any", joins every link at its batch, as in
+    # grid_summary.py): the fastest named right, and each two layouts ordered as measured.
+    fastest = total = right = pairs = 0
+    for n, b in sorted({(n, b) for (_, n, b) in times if n != "any"}):
+        lays = {lay: (median(m), median(p)) for (lay, n2, b2), (m, p) in times.items()
+                if b2 == b and n2 in (n, "any")}
+        if len(lays) < 2:
+            continue
+        meas = sorted(lays, key=lambda k: lays[k][0])
+        total += 1
+        pred = sorted(lays, key=lambda k: lays[k][1])
+        fastest += meas[0] == pred[0]
+        if meas[0] != pred[0]:
+            print("# pooled ranking at %s batch %d: measured %s, replanned %s" % (
+                n, b, " < ".join(meas), " < ".join(pred)))
+        for i, x in enumerate(meas):
+            for y in meas[i + 1:]:
+                pairs += 1
+                right += lays[x][1] <= lays[y][1]
+    print("# pooled over %d grids, ranking by median times: fastest layout named right at %d of %d "
+          "link/batch pairs; %d of %d pairs of layouts ordered as measured" % (
+              len(a.grid), fastest, total, right, pairs))

@@ -72,6 +72,11 @@ n=$(echo "$twice" | sed -n 's/^# replanned .*: \([0-9]*\) of 49 decode.*/\1/p' |
 echo "$twice" | grep -qF "# pooled over 2 grids, decode: $n of 49 points' median error within 10%" ||
   fail "one grid twice: the pooled decode count is not the grid's own $n: $twice"
 echo "$twice" | grep -q "crossover batch 8: .*measured/replanned 0.85x; .*1 of 1 pairs" || fail "one grid twice: $twice"
+# and its ranking by median times is the grid's own (the replanned times within 2% of the grid's).
+own=$(sed -n 's/^# planner ranking: fastest layout named right at \([0-9]* of [0-9]*\) link.*/\1/p' "$fx")
+pairs=$(sed -n 's/^# planner ranking by pairs of layouts: \([0-9]* of [0-9]*\) ordered.*/\1/p' "$fx")
+echo "$twice" | grep -qF "ranking by median times: fastest layout named right at $own link/batch pairs; $pairs pairs of layouts ordered as measured" ||
+  fail "one grid twice: the pooled ranking is not the grid's own ($own, $pairs): $twice"
 # A grid that saw no second pass prints its re-read rate as 0.00 (grid.sh; the tiny model in
 # cluster_grid, now and then): planned without --reread-bw, as the grid planned it.
 zero=$(mktemp)
