@@ -15,17 +15,18 @@ Usage: crossover_summary.py XO_FILE BATCH POOLED_FILE
 import math
 import sys
 
+from crossing import crossing_log  # beside this script
+
 
 def crossing(pts):  # [(mbit, log_ratio)] -> mbit where it goes through 0, or a bound as text
-    s = sorted(pts, reverse=True)  # fastest link first: TP=2 the faster there (ratio < 0)
-    if s[0][1] >= 0:
-        return None, "PP=2 faster at every rate searched (>= %g Mbit/s)" % s[0][0]
-    for (r1, d1), (r2, d2) in zip(s, s[1:]):
-        if d1 < 0 <= d2:
-            f = d1 / (d1 - d2)
-            x = math.exp(math.log(r1) + f * (math.log(r2) - math.log(r1)))
-            return x, "%.0f Mbit/s" % x
-    return None, "TP=2 faster at every rate searched (down to %g Mbit/s)" % s[-1][0]
+    c = crossing_log(pts)  # fastest link first: TP=2 the faster there (ratio < 0)
+    if c is None:
+        return None, "n/a (no rates)"
+    if c[0] == "pp":
+        return None, "PP=2 faster at every rate searched (>= %g Mbit/s)" % c[1]
+    if c[0] == "tp":
+        return None, "TP=2 faster at every rate searched (down to %g Mbit/s)" % c[1]
+    return c[1], "%.0f Mbit/s" % c[1]
 
 
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]

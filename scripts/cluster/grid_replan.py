@@ -198,20 +198,19 @@ if len(a.grid) > 1:
     # Each point (layout, link, batch) over the grids that measured it: the median of its errors,
     # replanned against measured; the goal's 10% held to a point's typical error, not one minute's.
     median = lambda v: sorted(v)[len(v) // 2] if len(v) % 2 else sum(sorted(v)[len(v) // 2 - 1:len(v) // 2 + 1]) / 2
-    keys, times = {}, {}
+    times = {}  # (layout, link, batch) -> ([measured ms], [replanned ms]), a pair a grid
     for r in results:
         for k, (meas, _, new) in r["points"].items():
-            keys.setdefault(k, []).append(new / meas - 1)
             times.setdefault(k, ([], []))
             times[k][0].append(meas)
             times[k][1].append(new)
-    med_err = {k: median(e) for k, e in keys.items()}
+    med_err = {k: median([n / m - 1 for m, n in zip(*t)]) for k, t in times.items()}
     worst = sorted(med_err.items(), key=lambda kv: -abs(kv[1]))[:3]
     print("# pooled over %d grids, decode: %d of %d points' median error within 10%%, mean |median "
           "error| %.1f%%; the largest: %s" % (
               len(a.grid), sum(abs(e) < 0.1 for e in med_err.values()), len(med_err),
               100 * sum(abs(e) for e in med_err.values()) / len(med_err),
-              ", ".join("%s %s b%d %+.1f%% (%d grids)" % (k + (100 * e, len(keys[k])))
+              ", ".join("%s %s b%d %+.1f%% (%d grids)" % (k + (100 * e, len(times[k][0])))
                         for k, e in worst)))
     # The ranking of the layouts at each link and batch by their median times over the grids,
     # measured and replanned (DP=2's point, link "any", joins every link at its batch, as in
